@@ -1,0 +1,45 @@
+"""batchtune: measure the batch size that fits, trains well and wastes no compute.
+
+The public API mirrors the commands::
+
+    import batchtune
+    result = batchtune.probe("configs/mlp.yaml")       # or a Spec from batchtune.load_spec
+    print(result.ceiling, result.safe_batch_size)
+
+Attributes are imported on first use, so ``import batchtune`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_spec": ("batchtune.spec", "load_spec"),
+    "Spec": ("batchtune.spec", "Spec"),
+    "SpecError": ("batchtune.spec", "SpecError"),
+    "probe": ("batchtune.probe", "run_probe"),
+    "ProbeResult": ("batchtune.probe", "ProbeResult"),
+    "sweep": ("batchtune.sweep", "run_sweep"),
+    "SweepResult": ("batchtune.sweep", "SweepResult"),
+    "check": ("batchtune.check", "run_check"),
+    "CheckReport": ("batchtune.check", "CheckReport"),
+    "noise": ("batchtune.noise_run", "run_noise"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'batchtune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

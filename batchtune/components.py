@@ -1,0 +1,252 @@
+"""Build the model, data, loss and optimizer a spec names.
+
+Built-ins come by name; user code by ``target: package.module:callable``. Import errors
+and keyword arguments that do not fit a callable's signature are reported as
+:class:`~batchtune.spec.SpecError` with the key and line, before anything trains.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from batchtune.spec import Spec, SpecError
+
+__all__ = ["Components", "build_components", "load_target", "batch_size_of", "to_device"]
+
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
+}
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def load_target(target: str, spec: Spec, path: str) -> Callable[..., Any]:
+    """Import ``package.module:attr`` and return the attribute.
+
+    The current directory is importable, as it is for ``python -m``.
+
+    Raises:
+        SpecError: the module or the attribute is missing (named in the message).
+    """
+    module_name, _, attr_path = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        raise spec.error(path, f"cannot import {target!r}: no module named {missing!r}") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise spec.error(path, f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise spec.error(path, f"cannot import {target!r}: module {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise spec.error(path, f"{target!r} is not callable")
+    return obj
+
+
+def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], spec: Spec, path: str,
+                  skip: Iterable[str] = ()) -> None:
+    """Bind kwargs to ``fn``'s signature so that a typo fails now, naming the key."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = {k: v for k, v in signature.parameters.items() if k not in skip}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items()
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    issues = [spec.issue(f"{path}.{key}", f"unexpected argument; {getattr(fn, '__name__', fn)}() accepts "
+                                          f"{', '.join(accepted) or 'no arguments'}")
+              for key in kwargs if key not in accepted]
+    if issues:
+        raise SpecError(issues)
+
+
+def _resolve(entry: Any, registry: dict[str, str], spec: Spec, path: str) -> Callable[..., Any]:
+    if entry.builtin is not None:
+        module_name, _, attr = registry[entry.builtin].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    return load_target(entry.target, spec, f"{path}.target")
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in a collated batch (first tensor's leading dimension)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return batch_size_of(batch[0])
+    raise TypeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _model_loss(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "loss" in output:
+        return output["loss"]
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise TypeError("loss is 'model_output' but the model returned neither a tensor nor an object with .loss")
+    return loss
+
+
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if output.dim() > 2:  # (B, T, V) sequence logits against (B, T) targets
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(output, target)
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if output.shape != target.shape and output.numel() == target.numel():
+        target = target.reshape(output.shape)
+    return F.mse_loss(output, target.to(output.dtype))
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    """(inputs, targets) of a batch; a dict keeps its targets under labels/targets/target/y."""
+    if isinstance(batch, dict):
+        for key in ("labels", "targets", "target", "y"):
+            if key in batch:
+                return {k: v for k, v in batch.items() if k != key}, batch[key]
+        raise TypeError("a dict batch needs a 'labels' (or targets/target/y) key unless loss is 'model_output'")
+    inputs, targets = batch
+    return inputs, targets
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _make_loss(spec: Spec) -> LossFn:
+    if spec.loss == "model_output":
+        def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+            if isinstance(batch, dict):
+                return _model_loss(model(**batch))
+            return _model_loss(model(*batch))
+        return loss_fn
+
+    if isinstance(spec.loss, str):
+        criterion = {"cross_entropy": _cross_entropy, "mse": _mse}[spec.loss]
+    else:
+        factory = load_target(spec.loss.target, spec, "loss.target")
+        _check_kwargs(factory, spec.loss.kwargs, spec, "loss.kwargs")
+        criterion = factory(**spec.loss.kwargs)
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, targets = _split(batch)
+        return criterion(_call(model, inputs), targets)
+
+    return loss_fn
+
+
+@dataclass
+class Components:
+    """What a spec builds: a model factory, the data, a loss and an optimizer factory."""
+
+    spec: Spec
+    model_factory: Callable[..., nn.Module]
+    train_set: Dataset
+    val_set: Dataset
+    loss_fn: LossFn
+    optimizer_factory: Callable[..., torch.optim.Optimizer]
+
+    def build_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised model (seeded, so trials at one seed start alike)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = self.model_factory(**self.spec.model.kwargs)
+        if not isinstance(model, nn.Module):
+            raise self.spec.error("model", f"the model factory returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    def build_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params, lr=lr, **self.spec.optimizer.options)
+
+
+def build_components(spec: Spec) -> Components:
+    """Resolve and check everything the spec names; builds the data sets once.
+
+    Raises:
+        SpecError: a target that cannot be imported, kwargs that a callable does not take,
+            or a data factory that does not return ``(train, val)``.
+    """
+    from batchtune.builtins import BUILTIN_DATA, BUILTIN_MODELS
+
+    issues = []
+    model_factory = data_factory = optimizer_factory = loss_fn = None
+    try:
+        model_factory = _resolve(spec.model, BUILTIN_MODELS, spec, "model")
+        _check_kwargs(model_factory, spec.model.kwargs, spec, "model.kwargs")
+    except SpecError as exc:
+        issues += exc.issues
+    try:
+        data_factory = _resolve(spec.data, BUILTIN_DATA, spec, "data")
+        _check_kwargs(data_factory, spec.data.kwargs, spec, "data.kwargs")
+    except SpecError as exc:
+        issues += exc.issues
+    try:
+        loss_fn = _make_loss(spec)
+    except SpecError as exc:
+        issues += exc.issues
+    try:
+        if spec.optimizer.target is not None:
+            optimizer_factory = load_target(spec.optimizer.target, spec, "optimizer.target")
+        else:
+            optimizer_factory = _OPTIMIZERS[spec.optimizer.name.lower()]
+            extras = spec.optimizer.options
+            kwargs_path = "optimizer.kwargs" if spec.optimizer.kwargs else "optimizer"
+            _check_kwargs(optimizer_factory, extras, spec, kwargs_path, skip=("params", "lr"))
+    except SpecError as exc:
+        issues += exc.issues
+    if issues:
+        raise SpecError(issues)
+
+    try:
+        data = data_factory(**spec.data.kwargs)
+    except ImportError as exc:
+        raise spec.error("data", f"building the data failed: {exc}") from None
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise spec.error("data", f"the data factory must return (train_dataset, val_dataset), got {type(data).__name__}")
+    train_set, val_set = data
+    for which, dataset in (("train", train_set), ("validation", val_set)):
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise spec.error("data", f"the {which} dataset has no len(); batchtune needs map-style datasets") from None
+        if n == 0:
+            raise spec.error("data", f"the {which} dataset is empty")
+    return Components(spec, model_factory, train_set, val_set, loss_fn, optimizer_factory)

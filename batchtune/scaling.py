@@ -1,0 +1,51 @@
+"""Learning-rate scaling rules and the warmup schedule: pure functions, no torch.
+
+See RESEARCH.md: linear (Goyal et al. 2017) for SGD-like optimizers, square root
+(Hoffer et al. 2017; Malladi et al. 2022) for adaptive ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+__all__ = ["Rule", "resolve_rule", "scale_lr", "lr_at_step"]
+
+Rule = Literal["linear", "sqrt", "none", "auto"]
+
+
+def resolve_rule(rule: Rule, optimizer_family: str) -> Literal["linear", "sqrt", "none"]:
+    """The concrete rule: ``auto`` means linear for SGD-like optimizers and sqrt for adaptive ones."""
+    if rule == "auto":
+        return "linear" if optimizer_family == "sgd" else "sqrt"
+    return rule
+
+
+def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: Literal["linear", "sqrt", "none"]) -> float:
+    """The learning rate for ``batch_size``, given ``base_lr`` tuned at ``base_batch_size``.
+
+    >>> scale_lr(0.1, 256, 1024, "linear")
+    0.4
+    >>> scale_lr(1e-3, 64, 256, "sqrt")
+    0.002
+    """
+    if base_lr <= 0 or base_batch_size <= 0 or batch_size <= 0:
+        raise ValueError(f"need positive values, got {base_lr=}, {base_batch_size=}, {batch_size=}")
+    ratio = batch_size / base_batch_size
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown lr scaling rule {rule!r}")
+
+
+def lr_at_step(step: int, peak_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from peak_lr/warmup_steps to peak_lr over ``warmup_steps``, then constant.
+
+    ``step`` counts optimizer steps from 0.
+    """
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return peak_lr
+    return peak_lr * (step + 1) / warmup_steps

@@ -1,0 +1,488 @@
+"""The spec: one YAML file, validated once, every problem reported with its key and line.
+
+A spec is trusted input: a ``target:`` names Python code that batchtune imports and runs.
+This module does not import torch, so ``batchtune validate`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from batchtune.builtins import BUILTIN_DATA, BUILTIN_MODELS
+
+__all__ = [
+    "Spec",
+    "SpecError",
+    "SpecIssue",
+    "load_spec",
+    "parse_bytes",
+]
+
+LOSS_NAMES = ("cross_entropy", "mse", "model_output")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam")
+_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a spec: where (dotted key, source, line) and what."""
+
+    path: str
+    message: str
+    source: str = "<spec>"
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        key = f"{self.path}: " if self.path else ""
+        return f"{where}: {key}{self.message}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, issues: list[SpecIssue]):
+        self.issues = list(issues)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.issues)
+        head = f"invalid spec ({n} problem{'s' if n != 1 else ''}):"
+        return "\n".join([head, *(f"  {issue}" for issue in self.issues)])
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def parse_bytes(value: Any) -> int:
+    """Parse a memory size: an int of bytes or a string such as ``"2GiB"`` or ``"512 MB"``.
+
+    Raises:
+        ValueError: the value is not a positive size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a size such as '2GiB', '512MB' or bytes, got {value!r}")
+        n = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"a memory size must be positive, got {value!r}")
+    return n
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_target(value: str | None) -> str | None:
+    if value is not None and not _TARGET_RE.match(value):
+        raise ValueError(f"target must look like 'package.module:callable', got {value!r}")
+    return value
+
+
+class Component(_Strict):
+    """A built-in by name, or user code as ``target: package.module:callable`` plus kwargs."""
+
+    builtin: str | None = None
+    target: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    builtins: ClassVar[dict[str, str]] = {}
+
+    _target_format = field_validator("target")(_check_target)
+
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        if value is not None and cls.builtins and value not in cls.builtins:
+            raise ValueError(f"unknown builtin {value!r}; choose from {', '.join(sorted(cls.builtins))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Component:
+        if (self.builtin is None) == (self.target is None):
+            raise ValueError("give exactly one of 'builtin' or 'target'")
+        return self
+
+
+class ModelSpec(Component):
+    builtins: ClassVar[dict[str, str]] = BUILTIN_MODELS
+
+
+class DataSpec(Component):
+    builtins: ClassVar[dict[str, str]] = BUILTIN_DATA
+    num_workers: NonNegativeInt = 0
+
+
+class LossTarget(_Strict):
+    target: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _target_format = field_validator("target")(_check_target)
+
+
+class OptimizerSpec(BaseModel):
+    """``{name: adamw, lr: 3e-4, weight_decay: 0.1, ...}``: keys other than these are kwargs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    target: str | None = None
+    lr: PositiveFloat
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _target_format = field_validator("target")(_check_target)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OptimizerSpec:
+        if (self.name is None) == (self.target is None):
+            raise ValueError("give exactly one of 'name' or 'target'")
+        if self.name is not None and self.name.lower() not in OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for the optimizer besides ``lr``."""
+        return {**(self.model_extra or {}), **self.kwargs}
+
+    @property
+    def family(self) -> str:
+        """``sgd`` for SGD-like optimizers, ``adaptive`` for Adam-like ones (for lr_scaling: auto)."""
+        key = (self.name or self.target or "").lower()
+        return "sgd" if key == "sgd" or key.endswith(":sgd") or "sgd" in key.split(":")[-1] else "adaptive"
+
+
+class DeviceSpec(_Strict):
+    type: str = "auto"
+    # A list gives one limit per rank (torchrun); a single value applies to every rank.
+    memory_limit: int | list[int | None] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _device_type(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"device type must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _limit(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [None if v is None else parse_bytes(v) for v in value]
+        return parse_bytes(value)
+
+    def limit_for_rank(self, rank: int) -> int | None:
+        """The memory limit that applies to ``rank`` (the last entry covers later ranks)."""
+        if isinstance(self.memory_limit, list):
+            if not self.memory_limit:
+                return None
+            return self.memory_limit[min(rank, len(self.memory_limit) - 1)]
+        return self.memory_limit
+
+
+class ProbeSpec(_Strict):
+    # Field order matters: later validators read earlier fields from ``info.data``.
+    granularity: PositiveInt = 1
+    min_batch_size: PositiveInt = 1
+    max_batch_size: PositiveInt = 1 << 20
+    headroom: float = Field(0.10, ge=0.0, lt=0.9)
+    steps_per_trial: PositiveInt = 2
+
+    @field_validator("min_batch_size")
+    @classmethod
+    def _multiple(cls, value: int, info: ValidationInfo) -> int:
+        granularity = info.data.get("granularity")
+        if granularity and value % granularity:
+            raise ValueError(f"must be a multiple of granularity ({granularity}), got {value}")
+        return value
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _above_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_batch_size")
+        if low and value < low:
+            raise ValueError(f"must be at least min_batch_size ({low}), got {value}")
+        return value
+
+
+class SweepSpec(_Strict):
+    batch_sizes: list[PositiveInt] | None = None
+    min_batch_size: PositiveInt = 8
+    max_batch_size: PositiveInt | None = None
+    ceiling: PositiveInt | None = None
+    accumulation: bool = True
+    max_accum_steps: PositiveInt = 64
+    samples: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    warmup: float = Field(0.05, ge=0.0, lt=1.0)
+    lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0])
+    seeds: PositiveInt = 3
+    eval_points: PositiveInt = 8
+    eval_batches: PositiveInt | None = None
+    target_loss: float | None = None
+    tolerance: float = Field(0.01, ge=0.0)
+    timing_warmup_steps: NonNegativeInt = 2
+    max_seconds_per_trial: PositiveFloat | None = None
+    data_bound_share: float = Field(0.5, gt=0.0, le=1.0)
+    noise_scale: bool = True
+    divergence_factor: PositiveFloat = 3.0
+    grad_clip: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> SweepSpec:
+        if self.samples is not None and self.epochs is not None:
+            raise ValueError("give 'samples' or 'epochs', not both")
+        return self
+
+
+class TrainSpec(_Strict):
+    """The batch size the long job intends to use (read by ``batchtune check``)."""
+
+    batch_size: PositiveInt
+    accum_steps: PositiveInt = 1
+
+
+class CheckSpec(_Strict):
+    steps: PositiveInt = 30
+    max_seconds: PositiveFloat = 60.0
+    divergence_factor: PositiveFloat = 3.0
+    data_warn_share: float = Field(0.3, gt=0.0, le=1.0)
+    data_fail_share: float = Field(0.8, gt=0.0, le=1.0)
+    throughput_tolerance: float = Field(0.15, ge=0.0)
+    memory_tolerance: float = Field(0.10, ge=0.0)
+
+
+class Spec(_Strict):
+    """A validated batchtune spec."""
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {value!r}; choose from {', '.join(LOSS_NAMES)} or give {{target: ...}}")
+        return value
+
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    loss: Union[Literal["cross_entropy", "mse", "model_output"], LossTarget] = "cross_entropy"
+    optimizer: OptimizerSpec
+    base_batch_size: PositiveInt
+    lr_scaling: Literal["linear", "sqrt", "none", "auto"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: DeviceSpec = Field(default_factory=DeviceSpec)
+    seed: int = 0
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    train: TrainSpec | None = None
+    check: CheckSpec = Field(default_factory=CheckSpec)
+
+    # Where each key came from, for errors raised after validation (imports, kwargs).
+    _lines: dict[str, int] = {}
+    _source: str = "<spec>"
+
+    def issue(self, path: str, message: str) -> SpecIssue:
+        """An issue at ``path``, located at the nearest line the spec file gives for it."""
+        return SpecIssue(path, message, self._source, _nearest_line(self._lines, path))
+
+    def error(self, path: str, message: str) -> SpecError:
+        return SpecError([self.issue(path, message)])
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as plain data, every default filled in (written to run folders)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose composed nodes we walk for lines and duplicate keys."""
+
+
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], dups: list[tuple[str, int]]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            path = f"{prefix}.{key}" if prefix else key
+            if key in seen:
+                dups.append((path, key_node.start_mark.line + 1))
+            seen.add(key)
+            lines[path] = key_node.start_mark.line + 1
+            _walk(value_node, path, lines, dups)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}"
+            lines[path] = item.start_mark.line + 1
+            _walk(item, path, lines, dups)
+
+
+def _nearest_line(lines: dict[str, int], path: str) -> int | None:
+    parts = path.split(".") if path else []
+    while parts:
+        key = ".".join(parts)
+        if key in lines:
+            return lines[key]
+        parts.pop()
+    return None
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    # pydantic puts union-member tags (``LossTarget``, ``literal[...]``) into loc; keep real keys.
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+
+
+def _message(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str], issues: list[SpecIssue]) -> dict[str, str]:
+    """Apply ``key=value`` overrides in place; returns which paths they set."""
+    origin: dict[str, str] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", key):
+            issues.append(SpecIssue("", f"override {item!r} must look like key.path=value", "<overrides>"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key, value)
+        origin[key] = item
+    return origin
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Load, override and validate a spec file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings applied on top, each value parsed as YAML.
+
+    Returns:
+        The validated :class:`Spec`.
+
+    Raises:
+        SpecError: every problem found, each with its key path and line.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([SpecIssue("", "no such file", source)]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecIssue("", f"cannot read spec: {exc}", source)]) from None
+    return parse_spec(text, source=source, overrides=overrides)
+
+
+def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Validate spec text; see :func:`load_spec`."""
+    issues: list[SpecIssue] = []
+    lines: dict[str, int] = {}
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.safe_load(text) if node is not None else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue("", f"not valid YAML: {problem}", source, line)]) from None
+    if node is not None:
+        dups: list[tuple[str, int]] = []
+        _walk(node, "", lines, dups)
+        issues += [SpecIssue(p, "duplicate key (the later value would silently win)", source, ln) for p, ln in dups]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([SpecIssue("", "a spec must be a YAML mapping of keys to values", source, 1)])
+
+    origin = _apply_overrides(data, list(overrides), issues)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            dotted = _loc_to_path(err["loc"])
+            over = next((o for k, o in origin.items() if dotted == k or dotted.startswith(k + ".")), None)
+            if over is not None:
+                issues.append(SpecIssue(dotted, _message(err), f"override {over!r}"))
+            else:
+                issues.append(SpecIssue(dotted, _message(err), source, _nearest_line(lines, dotted)))
+        raise SpecError(_dedupe(issues)) from None
+    if issues:
+        raise SpecError(issues)
+    spec._lines = lines
+    spec._source = source
+    return spec
+
+
+def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
+    seen, out = set(), []
+    for issue in issues:
+        key = (issue.path, issue.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(issue)
+    return out

@@ -1,0 +1,348 @@
+"""One short training run at (micro-batch, accumulation steps, lr): the unit every command uses.
+
+Measured like a benchmark: warm-up steps are excluded from throughput, the device is
+synchronised around each timed step, time is split into waiting for data and computing,
+validation runs in eval mode under no_grad on a fixed subset and restores train mode.
+An out-of-memory error ends the trial as a result (``fits=False``), as does divergence;
+afterwards memory is brought back to the baseline and the result says whether it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from batchtune.components import Components, batch_size_of, to_device
+from batchtune.device import DeviceBackend, is_oom
+from batchtune.scaling import lr_at_step
+
+__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """What one trial does. Batch size = ``micro_batch_size × accum_steps``."""
+
+    micro_batch_size: int
+    accum_steps: int = 1
+    lr: float = 1e-3
+    steps: int = 2  # optimizer steps
+    warmup_steps: int = 0  # linear lr warmup
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between validation passes; 0: none during the run
+    validate: bool = False  # a validation pass at the end
+    eval_samples: int | None = None  # validation subset size (fixed across trials); None: all
+    timing_warmup_steps: int = 0  # first steps excluded from throughput
+    max_seconds: float | None = None  # training-time cap; the trial stops early and says so
+    divergence_factor: float | None = None  # loss above factor × first loss counts as diverged
+    grad_clip: float | None = None
+    measure_noise: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accum_steps
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    samples: int
+    seconds: float  # training seconds so far (validation time excluded)
+    val_loss: float
+
+
+@dataclass
+class TrialResult:
+    """What a trial measured. Plain numbers only: no tensors, so results outlive the device."""
+
+    micro_batch_size: int
+    accum_steps: int
+    lr: float
+    seed: int
+    fits: bool = True
+    error: str | None = None
+    peak_bytes: int | None = None  # the whole trial
+    compute_peak_bytes: int | None = None  # forward + backward: the part that grows with the batch
+    optimizer_peak_bytes: int | None = None  # optimizer steps: a floor independent of the batch
+    baseline_bytes: int = 0
+    leaked_bytes: int = 0
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0  # wall time of the whole trial, validation and clean-up included
+    train_seconds: float = 0.0  # training steps only
+    timed_samples: int = 0
+    data_seconds: float = 0.0  # within the timed steps
+    compute_seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
+    diverged: bool = False
+    divergence: str | None = None
+    truncated: bool = False
+    noise: Any = None  # NoiseScaleEstimate when measured
+    noise_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accum_steps
+
+    @property
+    def samples_per_s(self) -> float | None:
+        timed = self.data_seconds + self.compute_seconds
+        return self.timed_samples / timed if timed > 0 and self.timed_samples else None
+
+    @property
+    def data_share(self) -> float | None:
+        timed = self.data_seconds + self.compute_seconds
+        return self.data_seconds / timed if timed > 0 else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.evals[-1].val_loss if self.evals else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["noise"] = asdict(self.noise) if self.noise is not None else None
+        out.update(batch_size=self.batch_size, samples_per_s=self.samples_per_s,
+                   data_share=self.data_share, final_val_loss=self.final_val_loss)
+        return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool) -> Iterator[Any]:
+    """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller."""
+    generator = torch.Generator().manual_seed(seed)
+    if len(dataset) >= batch_size:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+    else:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * 64, generator=generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+    while True:
+        yield from loader
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (list, tuple)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+class Trainer:
+    """Runs trials for one spec on one device backend."""
+
+    def __init__(self, components: Components, backend: DeviceBackend, precision: str = "fp32") -> None:
+        self.components = components
+        self.backend = backend
+        self.precision = precision
+        self._val_cache: dict[tuple[int | None, int], Subset] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=_DTYPES[self.precision])
+
+    def _val_subset(self, eval_samples: int | None, seed: int = 0) -> Dataset:
+        """The same validation samples for every trial, so that losses compare."""
+        val = self.components.val_set
+        n = len(val) if eval_samples is None else min(eval_samples, len(val))
+        key = (n, seed)
+        if key not in self._val_cache:
+            order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:n]
+            self._val_cache[key] = Subset(val, sorted(order.tolist()))
+        return self._val_cache[key]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int, eval_samples: int | None = None) -> float:
+        """Mean validation loss over a fixed subset, in eval mode; restores the previous mode."""
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        loader = DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False)
+        try:
+            for batch in loader:
+                batch = to_device(batch, self.backend.device)
+                self.backend.track_batch(_tensors(batch))
+                with self._autocast():
+                    loss = self.components.loss_fn(model, batch)
+                n = batch_size_of(batch)
+                total += float(loss.detach().float()) * n
+                count += n
+        finally:
+            model.train(was_training)
+        return total / count if count else math.nan
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, config: TrialConfig, model: nn.Module | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> TrialResult:
+        """Run one trial.
+
+        Args:
+            config: what to run.
+            model: a model already on the device to reuse (the probe keeps one); if None a
+                fresh one is built with ``config.seed``, so trials start from the same weights.
+            on_step: called after every optimizer step with (step, loss).
+
+        Returns:
+            A :class:`TrialResult`; an OOM or divergence is a result, not an exception.
+        """
+        backend = self.backend
+        result = TrialResult(config.micro_batch_size, config.accum_steps, config.lr, config.seed)
+        backend.cleanup()
+        result.baseline_bytes = backend.current_bytes()
+        backend.reset_peak()
+        started = time.perf_counter()
+        with backend.session():
+            try:
+                self._train(config, model, result, on_step)
+            except Exception as exc:  # noqa: BLE001 - anything but an OOM is re-raised
+                if not is_oom(exc):
+                    raise
+                result.fits = False
+                result.error = _first_line(exc)
+            # _train's frame, and with it every activation, is gone once the exception is.
+            if result.fits:
+                result.peak_bytes = max(backend.peak_bytes(), result.compute_peak_bytes or 0,
+                                        result.optimizer_peak_bytes or 0)
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+        backend.cleanup()
+        result.leaked_bytes = backend.current_bytes() - result.baseline_bytes
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _train(self, config: TrialConfig, model: nn.Module | None, result: TrialResult,
+               on_step: Callable[[int, float], None] | None) -> None:
+        backend, comps = self.backend, self.components
+        if model is None:
+            model = comps.build_model(config.seed).to(backend.device)
+        model.train()
+        optimizer = comps.build_optimizer(model.parameters(), config.lr)
+        scaler = torch.amp.GradScaler(backend.device.type) if self.precision == "fp16" else None
+        batches = _batches(comps.train_set, config.micro_batch_size, config.seed,
+                           comps.spec.data.num_workers, backend.device.type == "cuda")
+        k = config.accum_steps
+        norms = estimator = None
+        if config.measure_noise:
+            from batchtune.noise import MicroBatchGradNorms, NoiseScaleEstimator
+
+            norms = MicroBatchGradNorms(model.parameters())
+            estimator = NoiseScaleEstimator()
+        try:
+            self._steps(config, model, optimizer, scaler, batches, norms, estimator, result, on_step)
+        finally:
+            if norms is not None:
+                norms.remove()
+            if estimator is not None:
+                result.noise = estimator.estimate()
+
+    def _steps(self, config, model, optimizer, scaler, batches, norms, estimator, result, on_step) -> None:  # noqa: ANN001
+        backend, comps = self.backend, self.components
+        k = config.accum_steps
+        micro = config.micro_batch_size
+        for step in range(config.steps):
+            lr = lr_at_step(step, config.lr, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            backend.synchronize()
+            step_start = time.perf_counter()
+            data_seconds = 0.0
+            loss_sum = None
+            for _ in range(k):
+                fetch_start = time.perf_counter()
+                batch = to_device(next(batches), backend.device)
+                backend.track_batch(_tensors(batch))
+                data_seconds += time.perf_counter() - fetch_start
+                if norms is not None:
+                    norms.start_micro_batch()
+                with self._autocast():
+                    loss = comps.loss_fn(model, batch)
+                backend.sample()
+                scaled = loss / k
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                if norms is not None:
+                    norms.end_micro_batch(k / (scaler.get_scale() if scaler is not None else 1.0))
+                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                result.samples += batch_size_of(batch)
+                del batch, loss, scaled
+            backend.sample()
+            # Peaks per phase: forward+backward grows with the batch, the optimizer step does not.
+            result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
+            backend.reset_peak()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if norms is not None:
+                small, big = norms.small_and_big(model.parameters(), 1.0)
+                if k > 1:
+                    estimator.update(small, big, micro, micro * k)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss_sum) / k  # reading the loss synchronises the device
+            backend.synchronize()
+            step_seconds = time.perf_counter() - step_start
+            backend.sample()
+            result.optimizer_peak_bytes = max(result.optimizer_peak_bytes or 0, backend.peak_bytes())
+            backend.reset_peak()
+
+            result.steps = step + 1
+            result.train_seconds += step_seconds
+            if step >= config.timing_warmup_steps:
+                result.timed_samples += micro * k
+                result.data_seconds += data_seconds
+                result.compute_seconds += step_seconds - data_seconds
+            result.losses.append(loss_value)
+            if result.first_loss is None:
+                result.first_loss = loss_value
+            result.last_loss = loss_value
+            if on_step is not None:
+                on_step(step, loss_value)
+
+            if not math.isfinite(loss_value):
+                result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}"
+                return
+            if (config.divergence_factor is not None and step > 0
+                    and loss_value > config.divergence_factor * result.first_loss):
+                result.diverged = True
+                result.divergence = (f"loss {loss_value:.3g} at step {step + 1} exceeds "
+                                     f"{config.divergence_factor:g}× the first loss {result.first_loss:.3g}")
+                return
+            last = step + 1 == config.steps
+            out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
+            if (config.eval_every and (step + 1) % config.eval_every == 0) or ((last or out_of_time) and config.validate):
+                val_loss = self.evaluate(model, micro, config.eval_samples)
+                result.evals.append(EvalPoint(step + 1, result.samples, result.train_seconds, val_loss))
+                if not math.isfinite(val_loss):
+                    result.diverged, result.divergence = True, f"non-finite validation loss at step {step + 1}"
+                    return
+            if out_of_time and not last:
+                result.truncated = True
+                return

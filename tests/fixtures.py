@@ -1,0 +1,66 @@
+"""User code for tests, loaded through ``target: tests.fixtures:NAME`` as a user's would be."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+
+def tiny_data(n_train: int = 512, n_val: int = 128, in_features: int = 16, num_classes: int = 4, seed: int = 0):
+    """Linearly separable-ish classification data (a fixed random teacher)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(in_features, num_classes, generator=g)
+    x = torch.randn(n_train + n_val, in_features, generator=g)
+    y = (x @ teacher + 0.5 * torch.randn(n_train + n_val, num_classes, generator=g)).argmax(1)
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def tiny_mlp(in_features: int = 16, hidden: int = 32, num_classes: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+class _OOMAbove(nn.Module):
+    def __init__(self, threshold: int, message: str, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.message = message
+        self.net = tiny_mlp(in_features, 32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.threshold:
+            raise RuntimeError(self.message)
+        return self.net(x)
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.78 GiB "
+            "of which 1.20 GiB is free.")
+
+
+def oom_above(threshold: int = 100, message: str = CUDA_OOM, in_features: int = 16, num_classes: int = 4):
+    """A model that fails like a GPU would above ``threshold`` samples, whatever the device."""
+    return _OOMAbove(threshold, message, in_features, num_classes)
+
+
+class _Sleepy(Dataset):
+    def __init__(self, base: Dataset, seconds: float) -> None:
+        self.base, self.seconds = base, seconds
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        time.sleep(self.seconds)
+        return self.base[i]
+
+
+def sleepy_data(seconds: float = 0.002, **kwargs):
+    """tiny_data whose training set sleeps in __getitem__: a data-loading bottleneck."""
+    train, val = tiny_data(**kwargs)
+    return _Sleepy(train, seconds), val
+
+
+def bad_data():
+    return "not a pair of datasets"
