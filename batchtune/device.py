@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
@@ -106,18 +106,31 @@ class DeviceBackend:
         """Count tensors that were created before the session (model parameters, buffers)."""
 
     def track_batch(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Count a batch that reached the device without an op (made by a loader worker)."""
+        """Count a batch assembled while counting was paused, or by a loader worker."""
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop counting for a while (host-side data loading: per-sample ops are not device memory)."""
+        yield
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.name, "capacity_bytes": self.capacity_bytes()}
 
-    def cleanup(self) -> None:
-        """Drop garbage and cached blocks: call after an OOM, once references are gone."""
-        gc.collect()
+    def cleanup(self, collect: bool = True) -> None:
+        """Drop garbage and cached blocks: call after an OOM, once references are gone.
+
+        ``collect=False`` skips the cycle collector, which costs ~0.2 s with torch loaded
+        and is only needed when a failed step may have left reference cycles.
+        """
+        if collect:
+            gc.collect()
         self.empty_cache()
 
 
 # ---------------------------------------------------------------------------- CPU
+
+
+_FRESH = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
 
 class _StorageCounter(TorchDispatchMode):
@@ -175,14 +188,31 @@ class _StorageCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         # Only new storages are allocations: a view or in-place result shares an input's
         # storage, and a view of data created outside (a dataset's tensor) is not device memory.
-        inputs = {id(s) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and (s := self._storage(t)) is not None}
+        # torch.tensor(data) builds its storage outside the dispatcher and hands it to
+        # lift_fresh: that one is a fresh allocation all the same.
+        inputs = set() if func in _FRESH else {
+            id(s) for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and (s := self._storage(t)) is not None}
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 storage = self._storage(item)
                 if storage is not None and id(storage) not in inputs:
                     self.add(item)
         return out
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class CPUBackend(DeviceBackend):
@@ -195,15 +225,14 @@ class CPUBackend(DeviceBackend):
     def __init__(self, memory_limit: int | None = None) -> None:
         self.name = "cpu"
         self.device = torch.device("cpu")
-        self._counter = _StorageCounter(memory_limit)
+        self.memory_limit = memory_limit
+        # Without a limit the capacity is unknown, but a search that grows without bound
+        # must not take the host down: stop at the memory the host has available.
+        self._counter = _StorageCounter(memory_limit or _host_available_bytes())
         self._depth = 0
 
-    @property
-    def memory_limit(self) -> int | None:
-        return self._counter.limit
-
     def capacity_bytes(self) -> int | None:
-        return self._counter.limit
+        return self.memory_limit
 
     def reset_peak(self) -> None:
         self._counter.peak = self._counter.current
@@ -224,6 +253,14 @@ class CPUBackend(DeviceBackend):
                 self._counter.add(tensor)
 
     @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if not self._depth:
+            yield
+            return
+        with _disable_current_modes():
+            yield
+
+    @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         if self._depth:  # already counting: nested sessions share the outer one
             yield
@@ -239,7 +276,7 @@ class CPUBackend(DeviceBackend):
         return {
             "device": "cpu",
             "capacity_bytes": self.capacity_bytes(),
-            "memory": "simulated: tensor-storage bytes" + (" with a limit" if self.memory_limit else ""),
+            "memory": "tensor-storage bytes" + (", simulated limit" if self.memory_limit else ", no limit"),
             "threads": torch.get_num_threads(),
         }
 

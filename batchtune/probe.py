@@ -146,11 +146,11 @@ def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size
 
     model = b.fit()
     predicted = model.max_batch_size(capacity_bytes) if model is not None else None
-    misses = 0
+    misses = failed_approaches = 0
     last: tuple[str, bool] | None = None
     while not b.closed:
-        if last == ("approach", False):
-            candidate, phase = b.midpoint(), "bisect"  # the model over-reached: halve the gap first
+        if failed_approaches >= 2:
+            candidate, phase = b.midpoint(), "bisect"  # the model over-reaches badly: halve the gap
         elif last == ("predict", True):
             candidate, phase = b.lo + b.g, "verify"  # the prediction fit: does one granule more?
         elif last == ("predict", False):
@@ -172,6 +172,7 @@ def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size
         fits = b.run(candidate, phase).fits
         if phase == "verify" and not b.closed:
             misses += 1
+        failed_approaches = failed_approaches + 1 if (phase == "approach" and not fits) else 0
         last = (phase, fits)
     return b.outcome(b.fit() or model, predicted)
 

@@ -180,9 +180,13 @@ class Trainer:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        loader = DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False)
+        batches = iter(DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False))
         try:
-            for batch in loader:
+            while True:
+                with self.backend.paused():
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 batch = to_device(batch, self.backend.device)
                 self.backend.track_batch(_tensors(batch))
                 with self._autocast():
@@ -211,7 +215,7 @@ class Trainer:
         """
         backend = self.backend
         result = TrialResult(config.micro_batch_size, config.accum_steps, config.lr, config.seed)
-        backend.cleanup()
+        backend.cleanup(collect=False)
         result.baseline_bytes = backend.current_bytes()
         backend.reset_peak()
         started = time.perf_counter()
@@ -229,7 +233,7 @@ class Trainer:
                                         result.optimizer_peak_bytes or 0)
         if model is not None:
             model.zero_grad(set_to_none=True)
-        backend.cleanup()
+        backend.cleanup(collect=not result.fits)
         result.leaked_bytes = backend.current_bytes() - result.baseline_bytes
         result.seconds = time.perf_counter() - started
         return result
@@ -273,7 +277,9 @@ class Trainer:
             loss_sum = None
             for _ in range(k):
                 fetch_start = time.perf_counter()
-                batch = to_device(next(batches), backend.device)
+                with backend.paused():
+                    batch = next(batches)
+                batch = to_device(batch, backend.device)
                 backend.track_batch(_tensors(batch))
                 data_seconds += time.perf_counter() - fetch_start
                 if norms is not None:

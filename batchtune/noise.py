@@ -1,0 +1,475 @@
+"""Gradient noise scale: the simple noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018).
+
+Three pieces, from pure arithmetic to torch:
+
+* :func:`unbiased_estimates` turns squared gradient norms measured at two batch sizes into
+  unbiased estimates of |G|² and tr(Σ) (RESEARCH.md, "Gradient noise scale").
+* :class:`NoiseScaleEstimator` smooths the two estimates separately over many steps and
+  returns their ratio with an uncertainty band (:class:`NoiseScaleEstimate`).
+* :class:`MicroBatchGradNorms` measures the two squared norms during gradient accumulation
+  with parameter hooks: each micro-batch of ``b`` examples is the small batch, the
+  accumulated step of ``k·b`` examples is the big one.
+
+One optimizer step of ``k`` micro-batches (mean-reduced loss, i.i.d. shuffled micro-batches
+of equal size ``b``), optionally under an AMP ``GradScaler``::
+
+    norms = MicroBatchGradNorms(model.parameters())
+    estimator = NoiseScaleEstimator(ema_decay=0.99)
+    b_small, b_big = noise_batch_sizes(b, k)
+    ...
+    optimizer.zero_grad(set_to_none=True)
+    scale = scaler.get_scale() if scaler is not None else 1.0
+    for x, y in micro_batches:                     # k of them; 2 halves when k == 1
+        norms.start_micro_batch()
+        loss = loss_fn(model(x), y) / len(micro_batches)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        norms.end_micro_batch(grad_multiplier=len(micro_batches) / scale)
+    s_small, s_big = norms.small_and_big(grad_multiplier=1.0 / scale)  # before clipping
+    estimator.update(s_small, s_big, b_small, b_big)
+
+With ``k == 1`` (see :func:`split_halves_needed`) the caller splits the batch into two equal
+halves and runs two backward passes, each loss divided by 2: the same code with two
+micro-batches. Do not difference consecutive optimizer steps instead: the parameters moved
+in between, which biases the estimate.
+
+B_simple is in examples; multiply by the sequence length for tokens. This module imports
+torch only inside :class:`MicroBatchGradNorms`, so the arithmetic stays importable without it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "MicroBatchGradNorms",
+    "NoiseScaleEstimate",
+    "NoiseScaleEstimator",
+    "noise_batch_sizes",
+    "split_halves_needed",
+    "unbiased_estimates",
+]
+
+# s_big may exceed s_small only by float rounding (|mean g_i|² <= mean |g_i|² exactly);
+# a larger excess means inconsistent multipliers or a .grad that was not zeroed.
+_S_BIG_EXCESS_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------- arithmetic
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """The simple noise scale with its uncertainty, at one point of a run.
+
+    The band is a Fieller confidence interval for the ratio of the two smoothed means, at
+    the estimator's ``confidence`` (90% by default), intersected with [0, inf) because
+    B_simple cannot be negative. It is unbounded above (``high == math.inf``) when the lower
+    confidence bound of the |G|² average is <= 0, i.e. when the data cannot rule out a zero
+    gradient. With fewer than 2 steps the band is (0, inf).
+
+    Attributes:
+        b_simple: tr(Σ)/|G|² in examples; None while unreliable.
+        low: Lower end of the band; None while unreliable.
+        high: Upper end of the band; None while unreliable, ``math.inf`` when unbounded.
+        g2: Bias-corrected EMA of the per-step |G|² estimates.
+        trace_sigma: Bias-corrected EMA of the per-step tr(Σ) estimates.
+        steps: Updates accepted (non-finite ones are not counted).
+        reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update).
+    """
+
+    b_simple: float | None
+    low: float | None
+    high: float | None
+    g2: float
+    trace_sigma: float
+    steps: int
+    reliable: bool
+
+
+def unbiased_estimates(
+    s_small: float, s_big: float, b_small: float, b_big: float
+) -> tuple[float, float]:
+    """(|G|², tr Σ) from squared gradient norms at two batch sizes.
+
+    Uses E|G_B|² = |G|² + tr(Σ)/B at B = b_small and B = b_big (RESEARCH.md formulas). Each
+    result is unbiased; their ratio is not, so average each before dividing. The formulas
+    are symmetric in the two sizes. Non-finite norms give non-finite results.
+
+    Args:
+        s_small: Squared norm of a batch gradient at ``b_small`` examples (or a mean of such).
+        s_big: Squared norm of a batch gradient at ``b_big`` examples.
+        b_small: Examples behind ``s_small``.
+        b_big: Examples behind ``s_big``.
+
+    Returns:
+        ``(g2, trace_sigma)``.
+
+    Raises:
+        ValueError: If a batch size is not a positive finite number or the two are equal.
+    """
+    for name, value in (("b_small", b_small), ("b_big", b_big)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number; found {name}={value!r}")
+    if b_small == b_big:
+        raise ValueError(f"the two batch sizes must differ; found {b_small=} and {b_big=}")
+    g2 = (b_big * s_big - b_small * s_small) / (b_big - b_small)
+    trace_sigma = (s_small - s_big) / (1.0 / b_small - 1.0 / b_big)
+    return g2, trace_sigma
+
+
+def split_halves_needed(accum_steps: int) -> bool:
+    """Whether a step must be split in two to measure the noise scale.
+
+    With ``accum_steps == 1`` there is no second batch size inside a step. The caller then
+    splits each batch into two equal halves (drop one example if the size is odd) and runs
+    two backward passes with the loss divided by 2, exactly as for two micro-batches; see
+    :func:`noise_batch_sizes` for the sizes to pass to the estimator.
+
+    Args:
+        accum_steps: Micro-batches per optimizer step.
+
+    Returns:
+        True when ``accum_steps == 1``.
+
+    Raises:
+        ValueError: If ``accum_steps < 1``.
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1; found {accum_steps=}")
+    return accum_steps == 1
+
+
+def noise_batch_sizes(micro_batch_size: int, accum_steps: int) -> tuple[int, int]:
+    """``(b_small, b_big)`` to pass to :meth:`NoiseScaleEstimator.update`.
+
+    Args:
+        micro_batch_size: Examples per micro-batch ``b`` (the whole batch when k == 1).
+        accum_steps: Micro-batches per optimizer step ``k``.
+
+    Returns:
+        ``(b, k·b)`` for k >= 2; ``(b // 2, 2·(b // 2))`` for k == 1 (two equal halves).
+
+    Raises:
+        ValueError: If the sizes are not positive, or k == 1 with fewer than 2 examples.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1; found {micro_batch_size=}")
+    if split_halves_needed(accum_steps):
+        half = micro_batch_size // 2
+        if half < 1:
+            raise ValueError(f"cannot split a batch of {micro_batch_size} into two halves")
+        return half, 2 * half
+    return micro_batch_size, accum_steps * micro_batch_size
+
+
+def _fieller_interval(
+    num: float, den: float, var_num: float, var_den: float, cov: float, z: float
+) -> tuple[float, float]:
+    """Confidence interval for num/den, both normal with the given (co)variances, clipped at 0.
+
+    The set of r with (num - r·den)² <= z²·Var(num - r·den) is a bounded interval iff
+    den² > z²·var_den; otherwise it is unbounded and the upper end is inf.
+    """
+    a = den * den - z * z * var_den
+    b = num * den - z * z * cov
+    c = num * num - z * z * var_num
+    disc = max(b * b - a * c, 0.0)
+    if a > 0:
+        root = math.sqrt(disc)
+        return max((b - root) / a, 0.0), max((b + root) / a, 0.0)
+    ratio = num / den
+    if a < 0 and disc > 0:
+        # a < 0: the set is (-inf, r_lo] ∪ [r_hi, inf); report [r_hi, inf) when it holds the ratio.
+        r_hi = max((b + math.sqrt(disc)) / a, (b - math.sqrt(disc)) / a)
+        if ratio >= r_hi:
+            return max(r_hi, 0.0), math.inf
+    return 0.0, math.inf
+
+
+class NoiseScaleEstimator:
+    """Smooths per-step |G|² and tr(Σ) estimates and divides the averages.
+
+    Each average is an exponentially weighted mean with Adam's bias correction,
+    ``m_t / (1 - decay**t)`` with ``m_t = decay·m_{t-1} + (1 - decay)·x_t``, which equals
+    ``Σ decay**(t-i)·x_i / Σ decay**(t-i)``. The same weights give the weighted variances of
+    both series and their covariance (West's incremental algorithm), hence the variance of
+    each mean (``s²·Σw²/(Σw)²``, treating steps as independent). The covariance matters:
+    both estimates come from the same two norms and are correlated (sign and size depend on
+    the problem), so dropping it mis-sizes the band. The band is Fieller's interval for the
+    ratio of the two means (see :class:`NoiseScaleEstimate`): the delta method is its
+    first-order approximation, but Fieller's stays valid, and turns unbounded, when the
+    |G|² average is not clearly above zero. The tests check its coverage by simulation.
+
+    A drifting noise scale (it grows as the loss falls) also widens the band, as it should.
+    Updates with non-finite norms (a diverging step, an AMP overflow) are skipped and
+    counted in :attr:`skipped`.
+
+    Args:
+        ema_decay: Weight of the past per step, in [0, 1); the horizon is about
+            ``1 / (1 - ema_decay)`` steps. Use 0.99 or more for real runs.
+        confidence: Coverage of the band, in (0, 1).
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+
+    def __init__(self, ema_decay: float = 0.99, confidence: float = 0.9) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1); found {ema_decay=}")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1); found {confidence=}")
+        self.ema_decay = ema_decay
+        self.confidence = confidence
+        self._z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+        self._steps = 0
+        self._skipped = 0
+        self._weight = 0.0  # Σ w_i
+        self._weight_sq = 0.0  # Σ w_i²
+        self._mean_g2 = 0.0
+        self._mean_trs = 0.0
+        self._comoment_g2 = 0.0  # Σ w_i (g2_i - mean)²
+        self._comoment_trs = 0.0
+        self._comoment_cross = 0.0  # Σ w_i (g2_i - mean_g2)(trs_i - mean_trs)
+
+    @property
+    def steps(self) -> int:
+        """Updates accepted so far."""
+        return self._steps
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped because a norm or an estimate was not finite."""
+        return self._skipped
+
+    def update(self, s_small: float, s_big: float, b_small: float, b_big: float) -> None:
+        """Adds one step's measurement.
+
+        Args:
+            s_small: Mean squared norm of the small-batch gradients (``b_small`` examples each).
+            s_big: Squared norm of the big-batch gradient (``b_big`` examples).
+            b_small: Small batch size in examples.
+            b_big: Big batch size in examples.
+
+        Raises:
+            ValueError: If the batch sizes are invalid (see :func:`unbiased_estimates`).
+        """
+        g2, trs = unbiased_estimates(s_small, s_big, b_small, b_big)
+        if not all(math.isfinite(v) for v in (s_small, s_big, g2, trs)):
+            self._skipped += 1
+            return
+        decay = self.ema_decay
+        self._weight = decay * self._weight + 1.0
+        self._weight_sq = decay * decay * self._weight_sq + 1.0
+        self._comoment_g2 *= decay
+        self._comoment_trs *= decay
+        self._comoment_cross *= decay
+        d_g2 = g2 - self._mean_g2
+        d_trs = trs - self._mean_trs
+        self._mean_g2 += d_g2 / self._weight
+        self._mean_trs += d_trs / self._weight
+        self._comoment_g2 += d_g2 * (g2 - self._mean_g2)
+        self._comoment_trs += d_trs * (trs - self._mean_trs)
+        self._comoment_cross += d_g2 * (trs - self._mean_trs)
+        self._steps += 1
+
+    def estimate(self) -> NoiseScaleEstimate:
+        """The current estimate; cheap, call it as often as needed."""
+        g2, trs = self._mean_g2, self._mean_trs
+        if self._steps == 0 or g2 <= 0.0 or trs < 0.0:
+            return NoiseScaleEstimate(None, None, None, g2, trs, self._steps, False)
+        ratio = trs / g2
+        # Reliability weights: unbiased weighted variance s² = M2 / (W - W2/W);
+        # variance of the weighted mean = s² · W2 / W².
+        dof = self._weight - self._weight_sq / self._weight
+        if dof <= 0.0:
+            return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, True)
+        to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
+        low, high = _fieller_interval(
+            trs,
+            g2,
+            self._comoment_trs * to_var_of_mean,
+            self._comoment_g2 * to_var_of_mean,
+            self._comoment_cross * to_var_of_mean,
+            self._z,
+        )
+        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, True)
+
+
+# ---------------------------------------------------------------------------- torch
+class MicroBatchGradNorms:
+    """Squared norms of each micro-batch's own gradient and of the accumulated one.
+
+    Hooks registered with ``param.register_hook`` see, in each backward pass, the gradient
+    computed in that pass before it is accumulated into ``.grad`` (once per parameter, summed
+    over its uses, so tied weights count once). They record only between
+    :meth:`start_micro_batch` and :meth:`end_micro_batch`, never change the gradient, and keep
+    the sums on the gradient's device in float64 so that no hook waits for the device.
+
+    Parameters that do not require grad are left out; those that get no gradient in a pass
+    (unused, or ``.grad is None``) add nothing. Run exactly one ``backward()`` per
+    micro-batch: two passes inside one micro-batch would add their squared norms instead of
+    taking the norm of their sum. All micro-batches of a step must hold the same number of
+    examples; skip (:meth:`reset`) a step with a short last batch.
+
+    Args:
+        params: The parameters to watch, e.g. ``model.parameters()``.
+
+    Raises:
+        ValueError: If no parameter requires grad.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+        import torch
+
+        self._torch = torch
+        self._params = _unique_trainable(params)
+        if not self._params:
+            raise ValueError("no parameter requires grad; nothing to measure")
+        self._handles = [p.register_hook(self._hook) for p in self._params]
+        self._active = False
+        self._current: Any = None  # float64 tensor: Σ |g_p|² of the running micro-batch
+        self._micro_sq_norms: list[Any] = []  # un-scaled, one per finished micro-batch
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches finished since the last :meth:`small_and_big` or :meth:`reset`."""
+        return len(self._micro_sq_norms)
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        if not self._active:
+            return None
+        if grad.is_sparse:
+            grad = grad.coalesce().values()
+        sq = self._torch.linalg.vector_norm(grad.detach(), dtype=self._torch.float64).square()
+        self._current = sq if self._current is None else self._current + sq.to(self._current.device)
+        return None
+
+    def start_micro_batch(self) -> None:
+        """Starts recording; call right before the micro-batch's ``backward()``.
+
+        Raises:
+            RuntimeError: If a micro-batch is already being recorded.
+        """
+        if self._active:
+            raise RuntimeError("start_micro_batch() called twice without end_micro_batch()")
+        if not self._handles:
+            raise RuntimeError("hooks were removed; create a new MicroBatchGradNorms")
+        self._active = True
+        self._current = None
+
+    def end_micro_batch(self, grad_multiplier: float) -> None:
+        """Stops recording and stores the micro-batch's squared norm, un-scaled.
+
+        Args:
+            grad_multiplier: ``m`` such that ``m × (gradient of the loss that was
+                backpropagated)`` is the gradient of this micro-batch's mean loss. For a loss
+                divided by ``k`` for accumulation and scaled by a GradScaler with scale ``S``:
+                ``k / S``; without a scaler ``k``; with neither, 1. The squared norm is
+                multiplied by ``m²``.
+
+        Raises:
+            RuntimeError: If no micro-batch was started.
+            ValueError: If ``grad_multiplier`` is not positive and finite.
+        """
+        if not self._active:
+            raise RuntimeError("end_micro_batch() called without start_micro_batch()")
+        _check_multiplier(grad_multiplier)
+        self._active = False
+        sq = 0.0 if self._current is None else self._current
+        self._micro_sq_norms.append(sq * (grad_multiplier * grad_multiplier))
+        self._current = None
+
+    def small_and_big(
+        self,
+        params: Iterable[torch.nn.Parameter] | None = None,
+        *,
+        grad_multiplier: float,
+    ) -> tuple[float, float]:
+        """``(s_small, s_big)`` for the finished step; then resets for the next one.
+
+        Call after the last micro-batch's backward and BEFORE gradient clipping.
+        ``s_small`` is the mean of the micro-batch squared norms, ``s_big`` the squared norm
+        of the accumulated ``.grad``. Warns if ``s_big > s_small``, which exact arithmetic
+        rules out and which points at wrong multipliers or a ``.grad`` not zeroed.
+
+        Args:
+            params: Where to read ``.grad``; defaults to the parameters given at construction.
+            grad_multiplier: ``m`` such that ``m × .grad`` is the gradient of the mean loss
+                over all ``k·b`` examples of the step (the mean of the micro-batch
+                gradients). For a loss divided by ``k`` and a GradScaler with scale ``S``:
+                ``1 / S`` before ``scaler.unscale_(optimizer)``, 1 after it; without a
+                scaler, 1. If the loss was NOT divided by ``k``, also divide by ``k``.
+
+        Returns:
+            ``(s_small, s_big)`` in float64 precision, as Python floats.
+
+        Raises:
+            RuntimeError: If a micro-batch is still open or none was recorded.
+            ValueError: If ``grad_multiplier`` is not positive and finite.
+        """
+        if self._active:
+            raise RuntimeError("call end_micro_batch() before small_and_big()")
+        if not self._micro_sq_norms:
+            raise RuntimeError("no micro-batch recorded since the last small_and_big()")
+        _check_multiplier(grad_multiplier)
+        torch = self._torch
+        watched = self._params if params is None else _unique_trainable(params)
+        big = 0.0
+        for p in watched:
+            if p.grad is None:
+                continue
+            grad = p.grad.detach()
+            if grad.is_sparse:
+                grad = grad.coalesce().values()
+            big += float(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+        micro = [float(s) for s in self._micro_sq_norms]
+        self._micro_sq_norms = []
+        s_small = math.fsum(micro) / len(micro)
+        s_big = big * grad_multiplier * grad_multiplier
+        if s_big > s_small * (1.0 + _S_BIG_EXCESS_TOLERANCE) and math.isfinite(s_big):
+            warnings.warn(
+                f"s_big={s_big:.6g} exceeds s_small={s_small:.6g}: the grad multipliers are "
+                "inconsistent or .grad was not zeroed before the step",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return s_small, s_big
+
+    def reset(self) -> None:
+        """Drops the current step's measurements, e.g. for a short last batch or a failed step."""
+        self._active = False
+        self._current = None
+        self._micro_sq_norms = []
+
+    def remove(self) -> None:
+        """Removes the hooks; idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.reset()
+
+    def __enter__(self) -> MicroBatchGradNorms:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def _unique_trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    unique = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def _check_multiplier(grad_multiplier: float) -> None:
+    if not (math.isfinite(grad_multiplier) and grad_multiplier > 0):
+        raise ValueError(f"grad_multiplier must be positive and finite; found {grad_multiplier=}")

@@ -1,0 +1,38 @@
+"""Shared helpers: specs written to temporary files, as users write them."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_SPEC = """\
+name: tiny
+model: {target: "tests.fixtures:tiny_mlp"}
+data: {target: "tests.fixtures:tiny_data"}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 32
+device: {type: cpu, memory_limit: 200KiB}
+"""
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """Write spec text to a file and return its path."""
+
+    def write(text: str = TINY_SPEC, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

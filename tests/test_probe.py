@@ -1,0 +1,153 @@
+"""The probe finds the exact ceiling in few trials, on synthetic curves and real trials."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from batchtune.components import build_components
+from batchtune.device import CPUBackend
+from batchtune.probe import (
+    Measurement,
+    double_then_bisect,
+    model_guided_search,
+    run_probe,
+    safe_size,
+    shrink_from_above,
+)
+from batchtune.memory import MemoryModel, fit_memory_model
+from batchtune.spec import load_spec
+from batchtune.trial import Trainer, TrialConfig
+
+
+def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):
+    calls = []
+
+    def measure(b: int) -> Measurement:
+        calls.append(b)
+        peak = int(fixed + per_sample * b + wobble * per_sample * math.sin(b))
+        return Measurement(peak <= capacity, peak if peak <= capacity else None)
+
+    return measure, calls
+
+
+# ceiling, granularity, wobble (share of per-sample bytes), most trials allowed
+CASES = [
+    (37, 1, 0.0, 5), (100, 1, 0.0, 5), (1000, 1, 0.0, 5), (3000, 1, 0.0, 5), (20000, 1, 0.0, 5),
+    (1000, 8, 0.0, 5), (20000, 64, 0.0, 5), (1000, 1, 0.3, 6), (3000, 1, 0.3, 6), (5, 1, 0.0, 5),
+]
+
+
+@pytest.mark.parametrize("ceiling,granularity,wobble,most", CASES)
+def test_model_guided_search_is_exact_and_cheap(ceiling, granularity, wobble, most):
+    fixed, per = 3_000_000, 10_000
+    capacity = fixed + per * ceiling + per // 2
+    measure, calls = _curve(fixed, per, capacity, wobble)
+    out = model_guided_search(measure, min_batch_size=granularity, max_batch_size=1 << 20, granularity=granularity,
+                              capacity_bytes=capacity, baseline_bytes=1_000_000)
+    exact = (ceiling // granularity) * granularity
+    assert out.ceiling == exact
+    assert len(calls) <= most
+    # exactness is proven by the log: the ceiling fit and one granule more did not
+    runs = {b: m.fits for b, _, m in out.phases}
+    assert runs[exact] is True and runs[exact + granularity] is False
+
+
+def test_classic_searches_for_comparison():
+    fixed, per = 3_000_000, 10_000
+    capacity = fixed + per * 1000 + per // 2
+    measure, calls = _curve(fixed, per, capacity)
+    assert double_then_bisect(measure, min_batch_size=1, max_batch_size=1 << 20, granularity=1).ceiling == 1000
+    assert len(calls) == 20
+    measure, calls = _curve(fixed, per, capacity)
+    out = shrink_from_above(measure, start=4096, min_batch_size=1, granularity=1)
+    assert out.ceiling == 933  # 4096·0.9^14, floored each step: within 10% of 1000, not exact
+    assert len(calls) == 15
+
+
+def test_nothing_fits_and_capped():
+    measure, _ = _curve(10_000, 100, 5_000)
+    assert model_guided_search(measure, min_batch_size=1, max_batch_size=64, granularity=1,
+                               capacity_bytes=5_000).ceiling is None
+    measure, calls = _curve(10_000, 100, 10**9)
+    out = model_guided_search(measure, min_batch_size=1, max_batch_size=64, granularity=1, capacity_bytes=10**9)
+    assert (out.ceiling, out.capped) == (64, True)
+
+
+def test_memory_model_fit_and_safe_size():
+    model = fit_memory_model([10, 20, 40], [1100, 1200, 1400])
+    assert (model.fixed_bytes, model.per_sample_bytes, model.r2) == pytest.approx((1000, 10, 1.0))
+    assert model.max_batch_size(2000) == pytest.approx(100)
+    # 10% headroom of 2000 bytes: peak <= 1800 -> b <= 80
+    assert safe_size(100, model, 2000, 0.10, 1, 1) == 80
+    assert safe_size(100, model, 2000, 0.10, 16, 16) == 80
+    assert safe_size(100, None, None, 0.10, 8, 8) == 88
+
+
+# ------------------------------------------------------------------ real trials on CPU
+
+
+def _direct(spec, batch_size: int) -> bool:
+    """Run one trial at ``batch_size`` outside the probe: does it fit?"""
+    comps = build_components(spec)
+    backend = CPUBackend(spec.device.memory_limit)
+    model = comps.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    result = Trainer(comps, backend).run(TrialConfig(batch_size, lr=0.01, steps=spec.probe.steps_per_trial),
+                                         model=model)
+    return result.fits
+
+
+@pytest.mark.parametrize("limit,granularity", [("120KiB", 1), ("200KiB", 1), ("200KiB", 8), ("1MiB", 32)])
+def test_probe_finds_the_exact_ceiling(write_spec, limit, granularity):
+    spec = load_spec(write_spec(), [f"device.memory_limit={limit}", f"probe.granularity={granularity}",
+                                    f"probe.min_batch_size={granularity}"])
+    result = run_probe(spec)
+    c = result.ceiling
+    assert c is not None and c % granularity == 0 and not result.capped
+    assert _direct(spec, c) and not _direct(spec, c + granularity)
+    assert result.search_trials <= 8
+    assert result.memory_returned and result.max_leaked_bytes == 0
+    # the safe size leaves the headroom it promises, measured by its confirmation run
+    assert result.confirmed and result.safe_batch_size <= c
+    assert result.safe_headroom >= 0.10
+    assert result.power_of_two_batch_size == 1 << (result.safe_batch_size.bit_length() - 1)
+    assert result.memory_model.per_sample_bytes > 0
+
+
+def test_probe_user_model_that_raises_cuda_oom(write_spec):
+    text = """\
+    name: user-oom
+    model: {target: "tests.fixtures:oom_above", kwargs: {threshold: 300}}
+    data: {target: "tests.fixtures:tiny_data"}
+    optimizer: {name: sgd, lr: 0.1}
+    base_batch_size: 32
+    device: {type: cpu}
+    probe: {max_batch_size: 4096}
+    """
+    result = run_probe(load_spec(write_spec(text)))
+    assert result.strategy == "growth-bisect"
+    assert result.ceiling == 300
+    assert [t.batch_size for t in result.trials if t.phase == "grow"] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert result.safe_batch_size == 270 and result.power_of_two_batch_size == 256
+
+
+def test_probe_user_oom_below_the_memory_limit(write_spec):
+    """Capacity known but user code fails earlier: the model misses, bisection still lands exactly."""
+    text = """\
+    name: user-oom
+    model: {target: "tests.fixtures:oom_above", kwargs: {threshold: 150}}
+    data: {target: "tests.fixtures:tiny_data"}
+    optimizer: {name: sgd, lr: 0.1}
+    base_batch_size: 32
+    device: {type: cpu, memory_limit: 1MiB}
+    """
+    result = run_probe(load_spec(write_spec(text)))
+    assert result.ceiling == 150
+
+
+def test_probe_nothing_fits(write_spec):
+    result = run_probe(load_spec(write_spec(), ["device.memory_limit=4KiB"]))
+    assert result.ceiling is None and result.safe_batch_size is None
+    assert len(result.trials) == 1 and not result.trials[0].fits
