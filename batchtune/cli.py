@@ -36,6 +36,13 @@ class Format(str, Enum):
     json = "json"
 
 
+class SweepFormat(str, Enum):
+    table = "table"
+    markdown = "markdown"
+    json = "json"
+    csv = "csv"
+
+
 SpecPath = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_default=False)]
 Overrides = Annotated[
     Optional[list[str]],
@@ -126,6 +133,110 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
         typer.echo(render_probe(result, fmt.value, spec.name))
     if result.ceiling is None:
         raise typer.Exit(EXIT_FAIL)
+
+
+@app.command()
+def sweep(
+    spec_path: SpecPath,
+    overrides: Overrides = None,
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<time>-<name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the sweep in this run folder.")] = None,
+    compare_precision: Annotated[bool, typer.Option("--compare-precision",
+                                                    help="Also compare fp32 and bf16 on the top sizes.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train every candidate batch size fairly, measure speed and quality, and rank them."""
+    with _user_errors():
+        spec = _load(spec_path, overrides)
+        if out is not None and resume is not None:
+            raise BadInput("give --out or --resume, not both")
+        if resume is not None and not resume.is_dir():
+            raise BadInput(f"--resume {resume}: no such run folder")
+        from batchtune.report import render_sweep
+        from batchtune.results import new_run_dir
+        from batchtune.sweep import run_sweep
+
+        if out is None and resume is None:
+            out = new_run_dir(spec.name)
+        with _sweep_progress(quiet) as progress:
+            progress.run_dir = str(resume or out)
+            try:
+                result = run_sweep(spec, out=out, resume=resume, progress=progress)
+            except KeyboardInterrupt:
+                where = progress.run_dir
+                err.print(f"interrupted: finished trials are kept in {where}; continue with "
+                          f"batchtune sweep {spec_path} --resume {where}")
+                raise typer.Exit(130) from None
+        typer.echo(render_sweep(result, fmt.value))
+        if compare_precision:
+            from batchtune.precision import compare_precision as compare
+            from batchtune.report import render_precision
+
+            typer.echo("")
+            typer.echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
+    if result.recommendation is None:
+        raise typer.Exit(EXIT_FAIL)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder.")],
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
+) -> None:
+    """Re-render a finished (or interrupted) sweep from its run folder."""
+    with _user_errors():
+        if not (run_dir / "meta.json").exists():
+            raise BadInput(f"{run_dir} is not a sweep run folder (no meta.json)")
+        from batchtune.report import render_sweep
+        from batchtune.results import RunFolder
+        from batchtune.sweep import result_from_rows
+
+        folder = RunFolder(run_dir)
+        spec = folder.read_spec()
+        result = result_from_rows(spec["name"], folder.read_trials(), folder.read_json("meta.json"), run_dir,
+                                  folder.read_json("environment.json"))
+        typer.echo(render_sweep(result, fmt.value))
+
+
+class _SweepProgress:
+    """A rich progress bar on stderr: current size, seed and an ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.run_dir: str | None = None
+        self._bar = None
+        self._task = None
+
+    def __call__(self, done: int, total: int, label: str, row: Any) -> None:
+        if self.quiet:
+            return
+        if total == 0:
+            err.print(label)
+            return
+        if self._bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total, completed=done)
+        self._bar.update(self._task, completed=done, description=label)
+        if row is not None and row.get("diverged"):
+            self._bar.console.print(f"  {label}: diverged ({row['divergence']})")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@contextmanager
+def _sweep_progress(quiet: bool) -> Iterator[_SweepProgress]:
+    progress = _SweepProgress(quiet)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 def main() -> None:

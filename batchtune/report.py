@@ -122,3 +122,71 @@ def render_probe(result: Any, fmt: str = "table", name: str = "") -> str:
                                colalign=("right", "left", "right", "left", "right", "right")), "", totals]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- sweep
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+    """``0.1861 ± 0.02``; large numbers (throughput) as integers: ``11,953 ± 500``."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if abs(mean) >= 100:
+        text = f"{mean:,.0f}"
+        return text if std is None or math.isnan(std) else f"{text} ± {std:,.0f}"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+_SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "val loss", "steps→target", "s→target", "relative",
+                  "samples/s", "data", "peak", "status"]
+
+
+def _sweep_rows(result: Any) -> list[list[str]]:
+    rows = []
+    for r in result.summary.to_dict("records"):
+        rank = r.get("rank")
+        rows.append([
+            _num(rank, ".0f"), str(r["batch_size"]),
+            "-" if r.get("micro_batch_size") is None or (isinstance(r["micro_batch_size"], float)
+                                                        and math.isnan(r["micro_batch_size"]))
+            else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
+            _num(r.get("lr"), ".3g"), _pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
+            _num(r.get("steps_to_target"), ".0f"), _num(r.get("seconds_to_target"), ".2f"),
+            _num(r.get("relative"), ".2f"), _pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
+            _num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
+        ])
+    return rows
+
+
+def render_sweep(result: Any, fmt: str = "table") -> str:
+    """Render a :class:`~batchtune.sweep.SweepResult` as table, markdown, json or csv."""
+    if fmt == "json":
+        return to_json(result.to_dict())
+    if fmt == "csv":
+        return result.trials.to_csv(index=False).rstrip("\n")
+    meta = result.meta
+    target = f"{result.target_loss:.4g}" if result.target_loss is not None else "-"
+    head = (f"batchtune sweep: {result.name} — {len(result.trials)} trials, {meta['samples']} samples per trial, "
+            f"{len(meta['seeds'])} seeds, target val loss {target}, {meta['precision']}")
+    rec = result.recommendation
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    table = tabulate(_sweep_rows(result), headers=_SWEEP_HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
+    if rec is not None:
+        accum = f" = {rec['micro_batch_size']} × {rec['accum_steps']} accumulation steps" if rec["accum_steps"] > 1 else ""
+        lines.append(f"{'**' if fmt == 'markdown' else ''}recommendation: batch size {rec['batch_size']}{accum}, "
+                     f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
+        lines.append(f"why: {rec['reason']}")
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    if result.run_dir:
+        lines.append(f"run folder: {result.run_dir}")
+    return "\n".join(lines)

@@ -255,7 +255,7 @@ class SweepSpec(_Strict):
     lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0])
     seeds: PositiveInt = 3
     eval_points: PositiveInt = 8
-    eval_batches: PositiveInt | None = None
+    eval_samples: PositiveInt | None = 2048  # validation subset, the same for every trial
     target_loss: float | None = None
     tolerance: float = Field(0.01, ge=0.0)
     timing_warmup_steps: NonNegativeInt = 2

@@ -39,7 +39,7 @@ class TrialConfig:
     steps: int = 2  # optimizer steps
     warmup_steps: int = 0  # linear lr warmup
     seed: int = 0
-    eval_every: int = 0  # optimizer steps between validation passes; 0: none during the run
+    eval_every_samples: float = 0  # validate each time this many more samples are seen (and at step 0)
     validate: bool = False  # a validation pass at the end
     eval_samples: int | None = None  # validation subset size (fixed across trials); None: all
     timing_warmup_steps: int = 0  # first steps excluded from throughput
@@ -47,6 +47,7 @@ class TrialConfig:
     divergence_factor: float | None = None  # loss above factor × first loss counts as diverged
     grad_clip: float | None = None
     measure_noise: bool = False
+    memory_steps: int | None = None  # count memory only during the first N steps (None: all)
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +75,7 @@ class TrialResult:
     peak_bytes: int | None = None  # the whole trial
     compute_peak_bytes: int | None = None  # forward + backward: the part that grows with the batch
     optimizer_peak_bytes: int | None = None  # optimizer steps: a floor independent of the batch
+    eval_peak_bytes: int | None = None  # validation passes
     baseline_bytes: int = 0
     leaked_bytes: int = 0
     steps: int = 0
@@ -219,9 +221,10 @@ class Trainer:
         result.baseline_bytes = backend.current_bytes()
         backend.reset_peak()
         started = time.perf_counter()
-        with backend.session():
+        with contextlib.ExitStack() as memory_session:
+            memory_session.enter_context(backend.session())
             try:
-                self._train(config, model, result, on_step)
+                self._train(config, model, result, on_step, memory_session)
             except Exception as exc:  # noqa: BLE001 - anything but an OOM is re-raised
                 if not is_oom(exc):
                     raise
@@ -229,8 +232,8 @@ class Trainer:
                 result.error = _first_line(exc)
             # _train's frame, and with it every activation, is gone once the exception is.
             if result.fits:
-                result.peak_bytes = max(backend.peak_bytes(), result.compute_peak_bytes or 0,
-                                        result.optimizer_peak_bytes or 0)
+                result.peak_bytes = max(result.compute_peak_bytes or 0, result.optimizer_peak_bytes or 0,
+                                        result.eval_peak_bytes or 0)
         if model is not None:
             model.zero_grad(set_to_none=True)
         backend.cleanup(collect=not result.fits)
@@ -239,7 +242,7 @@ class Trainer:
         return result
 
     def _train(self, config: TrialConfig, model: nn.Module | None, result: TrialResult,
-               on_step: Callable[[int, float], None] | None) -> None:
+               on_step: Callable[[int, float], None] | None, memory_session: contextlib.ExitStack) -> None:
         backend, comps = self.backend, self.components
         if model is None:
             model = comps.build_model(config.seed).to(backend.device)
@@ -256,18 +259,35 @@ class Trainer:
             norms = MicroBatchGradNorms(model.parameters())
             estimator = NoiseScaleEstimator()
         try:
-            self._steps(config, model, optimizer, scaler, batches, norms, estimator, result, on_step)
+            self._steps(config, model, optimizer, scaler, batches, norms, estimator, result, on_step, memory_session)
         finally:
             if norms is not None:
                 norms.remove()
             if estimator is not None:
                 result.noise = estimator.estimate()
 
-    def _steps(self, config, model, optimizer, scaler, batches, norms, estimator, result, on_step) -> None:  # noqa: ANN001
+    def _validate(self, model: nn.Module, config: TrialConfig, result: TrialResult, step: int) -> bool:
+        """Record a validation point; False if the loss is not finite (the trial has diverged)."""
+        self.backend.reset_peak()
+        val_loss = self.evaluate(model, config.micro_batch_size, config.eval_samples)
+        result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
+        result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
+        if not math.isfinite(val_loss):
+            result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
+            return False
+        return True
+
+    def _steps(self, config, model, optimizer, scaler, batches, norms, estimator, result, on_step,  # noqa: ANN001
+               memory_session) -> None:  # noqa: ANN001
         backend, comps = self.backend, self.components
         k = config.accum_steps
         micro = config.micro_batch_size
+        next_eval = config.eval_every_samples
+        if config.eval_every_samples and not self._validate(model, config, result, 0):
+            return
         for step in range(config.steps):
+            if config.memory_steps is not None and step == config.memory_steps:
+                memory_session.close()  # peaks are known; time the rest without counting overhead
             lr = lr_at_step(step, config.lr, config.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -343,11 +363,11 @@ class Trainer:
                 return
             last = step + 1 == config.steps
             out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
-            if (config.eval_every and (step + 1) % config.eval_every == 0) or ((last or out_of_time) and config.validate):
-                val_loss = self.evaluate(model, micro, config.eval_samples)
-                result.evals.append(EvalPoint(step + 1, result.samples, result.train_seconds, val_loss))
-                if not math.isfinite(val_loss):
-                    result.diverged, result.divergence = True, f"non-finite validation loss at step {step + 1}"
+            due = bool(next_eval) and result.samples >= next_eval - 1e-9
+            while next_eval and result.samples >= next_eval - 1e-9:
+                next_eval += config.eval_every_samples
+            if due or ((last or out_of_time) and config.validate):
+                if not self._validate(model, config, result, step + 1):
                     return
             if out_of_time and not last:
                 result.truncated = True

@@ -1,0 +1,49 @@
+"""Sweep plots (matplotlib, the optional ``plots`` extra): log2 batch-size axes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_sweep"]
+
+
+def plot_sweep(result: Any, path: Path) -> Path:
+    """Throughput, final validation loss and time to target against batch size, in one PNG.
+
+    The ceiling (when known) and the recommended size are marked.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result.summary
+    s = s[s["samples_per_s"].notna()].sort_values("batch_size")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("samples_per_s", "samples_per_s_std", "throughput (samples/s)"),
+              ("final_val_loss", "final_val_loss_std", "final validation loss"),
+              ("seconds_to_target", None, "seconds to target loss")]
+    rec = result.recommendation["batch_size"] if result.recommendation else None
+    ceiling = result.meta.get("ceiling")
+    for ax, (col, err, title) in zip(axes, panels):
+        data = s[s[col].notna()]
+        ax.errorbar(data["batch_size"], data[col], yerr=data[err] if err else None, marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if rec is not None:
+            ax.axvline(rec, color="tab:green", linestyle="--", label=f"recommended {rec}")
+        if ceiling and not math.isnan(ceiling):
+            ax.axvline(ceiling, color="tab:red", linestyle=":", label=f"ceiling {ceiling}")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"batchtune sweep: {result.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,101 @@
+"""The CLI as users meet it: exit codes, stdout vs stderr, formats, and a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from batchtune.cli import app
+
+runner = CliRunner()
+
+
+def test_probe_json_has_the_documented_keys(write_spec):
+    result = runner.invoke(app, ["probe", str(write_spec()), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ceiling"] == 430 and data["capacity_bytes"] == 200 * 1024
+    assert data["safe_batch_size"] <= data["ceiling"] and data["power_of_two_batch_size"] == 256
+    assert {"fixed_bytes", "per_sample_bytes"} <= set(data["memory_model"])
+    assert {"batch_size", "fits", "peak_bytes", "seconds"} <= set(data["trials"][0])
+    assert "probing tiny" in result.stderr  # progress goes to stderr, never into the JSON
+
+
+def test_probe_table_and_markdown(write_spec):
+    table = runner.invoke(app, ["probe", str(write_spec()), "-q"])
+    assert table.exit_code == 0
+    assert "ceiling          430   (exact to 1: 430 fits, 431 runs out of memory)" in table.stdout
+    md = runner.invoke(app, ["probe", str(write_spec()), "-q", "--format", "markdown"])
+    assert md.stdout.startswith("### batchtune probe: tiny")
+    header = next(line for line in md.stdout.splitlines() if "trial" in line)
+    assert [c.strip() for c in header.strip("|").split("|")] == ["trial", "phase", "batch", "fits", "peak", "seconds"]
+
+
+def test_nothing_fits_exits_1(write_spec):
+    result = runner.invoke(app, ["probe", str(write_spec()), "device.memory_limit=4KiB", "-q"])
+    assert result.exit_code == 1
+    assert "none: even the smallest batch size runs out of memory" in result.stdout
+
+
+def test_bad_spec_exits_2_with_key_and_line(write_spec):
+    path = write_spec("name: x\nmodel: {builtin: mlp}\ndata: {builtin: digits}\n"
+                      "optimizer: {name: adamw, lr: 0.001}\nbase_batch_size: 64\nprecision: fp8\n")
+    result = runner.invoke(app, ["probe", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:6: precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_missing_target_names_module_and_line(write_spec):
+    path = write_spec("name: x\nmodel:\n  target: nosuchpkg.models:build\ndata: {target: 'tests.fixtures:nope'}\n"
+                      "optimizer: {name: adamw, lr: 0.001, betaz: 1}\nbase_batch_size: 64\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:3: model.target: cannot import 'nosuchpkg.models:build': no module named 'nosuchpkg'" in result.stderr
+    assert "module 'tests.fixtures' has no attribute 'nope'" in result.stderr
+    assert f"{path}:5: optimizer.betaz: unexpected argument; AdamW() accepts" in result.stderr
+
+
+def test_bad_kwargs_and_bad_data_factory(write_spec):
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp', kwargs: {hiden: 3}}\n"
+                      "data: {target: 'tests.fixtures:bad_data'}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "model.kwargs.hiden: unexpected argument; tiny_mlp() accepts in_features, hidden, num_classes" in result.stderr
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:bad_data'}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert "data: the data factory must return (train_dataset, val_dataset), got str" in result.stderr
+
+
+def test_validate_ok(write_spec):
+    result = runner.invoke(app, ["validate", str(write_spec())])
+    assert result.exit_code == 0
+    assert "ok — tiny: model 676 parameters, 512 training and 128 validation samples" in result.stdout
+
+
+def test_init_writes_a_valid_spec_and_never_overwrites(tmp_path):
+    path = tmp_path / "b.yaml"
+    assert runner.invoke(app, ["init", str(path)]).exit_code == 0
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+    path.write_text("mine")
+    result = runner.invoke(app, ["init", str(path)])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert path.read_text() == "mine"
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from batchtune.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "batchtune", "--help"], capture_output=True, text=True, check=True)
+    assert "probe" in out.stdout and "validate" in out.stdout
+
+
+def test_real_subprocess_probe(write_spec):
+    out = subprocess.run([sys.executable, "-m", "batchtune", "probe", str(write_spec()), "--format", "json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ceiling"] == 430
