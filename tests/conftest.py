@@ -18,6 +18,11 @@ device: {type: cpu, memory_limit: 200KiB}
 """
 
 
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
 @pytest.fixture
 def write_spec(tmp_path: Path):
     """Write spec text to a file and return its path."""
