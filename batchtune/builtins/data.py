@@ -48,6 +48,9 @@ def synthetic_classification(
 
     Returns:
         ``(train, val)`` TensorDatasets of ``(float32 (in_features,), int64 ())`` samples.
+
+    Raises:
+        ValueError: An argument is out of range.
     """
     for name, value in {"n_train": n_train, "n_val": n_val, "in_features": in_features}.items():
         if value < 1:
@@ -92,6 +95,7 @@ def digits(*, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Datase
 
     Raises:
         ImportError: scikit-learn is not installed.
+        ValueError: ``val_fraction`` is not in (0, 1).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1). Found {val_fraction=}")
@@ -146,6 +150,9 @@ def char_text(
         ``(train, val)`` datasets of ``(x, y)`` int64 tensors of shape ``(block_size,)``,
         non-overlapping windows with ``y`` being ``x`` shifted by one byte. Each dataset
         has ``vocab_size = 256`` and ``block_size`` attributes.
+
+    Raises:
+        ValueError: An argument is out of range, or too little text for one window per split.
     """
     del seed  # documented as having no effect
     if block_size < 1:

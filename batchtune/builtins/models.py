@@ -38,6 +38,9 @@ def mlp(
 
     Returns:
         A module mapping ``(B, in_features)`` float inputs to ``(B, num_classes)`` logits.
+
+    Raises:
+        ValueError: An argument is out of range.
     """
     _check_positive(in_features=in_features, num_classes=num_classes, hidden=hidden)
     if depth < 0:
@@ -69,6 +72,9 @@ def cnn(*, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.M
     Returns:
         A module mapping ``(B, in_channels, H, W)`` images (H, W >= 4; 8x8 for ``digits``)
         to ``(B, num_classes)`` logits.
+
+    Raises:
+        ValueError: An argument is out of range.
     """
     _check_positive(in_channels=in_channels, num_classes=num_classes, width=width)
     return nn.Sequential(
@@ -109,6 +115,9 @@ def char_transformer(
     Returns:
         A module whose ``forward(idx)`` maps ``(B, T)`` int64 ids, ``T <= block_size``, to
         ``(B, T, vocab_size)`` next-token logits.
+
+    Raises:
+        ValueError: An argument is out of range.
     """
     _check_positive(vocab_size=vocab_size, block_size=block_size, d_model=d_model,
                     n_layers=n_layers, n_heads=n_heads)
