@@ -52,7 +52,7 @@ class ProbeTrial:
     peak_bytes: int | None
     seconds: float
     steps: int  # training steps attempted (an OOM's unfinished step counts)
-    phase: str  # anchor | approach | predict | verify | bisect | grow | confirm
+    phase: str  # anchor | explore | approach | predict | verify | bisect | grow | confirm
     leaked_bytes: int = 0
     error: str | None = None
 
@@ -116,65 +116,80 @@ class _Bracket:
 
 
 def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size: int, granularity: int,
-                        capacity_bytes: int, baseline_bytes: int = 0, max_misses: int = 2,
-                        approach_below: float = 0.85) -> SearchOutcome:
+                        capacity_bytes: int, baseline_bytes: int = 0, approach_below: float = 0.85,
+                        flat: float = 0.05) -> SearchOutcome:
     """Exact ceiling (to ``granularity``) from a fitted memory model, verified by runs.
+
+    The plan: two anchors give a first slope; if the largest fit is far below the predicted
+    ceiling, measure most of the way there first (peak memory is only piecewise linear: at
+    small batches the peak falls at a moment activations do not dominate); then run the
+    prediction and gallop away from it (±1, 2, 4… granules) until the bracket closes,
+    bisecting the last step.
 
     Args:
         measure: runs a trial at a batch size.
         min_batch_size, max_batch_size, granularity: the search space (multiples of granularity).
         capacity_bytes: the memory the device gives this process.
         baseline_bytes: memory in use before a trial (parameters); it bounds the first slope.
-        max_misses: predictions allowed to leave the bracket open before bisecting.
         approach_below: when the largest fit is below this share of the predicted ceiling,
             first measure 90% of the way there.
+        flat: a secant whose peaks differ by less than this share says nothing about the
+            slope (both points sit on a batch-independent floor): explore geometrically.
     """
     b = _Bracket(measure, granularity, max_batch_size)
+    g = granularity
     first = b.run(min_batch_size, "anchor")
-    if not first.fits:
-        return b.outcome(None, None)
-    if min_batch_size + granularity > max_batch_size:
+    if not first.fits or min_batch_size + g > max_batch_size:
         return b.outcome(None, None)
 
     # Fixed memory is at least the baseline, so per-sample bytes are at most this: the size
-    # it implies fits if memory is linear, and is far enough from the first for a good slope.
+    # it implies fits if memory is linear, and is far enough from the first for a slope.
     peak1 = first.peak_bytes or 0
     per_sample_max = max(peak1 - baseline_bytes, 1) / min_batch_size
-    second = _align(min_batch_size + (capacity_bytes - peak1) / per_sample_max, granularity)
-    second = min(max(second, min_batch_size + granularity, 2 * min_batch_size), max_batch_size)
-    b.run(second, "anchor")
+    second = _align(min_batch_size + (capacity_bytes - peak1) / per_sample_max, g)
+    b.run(min(max(second, min_batch_size + g, 2 * min_batch_size), max_batch_size), "anchor")
+    first_model = b.fit()
+    predicted = first_model.max_batch_size(capacity_bytes) if first_model is not None else None
 
-    model = b.fit()
-    predicted = model.max_batch_size(capacity_bytes) if model is not None else None
-    misses = failed_approaches = 0
-    last: tuple[str, bool] | None = None
+    gallop = 0  # after a prediction: granules to step next, signed by direction
+    bisecting = False
+    failed_approaches = 0
     while not b.closed:
-        if failed_approaches >= 2:
-            candidate, phase = b.midpoint(), "bisect"  # the model over-reaches badly: halve the gap
-        elif last == ("predict", True):
-            candidate, phase = b.lo + b.g, "verify"  # the prediction fit: does one granule more?
-        elif last == ("predict", False):
-            candidate, phase = b.hi - b.g, "verify"  # it failed: does one granule less?
-        elif (local := b.fit(last=2)) is not None and misses < max_misses:
-            # The secant through the two largest fits: memory is most linear near the ceiling.
-            limit = local.max_batch_size(capacity_bytes)
-            target = b.hi - b.g if math.isinf(limit) else _align(limit, b.g)
-            target = min(max(target, b.lo + b.g), b.hi - b.g)
-            if b.lo < approach_below * target and target - b.lo > 2 * b.g:
-                # Far from the prediction: measure most of the way there first, so that the
-                # final prediction comes from a slope measured close to the ceiling.
-                candidate = min(max(_align(b.lo + 0.9 * (target - b.lo), b.g), b.lo + b.g), b.hi - b.g)
-                phase = "approach"
+        if bisecting or failed_approaches >= 2:
+            candidate, phase = b.midpoint(), "bisect"
+        elif gallop:
+            edge = b.lo + gallop * g if gallop > 0 else b.hi + gallop * g
+            candidate, phase = min(max(edge, b.lo + g), b.hi - g), "verify"
+        else:
+            sizes = sorted(b.points)[-2:]
+            local = b.fit(last=2)
+            limit = local.max_batch_size(capacity_bytes) if local is not None else math.inf
+            target = b.hi - g if math.isinf(limit) else _align(limit, g)
+            target = min(max(target, b.lo + g), b.hi - g)
+            is_flat = len(sizes) < 2 or b.points[sizes[1]] - b.points[sizes[0]] < flat * b.points[sizes[1]]
+            overall = b.fit()
+            # Three or more points on one line: the model has earned a direct prediction.
+            linear = overall is not None and overall.points >= 3 and overall.max_relative_error < 0.01
+            if is_flat and not linear and target > 4 * b.lo:
+                candidate, phase = _align(math.sqrt(b.lo * target), g), "explore"
+            elif b.lo < approach_below * target and target - b.lo > 2 * g:
+                # A long extrapolation magnifies every error: measure near the ceiling first. If
+                # the points are still bending upwards (a convex curve over-predicts), stop short.
+                share = 0.9 if linear or overall is None or overall.points < 3 else 0.75
+                candidate, phase = _align(b.lo + share * (target - b.lo), g), "approach"
             else:
                 candidate, phase = target, "predict"
-        else:
-            candidate, phase = b.midpoint(), "bisect"
+            candidate = min(max(candidate, b.lo + g), b.hi - g)
         fits = b.run(candidate, phase).fits
-        if phase == "verify" and not b.closed:
-            misses += 1
-        failed_approaches = failed_approaches + 1 if (phase == "approach" and not fits) else 0
-        last = (phase, fits)
-    return b.outcome(b.fit() or model, predicted)
+        if phase == "predict":
+            gallop = 1 if fits else -1
+        elif phase == "verify" and not b.closed:
+            if (gallop > 0) == fits:
+                gallop *= 2  # still on the same side of the ceiling: widen the step
+            else:
+                bisecting = True  # the last step crossed it: bisect within that step
+        failed_approaches = failed_approaches + 1 if (phase in ("approach", "explore") and not fits) else 0
+    return b.outcome(b.fit(), predicted)
 
 
 def double_then_bisect(measure: Measure, *, min_batch_size: int, max_batch_size: int,
