@@ -184,7 +184,7 @@ def _fieller_interval(
         return max((b - root) / a, 0.0), max((b + root) / a, 0.0)
     ratio = num / den
     if a < 0 and disc > 0:
-        # a < 0: the set is (-inf, r_lo] ∪ [r_hi, inf); report [r_hi, inf) when it holds the ratio.
+        # The set is (-inf, r_lo] ∪ [r_hi, inf); report [r_hi, inf) when it holds the ratio.
         r_hi = max((b + math.sqrt(disc)) / a, (b - math.sqrt(disc)) / a)
         if ratio >= r_hi:
             return max(r_hi, 0.0), math.inf
@@ -308,7 +308,19 @@ class MicroBatchGradNorms:
     computed in that pass before it is accumulated into ``.grad`` (once per parameter, summed
     over its uses, so tied weights count once). They record only between
     :meth:`start_micro_batch` and :meth:`end_micro_batch`, never change the gradient, and keep
-    the sums on the gradient's device in float64 so that no hook waits for the device.
+    the sums on the gradient's device so that no hook waits for the device.
+
+    Precision: each tensor is reduced in blocks of 1024 elements in float32 (float16 and
+    bfloat16 are upcast) and the blocks are summed in float64; everything after that
+    (across tensors, micro-batches and steps) is float64. That matches a float64 reduction
+    to ~1e-7 relative at the speed of a float32 norm (3-25x faster on CPU than
+    ``vector_norm(dtype=float64)``, which casts first), whereas a plain float32
+    ``vector_norm`` of a 4M-element tensor can be off by 1e-4..1e-3, enough to swamp
+    ``s_small - s_big`` when B_simple is small next to the micro-batch.
+
+    Cost: each hook is a Python call per parameter per micro-batch, even while not
+    recording; :meth:`remove` the hooks (or build this only for the steps measured) when
+    the noise scale is not wanted.
 
     Parameters that do not require grad are left out; those that get no gradient in a pass
     (unused, or ``.grad is None``) add nothing. Run exactly one ``backward()`` per
@@ -324,15 +336,12 @@ class MicroBatchGradNorms:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
-        import torch
-
-        self._torch = torch
         self._params = _unique_trainable(params)
         if not self._params:
             raise ValueError("no parameter requires grad; nothing to measure")
         self._handles = [p.register_hook(self._hook) for p in self._params]
         self._active = False
-        self._current: Any = None  # float64 tensor: Σ |g_p|² of the running micro-batch
+        self._current: list[Any] = []  # float64 |g_p|² of the running micro-batch, per parameter
         self._micro_sq_norms: list[Any] = []  # un-scaled, one per finished micro-batch
 
     @property
@@ -343,10 +352,7 @@ class MicroBatchGradNorms:
     def _hook(self, grad: torch.Tensor) -> None:
         if not self._active:
             return None
-        if grad.is_sparse:
-            grad = grad.coalesce().values()
-        sq = self._torch.linalg.vector_norm(grad.detach(), dtype=self._torch.float64).square()
-        self._current = sq if self._current is None else self._current + sq.to(self._current.device)
+        self._current.append(_sq_norm(grad))
         return None
 
     def start_micro_batch(self) -> None:
@@ -360,7 +366,7 @@ class MicroBatchGradNorms:
         if not self._handles:
             raise RuntimeError("hooks were removed; create a new MicroBatchGradNorms")
         self._active = True
-        self._current = None
+        self._current = []
 
     def end_micro_batch(self, grad_multiplier: float) -> None:
         """Stops recording and stores the micro-batch's squared norm, un-scaled.
@@ -380,22 +386,22 @@ class MicroBatchGradNorms:
             raise RuntimeError("end_micro_batch() called without start_micro_batch()")
         _check_multiplier(grad_multiplier)
         self._active = False
-        sq = 0.0 if self._current is None else self._current
+        sq = _sum(self._current) if self._current else 0.0
         self._micro_sq_norms.append(sq * (grad_multiplier * grad_multiplier))
-        self._current = None
+        self._current = []
 
     def small_and_big(
         self,
         params: Iterable[torch.nn.Parameter] | None = None,
-        *,
-        grad_multiplier: float,
+        grad_multiplier: float = 1.0,
     ) -> tuple[float, float]:
         """``(s_small, s_big)`` for the finished step; then resets for the next one.
 
         Call after the last micro-batch's backward and BEFORE gradient clipping.
         ``s_small`` is the mean of the micro-batch squared norms, ``s_big`` the squared norm
         of the accumulated ``.grad``. Warns if ``s_big > s_small``, which exact arithmetic
-        rules out and which points at wrong multipliers or a ``.grad`` not zeroed.
+        rules out and which points at wrong multipliers (e.g. 1.0 while ``.grad`` still holds
+        the GradScaler's scale) or a ``.grad`` not zeroed.
 
         Args:
             params: Where to read ``.grad``; defaults to the parameters given at construction.
@@ -403,7 +409,8 @@ class MicroBatchGradNorms:
                 over all ``k·b`` examples of the step (the mean of the micro-batch
                 gradients). For a loss divided by ``k`` and a GradScaler with scale ``S``:
                 ``1 / S`` before ``scaler.unscale_(optimizer)``, 1 after it; without a
-                scaler, 1. If the loss was NOT divided by ``k``, also divide by ``k``.
+                scaler, 1 (the default). If the loss was NOT divided by ``k``, also divide
+                by ``k``.
 
         Returns:
             ``(s_small, s_big)`` in float64 precision, as Python floats.
@@ -417,16 +424,9 @@ class MicroBatchGradNorms:
         if not self._micro_sq_norms:
             raise RuntimeError("no micro-batch recorded since the last small_and_big()")
         _check_multiplier(grad_multiplier)
-        torch = self._torch
         watched = self._params if params is None else _unique_trainable(params)
-        big = 0.0
-        for p in watched:
-            if p.grad is None:
-                continue
-            grad = p.grad.detach()
-            if grad.is_sparse:
-                grad = grad.coalesce().values()
-            big += float(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+        grad_sq_norms = [_sq_norm(p.grad) for p in watched if p.grad is not None]
+        big = float(_sum(grad_sq_norms)) if grad_sq_norms else 0.0
         micro = [float(s) for s in self._micro_sq_norms]
         self._micro_sq_norms = []
         s_small = math.fsum(micro) / len(micro)
@@ -443,7 +443,7 @@ class MicroBatchGradNorms:
     def reset(self) -> None:
         """Drops the current step's measurements, e.g. for a short last batch or a failed step."""
         self._active = False
-        self._current = None
+        self._current = []
         self._micro_sq_norms = []
 
     def remove(self) -> None:
@@ -458,6 +458,36 @@ class MicroBatchGradNorms:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+_NORM_BLOCK = 1024
+
+
+def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm as a 0-dim float64 tensor on the gradient's device (see the class doc)."""
+    import torch
+
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    flat = grad.detach().reshape(-1)
+    dtype = None if flat.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = flat.numel() // _NORM_BLOCK
+    if rows == 0:
+        return torch.linalg.vector_norm(flat, dtype=dtype).double().square()
+    split = rows * _NORM_BLOCK
+    blocks = flat[:split].view(rows, _NORM_BLOCK)
+    block_norms = torch.linalg.vector_norm(blocks, dim=1, dtype=dtype).double()
+    total = torch.dot(block_norms, block_norms)
+    if split < flat.numel():
+        total = total + torch.linalg.vector_norm(flat[split:], dtype=dtype).double().square()
+    return total
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    device = values[0].device
+    return torch.stack([v.to(device) for v in values]).sum()
 
 
 def _unique_trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

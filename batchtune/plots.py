@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_sweep"]
+__all__ = ["plot_noise", "plot_sweep"]
 
 
 def plot_sweep(result: Any, path: Path) -> Path:
@@ -43,6 +43,35 @@ def plot_sweep(result: Any, path: Path) -> Path:
             ax.axvline(ceiling, color="tab:red", linestyle=":", label=f"ceiling {ceiling}")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"batchtune sweep: {result.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_noise(run: Any, path: Path) -> Path:
+    """B_simple with its band, and the validation loss, against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = [p for p in run.history if p["b_simple"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    steps = [p["step"] for p in h]
+    ax.plot(steps, [p["b_simple"] for p in h], marker="o", label="B_simple")
+    high = [p["high"] if p["high"] is not None and math.isfinite(p["high"]) else float("nan") for p in h]
+    ax.fill_between(steps, [p["low"] or 0 for p in h], high, alpha=0.25, label="90% band")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("simple noise scale (examples)")
+    ax.grid(alpha=0.3)
+    loss = ax.twinx()
+    loss.plot([p["step"] for p in run.history], [p["val_loss"] for p in run.history], color="tab:red",
+              linestyle="--", label="val loss")
+    loss.set_ylabel("validation loss")
+    ax.legend(loc="upper left", fontsize=8)
+    loss.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"batchtune noise: {run.name}, batch {run.batch_size}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

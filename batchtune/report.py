@@ -146,7 +146,7 @@ def _num(value: Any, fmt: str) -> str:
 
 
 _SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "val loss", "steps→target", "s→target", "relative",
-                  "samples/s", "data", "peak", "status"]
+                  "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
 
 
 def _sweep_rows(result: Any) -> list[list[str]]:
@@ -161,9 +161,32 @@ def _sweep_rows(result: Any) -> list[list[str]]:
             _num(r.get("lr"), ".3g"), _pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
             _num(r.get("steps_to_target"), ".0f"), _num(r.get("seconds_to_target"), ".2f"),
             _num(r.get("relative"), ".2f"), _pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
-            _num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
+            _num(r.get("goodput"), ",.0f"), _num(r.get("excess_compute"), ".2f"), _num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
         ])
     return rows
+
+
+def _critical_lines(c: dict[str, Any]) -> list[str]:
+    if not c:
+        return []
+    fit, noise = c.get("fit") or {}, c.get("noise_scale")
+    if fit.get("b_crit"):
+        steps = (f"{fit['b_crit']:.0f} from steps-to-target over {fit['sizes']} sizes "
+                 f"(90% bootstrap {_num(fit['low'], '.0f')}–{_num(fit['high'], '.0f')}; S_min {fit['s_min']:.0f} steps)")
+    else:
+        steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
+    if noise:
+        tokens = f", {noise['tokens']:,.0f} tokens" if noise.get("tokens") else ""
+        noisy = (f"noise scale B_simple {noise['b_simple']:.0f}{tokens} (90% band {_num(noise['low'], '.0f')}–"
+                 f"{_num(noise['high'], '.0f')}) at val loss {noise['at_val_loss']:.4g}, median of {noise['trials']} trials")
+    else:
+        noisy = "no reliable noise-scale estimate"
+    lines = [f"critical batch size: {steps}; {noisy}"]
+    if c.get("ratio"):
+        lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
+                     f"(noise scale / steps fit = {c['ratio']:.2f}); goodput and E/Emin use the {c['basis']}")
+    lines.append(f"  definition: {c['definition']}")
+    return lines
 
 
 def render_sweep(result: Any, fmt: str = "table") -> str:
@@ -185,8 +208,143 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
         lines.append(f"{'**' if fmt == 'markdown' else ''}recommendation: batch size {rec['batch_size']}{accum}, "
                      f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
         lines.append(f"why: {rec['reason']}")
+    lines += _critical_lines(result.critical)
     for note in result.notes:
         lines.append(f"note: {note}")
     if result.run_dir:
         lines.append(f"run folder: {result.run_dir}")
+    return "\n".join(lines)
+
+
+def render_precision(frame: Any, fmt: str = "table") -> str:
+    """Render :func:`~batchtune.precision.compare_precision`'s frame."""
+    if fmt == "json":
+        return to_json({"precision_comparison": frame.astype(object).where(frame.notna(), None).to_dict("records")})
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    rows = [[r.precision, r.batch_size, _num(r.ceiling, ".0f"), _num(r.ceiling_gain, ".2f"),
+             _pm(r.samples_per_s, None), _num(r.throughput_gain, ".2f"), format_bytes(r.peak_bytes)]
+            for r in frame.itertuples()]
+    headers = ["precision", "batch", "ceiling", "ceiling ×", "samples/s", "throughput ×", "peak"]
+    title = "precision comparison (× is relative to fp32)"
+    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
+                     disable_numparse=True)
+    return f"{'### ' if fmt == 'markdown' else ''}{title}\n\n{table}"
+
+
+# ---------------------------------------------------------------------------- noise
+
+
+def render_noise(run: Any, fmt: str = "table") -> str:
+    """Render :func:`~batchtune.noise_run.run_noise`'s :class:`NoiseRun`."""
+    if fmt == "json":
+        return to_json(run.to_dict())
+    accum = f" ({run.micro_batch_size} × {run.accum_steps})" if run.accum_steps > 1 else " (two halves per step)"
+    head = f"batchtune noise: {run.name} at batch {run.batch_size}{accum}, lr {run.lr:.3g}, {run.steps} steps"
+    rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", _num(h["b_simple"], ",.0f"),
+             f"{_num(h['low'], ',.0f')}–{_num(h['high'], ',.0f')}", "yes" if h["reliable"] else "no"]
+            for h in run.history]
+    headers = ["step", "samples", "val loss", "B_simple", "90% band", "reliable"]
+    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
+                     disable_numparse=True)
+    lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
+    final = run.final
+    if final and final.get("b_simple"):
+        tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
+        lines.append(f"B_simple at the end: {final['b_simple']:,.0f} examples{tokens} at val loss "
+                     f"{final['val_loss']:.4g} (90% band {_num(final['low'], ',.0f')}–{_num(final['high'], ',.0f')}).")
+        lines.append("It grows as the loss falls: an estimate taken early under-states the critical batch size "
+                     "later in training.")
+    else:
+        lines.append("no reliable estimate yet: run more steps (--steps)")
+    lines += [f"note: {n}" for n in run.notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- check
+
+_CHECK_ICONS = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skip": "⏭"}
+
+
+def _check_head(report: Any) -> str:
+    dev = report.device
+    cap = dev.get("capacity_bytes")
+    where = dev.get("name") or dev.get("device", "?")
+    if dev.get("device") == "cpu":
+        where += f" (simulated capacity {format_bytes(cap)})" if cap else " (no capacity limit)"
+    elif cap:
+        where += f" (capacity {format_bytes(cap)})"
+    shape = (f"{report.batch_size} = {report.micro_batch_size} × {report.accum_steps} accumulation steps"
+             if report.accum_steps > 1 else f"{report.batch_size}")
+    return f"batchtune check: {report.name} — batch {shape}, lr {report.lr:.4g}, {where}, {report.precision}"
+
+
+def _check_verdict(report: Any, strict: bool) -> str:
+    counts = {s: sum(c.status == s for c in report.checks) for s in ("fail", "warn", "skip")}
+    word = "FAIL" if report.exit_code(strict) else "PASS"
+    extra = [f"{n} {s}{'s' if n != 1 and s != 'skip' else ''}{'ped' if s == 'skip' else ''}"
+             for s, n in (("fail", counts["fail"]), ("warning", counts["warn"]), ("skip", counts["skip"])) if n]
+    strict_text = " (--strict: warnings fail)" if strict and counts["warn"] else ""
+    return (f"verdict: {word}{strict_text}" + (f" — {', '.join(extra)}" if extra else "")
+            + f"; {len(report.checks)} checks in {report.seconds:.1f} s (budget {report.max_seconds:g} s)")
+
+
+def _check_junit(report: Any, strict: bool) -> str:
+    import xml.etree.ElementTree as ET
+
+    fails = sum(c.status == "fail" or (strict and c.status == "warn") for c in report.checks)
+    skips = sum(c.status == "skip" for c in report.checks)
+    attrs = {"name": "batchtune check", "tests": str(len(report.checks)), "failures": str(fails), "errors": "0",
+             "skipped": str(skips), "time": f"{report.seconds:.3f}"}
+    root = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(root, "testsuite", attrs)
+    props = ET.SubElement(suite, "properties")
+    for key in ("name", "batch_size", "micro_batch_size", "accum_steps", "lr", "precision", "baseline"):
+        value = getattr(report, key)
+        if value is not None:
+            ET.SubElement(props, "property", {"name": key, "value": str(value)})
+    ET.SubElement(props, "property", {"name": "device", "value": str(report.device.get("name")
+                                                                        or report.device.get("device"))})
+    for c in report.checks:
+        case = ET.SubElement(suite, "testcase", {"name": c.name, "classname": f"batchtune.check.{report.name}",
+                                                 "time": f"{c.seconds:.3f}"})
+        figures = to_json({k: v for k, v in c.figures.items() if k != "traceback"})
+        if c.status == "fail" or (strict and c.status == "warn"):
+            node = ET.SubElement(case, "failure", {"message": c.reason, "type": c.status})
+            node.text = c.reason + "\n" + figures + ("\n" + c.figures["traceback"] if c.figures.get("traceback")
+                                                     else "")
+        elif c.status == "skip":
+            ET.SubElement(case, "skipped", {"message": c.reason})
+        out = ET.SubElement(case, "system-out")
+        out.text = (f"WARNING: {c.reason}\n" if c.status == "warn" else f"{c.status}: {c.reason}\n") + figures
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+def render_check(report: Any, fmt: str = "table", strict: bool = False) -> str:
+    """Render a :class:`~batchtune.check.CheckReport` as table, markdown, json or junit (XML).
+
+    ``strict`` counts warnings as failures in the verdict line and in JUnit, as the exit code does.
+    """
+    if fmt == "json":
+        return to_json({**report.to_dict(), "exit_code": report.exit_code(strict), "strict": strict})
+    if fmt == "junit":
+        return _check_junit(report, strict)
+    head = _check_head(report)
+    verdict = _check_verdict(report, strict)
+    if fmt == "markdown":
+        rows = [[f"`{c.name}`", f"{_CHECK_ICONS[c.status]} {c.status}", c.reason.replace("|", "\\|")]
+                for c in report.checks]
+        icon = "❌" if report.exit_code(strict) else _CHECK_ICONS["warn" if report.status == "warn" else "pass"]
+        lines = [f"### {icon} {head}", "", tabulate(rows, headers=["check", "status", "reason"], tablefmt="github",
+                                                    disable_numparse=True), "", f"**{verdict}**"]
+    else:
+        rows = [[c.name, c.status, c.reason] for c in report.checks]
+        lines = [head, "", tabulate(rows, headers=["check", "status", "reason"], tablefmt="simple",
+                                    disable_numparse=True), "", verdict]
+    if report.skipped:
+        lines.append(f"skipped to stay within --max-seconds {report.max_seconds:g}: {', '.join(report.skipped)}")
+    if report.baseline:
+        lines.append(f"baseline: {report.baseline}")
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from batchtune.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+
 __all__ = ["Candidate", "SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
 
 MIN_STEPS = 4  # fewer optimizer steps than this says nothing about a batch size
@@ -217,10 +219,12 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[pd.DataFr
         e["rank"] = rank
         e["relative"] = e["seconds_to_target"] / contenders[0]["seconds_to_target"]
 
+    critical = _critical(entries, contenders, meta)
     ordered = contenders + sorted((e for e in entries if e["status"] != "ok"), key=lambda e: e["batch_size"])
     columns = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr", "lr_multiplier", "seeds",
                "final_val_loss", "final_val_loss_std", "steps_to_target", "seconds_to_target", "relative",
-               "samples_per_s", "samples_per_s_std", "data_share", "data_bound", "peak_bytes", "status"]
+               "samples_per_s", "samples_per_s_std", "efficiency", "excess_compute", "goodput",
+               "data_share", "data_bound", "peak_bytes", "status"]
     summary = pd.DataFrame([{c: e.get(c) for c in columns} for e in ordered], columns=columns)
     for size, reason in sorted(meta.get("excluded", {}).items(), key=lambda kv: int(kv[0])):
         summary.loc[len(summary)] = {**{c: None for c in columns}, "batch_size": int(size),
@@ -229,10 +233,57 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[pd.DataFr
     notes: list[str] = []
     recommendation = None
     if contenders:
-        recommendation = _recommend(contenders, entries, best_loss, target, meta)
+        recommendation = _recommend(contenders, entries, best_loss, target, meta, critical)
     else:
         notes.append("no batch size met the quality tolerance: see the status column")
-    return summary, recommendation, notes, target
+    b_crit = critical["b_crit"]
+    if b_crit:
+        above = [e for e in contenders if e["batch_size"] > b_crit]
+        for e in above:
+            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.0f}): it needs "
+                         f"{e['excess_compute']:.2f}× the minimum samples, {compute_beyond_critical(e['batch_size'], b_crit):.0%} "
+                         f"more compute than B_crit would need for the same loss")
+    return summary, recommendation, notes, target, critical
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def _critical(entries: list[dict[str, Any]], contenders: list[dict[str, Any]], meta: dict[str, Any]) -> dict:
+    """Noise-scale and steps-to-target estimates of B_crit; efficiency, excess compute, goodput per size."""
+    pool = contenders or [e for e in entries if e["final_val_loss"] is not None]
+    noisy = [r for e in pool for r in e["rows"] if r.get("noise_reliable") and r.get("noise_b_simple")]
+    tokens = meta.get("tokens_per_sample") or 1
+    noise = None
+    if noisy:
+        b_simple = _median([r["noise_b_simple"] for r in noisy])
+        noise = {"b_simple": b_simple, "low": _median([r["noise_low"] for r in noisy]),
+                 "high": _median([r["noise_high"] for r in noisy]),
+                 "at_val_loss": _median([r["final_val_loss"] for r in noisy]), "trials": len(noisy),
+                 "tokens": b_simple * tokens if tokens > 1 else None,
+                 "estimator": "simple noise scale tr(Σ)/|G|², EMA of each part, median over trials, 90% band"}
+    reached = {e["batch_size"]: [r["steps_to_target"] for r in e["rows"]]
+               for e in entries if e["steps_to_target"] is not None}
+    fit = fit_steps_to_target(reached)
+    from_noise = noise["b_simple"] if noise else None
+    b_crit, basis = (fit.b_crit, "steps-to-target fit") if fit.b_crit else (from_noise, "noise scale")
+    base = min((e["batch_size"] for e in entries), default=None)
+    for e in entries:
+        e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
+        e["excess_compute"] = excess_compute(e["batch_size"], b_crit) if b_crit else None
+        e["goodput"] = (e["samples_per_s"] * e["efficiency"]
+                        if e["efficiency"] is not None and e["samples_per_s"] is not None else None)
+    return {
+        "noise_scale": noise,
+        "fit": fit.to_dict(),
+        "from_noise_scale": from_noise,
+        "from_steps_to_target": fit.b_crit,
+        "ratio": from_noise / fit.b_crit if from_noise and fit.b_crit else None,
+        "b_crit": b_crit, "basis": basis if b_crit else None,
+        "definition": DEFINITION,
+    }
 
 
 def _fmt_size(e: dict[str, Any]) -> str:
@@ -246,7 +297,7 @@ def _category(status: str) -> str:
 
 
 def _recommend(contenders: list[dict[str, Any]], entries: list[dict[str, Any]], best_loss: float,
-               target: float, meta: dict[str, Any]) -> dict[str, Any]:
+               target: float, meta: dict[str, Any], critical: dict[str, Any]) -> dict[str, Any]:
     win = contenders[0]
     n = len(contenders)
     field_text = "the only size" if n == 1 else f"the fastest of the {n} sizes"
@@ -259,6 +310,17 @@ def _recommend(contenders: list[dict[str, Any]], entries: list[dict[str, Any]], 
         run = contenders[1]
         parts.append(f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long "
                      f"({run['seconds_to_target']:.2f} s) at {run['samples_per_s']:,.0f} samples/s")
+    with_goodput = [e for e in contenders if e.get("goodput")]
+    if with_goodput and critical["b_crit"]:
+        top = max(with_goodput, key=lambda e: e["goodput"])
+        basis = f"critical batch ~{critical['b_crit']:.0f} from the {critical['basis']}"
+        if top is win:
+            parts.append(f"Goodput (throughput × statistical efficiency, {basis}) agrees: "
+                         f"{win['goodput']:,.0f} effective samples/s, the highest")
+        else:
+            parts.append(f"Goodput ({basis}) would favour {top['batch_size']} ({top['goodput']:,.0f} vs "
+                         f"{win['goodput'] or 0:,.0f} effective samples/s); time to target is measured, goodput "
+                         "is a model's estimate, so the measurement decides")
     if win["data_bound"]:
         parts.append(f"Note: {win['data_share']:.0%} of its step time is spent waiting for data: "
                      "fix the data loader before tuning further")
@@ -292,10 +354,15 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     run_dir: Path | None = None
     environment: dict[str, Any] = field(default_factory=dict)
+    critical: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        c = self.critical
         return {
             "name": self.name, "recommendation": self.recommendation, "target_loss": self.target_loss,
+            "noise_scale": c.get("noise_scale"),
+            "critical_batch_size": {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio",
+                                                           "b_crit", "basis", "definition", "fit")},
             "summary": self.summary.astype(object).where(self.summary.notna(), None).to_dict("records"),
             "trials": self.trials.astype(object).where(self.trials.notna(), None).to_dict("records"),
             "meta": self.meta, "notes": self.notes, "environment": self.environment,
@@ -306,10 +373,18 @@ class SweepResult:
 def result_from_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
                      run_dir: Path | None = None, environment: dict[str, Any] | None = None) -> SweepResult:
     """Analyse trial rows into a :class:`SweepResult` (used live and by ``batchtune report``)."""
-    summary, recommendation, notes, target = analyse(rows, meta)
-    trials = pd.DataFrame([{k: v for k, v in r.items() if k != "evals"} for r in rows])
+    summary, recommendation, notes, target, critical = analyse(rows, meta)
+    trials = pd.DataFrame([{k: v for k, v in r.items() if k not in ("evals", "noise_history")} for r in rows])
+    b_crit = critical["b_crit"]
+    if b_crit and len(trials):
+        base = trials["batch_size"].min()
+        trials["efficiency"] = [efficiency(b, base, b_crit) for b in trials["batch_size"]]
+        trials["excess_compute"] = [excess_compute(b, b_crit) for b in trials["batch_size"]]
+        trials["goodput"] = trials["samples_per_s"] * trials["efficiency"]
+    else:
+        trials["efficiency"] = trials["excess_compute"] = trials["goodput"] = None
     return SweepResult(name, meta, trials, summary, recommendation, target, meta.get("notes", []) + notes,
-                       run_dir, environment or {})
+                       run_dir, environment or {}, critical)
 
 
 def _trial_key(row: dict[str, Any]) -> tuple:
@@ -326,7 +401,10 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     row["peak_share"] = result.peak_bytes / capacity if capacity and result.peak_bytes else None
     row["evals"] = [[e.step, e.samples, e.seconds, e.val_loss] for e in result.evals]
     noise = d.get("noise")
-    row["noise_b_simple"] = noise["b_simple"] if noise else None
+    for key in ("b_simple", "low", "high", "reliable"):
+        row[f"noise_{key}"] = noise[key] if noise else None
+    row["noise_steps"] = result.noise_steps
+    row["noise_history"] = result.noise_history
     return row
 
 
@@ -482,6 +560,10 @@ def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rul
             excluded[c.batch_size] = (f"only {samples // c.batch_size} steps in the {samples}-sample budget "
                                       f"(need {MIN_STEPS}); raise sweep.samples")
     rule = resolve_rule(spec.lr_scaling, spec.optimizer.family)
+    sample = components.train_set[0]
+    target = sample[-1] if isinstance(sample, (tuple, list)) else next(
+        (sample[k] for k in ("labels", "targets", "target", "y") if k in sample), None)
+    tokens_per_sample = int(target.numel()) if hasattr(target, "numel") and target.dim() > 0 else 1
     base_lrs = {str(c.batch_size): scale_lr(spec.optimizer.lr, spec.base_batch_size, c.batch_size, rule)
                 for c in candidates}
     rule_note = f"lr scaled by the {rule} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}"
@@ -494,4 +576,5 @@ def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rul
         "lr_multipliers": list(sw.lr_multipliers), "lr_rule": rule, "base_lrs": base_lrs,
         "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": capacity, "precision": spec.precision, "notes": notes,
+        "tokens_per_sample": tokens_per_sample,
     }

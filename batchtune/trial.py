@@ -47,6 +47,7 @@ class TrialConfig:
     divergence_factor: float | None = None  # loss above factor × first loss counts as diverged
     grad_clip: float | None = None
     measure_noise: bool = False
+    noise_every: int = 4  # measure the noise scale on every n-th step (those steps are not timed)
     memory_steps: int | None = None  # count memory only during the first N steps (None: all)
 
     @property
@@ -93,7 +94,8 @@ class TrialResult:
     divergence: str | None = None
     truncated: bool = False
     noise: Any = None  # NoiseScaleEstimate when measured
-    noise_history: list[dict[str, Any]] = field(default_factory=list)
+    noise_history: list[dict[str, Any]] = field(default_factory=list)  # estimate at each validation point
+    noise_steps: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -138,6 +140,20 @@ def _batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin
                             num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
     while True:
         yield from loader
+
+
+def _halves(batch: Any) -> list[Any]:
+    """Two equal halves of a batch along dim 0 (for the noise scale at accum_steps=1)."""
+    if isinstance(batch, torch.Tensor):
+        half = batch.shape[0] // 2
+        return [batch[:half], batch[half:2 * half]]
+    if isinstance(batch, dict):
+        parts = {k: _halves(v) for k, v in batch.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(2)]
+    if isinstance(batch, (list, tuple)):
+        parts = [_halves(v) for v in batch]
+        return [type(batch)(p[i] for p in parts) for i in range(2)]
+    return [batch, batch]
 
 
 def _tensors(batch: Any) -> list[torch.Tensor]:
@@ -251,39 +267,43 @@ class Trainer:
         scaler = torch.amp.GradScaler(backend.device.type) if self.precision == "fp16" else None
         batches = _batches(comps.train_set, config.micro_batch_size, config.seed,
                            comps.spec.data.num_workers, backend.device.type == "cuda")
-        k = config.accum_steps
-        norms = estimator = None
-        if config.measure_noise:
-            from batchtune.noise import MicroBatchGradNorms, NoiseScaleEstimator
+        estimator = None
+        # k micro-batches give the two batch sizes; at k=1 a measured step runs as two halves,
+        # which needs an even micro-batch.
+        if config.measure_noise and (config.accum_steps > 1 or config.micro_batch_size % 2 == 0):
+            from batchtune.noise import NoiseScaleEstimator
 
-            norms = MicroBatchGradNorms(model.parameters())
             estimator = NoiseScaleEstimator()
         try:
-            self._steps(config, model, optimizer, scaler, batches, norms, estimator, result, on_step, memory_session)
+            self._steps(config, model, optimizer, scaler, batches, estimator, result, on_step, memory_session)
         finally:
-            if norms is not None:
-                norms.remove()
-            if estimator is not None:
+            if estimator is not None and estimator.steps:
                 result.noise = estimator.estimate()
 
-    def _validate(self, model: nn.Module, config: TrialConfig, result: TrialResult, step: int) -> bool:
+    def _validate(self, model: nn.Module, config: TrialConfig, result: TrialResult, step: int,
+                  estimator: Any = None) -> bool:
         """Record a validation point; False if the loss is not finite (the trial has diverged)."""
         self.backend.reset_peak()
         val_loss = self.evaluate(model, config.micro_batch_size, config.eval_samples)
         result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
+        if estimator is not None and estimator.steps:
+            est = estimator.estimate()
+            result.noise_history.append({"step": step, "samples": result.samples, "val_loss": val_loss,
+                                         "b_simple": est.b_simple, "low": est.low, "high": est.high,
+                                         "reliable": est.reliable, "noise_steps": est.steps})
         if not math.isfinite(val_loss):
             result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
             return False
         return True
 
-    def _steps(self, config, model, optimizer, scaler, batches, norms, estimator, result, on_step,  # noqa: ANN001
+    def _steps(self, config, model, optimizer, scaler, batches, estimator, result, on_step,  # noqa: ANN001
                memory_session) -> None:  # noqa: ANN001
         backend, comps = self.backend, self.components
         k = config.accum_steps
         micro = config.micro_batch_size
         next_eval = config.eval_every_samples
-        if config.eval_every_samples and not self._validate(model, config, result, 0):
+        if config.eval_every_samples and not self._validate(model, config, result, 0, estimator):
             return
         for step in range(config.steps):
             if config.memory_steps is not None and step == config.memory_steps:
@@ -291,6 +311,14 @@ class Trainer:
             lr = lr_at_step(step, config.lr, config.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            measure = estimator is not None and step % config.noise_every == config.noise_every - 1
+            norms = None
+            if measure:
+                from batchtune.noise import MicroBatchGradNorms
+
+                norms = MicroBatchGradNorms(model.parameters())
+            pieces = 2 if (measure and k == 1) else k  # backward passes this step
+            scale = scaler.get_scale() if scaler is not None else 1.0  # read once: it syncs the device
             backend.synchronize()
             step_start = time.perf_counter()
             data_seconds = 0.0
@@ -302,28 +330,33 @@ class Trainer:
                 batch = to_device(batch, backend.device)
                 backend.track_batch(_tensors(batch))
                 data_seconds += time.perf_counter() - fetch_start
-                if norms is not None:
-                    norms.start_micro_batch()
-                with self._autocast():
-                    loss = comps.loss_fn(model, batch)
-                backend.sample()
-                scaled = loss / k
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                if norms is not None:
-                    norms.end_micro_batch(k / (scaler.get_scale() if scaler is not None else 1.0))
-                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                for piece in (_halves(batch) if pieces != k else [batch]):
+                    if norms is not None:
+                        norms.start_micro_batch()
+                    with self._autocast():
+                        loss = comps.loss_fn(model, piece)
+                    backend.sample()
+                    scaled = loss / pieces
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    if norms is not None:
+                        norms.end_micro_batch(pieces / scale)
+                    loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                    del piece, loss, scaled
                 result.samples += batch_size_of(batch)
-                del batch, loss, scaled
+                del batch
             backend.sample()
             # Peaks per phase: forward+backward grows with the batch, the optimizer step does not.
             result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
             backend.reset_peak()
+            if norms is not None:  # before unscaling and clipping: both would distort it
+                from batchtune.noise import noise_batch_sizes
+
+                small, big = norms.small_and_big(grad_multiplier=1.0 / scale)
+                norms.remove()
+                estimator.update(small, big, *noise_batch_sizes(micro, k))
+                result.noise_steps += 1
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if norms is not None:
-                small, big = norms.small_and_big(model.parameters(), 1.0)
-                if k > 1:
-                    estimator.update(small, big, micro, micro * k)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             if scaler is not None:
@@ -332,7 +365,7 @@ class Trainer:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum) / k  # reading the loss synchronises the device
+            loss_value = float(loss_sum) / pieces  # reading the loss synchronises the device
             backend.synchronize()
             step_seconds = time.perf_counter() - step_start
             backend.sample()
@@ -341,7 +374,7 @@ class Trainer:
 
             result.steps = step + 1
             result.train_seconds += step_seconds
-            if step >= config.timing_warmup_steps:
+            if step >= config.timing_warmup_steps and not measure:  # measured steps ran differently
                 result.timed_samples += micro * k
                 result.data_seconds += data_seconds
                 result.compute_seconds += step_seconds - data_seconds
@@ -367,7 +400,7 @@ class Trainer:
             while next_eval and result.samples >= next_eval - 1e-9:
                 next_eval += config.eval_every_samples
             if due or ((last or out_of_time) and config.validate):
-                if not self._validate(model, config, result, step + 1):
+                if not self._validate(model, config, result, step + 1, estimator):
                     return
             if out_of_time and not last:
                 result.truncated = True

@@ -64,3 +64,23 @@ def sleepy_data(seconds: float = 0.002, **kwargs):
 
 def bad_data():
     return "not a pair of datasets"
+
+
+def linreg_data(d: int = 20, sigma: float = 1.0, n_train: int = 65536, n_val: int = 256, seed: int = 0):
+    """y = w*·x + ε, x ~ N(0, I_d), Var ε = σ²: the analytic noise-scale case (RESEARCH.md)."""
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, generator=g)
+    x = torch.randn(n_train + n_val, d, generator=g)
+    y = x @ w_star + sigma * torch.randn(n_train + n_val, generator=g)
+    return TensorDataset(x[:n_train], y[:n_train, None]), TensorDataset(x[n_train:], y[n_train:, None])
+
+
+def linreg_model(d: int = 20, delta: float = 1.0, seed: int = 0) -> nn.Module:
+    """Linear(d, 1) at w = w* + δ·e_1, so |w − w*| = δ (w* as linreg_data draws it)."""
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, generator=g)
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star[None])
+        model.weight[0, 0] += delta
+    return model

@@ -29,7 +29,10 @@ def _true_b_simple(d: int, sigma: float, delta_norm: float) -> float:
     return d * (1.0 + sigma**2 / delta_norm**2) + 1.0
 
 
-def _problem(d: int, delta_norm: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+def _problem(
+    d: int, delta_norm: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """w*, δ with |δ| = delta_norm in a random direction, and the generator for the data."""
     gen = torch.Generator().manual_seed(seed)
     w_star = torch.randn(d, generator=gen)
     direction = torch.randn(d, generator=gen)
@@ -48,21 +51,20 @@ def _run_hooked(
     ema_decay: float = 0.999,
     confidence: float = 0.99,
     loss_scale: float = 1.0,
-    split_halves: bool = False,
 ) -> NoiseScaleEstimate:
     """Drives the real hook path on a torch.nn.Linear held at w = w* + δ (no training).
 
     Each step is ``accum_steps`` micro-batches of ``micro_batch`` examples, each loss divided
     by the number of micro-batches and multiplied by ``loss_scale`` (a stand-in for an AMP
-    loss scale) before ``backward()``. With ``split_halves`` (k = 1) the batch of
-    ``micro_batch`` examples is cut into two halves, each a backward pass of its own.
+    loss scale) before ``backward()``. With k = 1 the batch of ``micro_batch`` examples is
+    cut into two halves, each a backward pass of its own (the documented split-halves path).
     """
     w_star, delta, gen = _problem(d, delta_norm, seed)
     model = torch.nn.Linear(d, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_((w_star + delta)[None])
     b_small, b_big = noise_batch_sizes(micro_batch, accum_steps)
-    n_passes = 2 if split_halves else accum_steps
+    n_passes = 2 if split_halves_needed(accum_steps) else accum_steps
     estimator = NoiseScaleEstimator(ema_decay, confidence=confidence)
     with MicroBatchGradNorms(model.parameters()) as norms:
         for _ in range(steps):
@@ -100,7 +102,13 @@ def test_unbiased_estimates_symmetric_in_the_two_sizes():
 
 @pytest.mark.parametrize(
     ("b_small", "b_big", "match"),
-    [(8, 8, "must differ"), (0, 8, "b_small"), (8, -1, "b_big"), (8, math.inf, "b_big"), (math.nan, 8, "b_small")],
+    [
+        (8, 8, "must differ"),
+        (0, 8, "b_small"),
+        (8, -1, "b_big"),
+        (8, math.inf, "b_big"),
+        (math.nan, 8, "b_small"),
+    ],
 )
 def test_unbiased_estimates_rejects_bad_batch_sizes(b_small, b_big, match):
     with pytest.raises(ValueError, match=match):
@@ -188,7 +196,9 @@ def test_non_finite_updates_are_skipped_and_counted():
     assert dirty.estimate().steps == 3
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"ema_decay": 1.0}, "ema_decay"), ({"confidence": 1.0}, "confidence")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"ema_decay": 1.0}, "ema_decay"), ({"confidence": 1.0}, "confidence")]
+)
 def test_estimator_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseScaleEstimator(**kwargs)
@@ -247,7 +257,8 @@ def test_analytic_formula_matches_per_example_gradients(sigma):
     delta64 = delta.double()
     g_hat = per_example.mean(0)
     sigma_hat = torch.cov(per_example.T)
-    sigma_true = (delta_norm**2 + sigma**2) * torch.eye(d, dtype=torch.float64) + torch.outer(delta64, delta64)
+    eye = torch.eye(d, dtype=torch.float64)
+    sigma_true = (delta_norm**2 + sigma**2) * eye + torch.outer(delta64, delta64)
     assert (g_hat - delta64).norm() < 0.05
     assert g_hat.square().sum().item() == pytest.approx(delta_norm**2, rel=0.05)
     assert torch.trace(sigma_hat).item() == pytest.approx(torch.trace(sigma_true).item(), rel=0.02)
@@ -268,8 +279,12 @@ ANALYTIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("d", "sigma", "delta_norm", "micro_batch", "accum_steps"), ANALYTIC_CASES)
-def test_hooked_estimate_recovers_analytic_noise_scale(d, sigma, delta_norm, micro_batch, accum_steps):
+@pytest.mark.parametrize(
+    ("d", "sigma", "delta_norm", "micro_batch", "accum_steps"), ANALYTIC_CASES
+)
+def test_hooked_estimate_recovers_analytic_noise_scale(
+    d, sigma, delta_norm, micro_batch, accum_steps
+):
     """1000 steps through the hooks; ema_decay 0.999 because w is fixed, so all steps agree.
 
     The band asserted here is the 99.9% one, so that the seven cases together miss by chance
@@ -279,7 +294,8 @@ def test_hooked_estimate_recovers_analytic_noise_scale(d, sigma, delta_norm, mic
     """
     truth = _true_b_simple(d, sigma, delta_norm)
     result = _run_hooked(
-        d, sigma, delta_norm, micro_batch, accum_steps, steps=1000, seed=d + accum_steps, confidence=0.999
+        d, sigma, delta_norm, micro_batch, accum_steps,
+        steps=1000, seed=d + accum_steps, confidence=0.999,
     )
     print(f"d={d} σ={sigma} |δ|={delta_norm} b={micro_batch} k={accum_steps}: truth {truth:.1f}, "
           f"estimate {result.b_simple:.1f} [{result.low:.1f}, {result.high:.1f}]")
@@ -296,8 +312,9 @@ def test_split_halves_recovers_analytic_noise_scale():
     d, sigma, delta_norm, batch = 50, 1.0, 1.0, 64
     assert split_halves_needed(1)
     truth = _true_b_simple(d, sigma, delta_norm)
-    result = _run_hooked(d, sigma, delta_norm, batch, 1, steps=1000, seed=3, split_halves=True)
-    print(f"split halves: truth {truth:.1f}, estimate {result.b_simple:.1f} [{result.low:.1f}, {result.high:.1f}]")
+    result = _run_hooked(d, sigma, delta_norm, batch, 1, steps=1000, seed=3)
+    print(f"split halves: truth {truth:.1f}, estimate {result.b_simple:.1f} "
+          f"[{result.low:.1f}, {result.high:.1f}]")
     assert result.b_simple == pytest.approx(truth, rel=0.10)
     assert result.low <= truth <= result.high
 
@@ -332,12 +349,21 @@ def test_real_grad_scaler_multipliers():
                 norms.end_micro_batch(accum_steps / scale)
             if unscale_first:
                 scaler.unscale_(optimizer)
-                return norms.small_and_big(grad_multiplier=1.0)
+                return norms.small_and_big(model.parameters(), 1.0)  # as batchtune.trial calls it
             return norms.small_and_big(grad_multiplier=1.0 / scale)
 
     reference = measure(use_scaler=False, unscale_first=False)
     assert measure(use_scaler=True, unscale_first=False) == pytest.approx(reference, rel=1e-6)
     assert measure(use_scaler=True, unscale_first=True) == pytest.approx(reference, rel=1e-6)
+    # Forgetting 1/S for a still-scaled .grad makes s_big 2^24 times too big: caught.
+    optimizer.zero_grad(set_to_none=True)
+    with MicroBatchGradNorms(model.parameters()) as norms:
+        for i in range(accum_steps):
+            norms.start_micro_batch()
+            scaler.scale(torch.nn.functional.mse_loss(model(x[i]), y[i]) / accum_steps).backward()
+            norms.end_micro_batch(accum_steps / scaler.get_scale())
+        with pytest.warns(RuntimeWarning, match="exceeds"):
+            norms.small_and_big()
 
 
 # ---------------------------------------------------------------------------- MicroBatchGradNorms
@@ -363,12 +389,15 @@ def test_norms_match_manual_computation_and_ignore_params_without_grad():
         norms.start_micro_batch()
         (model(x[i]).square().mean() / 2).backward()
         norms.end_micro_batch(2.0)
-        micro_grads.append(torch.autograd.grad(model(x[i]).square().mean(), list(model.used.parameters())))
+        own_loss = model(x[i]).square().mean()  # the micro-batch's mean loss, not divided by k
+        micro_grads.append(torch.autograd.grad(own_loss, list(model.used.parameters())))
     s_small, s_big = norms.small_and_big(grad_multiplier=1.0)
-    expected_small = np.mean([sum(g.double().square().sum().item() for g in grads) for grads in micro_grads])
+    def sq(grads):
+        return sum(g.double().square().sum().item() for g in grads)
+
     mean_grad = [(a + b) / 2 for a, b in zip(*micro_grads)]
-    assert s_small == pytest.approx(expected_small, rel=1e-6)
-    assert s_big == pytest.approx(sum(g.double().square().sum().item() for g in mean_grad), rel=1e-6)
+    assert s_small == pytest.approx(np.mean([sq(grads) for grads in micro_grads]), rel=1e-6)
+    assert s_big == pytest.approx(sq(mean_grad), rel=1e-6)
     assert model.unused.weight.grad is None and model.frozen.weight.grad is None
     assert norms.micro_batches == 0  # reset for the next step
     norms.remove()
@@ -405,6 +434,22 @@ def test_tied_weights_count_once_and_sparse_grads_work():
         embedding(torch.tensor([1, 1, 2])).sum().backward()  # rows 1 (twice) and 2
         norms.end_micro_batch(1.0)
         assert norms.small_and_big(grad_multiplier=1.0) == pytest.approx((15.0, 15.0))  # 3·2² + 3·1²
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_norms_are_float64_accurate(dtype):
+    """A 4M-element gradient with a mean offset: plain float32 vector_norm is off by ~1e-3 here."""
+    gen = torch.Generator().manual_seed(0)
+    grad = (torch.randn(2048, 2049, generator=gen) * 3 + 1).to(dtype)  # 2049: a partial block
+    param = torch.nn.Parameter(torch.zeros(2048, 2049, dtype=dtype))
+    exact = grad.double().square().sum().item()
+    with MicroBatchGradNorms([param]) as norms:
+        norms.start_micro_batch()
+        (param * grad).sum().backward()
+        norms.end_micro_batch(1.0)
+        s_small, s_big = norms.small_and_big(grad_multiplier=1.0)
+    assert s_small == pytest.approx(exact, rel=1e-6)
+    assert s_big == pytest.approx(exact, rel=1e-6)
 
 
 def test_misuse_raises_and_wrong_multiplier_warns():

@@ -1,0 +1,63 @@
+"""Compare precisions on the sweep's top sizes: how much larger a batch fits, how much faster it runs.
+
+Mixed precision roughly halves activation memory, so the ceiling should rise; whether
+throughput rises depends on the hardware (bf16 matrix units on GPUs, AMX on recent
+CPUs). Both are measured here, side by side in one process, never assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["compare_precision"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 30,
+                      progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Ceiling and throughput in fp32 and bf16 for the sweep's ``top`` ranked sizes.
+
+    Returns:
+        One row per (precision, batch size): ceiling, samples/s, peak bytes and the gain
+        over fp32 (throughput ratio, ceiling ratio).
+    """
+    from batchtune.components import build_components
+    from batchtune.device import select_backend
+    from batchtune.probe import run_probe
+    from batchtune.trial import Trainer, TrialConfig
+
+    ranked = sweep_result.summary.dropna(subset=["rank"]).sort_values("rank").head(top)
+    sizes = [(int(r.batch_size), int(r.micro_batch_size), int(r.accum_steps), float(r.lr))
+             for r in ranked.itertuples()]
+    components = build_components(spec)
+    rows = []
+    for precision in PRECISIONS:
+        variant = spec.model_copy(update={"precision": precision})
+        backend = select_backend(spec.device.type, spec.device.limit_for_rank(0))
+        ceiling = None
+        if backend.capacity_bytes() is not None:
+            if progress:
+                progress(f"probing the ceiling in {precision}")
+            ceiling = run_probe(variant, backend=backend).ceiling
+        trainer = Trainer(components, backend, precision)
+        for batch_size, micro, accum, lr in sizes:
+            if progress:
+                progress(f"timing batch {batch_size} in {precision}")
+            result = trainer.run(TrialConfig(micro, accum, lr=lr, steps=steps, seed=spec.seed,
+                                             timing_warmup_steps=5, memory_steps=2))
+            rows.append({"precision": precision, "batch_size": batch_size, "ceiling": ceiling,
+                         "samples_per_s": result.samples_per_s, "peak_bytes": result.peak_bytes,
+                         "fits": result.fits})
+    frame = pd.DataFrame(rows)
+    base = frame[frame["precision"] == "fp32"].set_index("batch_size")
+    frame["throughput_gain"] = [r.samples_per_s / base.loc[r.batch_size, "samples_per_s"]
+                                if r.samples_per_s and base.loc[r.batch_size, "samples_per_s"] else None
+                                for r in frame.itertuples()]
+    frame["ceiling_gain"] = [r.ceiling / base.loc[r.batch_size, "ceiling"]
+                             if r.ceiling and base.loc[r.batch_size, "ceiling"] else None
+                             for r in frame.itertuples()]
+    return frame
