@@ -199,6 +199,37 @@ def report(
         typer.echo(render_sweep(result, fmt.value))
 
 
+@app.command()
+def noise(
+    spec_path: SpecPath,
+    overrides: Overrides = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=2,
+                                                      help="Global batch (default: base_batch_size).")] = None,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", "-k", min=1,
+                                             help="Micro-batches per step (1: split each batch in halves).")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps.")] = 400,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of B_simple over the run.")] = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure the gradient noise scale (the critical batch size's estimate) over a short run."""
+    with _user_errors():
+        spec = _load(spec_path, overrides)
+        from batchtune.noise_run import run_noise
+        from batchtune.report import render_noise
+
+        _progress(quiet)(f"training {steps} steps of {spec.name} with the noise scale measured on every step ...")
+        run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
+        typer.echo(render_noise(run, fmt.value))
+        if plot is not None:
+            try:
+                from batchtune.plots import plot_noise
+
+                plot_noise(run, plot)
+            except ImportError:
+                raise BadInput("--plot needs matplotlib: pip install 'batchtune[plots]'") from None
+
+
 class _SweepProgress:
     """A rich progress bar on stderr: current size, seed and an ETA."""
 
