@@ -73,13 +73,28 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _load(spec_path: Path, overrides: list[str] | None) -> Any:
-    return load_spec(spec_path, overrides or [])
+_RANK = 0  # under torchrun only rank 0 speaks
+
+
+def _load(spec_path: Path, overrides: list[str] | None, join: bool = False) -> Any:
+    """Load the spec; with ``join``, also join torchrun's process group (a no-op without torchrun)."""
+    global _RANK
+    spec = load_spec(spec_path, overrides or [])
+    if join:
+        from batchtune.distributed import init_from_env
+
+        _RANK = init_from_env(spec.device.type).rank
+    return spec
+
+
+def _echo(text: str) -> None:
+    if _RANK == 0:
+        typer.echo(text)
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
     def say(message: str) -> None:
-        if not quiet:
+        if not quiet and _RANK == 0:
             err.print(message, markup=False)
     return say
 
@@ -118,7 +133,7 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
           quiet: QuietOpt = False) -> None:
     """Find the largest batch that fits (the OOM ceiling) and a safe size with headroom."""
     with _user_errors():
-        spec = _load(spec_path, overrides)
+        spec = _load(spec_path, overrides, join=True)
         from batchtune.probe import run_probe
         from batchtune.report import format_bytes, render_probe
 
@@ -130,7 +145,7 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
 
         say(f"probing {spec.name} ...")
         result = run_probe(spec, on_trial=on_trial)
-        typer.echo(render_probe(result, fmt.value, spec.name))
+        _echo(render_probe(result, fmt.value, spec.name))
     if result.ceiling is None:
         raise typer.Exit(EXIT_FAIL)
 
@@ -148,7 +163,7 @@ def sweep(
 ) -> None:
     """Train every candidate batch size fairly, measure speed and quality, and rank them."""
     with _user_errors():
-        spec = _load(spec_path, overrides)
+        spec = _load(spec_path, overrides, join=True)
         if out is not None and resume is not None:
             raise BadInput("give --out or --resume, not both")
         if resume is not None and not resume.is_dir():
@@ -158,7 +173,9 @@ def sweep(
         from batchtune.sweep import run_sweep
 
         if out is None and resume is None:
-            out = new_run_dir(spec.name)
+            from batchtune.distributed import current
+
+            out = current().broadcast(new_run_dir(spec.name))  # one folder, named by rank 0
         with _sweep_progress(quiet) as progress:
             progress.run_dir = str(resume or out)
             try:
@@ -168,13 +185,13 @@ def sweep(
                 err.print(f"interrupted: finished trials are kept in {where}; continue with "
                           f"batchtune sweep {spec_path} --resume {where}")
                 raise typer.Exit(130) from None
-        typer.echo(render_sweep(result, fmt.value))
+        _echo(render_sweep(result, fmt.value))
         if compare_precision:
             from batchtune.precision import compare_precision as compare
             from batchtune.report import render_precision
 
-            typer.echo("")
-            typer.echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
+            _echo("")
+            _echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
     if result.recommendation is None:
         raise typer.Exit(EXIT_FAIL)
 
@@ -214,14 +231,14 @@ def noise(
 ) -> None:
     """Measure the gradient noise scale (the critical batch size's estimate) over a short run."""
     with _user_errors():
-        spec = _load(spec_path, overrides)
+        spec = _load(spec_path, overrides, join=True)
         from batchtune.noise_run import run_noise
         from batchtune.report import render_noise
 
         _progress(quiet)(f"training {steps} steps of {spec.name} with the noise scale measured on every step ...")
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
-        typer.echo(render_noise(run, fmt.value))
-        if plot is not None:
+        _echo(render_noise(run, fmt.value))
+        if plot is not None and _RANK == 0:
             try:
                 from batchtune.plots import plot_noise
 
@@ -240,7 +257,7 @@ class _SweepProgress:
         self._task = None
 
     def __call__(self, done: int, total: int, label: str, row: Any) -> None:
-        if self.quiet:
+        if self.quiet or _RANK != 0:
             return
         if total == 0:
             err.print(label)
@@ -268,6 +285,59 @@ def _sweep_progress(quiet: bool) -> Iterator[_SweepProgress]:
         yield progress
     finally:
         progress.close()
+
+
+@app.command()
+def check(
+    spec_path: SpecPath,
+    overrides: Overrides = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", "-b", min=1, help="Global batch to check (micro-batch × accumulation); "
+                                          "default the spec's train.batch_size.")] = None,
+    accum_steps: Annotated[Optional[int], typer.Option(
+        "--accum-steps", "-k", min=1, help="Gradient-accumulation steps; default train.accum_steps, else 1.")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option(
+        "--max-seconds", min=0.1, help="Time budget; checks that would not fit are skipped and listed "
+                                       "(default check.max_seconds, 60).")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(
+        "--baseline", help="A sweep's run folder: regression against its row for this size, and its "
+                           "critical batch size.")] = None,
+    fmt: FormatOpt = Format.table,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case "
+                                                                  "per check).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too (exit 1).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pre-flight for a long job: fits, trains, data, critical batch, regression. Exit 0 pass, 1 fail, 2 bad input.
+
+    With $GITHUB_STEP_SUMMARY set, the markdown report is appended to it.
+    """
+    import os
+
+    with _user_errors():
+        spec = _load(spec_path, overrides)
+        from batchtune.check import CheckInputError, run_check
+        from batchtune.report import render_check
+        from batchtune.results import atomic_write
+
+        say = _progress(quiet)
+        say(f"checking {spec.name} ...")
+        try:
+            report = run_check(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
+                               baseline=baseline, progress=lambda message: say(f"  {message}"))
+        except CheckInputError as exc:
+            raise BadInput(str(exc)) from None
+        typer.echo(render_check(report, fmt.value, strict=strict))
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        try:
+            if junit is not None:
+                atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
+            if summary:
+                with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
+                    f.write(render_check(report, "markdown", strict=strict) + "\n\n")
+        except OSError as exc:
+            raise BadInput(f"cannot write the report: {exc}") from None
+    raise typer.Exit(report.exit_code(strict))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 __all__ = [
+    "backend_for_spec",
     "CPUBackend",
     "CUDABackend",
     "DeviceBackend",
@@ -405,3 +406,28 @@ def select_backend(device_type: str = "auto", memory_limit: int | None = None) -
             raise ValueError("device 'mps' requested but MPS is not available")
         return MPSBackend(memory_limit)
     raise ValueError(f"unknown device type {device_type!r}")
+
+
+def backend_for_spec(spec: Any) -> DeviceBackend:
+    """The backend a spec asks for, on this rank: its local device and its memory limit.
+
+    ``BATCHTUNE_MEMORY_LIMIT`` (e.g. ``"2GiB"``) overrides the spec's limit for this process,
+    so ranks can be given different limits from a launcher.
+
+    Raises:
+        SpecError: the device is not available, or the override is not a size.
+    """
+    from batchtune.distributed import current
+    from batchtune.spec import parse_bytes
+
+    limit = spec.device.limit_for_rank(current().rank)
+    override = os.environ.get("BATCHTUNE_MEMORY_LIMIT")
+    if override:
+        try:
+            limit = parse_bytes(override)
+        except ValueError as exc:
+            raise spec.error("device.memory_limit", f"BATCHTUNE_MEMORY_LIMIT: {exc}") from None
+    try:
+        return select_backend(spec.device.type, limit)
+    except ValueError as exc:
+        raise spec.error("device.type", str(exc)) from None

@@ -46,7 +46,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         points: validation points (each reports the estimate so far).
     """
     from batchtune.components import build_components
-    from batchtune.device import select_backend
+    from batchtune.device import backend_for_spec
     from batchtune.scaling import resolve_rule, scale_lr
     from batchtune.spec import Spec, load_spec
     from batchtune.trial import Trainer, TrialConfig
@@ -62,7 +62,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         raise spec.error("", f"with one accumulation step the batch is split in halves: {batch_size} must be even")
     components = build_components(spec)
     if backend is None:
-        backend = select_backend(spec.device.type, spec.device.limit_for_rank(0))
+        backend = backend_for_spec(spec)
     lr = scale_lr(spec.optimizer.lr, spec.base_batch_size, batch_size,
                   resolve_rule(spec.lr_scaling, spec.optimizer.family))
     config = TrialConfig(micro, accum_steps, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),

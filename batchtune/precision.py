@@ -26,7 +26,7 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
         over fp32 (throughput ratio, ceiling ratio).
     """
     from batchtune.components import build_components
-    from batchtune.device import select_backend
+    from batchtune.device import backend_for_spec
     from batchtune.probe import run_probe
     from batchtune.trial import Trainer, TrialConfig
 
@@ -37,7 +37,7 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
     rows = []
     for precision in PRECISIONS:
         variant = spec.model_copy(update={"precision": precision})
-        backend = select_backend(spec.device.type, spec.device.limit_for_rank(0))
+        backend = backend_for_spec(spec)
         ceiling = None
         if backend.capacity_bytes() is not None:
             if progress:

@@ -301,7 +301,7 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         backend: a device backend to use instead of the one the spec selects.
     """
     from batchtune.components import build_components
-    from batchtune.device import select_backend
+    from batchtune.device import backend_for_spec
     from batchtune.spec import Spec, load_spec
     from batchtune.trial import Trainer, TrialConfig
 
@@ -310,15 +310,20 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
     p = spec.probe
     components = build_components(spec)
     if backend is None:
-        try:
-            backend = select_backend(spec.device.type, spec.device.limit_for_rank(0))
-        except ValueError as exc:
-            raise spec.error("device.type", str(exc)) from None
-    trainer = Trainer(components, backend, spec.precision)
+        backend = backend_for_spec(spec)
+    from batchtune.distributed import current
+
+    dist = current()
+    trainer = Trainer(components, backend, spec.precision, dist)
     model = components.build_model(spec.seed).to(backend.device)
     backend.track(list(model.parameters()) + list(model.buffers()))
-    baseline = backend.current_bytes()
+    # Under several ranks the search works for the tightest one: the smallest capacity, the
+    # largest baseline and peaks. Whether a trial fits is agreed inside the trainer.
+    baseline = int(dist.max(backend.current_bytes())[0])
     capacity = backend.capacity_bytes()
+    if dist.enabled:
+        known = dist.min(1.0 if capacity is not None else 0.0)[0] > 0.5
+        capacity = int(dist.min(capacity if capacity is not None else 0)[0]) if known else None
     trials: list[ProbeTrial] = []
     lr = spec.optimizer.lr
 
@@ -326,6 +331,9 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         config = TrialConfig(micro_batch_size=batch_size, lr=lr, steps=steps, seed=spec.seed, validate=validate,
                              eval_samples=batch_size)
         result = trainer.run(config, model=model)
+        if dist.enabled and result.fits:
+            result.peak_bytes, result.compute_peak_bytes = (
+                int(v) for v in dist.max(result.peak_bytes or 0, result.compute_peak_bytes or 0))
         trial = ProbeTrial(batch_size, result.fits, result.peak_bytes, round(result.seconds, 4),
                            result.steps + (0 if result.fits else 1), phase, result.leaked_bytes, result.error)
         trials.append(trial)
@@ -349,7 +357,7 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
 
     notes: list[str] = []
     leaks = [t.leaked_bytes for t in trials if not t.fits]
-    max_leak = max(leaks, default=0)
+    max_leak = int(dist.max(max(leaks, default=0))[0])
     tolerance = getattr(backend, "leak_tolerance_bytes", 0)
     memory_returned = max_leak <= tolerance
     if not memory_returned:
@@ -392,5 +400,5 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         capped=outcome.capped, memory_model=model_fit, predicted_ceiling=outcome.predicted_ceiling,
         safe_peak_bytes=safe_peak, safe_headroom=safe_headroom, confirmed=confirmed, confirm_val_loss=val_loss,
         memory_returned=memory_returned, max_leaked_bytes=max_leak, trials=trials,
-        device=backend.describe(), precision=spec.precision, notes=notes,
+        device={**backend.describe(), "world_size": dist.world_size}, precision=spec.precision, notes=notes,
     )

@@ -48,25 +48,34 @@ def _powers_of_two(low: int, high: int) -> list[int]:
 
 
 def plan_candidates(sizes: list[int], safe_batch_size: int | None, accumulation: bool,
-                    max_accum_steps: int) -> tuple[list[Candidate], dict[int, str]]:
-    """Split each size into micro-batch × accumulation steps so the micro-batch fits.
+                    max_accum_steps: int, world_size: int = 1) -> tuple[list[Candidate], dict[int, str]]:
+    """Split each global size into micro-batch × accumulation steps × ranks so the micro-batch fits.
+
+    Args:
+        sizes: global batch sizes.
+        safe_batch_size: the largest micro-batch that fits one device with headroom (None: no limit).
 
     Returns:
         The candidates, and the sizes left out with the reason.
     """
     candidates, excluded = [], {}
-    for size in sorted(set(sizes)):
+    for global_size in sorted(set(sizes)):
+        if global_size % world_size:
+            excluded[global_size] = f"not divisible by the {world_size} ranks"
+            continue
+        size = global_size // world_size  # per device
         if safe_batch_size is None or size <= safe_batch_size:
-            candidates.append(Candidate(size, size, 1))
+            candidates.append(Candidate(global_size, size, 1))
             continue
         if not accumulation:
-            excluded[size] = f"above the safe batch size {safe_batch_size} and accumulation is off"
+            excluded[global_size] = f"above the safe batch size {safe_batch_size} and accumulation is off"
             continue
         micro = max((d for d in range(1, safe_batch_size + 1) if size % d == 0), default=1)
         if size // micro > max_accum_steps:
-            excluded[size] = f"needs {size // micro} accumulation steps, more than max_accum_steps ({max_accum_steps})"
+            excluded[global_size] = (f"needs {size // micro} accumulation steps, more than max_accum_steps "
+                                     f"({max_accum_steps})")
             continue
-        candidates.append(Candidate(size, micro, size // micro))
+        candidates.append(Candidate(global_size, micro, size // micro))
     return candidates, excluded
 
 
@@ -427,7 +436,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
         SpecError: the spec cannot be swept as given (or differs from the resumed run's).
     """
     from batchtune.components import build_components
-    from batchtune.device import select_backend
+    from batchtune.device import backend_for_spec
     from batchtune.probe import run_probe, safe_size
     from batchtune.results import RunFolder, environment, new_run_dir
     from batchtune.scaling import resolve_rule, scale_lr
@@ -439,36 +448,46 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     sw = spec.sweep
     components = build_components(spec)
     if backend is None:
-        try:
-            backend = select_backend(spec.device.type, spec.device.limit_for_rank(0))
-        except ValueError as exc:
-            raise spec.error("device.type", str(exc)) from None
+        backend = backend_for_spec(spec)
     capacity = backend.capacity_bytes()
     resolved = spec.resolved()
 
+    from batchtune.distributed import current
+
+    dist = current()
+    folder = RunFolder(Path(resume) if resume is not None else
+                       Path(out) if out is not None else dist.broadcast(new_run_dir(spec.name)))
     if resume is not None:
-        folder = RunFolder(Path(resume))
-        if not (folder.path / "meta.json").exists():
-            raise spec.error("", f"{folder.path} is not a sweep run folder (no meta.json)")
-        stored = folder.read_spec()
-        if stored != resolved:
-            keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
-            raise spec.error("", f"the spec differs from the one {folder.path} was run with "
-                                 f"(keys: {', '.join(keys)}); resume with the same spec")
-        meta = folder.read_json("meta.json")
-        rows = folder.read_trials()
+        # Rank 0 reads the folder and tells the others: on several nodes only it may see it.
+        problem, meta, rows = None, None, []
+        if dist.is_main:
+            if not (folder.path / "meta.json").exists():
+                problem = f"{folder.path} is not a sweep run folder (no meta.json)"
+            else:
+                stored = folder.read_spec()
+                if stored != resolved:
+                    keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
+                    problem = (f"the spec differs from the one {folder.path} was run with "
+                               f"(keys: {', '.join(keys)}); resume with the same spec")
+                else:
+                    meta, rows = folder.read_json("meta.json"), folder.read_trials()
+        problem, meta, rows = dist.broadcast((problem, meta, rows))
+        if problem:
+            raise spec.error("", problem)
     else:
-        folder = RunFolder(Path(out) if out is not None else new_run_dir(spec.name))
-        if folder.exists():
+        exists = dist.broadcast(folder.exists() if dist.is_main else None)
+        if exists:
             raise spec.error("", f"{folder.path} already holds a sweep; pass --resume {folder.path} or another --out")
         rows = []
-        meta = _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress)
-        folder.write_spec(resolved)
-        folder.write_json("environment.json", environment(backend.describe()))
-        folder.write_json("meta.json", meta)
-        folder.write_trials(rows)
+        meta = _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress,
+                     dist)
+        if dist.is_main:
+            folder.write_spec(resolved)
+            folder.write_json("environment.json", {**environment(backend.describe()), "world_size": dist.world_size})
+            folder.write_json("meta.json", meta)
+            folder.write_trials(rows)
 
-    trainer = Trainer(components, backend, spec.precision)
+    trainer = Trainer(components, backend, spec.precision, dist)
     done = {_trial_key(r) for r in rows}
     plan = [(seed, mult, Candidate(**c)) for seed in meta["seeds"] for mult in meta["lr_multipliers"]
             for c in meta["candidates"]]
@@ -494,12 +513,21 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             progress(finished, total, label, None)
         result = trainer.run(config)
         row = _row(result, mult, capacity)
+        if dist.enabled:
+            row["peak_bytes"] = int(dist.max(row["peak_bytes"] or 0)[0]) or None
         rows.append(row)
-        folder.write_trials(rows)  # after every trial: an interrupt loses at most the one running
+        if dist.is_main:
+            folder.write_trials(rows)  # after every trial: an interrupt loses at most the one running
         finished += 1
         if progress:
             progress(finished, total, label, row)
 
+    if dist.enabled:
+        _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls=Trainer, config_cls=TrialConfig)
+        if dist.is_main:
+            folder.write_json("meta.json", meta)
+    if not dist.is_main:
+        return result_from_rows(spec.name, rows, meta, folder.path, {})
     env = folder.read_json("environment.json")
     result = result_from_rows(spec.name, rows, meta, folder.path, env)
     from batchtune.report import render_sweep
@@ -516,7 +544,30 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     return result
 
 
-def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress) -> dict:  # noqa: ANN001
+def _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls, config_cls) -> None:  # noqa: ANN001
+    """Time the best-ranked size's per-device work on one rank alone: how much of N× do N ranks give?"""
+    summary, recommendation, *_ = analyse(rows, meta)
+    if recommendation is None:
+        return
+    micro, accum = recommendation["micro_batch_size"], recommendation["accum_steps"]
+    single = None
+    if dist.is_main:
+        from batchtune.distributed import DistContext
+
+        solo = trainer_cls(components, backend, spec.precision, DistContext())
+        result = solo.run(config_cls(micro, accum, lr=recommendation["lr"], steps=20, seed=spec.seed,
+                                     timing_warmup_steps=5, memory_steps=2))
+        single = result.samples_per_s
+    single = dist.broadcast(single)
+    if single:
+        global_sps = recommendation["samples_per_s"]
+        meta["scaling"] = {"batch_size": recommendation["batch_size"], "world_size": dist.world_size,
+                           "single_rank_samples_per_s": single, "global_samples_per_s": global_sps,
+                           "efficiency": global_sps / (dist.world_size * single)}
+
+
+def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress,  # noqa: ANN001
+          dist) -> dict:  # noqa: ANN001
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
     sw = spec.sweep
     notes: list[str] = []
@@ -543,7 +594,8 @@ def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rul
         sizes = _powers_of_two(sw.min_batch_size, top)
         if not sizes:
             raise spec.error("sweep.min_batch_size", f"no power of two between {sw.min_batch_size} and {top}")
-    candidates, excluded = plan_candidates(sizes, safe, sw.accumulation, sw.max_accum_steps)
+    world = dist.world_size
+    candidates, excluded = plan_candidates(sizes, safe, sw.accumulation, sw.max_accum_steps, world)
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
 
@@ -576,5 +628,5 @@ def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rul
         "lr_multipliers": list(sw.lr_multipliers), "lr_rule": rule, "base_lrs": base_lrs,
         "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": capacity, "precision": spec.precision, "notes": notes,
-        "tokens_per_sample": tokens_per_sample,
+        "tokens_per_sample": tokens_per_sample, "world_size": world,
     }

@@ -10,6 +10,7 @@ afterwards memory is brought back to the baseline and the result says whether it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from batchtune.components import Components, batch_size_of, to_device
 from batchtune.device import DeviceBackend, is_oom
+from batchtune.distributed import DistContext, current
 from batchtune.scaling import lr_at_step
 
 __all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer"]
@@ -67,10 +69,11 @@ class EvalPoint:
 class TrialResult:
     """What a trial measured. Plain numbers only: no tensors, so results outlive the device."""
 
-    micro_batch_size: int
+    micro_batch_size: int  # per device
     accum_steps: int
     lr: float
     seed: int
+    world_size: int = 1
     fits: bool = True
     error: str | None = None
     peak_bytes: int | None = None  # the whole trial
@@ -99,7 +102,8 @@ class TrialResult:
 
     @property
     def batch_size(self) -> int:
-        return self.micro_batch_size * self.accum_steps
+        """The global batch: micro-batch × accumulation steps × ranks."""
+        return self.micro_batch_size * self.accum_steps * self.world_size
 
     @property
     def samples_per_s(self) -> float | None:
@@ -128,8 +132,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool) -> Iterator[Any]:
-    """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller."""
+def _batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool,
+             dist: DistContext | None = None) -> Iterator[Any]:
+    """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller.
+
+    Under several ranks each takes its own shard of one shared shuffle.
+    """
+    if dist is not None and dist.enabled and len(dataset) >= batch_size * dist.world_size:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    if dist is not None and dist.enabled:
+        seed = seed + 7919 * dist.rank  # a different sample per rank
     generator = torch.Generator().manual_seed(seed)
     if len(dataset) >= batch_size:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
@@ -169,10 +191,12 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
 class Trainer:
     """Runs trials for one spec on one device backend."""
 
-    def __init__(self, components: Components, backend: DeviceBackend, precision: str = "fp32") -> None:
+    def __init__(self, components: Components, backend: DeviceBackend, precision: str = "fp32",
+                 dist: DistContext | None = None) -> None:
         self.components = components
         self.backend = backend
         self.precision = precision
+        self.dist = dist if dist is not None else current()
         self._val_cache: dict[tuple[int | None, int], Subset] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -232,7 +256,8 @@ class Trainer:
             A :class:`TrialResult`; an OOM or divergence is a result, not an exception.
         """
         backend = self.backend
-        result = TrialResult(config.micro_batch_size, config.accum_steps, config.lr, config.seed)
+        result = TrialResult(config.micro_batch_size, config.accum_steps, config.lr, config.seed,
+                             world_size=self.dist.world_size)
         backend.cleanup(collect=False)
         result.baseline_bytes = backend.current_bytes()
         backend.reset_peak()
@@ -261,21 +286,33 @@ class Trainer:
                on_step: Callable[[int, float], None] | None, memory_session: contextlib.ExitStack) -> None:
         backend, comps = self.backend, self.components
         if model is None:
-            model = comps.build_model(config.seed).to(backend.device)
+            model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
         model.train()
+        net = model
+        if self.dist.enabled:
+            # DDP for its memory (reducer buckets) and its checks; gradients are reduced by
+            # hand after the ranks agree the step succeeded (see _agreed). No buffer
+            # broadcast: it would be a collective inside forward.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [backend.device.index] if backend.device.type == "cuda" else None
+            no_forward_sync = ({"forward_sync_buffers": False}  # torch >= 2.13
+                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                               else {"broadcast_buffers": False})
+            net = DistributedDataParallel(model, device_ids=ids, **no_forward_sync)
         optimizer = comps.build_optimizer(model.parameters(), config.lr)
         scaler = torch.amp.GradScaler(backend.device.type) if self.precision == "fp16" else None
         batches = _batches(comps.train_set, config.micro_batch_size, config.seed,
-                           comps.spec.data.num_workers, backend.device.type == "cuda")
+                           comps.spec.data.num_workers, backend.device.type == "cuda", self.dist)
         estimator = None
         # k micro-batches give the two batch sizes; at k=1 a measured step runs as two halves,
         # which needs an even micro-batch.
-        if config.measure_noise and (config.accum_steps > 1 or config.micro_batch_size % 2 == 0):
+        if config.measure_noise and (config.accum_steps > 1 or self.dist.enabled or config.micro_batch_size % 2 == 0):
             from batchtune.noise import NoiseScaleEstimator
 
             estimator = NoiseScaleEstimator()
         try:
-            self._steps(config, model, optimizer, scaler, batches, estimator, result, on_step, memory_session)
+            self._steps(config, net, model, optimizer, scaler, batches, estimator, result, on_step, memory_session)
         finally:
             if estimator is not None and estimator.steps:
                 result.noise = estimator.estimate()
@@ -284,7 +321,8 @@ class Trainer:
                   estimator: Any = None) -> bool:
         """Record a validation point; False if the loss is not finite (the trial has diverged)."""
         self.backend.reset_peak()
-        val_loss = self.evaluate(model, config.micro_batch_size, config.eval_samples)
+        val_loss = self._agreed(lambda: self.evaluate(model, config.micro_batch_size, config.eval_samples))
+        (val_loss,) = self.dist.mean(val_loss)
         result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
         if estimator is not None and estimator.steps:
@@ -297,11 +335,32 @@ class Trainer:
             return False
         return True
 
-    def _steps(self, config, model, optimizer, scaler, batches, estimator, result, on_step,  # noqa: ANN001
+    def _agreed(self, phase: Callable[[], Any]) -> Any:
+        """Run one phase of a step; under several ranks, succeed or fail together.
+
+        A local OOM is caught here, its frames (and activations) released, and reported to
+        the other ranks; if any rank failed, every rank raises. No collective happens inside
+        a phase, so a rank that fails never leaves another waiting in one.
+        """
+        if not self.dist.enabled:
+            return phase()
+        failure, out = None, None
+        try:
+            out = phase()
+        except Exception as exc:  # noqa: BLE001 - anything but an OOM is re-raised
+            if not is_oom(exc):
+                raise
+            failure = _first_line(exc)
+        if not self.dist.all_ok(failure is None):
+            raise torch.OutOfMemoryError(failure or "CUDA out of memory on another rank (agreed across ranks)")
+        return out
+
+    def _steps(self, config, net, model, optimizer, scaler, batches, estimator, result, on_step,  # noqa: ANN001
                memory_session) -> None:  # noqa: ANN001
-        backend, comps = self.backend, self.components
+        backend, comps, dist = self.backend, self.components, self.dist
         k = config.accum_steps
         micro = config.micro_batch_size
+        params = [p for p in model.parameters() if p.requires_grad]
         next_eval = config.eval_every_samples
         if config.eval_every_samples and not self._validate(model, config, result, 0, estimator):
             return
@@ -312,38 +371,46 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             measure = estimator is not None and step % config.noise_every == config.noise_every - 1
+            # Noise-scale sizes: micro-batches (or halves) on one rank; ranks' local gradients
+            # against the all-reduced one under several.
             norms = None
-            if measure:
+            if measure and not dist.enabled:
                 from batchtune.noise import MicroBatchGradNorms
 
-                norms = MicroBatchGradNorms(model.parameters())
-            pieces = 2 if (measure and k == 1) else k  # backward passes this step
+                norms = MicroBatchGradNorms(params)
+            pieces = 2 if (norms is not None and k == 1) else k  # backward passes this step
             scale = scaler.get_scale() if scaler is not None else 1.0  # read once: it syncs the device
             backend.synchronize()
             step_start = time.perf_counter()
-            data_seconds = 0.0
-            loss_sum = None
-            for _ in range(k):
-                fetch_start = time.perf_counter()
-                with backend.paused():
-                    batch = next(batches)
-                batch = to_device(batch, backend.device)
-                backend.track_batch(_tensors(batch))
-                data_seconds += time.perf_counter() - fetch_start
-                for piece in (_halves(batch) if pieces != k else [batch]):
-                    if norms is not None:
-                        norms.start_micro_batch()
-                    with self._autocast():
-                        loss = comps.loss_fn(model, piece)
-                    backend.sample()
-                    scaled = loss / pieces
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    if norms is not None:
-                        norms.end_micro_batch(pieces / scale)
-                    loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-                    del piece, loss, scaled
-                result.samples += batch_size_of(batch)
-                del batch
+            timing = {"data": 0.0}
+
+            def forward_backward() -> torch.Tensor:
+                loss_sum = None
+                for _ in range(k):
+                    fetch_start = time.perf_counter()
+                    with backend.paused():
+                        batch = next(batches)
+                    batch = to_device(batch, backend.device)
+                    backend.track_batch(_tensors(batch))
+                    timing["data"] += time.perf_counter() - fetch_start
+                    for piece in (_halves(batch) if pieces != k else [batch]):
+                        if norms is not None:
+                            norms.start_micro_batch()
+                        with self._autocast():
+                            loss = comps.loss_fn(net, piece)
+                        backend.sample()
+                        scaled = loss / pieces
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        if norms is not None:
+                            norms.end_micro_batch(pieces / scale)
+                        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                        del piece, loss, scaled
+                    result.samples += batch_size_of(batch) * dist.world_size
+                    del batch
+                return loss_sum
+
+            with net.no_sync() if dist.enabled else contextlib.nullcontext():
+                loss_sum = self._agreed(forward_backward)
             backend.sample()
             # Peaks per phase: forward+backward grows with the batch, the optimizer step does not.
             result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
@@ -355,19 +422,34 @@ class Trainer:
                 norms.remove()
                 estimator.update(small, big, *noise_batch_sizes(micro, k))
                 result.noise_steps += 1
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if measure and dist.enabled:
+                (small,) = dist.mean(_grad_sq_norm(params) / scale**2)
+            dist.reduce_gradients(params)
+            if measure and dist.enabled:
+                big = _grad_sq_norm(params) / scale**2
+                estimator.update(small, big, micro * k, micro * k * dist.world_size)
+                result.noise_steps += 1
+
+            def optimizer_step() -> None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            self._agreed(optimizer_step)
             loss_value = float(loss_sum) / pieces  # reading the loss synchronises the device
             backend.synchronize()
             step_seconds = time.perf_counter() - step_start
+            data_seconds = timing["data"]
+            if dist.enabled:  # every rank decides from the same numbers; the slowest sets the pace
+                loss_value, data_seconds = dist.mean(loss_value, data_seconds)
+                (step_seconds,) = dist.max(step_seconds)
             backend.sample()
             result.optimizer_peak_bytes = max(result.optimizer_peak_bytes or 0, backend.peak_bytes())
             backend.reset_peak()
@@ -375,7 +457,7 @@ class Trainer:
             result.steps = step + 1
             result.train_seconds += step_seconds
             if step >= config.timing_warmup_steps and not measure:  # measured steps ran differently
-                result.timed_samples += micro * k
+                result.timed_samples += micro * k * dist.world_size
                 result.data_seconds += data_seconds
                 result.compute_seconds += step_seconds - data_seconds
             result.losses.append(loss_value)
@@ -405,3 +487,12 @@ class Trainer:
             if out_of_time and not last:
                 result.truncated = True
                 return
+
+
+def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
+    """|g|² over all gradients, summed in float64."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(p.grad.detach().double().pow(2).sum())
+    return total

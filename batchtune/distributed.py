@@ -1,0 +1,121 @@
+"""Data parallelism under torchrun: agreement across ranks, and who speaks.
+
+batchtune never launches processes: ``torchrun --nproc-per-node N -m batchtune ...`` does,
+and this module joins the process group it describes (nccl on GPUs, gloo on CPU).
+
+The rule that keeps a search over out-of-memory failures from deadlocking: no rank enters
+a collective that another rank might not reach. Trials therefore run their forward and
+backward passes without communication, agree on success, and only then reduce gradients
+(see :class:`~batchtune.trial.Trainer`). Every decision that ends a trial early (an OOM,
+divergence, a time cap) is taken on values all ranks agreed on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "current", "init_from_env"]
+
+# A collective that does not complete within this many seconds raises instead of hanging.
+TIMEOUT_S = float(os.environ.get("BATCHTUNE_DIST_TIMEOUT", 600))
+
+
+@dataclass
+class DistContext:
+    """This process's place among the ranks (world_size 1: a single process)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def _reduce(self, values: list[float], op: Any) -> list[float]:
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True only if every rank says True (a collective: every rank must call it)."""
+        return self._reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0.5
+
+    def max(self, *values: float) -> list[float]:
+        return self._reduce([float(v) for v in values], dist.ReduceOp.MAX)
+
+    def min(self, *values: float) -> list[float]:
+        return self._reduce([float(v) for v in values], dist.ReduceOp.MIN)
+
+    def sum(self, *values: float) -> list[float]:
+        return self._reduce([float(v) for v in values], dist.ReduceOp.SUM)
+
+    def mean(self, *values: float) -> list[float]:
+        return [v / self.world_size for v in self.sum(*values)]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of ``obj`` on every rank (a run folder's name, say)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients across ranks, in place: nothing is allocated, so nothing can fail on one side."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world_size)
+
+
+_CONTEXT = DistContext()
+
+
+def init_from_env(device_type: str = "auto") -> DistContext:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); idempotent.
+
+    nccl when the spec's device is CUDA (or auto with CUDA present), gloo otherwise. Without
+    torchrun (WORLD_SIZE unset or 1) this is a single process and nothing is joined.
+    """
+    global _CONTEXT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _CONTEXT = DistContext()
+        return _CONTEXT
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_type in ("auto", "cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=TIMEOUT_S))
+    _CONTEXT = DistContext(rank, local_rank, world, dist.get_backend())
+    return _CONTEXT
+
+
+def current() -> DistContext:
+    """The context joined by :func:`init_from_env` (a single process before that)."""
+    return _CONTEXT
