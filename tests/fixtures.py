@@ -84,3 +84,28 @@ def linreg_model(d: int = 20, delta: float = 1.0, seed: int = 0) -> nn.Module:
         model.weight.copy_(w_star[None])
         model.weight[0, 0] += delta
     return model
+
+
+class _Slow(nn.Module):
+    def __init__(self, seconds: float, **kwargs) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.net(x)
+
+
+def slow_mlp(seconds: float = 0.01, **kwargs) -> nn.Module:
+    """tiny_mlp (same parameters, same memory) that sleeps in forward: a throughput regression."""
+    return _Slow(seconds, **kwargs)
+
+
+def oom_on_one_rank(threshold: int = 100, rank: int = 1, in_features: int = 16, num_classes: int = 4):
+    """Fails like a GPU above ``threshold`` samples, but only on one torchrun rank."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == rank:
+        return _OOMAbove(threshold, CUDA_OOM, in_features, num_classes)
+    return _OOMAbove(10**9, CUDA_OOM, in_features, num_classes)
