@@ -45,24 +45,18 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         steps: optimizer steps; the estimate needs a few hundred to settle.
         points: validation points (each reports the estimate so far).
     """
-    from batchtune.components import build_components
-    from batchtune.device import backend_for_spec
-    from batchtune.scaling import resolve_rule, scale_lr
-    from batchtune.spec import Spec, load_spec
-    from batchtune.trial import Trainer, TrialConfig
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    if not isinstance(spec, Spec):
-        spec = load_spec(spec)
+    from batchtune.scaling import resolve_rule, scale_lr
+    from batchtune.trial import Trainer, TrialConfig, prepare
+
+    spec, components, backend = prepare(spec, backend)
     batch_size = batch_size or spec.base_batch_size
     if batch_size % accum_steps:
         raise spec.error("", f"batch size {batch_size} is not divisible by {accum_steps} accumulation steps")
     micro = batch_size // accum_steps
     if accum_steps == 1 and micro % 2:
         raise spec.error("", f"with one accumulation step the batch is split in halves: {batch_size} must be even")
-    components = build_components(spec)
-    if backend is None:
-        backend = backend_for_spec(spec)
     lr = scale_lr(spec.optimizer.lr, spec.base_batch_size, batch_size,
                   resolve_rule(spec.lr_scaling, spec.optimizer.family))
     config = TrialConfig(micro, accum_steps, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),

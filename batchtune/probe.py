@@ -300,19 +300,11 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         on_trial: called after each trial (progress reporting).
         backend: a device backend to use instead of the one the spec selects.
     """
-    from batchtune.components import build_components
-    from batchtune.device import backend_for_spec
-    from batchtune.spec import Spec, load_spec
-    from batchtune.trial import Trainer, TrialConfig
-
-    if not isinstance(spec, Spec):
-        spec = load_spec(spec)
-    p = spec.probe
-    components = build_components(spec)
-    if backend is None:
-        backend = backend_for_spec(spec)
     from batchtune.distributed import current
+    from batchtune.trial import Trainer, TrialConfig, prepare
 
+    spec, components, backend = prepare(spec, backend)
+    p = spec.probe
     dist = current()
     trainer = Trainer(components, backend, spec.precision, dist)
     model = components.build_model(spec.seed).to(backend.device)

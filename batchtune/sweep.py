@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 
 from batchtune.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+from batchtune.probe import run_probe, safe_size
+from batchtune.scaling import resolve_rule, scale_lr
 
 __all__ = ["Candidate", "SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
 
@@ -435,24 +437,14 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     Raises:
         SpecError: the spec cannot be swept as given (or differs from the resumed run's).
     """
-    from batchtune.components import build_components
-    from batchtune.device import backend_for_spec
-    from batchtune.probe import run_probe, safe_size
+    from batchtune.distributed import current
     from batchtune.results import RunFolder, environment, new_run_dir
-    from batchtune.scaling import resolve_rule, scale_lr
-    from batchtune.spec import Spec, load_spec
-    from batchtune.trial import Trainer, TrialConfig
+    from batchtune.trial import Trainer, TrialConfig, prepare
 
-    if not isinstance(spec, Spec):
-        spec = load_spec(spec)
+    spec, components, backend = prepare(spec, backend)
     sw = spec.sweep
-    components = build_components(spec)
-    if backend is None:
-        backend = backend_for_spec(spec)
     capacity = backend.capacity_bytes()
     resolved = spec.resolved()
-
-    from batchtune.distributed import current
 
     dist = current()
     folder = RunFolder(Path(resume) if resume is not None else
@@ -479,8 +471,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
         if exists:
             raise spec.error("", f"{folder.path} already holds a sweep; pass --resume {folder.path} or another --out")
         rows = []
-        meta = _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress,
-                     dist)
+        meta = _plan(spec, components, capacity, backend, progress, dist)
         if dist.is_main:
             folder.write_spec(resolved)
             folder.write_json("environment.json", {**environment(backend.describe()), "world_size": dist.world_size})
@@ -523,7 +514,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             progress(finished, total, label, row)
 
     if dist.enabled:
-        _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls=Trainer, config_cls=TrialConfig)
+        _scaling_efficiency(rows, meta, components, backend, spec, dist)
         if dist.is_main:
             folder.write_json("meta.json", meta)
     if not dist.is_main:
@@ -544,7 +535,8 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     return result
 
 
-def _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls, config_cls) -> None:  # noqa: ANN001
+def _scaling_efficiency(rows: list[dict[str, Any]], meta: dict[str, Any], components: Any, backend: Any,
+                        spec: Any, dist: Any) -> None:
     """Time the best-ranked size's per-device work on one rank alone: how much of N× do N ranks give?"""
     summary, recommendation, *_ = analyse(rows, meta)
     if recommendation is None:
@@ -554,8 +546,10 @@ def _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls
     if dist.is_main:
         from batchtune.distributed import DistContext
 
-        solo = trainer_cls(components, backend, spec.precision, DistContext())
-        result = solo.run(config_cls(micro, accum, lr=recommendation["lr"], steps=20, seed=spec.seed,
+        from batchtune.trial import Trainer, TrialConfig
+
+        solo = Trainer(components, backend, spec.precision, DistContext())
+        result = solo.run(TrialConfig(micro, accum, lr=recommendation["lr"], steps=20, seed=spec.seed,
                                      timing_warmup_steps=5, memory_steps=2))
         single = result.samples_per_s
     single = dist.broadcast(single)
@@ -566,8 +560,8 @@ def _scaling_efficiency(rows, meta, components, backend, spec, dist, trainer_cls
                            "efficiency": global_sps / (dist.world_size * single)}
 
 
-def _plan(spec, components, capacity, backend, run_probe, safe_size, resolve_rule, scale_lr, progress,  # noqa: ANN001
-          dist) -> dict:  # noqa: ANN001
+def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progress: ProgressFn | None,
+          dist: Any) -> dict[str, Any]:
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
     sw = spec.sweep
     notes: list[str] = []

@@ -26,7 +26,7 @@ from batchtune.device import DeviceBackend, is_oom
 from batchtune.distributed import DistContext, current
 from batchtune.scaling import lr_at_step
 
-__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer"]
+__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,6 +125,22 @@ class TrialResult:
         out.update(batch_size=self.batch_size, samples_per_s=self.samples_per_s,
                    data_share=self.data_share, final_val_loss=self.final_val_loss)
         return out
+
+
+def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Components, DeviceBackend]:
+    """(spec, components, backend) for a Spec or a path to one: what every command starts from.
+
+    Raises:
+        SpecError: the spec is invalid or names something that cannot be built.
+    """
+    from batchtune.components import build_components
+    from batchtune.device import backend_for_spec
+    from batchtune.spec import Spec, load_spec
+
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    components = build_components(spec)
+    return spec, components, backend if backend is not None else backend_for_spec(spec)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -75,13 +75,13 @@ def test_trainer_measures_the_analytic_noise_scale(write_spec, d, sigma, delta, 
 def test_noise_command_reports_a_rising_estimate(write_spec):
     spec = write_spec("""\
     name: q
-    model: {builtin: mlp, kwargs: {hidden: 64}}
-    data: {builtin: synthetic_classification, kwargs: {n_train: 4096, n_val: 512}}
+    model: {builtin: mlp, kwargs: {hidden: 32, depth: 1}}
+    data: {builtin: synthetic_classification, kwargs: {n_train: 4096, n_val: 256}}
     optimizer: {name: adamw, lr: 0.002}
     base_batch_size: 64
     device: {type: cpu}
     """)
-    out = CliRunner().invoke(app, ["noise", str(spec), "-b", "64", "--steps", "200", "--format", "json", "-q"])
+    out = CliRunner().invoke(app, ["noise", str(spec), "-b", "64", "--steps", "150", "--format", "json", "-q"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     history = [h for h in data["history"] if h["reliable"]]
