@@ -315,7 +315,7 @@ def check(
     import os
 
     with _user_errors():
-        spec = _load(spec_path, overrides)
+        spec = _load(spec_path, overrides, join=True)
         from batchtune.check import CheckInputError, run_check
         from batchtune.report import render_check
         from batchtune.results import atomic_write
@@ -327,7 +327,9 @@ def check(
                                baseline=baseline, progress=lambda message: say(f"  {message}"))
         except CheckInputError as exc:
             raise BadInput(str(exc)) from None
-        typer.echo(render_check(report, fmt.value, strict=strict))
+        if _RANK != 0:
+            raise typer.Exit(report.exit_code(strict))  # every rank agrees; rank 0 reports
+        _echo(render_check(report, fmt.value, strict=strict))
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         try:
             if junit is not None:

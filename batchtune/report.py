@@ -60,6 +60,8 @@ def _device_line(result: Any) -> str:
     dev = result.device
     cap = result.capacity_bytes
     where = dev.get("name") or dev.get("device", "?")
+    if dev.get("world_size", 1) > 1:
+        where += f" × {dev['world_size']} ranks (per-device ceiling: the smallest over ranks)"
     if dev.get("device") == "cpu":
         cap_text = f"simulated capacity {format_bytes(cap)}" if cap else "no capacity limit"
     else:
@@ -197,8 +199,10 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
         return result.trials.to_csv(index=False).rstrip("\n")
     meta = result.meta
     target = f"{result.target_loss:.4g}" if result.target_loss is not None else "-"
+    world = meta.get("world_size", 1)
+    ranks = f", {world} ranks (batch = global; micro×accum per rank)" if world > 1 else ""
     head = (f"batchtune sweep: {result.name} — {len(result.trials)} trials, {meta['samples']} samples per trial, "
-            f"{len(meta['seeds'])} seeds, target val loss {target}, {meta['precision']}")
+            f"{len(meta['seeds'])} seeds, target val loss {target}, {meta['precision']}{ranks}")
     rec = result.recommendation
     tablefmt = "github" if fmt == "markdown" else "simple"
     table = tabulate(_sweep_rows(result), headers=_SWEEP_HEADERS, tablefmt=tablefmt, disable_numparse=True)
@@ -209,6 +213,12 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
                      f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
         lines.append(f"why: {rec['reason']}")
     lines += _critical_lines(result.critical)
+    scaling = meta.get("scaling")
+    if scaling:
+        lines.append(f"scaling: batch {scaling['batch_size']} on {scaling['world_size']} ranks runs "
+                     f"{scaling['global_samples_per_s']:,.0f} samples/s against {scaling['single_rank_samples_per_s']:,.0f} "
+                     f"on one rank: {scaling['efficiency']:.0%} scaling efficiency (gradients reduced after each "
+                     "step, not overlapped with backward)")
     for note in result.notes:
         lines.append(f"note: {note}")
     if result.run_dir:
@@ -270,6 +280,8 @@ def _check_head(report: Any) -> str:
     dev = report.device
     cap = dev.get("capacity_bytes")
     where = dev.get("name") or dev.get("device", "?")
+    if dev.get("world_size", 1) > 1:
+        where += f" × {dev['world_size']} ranks (per-device ceiling: the smallest over ranks)"
     if dev.get("device") == "cpu":
         where += f" (simulated capacity {format_bytes(cap)})" if cap else " (no capacity limit)"
     elif cap:
@@ -282,8 +294,9 @@ def _check_head(report: Any) -> str:
 def _check_verdict(report: Any, strict: bool) -> str:
     counts = {s: sum(c.status == s for c in report.checks) for s in ("fail", "warn", "skip")}
     word = "FAIL" if report.exit_code(strict) else "PASS"
-    extra = [f"{n} {s}{'s' if n != 1 and s != 'skip' else ''}{'ped' if s == 'skip' else ''}"
-             for s, n in (("fail", counts["fail"]), ("warning", counts["warn"]), ("skip", counts["skip"])) if n]
+    extra = [text for n, text in ((counts["fail"], f"{counts['fail']} failed"),
+                                  (counts["warn"], f"{counts['warn']} warning{'s' if counts['warn'] != 1 else ''}"),
+                                  (counts["skip"], f"{counts['skip']} skipped")) if n]
     strict_text = " (--strict: warnings fail)" if strict and counts["warn"] else ""
     return (f"verdict: {word}{strict_text}" + (f" — {', '.join(extra)}" if extra else "")
             + f"; {len(report.checks)} checks in {report.seconds:.1f} s (budget {report.max_seconds:g} s)")
@@ -311,8 +324,7 @@ def _check_junit(report: Any, strict: bool) -> str:
         figures = to_json({k: v for k, v in c.figures.items() if k != "traceback"})
         if c.status == "fail" or (strict and c.status == "warn"):
             node = ET.SubElement(case, "failure", {"message": c.reason, "type": c.status})
-            node.text = c.reason + "\n" + figures + ("\n" + c.figures["traceback"] if c.figures.get("traceback")
-                                                     else "")
+            node.text = c.reason + ("\n" + c.figures["traceback"] if c.figures.get("traceback") else "")
         elif c.status == "skip":
             ET.SubElement(case, "skipped", {"message": c.reason})
         out = ET.SubElement(case, "system-out")
@@ -342,9 +354,14 @@ def render_check(report: Any, fmt: str = "table", strict: bool = False) -> str:
         rows = [[c.name, c.status, c.reason] for c in report.checks]
         lines = [head, "", tabulate(rows, headers=["check", "status", "reason"], tablefmt="simple",
                                     disable_numparse=True), "", verdict]
+    extra = []
     if report.skipped:
-        lines.append(f"skipped to stay within --max-seconds {report.max_seconds:g}: {', '.join(report.skipped)}")
+        extra.append(f"skipped to stay within --max-seconds {report.max_seconds:g}: {', '.join(report.skipped)}")
     if report.baseline:
-        lines.append(f"baseline: {report.baseline}")
-    lines += [f"note: {n}" for n in report.notes]
+        extra.append(f"baseline: {report.baseline}")
+    extra += [f"note: {n}" for n in report.notes]
+    if fmt == "markdown" and extra:
+        lines += [""] + [f"- {e}" for e in extra]
+    else:
+        lines += extra
     return "\n".join(lines)

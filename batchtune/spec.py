@@ -288,6 +288,13 @@ class CheckSpec(_Strict):
     throughput_tolerance: float = Field(0.15, ge=0.0)
     memory_tolerance: float = Field(0.10, ge=0.0)
 
+    @model_validator(mode="after")
+    def _shares(self) -> CheckSpec:
+        if self.data_warn_share > self.data_fail_share:
+            raise ValueError(f"data_warn_share ({self.data_warn_share}) must not exceed "
+                             f"data_fail_share ({self.data_fail_share})")
+        return self
+
 
 class Spec(_Strict):
     """A validated batchtune spec."""

@@ -563,6 +563,8 @@ def _scaling_efficiency(rows: list[dict[str, Any]], meta: dict[str, Any], compon
 def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progress: ProgressFn | None,
           dist: Any) -> dict[str, Any]:
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
+    from batchtune.trial import TrialConfig
+
     sw = spec.sweep
     notes: list[str] = []
     ceiling = sw.ceiling
@@ -623,4 +625,6 @@ def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progre
         "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": capacity, "precision": spec.precision, "notes": notes,
         "tokens_per_sample": tokens_per_sample, "world_size": world,
+        # how trials were timed, so that a later check can time its run the same way
+        "timing_warmup_steps": sw.timing_warmup_steps, "noise_every": TrialConfig.noise_every,
     }

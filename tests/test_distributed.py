@@ -72,3 +72,11 @@ def test_sweep_uses_global_batches_and_only_rank_0_writes(tmp_path):
     written = json.loads((out_dir / "trials.json").read_text())
     assert len(written) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "spec.yaml"]  # no second folder
+
+
+def test_check_runs_on_both_ranks_and_reports_once(tmp_path):
+    out = _torchrun(tmp_path, ["check", "--batch-size", "128", "--format", "json", "-q"], "[1MiB, 1MiB]")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["batch_size"] == 128 and report["micro_batch_size"] == 64  # 64 per rank × 2 ranks
+    assert {c["name"]: c["status"] for c in report["checks"]}["fits"] == "pass"

@@ -1,0 +1,433 @@
+"""`batchtune check`: verdicts on CPU with a simulated memory ceiling, baselines, outputs, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from batchtune.check import (
+    TIME_SKIP,
+    CheckInputError,
+    critical_batch_verdict,
+    data_verdict,
+    fits_verdict,
+    regression_verdict,
+    resolve_batch,
+    run_check,
+    trains_verdict,
+)
+from batchtune.cli import app
+from batchtune.spec import SpecError, load_spec
+from batchtune.sweep import run_sweep
+from tests.conftest import TINY_SPEC, write_text
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+# tiny_mlp on a simulated 200 KiB device: 430 fits, 431 runs out of memory (see test_cli).
+# How much of a tiny model's step goes to the DataLoader depends on the machine's load, so
+# the data check is switched off (share >= 1 never happens) except where it is the subject.
+CHECK_SPEC = TINY_SPEC + "check: {steps: 16, data_warn_share: 1.0, data_fail_share: 1.0}\n"
+
+BASELINE_SPEC = """\
+name: tiny-baseline
+model: {target: "tests.fixtures:tiny_mlp"}
+data: {target: "tests.fixtures:tiny_data", kwargs: {n_train: 1024}}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 32
+device: {type: cpu}
+sweep: {batch_sizes: [16, 32], samples: 1024, seeds: 1, eval_points: 2}
+check: {steps: 16, data_warn_share: 1.0, data_fail_share: 1.0}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Timing-based verdicts on a shared 2-core box: two intra-op threads fighting other work
+    for the cores make a tiny step 5-50× slower at random; one thread keeps it steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _spec(write_spec, text: str = CHECK_SPEC, *overrides: str):
+    return load_spec(write_spec(text), list(overrides))
+
+
+# ---------------------------------------------------------------------------- fits
+
+
+def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "--batch-size", "512", "-q", "-f", "json"])
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    fits = data["checks"][0]
+    assert fits["name"] == "fits" and fits["status"] == "fail"
+    assert "out of memory" in fits["reason"] and fits["figures"]["capacity_bytes"] == 200 * 1024
+    assert [c["status"] for c in data["checks"][1:]] == ["skip"] * 4
+    assert all("does not fit" in c["reason"] for c in data["checks"][1:4])
+    assert data["status"] == "fail" and data["exit_code"] == 1
+
+
+def test_a_batch_within_the_ceiling_passes_and_accumulation_reaches_past_it(write_spec):
+    spec = _spec(write_spec)
+    plain = run_check(spec, batch_size=128)
+    fits = plain.check("fits")
+    assert fits.status == "pass", fits.reason
+    assert fits.figures["capacity_bytes"] == 200 * 1024
+    assert 0 < fits.figures["peak_bytes"] <= 0.9 * 200 * 1024
+    assert fits.figures["headroom"] == pytest.approx(1 - fits.figures["peak_bytes"] / (200 * 1024))
+    assert fits.figures["validated"] and fits.figures["steps"] == 2
+    assert plain.check("trains").status == "pass"
+    assert plain.exit_code() == 0 and plain.exit_code(strict=False) == 0
+    assert plain.lr == pytest.approx(0.01 * 2)  # adamw: sqrt rule from 0.01 at 32 to 128
+    # 512 does not fit as one batch, but does as 4 accumulated micro-batches of 128 (a budget
+    # too small for the training run: fits runs whatever the budget, the rest is skipped).
+    accumulated = run_check(spec, batch_size=512, accum_steps=4, max_seconds=0.1)
+    assert (accumulated.micro_batch_size, accumulated.accum_steps) == (128, 4)
+    assert accumulated.check("fits").status == "pass" and "trains" in accumulated.skipped
+    assert accumulated.check("fits").figures["peak_bytes"] >= fits.figures["peak_bytes"]  # gradients live on
+
+
+def test_fitting_with_too_little_headroom_fails(write_spec):
+    report = run_check(_spec(write_spec), batch_size=420)  # fits (ceiling 430) with ~2% free
+    fits = report.check("fits")
+    assert fits.status == "fail" and report.exit_code() == 1
+    assert fits.figures["headroom"] < 0.10 and "less than the 10% headroom" in fits.reason
+
+
+def test_without_a_capacity_fits_passes_and_says_so(write_spec):
+    report = run_check(_spec(write_spec, CHECK_SPEC, "device.memory_limit=null"), batch_size=64)
+    fits = report.check("fits")
+    assert fits.status == "pass" and "capacity is unknown" in fits.reason
+    assert fits.figures["capacity_bytes"] is None and fits.figures["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", "out of memory (RuntimeError: CUDA out of memory."),
+    ("mat1 and mat2 shapes cannot be multiplied", "the training step raised RuntimeError: mat1 and mat2 shapes"),
+])
+def test_a_user_model_that_raises_fails_fits(write_spec, message, reason):
+    spec = _spec(write_spec, CHECK_SPEC, "model.target=tests.fixtures:oom_above",
+                 f"model.kwargs={{threshold: 32, message: '{message}'}}")
+    report = run_check(spec, batch_size=64)
+    fits = report.check("fits")
+    assert fits.status == "fail" and fits.reason.startswith(reason) and report.exit_code() == 1
+    assert all(c.status == "skip" for c in report.checks[1:])
+
+
+# ---------------------------------------------------------------------------- trains, data
+
+
+def test_an_absurd_lr_fails_trains(write_spec):
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "optimizer.lr=1000", "-b", "64", "-q",
+                                 "-f", "json"])
+    assert result.exit_code == 1, result.output
+    trains = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "trains")
+    assert trains["status"] == "fail" and trains["figures"]["diverged"]
+    assert trains["reason"].startswith("diverged at lr 1.41e+03: loss")
+
+
+def test_a_sleepy_data_set_warns_on_data(write_spec):
+    text = CHECK_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:sleepy_data", kwargs: {seconds: 0.002}}')
+    report = run_check(_spec(write_spec, text, "device.memory_limit=null", "check.data_warn_share=0.3"),
+                       batch_size=16)
+    data = report.check("data")
+    # 32 ms of sleep per batch against well under a millisecond of compute.
+    assert data.status == "warn", data.reason
+    assert data.figures["data_share"] > 0.5 and "raise data.num_workers" in data.reason
+    assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+
+
+def test_the_train_section_gives_the_batch(write_spec):
+    spec = _spec(write_spec, CHECK_SPEC + "train: {batch_size: 64, accum_steps: 2}\n")
+    assert resolve_batch(spec) == (64, 32, 2)
+    assert resolve_batch(spec, 96) == (96, 48, 2)  # options override the section key by key
+    assert resolve_batch(spec, 96, 1) == (96, 96, 1)
+    with pytest.raises(CheckInputError, match="--batch-size 96 is not divisible by --accum-steps 5"):
+        resolve_batch(spec, 96, 5)
+    bad = _spec(write_spec, CHECK_SPEC + "train: {batch_size: 64, accum_steps: 3}\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:\d+: train.accum_steps: train.batch_size 64 is not divisible"):
+        resolve_batch(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "pass --batch-size B, or add 'train: {batch_size: B}' to the spec"),
+    (["-b", "100", "-k", "3"], "--batch-size 100 is not divisible by --accum-steps 3"),
+    (["-b", "64", "--baseline", "nowhere"], "--baseline nowhere: no such run folder"),
+    (["-b", "0"], "Invalid value for '--batch-size'"),
+])
+def test_bad_input_exits_2(write_spec, args, message):
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-q", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+
+
+def test_data_thresholds_must_be_ordered(write_spec):
+    with pytest.raises(SpecError, match="check: data_warn_share \\(0.9\\) must not exceed data_fail_share \\(0.8\\)"):
+        load_spec(write_spec(TINY_SPEC), ["check.data_warn_share=0.9"])
+
+
+def test_not_a_run_folder_exits_2(write_spec, tmp_path):
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "64", "--baseline", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a sweep run folder (no meta.json or trials.json)" in " ".join(result.stderr.split())
+
+
+# ---------------------------------------------------------------------------- time budget
+
+
+def test_it_stays_within_max_seconds_and_says_what_it_skipped(write_spec):
+    # Each training step sleeps 16 × 10 ms in the data set: 30 steps would take ~5 s.
+    text = CHECK_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:sleepy_data", kwargs: {seconds: 0.01}}')
+    spec = _spec(write_spec, text, "check.steps=30", "device.memory_limit=null")
+    run_check(spec, batch_size=16, max_seconds=0.1)  # warm-up: the first trial in a process imports more
+    started = time.perf_counter()
+    report = run_check(spec, batch_size=16, max_seconds=4)
+    assert time.perf_counter() - started < 4
+    trains = report.check("trains")
+    assert trains.figures["truncated"] and 6 <= trains.figures["steps"] < 30
+    assert f"(stopped after {trains.figures['steps']} of 30 steps to stay within --max-seconds)" in trains.reason
+    assert report.check("data").figures["data_share"] > 0.5  # 160 ms of sleep per step
+    tight = run_check(spec, batch_size=16, max_seconds=0.5)
+    assert tight.skipped == ["trains", "data", "critical_batch"]
+    assert all(tight.check(n).reason.startswith(TIME_SKIP) for n in tight.skipped)
+    assert tight.check("fits").status == "pass" and tight.exit_code() == 0
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """A real sweep's run folder: tiny_mlp at 16 and 32, one seed."""
+    path = write_text(tmp_path_factory.mktemp("base") / "spec.yaml", BASELINE_SPEC)
+    out = path.parent / "run"
+    run_sweep(load_spec(path), out=out)
+    return path, out
+
+
+def test_the_same_model_passes_regression_with_identical_peak(baseline):
+    spec_path, run = baseline
+    # Throughput on a shared 2-core box can swing several-fold; memory is what must match here.
+    report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=run)
+    reg = report.check("regression")
+    assert reg.status == "pass", reg.reason
+    assert reg.figures["memory_change"] == 0.0  # tensor bytes are deterministic
+    assert reg.figures["baseline_trials"] == 1 and reg.figures["spec_changes"] == []
+    assert reg.figures["throughput_change"] is not None and reg.figures["samples_per_s"] > 0
+    assert report.baseline == str(run)
+
+
+def test_a_bloated_model_fails_regression_on_memory(baseline):
+    spec_path, run = baseline
+    report = run_check(load_spec(spec_path, ["model.kwargs={hidden: 512}", "check.throughput_tolerance=100"]),
+                       batch_size=32, baseline=run)
+    reg = report.check("regression")
+    assert reg.status == "fail" and report.exit_code() == 1
+    assert reg.figures["memory_change"] > 1.0
+    assert reg.reason.startswith("peak memory grew more than 10%")
+    assert "the spec differs from the baseline's in: model" in reg.reason
+
+
+def test_a_slowed_model_fails_regression_on_throughput(baseline):
+    spec_path, run = baseline
+    spec = load_spec(spec_path, ['model.target=tests.fixtures:slow_mlp', "model.kwargs={seconds: 0.02}"])
+    report = run_check(spec, batch_size=32, baseline=run)
+    reg = report.check("regression")
+    assert reg.status == "fail", reg.reason
+    assert reg.figures["throughput_change"] < -0.5  # 20 ms per step against ~1 ms
+    assert reg.figures["memory_change"] == 0.0  # same parameters, same activations
+    assert reg.reason.startswith("throughput fell more than 15%")
+
+
+def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
+    spec_path, run = baseline
+    report = run_check(load_spec(spec_path), batch_size=64, baseline=run)
+    reg = report.check("regression")
+    assert reg.status == "skip" and "no row for batch 64 (it ran [16, 32])" in reg.reason
+
+
+def _fake_baseline(folder: Path, rows: list[dict], critical: dict | None = None, **environment) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"precision": "fp32"}))
+    (folder / "trials.json").write_text(json.dumps(rows))
+    env = {"device": "cpu", "torch_threads": torch.get_num_threads(), **environment}
+    (folder / "environment.json").write_text(json.dumps(env))
+    if critical is not None:
+        (folder / "result.json").write_text(json.dumps(critical))
+    return folder
+
+
+def test_critical_batch_prefers_the_baseline_steps_to_target_fit(write_spec, tmp_path):
+    critical = {"critical_batch_size": {"from_steps_to_target": 16.0, "from_noise_scale": 100.0,
+                                        "fit": {"low": 12.0, "high": 20.0}, "definition": "McCandlish"},
+                "noise_scale": {"b_simple": 100.0, "low": 50.0, "high": 200.0, "at_val_loss": 0.5}}
+    folder = _fake_baseline(tmp_path / "run", [], critical)
+    report = run_check(_spec(write_spec), batch_size=64, baseline=folder)
+    crit = report.check("critical_batch")
+    assert crit.status == "warn", crit.reason
+    assert crit.figures["b_crit"] == 16.0 and crit.figures["ratio"] == 4.0
+    assert crit.figures["wasted_share"] == pytest.approx(0.6)  # 1 − 2/(1 + 4)
+    assert crit.figures["compute_vs_critical"] == pytest.approx(2.5)  # (1 + 4)/2
+    assert "steps-to-target fit" in crit.reason and "~60% of its compute wasted" in crit.reason
+    assert report.check("regression").status == "skip"
+    # Warnings pass unless --strict.
+    args = ["check", str(write_spec(CHECK_SPEC)), "-b", "64", "--baseline", str(folder), "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, [*args, "--strict"]).exit_code == 1
+
+
+def test_regression_against_recorded_rows(write_spec, tmp_path):
+    row = {"batch_size": 64, "micro_batch_size": 64, "accum_steps": 1, "fits": True, "diverged": False,
+           "samples_per_s": 1e12, "peak_bytes": 1000}
+    folder = _fake_baseline(tmp_path / "run", [row])
+    reg = run_check(_spec(write_spec), batch_size=64, baseline=folder).check("regression")
+    assert reg.status == "fail"
+    assert reg.figures["baseline_peak_bytes"] == 1000 and reg.figures["baseline_samples_per_s"] == 1e12
+    assert "throughput fell" in reg.reason and "peak memory grew" in reg.reason
+    accumulated = run_check(_spec(write_spec), batch_size=64, accum_steps=2, baseline=folder).check("regression")
+    assert accumulated.status == "skip" and "as 64×1, this check as 32×2: not comparable" in accumulated.reason
+    other = _fake_baseline(tmp_path / "gpu", [row], device="cuda", name="NVIDIA H100")
+    elsewhere = run_check(_spec(write_spec), batch_size=64, baseline=other).check("regression")
+    assert elsewhere.status == "skip" and "baseline ran on cuda, this check on cpu" in elsewhere.reason
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def test_json_junit_markdown_and_the_step_summary(write_spec, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    junit = tmp_path / "reports" / "check.xml"
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "512", "-f", "json",
+                                 "--junit", str(junit)])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert [c["name"] for c in data["checks"]] == ["fits", "trains", "data", "critical_batch", "regression"]
+    assert {"batch_size", "micro_batch_size", "accum_steps", "lr", "seconds", "skipped", "device"} <= set(data)
+    assert "checking tiny" in result.stderr  # progress on stderr, never in the JSON
+
+    root = ET.parse(junit).getroot()
+    suite = root.find("testsuite")
+    assert suite.get("name") == "batchtune check" and suite.get("tests") == "5"
+    assert suite.get("failures") == "1" and suite.get("skipped") == "4"
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    assert list(cases) == ["fits", "trains", "data", "critical_batch", "regression"]
+    assert "out of memory" in cases["fits"].find("failure").get("message")
+    assert cases["regression"].find("skipped") is not None
+
+    text = summary.read_text()
+    assert text.startswith("earlier step\n### ❌ batchtune check: tiny — batch 512")
+    assert "| `fits`           | ❌ fail" in text and "⏭ skip" in text
+
+    md = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "128", "-f", "markdown", "-q"])
+    assert md.exit_code == 0
+    lines = md.stdout.splitlines()
+    assert lines[0].startswith("### ") and "batchtune check: tiny — batch 128" in lines[0]
+    header = next(line for line in lines if line.startswith("| check"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["check", "status", "reason"]
+    assert summary.read_text().count("### ") == 2  # appended again, never overwritten
+
+
+def test_warnings_show_in_junit_as_system_out_and_as_failures_when_strict(write_spec, tmp_path):
+    folder = _fake_baseline(tmp_path / "run", [], {"critical_batch_size": {"from_steps_to_target": 8.0}})
+    args = ["check", str(write_spec(CHECK_SPEC)), "-b", "64", "--baseline", str(folder), "-q"]
+    for strict, failures in ((False, "0"), (True, "1")):
+        junit = tmp_path / f"strict-{strict}.xml"
+        result = runner.invoke(app, [*args, "--junit", str(junit)] + (["--strict"] if strict else []))
+        assert result.exit_code == (1 if strict else 0), result.output
+        suite = ET.parse(junit).getroot().find("testsuite")
+        case = next(c for c in suite.findall("testcase") if c.get("name") == "critical_batch")
+        assert case.find("system-out").text.startswith("WARNING: 64 is 8.0× the critical batch ~8")
+        assert suite.get("failures") == failures and (case.find("failure") is not None) == strict
+
+
+def test_table_output(write_spec):
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "128", "-q"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("batchtune check: tiny — batch 128, lr 0.02, cpu (simulated capacity 200.0 KiB), fp32")
+    assert lines[2].split() == ["check", "status", "reason"]
+    assert lines[4].split()[:2] == ["fits", "pass"]
+    assert any(line.startswith("verdict: PASS") for line in lines)
+
+
+def test_quickstart_finishes_within_its_budget():
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "batchtune", "check", "configs/quickstart.yaml",
+                          "--batch-size", "256", "--max-seconds", "20", "-f", "json"],
+                         cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert wall < 20 and data["seconds"] < 20
+    assert data["batch_size"] == 256 and data["checks"][0]["status"] == "pass"
+    assert data["status"] != "fail" and not data["skipped"]
+
+
+# ---------------------------------------------------------------------------- verdicts, by hand
+
+
+@pytest.mark.parametrize("fits, peak, capacity, status, words", [
+    (False, None, 1000, "fail", "out of memory"),
+    (True, 950, 1000, "fail", "5.0% free: less than the 10% headroom"),
+    (True, 900, 1000, "pass", "10% free"),
+    (True, 400, None, "pass", "capacity is unknown"),
+])
+def test_fits_verdict(fits, peak, capacity, status, words):
+    verdict = fits_verdict(fits, peak, capacity, 0.10, None if fits else "OutOfMemoryError: simulated")
+    assert verdict.status == status and words in verdict.reason
+
+
+@pytest.mark.parametrize("losses, status", [
+    ([2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1], "pass"),
+    ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9], "fail"),  # rising, far beyond its noise
+    ([1.0, 1.2, 0.9, 1.1, 1.0, 1.1, 0.9, 1.2, 1.0, 1.05], "warn"),  # flat within noise
+    ([1.0, 0.9, math.nan], "fail"),
+    ([1.0, 0.9], "skip"),
+])
+def test_trains_verdict(losses, status):
+    assert trains_verdict(losses).status == status
+
+
+@pytest.mark.parametrize("share, status", [(None, "skip"), (0.1, "pass"), (0.3, "warn"), (0.79, "warn"),
+                                           (0.8, "fail")])
+def test_data_verdict(share, status):
+    assert data_verdict(share, 0.3, 0.8).status == status
+
+
+@pytest.mark.parametrize("batch, b_crit, low, high, status, wasted", [
+    (256, 64.0, None, None, "warn", 0.6),  # 4× B_crit: (1 + 4)/2 = 2.5× the compute, 60% wasted
+    (192, 64.0, 40.0, 100.0, "warn", 0.5),  # 3×: 2×, 50%
+    (64, 64.0, None, None, "pass", 0.0),
+    (80, 64.0, 40.0, 100.0, "pass", 1 - 2 / 2.25),  # above the estimate, inside its band: not clearly above
+    (80, 64.0, 40.0, math.inf, "pass", 1 - 2 / 2.25),
+    (80, None, None, None, "skip", None),
+])
+def test_critical_batch_verdict(batch, b_crit, low, high, status, wasted):
+    verdict = critical_batch_verdict(batch, b_crit, "a sweep", low, high, why_missing="no estimate")
+    assert verdict.status == status
+    assert verdict.figures.get("wasted_share") == (pytest.approx(wasted) if wasted is not None else None)
+
+
+def test_regression_verdict():
+    ok = regression_verdict(900.0, 1050, 1000.0, 1000, 0.15, 0.10)
+    assert ok.status == "pass" and ok.figures["throughput_change"] == pytest.approx(-0.1)
+    slow = regression_verdict(800.0, 1000, 1000.0, 1000, 0.15, 0.10)
+    assert slow.status == "fail" and slow.reason.startswith("throughput fell more than 15%")
+    bloated = regression_verdict(1000.0, 1200, 1000.0, 1000, 0.15, 0.10)
+    assert bloated.status == "fail" and bloated.reason.startswith("peak memory grew more than 10%")
+    memory_only = regression_verdict(None, 1000, 1000.0, 1000, 0.15, 0.10, TIME_SKIP)
+    assert memory_only.status == "pass" and f"throughput not compared ({TIME_SKIP})" in memory_only.reason
