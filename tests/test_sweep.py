@@ -162,3 +162,19 @@ def test_crossing_interpolates_between_validation_points():
     assert crossing(points, 0.75) == pytest.approx((15, 1.5))
     assert crossing(points, 1.0) == pytest.approx((10, 1.0))
     assert crossing(points, 0.4) is None
+
+
+def test_compare_precision_raises_the_ceiling_in_bf16(write_spec):
+    """bf16 autocast halves activation memory: the ceiling rises; both precisions are timed side by side."""
+    import pandas as pd
+
+    from batchtune.precision import compare_precision
+
+    spec = load_spec(write_spec(), ["device.memory_limit=1MiB"])
+    ranked = pd.DataFrame([{"rank": 1, "batch_size": 256, "micro_batch_size": 256, "accum_steps": 1, "lr": 0.01}])
+    frame = compare_precision(spec, type("Sweep", (), {"summary": ranked})(), top=1, steps=8)
+    rows = frame.set_index("precision")
+    assert list(frame["precision"]) == ["fp32", "bf16"]
+    assert rows.loc["bf16", "ceiling"] > rows.loc["fp32", "ceiling"]
+    assert rows.loc["bf16", "ceiling_gain"] == pytest.approx(rows.loc["bf16", "ceiling"] / rows.loc["fp32", "ceiling"])
+    assert rows.loc["fp32", "throughput_gain"] == 1.0 and rows.loc["bf16", "samples_per_s"] > 0
