@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from batchtune.report import to_json
 from batchtune.components import build_components
 from batchtune.critical import DEFINITION, CriticalFit, fit_steps_to_target
 from batchtune.device import CPUBackend
@@ -166,17 +166,6 @@ class Outcome:
     comparisons: list[Comparison] = field(default_factory=list)
     noise_multiplier: float = 1.0  # lr multiplier of the noise runs compared
     rule_lr_b_simple: float | None = None  # sensitivity: run-EMA reading at the target at ×1, if not compared
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: an unbounded band's ``inf`` becomes None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _log(message: str) -> None:
@@ -508,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                         "frozen": [asdict(x) for x in c.local]} for c in outcome.comparisons]
         data = {"meta": meta, "comparisons": comparisons, "runs": [asdict(r) for r in outcome.runs],
                 "noise_runs": [asdict(r) for r in outcome.noise_runs]}
-        args.json.write_text(json.dumps(_finite(data), indent=1))
+        args.json.write_text(to_json(data))  # an unbounded band's inf becomes null
         _log(f"wrote {args.json}")
     return 0 if primary.met() else 1
 
