@@ -6,6 +6,7 @@ torch is imported only inside commands, so ``batchtune --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from batchtune.errors import TrainingError
 from batchtune.spec import SpecError, load_spec
 
 app = typer.Typer(
@@ -53,8 +56,16 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 
 
+_RANK = 0  # under torchrun only rank 0 speaks
+
+
 class BadInput(Exception):
     """A problem with what the user gave us (exit code 2)."""
+
+
+def _error(message: str) -> None:
+    # escape: messages quote user input, whose brackets rich would read as markup
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
 
 
 @contextmanager
@@ -62,18 +73,19 @@ def _user_errors() -> Iterator[None]:
     """Turn bad input into a message and exit code 2, never a traceback."""
     try:
         yield
-    except SpecError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+    except (SpecError, BadInput) as exc:
+        _error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except BadInput as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True)
+    except TrainingError as exc:
+        if os.environ.get("BATCHTUNE_DEBUG"):
+            raise
+        # Every rank says what it saw: the one whose code failed holds the real message.
+        where = f"[rank {_RANK}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        _error(f"{where}{exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
-
-
-_RANK = 0  # under torchrun only rank 0 speaks
 
 
 def _load(spec_path: Path, overrides: list[str] | None, join: bool = False) -> Any:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     NonNegativeInt,
     PositiveFloat,
@@ -309,7 +311,12 @@ class Spec(_Strict):
     name: str
     model: ModelSpec
     data: DataSpec
-    loss: Union[Literal["cross_entropy", "mse", "model_output"], LossTarget] = "cross_entropy"
+    # A name or a {target: ...} mapping; the tag picks one, so errors speak of the form given.
+    loss: Annotated[
+        Union[Annotated[Literal["cross_entropy", "mse", "model_output"], Tag("name")],
+              Annotated[LossTarget, Tag("target")]],
+        Discriminator(lambda v: "target" if isinstance(v, (dict, LossTarget)) else "name"),
+    ] = "cross_entropy"
     optimizer: OptimizerSpec
     base_batch_size: PositiveInt
     lr_scaling: Literal["linear", "sqrt", "none", "auto"] = "auto"
@@ -372,9 +379,15 @@ def _nearest_line(lines: dict[str, int], path: str) -> int | None:
     return None
 
 
+_UNION_TAGS = {"name", "target"}
+
+
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
-    # pydantic puts union-member tags (``LossTarget``, ``literal[...]``) into loc; keep real keys.
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+    # The loss union puts its tag ('name' or 'target') right after 'loss'; keep real keys only.
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] == "loss" and parts[1] in _UNION_TAGS:
+        del parts[1]
+    return ".".join(parts)
 
 
 def _message(err: dict[str, Any]) -> str:

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from batchtune.components import Components, batch_size_of, to_device
 from batchtune.device import DeviceBackend, is_oom
 from batchtune.distributed import DistContext, current
+from batchtune.errors import TrainingError
 from batchtune.scaling import lr_at_step
 
 __all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,13 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
         spec = load_spec(spec)
     components = build_components(spec)
     return spec, components, backend if backend is not None else backend_for_spec(spec)
+
+
+def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
+    return TrainingError(
+        f"a training step at micro-batch {config.micro_batch_size} × {config.accum_steps} raised {_first_line(exc)}. "
+        "Check that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, "
+        "loss); BATCHTUNE_DEBUG=1 shows the traceback")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -282,9 +291,11 @@ class Trainer:
             memory_session.enter_context(backend.session())
             try:
                 self._train(config, model, result, on_step, memory_session)
-            except Exception as exc:  # noqa: BLE001 - anything but an OOM is re-raised
+            except TrainingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
                 if not is_oom(exc):
-                    raise
+                    raise _training_error(exc, config) from exc
                 result.fits = False
                 result.error = _first_line(exc)
             # _train's frame, and with it every activation, is gone once the exception is.
@@ -360,14 +371,18 @@ class Trainer:
         """
         if not self.dist.enabled:
             return phase()
-        failure, out = None, None
+        failure, out, state = None, None, _OK
         try:
             out = phase()
-        except Exception as exc:  # noqa: BLE001 - anything but an OOM is re-raised
-            if not is_oom(exc):
-                raise
-            failure = _first_line(exc)
-        if not self.dist.all_ok(failure is None):
+        except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
+            failure = exc if not is_oom(exc) else _first_line(exc)
+            state = _OOM if is_oom(exc) else _ERROR
+        (agreed,) = self.dist.min(state)
+        if agreed == _ERROR:
+            if isinstance(failure, BaseException):
+                raise failure
+            raise TrainingError("a training step failed on another rank (see its output)")
+        if agreed == _OOM:
             raise torch.OutOfMemoryError(failure or "CUDA out of memory on another rank (agreed across ranks)")
         return out
 

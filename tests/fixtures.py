@@ -109,3 +109,19 @@ def oom_on_one_rank(threshold: int = 100, rank: int = 1, in_features: int = 16, 
     if int(os.environ.get("RANK", "0")) == rank:
         return _OOMAbove(threshold, CUDA_OOM, in_features, num_classes)
     return _OOMAbove(10**9, CUDA_OOM, in_features, num_classes)
+
+
+class _FailsOn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("user code bug: this rank's model cannot handle its input")
+
+
+def broken_on_one_rank(rank: int = 1):
+    """A model whose forward raises a plain error (no OOM) on one torchrun rank only."""
+    import os
+
+    return _FailsOn() if int(os.environ.get("RANK", "0")) == rank else tiny_mlp()

@@ -99,3 +99,13 @@ def test_real_subprocess_probe(write_spec):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ceiling"] == 430
+
+
+def test_a_model_that_does_not_fit_the_data_is_bad_input_not_a_traceback(write_spec):
+    path = write_spec("name: x\nmodel: {builtin: mlp, kwargs: {in_features: 16}}\n"
+                      "data: {builtin: synthetic_classification, kwargs: {n_train: 256, n_val: 64}}\n"
+                      "optimizer: {name: adamw, lr: 0.001}\nbase_batch_size: 64\ndevice: {type: cpu, memory_limit: 1MiB}\n")
+    result = runner.invoke(app, ["probe", str(path), "-q"])
+    assert result.exit_code == 2
+    assert "raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x32 and 16x256)" in result.stderr
+    assert "Traceback" not in result.output

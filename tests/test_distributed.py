@@ -80,3 +80,12 @@ def test_check_runs_on_both_ranks_and_reports_once(tmp_path):
     report = json.loads(out.stdout)
     assert report["batch_size"] == 128 and report["micro_batch_size"] == 64  # 64 per rank × 2 ranks
     assert {c["name"]: c["status"] for c in report["checks"]}["fits"] == "pass"
+
+
+def test_a_user_error_on_one_rank_stops_both_with_exit_2(tmp_path):
+    out = _torchrun(tmp_path, ["probe", "-q"], "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank",
+                    timeout=120)
+    assert out.returncode != 0  # and it returned well inside the timeout: no rank waited forever
+    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in out.stderr
+    assert "[rank 0] a training step failed on another rank" in out.stderr
+    assert "exitcode  : 2" in out.stderr  # torchrun's summary of the children: our exit code 2

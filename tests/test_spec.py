@@ -107,3 +107,15 @@ def test_rank_limits():
     spec = parse_spec("name: a\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\n"
                       "base_batch_size: 8\ndevice: {type: cpu, memory_limit: [1MiB, 512KiB]}\n")
     assert [spec.device.limit_for_rank(r) for r in range(3)] == [2**20, 2**19, 2**19]
+
+
+def test_unknown_capitalised_key_is_named():
+    text = "Name: x\nname: y\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n"
+    assert _issues(text) == {"Name": (1, "unknown key")}
+
+
+def test_loss_errors_speak_of_the_form_given():
+    base = "name: x\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n"
+    assert _issues(base + "loss: {target: 'a.b:c', kwarg: 1}\n") == {"loss.kwarg": (6, "unknown key")}
+    (line, message), = _issues(base + "loss: crossentropy\n").values()
+    assert line == 6 and message.startswith("unknown loss 'crossentropy'")
