@@ -410,8 +410,13 @@ def _spec_changes(baseline: Baseline, resolved: dict[str, Any]) -> list[str]:
 
 
 def _error_text(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    """The user's own exception, not the TrainingError the trainer wrapped it in."""
+    from batchtune.errors import TrainingError
+    from batchtune.trial import error_line
+
+    if isinstance(exc, TrainingError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return error_line(exc)
 
 
 def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None = None,

@@ -147,12 +147,13 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
 
 def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
     return TrainingError(
-        f"a training step at micro-batch {config.micro_batch_size} × {config.accum_steps} raised {_first_line(exc)}. "
+        f"a training step at micro-batch {config.micro_batch_size} × {config.accum_steps} raised {error_line(exc)}. "
         "Check that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, "
         "loss); BATCHTUNE_DEBUG=1 shows the traceback")
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``'RuntimeError: first line of the message'`` (at most 300 characters)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
@@ -297,7 +298,7 @@ class Trainer:
                 if not is_oom(exc):
                     raise _training_error(exc, config) from exc
                 result.fits = False
-                result.error = _first_line(exc)
+                result.error = error_line(exc)
             # _train's frame, and with it every activation, is gone once the exception is.
             if result.fits:
                 result.peak_bytes = max(result.compute_peak_bytes or 0, result.optimizer_peak_bytes or 0,
@@ -375,7 +376,7 @@ class Trainer:
         try:
             out = phase()
         except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
-            failure = exc if not is_oom(exc) else _first_line(exc)
+            failure = exc if not is_oom(exc) else error_line(exc)
             state = _OOM if is_oom(exc) else _ERROR
         (agreed,) = self.dist.min(state)
         if agreed == _ERROR:
