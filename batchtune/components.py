@@ -196,6 +196,14 @@ class Components:
     def build_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return self.optimizer_factory(params, lr=lr, **self.spec.optimizer.options)
 
+    def tokens_per_sample(self) -> int:
+        """Elements in one sample's targets (the sequence length for a language model), else 1."""
+        try:
+            _, target = _split(self.train_set[0])
+        except (TypeError, ValueError):
+            return 1
+        return int(target.numel()) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
+
 
 def build_components(spec: Spec) -> Components:
     """Resolve and check everything the spec names; builds the data sets once.

@@ -64,9 +64,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
                          eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1,
                          memory_steps=2, grad_clip=spec.sweep.grad_clip)
     result = Trainer(components, backend, spec.precision).run(config)
-    sample = components.train_set[0]
-    target = sample[-1] if isinstance(sample, (tuple, list)) else None
-    tokens = int(target.numel()) if hasattr(target, "numel") and target.dim() > 0 else 1
+    tokens = components.tokens_per_sample()
     notes = []
     if not result.fits:
         notes.append(f"out of memory: {result.error}")

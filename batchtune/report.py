@@ -32,8 +32,7 @@ def format_bytes(n: float | None) -> str:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """Objects json cannot write itself (numpy scalars, result objects); floats never get here."""
     if hasattr(value, "item"):
         return value.item()
     if hasattr(value, "to_dict"):

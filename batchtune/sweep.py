@@ -386,14 +386,11 @@ def result_from_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]
     """Analyse trial rows into a :class:`SweepResult` (used live and by ``batchtune report``)."""
     summary, recommendation, notes, target, critical = analyse(rows, meta)
     trials = pd.DataFrame([{k: v for k, v in r.items() if k not in ("evals", "noise_history")} for r in rows])
-    b_crit = critical["b_crit"]
-    if b_crit and len(trials):
-        base = trials["batch_size"].min()
-        trials["efficiency"] = [efficiency(b, base, b_crit) for b in trials["batch_size"]]
-        trials["excess_compute"] = [excess_compute(b, b_crit) for b in trials["batch_size"]]
+    if len(trials):  # per size already in the summary; goodput uses each trial's own throughput
+        per_size = summary.dropna(subset=["micro_batch_size"]).set_index("batch_size")
+        for column in ("efficiency", "excess_compute"):
+            trials[column] = trials["batch_size"].map(per_size[column])
         trials["goodput"] = trials["samples_per_s"] * trials["efficiency"]
-    else:
-        trials["efficiency"] = trials["excess_compute"] = trials["goodput"] = None
     return SweepResult(name, meta, trials, summary, recommendation, target, meta.get("notes", []) + notes,
                        run_dir, environment or {}, critical)
 
@@ -513,14 +510,14 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
         if progress:
             progress(finished, total, label, row)
 
+    env = folder.read_json("environment.json") if dist.is_main else {}
+    result = result_from_rows(spec.name, rows, meta, folder.path, env)
     if dist.enabled:
-        _scaling_efficiency(rows, meta, components, backend, spec, dist)
+        _scaling_efficiency(result.recommendation, meta, components, backend, spec, dist)  # meta is result.meta
         if dist.is_main:
             folder.write_json("meta.json", meta)
     if not dist.is_main:
-        return result_from_rows(spec.name, rows, meta, folder.path, {})
-    env = folder.read_json("environment.json")
-    result = result_from_rows(spec.name, rows, meta, folder.path, env)
+        return result
     from batchtune.report import render_sweep
 
     folder.write_text("report.txt", render_sweep(result, "table") + "\n")
@@ -535,10 +532,9 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     return result
 
 
-def _scaling_efficiency(rows: list[dict[str, Any]], meta: dict[str, Any], components: Any, backend: Any,
-                        spec: Any, dist: Any) -> None:
+def _scaling_efficiency(recommendation: dict[str, Any] | None, meta: dict[str, Any], components: Any,
+                        backend: Any, spec: Any, dist: Any) -> None:
     """Time the best-ranked size's per-device work on one rank alone: how much of N× do N ranks give?"""
-    summary, recommendation, *_ = analyse(rows, meta)
     if recommendation is None:
         return
     micro, accum = recommendation["micro_batch_size"], recommendation["accum_steps"]
@@ -608,10 +604,6 @@ def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progre
             excluded[c.batch_size] = (f"only {samples // c.batch_size} steps in the {samples}-sample budget "
                                       f"(need {MIN_STEPS}); raise sweep.samples")
     rule = resolve_rule(spec.lr_scaling, spec.optimizer.family)
-    sample = components.train_set[0]
-    target = sample[-1] if isinstance(sample, (tuple, list)) else next(
-        (sample[k] for k in ("labels", "targets", "target", "y") if k in sample), None)
-    tokens_per_sample = int(target.numel()) if hasattr(target, "numel") and target.dim() > 0 else 1
     base_lrs = {str(c.batch_size): scale_lr(spec.optimizer.lr, spec.base_batch_size, c.batch_size, rule)
                 for c in candidates}
     rule_note = f"lr scaled by the {rule} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}"
@@ -624,7 +616,7 @@ def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progre
         "lr_multipliers": list(sw.lr_multipliers), "lr_rule": rule, "base_lrs": base_lrs,
         "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": capacity, "precision": spec.precision, "notes": notes,
-        "tokens_per_sample": tokens_per_sample, "world_size": world,
+        "tokens_per_sample": components.tokens_per_sample(), "world_size": world,
         # how trials were timed, so that a later check can time its run the same way
         "timing_warmup_steps": sw.timing_warmup_steps, "noise_every": TrialConfig.noise_every,
     }
