@@ -17,16 +17,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_spec": ("batchtune.spec", "load_spec"),
-    "Spec": ("batchtune.spec", "Spec"),
-    "SpecError": ("batchtune.spec", "SpecError"),
-    "probe": ("batchtune.probe", "run_probe"),
-    "ProbeResult": ("batchtune.probe", "ProbeResult"),
-    "sweep": ("batchtune.sweep", "run_sweep"),
-    "SweepResult": ("batchtune.sweep", "SweepResult"),
-    "check": ("batchtune.check", "run_check"),
-    "CheckReport": ("batchtune.check", "CheckReport"),
-    "noise": ("batchtune.noise_run", "run_noise"),
+    "load_spec": ("batchtune.config.spec", "load_spec"),
+    "Spec": ("batchtune.config.spec", "Spec"),
+    "SpecError": ("batchtune.config.spec", "SpecError"),
+    "probe": ("batchtune.commands.probe", "run_probe"),
+    "ProbeResult": ("batchtune.commands.probe", "ProbeResult"),
+    "sweep": ("batchtune.commands.sweep", "run_sweep"),
+    "SweepResult": ("batchtune.commands.sweep", "SweepResult"),
+    "check": ("batchtune.commands.check", "run_check"),
+    "CheckReport": ("batchtune.commands.check", "CheckReport"),
+    "noise": ("batchtune.commands.noise", "run_noise"),
 }
 
 __all__ = sorted(_EXPORTS)

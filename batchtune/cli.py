@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from batchtune.errors import TrainingError
-from batchtune.spec import SpecError, load_spec
+from batchtune.config.spec import SpecError, load_spec
 
 app = typer.Typer(
     name="batchtune",
@@ -93,7 +93,7 @@ def _load(spec_path: Path, overrides: list[str] | None, join: bool = False) -> A
     global _RANK
     spec = load_spec(spec_path, overrides or [])
     if join:
-        from batchtune.distributed import init_from_env
+        from batchtune.engine.distributed import init_from_env
 
         _RANK = init_from_env(spec.device.type).rank
     return spec
@@ -116,7 +116,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports and keyword arguments."""
     with _user_errors():
         spec = _load(spec_path, overrides)
-        from batchtune.components import build_components
+        from batchtune.config.components import build_components
 
         comps = build_components(spec)
         model = comps.build_model(spec.seed)
@@ -131,7 +131,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter spec."""
-    from batchtune.starter import STARTER_SPEC
+    from batchtune.config.starter import STARTER_SPEC
 
     with _user_errors():
         if path.exists() and not force:
@@ -146,8 +146,8 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
     """Find the largest batch that fits (the OOM ceiling) and a safe size with headroom."""
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
-        from batchtune.probe import run_probe
-        from batchtune.report import format_bytes, render_probe
+        from batchtune.commands.probe import run_probe
+        from batchtune.render.report import format_bytes, render_probe
 
         say = _progress(quiet)
 
@@ -180,12 +180,12 @@ def sweep(
             raise BadInput("give --out or --resume, not both")
         if resume is not None and not resume.is_dir():
             raise BadInput(f"--resume {resume}: no such run folder")
-        from batchtune.report import render_sweep
-        from batchtune.results import new_run_dir
-        from batchtune.sweep import run_sweep
+        from batchtune.render.report import render_sweep
+        from batchtune.render.run_folder import new_run_dir
+        from batchtune.commands.sweep import run_sweep
 
         if out is None and resume is None:
-            from batchtune.distributed import current
+            from batchtune.engine.distributed import current
 
             out = current().broadcast(new_run_dir(spec.name))  # one folder, named by rank 0
         with _sweep_progress(quiet) as progress:
@@ -199,8 +199,8 @@ def sweep(
                 raise typer.Exit(130) from None
         _echo(render_sweep(result, fmt.value))
         if compare_precision:
-            from batchtune.precision import compare_precision as compare
-            from batchtune.report import render_precision
+            from batchtune.commands.precision import compare_precision as compare
+            from batchtune.render.report import render_precision
 
             _echo("")
             _echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
@@ -217,9 +217,9 @@ def report(
     with _user_errors():
         if not (run_dir / "meta.json").exists():
             raise BadInput(f"{run_dir} is not a sweep run folder (no meta.json)")
-        from batchtune.report import render_sweep
-        from batchtune.results import RunFolder
-        from batchtune.sweep import result_from_rows
+        from batchtune.render.report import render_sweep
+        from batchtune.render.run_folder import RunFolder
+        from batchtune.commands.sweep import result_from_rows
 
         folder = RunFolder(run_dir)
         spec = folder.read_spec()
@@ -244,15 +244,15 @@ def noise(
     """Measure the gradient noise scale (the critical batch size's estimate) over a short run."""
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
-        from batchtune.noise_run import run_noise
-        from batchtune.report import render_noise
+        from batchtune.commands.noise import run_noise
+        from batchtune.render.report import render_noise
 
         _progress(quiet)(f"training {steps} steps of {spec.name} with the noise scale measured on every step ...")
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
         _echo(render_noise(run, fmt.value))
         if plot is not None and _RANK == 0:
             try:
-                from batchtune.plots import plot_noise
+                from batchtune.render.plots import plot_noise
 
                 plot_noise(run, plot)
             except ImportError:
@@ -328,9 +328,9 @@ def check(
 
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
-        from batchtune.check import CheckInputError, run_check
-        from batchtune.report import render_check
-        from batchtune.results import atomic_write
+        from batchtune.commands.check import CheckInputError, run_check
+        from batchtune.render.report import render_check
+        from batchtune.render.run_folder import atomic_write
 
         say = _progress(quiet)
         say(f"checking {spec.name} ...")

@@ -15,10 +15,10 @@ the builtin MLP, no BatchNorm, on ``synthetic_classification``, AdamW, sqrt lr s
    the scaled lr × {0.5, 1, 2}, three seeds each; a grid edge that wins is extended by ×2
    until it stops winning (up to ×16), so that a conservative scaling rule does not pass
    for a bad batch size. Each run validates on a fixed 1024-sample subset about 100 times
-   (``eval_every_samples``), and ``batchtune.sweep.crossing`` gives the steps S at which the
+   (``eval_every_samples``), and ``batchtune.commands.sweep.crossing`` gives the steps S at which the
    validation loss first reaches the target, interpolated between validation points. Each
    size keeps the lr with the smallest median S over seeds (an lr counts only if every seed
-   reached the target), and ``batchtune.critical.fit_steps_to_target`` fits
+   reached the target), and ``batchtune.stats.critical.fit_steps_to_target`` fits
    S = S_min(1 + B_crit/B) to the seeds' S at those lrs, with a 90% bootstrap interval.
 2. Noise scale. One moderate batch, 32 × 4 accumulated (B_small = 32, B_big = 128), at the
    lr multiplier kept for 128 (for the nearest swept size under ``--quick``), trains with
@@ -68,14 +68,14 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from batchtune.report import to_json
-from batchtune.components import build_components
-from batchtune.critical import DEFINITION, CriticalFit, fit_steps_to_target
-from batchtune.device import CPUBackend
-from batchtune.scaling import resolve_rule, scale_lr
-from batchtune.spec import load_spec
-from batchtune.sweep import crossing
-from batchtune.trial import Trainer, TrialConfig, TrialResult
+from batchtune.render.report import to_json
+from batchtune.config.components import build_components
+from batchtune.stats.critical import DEFINITION, CriticalFit, fit_steps_to_target
+from batchtune.memory.device import CPUBackend
+from batchtune.stats.scaling import resolve_rule, scale_lr
+from batchtune.config.spec import load_spec
+from batchtune.commands.sweep import crossing
+from batchtune.engine.trial import Trainer, TrialConfig, TrialResult
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/quickstart.yaml"  # --task quickstart (the default); --task digits swaps the constants below

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from batchtune.noise import MicroBatchGradNorms, NoiseScaleEstimator
+from batchtune.stats.noise import MicroBatchGradNorms, NoiseScaleEstimator
 
 
 def _mlp(width: int, depth: int, classes: int) -> torch.nn.Module:

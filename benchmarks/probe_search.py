@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from batchtune.components import build_components
-from batchtune.device import CPUBackend
-from batchtune.probe import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
-from batchtune.spec import SpecError, load_spec
-from batchtune.trial import Trainer, TrialConfig
+from batchtune.config.components import build_components
+from batchtune.memory.device import CPUBackend
+from batchtune.commands.probe import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
+from batchtune.config.spec import SpecError, load_spec
+from batchtune.engine.trial import Trainer, TrialConfig
 
 # A 16 -> 64 -> 4 MLP: ~840 bytes per sample, so a 20000 ceiling is ~17 MB and a trial ~1.5 s.
 MLP_SPEC = """\

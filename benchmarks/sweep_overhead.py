@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch.utils.data import DataLoader
 
-from batchtune.components import Components, build_components
-from batchtune.device import CPUBackend
-from batchtune.spec import load_spec
-from batchtune.trial import Trainer, TrialConfig
+from batchtune.config.components import Components, build_components
+from batchtune.memory.device import CPUBackend
+from batchtune.config.spec import load_spec
+from batchtune.engine.trial import Trainer, TrialConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO_GAP = 0.05  # |batchtune / plain - 1| at most this

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from batchtune.builtins import BUILTIN_DATA, BUILTIN_MODELS, data, models
+from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS, data, models
 
 
 def _resolve(target: str):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from batchtune.check import (
+from batchtune.commands.check import (
     TIME_SKIP,
     CheckInputError,
     critical_batch_verdict,
@@ -26,8 +26,8 @@ from batchtune.check import (
     trains_verdict,
 )
 from batchtune.cli import app
-from batchtune.spec import SpecError, load_spec
-from batchtune.sweep import run_sweep
+from batchtune.config.spec import SpecError, load_spec
+from batchtune.commands.sweep import run_sweep
 from tests.conftest import TINY_SPEC, write_text
 
 runner = CliRunner()

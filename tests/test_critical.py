@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from batchtune.cli import app
-from batchtune.critical import compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
-from batchtune.spec import load_spec
-from batchtune.trial import Trainer, TrialConfig
+from batchtune.stats.critical import compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+from batchtune.config.spec import load_spec
+from batchtune.engine.trial import Trainer, TrialConfig
 
 
 def test_fit_recovers_an_exact_curve():
@@ -59,8 +59,8 @@ device: {{type: cpu}}
 @pytest.mark.parametrize("d,sigma,delta,micro,accum", [(20, 1.0, 1.0, 32, 4), (50, 0.0, 1.0, 64, 1)])
 def test_trainer_measures_the_analytic_noise_scale(write_spec, d, sigma, delta, micro, accum):
     """The real training path (hooks, 1/k undone, halves at k=1) recovers d(1 + σ²/|δ|²) + 1."""
-    from batchtune.components import build_components
-    from batchtune.device import CPUBackend
+    from batchtune.config.components import build_components
+    from batchtune.memory.device import CPUBackend
 
     spec = load_spec(write_spec(LINREG.format(d=d, sigma=sigma, delta=delta)))
     trainer = Trainer(build_components(spec), CPUBackend())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from batchtune.device import CPUBackend, is_oom, select_backend
+from batchtune.memory.device import CPUBackend, is_oom, select_backend
 
 
 @pytest.mark.parametrize("exc", [

@@ -1,4 +1,4 @@
-"""Tests for batchtune.noise against hand-computed numbers and an analytic ground truth.
+"""Tests for batchtune.stats.noise against hand-computed numbers and an analytic ground truth.
 
 The analytic case (RESEARCH.md, "Ground truth" item 1): linear regression with
 x ~ N(0, I_d), y = w*·x + ε, Var ε = σ², loss = mean over the batch of ½(w·x − y)², held at
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchtune.noise import (
+from batchtune.stats.noise import (
     MicroBatchGradNorms,
     NoiseScaleEstimate,
     NoiseScaleEstimator,
@@ -349,7 +349,7 @@ def test_real_grad_scaler_multipliers():
                 norms.end_micro_batch(accum_steps / scale)
             if unscale_first:
                 scaler.unscale_(optimizer)
-                return norms.small_and_big(model.parameters(), 1.0)  # as batchtune.trial calls it
+                return norms.small_and_big(model.parameters(), 1.0)  # as batchtune.engine.trial calls it
             return norms.small_and_big(grad_multiplier=1.0 / scale)
 
     reference = measure(use_scaler=False, unscale_first=False)

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from batchtune.components import build_components
-from batchtune.device import CPUBackend
-from batchtune.probe import (
+from batchtune.config.components import build_components
+from batchtune.memory.device import CPUBackend
+from batchtune.commands.probe import (
     Measurement,
     double_then_bisect,
     model_guided_search,
@@ -16,9 +16,9 @@ from batchtune.probe import (
     safe_size,
     shrink_from_above,
 )
-from batchtune.memory import MemoryModel, fit_memory_model
-from batchtune.spec import load_spec
-from batchtune.trial import Trainer, TrialConfig
+from batchtune.memory.model import MemoryModel, fit_memory_model
+from batchtune.config.spec import load_spec
+from batchtune.engine.trial import Trainer, TrialConfig
 
 
 def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from batchtune.scaling import lr_at_step, resolve_rule, scale_lr
+from batchtune.stats.scaling import lr_at_step, resolve_rule, scale_lr
 
 
 @pytest.mark.parametrize("rule,base_lr,base_bs,bs,expected", [

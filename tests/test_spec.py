@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchtune.spec import SpecError, load_spec, parse_bytes, parse_spec
+from batchtune.config.spec import SpecError, load_spec, parse_bytes, parse_spec
 
 BAD = """\
 name: bad

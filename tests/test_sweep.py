@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batchtune.cli import app
-from batchtune.components import build_components
-from batchtune.device import CPUBackend
-from batchtune.spec import load_spec
-from batchtune.sweep import Candidate, crossing, plan_candidates, run_sweep
-from batchtune.trial import Trainer, TrialConfig
+from batchtune.config.components import build_components
+from batchtune.memory.device import CPUBackend
+from batchtune.config.spec import load_spec
+from batchtune.commands.sweep import Candidate, crossing, plan_candidates, run_sweep
+from batchtune.engine.trial import Trainer, TrialConfig
 
 SWEEP_SPEC = """\
 name: tiny-sweep
@@ -118,7 +118,7 @@ def test_resume_skips_finished_trials_and_gives_the_same_losses(write_spec, tmp_
 
 
 def test_resume_refuses_a_different_spec(write_spec, tmp_path):
-    from batchtune.results import RunFolder
+    from batchtune.render.run_folder import RunFolder
 
     spec = load_spec(write_spec(SWEEP_SPEC))
     folder = RunFolder(tmp_path / "run")
@@ -143,7 +143,7 @@ def test_accumulation_matches_the_plain_batch():
 
 
 def load_spec_text(text):
-    from batchtune.spec import parse_spec
+    from batchtune.config.spec import parse_spec
 
     return parse_spec(text)
 
@@ -168,7 +168,7 @@ def test_compare_precision_raises_the_ceiling_in_bf16(write_spec):
     """bf16 autocast halves activation memory: the ceiling rises; both precisions are timed side by side."""
     import pandas as pd
 
-    from batchtune.precision import compare_precision
+    from batchtune.commands.precision import compare_precision
 
     spec = load_spec(write_spec(), ["device.memory_limit=1MiB"])
     ranked = pd.DataFrame([{"rank": 1, "batch_size": 256, "micro_batch_size": 256, "accum_steps": 1, "lr": 0.01}])

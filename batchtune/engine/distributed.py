@@ -6,7 +6,7 @@ and this module joins the process group it describes (nccl on GPUs, gloo on CPU)
 The rule that keeps a search over out-of-memory failures from deadlocking: no rank enters
 a collective that another rank might not reach. Trials therefore run their forward and
 backward passes without communication, agree on success, and only then reduce gradients
-(see :class:`~batchtune.trial.Trainer`). Every decision that ends a trial early (an OOM,
+(see :class:`~batchtune.engine.trial.Trainer`). Every decision that ends a trial early (an OOM,
 divergence, a time cap) is taken on values all ranks agreed on.
 """
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from batchtune.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
-from batchtune.probe import run_probe, safe_size
-from batchtune.scaling import resolve_rule, scale_lr
+from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+from batchtune.commands.probe import run_probe, safe_size
+from batchtune.stats.scaling import resolve_rule, scale_lr
 
 __all__ = ["Candidate", "SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
 
@@ -424,7 +424,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     """Run (or resume) a sweep and write its run folder.
 
     Args:
-        spec: a :class:`~batchtune.spec.Spec` or a path to one.
+        spec: a :class:`~batchtune.config.spec.Spec` or a path to one.
         out: the run folder; default ``runs/<timestamp>-<name>``.
         resume: a run folder to continue: its finished trials are kept, the rest run.
         progress: called as ``progress(done, total, description, row)``; ``row`` is None
@@ -434,9 +434,9 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     Raises:
         SpecError: the spec cannot be swept as given (or differs from the resumed run's).
     """
-    from batchtune.distributed import current
-    from batchtune.results import RunFolder, environment, new_run_dir
-    from batchtune.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.distributed import current
+    from batchtune.render.run_folder import RunFolder, environment, new_run_dir
+    from batchtune.engine.trial import Trainer, TrialConfig, prepare
 
     spec, components, backend = prepare(spec, backend)
     sw = spec.sweep
@@ -518,13 +518,13 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             folder.write_json("meta.json", meta)
     if not dist.is_main:
         return result
-    from batchtune.report import render_sweep
+    from batchtune.render.report import render_sweep
 
     folder.write_text("report.txt", render_sweep(result, "table") + "\n")
     folder.write_text("report.md", render_sweep(result, "markdown") + "\n")
     folder.write_json("result.json", result.to_dict())
     try:
-        from batchtune.plots import plot_sweep
+        from batchtune.render.plots import plot_sweep
 
         plot_sweep(result, folder.path / "sweep.png")
     except ImportError:
@@ -540,9 +540,9 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, meta: dict[str, A
     micro, accum = recommendation["micro_batch_size"], recommendation["accum_steps"]
     single = None
     if dist.is_main:
-        from batchtune.distributed import DistContext
+        from batchtune.engine.distributed import DistContext
 
-        from batchtune.trial import Trainer, TrialConfig
+        from batchtune.engine.trial import Trainer, TrialConfig
 
         solo = Trainer(components, backend, spec.precision, DistContext())
         result = solo.run(TrialConfig(micro, accum, lr=recommendation["lr"], steps=20, seed=spec.seed,
@@ -559,7 +559,7 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, meta: dict[str, A
 def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progress: ProgressFn | None,
           dist: Any) -> dict[str, Any]:
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
-    from batchtune.trial import TrialConfig
+    from batchtune.engine.trial import TrialConfig
 
     sw = spec.sweep
     notes: list[str] = []

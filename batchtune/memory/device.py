@@ -417,8 +417,8 @@ def backend_for_spec(spec: Any) -> DeviceBackend:
     Raises:
         SpecError: the device is not available, or the override is not a size.
     """
-    from batchtune.distributed import current
-    from batchtune.spec import parse_bytes
+    from batchtune.engine.distributed import current
+    from batchtune.config.spec import parse_bytes
 
     limit = spec.device.limit_for_rank(current().rank)
     override = os.environ.get("BATCHTUNE_MEMORY_LIMIT")

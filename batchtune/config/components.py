@@ -2,7 +2,7 @@
 
 Built-ins come by name; user code by ``target: package.module:callable``. Import errors
 and keyword arguments that do not fit a callable's signature are reported as
-:class:`~batchtune.spec.SpecError` with the key and line, before anything trains.
+:class:`~batchtune.config.spec.SpecError` with the key and line, before anything trains.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from batchtune.spec import Spec, SpecError
+from batchtune.config.spec import Spec, SpecError
 
 __all__ = ["Components", "build_components", "load_target", "batch_size_of", "to_device"]
 
@@ -212,7 +212,7 @@ def build_components(spec: Spec) -> Components:
         SpecError: a target that cannot be imported, kwargs that a callable does not take,
             or a data factory that does not return ``(train, val)``.
     """
-    from batchtune.builtins import BUILTIN_DATA, BUILTIN_MODELS
+    from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS
 
     issues = []
     model_factory = data_factory = optimizer_factory = loss_fn = None

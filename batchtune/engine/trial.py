@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from batchtune.components import Components, batch_size_of, to_device
-from batchtune.device import DeviceBackend, is_oom
-from batchtune.distributed import DistContext, current
+from batchtune.config.components import Components, batch_size_of, to_device
+from batchtune.memory.device import DeviceBackend, is_oom
+from batchtune.engine.distributed import DistContext, current
 from batchtune.errors import TrainingError
-from batchtune.scaling import lr_at_step
+from batchtune.stats.scaling import lr_at_step
 
 __all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare"]
 
@@ -135,9 +135,9 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
     Raises:
         SpecError: the spec is invalid or names something that cannot be built.
     """
-    from batchtune.components import build_components
-    from batchtune.device import backend_for_spec
-    from batchtune.spec import Spec, load_spec
+    from batchtune.config.components import build_components
+    from batchtune.memory.device import backend_for_spec
+    from batchtune.config.spec import Spec, load_spec
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
@@ -336,7 +336,7 @@ class Trainer:
         # k micro-batches give the two batch sizes; at k=1 a measured step runs as two halves,
         # which needs an even micro-batch.
         if config.measure_noise and (config.accum_steps > 1 or self.dist.enabled or config.micro_batch_size % 2 == 0):
-            from batchtune.noise import NoiseScaleEstimator
+            from batchtune.stats.noise import NoiseScaleEstimator
 
             estimator = NoiseScaleEstimator()
         try:
@@ -407,7 +407,7 @@ class Trainer:
             # against the all-reduced one under several.
             norms = None
             if measure and not dist.enabled:
-                from batchtune.noise import MicroBatchGradNorms
+                from batchtune.stats.noise import MicroBatchGradNorms
 
                 norms = MicroBatchGradNorms(params)
             pieces = 2 if (norms is not None and k == 1) else k  # backward passes this step
@@ -448,7 +448,7 @@ class Trainer:
             result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
             backend.reset_peak()
             if norms is not None:  # before unscaling and clipping: both would distort it
-                from batchtune.noise import noise_batch_sizes
+                from batchtune.stats.noise import noise_batch_sizes
 
                 small, big = norms.small_and_big(grad_multiplier=1.0 / scale)
                 norms.remove()

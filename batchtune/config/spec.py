@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from batchtune.builtins import BUILTIN_DATA, BUILTIN_MODELS
+from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = [
     "Spec",

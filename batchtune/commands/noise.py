@@ -47,8 +47,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from batchtune.scaling import resolve_rule, scale_lr
-    from batchtune.trial import Trainer, TrialConfig, prepare
+    from batchtune.stats.scaling import resolve_rule, scale_lr
+    from batchtune.engine.trial import Trainer, TrialConfig, prepare
 
     spec, components, backend = prepare(spec, backend)
     batch_size = batch_size or spec.base_batch_size

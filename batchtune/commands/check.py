@@ -227,7 +227,7 @@ def _signed_pct(x: float) -> str:
 
 
 def _bytes(n: float | None) -> str:
-    from batchtune.report import format_bytes
+    from batchtune.render.report import format_bytes
 
     return format_bytes(n)
 
@@ -316,7 +316,7 @@ def critical_batch_verdict(batch_size: int, b_crit: float | None, basis: str, lo
             as the loss falls, so it understates the critical batch later in the run.
         why_missing: the reason when there is no estimate (the check is skipped).
     """
-    from batchtune.critical import compute_beyond_critical, excess_compute
+    from batchtune.stats.critical import compute_beyond_critical, excess_compute
 
     figures: dict[str, Any] = {"batch_size": batch_size, "b_crit": b_crit, "basis": basis or None,
                                "low": low, "high": high}
@@ -412,7 +412,7 @@ def _spec_changes(baseline: Baseline, resolved: dict[str, Any]) -> list[str]:
 def _error_text(exc: BaseException) -> str:
     """The user's own exception, not the TrainingError the trainer wrapped it in."""
     from batchtune.errors import TrainingError
-    from batchtune.trial import error_line
+    from batchtune.engine.trial import error_line
 
     if isinstance(exc, TrainingError) and exc.__cause__ is not None:
         exc = exc.__cause__
@@ -425,7 +425,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     """Pre-flight checks for training at ``batch_size`` (global: micro-batch × accumulation).
 
     Args:
-        spec: a :class:`~batchtune.spec.Spec` or a path to one.
+        spec: a :class:`~batchtune.config.spec.Spec` or a path to one.
         batch_size: the global batch; default the spec's ``train.batch_size``.
         accum_steps: gradient-accumulation steps; default ``train.accum_steps``, else 1.
         max_seconds: time budget; default ``check.max_seconds``. Checks that would not fit
@@ -443,7 +443,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
         CheckInputError: the batch size or the baseline cannot be used.
     """
     started = time.perf_counter()
-    from batchtune.spec import Spec, SpecError, load_spec
+    from batchtune.config.spec import Spec, SpecError, load_spec
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
@@ -451,7 +451,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     budget = float(max_seconds if max_seconds is not None else cs.max_seconds)
     if not budget > 0:
         raise CheckInputError(f"--max-seconds must be positive, got {max_seconds}")
-    from batchtune.distributed import current
+    from batchtune.engine.distributed import current
 
     dist = current()
     b, micro, k = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
@@ -459,8 +459,8 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     say = progress or (lambda message: None)
     deadline = started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget)
 
-    from batchtune.scaling import resolve_rule, scale_lr
-    from batchtune.trial import Trainer, TrialConfig, prepare
+    from batchtune.stats.scaling import resolve_rule, scale_lr
+    from batchtune.engine.trial import Trainer, TrialConfig, prepare
 
     _, components, backend = prepare(spec, backend)
     trainer = Trainer(components, backend, spec.precision, dist)

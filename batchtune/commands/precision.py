@@ -25,10 +25,10 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
         One row per (precision, batch size): ceiling, samples/s, peak bytes and the gain
         over fp32 (throughput ratio, ceiling ratio).
     """
-    from batchtune.components import build_components
-    from batchtune.device import backend_for_spec
-    from batchtune.probe import run_probe
-    from batchtune.trial import Trainer, TrialConfig
+    from batchtune.config.components import build_components
+    from batchtune.memory.device import backend_for_spec
+    from batchtune.commands.probe import run_probe
+    from batchtune.engine.trial import Trainer, TrialConfig
 
     ranked = sweep_result.summary.dropna(subset=["rank"]).sort_values("rank").head(top)
     sizes = [(int(r.batch_size), int(r.micro_batch_size), int(r.accum_steps), float(r.lr))

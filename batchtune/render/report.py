@@ -106,7 +106,7 @@ _TRIAL_HEADERS = ["trial", "phase", "batch", "fits", "peak", "seconds"]
 
 
 def render_probe(result: Any, fmt: str = "table", name: str = "") -> str:
-    """Render a :class:`~batchtune.probe.ProbeResult`."""
+    """Render a :class:`~batchtune.commands.probe.ProbeResult`."""
     if fmt == "json":
         return to_json(result.to_dict())
     totals = (f"{result.search_trials} search trials + {len(result.trials) - result.search_trials} confirmation, "
@@ -191,7 +191,7 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
 
 
 def render_sweep(result: Any, fmt: str = "table") -> str:
-    """Render a :class:`~batchtune.sweep.SweepResult` as table, markdown, json or csv."""
+    """Render a :class:`~batchtune.commands.sweep.SweepResult` as table, markdown, json or csv."""
     if fmt == "json":
         return to_json(result.to_dict())
     if fmt == "csv":
@@ -226,7 +226,7 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
 
 
 def render_precision(frame: Any, fmt: str = "table") -> str:
-    """Render :func:`~batchtune.precision.compare_precision`'s frame."""
+    """Render :func:`~batchtune.commands.precision.compare_precision`'s frame."""
     if fmt == "json":
         return to_json({"precision_comparison": frame.astype(object).where(frame.notna(), None).to_dict("records")})
     if fmt == "csv":
@@ -245,7 +245,7 @@ def render_precision(frame: Any, fmt: str = "table") -> str:
 
 
 def render_noise(run: Any, fmt: str = "table") -> str:
-    """Render :func:`~batchtune.noise_run.run_noise`'s :class:`NoiseRun`."""
+    """Render :func:`~batchtune.commands.noise.run_noise`'s :class:`NoiseRun`."""
     if fmt == "json":
         return to_json(run.to_dict())
     accum = f" ({run.micro_batch_size} × {run.accum_steps})" if run.accum_steps > 1 else " (two halves per step)"
@@ -318,7 +318,7 @@ def _check_junit(report: Any, strict: bool) -> str:
     ET.SubElement(props, "property", {"name": "device", "value": str(report.device.get("name")
                                                                         or report.device.get("device"))})
     for c in report.checks:
-        case = ET.SubElement(suite, "testcase", {"name": c.name, "classname": f"batchtune.check.{report.name}",
+        case = ET.SubElement(suite, "testcase", {"name": c.name, "classname": f"batchtune.commands.check.{report.name}",
                                                  "time": f"{c.seconds:.3f}"})
         figures = to_json({k: v for k, v in c.figures.items() if k != "traceback"})
         if c.status == "fail" or (strict and c.status == "warn"):
@@ -333,7 +333,7 @@ def _check_junit(report: Any, strict: bool) -> str:
 
 
 def render_check(report: Any, fmt: str = "table", strict: bool = False) -> str:
-    """Render a :class:`~batchtune.check.CheckReport` as table, markdown, json or junit (XML).
+    """Render a :class:`~batchtune.commands.check.CheckReport` as table, markdown, json or junit (XML).
 
     ``strict`` counts warnings as failures in the verdict line and in JUnit, as the exit code does.
     """

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchtune.memory import MemoryModel, fit_memory_model
+from batchtune.memory.model import MemoryModel, fit_memory_model
 
 __all__ = [
     "Measurement",
@@ -296,12 +296,12 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
     """Find the ceiling and the safe batch size for ``spec`` (a Spec or a path).
 
     Args:
-        spec: a :class:`~batchtune.spec.Spec`, or a path to a spec file.
+        spec: a :class:`~batchtune.config.spec.Spec`, or a path to a spec file.
         on_trial: called after each trial (progress reporting).
         backend: a device backend to use instead of the one the spec selects.
     """
-    from batchtune.distributed import current
-    from batchtune.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.distributed import current
+    from batchtune.engine.trial import Trainer, TrialConfig, prepare
 
     spec, components, backend = prepare(spec, backend)
     p = spec.probe

@@ -1,0 +1,1 @@
+"""The step engine: batch shapes, trials that run a workload and measure it, ranks that agree."""

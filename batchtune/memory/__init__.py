@@ -1,0 +1,1 @@
+"""Device memory: backends that measure it, the linear memory model, the ceiling search."""

@@ -1,0 +1,1 @@
+"""The edge: results in, text, pictures and run folders out. Nothing here measures anything."""
