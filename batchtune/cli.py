@@ -147,7 +147,8 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
         from batchtune.commands.probe import run_probe
-        from batchtune.render.report import format_bytes, render_probe
+        from batchtune.render.probe import render_probe
+        from batchtune.render.text import format_bytes
 
         say = _progress(quiet)
 
@@ -180,7 +181,7 @@ def sweep(
             raise BadInput("give --out or --resume, not both")
         if resume is not None and not resume.is_dir():
             raise BadInput(f"--resume {resume}: no such run folder")
-        from batchtune.render.report import render_sweep
+        from batchtune.render.sweep import render_sweep
         from batchtune.render.run_folder import new_run_dir
         from batchtune.commands.sweep import run_sweep
 
@@ -200,7 +201,7 @@ def sweep(
         _echo(render_sweep(result, fmt.value))
         if compare_precision:
             from batchtune.commands.precision import compare_precision as compare
-            from batchtune.render.report import render_precision
+            from batchtune.render.sweep import render_precision
 
             _echo("")
             _echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
@@ -217,7 +218,7 @@ def report(
     with _user_errors():
         if not (run_dir / "meta.json").exists():
             raise BadInput(f"{run_dir} is not a sweep run folder (no meta.json)")
-        from batchtune.render.report import render_sweep
+        from batchtune.render.sweep import render_sweep
         from batchtune.render.run_folder import RunFolder
         from batchtune.commands.sweep import result_from_rows
 
@@ -245,7 +246,7 @@ def noise(
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
         from batchtune.commands.noise import run_noise
-        from batchtune.render.report import render_noise
+        from batchtune.render.noise import render_noise
 
         _progress(quiet)(f"training {steps} steps of {spec.name} with the noise scale measured on every step ...")
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
@@ -329,7 +330,7 @@ def check(
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
         from batchtune.commands.check import CheckInputError, run_check
-        from batchtune.render.report import render_check
+        from batchtune.render.check import render_check
         from batchtune.render.run_folder import atomic_write
 
         say = _progress(quiet)

@@ -68,13 +68,14 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from batchtune.render.report import to_json
+from batchtune.render.text import to_json
 from batchtune.config.components import build_components
 from batchtune.stats.critical import DEFINITION, CriticalFit, fit_steps_to_target
 from batchtune.memory.device import CPUBackend
 from batchtune.stats.scaling import resolve_rule, scale_lr
 from batchtune.config.spec import load_spec
 from batchtune.commands.sweep import crossing
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig, TrialResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +236,7 @@ def run_sweep(trainer: Trainer, base_lrs: dict[int, float], sizes: list[int], se
             tried.append(mult)
             for seed in seeds:
                 lr = base_lrs[batch_size] * mult
-                config = TrialConfig(micro_batch_size=batch_size, lr=lr, steps=steps, seed=seed,
+                config = TrialConfig(BatchShape(batch_size), lr=lr, steps=steps, seed=seed,
                                      eval_every_samples=every * batch_size, eval_samples=EVAL_SAMPLES,
                                      divergence_factor=DIVERGENCE_FACTOR, memory_steps=0)
                 result = trainer.run(config)
@@ -261,7 +262,7 @@ def run_noise(trainer: Trainer, mult: float, lr: float, seeds: list[int]) -> lis
     steps, _ = _budget(batch_size)
     out = []
     for seed in seeds:
-        config = TrialConfig(micro_batch_size=NOISE_MICRO, accum_steps=NOISE_ACCUM, lr=lr, steps=steps, seed=seed,
+        config = TrialConfig(BatchShape(NOISE_MICRO, NOISE_ACCUM), lr=lr, steps=steps, seed=seed,
                              eval_every_samples=batch_size, eval_samples=EVAL_SAMPLES, measure_noise=True,
                              noise_every=1, memory_steps=0)
         result: TrialResult = trainer.run(config)
@@ -290,7 +291,7 @@ def run_local(trainer: Trainer, components: Any, noise_runs: list[NoiseRun],
                 continue
             started = time.perf_counter()
             model = components.build_model(run.seed)
-            common = dict(micro_batch_size=NOISE_MICRO, accum_steps=NOISE_ACCUM, seed=run.seed, validate=True,
+            common = dict(shape=BatchShape(NOISE_MICRO, NOISE_ACCUM), seed=run.seed, validate=True,
                           eval_samples=EVAL_SAMPLES, memory_steps=0)
             trained = trainer.run(TrialConfig(lr=run.lr, steps=at["step"], **common), model=model)
             frozen = trainer.run(TrialConfig(lr=0.0, steps=LOCAL_STEPS, measure_noise=True, noise_every=1,

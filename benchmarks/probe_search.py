@@ -51,6 +51,7 @@ from batchtune.config.components import build_components
 from batchtune.memory.device import CPUBackend
 from batchtune.commands.probe import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
 from batchtune.config.spec import SpecError, load_spec
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 
 # A 16 -> 64 -> 4 MLP: ~840 bytes per sample, so a 20000 ceiling is ~17 MB and a trial ~1.5 s.
@@ -145,7 +146,7 @@ class _Bench:
         return backend, Trainer(self.components, backend, self.spec.precision), backend.current_bytes()
 
     def run(self, trainer: Trainer, batch_size: int) -> Any:
-        config = TrialConfig(micro_batch_size=batch_size, lr=self.lr, steps=STEPS_PER_TRIAL, seed=self.spec.seed)
+        config = TrialConfig(BatchShape(batch_size), lr=self.lr, steps=STEPS_PER_TRIAL, seed=self.spec.seed)
         return trainer.run(config, model=self.model)
 
     def whole_peaks(self, batch_sizes: list[int]) -> dict[int, int]:

@@ -4,7 +4,7 @@ Run: ``python benchmarks/sweep_overhead.py`` (about 2 minutes on a 2-core CPU); 
 runs the MLP at two batch sizes over three rounds; ``--json out.json`` also writes every run;
 ``--profile`` prints a cProfile of one batchtune trial per case to stderr.
 
-The batchtune side is ``Trainer.run(TrialConfig(micro_batch_size=B, steps=W + N,
+The batchtune side is ``Trainer.run(TrialConfig(BatchShape(B), steps=W + N,
 timing_warmup_steps=W, memory_steps=2, measure_noise=False))`` on ``CPUBackend()`` (no
 memory limit), with the components a shipped config builds (``build_components``). Its
 figure is ``TrialResult.samples_per_s``: timed samples over the summed per-step time (data
@@ -63,6 +63,7 @@ from torch.utils.data import DataLoader
 from batchtune.config.components import Components, build_components
 from batchtune.memory.device import CPUBackend
 from batchtune.config.spec import load_spec
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +154,7 @@ class _Bench:
             if step in (case.warmup_steps - 1, last):
                 faults[step] = _page_faults()
 
-        config = TrialConfig(micro_batch_size=case.batch_size, lr=self.lr, steps=case.warmup_steps + case.steps,
+        config = TrialConfig(BatchShape(case.batch_size), lr=self.lr, steps=case.warmup_steps + case.steps,
                              seed=self.spec.seed, timing_warmup_steps=case.warmup_steps, memory_steps=2,
                              measure_noise=False)
         result = self.trainer(case.precision).run(config, on_step=on_step)

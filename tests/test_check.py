@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from batchtune.engine.shape import BatchShape
 from batchtune.commands.check import (
     TIME_SKIP,
     CheckInputError,
@@ -94,7 +95,7 @@ def test_a_batch_within_the_ceiling_passes_and_accumulation_reaches_past_it(writ
     # 512 does not fit as one batch, but does as 4 accumulated micro-batches of 128 (a budget
     # too small for the training run: fits runs whatever the budget, the rest is skipped).
     accumulated = run_check(spec, batch_size=512, accum_steps=4, max_seconds=0.1)
-    assert (accumulated.micro_batch_size, accumulated.accum_steps) == (128, 4)
+    assert (accumulated.shape.micro_batch_size, accumulated.shape.accum_steps) == (128, 4)
     assert accumulated.check("fits").status == "pass" and "trains" in accumulated.skipped
     assert accumulated.check("fits").figures["peak_bytes"] >= fits.figures["peak_bytes"]  # gradients live on
 
@@ -151,9 +152,10 @@ def test_a_sleepy_data_set_warns_on_data(write_spec):
 
 def test_the_train_section_gives_the_batch(write_spec):
     spec = _spec(write_spec, CHECK_SPEC + "train: {batch_size: 64, accum_steps: 2}\n")
-    assert resolve_batch(spec) == (64, 32, 2)
-    assert resolve_batch(spec, 96) == (96, 48, 2)  # options override the section key by key
-    assert resolve_batch(spec, 96, 1) == (96, 96, 1)
+    assert resolve_batch(spec) == BatchShape(32, 2)
+    assert resolve_batch(spec, 96) == BatchShape(48, 2)  # options override the section key by key
+    assert resolve_batch(spec, 96, 1) == BatchShape(96, 1)
+    assert resolve_batch(spec, 96, 1, world_size=4) == BatchShape(24, 1, 4)
     with pytest.raises(CheckInputError, match="--batch-size 96 is not divisible by --accum-steps 5"):
         resolve_batch(spec, 96, 5)
     bad = _spec(write_spec, CHECK_SPEC + "train: {batch_size: 64, accum_steps: 3}\n")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from batchtune.cli import app
 from batchtune.stats.critical import compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.config.spec import load_spec
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 
 
@@ -64,7 +65,7 @@ def test_trainer_measures_the_analytic_noise_scale(write_spec, d, sigma, delta, 
 
     spec = load_spec(write_spec(LINREG.format(d=d, sigma=sigma, delta=delta)))
     trainer = Trainer(build_components(spec), CPUBackend())
-    result = trainer.run(TrialConfig(micro, accum, lr=1e-12, steps=600, measure_noise=True, noise_every=1))
+    result = trainer.run(TrialConfig(BatchShape(micro, accum), lr=1e-12, steps=600, measure_noise=True, noise_every=1))
     truth = d * (1 + sigma**2 / delta**2) + 1
     est = result.noise
     assert result.noise_steps == 600 and est.reliable

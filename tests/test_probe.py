@@ -18,6 +18,7 @@ from batchtune.commands.probe import (
 )
 from batchtune.memory.model import MemoryModel, fit_memory_model
 from batchtune.config.spec import load_spec
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 
 
@@ -94,7 +95,7 @@ def _direct(spec, batch_size: int) -> bool:
     backend = CPUBackend(spec.device.memory_limit)
     model = comps.build_model(spec.seed)
     backend.track(list(model.parameters()) + list(model.buffers()))
-    result = Trainer(comps, backend).run(TrialConfig(batch_size, lr=0.01, steps=spec.probe.steps_per_trial),
+    result = Trainer(comps, backend).run(TrialConfig(BatchShape(batch_size), lr=0.01, steps=spec.probe.steps_per_trial),
                                          model=model)
     return result.fits
 

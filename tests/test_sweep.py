@@ -11,7 +11,8 @@ from batchtune.cli import app
 from batchtune.config.components import build_components
 from batchtune.memory.device import CPUBackend
 from batchtune.config.spec import load_spec
-from batchtune.commands.sweep import Candidate, crossing, plan_candidates, run_sweep
+from batchtune.commands.sweep import crossing, plan_candidates, run_sweep
+from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 
 SWEEP_SPEC = """\
@@ -134,8 +135,8 @@ def test_accumulation_matches_the_plain_batch():
     spec = load_spec_text(SWEEP_SPEC)
     comps = build_components(spec)
     trainer = Trainer(comps, CPUBackend())
-    plain = trainer.run(TrialConfig(64, 1, lr=0.01, steps=16, seed=3, validate=True))
-    accum = trainer.run(TrialConfig(16, 4, lr=0.01, steps=16, seed=3, validate=True))
+    plain = trainer.run(TrialConfig(BatchShape(64, 1), lr=0.01, steps=16, seed=3, validate=True))
+    accum = trainer.run(TrialConfig(BatchShape(16, 4), lr=0.01, steps=16, seed=3, validate=True))
     assert plain.samples == accum.samples == 1024
     # Same samples in the same order, gradients averaged the same way: equal up to float rounding.
     assert accum.final_val_loss == pytest.approx(plain.final_val_loss, rel=1e-4)
@@ -151,10 +152,11 @@ def load_spec_text(text):
 def test_plan_candidates_uses_accumulation_past_the_safe_size():
     cands, excluded = plan_candidates([64, 128, 256, 1024, 4096], safe_batch_size=100, accumulation=True,
                                       max_accum_steps=16)
-    assert cands == [Candidate(64, 64, 1), Candidate(128, 64, 2), Candidate(256, 64, 4), Candidate(1024, 64, 16)]
+    assert cands == [BatchShape(64, 1), BatchShape(64, 2), BatchShape(64, 4), BatchShape(64, 16)]
+    assert [c.batch_size for c in cands] == [64, 128, 256, 1024]
     assert "more than max_accum_steps (16)" in excluded[4096]
     cands, excluded = plan_candidates([64, 128], safe_batch_size=100, accumulation=False, max_accum_steps=16)
-    assert cands == [Candidate(64, 64, 1)] and "accumulation is off" in excluded[128]
+    assert cands == [BatchShape(64, 1)] and "accumulation is off" in excluded[128]
 
 
 def test_crossing_interpolates_between_validation_points():

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from batchtune.engine.shape import BatchShape
+
 __all__ = [
     "CHECKS",
     "Baseline",
@@ -75,9 +77,7 @@ class CheckReport:
 
     name: str
     checks: list[CheckResult]
-    batch_size: int
-    micro_batch_size: int
-    accum_steps: int
+    shape: BatchShape
     lr: float
     lr_rule: str
     seconds: float
@@ -93,6 +93,10 @@ class CheckReport:
         """The worst status: fail > warn > pass > skip."""
         return max((c.status for c in self.checks), key=_SEVERITY.__getitem__, default="skip")
 
+    @property
+    def batch_size(self) -> int:
+        return self.shape.batch_size
+
     def check(self, name: str) -> CheckResult:
         return next(c for c in self.checks if c.name == name)
 
@@ -103,6 +107,8 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["shape"]
+        out.update(self.shape.to_dict())
         out["status"] = self.status
         out["counts"] = {s: sum(c.status == s for c in self.checks) for s in ("pass", "warn", "fail", "skip")}
         return out
@@ -112,8 +118,8 @@ class CheckReport:
 
 
 def resolve_batch(spec: Any, batch_size: int | None = None, accum_steps: int | None = None,
-                  world_size: int = 1) -> tuple[int, int, int]:
-    """(global batch, micro-batch per device, accumulation steps) from the options or the spec's ``train:``.
+                  world_size: int = 1) -> BatchShape:
+    """The batch shape to check, from the options or the spec's ``train:``.
 
     ``batch_size`` is the global batch (micro × accumulation × ranks). Each option falls back
     to the spec's ``train:`` section, then ``accum_steps`` to 1.
@@ -130,16 +136,17 @@ def resolve_batch(spec: Any, batch_size: int | None = None, accum_steps: int | N
     k = accum_steps if accum_steps is not None else (train.accum_steps if train is not None else 1)
     if b < 1 or k < 1:
         raise CheckInputError(f"batch size and accumulation steps must be positive, got {b} and {k}")
-    if b % (k * world_size):
+    try:
+        return BatchShape.split(b, k, world_size)
+    except ValueError:
         b_from = "--batch-size" if batch_size is not None else "train.batch_size"
         k_from = "--accum-steps" if accum_steps is not None else "train.accum_steps"
         ranks = f" × {world_size} ranks" if world_size > 1 else ""
         message = (f"{b_from} {b} is not divisible by {k_from} {k}{ranks}: the batch size is the global batch, "
                    f"micro-batch × accumulation steps{ranks}")
         if batch_size is None and accum_steps is None:
-            raise spec.error("train.accum_steps", message)
-        raise CheckInputError(message)
-    return b, b // (k * world_size), k
+            raise spec.error("train.accum_steps", message) from None
+        raise CheckInputError(message) from None
 
 
 @dataclass
@@ -227,7 +234,7 @@ def _signed_pct(x: float) -> str:
 
 
 def _bytes(n: float | None) -> str:
-    from batchtune.render.report import format_bytes
+    from batchtune.render.text import format_bytes
 
     return format_bytes(n)
 
@@ -454,21 +461,22 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     from batchtune.engine.distributed import current
 
     dist = current()
-    b, micro, k = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
+    batch = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
+    b, micro, k = batch.batch_size, batch.micro_batch_size, batch.accum_steps
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
     say = progress or (lambda message: None)
     deadline = started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget)
 
-    from batchtune.stats.scaling import resolve_rule, scale_lr
-    from batchtune.engine.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.trial import Trainer, prepare, trial_config
+    from batchtune.stats.scaling import spec_lr, spec_rule
 
     _, components, backend = prepare(spec, backend)
     trainer = Trainer(components, backend, spec.precision, dist)
     capacity = backend.capacity_bytes()
-    rule = resolve_rule(spec.lr_scaling, spec.optimizer.family)
-    lr = scale_lr(spec.optimizer.lr, spec.base_batch_size, b, rule)
+    rule = spec_rule(spec)
+    lr = spec_lr(spec, b)
     shape = f"{b} ({micro}×{k})" if k > 1 else f"{b}"
-    report = CheckReport(spec.name, [], b, micro, k, lr, rule, 0.0, budget, [], backend.describe(),
+    report = CheckReport(spec.name, [], batch, lr, rule, 0.0, budget, [], backend.describe(),
                          spec.precision, str(base.path) if base else None)
     report.notes.append(f"lr {lr:.4g}: the {rule} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}")
     results: dict[str, CheckResult] = {}
@@ -485,8 +493,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     fit_steps = max(2, spec.probe.steps_per_trial)
     say(f"fits: {fit_steps} steps at batch {shape} + validation, counting memory ...")
     stamps: list[float] = []
-    fit_config = TrialConfig(micro_batch_size=micro, accum_steps=k, lr=lr, steps=fit_steps, seed=spec.seed,
-                             validate=True, eval_samples=micro, grad_clip=spec.sweep.grad_clip)
+    fit_config = trial_config(spec, batch, lr=lr, steps=fit_steps, validate=True, eval_samples=micro)
     try:
         fit = trainer.run(fit_config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
     except SpecError:
@@ -524,10 +531,10 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
             report.skipped.append(name)
     else:
         say(f"trains: {steps} steps at lr {lr:.3g}, timing throughput and data loading ...")
-        train_config = TrialConfig(
-            micro_batch_size=micro, accum_steps=k, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
-            seed=spec.seed, timing_warmup_steps=timing_warmup, max_seconds=remaining - step_estimate,
-            divergence_factor=cs.divergence_factor, grad_clip=spec.sweep.grad_clip, measure_noise=True,
+        train_config = trial_config(
+            spec, batch, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
+            timing_warmup_steps=timing_warmup, max_seconds=remaining - step_estimate,
+            divergence_factor=cs.divergence_factor, measure_noise=True,
             memory_steps=max(2, timing_warmup),
         )
         try:

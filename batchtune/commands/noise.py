@@ -7,8 +7,10 @@ validation point, with its band and the loss it was measured at.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from batchtune.engine.shape import BatchShape
 
 __all__ = ["NoiseRun", "run_noise"]
 
@@ -16,9 +18,7 @@ __all__ = ["NoiseRun", "run_noise"]
 @dataclass
 class NoiseRun:
     name: str
-    batch_size: int
-    micro_batch_size: int
-    accum_steps: int
+    shape: BatchShape
     lr: float
     steps: int
     history: list[dict[str, Any]]  # step, samples, val_loss, b_simple, low, high, reliable
@@ -27,10 +27,15 @@ class NoiseRun:
     seconds: float
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
+    @property
+    def batch_size(self) -> int:
+        return self.shape.batch_size
 
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["shape"]
+        out.update(self.shape.to_dict())
+        return out
 
 
 def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, steps: int = 400,
@@ -47,22 +52,21 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from batchtune.stats.scaling import resolve_rule, scale_lr
-    from batchtune.engine.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.distributed import current
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, prepare, trial_config
 
     spec, components, backend = prepare(spec, backend)
     batch_size = batch_size or spec.base_batch_size
-    if batch_size % accum_steps:
-        raise spec.error("", f"batch size {batch_size} is not divisible by {accum_steps} accumulation steps")
-    micro = batch_size // accum_steps
-    if accum_steps == 1 and micro % 2:
+    try:
+        shape = BatchShape.split(batch_size, accum_steps, current().world_size)
+    except ValueError as exc:
+        raise spec.error("", str(exc)) from None
+    if shape.accum_steps == 1 and shape.world_size == 1 and shape.micro_batch_size % 2:
         raise spec.error("", f"with one accumulation step the batch is split in halves: {batch_size} must be even")
-    lr = scale_lr(spec.optimizer.lr, spec.base_batch_size, batch_size,
-                  resolve_rule(spec.lr_scaling, spec.optimizer.family))
-    config = TrialConfig(micro, accum_steps, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
-                         seed=spec.seed, eval_every_samples=steps * batch_size / points, validate=True,
-                         eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1,
-                         memory_steps=2, grad_clip=spec.sweep.grad_clip)
+    config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
+                          eval_every_samples=steps * batch_size / points, validate=True,
+                          eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
     result = Trainer(components, backend, spec.precision).run(config)
     tokens = components.tokens_per_sample()
     notes = []
@@ -74,5 +78,5 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
     final = result.noise_history[-1] if result.noise_history else None
-    return NoiseRun(spec.name, batch_size, micro, accum_steps, lr, result.steps, result.noise_history, final,
+    return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final,
                     tokens, result.seconds, notes)

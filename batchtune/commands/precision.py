@@ -28,7 +28,8 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
     from batchtune.config.components import build_components
     from batchtune.memory.device import backend_for_spec
     from batchtune.commands.probe import run_probe
-    from batchtune.engine.trial import Trainer, TrialConfig
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, trial_config
 
     ranked = sweep_result.summary.dropna(subset=["rank"]).sort_values("rank").head(top)
     sizes = [(int(r.batch_size), int(r.micro_batch_size), int(r.accum_steps), float(r.lr))
@@ -47,7 +48,7 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
         for batch_size, micro, accum, lr in sizes:
             if progress:
                 progress(f"timing batch {batch_size} in {precision}")
-            result = trainer.run(TrialConfig(micro, accum, lr=lr, steps=steps, seed=spec.seed,
+            result = trainer.run(trial_config(spec, BatchShape(micro, accum), lr=lr, steps=steps,
                                              timing_warmup_steps=5, memory_steps=2))
             rows.append({"precision": precision, "batch_size": batch_size, "ceiling": ceiling,
                          "samples_per_s": result.samples_per_s, "peak_bytes": result.peak_bytes,

@@ -301,7 +301,8 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         backend: a device backend to use instead of the one the spec selects.
     """
     from batchtune.engine.distributed import current
-    from batchtune.engine.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, prepare, trial_config
 
     spec, components, backend = prepare(spec, backend)
     p = spec.probe
@@ -320,8 +321,8 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
     lr = spec.optimizer.lr
 
     def attempt(batch_size: int, phase: str, steps: int, validate: bool = False) -> Any:
-        config = TrialConfig(micro_batch_size=batch_size, lr=lr, steps=steps, seed=spec.seed, validate=validate,
-                             eval_samples=batch_size)
+        config = trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=lr, steps=steps,
+                              validate=validate, eval_samples=batch_size, grad_clip=None)
         result = trainer.run(config, model=model)
         if dist.enabled and result.fits:
             result.peak_bytes, result.compute_peak_bytes = (

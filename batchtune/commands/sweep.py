@@ -22,22 +22,12 @@ import pandas as pd
 
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.commands.probe import run_probe, safe_size
-from batchtune.stats.scaling import resolve_rule, scale_lr
+from batchtune.engine.shape import BatchShape
+from batchtune.stats.scaling import spec_lr, spec_rule
 
-__all__ = ["Candidate", "SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
+__all__ = ["SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
 
 MIN_STEPS = 4  # fewer optimizer steps than this says nothing about a batch size
-
-
-@dataclass(frozen=True)
-class Candidate:
-    batch_size: int
-    micro_batch_size: int
-    accum_steps: int
-
-    @property
-    def accumulated(self) -> bool:
-        return self.accum_steps > 1
 
 
 def _powers_of_two(low: int, high: int) -> list[int]:
@@ -50,8 +40,8 @@ def _powers_of_two(low: int, high: int) -> list[int]:
 
 
 def plan_candidates(sizes: list[int], safe_batch_size: int | None, accumulation: bool,
-                    max_accum_steps: int, world_size: int = 1) -> tuple[list[Candidate], dict[int, str]]:
-    """Split each global size into micro-batch × accumulation steps × ranks so the micro-batch fits.
+                    max_accum_steps: int, world_size: int = 1) -> tuple[list[BatchShape], dict[int, str]]:
+    """Shape each global size as micro-batch × accumulation steps × ranks so the micro-batch fits.
 
     Args:
         sizes: global batch sizes.
@@ -65,19 +55,14 @@ def plan_candidates(sizes: list[int], safe_batch_size: int | None, accumulation:
         if global_size % world_size:
             excluded[global_size] = f"not divisible by the {world_size} ranks"
             continue
-        size = global_size // world_size  # per device
-        if safe_batch_size is None or size <= safe_batch_size:
-            candidates.append(Candidate(global_size, size, 1))
-            continue
-        if not accumulation:
+        shape = BatchShape.fitting(global_size, safe_batch_size, world_size)
+        if shape.accumulated and not accumulation:
             excluded[global_size] = f"above the safe batch size {safe_batch_size} and accumulation is off"
-            continue
-        micro = max((d for d in range(1, safe_batch_size + 1) if size % d == 0), default=1)
-        if size // micro > max_accum_steps:
-            excluded[global_size] = (f"needs {size // micro} accumulation steps, more than max_accum_steps "
+        elif shape.accum_steps > max_accum_steps:
+            excluded[global_size] = (f"needs {shape.accum_steps} accumulation steps, more than max_accum_steps "
                                      f"({max_accum_steps})")
-            continue
-        candidates.append(Candidate(global_size, micro, size // micro))
+        else:
+            candidates.append(shape)
     return candidates, excluded
 
 
@@ -436,7 +421,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
     """
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder, environment, new_run_dir
-    from batchtune.engine.trial import Trainer, TrialConfig, prepare
+    from batchtune.engine.trial import Trainer, prepare, trial_config
 
     spec, components, backend = prepare(spec, backend)
     sw = spec.sweep
@@ -477,8 +462,8 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
 
     trainer = Trainer(components, backend, spec.precision, dist)
     done = {_trial_key(r) for r in rows}
-    plan = [(seed, mult, Candidate(**c)) for seed in meta["seeds"] for mult in meta["lr_multipliers"]
-            for c in meta["candidates"]]
+    plan = [(seed, mult, BatchShape.from_dict({**c, "world_size": dist.world_size})) for seed in meta["seeds"]
+            for mult in meta["lr_multipliers"] for c in meta["candidates"]]
     total = len(plan)
     finished = sum(1 for seed, mult, c in plan
                    if (c.batch_size, c.micro_batch_size, c.accum_steps, float(mult), seed) in done)
@@ -488,11 +473,11 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             continue
         steps = meta["samples"] // cand.batch_size
         lr = meta["base_lrs"][str(cand.batch_size)] * mult
-        config = TrialConfig(
-            micro_batch_size=cand.micro_batch_size, accum_steps=cand.accum_steps, lr=lr, steps=steps,
+        config = trial_config(
+            spec, cand, lr=lr, steps=steps,
             warmup_steps=round(sw.warmup * steps), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
-            max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor, grad_clip=sw.grad_clip,
+            max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
         )
         label = (f"batch {cand.batch_size}" + (f" ({cand.micro_batch_size}×{cand.accum_steps})" if cand.accumulated
@@ -518,7 +503,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             folder.write_json("meta.json", meta)
     if not dist.is_main:
         return result
-    from batchtune.render.report import render_sweep
+    from batchtune.render.sweep import render_sweep
 
     folder.write_text("report.txt", render_sweep(result, "table") + "\n")
     folder.write_text("report.md", render_sweep(result, "markdown") + "\n")
@@ -542,11 +527,11 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, meta: dict[str, A
     if dist.is_main:
         from batchtune.engine.distributed import DistContext
 
-        from batchtune.engine.trial import Trainer, TrialConfig
+        from batchtune.engine.trial import Trainer, trial_config
 
         solo = Trainer(components, backend, spec.precision, DistContext())
-        result = solo.run(TrialConfig(micro, accum, lr=recommendation["lr"], steps=20, seed=spec.seed,
-                                     timing_warmup_steps=5, memory_steps=2))
+        result = solo.run(trial_config(spec, BatchShape(micro, accum), lr=recommendation["lr"], steps=20,
+                                       timing_warmup_steps=5, memory_steps=2))
         single = result.samples_per_s
     single = dist.broadcast(single)
     if single:
@@ -603,15 +588,14 @@ def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progre
             candidates.remove(c)
             excluded[c.batch_size] = (f"only {samples // c.batch_size} steps in the {samples}-sample budget "
                                       f"(need {MIN_STEPS}); raise sweep.samples")
-    rule = resolve_rule(spec.lr_scaling, spec.optimizer.family)
-    base_lrs = {str(c.batch_size): scale_lr(spec.optimizer.lr, spec.base_batch_size, c.batch_size, rule)
-                for c in candidates}
+    rule = spec_rule(spec)
+    base_lrs = {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates}
     rule_note = f"lr scaled by the {rule} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}"
     if spec.lr_scaling == "auto":
         rule_note += f" (auto: {spec.optimizer.family} optimizer {spec.optimizer.name or spec.optimizer.target})"
     notes.append(rule_note + f", {sw.warmup:.0%} linear warmup")
     return {
-        "candidates": [c.__dict__ for c in candidates], "excluded": {str(k): v for k, v in excluded.items()},
+        "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates], "excluded": {str(k): v for k, v in excluded.items()},
         "ceiling": ceiling, "safe_batch_size": safe, "samples": samples, "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": list(sw.lr_multipliers), "lr_rule": rule, "base_lrs": base_lrs,
         "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from batchtune.config.components import Components, batch_size_of, to_device
 from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.engine.distributed import DistContext, current
+from batchtune.engine.shape import BatchShape
 from batchtune.errors import TrainingError
 from batchtune.stats.scaling import lr_at_step
 
-__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare"]
+__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare", "trial_config"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
@@ -35,10 +36,9 @@ _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst out
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """What one trial does. Batch size = ``micro_batch_size × accum_steps``."""
+    """What one trial does: at which batch shape, lr and seed, for how long, measuring what."""
 
-    micro_batch_size: int
-    accum_steps: int = 1
+    shape: BatchShape
     lr: float = 1e-3
     steps: int = 2  # optimizer steps
     warmup_steps: int = 0  # linear lr warmup
@@ -54,9 +54,6 @@ class TrialConfig:
     noise_every: int = 4  # measure the noise scale on every n-th step (those steps are not timed)
     memory_steps: int | None = None  # count memory only during the first N steps (None: all)
 
-    @property
-    def batch_size(self) -> int:
-        return self.micro_batch_size * self.accum_steps
 
 
 @dataclass
@@ -71,11 +68,9 @@ class EvalPoint:
 class TrialResult:
     """What a trial measured. Plain numbers only: no tensors, so results outlive the device."""
 
-    micro_batch_size: int  # per device
-    accum_steps: int
+    shape: BatchShape
     lr: float
     seed: int
-    world_size: int = 1
     fits: bool = True
     error: str | None = None
     peak_bytes: int | None = None  # the whole trial
@@ -105,7 +100,7 @@ class TrialResult:
     @property
     def batch_size(self) -> int:
         """The global batch: micro-batch × accumulation steps × ranks."""
-        return self.micro_batch_size * self.accum_steps * self.world_size
+        return self.shape.batch_size
 
     @property
     def samples_per_s(self) -> float | None:
@@ -124,7 +119,8 @@ class TrialResult:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["noise"] = asdict(self.noise) if self.noise is not None else None
-        out.update(batch_size=self.batch_size, samples_per_s=self.samples_per_s,
+        del out["shape"]
+        out.update(**self.shape.to_dict(), samples_per_s=self.samples_per_s,
                    data_share=self.data_share, final_val_loss=self.final_val_loss)
         return out
 
@@ -145,9 +141,26 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
     return spec, components, backend if backend is not None else backend_for_spec(spec)
 
 
+def trial_config(spec: Any, shape: BatchShape, *, lr: float | None = None, lr_multiplier: float = 1.0,
+                 **fields: Any) -> TrialConfig:
+    """The one way a spec and a batch shape become a trial.
+
+    The lr is the spec's, scaled by its rule to the global batch (times ``lr_multiplier``)
+    unless ``lr`` is given; the seed and gradient clipping come from the spec unless
+    ``fields`` say otherwise. Any other :class:`TrialConfig` field may be passed.
+    """
+    from batchtune.stats.scaling import spec_lr
+
+    fields.setdefault("seed", spec.seed)
+    fields.setdefault("grad_clip", spec.sweep.grad_clip)
+    if lr is None:
+        lr = spec_lr(spec, shape.batch_size) * lr_multiplier
+    return TrialConfig(shape=shape, lr=lr, **fields)
+
+
 def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
     return TrainingError(
-        f"a training step at micro-batch {config.micro_batch_size} × {config.accum_steps} raised {error_line(exc)}. "
+        f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised {error_line(exc)}. "
         "Check that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, "
         "loss); BATCHTUNE_DEBUG=1 shows the traceback")
 
@@ -282,8 +295,9 @@ class Trainer:
             A :class:`TrialResult`; an OOM or divergence is a result, not an exception.
         """
         backend = self.backend
-        result = TrialResult(config.micro_batch_size, config.accum_steps, config.lr, config.seed,
-                             world_size=self.dist.world_size)
+        if config.shape.world_size != self.dist.world_size:
+            raise ValueError(f"a trial shaped for {config.shape.world_size} ranks cannot run on {self.dist.world_size}")
+        result = TrialResult(config.shape, config.lr, config.seed)
         backend.cleanup(collect=False)
         result.baseline_bytes = backend.current_bytes()
         backend.reset_peak()
@@ -330,12 +344,12 @@ class Trainer:
             net = DistributedDataParallel(model, device_ids=ids, **no_forward_sync)
         optimizer = comps.build_optimizer(model.parameters(), config.lr)
         scaler = torch.amp.GradScaler(backend.device.type) if self.precision == "fp16" else None
-        batches = _batches(comps.train_set, config.micro_batch_size, config.seed,
+        batches = _batches(comps.train_set, config.shape.micro_batch_size, config.seed,
                            comps.spec.data.num_workers, backend.device.type == "cuda", self.dist)
         estimator = None
         # k micro-batches give the two batch sizes; at k=1 a measured step runs as two halves,
         # which needs an even micro-batch.
-        if config.measure_noise and (config.accum_steps > 1 or self.dist.enabled or config.micro_batch_size % 2 == 0):
+        if config.measure_noise and (config.shape.accum_steps > 1 or self.dist.enabled or config.shape.micro_batch_size % 2 == 0):
             from batchtune.stats.noise import NoiseScaleEstimator
 
             estimator = NoiseScaleEstimator()
@@ -349,7 +363,7 @@ class Trainer:
                   estimator: Any = None) -> bool:
         """Record a validation point; False if the loss is not finite (the trial has diverged)."""
         self.backend.reset_peak()
-        val_loss = self._agreed(lambda: self.evaluate(model, config.micro_batch_size, config.eval_samples))
+        val_loss = self._agreed(lambda: self.evaluate(model, config.shape.micro_batch_size, config.eval_samples))
         (val_loss,) = self.dist.mean(val_loss)
         result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
@@ -390,8 +404,8 @@ class Trainer:
     def _steps(self, config, net, model, optimizer, scaler, batches, estimator, result, on_step,  # noqa: ANN001
                memory_session) -> None:  # noqa: ANN001
         backend, comps, dist = self.backend, self.components, self.dist
-        k = config.accum_steps
-        micro = config.micro_batch_size
+        k = config.shape.accum_steps
+        micro = config.shape.micro_batch_size
         params = [p for p in model.parameters() if p.requires_grad]
         next_eval = config.eval_every_samples
         if config.eval_every_samples and not self._validate(model, config, result, 0, estimator):

@@ -78,7 +78,7 @@ class RunFolder:
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
-        from batchtune.render.report import to_json
+        from batchtune.render.text import to_json
 
         return self.write_text(name, to_json(data) + "\n")
 

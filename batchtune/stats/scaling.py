@@ -7,9 +7,9 @@ See RESEARCH.md: linear (Goyal et al. 2017) for SGD-like optimizers, square root
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["Rule", "resolve_rule", "scale_lr", "lr_at_step"]
+__all__ = ["Rule", "lr_at_step", "resolve_rule", "scale_lr", "spec_lr", "spec_rule"]
 
 Rule = Literal["linear", "sqrt", "none", "auto"]
 
@@ -39,6 +39,16 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: Litera
     if rule == "none":
         return base_lr
     raise ValueError(f"unknown lr scaling rule {rule!r}")
+
+
+def spec_rule(spec: Any) -> Literal["linear", "sqrt", "none"]:
+    """The concrete rule a spec asks for (``lr_scaling``, with ``auto`` resolved by its optimizer)."""
+    return resolve_rule(spec.lr_scaling, spec.optimizer.family)
+
+
+def spec_lr(spec: Any, batch_size: int) -> float:
+    """The spec's lr (tuned at ``base_batch_size``) scaled by its rule to the global ``batch_size``."""
+    return scale_lr(spec.optimizer.lr, spec.base_batch_size, batch_size, spec_rule(spec))
 
 
 def lr_at_step(step: int, peak_lr: float, warmup_steps: int) -> float:

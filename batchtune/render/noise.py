@@ -1,0 +1,39 @@
+"""Render ``batchtune noise``: B_simple with its band at each validation point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from batchtune.render.text import format_shape, num, to_json
+
+__all__ = ["render_noise"]
+
+
+def render_noise(run: Any, fmt: str = "table") -> str:
+    """Render :func:`~batchtune.commands.noise.run_noise`'s :class:`NoiseRun`."""
+    if fmt == "json":
+        return to_json(run.to_dict())
+    shape = format_shape(run.shape) if run.shape.accum_steps > 1 or run.shape.world_size > 1 \
+        else f"{run.batch_size} (two halves per step)"
+    head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {run.steps} steps"
+    rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", num(h["b_simple"], ",.0f"),
+             f"{num(h['low'], ',.0f')}–{num(h['high'], ',.0f')}", "yes" if h["reliable"] else "no"]
+            for h in run.history]
+    headers = ["step", "samples", "val loss", "B_simple", "90% band", "reliable"]
+    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
+                     disable_numparse=True)
+    lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
+    final = run.final
+    if final and final.get("b_simple"):
+        tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
+        lines.append(f"B_simple at the end: {final['b_simple']:,.0f} examples{tokens} at val loss "
+                     f"{final['val_loss']:.4g} (90% band {num(final['low'], ',.0f')}–{num(final['high'], ',.0f')}).")
+        lines.append("It grows as the loss falls: an estimate taken early under-states the critical batch size "
+                     "later in training.")
+    else:
+        lines.append("no reliable estimate yet: run more steps (--steps)")
+    lines += [f"note: {n}" for n in run.notes]
+    return "\n".join(lines)
+

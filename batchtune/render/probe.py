@@ -1,0 +1,73 @@
+"""Render a probe's result: the ceiling, the safe size, the memory model, every trial."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from batchtune.render.text import device_text, format_bytes, to_json
+
+__all__ = ["render_probe"]
+
+
+def _device_line(result: Any) -> str:
+    return f"{device_text(result.device, result.capacity_bytes)}, {result.precision}"
+
+
+def _probe_summary(result: Any) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    g = result.granularity
+    if result.ceiling is None:
+        rows.append(("ceiling", "none: even the smallest batch size runs out of memory"))
+        return rows
+    if result.capped:
+        rows.append(("ceiling", f"{result.ceiling}   (max_batch_size: the device may hold more)"))
+    else:
+        rows.append(("ceiling", f"{result.ceiling}   (exact to {g}: {result.ceiling} fits, "
+                                f"{result.ceiling + g} runs out of memory)"))
+    if result.safe_batch_size is not None:
+        detail = f"peak {format_bytes(result.safe_peak_bytes)}"
+        if result.safe_headroom is not None:
+            detail += f", {result.safe_headroom:.1%} of capacity free"
+        detail += f"; headroom asked {result.headroom:.0%}"
+        if result.confirm_val_loss is not None:
+            detail += f"; confirmed with 3 steps + validation (val loss {result.confirm_val_loss:.4g})"
+        rows.append(("safe batch size", f"{result.safe_batch_size}   ({detail})"))
+    rows.append(("power of two", str(result.power_of_two_batch_size or "-")))
+    model = result.memory_model
+    if model is not None:
+        fit = f"R² {model.r2:.5f}" if model.r2 is not None else "exact through 2 points"
+        rows.append(("memory model", f"peak(b) = {format_bytes(model.fixed_bytes)} + "
+                                     f"{format_bytes(model.per_sample_bytes)} × b   ({fit} over {model.points} runs, "
+                                     f"max error {model.max_relative_error:.2%})"))
+    return rows
+
+
+def _trial_rows(result: Any) -> list[list[Any]]:
+    return [[i, t.phase, t.batch_size, "yes" if t.fits else "OOM", format_bytes(t.peak_bytes), f"{t.seconds:.2f}"]
+            for i, t in enumerate(result.trials, 1)]
+
+
+_TRIAL_HEADERS = ["trial", "phase", "batch", "fits", "peak", "seconds"]
+
+
+def render_probe(result: Any, fmt: str = "table", name: str = "") -> str:
+    """Render a :class:`~batchtune.commands.probe.ProbeResult`."""
+    if fmt == "json":
+        return to_json(result.to_dict())
+    totals = (f"{result.search_trials} search trials + {len(result.trials) - result.search_trials} confirmation, "
+              f"{result.total_steps} training steps, {result.total_seconds:.1f} s ({result.strategy} search)")
+    head = f"batchtune probe{': ' + name if name else ''} on {_device_line(result)}"
+    if fmt == "markdown":
+        lines = [f"### {head}", "", tabulate(_probe_summary(result), headers=["", "result"], tablefmt="github"), "",
+                 tabulate(_trial_rows(result), headers=_TRIAL_HEADERS, tablefmt="github"), "", totals]
+    else:
+        width = max(len(k) for k, _ in _probe_summary(result))
+        lines = [head, ""]
+        lines += [f"  {k:<{width}}  {v}" for k, v in _probe_summary(result)]
+        lines += ["", tabulate(_trial_rows(result), headers=_TRIAL_HEADERS, tablefmt="simple",
+                               colalign=("right", "left", "right", "left", "right", "right")), "", totals]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+

@@ -1,0 +1,107 @@
+"""Render a sweep's result (table, markdown, JSON, CSV) and the precision comparison."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tabulate import tabulate
+
+from batchtune.render.text import format_bytes, format_shape, num, pm, to_json
+
+__all__ = ["render_precision", "render_sweep"]
+
+
+_SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "val loss", "steps→target", "s→target", "relative",
+                  "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
+
+
+def _sweep_rows(result: Any) -> list[list[str]]:
+    rows = []
+    for r in result.summary.to_dict("records"):
+        rank = r.get("rank")
+        rows.append([
+            num(rank, ".0f"), str(r["batch_size"]),
+            "-" if r.get("micro_batch_size") is None or (isinstance(r["micro_batch_size"], float)
+                                                        and math.isnan(r["micro_batch_size"]))
+            else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
+            num(r.get("lr"), ".3g"), pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
+            num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
+            num(r.get("relative"), ".2f"), pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
+            num(r.get("goodput"), ",.0f"), num(r.get("excess_compute"), ".2f"), num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
+        ])
+    return rows
+
+
+def _critical_lines(c: dict[str, Any]) -> list[str]:
+    if not c:
+        return []
+    fit, noise = c.get("fit") or {}, c.get("noise_scale")
+    if fit.get("b_crit"):
+        steps = (f"{fit['b_crit']:.0f} from steps-to-target over {fit['sizes']} sizes "
+                 f"(90% bootstrap {num(fit['low'], '.0f')}–{num(fit['high'], '.0f')}; S_min {fit['s_min']:.0f} steps)")
+    else:
+        steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
+    if noise:
+        tokens = f", {noise['tokens']:,.0f} tokens" if noise.get("tokens") else ""
+        noisy = (f"noise scale B_simple {noise['b_simple']:.0f}{tokens} (90% band {num(noise['low'], '.0f')}–"
+                 f"{num(noise['high'], '.0f')}) at val loss {noise['at_val_loss']:.4g}, median of {noise['trials']} trials")
+    else:
+        noisy = "no reliable noise-scale estimate"
+    lines = [f"critical batch size: {steps}; {noisy}"]
+    if c.get("ratio"):
+        lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
+                     f"(noise scale / steps fit = {c['ratio']:.2f}); goodput and E/Emin use the {c['basis']}")
+    lines.append(f"  definition: {c['definition']}")
+    return lines
+
+
+def render_sweep(result: Any, fmt: str = "table") -> str:
+    """Render a :class:`~batchtune.commands.sweep.SweepResult` as table, markdown, json or csv."""
+    if fmt == "json":
+        return to_json(result.to_dict())
+    if fmt == "csv":
+        return result.trials.to_csv(index=False).rstrip("\n")
+    meta = result.meta
+    target = f"{result.target_loss:.4g}" if result.target_loss is not None else "-"
+    world = meta.get("world_size", 1)
+    ranks = f", {world} ranks (batch = global; micro×accum per rank)" if world > 1 else ""
+    head = (f"batchtune sweep: {result.name} — {len(result.trials)} trials, {meta['samples']} samples per trial, "
+            f"{len(meta['seeds'])} seeds, target val loss {target}, {meta['precision']}{ranks}")
+    rec = result.recommendation
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    table = tabulate(_sweep_rows(result), headers=_SWEEP_HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
+    if rec is not None:
+        lines.append(f"{'**' if fmt == 'markdown' else ''}recommendation: batch size {format_shape(rec, 'long')}, "
+                     f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
+        lines.append(f"why: {rec['reason']}")
+    lines += _critical_lines(result.critical)
+    scaling = meta.get("scaling")
+    if scaling:
+        lines.append(f"scaling: batch {scaling['batch_size']} on {scaling['world_size']} ranks runs "
+                     f"{scaling['global_samples_per_s']:,.0f} samples/s against {scaling['single_rank_samples_per_s']:,.0f} "
+                     f"on one rank: {scaling['efficiency']:.0%} scaling efficiency (gradients reduced after each "
+                     "step, not overlapped with backward)")
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    if result.run_dir:
+        lines.append(f"run folder: {result.run_dir}")
+    return "\n".join(lines)
+
+
+def render_precision(frame: Any, fmt: str = "table") -> str:
+    """Render :func:`~batchtune.commands.precision.compare_precision`'s frame."""
+    if fmt == "json":
+        return to_json({"precision_comparison": frame.astype(object).where(frame.notna(), None).to_dict("records")})
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    rows = [[r.precision, r.batch_size, num(r.ceiling, ".0f"), num(r.ceiling_gain, ".2f"),
+             pm(r.samples_per_s, None), num(r.throughput_gain, ".2f"), format_bytes(r.peak_bytes)]
+            for r in frame.itertuples()]
+    headers = ["precision", "batch", "ceiling", "ceiling ×", "samples/s", "throughput ×", "peak"]
+    title = "precision comparison (× is relative to fp32)"
+    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
+                     disable_numparse=True)
+    return f"{'### ' if fmt == 'markdown' else ''}{title}\n\n{table}"
+

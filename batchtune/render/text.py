@@ -1,0 +1,94 @@
+"""Text helpers shared by every renderer: bytes, numbers with spread, batch shapes, JSON, devices."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+__all__ = ["device_text", "format_bytes", "format_shape", "num", "pm", "to_json"]
+
+
+def format_bytes(n: float | None) -> str:
+    """``1536`` → ``'1.5 KiB'``; None → ``'-'``."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _json_default(value: Any) -> Any:
+    """Objects json cannot write itself (numpy scalars, result objects); floats never get here."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or inf: write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(data: dict[str, Any]) -> str:
+    return json.dumps(_clean(data), indent=2, default=_json_default)
+
+
+def format_shape(shape: Any, style: str = "short") -> str:
+    """A batch shape for people: ``256 (64×4)`` (short) or ``256 = 64 × 4 accumulation steps`` (long).
+
+    ``shape`` is a :class:`~batchtune.engine.shape.BatchShape` or a mapping with its keys; the
+    ranks are named only when there are several.
+    """
+    get = shape.get if isinstance(shape, dict) else lambda key, default=None: getattr(shape, key, default)
+    b, micro, k = int(get("batch_size")), int(get("micro_batch_size")), int(get("accum_steps", 1))
+    world = int(get("world_size", 1) or 1)
+    if k == 1 and world == 1:
+        return f"{b}"
+    ranks = f" × {world} ranks" if world > 1 else ""
+    if style == "long":
+        steps = f" × {k} accumulation steps" if k > 1 else ""
+        return f"{b} = {micro}{steps}{ranks}"
+    return f"{b} ({micro}×{k}{ranks})"
+
+
+def device_text(device: dict[str, Any], capacity: int | None) -> str:
+    """``cpu (simulated capacity 16.0 MiB)`` or ``cuda:0 × 2 ranks (capacity 80.0 GiB)``."""
+    where = device.get("name") or device.get("device", "?")
+    if device.get("world_size", 1) > 1:
+        where += f" × {device['world_size']} ranks (per-device ceiling: the smallest over ranks)"
+    if device.get("device") == "cpu":
+        return where + (f" (simulated capacity {format_bytes(capacity)})" if capacity else " (no capacity limit)")
+    return where + (f" (capacity {format_bytes(capacity)})" if capacity else "")
+
+
+def pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+    """``0.1861 ± 0.02``; large numbers (throughput) as integers: ``11,953 ± 500``."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if abs(mean) >= 100:
+        text = f"{mean:,.0f}"
+        return text if std is None or math.isnan(std) else f"{text} ± {std:,.0f}"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
