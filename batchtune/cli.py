@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import TrainingError
+from batchtune.errors import TrainingError, UsageError
 from batchtune.config.spec import SpecError, load_spec
+from batchtune.render.logs import setup_logging
 
 app = typer.Typer(
     name="batchtune",
@@ -59,10 +60,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on st
 _RANK = 0  # under torchrun only rank 0 speaks
 
 
-class BadInput(Exception):
-    """A problem with what the user gave us (exit code 2)."""
-
-
 def _error(message: str) -> None:
     # escape: messages quote user input, whose brackets rich would read as markup
     err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
@@ -73,7 +70,7 @@ def _user_errors() -> Iterator[None]:
     """Turn bad input into a message and exit code 2, never a traceback."""
     try:
         yield
-    except (SpecError, BadInput) as exc:
+    except (SpecError, UsageError) as exc:
         _error(str(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except TrainingError as exc:
@@ -104,13 +101,6 @@ def _echo(text: str) -> None:
         typer.echo(text)
 
 
-def _progress(quiet: bool) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        if not quiet and _RANK == 0:
-            err.print(message, markup=False)
-    return say
-
-
 @app.command()
 def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports and keyword arguments."""
@@ -135,7 +125,7 @@ def init(
 
     with _user_errors():
         if path.exists() and not force:
-            raise BadInput(f"{path} already exists; choose another path or pass --force to overwrite it")
+            raise UsageError(f"{path} already exists; choose another path or pass --force to overwrite it")
         path.write_text(STARTER_SPEC, encoding="utf-8")
         typer.echo(f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}")
 
@@ -148,16 +138,9 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
         spec = _load(spec_path, overrides, join=True)
         from batchtune.commands.probe import run_probe
         from batchtune.render.probe import render_probe
-        from batchtune.render.text import format_bytes
 
-        say = _progress(quiet)
-
-        def on_trial(t: Any) -> None:
-            outcome = f"fits, peak {format_bytes(t.peak_bytes)}" if t.fits else "out of memory"
-            say(f"  {t.phase:<8} batch {t.batch_size:>7}: {outcome} ({t.seconds:.2f} s)")
-
-        say(f"probing {spec.name} ...")
-        result = run_probe(spec, on_trial=on_trial)
+        setup_logging(quiet)
+        result = run_probe(spec)
         _echo(render_probe(result, fmt.value, spec.name))
     if result.ceiling is None:
         raise typer.Exit(EXIT_FAIL)
@@ -178,9 +161,9 @@ def sweep(
     with _user_errors():
         spec = _load(spec_path, overrides, join=True)
         if out is not None and resume is not None:
-            raise BadInput("give --out or --resume, not both")
+            raise UsageError("give --out or --resume, not both")
         if resume is not None and not resume.is_dir():
-            raise BadInput(f"--resume {resume}: no such run folder")
+            raise UsageError(f"--resume {resume}: no such run folder")
         from batchtune.render.sweep import render_sweep
         from batchtune.render.run_folder import new_run_dir
         from batchtune.commands.sweep import run_sweep
@@ -189,22 +172,21 @@ def sweep(
             from batchtune.engine.distributed import current
 
             out = current().broadcast(new_run_dir(spec.name))  # one folder, named by rank 0
-        with _sweep_progress(quiet) as progress:
-            progress.run_dir = str(resume or out)
-            try:
-                result = run_sweep(spec, out=out, resume=resume, progress=progress)
-            except KeyboardInterrupt:
-                where = progress.run_dir
-                err.print(f"interrupted: finished trials are kept in {where}; continue with "
-                          f"batchtune sweep {spec_path} --resume {where}")
-                raise typer.Exit(130) from None
+        setup_logging(quiet)
+        try:
+            result = run_sweep(spec, out=out, resume=resume)
+        except KeyboardInterrupt:
+            where = resume or out
+            err.print(f"interrupted: finished trials are kept in {where}; continue with "
+                      f"batchtune sweep {spec_path} --resume {where}")
+            raise typer.Exit(130) from None
         _echo(render_sweep(result, fmt.value))
         if compare_precision:
             from batchtune.commands.precision import compare_precision as compare
             from batchtune.render.sweep import render_precision
 
             _echo("")
-            _echo(render_precision(compare(spec, result, progress=_progress(quiet)), fmt.value))
+            _echo(render_precision(compare(spec, result), fmt.value))
     if result.recommendation is None:
         raise typer.Exit(EXIT_FAIL)
 
@@ -217,7 +199,7 @@ def report(
     """Re-render a finished (or interrupted) sweep from its run folder."""
     with _user_errors():
         if not (run_dir / "meta.json").exists():
-            raise BadInput(f"{run_dir} is not a sweep run folder (no meta.json)")
+            raise UsageError(f"{run_dir} is not a sweep run folder (no meta.json)")
         from batchtune.render.sweep import render_sweep
         from batchtune.render.run_folder import RunFolder
         from batchtune.commands.sweep import result_from_rows
@@ -248,7 +230,7 @@ def noise(
         from batchtune.commands.noise import run_noise
         from batchtune.render.noise import render_noise
 
-        _progress(quiet)(f"training {steps} steps of {spec.name} with the noise scale measured on every step ...")
+        setup_logging(quiet)
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
         _echo(render_noise(run, fmt.value))
         if plot is not None and _RANK == 0:
@@ -257,47 +239,7 @@ def noise(
 
                 plot_noise(run, plot)
             except ImportError:
-                raise BadInput("--plot needs matplotlib: pip install 'batchtune[plots]'") from None
-
-
-class _SweepProgress:
-    """A rich progress bar on stderr: current size, seed and an ETA."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.run_dir: str | None = None
-        self._bar = None
-        self._task = None
-
-    def __call__(self, done: int, total: int, label: str, row: Any) -> None:
-        if self.quiet or _RANK != 0:
-            return
-        if total == 0:
-            err.print(label)
-            return
-        if self._bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
-            self._bar.start()
-            self._task = self._bar.add_task(label, total=total, completed=done)
-        self._bar.update(self._task, completed=done, description=label)
-        if row is not None and row.get("diverged"):
-            self._bar.console.print(f"  {label}: diverged ({row['divergence']})")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-@contextmanager
-def _sweep_progress(quiet: bool) -> Iterator[_SweepProgress]:
-    progress = _SweepProgress(quiet)
-    try:
-        yield progress
-    finally:
-        progress.close()
+                raise UsageError("--plot needs matplotlib: pip install 'batchtune[plots]'") from None
 
 
 @app.command()
@@ -333,13 +275,12 @@ def check(
         from batchtune.render.check import render_check
         from batchtune.render.run_folder import atomic_write
 
-        say = _progress(quiet)
-        say(f"checking {spec.name} ...")
+        setup_logging(quiet)
         try:
             report = run_check(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
-                               baseline=baseline, progress=lambda message: say(f"  {message}"))
+                               baseline=baseline)
         except CheckInputError as exc:
-            raise BadInput(str(exc)) from None
+            raise UsageError(str(exc)) from None
         if _RANK != 0:
             raise typer.Exit(report.exit_code(strict))  # every rank agrees; rank 0 reports
         _echo(render_check(report, fmt.value, strict=strict))
@@ -351,7 +292,7 @@ def check(
                 with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
                     f.write(render_check(report, "markdown", strict=strict) + "\n\n")
         except OSError as exc:
-            raise BadInput(f"cannot write the report: {exc}") from None
+            raise UsageError(f"cannot write the report: {exc}") from None
     raise typer.Exit(report.exit_code(strict))
 
 

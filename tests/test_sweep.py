@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -92,24 +94,47 @@ def test_a_too_large_lr_diverges_and_the_sweep_goes_on(write_spec, tmp_path):
     assert set(result.summary.dropna(subset=["rank"])["lr_multiplier"]) == {1}
 
 
-def test_resume_skips_finished_trials_and_gives_the_same_losses(write_spec, tmp_path):
-    spec = load_spec(write_spec(SWEEP_SPEC))
-    calls = []
+class _TrialLog(logging.Handler):
+    """Collects the sweep's one-line-per-trial progress; can interrupt after N trials like Ctrl-C."""
 
-    def interrupt_after_three(done, total, label, row):
-        if row is not None:
-            calls.append(label)
-            if len(calls) == 3:
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.interrupt_after = interrupt_after
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("["):
+            self.lines.append(message)
+            if len(self.lines) == self.interrupt_after:
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(spec, out=tmp_path / "run", progress=interrupt_after_three)
+
+@contextlib.contextmanager
+def _trial_log(interrupt_after: int | None = None):
+    logger = logging.getLogger("batchtune.commands.sweep")
+    handler = _TrialLog(interrupt_after)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_resume_skips_finished_trials_and_gives_the_same_losses(write_spec, tmp_path):
+    spec = load_spec(write_spec(SWEEP_SPEC))
+    with _trial_log(interrupt_after=3) as log, pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, out=tmp_path / "run")
+    assert log.lines[0].startswith("[1/8] batch ")
     kept = json.loads((tmp_path / "run" / "trials.json").read_text())
     assert len(kept) == 3
-    started = []
-    resumed = run_sweep(spec, resume=tmp_path / "run",
-                        progress=lambda d, t, label, row: started.append(label) if row is None else None)
-    assert len(started) == 5 and len(resumed.trials) == 8
+    with _trial_log() as log:
+        resumed = run_sweep(spec, resume=tmp_path / "run")
+    assert [line.split("]")[0] for line in log.lines] == [f"[{n}/8" for n in range(4, 9)]
+    assert len(resumed.trials) == 8
     fresh = run_sweep(spec, out=tmp_path / "fresh")
     key = ["batch_size", "seed"]
     a = resumed.trials.set_index(key)["final_val_loss"].sort_index()

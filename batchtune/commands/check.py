@@ -14,11 +14,12 @@ one verdict per check, within a time budget. Two trials do all the measuring:
   and the throughput for **regression**.
 
 The verdict functions (``*_verdict``) are pure: numbers in, :class:`CheckResult` out.
-Nothing here prints; progress goes through a callback and the CLI renders.
+Nothing here prints: progress is logged, and the CLI renders the report.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -45,6 +46,8 @@ __all__ = [
     "run_check",
     "trains_verdict",
 ]
+
+log = logging.getLogger(__name__)
 
 Status = Literal["pass", "warn", "fail", "skip"]
 CHECKS = ("fits", "trains", "data", "critical_batch", "regression")
@@ -428,7 +431,7 @@ def _error_text(exc: BaseException) -> str:
 
 def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None = None,
               max_seconds: float | None = None, baseline: str | Path | Baseline | None = None,
-              progress: Callable[[str], None] | None = None, backend: Any = None) -> CheckReport:
+              backend: Any = None) -> CheckReport:
     """Pre-flight checks for training at ``batch_size`` (global: micro-batch × accumulation).
 
     Args:
@@ -438,7 +441,6 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
         max_seconds: time budget; default ``check.max_seconds``. Checks that would not fit
             in it are skipped and listed in :attr:`CheckReport.skipped`.
         baseline: a sweep's run folder, for the regression check and the critical batch.
-        progress: called with one line per stage.
         backend: a device backend to use instead of the one the spec selects.
 
     Returns:
@@ -464,7 +466,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     batch = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     b, micro, k = batch.batch_size, batch.micro_batch_size, batch.accum_steps
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
-    say = progress or (lambda message: None)
+    log.info("checking %s ...", spec.name)
     deadline = started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget)
 
     from batchtune.engine.trial import Trainer, prepare, trial_config
@@ -491,7 +493,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
 
     # ---- fits: the job's own configuration, every byte counted, a validation pass at the end.
     fit_steps = max(2, spec.probe.steps_per_trial)
-    say(f"fits: {fit_steps} steps at batch {shape} + validation, counting memory ...")
+    log.info(f"  fits: {fit_steps} steps at batch {shape} + validation, counting memory ...")
     stamps: list[float] = []
     fit_config = trial_config(spec, batch, lr=lr, steps=fit_steps, validate=True, eval_samples=micro)
     try:
@@ -530,7 +532,7 @@ def run_check(spec: Any, batch_size: int | None = None, accum_steps: int | None 
                                         f"about {needed:.2f} s needed)")
             report.skipped.append(name)
     else:
-        say(f"trains: {steps} steps at lr {lr:.3g}, timing throughput and data loading ...")
+        log.info(f"  trains: {steps} steps at lr {lr:.3g}, timing throughput and data loading ...")
         train_config = trial_config(
             spec, batch, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
             timing_warmup_steps=timing_warmup, max_seconds=remaining - step_estimate,

@@ -8,11 +8,14 @@ validation point, with its band and the loss it was measured at.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import logging
 from typing import Any
 
 from batchtune.engine.shape import BatchShape
 
 __all__ = ["NoiseRun", "run_noise"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +70,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
+    log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
     result = Trainer(components, backend, spec.precision).run(config)
     tokens = components.tokens_per_sample()
     notes = []

@@ -7,18 +7,20 @@ CPUs). Both are measured here, side by side in one process, never assumed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from typing import Any
 
 import pandas as pd
 
 __all__ = ["compare_precision"]
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("fp32", "bf16")
 
 
 def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 30,
-                      progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+) -> pd.DataFrame:
     """Ceiling and throughput in fp32 and bf16 for the sweep's ``top`` ranked sizes.
 
     Returns:
@@ -41,13 +43,11 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
         backend = backend_for_spec(spec)
         ceiling = None
         if backend.capacity_bytes() is not None:
-            if progress:
-                progress(f"probing the ceiling in {precision}")
+            log.info("probing the ceiling in %s", precision)
             ceiling = run_probe(variant, backend=backend).ceiling
         trainer = Trainer(components, backend, precision)
         for batch_size, micro, accum, lr in sizes:
-            if progress:
-                progress(f"timing batch {batch_size} in {precision}")
+            log.info("timing batch %d in %s", batch_size, precision)
             result = trainer.run(trial_config(spec, BatchShape(micro, accum), lr=lr, steps=steps,
                                              timing_warmup_steps=5, memory_steps=2))
             rows.append({"precision": precision, "batch_size": batch_size, "ceiling": ceiling,

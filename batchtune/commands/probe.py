@@ -12,13 +12,16 @@ and benchmarked against synthetic memory curves as well as real trials.
 
 from __future__ import annotations
 
+import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchtune.memory.model import MemoryModel, fit_memory_model
+from batchtune.render.text import format_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Measurement",
@@ -291,13 +294,11 @@ def safe_size(ceiling: int, model: MemoryModel | None, capacity: int | None, hea
     return max(min(size, ceiling), min_batch_size)
 
 
-def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
-              backend: Any = None) -> ProbeResult:
+def run_probe(spec: Any, backend: Any = None) -> ProbeResult:
     """Find the ceiling and the safe batch size for ``spec`` (a Spec or a path).
 
     Args:
         spec: a :class:`~batchtune.config.spec.Spec`, or a path to a spec file.
-        on_trial: called after each trial (progress reporting).
         backend: a device backend to use instead of the one the spec selects.
     """
     from batchtune.engine.distributed import current
@@ -305,6 +306,7 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
     from batchtune.engine.trial import Trainer, prepare, trial_config
 
     spec, components, backend = prepare(spec, backend)
+    log.info("probing %s ...", spec.name)
     p = spec.probe
     dist = current()
     trainer = Trainer(components, backend, spec.precision, dist)
@@ -330,8 +332,8 @@ def run_probe(spec: Any, on_trial: Callable[[ProbeTrial], None] | None = None,
         trial = ProbeTrial(batch_size, result.fits, result.peak_bytes, round(result.seconds, 4),
                            result.steps + (0 if result.fits else 1), phase, result.leaked_bytes, result.error)
         trials.append(trial)
-        if on_trial is not None:
-            on_trial(trial)
+        outcome = f"fits, peak {format_bytes(trial.peak_bytes)}" if trial.fits else "out of memory"
+        log.info("  %-8s batch %7d: %s (%.2f s)", phase, batch_size, outcome, trial.seconds)
         return result
 
     def measure(batch_size: int) -> Measurement:

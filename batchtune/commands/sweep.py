@@ -11,9 +11,10 @@ The analysis (:func:`analyse`) is a pure function of the trial rows, so a resume
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
-from collections.abc import Callable
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ import pandas as pd
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.commands.probe import run_probe, safe_size
 from batchtune.engine.shape import BatchShape
+from batchtune.render.text import format_shape
 from batchtune.stats.scaling import spec_lr, spec_rule
 
 __all__ = ["SweepResult", "analyse", "crossing", "plan_candidates", "run_sweep"]
+
+log = logging.getLogger(__name__)
 
 MIN_STEPS = 4  # fewer optimizer steps than this says nothing about a batch size
 
@@ -401,19 +405,14 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     return row
 
 
-ProgressFn = Callable[[int, int, str, dict[str, Any] | None], None]
-
-
 def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | None = None,
-              progress: ProgressFn | None = None, backend: Any = None) -> SweepResult:
+              backend: Any = None) -> SweepResult:
     """Run (or resume) a sweep and write its run folder.
 
     Args:
         spec: a :class:`~batchtune.config.spec.Spec` or a path to one.
         out: the run folder; default ``runs/<timestamp>-<name>``.
         resume: a run folder to continue: its finished trials are kept, the rest run.
-        progress: called as ``progress(done, total, description, row)``; ``row`` is None
-            when a trial starts and the finished row when it ends.
         backend: a device backend to use instead of the one the spec selects.
 
     Raises:
@@ -453,7 +452,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
         if exists:
             raise spec.error("", f"{folder.path} already holds a sweep; pass --resume {folder.path} or another --out")
         rows = []
-        meta = _plan(spec, components, capacity, backend, progress, dist)
+        meta = _plan(spec, components, capacity, backend, dist)
         if dist.is_main:
             folder.write_spec(resolved)
             folder.write_json("environment.json", {**environment(backend.describe()), "world_size": dist.world_size})
@@ -480,10 +479,6 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
         )
-        label = (f"batch {cand.batch_size}" + (f" ({cand.micro_batch_size}×{cand.accum_steps})" if cand.accumulated
-                                               else "") + f", lr {lr:.3g}, seed {seed}")
-        if progress:
-            progress(finished, total, label, None)
         result = trainer.run(config)
         row = _row(result, mult, capacity)
         if dist.enabled:
@@ -492,8 +487,7 @@ def run_sweep(spec: Any, out: Path | str | None = None, resume: Path | str | Non
         if dist.is_main:
             folder.write_trials(rows)  # after every trial: an interrupt loses at most the one running
         finished += 1
-        if progress:
-            progress(finished, total, label, row)
+        _log_trial(finished, total, cand, row)
 
     env = folder.read_json("environment.json") if dist.is_main else {}
     result = result_from_rows(spec.name, rows, meta, folder.path, env)
@@ -541,8 +535,21 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, meta: dict[str, A
                            "efficiency": global_sps / (dist.world_size * single)}
 
 
-def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progress: ProgressFn | None,
-          dist: Any) -> dict[str, Any]:
+def _log_trial(done: int, total: int, shape: BatchShape, row: dict[str, Any]) -> None:
+    """One line per finished trial, with its key figures (progress that reaches a log file too)."""
+    if not row["fits"]:
+        outcome = f"out of memory ({row['error']})"
+    elif row["diverged"]:
+        outcome = f"diverged ({row['divergence']})"
+    else:
+        loss, rate = row["final_val_loss"], row["samples_per_s"]
+        outcome = (f"val loss {loss:.4g}" if loss is not None else "no validation loss") + (
+            f", {rate:,.0f} samples/s" if rate else "")
+    log.info("[%d/%d] batch %s, lr %.3g, seed %d: %s (%.1f s)", done, total, format_shape(shape), row["lr"],
+             row["seed"], outcome, row["train_seconds"])
+
+
+def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, dist: Any) -> dict[str, Any]:
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
     from batchtune.engine.trial import TrialConfig
 
@@ -554,8 +561,7 @@ def _plan(spec: Any, components: Any, capacity: int | None, backend: Any, progre
         safe = safe_size(ceiling, None, None, spec.probe.headroom, 1, 1)
         notes.append(f"ceiling {ceiling} given in the spec; safe micro-batch {safe}")
     elif capacity is not None:
-        if progress:
-            progress(0, 0, "probing the ceiling first", None)
+        log.info("probing the ceiling first")
         probe = run_probe(spec, backend=backend)
         if probe.ceiling is None:
             raise spec.error("device.memory_limit", "not even probe.min_batch_size fits on this device")
