@@ -1,4 +1,9 @@
-"""torchrun with 2 CPU ranks (gloo): one agreed ceiling, no deadlock, rank 0 alone speaks."""
+"""torchrun with 2 CPU ranks (gloo): one agreed ceiling, no deadlock, rank 0 alone speaks.
+
+Every scenario runs inside one torchrun launch (tests/dist_driver.py): starting the ranks
+costs more than the commands, and a process group that survives an agreed OOM and an agreed
+user error is itself part of what is tested.
+"""
 
 from __future__ import annotations
 
@@ -23,25 +28,52 @@ sweep: {{min_batch_size: 16, max_batch_size: 128, samples: 2048, seeds: 1, eval_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(tmp_path: Path, args: list[str], limits: str = "null", model: str = "tests.fixtures:tiny_mlp",
-              kwargs: str = "", timeout: int = 180) -> subprocess.CompletedProcess:
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(model=model, kwargs=kwargs, limits=limits))
+def _spec(folder: Path, name: str, limits: str = "null", model: str = "tests.fixtures:tiny_mlp",
+          kwargs: str = "") -> str:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(model=model, kwargs=kwargs, limits=limits))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict:
+    """Every scenario's per-rank result: {name: [rank0, rank1]}, each {code, stdout, stderr}."""
+    folder = tmp_path_factory.mktemp("ddp")
+    scenarios = {
+        "mixed": ["probe", _spec(folder, "mixed", "[300KiB, 200KiB]"), "--format", "json", "-q"],
+        "tight": ["probe", _spec(folder, "tight", "[200KiB, 200KiB]"), "--format", "json", "-q"],
+        "one_rank_oom": ["probe", _spec(folder, "oom", model="tests.fixtures:oom_on_one_rank",
+                                        kwargs=", kwargs: {threshold: 150, rank: 1}"), "--format", "json", "-q"],
+        "sweep": ["sweep", _spec(folder, "sweep", "[1MiB, 1MiB]"), "--out", str(folder / "run"), "--format",
+                  "json", "-q"],
+        "check": ["check", _spec(folder, "check", "[1MiB, 1MiB]"), "--batch-size", "128", "--format", "json", "-q"],
+        "user_error": ["probe", _spec(folder, "broken", "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank"),
+                       "-q"],
+        # after an agreed user error the group still works: one more command runs to the end
+        "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
+    }
+    plan = folder / "scenarios.json"
+    plan.write_text(json.dumps(scenarios))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHTUNE_DIST_TIMEOUT": "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "batchtune", args[0], str(spec), *args[1:]]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+           str(ROOT / "tests" / "dist_driver.py"), str(folder), str(plan)]
+    out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {name: [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+               for name in scenarios}
+    results["_folder"] = folder
+    return results
 
 
-def _probe(tmp_path: Path, limits: str, **kw) -> dict:
-    out = _torchrun(tmp_path, ["probe", "--format", "json", "-q"], limits, **kw)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)  # one JSON document: rank 1 printed nothing
+def _json(ranks: dict, name: str) -> dict:
+    rank0, rank1 = ranks[name]
+    assert rank0["code"] == 0, rank0["stderr"][-2000:]
+    assert rank1["code"] == 0 and rank1["stdout"] == ""  # rank 1 printed nothing
+    return json.loads(rank0["stdout"])
 
 
-def test_ranks_agree_on_the_smaller_ceiling(tmp_path):
-    mixed = _probe(tmp_path, "[300KiB, 200KiB]")
-    tight = _probe(tmp_path, "[200KiB, 200KiB]")
+def test_ranks_agree_on_the_smaller_ceiling(ranks):
+    mixed, tight = _json(ranks, "mixed"), _json(ranks, "tight")
     assert mixed["ceiling"] == tight["ceiling"]
     assert mixed["capacity_bytes"] == 200 * 1024 and mixed["device"]["world_size"] == 2
     # exact: the log holds a fit at the ceiling and an OOM one above it
@@ -51,41 +83,36 @@ def test_ranks_agree_on_the_smaller_ceiling(tmp_path):
     assert 400 <= mixed["ceiling"] < 430
 
 
-def test_an_oom_on_one_rank_moves_both_ranks_on_together(tmp_path):
-    result = _probe(tmp_path, "null", model="tests.fixtures:oom_on_one_rank",
-                    kwargs=", kwargs: {threshold: 150, rank: 1}")
+def test_an_oom_on_one_rank_moves_both_ranks_on_together(ranks):
+    result = _json(ranks, "one_rank_oom")
     assert result["ceiling"] == 150
     assert result["strategy"] == "growth-bisect"
 
 
-def test_sweep_uses_global_batches_and_only_rank_0_writes(tmp_path):
-    out_dir = tmp_path / "run"
-    out = _torchrun(tmp_path, ["sweep", "--out", str(out_dir), "--format", "json", "-q"], "[1MiB, 1MiB]")
-    assert out.returncode == 0, out.stderr[-2000:]
-    data = json.loads(out.stdout)
+def test_sweep_uses_global_batches_and_only_rank_0_writes(ranks):
+    data = _json(ranks, "sweep")
     trials = data["trials"]
     assert {t["batch_size"] for t in trials} == {16, 32, 64, 128}
     for t in trials:
         assert t["batch_size"] == t["micro_batch_size"] * t["accum_steps"] * 2
         assert t["samples"] == 2048 and t["steps"] * t["batch_size"] == 2048
     assert data["meta"]["world_size"] == 2 and data["meta"]["scaling"]["world_size"] == 2
-    written = json.loads((out_dir / "trials.json").read_text())
+    written = json.loads((ranks["_folder"] / "run" / "trials.json").read_text())
     assert len(written) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "spec.yaml"]  # no second folder
+    assert not list(ranks["_folder"].glob("runs"))  # no second, default-named folder
 
 
-def test_check_runs_on_both_ranks_and_reports_once(tmp_path):
-    out = _torchrun(tmp_path, ["check", "--batch-size", "128", "--format", "json", "-q"], "[1MiB, 1MiB]")
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout)
+def test_check_runs_on_both_ranks_and_reports_once(ranks):
+    report = _json(ranks, "check")
     assert report["batch_size"] == 128 and report["micro_batch_size"] == 64  # 64 per rank × 2 ranks
     assert {c["name"]: c["status"] for c in report["checks"]}["fits"] == "pass"
 
 
-def test_a_user_error_on_one_rank_stops_both_with_exit_2(tmp_path):
-    out = _torchrun(tmp_path, ["probe", "-q"], "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank",
-                    timeout=120)
-    assert out.returncode != 0  # and it returned well inside the timeout: no rank waited forever
-    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in out.stderr
-    assert "[rank 0] a training step failed on another rank" in out.stderr
-    assert "exitcode  : 2" in out.stderr  # torchrun's summary of the children: our exit code 2
+def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
+    rank0, rank1 = ranks["user_error"]
+    assert rank0["code"] == 2 and rank1["code"] == 2
+    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in rank1["stderr"]
+    assert "[rank 0] a training step failed on another rank" in rank0["stderr"]
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
+    # no rank was left waiting: the group took the next command and agreed on the same ceiling
+    assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
