@@ -49,7 +49,7 @@ from tabulate import tabulate
 
 from batchtune.config.components import build_components
 from batchtune.memory.device import CPUBackend
-from batchtune.commands.probe import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
+from batchtune.memory.search import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig

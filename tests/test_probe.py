@@ -6,20 +6,27 @@ import math
 
 import pytest
 
+import batchtune.config.components
+from batchtune.commands.probe import run_probe, safe_size
 from batchtune.config.components import build_components
-from batchtune.memory.device import CPUBackend
-from batchtune.commands.probe import (
-    Measurement,
-    double_then_bisect,
-    model_guided_search,
-    run_probe,
-    safe_size,
-    shrink_from_above,
-)
-from batchtune.memory.model import MemoryModel, fit_memory_model
 from batchtune.config.spec import load_spec
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
+from batchtune.memory.device import CPUBackend
+from batchtune.memory.model import fit_memory_model
+from batchtune.memory.search import (
+    GROWTH_BISECT,
+    MODEL_GUIDED,
+    Measurement,
+    SearchSpace,
+    choose_search,
+    double_then_bisect,
+    model_guided_search,
+    search_ceiling,
+    shrink_from_above,
+)
+from batchtune.memory.source import MemorySource
+from batchtune.render.probe import render_probe
 
 
 def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):
@@ -86,6 +93,68 @@ def test_memory_model_fit_and_safe_size():
     assert safe_size(100, None, None, 0.10, 8, 8) == 88
 
 
+# ------------------------------------------------------- the memory-source seam
+
+
+class CurveSource(MemorySource):
+    """A pure-Python memory source: ``peak(b)`` from a formula, OOM above ``limit_bytes``.
+
+    ``knows_capacity`` is what the search is told; the limit applies either way.
+    """
+
+    def __init__(self, peak, limit_bytes: int, *, baseline_bytes: int = 1_000_000, knows: bool = True) -> None:
+        self.peak = peak
+        self.limit_bytes = limit_bytes
+        self.capacity_bytes = limit_bytes if knows else None
+        self.baseline_bytes = baseline_bytes
+        self.calls: list[int] = []
+
+    def measure(self, batch_size: int) -> Measurement:
+        self.calls.append(batch_size)
+        peak = self.peak(batch_size)
+        return Measurement(peak <= self.limit_bytes, peak if peak <= self.limit_bytes else None)
+
+
+def _linear(b: int) -> int:
+    return 3_000_000 + 10_000 * b
+
+
+def _floor_then_linear(b: int) -> int:
+    """Flat at small batches (a batch-independent peak), then linear: the kink the probe meets."""
+    return max(5_000_000, 3_000_000 + 10_000 * b)
+
+
+# curve, ceiling, granularity, searches in the log
+SOURCE_CASES = [
+    (_linear, 1000, 1, ["anchor", "anchor", "explore", "approach", "predict", "verify"]),
+    (_linear, 1000, 8, ["anchor", "anchor", "approach", "predict", "verify"]),
+    (_floor_then_linear, 3744, 1, ["anchor", "anchor", "explore", "approach", "predict", "verify"]),
+]
+
+
+@pytest.mark.parametrize("curve,ceiling,granularity,phases", SOURCE_CASES)
+def test_source_with_capacity_gets_the_model_guided_search(curve, ceiling, granularity, phases):
+    source = CurveSource(curve, curve(ceiling) + 5_000)
+    strategy, out = search_ceiling(source, SearchSpace(granularity, 1 << 20, granularity))
+    assert choose_search(source) == strategy == MODEL_GUIDED
+    assert out.ceiling == ceiling and not out.capped
+    assert [phase for _, phase, _ in out.phases] == phases
+    assert len(source.calls) == len(phases)
+    assert source.calls[-2:] == [ceiling, ceiling + granularity]  # exact: it fits, one granule more does not
+
+
+@pytest.mark.parametrize("curve", [_linear, _floor_then_linear])
+def test_source_without_capacity_grows_then_bisects(curve):
+    source = CurveSource(curve, curve(1000) + 5_000, knows=False)
+    strategy, out = search_ceiling(source, SearchSpace(1, 1 << 20, 1))
+    assert not source.knows_capacity and strategy == GROWTH_BISECT
+    assert out.ceiling == 1000 and out.predicted_ceiling is None
+    # doubling 1…1024 (11 runs) then bisecting (768, 1024) down to one granule (9 runs)
+    assert source.calls[:11] == [1 << i for i in range(11)]
+    assert len(source.calls) == 20
+    assert {b: m.fits for b, _, m in out.phases}[1001] is False
+
+
 # ------------------------------------------------------------------ real trials on CPU
 
 
@@ -148,6 +217,24 @@ def test_probe_user_oom_below_the_memory_limit(write_spec):
     """
     result = run_probe(load_spec(write_spec(text)))
     assert result.ceiling == 150
+
+
+def test_probe_confirms_with_its_steps_and_reuses_components(write_spec, monkeypatch):
+    """The report names the confirmation's real steps; a caller's components are not rebuilt."""
+    spec = load_spec(write_spec(), ["device.memory_limit=1MiB", "probe.granularity=32", "probe.min_batch_size=32",
+                                    "probe.steps_per_trial=5", "probe.max_batch_size=64"])
+    components = build_components(spec)
+
+    def no_second_build(spec):
+        raise AssertionError("the probe built the components again")
+
+    monkeypatch.setattr(batchtune.config.components, "build_components", no_second_build)
+    result = run_probe(spec, components=components)
+    confirm = [t for t in result.trials if t.phase == "confirm"]
+    assert result.confirmed and result.confirm_steps == 5 and [t.steps for t in confirm] == [5]
+    assert all(t.steps == 5 for t in result.trials if t.fits)
+    assert "confirmed with 5 steps + validation" in render_probe(result)
+    assert result.to_dict()["confirm_steps"] == 5
 
 
 def test_probe_nothing_fits(write_spec):

@@ -1,51 +1,28 @@
 """Find the OOM ceiling: the largest batch that completes full training steps on the device.
 
-The search is measured, not guessed. Peak memory is close to linear in the batch size, so
-two runs give ``peak(b) ≈ fixed + per_sample·b`` and a predicted ceiling for the known
-capacity; runs at and beside the prediction then close the bracket to one granule. When the
-prediction misses twice (memory not linear, an OOM raised by user code), the search bisects
-the bracket it has. Without a known capacity it grows by doubling, then bisects.
-
-The search itself is a pure function of a ``measure(batch_size)`` callback, so it is tested
-and benchmarked against synthetic memory curves as well as real trials.
+The probe asks a :class:`~batchtune.memory.source.DeviceMemorySource` for peak memory at
+batch sizes; the search that source allows (:mod:`batchtune.memory.search`) finds the
+exact ceiling. The probe then proves memory came back after every OOM, picks the safe
+size (headroom under the capacity) and confirms it with a few optimizer steps plus a
+validation pass.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchtune.memory.model import MemoryModel, fit_memory_model
-from batchtune.render.text import format_bytes
+from batchtune.memory.model import MemoryModel
+from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling
+from batchtune.memory.source import DeviceMemorySource, DeviceTrial
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Measurement",
-    "ProbeResult",
-    "ProbeTrial",
-    "SearchOutcome",
-    "double_then_bisect",
-    "model_guided_search",
-    "run_probe",
-    "shrink_from_above",
-]
+__all__ = ["ProbeResult", "ProbeTrial", "run_probe", "safe_size"]
 
-
-@dataclass(frozen=True)
-class Measurement:
-    """What the search needs from one trial.
-
-    ``peak_bytes`` is the part of the peak that grows with the batch (forward and
-    backward); a batch-independent floor such as the optimizer step is left out, since a
-    line through ``max(floor, fixed + per_sample·b)`` would get the slope wrong.
-    """
-
-    fits: bool
-    peak_bytes: int | None = None
+#: The confirmation runs at least this many optimizer steps, then a validation pass.
+MIN_CONFIRM_STEPS = 3
 
 
 @dataclass
@@ -58,174 +35,6 @@ class ProbeTrial:
     phase: str  # anchor | explore | approach | predict | verify | bisect | grow | confirm
     leaked_bytes: int = 0
     error: str | None = None
-
-
-@dataclass
-class SearchOutcome:
-    ceiling: int | None  # None: not even the smallest size fits
-    capped: bool  # the ceiling is max_batch_size itself: the device may hold more
-    model: MemoryModel | None
-    predicted_ceiling: float | None  # from the first two measurements
-    phases: list[tuple[int, str, Measurement]] = field(default_factory=list)
-
-
-Measure = Callable[[int], Measurement]
-
-
-def _align(x: float, granularity: int) -> int:
-    return int(math.floor(x / granularity)) * granularity
-
-
-class _Bracket:
-    """Largest size known to fit (lo) and smallest known to fail (hi), plus fitted points."""
-
-    def __init__(self, measure: Measure, granularity: int, max_batch_size: int) -> None:
-        self.measure = measure
-        self.g = granularity
-        self.max = max_batch_size
-        self.lo: int | None = None
-        self.hi = max_batch_size + granularity  # a virtual failure just past the cap
-        self.points: dict[int, int] = {}
-        self.log: list[tuple[int, str, Measurement]] = []
-
-    def run(self, batch_size: int, phase: str) -> Measurement:
-        m = self.measure(batch_size)
-        self.log.append((batch_size, phase, m))
-        if m.fits:
-            self.lo = batch_size if self.lo is None else max(self.lo, batch_size)
-            if m.peak_bytes is not None:
-                self.points[batch_size] = m.peak_bytes
-        else:
-            self.hi = min(self.hi, batch_size)
-        return m
-
-    @property
-    def closed(self) -> bool:
-        return self.lo is not None and self.hi - self.lo <= self.g
-
-    def midpoint(self) -> int:
-        mid = _align((self.lo + self.hi) / 2, self.g)
-        return min(max(mid, self.lo + self.g), self.hi - self.g)
-
-    def outcome(self, model: MemoryModel | None, predicted: float | None) -> SearchOutcome:
-        return SearchOutcome(self.lo, self.lo == self.max, model, predicted, self.log)
-
-    def fit(self, last: int | None = None) -> MemoryModel | None:
-        """Least squares over the fitting points (only the ``last`` largest, if given)."""
-        if len(self.points) < 2:
-            return None
-        sizes = sorted(self.points)[-last:] if last else sorted(self.points)
-        return fit_memory_model(sizes, [self.points[b] for b in sizes])
-
-
-def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size: int, granularity: int,
-                        capacity_bytes: int, baseline_bytes: int = 0, approach_below: float = 0.85,
-                        flat: float = 0.05) -> SearchOutcome:
-    """Exact ceiling (to ``granularity``) from a fitted memory model, verified by runs.
-
-    The plan: two anchors give a first slope; if the largest fit is far below the predicted
-    ceiling, measure most of the way there first (peak memory is only piecewise linear: at
-    small batches the peak falls at a moment activations do not dominate); then run the
-    prediction and gallop away from it (±1, 2, 4… granules) until the bracket closes,
-    bisecting the last step.
-
-    Args:
-        measure: runs a trial at a batch size.
-        min_batch_size, max_batch_size, granularity: the search space (multiples of granularity).
-        capacity_bytes: the memory the device gives this process.
-        baseline_bytes: memory in use before a trial (parameters); it bounds the first slope.
-        approach_below: when the largest fit is below this share of the predicted ceiling,
-            first measure 90% of the way there.
-        flat: a secant whose peaks differ by less than this share says nothing about the
-            slope (both points sit on a batch-independent floor): explore geometrically.
-    """
-    b = _Bracket(measure, granularity, max_batch_size)
-    g = granularity
-    first = b.run(min_batch_size, "anchor")
-    if not first.fits or min_batch_size + g > max_batch_size:
-        return b.outcome(None, None)
-
-    # Fixed memory is at least the baseline, so per-sample bytes are at most this: the size
-    # it implies fits if memory is linear, and is far enough from the first for a slope.
-    peak1 = first.peak_bytes or 0
-    per_sample_max = max(peak1 - baseline_bytes, 1) / min_batch_size
-    second = _align(min_batch_size + (capacity_bytes - peak1) / per_sample_max, g)
-    b.run(min(max(second, min_batch_size + g, 2 * min_batch_size), max_batch_size), "anchor")
-    first_model = b.fit()
-    predicted = first_model.max_batch_size(capacity_bytes) if first_model is not None else None
-
-    gallop = 0  # after a prediction: granules to step next, signed by direction
-    bisecting = False
-    failed_approaches = 0
-    while not b.closed:
-        if bisecting or failed_approaches >= 2:
-            candidate, phase = b.midpoint(), "bisect"
-        elif gallop:
-            edge = b.lo + gallop * g if gallop > 0 else b.hi + gallop * g
-            candidate, phase = min(max(edge, b.lo + g), b.hi - g), "verify"
-        else:
-            sizes = sorted(b.points)[-2:]
-            local = b.fit(last=2)
-            limit = local.max_batch_size(capacity_bytes) if local is not None else math.inf
-            target = b.hi - g if math.isinf(limit) else _align(limit, g)
-            target = min(max(target, b.lo + g), b.hi - g)
-            is_flat = len(sizes) < 2 or b.points[sizes[1]] - b.points[sizes[0]] < flat * b.points[sizes[1]]
-            overall = b.fit()
-            # Three or more points on one line: the model has earned a direct prediction.
-            linear = overall is not None and overall.points >= 3 and overall.max_relative_error < 0.01
-            if is_flat and not linear and target > 4 * b.lo:
-                candidate, phase = _align(math.sqrt(b.lo * target), g), "explore"
-            elif b.lo < approach_below * target and target - b.lo > 2 * g:
-                # A long extrapolation magnifies every error: measure near the ceiling first. If
-                # the points are still bending upwards (a convex curve over-predicts), stop short.
-                share = 0.9 if linear or overall is None or overall.points < 3 else 0.75
-                candidate, phase = _align(b.lo + share * (target - b.lo), g), "approach"
-            else:
-                candidate, phase = target, "predict"
-            candidate = min(max(candidate, b.lo + g), b.hi - g)
-        fits = b.run(candidate, phase).fits
-        if phase == "predict":
-            gallop = 1 if fits else -1
-        elif phase == "verify" and not b.closed:
-            if (gallop > 0) == fits:
-                gallop *= 2  # still on the same side of the ceiling: widen the step
-            else:
-                bisecting = True  # the last step crossed it: bisect within that step
-        failed_approaches = failed_approaches + 1 if (phase in ("approach", "explore") and not fits) else 0
-    return b.outcome(b.fit(), predicted)
-
-
-def double_then_bisect(measure: Measure, *, min_batch_size: int, max_batch_size: int,
-                       granularity: int) -> SearchOutcome:
-    """The classic search (Lightning's ``binsearch``): double until OOM, then bisect."""
-    b = _Bracket(measure, granularity, max_batch_size)
-    size = min_batch_size
-    while True:
-        if not b.run(size, "grow").fits:
-            break
-        if size >= max_batch_size:
-            return b.outcome(b.fit(), None)
-        size = min(2 * size, max_batch_size)
-    if b.lo is None:
-        return b.outcome(None, None)
-    while not b.closed:
-        b.run(b.midpoint(), "bisect")
-    return b.outcome(b.fit(), None)
-
-
-def shrink_from_above(measure: Measure, *, start: int, min_batch_size: int, granularity: int,
-                      factor: float = 0.9) -> SearchOutcome:
-    """Start high and shrink by ``factor`` until a size fits (accurate to ~10%, not exact)."""
-    b = _Bracket(measure, granularity, start)
-    size = start
-    while size >= min_batch_size:
-        if b.run(size, "shrink").fits:
-            break
-        size = min(_align(size * factor, granularity), size - granularity)
-    return b.outcome(b.fit(), None)
-
-
-# ---------------------------------------------------------------------------- the probe
 
 
 @dataclass
@@ -253,6 +62,7 @@ class ProbeResult:
     device: dict[str, Any]
     precision: str
     notes: list[str] = field(default_factory=list)
+    confirm_steps: int | None = None  # optimizer steps the confirmation ran before its validation pass
 
     @property
     def search_trials(self) -> int:
@@ -274,12 +84,6 @@ class ProbeResult:
         return out
 
 
-def _power_of_two_at_most(n: int | None) -> int | None:
-    if not n or n < 1:
-        return None
-    return 1 << (n.bit_length() - 1)
-
-
 def safe_size(ceiling: int, model: MemoryModel | None, capacity: int | None, headroom: float,
               granularity: int, min_batch_size: int) -> int:
     """The largest size (multiple of granularity, at most the ceiling) that leaves ``headroom`` free.
@@ -288,112 +92,133 @@ def safe_size(ceiling: int, model: MemoryModel | None, capacity: int | None, hea
     falls back to the same share of the ceiling.
     """
     if capacity is not None and model is not None and model.per_sample_bytes > 0:
-        size = _align(model.max_batch_size((1.0 - headroom) * capacity), granularity)
+        size = align_down(model.max_batch_size((1.0 - headroom) * capacity), granularity)
     else:
-        size = _align(ceiling * (1.0 - headroom), granularity)
+        size = align_down(ceiling * (1.0 - headroom), granularity)
     return max(min(size, ceiling), min_batch_size)
 
 
-def run_probe(spec: Any, backend: Any = None) -> ProbeResult:
+def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> ProbeResult:
     """Find the ceiling and the safe batch size for ``spec`` (a Spec or a path).
 
     Args:
         spec: a :class:`~batchtune.config.spec.Spec`, or a path to a spec file.
         backend: a device backend to use instead of the one the spec selects.
+        components: the spec's components when the caller already built them (the sweep
+            does), so that the data set is built once per command.
     """
     from batchtune.engine.distributed import current
-    from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import Trainer, prepare, trial_config
 
-    spec, components, backend = prepare(spec, backend)
+    spec, components, backend = _setup(spec, backend, components)
     log.info("probing %s ...", spec.name)
     p = spec.probe
     dist = current()
-    trainer = Trainer(components, backend, spec.precision, dist)
-    model = components.build_model(spec.seed).to(backend.device)
-    backend.track(list(model.parameters()) + list(model.buffers()))
-    # Under several ranks the search works for the tightest one: the smallest capacity, the
-    # largest baseline and peaks. Whether a trial fits is agreed inside the trainer.
-    baseline = int(dist.max(backend.current_bytes())[0])
-    capacity = backend.capacity_bytes()
-    if dist.enabled:
-        known = dist.min(1.0 if capacity is not None else 0.0)[0] > 0.5
-        capacity = int(dist.min(capacity if capacity is not None else 0)[0]) if known else None
-    trials: list[ProbeTrial] = []
-    lr = spec.optimizer.lr
-
-    def attempt(batch_size: int, phase: str, steps: int, validate: bool = False) -> Any:
-        config = trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=lr, steps=steps,
-                              validate=validate, eval_samples=batch_size, grad_clip=None)
-        result = trainer.run(config, model=model)
-        if dist.enabled and result.fits:
-            result.peak_bytes, result.compute_peak_bytes = (
-                int(v) for v in dist.max(result.peak_bytes or 0, result.compute_peak_bytes or 0))
-        trial = ProbeTrial(batch_size, result.fits, result.peak_bytes, round(result.seconds, 4),
-                           result.steps + (0 if result.fits else 1), phase, result.leaked_bytes, result.error)
-        trials.append(trial)
-        outcome = f"fits, peak {format_bytes(trial.peak_bytes)}" if trial.fits else "out of memory"
-        log.info("  %-8s batch %7d: %s (%.2f s)", phase, batch_size, outcome, trial.seconds)
-        return result
-
-    def measure(batch_size: int) -> Measurement:
-        result = attempt(batch_size, "search", p.steps_per_trial)
-        return Measurement(result.fits, result.compute_peak_bytes)
-
-    bounds = dict(min_batch_size=p.min_batch_size, max_batch_size=p.max_batch_size, granularity=p.granularity)
-    if capacity is not None:
-        strategy = "model-guided"
-        outcome = model_guided_search(measure, capacity_bytes=capacity, baseline_bytes=baseline, **bounds)
-    else:
-        strategy = "growth-bisect"
-        outcome = double_then_bisect(measure, **bounds)
-    for trial, (_, phase, _) in zip(trials, outcome.phases):
-        trial.phase = phase  # the search's own name for why it ran each size
-
+    source = _device_source(spec, components, backend, dist)
+    strategy, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, p.max_batch_size, p.granularity))
     notes: list[str] = []
-    leaks = [t.leaked_bytes for t in trials if not t.fits]
-    max_leak = int(dist.max(max(leaks, default=0))[0])
-    tolerance = getattr(backend, "leak_tolerance_bytes", 0)
-    memory_returned = max_leak <= tolerance
-    if not memory_returned:
+    max_leak = _max_leaked_bytes(source.trials, dist)
+    if max_leak > 0:
         notes.append(f"memory did not return to the baseline after an OOM: {max_leak} bytes still held "
                      "(references kept by user code?); later trials may under-report the ceiling")
-    model_fit = outcome.model
-    ceiling = outcome.ceiling
-    safe = power = safe_peak = safe_headroom = val_loss = None
-    confirmed = False
-    if ceiling is not None:
-        if outcome.capped:
-            notes.append(f"max_batch_size ({p.max_batch_size}) fits: the device may hold more; raise probe.max_batch_size")
-        safe = safe_size(ceiling, model_fit, capacity, p.headroom, p.granularity, p.min_batch_size)
-        # Confirm the recommendation: a few optimizer steps plus a validation pass. Step down
-        # a granule at a time if it fails (it should not: it is below a measured fit).
-        while safe is not None and safe >= p.min_batch_size:
-            result = attempt(safe, "confirm", max(p.steps_per_trial, 3), validate=True)
-            if result.fits:
-                confirmed = True
-                safe_peak = result.peak_bytes
-                val_loss = result.final_val_loss
-                if capacity and safe_peak is not None:
-                    safe_headroom = 1.0 - safe_peak / capacity
-                    if safe_headroom < p.headroom - 1e-9:
-                        notes.append(f"the safe size leaves {safe_headroom:.1%} free, less than the "
-                                     f"{p.headroom:.0%} asked: even min_batch_size is close to the limit")
-                break
-            notes.append(f"confirmation at {safe} ran out of memory; stepping down")
-            safe -= p.granularity
-        if not confirmed:
-            safe = None
-        power = _power_of_two_at_most(safe)
-        if power is not None and power < p.min_batch_size:
-            power = None
-    del model
+    if outcome.capped:
+        notes.append(f"max_batch_size ({p.max_batch_size}) fits: the device may hold more; raise probe.max_batch_size")
+    confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
+    source.close()
     backend.cleanup()
     return ProbeResult(
-        ceiling=ceiling, safe_batch_size=safe, power_of_two_batch_size=power, capacity_bytes=capacity,
-        baseline_bytes=baseline, headroom=p.headroom, granularity=p.granularity, strategy=strategy,
-        capped=outcome.capped, memory_model=model_fit, predicted_ceiling=outcome.predicted_ceiling,
-        safe_peak_bytes=safe_peak, safe_headroom=safe_headroom, confirmed=confirmed, confirm_val_loss=val_loss,
-        memory_returned=memory_returned, max_leaked_bytes=max_leak, trials=trials,
+        ceiling=outcome.ceiling, safe_batch_size=confirmation.batch_size,
+        power_of_two_batch_size=_power_of_two(confirmation.batch_size, p.min_batch_size),
+        capacity_bytes=source.capacity_bytes, baseline_bytes=source.baseline_bytes, headroom=p.headroom,
+        granularity=p.granularity, strategy=strategy, capped=outcome.capped, memory_model=outcome.model,
+        predicted_ceiling=outcome.predicted_ceiling, safe_peak_bytes=confirmation.peak_bytes,
+        safe_headroom=confirmation.headroom, confirmed=confirmation.batch_size is not None,
+        confirm_val_loss=confirmation.val_loss, confirm_steps=confirmation.steps,
+        memory_returned=max_leak <= 0, max_leaked_bytes=max_leak, trials=_probe_trials(source.trials, outcome),
         device={**backend.describe(), "world_size": dist.world_size}, precision=spec.precision, notes=notes,
     )
+
+
+def _setup(spec: Any, backend: Any, components: Any) -> tuple[Any, Any, Any]:
+    """(spec, components, backend), building the components only when the caller has none."""
+    from batchtune.engine.trial import prepare
+
+    if components is None:
+        return prepare(spec, backend)
+    from batchtune.config.spec import Spec, load_spec
+    from batchtune.memory.device import backend_for_spec
+
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    return spec, components, backend if backend is not None else backend_for_spec(spec)
+
+
+def _device_source(spec: Any, components: Any, backend: Any, dist: Any) -> DeviceMemorySource:
+    """A source that trains one model on the device, its parameters and buffers the baseline."""
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, trial_config
+
+    model = components.build_model(spec.seed).to(backend.device)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+
+    def config_for(batch_size: int, steps: int, validate: bool) -> Any:
+        return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=spec.optimizer.lr, steps=steps,
+                            validate=validate, eval_samples=batch_size, grad_clip=None)
+
+    return DeviceMemorySource(trainer=Trainer(components, backend, spec.precision, dist), model=model,
+                              backend=backend, dist=dist, config_for=config_for,
+                              steps_per_trial=spec.probe.steps_per_trial)
+
+
+def _max_leaked_bytes(trials: list[DeviceTrial], dist: Any) -> int:
+    """The most memory any OOM left behind (over the ranks): 0 when memory always came back."""
+    leaks = [t.result.leaked_bytes for t in trials if not t.result.fits]
+    return int(dist.max(max(leaks, default=0))[0])
+
+
+@dataclass
+class _Confirmation:
+    """The safe size that a confirmation run completed (all None when none did)."""
+
+    batch_size: int | None = None
+    peak_bytes: int | None = None
+    headroom: float | None = None  # measured share of capacity left free
+    val_loss: float | None = None
+    steps: int | None = None
+
+
+def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: list[str]) -> _Confirmation:
+    """Run the safe size for a few optimizer steps plus a validation pass.
+
+    Steps down a granule at a time if it fails (it should not: it is below a measured fit).
+    """
+    capacity = source.capacity_bytes
+    safe = safe_size(outcome.ceiling, outcome.model, capacity, p.headroom, p.granularity, p.min_batch_size)
+    while safe >= p.min_batch_size:
+        result = source.run(safe, phase="confirm", steps=max(p.steps_per_trial, MIN_CONFIRM_STEPS), validate=True)
+        if result.fits:
+            free = 1.0 - result.peak_bytes / capacity if capacity and result.peak_bytes is not None else None
+            if free is not None and free < p.headroom - 1e-9:
+                notes.append(f"the safe size leaves {free:.1%} free, less than the "
+                             f"{p.headroom:.0%} asked: even min_batch_size is close to the limit")
+            return _Confirmation(safe, result.peak_bytes, free, result.final_val_loss, result.steps)
+        notes.append(f"confirmation at {safe} ran out of memory; stepping down")
+        safe -= p.granularity
+    return _Confirmation()
+
+
+def _power_of_two(safe: int | None, min_batch_size: int) -> int | None:
+    """The largest power of two at most ``safe``, if it is a size the probe allows."""
+    if not safe or safe < 1:
+        return None
+    power = 1 << (safe.bit_length() - 1)
+    return power if power >= min_batch_size else None
+
+
+def _probe_trials(trials: list[DeviceTrial], outcome: SearchOutcome) -> list[ProbeTrial]:
+    """The source's trials as evidence, each search run named by the phase that chose it."""
+    out = [ProbeTrial(t.batch_size, t.result.fits, t.result.peak_bytes, round(t.result.seconds, 4),
+                      t.result.steps + (0 if t.result.fits else 1), t.phase, t.result.leaked_bytes, t.result.error)
+           for t in trials]
+    for trial, (_, phase, _) in zip(out, outcome.phases):
+        trial.phase = phase  # the search's own name for why it ran each size
+    return out

@@ -32,7 +32,8 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
             detail += f", {result.safe_headroom:.1%} of capacity free"
         detail += f"; headroom asked {result.headroom:.0%}"
         if result.confirm_val_loss is not None:
-            detail += f"; confirmed with 3 steps + validation (val loss {result.confirm_val_loss:.4g})"
+            detail += (f"; confirmed with {result.confirm_steps} steps + validation "
+                       f"(val loss {result.confirm_val_loss:.4g})")
         rows.append(("safe batch size", f"{result.safe_batch_size}   ({detail})"))
     rows.append(("power of two", str(result.power_of_two_batch_size or "-")))
     model = result.memory_model
