@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset
 
 from batchtune.config.spec import Spec, SpecError
@@ -93,24 +94,21 @@ def _resolve(entry: Any, registry: dict[str, str], spec: Spec, path: str) -> Cal
 
 
 def batch_size_of(batch: Any) -> int:
-    """The number of samples in a collated batch (first tensor's leading dimension)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return batch_size_of(batch[0])
+    """The number of samples in a collated batch: the leading dimension of its first tensor.
+
+    Raises:
+        TypeError: the batch holds no tensor.
+    """
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.shape[0]
     raise TypeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    """The batch with every tensor on ``device`` (dicts, lists, tuples nest; other leaves pass through)."""
+    # tree_map with an isinstance test costs half of tree_map_only's wrapper, per batch.
+    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _model_loss(output: Any) -> torch.Tensor:

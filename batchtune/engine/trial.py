@@ -10,27 +10,28 @@ afterwards memory is brought back to the baseline and the result says whether it
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from batchtune.config.components import Components, batch_size_of, to_device
-from batchtune.memory.device import DeviceBackend, is_oom
+from batchtune.engine.data import Feed, batches, tensors
 from batchtune.engine.distributed import DistContext, current
 from batchtune.engine.shape import BatchShape
+from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast
 from batchtune.errors import TrainingError
-from batchtune.stats.scaling import lr_at_step
+from batchtune.memory.device import DeviceBackend, is_oom
+from batchtune.monitor import NoiseScaleMonitor
 
-__all__ = ["EvalPoint", "TrialConfig", "TrialResult", "Trainer", "prepare", "trial_config"]
+__all__ = ["EvalPoint", "ForwardOnly", "TrainStep", "TrialConfig", "TrialResult", "Trainer", "Workload",
+           "prepare", "trial_config"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
 
 
@@ -171,79 +172,44 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool,
-             dist: DistContext | None = None) -> Iterator[Any]:
-    """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller.
+@dataclass
+class _Run:
+    """One trial's state while its steps run: what the step loop used to pass around loose."""
 
-    Under several ranks each takes its own shard of one shared shuffle.
-    """
-    if dist is not None and dist.enabled and len(dataset) >= batch_size * dist.world_size:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                     seed=seed, drop_last=True)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-    if dist is not None and dist.enabled:
-        seed = seed + 7919 * dist.rank  # a different sample per rank
-    generator = torch.Generator().manual_seed(seed)
-    if len(dataset) >= batch_size:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
-                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
-    else:
-        sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * 64, generator=generator)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
-    while True:
-        yield from loader
-
-
-def _halves(batch: Any) -> list[Any]:
-    """Two equal halves of a batch along dim 0 (for the noise scale at accum_steps=1)."""
-    if isinstance(batch, torch.Tensor):
-        half = batch.shape[0] // 2
-        return [batch[:half], batch[half:2 * half]]
-    if isinstance(batch, dict):
-        parts = {k: _halves(v) for k, v in batch.items()}
-        return [{k: v[i] for k, v in parts.items()} for i in range(2)]
-    if isinstance(batch, (list, tuple)):
-        parts = [_halves(v) for v in batch]
-        return [type(batch)(p[i] for p in parts) for i in range(2)]
-    return [batch, batch]
-
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        return [t for v in batch.values() for t in _tensors(v)]
-    if isinstance(batch, (list, tuple)):
-        return [t for v in batch for t in _tensors(v)]
-    return []
+    config: TrialConfig
+    result: TrialResult
+    model: nn.Module
+    work: Workload
+    feed: Feed
+    monitor: NoiseScaleMonitor | None  # None: the noise scale is not measured
+    memory_session: contextlib.ExitStack  # closed once config.memory_steps have run
+    on_step: Callable[[int, float], None] | None
+    next_eval: float = 0.0  # samples at which the next validation is due (0: none)
 
 
 class Trainer:
-    """Runs trials for one spec on one device backend."""
+    """Runs trials for one spec on one device backend.
+
+    Args:
+        components: what the spec builds.
+        backend: the device.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a GradScaler).
+        dist: the ranks (the joined torchrun context by default).
+        workload: what each step runs, built once per trial as
+            ``workload(trainer, model, config)``: :class:`TrainStep` (the default) or
+            :class:`ForwardOnly`.
+    """
 
     def __init__(self, components: Components, backend: DeviceBackend, precision: str = "fp32",
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None, workload: WorkloadFactory = TrainStep) -> None:
         self.components = components
         self.backend = backend
         self.precision = precision
         self.dist = dist if dist is not None else current()
+        self.workload = workload
         self._val_cache: dict[tuple[int | None, int], Subset] = {}
 
-    # ------------------------------------------------------------------ helpers
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.backend.device.type, dtype=_DTYPES[self.precision])
+    # ------------------------------------------------------------------ validation
 
     def _val_subset(self, eval_samples: int | None, seed: int = 0) -> Dataset:
         """The same validation samples for every trial, so that losses compare."""
@@ -269,8 +235,8 @@ class Trainer:
                 if batch is None:
                     break
                 batch = to_device(batch, self.backend.device)
-                self.backend.track_batch(_tensors(batch))
-                with self._autocast():
+                self.backend.track_batch(tensors(batch))
+                with autocast(self.backend.device.type, self.precision):
                     loss = self.components.loss_fn(model, batch)
                 n = batch_size_of(batch)
                 total += float(loss.detach().float()) * n
@@ -278,6 +244,24 @@ class Trainer:
         finally:
             model.train(was_training)
         return total / count if count else math.nan
+
+    def _validate(self, run: _Run, step: int) -> bool:
+        """Record a validation point; False if the loss is not finite (the trial has diverged)."""
+        config, result = run.config, run.result
+        self.backend.reset_peak()
+        val_loss = self._agreed(lambda: self.evaluate(run.model, config.shape.micro_batch_size, config.eval_samples))
+        (val_loss,) = self.dist.mean(val_loss)
+        result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
+        result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
+        reading = run.monitor.reading() if run.monitor is not None else None
+        if reading is not None and reading.steps:
+            result.noise_history.append({"step": step, "samples": result.samples, "val_loss": val_loss,
+                                         "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
+                                         "reliable": reading.reliable, "noise_steps": reading.steps})
+        if not math.isfinite(val_loss):
+            result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
+            return False
+        return True
 
     # ------------------------------------------------------------------ the run
 
@@ -289,7 +273,8 @@ class Trainer:
             config: what to run.
             model: a model already on the device to reuse (the probe keeps one); if None a
                 fresh one is built with ``config.seed``, so trials start from the same weights.
-            on_step: called after every optimizer step with (step, loss).
+            on_step: called after every step with (step, loss); the loss is NaN for a
+                workload that computes none.
 
         Returns:
             A :class:`TrialResult`; an OOM or divergence is a result, not an exception.
@@ -326,56 +311,32 @@ class Trainer:
 
     def _train(self, config: TrialConfig, model: nn.Module | None, result: TrialResult,
                on_step: Callable[[int, float], None] | None, memory_session: contextlib.ExitStack) -> None:
-        backend, comps = self.backend, self.components
+        comps, backend = self.components, self.backend
         if model is None:
             model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
-        model.train()
-        net = model
-        if self.dist.enabled:
-            # DDP for its memory (reducer buckets) and its checks; gradients are reduced by
-            # hand after the ranks agree the step succeeded (see _agreed). No buffer
-            # broadcast: it would be a collective inside forward.
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [backend.device.index] if backend.device.type == "cuda" else None
-            no_forward_sync = ({"forward_sync_buffers": False}  # torch >= 2.13
-                               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                               else {"broadcast_buffers": False})
-            net = DistributedDataParallel(model, device_ids=ids, **no_forward_sync)
-        optimizer = comps.build_optimizer(model.parameters(), config.lr)
-        scaler = torch.amp.GradScaler(backend.device.type) if self.precision == "fp16" else None
-        batches = _batches(comps.train_set, config.shape.micro_batch_size, config.seed,
-                           comps.spec.data.num_workers, backend.device.type == "cuda", self.dist)
-        estimator = None
-        # k micro-batches give the two batch sizes; at k=1 a measured step runs as two halves,
-        # which needs an even micro-batch.
-        if config.measure_noise and (config.shape.accum_steps > 1 or self.dist.enabled or config.shape.micro_batch_size % 2 == 0):
-            from batchtune.stats.noise import NoiseScaleEstimator
-
-            estimator = NoiseScaleEstimator()
+        work = self.workload(self, model, config)
+        stream = batches(comps.train_set, config.shape.micro_batch_size, config.seed, comps.spec.data.num_workers,
+                         backend.device.type == "cuda", self.dist)
+        run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size),
+                   self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
-            self._steps(config, net, model, optimizer, scaler, batches, estimator, result, on_step, memory_session)
+            self._steps(run)
         finally:
-            if estimator is not None and estimator.steps:
-                result.noise = estimator.estimate()
+            work.close()
+            if run.monitor is not None:
+                run.monitor.close()
+                result.noise_steps = run.monitor.measured_steps
+                if run.monitor.reading().steps:
+                    result.noise = run.monitor.reading()
 
-    def _validate(self, model: nn.Module, config: TrialConfig, result: TrialResult, step: int,
-                  estimator: Any = None) -> bool:
-        """Record a validation point; False if the loss is not finite (the trial has diverged)."""
-        self.backend.reset_peak()
-        val_loss = self._agreed(lambda: self.evaluate(model, config.shape.micro_batch_size, config.eval_samples))
-        (val_loss,) = self.dist.mean(val_loss)
-        result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
-        result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
-        if estimator is not None and estimator.steps:
-            est = estimator.estimate()
-            result.noise_history.append({"step": step, "samples": result.samples, "val_loss": val_loss,
-                                         "b_simple": est.b_simple, "low": est.low, "high": est.high,
-                                         "reliable": est.reliable, "noise_steps": est.steps})
-        if not math.isfinite(val_loss):
-            result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
-            return False
-        return True
+    def _monitor(self, config: TrialConfig, model: nn.Module, work: Workload) -> NoiseScaleMonitor | None:
+        """The noise-scale monitor when the trial measures it and its shape gives two batch sizes."""
+        shape = config.shape
+        if not (config.measure_noise and work.has_gradients
+                and NoiseScaleMonitor.can_measure(shape.micro_batch_size, shape.accum_steps, self.dist.world_size)):
+            return None
+        return NoiseScaleMonitor(model.parameters(), micro_batch_size=shape.micro_batch_size,
+                                 accum_steps=shape.accum_steps, every=config.noise_every, ranks=self.dist)
 
     def _agreed(self, phase: Callable[[], Any]) -> Any:
         """Run one phase of a step; under several ranks, succeed or fail together.
@@ -401,144 +362,90 @@ class Trainer:
             raise torch.OutOfMemoryError(failure or "CUDA out of memory on another rank (agreed across ranks)")
         return out
 
-    def _steps(self, config, net, model, optimizer, scaler, batches, estimator, result, on_step,  # noqa: ANN001
-               memory_session) -> None:  # noqa: ANN001
-        backend, comps, dist = self.backend, self.components, self.dist
-        k = config.shape.accum_steps
-        micro = config.shape.micro_batch_size
-        params = [p for p in model.parameters() if p.requires_grad]
-        next_eval = config.eval_every_samples
-        if config.eval_every_samples and not self._validate(model, config, result, 0, estimator):
+    # ------------------------------------------------------------------ the steps
+
+    def _steps(self, run: _Run) -> None:
+        if run.config.eval_every_samples and not self._validate(run, 0):
             return
-        for step in range(config.steps):
-            if config.memory_steps is not None and step == config.memory_steps:
-                memory_session.close()  # peaks are known; time the rest without counting overhead
-            lr = lr_at_step(step, config.lr, config.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            measure = estimator is not None and step % config.noise_every == config.noise_every - 1
-            # Noise-scale sizes: micro-batches (or halves) on one rank; ranks' local gradients
-            # against the all-reduced one under several.
-            norms = None
-            if measure and not dist.enabled:
-                from batchtune.stats.noise import MicroBatchGradNorms
+        for step in range(run.config.steps):
+            if run.config.memory_steps is not None and step == run.config.memory_steps:
+                run.memory_session.close()  # peaks are known; time the rest without counting overhead
+            if not self._after_step(run, step, *self._step(run, step)):
+                return
 
-                norms = MicroBatchGradNorms(params)
-            pieces = 2 if (norms is not None and k == 1) else k  # backward passes this step
-            scale = scaler.get_scale() if scaler is not None else 1.0  # read once: it syncs the device
-            backend.synchronize()
-            step_start = time.perf_counter()
-            timing = {"data": 0.0}
+    def _step(self, run: _Run, step: int) -> tuple[float | None, float, float, bool]:
+        """One step, timed and measured by phase: ``(loss, seconds, data_seconds, measured)``.
 
-            def forward_backward() -> torch.Tensor:
-                loss_sum = None
-                for _ in range(k):
-                    fetch_start = time.perf_counter()
-                    with backend.paused():
-                        batch = next(batches)
-                    batch = to_device(batch, backend.device)
-                    backend.track_batch(_tensors(batch))
-                    timing["data"] += time.perf_counter() - fetch_start
-                    for piece in (_halves(batch) if pieces != k else [batch]):
-                        if norms is not None:
-                            norms.start_micro_batch()
-                        with self._autocast():
-                            loss = comps.loss_fn(net, piece)
-                        backend.sample()
-                        scaled = loss / pieces
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                        if norms is not None:
-                            norms.end_micro_batch(pieces / scale)
-                        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-                        del piece, loss, scaled
-                    result.samples += batch_size_of(batch) * dist.world_size
-                    del batch
-                return loss_sum
-
-            with net.no_sync() if dist.enabled else contextlib.nullcontext():
-                loss_sum = self._agreed(forward_backward)
-            backend.sample()
-            # Peaks per phase: forward+backward grows with the batch, the optimizer step does not.
-            result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
-            backend.reset_peak()
-            if norms is not None:  # before unscaling and clipping: both would distort it
-                from batchtune.stats.noise import noise_batch_sizes
-
-                small, big = norms.small_and_big(grad_multiplier=1.0 / scale)
-                norms.remove()
-                estimator.update(small, big, *noise_batch_sizes(micro, k))
-                result.noise_steps += 1
-            if measure and dist.enabled:
-                (small,) = dist.mean(_grad_sq_norm(params) / scale**2)
-            dist.reduce_gradients(params)
-            if measure and dist.enabled:
-                big = _grad_sq_norm(params) / scale**2
-                estimator.update(small, big, micro * k, micro * k * dist.world_size)
-                result.noise_steps += 1
-
-            def optimizer_step() -> None:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            self._agreed(optimizer_step)
-            loss_value = float(loss_sum) / pieces  # reading the loss synchronises the device
-            backend.synchronize()
-            step_seconds = time.perf_counter() - step_start
-            data_seconds = timing["data"]
-            if dist.enabled:  # every rank decides from the same numbers; the slowest sets the pace
-                loss_value, data_seconds = dist.mean(loss_value, data_seconds)
-                (step_seconds,) = dist.max(step_seconds)
-            backend.sample()
+        Agreed across ranks: the loss and data time are the ranks' mean, the step time the
+        slowest rank's.
+        """
+        backend, dist, work, result = self.backend, self.dist, run.work, run.result
+        noise = run.monitor if run.monitor is not None and run.monitor.due(step) else None
+        work.begin(step)
+        backend.synchronize()
+        start = time.perf_counter()
+        loss = self._agreed(lambda: work.compute(run.feed, noise))
+        backend.sample()
+        # Peaks per phase: the compute grows with the batch, the optimizer step does not.
+        result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
+        backend.reset_peak()
+        work.exchange(noise)
+        if work.updates:
+            self._agreed(work.update)
+        loss_value = float(loss) if loss is not None else None  # reading the loss synchronises the device
+        backend.synchronize()
+        seconds = time.perf_counter() - start
+        data_seconds, samples = run.feed.take()
+        result.samples += samples
+        if dist.enabled:  # every rank decides from the same numbers; the slowest sets the pace
+            if loss_value is not None:
+                (loss_value,) = dist.mean(loss_value)
+            (data_seconds,) = dist.mean(data_seconds)
+            (seconds,) = dist.max(seconds)
+        backend.sample()
+        if work.updates:
             result.optimizer_peak_bytes = max(result.optimizer_peak_bytes or 0, backend.peak_bytes())
-            backend.reset_peak()
+        backend.reset_peak()
+        return loss_value, seconds, data_seconds, noise is not None
 
-            result.steps = step + 1
-            result.train_seconds += step_seconds
-            if step >= config.timing_warmup_steps and not measure:  # measured steps ran differently
-                result.timed_samples += micro * k * dist.world_size
-                result.data_seconds += data_seconds
-                result.compute_seconds += step_seconds - data_seconds
-            result.losses.append(loss_value)
+    def _after_step(self, run: _Run, step: int, loss: float | None, seconds: float, data_seconds: float,
+                    measured: bool) -> bool:
+        """Record the step; False when the trial ends here (divergence, a failed validation, the time cap)."""
+        config, result = run.config, run.result
+        result.steps = step + 1
+        result.train_seconds += seconds
+        if step >= config.timing_warmup_steps and not measured:  # measured steps ran differently
+            result.timed_samples += config.shape.batch_size
+            result.data_seconds += data_seconds
+            result.compute_seconds += seconds - data_seconds
+        if loss is not None:
+            result.losses.append(loss)
             if result.first_loss is None:
-                result.first_loss = loss_value
-            result.last_loss = loss_value
-            if on_step is not None:
-                on_step(step, loss_value)
+                result.first_loss = loss
+            result.last_loss = loss
+        if run.on_step is not None:
+            run.on_step(step, loss if loss is not None else math.nan)
+        if loss is not None and self._diverged(config, result, step, loss):
+            return False
+        last = step + 1 == config.steps
+        out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
+        due = bool(run.next_eval) and result.samples >= run.next_eval - 1e-9
+        while run.next_eval and result.samples >= run.next_eval - 1e-9:
+            run.next_eval += config.eval_every_samples
+        if (due or ((last or out_of_time) and config.validate)) and not self._validate(run, step + 1):
+            return False
+        if out_of_time and not last:
+            result.truncated = True
+            return False
+        return True
 
-            if not math.isfinite(loss_value):
-                result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}"
-                return
-            if (config.divergence_factor is not None and step > 0
-                    and loss_value > config.divergence_factor * result.first_loss):
-                result.diverged = True
-                result.divergence = (f"loss {loss_value:.3g} at step {step + 1} exceeds "
-                                     f"{config.divergence_factor:g}× the first loss {result.first_loss:.3g}")
-                return
-            last = step + 1 == config.steps
-            out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
-            due = bool(next_eval) and result.samples >= next_eval - 1e-9
-            while next_eval and result.samples >= next_eval - 1e-9:
-                next_eval += config.eval_every_samples
-            if due or ((last or out_of_time) and config.validate):
-                if not self._validate(model, config, result, step + 1, estimator):
-                    return
-            if out_of_time and not last:
-                result.truncated = True
-                return
-
-
-def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
-    """|g|² over all gradients, summed in float64."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float(p.grad.detach().double().pow(2).sum())
-    return total
+    @staticmethod
+    def _diverged(config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
+        """Mark the result diverged if the loss is not finite or grew past the divergence factor."""
+        if not math.isfinite(loss):
+            result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}"
+        elif config.divergence_factor is not None and step > 0 and loss > config.divergence_factor * result.first_loss:
+            result.diverged = True
+            result.divergence = (f"loss {loss:.3g} at step {step + 1} exceeds "
+                                 f"{config.divergence_factor:g}× the first loss {result.first_loss:.3g}")
+        return result.diverged

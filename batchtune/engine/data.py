@@ -1,0 +1,105 @@
+"""Batches for a trial: an endless shuffled stream, and a feed that puts them on the device.
+
+The feed is where a step waits for data: it times the wait (fetch, transfer, counting the
+batch's memory) apart from the compute, and counts the samples that went by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from batchtune.config.components import batch_size_of, to_device
+from batchtune.engine.distributed import DistContext
+from batchtune.memory.device import DeviceBackend
+
+__all__ = ["Feed", "batches", "halves", "tensors"]
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool,
+            dist: DistContext | None = None) -> Iterator[Any]:
+    """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller.
+
+    Under several ranks each takes its own shard of one shared shuffle.
+    """
+    loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0}
+    if dist is not None and dist.enabled and len(dataset) >= batch_size * dist.world_size:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_options)
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    if dist is not None and dist.enabled:
+        seed = seed + 7919 * dist.rank  # a different sample per rank
+    generator = torch.Generator().manual_seed(seed)
+    if len(dataset) >= batch_size:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+                            **loader_options)
+    else:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=batch_size * 64, generator=generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_options)
+    while True:
+        yield from loader
+
+
+def halves(batch: Any) -> list[Any]:
+    """Two equal halves of a batch along dim 0 (an odd last sample is dropped).
+
+    Used for the noise scale at one accumulation step. Leaves that are not tensors go to
+    both halves unchanged.
+    """
+    leaves, spec = tree_flatten(batch)
+    split = [(leaf[:leaf.shape[0] // 2], leaf[leaf.shape[0] // 2:2 * (leaf.shape[0] // 2)])
+             if isinstance(leaf, torch.Tensor) else (leaf, leaf) for leaf in leaves]
+    return [tree_unflatten([pair[i] for pair in split], spec) for i in range(2)]
+
+
+def tensors(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested batch."""
+    return [leaf for leaf in tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
+
+
+class Feed:
+    """A trial's batches, on the device and counted, with the time spent waiting for them.
+
+    Args:
+        stream: host batches (see :func:`batches`).
+        backend: where they go; loading runs with memory counting paused, then the batch's
+            tensors are counted as they land.
+        world_size: ranks that each take a batch of their own, for the sample count.
+    """
+
+    def __init__(self, stream: Iterator[Any], backend: DeviceBackend, world_size: int = 1) -> None:
+        self._stream = stream
+        self._backend = backend
+        self._world_size = world_size
+        self.data_seconds = 0.0  # since the last take()
+        self.samples = 0  # over every rank, since the last take()
+
+    def next(self) -> Any:
+        """The next batch, on the device."""
+        start = time.perf_counter()
+        backend = self._backend
+        with backend.paused():
+            batch = next(self._stream)
+        batch = to_device(batch, backend.device)
+        backend.track_batch(tensors(batch))
+        self.data_seconds += time.perf_counter() - start
+        self.samples += batch_size_of(batch) * self._world_size
+        return batch
+
+    def take(self) -> tuple[float, int]:
+        """``(data_seconds, samples)`` since the last call, and start counting anew."""
+        out = (self.data_seconds, self.samples)
+        self.data_seconds, self.samples = 0.0, 0
+        return out
