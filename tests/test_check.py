@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from typer.testing import CliRunner
 
 from batchtune.engine.shape import BatchShape
 from batchtune.commands.check import (
-    TIME_SKIP,
+    CODES,
     CheckInputError,
+    CheckResult,
     critical_batch_verdict,
     data_verdict,
     fits_verdict,
@@ -29,6 +31,7 @@ from batchtune.commands.check import (
 from batchtune.cli import app
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.commands.sweep import run_sweep
+from batchtune.render.check import TIME_SKIP, check_reason, render_check
 from tests.conftest import TINY_SPEC, write_text
 
 runner = CliRunner()
@@ -77,6 +80,7 @@ def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
     assert "out of memory" in fits["reason"] and fits["figures"]["capacity_bytes"] == 200 * 1024
     assert [c["status"] for c in data["checks"][1:]] == ["skip"] * 4
     assert all("does not fit" in c["reason"] for c in data["checks"][1:4])
+    assert [c["code"] for c in data["checks"]] == ["fits.oom"] + ["skip.fits_oom"] * 4
     assert data["status"] == "fail" and data["exit_code"] == 1
 
 
@@ -84,7 +88,7 @@ def test_a_batch_within_the_ceiling_passes_and_accumulation_reaches_past_it(writ
     spec = _spec(write_spec)
     plain = run_check(spec, batch_size=128)
     fits = plain.check("fits")
-    assert fits.status == "pass", fits.reason
+    assert fits.status == "pass", check_reason(fits)
     assert fits.figures["capacity_bytes"] == 200 * 1024
     assert 0 < fits.figures["peak_bytes"] <= 0.9 * 200 * 1024
     assert fits.figures["headroom"] == pytest.approx(1 - fits.figures["peak_bytes"] / (200 * 1024))
@@ -104,13 +108,13 @@ def test_fitting_with_too_little_headroom_fails(write_spec):
     report = run_check(_spec(write_spec), batch_size=420)  # fits (ceiling 430) with ~2% free
     fits = report.check("fits")
     assert fits.status == "fail" and report.exit_code() == 1
-    assert fits.figures["headroom"] < 0.10 and "less than the 10% headroom" in fits.reason
+    assert fits.figures["headroom"] < 0.10 and "less than the 10% headroom" in check_reason(fits)
 
 
 def test_without_a_capacity_fits_passes_and_says_so(write_spec):
     report = run_check(_spec(write_spec, CHECK_SPEC, "device.memory_limit=null"), batch_size=64)
     fits = report.check("fits")
-    assert fits.status == "pass" and "capacity is unknown" in fits.reason
+    assert fits.status == "pass" and "capacity is unknown" in check_reason(fits)
     assert fits.figures["capacity_bytes"] is None and fits.figures["peak_bytes"] > 0
 
 
@@ -123,7 +127,7 @@ def test_a_user_model_that_raises_fails_fits(write_spec, message, reason):
                  f"model.kwargs={{threshold: 32, message: '{message}'}}")
     report = run_check(spec, batch_size=64)
     fits = report.check("fits")
-    assert fits.status == "fail" and fits.reason.startswith(reason) and report.exit_code() == 1
+    assert fits.status == "fail" and check_reason(fits).startswith(reason) and report.exit_code() == 1
     assert all(c.status == "skip" for c in report.checks[1:])
 
 
@@ -145,8 +149,8 @@ def test_a_sleepy_data_set_warns_on_data(write_spec):
                        batch_size=16)
     data = report.check("data")
     # 32 ms of sleep per batch against well under a millisecond of compute.
-    assert data.status == "warn", data.reason
-    assert data.figures["data_share"] > 0.5 and "raise data.num_workers" in data.reason
+    assert data.status == "warn", check_reason(data)
+    assert data.figures["data_share"] > 0.5 and "raise data.num_workers" in check_reason(data)
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 
 
@@ -199,11 +203,11 @@ def test_it_stays_within_max_seconds_and_says_what_it_skipped(write_spec):
     assert time.perf_counter() - started < 4
     trains = report.check("trains")
     assert trains.figures["truncated"] and 6 <= trains.figures["steps"] < 30
-    assert f"(stopped after {trains.figures['steps']} of 30 steps to stay within --max-seconds)" in trains.reason
+    assert f"(stopped after {trains.figures['steps']} of 30 steps to stay within --max-seconds)" in check_reason(trains)
     assert report.check("data").figures["data_share"] > 0.5  # 160 ms of sleep per step
     tight = run_check(spec, batch_size=16, max_seconds=0.5)
     assert tight.skipped == ["trains", "data", "critical_batch"]
-    assert all(tight.check(n).reason.startswith(TIME_SKIP) for n in tight.skipped)
+    assert all(check_reason(tight.check(n)).startswith(TIME_SKIP) for n in tight.skipped)
     assert tight.check("fits").status == "pass" and tight.exit_code() == 0
 
 
@@ -224,7 +228,7 @@ def test_the_same_model_passes_regression_with_identical_peak(baseline):
     # Throughput on a shared 2-core box can swing several-fold; memory is what must match here.
     report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=run)
     reg = report.check("regression")
-    assert reg.status == "pass", reg.reason
+    assert reg.status == "pass", check_reason(reg)
     assert reg.figures["memory_change"] == 0.0  # tensor bytes are deterministic
     assert reg.figures["baseline_trials"] == 1 and reg.figures["spec_changes"] == []
     assert reg.figures["throughput_change"] is not None and reg.figures["samples_per_s"] > 0
@@ -238,8 +242,8 @@ def test_a_bloated_model_fails_regression_on_memory(baseline):
     reg = report.check("regression")
     assert reg.status == "fail" and report.exit_code() == 1
     assert reg.figures["memory_change"] > 1.0
-    assert reg.reason.startswith("peak memory grew more than 10%")
-    assert "the spec differs from the baseline's in: model" in reg.reason
+    assert check_reason(reg).startswith("peak memory grew more than 10%")
+    assert "the spec differs from the baseline's in: model" in check_reason(reg)
 
 
 def test_a_slowed_model_fails_regression_on_throughput(baseline):
@@ -247,17 +251,17 @@ def test_a_slowed_model_fails_regression_on_throughput(baseline):
     spec = load_spec(spec_path, ['model.target=tests.fixtures:slow_mlp', "model.kwargs={seconds: 0.02}"])
     report = run_check(spec, batch_size=32, baseline=run)
     reg = report.check("regression")
-    assert reg.status == "fail", reg.reason
+    assert reg.status == "fail", check_reason(reg)
     assert reg.figures["throughput_change"] < -0.5  # 20 ms per step against ~1 ms
     assert reg.figures["memory_change"] == 0.0  # same parameters, same activations
-    assert reg.reason.startswith("throughput fell more than 15%")
+    assert check_reason(reg).startswith("throughput fell more than 15%")
 
 
 def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
     spec_path, run = baseline
     report = run_check(load_spec(spec_path), batch_size=64, baseline=run)
     reg = report.check("regression")
-    assert reg.status == "skip" and "no row for batch 64 (it ran [16, 32])" in reg.reason
+    assert reg.status == "skip" and "no row for batch 64 (it ran [16, 32])" in check_reason(reg)
 
 
 def _fake_baseline(folder: Path, rows: list[dict], critical: dict | None = None, **environment) -> Path:
@@ -278,11 +282,11 @@ def test_critical_batch_prefers_the_baseline_steps_to_target_fit(write_spec, tmp
     folder = _fake_baseline(tmp_path / "run", [], critical)
     report = run_check(_spec(write_spec), batch_size=64, baseline=folder)
     crit = report.check("critical_batch")
-    assert crit.status == "warn", crit.reason
+    assert crit.status == "warn", check_reason(crit)
     assert crit.figures["b_crit"] == 16.0 and crit.figures["ratio"] == 4.0
     assert crit.figures["wasted_share"] == pytest.approx(0.6)  # 1 − 2/(1 + 4)
     assert crit.figures["compute_vs_critical"] == pytest.approx(2.5)  # (1 + 4)/2
-    assert "steps-to-target fit" in crit.reason and "~60% of its compute wasted" in crit.reason
+    assert "steps-to-target fit" in check_reason(crit) and "~60% of its compute wasted" in check_reason(crit)
     assert report.check("regression").status == "skip"
     # Warnings pass unless --strict.
     args = ["check", str(write_spec(CHECK_SPEC)), "-b", "64", "--baseline", str(folder), "-q"]
@@ -297,12 +301,12 @@ def test_regression_against_recorded_rows(write_spec, tmp_path):
     reg = run_check(_spec(write_spec), batch_size=64, baseline=folder).check("regression")
     assert reg.status == "fail"
     assert reg.figures["baseline_peak_bytes"] == 1000 and reg.figures["baseline_samples_per_s"] == 1e12
-    assert "throughput fell" in reg.reason and "peak memory grew" in reg.reason
+    assert "throughput fell" in check_reason(reg) and "peak memory grew" in check_reason(reg)
     accumulated = run_check(_spec(write_spec), batch_size=64, accum_steps=2, baseline=folder).check("regression")
-    assert accumulated.status == "skip" and "as 64×1, this check as 32×2: not comparable" in accumulated.reason
+    assert accumulated.status == "skip" and "as 64×1, this check as 32×2: not comparable" in check_reason(accumulated)
     other = _fake_baseline(tmp_path / "gpu", [row], device="cuda", name="NVIDIA H100")
     elsewhere = run_check(_spec(write_spec), batch_size=64, baseline=other).check("regression")
-    assert elsewhere.status == "skip" and "baseline ran on cuda, this check on cpu" in elsewhere.reason
+    assert elsewhere.status == "skip" and "baseline ran on cuda, this check on cpu" in check_reason(elsewhere)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -332,7 +336,11 @@ def test_json_junit_markdown_and_the_step_summary(write_spec, tmp_path, monkeypa
 
     text = summary.read_text()
     assert text.startswith("earlier step\n### ❌ batchtune check: tiny — batch 512")
-    assert "| `fits`           | ❌ fail" in text and "⏭ skip" in text
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| `")]
+    assert [row[:2] for row in rows] == [["`fits`", "❌ fail"]] + [[f"`{n}`", "⏭ skip"] for n in
+                                                                   ("trains", "data", "critical_batch", "regression")]
+    assert rows[0][2].startswith("out of memory (OutOfMemoryError: ")
 
     md = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "128", "-f", "markdown", "-q"])
     assert md.exit_code == 0
@@ -363,7 +371,9 @@ def test_table_output(write_spec):
     assert lines[0].startswith("batchtune check: tiny — batch 128, lr 0.02, cpu (simulated capacity 200.0 KiB), fp32")
     assert lines[2].split() == ["check", "status", "reason"]
     assert lines[4].split()[:2] == ["fits", "pass"]
+    assert re.search(r"^fits +pass +peak \d+\.\d KiB of 200\.0 KiB, \d+% free \(at least 10% required\)$", lines[4])
     assert any(line.startswith("verdict: PASS") for line in lines)
+    assert "note: lr 0.02: the sqrt rule from 0.01 at batch 32" in lines
 
 
 def test_quickstart_finishes_within_its_budget():
@@ -390,7 +400,7 @@ def test_quickstart_finishes_within_its_budget():
 ])
 def test_fits_verdict(fits, peak, capacity, status, words):
     verdict = fits_verdict(fits, peak, capacity, 0.10, None if fits else "OutOfMemoryError: simulated")
-    assert verdict.status == status and words in verdict.reason
+    assert verdict.status == status and words in check_reason(verdict)
 
 
 @pytest.mark.parametrize("losses, status", [
@@ -419,17 +429,135 @@ def test_data_verdict(share, status):
     (80, None, None, None, "skip", None),
 ])
 def test_critical_batch_verdict(batch, b_crit, low, high, status, wasted):
-    verdict = critical_batch_verdict(batch, b_crit, "a sweep", low, high, why_missing="no estimate")
+    verdict = critical_batch_verdict(batch, b_crit, basis="baseline.steps_to_target", low=low, high=high)
     assert verdict.status == status
     assert verdict.figures.get("wasted_share") == (pytest.approx(wasted) if wasted is not None else None)
 
 
 def test_regression_verdict():
-    ok = regression_verdict(900.0, 1050, 1000.0, 1000, 0.15, 0.10)
+    def verdict(samples_per_s, peak_bytes, throughput_skip=None):
+        return regression_verdict(samples_per_s=samples_per_s, peak_bytes=peak_bytes, baseline_samples_per_s=1000.0,
+                                  baseline_peak_bytes=1000, throughput_tolerance=0.15, memory_tolerance=0.10,
+                                  throughput_skip=throughput_skip)
+
+    ok = verdict(900.0, 1050)
     assert ok.status == "pass" and ok.figures["throughput_change"] == pytest.approx(-0.1)
-    slow = regression_verdict(800.0, 1000, 1000.0, 1000, 0.15, 0.10)
-    assert slow.status == "fail" and slow.reason.startswith("throughput fell more than 15%")
-    bloated = regression_verdict(1000.0, 1200, 1000.0, 1000, 0.15, 0.10)
-    assert bloated.status == "fail" and bloated.reason.startswith("peak memory grew more than 10%")
-    memory_only = regression_verdict(None, 1000, 1000.0, 1000, 0.15, 0.10, TIME_SKIP)
-    assert memory_only.status == "pass" and f"throughput not compared ({TIME_SKIP})" in memory_only.reason
+    slow = verdict(800.0, 1000)
+    assert slow.status == "fail" and check_reason(slow).startswith("throughput fell more than 15%")
+    bloated = verdict(1000.0, 1200)
+    assert bloated.status == "fail" and check_reason(bloated).startswith("peak memory grew more than 10%")
+    memory_only = verdict(None, 1000, "time_budget")
+    assert memory_only.status == "pass" and f"throughput not compared ({TIME_SKIP})" in check_reason(memory_only)
+
+
+# ---------------------------------------------------------------------------- every code has a reason
+
+
+_SHAPE = {"batch_size": 512, "micro_batch_size": 128, "accum_steps": 4}
+_REGRESSION = {"samples_per_s": 800.0, "baseline_samples_per_s": 1000.0, "throughput_change": -0.2,
+               "peak_bytes": 1536, "baseline_peak_bytes": 1024, "memory_change": 0.5, "throughput_tolerance": 0.15,
+               "memory_tolerance": 0.10, "throughput_skip": None}
+_CRITICAL = {"batch_size": 256, "b_crit": 64.0, "basis": "baseline.steps_to_target", "low": 40.0, "high": 100.0,
+             "ratio": 4.0, "compute_vs_critical": 2.5, "wasted_share": 0.6}
+_TREND = {"steps": 30, "lr": 0.002, "first_mean": 2.2, "last_mean": 0.95, "change": -0.568, "noise": 0.013}
+_ERROR = {"error": "RuntimeError: mat1 and mat2"}
+_FITS = {"peak_bytes": 2_000_000, "capacity_bytes": 16 * 2**20, "headroom": 0.88, "headroom_required": 0.10}
+
+# code → (status, figures, text the reason must contain: the key figure, worded)
+REPRESENTATIVE = {
+    "fits.ok": ("pass", _FITS, "peak 1.9 MiB of 16.0 MiB, 88% free"),
+    "fits.headroom": ("fail", {**_FITS, "headroom": 0.05}, "5.0% free: less than the 10% headroom"),
+    "fits.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory (OutOfMemoryError: simulated)"),
+    "fits.no_capacity": ("pass", {**_FITS, "capacity_bytes": None}, "runs, peak 1.9 MiB; the device capacity is unknown"),
+    "fits.crashed": ("fail", _ERROR, "raised RuntimeError: mat1 and mat2"),
+    "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
+    "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
+    "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
+    "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},
+                        "diverged at lr 1.41e+03: non-finite loss at step 3"),
+    "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),
+    "trains.crashed": ("fail", _ERROR, "the training run raised RuntimeError: mat1 and mat2"),
+    "trains.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory in the training run"),
+    "data.ok": ("pass", {"data_share": 0.053, "warn_share": 0.3}, "5.3% of step time waiting for data (warn at 30%)"),
+    "data.slow": ("warn", {"data_share": 0.4, "warn_share": 0.3, "num_workers": 0},
+                  "40% of step time waiting for data (warn at 30%); raise data.num_workers"),
+    "data.bound": ("fail", {"data_share": 0.9, "fail_share": 0.8, "num_workers": 4},
+                   "90% of step time waiting for data (fail at 80%): the job is data-bound; speed up"),
+    "data.unmeasured": ("skip", {}, "no timed steps"),
+    "critical.below": ("pass", {**_CRITICAL, "batch_size": 64}, "64 is at or below the critical batch ~64"),
+    "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
+                        "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
+    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "run.noise_scale", "basis_steps": 7},
+                       "256 is 4.0× the critical batch ~64 (this run's noise scale over 7 steps; band unbounded "
+                       "above): ~60% of its compute wasted (2.50× what B_crit needs); an early estimate"),
+    "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
+    "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
+    "critical.no_noise_steps": ("skip", {"has_baseline": False}, "pass --baseline with a sweep's run folder"),
+    "critical.unreliable": ("skip", {"noise_steps": 12, "has_baseline": False}, "not reliable after 12 measured steps"),
+    "regression.ok": ("pass", {**_REGRESSION, "throughput_change": -0.05, "memory_change": 0.0},
+                      "throughput 800 vs 1,000 samples/s (-5.0%), peak 1.5 KiB vs 1.0 KiB (+0.0%) within tolerance"),
+    "regression.throughput": ("fail", {**_REGRESSION, "memory_change": None},
+                              "throughput fell more than 15%: throughput 800 vs 1,000 samples/s (-20%), "
+                              "peak memory not compared"),
+    "regression.memory": ("fail", {**_REGRESSION, "throughput_change": None, "throughput_skip": "threads",
+                                   "baseline_threads": 8, "threads": 1},
+                          "peak memory grew more than 10%: throughput not compared (baseline used 8 CPU threads, "
+                          "this check 1), peak 1.5 KiB vs 1.0 KiB (+50%)"),
+    "regression.throughput_memory": ("fail", {**_REGRESSION, "spec_changes": ["model"]},
+                                     "throughput fell more than 15%; peak memory grew more than 10%"),
+    "regression.uncompared": ("skip", {**_REGRESSION, "throughput_change": None, "memory_change": None,
+                                       "throughput_skip": "train_unfinished"},
+                              "throughput not compared (the training run did not finish), peak memory not compared"),
+    "regression.other_device": ("skip", {"baseline_device": "cuda", "device": "cpu"},
+                                "not comparable: baseline ran on cuda, this check on cpu"),
+    "regression.other_precision": ("skip", {"baseline_precision": "bf16", "precision": "fp32"},
+                                   "baseline ran in bf16, this check in fp32"),
+    "regression.no_row": ("skip", {"batch_size": 64, "baseline_sizes": [16, 32]}, "no row for batch 64 (it ran [16, 32])"),
+    "regression.other_shape": ("skip", {**_SHAPE, "baseline_micro_batch_size": 512, "baseline_accum_steps": 1},
+                               "the baseline ran 512 as 512×1, this check as 128×4: not comparable"),
+    "regression.unusable": ("skip", {"batch_size": 64}, "every baseline trial at 64 ran out of memory"),
+    "skip.time_budget": ("skip", {"left_s": 0.25, "needed_s": 1.5}, f"{TIME_SKIP} (0.25 s left, about 1.50 s needed)"),
+    "skip.time_budget_steps": ("skip", {"steps": 4, "truncated": True}, f"{TIME_SKIP}: only 4 steps ran"),
+    "skip.time_budget_noise": ("skip", {}, f"{TIME_SKIP} (the noise scale comes from the training run)"),
+    "skip.fits_oom": ("skip", _SHAPE, "not run: batch 512 (128×4) does not fit in memory"),
+    "skip.fits_crashed": ("skip", {}, "the training step crashed"),
+    "skip.train_crashed": ("skip", {}, "the training run crashed"),
+    "skip.train_oom": ("skip", {}, "the training run ran out of memory"),
+    "skip.train_unfinished": ("skip", {}, "the training run did not finish"),
+    "skip.no_baseline": ("skip", {}, "no --baseline given"),
+}
+
+
+def test_every_verdict_code_has_a_reason():
+    assert set(REPRESENTATIVE) == set(CODES)  # a new code needs a line here, and a wording in render/check.py
+    for code, (status, figures, words) in REPRESENTATIVE.items():
+        reason = check_reason(CheckResult(code.split(".")[0], status, code, dict(figures)))
+        assert reason and "\n" not in reason, code
+        assert words in reason, (code, reason)
+    with pytest.raises(ValueError, match="unknown check code"):
+        CheckResult("fits", "pass", "fits.fine")
+
+
+def test_suffixes_follow_the_figures():
+    """The trains run cut short by the budget, and a failed regression whose spec changed, say so."""
+    cut = CheckResult("trains", "pass", "trains.falling", {**_TREND, "truncated": True, "steps_planned": 40})
+    assert check_reason(cut).endswith("no divergence (stopped after 30 of 40 steps to stay within --max-seconds)")
+    diverged = CheckResult("trains", "fail", "trains.diverged", {"lr": 0.1, "truncated": True, "steps_planned": 40})
+    assert check_reason(diverged) == "diverged at lr 0.1: non-finite loss"
+    changed = CheckResult("regression", "fail", "regression.memory", {**_REGRESSION, "spec_changes": ["model", "data"]})
+    assert check_reason(changed).endswith("(+50%) (the spec differs from the baseline's in: model, data)")
+    passed = CheckResult("regression", "pass", "regression.ok", {**_REGRESSION, "spec_changes": ["model"]})
+    assert "spec differs" not in check_reason(passed)
+
+
+def test_notes_name_the_lr_rule_and_a_budget_overrun():
+    from batchtune.commands.check import CheckReport
+
+    fits = CheckResult("fits", "pass", "fits.ok", dict(_FITS), seconds=61.5)
+    report = CheckReport(name="x", checks=[fits], shape=BatchShape(64, 4), lr=0.002, lr_rule="sqrt", base_lr=0.001,
+                         base_batch_size=64, seconds=70.25, max_seconds=60.0, skipped=[], device={"device": "cpu"})
+    data = json.loads(render_check(report, "json"))
+    assert data["notes"] == ["lr 0.002: the sqrt rule from 0.001 at batch 64",
+                             "took 70.2 s, over the 60 s budget (the fits run, which always runs, took 61.5 s)"]
+    assert data["checks"][0]["reason"] == "peak 1.9 MiB of 16.0 MiB, 88% free (at least 10% required)"
+    assert data["checks"][0]["code"] == "fits.ok"

@@ -1,16 +1,218 @@
-"""Render a check report: table, markdown (CI step summaries), JSON and JUnit XML."""
+"""Render a check report: table, markdown (CI step summaries), JSON and JUnit XML.
+
+The engine's verdicts carry a code and figures; :func:`check_reason` words them, one line
+each, the same in every format (and in JSON as ``checks[i].reason``).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, format_shape, to_json
+from batchtune.render.text import device_text, format_bytes, format_shape, to_json
 
-__all__ = ["render_check"]
+__all__ = ["TIME_SKIP", "check_notes", "check_reason", "render_check"]
 
+TIME_SKIP = "skipped to stay within --max-seconds"
 _CHECK_ICONS = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skip": "⏭"}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if abs(x) < 0.0995 else f"{x:.0%}"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{x:+.1%}" if abs(x) < 0.0995 else f"{x:+.0%}"
+
+
+# ---------------------------------------------------------------------------- reasons, by check
+
+
+def _peak(f: dict[str, Any]) -> str:
+    return f"peak {format_bytes(f['peak_bytes'])} of {format_bytes(f['capacity_bytes'])}, {_pct(f['headroom'])} free"
+
+
+def _lr_text(f: dict[str, Any]) -> str:
+    return f" at lr {f['lr']:.3g}" if f.get("lr") is not None else ""
+
+
+def _trend(f: dict[str, Any]) -> str:
+    return (f"loss {f['first_mean']:.4g} → {f['last_mean']:.4g} ({f['change']:+.1%}) over {f['steps']} steps"
+            + _lr_text(f))
+
+
+def _data_text(f: dict[str, Any]) -> str:
+    return f"{_pct(f['data_share'])} of step time waiting for data"
+
+
+def _data_hint(f: dict[str, Any]) -> str:
+    return "; raise data.num_workers" if f.get("num_workers", 0) == 0 else "; speed up the data pipeline"
+
+
+_BASES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "baseline.steps_to_target": lambda f: "the baseline sweep's steps-to-target fit",
+    "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
+        f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),
+    "baseline.trials": lambda f: f"the baseline trials' noise scale (median of {f['basis_trials']})",
+    "run.noise_scale": lambda f: f"this run's noise scale over {f['basis_steps']} steps",
+}
+
+
+def _estimate(f: dict[str, Any]) -> str:
+    """``~227 (this run's noise scale over 7 steps; 90% band 148–350)``."""
+    low, high = f.get("low"), f.get("high")
+    has_low = isinstance(low, (int, float)) and math.isfinite(low) and low > 0
+    bounded = has_low and high is not None and math.isfinite(high)
+    band = f"; 90% band {low:.0f}–{high:.0f}" if bounded else ("; band unbounded above" if has_low else "")
+    return f"~{f['b_crit']:.0f} ({_BASES[f['basis']](f)}{band})"
+
+
+def _critical_above(f: dict[str, Any]) -> str:
+    caveat = ("; an early estimate, which understates B_crit later in training"
+              if f["basis"] == "run.noise_scale" else "")
+    return (f"{f['batch_size']} is {f['ratio']:.1f}× the critical batch {_estimate(f)}: ~{f['wasted_share']:.0%} "
+            f"of its compute wasted ({f['compute_vs_critical']:.2f}× what B_crit needs){caveat}")
+
+
+def _pass_baseline(f: dict[str, Any]) -> str:
+    return "; pass --baseline with a sweep's run folder" + (" that has one" if f.get("has_baseline") else "")
+
+
+_THROUGHPUT_SKIPS: dict[str | None, Callable[[dict[str, Any]], str]] = {
+    None: lambda f: "not measured",
+    "time_budget": lambda f: TIME_SKIP,
+    "train_unfinished": lambda f: "the training run did not finish",
+    "threads": lambda f: f"baseline used {f['baseline_threads']} CPU threads, this check {f['threads']}",
+}
+
+
+def _comparison(f: dict[str, Any]) -> str:
+    """``throughput 900 vs 1,000 samples/s (-10%), peak 1.0 KiB vs 1000 B (+5.0%)``."""
+    if f["throughput_change"] is not None:
+        parts = [f"throughput {f['samples_per_s']:,.0f} vs {f['baseline_samples_per_s']:,.0f} samples/s "
+                 f"({_signed_pct(f['throughput_change'])})"]
+    else:
+        parts = [f"throughput not compared ({_THROUGHPUT_SKIPS[f.get('throughput_skip')](f)})"]
+    if f["memory_change"] is not None:
+        parts.append(f"peak {format_bytes(f['peak_bytes'])} vs {format_bytes(f['baseline_peak_bytes'])} "
+                     f"({_signed_pct(f['memory_change'])})")
+    else:
+        parts.append("peak memory not compared")
+    return ", ".join(parts)
+
+
+def _regressed(*what: str) -> Callable[[dict[str, Any]], str]:
+    def reason(f: dict[str, Any]) -> str:
+        failed = {"throughput": f"throughput fell more than {f['throughput_tolerance']:.0%}",
+                  "memory": f"peak memory grew more than {f['memory_tolerance']:.0%}"}
+        return "; ".join(failed[w] for w in what) + ": " + _comparison(f)
+
+    return reason
+
+
+def _fits_skip(f: dict[str, Any]) -> str:
+    b, micro, k = f["batch_size"], f["micro_batch_size"], f["accum_steps"]
+    return f"not run: batch {f'{b} ({micro}×{k})' if k > 1 else b} does not fit in memory"
+
+
+# One entry per verdict code (check_verdicts.CODES): figures in, one line out.
+_REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "fits.ok": lambda f: f"{_peak(f)} (at least {f['headroom_required']:.0%} required)",
+    "fits.headroom": lambda f: f"{_peak(f)}: less than the {f['headroom_required']:.0%} headroom required "
+                               "(probe.headroom)",
+    "fits.oom": lambda f: f"out of memory ({f['error']})",
+    "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
+                                  "so the headroom is not checked",
+    "fits.crashed": lambda f: f"the training step raised {f['error']}",
+    "trains.falling": lambda f: f"{_trend(f)}, no divergence",
+    "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
+                             "the run too short to tell",
+    "trains.rising": lambda f: f"{_trend(f)}: rising beyond its noise (±{f['noise']:.2g}); the lr is likely too high",
+    "trains.diverged": lambda f: f"diverged{_lr_text(f)}: {f.get('divergence') or 'non-finite loss'}",
+    "trains.too_few": lambda f: f"only {f['steps']} training steps ran: too few to judge the loss",
+    "trains.crashed": lambda f: f"the training run raised {f['error']}",
+    "trains.oom": lambda f: f"out of memory in the training run ({f['error']}), though the fits run passed",
+    "data.ok": lambda f: f"{_data_text(f)} (warn at {f['warn_share']:.0%})",
+    "data.slow": lambda f: f"{_data_text(f)} (warn at {f['warn_share']:.0%}){_data_hint(f)}",
+    "data.bound": lambda f: f"{_data_text(f)} (fail at {f['fail_share']:.0%}): the job is data-bound{_data_hint(f)}",
+    "data.unmeasured": lambda f: "no timed steps to measure",
+    "critical.below": lambda f: f"{f['batch_size']} is at or below the critical batch {_estimate(f)}",
+    "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the critical batch "
+                                 f"{_estimate(f)}: not clearly above it",
+    "critical.above": _critical_above,
+    "critical.none": lambda f: "no critical-batch estimate",
+    "critical.odd_micro": lambda f: "the micro-batch is odd, so it cannot be split into halves for the noise scale"
+                                    + _pass_baseline(f),
+    "critical.no_noise_steps": lambda f: "no noise-scale steps ran" + _pass_baseline(f),
+    "critical.unreliable": lambda f: f"the noise-scale estimate is not reliable after {f['noise_steps']} measured "
+                                     "steps (|G|² ≤ 0 so far)" + _pass_baseline(f),
+    "regression.ok": lambda f: _comparison(f) + " within tolerance",
+    "regression.throughput": _regressed("throughput"),
+    "regression.memory": _regressed("memory"),
+    "regression.throughput_memory": _regressed("throughput", "memory"),
+    "regression.uncompared": _comparison,
+    "regression.other_device": lambda f: f"not comparable: baseline ran on {f['baseline_device']}, "
+                                         f"this check on {f['device']}",
+    "regression.other_precision": lambda f: f"not comparable: baseline ran in {f['baseline_precision']}, "
+                                            f"this check in {f['precision']}",
+    "regression.no_row": lambda f: f"the baseline has no row for batch {f['batch_size']} (it ran {f['baseline_sizes']})",
+    "regression.other_shape": lambda f: f"the baseline ran {f['batch_size']} as {f['baseline_micro_batch_size']}×"
+                                        f"{f['baseline_accum_steps']}, this check as {f['micro_batch_size']}×"
+                                        f"{f['accum_steps']}: not comparable",
+    "regression.unusable": lambda f: f"every baseline trial at {f['batch_size']} ran out of memory or diverged",
+    "skip.time_budget": lambda f: f"{TIME_SKIP} ({f['left_s']:.2f} s left, about {f['needed_s']:.2f} s needed)",
+    "skip.time_budget_steps": lambda f: f"{TIME_SKIP}: only {f['steps']} steps ran",
+    "skip.time_budget_noise": lambda f: f"{TIME_SKIP} (the noise scale comes from the training run)",
+    "skip.fits_oom": _fits_skip,
+    "skip.fits_crashed": lambda f: "not run: the training step crashed",
+    "skip.train_crashed": lambda f: "not measured: the training run crashed",
+    "skip.train_oom": lambda f: "not measured: the training run ran out of memory",
+    "skip.train_unfinished": lambda f: "not measured: the training run did not finish",
+    "skip.no_baseline": lambda f: "no --baseline given",
+}
+
+
+def check_reason(check: Any) -> str:
+    """One check's verdict in one line: its code worded with its figures.
+
+    ``check`` is a :class:`~batchtune.commands.check_verdicts.CheckResult` (or a mapping
+    with ``code``, ``status`` and ``figures``). Raises KeyError for a code with no wording.
+    """
+    get = check.get if isinstance(check, dict) else lambda key: getattr(check, key)
+    code, status, f = get("code"), get("status"), get("figures")
+    text = _REASONS[code](f)
+    if code.startswith("trains.") and status != "fail" and f.get("truncated"):
+        text += f" (stopped after {f['steps']} of {f['steps_planned']} steps to stay within --max-seconds)"
+    if code.startswith("regression.") and status == "fail" and f.get("spec_changes"):
+        text += f" (the spec differs from the baseline's in: {', '.join(f['spec_changes'])})"
+    return text
+
+
+def check_notes(report: Any) -> list[str]:
+    """What the reader should know beside the verdicts: where the lr came from, a budget overrun."""
+    notes = [f"lr {report.lr:.4g}: the {report.lr_rule} rule from {report.base_lr:g} at batch {report.base_batch_size}"]
+    if report.seconds > report.max_seconds:
+        notes.append(f"took {report.seconds:.1f} s, over the {report.max_seconds:g} s budget (the fits run, which "
+                     f"always runs, took {report.check('fits').seconds:.1f} s)")
+    return notes
+
+
+def _check_dict(report: Any) -> dict[str, Any]:
+    """The report as JSON data, each check with its reason, and the notes."""
+    out: dict[str, Any] = {}
+    for key, value in report.to_dict().items():
+        out[key] = value
+        if key == "baseline":  # where the notes always stood
+            out["notes"] = check_notes(report)
+    out["checks"] = [{"name": c.name, "status": c.status, "reason": check_reason(c), "code": c.code,
+                      "figures": c.figures, "seconds": c.seconds} for c in report.checks]
+    return out
+
+
+# ---------------------------------------------------------------------------- the report
 
 
 def _check_head(report: Any) -> str:
@@ -47,16 +249,17 @@ def _check_junit(report: Any, strict: bool) -> str:
     ET.SubElement(props, "property", {"name": "device", "value": str(report.device.get("name")
                                                                         or report.device.get("device"))})
     for c in report.checks:
+        reason = check_reason(c)
         case = ET.SubElement(suite, "testcase", {"name": c.name, "classname": f"batchtune.commands.check.{report.name}",
                                                  "time": f"{c.seconds:.3f}"})
         figures = to_json({k: v for k, v in c.figures.items() if k != "traceback"})
         if c.status == "fail" or (strict and c.status == "warn"):
-            node = ET.SubElement(case, "failure", {"message": c.reason, "type": c.status})
-            node.text = c.reason + ("\n" + c.figures["traceback"] if c.figures.get("traceback") else "")
+            node = ET.SubElement(case, "failure", {"message": reason, "type": c.status})
+            node.text = reason + ("\n" + c.figures["traceback"] if c.figures.get("traceback") else "")
         elif c.status == "skip":
-            ET.SubElement(case, "skipped", {"message": c.reason})
+            ET.SubElement(case, "skipped", {"message": reason})
         out = ET.SubElement(case, "system-out")
-        out.text = (f"WARNING: {c.reason}\n" if c.status == "warn" else f"{c.status}: {c.reason}\n") + figures
+        out.text = (f"WARNING: {reason}\n" if c.status == "warn" else f"{c.status}: {reason}\n") + figures
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
 
@@ -67,19 +270,19 @@ def render_check(report: Any, fmt: str = "table", strict: bool = False) -> str:
     ``strict`` counts warnings as failures in the verdict line and in JUnit, as the exit code does.
     """
     if fmt == "json":
-        return to_json({**report.to_dict(), "exit_code": report.exit_code(strict), "strict": strict})
+        return to_json({**_check_dict(report), "exit_code": report.exit_code(strict), "strict": strict})
     if fmt == "junit":
         return _check_junit(report, strict)
     head = _check_head(report)
     verdict = _check_verdict(report, strict)
     if fmt == "markdown":
-        rows = [[f"`{c.name}`", f"{_CHECK_ICONS[c.status]} {c.status}", c.reason.replace("|", "\\|")]
+        rows = [[f"`{c.name}`", f"{_CHECK_ICONS[c.status]} {c.status}", check_reason(c).replace("|", "\\|")]
                 for c in report.checks]
         icon = "❌" if report.exit_code(strict) else _CHECK_ICONS["warn" if report.status == "warn" else "pass"]
         lines = [f"### {icon} {head}", "", tabulate(rows, headers=["check", "status", "reason"], tablefmt="github",
                                                     disable_numparse=True), "", f"**{verdict}**"]
     else:
-        rows = [[c.name, c.status, c.reason] for c in report.checks]
+        rows = [[c.name, c.status, check_reason(c)] for c in report.checks]
         lines = [head, "", tabulate(rows, headers=["check", "status", "reason"], tablefmt="simple",
                                     disable_numparse=True), "", verdict]
     extra = []
@@ -87,7 +290,7 @@ def render_check(report: Any, fmt: str = "table", strict: bool = False) -> str:
         extra.append(f"skipped to stay within --max-seconds {report.max_seconds:g}: {', '.join(report.skipped)}")
     if report.baseline:
         extra.append(f"baseline: {report.baseline}")
-    extra += [f"note: {n}" for n in report.notes]
+    extra += [f"note: {n}" for n in check_notes(report)]
     if fmt == "markdown" and extra:
         lines += [""] + [f"- {e}" for e in extra]
     else:

@@ -1,0 +1,204 @@
+"""The check's verdicts: numbers in, a status and a machine-readable code out.
+
+Each verdict is a :class:`CheckResult` carrying a ``code`` from :data:`CODES` and the
+``figures`` behind it. No wording here: :func:`batchtune.render.check.check_reason` turns
+(code, figures) into the one-line reason people read, so JSON consumers can branch on the
+code and the wording can change without touching the measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "CODES",
+    "CheckResult",
+    "critical_batch_verdict",
+    "data_verdict",
+    "fits_verdict",
+    "regression_verdict",
+    "trains_verdict",
+]
+
+Status = Literal["pass", "warn", "fail", "skip"]
+
+# Every code a verdict can carry. The figures each one needs are named in
+# render/check.py, where it is worded; tests render every code.
+CODES = (
+    # fits: the job's own configuration, memory counted
+    "fits.ok", "fits.headroom", "fits.oom", "fits.no_capacity", "fits.crashed",
+    # trains: the short run at the scaled lr
+    "trains.falling", "trains.flat", "trains.rising", "trains.diverged", "trains.too_few", "trains.crashed",
+    "trains.oom",
+    # data: share of step time waiting for the next batch
+    "data.ok", "data.slow", "data.bound", "data.unmeasured",
+    # critical_batch: the batch against B_crit
+    "critical.below", "critical.within", "critical.above", "critical.none", "critical.odd_micro",
+    "critical.no_noise_steps", "critical.unreliable",
+    # regression: against the baseline sweep's row for the same shape
+    "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",
+    "regression.uncompared", "regression.other_device", "regression.other_precision", "regression.no_row",
+    "regression.other_shape", "regression.unusable",
+    # skips that say why a check did not run
+    "skip.time_budget", "skip.time_budget_steps", "skip.time_budget_noise", "skip.fits_oom", "skip.fits_crashed",
+    "skip.train_crashed", "skip.train_oom", "skip.train_unfinished", "skip.no_baseline",
+)
+# Where a critical-batch estimate came from (the ``basis`` figure).
+BASES = ("baseline.steps_to_target", "baseline.noise_scale", "baseline.trials", "run.noise_scale")
+# Why throughput was not compared in a regression verdict (the ``throughput_skip`` figure).
+THROUGHPUT_SKIPS = ("time_budget", "train_unfinished", "threads")
+
+
+@dataclass
+class CheckResult:
+    """One check's verdict: a status, a code saying why, and the figures behind it."""
+
+    name: str
+    status: Status
+    code: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # measuring time spent for this check (a shared run counts once, where it ran)
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"unknown check code {self.code!r}")
+
+
+def positive(value: Any) -> bool:
+    """A finite number above zero (not a bool, not None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def fits_verdict(fits: bool, peak_bytes: int | None, capacity_bytes: int | None, headroom: float,
+                 error: str | None = None) -> CheckResult:
+    """Fail on an OOM or on less free memory than ``headroom`` (a share of capacity)."""
+    figures = {"peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes, "headroom_required": headroom,
+               "headroom": None, "error": error}
+    if not fits:
+        return CheckResult("fits", "fail", "fits.oom", figures)
+    if not capacity_bytes:
+        return CheckResult("fits", "pass", "fits.no_capacity", figures)
+    free = 1.0 - (peak_bytes or 0) / capacity_bytes
+    figures["headroom"] = free
+    if free < headroom - 1e-12:
+        return CheckResult("fits", "fail", "fits.headroom", figures)
+    return CheckResult("fits", "pass", "fits.ok", figures)
+
+
+def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergence: str | None = None,
+                   lr: float | None = None) -> CheckResult:
+    """Whether a short run at the scaled lr diverges and whether its loss falls.
+
+    The mean loss of the last few steps is compared with the first few (a fifth of the run,
+    at least 2 steps each), against twice the standard error of the difference. A clear
+    fall passes. A clear rise fails: the loss is climbing at this lr, an early divergence
+    the long job would pay for. A change within the noise only warns: 30 steps may be too
+    few to see a slow start (small lr, long warmup), and a pre-flight must not fail a job
+    on noise, nor pass one on it.
+    """
+    figures: dict[str, Any] = {"steps": len(losses), "lr": lr, "diverged": diverged, "divergence": divergence,
+                               "first_loss": losses[0] if losses else None,
+                               "last_loss": losses[-1] if losses else None}
+    if diverged or any(not math.isfinite(x) for x in losses):
+        return CheckResult("trains", "fail", "trains.diverged", figures)
+    n = len(losses)
+    if n < 4:
+        return CheckResult("trains", "skip", "trains.too_few", figures)
+    w = max(2, n // 5)
+    first, last = list(losses[:w]), list(losses[-w:])
+    m_first, m_last = statistics.fmean(first), statistics.fmean(last)
+    se = math.sqrt(statistics.variance(first) / w + statistics.variance(last) / w)
+    change = (m_last - m_first) / abs(m_first) if m_first else math.inf
+    figures.update(window=w, first_mean=m_first, last_mean=m_last, change=change, noise=se)
+    if m_first - m_last > 2 * se:
+        return CheckResult("trains", "pass", "trains.falling", figures)
+    if m_last - m_first > 2 * se:
+        return CheckResult("trains", "fail", "trains.rising", figures)
+    return CheckResult("trains", "warn", "trains.flat", figures)
+
+
+def data_verdict(data_share: float | None, warn_share: float, fail_share: float, *, num_workers: int = 0,
+                 samples_per_s: float | None = None) -> CheckResult:
+    """Share of step time spent waiting for the next batch, against two thresholds."""
+    figures = {"data_share": data_share, "warn_share": warn_share, "fail_share": fail_share,
+               "num_workers": num_workers, "samples_per_s": samples_per_s}
+    if data_share is None:
+        return CheckResult("data", "skip", "data.unmeasured", figures)
+    if data_share >= fail_share:
+        return CheckResult("data", "fail", "data.bound", figures)
+    if data_share >= warn_share:
+        return CheckResult("data", "warn", "data.slow", figures)
+    return CheckResult("data", "pass", "data.ok", figures)
+
+
+def critical_batch_verdict(batch_size: int, b_crit: float | None, *, basis: str | None = None,
+                           low: float | None = None, high: float | None = None, **detail: Any) -> CheckResult:
+    """Warn when the batch is above the critical batch size, with the compute it wastes.
+
+    Above B_crit, samples to a given loss grow as E = E_min(1 + B/B_crit) (McCandlish et al.
+    2018), so running at B needs (1 + B/B_crit)/2 times the compute B_crit would, and the
+    share ``1 − 2/(1 + B/B_crit)`` of it is wasted.
+
+    Args:
+        basis: where the estimate comes from, one of :data:`BASES`. ``run.noise_scale`` is
+            the check's own first steps; the noise scale grows as the loss falls, so it
+            understates the critical batch later in the run.
+        low, high: the estimate's 90% band, when known.
+        detail: more figures about the basis (``basis_steps``, ``basis_trials``,
+            ``basis_val_loss``, ``definition``); None values are left out.
+    """
+    from batchtune.stats.critical import compute_beyond_critical, excess_compute
+
+    if basis is not None and basis not in BASES:
+        raise ValueError(f"unknown critical-batch basis {basis!r}")
+    figures: dict[str, Any] = {"batch_size": batch_size, "b_crit": b_crit, "basis": basis, "low": low, "high": high}
+    figures.update({k: v for k, v in detail.items() if v is not None})
+    if not b_crit:
+        return CheckResult("critical_batch", "skip", "critical.none", figures)
+    wasted = compute_beyond_critical(batch_size, b_crit)
+    figures.update(ratio=batch_size / b_crit, compute_vs_critical=excess_compute(batch_size, b_crit) / 2.0,
+                   wasted_share=max(0.0, wasted))
+    if batch_size <= b_crit:
+        return CheckResult("critical_batch", "pass", "critical.below", figures)
+    if high is not None and batch_size <= high:
+        # Inside the band the data cannot say the batch is above B_crit: no warning on noise.
+        return CheckResult("critical_batch", "pass", "critical.within", figures)
+    return CheckResult("critical_batch", "warn", "critical.above", figures)
+
+
+def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
+                       baseline_samples_per_s: float | None, baseline_peak_bytes: int | None,
+                       throughput_tolerance: float, memory_tolerance: float,
+                       throughput_skip: str | None = None) -> CheckResult:
+    """Fail when throughput fell or peak memory grew past its tolerance, relative to the baseline row.
+
+    Args:
+        throughput_skip: why throughput was not compared, one of :data:`THROUGHPUT_SKIPS`
+            (it then counts as not measured).
+    """
+    if throughput_skip is not None and throughput_skip not in THROUGHPUT_SKIPS:
+        raise ValueError(f"unknown throughput_skip {throughput_skip!r}")
+    figures: dict[str, Any] = {
+        "samples_per_s": samples_per_s, "baseline_samples_per_s": baseline_samples_per_s,
+        "throughput_change": None, "peak_bytes": peak_bytes, "baseline_peak_bytes": baseline_peak_bytes,
+        "memory_change": None, "throughput_tolerance": throughput_tolerance, "memory_tolerance": memory_tolerance,
+        "throughput_skip": throughput_skip,
+    }
+    failed = []
+    if samples_per_s and baseline_samples_per_s and not throughput_skip:
+        figures["throughput_change"] = samples_per_s / baseline_samples_per_s - 1.0
+        if figures["throughput_change"] < -throughput_tolerance:
+            failed.append("throughput")
+    if peak_bytes and baseline_peak_bytes:
+        figures["memory_change"] = peak_bytes / baseline_peak_bytes - 1.0
+        if figures["memory_change"] > memory_tolerance:
+            failed.append("memory")
+    if failed:
+        return CheckResult("regression", "fail", "regression." + "_".join(failed), figures)
+    if figures["throughput_change"] is None and figures["memory_change"] is None:
+        return CheckResult("regression", "skip", "regression.uncompared", figures)
+    return CheckResult("regression", "pass", "regression.ok", figures)
