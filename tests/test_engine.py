@@ -1,0 +1,134 @@
+"""The step engine: workloads through the Trainer, the feed's batch helpers, the run's bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+from batchtune.config.components import batch_size_of, build_components, to_device
+from batchtune.config.spec import load_spec
+from batchtune.engine.data import halves, tensors
+from batchtune.engine.shape import BatchShape
+from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig
+from batchtune.memory.device import CPUBackend
+
+SPEC = """\
+name: engine
+model: {target: "tests.fixtures:tiny_mlp"}
+data: {target: "tests.fixtures:tiny_data"}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 32
+device: {type: cpu}
+"""
+
+IN_FEATURES, OUT_FEATURES = 16, 64  # tiny_data's inputs; a wide output so activations dominate
+
+
+@pytest.fixture
+def components(write_spec):
+    return build_components(load_spec(write_spec(SPEC)))
+
+
+def _linear(components):
+    """The components with a Linear(16, 64) model (tiny_data: float32 inputs, int64 labels)."""
+    return dataclasses.replace(components, model_factory=lambda **_: nn.Linear(IN_FEATURES, OUT_FEATURES))
+
+
+def _inputs_only(model: nn.Module, batch) -> torch.Tensor:
+    return model(batch[0])
+
+
+def test_forward_only_counts_exactly_the_parameters_the_batch_and_the_output(components):
+    batch = 32
+    trainer = Trainer(_linear(components), CPUBackend(), workload=functools.partial(ForwardOnly, forward=_inputs_only))
+    result = trainer.run(TrialConfig(BatchShape(batch), steps=3))
+    params = (IN_FEATURES * OUT_FEATURES + OUT_FEATURES) * 4
+    inputs, labels, output = batch * IN_FEATURES * 4, batch * 8, batch * OUT_FEATURES * 4
+    assert result.fits and result.compute_peak_bytes == params + inputs + labels + output == 14848
+    assert result.optimizer_peak_bytes is None  # no update phase
+    assert result.peak_bytes == result.compute_peak_bytes
+    assert result.losses == [] and result.samples == 3 * batch  # a custom forward records no loss
+
+
+def test_forward_only_needs_less_memory_than_training_and_leaves_no_gradient(components):
+    shape, backend = BatchShape(64), CPUBackend()
+    model = components.build_model(0)
+    backend.track(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = Trainer(components, backend, workload=ForwardOnly).run(TrialConfig(shape, steps=4, timing_warmup_steps=1), model)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training  # restored after the trial
+    train = Trainer(components, backend).run(TrialConfig(shape, steps=4), model)
+    assert forward.fits and train.fits
+    assert forward.compute_peak_bytes < train.compute_peak_bytes
+    # the default forward is the spec's loss, recorded per step; timing and samples as for training
+    assert len(forward.losses) == 4 and all(0 < x < 5 for x in forward.losses)
+    assert forward.timed_samples == 3 * 64 and forward.samples_per_s > 0
+
+
+def test_measuring_the_noise_scale_does_not_change_training_and_is_not_timed(components):
+    trainer = Trainer(components, CPUBackend())
+    shape = BatchShape(32)
+    plain = trainer.run(TrialConfig(shape, steps=6, seed=1))
+    measured = trainer.run(TrialConfig(shape, steps=6, seed=1, measure_noise=True, noise_every=2))
+    # halves at accum 1: two backward passes of half the loss each, the same gradient up to rounding
+    assert measured.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert measured.noise_steps == 3 and measured.noise is not None and measured.noise.steps == 3
+    assert measured.timed_samples == 3 * 32 and plain.timed_samples == 6 * 32
+    # the hooks are gone after the trial
+    model = components.build_model(0)
+    trainer.run(TrialConfig(shape, steps=2, measure_noise=True, noise_every=1), model)
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_an_odd_micro_batch_at_one_step_measures_no_noise(components):
+    result = Trainer(components, CPUBackend()).run(TrialConfig(BatchShape(31), steps=2, measure_noise=True,
+                                                               noise_every=1))
+    assert result.fits and result.noise is None and result.noise_steps == 0
+
+
+def test_divergence_ends_the_trial_at_the_step(components):
+    result = Trainer(components, CPUBackend()).run(TrialConfig(BatchShape(32), lr=1e6, steps=20,
+                                                               divergence_factor=3.0))
+    assert result.diverged and result.steps < 20 and len(result.losses) == result.steps
+    assert "exceeds 3×" in result.divergence or "non-finite" in result.divergence
+
+
+Pair = namedtuple("Pair", "x y")
+
+
+@pytest.mark.parametrize("batch,expected_sizes", [
+    (torch.arange(10), [5, 5]),
+    ((torch.zeros(5, 2), torch.zeros(5)), [2, 2]),  # an odd sample is dropped
+    ({"x": torch.zeros(6, 3), "meta": "tag", "n": [torch.zeros(6)]}, [3, 3]),
+    (Pair(torch.zeros(4), torch.ones(4)), [2, 2]),
+])
+def test_halves_split_every_tensor_and_keep_the_structure(batch, expected_sizes):
+    first, second = halves(batch)
+    assert type(first) is type(batch) and type(second) is type(batch)
+    assert [batch_size_of(first), batch_size_of(second)] == expected_sizes
+    if isinstance(batch, dict):
+        assert first["meta"] == second["meta"] == "tag" and first["n"][0].shape == (3,)
+    assert halves("text") == ["text", "text"]
+
+
+def test_halves_are_the_two_leading_halves():
+    first, second = halves(torch.arange(7))
+    assert first.tolist() == [0, 1, 2] and second.tolist() == [3, 4, 5]
+
+
+def test_batch_helpers_walk_nested_batches():
+    batch = {"ids": torch.zeros(3, 4, dtype=torch.long), "extra": [torch.ones(3), "label", 7]}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved.keys() == batch.keys() and moved["extra"][1:] == ["label", 7]
+    assert isinstance(moved["extra"], list) and torch.equal(moved["extra"][0], torch.ones(3))
+    assert [t.shape for t in tensors(batch)] == [(3, 4), (3,)]
+    assert batch_size_of(batch) == 3 and batch_size_of(("name", torch.zeros(5))) == 5
+    with pytest.raises(TypeError, match="cannot find a tensor"):
+        batch_size_of({"a": "b"})
