@@ -1,13 +1,18 @@
 """Data parallelism under torchrun: agreement across ranks, and who speaks.
 
 batchtune never launches processes: ``torchrun --nproc-per-node N -m batchtune ...`` does,
-and this module joins the process group it describes (nccl on GPUs, gloo on CPU).
+and this module joins the process group it describes (nccl on GPUs, gloo on CPU). Each rank
+uses its own card: ``cuda`` is card LOCAL_RANK, ``cuda:N`` is card N + LOCAL_RANK (N is
+where a node's ranks start; see :func:`batchtune.memory.device.cuda_index`).
 
 The rule that keeps a search over out-of-memory failures from deadlocking: no rank enters
 a collective that another rank might not reach. Trials therefore run their forward and
 backward passes without communication, agree on success, and only then reduce gradients
 (see :class:`~batchtune.engine.trial.Trainer`). Every decision that ends a trial early (an OOM,
-divergence, a time cap) is taken on values all ranks agreed on.
+divergence, a time cap) is taken on values all ranks agreed on. Building
+``DistributedDataParallel`` runs collectives too (a parameter-shape check and a broadcast):
+build it once per model, after the ranks :meth:`DistContext.agree` that every one of them
+has its model on the device, and agree again on whether construction succeeded.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ class DistContext:
         dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True only if every rank says True (a collective: every rank must call it)."""
+    def agree(self, ok: bool) -> bool:
+        """True only if every rank says True (a collective: every rank must call it, ok or not)."""
         return self._reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0.5
 
     def max(self, *values: float) -> list[float]:
@@ -77,10 +82,6 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients across ranks, in place: nothing is allocated, so nothing can fail on one side."""
         if not self.enabled:
@@ -97,8 +98,10 @@ _CONTEXT = DistContext()
 def init_from_env(device_type: str = "auto") -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); idempotent.
 
-    nccl when the spec's device is CUDA (or auto with CUDA present), gloo otherwise. Without
-    torchrun (WORLD_SIZE unset or 1) this is a single process and nothing is joined.
+    nccl when the spec's device is CUDA (``cuda``, ``cuda:N``, or ``auto`` with CUDA present),
+    gloo otherwise; on CUDA this rank's card (:func:`~batchtune.memory.device.cuda_index`)
+    becomes the current device before the group is joined. Without torchrun (WORLD_SIZE
+    unset or 1) this is a single process and nothing is joined.
     """
     global _CONTEXT
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -106,11 +109,13 @@ def init_from_env(device_type: str = "auto") -> DistContext:
         _CONTEXT = DistContext()
         return _CONTEXT
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_type in ("auto", "cuda")
+    use_cuda = torch.cuda.is_available() and (device_type == "auto" or device_type.startswith("cuda"))
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if use_cuda:
-            torch.cuda.set_device(local_rank)
+            from batchtune.memory.device import cuda_index
+
+            torch.cuda.set_device(cuda_index(device_type, local_rank))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=TIMEOUT_S))
     _CONTEXT = DistContext(rank, local_rank, world, dist.get_backend())
     return _CONTEXT
