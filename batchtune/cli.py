@@ -164,23 +164,20 @@ def sweep(
             raise UsageError("give --out or --resume, not both")
         if resume is not None and not resume.is_dir():
             raise UsageError(f"--resume {resume}: no such run folder")
+        from batchtune.commands.sweep import run_dir, run_sweep
+        from batchtune.render.run_folder import RunFolder
         from batchtune.render.sweep import render_sweep
-        from batchtune.render.run_folder import new_run_dir
-        from batchtune.commands.sweep import run_sweep
 
-        if out is None and resume is None:
-            from batchtune.engine.distributed import current
-
-            out = current().broadcast(new_run_dir(spec.name))  # one folder, named by rank 0
+        where = run_dir(spec.name, out=out, resume=resume)  # named once, so an interrupt can say where
         setup_logging(quiet)
         try:
-            result = run_sweep(spec, out=out, resume=resume)
+            result = run_sweep(spec, out=where if resume is None else None, resume=resume)
         except KeyboardInterrupt:
-            where = resume or out
             err.print(f"interrupted: finished trials are kept in {where}; continue with "
-                      f"batchtune sweep {spec_path} --resume {where}")
+                      f"batchtune sweep {spec_path} --resume {where}", markup=False)
             raise typer.Exit(130) from None
-        _echo(render_sweep(result, fmt.value))
+        if _RANK == 0:  # the run folder wrote each stored report once; csv is the trials frame
+            _echo(RunFolder(where).report(fmt.value) or render_sweep(result, fmt.value))
         if compare_precision:
             from batchtune.commands.precision import compare_precision as compare
             from batchtune.render.sweep import render_precision
@@ -196,19 +193,19 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder.")],
     fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
 ) -> None:
-    """Re-render a finished (or interrupted) sweep from its run folder."""
+    """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot."""
     with _user_errors():
         if not (run_dir / "meta.json").exists():
             raise UsageError(f"{run_dir} is not a sweep run folder (no meta.json)")
-        from batchtune.render.sweep import render_sweep
+        from batchtune.commands.sweep_analysis import result_from_rows
         from batchtune.render.run_folder import RunFolder
-        from batchtune.commands.sweep import result_from_rows
+        from batchtune.render.sweep import render_sweep
 
         folder = RunFolder(run_dir)
-        spec = folder.read_spec()
-        result = result_from_rows(spec["name"], folder.read_trials(), folder.read_json("meta.json"), run_dir,
-                                  folder.read_json("environment.json"))
-        typer.echo(render_sweep(result, fmt.value))
+        result = result_from_rows(folder.read_spec()["name"], folder.read_trials(), folder.read_json("meta.json"),
+                                  run_dir=run_dir, environment=folder.read_json("environment.json"))
+        texts = folder.write_result(result)
+        typer.echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
 
 
 @app.command()

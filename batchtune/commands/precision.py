@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 
 
-def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 30,
-) -> pd.DataFrame:
+def compare_precision(spec: Any, sweep_result: Any, *, top: int = 2, steps: int = 30) -> pd.DataFrame:
     """Ceiling and throughput in fp32 and bf16 for the sweep's ``top`` ranked sizes.
+
+    The model, data and loss are built once and shared by both precisions' probes and trials.
 
     Returns:
         One row per (precision, batch size): ceiling, samples/s, peak bytes and the gain
@@ -44,7 +45,7 @@ def compare_precision(spec: Any, sweep_result: Any, top: int = 2, steps: int = 3
         ceiling = None
         if backend.capacity_bytes() is not None:
             log.info("probing the ceiling in %s", precision)
-            ceiling = run_probe(variant, backend=backend).ceiling
+            ceiling = run_probe(variant, backend=backend, components=components).ceiling
         trainer = Trainer(components, backend, precision)
         for batch_size, micro, accum, lr in sizes:
             log.info("timing batch %d in %s", batch_size, precision)

@@ -1,8 +1,10 @@
 """Run folders: everything a sweep measured, written atomically so nothing is half-written.
 
 A folder holds the resolved spec, the environment, every finished trial (JSON and CSV),
-the rendered report and plots. Trials are appended as they finish, so an interrupted run
-keeps what it completed and ``--resume`` continues from there.
+the rendered report and plots. :class:`RunFolder` is the one place that writes one: the
+plan when the sweep starts (:meth:`RunFolder.start`), the trials as they finish (so an
+interrupted run keeps what it completed and ``--resume`` continues from there), and the
+report, ``result.json`` and the plot once at the end (:meth:`RunFolder.write_result`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from batchtune.render.text import to_json
 
 __all__ = ["RunFolder", "atomic_write", "environment", "new_run_dir"]
 
@@ -63,8 +67,12 @@ def environment(backend_description: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+REPORTS = {"table": "report.txt", "markdown": "report.md", "json": "result.json"}  # format → file
+
+
 class RunFolder:
-    """One run's folder. Files: spec.yaml, environment.json, meta.json, trials.json/.csv, report.*"""
+    """One run's folder. Files: spec.yaml, environment.json, meta.json, trials.json/.csv, report.*,
+    result.json, sweep.png."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -78,8 +86,6 @@ class RunFolder:
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
-        from batchtune.render.text import to_json
-
         return self.write_text(name, to_json(data) + "\n")
 
     def read_json(self, name: str) -> Any:
@@ -101,3 +107,37 @@ class RunFolder:
 
     def read_trials(self) -> list[dict[str, Any]]:
         return self.read_json("trials.json") if self.exists() else []
+
+    def start(self, resolved_spec: dict[str, Any], *, device: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Open a new run: its spec, the environment (versions + ``device``), the plan, no trials yet."""
+        self.write_spec(resolved_spec)
+        self.write_json("environment.json", environment(device))
+        self.write_json("meta.json", meta)
+        self.write_trials([])
+
+    def write_result(self, result: Any) -> dict[str, str]:
+        """The finished run: the plan as it ended, the plot, the reports and ``result.json``.
+
+        Each report is rendered once, here; :meth:`report` reads it back for printing.
+
+        Returns:
+            The rendered text of each report, by format (``table``, ``markdown``, ``json``).
+        """
+        from batchtune.render.sweep import render_sweep
+
+        self.write_json("meta.json", result.meta)  # a distributed sweep adds its scaling efficiency
+        try:
+            from batchtune.render.plots import plot_sweep
+
+            plot_sweep(result, self.path / "sweep.png")
+        except ImportError:
+            result.notes.append("plots skipped: install matplotlib (pip install 'batchtune[plots]')")
+        texts = {fmt: render_sweep(result, fmt) for fmt in REPORTS}
+        for fmt, name in REPORTS.items():
+            self.write_text(name, texts[fmt] + "\n")
+        return texts
+
+    def report(self, fmt: str) -> str | None:
+        """The report :meth:`write_result` wrote in format ``fmt`` (None: not a stored format)."""
+        name = REPORTS.get(fmt)
+        return (self.path / name).read_text(encoding="utf-8").rstrip("\n") if name else None
