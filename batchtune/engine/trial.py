@@ -1,10 +1,14 @@
-"""One short training run at (micro-batch, accumulation steps, lr): the unit every command uses.
+"""One short run at (micro-batch, accumulation steps, lr): the unit every command uses.
 
-Measured like a benchmark: warm-up steps are excluded from throughput, the device is
-synchronised around each timed step, time is split into waiting for data and computing,
-validation runs in eval mode under no_grad on a fixed subset and restores train mode.
-An out-of-memory error ends the trial as a result (``fits=False``), as does divergence;
-afterwards memory is brought back to the baseline and the result says whether it was.
+What each step runs is a workload (:mod:`batchtune.engine.workload`): a training step by
+default, or the forward pass alone. The :class:`Trainer` measures both alike, like a
+benchmark: warm-up steps are excluded from throughput, the device is synchronised around
+each timed step, time is split into waiting for data and computing, memory peaks are kept
+per phase, validation runs in eval mode under no_grad on a fixed subset and restores train
+mode, and the noise scale is measured by a :class:`~batchtune.monitor.NoiseScaleMonitor`
+on its own steps, which are not timed. An out-of-memory error ends the trial as a result
+(``fits=False``), as does divergence; afterwards memory is brought back to the baseline and
+the result says whether it was.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ halves and runs two backward passes, each loss divided by 2: the same code with 
 micro-batches. Do not difference consecutive optimizer steps instead: the parameters moved
 in between, which biases the estimate.
 
+:class:`batchtune.monitor.NoiseScaleMonitor` packages these pieces (hooks only on measured
+steps, the sizes, the cadence, the reading) for any training loop, batchtune's included.
+
 B_simple is in examples; multiply by the sequence length for tokens. This module imports
 torch only inside :class:`MicroBatchGradNorms`, so the arithmetic stays importable without it.
 """
