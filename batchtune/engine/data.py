@@ -21,7 +21,7 @@ from batchtune.memory.device import DeviceBackend
 __all__ = ["Feed", "batches", "halves", "tensors"]
 
 
-def batches(dataset: Dataset, batch_size: int, seed: int, num_workers: int, pin: bool,
+def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, pin: bool = False,
             dist: DistContext | None = None) -> Iterator[Any]:
     """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller.
 

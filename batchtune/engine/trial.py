@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -191,6 +191,15 @@ class _Run:
     next_eval: float = 0.0  # samples at which the next validation is due (0: none)
 
 
+class _Step(NamedTuple):
+    """What one step measured, agreed across ranks (the ranks' mean loss and data time, the slowest time)."""
+
+    loss: float | None  # None: the workload computes no loss
+    seconds: float
+    data_seconds: float
+    noise_measured: bool  # the step ran differently (hooks, halves) and is not timed
+
+
 class Trainer:
     """Runs trials for one spec on one device backend.
 
@@ -319,8 +328,8 @@ class Trainer:
         if model is None:
             model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
         work = self.workload(self, model, config)
-        stream = batches(comps.train_set, config.shape.micro_batch_size, config.seed, comps.spec.data.num_workers,
-                         backend.device.type == "cuda", self.dist)
+        stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
+                         num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist)
         run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size),
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
@@ -374,11 +383,11 @@ class Trainer:
         for step in range(run.config.steps):
             if run.config.memory_steps is not None and step == run.config.memory_steps:
                 run.memory_session.close()  # peaks are known; time the rest without counting overhead
-            if not self._after_step(run, step, *self._step(run, step)):
+            if not self._after_step(run, step, self._step(run, step)):
                 return
 
-    def _step(self, run: _Run, step: int) -> tuple[float | None, float, float, bool]:
-        """One step, timed and measured by phase: ``(loss, seconds, data_seconds, measured)``.
+    def _step(self, run: _Run, step: int) -> _Step:
+        """One step, timed and measured by phase.
 
         Agreed across ranks: the loss and data time are the ranks' mean, the step time the
         slowest rank's.
@@ -410,18 +419,17 @@ class Trainer:
         if work.updates:
             result.optimizer_peak_bytes = max(result.optimizer_peak_bytes or 0, backend.peak_bytes())
         backend.reset_peak()
-        return loss_value, seconds, data_seconds, noise is not None
+        return _Step(loss_value, seconds, data_seconds, noise is not None)
 
-    def _after_step(self, run: _Run, step: int, loss: float | None, seconds: float, data_seconds: float,
-                    measured: bool) -> bool:
+    def _after_step(self, run: _Run, step: int, done: _Step) -> bool:
         """Record the step; False when the trial ends here (divergence, a failed validation, the time cap)."""
-        config, result = run.config, run.result
+        config, result, loss = run.config, run.result, done.loss
         result.steps = step + 1
-        result.train_seconds += seconds
-        if step >= config.timing_warmup_steps and not measured:  # measured steps ran differently
+        result.train_seconds += done.seconds
+        if step >= config.timing_warmup_steps and not done.noise_measured:  # measured steps ran differently
             result.timed_samples += config.shape.batch_size
-            result.data_seconds += data_seconds
-            result.compute_seconds += seconds - data_seconds
+            result.data_seconds += done.data_seconds
+            result.compute_seconds += done.seconds - done.data_seconds
         if loss is not None:
             result.losses.append(loss)
             if result.first_loss is None:
