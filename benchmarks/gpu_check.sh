@@ -6,8 +6,10 @@
 #
 # Extra arguments go to benchmarks/gpu_check.py (--limit 4GiB, --only probe: pinned: ...).
 # Raw results: JSON lines in $OUT/gpu_check.jsonl when $OUT is set, else in a temporary folder.
-# Offline machines: pydantic (and pytest) are installed from shared/wheels/ or benchmarks/wheels/
-# when missing, e.g. after `pip download pydantic pytest -d shared/wheels` on a connected machine.
+# Offline machines: pydantic (and pytest) are installed from .whl/, shared/wheels/ or benchmarks/wheels/
+# when missing. For the lent H200 machine (Python 3.12), on this machine, then carry .whl:
+#   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic pytest
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -16,7 +18,7 @@ missing() { ! "$PY" -c "import $1" 2>/dev/null; }
 
 for module in pydantic pytest; do
     if missing "$module"; then
-        for folder in shared/wheels benchmarks/wheels; do
+        for folder in .whl shared/wheels benchmarks/wheels; do
             if [ -d "$folder" ]; then
                 "$PY" -m pip install -q --no-index --find-links "$folder" "$module" && break
             fi
@@ -24,7 +26,7 @@ for module in pydantic pytest; do
     fi
 done
 if missing pydantic; then
-    echo "FAIL setup: pydantic is not installed and no wheels were found in shared/wheels/ or benchmarks/wheels/"
+    echo "FAIL setup: pydantic is not installed and no wheels were found in .whl/, shared/wheels/ or benchmarks/wheels/"
     echo "  (on a connected machine: pip download pydantic pytest -d shared/wheels)"
     exit 2
 fi

@@ -28,3 +28,19 @@ class _Loud(nn.Module):
 
 def loud_mlp(in_features: int = 16, num_classes: int = 4) -> nn.Module:
     return _Loud(in_features, num_classes)
+
+
+class _Inf(nn.Module):
+    """Finite outputs whose gradients are not finite at any loss scale: fp16 steps are skipped forever."""
+
+    def __init__(self, in_features: int = 16, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out + torch.sqrt((out - out.detach()).abs())  # value 0, gradient inf × 0 = nan
+
+
+def inf_mlp(in_features: int = 16, num_classes: int = 4) -> nn.Module:
+    return _Inf(in_features, num_classes)

@@ -370,6 +370,46 @@ def test_a_skipped_fp16_step_leaves_no_optimizer_state_and_the_scale_carries_ove
     assert carry.new_scaler().get_scale() == 2.0**15  # the next trial starts where this one ended
 
 
+def _fp16_trainer(write_spec, target: str):
+    from batchtune.engine.trial import Trainer, prepare
+
+    spec = load_spec(write_spec(f"""\
+        name: fp16
+        model: {{target: "{target}"}}
+        data: {{target: "tests.fixtures:tiny_data"}}
+        optimizer: {{name: adamw, lr: 0.001}}
+        base_batch_size: 32
+        precision: fp16
+        device: {{type: cpu, memory_limit: 2MiB}}
+        """))
+    spec, components, backend = prepare(spec)
+    return spec, Trainer(components, backend, "fp16")
+
+
+def test_fp16_trials_count_only_applied_steps_and_carry_the_scale(write_spec):
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import trial_config
+
+    spec, trainer = _fp16_trainer(write_spec, "tests.gpu_targets:loud_mlp")
+    first = trainer.run(trial_config(spec, BatchShape(16), steps=2))
+    # logits × 1000 overflow fp16 gradients at 2^16: skipped steps are run again, not counted
+    assert first.fits and first.steps == 2 and first.skipped_steps >= 3
+    assert first.optimizer_peak_bytes > 0 and len(first.losses) == 2
+    second = trainer.run(trial_config(spec, BatchShape(16), steps=2))
+    assert second.steps == 2 and second.skipped_steps == 0  # the scale it found carried over
+    assert trainer.scale_carry.scale == 2.0 ** 16 / 2 ** first.skipped_steps
+
+
+def test_fp16_gradients_that_overflow_at_every_scale_are_a_divergence(write_spec):
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import MAX_SKIPPED_STEPS, trial_config
+
+    spec, trainer = _fp16_trainer(write_spec, "tests.gpu_targets:inf_mlp")
+    result = trainer.run(trial_config(spec, BatchShape(16), steps=2))
+    assert result.diverged and result.steps == 0 and result.skipped_steps == MAX_SKIPPED_STEPS
+    assert "overflowed on 24 steps in a row" in result.divergence
+
+
 # ---------------------------------------------------------------- the GPU check script, dry
 
 
@@ -388,9 +428,7 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     for name in ("gpu-tests", "probe:digits_cnn", "probe:char_lm", "fake-tensor-estimate"):
         assert status.get(name) == "SKIP", (name, out.stdout)
     assert "synthetic_cnn: ceiling" in out.stdout  # the cuDNN check's path without scikit-learn
-    # Defect 5 (fp16 steps skipped by a fresh GradScaler) is the trainer's to fix with ScalerCarry:
-    # until it does, the dry run reports it. Then: assert status["fp16-optimizer-state"] == "PASS".
-    assert status["fp16-optimizer-state"] in ("PASS", "FAIL")
+    assert status["fp16-optimizer-state"] == "PASS", out.stdout  # defect 5: Adam's state is in the peak
     assert out.returncode == (1 if "FAIL" in status.values() else 0)
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == list(status.values())

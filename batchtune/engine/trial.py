@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from batchtune.config.components import Components, batch_size_of, to_device
 from batchtune.engine.data import Feed, batches, tensors
 from batchtune.engine.distributed import DistContext, current
+from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
-from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast
+from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast, data_parallel
 from batchtune.errors import TrainingError
 from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.monitor import NoiseScaleMonitor
@@ -37,6 +38,10 @@ __all__ = ["EvalPoint", "ForwardOnly", "TrainStep", "TrialConfig", "TrialResult"
            "prepare", "trial_config"]
 
 _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
+# fp16: consecutive skipped steps (gradient overflow) before a trial counts as diverged. From
+# GradScaler's first scale, 2^16, this many halvings reach 2^-8: gradients that still
+# overflow are not finite at any scale.
+MAX_SKIPPED_STEPS = 24
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class TrialResult:
     optimizer_peak_bytes: int | None = None  # optimizer steps: a floor independent of the batch
     eval_peak_bytes: int | None = None  # validation passes
     baseline_bytes: int = 0
-    leaked_bytes: int = 0
+    leaked_bytes: int = 0  # allocated bytes left above the baseline after clean-up
+    reserved_gap_bytes: int = 0  # the most the allocator reserved beyond allocated at a phase's peak (CUDA)
     steps: int = 0
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole trial, validation and clean-up included
@@ -101,6 +107,7 @@ class TrialResult:
     noise: Any = None  # NoiseScaleEstimate when measured
     noise_history: list[dict[str, Any]] = field(default_factory=list)  # estimate at each validation point
     noise_steps: int = 0
+    skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
 
     @property
     def batch_size(self) -> int:
@@ -198,6 +205,7 @@ class _Step(NamedTuple):
     seconds: float
     data_seconds: float
     noise_measured: bool  # the step ran differently (hooks, halves) and is not timed
+    applied: bool = True  # False: the optimizer step was skipped (fp16 overflow)
 
 
 class Trainer:
@@ -220,7 +228,25 @@ class Trainer:
         self.precision = precision
         self.dist = dist if dist is not None else current()
         self.workload = workload
+        # One loss scale for every trial: a fresh GradScaler per trial would start at 2^16
+        # and could skip every step of a short one (see engine/loss_scale.py).
+        self.scale_carry = ScalerCarry(backend.device.type) if precision == "fp16" else None
         self._val_cache: dict[tuple[int | None, int], Subset] = {}
+        self._wrapped: tuple[nn.Module, nn.Module] | None = None  # (model, its DDP wrapper)
+
+    def data_parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped in DDP, built once per model and agreed across ranks.
+
+        DDP's constructor runs collectives (a shape check, a broadcast) and then allocates its
+        buckets. Every rank reaches it (the model was built in an agreed phase), and the ranks
+        agree on whether it succeeded, so an OOM in the buckets on one rank ends the trial on
+        all of them instead of leaving the others waiting. A reused model (the probe's) keeps
+        its wrapper from trial to trial.
+        """
+        if self._wrapped is None or self._wrapped[0] is not model:
+            self._wrapped = None  # the old model and its buckets go before the new ones are built
+            self._wrapped = (model, self._agreed(lambda: data_parallel(model, self.backend.device)))
+        return self._wrapped[1]
 
     # ------------------------------------------------------------------ validation
 
@@ -307,7 +333,7 @@ class Trainer:
             except TrainingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
-                if not is_oom(exc):
+                if not is_oom(exc, backend):
                     raise _training_error(exc, config) from exc
                 result.fits = False
                 result.error = error_line(exc)
@@ -326,6 +352,7 @@ class Trainer:
                on_step: Callable[[int, float], None] | None, memory_session: contextlib.ExitStack) -> None:
         comps, backend = self.components, self.backend
         if model is None:
+            self._wrapped = None  # a fresh model: release the last one's wrapper first
             model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
         work = self.workload(self, model, config)
         stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
@@ -364,8 +391,9 @@ class Trainer:
         try:
             out = phase()
         except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
-            failure = exc if not is_oom(exc) else error_line(exc)
-            state = _OOM if is_oom(exc) else _ERROR
+            oom = is_oom(exc, self.backend)
+            failure = error_line(exc) if oom else exc
+            state = _OOM if oom else _ERROR
         (agreed,) = self.dist.min(state)
         if agreed == _ERROR:
             if isinstance(failure, BaseException):
@@ -378,13 +406,30 @@ class Trainer:
     # ------------------------------------------------------------------ the steps
 
     def _steps(self, run: _Run) -> None:
-        if run.config.eval_every_samples and not self._validate(run, 0):
+        """The trial's steps. An fp16 step the GradScaler skipped is run again: a trial counts
+        only applied steps, so its memory always includes the optimizer's state."""
+        config, result = run.config, run.result
+        if config.eval_every_samples and not self._validate(run, 0):
             return
-        for step in range(run.config.steps):
-            if run.config.memory_steps is not None and step == run.config.memory_steps:
+        step, skipped_in_a_row = 0, 0
+        while step < config.steps:
+            if config.memory_steps is not None and step == config.memory_steps:
                 run.memory_session.close()  # peaks are known; time the rest without counting overhead
-            if not self._after_step(run, step, self._step(run, step)):
+            done = self._step(run, step)
+            if not done.applied and (done.loss is None or math.isfinite(done.loss)):  # a non-finite loss diverged
+                result.skipped_steps += 1
+                result.train_seconds += done.seconds
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                    result.diverged = True
+                    result.divergence = (f"fp16 gradients overflowed on {skipped_in_a_row} steps in a row "
+                                         f"(loss scale down to {self.scale_carry.scale:g})")
+                    return
+                continue
+            skipped_in_a_row = 0
+            if not self._after_step(run, step, done):
                 return
+            step += 1
 
     def _step(self, run: _Run, step: int) -> _Step:
         """One step, timed and measured by phase.
@@ -401,10 +446,10 @@ class Trainer:
         backend.sample()
         # Peaks per phase: the compute grows with the batch, the optimizer step does not.
         result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())
+        result.reserved_gap_bytes = max(result.reserved_gap_bytes, backend.fragmentation_bytes())
         backend.reset_peak()
         work.exchange(noise)
-        if work.updates:
-            self._agreed(work.update)
+        applied = self._agreed(work.update) if work.updates else True
         loss_value = float(loss) if loss is not None else None  # reading the loss synchronises the device
         backend.synchronize()
         seconds = time.perf_counter() - start
@@ -418,8 +463,9 @@ class Trainer:
         backend.sample()
         if work.updates:
             result.optimizer_peak_bytes = max(result.optimizer_peak_bytes or 0, backend.peak_bytes())
+        result.reserved_gap_bytes = max(result.reserved_gap_bytes, backend.fragmentation_bytes())
         backend.reset_peak()
-        return _Step(loss_value, seconds, data_seconds, noise is not None)
+        return _Step(loss_value, seconds, data_seconds, noise is not None, applied is not False)
 
     def _after_step(self, run: _Run, step: int, done: _Step) -> bool:
         """Record the step; False when the trial ends here (divergence, a failed validation, the time cap)."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from batchtune.engine.trial import Trainer, TrialConfig
     from batchtune.monitor import NoiseScaleMonitor
 
-__all__ = ["ForwardOnly", "TrainStep", "Workload", "WorkloadFactory", "autocast"]
+__all__ = ["ForwardOnly", "TrainStep", "Workload", "WorkloadFactory", "autocast", "data_parallel"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,8 +66,9 @@ class Workload:
     def exchange(self, noise: NoiseScaleMonitor | None) -> None:
         """Collectives after an agreed compute phase."""
 
-    def update(self) -> None:
-        """The optimizer step."""
+    def update(self) -> bool:
+        """The optimizer step; False when it was skipped (an fp16 overflow) and does not count."""
+        return True
 
     def close(self) -> None:
         """At the end of the trial, whatever its outcome."""
@@ -76,8 +77,8 @@ class Workload:
 WorkloadFactory = Callable[["Trainer", nn.Module, "TrialConfig"], Workload]
 
 
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP for its memory (reducer buckets) and its checks.
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP for its memory (reducer buckets) and its checks (built by ``Trainer.data_parallel``).
 
     Gradients are reduced by hand after the ranks agree the step succeeded (see
     ``Trainer._agreed``). No buffer broadcast: it would be a collective inside forward.
@@ -94,8 +95,9 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 class TrainStep(Workload):
     """Forward, backward and an optimizer step, with accumulation, AMP and data parallelism.
 
-    One per trial: the optimizer, the GradScaler (fp16) and the DDP wrapper (several ranks)
-    are built here and live as long as the trial. The loss of each of the step's backward
+    One per trial: the optimizer and the GradScaler (fp16, starting from the scale the last
+    trial ended with) are built here and live as long as the trial; the DDP wrapper (several
+    ranks) is the trainer's, built once per model. The loss of each of the step's backward
     passes is divided by their number, so accumulated micro-batches give the gradient of
     the whole step's mean loss. A step whose noise scale is measured at one accumulation
     step on one rank runs its batch as two halves.
@@ -113,9 +115,10 @@ class TrainStep(Workload):
         self.dist = trainer.dist
         self._autocast = functools.partial(autocast, backend.device.type, trainer.precision)
         model.train()
-        self.net = _data_parallel(model, backend.device) if self.dist.enabled else model
+        self.net = trainer.data_parallel(model) if self.dist.enabled else model
         self.optimizer = trainer.components.build_optimizer(model.parameters(), config.lr)
-        self.scaler = torch.amp.GradScaler(backend.device.type) if trainer.precision == "fp16" else None
+        self.carry = trainer.scale_carry  # fp16: one loss scale across the trials of a run
+        self.scaler = self.carry.new_scaler() if self.carry is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scale = 1.0  # the GradScaler's scale during this step
 
@@ -167,18 +170,20 @@ class TrainStep(Workload):
         if noise is not None:
             noise.step(multiplier)
 
-    def update(self) -> None:
+    def update(self) -> bool:
         scaler, optimizer = self.scaler, self.optimizer
         if scaler is not None:
             scaler.unscale_(optimizer)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        applied = True
         if scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
+            applied = self.carry.update(scaler)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return applied
 
 
 class ForwardOnly(Workload):
