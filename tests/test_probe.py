@@ -241,3 +241,24 @@ def test_probe_nothing_fits(write_spec):
     result = run_probe(load_spec(write_spec(), ["device.memory_limit=4KiB"]))
     assert result.ceiling is None and result.safe_batch_size is None
     assert len(result.trials) == 1 and not result.trials[0].fits
+
+
+class _FragmentingBackend(CPUBackend):
+    """A caching allocator's view: reserved bytes run 25% above allocated at every peak."""
+
+    def peak_reserved_bytes(self) -> int:
+        return int(self.peak_bytes() * 1.25)
+
+
+def test_probe_leaves_room_for_what_the_allocator_reserves_beyond_allocated(write_spec):
+    spec = load_spec(write_spec(), ["device.memory_limit=1MiB"])
+    plain = run_probe(spec)
+    fragmenting = run_probe(spec, backend=_FragmentingBackend(spec.device.memory_limit))
+    # the search measures allocated bytes (the same ceiling); the safe size is read against
+    # the capacity less the largest reserved-minus-allocated gap a fitting trial showed
+    assert fragmenting.ceiling == plain.ceiling
+    assert fragmenting.safe_batch_size < plain.safe_batch_size
+    assert any("reserved up to" in note for note in fragmenting.notes)
+    assert not any("reserved up to" in note for note in plain.notes)
+    # the confirmation counts the gap against capacity: the headroom it reports is smaller
+    assert fragmenting.safe_headroom >= 0.10 - 1e-9

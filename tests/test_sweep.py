@@ -224,6 +224,20 @@ def test_compare_precision_raises_the_ceiling_in_bf16(write_spec):
         rows.loc["bf16", "samples_per_s"] / rows.loc["fp32", "samples_per_s"])
 
 
+def test_compare_precision_skips_a_precision_the_device_lacks(write_spec, monkeypatch):
+    """A pre-Ampere card has no bf16: the comparison says so in its log and times fp32 alone."""
+    import pandas as pd
+
+    from batchtune.commands.precision import compare_precision
+    from batchtune.memory.device import CPUBackend
+
+    monkeypatch.setattr(CPUBackend, "supported_precisions", lambda self: ("fp32", "fp16"))
+    spec = load_spec(write_spec(), ["device.memory_limit=1MiB"])
+    ranked = pd.DataFrame([{"rank": 1, "batch_size": 64, "micro_batch_size": 64, "accum_steps": 1, "lr": 0.01}])
+    frame = compare_precision(spec, type("Sweep", (), {"summary": ranked})(), top=1, steps=3)
+    assert list(frame["precision"]) == ["fp32"] and frame["ceiling"].iloc[0] > 64
+
+
 def _trial(size, seed, curve, samples_per_s, *, mult=1.0, diverged=False, noise=None, world_size=1):
     """A finished trial's row as the sweep stores it; ``curve`` is (step, seconds, val loss)."""
     return {"batch_size": size, "micro_batch_size": size // world_size, "accum_steps": 1, "lr": 0.01 * mult,

@@ -40,20 +40,23 @@ def compare_precision(spec: Any, sweep_result: Any, *, top: int = 2, steps: int 
     components = build_components(spec)
     rows = []
     for precision in PRECISIONS:
-        variant = spec.model_copy(update={"precision": precision})
-        backend = backend_for_spec(spec)
-        ceiling = None
-        if backend.capacity_bytes() is not None:
-            log.info("probing the ceiling in %s", precision)
-            ceiling = run_probe(variant, backend=backend, components=components).ceiling
-        trainer = Trainer(components, backend, precision)
-        for batch_size, micro, accum, lr in sizes:
-            log.info("timing batch %d in %s", batch_size, precision)
-            result = trainer.run(trial_config(spec, BatchShape(micro, accum), lr=lr, steps=steps,
-                                             timing_warmup_steps=5, memory_steps=2))
-            rows.append({"precision": precision, "batch_size": batch_size, "ceiling": ceiling,
-                         "samples_per_s": result.samples_per_s, "peak_bytes": result.peak_bytes,
-                         "fits": result.fits})
+        with backend_for_spec(spec) as backend:  # closing restores what it set (CUDA's memory fraction)
+            if precision not in backend.supported_precisions():
+                log.info("skipping %s: %s does not support it", precision, backend.name)
+                continue
+            variant = spec.model_copy(update={"precision": precision})
+            ceiling = None
+            if backend.capacity_bytes() is not None:
+                log.info("probing the ceiling in %s", precision)
+                ceiling = run_probe(variant, backend=backend, components=components).ceiling
+            trainer = Trainer(components, backend, precision)
+            for batch_size, micro, accum, lr in sizes:
+                log.info("timing batch %d in %s", batch_size, precision)
+                result = trainer.run(trial_config(spec, BatchShape(micro, accum), lr=lr, steps=steps,
+                                                 timing_warmup_steps=5, memory_steps=2))
+                rows.append({"precision": precision, "batch_size": batch_size, "ceiling": ceiling,
+                             "samples_per_s": result.samples_per_s, "peak_bytes": result.peak_bytes,
+                             "fits": result.fits})
     frame = pd.DataFrame(rows)
     base = frame[frame["precision"] == "fp32"].set_index("batch_size")
     frame["throughput_gain"] = [r.samples_per_s / base.loc[r.batch_size, "samples_per_s"]

@@ -16,6 +16,7 @@ from typing import Any
 from batchtune.memory.model import MemoryModel
 from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling
 from batchtune.memory.source import DeviceMemorySource, DeviceTrial
+from batchtune.render.text import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +193,19 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
     Steps down a granule at a time if it fails (it should not: it is below a measured fit).
     """
     capacity = source.capacity_bytes
-    safe = safe_size(outcome.ceiling, outcome.model, capacity, p.headroom, p.granularity, p.min_batch_size)
+    # The memory model fits allocated bytes; capacity must also hold what the caching
+    # allocator reserves beyond them (CUDA's rounding and split segments; 0 on CPU).
+    gap = max((t.result.reserved_gap_bytes for t in source.trials if t.result.fits), default=0)
+    usable = capacity - gap if capacity is not None else None
+    if gap:
+        notes.append(f"the allocator reserved up to {format_bytes(gap)} beyond the allocated peak; "
+                     "the safe size leaves room for it")
+    safe = safe_size(outcome.ceiling, outcome.model, usable, p.headroom, p.granularity, p.min_batch_size)
     while safe >= p.min_batch_size:
         result = source.run(safe, phase="confirm", steps=max(p.steps_per_trial, MIN_CONFIRM_STEPS), validate=True)
         if result.fits:
-            free = 1.0 - result.peak_bytes / capacity if capacity and result.peak_bytes is not None else None
+            used = result.peak_bytes + result.reserved_gap_bytes if result.peak_bytes is not None else None
+            free = 1.0 - used / capacity if capacity and used is not None else None
             if free is not None and free < p.headroom - 1e-9:
                 notes.append(f"the safe size leaves {free:.1%} free, less than the "
                              f"{p.headroom:.0%} asked: even min_batch_size is close to the limit")
