@@ -3,6 +3,8 @@
 Built-ins come by name; user code by ``target: package.module:callable``. Import errors
 and keyword arguments that do not fit a callable's signature are reported as
 :class:`~batchtune.config.spec.SpecError` with the key and line, before anything trains.
+A factory that raises while building (a missing file, an argument out of range) is a
+:class:`ComponentError` naming the key and the factory, whenever it is called.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from torch.utils.data import Dataset
 
 from batchtune.config.spec import Spec, SpecError
 
-__all__ = ["Components", "build_components", "load_target", "batch_size_of", "to_device"]
+__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "to_device"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -37,6 +40,36 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class ComponentError(SpecError):
+    """A factory the spec names raised while building its component: one problem, on one line."""
+
+    def __str__(self) -> str:
+        return str(self.issues[0])
+
+
+def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)``; anything it raises but an out-of-memory is a :class:`ComponentError`.
+
+    The error says ``what`` raised and names the key of the spec to change: ``<key>.<name>``
+    when the message names one of the keyword arguments given (``hidden must be >= 1`` →
+    ``model.kwargs.hidden``), else ``key`` itself.
+    """
+    try:
+        return factory(*args, **kwargs)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # the device or host ran out: the probe's business, not a bad spec
+    except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
+        text = str(exc).strip().splitlines()
+        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
+        path = f"{key}.{named[0]}" if named else key
+        message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
+        raise ComponentError([spec.issue(path, message)]) from exc
+
+
+def _factory_name(entry: Any) -> str:
+    return f"{entry.target}()" if entry.target is not None else f"built-in {entry.builtin}()"
 
 
 def load_target(target: str, spec: Spec, path: str) -> Callable[..., Any]:
@@ -84,6 +117,10 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], spec: Spec, pa
               for key in kwargs if key not in accepted]
     if issues:
         raise SpecError(issues)
+
+
+def _source_key(entry: Any, path: str) -> str:
+    return f"{path}.builtin" if entry.builtin is not None else f"{path}.target"
 
 
 def _resolve(entry: Any, registry: dict[str, str], spec: Spec, path: str) -> Callable[..., Any]:
@@ -162,7 +199,8 @@ def _make_loss(spec: Spec) -> LossFn:
     else:
         factory = load_target(spec.loss.target, spec, "loss.target")
         _check_kwargs(factory, spec.loss.kwargs, spec, "loss.kwargs")
-        criterion = factory(**spec.loss.kwargs)
+        key = "loss.kwargs" if spec.loss.kwargs else "loss.target"
+        criterion = _build(spec, key, f"the loss factory {spec.loss.target}()", factory, **spec.loss.kwargs)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, targets = _split(batch)
@@ -186,18 +224,30 @@ class Components:
         """A freshly initialised model (seeded, so trials at one seed start alike)."""
         if seed is not None:
             torch.manual_seed(seed)
-        model = self.model_factory(**self.spec.model.kwargs)
+        spec = self.spec
+        key = "model.kwargs" if spec.model.kwargs else _source_key(spec.model, "model")
+        model = _build(spec, key, f"the model factory {_factory_name(spec.model)}", self.model_factory,
+                       **spec.model.kwargs)
         if not isinstance(model, nn.Module):
-            raise self.spec.error("model", f"the model factory returned {type(model).__name__}, not an nn.Module")
+            raise spec.error("model", f"the model factory returned {type(model).__name__}, not an nn.Module")
         return model
 
     def build_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return self.optimizer_factory(params, lr=lr, **self.spec.optimizer.options)
+        """The optimizer over ``params``; a value it rejects is a :class:`ComponentError` naming its key."""
+        opt = self.spec.optimizer
+        key = "optimizer.kwargs" if opt.kwargs else "optimizer"
+        name = f"{opt.target}()" if opt.target else f"{getattr(self.optimizer_factory, '__name__', opt.name)}()"
+        return _build(self.spec, key, f"the optimizer {name}", self.optimizer_factory, params, lr=lr, **opt.options)
 
     def tokens_per_sample(self) -> int:
-        """Elements in one sample's targets (the sequence length for a language model), else 1."""
+        """Elements in one sample's targets (the sequence length for a language model), else 1.
+
+        Raises:
+            ComponentError: reading the first training sample raised.
+        """
+        sample = _build(self.spec, "data", "reading the first training sample", self.train_set.__getitem__, 0)
         try:
-            _, target = _split(self.train_set[0])
+            _, target = _split(sample)
         except (TypeError, ValueError):
             return 1
         return int(target.numel()) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
@@ -209,6 +259,7 @@ def build_components(spec: Spec) -> Components:
     Raises:
         SpecError: a target that cannot be imported, kwargs that a callable does not take,
             or a data factory that does not return ``(train, val)``.
+        ComponentError: the data or loss factory raised.
     """
     from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS
 
@@ -241,10 +292,8 @@ def build_components(spec: Spec) -> Components:
     if issues:
         raise SpecError(issues)
 
-    try:
-        data = data_factory(**spec.data.kwargs)
-    except ImportError as exc:
-        raise spec.error("data", f"building the data failed: {exc}") from None
+    key = "data.kwargs" if spec.data.kwargs else _source_key(spec.data, "data")
+    data = _build(spec, key, f"the data factory {_factory_name(spec.data)}", data_factory, **spec.data.kwargs)
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise spec.error("data", f"the data factory must return (train_dataset, val_dataset), got {type(data).__name__}")
     train_set, val_set = data

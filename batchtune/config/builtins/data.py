@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from batchtune.config.builtins._checks import check_ints, check_numbers
+
 __all__ = ["char_text", "digits", "synthetic_classification"]
 
 # Folders of the standard library that are not representative library code (tests, the
@@ -50,13 +52,13 @@ def synthetic_classification(
         ``(train, val)`` TensorDatasets of ``(float32 (in_features,), int64 ())`` samples.
 
     Raises:
+        TypeError: An argument has the wrong type.
         ValueError: An argument is out of range.
     """
-    for name, value in {"n_train": n_train, "n_val": n_val, "in_features": in_features}.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1. Found {name}={value!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2. Found {num_classes=}")
+    check_ints(n_train=n_train, n_val=n_val, in_features=in_features)
+    check_ints(2, num_classes=num_classes)
+    check_ints(None, seed=seed)
+    check_numbers(noise=noise)
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1]. Found {noise=}")
 
@@ -95,8 +97,11 @@ def digits(*, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Datase
 
     Raises:
         ImportError: scikit-learn is not installed.
+        TypeError: An argument has the wrong type.
         ValueError: ``val_fraction`` is not in (0, 1).
     """
+    check_numbers(val_fraction=val_fraction)
+    check_ints(None, seed=seed)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1). Found {val_fraction=}")
     try:
@@ -152,11 +157,13 @@ def char_text(
         has ``vocab_size = 256`` and ``block_size`` attributes.
 
     Raises:
+        TypeError: An argument has the wrong type.
         ValueError: An argument is out of range, or too little text for one window per split.
     """
     del seed  # documented as having no effect
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1. Found {block_size=}")
+    check_ints(block_size=block_size)
+    check_ints(2, max_bytes=max_bytes)
+    check_numbers(val_fraction=val_fraction)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1). Found {val_fraction=}")
     raw = _stdlib_bytes(max_bytes)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchtune.config.builtins._checks import check_ints, check_numbers
+
 __all__ = ["char_transformer", "cnn", "mlp"]
 
 
@@ -40,11 +42,11 @@ def mlp(
         A module mapping ``(B, in_features)`` float inputs to ``(B, num_classes)`` logits.
 
     Raises:
+        TypeError: An argument has the wrong type.
         ValueError: An argument is out of range.
     """
-    _check_positive(in_features=in_features, num_classes=num_classes, hidden=hidden)
-    if depth < 0:
-        raise ValueError(f"depth must be >= 0. Found {depth=}")
+    check_ints(in_features=in_features, num_classes=num_classes, hidden=hidden)
+    check_ints(0, depth=depth)
     _check_dropout(dropout)
     layers: list[nn.Module] = []
     width = in_features
@@ -74,9 +76,10 @@ def cnn(*, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.M
         to ``(B, num_classes)`` logits.
 
     Raises:
+        TypeError: An argument has the wrong type.
         ValueError: An argument is out of range.
     """
-    _check_positive(in_channels=in_channels, num_classes=num_classes, width=width)
+    check_ints(in_channels=in_channels, num_classes=num_classes, width=width)
     return nn.Sequential(
         _conv_bn_relu(in_channels, width),
         _conv_bn_relu(width, width),
@@ -117,10 +120,10 @@ def char_transformer(
         ``(B, T, vocab_size)`` next-token logits.
 
     Raises:
+        TypeError: An argument has the wrong type.
         ValueError: An argument is out of range.
     """
-    _check_positive(vocab_size=vocab_size, block_size=block_size, d_model=d_model,
-                    n_layers=n_layers, n_heads=n_heads)
+    check_ints(vocab_size=vocab_size, block_size=block_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     if d_model % n_heads:
         raise ValueError(f"d_model must be divisible by n_heads. Found {d_model=}, {n_heads=}")
     _check_dropout(dropout)
@@ -130,13 +133,8 @@ def char_transformer(
 # ---------------------------------------------------------------------------- helpers
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1. Found {name}={value!r}")
-
-
 def _check_dropout(dropout: float) -> None:
+    check_numbers(dropout=dropout)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1). Found {dropout=}")
 
