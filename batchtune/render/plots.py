@@ -1,7 +1,12 @@
-"""Sweep plots (matplotlib, the optional ``plots`` extra): log2 batch-size axes."""
+"""Sweep plots (matplotlib, the optional ``plots`` extra): log2 batch-size axes.
+
+Each figure is rendered in memory and written atomically, so a full disk or a read-only
+folder fails with the path named and leaves no half-written PNG.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ def plot_sweep(result: Any, path: Path) -> Path:
 
     Raises:
         ImportError: matplotlib is not installed.
+        OSError: the file cannot be written.
     """
     import matplotlib
 
@@ -43,10 +49,7 @@ def plot_sweep(result: Any, path: Path) -> Path:
             ax.axvline(ceiling, color="tab:red", linestyle=":", label=f"ceiling {ceiling}")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"batchtune sweep: {result.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_noise(run: Any, path: Path) -> Path:
@@ -72,7 +75,24 @@ def plot_noise(run: Any, path: Path) -> Path:
     ax.legend(loc="upper left", fontsize=8)
     loss.legend(loc="upper right", fontsize=8)
     ax.set_title(f"batchtune noise: {run.name}, batch {run.batch_size}")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure as a PNG at ``path`` and close it.
+
+    Raises:
+        OSError: the file cannot be written, naming ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    from batchtune.render.run_folder import atomic_write
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
