@@ -71,7 +71,8 @@ def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | 
 def run_dir(name: str, *, out: Path | str | None = None, resume: Path | str | None = None) -> Path:
     """The folder a sweep writes: ``resume``, else ``out``, else a new ``runs/<time>-<name>``.
 
-    The one place the default is decided; under torchrun rank 0 names it for every rank.
+    The one place the default is decided; under torchrun rank 0 creates it (so two sweeps
+    never get the same one) and names it for every rank.
     """
     if resume is not None:
         return Path(resume)
@@ -79,7 +80,8 @@ def run_dir(name: str, *, out: Path | str | None = None, resume: Path | str | No
         return Path(out)
     from batchtune.engine.distributed import current
 
-    return current().broadcast(new_run_dir(name))
+    dist = current()
+    return dist.broadcast(new_run_dir(name) if dist.is_main else None)
 
 
 def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
