@@ -125,3 +125,55 @@ def broken_on_one_rank(rank: int = 1):
     import os
 
     return _FailsOn() if int(os.environ.get("RANK", "0")) == rank else tiny_mlp()
+
+
+class _Hangs(nn.Module):
+    def __init__(self, after: int, **kwargs) -> None:
+        super().__init__()
+        self.after = after
+        self.calls = 0
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            time.sleep(10**6)  # a forward that never returns (a deadlock, a stuck data pipe)
+        return self.net(x)
+
+
+def hang_mlp(after: int = 0, **kwargs) -> nn.Module:
+    """tiny_mlp whose forward never returns after its first ``after`` calls."""
+    return _Hangs(after, **kwargs)
+
+
+class _NaN(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * float("nan")
+
+
+def nan_mlp(**kwargs) -> nn.Module:
+    """tiny_mlp whose outputs, and so every loss, are NaN (broken data or model code)."""
+    return _NaN(**kwargs)
+
+
+class _Lazy(Dataset):
+    """Samples made on demand: a set far larger than memory, as a lazily-read image set is."""
+
+    def __init__(self, n: int, in_features: int) -> None:
+        self.n, self.in_features = n, in_features
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((self.in_features,), float(i % 7)), i % 4
+
+
+def huge_data(n_train: int = 10**9, in_features: int = 1024):
+    """A billion-sample training set of 4 KiB samples (never materialised); a small validation set."""
+    _, val = tiny_data(in_features=in_features)
+    return _Lazy(n_train, in_features), val

@@ -172,8 +172,8 @@ def _direct(spec, batch_size: int) -> bool:
 @pytest.mark.parametrize("limit,granularity", [("120KiB", 1), ("200KiB", 1), ("200KiB", 8), ("1MiB", 32)])
 def test_probe_finds_the_exact_ceiling(write_spec, limit, granularity):
     spec = load_spec(write_spec(), [f"device.memory_limit={limit}", f"probe.granularity={granularity}",
-                                    f"probe.min_batch_size={granularity}"])
-    result = run_probe(spec)
+                                    f"probe.min_batch_size={granularity}", "data.kwargs.n_train=4096"])
+    result = run_probe(spec)  # a training set larger than the ceiling: batches are capped at the set's size
     c = result.ceiling
     assert c is not None and c % granularity == 0 and not result.capped
     assert _direct(spec, c) and not _direct(spec, c + granularity)
@@ -251,7 +251,7 @@ class _FragmentingBackend(CPUBackend):
 
 
 def test_probe_leaves_room_for_what_the_allocator_reserves_beyond_allocated(write_spec):
-    spec = load_spec(write_spec(), ["device.memory_limit=1MiB"])
+    spec = load_spec(write_spec(), ["device.memory_limit=1MiB", "data.kwargs.n_train=4096"])
     plain = run_probe(spec)
     fragmenting = run_probe(spec, backend=_FragmentingBackend(spec.device.memory_limit))
     # the search measures allocated bytes (the same ceiling); the safe size is read against

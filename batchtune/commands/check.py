@@ -21,6 +21,7 @@ carries a code and its figures, and ``render/check.py`` writes the reasons.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 import traceback
@@ -89,6 +90,8 @@ class CheckReport:
     device: dict[str, Any]
     precision: str = "fp32"
     baseline: str | None = None
+    notes: list[str] = field(default_factory=list)  # what changed the question asked (a capped batch), plainly
+    load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
 
     @property
     def status(self) -> Status:
@@ -246,7 +249,12 @@ class _CheckRun:
     fit: Any = None  # the fits run's TrialResult, once it ran without crashing
     step_seconds: float = 0.0  # one optimizer step, as the fits run timed it
     run: Any = None  # the training run's TrialResult, when it finished without an OOM
+    window_rates: list[float] = field(default_factory=list)  # the training run's throughput over windows of steps
     skipped: list[str] = field(default_factory=list)  # checks skipped to stay within the budget
+    notes: list[str] = field(default_factory=list)
+    meter: Any = None  # host.LoadMeter started with the check
+    threads: int = 1
+    watch: Any = None  # the watchdog Deadline holding every phase to the budget
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -271,6 +279,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     started = time.perf_counter()
     from batchtune.config.spec import Spec, load_spec
     from batchtune.engine.distributed import current
+    from batchtune.engine.host import LoadMeter, set_threads
     from batchtune.engine.trial import Trainer, prepare
     from batchtune.stats.scaling import spec_lr, spec_rule
 
@@ -284,10 +293,40 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
+    notes: list[str] = []
+    shape = _within_limits(shape, components.train_set, notes)
+    threads, threads_from = set_threads(spec.device.threads)
     return _CheckRun(spec=spec, shape=shape, baseline=base, trainer=Trainer(components, backend, spec.precision, dist),
-                     capacity=backend.capacity_bytes(), device=backend.describe(), lr=spec_lr(spec, shape.batch_size),
+                     capacity=backend.capacity_bytes(), lr=spec_lr(spec, shape.batch_size),
+                     device={**backend.describe(), "threads": threads, "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
-                     deadline=started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget))
+                     deadline=started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget),
+                     notes=notes, meter=LoadMeter.start(), threads=threads)
+
+
+def _within_limits(shape: BatchShape, train_set: Any, notes: list[str]) -> BatchShape:
+    """The shape, its batch capped at the training set's size; refused if host memory cannot collate it.
+
+    Raises:
+        CheckInputError: collating the batch would need more host memory than is available.
+    """
+    from batchtune.engine.data import batch_limit
+    from batchtune.render.text import format_bytes
+
+    limit = batch_limit(train_set)
+    per_step = shape.accum_steps * shape.world_size
+    if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
+        capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
+        notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
+                     f"checked at {capped.batch_size:,}, the largest batch it can fill")
+        shape = capped
+    need = limit.bytes_for(shape.micro_batch_size)
+    if need is not None and limit.available_bytes is not None and need > limit.available_bytes:
+        raise CheckInputError(
+            f"batch {shape.batch_size:,} (micro-batch {shape.micro_batch_size:,}) would need about {format_bytes(need)} "
+            f"of host memory to collate ({format_bytes(limit.bytes_per_sample)} per sample, from the first one); "
+            f"{format_bytes(limit.available_bytes)} is available: choose a smaller --batch-size or more --accum-steps")
+    return shape
 
 
 def _shape_text(shape: BatchShape) -> str:
@@ -312,6 +351,7 @@ def _fits(state: _CheckRun) -> CheckResult:
         raise
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return _crash("fits", "fits.crashed", exc)
+    _stop_if_timed_out(state, fit)
     verdict = fits_verdict(fit.fits, fit.peak_bytes, state.capacity, spec.probe.headroom, fit.error)
     verdict.figures.update(steps=fit.steps, validated=bool(fit.evals), compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,
@@ -320,6 +360,32 @@ def _fits(state: _CheckRun) -> CheckResult:
     state.fit = fit
     state.step_seconds = (stamps[-1] - stamps[-2]) if len(stamps) >= 2 else fit.train_seconds / max(fit.steps, 1)
     return verdict
+
+
+def _stop_if_timed_out(state: _CheckRun, result: Any) -> None:
+    """A trial that timed out ends the check (exit 2): naming the check's budget if that is what ran out."""
+    from batchtune.engine.watchdog import stop_if_timed_out
+
+    budget = state.watch is not None and state.watch.fired
+    stop_if_timed_out(result, f"what was left of the check's --max-seconds {state.budget:g}" if budget
+                      else "trial_timeout")
+
+
+def window_rates(stamps: list[float], *, batch_size: int, first: int, noise_every: int = 0,
+                 windows: int = 5) -> list[float]:
+    """Throughput (samples/s) over consecutive windows of timed steps, from each step's end time.
+
+    Steps before ``first`` (timing warm-up) and noise-scale steps (every ``noise_every``-th,
+    which run differently) are left out, as the trial's own throughput leaves them out.
+    Their spread says how steady the machine was while the check measured.
+    """
+    durations = [stamps[i] - stamps[i - 1] for i in range(max(first, 1), len(stamps))
+                 if not (noise_every and i % noise_every == noise_every - 1)]
+    n = min(windows, len(durations) // 2)
+    if n < 2:
+        return []
+    size = len(durations) // n
+    return [batch_size * size / sum(durations[w * size:(w + 1) * size]) for w in range(n)]
 
 
 def _not_run(state: _CheckRun, fits: CheckResult) -> dict[str, CheckResult]:
@@ -350,12 +416,16 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
         timing_warmup_steps=timing_warmup, max_seconds=remaining - state.step_seconds,
         divergence_factor=spec.check.divergence_factor, measure_noise=True, memory_steps=max(2, timing_warmup),
     )
+    stamps: list[float] = []
     try:
-        run = state.trainer.run(config)
+        run = state.trainer.run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return {"trains": _crash("trains", "trains.crashed", exc), "data": _skip("data", "skip.train_crashed")}
+    _stop_if_timed_out(state, run)
+    state.window_rates = window_rates(stamps, batch_size=state.shape.batch_size, first=timing_warmup,
+                                      noise_every=config.noise_every if config.measure_noise else 0)
     if not run.fits:
         return {"trains": CheckResult("trains", "fail", "trains.oom", {"error": run.error}),
                 "data": _skip("data", "skip.train_oom")}
@@ -476,10 +546,26 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         samples_per_s=run.samples_per_s if run is not None else None, peak_bytes=state.fit.peak_bytes,
         baseline_samples_per_s=statistics.fmean(rates) if rates else None,
         baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
-        memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip)
+        memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
+        throughput_noise=throughput_noise(state.window_rates, rates),
+        contention=state.meter.reading(state.threads)["contention"] if state.meter is not None else 0.0)
     verdict.figures.update(why, baseline_trials=len(usable), spec_changes=_spec_changes(base, state.spec.resolved()),
                            baseline_torch=base.environment.get("torch"))
     return verdict
+
+
+def relative_error(values: list[float]) -> float | None:
+    """The standard error of the mean, relative to the mean; None for fewer than two values."""
+    if len(values) < 2 or not statistics.fmean(values):
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values)) / statistics.fmean(values)
+
+
+def throughput_noise(window_rates: list[float], baseline_rates: list[float]) -> float | None:
+    """The relative noise of a throughput comparison: the errors of this run's mean (over its
+    windows) and of the baseline's (over its trials), in quadrature (None when neither is known)."""
+    spreads = [x for x in (relative_error(window_rates), relative_error(baseline_rates)) if x is not None]
+    return math.sqrt(sum(x * x for x in spreads)) if spreads else None
 
 
 def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
@@ -489,7 +575,8 @@ def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
         lr_rule=state.rule, base_lr=spec.optimizer.lr, base_batch_size=spec.base_batch_size,
         seconds=time.perf_counter() - state.started, max_seconds=state.budget, skipped=state.skipped,
         device=state.device, precision=spec.precision,
-        baseline=str(state.baseline.path) if state.baseline else None)
+        baseline=str(state.baseline.path) if state.baseline else None, notes=state.notes,
+        load=state.meter.reading(state.threads) if state.meter is not None else {})
 
 
 def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | None = None,
@@ -514,13 +601,21 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
         SpecError: the spec cannot be used as given.
         CheckInputError: the batch size or the baseline cannot be used.
     """
+    from batchtune.engine.watchdog import TrialTimeout, deadline
+    from batchtune.errors import TrainingError
+
     state = _start(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
                    baseline=baseline, backend=backend)
-    results = {"fits": _fits(state)}
-    if state.fit is None or not state.fit.fits:
-        results.update(_not_run(state, results["fits"]))
-    else:
-        results.update(_training(state))
-        results["critical_batch"] = _critical_batch(state)
-        results["regression"] = _regression(state)
+    try:
+        # Every phase, the fits run included, ends by the budget: a step that hangs cannot outlast it.
+        with deadline(state.started + state.budget - time.perf_counter(), "the training step") as state.watch:
+            results = {"fits": _fits(state)}
+            if state.fit is None or not state.fit.fits:
+                results.update(_not_run(state, results["fits"]))
+            else:
+                results.update(_training(state))
+                results["critical_batch"] = _critical_batch(state)
+                results["regression"] = _regression(state)
+    except TrialTimeout:  # between trials (a trial records its own)
+        raise TrainingError(f"the check did not finish within its --max-seconds {state.budget:g}") from None
     return _report(state, results)

@@ -41,6 +41,7 @@ CODES = (
     "critical.no_noise_steps", "critical.unreliable",
     # regression: against the baseline sweep's row for the same shape
     "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",
+    "regression.throughput_noise",
     "regression.uncompared", "regression.other_device", "regression.other_precision", "regression.no_row",
     "regression.other_shape", "regression.unusable",
     # skips that say why a check did not run
@@ -173,12 +174,21 @@ def critical_batch_verdict(batch_size: int, b_crit: float | None, *, basis: str 
 def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
                        baseline_samples_per_s: float | None, baseline_peak_bytes: int | None,
                        throughput_tolerance: float, memory_tolerance: float,
-                       throughput_skip: str | None = None) -> CheckResult:
+                       throughput_skip: str | None = None, throughput_noise: float | None = None,
+                       contention: float = 0.0) -> CheckResult:
     """Fail when throughput fell or peak memory grew past its tolerance, relative to the baseline row.
+
+    A throughput drop past the tolerance fails only if it is also beyond twice the measured
+    noise and beyond the tolerance plus what other work on the machine could take; otherwise
+    it warns (``regression.throughput_noise``): contention alone must not fail a pre-flight.
 
     Args:
         throughput_skip: why throughput was not compared, one of :data:`THROUGHPUT_SKIPS`
             (it then counts as not measured).
+        throughput_noise: relative standard error of the comparison: this run's windows and
+            the baseline's seeds combined.
+        contention: the share of throughput other work on the machine could have taken
+            (``host.LoadMeter``'s reading); 0 on a quiet machine.
     """
     if throughput_skip is not None and throughput_skip not in THROUGHPUT_SKIPS:
         raise ValueError(f"unknown throughput_skip {throughput_skip!r}")
@@ -186,19 +196,23 @@ def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
         "samples_per_s": samples_per_s, "baseline_samples_per_s": baseline_samples_per_s,
         "throughput_change": None, "peak_bytes": peak_bytes, "baseline_peak_bytes": baseline_peak_bytes,
         "memory_change": None, "throughput_tolerance": throughput_tolerance, "memory_tolerance": memory_tolerance,
-        "throughput_skip": throughput_skip,
+        "throughput_skip": throughput_skip, "throughput_noise": throughput_noise, "contention": contention,
     }
-    failed = []
+    failed, noisy = [], False
     if samples_per_s and baseline_samples_per_s and not throughput_skip:
-        figures["throughput_change"] = samples_per_s / baseline_samples_per_s - 1.0
-        if figures["throughput_change"] < -throughput_tolerance:
-            failed.append("throughput")
+        figures["throughput_change"] = change = samples_per_s / baseline_samples_per_s - 1.0
+        if change < -throughput_tolerance:
+            noisy = change >= -2.0 * (throughput_noise or 0.0) or change >= -(throughput_tolerance + contention)
+            if not noisy:
+                failed.append("throughput")
     if peak_bytes and baseline_peak_bytes:
         figures["memory_change"] = peak_bytes / baseline_peak_bytes - 1.0
         if figures["memory_change"] > memory_tolerance:
             failed.append("memory")
     if failed:
         return CheckResult("regression", "fail", "regression." + "_".join(failed), figures)
+    if noisy:
+        return CheckResult("regression", "warn", "regression.throughput_noise", figures)
     if figures["throughput_change"] is None and figures["memory_change"] is None:
         return CheckResult("regression", "skip", "regression.uncompared", figures)
     return CheckResult("regression", "pass", "regression.ok", figures)

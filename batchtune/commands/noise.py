@@ -29,10 +29,16 @@ class NoiseRun:
     tokens_per_sample: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    diverged: str | None = None  # why the loss stopped being finite: no estimate, exit 1
 
     @property
     def batch_size(self) -> int:
         return self.shape.batch_size
+
+    @property
+    def exit_code(self) -> int:
+        """1 when the run diverged (the measurement says no), else 0."""
+        return 1 if self.diverged else 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -58,6 +64,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, prepare, trial_config
+    from batchtune.engine.watchdog import stop_if_timed_out
 
     spec, components, backend = prepare(spec, backend)
     batch_size = batch_size or spec.base_batch_size
@@ -71,16 +78,14 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
                           eval_every_samples=steps * batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
     log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
-    result = Trainer(components, backend, spec.precision).run(config)
+    result = stop_if_timed_out(Trainer(components, backend, spec.precision).run(config))
     tokens = components.tokens_per_sample()
     notes = []
     if not result.fits:
         notes.append(f"out of memory: {result.error}")
-    if result.diverged:
-        notes.append(f"diverged: {result.divergence}")
     if any(isinstance(m, _BatchNorm) for m in components.build_model(spec.seed).modules()):
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
     final = result.noise_history[-1] if result.noise_history else None
     return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final,
-                    tokens, result.seconds, notes)
+                    tokens, result.seconds, notes, result.divergence if result.diverged else None)

@@ -110,22 +110,33 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     """
     from batchtune.engine.distributed import current
 
+    from batchtune.engine.host import LoadMeter, set_threads
+
     spec, components, backend = _setup(spec, backend, components)
     log.info("probing %s ...", spec.name)
+    meter, (threads, threads_from) = LoadMeter.start(), set_threads(spec.device.threads)
     p = spec.probe
     dist = current()
-    source = _device_source(spec, components, backend, dist)
-    strategy, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, p.max_batch_size, p.granularity))
     notes: list[str] = []
+    largest, cap_note = _largest(components, p)
+    source = _device_source(spec, components, backend, dist)
+    strategy, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
     max_leak = _max_leaked_bytes(source.trials, dist)
     if max_leak > 0:
         notes.append(f"memory did not return to the baseline after an OOM: {max_leak} bytes still held "
                      "(references kept by user code?); later trials may under-report the ceiling")
     if outcome.capped:
-        notes.append(f"max_batch_size ({p.max_batch_size}) fits: the device may hold more; raise probe.max_batch_size")
+        notes.append(cap_note or f"max_batch_size ({p.max_batch_size}) fits: the device may hold more; "
+                                 "raise probe.max_batch_size")
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
+    notes += _loss_notes(source.trials)
     source.close()
     backend.cleanup()
+    load = meter.reading(threads)
+    if load["busy"]:
+        from batchtune.render.check import busy_note
+
+        notes.append(busy_note(load, "the trials' seconds are") + "; memory figures are unaffected")
     return ProbeResult(
         ceiling=outcome.ceiling, safe_batch_size=confirmation.batch_size,
         power_of_two_batch_size=_power_of_two(confirmation.batch_size, p.min_batch_size),
@@ -135,8 +146,42 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         safe_headroom=confirmation.headroom, confirmed=confirmation.batch_size is not None,
         confirm_val_loss=confirmation.val_loss, confirm_steps=confirmation.steps,
         memory_returned=max_leak <= 0, max_leaked_bytes=max_leak, trials=_probe_trials(source.trials, outcome),
-        device={**backend.describe(), "world_size": dist.world_size}, precision=spec.precision, notes=notes,
+        device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
+                "load": load}, precision=spec.precision, notes=notes,
     )
+
+
+def _largest(components: Any, p: Any) -> tuple[int, str | None]:
+    """probe.max_batch_size, capped at the training set's size and at what host memory can collate.
+
+    Returns the cap and the note to show if the ceiling reaches it (None: not capped).
+    """
+    from batchtune.engine.data import batch_limit
+    from batchtune.memory.search import align_down
+
+    limit = batch_limit(components.train_set)
+    if limit.batch_size is None or limit.batch_size >= p.max_batch_size:
+        return p.max_batch_size, None
+    largest = max(align_down(limit.batch_size, p.granularity), p.min_batch_size)
+    if limit.reason == "data":
+        return largest, (f"the training set has {limit.samples:,} samples: batches are capped there "
+                         f"(not at probe.max_batch_size {p.max_batch_size:,}); a larger batch would only repeat "
+                         "samples, so the device may hold more than this ceiling")
+    return largest, (f"host memory caps batches at {largest:,}: collating one takes about "
+                     f"{format_bytes(limit.bytes_for(largest))} ({format_bytes(limit.bytes_per_sample)} per "
+                     f"sample) of the {format_bytes(limit.available_bytes)} available")
+
+
+def _loss_notes(trials: list[DeviceTrial]) -> list[str]:
+    """A non-finite loss: memory figures stand, but training is broken (model, data or lr)."""
+    bad = [t for t in trials if t.result.diverged]
+    if not bad:
+        return []
+    first = bad[0].result
+    return [f"the loss was not finite in {len(bad)} of {len(trials)} trials ({first.divergence}, batch "
+            f"{first.batch_size}): the memory figures stand, but this setup does not train; check the "
+            "model, the data and optimizer.lr (batchtune check runs it)"]
+
 
 
 def _setup(spec: Any, backend: Any, components: Any) -> tuple[Any, Any, Any]:
@@ -165,9 +210,21 @@ def _device_source(spec: Any, components: Any, backend: Any, dist: Any) -> Devic
         return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=spec.optimizer.lr, steps=steps,
                             validate=validate, eval_samples=batch_size, grad_clip=None)
 
-    return DeviceMemorySource(trainer=Trainer(components, backend, spec.precision, dist), model=model,
+    return DeviceMemorySource(trainer=_Stopping(Trainer(components, backend, spec.precision, dist)), model=model,
                               backend=backend, dist=dist, config_for=config_for,
                               steps_per_trial=spec.probe.steps_per_trial)
+
+
+class _Stopping:
+    """The trainer, but a trial that timed out ends the probe: a hang says nothing about memory."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def run(self, config: Any, model: Any = None, on_step: Any = None) -> Any:
+        from batchtune.engine.watchdog import stop_if_timed_out
+
+        return stop_if_timed_out(self.trainer.run(config, model=model, on_step=on_step))
 
 
 def _max_leaked_bytes(trials: list[DeviceTrial], dist: Any) -> int:

@@ -193,6 +193,9 @@ class DeviceSpec(_Strict):
     type: str = "auto"
     # A list gives one limit per rank (torchrun); a single value applies to every rank.
     memory_limit: int | list[int | None] | None = None
+    # torch's CPU threads; default $OMP_NUM_THREADS if set, else the physical cores this
+    # process may run on. Set it on a shared machine: threads fighting other work ruin timings.
+    threads: PositiveInt | None = None
 
     @field_validator("type")
     @classmethod
@@ -323,6 +326,9 @@ class Spec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: DeviceSpec = Field(default_factory=DeviceSpec)
     seed: int = 0
+    # Seconds a trial may go without finishing a training step (a forward that never
+    # returns, a stuck data loader) before it is stopped; null: never.
+    trial_timeout: PositiveFloat | None = 600.0
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     train: TrainSpec | None = None

@@ -2,13 +2,15 @@
 
 The feed is where a step waits for data: it times the wait (fetch, transfer, counting the
 batch's memory) apart from the compute, and counts the samples that went by.
+:func:`batch_limit` says, before anything is collated, how large a batch the data set and
+the host's memory allow.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
@@ -18,7 +20,10 @@ from batchtune.config.components import batch_size_of, to_device
 from batchtune.engine.distributed import DistContext
 from batchtune.memory.device import DeviceBackend
 
-__all__ = ["Feed", "batches", "halves", "tensors"]
+__all__ = ["BatchLimit", "Feed", "batch_limit", "batches", "halves", "sample_bytes", "tensors"]
+
+#: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
+COLLATE_COPIES = 2
 
 
 def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, pin: bool = False,
@@ -103,3 +108,59 @@ class Feed:
         out = (self.data_seconds, self.samples)
         self.data_seconds, self.samples = 0.0, 0
         return out
+
+
+def sample_bytes(dataset: Dataset) -> int | None:
+    """Bytes one sample takes once collated, estimated from the first (None: an empty or unindexable set).
+
+    Tensors and arrays count their data; Python numbers 8 bytes (collated to int64/float64);
+    strings their length.
+    """
+    try:
+        sample = dataset[0]
+    except Exception:  # noqa: BLE001 - an iterable data set, or user code: no estimate, no refusal
+        return None
+    total = 0
+    for leaf in tree_leaves(sample):
+        if isinstance(leaf, torch.Tensor):
+            total += leaf.numel() * leaf.element_size()
+        elif hasattr(leaf, "nbytes"):
+            total += int(leaf.nbytes)
+        elif isinstance(leaf, (int, float, bool)):
+            total += 8
+        elif isinstance(leaf, (str, bytes)):
+            total += len(leaf)
+    return total
+
+
+class BatchLimit(NamedTuple):
+    """The largest batch worth collating, and why (``"data"``, ``"host"`` or None: no limit)."""
+
+    batch_size: int | None
+    reason: str | None
+    samples: int | None  # in the data set
+    bytes_per_sample: int | None
+    available_bytes: int | None  # host memory the machine can still give
+
+    def bytes_for(self, batch_size: int) -> int | None:
+        """Host bytes that collating ``batch_size`` samples may need."""
+        return COLLATE_COPIES * batch_size * self.bytes_per_sample if self.bytes_per_sample else None
+
+
+def batch_limit(dataset: Dataset) -> BatchLimit:
+    """How large a batch makes sense: at most the data set, and what host memory can collate.
+
+    A batch larger than the data set repeats samples; one whose collation needs more host
+    memory than the machine has would spend minutes copying before failing (or be killed).
+    """
+    from batchtune.engine.host import available_host_bytes
+
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
+    per_sample, available = sample_bytes(dataset), available_host_bytes()
+    host = available // (COLLATE_COPIES * per_sample) if per_sample and available else None
+    limits = [(b, why) for b, why in ((n, "data"), (host, "host")) if b is not None]
+    size, reason = min(limits) if limits else (None, None)
+    return BatchLimit(size, reason, n, per_sample, available)

@@ -14,6 +14,7 @@ the result says whether it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from batchtune.engine.data import Feed, batches, tensors
 from batchtune.engine.distributed import DistContext, current
 from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
+from batchtune.engine.watchdog import TrialTimeout, deadline
 from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast, data_parallel
 from batchtune.errors import TrainingError
 from batchtune.memory.device import DeviceBackend, is_oom
@@ -42,6 +44,7 @@ _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst out
 # GradScaler's first scale, 2^16, this many halvings reach 2^-8: gradients that still
 # overflow are not finite at any scale.
 MAX_SKIPPED_STEPS = 24
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class TrialConfig:
     measure_noise: bool = False
     noise_every: int = 4  # measure the noise scale on every n-th step (those steps are not timed)
     memory_steps: int | None = None  # count memory only during the first N steps (None: all)
+    # Seconds the trial may go without finishing a step (model build and validation count
+    # in the window they fall in); past it the trial stops, ``timed_out``. At most
+    # max_seconds when that is set. None: no limit.
+    timeout: float | None = None
 
 
 
@@ -108,6 +115,7 @@ class TrialResult:
     noise_history: list[dict[str, Any]] = field(default_factory=list)  # estimate at each validation point
     noise_steps: int = 0
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
+    timed_out: bool = False  # a step did not finish within the timeout; ``error`` says which
 
     @property
     def batch_size(self) -> int:
@@ -147,8 +155,11 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
     from batchtune.memory.device import backend_for_spec
     from batchtune.config.spec import Spec, load_spec
 
+    from batchtune.engine.host import set_threads
+
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
     components = build_components(spec)
     return spec, components, backend if backend is not None else backend_for_spec(spec)
 
@@ -165,9 +176,29 @@ def trial_config(spec: Any, shape: BatchShape, *, lr: float | None = None, lr_mu
 
     fields.setdefault("seed", spec.seed)
     fields.setdefault("grad_clip", spec.sweep.grad_clip)
+    fields.setdefault("timeout", spec.trial_timeout)
     if lr is None:
         lr = spec_lr(spec, shape.batch_size) * lr_multiplier
     return TrialConfig(shape=shape, lr=lr, **fields)
+
+
+def _step_limit(config: TrialConfig) -> float | None:
+    """Seconds a step may take: the timeout, and never more than the trial's whole time cap."""
+    limits = [t for t in (config.timeout, config.max_seconds) if t is not None]
+    return min(limits) if limits else None
+
+
+def _renewing(watch: Any, on_step: Callable[[int, float], None] | None) -> Callable[[int, float], None] | None:
+    """``on_step``, renewing the watchdog first: every finished step is progress."""
+    if watch is None:
+        return on_step
+
+    def progress(step: int, loss: float) -> None:
+        watch.renew()
+        if on_step is not None:
+            on_step(step, loss)
+
+    return progress
 
 
 def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
@@ -329,7 +360,11 @@ class Trainer:
         with contextlib.ExitStack() as memory_session:
             memory_session.enter_context(backend.session())
             try:
-                self._train(config, model, result, on_step, memory_session)
+                with deadline(_step_limit(config), f"the training step at batch {config.shape.batch_size}") as watch:
+                    self._train(config, model, result, _renewing(watch, on_step), memory_session)
+            except TrialTimeout as exc:  # a result, like an OOM: the caller decides whether to go on
+                result.timed_out, result.error = True, str(exc)
+                log.warning("trial timed out: %s", exc)
             except TrainingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code

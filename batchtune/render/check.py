@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from batchtune.render.text import device_text, format_bytes, format_shape, to_json
 
-__all__ = ["TIME_SKIP", "check_notes", "check_reason", "render_check"]
+__all__ = ["TIME_SKIP", "busy_note", "check_notes", "check_reason", "render_check"]
 
 TIME_SKIP = "skipped to stay within --max-seconds"
 _CHECK_ICONS = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skip": "⏭"}
@@ -113,6 +113,21 @@ def _regressed(*what: str) -> Callable[[dict[str, Any]], str]:
     return reason
 
 
+def _within_noise(f: dict[str, Any]) -> str:
+    """A throughput drop past the tolerance that the noise (or a busy machine) cannot tell from none."""
+    why = []
+    if f.get("throughput_noise") is not None and f["throughput_change"] >= -2 * f["throughput_noise"]:
+        why.append(f"inside the measured noise (±{2 * f['throughput_noise']:.0%}: the run's windows and the "
+                   "baseline's trials)")
+    if f.get("contention"):
+        why.append(f"other work on the machine could take {f['contention']:.0%} of it")
+    text = (f"throughput fell more than {f['throughput_tolerance']:.0%}, but {' and '.join(why) or 'noisily'}: "
+            f"not failed; rerun on a quiet machine to tell: {_comparison(f)}")
+    if f.get("memory_change") is not None and f["memory_change"] <= f["memory_tolerance"]:
+        text += " (memory within tolerance)"
+    return text
+
+
 def _fits_skip(f: dict[str, Any]) -> str:
     b, micro, k = f["batch_size"], f["micro_batch_size"], f["accum_steps"]
     return f"not run: batch {f'{b} ({micro}×{k})' if k > 1 else b} does not fit in memory"
@@ -153,6 +168,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "regression.throughput": _regressed("throughput"),
     "regression.memory": _regressed("memory"),
     "regression.throughput_memory": _regressed("throughput", "memory"),
+    "regression.throughput_noise": _within_noise,
     "regression.uncompared": _comparison,
     "regression.other_device": lambda f: f"not comparable: baseline ran on {f['baseline_device']}, "
                                          f"this check on {f['device']}",
@@ -191,9 +207,25 @@ def check_reason(check: Any) -> str:
     return text
 
 
+def busy_note(load: dict[str, Any], affected: str = "throughput and data-share figures are") -> str | None:
+    """A warning when other work competed for the cores (a ``host.LoadMeter`` reading), else None."""
+    if not load or not load.get("busy"):
+        return None
+    others = (f"other processes used {load['other_cores']:.1f} of {load['cores']} cores"
+              if load.get("other_cores") is not None else f"load average {load['load_1m']:.1f} on {load['cores']} cores")
+    return (f"the machine was busy: {others} while this ran with {load['threads']} torch threads; "
+            f"{affected} not trustworthy (set device.threads, or run on a quiet machine)")
+
+
 def check_notes(report: Any) -> list[str]:
-    """What the reader should know beside the verdicts: where the lr came from, a budget overrun."""
-    notes = [f"lr {report.lr:.4g}: the {report.lr_rule} rule from {report.base_lr:g} at batch {report.base_batch_size}"]
+    """What the reader should know beside the verdicts: a capped batch, a busy machine, where the lr came
+    from, a budget overrun."""
+    notes = list(getattr(report, "notes", []))
+    busy = busy_note(getattr(report, "load", {}))
+    if busy:
+        notes.append(busy)
+    notes.append(f"lr {report.lr:.4g}: the {report.lr_rule} rule from {report.base_lr:g} at batch "
+                 f"{report.base_batch_size}")
     if report.seconds > report.max_seconds:
         notes.append(f"took {report.seconds:.1f} s, over the {report.max_seconds:g} s budget (the fits run, which "
                      f"always runs, took {report.check('fits').seconds:.1f} s)")
@@ -204,6 +236,8 @@ def _check_dict(report: Any) -> dict[str, Any]:
     """The report as JSON data, each check with its reason, and the notes."""
     out: dict[str, Any] = {}
     for key, value in report.to_dict().items():
+        if key == "notes":  # check_notes holds them, with the rest
+            continue
         out[key] = value
         if key == "baseline":  # where the notes always stood
             out["notes"] = check_notes(report)

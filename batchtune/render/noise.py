@@ -26,7 +26,10 @@ def render_noise(run: Any, fmt: str = "table") -> str:
                      disable_numparse=True)
     lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
     final = run.final
-    if final and final.get("b_simple"):
+    if run.diverged:
+        lines.append(f"diverged: {run.diverged}. No noise scale comes from a run whose loss is not finite: "
+                     "check the model and the data, or lower optimizer.lr")
+    elif final and final.get("b_simple"):
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
         lines.append(f"B_simple at the end: {final['b_simple']:,.0f} examples{tokens} at val loss "
                      f"{final['val_loss']:.4g} (90% band {num(final['low'], ',.0f')}–{num(final['high'], ',.0f')}).")

@@ -1,0 +1,126 @@
+"""The machine a measurement runs on: torch's thread count, other work's load, free host memory.
+
+Timings on a CPU are only as good as the share of the machine they got. torch's default
+thread count takes every core, and on a shared machine those threads fight other work
+(a 2-core CI runner measured 3,669 samples/s at 2 threads against 101,008 at 1). So the
+thread count is set deliberately (:func:`set_threads`), recorded, and the CPU time other
+processes took while we measured is read from ``/proc/stat`` (:class:`LoadMeter`), so a
+report can say when its timings are not to be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads"]
+
+#: Other work above this many cores, with our threads more than the cores, makes timings suspect.
+BUSY_OTHER_CORES = 0.5
+
+
+def _cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
+    cores = set()
+    for cpu in _cpus():
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology.joinpath("physical_package_id").read_text().strip(),
+                       topology.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (not Linux): each CPU counts
+    return max(len(cores), 1)
+
+
+def set_threads(threads: int | None = None) -> tuple[int, str]:
+    """Set torch's intra-op thread count; returns ``(threads, where the number came from)``.
+
+    Args:
+        threads: the spec's ``device.threads``. Default ``$OMP_NUM_THREADS`` when set (the
+            user chose), else :func:`physical_cores`.
+    """
+    import torch
+
+    if threads is not None:
+        n, source = threads, "device.threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        n, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        n, source = physical_cores(), "physical cores"
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n, source
+
+
+def _busy_jiffies() -> int | None:
+    """CPU time (clock ticks) every CPU spent busy since boot, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle  # guest time is already inside user time
+
+
+@dataclass
+class LoadMeter:
+    """Other processes' CPU use over an interval: ``LoadMeter.start()``, work, ``.reading()``.
+
+    Other work = every CPU's busy time less this process's own, over the wall time, in
+    cores. Off Linux it falls back to the 1-minute load average (which includes us).
+    """
+
+    wall: float
+    busy: int | None
+    own: float
+
+    @classmethod
+    def start(cls) -> LoadMeter:
+        times = os.times()
+        return cls(time.monotonic(), _busy_jiffies(), times.user + times.system)
+
+    def reading(self, threads: int) -> dict[str, float | int | bool | None]:
+        """``cores``, ``threads``, ``other_cores`` (others' average use), ``load_1m``, ``busy``, and
+        ``contention``: the share of our throughput a fair share of the cores would cost us."""
+        cores = len(_cpus())
+        wall = time.monotonic() - self.wall
+        times = os.times()
+        own = times.user + times.system - self.own
+        busy_now = _busy_jiffies()
+        other = None
+        if self.busy is not None and busy_now is not None and wall > 0.05:
+            busy_s = (busy_now - self.busy) / os.sysconf("SC_CLK_TCK")
+            other = max(busy_s - own, 0.0) / wall
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        others = other if other is not None else load
+        # Busy: other work and our threads together wanted more cores than there are.
+        busy = others is not None and others > BUSY_OTHER_CORES and others + threads > cores
+        # The share of our throughput that fair sharing of the cores would take away.
+        contention = max(0.0, 1.0 - cores / (others + threads)) if others is not None and others + threads > 0 else 0.0
+        return {"cores": cores, "threads": threads, "other_cores": None if other is None else round(other, 2),
+                "load_1m": None if load is None else round(load, 2), "busy": bool(busy),
+                "contention": round(contention, 3)}
+
+
+def available_host_bytes() -> int | None:
+    """Memory the machine can still give (MemAvailable), or None where it cannot say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

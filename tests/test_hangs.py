@@ -1,0 +1,202 @@
+"""Hangs are stopped, sanity comes before cost, and measurements say when they are not trustworthy."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from batchtune.cli import app
+from batchtune.config.components import build_components
+from batchtune.config.spec import load_spec
+from batchtune.engine.data import batch_limit
+from batchtune.engine.host import LoadMeter, physical_cores, set_threads
+from batchtune.engine.shape import BatchShape
+from batchtune.engine.trial import Trainer, trial_config
+from batchtune.engine.watchdog import TrialTimeout, deadline
+from batchtune.memory.device import CPUBackend
+from tests.conftest import TINY_SPEC
+
+runner = CliRunner()
+HANG = TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:hang_mlp")
+NAN = TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:nan_mlp")
+
+
+# ---------------------------------------------------------------------------- the watchdog
+
+
+def test_a_deadline_interrupts_a_sleep_and_renewing_it_is_progress():
+    started = time.monotonic()
+    with pytest.raises(TrialTimeout, match="the step did not finish within 0.3 s"):
+        with deadline(0.3, "the step"):
+            time.sleep(30)
+    assert 0.25 < time.monotonic() - started < 1.5
+    with deadline(0.3) as watch:  # five 0.1 s steps, renewed after each: never 0.3 s without progress
+        for _ in range(5):
+            time.sleep(0.1)
+            watch.renew()
+    assert not watch.fired
+
+
+def test_nested_deadlines_name_the_one_that_expired_and_restore_what_was_there():
+    seen = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: seen.append("theirs"))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)  # someone else's timer, running
+        with deadline(0.4, "the budget") as outer:
+            with pytest.raises(TrialTimeout, match="the budget"):
+                with deadline(10, "a step") as inner:
+                    time.sleep(30)
+        assert outer.fired and not inner.fired
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.5 < left < 5.0  # given back, less the time that went by
+        assert signal.getsignal(signal.SIGALRM) is not None and seen == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_deadline_off_the_main_thread_does_nothing():
+    out = []
+
+    def work():
+        with deadline(0.05) as watch:
+            time.sleep(0.2)
+        out.append(watch)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert out == [None]
+
+
+def _trainer(write_spec, model: str) -> tuple:
+    spec = load_spec(write_spec(TINY_SPEC.replace('"tests.fixtures:tiny_mlp"}', model)), ["device.memory_limit=null"])
+    return spec, Trainer(build_components(spec), CPUBackend())
+
+
+def test_a_trial_is_stopped_when_a_step_makes_no_progress_but_not_when_steps_are_slow(write_spec):
+    # four 0.2 s steps under a 0.5 s timeout: each finished step is progress, so 0.8 s in all is fine
+    spec, slow = _trainer(write_spec, '"tests.fixtures:slow_mlp", kwargs: {seconds: 0.2}}')
+    slow.run(trial_config(spec, BatchShape(8), steps=1))  # the first step in a process imports more
+    ok = slow.run(trial_config(spec, BatchShape(8), steps=4, timeout=0.5))
+    assert not ok.timed_out and ok.steps == 4 and ok.train_seconds > 0.75, ok.error
+    spec, stuck = _trainer(write_spec, '"tests.fixtures:hang_mlp", kwargs: {after: 3}}')
+    started = time.monotonic()
+    result = stuck.run(trial_config(spec, BatchShape(8), steps=10, timeout=0.5))
+    assert result.timed_out and result.steps == 3 and result.fits
+    assert result.error == "the training step at batch 8 did not finish within 0.5 s"
+    assert time.monotonic() - started < 2.0
+    assert trial_config(spec, BatchShape(8)).timeout == 600  # the spec's default
+
+
+# ---------------------------------------------------------------------------- every command ends
+
+
+def _timed(args):
+    started = time.monotonic()
+    result = runner.invoke(app, args)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("command", [["probe"], ["check", "-b", "32"], ["noise", "--steps", "20"]])
+def test_a_forward_that_never_returns_ends_probe_check_and_noise_with_exit_2(write_spec, command):
+    result, seconds = _timed([command[0], str(write_spec(HANG)), *command[1:], "--trial-timeout", "1", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "did not finish within 1 s (trial_timeout)" in result.output and "Traceback" not in result.output
+    assert seconds < 4
+
+
+def test_check_max_seconds_covers_the_fits_run(write_spec):
+    result, seconds = _timed(["check", str(write_spec(HANG)), "-b", "32", "--max-seconds", "2", "-q"])
+    assert result.exit_code == 2 and "the check's --max-seconds 2" in result.output, result.output
+    assert seconds < 3.5
+
+
+def test_a_sweep_records_a_timed_out_trial_and_goes_on(write_spec, tmp_path):
+    spec = write_spec(HANG)
+    out = tmp_path / "run"
+    result, seconds = _timed(["sweep", str(spec), "sweep.ceiling=64", "sweep.batch_sizes=[8, 16]", "sweep.seeds=1",
+                              "sweep.lr_multipliers=[1]", "sweep.samples=64", "sweep.max_seconds_per_trial=0.3",
+                              "--out", str(out), "-f", "json"])
+    rows = json.loads((out / "trials.json").read_text())
+    assert {r["batch_size"] for r in rows} == {8, 16}  # every size ran: the first hang did not end the sweep
+    assert all(r["error"] == f"the training step at batch {r['batch_size']} did not finish within 0.3 s"
+               for r in rows)
+    assert result.exit_code == 1  # nothing to recommend
+    assert seconds < 0.3 * len(rows) + 8  # start-up, the report and its plot included: no 600 s wait
+
+
+# ---------------------------------------------------------------------------- sanity before cost
+
+
+def test_batches_are_capped_at_the_training_set_and_it_is_said(write_spec):
+    small = write_spec(TINY_SPEC.replace('tiny_data"}', 'tiny_data", kwargs: {n_train: 10}}'))
+    probe = runner.invoke(app, ["probe", str(small), "-q", "-f", "json"])
+    data = json.loads(probe.output)
+    assert probe.exit_code == 0 and data["ceiling"] == 10 and data["safe_batch_size"] <= 10
+    assert any("the training set has 10 samples" in n for n in data["notes"])
+    check = runner.invoke(app, ["check", str(small), "-b", "100000000", "-q", "-f", "json"])
+    report = json.loads(check.output)
+    assert report["batch_size"] == 10
+    assert "batch 100,000,000 is larger than the training set (10 samples): checked at 10" in report["notes"][0]
+
+
+def test_a_batch_host_memory_cannot_collate_is_refused_before_any_work(write_spec):
+    huge = TINY_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:huge_data"}').replace(
+        'tiny_mlp"}', 'tiny_mlp", kwargs: {in_features: 1024}}')
+    result, seconds = _timed(["check", str(write_spec(huge)), "-b", "100000000", "-q"])
+    assert result.exit_code == 2 and "of host memory to collate (4.0 KiB per sample" in result.output, result.output
+    assert seconds < 3
+
+
+def test_batch_limit_reads_one_sample():
+    from tests.fixtures import huge_data, tiny_data
+
+    limit = batch_limit(huge_data(in_features=256)[0])
+    assert limit.bytes_per_sample == 256 * 4 + 8 and limit.reason == "host"
+    assert limit.batch_size == limit.available_bytes // (2 * limit.bytes_per_sample)
+    small = batch_limit(tiny_data(n_train=10)[0])
+    assert (small.batch_size, small.reason, small.samples) == (10, "data", 10)
+
+
+def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
+    noise = runner.invoke(app, ["noise", str(write_spec(NAN)), "--steps", "10", "-q"])
+    assert noise.exit_code == 1 and "diverged: non-finite" in noise.output, noise.output
+    probe = runner.invoke(app, ["probe", str(write_spec(NAN)), "-q", "-f", "json"])
+    assert probe.exit_code == 0
+    assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])
+
+
+# ---------------------------------------------------------------------------- the machine
+
+
+def test_threads_are_set_deliberately_and_recorded(write_spec, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_threads() == (physical_cores(), "physical cores")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads() == (1, "OMP_NUM_THREADS") and torch.get_num_threads() == 1
+        assert set_threads(2) == (2, "device.threads") and torch.get_num_threads() == 2
+        check = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "device.threads=1", "-q", "-f", "json"])
+        device = json.loads(check.output)["device"]
+        assert (device["threads"], device["threads_from"]) == (1, "device.threads")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_work_on_the_machine_is_measured():
+    meter = LoadMeter.start()
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.8: pass"])
+    spinner.wait()
+    reading = meter.reading(threads=len(__import__("os").sched_getaffinity(0)))
+    assert reading["other_cores"] is not None and reading["other_cores"] > 0.5  # the spinner's core, at least
+    assert reading["busy"] is True
