@@ -103,8 +103,9 @@ class LoadMeter:
             other = max(busy_s - own, 0.0) / wall
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         others = other if other is not None else load
-        # Busy: other work and our threads together wanted more cores than there are.
-        busy = others is not None and others > BUSY_OTHER_CORES and others + threads > cores
+        # Busy: other work and our threads together wanted more cores than there are (a quarter
+        # core of slack: one other process on a core of its own does not compete with us).
+        busy = others is not None and others > BUSY_OTHER_CORES and others + threads > cores + 0.25
         # The share of our throughput that fair sharing of the cores would take away.
         contention = max(0.0, 1.0 - cores / (others + threads)) if others is not None and others + threads > 0 else 0.0
         return {"cores": cores, "threads": threads, "other_cores": None if other is None else round(other, 2),
