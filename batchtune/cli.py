@@ -1,15 +1,20 @@
 """The command line: parse options, call the library, render, choose the exit code.
 
-Exit codes: 0 ok, 1 the measurement says no (nothing fits, a check failed), 2 bad input.
-torch is imported only inside commands, so ``batchtune --help`` stays fast.
+Exit codes: 0 ok, 1 the measurement says no (nothing fits, a check failed), 2 bad input, 130
+interrupted. Bad input includes the user's own code failing and files that cannot be read or
+written: one line naming what failed, never a traceback (``--debug`` or ``BATCHTUNE_DEBUG=1``
+shows it). Output paths are checked before any work starts. torch is imported only inside
+commands, so ``batchtune --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -66,6 +71,19 @@ def _with_timeout(overrides: list[str] | None, trial_timeout: float | None) -> l
 
 
 _RANK = 0  # under torchrun only rank 0 speaks
+_DEBUG = False  # --debug: show tracebacks instead of one-line errors
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of an error instead of one line (also BATCHTUNE_DEBUG=1; "
+                        "accepted after the command too).")] = False) -> None:
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _debug() -> bool:
+    return _DEBUG or os.environ.get("BATCHTUNE_DEBUG", "") not in ("", "0")
 
 
 def _error(message: str) -> None:
@@ -73,24 +91,55 @@ def _error(message: str) -> None:
     err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
 
 
+def _describe(exc: BaseException) -> str:
+    """What failed, in the user's terms: the spec key, the path, the rank."""
+    if isinstance(exc, TrainingError):
+        if isinstance(exc.__cause__, SpecError):  # a factory or the optimizer, built inside a step
+            return str(exc.__cause__)
+        # Every rank says what it saw: the one whose code failed holds the real message.
+        return f"[rank {_RANK}] {exc}" if os.environ.get("WORLD_SIZE", "1") != "1" else str(exc)
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn bad input into a message and exit code 2, never a traceback."""
+    """Turn bad input into one line and exit code 2, never a traceback: the one place that does.
+
+    Bad input: the spec (:class:`SpecError`, which also covers a factory of the user's that
+    raised), an option or run folder (:class:`UsageError`), the user's code failing in a step
+    (:class:`TrainingError`), a file that cannot be read or written (``OSError``: missing,
+    read-only, disk full). With ``--debug`` the traceback is shown instead.
+    """
     try:
         yield
-    except (SpecError, UsageError) as exc:
-        _error(str(exc))
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except TrainingError as exc:
-        if os.environ.get("BATCHTUNE_DEBUG"):
+    except (SpecError, UsageError, TrainingError, OSError) as exc:
+        if _debug():
             raise
-        # Every rank says what it saw: the one whose code failed holds the real message.
-        where = f"[rank {_RANK}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
-        _error(f"{where}{exc}")
+        _error(_describe(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _writable(path: Path, option: str) -> None:
+    """Fail now, before any work, unless a file can be written at ``path``; creates nothing.
+
+    The folder must exist already: an output is never written into a folder made up on
+    the spot from a typo.
+    """
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: no such folder {folder}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc} ({folder})") from None
 
 
 def _load(spec_path: Path, overrides: list[str] | None, join: bool = False) -> Any:
@@ -109,15 +158,41 @@ def _echo(text: str) -> None:
         typer.echo(text)
 
 
+def _rank0_check(check: Callable[[], None]) -> None:
+    """Run an output check on rank 0 (the rank that writes) and fail on every rank if it fails."""
+    from batchtune.engine.distributed import current
+
+    dist = current()
+    failure = None
+    if dist.is_main:
+        try:
+            check()
+        except UsageError as exc:
+            failure = exc
+    if dist.broadcast(failure is not None):
+        raise failure if failure is not None else UsageError("rank 0 cannot write its output (see its output)")
+
+
+def _plot_writable(plot: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'batchtune[plots]'")
+    _writable(plot, "--plot")
+
+
 @app.command()
 def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
-    """Check a spec without training: keys, types, imports and keyword arguments."""
+    """Check a spec without training: keys, types, imports, keyword arguments, and that the
+    data, model, loss and optimizer build (and the first sample reads)."""
     with _user_errors():
         spec = _load(spec_path, overrides)
         from batchtune.config.components import build_components
 
         comps = build_components(spec)
+        comps.tokens_per_sample()
         model = comps.build_model(spec.seed)
+        comps.build_optimizer(model.parameters(), spec.optimizer.lr)
         n_params = sum(p.numel() for p in model.parameters())
         typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters, "
                    f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples")
@@ -130,11 +205,13 @@ def init(
 ) -> None:
     """Write a commented starter spec."""
     from batchtune.config.starter import STARTER_SPEC
+    from batchtune.render.run_folder import atomic_write
 
     with _user_errors():
-        if path.exists() and not force:
+        if path.exists() and not path.is_dir() and not force:
             raise UsageError(f"{path} already exists; choose another path or pass --force to overwrite it")
-        path.write_text(STARTER_SPEC, encoding="utf-8")
+        _writable(path, "init")
+        atomic_write(path, STARTER_SPEC)
         typer.echo(f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}")
 
 
@@ -156,35 +233,49 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
 
 @app.command()
 def sweep(
-    spec_path: SpecPath,
+    spec_path: Annotated[Optional[Path], typer.Argument(
+        help="The spec file (YAML); with --resume alone, the spec saved in the run folder.", show_default=False)] = None,
     overrides: Overrides = None,
     fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<time>-<name>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the sweep in this run folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run folder, created with its parents (default runs/<time>-<name>); a folder holding "
+                      "other files is refused unless --force.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the sweep in this run folder (with its saved spec when no SPEC is given).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an --out folder that holds other files "
+                                                        "(files named like a run's are replaced).")] = False,
     compare_precision: Annotated[bool, typer.Option("--compare-precision",
                                                     help="Also compare fp32 and bf16 on the top sizes.")] = False,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
 ) -> None:
-    """Train every candidate batch size fairly, measure speed and quality, and rank them."""
+    """Train every candidate batch size fairly, measure speed and quality, and rank them.
+
+    The run folder is locked while the sweep writes it: a second sweep there is refused.
+    """
     with _user_errors():
-        spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         if out is not None and resume is not None:
             raise UsageError("give --out or --resume, not both")
-        if resume is not None and not resume.is_dir():
-            raise UsageError(f"--resume {resume}: no such run folder")
+        overrides = _with_timeout(overrides, trial_timeout)
+        hint_spec = [str(spec_path), *overrides] if spec_path is not None else []
+        spec = _load(_sweep_spec_path(spec_path, resume), overrides, join=True)
         from batchtune.commands.sweep import run_dir, run_sweep
         from batchtune.render.run_folder import RunFolder
         from batchtune.render.sweep import render_sweep
 
+        fresh = resume is None and (out is None or not out.exists())
         where = run_dir(spec.name, out=out, resume=resume)  # named once, so an interrupt can say where
+        hint = shlex.join(["batchtune", "sweep", *hint_spec, "--resume", str(where)])
         setup_logging(quiet)
-        try:
-            result = run_sweep(spec, out=where if resume is None else None, resume=resume)
-        except KeyboardInterrupt:
-            err.print(f"interrupted: finished trials are kept in {where}; continue with "
-                      f"batchtune sweep {spec_path} --resume {where}", markup=False)
-            raise typer.Exit(130) from None
+        with _claim(where, out=out, force=force, fresh=fresh):
+            try:
+                result = run_sweep(spec, out=where if resume is None else None, resume=resume)
+            except KeyboardInterrupt:
+                err.print(f"interrupted: finished trials are kept in {where}; continue with {hint}", markup=False)
+                raise typer.Exit(130) from None
+            except OSError as exc:  # a full disk, say: what finished is kept, and resumes
+                raise UsageError(f"{_describe(exc)}; finished trials are kept in {where}; "
+                                 f"once that is fixed, continue with {hint}") from exc
         if _RANK == 0:  # the run folder wrote each stored report once; csv is the trials frame
             _echo(RunFolder(where).report(fmt.value) or render_sweep(result, fmt.value))
         if compare_precision:
@@ -197,12 +288,69 @@ def sweep(
         raise typer.Exit(EXIT_FAIL)
 
 
+def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
+    """The spec a sweep runs: the one given, else (with --resume alone) the one saved in the run folder."""
+    if resume is not None:
+        if not resume.is_dir():
+            raise UsageError(f"--resume {resume}: no such run folder")
+        if not (resume / "meta.json").exists():
+            raise UsageError(f"{resume} is not a sweep run folder (no meta.json)")
+    if spec_path is not None:
+        return spec_path
+    if resume is None:
+        raise UsageError("give a spec file (or --resume DIR alone, to continue a run with the spec saved there)")
+    return resume / "spec.yaml"
+
+
+@contextmanager
+def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool) -> Iterator[None]:
+    """Hold the run folder for this sweep, after checking that ``--out`` holds nothing of the user's.
+
+    Rank 0 checks and locks (only it writes the folder); every rank learns whether it could,
+    so no rank trains alone. ``fresh``: the folder is new, removed again if the sweep fails
+    before writing anything.
+    """
+    from batchtune.engine.distributed import current
+    from batchtune.render.run_folder import RunFolder
+
+    dist = current()
+    with ExitStack() as stack:
+        failure = None
+        if dist.is_main:
+            try:
+                if out is not None:
+                    _check_out(out, force)
+                stack.enter_context(RunFolder(where).lock(remove_if_unused=fresh))
+            except (UsageError, OSError) as exc:
+                failure = exc
+        if dist.broadcast(failure is not None):
+            raise failure if failure is not None else UsageError("rank 0 could not claim the run folder (see its output)")
+        yield
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """``--out`` is new, empty or a run's own folder, unless ``--force``: nothing of the user's is overwritten."""
+    from batchtune.render.run_folder import RunFolder
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the run")
+    foreign = RunFolder(out).foreign_files()
+    if foreign and not force:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UsageError(f"--out {out} holds files that are not a batchtune run's ({shown}); choose a new or "
+                         "empty folder, or pass --force to write there anyway")
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder.")],
     fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
 ) -> None:
-    """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot."""
+    """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot.
+
+    An unfinished run is said to be one, and its recommendation is marked provisional. A
+    read-only folder, or one a sweep is still writing, is rendered without being rewritten.
+    """
     with _user_errors():
         if not (run_dir / "meta.json").exists():
             raise UsageError(f"{run_dir} is not a sweep run folder (no meta.json)")
@@ -213,8 +361,28 @@ def report(
         folder = RunFolder(run_dir)
         result = result_from_rows(folder.read_spec()["name"], folder.read_trials(), folder.read_json("meta.json"),
                                   run_dir=run_dir, environment=folder.read_json("environment.json"))
-        texts = folder.write_result(result)
+        holder = folder.holder()
+        if holder is not None or not folder.finished():
+            _mark_provisional(result, run_dir, holder)
+        texts: dict[str, str] = {}
+        if holder is not None or not os.access(run_dir, os.W_OK):
+            err.print(f"note: {run_dir} is {'being written by a sweep' if holder else 'read-only'}: "
+                      "its report files were not rewritten", markup=False)
+        else:
+            texts = folder.write_result(result, final=False)
         typer.echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
+
+
+def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
+    """Say that the run is unfinished, in the notes and on the recommendation."""
+    n = len(result.trials)
+    state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
+             else f"the sweep stopped before its plan was done; continue with batchtune sweep --resume {run_dir}")
+    result.notes.insert(0, f"incomplete run, {n} trials so far: {state}")
+    if result.recommendation is not None:
+        result.recommendation["provisional"] = True
+        result.recommendation["reason"] = (f"PROVISIONAL (an unfinished sweep, {n} trials so far). "
+                                           + result.recommendation["reason"])
 
 
 @app.command()
@@ -240,16 +408,15 @@ def noise(
         from batchtune.commands.noise import run_noise
         from batchtune.render.noise import render_noise
 
+        if plot is not None:
+            _rank0_check(lambda: _plot_writable(plot))
         setup_logging(quiet)
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
         _echo(render_noise(run, fmt.value))
         if plot is not None and _RANK == 0:
-            try:
-                from batchtune.render.plots import plot_noise
+            from batchtune.render.plots import plot_noise
 
-                plot_noise(run, plot)
-            except ImportError:
-                raise UsageError("--plot needs matplotlib: pip install 'batchtune[plots]'") from None
+            plot_noise(run, plot)
     raise typer.Exit(run.exit_code)
 
 
@@ -287,6 +454,8 @@ def check(
         from batchtune.render.check import render_check
         from batchtune.render.run_folder import atomic_write
 
+        if junit is not None:
+            _rank0_check(lambda: _writable(junit, "--junit"))
         setup_logging(quiet)
         try:
             report = run_check(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
@@ -297,19 +466,18 @@ def check(
             raise typer.Exit(report.exit_code(strict))  # every rank agrees; rank 0 reports
         _echo(render_check(report, fmt.value, strict=strict))
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        try:
-            if junit is not None:
-                atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
-            if summary:
-                with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
-                    f.write(render_check(report, "markdown", strict=strict) + "\n\n")
-        except OSError as exc:
-            raise UsageError(f"cannot write the report: {exc}") from None
+        if junit is not None:
+            atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
+                f.write(render_check(report, "markdown", strict=strict) + "\n\n")
     raise typer.Exit(report.exit_code(strict))
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. ``--debug`` is taken anywhere on the line, before or after the command."""
+    if "--debug" in sys.argv[1:]:  # typer takes a group option only before the command: move it there
+        sys.argv = [sys.argv[0], "--debug", *(a for a in sys.argv[1:] if a != "--debug")]
     app()
 
 
