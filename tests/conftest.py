@@ -48,3 +48,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_handler_left_on_a_closed_stream():
+    """A CLI test leaves the ``batchtune`` logger writing to CliRunner's stream, closed after it."""
+    yield
+    import logging
+
+    logger = logging.getLogger("batchtune")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)

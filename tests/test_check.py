@@ -318,6 +318,7 @@ def test_json_junit_markdown_and_the_step_summary(write_spec, tmp_path, monkeypa
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     junit = tmp_path / "reports" / "check.xml"
+    junit.parent.mkdir()  # a missing folder is refused before any work (tests/test_robustness.py)
     result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "512", "-f", "json",
                                  "--junit", str(junit)])
     assert result.exit_code == 1

@@ -47,7 +47,8 @@ def plot_sweep(result: Any, path: Path) -> Path:
             ax.axvline(rec, color="tab:green", linestyle="--", label=f"recommended {rec}")
         if ceiling and not math.isnan(ceiling):
             ax.axvline(ceiling, color="tab:red", linestyle=":", label=f"ceiling {ceiling}")
-    axes[0].legend(loc="best", fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing recommended and no ceiling: no legend
+        axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"batchtune sweep: {result.name}")
     return _save(fig, path)
 

@@ -1,0 +1,386 @@
+"""Never a traceback, never a lost result: user-code failures, output paths, run folders, faults.
+
+Every failure of the user's code or environment is one line and exit 2, naming what failed;
+outputs are checked before any work; a run folder is never shared or taken from the user;
+an interrupted or killed sweep resumes to the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import batchtune.render.run_folder as run_folder_module
+from batchtune.cli import app, main
+from batchtune.config.components import ComponentError
+from batchtune.render.run_folder import RunFolder, atomic_write, new_run_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+BUILTIN_SPEC = """\
+name: tiny-builtin
+model: {builtin: mlp, kwargs: {in_features: 8, num_classes: 3, hidden: 8}}
+data: {builtin: synthetic_classification, kwargs: {n_train: 64, n_val: 32, in_features: 8, num_classes: 3}}
+optimizer: {name: adamw, lr: 0.01, weight_decay: 0.01}
+base_batch_size: 8
+device: {type: cpu}
+"""
+
+SLOW_SWEEP = """\
+name: slow-sweep
+model: {target: "tests.fixtures:tiny_mlp"}
+data: {target: "tests.fixtures:sleepy_data", kwargs: {seconds: 0.001, n_train: 256}}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 16
+device: {type: cpu}
+sweep: {batch_sizes: [16, 32], samples: 256, seeds: 2, eval_points: 2, noise_scale: false, lr_multipliers: [1]}
+"""
+
+
+def missing_file_data(**kwargs):
+    """A user's data factory whose file is not there."""
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/train.csv")
+
+
+def corrupt_model(**kwargs):
+    raise RuntimeError("checkpoint /ckpt/model.pt is corrupt")
+
+
+def _cli(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def _one_line_error(result, *fragments: str) -> str:
+    """The error line of a failed run, checked: exit 2, no traceback, one line naming every fragment."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("the work started before the output was checked")
+
+
+# ------------------------------------------------------------------ user code and spec values
+
+
+@pytest.mark.parametrize("command", [["validate"], ["probe"], ["noise", "--steps", "2"], ["check", "-b", "8"],
+                                     ["sweep", "--out", "{tmp}/run"]])
+def test_a_data_factory_that_raises_is_one_line_in_every_command(command, write_spec, tmp_path):
+    spec = write_spec()
+    args = [a.format(tmp=tmp_path) for a in command]
+    result = _cli(args[0], spec, "data.target=tests.test_robustness:missing_file_data", *args[1:])
+    _one_line_error(result, "data.target", "tests.test_robustness:missing_file_data()",
+                    "FileNotFoundError", "/data/train.csv")
+    assert not (tmp_path / "run").exists()  # the sweep's new folder is removed again
+
+
+@pytest.mark.parametrize("command", ["validate", "probe"])
+def test_a_model_factory_that_raises_names_model_target(command, write_spec):
+    result = _cli(command, write_spec(), "model.target=tests.test_robustness:corrupt_model")
+    line = _one_line_error(result, "model.target", "corrupt_model()", "RuntimeError",
+                           "checkpoint /ckpt/model.pt is corrupt")
+    assert "spec.yaml:2: model.target" in line  # TINY_SPEC's model is on line 2
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("model.kwargs.hidden=0", "model.kwargs.hidden", "hidden must be >= 1. Found hidden=0"),
+    ("model.kwargs.hidden=wide", "model.kwargs.hidden", "hidden must be an integer"),
+    ("data.kwargs.n_train=0", "data.kwargs.n_train", "n_train must be >= 1. Found n_train=0"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay", "Invalid weight_decay value: -1"),
+])
+def test_validate_catches_values_the_builders_reject_naming_the_key(override, key, message, write_spec):
+    line = _one_line_error(_cli("validate", write_spec(BUILTIN_SPEC), override), key, message)
+    assert "spec.yaml:" in line  # the file, and the line of the key where the file has one
+
+
+def test_probe_blames_the_optimizer_value_not_model_data_loss(write_spec):
+    line = _one_line_error(_cli("probe", write_spec(), "optimizer.weight_decay=-1"), "optimizer.weight_decay")
+    assert "Check that the model accepts" not in line
+
+
+def test_a_component_error_is_one_line_and_keeps_its_cause(write_spec):
+    from batchtune.config.components import build_components
+    from batchtune.config.spec import load_spec
+
+    spec = load_spec(write_spec(), ["data.target=tests.test_robustness:missing_file_data"])
+    with pytest.raises(ComponentError) as caught:
+        build_components(spec)
+    assert "\n" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(write_spec, monkeypatch):
+    args = ["validate", str(write_spec()), "model.target=tests.test_robustness:corrupt_model"]
+    result = _cli("--debug", *args)
+    assert isinstance(result.exception, ComponentError)
+    result = _cli(*args, env={"BATCHTUNE_DEBUG": "1"})
+    assert isinstance(result.exception, ComponentError)
+    monkeypatch.setattr(sys, "argv", ["batchtune", *args, "--debug"])
+    with pytest.raises(ComponentError):
+        main()
+    _one_line_error(_cli(*args), "model.target")  # and without it, one line again
+
+
+# ------------------------------------------------------------------ output paths, before the work
+
+
+def test_outputs_in_a_missing_folder_fail_before_any_work(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.check as check_module
+    import batchtune.commands.noise as noise_module
+
+    monkeypatch.setattr(check_module, "run_check", _never_called)
+    monkeypatch.setattr(noise_module, "run_noise", _never_called)
+    spec, missing = write_spec(), tmp_path / "nowhere"
+    _one_line_error(_cli("check", spec, "-b", "8", "--junit", missing / "j.xml"), "--junit", "no such folder")
+    _one_line_error(_cli("noise", spec, "--plot", missing / "n.png"), "--plot", "no such folder")
+    _one_line_error(_cli("init", missing / "spec.yaml"), "init", "no such folder")
+    _one_line_error(_cli("check", spec, "-b", "8", "--junit", tmp_path), "is a folder")
+    assert not missing.exists()
+
+
+def test_sweep_out_naming_a_file_fails_before_the_sweep(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
+    spec = write_spec()
+    _one_line_error(_cli("sweep", spec, "--out", spec), f"--out {spec} is a file")
+
+
+def test_sweep_out_never_takes_a_folder_of_the_users(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
+    spec = write_spec()  # tmp_path/spec.yaml: the user's own spec, named like a run's
+    (tmp_path / "report.txt").write_text("my notes\n")
+    line = _one_line_error(_cli("sweep", spec, "--out", tmp_path), "not a batchtune run's", "--force")
+    assert "report.txt" in line and "spec.yaml" in line
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "spec.yaml").write_text("mine\n")  # a lone spec.yaml is not a run folder either
+    _one_line_error(_cli("sweep", spec, "--out", lone), "spec.yaml")
+    assert (tmp_path / "report.txt").read_text() == "my notes\n" and (lone / "spec.yaml").read_text() == "mine\n"
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder nothing can be written in: chmod when it binds, else (root) a patched os that says EROFS."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def refuse(path):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdir(path, *args, **kwargs):
+        refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    yield folder
+
+
+def test_a_read_only_folder_is_one_line_before_any_work(read_only, write_spec, monkeypatch):
+    import batchtune.commands.noise as noise_module
+    import batchtune.commands.sweep as sweep_module
+
+    monkeypatch.setattr(noise_module, "run_noise", _never_called)
+    monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
+    spec = write_spec()
+    _one_line_error(_cli("init", read_only / "spec.yaml"), "init", "cannot write")
+    _one_line_error(_cli("noise", spec, "--plot", read_only / "n.png"), "--plot", "cannot write")
+    _one_line_error(_cli("sweep", spec, "--out", read_only / "run"), str(read_only / "run"))
+    with pytest.raises(OSError) as caught:
+        atomic_write(read_only / "x.txt", "x")
+    assert caught.value.filename == str(read_only / "x.txt")
+
+
+def test_a_full_disk_mid_sweep_keeps_the_trials_and_resumes(write_spec, tmp_path, monkeypatch):
+    """The writer fails with ENOSPC after the first trial: one line, and --resume finishes the sweep."""
+    real = run_folder_module.atomic_write
+    writes = []
+
+    def filling_up(path, data):
+        writes.append(Path(path).name)
+        if writes.count("trials.json") >= 3:  # the empty list at start, one trial, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(run_folder_module, "atomic_write", filling_up)
+    spec, out = write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), tmp_path / "run"
+    line = _one_line_error(_cli("sweep", spec, "--out", out, "-q"), str(out / "trials.json"),
+                           "No space left on device", f"finished trials are kept in {out}", f"--resume {out}")
+    assert len(json.loads((out / "trials.json").read_text())) == 1
+    monkeypatch.setattr(run_folder_module, "atomic_write", real)
+    result = _cli("sweep", "--resume", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "trials.json").read_text())) >= 2
+    assert line
+
+
+# ------------------------------------------------------------------ run folders
+
+
+def test_files_are_group_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        RunFolder(tmp_path / "run").write_json("meta.json", {})
+        atomic_write(tmp_path / "x.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "meta.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_default_run_folders_are_unique_within_one_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, t=None: "20260101-000000")
+    first, second = new_run_dir("my run", tmp_path), new_run_dir("my run", tmp_path)
+    assert first.name == "20260101-000000-my-run" and second.name == "20260101-000000-my-run-2"
+    assert first.is_dir() and second.is_dir()
+
+
+def test_a_held_run_folder_is_refused_naming_its_holder(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
+    out = tmp_path / "run"
+    with RunFolder(out).lock():
+        assert RunFolder(out).holder()["pid"] == os.getpid()
+        _one_line_error(_cli("sweep", write_spec(), "--out", out),
+                        f"{out} is in use by another sweep (pid {os.getpid()} on {socket.gethostname()}, started ")
+    assert RunFolder(out).holder() is None
+
+
+def test_a_lock_held_for_a_dead_process_is_taken_over(tmp_path):
+    """A forked child can keep the flock after its parent died: the recorded pid decides."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".batchtune.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    fd = os.open(out / ".batchtune.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the orphan's lock
+        with RunFolder(out).lock():
+            assert json.loads((out / ".batchtune.lock").read_text())["pid"] == os.getpid()
+    finally:
+        os.close(fd)
+
+
+def test_the_resume_hint_repeats_the_overrides(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.sweep as sweep_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_sweep", interrupted)
+    spec, out = write_spec(), tmp_path / "run"
+    result = _cli("sweep", spec, "optimizer.lr=0.02", "loss={target: 'x:y'}", "--out", out)
+    assert result.exit_code == 130
+    assert (f"continue with batchtune sweep {spec} optimizer.lr=0.02 'loss={{target: '\"'\"'x:y'\"'\"'}}' "
+            f"--resume {out}") in result.stderr
+
+
+def test_report_on_a_damaged_run_folder_names_the_missing_file(tmp_path):
+    RunFolder(tmp_path / "run").write_json("meta.json", {})
+    _one_line_error(_cli("report", tmp_path / "run"), str(tmp_path / "run" / "spec.yaml"), "No such file")
+
+
+# ------------------------------------------------------------------ interrupted and killed sweeps
+
+
+def _rows(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "trials.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _start_sweep(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "batchtune", "sweep", *map(str, args), "-q"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop_after(proc: subprocess.Popen, out: Path, trials: int, sig: int) -> str:
+    deadline = time.time() + 120
+    while len(_rows(out)) < trials:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=60)[1]
+
+
+def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_spec, tmp_path, monkeypatch):
+    """Ctrl-C, a resume killed with SIGKILL, a second resume: the same trials as one uninterrupted sweep.
+
+    While the first sweep runs, a second one on its folder is refused, naming its pid; a
+    report in between says the run is incomplete and its recommendation provisional; a
+    report of the finished run in a read-only folder renders without rewriting it.
+    """
+    spec, out, fresh = write_spec(SLOW_SWEEP), tmp_path / "run", tmp_path / "fresh"
+    first = _start_sweep(spec, "--out", out)
+    while not _rows(out):
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.02)
+    _one_line_error(_cli("sweep", spec, "--out", out), f"in use by another sweep (pid {first.pid} ")
+    stderr = _stop_after(first, out, 1, signal.SIGINT)
+    assert first.returncode == 130, stderr
+    assert f"finished trials are kept in {out}; continue with batchtune sweep {spec} --resume {out}" in stderr
+    report = _cli("report", out)
+    assert report.exit_code == 0 and "incomplete run" in report.stdout and "why: PROVISIONAL" in report.stdout
+
+    second = _start_sweep("--resume", out)  # the spec saved in the folder
+    _stop_after(second, out, len(_rows(out)) + 1, signal.SIGKILL)
+    assert second.returncode == -signal.SIGKILL
+    killed_at = len(_rows(out))
+
+    result = _cli("sweep", "--resume", out, "-q")
+    assert result.exit_code in (0, 1), result.output
+    assert "incomplete run" not in _cli("report", out).stdout
+    reference = _cli("sweep", spec, "--out", fresh, "-q")
+    assert reference.exit_code == result.exit_code
+    key = ("batch_size", "seed", "lr_multiplier")
+    resumed = {tuple(r[k] for k in key): r["final_val_loss"] for r in _rows(out)}
+    uninterrupted = {tuple(r[k] for k in key): r["final_val_loss"] for r in _rows(fresh)}
+    assert 1 < killed_at < len(resumed)
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6)
+
+    readable = os.access  # the folder stays readable; only writing is refused
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode & os.W_OK else readable(path, mode))
+    monkeypatch.setattr(RunFolder, "write_result", _never_called)
+    report = _cli("report", out)
+    assert report.exit_code == 0 and "recommendation" in report.stdout, report.output
+    assert f"note: {out} is read-only: its report files were not rewritten" in report.stderr
