@@ -31,12 +31,14 @@ sides of the reduction (:meth:`NoiseScaleMonitor.before_reduce`, then :meth:`ste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 
-from batchtune.stats.noise import MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, noise_batch_sizes
+from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, noise_batch_sizes,
+                                   unbiased_estimates)
 
 __all__ = ["NoiseScaleMonitor"]
 
@@ -86,6 +88,7 @@ class NoiseScaleMonitor:
         self.accum_steps = accum_steps
         self.estimator = NoiseScaleEstimator(ema_decay=ema_decay, confidence=confidence)
         self.measured_steps = 0  # steps folded in, including any the estimator skipped as non-finite
+        self.last: tuple[float, float] | None = None  # the last step's unbiased (|G|², tr Σ), when finite
         self._ranks = ranks if world_size > 1 else None
         self._norms: MicroBatchGradNorms | None = None
         self._local_sq_norm: float | None = None
@@ -147,6 +150,8 @@ class NoiseScaleMonitor:
             self.close()
         self.estimator.update(small, big, *self.batch_sizes)
         self.measured_steps += 1
+        g2, trace_sigma = unbiased_estimates(small, big, *self.batch_sizes)
+        self.last = (g2, trace_sigma) if math.isfinite(g2) and math.isfinite(trace_sigma) else None
 
     def reading(self) -> NoiseScaleEstimate:
         """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step)."""

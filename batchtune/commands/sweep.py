@@ -1,9 +1,12 @@
 """Sweep batch sizes fairly: plan the candidates, train each, keep every trial in the run folder.
 
 Fair means: every size sees the same number of samples; its learning rate comes from a
-stated rule (with warmup), optionally with multipliers so a bad rule is not mistaken for a
-bad batch size; it runs over several seeds; throughput is timed after warm-up steps with
-the device synchronised; validation runs at the same sample counts for every size.
+stated rule (with warmup) and a bracket around it, so a bad rule is not mistaken for a bad
+batch size: the first seed tries every multiplier (and extends the bracket where the fastest
+lr sits on its edge, or every lr diverged), the other seeds run only the lrs near each size's
+fastest; throughput is timed after warm-up steps with the device synchronised; validation
+runs at the same sample counts for every size and on a log grid of steps, so that each
+crossing of the target loss is resolved.
 
 Ranking the trials is :mod:`batchtune.commands.sweep_analysis` (a pure function of the rows);
 the run folder (:class:`~batchtune.render.run_folder.RunFolder`) keeps the plan and every
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.probe import run_probe, safe_size
-from batchtune.commands.sweep_analysis import Analysis, SweepResult, analyse, crossing, result_from_rows
+from batchtune.commands.sweep_analysis import Analysis, SweepResult, analyse, crossing, lr_standing, result_from_rows
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
@@ -138,32 +141,48 @@ class _Sweep:
     meta: dict[str, Any]
     rows: list[dict[str, Any]]
 
-    def trials(self) -> list[tuple[int, float, BatchShape]]:
-        """Every (seed, lr multiplier, shape) the plan asks for, in order."""
+    def shapes(self) -> list[BatchShape]:
         world = self.dist.world_size
-        return [(seed, mult, BatchShape.from_dict({**c, "world_size": world})) for seed in self.meta["seeds"]
-                for mult in self.meta["lr_multipliers"] for c in self.meta["candidates"]]
+        return [BatchShape.from_dict({**c, "world_size": world}) for c in self.meta["candidates"]]
 
     def run(self) -> None:
-        """Train the trials not finished yet, saving the rows after each one."""
+        """Train the trials not finished yet, saving the rows after each one.
+
+        The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
+        more multipliers per size where the bracket's edge was fastest (or everything
+        diverged); the other seeds run each size at the lrs near its fastest. Every decision is
+        a pure function of the first seed's rows, so a resumed sweep makes the same ones.
+        """
         from batchtune.engine.trial import Trainer
 
-        trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
+        self._trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
+        self._done = {_row_key(r) for r in self.rows}
+        first, *others = self.meta["seeds"]
+        self._run_all([(first, m, c) for m in self.meta["lr_multipliers"] for c in self.shapes()])
+        for _ in range(self.meta.get("lr_extensions", 0)):
+            more = [(first, m, c) for c in self.shapes() if (m := _extension(self._standing(first, c)))]
+            if not more:
+                break
+            self._run_all(more)
+        for seed in others:
+            self._run_all([(seed, m, c) for c in self.shapes() for m in _kept(self._standing(first, c))])
+
+    def _standing(self, seed: int, shape: BatchShape) -> dict[float, str]:
+        rows = [r for r in self.rows if r["seed"] == seed]
+        return lr_standing(rows, self.meta).get(shape.batch_size, {})
+
+    def _run_all(self, plan: list[tuple[int, float, BatchShape]]) -> None:
         capacity = self.backend.capacity_bytes()
-        done = {_row_key(r) for r in self.rows}
-        plan = self.trials()
-        finished = sum(1 for seed, mult, shape in plan if _key(shape, mult, seed) in done)
-        for seed, mult, shape in plan:
-            if _key(shape, mult, seed) in done:
-                continue
-            row = _row(trainer.run(self._config(seed, mult, shape)), mult, capacity)
+        todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
+        for i, (seed, mult, shape) in enumerate(todo, 1):
+            row = _row(self._trainer.run(self._config(seed, mult, shape)), mult, capacity)
             if self.dist.enabled:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
             self.rows.append(row)
+            self._done.add(_row_key(row))
             if self.dist.is_main:
                 self.folder.write_trials(self.rows)  # after every trial: an interrupt loses at most the one running
-            finished += 1
-            _log_trial(finished, len(plan), shape, row)
+            _log_trial(len(self.rows), i, len(todo), shape, row)
 
     def _config(self, seed: int, lr_multiplier: float, shape: BatchShape) -> Any:
         from batchtune.engine.trial import trial_config
@@ -173,6 +192,7 @@ class _Sweep:
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             warmup_steps=round(sw.warmup * steps), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
+            evals_per_doubling=sw.evals_per_doubling,
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
@@ -204,7 +224,37 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
         row[f"noise_{key}"] = noise[key] if noise else None
     row["noise_steps"] = result.noise_steps
     row["noise_history"] = result.noise_history
+    row["noise_raw"] = result.noise_raw
     return row
+
+
+def _extension(standing: dict[float, str]) -> float | None:
+    """One more lr multiplier for a size, past the edge of its bracket, or None.
+
+    Down when every lr diverged or the smallest was fastest; up when the largest was fastest,
+    or when nothing reached the target and the largest did not diverge. The step is the
+    bracket's own outer ratio (×2 for a single multiplier).
+    """
+    if not standing or "oom" in standing.values():
+        return None
+    mults = sorted(standing)
+    up = mults[-1] / mults[-2] if len(mults) > 1 else 2.0
+    down = mults[1] / mults[0] if len(mults) > 1 else 2.0
+    top, bottom = standing[mults[-1]], standing[mults[0]]
+    if all(v == "diverged" for v in standing.values()):
+        return mults[0] / down
+    if len(mults) > 1 and top == "best":
+        return mults[-1] * up
+    if len(mults) > 1 and bottom == "best":
+        return mults[0] / down
+    if not any(v in ("best", "near") for v in standing.values()) and top != "diverged":
+        return mults[-1] * up
+    return None
+
+
+def _kept(standing: dict[float, str]) -> list[float]:
+    """The multipliers a size runs on its other seeds: its fastest and those near it."""
+    return sorted(m for m, v in standing.items() if v in ("best", "near", "short-best"))
 
 
 def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) -> dict[str, Any] | None:
@@ -230,7 +280,7 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) ->
             "efficiency": global_sps / (dist.world_size * single)}
 
 
-def _log_trial(done: int, total: int, shape: BatchShape, row: dict[str, Any]) -> None:
+def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[str, Any]) -> None:
     """One line per finished trial, with its key figures (progress that reaches a log file too)."""
     if not row["fits"]:
         outcome = f"out of memory ({row['error']})"
@@ -243,8 +293,8 @@ def _log_trial(done: int, total: int, shape: BatchShape, row: dict[str, Any]) ->
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"
             if shape.accumulated or ranks else f"{shape.batch_size}")
-    log.info("[%d/%d] batch %s, lr %.3g, seed %d: %s (%.1f s)", done, total, size, row["lr"],
-             row["seed"], outcome, row["train_seconds"])
+    log.info("[%d: %d/%d of this round] batch %s, lr %.3g, seed %d: %s (%.1f s)", done, index, total, size,
+             row["lr"], row["seed"], outcome, row["train_seconds"])
 
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -342,7 +392,8 @@ def _sample_budget(spec: Any, candidates: list[BatchShape], excluded: dict[int, 
 def _lr_note(spec: Any) -> str:
     note = f"lr scaled by the {spec_rule(spec)} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}"
     if spec.lr_scaling == "auto":
-        note += f" (auto: {spec.optimizer.family} optimizer {spec.optimizer.name or spec.optimizer.target})"
+        evidence = spec.optimizer.family_evidence or f"optimizer {spec.optimizer.name or spec.optimizer.target}"
+        note += f" (auto: {spec.optimizer.family}, because {evidence})"
     return note + f", {spec.sweep.warmup:.0%} linear warmup"
 
 
@@ -364,9 +415,10 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "excluded": {str(k): v for k, v in excluded.items()},
         "ceiling": ceiling, "safe_batch_size": safe, "samples": samples,
         "seeds": [spec.seed + i for i in range(sw.seeds)],
-        "lr_multipliers": list(sw.lr_multipliers), "lr_rule": spec_rule(spec),
+        "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
+        "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
-        "tolerance": sw.tolerance, "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
+        "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,
         "tokens_per_sample": components.tokens_per_sample(), "world_size": dist.world_size,
         # how trials were timed, so that a later check can time its run the same way

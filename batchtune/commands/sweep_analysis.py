@@ -1,17 +1,26 @@
-"""Rank a sweep's trials: per-size aggregates, each size's best lr, why each size is in or out.
+"""Rank a sweep's trials: per target loss, each size at its fastest lr, ranked by time to target.
 
 A pure function of the trial rows and the plan (:func:`analyse`), so a resumed run or
 ``batchtune report`` shows exactly what the original run showed.
 
-Ranking: sizes whose final loss is within the tolerance of the best (or within seed noise of
-it) compete on time to reach the target loss; within 2% it is a tie, broken by throughput.
-Two estimates of the critical batch size (the noise scale, a fit to steps-to-target) give
-each size's statistical efficiency and goodput.
+For each target loss:
+
+- every seed's own first crossing of the target (interpolated between validations) gives its
+  steps and seconds; seconds are that seed's training steps up to the crossing (validation
+  and noise-measurement steps excluded);
+- a (size, lr) *qualifies* when most of its seeds reach the target; each size keeps its lr
+  with the smallest median seconds;
+- sizes rank by that median; a size whose bootstrap interval overlaps the fastest one's is a
+  tie, and a tie goes to the size more of whose seeds reached the target, then to the lower
+  median (an interval open above, from a seed that never crossed, ties with everything);
+- the critical batch size comes from the steps-to-target fit over the qualifying sizes at
+  their best lr, and the noise scale B_simple from the raw measurements around each crossing.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +29,21 @@ from typing import Any
 import pandas as pd
 
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+from batchtune.stats.noise import pooled_noise_scale
 
-__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "result_from_rows"]
+__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "lr_standing", "result_from_rows", "targets_for"]
 
-TIE = 0.02  # times to target within 2% of each other are a tie
+MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
+NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
+MIN_NOISE_MEASUREMENTS = 4
+BOOTSTRAP = 1000
+DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share of the sizes reaches
+KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
 
 SUMMARY_COLUMNS = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr", "lr_multiplier", "seeds",
-                   "final_val_loss", "final_val_loss_std", "steps_to_target", "seconds_to_target", "relative",
-                   "samples_per_s", "samples_per_s_std", "efficiency", "excess_compute", "goodput",
-                   "data_share", "data_bound", "peak_bytes", "status"]
+                   "reached", "final_val_loss", "final_val_loss_std", "steps_to_target", "seconds_to_target",
+                   "seconds_low", "seconds_high", "relative", "tie", "samples_per_s", "samples_per_s_std",
+                   "efficiency", "excess_compute", "goodput", "data_share", "data_bound", "peak_bytes", "status"]
 
 Entry = dict[str, Any]  # one (batch size, lr multiplier): aggregates over seeds, then a summary row
 
@@ -53,14 +68,15 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
 
 @dataclass
 class Analysis:
-    """What :func:`analyse` concludes from the trials.
+    """What :func:`analyse` concludes from the trials, for the last target (and each in ``by_target``).
 
     Attributes:
         summary: one row per batch size, ranked sizes first (columns :data:`SUMMARY_COLUMNS`).
         recommendation: the winner's shape, lr and the reason, or None when no size qualified.
-        notes: remarks for the report (sizes above the critical batch, no qualifying size).
-        target_loss: the validation loss that time-to-target is measured against.
+        notes: remarks for the report.
+        target_loss: the validation loss that time to target is measured against.
         critical: the critical-batch estimates (noise scale, steps-to-target fit) and which is used.
+        by_target: one dict per target in order (target_loss, summary, recommendation, critical, notes).
     """
 
     summary: pd.DataFrame
@@ -68,34 +84,32 @@ class Analysis:
     notes: list[str]
     target_loss: float | None
     critical: dict[str, Any]
+    by_target: list[dict[str, Any]] = field(default_factory=list)
 
 
 def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
-    """Aggregate trials per size, keep each size's best lr, rank, and explain the winner.
+    """Rank the sizes for each target loss (the plan's, or one chosen so that most sizes reach it).
 
     Args:
-        rows: one dict per finished trial (as :func:`~batchtune.commands.sweep.run_sweep` writes
-            them); each gains ``steps_to_target`` and ``seconds_to_target``.
-        meta: the sweep's plan (tolerance, target_loss, data_bound_share, excluded sizes, ...).
+        rows: one dict per finished trial (as :func:`~batchtune.commands.sweep.run_sweep` writes them).
+        meta: the sweep's plan (target_loss, excluded sizes, lr rule, ...).
     """
-    entries = _best_per_size(_per_lr(rows))
-    usable = [e for e in entries if _usable(e)]
-    best = min(usable, key=lambda e: e["final_val_loss"], default=None)
-    within = [e for e in usable if _comparable(e, best, meta["tolerance"])]
-    target = meta.get("target_loss")
-    if target is None and within:
-        target = max(e["final_val_loss"] for e in within)
-    _mark_crossings(entries, target)
-    best_loss = best["final_val_loss"] if best else None
-    for e in entries:
-        e["data_bound"] = e["data_share"] is not None and e["data_share"] >= meta["data_bound_share"]
-        e["status"] = _status(e, within=any(e is w for w in within), best_loss=best_loss)
-    contenders = _rank(_without_data_bound(entries))
-    critical = _critical(entries, contenders, meta)
-    summary = _summary(contenders, entries, meta.get("excluded", {}))
-    recommendation = (_recommend(contenders, entries=entries, best_loss=best_loss, target=target, meta=meta,
-                                 critical=critical) if contenders else None)
-    return Analysis(summary, recommendation, _notes(contenders, critical), target, critical)
+    entries = _per_lr(rows)
+    targets, target_notes = targets_for(entries, meta)
+    by_target = [_for_target(entries, target, meta) for target in targets]
+    if not by_target:
+        empty = _summary([], [], meta.get("excluded", {}))
+        return Analysis(empty, None, target_notes + ["no trial finished with a validation loss"], None,
+                        _critical_dict(None, None, None))
+    last = by_target[-1]
+    notes = target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta)
+    if len(by_target) > 1:
+        notes.append(_growth_note(by_target))
+    return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
+                    [{k: v for k, v in t.items() if k != "sizes"} for t in by_target])
+
+
+# ---------------------------------------------------------------------------------- per (size, lr)
 
 
 def _stat(values: list[float]) -> tuple[float | None, float | None]:
@@ -105,127 +119,190 @@ def _stat(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(values) if values else None
-
-
-def _mean_curve(rows: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
-    """Seed-averaged (steps, seconds, loss) over the validation points all seeds share."""
-    curves = [r["evals"] for r in rows if r.get("evals")]
-    if not curves:
-        return []
-    n = min(len(c) for c in curves)
-    return [(statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][2] for c in curves),
-             statistics.fmean(c[i][3] for c in curves)) for i in range(n)]
-
-
 def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
-    """One entry per (batch size, lr multiplier): means and spreads over the seeds that finished."""
+    """One entry per (batch size, lr multiplier), over the seeds that ran."""
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["batch_size"], row["lr_multiplier"]), []).append(row)
+        groups.setdefault((row["batch_size"], float(row["lr_multiplier"])), []).append(row)
     entries = []
     for (size, mult), grp in sorted(groups.items()):
         ok = [r for r in grp if r["fits"] and not r["diverged"]]
         loss_mean, loss_std = _stat([r["final_val_loss"] for r in ok])
-        sps_mean, sps_std = _stat([r["samples_per_s"] for r in ok])
+        sps_mean, sps_std = _stat([r["samples_per_s"] for r in grp if r["fits"]])
         entries.append({
             "batch_size": size, "lr_multiplier": mult, "micro_batch_size": grp[0]["micro_batch_size"],
             "accum_steps": grp[0]["accum_steps"], "lr": grp[0]["lr"], "seeds": len(grp),
             "final_val_loss": loss_mean, "final_val_loss_std": loss_std,
             "samples_per_s": sps_mean, "samples_per_s_std": sps_std,
-            "data_share": _stat([r["data_share"] for r in ok])[0],
+            "data_share": _stat([r["data_share"] for r in grp if r["fits"]])[0],
             "peak_bytes": max((r["peak_bytes"] or 0 for r in grp), default=None) or None,
-            "failed": len(grp) - len(ok), "oom": any(not r["fits"] for r in grp),
-            "diverged": any(r["diverged"] for r in grp),
-            "divergence": next((r["divergence"] for r in grp if r["diverged"]), None),
-            "truncated": any(r.get("truncated") for r in grp),
-            "curve": _mean_curve(ok), "rows": ok,
+            "oom": sum(not r["fits"] for r in grp), "diverged_seeds": sum(bool(r["diverged"]) for r in grp),
+            "divergence": next((r["divergence"] for r in grp if r["diverged"]), None), "rows": grp,
         })
     return entries
 
 
-def _usable(e: Entry) -> bool:
-    return e["final_val_loss"] is not None and not e["failed"]
+def _seed_crossing(row: dict[str, Any], target: float) -> tuple[float, float] | None:
+    """(steps, seconds) of one trial's first crossing; None if it never got there, ran out of memory
+    or diverged (an lr that diverges in some seeds is not one to bet a run on)."""
+    if not row["fits"] or row["diverged"]:
+        return None
+    return crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
 
 
-def _best_per_size(per_lr: list[Entry]) -> list[Entry]:
-    """Each size keeps its best learning rate: the lowest mean final loss among runs that did not fail."""
-    best: dict[int, Entry] = {}
-    for entry in per_lr:
-        current = best.get(entry["batch_size"])
-        if current is None or (_usable(entry) and (not _usable(current)
-                                                   or entry["final_val_loss"] < current["final_val_loss"])):
-            best[entry["batch_size"]] = entry
-    return list(best.values())
+def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """90% bootstrap interval of the median over seeds (inf stands for a seed that never crossed)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median_high(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
+    return medians[int(0.05 * (BOOTSTRAP - 1))], medians[int(0.95 * (BOOTSTRAP - 1))]
 
 
-def _stderr(e: Entry) -> float:
-    n = len(e["rows"])
-    return (e["final_val_loss_std"] or 0.0) / math.sqrt(n) if n > 1 else 0.0
+def _at_target(e: Entry, target: float) -> Entry:
+    """``e`` with its per-seed crossings of ``target``: median, interval, how many seeds reached it."""
+    crossings = [_seed_crossing(r, target) for r in e["rows"]]
+    seconds = [c[1] if c else math.inf for c in crossings]
+    steps = [c[0] if c else math.inf for c in crossings]
+    reached = sum(c is not None for c in crossings)
+    qualifies = reached > MOST * len(crossings)
+    low, high = _bootstrap_median(seconds) if qualifies else (None, None)
+    return {**e, "reached": f"{reached}/{len(crossings)}", "reached_count": reached, "qualifies": qualifies,
+            "seed_steps": [s for s in steps if math.isfinite(s)], "crossings": crossings,
+            "steps_to_target": statistics.median_high(steps) if qualifies else None,
+            "seconds_to_target": statistics.median_high(seconds) if qualifies else None,
+            "seconds_low": low, "seconds_high": high if high is None or math.isfinite(high) else None}
 
 
-def _comparable(e: Entry, best: Entry, tolerance: float) -> bool:
-    """Within ``tolerance`` of the best final loss, or not distinguishable from it over seeds.
-
-    Two standard errors of the difference of the means: with seed-to-seed noise larger than
-    the tolerance, a size that is only unlucky must not be excluded as worse.
-    """
-    gap = e["final_val_loss"] - best["final_val_loss"]
-    noise = 2.0 * math.hypot(_stderr(e), _stderr(best))
-    return gap <= max(tolerance * abs(best["final_val_loss"]), noise) + 1e-12
-
-
-def _mark_crossings(entries: list[Entry], target: float | None) -> None:
-    """Steps and seconds to ``target``: each size's seed-averaged curve, and each of its trials."""
+def _fully_seeded(entries: list[Entry]) -> list[Entry]:
+    """The (size, lr) entries that ran as many seeds as any lr of their size."""
+    most: dict[int, int] = {}
     for e in entries:
-        cross = crossing(e["curve"], target) if target is not None else None
-        e["steps_to_target"], e["seconds_to_target"] = cross if cross else (None, None)
-        for r in e["rows"]:
-            c = crossing([(p[0], p[2], p[3]) for p in r["evals"]], target) if target is not None else None
-            r["steps_to_target"], r["seconds_to_target"] = c if c else (None, None)
+        most[e["batch_size"]] = max(most.get(e["batch_size"], 0), e["seeds"])
+    return [e for e in entries if e["seeds"] == most[e["batch_size"]]]
 
 
-def _status(e: Entry, *, within: bool, best_loss: float | None) -> str:
-    """``ok``, or ``excluded: <why>`` (the first reason that applies)."""
-    if e["oom"]:
+def _best_per_size(entries: list[Entry]) -> list[Entry]:
+    """Each size at its lr with the smallest median time to target (else the most seeds reaching it,
+    then the lowest final loss: what the report shows for a size that did not qualify).
+
+    Only the lrs that ran as many seeds as any lr of the size compete: the lr search screens
+    lrs on the first seed, and one lucky seed must not beat the median of several.
+    """
+    best: dict[int, Entry] = {}
+
+    def key(e: Entry) -> tuple:
+        return (not e["qualifies"], e["seconds_to_target"] if e["qualifies"] else 0.0, -e["reached_count"],
+                e["final_val_loss"] if e["final_val_loss"] is not None else math.inf)
+
+    tried: dict[int, int] = {}
+    for e in entries:
+        tried[e["batch_size"]] = tried.get(e["batch_size"], 0) + 1
+    for e in _fully_seeded(entries):
+        if e["batch_size"] not in best or key(e) < key(best[e["batch_size"]]):
+            best[e["batch_size"]] = e
+    return [{**best[size], "lrs_tried": tried[size]} for size in sorted(best)]
+
+
+def _status(e: Entry) -> str:
+    """``ok``, or ``excluded: <why>``."""
+    n = e["seeds"]
+    if e["oom"] == n:
         return "excluded: out of memory"
-    if e["diverged"] and e["failed"] == e["seeds"]:
+    if e["diverged_seeds"] == n:
         return f"excluded: diverged ({e['divergence']})"
-    if e["failed"]:
-        return f"excluded: diverged in {e['failed']}/{e['seeds']} seeds"
-    if e["final_val_loss"] is None:
-        return "excluded: no validation loss"
-    if not within:
-        worse = (e["final_val_loss"] - best_loss) / abs(best_loss) if best_loss else math.inf
-        return f"excluded: worse loss (+{worse:.1%} vs best)"
-    if e["seconds_to_target"] is None:
-        return "excluded: did not reach the target loss"
+    if not e["qualifies"]:
+        failed = f"; diverged in {e['diverged_seeds']}" if e["diverged_seeds"] else ""
+        return f"excluded: reached the target in {e['reached']} seeds{failed}"
     return "ok"
 
 
-def _without_data_bound(entries: list[Entry]) -> list[Entry]:
-    """The sizes still ``ok``; data-bound ones drop out when a size that is not data-bound competes."""
-    contenders = [e for e in entries if e["status"] == "ok"]
-    if all(e["data_bound"] for e in contenders):
-        return contenders
-    for e in contenders:
-        if e["data_bound"]:
-            e["status"] = f"excluded: data-bound ({e['data_share']:.0%} of step time waiting for data)"
-    return [e for e in contenders if e["status"] == "ok"]
+def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict[float, str]]:
+    """Each size's lrs judged at the (last) target: what the sweep's lr search decides from.
+
+    Returns:
+        size → multiplier → ``best`` (the fastest, reaching the target), ``near`` (within
+        :data:`KEEP_LR` of it), ``behind``, ``short`` (did not reach the target; ``short-best``
+        when no lr of the size did and this one came closest), ``diverged`` or ``oom``.
+    """
+    entries = _per_lr(rows)
+    targets, _ = targets_for(entries, meta)
+    at = [_at_target(e, targets[-1] if targets else -math.inf) for e in entries]  # no target: nothing reached
+    best = {e["batch_size"]: e for e in _best_per_size(at)}
+    out: dict[int, dict[float, str]] = {}
+    for e in at:
+        b = best[e["batch_size"]]
+        if e["oom"] == e["seeds"]:
+            standing = "oom"
+        elif e["diverged_seeds"] == e["seeds"]:
+            standing = "diverged"
+        elif e["lr_multiplier"] == b["lr_multiplier"]:
+            standing = "best" if b["qualifies"] else "short-best"
+        elif not e["qualifies"]:
+            standing = "short"
+        else:
+            standing = "near" if e["seconds_to_target"] <= KEEP_LR * b["seconds_to_target"] else "behind"
+        out.setdefault(e["batch_size"], {})[e["lr_multiplier"]] = standing
+    return out
+
+
+# ------------------------------------------------------------------------------------- targets
+
+
+def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float], list[str]]:
+    """The target losses in the order given; by default one that most sizes reach, and why."""
+    given = meta.get("target_loss")
+    if given is not None:
+        return (list(given) if isinstance(given, list) else [float(given)]), []
+    reached: dict[int, float] = {}  # each size's best lr: the loss its median seed got down to
+    for e in _fully_seeded(entries):
+        lows = [min((p[3] for p in r.get("evals") or [] if p[3] is not None and math.isfinite(p[3])),
+                    default=math.inf) if r["fits"] and not r["diverged"] else math.inf for r in e["rows"]]
+        if lows:
+            low = statistics.median_high(lows)
+            reached[e["batch_size"]] = min(reached.get(e["batch_size"], math.inf), low)
+    finite = sorted(v for v in reached.values() if math.isfinite(v))
+    if not finite:
+        return [], []
+    k = max(1, math.ceil(DEFAULT_TARGET_SHARE * len(reached)))
+    target = finite[min(k, len(finite)) - 1]
+    return [target], [f"target val loss {target:.4g}: the lowest that {min(k, len(finite))} of the "
+                      f"{len(reached)} sizes reached in most seeds (set sweep.target_loss to choose)"]
+
+
+def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> dict[str, Any]:
+    """The ranking, critical batch and recommendation for one target."""
+    sizes = _best_per_size([_at_target(e, target) for e in entries])
+    for e in sizes:
+        e["status"] = _status(e)
+        e["data_bound"] = e["data_share"] is not None and e["data_share"] >= meta["data_bound_share"]
+    contenders = [e for e in sizes if e["status"] == "ok"]
+    critical = _critical(sizes, contenders, meta, target)
+    ranked = _rank(contenders)
+    notes = _notes(ranked, sizes, critical, meta)
+    recommendation = _recommend(ranked, sizes=sizes, target=target, meta=meta, critical=critical) if ranked else None
+    return {"target_loss": target, "summary": _summary(ranked, sizes, meta.get("excluded", {})),
+            "recommendation": recommendation, "critical": critical, "notes": notes, "sizes": sizes}
+
+
+# ------------------------------------------------------------------------------------- ranking
 
 
 def _rank(contenders: list[Entry]) -> list[Entry]:
-    """Sorted by time to target (ties broken by throughput), with ``rank`` and ``relative`` set."""
+    """By median seconds to target; the sizes tied with the fastest (overlapping intervals) first,
+    the tie going to the size more seeds reached the target with, then to the lower median."""
     if not contenders:
         return []
-    fastest = min(e["seconds_to_target"] for e in contenders)
-    ranked = sorted(contenders, key=lambda e: e["seconds_to_target"])
-    ranked.sort(key=lambda e: (round(e["seconds_to_target"] / fastest / TIE), -(e["samples_per_s"] or 0)))
+    fastest = min(contenders, key=lambda e: e["seconds_to_target"])
+    ceiling = fastest["seconds_high"] if fastest["seconds_high"] is not None else math.inf
+    tied = [e for e in contenders if e["seconds_low"] <= ceiling]
+    rest = sorted((e for e in contenders if e["seconds_low"] > ceiling), key=lambda e: e["seconds_to_target"])
+    tied.sort(key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
+    ranked = tied + rest
     for rank, e in enumerate(ranked, 1):
         e["rank"] = rank
         e["relative"] = e["seconds_to_target"] / ranked[0]["seconds_to_target"]
+        e["tie"] = len(tied) > 1 and rank <= len(tied)
     return ranked
 
 
@@ -238,52 +315,59 @@ def _summary(contenders: list[Entry], entries: list[Entry], excluded: dict[str, 
     return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
 
 
-def _notes(contenders: list[Entry], critical: dict[str, Any]) -> list[str]:
-    if not contenders:
-        return ["no batch size met the quality tolerance: see the status column"]
-    b_crit = critical["b_crit"]
-    return [f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.0f}): it needs "
-            f"{e['excess_compute']:.2f}× the minimum samples, {compute_beyond_critical(e['batch_size'], b_crit):.0%} "
-            f"more compute than B_crit would need for the same loss"
-            for e in contenders if b_crit and e["batch_size"] > b_crit]
+# ------------------------------------------------------------------------------ critical batch
 
 
-def _noise_estimate(pool: list[Entry], tokens_per_sample: int) -> dict[str, Any] | None:
-    """The median simple noise scale over the pool's reliable trials, with its band."""
-    noisy = [r for e in pool for r in e["rows"] if r.get("noise_reliable") and r.get("noise_b_simple")]
-    if not noisy:
+def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -> dict[str, Any] | None:
+    """B_simple from the raw measurements within a window around each seed's crossing."""
+    pairs = []
+    for e in pool:
+        for row, cross in zip(e["rows"], e["crossings"]):
+            if cross is None:
+                continue
+            low, high = cross[0] / NOISE_WINDOW, cross[0] * NOISE_WINDOW
+            pairs += [(g2, trs) for step, g2, trs in row.get("noise_raw") or [] if low <= step <= high]
+    if len(pairs) < MIN_NOISE_MEASUREMENTS:
         return None
-    b_simple = _median([r["noise_b_simple"] for r in noisy])
-    return {"b_simple": b_simple, "low": _median([r["noise_low"] for r in noisy]),
-            "high": _median([r["noise_high"] for r in noisy]),
-            "at_val_loss": _median([r["final_val_loss"] for r in noisy]), "trials": len(noisy),
-            "tokens": b_simple * tokens_per_sample if tokens_per_sample > 1 else None,
-            "estimator": "simple noise scale tr(Σ)/|G|², EMA of each part, median over trials, 90% band"}
+    est = pooled_noise_scale(pairs)
+    if est.b_simple is None:
+        return None
+    return {"b_simple": est.b_simple, "low": est.low, "high": est.high, "reliable": est.reliable,
+            "at_val_loss": target, "measurements": est.steps, "trials": sum(c is not None for e in pool
+                                                                            for c in e["crossings"]),
+            "tokens": est.b_simple * tokens_per_sample if tokens_per_sample > 1 else None,
+            "estimator": (f"simple noise scale tr(Σ)/|G|² from the measurements within ×{NOISE_WINDOW:g} of each "
+                          "seed's crossing, pooled over sizes at their best lr; 90% Fieller band")}
 
 
-def _critical(entries: list[Entry], contenders: list[Entry], meta: dict[str, Any]) -> dict[str, Any]:
-    """Noise-scale and steps-to-target estimates of B_crit; efficiency, excess compute, goodput per size."""
-    pool = contenders or [e for e in entries if e["final_val_loss"] is not None]
-    noise = _noise_estimate(pool, meta.get("tokens_per_sample") or 1)
-    fit = fit_steps_to_target({e["batch_size"]: [r["steps_to_target"] for r in e["rows"]]
-                               for e in entries if e["steps_to_target"] is not None})
-    from_noise = noise["b_simple"] if noise else None
-    b_crit, basis = (fit.b_crit, "steps-to-target fit") if fit.b_crit else (from_noise, "noise scale")
-    base = min((e["batch_size"] for e in entries), default=None)
-    for e in entries:
+def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any], target: float) -> dict[str, Any]:
+    """The steps fit (qualifying sizes, best lr, seeds that reached) and B_simple at the target;
+    efficiency, excess compute and goodput per size."""
+    noise = _noise_at_target(contenders, target, meta.get("tokens_per_sample") or 1)
+    fit = fit_steps_to_target({e["batch_size"]: e["seed_steps"] for e in contenders})
+    b_crit = fit.b_crit or (noise["b_simple"] if noise and noise["reliable"] else None)
+    base = min((e["batch_size"] for e in sizes), default=None)
+    for e in sizes:
         e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
         e["excess_compute"] = excess_compute(e["batch_size"], b_crit) if b_crit else None
         e["goodput"] = (e["samples_per_s"] * e["efficiency"]
                         if e["efficiency"] is not None and e["samples_per_s"] is not None else None)
+    return _critical_dict(noise, fit, b_crit)
+
+
+def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None) -> dict[str, Any]:
+    from_noise = noise["b_simple"] if noise else None
+    from_fit = fit.b_crit if fit is not None else None
     return {
-        "noise_scale": noise,
-        "fit": fit.to_dict(),
-        "from_noise_scale": from_noise,
-        "from_steps_to_target": fit.b_crit,
-        "ratio": from_noise / fit.b_crit if from_noise and fit.b_crit else None,
-        "b_crit": b_crit, "basis": basis if b_crit else None,
+        "noise_scale": noise, "fit": fit.to_dict() if fit is not None else {},
+        "from_noise_scale": from_noise, "from_steps_to_target": from_fit,
+        "ratio": from_noise / from_fit if from_noise and from_fit else None,
+        "b_crit": b_crit, "basis": ("steps-to-target fit" if from_fit else "noise scale") if b_crit else None,
         "definition": DEFINITION,
     }
+
+
+# ------------------------------------------------------------------------------ notes and reasons
 
 
 def _fmt_size(e: Entry) -> str:
@@ -291,32 +375,61 @@ def _fmt_size(e: Entry) -> str:
                                    if e["accum_steps"] > 1 else "")
 
 
-def _category(status: str) -> str:
-    """'excluded: worse loss (+4.9% vs best)' → 'worse loss'."""
-    return status.removeprefix("excluded: ").split(" (")[0]
+def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Above-critical sizes, sizes waiting for data, seeds that diverged, the sample-limited regime."""
+    if not ranked:
+        return ["no batch size reached the target loss in most seeds: see the status column"]
+    notes, b_crit = [], critical["b_crit"]
+    for e in ranked:
+        if b_crit and e["batch_size"] > b_crit:
+            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.0f}): it needs "
+                         f"{e['excess_compute']:.2f}× the minimum samples, "
+                         f"{compute_beyond_critical(e['batch_size'], b_crit):.0%} more compute than B_crit would")
+        if e["data_bound"]:
+            notes.append(f"batch {e['batch_size']} waits for data {e['data_share']:.0%} of its step time (counted in "
+                         "its time): more loader workers (data.num_workers), pinned memory or fetching whole "
+                         "batches at once would remove the wait")
+        if e["diverged_seeds"]:
+            notes.append(f"batch {e['batch_size']} diverged in {e['diverged_seeds']} of {e['seeds']} seeds at its "
+                         "best lr: a lower lr is safer")
+    smallest = min(e["batch_size"] for e in sizes)
+    if ranked[0]["batch_size"] == smallest and len(sizes) > 1:
+        notes.append(f"the smallest size won: at {meta.get('samples')} samples per trial this run is sample-limited "
+                     "(a smaller batch takes more steps per sample); a longer run to a lower loss favours "
+                     "larger batches, up to about the critical batch size")
+    return notes
 
 
-def _goodput_sentence(contenders: list[Entry], critical: dict[str, Any]) -> str | None:
-    """Whether goodput (throughput × statistical efficiency) agrees with the measured winner."""
-    win = contenders[0]
-    with_goodput = [e for e in contenders if e.get("goodput")]
-    if not with_goodput or not critical["b_crit"]:
-        return None
-    top = max(with_goodput, key=lambda e: e["goodput"])
-    basis = f"critical batch ~{critical['b_crit']:.0f} from the {critical['basis']}"
-    if top is win:
-        return (f"Goodput (throughput × statistical efficiency, {basis}) agrees: "
-                f"{win['goodput']:,.0f} effective samples/s, the highest")
-    return (f"Goodput ({basis}) would favour {top['batch_size']} ({top['goodput']:,.0f} vs "
-            f"{win['goodput'] or 0:,.0f} effective samples/s); time to target is measured, goodput "
-            "is a model's estimate, so the measurement decides")
+def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
+    """How far the scaling rule held: the largest size up to which every size's best lr is the rule's."""
+    tried = {float(m) for m in meta.get("lr_multipliers", [1.0])}
+    qualified = [e for e in sizes if e["qualifies"]]
+    if len(tried) < 2 or not qualified:
+        return []
+    rule = meta.get("lr_rule", "scaling")
+    held = [e for e in qualified if e["lr_multiplier"] == 1.0]
+    off = [e for e in qualified if e["lr_multiplier"] != 1.0]
+    if not off:
+        return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's"]
+    above = ", ".join(f"×{e['lr_multiplier']:g} at {e['batch_size']}" for e in off)
+    top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
+    where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold: "
+    return [where + f"the fastest lr elsewhere was the rule's {above}"]
+
+
+def _growth_note(by_target: list[dict[str, Any]]) -> str:
+    parts = []
+    for t in by_target:
+        b = t["critical"]["b_crit"]
+        parts.append(f"{t['target_loss']:.4g} → {b:.0f}" if b else f"{t['target_loss']:.4g} → -")
+    return "critical batch size by target loss: " + ", ".join(parts)
 
 
 def _excluded_sentence(entries: list[Entry], excluded: dict[str, str]) -> str | None:
-    """'Excluded: 512, 1024 (worse loss); 4096 (not run: ...)', grouped by reason."""
+    """'Excluded: 512, 1024 (out of memory); 4096 (not run: ...)', grouped by reason."""
     groups: dict[str, list[int]] = {}
     for e in sorted((e for e in entries if e["status"] != "ok"), key=lambda e: e["batch_size"]):
-        groups.setdefault(_category(e["status"]), []).append(e["batch_size"])
+        groups.setdefault(e["status"].removeprefix("excluded: "), []).append(e["batch_size"])
     for size, reason in excluded.items():
         groups.setdefault(f"not run: {reason}", []).append(int(size))
     if not groups:
@@ -324,40 +437,73 @@ def _excluded_sentence(entries: list[Entry], excluded: dict[str, str]) -> str | 
     return "Excluded: " + "; ".join(f"{', '.join(map(str, sizes))} ({why})" for why, sizes in groups.items())
 
 
-def _recommend(contenders: list[Entry], *, entries: list[Entry], best_loss: float, target: float,
-               meta: dict[str, Any], critical: dict[str, Any]) -> dict[str, Any]:
+def _runner_up_sentence(ranked: list[Entry]) -> str | None:
+    if len(ranked) < 2:
+        return None
+    win, run = ranked[0], ranked[1]
+    if run["tie"]:
+        return (f"Runner-up {_fmt_size(run)} ties with it within seed noise ({run['seconds_to_target']:.2f} s, "
+                f"90% interval {run['seconds_low']:.2f}–{_num(run['seconds_high'])} s against "
+                f"{win['seconds_low']:.2f}–{_num(win['seconds_high'])} s); a tie goes to the size more seeds reached "
+                "the target with, then to the lower median")
+    return (f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long ({run['seconds_to_target']:.2f} s) "
+            f"at {run['samples_per_s']:,.0f} samples/s")
+
+
+def _num(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "∞"
+
+
+def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: dict[str, Any],
+               critical: dict[str, Any]) -> dict[str, Any]:
     """The winner's full batch shape and lr, and why it won and what the runner-up costs."""
-    win = contenders[0]
-    n = len(contenders)
+    win = ranked[0]
+    n = len(ranked)
     field_text = "the only size" if n == 1 else f"the fastest of the {n} sizes"
+    lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} the "
+               f"{meta.get('lr_rule', 'scaling')} rule's" if win["lrs_tried"] > 1 else "the scaling rule's lr")
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
-             f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps): {field_text} whose final "
-             f"loss is within {meta['tolerance']:.0%} of the best ({best_loss:.4g}) or within seed noise of it",
-             f"Its final loss is {win['final_val_loss']:.4g} ± {win['final_val_loss_std']:.2g} over "
-             f"{win['seeds']} seeds, at {win['samples_per_s']:,.0f} samples/s"]
-    if n > 1:
-        run = contenders[1]
-        parts.append(f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long "
-                     f"({run['seconds_to_target']:.2f} s) at {run['samples_per_s']:,.0f} samples/s")
-    parts.append(_goodput_sentence(contenders, critical))
+             f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; median over {win['reached']} "
+             f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} that "
+             f"reached the target in most seeds ({lr_text})",
+             f"Its final loss is {win['final_val_loss']:.4g} ± {win['final_val_loss_std']:.2g}, "
+             f"at {win['samples_per_s']:,.0f} samples/s" if win["final_val_loss"] is not None else None,
+             _runner_up_sentence(ranked)]
+    if critical["b_crit"] and win.get("goodput"):
+        parts.append(f"Goodput {win['goodput']:,.0f} effective samples/s with the critical batch ~"
+                     f"{critical['b_crit']:.0f} from the {critical['basis']}")
     if win["data_bound"]:
-        parts.append(f"Note: {win['data_share']:.0%} of its step time is spent waiting for data: "
-                     "fix the data loader before tuning further")
-    parts.append(_excluded_sentence(entries, meta.get("excluded", {})))
+        parts.append(f"Note: {win['data_share']:.0%} of its step time is spent waiting for data (counted): "
+                     "a faster loader would make it faster still")
+    parts.append(_excluded_sentence(sizes, meta.get("excluded", {})))
     return {
         "batch_size": win["batch_size"], "micro_batch_size": win["micro_batch_size"],
         "accum_steps": win["accum_steps"], "world_size": meta.get("world_size", 1),
-        "lr": win["lr"], "lr_multiplier": win["lr_multiplier"],
+        "lr": win["lr"], "lr_multiplier": win["lr_multiplier"], "target_loss": target,
         "final_val_loss": win["final_val_loss"], "seconds_to_target": win["seconds_to_target"],
+        "seconds_to_target_interval": [win["seconds_low"], win["seconds_high"]],
         "steps_to_target": win["steps_to_target"], "samples_per_s": win["samples_per_s"],
-        "runner_up": contenders[1]["batch_size"] if n > 1 else None,
+        "runner_up": ranked[1]["batch_size"] if n > 1 else None,
+        "tied_with": [e["batch_size"] for e in ranked[1:] if e["tie"]],
         "reason": ". ".join(p for p in parts if p) + ".",
     }
 
 
+# ------------------------------------------------------------------------------------ the result
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def _critical_json(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio", "b_crit", "basis",
+                                  "definition", "fit")}
+
+
 @dataclass
 class SweepResult:
-    """A sweep's plan, every trial, the per-size summary and the recommendation."""
+    """A sweep's plan, every trial, the per-size summary and the recommendation (for the last target)."""
 
     name: str
     meta: dict[str, Any]
@@ -369,30 +515,41 @@ class SweepResult:
     run_dir: Path | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     critical: dict[str, Any] = field(default_factory=dict)
+    by_target: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.critical
         return {
             "name": self.name, "recommendation": self.recommendation, "target_loss": self.target_loss,
-            "noise_scale": c.get("noise_scale"),
-            "critical_batch_size": {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio",
-                                                           "b_crit", "basis", "definition", "fit")},
-            "summary": self.summary.astype(object).where(self.summary.notna(), None).to_dict("records"),
-            "trials": self.trials.astype(object).where(self.trials.notna(), None).to_dict("records"),
+            "noise_scale": c.get("noise_scale"), "critical_batch_size": _critical_json(c),
+            "by_target": [{"target_loss": t["target_loss"], "recommendation": t["recommendation"],
+                           "critical_batch_size": _critical_json(t["critical"]),
+                           "noise_scale": t["critical"].get("noise_scale"), "summary": _records(t["summary"])}
+                          for t in self.by_target],
+            "summary": _records(self.summary), "trials": _records(self.trials),
             "meta": self.meta, "notes": self.notes, "environment": self.environment,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+
+
+def _trial_crossing(row: dict[str, Any], target: float | None) -> dict[str, float | None]:
+    """One trial's own steps and seconds to the (last) target, None where it did not get there."""
+    cross = _seed_crossing(row, target) if target is not None else None
+    return {"steps_to_target": cross[0] if cross else None, "seconds_to_target": cross[1] if cross else None}
 
 
 def result_from_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any], *,
                      run_dir: Path | None = None, environment: dict[str, Any] | None = None) -> SweepResult:
     """Analyse trial rows into a :class:`SweepResult` (used live and by ``batchtune report``)."""
     analysis = analyse(rows, meta)
-    trials = pd.DataFrame([{k: v for k, v in r.items() if k not in ("evals", "noise_history")} for r in rows])
+    target = analysis.target_loss
+    trials = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("evals", "noise_history", "noise_raw")},
+                            **_trial_crossing(r, target)} for r in rows])
     if len(trials):  # per size already in the summary; goodput uses each trial's own throughput
         per_size = analysis.summary.dropna(subset=["micro_batch_size"]).set_index("batch_size")
         for column in ("efficiency", "excess_compute"):
             trials[column] = trials["batch_size"].map(per_size[column])
         trials["goodput"] = trials["samples_per_s"] * trials["efficiency"]
     return SweepResult(name, meta, trials, analysis.summary, analysis.recommendation, analysis.target_loss,
-                       meta.get("notes", []) + analysis.notes, run_dir, environment or {}, analysis.critical)
+                       meta.get("notes", []) + analysis.notes, run_dir, environment or {}, analysis.critical,
+                       analysis.by_target)

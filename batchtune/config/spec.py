@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
+    PrivateAttr,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -161,6 +162,8 @@ class OptimizerSpec(BaseModel):
     """``{name: adamw, lr: 3e-4, weight_decay: 0.1, ...}``: keys other than these are kwargs."""
 
     model_config = ConfigDict(extra="allow")
+    # set from the built optimizer object (engine/optimizer.py): (family, evidence)
+    _detected: tuple[str, str] | None = PrivateAttr(default=None)
 
     name: str | None = None
     target: str | None = None
@@ -184,9 +187,22 @@ class OptimizerSpec(BaseModel):
 
     @property
     def family(self) -> str:
-        """``sgd`` for SGD-like optimizers, ``adaptive`` for Adam-like ones (for lr_scaling: auto)."""
-        key = (self.name or self.target or "").lower()
-        return "sgd" if key == "sgd" or key.endswith(":sgd") or "sgd" in key.split(":")[-1] else "adaptive"
+        """``sgd`` for SGD-like optimizers, ``adaptive`` for Adam-like ones (for lr_scaling: auto).
+
+        Judged from the optimizer object once it has been built (:meth:`detect`); before
+        that, a built-in name decides (``sgd`` or not).
+        """
+        if self._detected is not None:
+            return self._detected[0]
+        return "sgd" if (self.name or "").lower() == "sgd" else "adaptive"
+
+    @property
+    def family_evidence(self) -> str | None:
+        return self._detected[1] if self._detected is not None else None
+
+    def detect(self, family: str, evidence: str) -> None:
+        """Record what the built optimizer showed (see ``batchtune.engine.optimizer``)."""
+        self._detected = (family, evidence)
 
 
 class DeviceSpec(_Strict):
@@ -257,12 +273,16 @@ class SweepSpec(_Strict):
     samples: PositiveInt | None = None
     epochs: PositiveFloat | None = None
     warmup: float = Field(0.05, ge=0.0, lt=1.0)
-    lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [1.0])
+    # Each size tries the rule's lr times each multiplier (seed 0), keeps for its other seeds
+    # the lrs near its fastest, and extends the bracket when the fastest is on an edge.
+    lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    lr_search: bool = True  # false: one lr per size, the rule's (lr_multipliers ignored)
+    lr_extensions: NonNegativeInt = 2  # times a bracket may grow past its edge by its outer ratio
     seeds: PositiveInt = 3
-    eval_points: PositiveInt = 8
+    eval_points: PositiveInt = 8  # validations at the same sample counts for every size
+    evals_per_doubling: NonNegativeInt = 4  # and on a log grid of steps, to resolve each crossing
     eval_samples: PositiveInt | None = 2048  # validation subset, the same for every trial
-    target_loss: float | None = None
-    tolerance: float = Field(0.01, ge=0.0)
+    target_loss: float | list[float] | None = None  # several: each gets its own ranking
     timing_warmup_steps: NonNegativeInt = 2
     max_seconds_per_trial: PositiveFloat | None = None
     data_bound_share: float = Field(0.5, gt=0.0, le=1.0)

@@ -44,6 +44,6 @@ sweep:
   min_batch_size: 16
   seeds: 3
   samples: 65536             # every batch size sees the same number of samples
-  lr_multipliers: [1.0]      # e.g. [0.5, 1, 2] so a bad scaling rule is not mistaken for a bad batch size
-  tolerance: 0.01            # sizes within 1% of the best validation loss compete on time to target
+  lr_multipliers: [0.5, 1, 2]  # each size keeps its fastest lr, so a bad rule is not mistaken for a bad size
+  # target_loss: [0.5, 0.3]  # default: the lowest validation loss most sizes reach
 """

@@ -45,6 +45,7 @@ _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst out
 # overflow are not finite at any scale.
 MAX_SKIPPED_STEPS = 24
 log = logging.getLogger(__name__)
+FIRST_LOG_EVAL = 4  # the log-spaced validation grid starts at this step
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class TrialConfig:
     warmup_steps: int = 0  # linear lr warmup
     seed: int = 0
     eval_every_samples: float = 0  # validate each time this many more samples are seen (and at step 0)
+    # also validate on a log-spaced grid of steps, this many per doubling (0: none), so that a
+    # crossing of any target loss is resolved to a few percent of its step count
+    evals_per_doubling: int = 0
     validate: bool = False  # a validation pass at the end
     eval_samples: int | None = None  # validation subset size (fixed across trials); None: all
     timing_warmup_steps: int = 0  # first steps excluded from throughput
@@ -114,6 +118,8 @@ class TrialResult:
     noise: Any = None  # NoiseScaleEstimate when measured
     noise_history: list[dict[str, Any]] = field(default_factory=list)  # estimate at each validation point
     noise_steps: int = 0
+    noise_raw: list[list[float]] = field(default_factory=list)  # [step, |G|², tr Σ] of each measured step
+    noise_seconds: float = 0.0  # what the measured steps took; train_seconds counts a plain step's time instead
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
     timed_out: bool = False  # a step did not finish within the timeout; ``error`` says which
 
@@ -161,6 +167,10 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
         spec = load_spec(spec)
     set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
     components = build_components(spec)
+    if spec.optimizer.family_evidence is None:  # lr_scaling: auto judges the optimizer object, not its name
+        from batchtune.engine.optimizer import optimizer_family
+
+        spec.optimizer.detect(*optimizer_family(components.build_optimizer))
     return spec, components, backend if backend is not None else backend_for_spec(spec)
 
 
@@ -227,6 +237,7 @@ class _Run:
     memory_session: contextlib.ExitStack  # closed once config.memory_steps have run
     on_step: Callable[[int, float], None] | None
     next_eval: float = 0.0  # samples at which the next validation is due (0: none)
+    next_log_eval: float = math.inf  # step count at which the next log-spaced validation is due
 
 
 class _Step(NamedTuple):
@@ -444,7 +455,9 @@ class Trainer:
         """The trial's steps. An fp16 step the GradScaler skipped is run again: a trial counts
         only applied steps, so its memory always includes the optimizer's state."""
         config, result = run.config, run.result
-        if config.eval_every_samples and not self._validate(run, 0):
+        if config.evals_per_doubling:
+            run.next_log_eval = FIRST_LOG_EVAL
+        if (config.eval_every_samples or config.evals_per_doubling) and not self._validate(run, 0):
             return
         step, skipped_in_a_row = 0, 0
         while step < config.steps:
@@ -506,11 +519,13 @@ class Trainer:
         """Record the step; False when the trial ends here (divergence, a failed validation, the time cap)."""
         config, result, loss = run.config, run.result, done.loss
         result.steps = step + 1
-        result.train_seconds += done.seconds
+        result.train_seconds += self._plain_seconds(run, done)
         if step >= config.timing_warmup_steps and not done.noise_measured:  # measured steps ran differently
             result.timed_samples += config.shape.batch_size
             result.data_seconds += done.data_seconds
             result.compute_seconds += done.seconds - done.data_seconds
+        if done.noise_measured and run.monitor.last is not None:
+            result.noise_raw.append([step + 1, *run.monitor.last])
         if loss is not None:
             result.losses.append(loss)
             if result.first_loss is None:
@@ -522,15 +537,37 @@ class Trainer:
             return False
         last = step + 1 == config.steps
         out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
-        due = bool(run.next_eval) and result.samples >= run.next_eval - 1e-9
-        while run.next_eval and result.samples >= run.next_eval - 1e-9:
-            run.next_eval += config.eval_every_samples
+        due = self._eval_due(run, step + 1)
         if (due or ((last or out_of_time) and config.validate)) and not self._validate(run, step + 1):
             return False
         if out_of_time and not last:
             result.truncated = True
             return False
         return True
+
+    @staticmethod
+    def _plain_seconds(run: _Run, done: _Step) -> float:
+        """A step's share of training time: a noise-measured step ran extra passes and hooks, so
+        it counts what a plain step takes (the mean so far; its own time before there is one)."""
+        result = run.result
+        if not done.noise_measured:
+            return done.seconds
+        result.noise_seconds += done.seconds
+        plain_steps = result.timed_samples / run.config.shape.batch_size
+        return (result.data_seconds + result.compute_seconds) / plain_steps if plain_steps else done.seconds
+
+    @staticmethod
+    def _eval_due(run: _Run, steps: int) -> bool:
+        """Whether a validation is due after ``steps`` steps (the sample grid or the log grid), advancing both."""
+        config, samples = run.config, run.result.samples
+        due = bool(run.next_eval) and samples >= run.next_eval - 1e-9
+        while run.next_eval and samples >= run.next_eval - 1e-9:
+            run.next_eval += config.eval_every_samples
+        if steps >= run.next_log_eval:
+            due = True
+            while run.next_log_eval <= steps:  # the next integer step at least 2^(1/k) × further
+                run.next_log_eval = max(run.next_log_eval + 1, math.ceil(steps * 2 ** (1 / config.evals_per_doubling)))
+        return due
 
     @staticmethod
     def _diverged(config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:

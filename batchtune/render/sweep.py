@@ -12,8 +12,15 @@ from batchtune.render.text import format_bytes, format_shape, num, pm, to_json
 __all__ = ["render_precision", "render_sweep"]
 
 
-_SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "val loss", "steps→target", "s→target", "relative",
-                  "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
+_SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "reached", "val loss", "steps→target", "s→target",
+                  "90% interval", "relative", "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
+
+
+def _interval(low: Any, high: Any) -> str:
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return "-"
+    top = "∞" if high is None or (isinstance(high, float) and math.isnan(high)) else f"{high:.2f}"
+    return f"{low:.2f}–{top}"
 
 
 def _sweep_rows(result: Any) -> list[list[str]]:
@@ -25,9 +32,11 @@ def _sweep_rows(result: Any) -> list[list[str]]:
             "-" if r.get("micro_batch_size") is None or (isinstance(r["micro_batch_size"], float)
                                                         and math.isnan(r["micro_batch_size"]))
             else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
-            num(r.get("lr"), ".3g"), pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
+            num(r.get("lr"), ".3g"), r.get("reached") or "-", pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
             num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
-            num(r.get("relative"), ".2f"), pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
+            _interval(r.get("seconds_low"), r.get("seconds_high")),
+            num(r.get("relative"), ".2f") + (" (tie)" if r.get("tie") is True else ""),
+            pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
             num(r.get("goodput"), ",.0f"), num(r.get("excess_compute"), ".2f"), num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
         ])
     return rows
@@ -44,8 +53,11 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
         steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
     if noise:
         tokens = f", {noise['tokens']:,.0f} tokens" if noise.get("tokens") else ""
+        high = noise["high"]
+        top = "unbounded: unreliable" if high is None or math.isinf(high) else f"{high:.0f}"
         noisy = (f"noise scale B_simple {noise['b_simple']:.0f}{tokens} (90% band {num(noise['low'], '.0f')}–"
-                 f"{num(noise['high'], '.0f')}) at val loss {noise['at_val_loss']:.4g}, median of {noise['trials']} trials")
+                 f"{top}) at val loss {noise['at_val_loss']:.4g}, from {noise['measurements']} measurements "
+                 f"around the crossings of {noise['trials']} trials")
     else:
         noisy = "no reliable noise-scale estimate"
     lines = [f"critical batch size: {steps}; {noisy}"]
@@ -77,6 +89,14 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
                      f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
         lines.append(f"why: {rec['reason']}")
     lines += _critical_lines(result.critical)
+    if len(result.by_target) > 1:
+        lines.append("by target (each its own ranking; the table above is the last):")
+        for t in result.by_target:
+            rec_t, crit = t["recommendation"], t["critical"]
+            pick = (f"batch {format_shape(rec_t)} at lr {rec_t['lr']:.3g}, {rec_t['seconds_to_target']:.2f} s"
+                    if rec_t else "no size reached it in most seeds")
+            b_crit = f"B_crit ~{crit['b_crit']:.0f} ({crit['basis']})" if crit.get("b_crit") else "B_crit unknown"
+            lines.append(f"  target {t['target_loss']:.4g}: {pick}; {b_crit}")
     scaling = meta.get("scaling")
     if scaling:
         lines.append(f"scaling: batch {scaling['batch_size']} on {scaling['world_size']} ranks runs "

@@ -42,7 +42,9 @@ torch only inside :class:`MicroBatchGradNorms`, so the arithmetic stays importab
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Iterable
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "pooled_noise_scale",
     "MicroBatchGradNorms",
     "NoiseScaleEstimate",
     "NoiseScaleEstimator",
@@ -301,6 +304,31 @@ class NoiseScaleEstimator:
             self._z,
         )
         return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, True)
+
+
+def pooled_noise_scale(pairs: Sequence[tuple[float, float]], confidence: float = 0.9) -> NoiseScaleEstimate:
+    """B_simple from per-step (|G|², tr Σ) estimates taken in one window, equally weighted.
+
+    The estimator's EMA runs from a run's first step, so its reading at a crossing averages
+    over earlier, higher losses. Pooling the raw estimates measured *around* the crossing
+    (of several seeds and sizes at the same loss) reads the noise scale at that loss. The
+    band is Fieller's for the ratio of the two means, with their sample (co)variances;
+    unbounded above (``high == inf``, not reliable) when the |G|² mean is not clearly above 0.
+    """
+    pairs = [(g, t) for g, t in pairs if math.isfinite(g) and math.isfinite(t)]
+    n = len(pairs)
+    if n == 0:
+        return NoiseScaleEstimate(None, None, None, 0.0, 0.0, 0, False)
+    g2 = statistics.fmean(g for g, _ in pairs)
+    trs = statistics.fmean(t for _, t in pairs)
+    if g2 <= 0.0 or trs < 0.0 or n < 2:
+        return NoiseScaleEstimate(trs / g2 if g2 > 0 else None, 0.0, math.inf, g2, trs, n, False)
+    var_g = statistics.variance([g for g, _ in pairs]) / n
+    var_t = statistics.variance([t for _, t in pairs]) / n
+    cov = sum((g - g2) * (t - trs) for g, t in pairs) / (n - 1) / n
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    low, high = _fieller_interval(trs, g2, var_t, var_g, cov, z)
+    return NoiseScaleEstimate(trs / g2, low, high, g2, trs, n, math.isfinite(high))
 
 
 # ---------------------------------------------------------------------------- torch
