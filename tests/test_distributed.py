@@ -22,7 +22,7 @@ data: {{target: "tests.fixtures:tiny_data", kwargs: {{n_train: 1024}}}}
 optimizer: {{name: adamw, lr: 0.01}}
 base_batch_size: 32
 device: {{type: cpu, memory_limit: {limits}}}
-sweep: {{min_batch_size: 16, max_batch_size: 128, samples: 2048, seeds: 1, eval_points: 2, lr_search: false}}
+sweep: {{min_batch_size: 16, max_batch_size: 128, samples: 2048, seeds: 1, eval_points: 2, lr_search: false, min_steps: 16}}
 """
 
 ROOT = Path(__file__).resolve().parents[1]

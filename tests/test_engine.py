@@ -124,3 +124,33 @@ def test_batch_helpers_walk_nested_batches():
     assert batch_size_of(batch) == 3 and batch_size_of(("name", torch.zeros(5))) == 5
     with pytest.raises(TypeError, match="cannot find a tensor"):
         batch_size_of({"a": "b"})
+
+
+def test_tensor_data_is_indexed_once_per_batch_and_each_epoch_sees_every_sample():
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from batchtune.engine.data import batches, loader_kind
+
+    data = TensorDataset(torch.arange(12.0), torch.arange(12))
+    assert loader_kind(data) == "in-memory tensors indexed once per batch"
+    assert loader_kind(data, num_workers=2) == "DataLoader (per-sample fetch and collate, 2 workers)"
+    assert loader_kind(list(data)) == "DataLoader (per-sample fetch and collate, in the main process)"
+    stream = batches(data, 4, seed=0)
+    epoch = [next(stream) for _ in range(3)]
+    assert all(isinstance(b, list) and b[0].shape == (4,) and torch.equal(b[0].long(), b[1]) for b in epoch)
+    assert sorted(torch.cat([b[1] for b in epoch]).tolist()) == list(range(12))
+    again = [next(batches(data, 4, seed=0)) for _ in range(1)][0]
+    assert torch.equal(again[1], epoch[0][1])  # the seed decides the order
+
+    # two ranks split one shared shuffle: disjoint shards that cover the epoch
+    shards = []
+    for rank in range(2):
+        dist = SimpleNamespace(enabled=True, rank=rank, world_size=2)
+        stream = batches(data, 3, seed=0, dist=dist)
+        shards.append(torch.cat([next(stream)[1] for _ in range(2)]).tolist())
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(12))
+
+    # smaller than a batch: sampled with replacement, still full batches
+    assert next(batches(data, 32, seed=0))[0].shape == (32,)

@@ -46,8 +46,17 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     result, _ = swept
     t = result.trials
     assert sorted(t["batch_size"].unique()) == [8, 16, 32, 64]
-    assert set(t["samples"]) == {2048}
-    assert (t["steps"] * t["batch_size"] == 2048).all()
+    # every size sees the 2048-sample budget; 64 (32 steps in it) trains sweep.min_steps = 64 steps
+    assert (t["steps"] == (2048 // t["batch_size"]).clip(lower=64)).all()
+    assert (t["samples"] == t["steps"] * t["batch_size"]).all()
+    assert any("batch 64 trains 64 steps (sweep.min_steps)" in n for n in result.meta["notes"])
+    rows = json.loads((swept[1] / "trials.json").read_text())
+    at_budget = {(r["batch_size"], r["seed"], r["lr_multiplier"]): [e[3] for e in r["evals"] if e[1] == 2048]
+                 for r in rows if not r["diverged"]}
+    assert all(len(v) == 1 for v in at_budget.values())  # final loss is read at equal samples, 2048
+    for r in rows:
+        if not r["diverged"]:
+            assert r["final_val_loss"] == at_budget[(r["batch_size"], r["seed"], r["lr_multiplier"])][0]
     first = t[t["seed"] == 0].groupby("batch_size")["lr_multiplier"].apply(set)
     second = t[t["seed"] == 1].groupby("batch_size")["lr_multiplier"].apply(set)
     for size in (8, 16, 32, 64):
@@ -397,7 +406,7 @@ def test_lr_standing_drives_the_bracket():
     from batchtune.commands.sweep import _extension, _kept
     from batchtune.commands.sweep_analysis import lr_standing
 
-    rows = [_trial(16, 0, [(0, 0, 2.0), (40, t, 0.5)], 1000, mult=m) for m, t in ((0.5, 3.0), (1.0, 2.0), (2.0, 1.0))]
+    rows = [_trial(16, 0, [(0, 0, 2.0), (20 * t, t, 0.5)], 1000, mult=m) for m, t in ((0.5, 3.0), (1.0, 2.0), (2.0, 1.0))]
     rows.append(_trial(16, 0, [(0, 0, 2.0)], 1000, mult=4.0, diverged=True))
     standing = lr_standing(rows[:3], {**HAND_META, "target_loss": 0.5})[16]
     assert standing == {0.5: "behind", 1.0: "behind", 2.0: "best"}
@@ -408,6 +417,10 @@ def test_lr_standing_drives_the_bracket():
     assert _extension({0.5: "short", 1.0: "short-best", 2.0: "short"}) == 4.0
     assert _extension({0.5: "best", 1.0: "near", 2.0: "behind"}) == 0.25
     assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5, 1.0]
+    # within a size lrs compare by steps (equal cost per step, and exactly repeatable), not wall time
+    rows = [_trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (30, 1.0, 0.5)], 1000, mult=2.0)]
+    assert lr_standing(rows, {**HAND_META, "target_loss": 0.5})[16] == {1.0: "best", 2.0: "behind"}
 
 
 def test_recommendation_names_the_ranks():
@@ -468,3 +481,16 @@ def test_an_interrupt_says_where_the_trials_are_and_how_to_resume(write_spec, tm
     assert result.exit_code == 130
     assert (f"interrupted: finished trials are kept in {out}; continue with batchtune sweep {spec} --resume {out}"
             in result.stderr)
+
+
+def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path):
+    """An explicit target ends each trial at its crossing: what is left of the budget is saved."""
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[8, 32]", "sweep.seeds=1", "sweep.lr_search=false",
+                                              "sweep.target_loss=1.0"])
+    result = run_sweep(spec, out=tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "trials.json").read_text())
+    for r in rows:
+        assert r["stopped_at_target"] and r["steps"] < 2048 // r["batch_size"]
+        assert r["evals"][-1][3] <= 1.0 < r["evals"][-2][3]  # the crossing was the last validation
+        assert r["final_val_loss"] is None  # no loss at equal samples: it did not train that far
+    assert result.recommendation is not None and result.recommendation["target_loss"] == 1.0

@@ -40,6 +40,7 @@ from batchtune.commands.check_verdicts import (
     regression_verdict,
     trains_verdict,
 )
+from batchtune.engine.data import loader_kind
 from batchtune.engine.shape import BatchShape
 
 __all__ = [
@@ -450,7 +451,8 @@ def _data(state: _CheckRun, run: Any) -> CheckResult:
     verdict = data_verdict(run.data_share, cs.data_warn_share, cs.data_fail_share,
                            num_workers=state.spec.data.num_workers, samples_per_s=run.samples_per_s)
     verdict.figures.update(data_seconds=run.data_seconds, compute_seconds=run.compute_seconds,
-                           timed_samples=run.timed_samples)
+                           timed_samples=run.timed_samples,
+                           loader=loader_kind(state.trainer.components.train_set, state.spec.data.num_workers))
     return verdict
 
 

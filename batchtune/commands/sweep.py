@@ -33,7 +33,6 @@ __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "plan_candidates", 
 
 log = logging.getLogger(__name__)
 
-MIN_STEPS = 4  # fewer optimizer steps than this says nothing about a batch size
 
 
 def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | None = None,
@@ -176,6 +175,7 @@ class _Sweep:
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
         for i, (seed, mult, shape) in enumerate(todo, 1):
             row = _row(self._trainer.run(self._config(seed, mult, shape)), mult, capacity)
+            row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if self.dist.enabled:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
             self.rows.append(row)
@@ -188,7 +188,8 @@ class _Sweep:
         from batchtune.engine.trial import trial_config
 
         sw, meta = self.spec.sweep, self.meta
-        steps = meta["samples"] // shape.batch_size
+        steps = trial_steps(meta, shape.batch_size)
+        targets = meta["target_loss"] if isinstance(meta["target_loss"], list) else [meta["target_loss"]]
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             warmup_steps=round(sw.warmup * steps), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
@@ -196,6 +197,7 @@ class _Sweep:
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
+            stop_below=min(targets) if targets[0] is not None else None,
         )
 
     def result(self) -> SweepResult:
@@ -216,6 +218,7 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
             "diverged", "divergence", "truncated", "samples_per_s", "data_share", "data_seconds",
             "compute_seconds", "train_seconds", "peak_bytes", "first_loss", "last_loss", "final_val_loss"]
     row = {k: d[k] for k in keep}
+    row["stopped_at_target"] = result.stopped_at_target
     row["lr_multiplier"] = multiplier
     row["peak_share"] = result.peak_bytes / capacity if capacity and result.peak_bytes else None
     row["evals"] = [[e.step, e.samples, e.seconds, e.val_loss] for e in result.evals]
@@ -226,6 +229,20 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     row["noise_history"] = result.noise_history
     row["noise_raw"] = result.noise_raw
     return row
+
+
+def trial_steps(meta: dict[str, Any], batch_size: int) -> int:
+    """Optimizer steps a trial at ``batch_size`` trains: the sample budget, at least ``min_steps``."""
+    return max(meta["samples"] // batch_size, meta.get("min_steps", 0))
+
+
+def loss_at_budget(row: dict[str, Any], samples: int) -> float | None:
+    """Validation loss at the sample budget, the same for every size; None where the trial
+    did not train that far (it stopped at the target, ran out of time, or diverged)."""
+    at = [e for e in row["evals"] if e[1] <= samples]
+    if row["samples"] < samples or not at or row["diverged"]:
+        return None
+    return at[-1][3]
 
 
 def _extension(standing: dict[float, str]) -> float | None:
@@ -369,24 +386,22 @@ def _sizes(spec: Any, safe: int | None) -> list[int]:
     return sizes
 
 
-def _sample_budget(spec: Any, candidates: list[BatchShape], excluded: dict[int, str], n_train: int,
-                   notes: list[str]) -> tuple[int, list[BatchShape]]:
-    """(samples per trial, the candidates with enough steps in it); the others go to ``excluded``."""
+def _sample_budget(spec: Any, candidates: list[BatchShape], n_train: int, notes: list[str]) -> int:
+    """Samples per trial, the same for every size; a size with fewer than ``sweep.min_steps``
+    steps in it trains that many steps instead (said in a note)."""
     sw = spec.sweep
     budget = sw.samples if sw.samples is not None else int((sw.epochs or 1.0) * n_train)
-    largest = max(c.batch_size for c in candidates)
+    sizes = [c.batch_size for c in candidates]
     # A multiple of every power of two in the sweep: each size sees exactly the same samples.
-    samples = math.ceil(budget / largest) * largest if not sw.batch_sizes else budget
+    samples = math.ceil(budget / max(sizes)) * max(sizes) if not sw.batch_sizes else budget
     if samples != budget:
         notes.append(f"sample budget rounded from {budget} to {samples} so that every size sees exactly the same")
-    kept = []
-    for c in candidates:
-        if samples // c.batch_size < MIN_STEPS:
-            excluded[c.batch_size] = (f"only {samples // c.batch_size} steps in the {samples}-sample budget "
-                                      f"(need {MIN_STEPS}); raise sweep.samples")
-        else:
-            kept.append(c)
-    return samples, kept
+    longer = [b for b in sizes if samples // b < sw.min_steps]
+    if longer:
+        notes.append(f"batch {', '.join(map(str, longer))} train{'s' * (len(longer) == 1)} {sw.min_steps} steps "
+                     f"(sweep.min_steps), more than the {samples}-sample budget, so that a large batch can "
+                     "reach the target too; final loss at equal samples is read at the budget")
+    return samples
 
 
 def _lr_note(spec: Any) -> str:
@@ -399,6 +414,7 @@ def _lr_note(spec: Any) -> str:
 
 def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]:
     """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
+    from batchtune.engine.data import loader_kind
     from batchtune.engine.trial import TrialConfig
 
     sw = spec.sweep
@@ -408,12 +424,13 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
                                            dist.world_size)
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
-    samples, candidates = _sample_budget(spec, candidates, excluded, len(components.train_set), notes)
+    samples = _sample_budget(spec, candidates, len(components.train_set), notes)
     notes.append(_lr_note(spec))
+    notes.append(f"loader timed: {loader_kind(components.train_set, spec.data.num_workers)}")
     return {
         "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates],
         "excluded": {str(k): v for k, v in excluded.items()},
-        "ceiling": ceiling, "safe_batch_size": safe, "samples": samples,
+        "ceiling": ceiling, "safe_batch_size": safe, "samples": samples, "min_steps": sw.min_steps,
         "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),

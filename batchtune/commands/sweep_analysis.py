@@ -9,7 +9,8 @@ For each target loss:
   steps and seconds; seconds are that seed's training steps up to the crossing (validation
   and noise-measurement steps excluded);
 - a (size, lr) *qualifies* when most of its seeds reach the target; each size keeps its lr
-  with the smallest median seconds;
+  with the fewest median steps (one size's steps cost the same at any lr, and steps, unlike
+  wall time, repeat exactly: a resumed sweep makes the same lr decisions);
 - sizes rank by that median; a size whose bootstrap interval overlaps the fastest one's is a
   tie, and a tie goes to the size more of whose seeds reached the target, then to the lower
   median (an interval open above, from a seed that never crossed, ties with everything);
@@ -183,7 +184,7 @@ def _fully_seeded(entries: list[Entry]) -> list[Entry]:
 
 
 def _best_per_size(entries: list[Entry]) -> list[Entry]:
-    """Each size at its lr with the smallest median time to target (else the most seeds reaching it,
+    """Each size at its lr with the fewest median steps to target (else the most seeds reaching it,
     then the lowest final loss: what the report shows for a size that did not qualify).
 
     Only the lrs that ran as many seeds as any lr of the size compete: the lr search screens
@@ -192,7 +193,7 @@ def _best_per_size(entries: list[Entry]) -> list[Entry]:
     best: dict[int, Entry] = {}
 
     def key(e: Entry) -> tuple:
-        return (not e["qualifies"], e["seconds_to_target"] if e["qualifies"] else 0.0, -e["reached_count"],
+        return (not e["qualifies"], e["steps_to_target"] if e["qualifies"] else 0.0, -e["reached_count"],
                 e["final_val_loss"] if e["final_val_loss"] is not None else math.inf)
 
     tried: dict[int, int] = {}
@@ -241,7 +242,7 @@ def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, d
         elif not e["qualifies"]:
             standing = "short"
         else:
-            standing = "near" if e["seconds_to_target"] <= KEEP_LR * b["seconds_to_target"] else "behind"
+            standing = "near" if e["steps_to_target"] <= KEEP_LR * b["steps_to_target"] else "behind"
         out.setdefault(e["batch_size"], {})[e["lr_multiplier"]] = standing
     return out
 

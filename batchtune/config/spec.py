@@ -270,8 +270,11 @@ class SweepSpec(_Strict):
     ceiling: PositiveInt | None = None
     accumulation: bool = True
     max_accum_steps: PositiveInt = 64
-    samples: PositiveInt | None = None
+    samples: PositiveInt | None = None  # the same for every size, up to min_steps
     epochs: PositiveFloat | None = None
+    # a size trains at least this many steps, so a large batch (few steps at equal samples)
+    # can reach a target too; with target_loss given, a trial ends once it has crossed the lowest
+    min_steps: PositiveInt = 64
     warmup: float = Field(0.05, ge=0.0, lt=1.0)
     # Each size tries the rule's lr times each multiplier (seed 0), keeps for its other seeds
     # the lrs near its fastest, and extends the bracket when the fastest is on an edge.

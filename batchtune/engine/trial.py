@@ -74,6 +74,8 @@ class TrialConfig:
     # in the window they fall in); past it the trial stops, ``timed_out``. At most
     # max_seconds when that is set. None: no limit.
     timeout: float | None = None
+    # end the trial at the first validation at or below this loss (None: train every step)
+    stop_below: float | None = None
 
 
 
@@ -101,6 +103,7 @@ class TrialResult:
     baseline_bytes: int = 0
     leaked_bytes: int = 0  # allocated bytes left above the baseline after clean-up
     reserved_gap_bytes: int = 0  # the most the allocator reserved beyond allocated at a phase's peak (CUDA)
+    stopped_at_target: bool = False  # ended at a validation below TrialConfig.stop_below
     steps: int = 0
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole trial, validation and clean-up included
@@ -539,6 +542,9 @@ class Trainer:
         out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
         due = self._eval_due(run, step + 1)
         if (due or ((last or out_of_time) and config.validate)) and not self._validate(run, step + 1):
+            return False
+        if due and config.stop_below is not None and result.evals[-1].val_loss <= config.stop_below:
+            result.stopped_at_target = True
             return False
         if out_of_time and not last:
             result.truncated = True

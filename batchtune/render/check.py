@@ -45,7 +45,8 @@ def _trend(f: dict[str, Any]) -> str:
 
 
 def _data_text(f: dict[str, Any]) -> str:
-    return f"{_pct(f['data_share'])} of step time waiting for data"
+    loader = f" ({f['loader']})" if f.get("loader") else ""
+    return f"{_pct(f['data_share'])} of step time waiting for data{loader}"
 
 
 def _data_hint(f: dict[str, Any]) -> str:
