@@ -51,6 +51,7 @@ def ranks(tmp_path_factory) -> dict:
                        "-q"],
         # after an agreed user error the group still works: one more command runs to the end
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
+        "overlap": ["overlap-equivalence", str(folder / "check.yaml")],
     }
     plan = folder / "scenarios.json"
     plan.write_text(json.dumps(scenarios))
@@ -116,3 +117,15 @@ def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
     assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
     # no rank was left waiting: the group took the next command and agreed on the same ceiling
     assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
+
+
+def test_ddp_overlapping_backward_trains_exactly_as_the_hand_reduced_step(ranks):
+    """Where a size is known to fit, the sweep times DDP's own all-reduce during backward."""
+    for rank in ranks["overlap"]:
+        figures = json.loads(rank["stdout"])
+        assert figures["moved"] > 1e-3  # three steps changed the weights
+        assert figures["max_abs_diff"] < 1e-6  # and both ways of averaging gradients agree
+    trials = _json(ranks, "sweep")["trials"]
+    written = json.loads((ranks["_folder"] / "run" / "trials.json").read_text())
+    assert all(r["overlap_comm"] for r in written)  # every candidate's micro-batch is under the safe size
+    assert len(trials) == len(written)

@@ -174,7 +174,9 @@ class _Sweep:
         capacity = self.backend.capacity_bytes()
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
         for i, (seed, mult, shape) in enumerate(todo, 1):
-            row = _row(self._trainer.run(self._config(seed, mult, shape)), mult, capacity)
+            config = self._config(seed, mult, shape)
+            row = _row(self._trainer.run(config), mult, capacity)
+            row["overlap_comm"] = config.overlap_comm
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if self.dist.enabled:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
@@ -198,6 +200,8 @@ class _Sweep:
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
             stop_below=min(targets) if targets[0] is not None else None,
+            # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
+            overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
 
     def result(self) -> SweepResult:

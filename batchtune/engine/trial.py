@@ -76,6 +76,11 @@ class TrialConfig:
     timeout: float | None = None
     # end the trial at the first validation at or below this loss (None: train every step)
     stop_below: float | None = None
+    # Several ranks: the last micro-batch's backward all-reduces through DDP, overlapping
+    # communication with backward as the real job does. Only where no OOM is possible: a
+    # rank failing mid-backward would leave the others waiting in the all-reduce. Off: every
+    # backward runs under no_sync and gradients are averaged once the ranks agree.
+    overlap_comm: bool = False
 
 
 

@@ -80,8 +80,11 @@ WorkloadFactory = Callable[["Trainer", nn.Module, "TrialConfig"], Workload]
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP for its memory (reducer buckets) and its checks (built by ``Trainer.data_parallel``).
 
-    Gradients are reduced by hand after the ranks agree the step succeeded (see
-    ``Trainer._agreed``). No buffer broadcast: it would be a collective inside forward.
+    Where an OOM is possible, backward runs under ``no_sync`` and gradients are reduced by
+    hand after the ranks agree the step succeeded (see ``Trainer._agreed``); at a micro-batch
+    known to fit, the last backward syncs, overlapping the all-reduce with backward as the
+    real job does (``TrialConfig.overlap_comm``). No buffer broadcast: it would be a
+    collective inside forward.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -121,6 +124,7 @@ class TrainStep(Workload):
         self.scaler = self.carry.new_scaler() if self.carry is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scale = 1.0  # the GradScaler's scale during this step
+        self.synced = False  # this step's gradients were averaged by DDP during backward
 
     def begin(self, step: int) -> None:
         lr = lr_at_step(step, self.config.lr, self.config.warmup_steps)
@@ -134,11 +138,14 @@ class TrainStep(Workload):
         passes = 2 * accum if split else accum
         if noise is not None:
             noise.begin()
+        # measured steps read each rank's own gradients before the reduction: never overlapped
+        self.synced = self.dist.enabled and self.config.overlap_comm and noise is None
         total = None
-        with self.net.no_sync() if self.dist.enabled else contextlib.nullcontext():
-            for _ in range(accum):
+        for i in range(accum):
+            local = self.dist.enabled and not (self.synced and i == accum - 1)
+            with self.net.no_sync() if local else contextlib.nullcontext():
                 loss = self._micro_batch(feed.next(), split, passes, noise)
-                total = loss if total is None else total + loss
+            total = loss if total is None else total + loss
         return total.double() / passes
 
     def _micro_batch(self, batch: Any, split: bool, passes: int, noise: NoiseScaleMonitor | None) -> torch.Tensor:
@@ -166,7 +173,8 @@ class TrainStep(Workload):
         multiplier = 1.0 / self.scale
         if noise is not None:
             noise.before_reduce(multiplier)
-        self.dist.reduce_gradients(self.params)
+        if not self.synced:  # DDP averaged them during the last backward
+            self.dist.reduce_gradients(self.params)
         if noise is not None:
             noise.step(multiplier)
 
