@@ -45,16 +45,7 @@ from typer.testing import CliRunner
 
 from batchtune.cli import app
 from tests.conftest import TINY_SPEC
-
-# As in tests/test_robustness.py: a built-in model and data set, 171 parameters, 64 samples.
-BUILTIN_SPEC = """\
-name: tiny-builtin
-model: {builtin: mlp, kwargs: {in_features: 8, num_classes: 3, hidden: 8}}
-data: {builtin: synthetic_classification, kwargs: {n_train: 64, n_val: 32, in_features: 8, num_classes: 3}}
-optimizer: {name: adamw, lr: 0.01, weight_decay: 0.01}
-base_batch_size: 8
-device: {type: cpu}
-"""
+from tests.test_robustness import BUILTIN_SPEC  # a built-in model and data set, 171 parameters, 64 samples
 
 BASES: dict[str, str] = {"builtin": BUILTIN_SPEC, "tiny": textwrap.dedent(TINY_SPEC)}
 
@@ -191,17 +182,6 @@ def _edge_paths(base: str) -> list[str]:
     return sorted(p for p in EDGE if p not in other)
 
 
-def _known_bug(op: tuple) -> bool:
-    """A mutation that hits a known batchtune bug, left out of the fuzz and pinned by a strict xfail below.
-
-    A ``seed`` outside torch's range [-2**63, 2**64) passes the spec, then torch.manual_seed raises
-    ValueError out of every command (test_a_seed_outside_torchs_range_is_one_line_exit_2).
-    """
-    if op[0] != "set" or op[1] != "seed" or isinstance(op[2], bool) or not isinstance(op[2], (int, float)):
-        return False
-    return math.isfinite(op[2]) and op[2] == int(op[2]) and not -(2**63) <= int(op[2]) < 2**64
-
-
 # Counts of work to build or do: a huge one (2**63 layers) is a request for endless work that
 # batchtune carries out as told until memory runs out, not a value it refuses (see
 # test_the_hang_guard_stops_a_run_and_shows_where). Left out of the fuzz, which would only hang.
@@ -213,7 +193,7 @@ def _endless(op: tuple) -> bool:
 
 
 def mutation(base: str, deep: bool = False) -> st.SearchStrategy[tuple]:
-    return _mutation(base, deep).filter(lambda op: not _known_bug(op) and not _endless(op))
+    return _mutation(base, deep).filter(lambda op: not _endless(op))
 
 
 @st.composite
@@ -489,13 +469,14 @@ def test_check_mutated_specs_and_overrides(data):
 # ------------------------------------------------------------------ bugs the fuzz found
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "batchtune bug: Spec.seed is an unbounded int, so seed=2**64 validates, then torch.manual_seed raises "
-    "ValueError('Overflow when unpacking long long') at batchtune/config/components.py:226 (build_model, from "
-    "cli.py:194 in validate; probe and check too): a traceback and exit 1 instead of one line and exit 2. "
-    "When fixed, drop this xfail and _known_bug."))
-def test_a_seed_outside_torchs_range_is_one_line_exit_2():
-    _judge(_invoke("validate", _write(BUILTIN_SPEC), f"seed={2**64}"), "validate")
+@pytest.mark.parametrize("override", [f"seed={2**64}", f"seed={-(2**63) - 1}", "trial_timeout=inf",
+                                      "trial_timeout=1e308", "sweep.max_seconds_per_trial=nan"])
+def test_values_torch_or_a_timer_cannot_take_are_spec_errors(override):
+    """A seed outside torch.manual_seed's range was a traceback; an infinite timeout an
+    OverflowError blamed on the model. Both are now refused by the spec, naming the key."""
+    result = _invoke("validate", _write(BUILTIN_SPEC), override)
+    _judge(result, "validate")
+    assert result.exit_code == 2 and override.split("=")[0] in result.output
 
 
 # ------------------------------------------------------------------ the fuzzers' own inputs

@@ -263,6 +263,11 @@ class ProbeSpec(_Strict):
         return value
 
 
+#: Seconds as a limit: positive and finite, at most ~115 days (a timer cannot be set past it;
+#: null is "no limit").
+Seconds = Annotated[float, Field(gt=0, le=1e7, allow_inf_nan=False)]
+
+
 class SweepSpec(_Strict):
     batch_sizes: list[PositiveInt] | None = None
     min_batch_size: PositiveInt = 8
@@ -287,7 +292,7 @@ class SweepSpec(_Strict):
     eval_samples: PositiveInt | None = 2048  # validation subset, the same for every trial
     target_loss: float | list[float] | None = None  # several: each gets its own ranking
     timing_warmup_steps: NonNegativeInt = 2
-    max_seconds_per_trial: PositiveFloat | None = None
+    max_seconds_per_trial: Seconds | None = None
     data_bound_share: float = Field(0.5, gt=0.0, le=1.0)
     noise_scale: bool = True
     divergence_factor: PositiveFloat = 3.0
@@ -309,7 +314,7 @@ class TrainSpec(_Strict):
 
 class CheckSpec(_Strict):
     steps: PositiveInt = 30
-    max_seconds: PositiveFloat = 60.0
+    max_seconds: Seconds = 60.0
     divergence_factor: PositiveFloat = 3.0
     data_warn_share: float = Field(0.3, gt=0.0, le=1.0)
     data_fail_share: float = Field(0.8, gt=0.0, le=1.0)
@@ -348,10 +353,10 @@ class Spec(_Strict):
     lr_scaling: Literal["linear", "sqrt", "none", "auto"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: DeviceSpec = Field(default_factory=DeviceSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     # Seconds a trial may go without finishing a training step (a forward that never
     # returns, a stuck data loader) before it is stopped; null: never.
-    trial_timeout: PositiveFloat | None = 600.0
+    trial_timeout: Seconds | None = 600.0
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     train: TrainSpec | None = None
