@@ -65,6 +65,24 @@ TimeoutOpt = Annotated[Optional[float], typer.Option(
                                        "stopped (default: the spec's trial_timeout, 600).")]
 
 
+EstimateOpt = Annotated[bool, typer.Option(
+    "--estimate", help="Predict peak memory from a training step traced with fake tensors: no training step, "
+                       "no device memory (the device need not be here).")]
+DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--device-memory", help="With --estimate: the target's memory, a size (80GiB) or a device name (h100-80gb, "
+                            "a100-40gb, l4, t4, ...). Default: device.memory_limit.", show_default=False)]
+ContextBytesOpt = Annotated[Optional[str], typer.Option(
+    "--context-bytes", help="With --estimate: device memory beside the tensors (CUDA context, library "
+                            "workspaces); default 1GiB on CUDA, 0 on the CPU simulation.", show_default=False)]
+
+
+def _estimate_options(estimate: bool, device_memory: str | None, context_bytes: str | None) -> bool:
+    """Whether to estimate; --device-memory and --context-bytes mean nothing without --estimate."""
+    if not estimate and (device_memory is not None or context_bytes is not None):
+        raise UsageError("--device-memory and --context-bytes go with --estimate")
+    return estimate
+
+
 def _with_timeout(overrides: list[str] | None, trial_timeout: float | None) -> list[str]:
     """The overrides, plus --trial-timeout as one (so it is validated and recorded like the spec's)."""
     return [*(overrides or []), *([f"trial_timeout={trial_timeout}"] if trial_timeout is not None else [])]
@@ -217,18 +235,35 @@ def init(
 
 @app.command()
 def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = Format.table,
-          quiet: QuietOpt = False, trial_timeout: TimeoutOpt = None) -> None:
-    """Find the largest batch that fits (the OOM ceiling) and a safe size with headroom."""
+          quiet: QuietOpt = False, trial_timeout: TimeoutOpt = None, estimate: EstimateOpt = False,
+          device_memory: DeviceMemoryOpt = None, context_bytes: ContextBytesOpt = None) -> None:
+    """Find the largest batch that fits (the OOM ceiling) and a safe size with headroom.
+
+    With --estimate, predict them from a traced step instead (exit 2 if the model cannot be
+    traced and --device-memory names another device; without it, the probe measures instead).
+    """
     with _user_errors():
+        estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
-        from batchtune.commands.probe import run_probe
+        from batchtune.commands.probe import run_probe, run_probe_estimate
         from batchtune.render.probe import render_probe
 
         setup_logging(quiet)
-        result = run_probe(spec)
+        result = _estimated(lambda: run_probe_estimate(spec, device_memory=device_memory,
+                                                       context_bytes=context_bytes)) if estimating else run_probe(spec)
         _echo(render_probe(result, fmt.value, spec.name))
     if result.ceiling is None:
         raise typer.Exit(EXIT_FAIL)
+
+
+def _estimated(run: Callable[[], Any]) -> Any:
+    """``run()``, its estimate errors (an unknown device, an untraceable model) as bad input."""
+    from batchtune.memory.estimate import EstimateError, EstimateInputError
+
+    try:
+        return run()
+    except (EstimateError, EstimateInputError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 @app.command()
@@ -441,25 +476,33 @@ def check(
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too (exit 1).")] = False,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
+    estimate: EstimateOpt = False,
+    device_memory: DeviceMemoryOpt = None,
+    context_bytes: ContextBytesOpt = None,
 ) -> None:
     """Pre-flight for a long job: fits, trains, data, critical batch, regression. Exit 0 pass, 1 fail, 2 bad input.
 
-    With $GITHUB_STEP_SUMMARY set, the markdown report is appended to it.
+    With --estimate, only fits, predicted from a traced step. With $GITHUB_STEP_SUMMARY set,
+    the markdown report is appended to it.
     """
     import os
 
     with _user_errors():
+        estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
-        from batchtune.commands.check import CheckInputError, run_check
+        from batchtune.commands.check import CheckInputError, run_check, run_check_estimate
         from batchtune.render.check import render_check
         from batchtune.render.run_folder import atomic_write
 
         if junit is not None:
             _rank0_check(lambda: _writable(junit, "--junit"))
         setup_logging(quiet)
+        measured = {"max_seconds": max_seconds, "baseline": baseline}
         try:
-            report = run_check(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
-                               baseline=baseline)
+            report = _estimated(lambda: run_check_estimate(
+                spec, batch_size=batch_size, accum_steps=accum_steps, device_memory=device_memory,
+                context_bytes=context_bytes, **measured)) if estimating else run_check(
+                spec, batch_size=batch_size, accum_steps=accum_steps, **measured)
         except CheckInputError as exc:
             raise UsageError(str(exc)) from None
         if _RANK != 0:

@@ -57,6 +57,7 @@ __all__ = [
     "regression_verdict",
     "resolve_batch",
     "run_check",
+    "run_check_estimate",
     "trains_verdict",
 ]
 
@@ -621,3 +622,71 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
     except TrialTimeout:  # between trials (a trial records its own)
         raise TrainingError(f"the check did not finish within its --max-seconds {state.budget:g}") from None
     return _report(state, results)
+
+
+def run_check_estimate(spec: Any, *, batch_size: int | None = None, accum_steps: int | None = None,
+                       device_memory: str | None = None, context_bytes: str | int | None = None,
+                       fallback: bool = True, **measured: Any) -> CheckReport:
+    """The fits verdict, predicted from one training step traced with fake tensors.
+
+    No training step runs and no device memory is used, so only ``fits`` is judged: the
+    other checks need training steps on the device. The verdict's figures say ``estimate``.
+
+    Args:
+        spec, batch_size, accum_steps: as for :func:`run_check`.
+        device_memory, context_bytes: the target (see :func:`batchtune.memory.estimate.resolve_target`).
+        fallback: when the model cannot be traced and ``device_memory`` names no other
+            device, run :func:`run_check` instead (with ``measured``), saying so in the notes.
+
+    Raises:
+        CheckInputError: the batch size cannot be used.
+        EstimateInputError: the device memory or context cannot be used.
+        EstimateError: the model cannot be traced, and there is no fallback.
+    """
+    from batchtune.config.spec import Spec, load_spec
+    from batchtune.engine.trial import prepare
+    from batchtune.memory.device import CPUBackend
+    from batchtune.memory.estimate import EstimateError, StepTracer, resolve_target
+    from batchtune.stats.scaling import spec_lr, spec_rule
+
+    started = time.perf_counter()
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    shape = resolve_batch(spec, batch_size, accum_steps)
+    target = resolve_target(spec, device_memory, context_bytes)
+    spec, components, _ = prepare(spec, CPUBackend())  # a stand-in: the spec's device may be a GPU not here
+    log.info("estimating %s at batch %s for %s ...", spec.name, _shape_text(shape), target.name)
+    try:
+        tracer = StepTracer(spec, components, target)
+        point = tracer.trace(shape.micro_batch_size, shape.accum_steps)
+    except EstimateError as exc:
+        if not fallback or device_memory is not None:
+            raise
+        log.warning("%s; checking with training steps instead", exc)
+        report = run_check(spec, batch_size=batch_size, accum_steps=accum_steps, **measured)
+        report.notes.insert(0, f"{exc}; checked with training steps instead")
+        return report
+    return CheckReport(
+        name=spec.name, checks=[_estimated_fits(spec, target, point)], shape=shape, lr=spec_lr(spec, shape.batch_size),
+        lr_rule=spec_rule(spec), base_lr=spec.optimizer.lr, base_batch_size=spec.base_batch_size,
+        seconds=time.perf_counter() - started, max_seconds=float(measured.get("max_seconds") or spec.check.max_seconds),
+        skipped=[], device={**target.describe(), "estimate_figures": tracer.summary()}, precision=spec.precision,
+        notes=["estimated from a training step traced with fake tensors, so only fits is checked: trains, data, "
+               "critical_batch and regression need training steps (batchtune check on the device)"]
+              + (["--baseline is not used by an estimate"] if measured.get("baseline") else []))
+
+
+def _estimated_fits(spec: Any, target: Any, point: Any) -> CheckResult:
+    """The fits verdict for a traced step: its peak against what the target leaves the tensors."""
+    from batchtune.render.text import format_bytes
+
+    capacity = target.capacity_bytes
+    fits = point.peak_bytes <= capacity
+    error = None if fits else (f"estimated peak {format_bytes(point.peak_bytes)} is above the "
+                               f"{format_bytes(capacity)} the tensors may use")
+    verdict = fits_verdict(fits, point.peak_bytes, capacity, spec.probe.headroom, error)
+    verdict.figures.update(estimate=True, compute_peak_bytes=point.compute_peak_bytes,
+                           optimizer_peak_bytes=point.optimizer_peak_bytes, micro_batch_size=point.micro_batch_size,
+                           accum_steps=point.accum_steps, allocator=target.allocator,
+                           context_bytes=target.context_bytes, total_bytes=target.total_bytes)
+    verdict.seconds = point.seconds
+    return verdict

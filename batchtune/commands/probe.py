@@ -20,7 +20,7 @@ from batchtune.render.text import format_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeResult", "ProbeTrial", "run_probe", "safe_size"]
+__all__ = ["ProbeResult", "ProbeTrial", "run_probe", "run_probe_estimate", "safe_size"]
 
 #: The confirmation runs at least this many optimizer steps, then a validation pass.
 MIN_CONFIRM_STEPS = 3
@@ -64,6 +64,7 @@ class ProbeResult:
     precision: str
     notes: list[str] = field(default_factory=list)
     confirm_steps: int | None = None  # optimizer steps the confirmation ran before its validation pass
+    estimate: dict[str, Any] | None = None  # strategy "estimate": the traced steps' figures (memory/estimate.py)
 
     @property
     def search_trials(self) -> int:
@@ -149,6 +150,110 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
                 "load": load}, precision=spec.precision, notes=notes,
     )
+
+
+def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_bytes: str | int | None = None,
+                       fallback: bool = True) -> ProbeResult:
+    """The ceiling and safe size predicted from training steps traced with fake tensors.
+
+    No training step runs and no device memory is used (``strategy`` is ``"estimate"``,
+    ``totals.steps`` 0); the search of :func:`run_probe` runs on the traced peaks instead.
+
+    Args:
+        spec: a :class:`~batchtune.config.spec.Spec`, or a path to a spec file.
+        device_memory: the target's memory, a size (``80GiB``) or a device name
+            (:data:`~batchtune.memory.estimate.DEVICE_MEMORY`); default the spec's limit.
+        context_bytes: memory beside the tensors (default 1 GiB on CUDA, 0 on the CPU simulation).
+        fallback: when the model cannot be traced and no ``device_memory`` names another
+            device, measure with :func:`run_probe` instead, saying so in the notes.
+
+    Raises:
+        EstimateInputError: the device memory or context cannot be used.
+        EstimateError: the model cannot be traced, and there is no fallback.
+    """
+    from batchtune.config.spec import Spec, load_spec
+    from batchtune.memory.estimate import EstimateError, EstimatedMemorySource, StepTracer, resolve_target
+
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    target = resolve_target(spec, device_memory, context_bytes)  # bad input fails before any work
+    spec, components = _estimate_setup(spec)
+    log.info("estimating %s for %s ...", spec.name, target.name)
+    try:
+        tracer = StepTracer(spec, components, target)
+        source = EstimatedMemorySource(tracer)
+        return _estimated_result(spec, source, components)
+    except EstimateError as exc:
+        if not fallback or device_memory is not None:
+            raise
+        log.warning("%s; measuring instead", exc)
+        result = run_probe(spec, components=components)
+        result.notes.insert(0, f"{exc}; measured with training steps instead")
+        return result
+
+
+def _estimate_setup(spec: Any) -> tuple[Any, Any]:
+    """(spec, components), without selecting the spec's device: an estimate needs none."""
+    from batchtune.engine.trial import prepare
+    from batchtune.memory.device import CPUBackend
+
+    spec, components, _ = prepare(spec, CPUBackend())  # a stand-in: the spec's device may be a GPU not here
+    return spec, components
+
+
+def _estimated_result(spec: Any, source: Any, components: Any) -> ProbeResult:
+    """Search the traced peaks, trace the safe size, and say what the estimate is."""
+    p, tracer, capacity = spec.probe, source.tracer, source.capacity_bytes
+    largest = p.max_batch_size
+    samples = len(components.train_set)
+    if samples < largest:  # as the measured probe: a larger batch would repeat samples
+        largest = max(align_down(samples, p.granularity), p.min_batch_size)
+    _, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
+    trials = [ProbeTrial(b, m.fits, point.peak_bytes, round(point.seconds, 4), 0, phase)
+              for (b, phase, m), point in zip(outcome.phases, tracer.points)]
+    model, safe, safe_peak = outcome.model, None, None
+    if outcome.ceiling is not None:
+        model = _step_model(tracer, outcome.ceiling, p) or model
+        safe = safe_size(outcome.ceiling, model, capacity, p.headroom, p.granularity, p.min_batch_size)
+        safe_peak = tracer.trace(safe).peak_bytes
+    return ProbeResult(
+        ceiling=outcome.ceiling, safe_batch_size=safe, power_of_two_batch_size=_power_of_two(safe, p.min_batch_size),
+        capacity_bytes=capacity, baseline_bytes=source.baseline_bytes, headroom=p.headroom,
+        granularity=p.granularity, strategy="estimate", capped=outcome.capped, memory_model=model,
+        predicted_ceiling=outcome.predicted_ceiling, safe_peak_bytes=safe_peak,
+        safe_headroom=1.0 - safe_peak / capacity if safe_peak is not None else None, confirmed=False,
+        confirm_val_loss=None, memory_returned=True, max_leaked_bytes=0, trials=trials,
+        device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
+        notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary())
+
+
+def _step_model(tracer: Any, ceiling: int, p: Any) -> MemoryModel | None:
+    """``peak(b) = fixed + per_sample·b`` of the whole step, fitted at a quarter, half and all of the
+    ceiling (its error says how straight the line is); None below two distinct sizes."""
+    from batchtune.memory.model import fit_memory_model
+
+    sizes = sorted({max(align_down(ceiling * share, p.granularity), p.min_batch_size) for share in (0.25, 0.5)}
+                   | {ceiling})
+    if len(sizes) < 2:
+        return None
+    traced = {point.batch_size: point.peak_bytes for point in tracer.points}
+    peaks = [traced[b] if b in traced else tracer.trace(b).peak_bytes for b in sizes]
+    return fit_memory_model(sizes, peaks)
+
+
+def _estimate_notes(target: Any, outcome: SearchOutcome, model: MemoryModel | None, data_capped: bool) -> list[str]:
+    notes = ["estimated from training steps traced with fake tensors: no step ran and no device memory was used; "
+             "batchtune probe on the device verifies it"]
+    if target.allocator == "cuda":
+        notes.append(f"CUDA allocator modelled as 512-byte blocks, plus {format_bytes(target.context_bytes)} for the "
+                     "CUDA context and library workspaces (--context-bytes); memory the allocator reserves beyond "
+                     "its allocated peak (fragmentation) is not modelled: the headroom has to cover it")
+    if model is not None and model.max_relative_error > 0.01:
+        notes.append(f"peak memory is not a straight line in the batch size up to the ceiling (up to "
+                     f"{model.max_relative_error:.1%} off the fit): the ceiling comes from traced steps, not the line")
+    if outcome.capped:
+        notes.append("the largest size searched fits: the device may hold more" + (
+            " (batches are capped at the training set's size)" if data_capped else "; raise probe.max_batch_size"))
+    return notes
 
 
 def _largest(components: Any, p: Any) -> tuple[int, str | None]:

@@ -201,6 +201,8 @@ def check_reason(check: Any) -> str:
     get = check.get if isinstance(check, dict) else lambda key: getattr(check, key)
     code, status, f = get("code"), get("status"), get("figures")
     text = _REASONS[code](f)
+    if f.get("estimate"):  # check --estimate: a traced step, not a measured one
+        text = f"estimated: {text}"
     if code.startswith("trains.") and status != "fail" and f.get("truncated"):
         text += f" (stopped after {f['steps']} of {f['steps_planned']} steps to stay within --max-seconds)"
     if code.startswith("regression.") and status == "fail" and f.get("spec_changes"):
@@ -253,7 +255,9 @@ def _check_dict(report: Any) -> dict[str, Any]:
 def _check_head(report: Any) -> str:
     where = device_text(report.device, report.device.get("capacity_bytes"))
     shape = format_shape(report.shape, "long")
-    return f"batchtune check: {report.name} — batch {shape}, lr {report.lr:.4g}, {where}, {report.precision}"
+    estimate = " (estimate: no training step ran)" if report.device.get("estimate") else ""
+    return (f"batchtune check{estimate}: {report.name} — batch {shape}, lr {report.lr:.4g}, {where}, "
+            f"{report.precision}")
 
 
 def _check_verdict(report: Any, strict: bool) -> str:

@@ -21,13 +21,17 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
     if result.ceiling is None:
         rows.append(("ceiling", "none: even the smallest batch size runs out of memory"))
         return rows
+    estimated = result.strategy == "estimate"
     if result.capped:
         rows.append(("ceiling", f"{result.ceiling}   (max_batch_size: the device may hold more)"))
+    elif estimated:
+        rows.append(("ceiling", f"{result.ceiling}   (estimated, exact to {g}: {result.ceiling} fits, "
+                                f"{result.ceiling + g} would run out of memory)"))
     else:
         rows.append(("ceiling", f"{result.ceiling}   (exact to {g}: {result.ceiling} fits, "
                                 f"{result.ceiling + g} runs out of memory)"))
     if result.safe_batch_size is not None:
-        detail = f"peak {format_bytes(result.safe_peak_bytes)}"
+        detail = f"{'estimated ' if estimated else ''}peak {format_bytes(result.safe_peak_bytes)}"
         if result.safe_headroom is not None:
             detail += f", {result.safe_headroom:.1%} of capacity free"
         detail += f"; headroom asked {result.headroom:.0%}"
@@ -42,12 +46,33 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
         rows.append(("memory model", f"peak(b) = {format_bytes(model.fixed_bytes)} + "
                                      f"{format_bytes(model.per_sample_bytes)} × b   ({fit} over {model.points} runs, "
                                      f"max error {model.max_relative_error:.2%})"))
+    if estimated and result.estimate:
+        rows.append(("estimate", _estimate_text(result.estimate)))
     return rows
 
 
+def _estimate_text(e: dict[str, Any]) -> str:
+    """What the estimate counted and what it cost: ``76,810 parameters (300.0 KiB), optimizer state ...``."""
+    allocator = (f"CUDA allocator: {e['block_bytes']}-byte blocks + {format_bytes(e['context_bytes'])} context"
+                 if e["allocator"] == "cuda" else "CPU simulation's byte count")
+    return (f"{e['parameters']:,} parameters ({format_bytes(e['parameter_bytes'])}), optimizer state "
+            f"{format_bytes(e['optimizer_state_bytes'])}; {allocator}; {e['traced_steps']} traced steps in "
+            f"{e['seconds']:.1f} s, process peak RSS {format_bytes(e['peak_rss_bytes'])}")
+
+
 def _trial_rows(result: Any) -> list[list[Any]]:
-    return [[i, t.phase, t.batch_size, "yes" if t.fits else "OOM", format_bytes(t.peak_bytes), f"{t.seconds:.2f}"]
+    no = "no" if result.strategy == "estimate" else "OOM"
+    return [[i, t.phase, t.batch_size, "yes" if t.fits else no, format_bytes(t.peak_bytes), f"{t.seconds:.2f}"]
             for i, t in enumerate(result.trials, 1)]
+
+
+def _totals(result: Any) -> str:
+    if result.strategy == "estimate":
+        e = result.estimate
+        return (f"{e['traced_steps']} traced steps ({result.search_trials} in the search), no training step, "
+                f"{e['seconds']:.1f} s (estimate: fake tensors, no device memory)")
+    return (f"{result.search_trials} search trials + {len(result.trials) - result.search_trials} confirmation, "
+            f"{result.total_steps} training steps, {result.total_seconds:.1f} s ({result.strategy} search)")
 
 
 _TRIAL_HEADERS = ["trial", "phase", "batch", "fits", "peak", "seconds"]
@@ -57,8 +82,7 @@ def render_probe(result: Any, fmt: str = "table", name: str = "") -> str:
     """Render a :class:`~batchtune.commands.probe.ProbeResult`."""
     if fmt == "json":
         return to_json(result.to_dict())
-    totals = (f"{result.search_trials} search trials + {len(result.trials) - result.search_trials} confirmation, "
-              f"{result.total_steps} training steps, {result.total_seconds:.1f} s ({result.strategy} search)")
+    totals = _totals(result)
     head = f"batchtune probe{': ' + name if name else ''} on {_device_line(result)}"
     if fmt == "markdown":
         lines = [f"### {head}", "", tabulate(_probe_summary(result), headers=["", "result"], tablefmt="github"), "",

@@ -1,0 +1,581 @@
+"""Peak memory per batch size without the device: one training step traced with fake tensors.
+
+The model is built under torch's ``FakeTensorMode``, so its parameters carry shapes, dtypes
+and storages but no data: a model larger than this machine's RAM costs next to nothing. A
+full training step of the spec's own workload (:class:`~batchtune.engine.workload.TrainStep`:
+forward under the spec's autocast, loss, backward, optimizer step with its lazily created
+state, fp16 loss scaling) then runs on fake batches of any size. No kernel computes and no
+byte of data is allocated, yet every op produces its outputs' storages, and the CPU
+backend's storage counter (a ``TorchDispatchMode`` keyed on storage identity, see
+:mod:`batchtune.memory.device`) counts them from creation until they are freed, exactly as
+it does in a measured trial.
+
+How the target's allocator is modelled (:class:`Target`):
+
+* ``cpu``: the CPU simulation's own counting, byte for byte (the shipped configs' device);
+* ``cuda``: the caching allocator rounds every request up to a multiple of 512 bytes
+  (``kMinBlockSize`` in ``c10/cuda/CUDACachingAllocator.cpp``; a zero-byte tensor takes
+  no block), and its ``allocated`` peak is the sum of those blocks. The optimizer runs its
+  ``foreach`` implementation, torch's default for CUDA parameters (a full-size temporary
+  per state tensor), not the per-parameter loop CPU tensors get. On top of the tensors,
+  :data:`CUDA_CONTEXT_BYTES` (``--context-bytes``) stands for what lives beside them.
+
+What the trace cannot see: kernels whose workspace depends on the real device (cuDNN
+convolution algorithms, cuBLASLt), attention kernels that save different tensors on
+another device (the CPU flash kernel's log-sum-exp against CUDA's flash or
+memory-efficient kernels), autocast's CUDA op lists (the trace uses CPU autocast's), and
+the caching allocator's segments: reserved memory beyond the allocated peak
+(fragmentation), which the probe's headroom has to cover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
+from torch.utils._pytree import tree_map
+from torch.utils.data import default_collate
+
+from batchtune.memory.device import _StorageCounter
+from batchtune.memory.search import Measurement
+from batchtune.memory.source import MemorySource
+
+__all__ = [
+    "CUDA_BLOCK_BYTES",
+    "CUDA_CONTEXT_BYTES",
+    "DEVICE_MEMORY",
+    "EstimateError",
+    "EstimateInputError",
+    "EstimatePoint",
+    "EstimatedMemorySource",
+    "StepTracer",
+    "Target",
+    "parse_device_memory",
+    "peak_rss_bytes",
+    "resolve_target",
+]
+
+_GiB = 2**30
+#: The CUDA caching allocator rounds each request up to a multiple of this (kMinBlockSize).
+CUDA_BLOCK_BYTES = 512
+#: Device memory a CUDA training process holds beside its tensors, by default. The CUDA
+#: context with lazy module loading (torch's default since 1.13) takes ~290-450 MiB
+#: (pytorch/pytorch#86509 measured 287 MB lazy against 667 MB eager; ptrblck in #107667 and
+#: #109888: "~300 MB", "around 400 MB"); the cuBLAS workspaces, allocated through the caching
+#: allocator, are 32 MiB per handle and stream on Hopper and Blackwell and 8.1 MiB before
+#: (``:4096:8`` and ``:4096:2:16:8`` in aten/src/ATen/cuda/CublasHandlePool.cpp), one for
+#: forward and one for autograd's backward thread; kernels loaded lazily by the step and
+#: cuDNN workspaces come on top. 1 GiB covers these with room to spare; measure yours
+#: (``mem_get_info`` used minus ``memory_allocated`` after a step) and pass it as --context-bytes.
+CUDA_CONTEXT_BYTES = 1 * _GiB
+
+#: Device memory as torch reports it (``total_memory``, the "total capacity" of its OOM
+#: messages), in GiB as those messages print it, from public issue threads. The driver and
+#: ECC keep the rest of the nameplate figure; the CUDA context comes off these (above).
+DEVICE_MEMORY: dict[str, int] = {name: int(gib * _GiB) for name, gib in {
+    "t4": 14.57,
+    "v100-16gb": 15.77,
+    "l4": 22.03,
+    "a10g": 22.06,
+    "rtx4090": 23.65,
+    "v100-32gb": 31.75,
+    "a100-40gb": 39.59,
+    "l40s": 44.4,
+    "h100-80gb": 79.11,
+    "a100-80gb": 79.15,
+    "h200": 139.80,
+}.items()}
+
+_SCALAR_READ = torch.ops.aten._local_scalar_dense.default
+
+
+class EstimateInputError(ValueError):
+    """A --device-memory or --context-bytes this estimate cannot use (the CLI exits 2)."""
+
+
+class EstimateError(RuntimeError):
+    """The training step cannot be traced with fake tensors (one line saying where and why)."""
+
+
+# ---------------------------------------------------------------------------- the target
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device an estimate is for: its memory, its allocator, and what lives beside the tensors."""
+
+    name: str  # "h100-80gb", "80.0 GiB", "cpu"
+    allocator: str  # "cuda" (512-byte blocks) | "cpu" (the CPU simulation's exact bytes)
+    total_bytes: int
+    context_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return CUDA_BLOCK_BYTES if self.allocator == "cuda" else 1
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What the tensors may take: the device's memory less the context."""
+        return self.total_bytes - self.context_bytes
+
+    def describe(self) -> dict[str, Any]:
+        """The device record a report shows (``device`` is "cpu" for the CPU simulation)."""
+        return {"device": "cpu" if self.allocator == "cpu" else "estimate", "name": f"{self.name}, estimated",
+                "estimate": True, "allocator": self.allocator, "total_bytes": self.total_bytes,
+                "context_bytes": self.context_bytes, "capacity_bytes": self.capacity_bytes}
+
+
+def _known_devices() -> str:
+    return ", ".join(f"{name} ({bytes_ / _GiB:.2f} GiB)" for name, bytes_ in DEVICE_MEMORY.items())
+
+
+def parse_device_memory(text: str) -> tuple[int, str | None]:
+    """``(bytes, device name or None)`` for ``--device-memory``: a size (``80GiB``) or a known device.
+
+    Raises:
+        EstimateInputError: neither; the message lists the known devices.
+    """
+    from batchtune.config.spec import parse_bytes
+
+    key = text.strip().lower().replace("_", "-")
+    if key in DEVICE_MEMORY:
+        return DEVICE_MEMORY[key], key
+    try:
+        return parse_bytes(text), None
+    except ValueError:
+        raise EstimateInputError(f"--device-memory {text!r} is neither a size (such as 80GiB) nor a known device; "
+                                 f"known devices: {_known_devices()}") from None
+
+
+def _context_bytes(text: str | int | None, allocator: str) -> int:
+    from batchtune.config.spec import parse_bytes
+
+    if text is None:
+        return CUDA_CONTEXT_BYTES if allocator == "cuda" else 0
+    if str(text).strip() in ("0", "0B"):
+        return 0
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise EstimateInputError(f"--context-bytes {text!r} is not a size (such as 1GiB, 512MiB or 0)") from None
+
+
+def resolve_target(spec: Any, device_memory: str | None = None, context_bytes: str | int | None = None) -> Target:
+    """The device a spec's estimate is for.
+
+    ``device_memory`` (a size or a device name) wins; else the spec's ``device.memory_limit``;
+    else this machine's CUDA card. The allocator is the CPU simulation's when the spec's
+    device is ``cpu`` and no device name was given, else CUDA's.
+
+    Raises:
+        EstimateInputError: no capacity anywhere, an unknown device name, or a context that
+            leaves no room for tensors.
+    """
+    from batchtune.render.text import format_bytes
+
+    name = None
+    if device_memory is not None:
+        total, name = parse_device_memory(device_memory)
+    else:
+        total = spec.device.limit_for_rank(0)
+        if total is None and spec.device.type != "cpu" and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            total, name = props.total_memory, props.name
+    if total is None:
+        raise EstimateInputError("no device memory to estimate against: give --device-memory, a size (such as "
+                                 f"80GiB) or a device ({', '.join(DEVICE_MEMORY)}), or set device.memory_limit")
+    allocator = "cpu" if spec.device.type == "cpu" and (device_memory is None or name is None) else "cuda"
+    context = _context_bytes(context_bytes, allocator)
+    if context >= total:
+        raise EstimateInputError(f"--context-bytes {format_bytes(context)} leaves nothing of the device's "
+                                 f"{format_bytes(total)} for tensors")
+    return Target(name or (spec.device.type if device_memory is None else format_bytes(total)),
+                  allocator, total, context)
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+def _round_up(nbytes: int, block: int) -> int:
+    return -(-nbytes // block) * block
+
+
+def _neutral_scalar(tensor: torch.Tensor) -> Any:
+    """What a value read returns while tracing bookkeeping: 1 (a step count, a scale), False."""
+    if tensor.dtype == torch.bool:
+        return False
+    return 1.0 if tensor.is_floating_point() else 1
+
+
+class _BlockCounter(_StorageCounter):
+    """The CPU backend's storage counter, each storage rounded up to the allocator's block.
+
+    While :attr:`lenient` (the optimizer step and the lr/loss-scale bookkeeping, never the
+    forward or backward) a read of a fake tensor's value returns 1 (or False): an optimizer
+    that reads its step count takes the same memory whatever the count. Elsewhere the read
+    fails, and the model is reported untraceable.
+    """
+
+    def __init__(self, block_bytes: int) -> None:
+        super().__init__(None)
+        self.block_bytes = block_bytes
+        self.lenient = False
+
+    def add(self, tensor: torch.Tensor, enforce: bool = True) -> None:
+        storage = self._storage(tensor)
+        if storage is None:
+            return
+        key = id(storage)
+        nbytes = _round_up(storage.nbytes(), self.block_bytes)
+        entry = self._live.get(key)
+        if entry is not None:
+            if entry[0] == nbytes:
+                return
+            self.current -= entry[0]  # resized in place (an out= op)
+        self._live[key] = (nbytes, weakref.ref(storage, lambda _, k=key: self._release(k)))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is _SCALAR_READ and self.lenient:
+            try:
+                return func(*args, **(kwargs or {}))
+            except DataDependentOutputException:
+                return _neutral_scalar(args[0])
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    @contextlib.contextmanager
+    def bookkeeping(self) -> Iterator[None]:
+        self.lenient = True
+        try:
+            yield
+        finally:
+            self.lenient = False
+
+
+def _storage_bytes(tensors: Any, block: int) -> int:
+    """Bytes of the distinct storages among ``tensors``, rounded to the allocator's block."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[id(storage)] = _round_up(storage.nbytes(), block)
+    return sum(seen.values())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far.
+
+    ``VmHWM`` where Linux gives it: ``ru_maxrss`` of a child process starts from its
+    parent's peak (the forked copy of the parent's memory counts until ``exec``).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+# ---------------------------------------------------------------------------- untraceable models
+
+
+def _where(exc: BaseException) -> str:
+    """``file.py:12`` of the innermost frame outside torch and this counting (the user's line), or ''."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors() -> Iterator[None]:
+    """FakeTensorMode logs a traceback for an op that fails (a shape mismatch): the error says it in one line."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _untraceable(exc: BaseException) -> EstimateError:
+    """One line: why fake tensors cannot run this step, and where."""
+    if isinstance(exc, DataDependentOutputException):
+        why = ("the training step reads a tensor's value (.item(), float(), bool(), .tolist() or an `if` on a "
+               "tensor), which a fake tensor does not have")
+    elif isinstance(exc, DynamicOutputShapeException):
+        why = (f"a tensor's shape depends on the data ({exc.func}: boolean-mask indexing, nonzero, unique, "
+               "masked_select ...)")
+    elif isinstance(exc, UnsupportedOperatorException):
+        why = f"{exc.func} has no fake-tensor implementation"
+    else:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    where = _where(exc)
+    return EstimateError(f"cannot estimate with fake tensors: {why}{f' (at {where})' if where else ''}")
+
+
+# ---------------------------------------------------------------------------- the traced step
+
+
+@dataclass
+class EstimatePoint:
+    """One traced training step: peak bytes in the target allocator's terms (context not included)."""
+
+    batch_size: int  # global: micro-batch × accumulation steps
+    micro_batch_size: int
+    accum_steps: int
+    peak_bytes: int  # the step's peak: forward/backward or optimizer, whichever is higher
+    compute_peak_bytes: int  # forward and backward (what grows with the batch)
+    optimizer_peak_bytes: int
+    seconds: float  # wall time of the trace
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Feed:
+    """Fake batches shaped like the data set's, one per ``next()``.
+
+    The last batch is kept until the next is made, as a training loop's batch variable
+    (and the probe's batch stream) keeps it through the optimizer step.
+    """
+
+    def __init__(self, sample: Any, micro_batch_size: int) -> None:
+        self.sample = sample
+        self.size = micro_batch_size
+        self.last: Any = None
+
+    def next(self) -> Any:
+        self.last = None
+        self.last = tree_map(lambda t: torch.empty((self.size, *t.shape[1:]), dtype=t.dtype)
+                             if isinstance(t, torch.Tensor) else t, self.sample)
+        return self.last
+
+
+class _Backend:
+    """What a workload asks of the trainer's backend: the device type (for autocast)."""
+
+    device = torch.device("cpu")
+
+    def sample(self) -> None:
+        pass
+
+
+@dataclass
+class _Trainer:
+    """The trainer attributes a :class:`~batchtune.engine.workload.TrainStep` reads."""
+
+    components: Any
+    precision: str
+    dist: Any
+    scale_carry: Any
+    backend: _Backend = field(default_factory=_Backend)
+
+
+class _TracedScaler(torch.amp.GradScaler):
+    """fp16's GradScaler with its two value reads fixed: every step is applied (so the
+    optimizer's state exists, as in a measured trial, which counts applied steps only)."""
+
+    def get_scale(self) -> float:
+        return float(self._init_scale)
+
+    def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: Any, *args: Any,
+                        **kwargs: Any) -> Any:
+        return optimizer.step(*args, **kwargs)
+
+
+class _TracedCarry:
+    """The trainer's loss-scale carry (``ScalerCarry``) for a traced step."""
+
+    def new_scaler(self) -> torch.amp.GradScaler:
+        return _TracedScaler("cpu")
+
+    def update(self, scaler: torch.amp.GradScaler) -> bool:
+        scaler.update()
+        return True
+
+
+def _prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """Use the foreach implementation where torch would choose it for CUDA parameters.
+
+    Fake parameters are not plain tensors, so torch picks the per-parameter loop for them;
+    on a CUDA card it picks foreach, whose temporaries span every parameter at once.
+    """
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused") \
+                and not group.get("differentiable"):
+            group["foreach"] = True
+
+
+def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """Parameters and buffers a factory made outside the fake mode (``torch.from_numpy``, a
+    loaded checkpoint) turned fake, shared ones still shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and not isinstance(p, FakeTensor):
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and not isinstance(b, FakeTensor):
+                module._buffers[name] = memo.setdefault(id(b), mode.from_tensor(b))
+    return model
+
+
+class StepTracer:
+    """One model built under fake tensors, and its training step traced at any batch size.
+
+    The optimizer's state is created by a first (warm-up) step and kept, as it is from the
+    second step of a real run on: every traced step after it holds the state throughout.
+
+    Args:
+        spec: the validated spec (seed, precision).
+        components: its built components (model factory, data, loss, optimizer).
+        target: the device whose allocator is modelled.
+        workload: the step to trace, ``workload(trainer, model, config)``; default the
+            engine's :class:`~batchtune.engine.workload.TrainStep`.
+
+    Raises:
+        SpecError: the model factory raised (as it would on the device).
+    """
+
+    def __init__(self, spec: Any, components: Any, target: Target, workload: Callable[..., Any] | None = None) -> None:
+        if workload is None:  # the one import from a layer above, lazy like backend_for_spec's
+            from batchtune.engine.workload import TrainStep as workload
+        self.spec, self.components, self.target, self.workload = spec, components, target, workload
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            self.model = _fake_parameters(components.build_model(spec.seed), self.mode)
+        self.counter = _BlockCounter(target.block_bytes)
+        tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
+        for t in tensors:
+            self.counter.add(t, enforce=False)
+        self.parameter_bytes = self.counter.current
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.sample = self._sample()
+        self._work: Any = None
+        self._accum = 0
+        self.points: list[EstimatePoint] = []
+
+    def _sample(self) -> Any:
+        """One collated training sample (real, tiny): the batches' structure, dtypes and shapes."""
+        try:
+            return default_collate([self.components.train_set[0]])
+        except Exception as exc:  # noqa: BLE001 - the user's data set
+            raise EstimateError(f"cannot estimate: reading the first training sample raised "
+                                f"{type(exc).__name__}: {exc}"[:300]) from exc
+
+    def _workload(self, accum_steps: int) -> Any:
+        """The step for this accumulation, with its optimizer (a new one drops the old one's state)."""
+        if self._work is None or self._accum != accum_steps:
+            from batchtune.engine.distributed import DistContext
+            from batchtune.engine.shape import BatchShape
+            from batchtune.engine.trial import TrialConfig
+
+            self._work = None
+            carry = _TracedCarry() if self.spec.precision == "fp16" else None
+            trainer = _Trainer(self.components, self.spec.precision, DistContext(), carry)
+            config = TrialConfig(BatchShape(1, accum_steps, 1), lr=self.spec.optimizer.lr, steps=2)
+            with self.mode:
+                self._work = self.workload(trainer, self.model, config)
+            if self.target.allocator == "cuda":
+                _prefer_foreach(self._work.optimizer)
+            self._accum, self._warm = accum_steps, False
+        return self._work
+
+    def trace(self, micro_batch_size: int, accum_steps: int = 1) -> EstimatePoint:
+        """Peak bytes of one training step at this micro-batch and accumulation.
+
+        Raises:
+            EstimateError: the step cannot run on fake tensors (see the message).
+        """
+        started = time.perf_counter()
+        feed = _Feed(self.sample, micro_batch_size)
+        try:
+            work = self._workload(accum_steps)
+            with _quiet_fake_tensors(), self.mode, self.counter:
+                if not self._warm:
+                    self._step(work, feed, 0)
+                    self._warm = True
+                compute, optimizer = self._step(work, feed, 1)
+        except EstimateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever stops the trace, said in one line
+            raise _untraceable(exc) from exc
+        finally:
+            feed.last = None
+        point = EstimatePoint(micro_batch_size * accum_steps, micro_batch_size, accum_steps, max(compute, optimizer),
+                              compute, optimizer, time.perf_counter() - started)
+        self.points.append(point)
+        return point
+
+    def _step(self, work: Any, feed: _Feed, step: int) -> tuple[int, int]:
+        """One step in the trainer's phases; the peaks of (forward and backward, optimizer step)."""
+        counter = self.counter
+        with counter.bookkeeping():
+            work.begin(step)
+        counter.peak = counter.current
+        loss = work.compute(feed, None)  # kept through the update, as the trainer keeps it
+        compute = counter.peak
+        counter.peak = counter.current
+        work.exchange(None)
+        with counter.bookkeeping():
+            work.update()
+        del loss
+        return compute, counter.peak
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer's state (0 before the first trace)."""
+        if self._work is None:
+            return 0
+        values = [v for s in self._work.optimizer.state.values() for v in s.values()]
+        return _storage_bytes(values, self.target.block_bytes)
+
+    def summary(self) -> dict[str, Any]:
+        """The estimate's own figures, for the report."""
+        return {"allocator": self.target.allocator, "block_bytes": self.target.block_bytes,
+                "context_bytes": self.target.context_bytes, "total_bytes": self.target.total_bytes,
+                "parameters": self.parameters, "parameter_bytes": self.parameter_bytes,
+                "optimizer_state_bytes": self.state_bytes(), "traced_steps": len(self.points),
+                "seconds": round(sum(p.seconds for p in self.points), 3), "peak_rss_bytes": peak_rss_bytes(),
+                "points": [p.to_dict() for p in self.points]}
+
+
+class EstimatedMemorySource(MemorySource):
+    """Peaks from traced steps, for the probe's ceiling search: free of any device.
+
+    A size fits when its whole step (optimizer included) fits the target's capacity; the
+    peak given to the memory model is the forward/backward one, as a measured trial gives.
+    """
+
+    def __init__(self, tracer: StepTracer) -> None:
+        self.tracer = tracer
+        self.capacity_bytes = tracer.target.capacity_bytes
+        self.baseline_bytes = tracer.parameter_bytes
+
+    def measure(self, batch_size: int) -> Measurement:
+        point = self.tracer.trace(batch_size)
+        return Measurement(point.peak_bytes <= self.capacity_bytes, point.compute_peak_bytes)
+

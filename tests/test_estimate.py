@@ -1,0 +1,222 @@
+"""Memory without the device: traced steps against the CPU simulation's measured peaks, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from batchtune.cli import app
+from batchtune.config.spec import load_spec
+from batchtune.engine.distributed import current
+from batchtune.engine.shape import BatchShape
+from batchtune.engine.trial import Trainer, prepare, trial_config
+from batchtune.memory.estimate import (
+    CUDA_CONTEXT_BYTES,
+    DEVICE_MEMORY,
+    EstimateError,
+    EstimateInputError,
+    StepTracer,
+    parse_device_memory,
+    peak_rss_bytes,
+    resolve_target,
+)
+
+runner = CliRunner()
+
+# config, precision, batch sizes: the measured peak of a probe trial (2 steps on the CPU
+# simulation) against one traced step. The acceptance bound is 3%; these land on the byte.
+ACCURACY = [
+    ("quickstart", "fp32", (32, 256, 3000)),
+    ("char_lm", "bf16", (8, 128)),
+    ("digits_cnn", "fp32", (8, 64, 512)),
+]
+
+
+def _measured_and_traced(name: str, precision: str, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    spec = load_spec(f"configs/{name}.yaml", ["device.memory_limit=null", f"precision={precision}"])
+    spec, components, backend = prepare(spec)
+    tracer = StepTracer(spec, components, resolve_target(spec, "1GiB"))
+    out = []
+    for b in sizes:
+        model = components.build_model(spec.seed)
+        backend.track(list(model.parameters()) + list(model.buffers()))
+        config = trial_config(spec, BatchShape(b), lr=spec.optimizer.lr, steps=spec.probe.steps_per_trial,
+                              grad_clip=None)
+        measured = Trainer(components, backend, spec.precision, current()).run(config, model=model).peak_bytes
+        del model
+        out.append((b, measured, tracer.trace(b).peak_bytes))
+    return out
+
+
+@pytest.mark.parametrize("name,precision,sizes", ACCURACY)
+def test_traced_peak_is_the_measured_peak_on_the_shipped_configs(name, precision, sizes):
+    for b, measured, traced in _measured_and_traced(name, precision, sizes):
+        assert abs(traced - measured) / measured <= 0.03, (name, b, measured, traced)
+        assert traced == measured, (name, b, measured, traced)  # what it does today: byte for byte
+
+
+def test_probe_estimate_finds_the_measured_ceiling_without_a_training_step():
+    # The measured probe of the quickstart: ceiling 3744, safe 3347 (README, benchmarks/README.md).
+    result = runner.invoke(app, ["probe", "configs/quickstart.yaml", "--estimate", "-f", "json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "estimate" and data["totals"]["steps"] == 0 and data["confirmed"] is False
+    assert data["ceiling"] == 3744 and data["safe_batch_size"] == 3347 and data["capacity_bytes"] == 16 * 2**20
+    assert data["estimate"]["allocator"] == "cpu" and data["estimate"]["context_bytes"] == 0
+    # parameters 76,810 × 4 B; AdamW keeps two moments of each plus a 4-byte step per tensor (6 of them)
+    assert data["estimate"]["parameter_bytes"] == 307240
+    assert data["estimate"]["optimizer_state_bytes"] == 2 * 307240 + 6 * 4
+    model = data["memory_model"]  # whole-step peaks at a quarter, half and all of the ceiling: a straight line
+    assert model["points"] == 3 and model["max_relative_error"] < 1e-4
+    # the measured trials' slope between batches 256 and 3000 is (13,628,036 - 2,016,452) / 2744 = 4231.6 B
+    assert model["per_sample_bytes"] == pytest.approx(4232, abs=1)
+
+
+def test_estimate_for_a_cuda_card_rounds_to_512_byte_blocks_and_leaves_the_context():
+    result = runner.invoke(app, ["probe", "configs/quickstart.yaml", "--estimate", "--device-memory", "t4",
+                                 "-f", "json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    # each parameter's storage rounded up: only the 10-float bias (40 B) is not a multiple of 512
+    assert data["estimate"]["parameter_bytes"] == 307240 - 40 + 512
+    assert data["capacity_bytes"] == DEVICE_MEMORY["t4"] - CUDA_CONTEXT_BYTES
+    assert data["estimate"]["context_bytes"] == 2**30 and data["device"]["name"] == "t4, estimated"
+    assert data["capped"] and data["ceiling"] == 16384  # the training set's size: 13.6 GiB holds far more
+
+
+def test_check_estimate_gives_a_fits_verdict_labelled_as_an_estimate():
+    ok = runner.invoke(app, ["check", "configs/quickstart.yaml", "--estimate", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert "estimated: peak 1.9 MiB of 16.0 MiB" in ok.stdout and "no training step ran" in ok.stdout
+    fail = runner.invoke(app, ["check", "configs/quickstart.yaml", "--estimate", "-b", "4000", "-f", "json", "-q"])
+    assert fail.exit_code == 1
+    data = json.loads(fail.stdout)
+    (fits,) = data["checks"]
+    assert fits["status"] == "fail" and fits["code"] == "fits.oom" and fits["figures"]["estimate"] is True
+    assert fits["reason"].startswith("estimated: out of memory")
+    assert fits["figures"]["peak_bytes"] > 16 * 2**20 and data["device"]["estimate_figures"]["traced_steps"] == 1
+
+
+def test_unknown_device_lists_the_known_ones():
+    result = runner.invoke(app, ["probe", "configs/quickstart.yaml", "--estimate", "--device-memory", "h100", "-q"])
+    assert result.exit_code == 2
+    assert "h100-80gb (79.11 GiB)" in result.stderr and "a100-40gb (39.59 GiB)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert runner.invoke(app, ["probe", "configs/quickstart.yaml", "--device-memory", "t4"]).exit_code == 2
+
+
+def test_device_memory_and_context_parsing():
+    assert parse_device_memory("H100_80GB") == (DEVICE_MEMORY["h100-80gb"], "h100-80gb")
+    assert parse_device_memory("80GiB") == (80 * 2**30, None)
+    spec = load_spec("configs/quickstart.yaml")
+    assert resolve_target(spec).capacity_bytes == 16 * 2**20  # the spec's own limit, CPU counting, no context
+    assert resolve_target(spec, "a100-40gb", "0").capacity_bytes == DEVICE_MEMORY["a100-40gb"]
+    with pytest.raises(EstimateInputError, match="leaves nothing"):
+        resolve_target(spec, "1GiB", "2GiB")
+    with pytest.raises(EstimateInputError, match="no device memory"):
+        resolve_target(load_spec("configs/quickstart.yaml", ["device.memory_limit=null"]))
+
+
+# ---------------------------------------------------------------------------- untraceable models
+
+
+class _ReadsAValue(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if x.abs().mean().item() > 0 else 0.5  # a value, not a shape: fake tensors have none
+        return self.net(x) * scale
+
+
+class _MasksByValue(_ReadsAValue):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        return h + 0 * h[h > 0].sum()  # the mask's size depends on the data
+
+
+def too_wide() -> nn.Module:
+    return nn.Linear(32, 4)  # the data has 16 features: a broken model, not an untraceable one
+
+
+def reads_a_value() -> nn.Module:
+    return _ReadsAValue()
+
+
+def masks_by_value() -> nn.Module:
+    return _MasksByValue()
+
+
+UNTRACEABLE = """\
+name: untraceable
+model: {target: "tests.test_estimate:%s"}
+data: {target: "tests.fixtures:tiny_data"}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 32
+device: {type: cpu, memory_limit: 200KiB}
+"""
+
+
+@pytest.mark.parametrize("factory,why,where", [
+    ("reads_a_value", "reads a tensor's value (.item()", "test_estimate.py:"),
+    ("masks_by_value", "shape depends on the data (aten.nonzero", "test_estimate.py:"),
+    ("too_wide", "RuntimeError: a and b must have same reduction dim", "components.py:"),  # torch frames skipped
+])
+def test_an_untraceable_model_is_one_line_and_exit_2_for_another_device(write_spec, capfd, factory, why, where):
+    spec = write_spec(UNTRACEABLE % factory)
+    result = runner.invoke(app, ["probe", str(spec), "--estimate", "--device-memory", "80GiB", "-q"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot estimate with fake tensors: ") and why in line
+    assert f"(at {where}" in line and "Traceback" not in result.output
+    assert "Traceback" not in capfd.readouterr().err  # nor from torch's own logging (a failed meta kernel)
+
+
+def test_an_untraceable_model_falls_back_to_measuring_on_its_own_device(write_spec):
+    spec = write_spec(UNTRACEABLE % "reads_a_value")
+    result = runner.invoke(app, ["probe", str(spec), "--estimate", "-f", "json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "model-guided" and data["totals"]["steps"] > 0 and data["ceiling"] > 0
+    assert "measured with training steps instead" in data["notes"][0] and ".item()" in data["notes"][0]
+
+
+# ---------------------------------------------------------------------------- larger than the machine
+
+
+def token_data(n: int = 64, block_size: int = 512, vocab_size: int = 256):
+    tokens = torch.randint(vocab_size, (n, block_size + 1), generator=torch.Generator().manual_seed(0))
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:]), TensorDataset(tokens[:8, :-1], tokens[:8, 1:])
+
+
+def test_a_billion_parameter_transformer_is_estimated_in_a_fraction_of_its_size(write_spec):
+    # 5 blocks of d_model 4096: 1.007e9 parameters, 4.0 GB of fp32 weights, 16 GB with grads
+    # and AdamW's moments. Built and trained under fake tensors, none of it exists.
+    spec = load_spec(write_spec("""\
+        name: lm-1b
+        model: {builtin: char_transformer, kwargs: {block_size: 512, d_model: 4096, n_layers: 5, n_heads: 32}}
+        data: {target: "tests.test_estimate:token_data"}
+        optimizer: {name: adamw, lr: 0.0003}
+        base_batch_size: 8
+        precision: bf16
+        device: {type: cuda}
+        """))
+    before = peak_rss_bytes()
+    from batchtune.commands.probe import _estimate_setup
+
+    spec, components = _estimate_setup(spec)
+    tracer = StepTracer(spec, components, resolve_target(spec, "h100-80gb"))
+    point = tracer.trace(4)
+    grown = peak_rss_bytes() - before
+    assert tracer.parameters > 1_000_000_000 and tracer.parameter_bytes > 4.0e9
+    assert tracer.state_bytes() > 8.0e9  # two fp32 moments per parameter
+    # parameters + grads + moments + the foreach update's full-size temporary, at least
+    assert point.optimizer_peak_bytes >= 5 * tracer.parameter_bytes
+    assert grown < 256 * 2**20, f"the process grew {grown / 2**20:.0f} MiB"
+
