@@ -421,6 +421,11 @@ def test_lr_standing_drives_the_bracket():
     rows = [_trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=1.0),
             _trial(16, 0, [(0, 0, 2.0), (30, 1.0, 0.5)], 1000, mult=2.0)]
     assert lr_standing(rows, {**HAND_META, "target_loss": 0.5})[16] == {1.0: "best", 2.0: "behind"}
+    # several targets: an lr keeps its best standing over them, so each target's fastest runs every seed
+    rows = [_trial(16, 0, [(0, 0, 2.0), (10, 1.0, 1.0), (60, 6.0, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (5, 0.5, 1.0), (60, 6.0, 0.7)], 1000, mult=2.0)]
+    assert lr_standing(rows, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: "best", 2.0: "best"}
+    assert lr_standing(rows, {**HAND_META, "target_loss": 0.5})[16] == {1.0: "best", 2.0: "short"}
 
 
 def test_recommendation_names_the_ranks():

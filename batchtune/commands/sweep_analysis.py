@@ -219,16 +219,32 @@ def _status(e: Entry) -> str:
 
 
 def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict[float, str]]:
-    """Each size's lrs judged at the (last) target: what the sweep's lr search decides from.
+    """Each size's lrs judged at every target: what the sweep's lr search decides from.
 
     Returns:
-        size → multiplier → ``best`` (the fastest, reaching the target), ``near`` (within
-        :data:`KEEP_LR` of it), ``behind``, ``short`` (did not reach the target; ``short-best``
-        when no lr of the size did and this one came closest), ``diverged`` or ``oom``.
+        size → multiplier → ``best`` (the fewest steps to a target, reaching it), ``near``
+        (within :data:`KEEP_LR` of it), ``behind``, ``short`` (did not reach the target;
+        ``short-best`` when no lr of the size did and this one came closest), ``diverged`` or
+        ``oom``. With several targets an lr stands as well as at its best target (the best lr
+        at a high loss is often larger than at a low one, and each target ranks on its own).
     """
     entries = _per_lr(rows)
     targets, _ = targets_for(entries, meta)
-    at = [_at_target(e, targets[-1] if targets else -math.inf) for e in entries]  # no target: nothing reached
+    out: dict[int, dict[float, str]] = {}
+    for target in targets or [-math.inf]:  # no target: nothing reached
+        for size, standing in _standing_at(entries, target).items():
+            merged = out.setdefault(size, {})
+            for mult, verdict in standing.items():
+                if mult not in merged or STANDINGS.index(verdict) < STANDINGS.index(merged[mult]):
+                    merged[mult] = verdict
+    return out
+
+
+STANDINGS = ("best", "near", "short-best", "behind", "short", "diverged", "oom")  # better first
+
+
+def _standing_at(entries: list[Entry], target: float) -> dict[int, dict[float, str]]:
+    at = [_at_target(e, target) for e in entries]
     best = {e["batch_size"]: e for e in _best_per_size(at)}
     out: dict[int, dict[float, str]] = {}
     for e in at:
