@@ -220,3 +220,31 @@ def test_a_billion_parameter_transformer_is_estimated_in_a_fraction_of_its_size(
     assert point.optimizer_peak_bytes >= 5 * tracer.parameter_bytes
     assert grown < 256 * 2**20, f"the process grew {grown / 2**20:.0f} MiB"
 
+
+
+
+def _prebuilt() -> nn.Module:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+    model[2].weight = model[0].weight  # tied: one parameter, one gradient
+    return model
+
+
+_PREBUILT = _prebuilt()  # built at import, outside any fake mode: real weights
+
+
+def prebuilt() -> nn.Module:
+    return _PREBUILT
+
+
+def test_weights_built_before_the_fake_mode_are_made_fake_and_stay_tied(write_spec):
+    spec = load_spec(write_spec(UNTRACEABLE % "prebuilt"))
+    from batchtune.commands.probe import _estimate_setup
+
+    spec, components = _estimate_setup(spec)
+    tracer = StepTracer(spec, components, resolve_target(spec))
+    assert tracer.parameters == 16 * 16 + 16 + 16 + 16 * 4 + 4  # the tied weight once
+    assert tracer.parameter_bytes == 4 * tracer.parameters
+    assert all(type(p) is nn.Parameter for p in _PREBUILT.parameters())  # the factory's module is left real
+    assert next(tracer.model.parameters()) is not _PREBUILT[0].weight
+    point = tracer.trace(8)
+    assert point.peak_bytes >= 4 * tracer.parameter_bytes  # parameters, gradients and AdamW's two moments

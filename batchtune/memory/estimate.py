@@ -31,6 +31,7 @@ the caching allocator's segments: reserved memory beyond the allocated peak
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import resource
@@ -429,19 +430,18 @@ def _prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
-    """Parameters and buffers a factory made outside the fake mode (``torch.from_numpy``, a
-    loaded checkpoint) turned fake, shared ones still shared."""
-    memo: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and not isinstance(p, FakeTensor):
-                if id(p) not in memo:
-                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
-                module._parameters[name] = memo[id(p)]
-        for name, b in list(module._buffers.items()):
-            if b is not None and not isinstance(b, FakeTensor):
-                module._buffers[name] = memo.setdefault(id(b), mode.from_tensor(b))
-    return model
+    """The model, or where its factory returned real weights (a module built beforehand and
+    kept), a copy of it whose parameters and buffers are fake, shared ones still shared.
+    The factory's own module is left as it was."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(isinstance(t, FakeTensor) for t in tensors):
+        return model
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = mode.from_tensor(b)
+    return copy.deepcopy(model, memo)
 
 
 class StepTracer:
