@@ -154,8 +154,10 @@ def _writable(path: Path, option: str) -> None:
     if not folder.is_dir():
         raise UsageError(f"{option}: cannot write {path}: no such folder {folder}")
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:  # a block written: a full disk fails here
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
         raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc} ({folder})") from None
 

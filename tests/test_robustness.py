@@ -155,6 +155,24 @@ def test_outputs_in_a_missing_folder_fail_before_any_work(write_spec, tmp_path, 
     assert not missing.exists()
 
 
+def test_a_full_disk_is_found_before_any_work(write_spec, tmp_path, monkeypatch):
+    """An empty file can still be created on a full disk: the check writes and syncs a block."""
+    import batchtune.commands.check as check_module
+    import batchtune.commands.noise as noise_module
+
+    monkeypatch.setattr(check_module, "run_check", _never_called)
+    monkeypatch.setattr(noise_module, "run_noise", _never_called)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    spec = write_spec()
+    _one_line_error(_cli("noise", spec, "--plot", tmp_path / "n.png"), "--plot", "No space left on device")
+    _one_line_error(_cli("check", spec, "-b", "8", "--junit", tmp_path / "j.xml"), "--junit", "No space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]  # nothing left behind
+
+
 def test_sweep_out_naming_a_file_fails_before_the_sweep(write_spec, tmp_path, monkeypatch):
     import batchtune.commands.sweep as sweep_module
 
