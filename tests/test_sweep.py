@@ -62,6 +62,7 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     for size in (8, 16, 32, 64):
         assert {0.5, 1.0, 2.0} <= first[size] and len(first[size]) <= 5  # the bracket, at most 2 extensions
         assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the lrs near the fastest
+    assert not any(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) for size in first.index)  # no refining
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
         assert mult in second[size]  # every ranked size ran its chosen lr on both seeds
@@ -417,6 +418,12 @@ def test_lr_standing_drives_the_bracket():
     assert _extension({0.5: "short", 1.0: "short-best", 2.0: "short"}) == 4.0
     assert _extension({0.5: "best", 1.0: "near", 2.0: "behind"}) == 0.25
     assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5, 1.0]
+    from batchtune.commands.sweep import _refinements
+
+    assert _refinements({0.5: "behind", 1.0: "best", 2.0: "near"}) == [0.707107, 1.414214]
+    assert _refinements({0.5: "behind", 0.707107: "best", 1.0: "near"}) == [0.594604, 0.840897]
+    assert _refinements({1.0: "best", 100000.0: "diverged"}) == []  # a far probe has no useful midpoint
+    assert _refinements({1.0: "best"}) == [] and _refinements({0.5: "short", 1.0: "short-best"}) == []
     # within a size lrs compare by steps (equal cost per step, and exactly repeatable), not wall time
     rows = [_trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=1.0),
             _trial(16, 0, [(0, 0, 2.0), (30, 1.0, 0.5)], 1000, mult=2.0)]
@@ -499,3 +506,11 @@ def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path
         assert r["evals"][-1][3] <= 1.0 < r["evals"][-2][3]  # the crossing was the last validation
         assert r["final_val_loss"] is None  # no loss at equal samples: it did not train that far
     assert result.recommendation is not None and result.recommendation["target_loss"] == 1.0
+
+
+def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_path):
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.seeds=1", "sweep.lr_refine=true"])
+    result = run_sweep(spec, out=tmp_path / "run")
+    tried = sorted(result.trials["lr_multiplier"])
+    best = result.summary.set_index("batch_size").loc[16, "lr_multiplier"]
+    assert len(tried) >= 4 and any(abs(m / best - 2**0.5) < 1e-3 or abs(best / m - 2**0.5) < 1e-3 for m in tried)

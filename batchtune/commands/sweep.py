@@ -149,8 +149,9 @@ class _Sweep:
 
         The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
         more multipliers per size where the bracket's edge was fastest (or everything
-        diverged); the other seeds run each size at the lrs near its fastest. Every decision is
-        a pure function of the first seed's rows, so a resumed sweep makes the same ones.
+        diverged), then (``lr_refine``) the half-steps either side of each fastest lr; the
+        other seeds run each size at the lrs near its fastest. Every decision is a pure
+        function of the first seed's rows, so a resumed sweep makes the same ones.
         """
         from batchtune.engine.trial import Trainer
 
@@ -163,6 +164,8 @@ class _Sweep:
             if not more:
                 break
             self._run_all(more)
+        if self.meta.get("lr_refine"):
+            self._run_all([(first, m, c) for c in self.shapes() for m in _refinements(self._standing(first, c))])
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() for m in _kept(self._standing(first, c))])
 
@@ -271,6 +274,23 @@ def _extension(standing: dict[float, str]) -> float | None:
     if not any(v in ("best", "near") for v in standing.values()) and top != "diverged":
         return mults[-1] * up
     return None
+
+
+def _refinements(standing: dict[float, str]) -> list[float]:
+    """The geometric midpoints between each fastest lr (at any target) and its tried neighbours,
+    not tried yet: a bracket of ×2 steps can miss the best lr by up to √2, and on a task's
+    flat-bottomed valley that alone costs 10–25% of the time to target."""
+    mults = sorted(standing)
+    out = []
+    for i, m in enumerate(mults):
+        if standing[m] != "best":
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(mults) and max(m, mults[j]) <= 4 * min(m, mults[j]):  # neighbours, not a far probe
+                mid = round(math.sqrt(m * mults[j]), 6)
+                if all(abs(mid / t - 1) > 0.02 for t in mults + out):
+                    out.append(mid)
+    return sorted(out)
 
 
 def _kept(standing: dict[float, str]) -> list[float]:
@@ -438,6 +458,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
+        "lr_refine": sw.lr_search and sw.lr_refine,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
         "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,

@@ -428,7 +428,7 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
     off = [e for e in qualified if e["lr_multiplier"] != 1.0]
     if not off:
         return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's"]
-    above = ", ".join(f"×{e['lr_multiplier']:g} at {e['batch_size']}" for e in off)
+    above = ", ".join(f"×{e['lr_multiplier']:.3g} at {e['batch_size']}" for e in off)
     top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
     where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold: "
     return [where + f"the fastest lr elsewhere was the rule's {above}"]

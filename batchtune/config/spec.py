@@ -286,6 +286,7 @@ class SweepSpec(_Strict):
     lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     lr_search: bool = True  # false: one lr per size, the rule's (lr_multipliers ignored)
     lr_extensions: NonNegativeInt = 2  # times a bracket may grow past its edge by its outer ratio
+    lr_refine: bool = False  # then try the midpoints either side of each size's fastest lr (+70% trials)
     seeds: PositiveInt = 3
     eval_points: PositiveInt = 8  # validations at the same sample counts for every size
     evals_per_doubling: NonNegativeInt = 4  # and on a log grid of steps, to resolve each crossing

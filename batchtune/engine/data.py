@@ -44,7 +44,7 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 
 
     Under several ranks each takes its own shard of one shared shuffle. An in-memory
     ``TensorDataset`` is indexed once per batch, as a careful user's loop would, instead of
-    fetching and collating sample by sample (13–107× faster per batch at 32–2048 samples of
+    fetching and collating sample by sample (12–113× faster per batch at 32–2048 samples of
     32 floats: benchmarks/README.md).
     """
     if _indexable(dataset, num_workers):
