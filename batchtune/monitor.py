@@ -22,6 +22,26 @@ the reading. batchtune's own trainer drives it; so can a hand-written loop::
         optimizer.zero_grad(set_to_none=True)
     print(monitor.reading())
 
+**In your own loop** pass the model itself: the monitor then arms its hooks on its own, and
+the loop's only call is :meth:`NoiseScaleMonitor.step` after the last backward of each
+optimizer step, before clipping and ``optimizer.step()``::
+
+    monitor = NoiseScaleMonitor(model, micro_batch_size=32, accum_steps=4)
+    for step in range(steps):
+        for x, y in micro_batches:                  # accum_steps of them, loss / accum_steps
+            (loss_fn(model(x), y) / accum_steps).backward()
+        monitor.step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    reading = monitor.reading()                     # b_simple, low, high (90% band), steps
+
+Two batch sizes come from what the loop already does (see :class:`NoiseScaleMonitor` for the
+three cases): each backward pass against the accumulated step, each rank's local gradient
+against the all-reduced one (DDP), and with one backward on one process each example against
+the batch (per-example gradient norms of the ``nn.Linear`` layers, from their inputs and
+output gradients). Hooks never change a gradient, so training is bit-identical with and
+without the monitor.
+
 With one accumulation step on one process there is no second batch size inside a step:
 measured steps must run their batch as two halves (:attr:`NoiseScaleMonitor.splits_batches`).
 Under several ranks the small batch is one rank's local gradient and the big one the
@@ -32,15 +52,18 @@ sides of the reduction (:meth:`NoiseScaleMonitor.before_reduce`, then :meth:`ste
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 
-from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, noise_batch_sizes,
-                                   unbiased_estimates)
+from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
+                                   noise_batch_sizes, unbiased_estimates)
 
-__all__ = ["NoiseScaleMonitor"]
+__all__ = ["MODULE_EVERY", "NoiseScaleMonitor"]
+
+MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
 
 
 class Ranks(Protocol):
@@ -60,25 +83,58 @@ class NoiseScaleMonitor:
     Hooks exist only during a measured step (:meth:`begin` to :meth:`step`): between
     measurements the loop runs at full speed.
 
+    Given a module instead of parameters, the monitor drives itself and the loop calls only
+    :meth:`step`, once per optimizer step (it arms its hooks at the end of the step before a
+    measured one). The two batch sizes are then, by the shape of the step:
+
+    * ``accum_steps >= 2``: each backward pass (``micro_batch_size`` examples, seen by
+      parameter hooks) against the accumulated ``.grad`` (``micro_batch_size × accum_steps
+      × world_size``). The loss is taken to be divided by ``accum_steps``, as Hugging Face
+      and Lightning do; B_simple does not depend on it (only ``g2`` and ``trace_sigma`` do).
+    * several ranks (DDP, ``torch.distributed`` initialised, or ``world_size``): the same
+      hooks see each rank's local gradient before the reduction, ``.grad`` holds the
+      all-reduced one. Each rank reads its own micro-batches; log rank 0's reading.
+    * one backward on one process: each example against the batch. Forward hooks on every
+      ``nn.Linear`` whose parameters no other module shares keep its input; a hook on its
+      output gradient turns both into per-example squared gradient norms
+      (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
+      sequences). B_simple is then that of those layers' parameters (exact for a model of
+      Linear layers); ``max_examples`` caps the examples per measured step whose norms are
+      computed (the batch gradient always uses them all). Each such layer must run once
+      per forward pass (a layer applied twice would need cross terms; the step is skipped).
+
     Args:
-        params: the parameters whose gradients are measured (``model.parameters()``).
+        params: the parameters whose gradients are measured (``model.parameters()``), or
+            the model itself for a monitor that drives itself (only :meth:`step` is called).
         micro_batch_size: examples per backward pass on one rank (before any halving).
         accum_steps: backward passes accumulated into one optimizer step.
-        every: measure steps ``every - 1``, ``2·every - 1``, ... (1: every step).
+        every: measure steps ``every - 1``, ``2·every - 1``, ... (1: every step). None: 1 given
+            parameters, :data:`MODULE_EVERY` (8) given a module: a measured step cost 5-38%
+            more than another on small CPU models, i.e. 0.6-4.7% at every 8th
+            (``benchmarks/monitor_overhead.py``; the per-example path costs the most).
         ema_decay: smoothing of the estimator (see :class:`NoiseScaleEstimator`).
         confidence: coverage of the reported band.
         ranks: the data-parallel ranks (a ``DistContext``); None for one process.
+        world_size: ranks for a monitor given a module; None reads ``torch.distributed``.
+        max_examples: per-example norms on at most this many examples of a measured step
+            (module given, one backward pass, one process); None for all.
 
     Raises:
         ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), or an
             argument is out of range.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], *, micro_batch_size: int, accum_steps: int = 1,
-                 every: int = 1, ema_decay: float = 0.99, confidence: float = 0.9,
-                 ranks: Ranks | None = None) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter] | torch.nn.Module, *, micro_batch_size: int,
+                 accum_steps: int = 1, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
+                 ranks: Ranks | None = None, world_size: int | None = None,
+                 max_examples: int | None = None) -> None:
+        self._auto: _AutoMeasure | None = None
+        if isinstance(params, torch.nn.Module):
+            self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)
+            params, ranks = params.parameters(), None
+        every = (MODULE_EVERY if self._auto is not None else 1) if every is None else every
         world_size = ranks.world_size if ranks is not None and ranks.enabled else 1
-        if not self.can_measure(micro_batch_size, accum_steps, world_size):
+        if self._auto is None and not self.can_measure(micro_batch_size, accum_steps, world_size):
             raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
                              f"micro_batch_size={micro_batch_size} must be even and at least 2")
         if every < 1:
@@ -92,7 +148,11 @@ class NoiseScaleMonitor:
         self._ranks = ranks if world_size > 1 else None
         self._norms: MicroBatchGradNorms | None = None
         self._local_sq_norm: float | None = None
-        if self._ranks is None:
+        self.steps_seen = 0  # optimizer steps seen by step() of a monitor given a module
+        if self._auto is not None:
+            self.batch_sizes = self._auto.batch_sizes
+            self._auto.arm_if(self.due(0))
+        elif self._ranks is None:
             self.batch_sizes = noise_batch_sizes(micro_batch_size, accum_steps)
         else:
             per_rank = micro_batch_size * accum_steps
@@ -138,27 +198,54 @@ class NoiseScaleMonitor:
     def step(self, grad_multiplier: float = 1.0) -> None:
         """Fold the measured step in: after the last backward (and the reduction), before clipping.
 
+        A monitor given a module is called on every optimizer step; it folds in the steps
+        it armed for and arms for the next one when that is due.
+
         Args:
             grad_multiplier: ``m`` such that ``m × .grad`` is the gradient of the step's mean
                 loss (``1 / S`` under a GradScaler at scale ``S`` before unscaling).
         """
+        if self._auto is not None:
+            self._auto_step(grad_multiplier)
+            return
         if self._ranks is not None:
             small, self._local_sq_norm = self._local_sq_norm, None
             big = _grad_sq_norm(self.params) * grad_multiplier**2
         else:
             small, big = self._norms.small_and_big(grad_multiplier=grad_multiplier)
             self.close()
-        self.estimator.update(small, big, *self.batch_sizes)
+        self._fold(small, big, self.batch_sizes)
+
+    def _fold(self, small: float, big: float, batch_sizes: tuple[int, int]) -> None:
+        self.estimator.update(small, big, *batch_sizes)
         self.measured_steps += 1
-        g2, trace_sigma = unbiased_estimates(small, big, *self.batch_sizes)
+        g2, trace_sigma = unbiased_estimates(small, big, *batch_sizes)
         self.last = (g2, trace_sigma) if math.isfinite(g2) and math.isfinite(trace_sigma) else None
 
+    def _auto_step(self, grad_multiplier: float) -> None:
+        measured = self._auto.collect(grad_multiplier)
+        if measured is not None:
+            small, big, batch_sizes = measured
+            self._fold(small, big, batch_sizes)
+        self.steps_seen += 1
+        self._auto.arm_if(self.due(self.steps_seen))
+
     def reading(self) -> NoiseScaleEstimate:
-        """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step)."""
+        """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step).
+
+        ``steps`` counts the measured steps folded in; the EMA weighs the last
+        ``~1 / (1 - ema_decay)`` of them, i.e. about ``every / (1 - ema_decay)`` optimizer
+        steps (:attr:`steps_seen` counts those for a monitor given a module).
+        """
         return self.estimator.estimate()
 
     def close(self) -> None:
-        """Remove the hooks (after an interrupted step too); idempotent."""
+        """Remove the hooks (after an interrupted step too); idempotent.
+
+        A monitor given a module re-arms at its next :meth:`step` when a measurement is due.
+        """
+        if self._auto is not None:
+            self._auto.disarm()
         if self._norms is not None:
             self._norms.remove()
             self._norms = None
@@ -171,3 +258,213 @@ def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
         if p.grad is not None:
             total += float(p.grad.detach().double().pow(2).sum())
     return total
+
+
+# ------------------------------------------------------------------ a monitor given a module
+class _AutoMeasure:
+    """The hooks of a monitor given a module: armed for a measured step, read by its step()."""
+
+    def __init__(self, model: torch.nn.Module, micro_batch_size: int, accum_steps: int,
+                 world_size: int | None, max_examples: int | None) -> None:
+        if accum_steps < 1 or micro_batch_size < 1:
+            raise ValueError(f"accum_steps and micro_batch_size must be >= 1; found {accum_steps=}, "
+                             f"{micro_batch_size=}")
+        self.model = model
+        self.accum_steps = accum_steps
+        self.world_size = _world_size() if world_size is None else world_size
+        self.per_example = accum_steps == 1 and self.world_size == 1
+        self.max_examples = max_examples
+        self._armed: _PassNorms | _PerExampleNorms | None = None
+        self._warned = False
+        if self.per_example:
+            if micro_batch_size < 2:
+                raise ValueError(f"per-example norms need at least 2 examples; found {micro_batch_size=}")
+            self.layers = _per_example_layers(model)
+            if not self.layers:
+                raise ValueError("one backward pass per step on one process measures per-example norms of "
+                                 "nn.Linear layers, and this model has none whose parameters are its own; "
+                                 "use accum_steps >= 2")
+            self.batch_sizes = (1, micro_batch_size)
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.batch_sizes = (micro_batch_size, micro_batch_size * accum_steps * self.world_size)
+
+    def arm_if(self, due: bool) -> None:
+        """Register the hooks for the coming step when it is to be measured."""
+        if due and self._armed is None:
+            self._armed = (_PerExampleNorms(self.layers, self.max_examples) if self.per_example
+                           else _PassNorms(self.params))
+
+    def disarm(self) -> None:
+        if self._armed is not None:
+            self._armed.remove()
+            self._armed = None
+
+    def collect(self, grad_multiplier: float) -> tuple[float, float, tuple[int, int]] | None:
+        """(s_small, s_big, batch sizes) of the step just run, or None when it was not measured."""
+        armed, self._armed = self._armed, None
+        if armed is None:
+            return None
+        armed.remove()
+        problem = armed.problem(self.accum_steps)
+        if problem is not None:
+            self._warn_once(problem)
+            return None
+        m2 = grad_multiplier * grad_multiplier
+        if isinstance(armed, _PerExampleNorms):
+            small, big, batch = armed.small_and_big()
+            return small * m2, big * m2, (1, batch)
+        small = armed.total() / self.accum_steps * self.accum_steps**2  # each pass's loss was / accum_steps
+        # one process: .grad as the last backward left it, so clipping before step() does no harm;
+        # across ranks .grad is all-reduced only after backward: step() must come before clipping
+        big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(self.params)
+        return small * m2, big * m2, self.batch_sizes
+
+    def _warn_once(self, problem: str) -> None:
+        if not self._warned:
+            warnings.warn(f"noise scale: a measured step was skipped: {problem} (warned once)",
+                          RuntimeWarning, stacklevel=4)
+            self._warned = True
+
+
+class _PassNorms:
+    """Each backward pass's own squared gradient norm, summed over passes and parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self._norms: list[torch.Tensor] = []
+        self._calls = [0] * len(params)
+        self._accumulated: dict[int, torch.Tensor] = {}  # |.grad|² after each parameter's latest pass
+        self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
+        self._handles += [p.register_post_accumulate_grad_hook(self._after(i)) for i, p in enumerate(params)]
+
+    def _hook(self, index: int):
+        def record(grad: torch.Tensor) -> None:
+            self._norms.append(_sq_norm(grad))
+            self._calls[index] += 1
+        return record
+
+    def _after(self, index: int):
+        def record(param: torch.nn.Parameter) -> None:
+            self._accumulated[index] = _sq_norm(param.grad)
+        return record
+
+    def last_pass_sq_norm(self) -> float:
+        """|.grad|² as the last backward pass left it (before any clipping), float64."""
+        return float(_sum(list(self._accumulated.values()))) if self._accumulated else 0.0
+
+    def problem(self, accum_steps: int) -> str | None:
+        passes = max(self._calls, default=0)
+        if passes != accum_steps:
+            return f"{passes} backward passes for accum_steps={accum_steps}"
+        return None
+
+    def total(self) -> float:
+        """Σ over passes of |g_pass|², in float64 (tensor hooks see a parameter once per pass)."""
+        return float(_sum(self._norms)) if self._norms else 0.0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _PerExampleNorms:
+    """Per-example squared gradient norms of nn.Linear layers, from inputs and output gradients.
+
+    A layer's output gradient row ``δ_n`` and input row ``a_n`` give example n's weight
+    gradient ``δ_nᵀa_n``; its squared norm needs no per-example gradient in memory.
+    ``.grad`` is the sum of the per-example contributions whatever the loss's reduction, so
+    ``N²·mean_n |c_n|²`` against ``|.grad|²`` are the norms at batch sizes 1 and N.
+    """
+
+    def __init__(self, layers: list[torch.nn.Linear], max_examples: int | None) -> None:
+        self.layers = layers
+        self.max_examples = max_examples
+        self._calls: dict[torch.nn.Linear, int] = {}
+        self._per_example: dict[torch.nn.Linear, torch.Tensor] = {}
+        self._batch: set[int] = set()
+        self._accumulated: dict[torch.nn.Parameter, torch.Tensor] = {}  # |.grad|² before any clipping
+        self._handles = [layer.register_forward_hook(self._forward) for layer in layers]
+        self._handles += [p.register_post_accumulate_grad_hook(self._after) for layer in layers
+                          for p in layer.parameters() if p.requires_grad]
+
+    def _after(self, param: torch.nn.Parameter) -> None:
+        self._accumulated[param] = _sq_norm(param.grad)
+
+    def _forward(self, module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        self._calls[module] = self._calls.get(module, 0) + 1
+        a, has_bias = inputs[0].detach(), module.bias is not None and module.bias.requires_grad
+        self._batch.add(a.shape[0] if a.dim() > 1 else 1)
+
+        def record(grad: torch.Tensor) -> None:
+            self._per_example[module] = _linear_per_example_sq_norms(a, grad, has_bias, self.max_examples)
+        output.register_hook(record)
+
+    def problem(self, accum_steps: int) -> str | None:
+        """Why the step cannot be read: a layer run twice, no layer run, or mixed batch sizes.
+
+        Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
+        the attention uses directly) are left out of both norms.
+        """
+        twice = [type(m).__name__ for m, calls in self._calls.items() if calls > 1]
+        if twice:
+            return f"nn.Linear layers run more than once in a step ({', '.join(twice)})"
+        if not self._per_example or set(self._per_example) != set(self._calls):
+            return "no nn.Linear layer ran forward and backward in the step"
+        if len(self._batch) != 1 or min(self._batch) < 2:
+            return f"inconsistent or single-example batches {sorted(self._batch)}"
+        return None
+
+    def small_and_big(self) -> tuple[float, float, int]:
+        (batch,) = self._batch
+        per_example = torch.stack(list(self._per_example.values())).sum(0)
+        small = float(per_example.mean()) * batch * batch
+        params = [p for layer in self._per_example for p in layer.parameters() if p.requires_grad]
+        big = float(_sum([self._accumulated[p] for p in params if p in self._accumulated]))
+        return small, big, batch
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,
+                                 max_examples: int | None) -> torch.Tensor:
+    """Σ over the layer's parameters of each example's squared gradient norm, float64, shape (m,)."""
+    if a.dim() == 1:
+        a, grad = a[None], grad[None]
+    m = a.shape[0] if max_examples is None else min(a.shape[0], max_examples)
+    a = a[:m].reshape(m, -1, a.shape[-1]).float()
+    g = grad.detach()[:m].reshape(m, -1, grad.shape[-1]).float()
+    if a.shape[1] == 1:
+        sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
+    else:  # |Σ_t δ_t a_tᵀ|² = Σ_ts (a_t·a_s)(δ_t·δ_s)
+        sq = (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2))
+    if has_bias:
+        sq = sq + g.sum(1).square().sum(1)
+    return sq.double()
+
+
+def _per_example_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The nn.Linear layers with trainable weights that no other module shares (a tied weight's
+    gradient has contributions the layer's hooks cannot see)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+            and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))]
+
+
+def _blocked_grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """|g|² over all gradients: float32 blocks summed in float64 (see ``MicroBatchGradNorms``)."""
+    norms = [_sq_norm(p.grad) for p in params if p.grad is not None]
+    return float(_sum(norms)) if norms else 0.0
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -104,3 +104,157 @@ def test_close_removes_the_hooks_of_an_interrupted_step():
     monitor.close()  # e.g. the backward pass ran out of memory
     assert not model.weight._backward_hooks and monitor.measured_steps == 0
     monitor.close()  # idempotent
+
+
+# ------------------------------------------------------------ a monitor given the module
+def _loop(model, sample, *, micro, accum, steps, monitor=None, optimizer=None, clip=None, clip_first=False):
+    """The user's loop: accum backward passes (loss / accum), step(), optional clipping, update.
+
+    ``clip_first`` clips before ``step()``, as the Hugging Face Trainer does before its callbacks.
+    """
+    losses = []
+    for _ in range(steps):
+        for _ in range(accum):
+            x, y = sample(micro)
+            loss = 0.5 * (model(x).squeeze(-1) - y).square().mean() / accum
+            loss.backward()
+            losses.append(loss.item())
+        if clip is not None and clip_first:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if monitor is not None:
+            monitor.step()
+        if clip is not None and not clip_first:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return losses
+
+
+@pytest.mark.parametrize("micro,accum", [(32, 4), (16, 2), (64, 1)])
+def test_a_loop_that_only_calls_step_recovers_the_analytic_noise_scale(micro, accum):
+    """Passes against the step at accum >= 2, per-example norms against the batch at accum 1."""
+    d, sigma, delta, steps = 20, 1.0, 1.0, 800
+    model, sample = _linreg(d, sigma, delta)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=micro, accum_steps=accum, every=1)
+    # lr 0; clipping before step() does no harm on one process: the hooks read .grad before it
+    _loop(model, sample, micro=micro, accum=accum, steps=steps, monitor=monitor, clip=1e-3, clip_first=True)
+    reading = monitor.reading()
+    truth = d * (1 + sigma**2 / delta**2) + 1
+    assert monitor.batch_sizes == ((1, 64) if accum == 1 else (micro, micro * accum))
+    assert monitor.steps_seen == reading.steps == steps
+    assert reading.reliable and reading.b_simple == pytest.approx(truth, rel=0.15)
+    # a 90% band misses one draw in ten; twice its half-width (3.3 sigma) must hold the truth
+    assert abs(reading.b_simple - truth) <= reading.high - reading.low
+
+
+@pytest.mark.parametrize("accum", [2, 1])
+def test_the_monitor_never_changes_training(accum):
+    """Losses and weights bit-identical with and without it (SGD with momentum, clipping after step())."""
+    runs = []
+    for with_monitor in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        gen = torch.Generator().manual_seed(1)
+
+        def sample(n):
+            x = torch.randn(n, 6, generator=gen)
+            return x, x.sum(1) + torch.randn(n, generator=gen)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=accum, every=1) if with_monitor else None
+        losses = _loop(model, sample, micro=8, accum=accum, steps=30, monitor=monitor, optimizer=optimizer, clip=1.0)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+        if monitor is not None:
+            assert monitor.measured_steps == 30
+    (losses_off, params_off), (losses_on, params_on) = runs
+    assert losses_on == losses_off
+    assert all(torch.equal(a, b) for a, b in zip(params_on, params_off))
+
+
+def test_a_module_monitor_hooks_only_the_steps_it_measures():
+    model, sample = _linreg(4, 1.0, 1.0)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=2)  # default cadence: every 8th
+    hooked = []
+    for _ in range(24):
+        hooked.append(bool(model.weight._backward_hooks) or bool(model.weight._post_accumulate_grad_hooks))
+        _loop(model, sample, micro=8, accum=2, steps=1, monitor=monitor)
+    assert monitor.every == 8 and monitor.measured_steps == 3
+    assert [i for i, h in enumerate(hooked) if h] == [7, 15, 23]  # armed at the end of the step before
+    monitor.close()
+    assert not model.weight._backward_hooks
+
+
+def test_a_step_with_the_wrong_number_of_passes_is_skipped_with_one_warning():
+    model, sample = _linreg(4, 1.0, 1.0)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=3, every=1)
+    with pytest.warns(RuntimeWarning, match="2 backward passes for accum_steps=3"):
+        _loop(model, sample, micro=8, accum=2, steps=2, monitor=monitor)
+    assert monitor.measured_steps == 0 and monitor.steps_seen == 2
+
+
+def test_per_example_norms_match_one_backward_per_example():
+    """Sequences (3-d inputs) and a bias: N²·mean|c_n|² equals the mean of separate backward passes."""
+    from batchtune.monitor import _PerExampleNorms
+
+    torch.manual_seed(0)
+    layer, a = torch.nn.Linear(5, 3), torch.randn(4, 6, 5)
+    norms = _PerExampleNorms([layer], max_examples=None)
+    layer(a).square().mean().backward()
+    small, big, batch = norms.small_and_big()
+    separate = []
+    for n in range(4):
+        layer.zero_grad()
+        layer(a[n:n + 1]).square().mean().backward()
+        separate.append(sum(float(p.grad.double().square().sum()) for p in layer.parameters()))
+    layer.zero_grad()
+    layer(a).square().mean().backward()
+    assert batch == 4 and small == pytest.approx(sum(separate) / 4, rel=1e-5)
+    assert big == pytest.approx(sum(float(p.grad.double().square().sum()) for p in layer.parameters()), rel=1e-6)
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out: str, accum: int) -> None:
+    """One gloo rank: DDP over the linear regression at lr 0, its own data, only step() called."""
+    import contextlib
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        d, micro, steps = 20, 16, 400
+        model, sample = _linreg(d, 1.0, 1.0, seed=0)  # same weights on both ranks
+        gen = torch.Generator().manual_seed(100 + rank)
+        w_star = torch.randn(d, generator=torch.Generator().manual_seed(0))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        monitor = NoiseScaleMonitor(ddp, micro_batch_size=micro, accum_steps=accum, every=1)
+        for _ in range(steps):
+            for i in range(accum):
+                x = torch.randn(micro, d, generator=gen)
+                y = x @ w_star + torch.randn(micro, generator=gen)
+                with ddp.no_sync() if i < accum - 1 else contextlib.nullcontext():
+                    (0.5 * (ddp(x).squeeze(-1) - y).square().mean() / accum).backward()
+            monitor.step()
+            ddp.zero_grad(set_to_none=True)
+        reading = monitor.reading()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
+                       "batch_sizes": monitor.batch_sizes}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum", [1, 2])
+def test_under_ddp_each_rank_reads_its_local_gradient_against_the_reduced_one(tmp_path, accum):
+    """Two gloo ranks: the small batch is a rank's backward pass, the big one the all-reduced step."""
+    import json
+
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), accum),
+                                nprocs=2, join=True)
+    truth = 20 * (1 + 1.0) + 1
+    for rank in (0, 1):
+        reading = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert reading["batch_sizes"] == [16, 16 * accum * 2]
+        assert reading["b_simple"] == pytest.approx(truth, rel=0.15)
+        assert abs(reading["b_simple"] - truth) <= reading["high"] - reading["low"]
