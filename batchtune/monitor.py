@@ -95,8 +95,9 @@ class NoiseScaleMonitor:
       hooks see each rank's local gradient before the reduction, ``.grad`` holds the
       all-reduced one. Each rank reads its own micro-batches; log rank 0's reading.
     * one backward on one process: each example against the batch. Forward hooks on every
-      ``nn.Linear`` whose parameters no other module shares keep its input; a hook on its
-      output gradient turns both into per-example squared gradient norms
+      ``nn.Linear`` (or transformers' ``Conv1D``) whose parameters no other module shares
+      keep its input; a hook on its output gradient turns both into per-example squared
+      gradient norms
       (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
       sequences). B_simple is then that of those layers' parameters (exact for a model of
       Linear layers); ``max_examples`` caps the examples per measured step whose norms are
@@ -455,8 +456,14 @@ def _per_example_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+    return [m for m in model.modules() if _linear_like(m) and m.weight.requires_grad
             and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))]
+
+
+def _linear_like(module: torch.nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2's ``x @ W + b``, the weight stored transposed:
+    the per-example norms from input and output gradient are the same)."""
+    return isinstance(module, torch.nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def _blocked_grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:

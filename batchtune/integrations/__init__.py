@@ -1,0 +1,114 @@
+"""Adapters that run :class:`~batchtune.monitor.NoiseScaleMonitor` inside the loops people use.
+
+* :mod:`batchtune.integrations.huggingface`: ``NoiseScaleCallback``, a transformers
+  ``TrainerCallback`` (``pip install "batchtune[hf]"``).
+* :mod:`batchtune.integrations.lightning`: ``NoiseScaleCallback``, a Lightning ``Callback``
+  (``pip install "batchtune[lightning]"``).
+
+Both are thin over :class:`NoiseScaleWatch`, which this package defines without importing
+either library (nothing in batchtune's core imports this package). The watch keeps the
+readings (``history``) and warns, through ``logging`` on rank zero, when the global batch is
+more than 20% above the current critical-batch estimate. B_simple stands in for the critical
+batch here: McCandlish et al. find B_crit ≈ B_simple up to a factor of a few (B_noise's
+Hessian weighting), so the warning says "you are likely past the point of diminishing
+returns", not a measured B_crit (``batchtune sweep`` measures that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+__all__ = ["OVER_CRITICAL", "NoiseScaleWatch"]
+
+OVER_CRITICAL = 1.2  # warn when the batch exceeds the estimate by more than 20%
+
+log = logging.getLogger(__name__)
+
+
+def require(module: str, extra: str) -> Any:
+    """Import ``module`` or raise an ImportError that names batchtune's extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"batchtune.integrations needs {module!r}: pip install \"batchtune[{extra}]\"") from error
+
+
+class NoiseScaleWatch:
+    """A monitor, the readings it gave and the too-big-batch warning, for one training run.
+
+    Args:
+        every: measure every n-th optimizer step (None: the monitor's default for a module, 8).
+        ema_decay: smoothing of the estimate (see ``NoiseScaleEstimator``).
+        confidence: coverage of the band (0.9: the 90% band ``low``..``high``).
+        warn_after: measured steps before a reading may warn (early readings are noisy).
+        warn_every: optimizer steps between repeated warnings while the batch stays too big.
+        max_examples: per-example norms on at most this many examples (one backward per step).
+    """
+
+    def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
+                 warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None) -> None:
+        self.options = {"every": every, "ema_decay": ema_decay, "confidence": confidence,
+                        "max_examples": max_examples}
+        self.warn_after = warn_after
+        self.warn_every = warn_every
+        self.history: list[dict[str, float | int | None]] = []
+        self.warnings: list[int] = []  # optimizer steps at which the batch warning was logged
+        self.monitor = None
+        self.batch_size = 0
+
+    def start(self, model: Any, *, micro_batch_size: int, accum_steps: int, world_size: int) -> None:
+        """Attach a fresh monitor to ``model`` (before its first backward pass).
+
+        A model the monitor cannot measure logs a warning and trains unmeasured.
+        """
+        from batchtune.monitor import NoiseScaleMonitor
+
+        self.close()
+        self.batch_size = micro_batch_size * accum_steps * world_size
+        try:
+            self.monitor = NoiseScaleMonitor(model, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
+                                             world_size=world_size, **self.options)
+        except ValueError as error:  # e.g. one backward per step and no Linear layer of its own
+            self.monitor = None
+            log.warning("noise scale not measured in this run: %s", error)
+
+    def step(self, global_step: int, *, rank_zero: bool = True) -> dict[str, float] | None:
+        """Call after the last backward of an optimizer step; the logs of a new reading, else None.
+
+        Args:
+            global_step: the optimizer step just computed, counted from 1.
+            rank_zero: whether this process logs (warnings only on rank zero).
+        """
+        if self.monitor is None:
+            return None
+        measured = self.monitor.measured_steps
+        self.monitor.step()
+        reading = self.monitor.reading()
+        if self.monitor.measured_steps == measured or not reading.reliable:
+            return None
+        entry = {"step": global_step, "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
+                 "measured_steps": reading.steps, "batch_size": self.batch_size}
+        self.history.append(entry)
+        if rank_zero:
+            self._maybe_warn(entry)
+        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")}
+
+    def _maybe_warn(self, entry: dict[str, Any]) -> None:
+        too_big = self.batch_size > OVER_CRITICAL * entry["b_simple"]
+        due = not self.warnings or entry["step"] - self.warnings[-1] >= self.warn_every
+        if too_big and due and entry["measured_steps"] >= self.warn_after:
+            self.warnings.append(entry["step"])
+            high = "inf" if math.isinf(entry["high"]) else f"{entry['high']:.4g}"
+            log.warning("step %d: batch %d is %.0f%% above the noise scale B_simple=%.4g (90%% band %.4g-%s), "
+                        "the critical-batch estimate; a smaller batch would reach the loss in fewer samples",
+                        entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
+                        entry["b_simple"], entry["low"], high)
+
+    def close(self) -> None:
+        """Remove the monitor's hooks."""
+        if self.monitor is not None:
+            self.monitor.close()
