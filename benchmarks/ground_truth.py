@@ -396,11 +396,12 @@ def render(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- the sweep against it
 
 def run_sweep(task: str, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """``batchtune sweep`` on the task's spec: same optimizer, sizes 8…1024, the budget and targets."""
+    """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets."""
     t = TASKS[task]
     targets = "[" + ", ".join(f"{x['target_loss']:g}" for x in summary["targets"]) + "]"
     command = [sys.executable, "-m", "batchtune", "sweep", str(ROOT / t["config"]), *t["overrides"],
-               "sweep.min_batch_size=8", "sweep.max_batch_size=1024", f"sweep.samples={summary['budget_samples']}",
+               f"sweep.batch_sizes=[{', '.join(sorted(summary['grid'], key=int))}]",
+               f"sweep.samples={summary['budget_samples']}",
                f"sweep.target_loss={targets}", "--format", "json", "--out", str(folder)]
     log.info("running %s", " ".join(command))
     started = time.monotonic()

@@ -514,3 +514,17 @@ def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_pa
     tried = sorted(result.trials["lr_multiplier"])
     best = result.summary.set_index("batch_size").loc[16, "lr_multiplier"]
     assert len(tried) >= 4 and any(abs(m / best - 2**0.5) < 1e-3 or abs(best / m - 2**0.5) < 1e-3 for m in tried)
+
+
+def test_ties_are_judged_against_the_pick_not_against_an_open_interval():
+    """A faster median from 2 of 3 seeds ties with everything; the pick (3/3) then decides the ties."""
+    rows = []
+    for seed, (a, b, c) in enumerate([(1.0, 0.9, 3.0), (1.1, 0.95, 3.1), (1.2, None, 3.2)]):
+        rows.append(_trial(16, seed, [(0, 0, 2.0), (40, a, 0.5)], 1000))
+        rows.append(_trial(32, seed, [(0, 0, 2.0), (20, b, 0.5)] if b else [(0, 0, 2.0), (20, 1.0, 0.7)], 1000))
+        rows.append(_trial(64, seed, [(0, 0, 2.0), (10, c, 0.5)], 1000))
+    a = analyse(rows, {**HAND_META, "target_loss": 0.5})
+    s = a.summary.set_index("batch_size")
+    assert a.recommendation["batch_size"] == 16 and a.recommendation["tied_with"] == [32]
+    assert list(s["rank"].loc[[16, 32, 64]]) == [1, 2, 3] and not s.loc[64, "tie"]
+    assert "within seed noise of the fastest median (32" in a.recommendation["reason"]

@@ -306,20 +306,32 @@ def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> di
 
 
 def _rank(contenders: list[Entry]) -> list[Entry]:
-    """By median seconds to target; the sizes tied with the fastest (overlapping intervals) first,
-    the tie going to the size more seeds reached the target with, then to the lower median."""
+    """The pick first, the sizes tied with it next, the rest by median seconds to target.
+
+    The pick: among the sizes whose interval reaches down to the fastest median's interval,
+    the one more seeds reached the target with, then the lower median (a size one of whose
+    seeds never crossed has an interval open above and ties with everything). The ties are
+    then the sizes whose interval overlaps the pick's: that is what "within seed noise" of
+    the advice means.
+    """
     if not contenders:
         return []
+
+    def high(e: Entry) -> float:
+        return e["seconds_high"] if e["seconds_high"] is not None else math.inf
+
     fastest = min(contenders, key=lambda e: e["seconds_to_target"])
-    ceiling = fastest["seconds_high"] if fastest["seconds_high"] is not None else math.inf
-    tied = [e for e in contenders if e["seconds_low"] <= ceiling]
-    rest = sorted((e for e in contenders if e["seconds_low"] > ceiling), key=lambda e: e["seconds_to_target"])
-    tied.sort(key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
-    ranked = tied + rest
+    group = [e for e in contenders if e["seconds_low"] <= high(fastest)]
+    pick = min(group, key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
+    tied = sorted((e for e in contenders if e is not pick and e["seconds_low"] <= high(pick)
+                   and high(e) >= pick["seconds_low"]),
+                  key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
+    rest = sorted((e for e in contenders if e is not pick and e not in tied), key=lambda e: e["seconds_to_target"])
+    ranked = [pick, *tied, *rest]
     for rank, e in enumerate(ranked, 1):
         e["rank"] = rank
-        e["relative"] = e["seconds_to_target"] / ranked[0]["seconds_to_target"]
-        e["tie"] = len(tied) > 1 and rank <= len(tied)
+        e["relative"] = e["seconds_to_target"] / pick["seconds_to_target"]
+        e["tie"] = bool(tied) and rank <= len(tied) + 1
     return ranked
 
 
@@ -476,13 +488,18 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     """The winner's full batch shape and lr, and why it won and what the runner-up costs."""
     win = ranked[0]
     n = len(ranked)
-    field_text = "the only size" if n == 1 else f"the fastest of the {n} sizes"
+    faster = min(ranked, key=lambda e: e["seconds_to_target"])
+    field_text = ("the only size that reached the target in most seeds" if n == 1 else
+                  f"the fastest of the {n} sizes that reached the target in most seeds" if faster is win else
+                  f"of the {n} sizes that reached the target in most seeds, the one more seeds reached it with "
+                  f"among those within seed noise of the fastest median ({_fmt_size(faster)}, "
+                  f"{faster['seconds_to_target']:.2f} s in {faster['reached']} seeds)")
     lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} the "
                f"{meta.get('lr_rule', 'scaling')} rule's" if win["lrs_tried"] > 1 else "the scaling rule's lr")
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
              f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; median over {win['reached']} "
-             f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} that "
-             f"reached the target in most seeds ({lr_text})",
+             f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} "
+             f"({lr_text})",
              f"Its final loss is {win['final_val_loss']:.4g} ± {win['final_val_loss_std']:.2g}, "
              f"at {win['samples_per_s']:,.0f} samples/s" if win["final_val_loss"] is not None else None,
              _runner_up_sentence(ranked)]
