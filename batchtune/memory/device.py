@@ -242,12 +242,16 @@ class _StorageCounter(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):
             return None
 
+    def _bytes(self, storage: Any) -> int:
+        """What a storage takes: its bytes (the estimate rounds them to the allocator's block)."""
+        return storage.nbytes()
+
     def add(self, tensor: torch.Tensor, enforce: bool = True) -> None:
         storage = self._storage(tensor)
         if storage is None:
             return
         key = id(storage)
-        nbytes = storage.nbytes()
+        nbytes = self._bytes(storage)
         entry = self._live.get(key)
         if entry is not None:
             if entry[0] == nbytes:

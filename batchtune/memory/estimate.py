@@ -239,20 +239,8 @@ class _BlockCounter(_StorageCounter):
         self.block_bytes = block_bytes
         self.lenient = False
 
-    def add(self, tensor: torch.Tensor, enforce: bool = True) -> None:
-        storage = self._storage(tensor)
-        if storage is None:
-            return
-        key = id(storage)
-        nbytes = _round_up(storage.nbytes(), self.block_bytes)
-        entry = self._live.get(key)
-        if entry is not None:
-            if entry[0] == nbytes:
-                return
-            self.current -= entry[0]  # resized in place (an out= op)
-        self._live[key] = (nbytes, weakref.ref(storage, lambda _, k=key: self._release(k)))
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
+    def _bytes(self, storage: Any) -> int:
+        return _round_up(storage.nbytes(), self.block_bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func is _SCALAR_READ and self.lenient:
