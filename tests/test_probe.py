@@ -23,6 +23,7 @@ from batchtune.memory.search import (
     double_then_bisect,
     model_guided_search,
     search_ceiling,
+    seeded_search,
     shrink_from_above,
 )
 from batchtune.memory.source import MemorySource
@@ -60,6 +61,36 @@ def test_model_guided_search_is_exact_and_cheap(ceiling, granularity, wobble, mo
     # exactness is proven by the log: the ceiling fit and one granule more did not
     runs = {b: m.fits for b, _, m in out.phases}
     assert runs[exact] is True and runs[exact + granularity] is False
+
+
+# an exact estimate costs 2 trials; one k granules off about 2·log2(k) + 2 (galloping, then bisecting)
+@pytest.mark.parametrize("guess,most", [(1000, 2), (1001, 2), (999, 4), (1010, 8), (990, 8), (1500, 18),
+                                         (500, 18), (10, 20)])
+def test_a_search_seeded_by_an_estimate_is_exact_in_two_trials_when_the_estimate_is(guess, most):
+    fixed, per = 3_000_000, 10_000
+    measure, calls = _curve(fixed, per, fixed + per * 1000 + per // 2)
+    out = seeded_search(measure, guess=guess, min_batch_size=1, max_batch_size=1 << 20, granularity=1)
+    assert out.ceiling == 1000 and len(calls) <= most
+    runs = {b: m.fits for b, _, m in out.phases}
+    assert runs[1000] is True and runs[1001] is False
+
+
+def test_a_seeded_search_says_when_nothing_fits_or_the_cap_does():
+    measure, calls = _curve(3_000_000, 10_000, 1_000_000)
+    assert seeded_search(measure, guess=50, min_batch_size=1, max_batch_size=100, granularity=1).ceiling is None
+    measure, calls = _curve(0, 1, 10**9)
+    out = seeded_search(measure, guess=90, min_batch_size=1, max_batch_size=100, granularity=1)
+    assert out.ceiling == 100 and out.capped
+
+
+def test_probe_from_the_estimate_finds_the_same_ceiling_in_two_search_trials(write_spec):
+    spec = load_spec(write_spec(), ["probe.from_estimate=true"])
+    seeded = run_probe(spec)
+    plain = run_probe(load_spec(write_spec()))
+    assert seeded.strategy == "estimate-seeded" and seeded.ceiling == plain.ceiling
+    assert seeded.safe_batch_size == plain.safe_batch_size
+    searched = [t for t in seeded.trials if t.phase != "confirm"]
+    assert [t.fits for t in searched] == [True, False] and len(plain.trials) > len(seeded.trials)
 
 
 def test_classic_searches_for_comparison():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchtune.memory.model import MemoryModel
-from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling
+from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling, seeded_search
 from batchtune.memory.source import DeviceMemorySource, DeviceTrial
 from batchtune.render.text import format_bytes
 
@@ -33,7 +33,7 @@ class ProbeTrial:
     peak_bytes: int | None
     seconds: float
     steps: int  # training steps attempted (an OOM's unfinished step counts)
-    phase: str  # anchor | explore | approach | predict | verify | bisect | grow | confirm
+    phase: str  # anchor | explore | approach | predict | verify | bisect | grow | confirm (predict: the estimate-seeded guess too)
     leaked_bytes: int = 0
     error: str | None = None
 
@@ -121,7 +121,15 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     notes: list[str] = []
     largest, cap_note = _largest(components, p)
     source = _device_source(spec, components, backend, dist)
-    strategy, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
+    space = SearchSpace(p.min_batch_size, largest, p.granularity)
+    estimate = _estimate_for(spec, notes) if p.from_estimate and source.knows_capacity else None
+    if estimate is not None:
+        strategy, outcome = SEEDED, seeded_search(source.measure, guess=estimate.ceiling,
+                                                  min_batch_size=p.min_batch_size, max_batch_size=largest,
+                                                  granularity=p.granularity)
+        outcome.model = outcome.model or estimate.memory_model  # two trials leave one point to fit
+    else:
+        strategy, outcome = search_ceiling(source, space)
     max_leak = _max_leaked_bytes(source.trials, dist)
     if max_leak > 0:
         notes.append(f"memory did not return to the baseline after an OOM: {max_leak} bytes still held "
@@ -150,6 +158,26 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
                 "load": load}, precision=spec.precision, notes=notes,
     )
+
+
+SEEDED = "estimate-seeded"
+
+
+def _estimate_for(spec: Any, notes: list[str]) -> ProbeResult | None:
+    """The traced estimate for this device, to seed the search (None, and a note, when there is none)."""
+    from batchtune.memory.estimate import EstimateError
+
+    try:
+        estimate = run_probe_estimate(spec)
+    except EstimateError as exc:
+        notes.append(f"probe.from_estimate: no estimate ({exc}); searched without one")
+        return None
+    if estimate.ceiling is None:
+        return None
+    seconds = (estimate.estimate or {}).get("seconds")
+    notes.append(f"searched from the traced estimate's ceiling {estimate.ceiling}"
+                 + (f" ({seconds:.1f} s to trace)" if seconds is not None else ""))
+    return estimate
 
 
 def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_bytes: str | int | None = None,

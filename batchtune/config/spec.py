@@ -245,6 +245,9 @@ class ProbeSpec(_Strict):
     max_batch_size: PositiveInt = 1 << 20
     headroom: float = Field(0.10, ge=0.0, lt=0.9)
     steps_per_trial: PositiveInt = 2
+    # start the search from the traced estimate's ceiling (probe --estimate): two trials when
+    # the estimate is exact; only where the device's capacity is known
+    from_estimate: bool = False
 
     @field_validator("min_batch_size")
     @classmethod

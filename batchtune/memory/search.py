@@ -239,6 +239,30 @@ def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size
     return b.outcome(b.fit(), predicted)
 
 
+def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_batch_size: int,
+                  granularity: int) -> SearchOutcome:
+    """Exact ceiling from a predicted one (the traced estimate's): run the guess, then step
+    away from it by 1, 2, 4… granules until a step crosses the ceiling, and bisect that step.
+    An exact guess costs two trials: the guess fits, one granule more does not."""
+    g = granularity
+    b = _Bracket(measure, g, max_batch_size)
+    size = min(max(align_down(guess, g), min_batch_size), max_batch_size)
+    up, step = b.run(size, "predict").fits, 1
+    while not b.closed:
+        if up:
+            size = min(b.lo + step * g, b.hi - g)
+        else:
+            size = max(b.hi - step * g, min_batch_size if b.lo is None else b.lo + g)
+        fits = b.run(size, "verify").fits
+        if not fits and size <= min_batch_size:
+            break  # not even the smallest size fits
+        if fits != up:  # this step crossed the ceiling: bisect within it
+            while not b.closed:
+                b.run(b.midpoint(), "bisect")
+        step *= 2
+    return b.outcome(b.fit(), guess)
+
+
 def double_then_bisect(measure: Measure, *, min_batch_size: int, max_batch_size: int,
                        granularity: int) -> SearchOutcome:
     """The classic search (Lightning's ``binsearch``): double until OOM, then bisect."""
