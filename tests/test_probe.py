@@ -75,9 +75,26 @@ def test_a_search_seeded_by_an_estimate_is_exact_in_two_trials_when_the_estimate
     assert runs[1000] is True and runs[1001] is False
 
 
+# guess → most trials with the estimate's slope exact, 10% high, 20% low (capacity known)
+@pytest.mark.parametrize("guess,most", [(1000, (2, 2, 2)), (999, (3, 3, 3)), (990, (3, 4, 4)), (500, (3, 4, 4)),
+                                        (10, (3, 4, 4)), (1500, (5, 6, 6)), (5000, (6, 7, 7))])
+def test_a_seeded_search_corrects_the_guess_from_a_measured_peak(guess, most):
+    fixed, per = 3_000_000, 10_000
+    capacity = fixed + per * 1000 + per // 2
+    for slope, allowed in zip((10_000, 11_000, 8_000), most):
+        measure, calls = _curve(fixed, per, capacity)
+        out = seeded_search(measure, guess=guess, min_batch_size=1, max_batch_size=1 << 20, granularity=1,
+                            capacity_bytes=capacity, per_sample_bytes=slope)
+        assert out.ceiling == 1000 and len(calls) <= allowed, (slope, calls)
+
+
 def test_a_seeded_search_says_when_nothing_fits_or_the_cap_does():
     measure, calls = _curve(3_000_000, 10_000, 1_000_000)
     assert seeded_search(measure, guess=50, min_batch_size=1, max_batch_size=100, granularity=1).ceiling is None
+    measure, calls = _curve(3_000_000, 10_000, 1_000_000)
+    out = seeded_search(measure, guess=50, min_batch_size=1, max_batch_size=100, granularity=1,
+                        capacity_bytes=1_000_000, per_sample_bytes=10_000)
+    assert out.ceiling is None and calls == [50, 45, 25, 1]  # each size tried once
     measure, calls = _curve(0, 1, 10**9)
     out = seeded_search(measure, guess=90, min_batch_size=1, max_batch_size=100, granularity=1)
     assert out.ceiling == 100 and out.capped

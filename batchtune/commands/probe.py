@@ -124,9 +124,11 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     space = SearchSpace(p.min_batch_size, largest, p.granularity)
     estimate = _estimate_for(spec, notes) if p.from_estimate and source.knows_capacity else None
     if estimate is not None:
+        per_sample = estimate.memory_model.per_sample_bytes if estimate.memory_model is not None else None
         strategy, outcome = SEEDED, seeded_search(source.measure, guess=estimate.ceiling,
                                                   min_batch_size=p.min_batch_size, max_batch_size=largest,
-                                                  granularity=p.granularity)
+                                                  granularity=p.granularity, capacity_bytes=source.capacity_bytes,
+                                                  per_sample_bytes=per_sample)
         outcome.model = outcome.model or estimate.memory_model  # two trials leave one point to fit
     else:
         strategy, outcome = search_ceiling(source, space)

@@ -240,15 +240,39 @@ def model_guided_search(measure: Measure, *, min_batch_size: int, max_batch_size
 
 
 def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_batch_size: int,
-                  granularity: int) -> SearchOutcome:
-    """Exact ceiling from a predicted one (the traced estimate's): run the guess, then step
-    away from it by 1, 2, 4… granules until a step crosses the ceiling, and bisect that step.
-    An exact guess costs two trials: the guess fits, one granule more does not."""
+                  granularity: int, capacity_bytes: int | None = None,
+                  per_sample_bytes: float | None = None) -> SearchOutcome:
+    """Exact ceiling from a predicted one (the traced estimate's).
+
+    Run the guess. With the capacity and the estimate's per-sample bytes, correct it once
+    from a measured peak (the guess's own, else 90%, 50% of it or the smallest size, the
+    first that fits): the slope is the estimate's, the level is the device's. Then step away by 1, 2, 4…
+    granules until a step crosses the ceiling, and bisect that step. An exact guess costs
+    two trials; a guess off only in its fixed bytes, three or four.
+    """
     g = granularity
     b = _Bracket(measure, g, max_batch_size)
     size = min(max(align_down(guess, g), min_batch_size), max_batch_size)
-    up, step = b.run(size, "predict").fits, 1
+    fits = b.run(size, "predict").fits
+    if capacity_bytes and per_sample_bytes and not b.closed:
+        for share in (0.9, 0.5, 0.0):  # a fit below the guess, for its peak
+            if b.lo is not None or size <= min_batch_size:
+                break
+            b.run(max(align_down(share * size, g), min_batch_size), "approach")
+        for _ in range(3):  # the estimate's slope, then the measured one once two points fit
+            if b.lo is None or b.lo not in b.points or b.closed:
+                break
+            fitted = b.fit(last=2)
+            slope = fitted.per_sample_bytes if fitted is not None and fitted.per_sample_bytes > 0 else per_sample_bytes
+            jump = b.inside(align_down(b.lo + (capacity_bytes - b.points[b.lo]) / slope, g))
+            if jump == b.lo:
+                break
+            if not b.run(jump, "predict").fits and not b.closed:  # overshot: a second point most of the way
+                b.run(b.inside(align_down(b.lo + 0.8 * (jump - b.lo), g)), "approach")
+    up, step = b.log[-1][2].fits, 1
     while not b.closed:
+        if b.lo is None and b.hi <= min_batch_size:
+            break  # not even the smallest size fits
         if up:
             size = min(b.lo + step * g, b.hi - g)
         else:
