@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.probe import run_probe, safe_size
-from batchtune.commands.sweep_analysis import Analysis, SweepResult, analyse, crossing, lr_standing, result_from_rows
+from batchtune.commands.sweep_analysis import (
+    Analysis,
+    SweepResult,
+    analyse,
+    crossing,
+    given_targets,
+    lr_standing,
+    result_from_rows,
+)
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
@@ -160,18 +168,21 @@ class _Sweep:
         first, *others = self.meta["seeds"]
         self._run_all([(first, m, c) for m in self.meta["lr_multipliers"] for c in self.shapes()])
         for _ in range(self.meta.get("lr_extensions", 0)):
-            more = [(first, m, c) for c in self.shapes() if (m := _extension(self._standing(first, c)))]
+            standing = self._standing(first)
+            more = [(first, m, c) for c in self.shapes() if (m := _extension(standing.get(c.batch_size, {})))]
             if not more:
                 break
             self._run_all(more)
         if self.meta.get("lr_refine"):
-            self._run_all([(first, m, c) for c in self.shapes() for m in _refinements(self._standing(first, c))])
+            standing = self._standing(first)
+            self._run_all([(first, m, c) for c in self.shapes() for m in _refinements(standing.get(c.batch_size, {}))])
+        standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
         for seed in others:
-            self._run_all([(seed, m, c) for c in self.shapes() for m in _kept(self._standing(first, c))])
+            self._run_all([(seed, m, c) for c in self.shapes() for m in _kept(standing.get(c.batch_size, {}))])
 
-    def _standing(self, seed: int, shape: BatchShape) -> dict[float, str]:
-        rows = [r for r in self.rows if r["seed"] == seed]
-        return lr_standing(rows, self.meta).get(shape.batch_size, {})
+    def _standing(self, seed: int) -> dict[int, dict[float, str]]:
+        """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`)."""
+        return lr_standing([r for r in self.rows if r["seed"] == seed], self.meta)
 
     def _run_all(self, plan: list[tuple[int, float, BatchShape]]) -> None:
         capacity = self.backend.capacity_bytes()
@@ -194,7 +205,7 @@ class _Sweep:
 
         sw, meta = self.spec.sweep, self.meta
         steps = trial_steps(meta, shape.batch_size)
-        targets = meta["target_loss"] if isinstance(meta["target_loss"], list) else [meta["target_loss"]]
+        targets = given_targets(meta)
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             warmup_steps=round(sw.warmup * steps), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
@@ -202,7 +213,7 @@ class _Sweep:
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
-            stop_below=min(targets) if targets[0] is not None else None,
+            stop_below=min(targets, default=None),
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )

@@ -266,11 +266,18 @@ def _standing_at(entries: list[Entry], target: float) -> dict[int, dict[float, s
 # ------------------------------------------------------------------------------------- targets
 
 
+def given_targets(meta: dict[str, Any]) -> list[float]:
+    """The target losses the spec gives (``sweep.target_loss``, one or a list), in order; [] for the default."""
+    given = meta.get("target_loss")
+    if given is None:
+        return []
+    return list(given) if isinstance(given, list) else [float(given)]
+
+
 def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float], list[str]]:
     """The target losses in the order given; by default one that most sizes reach, and why."""
-    given = meta.get("target_loss")
-    if given is not None:
-        return (list(given) if isinstance(given, list) else [float(given)]), []
+    if given := given_targets(meta):
+        return given, []
     reached: dict[int, float] = {}  # each size's best lr: the loss its median seed got down to
     for e in _fully_seeded(entries):
         lows = [min((p[3] for p in r.get("evals") or [] if p[3] is not None and math.isfinite(p[3])),

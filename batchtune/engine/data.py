@@ -51,19 +51,18 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 
         yield from _indexed(dataset, batch_size, seed=seed, pin=pin, dist=dist)
         return
     loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0}
-    if dist is not None and dist.enabled and len(dataset) >= batch_size * dist.world_size:
+    seed, shard = _sharding(len(dataset), batch_size, seed, dist)
+    if shard is not None:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                     seed=seed, drop_last=True)
+        rank, world = shard
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_options)
         epoch = 0
         while True:
             sampler.set_epoch(epoch)
             yield from loader
             epoch += 1
-    if dist is not None and dist.enabled:
-        seed = seed + 7919 * dist.rank  # a different sample per rank
     generator = torch.Generator().manual_seed(seed)
     if len(dataset) >= batch_size:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
@@ -75,15 +74,24 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 
         yield from loader
 
 
+def _sharding(n: int, batch_size: int, seed: int,
+              dist: DistContext | None) -> tuple[int, tuple[int, int] | None]:
+    """(seed, (rank, world) or None) for a rank's batches: under torchrun a shard of one shared
+    shuffle when the set holds a batch for every rank; else the whole set (None), with a
+    different seed per rank when there are several, so that ranks draw different samples."""
+    if dist is None or not dist.enabled:
+        return seed, None
+    if n >= batch_size * dist.world_size:
+        return seed, (dist.rank, dist.world_size)
+    return seed + 7919 * dist.rank, None
+
+
 def _indexed(dataset: TensorDataset, batch_size: int, *, seed: int, pin: bool,
              dist: DistContext | None) -> Iterator[list[torch.Tensor]]:
     """:func:`batches` for a TensorDataset: one shuffle per epoch, each batch one index per tensor."""
-    n, rank, world = len(dataset), 0, 1
-    if dist is not None and dist.enabled:
-        if n >= batch_size * dist.world_size:
-            rank, world = dist.rank, dist.world_size  # one shared shuffle, a shard per rank
-        else:
-            seed = seed + 7919 * dist.rank  # too small to shard: a different sample per rank
+    n = len(dataset)
+    seed, shard = _sharding(n, batch_size, seed, dist)
+    rank, world = shard or (0, 1)
     generator = torch.Generator().manual_seed(seed)
     while True:
         if n >= batch_size * world:
