@@ -76,6 +76,12 @@ ContextBytesOpt = Annotated[Optional[str], typer.Option(
                             "workspaces); default 1GiB on CUDA, 0 on the CPU simulation.", show_default=False)]
 
 
+LatencyBudgetOpt = Annotated[Optional[str], typer.Option(
+    "--latency-budget", help="Latency a batch may take at --percentile: 45ms, 0.1s, 500us (a bare number is ms).",
+    show_default=False)]
+PercentileOpt = Annotated[float, typer.Option("--percentile", help="The latency percentile the budget bounds.")]
+
+
 def _estimate_options(estimate: bool, device_memory: str | None, context_bytes: str | None) -> bool:
     """Whether to estimate; --device-memory and --context-bytes mean nothing without --estimate."""
     if not estimate and (device_memory is not None or context_bytes is not None):
@@ -162,10 +168,11 @@ def _writable(path: Path, option: str) -> None:
         raise UsageError(f"{option}: cannot write {path}: {exc.strerror or exc} ({folder})") from None
 
 
-def _load(spec_path: Path, overrides: list[str] | None, join: bool = False) -> Any:
-    """Load the spec; with ``join``, also join torchrun's process group (a no-op without torchrun)."""
+def _load(spec_path: Path, overrides: list[str] | None, join: bool = False, training: bool = True) -> Any:
+    """Load the spec; with ``join``, also join torchrun's process group (a no-op without torchrun).
+    ``training=False`` (serve): optimizer and base_batch_size may be left out."""
     global _RANK
-    spec = load_spec(spec_path, overrides or [])
+    spec = load_spec(spec_path, overrides or [], training=training)
     if join:
         from batchtune.engine.distributed import init_from_env
 
@@ -481,14 +488,21 @@ def check(
     estimate: EstimateOpt = False,
     device_memory: DeviceMemoryOpt = None,
     context_bytes: ContextBytesOpt = None,
+    serve_check: Annotated[bool, typer.Option(
+        "--serve", help="Check the serving batch instead (needs --latency-budget): fits forward only, and meets "
+                        "the budget at --percentile. Only model and data are needed in the spec.")] = False,
+    latency_budget: LatencyBudgetOpt = None,
+    percentile: PercentileOpt = 99.0,
 ) -> None:
     """Pre-flight for a long job: fits, trains, data, critical batch, regression. Exit 0 pass, 1 fail, 2 bad input.
 
-    With --estimate, only fits, predicted from a traced step. With $GITHUB_STEP_SUMMARY set,
-    the markdown report is appended to it.
+    With --estimate, only fits, predicted from a traced step. With --serve, the serving batch's
+    fit and latency. With $GITHUB_STEP_SUMMARY set, the markdown report is appended to it.
     """
     import os
 
+    if serve_check or latency_budget is not None:
+        _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout)
     with _user_errors():
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
@@ -517,6 +531,71 @@ def check(
             with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
                 f.write(render_check(report, "markdown", strict=strict) + "\n\n")
     raise typer.Exit(report.exit_code(strict))
+
+
+def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int | None, latency_budget: str | None,
+                 percentile: float, fmt: Format, quiet: bool, trial_timeout: float | None) -> None:
+    """``check --serve``: the serving batch's verdicts; exits 0 pass, 1 fail, 2 bad input."""
+    with _user_errors():
+        if latency_budget is None:
+            raise UsageError("check --serve needs --latency-budget (e.g. 45ms)")
+        from batchtune.commands.serve import ServeInputError, parse_duration, run_serve_check
+        from batchtune.render.serve import render_serve_check
+
+        try:
+            budget = parse_duration(latency_budget)
+            spec = _load(spec_path, _with_timeout(overrides, trial_timeout), training=False)
+            setup_logging(quiet)
+            report = run_serve_check(spec, latency_budget=budget, percentile=percentile, batch_size=batch_size)
+        except ServeInputError as exc:
+            raise UsageError(str(exc)) from None
+        _echo(render_serve_check(report, fmt.value))
+    raise typer.Exit(report.exit_code())
+
+
+@app.command()
+def serve(
+    spec_path: SpecPath,
+    overrides: Overrides = None,
+    latency_budget: LatencyBudgetOpt = None,
+    percentile: PercentileOpt = 99.0,
+    rate: Annotated[Optional[float], typer.Option(
+        "--rate", help="Requests per second (Poisson arrivals): simulate a dynamic batcher on the measured "
+                       "curve and choose its max batch size and max queue delay.", show_default=False)] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per batch size after warm-up "
+                                                           "(fewer past 5 s per size, never under 20).")] = 100,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of throughput against latency, "
+                                                               "the budget drawn.")] = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+    trial_timeout: TimeoutOpt = None,
+) -> None:
+    """Inference batch size under a latency budget: the inference ceiling, latency per batch size,
+    and (with --rate) the dynamic batcher's setting. Only model and data are needed in the spec.
+
+    Exit 0 a size meets the budget (and, with --rate, a batcher setting sustains the rate);
+    1 none does; 2 bad input.
+    """
+    with _user_errors():
+        if latency_budget is None:
+            raise UsageError("serve needs --latency-budget (e.g. 45ms)")
+        from batchtune.commands.serve import ServeInputError, parse_duration, run_serve
+        from batchtune.render.serve import plot_serve, render_serve
+
+        try:
+            budget = parse_duration(latency_budget)
+            spec = _load(spec_path, _with_timeout(overrides, trial_timeout), training=False)
+            if plot is not None:
+                _plot_writable(plot)
+            setup_logging(quiet)
+            result = run_serve(spec, latency_budget=budget, percentile=percentile, rate=rate, repeats=repeats)
+        except ServeInputError as exc:
+            raise UsageError(str(exc)) from None
+        _echo(render_serve(result, fmt.value))
+        if plot is not None and result.points:
+            plot_serve(result, plot)
+    failed = result.max_batch_size is None or (rate is not None and result.dynamic is None)
+    raise typer.Exit(EXIT_FAIL if failed else EXIT_OK)
 
 
 def main() -> None:

@@ -280,7 +280,9 @@ def build_components(spec: Spec) -> Components:
     except SpecError as exc:
         issues += exc.issues
     try:
-        if spec.optimizer.target is not None:
+        if spec.optimizer is None:  # serve: the model runs forward only (load_spec's ``training``)
+            pass
+        elif spec.optimizer.target is not None:
             optimizer_factory = load_target(spec.optimizer.target, spec, "optimizer.target")
         else:
             optimizer_factory = _OPTIMIZERS[spec.optimizer.name.lower()]

@@ -352,8 +352,9 @@ class Spec(_Strict):
               Annotated[LossTarget, Tag("target")]],
         Discriminator(lambda v: "target" if isinstance(v, (dict, LossTarget)) else "name"),
     ] = "cross_entropy"
-    optimizer: OptimizerSpec
-    base_batch_size: PositiveInt
+    # Required by every command that trains (parse_spec's ``training``); serve runs without them.
+    optimizer: OptimizerSpec | None = None
+    base_batch_size: PositiveInt | None = None
     lr_scaling: Literal["linear", "sqrt", "none", "auto"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: DeviceSpec = Field(default_factory=DeviceSpec)
@@ -472,12 +473,14 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str], issues: list[Sp
     return origin
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, training: bool = True) -> Spec:
     """Load, override and validate a spec file.
 
     Args:
         path: the YAML file.
         overrides: ``key.path=value`` strings applied on top, each value parsed as YAML.
+        training: require what training needs (:data:`TRAINING_KEYS`); ``batchtune serve``
+            runs the model forward only and passes False.
 
     Returns:
         The validated :class:`Spec`.
@@ -493,10 +496,15 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError([SpecIssue("", "no such file", source)]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([SpecIssue("", f"cannot read spec: {exc}", source)]) from None
-    return parse_spec(text, source=source, overrides=overrides)
+    return parse_spec(text, source=source, overrides=overrides, training=training)
 
 
-def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+#: Keys optional in the spec's model but required by every command that trains.
+TRAINING_KEYS = ("optimizer", "base_batch_size")
+
+
+def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = (), *,
+               training: bool = True) -> Spec:
     """Validate spec text; see :func:`load_spec`."""
     issues: list[SpecIssue] = []
     lines: dict[str, int] = {}
@@ -518,6 +526,10 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
         raise SpecError([SpecIssue("", "a spec must be a YAML mapping of keys to values", source, 1)])
 
     origin = _apply_overrides(data, list(overrides), issues)
+    if training:
+        issues += [SpecIssue(key, "required key is missing (probe, sweep, check and noise train the model; "
+                                  "only serve runs without it)", source, _nearest_line(lines, key))
+                   for key in TRAINING_KEYS if data.get(key) is None]
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,617 @@
+"""Inference batch size under a latency budget, and the dynamic batcher for a request rate.
+
+``batchtune serve`` answers what a serving system needs to be told:
+
+1. **The inference ceiling**: the probe's search (:mod:`batchtune.memory.search`) on the
+   forward-only workload (:class:`~batchtune.engine.workload.ForwardOnly`: ``eval()``,
+   ``torch.inference_mode()``, the spec's precision). No gradients, no optimizer state and
+   no saved activations, so it lies far above the training ceiling.
+2. **Latency per batch size** up to that ceiling: each size's batch, as the data set gives
+   it, is copied to the device and run forward ``repeats`` times after warm-up, the
+   device synchronised around each pass; p50/p90/p99 and throughput. Powers of two first,
+   stopping at the first size past the budget, then a bisection of that last doubling to
+   one granule (latency grows with the batch, so one crossing is assumed).
+   ``max_batch_size`` is the largest size measured whose chosen percentile meets the budget.
+3. **Dynamic batching at a rate** (``rate``): the measured curve goes into the batcher
+   simulation of :mod:`batchtune.stats.batching`.
+4. **Request lengths**: samples' lengths (``data.length_key`` when the spec has one, else
+   each sample's largest tensor dimension) and, when they vary, latency by length bucket.
+
+Nothing here prints; :mod:`batchtune.render.serve` words the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LatencyPoint", "ServeInputError", "ServeResult", "inference_ceiling", "measure_latency",
+           "parse_duration", "run_serve", "serve_forward"]
+
+WARMUP_PASSES = 5
+MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
+_UNITS_S = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+class ServeInputError(ValueError):
+    """A command-line value serve cannot use (the CLI exits 2)."""
+
+
+def parse_duration(text: str, option: str = "--latency-budget") -> float:
+    """``"45ms"``, ``"0.045s"``, ``"500us"`` or a bare number of milliseconds → seconds.
+
+    Raises:
+        ServeInputError: not a positive, finite duration.
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s)?\s*", str(text))
+    if not match:
+        raise ServeInputError(f"{option}: expected a duration such as 45ms, 0.1s or 500us, got {text!r}")
+    seconds = float(match.group(1)) * _UNITS_S[match.group(2) or "ms"]
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ServeInputError(f"{option}: must be a positive duration, got {text!r}")
+    return seconds
+
+
+@dataclass
+class LatencyPoint:
+    """One batch size's measured latency (milliseconds) and throughput."""
+
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    at_percentile_ms: float  # at the percentile asked for
+    repeats: int
+    samples_per_s: float  # batch_size / mean latency
+    meets_budget: bool
+    phase: str  # power | bisect | ceiling
+
+    def percentile_unreliable(self, percentile: float) -> bool:
+        """Fewer passes than it takes to see one beyond the percentile."""
+        return percentile < 100 and self.repeats < 100 / (100 - percentile)
+
+
+@dataclass
+class ServeResult:
+    """The inference ceiling, the latency curve, the static and dynamic batch sizes, and the evidence."""
+
+    name: str
+    budget_ms: float
+    percentile: float
+    ceiling: int | None  # None: not even the smallest size fits for inference
+    capped: bool  # the ceiling is the largest size searched (probe.max_batch_size or the data set)
+    granularity: int
+    capacity_bytes: int | None
+    memory_model: Any  # the search's MemoryModel, or None
+    ceiling_trials: list[dict[str, Any]]
+    max_batch_size: int | None  # largest measured size whose percentile meets the budget
+    points: list[LatencyPoint]
+    overhead_ms: float  # the timing loop's own cost per pass (synchronise + clock), measured empty
+    device: dict[str, Any]
+    precision: str
+    rate: float | None = None
+    dynamic: dict[str, Any] | None = None
+    dynamic_reason: str | None = None
+    lengths: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
+
+    def point(self, batch_size: int) -> LatencyPoint | None:
+        return next((p for p in self.points if p.batch_size == batch_size), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["memory_model"] = self.memory_model.to_dict() if self.memory_model is not None else None
+        return out
+
+
+def serve_forward(loss: Any) -> Any:
+    """``forward(model, batch)``: the model on the batch's inputs, as a server calls it.
+
+    With ``loss: model_output`` the batch goes in whole (``model(**batch)``, Hugging Face
+    style); otherwise the targets are split off first (a ``(inputs, targets)`` pair, or a dict
+    without its ``labels``); a bare tensor, or a dict without targets, goes in as it is.
+    """
+    from batchtune.config.components import _call, _split
+
+    def forward(model: Any, batch: Any) -> Any:
+        if loss == "model_output":
+            return model(**batch) if isinstance(batch, dict) else model(*batch)
+        if isinstance(batch, (list, tuple)) and len(batch) == 1:
+            return model(batch[0])
+        if isinstance(batch, (list, tuple, dict)):
+            try:
+                inputs, _ = _split(batch)
+            except (TypeError, ValueError):
+                inputs = batch
+            return _call(model, inputs)
+        return model(batch)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------- the ceiling
+
+
+def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> tuple[Any, list[Any]]:
+    """The probe's search on the forward-only workload: (SearchOutcome, the source's trials).
+
+    ``model`` (on the device, tracked by ``backend``) runs every trial; its parameters and
+    buffers are the baseline. Exact to ``probe.granularity``: the ceiling fits, one granule
+    above it runs out of memory (unless the ceiling is the largest size searched).
+    """
+    from batchtune.commands.probe import _largest
+    from batchtune.engine.distributed import current
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.memory.search import SearchSpace, search_ceiling
+    from batchtune.memory.source import DeviceMemorySource
+
+    p, dist = spec.probe, current()
+    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
+    trainer = Trainer(components, backend, spec.precision, dist, workload=workload)
+
+    def config_for(batch_size: int, steps: int, validate: bool) -> Any:
+        return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=0.0, steps=steps, grad_clip=None)
+
+    source = DeviceMemorySource(trainer=trainer, model=model, backend=backend, dist=dist, config_for=config_for,
+                                steps_per_trial=p.steps_per_trial)
+    largest, _ = _largest(components, p)
+    _, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
+    trials = source.trials
+    source.close()
+    backend.cleanup()
+    return outcome, trials
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+@dataclass
+class _Timer:
+    """Times forward passes of one model on one device, like a benchmark."""
+
+    model: Any
+    forward: Any
+    backend: Any
+    precision: str
+    repeats: int
+    max_seconds: float  # per size: stop repeating past this (after MIN_REPEATS)
+
+    def passes(self, batch: Any) -> list[float]:
+        """Seconds of each timed pass: the batch copied to the device and run forward, synchronised."""
+        from batchtune.config.components import to_device
+        from batchtune.engine.workload import autocast
+
+        import torch
+
+        backend, device = self.backend, self.backend.device
+        times: list[float] = []
+        with torch.inference_mode(), autocast(device.type, self.precision):
+            for _ in range(WARMUP_PASSES):
+                self.forward(self.model, to_device(batch, device))
+            backend.synchronize()
+            started = time.perf_counter()
+            while len(times) < self.repeats:
+                t0 = time.perf_counter()
+                self.forward(self.model, to_device(batch, device))
+                backend.synchronize()
+                times.append(time.perf_counter() - t0)
+                if len(times) >= MIN_REPEATS and time.perf_counter() - started > self.max_seconds:
+                    break
+        return times
+
+    def overhead(self) -> float:
+        """Seconds the loop itself takes per pass (clock and synchronisation around nothing)."""
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            self.backend.synchronize()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def measure_latency(timer: _Timer, batch: Any, batch_size: int, budget_s: float, percentile: float,
+                    phase: str) -> tuple[LatencyPoint, list[float]]:
+    """One size's latency distribution; also the raw seconds (for the simulation's spread)."""
+    import numpy as np
+
+    times = np.asarray(timer.passes(batch))
+    p50, p90, p99, chosen = np.percentile(times, [50, 90, 99, percentile])
+    mean = float(times.mean())
+    point = LatencyPoint(batch_size, 1e3 * float(p50), 1e3 * float(p90), 1e3 * float(p99), 1e3 * mean,
+                         1e3 * float(chosen), len(times), batch_size / mean, bool(chosen <= budget_s), phase)
+    log.info("  %-7s batch %7d: p50 %.2f ms, p%g %.2f ms (%d passes)", phase, batch_size, point.p50_ms,
+             percentile, point.at_percentile_ms, len(times))
+    return point, list(times)
+
+
+class _Curve:
+    """The latency curve as it is measured: each size once, its batch drawn from the data set."""
+
+    def __init__(self, timer: _Timer, dataset: Any, seed: int, budget_s: float, percentile: float,
+                 collate_fn: Any = None) -> None:
+        self.timer, self.dataset, self.seed, self.collate_fn = timer, dataset, seed, collate_fn
+        self.budget_s, self.percentile = budget_s, percentile
+        self.points: dict[int, LatencyPoint] = {}
+        self.raw: dict[int, list[float]] = {}
+
+    def batch(self, batch_size: int) -> Any:
+        """A batch of ``batch_size`` samples as the data set gives them (with replacement past its size)."""
+        from batchtune.engine.data import batches
+
+        padding = {"collate_fn": self.collate_fn} if self.collate_fn is not None else {}
+        return next(batches(self.dataset, batch_size, seed=self.seed, **padding))
+
+    def meets(self, batch_size: int, phase: str) -> bool:
+        if batch_size not in self.points:
+            point, raw = measure_latency(self.timer, self.batch(batch_size), batch_size, self.budget_s,
+                                         self.percentile, phase)
+            self.points[batch_size], self.raw[batch_size] = point, raw
+        return self.points[batch_size].meets_budget
+
+
+def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity: int) -> int | None:
+    """Measure powers of two (× ``min_batch_size``) up to the first size past the budget or the
+    ceiling, then bisect the crossing to one granule; the largest size that meets the budget."""
+    from batchtune.memory.search import align_down
+
+    last_ok, first_bad, size = None, None, min_batch_size
+    while size <= ceiling:
+        if not curve.meets(size, "power"):
+            first_bad = size
+            break
+        last_ok, size = size, size * 2
+    if first_bad is None and last_ok is not None and last_ok < ceiling:
+        if curve.meets(ceiling, "ceiling"):
+            last_ok = ceiling
+        else:
+            first_bad = ceiling
+    # Latency is noisy: bisect to about 1.5% of the size (one granule for small sizes), not below it.
+    while last_ok is not None and first_bad is not None and first_bad - last_ok > max(
+            granularity, align_down(last_ok / 64, granularity)):
+        mid = min(max(align_down((last_ok + first_bad) / 2, granularity), last_ok + granularity),
+                  first_bad - granularity)
+        if curve.meets(mid, "bisect"):
+            last_ok = mid
+        else:
+            first_bad = mid
+    meeting = [b for b, p in curve.points.items() if p.meets_budget]
+    return max(meeting) if meeting else None
+
+
+# ---------------------------------------------------------------------------- dynamic batching
+
+
+def dynamic_batching(points: list[LatencyPoint], raw: dict[int, list[float]], max_batch_size: int | None, *,
+                     rate: float, budget_s: float, percentile: float, seed: int) -> tuple[dict[str, Any] | None,
+                                                                                             str | None]:
+    """The simulated batcher setting for ``rate`` on the measured curve: (JSON ``dynamic``, or None
+    and why not). The curve is the sizes' medians; each batch's time is scaled by a measured
+    latency-over-median ratio drawn at random, so the simulation keeps the measured spread."""
+    import numpy as np
+
+    from batchtune.stats.batching import ServiceCurve, choose_setting
+
+    sizes = sorted(p.batch_size for p in points if p.phase != "bisect" or p.batch_size == max_batch_size)
+    medians = {b: float(np.median(raw[b])) for b in sizes}
+    ratios = np.concatenate([np.asarray(raw[b]) / medians[b] for b in sizes])
+    curve = ServiceCurve.from_points(sizes, [medians[b] for b in sizes], ratios)
+    grid = [b for b in sizes if max_batch_size is None or b <= max_batch_size] or sizes[:1]
+    choice = choose_setting(curve, grid, rate=rate, budget_s=budget_s, percentile=percentile, seed=seed)
+    summary = {"rate": rate, "settings_simulated": len(choice.settings), "requests": choice.requests,
+               "simulation_seconds": round(choice.seconds, 3), "capacity": choice.capacity,
+               "capacity_batch": choice.capacity_batch}
+    if choice.best is None:
+        return None, _no_setting(choice, summary)
+    best = choice.best
+    return {"max_batch_size": best.max_batch_size, "max_queue_delay_ms": 1e3 * best.max_queue_delay,
+            "p50_ms": 1e3 * best.p50, "p90_ms": 1e3 * best.p90, "p99_ms": 1e3 * best.p99,
+            "at_percentile_ms": 1e3 * best.at_percentile, "throughput": best.served_per_busy_s,
+            "utilisation": best.utilisation, "mean_batch": best.mean_batch,
+            "frontier": _frontier(choice), **summary}, None
+
+
+def _no_setting(choice: Any, summary: dict[str, Any]) -> str:
+    if choice.reason == "rate":
+        devices = math.ceil(choice.rate / choice.capacity) if choice.capacity > 0 else None
+        return (f"no setting sustains {choice.rate:g} requests/s: full batches of {choice.capacity_batch} serve at "
+                f"most {choice.capacity:,.0f}/s on one device" + (f"; {devices} devices would" if devices else ""))
+    sustaining = [s for s in choice.settings if s.sustains]
+    best = min(sustaining, key=lambda s: s.at_percentile)
+    return (f"settings sustain {choice.rate:g} requests/s, but none keeps p{choice.percentile:g} within "
+            f"{1e3 * choice.budget_s:g} ms (best: {1e3 * best.at_percentile:.1f} ms at max batch "
+            f"{best.max_batch_size}, delay {1e3 * best.max_queue_delay:.2f} ms)")
+
+
+def _frontier(choice: Any) -> list[dict[str, float]]:
+    """Each simulated setting's (latency at the percentile, throughput per device), for the plot."""
+    return [{"max_batch_size": s.max_batch_size, "max_queue_delay_ms": 1e3 * s.max_queue_delay,
+             "at_percentile_ms": 1e3 * s.at_percentile, "throughput": s.served_per_busy_s, "sustains": s.sustains}
+            for s in choice.settings]
+
+
+# ---------------------------------------------------------------------------- request lengths
+
+
+def _lengths(components: Any, limit: int = 4096) -> tuple[list[int], str]:
+    """Samples' lengths and where they come from: the components' own reading for variable-length
+    data (``data.length_key``, else the largest dimension), else the first ``limit`` samples' largest
+    tensor dimension."""
+    if getattr(components, "variable_length", False):
+        key = components.length_key
+        return list(components.lengths()), (f"data.length_key {key!r}" if key is not None
+                                             else "each sample's largest tensor dimension")
+    from batchtune.engine.data import tensors
+
+    dataset = components.train_set
+    n = min(len(dataset), limit)
+    out = [max((max(t.shape, default=1) for t in tensors(dataset[i])), default=1) for i in range(n)]
+    return out, f"each sample's largest tensor dimension (first {n:,} samples)"
+
+
+def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str, Any]:
+    """Latency at ``batch_size`` by length bucket (quartiles of the lengths), the worst case (the
+    longest samples) and a random mix; the gain of bucketing is the mix's mean latency over the
+    buckets' share-weighted mean (the same requests, padded to their bucket instead of their batch)."""
+    import numpy as np
+
+    lengths, source = _lengths(components)
+    arr = np.asarray(lengths)
+    out: dict[str, Any] = {"source": source, "samples": len(lengths), "min": int(arr.min()), "max": int(arr.max()),
+                           "median": float(np.median(arr)), "batch_size": batch_size, "buckets": []}
+    collate = getattr(components, "collate", None)
+    if arr.min() == arr.max() or collate is None or not getattr(components, "variable_length", False):
+        out["note"] = ("every request has the same length: one bucket, nothing to gain from bucketing"
+                       if arr.min() == arr.max() else
+                       "lengths vary, but the spec names no data.collate to pad them: not measured by bucket")
+        return out
+    edges = sorted({int(np.percentile(arr, q, method="lower")) for q in (25, 50, 75)} | {int(arr.max())})
+    rng = np.random.default_rng(curve.seed)
+    low = int(arr.min()) - 1
+    for edge in edges:
+        members = np.flatnonzero((arr > low) & (arr <= edge))
+        if members.size:
+            picks = rng.choice(members, size=batch_size, replace=members.size < batch_size)
+            point = _measured(curve, collate, picks, batch_size, f"bucket≤{edge}")
+            out["buckets"].append({"lengths": [low + 1, edge], "share": members.size / arr.size,
+                                   **_bucket_row(point)})
+        low = edge
+    longest = np.argsort(-arr, kind="stable")[:batch_size]
+    out["worst"] = _bucket_row(_measured(curve, collate, longest, batch_size, "longest"))
+    out["mixed"] = _bucket_row(_measured(curve, collate, rng.choice(arr.size, size=batch_size), batch_size, "mixed"))
+    bucketed = sum(b["share"] * b["mean_ms"] for b in out["buckets"])
+    out["bucketed_mean_ms"] = bucketed
+    out["gain"] = out["mixed"]["mean_ms"] / bucketed if bucketed > 0 else None
+    return out
+
+
+def _measured(curve: _Curve, collate: Any, indices: Any, batch_size: int, phase: str) -> LatencyPoint:
+    dataset = curve.dataset
+    batch = collate([dataset[int(i)] for i in indices])
+    point, _ = measure_latency(curve.timer, batch, batch_size, curve.budget_s, curve.percentile, phase)
+    return point
+
+
+def _bucket_row(point: LatencyPoint) -> dict[str, Any]:
+    return {"p50_ms": point.p50_ms, "p99_ms": point.p99_ms, "at_percentile_ms": point.at_percentile_ms,
+            "mean_ms": point.mean_ms, "meets_budget": point.meets_budget, "samples_per_s": point.samples_per_s}
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _setup(spec: Any, backend: Any) -> tuple[Any, Any, Any, Any]:
+    """(spec, components, backend, model): the model built once, on the device, counted as the baseline."""
+    from batchtune.config.components import build_components
+    from batchtune.config.spec import Spec, load_spec
+    from batchtune.engine.host import set_threads
+    from batchtune.memory.device import backend_for_spec
+
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec, training=False)
+    set_threads(spec.device.threads)
+    components = build_components(spec)
+    backend = backend if backend is not None else backend_for_spec(spec)
+    model = components.build_model(spec.seed).to(backend.device)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    return spec, components, backend, model
+
+
+def _check_options(percentile: float, rate: float | None, repeats: int, budget_s: float) -> None:
+    if not (0 < percentile <= 100):
+        raise ServeInputError(f"--percentile must be in (0, 100], got {percentile:g}")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ServeInputError(f"--rate must be a positive number of requests per second, got {rate:g}")
+    if repeats < MIN_REPEATS:
+        raise ServeInputError(f"--repeats must be at least {MIN_REPEATS}, got {repeats}")
+    if not (math.isfinite(budget_s) and budget_s > 0):
+        raise ServeInputError(f"--latency-budget must be a positive duration, got {budget_s!r} s")
+
+
+def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rate: float | None = None,
+              repeats: int = 100, max_seconds_per_size: float = 5.0, buckets: bool = True,
+              backend: Any = None) -> ServeResult:
+    """The inference ceiling, the latency curve and the batch sizes for a latency budget.
+
+    Args:
+        spec: a Spec, or a path (loaded without the training keys: only model and data are needed).
+        latency_budget: seconds the chosen percentile of a batch's latency may take.
+        percentile: which latency percentile the budget bounds.
+        rate: requests per second (Poisson) for the dynamic batcher; None: no simulation.
+        repeats: timed passes per size after warm-up (fewer past ``max_seconds_per_size``, at least 20).
+        buckets: report request lengths (and measure by length bucket when they vary).
+        backend: a device backend instead of the spec's.
+
+    Raises:
+        ServeInputError: an option out of range. SpecError: the spec.
+    """
+    _check_options(percentile, rate, repeats, latency_budget)
+    started = time.perf_counter()
+    spec, components, backend, model = _setup(spec, backend)
+    p = spec.probe
+    log.info("serve %s: inference ceiling ...", spec.name)
+    outcome, trials = inference_ceiling(spec, _worst_case(components), backend, model)
+    result = ServeResult(spec.name, 1e3 * latency_budget, percentile, outcome.ceiling, outcome.capped, p.granularity,
+                         backend.capacity_bytes(), outcome.model, _trial_rows(trials, outcome), None, [], 0.0,
+                         backend.describe(), spec.precision, rate=rate)
+    result.seconds["ceiling"] = time.perf_counter() - started
+    if outcome.ceiling is None:
+        result.notes.append(f"not even probe.min_batch_size ({p.min_batch_size}) fits for inference")
+        return result
+    model.eval()
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size)
+    result.overhead_ms = 1e3 * timer.overhead()
+    curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
+                   getattr(components, "collate_fn", None))
+    log.info("serve %s: latency up to %d ...", spec.name, outcome.ceiling)
+    result.max_batch_size = latency_curve(curve, p.min_batch_size, outcome.ceiling, p.granularity)
+    result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
+    result.seconds["latency"] = time.perf_counter() - started - result.seconds["ceiling"]
+    if rate is not None:
+        result.dynamic, result.dynamic_reason = dynamic_batching(
+            result.points, curve.raw, result.max_batch_size, rate=rate, budget_s=latency_budget,
+            percentile=percentile, seed=spec.seed)
+    if buckets:
+        result.lengths = length_buckets(curve, components, result.max_batch_size or p.min_batch_size)
+    result.notes += _notes(result, p)
+    result.seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def _worst_case(components: Any) -> Any:
+    """Variable-length data: the components whose batches hold the longest samples (the memory worst case)."""
+    try:
+        from batchtune.engine.data import worst_case
+    except ImportError:  # fixed-length data only
+        return components
+    return worst_case(components)
+
+
+def _trial_rows(trials: list[Any], outcome: Any) -> list[dict[str, Any]]:
+    rows = [{"batch_size": t.batch_size, "fits": t.result.fits, "peak_bytes": t.result.compute_peak_bytes,
+             "seconds": round(t.result.seconds, 4), "phase": t.phase} for t in trials]
+    for row, (_, phase, _) in zip(rows, outcome.phases):
+        row["phase"] = phase
+    return rows
+
+
+def _notes(result: ServeResult, p: Any) -> list[str]:
+    notes = []
+    if result.capped:
+        notes.append(f"the inference ceiling is the largest size searched ({result.ceiling:,}: probe.max_batch_size "
+                     "or the training set's size); the device may hold more")
+    if result.max_batch_size is None and result.points:
+        first = result.points[0]
+        notes.append(f"even batch {first.batch_size} takes {first.at_percentile_ms:.2f} ms at p{result.percentile:g}, "
+                     f"over the {result.budget_ms:g} ms budget")
+    elif result.max_batch_size == result.ceiling:
+        notes.append("memory, not the latency budget, sets the largest batch: every size up to the ceiling meets it")
+    small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
+    if small:
+        need = math.ceil(100 / (100 - result.percentile))
+        notes.append(f"p{result.percentile:g} needs at least {need} passes to see one beyond it; {len(small)} of "
+                     f"{len(result.points)} sizes had fewer (--repeats, or the time cap per size): their tails are rough")
+    return notes
+
+
+# ---------------------------------------------------------------------------- check --serve
+
+
+@dataclass
+class ServeCheck:
+    """``check --serve``: does the intended serving batch fit, and does it meet the latency budget?"""
+
+    name: str
+    batch_size: int
+    budget_ms: float
+    percentile: float
+    checks: list[dict[str, Any]]  # name, status (pass | fail | skip), reason, figures
+    device: dict[str, Any]
+    precision: str
+    capacity_bytes: int | None
+    seconds: float
+    point: LatencyPoint | None = None
+
+    def exit_code(self, strict: bool = False) -> int:
+        """1 when a check failed (as ``check``'s other failures), else 0."""
+        return 1 if any(c["status"] == "fail" for c in self.checks) else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = "fail" if self.exit_code() else "pass"
+        return out
+
+
+def _serving_batch(spec: Any, batch_size: int | None) -> int:
+    if batch_size is not None:
+        return batch_size
+    if spec.train is not None:
+        return spec.train.batch_size
+    raise ServeInputError("check --serve needs the serving batch: give --batch-size (or train.batch_size in the spec)")
+
+
+def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.0, batch_size: int | None = None,
+                    repeats: int = 100, backend: Any = None) -> ServeCheck:
+    """Run the serving batch forward only on the device (memory counted), then time it.
+
+    Checks: ``serve_fits`` (fails on an out-of-memory) and ``latency`` (fails when the chosen
+    percentile is over the budget; skipped when the batch does not fit).
+    """
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+
+    _check_options(percentile, None, repeats, latency_budget)
+    started = time.perf_counter()
+    spec, components, backend, model = _setup(spec, backend)
+    size = _serving_batch(spec, batch_size)
+    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
+    trainer = Trainer(_worst_case(components), backend, spec.precision, workload=workload)
+    trial = trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, steps=spec.probe.steps_per_trial,
+                                     grad_clip=None), model=model)
+    capacity = backend.capacity_bytes()
+    fits = _fits_verdict(trial, capacity)
+    checks, point = [fits], None
+    if trial.fits:
+        model.eval()
+        timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0)
+        curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
+                       getattr(components, "collate_fn", None))
+        point, _ = measure_latency(timer, curve.batch(size), size, latency_budget, percentile, "check")
+        q = f"p{percentile:g}"
+        checks.append({"name": "latency", "status": "pass" if point.meets_budget else "fail",
+                       "reason": f"{q} {_fmt_ms(point.at_percentile_ms)} ms {'≤' if point.meets_budget else '>'} "
+                                 f"{1e3 * latency_budget:g} ms budget (p50 {_fmt_ms(point.p50_ms)} ms over "
+                                 f"{point.repeats} passes; {point.samples_per_s:,.0f} samples/s)",
+                       "figures": asdict(point)})
+    else:
+        checks.append({"name": "latency", "status": "skip", "reason": "not measured: the batch does not fit",
+                       "figures": {}})
+    return ServeCheck(spec.name, size, 1e3 * latency_budget, percentile, checks, backend.describe(), spec.precision,
+                      capacity, time.perf_counter() - started, point)
+
+
+def _fmt_ms(x: float) -> str:
+    return f"{x:.3g}" if x < 1 else f"{x:.2f}"
+
+
+def _fits_verdict(trial: Any, capacity: int | None) -> dict[str, Any]:
+    from batchtune.render.text import format_bytes
+
+    figures = {"peak_bytes": trial.compute_peak_bytes, "capacity_bytes": capacity, "error": trial.error}
+    if not trial.fits:
+        return {"name": "serve_fits", "status": "fail", "figures": figures,
+                "reason": f"out of memory at batch {trial.batch_size} running forward only ({trial.error})"}
+    room = f" of {format_bytes(capacity)}, {1 - trial.compute_peak_bytes / capacity:.0%} free" if capacity else ""
+    return {"name": "serve_fits", "status": "pass", "figures": figures,
+            "reason": f"forward-only peak {format_bytes(trial.compute_peak_bytes)}{room}"}
