@@ -348,7 +348,7 @@ def _fits(state: _CheckRun) -> CheckResult:
     stamps: list[float] = []
     config = trial_config(spec, shape, lr=state.lr, steps=steps, validate=True, eval_samples=shape.micro_batch_size)
     try:
-        fit = state.trainer.run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        fit = _worst_case_trainer(state).run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
@@ -362,6 +362,23 @@ def _fits(state: _CheckRun) -> CheckResult:
     state.fit = fit
     state.step_seconds = (stamps[-1] - stamps[-2]) if len(stamps) >= 2 else fit.train_seconds / max(fit.steps, 1)
     return verdict
+
+
+def _worst_case_trainer(state: _CheckRun) -> Any:
+    """The trainer for the fits run: for variable-length data, one whose every batch is the longest
+    samples, padded as collated (the batch that would run out of memory hours into the job)."""
+    from batchtune.engine.data import worst_case
+    from batchtune.engine.trial import Trainer
+
+    trainer = state.trainer
+    components = worst_case(trainer.components)
+    if components is trainer.components:
+        return trainer
+    lengths = components.train_set.lengths
+    state.notes.append(f"variable-length data: fits is judged on the longest batch, the {state.shape.micro_batch_size:,} "
+                       f"longest samples ({lengths[0]:,} tokens at most) padded as collated; a random batch would "
+                       "hide it")
+    return Trainer(components, trainer.backend, trainer.precision, trainer.dist)
 
 
 def _stop_if_timed_out(state: _CheckRun, result: Any) -> None:

@@ -65,6 +65,9 @@ class ProbeResult:
     notes: list[str] = field(default_factory=list)
     confirm_steps: int | None = None  # optimizer steps the confirmation ran before its validation pass
     estimate: dict[str, Any] | None = None  # strategy "estimate": the traced steps' figures (memory/estimate.py)
+    # variable-length data (data.collate / data.length_key): the ceiling is the worst case's; the token
+    # budget and both batchings measured (commands/varlen.py TokenBudget.to_dict())
+    variable_length: dict[str, Any] | None = None
 
     @property
     def search_trials(self) -> int:
@@ -113,7 +116,10 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
 
     from batchtune.engine.host import LoadMeter, set_threads
 
+    from batchtune.engine.data import worst_case
+
     spec, components, backend = _setup(spec, backend, components)
+    data_components, components = components, worst_case(components)  # the longest samples, as collated
     log.info("probing %s ...", spec.name)
     meter, (threads, threads_from) = LoadMeter.start(), set_threads(spec.device.threads)
     p = spec.probe
@@ -141,6 +147,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
                                  "raise probe.max_batch_size")
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
     notes += _loss_notes(source.trials)
+    varlen = _variable_length(spec, data_components, source, backend, dist, outcome.ceiling, confirmation.batch_size)
     source.close()
     backend.cleanup()
     load = meter.reading(threads)
@@ -158,8 +165,18 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         confirm_val_loss=confirmation.val_loss, confirm_steps=confirmation.steps,
         memory_returned=max_leak <= 0, max_leaked_bytes=max_leak, trials=_probe_trials(source.trials, outcome),
         device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
-                "load": load}, precision=spec.precision, notes=notes,
+                "load": load}, precision=spec.precision, notes=notes, variable_length=varlen,
     )
+
+
+def _variable_length(spec: Any, components: Any, source: DeviceMemorySource, backend: Any, dist: Any,
+                     ceiling: int | None, safe: int | None) -> dict[str, Any] | None:
+    """For variable-length data, the worst case and the token budget, both batchings timed (None otherwise)."""
+    if not components.variable_length:
+        return None
+    from batchtune.commands.varlen import token_budget
+
+    return token_budget(spec, components, (source.model, backend, dist), ceiling, safe).to_dict()
 
 
 SEEDED = "estimate-seeded"

@@ -9,24 +9,26 @@ A factory that raises while building (a missing file, an argument out of range) 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import Spec, SpecError
 
-__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "to_device"]
+__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "sample_length",
+           "to_device"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -209,9 +211,40 @@ def _make_loss(spec: Spec) -> LossFn:
     return loss_fn
 
 
+def _extent(value: Any) -> int:
+    """A field's length: a tensor's or array's largest dimension, a sequence's len(), 1 for a scalar."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return max((int(d) for d in shape), default=1)
+    if isinstance(value, (list, tuple, str, bytes)):
+        return len(value)
+    return 1
+
+
+def sample_length(sample: Any, length_key: str | int | None = None) -> int:
+    """A sample's length: its ``length_key`` field's, else its largest tensor dimension (or list length).
+
+    Raises:
+        KeyError: the sample has no field ``length_key``.
+    """
+    if length_key is not None:
+        try:
+            return _extent(sample[length_key])
+        except (KeyError, IndexError, TypeError):
+            fields = list(sample) if isinstance(sample, dict) else f"{type(sample).__name__} of {len(sample)}" \
+                if isinstance(sample, (tuple, list)) else type(sample).__name__
+            raise KeyError(f"a sample has no field {length_key!r} (it holds {fields})") from None
+    values = sample.values() if isinstance(sample, dict) else sample if isinstance(sample, (tuple, list)) else [sample]
+    return max((_extent(v) for v in values), default=1)
+
+
 @dataclass
 class Components:
-    """What a spec builds: a model factory, the data, a loss and an optimizer factory."""
+    """What a spec builds: a model factory, the data, a loss and an optimizer factory.
+
+    Variable-length data also brings a ``collate_fn`` (the spec's ``data.collate``) and a
+    ``length_key``; :meth:`lengths` reads every training sample's length once and keeps it.
+    """
 
     spec: Spec
     model_factory: Callable[..., nn.Module]
@@ -219,6 +252,41 @@ class Components:
     val_set: Dataset
     loss_fn: LossFn
     optimizer_factory: Callable[..., torch.optim.Optimizer]
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    length_key: str | int | None = None
+    _lengths: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def variable_length(self) -> bool:
+        """Whether samples differ in length (the spec names a collate function or a length key)."""
+        return self.collate_fn is not None or self.length_key is not None
+
+    def collate(self, samples: list[Any]) -> Any:
+        """``samples`` as one batch, as the data loader collates them."""
+        return (self.collate_fn or default_collate)(samples)
+
+    def lengths(self, dataset: Dataset | None = None) -> list[int]:
+        """Every sample's length (default: the training set's), in one pass, cached.
+
+        A data set with a ``lengths`` attribute (one int per sample) is read from it instead.
+
+        Raises:
+            ComponentError: reading a sample raised, or it has no ``length_key`` field.
+        """
+        dataset = self.train_set if dataset is None else dataset
+        if id(dataset) not in self._lengths:
+            given = getattr(dataset, "lengths", None)
+            if given is not None and len(given) == len(dataset):
+                self._lengths[id(dataset)] = [int(n) for n in given]
+            else:
+                key = "data.length_key" if self.length_key is not None else "data"
+
+                def read(index: int) -> int:
+                    return sample_length(dataset[index], self.length_key)
+
+                self._lengths[id(dataset)] = [_build(self.spec, key, "reading a sample's length", read, i)
+                                              for i in range(len(dataset))]
+        return self._lengths[id(dataset)]
 
     def build_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialised model (seeded, so trials at one seed start alike)."""
@@ -299,6 +367,7 @@ def build_components(spec: Spec) -> Components:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise spec.error("data", f"the data factory must return (train_dataset, val_dataset), got {type(data).__name__}")
     train_set, val_set = data
+    collate_fn = _make_collate(spec) if spec.data.collate is not None else None
     for which, dataset in (("train", train_set), ("validation", val_set)):
         try:
             n = len(dataset)
@@ -306,4 +375,34 @@ def build_components(spec: Spec) -> Components:
             raise spec.error("data", f"the {which} dataset has no len(); batchtune needs map-style datasets") from None
         if n == 0:
             raise spec.error("data", f"the {which} dataset is empty")
-    return Components(spec, model_factory, train_set, val_set, loss_fn, optimizer_factory)
+    if collate_fn is not None:  # a collate function that cannot batch one sample fails here, not mid-probe
+        _build(spec, _source_key(spec.data.collate, "data.collate"), "the collate function", collate_fn, [train_set[0]])
+    return Components(spec, model_factory, train_set, val_set, loss_fn, optimizer_factory, collate_fn,
+                      spec.data.length_key)
+
+
+def _make_collate(spec: Spec) -> Callable[[list[Any]], Any]:
+    """The collate function ``data.collate`` names: a function (its kwargs bound) or a class's instance.
+
+    Raises:
+        SpecError: it cannot be imported or does not take its kwargs.
+        ComponentError: building the collator raised.
+    """
+    from batchtune.config.builtins import BUILTIN_COLLATES
+
+    entry = spec.data.collate
+    factory = _resolve(entry, BUILTIN_COLLATES, spec, "data.collate")
+    if inspect.isclass(factory):  # Hugging Face style: DataCollatorWithPadding(tokenizer=...)
+        _check_kwargs(factory, entry.kwargs, spec, "data.collate.kwargs")
+        key = "data.collate.kwargs" if entry.kwargs else _source_key(entry, "data.collate")
+        return _build(spec, key, f"the collator {_factory_name(entry)}", factory, **entry.kwargs)
+    first = next(iter(_parameters(factory)), None)
+    _check_kwargs(factory, entry.kwargs, spec, "data.collate.kwargs", skip=(first,) if first else ())
+    return functools.partial(factory, **entry.kwargs) if entry.kwargs else factory
+
+
+def _parameters(fn: Callable[..., Any]) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS
+from batchtune.config.builtins import BUILTIN_COLLATES, BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = [
     "Spec",
@@ -146,9 +146,20 @@ class ModelSpec(Component):
     builtins: ClassVar[dict[str, str]] = BUILTIN_MODELS
 
 
+class CollateSpec(Component):
+    """The collate (padding) function for variable-length samples: a callable taking a list of
+    samples, or a class whose instance is one (built with ``kwargs``, as Hugging Face's collators)."""
+
+    builtins: ClassVar[dict[str, str]] = BUILTIN_COLLATES
+
+
 class DataSpec(Component):
     builtins: ClassVar[dict[str, str]] = BUILTIN_DATA
     num_workers: NonNegativeInt = 0
+    # variable-length data: the probe and check's fits verdict run the longest samples, as collated
+    collate: CollateSpec | None = None
+    # the field (dict key or tuple index) whose length is a sample's; default its largest tensor dimension
+    length_key: str | NonNegativeInt | None = None
 
 
 class LossTarget(_Strict):

@@ -8,27 +8,115 @@ the host's memory allow.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, default_collate
 
 from batchtune.config.components import batch_size_of, to_device
 from batchtune.engine.distributed import DistContext
 from batchtune.memory.device import DeviceBackend
 
-__all__ = ["BatchLimit", "Feed", "batch_limit", "batches", "halves", "loader_kind", "sample_bytes", "tensors"]
+__all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "halves", "loader_kind",
+           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
 
 
-def loader_kind(dataset: Dataset, num_workers: int = 0) -> str:
+class LongestFirst(Dataset):
+    """A data set ordered longest sample first: :func:`batches` draws every batch from its head,
+    so a batch of ``b`` holds the ``b`` longest samples (the worst case, once collated).
+
+    Args:
+        dataset: the samples.
+        lengths: each sample's length, in the data set's order.
+    """
+
+    def __init__(self, dataset: Dataset, lengths: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+        self.lengths = [lengths[i] for i in self.order]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.order[index]]
+
+
+class PlannedBatches(Dataset):
+    """A data set whose batches are given as lists of sample indices, taken in order and cycled
+    (how a length-bucketed sampler would batch it; :func:`batches` follows the plan)."""
+
+    def __init__(self, dataset: Dataset, plan: list[list[int]]) -> None:
+        if not plan or not all(plan):
+            raise ValueError("a batch plan needs at least one non-empty batch")
+        self.dataset = dataset
+        self.plan = plan
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def worst_case(components: Any) -> Any:
+    """``components`` whose training batches are the longest samples, collated (itself for
+    fixed-length data): what the probe and check's fits run measure."""
+    if not components.variable_length:
+        return components
+    return dataclasses.replace(components, train_set=LongestFirst(components.train_set, components.lengths()))
+
+
+def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
+    """One epoch of shuffled fixed-size batches of ``n`` samples (the last partial one dropped;
+    one batch with repeats when ``n < batch_size``)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    if n < batch_size:
+        return [[order[i % n] for i in range(batch_size)]]
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Length-bucketed batches: samples sorted by length, cut into batches of at most
+    ``max_tokens`` padded tokens (rows × the batch's longest), the batches then shuffled.
+
+    A sample longer than ``max_tokens`` makes a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def padding_waste(lengths: Sequence[int], plan: list[list[int]]) -> float:
+    """The share of padded tokens that are padding, over the batches of ``plan``."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
+    real = sum(lengths[i] for b in plan for i in b)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def loader_kind(dataset: Dataset, num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None) -> str:
     """Which loader :func:`batches` uses for ``dataset``, in words for the report."""
-    if _indexable(dataset, num_workers):
+    if isinstance(dataset, LongestFirst):
+        return "the longest samples, collated (the worst case)"
+    if _indexable(dataset, num_workers) and collate_fn is None:
         return "in-memory tensors indexed once per batch"
     workers = f", {num_workers} worker{'s' * (num_workers != 1)}" if num_workers else ", in the main process"
     return f"DataLoader (per-sample fetch and collate{workers})"
@@ -39,18 +127,24 @@ def _indexable(dataset: Dataset, num_workers: int) -> bool:
 
 
 def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0, pin: bool = False,
-            dist: DistContext | None = None) -> Iterator[Any]:
+            dist: DistContext | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> Iterator[Any]:
     """Shuffled batches forever, epoch after epoch; sampled with replacement if the set is smaller.
 
     Under several ranks each takes its own shard of one shared shuffle. An in-memory
     ``TensorDataset`` is indexed once per batch, as a careful user's loop would, instead of
     fetching and collating sample by sample (12–113× faster per batch at 32–2048 samples of
-    32 floats: benchmarks/README.md).
+    32 floats: benchmarks/README.md). ``collate_fn`` (default torch's) makes a batch of
+    samples; a :class:`LongestFirst` set gives its ``batch_size`` longest samples every time,
+    a :class:`PlannedBatches` set its planned batches in order.
     """
-    if _indexable(dataset, num_workers):
+    if isinstance(dataset, (LongestFirst, PlannedBatches)):
+        yield from _fixed(dataset, batch_size, collate_fn or default_collate, pin)
+        return
+    if _indexable(dataset, num_workers) and collate_fn is None:
         yield from _indexed(dataset, batch_size, seed=seed, pin=pin, dist=dist)
         return
-    loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0}
+    loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0,
+                      "collate_fn": collate_fn}
     seed, shard = _sharding(len(dataset), batch_size, seed, dist)
     if shard is not None:
         from torch.utils.data.distributed import DistributedSampler
@@ -102,6 +196,19 @@ def _indexed(dataset: TensorDataset, batch_size: int, *, seed: int, pin: bool,
             index = order[start:start + batch_size]
             batch = [t[index] for t in dataset.tensors]  # a list, like the DataLoader's collate
             yield [t.pin_memory() for t in batch] if pin else batch
+
+
+def _fixed(dataset: LongestFirst | PlannedBatches, batch_size: int, collate: Callable[[list[Any]], Any],
+           pin: bool) -> Iterator[Any]:
+    """The worst-case or planned batches, collated afresh each time as a loader would."""
+    if isinstance(dataset, PlannedBatches):
+        plan = dataset.plan
+    else:
+        plan = [[i % len(dataset) for i in range(batch_size)]]  # repeats only past the data set's size
+    while True:
+        for index in plan:
+            batch = collate([dataset[i] for i in index])
+            yield tree_map(lambda t: t.pin_memory() if isinstance(t, torch.Tensor) else t, batch) if pin else batch
 
 
 def halves(batch: Any) -> list[Any]:

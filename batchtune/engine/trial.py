@@ -316,7 +316,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
-        batches = iter(DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False))
+        batches = iter(DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False,
+                                  collate_fn=self.components.collate_fn))
         try:
             while True:
                 with self.backend.paused():
@@ -410,7 +411,8 @@ class Trainer:
             model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
         work = self.workload(self, model, config)
         stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
-                         num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist)
+                         num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist,
+                         collate_fn=comps.collate_fn)
         run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size),
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:

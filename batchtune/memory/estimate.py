@@ -380,6 +380,7 @@ class _Trainer:
     dist: Any
     scale_carry: Any
     backend: _Backend = field(default_factory=_Backend)
+    strategy: str = "none"  # one process, no sharding: the trace is of one rank's whole step
 
 
 class _TracedScaler(torch.amp.GradScaler):
@@ -468,9 +469,14 @@ class StepTracer:
         self.points: list[EstimatePoint] = []
 
     def _sample(self) -> Any:
-        """One collated training sample (real, tiny): the batches' structure, dtypes and shapes."""
+        """One collated training sample (real, tiny): the batches' structure, dtypes and shapes; for
+        variable-length data the longest, so that every traced batch is the worst case."""
+        components = self.components
         try:
-            return default_collate([self.components.train_set[0]])
+            if getattr(components, "variable_length", False):  # the longest sample, padded as collated
+                lengths = components.lengths()
+                return components.collate([components.train_set[max(range(len(lengths)), key=lengths.__getitem__)]])
+            return default_collate([components.train_set[0]])
         except Exception as exc:  # noqa: BLE001 - the user's data set
             raise EstimateError(f"cannot estimate: reading the first training sample raised "
                                 f"{type(exc).__name__}: {exc}"[:300]) from exc

@@ -48,7 +48,36 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
                                      f"max error {model.max_relative_error:.2%})"))
     if estimated and result.estimate:
         rows.append(("estimate", _estimate_text(result.estimate)))
+    if getattr(result, "variable_length", None):
+        rows += _varlen_rows(result.variable_length)
     return rows
+
+
+def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
+    """Variable-length data: what the ceiling counts, then the fixed batch against the token budget."""
+    worst = (f"the ceiling counts samples of the longest batch: the longest samples ({v['longest']:,} tokens) "
+             f"padded as collated; {v['samples']:,} samples, median {v['median_length']:g} tokens")
+    if v.get("random_longest") is not None:
+        worst += f"; a random batch of the safe size pads to {v['random_longest']:g} (median)"
+    rows = [("worst case", worst)]
+    fixed, bucketed = v.get("fixed"), v.get("bucketed")
+    if fixed is None or bucketed is None:
+        return rows
+    rows.append(("fixed batch", f"{fixed['mean_rows']:g} samples: {_batching_text(fixed)}"))
+    speedup = (f" ({bucketed['tokens_per_s'] / fixed['tokens_per_s']:.2f}× the fixed batch)"
+               if bucketed.get("tokens_per_s") and fixed.get("tokens_per_s") else "")
+    rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest), length-bucketed, "
+                                 f"{bucketed['mean_rows']:.0f} samples a batch on average: "
+                                 f"{_batching_text(bucketed)}{speedup}"))
+    return rows
+
+
+def _batching_text(b: dict[str, Any]) -> str:
+    if b.get("fits") is False:
+        return f"padding {b['padding_waste']:.1%} of tokens; ran out of memory"
+    rate = f", {b['tokens_per_s']:,.0f} tokens/s" if b.get("tokens_per_s") else ""
+    peak = f", peak {format_bytes(b['peak_bytes'])}" if b.get("peak_bytes") else ""
+    return f"padding {b['padding_waste']:.1%} of tokens{rate}{peak}"
 
 
 def _estimate_text(e: dict[str, Any]) -> str:

@@ -14,6 +14,11 @@ BUILTIN_DATA: dict[str, str] = {
     "synthetic_classification": "batchtune.config.builtins.data:synthetic_classification",
     "digits": "batchtune.config.builtins.data:digits",
     "char_text": "batchtune.config.builtins.data:char_text",
+    "text_lines": "batchtune.config.builtins.data:text_lines",
 }
 
-__all__ = ["BUILTIN_DATA", "BUILTIN_MODELS"]
+BUILTIN_COLLATES: dict[str, str] = {
+    "pad_tokens": "batchtune.config.builtins.data:pad_tokens",
+}
+
+__all__ = ["BUILTIN_COLLATES", "BUILTIN_DATA", "BUILTIN_MODELS"]
