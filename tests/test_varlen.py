@@ -203,3 +203,18 @@ def test_bad_collate_or_length_key_is_one_line_naming_the_key(write_spec, data, 
     assert result.exit_code == 2, result.output
     (line,) = [ln for ln in result.stderr.strip().splitlines() if key in ln]  # under "error: invalid spec"
     assert message in line and "Traceback" not in result.output
+
+
+def test_sweep_gives_tokens_per_second_for_token_data():
+    import pandas as pd
+
+    from batchtune.render.sweep import _tokens_line
+
+    summary = pd.DataFrame([{"batch_size": 16, "samples_per_s": 100.0}, {"batch_size": 32, "samples_per_s": float("nan")}])
+    assert _tokens_line(summary, 42) == ["tokens/s (42 tokens a sample): 16: 4,200"]
+    assert _tokens_line(summary, 1) == []
+
+
+def test_tokens_per_sample_is_the_mean_length_for_variable_length_data(write_spec):
+    components = build_components(load_spec(write_spec(DICTS)))
+    assert components.tokens_per_sample() == round(sum(_Dicts().lengths_) / 64)

@@ -308,11 +308,15 @@ class Components:
         return _build(self.spec, key, f"the optimizer {name}", self.optimizer_factory, params, lr=lr, **opt.options)
 
     def tokens_per_sample(self) -> int:
-        """Elements in one sample's targets (the sequence length for a language model), else 1.
+        """Elements in one sample's targets (the sequence length for a language model), else 1;
+        for variable-length data the mean sample length (real tokens, padding not counted).
 
         Raises:
             ComponentError: reading the first training sample raised.
         """
+        if self.variable_length:
+            lengths = self.lengths()
+            return max(1, round(sum(lengths) / len(lengths)))
         sample = _build(self.spec, "data", "reading the first training sample", self.train_set.__getitem__, 0)
         try:
             _, target = _split(sample)

@@ -68,6 +68,17 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tokens_line(summary: Any, tokens_per_sample: int) -> list[str]:
+    """Token data: each size's samples/s in tokens/s (× the tokens of a sample; the mean length,
+    padding not counted, for variable-length data)."""
+    if tokens_per_sample <= 1:
+        return []
+    rates = [f"{r['batch_size']}: {r['samples_per_s'] * tokens_per_sample:,.0f}"
+             for r in summary.to_dict("records") if isinstance(r.get("samples_per_s"), float)
+             and not math.isnan(r["samples_per_s"])]
+    return [f"tokens/s ({tokens_per_sample} tokens a sample): {', '.join(rates)}"] if rates else []
+
+
 def render_sweep(result: Any, fmt: str = "table") -> str:
     """Render a :class:`~batchtune.commands.sweep.SweepResult` as table, markdown, json or csv."""
     if fmt == "json":
@@ -84,6 +95,7 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
     tablefmt = "github" if fmt == "markdown" else "simple"
     table = tabulate(_sweep_rows(result), headers=_SWEEP_HEADERS, tablefmt=tablefmt, disable_numparse=True)
     lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
+    lines += _tokens_line(result.summary, meta.get("tokens_per_sample") or 1)
     if rec is not None:
         lines.append(f"{'**' if fmt == 'markdown' else ''}recommendation: batch size {format_shape(rec, 'long')}, "
                      f"lr {rec['lr']:.4g}{'**' if fmt == 'markdown' else ''}")
