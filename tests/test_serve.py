@@ -1,0 +1,222 @@
+"""batchtune serve: the batcher simulation against queueing answers, the latency search against a model
+whose service time is known, the inference ceiling to the byte-exact granule, and the CLI's bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from batchtune.cli import app
+from batchtune.commands.serve import ServeInputError, parse_duration, run_serve
+from batchtune.stats.batching import ServiceCurve, choose_setting, poisson_arrivals, simulate
+
+runner = CliRunner()
+
+FIXED_S, PER_SAMPLE_S = 0.002, 0.0005  # the sleeping model: 2 ms + 0.5 ms a sample
+
+
+class SleepModel(nn.Module):
+    """A model whose forward takes FIXED_S + PER_SAMPLE_S × batch: its latency curve is known."""
+
+    def __init__(self, in_features: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(FIXED_S + PER_SAMPLE_S * x.shape[0])
+        return self.linear(x)
+
+
+def sleep_model(in_features: int = 8, num_classes: int = 4) -> nn.Module:
+    return SleepModel(in_features, num_classes)
+
+
+SERVE_SPEC = """\
+name: sleepy
+model: {target: "tests.test_serve:sleep_model"}
+data:
+  builtin: synthetic_classification
+  kwargs: {n_train: 512, n_val: 64, in_features: 8, num_classes: 4}
+device: {type: cpu, memory_limit: 12KiB}
+"""
+
+DEEP_SPEC = """\
+name: deep
+model:
+  builtin: mlp
+  kwargs: {in_features: 32, num_classes: 10, hidden: 64, depth: 8}
+data:
+  builtin: synthetic_classification
+  kwargs: {n_train: 8192, n_val: 256, in_features: 32, num_classes: 10}
+optimizer: {name: adamw, lr: 0.001}
+base_batch_size: 32
+device: {type: cpu, memory_limit: 1MiB}
+"""
+
+
+# ---------------------------------------------------------------------------- input
+
+
+@pytest.mark.parametrize("text, seconds", [("45ms", 0.045), ("0.1s", 0.1), ("500us", 0.0005), ("45", 0.045),
+                                           (" 2.5 ms ", 0.0025), ("1e1ms", 0.01)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["fast", "45 parsecs", "-3ms", "0ms", "", "ms"])
+def test_bad_durations(text):
+    with pytest.raises(ServeInputError, match="--latency-budget"):
+        parse_duration(text)
+
+
+# ---------------------------------------------------------------------------- the simulator
+
+
+def test_md1_queue_matches_pollaczek_khinchine():
+    """One request a batch, no delay: M/D/1. Mean latency s + ρs / (2(1-ρ)); a share 1-ρ never waits."""
+    service, rate = 0.010, 50.0  # ρ = 0.5: mean latency 15 ms
+    t = poisson_arrivals(rate, 60000, seed=3)
+    (r,) = simulate(t, lambda n, rng: np.full(np.shape(n), service), [1], [0.0])
+    rho = rate * service
+    assert r.mean == pytest.approx(service + rho * service / (2 * (1 - rho)), rel=0.03)
+    assert r.p50 >= service and r.mean_batch == 1.0
+    assert r.utilisation == pytest.approx(rho, abs=0.02)
+    assert r.served_per_busy_s == pytest.approx(1 / service)
+
+
+def test_lone_request_waits_out_the_delay():
+    """At 1 request/s a request is almost always alone: it waits the full delay, then s(1)."""
+    curve = ServiceCurve.from_points([1, 64], [FIXED_S + PER_SAMPLE_S, FIXED_S + 64 * PER_SAMPLE_S])
+    (r,) = simulate(poisson_arrivals(1.0, 5000, seed=1), curve, [8], [0.005])
+    assert r.p50 == pytest.approx(0.005 + FIXED_S + PER_SAMPLE_S, abs=1e-9)  # 7.5 ms
+    assert r.mean_batch == pytest.approx(1.0, abs=0.02)
+
+
+def test_throughput_per_device_second_is_the_batches_own():
+    """With a linear s(n) = a + c·n, requests per busy second are exactly mean_batch / s(mean_batch)."""
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    curve = ServiceCurve.from_points(sizes, [FIXED_S + PER_SAMPLE_S * b for b in sizes])
+    choice = choose_setting(curve, sizes, rate=1500, budget_s=0.1, n_requests=20000)
+    best = choice.best
+    assert best is not None and best.sustains and best.at_percentile <= 0.1
+    assert best.served_per_busy_s == pytest.approx(best.mean_batch / (FIXED_S + PER_SAMPLE_S * best.mean_batch),
+                                                   rel=1e-9)
+    # 1500/s only full batches of 32 (1778/s) or 64 (1882/s) sustain: B ≥ 32
+    assert best.max_batch_size >= 32
+    assert choice.seconds < 2.0
+
+
+def test_a_rate_no_setting_sustains_is_said():
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    curve = ServiceCurve.from_points(sizes, [FIXED_S + PER_SAMPLE_S * b for b in sizes])
+    choice = choose_setting(curve, sizes, rate=3000, budget_s=0.1, n_requests=5000)
+    assert choice.best is None and choice.reason == "rate"
+    assert choice.capacity == pytest.approx(64 / (FIXED_S + 64 * PER_SAMPLE_S))  # 1882.35/s
+    assert choice.capacity_batch == 64
+
+
+def test_service_curve_interpolates_and_extrapolates():
+    curve = ServiceCurve.from_points([4, 1, 8], [0.004, 0.001, 0.010])
+    assert curve.typical(np.array([1, 2, 6, 12])) == pytest.approx([0.001, 0.002, 0.007, 0.016])
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_found_size_and_dynamic_latency_on_a_known_service_time(write_spec):
+    """p50 budget 20 ms on 2 ms + 0.5 ms/sample: the answer is 36 (sleep never undershoots,
+    so never above; a loaded machine's oversleep may cost a size or three)."""
+    spec = write_spec(SERVE_SPEC)
+    r = run_serve(spec, latency_budget=0.020, percentile=50, rate=1.0, repeats=20, buckets=False)
+    analytic = math.floor((0.020 - FIXED_S) / PER_SAMPLE_S)
+    assert analytic == 36
+    assert analytic - 3 <= r.max_batch_size <= analytic, [(p.batch_size, p.p50_ms) for p in r.points]
+    assert r.point(32).p50_ms == pytest.approx(1e3 * (FIXED_S + 32 * PER_SAMPLE_S), abs=1.5)
+    assert [p.batch_size for p in r.points if p.phase == "power"][:6] == [1, 2, 4, 8, 16, 32]
+    # 1 request/s: a request is alone, waits out the delay, then takes s(1); a longer delay buys
+    # (almost) no batching, so one device-second serves 1/s(1) requests whatever the delay
+    d = r.dynamic
+    service_1 = r.point(1).p50_ms
+    assert service_1 == pytest.approx(1e3 * (FIXED_S + PER_SAMPLE_S), abs=1.0)
+    assert d["p50_ms"] == pytest.approx(d["max_queue_delay_ms"] + service_1, abs=0.5)
+    assert d["mean_batch"] == pytest.approx(1.0, abs=0.05)
+    assert d["throughput"] == pytest.approx(1e3 / service_1, rel=0.05)
+
+
+def test_inference_ceiling_is_exact_and_far_above_training(write_spec):
+    from batchtune.commands.probe import run_probe
+    from batchtune.commands.serve import _setup, inference_ceiling, serve_forward
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig
+
+    path = write_spec(DEEP_SPEC)
+    spec, components, backend, model = _setup(str(path), None)
+    outcome, trials = inference_ceiling(spec, components, backend, model)
+    c = outcome.ceiling
+    assert c is not None and not outcome.capped
+    trainer = Trainer(components, backend, workload=lambda tr, m, cfg: ForwardOnly(tr, m, cfg,
+                                                                                     forward=serve_forward(spec.loss)))
+    assert trainer.run(TrialConfig(BatchShape(c, 1, 1), lr=0.0, steps=1), model=model).fits
+    assert not trainer.run(TrialConfig(BatchShape(c + 1, 1, 1), lr=0.0, steps=1), model=model).fits
+    training = run_probe(str(path)).ceiling
+    assert c > 4 * training, (c, training)  # 8 layers' saved activations, gradients and AdamW state
+
+
+def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
+    spec = write_spec(SERVE_SPEC)
+    out = runner.invoke(app, ["serve", str(spec), "--latency-budget", "10ms", "--percentile", "50",
+                              "--repeats", "20", "--format", "json", "-q"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert 12 <= data["max_batch_size"] <= 16  # (10 - 2) / 0.5
+    assert data["ceiling"] > data["max_batch_size"] and data["points"]
+    plot = tmp_path / "serve.png"
+    table = runner.invoke(app, ["serve", str(spec), "--latency-budget", "3ms", "--repeats", "20", "--rate", "400",
+                                "--plot", str(plot), "-q"])
+    assert table.exit_code == 1, table.output  # 400/s: full batches of 2 (333/s) cannot keep up
+    assert "no setting sustains 400 requests/s" in table.stdout and "max batch size" in table.stdout
+    assert plot.stat().st_size > 1000
+
+
+def test_check_serve_verdicts(write_spec):
+    spec = write_spec(SERVE_SPEC)
+    ok = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "20ms", "-b", "8", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert "serve_fits" in ok.stdout and "PASS" in ok.stdout
+    slow = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "3ms", "-b", "8",
+                               "--format", "json", "-q"])
+    assert slow.exit_code == 1
+    verdicts = {c["name"]: c["status"] for c in json.loads(slow.stdout)["checks"]}
+    assert verdicts == {"serve_fits": "pass", "latency": "fail"}
+    big = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "1s", "-b", "500", "-q"])
+    assert big.exit_code == 1 and "out of memory" in big.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latency-budget", "soon"], "--latency-budget: expected a duration such as 45ms"),
+    ([], "serve needs --latency-budget"),
+    (["--latency-budget", "5ms", "--percentile", "0"], "--percentile must be in (0, 100]"),
+    (["--latency-budget", "5ms", "--rate", "-1"], "--rate must be a positive number"),
+])
+def test_bad_serve_options_exit_2(write_spec, args, message):
+    result = runner.invoke(app, ["serve", str(write_spec(SERVE_SPEC)), *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_spec_requirements_by_command(write_spec):
+    """serve needs model and data only; a training command names what it lacks."""
+    no_model = write_spec(SERVE_SPEC.replace('model: {target: "tests.test_serve:sleep_model"}\n', ""), "nomodel.yaml")
+    result = runner.invoke(app, ["serve", str(no_model), "--latency-budget", "5ms"])
+    assert result.exit_code == 2 and "model: required key is missing" in result.output
+    assert "Traceback" not in result.output
+    probe = runner.invoke(app, ["probe", str(write_spec(SERVE_SPEC))])
+    assert probe.exit_code == 2
+    assert "optimizer: required key is missing" in probe.output and "base_batch_size: required key" in probe.output
