@@ -10,6 +10,7 @@ validation pass.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,6 +69,11 @@ class ProbeResult:
     # variable-length data (data.collate / data.length_key): the ceiling is the worst case's; the token
     # budget and both batchings measured (commands/varlen.py TokenBudget.to_dict())
     variable_length: dict[str, Any] | None = None
+    # distributed.strategy fsdp: what sharding divides per rank and what it does not, and the
+    # per-rank ceilings projected to other world sizes (engine/sharding.py report())
+    sharding: dict[str, Any] | None = None
+    # several ranks: the rank whose memory bounds the agreed ceiling, and each rank's margin there
+    bounding_rank: dict[str, Any] | None = None
 
     @property
     def search_trials(self) -> int:
@@ -148,6 +154,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
     notes += _loss_notes(source.trials)
     varlen = _variable_length(spec, data_components, source, backend, dist, outcome.ceiling, confirmation.batch_size)
+    sharding, bound = _sharding_report(source, p, dist), _bounding_rank(source, outcome, backend, dist)
     source.close()
     backend.cleanup()
     load = meter.reading(threads)
@@ -166,6 +173,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         memory_returned=max_leak <= 0, max_leaked_bytes=max_leak, trials=_probe_trials(source.trials, outcome),
         device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
                 "load": load}, precision=spec.precision, notes=notes, variable_length=varlen,
+        sharding=sharding, bounding_rank=bound,
     )
 
 
@@ -356,15 +364,51 @@ def _device_source(spec: Any, components: Any, backend: Any, dist: Any) -> Devic
     from batchtune.engine.trial import Trainer, trial_config
 
     model = components.build_model(spec.seed).to(backend.device)
+    trainer = Trainer(components, backend, spec.precision, dist)
+    if trainer.strategy == "fsdp":  # sharded before the baseline: each rank keeps its shards
+        trainer.data_parallel(model)
     backend.track(list(model.parameters()) + list(model.buffers()))
 
     def config_for(batch_size: int, steps: int, validate: bool) -> Any:
         return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=spec.optimizer.lr, steps=steps,
                             validate=validate, eval_samples=batch_size, grad_clip=None)
 
-    return DeviceMemorySource(trainer=_Stopping(Trainer(components, backend, spec.precision, dist)), model=model,
+    return DeviceMemorySource(trainer=_Stopping(trainer), model=model,
                               backend=backend, dist=dist, config_for=config_for,
                               steps_per_trial=spec.probe.steps_per_trial)
+
+
+def _sharding_report(source: DeviceMemorySource, p: Any, dist: Any) -> dict[str, Any] | None:
+    """fsdp: the shards each rank keeps, the memory line near the ceiling, projected ceilings (the tightest rank's)."""
+    trainer = source.trainer.trainer
+    if trainer.strategy != "fsdp" or trainer.sharding is None or trainer.local_state_bytes is None:
+        return None
+    from batchtune.engine.sharding import report
+
+    keys = sorted(trainer.local_state_bytes)
+    local = dict(zip(keys, (int(v) for v in dist.max(*(trainer.local_state_bytes[k] for k in keys)))))
+    fits = [t for t in source.trials if t.result.fits and t.result.compute_peak_bytes]  # the same on every rank
+    peaks = dist.max(*(t.result.compute_peak_bytes for t in fits)) if fits else []
+    return report(trainer.sharding, local, [(t.batch_size, peak) for t, peak in zip(fits, peaks)],
+                  capacity_bytes=source.capacity_bytes, granularity=p.granularity)
+
+
+def _bounding_rank(source: DeviceMemorySource, outcome: SearchOutcome, backend: Any, dist: Any) -> dict[str, Any] | None:
+    """Which rank bounds the agreed ceiling: the ones that failed themselves (not by agreement) at
+    the smallest size that failed; without such a failure, the least memory left at the ceiling."""
+    if not dist.enabled or outcome.ceiling is None:
+        return None
+    at = [t.result for t in source.trials if t.batch_size == outcome.ceiling and t.result.fits]
+    failed = sorted((t for t in source.trials if not t.result.fits and t.batch_size > outcome.ceiling),
+                    key=lambda t: t.batch_size)
+    own = failed and "on another rank" not in (failed[0].result.error or "")  # agreed failures say so
+    capacity = backend.capacity_bytes()
+    margin = capacity - at[0].peak_bytes if at and capacity is not None and at[0].peak_bytes else math.inf
+    margins, failing = dist.gather(margin), dist.gather(1.0 if own else 0.0)
+    ranks = [r for r, f in enumerate(failing) if f > 0.5]
+    rank = ranks[0] if ranks else min(range(len(margins)), key=lambda r: margins[r])
+    return {"rank": rank, "failed_themselves": ranks, "failing_size": failed[0].batch_size if failed else None,
+            "margin_bytes": [None if math.isinf(m) else int(m) for m in margins]}
 
 
 class _Stopping:

@@ -249,6 +249,29 @@ class DeviceSpec(_Strict):
         return self.memory_limit
 
 
+class FSDPSpec(_Strict):
+    """How ``distributed.strategy: fsdp`` shards the model (FSDP2's ``fully_shard``)."""
+
+    # module class names sharded one by one (e.g. [GPT2Block]); the root is always sharded
+    shard: list[str] = Field(default_factory=list)
+    # free each unit's gathered parameters after its forward (gathered again for backward)
+    reshard_after_forward: bool = True
+
+
+class DistributedSpec(_Strict):
+    """How ranks under torchrun share the model: DDP replicates it, FSDP shards it."""
+
+    # null: ddp under torchrun, none outside it (a single process)
+    strategy: Literal["none", "ddp", "fsdp"] | None = None
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec)
+
+    def resolved(self, world_size: int) -> str:
+        """The strategy for ``world_size`` ranks (``none`` for one process without a choice)."""
+        if self.strategy is None:
+            return "ddp" if world_size > 1 else "none"
+        return self.strategy
+
+
 class ProbeSpec(_Strict):
     # Field order matters: later validators read earlier fields from ``info.data``.
     granularity: PositiveInt = 1
@@ -369,6 +392,7 @@ class Spec(_Strict):
     lr_scaling: Literal["linear", "sqrt", "none", "auto"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: DeviceSpec = Field(default_factory=DeviceSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     seed: int = Field(0, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
     # Seconds a trial may go without finishing a training step (a forward that never
     # returns, a stuck data loader) before it is stopped; null: never.

@@ -25,10 +25,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "current", "init_from_env"]
+__all__ = ["DistContext", "PeerFailure", "current", "init_from_env"]
 
 # A collective that does not complete within this many seconds raises instead of hanging.
 TIMEOUT_S = float(os.environ.get("BATCHTUNE_DIST_TIMEOUT", 600))
+# What a rank reports for a phase, agreed with MIN (the worst wins): see Trainer._agreed.
+PHASE_OK, PHASE_OOM, PHASE_ERROR = 2.0, 1.0, 0.0
+
+
+class PeerFailure(Exception):
+    """A collective inside a phase found that another rank's phase failed: the failure is agreed.
+
+    Raised by :meth:`DistContext.checkpoint` on the ranks still running; the failed rank's
+    own report (its one MIN in ``Trainer._agreed``) met their checkpoint, so nobody agrees again.
+    """
+
+    def __init__(self, state: float) -> None:
+        super().__init__("out of memory on another rank" if state == PHASE_OOM else "a step failed on another rank")
+        self.state = state
 
 
 @dataclass
@@ -62,6 +76,18 @@ class DistContext:
         """True only if every rank says True (a collective: every rank must call it, ok or not)."""
         return self._reduce([1.0 if ok else 0.0], dist.ReduceOp.MIN)[0] > 0.5
 
+    def checkpoint(self) -> None:
+        """Before a collective inside a phase (FSDP's all-gathers and reduce-scatters).
+
+        A rank whose phase failed reports its state once, with the same MIN as this; the
+        ranks still running meet that report here instead of in their next collective, and
+        leave the phase together with :class:`PeerFailure`. So a phase may hold collectives,
+        each preceded by a checkpoint, and one rank's OOM still leaves no one waiting.
+        """
+        (state,) = self._reduce([PHASE_OK], dist.ReduceOp.MIN)
+        if state < PHASE_OK:
+            raise PeerFailure(state)
+
     def max(self, *values: float) -> list[float]:
         return self._reduce([float(v) for v in values], dist.ReduceOp.MAX)
 
@@ -73,6 +99,12 @@ class DistContext:
 
     def mean(self, *values: float) -> list[float]:
         return [v / self.world_size for v in self.sum(*values)]
+
+    def gather(self, value: float) -> list[float]:
+        """Every rank's ``value``, indexed by rank (a collective)."""
+        values = [0.0] * self.world_size
+        values[self.rank] = float(value)
+        return self.sum(*values)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value of ``obj`` on every rank (a run folder's name, say)."""

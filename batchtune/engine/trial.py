@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from batchtune.config.components import Components, batch_size_of, to_device
 from batchtune.engine.data import Feed, batches, tensors
-from batchtune.engine.distributed import DistContext, current
+from batchtune.engine.distributed import DistContext, PeerFailure, current
 from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.watchdog import TrialTimeout, deadline
@@ -278,6 +278,11 @@ class Trainer:
         self.precision = precision
         self.dist = dist if dist is not None else current()
         self.workload = workload
+        from batchtune.engine.sharding import strategy_for
+
+        self.strategy = strategy_for(components.spec, self.dist.world_size)  # none | ddp | fsdp
+        self.sharding: Any = None  # fsdp: the ShardingLayout of the last model sharded
+        self.local_state_bytes: dict[str, int] | None = None  # fsdp: this rank's shards after the last trial
         # One loss scale for every trial: a fresh GradScaler per trial would start at 2^16
         # and could skip every step of a short one (see engine/loss_scale.py).
         self.scale_carry = ScalerCarry(backend.device.type) if precision == "fp16" else None
@@ -295,8 +300,17 @@ class Trainer:
         """
         if self._wrapped is None or self._wrapped[0] is not model:
             self._wrapped = None  # the old model and its buckets go before the new ones are built
-            self._wrapped = (model, self._agreed(lambda: data_parallel(model, self.backend.device)))
+            self._wrapped = (model, self._agreed(lambda: self._wrap(model)))
         return self._wrapped[1]
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP around ``model``, or (fsdp) ``model`` itself sharded in place."""
+        if self.strategy != "fsdp":
+            return data_parallel(model, self.backend.device)
+        from batchtune.engine.sharding import shard_model
+
+        model, self.sharding = shard_model(model, self.components.spec, self.dist, self.backend)
+        return model
 
     # ------------------------------------------------------------------ validation
 
@@ -428,6 +442,8 @@ class Trainer:
     def _monitor(self, config: TrialConfig, model: nn.Module, work: Workload) -> NoiseScaleMonitor | None:
         """The noise-scale monitor when the trial measures it and its shape gives two batch sizes."""
         shape = config.shape
+        if self.strategy == "fsdp":  # FSDP reduce-scatters inside backward: no local gradient to read
+            return None
         if not (config.measure_noise and work.has_gradients
                 and NoiseScaleMonitor.can_measure(shape.micro_batch_size, shape.accum_steps, self.dist.world_size)):
             return None
@@ -439,18 +455,22 @@ class Trainer:
 
         A local OOM is caught here, its frames (and activations) released, and reported to
         the other ranks; if any rank failed, every rank raises. No collective happens inside
-        a phase, so a rank that fails never leaves another waiting in one.
+        a phase, so a rank that fails never leaves another waiting in one, except FSDP's,
+        each of which first meets a failed rank's report (``DistContext.checkpoint``).
         """
         if not self.dist.enabled:
             return phase()
-        failure, out, state = None, None, _OK
+        failure, out, state, agreed = None, None, _OK, None
         try:
             out = phase()
+        except PeerFailure as exc:  # a collective inside the phase (FSDP's) met a failed rank's report
+            agreed = exc.state
         except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
             oom = is_oom(exc, self.backend)
             failure = error_line(exc) if oom else exc
             state = _OOM if oom else _ERROR
-        (agreed,) = self.dist.min(state)
+        if agreed is None:
+            (agreed,) = self.dist.min(state)
         if agreed == _ERROR:
             if isinstance(failure, BaseException):
                 raise failure

@@ -118,6 +118,9 @@ class TrainStep(Workload):
         self.dist = trainer.dist
         self._autocast = functools.partial(autocast, backend.device.type, trainer.precision)
         model.train()
+        self.trainer = trainer
+        # fsdp: gradients are reduce-scattered during backward, each collective agreed first
+        self.sharded = trainer.strategy == "fsdp"
         self.net = trainer.data_parallel(model) if self.dist.enabled else model
         self.optimizer = trainer.components.build_optimizer(model.parameters(), config.lr)
         self.carry = trainer.scale_carry  # fp16: one loss scale across the trials of a run
@@ -139,10 +142,10 @@ class TrainStep(Workload):
         if noise is not None:
             noise.begin()
         # measured steps read each rank's own gradients before the reduction: never overlapped
-        self.synced = self.dist.enabled and self.config.overlap_comm and noise is None
+        self.synced = self.sharded or (self.dist.enabled and self.config.overlap_comm and noise is None)
         total = None
         for i in range(accum):
-            local = self.dist.enabled and not (self.synced and i == accum - 1)
+            local = self.dist.enabled and not self.sharded and not (self.synced and i == accum - 1)
             with self.net.no_sync() if local else contextlib.nullcontext():
                 loss = self._micro_batch(feed.next(), split, passes, noise)
             total = loss if total is None else total + loss
@@ -192,6 +195,14 @@ class TrainStep(Workload):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return applied
+
+    def close(self) -> None:
+        """fsdp: record this rank's shards, and put FSDP back in order if a step did not finish."""
+        if self.sharded:
+            from batchtune.engine.sharding import local_bytes, reset
+
+            reset(self.model)
+            self.trainer.local_state_bytes = local_bytes(self.model, self.optimizer)
 
 
 class ForwardOnly(Workload):

@@ -180,6 +180,10 @@ class DeviceBackend:
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors that were created before the session (model parameters, buffers)."""
 
+    def storage_resized(self, tensor: torch.Tensor) -> None:
+        """``tensor``'s storage was resized in place outside any op (FSDP frees and refills its
+        gathered parameters so); a backend that counts storages itself updates its count."""
+
     def track_batch(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count a batch assembled while counting was paused, or by a loader worker."""
 
@@ -237,6 +241,7 @@ class _StorageCounter(TorchDispatchMode):
     def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
         if tensor.device.type != "cpu" or tensor.is_sparse:
             return None
+        tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's (FSDP's) shard on this rank
         try:
             return tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -340,6 +345,9 @@ class CPUBackend(DeviceBackend):
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
             self._counter.add(tensor.detach(), enforce=False)
+
+    def storage_resized(self, tensor: torch.Tensor) -> None:
+        self._counter.add(tensor, enforce=bool(self._depth))  # growing past the limit is an OOM
 
     def track_batch(self, tensors: Iterable[torch.Tensor]) -> None:
         if self._depth:

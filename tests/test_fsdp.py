@@ -1,0 +1,169 @@
+"""FSDP2 (distributed.strategy: fsdp) under torchrun with 2 CPU ranks (gloo).
+
+One launch runs every scenario (tests/dist_driver.py), as tests/test_distributed.py does.
+The model is weight-heavy (tests/fsdp_fixtures.py: weighty_mlp, four 256×256 blocks, about
+1 MiB of fp32 weights) and trains with AdamW, so what sharding divides (weights, gradients,
+two Adam moments) dominates a 6 MiB rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """\
+name: fsdp
+model: {{target: "tests.fsdp_fixtures:{model}"{kwargs}}}
+data: {{target: "tests.fixtures:tiny_data", kwargs: {{n_train: 1024}}}}
+optimizer: {{name: adamw, lr: 0.01}}
+base_batch_size: 32
+device: {{type: cpu, memory_limit: {limits}}}
+distributed: {{strategy: {strategy}, fsdp: {{shard: [{shard}]}}}}
+probe: {{max_batch_size: 2048}}
+sweep: {{min_batch_size: 16, max_batch_size: 64, samples: 512, seeds: 1, eval_points: 2, lr_search: false, min_steps: 8}}
+"""
+
+# weighty_mlp's parameters: Linear(16, 256), four Block(256), Linear(256, 4); every first dimension
+# is even, so each of 2 ranks keeps exactly half
+PARAMS = 16 * 256 + 256 + 4 * (256 * 256 + 256) + 256 * 4 + 4
+SHARD_BYTES = PARAMS // 2 * 4
+
+
+def _spec(folder: Path, name: str, *, strategy: str = "fsdp", limits: str = "6MiB", model: str = "weighty_mlp",
+          kwargs: str = "", shard: str = "Block") -> str:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(model=model, kwargs=kwargs, limits=limits, strategy=strategy, shard=shard))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("fsdp")
+    small = ", kwargs: {width: 64}"
+    scenarios = {
+        "fsdp": ["probe", _spec(folder, "fsdp"), "--format", "json", "-q"],
+        "ddp": ["probe", _spec(folder, "ddp", strategy="ddp"), "--format", "json", "-q"],
+        "mixed": ["probe", _spec(folder, "mixed", limits="[6MiB, 5MiB]"), "--format", "json", "-q"],
+        "one_rank_oom": ["probe", _spec(folder, "oom", limits="null", model="block_oom_on_one_rank",
+                                        kwargs=", kwargs: {threshold: 150, rank: 1}"), "--format", "json", "-q"],
+        "unknown_class": ["probe", _spec(folder, "unknown", shard="Blok"), "-q"],
+        "check": ["check", _spec(folder, "check", limits="2MiB", kwargs=small), "--batch-size", "128",
+                  "--format", "json", "-q"],
+        "sweep": ["sweep", str(folder / "check.yaml"), "--out", str(folder / "run"), "--format", "json", "-q"],
+    }
+    plan = folder / "scenarios.json"
+    plan.write_text(json.dumps(scenarios))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHTUNE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "dist_driver.py"), str(folder), str(plan)]
+    out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {name: [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+               for name in scenarios}
+    results["_folder"] = folder
+    return results
+
+
+def _json(ranks: dict, name: str) -> dict:
+    rank0, rank1 = ranks[name]
+    assert rank0["code"] == 0, rank0["stderr"][-2000:]
+    assert rank1["code"] == 0 and rank1["stdout"] == ""  # rank 1 printed nothing
+    return json.loads(rank0["stdout"])
+
+
+def _exact(result: dict) -> None:
+    runs = {t["batch_size"]: t["fits"] for t in result["trials"]}
+    assert runs[result["ceiling"]] is True and runs[result["ceiling"] + 1] is False
+
+
+def test_fsdp_ceiling_is_exact_agreed_and_above_ddp(ranks):
+    fsdp, ddp = _json(ranks, "fsdp"), _json(ranks, "ddp")
+    _exact(fsdp)
+    _exact(ddp)
+    assert fsdp["device"]["world_size"] == 2 and fsdp["capacity_bytes"] == 6 * 2**20
+    # DDP keeps weights, gradients, buckets and both Adam moments whole: ~5.4 MiB of the 6 MiB
+    assert 260 <= ddp["ceiling"] <= 290
+    # FSDP keeps half of weights, gradients and moments on each rank: twice the room for activations
+    assert 540 <= fsdp["ceiling"] <= 600 and fsdp["ceiling"] >= 1.9 * ddp["ceiling"]
+    assert ddp["sharding"] is None
+
+
+def test_the_report_splits_what_sharding_divides_from_what_it_does_not(ranks):
+    sharding = _json(ranks, "fsdp")["sharding"]
+    divided = sharding["divided_per_rank"]
+    assert divided["params"] == SHARD_BYTES and divided["grads"] == SHARD_BYTES
+    assert divided["optimizer"] == 2 * SHARD_BYTES + 12 * 4  # two moments, and 12 scalar steps
+    assert sharding["divided_whole_bytes"] == 2 * divided["total"]
+    assert sharding["param_bytes"] == PARAMS * 4
+    assert sharding["gather_bytes"] == (256 * 256 + 256) * 4  # one Block, gathered whole
+    assert [u["class"] for u in sharding["units"]].count("Block") == 4
+    # the activations are not divided: ~9 KB a sample (five 256-wide fp32 layers, saved for backward)
+    assert 6_000 <= sharding["per_sample_bytes"] <= 12_000
+    projection = {p["world_size"]: p for p in sharding["projection"]}
+    assert set(projection) == {1, 2, 4, 8, 16}
+    assert abs(projection[2]["fsdp_ceiling"] - _json(ranks, "fsdp")["ceiling"]) <= 3  # its own world
+    assert projection[4]["fsdp_ceiling"] > projection[2]["fsdp_ceiling"] > projection[1]["fsdp_ceiling"]
+    assert projection[2]["ddp_ceiling"] == projection[8]["ddp_ceiling"]  # DDP does not move with the world
+
+
+def test_mixed_capacities_agree_on_the_smaller_rank_and_name_it(ranks):
+    mixed = _json(ranks, "mixed")
+    _exact(mixed)
+    assert mixed["capacity_bytes"] == 5 * 2**20
+    assert 400 <= mixed["ceiling"] < _json(ranks, "fsdp")["ceiling"]
+    assert mixed["bounding_rank"]["rank"] == 1
+
+
+def test_an_oom_on_one_rank_in_the_middle_of_the_forward_moves_both(ranks):
+    result = _json(ranks, "one_rank_oom")
+    assert result["ceiling"] == 150  # agreed at the rank-1 block's threshold; neither rank hung
+    assert result["bounding_rank"]["rank"] == 1 and result["bounding_rank"]["failed_themselves"] == [1]
+
+
+def test_an_unknown_class_is_a_spec_error_naming_the_model_classes(ranks):
+    for rank in ranks["unknown_class"]:
+        assert rank["code"] == 2
+        assert ("distributed.fsdp.shard: the model has no module of class Blok; its classes are Block, Linear, "
+                "Sequential") in rank["stderr"]
+        assert "Traceback" not in rank["stderr"]
+
+
+def test_check_and_sweep_run_sharded_and_report_once(ranks):
+    report = _json(ranks, "check")
+    assert report["micro_batch_size"] == 64
+    assert {c["name"]: c["status"] for c in report["checks"]}["fits"] == "pass"
+    sweep = _json(ranks, "sweep")
+    assert {t["batch_size"] for t in sweep["trials"]} == {16, 32, 64}
+    assert len(json.loads((ranks["_folder"] / "run" / "trials.json").read_text())) == 3
+
+
+def test_fsdp_outside_torchrun_is_a_spec_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    out = CliRunner().invoke(app, ["probe", _spec(tmp_path, "solo"), "-q"], env=env)
+    assert out.exit_code == 2
+    assert "distributed.strategy: fsdp shards the model across torchrun's ranks" in out.output
+
+
+def test_projection_by_hand():
+    from batchtune.engine.sharding import project
+
+    # 1000 B of shards at 2 ranks (2000 whole), 500 B not divided, 10 B a sample, 3000 B a rank
+    rows = {p.world_size: p for p in project(fixed_bytes=1500, per_sample_bytes=10, divided_bytes_per_rank=1000,
+                                             world_size=2, capacity_bytes=3000, grad_bytes=400, worlds=[1, 2, 4])}
+    assert rows[2].fsdp_ceiling == 150 and rows[4].fsdp_ceiling == 200  # (3000 - 500 - 500) / 10
+    assert rows[1].fsdp_ceiling == 50  # (3000 - 500 - 2000) / 10
+    assert rows[2].ddp_ceiling == 10  # (3000 - 500 - 2000 - 400) / 10
+    tight = project(fixed_bytes=1500, per_sample_bytes=10, divided_bytes_per_rank=1000, world_size=2,
+                    capacity_bytes=2000, grad_bytes=400, worlds=[1])
+    assert tight[0].fsdp_ceiling is None and tight[0].ddp_ceiling is None  # the whole model does not fit
