@@ -27,6 +27,8 @@ _EXPORTS = {
     "check": ("batchtune.commands.check", "run_check"),
     "CheckReport": ("batchtune.commands.check", "CheckReport"),
     "noise": ("batchtune.commands.noise", "run_noise"),
+    "serve": ("batchtune.commands.serve", "run_serve"),
+    "ServeResult": ("batchtune.commands.serve", "ServeResult"),
 }
 
 __all__ = sorted(_EXPORTS)
