@@ -220,3 +220,37 @@ def test_spec_requirements_by_command(write_spec):
     probe = runner.invoke(app, ["probe", str(write_spec(SERVE_SPEC))])
     assert probe.exit_code == 2
     assert "optimizer: required key is missing" in probe.output and "base_batch_size: required key" in probe.output
+
+
+VARLEN_SPEC = """\
+name: lines
+model:
+  builtin: char_transformer
+  kwargs: {vocab_size: 256, block_size: 128, d_model: 16, n_layers: 1, n_heads: 2}
+data:
+  builtin: text_lines
+  kwargs: {max_len: 128, max_bytes: 60000}
+  collate: {builtin: pad_tokens}
+device: {type: cpu}
+"""
+
+
+def test_length_buckets_on_variable_length_requests(write_spec):
+    """Quartile buckets cover every request once; padding, worst case and gain come from the same batches."""
+    from batchtune.commands.serve import _Curve, _setup, _Timer, length_buckets, serve_forward
+
+    spec, components, backend, model = _setup(str(write_spec(VARLEN_SPEC)), None)
+    model.eval()
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0)
+    curve = _Curve(timer, components.train_set, 0, 0.5, 50.0, components.collate_fn)
+    assert len(curve.batches(8)) == 8  # variable length: eight random batches, each padded to its own longest
+    out = length_buckets(curve, components, 8)
+    lengths = np.asarray(components.lengths())
+    assert (out["min"], out["max"]) == (lengths.min(), lengths.max()) and out["max"] > out["min"]
+    assert sum(b["share"] for b in out["buckets"]) == pytest.approx(1.0)
+    assert out["buckets"][0]["lengths"][0] == lengths.min() and out["buckets"][-1]["lengths"][1] == lengths.max()
+    top = np.sort(lengths)[-8:]
+    assert out["worst"]["padding"] == pytest.approx(1 - top.sum() / (8 * top.max()))
+    assert out["bucketed_padding"] < out["mixed"]["padding"]  # the point of bucketing
+    assert out["gain"] == pytest.approx(out["mixed"]["mean_ms"] / out["bucketed_mean_ms"])
+    assert out["worst"]["p50_ms"] > out["buckets"][0]["p50_ms"]  # the longest requests against the shortest quarter

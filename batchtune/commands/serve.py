@@ -36,6 +36,7 @@ __all__ = ["LatencyPoint", "ServeInputError", "ServeResult", "inference_ceiling"
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
+VARIABLE_BATCHES = 8  # variable-length data: batches per size (and per length bucket), taken in turn
 _UNITS_S = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -104,6 +105,7 @@ class ServeResult:
     lengths: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
+    load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while timing (host.LoadMeter)
 
     def point(self, batch_size: int) -> LatencyPoint | None:
         return next((p for p in self.points if p.batch_size == batch_size), None)
@@ -187,8 +189,12 @@ class _Timer:
     repeats: int
     max_seconds: float  # per size: stop repeating past this (after MIN_REPEATS)
 
-    def passes(self, batch: Any) -> list[float]:
-        """Seconds of each timed pass: the batch copied to the device and run forward, synchronised."""
+    def passes(self, batches: list[Any]) -> list[float]:
+        """Seconds of each timed pass: a batch copied to the device and run forward, synchronised.
+
+        The passes take ``batches`` in turn (several for variable-length data, whose padded
+        length changes from batch to batch; one otherwise).
+        """
         from batchtune.config.components import to_device
         from batchtune.engine.workload import autocast
 
@@ -197,11 +203,12 @@ class _Timer:
         backend, device = self.backend, self.backend.device
         times: list[float] = []
         with torch.inference_mode(), autocast(device.type, self.precision):
-            for _ in range(WARMUP_PASSES):
-                self.forward(self.model, to_device(batch, device))
+            for i in range(WARMUP_PASSES):
+                self.forward(self.model, to_device(batches[i % len(batches)], device))
             backend.synchronize()
             started = time.perf_counter()
             while len(times) < self.repeats:
+                batch = batches[len(times) % len(batches)]
                 t0 = time.perf_counter()
                 self.forward(self.model, to_device(batch, device))
                 backend.synchronize()
@@ -221,12 +228,13 @@ class _Timer:
         return times[len(times) // 2]
 
 
-def measure_latency(timer: _Timer, batch: Any, batch_size: int, budget_s: float, percentile: float,
+def measure_latency(timer: _Timer, batches: list[Any], batch_size: int, budget_s: float, percentile: float,
                     phase: str) -> tuple[LatencyPoint, list[float]]:
-    """One size's latency distribution; also the raw seconds (for the simulation's spread)."""
+    """One size's latency distribution over ``batches`` taken in turn; also the raw seconds (for
+    the simulation's spread)."""
     import numpy as np
 
-    times = np.asarray(timer.passes(batch))
+    times = np.asarray(timer.passes(batches))
     p50, p90, p99, chosen = np.percentile(times, [50, 90, 99, percentile])
     mean = float(times.mean())
     point = LatencyPoint(batch_size, 1e3 * float(p50), 1e3 * float(p90), 1e3 * float(p99), 1e3 * mean,
@@ -246,16 +254,21 @@ class _Curve:
         self.points: dict[int, LatencyPoint] = {}
         self.raw: dict[int, list[float]] = {}
 
-    def batch(self, batch_size: int) -> Any:
-        """A batch of ``batch_size`` samples as the data set gives them (with replacement past its size)."""
+    def batches(self, batch_size: int) -> list[Any]:
+        """Batches of ``batch_size`` samples as the data set gives them (with replacement past its size):
+        one for fixed-length data, :data:`VARIABLE_BATCHES` shuffled ones, each padded to its own
+        longest sample, when a collate function pads variable-length samples."""
+        import itertools
+
         from batchtune.engine.data import batches
 
         padding = {"collate_fn": self.collate_fn} if self.collate_fn is not None else {}
-        return next(batches(self.dataset, batch_size, seed=self.seed, **padding))
+        stream = batches(self.dataset, batch_size, seed=self.seed, **padding)
+        return list(itertools.islice(stream, VARIABLE_BATCHES if self.collate_fn is not None else 1))
 
     def meets(self, batch_size: int, phase: str) -> bool:
         if batch_size not in self.points:
-            point, raw = measure_latency(self.timer, self.batch(batch_size), batch_size, self.budget_s,
+            point, raw = measure_latency(self.timer, self.batches(batch_size), batch_size, self.budget_s,
                                          self.percentile, phase)
             self.points[batch_size], self.raw[batch_size] = point, raw
         return self.points[batch_size].meets_budget
@@ -378,28 +391,41 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
         return out
     edges = sorted({int(np.percentile(arr, q, method="lower")) for q in (25, 50, 75)} | {int(arr.max())})
     rng = np.random.default_rng(curve.seed)
-    low = int(arr.min()) - 1
+    low, bucketed_plans = int(arr.min()) - 1, []
     for edge in edges:
         members = np.flatnonzero((arr > low) & (arr <= edge))
         if members.size:
-            picks = rng.choice(members, size=batch_size, replace=members.size < batch_size)
-            point = _measured(curve, collate, picks, batch_size, f"bucket≤{edge}")
+            plans = [rng.choice(members, size=batch_size, replace=members.size < batch_size)
+                     for _ in range(VARIABLE_BATCHES)]
+            bucketed_plans += plans
+            point = _measured(curve, collate, plans, batch_size, f"bucket≤{edge}")
             out["buckets"].append({"lengths": [low + 1, edge], "share": members.size / arr.size,
-                                   **_bucket_row(point)})
+                                   **_bucket_row(point), "padding": _padding(arr, plans)})
         low = edge
-    longest = np.argsort(-arr, kind="stable")[:batch_size]
-    out["worst"] = _bucket_row(_measured(curve, collate, longest, batch_size, "longest"))
-    out["mixed"] = _bucket_row(_measured(curve, collate, rng.choice(arr.size, size=batch_size), batch_size, "mixed"))
+    longest = [np.argsort(-arr, kind="stable")[:batch_size]]
+    out["worst"] = {**_bucket_row(_measured(curve, collate, longest, batch_size, "longest")),
+                    "padding": _padding(arr, longest)}
+    mixed = [rng.choice(arr.size, size=batch_size) for _ in range(VARIABLE_BATCHES)]
+    out["mixed"] = {**_bucket_row(_measured(curve, collate, mixed, batch_size, "mixed")),
+                    "padding": _padding(arr, mixed)}
     bucketed = sum(b["share"] * b["mean_ms"] for b in out["buckets"])
     out["bucketed_mean_ms"] = bucketed
+    out["bucketed_padding"] = _padding(arr, bucketed_plans)
     out["gain"] = out["mixed"]["mean_ms"] / bucketed if bucketed > 0 else None
     return out
 
 
-def _measured(curve: _Curve, collate: Any, indices: Any, batch_size: int, phase: str) -> LatencyPoint:
+def _padding(lengths: Any, plans: list[Any]) -> float:
+    """The share of padded positions that are padding, over batches of sample indices."""
+    padded = sum(len(plan) * int(lengths[plan].max()) for plan in plans)
+    return 1.0 - sum(int(lengths[plan].sum()) for plan in plans) / padded if padded else 0.0
+
+
+def _measured(curve: _Curve, collate: Any, plans: list[Any], batch_size: int, phase: str) -> LatencyPoint:
+    """Latency over the batches of ``plans`` (lists of sample indices), each collated (padded) once."""
     dataset = curve.dataset
-    batch = collate([dataset[int(i)] for i in indices])
-    point, _ = measure_latency(curve.timer, batch, batch_size, curve.budget_s, curve.percentile, phase)
+    batches = [collate([dataset[int(i)] for i in plan]) for plan in plans]
+    point, _ = measure_latency(curve.timer, batches, batch_size, curve.budget_s, curve.percentile, phase)
     return point
 
 
@@ -456,6 +482,10 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
     Raises:
         ServeInputError: an option out of range. SpecError: the spec.
     """
+    import torch
+
+    from batchtune.engine.host import LoadMeter
+
     _check_options(percentile, rate, repeats, latency_budget)
     started = time.perf_counter()
     spec, components, backend, model = _setup(spec, backend)
@@ -470,6 +500,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
         result.notes.append(f"not even probe.min_batch_size ({p.min_batch_size}) fits for inference")
         return result
     model.eval()
+    meter = LoadMeter.start()
     timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size)
     result.overhead_ms = 1e3 * timer.overhead()
     curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
@@ -484,6 +515,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
             percentile=percentile, seed=spec.seed)
     if buckets:
         result.lengths = length_buckets(curve, components, result.max_batch_size or p.min_batch_size)
+    result.load = meter.reading(torch.get_num_threads())
     result.notes += _notes(result, p)
     result.seconds["total"] = time.perf_counter() - started
     return result
@@ -517,6 +549,16 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
                      f"over the {result.budget_ms:g} ms budget")
     elif result.max_batch_size == result.ceiling:
         notes.append("memory, not the latency budget, sets the largest batch: every size up to the ceiling meets it")
+    worst = (result.lengths or {}).get("worst")
+    if worst is not None and not worst["meets_budget"]:
+        notes.append(f"a batch of the {result.lengths['batch_size']} longest requests takes "
+                     f"{worst['at_percentile_ms']:.1f} ms at p{result.percentile:g}, over the budget: bucket requests "
+                     "by length, or cap the batch for long ones")
+    from batchtune.render.check import busy_note
+
+    busy = busy_note(result.load, "latencies, above all the tails, are")
+    if busy:
+        notes.append(busy)
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
     if small:
         need = math.ceil(100 / (100 - result.percentile))
@@ -587,7 +629,7 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
         timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0)
         curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                        getattr(components, "collate_fn", None))
-        point, _ = measure_latency(timer, curve.batch(size), size, latency_budget, percentile, "check")
+        point, _ = measure_latency(timer, curve.batches(size), size, latency_budget, percentile, "check")
         q = f"p{percentile:g}"
         checks.append({"name": "latency", "status": "pass" if point.meets_budget else "fail",
                        "reason": f"{q} {_fmt_ms(point.at_percentile_ms)} ms {'≤' if point.meets_budget else '>'} "

@@ -56,11 +56,16 @@ def _lengths_text(x: dict[str, Any], q: str) -> str:
     head = f"{x['min']}–{x['max']} (median {x['median']:g}; {x['source']})"
     if x.get("note"):
         return f"{head}: {x['note']}"
-    buckets = ", ".join(f"{b['lengths'][0]}–{b['lengths'][1]}: {_ms(b['at_percentile_ms'])} ms ({b['share']:.0%})"
-                        for b in x["buckets"])
-    return (f"{head}; {q} at batch {x['batch_size']} by length bucket {buckets}; worst case (longest) "
-            f"{_ms(x['worst']['at_percentile_ms'])} ms{'' if x['worst']['meets_budget'] else ' (over budget)'}; "
-            f"bucketing serves {x['gain']:.2f}× the requests per device-second of random batches")
+    def ms(row: dict[str, Any]) -> str:
+        return f"{_ms(row['p50_ms'])}/{_ms(row['at_percentile_ms'])} ms"
+
+    buckets = ", ".join(f"{b['lengths'][0]}–{b['lengths'][1]} ({b['share']:.0%}) {ms(b)}" for b in x["buckets"])
+    worst = x["worst"]
+    return (f"{head}; p50/{q} at batch {x['batch_size']} by length bucket (share of requests): {buckets}; worst case "
+            f"(the longest) {ms(worst)}{'' if worst['meets_budget'] else ' (over budget)'}; random batches "
+            f"{ms(x['mixed'])}, {x['mixed']['padding']:.0%} padding; in buckets {x['bucketed_padding']:.0%} padding, "
+            f"{x['gain']:.2f}× the requests per device-second (mean latency {_ms(x['mixed']['mean_ms'])} → "
+            f"{_ms(x['bucketed_mean_ms'])} ms)")
 
 
 def _points_table(r: Any, fmt: str) -> str:
