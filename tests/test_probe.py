@@ -21,6 +21,8 @@ from batchtune.memory.search import (
     SearchSpace,
     choose_search,
     double_then_bisect,
+    grow_then_bisect,
+    lightning_binsearch,
     model_guided_search,
     search_ceiling,
     seeded_search,
@@ -197,10 +199,58 @@ def test_source_without_capacity_grows_then_bisects(curve):
     strategy, out = search_ceiling(source, SearchSpace(1, 1 << 20, 1))
     assert not source.knows_capacity and strategy == GROWTH_BISECT
     assert out.ceiling == 1000 and out.predicted_ceiling is None
-    # doubling 1…1024 (11 runs) then bisecting (768, 1024) down to one granule (9 runs)
-    assert source.calls[:11] == [1 << i for i in range(11)]
-    assert len(source.calls) == 20
+    # growing 2, 8, 128, 32768 granules, bisecting (128, 32768) in log space, then (512, 1024) in the middle
+    assert source.calls == [2, 8, 128, 32768, 2048, 512, 1024, 768, 896, 960, 992, 1008, 1000, 1004, 1002, 1001]
     assert {b: m.fits for b, _, m in out.phases}[1001] is False
+
+
+def _threshold(ceiling: int):
+    calls = []
+
+    def measure(b: int) -> Measurement:  # an OOM raised by user code: no memory signal at all
+        calls.append(b)
+        return Measurement(b <= ceiling)
+
+    return measure, calls
+
+
+# ceiling: (grow_then_bisect's trials, Lightning binsearch's): the benchmark's ceilings
+UNKNOWN_CAPACITY = {37: (10, 11), 100: (11, 13), 1000: (16, 19), 3000: (18, 23), 3744: (18, 23), 20000: (21, 29)}
+
+
+@pytest.mark.parametrize("ceiling", sorted(UNKNOWN_CAPACITY))
+def test_unknown_capacity_is_exact_in_fewer_trials_than_lightning(ceiling):
+    measure, calls = _threshold(ceiling)
+    assert grow_then_bisect(measure, min_batch_size=1, max_batch_size=1 << 20, granularity=1).ceiling == ceiling
+    measure, lightning = _threshold(ceiling)
+    assert lightning_binsearch(measure).ceiling == ceiling
+    assert (len(calls), len(lightning)) == UNKNOWN_CAPACITY[ceiling]
+    assert {ceiling, ceiling + 1} <= set(calls)  # exact: the ceiling ran and fitted, one more ran out
+
+
+def test_unknown_capacity_never_takes_more_trials_than_lightning_from_16_up():
+    worse = []
+    for ceiling in range(1, 5001):
+        measure, calls = _threshold(ceiling)
+        assert grow_then_bisect(measure, min_batch_size=1, max_batch_size=1 << 20, granularity=1).ceiling == ceiling
+        measure, lightning = _threshold(ceiling)
+        lightning_binsearch(measure)
+        if len(calls) > len(lightning):
+            worse.append(ceiling)
+    assert worse == [1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]  # one trial more each (Lightning never runs 1)
+
+
+@pytest.mark.parametrize("ceiling,minimum,granularity,cap,calls", [
+    (20, 16, 1, 5000, [16, 128, 45, 26, 21, 18, 19, 20]),  # min_batch_size above the first sizes
+    (10, 16, 1, 5000, [16]),  # nothing fits
+    (10**9, 1, 1, 5000, [2, 8, 128, 5000]),  # capped
+    (296, 8, 8, 1 << 20, [16, 64, 1024, 256, 512, 384, 320, 288, 304, 296]),
+])
+def test_unknown_capacity_edges(ceiling, minimum, granularity, cap, calls):
+    measure, seen = _threshold(ceiling)
+    out = grow_then_bisect(measure, min_batch_size=minimum, max_batch_size=cap, granularity=granularity)
+    assert seen == calls
+    assert out.ceiling == (None if ceiling < minimum else min(ceiling, cap)) and out.capped == (ceiling >= cap)
 
 
 # ------------------------------------------------------------------ real trials on CPU
@@ -249,7 +299,8 @@ def test_probe_user_model_that_raises_cuda_oom(write_spec):
     result = run_probe(load_spec(write_spec(text)))
     assert result.strategy == "growth-bisect"
     assert result.ceiling == 300
-    assert [t.batch_size for t in result.trials if t.phase == "grow"] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert [t.batch_size for t in result.trials if t.phase == "grow"] == [2, 8, 128, 512]  # 512 samples: the cap
+    assert result.search_trials == 13  # Lightning's binsearch: 17 (doubling 2…512, bisecting 256…512)
     assert result.safe_batch_size == 270 and result.power_of_two_batch_size == 256
 
 
