@@ -1,7 +1,7 @@
 """batchtune serve against known answers, and on a real small transformer.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/serve_accuracy.py`` (about 2 minutes on a 2-core CPU);
-``--skip-lm`` leaves out the char LM. Markdown on stdout, progress on stderr.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/serve_accuracy.py`` (about 3 minutes on a 2-core CPU);
+``--skip-lm`` leaves out the two language models. Markdown on stdout, progress on stderr.
 
 1. **Found against analytic size.** A model whose forward sleeps 2 ms + 0.5 ms per sample: the
    largest batch under a budget B is floor((B - 2 ms) / 0.5 ms). ``run_serve`` at three budgets
@@ -15,6 +15,9 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/serve_accuracy.py`` (about 2 minutes 
    --rate 200``: the inference ceiling against the training ceiling (``probe --estimate``, exact
    to the byte on this config), the curve, the static and dynamic recommendation, and the
    measurement's own cost.
+4. **Variable-length requests.** ``batchtune serve configs/varlen_lm.yaml --latency-budget 45ms``
+   (one sample per stdlib source line, 8-147 bytes, padded per batch by ``pad_tokens``): latency
+   and padding by length quartile at the chosen batch, the worst case, and the gain of bucketing.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def simulator_vs_theory() -> str:
     service = 0.010
     for rho in (0.3, 0.5, 0.8):
         rate = rho / service
-        (r,) = simulate(poisson_arrivals(rate, 100000, seed=7), lambda n, rng: np.full(np.shape(n), service), [1], [0.0])
+        arrivals = poisson_arrivals(rate, 100000, seed=7)
+        (r,) = simulate(arrivals, lambda n, rng: np.full(np.shape(n), service), [1], [0.0])
         mean = service + rho * service / (2 * (1 - rho))
         rows.append([f"M/D/1 ρ={rho}", "mean latency ms", f"{1e3 * mean:.3f}", f"{1e3 * r.mean:.3f}",
                      f"{r.mean / mean - 1:+.2%}"])
@@ -133,6 +137,25 @@ def char_lm() -> str:
         f"- the timing loop's own cost per pass (clock + synchronise around nothing): {1e3 * r.overhead_ms:.2f} µs"])
 
 
+def varlen_lm() -> str:
+    r = run_serve(str(ROOT / "configs" / "varlen_lm.yaml"), latency_budget=0.045, percentile=99.0)
+    x = r.lengths
+    rows = [[f"{b['lengths'][0]}–{b['lengths'][1]}", f"{b['share']:.0%}", f"{b['p50_ms']:.2f}", f"{b['p99_ms']:.2f}",
+             f"{b['mean_ms']:.2f}", f"{b['padding']:.0%}"] for b in x["buckets"]]
+    rows.append(["worst (the longest)", "-", *(f"{x['worst'][k]:.2f}" for k in ("p50_ms", "p99_ms", "mean_ms")),
+                 f"{x['worst']['padding']:.0%}"])
+    rows.append(["random batches", "100%", *(f"{x['mixed'][k]:.2f}" for k in ("p50_ms", "p99_ms", "mean_ms")),
+                 f"{x['mixed']['padding']:.0%}"])
+    rows.append(["bucketed (share-weighted)", "100%", "-", "-", f"{x['bucketed_mean_ms']:.2f}",
+                 f"{x['bucketed_padding']:.0%}"])
+    table = tabulate(rows, headers=["lengths", "requests", "p50 ms", "p99 ms", "mean ms", "padding"], tablefmt="github")
+    return "\n".join([f"inference ceiling {r.ceiling}, max batch size {r.max_batch_size} (p99 over 8 random padded "
+                      f"batches per size); at batch {x['batch_size']}, lengths {x['min']}–{x['max']} "
+                      f"(median {x['median']:g}):", "", table, "",
+                      f"gain of bucketing: {x['gain']:.2f}× the requests per device-second; "
+                      f"{r.seconds['total']:.1f} s in all", "", *(f"note: {n}" for n in r.notes)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-lm", action="store_true")
@@ -146,7 +169,9 @@ def main() -> None:
     print(simulator_vs_theory(), "\n")
     if not args.skip_lm:
         print("### configs/char_lm.yaml, budget 45 ms at p99, 200 requests/s\n")
-        print(char_lm())
+        print(char_lm(), "\n")
+        print("### configs/varlen_lm.yaml, budget 45 ms at p99: by length bucket\n")
+        print(varlen_lm())
 
 
 if __name__ == "__main__":

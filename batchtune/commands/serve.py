@@ -563,7 +563,8 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
     if small:
         need = math.ceil(100 / (100 - result.percentile))
         notes.append(f"p{result.percentile:g} needs at least {need} passes to see one beyond it; {len(small)} of "
-                     f"{len(result.points)} sizes had fewer (--repeats, or the time cap per size): their tails are rough")
+                     f"{len(result.points)} sizes had fewer (--repeats, or the time cap per size): their tails "
+                     "are rough")
     return notes
 
 

@@ -30,8 +30,9 @@ def _summary(r: Any) -> list[tuple[str, str]]:
     if best is None:
         rows.append(("max batch size", f"none: no size meets {r.budget_ms:g} ms at {q}"))
     else:
-        rows.append(("max batch size", f"{best.batch_size}   ({q} {_ms(best.at_percentile_ms)} ms ≤ {r.budget_ms:g} ms; "
-                                       f"p50 {_ms(best.p50_ms)} ms; {best.samples_per_s:,.0f} samples/s)"))
+        rows.append(("max batch size", f"{best.batch_size}   ({q} {_ms(best.at_percentile_ms)} ms ≤ "
+                                       f"{r.budget_ms:g} ms; p50 {_ms(best.p50_ms)} ms; "
+                                       f"{best.samples_per_s:,.0f} samples/s)"))
     if r.rate is not None:
         rows.append(("dynamic batching", _dynamic_text(r)))
     if r.lengths is not None:
@@ -46,8 +47,9 @@ def _dynamic_text(r: Any) -> str:
     d = r.dynamic
     if d is None:
         return f"at {r.rate:g} requests/s: {r.dynamic_reason}"
-    return (f"at {r.rate:g} requests/s: max_batch_size {d['max_batch_size']}, max_queue_delay {d['max_queue_delay_ms']:.3g} ms"
-            f" → p50 {_ms(d['p50_ms'])} ms, p99 {_ms(d['p99_ms'])} ms, {d['throughput']:,.0f} requests per device-second "
+    return (f"at {r.rate:g} requests/s: max_batch_size {d['max_batch_size']}, max_queue_delay "
+            f"{d['max_queue_delay_ms']:.3g} ms → p50 {_ms(d['p50_ms'])} ms, p99 {_ms(d['p99_ms'])} ms, "
+            f"{d['throughput']:,.0f} requests per device-second "
             f"(device busy {d['utilisation']:.1%}, {d['mean_batch']:.1f} requests a batch; {d['settings_simulated']} "
             f"settings simulated over {d['requests']:,} requests in {d['simulation_seconds']:.2f} s)")
 
