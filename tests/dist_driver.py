@@ -51,11 +51,34 @@ def overlap_equivalence(spec_path: str) -> dict:
             "stderr": ""}
 
 
+def noise_under_fsdp(spec_path: str) -> dict:
+    """The same three noise-measured steps under DDP and under FSDP, from the same weights and
+    batches: [step, |G|², tr Σ] of each, and FSDP's at two accumulation steps."""
+    from batchtune.config.spec import load_spec
+    from batchtune.engine.distributed import init_from_env
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, TrialConfig, prepare
+
+    dist = init_from_env("cpu")
+    figures = {}
+    for strategy, accum in (("ddp", 1), ("fsdp", 1), ("fsdp", 2)):
+        spec, components, backend = prepare(load_spec(spec_path, [f"distributed.strategy={strategy}"]))
+        trainer = Trainer(components, backend, spec.precision, dist)
+        config = TrialConfig(BatchShape(16, accum, world_size=2), lr=0.01, steps=3, measure_noise=True, noise_every=1)
+        result = trainer.run(config)
+        figures[f"{strategy}x{accum}"] = {"raw": result.noise_raw, "fits": result.fits,
+                                          "b_simple": result.noise.b_simple if result.noise is not None else None}
+    return {"code": 0, "stdout": json.dumps(figures), "stderr": ""}
+
+
+COMMANDS = {"overlap-equivalence": overlap_equivalence, "noise-under-fsdp": noise_under_fsdp}
+
+
 def main() -> None:
     out_dir, scenarios = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     rank = int(os.environ.get("RANK", "0"))
     for name, args in scenarios.items():
-        result = overlap_equivalence(args[1]) if args[0] == "overlap-equivalence" else run(args)
+        result = COMMANDS[args[0]](args[1]) if args[0] in COMMANDS else run(args)
         (out_dir / f"{name}.rank{rank}.json").write_text(json.dumps(result))
 
 

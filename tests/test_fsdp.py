@@ -57,6 +57,7 @@ def ranks(tmp_path_factory) -> dict:
         "check": ["check", _spec(folder, "check", limits="2MiB", kwargs=small), "--batch-size", "128",
                   "--format", "json", "-q"],
         "sweep": ["sweep", str(folder / "check.yaml"), "--out", str(folder / "run"), "--format", "json", "-q"],
+        "noise": ["noise-under-fsdp", str(folder / "check.yaml")],
     }
     plan = folder / "scenarios.json"
     plan.write_text(json.dumps(scenarios))
@@ -106,11 +107,15 @@ def test_the_report_splits_what_sharding_divides_from_what_it_does_not(ranks):
     assert [u["class"] for u in sharding["units"]].count("Block") == 4
     # the activations are not divided: ~9 KB a sample (five 256-wide fp32 layers, saved for backward)
     assert 6_000 <= sharding["per_sample_bytes"] <= 12_000
+    assert divided["at_peak"] == divided["params"] + divided["optimizer"]  # gradients are None between steps
     projection = {p["world_size"]: p for p in sharding["projection"]}
-    assert set(projection) == {1, 2, 4, 8, 16}
+    assert set(projection) == {2, 4, 8, 16}
     assert abs(projection[2]["fsdp_ceiling"] - _json(ranks, "fsdp")["ceiling"]) <= 3  # its own world
-    assert projection[4]["fsdp_ceiling"] > projection[2]["fsdp_ceiling"] > projection[1]["fsdp_ceiling"]
-    assert projection[2]["ddp_ceiling"] == projection[8]["ddp_ceiling"]  # DDP does not move with the world
+    assert projection[16]["fsdp_ceiling"] > projection[4]["fsdp_ceiling"] > projection[2]["fsdp_ceiling"]
+    # DDP: the whole model, buckets, both moments: a bound that does not move with the world, above DDP's ceiling
+    ddp = _json(ranks, "ddp")["ceiling"]
+    assert projection[2]["ddp_ceiling_at_most"] == projection[8]["ddp_ceiling_at_most"]
+    assert ddp <= projection[2]["ddp_ceiling_at_most"] <= ddp * 1.15
 
 
 def test_mixed_capacities_agree_on_the_smaller_rank_and_name_it(ranks):
@@ -144,6 +149,21 @@ def test_check_and_sweep_run_sharded_and_report_once(ranks):
     assert len(json.loads((ranks["_folder"] / "run" / "trials.json").read_text())) == 3
 
 
+def test_noise_scale_under_fsdp_reads_the_local_gradients_ddp_reads(ranks):
+    """At one accumulation step both read each rank's 16-sample gradient against the 32-sample
+    reduced one, from the same weights and batches: the same |G|² and tr Σ on every step."""
+    for rank in ranks["noise"]:
+        figures = json.loads(rank["stdout"])
+        ddp, fsdp, accumulated = figures["ddpx1"], figures["fsdpx1"], figures["fsdpx2"]
+        assert len(ddp["raw"]) == len(fsdp["raw"]) == 3
+        for (step, g2, trace), (step2, g2b, trace_b) in zip(ddp["raw"], fsdp["raw"]):
+            assert step == step2 and trace > 0  # one step's unbiased |G|² may be negative; only its mean is not
+            assert g2b == pytest.approx(g2, rel=1e-6, abs=1e-12) and trace_b == pytest.approx(trace, rel=1e-6)
+        # two accumulation steps: a micro-batch on one rank (16) against the step's 64 samples
+        assert len(accumulated["raw"]) == 3 and all(trace > 0 for _, _, trace in accumulated["raw"])
+        assert 10 < accumulated["b_simple"] < 1000
+
+
 def test_fsdp_outside_torchrun_is_a_spec_error(tmp_path):
     from typer.testing import CliRunner
 
@@ -160,10 +180,10 @@ def test_projection_by_hand():
 
     # 1000 B of shards at 2 ranks (2000 whole), 500 B not divided, 10 B a sample, 3000 B a rank
     rows = {p.world_size: p for p in project(fixed_bytes=1500, per_sample_bytes=10, divided_bytes_per_rank=1000,
-                                             world_size=2, capacity_bytes=3000, grad_bytes=400, worlds=[1, 2, 4])}
-    assert rows[2].fsdp_ceiling == 150 and rows[4].fsdp_ceiling == 200  # (3000 - 500 - 500) / 10
-    assert rows[1].fsdp_ceiling == 50  # (3000 - 500 - 2000) / 10
-    assert rows[2].ddp_ceiling == 10  # (3000 - 500 - 2000 - 400) / 10
+                                             world_size=2, capacity_bytes=3000, grad_bytes=400, worlds=[2, 4, 8])}
+    assert rows[2].fsdp_ceiling == 150 and rows[4].fsdp_ceiling == 200  # (3000 - 500 - 2000/w) / 10
+    assert rows[8].fsdp_fixed_bytes == 750 and rows[8].fsdp_ceiling == 225
+    assert rows[2].ddp_ceiling_at_most == 60 == rows[8].ddp_ceiling_at_most  # (3000 - 2000 - 400) / 10
     tight = project(fixed_bytes=1500, per_sample_bytes=10, divided_bytes_per_rank=1000, world_size=2,
-                    capacity_bytes=2000, grad_bytes=400, worlds=[1])
-    assert tight[0].fsdp_ceiling is None and tight[0].ddp_ceiling is None  # the whole model does not fit
+                    capacity_bytes=2300, grad_bytes=400, worlds=[2, 4])
+    assert tight[0].fsdp_ceiling == 80 and tight[0].ddp_ceiling_at_most is None  # DDP does not fit at all

@@ -387,7 +387,8 @@ def _sharding_report(source: DeviceMemorySource, p: Any, dist: Any) -> dict[str,
 
     keys = sorted(trainer.local_state_bytes)
     local = dict(zip(keys, (int(v) for v in dist.max(*(trainer.local_state_bytes[k] for k in keys)))))
-    fits = [t for t in source.trials if t.result.fits and t.result.compute_peak_bytes]  # the same on every rank
+    # search trials only (the same steps each; the confirmation runs more), the same on every rank
+    fits = [t for t in source.trials if t.phase != "confirm" and t.result.fits and t.result.compute_peak_bytes]
     peaks = dist.max(*(t.result.compute_peak_bytes for t in fits)) if fits else []
     return report(trainer.sharding, local, [(t.batch_size, peak) for t, peak in zip(fits, peaks)],
                   capacity_bytes=source.capacity_bytes, granularity=p.granularity)

@@ -29,7 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Projection", "ShardingLayout", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
+from batchtune.monitor import NoiseScaleMonitor
+
+__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BACKEND: list[Any] = [None]
@@ -122,6 +124,7 @@ def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[
         fully_shard(module, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
     fully_shard(model, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
     gather, scatter = _agreed_comms(ranks)
+    model._batchtune_reduce_scatter = scatter  # ShardedNoiseMonitor listens to it
     for module in [m for _, m in units] + [model]:
         module.set_custom_all_gather(gather)
         module.set_custom_reduce_scatter(scatter)
@@ -129,10 +132,23 @@ def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[
 
 
 def reset(model: nn.Module) -> None:
-    """FSDP back to its sharded, idle state after a forward or backward that did not finish."""
+    """FSDP back to its sharded, idle state after a forward or backward that did not finish.
+
+    ``reset_iter_state`` reshards and drops pending reductions, but a unit whose backward ran
+    and whose reduce-scatter never did keeps its unsharded gradient on the gathered parameter
+    (freed of storage, not of ``.grad``): dropped here, or it would outlive the OOM.
+    """
     reset_iter_state = getattr(model, "reset_iter_state", None)
-    if reset_iter_state is not None:
-        reset_iter_state()
+    if reset_iter_state is None:
+        return
+    reset_iter_state()
+    for module in model.modules():
+        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", ()):
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
 
 
 def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
@@ -149,12 +165,16 @@ def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
             return _ALL_GATHER(output_tensor, input_tensor, group=group, async_op=async_op)
 
     class AgreedReduceScatter(ReduceScatter):
+        listener: Any = None  # a ShardedNoiseMonitor measuring this step: sees each rank's local gradient
+
         def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
                      async_op: bool = False) -> Any:
             ranks.checkpoint()
+            if self.listener is not None:
+                self.listener.local_gradient(input_tensor, op)
             return _REDUCE_SCATTER(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
     return AgreedAllGather(), AgreedReduceScatter()
@@ -211,35 +231,35 @@ class Projection:
     """The per-rank ceiling predicted at another world size."""
 
     world_size: int
-    fixed_bytes: float  # per rank: what is not divided, plus this world's share of what is
+    fsdp_fixed_bytes: float  # per rank: what FSDP does not divide, plus this world's share of what it does
     fsdp_ceiling: int | None  # None: even one sample does not fit
-    ddp_ceiling: int | None  # the same model replicated (params, grads, buckets, optimizer state whole)
+    # DDP replicates the divided part and adds gradient buckets; at most this ceiling (the rest of
+    # FSDP's fixed memory, its gathered units, is left out), None: DDP does not fit at all
+    ddp_ceiling_at_most: int | None
 
 
 def project(*, fixed_bytes: float, per_sample_bytes: float, divided_bytes_per_rank: float, world_size: int,
             capacity_bytes: float, grad_bytes: float, worlds: Sequence[int], granularity: int = 1) -> list[Projection]:
-    """Per-rank ceilings at other world sizes, from a memory model fitted at ``world_size``.
+    """Per-rank ceilings at other world sizes, from a memory line fitted under FSDP at ``world_size``.
 
-    ``fixed_bytes`` (the fit's) holds ``divided_bytes_per_rank`` (params, grads and optimizer
-    state: this rank's shards) and a part sharding does not divide (gather buffers, the
-    rest); at ``w`` ranks the divided part is ``divided × world_size / w``. The activations,
-    ``per_sample_bytes``, are the same at every world size. DDP keeps the divided part whole,
-    plus gradient buckets of ``grad_bytes`` (the unsharded gradients' size).
+    The line's ``fixed_bytes`` holds ``divided_bytes_per_rank`` (this rank's shards of what is
+    live at the peak: the parameters and the optimizer state) and a part FSDP does not divide
+    (the gathered units and their buffers, the rest); at ``w`` ranks the divided part becomes
+    ``divided × world_size / w``. The activations, ``per_sample_bytes``, do not move. DDP keeps
+    the divided part whole and adds buckets of ``grad_bytes`` (the unsharded gradients).
     """
     whole = divided_bytes_per_rank * world_size
     kept = fixed_bytes - divided_bytes_per_rank
+    return [Projection(w, kept + whole / w, _ceiling(capacity_bytes - kept - whole / w, per_sample_bytes, granularity),
+                       _ceiling(capacity_bytes - whole - grad_bytes, per_sample_bytes, granularity)) for w in worlds]
 
-    def ceiling(fixed: float) -> int | None:
-        if per_sample_bytes <= 0:
-            return None
-        size = math.floor((capacity_bytes - fixed) / per_sample_bytes / granularity) * granularity
-        return size if size >= 1 else None
 
-    out = []
-    for w in worlds:
-        fixed = kept + whole / w
-        out.append(Projection(w, fixed, ceiling(fixed), ceiling(kept + whole + grad_bytes)))
-    return out
+def _ceiling(free_bytes: float, per_sample_bytes: float, granularity: int) -> int | None:
+    """The most samples (a multiple of ``granularity``) whose activations fit in ``free_bytes``; None: not one."""
+    if per_sample_bytes <= 0:
+        return None
+    size = math.floor(free_bytes / per_sample_bytes / granularity) * granularity
+    return size if size >= 1 else None
 
 
 def report(layout: ShardingLayout, local: dict[str, int], peaks: Sequence[tuple[int, float]], *,
@@ -257,22 +277,85 @@ def report(layout: ShardingLayout, local: dict[str, int], peaks: Sequence[tuple[
     from batchtune.memory.model import fit_memory_model
 
     world = layout.world_size
-    divided = sum(local.values())
+    at_peak = local["params"] + local["optimizer"]  # gradients are set to None between steps
     out: dict[str, Any] = {
         "strategy": "fsdp", "world_size": world, "units": layout.units, "param_bytes": layout.param_bytes,
-        "divided_per_rank": {**local, "total": divided}, "divided_whole_bytes": divided * world,
-        "gather_bytes": layout.largest_unit_bytes, "fit": None, "not_divided_fixed_bytes": None,
-        "per_sample_bytes": None, "projection": []}
+        "divided_per_rank": {**local, "total": sum(local.values()), "at_peak": at_peak},
+        "divided_whole_bytes": sum(local.values()) * world, "gather_bytes": layout.largest_unit_bytes,
+        "fit": None, "not_divided_fixed_bytes": None, "per_sample_bytes": None, "projection": [],
+        "single_rank_ceiling_at_most": None}
     points = sorted(dict(peaks).items())[-3:]  # nearest the ceiling: the compute phase dominates there
     if len(points) < 2:
         return out
     fit = fit_memory_model([b for b, _ in points], [p for _, p in points])
-    out.update(fit=fit.to_dict(), not_divided_fixed_bytes=fit.fixed_bytes - divided,
+    out.update(fit=fit.to_dict(), not_divided_fixed_bytes=fit.fixed_bytes - at_peak,
                per_sample_bytes=fit.per_sample_bytes)
     if capacity_bytes is not None:
-        worlds = sorted({1, world, 2 * world, 4 * world, 8 * world})
-        out["projection"] = [asdict(p) for p in project(
-            fixed_bytes=fit.fixed_bytes, per_sample_bytes=fit.per_sample_bytes, divided_bytes_per_rank=divided,
-            world_size=world, capacity_bytes=capacity_bytes, grad_bytes=local["grads"] * world, worlds=worlds,
-            granularity=granularity)]
+        rows = project(fixed_bytes=fit.fixed_bytes, per_sample_bytes=fit.per_sample_bytes,
+                       divided_bytes_per_rank=at_peak, world_size=world, capacity_bytes=capacity_bytes,
+                       grad_bytes=local["grads"] * world, worlds=[world, 2 * world, 4 * world, 8 * world],
+                       granularity=granularity)
+        out["projection"] = [asdict(p) for p in rows]
+        # one process, unwrapped: the whole model, no buckets (the rest of the fixed memory left out: at most)
+        out["single_rank_ceiling_at_most"] = _ceiling(capacity_bytes - at_peak * world, fit.per_sample_bytes,
+                                                      granularity)
     return out
+
+
+class ShardedNoiseMonitor(NoiseScaleMonitor):
+    """The noise scale under FSDP: each rank's local gradient against the reduced one.
+
+    FSDP reduce-scatters each unit's gradient inside every backward pass, so there is no
+    moment when a rank holds its whole local gradient, as under DDP. The reduce-scatter's
+    input, though, is exactly this rank's unsharded gradient of the unit for that backward
+    pass (padded with zeros, averaged by the collective): its squared norm, summed over the
+    units of one pass, is |g|² of one micro-batch on one rank, read on its way into the
+    collective, before any reduction. The reduced gradient is the sum over ranks of each
+    rank's shard of ``.grad`` after the step's last backward (one collective, in the agreed
+    exchange phase). So the small batch is one micro-batch on one rank and the big one the
+    step's global batch; with one accumulation step both equal DDP's, and so do the readings.
+    The alternative, backward without gradient sync and a reduction by hand, would hold
+    every unsharded gradient at once: more memory on the measured steps than on the others.
+    """
+
+    def __init__(self, model: nn.Module, *, micro_batch_size: int, accum_steps: int, every: int, ranks: Any) -> None:
+        super().__init__(model.parameters(), micro_batch_size=micro_batch_size, accum_steps=accum_steps,
+                         every=every, ranks=ranks)
+        self.batch_sizes = (micro_batch_size, micro_batch_size * accum_steps * ranks.world_size)
+        self._scatter = getattr(model, "_batchtune_reduce_scatter", None)
+        self._pass = self._small_sum = 0.0
+        self._passes, self._averaged = 0, True
+
+    def local_gradient(self, flat_grad: torch.Tensor, op: Any) -> None:
+        """From the reduce-scatter: one unit's unsharded gradient on this rank, for this backward pass."""
+        self._averaged = self._averaged and op == dist.ReduceOp.AVG  # pre-divided input would need its factor
+        self._pass += float(flat_grad.detach().double().pow(2).sum())
+
+    def begin(self) -> None:
+        self._small_sum, self._passes, self._averaged = 0.0, 0, True
+        if self._scatter is not None:
+            self._scatter.listener = self
+
+    def start_micro_batch(self) -> None:
+        self._pass = 0.0
+
+    def end_micro_batch(self, grad_multiplier: float = 1.0) -> None:
+        self._small_sum += self._pass * grad_multiplier**2
+        self._passes += 1
+
+    def before_reduce(self, grad_multiplier: float = 1.0) -> None:
+        """The step's reduced |G|² (the ranks' shards summed) and the ranks' mean small |g|² (a collective)."""
+        if self._scatter is not None:
+            self._scatter.listener = None
+        shards = sum(float(_local(p.grad).detach().double().pow(2).sum()) for p in self.params if p.grad is not None)
+        small = self._small_sum / self._passes if self._passes and self._averaged else math.nan
+        big, small_total = self._ranks.sum(shards * grad_multiplier**2, small)
+        self._reading = (small_total / self._ranks.world_size, big)
+
+    def step(self, grad_multiplier: float = 1.0) -> None:
+        small, big = self._reading
+        self._fold(small, big, self.batch_sizes)
+
+    def close(self) -> None:
+        if self._scatter is not None:
+            self._scatter.listener = None

@@ -442,11 +442,14 @@ class Trainer:
     def _monitor(self, config: TrialConfig, model: nn.Module, work: Workload) -> NoiseScaleMonitor | None:
         """The noise-scale monitor when the trial measures it and its shape gives two batch sizes."""
         shape = config.shape
-        if self.strategy == "fsdp":  # FSDP reduce-scatters inside backward: no local gradient to read
-            return None
         if not (config.measure_noise and work.has_gradients
                 and NoiseScaleMonitor.can_measure(shape.micro_batch_size, shape.accum_steps, self.dist.world_size)):
             return None
+        if self.strategy == "fsdp":  # local gradients read on their way into FSDP's reduce-scatter
+            from batchtune.engine.sharding import ShardedNoiseMonitor
+
+            return ShardedNoiseMonitor(model, micro_batch_size=shape.micro_batch_size, accum_steps=shape.accum_steps,
+                                       every=config.noise_every, ranks=self.dist)
         return NoiseScaleMonitor(model.parameters(), micro_batch_size=shape.micro_batch_size,
                                  accum_steps=shape.accum_steps, every=config.noise_every, ranks=self.dist)
 

@@ -50,7 +50,41 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
         rows.append(("estimate", _estimate_text(result.estimate)))
     if getattr(result, "variable_length", None):
         rows += _varlen_rows(result.variable_length)
+    if getattr(result, "sharding", None):
+        rows += _sharding_rows(result.sharding)
+    if getattr(result, "bounding_rank", None):
+        rows.append(("bounded by", _bound_text(result.bounding_rank)))
     return rows
+
+
+def _sharding_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """FSDP: what each rank keeps of what sharding divides, what it does not divide, other world sizes."""
+    d, world = s["divided_per_rank"], s["world_size"]
+    rows = [("sharded (÷ ranks)", f"{format_bytes(d['total'])} a rank of {format_bytes(s['divided_whole_bytes'])}: "
+                                  f"params {format_bytes(d['params'])}, grads {format_bytes(d['grads'])}, "
+                                  f"optimizer state {format_bytes(d['optimizer'])} (÷ {world})")]
+    kept = s.get("not_divided_fixed_bytes")
+    text = f"the largest of {len(s['units'])} units is gathered whole: {format_bytes(s['gather_bytes'])}"
+    if kept is not None:
+        text = f"{format_bytes(kept)} fixed + activations {format_bytes(s['per_sample_bytes'])} × b ({text})"
+    rows.append(("not sharded", text))
+    for p in s.get("projection") or []:
+        fsdp = p["fsdp_ceiling"] if p["fsdp_ceiling"] is not None else "does not fit"
+        ddp = f"at most {p['ddp_ceiling_at_most']}" if p["ddp_ceiling_at_most"] is not None else "does not fit at all"
+        mark = "  (this run's world)" if p["world_size"] == world else ""
+        rows.append((f"at {p['world_size']} ranks", f"fsdp ceiling {fsdp}, ddp {ddp}   (predicted){mark}"))
+    if s.get("projection"):
+        single = s.get("single_rank_ceiling_at_most")
+        rows.append(("one rank", f"unsharded: {f'at most {single}' if single else 'does not fit at all'}   (predicted)"))
+    return rows
+
+
+def _bound_text(b: dict[str, Any]) -> str:
+    margins = ", ".join(f"rank {r}: {format_bytes(m) if m is not None else '?'}"
+                        for r, m in enumerate(b["margin_bytes"]))
+    why = (f"ran out of memory itself at {b['failing_size']}" if b["failed_themselves"]
+           else "the least memory left at the ceiling")
+    return f"rank {b['rank']} ({why}; free at the ceiling: {margins})"
 
 
 def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
