@@ -248,3 +248,60 @@ def test_weights_built_before_the_fake_mode_are_made_fake_and_stay_tied(write_sp
     assert next(tracer.model.parameters()) is not _PREBUILT[0].weight
     point = tracer.trace(8)
     assert point.peak_bytes >= 4 * tracer.parameter_bytes  # parameters, gradients and AdamW's two moments
+
+
+# ---------------------------------------------------------------------------- a Hugging Face transformer
+
+
+def gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 128, n_positions: int = 64):
+    """A Hugging Face GPT-2 built from a config (random weights, nothing downloaded)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                                     n_positions=n_positions, bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+    return transformers.GPT2LMHeadModel(config)
+
+
+class _TokenDicts(torch.utils.data.Dataset):
+    """Causal-LM examples as Hugging Face gives them: dicts of input_ids, attention_mask and labels."""
+
+    def __init__(self, n: int, length: int, vocab_size: int) -> None:
+        self.ids = torch.randint(vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def gpt2_data(n: int = 256, length: int = 64, vocab_size: int = 128):
+    return _TokenDicts(n, length, vocab_size), _TokenDicts(32, length, vocab_size)
+
+
+GPT2 = """\
+name: gpt2
+model: {target: "tests.test_estimate:gpt2"}
+data: {target: "tests.test_estimate:gpt2_data"}
+loss: model_output
+optimizer: {name: adamw, lr: 0.001}
+base_batch_size: 8
+device: {type: cpu}
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_hugging_face_gpt2_with_dict_batches_is_estimated_within_3_percent(write_spec, precision):
+    pytest.importorskip("transformers")
+    spec = load_spec(write_spec(GPT2), [f"precision={precision}"])
+    spec, components, backend = prepare(spec)
+    tracer = StepTracer(spec, components, resolve_target(spec, "1GiB"))
+    for b in (8, 32):
+        model = components.build_model(spec.seed)
+        backend.track(list(model.parameters()) + list(model.buffers()))
+        config = trial_config(spec, BatchShape(b), lr=1e-3, steps=2, grad_clip=None)
+        measured = Trainer(components, backend, spec.precision).run(config, model=model).peak_bytes
+        del model
+        traced = tracer.trace(b).peak_bytes
+        assert traced == pytest.approx(measured, rel=0.03), (b, measured, traced)
+        assert measured > 4 * tracer.parameter_bytes  # weights, grads and AdamW's two moments at least

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import batchtune.config.components
 from batchtune.commands.probe import run_probe, safe_size
@@ -110,6 +111,42 @@ def test_probe_from_the_estimate_finds_the_same_ceiling_in_two_search_trials(wri
     assert seeded.safe_batch_size == plain.safe_batch_size
     searched = [t for t in seeded.trials if t.phase != "confirm"]
     assert [t.fits for t in searched] == [True, False] and len(plain.trials) > len(seeded.trials)
+    agreement = seeded.estimate["vs_measured"]
+    assert agreement["estimated_ceiling"] == agreement["measured_ceiling"] == seeded.ceiling
+    assert abs(agreement["peak_error"]) < 0.01 and not any("disagree" in n for n in seeded.notes)
+
+
+class _RealOnlyWorkspace(torch.nn.Module):
+    """Keeps a 2 KiB-per-sample workspace for backward on real tensors only: memory a trace cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._subclasses.fake_tensor import is_fake
+
+        y = self.net(x)
+        if not is_fake(x):
+            y = y + (torch.ones(x.shape[0], 512) * self.scale).mean(1, keepdim=True)  # saved for backward
+        return y
+
+
+def real_only_workspace() -> torch.nn.Module:
+    return _RealOnlyWorkspace()
+
+
+def test_probe_from_the_estimate_says_when_the_measurement_disagrees(write_spec):
+    overrides = ["model.target=tests.test_probe:real_only_workspace", "device.memory_limit=400KiB",
+                 "data.kwargs.n_train=4096"]
+    seeded = run_probe(load_spec(write_spec(), overrides + ["probe.from_estimate=true"]))
+    plain = run_probe(load_spec(write_spec(), overrides))
+    assert seeded.ceiling == plain.ceiling  # the search corrects the estimate: still exact
+    agreement = seeded.estimate["vs_measured"]
+    assert agreement["estimated_ceiling"] > 2 * seeded.ceiling and agreement["peak_error"] < -0.3
+    (note,) = [n for n in seeded.notes if "disagree" in n]
+    assert f"estimated ceiling {agreement['estimated_ceiling']}, measured {seeded.ceiling}" in note
 
 
 def test_classic_searches_for_comparison():

@@ -144,6 +144,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         outcome.model = outcome.model or estimate.memory_model  # two trials leave one point to fit
     else:
         strategy, outcome = search_ceiling(source, space)
+    against_estimate = _against_estimate(estimate, source.trials, outcome.ceiling, notes) if estimate else None
     max_leak = _max_leaked_bytes(source.trials, dist)
     if max_leak > 0:
         notes.append(f"memory did not return to the baseline after an OOM: {max_leak} bytes still held "
@@ -174,7 +175,31 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         device={**backend.describe(), "world_size": dist.world_size, "threads": threads, "threads_from": threads_from,
                 "load": load}, precision=spec.precision, notes=notes, variable_length=varlen,
         sharding=sharding, bounding_rank=bound,
+        estimate={**estimate.estimate, "vs_measured": against_estimate} if estimate and estimate.estimate else None,
     )
+
+
+#: A traced peak further than this from the measured one is reported as a disagreement.
+ESTIMATE_TOLERANCE = 0.05
+
+
+def _against_estimate(estimate: ProbeResult, trials: list[DeviceTrial], ceiling: int | None,
+                      notes: list[str]) -> dict[str, Any]:
+    """The estimate seeded the search: compare its ceiling and its peak at the measured ceiling with
+    the measurement, and say so in ``notes`` when they disagree (the measured figures stand)."""
+    measured = next((t.result.peak_bytes for t in reversed(trials) if t.batch_size == ceiling and t.result.fits), None)
+    model = estimate.memory_model
+    predicted = round(model.predict(ceiling)) if model is not None and ceiling is not None else None
+    error = (predicted - measured) / measured if predicted is not None and measured else None
+    out = {"estimated_ceiling": estimate.ceiling, "measured_ceiling": ceiling, "estimated_peak_bytes": predicted,
+           "measured_peak_bytes": measured, "peak_error": error}
+    if (error is not None and abs(error) > ESTIMATE_TOLERANCE) or estimate.ceiling != ceiling:
+        peaks = (f"; at batch {ceiling} it predicted a peak of {format_bytes(predicted)}, the device measured "
+                 f"{format_bytes(measured)} ({error:+.1%})" if error is not None else "")
+        notes.append(f"the estimate and the measurement disagree: estimated ceiling {estimate.ceiling}, measured "
+                     f"{ceiling}{peaks}. The trace cannot see what only runs on the device (kernel workspaces, "
+                     "code that takes another path on real tensors); the measured figures stand")
+    return out
 
 
 def _variable_length(spec: Any, components: Any, source: DeviceMemorySource, backend: Any, dist: Any,
