@@ -598,6 +598,59 @@ def serve(
     raise typer.Exit(EXIT_FAIL if failed else EXIT_OK)
 
 
+@app.command()
+def plan(
+    spec_path: SpecPath,
+    overrides: Overrides = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="The run's length in samples.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0,
+                                                    help="... or in epochs of the training set.")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data).")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Devices the run gets (data parallel; the "
+                                                            "projection assumes linear scaling).")] = 1,
+    price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", min=0,
+                                                            help="Price of one device-hour, for the cost.")] = None,
+    deadline: Annotated[Optional[str], typer.Option(
+        "--deadline", help="Wall time to reach the target in (12h, 90min, 2d); exit 1 if no plan does.")] = None,
+    calibration: Annotated[float, typer.Option("--calibration", min=0.01, max=0.2,
+                                               help="Share of the run the calibration may train.")] = 0.2,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, max=1.0,
+                                             help="The final target: the best projected final loss plus this "
+                                                  "share of it.")] = 0.01,
+    verify: Annotated[bool, typer.Option("--verify", help="Train the recommended plan (and the best constant size "
+                                                          "beside a schedule) over the whole run.")] = False,
+    verify_seeds: Annotated[int, typer.Option("--verify-seeds", min=1, help="Seeds per verified plan.")] = 1,
+    schedule_out: Annotated[Optional[Path], typer.Option("--schedule-out", help="Write the schedule here "
+                                                                               "(.yaml or .json).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder.")] = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+    trial_timeout: TimeoutOpt = None,
+) -> None:
+    """Plan the whole run: critical batch by loss, each constant size and a batch-size schedule
+    projected (steps, time, GPU-hours, cost), one recommended.
+
+    Exit 0 planned, 1 no plan (or none meets --deadline), 2 bad input.
+    """
+    with _user_errors():
+        from batchtune.commands.plan import parse_deadline, run_plan
+        from batchtune.render.plan import render_plan
+
+        deadline_seconds = parse_deadline(deadline) if deadline is not None else None
+        if schedule_out is not None:
+            _writable(schedule_out, "--schedule-out")
+        if out is not None:
+            _check_out(out, force=False)
+        spec = _load(spec_path, _with_timeout(overrides, trial_timeout))
+        setup_logging(quiet)
+        result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
+                          price_per_hour=price_per_hour,
+                          deadline_seconds=deadline_seconds, calibration_share=calibration, tolerance=tolerance,
+                          verify=verify, verify_seeds=verify_seeds, schedule_out=schedule_out, out=out)
+        _echo(render_plan(result, fmt.value))
+    raise typer.Exit(result.exit_code)
+
+
 def main() -> None:
     """Console-script entry point. ``--debug`` is taken anywhere on the line, before or after the command."""
     if "--debug" in sys.argv[1:]:  # typer takes a group option only before the command: move it there

@@ -1,0 +1,249 @@
+"""Project a whole training run from a short calibration: the critical batch as the loss falls.
+
+The model is McCandlish et al.'s (RESEARCH.md): to reach a loss L at batch B takes
+E = E_min(L)·(1 + B/B_crit(L)) samples. Read step by step, a stretch of dE samples at batch B
+while the loss is L makes the progress a tiny batch would make with
+
+    dE_min = dE / (1 + B / B_crit(L)),
+
+so every run, whatever its batch or batch schedule, walks down one curve L(E_min). The
+calibration gives both halves:
+
+* ``B_crit(L)``: the critical batch at several loss levels (the sweep's steps-to-target fit,
+  or the noise scale where that fit has no bend), fitted as a power law in the loss,
+  ``B_crit = c·L^k`` — the critical batch grows as the loss falls (Kaplan et al.: k ≈ −4.8
+  for language models). Outside the calibrated losses the law is extrapolated, capped at
+  :data:`EXTRAPOLATION_CAP` times the largest calibrated value.
+* ``L(E_min)``: every calibration curve (its batch, samples seen, validation loss) mapped to
+  E_min with the integral above, then ``L = A·E_min^(−β)`` fitted to the last decade of E_min
+  they reached, all runs at once (least squares in log space).
+
+A plan (one size, or stages of growing sizes) is then integrated over the run's samples:
+the loss it reaches, and the steps and seconds (from measured throughput per size) to any
+target. Pure functions of plain numbers: the command that calibrates is
+:mod:`batchtune.commands.plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CriticalLaw", "LossCurve", "Projection", "Stage", "best_schedule", "fit_critical_law", "tracking_schedule",
+           "fit_loss_curve", "min_samples", "project"]
+
+EXTRAPOLATION_CAP = 4.0  # B_crit extrapolated to at most this times the largest calibrated value
+INTEGRATION_STEPS = 4000  # stretches the run is integrated over (log-spaced samples)
+MIN_STAGE_SHARE = 0.05  # a schedule's stage covers at least this share of the run's samples
+
+
+@dataclass(frozen=True)
+class CriticalLaw:
+    """B_crit(L) = coef·L^power, clamped to [floor, cap]; ``points`` are the calibrated (L, B_crit)."""
+
+    coef: float
+    power: float
+    floor: float
+    cap: float
+    points: tuple[tuple[float, float], ...]
+
+    def __call__(self, loss: float) -> float:
+        if not math.isfinite(loss) or loss <= 0:
+            return self.cap
+        return min(max(self.coef * loss ** self.power, self.floor), self.cap)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"form": "B_crit = coef * loss^power", "coef": self.coef, "power": self.power,
+                "floor": self.floor, "cap": self.cap, "points": [list(p) for p in self.points]}
+
+
+def fit_critical_law(points: Sequence[tuple[float, float]]) -> CriticalLaw | None:
+    """Fit log B_crit = log c + k·log L to (loss, B_crit) points; None without any point.
+
+    One point (or losses too close to tell a slope) gives a constant. A slope that says the
+    critical batch shrinks as the loss falls contradicts both the theory and every measurement
+    we know of: it is read as noise and flattened to a constant (the geometric mean).
+    """
+    usable = sorted((float(l), float(b)) for l, b in points if l > 0 and b > 0 and math.isfinite(l * b))
+    if not usable:
+        return None
+    losses, crits = np.log([p[0] for p in usable]), np.log([p[1] for p in usable])
+    power = 0.0
+    if len(usable) >= 2 and np.ptp(losses) > 1e-3:
+        power = float(np.polyfit(losses, crits, 1)[0])
+    power = min(power, 0.0)
+    coef = float(math.exp(np.mean(crits - power * losses)))
+    low, high = min(p[1] for p in usable), max(p[1] for p in usable)
+    return CriticalLaw(coef, power, low / EXTRAPOLATION_CAP, high * EXTRAPOLATION_CAP, tuple(usable))
+
+
+def min_samples(samples: Sequence[float], losses: Sequence[float], batch_size: float,
+                law: Callable[[float], float]) -> list[float]:
+    """E_min at each point of one run at a constant batch: ∫ dE / (1 + B/B_crit(L))."""
+    out, total = [], 0.0
+    prev_e, prev_l = 0.0, None
+    for e, loss in zip(samples, losses):
+        mid = loss if prev_l is None else 0.5 * (loss + prev_l)
+        total += (e - prev_e) / (1.0 + batch_size / law(mid))
+        out.append(total)
+        prev_e, prev_l = e, loss
+    return out
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """L(E_min) = floor + scale·E_min^(−decay); ``residual``: RMS relative error on the points it was fitted to."""
+
+    floor: float
+    scale: float
+    decay: float
+    residual: float
+    points: int
+
+    def __call__(self, e_min: float) -> float:
+        return self.floor + self.scale * max(e_min, 1.0) ** (-self.decay)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"form": "loss = floor + scale * E_min^-decay", "floor": self.floor, "scale": self.scale,
+                "decay": self.decay, "relative_rms_error": self.residual, "points": self.points}
+
+
+def fit_loss_curve(points: Sequence[tuple[float, float]], with_floor: bool = False) -> LossCurve | None:
+    """Fit L = A·E^(−β) (``with_floor``: L = L_inf + A·E^(−β)) to (E_min, loss) points pooled
+    over every calibration run.
+
+    Without a floor, log L is a line in log E. With one, L_inf runs over a grid below the lowest
+    loss and the L_inf whose curve fits the losses best wins; that needs points over several
+    decades of E_min: within one, a floor and a slower decay fit equally well and extrapolate
+    apart (the plan fits its last decade, so it fits no floor: projections err low near an
+    irreducible loss, which the verification shows). None with fewer than four points or no
+    falling curve.
+    """
+    pts = [(e, l) for e, l in points if e >= 1 and l > 0 and math.isfinite(l)]  # flat below one sample
+    if len(pts) < 4:
+        return None
+    e = np.log(np.array([p[0] for p in pts]))
+    loss = np.array([p[1] for p in pts])
+    best = None
+    for floor in np.linspace(0.0, 0.995, 200) * loss.min() if with_floor else [0.0]:
+        slope, intercept = np.polyfit(e, np.log(loss - floor), 1)
+        if slope >= 0:
+            continue
+        fitted = floor + np.exp(intercept + slope * e)
+        err = float(np.sqrt(np.mean(((fitted - loss) / loss) ** 2)))
+        if best is None or err < best.residual:
+            best = LossCurve(float(floor), float(math.exp(intercept)), float(-slope), err, len(pts))
+    return best
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From ``start`` samples on, train at ``batch_size`` (``samples_per_s`` measured there)."""
+
+    start: float
+    batch_size: int
+    samples_per_s: float
+
+
+@dataclass
+class Projection:
+    """A plan integrated over the run: the loss it ends at, steps and seconds to the target and in all."""
+
+    stages: list[Stage]
+    samples: float
+    final_loss: float
+    total_steps: float
+    total_seconds: float
+    target: float | None = None
+    steps_to_target: float | None = None
+    seconds_to_target: float | None = None
+    samples_to_target: float | None = None
+    trace: list[tuple[float, float, float, float]] = field(default_factory=list, repr=False)  # E, steps, s, L
+
+    @property
+    def reaches(self) -> bool:
+        return self.steps_to_target is not None
+
+
+def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Callable[[float], float],
+            target: float | None = None, resolution: int = INTEGRATION_STEPS) -> Projection:
+    """Integrate a plan over ``samples``: E_min, loss, steps and seconds, and where it crosses ``target``."""
+    stages = sorted(stages, key=lambda s: s.start)
+    grid = np.unique(np.concatenate([np.geomspace(1.0, samples, resolution),
+                                     [s.start for s in stages if 0 < s.start < samples], [samples]]))
+    e_min = steps = seconds = 0.0
+    prev, loss = 0.0, curve(0.0)
+    trace = [(0.0, 0.0, 0.0, loss)]
+    result = Projection(list(stages), samples, loss, 0.0, 0.0, target)
+    for e in grid:
+        stage = next(s for s in reversed(stages) if s.start <= prev or s is stages[0])
+        de = e - prev
+        e_min += de / (1.0 + stage.batch_size / law(loss))
+        steps += de / stage.batch_size
+        seconds += de / stage.samples_per_s
+        new_loss = curve(e_min)
+        if target is not None and result.steps_to_target is None and new_loss <= target < loss:
+            frac = (loss - target) / (loss - new_loss)
+            result.steps_to_target = steps - (1 - frac) * de / stage.batch_size
+            result.seconds_to_target = seconds - (1 - frac) * de / stage.samples_per_s
+            result.samples_to_target = e - (1 - frac) * de
+        loss, prev = new_loss, e
+        trace.append((float(e), steps, seconds, loss))
+    if target is not None and result.steps_to_target is None and trace[0][3] <= target:
+        result.steps_to_target = result.seconds_to_target = result.samples_to_target = 0.0
+    result.final_loss, result.total_steps, result.total_seconds, result.trace = loss, steps, seconds, trace
+    return result
+
+
+def tracking_schedule(throughput: Mapping[int, float], samples: float, curve: LossCurve,
+                      law: Callable[[float], float], multiple: float) -> list[Stage]:
+    """Growing sizes that track ``multiple``·B_crit(L): at each point the largest size at most
+    that (the smallest size at least), never shrinking; a stage shorter than
+    :data:`MIN_STAGE_SHARE` of the run is merged into the next, so the user can follow it."""
+    sizes = sorted(throughput)
+    e_min, prev, loss, current = 0.0, 0.0, curve(0.0), sizes[0]
+    stages: list[Stage] = []
+    for e in np.geomspace(1.0, samples, 400):
+        crit = law(loss)
+        current = max(current, max((b for b in sizes if b <= multiple * crit), default=sizes[0]))
+        if not stages or stages[-1].batch_size != current:
+            stages.append(Stage(float(prev), current, throughput[current]))
+        e_min += (e - prev) / (1.0 + current / crit)
+        loss, prev = curve(e_min), e
+    merged: list[Stage] = []
+    start = 0.0
+    for i, stage in enumerate(stages):
+        end = stages[i + 1].start if i + 1 < len(stages) else samples
+        if end - start < MIN_STAGE_SHARE * samples and i + 1 < len(stages):
+            continue  # too short to bother: the next size starts where this one would have
+        merged.append(Stage(start, stage.batch_size, stage.samples_per_s))
+        start = end
+    return merged
+
+
+def best_schedule(throughput: Mapping[int, float], samples: float, curve: LossCurve,
+                  law: Callable[[float], float], target: float) -> Projection | None:
+    """The fastest schedule to ``target`` among those that track k·B_crit(L) (k from 1/16 to 8:
+    the batch grows as the critical batch does) and every two-stage switch from one size to a
+    larger one (at 5–95% of the run); None when none reaches the target.
+
+    Candidates are compared on a coarse integration, the winner projected in full.
+    """
+    sizes = sorted(throughput)
+    candidates = [tracking_schedule(throughput, samples, curve, law, float(k)) for k in np.geomspace(1 / 16, 8, 13)]
+    for i, small in enumerate(sizes):
+        for large in sizes[i + 1:]:
+            candidates += [[Stage(0.0, small, throughput[small]), Stage(f * samples, large, throughput[large])]
+                           for f in np.linspace(0.05, 0.95, 19)]
+    best, fastest = None, math.inf
+    for stages in candidates:
+        if len(stages) < 2:
+            continue
+        p = project(stages, samples, curve, law, target, resolution=300)
+        # a switch after the target is reached changes nothing the user asked about
+        if p.reaches and p.samples_to_target > stages[1].start and p.seconds_to_target < fastest:
+            best, fastest = stages, p.seconds_to_target
+    return project(best, samples, curve, law, target) if best is not None else None

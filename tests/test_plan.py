@@ -1,0 +1,190 @@
+"""batchtune plan: the projection's laws recovered from runs they generated, the schedule a loop
+follows, and the command end to end on a small run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchtune.commands.plan import calibration_targets, noise_by_loss, parse_deadline, run_samples
+from batchtune.errors import UsageError
+from batchtune.schedule import BatchSchedule, ScheduleStage
+from batchtune.stats.projection import (
+    LossCurve,
+    Stage,
+    best_schedule,
+    fit_critical_law,
+    fit_loss_curve,
+    min_samples,
+    project,
+)
+
+TRUE_CURVE = LossCurve(floor=0.2, scale=30.0, decay=0.5, residual=0.0, points=0)
+GENTLE_CURVE = LossCurve(floor=0.2, scale=3.0, decay=0.4, residual=0.0, points=0)  # starts at 3.2, not 30
+
+
+def true_law(loss: float) -> float:
+    return 100.0 * loss ** -2.0  # B_crit 100 at loss 1, 2500 at 0.2
+
+
+def simulated_run(batch: int, samples: float, curve: LossCurve, points: int = 40) -> tuple[list[float], list[float]]:
+    """A run at constant ``batch`` exactly as the model says: the loss at log-spaced sample counts."""
+    p = project([Stage(0.0, batch, 1000.0)], samples, curve, true_law)
+    grid = [samples ** (i / points) for i in range(1, points + 1)]
+    trace, losses, j = p.trace, [], 0
+    for e in grid:
+        while trace[j + 1][0] < e:
+            j += 1
+        losses.append(trace[j + 1][3])
+    return grid, losses
+
+
+def test_critical_law_recovers_a_power_law_and_refuses_a_shrinking_one():
+    law = fit_critical_law([(l, true_law(l)) for l in (1.5, 1.0, 0.7, 0.5)])
+    assert law.power == pytest.approx(-2.0, abs=1e-9)
+    assert law(0.6) == pytest.approx(true_law(0.6), rel=1e-9)
+    assert law(0.01) == pytest.approx(4 * true_law(0.5))  # extrapolation capped at 4x the largest measured
+    flat = fit_critical_law([(1.0, 100.0), (0.5, 50.0)])  # shrinking as the loss falls: read as noise
+    assert flat.power == 0.0 and flat(0.3) == pytest.approx(math.sqrt(100 * 50))
+    assert fit_critical_law([]) is None
+
+
+def test_runs_at_every_batch_collapse_onto_one_curve_in_min_samples():
+    """E_min undoes the batch: runs at 32 and 1024 map onto the same L(E_min), and the fit finds it."""
+    points = []
+    for batch in (32, 256, 1024):
+        samples, losses = simulated_run(batch, 2e5, GENTLE_CURVE)
+        e_min = min_samples(samples, losses, batch, true_law)
+        points += list(zip(e_min, losses))
+        # each point lies on the true curve, to the resolution of the validations (the first
+        # interval, from no samples to the first validation, is read at its end's loss)
+        assert max(abs(GENTLE_CURVE(m) / l - 1) for m, l in zip(e_min[3:], losses[3:])) < 0.01
+    fitted = fit_loss_curve(points, with_floor=True)
+    assert fitted.decay == pytest.approx(0.4, rel=0.05)
+    assert fitted.floor == pytest.approx(0.2, abs=0.01)
+    assert fitted(2e6) == pytest.approx(GENTLE_CURVE(2e6), rel=0.02)  # ten times further than the runs went
+    plain = fit_loss_curve([(e, 3.0 * e ** -0.3) for e in (10, 100, 1000, 10000)])  # no floor: a power law
+    assert (plain.floor, plain.scale, plain.decay) == pytest.approx((0.0, 3.0, 0.3))
+
+
+def test_projection_counts_steps_and_seconds_and_the_schedule_beats_constants():
+    rates = {64: 2000.0, 256: 6000.0, 1024: 12000.0}
+    n = 2e6
+    constants = {b: project([Stage(0.0, b, tp)], n, TRUE_CURVE, true_law) for b, tp in rates.items()}
+    assert constants[64].total_steps == pytest.approx(n / 64)
+    assert constants[256].total_seconds == pytest.approx(n / 6000.0)
+    # at equal samples the smaller batch ends lower (it wastes fewer samples above B_crit)
+    assert constants[64].final_loss < constants[256].final_loss < constants[1024].final_loss
+    target = constants[64].final_loss * 1.01
+    reaching = {b: project([Stage(0.0, b, tp)], n, TRUE_CURVE, true_law, target) for b, tp in rates.items()}
+    assert reaching[256].reaches and not reaching[1024].reaches
+    schedule = best_schedule(rates, n, TRUE_CURVE, true_law, target)
+    # growing from 256 to 1024 late, when B_crit has grown past 1000, beats staying at 256 by 6%
+    assert [s.batch_size for s in schedule.stages] == [256, 1024]
+    assert schedule.seconds_to_target == pytest.approx(0.94 * reaching[256].seconds_to_target, rel=0.02)
+    assert true_law(TRUE_CURVE(0)) < 256 < 1024 < 2 * true_law(schedule.final_loss)
+
+
+def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
+    schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.1), ScheduleStage(64, 32, 16, 2, 0.2)],
+                             total_samples=160, warmup_samples=16)
+    for name in ("s.yaml", "s.json"):
+        assert BatchSchedule.load(schedule.save(tmp_path / name)).to_dict() == schedule.to_dict()
+    assert schedule.lr_at(0) == pytest.approx(0.05) and schedule.lr_at(8) == pytest.approx(0.1)
+    assert schedule.lr_at(64) == 0.2 and schedule.batch_size_at(63) == 8 and schedule.grows() == [64]
+    micro = list(schedule.sampler(100, seed=0))
+    # 8 steps of 8 (64 samples), then 3 steps of 2 micro-batches of 16 (96 samples)
+    assert [len(m) for m in micro] == [8] * 8 + [16] * 6
+    assert all(0 <= i < 100 for m in micro for i in m)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert schedule.set_lr(optimizer, 100) == 0.2 and optimizer.param_groups[0]["lr"] == 0.2
+    with pytest.raises(ValueError, match="not micro-batch"):
+        BatchSchedule([ScheduleStage(0, 8, 4, 1, 0.1)], total_samples=8)
+
+
+def test_run_length_options_and_deadlines():
+    assert run_samples(None, 1000, 1, epochs=2.5) == 2500
+    assert run_samples(None, 1000, 128, tokens=128_000) == 1000
+    with pytest.raises(UsageError, match="exactly one"):
+        run_samples(None, 1000, 1, samples=10, epochs=1.0)
+    assert parse_deadline("12h") == 43200 and parse_deadline("90min") == 5400 and parse_deadline("2") == 7200
+    with pytest.raises(UsageError, match="--deadline"):
+        parse_deadline("soon")
+
+
+def test_calibration_targets_span_the_losses_three_sizes_reached():
+    def row(size, losses):
+        return {"batch_size": size, "lr_multiplier": 1.0, "fits": True, "diverged": False,
+                "evals": [[i, i * size, 0.0, l] for i, l in enumerate(losses)]}
+
+    rows = [row(8, [2.0, 1.0, 0.4]), row(16, [2.0, 1.1, 0.5]), row(32, [2.0, 1.2, 0.6]), row(64, [2.0, 1.5, 1.0])]
+    targets = calibration_targets(rows, {8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0})
+    assert targets[-1] == pytest.approx(0.6)  # the lowest loss three sizes reached
+    assert targets[0] == pytest.approx(0.6 + 0.5 * (2.0 - 0.6))
+    assert len(targets) == 5 and targets == sorted(targets, reverse=True)
+
+
+def test_noise_by_loss_reads_b_simple_where_the_run_was():
+    evals = [[s, s * 8, 0.0, 2.0 - s / 1000] for s in range(0, 1001, 100)]  # loss falls 2.0 -> 1.0
+    raw = [[s, 1.0, 50.0 + (s % 3)] for s in range(0, 1000, 4)]  # tr(Σ)/|G|² ≈ 51
+    got = noise_by_loss({"evals": evals, "noise_raw": raw}, below=1.6, levels=2)
+    assert len(got) == 2
+    assert got[0][0] == pytest.approx(1.45, abs=0.01) and got[1][0] == pytest.approx(1.15, abs=0.01)
+    assert all(b == pytest.approx(51.0, rel=0.02) for _, b in got)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
+    """A small real run: calibration within 20%, B_crit by loss, every constant's steps exactly
+    N/B, the schedule file a loop can load, and --verify's measured steps beside the projection."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    n = 400_000
+    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128,256]",
+            "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n), "--out", str(tmp_path / "run"),
+            "--verify", "--schedule-out", str(tmp_path / "schedule.yaml"), "--price-per-hour", "2", "--deadline",
+            "1h", "--format", "json", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert 0.15 * n <= data["calibration_samples"] <= 0.2 * n
+    assert len(data["critical_batch_by_loss"]) >= 3 and all(float(k) > 0 for k in data["critical_batch_by_loss"])
+    assert sorted(c["batch_size"] for c in data["constant"]) == [32, 64, 128, 256]
+    for c in data["constant"]:
+        assert c["total_steps"] == pytest.approx(n / c["batch_size"])
+        if c["reaches_target"]:
+            assert c["cost"] == pytest.approx(c["gpu_hours"] * 2) and c["steps"] <= c["total_steps"]
+    projection = data["projection"]
+    assert projection["steps"] > 0 and projection["seconds"] > 0 and data["recommendation"]["meets_deadline"]
+    verified = data["verified"]
+    assert verified["target"] == data["final_target"]
+    assert verified["plans"][data["recommendation"]["plan"]]["projected_steps"] == projection["steps"]
+    assert verified["final_loss"] < data["targets"][-1]  # the whole run trains below every calibration target
+    if data["schedule"]:
+        loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
+        assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in data["schedule"]["stages"]]
+        assert loaded.total_samples == n
+
+
+def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    runner = CliRunner()
+    for args, message in [
+        ([], "exactly one of --samples, --epochs or --tokens"),
+        (["--samples", "10", "--epochs", "1"], "exactly one of"),
+        (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a positive duration"),
+        (["--samples", "1000"], "too short to plan"),
+    ]:
+        result = runner.invoke(app, ["plan", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and "Traceback" not in result.output
