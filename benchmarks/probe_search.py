@@ -19,6 +19,10 @@ Strategies, all on the same model and the same limit:
 - ``double_then_bisect``: Lightning-style; doubles from ``g`` until OOM, then bisects.
 - ``shrink_from_above``: starts at the smallest power of two at or above ``2·C`` and shrinks
   by 0.9 until a size fits (it needs to know roughly where the ceiling is to start there).
+- ``grow_then_bisect``: batchtune's search when the capacity is unknown (an OOM without a
+  memory signal): grows through 2, 8, 128, 32768 granules, then bisects (log space first).
+- ``lightning_binsearch``: Lightning's ``binsearch`` mode replayed (double from 2 until OOM,
+  bisect until the ends are 1 apart), in granules when ``g > 1``.
 
 "Exact" is checked afterwards by direct runs under the same limit, outside the count: the
 found ceiling fits and one granule more does not. Steps count training steps attempted;
@@ -44,12 +48,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from tabulate import tabulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchtune.config.components import build_components
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from batchtune.config.components import build_components  # noqa: E402
 from batchtune.memory.device import CPUBackend
-from batchtune.memory.search import Measurement, SearchOutcome, double_then_bisect, model_guided_search, shrink_from_above
+from batchtune.memory.search import (
+    Measurement,
+    SearchOutcome,
+    double_then_bisect,
+    grow_then_bisect,
+    lightning_binsearch,
+    model_guided_search,
+    shrink_from_above,
+)
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
@@ -85,7 +99,7 @@ FULL_CASES = [
 ]
 QUICK_CASES = [(MLP, 37, 1), (MLP, 1000, 1), (MLP, 1000, 8), (CNN, 100, 1)]
 
-STRATEGIES = ("model-guided", "double-then-bisect", "shrink-from-above")
+STRATEGIES = ("model-guided", "double-then-bisect", "shrink-from-above", "grow-then-bisect", "lightning-binsearch")
 MAX_BATCH_SIZE = 1 << 20  # the probe's default
 STEPS_PER_TRIAL = 2  # the probe's default
 SHRINK_FACTOR = 0.9
@@ -165,6 +179,13 @@ def _counted(bench: _Bench, trainer: Trainer, trials: list[dict[str, Any]]) -> C
     return measure
 
 
+def _in_granules(outcome: SearchOutcome, g: int) -> SearchOutcome:
+    """A search run in granules (Lightning's knows none), its sizes back in samples."""
+    outcome.ceiling = outcome.ceiling * g if outcome.ceiling is not None else None
+    outcome.phases = [(k * g, phase, m) for k, phase, m in outcome.phases]
+    return outcome
+
+
 def run_case(bench: _Bench, model_name: str, ceiling: int, granularity: int) -> CaseResult:
     g = granularity
     peaks = bench.whole_peaks(sorted({ceiling, ceiling + g // 2, ceiling + g}))
@@ -187,6 +208,8 @@ def run_case(bench: _Bench, model_name: str, ceiling: int, granularity: int) -> 
         "double-then-bisect": lambda m: double_then_bisect(m, **bounds),
         "shrink-from-above": lambda m: shrink_from_above(m, start=start, min_batch_size=g, granularity=g,
                                                          factor=SHRINK_FACTOR),
+        "grow-then-bisect": lambda m: grow_then_bisect(m, **bounds),
+        "lightning-binsearch": lambda m: _in_granules(lightning_binsearch(lambda k: m(k * g)), g),
     }
     runs: dict[str, StrategyRun] = {}
     for name, search in searches.items():
@@ -237,7 +260,8 @@ def _exact_cell(run: StrategyRun) -> str:
 
 
 def render_table(results: list[CaseResult]) -> str:
-    short = {"model-guided": "guided", "double-then-bisect": "double+bisect", "shrink-from-above": "shrink"}
+    short = {"model-guided": "guided", "double-then-bisect": "double+bisect", "shrink-from-above": "shrink",
+             "grow-then-bisect": "unknown cap.", "lightning-binsearch": "Lightning"}
     headers = ["model", "ceiling", "g"]
     for name in STRATEGIES:
         headers += [f"{short[name]} trials", f"{short[name]} steps", f"{short[name]} exact"]
