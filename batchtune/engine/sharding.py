@@ -31,7 +31,7 @@ from torch import nn
 
 from batchtune.monitor import NoiseScaleMonitor
 
-__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
+__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "agree_before_collectives", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BACKEND: list[Any] = [None]
@@ -125,10 +125,23 @@ def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[
     fully_shard(model, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
     gather, scatter = _agreed_comms(ranks)
     model._batchtune_reduce_scatter = scatter  # ShardedNoiseMonitor listens to it
+    model._batchtune_all_gather = gather
     for module in [m for _, m in units] + [model]:
         module.set_custom_all_gather(gather)
         module.set_custom_reduce_scatter(scatter)
     return model, layout
+
+
+def agree_before_collectives(model: nn.Module, agree: bool) -> None:
+    """Whether FSDP's collectives each meet the other ranks first (see the module docstring).
+
+    Off only where no rank can fail (``TrialConfig.overlap_comm``: a size known to fit), as
+    DDP's overlapped all-reduce: each checkpoint synchronises the ranks and, on a GPU, the
+    host with the device, which a real job's step does not.
+    """
+    for comm in (getattr(model, "_batchtune_all_gather", None), getattr(model, "_batchtune_reduce_scatter", None)):
+        if comm is not None:
+            comm.agree = agree
 
 
 def reset(model: nn.Module) -> None:
@@ -156,23 +169,28 @@ def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
     class AgreedAllGather(AllGather):
+        agree = True  # False: a size known to fit, collectives overlap compute unhindered
+
         def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
                      async_op: bool = False) -> Any:
-            ranks.checkpoint()
+            if self.agree:
+                ranks.checkpoint()
             return _ALL_GATHER(output_tensor, input_tensor, group=group, async_op=async_op)
 
     class AgreedReduceScatter(ReduceScatter):
         listener: Any = None  # a ShardedNoiseMonitor measuring this step: sees each rank's local gradient
+        agree = True
 
         def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
             return torch.empty(*size, dtype=dtype, device=device)
 
         def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
                      async_op: bool = False) -> Any:
-            ranks.checkpoint()
+            if self.agree:
+                ranks.checkpoint()
             if self.listener is not None:
                 self.listener.local_gradient(input_tensor, op)
             return _REDUCE_SCATTER(output_tensor, input_tensor, op=op, group=group, async_op=async_op)

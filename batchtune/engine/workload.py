@@ -143,6 +143,10 @@ class TrainStep(Workload):
             noise.begin()
         # measured steps read each rank's own gradients before the reduction: never overlapped
         self.synced = self.sharded or (self.dist.enabled and self.config.overlap_comm and noise is None)
+        if self.sharded:  # where no OOM is possible FSDP's collectives need no checkpoint first
+            from batchtune.engine.sharding import agree_before_collectives
+
+            agree_before_collectives(self.model, not (self.config.overlap_comm and noise is None))
         total = None
         for i in range(accum):
             local = self.dist.enabled and not self.sharded and not (self.synced and i == accum - 1)
