@@ -121,6 +121,30 @@ def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
     assert len([m for m in records.messages if "above the noise scale" in m]) == 3
 
 
+def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
+    """A run that stays at 16 while its schedule grows to 64 at sample 160 is told at step 11
+    (the first step past it), then every warn_every steps, never before."""
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    path = BatchSchedule([ScheduleStage(0, 16, 16, 1, 0.1), ScheduleStage(160, 64, 32, 2, 0.2)],
+                         total_samples=1000).save(tmp_path / "schedule.yaml")
+    model = torch.nn.Linear(4, 1)
+    watch = NoiseScaleWatch(every=1, warn_every=4, schedule=str(path))
+    watch.start(model, micro_batch_size=16, accum_steps=1, world_size=1)
+    records, log = _Records(), logging.getLogger("batchtune.integrations")
+    log.addHandler(records)
+    try:
+        for step in range(1, 20):
+            model(torch.randn(16, 4)).sum().backward()
+            watch.step(step)
+            model.zero_grad(set_to_none=True)
+    finally:
+        log.removeHandler(records)
+    assert watch.grow_warnings == [10, 14, 18]  # after step 10, 160 samples seen: the next step is stage 2's
+    grow = [m for m in records.messages if "the schedule grows the batch to 64" in m]
+    assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
+
+
 @pytest.mark.parametrize("module,library,extra", [("huggingface", "transformers", "hf"),
                                                   ("lightning", "lightning.pytorch", "lightning")])
 def test_a_missing_library_names_the_extra_to_install(monkeypatch, module, library, extra):

@@ -511,18 +511,19 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
 
 
 def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *, seeds: int = 1) -> dict[str, Any]:
-    """Train the recommended plan over the whole run, and the best constant size beside it
-    (when the pick is a schedule), each for ``seeds`` seeds: measured steps and seconds to the
-    final target (medians over seeds) beside the projection."""
+    """Train the recommended plan over the whole run, and beside it the best constant size and
+    the schedule (where they are not the pick), each for ``seeds`` seeds: measured steps and
+    seconds to the final target (medians over seeds) beside the projection."""
     if result.recommendation is None or result.projection is None:
         raise UsageError("nothing to verify: the plan recommends no run")
     if result.gpus != 1:
         raise UsageError("--verify trains on this device: use it with --gpus 1")
     plans = {result.recommendation["plan"]: _plan_stages(result, result.recommendation["plan"])}
-    if result.recommendation["plan"] == "schedule":
-        fastest = min((c for c in result.constant if c["reaches_target"]), key=lambda c: c["seconds"], default=None)
-        if fastest is not None:
-            plans[f"constant {fastest['batch_size']}"] = _plan_stages(result, f"constant {fastest['batch_size']}")
+    fastest = min((c for c in result.constant if c["reaches_target"]), key=lambda c: c["seconds"], default=None)
+    if fastest is not None:  # side by side: the schedule and the best constant size, whichever was picked
+        plans.setdefault(f"constant {fastest['batch_size']}", _plan_stages(result, f"constant {fastest['batch_size']}"))
+    if result.schedule is not None:
+        plans.setdefault("schedule", result.schedule["stages"])
     out: dict[str, Any] = {"target": result.final_target, "seeds": seeds, "plans": {}}
     for name, stages in plans.items():
         runs = [_train_plan(spec, components, backend, _schedule_artifact(result, stages), spec.seed + i,

@@ -8,7 +8,8 @@
 Both are thin over :class:`NoiseScaleWatch`, which this package defines without importing
 either library (nothing in batchtune's core imports this package). The watch keeps the
 readings (``history``) and warns, through ``logging`` on rank zero, when the global batch is
-more than 20% above the current critical-batch estimate. B_simple stands in for the critical
+more than 20% above the current critical-batch estimate, and (given a ``schedule`` from
+``batchtune plan``) when the schedule says it is time to grow the batch. B_simple stands in for the critical
 batch here: McCandlish et al. find B_crit ≈ B_simple up to a factor of a few (B_noise's
 Hessian weighting), so the warning says "you are likely past the point of diminishing
 returns", not a measured B_crit (``batchtune sweep`` measures that).
@@ -47,18 +48,29 @@ class NoiseScaleWatch:
         warn_after: measured steps before a reading may warn (early readings are noisy).
         warn_every: optimizer steps between repeated warnings while the batch stays too big.
         max_examples: per-example norms on at most this many examples (one backward per step).
+        schedule: a :class:`~batchtune.schedule.BatchSchedule` (or its file, from ``batchtune plan
+            --schedule-out``): warn when the samples seen pass a stage that grows the batch and
+            this run has not grown.
     """
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
-                 warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None) -> None:
+                 warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None,
+                 schedule: Any = None) -> None:
         self.options = {"every": every, "ema_decay": ema_decay, "confidence": confidence,
                         "max_examples": max_examples}
         self.warn_after = warn_after
         self.warn_every = warn_every
         self.history: list[dict[str, float | int | None]] = []
         self.warnings: list[int] = []  # optimizer steps at which the batch warning was logged
+        self.grow_warnings: list[int] = []  # ... and the schedule's time-to-grow warning
         self.monitor = None
         self.batch_size = 0
+        self.samples = 0  # samples seen, counted at this run's batch
+        if schedule is not None and not hasattr(schedule, "batch_size_at"):
+            from batchtune.schedule import BatchSchedule
+
+            schedule = BatchSchedule.load(schedule)
+        self.schedule = schedule
 
     def start(self, model: Any, *, micro_batch_size: int, accum_steps: int, world_size: int) -> None:
         """Attach a fresh monitor to ``model`` (before its first backward pass).
@@ -83,6 +95,9 @@ class NoiseScaleWatch:
             global_step: the optimizer step just computed, counted from 1.
             rank_zero: whether this process logs (warnings only on rank zero).
         """
+        self.samples += self.batch_size
+        if self.schedule is not None and rank_zero:
+            self._maybe_grow(global_step)
         if self.monitor is None:
             return None
         measured = self.monitor.measured_steps
@@ -107,6 +122,16 @@ class NoiseScaleWatch:
                         "the critical-batch estimate; a smaller batch would reach the loss in fewer samples",
                         entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
                         entry["b_simple"], entry["low"], high)
+
+    def _maybe_grow(self, step: int) -> None:
+        stage = self.schedule.stage_at(self.samples)
+        due = not self.grow_warnings or step - self.grow_warnings[-1] >= self.warn_every
+        if stage.batch_size > self.batch_size and due:
+            self.grow_warnings.append(step)
+            log.warning("step %d: the schedule grows the batch to %d (micro-batch %d x %d accumulation, lr %.3g) from "
+                        "sample %d; this run is still at %d after %d samples", step, stage.batch_size,
+                        stage.micro_batch_size, stage.accum_steps, stage.lr, stage.start_samples, self.batch_size,
+                        self.samples)
 
     def close(self) -> None:
         """Remove the monitor's hooks."""
