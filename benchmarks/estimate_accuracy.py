@@ -5,8 +5,8 @@ Run: ``python benchmarks/estimate_accuracy.py`` (about 2 minutes on a 2-core CPU
 
 Three tables, markdown on stdout (progress on stderr):
 
-1. **Peaks.** For each shipped config (at its own precision, and fp32 beside bf16) and batch
-   size: the peak of a measured probe trial (``Trainer.run``, ``probe.steps_per_trial``
+1. **Peaks.** For each shipped config (at its own precision, and fp32 beside bf16), and a
+   Hugging Face GPT-2 built from a config with dict batches, and batch size: the peak of a measured probe trial (``Trainer.run``, ``probe.steps_per_trial``
    steps, on the CPU backend without a limit, set up as ``run_probe`` does it) against the
    peak of one traced step (``StepTracer.trace``, after its warm-up step), the relative
    error, and the wall time of each.
@@ -39,6 +39,7 @@ from tabulate import tabulate  # noqa: E402
 
 from batchtune.commands.probe import _estimate_setup, run_probe, run_probe_estimate  # noqa: E402
 from batchtune.config.spec import load_spec  # noqa: E402
+from batchtune.engine.data import worst_case  # noqa: E402
 from batchtune.engine.distributed import current  # noqa: E402
 from batchtune.engine.shape import BatchShape  # noqa: E402
 from batchtune.engine.trial import Trainer, prepare, trial_config  # noqa: E402
@@ -52,7 +53,21 @@ PEAKS = [
     ("char_lm", "fp32", (8, 64, 192)),
     ("digits_cnn", "fp32", (8, 64, 512)),
     ("digits_cnn", "bf16", (8, 64, 512)),
+    ("varlen_lm", "fp32", (8, 64, 152)),  # measured on the worst-case batch, traced at the longest sample
+    ("hf_gpt2", "fp32", (8, 32, 128)),
+    ("hf_gpt2", "bf16", (8, 32, 128)),
 ]
+# Specs that are not shipped configs: a Hugging Face GPT-2 built from a config (2 layers, d 64,
+# 64 positions), trained on dict batches (input_ids, attention_mask, labels) with its own loss.
+EXTRA_SPECS = {"hf_gpt2": """\
+name: hf-gpt2
+model: {target: "tests.test_estimate:gpt2"}
+data: {target: "tests.test_estimate:gpt2_data"}
+loss: model_output
+optimizer: {name: adamw, lr: 0.001}
+base_batch_size: 8
+device: {type: cpu}
+"""}
 PROBES = ("quickstart", "char_lm", "digits_cnn")
 # Two shapes of a 1.0e9-parameter decoder on byte-level text: deep and narrow, shallow and wide.
 LARGE = {
@@ -79,9 +94,10 @@ def peaks_table() -> list[list[Any]]:
     """Measured probe-trial peaks against traced ones, per config, precision and batch size."""
     rows = []
     for name, precision, sizes in PEAKS:
-        spec = load_spec(ROOT / "configs" / f"{name}.yaml", ["device.memory_limit=null", f"precision={precision}"])
+        spec = load_spec(_spec_path(name), ["device.memory_limit=null", f"precision={precision}"])
         spec, components, backend = prepare(spec)
         tracer = StepTracer(spec, components, resolve_target(spec, "1GiB"))
+        components = worst_case(components)  # variable-length data: the longest samples, as the probe runs them
         for b in sizes:
             model = components.build_model(spec.seed)
             backend.track(list(model.parameters()) + list(model.buffers()))
@@ -97,6 +113,15 @@ def peaks_table() -> list[list[Any]]:
                          f"{seconds:.2f}", f"{point.seconds:.2f}"])
             _log(f"  {name} {precision} b={b}: measured {measured.peak_bytes:,}, traced {point.peak_bytes:,}")
     return rows
+
+
+def _spec_path(name: str) -> Path:
+    """A shipped config, or one of :data:`EXTRA_SPECS` written to a temporary file."""
+    if name not in EXTRA_SPECS:
+        return ROOT / "configs" / f"{name}.yaml"
+    path = Path(tempfile.gettempdir()) / f"batchtune-bench-{name}.yaml"
+    path.write_text(EXTRA_SPECS[name])
+    return path
 
 
 def probes_table() -> list[list[Any]]:
