@@ -305,3 +305,22 @@ def test_a_hugging_face_gpt2_with_dict_batches_is_estimated_within_3_percent(wri
         traced = tracer.trace(b).peak_bytes
         assert traced == pytest.approx(measured, rel=0.03), (b, measured, traced)
         assert measured > 4 * tracer.parameter_bytes  # weights, grads and AdamW's two moments at least
+
+
+def test_an_untraceable_model_seeding_the_probe_searches_without_the_estimate(write_spec):
+    spec = write_spec(UNTRACEABLE % "reads_a_value" + "probe: {from_estimate: true}\n")
+    result = runner.invoke(app, ["probe", str(spec), "-f", "json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "model-guided" and data["ceiling"] > 0 and data["estimate"] is None
+    (note,) = [n for n in data["notes"] if n.startswith("probe.from_estimate: no estimate")]
+    assert ".item()" in note and note.endswith("searched without one")
+
+
+def test_check_estimate_of_an_untraceable_model_for_another_device_is_one_line_and_exit_2(write_spec):
+    spec = write_spec(UNTRACEABLE % "masks_by_value")
+    result = runner.invoke(app, ["check", str(spec), "--estimate", "--device-memory", "t4", "-b", "32", "-q"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot estimate with fake tensors: ") and "aten.nonzero" in line
+    assert "Traceback" not in result.output

@@ -220,7 +220,7 @@ def _estimate_for(spec: Any, notes: list[str]) -> ProbeResult | None:
     from batchtune.memory.estimate import EstimateError
 
     try:
-        estimate = run_probe_estimate(spec)
+        estimate = run_probe_estimate(spec, fallback=False)  # its fallback would be this probe again
     except EstimateError as exc:
         notes.append(f"probe.from_estimate: no estimate ({exc}); searched without one")
         return None
