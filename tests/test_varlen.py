@@ -114,7 +114,11 @@ def test_the_estimate_traces_the_worst_case_batch(write_spec):
     spec = write_spec(VARLEN.format(limit="24MiB"))
     result = runner.invoke(app, ["probe", str(spec), "--estimate", "-f", "json", "-q"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["ceiling"] == 40  # the measured worst-case ceiling
+    data = json.loads(result.stdout)
+    assert data["ceiling"] == 40  # the measured worst-case ceiling
+    v = data["variable_length"]  # padding figures without a training step; nothing timed
+    assert v["max_tokens"] == data["safe_batch_size"] * 104 and v["bucketed"]["tokens_per_s"] is None
+    assert v["bucketed"]["padding_waste"] < v["fixed"]["padding_waste"]
 
 
 # ---------------------------------------------------------------------------- user collators and bad input

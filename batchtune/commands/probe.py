@@ -154,7 +154,8 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
                                  "raise probe.max_batch_size")
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
     notes += _loss_notes(source.trials)
-    varlen = _variable_length(spec, data_components, source, backend, dist, outcome.ceiling, confirmation.batch_size)
+    varlen = _variable_length(spec, data_components, (source.model, backend, dist), outcome.ceiling,
+                              confirmation.batch_size)
     sharding, bound = _sharding_report(source, p, dist), _bounding_rank(source, outcome, backend, dist)
     source.close()
     backend.cleanup()
@@ -202,14 +203,15 @@ def _against_estimate(estimate: ProbeResult, trials: list[DeviceTrial], ceiling:
     return out
 
 
-def _variable_length(spec: Any, components: Any, source: DeviceMemorySource, backend: Any, dist: Any,
-                     ceiling: int | None, safe: int | None) -> dict[str, Any] | None:
-    """For variable-length data, the worst case and the token budget, both batchings timed (None otherwise)."""
+def _variable_length(spec: Any, components: Any, run_on: tuple[Any, Any, Any] | None, ceiling: int | None,
+                     safe: int | None) -> dict[str, Any] | None:
+    """For variable-length data, the worst case and the token budget, both batchings timed on
+    ``(model, backend, dist)`` when given (an estimate: padding figures only); None otherwise."""
     if not components.variable_length:
         return None
     from batchtune.commands.varlen import token_budget
 
-    return token_budget(spec, components, (source.model, backend, dist), ceiling, safe).to_dict()
+    return token_budget(spec, components, run_on, ceiling, safe).to_dict()
 
 
 SEEDED = "estimate-seeded"
@@ -303,7 +305,8 @@ def _estimated_result(spec: Any, source: Any, components: Any) -> ProbeResult:
         safe_headroom=1.0 - safe_peak / capacity if safe_peak is not None else None, confirmed=False,
         confirm_val_loss=None, memory_returned=True, max_leaked_bytes=0, trials=trials,
         device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
-        notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary())
+        notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary(),
+        variable_length=_variable_length(spec, components, None, outcome.ceiling, safe))
 
 
 def _step_model(tracer: Any, ceiling: int, p: Any) -> MemoryModel | None:
