@@ -82,8 +82,11 @@ def _sharding_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 def _bound_text(b: dict[str, Any]) -> str:
     margins = ", ".join(f"rank {r}: {format_bytes(m) if m is not None else '?'}"
                         for r, m in enumerate(b["margin_bytes"]))
-    why = (f"ran out of memory itself at {b['failing_size']}" if b["failed_themselves"]
-           else "the least memory left at the ceiling")
+    failed = b["failed_themselves"]
+    if len(failed) > 1:
+        return f"ranks {', '.join(map(str, failed))} (each ran out of memory itself at {b['failing_size']}; " \
+               f"free at the ceiling: {margins})"
+    why = f"ran out of memory itself at {b['failing_size']}" if failed else "the least memory left at the ceiling"
     return f"rank {b['rank']} ({why}; free at the ceiling: {margins})"
 
 
