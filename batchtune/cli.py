@@ -502,7 +502,11 @@ def check(
     import os
 
     if serve_check or latency_budget is not None:
-        _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout)
+        training_only = {"--accum-steps": accum_steps, "--max-seconds": max_seconds, "--baseline": baseline,
+                         "--junit": junit, "--estimate": estimate or None, "--device-memory": device_memory,
+                         "--context-bytes": context_bytes}
+        _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
+                     serve_check, [name for name, value in training_only.items() if value is not None])
     with _user_errors():
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
@@ -534,11 +538,17 @@ def check(
 
 
 def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int | None, latency_budget: str | None,
-                 percentile: float, fmt: Format, quiet: bool, trial_timeout: float | None) -> None:
-    """``check --serve``: the serving batch's verdicts; exits 0 pass, 1 fail, 2 bad input."""
+                 percentile: float, fmt: Format, quiet: bool, trial_timeout: float | None, serve_check: bool,
+                 training_only: list[str]) -> None:
+    """``check --serve``: the serving batch's verdicts; exits 0 pass, 1 fail, 2 bad input. With
+    $GITHUB_STEP_SUMMARY set, the markdown report is appended to it, as the training check's is."""
     with _user_errors():
+        if not serve_check:
+            raise UsageError("--latency-budget goes with --serve (check --serve --latency-budget 45ms)")
         if latency_budget is None:
             raise UsageError("check --serve needs --latency-budget (e.g. 45ms)")
+        if training_only:
+            raise UsageError(f"{', '.join(training_only)}: options of the training check, not of check --serve")
         from batchtune.commands.serve import ServeInputError, parse_duration, run_serve_check
         from batchtune.render.serve import render_serve_check
 
@@ -550,6 +560,10 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
         _echo(render_serve_check(report, fmt.value))
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
+                f.write(render_serve_check(report, "markdown") + "\n")
     raise typer.Exit(report.exit_code())
 
 

@@ -148,6 +148,10 @@ def test_found_size_and_dynamic_latency_on_a_known_service_time(write_spec):
     assert d["p50_ms"] == pytest.approx(d["max_queue_delay_ms"] + service_1, abs=0.5)
     assert d["mean_batch"] == pytest.approx(1.0, abs=0.05)
     assert d["throughput"] == pytest.approx(1e3 / service_1, rel=0.05)
+    from batchtune.render.serve import render_serve
+
+    markdown = render_serve(r, "markdown")
+    assert f"- **max batch size**: {r.max_batch_size}" in markdown and "|   batch | phase" in markdown
 
 
 def test_inference_ceiling_is_exact_and_far_above_training(write_spec):
@@ -197,6 +201,11 @@ def test_check_serve_verdicts(write_spec):
     assert verdicts == {"serve_fits": "pass", "latency": "fail"}
     big = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "1s", "-b", "500", "-q"])
     assert big.exit_code == 1 and "out of memory" in big.stdout
+    mixed = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "1s", "-b", "8",
+                                "--accum-steps", "2"])
+    assert mixed.exit_code == 2 and "--accum-steps: options of the training check" in mixed.output
+    bare = runner.invoke(app, ["check", str(spec), "--latency-budget", "1s", "-b", "8"])
+    assert bare.exit_code == 2 and "--latency-budget goes with --serve" in bare.output
 
 
 @pytest.mark.parametrize("args, message", [
