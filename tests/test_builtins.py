@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from batchtune.config.builtins import BUILTIN_DATA, BUILTIN_MODELS, data, models
+from batchtune.config.builtins import BUILTIN_COLLATES, BUILTIN_DATA, BUILTIN_MODELS, data, models
 
 
 def _resolve(target: str):
@@ -56,7 +56,7 @@ def test_data_factories_take_a_seed_defaulting_to_zero(name):
 
 def test_modules_export_exactly_the_registered_callables():
     assert sorted(models.__all__) == sorted(BUILTIN_MODELS)
-    assert sorted(data.__all__) == sorted(BUILTIN_DATA)
+    assert sorted(data.__all__) == sorted({**BUILTIN_DATA, **BUILTIN_COLLATES})  # collates live beside the data
 
 
 # ---------------------------------------------------------------------------- synthetic
