@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from batchtune.cli import app
 from batchtune.commands.serve import ServeInputError, parse_duration, run_serve
+from batchtune.config.spec import SpecError
 from batchtune.stats.batching import ServiceCurve, choose_setting, poisson_arrivals, simulate
 
 runner = CliRunner()
@@ -222,6 +223,15 @@ def test_bad_serve_options_exit_2(write_spec, args, message):
 
 def test_spec_requirements_by_command(write_spec):
     """serve needs model and data only; a training command names what it lacks."""
+    from batchtune.config.spec import load_spec, parse_spec
+
+    minimal = write_spec("model: {builtin: mlp}\ndata: {builtin: synthetic_classification}\n", "tiny_server.yaml")
+    spec = load_spec(minimal, training=False)
+    assert (spec.name, spec.optimizer, spec.base_batch_size) == ("tiny_server", None, None)
+    with pytest.raises(SpecError) as info:
+        parse_spec("name: x\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\n")
+    assert [(i.path, i.message.split(" (")[0]) for i in info.value.issues] == [("base_batch_size",
+                                                                                "required key is missing")]
     no_model = write_spec(SERVE_SPEC.replace('model: {target: "tests.test_serve:sleep_model"}\n', ""), "nomodel.yaml")
     result = runner.invoke(app, ["serve", str(no_model), "--latency-budget", "5ms"])
     assert result.exit_code == 2 and "model: required key is missing" in result.output

@@ -565,6 +565,8 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
         issues += [SpecIssue(key, "required key is missing (probe, sweep, check and noise train the model; "
                                   "only serve runs without it)", source, _nearest_line(lines, key))
                    for key in TRAINING_KEYS if data.get(key) is None]
+    elif data.get("name") is None:  # serve needs only model and data: the file names the run
+        data["name"] = Path(source).stem if source != "<spec>" else "serve"
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
