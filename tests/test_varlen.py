@@ -222,3 +222,10 @@ def test_sweep_gives_tokens_per_second_for_token_data():
 def test_tokens_per_sample_is_the_mean_length_for_variable_length_data(write_spec):
     components = build_components(load_spec(write_spec(DICTS)))
     assert components.tokens_per_sample() == round(sum(_Dicts().lengths_) / 64)
+
+
+def test_builtin_text_lines_and_pad_tokens_refuse_bad_input():
+    with pytest.raises(ValueError, match="min_len must be at most max_len"):
+        text_lines(min_len=300, max_len=256)
+    with pytest.raises(TypeError, match=r"\(x, y\) pairs"):
+        pad_tokens([torch.zeros(3)])
