@@ -225,17 +225,24 @@ def sample_length(sample: Any, length_key: str | int | None = None) -> int:
     """A sample's length: its ``length_key`` field's, else its largest tensor dimension (or list length).
 
     Raises:
-        KeyError: the sample has no field ``length_key``.
+        ValueError: the sample has no field ``length_key``.
     """
     if length_key is not None:
         try:
             return _extent(sample[length_key])
         except (KeyError, IndexError, TypeError):
-            fields = list(sample) if isinstance(sample, dict) else f"{type(sample).__name__} of {len(sample)}" \
-                if isinstance(sample, (tuple, list)) else type(sample).__name__
-            raise KeyError(f"a sample has no field {length_key!r} (it holds {fields})") from None
+            raise ValueError(f"a sample has no field {length_key!r} (it holds {_fields(sample)})") from None
     values = sample.values() if isinstance(sample, dict) else sample if isinstance(sample, (tuple, list)) else [sample]
     return max((_extent(v) for v in values), default=1)
+
+
+def _fields(sample: Any) -> str:
+    """What a sample holds, for an error: its keys, or its type and size."""
+    if isinstance(sample, dict):
+        return ", ".join(map(repr, sample))
+    if isinstance(sample, (tuple, list)):
+        return f"a {type(sample).__name__} of {len(sample)}"
+    return f"a {type(sample).__name__}"
 
 
 @dataclass
