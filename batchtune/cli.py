@@ -580,6 +580,8 @@ def serve(
                                                            "(fewer past 5 s per size, never under 20).")] = 100,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of throughput against latency, "
                                                                "the budget drawn.")] = None,
+    full_curve: Annotated[bool, typer.Option("--full-curve", help="Also time the powers of two past the budget, "
+                                                                  "up to the inference ceiling.")] = False,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
@@ -602,7 +604,8 @@ def serve(
             if plot is not None:
                 _plot_writable(plot)
             setup_logging(quiet)
-            result = run_serve(spec, latency_budget=budget, percentile=percentile, rate=rate, repeats=repeats)
+            result = run_serve(spec, latency_budget=budget, percentile=percentile, rate=rate, repeats=repeats,
+                               full_curve=full_curve)
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
         _echo(render_serve(result, fmt.value))

@@ -177,11 +177,12 @@ def test_inference_ceiling_is_exact_and_far_above_training(write_spec):
 def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
     spec = write_spec(SERVE_SPEC)
     out = runner.invoke(app, ["serve", str(spec), "--latency-budget", "10ms", "--percentile", "50",
-                              "--repeats", "20", "--format", "json", "-q"])
+                              "--repeats", "20", "--format", "json", "-q", "--full-curve"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert 12 <= data["max_batch_size"] <= 16  # (10 - 2) / 0.5
-    assert data["ceiling"] > data["max_batch_size"] and data["points"]
+    powers = [p["batch_size"] for p in data["points"] if p["phase"] == "power"]
+    assert powers == [2 ** k for k in range(len(powers))] and powers[-1] * 2 > data["ceiling"]  # --full-curve
     plot = tmp_path / "serve.png"
     table = runner.invoke(app, ["serve", str(spec), "--latency-budget", "3ms", "--repeats", "20", "--rate", "400",
                                 "--plot", str(plot), "-q"])

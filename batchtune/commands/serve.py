@@ -274,9 +274,11 @@ class _Curve:
         return self.points[batch_size].meets_budget
 
 
-def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity: int) -> int | None:
+def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity: int, *,
+                  full: bool = False) -> int | None:
     """Measure powers of two (× ``min_batch_size``) up to the first size past the budget or the
-    ceiling, then bisect the crossing to one granule; the largest size that meets the budget."""
+    ceiling, then bisect the crossing to about 1.5%; the largest size that meets the budget.
+    ``full``: then also the powers of two past the crossing, up to the ceiling (for the plot)."""
     from batchtune.memory.search import align_down
 
     last_ok, first_bad, size = None, None, min_batch_size
@@ -300,6 +302,9 @@ def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity:
         else:
             first_bad = mid
     meeting = [b for b, p in curve.points.items() if p.meets_budget]
+    while full and first_bad is not None and size * 2 <= ceiling:  # past the answer: shape only
+        size *= 2
+        curve.meets(size, "power")
     return max(meeting) if meeting else None
 
 
@@ -467,7 +472,7 @@ def _check_options(percentile: float, rate: float | None, repeats: int, budget_s
 
 def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rate: float | None = None,
               repeats: int = 100, max_seconds_per_size: float = 5.0, buckets: bool = True,
-              backend: Any = None) -> ServeResult:
+              full_curve: bool = False, backend: Any = None) -> ServeResult:
     """The inference ceiling, the latency curve and the batch sizes for a latency budget.
 
     Args:
@@ -477,6 +482,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
         rate: requests per second (Poisson) for the dynamic batcher; None: no simulation.
         repeats: timed passes per size after warm-up (fewer past ``max_seconds_per_size``, at least 20).
         buckets: report request lengths (and measure by length bucket when they vary).
+        full_curve: also time the powers of two past the budget, up to the ceiling.
         backend: a device backend instead of the spec's.
 
     Raises:
@@ -506,7 +512,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
     curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                    getattr(components, "collate_fn", None))
     log.info("serve %s: latency up to %d ...", spec.name, outcome.ceiling)
-    result.max_batch_size = latency_curve(curve, p.min_batch_size, outcome.ceiling, p.granularity)
+    result.max_batch_size = latency_curve(curve, p.min_batch_size, outcome.ceiling, p.granularity, full=full_curve)
     result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
     result.seconds["latency"] = time.perf_counter() - started - result.seconds["ceiling"]
     if rate is not None:
