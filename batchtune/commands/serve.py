@@ -10,14 +10,16 @@
    it, is copied to the device and run forward ``repeats`` times after warm-up, the
    device synchronised around each pass; p50/p90/p99 and throughput. Powers of two first,
    stopping at the first size past the budget, then a bisection of that last doubling to
-   one granule (latency grows with the batch, so one crossing is assumed).
+   about 1.5% of the size, one granule for small sizes (latency grows with the batch, so one
+   crossing is assumed).
    ``max_batch_size`` is the largest size measured whose chosen percentile meets the budget.
 3. **Dynamic batching at a rate** (``rate``): the measured curve goes into the batcher
    simulation of :mod:`batchtune.stats.batching`.
 4. **Request lengths**: samples' lengths (``data.length_key`` when the spec has one, else
    each sample's largest tensor dimension) and, when they vary, latency by length bucket.
 
-Nothing here prints; :mod:`batchtune.render.serve` words the result.
+:func:`run_serve_check` (``check --serve``) runs one serving batch: does it fit forward only,
+and does it meet the budget. Nothing here prints; :mod:`batchtune.render.serve` words the result.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LatencyPoint", "ServeInputError", "ServeResult", "inference_ceiling", "measure_latency",
-           "parse_duration", "run_serve", "serve_forward"]
+__all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dynamic_batching", "inference_ceiling",
+           "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve", "run_serve_check",
+           "serve_forward"]
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap

@@ -7,7 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, format_bytes, to_json
+from batchtune.render.text import device_text, to_json
 
 __all__ = ["plot_serve", "render_serve", "render_serve_check"]
 
