@@ -23,6 +23,9 @@ Strategies, all on the same model and the same limit:
   memory signal): grows through 2, 8, 128, 32768 granules, then bisects (log space first).
 - ``lightning_binsearch``: Lightning's ``binsearch`` mode replayed (double from 2 until OOM,
   bisect until the ends are 1 apart), in granules when ``g > 1``.
+- ``estimate-seeded``: ``probe.from_estimate``'s search (``seeded_search``), capacity known:
+  the traced estimate (fake tensors, no trial) predicts the ceiling and its per-sample bytes,
+  the trials verify it. Its traced steps are not trials and are counted apart.
 
 "Exact" is checked afterwards by direct runs under the same limit, outside the count: the
 found ceiling fits and one granule more does not. Steps count training steps attempted;
@@ -61,7 +64,10 @@ from batchtune.memory.search import (
     double_then_bisect,
     grow_then_bisect,
     lightning_binsearch,
+    SearchSpace,
     model_guided_search,
+    search_ceiling,
+    seeded_search,
     shrink_from_above,
 )
 from batchtune.config.spec import SpecError, load_spec
@@ -99,7 +105,8 @@ FULL_CASES = [
 ]
 QUICK_CASES = [(MLP, 37, 1), (MLP, 1000, 1), (MLP, 1000, 8), (CNN, 100, 1)]
 
-STRATEGIES = ("model-guided", "double-then-bisect", "shrink-from-above", "grow-then-bisect", "lightning-binsearch")
+STRATEGIES = ("model-guided", "estimate-seeded", "double-then-bisect", "shrink-from-above", "grow-then-bisect",
+              "lightning-binsearch")
 MAX_BATCH_SIZE = 1 << 20  # the probe's default
 STEPS_PER_TRIAL = 2  # the probe's default
 SHRINK_FACTOR = 0.9
@@ -131,6 +138,7 @@ class CaseResult:
     baseline_bytes: int
     shrink_start: int
     runs: dict[str, StrategyRun]
+    traced_steps: int = 0  # the estimate-seeded search's estimate: traced, not trials
 
 
 def _log(message: str) -> None:
@@ -162,6 +170,20 @@ class _Bench:
     def run(self, trainer: Trainer, batch_size: int) -> Any:
         config = TrialConfig(BatchShape(batch_size), lr=self.lr, steps=STEPS_PER_TRIAL, seed=self.spec.seed)
         return trainer.run(config, model=self.model)
+
+    def estimate(self, limit: int, granularity: int) -> tuple[int, float | None, int]:
+        """The traced estimate at ``limit``, as ``probe.from_estimate`` gets it: (ceiling, per-sample
+        bytes of the whole-step model, traced steps). Not capped at the data set's size."""
+        from batchtune.commands.probe import _step_model
+        from batchtune.memory.estimate import EstimatedMemorySource, StepTracer, resolve_target
+
+        spec = self.spec.model_copy(update={"probe": self.spec.probe.model_copy(
+            update={"granularity": granularity, "min_batch_size": granularity})})
+        tracer = StepTracer(spec, self.components, resolve_target(spec, str(limit)))
+        source = EstimatedMemorySource(tracer)
+        _, outcome = search_ceiling(source, SearchSpace(granularity, MAX_BATCH_SIZE, granularity))
+        model = _step_model(tracer, outcome.ceiling, spec.probe) or outcome.model
+        return outcome.ceiling, model.per_sample_bytes if model is not None else None, len(tracer.points)
 
     def whole_peaks(self, batch_sizes: list[int]) -> dict[int, int]:
         """Whole-trial peaks without a limit (set-up, not counted)."""
@@ -202,12 +224,16 @@ def run_case(bench: _Bench, model_name: str, ceiling: int, granularity: int) -> 
         return verified[batch_size]
 
     bounds = dict(min_batch_size=g, max_batch_size=MAX_BATCH_SIZE, granularity=g)
+    guess, per_sample, traced = bench.estimate(limit, g)
+    _log(f"  estimate: ceiling {guess} from {traced} traced steps")
     start = _shrink_start(ceiling)
     searches: dict[str, Callable[[Callable[[int], Measurement]], SearchOutcome]] = {
         "model-guided": lambda m: model_guided_search(m, capacity_bytes=limit, baseline_bytes=baseline, **bounds),
         "double-then-bisect": lambda m: double_then_bisect(m, **bounds),
         "shrink-from-above": lambda m: shrink_from_above(m, start=start, min_batch_size=g, granularity=g,
                                                          factor=SHRINK_FACTOR),
+        "estimate-seeded": lambda m: seeded_search(m, guess=guess, capacity_bytes=limit, per_sample_bytes=per_sample,
+                                                   **bounds),
         "grow-then-bisect": lambda m: grow_then_bisect(m, **bounds),
         "lightning-binsearch": lambda m: _in_granules(lightning_binsearch(lambda k: m(k * g)), g),
     }
@@ -225,7 +251,7 @@ def run_case(bench: _Bench, model_name: str, ceiling: int, granularity: int) -> 
              f"{runs[name].seconds:.1f} s")
         if name == "model-guided":
             _log(f"    phases: {runs[name].phases()}")
-    return CaseResult(model_name, ceiling, g, limit, baseline, start, runs)
+    return CaseResult(model_name, ceiling, g, limit, baseline, start, runs, traced)
 
 
 def run_benchmark(cases: list[tuple[str, int, int]]) -> list[CaseResult]:
@@ -260,14 +286,15 @@ def _exact_cell(run: StrategyRun) -> str:
 
 
 def render_table(results: list[CaseResult]) -> str:
-    short = {"model-guided": "guided", "double-then-bisect": "double+bisect", "shrink-from-above": "shrink",
+    short = {"model-guided": "guided", "estimate-seeded": "seeded", "double-then-bisect": "double+bisect",
+             "shrink-from-above": "shrink",
              "grow-then-bisect": "unknown cap.", "lightning-binsearch": "Lightning"}
-    headers = ["model", "ceiling", "g"]
+    headers = ["model", "ceiling", "g", "traced steps"]
     for name in STRATEGIES:
         headers += [f"{short[name]} trials", f"{short[name]} steps", f"{short[name]} exact"]
     rows = []
     for case in results:
-        row: list[Any] = [case.model, case.ceiling, case.granularity]
+        row: list[Any] = [case.model, case.ceiling, case.granularity, case.traced_steps]
         for name in STRATEGIES:
             run = case.runs[name]
             row += [run.trials, run.steps, _exact_cell(run)]
