@@ -164,6 +164,20 @@ def test_noise_scale_under_fsdp_reads_the_local_gradients_ddp_reads(ranks):
         assert 10 < accumulated["b_simple"] < 1000
 
 
+def test_the_estimate_predicts_the_sharded_ceiling_without_a_device(ranks):
+    """probe --estimate traces one unsharded step on fake tensors and spreads it over the ranks."""
+    from batchtune.commands.probe import run_probe_estimate
+
+    result = run_probe_estimate(str(ranks["_folder"] / "fsdp.yaml"))
+    sharding = result.sharding
+    assert sharding["estimated"] and sharding["divided_whole_bytes"] == 3 * PARAMS * 4 + 12 * 4  # params, 2 moments
+    assert sharding["gathered_bytes"] == 2 * (256 * 256 + 256) * 4  # two Blocks at once in backward
+    at = {p["world_size"]: p["fsdp_ceiling"] for p in sharding["projection"]}
+    measured = _json(ranks, "fsdp")["ceiling"]
+    assert abs(at[2] - measured) <= 0.05 * measured
+    assert at[16] > at[8] > at[4] > at[2]
+
+
 def test_fsdp_outside_torchrun_is_a_spec_error(tmp_path):
     from typer.testing import CliRunner
 

@@ -306,7 +306,56 @@ def _estimated_result(spec: Any, source: Any, components: Any) -> ProbeResult:
         confirm_val_loss=None, memory_returned=True, max_leaked_bytes=0, trials=trials,
         device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
         notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary(),
-        variable_length=_variable_length(spec, components, None, outcome.ceiling, safe))
+        variable_length=_variable_length(spec, components, None, outcome.ceiling, safe),
+        sharding=_estimated_sharding(spec, tracer, model, capacity))
+
+
+def _estimated_sharding(spec: Any, tracer: Any, model: MemoryModel | None, capacity: int | None) -> dict | None:
+    """``distributed.strategy: fsdp``: the traced (unsharded) line spread over 2-16 ranks."""
+    if spec.distributed.strategy != "fsdp" or model is None:
+        return None
+    from batchtune.engine.sharding import estimate, layout_of
+
+    state = tracer.parameter_bytes + tracer.state_bytes()  # parameters (and buffers) and optimizer state
+    out = estimate(layout_of(tracer.model, spec, 1), fixed_bytes=model.fixed_bytes,
+                   per_sample_bytes=model.per_sample_bytes, state_bytes=state,
+                   reshard_after_forward=spec.distributed.fsdp.reshard_after_forward, capacity_bytes=capacity,
+                   worlds=[2, 4, 8, 16], granularity=spec.probe.granularity)
+    if capacity is not None:  # the line's ceiling, checked against traced steps: the line is not exact far out
+        for row in out["projection"]:
+            row["line_ceiling"] = row["fsdp_ceiling"]
+            row["fsdp_ceiling"] = _traced_ceiling(tracer, row["fsdp_fixed_bytes"] - model.fixed_bytes, capacity,
+                                                  row["line_ceiling"], spec.probe)
+    return out
+
+
+def _traced_ceiling(tracer: Any, offset: float, capacity: int, guess: int | None, p: Any) -> int | None:
+    """The largest size whose traced forward and backward, plus ``offset`` (FSDP's shift of the
+    unsharded step), fits ``capacity``: galloping from the line's ``guess``, then bisecting."""
+    g, smallest, largest = p.granularity, p.min_batch_size, p.max_batch_size // p.granularity * p.granularity
+
+    def fits(b: int) -> bool:
+        return tracer.trace(b).compute_peak_bytes + offset <= capacity
+
+    b, step = min(max((guess or smallest) // g * g, smallest), largest), g
+    if fits(b):
+        lo = b
+        while (nxt := min(lo + step, largest)) > lo and fits(nxt):
+            lo, step = nxt, step * 2
+        if nxt == lo:
+            return lo
+        hi = nxt
+    else:
+        hi = b
+        while (nxt := max(hi - step, smallest)) < hi and not fits(nxt):
+            hi, step = nxt, step * 2
+        if nxt == hi:
+            return None
+        lo = nxt
+    while hi - lo > g:
+        mid = lo + (hi - lo) // g // 2 * g
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _step_model(tracer: Any, ceiling: int, p: Any) -> MemoryModel | None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from batchtune.monitor import NoiseScaleMonitor
 
-__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "agree_before_collectives", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
+__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "agree_before_collectives", "estimate", "layout_of", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _BACKEND: list[Any] = [None]
@@ -100,6 +100,15 @@ def _layout(model: nn.Module, units: list[tuple[str, nn.Module]], world_size: in
     rows = [{"name": name or "(root)", "class": classes[name], "bytes": size} for name, size in sizes.items()]
     return ShardingLayout(world_size, rows, sum(p.numel() * p.element_size() for p in model.parameters()),
                           max((r["bytes"] for r in rows), default=0))
+
+
+def layout_of(model: nn.Module, spec: Any, world_size: int) -> ShardingLayout:
+    """The units ``distributed.fsdp.shard`` would make of ``model`` (a fake-tensor one will do).
+
+    Raises:
+        SpecError: ``distributed.fsdp.shard`` names a class the model does not contain.
+    """
+    return _layout(model, _units(model, spec.distributed.fsdp.shard, spec), world_size, spec.precision)
 
 
 def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[nn.Module, ShardingLayout]:
@@ -377,3 +386,25 @@ class ShardedNoiseMonitor(NoiseScaleMonitor):
     def close(self) -> None:
         if self._scatter is not None:
             self._scatter.listener = None
+
+
+def estimate(layout: ShardingLayout, *, fixed_bytes: float, per_sample_bytes: float, state_bytes: float,
+             reshard_after_forward: bool, capacity_bytes: float | None, worlds: Sequence[int],
+             granularity: int = 1) -> dict[str, Any]:
+    """Per-rank ceilings under FSDP from one unsharded rank's traced step (``probe --estimate``).
+
+    The trace's line ``fixed + per_sample·b`` holds the whole model's ``state_bytes`` (its
+    parameters and optimizer state: what is live at the peak and divided by the ranks). At
+    ``w`` ranks each keeps ``1/w`` of them, plus what FSDP gathers at once: with
+    ``reshard_after_forward`` two units (backward gathers the next unit while it runs the
+    current one), else every unit (they stay gathered from forward to backward).
+    """
+    gathered = 2 * layout.largest_unit_bytes if reshard_after_forward else sum(u["bytes"] for u in layout.units)
+    rows = []
+    for w in worlds:
+        fixed = fixed_bytes - state_bytes * (1 - 1 / w) + gathered
+        ceiling = _ceiling(capacity_bytes - fixed, per_sample_bytes, granularity) if capacity_bytes else None
+        rows.append({"world_size": w, "fsdp_fixed_bytes": fixed, "fsdp_ceiling": ceiling})
+    return {"strategy": "fsdp", "estimated": True, "units": layout.units, "param_bytes": layout.param_bytes,
+            "divided_whole_bytes": state_bytes, "gathered_bytes": gathered, "per_sample_bytes": per_sample_bytes,
+            "projection": rows}

@@ -57,8 +57,22 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def _estimated_sharding_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """FSDP from the traced estimate: the unsharded line spread over more ranks."""
+    rows = [("sharded (÷ ranks)", f"{format_bytes(s['divided_whole_bytes'])} of parameters and optimizer state; "
+                                  f"gathered at once {format_bytes(s['gathered_bytes'])} ({len(s['units'])} units)")]
+    for p in s["projection"]:
+        ceiling = p["fsdp_ceiling"] if p["fsdp_ceiling"] is not None else "does not fit"
+        rows.append((f"at {p['world_size']} ranks", f"fsdp ceiling {ceiling}   (estimated: per-rank peak(b) = "
+                                                    f"{format_bytes(p['fsdp_fixed_bytes'])} + "
+                                                    f"{format_bytes(s['per_sample_bytes'])} × b)"))
+    return rows
+
+
 def _sharding_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     """FSDP: what each rank keeps of what sharding divides, what it does not divide, other world sizes."""
+    if s.get("estimated"):
+        return _estimated_sharding_rows(s)
     d, world = s["divided_per_rank"], s["world_size"]
     rows = [("sharded (÷ ranks)", f"{format_bytes(d['total'])} a rank of {format_bytes(s['divided_whole_bytes'])}: "
                                   f"params {format_bytes(d['params'])}, grads {format_bytes(d['grads'])}, "
