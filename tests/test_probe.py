@@ -91,6 +91,17 @@ def test_a_seeded_search_corrects_the_guess_from_a_measured_peak(guess, most):
         assert out.ceiling == 1000 and len(calls) <= allowed, (slope, calls)
 
 
+@pytest.mark.parametrize("guess,slope", [(3000, 3000), (14000, 700), (100000, 100)])
+def test_a_seeded_search_recovers_from_an_estimate_far_too_high(guess, slope):
+    # memory the trace cannot see: the estimate's ceiling 3-100x too high, its slope as far too low
+    fixed, per = 3_000_000, 10_000
+    capacity = fixed + per * 1000 + per // 2
+    measure, calls = _curve(fixed, per, capacity)
+    out = seeded_search(measure, guess=guess, min_batch_size=1, max_batch_size=1 << 20, granularity=1,
+                        capacity_bytes=capacity, per_sample_bytes=slope)
+    assert out.ceiling == 1000 and len(calls) == 10 and calls[-2:] == [1000, 1001]  # 10-38 before
+
+
 def test_a_seeded_search_says_when_nothing_fits_or_the_cap_does():
     measure, calls = _curve(3_000_000, 10_000, 1_000_000)
     assert seeded_search(measure, guess=50, min_batch_size=1, max_batch_size=100, granularity=1).ceiling is None

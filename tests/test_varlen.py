@@ -214,7 +214,8 @@ def test_sweep_gives_tokens_per_second_for_token_data():
 
     from batchtune.render.sweep import _tokens_line
 
-    summary = pd.DataFrame([{"batch_size": 16, "samples_per_s": 100.0}, {"batch_size": 32, "samples_per_s": float("nan")}])
+    summary = pd.DataFrame([{"batch_size": 16, "samples_per_s": 100.0},
+                            {"batch_size": 32, "samples_per_s": float("nan")}])
     assert _tokens_line(summary, 42) == ["tokens/s (42 tokens a sample): 16: 4,200"]
     assert _tokens_line(summary, 1) == []
 

@@ -252,7 +252,10 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
     from a measured peak (the guess's own, else 90%, 50% of it or the smallest size, the
     first that fits): the slope is the estimate's, the level is the device's. Then step away by 1, 2, 4…
     granules until a step crosses the ceiling, and bisect that step. An exact guess costs
-    two trials; a guess off only in its fixed bytes, three or four.
+    two trials; a guess off only in its fixed bytes, three or four. When a jump and its
+    approach both run out of memory (the estimate's slope far too low: memory the trace cannot
+    see), the next second point is at the geometric mean, and a bracket still more than ×2 wide
+    is bisected in log space: 10 trials for a guess 3-100× too high with its slope as low, instead of 10-38.
     """
     g = granularity
     b = _Bracket(measure, g, max_batch_size)
@@ -263,6 +266,7 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
             if b.lo is not None or size <= min_batch_size:
                 break
             b.run(max(align_down(share * size, g), min_batch_size), "approach")
+        missed = 0  # jumps that ran out of memory together with their approach
         for _ in range(3):  # the estimate's slope, then the measured one once two points fit
             if b.lo is None or b.lo not in b.points or b.closed:
                 break
@@ -271,8 +275,14 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
             jump = b.inside(align_down(b.lo + (capacity_bytes - b.points[b.lo]) / slope, g))
             if jump == b.lo:
                 break
-            if not b.run(jump, "predict").fits and not b.closed:  # overshot: a second point most of the way
-                b.run(b.inside(align_down(b.lo + 0.8 * (jump - b.lo), g)), "approach")
+            if not b.run(jump, "predict").fits and not b.closed:  # overshot: a second point most of the way,
+                # or, once that missed too (the slope is far too low), at the geometric mean
+                inner = math.sqrt(b.lo * jump) if missed else b.lo + 0.8 * (jump - b.lo)
+                missed += not b.run(b.inside(align_down(inner, g)), "approach").fits
+    if not b.log[-1][2].fits and b.lo is not None:
+        # the corrections ended on an OOM far above the largest fit: bisect in log space
+        while max_batch_size >= b.hi > 2 * b.lo:
+            b.run(b.inside(align_down(math.sqrt(b.lo * b.hi), g)), "bisect")
     up, step = b.log[-1][2].fits, 1
     while not b.closed:
         if b.lo is None and b.hi <= min_batch_size:
