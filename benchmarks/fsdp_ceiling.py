@@ -19,6 +19,8 @@ simulated capacity (``device.memory_limit``, the same on every rank) under torch
    per-rank peak at the measured ceiling against the peak the reference line predicts there.
    FSDP's other world sizes are predictions; DDP and one unwrapped rank are bounds (their
    fixed memory beyond the whole model is not in an FSDP run), a ceiling at most.
+4. ``batchtune probe --estimate`` with ``strategy: fsdp``, in one process with no device and
+   no FSDP: one unsharded step traced on fake tensors, spread over the ranks; its column.
 
 Exits 1 when a projected FSDP ceiling is more than 10% off, or a bound does not hold.
 
@@ -55,9 +57,9 @@ probe: {max_batch_size: 4096, steps_per_trial: 2}
 """
 
 
-def probe(spec: Path, world: int, strategy: str) -> dict:
+def probe(spec: Path, world: int, strategy: str, *extra: str) -> dict:
     """One ``batchtune probe`` (under torchrun when ``world`` > 1); its JSON result."""
-    args = ["-m", "batchtune", "probe", str(spec), f"distributed.strategy={strategy}", "--format", "json", "-q"]
+    args = ["-m", "batchtune", "probe", str(spec), f"distributed.strategy={strategy}", *extra, "--format", "json", "-q"]
     if world > 1:
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -66,7 +68,7 @@ def probe(spec: Path, world: int, strategy: str) -> dict:
     if out.returncode != 0:
         sys.exit(f"probe at {world} ranks ({strategy}) failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout)
-    print(f"{world} rank(s) {strategy}: ceiling {result['ceiling']} in {time.perf_counter() - started:.0f} s",
+    print(f"{world} rank(s) {strategy} {' '.join(extra)}: ceiling {result['ceiling']} in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
     return result
 
@@ -93,11 +95,20 @@ def predicted(sharding: dict, world: int, strategy: str, batch: int) -> tuple[in
     return sharding["single_rank_ceiling_at_most"], whole + per_sample * batch, "≤"
 
 
-def table(reference: dict, runs: dict[tuple[int, str], dict]) -> tuple[list[str], float]:
+def estimated(estimate: dict, world: int, strategy: str) -> int | str:
+    """The ceiling ``probe --estimate`` gives without any device: one rank's own, or FSDP's spread over ``world``."""
+    if strategy == "none":
+        return estimate["ceiling"]
+    if strategy == "fsdp":
+        return {p["world_size"]: p for p in estimate["sharding"]["projection"]}[world]["fsdp_ceiling"]
+    return "-"
+
+
+def table(reference: dict, runs: dict[tuple[int, str], dict], estimate: dict) -> tuple[list[str], float]:
     """The markdown rows, and the largest relative error of a predicted ceiling (FSDP's, at other worlds)."""
     sharding = reference["sharding"]
-    lines = ["| ranks | strategy | measured ceiling | predicted ceiling | error | peak at ceiling (measured) "
-             "| peak there (predicted) | error |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | strategy | measured ceiling | predicted from 2 ranks | error | estimated, no device "
+             "| peak at ceiling (measured) | peak there (predicted) | error |", "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for (world, strategy), result in runs.items():
         ceiling, peak = result["ceiling"], peak_at_ceiling(result)
@@ -108,6 +119,7 @@ def table(reference: dict, runs: dict[tuple[int, str], dict]) -> tuple[list[str]
         bound = "" if kind == "=" else kind + " "
         peak_bound = "" if kind == "=" else "≥ "
         lines.append(f"| {world} | {strategy} | {ceiling} | {bound}{guess or 'does not fit'} | {error:+.1%} "
+                     f"| {estimated(estimate, world, strategy)} "
                      f"| {peak / 2**20:.2f} MiB | {peak_bound}{guess_peak / 2**20:.2f} MiB | {(guess_peak - peak) / peak:+.1%} |")
     return lines, worst
 
@@ -126,19 +138,21 @@ def main() -> None:
         for strategy in ("ddp", "fsdp"):
             runs[(world, strategy)] = (reference if (world, strategy) == (args.reference, "fsdp")
                                        else probe(spec, world, strategy))
+    estimate = probe(spec, 1, "fsdp", "--estimate")  # traced on fake tensors, one process, no device
     sharding = reference["sharding"]
     d = sharding["divided_per_rank"]
     print(f"reference: FSDP at {args.reference} ranks; per rank: params {d['params']:,} B, grads {d['grads']:,} B, "
           f"optimizer {d['optimizer']:,} B (each ÷ {args.reference}); not divided: "
           f"{sharding['not_divided_fixed_bytes']:,.0f} B fixed (largest gathered unit {sharding['gather_bytes']:,} B)"
           f" + {sharding['per_sample_bytes']:,.0f} B a sample\n")
-    lines, worst = table(reference, runs)
+    lines, worst = table(reference, runs, estimate)
     print("\n".join(lines))
     print("\nprojected further: " + ", ".join(
         f"{p['world_size']} ranks: fsdp {p['fsdp_ceiling']}, ddp at most {p['ddp_ceiling_at_most'] or 'does not fit'}"
         for p in sharding["projection"] if p["world_size"] > 4))
     if args.json:
-        args.json.write_text(json.dumps({f"{w}-{s}": r for (w, s), r in runs.items()}, indent=1))
+        args.json.write_text(json.dumps({**{f"{w}-{s}": r for (w, s), r in runs.items()}, "estimate": estimate},
+                                        indent=1))
     print(f"\nlargest error of a projected FSDP ceiling (other world sizes): {worst:.1%}")
     bounds_hold = all(runs[key]["ceiling"] <= (predicted(sharding, key[0], key[1], 1)[0] or 0)
                       for key in runs if key[1] != "fsdp")
