@@ -318,15 +318,15 @@ def dynamic_batching(points: list[LatencyPoint], raw: dict[int, list[float]], ma
                      rate: float, budget_s: float, percentile: float, seed: int) -> tuple[dict[str, Any] | None,
                                                                                              str | None]:
     """The simulated batcher setting for ``rate`` on the measured curve: (JSON ``dynamic``, or None
-    and why not). The curve is the sizes' medians; each batch's time is scaled by a measured
-    latency-over-median ratio drawn at random, so the simulation keeps the measured spread."""
+    and why not). The curve is the sizes' medians; each batch's time is scaled by a latency-over-
+    median ratio drawn from the nearest measured size's passes, so the simulation keeps its spread."""
     import numpy as np
 
     from batchtune.stats.batching import ServiceCurve, choose_setting
 
     sizes = sorted(p.batch_size for p in points if p.phase != "bisect" or p.batch_size == max_batch_size)
     medians = {b: float(np.median(raw[b])) for b in sizes}
-    ratios = np.concatenate([np.asarray(raw[b]) / medians[b] for b in sizes])
+    ratios = [np.asarray(raw[b]) / medians[b] for b in sizes]
     curve = ServiceCurve.from_points(sizes, [medians[b] for b in sizes], ratios)
     grid = [b for b in sizes if max_batch_size is None or b <= max_batch_size] or sizes[:1]
     choice = choose_setting(curve, grid, rate=rate, budget_s=budget_s, percentile=percentile, seed=seed)

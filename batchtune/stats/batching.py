@@ -39,21 +39,31 @@ class ServiceCurve:
     """Seconds a batch of ``n`` takes, interpolated linearly between measured sizes.
 
     Below the smallest measured size the curve keeps that size's time; above the largest it
-    continues the last segment's slope. With ``ratios`` (each measured latency over its
-    size's median, pooled), every batch's time is the curve's times one ratio drawn at
-    random, so the simulation keeps the measured spread; without them it is deterministic.
+    continues the last segment's slope. With ``ratios`` (for each measured size, its latencies
+    over its median), every batch's time is the curve's times one ratio drawn at random from
+    the nearest measured size's, so the simulation keeps the spread measured at that size;
+    without them it is deterministic.
     """
 
     sizes: np.ndarray
     seconds: np.ndarray
-    ratios: np.ndarray | None = None
+    pools: np.ndarray | None = None  # (sizes, longest pool) ratios, NaN-padded
+    pool_lengths: np.ndarray | None = None
 
     @classmethod
     def from_points(cls, sizes: Sequence[int], seconds: Sequence[float],
-                    ratios: Sequence[float] | None = None) -> ServiceCurve:
+                    ratios: Sequence[Sequence[float]] | None = None) -> ServiceCurve:
+        """``ratios[k]``: the measured latencies over the median at ``sizes[k]`` (or None)."""
         order = np.argsort(np.asarray(sizes))
-        return cls(np.asarray(sizes, float)[order], np.asarray(seconds, float)[order],
-                   None if ratios is None or len(ratios) == 0 else np.asarray(ratios, float))
+        curve = cls(np.asarray(sizes, float)[order], np.asarray(seconds, float)[order])
+        if ratios is None or not all(len(r) for r in ratios):
+            return curve
+        ordered = [np.asarray(ratios[k], float) for k in order]
+        lengths = np.array([len(r) for r in ordered])
+        pools = np.full((len(ordered), lengths.max()), np.nan)
+        for k, r in enumerate(ordered):
+            pools[k, :len(r)] = r
+        return cls(curve.sizes, curve.seconds, pools, lengths)
 
     def typical(self, n: np.ndarray | float) -> np.ndarray:
         """The curve's seconds at ``n`` (no spread)."""
@@ -66,9 +76,14 @@ class ServiceCurve:
 
     def __call__(self, n: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         base = self.typical(n)
-        if self.ratios is None:
+        if self.pools is None:
             return base
-        return base * self.ratios[rng.integers(len(self.ratios), size=np.shape(base))]
+        n = np.asarray(n, float)
+        right = np.clip(np.searchsorted(self.sizes, n), 0, len(self.sizes) - 1)
+        left = np.clip(right - 1, 0, len(self.sizes) - 1)
+        nearest = np.where(np.abs(self.sizes[left] - n) <= np.abs(self.sizes[right] - n), left, right)
+        pick = (rng.random(np.shape(base)) * self.pool_lengths[nearest]).astype(np.int64)
+        return base * self.pools[nearest, pick]
 
 
 def poisson_arrivals(rate: float, n: int, seed: int = 0) -> np.ndarray:
