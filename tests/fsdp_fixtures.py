@@ -37,3 +37,10 @@ def block_oom_on_one_rank(threshold: int = 100, rank: int = 1, width: int = 64, 
     if int(os.environ.get("RANK", "0")) == rank:
         model[2].fail_above = threshold
     return model
+
+
+def broken(rank: int = 1) -> nn.Module:
+    """A model whose forward raises a plain error (no OOM) on one rank, after FSDP's first all-gather."""
+    from tests.fixtures import broken_on_one_rank
+
+    return broken_on_one_rank(rank)

@@ -58,6 +58,10 @@ def ranks(tmp_path_factory) -> dict:
                   "--format", "json", "-q"],
         "sweep": ["sweep", str(folder / "check.yaml"), "--out", str(folder / "run"), "--format", "json", "-q"],
         "noise": ["noise-under-fsdp", str(folder / "check.yaml")],
+        "bf16": ["probe", str(folder / "fsdp.yaml"), "precision=bf16", "--format", "json", "-q"],
+        "user_error": ["probe", _spec(folder, "broken", model="broken", shard="Linear"), "-q"],
+        # after an agreed user error the group still works: the same ceiling as before
+        "after_error": ["probe", str(folder / "fsdp.yaml"), "--format", "json", "-q"],
     }
     plan = folder / "scenarios.json"
     plan.write_text(json.dumps(scenarios))
@@ -138,6 +142,22 @@ def test_an_unknown_class_is_a_spec_error_naming_the_model_classes(ranks):
         assert ("distributed.fsdp.shard: the model has no module of class Blok; its classes are Block, Linear, "
                 "Sequential") in rank["stderr"]
         assert "Traceback" not in rank["stderr"]
+
+
+def test_bf16_gathers_half_the_bytes_and_holds_more(ranks):
+    bf16, fp32 = _json(ranks, "bf16"), _json(ranks, "fsdp")
+    assert bf16["sharding"]["gather_bytes"] == (256 * 256 + 256) * 2  # MixedPrecisionPolicy(param_dtype=bf16)
+    assert bf16["sharding"]["divided_per_rank"]["params"] == SHARD_BYTES  # the shards stay fp32
+    assert bf16["ceiling"] > fp32["ceiling"]
+
+
+def test_a_user_error_on_one_rank_inside_fsdp_stops_both_with_exit_2(ranks):
+    rank0, rank1 = ranks["user_error"]
+    assert rank0["code"] == 2 and rank1["code"] == 2
+    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in rank1["stderr"]
+    assert "[rank 0] a training step failed on another rank" in rank0["stderr"]
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
+    assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "fsdp")["ceiling"]
 
 
 def test_check_and_sweep_run_sharded_and_report_once(ranks):
