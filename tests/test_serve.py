@@ -278,5 +278,26 @@ def test_length_buckets_on_variable_length_requests(write_spec):
     top = np.sort(lengths)[-8:]
     assert out["worst"]["padding"] == pytest.approx(1 - top.sum() / (8 * top.max()))
     assert out["bucketed_padding"] < out["mixed"]["padding"]  # the point of bucketing
-    assert out["gain"] == pytest.approx(out["mixed"]["mean_ms"] / out["bucketed_mean_ms"])
+    assert out["gain"] == pytest.approx(out["mixed"]["p50_ms"] / sum(b["share"] * b["p50_ms"] for b in out["buckets"]))
     assert out["worst"]["p50_ms"] > out["buckets"][0]["p50_ms"]  # the longest requests against the shortest quarter
+
+
+class _Stuck(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(2.0)
+        return self.linear(x)
+
+
+def stuck_model() -> nn.Module:
+    return _Stuck()
+
+
+def test_a_hung_forward_ends_serve_with_exit_2(write_spec):
+    spec = write_spec(SERVE_SPEC.replace("sleep_model", "stuck_model") + "trial_timeout: 0.2\n", "stuck.yaml")
+    result = runner.invoke(app, ["serve", str(spec), "--latency-budget", "5ms", "-q"])
+    assert result.exit_code == 2 and "did not finish within 0.2 s" in result.output
+    assert "Traceback" not in result.output

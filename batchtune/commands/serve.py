@@ -154,7 +154,7 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
     buffers are the baseline. Exact to ``probe.granularity``: the ceiling fits, one granule
     above it runs out of memory (unless the ceiling is the largest size searched).
     """
-    from batchtune.commands.probe import _largest
+    from batchtune.commands.probe import _largest, _Stopping
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
@@ -168,8 +168,9 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
     def config_for(batch_size: int, steps: int, validate: bool) -> Any:
         return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=0.0, steps=steps, grad_clip=None)
 
-    source = DeviceMemorySource(trainer=trainer, model=model, backend=backend, dist=dist, config_for=config_for,
-                                steps_per_trial=p.steps_per_trial)
+    # a trial that hangs past spec.trial_timeout ends the command (exit 2), as it ends the probe
+    source = DeviceMemorySource(trainer=_Stopping(trainer), model=model, backend=backend, dist=dist,
+                                config_for=config_for, steps_per_trial=p.steps_per_trial)
     largest, _ = _largest(components, p)
     _, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
     trials = source.trials
@@ -383,8 +384,8 @@ def _lengths(components: Any, limit: int = 4096) -> tuple[list[int], str]:
 
 def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str, Any]:
     """Latency at ``batch_size`` by length bucket (quartiles of the lengths), the worst case (the
-    longest samples) and a random mix; the gain of bucketing is the mix's mean latency over the
-    buckets' share-weighted mean (the same requests, padded to their bucket instead of their batch)."""
+    longest samples) and a random mix; the gain of bucketing is the mix's median latency over the
+    buckets' share-weighted medians (the same requests, padded to their bucket instead of their batch)."""
     import numpy as np
 
     lengths, source = _lengths(components)
@@ -416,10 +417,12 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
     mixed = [rng.choice(arr.size, size=batch_size) for _ in range(VARIABLE_BATCHES)]
     out["mixed"] = {**_bucket_row(_measured(curve, collate, mixed, batch_size, "mixed")),
                     "padding": _padding(arr, mixed)}
-    bucketed = sum(b["share"] * b["mean_ms"] for b in out["buckets"])
-    out["bucketed_mean_ms"] = bucketed
+    # Medians, not means: a pass that other work delayed would otherwise decide the gain.
+    bucketed = sum(b["share"] * b["p50_ms"] for b in out["buckets"])
+    out["bucketed_p50_ms"] = bucketed
+    out["bucketed_mean_ms"] = sum(b["share"] * b["mean_ms"] for b in out["buckets"])
     out["bucketed_padding"] = _padding(arr, bucketed_plans)
-    out["gain"] = out["mixed"]["mean_ms"] / bucketed if bucketed > 0 else None
+    out["gain"] = out["mixed"]["p50_ms"] / bucketed if bucketed > 0 else None
     return out
 
 
@@ -622,6 +625,7 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
     """
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.engine.watchdog import stop_if_timed_out
 
     _check_options(percentile, None, repeats, latency_budget)
     started = time.perf_counter()
@@ -629,8 +633,8 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
     size = _serving_batch(spec, batch_size)
     workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
     trainer = Trainer(_worst_case(components), backend, spec.precision, workload=workload)
-    trial = trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, steps=spec.probe.steps_per_trial,
-                                     grad_clip=None), model=model)
+    trial = stop_if_timed_out(trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, grad_clip=None,
+                                                       steps=spec.probe.steps_per_trial), model=model))
     capacity = backend.capacity_bytes()
     fits = _fits_verdict(trial, capacity)
     checks, point = [fits], None
