@@ -68,7 +68,8 @@ def probe(spec: Path, world: int, strategy: str, *extra: str) -> dict:
     if out.returncode != 0:
         sys.exit(f"probe at {world} ranks ({strategy}) failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout)
-    print(f"{world} rank(s) {strategy} {' '.join(extra)}: ceiling {result['ceiling']} in {time.perf_counter() - started:.0f} s",
+    seconds = time.perf_counter() - started
+    print(f"{world} rank(s) {strategy} {' '.join(extra)}: ceiling {result['ceiling']} in {seconds:.0f} s",
           file=sys.stderr)
     return result
 
@@ -120,7 +121,8 @@ def table(reference: dict, runs: dict[tuple[int, str], dict], estimate: dict) ->
         peak_bound = "" if kind == "=" else "≥ "
         lines.append(f"| {world} | {strategy} | {ceiling} | {bound}{guess or 'does not fit'} | {error:+.1%} "
                      f"| {estimated(estimate, world, strategy)} "
-                     f"| {peak / 2**20:.2f} MiB | {peak_bound}{guess_peak / 2**20:.2f} MiB | {(guess_peak - peak) / peak:+.1%} |")
+                     f"| {peak / 2**20:.2f} MiB | {peak_bound}{guess_peak / 2**20:.2f} MiB "
+                     f"| {(guess_peak - peak) / peak:+.1%} |")
     return lines, worst
 
 

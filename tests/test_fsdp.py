@@ -27,7 +27,8 @@ base_batch_size: 32
 device: {{type: cpu, memory_limit: {limits}}}
 distributed: {{strategy: {strategy}, fsdp: {{shard: [{shard}]}}}}
 probe: {{max_batch_size: 2048}}
-sweep: {{min_batch_size: 16, max_batch_size: 64, samples: 512, seeds: 1, eval_points: 2, lr_search: false, min_steps: 8}}
+sweep: {{min_batch_size: 16, max_batch_size: 64, samples: 512, seeds: 1, eval_points: 2, lr_search: false,
+        min_steps: 8}}
 """
 
 # weighty_mlp's parameters: Linear(16, 256), four Block(256), Linear(256, 4); every first dimension

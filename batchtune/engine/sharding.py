@@ -31,13 +31,14 @@ from torch import nn
 
 from batchtune.monitor import NoiseScaleMonitor
 
-__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "agree_before_collectives", "estimate", "layout_of", "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
+__all__ = ["Projection", "ShardedNoiseMonitor", "ShardingLayout", "agree_before_collectives", "estimate", "layout_of",
+           "local_bytes", "project", "report", "reset", "shard_model", "strategy_for"]
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_BACKEND: list[Any] = [None]
+_BACKEND: list[Any] = [None]  # the device backend told of FSDP's in-place storage resizes
 # torch >= 2.12 names them *_single (the *_tensor names warn)
 _ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)  # the device backend told of FSDP's in-place storage resizes
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def strategy_for(spec: Any, world_size: int) -> str:
@@ -55,7 +56,7 @@ def strategy_for(spec: Any, world_size: int) -> str:
             raise spec.error("distributed.strategy", "fsdp shards the model across torchrun's ranks, and this is "
                              "a single process: launch with torchrun --nproc-per-node N (N >= 2), or use ddp/none")
         return "none"  # one rank (or one rank's solo reference run under torchrun): nothing to divide
-    if strategy == "none" and world_size > 1:
+    if strategy == "none":
         raise spec.error("distributed.strategy", f"none would train the {world_size} torchrun ranks apart; "
                          "use ddp or fsdp")
     return strategy

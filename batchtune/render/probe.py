@@ -89,7 +89,8 @@ def _sharding_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"at {p['world_size']} ranks", f"fsdp ceiling {fsdp}, ddp {ddp}   (predicted){mark}"))
     if s.get("projection"):
         single = s.get("single_rank_ceiling_at_most")
-        rows.append(("one rank", f"unsharded: {f'at most {single}' if single else 'does not fit at all'}   (predicted)"))
+        single_text = f"at most {single}" if single else "does not fit at all"
+        rows.append(("one rank", f"unsharded: {single_text}   (predicted)"))
     return rows
 
 
