@@ -29,6 +29,9 @@ _EXPORTS = {
     "noise": ("batchtune.commands.noise", "run_noise"),
     "serve": ("batchtune.commands.serve", "run_serve"),
     "ServeResult": ("batchtune.commands.serve", "ServeResult"),
+    "plan": ("batchtune.commands.plan", "run_plan"),
+    "PlanResult": ("batchtune.commands.plan", "PlanResult"),
+    "BatchSchedule": ("batchtune.schedule", "BatchSchedule"),
 }
 
 __all__ = sorted(_EXPORTS)

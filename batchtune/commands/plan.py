@@ -140,7 +140,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     lead = _lead_run(calibration_spec, components, backend, sweep.meta, rows,
                      int(calibration_share * n) - sum(r["samples"] for r in rows))
     if lead is not None:
-        RunFolder(sweep.run_dir).write_json("lead.json", lead)
+        RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
     result = _analyse(spec, sweep.meta, rows, n, lead=lead, gpus=gpus, price_per_hour=price_per_hour,
@@ -150,7 +150,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                           "warmup_samples": int(spec.sweep.warmup * per_trial),
                           "trials": len(rows), "seeds": sweep.meta["seeds"], "run_dir": str(sweep.run_dir)}
     result.notes = notes + result.notes
-    if n > len(components.train_set) and per_trial < len(components.train_set):
+    if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
                             "trials saw less than one epoch: overfitting (validation loss rising) cannot be projected")
     if trained > calibration_share * n * 1.05:
@@ -158,8 +158,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
     if result.schedule is not None and schedule_out is not None:
         result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
+    folder = RunFolder(sweep.run_dir)
+    folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
     if verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
+        folder.write_json("plan.json", result.to_dict())
     return result
 
 
@@ -572,12 +575,11 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
     import torch
 
     from batchtune.commands.sweep_analysis import crossing
-    from batchtune.config.components import to_device
     from batchtune.engine.data import batches
     from batchtune.engine.trial import Trainer
-    from batchtune.engine.workload import autocast
 
     device = backend.device
+    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
     torch.manual_seed(seed)
     model = components.build_model(seed).to(device)
     optimizer = components.build_optimizer(model.parameters(), schedule.stages[0].lr)
@@ -593,7 +595,7 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
         while seen < end:
             started = time.perf_counter()
             schedule.set_lr(optimizer, seen)
-            loss = _plain_step(spec, components, model, optimizer, stream, stage, device, autocast)
+            loss = _plain_step(spec, components, model, optimizer, stream, stage, device, scaler)
             backend.synchronize()
             seconds += time.perf_counter() - started
             seen, steps = seen + stage.batch_size, steps + 1
@@ -609,20 +611,29 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
 
 
 def _plain_step(spec: Any, components: Any, model: Any, optimizer: Any, stream: Any, stage: ScheduleStage,
-                device: Any, autocast: Any) -> float:
-    """One optimizer step: ``accum_steps`` micro-batches, their mean loss's gradient, clipping, the update."""
+                device: Any, scaler: Any) -> float:
+    """One optimizer step: ``accum_steps`` micro-batches, their mean loss's gradient, clipping, the
+    update (fp16: through a GradScaler, which skips a step whose gradients overflowed)."""
     import torch
 
     from batchtune.config.components import to_device
+    from batchtune.engine.workload import autocast
 
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(stage.accum_steps):
         with autocast(device.type, spec.precision):
             loss = components.loss_fn(model, to_device(next(stream), device))
-        (loss / stage.accum_steps).backward()
+        scaled = loss / stage.accum_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += float(loss.detach()) / stage.accum_steps
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if spec.sweep.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.sweep.grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return total
