@@ -213,16 +213,22 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports, keyword arguments, and that the
     data, model, loss and optimizer build (and the first sample reads)."""
     with _user_errors():
-        spec = _load(spec_path, overrides)
+        spec = _load(spec_path, overrides, training=False)
+        serve_only = spec.optimizer is None or spec.base_batch_size is None
+        if serve_only and (spec.optimizer is not None or spec.base_batch_size is not None):
+            spec = _load(spec_path, overrides)  # half a training spec: name what is missing
         from batchtune.config.components import build_components
 
         comps = build_components(spec)
         comps.tokens_per_sample()
         model = comps.build_model(spec.seed)
-        comps.build_optimizer(model.parameters(), spec.optimizer.lr)
+        if not serve_only:
+            comps.build_optimizer(model.parameters(), spec.optimizer.lr)
         n_params = sum(p.numel() for p in model.parameters())
         typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters, "
-                   f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples")
+                   f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples"
+                   + ("; no optimizer or base_batch_size: serve only (probe, sweep, check, noise and plan "
+                      "need them)" if serve_only else ""))
 
 
 @app.command()

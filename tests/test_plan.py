@@ -188,3 +188,26 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
         result = runner.invoke(app, ["plan", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(tmp_path):
+    """validate accepts model + data (saying it is for serve); handing such a spec to the Python
+    API's training commands is a spec error naming the keys, not an AttributeError."""
+    from typer.testing import CliRunner
+
+    import batchtune
+    from batchtune.cli import app
+    from batchtune.config.spec import SpecError, load_spec
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: {builtin: mlp, kwargs: {in_features: 32, num_classes: 10}}\n"
+                    "data: {builtin: synthetic_classification, kwargs: {n_train: 256, n_val: 64}}\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "serve only (probe, sweep, check, noise and plan need them)" in result.stdout
+    half = tmp_path / "half.yaml"
+    half.write_text(path.read_text() + "base_batch_size: 64\n")
+    result = CliRunner().invoke(app, ["validate", str(half)])
+    assert result.exit_code == 2 and "optimizer: required key is missing" in result.stderr
+    with pytest.raises(SpecError, match="base_batch_size: required key is missing"):
+        batchtune.probe(load_spec(path, training=False))

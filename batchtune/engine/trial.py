@@ -167,12 +167,16 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
     """
     from batchtune.config.components import build_components
     from batchtune.memory.device import backend_for_spec
-    from batchtune.config.spec import Spec, load_spec
+    from batchtune.config.spec import Spec, SpecError, load_spec
 
     from batchtune.engine.host import set_threads
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    missing = [key for key in ("optimizer", "base_batch_size") if getattr(spec, key) is None]
+    if missing:  # a spec loaded for serve (training=False) handed to a command that trains
+        raise SpecError([spec.issue(key, "required key is missing (probe, sweep, check, noise and plan train the "
+                                         "model; only serve runs without it)") for key in missing])
     set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
     components = build_components(spec)
     if spec.optimizer.family_evidence is None:  # lr_scaling: auto judges the optimizer object, not its name
