@@ -528,3 +528,18 @@ def test_ties_are_judged_against_the_pick_not_against_an_open_interval():
     assert a.recommendation["batch_size"] == 16 and a.recommendation["tied_with"] == [32]
     assert list(s["rank"].loc[[16, 32, 64]]) == [1, 2, 3] and not s.loc[64, "tie"]
     assert "within seed noise of the fastest median (32" in a.recommendation["reason"]
+
+
+def test_the_sweep_names_the_rank_that_bounds_a_mixed_fleets_ceiling(monkeypatch):
+    """Per-rank capacities that differ give one agreed ceiling; the plan's note says whose it is."""
+    from types import SimpleNamespace
+
+    from batchtune.commands import sweep as sweep_module
+
+    probed = SimpleNamespace(ceiling=425, safe_batch_size=382, search_trials=7,
+                             bounding_rank={"rank": 1, "failed_themselves": [1]})
+    monkeypatch.setattr(sweep_module, "run_probe", lambda *a, **k: probed)
+    spec = load_spec("configs/quickstart.yaml")
+    notes: list[str] = []
+    assert sweep_module._ceiling(spec, None, CPUBackend(memory_limit=1 << 20), notes) == (425, 382)
+    assert notes == ["probed ceiling 425 (7 trials, bounded by rank 1); safe micro-batch 382"]
