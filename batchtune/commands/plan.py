@@ -43,6 +43,7 @@ SWEEP_SHARE = 0.5  # of the calibration: the short trials at every size; the res
 CALIBRATION_MIN_STEPS = 16  # a calibration trial trains at least this many steps
 TARGET_LEVELS = 5  # losses the critical batch is measured at
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
+THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 16, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 
 
@@ -137,15 +138,17 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     from batchtune.render.run_folder import RunFolder
 
     rows = RunFolder(sweep.run_dir).read_trials()
-    lead = _lead_run(calibration_spec, components, backend, sweep.meta, rows,
-                     int(calibration_share * n) - sum(r["samples"] for r in rows))
+    timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
+    lead = _lead_run(calibration_spec, components, backend, sweep.meta, rows, int(calibration_share * n)
+                     - sum(r["samples"] for r in rows) - timing * sum(_best_lrs(rows)))
     if lead is not None:
         RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
-    result = _analyse(spec, sweep.meta, rows, n, lead=lead, gpus=gpus, price_per_hour=price_per_hour,
-                      deadline_seconds=deadline_seconds, tolerance=tolerance)
-    trained = sum(r["samples"] for r in rows) + (lead["samples"] if lead else 0)
+    throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, _best_lrs(rows))
+    result = _analyse(spec, sweep.meta, rows, n, lead=lead, throughput=throughput, gpus=gpus,
+                      price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
+    trained = sum(r["samples"] for r in rows) + (lead["samples"] if lead else 0) + timed
     result.calibration = {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
                           "warmup_samples": int(spec.sweep.warmup * per_trial),
                           "trials": len(rows), "seeds": sweep.meta["seeds"], "run_dir": str(sweep.run_dir)}
@@ -213,7 +216,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                "target_loss": None, "ceiling": ceiling, "batch_sizes": sizes,
                "eval_points": max(sw.eval_points, 16)}
     notes.append(f"calibration: sizes {', '.join(map(str, sizes))}, {seeds} seeds, {per_trial} samples per trial "
-                 f"(at most {share:.0%} of the run's {n} samples in all)")
+                 f"({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes
 
 
@@ -314,7 +317,8 @@ def calibration_targets(rows: list[dict[str, Any]], best: dict[int, float]) -> l
 
 
 def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], n: int, *, lead: dict[str, Any] | None,
-             gpus: int, price_per_hour: float | None, deadline_seconds: float | None, tolerance: float) -> PlanResult:
+             throughput: dict[int, float], gpus: int, price_per_hour: float | None, deadline_seconds: float | None,
+             tolerance: float) -> PlanResult:
     """Targets, critical batch per loss, the two fitted laws, every plan projected, the pick."""
     best = _best_lrs(rows)
     targets = calibration_targets(rows, best)
@@ -344,7 +348,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], n: int
         result.notes.append("too few validation points after warmup to fit the loss curve")
         return result
     result.laws["loss"] = curve.to_dict()
-    _project_plans(result, spec, meta, rows + ([lead] if lead else []), best, law, curve, tolerance)
+    _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     return result
 
 
@@ -378,15 +382,36 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     return law
 
 
-def _throughput(rows: list[dict[str, Any]], best: dict[int, float], gpus: int) -> dict[int, float]:
-    """Samples per second per global size at its best lr (median over seeds); ×G devices at G×size."""
-    out = {}
-    for size, mult in best.items():
-        rates = [r["samples_per_s"] for r in rows if r["batch_size"] == size and float(r["lr_multiplier"]) == mult
-                 and r["fits"] and not r["diverged"] and r["samples_per_s"]]
-        if rates:
-            out[size * gpus] = statistics.median(rates) * gpus
-    return out
+def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
+                    steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int]:
+    """Samples per second per size, timed in the loop ``--verify`` (and a user's loop) runs:
+    ``steps`` steps after :data:`THROUGHPUT_WARMUP`, at the size's shape and best lr; and the
+    samples that took. The sweep's own timing runs inside its measuring trainer, whose per-step
+    bookkeeping weighs on small batches (20% at 32 samples of the quickstart MLP)."""
+    import torch
+
+    from batchtune.engine.data import batches
+
+    shapes = {c["batch_size"]: c for c in meta["candidates"]}
+    rates, samples = {}, 0
+    scaler = torch.amp.GradScaler(backend.device.type) if spec.precision == "fp16" else None
+    for size, mult in sorted(best.items()):
+        stage = ScheduleStage(0, size, shapes[size]["micro_batch_size"], shapes[size]["accum_steps"],
+                              meta["base_lrs"][str(size)] * mult)
+        model = components.build_model(spec.seed).to(backend.device)
+        optimizer = components.build_optimizer(model.parameters(), stage.lr)
+        stream = batches(components.train_set, stage.micro_batch_size, seed=spec.seed,
+                         num_workers=spec.data.num_workers)
+        for i in range(THROUGHPUT_WARMUP + steps):
+            if i == THROUGHPUT_WARMUP:
+                backend.synchronize()
+                started = time.perf_counter()
+            _plain_step(spec, components, model, optimizer, stream, stage, backend.device, scaler)
+        backend.synchronize()
+        rates[size] = steps * size / (time.perf_counter() - started)
+        samples += (THROUGHPUT_WARMUP + steps) * size
+        del model, optimizer
+    return rates, samples
 
 
 def _plan_dict(p: Projection, gpus: int, price: float | None) -> dict[str, Any]:
@@ -398,11 +423,14 @@ def _plan_dict(p: Projection, gpus: int, price: float | None) -> dict[str, Any]:
             "total_cost": p.total_seconds * gpus / 3600 * price if price is not None else None}
 
 
-def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]],
+def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured: dict[int, float],
                    best: dict[int, float], law: Any, curve: Any, tolerance: float) -> None:
-    """Project each constant size and the schedule, set the final target, recommend."""
+    """Project each constant size and the schedule, set the final target, recommend.
+
+    ``measured``: samples per second per size on one device; G devices run G× the size at G×
+    the rate (linear scaling: no communication cost is measured here)."""
     n, gpus, price = result.samples, result.gpus, result.price_per_hour
-    rates = _throughput(rows, best, gpus)
+    rates = {size * gpus: rate * gpus for size, rate in measured.items()}
     plans: dict[str, list[Stage]] = {f"constant {b}": [Stage(0.0, b, tp)] for b, tp in sorted(rates.items())}
     best_final = min(project(stages, n, curve, law).final_loss for stages in plans.values())
     target = best_final + tolerance * abs(best_final)
