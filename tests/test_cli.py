@@ -109,3 +109,15 @@ def test_a_model_that_does_not_fit_the_data_is_bad_input_not_a_traceback(write_s
     assert result.exit_code == 2
     assert "raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x32 and 16x256)" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_every_shipped_config_validates():
+    """What the README runs: each file in configs/ loads, builds and reads its first sample."""
+    from pathlib import Path
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert {"quickstart.yaml", "char_lm.yaml", "fsdp_lm.yaml", "varlen_lm.yaml"} <= {p.name for p in configs}
+    for path in configs:
+        result = runner.invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, (path, result.output)
+        assert f"{path}: ok" in result.stdout
