@@ -8,12 +8,11 @@ user error is itself part of what is tested.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ranks import rank0_json, run_scenarios
 
 SPEC = """\
 name: ddp
@@ -25,7 +24,6 @@ device: {{type: cpu, memory_limit: {limits}}}
 sweep: {{min_batch_size: 16, max_batch_size: 128, samples: 2048, seeds: 1, eval_points: 2, lr_search: false, min_steps: 16}}
 """
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(folder: Path, name: str, limits: str = "null", model: str = "tests.fixtures:tiny_mlp",
@@ -53,24 +51,10 @@ def ranks(tmp_path_factory) -> dict:
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
         "overlap": ["overlap-equivalence", str(folder / "check.yaml")],
     }
-    plan = folder / "scenarios.json"
-    plan.write_text(json.dumps(scenarios))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHTUNE_DIST_TIMEOUT": "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "dist_driver.py"), str(folder), str(plan)]
-    out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = {name: [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
-               for name in scenarios}
-    results["_folder"] = folder
-    return results
+    return run_scenarios(folder, scenarios)
 
 
-def _json(ranks: dict, name: str) -> dict:
-    rank0, rank1 = ranks[name]
-    assert rank0["code"] == 0, rank0["stderr"][-2000:]
-    assert rank1["code"] == 0 and rank1["stdout"] == ""  # rank 1 printed nothing
-    return json.loads(rank0["stdout"])
+_json = rank0_json
 
 
 def test_ranks_agree_on_the_smaller_ceiling(ranks):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.ranks import rank0_json, run_scenarios
+
 
 SPEC = """\
 name: fsdp
@@ -64,24 +63,10 @@ def ranks(tmp_path_factory) -> dict:
         # after an agreed user error the group still works: the same ceiling as before
         "after_error": ["probe", str(folder / "fsdp.yaml"), "--format", "json", "-q"],
     }
-    plan = folder / "scenarios.json"
-    plan.write_text(json.dumps(scenarios))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHTUNE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "dist_driver.py"), str(folder), str(plan)]
-    out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = {name: [json.loads((folder / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
-               for name in scenarios}
-    results["_folder"] = folder
-    return results
+    return run_scenarios(folder, scenarios, OMP_NUM_THREADS="1")
 
 
-def _json(ranks: dict, name: str) -> dict:
-    rank0, rank1 = ranks[name]
-    assert rank0["code"] == 0, rank0["stderr"][-2000:]
-    assert rank1["code"] == 0 and rank1["stdout"] == ""  # rank 1 printed nothing
-    return json.loads(rank0["stdout"])
+_json = rank0_json
 
 
 def _exact(result: dict) -> None:
