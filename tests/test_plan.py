@@ -146,8 +146,9 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
 
     from batchtune.cli import app
 
-    n = 400_000
-    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128,256]",
+    n = 120_000
+    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128]",
+            "device.memory_limit=null",
             "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n), "--out", str(tmp_path / "run"),
             "--verify", "--schedule-out", str(tmp_path / "schedule.yaml"), "--price-per-hour", "2", "--deadline",
             "1h", "--format", "json", "-q"]
@@ -156,7 +157,7 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     data = json.loads(result.stdout)
     assert 0.15 * n <= data["calibration_samples"] <= 0.2 * n
     assert len(data["critical_batch_by_loss"]) >= 3 and all(float(k) > 0 for k in data["critical_batch_by_loss"])
-    assert sorted(c["batch_size"] for c in data["constant"]) == [32, 64, 128, 256]
+    assert sorted(c["batch_size"] for c in data["constant"]) == [32, 64, 128]
     for c in data["constant"]:
         assert c["total_steps"] == pytest.approx(n / c["batch_size"])
         if c["reaches_target"]:
