@@ -322,26 +322,26 @@ def _invoke(*args: Any):
     """
     stuck: list[str] = []
     main = threading.main_thread().ident
+    done = threading.Event()
 
-    def stop() -> None:
-        frame = sys._current_frames().get(main)
-        stuck.append("".join(traceback.format_stack(frame)) if frame is not None else "")
-        _thread.interrupt_main()
+    def stop() -> None:  # again every EXAMPLE_SECONDS: an interrupt that lands in an import or a
+        while not done.wait(EXAMPLE_SECONDS):  # finaliser can be swallowed there
+            frame = sys._current_frames().get(main)
+            stuck.append("".join(traceback.format_stack(frame)) if frame is not None else "")
+            _thread.interrupt_main()
 
-    timer = threading.Timer(EXAMPLE_SECONDS, stop)
-    timer.daemon = True
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     started = time.monotonic()
-    timer.start()
+    threading.Thread(target=stop, daemon=True).start()
     try:
         result = CliRunner().invoke(app, [str(a) for a in args])
     finally:
-        timer.cancel()
+        done.set()
         faulthandler.cancel_dump_traceback_later()
         logger = logging.getLogger("batchtune")  # its handler writes to CliRunner's stream, closed now
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
-    assert not stuck, f"{args} still ran after {time.monotonic() - started:.0f} s; it was at\n{stuck[0]}"
+    assert not stuck, f"{args} still ran after {time.monotonic() - started:.0f} s; it was at\n{stuck[-1]}"
     return result
 
 
@@ -504,13 +504,13 @@ def test_the_hang_guard_stops_a_run_and_shows_where():
     script = f"""
 import re, sys, time
 import tests.test_fuzz as fuzz
-fuzz.EXAMPLE_SECONDS = 1.0
+fuzz.EXAMPLE_SECONDS = 2.0
 started = time.monotonic()
 try:
     fuzz._invoke("validate", fuzz._write(fuzz.BUILTIN_SPEC), "model.kwargs.depth={2**63}")
 except AssertionError as exc:
-    assert re.search(r"still ran after 1 s; it was at\\n(.|\\n)*builtins/models.py", str(exc)), str(exc)
-    assert time.monotonic() - started < 10
+    assert re.search(r"still ran after [0-9]+ s; it was at\\n(.|\\n)*builtins/models.py", str(exc)), str(exc)
+    assert time.monotonic() - started < 30
     print("stopped")
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
