@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from batchtune.commands.plan import calibration_targets, noise_by_loss, parse_deadline, run_samples
+from batchtune.commands.plan import calibration_targets, falling, noise_by_loss, parse_deadline, run_samples
 from batchtune.errors import UsageError
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
@@ -125,6 +125,18 @@ def test_calibration_targets_span_the_losses_three_sizes_reached():
     assert targets[-1] == pytest.approx(0.6)  # the lowest loss three sizes reached
     assert targets[0] == pytest.approx(0.6 + 0.5 * (2.0 - 0.6))
     assert len(targets) == 5 and targets == sorted(targets, reverse=True)
+
+
+def test_a_run_that_turns_up_is_read_up_to_its_lowest_loss():
+    """Overfitting (the loss ends well above its lowest) is cut at the lowest point; a noisy but
+    still falling curve is kept whole."""
+    up = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.7, 0.9])]
+    assert [e[3] for e in falling(up)] == [2.0, 1.0, 0.6, 0.5]
+    noisy = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.52, 0.51, float("nan")])]
+    assert [e[3] for e in falling(noisy)] == [2.0, 1.0, 0.6, 0.5, 0.52, 0.51]
+    # the noise scale is read only where the loss was still falling
+    raw = [[s, 1.0, 50.0] for s in range(0, 7)]
+    assert all(loss >= 0.5 for loss, _ in noise_by_loss({"evals": up, "noise_raw": raw}, below=1.5, levels=1))
 
 
 def test_noise_by_loss_reads_b_simple_where_the_run_was():

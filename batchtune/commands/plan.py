@@ -42,6 +42,7 @@ CALIBRATION_SEEDS = 2
 SWEEP_SHARE = 0.5  # of the calibration: the short trials at every size; the rest is one lead run
 CALIBRATION_MIN_STEPS = 16  # a calibration trial trains at least this many steps
 TARGET_LEVELS = 5  # losses the critical batch is measured at
+RISE = 0.05  # a run ending this much above its lowest validation loss has turned up (overfitting)
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 16, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
@@ -143,6 +144,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                      - sum(r["samples"] for r in rows) - timing * sum(_best_lrs(rows)))
     if lead is not None:
         RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
+        kept = falling(lead["evals"])
+        if len(kept) < len([e for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])]):
+            notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
+                         f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
+                         "too high to settle; the projection follows the curve before it and cannot foresee it")
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
     throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, _best_lrs(rows))
@@ -209,8 +215,9 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     if per_trial < CALIBRATION_MIN_STEPS * min(sizes) or total(per_trial) > share * n:
         raise UsageError(f"a run of {n} samples is too short to plan: the calibration's short trials "
                          f"({trials_per_size} per size over sizes {', '.join(map(str, sizes))}, at least "
-                         f"{CALIBRATION_MIN_STEPS} steps each) need more than {share:.0%} of it: plan a longer run, "
-                         "or set sweep.max_batch_size / sweep.batch_sizes to fewer sizes")
+                         f"{CALIBRATION_MIN_STEPS} steps each) need more than {share:.0%} of it: plan a run of at "
+                         f"least {math.ceil(total(CALIBRATION_MIN_STEPS * min(sizes)) / share):,} samples, or set "
+                         "sweep.max_batch_size / sweep.batch_sizes to fewer sizes")
     updates = {"samples": per_trial, "epochs": None, "seeds": seeds, "min_steps": CALIBRATION_MIN_STEPS,
                "lr_extensions": min(sw.lr_extensions, 1), "lr_refine": False,
                "target_loss": None, "ceiling": ceiling, "batch_sizes": sizes,
@@ -254,12 +261,12 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
     in windows of equal steps, each at the validation loss interpolated at the window's middle."""
     from batchtune.stats.noise import pooled_noise_scale
 
-    evals = [(e[0], e[3]) for e in row["evals"] if e[3] is not None and math.isfinite(e[3])]
+    evals = [(e[0], e[3]) for e in falling(row["evals"])]
     raw = [m for m in row.get("noise_raw") or []]
     start = next((step for step, loss in evals if loss <= below), None)
     if start is None or not raw:
         return []
-    late = [m for m in raw if m[0] >= start]
+    late = [m for m in raw if start <= m[0] <= evals[-1][0]]
     out = []
     for i in range(levels):
         window = late[i * len(late) // levels:(i + 1) * len(late) // levels]
@@ -268,6 +275,17 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
             middle = window[len(window) // 2][0]
             out.append((_loss_at(evals, middle), est.b_simple))
     return out
+
+
+def falling(evals: list[list[float]]) -> list[list[float]]:
+    """A run's validation points (step, samples, seconds, loss) up to its lowest loss when it ends
+    clearly above it (more than :data:`RISE` higher: overfitting, or an lr too high to settle);
+    every finite point otherwise. What comes after such a rise is not the curve a plan follows."""
+    finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
+    if not finite:
+        return []
+    lowest = min(range(len(finite)), key=lambda i: finite[i][3])
+    return finite[:lowest + 1] if finite[-1][3] > (1 + RISE) * finite[lowest][3] else finite
 
 
 def _loss_at(evals: list[tuple[float, float]], step: float) -> float:
@@ -337,7 +355,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], n: int
     runs = [r for r in rows
             if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
     for r in runs + ([lead] if lead else []):
-        evals = [(e[1], e[3]) for e in r["evals"] if e[1] > warmup and e[3] is not None and math.isfinite(e[3])]
+        evals = [(e[1], e[3]) for e in falling(r["evals"]) if e[1] > warmup]
         e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law)
         curve_points += [(m, l) for m, (_, l) in zip(e_min, evals)]
     # The projection extends the curve beyond its last decade of E_min: fit that decade (early
