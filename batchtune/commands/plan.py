@@ -144,13 +144,13 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                      - sum(r["samples"] for r in rows) - timing * sum(_best_lrs(rows)))
     if lead is not None:
         RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
+        notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
+                     "the noise scale further down than the short trials reach")
         kept = falling(lead["evals"])
         if len(kept) < len([e for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])]):
             notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
                          f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
                          "too high to settle; the projection follows the curve before it and cannot foresee it")
-        notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
-                     "the noise scale further down than the short trials reach")
     throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, _best_lrs(rows))
     result = _analyse(spec, sweep.meta, rows, n, lead=lead, throughput=throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
