@@ -195,7 +195,7 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
     for args, message in [
         ([], "exactly one of --samples, --epochs or --tokens"),
         (["--samples", "10", "--epochs", "1"], "exactly one of"),
-        (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a positive duration"),
+        (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a duration such as 12h"),
         (["--samples", "1000"], "too short to plan"),
     ]:
         result = runner.invoke(app, ["plan", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), *args])

@@ -177,14 +177,12 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
 
 def parse_deadline(text: str) -> float:
     """``"12h"``, ``"90min"``, ``"45m"``, ``"3600s"``, ``"2d"`` or a bare number of hours → seconds."""
-    import re
+    from batchtune.config.spec import parse_duration
 
-    units = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h|d)?\s*", str(text))
-    seconds = float(match.group(1)) * units[match.group(2) or "h"] if match else 0.0
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise UsageError(f"--deadline: expected a positive duration such as 12h, 90min or 2d, got {text!r}")
-    return seconds
+    try:
+        return parse_duration(text, default_unit="h", example="12h, 90min or 2d")
+    except ValueError as exc:
+        raise UsageError(f"--deadline: {exc}") from None
 
 
 # ------------------------------------------------------------------------------- calibration

@@ -40,7 +40,6 @@ __all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dyna
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
 VARIABLE_BATCHES = 8  # variable-length data: batches per size (and per length bucket), taken in turn
-_UNITS_S = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 class ServeInputError(ValueError):
@@ -53,15 +52,12 @@ def parse_duration(text: str, option: str = "--latency-budget") -> float:
     Raises:
         ServeInputError: not a positive, finite duration.
     """
-    import re
+    from batchtune.config.spec import parse_duration as duration
 
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s)?\s*", str(text))
-    if not match:
-        raise ServeInputError(f"{option}: expected a duration such as 45ms, 0.1s or 500us, got {text!r}")
-    seconds = float(match.group(1)) * _UNITS_S[match.group(2) or "ms"]
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ServeInputError(f"{option}: must be a positive duration, got {text!r}")
-    return seconds
+    try:
+        return duration(text, default_unit="ms", example="45ms, 0.1s or 500us")
+    except ValueError as exc:
+        raise ServeInputError(f"{option}: {exc}") from None
 
 
 @dataclass

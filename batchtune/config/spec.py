@@ -6,6 +6,7 @@ This module does not import torch, so ``batchtune validate`` and ``--help`` stay
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,25 @@ def parse_bytes(value: Any) -> int:
     if n <= 0:
         raise ValueError(f"a memory size must be positive, got {value!r}")
     return n
+
+
+_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: Any, default_unit: str = "s", example: str = "45ms, 0.1s or 12h") -> float:
+    """Parse a duration (``"45ms"``, ``"0.1s"``, ``"500us"``, ``"90min"``, ``"12h"``, ``"2d"``; a bare
+    number is in ``default_unit``) into seconds.
+
+    Raises:
+        ValueError: not a positive, finite duration (the message names ``example``).
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s|min|m|h|d)?\s*", str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as {example}, got {text!r}")
+    seconds = float(match.group(1)) * _SECONDS[match.group(2) or default_unit]
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a positive duration, got {text!r}")
+    return seconds
 
 
 # ---------------------------------------------------------------------------- models
