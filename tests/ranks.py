@@ -33,3 +33,12 @@ def rank0_json(ranks: dict, name: str) -> dict:
     assert rank0["code"] == 0, rank0["stderr"][-2000:]
     assert rank1["code"] == 0 and rank1["stdout"] == ""  # rank 1 printed nothing
     return json.loads(rank0["stdout"])
+
+
+def assert_user_error_stopped_both(ranks: dict, name: str = "user_error") -> None:
+    """Rank 1's code raised in a step: both ranks exit 2, each saying its part, no traceback."""
+    rank0, rank1 = ranks[name]
+    assert rank0["code"] == 2 and rank1["code"] == 2
+    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in rank1["stderr"]
+    assert "[rank 0] a training step failed on another rank" in rank0["stderr"]
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ranks import rank0_json, run_scenarios
+from tests.ranks import assert_user_error_stopped_both, rank0_json, run_scenarios
 
 SPEC = """\
 name: ddp
@@ -94,11 +94,7 @@ def test_check_runs_on_both_ranks_and_reports_once(ranks):
 
 
 def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
-    rank0, rank1 = ranks["user_error"]
-    assert rank0["code"] == 2 and rank1["code"] == 2
-    assert "[rank 1] a training step at micro-batch 1 × 1 raised ValueError: user code bug" in rank1["stderr"]
-    assert "[rank 0] a training step failed on another rank" in rank0["stderr"]
-    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
+    assert_user_error_stopped_both(ranks)
     # no rank was left waiting: the group took the next command and agreed on the same ceiling
     assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
 

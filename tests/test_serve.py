@@ -252,7 +252,7 @@ VARLEN_SPEC = """\
 name: lines
 model:
   builtin: char_transformer
-  kwargs: {vocab_size: 256, block_size: 128, d_model: 16, n_layers: 1, n_heads: 2}
+  kwargs: {vocab_size: 256, block_size: 128, d_model: 64, n_layers: 2, n_heads: 2}  # enough work that length shows
 data:
   builtin: text_lines
   kwargs: {max_len: 128, max_bytes: 60000}
