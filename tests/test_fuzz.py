@@ -502,7 +502,8 @@ def test_the_hang_guard_stops_a_run_and_shows_where():
     interrupt did not land (not understood yet; the SIGINT handler was unchanged).
     """
     script = f"""
-import re, sys, time
+import re, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background ignores SIGINT
 import tests.test_fuzz as fuzz
 fuzz.EXAMPLE_SECONDS = 2.0
 started = time.monotonic()

@@ -347,8 +347,11 @@ def _rows(out: Path) -> list[dict]:
 def _start_sweep(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
+    # Ctrl-C reaches the sweep even when the suite itself was started ignoring it (a background job
+    # of a non-interactive shell is; its children inherit that)
     return subprocess.Popen([sys.executable, "-m", "batchtune", "sweep", *map(str, args), "-q"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stop_after(proc: subprocess.Popen, out: Path, trials: int, sig: int) -> str:
