@@ -63,6 +63,20 @@ def test_nested_deadlines_name_the_one_that_expired_and_restore_what_was_there()
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_fired_deadline_is_not_armed_again_while_its_timeout_is_handled():
+    """The inner deadline's exit re-arms the timer for those still active: not for one that fired,
+    or a second TrialTimeout lands in the code handling the first (pytest 9.2's raises did)."""
+    caught = []
+    with deadline(0.2, "the budget") as outer:
+        try:
+            with deadline(10, "a step"):
+                time.sleep(5)
+        except TrialTimeout as exc:
+            caught.append(str(exc))
+            time.sleep(0.1)  # handling it: no second alarm may land here
+    assert caught == ["the budget did not finish within 0.2 s"] and outer.fired
+
+
 def test_a_deadline_off_the_main_thread_does_nothing():
     out = []
 

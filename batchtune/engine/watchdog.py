@@ -69,10 +69,11 @@ def _usable() -> bool:
 
 
 def _arm() -> None:
-    """Set the timer for the earliest active deadline (at least 1 ms, so it always fires)."""
-    if _active:
-        soonest = min(d.expires for d in _active)
-        signal.setitimer(signal.ITIMER_REAL, max(soonest - time.monotonic(), 1e-3))
+    """Set the timer for the earliest active deadline that has not fired (at least 1 ms, so it
+    always fires). One that fired is unwinding: arming for it again would raise a second
+    TrialTimeout into the code handling the first (an inner deadline's exit re-arms)."""
+    pending = [d.expires for d in _active if not d.fired]
+    signal.setitimer(signal.ITIMER_REAL, max(min(pending) - time.monotonic(), 1e-3) if pending else 0)
 
 
 def _importing(frame: Any) -> bool:
@@ -86,7 +87,7 @@ def _importing(frame: Any) -> bool:
 
 def _on_alarm(signum: int, frame: Any) -> None:
     now = time.monotonic()
-    expired = [d for d in _active if d.expires <= now + 1e-4]
+    expired = [d for d in _active if d.expires <= now + 1e-4 and not d.fired]
     if not expired:
         _arm()  # woke early (the earliest deadline was renewed meanwhile)
         return
