@@ -139,9 +139,10 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     from batchtune.render.run_folder import RunFolder
 
     rows = RunFolder(sweep.run_dir).read_trials()
+    best = _best_lrs(rows)
     timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
-    lead = _lead_run(calibration_spec, components, backend, sweep.meta, rows, int(calibration_share * n)
-                     - sum(r["samples"] for r in rows) - timing * sum(_best_lrs(rows)))
+    lead = _lead_run(calibration_spec, components, backend, sweep.meta, best, int(calibration_share * n)
+                     - sum(r["samples"] for r in rows) - timing * sum(best))
     if lead is not None:
         RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
@@ -151,8 +152,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
                          f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
                          "too high to settle; the projection follows the curve before it and cannot foresee it")
-    throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, _best_lrs(rows))
-    result = _analyse(spec, sweep.meta, rows, n, lead=lead, throughput=throughput, gpus=gpus,
+    throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, best)
+    result = _analyse(spec, sweep.meta, rows, best, n, lead=lead, throughput=throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
     trained = sum(r["samples"] for r in rows) + (lead["samples"] if lead else 0) + timed
     result.calibration = {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
@@ -225,7 +226,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes
 
 
-def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], rows: list[dict[str, Any]],
+def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
               samples: int) -> dict[str, Any] | None:
     """One long run at a middle size with the noise scale measured: the loss curve and the noise
     scale far below the losses the short trials reach. None when no size trained."""
@@ -233,7 +234,6 @@ def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], ro
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, trial_config
 
-    best = _best_lrs(rows)
     if not best:
         return None
     sizes = sorted(best)
@@ -260,7 +260,7 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
     from batchtune.stats.noise import pooled_noise_scale
 
     evals = [(e[0], e[3]) for e in falling(row["evals"])]
-    raw = [m for m in row.get("noise_raw") or []]
+    raw = row.get("noise_raw") or []
     start = next((step for step, loss in evals if loss <= below), None)
     if start is None or not raw:
         return []
@@ -332,11 +332,11 @@ def calibration_targets(rows: list[dict[str, Any]], best: dict[int, float]) -> l
 # ---------------------------------------------------------------------------------- analysis
 
 
-def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], n: int, *, lead: dict[str, Any] | None,
-             throughput: dict[int, float], gpus: int, price_per_hour: float | None, deadline_seconds: float | None,
-             tolerance: float) -> PlanResult:
-    """Targets, critical batch per loss, the two fitted laws, every plan projected, the pick."""
-    best = _best_lrs(rows)
+def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: dict[int, float], n: int, *,
+             lead: dict[str, Any] | None, throughput: dict[int, float], gpus: int, price_per_hour: float | None,
+             deadline_seconds: float | None, tolerance: float) -> PlanResult:
+    """Targets, critical batch per loss, the two fitted laws, every plan projected, the pick
+    (``best``: each size's lr multiplier, :func:`_best_lrs`)."""
     targets = calibration_targets(rows, best)
     result = PlanResult(spec.name, n, {}, targets, None, {}, {}, [], None, None, None, gpus, price_per_hour,
                         deadline_seconds)
@@ -462,7 +462,7 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
         else:
             shape = {k: v for k, v in stages[0].items() if k != "start_samples"}
             result.constant.append({**shape, **_plan_dict(p, gpus, price)})
-    _recommend(result, projected)
+    _recommend(result, projected, tolerance)
 
 
 def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages: list[Stage],
@@ -484,7 +484,7 @@ def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages
     return out
 
 
-def _recommend(result: PlanResult, projected: dict[str, Projection]) -> None:
+def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: float) -> None:
     """The plan that reaches the final target soonest; against a deadline, whether it is met."""
     reaching = {k: p for k, p in projected.items() if p.reaches}
     if not reaching:
@@ -500,7 +500,7 @@ def _recommend(result: PlanResult, projected: dict[str, Projection]) -> None:
     else:
         entry["batch_size"] = pick.stages[0].batch_size
     result.projection = entry
-    reasons = [f"reaches the final target {result.final_target:.4g} (within {_share(result)} of the best projected "
+    reasons = [f"reaches the final target {result.final_target:.4g} (within {tolerance:.0%} of the best projected "
                f"final loss) in {pick.steps_to_target:.0f} steps and {duration_text(pick.seconds_to_target)}"]
     if fastest_constant is not None and fastest_constant is not pick:
         reasons.append(f"the best constant size, {fastest_constant.stages[0].batch_size}, takes "
@@ -520,11 +520,6 @@ def _recommend(result: PlanResult, projected: dict[str, Projection]) -> None:
         if not meets:
             result.notes.append(f"no plan meets the deadline of {duration_text(result.deadline_seconds)} on "
                                 f"{result.gpus} device(s): the fastest needs {duration_text(pick.seconds_to_target)}")
-
-
-def _share(result: PlanResult) -> str:
-    best = min(c["final_loss"] for c in result.constant + ([result.schedule] if result.schedule else []))
-    return f"{(result.final_target - best) / abs(best):.0%}" if best else "0"
 
 
 def _plan_name(p: Projection) -> str:
