@@ -137,14 +137,20 @@ def test_service_curve_interpolates_and_extrapolates():
 
 
 def test_found_size_and_dynamic_latency_on_a_known_service_time(write_spec):
-    """p50 budget 20 ms on 2 ms + 0.5 ms/sample: the answer is 36 (sleep never undershoots,
-    so never above; a loaded machine's oversleep may cost a few sizes, 0.5 ms each)."""
+    """p50 budget 20 ms on 2 ms + 0.5 ms/sample: the answer is 36. Sleep never undershoots, so never
+    above; what the machine adds (oversleep, fetching the batch) may cost sizes: CI once measured
+    0.59 ms a sample and found 31. Exact on what it measured: the found size meets the budget and the
+    smallest measured size above it does not."""
     spec = write_spec(SERVE_SPEC)
     r = run_serve(spec, latency_budget=0.020, percentile=50, rate=1.0, repeats=20, buckets=False)
     analytic = math.floor((0.020 - FIXED_S) / PER_SAMPLE_S)
     assert analytic == 36
-    assert analytic - 4 <= r.max_batch_size <= analytic, [(p.batch_size, p.p50_ms) for p in r.points]
-    assert r.point(32).p50_ms == pytest.approx(1e3 * (FIXED_S + 32 * PER_SAMPLE_S), abs=2.0)
+    curve = [(p.batch_size, round(p.p50_ms, 2)) for p in r.points]
+    assert 0.75 * analytic <= r.max_batch_size <= analytic, curve
+    above = min(p.batch_size for p in r.points if p.batch_size > r.max_batch_size)
+    assert r.point(r.max_batch_size).p50_ms <= 20.0 < r.point(above).p50_ms, curve
+    expected_32 = 1e3 * (FIXED_S + 32 * PER_SAMPLE_S)
+    assert expected_32 <= r.point(32).p50_ms <= 1.25 * expected_32, curve
     assert [p.batch_size for p in r.points if p.phase == "power"][:6] == [1, 2, 4, 8, 16, 32]
     # 1 request/s: a request is alone, waits out the delay, then takes s(1); a longer delay buys
     # (almost) no batching, so one device-second serves 1/s(1) requests whatever the delay
