@@ -303,15 +303,20 @@ def _trial(size, seed, curve, samples_per_s, *, mult=1.0, diverged=False, noise=
             "evals": [[step, step * size, seconds, loss] for step, seconds, loss in curve], "noise_raw": raw}
 
 
+def _timed(size, seed, steps, loss, step_s, **kw):
+    """A trial crossing to ``loss`` at ``steps``, each step taking ``step_s`` seconds."""
+    return _trial(size, seed, [(0, 0, 2.0), (steps, steps * step_s, loss)], size / step_s, **kw)
+
+
 def _hand_rows(world_size=1):
     rows = []
     for seed in (0, 1):
         t = lambda *a, **k: _trial(*a, **k, world_size=world_size)  # noqa: E731
-        rows += [t(16, seed, [(0, 0, 2.0), (64, 2.0, 1.0), (128, 4.0, 0.502)], 500, noise=120),
-                 t(32, seed, [(0, 0, 2.0), (32, 1.0, 1.0), (64, 2.0, 0.50)], 1000, noise=120),
-                 t(64, seed, [(0, 0, 2.0), (16, 0.5, 1.0), (32, 1.0, 0.505)], 2000, noise=120),
-                 t(64, seed, [(0, 0, 2.0), (16, 0.5, 1.2), (32, 1.0, 0.9)], 2000, mult=2.0),
-                 t(128, seed, [(0, 0, 2.0), (8, 0.25, 1.0), (16, 0.5, 0.60)], 4000),
+        rows += [t(16, seed, [(0, 0, 2.0), (64, 2.0, 1.0), (128, 4.0, 0.502)], 512, noise=120),
+                 t(32, seed, [(0, 0, 2.0), (32, 1.0, 1.0), (64, 2.0, 0.50)], 1024, noise=120),
+                 t(64, seed, [(0, 0, 2.0), (16, 0.5, 1.0), (32, 1.0, 0.505)], 2048, noise=120),
+                 t(64, seed, [(0, 0, 2.0), (16, 0.5, 1.2), (32, 1.0, 0.9)], 2048, mult=2.0),
+                 t(128, seed, [(0, 0, 2.0), (8, 0.25, 1.0), (16, 0.5, 0.60)], 4096),
                  t(256, seed, [(0, 0, 2.0)], None, diverged=True)]
     return rows
 
@@ -369,10 +374,9 @@ def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():
     crossed, so its interval is open above: it ties with both and goes behind the sizes every seed
     of which reached the target."""
     rows = []
-    for seed, (t16, t32) in enumerate([(1.0, 1.05), (1.3, 1.2), (1.1, 1.15)]):
-        rows += [_trial(16, seed, [(0, 0, 2.0), (40, t16, 0.5)], 1000),
-                 _trial(32, seed, [(0, 0, 2.0), (20, t32, 0.5)], 2000),
-                 _trial(64, seed, [(0, 0, 2.0), (10, 0.5, 0.5 if seed < 2 else 0.8)], 4000)]
+    for seed, (s16, s32) in enumerate([(40, 21), (52, 24), (44, 23)]):
+        rows += [_timed(16, seed, s16, 0.5, 0.025), _timed(32, seed, s32, 0.5, 0.05),
+                 _timed(64, seed, 10, 0.5 if seed < 2 else 0.8, 0.05)]
     a = analyse(rows, {**HAND_META, "target_loss": 0.5})
     ranked = a.summary.dropna(subset=["rank"])
     assert list(ranked["batch_size"]) == [16, 32, 64] and ranked["tie"].all()
@@ -396,8 +400,7 @@ def test_a_size_reaching_the_target_in_one_seed_of_three_does_not_qualify():
 
 
 def test_a_size_waiting_for_data_is_ranked_by_its_real_time_and_flagged():
-    rows = [_trial(16, 0, [(0, 0, 2.0), (40, 2.0, 0.5)], 1000),
-            _trial(64, 0, [(0, 0, 2.0), (10, 1.0, 0.5)], 1000, data_share=0.7)]
+    rows = [_timed(16, 0, 40, 0.5, 0.05), _timed(64, 0, 10, 0.5, 0.1, data_share=0.7)]
     a = analyse(rows, {**HAND_META, "target_loss": 0.5})
     assert a.recommendation["batch_size"] == 64 and "waiting for data" in a.recommendation["reason"]
     assert any(n.startswith("batch 64 waits for data 70% of its step time") for n in a.notes)
@@ -508,6 +511,38 @@ def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path
     assert result.recommendation is not None and result.recommendation["target_loss"] == 1.0
 
 
+def test_a_trial_short_of_the_target_at_its_budget_trains_on(write_spec, tmp_path):
+    """Target 0 is never reached: every trial trains reach_factor × its budget's 8 steps, and its
+    loss at equal samples is still read at the budget."""
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[32]", "sweep.lr_multipliers=[0.5, 1.0]",
+                                              "sweep.samples=256", "sweep.min_steps=8", "sweep.reach_factor=3",
+                                              "sweep.target_loss=0.0", "sweep.lr_extensions=0"])
+    run_sweep(spec, out=tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "trials.json").read_text())
+    # seed 1 runs the lr that came closest (``short-best``)
+    assert sorted((r["seed"], r["lr_multiplier"]) for r in rows)[:2] == [(0, 0.5), (0, 1.0)] and len(rows) == 3
+    for r in rows:
+        assert r["steps"] == 24 and not r["stopped_at_target"]
+        assert r["final_val_loss"] == next(e[3] for e in r["evals"] if e[1] == 256)
+
+
+def test_how_far_past_its_budget_a_trial_trains():
+    """The budget's steps without a given target; up to reach_factor × them with one; on the first
+    seed, no further than 1.25× the size's fastest crossing so far (never under the budget)."""
+    from batchtune.commands.sweep import _Sweep
+
+    meta = {"samples": 2048, "min_steps": 8, "seeds": [0, 1], "reach_factor": 2.0, "target_loss": [1.0, 0.5]}
+    crossing_at = lambda step: _timed(32, 0, step, 0.5, 0.01)  # noqa: E731
+
+    def steps(rows, seed, **changes):
+        return _Sweep(None, None, None, None, None, {**meta, **changes}, rows)._steps(seed, 32)
+
+    assert steps([], 0, target_loss=None) == 64 and steps([], 0, reach_factor=1.0) == 64
+    assert steps([], 0) == 128 and steps([crossing_at(40)], 0) == 64
+    assert steps([crossing_at(60), crossing_at(90)], 0) == 75
+    assert steps([crossing_at(60)], 1) == 128  # the other seeds run the kept lrs: each gets the whole cap
+
+
 def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_path):
     spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.seeds=1", "sweep.lr_refine=true"])
     result = run_sweep(spec, out=tmp_path / "run")
@@ -519,10 +554,9 @@ def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_pa
 def test_ties_are_judged_against_the_pick_not_against_an_open_interval():
     """A faster median from 2 of 3 seeds ties with everything; the pick (3/3) then decides the ties."""
     rows = []
-    for seed, (a, b, c) in enumerate([(1.0, 0.9, 3.0), (1.1, 0.95, 3.1), (1.2, None, 3.2)]):
-        rows.append(_trial(16, seed, [(0, 0, 2.0), (40, a, 0.5)], 1000))
-        rows.append(_trial(32, seed, [(0, 0, 2.0), (20, b, 0.5)] if b else [(0, 0, 2.0), (20, 1.0, 0.7)], 1000))
-        rows.append(_trial(64, seed, [(0, 0, 2.0), (10, c, 0.5)], 1000))
+    for seed, (a, b, c) in enumerate([(40, 18, 30), (44, 19, 31), (48, None, 32)]):  # steps at 25, 50, 100 ms
+        rows += [_timed(16, seed, a, 0.5, 0.025), _timed(32, seed, b or 20, 0.5 if b else 0.7, 0.05),
+                 _timed(64, seed, c, 0.5, 0.1)]
     a = analyse(rows, {**HAND_META, "target_loss": 0.5})
     s = a.summary.set_index("batch_size")
     assert a.recommendation["batch_size"] == 16 and a.recommendation["tied_with"] == [32]

@@ -23,6 +23,7 @@ from typing import Any
 
 from batchtune.commands.probe import run_probe, safe_size
 from batchtune.commands.sweep_analysis import (
+    KEEP_LR,
     Analysis,
     SweepResult,
     analyse,
@@ -166,7 +167,9 @@ class _Sweep:
         self._trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
         self._done = {_row_key(r) for r in self.rows}
         first, *others = self.meta["seeds"]
-        self._run_all([(first, m, c) for m in self.meta["lr_multipliers"] for c in self.shapes()])
+        # the rule's lr first: the likeliest fastest, whose crossing bounds how far the others train on
+        order = sorted(self.meta["lr_multipliers"], key=lambda m: (abs(math.log(m)), m))
+        self._run_all([(first, m, c) for m in order for c in self.shapes()])
         for _ in range(self.meta.get("lr_extensions", 0)):
             standing = self._standing(first)
             more = [(first, m, c) for c in self.shapes() if (m := _extension(standing.get(c.batch_size, {})))]
@@ -204,7 +207,7 @@ class _Sweep:
         from batchtune.engine.trial import trial_config
 
         sw, meta = self.spec.sweep, self.meta
-        steps = trial_steps(meta, shape.batch_size)
+        steps = self._steps(seed, shape.batch_size)
         targets = given_targets(meta)
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
@@ -217,6 +220,24 @@ class _Sweep:
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
+
+    def _steps(self, seed: int, batch_size: int) -> int:
+        """The budget's steps, or more with a given target: a trial that has not crossed the lowest
+        target by then trains on, up to ``reach_factor`` × them, so a size is ranked by when it gets
+        there rather than dropped for the budget's edge. The first seed screens lrs: past the budget
+        it stops at :data:`KEEP_LR` × the size's fastest crossing so far, where an lr is behind anyway."""
+        steps, targets = trial_steps(self.meta, batch_size), given_targets(self.meta)
+        factor = self.meta.get("reach_factor", 1.0)
+        if factor <= 1 or not targets:
+            return steps
+        cap = math.ceil(factor * steps)
+        if seed == self.meta["seeds"][0]:
+            last = min(targets)
+            crossed = [c[0] for r in self.rows if r["batch_size"] == batch_size and r["fits"] and not r["diverged"]
+                       and (c := crossing([(p[0], p[2], p[3]) for p in r["evals"]], last))]
+            if crossed:
+                cap = min(cap, max(steps, math.ceil(KEEP_LR * min(crossed))))
+        return cap
 
     def result(self) -> SweepResult:
         """The analysed result (with the scaling efficiency when several ranks ran)."""
@@ -470,7 +491,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
-        "lr_refine": sw.lr_search and sw.lr_refine,
+        "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
         "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,

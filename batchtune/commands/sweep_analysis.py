@@ -6,8 +6,8 @@ A pure function of the trial rows and the plan (:func:`analyse`), so a resumed r
 For each target loss:
 
 - every seed's own first crossing of the target (interpolated between validations) gives its
-  steps and seconds; seconds are that seed's training steps up to the crossing (validation
-  and noise-measurement steps excluded);
+  steps; its seconds are those steps at the size's step time, the median over all the size's
+  trials (:func:`step_seconds`; warm-up, validation and noise-measurement steps excluded);
 - a (size, lr) *qualifies* when most of its seeds reach the target; each size keeps its lr
   with the fewest median steps (one size's steps cost the same at any lr, and steps, unlike
   wall time, repeat exactly: a resumed sweep makes the same lr decisions);
@@ -120,11 +120,23 @@ def _stat(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def step_seconds(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Each size's seconds per optimizer step: the median over all its timed trials (every lr and
+    seed). A size's steps are the same computation whatever the lr or seed, and one trial's own
+    timing on a shared machine swings by ±30%, more than the gaps a ranking must resolve."""
+    rates: dict[int, list[float]] = {}
+    for row in rows:
+        if row["fits"] and row.get("samples_per_s"):
+            rates.setdefault(row["batch_size"], []).append(row["samples_per_s"])
+    return {size: size / statistics.median(r) for size, r in rates.items()}
+
+
 def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
     """One entry per (batch size, lr multiplier), over the seeds that ran."""
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["batch_size"], float(row["lr_multiplier"])), []).append(row)
+    per_step = step_seconds(rows)
     entries = []
     for (size, mult), grp in sorted(groups.items()):
         ok = [r for r in grp if r["fits"] and not r["diverged"]]
@@ -139,16 +151,20 @@ def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
             "peak_bytes": max((r["peak_bytes"] or 0 for r in grp), default=None) or None,
             "oom": sum(not r["fits"] for r in grp), "diverged_seeds": sum(bool(r["diverged"]) for r in grp),
             "divergence": next((r["divergence"] for r in grp if r["diverged"]), None), "rows": grp,
+            "step_seconds": per_step.get(size),
         })
     return entries
 
 
-def _seed_crossing(row: dict[str, Any], target: float) -> tuple[float, float] | None:
-    """(steps, seconds) of one trial's first crossing; None if it never got there, ran out of memory
-    or diverged (an lr that diverges in some seeds is not one to bet a run on)."""
+def _seed_crossing(row: dict[str, Any], target: float, step_s: float | None) -> tuple[float, float] | None:
+    """(steps, seconds) of one trial's first crossing, its seconds those steps at the size's pooled
+    step time ``step_s`` (:func:`step_seconds`; the trial's own clock where there is none); None if
+    it never got there, ran out of memory or diverged (an lr that diverges in some seeds is not one
+    to bet a run on)."""
     if not row["fits"] or row["diverged"]:
         return None
-    return crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
+    cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
+    return (cross[0], cross[0] * step_s) if cross and step_s else cross
 
 
 def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]:
@@ -162,7 +178,7 @@ def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]
 
 def _at_target(e: Entry, target: float) -> Entry:
     """``e`` with its per-seed crossings of ``target``: median, interval, how many seeds reached it."""
-    crossings = [_seed_crossing(r, target) for r in e["rows"]]
+    crossings = [_seed_crossing(r, target, e["step_seconds"]) for r in e["rows"]]
     seconds = [c[1] if c else math.inf for c in crossings]
     steps = [c[0] if c else math.inf for c in crossings]
     reached = sum(c is not None for c in crossings)
@@ -573,9 +589,9 @@ class SweepResult:
         }
 
 
-def _trial_crossing(row: dict[str, Any], target: float | None) -> dict[str, float | None]:
+def _trial_crossing(row: dict[str, Any], target: float | None, step_s: float | None) -> dict[str, float | None]:
     """One trial's own steps and seconds to the (last) target, None where it did not get there."""
-    cross = _seed_crossing(row, target) if target is not None else None
+    cross = _seed_crossing(row, target, step_s) if target is not None else None
     return {"steps_to_target": cross[0] if cross else None, "seconds_to_target": cross[1] if cross else None}
 
 
@@ -583,9 +599,9 @@ def result_from_rows(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]
                      run_dir: Path | None = None, environment: dict[str, Any] | None = None) -> SweepResult:
     """Analyse trial rows into a :class:`SweepResult` (used live and by ``batchtune report``)."""
     analysis = analyse(rows, meta)
-    target = analysis.target_loss
+    target, per_step = analysis.target_loss, step_seconds(rows)
     trials = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("evals", "noise_history", "noise_raw")},
-                            **_trial_crossing(r, target)} for r in rows])
+                            **_trial_crossing(r, target, per_step.get(r["batch_size"]))} for r in rows])
     if len(trials):  # per size already in the summary; goodput uses each trial's own throughput
         per_size = analysis.summary.dropna(subset=["micro_batch_size"]).set_index("batch_size")
         for column in ("efficiency", "excess_compute"):
