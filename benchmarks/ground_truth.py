@@ -34,6 +34,7 @@ BatchNorm, so the loss does not depend on the evaluation batch; training is unto
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import math
@@ -395,13 +396,13 @@ def render(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- the sweep against it
 
-def run_sweep(task: str, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_sweep(task: str, summary: dict[str, Any], folder: Path, *, samples: int | None = None) -> dict[str, Any]:
     """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets."""
     t = TASKS[task]
     targets = "[" + ", ".join(f"{x['target_loss']:g}" for x in summary["targets"]) + "]"
     command = [sys.executable, "-m", "batchtune", "sweep", str(ROOT / t["config"]), *t["overrides"],
                f"sweep.batch_sizes=[{', '.join(sorted(summary['grid'], key=int))}]",
-               f"sweep.samples={summary['budget_samples']}",
+               f"sweep.samples={samples or summary['budget_samples']}",
                f"sweep.target_loss={targets}", "--format", "json", "--out", str(folder)]
     log.info("running %s", " ".join(command))
     started = time.monotonic()
@@ -411,6 +412,12 @@ def run_sweep(task: str, summary: dict[str, Any], folder: Path) -> dict[str, Any
         raise SystemExit(f"sweep failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout)
     result["_wall_seconds"] = time.monotonic() - started
+    # the rows with their validation curves, so that a change to the analysis can be judged again
+    # without training (benchmarks/ground_truth.py --reanalyse)
+    rows = {"meta": json.loads((folder / "meta.json").read_text()),
+            "trials": [{k: v for k, v in r.items() if k != "noise_history"}
+                       for r in json.loads((folder / "trials.json").read_text())]}
+    result["_rows"] = rows
     result["_command"] = " ".join(command[2:])
     return result
 
@@ -427,7 +434,7 @@ def _pick_time(target: dict[str, Any], pick: dict[str, Any], rule_lr: Any) -> tu
     return entry["time_s"], f"lr {lr:.4g} (k={k:.2f}) not on the grid: the size's best lr"
 
 
-def compare(task: str, out: Path) -> int:
+def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
     """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's."""
     from batchtune.config.spec import load_spec
     from batchtune.stats.scaling import spec_lr
@@ -439,7 +446,9 @@ def compare(task: str, out: Path) -> int:
         result = json.loads(sweep_json.read_text())
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_sweep(task, summary, Path(tmp) / "run")
+            result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples)
+        with gzip.open(out.with_name(out.stem + "_sweep_rows.json.gz"), "wt") as f:
+            json.dump(result.pop("_rows"), f)
         sweep_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     spec = load_spec(ROOT / TASKS[task]["config"], TASKS[task]["overrides"])
     by_target = {round(b["target_loss"], 9): b for b in result.get("by_target") or []}
@@ -482,11 +491,15 @@ def compare(task: str, out: Path) -> int:
 # ---------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
+    global MIN_STEPS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--budget-samples", type=int, default=None, help="samples per run (default: the task's)")
+    parser.add_argument("--min-steps", type=int, default=MIN_STEPS, help="large sizes train at least this many steps")
+    parser.add_argument("--sweep-samples", type=int, default=None,
+                        help="--compare: the sweep's sample budget (default: the ground truth's)")
     parser.add_argument("--evals-per-doubling", type=int, default=24)
     parser.add_argument("--minutes", type=float, default=60.0, help="launch no new run after this long")
     parser.add_argument("--out", type=Path, default=None)
@@ -494,13 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analyse", action="store_true")
     parser.add_argument("--compare", action="store_true")
     args = parser.parse_args(argv)
+    MIN_STEPS = args.min_steps
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out = args.out or RESULTS / f"ground_truth_{args.task}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = args.budget_samples or TASKS[args.task]["budget"]
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.compare:
-        return compare(args.task, out)
+        return compare(args.task, out, sweep_samples=args.sweep_samples)
     if args.analyse:
         targets = [float(t) for t in args.targets.split(",")] if args.targets else None
         return analyse(args.task, out, budget=budget, targets=targets)
