@@ -61,11 +61,15 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     second = t[t["seed"] == 1].groupby("batch_size")["lr_multiplier"].apply(set)
     for size in (8, 16, 32, 64):
         assert {0.5, 1.0, 2.0} <= first[size] and len(first[size]) <= 5  # the bracket, at most 2 extensions
+    for size in second.index:
         assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the lrs near the fastest
+    behind = sorted(set(first.index) - set(second.index))  # more than 2× the fastest on seed 0
+    assert not behind or any(n.startswith(f"batch {', '.join(map(str, behind))} ran seed 0 only")
+                             for n in result.notes)
     assert not any(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) for size in first.index)  # no refining
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
-        assert mult in second[size]  # every ranked size ran its chosen lr on both seeds
+        assert size in behind or mult in second[size]  # every ranked size ran its chosen lr on both seeds
 
 
 def test_lr_follows_the_sqrt_rule_for_adamw(swept):
@@ -541,6 +545,35 @@ def test_how_far_past_its_budget_a_trial_trains():
     assert steps([], 0) == 128 and steps([crossing_at(40)], 0) == 64
     assert steps([crossing_at(60), crossing_at(90)], 0) == 75
     assert steps([crossing_at(60)], 1) == 128  # the other seeds run the kept lrs: each gets the whole cap
+
+
+def test_sizes_far_behind_on_the_first_seed_run_no_more_seeds():
+    """At 0.5: 32 takes 0.8 s, 16 1.0 s, 64 3.0 s; within 2× of the fastest: 16 and 32. With a
+    second target, 1.0, where 64 is the fastest (0.2 s against 0.3 s), it is back in contention."""
+    from batchtune.commands.sweep_analysis import in_contention
+
+    rows = [_timed(16, 0, 100, 0.5, 0.01), _timed(32, 0, 40, 0.5, 0.02), _timed(64, 0, 30, 0.5, 0.1)]
+    meta = {**HAND_META, "target_loss": 0.5}
+    assert in_contention(rows, meta, 2.0) == {16, 32}
+    assert in_contention(rows, meta, 4.0) == {16, 32, 64} == in_contention(rows, meta, None)
+    both = [_trial(16, 0, [(0, 0, 2.0), (30, 0.3, 1.0), (100, 1.0, 0.5)], 1600),
+            _trial(32, 0, [(0, 0, 2.0), (15, 0.3, 1.0), (40, 0.8, 0.5)], 1600),
+            _trial(64, 0, [(0, 0, 2.0), (2, 0.2, 1.0), (30, 3.0, 0.5)], 640)]
+    assert in_contention(both, {**meta, "target_loss": [1.0, 0.5]}, 1.2) == {32, 64}  # 16: 1.25×, then 1.5×
+    a = analyse(rows + [_timed(16, 1, 90, 0.5, 0.01), _timed(32, 1, 44, 0.5, 0.02)],
+                {**meta, "seeds": [0, 1], "reseed_within": 2.0})
+    assert "batch 64 ran seed 0 only: on it, each took more than 2× the fastest size's time" in " ".join(a.notes)
+
+
+def test_the_other_seeds_run_only_the_sizes_in_contention(write_spec, tmp_path):
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[8, 64]", "sweep.lr_search=false",
+                                              "sweep.target_loss=1.0", "sweep.reseed_within=1.0"])
+    result = run_sweep(spec, out=tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "trials.json").read_text())
+    first = {r["batch_size"] for r in rows if r["seed"] == 0}
+    assert sorted(first) == [8, 64] and [r["seed"] for r in rows].count(1) == 1
+    again = next(r["batch_size"] for r in rows if r["seed"] == 1)
+    assert any(n.startswith(f"batch {({8, 64} - {again}).pop()} ran seed 0 only") for n in result.notes)
 
 
 def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_path):

@@ -29,6 +29,7 @@ from batchtune.commands.sweep_analysis import (
     analyse,
     crossing,
     given_targets,
+    in_contention,
     lr_standing,
     result_from_rows,
 )
@@ -159,7 +160,7 @@ class _Sweep:
         The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
         more multipliers per size where the bracket's edge was fastest (or everything
         diverged), then (``lr_refine``) the half-steps either side of each fastest lr; the
-        other seeds run each size at the lrs near its fastest. Every decision is a pure
+        other seeds run each size still in contention (:func:`in_contention`) at the lrs near its fastest. Every decision is a pure
         function of the first seed's rows, so a resumed sweep makes the same ones.
         """
         from batchtune.engine.trial import Trainer
@@ -180,8 +181,10 @@ class _Sweep:
             standing = self._standing(first)
             self._run_all([(first, m, c) for c in self.shapes() for m in _refinements(standing.get(c.batch_size, {}))])
         standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
+        sizes = in_contention([r for r in self.rows if r["seed"] == first], self.meta, self.meta.get("reseed_within"))
         for seed in others:
-            self._run_all([(seed, m, c) for c in self.shapes() for m in _kept(standing.get(c.batch_size, {}))])
+            self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
+                           for m in _kept(standing.get(c.batch_size, {}))])
 
     def _standing(self, seed: int) -> dict[int, dict[float, str]]:
         """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`)."""
@@ -492,6 +495,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,
+        "reseed_within": sw.reseed_within,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
         "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,

@@ -32,7 +32,7 @@ import pandas as pd
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
-__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "lr_standing", "result_from_rows", "targets_for"]
+__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "in_contention", "lr_standing", "result_from_rows", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -103,7 +103,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
         return Analysis(empty, None, target_notes + ["no trial finished with a validation loss"], None,
                         _critical_dict(None, None, None))
     last = by_target[-1]
-    notes = target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta)
+    notes = target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
     return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
@@ -253,6 +253,25 @@ def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, d
             for mult, verdict in standing.items():
                 if mult not in merged or STANDINGS.index(verdict) < STANDINGS.index(merged[mult]):
                     merged[mult] = verdict
+    return out
+
+
+def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: float | None) -> set[int]:
+    """The sizes that may still win, judged on one seed's rows: at some target, the size's fastest lr
+    reached it within ``within`` × the fastest size's time (every size where no size reached a target,
+    or ``within`` is None). The others need no more seeds: no seed noise closes a gap that wide."""
+    entries = _per_lr(rows)
+    sizes = {e["batch_size"] for e in entries}
+    targets, _ = targets_for(entries, meta)
+    if within is None or not targets:
+        return sizes
+    out: set[int] = set()
+    for target in targets:
+        best = [e for e in _best_per_size([_at_target(e, target) for e in entries]) if e["qualifies"]]
+        if not best:
+            return sizes
+        fastest = min(e["seconds_to_target"] for e in best)
+        out |= {e["batch_size"] for e in best if e["seconds_to_target"] <= within * fastest}
     return out
 
 
@@ -450,6 +469,19 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
                      "(a smaller batch takes more steps per sample); a longer run to a lower loss favours "
                      "larger batches, up to about the critical batch size")
     return notes
+
+
+def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Which sizes ran the first seed only, and why."""
+    seeds, within = meta.get("seeds") or [], meta.get("reseed_within")
+    if len(seeds) < 2 or within is None:
+        return []
+    first = [r for r in rows if r["seed"] == seeds[0]]
+    behind = sorted({r["batch_size"] for r in first} - in_contention(first, meta, within))
+    if not behind:
+        return []
+    return [f"batch {', '.join(map(str, behind))} ran seed {seeds[0]} only: on it, each took more than {within:g}× "
+            "the fastest size's time to every target, a gap no seed noise closes (sweep.reseed_within)"]
 
 
 def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:

@@ -348,6 +348,9 @@ class SweepSpec(_Strict):
     lr_extensions: NonNegativeInt = 2  # times a bracket may grow past its edge by its outer ratio
     lr_refine: bool = False  # then try the midpoints either side of each size's fastest lr (+70% trials)
     seeds: PositiveInt = 3
+    # the other seeds run only the sizes whose first-seed time to some target is within this × the
+    # fastest size's (null: every size)
+    reseed_within: float | None = Field(2.0, ge=1.0)
     eval_points: PositiveInt = 8  # validations at the same sample counts for every size
     evals_per_doubling: NonNegativeInt = 4  # and on a log grid of steps, to resolve each crossing
     eval_samples: PositiveInt | None = 2048  # validation subset, the same for every trial
