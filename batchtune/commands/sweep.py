@@ -214,7 +214,8 @@ class _Sweep:
         targets = given_targets(meta)
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
-            warmup_steps=round(sw.warmup * steps), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
+            # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
+            warmup_steps=round(sw.warmup * trial_steps(meta, shape.batch_size)), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
             evals_per_doubling=sw.evals_per_doubling,
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
