@@ -105,6 +105,31 @@ def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
         BatchSchedule([ScheduleStage(0, 8, 4, 1, 0.1)], total_samples=8)
 
 
+def test_verified_crossing_reads_the_decreasing_fit_not_one_dip():
+    from batchtune.commands.plan import decreasing_fit
+
+    assert decreasing_fit([3.0, 2.0, 2.2, 1.8, 1.0, 1.2]) == pytest.approx([3.0, 2.1, 2.1, 1.8, 1.1, 1.1])
+    assert decreasing_fit([1.0, 1.1, 1.2]) == pytest.approx([1.1] * 3) and decreasing_fit([]) == []
+    # a flat noisy tail: the raw curve first dips below 0.30 at step 2, its fit at step 4
+    noisy = [0.40, 0.33, 0.29, 0.34, 0.30, 0.29]
+    assert [i for i, v in enumerate(decreasing_fit(noisy)) if v <= 0.30][0] == 4
+
+
+def test_a_schedules_later_stages_take_the_rule_from_its_first_lr():
+    """The first stage keeps its size's calibrated lr (here ×2 the linear rule's); the stage at 256
+    gets that lr ×4 (linear, 64 → 256), not its own calibrated ×4 (0.8)."""
+    from batchtune.commands.plan import _stage_dicts
+    from batchtune.config.spec import load_spec
+    from batchtune.stats.projection import Stage
+
+    spec = load_spec("configs/quickstart.yaml", ["optimizer={name: sgd, lr: 0.05, momentum: 0.9}",
+                                                 "lr_scaling=linear"])
+    meta = {"candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (64, 256)],
+            "base_lrs": {"64": 0.05, "256": 0.2}}
+    stages = _stage_dicts(spec, meta, {64: 2.0, 256: 4.0}, [Stage(0.0, 64, 1.0), Stage(1e5, 256, 2.0)], 1)
+    assert [s["lr"] for s in stages] == pytest.approx([0.1, 0.4])
+
+
 def test_run_length_options_and_deadlines():
     assert run_samples(None, 1000, 1, epochs=2.5) == 2500
     assert run_samples(None, 1000, 128, tokens=128_000) == 1000
