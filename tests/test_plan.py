@@ -106,13 +106,14 @@ def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
 
 
 def test_verified_crossing_reads_the_decreasing_fit_not_one_dip():
-    from batchtune.commands.plan import decreasing_fit
+    from batchtune.commands.sweep_analysis import crossing, decreasing_fit
 
     assert decreasing_fit([3.0, 2.0, 2.2, 1.8, 1.0, 1.2]) == pytest.approx([3.0, 2.1, 2.1, 1.8, 1.1, 1.1])
     assert decreasing_fit([1.0, 1.1, 1.2]) == pytest.approx([1.1] * 3) and decreasing_fit([]) == []
     # a flat noisy tail: the raw curve first dips below 0.30 at step 2, its fit at step 4
     noisy = [0.40, 0.33, 0.29, 0.34, 0.30, 0.29]
     assert [i for i, v in enumerate(decreasing_fit(noisy)) if v <= 0.30][0] == 4
+    assert crossing([(i, 0.1 * i, v) for i, v in enumerate(noisy)], 0.30) == pytest.approx((4, 0.4))
 
 
 def test_a_schedules_later_stages_take_the_rule_from_its_first_lr():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchtune.commands.sweep_analysis import lowest_reached
 from batchtune.errors import UsageError
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
@@ -315,8 +316,7 @@ def calibration_targets(rows: list[dict[str, Any]], best: dict[int, float]) -> l
     lows, firsts = [], []
     for size, mult in best.items():
         chosen = [r for r in rows if r["batch_size"] == size and float(r["lr_multiplier"]) == mult]
-        lows.append(statistics.median_high(
-            [min(e[3] for e in r["evals"] if e[3] is not None and math.isfinite(e[3])) for r in chosen]))
+        lows.append(statistics.median_high([lowest_reached([e[3] for e in falling(r["evals"])]) for r in chosen]))
         firsts += [r["evals"][0][3] for r in chosen if r["evals"] and r["evals"][0][0] == 0]
     if not lows or not firsts:
         return []
@@ -651,22 +651,10 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
                 next_eval += every
     # read on the curve's best decreasing fit: near the end of a run the loss is flat and noisy, and
     # one dip below the target would say it was reached thousands of steps before it stays there
-    cross = crossing([(e[0], e[1], loss) for e, loss in zip(evals, decreasing_fit([e[2] for e in evals]))], target)
+    cross = crossing(evals, target)
     return {"steps": cross[0] if cross else None, "seconds": cross[1] if cross else None,
             "final_loss": evals[-1][2], "total_steps": steps, "total_seconds": seconds,
             "evals": [list(e) for e in evals]}
-
-
-def decreasing_fit(values: list[float]) -> list[float]:
-    """The least-squares non-increasing fit of ``values`` (pool adjacent violators): each run of
-    points that rises is replaced by its mean."""
-    blocks: list[list[float]] = []  # [mean, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
-            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(int(n))]
 
 
 def _plain_step(spec: Any, components: Any, model: Any, optimizer: Any, stream: Any, stage: ScheduleStage,

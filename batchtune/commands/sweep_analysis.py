@@ -32,7 +32,8 @@ import pandas as pd
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
-__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "in_contention", "lr_standing", "result_from_rows", "targets_for"]
+__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "decreasing_fit", "in_contention", "lowest_reached",
+           "lr_standing", "result_from_rows", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -50,21 +51,44 @@ Entry = dict[str, Any]  # one (batch size, lr multiplier): aggregates over seeds
 
 
 def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:
-    """(steps, seconds) at which a validation curve first reaches ``target``.
+    """(steps, seconds) at which a validation curve reaches ``target``, read on its best decreasing fit.
 
-    ``points`` are (steps, seconds, loss) in order; between two points the crossing is
+    ``points`` are (steps, seconds, loss) in order (a non-finite loss is left out). Near a plateau
+    the validation loss is noisy, and its first dip below the target comes sooner the more often
+    it is evaluated; the least-squares non-increasing fit (:func:`decreasing_fit`) pools each dip
+    with the points around it, so the crossing is where the curve gets there and stays, about
+    equally for a dense and a sparse evaluation grid. Between two points the crossing is
     interpolated linearly, so steps-to-target is not quantised to the validation interval.
     """
+    finite = [p for p in points if p[2] is not None and math.isfinite(p[2])]
     prev = None
-    for point in points:
-        steps, seconds, loss = point
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            if prev is None or prev[2] is None or not math.isfinite(prev[2]) or prev[2] == loss:
+    for steps, seconds, loss in ((p[0], p[1], f) for p, f in zip(finite, decreasing_fit([p[2] for p in finite]))):
+        if loss <= target:
+            if prev is None or prev[2] == loss:
                 return steps, seconds
             frac = (prev[2] - target) / (prev[2] - loss)
             return prev[0] + frac * (steps - prev[0]), prev[1] + frac * (seconds - prev[1])
-        prev = point
+        prev = steps, seconds, loss
     return None
+
+
+def lowest_reached(losses: list[float | None]) -> float:
+    """The lowest loss a validation curve gets to and stays at (on average): the end of its
+    decreasing fit, the level :func:`crossing` can find; inf for a curve with no finite loss."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    return decreasing_fit(finite)[-1] if finite else math.inf
+
+
+def decreasing_fit(values: list[float]) -> list[float]:
+    """The least-squares non-increasing fit of ``values`` (pool adjacent violators): each run of
+    points that rises is replaced by its mean."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 @dataclass
@@ -315,8 +339,8 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
         return given, []
     reached: dict[int, float] = {}  # each size's best lr: the loss its median seed got down to
     for e in _fully_seeded(entries):
-        lows = [min((p[3] for p in r.get("evals") or [] if p[3] is not None and math.isfinite(p[3])),
-                    default=math.inf) if r["fits"] and not r["diverged"] else math.inf for r in e["rows"]]
+        lows = [lowest_reached([p[3] for p in r.get("evals") or []]) if r["fits"] and not r["diverged"] else math.inf
+                for r in e["rows"]]
         if lows:
             low = statistics.median_high(lows)
             reached[e["batch_size"]] = min(reached.get(e["batch_size"], math.inf), low)
