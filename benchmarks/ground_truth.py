@@ -57,11 +57,16 @@ CHECKPOINTS = (0.25, 0.5, 1.0)  # fractions of the budget where curves are compa
 EVAL_BATCH = 256
 REPLAY_SEEDS = 3
 MIN_STEPS = 64  # large sizes train past the sample budget to this many steps, so they can reach targets
+WARMUP_BUDGET = None  # --warmup-budget: the sample budget whose steps the lr warm-up spans (None: the run's)
 TASKS: dict[str, dict[str, Any]] = {
     # the quickstart MLP under SGD with momentum 0.9 and the linear rule (lr 0.05 at 64), as in
     # benchmarks/critical_batch.py --optimizer sgd
     "mlp": {"config": "configs/quickstart.yaml", "budget": 16384, "eval_samples": 512,
             "overrides": ["optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "lr_scaling=linear"]},
+    # the quickstart as shipped (AdamW, sqrt rule, sizes 32…2048 under its simulated 16 MiB), its own
+    # budget; validated on all 2048 held-out samples, as the sweep's default eval_samples
+    "quickstart": {"config": "configs/quickstart.yaml", "budget": 131072, "eval_samples": 2048, "overrides": [],
+                   "sizes": [32 << i for i in range(7)]},
     # the char LM (AdamW, sqrt rule) at half width and in fp32 (bf16 autocast is slower than fp32
     # on this CPU), half the config's samples: about 40 minutes for the grid on one core; no
     # simulated memory limit, so 512 and 1024 run
@@ -100,8 +105,9 @@ def _config(spec: Any, size: int, lr: float, seed: int, budget: int, evals: bool
 
     full = run_steps(budget, size)
     steps = full if steps is None else steps
-    return trial_config(spec, BatchShape(size), lr=lr, steps=steps, seed=seed,
-                        warmup_steps=round(spec.sweep.warmup * full),
+    # warm-up as the sweep's: over the steps of its budget (WARMUP_BUDGET, default this budget), at least 64
+    warmup = round(spec.sweep.warmup * max((WARMUP_BUDGET or budget) // size, 64))
+    return trial_config(spec, BatchShape(size), lr=lr, steps=steps, seed=seed, warmup_steps=warmup,
                         eval_every_samples=full * size / 16 if evals else 0,
                         evals_per_doubling=evals_per_doubling if evals else 0, validate=evals,
                         eval_samples=eval_samples, timing_warmup_steps=2, divergence_factor=3.0,
@@ -140,7 +146,7 @@ class Grid:
                          evals_per_doubling=self.epd)
         res = self.trainer.run(config)
         row = {"task": self.task, "size": size, "k": k, "lr": lr, "lr_multiplier": 2 ** (k / 2), "seed": seed,
-               "budget": self.budget, "steps": res.steps, "diverged": bool(res.diverged or not res.fits),
+               "budget": self.budget, "warmup_budget": WARMUP_BUDGET, "steps": res.steps, "diverged": bool(res.diverged or not res.fits),
                "divergence": res.divergence or res.error,
                "evals": [[e.step, e.samples, e.seconds, e.val_loss] for e in res.evals],
                "samples_per_s": res.samples_per_s, "train_seconds": res.train_seconds, "seconds": res.seconds}
@@ -354,7 +360,7 @@ def analyse(task: str, out: Path, *, budget: int, targets: list[float] | None) -
     for size in groups:  # sizes with no best lr at any target: the grid runs' own throughput
         sps.setdefault(size, statistics.median(r["samples_per_s"] for rs in groups[size].values() for r in rs))
     summary = {"task": task, "config": TASKS[task]["config"], "overrides": TASKS[task]["overrides"],
-               "budget_samples": budget, "min_steps": MIN_STEPS, "date": time.strftime("%Y-%m-%d"),
+               "budget_samples": budget, "min_steps": MIN_STEPS, "warmup_budget": WARMUP_BUDGET, "date": time.strftime("%Y-%m-%d"),
                "seeds": sorted({r["seed"] for r in rows}), "replay_samples_per_s": {str(b): v for b, v in sps.items()},
                "targets": [_target_summary(tables[t], sps, t) for t in targets],
                "compute": {"runs": len(rows), "samples": sum(r["steps"] * r["size"] for r in rows),
@@ -434,6 +440,25 @@ def _pick_time(target: dict[str, Any], pick: dict[str, Any], rule_lr: Any) -> tu
     return entry["time_s"], f"lr {lr:.4g} (k={k:.2f}) not on the grid: the size's best lr"
 
 
+def fill_picks(task: str, out: Path, summary: dict[str, Any], result: dict[str, Any], rule_lr: Any) -> int:
+    """Train every seed of each pick's (size, lr) cell that the grid ran on seed 0 only (an lr the
+    grid left out after seed 0 has no median to judge the pick by); the number trained."""
+    seeds = summary["seeds"]
+    grid = Grid(task, out, summary["budget_samples"], 24, math.inf)
+    trained = 0
+    for b in result.get("by_target") or []:
+        pick = b.get("recommendation")
+        if not pick:
+            continue
+        size, k = pick["batch_size"], 2 * math.log2(pick["lr"] / rule_lr(pick["batch_size"]))
+        if abs(k - round(k)) > 0.05 or (size, round(k), seeds[0]) not in grid.rows:
+            continue  # off the grid, or an lr the grid never tried
+        for seed in seeds:
+            trained += (size, round(k), seed) not in grid.rows
+            grid.get(size, round(k), seed)
+    return trained
+
+
 def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
     """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's."""
     from batchtune.config.spec import load_spec
@@ -451,6 +476,9 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
             json.dump(result.pop("_rows"), f)
         sweep_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     spec = load_spec(ROOT / TASKS[task]["config"], TASKS[task]["overrides"])
+    if fill_picks(task, out, summary, result, lambda s: spec_lr(spec, s)):  # the picks' cells on every seed
+        analyse(task, out, budget=summary["budget_samples"], targets=[t["target_loss"] for t in summary["targets"]])
+        summary = json.loads(path.read_text())
     by_target = {round(b["target_loss"], 9): b for b in result.get("by_target") or []}
     trials = result.get("trials") or []
     sweep_samples = sum((r.get("steps") or 0) * r["batch_size"] for r in trials)
@@ -491,13 +519,15 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
 # ---------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    global MIN_STEPS
+    global MIN_STEPS, WARMUP_BUDGET
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--sizes", default=None, help="comma-separated (default: the task's, else 8…1024)")
     parser.add_argument("--budget-samples", type=int, default=None, help="samples per run (default: the task's)")
     parser.add_argument("--min-steps", type=int, default=MIN_STEPS, help="large sizes train at least this many steps")
+    parser.add_argument("--warmup-budget", type=int, default=None,
+                        help="warm up over this budget's steps, as a sweep with this sweep.samples does")
     parser.add_argument("--sweep-samples", type=int, default=None,
                         help="--compare: the sweep's sample budget (default: the ground truth's)")
     parser.add_argument("--evals-per-doubling", type=int, default=24)
@@ -507,12 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--analyse", action="store_true")
     parser.add_argument("--compare", action="store_true")
     args = parser.parse_args(argv)
-    MIN_STEPS = args.min_steps
+    MIN_STEPS, WARMUP_BUDGET = args.min_steps, args.warmup_budget
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out = args.out or RESULTS / f"ground_truth_{args.task}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = args.budget_samples or TASKS[args.task]["budget"]
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else TASKS[args.task].get("sizes", SIZES)
     if args.compare:
         return compare(args.task, out, sweep_samples=args.sweep_samples)
     if args.analyse:
