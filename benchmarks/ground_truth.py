@@ -256,9 +256,10 @@ def _groups(rows: list[dict[str, Any]]) -> dict[int, dict[int, list[dict[str, An
 
 def default_targets(groups: dict[int, dict[int, list[dict[str, Any]]]]) -> list[float]:
     """The loss that 2/3 of the sizes reach at their best lr (median seed), and the one half reach."""
-    def lowest(run: dict[str, Any]) -> float:
-        return math.inf if run["diverged"] else min((e[3] for e in run["evals"] if math.isfinite(e[3])),
-                                                   default=math.inf)
+    from batchtune.commands.sweep_analysis import lowest_reached
+
+    def lowest(run: dict[str, Any]) -> float:  # where its decreasing fit ends, the lowest a crossing can find
+        return math.inf if run["diverged"] else lowest_reached([e[3] for e in run["evals"]])
 
     reach = sorted(min(statistics.median(lowest(r) for r in runs) for runs in cells.values())
                    for cells in groups.values())

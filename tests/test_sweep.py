@@ -578,6 +578,24 @@ def test_the_other_seeds_run_only_the_sizes_in_contention(write_spec, tmp_path):
     assert any(n.startswith(f"batch {({8, 64} - {again}).pop()} ran seed 0 only") for n in result.notes)
 
 
+def test_lr_refine_leaders_refines_the_leading_sizes_only(write_spec, tmp_path):
+    """The midpoints go to the sizes within 1.25× of the fastest at some target on seed 0, judged on
+    the bracket's rows (whichever those are on this machine's clock)."""
+    import math
+
+    from batchtune.commands.sweep import LEADERS_WITHIN
+    from batchtune.commands.sweep_analysis import in_contention
+
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[8, 16, 64]", "sweep.seeds=1",
+                                              "sweep.target_loss=0.6", "sweep.lr_refine=leaders"])
+    run_sweep(spec, out=tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "trials.json").read_text())
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    midpoint = lambda r: abs(math.log2(r["lr_multiplier"]) % 1 - 0.5) < 0.01  # noqa: E731
+    refined = {r["batch_size"] for r in rows if midpoint(r)}
+    assert refined and refined <= in_contention([r for r in rows if not midpoint(r)], meta, LEADERS_WITHIN)
+
+
 def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_path):
     spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.seeds=1", "sweep.lr_refine=true"])
     result = run_sweep(spec, out=tmp_path / "run")

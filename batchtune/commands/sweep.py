@@ -43,6 +43,11 @@ __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "plan_candidates", 
 
 log = logging.getLogger(__name__)
 
+# lr_refine: leaders refines the sizes whose first-seed time to some target is within this × the
+# fastest size's: where a ×2 lr bracket's miss (up to √2 off the best lr: 10–25% of the time) can
+# change the pick
+LEADERS_WITHIN = 1.25
+
 
 
 def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | None = None,
@@ -159,7 +164,8 @@ class _Sweep:
 
         The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
         more multipliers per size where the bracket's edge was fastest (or everything
-        diverged), then (``lr_refine``) the half-steps either side of each fastest lr; the
+        diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
+        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
         other seeds run each size still in contention (:func:`in_contention`) at the lrs near its fastest. Every decision is a pure
         function of the first seed's rows, so a resumed sweep makes the same ones.
         """
@@ -177,9 +183,12 @@ class _Sweep:
             if not more:
                 break
             self._run_all(more)
-        if self.meta.get("lr_refine"):
+        if refine := self.meta.get("lr_refine"):
             standing = self._standing(first)
-            self._run_all([(first, m, c) for c in self.shapes() for m in _refinements(standing.get(c.batch_size, {}))])
+            leaders = (None if refine is True else
+                       in_contention([r for r in self.rows if r["seed"] == first], self.meta, LEADERS_WITHIN))
+            self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
+                           for m in _refinements(standing.get(c.batch_size, {}))])
         standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
         sizes = in_contention([r for r in self.rows if r["seed"] == first], self.meta, self.meta.get("reseed_within"))
         for seed in others:

@@ -346,7 +346,10 @@ class SweepSpec(_Strict):
     lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     lr_search: bool = True  # false: one lr per size, the rule's (lr_multipliers ignored)
     lr_extensions: NonNegativeInt = 2  # times a bracket may grow past its edge by its outer ratio
-    lr_refine: bool = False  # then try the midpoints either side of each size's fastest lr (+70% trials)
+    # then try the midpoints either side of each fastest lr: "leaders" for the sizes whose first-seed
+    # time to some target is within 1.25× the fastest's, true for every size (+70% trials), false: none
+    # (the default: neither has shown a clear gain for its cost on the ground truths)
+    lr_refine: bool | Literal["leaders"] = False
     seeds: PositiveInt = 3
     # the other seeds run only the sizes whose first-seed time to some target is within this × the
     # fastest size's (null: every size)
