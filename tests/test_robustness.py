@@ -43,7 +43,8 @@ data: {target: "tests.fixtures:sleepy_data", kwargs: {seconds: 0.001, n_train: 2
 optimizer: {name: adamw, lr: 0.01}
 base_batch_size: 16
 device: {type: cpu}
-sweep: {batch_sizes: [16, 32], samples: 256, seeds: 2, eval_points: 2, noise_scale: false, lr_multipliers: [1]}
+sweep: {batch_sizes: [16, 32], samples: 256, seeds: 2, eval_points: 2, noise_scale: false, lr_multipliers: [1],
+        reseed_within: null}  # every size on every seed: a resumed run must match one uninterrupted
 """
 
 
@@ -362,6 +363,31 @@ def _stop_after(proc: subprocess.Popen, out: Path, trials: int, sig: int) -> str
         time.sleep(0.02)
     proc.send_signal(sig)
     return proc.communicate(timeout=60)[1]
+
+
+def test_a_ctrl_c_that_lands_in_a_freed_storages_callback_is_not_lost(monkeypatch):
+    """Python drops any exception raised in a weak reference's callback, KeyboardInterrupt too (a
+    full-suite run once saw a Ctrl-C'd sweep finish with exit code 0): the counter keeps it, and the
+    next allocation raises it."""
+    import torch
+
+    from batchtune.memory.device import _StorageCounter
+
+    counter = _StorageCounter(limit=None)
+    release = counter._release
+
+    def interrupted(key):
+        monkeypatch.setattr(counter, "_release", release)
+        raise KeyboardInterrupt
+
+    with counter:
+        x = torch.ones(64)
+        assert counter.current == 256
+        monkeypatch.setattr(counter, "_release", interrupted)
+        del x  # the callback runs, the interrupt is kept
+        with pytest.raises(KeyboardInterrupt):
+            torch.ones(8)
+        torch.ones(8)  # delivered once
 
 
 def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_spec, tmp_path, monkeypatch):

@@ -236,6 +236,7 @@ class _StorageCounter(TorchDispatchMode):
         self.peak = 0
         self.ooms = 0
         self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self._interrupted = False
 
     @staticmethod
     def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
@@ -252,6 +253,9 @@ class _StorageCounter(TorchDispatchMode):
         return storage.nbytes()
 
     def add(self, tensor: torch.Tensor, enforce: bool = True) -> None:
+        if self._interrupted:  # a Ctrl-C that landed in a weak reference's callback, delivered here
+            self._interrupted = False
+            raise KeyboardInterrupt
         storage = self._storage(tensor)
         if storage is None:
             return
@@ -262,7 +266,7 @@ class _StorageCounter(TorchDispatchMode):
             if entry[0] == nbytes:
                 return
             self.current -= entry[0]  # resized in place (an out= op)
-        self._live[key] = (nbytes, weakref.ref(storage, lambda _, k=key: self._release(k)))
+        self._live[key] = (nbytes, weakref.ref(storage, lambda _, k=key: self._freed(k)))
         self.current += nbytes
         if self.current > self.peak:
             self.peak = self.current
@@ -272,6 +276,15 @@ class _StorageCounter(TorchDispatchMode):
                 f"CPU out of memory (simulated by batchtune): tried to allocate {nbytes} bytes with "
                 f"{self.current - nbytes} bytes live; memory_limit is {self.limit} bytes"
             )
+
+    def _freed(self, key: int) -> None:
+        """A storage's weak-reference callback. Python prints and drops any exception raised in
+        one, a KeyboardInterrupt included: a Ctrl-C that arrives here is kept for the next
+        allocation to raise, or the sweep it was meant to stop would run on."""
+        try:
+            self._release(key)
+        except KeyboardInterrupt:
+            self._interrupted = True
 
     def _release(self, key: int) -> None:
         entry = self._live.pop(key, None)
