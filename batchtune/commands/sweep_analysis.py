@@ -281,12 +281,15 @@ def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, d
 
 
 def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: float | None) -> set[int]:
-    """The sizes that may still win, judged on one seed's rows: at some target, the size's fastest lr
-    reached it within ``within`` × the fastest size's time (every size where no size reached a target,
-    or ``within`` is None). The others need no more seeds: no seed noise closes a gap that wide."""
+    """The sizes that may still win, judged on one seed's rows: at some given target, the size's
+    fastest lr reached it within ``within`` × the fastest size's time. The others need no more seeds:
+    no seed noise closes a gap that wide. Every size without a given target (the default one is
+    chosen from the rows, and on one seed it sits where every size levels off and times are
+    ill-conditioned: the quickstart's default sweep kept one size of seven), where no size reached
+    a target, or where ``within`` is None."""
     entries = _per_lr(rows)
     sizes = {e["batch_size"] for e in entries}
-    targets, _ = targets_for(entries, meta)
+    targets = given_targets(meta)
     if within is None or not targets:
         return sizes
     out: set[int] = set()

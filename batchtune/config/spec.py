@@ -351,8 +351,8 @@ class SweepSpec(_Strict):
     # (the default: neither has shown a clear gain for its cost on the ground truths)
     lr_refine: bool | Literal["leaders"] = False
     seeds: PositiveInt = 3
-    # the other seeds run only the sizes whose first-seed time to some target is within this × the
-    # fastest size's (null: every size)
+    # with target_loss given, the other seeds run only the sizes whose first-seed time to some target
+    # is within this × the fastest size's (null: every size)
     reseed_within: float | None = Field(2.0, ge=1.0)
     eval_points: PositiveInt = 8  # validations at the same sample counts for every size
     evals_per_doubling: NonNegativeInt = 4  # and on a log grid of steps, to resolve each crossing
