@@ -146,7 +146,8 @@ class Grid:
                          evals_per_doubling=self.epd)
         res = self.trainer.run(config)
         row = {"task": self.task, "size": size, "k": k, "lr": lr, "lr_multiplier": 2 ** (k / 2), "seed": seed,
-               "budget": self.budget, "warmup_budget": WARMUP_BUDGET, "steps": res.steps, "diverged": bool(res.diverged or not res.fits),
+               "budget": self.budget, "warmup_budget": WARMUP_BUDGET, "steps": res.steps,
+               "diverged": bool(res.diverged or not res.fits),
                "divergence": res.divergence or res.error,
                "evals": [[e.step, e.samples, e.seconds, e.val_loss] for e in res.evals],
                "samples_per_s": res.samples_per_s, "train_seconds": res.train_seconds, "seconds": res.seconds}
@@ -361,7 +362,8 @@ def analyse(task: str, out: Path, *, budget: int, targets: list[float] | None) -
     for size in groups:  # sizes with no best lr at any target: the grid runs' own throughput
         sps.setdefault(size, statistics.median(r["samples_per_s"] for rs in groups[size].values() for r in rs))
     summary = {"task": task, "config": TASKS[task]["config"], "overrides": TASKS[task]["overrides"],
-               "budget_samples": budget, "min_steps": MIN_STEPS, "warmup_budget": WARMUP_BUDGET, "date": time.strftime("%Y-%m-%d"),
+               "budget_samples": budget, "min_steps": MIN_STEPS, "warmup_budget": WARMUP_BUDGET,
+               "date": time.strftime("%Y-%m-%d"),
                "seeds": sorted({r["seed"] for r in rows}), "replay_samples_per_s": {str(b): v for b, v in sps.items()},
                "targets": [_target_summary(tables[t], sps, t) for t in targets],
                "compute": {"runs": len(rows), "samples": sum(r["steps"] * r["size"] for r in rows),

@@ -166,8 +166,9 @@ class _Sweep:
         more multipliers per size where the bracket's edge was fastest (or everything
         diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
         leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
-        other seeds run each size still in contention (:func:`in_contention`) at the lrs near its fastest. Every decision is a pure
-        function of the first seed's rows, so a resumed sweep makes the same ones.
+        other seeds run each size still in contention (:func:`in_contention`) at the lrs near its
+        fastest. Every decision is a pure function of the first seed's rows, so a resumed sweep makes
+        the same ones.
         """
         from batchtune.engine.trial import Trainer
 
@@ -224,7 +225,8 @@ class _Sweep:
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
-            warmup_steps=round(sw.warmup * trial_steps(meta, shape.batch_size)), seed=seed, eval_every_samples=meta["samples"] / sw.eval_points,
+            warmup_steps=round(sw.warmup * trial_steps(meta, shape.batch_size)), seed=seed,
+            eval_every_samples=meta["samples"] / sw.eval_points,
             evals_per_doubling=sw.evals_per_doubling,
             validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
