@@ -17,13 +17,18 @@ Run: ``python benchmarks/ground_truth.py --task mlp`` (then ``--analyse``, then 
   neither diverged nor were dominated. Seeds run in order, so a cut-off run has whole seeds.
 - ``--analyse``: per target loss (default: the loss that 2/3 of the sizes reach at their
   best lr in the median seed, and the one that half reach), per size the best lr by median
-  steps to target over seeds (each seed's own interpolated crossing; an lr qualifies when
+  steps to target over seeds (each seed's own interpolated crossing, read on its curve's
+  decreasing fit as the sweep reads it; an lr qualifies when
   most seeds cross), the McCandlish fit on those per-seed steps with its bootstrap interval,
   and wall time to target per size at its best lr, replayed alone (3 seeds, no validation,
   timing only: time = median steps × B / measured samples/s). Writes ``..._summary.json``.
 - ``--compare``: runs ``batchtune sweep`` on the same spec (same optimizer override, sizes
-  8…1024, the summary's targets, otherwise the config's settings) and sets its pick, B_crit,
-  B_simple and compute against the summary's.
+  8…1024, the summary's targets, otherwise the config's settings; ``--sweep-samples`` for a
+  truth trained longer than the sweep's budget) and sets its pick, B_crit, B_simple and compute
+  against the summary's; a pick's cell that the grid ran on seed 0 only is trained on every
+  seed first. The sweep's rows are kept (``..._sweep_rows.json.gz``).
+- ``--budget-samples``, ``--min-steps``, ``--warmup-budget``: a truth at another budget, warming up
+  over the steps of the sweep's budget as the sweep does (the MLP's long truth: 32768, 128, 16384).
 
 Deviation from the library (worked around here, not changed there): ``Trainer.evaluate``
 validates at the trial's micro-batch, so a batch-8 run's ~200 validations would cost more
