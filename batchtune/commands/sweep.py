@@ -32,6 +32,7 @@ from batchtune.commands.sweep_analysis import (
     in_contention,
     lr_standing,
     result_from_rows,
+    seed_crossing,
 )
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
@@ -248,8 +249,7 @@ class _Sweep:
         cap = math.ceil(factor * steps)
         if seed == self.meta["seeds"][0]:
             last = min(targets)
-            crossed = [c[0] for r in self.rows if r["batch_size"] == batch_size and r["fits"] and not r["diverged"]
-                       and (c := crossing([(p[0], p[2], p[3]) for p in r["evals"]], last))]
+            crossed = [c[0] for r in self.rows if r["batch_size"] == batch_size and (c := seed_crossing(r, last))]
             if crossed:
                 cap = min(cap, max(steps, math.ceil(KEEP_LR * min(crossed))))
         return cap

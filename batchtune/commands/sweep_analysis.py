@@ -33,7 +33,7 @@ from batchtune.stats.critical import DEFINITION, compute_beyond_critical, effici
 from batchtune.stats.noise import pooled_noise_scale
 
 __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "decreasing_fit", "in_contention", "lowest_reached",
-           "lr_standing", "result_from_rows", "targets_for"]
+           "lr_standing", "result_from_rows", "seed_crossing", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -180,7 +180,7 @@ def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
     return entries
 
 
-def _seed_crossing(row: dict[str, Any], target: float, step_s: float | None) -> tuple[float, float] | None:
+def seed_crossing(row: dict[str, Any], target: float, step_s: float | None = None) -> tuple[float, float] | None:
     """(steps, seconds) of one trial's first crossing, its seconds those steps at the size's pooled
     step time ``step_s`` (:func:`step_seconds`; the trial's own clock where there is none); None if
     it never got there, ran out of memory or diverged (an lr that diverges in some seeds is not one
@@ -202,7 +202,7 @@ def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]
 
 def _at_target(e: Entry, target: float) -> Entry:
     """``e`` with its per-seed crossings of ``target``: median, interval, how many seeds reached it."""
-    crossings = [_seed_crossing(r, target, e["step_seconds"]) for r in e["rows"]]
+    crossings = [seed_crossing(r, target, e["step_seconds"]) for r in e["rows"]]
     seconds = [c[1] if c else math.inf for c in crossings]
     steps = [c[0] if c else math.inf for c in crossings]
     reached = sum(c is not None for c in crossings)
@@ -650,7 +650,7 @@ class SweepResult:
 
 def _trial_crossing(row: dict[str, Any], target: float | None, step_s: float | None) -> dict[str, float | None]:
     """One trial's own steps and seconds to the (last) target, None where it did not get there."""
-    cross = _seed_crossing(row, target, step_s) if target is not None else None
+    cross = seed_crossing(row, target, step_s) if target is not None else None
     return {"steps_to_target": cross[0] if cross else None, "seconds_to_target": cross[1] if cross else None}
 
 
