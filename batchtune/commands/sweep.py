@@ -187,19 +187,21 @@ class _Sweep:
             self._run_all(more)
         if refine := self.meta.get("lr_refine"):
             standing = self._standing(first)
-            leaders = (None if refine is True else
-                       in_contention([r for r in self.rows if r["seed"] == first], self.meta, LEADERS_WITHIN))
+            leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
             self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
                            for m in _refinements(standing.get(c.batch_size, {}))])
         standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
-        sizes = in_contention([r for r in self.rows if r["seed"] == first], self.meta, self.meta.get("reseed_within"))
+        sizes = in_contention(self._rows_of(first), self.meta, self.meta.get("reseed_within"))
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in _kept(standing.get(c.batch_size, {}))])
 
+    def _rows_of(self, seed: int) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["seed"] == seed]
+
     def _standing(self, seed: int) -> dict[int, dict[float, str]]:
         """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`)."""
-        return lr_standing([r for r in self.rows if r["seed"] == seed], self.meta)
+        return lr_standing(self._rows_of(seed), self.meta)
 
     def _run_all(self, plan: list[tuple[int, float, BatchShape]]) -> None:
         capacity = self.backend.capacity_bytes()

@@ -5,9 +5,10 @@ A pure function of the trial rows and the plan (:func:`analyse`), so a resumed r
 
 For each target loss:
 
-- every seed's own first crossing of the target (interpolated between validations) gives its
-  steps; its seconds are those steps at the size's step time, the median over all the size's
-  trials (:func:`step_seconds`; warm-up, validation and noise-measurement steps excluded);
+- every seed's own crossing of the target (on its validation curve's decreasing fit,
+  interpolated between validations) gives its steps; its seconds are those steps at the size's
+  step time, the median over all the size's trials (:func:`step_seconds`; warm-up, validation
+  and noise-measurement steps excluded);
 - a (size, lr) *qualifies* when most of its seeds reach the target; each size keeps its lr
   with the fewest median steps (one size's steps cost the same at any lr, and steps, unlike
   wall time, repeat exactly: a resumed sweep makes the same lr decisions);
@@ -181,10 +182,10 @@ def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
 
 
 def seed_crossing(row: dict[str, Any], target: float, step_s: float | None = None) -> tuple[float, float] | None:
-    """(steps, seconds) of one trial's first crossing, its seconds those steps at the size's pooled
-    step time ``step_s`` (:func:`step_seconds`; the trial's own clock where there is none); None if
-    it never got there, ran out of memory or diverged (an lr that diverges in some seeds is not one
-    to bet a run on)."""
+    """(steps, seconds) of one trial's crossing (:func:`crossing`), its seconds those steps at the
+    size's pooled step time ``step_s`` (:func:`step_seconds`; the trial's own clock where there is
+    none); None if it never got there, ran out of memory or diverged (an lr that diverges in some
+    seeds is not one to bet a run on)."""
     if not row["fits"] or row["diverged"]:
         return None
     cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
