@@ -76,6 +76,9 @@ ContextBytesOpt = Annotated[Optional[str], typer.Option(
                             "workspaces); default 1GiB on CUDA, 0 on the CPU simulation.", show_default=False)]
 
 
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Overwrite an existing output file (--plot, --junit, --schedule-out) that batchtune did not "
+                    "write.")]
 LatencyBudgetOpt = Annotated[Optional[str], typer.Option(
     "--latency-budget", help="Latency a batch may take at --percentile: 45ms, 0.1s, 500us (a bare number is ms).",
     show_default=False)]
@@ -148,14 +151,19 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _writable(path: Path, option: str) -> None:
+def _writable(path: Path, option: str, force: bool = False) -> None:
     """Fail now, before any work, unless a file can be written at ``path``; creates nothing.
 
     The folder must exist already: an output is never written into a folder made up on
-    the spot from a typo.
+    the spot from a typo. An existing file is replaced only when batchtune wrote it (its own
+    earlier output, which names batchtune near its start) or with ``--force``: a file of the
+    user's is never lost to a mistyped path.
     """
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a folder; give a file name")
+    if path.exists() and not force and not written_by_batchtune(path):
+        raise UsageError(f"{option}: {path} already exists and batchtune did not write it; choose another path "
+                         "or pass --force to overwrite it")
     folder = path.parent
     if not folder.is_dir():
         raise UsageError(f"{option}: cannot write {path}: no such folder {folder}")
@@ -200,12 +208,22 @@ def _rank0_check(check: Callable[[], None]) -> None:
         raise failure if failure is not None else UsageError("rank 0 cannot write its output (see its output)")
 
 
-def _plot_writable(plot: Path) -> None:
+def written_by_batchtune(path: Path) -> bool:
+    """Whether ``path`` is an output of batchtune's own (a plot, JUnit XML or schedule: each names
+    batchtune in its first bytes)."""
+    try:
+        with path.open("rb") as f:
+            return b"batchtune" in f.read(4096)
+    except OSError:
+        return False
+
+
+def _plot_writable(plot: Path, force: bool) -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'batchtune[plots]'")
-    _writable(plot, "--plot")
+    _writable(plot, "--plot", force)
 
 
 @app.command()
@@ -445,6 +463,7 @@ def noise(
                                              help="Micro-batches per step (1: split each batch in halves).")] = 4,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps.")] = 400,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of B_simple over the run.")] = None,
+    force: ForceOpt = False,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
@@ -459,7 +478,7 @@ def noise(
         from batchtune.render.noise import render_noise
 
         if plot is not None:
-            _rank0_check(lambda: _plot_writable(plot))
+            _rank0_check(lambda: _plot_writable(plot, force))
         setup_logging(quiet)
         run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
         _echo(render_noise(run, fmt.value))
@@ -488,6 +507,7 @@ def check(
     fmt: FormatOpt = Format.table,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case "
                                                                   "per check).")] = None,
+    force: ForceOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too (exit 1).")] = False,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
@@ -512,7 +532,7 @@ def check(
                          "--junit": junit, "--estimate": estimate or None, "--device-memory": device_memory,
                          "--context-bytes": context_bytes}
         _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
-                     serve_check, [name for name, value in training_only.items() if value is not None])
+                     serve_check, [name for name, value in training_only.items() if value is not None], strict)
     with _user_errors():
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
@@ -521,7 +541,7 @@ def check(
         from batchtune.render.run_folder import atomic_write
 
         if junit is not None:
-            _rank0_check(lambda: _writable(junit, "--junit"))
+            _rank0_check(lambda: _writable(junit, "--junit", force))
         setup_logging(quiet)
         measured = {"max_seconds": max_seconds, "baseline": baseline}
         try:
@@ -545,7 +565,7 @@ def check(
 
 def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int | None, latency_budget: str | None,
                  percentile: float, fmt: Format, quiet: bool, trial_timeout: float | None, serve_check: bool,
-                 training_only: list[str]) -> None:
+                 training_only: list[str], strict: bool) -> None:
     """``check --serve``: the serving batch's verdicts; exits 0 pass, 1 fail, 2 bad input. With
     $GITHUB_STEP_SUMMARY set, the markdown report is appended to it, as the training check's is."""
     with _user_errors():
@@ -565,12 +585,12 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
             report = run_serve_check(spec, latency_budget=budget, percentile=percentile, batch_size=batch_size)
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
-        _echo(render_serve_check(report, fmt.value))
+        _echo(render_serve_check(report, fmt.value, strict))
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
-                f.write(render_serve_check(report, "markdown") + "\n")
-    raise typer.Exit(report.exit_code())
+                f.write(render_serve_check(report, "markdown", strict) + "\n")
+    raise typer.Exit(report.exit_code(strict))
 
 
 @app.command()
@@ -586,6 +606,7 @@ def serve(
                                                            "(fewer past 5 s per size, never under 20).")] = 100,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of throughput against latency, "
                                                                "the budget drawn.")] = None,
+    force: ForceOpt = False,
     full_curve: Annotated[bool, typer.Option("--full-curve", help="Also time the powers of two past the budget, "
                                                                   "up to the inference ceiling.")] = False,
     fmt: FormatOpt = Format.table,
@@ -608,7 +629,7 @@ def serve(
             budget = parse_duration(latency_budget)
             spec = _load(spec_path, _with_timeout(overrides, trial_timeout), training=False)
             if plot is not None:
-                _plot_writable(plot)
+                _plot_writable(plot, force)
             setup_logging(quiet)
             result = run_serve(spec, latency_budget=budget, percentile=percentile, rate=rate, repeats=repeats,
                                full_curve=full_curve)
@@ -645,6 +666,7 @@ def plan(
     verify_seeds: Annotated[int, typer.Option("--verify-seeds", min=1, help="Seeds per verified plan.")] = 1,
     schedule_out: Annotated[Optional[Path], typer.Option("--schedule-out", help="Write the schedule here "
                                                                                "(.yaml or .json).")] = None,
+    force: ForceOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder.")] = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
@@ -661,7 +683,7 @@ def plan(
 
         deadline_seconds = parse_deadline(deadline) if deadline is not None else None
         if schedule_out is not None:
-            _writable(schedule_out, "--schedule-out")
+            _writable(schedule_out, "--schedule-out", force)
         if out is not None:
             _check_out(out, force=False)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout))

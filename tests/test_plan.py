@@ -89,10 +89,13 @@ def test_projection_counts_steps_and_seconds_and_the_schedule_beats_constants():
 
 
 def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
+    from batchtune.cli import written_by_batchtune
+
     schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.1), ScheduleStage(64, 32, 16, 2, 0.2)],
                              total_samples=160, warmup_samples=16)
     for name in ("s.yaml", "s.json"):
         assert BatchSchedule.load(schedule.save(tmp_path / name)).to_dict() == schedule.to_dict()
+        assert written_by_batchtune(tmp_path / name)  # a later --schedule-out may replace it
     assert schedule.lr_at(0) == pytest.approx(0.05) and schedule.lr_at(8) == pytest.approx(0.1)
     assert schedule.lr_at(64) == 0.2 and schedule.batch_size_at(63) == 8 and schedule.grows() == [64]
     micro = list(schedule.sampler(100, seed=0))

@@ -156,6 +156,28 @@ def test_outputs_in_a_missing_folder_fail_before_any_work(write_spec, tmp_path, 
     assert not missing.exists()
 
 
+def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec, tmp_path, monkeypatch):
+    import batchtune.commands.check as check_module
+    import batchtune.commands.noise as noise_module
+    from batchtune.cli import _writable
+    from batchtune.errors import UsageError
+
+    monkeypatch.setattr(check_module, "run_check", _never_called)
+    monkeypatch.setattr(noise_module, "run_noise", _never_called)
+    spec, theirs = write_spec(), tmp_path / "notes.png"
+    theirs.write_text("three weeks of notes")
+    _one_line_error(_cli("noise", spec, "--plot", theirs), "--plot", "already exists", "--force")
+    _one_line_error(_cli("check", spec, "-b", "8", "--junit", theirs), "--junit", "already exists")
+    _one_line_error(_cli("plan", spec, "--samples", "1000", "--schedule-out", theirs), "--schedule-out")
+    assert theirs.read_text() == "three weeks of notes"
+    _writable(theirs, "--plot", force=True)  # --force lets it through
+    ours = tmp_path / "check.xml"
+    ours.write_text('<?xml version="1.0"?><testsuites name="batchtune check" tests="1">')
+    _writable(ours, "--junit")  # batchtune's own earlier output is replaced without asking
+    with pytest.raises(UsageError, match="already exists"):
+        _writable(theirs, "--junit")
+
+
 def test_a_full_disk_is_found_before_any_work(write_spec, tmp_path, monkeypatch):
     """An empty file can still be created on a full disk: the check writes and syncs a block."""
     import batchtune.commands.check as check_module

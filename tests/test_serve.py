@@ -201,6 +201,9 @@ def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
     assert table.exit_code == 1, table.output  # 400/s: full batches of 2 (333/s) cannot keep up
     assert "no setting sustains 400 requests/s" in table.stdout and "max batch size" in table.stdout
     assert plot.stat().st_size > 1000
+    from batchtune.cli import written_by_batchtune
+
+    assert written_by_batchtune(plot)  # so the next run may replace it; a file of the user's it may not
 
 
 def test_check_serve_verdicts(write_spec):
@@ -288,6 +291,26 @@ def test_length_buckets_on_variable_length_requests(write_spec):
     assert out["worst"]["p50_ms"] > out["buckets"][0]["p50_ms"]  # the longest requests against the shortest quarter
 
 
+def test_check_serve_times_the_longest_requests_too(write_spec):
+    """Random batches decide ``latency``; the batch of the longest requests warns when over budget (fails with --strict)."""
+    from batchtune.commands.serve import ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward
+
+    spec = write_spec(VARLEN_SPEC)
+    out = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "10s", "-b", "8", "-q",
+                              "--format", "json"])
+    assert out.exit_code == 0, out.output
+    worst = {c["name"]: c for c in json.loads(out.stdout)["checks"]}["worst_case_latency"]
+    assert worst["status"] == "pass" and "the 8 longest requests" in worst["reason"]
+    spec, components, backend, model = _setup(str(spec), None)
+    model.eval()
+    curve = _Curve(_Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0), components.train_set,
+                   0, 1e-6, 99.0, components.collate_fn)
+    check = _worst_case_check(curve, components, 8, "p99")
+    assert check["status"] == "warn" and "bucket requests by length" in check["reason"]
+    report = ServeCheck("x", 8, 1e-3, 99.0, [check], {}, "fp32", None, 0.0)
+    assert (report.exit_code(), report.exit_code(strict=True)) == (0, 1)
+
+
 class _Stuck(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -307,3 +330,44 @@ def test_a_hung_forward_ends_serve_with_exit_2(write_spec):
     result = runner.invoke(app, ["serve", str(spec), "--latency-budget", "5ms", "-q"])
     assert result.exit_code == 2 and "did not finish within 0.2 s" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_answer_reads_latency_on_its_non_decreasing_fit():
+    """A lucky size above an unlucky one does not decide the answer (a measured case: 136 at 65 ms,
+    144 at 97 ms, 160 at 56 ms against a 60 ms budget)."""
+    from batchtune.commands.serve import LatencyPoint, largest_meeting
+
+    def points(ms):
+        return {b: LatencyPoint(b, v, v, v, v, v, 100, b / v, v <= 60, "bisect") for b, v in ms.items()}
+
+    assert largest_meeting(points({64: 20.0, 128: 40.0, 136: 65.0, 144: 97.0, 160: 56.0}), 60.0) == 128
+    assert largest_meeting(points({64: 20.0, 128: 40.0, 136: 61.0, 144: 55.0, 160: 90.0}), 60.0) == 144  # pooled 58
+    assert largest_meeting(points({8: 70.0, 16: 52.0}), 60.0) is None  # pooled: 61 ms
+
+
+def test_without_a_memory_limit_the_ceiling_is_not_searched(write_spec):
+    """A cpu device without device.memory_limit has nothing to run out of: searching would grow the
+    batch to the data set's size (9.5 GiB of activations for the char LM); latency bounds it instead."""
+    spec = write_spec(SERVE_SPEC.replace("device: {type: cpu, memory_limit: 12KiB}\n", "device: {type: cpu}\n"))
+    out = runner.invoke(app, ["serve", str(spec), "--latency-budget", "6ms", "--percentile", "50",
+                              "--repeats", "20", "--format", "json", "-q"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["ceiling_searched"] is False and data["ceiling_trials"] == [] and data["ceiling"] == 512
+    assert 4 <= data["max_batch_size"] <= 8  # (6 - 2) / 0.5
+    assert max(p["batch_size"] for p in data["points"]) <= 16  # stopped at the first power over the budget
+    assert any("ceiling was not searched" in n for n in data["notes"])
+
+
+def test_moderate_other_work_while_timing_is_named():
+    from batchtune.commands.serve import ServeResult, _notes
+    from batchtune.config.spec import ProbeSpec
+
+    def notes(other, busy=False):
+        load = {"cores": 2, "threads": 1, "other_cores": other, "load_1m": 1.0, "busy": busy, "contention": 0.0}
+        return " ".join(_notes(ServeResult("x", 45.0, 99.0, 100, False, 1, None, None, [], 50, [], 0.0, {}, "fp32",
+                                           load=load), ProbeSpec()))
+
+    assert "0.6 of 2 cores while timing" in notes(0.6) and "tails" in notes(0.6)
+    assert "while timing" not in notes(0.1)
+    assert "busy" in notes(1.6, busy=True) and "while timing" not in notes(1.6, busy=True)

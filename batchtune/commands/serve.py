@@ -40,6 +40,7 @@ __all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dyna
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
 VARIABLE_BATCHES = 8  # variable-length data: batches per size (and per length bucket), taken in turn
+QUIET_OTHER_CORES = 0.25  # other work above this share of a core while timing is named in a note
 
 
 class ServeInputError(ValueError):
@@ -105,6 +106,7 @@ class ServeResult:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while timing (host.LoadMeter)
+    ceiling_searched: bool = True  # False: the device's capacity is unknown, the ceiling is the largest size allowed
 
     def point(self, batch_size: int) -> LatencyPoint | None:
         return next((p for p in self.points if p.batch_size == batch_size), None)
@@ -301,10 +303,24 @@ def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity:
             last_ok = mid
         else:
             first_bad = mid
-    meeting = [b for b, p in curve.points.items() if p.meets_budget]
+    answer = largest_meeting(curve.points, 1e3 * curve.budget_s)
     while full and first_bad is not None and size * 2 <= ceiling:  # past the answer: shape only
         size *= 2
         curve.meets(size, "power")
+    return answer
+
+
+def largest_meeting(points: dict[int, LatencyPoint], budget_ms: float) -> int | None:
+    """The largest measured size whose latency meets the budget on the curve's best non-decreasing fit.
+
+    Latency does not fall as a batch grows; a measured tail that does is noise (a pass other work
+    delayed), and one lucky size above an unlucky one must not decide the answer.
+    """
+    from batchtune.commands.sweep_analysis import decreasing_fit
+
+    sizes = sorted(points)
+    fitted = [-v for v in decreasing_fit([-points[b].at_percentile_ms for b in sizes])]
+    meeting = [b for b, v in zip(sizes, fitted) if v <= budget_ms]
     return max(meeting) if meeting else None
 
 
@@ -498,11 +514,18 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
     started = time.perf_counter()
     spec, components, backend, model = _setup(spec, backend)
     p = spec.probe
-    log.info("serve %s: inference ceiling ...", spec.name)
-    outcome, trials = inference_ceiling(spec, _worst_case(components), backend, model)
+    searched = backend.capacity_bytes() is not None
+    if searched:
+        log.info("serve %s: inference ceiling ...", spec.name)
+        outcome, trials = inference_ceiling(spec, _worst_case(components), backend, model)
+    else:  # no capacity to run out of: a search would grow to the data set's size (9.5 GiB for the char LM)
+        from batchtune.commands.probe import _largest
+        from batchtune.memory.search import SearchOutcome
+
+        outcome, trials = SearchOutcome(_largest(components, p)[0], True, None, None), []
     result = ServeResult(spec.name, 1e3 * latency_budget, percentile, outcome.ceiling, outcome.capped, p.granularity,
                          backend.capacity_bytes(), outcome.model, _trial_rows(trials, outcome), None, [], 0.0,
-                         backend.describe(), spec.precision, rate=rate)
+                         backend.describe(), spec.precision, rate=rate, ceiling_searched=searched)
     result.seconds["ceiling"] = time.perf_counter() - started
     if outcome.ceiling is None:
         result.notes.append(f"not even probe.min_batch_size ({p.min_batch_size}) fits for inference")
@@ -548,7 +571,11 @@ def _trial_rows(trials: list[Any], outcome: Any) -> list[dict[str, Any]]:
 
 def _notes(result: ServeResult, p: Any) -> list[str]:
     notes = []
-    if result.capped:
+    if not result.ceiling_searched:
+        notes.append("the device's memory is unknown (a cpu device without device.memory_limit): the inference "
+                     f"ceiling was not searched, and sizes up to {result.ceiling:,} (probe.max_batch_size or the "
+                     "training set's size) were bounded by latency alone; set device.memory_limit to search it")
+    elif result.capped:
         notes.append(f"the inference ceiling is the largest size searched ({result.ceiling:,}: probe.max_batch_size "
                      "or the training set's size); the device may hold more")
     if result.max_batch_size is None and result.points:
@@ -565,8 +592,12 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
     from batchtune.render.check import busy_note
 
     busy = busy_note(result.load, "latencies, above all the tails, are")
+    others = result.load.get("other_cores") or 0.0
     if busy:
         notes.append(busy)
+    elif others >= QUIET_OTHER_CORES:  # not enough to slow throughput much, enough for a pass to wait
+        notes.append(f"other processes used {others:.1f} of {result.load['cores']} cores while timing: a pass that "
+                     "waited for a core shows in the tails (p99 most); rerun on a quiet machine to confirm")
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
     if small:
         need = math.ceil(100 / (100 - result.percentile))
@@ -587,7 +618,7 @@ class ServeCheck:
     batch_size: int
     budget_ms: float
     percentile: float
-    checks: list[dict[str, Any]]  # name, status (pass | fail | skip), reason, figures
+    checks: list[dict[str, Any]]  # name, status (pass | warn | fail | skip), reason, figures
     device: dict[str, Any]
     precision: str
     capacity_bytes: int | None
@@ -595,8 +626,8 @@ class ServeCheck:
     point: LatencyPoint | None = None
 
     def exit_code(self, strict: bool = False) -> int:
-        """1 when a check failed (as ``check``'s other failures), else 0."""
-        return 1 if any(c["status"] == "fail" for c in self.checks) else 0
+        """1 when a check failed (or, with ``strict``, warned), as ``check``'s other failures; else 0."""
+        return 1 if any(c["status"] == "fail" or (strict and c["status"] == "warn") for c in self.checks) else 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -646,11 +677,28 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
                                  f"{1e3 * latency_budget:g} ms budget (p50 {_fmt_ms(point.p50_ms)} ms over "
                                  f"{point.repeats} passes; {point.samples_per_s:,.0f} samples/s)",
                        "figures": asdict(point)})
+        if components.collate_fn is not None:  # variable-length requests, padded as collated
+            checks.append(_worst_case_check(curve, components, size, q))
     else:
         checks.append({"name": "latency", "status": "skip", "reason": "not measured: the batch does not fit",
                        "figures": {}})
     return ServeCheck(spec.name, size, 1e3 * latency_budget, percentile, checks, backend.describe(), spec.precision,
                       capacity, time.perf_counter() - started, point)
+
+
+def _worst_case_check(curve: _Curve, components: Any, size: int, q: str) -> dict[str, Any]:
+    """Variable-length requests: the batch of the ``size`` longest, padded as collated. Random
+    batches decide ``latency``; this one is rare, so breaking the budget warns (fails with --strict)."""
+    import numpy as np
+
+    lengths = np.asarray(_lengths(components)[0])
+    longest = [np.argsort(-lengths, kind="stable")[:size]]
+    point = _measured(curve, components.collate, longest, size, "longest")
+    verdict = "≤" if point.meets_budget else "> the"
+    return {"name": "worst_case_latency", "status": "pass" if point.meets_budget else "warn", "figures": asdict(point),
+            "reason": f"the {size} longest requests (length {int(lengths[longest[0]].min())}–{int(lengths.max())}): "
+                      f"{q} {_fmt_ms(point.at_percentile_ms)} ms {verdict} {1e3 * curve.budget_s:g} ms budget"
+                      + ("" if point.meets_budget else "; bucket requests by length, or cap the batch for long ones")}
 
 
 def _fmt_ms(x: float) -> str:

@@ -92,7 +92,7 @@ def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=110)
+        fig.savefig(buffer, format="png", dpi=110, metadata={"Software": "batchtune"})  # an output of ours
     finally:
         plt.close(fig)
     atomic_write(Path(path), buffer.getvalue())

@@ -25,7 +25,9 @@ def _summary(r: Any) -> list[tuple[str, str]]:
     proof = ("largest size searched: the device may hold more" if r.capped
              else f"exact to {g}: {r.ceiling} fits, {r.ceiling + g} runs out of memory")
     rows.append(("inference ceiling", f"{r.ceiling}   ({proof}; {len(r.ceiling_trials)} forward-only trials, "
-                                      f"{search_s:.1f} s)"))
+                                      f"{search_s:.1f} s)" if r.ceiling_searched else
+                 f"not searched: this device's memory is unknown (set device.memory_limit); sizes up to "
+                 f"{r.ceiling:,} by latency alone"))
     best = r.point(r.max_batch_size) if r.max_batch_size is not None else None
     if best is None:
         rows.append(("max batch size", f"none: no size meets {r.budget_ms:g} ms at {q}"))
@@ -96,15 +98,15 @@ def render_serve(r: Any, fmt: str = "table") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def render_serve_check(c: Any, fmt: str = "table") -> str:
+def render_serve_check(c: Any, fmt: str = "table", strict: bool = False) -> str:
     """``check --serve``: one verdict per check and the overall verdict."""
     if fmt == "json":
-        return to_json(c.to_dict())
+        return to_json({**c.to_dict(), "status": "fail" if c.exit_code(strict) else "pass", "strict": strict})
     head = (f"batchtune check --serve: {c.name} — batch {c.batch_size}, budget {c.budget_ms:g} ms at "
             f"p{c.percentile:g}, {device_text(c.device, c.capacity_bytes)}, {c.precision}")
     rows = [(v["name"], v["status"], v["reason"]) for v in c.checks]
     table = tabulate(rows, headers=["check", "status", "reason"], tablefmt="github" if fmt == "markdown" else "simple")
-    verdict = f"verdict: {'FAIL' if c.exit_code() else 'PASS'} — {c.seconds:.1f} s"
+    verdict = f"verdict: {'FAIL' if c.exit_code(strict) else 'PASS'}{' (strict)' * strict} — {c.seconds:.1f} s"
     return "\n".join([f"### {head}" if fmt == "markdown" else head, "", table, "", verdict]) + "\n"
 
 
