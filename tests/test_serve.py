@@ -73,8 +73,9 @@ def test_durations(text, seconds):
 
 @pytest.mark.parametrize("text", ["fast", "45 parsecs", "-3ms", "0ms", "", "ms"])
 def test_bad_durations(text):
-    with pytest.raises(ServeInputError, match="--latency-budget"):
+    with pytest.raises(ServeInputError, match="--latency-budget") as raised:
         parse_duration(text)
+    assert ("positive" in str(raised.value)) == text in ("-3ms", "0ms")  # a negative budget is told so
 
 
 # ---------------------------------------------------------------------------- the simulator

@@ -115,7 +115,7 @@ def parse_duration(text: Any, default_unit: str = "s", example: str = "45ms, 0.1
     Raises:
         ValueError: not a positive, finite duration (the message names ``example``).
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s|min|m|h|d)?\s*", str(text))
+    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s|min|m|h|d)?\s*", str(text))
     if not match:
         raise ValueError(f"expected a duration such as {example}, got {text!r}")
     seconds = float(match.group(1)) * _SECONDS[match.group(2) or default_unit]
