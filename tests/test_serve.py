@@ -75,7 +75,7 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ServeInputError, match="--latency-budget") as raised:
         parse_duration(text)
-    assert ("positive" in str(raised.value)) == text in ("-3ms", "0ms")  # a negative budget is told so
+    assert ("positive" in str(raised.value)) == (text in ("-3ms", "0ms"))  # a negative budget is told so
 
 
 # ---------------------------------------------------------------------------- the simulator
