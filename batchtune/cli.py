@@ -242,6 +242,10 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         model = comps.build_model(spec.seed)
         if not serve_only:
             comps.build_optimizer(model.parameters(), spec.optimizer.lr)
+        if spec.distributed.fsdp.shard:  # the class names probe would refuse under torchrun
+            from batchtune.engine.sharding import shard_units
+
+            shard_units(model, spec.distributed.fsdp.shard, spec)
         n_params = sum(p.numel() for p in model.parameters())
         typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters, "
                    f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples"
@@ -269,7 +273,10 @@ def init(
 @app.command()
 def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = Format.table,
           quiet: QuietOpt = False, trial_timeout: TimeoutOpt = None, estimate: EstimateOpt = False,
-          device_memory: DeviceMemoryOpt = None, context_bytes: ContextBytesOpt = None) -> None:
+          device_memory: DeviceMemoryOpt = None, context_bytes: ContextBytesOpt = None,
+          ranks: Annotated[Optional[int], typer.Option(
+              "--ranks", min=1, help="With --estimate under distributed.strategy fsdp: the per-rank figures at "
+                                     "this many ranks too.")] = None) -> None:
     """Find the largest batch that fits (the OOM ceiling) and a safe size with headroom.
 
     With --estimate, predict them from a traced step instead (exit 2 if the model cannot be
@@ -277,13 +284,17 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
     """
     with _user_errors():
         estimating = _estimate_options(estimate, device_memory, context_bytes)
+        if ranks is not None and not estimating:
+            raise UsageError("--ranks goes with --estimate (measured runs project their own world sizes)")
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
+        if ranks is not None and spec.distributed.strategy != "fsdp":
+            raise UsageError("--ranks goes with distributed.strategy fsdp (the per-rank figures of a sharded job)")
         from batchtune.commands.probe import run_probe, run_probe_estimate
         from batchtune.render.probe import render_probe
 
         setup_logging(quiet)
-        result = _estimated(lambda: run_probe_estimate(spec, device_memory=device_memory,
-                                                       context_bytes=context_bytes)) if estimating else run_probe(spec)
+        result = _estimated(lambda: run_probe_estimate(spec, device_memory=device_memory, context_bytes=context_bytes,
+                                                       ranks=ranks)) if estimating else run_probe(spec)
         _echo(render_probe(result, fmt.value, spec.name))
     if result.ceiling is None:
         raise typer.Exit(EXIT_FAIL)

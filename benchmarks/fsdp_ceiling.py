@@ -1,10 +1,10 @@
 """Per-rank peak and ceiling under DDP and FSDP at 1, 2 and 4 ranks: predicted from one world size, measured at each.
 
-Run: ``python benchmarks/fsdp_ceiling.py`` (about 4 minutes on a 2-core CPU); ``--json out.json``
-also writes every probe's result.
+Run: ``python benchmarks/fsdp_ceiling.py [--memory-limit 80MiB]`` (about 90 s on a 2-core CPU);
+``--json out.json`` also writes every probe's result.
 
-One model, the builtin ``char_transformer`` (4 blocks, d_model 192, 64-byte context; 1.9 M
-parameters, 7.2 MiB in fp32) trained with AdamW on ``char_text``, probed on CPU with the
+One model, the builtin ``char_transformer`` (4 blocks, d_model 256, 16-byte context; 3.2 M
+parameters, 12.3 MiB in fp32) trained with AdamW on ``char_text``, probed on CPU with the
 simulated capacity (``device.memory_limit``, the same on every rank) under torchrun and gloo:
 
 1. ``batchtune probe`` under FSDP at the reference world size (2 ranks, ``shard: [_Block]``):
@@ -51,7 +51,7 @@ data:
   kwargs: {block_size: 16, max_bytes: 200000}
 optimizer: {name: adamw, lr: 0.001}
 base_batch_size: 32
-device: {type: cpu, memory_limit: 80MiB}
+device: {type: cpu, memory_limit: LIMIT}
 distributed: {fsdp: {shard: [_Block]}}
 probe: {max_batch_size: 4096, steps_per_trial: 2}
 """
@@ -130,10 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every probe's result here")
     parser.add_argument("--reference", type=int, default=2, help="the world size the projection starts from")
+    parser.add_argument("--memory-limit", default="80MiB", help="every rank's simulated capacity")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="fsdp-ceiling-"))
     spec = folder / "spec.yaml"
-    spec.write_text(SPEC)
+    spec.write_text(SPEC.replace("LIMIT", args.memory_limit))
     reference = probe(spec, args.reference, "fsdp")
     runs = {(1, "none"): probe(spec, 1, "none")}
     for world in (2, 4):

@@ -324,3 +324,45 @@ def test_check_estimate_of_an_untraceable_model_for_another_device_is_one_line_a
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot estimate with fake tensors: ") and "aten.nonzero" in line
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------- FSDP (configs/fsdp_lm.yaml)
+
+
+def test_the_sharded_projection_runs_at_the_activations_slope():
+    """Measured at 2 ranks under 45 MiB (configs/fsdp_lm.yaml): near a low ceiling the peaks rise by
+    0.82 MiB a sample; where more ranks move the ceiling, activations alone, 1.08 MiB. The line
+    near the ceiling put 4 ranks' ceiling at 29; 25 is measured, and the activations' slope gives 25."""
+    from batchtune.engine.sharding import ShardingLayout, report
+
+    layout = ShardingLayout(2, [{"name": "blocks.0", "class": "_Block", "bytes": 3159040}], 12916736, 3159040)
+    local = {"params": 6458368, "grads": 6458368, "optimizer": 12916944}
+    peaks = [(1, 36091100), (2, 36468828), (7, 38616540), (14, 44339036), (16, 45948764), (17, 46818908)]
+    capacity = 45 * 2**20
+    line = {p["world_size"]: p["fsdp_ceiling"]
+            for p in report(layout, local, peaks, capacity_bytes=capacity)["projection"]}
+    steep = report(layout, local, peaks, capacity_bytes=capacity, activation_bytes=1132800)
+    ceilings = {p["world_size"]: p["fsdp_ceiling"] for p in steep["projection"]}
+    assert (line[2], line[4]) == (17, 29) and (ceilings[2], ceilings[4]) == (17, 25)
+    assert steep["per_sample_source"] == "traced activations" and steep["per_sample_bytes"] == 1132800
+
+
+def test_the_sharded_estimate_stands_where_one_unsharded_rank_holds_nothing():
+    """At 45 MiB one unsharded rank cannot train one sample (51.3 MiB), sharded it can: the estimate
+    still gives every world size (measured: 17 at 2 ranks, 25 at 4), and --ranks adds one."""
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, ["probe", "configs/fsdp_lm.yaml", "--estimate", "--ranks", "6",
+                                   "device.memory_limit=45MiB", "--format", "json", "-q"])
+    assert out.exit_code == 1, out.output  # no unsharded ceiling
+    data = json.loads(out.stdout)
+    assert data["ceiling"] is None and data["totals"]["steps"] == 0
+    ceilings = {p["world_size"]: p["fsdp_ceiling"] for p in data["sharding"]["projection"]}
+    assert ceilings[2] == 17 and 25 <= ceilings[4] <= 26 and sorted(ceilings) == [2, 4, 6, 8, 16]
+
+
+def test_validate_names_a_shard_class_the_model_lacks():
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, ["validate", "configs/fsdp_lm.yaml", "distributed.fsdp.shard=[GPT2Block]"])
+    assert out.exit_code == 2 and "distributed.fsdp.shard" in out.output and "_Block" in out.output  # what it has

@@ -156,7 +156,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     notes += _loss_notes(source.trials)
     varlen = _variable_length(spec, data_components, (source.model, backend, dist), outcome.ceiling,
                               confirmation.batch_size)
-    sharding, bound = _sharding_report(source, p, dist), _bounding_rank(source, outcome, backend, dist)
+    sharding, bound = _sharding_report(spec, source, dist), _bounding_rank(source, outcome, backend, dist)
     source.close()
     backend.cleanup()
     load = meter.reading(threads)
@@ -235,7 +235,7 @@ def _estimate_for(spec: Any, notes: list[str]) -> ProbeResult | None:
 
 
 def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_bytes: str | int | None = None,
-                       fallback: bool = True) -> ProbeResult:
+                       fallback: bool = True, ranks: int | None = None) -> ProbeResult:
     """The ceiling and safe size predicted from training steps traced with fake tensors.
 
     No training step runs and no device memory is used (``strategy`` is ``"estimate"``,
@@ -248,6 +248,8 @@ def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_b
         context_bytes: memory beside the tensors (default 1 GiB on CUDA, 0 on the CPU simulation).
         fallback: when the model cannot be traced and no ``device_memory`` names another
             device, measure with :func:`run_probe` instead, saying so in the notes.
+        ranks: under ``distributed.strategy: fsdp``, a world size to give the per-rank figures
+            for, beside 2, 4, 8 and 16.
 
     Raises:
         EstimateInputError: the device memory or context cannot be used.
@@ -263,7 +265,7 @@ def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_b
     try:
         tracer = StepTracer(spec, components, target)
         source = EstimatedMemorySource(tracer)
-        return _estimated_result(spec, source, components)
+        return _estimated_result(spec, source, components, ranks)
     except EstimateError as exc:
         if not fallback or device_memory is not None:
             raise
@@ -282,7 +284,7 @@ def _estimate_setup(spec: Any) -> tuple[Any, Any]:
     return spec, components
 
 
-def _estimated_result(spec: Any, source: Any, components: Any) -> ProbeResult:
+def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None = None) -> ProbeResult:
     """Search the traced peaks, trace the safe size, and say what the estimate is."""
     p, tracer, capacity = spec.probe, source.tracer, source.capacity_bytes
     largest = p.max_batch_size
@@ -307,20 +309,27 @@ def _estimated_result(spec: Any, source: Any, components: Any) -> ProbeResult:
         device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
         notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary(),
         variable_length=_variable_length(spec, components, None, outcome.ceiling, safe),
-        sharding=_estimated_sharding(spec, tracer, model, capacity))
+        sharding=_estimated_sharding(spec, tracer, model, capacity, ranks))
 
 
-def _estimated_sharding(spec: Any, tracer: Any, model: MemoryModel | None, capacity: int | None) -> dict | None:
-    """``distributed.strategy: fsdp``: the traced (unsharded) line spread over 2-16 ranks."""
-    if spec.distributed.strategy != "fsdp" or model is None:
+def _estimated_sharding(spec: Any, tracer: Any, model: MemoryModel | None, capacity: int | None,
+                        ranks: int | None = None) -> dict | None:
+    """``distributed.strategy: fsdp``: the traced (unsharded) line spread over 2-16 ranks; also when
+    one unsharded rank cannot hold the smallest batch, which is when sharding matters most."""
+    if spec.distributed.strategy != "fsdp":
         return None
     from batchtune.engine.sharding import estimate, layout_of
+
+    if model is None:  # no unsharded ceiling to fit at: a line through sizes where activations show
+        model = _step_model(tracer, max(64 * spec.probe.granularity, spec.probe.min_batch_size), spec.probe)
+        if model is None:
+            return None
 
     state = tracer.parameter_bytes + tracer.state_bytes()  # parameters (and buffers) and optimizer state
     out = estimate(layout_of(tracer.model, spec, 1), fixed_bytes=model.fixed_bytes,
                    per_sample_bytes=model.per_sample_bytes, state_bytes=state,
                    reshard_after_forward=spec.distributed.fsdp.reshard_after_forward, capacity_bytes=capacity,
-                   worlds=[2, 4, 8, 16], granularity=spec.probe.granularity)
+                   worlds=sorted({2, 4, 8, 16, ranks or 2}), granularity=spec.probe.granularity)
     if capacity is not None:  # the line's ceiling, checked against traced steps: the line is not exact far out
         for row in out["projection"]:
             row["line_ceiling"] = row["fsdp_ceiling"]
@@ -455,7 +464,7 @@ def _device_source(spec: Any, components: Any, backend: Any, dist: Any) -> Devic
                               steps_per_trial=spec.probe.steps_per_trial)
 
 
-def _sharding_report(source: DeviceMemorySource, p: Any, dist: Any) -> dict[str, Any] | None:
+def _sharding_report(spec: Any, source: DeviceMemorySource, dist: Any) -> dict[str, Any] | None:
     """fsdp: the shards each rank keeps, the memory line near the ceiling, projected ceilings (the tightest rank's)."""
     trainer = source.trainer.trainer
     if trainer.strategy != "fsdp" or trainer.sharding is None or trainer.local_state_bytes is None:
@@ -467,8 +476,25 @@ def _sharding_report(source: DeviceMemorySource, p: Any, dist: Any) -> dict[str,
     # search trials only (the same steps each; the confirmation runs more), the same on every rank
     fits = [t for t in source.trials if t.phase != "confirm" and t.result.fits and t.result.compute_peak_bytes]
     peaks = dist.max(*(t.result.compute_peak_bytes for t in fits)) if fits else []
+    largest = max((t.batch_size for t in fits), default=None)
+    slope = dist.broadcast(_activation_slope(spec, trainer.components, largest) if dist.is_main and largest else None)
     return report(trainer.sharding, local, [(t.batch_size, peak) for t, peak in zip(fits, peaks)],
-                  capacity_bytes=source.capacity_bytes, granularity=p.granularity)
+                  capacity_bytes=source.capacity_bytes, granularity=spec.probe.granularity, activation_bytes=slope)
+
+
+def _activation_slope(spec: Any, components: Any, near: int) -> float | None:
+    """Bytes per sample of the activations, from the step traced with fake tensors at 2× and 4×
+    ``near`` (no device memory, a second or so), where they dominate its peak; None where the model
+    cannot be traced."""
+    from batchtune.memory.estimate import EstimateError, EstimateInputError, StepTracer, resolve_target
+
+    try:
+        tracer = StepTracer(spec, components, resolve_target(spec, None, None))
+        low, high = tracer.trace(2 * near).compute_peak_bytes, tracer.trace(4 * near).compute_peak_bytes
+    except (EstimateError, EstimateInputError) as exc:
+        log.info("activations per sample not traced (%s): the projection uses the measured line", exc)
+        return None
+    return (high - low) / (2 * near)
 
 
 def _bounding_rank(source: DeviceMemorySource, outcome: SearchOutcome, backend: Any, dist: Any) -> dict[str, Any] | None:

@@ -75,7 +75,7 @@ class ShardingLayout:
         return asdict(self)
 
 
-def _units(model: nn.Module, names: Sequence[str], spec: Any) -> list[tuple[str, nn.Module]]:
+def shard_units(model: nn.Module, names: Sequence[str], spec: Any) -> list[tuple[str, nn.Module]]:
     """The submodules to shard one by one, innermost first; SpecError for a class the model lacks."""
     present = {type(m).__name__ for m in model.modules()}
     missing = [n for n in names if n not in present]
@@ -109,7 +109,7 @@ def layout_of(model: nn.Module, spec: Any, world_size: int) -> ShardingLayout:
     Raises:
         SpecError: ``distributed.fsdp.shard`` names a class the model does not contain.
     """
-    return _layout(model, _units(model, spec.distributed.fsdp.shard, spec), world_size, spec.precision)
+    return _layout(model, shard_units(model, spec.distributed.fsdp.shard, spec), world_size, spec.precision)
 
 
 def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[nn.Module, ShardingLayout]:
@@ -125,7 +125,7 @@ def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     options = spec.distributed.fsdp
-    units = _units(model, options.shard, spec)
+    units = shard_units(model, options.shard, spec)
     layout = _layout(model, units, ranks.world_size, spec.precision)
     low = _LOW_PRECISION.get(spec.precision)
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
@@ -291,7 +291,8 @@ def _ceiling(free_bytes: float, per_sample_bytes: float, granularity: int) -> in
 
 
 def report(layout: ShardingLayout, local: dict[str, int], peaks: Sequence[tuple[int, float]], *,
-           capacity_bytes: float | None, granularity: int = 1) -> dict[str, Any]:
+           capacity_bytes: float | None, granularity: int = 1,
+           activation_bytes: float | None = None) -> dict[str, Any]:
     """What sharding divides and what it does not, per rank, and the ceilings it predicts elsewhere.
 
     Args:
@@ -301,6 +302,11 @@ def report(layout: ShardingLayout, local: dict[str, int], peaks: Sequence[tuple[
             sizes give the line whose slope is the activations and whose intercept holds the shards.
         capacity_bytes: the tightest rank's; None: no ceilings are projected.
         granularity: ceilings are multiples of it.
+        activation_bytes: the activations' bytes per sample where they dominate the step (a traced
+            step's slope far above the ceiling). More ranks move the ceiling up, where the peak is
+            all activations: near a low ceiling the measured line is flatter (at 45 MiB it read
+            0.82 MiB a sample against 1.08 traced, and put 4 ranks' ceiling at 29 where 25 is
+            measured). With it the line runs through the largest size that fit at this slope.
     """
     from batchtune.memory.model import fit_memory_model
 
@@ -316,17 +322,19 @@ def report(layout: ShardingLayout, local: dict[str, int], peaks: Sequence[tuple[
     if len(points) < 2:
         return out
     fit = fit_memory_model([b for b, _ in points], [p for _, p in points])
-    out.update(fit=fit.to_dict(), not_divided_fixed_bytes=fit.fixed_bytes - at_peak,
-               per_sample_bytes=fit.per_sample_bytes)
+    per_sample, fixed = fit.per_sample_bytes, fit.fixed_bytes
+    if activation_bytes is not None and activation_bytes > per_sample:
+        per_sample, fixed = activation_bytes, points[-1][1] - activation_bytes * points[-1][0]
+    out.update(fit=fit.to_dict(), not_divided_fixed_bytes=fixed - at_peak, per_sample_bytes=per_sample,
+               per_sample_source="traced activations" if per_sample != fit.per_sample_bytes else "measured line")
     if capacity_bytes is not None:
-        rows = project(fixed_bytes=fit.fixed_bytes, per_sample_bytes=fit.per_sample_bytes,
+        rows = project(fixed_bytes=fixed, per_sample_bytes=per_sample,
                        divided_bytes_per_rank=at_peak, world_size=world, capacity_bytes=capacity_bytes,
                        grad_bytes=local["grads"] * world, worlds=[world, 2 * world, 4 * world, 8 * world],
                        granularity=granularity)
         out["projection"] = [asdict(p) for p in rows]
         # one process, unwrapped: the whole model, no buckets (the rest of the fixed memory left out: at most)
-        out["single_rank_ceiling_at_most"] = _ceiling(capacity_bytes - at_peak * world, fit.per_sample_bytes,
-                                                      granularity)
+        out["single_rank_ceiling_at_most"] = _ceiling(capacity_bytes - at_peak * world, per_sample, granularity)
     return out
 
 

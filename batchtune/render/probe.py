@@ -19,8 +19,9 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     g = result.granularity
     if result.ceiling is None:
-        rows.append(("ceiling", "none: even the smallest batch size runs out of memory"))
-        return rows
+        unsharded = " on one unsharded rank" if getattr(result, "sharding", None) else ""
+        rows.append(("ceiling", f"none: even the smallest batch size runs out of memory{unsharded}"))
+        return rows + (_sharding_rows(result.sharding) if getattr(result, "sharding", None) else [])
     estimated = result.strategy == "estimate"
     if result.capped:
         rows.append(("ceiling", f"{result.ceiling}   (max_batch_size: the device may hold more)"))
