@@ -144,7 +144,10 @@ def _user_errors() -> Iterator[None]:
     except (SpecError, UsageError, TrainingError, OSError) as exc:
         if _debug():
             raise
-        _error(_describe(exc))
+        # A spec or option error is the same on every rank: rank 0 says it. What a rank's own step
+        # raised (TrainingError) may be its alone: each says what it saw.
+        if isinstance(exc, TrainingError) or os.environ.get("RANK", "0") == "0":
+            _error(_describe(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")

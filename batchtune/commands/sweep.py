@@ -439,7 +439,9 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str]) -> tupl
     probe = run_probe(spec, backend=backend, components=components)
     if probe.ceiling is None:
         raise spec.error("device.memory_limit", "not even probe.min_batch_size fits on this device")
-    bound = f", bounded by rank {probe.bounding_rank['rank']}" if probe.bounding_rank else ""
+    ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
+    bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
+             else "")
     notes.append(f"probed ceiling {probe.ceiling} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     return probe.ceiling, probe.safe_batch_size

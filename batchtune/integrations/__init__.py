@@ -103,12 +103,12 @@ class NoiseScaleWatch:
         measured = self.monitor.measured_steps
         self.monitor.step()
         reading = self.monitor.reading()
-        if self.monitor.measured_steps == measured or not reading.reliable:
+        if self.monitor.measured_steps == measured or reading.b_simple is None:
             return None
         entry = {"step": global_step, "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
-                 "measured_steps": reading.steps, "batch_size": self.batch_size}
+                 "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable}
         self.history.append(entry)
-        if rank_zero:
+        if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
             self._maybe_warn(entry)
         return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")}
 

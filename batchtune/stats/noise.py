@@ -79,13 +79,14 @@ class NoiseScaleEstimate:
     gradient. With fewer than 2 steps the band is (0, inf).
 
     Attributes:
-        b_simple: tr(Σ)/|G|² in examples; None while unreliable.
-        low: Lower end of the band; None while unreliable.
-        high: Upper end of the band; None while unreliable, ``math.inf`` when unbounded.
+        b_simple: tr(Σ)/|G|² in examples; None while |G|² is not positive.
+        low: Lower end of the band; None while |G|² is not positive.
+        high: Upper end of the band; None while |G|² is not positive, ``math.inf`` when unbounded.
         g2: Bias-corrected EMA of the per-step |G|² estimates.
         trace_sigma: Bias-corrected EMA of the per-step tr(Σ) estimates.
         steps: Updates accepted (non-finite ones are not counted).
-        reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update).
+        reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update), or
+            while the band is unbounded above.
     """
 
     b_simple: float | None
@@ -292,8 +293,8 @@ class NoiseScaleEstimator:
         # Reliability weights: unbiased weighted variance s² = M2 / (W - W2/W);
         # variance of the weighted mean = s² · W2 / W².
         dof = self._weight - self._weight_sq / self._weight
-        if dof <= 0.0:
-            return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, True)
+        if dof <= 0.0:  # one step: no spread to bound it by
+            return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, False)
         to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
         low, high = _fieller_interval(
             trs,
@@ -303,7 +304,8 @@ class NoiseScaleEstimator:
             self._comoment_cross * to_var_of_mean,
             self._z,
         )
-        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, True)
+        # an unbounded band is no reading to act on: B_simple stays, marked unreliable
+        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high))
 
 
 def pooled_noise_scale(pairs: Sequence[tuple[float, float]], confidence: float = 0.9) -> NoiseScaleEstimate:
