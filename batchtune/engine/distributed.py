@@ -69,8 +69,23 @@ class DistContext:
         if not self.enabled:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=op)
+        self._all_reduce(tensor, op)
         return tensor.tolist()
+
+    def _all_reduce(self, tensor: torch.Tensor, op: Any) -> None:
+        """``dist.all_reduce``; under gloo, returns once its worker thread has let go of ``tensor``.
+
+        Else a tensor freed soon after would die on that thread whenever it next runs Python,
+        and leave the CPU backend's count of live bytes (which reads frees) late, by chance.
+        """
+        if self.backend != "gloo":
+            dist.all_reduce(tensor, op=op)
+            return
+        from batchtune.memory.device import settle, use_counts_of
+
+        before = use_counts_of([tensor])
+        dist.all_reduce(tensor, op=op)
+        settle([tensor], before)
 
     def agree(self, ok: bool) -> bool:
         """True only if every rank says True (a collective: every rank must call it, ok or not)."""
@@ -120,7 +135,7 @@ class DistContext:
             return
         for p in params:
             if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                self._all_reduce(p.grad, dist.ReduceOp.SUM)
                 p.grad.div_(self.world_size)
 
 

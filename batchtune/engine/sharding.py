@@ -133,7 +133,7 @@ def shard_model(model: nn.Module, spec: Any, ranks: Any, backend: Any) -> tuple[
     for _, module in units:
         fully_shard(module, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
     fully_shard(model, reshard_after_forward=options.reshard_after_forward, mp_policy=policy)
-    gather, scatter = _agreed_comms(ranks)
+    gather, scatter = _agreed_comms(ranks, backend)
     model._batchtune_reduce_scatter = scatter  # ShardedNoiseMonitor listens to it
     model._batchtune_all_gather = gather
     for module in [m for _, m in units] + [model]:
@@ -174,8 +174,25 @@ def reset(model: nn.Module) -> None:
                     unsharded.grad = None
 
 
-def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
-    """FSDP's all-gather and reduce-scatter, each after a checkpoint with the other ranks."""
+def _settled(backend: Any, tensors: Sequence[torch.Tensor], async_op: bool, collective: Any) -> Any:
+    """``collective()``; once it has returned (not ``async_op``), the backend waits until its
+    worker threads hold none of ``tensors`` (:meth:`~batchtune.memory.device.DeviceBackend.settle`)."""
+    from batchtune.memory.device import use_counts_of
+
+    before = use_counts_of(tensors)
+    work = collective()
+    if not async_op:
+        backend.settle(tensors, before)
+    return work
+
+
+def _agreed_comms(ranks: Any, backend: Any) -> tuple[Any, Any]:
+    """FSDP's all-gather and reduce-scatter, each after a checkpoint with the other ranks.
+
+    A synchronous one returns only once the process group's worker threads have released
+    its buffers: FSDP drops them soon after, and a buffer whose last reference is a worker's
+    is freed, and leaves the CPU backend's count, whenever that thread next runs Python.
+    """
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
     class AgreedAllGather(AllGather):
@@ -188,7 +205,8 @@ def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
                      async_op: bool = False) -> Any:
             if self.agree:
                 ranks.checkpoint()
-            return _ALL_GATHER(output_tensor, input_tensor, group=group, async_op=async_op)
+            return _settled(backend, (output_tensor, input_tensor), async_op,
+                            lambda: _ALL_GATHER(output_tensor, input_tensor, group=group, async_op=async_op))
 
     class AgreedReduceScatter(ReduceScatter):
         listener: Any = None  # a ShardedNoiseMonitor measuring this step: sees each rank's local gradient
@@ -203,7 +221,9 @@ def _agreed_comms(ranks: Any) -> tuple[Any, Any]:
                 ranks.checkpoint()
             if self.listener is not None:
                 self.listener.local_gradient(input_tensor, op)
-            return _REDUCE_SCATTER(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+            return _settled(backend, (output_tensor, input_tensor), async_op,
+                            lambda: _REDUCE_SCATTER(output_tensor, input_tensor, op=op, group=group,
+                                                    async_op=async_op))
 
     return AgreedAllGather(), AgreedReduceScatter()
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ __all__ = [
     "cuda_index",
     "is_oom",
     "select_backend",
+    "settle",
+    "use_counts_of",
 ]
 
 # A CUDA memory_limit below this means nothing: the allocator's cap leaves out the CUDA
@@ -50,6 +53,9 @@ MIN_CUDA_LIMIT_BYTES = 256 * 2**20
 # allocator (kernels of ops not yet run, cuDNN engines, NCCL buffers): the larger of these.
 LIBRARY_RESERVE_BYTES = 512 * 2**20
 LIBRARY_RESERVE_SHARE = 0.02
+# The longest the CPU backend waits for a collective's worker thread to release its tensors
+# (:meth:`DeviceBackend.settle`); it takes microseconds, unless the host is very busy.
+SETTLE_TIMEOUT_S = 1.0
 
 # Message forms of out-of-memory errors raised by user code or by libraries that do not use
 # torch.OutOfMemoryError. Checked only after the exception type.
@@ -98,6 +104,22 @@ def is_oom(exc: BaseException, backend: DeviceBackend | None = None) -> bool:
                 return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def use_counts_of(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """References to each tensor and to its storage, from Python and C++ alike (a process
+    group's worker holds a collective's tensors, or views of them, until it is done)."""
+    counts = []
+    for tensor in tensors:
+        counts += [tensor._use_count(), torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)]
+    return counts
+
+
+def settle(tensors: Sequence[torch.Tensor], use_counts: Sequence[int], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Wait until :func:`use_counts_of` ``tensors`` is back at ``use_counts`` (at most ``timeout_s``)."""
+    give_up = time.monotonic() + timeout_s
+    while any(now > before for now, before in zip(use_counts_of(tensors), use_counts)) and time.monotonic() < give_up:
+        time.sleep(0)  # releases the GIL to the worker
 
 
 class DeviceBackend:
@@ -186,6 +208,15 @@ class DeviceBackend:
 
     def track_batch(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count a batch assembled while counting was paused, or by a loader worker."""
+
+    def settle(self, tensors: Sequence[torch.Tensor], use_counts: Sequence[int]) -> None:
+        """A collective on ``tensors`` returned: wait until its worker threads let go of them.
+
+        ``use_counts`` are :func:`use_counts_of` the tensors before the collective. gloo's worker
+        drops its references just after the caller wakes; a tensor the caller frees before
+        that dies on the worker's thread, when it next gets the GIL. Backends that count
+        storages themselves wait here, so that every free is counted when the caller makes it.
+        """
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -361,6 +392,11 @@ class CPUBackend(DeviceBackend):
 
     def storage_resized(self, tensor: torch.Tensor) -> None:
         self._counter.add(tensor, enforce=bool(self._depth))  # growing past the limit is an OOM
+
+    def settle(self, tensors: Sequence[torch.Tensor], use_counts: Sequence[int]) -> None:
+        # Without this, a collective's buffer freed while gloo's worker still holds it is
+        # counted until that thread takes the GIL: a step's peak then holds it, or not.
+        settle(tensors, use_counts)
 
     def track_batch(self, tensors: Iterable[torch.Tensor]) -> None:
         if self._depth:
