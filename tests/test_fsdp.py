@@ -56,6 +56,9 @@ def ranks(tmp_path_factory) -> dict:
         "unknown_class": ["probe", _spec(folder, "unknown", shard="Blok"), "-q"],
         "check": ["check", _spec(folder, "check", limits="2MiB", kwargs=small), "--batch-size", "128",
                   "--format", "json", "-q"],
+        # micro-batch 500 fits rank 0's 6 MiB (its ceiling is about 570), not rank 1's 5 MiB
+        "check_mixed": ["check", str(folder / "mixed.yaml"), "--batch-size", "1000", "--format", "json", "-q"],
+        "check_mixed_table": ["check", str(folder / "mixed.yaml"), "--batch-size", "1000", "-q"],
         "sweep": ["sweep", str(folder / "check.yaml"), "--out", str(folder / "run"), "--format", "json", "-q"],
         "noise": ["noise-under-fsdp", str(folder / "check.yaml")],
         "bf16": ["probe", str(folder / "fsdp.yaml"), "precision=bf16", "--format", "json", "-q"],
@@ -120,6 +123,31 @@ def test_an_oom_on_one_rank_in_the_middle_of_the_forward_moves_both(ranks):
     result = _json(ranks, "one_rank_oom")
     assert result["ceiling"] == 150  # agreed at the rank-1 block's threshold; neither rank hung
     assert result["bounding_rank"]["rank"] == 1 and result["bounding_rank"]["failed_themselves"] == [1]
+
+
+def test_an_agreed_oom_names_the_rank_that_ran_out_and_the_device_it_is(ranks):
+    """Rank 0 stopped because rank 1 ran out: its trial says so, of its own device (a CPU), not 'CUDA'."""
+    trials = {t["batch_size"]: t for t in _json(ranks, "one_rank_oom")["trials"]}
+    assert trials[151]["error"] == ("OutOfMemoryError: CPU out of memory on rank 1 (agreed across ranks: this rank "
+                                    "stopped on another rank's OOM)")
+
+
+def test_check_under_mixed_capacities_judges_the_tightest_rank_and_names_the_one_that_ran_out(ranks):
+    rank0, rank1 = ranks["check_mixed"]
+    assert rank0["code"] == rank1["code"] == 1 and rank1["stdout"] == ""  # a failed check, said once
+    report = json.loads(rank0["stdout"])
+    assert report["device"]["capacity_bytes"] == 5 * 2**20 and report["device"]["capacity_rank"] == 1
+    assert report["device"]["capacity_by_rank"] == [6 * 2**20, 5 * 2**20]
+    fits = {c["name"]: c for c in report["checks"]}["fits"]
+    assert fits["status"] == "fail" and fits["figures"]["failed_ranks"] == [1]
+    # rank 1's own error, not rank 0's 'on another rank'
+    assert fits["reason"].startswith("out of memory on rank 1 (OutOfMemoryError: CPU out of memory (simulated by "
+                                     "batchtune): tried to allocate")
+    assert fits["reason"].endswith("memory_limit is 5242880 bytes)")
+    table = ranks["check_mixed_table"][0]
+    assert table["code"] == 1
+    assert "cpu (simulated capacity 5.0 MiB: rank 1's, the tightest; rank 0 has 6.0 MiB), fp32" in table["stdout"]
+    assert "fits            fail      out of memory on rank 1 (" in table["stdout"]
 
 
 def test_an_unknown_class_is_a_spec_error_naming_the_model_classes(ranks):

@@ -298,12 +298,41 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     notes: list[str] = []
     shape = _within_limits(shape, components.train_set, notes)
     threads, threads_from = set_threads(spec.device.threads)
+    capacity, ranks = _tightest_capacity(backend, dist)
     return _CheckRun(spec=spec, shape=shape, baseline=base, trainer=Trainer(components, backend, spec.precision, dist),
-                     capacity=backend.capacity_bytes(), lr=spec_lr(spec, shape.batch_size),
-                     device={**backend.describe(), "threads": threads, "threads_from": threads_from},
+                     capacity=capacity, lr=spec_lr(spec, shape.batch_size),
+                     device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
+                             "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
                      deadline=started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget),
                      notes=notes, meter=LoadMeter.start(), threads=threads)
+
+
+def _tightest_capacity(backend: Any, dist: Any) -> tuple[int | None, dict[str, Any]]:
+    """The smallest capacity over the ranks (unknown unless every rank knows its own), as the probe
+    searches for; under several ranks also whose it is (``capacity_rank``) and each rank's."""
+    capacity = backend.capacity_bytes()
+    if not dist.enabled:
+        return capacity, {}
+    each = [int(c) if c >= 0 else None for c in dist.gather(capacity if capacity is not None else -1)]
+    if None in each:
+        return None, {"capacity_by_rank": each}
+    rank = min(range(len(each)), key=each.__getitem__)
+    return each[rank], {"capacity_rank": rank, "capacity_by_rank": each}
+
+
+def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, int | None]:
+    """(peak, capacity, rank) of the rank with the least room at its peak; one rank: (peak, capacity, None)."""
+    dist = state.trainer.dist
+    if not dist.enabled:
+        return fit.peak_bytes, state.capacity, None
+    peaks = [int(p) for p in dist.gather(fit.peak_bytes or 0)]
+    each = state.device.get("capacity_by_rank") or [None] * len(peaks)
+    if None in each:  # no capacity to judge room by: the largest peak
+        rank = max(range(len(peaks)), key=peaks.__getitem__)
+        return peaks[rank], None, rank
+    rank = min(range(len(peaks)), key=lambda r: 1.0 - peaks[r] / each[r])
+    return peaks[rank], each[rank], rank
 
 
 def _within_limits(shape: BatchShape, train_set: Any, notes: list[str]) -> BatchShape:
@@ -354,7 +383,12 @@ def _fits(state: _CheckRun) -> CheckResult:
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return _crash("fits", "fits.crashed", exc)
     _stop_if_timed_out(state, fit)
-    verdict = fits_verdict(fit.fits, fit.peak_bytes, state.capacity, spec.probe.headroom, fit.error)
+    if fit.fits:
+        peak, capacity, rank = _tightest_peak(state, fit)
+        verdict = fits_verdict(True, peak, capacity, spec.probe.headroom, rank=rank)
+    else:  # agreed on every rank, as the ranks that ran out are: the first one's own error says what
+        error = state.trainer.dist.broadcast(fit.error, src=fit.failed_ranks[0]) if fit.failed_ranks else fit.error
+        verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks)
     verdict.figures.update(steps=fit.steps, validated=bool(fit.evals), compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,
                            micro_batch_size=shape.micro_batch_size, accum_steps=shape.accum_steps)

@@ -75,10 +75,15 @@ def positive(value: Any) -> bool:
 
 
 def fits_verdict(fits: bool, peak_bytes: int | None, capacity_bytes: int | None, headroom: float,
-                 error: str | None = None) -> CheckResult:
-    """Fail on an OOM or on less free memory than ``headroom`` (a share of capacity)."""
+                 error: str | None = None, *, rank: int | None = None,
+                 failed_ranks: Sequence[int] = ()) -> CheckResult:
+    """Fail on an OOM or on less free memory than ``headroom`` (a share of capacity).
+
+    Several ranks: ``rank`` is the one whose peak and capacity are given (the least room),
+    ``failed_ranks`` those that ran out of memory themselves.
+    """
     figures = {"peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes, "headroom_required": headroom,
-               "headroom": None, "error": error}
+               "headroom": None, "error": error, "rank": rank, "failed_ranks": list(failed_ranks)}
     if not fits:
         return CheckResult("fits", "fail", "fits.oom", figures)
     if not capacity_bytes:

@@ -121,12 +121,18 @@ class DistContext:
         values[self.rank] = float(value)
         return self.sum(*values)
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's value of ``obj`` on every rank (a run folder's name, say)."""
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks on which ``flag`` is true, on every rank (a collective, :meth:`gather`'s)."""
+        if not self.enabled:
+            return [self.rank] if flag else []
+        return [r for r, value in enumerate(self.gather(1.0 if flag else 0.0)) if value > 0.5]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s value of ``obj`` on every rank (a run folder's name, say)."""
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
 
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:

@@ -130,6 +130,7 @@ class TrialResult:
     noise_seconds: float = 0.0  # what the measured steps took; train_seconds counts a plain step's time instead
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
     timed_out: bool = False  # a step did not finish within the timeout; ``error`` says which
+    failed_ranks: list[int] = field(default_factory=list)  # several ranks, an OOM: those that ran out themselves
 
     @property
     def batch_size(self) -> int:
@@ -228,6 +229,21 @@ def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
         f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised {error_line(exc)}. "
         "Check that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, "
         "loss); BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _agreed_oom(failure: str | None, failed: list[int], device_type: str) -> torch.OutOfMemoryError:
+    """The OOM every rank raises once the ranks agree one ran out: its own error line on a rank that
+    ran out (``failure``), else which ranks did; ``failed_ranks`` on both."""
+    line = failure or (f"OutOfMemoryError: {device_type.upper()} out of memory on {_ranks_text(failed)} "
+                       "(agreed across ranks: this rank stopped on another rank's OOM)")
+    exc = torch.OutOfMemoryError(line)
+    exc.batchtune_error = line  # already an error line: the trial records it as it is
+    exc.failed_ranks = failed
+    return exc
 
 
 def error_line(exc: BaseException) -> str:
@@ -409,7 +425,8 @@ class Trainer:
                 if not is_oom(exc, backend):
                     raise _training_error(exc, config) from exc
                 result.fits = False
-                result.error = error_line(exc)
+                result.error = getattr(exc, "batchtune_error", None) or error_line(exc)
+                result.failed_ranks = list(getattr(exc, "failed_ranks", []))
             # _train's frame, and with it every activation, is gone once the exception is.
             if result.fits:
                 result.peak_bytes = max(result.compute_peak_bytes or 0, result.optimizer_peak_bytes or 0,
@@ -478,13 +495,14 @@ class Trainer:
             state = _OOM if oom else _ERROR
         if agreed is None:
             (agreed,) = self.dist.min(state)
+        if agreed == _OK:
+            return out
+        failed = self.dist.ranks_where(state == agreed)  # every rank is here: it failed, or met a failure
         if agreed == _ERROR:
             if isinstance(failure, BaseException):
                 raise failure
-            raise TrainingError("a training step failed on another rank (see its output)")
-        if agreed == _OOM:
-            raise torch.OutOfMemoryError(failure or "CUDA out of memory on another rank (agreed across ranks)")
-        return out
+            raise TrainingError(f"a training step failed on another rank ({_ranks_text(failed)}; see its output)")
+        raise _agreed_oom(failure, failed, self.backend.device.type)
 
     # ------------------------------------------------------------------ the steps
 

@@ -32,7 +32,15 @@ def _signed_pct(x: float) -> str:
 
 
 def _peak(f: dict[str, Any]) -> str:
-    return f"peak {format_bytes(f['peak_bytes'])} of {format_bytes(f['capacity_bytes'])}, {_pct(f['headroom'])} free"
+    on = f" on rank {f['rank']}" if f.get("rank") is not None else ""  # several ranks: the one with the least room
+    return (f"peak {format_bytes(f['peak_bytes'])} of {format_bytes(f['capacity_bytes'])}{on}, "
+            f"{_pct(f['headroom'])} free")
+
+
+def _oom(f: dict[str, Any]) -> str:
+    ranks = f.get("failed_ranks") or []
+    on = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+    return f"out of memory{on} ({f['error']})"
 
 
 def _lr_text(f: dict[str, Any]) -> str:
@@ -139,7 +147,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fits.ok": lambda f: f"{_peak(f)} (at least {f['headroom_required']:.0%} required)",
     "fits.headroom": lambda f: f"{_peak(f)}: less than the {f['headroom_required']:.0%} headroom required "
                                "(probe.headroom)",
-    "fits.oom": lambda f: f"out of memory ({f['error']})",
+    "fits.oom": _oom,
     "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
                                   "so the headroom is not checked",
     "fits.crashed": lambda f: f"the training step raised {f['error']}",
@@ -252,8 +260,20 @@ def _check_dict(report: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the report
 
 
+def _capacity_rank(device: dict[str, Any]) -> str:
+    """Several ranks with different capacities: whose the tightest is, which the fits run is judged against."""
+    each = device.get("capacity_by_rank") or []
+    if device.get("capacity_rank") is None or len(set(each)) < 2:
+        return ""
+    others = ", ".join(f"rank {r} has {format_bytes(c)}" for r, c in enumerate(each) if r != device["capacity_rank"])
+    return f": rank {device['capacity_rank']}'s, the tightest; {others}"
+
+
 def _check_head(report: Any) -> str:
     where = device_text(report.device, report.device.get("capacity_bytes"))
+    whose = _capacity_rank(report.device)
+    if whose and where.endswith(")"):  # inside device_text's "(simulated capacity 72.0 MiB)"
+        where = f"{where[:-1]}{whose})"
     shape = format_shape(report.shape, "long")
     estimate = " (estimate: no training step ran)" if report.device.get("estimate") else ""
     return (f"batchtune check{estimate}: {report.name} — batch {shape}, lr {report.lr:.4g}, {where}, "
