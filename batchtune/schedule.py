@@ -117,7 +117,8 @@ class BatchSchedule:
     # ---------------------------------------------------------------------------- files
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "batchtune schedule 1", "total_samples": self.total_samples, "warmup_samples": self.warmup_samples,
+        return {"format": "batchtune schedule 1", "total_samples": self.total_samples,
+                "warmup_samples": self.warmup_samples,
                 "world_size": self.world_size, "stages": [asdict(s) for s in self.stages], "notes": self.notes}
 
     @classmethod

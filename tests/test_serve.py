@@ -296,7 +296,8 @@ def test_length_buckets_on_variable_length_requests(write_spec):
 
 
 def test_check_serve_times_the_longest_requests_too(write_spec):
-    """Random batches decide ``latency``; the batch of the longest requests warns when over budget (fails with --strict)."""
+    """Random batches decide ``latency``; the batch of the longest requests warns when over budget
+    (fails with --strict)."""
     from batchtune.commands.serve import ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward
 
     spec = write_spec(VARLEN_SPEC)
