@@ -62,7 +62,7 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     for size in (8, 16, 32, 64):
         assert {0.5, 1.0, 2.0} <= first[size] and len(first[size]) <= 5  # the bracket, at most 2 extensions
     for size in second.index:
-        assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the lrs near the fastest
+        assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the fastest lrs
     behind = sorted(set(first.index) - set(second.index))
     assert behind == []  # no target given: every size runs every seed
     assert not any(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) for size in first.index)  # no refining
@@ -425,7 +425,7 @@ def test_lr_standing_drives_the_bracket():
     assert _extension({1.0: "diverged", 2.0: "diverged"}) == 0.5
     assert _extension({0.5: "short", 1.0: "short-best", 2.0: "short"}) == 4.0
     assert _extension({0.5: "best", 1.0: "near", 2.0: "behind"}) == 0.25
-    assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5, 1.0]
+    assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5]  # near: the first seed only
     from batchtune.commands.sweep import _refinements
 
     assert _refinements({0.5: "behind", 1.0: "best", 2.0: "near"}) == [0.707107, 1.414214]

@@ -3,10 +3,10 @@
 Fair means: every size sees the same number of samples; its learning rate comes from a
 stated rule (with warmup) and a bracket around it, so a bad rule is not mistaken for a bad
 batch size: the first seed tries every multiplier (and extends the bracket where the fastest
-lr sits on its edge, or every lr diverged), the other seeds run only the lrs near each size's
-fastest; throughput is timed after warm-up steps with the device synchronised; validation
-runs at the same sample counts for every size and on a log grid of steps, so that each
-crossing of the target loss is resolved.
+lr sits on its edge, or every lr diverged), the other seeds run only each size's fastest lrs;
+throughput is timed after warm-up steps with the device synchronised; validation runs at the
+same sample counts for every size and on a log grid of steps, so that each crossing of the
+target loss is resolved.
 
 Ranking the trials is :mod:`batchtune.commands.sweep_analysis` (a pure function of the rows);
 the run folder (:class:`~batchtune.render.run_folder.RunFolder`) keeps the plan and every
@@ -167,8 +167,8 @@ class _Sweep:
         more multipliers per size where the bracket's edge was fastest (or everything
         diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
         leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
-        other seeds run each size still in contention (:func:`in_contention`) at the lrs near its
-        fastest. Every decision is a pure function of the first seed's rows, so a resumed sweep makes
+        other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
+        each target. Every decision is a pure function of the first seed's rows, so a resumed sweep makes
         the same ones.
         """
         from batchtune.engine.trial import Trainer
@@ -343,8 +343,11 @@ def _refinements(standing: dict[float, str]) -> list[float]:
 
 
 def _kept(standing: dict[float, str]) -> list[float]:
-    """The multipliers a size runs on its other seeds: its fastest and those near it."""
-    return sorted(m for m, v in standing.items() if v in ("best", "near", "short-best"))
+    """The multipliers a size runs on its other seeds: its fastest at each target (or, short of
+    every target, the one that came nearest). The lrs near the fastest ran on the first seed only:
+    re-run on every seed they moved no pick and no critical batch by more than noise on the three
+    ground truths, and cost a quarter of the sweep (benchmarks/README.md#ground_truthpy)."""
+    return sorted(m for m, v in standing.items() if v in ("best", "short-best"))
 
 
 def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) -> dict[str, Any] | None:
