@@ -631,3 +631,20 @@ def test_the_sweep_names_the_rank_that_bounds_a_mixed_fleets_ceiling(monkeypatch
     notes: list[str] = []
     assert sweep_module._ceiling(spec, None, CPUBackend(memory_limit=1 << 20), notes) == (425, 382)
     assert notes == ["probed ceiling 425 (7 trials, bounded by rank 1); safe micro-batch 382"]
+
+
+def test_every_trial_validates_at_one_batch_that_fits(monkeypatch):
+    """One validation batch for every size (the same computation, padding included), never above the
+    probe's safe micro-batch, instead of each size's own micro-batch (256 forward calls at 8)."""
+    from batchtune.commands.sweep import eval_batch_size
+    from batchtune.engine.shape import BatchShape
+    from batchtune.engine.trial import Trainer, TrialConfig
+
+    assert [eval_batch_size(m) for m in ({"safe_batch_size": 3347}, {"safe_batch_size": 100}, {})] == [256, 100, 256]
+    seen = []
+    monkeypatch.setattr(Trainer, "evaluate",
+                        lambda self, model, batch_size, eval_samples=None: seen.append(batch_size) or 1.0)
+    trainer = Trainer(build_components(load_spec_text(SWEEP_SPEC)), CPUBackend())
+    trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True, eval_batch_size=64))
+    trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True))
+    assert set(seen[:len(seen) // 2]) == {64} and set(seen[len(seen) // 2:]) == {8}

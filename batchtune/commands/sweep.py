@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # fastest size's: where a ×2 lr bracket's miss (up to √2 off the best lr: 10–25% of the time) can
 # change the pick
 LEADERS_WITHIN = 1.25
+EVAL_BATCH = 256  # the validation batch, where the safe micro-batch is larger (or unknown)
 
 
 
@@ -231,7 +232,8 @@ class _Sweep:
             warmup_steps=round(sw.warmup * trial_steps(meta, shape.batch_size)), seed=seed,
             eval_every_samples=meta["samples"] / sw.eval_points,
             evals_per_doubling=sw.evals_per_doubling,
-            validate=True, eval_samples=sw.eval_samples, timing_warmup_steps=sw.timing_warmup_steps,
+            validate=True, eval_samples=sw.eval_samples, eval_batch_size=eval_batch_size(meta),
+            timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
             stop_below=min(targets, default=None),
@@ -285,6 +287,13 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     row["noise_history"] = result.noise_history
     row["noise_raw"] = result.noise_raw
     return row
+
+
+def eval_batch_size(meta: dict[str, Any]) -> int:
+    """The validation batch of every trial: one size for all, so each size's val loss is the same
+    computation (padding included), and a large one, so that validating at a micro-batch of 8 does
+    not take 256 forward calls. Forward only, it fits where the probe's safe micro-batch trains."""
+    return min(meta.get("safe_batch_size") or EVAL_BATCH, EVAL_BATCH)
 
 
 def trial_steps(meta: dict[str, Any], batch_size: int) -> int:

@@ -63,6 +63,7 @@ class TrialConfig:
     evals_per_doubling: int = 0
     validate: bool = False  # a validation pass at the end
     eval_samples: int | None = None  # validation subset size (fixed across trials); None: all
+    eval_batch_size: int | None = None  # validation batch (a size known to fit); None: the micro-batch
     timing_warmup_steps: int = 0  # first steps excluded from throughput
     max_seconds: float | None = None  # training-time cap; the trial stops early and says so
     divergence_factor: float | None = None  # loss above factor × first loss counts as diverged
@@ -373,7 +374,8 @@ class Trainer:
         """Record a validation point; False if the loss is not finite (the trial has diverged)."""
         config, result = run.config, run.result
         self.backend.reset_peak()
-        val_loss = self._agreed(lambda: self.evaluate(run.model, config.shape.micro_batch_size, config.eval_samples))
+        eval_batch = config.eval_batch_size or config.shape.micro_batch_size
+        val_loss = self._agreed(lambda: self.evaluate(run.model, eval_batch, config.eval_samples))
         (val_loss,) = self.dist.mean(val_loss)
         result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
