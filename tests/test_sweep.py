@@ -645,6 +645,7 @@ def test_every_trial_validates_at_one_batch_that_fits(monkeypatch):
     monkeypatch.setattr(Trainer, "evaluate",
                         lambda self, model, batch_size, eval_samples=None: seen.append(batch_size) or 1.0)
     trainer = Trainer(build_components(load_spec_text(SWEEP_SPEC)), CPUBackend())
-    trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True, eval_batch_size=64))
-    trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True))
+    other = trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True, eval_batch_size=64))
+    own = trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True))
     assert set(seen[:len(seen) // 2]) == {64} and set(seen[len(seen) // 2:]) == {8}
+    assert other.eval_peak_bytes is None and own.eval_peak_bytes is not None  # a size's peak is its own batch's

@@ -377,7 +377,8 @@ class Trainer:
         eval_batch = config.eval_batch_size or config.shape.micro_batch_size
         val_loss = self._agreed(lambda: self.evaluate(run.model, eval_batch, config.eval_samples))
         (val_loss,) = self.dist.mean(val_loss)
-        result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
+        if eval_batch == config.shape.micro_batch_size:  # else the peak is another batch's, not this size's
+            result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
         reading = run.monitor.reading() if run.monitor is not None else None
         if reading is not None and reading.steps:
