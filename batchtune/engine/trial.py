@@ -379,6 +379,7 @@ class Trainer:
         (val_loss,) = self.dist.mean(val_loss)
         if eval_batch == config.shape.micro_batch_size:  # else the peak is another batch's, not this size's
             result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
+        self.backend.reset_peak()  # the next step's peak is its own, not this validation's
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
         reading = run.monitor.reading() if run.monitor is not None else None
         if reading is not None and reading.steps:
