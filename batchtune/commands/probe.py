@@ -505,11 +505,10 @@ def _bounding_rank(source: DeviceMemorySource, outcome: SearchOutcome, backend: 
     at = [t.result for t in source.trials if t.batch_size == outcome.ceiling and t.result.fits]
     failed = sorted((t for t in source.trials if not t.result.fits and t.batch_size > outcome.ceiling),
                     key=lambda t: t.batch_size)
-    own = failed and "on another rank" not in (failed[0].result.error or "")  # agreed failures say so
+    ranks = list(failed[0].result.failed_ranks) if failed else []  # the same on every rank: agreed in the trial
     capacity = backend.capacity_bytes()
     margin = capacity - at[0].peak_bytes if at and capacity is not None and at[0].peak_bytes else math.inf
-    margins, failing = dist.gather(margin), dist.gather(1.0 if own else 0.0)
-    ranks = [r for r, f in enumerate(failing) if f > 0.5]
+    margins = dist.gather(margin)
     rank = ranks[0] if ranks else min(range(len(margins)), key=lambda r: margins[r])
     return {"rank": rank, "failed_themselves": ranks, "failing_size": failed[0].batch_size if failed else None,
             "margin_bytes": [None if math.isinf(m) else int(m) for m in margins]}
