@@ -283,6 +283,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     from batchtune.engine.distributed import current
     from batchtune.engine.host import LoadMeter, set_threads
     from batchtune.engine.trial import Trainer, prepare
+    from batchtune.memory.source import tightest_capacity
     from batchtune.stats.scaling import spec_lr, spec_rule
 
     if not isinstance(spec, Spec):
@@ -298,7 +299,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     notes: list[str] = []
     shape = _within_limits(shape, components.train_set, notes)
     threads, threads_from = set_threads(spec.device.threads)
-    capacity, ranks = _tightest_capacity(backend, dist)
+    capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     return _CheckRun(spec=spec, shape=shape, baseline=base, trainer=Trainer(components, backend, spec.precision, dist),
                      capacity=capacity, lr=spec_lr(spec, shape.batch_size),
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
@@ -306,19 +307,6 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
                      rule=spec_rule(spec), budget=budget, started=started,
                      deadline=started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget),
                      notes=notes, meter=LoadMeter.start(), threads=threads)
-
-
-def _tightest_capacity(backend: Any, dist: Any) -> tuple[int | None, dict[str, Any]]:
-    """The smallest capacity over the ranks (unknown unless every rank knows its own), as the probe
-    searches for; under several ranks also whose it is (``capacity_rank``) and each rank's."""
-    capacity = backend.capacity_bytes()
-    if not dist.enabled:
-        return capacity, {}
-    each = [int(c) if c >= 0 else None for c in dist.gather(capacity if capacity is not None else -1)]
-    if None in each:
-        return None, {"capacity_by_rank": each}
-    rank = min(range(len(each)), key=each.__getitem__)
-    return each[rank], {"capacity_rank": rank, "capacity_by_rank": each}
 
 
 def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, int | None]:

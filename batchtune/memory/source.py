@@ -80,7 +80,7 @@ class DeviceMemorySource(MemorySource):
         self.steps_per_trial = steps_per_trial
         self.trials: list[DeviceTrial] = []
         self.baseline_bytes = int(dist.max(backend.current_bytes())[0])
-        self.capacity_bytes = _agreed_capacity(backend.capacity_bytes(), dist)
+        self.capacity_bytes = tightest_capacity(backend.capacity_bytes(), dist)[0]
 
     def measure(self, batch_size: int) -> Measurement:
         result = self.run(batch_size, phase="search", steps=self.steps_per_trial)
@@ -106,9 +106,13 @@ class DeviceMemorySource(MemorySource):
         self.model = None
 
 
-def _agreed_capacity(capacity: int | None, dist: Any) -> int | None:
-    """The smallest capacity over the ranks; unknown unless every rank knows its own."""
+def tightest_capacity(capacity: int | None, dist: Any) -> tuple[int | None, dict[str, Any]]:
+    """The smallest capacity over the ranks (unknown unless every rank knows its own); under several
+    ranks also whose it is (``capacity_rank``) and each rank's (``capacity_by_rank``)."""
     if not dist.enabled:
-        return capacity
-    known = dist.min(1.0 if capacity is not None else 0.0)[0] > 0.5
-    return int(dist.min(capacity if capacity is not None else 0)[0]) if known else None
+        return capacity, {}
+    each = [int(c) if c >= 0 else None for c in dist.gather(capacity if capacity is not None else -1)]
+    if None in each:
+        return None, {"capacity_by_rank": each}
+    rank = min(range(len(each)), key=each.__getitem__)
+    return each[rank], {"capacity_rank": rank, "capacity_by_rank": each}
