@@ -664,8 +664,10 @@ def plan(
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0,
                                                     help="... or in epochs of the training set.")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data).")] = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Devices the run gets (data parallel; the "
-                                                            "projection assumes linear scaling).")] = 1,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", min=1, help="Devices the run gets (data parallel). One process: default 1, and G > 1 assumes "
+                              "linear scaling; under torchrun the ranks are measured and this must be the world "
+                              "size (or left out).", show_default=False)] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", min=0,
                                                             help="Price of one device-hour, for the cost.")] = None,
     deadline: Annotated[Optional[str], typer.Option(
@@ -689,18 +691,19 @@ def plan(
     """Plan the whole run: critical batch by loss, each constant size and a batch-size schedule
     projected (steps, time, GPU-hours, cost), one recommended.
 
-    Exit 0 planned, 1 no plan (or none meets --deadline), 2 bad input.
+    Exit 0 planned, 1 no plan (or none meets --deadline), 2 bad input. Under torchrun every rank
+    calibrates, times and verifies data-parallel; rank 0 writes and prints, every rank exits alike.
     """
     with _user_errors():
         from batchtune.commands.plan import parse_deadline, run_plan
         from batchtune.render.plan import render_plan
 
         deadline_seconds = parse_deadline(deadline) if deadline is not None else None
-        if schedule_out is not None:
-            _writable(schedule_out, "--schedule-out", force)
+        spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
+        if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
+            _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
         if out is not None:
-            _check_out(out, force=False)
-        spec = _load(spec_path, _with_timeout(overrides, trial_timeout))
+            _rank0_check(lambda: _check_out(out, force=False))
         setup_logging(quiet)
         result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
                           price_per_hour=price_per_hour,

@@ -134,6 +134,42 @@ def test_a_schedules_later_stages_take_the_rule_from_its_first_lr():
     assert [s["lr"] for s in stages] == pytest.approx([0.1, 0.4])
 
 
+@pytest.mark.parametrize("gpus, world, verify, expected", [
+    (None, 1, False, 1), (4, 1, False, 4),  # one process: --gpus G is projected (linear scaling assumed)
+    (None, 2, True, 2), (2, 2, False, 2),  # torchrun: the world measured
+    (3, 2, False, "--gpus 3 under torchrun with 2 ranks"), (2, 1, True, "--verify trains the plan on the devices"),
+    (0, 1, False, "give at least 1"),
+])
+def test_the_projections_devices_are_the_ranks_measured_under_torchrun(gpus, world, verify, expected):
+    from batchtune.commands.plan import _device_count
+
+    if isinstance(expected, str):
+        with pytest.raises(UsageError, match=expected):
+            _device_count(gpus, world, verify)
+    else:
+        assert _device_count(gpus, world, verify) == expected
+
+
+@pytest.mark.parametrize("world, sizes, rates", [
+    (2, [64, 128], [1000.0, 1800.0]),  # torchrun on 2: the global sizes at the rates measured on them
+    (1, [128, 256], [2000.0, 3600.0]),  # one process, --gpus 2: twice the size at twice one device's rate
+])
+def test_two_devices_are_measured_under_torchrun_and_assumed_in_one_process(world, sizes, rates):
+    from batchtune.commands.plan import PlanResult, _project_plans, _schedule_artifact
+    from batchtune.config.spec import load_spec
+
+    spec = load_spec("configs/quickstart.yaml")
+    meta = {"world_size": world, "base_lrs": {"64": 0.001, "128": 0.0014},
+            "candidates": [{"batch_size": b, "micro_batch_size": b // world, "accum_steps": 1} for b in (64, 128)]}
+    result = PlanResult("p", 2_000_000, {}, [], None, {}, {}, [], None, None, None, gpus=2)
+    _project_plans(result, spec, meta, {64: 1000.0, 128: 1800.0}, {64: 1.0, 128: 1.0}, true_law, TRUE_CURVE, 0.01)
+    assert [c["batch_size"] for c in result.constant] == sizes
+    assert [c["samples_per_s"] for c in result.constant] == rates
+    assert [c["micro_batch_size"] for c in result.constant] == [64 // world, 128 // world]  # one device's
+    for c in result.constant:  # every plan is a schedule for the 2 devices (it used to fail with --gpus 2)
+        assert _schedule_artifact(result, [{"start_samples": 0, **c}]).world_size == 2
+
+
 def test_run_length_options_and_deadlines():
     assert run_samples(None, 1000, 1, epochs=2.5) == 2500
     assert run_samples(None, 1000, 128, tokens=128_000) == 1000

@@ -10,6 +10,15 @@ batch-size schedule, recommend one, and (``verify``) train it to check the proje
    loss against the samples a tiny batch would need, then every plan integrated over the run.
 4. **Recommend** the plan that reaches the final target (within ``tolerance`` of the best
    projected final loss) soonest; with a deadline, say whether it is met.
+
+Seconds come from samples per second timed at each size in the plain loop ``--verify`` runs
+(:func:`loop_throughput`). Under ``torchrun --nproc-per-node R -m batchtune plan`` every rank
+calibrates, times and verifies with the real data-parallel step (DDP's all-reduce, each rank its
+own shard of every global batch), so each global size's throughput is measured on the R ranks,
+communication included, and the projection is for those R devices. In one process ``--gpus G``
+projects G devices by assuming linear scaling (G× the size at G× one device's rate), which is
+what a torchrun plan measures instead; under torchrun a ``--gpus`` other than R is refused. Only
+rank 0 writes the run folder and the schedule; every rank projects and exits alike.
 """
 
 from __future__ import annotations
@@ -110,71 +119,100 @@ def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int
 
 
 def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = None, tokens: int | None = None,
-             gpus: int = 1, price_per_hour: float | None = None, deadline_seconds: float | None = None,
+             gpus: int | None = None, price_per_hour: float | None = None, deadline_seconds: float | None = None,
              calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
              verify_seeds: int = 1, schedule_out: Path | str | None = None, out: Path | str | None = None,
              backend: Any = None) -> PlanResult:
     """Calibrate, fit, project and recommend a plan for a run of N samples (see the module docstring).
 
+    Under torchrun every rank runs it (the sweep, the lead run, the timing and ``verify`` all train
+    data-parallel); what the analysis reads is rank 0's, so every rank projects, verifies and exits
+    alike, and only rank 0 writes the run folder and ``schedule_out``.
+
+    Args:
+        gpus: the devices the projection is for. One process: 1 by default; G > 1 projects a
+            data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
+            size, whose throughput is measured (see :func:`_device_count` for why another is refused).
+
     Raises:
         UsageError: the run's length is missing or too short to calibrate on, or the options conflict.
         SpecError: the spec cannot be swept as given.
     """
-    from batchtune.commands.sweep import run_sweep
     from batchtune.engine.distributed import current
     from batchtune.engine.trial import prepare
+    from batchtune.render.run_folder import RunFolder
 
-    if current().enabled:
-        raise UsageError("batchtune plan runs in one process (not under torchrun); --gpus G projects a "
-                         "data-parallel run on G devices from it")
+    dist = current()
     if not 0 < calibration_share <= 0.2:
         raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
-    if gpus < 1:
-        raise UsageError(f"--gpus {gpus}: give at least 1")
+    gpus = _device_count(gpus, dist.world_size, verify)
     spec, components, backend = prepare(spec, backend)
     n = run_samples(spec, len(components.train_set), components.tokens_per_sample(),
                     samples=samples, epochs=epochs, tokens=tokens)
     calibration_spec, per_trial, notes = _calibration_spec(spec, components, backend, n,
-                                                           calibration_share * SWEEP_SHARE)
-    sweep = run_sweep(calibration_spec, out=out, backend=backend)
-    from batchtune.render.run_folder import RunFolder
-
-    rows = RunFolder(sweep.run_dir).read_trials()
-    best = _best_lrs(rows)
-    timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
-    lead = _lead_run(calibration_spec, components, backend, sweep.meta, best, int(calibration_share * n)
-                     - sum(r["samples"] for r in rows) - timing * sum(best))
-    if lead is not None:
-        RunFolder(sweep.run_dir).write_json("lead.json", lead)  # beside trials.json: the whole calibration
-        notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
-                     "the noise scale further down than the short trials reach")
-        kept = falling(lead["evals"])
-        if len(kept) < len([e for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])]):
-            notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
-                         f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
-                         "too high to settle; the projection follows the curve before it and cannot foresee it")
-    throughput, timed = loop_throughput(calibration_spec, components, backend, sweep.meta, best)
-    result = _analyse(spec, sweep.meta, rows, best, n, lead=lead, throughput=throughput, gpus=gpus,
+                                                           calibration_share * SWEEP_SHARE, dist.world_size)
+    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes)
+    result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
-    trained = sum(r["samples"] for r in rows) + (lead["samples"] if lead else 0) + timed
-    result.calibration = {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
-                          "warmup_samples": int(spec.sweep.warmup * per_trial),
-                          "trials": len(rows), "seeds": sweep.meta["seeds"], "run_dir": str(sweep.run_dir)}
-    result.notes = notes + result.notes
+    result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
+    trained = result.calibration["samples"]
+    result.notes = notes + _device_notes(gpus, dist) + result.notes
+    lead = cal.lead
     if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
                             "trials saw less than one epoch: overfitting (validation loss rising) cannot be projected")
     if trained > calibration_share * n * 1.05:
         result.notes.append(f"the calibration trained {trained / n:.0%} of the run, more than the "
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
-    if result.schedule is not None and schedule_out is not None:
-        result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
-    folder = RunFolder(sweep.run_dir)
-    folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
+    result = dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
+    folder = RunFolder(cal.run_dir)
+    if dist.is_main:
+        if result.schedule is not None and schedule_out is not None:
+            result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
+        folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
     if verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
-        folder.write_json("plan.json", result.to_dict())
+        if dist.is_main:
+            folder.write_json("plan.json", result.to_dict())
     return result
+
+
+def _device_count(gpus: int | None, world_size: int, verify: bool) -> int:
+    """The devices the projection is for: ``gpus`` (default 1) in one process, the world size under torchrun.
+
+    Under torchrun a ``--gpus`` other than the world size is refused rather than taken as extra
+    scaling: running there is how the throughput per global size gets measured with the
+    world's communication in it, and scaling that again by an assumed factor would put a
+    measured and an assumed figure into one number that says neither. Another fleet is
+    projected by running on it, or in one process (linear scaling assumed, said in a note).
+
+    Raises:
+        UsageError: ``gpus`` is below 1, differs from the world size under torchrun, or
+            ``verify`` is asked for devices this run does not have.
+    """
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus {gpus}: give at least 1")
+    if world_size > 1 and gpus is not None and gpus != world_size:
+        raise UsageError(f"--gpus {gpus} under torchrun with {world_size} ranks: the plan measures the "
+                         f"{world_size} ranks it runs on; leave --gpus out (or give {world_size}), or launch "
+                         f"--nproc-per-node {gpus} to plan for {gpus} devices")
+    devices = gpus if gpus is not None else world_size
+    if verify and devices != world_size:
+        raise UsageError(f"--verify trains the plan on the devices this runs on ({world_size}), not the {devices} "
+                         f"--gpus projects: leave --gpus out, or run under torchrun --nproc-per-node {devices}")
+    return devices
+
+
+def _device_notes(gpus: int, dist: Any) -> list[str]:
+    """What the projection's device count rests on: measured ranks, or assumed scaling (one device: nothing to say)."""
+    if dist.enabled:
+        return [f"measured on {dist.world_size} ranks ({dist.backend}): each size's samples/s is its global "
+                "batch's, timed with every rank training its own shard and the gradients all-reduced; the "
+                f"projection's {gpus} devices are those ranks (no scaling assumed)"]
+    if gpus > 1:
+        return [f"--gpus {gpus}: each size is projected at {gpus}× its batch and {gpus}× its one-device samples/s "
+                f"(linear scaling assumed, no communication measured); torchrun --nproc-per-node {gpus} measures it"]
+    return []
 
 
 def parse_deadline(text: str) -> float:
@@ -190,16 +228,18 @@ def parse_deadline(text: str) -> float:
 # ------------------------------------------------------------------------------- calibration
 
 
-def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: float) -> tuple[Any, int, list[str]]:
-    """The sweep spec that calibrates: its sizes, two seeds, and a per-trial budget that keeps the
-    whole calibration within ``share`` of the run."""
+def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: float,
+                      world_size: int = 1) -> tuple[Any, int, list[str]]:
+    """The sweep spec that calibrates: its global sizes (shaped for ``world_size`` ranks, as the
+    sweep shapes them), two seeds, and a per-trial budget that keeps the whole calibration within
+    ``share`` of the run."""
     from batchtune.commands.sweep import _ceiling, _sizes, plan_candidates
 
     notes: list[str] = []
     sw = spec.sweep
     ceiling, safe = _ceiling(spec, components, backend, notes)
     sizes = [c.batch_size for c in plan_candidates(_sizes(spec, safe), safe, sw.accumulation,
-                                                       sw.max_accum_steps)[0]]
+                                                   sw.max_accum_steps, world_size)[0]]
     if not sizes:
         raise spec.error("sweep", "no batch size can run on this device")
     seeds = min(sw.seeds, CALIBRATION_SEEDS)
@@ -227,11 +267,65 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes
 
 
+@dataclass
+class _Calibration:
+    """What the calibration measured, the same on every rank (rank 0's rows and lead run)."""
+
+    run_dir: Path
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]]
+    best: dict[int, float]  # each size's lr multiplier (:func:`_best_lrs`)
+    lead: dict[str, Any] | None
+    throughput: dict[int, float]  # global samples/s per global size (:func:`loop_throughput`)
+    timed_samples: int
+
+
+def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
+               notes: list[str]) -> _Calibration:
+    """The sweep, the lead run and the timing, on every rank. Rank 0 wrote the sweep's trials and
+    tells the others (on several nodes only it may see the folder); its lead run is the one read."""
+    from batchtune.commands.sweep import run_sweep
+    from batchtune.engine.distributed import current
+    from batchtune.render.run_folder import RunFolder
+
+    dist = current()
+    sweep = run_sweep(spec, out=out, backend=backend)
+    folder = RunFolder(sweep.run_dir)
+    rows = dist.broadcast(folder.read_trials() if dist.is_main else None)
+    best = _best_lrs(rows)
+    timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
+    lead = dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
+                                    - sum(r["samples"] for r in rows) - timing * sum(best)))
+    if lead is not None:
+        if dist.is_main:
+            folder.write_json("lead.json", lead)  # beside trials.json: the whole calibration
+        notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
+                     "the noise scale further down than the short trials reach")
+        kept = falling(lead["evals"])
+        if len(kept) < len([e for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])]):
+            notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
+                         f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
+                         "too high to settle; the projection follows the curve before it and cannot foresee it")
+    throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
+    return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
+
+
+def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, world_size: int) -> dict[str, Any]:
+    """The calibration as the result reports it: what it trained, and the samples/s it timed per size."""
+    trained = sum(r["samples"] for r in cal.rows) + (cal.lead["samples"] if cal.lead else 0) + cal.timed_samples
+    return {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
+            "warmup_samples": int(spec.sweep.warmup * per_trial), "trials": len(cal.rows),
+            "seeds": cal.meta["seeds"], "run_dir": str(cal.run_dir), "world_size": world_size,
+            "samples_per_s": {str(size): rate for size, rate in sorted(cal.throughput.items())}}
+
+
 def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
               samples: int) -> dict[str, Any] | None:
     """One long run at a middle size with the noise scale measured: the loss curve and the noise
-    scale far below the losses the short trials reach. None when no size trained."""
+    scale far below the losses the short trials reach. None when no size trained. Under torchrun
+    it runs on every rank, shaped as the sweep's trials (the global size over the ranks)."""
     from batchtune.commands.sweep import _row
+    from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, trial_config
 
@@ -242,14 +336,18 @@ def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], be
     steps = samples // size
     if steps < 2 * CALIBRATION_MIN_STEPS:
         return None
-    shape = BatchShape.from_dict(next(c for c in meta["candidates"] if c["batch_size"] == size))
+    dist = current()
+    shape = BatchShape.from_dict({**next(c for c in meta["candidates"] if c["batch_size"] == size),
+                                  "world_size": dist.world_size})
     sw = spec.sweep
     config = trial_config(
         spec, shape, lr=meta["base_lrs"][str(size)] * best[size], steps=steps,
         warmup_steps=round(sw.warmup * meta["samples"] / size), eval_every_samples=steps * size / VERIFY_EVALS,
         evals_per_doubling=sw.evals_per_doubling, validate=True, eval_samples=sw.eval_samples,
         timing_warmup_steps=sw.timing_warmup_steps, divergence_factor=sw.divergence_factor, measure_noise=True,
-        memory_steps=max(2, sw.timing_warmup_steps))
+        memory_steps=max(2, sw.timing_warmup_steps),
+        # as the sweep's trials: a micro-batch the probe confirmed cannot OOM overlaps DDP's all-reduce
+        overlap_comm=dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0))
     log.info("lead run: batch %d for %d steps", size, steps)
     row = _row(Trainer(components, backend, spec.precision).run(config), best[size], backend.capacity_bytes())
     return row if row["fits"] and not row["diverged"] else None
@@ -400,36 +498,28 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
 
 def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
                     steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int]:
-    """Samples per second per size, timed in the loop ``--verify`` (and a user's loop) runs:
+    """Samples per second per (global) size, timed in the loop ``--verify`` (and a user's loop) runs:
     ``steps`` steps after :data:`THROUGHPUT_WARMUP`, at the size's shape and best lr, from their
     median step time; and the samples that took. The sweep's own timing runs inside its measuring
     trainer, whose per-step bookkeeping weighs on small batches (20% at 32 samples of the quickstart
     MLP). The median, not the total: 16 steps of 1.3 ms timed as one total read 1.2 to 3.6 ms on a
-    shared machine, and the constant plan's verified time came out 33% over its projection."""
-    import torch
+    shared machine, and the constant plan's verified time came out 33% over its projection.
 
-    from batchtune.engine.data import batches
-
+    Under torchrun every rank times the same steps of the real data-parallel step (its shard of
+    the global batch, DDP's all-reduce); a step's time is the slowest rank's, so every rank gets
+    the same rates, and they include the communication a one-device timing leaves out.
+    """
     shapes = {c["batch_size"]: c for c in meta["candidates"]}
     rates, samples = {}, 0
-    scaler = torch.amp.GradScaler(backend.device.type) if spec.precision == "fp16" else None
     for size, mult in sorted(best.items()):
         stage = ScheduleStage(0, size, shapes[size]["micro_batch_size"], shapes[size]["accum_steps"],
                               meta["base_lrs"][str(size)] * mult)
-        model = components.build_model(spec.seed).to(backend.device)
-        optimizer = components.build_optimizer(model.parameters(), stage.lr)
-        stream = batches(components.train_set, stage.micro_batch_size, seed=spec.seed,
-                         num_workers=spec.data.num_workers)
-        times = []
-        for i in range(THROUGHPUT_WARMUP + steps):
-            started = time.perf_counter()
-            _plain_step(spec, components, model, optimizer, stream, stage, backend.device, scaler)
-            backend.synchronize()
-            if i >= THROUGHPUT_WARMUP:
-                times.append(time.perf_counter() - started)
-        rates[size] = size / statistics.median(times)
+        loop = _PlainLoop.build(spec, components, backend, stage.lr, spec.seed)
+        stream = loop.stream(stage.micro_batch_size, spec.seed)
+        times = [loop.agreed(*loop.step(stream, stage))[1] for _ in range(THROUGHPUT_WARMUP + steps)]
+        rates[size] = size / statistics.median(times[THROUGHPUT_WARMUP:])
         samples += (THROUGHPUT_WARMUP + steps) * size
-        del model, optimizer
+        del loop
     return rates, samples
 
 
@@ -446,10 +536,13 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
                    best: dict[int, float], law: Any, curve: Any, tolerance: float) -> None:
     """Project each constant size and the schedule, set the final target, recommend.
 
-    ``measured``: samples per second per size on one device; G devices run G× the size at G×
-    the rate (linear scaling: no communication cost is measured here)."""
+    ``measured``: samples per second per global size on the calibration's ranks (``meta``'s
+    world size: one process, or torchrun's world with its communication). In one process
+    ``--gpus G`` runs G× the size at G× the rate (linear scaling: no communication measured);
+    under torchrun the devices are the ranks measured and nothing is scaled."""
     n, gpus, price = result.samples, result.gpus, result.price_per_hour
-    rates = {size * gpus: rate * gpus for size, rate in measured.items()}
+    scale = gpus // meta.get("world_size", 1)  # 1 under torchrun (--gpus is the world size there)
+    rates = {size * scale: rate * scale for size, rate in measured.items()}
     plans: dict[str, list[Stage]] = {f"constant {b}": [Stage(0.0, b, tp)] for b, tp in sorted(rates.items())}
     best_final = min(project(stages, n, curve, law).final_loss for stages in plans.values())
     target = best_final + tolerance * abs(best_final)
@@ -459,7 +552,7 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
     if schedule is not None:
         projected["schedule"] = schedule
     for name, p in projected.items():
-        stages = _stage_dicts(spec, meta, best, p.stages, gpus)
+        stages = _stage_dicts(spec, meta, best, p.stages, scale)
         if name == "schedule":
             result.schedule = {"stages": stages, **_plan_dict(p, gpus, price)}
         else:
@@ -469,8 +562,9 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
 
 
 def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages: list[Stage],
-                 gpus: int) -> list[dict[str, Any]]:
-    """Each stage with its shape (from the calibration's) and lr: the first stage's is the rule's times
+                 scale: int) -> list[dict[str, Any]]:
+    """Each stage with its per-device shape (the calibration size's, of which it is ``scale``× on
+    ``scale``× the devices) and lr: the first stage's is the rule's times
     the size's best multiplier; a later stage's is the first stage's, scaled by the stated rule to its
     size. Short calibration trials favour large lrs that turn unstable at the low losses a later
     stage trains at: with SGD, the MLP's switch to 256 at its calibrated ×4 lr threw the loss
@@ -480,10 +574,10 @@ def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages
     shapes = {c["batch_size"]: c for c in meta["candidates"]}
     out: list[dict[str, Any]] = []
     for s in stages:
-        size = s.batch_size // gpus
+        size = s.batch_size // scale
         shape = shapes[size]
-        # gpus > 1: the rule's lr at the global size, times the multiplier measured at the device's
-        lr = (meta["base_lrs"][str(size)] if gpus == 1 else spec_lr(spec, s.batch_size)) * best[size]
+        # scaled: the rule's lr at the projected global size, times the multiplier measured at the calibrated one
+        lr = (meta["base_lrs"][str(size)] if scale == 1 else spec_lr(spec, s.batch_size)) * best[size]
         if out:
             first = out[0]
             lr = first["lr"] * spec_lr(spec, s.batch_size) / spec_lr(spec, first["batch_size"])
@@ -549,13 +643,14 @@ def duration_text(seconds: float | None) -> str:
 
 
 def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None = None) -> BatchSchedule:
-    """The schedule (or, given ``stages``, any plan) as a :class:`BatchSchedule` a loop can follow."""
+    """The schedule (or, given ``stages``, any plan) as a :class:`BatchSchedule` a loop can follow,
+    on the plan's devices: each stage's micro-batch is one device's."""
     stages = stages or result.schedule["stages"]
     warmup = result.calibration.get("warmup_samples", 0)
     return BatchSchedule([ScheduleStage(s["start_samples"], s["batch_size"], s["micro_batch_size"],
                                         s["accum_steps"], s["lr"]) for s in stages],
-                         result.samples, int(warmup), notes=[f"batchtune plan for {result.name}: "
-                                                            f"{result.samples} samples"])
+                         result.samples, int(warmup), world_size=result.gpus,
+                         notes=[f"batchtune plan for {result.name}: {result.samples} samples"])
 
 
 # ---------------------------------------------------------------------------------- verify
@@ -564,11 +659,16 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
 def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *, seeds: int = 1) -> dict[str, Any]:
     """Train the recommended plan over the whole run, and beside it the best constant size and
     the schedule (where they are not the pick), each for ``seeds`` seeds: measured steps and
-    seconds to the final target (medians over seeds) beside the projection."""
+    seconds to the final target (medians over seeds) beside the projection. Under torchrun every
+    rank trains each plan data-parallel, as the run it verifies would be."""
+    from batchtune.engine.distributed import current
+
     if result.recommendation is None or result.projection is None:
         raise UsageError("nothing to verify: the plan recommends no run")
-    if result.gpus != 1:
-        raise UsageError("--verify trains on this device: use it with --gpus 1")
+    world = current().world_size
+    if result.gpus != world:
+        raise UsageError(f"--verify trains on the {world} device(s) this runs on, not the {result.gpus} the plan "
+                         "is for")
     plans = {result.recommendation["plan"]: _plan_stages(result, result.recommendation["plan"])}
     fastest = min((c for c in result.constant if c["reaches_target"]), key=lambda c: c["seconds"], default=None)
     if fastest is not None:  # side by side: the schedule and the best constant size, whichever was picked
@@ -620,37 +720,25 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
                 target: float) -> dict[str, Any]:
     """A plain loop over ``schedule`` (what a user's loop does with it): steps and training seconds
     (validation excluded) to the first validation at or below ``target``, interpolated."""
-    import torch
-
     from batchtune.commands.sweep_analysis import crossing
-    from batchtune.engine.data import batches
-    from batchtune.engine.trial import Trainer
 
-    device = backend.device
-    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
-    torch.manual_seed(seed)
-    model = components.build_model(seed).to(device)
-    optimizer = components.build_optimizer(model.parameters(), schedule.stages[0].lr)
-    judge = Trainer(components, backend, spec.precision)
+    loop = _PlainLoop.build(spec, components, backend, schedule.stages[0].lr, seed)
     eval_size, eval_samples = schedule.stages[0].micro_batch_size, spec.sweep.eval_samples
-    evals = [(0.0, 0.0, judge.evaluate(model, eval_size, eval_samples))]
+    evals = [(0.0, 0.0, loop.evaluate(eval_size, eval_samples))]
     every = schedule.total_samples / VERIFY_EVALS
     seen, steps, seconds, next_eval = 0, 0, 0.0, every
     for index, stage in enumerate(schedule.stages):
         end = schedule.stages[index + 1].start_samples if index + 1 < len(schedule.stages) else schedule.total_samples
-        stream = batches(components.train_set, stage.micro_batch_size, seed=seed + 1000 * index,
-                         num_workers=spec.data.num_workers)
+        stream = loop.stream(stage.micro_batch_size, seed + 1000 * index)
         while seen < end:
-            started = time.perf_counter()
-            schedule.set_lr(optimizer, seen)
-            loss = _plain_step(spec, components, model, optimizer, stream, stage, device, scaler)
-            backend.synchronize()
-            seconds += time.perf_counter() - started
+            schedule.set_lr(loop.optimizer, seen)
+            finite, step_seconds = loop.agreed(*loop.step(stream, stage))
+            seconds += step_seconds
             seen, steps = seen + stage.batch_size, steps + 1
-            if not math.isfinite(loss):
+            if not finite:
                 return {"steps": None, "seconds": None, "final_loss": math.inf, "diverged_at": steps, "evals": evals}
             if seen >= next_eval or seen >= schedule.total_samples:
-                evals.append((steps, seconds, judge.evaluate(model, eval_size, eval_samples)))
+                evals.append((steps, seconds, loop.evaluate(eval_size, eval_samples)))
                 next_eval += every
     # read on the curve's best decreasing fit: near the end of a run the loss is flat and noisy, and
     # one dip below the target would say it was reached thousands of steps before it stays there
@@ -660,30 +748,103 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
             "evals": [list(e) for e in evals]}
 
 
-def _plain_step(spec: Any, components: Any, model: Any, optimizer: Any, stream: Any, stage: ScheduleStage,
-                device: Any, scaler: Any) -> float:
-    """One optimizer step: ``accum_steps`` micro-batches, their mean loss's gradient, clipping, the
-    update (fp16: through a GradScaler, which skips a step whose gradients overflowed)."""
-    import torch
+@dataclass
+class _PlainLoop:
+    """One model trained as a user's loop trains it: what the timing and ``--verify`` run.
 
-    from batchtune.config.components import to_device
-    from batchtune.engine.workload import autocast
+    Under torchrun every rank runs it with the real data-parallel step: the model in the
+    trainer's DDP wrapper (built once and agreed across ranks), each rank its own shard of every
+    global batch, the accumulated micro-batches' backward passes under ``no_sync`` but the last,
+    whose backward all-reduces the gradients as a real job's does. (FSDP: the trainer's sharded
+    model, reduce-scattering in every backward.) The sizes it trains fit in the calibration, so no
+    step is agreed before its collectives, as in a real job; after each step, outside its time,
+    the ranks agree on its time and on whether its loss was finite.
+    """
 
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for _ in range(stage.accum_steps):
-        with autocast(device.type, spec.precision):
-            loss = components.loss_fn(model, to_device(next(stream), device))
-        scaled = loss / stage.accum_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += float(loss.detach()) / stage.accum_steps
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if spec.sweep.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.sweep.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return total
+    spec: Any
+    components: Any
+    backend: Any
+    trainer: Any  # its dist, its data-parallel wrapper, its evaluation
+    model: Any
+    net: Any  # the model as trained: its DDP wrapper under torchrun
+    optimizer: Any
+    scaler: Any  # fp16: a GradScaler
+
+    @classmethod
+    def build(cls, spec: Any, components: Any, backend: Any, lr: float, seed: int) -> _PlainLoop:
+        import torch
+
+        from batchtune.engine.trial import Trainer
+
+        trainer = Trainer(components, backend, spec.precision)
+        torch.manual_seed(seed)
+        model = components.build_model(seed).to(backend.device)
+        net = trainer.data_parallel(model) if trainer.dist.enabled else model
+        if trainer.strategy == "fsdp":
+            from batchtune.engine.sharding import agree_before_collectives
+
+            agree_before_collectives(model, False)
+        optimizer = components.build_optimizer(model.parameters(), lr)  # after FSDP has sharded the parameters
+        scaler = torch.amp.GradScaler(backend.device.type) if spec.precision == "fp16" else None
+        return cls(spec, components, backend, trainer, model, net, optimizer, scaler)
+
+    def stream(self, micro_batch_size: int, seed: int) -> Any:
+        """Micro-batches of this rank's shard (the whole set in one process)."""
+        from batchtune.engine.data import batches
+
+        return batches(self.components.train_set, micro_batch_size, seed=seed,
+                       num_workers=self.spec.data.num_workers, dist=self.trainer.dist,
+                       collate_fn=self.components.collate_fn)
+
+    def evaluate(self, batch_size: int, eval_samples: int | None) -> float:
+        """The validation loss, the ranks' mean (each evaluates the same samples on the same weights)."""
+        (loss,) = self.trainer.dist.mean(self.trainer.evaluate(self.model, batch_size, eval_samples))
+        return loss
+
+    def step(self, stream: Any, stage: ScheduleStage) -> tuple[float, float]:
+        """One optimizer step, with the device synchronised at its end: (this rank's loss, its seconds)."""
+        started = time.perf_counter()
+        loss = self._step(stream, stage)
+        self.backend.synchronize()
+        return loss, time.perf_counter() - started
+
+    def agreed(self, loss: float, seconds: float) -> tuple[bool, float]:
+        """(whether the loss was finite on every rank, the slowest rank's seconds): one collective, untimed."""
+        nonfinite, seconds = self.trainer.dist.max(0.0 if math.isfinite(loss) else 1.0, seconds)
+        return nonfinite == 0.0, seconds
+
+    def _step(self, stream: Any, stage: ScheduleStage) -> float:
+        """``accum_steps`` micro-batches, their mean loss's gradient, clipping, the update (fp16:
+        through the GradScaler, which skips a step whose gradients overflowed)."""
+        import torch
+
+        from batchtune.config.components import to_device
+        from batchtune.engine.workload import autocast
+
+        device, scaler, optimizer = self.backend.device, self.scaler, self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(stage.accum_steps):
+            with self._accumulating(last=i == stage.accum_steps - 1):
+                with autocast(device.type, self.spec.precision):
+                    loss = self.components.loss_fn(self.net, to_device(next(stream), device))
+                scaled = loss / stage.accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach()) / stage.accum_steps
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.spec.sweep.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.sweep.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return total
+
+    def _accumulating(self, last: bool) -> Any:
+        """DDP's ``no_sync`` for every micro-batch but a step's last: one all-reduce per step."""
+        import contextlib
+
+        no_sync = getattr(self.net, "no_sync", None)
+        return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
