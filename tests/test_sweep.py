@@ -425,6 +425,20 @@ def test_lr_standing_drives_the_bracket():
     assert _extension({1.0: "diverged", 2.0: "diverged"}) == 0.5
     assert _extension({0.5: "short", 1.0: "short-best", 2.0: "short"}) == 4.0
     assert _extension({0.5: "best", 1.0: "near", 2.0: "behind"}) == 0.25
+    # nothing reached: towards the nearest size's fastest lrs where they lie outside the bracket
+    stuck = {0.5: "short", 1.0: "short-best", 2.0: "short"}
+    assert _extension(stuck, (0.125, 0.125)) == 0.125 and _extension(stuck, (0.125, 1.0)) == 4.0
+    assert _extension(stuck, (0.1, 0.2)) == 0.125 and _extension(stuck, (0.5, 0.5)) == 0.25
+    assert _extension({**stuck, 0.125: "short"}, (0.125, 0.125)) == 0.0625  # the bracket's ×2, after the jump
+    assert _extension({**stuck, 2.0: "diverged"}, (4.0, 8.0)) == 4.0
+    assert _extension({**stuck, 2.0: "diverged"}, (0.7, 1.0)) is None
+    assert _extension({0.5: "near", 1.0: "best", 2.0: "behind"}, (0.01, 0.01)) is None  # reached: the hint plays no part
+    from batchtune.commands.sweep import _neighbour_best
+
+    everyone = {64: {0.5: "best", 1.0: "behind"}, 128: {0.25: "best", 0.125: "best", 1.0: "short"},
+                256: {0.5: "short"}, 1024: {2.0: "best"}}
+    assert _neighbour_best(everyone, 256) == (0.125, 0.25) and _neighbour_best(everyone, 512) == (2.0, 2.0)
+    assert _neighbour_best(everyone, 80) == (0.5, 0.5) and _neighbour_best({256: {1.0: "short"}}, 256) is None
     assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5]  # near: the first seed only
     from batchtune.commands.sweep import _refinements
 

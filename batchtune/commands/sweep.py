@@ -180,12 +180,15 @@ class _Sweep:
         # the rule's lr first: the likeliest fastest, whose crossing bounds how far the others train on
         order = sorted(self.meta["lr_multipliers"], key=lambda m: (abs(math.log(m)), m))
         self._run_all([(first, m, c) for m in order for c in self.shapes()])
-        for _ in range(self.meta.get("lr_extensions", 0)):
-            standing = self._standing(first)
-            more = [(first, m, c) for c in self.shapes() if (m := _extension(standing.get(c.batch_size, {})))]
-            if not more:
-                break
-            self._run_all(more)
+        # size by size, smallest first: a size none of whose lrs reached the target extends towards
+        # its neighbour's fastest, so the smaller neighbour's own extensions come first
+        for shape in sorted(self.shapes(), key=lambda c: c.batch_size):
+            for _ in range(self.meta.get("lr_extensions", 0)):
+                standing = self._standing(first)
+                m = _extension(standing.get(shape.batch_size, {}), _neighbour_best(standing, shape.batch_size))
+                if m is None:
+                    break
+                self._run_all([(first, m, shape)])
         if refine := self.meta.get("lr_refine"):
             standing = self._standing(first)
             leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
@@ -313,28 +316,48 @@ def loss_at_budget(row: dict[str, Any], samples: int) -> float | None:
     return at[-1][3]
 
 
-def _extension(standing: dict[float, str]) -> float | None:
+def _extension(standing: dict[float, str], hint: float | None = None) -> float | None:
     """One more lr multiplier for a size, past the edge of its bracket, or None.
 
-    Down when every lr diverged or the smallest was fastest; up when the largest was fastest,
-    or when nothing reached the target and the largest did not diverge. The step is the
-    bracket's own outer ratio (×2 for a single multiplier).
+    Down when every lr diverged or the smallest was fastest; up when the largest was fastest.
+    When no lr reached the target, towards ``hint`` (the fastest multipliers of the nearest size
+    that reached one, :func:`_neighbour_best`) where they lie at or beyond the bracket's edge, in
+    one jump to the first of the bracket's steps at or past them; else up unless the largest
+    diverged. The hint matters past the critical batch, where an SGD rule's lr is many times too
+    large: a ReLU network sat at its first loss at ×½, ×1 and ×2 alike, and going up (the old
+    default) spent both extensions on a size whose neighbour's best was ×⅛. The step is the
+    bracket's ratio (×2 for a single multiplier).
     """
     if not standing or "oom" in standing.values():
         return None
     mults = sorted(standing)
-    up = mults[-1] / mults[-2] if len(mults) > 1 else 2.0
-    down = mults[1] / mults[0] if len(mults) > 1 else 2.0
+    step = min((b / a for a, b in zip(mults, mults[1:])), default=2.0)  # the bracket's ratio, after a jump too
     top, bottom = standing[mults[-1]], standing[mults[0]]
     if all(v == "diverged" for v in standing.values()):
-        return mults[0] / down
+        return mults[0] / step
     if len(mults) > 1 and top == "best":
-        return mults[-1] * up
+        return mults[-1] * step
     if len(mults) > 1 and bottom == "best":
-        return mults[0] / down
-    if not any(v in ("best", "near") for v in standing.values()) and top != "diverged":
-        return mults[-1] * up
-    return None
+        return mults[0] / step
+    if any(v in ("best", "near") for v in standing.values()):
+        return None
+    if hint is not None and hint[1] <= mults[0]:  # at the hint, or the first step of the bracket below it
+        return mults[0] / step ** max(1, math.ceil(math.log(mults[0] / hint[1], step) - 1e-9))
+    if hint is not None and hint[0] >= mults[-1]:
+        return mults[-1] * step ** max(1, math.ceil(math.log(hint[0] / mults[-1], step) - 1e-9))
+    return mults[-1] * step if top != "diverged" else None
+
+
+def _neighbour_best(standing: dict[int, dict[float, str]], size: int) -> tuple[float, float] | None:
+    """The lowest and highest of the fastest lr multipliers (one per target) of the size nearest
+    to ``size`` (the smaller one on a tie) whose lr reached a target; None when no other size did."""
+    reached = [(abs(math.log(b / size)), b, m) for b, lrs in standing.items() if b != size
+               for m, v in lrs.items() if v == "best"]
+    if not reached:
+        return None
+    _, nearest, _ = min(reached)
+    bests = [m for _, b, m in reached if b == nearest]
+    return min(bests), max(bests)
 
 
 def _refinements(standing: dict[float, str]) -> list[float]:
