@@ -251,6 +251,24 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
         assert loaded.total_samples == n
 
 
+def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
+    """Every calibration trial diverges: no plan, so nothing to verify. That is an outcome (exit 1,
+    the report saying why), not a usage error (it was exit 2 with one line and no report)."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    args = ["plan", "configs/quickstart.yaml", "optimizer.lr=1000", "sweep.batch_sizes=[32,64]",
+            "device.memory_limit=null", "sweep.lr_search=false", "--samples", "60000", "--verify",
+            "--out", str(tmp_path / "run"), "--format", "json", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["recommendation"] is None and data["verified"] is None
+    assert "no size trained without diverging in calibration: nothing to plan from" in data["notes"]
+    assert "--verify: nothing to verify, the plan recommends no run" in data["notes"]
+
+
 def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
     from typer.testing import CliRunner
 

@@ -170,7 +170,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         if result.schedule is not None and schedule_out is not None:
             result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
         folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
-    if verify:
+    if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
+        result.notes.append("--verify: nothing to verify, the plan recommends no run")
+    elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
         if dist.is_main:
             folder.write_json("plan.json", result.to_dict())
