@@ -170,6 +170,18 @@ def test_two_devices_are_measured_under_torchrun_and_assumed_in_one_process(worl
         assert _schedule_artifact(result, [{"start_samples": 0, **c}]).world_size == 2
 
 
+def test_the_calibration_trains_the_sizes_it_can_give_an_equal_share():
+    """2M samples, 10% for the short trials, 6 per size: 8..1024 would leave 502 samples a trial
+    for the small sizes beside 16 steps of 1024; 8..256 all get 5,555 (>= 16 x 256)."""
+    from batchtune.commands.plan import _affordable, _samples_for
+
+    sizes = [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert _affordable(sizes, 6, 200_000) == ([8, 16, 32, 64, 128, 256], [512, 1024])
+    assert _samples_for(sizes, 6, 0.1) == 7_864_320  # 16 x 1024 x 6 trials x 8 sizes / 10%
+    assert _affordable(sizes, 6, 786_432) == (sizes, [])
+    assert _affordable([32, 64], 6, 1_000) == ([32, 64], [])  # not even two: the minimum-steps rule decides
+
+
 def test_run_length_options_and_deadlines():
     assert run_samples(None, 1000, 1, epochs=2.5) == 2500
     assert run_samples(None, 1000, 128, tokens=128_000) == 1000
@@ -223,7 +235,7 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
 
     from batchtune.cli import app
 
-    n = 120_000
+    n = 130_000  # 128 gets its 16 steps at an equal share from 123,000 up
     args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128]",
             "device.memory_limit=null",
             "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n), "--out", str(tmp_path / "run"),

@@ -251,6 +251,12 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     def total(per_trial: int) -> int:
         return sum(trials_per_size * max(per_trial, CALIBRATION_MIN_STEPS * b) for b in sizes)
 
+    sizes, left_out = _affordable(sizes, trials_per_size, share * n)
+    if left_out:
+        notes.append(f"calibration leaves out {', '.join(map(str, left_out))}: {CALIBRATION_MIN_STEPS} steps there "
+                     f"({CALIBRATION_MIN_STEPS * left_out[0]:,} samples and more) exceed what each size's trials "
+                     f"get; a run of at least {_samples_for(sizes + left_out, trials_per_size, share):,} samples "
+                     "calibrates every size")
     per_trial = int(share * n / (trials_per_size * len(sizes)))
     while per_trial > 1 and total(per_trial) > share * n:
         per_trial = int(per_trial * 0.9)
@@ -267,6 +273,23 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     notes.append(f"calibration: sizes {', '.join(map(str, sizes))}, {seeds} seeds, {per_trial} samples per trial "
                  f"({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes
+
+
+def _affordable(sizes: list[int], trials_per_size: int, budget: float) -> tuple[list[int], list[int]]:
+    """The sizes the calibration trains, and those it leaves out: the most sizes (smallest first, at
+    least two) whose trials can all train the same samples, at least :data:`CALIBRATION_MIN_STEPS`
+    steps of the largest. Without the equal share, the largest sizes' minimum steps ate the budget:
+    on a conv net planned over 2M samples, 512 and 1024 took 74% of it and every smaller size's
+    trials got 502 samples, too few to choose an lr by (the lead run diverged at the one chosen)."""
+    for keep in range(len(sizes), 1, -1):
+        if budget / (trials_per_size * keep) >= CALIBRATION_MIN_STEPS * sizes[keep - 1]:
+            return sizes[:keep], sizes[keep:]
+    return sizes, []  # not even two sizes at an equal share: every size, at least its minimum steps
+
+
+def _samples_for(sizes: list[int], trials_per_size: int, share: float) -> int:
+    """The run length at which every one of ``sizes`` gets an equal calibration share (:func:`_affordable`)."""
+    return math.ceil(CALIBRATION_MIN_STEPS * max(sizes) * trials_per_size * len(sizes) / share)
 
 
 @dataclass
