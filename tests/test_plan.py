@@ -245,6 +245,10 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert 0.15 * n <= data["calibration_samples"] <= 0.2 * n
+    per_trial = data["calibration"]["samples_per_trial"]
+    assert per_trial % 128 == 0 and per_trial >= 16 * 128  # whole steps at every size, 16 of the largest
+    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert all(t["samples"] == per_trial and t["final_val_loss"] is not None for t in trials if not t["diverged"])
     assert len(data["critical_batch_by_loss"]) >= 3 and all(float(k) > 0 for k in data["critical_batch_by_loss"])
     assert sorted(c["batch_size"] for c in data["constant"]) == [32, 64, 128]
     for c in data["constant"]:

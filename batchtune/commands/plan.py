@@ -260,6 +260,8 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     per_trial = int(share * n / (trials_per_size * len(sizes)))
     while per_trial > 1 and total(per_trial) > share * n:
         per_trial = int(per_trial * 0.9)
+    if per_trial >= max(sizes):  # whole steps at every size: each trial trains exactly the budget, read there
+        per_trial -= per_trial % max(sizes)
     if per_trial < CALIBRATION_MIN_STEPS * min(sizes) or total(per_trial) > share * n:
         raise UsageError(f"a run of {n} samples is too short to plan: the calibration's short trials "
                          f"({trials_per_size} per size over sizes {', '.join(map(str, sizes))}, at least "
