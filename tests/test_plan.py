@@ -117,6 +117,13 @@ def test_verified_crossing_reads_the_decreasing_fit_not_one_dip():
     noisy = [0.40, 0.33, 0.29, 0.34, 0.30, 0.29]
     assert [i for i, v in enumerate(decreasing_fit(noisy)) if v <= 0.30][0] == 4
     assert crossing([(i, 0.1 * i, v) for i, v in enumerate(noisy)], 0.30) == pytest.approx((4, 0.4))
+    from batchtune.commands.plan import verified_crossing
+
+    # overfitting: the run passed 0.5 between steps 10 and 20, then rose; the whole curve's fit never gets there
+    overfit = [(0, 0.0, 2.0), (10, 1.0, 1.0), (20, 2.0, 0.45), (30, 3.0, 0.6), (40, 4.0, 0.9)]
+    assert crossing(overfit, 0.5) is None
+    assert verified_crossing(overfit, 0.5) == pytest.approx((19.09, 1.909), rel=1e-3)
+    assert verified_crossing(overfit[:3], 0.5) == crossing(overfit[:3], 0.5)
 
 
 def test_a_schedules_later_stages_take_the_rule_from_its_first_lr():
@@ -214,6 +221,25 @@ def test_a_run_that_turns_up_is_read_up_to_its_lowest_loss():
     # the noise scale is read only where the loss was still falling
     raw = [[s, 1.0, 50.0] for s in range(0, 7)]
     assert all(loss >= 0.5 for loss, _ in noise_by_loss({"evals": up, "noise_raw": raw}, below=1.5, levels=1))
+
+
+def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
+    """The lead run overfit at 0.5: the curve holds there, so the best final loss is 0.5, the target
+    0.505 is met where the curve reaches it (early, at every size), and a plain power law's 0.2-ish
+    ends are not promised; the verification reads a run that passed 0.505 and then rose."""
+    from dataclasses import replace
+
+    from batchtune.commands.plan import _turned_up
+
+    lead = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.7, 0.9])]
+    assert _turned_up(lead) == 0.5 and _turned_up(lead[:4]) is None
+    held = replace(TRUE_CURVE, lowest=_turned_up(lead))
+    assert held(1e9) == 0.5 and held(100.0) == TRUE_CURVE(100.0) == 3.2
+    n = 2e6
+    free, stopped = (project([Stage(0.0, 64, 5000.0)], n, c, true_law, 0.505) for c in (TRUE_CURVE, held))
+    assert free.final_loss < 0.25 and stopped.final_loss == 0.5
+    assert stopped.steps_to_target == pytest.approx(free.steps_to_target, rel=1e-6)  # the same curve down to it
+    assert held.to_dict()["lowest"] == 0.5
 
 
 def test_noise_by_loss_reads_b_simple_where_the_run_was():

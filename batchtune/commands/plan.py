@@ -27,7 +27,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -328,11 +328,12 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
             folder.write_json("lead.json", lead)  # beside trials.json: the whole calibration
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
-        kept = falling(lead["evals"])
-        if len(kept) < len([e for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])]):
+        if _turned_up(lead["evals"]) is not None:
+            kept = falling(lead["evals"])
             notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
                          f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
-                         "too high to settle; the projection follows the curve before it and cannot foresee it")
+                         "too high to settle; the projection goes no lower than that loss, and a plan reaching it "
+                         "sooner trains on past it for nothing (stop there, or add data or regularisation)")
     throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
 
@@ -399,6 +400,14 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
             middle = window[len(window) // 2][0]
             out.append((_loss_at(evals, middle), est.b_simple))
     return out
+
+
+def _turned_up(evals: list[list[float]]) -> float | None:
+    """The lowest validation loss of a run (points as :func:`falling` takes them) that ended more
+    than :data:`RISE` above it; None when it did not turn up."""
+    kept = falling(evals)
+    finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
+    return kept[-1][3] if kept and len(kept) < len(finite) else None
 
 
 def falling(evals: list[list[float]]) -> list[list[float]]:
@@ -488,6 +497,8 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     if curve is None:
         result.notes.append("too few validation points after warmup to fit the loss curve")
         return result
+    if lead is not None and (turn := _turned_up(lead["evals"])) is not None:
+        curve = replace(curve, lowest=turn)  # the power law would fall on past it
     result.laws["loss"] = curve.to_dict()
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     return result
@@ -747,8 +758,6 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
                 target: float) -> dict[str, Any]:
     """A plain loop over ``schedule`` (what a user's loop does with it): steps and training seconds
     (validation excluded) to the first validation at or below ``target``, interpolated."""
-    from batchtune.commands.sweep_analysis import crossing
-
     loop = _PlainLoop.build(spec, components, backend, schedule.stages[0].lr, seed)
     eval_size, eval_samples = schedule.stages[0].micro_batch_size, spec.sweep.eval_samples
     evals = [(0.0, 0.0, loop.evaluate(eval_size, eval_samples))]
@@ -767,12 +776,24 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
             if seen >= next_eval or seen >= schedule.total_samples:
                 evals.append((steps, seconds, loop.evaluate(eval_size, eval_samples)))
                 next_eval += every
-    # read on the curve's best decreasing fit: near the end of a run the loss is flat and noisy, and
-    # one dip below the target would say it was reached thousands of steps before it stays there
-    cross = crossing(evals, target)
+    cross = verified_crossing(evals, target)
     return {"steps": cross[0] if cross else None, "seconds": cross[1] if cross else None,
             "final_loss": evals[-1][2], "total_steps": steps, "total_seconds": seconds,
             "evals": [list(e) for e in evals]}
+
+
+def verified_crossing(evals: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:
+    """(steps, seconds) where a verified run's validation curve (step, seconds, loss) crossed ``target``.
+
+    Read on the curve's best decreasing fit: near the end of a run the loss is flat and noisy, and
+    one dip below the target would say it was reached thousands of steps before it stays there.
+    A run that turned up (overfitting, :func:`_turned_up`) is read up to its lowest loss: a rise
+    after it would pull the fit above a target the run did reach.
+    """
+    from batchtune.commands.sweep_analysis import crossing
+
+    turn = _turned_up([[step, None, seconds, loss] for step, seconds, loss in evals])
+    return crossing(evals if turn is None else evals[:[e[2] for e in evals].index(turn) + 1], target)
 
 
 @dataclass

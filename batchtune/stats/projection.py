@@ -95,20 +95,23 @@ def min_samples(samples: Sequence[float], losses: Sequence[float], batch_size: f
 
 @dataclass(frozen=True)
 class LossCurve:
-    """L(E_min) = floor + scale·E_min^(−decay); ``residual``: RMS relative error on the points it was fitted to."""
+    """L(E_min) = floor + scale·E_min^(−decay), never below ``lowest``; ``residual``: RMS relative
+    error on the points it was fitted to. ``lowest`` is the validation loss a calibration run
+    turned up from (overfitting): the power law knows nothing of it and would fall on past it."""
 
     floor: float
     scale: float
     decay: float
     residual: float
     points: int
+    lowest: float = 0.0
 
     def __call__(self, e_min: float) -> float:
-        return self.floor + self.scale * max(e_min, 1.0) ** (-self.decay)
+        return max(self.floor + self.scale * max(e_min, 1.0) ** (-self.decay), self.lowest)
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return {"form": "loss = floor + scale * E_min^-decay", "floor": self.floor, "scale": self.scale,
-                "decay": self.decay, "relative_rms_error": self.residual, "points": self.points}
+        return {"form": "loss = max(floor + scale * E_min^-decay, lowest)", "floor": self.floor, "scale": self.scale,
+                "decay": self.decay, "lowest": self.lowest, "relative_rms_error": self.residual, "points": self.points}
 
 
 def fit_loss_curve(points: Sequence[tuple[float, float]], with_floor: bool = False) -> LossCurve | None:
