@@ -121,9 +121,9 @@ def test_verified_crossing_reads_the_decreasing_fit_not_one_dip():
 
     # overfitting: the run passed 0.5 between steps 10 and 20, then rose; the whole curve's fit never gets there
     overfit = [(0, 0.0, 2.0), (10, 1.0, 1.0), (20, 2.0, 0.45), (30, 3.0, 0.6), (40, 4.0, 0.9)]
-    assert crossing(overfit, 0.5) is None
-    assert verified_crossing(overfit, 0.5) == pytest.approx((19.09, 1.909), rel=1e-3)
-    assert verified_crossing(overfit[:3], 0.5) == crossing(overfit[:3], 0.5)
+    assert crossing(overfit, 0.5) is None is verified_crossing(overfit, 0.5)  # one pass: a rise is noise
+    assert verified_crossing(overfit, 0.5, overfits=True) == pytest.approx((19.09, 1.909), rel=1e-3)
+    assert verified_crossing(overfit[:3], 0.5, overfits=True) == crossing(overfit[:3], 0.5)
 
 
 def test_a_schedules_later_stages_take_the_rule_from_its_first_lr():
@@ -231,8 +231,14 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
 
     from batchtune.commands.plan import _turned_up
 
+    from batchtune.commands.plan import _turn_notes
+
     lead = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.7, 0.9])]
     assert _turned_up(lead) == 0.5 and _turned_up(lead[:4]) is None
+    once, twice = {"evals": lead, "samples": 48}, {"evals": lead, "samples": 48}
+    assert "not overfitting: it saw no sample twice" in _turn_notes(once, 48)[0] and "overfit_at_loss" not in once
+    assert "overfitting (it saw the training set 2.0 times)" in _turn_notes(twice, 24)[0]
+    assert twice["overfit_at_loss"] == 0.5 and _turn_notes({"evals": lead[:4], "samples": 48}, 24) == []
     held = replace(TRUE_CURVE, lowest=_turned_up(lead))
     assert held(1e9) == 0.5 and held(100.0) == TRUE_CURVE(100.0) == 3.2
     n = 2e6

@@ -324,16 +324,11 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     lead = dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
                                     - sum(r["samples"] for r in rows) - timing * sum(best)))
     if lead is not None:
-        if dist.is_main:
-            folder.write_json("lead.json", lead)  # beside trials.json: the whole calibration
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
-        if _turned_up(lead["evals"]) is not None:
-            kept = falling(lead["evals"])
-            notes.append(f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples "
-                         f"({kept[-1][3]:.4g}, then {lead['evals'][-1][3]:.4g} at the end): overfitting, or an lr "
-                         "too high to settle; the projection goes no lower than that loss, and a plan reaching it "
-                         "sooner trains on past it for nothing (stop there, or add data or regularisation)")
+        notes += _turn_notes(lead, len(components.train_set))
+        if dist.is_main:
+            folder.write_json("lead.json", lead)  # beside trials.json: the whole calibration
     throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
 
@@ -400,6 +395,25 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
             middle = window[len(window) // 2][0]
             out.append((_loss_at(evals, middle), est.b_simple))
     return out
+
+
+def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
+    """What it means that the lead run's loss turned up, and ``lead["overfit_at_loss"]`` where it
+    overfit: only a run that saw the training set more than once can (on fresh samples every step
+    follows the population's gradient, and a rise is an lr too high to settle, or noise)."""
+    turn = _turned_up(lead["evals"])
+    if turn is None:
+        return []
+    kept = falling(lead["evals"])
+    said = (f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples ({turn:.4g}, then "
+            f"{lead['evals'][-1][3]:.4g} at the end): ")
+    if lead["samples"] <= n_train:
+        return [said + "an lr too high to settle, or noise (not overfitting: it saw no sample twice); the projection "
+                "follows the curve before it and cannot foresee it"]
+    lead["overfit_at_loss"] = turn
+    return [said + f"overfitting (it saw the training set {lead['samples'] / n_train:.1f} times): the projection goes "
+            "no lower than that loss, and a plan reaching it sooner trains on past it for nothing (stop there, or "
+            "add data or regularisation)"]
 
 
 def _turned_up(evals: list[list[float]]) -> float | None:
@@ -497,8 +511,8 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     if curve is None:
         result.notes.append("too few validation points after warmup to fit the loss curve")
         return result
-    if lead is not None and (turn := _turned_up(lead["evals"])) is not None:
-        curve = replace(curve, lowest=turn)  # the power law would fall on past it
+    if lead is not None and lead.get("overfit_at_loss") is not None:
+        curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
     result.laws["loss"] = curve.to_dict()
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     return result
@@ -776,23 +790,24 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
             if seen >= next_eval or seen >= schedule.total_samples:
                 evals.append((steps, seconds, loop.evaluate(eval_size, eval_samples)))
                 next_eval += every
-    cross = verified_crossing(evals, target)
+    cross = verified_crossing(evals, target, overfits=schedule.total_samples > len(components.train_set))
     return {"steps": cross[0] if cross else None, "seconds": cross[1] if cross else None,
             "final_loss": evals[-1][2], "total_steps": steps, "total_seconds": seconds,
             "evals": [list(e) for e in evals]}
 
 
-def verified_crossing(evals: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:
+def verified_crossing(evals: list[tuple[float, float, float]], target: float,
+                      overfits: bool = False) -> tuple[float, float] | None:
     """(steps, seconds) where a verified run's validation curve (step, seconds, loss) crossed ``target``.
 
     Read on the curve's best decreasing fit: near the end of a run the loss is flat and noisy, and
     one dip below the target would say it was reached thousands of steps before it stays there.
-    A run that turned up (overfitting, :func:`_turned_up`) is read up to its lowest loss: a rise
-    after it would pull the fit above a target the run did reach.
+    A run that repeats its data (``overfits``) and turned up (:func:`_turned_up`) is read up to its
+    lowest loss: the rise of overfitting would pull the fit above a target the run did reach.
     """
     from batchtune.commands.sweep_analysis import crossing
 
-    turn = _turned_up([[step, None, seconds, loss] for step, seconds, loss in evals])
+    turn = _turned_up([[step, None, seconds, loss] for step, seconds, loss in evals]) if overfits else None
     return crossing(evals if turn is None else evals[:[e[2] for e in evals].index(turn) + 1], target)
 
 
