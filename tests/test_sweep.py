@@ -432,7 +432,8 @@ def test_lr_standing_drives_the_bracket():
     assert _extension({**stuck, 0.125: "short"}, (0.125, 0.125)) == 0.0625  # the bracket's ×2, after the jump
     assert _extension({**stuck, 2.0: "diverged"}, (4.0, 8.0)) == 4.0
     assert _extension({**stuck, 2.0: "diverged"}, (0.7, 1.0)) is None
-    assert _extension({0.5: "near", 1.0: "best", 2.0: "behind"}, (0.01, 0.01)) is None  # reached: the hint plays no part
+    # a size that reached the target: the hint plays no part
+    assert _extension({0.5: "near", 1.0: "best", 2.0: "behind"}, (0.01, 0.01)) is None
     from batchtune.commands.sweep import _neighbour_best
 
     everyone = {64: {0.5: "best", 1.0: "behind"}, 128: {0.25: "best", 0.125: "best", 1.0: "short"},
