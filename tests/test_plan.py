@@ -238,7 +238,8 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
     once, twice = {"evals": lead, "samples": 48}, {"evals": lead, "samples": 48}
     assert "not overfitting: it saw no sample twice" in _turn_notes(once, 48)[0] and "overfit_at_loss" not in once
     assert "overfitting (it saw the training set 2.0 times)" in _turn_notes(twice, 24)[0]
-    assert twice["overfit_at_loss"] == 0.5 and _turn_notes({"evals": lead[:4], "samples": 48}, 24) == []
+    # held at the level the best decreasing fit ends at (0.6, 0.5, 0.55, 0.7, 0.9 pool to 0.65), not the lowest dip
+    assert twice["overfit_at_loss"] == pytest.approx(0.65) and _turn_notes({"evals": lead[:4], "samples": 48}, 24) == []
     held = replace(TRUE_CURVE, lowest=_turned_up(lead))
     assert held(1e9) == 0.5 and held(100.0) == TRUE_CURVE(100.0) == 3.2
     n = 2e6

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from batchtune.commands.sweep_analysis import lowest_reached
+from batchtune.commands.sweep_analysis import decreasing_fit, lowest_reached
 from batchtune.errors import UsageError
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
@@ -410,10 +410,13 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
     if lead["samples"] <= n_train:
         return [said + "an lr too high to settle, or noise (not overfitting: it saw no sample twice); the projection "
                 "follows the curve before it and cannot foresee it"]
-    lead["overfit_at_loss"] = turn
+    # the level, not the lowest point: on a noisy curve that is one lucky validation (the conv net's 0.296
+    # among 0.31-0.40; no whole run reached it), where the best decreasing fit ends is what a run settles at
+    level = decreasing_fit([e[3] for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])])[-1]
+    lead["overfit_at_loss"] = level
     return [said + f"overfitting (it saw the training set {lead['samples'] / n_train:.1f} times): the projection goes "
-            "no lower than that loss, and a plan reaching it sooner trains on past it for nothing (stop there, or "
-            "add data or regularisation)"]
+            f"no lower than {level:.4g}, where its best decreasing fit ends, and a plan reaching that sooner trains "
+            "on past it for nothing (stop there, or add data or regularisation)"]
 
 
 def _turned_up(evals: list[list[float]]) -> float | None:
