@@ -316,7 +316,7 @@ def loss_at_budget(row: dict[str, Any], samples: int) -> float | None:
     return at[-1][3]
 
 
-def _extension(standing: dict[float, str], hint: float | None = None) -> float | None:
+def _extension(standing: dict[float, str], hint: tuple[float, float] | None = None) -> float | None:
     """One more lr multiplier for a size, past the edge of its bracket, or None.
 
     Down when every lr diverged or the smallest was fastest; up when the largest was fastest.

@@ -96,8 +96,8 @@ def min_samples(samples: Sequence[float], losses: Sequence[float], batch_size: f
 @dataclass(frozen=True)
 class LossCurve:
     """L(E_min) = floor + scale·E_min^(−decay), never below ``lowest``; ``residual``: RMS relative
-    error on the points it was fitted to. ``lowest`` is the validation loss a calibration run
-    turned up from (overfitting): the power law knows nothing of it and would fall on past it."""
+    error on the points it was fitted to. ``lowest`` is the level an overfitting calibration run
+    settled at before it turned up: the power law knows nothing of it and would fall on past it."""
 
     floor: float
     scale: float
