@@ -200,15 +200,7 @@ def _rank0_check(check: Callable[[], None]) -> None:
     """Run an output check on rank 0 (the rank that writes) and fail on every rank if it fails."""
     from batchtune.engine.distributed import current
 
-    dist = current()
-    failure = None
-    if dist.is_main:
-        try:
-            check()
-        except UsageError as exc:
-            failure = exc
-    if dist.broadcast(failure is not None):
-        raise failure if failure is not None else UsageError("rank 0 cannot write its output (see its output)")
+    current().on_main(check)
 
 
 def written_by_batchtune(path: Path) -> bool:

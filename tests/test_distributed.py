@@ -51,7 +51,11 @@ def ranks(tmp_path_factory) -> dict:
         # after an agreed user error the group still works: one more command runs to the end
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
         "overlap": ["overlap-equivalence", str(folder / "check.yaml")],
+        # rank 0 cannot write the trials (a folder stands where trials.csv goes)
+        "write_fails": ["sweep", str(folder / "sweep.yaml"), "--out", str(folder / "blocked"), "--force", "-q"],
+        "after_write": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
     }
+    (folder / "blocked" / "trials.csv").mkdir(parents=True)
     return run_scenarios(folder, scenarios)
 
 
@@ -98,6 +102,15 @@ def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
     assert_user_error_stopped_both(ranks)
     # no rank was left waiting: the group took the next command and agreed on the same ceiling
     assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
+
+
+def test_a_write_failing_on_rank_0_stops_both_ranks_at_once(ranks):
+    """Rank 1 does not go on into the next trial's collectives to wait for a rank 0 that has left."""
+    rank0, rank1 = ranks["write_fails"]
+    assert rank0["code"] == 2 and rank1["code"] == 2
+    assert "trials.csv" in rank0["stderr"] and "finished trials are kept in" in rank0["stderr"]
+    assert rank1["stderr"] == "" and "Traceback" not in rank0["stderr"]
+    assert _json(ranks, "after_write")["ceiling"] == _json(ranks, "tight")["ceiling"]  # the group still works
 
 
 def test_ddp_overlapping_backward_trains_exactly_as_the_hand_reduced_step(ranks):

@@ -166,16 +166,18 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
     result = dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
     folder = RunFolder(cal.run_dir)
-    if dist.is_main:
+
+    def write() -> None:
         if result.schedule is not None and schedule_out is not None:
             result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
         folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
+
+    dist.on_main(write)
     if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
     elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
-        if dist.is_main:
-            folder.write_json("plan.json", result.to_dict())
+        dist.on_main(lambda: folder.write_json("plan.json", result.to_dict()))
     return result
 
 
@@ -318,7 +320,7 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     dist = current()
     sweep = run_sweep(spec, out=out, backend=backend)
     folder = RunFolder(sweep.run_dir)
-    rows = dist.broadcast(folder.read_trials() if dist.is_main else None)
+    rows = dist.broadcast(dist.on_main(folder.read_trials))
     best = _best_lrs(rows)
     timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
     lead = dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
@@ -327,8 +329,7 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
         notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
                      "the noise scale further down than the short trials reach")
         notes += _turn_notes(lead, len(components.train_set))
-        if dist.is_main:
-            folder.write_json("lead.json", lead)  # beside trials.json: the whole calibration
+        dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
     throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
 

@@ -82,8 +82,7 @@ def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | 
     sweep = _Sweep(spec, components, backend, dist, folder, meta, rows)
     sweep.run()
     result = sweep.result()
-    if dist.is_main:
-        folder.write_result(result)
+    dist.on_main(lambda: folder.write_result(result))
     return result
 
 
@@ -108,19 +107,17 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
 
     Rank 0 reads the folder and tells the others: on several nodes only it may see it.
     """
-    problem, meta, rows = None, None, []
-    if dist.is_main:
+    def read() -> tuple[str | None, dict[str, Any] | None, list[dict[str, Any]]]:
         if not (folder.path / "meta.json").exists():
-            problem = f"{folder.path} is not a sweep run folder (no meta.json)"
-        else:
-            stored = folder.read_spec()
-            if stored != resolved:
-                keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
-                problem = (f"the spec differs from the one {folder.path} was run with "
-                           f"(keys: {', '.join(keys)}); resume with the same spec")
-            else:
-                meta, rows = folder.read_json("meta.json"), folder.read_trials()
-    problem, meta, rows = dist.broadcast((problem, meta, rows))
+            return f"{folder.path} is not a sweep run folder (no meta.json)", None, []
+        stored = folder.read_spec()
+        if stored != resolved:
+            keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
+            return (f"the spec differs from the one {folder.path} was run with "
+                    f"(keys: {', '.join(keys)}); resume with the same spec"), None, []
+        return None, folder.read_json("meta.json"), folder.read_trials()
+
+    problem, meta, rows = dist.broadcast(dist.on_main(read))
     if problem:
         raise UsageError(problem)
     return meta, rows
@@ -132,8 +129,8 @@ def _start(folder: RunFolder, spec: Any, *, components: Any, backend: Any, dist:
         raise UsageError(f"{folder.path} already holds a sweep; continue it with --resume {folder.path} "
                          "or choose another --out")
     meta = _plan(spec, components, backend, dist)
-    if dist.is_main:
-        folder.start(spec.resolved(), device={**backend.describe(), "world_size": dist.world_size}, meta=meta)
+    dist.on_main(lambda: folder.start(spec.resolved(), device={**backend.describe(), "world_size": dist.world_size},
+                                      meta=meta))
     return meta
 
 
@@ -219,8 +216,8 @@ class _Sweep:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
             self.rows.append(row)
             self._done.add(_row_key(row))
-            if self.dist.is_main:
-                self.folder.write_trials(self.rows)  # after every trial: an interrupt loses at most the one running
+            # after every trial: an interrupt loses at most the one running
+            self.dist.on_main(lambda: self.folder.write_trials(self.rows))
             _log_trial(len(self.rows), i, len(todo), shape, row)
 
     def _config(self, seed: int, lr_multiplier: float, shape: BatchShape) -> Any:
@@ -266,7 +263,7 @@ class _Sweep:
 
     def result(self) -> SweepResult:
         """The analysed result (with the scaling efficiency when several ranks ran)."""
-        env = self.folder.read_json("environment.json") if self.dist.is_main else {}
+        env = self.dist.on_main(lambda: self.folder.read_json("environment.json")) or {}
         result = result_from_rows(self.spec.name, self.rows, self.meta, run_dir=self.folder.path, environment=env)
         if self.dist.enabled:
             scaling = _scaling_efficiency(result.recommendation, self)
@@ -390,16 +387,16 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) ->
     if recommendation is None:
         return None
     dist = sweep.dist
-    single = None
-    if dist.is_main:
+    def solo() -> float | None:
         from batchtune.engine.distributed import DistContext
         from batchtune.engine.trial import Trainer, trial_config
 
-        solo = Trainer(sweep.components, sweep.backend, sweep.spec.precision, DistContext())
+        trainer = Trainer(sweep.components, sweep.backend, sweep.spec.precision, DistContext())
         shape = BatchShape(recommendation["micro_batch_size"], recommendation["accum_steps"])
-        single = solo.run(trial_config(sweep.spec, shape, lr=recommendation["lr"], steps=20,
-                                       timing_warmup_steps=5, memory_steps=2)).samples_per_s
-    single = dist.broadcast(single)
+        return trainer.run(trial_config(sweep.spec, shape, lr=recommendation["lr"], steps=20,
+                                        timing_warmup_steps=5, memory_steps=2)).samples_per_s
+
+    single = dist.broadcast(dist.on_main(solo))
     if not single:
         return None
     global_sps = recommendation["samples_per_s"]

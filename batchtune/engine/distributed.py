@@ -18,15 +18,17 @@ has its model on the device, and agree again on whether construction succeeded.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "PeerFailure", "current", "init_from_env"]
 
+T = TypeVar("T")
 # A collective that does not complete within this many seconds raises instead of hanging.
 TIMEOUT_S = float(os.environ.get("BATCHTUNE_DIST_TIMEOUT", 600))
 # What a rank reports for a phase, agreed with MIN (the worst wins): see Trainer._agreed.
@@ -135,6 +137,28 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 only (a write to the run folder, say), its failure raised on every rank.
+
+        A collective when several ranks run: a rank 0 that could not write (a full disk) would
+        otherwise exit while the others went on into their next collective and waited for it
+        until :data:`TIMEOUT_S`. The others get rank 0's exception (without its traceback).
+        """
+        if not self.enabled:
+            return fn()
+        value, failure = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as exc:  # noqa: BLE001 - every kind is told to the others, then raised
+                failure = exc
+        told = self.broadcast(failure if failure is None or _portable(failure) else RuntimeError(f"rank 0: {failure}"))
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise told
+        return value
+
     def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients across ranks, in place: nothing is allocated, so nothing can fail on one side."""
         if not self.enabled:
@@ -146,6 +170,15 @@ class DistContext:
 
 
 _CONTEXT = DistContext()
+
+
+def _portable(exc: BaseException) -> bool:
+    """Whether ``exc`` survives the trip to the other ranks (pickled and rebuilt from its args)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception class whose __init__ its args do not fit
+        return False
+    return True
 
 
 def init_from_env(device_type: str = "auto") -> DistContext:
