@@ -92,6 +92,14 @@ def test_divergence_ends_the_trial_at_the_step(components):
     assert "exceeds 3×" in result.divergence or "non-finite" in result.divergence
 
 
+def test_divergence_is_a_loss_that_stays_up_not_one_spike():
+    from batchtune.engine.trial import exploded
+
+    assert not exploded([1.0, 5.0, 0.9, 5.0, 5.0, 0.8], 3.0)  # spikes the run came back from
+    assert exploded([1.0, 0.9, 3.5, 4.0, 3.1], 3.0) and not exploded([1.0, 3.5, 4.0], 3.0)
+    assert not exploded([1.0, 3.5, 4.0, 2.9], 3.0) and exploded([0.1, 0.31, 0.4, 0.5], 3.0)
+
+
 Pair = namedtuple("Pair", "x y")
 
 

@@ -44,6 +44,7 @@ _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst out
 # GradScaler's first scale, 2^16, this many halvings reach 2^-8: gradients that still
 # overflow are not finite at any scale.
 MAX_SKIPPED_STEPS = 24
+DIVERGED_STEPS = 3  # training losses in a row above divergence_factor × the first: the trial diverged
 log = logging.getLogger(__name__)
 FIRST_LOG_EVAL = 4  # the log-spaced validation grid starts at this step
 
@@ -636,8 +637,19 @@ class Trainer:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor."""
         if not math.isfinite(loss):
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}"
-        elif config.divergence_factor is not None and step > 0 and loss > config.divergence_factor * result.first_loss:
+        elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor):
             result.diverged = True
-            result.divergence = (f"loss {loss:.3g} at step {step + 1} exceeds "
-                                 f"{config.divergence_factor:g}× the first loss {result.first_loss:.3g}")
+            result.divergence = (f"loss {loss:.3g} at step {step + 1} exceeds {config.divergence_factor:g}× the "
+                                 f"first loss {result.first_loss:.3g}, {DIVERGED_STEPS} steps in a row")
         return result.diverged
+
+
+def exploded(losses: list[float], factor: float) -> bool:
+    """Whether the last :data:`DIVERGED_STEPS` training losses all exceed ``factor`` × the first.
+
+    Several steps, not one: a single batch's loss spikes and recovers, under SGD with momentum
+    above all (a conv net with Nesterov momentum whose validation loss went 3.49, then 1.67 was cut
+    at one spike), and with a small batch one step's loss is one small sample.
+    """
+    recent = losses[-DIVERGED_STEPS:]
+    return len(losses) > DIVERGED_STEPS and all(v > factor * losses[0] for v in recent)
