@@ -46,8 +46,10 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     result, _ = swept
     t = result.trials
     assert sorted(t["batch_size"].unique()) == [8, 16, 32, 64]
-    # every size sees the 2048-sample budget; 64 (32 steps in it) trains sweep.min_steps = 64 steps
-    assert (t["steps"] == (2048 // t["batch_size"]).clip(lower=64)).all()
+    # every size sees the 2048-sample budget; 64 (32 steps in it) trains sweep.min_steps = 64 steps;
+    # the trials short of the default target train on (the test below)
+    budget = t[t["reach"] != True]  # noqa: E712 (NaN where the trial did not train on)
+    assert len(budget) >= len(t) - 2 and (budget["steps"] == (2048 // budget["batch_size"]).clip(lower=64)).all()
     assert (t["samples"] == t["steps"] * t["batch_size"]).all()
     assert any("batch 64 trains 64 steps (sweep.min_steps)" in n for n in result.meta["notes"])
     rows = json.loads((swept[1] / "trials.json").read_text())
@@ -69,6 +71,36 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
         assert size in behind or mult in second[size]  # every ranked size ran its chosen lr on both seeds
+
+
+def test_trials_short_of_the_default_target_train_on_towards_it(swept, tmp_path):
+    """The default target (what 3 of the 4 sizes reach in every seed at the budget) goes into the
+    plan; each trial of a size's best lr that missed it retrains, up to reach_factor (2) × its steps,
+    stopping there; a resumed sweep keeps the target and retrains nothing."""
+    import shutil
+
+    result, out = swept
+    rows = json.loads((out / "trials.json").read_text())
+    target = json.loads((out / "meta.json").read_text())["default_target"]
+    assert target["loss"] == result.target_loss and (target["reached"], target["sizes"]) == (3, 4)
+    assert any("trials short of it trained on towards it, up to 2x their steps" in n for n in result.notes)
+    budget = {8: 256, 16: 128, 32: 64, 64: 64}
+    reach = [r for r in rows if r.get("reach")]
+    assert reach  # here batch 8 at its best lr: 0.306 and 0.299 at the budget, then 0.283 and 0.278
+    best = result.summary.set_index("batch_size")["lr_multiplier"]
+    for r in reach:
+        size = r["batch_size"]
+        assert r["lr_multiplier"] == best[size] and budget[size] < r["steps"] <= 2 * budget[size]
+        crossed = r["evals"][-1][3] <= target["loss"] < r["evals"][-2][3]
+        assert crossed == r["stopped_at_target"] and (crossed or r["steps"] == 2 * budget[size])
+        assert r["final_val_loss"] == next(e[3] for e in r["evals"] if e[1] == 2048)  # still read at the budget
+    assert len({(r["batch_size"], r["lr_multiplier"], r["seed"]) for r in rows}) == len(rows)  # replaced, not added
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    with _trial_log() as log:
+        resumed = run_sweep(load_spec(out.parent / "spec.yaml"), resume=again)
+    assert log.lines == [] and resumed.target_loss == result.target_loss
+    assert json.loads((again / "trials.json").read_text()) == rows
 
 
 def test_lr_follows_the_sqrt_rule_for_adamw(swept):

@@ -272,7 +272,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                          "sweep.max_batch_size / sweep.batch_sizes to fewer sizes")
     updates = {"samples": per_trial, "epochs": None, "seeds": seeds, "min_steps": CALIBRATION_MIN_STEPS,
                "lr_extensions": min(sw.lr_extensions, 1), "lr_refine": False,
-               "target_loss": None, "ceiling": ceiling, "batch_sizes": sizes,
+               "target_loss": None, "reach_factor": 1.0, "ceiling": ceiling, "batch_sizes": sizes,
                "eval_points": max(sw.eval_points, 16)}
     notes.append(f"calibration: sizes {', '.join(map(str, sizes))}, {seeds} seeds, {per_trial} samples per trial "
                  f"({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")

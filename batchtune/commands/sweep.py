@@ -28,11 +28,14 @@ from batchtune.commands.sweep_analysis import (
     SweepResult,
     analyse,
     crossing,
+    default_target,
     given_targets,
     in_contention,
     lr_standing,
     result_from_rows,
     seed_crossing,
+    short_of,
+    stop_targets,
 )
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
@@ -166,8 +169,9 @@ class _Sweep:
         diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
         leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
         other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
-        each target. Every decision is a pure function of the first seed's rows, so a resumed sweep makes
-        the same ones.
+        each target. Without a given target, the trials short of the default one then train on
+        towards it (:meth:`_reach_default_target`). Every decision is a pure function of the first
+        seed's rows at their budgets, so a resumed sweep makes the same ones.
         """
         from batchtune.engine.trial import Trainer
 
@@ -180,12 +184,13 @@ class _Sweep:
         # size by size, smallest first: a size none of whose lrs reached the target extends towards
         # its neighbour's fastest, so the smaller neighbour's own extensions come first
         for shape in sorted(self.shapes(), key=lambda c: c.batch_size):
-            for _ in range(self.meta.get("lr_extensions", 0)):
+            done = sum(bool(r.get("extension")) for r in self._rows_of(first) if r["batch_size"] == shape.batch_size)
+            for _ in range(self.meta.get("lr_extensions", 0) - done):  # a resumed sweep goes on where it stopped
                 standing = self._standing(first)
                 m = _extension(standing.get(shape.batch_size, {}), _neighbour_best(standing, shape.batch_size))
                 if m is None:
                     break
-                self._run_all([(first, m, shape)])
+                self._run_all([(first, m, shape)], mark="extension")
         if refine := self.meta.get("lr_refine"):
             standing = self._standing(first)
             leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
@@ -196,15 +201,51 @@ class _Sweep:
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in _kept(standing.get(c.batch_size, {}))])
+        self._reach_default_target()
+
+    def _reach_default_target(self) -> None:
+        """Without a given target, fix the default one once every seed has trained its budget (the
+        lowest loss that most sizes reach in every seed, :func:`default_target`), then let the trials
+        short of it train on towards it, as a given target lets them: each size's best lr retrains
+        the seeds that missed, up to ``reach_factor`` × its steps, stopping there. At equal samples a
+        large batch takes fewer steps, so the default target is one the largest sizes miss in the
+        budget, however soon they would get there. The target goes into the plan (``meta.json``)
+        before these trials, so a resumed sweep keeps it."""
+        if given_targets(self.meta) or self.meta.get("reach_factor", 1.0) <= 1:
+            return
+        if "default_target" not in self.meta:
+            self.meta["default_target"] = default_target(self.rows)  # every trial still at its budget
+            self.dist.on_main(lambda: self.folder.write_json("meta.json", self.meta))
+        if self.meta["default_target"] is None:
+            return
+        shapes = {s.batch_size: s for s in self.shapes()}
+        for row in short_of(self.rows, self.meta["default_target"]["loss"]):
+            if not row.get("reach"):
+                key = _row_key(row)
+                self.rows.remove(row)
+                self._done.discard(key)
+                self._run_all([(row["seed"], row["lr_multiplier"], shapes[row["batch_size"]])], mark="reach")
 
     def _rows_of(self, seed: int) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["seed"] == seed]
+        """``seed``'s rows as their budgets left them (:meth:`_at_budget`)."""
+        return self._at_budget([r for r in self.rows if r["seed"] == seed])
+
+    def _at_budget(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` with the validations up to each size's budget: what the lr decisions and the default
+        target read. A trial that trained on towards the default target got there by the same steps, so a
+        resumed sweep decides as the original did."""
+        return [{**r, "evals": [p for p in r.get("evals") or [] if p[0] <= trial_steps(self.meta, b)]}
+                for r in rows if (b := r["batch_size"])] if "default_target" in self.meta else rows
 
     def _standing(self, seed: int) -> dict[int, dict[float, str]]:
-        """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`)."""
-        return lr_standing(self._rows_of(seed), self.meta)
+        """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`), by the target they were
+        screened at: the default one is fixed only after every seed has run."""
+        screened = {k: v for k, v in self.meta.items() if k != "default_target"}
+        return lr_standing(self._rows_of(seed), screened)
 
-    def _run_all(self, plan: list[tuple[int, float, BatchShape]]) -> None:
+    def _run_all(self, plan: list[tuple[int, float, BatchShape]], *, mark: str | None = None) -> None:
+        """Train ``plan``'s trials not done yet; ``mark`` names a flag set on their rows (``extension``:
+        an lr past the bracket; ``reach``: retrained past the budget towards the default target)."""
         capacity = self.backend.capacity_bytes()
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
         for i, (seed, mult, shape) in enumerate(todo, 1):
@@ -212,6 +253,8 @@ class _Sweep:
             row = _row(self._trainer.run(config), mult, capacity)
             row["overlap_comm"] = config.overlap_comm
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
+            if mark:
+                row[mark] = True
             if self.dist.enabled:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
             self.rows.append(row)
@@ -225,7 +268,7 @@ class _Sweep:
 
         sw, meta = self.spec.sweep, self.meta
         steps = self._steps(seed, shape.batch_size)
-        targets = given_targets(meta)
+        targets = stop_targets(meta)
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
@@ -242,14 +285,15 @@ class _Sweep:
         )
 
     def _steps(self, seed: int, batch_size: int) -> int:
-        """The budget's steps, or more with a given target: a trial that has not crossed the lowest
-        target by then trains on, up to ``reach_factor`` × them, so a size is ranked by when it gets
-        there rather than dropped for the budget's edge. The first seed screens lrs (successive
-        halving): an lr stops at :data:`KEEP_LR` × the size's fastest crossing of the lowest target
-        so far, inside the budget too. Past that step it can be neither the fastest nor near it at
-        any target (each higher target is crossed sooner), so no decision reads what it would have
-        trained; on the quickstart's ground-truth sweep this cuts 7% of the samples."""
-        steps, targets = trial_steps(self.meta, batch_size), given_targets(self.meta)
+        """The budget's steps, or more with a target (given, or the default once fixed): a trial that
+        has not crossed the lowest target by then trains on, up to ``reach_factor`` × them, so a size
+        is ranked by when it gets there rather than dropped for the budget's edge. The first seed
+        screens lrs (successive halving): an lr stops at :data:`KEEP_LR` × the size's fastest
+        crossing of the lowest target so far, inside the budget too. Past that step it can be neither
+        the fastest nor near it at any target (each higher target is crossed sooner), so no decision
+        reads what it would have trained; on the quickstart's ground-truth sweep this cuts 7% of the
+        samples."""
+        steps, targets = trial_steps(self.meta, batch_size), stop_targets(self.meta)
         factor = self.meta.get("reach_factor", 1.0)
         if factor <= 1 or not targets:
             return steps
@@ -387,6 +431,7 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) ->
     if recommendation is None:
         return None
     dist = sweep.dist
+
     def solo() -> float | None:
         from batchtune.engine.distributed import DistContext
         from batchtune.engine.trial import Trainer, trial_config
@@ -412,9 +457,14 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
     elif row["diverged"]:
         outcome = f"diverged ({row['divergence']})"
     else:
-        loss, rate = row["final_val_loss"], row["samples_per_s"]
-        outcome = (f"val loss {loss:.4g}" if loss is not None else "no validation loss") + (
-            f", {rate:,.0f} samples/s" if rate else "")
+        loss, rate, evals = row["final_val_loss"], row["samples_per_s"], row["evals"]
+        if loss is not None:
+            outcome = f"val loss {loss:.4g}"
+        elif evals:  # stopped before the budget: at the target, or out of time
+            outcome = f"val loss {evals[-1][3]:.4g} after {row['samples']:,} samples"
+        else:
+            outcome = "no validation loss"
+        outcome += f", {rate:,.0f} samples/s" if rate else ""
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"
             if shape.accumulated or ranks else f"{shape.batch_size}")

@@ -33,8 +33,9 @@ import pandas as pd
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
-__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "decreasing_fit", "in_contention", "lowest_reached",
-           "lr_standing", "result_from_rows", "seed_crossing", "targets_for"]
+__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "decreasing_fit", "default_target", "in_contention",
+           "lowest_reached", "lr_standing", "result_from_rows", "seed_crossing", "short_of", "stop_targets",
+           "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -337,29 +338,63 @@ def given_targets(meta: dict[str, Any]) -> list[float]:
     return list(given) if isinstance(given, list) else [float(given)]
 
 
-def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float], list[str]]:
-    """The target losses in the order given; by default one that most sizes reach in every seed, and why.
+def stop_targets(meta: dict[str, Any]) -> list[float]:
+    """The targets a trial trains towards and stops at: the given ones, else the default target once
+    the first seed's screen has fixed it (``meta["default_target"]``), else none."""
+    fixed = meta.get("default_target")
+    return given_targets(meta) or ([fixed["loss"]] if fixed else [])
+
+
+def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The lowest validation loss that :data:`DEFAULT_TARGET_SHARE` of the sizes reach in every
+    seed, each size at its lr that got lowest: ``{"loss", "reached", "sizes"}``, or None.
 
     Every seed, not most: the lowest loss that most sizes' median seeds got down to sat where the
     curves level off, so whether a size's last seed got there was a coin toss (the quickstart: 512 and
     1024 in 0/3 and 1/3 seeds, the others' intervals open above, ties everywhere), and the pick went
     to a size that reached it 'in more seeds' (128) where the ground truth at 0.55 has 1024 1.6× faster.
     """
-    if given := given_targets(meta):
-        return given, []
     reached: dict[int, float] = {}  # each size's best lr: the loss its worst seed got down to
-    for e in _fully_seeded(entries):
+    for e in _fully_seeded(_per_lr(rows)):
         lows = [lowest_reached([p[3] for p in r.get("evals") or []]) if r["fits"] and not r["diverged"] else math.inf
                 for r in e["rows"]]
         if lows:
             reached[e["batch_size"]] = min(reached.get(e["batch_size"], math.inf), max(lows))
     finite = sorted(v for v in reached.values() if math.isfinite(v))
     if not finite:
+        return None
+    k = min(max(1, math.ceil(DEFAULT_TARGET_SHARE * len(reached))), len(finite))
+    return {"loss": finite[k - 1], "reached": k, "sizes": len(reached)}
+
+
+def short_of(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
+    """The trials of each size's best lr at ``target`` (:func:`_best_per_size`) that trained, did
+    not diverge, and did not reach it: the ones a longer run could still bring there."""
+    best = _best_per_size([_at_target(e, target) for e in _per_lr(rows)])
+    best = {(e["batch_size"], e["lr_multiplier"]) for e in best}
+    return [r for r in rows if (r["batch_size"], float(r["lr_multiplier"])) in best
+            and r["fits"] and not r["diverged"] and seed_crossing(r, target) is None]
+
+
+def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float], list[str]]:
+    """The target losses in the order given; by default one that most sizes reach, and why.
+
+    A sweep fixes its default target once every seed has trained its budget, then trains the trials
+    short of it on towards it (``meta["default_target"]``, :func:`default_target`); a run folder
+    from before that gets the same rule over all its rows.
+    """
+    if given := given_targets(meta):
+        return given, []
+    if fixed := meta.get("default_target"):
+        return [fixed["loss"]], [
+            f"target val loss {fixed['loss']:.4g}: the lowest that {fixed['reached']} of the {fixed['sizes']} sizes "
+            f"reached in every seed at the equal-sample budget; trials short of it trained on towards it, up to "
+            f"{meta['reach_factor']:g}x their steps (set sweep.target_loss to choose)"]
+    found = default_target([r for e in entries for r in e["rows"]])
+    if found is None:
         return [], []
-    k = max(1, math.ceil(DEFAULT_TARGET_SHARE * len(reached)))
-    target = finite[min(k, len(finite)) - 1]
-    return [target], [f"target val loss {target:.4g}: the lowest that {min(k, len(finite))} of the "
-                      f"{len(reached)} sizes reached in every seed (set sweep.target_loss to choose)"]
+    return [found["loss"]], [f"target val loss {found['loss']:.4g}: the lowest that {found['reached']} of the "
+                             f"{found['sizes']} sizes reached in every seed (set sweep.target_loss to choose)"]
 
 
 def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> dict[str, Any]:

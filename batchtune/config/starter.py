@@ -46,6 +46,6 @@ sweep:
   samples: 65536             # every batch size sees the same number of samples
   min_steps: 64              # ... and trains at least this many steps, so large batches can reach the target
   lr_multipliers: [0.5, 1, 2]  # each size keeps its fastest lr, so a bad rule is not mistaken for a bad size
-  # target_loss: [0.5, 0.3]  # default: the lowest validation loss most sizes reach; given, trials stop there
+  # target_loss: [0.5, 0.3]  # default: the lowest validation loss most sizes reach; trials stop there
   # reach_factor: 2          # ... and a trial short of the lowest at its budget trains on, up to 2x its steps
 """
