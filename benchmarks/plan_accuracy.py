@@ -18,6 +18,7 @@ Tasks:
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,17 +57,26 @@ def run_task(name: str) -> dict:
 
 
 def table(records: list[dict]) -> str:
+    """To the final target (within 1% of the projected final loss, where the curve is flattest), then
+    the whole run: its time and final loss against the projection's."""
     lines = ["| task | plan | picked | projected steps | verified steps | error | projected time | verified time "
-             "| error | final loss (verified) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| error | whole run: time vs projected | final loss vs projected |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         r = rec["result"]
         for name, v in r["verified"]["plans"].items():
             picked = "yes" if name == r["recommendation"]["plan"] else ""
             label = name if name != "schedule" else "schedule " + "→".join(
                 str(s["batch_size"]) for s in r["schedule"]["stages"])
+            projected = r["schedule"] if name == "schedule" else next(
+                c for c in r["constant"] if f"constant {c['batch_size']}" == name)
+            whole = statistics.median(run["total_seconds"] for run in v["runs"])
             lines.append(f"| {rec['task']} | {label} | {picked} | {_n(v['projected_steps'])} | {_n(v['steps'])} "
                          f"({v['reached']}) | {_pct(v['steps_error'])} | {_s(v['projected_seconds'])} | "
-                         f"{_s(v['seconds'])} | {_pct(v['seconds_error'])} | {v['final_loss']:.4g} |")
+                         f"{_s(v['seconds'])} | {_pct(v['seconds_error'])} | {_s(whole)} vs "
+                         f"{_s(projected['total_seconds'])} ({_pct(whole / projected['total_seconds'] - 1)}) | "
+                         f"{v['final_loss']:.4g} vs {projected['final_loss']:.4g} "
+                         f"({_pct(v['final_loss'] / projected['final_loss'] - 1)}) |")
     return "\n".join(lines)
 
 

@@ -294,6 +294,13 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert verified["target"] == data["final_target"]
     assert verified["plans"][data["recommendation"]["plan"]]["projected_steps"] == projection["steps"]
     assert verified["final_loss"] < data["targets"][-1]  # the whole run trains below every calibration target
+    picked = verified["plans"][data["recommendation"]["plan"]]
+    assert picked["projected_total_seconds"] == projection["total_seconds"]
+    assert picked["projected_final_loss"] == projection["final_loss"]
+    run = picked["runs"][0]  # one seed: the whole run's time is its own, and its error against the projection
+    assert picked["total_seconds"] == run["total_seconds"] > 0
+    assert run["total_steps"] == pytest.approx(projection["total_steps"], abs=2)  # whole steps, per stage
+    assert picked["total_seconds_error"] == pytest.approx(run["total_seconds"] / projection["total_seconds"] - 1)
     if data["schedule"]:
         loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
         assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in data["schedule"]["stages"]]

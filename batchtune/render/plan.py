@@ -59,13 +59,21 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines += ["", "verified (trained over the whole run):"]
         rows = [[name, v["reached"], num(v["steps"], ",.0f"), num(v["projected_steps"], ",.0f"),
                  _pct(v["steps_error"]), duration_text(v["seconds"]), duration_text(v["projected_seconds"]),
-                 _pct(v["seconds_error"]), f"{v['final_loss']:.4g}"] for name, v in result.verified["plans"].items()]
+                 _pct(v["seconds_error"]), _measured(v["final_loss"], v.get("projected_final_loss"), ".4g"),
+                 f"{duration_text(v.get('total_seconds'))} ({_pct(v.get('total_seconds_error'))})"]
+                for name, v in result.verified["plans"].items()]
         lines.append(tabulate(rows, headers=["plan", "reached", "steps", "projected", "error", "time", "projected",
-                                             "error", "final loss"], tablefmt=style, disable_numparse=True))
+                                             "error", "final loss (projected)", "time (all) (error)"],
+                              tablefmt=style, disable_numparse=True))
     if result.schedule_path:
         lines.append(f"schedule written to {result.schedule_path} (batchtune.schedule.BatchSchedule.load)")
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def _measured(value: float | None, projected: float | None, fmt: str) -> str:
+    """``value (projected)``, each ``—`` where there is none."""
+    return f"{num(value, fmt)} ({num(projected, fmt)})"
 
 
 def _pct(value: float | None) -> str:
