@@ -162,3 +162,14 @@ def test_tensor_data_is_indexed_once_per_batch_and_each_epoch_sees_every_sample(
 
     # smaller than a batch: sampled with replacement, still full batches
     assert next(batches(data, 32, seed=0))[0].shape == (32,)
+
+
+def test_a_dict_batch_keeps_its_targets_under_the_first_target_key_it_has():
+    from batchtune.config.components import _split
+
+    inputs, targets = _split({"input_ids": torch.ones(2, 3), "label": torch.tensor([0, 1])})
+    assert list(inputs) == ["input_ids"] and targets.tolist() == [0, 1]  # a Hugging Face dataset's column
+    inputs, targets = _split({"x": torch.zeros(2), "labels": torch.ones(2), "y": torch.zeros(2)})
+    assert sorted(inputs) == ["x", "y"] and targets.tolist() == [1.0, 1.0]  # labels first
+    with pytest.raises(TypeError, match="labels, label, targets, target, y .*; this one has input_ids, mask"):
+        _split({"input_ids": torch.ones(2), "mask": torch.ones(2)})

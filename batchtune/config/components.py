@@ -173,13 +173,17 @@ def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(output, target.to(output.dtype))
 
 
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")  # "label": a Hugging Face dataset's own column
+
+
 def _split(batch: Any) -> tuple[Any, Any]:
-    """(inputs, targets) of a batch; a dict keeps its targets under labels/targets/target/y."""
+    """(inputs, targets) of a batch; a dict keeps its targets under the first of :data:`TARGET_KEYS` it has."""
     if isinstance(batch, dict):
-        for key in ("labels", "targets", "target", "y"):
+        for key in TARGET_KEYS:
             if key in batch:
                 return {k: v for k, v in batch.items() if k != key}, batch[key]
-        raise TypeError("a dict batch needs a 'labels' (or targets/target/y) key unless loss is 'model_output'")
+        raise TypeError(f"a dict batch needs its targets under one of {', '.join(TARGET_KEYS)} unless loss is "
+                        f"'model_output'; this one has {', '.join(map(str, batch)) or 'no keys'}")
     inputs, targets = batch
     return inputs, targets
 
