@@ -416,6 +416,18 @@ def test_trains_verdict(losses, status):
     assert trains_verdict(losses).status == status
 
 
+def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
+    """The outside SGD CNN at 8× its lr: 2.6 at the first step, up to 9.8, back to chance (2.3). The
+    window means (9.8 → 2.3) read it as a fall; against the first loss it made no progress."""
+    thrown = [2.6, 9.8, 8.0, 7.0, 5.0, 4.0, 3.0, 2.5, 2.4, 2.35, 2.3, 2.32, 2.28, 2.31, 2.29]
+    verdict = trains_verdict(thrown, spike_factor=3.0)
+    assert (verdict.status, verdict.code) == ("fail", "trains.spiked")
+    assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (9.8, 2)
+    assert trains_verdict(thrown).code == "trains.falling"  # what it read before
+    calm = [2.6, 2.5, 2.4, 2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6]
+    assert trains_verdict(calm, spike_factor=3.0).code == "trains.falling"
+
+
 @pytest.mark.parametrize("share, status", [(None, "skip"), (0.1, "pass"), (0.3, "warn"), (0.79, "warn"),
                                            (0.8, "fail")])
 def test_data_verdict(share, status):
@@ -506,6 +518,10 @@ REPRESENTATIVE = {
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},
                         "diverged at lr 1.41e+03: non-finite loss at step 3"),
+    "trains.spiked": ("fail", {**_TREND, "first_loss": 2.6, "peak_loss": 9.8, "peak_step": 3, "spike_factor": 3.0,
+                               "last_mean": 2.3},
+                      "loss 2.6 rose to 9.8 at step 3 (3.8× the first, above 3×) at lr 0.002, and ended at 2.3: the lr "
+                      "is too high"),
     "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),
     "trains.crashed": ("fail", _ERROR, "the training run raised RuntimeError: mat1 and mat2"),
     "trains.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory in the training run"),

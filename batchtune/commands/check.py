@@ -476,7 +476,8 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
 
 def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
     """The loss trend of the training run; too few steps (the budget cut it short) is a skip."""
-    verdict = trains_verdict(run.losses, diverged=run.diverged, divergence=run.divergence, lr=state.lr)
+    verdict = trains_verdict(run.losses, diverged=run.diverged, divergence=run.divergence, lr=state.lr,
+                             spike_factor=state.spec.check.divergence_factor)
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:

@@ -137,6 +137,11 @@ def _within_noise(f: dict[str, Any]) -> str:
     return text
 
 
+def _spike(f: dict[str, Any]) -> str:
+    return (f"loss {f['first_loss']:.4g} rose to {f['peak_loss']:.4g} at step {f['peak_step']} "
+            f"({f['peak_loss'] / f['first_loss']:.1f}× the first, above {f['spike_factor']:g}×){_lr_text(f)}")
+
+
 def _fits_skip(f: dict[str, Any]) -> str:
     b, micro, k = f["batch_size"], f["micro_batch_size"], f["accum_steps"]
     return f"not run: batch {f'{b} ({micro}×{k})' if k > 1 else b} does not fit in memory"
@@ -156,6 +161,8 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                              "the run too short to tell",
     "trains.rising": lambda f: f"{_trend(f)}: rising beyond its noise (±{f['noise']:.2g}); the lr is likely too high",
     "trains.diverged": lambda f: f"diverged{_lr_text(f)}: {f.get('divergence') or 'non-finite loss'}",
+    "trains.spiked": lambda f: f"{_spike(f)}, and ended at {f['last_mean']:.4g}: the lr is too high for the "
+                               "start of the run (lower it, or warm up longer)",
     "trains.too_few": lambda f: f"only {f['steps']} training steps ran: too few to judge the loss",
     "trains.crashed": lambda f: f"the training run raised {f['error']}",
     "trains.oom": lambda f: f"out of memory in the training run ({f['error']}), though the fits run passed",
