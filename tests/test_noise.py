@@ -497,3 +497,19 @@ def test_diverging_step_through_hooks_is_skipped():
             estimator.update(s_small, s_big, 4, 8)
     assert estimator.skipped == 1
     assert estimator.estimate().steps == 2
+
+
+def test_the_noise_report_says_how_the_readings_moved_not_that_they_grow():
+    from batchtune.render.noise import _trend
+
+    def reading(b, low, high, loss, reliable=True):
+        return {"b_simple": b, "low": low, "high": high, "val_loss": loss, "reliable": reliable}
+
+    grew = [reading(218, 174, 283, 1.073), reading(50, None, None, 0.9, False), reading(389, 354, 432, 0.5581)]
+    assert _trend(grew) == ("It grew from 218 at val loss 1.073 to 389 at 0.5581: an estimate taken early "
+                            "under-states the critical batch size later in training.")
+    # the outside transformer's: 63, 77, 52, 33 ... 41 with overlapping bands
+    assert _trend([reading(63, 40, 90, 1.3), reading(41, 35, 50, 0.5)]).startswith("It moved from 63 at val loss "
+                                                                                  "1.3 to 41 at 0.5, within the bands")
+    assert _trend([reading(90, 80, 100, 1.0), reading(40, 35, 45, 0.5)]).startswith("It fell from 90")
+    assert _trend([reading(90, 80, 100, 1.0)]).startswith("One reliable reading")

@@ -33,10 +33,25 @@ def render_noise(run: Any, fmt: str = "table") -> str:
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
         lines.append(f"B_simple at the end: {final['b_simple']:,.0f} examples{tokens} at val loss "
                      f"{final['val_loss']:.4g} (90% band {num(final['low'], ',.0f')}–{num(final['high'], ',.0f')}).")
-        lines.append("It grows as the loss falls: an estimate taken early under-states the critical batch size "
-                     "later in training.")
+        lines.append(_trend(run.history))
     else:
         lines.append("no reliable estimate yet: run more steps (--steps)")
     lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)
 
+
+def _trend(history: list[dict[str, Any]]) -> str:
+    """How the reliable readings moved over the run, said from their bands rather than assumed."""
+    readings = [h for h in history if h["reliable"] and h["b_simple"] and h["low"] and h["high"]]
+    if len(readings) < 2:
+        return "One reliable reading: run more steps to see how it moves as the loss falls."
+    first, last = readings[0], readings[-1]
+    span = (f"from {first['b_simple']:,.0f} at val loss {first['val_loss']:.4g} to {last['b_simple']:,.0f} at "
+            f"{last['val_loss']:.4g}")
+    if first["high"] < last["low"]:
+        return (f"It grew {span}: an estimate taken early under-states the critical batch size later in "
+                "training.")
+    if first["low"] > last["high"]:
+        return f"It fell {span}, against the usual growth as the loss falls: read it again later in the run."
+    return (f"It moved {span}, within the bands: no growth shows yet over this run (the critical batch "
+            "usually grows as the loss falls).")
