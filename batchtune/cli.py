@@ -226,10 +226,13 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports, keyword arguments, and that the
     data, model, loss and optimizer build (and the first sample reads)."""
     with _user_errors():
-        spec = _load(spec_path, overrides, training=False)
-        serve_only = spec.optimizer is None or spec.base_batch_size is None
-        if serve_only and (spec.optimizer is not None or spec.base_batch_size is not None):
-            spec = _load(spec_path, overrides)  # half a training spec: name what is missing
+        try:  # as the training commands load it: every problem they would name, at once
+            spec, serve_only = _load(spec_path, overrides), False
+        except SpecError as exc:
+            missing = {i.path for i in exc.issues if i.message.startswith("required key is missing")}
+            if not {"optimizer", "base_batch_size"} <= missing:
+                raise
+            spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
 
         comps = build_components(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchtune.config.spec import SpecError, load_spec, parse_bytes, parse_spec
+from tests.conftest import TINY_SPEC
 
 BAD = """\
 name: bad
@@ -111,7 +112,7 @@ def test_rank_limits():
 
 def test_unknown_capitalised_key_is_named():
     text = "Name: x\nname: y\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n"
-    assert _issues(text) == {"Name": (1, "unknown key")}
+    assert _issues(text) == {"Name": (1, "unknown key (did you mean 'name'?)")}
 
 
 def test_loss_errors_speak_of_the_form_given():
@@ -119,3 +120,36 @@ def test_loss_errors_speak_of_the_form_given():
     assert _issues(base + "loss: {target: 'a.b:c', kwarg: 1}\n") == {"loss.kwarg": (6, "unknown key")}
     (line, message), = _issues(base + "loss: crossentropy\n").values()
     assert line == 6 and message.startswith("unknown loss 'crossentropy'")
+
+
+def test_an_unknown_key_names_the_nearest_known_one():
+    issues = _issues(TINY_SPEC.replace("optimizer:", "optimiser:") + "sweep: {sampels: 10, min_batch_size: 64, "
+                     "max_batch_size: 8}\n", ["check.stpes=3", "model.widht=2"])
+    assert issues["optimiser"][1] == "unknown key (did you mean 'optimizer'?)"
+    assert issues["optimizer"][1].startswith("required key is missing")  # both, at once
+    assert issues["sweep.sampels"][1] == "unknown key (did you mean 'samples'?)"
+    assert issues["check.stpes"][1] == "unknown key (did you mean 'steps'?)"
+    assert issues["model.widht"][1] == "unknown key"  # the model's own kwargs are not the spec's to know
+    with pytest.raises(SpecError, match="min_batch_size 64 is above max_batch_size 8"):
+        parse_spec(TINY_SPEC + "sweep: {min_batch_size: 64, max_batch_size: 8}\n", "s.yaml")
+
+
+def test_a_spec_without_a_name_is_named_by_its_file(write_spec):
+    spec = load_spec(write_spec(TINY_SPEC.replace("name: tiny\n", ""), name="my-run.yaml"))
+    assert spec.name == "my-run"
+
+
+def test_validate_names_every_problem_a_training_command_would(write_spec):
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    typo = write_spec(TINY_SPEC.replace("base_batch_size:", "base_batch_sise:"), name="typo.yaml")
+    result = CliRunner().invoke(app, ["validate", str(typo)])
+    assert result.exit_code == 2 and "invalid spec (2 problems)" in result.output
+    assert "base_batch_size: required key is missing" in result.output and "did you mean 'base_batch_size'" \
+        in result.output
+    serve = write_spec("model: {target: \"tests.fixtures:tiny_mlp\"}\ndata: {target: \"tests.fixtures:tiny_data\"}\n",
+                       name="serve.yaml")
+    result = CliRunner().invoke(app, ["validate", str(serve)])
+    assert result.exit_code == 0 and "serve only" in result.output

@@ -6,11 +6,12 @@ This module does not import torch, so ``batchtune validate`` and ``--help`` stay
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -370,6 +371,8 @@ class SweepSpec(_Strict):
     def _budget(self) -> SweepSpec:
         if self.samples is not None and self.epochs is not None:
             raise ValueError("give 'samples' or 'epochs', not both")
+        if self.max_batch_size is not None and self.min_batch_size > self.max_batch_size:
+            raise ValueError(f"min_batch_size {self.min_batch_size} is above max_batch_size {self.max_batch_size}")
         return self
 
 
@@ -500,12 +503,27 @@ def _message(err: dict[str, Any]) -> str:
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        near = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"][:-1]), n=1)
+        return f"unknown key (did you mean '{near[0]}'?)" if near else "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
     if "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     return msg
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the spec's model accepts at ``loc`` (a mapping's location); [] where it cannot tell."""
+    model: Any = Spec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = next((a for a in (*get_args(field.annotation), field.annotation)
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -592,11 +610,11 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
 
     origin = _apply_overrides(data, list(overrides), issues)
     if training:
-        issues += [SpecIssue(key, "required key is missing (probe, sweep, check and noise train the model; "
+        issues += [SpecIssue(key, "required key is missing (probe, sweep, check, noise and plan train the model; "
                                   "only serve runs without it)", source, _nearest_line(lines, key))
                    for key in TRAINING_KEYS if data.get(key) is None]
-    elif data.get("name") is None:  # serve needs only model and data: the file names the run
-        data["name"] = Path(source).stem if source != "<spec>" else "serve"
+    if data.get("name") is None:  # the file names the run
+        data["name"] = Path(source).stem if source != "<spec>" else "spec"
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
