@@ -363,3 +363,30 @@ def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(
     assert result.exit_code == 2 and "optimizer: required key is missing" in result.stderr
     with pytest.raises(SpecError, match="base_batch_size: required key is missing"):
         batchtune.probe(load_spec(path, training=False))
+
+
+def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
+    """The outside transformer: the projection picked the schedule, which ended at 0.3585 over the
+    whole run, while constant 32 ended at 0.248 (neither reached the target 0.1535)."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _verified_notes, _verified_rank
+
+    def plan(seconds, final):
+        return {"seconds": seconds, "final_loss": final}
+
+    def notes(plans, picked="schedule"):
+        best = min(plans, key=lambda name: _verified_rank(plans[name]))
+        verified = {"target": 0.1535, "plans": plans, "best": best}
+        return _verified_notes(SimpleNamespace(verified=verified, recommendation={"plan": picked}))
+
+    said = notes({"schedule": plan(None, 0.3585), "constant 32": plan(None, 0.248)})
+    assert said == ["verified: constant 32 did better than the projection's pick, schedule: it ended at 0.248 "
+                    "against 0.3585 (neither reached the target 0.1535). Trained over the whole run, constant 32 "
+                    "is the one to use; the projection erred (see the verified table)"]
+    assert notes({"schedule": plan(None, 0.30), "constant 32": plan(12.0, 0.15)})[0].startswith(
+        "verified: constant 32 did better than the projection's pick, schedule: it reached the target 0.1535 in "
+        "12.0 s, against not at all")
+    assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
+    assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
+    assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best

@@ -56,6 +56,7 @@ RISE = 0.05  # a run ending this much above its lowest validation loss has turne
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
+VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 
 
 @dataclass
@@ -177,8 +178,30 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
     elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
+        result.notes += _verified_notes(result)
         dist.on_main(lambda: folder.write_json("plan.json", result.to_dict()))
     return result
+
+
+def _verified_notes(result: PlanResult) -> list[str]:
+    """What the verification says about the pick: a plan that did clearly better when trained is
+    named (:data:`VERIFIED_MARGIN` sooner to the target, or half that lower at the end)."""
+    verified, picked = result.verified, result.recommendation["plan"]
+    best = verified["best"]
+    if best == picked:
+        return []
+    b, p = verified["plans"][best], verified["plans"][picked]
+    if p["seconds"] is not None and b["seconds"] > (1 - VERIFIED_MARGIN) * p["seconds"] or \
+            b["seconds"] is None and b["final_loss"] > (1 - VERIFIED_MARGIN / 2) * p["final_loss"]:
+        return []  # within what one seed's run varies by
+    if b["seconds"] is not None:
+        how = (f"reached the target {verified['target']:.4g} in {duration_text(b['seconds'])}, against "
+               + (duration_text(p["seconds"]) if p["seconds"] is not None else "not at all"))
+    else:
+        how = (f"ended at {b['final_loss']:.4g} against {p['final_loss']:.4g} (neither reached the target "
+               f"{verified['target']:.4g})")
+    return [f"verified: {best} did better than the projection's pick, {picked}: it {how}. Trained over the "
+            f"whole run, {best} is the one to use; the projection erred (see the verified table)"]
 
 
 def _device_count(gpus: int | None, world_size: int, verify: bool) -> int:
@@ -738,7 +761,13 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
         out["plans"][name] = _verified(runs, _projection_of(result, name))
     picked = out["plans"][result.recommendation["plan"]]
     out.update({k: picked[k] for k in ("steps", "seconds", "final_loss", "steps_error", "seconds_error")})
+    out["best"] = min(out["plans"], key=lambda name: _verified_rank(out["plans"][name]))
     return out
+
+
+def _verified_rank(v: dict[str, Any]) -> tuple:
+    """Better first: reached the target (sooner), else the lower final loss."""
+    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v["final_loss"])
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
