@@ -390,3 +390,23 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
     assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
+
+
+def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
+    """It named the run that calibrates every size at its minimum steps (476,160 samples for an outside
+    CNN whose plan ran from 61,440 up); now the run that calibrates the two smallest sizes, which plans."""
+    import re
+
+    from batchtune.commands.plan import _calibration_spec
+    from batchtune.config.spec import load_spec
+    from batchtune.engine.trial import prepare
+    from batchtune.errors import UsageError
+
+    spec, components, backend = prepare(load_spec("configs/quickstart.yaml", ["sweep.batch_sizes=[32, 64, 128]"]))
+    with pytest.raises(UsageError) as info:
+        _calibration_spec(spec, components, backend, 10_000, 0.1)
+    shortest = int(re.search(r"at least ([\d,]+) samples \(it calibrates 32 and 64", str(info.value))[1].replace(",", ""))
+    calibration, per_trial, _ = _calibration_spec(spec, components, backend, shortest, 0.1)
+    assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
+    with pytest.raises(UsageError):
+        _calibration_spec(spec, components, backend, shortest - 640, 0.1)

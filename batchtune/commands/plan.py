@@ -276,12 +276,14 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     def total(per_trial: int) -> int:
         return sum(trials_per_size * max(per_trial, CALIBRATION_MIN_STEPS * b) for b in sizes)
 
+    candidates = sizes
     sizes, left_out = _affordable(sizes, trials_per_size, share * n)
     if left_out:
-        notes.append(f"calibration leaves out {', '.join(map(str, left_out))}: {CALIBRATION_MIN_STEPS} steps there "
-                     f"({CALIBRATION_MIN_STEPS * left_out[0]:,} samples and more) exceed what each size's trials "
-                     f"get; a run of at least {_samples_for(sizes + left_out, trials_per_size, share):,} samples "
-                     "calibrates every size")
+        with_next = int(share * n / (trials_per_size * (len(sizes) + 1)))
+        notes.append(f"calibration leaves out {', '.join(map(str, left_out))}: with {left_out[0]} too, every size's "
+                     f"trials would get {with_next:,} samples, fewer than {CALIBRATION_MIN_STEPS} steps of it "
+                     f"({CALIBRATION_MIN_STEPS * left_out[0]:,}); a run of at least "
+                     f"{_samples_for(candidates, trials_per_size, share):,} samples calibrates every size")
     per_trial = int(share * n / (trials_per_size * len(sizes)))
     while per_trial > 1 and total(per_trial) > share * n:
         per_trial = int(per_trial * 0.9)
@@ -291,8 +293,10 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
         raise UsageError(f"a run of {n} samples is too short to plan: the calibration's short trials "
                          f"({trials_per_size} per size over sizes {', '.join(map(str, sizes))}, at least "
                          f"{CALIBRATION_MIN_STEPS} steps each) need more than {share:.0%} of it: plan a run of at "
-                         f"least {math.ceil(total(CALIBRATION_MIN_STEPS * min(sizes)) / share):,} samples, or set "
-                         "sweep.max_batch_size / sweep.batch_sizes to fewer sizes")
+                         f"least {_samples_for(candidates[:2], trials_per_size, share):,} samples (it calibrates "
+                         f"{' and '.join(map(str, candidates[:2]))}; "
+                         f"{_samples_for(candidates, trials_per_size, share):,} calibrate every size), or set "
+                         "sweep.batch_sizes to smaller sizes")
     updates = {"samples": per_trial, "epochs": None, "seeds": seeds, "min_steps": CALIBRATION_MIN_STEPS,
                "lr_extensions": min(sw.lr_extensions, 1), "lr_refine": False,
                "target_loss": None, "reach_factor": 1.0, "ceiling": ceiling, "batch_sizes": sizes,
