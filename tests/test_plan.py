@@ -405,7 +405,8 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     spec, components, backend = prepare(load_spec("configs/quickstart.yaml", ["sweep.batch_sizes=[32, 64, 128]"]))
     with pytest.raises(UsageError) as info:
         _calibration_spec(spec, components, backend, 10_000, 0.1)
-    shortest = int(re.search(r"at least ([\d,]+) samples \(it calibrates 32 and 64", str(info.value))[1].replace(",", ""))
+    named = re.search(r"at least ([\d,]+) samples \(it calibrates 32 and 64", str(info.value))
+    shortest = int(named[1].replace(",", ""))
     calibration, per_trial, _ = _calibration_spec(spec, components, backend, shortest, 0.1)
     assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
     with pytest.raises(UsageError):
