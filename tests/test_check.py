@@ -258,6 +258,24 @@ def test_a_slowed_model_fails_regression_on_throughput(baseline):
     assert check_reason(reg).startswith("throughput fell more than 15%")
 
 
+def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_its_size(baseline):
+    """An outside CNN's sweep picked 0.05 at 256 (×1/8 the linear rule); check trained at the rule's 0.4."""
+    from batchtune.render.check import check_notes
+
+    spec_path, run = baseline
+    summary = {r["batch_size"]: r for r in json.loads((run / "result.json").read_text())["summary"]}
+    report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=run)
+    assert report.lr == summary[32]["lr"] and report.lr_from_baseline
+    assert any(n.startswith(f"lr {summary[32]['lr']:.4g}: the baseline sweep's fastest at batch 32 (×"
+                            f"{summary[32]['lr_multiplier']:.3g} the") for n in check_notes(report))
+    assert not any("rule from" in n and n.startswith("lr ") and "baseline" not in n for n in check_notes(report))
+    other = run_check(load_spec(spec_path, ["optimizer.lr=0.02", "check.throughput_tolerance=100"]), batch_size=32,
+                      baseline=run)  # another base lr: the sweep's lrs say nothing of it
+    assert not other.lr_from_baseline and other.lr == pytest.approx(0.02)  # the rule's at the base batch
+    unswept = run_check(load_spec(spec_path), batch_size=64, baseline=run)
+    assert not unswept.lr_from_baseline
+
+
 def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
     spec_path, run = baseline
     report = run_check(load_spec(spec_path), batch_size=64, baseline=run)

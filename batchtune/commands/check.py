@@ -93,6 +93,7 @@ class CheckReport:
     precision: str = "fp32"
     baseline: str | None = None
     notes: list[str] = field(default_factory=list)  # what changed the question asked (a capped batch), plainly
+    lr_from_baseline: bool = False  # lr is the baseline sweep's fastest at this size (a note says so), not the rule's
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
 
     @property
@@ -196,6 +197,16 @@ class Baseline:
         return None, None, {}
 
 
+    def fastest_lr(self, batch_size: int, resolved: dict[str, Any]) -> float | None:
+        """The lr the sweep found fastest at ``batch_size`` (a size it ranked), where it scaled the
+        same optimizer from the same base batch size by the same rule; else None."""
+        same = ("optimizer", "base_batch_size", "lr_scaling")
+        if not self.spec or any(self.spec.get(k) != resolved.get(k) for k in same):
+            return None
+        row = next((r for r in self.result.get("summary") or [] if r.get("batch_size") == batch_size), None)
+        return float(row["lr"]) if row and row.get("status") == "ok" and positive(row.get("lr")) else None
+
+
 def load_baseline(path: str | Path) -> Baseline:
     """Read a sweep's run folder (``meta.json`` and ``trials.json`` at least).
 
@@ -257,6 +268,7 @@ class _CheckRun:
     meter: Any = None  # host.LoadMeter started with the check
     threads: int = 1
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
+    lr_from_baseline: bool = False  # lr is the baseline sweep's fastest at this size, not the rule's
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -300,8 +312,14 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     shape = _within_limits(shape, components.train_set, notes)
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
+    lr = spec_lr(spec, shape.batch_size)
+    swept = base.fastest_lr(shape.batch_size, spec.resolved()) if base is not None else None
+    if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
+        notes.append(f"lr {swept:.4g}: the baseline sweep's fastest at batch {shape.batch_size} "
+                     f"(×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from {spec.optimizer.lr:g} at batch "
+                     f"{spec.base_batch_size})")
     return _CheckRun(spec=spec, shape=shape, baseline=base, trainer=Trainer(components, backend, spec.precision, dist),
-                     capacity=capacity, lr=spec_lr(spec, shape.batch_size),
+                     capacity=capacity, lr=swept or lr, lr_from_baseline=swept is not None,
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
                              "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
@@ -616,6 +634,7 @@ def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
     return CheckReport(
         name=spec.name, checks=[results[name] for name in CHECKS], shape=state.shape, lr=state.lr,
         lr_rule=state.rule, base_lr=spec.optimizer.lr, base_batch_size=spec.base_batch_size,
+        lr_from_baseline=state.lr_from_baseline,
         seconds=time.perf_counter() - state.started, max_seconds=state.budget, skipped=state.skipped,
         device=state.device, precision=spec.precision,
         baseline=str(state.baseline.path) if state.baseline else None, notes=state.notes,
