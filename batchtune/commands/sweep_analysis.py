@@ -416,13 +416,15 @@ def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> di
 
 
 def _rank(contenders: list[Entry]) -> list[Entry]:
-    """The pick first, the sizes tied with it next, the rest by median seconds to target.
+    """The pick first, the rest by median seconds to target, each marked where it ties with the pick.
 
     The pick: among the sizes whose interval reaches down to the fastest median's interval,
     the one more seeds reached the target with, then the lower median (a size one of whose
     seeds never crossed has an interval open above and ties with everything). The ties are
     then the sizes whose interval overlaps the pick's: that is what "within seed noise" of
-    the advice means.
+    the advice means. They are not ranked ahead of faster sizes: with 3 seeds an interval spans
+    about the seeds' range, and an outside CNN's 16 (median 1.86× the pick's, one seed inside its
+    interval) stood above 128 (1.56×, not tied).
     """
     if not contenders:
         return []
@@ -433,15 +435,13 @@ def _rank(contenders: list[Entry]) -> list[Entry]:
     fastest = min(contenders, key=lambda e: e["seconds_to_target"])
     group = [e for e in contenders if e["seconds_low"] <= high(fastest)]
     pick = min(group, key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
-    tied = sorted((e for e in contenders if e is not pick and e["seconds_low"] <= high(pick)
-                   and high(e) >= pick["seconds_low"]),
-                  key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
-    rest = sorted((e for e in contenders if e is not pick and e not in tied), key=lambda e: e["seconds_to_target"])
-    ranked = [pick, *tied, *rest]
+    tied = [e for e in contenders
+            if e is not pick and e["seconds_low"] <= high(pick) and high(e) >= pick["seconds_low"]]
+    ranked = [pick, *sorted((e for e in contenders if e is not pick), key=lambda e: e["seconds_to_target"])]
     for rank, e in enumerate(ranked, 1):
         e["rank"] = rank
         e["relative"] = e["seconds_to_target"] / pick["seconds_to_target"]
-        e["tie"] = bool(tied) and rank <= len(tied) + 1
+        e["tie"] = bool(tied) and (e is pick or any(e is t for t in tied))
     return ranked
 
 
