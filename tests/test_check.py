@@ -558,7 +558,9 @@ REPRESENTATIVE = {
     "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
     "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
     "critical.no_noise_steps": ("skip", {"has_baseline": False}, "pass --baseline with a sweep's run folder"),
-    "critical.unreliable": ("skip", {"noise_steps": 12, "has_baseline": False}, "not reliable after 12 measured steps"),
+    "critical.unreliable": ("skip", {"noise_steps": 12, "has_baseline": False, "batchnorm": True},
+                            "not reliable after 12 measured steps (|G|² ≤ 0 so far); the model has BatchNorm, whose "
+                            "statistics over each half- or micro-batch bias it"),
     "regression.ok": ("pass", {**_REGRESSION, "throughput_change": -0.05, "memory_change": 0.0},
                       "throughput 800 vs 1,000 samples/s (-5.0%), peak 1.5 KiB vs 1.0 KiB (+0.0%) within tolerance"),
     "regression.throughput": ("fail", {**_REGRESSION, "memory_change": None},

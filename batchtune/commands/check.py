@@ -539,7 +539,11 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
         return critical_batch_verdict(b, quick.b_simple, basis="run.noise_scale", low=quick.low, high=quick.high,
                                       basis_steps=quick.steps)
     if quick is not None:
-        return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None)
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        model = state.trainer.components.build_model(state.spec.seed)
+        return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
+                     batchnorm=any(isinstance(m, _BatchNorm) for m in model.modules()))
     odd = state.shape.accum_steps == 1 and state.shape.micro_batch_size % 2
     return _skip("critical_batch", "critical.odd_micro" if odd else "critical.no_noise_steps",
                  has_baseline=base is not None)

@@ -137,6 +137,11 @@ def _within_noise(f: dict[str, Any]) -> str:
     return text
 
 
+def _batchnorm(f: dict[str, Any]) -> str:
+    return "; the model has BatchNorm, whose statistics over each half- or micro-batch bias it" \
+        if f.get("batchnorm") else ""
+
+
 def _spike(f: dict[str, Any]) -> str:
     return (f"loss {f['first_loss']:.4g} rose to {f['peak_loss']:.4g} at step {f['peak_step']} "
             f"({f['peak_loss'] / f['first_loss']:.1f}× the first, above {f['spike_factor']:g}×){_lr_text(f)}")
@@ -179,7 +184,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                     + _pass_baseline(f),
     "critical.no_noise_steps": lambda f: "no noise-scale steps ran" + _pass_baseline(f),
     "critical.unreliable": lambda f: f"the noise-scale estimate is not reliable after {f['noise_steps']} measured "
-                                     "steps (|G|² ≤ 0 so far)" + _pass_baseline(f),
+                                     f"steps (|G|² ≤ 0 so far){_batchnorm(f)}" + _pass_baseline(f),
     "regression.ok": lambda f: _comparison(f) + " within tolerance",
     "regression.throughput": _regressed("throughput"),
     "regression.memory": _regressed("memory"),
