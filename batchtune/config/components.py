@@ -51,12 +51,14 @@ class ComponentError(SpecError):
         return str(self.issues[0])
 
 
-def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: Any, kwargs_key: str | None = None,
+           **kwargs: Any) -> Any:
     """``factory(*args, **kwargs)``; anything it raises but an out-of-memory is a :class:`ComponentError`.
 
-    The error says ``what`` raised and names the key of the spec to change: ``<key>.<name>``
+    The error says ``what`` raised and names the key of the spec to change: ``<kwargs_key>.<name>``
     when the message names one of the keyword arguments given (``hidden must be >= 1`` →
-    ``model.kwargs.hidden``), else ``key`` itself.
+    ``model.kwargs.hidden``), else ``key`` itself (the factory's own line: the kwargs already
+    matched its signature, so a failure that names none of them is the code's).
     """
     try:
         return factory(*args, **kwargs)
@@ -65,7 +67,7 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        path = f"{key}.{named[0]}" if named else key
+        path = f"{kwargs_key or key}.{named[0]}" if named else key
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
         raise ComponentError([spec.issue(path, message)]) from exc
 
@@ -205,8 +207,8 @@ def _make_loss(spec: Spec) -> LossFn:
     else:
         factory = load_target(spec.loss.target, spec, "loss.target")
         _check_kwargs(factory, spec.loss.kwargs, spec, "loss.kwargs")
-        key = "loss.kwargs" if spec.loss.kwargs else "loss.target"
-        criterion = _build(spec, key, f"the loss factory {spec.loss.target}()", factory, **spec.loss.kwargs)
+        criterion = _build(spec, "loss.target", f"the loss factory {spec.loss.target}()", factory,
+                           kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, targets = _split(batch)
@@ -304,9 +306,8 @@ class Components:
         if seed is not None:
             torch.manual_seed(seed)
         spec = self.spec
-        key = "model.kwargs" if spec.model.kwargs else _source_key(spec.model, "model")
-        model = _build(spec, key, f"the model factory {_factory_name(spec.model)}", self.model_factory,
-                       **spec.model.kwargs)
+        model = _build(spec, _source_key(spec.model, "model"), f"the model factory {_factory_name(spec.model)}",
+                       self.model_factory, kwargs_key="model.kwargs", **spec.model.kwargs)
         if not isinstance(model, nn.Module):
             raise spec.error("model", f"the model factory returned {type(model).__name__}, not an nn.Module")
         return model
@@ -377,8 +378,8 @@ def build_components(spec: Spec) -> Components:
     if issues:
         raise SpecError(issues)
 
-    key = "data.kwargs" if spec.data.kwargs else _source_key(spec.data, "data")
-    data = _build(spec, key, f"the data factory {_factory_name(spec.data)}", data_factory, **spec.data.kwargs)
+    data = _build(spec, _source_key(spec.data, "data"), f"the data factory {_factory_name(spec.data)}", data_factory,
+                  kwargs_key="data.kwargs", **spec.data.kwargs)
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise spec.error("data", f"the data factory must return (train_dataset, val_dataset), got {type(data).__name__}")
     train_set, val_set = data
@@ -409,8 +410,8 @@ def _make_collate(spec: Spec) -> Callable[[list[Any]], Any]:
     factory = _resolve(entry, BUILTIN_COLLATES, spec, "data.collate")
     if inspect.isclass(factory):  # Hugging Face style: DataCollatorWithPadding(tokenizer=...)
         _check_kwargs(factory, entry.kwargs, spec, "data.collate.kwargs")
-        key = "data.collate.kwargs" if entry.kwargs else _source_key(entry, "data.collate")
-        return _build(spec, key, f"the collator {_factory_name(entry)}", factory, **entry.kwargs)
+        return _build(spec, _source_key(entry, "data.collate"), f"the collator {_factory_name(entry)}", factory,
+                      kwargs_key="data.collate.kwargs", **entry.kwargs)
     first = next(iter(_parameters(factory)), None)
     _check_kwargs(factory, entry.kwargs, spec, "data.collate.kwargs", skip=(first,) if first else ())
     return functools.partial(factory, **entry.kwargs) if entry.kwargs else factory
