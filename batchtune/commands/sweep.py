@@ -177,6 +177,7 @@ class _Sweep:
 
         self._trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
         self._done = {_row_key(r) for r in self.rows}
+        self._trained = len(self.rows)  # trials trained so far, counting those a resumed run finished before
         first, *others = self.meta["seeds"]
         # the rule's lr first: the likeliest fastest, whose crossing bounds how far the others train on
         order = sorted(self.meta["lr_multipliers"], key=lambda m: (abs(math.log(m)), m))
@@ -261,7 +262,8 @@ class _Sweep:
             self._done.add(_row_key(row))
             # after every trial: an interrupt loses at most the one running
             self.dist.on_main(lambda: self.folder.write_trials(self.rows))
-            _log_trial(len(self.rows), i, len(todo), shape, row)
+            self._trained += 1
+            _log_trial(self._trained, i, len(todo), shape, row)
 
     def _config(self, seed: int, lr_multiplier: float, shape: BatchShape) -> Any:
         from batchtune.engine.trial import trial_config

@@ -89,7 +89,10 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
     target = f"{result.target_loss:.4g}" if result.target_loss is not None else "-"
     world = meta.get("world_size", 1)
     ranks = f", {world} ranks (batch = global; micro×accum per rank)" if world > 1 else ""
-    head = (f"batchtune sweep: {result.name} — {len(result.trials)} trials, {meta['samples']} samples per trial, "
+    trials = result.trials
+    retrained = int((trials["reach"] == True).sum()) if "reach" in trials else 0  # noqa: E712 (NaN: no flag)
+    counted = f"{len(trials)} trials" + (f" ({retrained} trained again past the budget)" if retrained else "")
+    head = (f"batchtune sweep: {result.name} — {counted}, {meta['samples']} samples per trial, "
             f"{len(meta['seeds'])} seeds, target val loss {target}, {meta['precision']}{ranks}")
     rec = result.recommendation
     tablefmt = "github" if fmt == "markdown" else "simple"
