@@ -192,14 +192,14 @@ def _verified_notes(result: PlanResult) -> list[str]:
         return []
     b, p = verified["plans"][best], verified["plans"][picked]
     if p["seconds"] is not None and b["seconds"] > (1 - VERIFIED_MARGIN) * p["seconds"] or \
-            b["seconds"] is None and b["final_loss"] > (1 - VERIFIED_MARGIN / 2) * p["final_loss"]:
+            b["seconds"] is None and b["end_loss"] > (1 - VERIFIED_MARGIN / 2) * p["end_loss"]:
         return []  # within what one seed's run varies by
     if b["seconds"] is not None:
         how = (f"reached the target {verified['target']:.4g} in {duration_text(b['seconds'])}, against "
                + (duration_text(p["seconds"]) if p["seconds"] is not None else "not at all"))
     else:
-        how = (f"ended at {b['final_loss']:.4g} against {p['final_loss']:.4g} (neither reached the target "
-               f"{verified['target']:.4g})")
+        how = (f"ended at {b['end_loss']:.4g} against {p['end_loss']:.4g} (each curve's level at its end, on its "
+               f"decreasing fit; neither reached the target {verified['target']:.4g})")
     return [f"verified: {best} did better than the projection's pick, {picked}: it {how}. Trained over the "
             f"whole run, {best} is the one to use; the projection erred (see the verified table)"]
 
@@ -770,8 +770,8 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
 
 
 def _verified_rank(v: dict[str, Any]) -> tuple:
-    """Better first: reached the target (sooner), else the lower final loss."""
-    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v["final_loss"])
+    """Better first: reached the target (sooner), else the lower end of the loss curve."""
+    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v.get("end_loss", v["final_loss"]))
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
@@ -804,6 +804,8 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
     total = statistics.median(whole) if len(whole) == len(runs) else None
     return {"steps": med_steps, "seconds": med_seconds, "reached": f"{len(steps)}/{len(runs)}",
             "final_loss": statistics.median(r["final_loss"] for r in runs),
+            # where the curve ends, on its best decreasing fit: the last validation alone is noisy
+            "end_loss": statistics.median(r.get("end_loss", r["final_loss"]) for r in runs),
             "projected_final_loss": projected.get("final_loss"),
             "projected_steps": projected["steps"], "projected_seconds": projected["seconds"],
             "steps_error": error(med_steps, "steps"), "seconds_error": error(med_seconds, "seconds"),
@@ -835,7 +837,8 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
                 next_eval += every
     cross = verified_crossing(evals, target, overfits=schedule.total_samples > len(components.train_set))
     return {"steps": cross[0] if cross else None, "seconds": cross[1] if cross else None,
-            "final_loss": evals[-1][2], "total_steps": steps, "total_seconds": seconds,
+            "final_loss": evals[-1][2], "end_loss": decreasing_fit([e[2] for e in evals])[-1],
+            "total_steps": steps, "total_seconds": seconds,
             "evals": [list(e) for e in evals]}
 
 
