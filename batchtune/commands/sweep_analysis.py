@@ -238,13 +238,21 @@ def _best_per_size(entries: list[Entry]) -> list[Entry]:
         return (not e["qualifies"], e["steps_to_target"] if e["qualifies"] else 0.0, -e["reached_count"],
                 e["final_val_loss"] if e["final_val_loss"] is not None else math.inf)
 
-    tried: dict[int, int] = {}
+    tried: dict[int, list[float]] = {}
     for e in entries:
-        tried[e["batch_size"]] = tried.get(e["batch_size"], 0) + 1
+        tried.setdefault(e["batch_size"], []).append(e["lr_multiplier"])
     for e in _fully_seeded(entries):
         if e["batch_size"] not in best or key(e) < key(best[e["batch_size"]]):
             best[e["batch_size"]] = e
-    return [{**best[size], "lrs_tried": tried[size]} for size in sorted(best)]
+    return [{**best[size], "lrs_tried": len(tried[size]), "lr_edge": _edge(best[size]["lr_multiplier"], tried[size])}
+            for size in sorted(best)]
+
+
+def _edge(mult: float, tried: list[float]) -> str | None:
+    """``lowest`` or ``highest`` when ``mult`` is that end of the lrs a size tried (of several), else None."""
+    if len(tried) < 2:
+        return None
+    return "lowest" if mult == min(tried) else "highest" if mult == max(tried) else None
 
 
 def _status(e: Entry) -> str:
@@ -619,6 +627,9 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
                   f"{faster['seconds_to_target']:.2f} s in {faster['reached']} seeds)")
     lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} the "
                f"{meta.get('lr_rule', 'scaling')} rule's" if win["lrs_tried"] > 1 else "the scaling rule's lr")
+    if win.get("lr_edge"):  # the bracket grew towards the edge fastest at the first seed's target, not this one
+        lower = "lower" if win["lr_edge"] == "lowest" else "higher"
+        lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
              f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; median over {win['reached']} "
              f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} "
