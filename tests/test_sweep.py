@@ -706,3 +706,16 @@ def test_every_trial_validates_at_one_batch_that_fits(monkeypatch):
     own = trainer.run(TrialConfig(BatchShape(8), lr=0.01, steps=2, validate=True))
     assert set(seen[:len(seen) // 2]) == {64} and set(seen[len(seen) // 2:]) == {8}
     assert other.eval_peak_bytes is None and own.eval_peak_bytes is not None  # a size's peak is its own batch's
+
+
+def test_the_trials_a_longer_run_could_bring_to_the_target():
+    """Each size's best lr at the target, those of its seeds that trained, did not diverge, were not
+    stopped by the time cap, and did not cross."""
+    from batchtune.commands.sweep_analysis import short_of
+
+    rows = [_timed(16, 0, 40, 0.5, 0.01), _timed(16, 1, 40, 0.8, 0.01), _timed(16, 2, 40, 0.8, 0.01),
+            _timed(32, 0, 20, 0.9, 0.01), _timed(32, 1, 20, 0.9, 0.01, diverged=True),
+            _timed(32, 0, 20, 0.95, 0.01, mult=2.0), _timed(32, 1, 20, 0.95, 0.01, mult=2.0)]
+    rows[2]["truncated"] = True  # the time cap stopped it: training it again would stop there too
+    short = short_of(rows, 0.5)
+    assert [(r["batch_size"], r["seed"], r["lr_multiplier"]) for r in short] == [(16, 1, 1.0), (32, 0, 1.0)]

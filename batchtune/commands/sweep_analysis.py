@@ -377,11 +377,12 @@ def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def short_of(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
     """The trials of each size's best lr at ``target`` (:func:`_best_per_size`) that trained, did
-    not diverge, and did not reach it: the ones a longer run could still bring there."""
+    not diverge, did not run out of time (``max_seconds_per_trial`` would stop them again) and did
+    not reach it: the ones a longer run could still bring there."""
     best = _best_per_size([_at_target(e, target) for e in _per_lr(rows)])
     best = {(e["batch_size"], e["lr_multiplier"]) for e in best}
     return [r for r in rows if (r["batch_size"], float(r["lr_multiplier"])) in best
-            and r["fits"] and not r["diverged"] and seed_crossing(r, target) is None]
+            and r["fits"] and not r["diverged"] and not r.get("truncated") and seed_crossing(r, target) is None]
 
 
 def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float], list[str]]:
