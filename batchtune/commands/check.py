@@ -196,7 +196,6 @@ class Baseline:
             return float(statistics.median(values)), "baseline.trials", {"basis_trials": len(values)}
         return None, None, {}
 
-
     def fastest_lr(self, batch_size: int, resolved: dict[str, Any]) -> float | None:
         """The lr the sweep found fastest at ``batch_size`` (a size it ranked), where it scaled the
         same optimizer from the same base batch size by the same rule; else None."""

@@ -771,7 +771,7 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
 
 def _verified_rank(v: dict[str, Any]) -> tuple:
     """Better first: reached the target (sooner), else the lower end of the loss curve."""
-    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v.get("end_loss", v["final_loss"]))
+    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v["end_loss"])
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
@@ -805,7 +805,7 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
     return {"steps": med_steps, "seconds": med_seconds, "reached": f"{len(steps)}/{len(runs)}",
             "final_loss": statistics.median(r["final_loss"] for r in runs),
             # where the curve ends, on its best decreasing fit: the last validation alone is noisy
-            "end_loss": statistics.median(r.get("end_loss", r["final_loss"]) for r in runs),
+            "end_loss": statistics.median(r["end_loss"] for r in runs),
             "projected_final_loss": projected.get("final_loss"),
             "projected_steps": projected["steps"], "projected_seconds": projected["seconds"],
             "steps_error": error(med_steps, "steps"), "seconds_error": error(med_seconds, "seconds"),

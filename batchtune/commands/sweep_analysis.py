@@ -348,7 +348,7 @@ def given_targets(meta: dict[str, Any]) -> list[float]:
 
 def stop_targets(meta: dict[str, Any]) -> list[float]:
     """The targets a trial trains towards and stops at: the given ones, else the default target once
-    the first seed's screen has fixed it (``meta["default_target"]``), else none."""
+    every seed's budget has fixed it (``meta["default_target"]``), else none."""
     fixed = meta.get("default_target")
     return given_targets(meta) or ([fixed["loss"]] if fixed else [])
 
@@ -444,13 +444,13 @@ def _rank(contenders: list[Entry]) -> list[Entry]:
     fastest = min(contenders, key=lambda e: e["seconds_to_target"])
     group = [e for e in contenders if e["seconds_low"] <= high(fastest)]
     pick = min(group, key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
-    tied = [e for e in contenders
-            if e is not pick and e["seconds_low"] <= high(pick) and high(e) >= pick["seconds_low"]]
+    tied = {id(e) for e in contenders
+            if e is not pick and e["seconds_low"] <= high(pick) and high(e) >= pick["seconds_low"]}
     ranked = [pick, *sorted((e for e in contenders if e is not pick), key=lambda e: e["seconds_to_target"])]
     for rank, e in enumerate(ranked, 1):
         e["rank"] = rank
         e["relative"] = e["seconds_to_target"] / pick["seconds_to_target"]
-        e["tie"] = bool(tied) and (e is pick or any(e is t for t in tied))
+        e["tie"] = bool(tied) and (e is pick or id(e) in tied)
     return ranked
 
 
@@ -628,7 +628,7 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
                   f"{faster['seconds_to_target']:.2f} s in {faster['reached']} seeds)")
     lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} the "
                f"{meta.get('lr_rule', 'scaling')} rule's" if win["lrs_tried"] > 1 else "the scaling rule's lr")
-    if win.get("lr_edge"):  # the bracket grew towards the edge fastest at the first seed's target, not this one
+    if win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
