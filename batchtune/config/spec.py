@@ -338,9 +338,9 @@ class SweepSpec(_Strict):
     # a size trains at least this many steps, so a large batch (few steps at equal samples)
     # can reach a target too; with target_loss given, a trial ends once it has crossed the lowest
     min_steps: PositiveInt = 64
-    # a trial that has not crossed the lowest target (given, or the default once the first seed fixes it)
-    # at its budget trains on, up to this many times its steps (a screening lr stops at 1.25× the size's
-    # fastest crossing); 1: every size stops at the budget
+    # a trial that has not crossed the lowest target (given, or the default once every seed's budget
+    # fixes it) at its budget trains on, up to this many times its steps (a screening lr stops at 1.25×
+    # the size's fastest crossing); 1: every size stops at the budget
     reach_factor: float = Field(2.0, ge=1.0, le=64.0)
     warmup: float = Field(0.05, ge=0.0, lt=1.0)
     # Each size tries the rule's lr times each multiplier (seed 0), keeps for its other seeds
