@@ -413,3 +413,19 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
     with pytest.raises(UsageError):
         _calibration_spec(spec, components, backend, shortest - 640, 0.1)
+
+
+def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extrapolated():
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _extrapolation_notes
+
+    def notes(final, measured):
+        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}), measured)
+
+    # an outside GRU regression: projected 0.0008 from a calibration down to 0.0255; whole runs ended at 0.019
+    assert notes(0.0008054, 0.02553) == [
+        "the projected final loss, 0.0008054, is 31.7x below the lowest the calibration measured (0.02553): the "
+        "loss curve's power law extrapolated, which knows no floor; a loss that levels off (the data's noise, the "
+        "model's capacity) ends higher; --verify measures it"]
+    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None), 0.3) == []

@@ -56,6 +56,7 @@ RISE = 0.05  # a run ending this much above its lowest validation loss has turne
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
+EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 
 
@@ -546,7 +547,20 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
     result.laws["loss"] = curve.to_dict()
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
+    result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
+
+
+def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
+    """Say so when the pick's final loss is the power law's alone, well below any loss the calibration saw:
+    a curve that levels off (a noise floor) ends higher. An outside GRU regression was projected to 0.0008
+    from a calibration that got down to 0.022; its whole runs ended at 0.019."""
+    final = (result.projection or {}).get("final_loss")
+    if final is None or final >= EXTRAPOLATED * measured:
+        return []
+    return [f"the projected final loss, {final:.4g}, is {measured / final:.1f}x below the lowest the calibration "
+            f"measured ({measured:.4g}): the loss curve's power law extrapolated, which knows no floor; a loss that "
+            "levels off (the data's noise, the model's capacity) ends higher; --verify measures it"]
 
 
 def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str, Any],
