@@ -442,6 +442,9 @@ def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
     assert (verdict.status, verdict.code) == ("fail", "trains.spiked")
     assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (9.8, 2)
     assert trains_verdict(thrown).code == "trains.falling"  # what it read before
+    lucky = [0.105, 0.61, 0.58, 0.66, 0.6, 0.57, 0.62, 0.55, 0.59, 0.6]  # a GRU's first batch of 8 sat far low
+    assert trains_verdict(lucky, spike_factor=3.0).code == "trains.spiked"  # against that one batch
+    assert trains_verdict(lucky, spike_factor=3.0, start=0.669).code != "trains.spiked"  # against the validation
     calm = [2.6, 2.5, 2.4, 2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6]
     assert trains_verdict(calm, spike_factor=3.0).code == "trains.falling"
 
@@ -536,10 +539,10 @@ REPRESENTATIVE = {
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},
                         "diverged at lr 1.41e+03: non-finite loss at step 3"),
-    "trains.spiked": ("fail", {**_TREND, "first_loss": 2.6, "peak_loss": 9.8, "peak_step": 3, "spike_factor": 3.0,
-                               "last_mean": 2.3},
-                      "loss 2.6 rose to 9.8 at step 3 (3.8× the first, above 3×) at lr 0.002, and ended at 2.3: the lr "
-                      "is too high"),
+    "trains.spiked": ("fail", {**_TREND, "first_loss": 2.6, "initial_loss": 2.6, "peak_loss": 9.8, "peak_step": 3,
+                               "spike_factor": 3.0, "last_mean": 2.3},
+                      "loss 2.6 rose to 9.8 at step 3 (3.8× where it started, above 3×) at lr 0.002, and ended at 2.3: "
+                      "the lr is too high"),
     "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),
     "trains.crashed": ("fail", _ERROR, "the training run raised RuntimeError: mat1 and mat2"),
     "trains.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory in the training run"),

@@ -93,11 +93,19 @@ def test_divergence_ends_the_trial_at_the_step(components):
 
 
 def test_divergence_is_a_loss_that_stays_up_not_one_spike():
-    from batchtune.engine.trial import exploded
+    from types import SimpleNamespace
 
-    assert not exploded([1.0, 5.0, 0.9, 5.0, 5.0, 0.8], 3.0)  # spikes the run came back from
-    assert exploded([1.0, 0.9, 3.5, 4.0, 3.1], 3.0) and not exploded([1.0, 3.5, 4.0], 3.0)
-    assert not exploded([1.0, 3.5, 4.0, 2.9], 3.0) and exploded([0.1, 0.31, 0.4, 0.5], 3.0)
+    from batchtune.engine.trial import EvalPoint, exploded, starting_loss
+
+    assert not exploded([1.0, 5.0, 0.9, 5.0, 5.0, 0.8], 3.0, 1.0)  # spikes the run came back from
+    assert exploded([1.0, 0.9, 3.5, 4.0, 3.1], 3.0, 1.0) and not exploded([1.0, 3.5, 4.0], 3.0, 1.0)
+    assert not exploded([1.0, 3.5, 4.0, 2.9], 3.0, 1.0)
+    # an outside GRU at batch 8: its first batch read 0.105, the validation before it 0.669
+    gru = [0.105, 0.6, 0.62, 0.58, 0.61, 0.6]
+    assert exploded(gru, 3.0, gru[0]) and not exploded(gru, 3.0, 0.669)
+    validated = SimpleNamespace(evals=[EvalPoint(0, 0, 0.0, 0.669)], losses=gru)
+    assert starting_loss(validated) == 0.669
+    assert starting_loss(SimpleNamespace(evals=[], losses=gru)) == 0.6  # else the median of the first 3
 
 
 Pair = namedtuple("Pair", "x y")

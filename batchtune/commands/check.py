@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 CHECKS = ("fits", "trains", "data", "critical_batch", "regression")
 _SEVERITY = {"skip": 0, "pass": 1, "warn": 2, "fail": 3}
 MIN_TRAIN_STEPS = 6  # fewer steps than this say nothing about a loss trend
+CHECK_EVAL_SAMPLES = 512  # validated before the training run's first step: where its loss starts
 # Kept back from the budget: the CLI process's start-up before the check begins counting,
 # rendering, and exit (about 1 s on a 2-core machine under load, half that when idle).
 _RESERVE_FRACTION, _RESERVE_MIN_S = 0.05, 1.5
@@ -473,6 +474,9 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
         spec, state.shape, lr=state.lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
         timing_warmup_steps=timing_warmup, max_seconds=remaining - state.step_seconds,
         divergence_factor=spec.check.divergence_factor, measure_noise=True, memory_steps=max(2, timing_warmup),
+        # one validation before the first step: where the loss starts, against which a spike is judged
+        eval_every_samples=2 * steps * state.shape.batch_size, eval_samples=CHECK_EVAL_SAMPLES,
+        eval_batch_size=state.shape.micro_batch_size,
     )
     stamps: list[float] = []
     try:
@@ -493,8 +497,11 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
 
 def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
     """The loss trend of the training run; too few steps (the budget cut it short) is a skip."""
+    from batchtune.engine.trial import starting_loss
+
     verdict = trains_verdict(run.losses, diverged=run.diverged, divergence=run.divergence, lr=state.lr,
-                             spike_factor=state.spec.check.divergence_factor)
+                             spike_factor=state.spec.check.divergence_factor,
+                             start=starting_loss(run) if run.losses else None)
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:

@@ -96,7 +96,8 @@ def fits_verdict(fits: bool, peak_bytes: int | None, capacity_bytes: int | None,
 
 
 def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergence: str | None = None,
-                   lr: float | None = None, spike_factor: float | None = None) -> CheckResult:
+                   lr: float | None = None, spike_factor: float | None = None,
+                   start: float | None = None) -> CheckResult:
     """Whether a short run at the scaled lr diverges and whether its loss falls.
 
     The mean loss of the last few steps is compared with the first few (a fifth of the run,
@@ -106,10 +107,10 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     few to see a slow start (small lr, long warmup), and a pre-flight must not fail a job
     on noise, nor pass one on it.
 
-    A loss that went above ``spike_factor`` × its first value on some step (a run ends as
-    diverged only when it stays there) was thrown out by too high an lr, and fails too, however
-    it ended: an SGD CNN at 8× its lr shot from 2.6 to 9.8 and fell back to chance (2.3), which
-    the window means read as a fall.
+    A loss that went above ``spike_factor`` × where it started on some step (``start``: the
+    validation loss before the first step; else the first loss) was thrown out by too high an lr,
+    and fails too, however it ended (a run is diverged only when it stays there): an SGD CNN at 8×
+    its lr shot from 2.6 to 9.8 and fell back to chance (2.3), which the window means read as a fall.
     """
     figures: dict[str, Any] = {"steps": len(losses), "lr": lr, "diverged": diverged, "divergence": divergence,
                                "first_loss": losses[0] if losses else None,
@@ -126,8 +127,9 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     change = (m_last - m_first) / abs(m_first) if m_first else math.inf
     figures.update(window=w, first_mean=m_first, last_mean=m_last, change=change, noise=se)
     peak = max(range(n), key=lambda i: losses[i])
-    if spike_factor is not None and losses[peak] > spike_factor * losses[0]:
-        figures.update(peak_loss=losses[peak], peak_step=peak + 1, spike_factor=spike_factor)
+    start = losses[0] if start is None else start
+    if spike_factor is not None and losses[peak] > spike_factor * start:
+        figures.update(peak_loss=losses[peak], peak_step=peak + 1, spike_factor=spike_factor, initial_loss=start)
         return CheckResult("trains", "fail", "trains.spiked", figures)
     if m_first - m_last > 2 * se:
         return CheckResult("trains", "pass", "trains.falling", figures)

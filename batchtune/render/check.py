@@ -143,8 +143,9 @@ def _batchnorm(f: dict[str, Any]) -> str:
 
 
 def _spike(f: dict[str, Any]) -> str:
-    return (f"loss {f['first_loss']:.4g} rose to {f['peak_loss']:.4g} at step {f['peak_step']} "
-            f"({f['peak_loss'] / f['first_loss']:.1f}× the first, above {f['spike_factor']:g}×){_lr_text(f)}")
+    start = f.get("initial_loss", f["first_loss"])
+    return (f"loss {start:.4g} rose to {f['peak_loss']:.4g} at step {f['peak_step']} "
+            f"({f['peak_loss'] / start:.1f}× where it started, above {f['spike_factor']:g}×){_lr_text(f)}")
 
 
 def _fits_skip(f: dict[str, Any]) -> str:
