@@ -82,7 +82,9 @@ class BatchSchedule:
         stage = self.stage_at(samples)
         if samples >= self.warmup_samples:
             return stage.lr
-        return stage.lr * (samples + stage.batch_size) / max(self.warmup_samples, stage.batch_size)
+        # the step ending past the warmup runs at the full lr, not above it (66 of 67 warmup samples at
+        # batch 16 gave 1.22x the stage's lr)
+        return stage.lr * min(1.0, (samples + stage.batch_size) / max(self.warmup_samples, stage.batch_size))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, samples: float) -> float:
         """Set every parameter group's lr for the step starting after ``samples`` samples."""
