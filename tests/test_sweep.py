@@ -719,3 +719,14 @@ def test_the_trials_a_longer_run_could_bring_to_the_target():
     rows[2]["truncated"] = True  # the time cap stopped it: training it again would stop there too
     short = short_of(rows, 0.5)
     assert [(r["batch_size"], r["seed"], r["lr_multiplier"]) for r in short] == [(16, 1, 1.0), (32, 0, 1.0)]
+
+
+def test_a_size_above_the_critical_batch_is_said_to_waste_compute_in_the_right_words():
+    """At 32 with B_crit 5: 1 + 32/5 = 7.4x the minimum samples, 3.7x what B_crit needs, 73% of it
+    wasted (it said '73% more compute than B_crit would', where it is 270% more)."""
+    from batchtune.commands.sweep_analysis import _notes
+
+    entry = {"batch_size": 32, "excess_compute": 7.4, "data_bound": False, "diverged_seeds": 0}
+    said = _notes([entry], [entry], {"b_crit": 5.0}, {"samples": 4096})
+    assert said[0] == ("batch 32 is above the critical batch size (~5): it needs 7.40× the minimum samples, 3.70× "
+                       "what B_crit needs (73% of its compute wasted)")

@@ -530,9 +530,10 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     notes, b_crit = [], critical["b_crit"]
     for e in ranked:
         if b_crit and e["batch_size"] > b_crit:
-            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.0f}): it needs "
-                         f"{e['excess_compute']:.2f}× the minimum samples, "
-                         f"{compute_beyond_critical(e['batch_size'], b_crit):.0%} more compute than B_crit would")
+            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.3g}): it needs "
+                         f"{e['excess_compute']:.2f}× the minimum samples, {e['excess_compute'] / 2:.2f}× what "
+                         f"B_crit needs ({compute_beyond_critical(e['batch_size'], b_crit):.0%} of its compute "
+                         "wasted)")
         if e["data_bound"]:
             notes.append(f"batch {e['batch_size']} waits for data {e['data_share']:.0%} of its step time (counted in "
                          "its time): more loader workers (data.num_workers), pinned memory or fetching whole "
