@@ -305,10 +305,13 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert run["total_steps"] == pytest.approx(projection["total_steps"], abs=2)  # whole steps, per stage
     assert picked["total_seconds_error"] == pytest.approx(run["total_seconds"] / projection["total_seconds"] - 1)
     assert min(e[2] for e in run["evals"]) <= run["end_loss"] == picked["end_loss"] <= run["evals"][0][2]
-    if data["schedule"]:
-        loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
-        assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in data["schedule"]["stages"]]
-        assert loaded.total_samples == n
+    # the recommended plan, schedule or constant size, is written for the user's loop (a constant pick wrote nothing)
+    loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
+    picked_plan = data["recommendation"]["plan"]
+    stages = data["schedule"]["stages"] if picked_plan == "schedule" else [
+        c for c in data["constant"] if f"constant {c['batch_size']}" == picked_plan]
+    assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in stages]
+    assert loaded.total_samples == n and data["schedule_path"] == str(tmp_path / "schedule.yaml")
 
 
 def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):

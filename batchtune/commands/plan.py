@@ -170,8 +170,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     folder = RunFolder(cal.run_dir)
 
     def write() -> None:
-        if result.schedule is not None and schedule_out is not None:
-            result.schedule_path = str(_schedule_artifact(result).save(schedule_out))
+        if schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
+            stages = _plan_stages(result, result.recommendation["plan"])
+            result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
+        elif schedule_out is not None:
+            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, the plan recommends no run")
         folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
 
     dist.on_main(write)
