@@ -513,3 +513,12 @@ def test_the_noise_report_says_how_the_readings_moved_not_that_they_grow():
                                                                                   "1.3 to 41 at 0.5, within the bands")
     assert _trend([reading(90, 80, 100, 1.0), reading(40, 35, 45, 0.5)]).startswith("It fell from 90")
     assert _trend([reading(90, 80, 100, 1.0)]).startswith("One reliable reading")
+
+
+def test_small_noise_scales_are_not_rounded_to_zero():
+    """A token LM's B_simple can be below one sequence (an outside GPT-2: 0.19, band 0.125-0.266),
+    which the reports printed as '~0 (90% band 0-0)'."""
+    from batchtune.render.text import count
+
+    assert [count(v) for v in (0.192, 0.125, 4.56, 10.4, 1234.5, None, float("inf"))] == \
+        ["0.19", "0.12", "4.6", "10", "1,234", "-", "inf"]

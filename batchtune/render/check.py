@@ -12,7 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, format_bytes, format_shape, to_json
+from batchtune.render.text import count, device_text, format_bytes, format_shape, to_json
 
 __all__ = ["TIME_SKIP", "busy_note", "check_notes", "check_reason", "render_check"]
 
@@ -75,8 +75,8 @@ def _estimate(f: dict[str, Any]) -> str:
     low, high = f.get("low"), f.get("high")
     has_low = isinstance(low, (int, float)) and math.isfinite(low) and low > 0
     bounded = has_low and high is not None and math.isfinite(high)
-    band = f"; 90% band {low:.0f}–{high:.0f}" if bounded else ("; band unbounded above" if has_low else "")
-    return f"~{f['b_crit']:.0f} ({_BASES[f['basis']](f)}{band})"
+    band = f"; 90% band {count(low)}–{count(high)}" if bounded else ("; band unbounded above" if has_low else "")
+    return f"~{count(f['b_crit'])} ({_BASES[f['basis']](f)}{band})"
 
 
 def _critical_above(f: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import format_shape, num, to_json
+from batchtune.render.text import count, format_shape, num, to_json
 
 __all__ = ["render_noise"]
 
@@ -18,8 +18,8 @@ def render_noise(run: Any, fmt: str = "table") -> str:
     shape = format_shape(run.shape) if run.shape.accum_steps > 1 or run.shape.world_size > 1 \
         else f"{run.batch_size} (two halves per step)"
     head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {run.steps} steps"
-    rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", num(h["b_simple"], ",.0f"),
-             f"{num(h['low'], ',.0f')}–{num(h['high'], ',.0f')}", "yes" if h["reliable"] else "no"]
+    rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", count(h["b_simple"]),
+             f"{count(h['low'])}–{count(h['high'])}", "yes" if h["reliable"] else "no"]
             for h in run.history]
     headers = ["step", "samples", "val loss", "B_simple", "90% band", "reliable"]
     table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
@@ -31,8 +31,8 @@ def render_noise(run: Any, fmt: str = "table") -> str:
                      "check the model and the data, or lower optimizer.lr")
     elif final and final.get("b_simple"):
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
-        lines.append(f"B_simple at the end: {final['b_simple']:,.0f} examples{tokens} at val loss "
-                     f"{final['val_loss']:.4g} (90% band {num(final['low'], ',.0f')}–{num(final['high'], ',.0f')}).")
+        lines.append(f"B_simple at the end: {count(final['b_simple'])} examples{tokens} at val loss "
+                     f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}).")
         lines.append(_trend(run.history))
     else:
         lines.append("no reliable estimate yet: run more steps (--steps)")
@@ -46,7 +46,7 @@ def _trend(history: list[dict[str, Any]]) -> str:
     if len(readings) < 2:
         return "One reliable reading: run more steps to see how it moves as the loss falls."
     first, last = readings[0], readings[-1]
-    span = (f"from {first['b_simple']:,.0f} at val loss {first['val_loss']:.4g} to {last['b_simple']:,.0f} at "
+    span = (f"from {count(first['b_simple'])} at val loss {first['val_loss']:.4g} to {count(last['b_simple'])} at "
             f"{last['val_loss']:.4g}")
     if first["high"] < last["low"]:
         return (f"It grew {span}: an estimate taken early under-states the critical batch size later in "

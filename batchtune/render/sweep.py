@@ -7,7 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import format_bytes, format_shape, num, pm, to_json
+from batchtune.render.text import count, format_bytes, format_shape, num, pm, to_json
 
 __all__ = ["render_precision", "render_sweep"]
 
@@ -54,8 +54,8 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     if noise:
         tokens = f", {noise['tokens']:,.0f} tokens" if noise.get("tokens") else ""
         high = noise["high"]
-        top = "unbounded: unreliable" if high is None or math.isinf(high) else f"{high:.0f}"
-        noisy = (f"noise scale B_simple {noise['b_simple']:.0f}{tokens} (90% band {num(noise['low'], '.0f')}–"
+        top = "unbounded: unreliable" if high is None or math.isinf(high) else count(high)
+        noisy = (f"noise scale B_simple {count(noise['b_simple'])}{tokens} (90% band {count(noise['low'])}–"
                  f"{top}) at val loss {noise['at_val_loss']:.4g}, from {noise['measurements']} measurements "
                  f"around the crossings of {noise['trials']} trials")
     else:

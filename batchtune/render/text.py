@@ -87,6 +87,14 @@ def pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 
+def count(value: Any) -> str:
+    """A batch-size estimate (a critical batch, a noise scale): whole from 10 up, 2 significant digits
+    below, so a token LM's B_simple of 0.19 sequences does not read 0. None or NaN: ``-``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
 def num(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
