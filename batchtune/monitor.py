@@ -213,6 +213,11 @@ class NoiseScaleMonitor:
             small, self._local_sq_norm = self._local_sq_norm, None
             big = _grad_sq_norm(self.params) * grad_multiplier**2
         else:
+            if self._norms is None:
+                raise RuntimeError("a monitor given parameters measures the steps it is told about: call begin() "
+                                   "before the step's first backward pass, start_micro_batch() and "
+                                   "end_micro_batch() around each, then step(); or give it the model "
+                                   "(NoiseScaleMonitor(model, ...)) and call only step()")
             small, big = self._norms.small_and_big(grad_multiplier=grad_multiplier)
             self.close()
         self._fold(small, big, self.batch_sizes)

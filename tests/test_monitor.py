@@ -258,3 +258,15 @@ def test_under_ddp_each_rank_reads_its_local_gradient_against_the_reduced_one(tm
         assert reading["batch_sizes"] == [16, 16 * accum * 2]
         assert reading["b_simple"] == pytest.approx(truth, rel=0.15)
         assert abs(reading["b_simple"] - truth) <= reading["high"] - reading["low"]
+
+
+def test_a_monitor_given_parameters_says_what_it_needs_when_step_comes_alone():
+    """An outside user passed model.parameters() and called only step(), as for a model: it raised
+    AttributeError: 'NoneType' object has no attribute 'small_and_big'."""
+    from batchtune.monitor import NoiseScaleMonitor
+
+    model = torch.nn.Linear(3, 1)
+    monitor = NoiseScaleMonitor(model.parameters(), micro_batch_size=4, accum_steps=2)
+    model(torch.ones(4, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"call begin\(\) before the step's first backward pass.*give it the model"):
+        monitor.step()
