@@ -539,7 +539,7 @@ REPRESENTATIVE = {
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},
                         "diverged at lr 1.41e+03: non-finite loss at step 3"),
-    "trains.spiked": ("fail", {**_TREND, "first_loss": 2.6, "initial_loss": 2.6, "peak_loss": 9.8, "peak_step": 3,
+    "trains.spiked": ("fail", {**_TREND, "first_loss": 2.6, "starting_loss": 2.6, "peak_loss": 9.8, "peak_step": 3,
                                "spike_factor": 3.0, "last_mean": 2.3},
                       "loss 2.6 rose to 9.8 at step 3 (3.8× where it started, above 3×) at lr 0.002, and ended at 2.3: "
                       "the lr is too high"),

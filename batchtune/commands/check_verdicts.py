@@ -129,7 +129,7 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     peak = max(range(n), key=lambda i: losses[i])
     start = losses[0] if start is None else start
     if spike_factor is not None and losses[peak] > spike_factor * start:
-        figures.update(peak_loss=losses[peak], peak_step=peak + 1, spike_factor=spike_factor, initial_loss=start)
+        figures.update(peak_loss=losses[peak], peak_step=peak + 1, spike_factor=spike_factor, starting_loss=start)
         return CheckResult("trains", "fail", "trains.spiked", figures)
     if m_first - m_last > 2 * se:
         return CheckResult("trains", "pass", "trains.falling", figures)

@@ -45,7 +45,7 @@ _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst out
 # GradScaler's first scale, 2^16, this many halvings reach 2^-8: gradients that still
 # overflow are not finite at any scale.
 MAX_SKIPPED_STEPS = 24
-DIVERGED_STEPS = 3  # training losses in a row above divergence_factor × the initial: the trial diverged
+DIVERGED_STEPS = 3  # training losses in a row above divergence_factor × the starting loss: the trial diverged
 INITIAL_STEPS = 3  # without a validation before the first step, the median of this many first losses starts
 log = logging.getLogger(__name__)
 FIRST_LOG_EVAL = 4  # the log-spaced validation grid starts at this step

@@ -143,7 +143,7 @@ def _batchnorm(f: dict[str, Any]) -> str:
 
 
 def _spike(f: dict[str, Any]) -> str:
-    start = f.get("initial_loss", f["first_loss"])
+    start = f.get("starting_loss", f["first_loss"])
     return (f"loss {start:.4g} rose to {f['peak_loss']:.4g} at step {f['peak_step']} "
             f"({f['peak_loss'] / start:.1f}× where it started, above {f['spike_factor']:g}×){_lr_text(f)}")
 

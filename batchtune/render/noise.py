@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import count, format_shape, num, to_json
+from batchtune.render.text import count, format_shape, to_json
 
 __all__ = ["render_noise"]
 
