@@ -145,10 +145,21 @@ class BatchSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> BatchSchedule:
+        """Read a schedule ``batchtune plan --schedule-out`` wrote.
+
+        Raises:
+            ValueError: the file is not one (a spec given by mistake, say): it names what is missing.
+        """
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return cls.from_dict(yaml.safe_load(text))
-        return cls.from_dict(json.loads(text))
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        missing = [k for k in ("stages", "total_samples") if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise ValueError(f"{path} is not a batch schedule (no {' or '.join(missing)}): give a file "
+                             "batchtune plan --schedule-out wrote")
+        return cls.from_dict(data)
