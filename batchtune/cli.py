@@ -224,7 +224,7 @@ def _plot_writable(plot: Path, force: bool) -> None:
 @app.command()
 def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports, keyword arguments, and that the
-    data, model, loss and optimizer build (and the first sample reads)."""
+    data, model, loss and optimizer build (and the first two samples go through the model and loss)."""
     with _user_errors():
         try:  # as the training commands load it: every problem they would name, at once
             spec, serve_only = _load(spec_path, overrides), False
@@ -240,6 +240,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         model = comps.build_model(spec.seed)
         if not serve_only:
             comps.build_optimizer(model.parameters(), spec.optimizer.lr)
+            comps.first_loss(model)
         if spec.distributed.fsdp.shard:  # the class names probe would refuse under torchrun
             from batchtune.engine.sharding import shard_units
 

@@ -66,6 +66,43 @@ def bad_data():
     return "not a pair of datasets"
 
 
+class _Keyed(Dataset):
+    """tiny_data's samples as dicts: the features under ``x``, the class under ``target_key``."""
+
+    def __init__(self, pairs: Dataset, target_key: str):
+        self.pairs, self.target_key = pairs, target_key
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.pairs[i]
+        return {"x": x, self.target_key: y}
+
+
+class _KeyedMLP(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def keyed_data(target_key: str = "y", **kwargs):
+    """tiny_data as dict samples; a ``target_key`` outside TARGET_KEYS leaves the loss without targets."""
+    return tuple(_Keyed(part, target_key) for part in tiny_data(**kwargs))
+
+
+def keyed_mlp(**kwargs) -> nn.Module:
+    return _KeyedMLP(**kwargs)
+
+
+def per_sample_loss() -> nn.Module:
+    """A loss left unreduced: one number per sample, not per batch."""
+    return nn.CrossEntropyLoss(reduction="none")
+
+
 def linreg_data(d: int = 20, sigma: float = 1.0, n_train: int = 65536, n_val: int = 256, seed: int = 0):
     """y = w*·x + ε, x ~ N(0, I_d), Var ε = σ²: the analytic noise-scale case (RESEARCH.md)."""
     g = torch.Generator().manual_seed(seed)

@@ -111,6 +111,35 @@ def test_a_model_that_does_not_fit_the_data_is_bad_input_not_a_traceback(write_s
     assert "Traceback" not in result.output
 
 
+def test_validate_sends_two_samples_through_the_model_and_loss(write_spec):
+    base = ("name: x\nmodel: {target: 'tests.fixtures:keyed_mlp'}\ndata: {target: 'tests.fixtures:keyed_data'}\n"
+            "optimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")
+    assert runner.invoke(app, ["validate", str(write_spec(base))]).exit_code == 0
+    path = write_spec(base + "loss: {target: 'tests.fixtures:per_sample_loss'}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert (f"{path}:6: loss: the loss must be one number per batch (reduce it, e.g. .mean()); on the first 2 "
+            "training samples it returned a tensor of shape (2,)") in result.stderr
+    path = write_spec(base.replace("tiny_mlp", "x").replace("keyed_mlp'}", "keyed_mlp', kwargs: {in_features: 8}}"))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{path}:2: model: the model and loss on the first 2 training samples raised RuntimeError: mat1 and mat2 "
+            "shapes cannot be multiplied (2x16 and 8x32)") in result.stderr
+
+
+def test_dict_data_without_targets_is_the_spec_s_loss_in_every_command(write_spec):
+    """Bad input, exit 2 naming ``loss``: not a crashed pre-flight (check's exit 1), and validate says it first."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:keyed_mlp'}\n"
+                      "data: {target: 'tests.fixtures:keyed_data', kwargs: {target_key: klass}}\n"
+                      "optimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\nloss: cross_entropy\n"
+                      "device: {type: cpu, memory_limit: 1MiB}\n")
+    for args in (["validate"], ["check", "--batch-size", "8", "-q"], ["probe", "-q"]):
+        result = runner.invoke(app, [args[0], str(path), *args[1:]])
+        assert result.exit_code == 2, (args, result.output)
+        assert (f"{path}:6: loss: a dict batch needs its targets under one of labels, label, targets, target, y "
+                "unless loss is 'model_output'; this one has x, klass") in result.stderr, args
+
+
 def test_every_shipped_config_validates():
     """What the README runs: each file in configs/ loads, builds and reads its first sample."""
     from pathlib import Path

@@ -62,8 +62,8 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     """
     try:
         return factory(*args, **kwargs)
-    except (torch.OutOfMemoryError, MemoryError):
-        raise  # the device or host ran out: the probe's business, not a bad spec
+    except (torch.OutOfMemoryError, MemoryError, SpecError):
+        raise  # the device or host ran out: the probe's business; a SpecError names its key already
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
@@ -211,7 +211,10 @@ def _make_loss(spec: Spec) -> LossFn:
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-        inputs, targets = _split(batch)
+        try:
+            inputs, targets = _split(batch)
+        except TypeError as exc:  # the data has no targets for this loss: the spec's to change, not a crash
+            raise ComponentError([spec.issue("loss", str(exc))]) from None
         return criterion(_call(model, inputs), targets)
 
     return loss_fn
@@ -318,6 +321,26 @@ class Components:
         key = "optimizer.kwargs" if opt.kwargs else "optimizer"
         name = f"{opt.target}()" if opt.target else f"{getattr(self.optimizer_factory, '__name__', opt.name)}()"
         return _build(self.spec, key, f"the optimizer {name}", self.optimizer_factory, params, lr=lr, **opt.options)
+
+    def first_loss(self, model: nn.Module, samples: int = 2) -> float:
+        """The loss of the first ``samples`` training samples, forward only, as validate checks before any
+        training: the data collates, the model takes the batch, the loss takes its output to one number.
+
+        Raises:
+            ComponentError: collating, the forward or the loss raised.
+            SpecError: the loss is not one number.
+        """
+        n = min(samples, len(self.train_set))
+        batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
+                       [self.train_set[i] for i in range(n)])
+        with torch.no_grad():
+            loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples", self.loss_fn,
+                          model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise self.spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); on the "
+                                          f"first {n} training samples it returned {got}")
+        return float(loss)
 
     def tokens_per_sample(self) -> int:
         """Elements in one sample's targets (the sequence length for a language model), else 1;

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from batchtune.config.components import Components, batch_size_of, to_device
+from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
 from batchtune.engine.loss_scale import ScalerCarry
@@ -426,7 +427,7 @@ class Trainer:
             except TrialTimeout as exc:  # a result, like an OOM: the caller decides whether to go on
                 result.timed_out, result.error = True, str(exc)
                 log.warning("trial timed out: %s", exc)
-            except TrainingError:
+            except (TrainingError, SpecError):  # SpecError: data the spec's loss cannot split
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
                 if not is_oom(exc, backend):
