@@ -276,6 +276,25 @@ def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_
     assert not unswept.lr_from_baseline
 
 
+def test_a_baseline_of_another_job_is_named_and_not_used(baseline):
+    """An outside GRU was checked against a GPT-2's run folder: its critical batch was the GPT-2's, and +756%
+    throughput, -92% memory passed as 'within tolerance'."""
+    spec_path, run = baseline
+    spec = load_spec(spec_path, ["name=keyed", "data.target=tests.fixtures:keyed_data", "data.kwargs={}",
+                                 "model.target=tests.fixtures:keyed_mlp", "check.throughput_tolerance=100"])
+    report = run_check(spec, batch_size=32, baseline=run)
+    reg = report.check("regression")
+    assert reg.status == "skip" and reg.code == "regression.other_job"
+    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (name: tiny-baseline "
+                                 "(baseline) / keyed; model: tests.fixtures:tiny_mlp (baseline) / tests.fixtures:"
+                                 "keyed_mlp; data: tests.fixtures:tiny_data (baseline) / tests.fixtures:keyed_data)")
+    assert not report.lr_from_baseline and report.lr == pytest.approx(0.01)
+    assert not str(report.check("critical_batch").figures.get("basis")).startswith("baseline")
+    renamed = run_check(load_spec(spec_path, ["name=renamed", "check.throughput_tolerance=100"]), batch_size=32,
+                        baseline=run)  # the same job under another name still compares
+    assert renamed.check("regression").code != "regression.other_job" and renamed.lr_from_baseline
+
+
 def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
     spec_path, run = baseline
     report = run_check(load_spec(spec_path), batch_size=64, baseline=run)
@@ -585,6 +604,8 @@ REPRESENTATIVE = {
                               "throughput not compared (the training run did not finish), peak memory not compared"),
     "regression.other_device": ("skip", {"baseline_device": "cuda", "device": "cpu"},
                                 "not comparable: baseline ran on cuda, this check on cpu"),
+    "regression.other_job": ("skip", {"changes": ["data: a (baseline) / b"]},
+                             "not comparable: the baseline is a sweep of another job (data: a (baseline) / b)"),
     "regression.other_precision": ("skip", {"baseline_precision": "bf16", "precision": "fp32"},
                                    "baseline ran in bf16, this check in fp32"),
     "regression.no_row": ("skip", {"batch_size": 64, "baseline_sizes": [16, 32]}, "no row for batch 64 (it ran [16, 32])"),

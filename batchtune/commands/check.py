@@ -197,10 +197,24 @@ class Baseline:
             return float(statistics.median(values)), "baseline.trials", {"basis_trials": len(values)}
         return None, None, {}
 
+    def other_job(self, resolved: dict[str, Any]) -> list[str]:
+        """How the baseline differs from ``resolved`` when it is a sweep of another job, else []: other data
+        (another data factory or built-in), or both another name and another model. A changed model alone is
+        what the regression check is for (the same job made slower or fatter)."""
+        def kind(key: str, entry: Any) -> str | None:
+            if key == "name" or not isinstance(entry, dict):
+                return entry if key == "name" else None
+            return entry.get("target") or entry.get("builtin")
+
+        changed = {key: f"{key}: {kind(key, self.spec.get(key))} (baseline) / {kind(key, resolved.get(key))}"
+                   for key in ("name", "model", "data") if kind(key, self.spec.get(key)) != kind(key, resolved.get(key))}
+        other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
+        return list(changed.values()) if other else []
+
     def fastest_lr(self, batch_size: int, resolved: dict[str, Any]) -> float | None:
         """The lr the sweep found fastest at ``batch_size`` (a size it ranked), where it scaled the
         same optimizer from the same base batch size by the same rule; else None."""
-        same = ("optimizer", "base_batch_size", "lr_scaling")
+        same = ("model", "data", "optimizer", "base_batch_size", "lr_scaling")
         if not self.spec or any(self.spec.get(k) != resolved.get(k) for k in same):
             return None
         row = next((r for r in self.result.get("summary") or [] if r.get("batch_size") == batch_size), None)
@@ -269,6 +283,7 @@ class _CheckRun:
     threads: int = 1
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
     lr_from_baseline: bool = False  # lr is the baseline sweep's fastest at this size, not the rule's
+    other_job: list[str] = field(default_factory=list)  # how the baseline's model or data differ in kind: unused
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -313,12 +328,13 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
+    other = base.other_job(spec.resolved()) if base is not None else []
     swept = base.fastest_lr(shape.batch_size, spec.resolved()) if base is not None else None
     if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
         notes.append(f"lr {swept:.4g}: the baseline sweep's fastest at batch {shape.batch_size} "
                      f"(×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from {spec.optimizer.lr:g} at batch "
                      f"{spec.base_batch_size})")
-    return _CheckRun(spec=spec, shape=shape, baseline=base, trainer=Trainer(components, backend, spec.precision, dist),
+    return _CheckRun(spec=spec, shape=shape, baseline=base, other_job=other, trainer=Trainer(components, backend, spec.precision, dist),
                      capacity=capacity, lr=swept or lr, lr_from_baseline=swept is not None,
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
                              "threads_from": threads_from},
@@ -532,7 +548,7 @@ def _critical_batch(state: _CheckRun) -> CheckResult:
 
 
 def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
-    b, base = state.shape.batch_size, state.baseline
+    b, base = state.shape.batch_size, None if state.other_job else state.baseline
     b_crit, basis, extra = base.critical_batch() if base else (None, None, {})
     if b_crit:
         return critical_batch_verdict(b, b_crit, basis=basis, **extra)
@@ -559,6 +575,8 @@ def _regression(state: _CheckRun) -> CheckResult:
     """Against the baseline sweep's row for the same batch shape."""
     if state.baseline is None:
         return _skip("regression", "skip.no_baseline")
+    if state.other_job:
+        return _skip("regression", "regression.other_job", changes=state.other_job, baseline=str(state.baseline.path))
     verdict = _regression_verdict(state, state.baseline)
     verdict.figures.setdefault("baseline", str(state.baseline.path))
     return verdict

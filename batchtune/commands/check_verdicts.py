@@ -42,8 +42,8 @@ CODES = (
     # regression: against the baseline sweep's row for the same shape
     "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",
     "regression.throughput_noise",
-    "regression.uncompared", "regression.other_device", "regression.other_precision", "regression.no_row",
-    "regression.other_shape", "regression.unusable",
+    "regression.uncompared", "regression.other_device", "regression.other_job", "regression.other_precision",
+    "regression.no_row", "regression.other_shape", "regression.unusable",
     # skips that say why a check did not run
     "skip.time_budget", "skip.time_budget_steps", "skip.time_budget_noise", "skip.fits_oom", "skip.fits_crashed",
     "skip.train_crashed", "skip.train_oom", "skip.train_unfinished", "skip.no_baseline",
