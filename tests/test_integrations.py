@@ -52,6 +52,26 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
     assert not model.transformer.wte.weight._backward_hooks  # hooks gone after training
 
 
+def test_attach_places_the_callback_first_once_on_the_class_or_an_instance(tmp_path):
+    """An outside user called ``cb.attach(trainer)`` on their own callback: a second one was attached, and theirs
+    (the one they read .history from) stayed empty."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64,
+                                                                 n_positions=32))
+    mine = HFCallback(every=4)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[mine])
+    assert mine.attach(trainer) is mine and trainer.callback_handler.callbacks[0] is mine
+    assert HFCallback.attach(trainer) is mine  # the trainer's own, moved first, not a second one
+    assert sum(isinstance(c, HFCallback) for c in trainer.callback_handler.callbacks) == 1
+    with pytest.raises(TypeError, match="takes the trainer alone"):
+        mine.attach(trainer, every=2)
+    with pytest.raises(ValueError, match="has a NoiseScaleCallback already"):
+        HFCallback.attach(trainer, every=2)
+    fresh = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    made = HFCallback.attach(fresh, every=2)
+    assert fresh.callback_handler.callbacks[0] is made and made.watch.options["every"] == 2
+
+
 class _Regression(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ after the Trainer's clipping: set ``max_grad_norm=0`` there, or clipped steps bi
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from batchtune.integrations import NoiseScaleWatch, require
@@ -29,6 +30,17 @@ from batchtune.integrations import NoiseScaleWatch, require
 _transformers = require("transformers", "hf")
 
 __all__ = ["NoiseScaleCallback"]
+
+
+class _class_or_instance:  # noqa: N801 - used as a decorator, like classmethod
+    """A method that gets both the class and the instance it was called on (None when called on the class)."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return functools.partial(self.func, owner, obj)
 
 
 class NoiseScaleCallback(_transformers.TrainerCallback):
@@ -49,11 +61,23 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``."""
         return self.watch.history
 
-    @classmethod
-    def attach(cls, trainer: Any, **kwargs: Any) -> NoiseScaleCallback:
-        """A new callback placed first among ``trainer``'s, so that its reporters log the readings."""
-        callback = cls(**kwargs)
-        trainer.callback_handler.callbacks.insert(0, callback)
+    @_class_or_instance
+    def attach(cls, self: NoiseScaleCallback | None, trainer: Any, **options: Any) -> NoiseScaleCallback:
+        """Place a callback first among ``trainer``'s, so that its reporters log the readings, and return it.
+
+        ``NoiseScaleCallback.attach(trainer, every=8)`` makes one (or moves the one the trainer has first);
+        ``callback.attach(trainer)`` places ``callback``. A trainer never gets two.
+        """
+        callbacks = trainer.callback_handler.callbacks
+        if self is None:
+            self = next((c for c in callbacks if isinstance(c, cls)), None)
+            if self is not None and options:
+                raise ValueError(f"the trainer has a {cls.__name__} already; give its options when making it")
+        elif options:
+            raise TypeError(f"{cls.__name__}.attach() on a callback takes the trainer alone; options go to "
+                            f"{cls.__name__}(...)")
+        callback = self if self is not None else cls(**options)
+        callbacks[:] = [callback, *(c for c in callbacks if c is not callback)]
         return callback
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
