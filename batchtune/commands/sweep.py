@@ -323,7 +323,7 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     d = result.to_dict()
     keep = ["batch_size", "micro_batch_size", "accum_steps", "lr", "seed", "steps", "samples", "fits", "error",
             "diverged", "divergence", "truncated", "samples_per_s", "data_share", "data_seconds",
-            "compute_seconds", "train_seconds", "peak_bytes", "first_loss", "last_loss", "final_val_loss"]
+            "compute_seconds", "train_seconds", "seconds", "peak_bytes", "first_loss", "last_loss", "final_val_loss"]
     row = {k: d[k] for k in keep}
     row["stopped_at_target"] = result.stopped_at_target
     row["lr_multiplier"] = multiplier
@@ -470,8 +470,11 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"
             if shape.accumulated or ranks else f"{shape.batch_size}")
-    log.info("[%d: %d/%d of this round] batch %s, lr %.3g, seed %d: %s (%.1f s)", done, index, total, size,
-             row["lr"], row["seed"], outcome, row["train_seconds"])
+    wall = row["seconds"]  # validation and noise measurement can take most of it: say so when they do
+    took = f"{row['train_seconds']:.1f} s" + (f" training, {wall:.1f} s in all" if wall > 1.2 * row["train_seconds"]
+                                               and wall - row["train_seconds"] >= 0.1 else "")
+    log.info("[%d: %d/%d of this round] batch %s, lr %.3g, seed %d: %s (%s)", done, index, total, size,
+             row["lr"], row["seed"], outcome, took)
 
 
 # ---------------------------------------------------------------------------------------- the plan
