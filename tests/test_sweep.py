@@ -730,3 +730,16 @@ def test_a_size_above_the_critical_batch_is_said_to_waste_compute_in_the_right_w
     said = _notes([entry], [entry], {"b_crit": 5.0}, {"samples": 4096})
     assert said[0] == ("batch 32 is above the critical batch size (~5): it needs 7.40× the minimum samples, 3.70× "
                        "what B_crit needs (73% of its compute wasted)")
+
+
+def test_when_the_smallest_size_wins_the_notes_say_why_and_when_to_go_lower():
+    """An outside GPT-2's smallest size (8) won with B_crit ~5, and nothing suggested trying smaller."""
+    from batchtune.commands.sweep_analysis import _notes
+
+    sizes = [{"batch_size": b, "data_bound": False, "diverged_seeds": 0, "excess_compute": 1.0} for b in (8, 16, 32)]
+    below = _notes(sizes, sizes, {"b_crit": 5.2}, {"samples": 8192})
+    assert below[-2].startswith("the smallest size won: at 8192 samples per trial this run is sample-limited")
+    assert below[-1] == ("the critical batch (~5.2) is near or below the smallest size tried: a smaller batch may "
+                         "reach the target sooner still; try sweep.min_batch_size=2")
+    above = _notes(sizes, sizes, {"b_crit": 40.0}, {"samples": 8192})
+    assert above[-1].startswith("the smallest size won") and not any("min_batch_size" in n for n in above)

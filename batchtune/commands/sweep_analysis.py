@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchtune.render.text import count
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
@@ -546,6 +547,9 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         notes.append(f"the smallest size won: at {meta.get('samples')} samples per trial this run is sample-limited "
                      "(a smaller batch takes more steps per sample); a longer run to a lower loss favours "
                      "larger batches, up to about the critical batch size")
+        if smallest > 1 and b_crit and b_crit < 2 * smallest:
+            notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
+                         f"batch may reach the target sooner still; try sweep.min_batch_size={max(1, smallest // 4)}")
     return notes
 
 
