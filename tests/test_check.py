@@ -574,9 +574,13 @@ REPRESENTATIVE = {
     "critical.below": ("pass", {**_CRITICAL, "batch_size": 64}, "64 is at or below the critical batch ~64"),
     "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                         "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
-    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "run.noise_scale", "basis_steps": 7},
-                       "256 is 4.0× the critical batch ~64 (this run's noise scale over 7 steps; band unbounded "
-                       "above): ~60% of its compute wasted (2.50× what B_crit needs); an early estimate"),
+    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.trials", "basis_trials": 7},
+                       "256 is 4.0× the critical batch ~64 (the baseline trials' noise scale (median of 7); band "
+                       "unbounded above): ~60% of its compute wasted (2.50× what B_crit needs)"),
+    "critical.early": ("skip", {**_CRITICAL, "basis": "run.noise_scale", "basis_steps": 7},
+                       "not decided: 256 is 4.0× the noise scale of the first steps ~64 (this run's noise scale over "
+                       "7 steps; 90% band 40–100), but it grows as the loss falls, so a batch above it can still be "
+                       "below the critical batch at your target; pass --baseline with a sweep's run folder"),
     "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
     "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
     "critical.no_noise_steps": ("skip", {"has_baseline": False}, "pass --baseline with a sweep's run folder"),

@@ -80,10 +80,14 @@ def _estimate(f: dict[str, Any]) -> str:
 
 
 def _critical_above(f: dict[str, Any]) -> str:
-    caveat = ("; an early estimate, which understates B_crit later in training"
-              if f["basis"] == "run.noise_scale" else "")
     return (f"{f['batch_size']} is {f['ratio']:.1f}× the critical batch {_estimate(f)}: ~{f['wasted_share']:.0%} "
-            f"of its compute wasted ({f['compute_vs_critical']:.2f}× what B_crit needs){caveat}")
+            f"of its compute wasted ({f['compute_vs_critical']:.2f}× what B_crit needs)")
+
+
+def _critical_early(f: dict[str, Any]) -> str:
+    return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale of the first steps "
+            f"{_estimate(f)}, but it grows as the loss falls, so a batch above it can still be below the critical "
+            "batch at your target; pass --baseline with a sweep's run folder")
 
 
 def _pass_baseline(f: dict[str, Any]) -> str:
@@ -180,6 +184,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the critical batch "
                                  f"{_estimate(f)}: not clearly above it",
     "critical.above": _critical_above,
+    "critical.early": _critical_early,
     "critical.none": lambda f: "no critical-batch estimate",
     "critical.odd_micro": lambda f: "the micro-batch is odd, so it cannot be split into halves for the noise scale"
                                     + _pass_baseline(f),
