@@ -206,8 +206,8 @@ class Baseline:
                 return entry if key == "name" else None
             return entry.get("target") or entry.get("builtin")
 
-        changed = {key: f"{key}: {kind(key, self.spec.get(key))} (baseline) / {kind(key, resolved.get(key))}"
-                   for key in ("name", "model", "data") if kind(key, self.spec.get(key)) != kind(key, resolved.get(key))}
+        pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key))) for key in ("name", "model", "data")}
+        changed = {key: f"{key}: {was} (baseline) / {now}" for key, (was, now) in pairs.items() if was != now}
         other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
         return list(changed.values()) if other else []
 
@@ -334,7 +334,8 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
         notes.append(f"lr {swept:.4g}: the baseline sweep's fastest at batch {shape.batch_size} "
                      f"(×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from {spec.optimizer.lr:g} at batch "
                      f"{spec.base_batch_size})")
-    return _CheckRun(spec=spec, shape=shape, baseline=base, other_job=other, trainer=Trainer(components, backend, spec.precision, dist),
+    return _CheckRun(spec=spec, shape=shape, baseline=base, other_job=other,
+                     trainer=Trainer(components, backend, spec.precision, dist),
                      capacity=capacity, lr=swept or lr, lr_from_baseline=swept is not None,
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
                              "threads_from": threads_from},

@@ -92,8 +92,9 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
     trials = result.trials
     retrained = int((trials["reach"] == True).sum()) if "reach" in trials else 0  # noqa: E712 (NaN: no flag)
     counted = f"{len(trials)} trials" + (f" ({retrained} trained again past the budget)" if retrained else "")
+    seeds = len(meta["seeds"])
     head = (f"batchtune sweep: {result.name} — {counted}, {meta['samples']} samples per trial, "
-            f"{len(meta['seeds'])} seed{'s' if len(meta['seeds']) != 1 else ''}, target val loss {target}, {meta['precision']}{ranks}")
+            f"{seeds} seed{'s' if seeds != 1 else ''}, target val loss {target}, {meta['precision']}{ranks}")
     rec = result.recommendation
     tablefmt = "github" if fmt == "markdown" else "simple"
     table = tabulate(_sweep_rows(result), headers=_SWEEP_HEADERS, tablefmt=tablefmt, disable_numparse=True)
