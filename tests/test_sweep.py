@@ -404,6 +404,25 @@ def test_the_default_target_is_one_most_sizes_reach():
     assert a.summary.set_index("batch_size").loc[[16, 32], "reached"].tolist() == ["3/3", "3/3"]
 
 
+def test_a_task_that_does_not_learn_gets_no_target_and_says_so():
+    """An outside task whose validation set had other class centres: every curve rose from where it started.
+    The default target sat above the starting loss, every size 'crossed' it at step 0, and the steps fit
+    divided by zero steps (a traceback, no result.json, and `report` could not read the folder)."""
+    rows = [_trial(b, seed, [(0, 0, 1.384), (8, 0.1, 1.386), (16, 0.2, 1.39 + b / 1e4)], 1000)
+            for b in (16, 32, 64, 128) for seed in (0, 1)]
+    meta = {**HAND_META, "target_loss": None, "samples": 2048, "seeds": [0, 1], "precision": "fp32"}
+    result = result_from_rows("flat", rows, meta)
+    assert result.target_loss is None and result.recommendation is None
+    assert result.notes[-1] == ("no size got below its starting validation loss (~1.384) at any lr tried: the model "
+                                "does not learn from this data in the budget; check the data, labels and loss, or set "
+                                "sweep.target_loss")
+    given = result_from_rows("flat", rows, {**meta, "target_loss": 1.395})  # above the start: met before training
+    assert given.recommendation is None and "reached the target in 0/2 seeds" in given.summary["status"].iloc[0]
+    assert given.notes[0].startswith("target val loss 1.395 is at or above the starting validation loss (~1.384)")
+    from batchtune.stats.critical import fit_steps_to_target
+    assert fit_steps_to_target({16: [0.0, 4.0], 32: [0.0], 64: [0.0]}).note == "fewer than 3 sizes reached the target loss"
+
+
 def test_several_targets_each_get_a_ranking():
     result = result_from_rows("hand", _hand_rows(), {**HAND_META, "target_loss": [0.9, 0.505], "samples": 2048,
                                                      "seeds": [0, 1], "precision": "fp32"})

@@ -127,7 +127,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     by_target = [_for_target(entries, target, meta) for target in targets]
     if not by_target:
         empty = _summary([], [], meta.get("excluded", {}))
-        return Analysis(empty, None, target_notes + ["no trial finished with a validation loss"], None,
+        return Analysis(empty, None, target_notes or ["no trial finished with a validation loss"], None,
                         _critical_dict(None, None, None))
     last = by_target[-1]
     notes = target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
@@ -187,11 +187,24 @@ def seed_crossing(row: dict[str, Any], target: float, step_s: float | None = Non
     """(steps, seconds) of one trial's crossing (:func:`crossing`), its seconds those steps at the
     size's pooled step time ``step_s`` (:func:`step_seconds`; the trial's own clock where there is
     none); None if it never got there, ran out of memory or diverged (an lr that diverges in some
-    seeds is not one to bet a run on)."""
+    seeds is not one to bet a run on), or was there before its first step (no time to target)."""
     if not row["fits"] or row["diverged"]:
         return None
     cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
-    return (cross[0], cross[0] * step_s) if cross and step_s else cross
+    if cross is None or cross[0] <= 0:
+        return None
+    return (cross[0], cross[0] * step_s) if step_s else cross
+
+
+def starting_loss(row: dict[str, Any]) -> float | None:
+    """A trial's validation loss before its first step, where it has one."""
+    first = (row.get("evals") or [[None]])[0]
+    return first[3] if first[0] == 0 and first[3] is not None and math.isfinite(first[3]) else None
+
+
+def _median_start(rows: list[dict[str, Any]]) -> float | None:
+    starts = [s for r in rows if (s := starting_loss(r)) is not None]
+    return statistics.median(starts) if starts else None
 
 
 def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]:
@@ -364,9 +377,14 @@ def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     to a size that reached it 'in more seeds' (128) where the ground truth at 0.55 has 1024 1.6× faster.
     """
     reached: dict[int, float] = {}  # each size's best lr: the loss its worst seed got down to
+
+    def low(r: dict[str, Any]) -> float:  # inf for a trial that never got below where it started
+        got = lowest_reached([p[3] for p in r.get("evals") or []]) if r["fits"] and not r["diverged"] else math.inf
+        start = starting_loss(r)
+        return got if start is None or got < start else math.inf
+
     for e in _fully_seeded(_per_lr(rows)):
-        lows = [lowest_reached([p[3] for p in r.get("evals") or []]) if r["fits"] and not r["diverged"] else math.inf
-                for r in e["rows"]]
+        lows = [low(r) for r in e["rows"]]
         if lows:
             reached[e["batch_size"]] = min(reached.get(e["batch_size"], math.inf), max(lows))
     finite = sorted(v for v in reached.values() if math.isfinite(v))
@@ -400,9 +418,13 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
             f"target val loss {fixed['loss']:.4g}: the lowest that {fixed['reached']} of the {fixed['sizes']} sizes "
             f"reached in every seed at the equal-sample budget; trials short of it trained on towards it, up to "
             f"{meta['reach_factor']:g}x their steps (set sweep.target_loss to choose)"]
-    found = default_target([r for e in entries for r in e["rows"]])
+    rows = [r for e in entries for r in e["rows"]]
+    found = default_target(rows)
     if found is None:
-        return [], []
+        start = _median_start(rows)
+        return [], [] if start is None else [
+            f"no size got below its starting validation loss (~{start:.4g}) at any lr tried: the model does not "
+            "learn from this data in the budget; check the data, labels and loss, or set sweep.target_loss"]
     return [found["loss"]], [f"target val loss {found['loss']:.4g}: the lowest that {found['reached']} of the "
                              f"{found['sizes']} sizes reached in every seed (set sweep.target_loss to choose)"]
 
@@ -417,6 +439,10 @@ def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> di
     critical = _critical(sizes, contenders, meta, target)
     ranked = _rank(contenders)
     notes = _notes(ranked, sizes, critical, meta)
+    start = _median_start([r for e in entries for r in e["rows"]])
+    if start is not None and target >= start:
+        notes.insert(0, f"target val loss {target:.4g} is at or above the starting validation loss (~{start:.4g}): "
+                        "met before the first step, it measures no training; choose a lower sweep.target_loss")
     recommendation = _recommend(ranked, sizes=sizes, target=target, meta=meta, critical=critical) if ranked else None
     return {"target_loss": target, "summary": _summary(ranked, sizes, meta.get("excluded", {})),
             "recommendation": recommendation, "critical": critical, "notes": notes, "sizes": sizes}

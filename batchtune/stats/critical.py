@@ -60,6 +60,8 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
     """(B_crit, S_min) from (B, S) points: S = S_min + S_min·B_crit·(1/B) is a line in 1/B."""
+    if any(s <= 0 for _, s in points):  # a bootstrap draw with a residual below -100%: no fit
+        return None
     intercept, slope = _line([1.0 / b for b, _ in points], [s for _, s in points])
     if intercept <= 0 or slope <= 0:
         return None
@@ -79,7 +81,7 @@ def fit_steps_to_target(steps: Mapping[int, Sequence[float]], resamples: int = 5
         target or the points do not bend (steps halving with every doubling: B_crit is
         beyond the largest size; steps not falling at all: below the smallest).
     """
-    usable = {b: [s for s in v if s is not None and math.isfinite(s)] for b, v in steps.items()}
+    usable = {b: [s for s in v if s is not None and math.isfinite(s) and s > 0] for b, v in steps.items()}
     usable = {b: v for b, v in usable.items() if v}
     if len(usable) < 3:
         return CriticalFit(None, None, None, None, len(usable), "fewer than 3 sizes reached the target loss")
