@@ -126,7 +126,7 @@ def test_the_recommendation_is_the_fastest_median_time_to_target(swept):
     assert faster["tie"].all() and (faster["seconds_low"] <= row["seconds_high"]).all()
     trials = result.trials.set_index(["batch_size", "lr_multiplier"]).sort_index()
     seeds = trials.loc[(rec["batch_size"], rec["lr_multiplier"])]
-    assert rec["seconds_to_target"] == pytest.approx(max(seeds["seconds_to_target"]))  # median_high of 2 seeds
+    assert rec["seconds_to_target"] == pytest.approx(seeds["seconds_to_target"].mean())  # the median of 2 seeds
     assert list(ranked["relative"]) == pytest.approx(list(ranked["seconds_to_target"] / row["seconds_to_target"]))
     assert (rec["micro_batch_size"], rec["accum_steps"], rec["world_size"]) == (
         row["micro_batch_size"], row["accum_steps"], 1)

@@ -225,7 +225,10 @@ class _Sweep:
                 key = _row_key(row)
                 self.rows.remove(row)
                 self._done.discard(key)
-                self._run_all([(row["seed"], row["lr_multiplier"], shapes[row["batch_size"]])], mark="reach")
+                # one stopping at the target inside the budget (its denser validation found the crossing the
+                # first run's missed) keeps the first run's loss at the budget: final loss at equal samples
+                self._run_all([(row["seed"], row["lr_multiplier"], shapes[row["batch_size"]])], mark="reach",
+                              inherit={"final_val_loss": row["final_val_loss"]})
 
     def _rows_of(self, seed: int) -> list[dict[str, Any]]:
         """``seed``'s rows as their budgets left them (:meth:`_at_budget`)."""
@@ -244,9 +247,11 @@ class _Sweep:
         screened = {k: v for k, v in self.meta.items() if k != "default_target"}
         return lr_standing(self._rows_of(seed), screened)
 
-    def _run_all(self, plan: list[tuple[int, float, BatchShape]], *, mark: str | None = None) -> None:
+    def _run_all(self, plan: list[tuple[int, float, BatchShape]], *, mark: str | None = None,
+                 inherit: dict[str, Any] | None = None) -> None:
         """Train ``plan``'s trials not done yet; ``mark`` names a flag set on their rows (``extension``:
-        an lr past the bracket; ``reach``: retrained past the budget towards the default target)."""
+        an lr past the bracket; ``reach``: retrained past the budget towards the default target);
+        ``inherit`` gives values for the row's keys that the trial left None."""
         capacity = self.backend.capacity_bytes()
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
         for i, (seed, mult, shape) in enumerate(todo, 1):
@@ -256,6 +261,7 @@ class _Sweep:
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if mark:
                 row[mark] = True
+            row.update({k: v for k, v in (inherit or {}).items() if row.get(k) is None})
             if self.dist.enabled:
                 row["peak_bytes"] = int(self.dist.max(row["peak_bytes"] or 0)[0]) or None
             self.rows.append(row)

@@ -212,7 +212,7 @@ def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]
     if len(values) == 1:
         return values[0], values[0]
     rng = random.Random(seed)
-    medians = sorted(statistics.median_high(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
     return medians[int(0.05 * (BOOTSTRAP - 1))], medians[int(0.95 * (BOOTSTRAP - 1))]
 
 
@@ -226,8 +226,8 @@ def _at_target(e: Entry, target: float) -> Entry:
     low, high = _bootstrap_median(seconds) if qualifies else (None, None)
     return {**e, "reached": f"{reached}/{len(crossings)}", "reached_count": reached, "qualifies": qualifies,
             "seed_steps": [s for s in steps if math.isfinite(s)], "crossings": crossings,
-            "steps_to_target": statistics.median_high(steps) if qualifies else None,
-            "seconds_to_target": statistics.median_high(seconds) if qualifies else None,
+            "steps_to_target": statistics.median(steps) if qualifies else None,
+            "seconds_to_target": statistics.median(seconds) if qualifies else None,
             "seconds_low": low, "seconds_high": high if high is None or math.isfinite(high) else None}
 
 
