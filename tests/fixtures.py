@@ -98,6 +98,37 @@ def keyed_mlp(**kwargs) -> nn.Module:
     return _KeyedMLP(**kwargs)
 
 
+class _Masked(Dataset):
+    """tiny_data's samples as (x, mask, y): the mask zeroes the second half of the features."""
+
+    def __init__(self, pairs: Dataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self.pairs[i]
+        return x, (torch.arange(len(x)) < len(x) // 2).float(), y
+
+
+class _MaskedMLP(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x * mask)
+
+
+def masked_data(**kwargs):
+    return tuple(_Masked(part) for part in tiny_data(**kwargs))
+
+
+def masked_mlp(**kwargs) -> nn.Module:
+    return _MaskedMLP(**kwargs)
+
+
 def per_sample_loss() -> nn.Module:
     """A loss left unreduced: one number per sample, not per batch."""
     return nn.CrossEntropyLoss(reduction="none")

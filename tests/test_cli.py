@@ -118,8 +118,8 @@ def test_validate_sends_two_samples_through_the_model_and_loss(write_spec):
     path = write_spec(base + "loss: {target: 'tests.fixtures:per_sample_loss'}\n")
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
-    assert (f"{path}:6: loss: the loss must be one number per batch (reduce it, e.g. .mean()); on the first 2 "
-            "training samples it returned a tensor of shape (2,)") in result.stderr
+    assert (f"{path}:6: loss: the loss must be one number per batch (reduce it, e.g. .mean()); it returned a tensor "
+            "of shape (2,)") in result.stderr
     path = write_spec(base.replace("tiny_mlp", "x").replace("keyed_mlp'}", "keyed_mlp', kwargs: {in_features: 8}}"))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output

@@ -181,3 +181,28 @@ def test_a_dict_batch_keeps_its_targets_under_the_first_target_key_it_has():
     assert sorted(inputs) == ["x", "y"] and targets.tolist() == [1.0, 1.0]  # labels first
     with pytest.raises(TypeError, match="labels, label, targets, target, y .*; this one has input_ids, mask"):
         _split({"input_ids": torch.ones(2), "mask": torch.ones(2)})
+
+
+def test_a_tuple_batch_ends_with_its_targets_and_the_model_takes_the_rest_as_arguments(write_spec):
+    """An outside (x, mask, y) data set: 'too many values to unpack (expected 2)', blamed on the model."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    from batchtune.config.components import _call, _split
+
+    inputs, targets = _split((torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0, 1])))
+    assert isinstance(inputs, tuple) and len(inputs) == 2 and targets.tolist() == [0, 1]
+    assert _call(lambda x, mask: (x * mask).sum(), inputs).item() == 0.0
+    inputs, _ = _split([torch.ones(2, 3), torch.tensor([0, 1])])  # a pair (default_collate makes lists)
+    assert isinstance(inputs, torch.Tensor)
+    with pytest.raises(ValueError, match=r"\(inputs, targets\), \(input, ..., targets\) or a dict .*; this one is a "
+                                         "Tensor"):
+        _split(torch.ones(2, 3))
+    spec = write_spec("name: x\nmodel: {target: 'tests.fixtures:masked_mlp'}\n"
+                      "data: {target: 'tests.fixtures:masked_data'}\noptimizer: {name: sgd, lr: 0.1}\n"
+                      "base_batch_size: 8\ndevice: {type: cpu, memory_limit: 1MiB}\n")
+    assert CliRunner().invoke(app, ["validate", str(spec)]).exit_code == 0
+    result = CliRunner().invoke(app, ["check", str(spec), "-b", "8", "-q", "-f", "json"])
+    assert json.loads(result.stdout)["checks"][1]["status"] == "pass", result.output  # trains

@@ -185,8 +185,14 @@ def test_batch_limit_reads_one_sample():
 
 
 def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
+    """A model whose loss is NaN before any step is bad input (no lr made it so); validate says so first."""
     noise = runner.invoke(app, ["noise", str(write_spec(NAN)), "--steps", "10", "-q"])
-    assert noise.exit_code == 1 and "diverged: non-finite" in noise.output, noise.output
+    assert noise.exit_code == 2, noise.output
+    assert ("the validation loss before the first training step is nan: the model's initial output or the data is not "
+            "finite (not the lr)") in noise.stderr
+    validate = runner.invoke(app, ["validate", str(write_spec(NAN))])
+    assert validate.exit_code == 2 and ("model: the loss on the first 2 training samples is nan before any training "
+                                        "step: the model's initial output or the data, not the lr") in validate.stderr
     probe = runner.invoke(app, ["probe", str(write_spec(NAN)), "-q", "-f", "json"])
     assert probe.exit_code == 0
     assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -179,19 +180,31 @@ TARGET_KEYS = ("labels", "label", "targets", "target", "y")  # "label": a Huggin
 
 
 def _split(batch: Any) -> tuple[Any, Any]:
-    """(inputs, targets) of a batch; a dict keeps its targets under the first of :data:`TARGET_KEYS` it has."""
+    """(inputs, targets) of a batch: a pair's two parts; a longer tuple's last part, the others (a tuple,
+    the model's positional arguments) before it; a dict's value under the first of :data:`TARGET_KEYS` it has.
+
+    Raises:
+        TypeError: a dict without targets (the loss needs them).
+        ValueError: a batch of another form (the data's).
+    """
     if isinstance(batch, dict):
         for key in TARGET_KEYS:
             if key in batch:
                 return {k: v for k, v in batch.items() if k != key}, batch[key]
         raise TypeError(f"a dict batch needs its targets under one of {', '.join(TARGET_KEYS)} unless loss is "
                         f"'model_output'; this one has {', '.join(map(str, batch)) or 'no keys'}")
-    inputs, targets = batch
-    return inputs, targets
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        form = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise ValueError(f"a batch must be (inputs, targets), (input, ..., targets) or a dict with its targets under "
+                         f"{', '.join(TARGET_KEYS)}; this one is {form}")
+    return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 def _make_loss(spec: Spec) -> LossFn:
@@ -213,9 +226,13 @@ def _make_loss(spec: Spec) -> LossFn:
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         try:
             inputs, targets = _split(batch)
-        except TypeError as exc:  # the data has no targets for this loss: the spec's to change, not a crash
-            raise ComponentError([spec.issue("loss", str(exc))]) from None
-        return criterion(_call(model, inputs), targets)
+        except (TypeError, ValueError) as exc:  # no targets for this loss, or a batch of no known form: the spec's
+            raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else "data", str(exc))]) from None
+        loss = criterion(_call(model, inputs), targets)
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); it returned a "
+                                     f"tensor of shape {tuple(loss.shape)}")
+        return loss
 
     return loss_fn
 
@@ -328,7 +345,7 @@ class Components:
 
         Raises:
             ComponentError: collating, the forward or the loss raised.
-            SpecError: the loss is not one number.
+            SpecError: the loss is not one finite number.
         """
         n = min(samples, len(self.train_set))
         batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
@@ -340,6 +357,9 @@ class Components:
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise self.spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); on the "
                                           f"first {n} training samples it returned {got}")
+        if not math.isfinite(float(loss)):
+            raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
+                                           "training step: the model's initial output or the data, not the lr")
         return float(loss)
 
     def tokens_per_sample(self) -> int:

@@ -390,6 +390,9 @@ class Trainer:
             result.noise_history.append({"step": step, "samples": result.samples, "val_loss": val_loss,
                                          "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
                                          "reliable": reading.reliable, "noise_steps": reading.steps})
+        if not math.isfinite(val_loss) and step == 0:  # no lr has acted yet: not a divergence
+            raise TrainingError(f"the validation loss before the first training step is {val_loss}: the model's "
+                                "initial output or the data is not finite (not the lr); batchtune validate checks it")
         if not math.isfinite(val_loss):
             result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
             return False
