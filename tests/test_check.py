@@ -347,6 +347,22 @@ def test_regression_against_recorded_rows(write_spec, tmp_path):
     assert elsewhere.status == "skip" and "baseline ran on cuda, this check on cpu" in check_reason(elsewhere)
 
 
+def test_a_size_the_sweep_accumulated_is_checked_as_it_ran(write_spec, tmp_path):
+    """An outside sweep picked 256 = 128×2 past its ceiling; check --baseline ran 256×1 and failed on memory."""
+    from batchtune.render.check import check_notes
+
+    row = {"batch_size": 64, "micro_batch_size": 32, "accum_steps": 2, "fits": True, "diverged": False,
+           "samples_per_s": 1.0, "peak_bytes": 1000}
+    folder = _fake_baseline(tmp_path / "run", [row])
+    report = run_check(_spec(write_spec), batch_size=64, baseline=folder)
+    assert (report.shape.micro_batch_size, report.shape.accum_steps) == (32, 2)
+    assert "accumulation ×2 (32×2), as the baseline sweep ran batch 64; --accum-steps chooses another" in \
+        check_notes(report)
+    assert report.check("regression").code != "regression.other_shape"
+    chosen = run_check(_spec(write_spec), batch_size=64, accum_steps=1, baseline=folder)
+    assert chosen.shape.accum_steps == 1 and chosen.check("regression").code == "regression.other_shape"
+
+
 # ---------------------------------------------------------------------------- outputs
 
 

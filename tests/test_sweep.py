@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from batchtune.cli import app
@@ -281,6 +282,26 @@ def test_plan_candidates_uses_accumulation_past_the_safe_size():
     assert "more than max_accum_steps (16)" in excluded[4096]
     cands, excluded = plan_candidates([64, 128], safe_batch_size=100, accumulation=False, max_accum_steps=16)
     assert cands == [BatchShape(64, 1)] and "accumulation is off" in excluded[128]
+    # accumulating holds the gradients through each forward: a smaller micro-batch, or none at all
+    cands, _ = plan_candidates([64, 128, 256], safe_batch_size=100, accumulation=True, max_accum_steps=16,
+                               accum_micro=40)
+    assert cands == [BatchShape(64, 1), BatchShape(32, 4), BatchShape(32, 8)]
+    cands, excluded = plan_candidates([64, 128], safe_batch_size=100, accumulation=True, max_accum_steps=16,
+                                      accum_micro=0)
+    assert cands == [BatchShape(64, 1)] and "no micro-batch keeps the headroom" in excluded[128]
+
+
+def test_the_accumulating_micro_batch_leaves_room_for_the_held_gradients():
+    from types import SimpleNamespace
+
+    from batchtune.commands.sweep import accumulating_micro
+    from batchtune.memory.model import MemoryModel
+
+    model = torch.nn.Linear(100, 10)  # 1,010 parameters: 4,040 bytes of gradients
+    probe = SimpleNamespace(safe_batch_size=181, memory_model=MemoryModel(2e6, 100.0, 1.0, 0.0, 5))
+    assert accumulating_micro(probe, lambda: model, 1, sharded=False) == 181 - 41
+    assert accumulating_micro(probe, lambda: model, 2, sharded=True) == 181 - 21  # FSDP: each rank holds its shard
+    assert accumulating_micro(SimpleNamespace(safe_batch_size=181, memory_model=None), None, 1, False) is None
 
 
 def test_crossing_interpolates_between_validation_points():
@@ -705,7 +726,7 @@ def test_the_sweep_names_the_rank_that_bounds_a_mixed_fleets_ceiling(monkeypatch
     monkeypatch.setattr(sweep_module, "run_probe", lambda *a, **k: probed)
     spec = load_spec("configs/quickstart.yaml")
     notes: list[str] = []
-    assert sweep_module._ceiling(spec, None, CPUBackend(memory_limit=1 << 20), notes) == (425, 382)
+    assert sweep_module._ceiling(spec, None, CPUBackend(memory_limit=1 << 20), notes) == (425, 382, None)
     assert notes == ["probed ceiling 425 (7 trials, bounded by rank 1); safe micro-batch 382"]
 
 

@@ -211,6 +211,13 @@ class Baseline:
         other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
         return list(changed.values()) if other else []
 
+    def accum_steps(self, batch_size: int, world_size: int) -> int | None:
+        """The accumulation steps the sweep ran ``batch_size`` with on as many ranks (its ceiling made it
+        accumulate), where it ran it and it fit; else None."""
+        ran = {k for r in self.rows_for(batch_size) if r.get("fits")
+               and (r.get("micro_batch_size") or 0) * (k := r.get("accum_steps", 1)) * world_size == batch_size}
+        return ran.pop() if len(ran) == 1 else None
+
     def fastest_lr(self, batch_size: int, resolved: dict[str, Any]) -> float | None:
         """The lr the sweep found fastest at ``batch_size`` (a size it ranked), where it scaled the
         same optimizer from the same base batch size by the same rule; else None."""
@@ -319,16 +326,21 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     if not budget > 0:
         raise CheckInputError(f"--max-seconds must be positive, got {max_seconds}")
     dist = current()
-    shape = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
+    other = base.other_job(spec.resolved()) if base is not None else []
+    notes: list[str] = []
+    swept_k = base.accum_steps(batch_size, dist.world_size) if base and not other and batch_size else None
+    if accum_steps is None and swept_k and swept_k > 1:  # the sweep's pick past its ceiling: checked as it ran
+        accum_steps, micro = swept_k, batch_size // (swept_k * dist.world_size)
+        notes.append(f"accumulation ×{swept_k} ({micro}×{swept_k}), as the baseline sweep ran batch {batch_size}; "
+                     "--accum-steps chooses another")
+    shape = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
-    notes: list[str] = []
     shape = _within_limits(shape, components.train_set, notes)
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
-    other = base.other_job(spec.resolved()) if base is not None else []
     swept = base.fastest_lr(shape.batch_size, spec.resolved()) if base is not None else None
     if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
         notes.append(f"lr {swept:.4g}: the baseline sweep's fastest at batch {shape.batch_size} "

@@ -268,9 +268,9 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
 
     notes: list[str] = []
     sw = spec.sweep
-    ceiling, safe = _ceiling(spec, components, backend, notes)
+    ceiling, safe, accum = _ceiling(spec, components, backend, notes)
     sizes = [c.batch_size for c in plan_candidates(_sizes(spec, safe), safe, sw.accumulation,
-                                                   sw.max_accum_steps, world_size)[0]]
+                                                   sw.max_accum_steps, world_size, accum)[0]]
     if not sizes:
         raise spec.error("sweep", "no batch size can run on this device")
     seeds = min(sw.seeds, CALIBRATION_SEEDS)
