@@ -223,3 +223,22 @@ def test_other_work_on_the_machine_is_measured():
     reading = meter.reading(threads=len(__import__("os").sched_getaffinity(0)))
     assert reading["other_cores"] is not None and reading["other_cores"] > 0.5  # the spinner's core, at least
     assert reading["busy"] is True
+
+
+def test_malloc_is_held_steady_unless_the_user_chose(monkeypatch):
+    """glibc's dynamic mmap threshold made a step's time depend on what ran before it (check 16,000 against
+    the sweep's 21,000-23,000 samples/s on one outside job): every command fixes it, once."""
+    import ctypes
+
+    from batchtune.engine import host
+
+    monkeypatch.setattr(host, "_steady", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert host.steady_malloc() is False  # the user's own setting stands
+    monkeypatch.setattr(host, "_steady", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert host.steady_malloc() is True and host.steady_malloc() is True

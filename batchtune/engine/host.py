@@ -5,17 +5,19 @@ thread count takes every core, and on a shared machine those threads fight other
 (a 2-core CI runner measured 3,669 samples/s at 2 threads against 101,008 at 1). So the
 thread count is set deliberately (:func:`set_threads`), recorded, and the CPU time other
 processes took while we measured is read from ``/proc/stat`` (:class:`LoadMeter`), so a
-report can say when its timings are not to be trusted.
+report can say when its timings are not to be trusted. And glibc's malloc is held in the state a
+long job reaches (:func:`steady_malloc`), not the one its history happens to leave.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads"]
+__all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads", "steady_malloc"]
 
 #: Other work above this many cores, with our threads more than the cores, makes timings suspect.
 BUSY_OTHER_CORES = 0.5
@@ -59,6 +61,38 @@ def set_threads(threads: int | None = None) -> tuple[int, str]:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n, source
+
+
+#: glibc's malloc thresholds that :func:`steady_malloc` fixes: blocks up to the mmap threshold (glibc's
+#: largest, 32 MiB on 64-bit) come from the heap, which keeps up to the trim threshold free for reuse.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 128 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+_steady: bool | None = None
+
+
+def steady_malloc() -> bool:
+    """Fix glibc's malloc thresholds for this process, once; False off glibc, or where the user set them.
+
+    glibc raises its mmap threshold each time a larger mmapped block is freed. Until it has, every
+    tensor above 128 KiB is a fresh mmap that the kernel zeroes page by page; after large batches it is
+    not. So a step's time depended on what the process ran before: an outside job trained at 16,000
+    samples/s in ``check`` and at 21,000-23,000 in the ``sweep``, whose probe had freed large blocks
+    first, and check's regression against that sweep failed at -28% on an unchanged job. Fixed
+    thresholds give every command the state a long job settles in. ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` in the environment (the user's choice) leave malloc as it is.
+    """
+    global _steady
+    if _steady is None:
+        _steady = False
+        if not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):  # not glibc
+                return False
+            _steady = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                    TRIM_THRESHOLD))
+    return _steady
 
 
 def _busy_jiffies() -> int | None:

@@ -175,7 +175,7 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
     from batchtune.memory.device import backend_for_spec
     from batchtune.config.spec import Spec, SpecError, load_spec
 
-    from batchtune.engine.host import set_threads
+    from batchtune.engine.host import set_threads, steady_malloc
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
@@ -184,6 +184,7 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
         raise SpecError([spec.issue(key, "required key is missing (probe, sweep, check, noise and plan train the "
                                          "model; only serve runs without it)") for key in missing])
     set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
+    steady_malloc()
     components = build_components(spec)
     if spec.optimizer.family_evidence is None:  # lr_scaling: auto judges the optimizer object, not its name
         from batchtune.engine.optimizer import optimizer_family
