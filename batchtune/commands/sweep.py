@@ -252,11 +252,18 @@ class _Sweep:
         """Train ``plan``'s trials not done yet; ``mark`` names a flag set on their rows (``extension``:
         an lr past the bracket; ``reach``: retrained past the budget towards the default target);
         ``inherit`` gives values for the row's keys that the trial left None."""
+        import torch
+
+        from batchtune.engine.host import LoadMeter
+
         capacity = self.backend.capacity_bytes()
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
         for i, (seed, mult, shape) in enumerate(todo, 1):
             config = self._config(seed, mult, shape)
+            meter = LoadMeter.start()  # other work on the machine while this trial was timed
             row = _row(self._trainer.run(config), mult, capacity)
+            load = meter.reading(torch.get_num_threads())
+            row["busy"], row["other_cores"] = load["busy"], load["other_cores"]
             row["overlap_comm"] = config.overlap_comm
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if mark:

@@ -130,7 +130,8 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
         return Analysis(empty, None, target_notes or ["no trial finished with a validation loss"], None,
                         _critical_dict(None, None, None))
     last = by_target[-1]
-    notes = target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
+    notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
+             + _busy_notes(rows))
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
     return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
@@ -590,6 +591,19 @@ def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
         return []
     return [f"batch {', '.join(map(str, behind))} ran seed {seeds[0]} only: on it, each took more than {within:g}× "
             "the fastest size's time to every target, a gap no seed noise closes (sweep.reseed_within)"]
+
+
+def _busy_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Which trials ran while other work took cores our threads needed: their seconds, and the ranking
+    that reads them, are not trustworthy (an outside sweep's throughput fell 19× beside another job)."""
+    busy = [r for r in rows if r.get("busy")]
+    if not busy:
+        return []
+    sizes = ", ".join(map(str, sorted({r["batch_size"] for r in busy})))
+    others = max((r.get("other_cores") or 0.0) for r in busy)
+    return [f"the machine was busy during {len(busy)} of {len(rows)} trials (batch {sizes}; other processes used up "
+            f"to {others:.1f} cores): their seconds, and the ranking, are not trustworthy; rerun on a quiet machine "
+            "or with fewer torch threads (device.threads)"]
 
 
 def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:

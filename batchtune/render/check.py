@@ -244,8 +244,11 @@ def busy_note(load: dict[str, Any], affected: str = "throughput and data-share f
         return None
     others = (f"other processes used {load['other_cores']:.1f} of {load['cores']} cores"
               if load.get("other_cores") is not None else f"load average {load['load_1m']:.1f} on {load['cores']} cores")
+    used = load["other_cores"] if load.get("other_cores") is not None else load["load_1m"]
+    fewer = max(1, int(load["cores"] - used))  # the cores the others left
+    advice = (f"device.threads: {fewer}, or a quiet machine" if fewer < load["threads"] else "run on a quiet machine")
     return (f"the machine was busy: {others} while this ran with {load['threads']} torch threads; "
-            f"{affected} not trustworthy (set device.threads, or run on a quiet machine)")
+            f"{affected} not trustworthy ({advice})")
 
 
 def check_notes(report: Any) -> list[str]:
