@@ -245,3 +245,9 @@ def huge_data(n_train: int = 10**9, in_features: int = 1024):
     """A billion-sample training set of 4 KiB samples (never materialised); a small validation set."""
     _, val = tiny_data(in_features=in_features)
     return _Lazy(n_train, in_features), val
+
+
+def autoencoder_data(n_train: int = 256, n_val: int = 64, dim: int = 16):
+    """Samples whose target is the input itself: a float vector, not tokens."""
+    x = torch.randn(n_train + n_val, dim, generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x[:n_train], x[:n_train]), TensorDataset(x[n_train:], x[n_train:])

@@ -363,8 +363,9 @@ class Components:
         return float(loss)
 
     def tokens_per_sample(self) -> int:
-        """Elements in one sample's targets (the sequence length for a language model), else 1;
-        for variable-length data the mean sample length (real tokens, padding not counted).
+        """Elements in one sample's integer targets (token ids: the sequence length for a language model),
+        else 1 (a class, or float targets such as a regression's or an autoencoder's vector); for
+        variable-length data the mean sample length (real tokens, padding not counted).
 
         Raises:
             ComponentError: reading the first training sample raised.
@@ -377,7 +378,8 @@ class Components:
             _, target = _split(sample)
         except (TypeError, ValueError):
             return 1
-        return int(target.numel()) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
+        tokens = isinstance(target, torch.Tensor) and target.dim() > 0 and not target.is_floating_point()
+        return int(target.numel()) if tokens else 1
 
 
 def build_components(spec: Spec) -> Components:
