@@ -265,7 +265,7 @@ def init(
         if path.exists() and not path.is_dir() and not force:
             raise UsageError(f"{path} already exists; choose another path or pass --force to overwrite it")
         _writable(path, "init")
-        atomic_write(path, STARTER_SPEC)
+        atomic_write(path, STARTER_SPEC.replace("batchtune.yaml", str(path)))  # its header's commands name it
         typer.echo(f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}")
 
 

@@ -81,6 +81,7 @@ def test_init_writes_a_valid_spec_and_never_overwrites(tmp_path):
     path = tmp_path / "b.yaml"
     assert runner.invoke(app, ["init", str(path)]).exit_code == 0
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+    assert f"batchtune validate {path} && batchtune probe {path}" in path.read_text()  # the file's own name
     path.write_text("mine")
     result = runner.invoke(app, ["init", str(path)])
     assert result.exit_code == 2 and "already exists" in result.stderr
