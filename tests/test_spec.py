@@ -78,6 +78,9 @@ def test_overrides_parse_as_yaml_and_are_validated(write_spec):
     messages = [str(i) for i in info.value.issues]
     assert any("override 'optimizer.lr=-3'" in m and "greater than 0" in m for m in messages)
     assert any("must look like key.path=value" in m for m in messages)
+    with pytest.raises(SpecError) as info:  # the unknown key is above the one set: still the override's
+        load_spec(path, ["nokey.sub=3"])
+    assert str(info.value.issues[0]) == "override 'nokey.sub=3': nokey: unknown key"
 
 
 def test_optimizer_extra_keys_are_kwargs(write_spec):

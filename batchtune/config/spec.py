@@ -620,7 +620,9 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
     except ValidationError as exc:
         for err in exc.errors():
             dotted = _loc_to_path(err["loc"])
-            over = next((o for k, o in origin.items() if dotted == k or dotted.startswith(k + ".")), None)
+            # the override set this key, a key under it, or one above it (nokey.sub=3 makes 'nokey' unknown)
+            over = next((o for k, o in origin.items()
+                         if dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".")), None)
             if over is not None:
                 issues.append(SpecIssue(dotted, _message(err), f"override {over!r}"))
             else:
