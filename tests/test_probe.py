@@ -364,6 +364,10 @@ def test_probe_user_oom_below_the_memory_limit(write_spec):
     """
     result = run_probe(load_spec(write_spec(text)))
     assert result.ceiling == 150
+    # 151 ran out with most of the megabyte free by the count: the safe size keeps 10% below the ceiling
+    assert result.safe_batch_size == 135 and result.confirmed
+    assert any(n.startswith("batch 151 ran out of memory where the count predicts") and "keeps 10% below the "
+               "ceiling instead" in n for n in result.notes), result.notes
 
 
 def test_probe_confirms_with_its_steps_and_reuses_components(write_spec, monkeypatch):

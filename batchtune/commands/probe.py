@@ -557,6 +557,7 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
         notes.append(f"the allocator reserved up to {format_bytes(gap)} beyond the allocated peak; "
                      "the safe size leaves room for it")
     safe = safe_size(outcome.ceiling, outcome.model, usable, p.headroom, p.granularity, p.min_batch_size)
+    safe = _below_unexplained_oom(safe, outcome, usable, p, notes)
     while safe >= p.min_batch_size:
         result = source.run(safe, phase="confirm", steps=max(p.steps_per_trial, MIN_CONFIRM_STEPS), validate=True)
         if result.fits:
@@ -569,6 +570,24 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
         notes.append(f"confirmation at {safe} ran out of memory; stepping down")
         safe -= p.granularity
     return _Confirmation()
+
+
+def _below_unexplained_oom(safe: int, outcome: SearchOutcome, usable: int | None, p: Any, notes: list[str]) -> int:
+    """``safe``, or the headroom's share below the ceiling when the size above the ceiling ran out of memory
+    while the count says it had room to spare: something the count does not see ran out there (a kernel's
+    workspace, another process, a limit in the model's own code), and memory headroom is no margin against it.
+    An outside model raising OOM above batch 100 got a safe size of 100 with 45% of memory free."""
+    model, above = outcome.model, outcome.ceiling + p.granularity
+    if usable is None or model is None or outcome.capped or model.predict(above) >= (1.0 - p.headroom) * usable:
+        return safe
+    below = max(align_down(int(outcome.ceiling * (1.0 - p.headroom)), p.granularity), p.min_batch_size)
+    if below >= safe:
+        return safe
+    notes.append(f"batch {above} ran out of memory where the count predicts {format_bytes(model.predict(above))} "
+                 f"({model.predict(above) / usable:.0%} of capacity): something it does not count ran out (a kernel "
+                 f"workspace, another process, a limit in the model's code); the safe size keeps {p.headroom:.0%} "
+                 "below the ceiling instead")
+    return below
 
 
 def _power_of_two(safe: int | None, min_batch_size: int) -> int | None:
