@@ -437,3 +437,22 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
         "loss curve's power law extrapolated, which knows no floor; a loss that levels off (the data's noise, the "
         "model's capacity) ends higher; --verify measures it"]
     assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None), 0.3) == []
+
+
+def test_a_critical_batch_far_beyond_the_sizes_calibrated_is_not_read_as_one():
+    """An outside plan's table read 67, 56, 11,822, 62, 67, 26,638 over six losses, sizes 32-128, and fitted
+    its law through the two outliers: where steps still halve with each doubling B_crit is only a lower bound."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _critical_law
+    from tests.test_sweep import HAND_META, _timed
+
+    halving = [_timed(b, seed, s, 0.5, 0.01) for b, s in ((32, 400), (64, 201), (128, 101)) for seed in (0, 1)]
+    bending = [_timed(b, seed, s, 0.5, 0.01) for b, s in ((32, 400), (64, 250), (128, 175)) for seed in (0, 1)]
+    meta = {**HAND_META, "seeds": [0, 1], "lr_multipliers": [1.0], "samples": 4096}
+    far = SimpleNamespace(targets=[0.5], critical_batch_by_loss={}, notes=[], laws={})
+    assert _critical_law(far, halving, meta, None) is None and far.critical_batch_by_loss == {"0.5": None}
+    assert far.notes[0].startswith("at val loss 0.5 (") and "over 4x the largest size calibrated (128)" in far.notes[0]
+    near = SimpleNamespace(targets=[0.5], critical_batch_by_loss={}, notes=[], laws={})
+    _critical_law(near, bending, meta, None)
+    assert 32 < near.critical_batch_by_loss["0.5"] < 128 and near.notes == []

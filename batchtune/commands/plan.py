@@ -566,6 +566,10 @@ def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
             "levels off (the data's noise, the model's capacity) ends higher; --verify measures it"]
 
 
+#: A steps-fit B_crit more than this many times the largest size calibrated is an extrapolation, not a reading.
+BEYOND_SIZES = 4
+
+
 def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str, Any],
                   lead: dict[str, Any] | None) -> Any:
     """B_crit at each calibration target (the sweep's analysis), and below the lowest from the lead
@@ -573,14 +577,23 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     from batchtune.commands.sweep_analysis import analyse
 
     analysis = analyse(rows, {**meta, "target_loss": result.targets})
-    points, ratios = [], []
+    points, ratios, beyond = [], [], []
+    largest = max((r["batch_size"] for r in rows if r["fits"]), default=0)
     for t in analysis.by_target:
-        c = t["critical"]
-        result.critical_batch_by_loss[f"{t['target_loss']:.4g}"] = c["b_crit"]
+        c, key = t["critical"], f"{t['target_loss']:.4g}"
+        if c["b_crit"] and c["b_crit"] > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
+            beyond.append(f"{key} ({c['b_crit']:,.0f})")
+            result.critical_batch_by_loss[key] = None
+            continue
+        result.critical_batch_by_loss[key] = c["b_crit"]
         if c["b_crit"]:
             points.append((t["target_loss"], c["b_crit"]))
         if c["from_steps_to_target"] and c["from_noise_scale"]:
             ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
+    if beyond:
+        result.notes.append(f"at val loss {', '.join(beyond)} the steps fit put B_crit over {BEYOND_SIZES}x the "
+                            f"largest size calibrated ({largest}): steps still halve with each doubling there, so "
+                            "B_crit is only known to be above the sizes tried; left out of the law")
     ratio = statistics.median(ratios) if ratios else 1.0
     if lead is not None:
         for loss, b_simple in noise_by_loss(lead, min(result.targets)):
