@@ -56,7 +56,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
             before, after = json.loads(out.stdout.strip().splitlines()[-1])
             name = "dynamic (glibc default)" if dynamic else "steady (batchtune)"
-            print(f"  run {repeat + 1}  {name:24s} {before:>10,.0f} {after:>10,.0f}   after/before {after / before:.2f}")
+            print(f"  run {repeat + 1}  {name:24s} {before:>10,.0f} {after:>10,.0f}   "
+                  f"after/before {after / before:.2f}")
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def test_a_tuple_batch_ends_with_its_targets_and_the_model_takes_the_rest_as_arg
 
 
 def test_float_targets_are_not_tokens(write_spec):
-    """An outside autoencoder's 64-float targets were reported as '64 tokens a sample' (tokens/s, B_simple in tokens)."""
+    """An outside autoencoder's 64-float targets were reported as '64 tokens a sample' (tokens/s, B_simple in
+    tokens)."""
     spec = load_spec(write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp', kwargs: {num_classes: 16}}\n"
                                 "data: {target: 'tests.fixtures:autoencoder_data'}\nloss: mse\n"
                                 "optimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n"))

@@ -441,7 +441,8 @@ def test_a_task_that_does_not_learn_gets_no_target_and_says_so():
     assert given.recommendation is None and "reached the target in 0/2 seeds" in given.summary["status"].iloc[0]
     assert given.notes[0].startswith("target val loss 1.395 is at or above the starting validation loss (~1.384)")
     from batchtune.stats.critical import fit_steps_to_target
-    assert fit_steps_to_target({16: [0.0, 4.0], 32: [0.0], 64: [0.0]}).note == "fewer than 3 sizes reached the target loss"
+    zero_steps = fit_steps_to_target({16: [0.0, 4.0], 32: [0.0], 64: [0.0]})
+    assert zero_steps.note == "fewer than 3 sizes reached the target loss"
 
 
 def test_several_targets_each_get_a_ranking():

@@ -206,7 +206,8 @@ class Baseline:
                 return entry if key == "name" else None
             return entry.get("target") or entry.get("builtin")
 
-        pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key))) for key in ("name", "model", "data")}
+        pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key)))
+                 for key in ("name", "model", "data")}
         changed = {key: f"{key}: {was} (baseline) / {now}" for key, (was, now) in pairs.items() if was != now}
         other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
         return list(changed.values()) if other else []
