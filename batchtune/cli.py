@@ -231,7 +231,10 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         except SpecError as exc:
             missing = {i.path for i in exc.issues if i.message.startswith("required key is missing")}
             if not {"optimizer", "base_batch_size"} <= missing:
-                raise
+                from batchtune.config.components import target_issues
+
+                issues = exc.issues + target_issues(exc)  # imports too, not a round of fixes later
+                raise SpecError(sorted(issues, key=lambda i: i.line or 0)) from None
             spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
 

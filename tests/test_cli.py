@@ -71,6 +71,22 @@ def test_bad_kwargs_and_bad_data_factory(write_spec):
     assert "data: the data factory must return (train_dataset, val_dataset), got str" in result.stderr
 
 
+def test_validate_lists_import_problems_beside_key_problems(write_spec):
+    """An outside spec took three rounds of fixes: an unknown optimizer hid a misspelt data target and loss kwarg."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:tiny_dataa'}\n"
+                      "loss: {target: 'tests.fixtures:per_sample_loss', kwargs: {reduction: sum}}\n"
+                      "optimizer: {name: sgdd, lr: 0.1}\nbase_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    assert lines[0] == "error: invalid spec (3 problems):"
+    assert lines[1] == (f"{path}:3: data.target: cannot import 'tests.fixtures:tiny_dataa': module 'tests.fixtures' "
+                        "has no attribute 'tiny_dataa'")
+    assert lines[2] == f"{path}:4: loss.kwargs.reduction: unexpected argument; per_sample_loss() accepts no arguments"
+    assert lines[3].startswith(f"{path}:5: optimizer: unknown optimizer 'sgdd'")
+
+
 def test_validate_ok(write_spec):
     result = runner.invoke(app, ["validate", str(write_spec())])
     assert result.exit_code == 0

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset, default_collate
 
-from batchtune.config.spec import Spec, SpecError
+from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, _nearest_line
 
 __all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "sample_length",
            "to_device"]
@@ -122,6 +122,42 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], spec: Spec, pa
               for key in kwargs if key not in accepted]
     if issues:
         raise SpecError(issues)
+
+
+class _Located:
+    """What :func:`load_target` and :func:`_check_kwargs` need of a spec, for one that did not validate."""
+
+    def __init__(self, lines: dict[str, int], source: str) -> None:
+        self.lines, self.source = lines, source
+
+    def issue(self, path: str, message: str) -> SpecIssue:
+        return SpecIssue(path, message, self.source, _nearest_line(self.lines, path))
+
+    def error(self, path: str, message: str) -> SpecError:
+        return SpecError([self.issue(path, message)])
+
+
+def target_issues(exc: SpecError) -> list[SpecIssue]:
+    """The import and keyword-argument problems of a spec whose keys or values did not validate (``exc``):
+    validate lists them with the others at once, instead of one round of fixes later. Entries that have
+    a problem of their own already are left out."""
+    if exc.raw is None:
+        return []
+    data, lines, source = exc.raw
+    located, flagged, issues = _Located(lines, source), {i.path.split(".")[0] for i in exc.issues}, []
+    entries = [(key, data.get(key)) for key in ("model", "data", "loss", "optimizer") if key not in flagged]
+    for key, entry in entries:
+        target = entry.get("target") if isinstance(entry, dict) else None
+        if not (isinstance(target, str) and _TARGET_RE.match(target)):
+            continue
+        kwargs = entry.get("kwargs") if key != "optimizer" else None
+        try:
+            factory = load_target(target, located, f"{key}.target")  # type: ignore[arg-type]
+            if isinstance(kwargs, dict):
+                _check_kwargs(factory, kwargs, located, f"{key}.kwargs")  # type: ignore[arg-type]
+        except SpecError as err:
+            issues += err.issues
+    return issues
 
 
 def _source_key(entry: Any, path: str) -> str:

@@ -71,10 +71,16 @@ class SpecIssue:
 
 
 class SpecError(ValueError):
-    """A spec that cannot be used; carries every problem found, not just the first."""
+    """A spec that cannot be used; carries every problem found, not just the first.
 
-    def __init__(self, issues: list[SpecIssue]):
+    ``raw`` is the spec as parsed (overrides applied), with its key lines and source, when its keys and
+    values did not validate: validate still checks its imports against it (:func:`~batchtune.config.
+    components.target_issues`).
+    """
+
+    def __init__(self, issues: list[SpecIssue], raw: tuple[dict[str, Any], dict[str, int], str] | None = None):
         self.issues = list(issues)
+        self.raw = raw
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -627,7 +633,7 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
                 issues.append(SpecIssue(dotted, _message(err), f"override {over!r}"))
             else:
                 issues.append(SpecIssue(dotted, _message(err), source, _nearest_line(lines, dotted)))
-        raise SpecError(_dedupe(issues)) from None
+        raise SpecError(_dedupe(issues), raw=(data, lines, source)) from None
     if issues:
         raise SpecError(issues)
     spec._lines = lines
