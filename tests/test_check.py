@@ -347,6 +347,15 @@ def test_regression_against_recorded_rows(write_spec, tmp_path):
     assert elsewhere.status == "skip" and "baseline ran on cuda, this check on cpu" in check_reason(elsewhere)
 
 
+def test_the_baseline_throughput_leaves_out_trials_timed_on_a_busy_machine(write_spec, tmp_path):
+    row = {"batch_size": 64, "micro_batch_size": 64, "accum_steps": 1, "fits": True, "diverged": False,
+           "peak_bytes": 1000}
+    rows = [{**row, "samples_per_s": 36000.0}, {**row, "samples_per_s": 35000.0},
+            {**row, "samples_per_s": 8846.0, "busy": True}]
+    reg = run_check(_spec(write_spec), batch_size=64, baseline=_fake_baseline(tmp_path / "run", rows))
+    assert reg.check("regression").figures["baseline_samples_per_s"] == 35500.0
+
+
 def test_a_size_the_sweep_accumulated_is_checked_as_it_ran(write_spec, tmp_path):
     """An outside sweep picked 256 = 128×2 past its ceiling; check --baseline ran 256×1 and failed on memory."""
     from batchtune.render.check import check_notes
@@ -652,6 +661,12 @@ def test_every_verdict_code_has_a_reason():
         assert words in reason, (code, reason)
     with pytest.raises(ValueError, match="unknown check code"):
         CheckResult("fits", "pass", "fits.fine")
+
+
+def test_the_early_noise_scale_is_never_called_the_critical_batch():
+    early = {**_CRITICAL, "batch_size": 32, "basis": "run.noise_scale", "basis_steps": 7}
+    assert check_reason(CheckResult("critical_batch", "pass", "critical.below", early)).startswith(
+        "32 is at or below the noise scale of the first steps (a lower bound of the critical batch) ~64")
 
 
 def test_suffixes_follow_the_figures():

@@ -522,3 +522,20 @@ def test_small_noise_scales_are_not_rounded_to_zero():
 
     assert [count(v) for v in (0.192, 0.125, 4.56, 10.4, 1234.5, None, float("inf"))] == \
         ["0.19", "0.12", "4.6", "10", "1,234", "-", "inf"]
+
+
+def test_noise_measures_at_the_jobs_batch_by_default(write_spec):
+    """An outside spec with train: {batch_size: 256} got its noise scale at base_batch_size (32 as 8×4)."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    from tests.conftest import TINY_SPEC
+
+    path = write_spec(TINY_SPEC + "train: {batch_size: 64}\n")
+    out = CliRunner().invoke(app, ["noise", str(path), "--steps", "4", "-f", "json", "-q"])
+    assert out.exit_code == 0, out.output
+    data = _json.loads(out.stdout)
+    assert (data["micro_batch_size"], data["accum_steps"]) == (16, 4)

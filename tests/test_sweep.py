@@ -796,6 +796,17 @@ def test_trials_timed_on_a_busy_machine_are_named():
         "the machine was busy during 1 of 2 trials (batch 64; other processes used up to 1.3 cores): their seconds, "
         "and the ranking, are not trustworthy; rerun on a quiet machine or with fewer torch threads (device.threads)"]
     assert _busy_notes([_timed(32, 0, 10, 0.5, 0.01)]) == []  # rows from before the reading: nothing said
+    one_thread = [{**r, "threads": 1} for r in rows]
+    assert _busy_notes(one_thread)[0].endswith("are not trustworthy; rerun on a quiet machine")
     load = {"cores": 2, "threads": 2, "other_cores": 1.0, "load_1m": 1.0, "busy": True}
     assert busy_note(load).endswith("not trustworthy (device.threads: 1, or a quiet machine)")
     assert busy_note({**load, "threads": 1, "other_cores": 1.6}).endswith("(run on a quiet machine)")
+
+
+def test_one_seed_has_no_spread_to_show():
+    """A single seed's loss and throughput showed '± 0', as if two seeds had agreed exactly."""
+    rows = [r for r in _hand_rows() if r["seed"] == 0]
+    result = result_from_rows("hand", rows, {**HAND_META, "samples": 2048, "seeds": [0], "precision": "fp32"})
+    table = render_sweep(result, "table")
+    assert "± 0 " not in table and "0.505 " in table
+    assert "Its final loss is 0.505, at" in result.recommendation["reason"]

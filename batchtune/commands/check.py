@@ -307,7 +307,10 @@ def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     from batchtune.errors import TrainingError
 
     cause = exc.__cause__ if isinstance(exc, TrainingError) and exc.__cause__ is not None else exc
-    return CheckResult(name, "fail", code, {"error": error_line(cause), "traceback": traceback.format_exc()})
+    # batchtune's own TrainingError says what happened already; its class name would only be noise
+    error = (str(cause).strip().splitlines() or [""])[0][:300] if isinstance(cause, TrainingError) \
+        else error_line(cause)
+    return CheckResult(name, "fail", code, {"error": error, "traceback": traceback.format_exc()})
 
 
 def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_seconds: float | None,
@@ -637,7 +640,10 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
                      baseline_accum_steps=rows[0].get("accum_steps"))
     if not usable:
         return _skip("regression", "regression.unusable", batch_size=b)
-    rates = [r["samples_per_s"] for r in usable if positive(r.get("samples_per_s"))]
+    # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy
+    # trial at 8,846 samples/s pulled the mean of six to 30,867 where the rest ran at 36,000)
+    calm = [r for r in usable if not r.get("busy")] or usable
+    rates = [r["samples_per_s"] for r in calm if positive(r.get("samples_per_s"))]
     peaks = [r["peak_bytes"] for r in usable if positive(r.get("peak_bytes"))]
     run = state.run
     if run is None or run.samples_per_s is None:
@@ -647,7 +653,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
     cs = state.spec.check
     verdict = regression_verdict(
         samples_per_s=run.samples_per_s if run is not None else None, peak_bytes=state.fit.peak_bytes,
-        baseline_samples_per_s=statistics.fmean(rates) if rates else None,
+        baseline_samples_per_s=statistics.median(rates) if rates else None,
         baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
         memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
         throughput_noise=throughput_noise(state.window_rates, rates),

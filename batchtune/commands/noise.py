@@ -53,7 +53,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
 
     Args:
         spec: a Spec or a path.
-        batch_size: the global batch; default the spec's base_batch_size.
+        batch_size: the global batch; default the spec's train.batch_size (the job's), else base_batch_size.
         accum_steps: micro-batches per step (the small batch of the estimator); 1 splits each
             batch into halves instead.
         steps: optimizer steps; the estimate needs a few hundred to settle.
@@ -67,7 +67,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     from batchtune.engine.watchdog import stop_if_timed_out
 
     spec, components, backend = prepare(spec, backend)
-    batch_size = batch_size or spec.base_batch_size
+    batch_size = batch_size or (spec.train.batch_size if spec.train is not None else spec.base_batch_size)
     try:
         shape = BatchShape.split(batch_size, accum_steps, current().world_size)
     except ValueError as exc:

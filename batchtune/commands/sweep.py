@@ -263,7 +263,7 @@ class _Sweep:
             meter = LoadMeter.start()  # other work on the machine while this trial was timed
             row = _row(self._trainer.run(config), mult, capacity)
             load = meter.reading(torch.get_num_threads())
-            row["busy"], row["other_cores"] = load["busy"], load["other_cores"]
+            row["busy"], row["other_cores"], row["threads"] = load["busy"], load["other_cores"], load["threads"]
             row["overlap_comm"] = config.overlap_comm
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if mark:
@@ -579,7 +579,8 @@ def _ceiling(spec: Any, components: Any, backend: Any,
     accum = accumulating_micro(probe, lambda: components.build_model(spec.seed), world, sharded)
     if accum is not None and accum < probe.safe_batch_size and spec.sweep.accumulation:
         notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
-                     f"micro-batches take the room of {probe.safe_batch_size - accum} samples")
+                     f"micro-batches take the room of {probe.safe_batch_size - accum} sample"
+                     f"{'s' if probe.safe_batch_size - accum != 1 else ''}")
     return probe.ceiling, probe.safe_batch_size, accum
 
 

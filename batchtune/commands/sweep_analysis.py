@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from batchtune.render.text import count
+from batchtune.render.text import count, pm
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
@@ -142,10 +142,11 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
 
 
 def _stat(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and standard deviation; one value has no spread (None: shown without '± 0')."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def step_seconds(rows: list[dict[str, Any]]) -> dict[int, float]:
@@ -601,9 +602,10 @@ def _busy_notes(rows: list[dict[str, Any]]) -> list[str]:
         return []
     sizes = ", ".join(map(str, sorted({r["batch_size"] for r in busy})))
     others = max((r.get("other_cores") or 0.0) for r in busy)
+    fewer = " or with fewer torch threads (device.threads)" if max(r.get("threads") or 2 for r in busy) > 1 else ""
     return [f"the machine was busy during {len(busy)} of {len(rows)} trials (batch {sizes}; other processes used up "
-            f"to {others:.1f} cores): their seconds, and the ranking, are not trustworthy; rerun on a quiet machine "
-            "or with fewer torch threads (device.threads)"]
+            f"to {others:.1f} cores): their seconds, and the ranking, are not trustworthy; rerun on a quiet "
+            f"machine{fewer}"]
 
 
 def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
@@ -680,7 +682,7 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
              f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; median over {win['reached']} "
              f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} "
              f"({lr_text})",
-             f"Its final loss is {win['final_val_loss']:.4g} ± {win['final_val_loss_std']:.2g}, "
+             f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}, "
              f"at {win['samples_per_s']:,.0f} samples/s" if win["final_val_loss"] is not None else None,
              _runner_up_sentence(ranked)]
     if critical["b_crit"] and win.get("goodput"):

@@ -136,7 +136,9 @@ class LoadMeter:
             busy_s = (busy_now - self.busy) / os.sysconf("SC_CLK_TCK")
             other = max(busy_s - own, 0.0) / wall
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        others = other if other is not None else load
+        # The load average counts us too, over a minute: a fallback for a reading of some length only (a
+        # check that stopped at its first step read its own earlier runs' load as 'busy').
+        others = other if other is not None else (load if wall > 5.0 else None)
         # Busy: other work and our threads together wanted more cores than there are (a quarter
         # core of slack: one other process on a core of its own does not compete with us).
         busy = others is not None and others > BUSY_OTHER_CORES and others + threads > cores + 0.25

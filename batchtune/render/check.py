@@ -79,6 +79,12 @@ def _estimate(f: dict[str, Any]) -> str:
     return f"~{count(f['b_crit'])} ({_BASES[f['basis']](f)}{band})"
 
 
+def _what(f: dict[str, Any]) -> str:
+    """The check's own first steps read a lower bound of the critical batch, not the critical batch itself."""
+    return "noise scale of the first steps (a lower bound of the critical batch)" if f["basis"] == "run.noise_scale" \
+        else "critical batch"
+
+
 def _critical_above(f: dict[str, Any]) -> str:
     return (f"{f['batch_size']} is {f['ratio']:.1f}× the critical batch {_estimate(f)}: ~{f['wasted_share']:.0%} "
             f"of its compute wasted ({f['compute_vs_critical']:.2f}× what B_crit needs)")
@@ -180,8 +186,8 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "data.slow": lambda f: f"{_data_text(f)} (warn at {f['warn_share']:.0%}){_data_hint(f)}",
     "data.bound": lambda f: f"{_data_text(f)} (fail at {f['fail_share']:.0%}): the job is data-bound{_data_hint(f)}",
     "data.unmeasured": lambda f: "no timed steps to measure",
-    "critical.below": lambda f: f"{f['batch_size']} is at or below the critical batch {_estimate(f)}",
-    "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the critical batch "
+    "critical.below": lambda f: f"{f['batch_size']} is at or below the {_what(f)} {_estimate(f)}",
+    "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the {_what(f)} "
                                  f"{_estimate(f)}: not clearly above it",
     "critical.above": _critical_above,
     "critical.early": _critical_early,
@@ -247,7 +253,8 @@ def busy_note(load: dict[str, Any], affected: str = "throughput and data-share f
     used = load["other_cores"] if load.get("other_cores") is not None else load["load_1m"]
     fewer = max(1, int(load["cores"] - used))  # the cores the others left
     advice = (f"device.threads: {fewer}, or a quiet machine" if fewer < load["threads"] else "run on a quiet machine")
-    return (f"the machine was busy: {others} while this ran with {load['threads']} torch threads; "
+    return (f"the machine was busy: {others} while this ran with {load['threads']} torch "
+            f"thread{'s' if load['threads'] != 1 else ''}; "
             f"{affected} not trustworthy ({advice})")
 
 

@@ -38,7 +38,7 @@ def plot_sweep(result: Any, path: Path) -> Path:
     ceiling = result.meta.get("ceiling")
     for ax, (col, err, title) in zip(axes, panels):
         data = s[s[col].notna()]
-        ax.errorbar(data["batch_size"], data[col], yerr=data[err] if err else None, marker="o", capsize=3)
+        ax.errorbar(data["batch_size"], data[col], yerr=data[err].fillna(0) if err else None, marker="o", capsize=3)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_title(title)
