@@ -471,7 +471,8 @@ def noise(
     spec_path: SpecPath,
     overrides: Overrides = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=2,
-                                                      help="Global batch (default: train.batch_size, else base_batch_size).")] = None,
+                                                      help="Global batch (default: train.batch_size, else "
+                                                           "base_batch_size).")] = None,
     accum_steps: Annotated[int, typer.Option("--accum-steps", "-k", min=1,
                                              help="Micro-batches per step (1: split each batch in halves).")] = 4,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps.")] = 400,

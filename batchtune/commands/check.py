@@ -201,10 +201,10 @@ class Baseline:
         """How the baseline differs from ``resolved`` when it is a sweep of another job, else []: other data
         (another data factory or built-in), or both another name and another model. A changed model alone is
         what the regression check is for (the same job made slower or fatter)."""
-        def kind(key: str, entry: Any) -> str | None:
-            if key == "name" or not isinstance(entry, dict):
-                return entry if key == "name" else None
-            return entry.get("target") or entry.get("builtin")
+        def kind(key: str, entry: Any) -> str | None:  # the spec's name; a model's or data's factory
+            if key == "name":
+                return entry
+            return (entry.get("target") or entry.get("builtin")) if isinstance(entry, dict) else None
 
         pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key)))
                  for key in ("name", "model", "data")}
