@@ -577,10 +577,6 @@ def _ceiling(spec: Any, components: Any, backend: Any,
     world = current().world_size
     sharded = spec.distributed.resolved(world) == "fsdp"
     accum = accumulating_micro(probe, lambda: components.build_model(spec.seed), world, sharded)
-    if accum is not None and accum < probe.safe_batch_size and spec.sweep.accumulation:
-        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
-                     f"micro-batches take the room of {probe.safe_batch_size - accum} sample"
-                     f"{'s' if probe.safe_batch_size - accum != 1 else ''}")
     return probe.ceiling, probe.safe_batch_size, accum
 
 
@@ -635,6 +631,10 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
     ceiling, safe, accum = _ceiling(spec, components, backend, notes)
     candidates, excluded = plan_candidates(_sizes(spec, safe), safe, sw.accumulation, sw.max_accum_steps,
                                            dist.world_size, accum)
+    if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):
+        room = safe - accum
+        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
+                     f"micro-batches take the room of {room} sample{'s' if room != 1 else ''}")
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     samples = _sample_budget(spec, candidates, len(components.train_set), notes)
