@@ -417,8 +417,14 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
         _calibration_spec(spec, components, backend, 10_000, 0.1)
     named = re.search(r"at least ([\d,]+) samples \(it calibrates 32 and 64", str(info.value))
     shortest = int(named[1].replace(",", ""))
-    calibration, per_trial, _ = _calibration_spec(spec, components, backend, shortest, 0.1)
+    calibration, per_trial, notes = _calibration_spec(spec, components, backend, shortest, 0.1)
     assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
+    # an outside plan calibrated 16 and 32 while the job meant to run 128, and did not say so
+    assert spec.train.batch_size == 256 and any(
+        n.startswith("the job's train.batch_size, 256, is above the largest size calibrated (64): this plan neither "
+                     "projects nor judges it; a run of at least ") for n in notes), notes
+    _, _, notes = _calibration_spec(spec.model_copy(update={"train": None}), components, backend, shortest, 0.1)
+    assert not any("train.batch_size" in n for n in notes)
     with pytest.raises(UsageError):
         _calibration_spec(spec, components, backend, shortest - 640, 0.1)
 

@@ -288,6 +288,12 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                      f"trials would get {with_next:,} samples, fewer than {CALIBRATION_MIN_STEPS} steps of it "
                      f"({CALIBRATION_MIN_STEPS * left_out[0]:,}); a run of at least "
                      f"{_samples_for(candidates, trials_per_size, share):,} samples calibrates every size")
+        job = spec.train.batch_size if spec.train is not None else None
+        if job is not None and job > max(sizes):  # the size the user means to run: say the plan cannot judge it
+            upto = [b for b in candidates if b <= job] or candidates
+            notes.append(f"the job's train.batch_size, {job}, is above the largest size calibrated ({max(sizes)}): "
+                         "this plan neither projects nor judges it; a run of at least "
+                         f"{_samples_for(upto, trials_per_size, share):,} samples calibrates the sizes up to it")
     per_trial = int(share * n / (trials_per_size * len(sizes)))
     while per_trial > 1 and total(per_trial) > share * n:
         per_trial = int(per_trial * 0.9)
