@@ -243,12 +243,20 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
+def _one_number(spec: Spec, loss: Any) -> torch.Tensor:
+    """``loss`` when it is one number per batch; else a spec error on ``loss`` (torch's own complaint comes
+    only at backward: "grad can be implicitly created only for scalar outputs")."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+    raise spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); it returned {got}")
+
+
 def _make_loss(spec: Spec) -> LossFn:
     if spec.loss == "model_output":
         def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-            if isinstance(batch, dict):
-                return _model_loss(model(**batch))
-            return _model_loss(model(*batch))
+            output = model(**batch) if isinstance(batch, dict) else model(*batch)
+            return _one_number(spec, _model_loss(output))
         return loss_fn
 
     if isinstance(spec.loss, str):
@@ -264,11 +272,7 @@ def _make_loss(spec: Spec) -> LossFn:
             inputs, targets = _split(batch)
         except (TypeError, ValueError) as exc:  # no targets for this loss, or a batch of no known form: the spec's
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else "data", str(exc))]) from None
-        loss = criterion(_call(model, inputs), targets)
-        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-            raise spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); it returned a "
-                                     f"tensor of shape {tuple(loss.shape)}")
-        return loss
+        return _one_number(spec, criterion(_call(model, inputs), targets))
 
     return loss_fn
 
@@ -381,7 +385,7 @@ class Components:
 
         Raises:
             ComponentError: collating, the forward or the loss raised.
-            SpecError: the loss is not one finite number.
+            SpecError: the loss is not one number (:func:`_one_number`), or not finite.
         """
         n = min(samples, len(self.train_set))
         batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
@@ -389,10 +393,6 @@ class Components:
         with torch.no_grad():
             loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples", self.loss_fn,
                           model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise self.spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); on the "
-                                          f"first {n} training samples it returned {got}")
         if not math.isfinite(float(loss)):
             raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
                                            "training step: the model's initial output or the data, not the lr")
