@@ -108,6 +108,38 @@ def test_divergence_is_a_loss_that_stays_up_not_one_spike():
     assert starting_loss(SimpleNamespace(evals=[], losses=gru)) == 0.6  # else the median of the first 3
 
 
+def test_a_trial_past_its_budget_stops_where_its_loss_levels_off_short_of_the_target():
+    from batchtune.engine.trial import stalled
+
+    # best 0.60 at step 128, 0.62 by step 64: 0.02 a doubling, twice that over the log2(256/128) = 1
+    # doubling left is 0.04, short of the 0.05 to go to 0.55
+    curve = [(0, 2.3), (32, 0.7), (64, 0.62), (96, 0.61), (128, 0.60)]
+    assert stalled(curve, 0.55, 256)
+    assert not stalled(curve, 0.57, 256)  # 0.03 to go: within reach
+    assert not stalled(curve, 0.55, 2048)  # four doublings left: 0.16 at that pace
+    assert not stalled(curve, 0.55, 256, pace=3.0)
+    assert not stalled(curve[:-1] + [(128, 0.54)], 0.55, 256)  # crossed
+    assert not stalled(curve, 0.55, 128) and not stalled(curve, None, 256) and not stalled([], 0.55, 256)
+    # a rising curve (a small training set overfit): its best is behind it, no pace at all
+    assert stalled([(0, 2.3), (32, 0.58), (64, 0.6), (128, 0.7)], 0.55, 1024)
+    # the quickstart's ground-truth sweep, batch 128 at lr x4 on seed 1: best 0.588 by step 384, then rising
+    # (0.642 at its budget's step 1,024, 0.999 at 2,048, all trained towards a target of 0.55); ends at 1,142
+    seen = [(256, 0.676), (284, 0.612), (338, 0.652), (384, 0.588), (402, 0.593), (479, 0.656), (512, 0.607),
+            (570, 0.635), (640, 0.598), (678, 0.595), (768, 0.68), (807, 0.653), (896, 0.652), (960, 0.69),
+            (1024, 0.642), (1142, 0.68)]
+    assert stalled(seen, 0.55, 2048)
+
+
+def test_the_trainer_ends_a_stalled_trial_at_its_first_validation_past_stall_after(components):
+    base = TrialConfig(BatchShape(32), lr=1e-3, steps=40, evals_per_doubling=4, stop_below=0.0)
+    plain = Trainer(components, CPUBackend()).run(base)
+    cut = Trainer(components, CPUBackend()).run(dataclasses.replace(base, stall_after=16))
+    assert not plain.stalled and plain.steps == 40
+    first_after = min(e.step for e in plain.evals if e.step > 16)
+    assert cut.stalled and cut.steps == first_after and not cut.stopped_at_target
+    assert [e.val_loss for e in cut.evals] == [e.val_loss for e in plain.evals if e.step <= first_after]
+
+
 Pair = namedtuple("Pair", "x y")
 
 

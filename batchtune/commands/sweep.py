@@ -294,7 +294,7 @@ class _Sweep:
             timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
-            stop_below=min(targets, default=None),
+            stop_below=min(targets, default=None), stall_after=trial_steps(meta, shape.batch_size),
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
@@ -338,7 +338,7 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
             "diverged", "divergence", "truncated", "samples_per_s", "data_share", "data_seconds",
             "compute_seconds", "train_seconds", "seconds", "peak_bytes", "first_loss", "last_loss", "final_val_loss"]
     row = {k: d[k] for k in keep}
-    row["stopped_at_target"] = result.stopped_at_target
+    row["stopped_at_target"], row["stalled"] = result.stopped_at_target, result.stalled
     row["lr_multiplier"] = multiplier
     row["peak_share"] = result.peak_bytes / capacity if capacity and result.peak_bytes else None
     row["evals"] = [[e.step, e.samples, e.seconds, e.val_loss] for e in result.evals]
@@ -479,6 +479,8 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
             outcome = f"val loss {evals[-1][3]:.4g} after {row['samples']:,} samples"
         else:
             outcome = "no validation loss"
+        if row.get("stalled"):  # trained past its budget towards the target, levelling off short of it
+            outcome += f", levelled off short of the target after {row['samples']:,} samples"
         outcome += f", {rate:,.0f} samples/s" if rate else ""
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"

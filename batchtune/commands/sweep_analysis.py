@@ -419,7 +419,7 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
         return [fixed["loss"]], [
             f"target val loss {fixed['loss']:.4g}: the lowest that {fixed['reached']} of the {fixed['sizes']} sizes "
             f"reached in every seed at the equal-sample budget; trials short of it trained on towards it, up to "
-            f"{meta['reach_factor']:g}x their steps (set sweep.target_loss to choose)"]
+            f"{meta['reach_factor']:g}x their steps or until their loss levelled off (set sweep.target_loss to choose)"]
     rows = [r for e in entries for r in e["rows"]]
     found = default_target(rows)
     if found is None:
