@@ -689,7 +689,7 @@ def plan(
     trial_timeout: TimeoutOpt = None,
 ) -> None:
     """Plan the whole run: critical batch by loss, each constant size and a batch-size schedule
-    projected (steps, time, GPU-hours, cost), one recommended.
+    projected (steps, time, device-hours, cost), one recommended.
 
     Exit 0 planned, 1 no plan (or none meets --deadline), 2 bad input. Under torchrun every rank
     calibrates, times and verifies data-parallel; rank 0 writes and prints, every rank exits alike.
