@@ -251,3 +251,44 @@ def autoencoder_data(n_train: int = 256, n_val: int = 64, dim: int = 16):
     """Samples whose target is the input itself: a float vector, not tokens."""
     x = torch.randn(n_train + n_val, dim, generator=torch.Generator().manual_seed(0))
     return TensorDataset(x[:n_train], x[:n_train]), TensorDataset(x[n_train:], x[n_train:])
+
+
+class _Bags(Dataset):
+    """Variable-length bags of item ids (1..max_len each) with a class label."""
+
+    def __init__(self, n: int, n_items: int, max_len: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(1, max_len + 1, (n,), generator=g)
+        self.items = [torch.randint(0, n_items, (int(k),), generator=g) for k in lengths]
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i], self.y[i]
+
+
+def bag_data(n_train: int = 512, n_val: int = 128, n_items: int = 100, max_len: int = 12):
+    return _Bags(n_train, n_items, max_len, 0), _Bags(n_val, n_items, max_len, 1)
+
+
+def bag_collate(samples):
+    """``nn.EmbeddingBag``'s input: every sample's ids in one flat tensor, where each starts, the labels."""
+    ids = [s[0] for s in samples]
+    offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
+    return torch.cat(ids), offsets, torch.stack([s[1] for s in samples])
+
+
+class _BagModel(nn.Module):
+    def __init__(self, n_items: int = 100, dim: int = 16) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(n_items, dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, ids, offsets):
+        return self.head(self.bag(ids, offsets))
+
+
+def bag_model(**kwargs) -> nn.Module:
+    return _BagModel(**kwargs)

@@ -60,6 +60,36 @@ def test_traced_peak_is_the_measured_peak_on_the_shipped_configs(name, precision
         assert traced == measured, (name, b, measured, traced)  # what it does today: byte for byte
 
 
+BAG_SPEC = """
+name: bags
+model: {target: "tests.fixtures:bag_model"}
+data:
+  target: "tests.fixtures:bag_data"
+  collate: {target: "tests.fixtures:bag_collate"}
+loss: cross_entropy
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+base_batch_size: 32
+device: {type: cpu}
+"""
+
+
+def test_a_collate_that_concatenates_samples_is_traced_at_its_worst_case_not_one_id_a_sample(write_spec):
+    """nn.EmbeddingBag's flat ids grow by a sample's length per sample (12 at most here): the trace
+    grows every dimension the way one and two collated samples do (64 × 12 ids), no longer only the
+    leading one (64 ids). The probe's worst case holds the 64 longest bags, 43 of 12 ids and 21 of 11:
+    the estimate stays above it by those 21 ids (168 bytes) and their gradient rows."""
+    from batchtune.engine.data import worst_case
+
+    spec, components, backend = prepare(load_spec(write_spec(BAG_SPEC)))
+    tracer = StepTracer(spec, components, resolve_target(spec, "1GiB"))
+    model = components.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    config = trial_config(spec, BatchShape(64), lr=0.05, steps=2, grad_clip=None)
+    measured = Trainer(worst_case(components), backend, "fp32", current()).run(config, model=model).peak_bytes
+    traced = tracer.trace(64).peak_bytes
+    assert measured <= traced <= 1.03 * measured, (measured, traced)
+
+
 def test_probe_estimate_finds_the_measured_ceiling_without_a_training_step():
     # The measured probe of the quickstart: ceiling 3744, safe 3347 (README, benchmarks/README.md).
     result = runner.invoke(app, ["probe", "configs/quickstart.yaml", "--estimate", "-f", "json", "-q"])

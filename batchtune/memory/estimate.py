@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import default_collate
 
 from batchtune.memory.device import _StorageCounter
@@ -350,16 +350,32 @@ class _Feed:
     (and the probe's batch stream) keeps it through the optimizer step.
     """
 
-    def __init__(self, sample: Any, micro_batch_size: int) -> None:
-        self.sample = sample
+    def __init__(self, samples: tuple[Any, Any], micro_batch_size: int) -> None:
+        self.one, self.two = samples
         self.size = micro_batch_size
         self.last: Any = None
 
     def next(self) -> Any:
         self.last = None
-        self.last = tree_map(lambda t: torch.empty((self.size, *t.shape[1:]), dtype=t.dtype)
-                             if isinstance(t, torch.Tensor) else t, self.sample)
+        leaves, spec = tree_flatten(self.one)
+        twos, spec_two = tree_flatten(self.two)
+        if spec_two != spec:  # a collate whose structure changes with the batch: the leading dimension scales
+            twos = leaves
+        self.last = tree_unflatten([_scaled(a, b, self.size) if isinstance(a, torch.Tensor) else a
+                                    for a, b in zip(leaves, twos)], spec)
         return self.last
+
+
+def _scaled(one: torch.Tensor, two: torch.Tensor, size: int) -> torch.Tensor:
+    """An empty tensor shaped like ``one`` (a batch of 1) grown to ``size`` samples: each dimension
+    that grew from ``one`` to ``two`` (a batch of 2) grows linearly. A stacked batch's leading
+    dimension, and a collate that concatenates samples (``nn.EmbeddingBag``'s flat ids: 30 per
+    sample, 30·size in all) alike; ``two`` is ``one`` itself where the two batches differ in form."""
+    if two is one or two.dim() != one.dim():
+        shape = (size, *one.shape[1:]) if one.dim() else ()
+    else:
+        shape = tuple(a + (b - a) * (size - 1) for a, b in zip(one.shape, two.shape))
+    return torch.empty(shape, dtype=one.dtype)
 
 
 class _Backend:
@@ -468,15 +484,18 @@ class StepTracer:
         self._accum = 0
         self.points: list[EstimatePoint] = []
 
-    def _sample(self) -> Any:
-        """One collated training sample (real, tiny): the batches' structure, dtypes and shapes; for
-        variable-length data the longest, so that every traced batch is the worst case."""
+    def _sample(self) -> tuple[Any, Any]:
+        """One training sample collated alone and twice (real, tiny): the batches' structure, dtypes
+        and shapes, and how they grow with the batch; for variable-length data the longest sample,
+        so that every traced batch is the worst case."""
         components = self.components
         try:
             if getattr(components, "variable_length", False):  # the longest sample, padded as collated
                 lengths = components.lengths()
-                return components.collate([components.train_set[max(range(len(lengths)), key=lengths.__getitem__)]])
-            return default_collate([components.train_set[0]])
+                longest = components.train_set[max(range(len(lengths)), key=lengths.__getitem__)]
+                return components.collate([longest]), components.collate([longest, longest])
+            first = components.train_set[0]
+            return default_collate([first]), default_collate([first, first])
         except Exception as exc:  # noqa: BLE001 - the user's data set
             raise EstimateError(f"cannot estimate: reading the first training sample raised "
                                 f"{type(exc).__name__}: {exc}"[:300]) from exc
