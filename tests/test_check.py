@@ -84,6 +84,21 @@ def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
     assert data["status"] == "fail" and data["exit_code"] == 1
 
 
+def test_a_collate_the_noise_scale_cannot_halve_skips_critical_batch_instead_of_failing_trains(write_spec):
+    """An EmbeddingBag's flat ids used to be cut in halves for the noise scale: 'offsets[0] has to be
+    0', trains failed and check exited 1 on a healthy model. Now trains passes and critical_batch says
+    why it has no estimate."""
+    from tests.test_estimate import BAG_SPEC
+
+    result = runner.invoke(app, ["check", str(write_spec(BAG_SPEC)), "-b", "64", "-q", "-f", "json"])
+    data = json.loads(result.stdout)
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["trains"]["status"] != "fail" and checks["fits"]["status"] == "pass"
+    assert checks["critical_batch"]["code"] == "critical.unsplittable"
+    assert "not one row per sample (batch 64" in checks["critical_batch"]["reason"]
+    assert result.exit_code == 0, result.output
+
+
 def test_a_batch_within_the_ceiling_passes_and_accumulation_reaches_past_it(write_spec):
     spec = _spec(write_spec)
     plain = run_check(spec, batch_size=128)
@@ -608,6 +623,8 @@ REPRESENTATIVE = {
                        "below the critical batch at your target; pass --baseline with a sweep's run folder"),
     "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
     "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
+    "critical.unsplittable": ("skip", {"reason": "the batch is not one row per sample"},
+                              "no noise scale: the batch is not one row per sample; pass --baseline"),
     "critical.no_noise_steps": ("skip", {"has_baseline": False}, "pass --baseline with a sweep's run folder"),
     "critical.unreliable": ("skip", {"noise_steps": 12, "has_baseline": False, "batchnorm": True},
                             "not reliable after 12 measured steps (|G|² ≤ 0 so far); the model has BatchNorm, whose "

@@ -14,7 +14,7 @@ from batchtune.config.components import batch_size_of, build_components, to_devi
 from batchtune.config.spec import load_spec
 from batchtune.engine.data import halves, tensors
 from batchtune.engine.shape import BatchShape
-from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig
+from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig, prepare
 from batchtune.memory.device import CPUBackend
 
 IN_FEATURES, OUT_FEATURES = 16, 64  # tiny_data's inputs; a wide output so activations dominate
@@ -138,6 +138,34 @@ def test_the_trainer_ends_a_stalled_trial_at_its_first_validation_past_stall_aft
     first_after = min(e.step for e in plain.evals if e.step > 16)
     assert cut.stalled and cut.steps == first_after and not cut.stopped_at_target
     assert [e.val_loss for e in cut.evals] == [e.val_loss for e in plain.evals if e.step <= first_after]
+
+
+def test_a_batch_that_is_not_one_row_per_sample_is_counted_by_its_samples_and_never_halved():
+    """An EmbeddingBag batch: 3 bags of 2, 1 and 3 ids concatenated. It holds 3 samples (offsets and
+    labels agree; the flat ids do not), and cutting it in halves would give offsets past the ids."""
+    from batchtune.engine.data import unsplittable
+    from tests.fixtures import bag_collate
+
+    batch = bag_collate([(torch.tensor([1, 2]), torch.tensor(0)), (torch.tensor([3]), torch.tensor(1)),
+                         (torch.tensor([4, 5, 6]), torch.tensor(2))])
+    assert batch[0].shape == (6,) and batch[1].tolist() == [0, 2, 3] and batch_size_of(batch) == 3
+    assert "not one row per sample (batch 3, but tensors of shape [6])" in unsplittable(batch)
+    assert unsplittable((torch.zeros(4, 3), torch.zeros(4), torch.tensor(1.0))) is None
+    assert batch_size_of((torch.zeros(5), torch.zeros(2))) == 2  # a tie: the smaller, as concatenated ids are longer
+
+
+def test_a_trial_on_batches_it_cannot_halve_trains_on_and_says_why_it_measured_no_noise(write_spec):
+    """At one micro-batch per step the noise scale needs two half-batches; with accumulation it
+    reads the micro-batches themselves, so 16 × 2 measures it on the same data."""
+    from tests.test_estimate import BAG_SPEC
+
+    spec, components, backend = prepare(load_spec(write_spec(BAG_SPEC)))
+    base = TrialConfig(BatchShape(32), lr=0.05, steps=12, measure_noise=True, noise_every=2)
+    plain = Trainer(components, backend).run(base)
+    assert plain.steps == 12 and not plain.diverged and plain.noise is None and plain.noise_steps == 0
+    assert "not one row per sample" in plain.noise_unmeasured
+    accumulated = Trainer(components, backend).run(dataclasses.replace(base, shape=BatchShape(16, 2)))
+    assert accumulated.noise_unmeasured is None and accumulated.noise_steps == 6
 
 
 Pair = namedtuple("Pair", "x y")

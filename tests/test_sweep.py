@@ -793,6 +793,58 @@ def test_a_size_above_the_critical_batch_is_said_to_waste_compute_in_the_right_w
                        "what B_crit needs (73% of its compute wasted)")
 
 
+def test_a_size_inside_the_critical_batch_interval_is_not_called_wasteful():
+    """An outside GRU: the sweep said 256 wasted 28% above B_crit ~143 while check, reading the same
+    estimate's 90% interval (83-257), said 256 was not clearly above it. Now both say the latter."""
+    from batchtune.commands.sweep_analysis import _notes
+
+    entry = {"batch_size": 256, "excess_compute": 2.79, "data_bound": False, "diverged_seeds": 0}
+    critical = {"b_crit": 143.0, "basis": "steps-to-target fit", "fit": {"low": 83.0, "high": 257.0}}
+    said = _notes([entry], [entry], critical, {"samples": 4096})
+    assert said[0] == ("batch 256 is above the critical batch size's estimate (~143) but within its uncertainty, "
+                       "90% interval 83–257: not clearly above it")
+    above = _notes([{**entry, "batch_size": 512, "excess_compute": 4.58}], [entry], critical, {"samples": 4096})
+    assert above[0].startswith("batch 512 is above the critical batch size (~143, 90% interval 83–257): it needs 4.58×")
+
+
+def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_say_go_higher():
+    """An outside two-tower model picked 512, the largest size swept, with B_crit 2838 (1192-11649)."""
+    from batchtune.commands.sweep_analysis import _notes
+
+    sizes = [{"batch_size": b, "data_bound": False, "diverged_seeds": 0, "excess_compute": 1.0} for b in (128, 512)]
+    critical = {"b_crit": 2838.0, "basis": "steps-to-target fit", "fit": {"low": 1192.0, "high": 11649.0}}
+    said = _notes([sizes[1], sizes[0]], sizes, critical, {"samples": 4096})
+    assert said == ["the largest size won and the critical batch (~2,838, 90% interval 1,192–11,649) lies beyond it, an "
+                    "extrapolation: a larger batch may reach the target sooner still; try sweep.max_batch_size=2048 "
+                    "(past the safe micro-batch it accumulates)"]
+    assert not any("largest" in n for n in _notes([sizes[0], sizes[1]], sizes, critical, {"samples": 4096}))
+
+
+def test_the_lr_rule_note_when_no_size_was_fastest_at_the_rules_lr():
+    """It said 'did not hold: the fastest lr elsewhere was ...' where there was no elsewhere."""
+    from batchtune.commands.sweep_analysis import _lr_rule_notes
+
+    sizes = [{"batch_size": b, "qualifies": True, "lr_multiplier": 4.0} for b in (16, 32, 64)]
+    meta = {"lr_multipliers": [0.5, 1.0, 2.0], "lr_rule": "sqrt"}
+    assert _lr_rule_notes(sizes, meta) == [
+        "the sqrt lr rule held at no size: the fastest lr was the rule's ×4 at 16, ×4 at 32, ×4 at 64: every size was "
+        "fastest at ×4 the rule's lr, so optimizer.lr (at base_batch_size) is off by that factor for this task"]
+    sizes[0]["lr_multiplier"] = 1.0
+    assert _lr_rule_notes(sizes, meta) == ["the sqrt lr rule held up to 16; the fastest lr elsewhere was the rule's "
+                                           "×4 at 32, ×4 at 64"]
+
+
+def test_a_sweep_where_every_trial_diverged_says_so_and_not_that_the_data_is_wrong():
+    rows = [_trial(b, seed, [(0, 0, 1.38)], 1000, diverged=True) for b in (16, 32) for seed in (0, 1)]
+    for r, lr in zip(rows, (0.5, 1.0, 2.0, 4.0)):
+        r["lr"] = lr
+    meta = {**HAND_META, "target_loss": None, "samples": 2048, "seeds": [0, 1], "precision": "fp32"}
+    result = result_from_rows("diverged", rows, meta)
+    assert result.recommendation is None
+    assert result.notes[-1] == ("every trial diverged, at every size and every lr tried (0.5 to 4): the lr is too "
+                                "high for this model; lower optimizer.lr (or add sweep.grad_clip) and sweep again")
+
+
 def test_when_the_smallest_size_wins_the_notes_say_why_and_when_to_go_lower():
     """An outside GPT-2's smallest size (8) won with B_crit ~5, and nothing suggested trying smaller."""
     from batchtune.commands.sweep_analysis import _notes

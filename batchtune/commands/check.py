@@ -583,6 +583,8 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
         model = state.trainer.components.build_model(state.spec.seed)
         return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
                      batchnorm=any(isinstance(m, _BatchNorm) for m in model.modules()))
+    if why := getattr(state.run, "noise_unmeasured", None):
+        return _skip("critical_batch", "critical.unsplittable", reason=why, has_baseline=base is not None)
     odd = state.shape.accum_steps == 1 and state.shape.micro_batch_size % 2
     return _skip("critical_batch", "critical.odd_micro" if odd else "critical.no_noise_steps",
                  has_baseline=base is not None)

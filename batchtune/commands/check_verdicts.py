@@ -38,7 +38,7 @@ CODES = (
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
     "critical.below", "critical.within", "critical.above", "critical.early", "critical.none", "critical.odd_micro",
-    "critical.no_noise_steps", "critical.unreliable",
+    "critical.unsplittable", "critical.no_noise_steps", "critical.unreliable",
     # regression: against the baseline sweep's row for the same shape
     "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",
     "regression.throughput_noise",

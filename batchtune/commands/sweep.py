@@ -356,6 +356,7 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
     for key in ("b_simple", "low", "high", "reliable"):
         row[f"noise_{key}"] = noise[key] if noise else None
     row["noise_steps"] = result.noise_steps
+    row["noise_unmeasured"] = result.noise_unmeasured
     row["noise_history"] = result.noise_history
     row["noise_raw"] = result.noise_raw
     return row

@@ -131,7 +131,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
                         _critical_dict(None, None, None))
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
-             + _busy_notes(rows))
+             + _busy_notes(rows) + _unmeasured_noise_notes(rows))
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
     return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
@@ -451,6 +451,11 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
             f"{meta['reach_factor']:g}x their steps or until their loss levelled off (set sweep.target_loss to choose)"]
     rows = [r for e in entries for r in e["rows"]]
     found = default_target(rows)
+    trained = [r for r in rows if r["fits"]]
+    if found is None and trained and all(r["diverged"] for r in trained):
+        lrs = sorted(r["lr"] for r in trained)
+        return [], [f"every trial diverged, at every size and every lr tried ({lrs[0]:.3g} to {lrs[-1]:.3g}): the lr "
+                     "is too high for this model; lower optimizer.lr (or add sweep.grad_clip) and sweep again"]
     if found is None:
         start = _median_start(rows)
         return [], [] if start is None else [
@@ -586,10 +591,16 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     if not ranked:
         return ["no batch size reached the target loss in most seeds: see the status column"]
     notes, b_crit = [], critical["b_crit"]
+    fit = critical.get("fit") or {}
+    low, high = (fit.get("low"), fit.get("high")) if critical.get("basis") == "steps-to-target fit" else (None, None)
+    band = f", 90% interval {count(low)}–{count(high)}" if low and high else ""
     for e in ranked:
-        if b_crit and e["batch_size"] > b_crit:
-            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{b_crit:.3g}): it needs "
-                         f"{e['excess_compute']:.2f}× the minimum samples, {e['excess_compute'] / 2:.2f}× what "
+        if b_crit and e["batch_size"] > b_crit and high and e["batch_size"] <= high:
+            notes.append(f"batch {e['batch_size']} is above the critical batch size's estimate (~{count(b_crit)}) "
+                         f"but within its uncertainty{band}: not clearly above it")
+        elif b_crit and e["batch_size"] > b_crit:
+            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{count(b_crit)}{band}): it "
+                         f"needs {e['excess_compute']:.2f}× the minimum samples, {e['excess_compute'] / 2:.2f}× what "
                          f"B_crit needs ({compute_beyond_critical(e['batch_size'], b_crit):.0%} of its compute "
                          "wasted)")
         if e["data_bound"]:
@@ -607,6 +618,11 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         if smallest > 1 and b_crit and b_crit < 2 * smallest:
             notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
                          f"batch may reach the target sooner still; try sweep.min_batch_size={max(1, smallest // 4)}")
+    largest = max(e["batch_size"] for e in sizes)
+    if ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
+        notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
+                     f"extrapolation: a larger batch may reach the target sooner still; try "
+                     f"sweep.max_batch_size={4 * largest} (past the safe micro-batch it accumulates)")
     return notes
 
 
@@ -637,6 +653,15 @@ def _busy_notes(rows: list[dict[str, Any]]) -> list[str]:
             f"machine{fewer}"]
 
 
+def _unmeasured_noise_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The sizes whose trials could not measure the noise scale, and why (one reason: the data's layout)."""
+    missed = sorted({r["batch_size"] for r in rows if r.get("noise_unmeasured")})
+    if not missed:
+        return []
+    why = next(r["noise_unmeasured"] for r in rows if r.get("noise_unmeasured"))
+    return [f"no noise scale at batch {', '.join(map(str, missed))}: {why}"]
+
+
 def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
     """How far the scaling rule held: the largest size up to which every size's best lr is the rule's."""
     tried = {float(m) for m in meta.get("lr_multipliers", [1.0])}
@@ -649,8 +674,13 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
     if not off:
         return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's"]
     above = ", ".join(f"×{e['lr_multiplier']:.3g} at {e['batch_size']}" for e in off)
+    if not held:
+        mults = {e["lr_multiplier"] for e in off}
+        same = (f": every size was fastest at ×{mults.pop():.3g} the rule's lr, so optimizer.lr (at base_batch_size) "
+                "is off by that factor for this task" if len(mults) == 1 and len(off) > 1 else "")
+        return [f"the {rule} lr rule held at no size: the fastest lr was the rule's {above}{same}"]
     top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
-    where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold: "
+    where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold at every size: "
     return [where + f"the fastest lr elsewhere was the rule's {above}"]
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,15 +173,18 @@ def _resolve(entry: Any, registry: dict[str, str], spec: Spec, path: str) -> Cal
 
 
 def batch_size_of(batch: Any) -> int:
-    """The number of samples in a collated batch: the leading dimension of its first tensor.
+    """The number of samples in a collated batch: the leading dimension most of its tensors share
+    (the smallest of a tie). Not simply the first tensor's: a collate for ``nn.EmbeddingBag``
+    returns ``(ids, offsets, targets)`` with every sample's ids concatenated into one flat tensor,
+    whose length counts ids, not samples.
 
     Raises:
-        TypeError: the batch holds no tensor.
+        TypeError: the batch holds no tensor with a leading dimension.
     """
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor):
-            return leaf.shape[0]
-    raise TypeError(f"cannot find a tensor in a batch of type {type(batch).__name__}")
+    counts = Counter(leaf.shape[0] for leaf in tree_leaves(batch) if isinstance(leaf, torch.Tensor) and leaf.dim())
+    if not counts:
+        raise TypeError(f"cannot find a tensor with a batch dimension in a batch of type {type(batch).__name__}")
+    return min(counts, key=lambda size: (-counts[size], size))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -23,7 +23,7 @@ from batchtune.engine.distributed import DistContext
 from batchtune.memory.device import DeviceBackend
 
 __all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "halves", "loader_kind",
-           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "worst_case"]
+           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "unsplittable", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
@@ -214,13 +214,30 @@ def _fixed(dataset: LongestFirst | PlannedBatches, batch_size: int, collate: Cal
 def halves(batch: Any) -> list[Any]:
     """Two equal halves of a batch along dim 0 (an odd last sample is dropped).
 
-    Used for the noise scale at one accumulation step. Leaves that are not tensors go to
-    both halves unchanged.
+    Used for the noise scale at one accumulation step. Leaves that are not tensors, and
+    tensors without a dimension, go to both halves unchanged. A batch that is not one row per
+    sample cannot be halved this way: see :func:`unsplittable`.
     """
     leaves, spec = tree_flatten(batch)
     split = [(leaf[:leaf.shape[0] // 2], leaf[leaf.shape[0] // 2:2 * (leaf.shape[0] // 2)])
-             if isinstance(leaf, torch.Tensor) else (leaf, leaf) for leaf in leaves]
+             if isinstance(leaf, torch.Tensor) and leaf.dim() else (leaf, leaf) for leaf in leaves]
     return [tree_unflatten([pair[i] for pair in split], spec) for i in range(2)]
+
+
+def unsplittable(batch: Any) -> str | None:
+    """Why :func:`halves` would not cut ``batch`` into two half-batches of samples, or None when
+    it would: every tensor must have one row per sample. A collate that concatenates samples
+    (``nn.EmbeddingBag``'s flat ids with offsets) does not, and cutting its ids in the middle gives
+    offsets past their end, or silently wrong bags."""
+    size = batch_size_of(batch)
+    other = [tuple(leaf.shape) for leaf in tree_leaves(batch)
+             if isinstance(leaf, torch.Tensor) and leaf.dim() and leaf.shape[0] != size]
+    if not other:
+        return None
+    shapes = ", ".join(str(list(s)) for s in other[:3])
+    return (f"the batch is not one row per sample (batch {size}, but tensors of shape {shapes}), so it cannot be "
+            "cut into two half-batches for the noise scale at one micro-batch per step; with accumulation "
+            "steps it is measured between micro-batches instead")
 
 
 def tensors(batch: Any) -> list[torch.Tensor]:

@@ -137,6 +137,7 @@ class TrialResult:
     noise_steps: int = 0
     noise_raw: list[list[float]] = field(default_factory=list)  # [step, |G|², tr Σ] of each measured step
     noise_seconds: float = 0.0  # what the measured steps took; train_seconds counts a plain step's time instead
+    noise_unmeasured: str | None = None  # why the noise scale was not measured, where it was asked for
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
     timed_out: bool = False  # a step did not finish within the timeout; ``error`` says which
     failed_ranks: list[int] = field(default_factory=list)  # several ranks, an OOM: those that ran out themselves
@@ -562,6 +563,8 @@ class Trainer:
         backend.synchronize()
         start = time.perf_counter()
         loss = self._agreed(lambda: work.compute(run.feed, noise))
+        if noise is not None and work.unsplittable:  # measured nothing, and no later step can
+            result.noise_unmeasured, run.monitor, noise = work.unsplittable, None, None
         backend.sample()
         # Peaks per phase: the compute grows with the batch, the optimizer step does not.
         result.compute_peak_bytes = max(result.compute_peak_bytes or 0, backend.peak_bytes())

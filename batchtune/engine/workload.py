@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from batchtune.engine.data import Feed, halves
+from batchtune.engine.data import Feed, halves, unsplittable
 from batchtune.stats.scaling import lr_at_step
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Workload:
 
     updates: ClassVar[bool] = False  # an update phase follows compute (its memory is measured)
     has_gradients: ClassVar[bool] = False  # the noise scale can be measured
+    # why a step due for the noise scale measured nothing (its batch cannot be cut in halves), or None
+    unsplittable: str | None = None
 
     def begin(self, step: int) -> None:
         """Before the timed part of step ``step``."""
@@ -138,6 +140,9 @@ class TrainStep(Workload):
     def compute(self, feed: Feed, noise: NoiseScaleMonitor | None) -> torch.Tensor:
         accum = self.config.shape.accum_steps
         split = noise is not None and noise.splits_batches
+        first = feed.next()
+        if split and (why := unsplittable(first)) is not None:  # the trainer reads it and stops measuring
+            self.unsplittable, noise, split = why, None, False
         passes = 2 * accum if split else accum
         if noise is not None:
             noise.begin()
@@ -151,7 +156,7 @@ class TrainStep(Workload):
         for i in range(accum):
             local = self.dist.enabled and not self.sharded and not (self.synced and i == accum - 1)
             with self.net.no_sync() if local else contextlib.nullcontext():
-                loss = self._micro_batch(feed.next(), split, passes, noise)
+                loss = self._micro_batch(first if i == 0 else feed.next(), split, passes, noise)
             total = loss if total is None else total + loss
         return total.double() / passes
 

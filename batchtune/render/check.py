@@ -195,6 +195,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "critical.odd_micro": lambda f: "the micro-batch is odd, so it cannot be split into halves for the noise scale"
                                     + _pass_baseline(f),
     "critical.no_noise_steps": lambda f: "no noise-scale steps ran" + _pass_baseline(f),
+    "critical.unsplittable": lambda f: f"no noise scale: {f['reason']}" + _pass_baseline(f),
     "critical.unreliable": lambda f: f"the noise-scale estimate is not reliable after {f['noise_steps']} measured "
                                      f"steps (|G|² ≤ 0 so far){_batchnorm(f)}" + _pass_baseline(f),
     "regression.ok": lambda f: _comparison(f) + " within tolerance",
