@@ -292,3 +292,9 @@ class _BagModel(nn.Module):
 
 def bag_model(**kwargs) -> nn.Module:
     return _BagModel(**kwargs)
+
+
+def bn_mlp(in_features: int = 16, hidden: int = 32, num_classes: int = 4) -> nn.Module:
+    """BatchNorm after a Linear layer: it cannot train on a batch of one."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import batchtune.config.components
-from batchtune.commands.probe import run_probe, safe_size
+from batchtune.commands.probe import run_probe, run_probe_estimate, safe_size
 from batchtune.config.components import build_components
 from batchtune.config.spec import load_spec
 from batchtune.engine.shape import BatchShape
@@ -31,6 +31,7 @@ from batchtune.memory.search import (
 )
 from batchtune.memory.source import MemorySource
 from batchtune.render.probe import render_probe
+from tests.conftest import TINY_SPEC
 
 
 def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):
@@ -368,6 +369,34 @@ def test_probe_user_oom_below_the_memory_limit(write_spec):
     assert result.safe_batch_size == 135 and result.confirmed
     assert any(n.startswith("batch 151 ran out of memory where the count predicts") and "keeps 10% below the "
                "ceiling instead" in n for n in result.notes), result.notes
+
+
+def test_a_batchnorm_model_is_probed_from_batch_2(write_spec):
+    """An outside BatchNorm1d model passed validate (two samples) and the probe stopped at batch 1:
+    'Expected more than 1 value per channel when training'."""
+    text = TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:bn_mlp")
+    result = run_probe(load_spec(write_spec(text)))
+    assert result.ceiling is not None and min(t.batch_size for t in result.trials) == 2
+    assert "probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample" in result.notes
+    estimated = run_probe_estimate(load_spec(write_spec(text)))
+    assert "probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample" in estimated.notes
+
+
+def test_a_confirmed_size_short_of_the_headroom_steps_down_by_the_missing_bytes():
+    """An outside EmbeddingBag: the safe size 1926 confirmed with 9.7% of 4 MiB free (10% asked), its
+    worst-case batches not quite on the memory model's line; 0.3% of 4 MiB is 12,583 bytes, 7.2 samples
+    of 1,741 bytes: 1918 (a multiple of the granularity 2, and at least one granule down)."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.probe import _short_of_headroom
+
+    p = SimpleNamespace(headroom=0.10, granularity=2, min_batch_size=2)
+    model = SimpleNamespace(per_sample_bytes=1741.0)
+    assert _short_of_headroom(1926, 0.097, 4 * 2**20, model, p) == 1918
+    assert _short_of_headroom(1926, 0.09999, 4 * 2**20, model, p) == 1924  # a byte short: one granule down
+    assert _short_of_headroom(2, 0.05, 4 * 2**20, model, p) is None  # nothing smaller is allowed
+    # without a model: the confirmation's own bytes per sample, 90.3% of 4 MiB over 1926 samples
+    assert _short_of_headroom(1926, 0.097, 4 * 2**20, None, p) == 1918  # 7 samples of 1,967 bytes: 1919, aligned
 
 
 def test_probe_confirms_with_its_steps_and_reuses_components(write_spec, monkeypatch):

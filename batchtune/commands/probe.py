@@ -25,6 +25,7 @@ __all__ = ["ProbeResult", "ProbeTrial", "run_probe", "run_probe_estimate", "safe
 
 #: The confirmation runs at least this many optimizer steps, then a validation pass.
 MIN_CONFIRM_STEPS = 3
+CONFIRM_RETRIES = 2  # steps down a confirmed size that left less than the headroom free, at most this often
 
 
 @dataclass
@@ -128,9 +129,9 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     data_components, components = components, worst_case(components)  # the longest samples, as collated
     log.info("probing %s ...", spec.name)
     meter, (threads, threads_from) = LoadMeter.start(), set_threads(spec.device.threads)
-    p = spec.probe
     dist = current()
     notes: list[str] = []
+    p = probe_settings(spec, components.build_model(spec.seed) if spec.probe.min_batch_size < 2 else None, notes)
     largest, cap_note = _largest(components, p)
     source = _device_source(spec, components, backend, dist)
     space = SearchSpace(p.min_batch_size, largest, p.granularity)
@@ -275,6 +276,19 @@ def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_b
         return result
 
 
+def probe_settings(spec: Any, model: Any, notes: list[str]) -> Any:
+    """``spec.probe``, its smallest size raised to 2 for a ``model`` with BatchNorm layers: in training
+    they cannot normalise one sample ('Expected more than 1 value per channel'), and the probe stopped at
+    batch 1 with that error on an outside model that validate had passed."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    p = spec.probe
+    if p.min_batch_size >= 2 or model is None or not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return p
+    notes.append("probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample")
+    return p.model_copy(update={"min_batch_size": 2})
+
+
 def _estimate_setup(spec: Any) -> tuple[Any, Any]:
     """(spec, components), without selecting the spec's device: an estimate needs none."""
     from batchtune.engine.trial import prepare
@@ -286,7 +300,8 @@ def _estimate_setup(spec: Any) -> tuple[Any, Any]:
 
 def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None = None) -> ProbeResult:
     """Search the traced peaks, trace the safe size, and say what the estimate is."""
-    p, tracer, capacity = spec.probe, source.tracer, source.capacity_bytes
+    settings_notes: list[str] = []
+    p, tracer, capacity = probe_settings(spec, source.tracer.model, settings_notes), source.tracer, source.capacity_bytes
     largest = p.max_batch_size
     samples = len(components.train_set)
     if samples < largest:  # as the measured probe: a larger batch would repeat samples
@@ -307,7 +322,8 @@ def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None
         safe_headroom=1.0 - safe_peak / capacity if safe_peak is not None else None, confirmed=False,
         confirm_val_loss=None, memory_returned=True, max_leaked_bytes=0, trials=trials,
         device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
-        notes=_estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size), estimate=tracer.summary(),
+        notes=settings_notes + _estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size),
+        estimate=tracer.summary(),
         variable_length=_variable_length(spec, components, None, outcome.ceiling, safe),
         sharding=_estimated_sharding(spec, tracer, model, capacity, ranks))
 
@@ -558,18 +574,37 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
                      "the safe size leaves room for it")
     safe = safe_size(outcome.ceiling, outcome.model, usable, p.headroom, p.granularity, p.min_batch_size)
     safe = _below_unexplained_oom(safe, outcome, usable, p, notes)
+    retries = CONFIRM_RETRIES
     while safe >= p.min_batch_size:
         result = source.run(safe, phase="confirm", steps=max(p.steps_per_trial, MIN_CONFIRM_STEPS), validate=True)
-        if result.fits:
-            used = result.peak_bytes + result.reserved_gap_bytes if result.peak_bytes is not None else None
-            free = 1.0 - used / capacity if capacity and used is not None else None
-            if free is not None and free < p.headroom - 1e-9:
-                notes.append(f"the safe size leaves {free:.1%} free, less than the "
-                             f"{p.headroom:.0%} asked: even min_batch_size is close to the limit")
+        if not result.fits:
+            notes.append(f"confirmation at {safe} ran out of memory; stepping down")
+            safe -= p.granularity
+            continue
+        used = result.peak_bytes + result.reserved_gap_bytes if result.peak_bytes is not None else None
+        free = 1.0 - used / capacity if capacity and used is not None else None
+        if free is None or free >= p.headroom - 1e-9:
             return _Confirmation(safe, result.peak_bytes, free, result.final_val_loss, result.steps)
-        notes.append(f"confirmation at {safe} ran out of memory; stepping down")
-        safe -= p.granularity
+        smaller = _short_of_headroom(safe, free, capacity, outcome.model, p)
+        if smaller is None or retries == 0:
+            why = ("even min_batch_size is close to the limit" if safe == p.min_batch_size
+                   else "the sizes below it were not tried")
+            notes.append(f"the safe size leaves {free:.1%} free, less than the {p.headroom:.0%} asked: {why}")
+            return _Confirmation(safe, result.peak_bytes, free, result.final_val_loss, result.steps)
+        notes.append(f"confirmation at {safe} left {free:.1%} free, less than the {p.headroom:.0%} asked (the "
+                     f"memory model's line is not exact there); stepping down to {smaller}")
+        safe, retries = smaller, retries - 1
     return _Confirmation()
+
+
+def _short_of_headroom(safe: int, free: float, capacity: int, model: MemoryModel | None, p: Any) -> int | None:
+    """A size that frees the headroom's missing bytes at the model's bytes per sample (the confirmation's
+    own bytes per sample without a model), or None where no smaller size is allowed."""
+    per_sample = model.per_sample_bytes if model is not None and model.per_sample_bytes > 0 else None
+    per_sample = per_sample or (1.0 - free) * capacity / safe
+    smaller = align_down(safe - math.ceil((p.headroom - free) * capacity / per_sample), p.granularity)
+    smaller = max(min(smaller, safe - p.granularity), p.min_batch_size)
+    return smaller if smaller < safe else None
 
 
 def _below_unexplained_oom(safe: int, outcome: SearchOutcome, usable: int | None, p: Any, notes: list[str]) -> int:
