@@ -123,6 +123,7 @@ def test_check_estimate_gives_a_fits_verdict_labelled_as_an_estimate():
     ok = runner.invoke(app, ["check", "configs/quickstart.yaml", "--estimate", "-q"])
     assert ok.exit_code == 0, ok.output
     assert "estimated: peak 1.9 MiB of 16.0 MiB" in ok.stdout and "no training step ran" in ok.stdout
+    assert "verdict: PASS; 1 check in " in ok.stdout  # not "1 checks"
     fail = runner.invoke(app, ["check", "configs/quickstart.yaml", "--estimate", "-b", "4000", "-f", "json", "-q"])
     assert fail.exit_code == 1
     data = json.loads(fail.stdout)

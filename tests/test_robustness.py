@@ -24,6 +24,7 @@ import batchtune.render.run_folder as run_folder_module
 from batchtune.cli import app, main
 from batchtune.config.components import ComponentError
 from batchtune.render.run_folder import RunFolder, atomic_write, new_run_dir
+from tests.conftest import TINY_SPEC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +141,25 @@ def test_debug_shows_the_traceback_before_or_after_the_command(write_spec, monke
 
 
 # ------------------------------------------------------------------ output paths, before the work
+
+
+def test_an_mse_that_would_broadcast_is_an_error_not_a_warning(write_spec):
+    """(2, 4) outputs against (2,) targets: F.mse_loss broadcasts them, warns on stderr with torch's own path, and
+    would train on the wrong numbers."""
+    spec = write_spec(TINY_SPEC + "loss: mse\n")
+    line = _one_line_error(_cli("validate", spec), "model:", "ValueError: mse: the model's output of shape [2, 4] and "
+                           "the targets of shape [2] differ (mse would broadcast them)")
+    assert "UserWarning" not in _cli("validate", spec).stderr and line
+
+
+def test_a_noise_batch_the_accumulation_does_not_divide_names_the_flags_not_the_spec(write_spec):
+    """An outside user passed the probe's safe size, 117, and was told 'invalid spec: batch size 117 is not
+    divisible by 4 accumulation steps': neither the spec nor the 4 (the default --accum-steps) was theirs."""
+    spec = write_spec()
+    _one_line_error(_cli("noise", spec, "-b", "117", "--steps", "2"), "--batch-size 117:",
+                    "not divisible by 4 accumulation steps", "--accum-steps 1 and an even batch")
+    _one_line_error(_cli("noise", spec, "-b", "117", "--accum-steps", "1", "--steps", "2"),
+                    "--batch-size 117: with --accum-steps 1 each batch is split in halves: batch 117 must be even")
 
 
 def test_outputs_in_a_missing_folder_fail_before_any_work(write_spec, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from batchtune.engine.shape import BatchShape
+from batchtune.errors import UsageError
 
 __all__ = ["NoiseRun", "run_noise"]
 
@@ -67,13 +68,17 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     from batchtune.engine.watchdog import stop_if_timed_out
 
     spec, components, backend = prepare(spec, backend)
+    given = batch_size is not None
     batch_size = batch_size or (spec.train.batch_size if spec.train is not None else spec.base_batch_size)
     try:
         shape = BatchShape.split(batch_size, accum_steps, current().world_size)
+        if shape.accum_steps == 1 and shape.world_size == 1 and shape.micro_batch_size % 2:
+            raise ValueError(f"with --accum-steps 1 each batch is split in halves: batch {batch_size} must be even")
     except ValueError as exc:
-        raise spec.error("", str(exc)) from None
-    if shape.accum_steps == 1 and shape.world_size == 1 and shape.micro_batch_size % 2:
-        raise spec.error("", f"with one accumulation step the batch is split in halves: {batch_size} must be even")
+        where = f"--batch-size {batch_size}" if given else f"batch {batch_size} (the spec's)"
+        why = (f"{exc}; give a batch divisible by --accum-steps {accum_steps} (the micro-batches the estimator "
+               "compares), or --accum-steps 1 and an even batch")
+        raise (UsageError(f"{where}: {why}") if given else spec.error("train.batch_size", why)) from None
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
@@ -86,6 +91,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     if any(isinstance(m, _BatchNorm) for m in components.build_model(spec.seed).modules()):
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
+    if result.noise_unmeasured:
+        notes.append(f"no noise scale: {result.noise_unmeasured}; use --accum-steps 2 or more")
     final = result.noise_history[-1] if result.noise_history else None
     return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final,
                     tokens, result.seconds, notes, result.divergence if result.diverged else None)

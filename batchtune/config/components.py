@@ -213,6 +213,10 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if output.shape != target.shape and output.numel() == target.numel():
         target = target.reshape(output.shape)
+    if output.shape != target.shape:  # F.mse_loss would broadcast them, warn, and train on the wrong numbers
+        raise ValueError(f"mse: the model's output of shape {list(output.shape)} and the targets of shape "
+                         f"{list(target.shape)} differ (mse would broadcast them); make the model's output "
+                         "match the targets")
     return F.mse_loss(output, target.to(output.dtype))
 
 

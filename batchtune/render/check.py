@@ -320,7 +320,8 @@ def _check_verdict(report: Any, strict: bool) -> str:
                                   (counts["skip"], f"{counts['skip']} skipped")) if n]
     strict_text = " (--strict: warnings fail)" if strict and counts["warn"] else ""
     return (f"verdict: {word}{strict_text}" + (f" — {', '.join(extra)}" if extra else "")
-            + f"; {len(report.checks)} checks in {report.seconds:.1f} s (budget {report.max_seconds:g} s)")
+            + f"; {len(report.checks)} check{'s' if len(report.checks) != 1 else ''} in {report.seconds:.1f} s "
+              f"(budget {report.max_seconds:g} s)")
 
 
 def _check_junit(report: Any, strict: bool) -> str:
