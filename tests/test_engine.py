@@ -168,6 +168,17 @@ def test_a_trial_on_batches_it_cannot_halve_trains_on_and_says_why_it_measured_n
     assert accumulated.noise_unmeasured is None and accumulated.noise_steps == 6
 
 
+def test_stop_from_keeps_a_trial_past_its_first_steps_before_it_may_stop_at_the_target(components):
+    """A target every validation meets: the trial stops at its first validation after a step (step 4, where
+    the log grid starts), or with stop_from 16 at the first one past step 16, as a retrain towards the
+    default target runs its budget again."""
+    base = TrialConfig(BatchShape(32), lr=1e-3, steps=40, evals_per_doubling=4, stop_below=100.0)
+    early = Trainer(components, CPUBackend()).run(base)
+    later = Trainer(components, CPUBackend()).run(dataclasses.replace(base, stop_from=16))
+    assert early.stopped_at_target and early.steps == 4
+    assert later.stopped_at_target and later.steps == min(e.step for e in later.evals if e.step > 16)
+
+
 Pair = namedtuple("Pair", "x y")
 
 

@@ -79,8 +79,9 @@ class TrialConfig:
     # in the window they fall in); past it the trial stops, ``timed_out``. At most
     # max_seconds when that is set. None: no limit.
     timeout: float | None = None
-    # end the trial at the first validation at or below this loss (None: train every step)
+    # end the trial at the first validation at or below this loss (None: train every step), past stop_from steps
     stop_below: float | None = None
+    stop_from: int = 0
     # past this step, end the trial (``stalled``) at a validation from which its best loss, at twice
     # the pace of its last doubling of steps, would not get to ``stop_below`` by the last step
     stall_after: int | None = None
@@ -614,7 +615,8 @@ class Trainer:
         due = self._eval_due(run, step + 1)
         if (due or ((last or out_of_time) and config.validate)) and not self._validate(run, step + 1):
             return False
-        if due and config.stop_below is not None and result.evals[-1].val_loss <= config.stop_below:
+        if (due and config.stop_below is not None and step + 1 > config.stop_from
+                and result.evals[-1].val_loss <= config.stop_below):
             result.stopped_at_target = True
             return False
         if due and config.stall_after is not None and step + 1 > config.stall_after and stalled(
