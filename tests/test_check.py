@@ -32,6 +32,7 @@ from batchtune.cli import app
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.commands.sweep import run_sweep
 from batchtune.render.check import TIME_SKIP, check_reason, render_check
+from batchtune.stats.scaling import spec_lr
 from tests.conftest import TINY_SPEC, write_text
 
 runner = CliRunner()
@@ -287,8 +288,39 @@ def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_
     other = run_check(load_spec(spec_path, ["optimizer.lr=0.02", "check.throughput_tolerance=100"]), batch_size=32,
                       baseline=run)  # another base lr: the sweep's lrs say nothing of it
     assert not other.lr_from_baseline and other.lr == pytest.approx(0.02)  # the rule's at the base batch
+    assert ("the baseline sweep's lrs are not used: its optimizer differs from this spec's, so the rule's lr is"
+            in check_notes(other))
     unswept = run_check(load_spec(spec_path), batch_size=64, baseline=run)
-    assert not unswept.lr_from_baseline
+    mults = {r["lr_multiplier"] for r in summary.values() if r["status"] == "ok"}
+    if len(mults) == 1:  # one multiplier at every ranked size: the rule's lr times it, said so
+        assert unswept.lr_from_baseline and unswept.lr == pytest.approx(spec_lr(load_spec(spec_path), 64) * mults.pop())
+        assert any("the multiplier the baseline sweep found fastest at every size it ranked" in n
+                   for n in check_notes(unswept))
+    else:
+        assert not unswept.lr_from_baseline
+        assert "the baseline sweep did not rank batch 64, so the rule's lr is used" in check_notes(unswept)
+
+
+def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
+    """An outside sweep found x4 the rule fastest at all six sizes and check ran 2048 at the rule's lr."""
+    from pathlib import Path
+
+    from batchtune.commands.check import Baseline
+
+    job = {"model": "m", "data": "d", "optimizer": {"name": "sgd", "lr": 0.01}, "base_batch_size": 32,
+           "lr_scaling": "linear"}
+    summary = [{"batch_size": b, "status": "ok", "lr": 0.04 * b / 32, "lr_multiplier": 4.0} for b in (16, 32, 64)]
+    base = Baseline(Path("run"), {}, [], {}, job, {"summary": summary})
+    assert base.fastest_lr(32, job, 0.01) == (0.04, "the baseline sweep's fastest at batch 32")
+    lr, why = base.fastest_lr(2048, job, 0.64)
+    assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
+                                                 "every size it ranked (3); it did not run batch 2048")
+    summary[0]["lr_multiplier"] = 2.0
+    assert base.fastest_lr(2048, job, 0.64) == (None, "the baseline sweep did not rank batch 2048, so the rule's lr "
+                                                      "is used")
+    changed = {**job, "model": "m2"}
+    assert base.fastest_lr(32, changed, 0.01) == (None, "the baseline sweep's lrs are not used: its model differs "
+                                                        "from this spec's, so the rule's lr is")
 
 
 def test_a_baseline_of_another_job_is_named_and_not_used(baseline):

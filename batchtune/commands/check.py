@@ -219,14 +219,26 @@ class Baseline:
                and (r.get("micro_batch_size") or 0) * (k := r.get("accum_steps", 1)) * world_size == batch_size}
         return ran.pop() if len(ran) == 1 else None
 
-    def fastest_lr(self, batch_size: int, resolved: dict[str, Any]) -> float | None:
-        """The lr the sweep found fastest at ``batch_size`` (a size it ranked), where it scaled the
-        same optimizer from the same base batch size by the same rule; else None."""
+    def fastest_lr(self, batch_size: int, resolved: dict[str, Any], rule_lr: float) -> tuple[float | None, str]:
+        """The lr the sweep found fastest at ``batch_size`` and what it rests on, where it scaled the same
+        optimizer from the same base batch size by the same rule: at a size it ranked, that size's; at
+        another, the rule's × the multiplier it found fastest at every size it ranked, where that was one
+        (an outside sweep found ×4 at all six sizes, and check ran 2048 at the rule's). (None, why) else."""
         same = ("model", "data", "optimizer", "base_batch_size", "lr_scaling")
-        if not self.spec or any(self.spec.get(k) != resolved.get(k) for k in same):
-            return None
-        row = next((r for r in self.result.get("summary") or [] if r.get("batch_size") == batch_size), None)
-        return float(row["lr"]) if row and row.get("status") == "ok" and positive(row.get("lr")) else None
+        differ = [k for k in same if self.spec and self.spec.get(k) != resolved.get(k)]
+        if not self.spec or differ:
+            return None, (f"the baseline sweep's lrs are not used: its {', '.join(differ) or 'spec'} differs from this "
+                          "spec's, so the rule's lr is")
+        ranked = [r for r in self.result.get("summary") or [] if r.get("status") == "ok" and positive(r.get("lr"))]
+        row = next((r for r in ranked if r.get("batch_size") == batch_size), None)
+        if row:
+            return float(row["lr"]), f"the baseline sweep's fastest at batch {batch_size}"
+        mults = {round(float(r["lr_multiplier"]), 6) for r in ranked if r.get("lr_multiplier")}
+        if len(mults) == 1 and len(ranked) > 1:
+            m = mults.pop()
+            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size it "
+                                 f"ranked ({len(ranked)}); it did not run batch {batch_size}")
+        return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
 
 
 def load_baseline(path: str | Path) -> Baseline:
@@ -345,11 +357,12 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
-    swept = base.fastest_lr(shape.batch_size, spec.resolved()) if base is not None else None
+    swept, why = base.fastest_lr(shape.batch_size, spec.resolved(), lr) if base is not None and not other else (None, "")
     if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
-        notes.append(f"lr {swept:.4g}: the baseline sweep's fastest at batch {shape.batch_size} "
-                     f"(×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from {spec.optimizer.lr:g} at batch "
-                     f"{spec.base_batch_size})")
+        notes.append(f"lr {swept:.4g}: {why} (×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from "
+                     f"{spec.optimizer.lr:g} at batch {spec.base_batch_size})")
+    elif why:
+        notes.append(why)
     return _CheckRun(spec=spec, shape=shape, baseline=base, other_job=other,
                      trainer=Trainer(components, backend, spec.precision, dist),
                      capacity=capacity, lr=swept or lr, lr_from_baseline=swept is not None,
