@@ -834,6 +834,20 @@ def test_the_lr_rule_note_when_no_size_was_fastest_at_the_rules_lr():
                                            "×4 at 32, ×4 at 64"]
 
 
+def test_a_default_target_above_where_training_began_is_no_target():
+    """An outside EmbeddingBag task with random labels: each trial wandered a little below its own start,
+    and the default target (0.6959) sat above the median start (0.6946); the sweep recommended reaching it
+    in 10 steps, with a note that it measured no training."""
+    from batchtune.commands.sweep_analysis import default_target
+
+    starts = {(16, 0): 0.690, (16, 1): 0.700, (32, 0): 0.710, (32, 1): 0.720}  # median 0.705
+    rows = [_trial(b, seed, [(0, 0, start), (8, 0.1, start - 0.001)], 1000) for (b, seed), start in starts.items()]
+    assert default_target(rows) is None
+    meta = {**HAND_META, "target_loss": None, "samples": 2048, "seeds": [0, 1], "precision": "fp32"}
+    result = result_from_rows("random-labels", rows, meta)
+    assert result.recommendation is None and result.notes[-1].startswith("no size got below its starting validation")
+
+
 def test_a_sweep_where_every_trial_diverged_says_so_and_not_that_the_data_is_wrong():
     rows = [_trial(b, seed, [(0, 0, 1.38)], 1000, diverged=True) for b in (16, 32) for seed in (0, 1)]
     for r, lr in zip(rows, (0.5, 1.0, 2.0, 4.0)):

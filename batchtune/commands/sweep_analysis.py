@@ -422,6 +422,9 @@ def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not finite:
         return None
     k = min(max(1, math.ceil(DEFAULT_TARGET_SHARE * len(reached))), len(finite))
+    start = _median_start(rows)
+    if start is not None and finite[k - 1] >= start:  # seed noise around where training began: nothing learnt
+        return None
     return {"loss": finite[k - 1], "reached": k, "sizes": len(reached)}
 
 
