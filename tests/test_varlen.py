@@ -62,6 +62,22 @@ def test_batchings_and_their_padding_by_hand():
     assert len(repeats) == 5 and set(repeats) == {0, 1, 2}
 
 
+def test_a_collate_that_concatenates_samples_is_told_from_one_that_pads(write_spec):
+    """An outside EmbeddingBag's probe reported 'padding 48.4% of tokens' and serve '48% padding' for a collate
+    that pads nothing; the probe now says the samples are concatenated, and its padding figures are 0."""
+    from batchtune.commands.varlen import token_budget
+    from tests.test_estimate import BAG_SPEC
+
+    bags = build_components(load_spec(write_spec(BAG_SPEC, "bags.yaml")))
+    padded = build_components(load_spec(write_spec(VARLEN.format(limit="8MiB"), "varlen.yaml")))
+    assert not bags.pads() and padded.pads()
+    spec = load_spec(write_spec(BAG_SPEC, "b.yaml"))
+    budget = token_budget(spec, bags, None, 256, 128)
+    assert not budget.pads and budget.fixed.padding_waste == 0.0 and budget.bucketed.padding_waste == 0.0
+    assert budget.notes[0].startswith("the collate concatenates samples rather than padding them")
+    assert token_budget(spec, padded, None, 256, 128).fixed.padding_waste > 0.3
+
+
 def test_the_worst_case_stream_is_the_longest_samples_padded_as_collated():
     train, _ = text_lines(max_len=160, max_bytes=200_000)
     view = LongestFirst(train, train.lengths)

@@ -410,6 +410,8 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
                        if arr.min() == arr.max() else
                        "lengths vary, but the spec names no data.collate to pad them: not measured by bucket")
         return out
+    out["pads"] = components.pads()  # a collate that concatenates requests pads nothing
+    padding = _padding if out["pads"] else lambda *_: 0.0
     edges = sorted({int(np.percentile(arr, q, method="lower")) for q in (25, 50, 75)} | {int(arr.max())})
     rng = np.random.default_rng(curve.seed)
     low, bucketed_plans = int(arr.min()) - 1, []
@@ -421,19 +423,19 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
             bucketed_plans += plans
             point = _measured(curve, collate, plans, batch_size, f"bucket≤{edge}")
             out["buckets"].append({"lengths": [low + 1, edge], "share": members.size / arr.size,
-                                   **_bucket_row(point), "padding": _padding(arr, plans)})
+                                   **_bucket_row(point), "padding": padding(arr, plans)})
         low = edge
     longest = [np.argsort(-arr, kind="stable")[:batch_size]]
     out["worst"] = {**_bucket_row(_measured(curve, collate, longest, batch_size, "longest")),
-                    "padding": _padding(arr, longest)}
+                    "padding": padding(arr, longest)}
     mixed = [rng.choice(arr.size, size=batch_size) for _ in range(VARIABLE_BATCHES)]
     out["mixed"] = {**_bucket_row(_measured(curve, collate, mixed, batch_size, "mixed")),
-                    "padding": _padding(arr, mixed)}
+                    "padding": padding(arr, mixed)}
     # Medians, not means: a pass that other work delayed would otherwise decide the gain.
     bucketed = sum(b["share"] * b["p50_ms"] for b in out["buckets"])
     out["bucketed_p50_ms"] = bucketed
     out["bucketed_mean_ms"] = sum(b["share"] * b["mean_ms"] for b in out["buckets"])
-    out["bucketed_padding"] = _padding(arr, bucketed_plans)
+    out["bucketed_padding"] = padding(arr, bucketed_plans)
     out["gain"] = out["mixed"]["p50_ms"] / bucketed if bucketed > 0 else None
     return out
 

@@ -55,6 +55,7 @@ class TokenBudget:
     fixed: Batching | None
     bucketed: Batching | None
     notes: list[str]
+    pads: bool = True  # the collate pads to the batch's longest (else it concatenates: no padding to count)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,16 +75,20 @@ def token_budget(spec: Any, components: Any, run_on: tuple[Any, Any, Any] | None
     """
     lengths = components.lengths()
     longest = max(lengths)
-    out = TokenBudget(len(lengths), longest, statistics.median(lengths), ceiling, None, None, None, None, [])
+    out = TokenBudget(len(lengths), longest, statistics.median(lengths), ceiling, None, None, None, None, [],
+                      components.pads())
     if safe is None:
         return out
     fixed_plan = random_batches(len(lengths), safe, spec.seed)
     out.random_longest = statistics.median(max(lengths[i] for i in b) for b in fixed_plan)
     out.max_tokens = safe * longest
     bucket_plan = token_batches(lengths, out.max_tokens, spec.seed)
-    out.fixed = Batching("fixed", len(fixed_plan), safe, padding_waste(lengths, fixed_plan))
-    out.bucketed = Batching("bucketed", len(bucket_plan), len(lengths) / len(bucket_plan),
-                            padding_waste(lengths, bucket_plan))
+    waste = padding_waste if out.pads else lambda *_: 0.0
+    out.fixed = Batching("fixed", len(fixed_plan), safe, waste(lengths, fixed_plan))
+    out.bucketed = Batching("bucketed", len(bucket_plan), len(lengths) / len(bucket_plan), waste(lengths, bucket_plan))
+    if not out.pads:
+        out.notes.append("the collate concatenates samples rather than padding them: no padding to save, and a "
+                         "batch's memory follows its total length, which length-bucketing evens out")
     if run_on is not None:
         for batching, plan in ((out.fixed, fixed_plan), (out.bucketed, _extremes_first(bucket_plan, lengths))):
             _time(spec, components, run_on, batching, plan, lengths)

@@ -336,6 +336,7 @@ class Components:
     collate_fn: Callable[[list[Any]], Any] | None = None
     length_key: str | int | None = None
     _lengths: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    _pads: bool | None = field(default=None, repr=False)
 
     @property
     def variable_length(self) -> bool:
@@ -368,6 +369,21 @@ class Components:
                 self._lengths[id(dataset)] = [_build(self.spec, key, "reading a sample's length", read, i)
                                               for i in range(len(dataset))]
         return self._lengths[id(dataset)]
+
+    def pads(self) -> bool:
+        """Whether the collate pads samples to the batch's longest (``pad_tokens``, Hugging Face's collators),
+        judged on the longest and the shortest training samples collated together: some tensor of two rows
+        as long as the longest. A collate that concatenates samples (``nn.EmbeddingBag``'s flat ids with
+        offsets) does not pad, and padding figures say nothing of it. True where the lengths do not differ."""
+        if self._pads is None:
+            lengths = self.lengths()
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            shortest = min(range(len(lengths)), key=lengths.__getitem__)
+            self._pads = lengths[longest] == lengths[shortest] or any(
+                t.dim() >= 2 and t.shape[0] == 2 and max(t.shape[1:]) >= lengths[longest]
+                for t in tree_leaves(self.collate([self.train_set[longest], self.train_set[shortest]]))
+                if isinstance(t, torch.Tensor))
+        return self._pads
 
     def build_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialised model (seeded, so trials at one seed start alike)."""

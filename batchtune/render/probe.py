@@ -108,9 +108,11 @@ def _bound_text(b: dict[str, Any]) -> str:
 
 def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     """Variable-length data: what the ceiling counts, then the fixed batch against the token budget."""
+    pads = v.get("pads", True)
     worst = (f"the ceiling counts samples of the longest batch: the longest samples ({v['longest']:,} tokens) "
-             f"padded as collated; {v['samples']:,} samples, median {v['median_length']:g} tokens")
-    if v.get("random_longest") is not None:
+             f"{'padded' if pads else 'concatenated'} as collated; {v['samples']:,} samples, median "
+             f"{v['median_length']:g} tokens")
+    if v.get("random_longest") is not None and pads:
         worst += f"; a random batch of the safe size pads to {v['random_longest']:g} (median)"
     rows = [("worst case", worst)]
     fixed, bucketed = v.get("fixed"), v.get("bucketed")
@@ -175,6 +177,7 @@ def render_probe(result: Any, fmt: str = "table", name: str = "") -> str:
         lines += [f"  {k:<{width}}  {v}" for k, v in _probe_summary(result)]
         lines += ["", tabulate(_trial_rows(result), headers=_TRIAL_HEADERS, tablefmt="simple",
                                colalign=("right", "left", "right", "left", "right", "right")), "", totals]
-    lines += [f"note: {n}" for n in result.notes]
+    varlen = getattr(result, "variable_length", None) or {}
+    lines += [f"note: {n}" for n in [*result.notes, *varlen.get("notes", [])]]
     return "\n".join(lines)
 

@@ -56,6 +56,12 @@ def _dynamic_text(r: Any) -> str:
             f"settings simulated over {d['requests']:,} requests in {d['simulation_seconds']:.2f} s)")
 
 
+def _padding_text(x: dict[str, Any]) -> str:
+    if not x.get("pads", True):
+        return "no padding (the collate concatenates requests); in buckets"
+    return f"{x['mixed']['padding']:.0%} padding; in buckets {x['bucketed_padding']:.0%} padding"
+
+
 def _lengths_text(x: dict[str, Any], q: str) -> str:
     head = f"{x['min']}–{x['max']} (median {x['median']:g}; {x['source']})"
     if x.get("note"):
@@ -67,7 +73,7 @@ def _lengths_text(x: dict[str, Any], q: str) -> str:
     worst = x["worst"]
     return (f"{head}; p50/{q} at batch {x['batch_size']} by length bucket (share of requests): {buckets}; worst case "
             f"(the longest) {ms(worst)}{'' if worst['meets_budget'] else ' (over budget)'}; random batches "
-            f"{ms(x['mixed'])}, {x['mixed']['padding']:.0%} padding; in buckets {x['bucketed_padding']:.0%} padding, "
+            f"{ms(x['mixed'])}, {_padding_text(x)}, "
             f"{x['gain']:.2f}× the requests per device-second (median batch time {_ms(x['mixed']['p50_ms'])} → "
             f"{_ms(x['bucketed_p50_ms'])} ms)")
 
