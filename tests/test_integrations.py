@@ -165,6 +165,27 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
     assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
 
 
+@pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])
+def test_the_callbacks_check_a_schedule_file_as_load_does(tmp_path, make):
+    """``schedule=`` takes the same files as BatchSchedule.load, with the same errors: a batch of 0 loaded and
+    a lr of "2e-2" crashed in optimizer.step."""
+    from batchtune.config.spec import SpecError
+
+    path = tmp_path / "schedule.yaml"
+    path.write_text("format: batchtune schedule 1\ntotal_samples: 1000\nstages:\n"
+                    "- {start_samples: 0, batch_size: 0, micro_batch_size: 0, accum_steps: 1, lr: 2e-2}\n")
+    with pytest.raises(SpecError) as caught:
+        make(schedule=str(path))
+    assert str(caught.value).splitlines() == [
+        "invalid batch schedule (2 problems):",
+        f"  {path}:4: stages[0].batch_size: must be positive, got 0",
+        f"  {path}:4: stages[0].micro_batch_size: must be positive, got 0"]
+    path.write_text(path.read_text().replace("size: 0", "size: 8"))
+    made = make(schedule=str(path))
+    watch = made if isinstance(made, NoiseScaleWatch) else made.watch
+    assert watch.schedule.stages[0].lr == 0.02 and watch.schedule.stages[0].batch_size == 8
+
+
 @pytest.mark.parametrize("module,library,extra", [("huggingface", "transformers", "hf"),
                                                   ("lightning", "lightning.pytorch", "lightning")])
 def test_a_missing_library_names_the_extra_to_install(monkeypatch, module, library, extra):

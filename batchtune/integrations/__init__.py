@@ -51,6 +51,9 @@ class NoiseScaleWatch:
         schedule: a :class:`~batchtune.schedule.BatchSchedule` (or its file, from ``batchtune plan
             --schedule-out``): warn when the samples seen pass a stage that grows the batch and
             this run has not grown.
+
+    Raises:
+        SpecError: the schedule file has problems (:meth:`~batchtune.schedule.BatchSchedule.load`).
     """
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
