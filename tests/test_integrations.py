@@ -165,6 +165,72 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
     assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
 
 
+class _Scripted:
+    """A monitor that measures every step and reads the (b_simple, low, high) it is given, in turn."""
+
+    def __init__(self, *readings: tuple[float, float, float]) -> None:
+        self.readings = list(readings)
+        self.measured_steps = 0
+
+    def step(self) -> None:
+        self.measured_steps += 1
+
+    def reading(self):
+        from batchtune.stats.noise import NoiseScaleEstimate
+
+        b, low, high = self.readings[min(self.measured_steps, len(self.readings)) - 1]
+        return NoiseScaleEstimate(b, low, high, 1.0, b, self.measured_steps, True)
+
+    def close(self) -> None:
+        pass
+
+
+def _watch_logs(watch: NoiseScaleWatch, steps: int) -> list[str]:
+    records, log = _Records(), logging.getLogger("batchtune.integrations")
+    log.addHandler(records)
+    try:
+        for step in range(1, steps + 1):
+            watch.step(step)
+    finally:
+        log.removeHandler(records)
+    return records.messages
+
+
+@pytest.mark.parametrize("b_simple,low,high,warns", [
+    (42.79, 22.69, 166.3, False),  # an outside user's batch 64: 50% above, inside the band, and it warned
+    (55.0, 45.0, 60.0, False),     # above the band but only 16% above the estimate
+    (42.79, 30.0, 50.0, True),     # 50% above and above the band
+    (53.0, 40.0, 64.0, False),     # 21% above; the band reaches the batch
+])
+def test_the_batch_warning_needs_the_batch_clearly_above_the_estimate(b_simple, low, high, warns):
+    watch = NoiseScaleWatch(warn_after=1, warn_every=100)
+    watch.monitor, watch.batch_size = _Scripted((b_simple, low, high)), 64
+    messages = _watch_logs(watch, 3)
+    assert watch.warnings == ([1] if warns else []) and len(messages) == len(watch.warnings)
+    if warns:
+        assert messages == ["step 1: batch 64 is 50% above the noise scale B_simple=42.79 and above its 90% band "
+                            "(30-50), the critical-batch estimate; a smaller batch would likely reach the loss in "
+                            "fewer samples"]
+
+
+def test_while_the_schedule_says_grow_the_watch_never_says_shrink(tmp_path):
+    """An outside run at 8 whose schedule grows to 16 at sample 200 was told at step 25 to grow to 16 and at
+    step 26 that 8 was too big; the schedule the user chose governs, and its warning says so."""
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.003), ScheduleStage(200, 16, 8, 2, 0.0042)], 2000)
+    watch = NoiseScaleWatch(warn_after=1, warn_every=10, schedule=schedule)
+    watch.monitor, watch.batch_size = _Scripted((5.0, 4.0, 6.0)), 8  # 60% above the estimate, above its band
+    messages = _watch_logs(watch, 48)
+    assert watch.warnings == [1, 11, 21]  # before sample 200 the schedule holds 8: the estimate may speak
+    assert watch.grow_warnings == [25, 35, 45]  # from the step after sample 200 on, only the schedule does
+    assert messages[3] == ("step 25: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
+                           "from sample 200; this run is still at 8 after 200 samples; the noise scale B_simple=5 "
+                           "(90% band 4-6) is below this batch, but the schedule you chose governs: no "
+                           "smaller-batch warning while it says to grow")
+    assert len(messages) == 6 and not any("above the noise scale" in m for m in messages[3:])
+
+
 @pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])
 def test_the_callbacks_check_a_schedule_file_as_load_does(tmp_path, make):
     """``schedule=`` takes the same files as BatchSchedule.load, with the same errors: a batch of 0 loaded and
