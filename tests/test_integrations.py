@@ -111,6 +111,27 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
     assert "noise_scale/high" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
 
 
+def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
+    """``DataLoader(batch_sampler=BatchSampler(..., 8, ...))`` has batch_size None: the callback raised "cannot
+    read the train DataLoader's batch_size" although the batch sampler has it."""
+    data = _regression_loader().dataset
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), 8, drop_last=True)
+    callback = PLCallback(every=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=sampler))
+    assert callback.watch.batch_size == 16 and callback.watch.monitor.batch_sizes == (8, 16)
+    assert callback.history and callback.history[-1]["measured_steps"] == 4
+
+    varying = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # no batch_size anywhere: it must be given
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[PLCallback(every=1)])
+    with pytest.raises(ValueError, match=r"the train DataLoader has no batch_size, nor has its batch_sampler "
+                                         r"\(one whose batches vary has none\); pass micro_batch_size="):
+        trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=varying))
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
