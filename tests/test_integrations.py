@@ -114,6 +114,7 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
 def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
     """``DataLoader(batch_sampler=BatchSampler(..., 8, ...))`` has batch_size None: the callback raised "cannot
     read the train DataLoader's batch_size" although the batch sampler has it."""
+    torch.manual_seed(0)
     data = _regression_loader().dataset
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), 8, drop_last=True)
     callback = PLCallback(every=1)
@@ -122,7 +123,7 @@ def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
                          callbacks=[callback])
     trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=sampler))
     assert callback.watch.batch_size == 16 and callback.watch.monitor.batch_sizes == (8, 16)
-    assert callback.history and callback.history[-1]["measured_steps"] == 4
+    assert callback.watch.monitor.measured_steps == 4 and all(h["batch_size"] == 16 for h in callback.history)
 
     varying = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # no batch_size anywhere: it must be given
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
@@ -142,6 +143,7 @@ class _Records(logging.Handler):
 
 
 def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     watch = NoiseScaleWatch(every=1, warn_after=2, warn_every=5)
     watch.start(model, micro_batch_size=64, accum_steps=2, world_size=1)
