@@ -64,6 +64,7 @@ from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, Nois
 __all__ = ["MODULE_EVERY", "NoiseScaleMonitor"]
 
 MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
+SKIP_WARN_EVERY = 100  # while measured steps are skipped for one reason, warn again every this many
 
 
 class Ranks(Protocol):
@@ -101,8 +102,11 @@ class NoiseScaleMonitor:
       (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
       sequences). B_simple is then that of those layers' parameters (exact for a model of
       Linear layers); ``max_examples`` caps the examples per measured step whose norms are
-      computed (the batch gradient always uses them all). Each such layer must run once
-      per forward pass (a layer applied twice would need cross terms; the step is skipped).
+      computed (the batch gradient always uses them all). A layer's examples lie on its input's one axis of ``micro_batch_size`` (dim 1
+      for a time-first ``(T, B, C)``); a layer with none, or several (T == B), is left out with
+      a warning. Each such layer must run once per step (a layer applied twice would need
+      cross terms; the step is skipped, with a warning repeated every
+      :data:`SKIP_WARN_EVERY` skipped steps).
 
     Args:
         params: the parameters whose gradients are measured (``model.parameters()``), or
@@ -280,8 +284,10 @@ class _AutoMeasure:
         self.world_size = _world_size() if world_size is None else world_size
         self.per_example = accum_steps == 1 and self.world_size == 1
         self.max_examples = max_examples
+        self.micro_batch_size = micro_batch_size
         self._armed: _PassNorms | _PerExampleNorms | None = None
-        self._warned = False
+        self._skipped: dict[str, int] = {}  # measured steps skipped, by why
+        self._left_out: set[str] = set()  # layers already said to be left out
         if self.per_example:
             if micro_batch_size < 2:
                 raise ValueError(f"per-example norms need at least 2 examples; found {micro_batch_size=}")
@@ -290,6 +296,8 @@ class _AutoMeasure:
                 raise ValueError("one backward pass per step on one process measures per-example norms of "
                                  "nn.Linear layers, and this model has none whose parameters are its own; "
                                  "use accum_steps >= 2")
+            wanted = {id(m) for m in self.layers}
+            self.names = {m: name or type(m).__name__ for name, m in model.named_modules() if id(m) in wanted}
             self.batch_sizes = (1, micro_batch_size)
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
@@ -298,8 +306,8 @@ class _AutoMeasure:
     def arm_if(self, due: bool) -> None:
         """Register the hooks for the coming step when it is to be measured."""
         if due and self._armed is None:
-            self._armed = (_PerExampleNorms(self.layers, self.max_examples) if self.per_example
-                           else _PassNorms(self.params))
+            self._armed = (_PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
+                           if self.per_example else _PassNorms(self.params))
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -312,9 +320,11 @@ class _AutoMeasure:
         if armed is None:
             return None
         armed.remove()
+        if isinstance(armed, _PerExampleNorms):
+            self._warn_left_out(armed.left_out)
         problem = armed.problem(self.accum_steps)
         if problem is not None:
-            self._warn_once(problem)
+            self._warn_skipped(problem)
             return None
         m2 = grad_multiplier * grad_multiplier
         if isinstance(armed, _PerExampleNorms):
@@ -326,11 +336,25 @@ class _AutoMeasure:
         big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(self.params)
         return small * m2, big * m2, self.batch_sizes
 
-    def _warn_once(self, problem: str) -> None:
-        if not self._warned:
-            warnings.warn(f"noise scale: a measured step was skipped: {problem} (warned once)",
-                          RuntimeWarning, stacklevel=4)
-            self._warned = True
+    def _warn_skipped(self, problem: str) -> None:
+        """Warn on the first skipped step, then every SKIP_WARN_EVERY-th while it persists (not every step)."""
+        n = self._skipped[problem] = self._skipped.get(problem, 0) + 1
+        if n == 1 or n % SKIP_WARN_EVERY == 0:
+            warnings.warn(f"noise scale: a measured step was skipped: {problem} ({n} measured step"
+                          f"{'s' if n > 1 else ''} skipped for this so far; warned again every {SKIP_WARN_EVERY})",
+                          RuntimeWarning, stacklevel=5)
+
+    def _warn_left_out(self, left_out: dict[str, str]) -> None:
+        """Say once for each layer that the per-example norms leave it out, and why."""
+        new = {name: why for name, why in left_out.items() if name not in self._left_out}
+        if new:
+            self._left_out |= set(new)
+            listed = "; ".join(f"{name}: {why}" for name, why in list(new.items())[:5])
+            more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
+            warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
+                          f"(warned once per layer): {listed}{more}; the reading covers the other layers, "
+                          "or use accum_steps >= 2, which needs no example axis",
+                          RuntimeWarning, stacklevel=5)
 
 
 class _PassNorms:
@@ -381,18 +405,30 @@ class _PerExampleNorms:
     gradient ``δ_nᵀa_n``; its squared norm needs no per-example gradient in memory.
     ``.grad`` is the sum of the per-example contributions whatever the loss's reduction, so
     ``N²·mean_n |c_n|²`` against ``|.grad|²`` are the norms at batch sizes 1 and N.
+
+    The examples lie on the input's one axis of the micro-batch's size: dim 0 for ``(B, C)`` and
+    ``(B, T, C)``, dim 1 for the time-first ``(T, B, C)`` of ``batch_first=False`` layers. A layer
+    whose input has no such axis, or several (T == B), is left out (:attr:`left_out` says why):
+    reading it on the wrong axis would give a wrong number (B_simple near 1).
     """
 
-    def __init__(self, layers: list[torch.nn.Linear], max_examples: int | None) -> None:
+    def __init__(self, layers: list[torch.nn.Linear], max_examples: int | None, micro_batch_size: int,
+                 names: dict[torch.nn.Module, str] | None = None) -> None:
         self.layers = layers
         self.max_examples = max_examples
+        self.micro_batch_size = micro_batch_size
+        self.names = names or {}
+        self.left_out: dict[str, str] = {}  # layer name: why its examples could not be told apart
+        self._unread: set[torch.nn.Linear] = set()
         self._calls: dict[torch.nn.Linear, int] = {}
         self._per_example: dict[torch.nn.Linear, torch.Tensor] = {}
-        self._batch: set[int] = set()
         self._accumulated: dict[torch.nn.Parameter, torch.Tensor] = {}  # |.grad|² before any clipping
         self._handles = [layer.register_forward_hook(self._forward) for layer in layers]
         self._handles += [p.register_post_accumulate_grad_hook(self._after) for layer in layers
                           for p in layer.parameters() if p.requires_grad]
+
+    def _name(self, module: torch.nn.Module) -> str:
+        return self.names.get(module, type(module).__name__)
 
     def _after(self, param: torch.nn.Parameter) -> None:
         self._accumulated[param] = _sq_norm(param.grad)
@@ -402,29 +438,39 @@ class _PerExampleNorms:
             return
         self._calls[module] = self._calls.get(module, 0) + 1
         a, has_bias = inputs[0].detach(), module.bias is not None and module.bias.requires_grad
-        self._batch.add(a.shape[0] if a.dim() > 1 else 1)
+        axis, why = _example_axis(tuple(a.shape), self.micro_batch_size)
+        if axis is None:
+            self.left_out[self._name(module)] = why
+            self._unread.add(module)
+            return
 
         def record(grad: torch.Tensor) -> None:
-            self._per_example[module] = _linear_per_example_sq_norms(a, grad, has_bias, self.max_examples)
+            self._per_example[module] = _linear_per_example_sq_norms(a.movedim(axis, 0), grad.movedim(axis, 0),
+                                                                     has_bias, self.max_examples)
         output.register_hook(record)
 
     def problem(self, accum_steps: int) -> str | None:
-        """Why the step cannot be read: a layer run twice, no layer run, or mixed batch sizes.
+        """Why the step cannot be read: a layer run twice, or no layer read.
 
         Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
-        the attention uses directly) are left out of both norms.
+        the attention uses directly) are left out of both norms, as are those in :attr:`left_out`.
         """
-        twice = [type(m).__name__ for m, calls in self._calls.items() if calls > 1]
+        twice = [self._name(m) for m, calls in self._calls.items() if calls > 1]
         if twice:
-            return f"nn.Linear layers run more than once in a step ({', '.join(twice)})"
-        if not self._per_example or set(self._per_example) != set(self._calls):
+            return (f"{', '.join(twice)} ran forward more than once with grad enabled in the step, where one micro-"
+                    "batch per step needs one forward and one backward: backward passes accumulated but not "
+                    "declared (give accum_steps= the passes per optimizer step), a forward with grad enabled "
+                    "outside the step (e.g. validation without torch.no_grad()), or a layer applied twice in the "
+                    "model")
+        ran = [m for m in self._calls if m not in self._unread]
+        if not self._per_example and self.left_out:
+            return "no nn.Linear layer's examples could be told apart (see the warning on the layers left out)"
+        if not self._per_example or set(self._per_example) != set(ran):
             return "no nn.Linear layer ran forward and backward in the step"
-        if len(self._batch) != 1 or min(self._batch) < 2:
-            return f"inconsistent or single-example batches {sorted(self._batch)}"
         return None
 
     def small_and_big(self) -> tuple[float, float, int]:
-        (batch,) = self._batch
+        batch = self.micro_batch_size
         per_example = torch.stack(list(self._per_example.values())).sum(0)
         small = float(per_example.mean()) * batch * batch
         params = [p for layer in self._per_example for p in layer.parameters() if p.requires_grad]
@@ -435,6 +481,19 @@ class _PerExampleNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | None, str]:
+    """The input's example axis, the one axis but the last (the features) of the micro-batch's size;
+    else None and why."""
+    matches = [d for d in range(len(shape) - 1) if shape[d] == micro_batch_size]
+    if len(matches) == 1:
+        return matches[0], ""
+    if matches:
+        return None, (f"axes {', '.join(map(str, matches))} of its input {list(shape)} all have the micro-batch size "
+                      f"{micro_batch_size}, so which one holds the examples is ambiguous")
+    return None, (f"no axis of its input {list(shape)} has the micro-batch size {micro_batch_size} (examples "
+                  "flattened with another axis, or a smaller last batch)")
 
 
 def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,
