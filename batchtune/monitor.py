@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -61,10 +62,23 @@ import torch
 from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
                                    noise_batch_sizes, unbiased_estimates)
 
-__all__ = ["MODULE_EVERY", "NoiseScaleMonitor"]
+__all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
 MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
 SKIP_WARN_EVERY = 100  # while measured steps are skipped for one reason, warn again every this many
+LOW_COVERAGE = 0.5  # warn when the per-example path measures less than this share of the parameters
+
+
+@dataclass(frozen=True)
+class MonitorReading(NoiseScaleEstimate):
+    """A :class:`~batchtune.stats.noise.NoiseScaleEstimate` with the share of the model it measures.
+
+    Attributes:
+        coverage: share of the model's trainable parameters (by count) whose gradients the
+            reading measures (:attr:`NoiseScaleMonitor.coverage`); below 1, B_simple is theirs.
+    """
+
+    coverage: float = 1.0
 
 
 class Ranks(Protocol):
@@ -101,8 +115,9 @@ class NoiseScaleMonitor:
       gradient norms
       (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
       sequences). B_simple is then that of those layers' parameters (exact for a model of
-      Linear layers); ``max_examples`` caps the examples per measured step whose norms are
-      computed (the batch gradient always uses them all). A layer's examples lie on its input's one axis of ``micro_batch_size`` (dim 1
+      Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
+      the examples per measured step whose norms are computed (the batch gradient always uses
+      them all). A layer's examples lie on its input's one axis of ``micro_batch_size`` (dim 1
       for a time-first ``(T, B, C)``); a layer with none, or several (T == B), is left out with
       a warning. Each such layer must run once per step (a layer applied twice would need
       cross terms; the step is skipped, with a warning repeated every
@@ -240,14 +255,23 @@ class NoiseScaleMonitor:
         self.steps_seen += 1
         self._auto.arm_if(self.due(self.steps_seen))
 
-    def reading(self) -> NoiseScaleEstimate:
+    def reading(self) -> MonitorReading:
         """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step).
 
         ``steps`` counts the measured steps folded in; the EMA weighs the last
         ``~1 / (1 - ema_decay)`` of them, i.e. about ``every / (1 - ema_decay)`` optimizer
-        steps (:attr:`steps_seen` counts those for a monitor given a module).
+        steps (:attr:`steps_seen` counts those for a monitor given a module). ``coverage`` is
+        the share of the model's trainable parameters the reading measures.
         """
-        return self.estimator.estimate()
+        estimate = self.estimator.estimate()
+        return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)}, coverage=self.coverage)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the trainable parameters (by count) whose gradients the last measured step read:
+        1.0 but for one micro-batch per step on one process, whose per-example norms cover the
+        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms."""
+        return self._auto.coverage if self._auto is not None else 1.0
 
     def close(self) -> None:
         """Remove the hooks (after an interrupted step too); idempotent.
@@ -288,6 +312,7 @@ class _AutoMeasure:
         self._armed: _PassNorms | _PerExampleNorms | None = None
         self._skipped: dict[str, int] = {}  # measured steps skipped, by why
         self._left_out: set[str] = set()  # layers already said to be left out
+        self.coverage = 1.0
         if self.per_example:
             if micro_batch_size < 2:
                 raise ValueError(f"per-example norms need at least 2 examples; found {micro_batch_size=}")
@@ -298,6 +323,9 @@ class _AutoMeasure:
                                  "use accum_steps >= 2")
             wanted = {id(m) for m in self.layers}
             self.names = {m: name or type(m).__name__ for name, m in model.named_modules() if id(m) in wanted}
+            self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.coverage = _numel(self.layers) / self.model_numel
+            self._warn_coverage()
             self.batch_sizes = (1, micro_batch_size)
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
@@ -329,6 +357,7 @@ class _AutoMeasure:
         m2 = grad_multiplier * grad_multiplier
         if isinstance(armed, _PerExampleNorms):
             small, big, batch = armed.small_and_big()
+            self.coverage = _numel(list(armed.read)) / self.model_numel
             return small * m2, big * m2, (1, batch)
         small = armed.total() / self.accum_steps * self.accum_steps**2  # each pass's loss was / accum_steps
         # one process: .grad as the last backward left it, so clipping before step() does no harm;
@@ -352,9 +381,20 @@ class _AutoMeasure:
             listed = "; ".join(f"{name}: {why}" for name, why in list(new.items())[:5])
             more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
             warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
-                          f"(warned once per layer): {listed}{more}; the reading covers the other layers, "
-                          "or use accum_steps >= 2, which needs no example axis",
+                          f"(warned once per layer): {listed}{more}; the reading covers the other layers "
+                          "(reading().coverage), or use accum_steps >= 2, which needs no example axis",
                           RuntimeWarning, stacklevel=5)
+
+    def _warn_coverage(self) -> None:
+        if self.coverage < LOW_COVERAGE:
+            warnings.warn(f"noise scale: one micro-batch per step on one process measures per-example norms of the "
+                          f"nn.Linear layers only, {self.coverage:.0%} of the model's trainable parameters: B_simple "
+                          "is theirs (reading().coverage); accum_steps >= 2 measures them all", RuntimeWarning,
+                          stacklevel=4)
+
+
+def _numel(layers: list[torch.nn.Module]) -> int:
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
 
 
 class _PassNorms:
@@ -426,6 +466,11 @@ class _PerExampleNorms:
         self._handles = [layer.register_forward_hook(self._forward) for layer in layers]
         self._handles += [p.register_post_accumulate_grad_hook(self._after) for layer in layers
                           for p in layer.parameters() if p.requires_grad]
+
+    @property
+    def read(self) -> list[torch.nn.Linear]:
+        """The layers whose per-example norms the step gave."""
+        return list(self._per_example)
 
     def _name(self, module: torch.nn.Module) -> str:
         return self.names.get(module, type(module).__name__)

@@ -49,6 +49,8 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
     steps = [h["step"] for h in callback.history]  # at 4 examples a step's |G|² average can be <= 0
     assert steps == [1, 2, 3, 4, 5, 6] if accum == 2 else set(steps) <= {1, 2, 3, 4, 5, 6} and 6 in steps
     assert callback.history[-1]["batch_size"] == 4 * accum and callback.history[-1]["measured_steps"] == 6
+    # one micro-batch: the Conv1D layers' 12,576 of 15,840 parameters (not the tied embedding, positions, norms)
+    assert callback.history[-1]["coverage"] == (1.0 if accum == 2 else pytest.approx(12576 / 15840))
     assert not model.transformer.wte.weight._backward_hooks  # hooks gone after training
 
 
@@ -199,10 +201,10 @@ class _Scripted:
         self.measured_steps += 1
 
     def reading(self):
-        from batchtune.stats.noise import NoiseScaleEstimate
+        from batchtune.monitor import MonitorReading
 
         b, low, high = self.readings[min(self.measured_steps, len(self.readings)) - 1]
-        return NoiseScaleEstimate(b, low, high, 1.0, b, self.measured_steps, True)
+        return MonitorReading(b, low, high, 1.0, b, self.measured_steps, True)
 
     def close(self) -> None:
         pass

@@ -310,6 +310,7 @@ def test_a_time_first_layout_is_read_on_the_axis_of_the_micro_batch():
         time_first, batch_first = _layout_reading(True).reading(), _layout_reading(False).reading()
     assert time_first.b_simple == pytest.approx(batch_first.b_simple, rel=1e-6)
     assert 40 < time_first.b_simple < 60 and time_first.low > 30  # not the 1.04 that dim 0 gave
+    assert time_first.coverage == 1.0
 
 
 def test_an_ambiguous_example_axis_leaves_the_layer_out_with_one_warning():
@@ -322,7 +323,8 @@ def test_an_ambiguous_example_axis_leaves_the_layer_out_with_one_warning():
                         "once per layer): l1: axes 0, 1 of its input [12, 12, 4] all have the micro-batch size 12, "
                         "so which one holds the examples is ambiguous; l2: axes 0, 1 of its input [12, 12, 16] all "
                         "have the micro-batch size 12, so which one holds the examples is ambiguous; the reading "
-                        "covers the other layers, or use accum_steps >= 2, which needs no example axis"]
+                        "covers the other layers (reading().coverage), or use accum_steps >= 2, which needs no "
+                        "example axis"]
     skipped = [m for m in messages if "skipped" in m]
     assert len(skipped) == 1 and "no nn.Linear layer's examples could be told apart" in skipped[0]
     assert monitor.measured_steps == 0 and monitor.reading().b_simple is None
@@ -340,7 +342,7 @@ class _FlatThenHead(torch.nn.Module):
         return self.head(torch.tanh(self.proj(x.reshape(b * t, c))).reshape(b, t, -1).mean(1))
 
 
-def test_a_layer_left_out_leaves_the_others_measured():
+def test_a_layer_left_out_leaves_the_others_measured_and_the_coverage_says_so():
     torch.manual_seed(0)
     model = _FlatThenHead()
     monitor = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=1, every=1)
@@ -350,7 +352,24 @@ def test_a_layer_left_out_leaves_the_others_measured():
             torch.nn.functional.mse_loss(model(x), x.sum((1, 2))[:, None]).backward()
             monitor.step()
             model.zero_grad(set_to_none=True)
-    assert monitor.measured_steps == 3 and monitor.reading().b_simple is not None
+    assert monitor.measured_steps == 3
+    assert monitor.reading().coverage == pytest.approx(9 / (40 + 9))  # the head's 8 + 1 of 49 parameters
+
+
+def test_a_cnns_reading_says_it_covers_only_its_linear_layers():
+    """The per-example path sees nn.Linear layers only: a CNN's convolutions are not in its reading."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 5, padding=2), torch.nn.ReLU(),
+                                torch.nn.Conv1d(32, 32, 5, padding=2), torch.nn.AdaptiveMaxPool1d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 4))
+    with pytest.warns(RuntimeWarning, match=r"nn.Linear layers only, 2% of the model's trainable parameters"):
+        monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=1, every=1)
+    x, y = torch.randn(8, 4, 16), torch.randint(0, 4, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    monitor.step()
+    share = (32 * 4 + 4) / (4 * 32 * 5 + 32 + 32 * 32 * 5 + 32 + 32 * 4 + 4)  # 132 of 5,956
+    assert monitor.measured_steps == 1 and monitor.reading().coverage == pytest.approx(share)
+    assert NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=2).reading().coverage == 1.0
 
 
 @pytest.mark.parametrize("misuse", ["undeclared_accumulation", "validation_with_grad"])

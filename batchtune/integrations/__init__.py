@@ -111,7 +111,8 @@ class NoiseScaleWatch:
         if self.monitor.measured_steps == measured or reading.b_simple is None:
             return None
         entry = {"step": global_step, "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
-                 "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable}
+                 "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable,
+                 "coverage": reading.coverage}
         self.history.append(entry)
         if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
             self._maybe_warn(entry)

@@ -42,7 +42,8 @@ class NoiseScaleCallback(_pl.Callback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``."""
+        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``,
+        ``reliable``, ``coverage`` (the share of the parameters measured)."""
         return self.watch.history
 
     def on_train_start(self, trainer, pl_module):
