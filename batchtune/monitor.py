@@ -348,9 +348,9 @@ class _AutoMeasure:
         if armed is None:
             return None
         armed.remove()
-        if isinstance(armed, _PerExampleNorms):
-            self._warn_left_out(armed.left_out)
         problem = armed.problem(self.accum_steps)
+        if isinstance(armed, _PerExampleNorms) and not armed.ran_twice:  # else the other run's shapes may be
+            self._warn_left_out(armed.left_out)                          # another batch's (a validation's)
         if problem is not None:
             self._warn_skipped(problem)
             return None
@@ -378,7 +378,7 @@ class _AutoMeasure:
         new = {name: why for name, why in left_out.items() if name not in self._left_out}
         if new:
             self._left_out |= set(new)
-            listed = "; ".join(f"{name}: {why}" for name, why in list(new.items())[:5])
+            listed = "; ".join(f"{name!r}: {why}" for name, why in list(new.items())[:5])
             more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
             warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
                           f"(warned once per layer): {listed}{more}; the reading covers the other layers "
@@ -472,6 +472,11 @@ class _PerExampleNorms:
         """The layers whose per-example norms the step gave."""
         return list(self._per_example)
 
+    @property
+    def ran_twice(self) -> list[str]:
+        """The layers that ran forward with grad enabled more than once in the step."""
+        return [self._name(m) for m, calls in self._calls.items() if calls > 1]
+
     def _name(self, module: torch.nn.Module) -> str:
         return self.names.get(module, type(module).__name__)
 
@@ -500,13 +505,12 @@ class _PerExampleNorms:
         Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
         the attention uses directly) are left out of both norms, as are those in :attr:`left_out`.
         """
-        twice = [self._name(m) for m, calls in self._calls.items() if calls > 1]
-        if twice:
-            return (f"{', '.join(twice)} ran forward more than once with grad enabled in the step, where one micro-"
-                    "batch per step needs one forward and one backward: backward passes accumulated but not "
-                    "declared (give accum_steps= the passes per optimizer step), a forward with grad enabled "
-                    "outside the step (e.g. validation without torch.no_grad()), or a layer applied twice in the "
-                    "model")
+        if self.ran_twice:
+            layers = f"layer{'s' if len(self.ran_twice) > 1 else ''} {', '.join(map(repr, self.ran_twice))}"
+            return (f"{layers} ran forward more than once with grad enabled in the step, where one micro-batch per "
+                    "step needs one forward and one backward: backward passes accumulated but not declared (give "
+                    "accum_steps= the passes per optimizer step), a forward with grad enabled outside the step "
+                    "(e.g. validation without torch.no_grad()), or a layer applied twice in the model")
         ran = [m for m in self._calls if m not in self._unread]
         if not self._per_example and self.left_out:
             return "no nn.Linear layer's examples could be told apart (see the warning on the layers left out)"
