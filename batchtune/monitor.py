@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -61,9 +62,23 @@ import torch
 from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
                                    noise_batch_sizes, unbiased_estimates)
 
-__all__ = ["MODULE_EVERY", "NoiseScaleMonitor"]
+__all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
 MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
+SKIP_WARN_EVERY = 100  # while measured steps are skipped for one reason, warn again every this many
+LOW_COVERAGE = 0.5  # warn when the per-example path measures less than this share of the parameters
+
+
+@dataclass(frozen=True)
+class MonitorReading(NoiseScaleEstimate):
+    """A :class:`~batchtune.stats.noise.NoiseScaleEstimate` with the share of the model it measures.
+
+    Attributes:
+        coverage: share of the model's trainable parameters (by count) whose gradients the
+            reading measures (:attr:`NoiseScaleMonitor.coverage`); below 1, B_simple is theirs.
+    """
+
+    coverage: float = 1.0
 
 
 class Ranks(Protocol):
@@ -100,9 +115,13 @@ class NoiseScaleMonitor:
       gradient norms
       (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
       sequences). B_simple is then that of those layers' parameters (exact for a model of
-      Linear layers); ``max_examples`` caps the examples per measured step whose norms are
-      computed (the batch gradient always uses them all). Each such layer must run once
-      per forward pass (a layer applied twice would need cross terms; the step is skipped).
+      Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
+      the examples per measured step whose norms are computed (the batch gradient always uses
+      them all). A layer's examples lie on its input's one axis of ``micro_batch_size`` (dim 1
+      for a time-first ``(T, B, C)``); a layer with none, or several (T == B), is left out with
+      a warning. Each such layer must run once per step (a layer applied twice would need
+      cross terms; the step is skipped, with a warning repeated every
+      :data:`SKIP_WARN_EVERY` skipped steps).
 
     Args:
         params: the parameters whose gradients are measured (``model.parameters()``), or
@@ -236,14 +255,23 @@ class NoiseScaleMonitor:
         self.steps_seen += 1
         self._auto.arm_if(self.due(self.steps_seen))
 
-    def reading(self) -> NoiseScaleEstimate:
+    def reading(self) -> MonitorReading:
         """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step).
 
         ``steps`` counts the measured steps folded in; the EMA weighs the last
         ``~1 / (1 - ema_decay)`` of them, i.e. about ``every / (1 - ema_decay)`` optimizer
-        steps (:attr:`steps_seen` counts those for a monitor given a module).
+        steps (:attr:`steps_seen` counts those for a monitor given a module). ``coverage`` is
+        the share of the model's trainable parameters the reading measures.
         """
-        return self.estimator.estimate()
+        estimate = self.estimator.estimate()
+        return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)}, coverage=self.coverage)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the trainable parameters (by count) whose gradients the last measured step read:
+        1.0 but for one micro-batch per step on one process, whose per-example norms cover the
+        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms."""
+        return self._auto.coverage if self._auto is not None else 1.0
 
     def close(self) -> None:
         """Remove the hooks (after an interrupted step too); idempotent.
@@ -280,8 +308,11 @@ class _AutoMeasure:
         self.world_size = _world_size() if world_size is None else world_size
         self.per_example = accum_steps == 1 and self.world_size == 1
         self.max_examples = max_examples
+        self.micro_batch_size = micro_batch_size
         self._armed: _PassNorms | _PerExampleNorms | None = None
-        self._warned = False
+        self._skipped: dict[str, int] = {}  # measured steps skipped, by why
+        self._left_out: set[str] = set()  # layers already said to be left out
+        self.coverage = 1.0
         if self.per_example:
             if micro_batch_size < 2:
                 raise ValueError(f"per-example norms need at least 2 examples; found {micro_batch_size=}")
@@ -290,6 +321,11 @@ class _AutoMeasure:
                 raise ValueError("one backward pass per step on one process measures per-example norms of "
                                  "nn.Linear layers, and this model has none whose parameters are its own; "
                                  "use accum_steps >= 2")
+            wanted = {id(m) for m in self.layers}
+            self.names = {m: name or type(m).__name__ for name, m in model.named_modules() if id(m) in wanted}
+            self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.coverage = _numel(self.layers) / self.model_numel
+            self._warn_coverage()
             self.batch_sizes = (1, micro_batch_size)
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
@@ -298,8 +334,8 @@ class _AutoMeasure:
     def arm_if(self, due: bool) -> None:
         """Register the hooks for the coming step when it is to be measured."""
         if due and self._armed is None:
-            self._armed = (_PerExampleNorms(self.layers, self.max_examples) if self.per_example
-                           else _PassNorms(self.params))
+            self._armed = (_PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
+                           if self.per_example else _PassNorms(self.params))
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -313,12 +349,15 @@ class _AutoMeasure:
             return None
         armed.remove()
         problem = armed.problem(self.accum_steps)
+        if isinstance(armed, _PerExampleNorms) and not armed.ran_twice:  # else the other run's shapes may be
+            self._warn_left_out(armed.left_out)                          # another batch's (a validation's)
         if problem is not None:
-            self._warn_once(problem)
+            self._warn_skipped(problem)
             return None
         m2 = grad_multiplier * grad_multiplier
         if isinstance(armed, _PerExampleNorms):
             small, big, batch = armed.small_and_big()
+            self.coverage = _numel(list(armed.read)) / self.model_numel
             return small * m2, big * m2, (1, batch)
         small = armed.total() / self.accum_steps * self.accum_steps**2  # each pass's loss was / accum_steps
         # one process: .grad as the last backward left it, so clipping before step() does no harm;
@@ -326,11 +365,36 @@ class _AutoMeasure:
         big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(self.params)
         return small * m2, big * m2, self.batch_sizes
 
-    def _warn_once(self, problem: str) -> None:
-        if not self._warned:
-            warnings.warn(f"noise scale: a measured step was skipped: {problem} (warned once)",
-                          RuntimeWarning, stacklevel=4)
-            self._warned = True
+    def _warn_skipped(self, problem: str) -> None:
+        """Warn on the first skipped step, then every SKIP_WARN_EVERY-th while it persists (not every step)."""
+        n = self._skipped[problem] = self._skipped.get(problem, 0) + 1
+        if n == 1 or n % SKIP_WARN_EVERY == 0:
+            warnings.warn(f"noise scale: a measured step was skipped: {problem} ({n} measured step"
+                          f"{'s' if n > 1 else ''} skipped for this so far; warned again every {SKIP_WARN_EVERY})",
+                          RuntimeWarning, stacklevel=5)
+
+    def _warn_left_out(self, left_out: dict[str, str]) -> None:
+        """Say once for each layer that the per-example norms leave it out, and why."""
+        new = {name: why for name, why in left_out.items() if name not in self._left_out}
+        if new:
+            self._left_out |= set(new)
+            listed = "; ".join(f"{name!r}: {why}" for name, why in list(new.items())[:5])
+            more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
+            warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
+                          f"(warned once per layer): {listed}{more}; the reading covers the other layers "
+                          "(reading().coverage), or use accum_steps >= 2, which needs no example axis",
+                          RuntimeWarning, stacklevel=5)
+
+    def _warn_coverage(self) -> None:
+        if self.coverage < LOW_COVERAGE:
+            warnings.warn(f"noise scale: one micro-batch per step on one process measures per-example norms of the "
+                          f"nn.Linear layers only, {self.coverage:.0%} of the model's trainable parameters: B_simple "
+                          "is theirs (reading().coverage); accum_steps >= 2 measures them all", RuntimeWarning,
+                          stacklevel=4)
+
+
+def _numel(layers: list[torch.nn.Module]) -> int:
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
 
 
 class _PassNorms:
@@ -381,18 +445,40 @@ class _PerExampleNorms:
     gradient ``δ_nᵀa_n``; its squared norm needs no per-example gradient in memory.
     ``.grad`` is the sum of the per-example contributions whatever the loss's reduction, so
     ``N²·mean_n |c_n|²`` against ``|.grad|²`` are the norms at batch sizes 1 and N.
+
+    The examples lie on the input's one axis of the micro-batch's size: dim 0 for ``(B, C)`` and
+    ``(B, T, C)``, dim 1 for the time-first ``(T, B, C)`` of ``batch_first=False`` layers. A layer
+    whose input has no such axis, or several (T == B), is left out (:attr:`left_out` says why):
+    reading it on the wrong axis would give a wrong number (B_simple near 1).
     """
 
-    def __init__(self, layers: list[torch.nn.Linear], max_examples: int | None) -> None:
+    def __init__(self, layers: list[torch.nn.Linear], max_examples: int | None, micro_batch_size: int,
+                 names: dict[torch.nn.Module, str] | None = None) -> None:
         self.layers = layers
         self.max_examples = max_examples
+        self.micro_batch_size = micro_batch_size
+        self.names = names or {}
+        self.left_out: dict[str, str] = {}  # layer name: why its examples could not be told apart
+        self._unread: set[torch.nn.Linear] = set()
         self._calls: dict[torch.nn.Linear, int] = {}
         self._per_example: dict[torch.nn.Linear, torch.Tensor] = {}
-        self._batch: set[int] = set()
         self._accumulated: dict[torch.nn.Parameter, torch.Tensor] = {}  # |.grad|² before any clipping
         self._handles = [layer.register_forward_hook(self._forward) for layer in layers]
         self._handles += [p.register_post_accumulate_grad_hook(self._after) for layer in layers
                           for p in layer.parameters() if p.requires_grad]
+
+    @property
+    def read(self) -> list[torch.nn.Linear]:
+        """The layers whose per-example norms the step gave."""
+        return list(self._per_example)
+
+    @property
+    def ran_twice(self) -> list[str]:
+        """The layers that ran forward with grad enabled more than once in the step."""
+        return [self._name(m) for m, calls in self._calls.items() if calls > 1]
+
+    def _name(self, module: torch.nn.Module) -> str:
+        return self.names.get(module, type(module).__name__)
 
     def _after(self, param: torch.nn.Parameter) -> None:
         self._accumulated[param] = _sq_norm(param.grad)
@@ -402,29 +488,38 @@ class _PerExampleNorms:
             return
         self._calls[module] = self._calls.get(module, 0) + 1
         a, has_bias = inputs[0].detach(), module.bias is not None and module.bias.requires_grad
-        self._batch.add(a.shape[0] if a.dim() > 1 else 1)
+        axis, why = _example_axis(tuple(a.shape), self.micro_batch_size)
+        if axis is None:
+            self.left_out[self._name(module)] = why
+            self._unread.add(module)
+            return
 
         def record(grad: torch.Tensor) -> None:
-            self._per_example[module] = _linear_per_example_sq_norms(a, grad, has_bias, self.max_examples)
+            self._per_example[module] = _linear_per_example_sq_norms(a.movedim(axis, 0), grad.movedim(axis, 0),
+                                                                     has_bias, self.max_examples)
         output.register_hook(record)
 
     def problem(self, accum_steps: int) -> str | None:
-        """Why the step cannot be read: a layer run twice, no layer run, or mixed batch sizes.
+        """Why the step cannot be read: a layer run twice, or no layer read.
 
         Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
-        the attention uses directly) are left out of both norms.
+        the attention uses directly) are left out of both norms, as are those in :attr:`left_out`.
         """
-        twice = [type(m).__name__ for m, calls in self._calls.items() if calls > 1]
-        if twice:
-            return f"nn.Linear layers run more than once in a step ({', '.join(twice)})"
-        if not self._per_example or set(self._per_example) != set(self._calls):
+        if self.ran_twice:
+            layers = f"layer{'s' if len(self.ran_twice) > 1 else ''} {', '.join(map(repr, self.ran_twice))}"
+            return (f"{layers} ran forward more than once with grad enabled in the step, where one micro-batch per "
+                    "step needs one forward and one backward: backward passes accumulated but not declared (give "
+                    "accum_steps= the passes per optimizer step), a forward with grad enabled outside the step "
+                    "(e.g. validation without torch.no_grad()), or a layer applied twice in the model")
+        ran = [m for m in self._calls if m not in self._unread]
+        if not self._per_example and self.left_out:
+            return "no nn.Linear layer's examples could be told apart (see the warning on the layers left out)"
+        if not self._per_example or set(self._per_example) != set(ran):
             return "no nn.Linear layer ran forward and backward in the step"
-        if len(self._batch) != 1 or min(self._batch) < 2:
-            return f"inconsistent or single-example batches {sorted(self._batch)}"
         return None
 
     def small_and_big(self) -> tuple[float, float, int]:
-        (batch,) = self._batch
+        batch = self.micro_batch_size
         per_example = torch.stack(list(self._per_example.values())).sum(0)
         small = float(per_example.mean()) * batch * batch
         params = [p for layer in self._per_example for p in layer.parameters() if p.requires_grad]
@@ -435,6 +530,19 @@ class _PerExampleNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | None, str]:
+    """The input's example axis, the one axis but the last (the features) of the micro-batch's size;
+    else None and why."""
+    matches = [d for d in range(len(shape) - 1) if shape[d] == micro_batch_size]
+    if len(matches) == 1:
+        return matches[0], ""
+    if matches:
+        return None, (f"axes {', '.join(map(str, matches))} of its input {list(shape)} all have the micro-batch size "
+                      f"{micro_batch_size}, so which one holds the examples is ambiguous")
+    return None, (f"no axis of its input {list(shape)} has the micro-batch size {micro_batch_size} (examples "
+                  "flattened with another axis, or a smaller last batch)")
 
 
 def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,

@@ -26,15 +26,23 @@ batch: stage ``i`` runs from ``stages[i].start_samples`` to the next stage's sta
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import numbers
+import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["BatchSchedule", "ScheduleStage"]
+from batchtune.config.spec import SpecError, SpecIssue, _nearest_line, read_yaml
+
+__all__ = ["FORMAT", "BatchSchedule", "ScheduleStage", "schedule_problems"]
+
+FORMAT = "batchtune schedule 1"  # the first key of every schedule file batchtune writes
 
 
 @dataclass(frozen=True)
@@ -60,15 +68,16 @@ class BatchSchedule:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.stages or self.stages[0].start_samples != 0:
-            raise ValueError("a schedule needs a first stage starting at 0 samples")
-        starts = [s.start_samples for s in self.stages]
-        if starts != sorted(set(starts)):
-            raise ValueError(f"stage starts must increase: {starts}")
-        for s in self.stages:
-            if s.batch_size != s.micro_batch_size * s.accum_steps * self.world_size:
-                raise ValueError(f"stage at {s.start_samples}: batch {s.batch_size} is not micro-batch "
-                                 f"{s.micro_batch_size} × {s.accum_steps} accumulation × {self.world_size} ranks")
+        # the checks a file gets, so that a schedule built in code cannot hang the sampler either
+        stages = [asdict(s) if isinstance(s, ScheduleStage) else s for s in self.stages]
+        data = {"total_samples": self.total_samples, "warmup_samples": self.warmup_samples,
+                "world_size": self.world_size, "stages": stages, "notes": self.notes}
+        clean, problems = _checked(data)
+        if problems:
+            raise _error(problems, "BatchSchedule(...)")
+        self.stages = [ScheduleStage(**s) for s in clean["stages"]]
+        self.total_samples, self.warmup_samples = clean["total_samples"], clean["warmup_samples"]
+        self.world_size = clean["world_size"]
 
     def stage_at(self, samples: float) -> ScheduleStage:
         """The stage a step starting after ``samples`` samples belongs to."""
@@ -119,15 +128,22 @@ class BatchSchedule:
     # ---------------------------------------------------------------------------- files
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "batchtune schedule 1", "total_samples": self.total_samples,
+        return {"format": FORMAT, "total_samples": self.total_samples,
                 "warmup_samples": self.warmup_samples,
                 "world_size": self.world_size, "stages": [asdict(s) for s in self.stages], "notes": self.notes}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BatchSchedule:
-        stages = [ScheduleStage(**s) for s in data["stages"]]
-        return cls(stages, int(data["total_samples"]), int(data.get("warmup_samples", 0)),
-                   int(data.get("world_size", 1)), list(data.get("notes", [])))
+    def from_dict(cls, data: Any, *, source: str = "<dict>", lines: dict[str, int] | None = None) -> BatchSchedule:
+        """A schedule from a file's content (see :meth:`load`).
+
+        Raises:
+            SpecError: every problem :func:`schedule_problems` finds, at once.
+        """
+        clean, problems = _checked(data)
+        if problems:
+            raise _error(problems, source, lines)
+        return cls([ScheduleStage(**s) for s in clean["stages"]], clean["total_samples"], clean["warmup_samples"],
+                   clean["world_size"], clean["notes"])
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
@@ -145,21 +161,170 @@ class BatchSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> BatchSchedule:
-        """Read a schedule ``batchtune plan --schedule-out`` wrote.
+        """Read a schedule ``batchtune plan --schedule-out`` wrote (YAML or JSON), or one edited by hand.
+
+        The whole file is checked before anything uses it: whole numbers where samples and batches are
+        counted, positive batches, lrs and run length, each stage's batch equal to its micro-batch ×
+        accumulation × ranks, stages from 0 in increasing order, no unknown or missing keys.
 
         Raises:
-            ValueError: the file is not one (a spec given by mistake, say): it names what is missing.
+            SpecError: (a ValueError) every problem at once, each with the file, key path
+                (``stages[1].batch_size``) and line; also for a file that is not a schedule (a spec
+                given by mistake, say) or not valid YAML/JSON.
         """
         path = Path(path)
-        text = path.read_text()
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _error([("", "no such file")], source) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _error([("", f"cannot read it: {exc}")], source) from None
+        lines: dict[str, int] = {}
+        duplicates: list[SpecIssue] = []
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data, lines, duplicates = read_yaml(text, source, what=_WHAT)
         else:
-            data = json.loads(text)
-        missing = [k for k in ("stages", "total_samples") if not isinstance(data, dict) or k not in data]
-        if missing:
-            raise ValueError(f"{path} is not a batch schedule (no {' or '.join(missing)}): give a file "
-                             "batchtune plan --schedule-out wrote")
-        return cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                issue = SpecIssue("", f"not valid JSON: {exc.msg}", source, exc.lineno)
+                raise SpecError([issue], what=_WHAT) from None
+        if duplicates:
+            raise _error(schedule_problems(data), source, lines, duplicates)
+        return cls.from_dict(data, source=source, lines=lines)
+
+
+# ---------------------------------------------------------------------------- checks
+
+_WHAT = "batch schedule"
+_STAGE_KEYS = tuple(f.name for f in fields(ScheduleStage))
+_TOP_KEYS = ("format", "total_samples", "warmup_samples", "world_size", "stages", "notes")
+# (key, smallest value) of the whole numbers; lr is the one float
+_TOP_COUNTS = (("total_samples", 1), ("warmup_samples", 0), ("world_size", 1))
+_STAGE_COUNTS = (("start_samples", 0), ("batch_size", 1), ("micro_batch_size", 1), ("accum_steps", 1))
+_DEFAULTS = {"warmup_samples": 0, "world_size": 1}
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def schedule_problems(data: Any) -> list[tuple[str, str]]:
+    """Every problem of a schedule file's content, as (key path such as ``stages[1].lr``, message)."""
+    return _checked(data)[1]
+
+
+def _checked(data: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The content with its numbers read (ints and floats, defaults filled in), and every problem."""
+    if not isinstance(data, dict):
+        return {}, [("", f"a batch schedule is a mapping with stages and total_samples, got {type(data).__name__}")]
+    if "stages" not in data and "total_samples" not in data:
+        return {}, [("", "not a batch schedule (no stages or total_samples): give a file batchtune plan "
+                         "--schedule-out wrote")]
+    problems = _unknown_and_missing(data, "", _TOP_KEYS, ("stages", "total_samples"))
+    if data.get("format", FORMAT) != FORMAT:
+        problems.append(("format", f"unknown format {data['format']!r}; this batchtune reads {FORMAT!r}"))
+    clean: dict[str, Any] = {}
+    for key, least in _TOP_COUNTS:
+        if key in data or key in _DEFAULTS:
+            clean[key] = _count(data.get(key, _DEFAULTS.get(key)), key, least, problems)
+    notes = data.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        problems.append(("notes", f"must be a list of strings, got {notes!r}"))
+    clean["notes"] = list(notes) if isinstance(notes, list) else []
+    stages = data.get("stages")
+    if "stages" in data and (not isinstance(stages, list) or not stages):
+        problems.append(("stages", f"must be a non-empty list of stages, got {stages!r}"))
+    elif isinstance(stages, list):
+        clean["stages"] = [_stage(stage, f"stages[{i}]", problems) for i, stage in enumerate(stages)]
+        problems += _stage_order(clean["stages"], clean["world_size"])
+    return clean, problems
+
+
+def _stage(stage: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    if not isinstance(stage, dict):
+        problems.append((where, f"a stage is a mapping of {', '.join(_STAGE_KEYS)}, got {stage!r}"))
+        return {}
+    problems += _unknown_and_missing(stage, where + ".", _STAGE_KEYS, _STAGE_KEYS)
+    clean = {key: _count(stage[key], f"{where}.{key}", least, problems)
+             for key, least in _STAGE_COUNTS if key in stage}
+    if "lr" in stage:
+        lr = _number(stage["lr"])
+        if lr is None or not math.isfinite(lr) or lr <= 0:
+            problems.append((f"{where}.lr", f"must be a positive number, got {stage['lr']!r}"))
+        clean["lr"] = float(lr) if lr is not None else None
+    return clean
+
+
+def _stage_order(stages: list[dict[str, Any]], world_size: int | None) -> list[tuple[str, str]]:
+    """What is wrong between the stages: where they start, how their batches add up (numbers that did
+    not read as valid ones are left to their own problems)."""
+    problems = []
+    starts = [(i, s.get("start_samples")) for i, s in enumerate(stages)]
+    if starts[0][1] not in (0, None):
+        problems.append(("stages[0].start_samples", f"the first stage starts at 0, got {starts[0][1]}"))
+    starts = [(i, start) for i, start in starts if start is not None]
+    for (_, before), (i, start) in zip(starts, starts[1:]):
+        if start <= before:
+            problems.append((f"stages[{i}].start_samples", f"stages start in increasing order: {start} comes "
+                                                            f"after {before}"))
+    for i, s in enumerate(stages):
+        sizes = [s.get(k) for k in ("batch_size", "micro_batch_size", "accum_steps")]
+        if world_size is None or None in sizes:
+            continue
+        batch, micro, accum = sizes
+        if batch != micro * accum * world_size:
+            problems.append((f"stages[{i}].batch_size", f"{batch} is not micro-batch {micro} × {accum} "
+                                                         f"accumulation × {world_size} ranks = "
+                                                         f"{micro * accum * world_size}"))
+    return problems
+
+
+def _unknown_and_missing(data: dict[str, Any], prefix: str, known: tuple[str, ...],
+                         required: tuple[str, ...]) -> list[tuple[str, str]]:
+    problems = []
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            problems.append((f"{prefix}{key}", f"unknown key (did you mean '{near[0]}'?)" if near else
+                             f"unknown key; a {'stage' if prefix else 'schedule'} has {', '.join(known)}"))
+    problems += [(f"{prefix}{key}", "required key is missing") for key in required if key not in data]
+    return problems
+
+
+def _number(value: Any) -> numbers.Real | None:
+    """``value`` as a number, or None when it is not one.
+
+    PyYAML reads YAML 1.1, where a float needs a dot and a signed exponent: ``lr: 2e-2`` and
+    ``total_samples: 6e3`` arrive as strings, where YAML 1.2 and JSON read the numbers their
+    writer meant. A string that is a plain decimal number (``"2e-2"``, ``"64"``) is therefore
+    read as that number, as the spec's loader does; anything else (``"fast"``, ``true``) is not.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):  # numpy's too: a plan's stages may carry them
+        return value
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+        text = value.strip()
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return None
+
+
+def _count(value: Any, where: str, least: int, problems: list[tuple[str, str]]) -> int | None:
+    """A whole number of samples, examples or steps, at least ``least`` (``6e3`` and ``6000.0`` are 6000);
+    None, with a problem, otherwise."""
+    n = _number(value)
+    if n is None or not math.isfinite(n) or n != int(n):
+        problems.append((where, f"must be a whole number, got {value!r}"))
+        return None
+    if n < least:
+        problems.append((where, f"must be {'positive' if least == 1 else f'at least {least}'}, got {value!r}"))
+        return None
+    return int(n)
+
+
+def _error(problems: list[tuple[str, str]], source: str, lines: dict[str, int] | None = None,
+           extra: list[SpecIssue] = ()) -> SpecError:
+    """One error for every problem, each located at its key's line where the file gives one."""
+    lines = lines or {}
+    issues = [SpecIssue(path, message, source, _nearest_line(lines, re.sub(r"\[(\d+)\]", r".\1", path)))
+              for path, message in problems]
+    return SpecError(sorted([*extra, *issues], key=lambda i: i.line or 0), what=_WHAT)

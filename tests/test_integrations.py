@@ -49,6 +49,8 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
     steps = [h["step"] for h in callback.history]  # at 4 examples a step's |G|² average can be <= 0
     assert steps == [1, 2, 3, 4, 5, 6] if accum == 2 else set(steps) <= {1, 2, 3, 4, 5, 6} and 6 in steps
     assert callback.history[-1]["batch_size"] == 4 * accum and callback.history[-1]["measured_steps"] == 6
+    # one micro-batch: the Conv1D layers' 12,576 of 15,840 parameters (not the tied embedding, positions, norms)
+    assert callback.history[-1]["coverage"] == (1.0 if accum == 2 else pytest.approx(12576 / 15840))
     assert not model.transformer.wte.weight._backward_hooks  # hooks gone after training
 
 
@@ -111,6 +113,28 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
     assert "noise_scale/high" in (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
 
 
+def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
+    """``DataLoader(batch_sampler=BatchSampler(..., 8, ...))`` has batch_size None: the callback raised "cannot
+    read the train DataLoader's batch_size" although the batch sampler has it."""
+    torch.manual_seed(0)
+    data = _regression_loader().dataset
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), 8, drop_last=True)
+    callback = PLCallback(every=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=sampler))
+    assert callback.watch.batch_size == 16 and callback.watch.monitor.batch_sizes == (8, 16)
+    assert callback.watch.monitor.measured_steps == 4 and all(h["batch_size"] == 16 for h in callback.history)
+
+    varying = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # no batch_size anywhere: it must be given
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[PLCallback(every=1)])
+    with pytest.raises(ValueError, match=r"the train DataLoader has no batch_size, nor has its batch_sampler "
+                                         r"\(one whose batches vary has none\); pass micro_batch_size="):
+        trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=varying))
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -121,6 +145,7 @@ class _Records(logging.Handler):
 
 
 def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     watch = NoiseScaleWatch(every=1, warn_after=2, warn_every=5)
     watch.start(model, micro_batch_size=64, accum_steps=2, world_size=1)
@@ -163,6 +188,93 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
     assert watch.grow_warnings == [10, 14, 18]  # after step 10, 160 samples seen: the next step is stage 2's
     grow = [m for m in records.messages if "the schedule grows the batch to 64" in m]
     assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
+
+
+class _Scripted:
+    """A monitor that measures every step and reads the (b_simple, low, high) it is given, in turn."""
+
+    def __init__(self, *readings: tuple[float, float, float]) -> None:
+        self.readings = list(readings)
+        self.measured_steps = 0
+
+    def step(self) -> None:
+        self.measured_steps += 1
+
+    def reading(self):
+        from batchtune.monitor import MonitorReading
+
+        b, low, high = self.readings[min(self.measured_steps, len(self.readings)) - 1]
+        return MonitorReading(b, low, high, 1.0, b, self.measured_steps, True)
+
+    def close(self) -> None:
+        pass
+
+
+def _watch_logs(watch: NoiseScaleWatch, steps: int) -> list[str]:
+    records, log = _Records(), logging.getLogger("batchtune.integrations")
+    log.addHandler(records)
+    try:
+        for step in range(1, steps + 1):
+            watch.step(step)
+    finally:
+        log.removeHandler(records)
+    return records.messages
+
+
+@pytest.mark.parametrize("b_simple,low,high,warns", [
+    (42.79, 22.69, 166.3, False),  # an outside user's batch 64: 50% above, inside the band, and it warned
+    (55.0, 45.0, 60.0, False),     # above the band but only 16% above the estimate
+    (42.79, 30.0, 50.0, True),     # 50% above and above the band
+    (53.0, 40.0, 64.0, False),     # 21% above; the band reaches the batch
+])
+def test_the_batch_warning_needs_the_batch_clearly_above_the_estimate(b_simple, low, high, warns):
+    watch = NoiseScaleWatch(warn_after=1, warn_every=100)
+    watch.monitor, watch.batch_size = _Scripted((b_simple, low, high)), 64
+    messages = _watch_logs(watch, 3)
+    assert watch.warnings == ([1] if warns else []) and len(messages) == len(watch.warnings)
+    if warns:
+        assert messages == ["step 1: batch 64 is 50% above the noise scale B_simple=42.79 and above its 90% band "
+                            "(30-50), the critical-batch estimate; a smaller batch would likely reach the loss in "
+                            "fewer samples"]
+
+
+def test_while_the_schedule_says_grow_the_watch_never_says_shrink(tmp_path):
+    """An outside run at 8 whose schedule grows to 16 at sample 200 was told at step 25 to grow to 16 and at
+    step 26 that 8 was too big; the schedule the user chose governs, and its warning says so."""
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.003), ScheduleStage(200, 16, 8, 2, 0.0042)], 2000)
+    watch = NoiseScaleWatch(warn_after=1, warn_every=10, schedule=schedule)
+    watch.monitor, watch.batch_size = _Scripted((5.0, 4.0, 6.0)), 8  # 60% above the estimate, above its band
+    messages = _watch_logs(watch, 48)
+    assert watch.warnings == [1, 11, 21]  # before sample 200 the schedule holds 8: the estimate may speak
+    assert watch.grow_warnings == [25, 35, 45]  # from the step after sample 200 on, only the schedule does
+    assert messages[3] == ("step 25: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
+                           "from sample 200; this run is still at 8 after 200 samples; the noise scale B_simple=5 "
+                           "(90% band 4-6) is below this batch, but the schedule you chose governs: no "
+                           "smaller-batch warning while it says to grow")
+    assert len(messages) == 6 and not any("above the noise scale" in m for m in messages[3:])
+
+
+@pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])
+def test_the_callbacks_check_a_schedule_file_as_load_does(tmp_path, make):
+    """``schedule=`` takes the same files as BatchSchedule.load, with the same errors: a batch of 0 loaded and
+    a lr of "2e-2" crashed in optimizer.step."""
+    from batchtune.config.spec import SpecError
+
+    path = tmp_path / "schedule.yaml"
+    path.write_text("format: batchtune schedule 1\ntotal_samples: 1000\nstages:\n"
+                    "- {start_samples: 0, batch_size: 0, micro_batch_size: 0, accum_steps: 1, lr: 2e-2}\n")
+    with pytest.raises(SpecError) as caught:
+        make(schedule=str(path))
+    assert str(caught.value).splitlines() == [
+        "invalid batch schedule (2 problems):",
+        f"  {path}:4: stages[0].batch_size: must be positive, got 0",
+        f"  {path}:4: stages[0].micro_batch_size: must be positive, got 0"]
+    path.write_text(path.read_text().replace("size: 0", "size: 8"))
+    made = make(schedule=str(path))
+    watch = made if isinstance(made, NoiseScaleWatch) else made.watch
+    assert watch.schedule.stages[0].lr == 0.02 and watch.schedule.stages[0].batch_size == 8
 
 
 @pytest.mark.parametrize("module,library,extra", [("huggingface", "transformers", "hf"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -198,7 +200,7 @@ def test_per_example_norms_match_one_backward_per_example():
 
     torch.manual_seed(0)
     layer, a = torch.nn.Linear(5, 3), torch.randn(4, 6, 5)
-    norms = _PerExampleNorms([layer], max_examples=None)
+    norms = _PerExampleNorms([layer], max_examples=None, micro_batch_size=4)
     layer(a).square().mean().backward()
     small, big, batch = norms.small_and_big()
     separate = []
@@ -270,3 +272,132 @@ def test_a_monitor_given_parameters_says_what_it_needs_when_step_comes_alone():
     model(torch.ones(4, 3)).sum().backward()
     with pytest.raises(RuntimeError, match=r"call begin\(\) before the step's first backward pass.*give it the model"):
         monitor.step()
+
+
+# ------------------------------------------------------------ one micro-batch per step: which axis, which layers
+class _TimeFirst(torch.nn.Module):
+    """Linear layers applied to (T, B, C), as under nn.GRU/LSTM/Transformer's default batch_first=False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(4, 16), torch.nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, 4) -> (B, 1)
+        return self.l2(torch.tanh(self.l1(x))).mean(0)
+
+
+def _layout_reading(time_first: bool, micro: int = 32, length: int = 12, steps: int = 200):
+    """The outside user's case: lr 0, y = 0.1·Σx + noise, one micro-batch per step, every step measured."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = _TimeFirst()
+    monitor = NoiseScaleMonitor(model, micro_batch_size=micro, accum_steps=1, every=1)
+    for _ in range(steps):
+        x = torch.randn(micro, length, 4, generator=gen)
+        y = x.sum((1, 2))[:, None] * 0.1 + torch.randn(micro, 1, generator=gen)
+        out = model(x.transpose(0, 1)) if time_first else model.l2(torch.tanh(model.l1(x))).mean(1)
+        torch.nn.functional.mse_loss(out, y).backward()
+        monitor.step()
+        model.zero_grad(set_to_none=True)
+    return monitor
+
+
+def test_a_time_first_layout_is_read_on_the_axis_of_the_micro_batch():
+    """(T=12, B=32, C): dim 0 as the examples read B_simple 1.04 where the truth is ~50 (accumulation, which
+    needs no example axis, reads 50.5 on this model); the axis of size 32 reads what batch-first does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        time_first, batch_first = _layout_reading(True).reading(), _layout_reading(False).reading()
+    assert time_first.b_simple == pytest.approx(batch_first.b_simple, rel=1e-6)
+    assert 40 < time_first.b_simple < 60 and time_first.low > 30  # not the 1.04 that dim 0 gave
+    assert time_first.coverage == 1.0
+
+
+def test_an_ambiguous_example_axis_leaves_the_layer_out_with_one_warning():
+    """T == B: dims 0 and 1 both have the micro-batch size; no reading rather than a wrong one."""
+    with pytest.warns(RuntimeWarning) as caught:
+        monitor = _layout_reading(True, micro=12, length=12, steps=5)
+    messages = [str(w.message) for w in caught]
+    left_out = [m for m in messages if "left out of the per-example norms" in m]
+    assert left_out == ["noise scale: left out of the per-example norms rather than read on the wrong axis (warned "
+                        "once per layer): 'l1': axes 0, 1 of its input [12, 12, 4] all have the micro-batch size 12, "
+                        "so which one holds the examples is ambiguous; 'l2': axes 0, 1 of its input [12, 12, 16] all "
+                        "have the micro-batch size 12, so which one holds the examples is ambiguous; the reading "
+                        "covers the other layers (reading().coverage), or use accum_steps >= 2, which needs no "
+                        "example axis"]
+    skipped = [m for m in messages if "skipped" in m]
+    assert len(skipped) == 1 and "no nn.Linear layer's examples could be told apart" in skipped[0]
+    assert monitor.measured_steps == 0 and monitor.reading().b_simple is None
+
+
+class _FlatThenHead(torch.nn.Module):
+    """An embedding-like Linear on (B·T, C) (no axis of size B), then a head on (B, H)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 4)
+        b, t, c = x.shape
+        return self.head(torch.tanh(self.proj(x.reshape(b * t, c))).reshape(b, t, -1).mean(1))
+
+
+def test_a_layer_left_out_leaves_the_others_measured_and_the_coverage_says_so():
+    torch.manual_seed(0)
+    model = _FlatThenHead()
+    monitor = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=1, every=1)
+    with pytest.warns(RuntimeWarning, match=r"'proj': no axis of its input \[80, 4\] has the micro-batch size 16"):
+        for _ in range(3):
+            x = torch.randn(16, 5, 4)
+            torch.nn.functional.mse_loss(model(x), x.sum((1, 2))[:, None]).backward()
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+    assert monitor.measured_steps == 3
+    assert monitor.reading().coverage == pytest.approx(9 / (40 + 9))  # the head's 8 + 1 of 49 parameters
+
+
+def test_a_cnns_reading_says_it_covers_only_its_linear_layers():
+    """The per-example path sees nn.Linear layers only: a CNN's convolutions are not in its reading."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 5, padding=2), torch.nn.ReLU(),
+                                torch.nn.Conv1d(32, 32, 5, padding=2), torch.nn.AdaptiveMaxPool1d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 4))
+    with pytest.warns(RuntimeWarning, match=r"nn.Linear layers only, 2% of the model's trainable parameters"):
+        monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=1, every=1)
+    x, y = torch.randn(8, 4, 16), torch.randint(0, 4, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    monitor.step()
+    share = (32 * 4 + 4) / (4 * 32 * 5 + 32 + 32 * 32 * 5 + 32 + 32 * 4 + 4)  # 132 of 5,956
+    assert monitor.measured_steps == 1 and monitor.reading().coverage == pytest.approx(share)
+    assert NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=2).reading().coverage == 1.0
+
+
+@pytest.mark.parametrize("misuse", ["undeclared_accumulation", "validation_with_grad"])
+def test_a_layer_run_more_than_once_names_the_likely_causes_and_warns_at_an_interval(monkeypatch, misuse):
+    """accum_steps=1 declared but 4 backward passes run, or a validation forward without torch.no_grad(): the
+    step is skipped, with a warning that says why on the first skipped step and then every SKIP_WARN_EVERY."""
+    import batchtune.monitor
+
+    monkeypatch.setattr(batchtune.monitor, "SKIP_WARN_EVERY", 3)
+    model, sample = _linreg(4, 1.0, 1.0)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=1, every=1)
+    with pytest.warns(RuntimeWarning) as caught:
+        for _ in range(7):
+            for _ in range(4 if misuse == "undeclared_accumulation" else 1):
+                x, y = sample(8)
+                (0.5 * (model(x).squeeze(-1) - y).square().mean()).backward()
+            if misuse == "validation_with_grad":
+                model(sample(20)[0])  # grad enabled: the hooks see it (its other batch is not a layout problem)
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3 and monitor.measured_steps == 0 and monitor.steps_seen == 7
+    assert messages[0] == (
+        "noise scale: a measured step was skipped: layer 'Linear' ran forward more than once with grad enabled in "
+        "the step, where one micro-batch per step needs one forward and one backward: backward passes accumulated "
+        "but not declared (give accum_steps= the passes per optimizer step), a forward with grad enabled outside "
+        "the step (e.g. validation without torch.no_grad()), or a layer applied twice in the model (1 measured "
+        "step skipped for this so far; warned again every 3)")
+    assert [m[m.index("(", len(m) - 70):] for m in messages[1:]] == [
+        "(3 measured steps skipped for this so far; warned again every 3)",
+        "(6 measured steps skipped for this so far; warned again every 3)"]

@@ -98,7 +98,7 @@ def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
         assert written_by_batchtune(tmp_path / name)  # a later --schedule-out may replace it
     assert schedule.lr_at(0) == pytest.approx(0.05) and schedule.lr_at(8) == pytest.approx(0.1)
     assert schedule.lr_at(64) == 0.2 and schedule.batch_size_at(63) == 8 and schedule.grows() == [64]
-    with pytest.raises(ValueError, match=r"quickstart.yaml is not a batch schedule \(no stages or total_samples\)"):
+    with pytest.raises(ValueError, match=r"quickstart.yaml: not a batch schedule \(no stages or total_samples\)"):
         BatchSchedule.load("configs/quickstart.yaml")  # a spec given by mistake: it was KeyError: 'stages'
     # a warmup that is not a whole number of steps: the last warmup step runs at the lr, not above it
     odd = BatchSchedule([ScheduleStage(0, 16, 16, 1, 0.1)], total_samples=160, warmup_samples=67)

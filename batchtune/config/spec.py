@@ -38,6 +38,7 @@ __all__ = [
     "SpecIssue",
     "load_spec",
     "parse_bytes",
+    "read_yaml",
 ]
 
 LOSS_NAMES = ("cross_entropy", "mse", "model_output")
@@ -78,14 +79,16 @@ class SpecError(ValueError):
     components.target_issues`).
     """
 
-    def __init__(self, issues: list[SpecIssue], raw: tuple[dict[str, Any], dict[str, int], str] | None = None):
+    def __init__(self, issues: list[SpecIssue], raw: tuple[dict[str, Any], dict[str, int], str] | None = None, *,
+                 what: str = "spec"):
         self.issues = list(issues)
         self.raw = raw
+        self.what = what  # the kind of file: "spec", or "batch schedule" (batchtune.schedule)
         super().__init__(str(self))
 
     def __str__(self) -> str:
         n = len(self.issues)
-        head = f"invalid spec ({n} problem{'s' if n != 1 else ''}):"
+        head = f"invalid {self.what} ({n} problem{'s' if n != 1 else ''}):"
         return "\n".join([head, *(f"  {issue}" for issue in self.issues)])
 
 
@@ -589,6 +592,36 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
     return parse_spec(text, source=source, overrides=overrides, training=training)
 
 
+def read_yaml(text: str, source: str, *, what: str = "spec") -> tuple[Any, dict[str, int], list[SpecIssue]]:
+    """Parse YAML text, keeping where each key is.
+
+    Args:
+        text: the file's text.
+        source: the file's name, for the issues.
+        what: the kind of file, for the error's heading.
+
+    Returns:
+        The data, the line of each dotted key path (``stages.1.lr``), and an issue for each duplicate key.
+
+    Raises:
+        SpecError: the text is not valid YAML; the issue names the line.
+    """
+    lines: dict[str, int] = {}
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.safe_load(text) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue("", f"not valid YAML: {problem}", source, line)], what=what) from None
+    dups: list[tuple[str, int]] = []
+    if node is not None:
+        _walk(node, "", lines, dups)
+    return data, lines, [SpecIssue(p, "duplicate key (the later value would silently win)", source, ln)
+                         for p, ln in dups]
+
+
 #: Keys optional in the spec's model but required by every command that trains.
 TRAINING_KEYS = ("optimizer", "base_batch_size")
 
@@ -596,20 +629,7 @@ TRAINING_KEYS = ("optimizer", "base_batch_size")
 def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[str, ...] = (), *,
                training: bool = True) -> Spec:
     """Validate spec text; see :func:`load_spec`."""
-    issues: list[SpecIssue] = []
-    lines: dict[str, int] = {}
-    try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.safe_load(text) if node is not None else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([SpecIssue("", f"not valid YAML: {problem}", source, line)]) from None
-    if node is not None:
-        dups: list[tuple[str, int]] = []
-        _walk(node, "", lines, dups)
-        issues += [SpecIssue(p, "duplicate key (the later value would silently win)", source, ln) for p, ln in dups]
+    data, lines, issues = read_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -8,8 +8,10 @@
 Both are thin over :class:`NoiseScaleWatch`, which this package defines without importing
 either library (nothing in batchtune's core imports this package). The watch keeps the
 readings (``history``) and warns, through ``logging`` on rank zero, when the global batch is
-more than 20% above the current critical-batch estimate, and (given a ``schedule`` from
-``batchtune plan``) when the schedule says it is time to grow the batch. B_simple stands in for the critical
+clearly above the current critical-batch estimate (more than 20% above it and above its band),
+and (given a ``schedule`` from ``batchtune plan``) when the schedule says it is time to grow the
+batch; while the schedule says so, the schedule the user chose governs and the first warning is
+held back. B_simple stands in for the critical
 batch here: McCandlish et al. find B_crit ≈ B_simple up to a factor of a few (B_noise's
 Hessian weighting), so the warning says "you are likely past the point of diminishing
 returns", not a measured B_crit (``batchtune sweep`` measures that).
@@ -23,7 +25,7 @@ from typing import Any
 
 __all__ = ["OVER_CRITICAL", "NoiseScaleWatch"]
 
-OVER_CRITICAL = 1.2  # warn when the batch exceeds the estimate by more than 20%
+OVER_CRITICAL = 1.2  # warn when the batch exceeds the estimate by more than 20% (and its band)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class NoiseScaleWatch:
         schedule: a :class:`~batchtune.schedule.BatchSchedule` (or its file, from ``batchtune plan
             --schedule-out``): warn when the samples seen pass a stage that grows the batch and
             this run has not grown.
+
+    Raises:
+        SpecError: the schedule file has problems (:meth:`~batchtune.schedule.BatchSchedule.load`).
     """
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
@@ -106,32 +111,57 @@ class NoiseScaleWatch:
         if self.monitor.measured_steps == measured or reading.b_simple is None:
             return None
         entry = {"step": global_step, "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
-                 "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable}
+                 "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable,
+                 "coverage": reading.coverage}
         self.history.append(entry)
         if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
             self._maybe_warn(entry)
         return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")}
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
-        too_big = self.batch_size > OVER_CRITICAL * entry["b_simple"]
+        """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above
+        its band's upper end (a band holding the batch is no evidence), never while the schedule says grow."""
+        if self._schedule_ahead() is not None:
+            return  # the schedule the user chose says grow and governs; its warning mentions the estimate
         due = not self.warnings or entry["step"] - self.warnings[-1] >= self.warn_every
-        if too_big and due and entry["measured_steps"] >= self.warn_after:
-            self.warnings.append(entry["step"])
-            high = "inf" if math.isinf(entry["high"]) else f"{entry['high']:.4g}"
-            log.warning("step %d: batch %d is %.0f%% above the noise scale B_simple=%.4g (90%% band %.4g-%s), "
-                        "the critical-batch estimate; a smaller batch would reach the loss in fewer samples",
-                        entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
-                        entry["b_simple"], entry["low"], high)
+        if not (self._clearly_above(entry) and due and entry["measured_steps"] >= self.warn_after):
+            return
+        self.warnings.append(entry["step"])
+        log.warning("step %d: batch %d is %.0f%% above the noise scale B_simple=%.4g and above its %s band "
+                    "(%.4g-%.4g), the critical-batch estimate; a smaller batch would likely reach the loss in fewer "
+                    "samples", entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
+                    entry["b_simple"], self._band_name(), entry["low"], entry["high"])
 
     def _maybe_grow(self, step: int) -> None:
-        stage = self.schedule.stage_at(self.samples)
+        stage = self._schedule_ahead()
         due = not self.grow_warnings or step - self.grow_warnings[-1] >= self.warn_every
-        if stage.batch_size > self.batch_size and due:
-            self.grow_warnings.append(step)
-            log.warning("step %d: the schedule grows the batch to %d (micro-batch %d x %d accumulation, lr %.3g) from "
-                        "sample %d; this run is still at %d after %d samples", step, stage.batch_size,
-                        stage.micro_batch_size, stage.accum_steps, stage.lr, stage.start_samples, self.batch_size,
-                        self.samples)
+        if stage is None or not due:
+            return
+        self.grow_warnings.append(step)
+        latest = self.history[-1] if self.history else None
+        estimate = ""
+        if latest is not None and latest["reliable"] and self._clearly_above(latest):
+            estimate = (f"; the noise scale B_simple={latest['b_simple']:.4g} ({self._band_name()} band "
+                        f"{latest['low']:.4g}-{latest['high']:.4g}) is below this batch, but the schedule you "
+                        "chose governs: no smaller-batch warning while it says to grow")
+        log.warning("step %d: the schedule grows the batch to %d (micro-batch %d x %d accumulation, lr %.3g) from "
+                    "sample %d; this run is still at %d after %d samples%s", step, stage.batch_size,
+                    stage.micro_batch_size, stage.accum_steps, stage.lr, stage.start_samples, self.batch_size,
+                    self.samples, estimate)
+
+    def _clearly_above(self, entry: dict[str, Any]) -> bool:
+        """More than 20% above the estimate and above its band's upper end."""
+        return self.batch_size > OVER_CRITICAL * entry["b_simple"] and self.batch_size > entry["high"]
+
+    def _schedule_ahead(self) -> Any:
+        """The schedule's stage for the coming step when its batch is bigger than this run's, else None."""
+        if self.schedule is None:
+            return None
+        stage = self.schedule.stage_at(self.samples)
+        return stage if stage.batch_size > self.batch_size else None
+
+    def _band_name(self) -> str:
+        return f"{self.options['confidence']:.0%}"
 
     def close(self) -> None:
         """Remove the monitor's hooks."""

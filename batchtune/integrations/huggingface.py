@@ -58,7 +58,8 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``."""
+        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``,
+        ``reliable``, ``coverage`` (the share of the parameters measured)."""
         return self.watch.history
 
     @_class_or_instance

@@ -31,7 +31,7 @@ class NoiseScaleCallback(_pl.Callback):
 
     Args:
         micro_batch_size: examples per ``training_step`` on one device; None reads the train
-            DataLoader's ``batch_size``.
+            DataLoader's ``batch_size``, or its ``batch_sampler``'s.
         every: measure every n-th optimizer step (None: 8).
         **options: the rest of :class:`~batchtune.integrations.NoiseScaleWatch`'s arguments.
     """
@@ -42,14 +42,16 @@ class NoiseScaleCallback(_pl.Callback):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``."""
+        """Every reading: ``step``, ``b_simple``, ``low``, ``high``, ``measured_steps``, ``batch_size``,
+        ``reliable``, ``coverage`` (the share of the parameters measured)."""
         return self.watch.history
 
     def on_train_start(self, trainer, pl_module):
-        micro = self.micro_batch_size or getattr(trainer.train_dataloader, "batch_size", None)
+        micro = self.micro_batch_size or _loader_batch_size(trainer.train_dataloader)
         if not micro:
-            raise ValueError("NoiseScaleCallback cannot read the train DataLoader's batch_size; "
-                             "pass micro_batch_size=")
+            raise ValueError("NoiseScaleCallback cannot read the micro-batch size: the train DataLoader has no "
+                             "batch_size, nor has its batch_sampler (one whose batches vary has none); pass "
+                             "micro_batch_size=")
         self.watch.start(pl_module, micro_batch_size=micro, accum_steps=trainer.accumulate_grad_batches,
                          world_size=trainer.world_size)
 
@@ -60,3 +62,15 @@ class NoiseScaleCallback(_pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.watch.close()
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """A DataLoader's examples per batch: its ``batch_size``, else its batch sampler's
+    (``DataLoader(batch_sampler=BatchSampler(..., 32, ...))`` leaves ``batch_size`` None)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    # Lightning may wrap a batch sampler (_IndexBatchSamplerWrapper keeps it as ._batch_sampler)
+    for source in (loader, sampler, getattr(sampler, "_batch_sampler", None)):
+        size = getattr(source, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None

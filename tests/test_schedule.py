@@ -1,0 +1,147 @@
+"""Loading a batch schedule file, as ``batchtune plan --schedule-out`` writes it or as a user edits it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from batchtune.config.spec import SpecError
+from batchtune.schedule import BatchSchedule, ScheduleStage
+
+_HEAD = "format: batchtune schedule 1\ntotal_samples: 6000\nwarmup_samples: 100\nworld_size: 1\nstages:\n"
+_FIRST = "- {start_samples: 0, batch_size: 16, micro_batch_size: 16, accum_steps: 1, lr: 0.01}\n"
+
+
+def _load(tmp_path, text: str, name: str = "schedule.yaml") -> BatchSchedule:
+    path = tmp_path / name
+    path.write_text(text)
+    return BatchSchedule.load(path)
+
+
+def _problems(tmp_path, text: str, name: str = "schedule.yaml") -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        _load(tmp_path, text, name)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("invalid batch schedule (")
+    return [line.strip().replace(str(tmp_path / name), "FILE") for line in lines[1:]]
+
+
+# The outside user's hand edits of a second stage (line 7): each loaded and hung, crashed later or raised a
+# raw TypeError; each is now one line with the file, the key path and the line.
+_STAGE_2 = "- {start_samples: 3000, %s}\n"
+
+
+@pytest.mark.parametrize("stage,expected", [
+    ("batch_size: 0, micro_batch_size: 0, accum_steps: 1, lr: 0.02",  # the sampler yielded forever
+     ["FILE:7: stages[1].batch_size: must be positive, got 0",
+      "FILE:7: stages[1].micro_batch_size: must be positive, got 0"]),
+    ("batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: -0.02",  # accepted silently
+     ["FILE:7: stages[1].lr: must be a positive number, got -0.02"]),
+    ("batchsize: 64, micro_batch_size: 32, accum_steps: 2, lr: 0.02",  # TypeError: unexpected keyword argument
+     ["FILE:7: stages[1].batchsize: unknown key (did you mean 'batch_size'?)",
+      "FILE:7: stages[1].batch_size: required key is missing"]),
+    ("batch_size: 64, micro_batch_size: 64, lr: 0.02",  # TypeError: missing 1 required positional argument
+     ["FILE:7: stages[1].accum_steps: required key is missing"]),
+    ("batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: fast",
+     ["FILE:7: stages[1].lr: must be a positive number, got 'fast'"]),
+    ("batch_size: 64.5, micro_batch_size: 32, accum_steps: 2, lr: 0.02",
+     ["FILE:7: stages[1].batch_size: must be a whole number, got 64.5"]),
+    ("batch_size: 48, micro_batch_size: 32, accum_steps: 2, lr: 0.02",
+     ["FILE:7: stages[1].batch_size: 48 is not micro-batch 32 × 2 accumulation × 1 ranks = 64"]),
+])
+def test_a_bad_stage_is_named_with_its_key_path_and_line(tmp_path, stage, expected):
+    assert _problems(tmp_path, _HEAD + _FIRST + _STAGE_2 % stage) == expected
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (("total_samples: 6000", "total_samples: -5"), ["FILE:2: total_samples: must be positive, got -5"]),
+    (("world_size: 1", "world_size: 0"), ["FILE:4: world_size: must be positive, got 0"]),
+    (("warmup_samples: 100", "warmup_samples: -1"), ["FILE:3: warmup_samples: must be at least 0, got -1"]),
+    (("warmup_samples: 100", "warmup: 100"), ["FILE:3: warmup: unknown key (did you mean 'warmup_samples'?)"]),
+    (("format: batchtune schedule 1", "format: batchtune schedule 2"),
+     ["FILE:1: format: unknown format 'batchtune schedule 2'; this batchtune reads 'batchtune schedule 1'"]),
+    (("world_size: 1", "world_size: 1\nworld_size: 2"),
+     ["FILE:5: world_size: duplicate key (the later value would silently win)",
+      "FILE:7: stages[0].batch_size: 16 is not micro-batch 16 × 1 accumulation × 2 ranks = 32"]),
+    (("start_samples: 0", "start_samples: 10"),
+     ["FILE:6: stages[0].start_samples: the first stage starts at 0, got 10"]),
+])
+def test_a_bad_top_level_value_is_named_with_its_line(tmp_path, edit, expected):
+    assert _problems(tmp_path, (_HEAD + _FIRST).replace(*edit)) == expected
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    text = ("format: batchtune schedule 1\n"
+            "total_samples: 3000.5\n"
+            "stages:\n"
+            "- start_samples: 0\n"
+            "  batch_size: 16\n"
+            "  micro_batch_size: 16\n"
+            "  accum_steps: 1\n"
+            "  lr: 0.01\n"
+            "- start_samples: 3000\n"
+            "  batch_size: 64\n"
+            "  micro_batch_size: 32\n"
+            "  accum_steps: 2\n"
+            "  lr: -1\n"
+            "- {start_samples: 2000, batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: 0.1, extra: 1}\n")
+    assert _problems(tmp_path, text) == [
+        "FILE:2: total_samples: must be a whole number, got 3000.5",
+        "FILE:13: stages[1].lr: must be a positive number, got -1",
+        "FILE:14: stages[2].extra: unknown key; a stage has start_samples, batch_size, micro_batch_size, "
+        "accum_steps, lr",
+        "FILE:14: stages[2].start_samples: stages start in increasing order: 2000 comes after 3000",
+    ]
+
+
+def test_numbers_written_as_yaml_1_1_strings_read_as_the_numbers_meant(tmp_path):
+    """PyYAML reads ``2e-2`` and ``6e3`` as strings: lr 2e-2 crashed in optimizer.step (bad operand type for
+    unary -: 'str'), total_samples 6e3 raised invalid literal for int(), batch_size "64" said 64 was not 32 × 2."""
+    text = (_HEAD.replace("6000", "6e3") + _FIRST
+            + '- {start_samples: 3000, batch_size: "64", micro_batch_size: 32, accum_steps: 2, lr: 2e-2}\n'
+            + '- {start_samples: 4000, batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: "1.5e-2"}\n')
+    schedule = _load(tmp_path, text)
+    assert schedule.total_samples == 6000 and isinstance(schedule.total_samples, int)
+    assert [(s.batch_size, s.lr) for s in schedule.stages] == [(16, 0.01), (64, 0.02), (64, 0.015)]
+    assert all(isinstance(s.lr, float) and isinstance(s.batch_size, int) for s in schedule.stages)
+    assert schedule.lr_at(3500) == 0.02 and schedule.lr_at(5000) == 0.015
+    # whole steps: 188 of 16 (to 3008), 16 of 2 x 32 (to 4032), 31 of 2 x 32 (to 6016)
+    assert sum(1 for _ in schedule.sampler(1000)) == 188 + 2 * 16 + 2 * 31
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    text = _HEAD + _FIRST + "  - {start_samples: 3000 batch_size: 64}\n"
+    assert _problems(tmp_path, text) == [
+        "FILE:7: not valid YAML: expected <block end>, but found '<block sequence start>'"]
+
+
+def test_a_file_that_is_not_a_schedule_says_so(tmp_path):
+    assert _problems(tmp_path, "name: my-run\nbase_batch_size: 32\n") == [
+        "FILE: not a batch schedule (no stages or total_samples): give a file batchtune plan --schedule-out wrote"]
+    assert _problems(tmp_path, "- 1\n- 2\n") == ["FILE: a batch schedule is a mapping with stages and total_samples, "
+                                                 "got list"]
+    with pytest.raises(SpecError, match=r"nothing.yaml: no such file"):
+        BatchSchedule.load(tmp_path / "nothing.yaml")
+
+
+def test_json_schedules_get_the_same_checks(tmp_path):
+    good = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.1)], total_samples=80).to_dict()
+    good["stages"][0]["batch_size"] = 0
+    assert _problems(tmp_path, json.dumps(good, indent=2), "s.json") == [
+        "FILE: stages[0].batch_size: must be positive, got 0"]
+    assert _problems(tmp_path, '{"stages": [\n}', "s.json") == ["FILE:2: not valid JSON: Expecting value"]
+
+
+def test_a_schedule_built_in_code_is_checked_the_same_way():
+    """``ScheduleStage(0, 0, 0, 1, 0.1)`` made a sampler that yielded forever."""
+    with pytest.raises(SpecError) as caught:
+        BatchSchedule([ScheduleStage(0, 0, 0, 1, 0.1), ScheduleStage(50, 8, 8, 1, math.nan)], total_samples=100)
+    assert str(caught.value).splitlines()[1:] == [
+        "  BatchSchedule(...): stages[0].batch_size: must be positive, got 0",
+        "  BatchSchedule(...): stages[0].micro_batch_size: must be positive, got 0",
+        "  BatchSchedule(...): stages[1].lr: must be a positive number, got nan"]
+    built = BatchSchedule([ScheduleStage(0, 8, 8, 1, 1)], total_samples=80.0)
+    assert built.total_samples == 80 and isinstance(built.total_samples, int) and built.stages[0].lr == 1.0
+    assert isinstance(built.stages[0].lr, float)
