@@ -240,11 +240,12 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
 
     lead = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.7, 0.9])]
     assert _turned_up(lead) == 0.5 and _turned_up(lead[:4]) is None
-    once, twice = {"evals": lead, "samples": 48}, {"evals": lead, "samples": 48}
-    assert "not overfitting: it saw no sample twice" in _turn_notes(once, 48)[0] and "overfit_at_loss" not in once
-    assert "overfitting (it saw the training set 2.0 times)" in _turn_notes(twice, 24)[0]
+    once, twice = ({"evals": lead, "samples": 48, "lr": 0.1, "batch_size": 8} for _ in range(2))
+    assert "not overfitting (it had not yet seen the training set's 48 samples once)" in _turn_notes(once, 48)[0]
+    assert "overfit_at_loss" not in once
+    assert "overfitting (it had seen the training set 2.0 times by then)" in _turn_notes(twice, 12)[0]
     # held at the level the best decreasing fit ends at (0.6, 0.5, 0.55, 0.7, 0.9 pool to 0.65), not the lowest dip
-    assert twice["overfit_at_loss"] == pytest.approx(0.65) and _turn_notes({"evals": lead[:4], "samples": 48}, 24) == []
+    assert twice["overfit_at_loss"] == pytest.approx(0.65) and _turn_notes({**once, "evals": lead[:4]}, 12) == []
     held = replace(TRUE_CURVE, lowest=_turned_up(lead))
     assert held(1e9) == 0.5 and held(100.0) == TRUE_CURVE(100.0) == 3.2
     n = 2e6
@@ -252,6 +253,51 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
     assert free.final_loss < 0.25 and stopped.final_loss == 0.5
     assert stopped.steps_to_target == pytest.approx(free.steps_to_target, rel=1e-6)  # the same curve down to it
     assert held.to_dict()["lowest"] == 0.5
+
+
+# An outside CNN's lead runs (batch 64, 30,000 training samples, 31,424 seen): at lr 0.1 it swung within one
+# pass and was called overfitting; at lr 0.02 it turned up after 27,520 samples, before any sample repeated.
+SWUNG = [(0, 1.713), (960, 1.011), (1728, 0.6133), (2112, 0.8072), (2560, 1.448), (3200, 1.039), (3968, 0.7111),
+         (4736, 0.5817), (5312, 0.884), (7872, 0.6379), (8704, 0.5934), (14976, 1.272), (20480, 1.267),
+         (27520, 1.261), (31424, 1.183)]
+PLATEAU = [(0, 1.713), (2112, 0.9544), (3712, 0.4998), (5312, 0.3814), (6336, 0.3599), (7104, 0.5009),
+           (7872, 0.3815), (12608, 0.3677), (19648, 0.3476), (26752, 0.3444), (27520, 0.344), (28288, 0.3726),
+           (29888, 0.4261), (30656, 0.4023), (31424, 0.4298)]
+
+
+def _lead(points, lr):
+    return {"evals": [[s // 64, s, 0.0, loss] for s, loss in points], "samples": 31424, "lr": lr, "batch_size": 64}
+
+
+@pytest.mark.parametrize("points, lr, n_train, said, level", [
+    (SWUNG, 0.1, 30_000, "the lead run's validation loss swung: 0.6133 after 1,728 samples, 1.448 after 2,560, "
+     "0.5817 after 4,736 (1.183 at the end): the loss is unstable at this lr (0.1 at batch 64), too high to settle; "
+     "not overfitting (a curve that falls again did not turn); try a lower lr (optimizer.lr)", None),
+    (SWUNG, 0.1, 3_000, "the lead run's validation loss swung: 0.6133", None),  # a swing is no turn, whatever the pass
+    (PLATEAU, 0.02, 30_000, "the lead run's validation loss turned up after 27,520 samples (0.344, then 0.4298 at "
+     "the end): not overfitting (it had not yet seen the training set's 30,000 samples once); the loss is unstable "
+     "at this lr (0.02 at batch 64), too high to settle, or the validation is noisy: a lower lr may settle lower; "
+     "the projection follows the curve before the turn and cannot foresee it", None),
+    (PLATEAU, 0.02, 3_000, "the lead run's validation loss turned up after 27,520 samples (0.344, then 0.4298 at "
+     "the end): overfitting (it had seen the training set 9.2 times by then)", 0.3793),
+])
+def test_a_turn_is_judged_from_the_samples_seen_at_it_and_a_swing_is_instability(points, lr, n_train, said, level):
+    from batchtune.commands.plan import _turn_notes
+
+    lead = _lead(points, lr)
+    notes = _turn_notes(lead, n_train)
+    assert len(notes) == 1 and notes[0].startswith(said), notes
+    assert lead.get("overfit_at_loss") == (level if level is None else pytest.approx(level, abs=1e-4))
+
+
+def test_noise_on_a_plateau_is_no_swing():
+    from batchtune.commands.plan import _swing
+
+    assert _swing(_lead(PLATEAU, 0.02)["evals"]) is None
+    assert _swing(_lead(SWUNG, 0.1)["evals"]) == ((0.6133, 1728), (1.448, 2560), (0.5817, 4736))
+    # a noisy but falling curve: its bumps are a few percent of what it learned
+    noisy = [[i, i * 8, 0.0, v] for i, v in enumerate([2.0, 1.2, 1.3, 0.9, 1.0, 0.7, 0.75, 0.6])]
+    assert _swing(noisy) is None and _swing(noisy[:2]) is None
 
 
 def test_noise_by_loss_reads_b_simple_where_the_run_was():

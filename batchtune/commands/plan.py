@@ -436,25 +436,60 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
 
 
 def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
-    """What it means that the lead run's loss turned up, and ``lead["overfit_at_loss"]`` where it
-    overfit: only a run that saw the training set more than once can (on fresh samples every step
-    follows the population's gradient, and a rise is an lr too high to settle, or noise)."""
+    """What it means that the lead run's loss swung or turned up, judged from the samples it had seen
+    at the turn; ``lead["overfit_at_loss"]`` where it overfit. Only a run that had seen the training
+    set once by its turn can overfit (before that every step follows the population's gradient, and
+    a rise is an lr too high to settle, or noise); a curve that rises and falls again is unstable at
+    any point (an outside CNN's lead run went 0.61, 1.45, 0.58, 1.18 within one pass and was called
+    overfitting)."""
+    where = f"{lead['lr']:.3g} at batch {lead['batch_size']}"
+    swing = _swing(lead["evals"])
+    if swing is not None:
+        (low, at_low), (peak, at_peak), (again, at_again) = swing
+        return [f"the lead run's validation loss swung: {low:.4g} after {at_low:,.0f} samples, {peak:.4g} after "
+                f"{at_peak:,.0f}, {again:.4g} after {at_again:,.0f} ({lead['evals'][-1][3]:.4g} at the end): the "
+                f"loss is unstable at this lr ({where}), too high to settle; not overfitting (a curve that falls "
+                "again did not turn); try a lower lr (optimizer.lr)"]
     turn = _turned_up(lead["evals"])
     if turn is None:
         return []
-    kept = falling(lead["evals"])
-    said = (f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples ({turn:.4g}, then "
+    at = falling(lead["evals"])[-1][1]  # the samples seen when the loss was lowest
+    said = (f"the lead run's validation loss turned up after {at:,.0f} samples ({turn:.4g}, then "
             f"{lead['evals'][-1][3]:.4g} at the end): ")
-    if lead["samples"] <= n_train:
-        return [said + "an lr too high to settle, or noise (not overfitting: it saw no sample twice); the projection "
-                "follows the curve before it and cannot foresee it"]
+    if at < n_train:
+        return [said + f"not overfitting (it had not yet seen the training set's {n_train:,} samples once); the "
+                f"loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: a lower lr "
+                "may settle lower; the projection follows the curve before the turn and cannot foresee it"]
     # the level, not the lowest point: on a noisy curve that is one lucky validation (the conv net's 0.296
     # among 0.31-0.40; no whole run reached it), where the best decreasing fit ends is what a run settles at
     level = decreasing_fit([e[3] for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])])[-1]
     lead["overfit_at_loss"] = level
-    return [said + f"overfitting (it saw the training set {lead['samples'] / n_train:.1f} times): the projection goes "
-            f"no lower than {level:.4g}, where its best decreasing fit ends, and a plan reaching that sooner trains "
-            "on past it for nothing (stop there, or add data or regularisation)"]
+    return [said + f"overfitting (it had seen the training set {at / n_train:.1f} times by then): the projection "
+            f"goes no lower than {level:.4g}, where its best decreasing fit ends, and a plan reaching that sooner "
+            "trains on past it for nothing (stop there, or add data or regularisation)"]
+
+
+#: A rise and a fall again, each by this share of the run's whole drop (and of the loss it rose from), is a swing.
+SWING = 0.25
+
+
+def _swing(evals: list[list[float]]) -> tuple[tuple[float, float], ...] | None:
+    """The largest swing of a validation curve (points as :func:`falling` takes them): ((low, samples),
+    (peak, samples), (low again, samples)), where the peak lies more than :data:`SWING` of the curve's
+    whole drop (and of each low) above the lowest point before it and the lowest after it; None
+    when there is none. Noise on a plateau moves the loss by a few percent, a swing by a large share
+    of all the run has learned."""
+    finite = [(e[3], e[1]) for e in evals if e[3] is not None and math.isfinite(e[3])]
+    if len(finite) < 3:
+        return None
+    drop = finite[0][0] - min(v for v, _ in finite)
+    best, size = None, 0.0
+    for j in range(1, len(finite) - 1):
+        before, after = min(finite[:j]), min(finite[j + 1:])
+        rise, fall = finite[j][0] - before[0], finite[j][0] - after[0]
+        if rise > SWING * max(drop, before[0]) and fall > SWING * max(drop, after[0]) and min(rise, fall) > size:
+            best, size = (before, finite[j], after), min(rise, fall)
+    return best
 
 
 def _turned_up(evals: list[list[float]]) -> float | None:
