@@ -460,13 +460,34 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
         return [said + f"not overfitting (it had not yet seen the training set's {n_train:,} samples once); the "
                 f"loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: a lower lr "
                 "may settle lower; the projection follows the curve before the turn and cannot foresee it"]
-    # the level, not the lowest point: on a noisy curve that is one lucky validation (the conv net's 0.296
-    # among 0.31-0.40; no whole run reached it), where the best decreasing fit ends is what a run settles at
-    level = decreasing_fit([e[3] for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])])[-1]
+    level = overfit_level([e[3] for e in lead["evals"]])
     lead["overfit_at_loss"] = level
     return [said + f"overfitting (it had seen the training set {at / n_train:.1f} times by then): the projection "
-            f"goes no lower than {level:.4g}, where its best decreasing fit ends, and a plan reaching that sooner "
-            "trains on past it for nothing (stop there, or add data or regularisation)"]
+            f"goes no lower than {level:.4g}, the level the run held at its lowest, and a plan reaching that "
+            "sooner trains on past it for nothing (stop there, or add data or regularisation)"]
+
+
+HELD = 3  # validations in a row whose median is a level a run held (one validation is a lucky dip)
+
+
+def held_level(losses: list[float | None]) -> float:
+    """The lowest level a validation curve held: the least median of :data:`HELD` validations in a
+    row (the lowest one alone where there are fewer); inf with no finite loss."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    if len(finite) < HELD:
+        return min(finite, default=math.inf)
+    return min(statistics.median(finite[i:i + HELD]) for i in range(len(finite) - HELD + 1))
+
+
+def overfit_level(losses: list[float | None]) -> float:
+    """Where a run that overfit settled: the end of its best decreasing fit, but never above the
+    level it held at its lowest (:func:`held_level`). Not the lowest point: on a noisy curve that is
+    one lucky validation (the conv net's 0.296 among 0.31-0.40; no whole run reached it). Not the fit
+    alone: it pools the rise after the turn, and on a curve that rose far it ended above a loss the
+    run had held (an outside CNN's fit ended at 0.976 after 0.58-0.71, so every plan was projected to
+    stop at 0.976 and its target was reached in 8 steps)."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    return min(decreasing_fit(finite)[-1], held_level(finite)) if finite else math.inf
 
 
 #: A rise and a fall again, each by this share of the run's whole drop (and of the loss it rose from), is a swing.
@@ -566,6 +587,10 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
                         deadline_seconds)
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
+        return result
+    if lead is not None and _swing(lead["evals"]) is not None:
+        result.notes.append("nothing projected: the lead run's loss swung (above), so a run at these lrs follows "
+                            "no loss curve the calibration can read; plan again with a lower lr (optimizer.lr)")
         return result
     law = _critical_law(result, rows, meta, lead)
     if law is None:
