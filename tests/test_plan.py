@@ -481,6 +481,59 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
 
 
+# The outside CNN's verified constant 32 (lr 0.05): down to 0.73 in 625 steps, at chance (1.39) from step 2,500 on.
+COLLAPSED = [1.7131, 0.7993, 0.7273, 0.788, 0.9893, 0.8251, 0.9942, 0.9394, 1.4036, 1.3552, 1.1952, 1.3844, 1.3873,
+             1.1393, 1.3566] + [1.3875, 1.3896, 1.386, 1.3871, 1.3887, 1.3883, 1.3858, 1.3885, 1.3896, 1.3935, 1.391]
+# Its lr 0.01 twin's constant 64: flat and noisy from 0.33 to 0.44, ending at 0.367.
+SETTLED = [1.713, 0.411, 0.358, 0.425, 0.33, 0.443, 0.37, 0.329, 0.346, 0.342, 0.354, 0.395, 0.347, 0.351, 0.409,
+           0.359, 0.322, 0.347, 0.336, 0.377, 0.344, 0.331, 0.362, 0.405, 0.356, 0.383, 0.361, 0.347, 0.367]
+
+
+@pytest.mark.parametrize("losses, projected, expected", [
+    (COLLAPSED, 0.9763, True), (COLLAPSED, 1.5, False),  # above where it had been, but not above the projection
+    (SETTLED, 0.3815, False), (SETTLED[:3] + [0.9, 1.2, 1.3], None, True),
+])
+def test_a_verified_run_that_ends_far_above_where_it_had_been_collapsed(losses, projected, expected):
+    from batchtune.commands.plan import collapsed
+
+    run = {"evals": [[i * 313, 0.1 * i, loss] for i, loss in enumerate(losses)]}
+    assert collapsed(run, projected) is expected
+    assert collapsed({"evals": run["evals"][:2], "diverged_at": 40}, projected)  # a non-finite loss: collapsed
+
+
+def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as_a_pass():
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _collapse_notes, _verified, _verified_rank
+    from batchtune.render.plan import render_plan
+
+    evals = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(COLLAPSED)]
+    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "end_loss": 1.3, "total_seconds": 20.0, "evals": evals}
+    projected = {"final_loss": 0.9763, "steps": 11.0, "seconds": 0.02, "total_seconds": 18.9}
+    plans = {"constant 32": _verified([run], projected)}
+    assert plans["constant 32"]["collapsed"] == 1 and run["collapsed"] is True
+    result = SimpleNamespace(verified={"target": 0.9861, "plans": plans, "best": "constant 32"})
+    assert _collapse_notes(result) == [
+        "verified: constant 32 collapsed: its validation loss ended at 1.391 (the median of its last 3), 1.8x the "
+        "0.788 it had held, and above the projected final loss 0.9763; reaching the target on the way is no pass: a "
+        "run of this plan ends there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower "
+        "lr"]
+    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf, "diverged_at": 1234,
+                "total_steps": 1234, "evals": evals[:3]}
+    plans["constant 64"] = _verified([diverged, {**run, "evals": evals[:4]}], {**projected, "final_loss": 0.5})
+    assert _collapse_notes(result)[1].startswith("verified: constant 64 diverged in 1 of 2 seeds (a non-finite loss "
+                                                 "at step 1,234); reaching the target on the way is no pass")
+    settled = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(SETTLED)]
+    calm = _verified([{**run, "steps": None, "seconds": None, "evals": settled}], projected)  # never got there
+    ranked = sorted([("constant 32", plans["constant 32"]), ("calm", calm)], key=lambda kv: _verified_rank(kv[1]))
+    assert [name for name, _ in ranked] == ["calm", "constant 32"]  # a collapsed crossing ranks last
+    shown = SimpleNamespace(name="cnn", samples=400_000, gpus=1, calibration={}, critical_batch_by_loss={},
+                            final_target=None, schedule=None, recommendation=None, verified=result.verified,
+                            schedule_path=None, notes=[])
+    table = render_plan(shown)
+    assert "\nconstant 32  1/1 (collapsed)  " in table and "\nconstant 64  1/2 (1 collapsed)  " in table
+
+
 def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     """It named the run that calibrates every size at its minimum steps (476,160 samples for an outside
     CNN whose plan ran from 61,440 up); now the run that calibrates the two smallest sizes, which plans."""

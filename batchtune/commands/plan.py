@@ -58,6 +58,7 @@ THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
+COLLAPSE = 0.25  # a verified run ending this much above the level it had held (and above the projection) collapsed
 
 
 @dataclass
@@ -182,7 +183,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
     elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
-        result.notes += _verified_notes(result)
+        result.notes += _verified_notes(result) + _collapse_notes(result)
         dist.on_main(lambda: folder.write_json("plan.json", result.to_dict()))
     return result
 
@@ -866,8 +867,44 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
 
 
 def _verified_rank(v: dict[str, Any]) -> tuple:
-    """Better first: reached the target (sooner), else the lower end of the loss curve."""
-    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v["end_loss"])
+    """Better first: did not collapse in most seeds, reached the target (sooner), else the lower end of the loss
+    curve."""
+    return (2 * v.get("collapsed", 0) > len(v.get("runs", ())), v["seconds"] is None,
+            v["seconds"] if v["seconds"] is not None else v["end_loss"])
+
+
+def collapsed(run: dict[str, Any], projected_final: float | None) -> bool:
+    """Whether a verified run collapsed: it diverged, or its validation loss ended (the median of its last
+    :data:`HELD` validations) more than :data:`COLLAPSE` above the level it had held (:func:`held_level`)
+    and above the projected final loss. Such a run may have crossed the target on its way down: an
+    outside CNN's reached it in 139 steps, then ended at chance (1.396); the crossing is no pass."""
+    losses = [e[2] for e in run["evals"] if e[2] is not None and math.isfinite(e[2])]
+    if run.get("diverged_at") is not None or not losses:
+        return True
+    end = statistics.median(losses[-HELD:])
+    return end > (1 + COLLAPSE) * held_level(losses) and (projected_final is None or end > projected_final)
+
+
+def _collapse_notes(result: PlanResult) -> list[str]:
+    """A note for each verified plan that collapsed in some seed (:func:`collapsed`), with the first one's numbers."""
+    notes = []
+    for name, v in result.verified["plans"].items():
+        bad = [r for r in v["runs"] if r["collapsed"]]
+        if not bad:
+            continue
+        r, seeds = bad[0], (f" in {len(bad)} of {len(v['runs'])} seeds" if len(v["runs"]) > 1 else "")
+        if r.get("diverged_at") is not None:
+            how = f"diverged{seeds} (a non-finite loss at step {r['diverged_at']:,})"
+        else:
+            losses = [e[2] for e in r["evals"] if math.isfinite(e[2])]
+            end, held = statistics.median(losses[-HELD:]), held_level(losses)
+            projected = v.get("projected_final_loss")
+            how = (f"collapsed{seeds}: its validation loss ended at {end:.4g} (the median of its last {HELD}), "
+                   f"{end / held:.1f}x the {held:.4g} it had held"
+                   + (f", and above the projected final loss {projected:.4g}" if projected is not None else ""))
+        notes.append(f"verified: {name} {how}; reaching the target on the way is no pass: a run of this plan ends "
+                     "there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower lr")
+    return notes
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
@@ -898,7 +935,10 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
     # flattest, so its crossing moves by thousands of steps for a 1% error in the loss level
     whole = [r["total_seconds"] for r in runs if r.get("total_seconds") is not None]
     total = statistics.median(whole) if len(whole) == len(runs) else None
+    for r in runs:
+        r["collapsed"] = collapsed(r, projected.get("final_loss"))
     return {"steps": med_steps, "seconds": med_seconds, "reached": f"{len(steps)}/{len(runs)}",
+            "collapsed": sum(r["collapsed"] for r in runs),
             "final_loss": statistics.median(r["final_loss"] for r in runs),
             # where the curve ends, on its best decreasing fit: the last validation alone is noisy
             "end_loss": statistics.median(r["end_loss"] for r in runs),
@@ -927,7 +967,8 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
             seconds += step_seconds
             seen, steps = seen + stage.batch_size, steps + 1
             if not finite:
-                return {"steps": None, "seconds": None, "final_loss": math.inf, "diverged_at": steps, "evals": evals}
+                return {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf,
+                        "diverged_at": steps, "total_steps": steps, "evals": [list(e) for e in evals]}
             if seen >= next_eval or seen >= schedule.total_samples:
                 evals.append((steps, seconds, loop.evaluate(eval_size, eval_samples)))
                 next_eval += every
