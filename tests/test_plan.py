@@ -88,6 +88,26 @@ def test_projection_counts_steps_and_seconds_and_the_schedule_beats_constants():
     assert true_law(TRUE_CURVE(0)) < 256 < 1024 < 2 * true_law(schedule.final_loss)
 
 
+def test_the_runs_warmup_is_counted_at_the_lrs_share_of_progress():
+    """A linear warmup over W samples makes the progress of W/2 at the full lr: at B = B_crit (each sample half
+    a tiny batch's), a run of N ends at E_min = (N - W/2)/2, and the calibration's E_min counts its warmup alike."""
+    from batchtune.stats.projection import warmup_share
+
+    assert [warmup_share(0, 100, 100), warmup_share(0, 200, 100), warmup_share(50, 100, 100)] == [0.5, 0.75, 0.75]
+    assert warmup_share(100, 200, 100) == warmup_share(0, 100, 0) == 1.0 and warmup_share(30, 30, 100) == 0.3
+
+    def crit(loss):
+        return 100.0
+
+    n, w = 300_000, 15_000  # the outside GRU's run and its 5% warmup (its schedule file said 185)
+    curve = LossCurve(floor=0.0, scale=3.0, decay=0.3, residual=0.0, points=0)
+    plain, warm = (project([Stage(0.0, 100, 1000.0)], n, curve, crit, warmup=x) for x in (0.0, w))
+    assert plain.final_loss == pytest.approx(curve(n / 2), rel=1e-9)
+    assert warm.final_loss == pytest.approx(curve((n - w / 2) / 2), rel=1e-6)
+    assert warm.total_steps == pytest.approx(n / 100) == plain.total_steps  # it slows progress, not steps
+    assert min_samples([w, n], [1.0, 0.5], 100, crit, warmup=w) == pytest.approx([w / 4, (n - w / 2) / 2])
+
+
 def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
     from batchtune.cli import written_by_batchtune
 
@@ -315,9 +335,9 @@ def test_a_lead_run_that_swung_projects_nothing():
                 "evals": [[i, i * size, 0.0, l] for i, l in enumerate(losses)]}
 
     rows = [row(b, [1.7, 1.0, 0.7, 0.6]) for b in (16, 32, 64)]
-    result = _analyse(SimpleNamespace(name="cnn"), {}, rows, {16: 1.0, 32: 1.0, 64: 1.0}, 400_000,
-                      lead=_lead(SWUNG, 0.1), throughput={}, gpus=1, price_per_hour=None, deadline_seconds=None,
-                      tolerance=0.01)
+    result = _analyse(SimpleNamespace(name="cnn", sweep=SimpleNamespace(warmup=0.05)), {}, rows,
+                      {16: 1.0, 32: 1.0, 64: 1.0}, 400_000, lead=_lead(SWUNG, 0.1), throughput={}, gpus=1,
+                      price_per_hour=None, deadline_seconds=None, tolerance=0.01)
     assert result.notes == ["nothing projected: the lead run's loss swung (above), so a run at these lrs follows no "
                             "loss curve the calibration can read; plan again with a lower lr (optimizer.lr)"]
     assert result.critical_batch_by_loss == {} and result.recommendation is None and result.exit_code == 1
@@ -393,6 +413,9 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
         c for c in data["constant"] if f"constant {c['batch_size']}" == picked_plan]
     assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in stages]
     assert loaded.total_samples == n and data["schedule_path"] == str(tmp_path / "schedule.yaml")
+    # the run's warmup is sweep.warmup (5%) of the run, not of one calibration trial
+    assert loaded.warmup_samples == data["warmup_samples"] == int(0.05 * n)
+    assert data["calibration"]["warmup_samples"] == int(0.05 * per_trial)
 
 
 def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):

@@ -82,6 +82,7 @@ class PlanResult:
     verified: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     schedule_path: str | None = None
+    warmup_samples: int = 0  # the run's linear lr warmup: sweep.warmup of its samples
 
     @property
     def exit_code(self) -> int:
@@ -99,7 +100,7 @@ class PlanResult:
             "recommendation": self.recommendation, "projection": self.projection, "constant": self.constant,
             "schedule": self.schedule, "gpus": self.gpus, "price_per_hour": self.price_per_hour,
             "deadline_seconds": self.deadline_seconds, "verified": self.verified, "notes": self.notes,
-            "schedule_path": self.schedule_path,
+            "schedule_path": self.schedule_path, "warmup_samples": self.warmup_samples,
         }
 
 
@@ -585,7 +586,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     (``best``: each size's lr multiplier, :func:`_best_lrs`)."""
     targets = calibration_targets(rows, best)
     result = PlanResult(spec.name, n, {}, targets, None, {}, {}, [], None, None, None, gpus, price_per_hour,
-                        deadline_seconds)
+                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n))
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
         return result
@@ -604,7 +605,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
             if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
     for r in runs + ([lead] if lead else []):
         evals = [(e[1], e[3]) for e in falling(r["evals"]) if e[1] > warmup]
-        e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law)
+        e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law, warmup)
         curve_points += [(m, l) for m, (_, l) in zip(e_min, evals)]
     # The projection extends the curve beyond its last decade of E_min: fit that decade (early
     # training follows other laws: warmup, the first fast drop) unless it holds too few points.
@@ -724,11 +725,12 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
     scale = gpus // meta.get("world_size", 1)  # 1 under torchrun (--gpus is the world size there)
     rates = {size * scale: rate * scale for size, rate in measured.items()}
     plans: dict[str, list[Stage]] = {f"constant {b}": [Stage(0.0, b, tp)] for b, tp in sorted(rates.items())}
-    best_final = min(project(stages, n, curve, law).final_loss for stages in plans.values())
+    warmup = result.warmup_samples  # the run's, as the schedule file and --verify give it
+    best_final = min(project(stages, n, curve, law, warmup=warmup).final_loss for stages in plans.values())
     target = best_final + tolerance * abs(best_final)
     result.final_target = target
-    projected = {name: project(stages, n, curve, law, target) for name, stages in plans.items()}
-    schedule = best_schedule(rates, n, curve, law, target)
+    projected = {name: project(stages, n, curve, law, target, warmup=warmup) for name, stages in plans.items()}
+    schedule = best_schedule(rates, n, curve, law, target, warmup)
     if schedule is not None:
         projected["schedule"] = schedule
     for name, p in projected.items():
@@ -826,7 +828,7 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
     """The schedule (or, given ``stages``, any plan) as a :class:`BatchSchedule` a loop can follow,
     on the plan's devices: each stage's micro-batch is one device's."""
     stages = stages or result.schedule["stages"]
-    warmup = result.calibration.get("warmup_samples", 0)
+    warmup = result.warmup_samples
     return BatchSchedule([ScheduleStage(s["start_samples"], s["batch_size"], s["micro_batch_size"],
                                         s["accum_steps"], s["lr"]) for s in stages],
                          result.samples, int(warmup), world_size=result.gpus,
