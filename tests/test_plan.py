@@ -202,6 +202,43 @@ def test_two_devices_are_measured_under_torchrun_and_assumed_in_one_process(worl
         assert _schedule_artifact(result, [{"start_samples": 0, **c}]).world_size == 2
 
 
+def test_the_throughput_timing_records_the_machines_load_and_says_which_sizes_ran_busy(monkeypatch):
+    """An outside GRU plan timed 4,047 / 7,332 / 6,526 / 19,922 samples/s at 16/32/64/128 while other work
+    took the cores, and said nothing: each size's timing now carries the sweep's load reading, and a note
+    names the busy ones."""
+    from batchtune.commands.plan import loop_throughput
+    from batchtune.commands.sweep_analysis import busy_notes
+    from batchtune.config.spec import load_spec
+    from batchtune.engine import host
+    from batchtune.engine.trial import prepare
+
+    busy_sizes = iter([False, True])  # the second size timed while others took 1.4 cores
+
+    class Meter:
+        @classmethod
+        def start(cls):
+            return cls()
+
+        def reading(self, threads):
+            busy = next(busy_sizes)
+            return {"cores": 2, "threads": threads, "other_cores": 1.4 if busy else 0.1, "load_1m": 1.0,
+                    "busy": busy, "contention": 0.0}
+
+    monkeypatch.setattr(host, "LoadMeter", Meter)
+    spec, components, backend = prepare(load_spec("configs/quickstart.yaml", ["device.memory_limit=null"]))
+    meta = {"candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (32, 64)],
+            "base_lrs": {"32": 0.001, "64": 0.0014}}
+    rates, samples, loads = loop_throughput(spec, components, backend, meta, {32: 1.0, 64: 1.0}, steps=2)
+    assert sorted(rates) == [32, 64] and samples == 6 * (32 + 64)
+    threads = torch.get_num_threads()
+    assert loads == [{"batch_size": 32, "busy": False, "other_cores": 0.1, "threads": threads},
+                     {"batch_size": 64, "busy": True, "other_cores": 1.4, "threads": threads}]
+    assert busy_notes(loads, "throughput timings", "their samples/s, and the times projected from them, are") == [
+        "the machine was busy during 1 of 2 throughput timings (batch 64; other processes used up to 1.4 cores): "
+        "their samples/s, and the times projected from them, are not trustworthy; rerun on a quiet machine"
+        + (" or with fewer torch threads (device.threads)" if threads > 1 else "")]
+
+
 def test_the_calibration_trains_the_sizes_it_can_give_an_equal_share():
     """2M samples, 10% for the short trials, 6 per size: 8..1024 would leave 502 samples a trial
     for the small sizes beside 16 steps of 1024; 8..256 all get 5,555 (>= 16 x 256)."""

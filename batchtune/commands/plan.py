@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from batchtune.commands.sweep_analysis import decreasing_fit, lowest_reached
+from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
 from batchtune.errors import UsageError
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
@@ -346,6 +346,7 @@ class _Calibration:
     lead: dict[str, Any] | None
     throughput: dict[int, float]  # global samples/s per global size (:func:`loop_throughput`)
     timed_samples: int
+    timing_load: list[dict[str, Any]]  # each size's timing: batch_size and other work's load (host.LoadMeter)
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
@@ -369,8 +370,9 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
                      "the noise scale further down than the short trials reach")
         notes += _turn_notes(lead, len(components.train_set))
         dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
-    throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
-    return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
+    throughput, timed, load = loop_throughput(spec, components, backend, sweep.meta, best)
+    notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
+    return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed, load)
 
 
 def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, world_size: int) -> dict[str, Any]:
@@ -379,7 +381,8 @@ def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, w
     return {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
             "warmup_samples": int(spec.sweep.warmup * per_trial), "trials": len(cal.rows),
             "seeds": cal.meta["seeds"], "run_dir": str(cal.run_dir), "world_size": world_size,
-            "samples_per_s": {str(size): rate for size, rate in sorted(cal.throughput.items())}}
+            "samples_per_s": {str(size): rate for size, rate in sorted(cal.throughput.items())},
+            "timing_load": cal.timing_load}
 
 
 def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
@@ -678,10 +681,12 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
 
 
 def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
-                    steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int]:
+                    steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int, list[dict[str, Any]]]:
     """Samples per second per (global) size, timed in the loop ``--verify`` (and a user's loop) runs:
     ``steps`` steps after :data:`THROUGHPUT_WARMUP`, at the size's shape and best lr, from their
-    median step time; and the samples that took. The sweep's own timing runs inside its measuring
+    median step time; the samples that took; and each size's ``batch_size`` with other work's load
+    while it was timed (``busy``, ``other_cores``, ``threads``: :class:`~batchtune.engine.host.LoadMeter`,
+    as the sweep's trials record it). The sweep's own timing runs inside its measuring
     trainer, whose per-step bookkeeping weighs on small batches (20% at 32 samples of the quickstart
     MLP). The median, not the total: 16 steps of 1.3 ms timed as one total read 1.2 to 3.6 ms on a
     shared machine, and the constant plan's verified time came out 33% over its projection.
@@ -690,18 +695,25 @@ def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, An
     the global batch, DDP's all-reduce); a step's time is the slowest rank's, so every rank gets
     the same rates, and they include the communication a one-device timing leaves out.
     """
+    import torch
+
+    from batchtune.engine.host import LoadMeter
+
     shapes = {c["batch_size"]: c for c in meta["candidates"]}
-    rates, samples = {}, 0
+    rates, samples, loads = {}, 0, []
     for size, mult in sorted(best.items()):
+        meter = LoadMeter.start()
         stage = ScheduleStage(0, size, shapes[size]["micro_batch_size"], shapes[size]["accum_steps"],
                               meta["base_lrs"][str(size)] * mult)
         loop = _PlainLoop.build(spec, components, backend, stage.lr, spec.seed)
         stream = loop.stream(stage.micro_batch_size, spec.seed)
         times = [loop.agreed(*loop.step(stream, stage))[1] for _ in range(THROUGHPUT_WARMUP + steps)]
         rates[size] = size / statistics.median(times[THROUGHPUT_WARMUP:])
+        load = meter.reading(torch.get_num_threads())
+        loads.append({"batch_size": size, **{k: load[k] for k in ("busy", "other_cores", "threads")}})
         samples += (THROUGHPUT_WARMUP + steps) * size
         del loop
-    return rates, samples
+    return rates, samples, loads
 
 
 def _plan_dict(p: Projection, gpus: int, price: float | None) -> dict[str, Any]:
