@@ -663,7 +663,8 @@ def plan(
     samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="The run's length in samples.")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0,
                                                     help="... or in epochs of the training set.")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data).")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data: each "
+                                                                          "sample's target a token sequence).")] = None,
     gpus: Annotated[Optional[int], typer.Option(
         "--gpus", min=1, help="Devices the run gets (data parallel). One process: default 1, and G > 1 assumes "
                               "linear scaling; under torchrun the ranks are measured and this must be the world "
@@ -681,7 +682,7 @@ def plan(
                                                           "beside a schedule) over the whole run.")] = False,
     verify_seeds: Annotated[int, typer.Option("--verify-seeds", min=1, help="Seeds per verified plan.")] = 1,
     schedule_out: Annotated[Optional[Path], typer.Option("--schedule-out", help="Write the schedule here "
-                                                                               "(.yaml or .json).")] = None,
+                                                                               "(.yaml, .yml or .json).")] = None,
     force: ForceOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder.")] = None,
     fmt: FormatOpt = Format.table,

@@ -134,7 +134,7 @@ class BatchSchedule:
         from batchtune.render.run_folder import atomic_write
 
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -152,7 +152,7 @@ class BatchSchedule:
         """
         path = Path(path)
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text)

@@ -254,6 +254,10 @@ def test_the_calibration_trains_the_sizes_it_can_give_an_equal_share():
 def test_run_length_options_and_deadlines():
     assert run_samples(None, 1000, 1, epochs=2.5) == 2500
     assert run_samples(None, 1000, 128, tokens=128_000) == 1000
+    with pytest.raises(UsageError, match=r"--tokens 100000: this data has no tokens \(each sample's target is one "
+                                         r"value, not a sequence of token ids\), so a run cannot be counted in them: "
+                                         "give --samples or --epochs"):
+        run_samples(None, 1000, 1, tokens=100_000)  # a float-feature classifier: 1 'token' a sample
     with pytest.raises(UsageError, match="exactly one"):
         run_samples(None, 1000, 1, samples=10, epochs=1.0)
     assert parse_deadline("12h") == 43200 and parse_deadline("90min") == 5400 and parse_deadline("2") == 7200
@@ -484,10 +488,15 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
         (["--samples", "10", "--epochs", "1"], "exactly one of"),
         (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a duration such as 12h"),
         (["--samples", "1000"], "too short to plan"),
+        (["--tokens", "100000"], "--tokens 100000: this data has no tokens"),  # float features and a class each
+        (["--samples", "400000", "--schedule-out", str(tmp_path / "sched.txt")],
+         f"--schedule-out {tmp_path / 'sched.txt'}: a schedule is written as YAML or JSON; name a .yaml, .yml or "
+         ".json file"),
     ]:
         result = runner.invoke(app, ["plan", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and "Traceback" not in result.output
+        assert not (tmp_path / "r").exists() and not (tmp_path / "sched.txt").exists()  # refused before calibrating
 
 
 def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(tmp_path):

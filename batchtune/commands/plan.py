@@ -58,6 +58,7 @@ THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
+SCHEDULE_SUFFIXES = (".yaml", ".yml", ".json")  # what --schedule-out writes (BatchSchedule.save)
 COLLAPSE = 0.25  # a verified run ending this much above the level it had held (and above the projection) collapsed
 
 
@@ -106,11 +107,22 @@ class PlanResult:
 
 def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int | None = None,
                 epochs: float | None = None, tokens: int | None = None) -> int:
-    """The run's length in samples from exactly one of ``samples``, ``epochs`` or ``tokens``."""
+    """The run's length in samples from exactly one of ``samples``, ``epochs`` or ``tokens``.
+
+    ``tokens_per_sample`` is :meth:`~batchtune.config.components.Components.tokens_per_sample`: above 1
+    only for token data (a sequence of integer targets per sample, or variable-length samples).
+
+    Raises:
+        UsageError: not exactly one is given, the run is empty, or ``tokens`` counts data that has none
+            (an outside float-feature classifier's ``--tokens 100000`` ran as 100,000 samples).
+    """
     given = [name for name, v in (("--samples", samples), ("--epochs", epochs), ("--tokens", tokens)) if v is not None]
     if len(given) != 1:
         raise UsageError("give the run's length as exactly one of --samples, --epochs or --tokens"
                          + (f" (got {', '.join(given)})" if given else ""))
+    if tokens is not None and tokens_per_sample <= 1:
+        raise UsageError(f"--tokens {tokens}: this data has no tokens (each sample's target is one value, not a "
+                         "sequence of token ids), so a run cannot be counted in them: give --samples or --epochs")
     if samples is not None:
         n = samples
     elif epochs is not None:
@@ -139,7 +151,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
 
     Raises:
-        UsageError: the run's length is missing or too short to calibrate on, or the options conflict.
+        UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
+            calibrate on; ``schedule_out`` is not a .yaml, .yml or .json file; or the options conflict.
         SpecError: the spec cannot be swept as given.
     """
     from batchtune.engine.distributed import current
@@ -147,6 +160,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     from batchtune.render.run_folder import RunFolder
 
     dist = current()
+    if schedule_out is not None and Path(schedule_out).suffix.lower() not in SCHEDULE_SUFFIXES:
+        raise UsageError(f"--schedule-out {schedule_out}: a schedule is written as YAML or JSON; name a .yaml, "
+                         ".yml or .json file")
     if not 0 < calibration_share <= 0.2:
         raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
     gpus = _device_count(gpus, dist.world_size, verify)
