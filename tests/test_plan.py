@@ -375,13 +375,49 @@ def test_a_lead_run_that_swung_projects_nothing():
         return {"batch_size": size, "lr_multiplier": 1.0, "fits": True, "diverged": False,
                 "evals": [[i, i * size, 0.0, l] for i, l in enumerate(losses)]}
 
-    rows = [row(b, [1.7, 1.0, 0.7, 0.6]) for b in (16, 32, 64)]
+    rows = [row(b, [1.7, 1.0, 0.7, 0.5, 0.4]) for b in (16, 32, 64)]  # they learned: the lead's swing says no
     result = _analyse(SimpleNamespace(name="cnn", sweep=SimpleNamespace(warmup=0.05)), {}, rows,
                       {16: 1.0, 32: 1.0, 64: 1.0}, 400_000, lead=_lead(SWUNG, 0.1), throughput={}, gpus=1,
                       price_per_hour=None, deadline_seconds=None, tolerance=0.01)
     assert result.notes == ["nothing projected: the lead run's loss swung (above), so a run at these lrs follows no "
                             "loss curve the calibration can read; plan again with a lower lr (optimizer.lr)"]
     assert result.critical_batch_by_loss == {} and result.recommendation is None and result.exit_code == 1
+
+
+def _flat(first, level, size, seed, points=20, dip=0.0):
+    """A calibration curve that drops from ``first`` to ``level`` in its first steps, then stays (``dip``: and
+    ends that much lower)."""
+    losses = [first, level + 0.1] + [level * (1 - dip * i / (points - 3)) for i in range(points - 2)]
+    return {"batch_size": size, "seed": seed, "lr_multiplier": 1.0, "fits": True, "diverged": False,
+            "evals": [[i, i * size, 0.0, loss] for i, loss in enumerate(losses)]}
+
+
+def test_a_model_that_did_not_learn_is_said_not_to_and_gets_no_critical_batch_table():
+    """An outside CNN on data too noisy to learn (noise 3.0): every run fell from 1.5-1.9 to chance, 1.39, in
+    its first steps and stayed there (the best, 1.40 to 1.24); its plan printed B_crit 17 to 614 over losses
+    1.55 to 1.39 and said only 'too few validation points after warmup to fit the loss curve'."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _analyse, _learning_notes, learning
+
+    chance = [_flat(1.919, 1.386, b, 0) for b in (16, 32, 64)] + [_flat(1.496, 1.397, 32, 1, dip=0.11)]
+    lead = {**_flat(1.919, 1.386, 64, 0, points=60), "samples": 31_424}
+    # from sample 64 (10% of 608): the median of 1.397, 1.388, 1.379; the lowest median of 3 after: the last three's
+    expected = (1.496, 1.397 * (1 - 0.11 / 17), 1.397 * (1 - 0.11 * 16 / 17))
+    assert learning(chance[-1]["evals"]) == pytest.approx(expected)
+    said = ("the model did not learn from this data in the calibration: no run held a validation loss 15% below "
+            "where it was after 10% of its samples, nor half its first (the most: batch 32, seed 1, 1.388 to 1.252); "
+            "the loss stayed about where the first steps take it (for a classifier, predicting the class "
+            "frequencies): check the data, the labels, the loss and the lr. Nothing projected, and no critical batch "
+            "read off the first steps' drop")
+    assert _learning_notes(chance, lead) == [said]
+    result = _analyse(SimpleNamespace(name="cnn", sweep=SimpleNamespace(warmup=0.05)), {}, chance,
+                      {16: 1.0, 32: 1.0, 64: 1.0}, 400_000, lead=lead, throughput={}, gpus=1, price_per_hour=None,
+                      deadline_seconds=None, tolerance=0.01)
+    assert result.notes == [said] and result.critical_batch_by_loss == {} and result.exit_code == 1
+    assert _learning_notes(chance + [_flat(1.9, 1.3, 16, 1, dip=0.2)], lead) == []  # one run learned: 20% lower
+    # converged in its first 10% (nothing left to learn after), but to under half its first loss: it learned
+    assert _learning_notes([_flat(2.3, 0.4, b, 0) for b in (16, 32)], None) == []
 
 
 def test_noise_on_a_plateau_is_no_swing():

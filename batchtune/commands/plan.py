@@ -609,6 +609,11 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
         return result
+    runs = [r for r in rows
+            if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
+    result.notes += _learning_notes(runs, lead)
+    if result.notes:  # the model did not learn: a B_crit read off these curves would be noise
+        return result
     if lead is not None and _swing(lead["evals"]) is not None:
         result.notes.append("nothing projected: the lead run's loss swung (above), so a run at these lrs follows "
                             "no loss curve the calibration can read; plan again with a lower lr (optimizer.lr)")
@@ -620,8 +625,6 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     warmup = spec.sweep.warmup * meta["samples"]
     curve_points = []
-    runs = [r for r in rows
-            if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
     for r in runs + ([lead] if lead else []):
         evals = [(e[1], e[3]) for e in falling(r["evals"]) if e[1] > warmup]
         e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law, warmup)
@@ -639,6 +642,39 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
+
+
+LEARNED = 0.15  # a run learned when it held a loss this much below where it was after LEARN_FROM of its samples
+LEARN_FROM = 0.1
+HALVED = 0.5  # ... or this share of its first validation loss
+
+
+def learning(evals: list[list[float]]) -> tuple[float, float, float]:
+    """A run's (first validation loss, loss after :data:`LEARN_FROM` of its samples (the median of
+    :data:`HELD` validations from there), the lowest level it held from there on (:func:`held_level`))."""
+    finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
+    if not finite:
+        return math.inf, math.inf, math.inf
+    start = next(i for i, e in enumerate(finite) if e[1] >= LEARN_FROM * finite[-1][1])
+    losses = [e[3] for e in finite[start:]]
+    return finite[0][3], statistics.median(losses[:HELD]), held_level(losses)
+
+
+def _learning_notes(runs: list[dict[str, Any]], lead: dict[str, Any] | None) -> list[str]:
+    """Say so when no calibration run learned: none held a loss :data:`LEARNED` below where it was after its
+    first steps, nor half its first one. An outside CNN on data too noisy to learn stayed at chance (1.39)
+    and its plan printed B_crit 17 to 614 over losses 1.55 to 1.39, read off the first steps' drop."""
+    seen = [(r, *learning(r["evals"])) for r in runs + ([lead] if lead is not None else [])]
+    seen = [(r, first, start, held) for r, first, start, held in seen if math.isfinite(first + start + held)]
+    if not seen or any(held <= (1 - LEARNED) * start or held <= HALVED * first for _, first, start, held in seen):
+        return []
+    r, _, start, held = max(seen, key=lambda s: 1 - s[3] / s[2])
+    which = "the lead run" if r is lead else f"batch {r['batch_size']}, seed {r['seed']}"
+    return [f"the model did not learn from this data in the calibration: no run held a validation loss "
+            f"{LEARNED:.0%} below where it was after {LEARN_FROM:.0%} of its samples, nor half its first (the most: "
+            f"{which}, {start:.4g} to {held:.4g}); the loss stayed about where the first steps take it (for a "
+            "classifier, predicting the class frequencies): check the data, the labels, the loss and the lr. "
+            "Nothing projected, and no critical batch read off the first steps' drop"]
 
 
 def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
