@@ -493,6 +493,19 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     # the run's warmup is sweep.warmup (5%) of the run, not of one calibration trial
     assert loaded.warmup_samples == data["warmup_samples"] == int(0.05 * n)
     assert data["calibration"]["warmup_samples"] == int(0.05 * per_trial)
+    # report on the calibration folder shows the plan (its sweep's table is the calibration's), and says so
+    from batchtune.commands.plan import PlanResult
+
+    assert PlanResult.from_dict(data).to_dict() == data
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith("batchtune plan: quickstart-mlp, 130,000 samples on 1 device(s)")
+    assert f"recommended: {picked_plan}" in shown.stdout and "verified (trained over the whole run):" in shown.stdout
+    assert shown.stderr.startswith(f"note: {tmp_path / 'run'} is a batchtune plan's calibration: shown is its plan "
+                                   f"(plan.json); the calibration sweep's own report is {tmp_path / 'run/report.txt'}")
+    trials = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
+    assert trials.exit_code == 0 and trials.stdout.startswith("batch_size,micro_batch_size,accum_steps,lr,seed,")
+    assert f"these are its trials; the plan is {tmp_path / 'run/plan.json'}" in trials.stderr
 
 
 def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):

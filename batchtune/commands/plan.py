@@ -33,6 +33,7 @@ from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
 from batchtune.errors import UsageError
+from batchtune.render.run_folder import PLAN_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
     Projection,
@@ -92,6 +93,14 @@ class PlanResult:
         if self.deadline_seconds is not None and not self.recommendation.get("meets_deadline", True):
             return 1
         return 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanResult:
+        """The result :meth:`to_dict` wrote (a calibration folder's ``plan.json``); a key it lacks takes its
+        default."""
+        from dataclasses import fields
+
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -193,7 +202,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
         elif schedule_out is not None:
             result.notes.append(f"--schedule-out: nothing written to {schedule_out}, the plan recommends no run")
-        folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
+        folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
     dist.on_main(write)
     if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
@@ -201,7 +210,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
         result.notes += _verified_notes(result) + _collapse_notes(result)
-        dist.on_main(lambda: folder.write_json("plan.json", result.to_dict()))
+        dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
 
