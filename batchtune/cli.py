@@ -9,6 +9,7 @@ commands, so ``batchtune --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -424,19 +425,21 @@ def _check_out(out: Path, force: bool) -> None:
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder.")],
+    run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder (or a plan's calibration folder).")],
     fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
 ) -> None:
     """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot.
 
     An unfinished run is said to be one, and its recommendation is marked provisional. A
-    read-only folder, or one a sweep is still writing, is rendered without being rewritten.
+    read-only folder, or one a sweep is still writing, is rendered without being rewritten. A
+    plan's calibration folder shows the plan (its plan.json) in table, markdown or json; csv
+    gives the calibration's trials.
     """
     with _user_errors():
         if not (run_dir / "meta.json").exists():
             raise UsageError(f"{run_dir} is not a sweep run folder (no meta.json)")
         from batchtune.commands.sweep_analysis import result_from_rows
-        from batchtune.render.run_folder import RunFolder
+        from batchtune.render.run_folder import PLAN_FILE, RunFolder
         from batchtune.render.sweep import render_sweep
 
         folder = RunFolder(run_dir)
@@ -451,7 +454,25 @@ def report(
                       "its report files were not rewritten", markup=False)
         else:
             texts = folder.write_result(result, final=False)
+        plan = run_dir / PLAN_FILE  # a plan's calibration: its sweep's table is not the plan
+        if plan.exists() and fmt.value != "csv":
+            _echo_plan(plan, fmt.value)
+            return
+        if plan.exists():
+            err.print(f"note: {run_dir} is a batchtune plan's calibration: these are its trials; the plan is {plan} "
+                      f"(batchtune report {run_dir} shows it)", markup=False)
         typer.echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
+
+
+def _echo_plan(path: Path, fmt: str) -> None:
+    """A plan's calibration folder: the plan from its ``plan.json``, and a note saying so (the sweep's own
+    report there is the calibration's: its table is not the plan)."""
+    from batchtune.commands.plan import PlanResult
+    from batchtune.render.plan import render_plan
+
+    err.print(f"note: {path.parent} is a batchtune plan's calibration: shown is its plan ({path.name}); the "
+              f"calibration sweep's own report is {path.parent / 'report.txt'}", markup=False)
+    typer.echo(render_plan(PlanResult.from_dict(json.loads(path.read_text(encoding="utf-8"))), fmt))
 
 
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
@@ -663,7 +684,8 @@ def plan(
     samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="The run's length in samples.")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0,
                                                     help="... or in epochs of the training set.")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data).")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data: each "
+                                                                          "sample's target a token sequence).")] = None,
     gpus: Annotated[Optional[int], typer.Option(
         "--gpus", min=1, help="Devices the run gets (data parallel). One process: default 1, and G > 1 assumes "
                               "linear scaling; under torchrun the ranks are measured and this must be the world "
@@ -681,7 +703,7 @@ def plan(
                                                           "beside a schedule) over the whole run.")] = False,
     verify_seeds: Annotated[int, typer.Option("--verify-seeds", min=1, help="Seeds per verified plan.")] = 1,
     schedule_out: Annotated[Optional[Path], typer.Option("--schedule-out", help="Write the schedule here "
-                                                                               "(.yaml or .json).")] = None,
+                                                                               "(.yaml, .yml or .json).")] = None,
     force: ForceOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder.")] = None,
     fmt: FormatOpt = Format.table,

@@ -150,7 +150,7 @@ class BatchSchedule:
         from batchtune.render.run_folder import atomic_write
 
         path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -182,7 +182,7 @@ class BatchSchedule:
             raise _error([("", f"cannot read it: {exc}")], source) from None
         lines: dict[str, int] = {}
         duplicates: list[SpecIssue] = []
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             data, lines, duplicates = read_yaml(text, source, what=_WHAT)
         else:
             try:

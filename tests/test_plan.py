@@ -88,6 +88,26 @@ def test_projection_counts_steps_and_seconds_and_the_schedule_beats_constants():
     assert true_law(TRUE_CURVE(0)) < 256 < 1024 < 2 * true_law(schedule.final_loss)
 
 
+def test_the_runs_warmup_is_counted_at_the_lrs_share_of_progress():
+    """A linear warmup over W samples makes the progress of W/2 at the full lr: at B = B_crit (each sample half
+    a tiny batch's), a run of N ends at E_min = (N - W/2)/2, and the calibration's E_min counts its warmup alike."""
+    from batchtune.stats.projection import warmup_share
+
+    assert [warmup_share(0, 100, 100), warmup_share(0, 200, 100), warmup_share(50, 100, 100)] == [0.5, 0.75, 0.75]
+    assert warmup_share(100, 200, 100) == warmup_share(0, 100, 0) == 1.0 and warmup_share(30, 30, 100) == 0.3
+
+    def crit(loss):
+        return 100.0
+
+    n, w = 300_000, 15_000  # the outside GRU's run and its 5% warmup (its schedule file said 185)
+    curve = LossCurve(floor=0.0, scale=3.0, decay=0.3, residual=0.0, points=0)
+    plain, warm = (project([Stage(0.0, 100, 1000.0)], n, curve, crit, warmup=x) for x in (0.0, w))
+    assert plain.final_loss == pytest.approx(curve(n / 2), rel=1e-9)
+    assert warm.final_loss == pytest.approx(curve((n - w / 2) / 2), rel=1e-6)
+    assert warm.total_steps == pytest.approx(n / 100) == plain.total_steps  # it slows progress, not steps
+    assert min_samples([w, n], [1.0, 0.5], 100, crit, warmup=w) == pytest.approx([w / 4, (n - w / 2) / 2])
+
+
 def test_schedule_file_round_trips_and_drives_a_loop(tmp_path):
     from batchtune.cli import written_by_batchtune
 
@@ -182,6 +202,43 @@ def test_two_devices_are_measured_under_torchrun_and_assumed_in_one_process(worl
         assert _schedule_artifact(result, [{"start_samples": 0, **c}]).world_size == 2
 
 
+def test_the_throughput_timing_records_the_machines_load_and_says_which_sizes_ran_busy(monkeypatch):
+    """An outside GRU plan timed 4,047 / 7,332 / 6,526 / 19,922 samples/s at 16/32/64/128 while other work
+    took the cores, and said nothing: each size's timing now carries the sweep's load reading, and a note
+    names the busy ones."""
+    from batchtune.commands.plan import loop_throughput
+    from batchtune.commands.sweep_analysis import busy_notes
+    from batchtune.config.spec import load_spec
+    from batchtune.engine import host
+    from batchtune.engine.trial import prepare
+
+    busy_sizes = iter([False, True])  # the second size timed while others took 1.4 cores
+
+    class Meter:
+        @classmethod
+        def start(cls):
+            return cls()
+
+        def reading(self, threads):
+            busy = next(busy_sizes)
+            return {"cores": 2, "threads": threads, "other_cores": 1.4 if busy else 0.1, "load_1m": 1.0,
+                    "busy": busy, "contention": 0.0}
+
+    monkeypatch.setattr(host, "LoadMeter", Meter)
+    spec, components, backend = prepare(load_spec("configs/quickstart.yaml", ["device.memory_limit=null"]))
+    meta = {"candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (32, 64)],
+            "base_lrs": {"32": 0.001, "64": 0.0014}}
+    rates, samples, loads = loop_throughput(spec, components, backend, meta, {32: 1.0, 64: 1.0}, steps=2)
+    assert sorted(rates) == [32, 64] and samples == 6 * (32 + 64)
+    threads = torch.get_num_threads()
+    assert loads == [{"batch_size": 32, "busy": False, "other_cores": 0.1, "threads": threads},
+                     {"batch_size": 64, "busy": True, "other_cores": 1.4, "threads": threads}]
+    assert busy_notes(loads, "throughput timings", "their samples/s, and the times projected from them, are") == [
+        "the machine was busy during 1 of 2 throughput timings (batch 64; other processes used up to 1.4 cores): "
+        "their samples/s, and the times projected from them, are not trustworthy; rerun on a quiet machine"
+        + (" or with fewer torch threads (device.threads)" if threads > 1 else "")]
+
+
 def test_the_calibration_trains_the_sizes_it_can_give_an_equal_share():
     """2M samples, 10% for the short trials, 6 per size: 8..1024 would leave 502 samples a trial
     for the small sizes beside 16 steps of 1024; 8..256 all get 5,555 (>= 16 x 256)."""
@@ -197,6 +254,10 @@ def test_the_calibration_trains_the_sizes_it_can_give_an_equal_share():
 def test_run_length_options_and_deadlines():
     assert run_samples(None, 1000, 1, epochs=2.5) == 2500
     assert run_samples(None, 1000, 128, tokens=128_000) == 1000
+    with pytest.raises(UsageError, match=r"--tokens 100000: this data has no tokens \(each sample's target is one "
+                                         r"value, not a sequence of token ids\), so a run cannot be counted in them: "
+                                         "give --samples or --epochs"):
+        run_samples(None, 1000, 1, tokens=100_000)  # a float-feature classifier: 1 'token' a sample
     with pytest.raises(UsageError, match="exactly one"):
         run_samples(None, 1000, 1, samples=10, epochs=1.0)
     assert parse_deadline("12h") == 43200 and parse_deadline("90min") == 5400 and parse_deadline("2") == 7200
@@ -240,11 +301,13 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
 
     lead = [[s, s * 8, 0.0, loss] for s, loss in enumerate([2.0, 1.0, 0.6, 0.5, 0.55, 0.7, 0.9])]
     assert _turned_up(lead) == 0.5 and _turned_up(lead[:4]) is None
-    once, twice = {"evals": lead, "samples": 48}, {"evals": lead, "samples": 48}
-    assert "not overfitting: it saw no sample twice" in _turn_notes(once, 48)[0] and "overfit_at_loss" not in once
-    assert "overfitting (it saw the training set 2.0 times)" in _turn_notes(twice, 24)[0]
-    # held at the level the best decreasing fit ends at (0.6, 0.5, 0.55, 0.7, 0.9 pool to 0.65), not the lowest dip
-    assert twice["overfit_at_loss"] == pytest.approx(0.65) and _turn_notes({"evals": lead[:4], "samples": 48}, 24) == []
+    once, twice = ({"evals": lead, "samples": 48, "lr": 0.1, "batch_size": 8} for _ in range(2))
+    assert "not overfitting (it had not yet seen the training set's 48 samples once)" in _turn_notes(once, 48)[0]
+    assert "overfit_at_loss" not in once
+    assert "overfitting (it had seen the training set 2.0 times by then)" in _turn_notes(twice, 12)[0]
+    # held at the level the run held at its lowest (0.6, 0.5, 0.55: 0.55), not the lowest dip (0.5), nor the
+    # best decreasing fit's end (0.6, 0.5, 0.55, 0.7, 0.9 pool to 0.65), which the rise after the turn pulls up
+    assert twice["overfit_at_loss"] == pytest.approx(0.55) and _turn_notes({**once, "evals": lead[:4]}, 12) == []
     held = replace(TRUE_CURVE, lowest=_turned_up(lead))
     assert held(1e9) == 0.5 and held(100.0) == TRUE_CURVE(100.0) == 3.2
     n = 2e6
@@ -252,6 +315,119 @@ def test_a_projection_stops_at_the_loss_a_run_turned_up_from():
     assert free.final_loss < 0.25 and stopped.final_loss == 0.5
     assert stopped.steps_to_target == pytest.approx(free.steps_to_target, rel=1e-6)  # the same curve down to it
     assert held.to_dict()["lowest"] == 0.5
+
+
+# An outside CNN's lead runs (batch 64, 30,000 training samples, 31,424 seen): at lr 0.1 it swung within one
+# pass and was called overfitting; at lr 0.02 it turned up after 27,520 samples, before any sample repeated.
+SWUNG = [(0, 1.713), (960, 1.011), (1728, 0.6133), (2112, 0.8072), (2560, 1.448), (3200, 1.039), (3968, 0.7111),
+         (4736, 0.5817), (5312, 0.884), (7872, 0.6379), (8704, 0.5934), (14976, 1.272), (20480, 1.267),
+         (27520, 1.261), (31424, 1.183)]
+PLATEAU = [(0, 1.713), (2112, 0.9544), (3712, 0.4998), (5312, 0.3814), (6336, 0.3599), (7104, 0.5009),
+           (7872, 0.3815), (12608, 0.3677), (19648, 0.3476), (26752, 0.3444), (27520, 0.344), (28288, 0.3726),
+           (29888, 0.4261), (30656, 0.4023), (31424, 0.4298)]
+
+
+def _lead(points, lr):
+    return {"evals": [[s // 64, s, 0.0, loss] for s, loss in points], "samples": 31424, "lr": lr, "batch_size": 64}
+
+
+@pytest.mark.parametrize("points, lr, n_train, said, level", [
+    (SWUNG, 0.1, 30_000, "the lead run's validation loss swung: 0.6133 after 1,728 samples, 1.448 after 2,560, "
+     "0.5817 after 4,736 (1.183 at the end): the loss is unstable at this lr (0.1 at batch 64), too high to settle; "
+     "not overfitting (a curve that falls again did not turn); try a lower lr (optimizer.lr)", None),
+    (SWUNG, 0.1, 3_000, "the lead run's validation loss swung: 0.6133", None),  # a swing is no turn, whatever the pass
+    (PLATEAU, 0.02, 30_000, "the lead run's validation loss turned up after 27,520 samples (0.344, then 0.4298 at "
+     "the end): not overfitting (it had not yet seen the training set's 30,000 samples once); the loss is unstable "
+     "at this lr (0.02 at batch 64), too high to settle, or the validation is noisy: a lower lr may settle lower; "
+     "the projection follows the curve before the turn and cannot foresee it", None),
+    (PLATEAU, 0.02, 3_000, "the lead run's validation loss turned up after 27,520 samples (0.344, then 0.4298 at "
+     "the end): overfitting (it had seen the training set 9.2 times by then)", 0.3444),
+])
+def test_a_turn_is_judged_from_the_samples_seen_at_it_and_a_swing_is_instability(points, lr, n_train, said, level):
+    from batchtune.commands.plan import _turn_notes
+
+    lead = _lead(points, lr)
+    notes = _turn_notes(lead, n_train)
+    assert len(notes) == 1 and notes[0].startswith(said), notes
+    assert lead.get("overfit_at_loss") == (level if level is None else pytest.approx(level, abs=1e-4))
+
+
+def test_an_overfit_run_is_held_at_a_level_it_held_not_above_one():
+    """The outside CNN's swung curve, read as overfitting, was held at its fit's end, 0.976, after it had
+    held 0.59-0.71: every plan stopped at 0.976 and the target was reached in 8 steps."""
+    from batchtune.commands.plan import held_level, overfit_level
+    from batchtune.commands.sweep_analysis import decreasing_fit
+
+    losses = [loss for _, loss in SWUNG]
+    assert decreasing_fit(losses)[-1] == pytest.approx(0.9323, abs=1e-4)  # 0.7111 on, pooled: pulled up by the rise
+    assert held_level(losses) == overfit_level(losses) == pytest.approx(0.6379)  # 0.5817, 0.884, 0.6379
+    assert held_level([0.9, 0.3]) == 0.3 and held_level([None, float("nan")]) == math.inf
+    assert overfit_level([2.0, 1.0, 0.5, 0.5, 0.5, 0.6]) == pytest.approx(0.5)  # a plateau, then a rise: the plateau
+
+
+def test_a_lead_run_that_swung_projects_nothing():
+    """No B_crit table, no plan, exit 1: the lead run's loss swung, so the lrs the calibration chose do not settle."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _analyse
+
+    def row(size, losses):
+        return {"batch_size": size, "lr_multiplier": 1.0, "fits": True, "diverged": False,
+                "evals": [[i, i * size, 0.0, l] for i, l in enumerate(losses)]}
+
+    rows = [row(b, [1.7, 1.0, 0.7, 0.5, 0.4]) for b in (16, 32, 64)]  # they learned: the lead's swing says no
+    result = _analyse(SimpleNamespace(name="cnn", sweep=SimpleNamespace(warmup=0.05)), {}, rows,
+                      {16: 1.0, 32: 1.0, 64: 1.0}, 400_000, lead=_lead(SWUNG, 0.1), throughput={}, gpus=1,
+                      price_per_hour=None, deadline_seconds=None, tolerance=0.01)
+    assert result.notes == ["nothing projected: the lead run's loss swung (above), so a run at these lrs follows no "
+                            "loss curve the calibration can read; plan again with a lower lr (optimizer.lr)"]
+    assert result.critical_batch_by_loss == {} and result.recommendation is None and result.exit_code == 1
+
+
+def _flat(first, level, size, seed, points=20, dip=0.0):
+    """A calibration curve that drops from ``first`` to ``level`` in its first steps, then stays (``dip``: and
+    ends that much lower)."""
+    losses = [first, level + 0.1] + [level * (1 - dip * i / (points - 3)) for i in range(points - 2)]
+    return {"batch_size": size, "seed": seed, "lr_multiplier": 1.0, "fits": True, "diverged": False,
+            "evals": [[i, i * size, 0.0, loss] for i, loss in enumerate(losses)]}
+
+
+def test_a_model_that_did_not_learn_is_said_not_to_and_gets_no_critical_batch_table():
+    """An outside CNN on data too noisy to learn (noise 3.0): every run fell from 1.5-1.9 to chance, 1.39, in
+    its first steps and stayed there (the best, 1.40 to 1.24); its plan printed B_crit 17 to 614 over losses
+    1.55 to 1.39 and said only 'too few validation points after warmup to fit the loss curve'."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _analyse, _learning_notes, learning
+
+    chance = [_flat(1.919, 1.386, b, 0) for b in (16, 32, 64)] + [_flat(1.496, 1.397, 32, 1, dip=0.11)]
+    lead = {**_flat(1.919, 1.386, 64, 0, points=60), "samples": 31_424}
+    # from sample 64 (10% of 608): the median of 1.397, 1.388, 1.379; the lowest median of 3 after: the last three's
+    expected = (1.496, 1.397 * (1 - 0.11 / 17), 1.397 * (1 - 0.11 * 16 / 17))
+    assert learning(chance[-1]["evals"]) == pytest.approx(expected)
+    said = ("the model did not learn from this data in the calibration: no run held a validation loss 15% below "
+            "where it was after 10% of its samples, nor half its first (the most: batch 32, seed 1, 1.388 to 1.252); "
+            "the loss stayed about where the first steps take it (for a classifier, predicting the class "
+            "frequencies): check the data, the labels, the loss and the lr. Nothing projected, and no critical batch "
+            "read off the first steps' drop")
+    assert _learning_notes(chance, lead) == [said]
+    result = _analyse(SimpleNamespace(name="cnn", sweep=SimpleNamespace(warmup=0.05)), {}, chance,
+                      {16: 1.0, 32: 1.0, 64: 1.0}, 400_000, lead=lead, throughput={}, gpus=1, price_per_hour=None,
+                      deadline_seconds=None, tolerance=0.01)
+    assert result.notes == [said] and result.critical_batch_by_loss == {} and result.exit_code == 1
+    assert _learning_notes(chance + [_flat(1.9, 1.3, 16, 1, dip=0.2)], lead) == []  # one run learned: 20% lower
+    # converged in its first 10% (nothing left to learn after), but to under half its first loss: it learned
+    assert _learning_notes([_flat(2.3, 0.4, b, 0) for b in (16, 32)], None) == []
+
+
+def test_noise_on_a_plateau_is_no_swing():
+    from batchtune.commands.plan import _swing
+
+    assert _swing(_lead(PLATEAU, 0.02)["evals"]) is None
+    assert _swing(_lead(SWUNG, 0.1)["evals"]) == ((0.6133, 1728), (1.448, 2560), (0.5817, 4736))
+    # a noisy but falling curve: its bumps are a few percent of what it learned
+    noisy = [[i, i * 8, 0.0, v] for i, v in enumerate([2.0, 1.2, 1.3, 0.9, 1.0, 0.7, 0.75, 0.6])]
+    assert _swing(noisy) is None and _swing(noisy[:2]) is None
 
 
 def test_noise_by_loss_reads_b_simple_where_the_run_was():
@@ -314,6 +490,22 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
         c for c in data["constant"] if f"constant {c['batch_size']}" == picked_plan]
     assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in stages]
     assert loaded.total_samples == n and data["schedule_path"] == str(tmp_path / "schedule.yaml")
+    # the run's warmup is sweep.warmup (5%) of the run, not of one calibration trial
+    assert loaded.warmup_samples == data["warmup_samples"] == int(0.05 * n)
+    assert data["calibration"]["warmup_samples"] == int(0.05 * per_trial)
+    # report on the calibration folder shows the plan (its sweep's table is the calibration's), and says so
+    from batchtune.commands.plan import PlanResult
+
+    assert PlanResult.from_dict(data).to_dict() == data
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith("batchtune plan: quickstart-mlp, 130,000 samples on 1 device(s)")
+    assert f"recommended: {picked_plan}" in shown.stdout and "verified (trained over the whole run):" in shown.stdout
+    assert shown.stderr.startswith(f"note: {tmp_path / 'run'} is a batchtune plan's calibration: shown is its plan "
+                                   f"(plan.json); the calibration sweep's own report is {tmp_path / 'run/report.txt'}")
+    trials = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
+    assert trials.exit_code == 0 and trials.stdout.startswith("batch_size,micro_batch_size,accum_steps,lr,seed,")
+    assert f"these are its trials; the plan is {tmp_path / 'run/plan.json'}" in trials.stderr
 
 
 def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
@@ -345,10 +537,15 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
         (["--samples", "10", "--epochs", "1"], "exactly one of"),
         (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a duration such as 12h"),
         (["--samples", "1000"], "too short to plan"),
+        (["--tokens", "100000"], "--tokens 100000: this data has no tokens"),  # float features and a class each
+        (["--samples", "400000", "--schedule-out", str(tmp_path / "sched.txt")],
+         f"--schedule-out {tmp_path / 'sched.txt'}: a schedule is written as YAML or JSON; name a .yaml, .yml or "
+         ".json file"),
     ]:
         result = runner.invoke(app, ["plan", "configs/quickstart.yaml", "--out", str(tmp_path / "r"), *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and "Traceback" not in result.output
+        assert not (tmp_path / "r").exists() and not (tmp_path / "sched.txt").exists()  # refused before calibrating
 
 
 def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(tmp_path):
@@ -400,6 +597,59 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
     assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
+
+
+# The outside CNN's verified constant 32 (lr 0.05): down to 0.73 in 625 steps, at chance (1.39) from step 2,500 on.
+COLLAPSED = [1.7131, 0.7993, 0.7273, 0.788, 0.9893, 0.8251, 0.9942, 0.9394, 1.4036, 1.3552, 1.1952, 1.3844, 1.3873,
+             1.1393, 1.3566] + [1.3875, 1.3896, 1.386, 1.3871, 1.3887, 1.3883, 1.3858, 1.3885, 1.3896, 1.3935, 1.391]
+# Its lr 0.01 twin's constant 64: flat and noisy from 0.33 to 0.44, ending at 0.367.
+SETTLED = [1.713, 0.411, 0.358, 0.425, 0.33, 0.443, 0.37, 0.329, 0.346, 0.342, 0.354, 0.395, 0.347, 0.351, 0.409,
+           0.359, 0.322, 0.347, 0.336, 0.377, 0.344, 0.331, 0.362, 0.405, 0.356, 0.383, 0.361, 0.347, 0.367]
+
+
+@pytest.mark.parametrize("losses, projected, expected", [
+    (COLLAPSED, 0.9763, True), (COLLAPSED, 1.5, False),  # above where it had been, but not above the projection
+    (SETTLED, 0.3815, False), (SETTLED[:3] + [0.9, 1.2, 1.3], None, True),
+])
+def test_a_verified_run_that_ends_far_above_where_it_had_been_collapsed(losses, projected, expected):
+    from batchtune.commands.plan import collapsed
+
+    run = {"evals": [[i * 313, 0.1 * i, loss] for i, loss in enumerate(losses)]}
+    assert collapsed(run, projected) is expected
+    assert collapsed({"evals": run["evals"][:2], "diverged_at": 40}, projected)  # a non-finite loss: collapsed
+
+
+def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as_a_pass():
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _collapse_notes, _verified, _verified_rank
+    from batchtune.render.plan import render_plan
+
+    evals = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(COLLAPSED)]
+    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "end_loss": 1.3, "total_seconds": 20.0, "evals": evals}
+    projected = {"final_loss": 0.9763, "steps": 11.0, "seconds": 0.02, "total_seconds": 18.9}
+    plans = {"constant 32": _verified([run], projected)}
+    assert plans["constant 32"]["collapsed"] == 1 and run["collapsed"] is True
+    result = SimpleNamespace(verified={"target": 0.9861, "plans": plans, "best": "constant 32"})
+    assert _collapse_notes(result) == [
+        "verified: constant 32 collapsed: its validation loss ended at 1.391 (the median of its last 3), 1.8x the "
+        "0.788 it had held, and above the projected final loss 0.9763; reaching the target on the way is no pass: a "
+        "run of this plan ends there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower "
+        "lr"]
+    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf, "diverged_at": 1234,
+                "total_steps": 1234, "evals": evals[:3]}
+    plans["constant 64"] = _verified([diverged, {**run, "evals": evals[:4]}], {**projected, "final_loss": 0.5})
+    assert _collapse_notes(result)[1].startswith("verified: constant 64 diverged in 1 of 2 seeds (a non-finite loss "
+                                                 "at step 1,234); reaching the target on the way is no pass")
+    settled = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(SETTLED)]
+    calm = _verified([{**run, "steps": None, "seconds": None, "evals": settled}], projected)  # never got there
+    ranked = sorted([("constant 32", plans["constant 32"]), ("calm", calm)], key=lambda kv: _verified_rank(kv[1]))
+    assert [name for name, _ in ranked] == ["calm", "constant 32"]  # a collapsed crossing ranks last
+    shown = SimpleNamespace(name="cnn", samples=400_000, gpus=1, calibration={}, critical_batch_by_loss={},
+                            final_target=None, schedule=None, recommendation=None, verified=result.verified,
+                            schedule_path=None, notes=[])
+    table = render_plan(shown)
+    assert "\nconstant 32  1/1 (collapsed)  " in table and "\nconstant 64  1/2 (1 collapsed)  " in table
 
 
 def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():

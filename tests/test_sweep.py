@@ -874,16 +874,16 @@ def test_when_the_smallest_size_wins_the_notes_say_why_and_when_to_go_lower():
 
 def test_trials_timed_on_a_busy_machine_are_named():
     """An outside sweep beside another job: throughput fell 19× and the ranking reshuffled, without a word."""
-    from batchtune.commands.sweep_analysis import _busy_notes
+    from batchtune.commands.sweep_analysis import busy_notes
     from batchtune.render.check import busy_note
 
     rows = [{**_timed(b, 0, 10, 0.5, 0.01), "busy": b == 64, "other_cores": 1.3 if b == 64 else 0.1} for b in (32, 64)]
-    assert _busy_notes(rows) == [
+    assert busy_notes(rows) == [
         "the machine was busy during 1 of 2 trials (batch 64; other processes used up to 1.3 cores): their seconds, "
         "and the ranking, are not trustworthy; rerun on a quiet machine or with fewer torch threads (device.threads)"]
-    assert _busy_notes([_timed(32, 0, 10, 0.5, 0.01)]) == []  # rows from before the reading: nothing said
+    assert busy_notes([_timed(32, 0, 10, 0.5, 0.01)]) == []  # rows from before the reading: nothing said
     one_thread = [{**r, "threads": 1} for r in rows]
-    assert _busy_notes(one_thread)[0].endswith("are not trustworthy; rerun on a quiet machine")
+    assert busy_notes(one_thread)[0].endswith("are not trustworthy; rerun on a quiet machine")
     load = {"cores": 2, "threads": 2, "other_cores": 1.0, "load_1m": 1.0, "busy": True}
     assert busy_note(load).endswith("not trustworthy (device.threads: 1, or a quiet machine)")
     assert busy_note({**load, "threads": 1, "other_cores": 1.6}).endswith("(run on a quiet machine)")

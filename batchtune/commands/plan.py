@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from batchtune.commands.sweep_analysis import decreasing_fit, lowest_reached
+from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
 from batchtune.errors import UsageError
+from batchtune.render.run_folder import PLAN_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
     Projection,
@@ -58,6 +59,8 @@ THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
+SCHEDULE_SUFFIXES = (".yaml", ".yml", ".json")  # what --schedule-out writes (BatchSchedule.save)
+COLLAPSE = 0.25  # a verified run ending this much above the level it had held (and above the projection) collapsed
 
 
 @dataclass
@@ -81,6 +84,7 @@ class PlanResult:
     verified: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     schedule_path: str | None = None
+    warmup_samples: int = 0  # the run's linear lr warmup: sweep.warmup of its samples
 
     @property
     def exit_code(self) -> int:
@@ -90,6 +94,14 @@ class PlanResult:
             return 1
         return 0
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanResult:
+        """The result :meth:`to_dict` wrote (a calibration folder's ``plan.json``); a key it lacks takes its
+        default."""
+        from dataclasses import fields
+
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "samples": self.samples, "calibration_samples": self.calibration["samples"],
@@ -98,17 +110,28 @@ class PlanResult:
             "recommendation": self.recommendation, "projection": self.projection, "constant": self.constant,
             "schedule": self.schedule, "gpus": self.gpus, "price_per_hour": self.price_per_hour,
             "deadline_seconds": self.deadline_seconds, "verified": self.verified, "notes": self.notes,
-            "schedule_path": self.schedule_path,
+            "schedule_path": self.schedule_path, "warmup_samples": self.warmup_samples,
         }
 
 
 def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int | None = None,
                 epochs: float | None = None, tokens: int | None = None) -> int:
-    """The run's length in samples from exactly one of ``samples``, ``epochs`` or ``tokens``."""
+    """The run's length in samples from exactly one of ``samples``, ``epochs`` or ``tokens``.
+
+    ``tokens_per_sample`` is :meth:`~batchtune.config.components.Components.tokens_per_sample`: above 1
+    only for token data (a sequence of integer targets per sample, or variable-length samples).
+
+    Raises:
+        UsageError: not exactly one is given, the run is empty, or ``tokens`` counts data that has none
+            (an outside float-feature classifier's ``--tokens 100000`` ran as 100,000 samples).
+    """
     given = [name for name, v in (("--samples", samples), ("--epochs", epochs), ("--tokens", tokens)) if v is not None]
     if len(given) != 1:
         raise UsageError("give the run's length as exactly one of --samples, --epochs or --tokens"
                          + (f" (got {', '.join(given)})" if given else ""))
+    if tokens is not None and tokens_per_sample <= 1:
+        raise UsageError(f"--tokens {tokens}: this data has no tokens (each sample's target is one value, not a "
+                         "sequence of token ids), so a run cannot be counted in them: give --samples or --epochs")
     if samples is not None:
         n = samples
     elif epochs is not None:
@@ -137,7 +160,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
 
     Raises:
-        UsageError: the run's length is missing or too short to calibrate on, or the options conflict.
+        UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
+            calibrate on; ``schedule_out`` is not a .yaml, .yml or .json file; or the options conflict.
         SpecError: the spec cannot be swept as given.
     """
     from batchtune.engine.distributed import current
@@ -145,6 +169,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     from batchtune.render.run_folder import RunFolder
 
     dist = current()
+    if schedule_out is not None and Path(schedule_out).suffix.lower() not in SCHEDULE_SUFFIXES:
+        raise UsageError(f"--schedule-out {schedule_out}: a schedule is written as YAML or JSON; name a .yaml, "
+                         ".yml or .json file")
     if not 0 < calibration_share <= 0.2:
         raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
     gpus = _device_count(gpus, dist.world_size, verify)
@@ -175,15 +202,15 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
         elif schedule_out is not None:
             result.notes.append(f"--schedule-out: nothing written to {schedule_out}, the plan recommends no run")
-        folder.write_json("plan.json", result.to_dict())  # the projection is kept if the verification is stopped
+        folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
     dist.on_main(write)
     if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
     elif verify:
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
-        result.notes += _verified_notes(result)
-        dist.on_main(lambda: folder.write_json("plan.json", result.to_dict()))
+        result.notes += _verified_notes(result) + _collapse_notes(result)
+        dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
 
@@ -344,6 +371,7 @@ class _Calibration:
     lead: dict[str, Any] | None
     throughput: dict[int, float]  # global samples/s per global size (:func:`loop_throughput`)
     timed_samples: int
+    timing_load: list[dict[str, Any]]  # each size's timing: batch_size and other work's load (host.LoadMeter)
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
@@ -367,8 +395,9 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
                      "the noise scale further down than the short trials reach")
         notes += _turn_notes(lead, len(components.train_set))
         dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
-    throughput, timed = loop_throughput(spec, components, backend, sweep.meta, best)
-    return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed)
+    throughput, timed, load = loop_throughput(spec, components, backend, sweep.meta, best)
+    notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
+    return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed, load)
 
 
 def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, world_size: int) -> dict[str, Any]:
@@ -377,7 +406,8 @@ def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, w
     return {"samples": trained, "share": trained / n, "samples_per_trial": per_trial,
             "warmup_samples": int(spec.sweep.warmup * per_trial), "trials": len(cal.rows),
             "seeds": cal.meta["seeds"], "run_dir": str(cal.run_dir), "world_size": world_size,
-            "samples_per_s": {str(size): rate for size, rate in sorted(cal.throughput.items())}}
+            "samples_per_s": {str(size): rate for size, rate in sorted(cal.throughput.items())},
+            "timing_load": cal.timing_load}
 
 
 def _lead_run(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
@@ -436,25 +466,81 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
 
 
 def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
-    """What it means that the lead run's loss turned up, and ``lead["overfit_at_loss"]`` where it
-    overfit: only a run that saw the training set more than once can (on fresh samples every step
-    follows the population's gradient, and a rise is an lr too high to settle, or noise)."""
+    """What it means that the lead run's loss swung or turned up, judged from the samples it had seen
+    at the turn; ``lead["overfit_at_loss"]`` where it overfit. Only a run that had seen the training
+    set once by its turn can overfit (before that every step follows the population's gradient, and
+    a rise is an lr too high to settle, or noise); a curve that rises and falls again is unstable at
+    any point (an outside CNN's lead run went 0.61, 1.45, 0.58, 1.18 within one pass and was called
+    overfitting)."""
+    where = f"{lead['lr']:.3g} at batch {lead['batch_size']}"
+    swing = _swing(lead["evals"])
+    if swing is not None:
+        (low, at_low), (peak, at_peak), (again, at_again) = swing
+        return [f"the lead run's validation loss swung: {low:.4g} after {at_low:,.0f} samples, {peak:.4g} after "
+                f"{at_peak:,.0f}, {again:.4g} after {at_again:,.0f} ({lead['evals'][-1][3]:.4g} at the end): the "
+                f"loss is unstable at this lr ({where}), too high to settle; not overfitting (a curve that falls "
+                "again did not turn); try a lower lr (optimizer.lr)"]
     turn = _turned_up(lead["evals"])
     if turn is None:
         return []
-    kept = falling(lead["evals"])
-    said = (f"the lead run's validation loss turned up after {kept[-1][1]:,.0f} samples ({turn:.4g}, then "
+    at = falling(lead["evals"])[-1][1]  # the samples seen when the loss was lowest
+    said = (f"the lead run's validation loss turned up after {at:,.0f} samples ({turn:.4g}, then "
             f"{lead['evals'][-1][3]:.4g} at the end): ")
-    if lead["samples"] <= n_train:
-        return [said + "an lr too high to settle, or noise (not overfitting: it saw no sample twice); the projection "
-                "follows the curve before it and cannot foresee it"]
-    # the level, not the lowest point: on a noisy curve that is one lucky validation (the conv net's 0.296
-    # among 0.31-0.40; no whole run reached it), where the best decreasing fit ends is what a run settles at
-    level = decreasing_fit([e[3] for e in lead["evals"] if e[3] is not None and math.isfinite(e[3])])[-1]
+    if at < n_train:
+        return [said + f"not overfitting (it had not yet seen the training set's {n_train:,} samples once); the "
+                f"loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: a lower lr "
+                "may settle lower; the projection follows the curve before the turn and cannot foresee it"]
+    level = overfit_level([e[3] for e in lead["evals"]])
     lead["overfit_at_loss"] = level
-    return [said + f"overfitting (it saw the training set {lead['samples'] / n_train:.1f} times): the projection goes "
-            f"no lower than {level:.4g}, where its best decreasing fit ends, and a plan reaching that sooner trains "
-            "on past it for nothing (stop there, or add data or regularisation)"]
+    return [said + f"overfitting (it had seen the training set {at / n_train:.1f} times by then): the projection "
+            f"goes no lower than {level:.4g}, the level the run held at its lowest, and a plan reaching that "
+            "sooner trains on past it for nothing (stop there, or add data or regularisation)"]
+
+
+HELD = 3  # validations in a row whose median is a level a run held (one validation is a lucky dip)
+
+
+def held_level(losses: list[float | None]) -> float:
+    """The lowest level a validation curve held: the least median of :data:`HELD` validations in a
+    row (the lowest one alone where there are fewer); inf with no finite loss."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    if len(finite) < HELD:
+        return min(finite, default=math.inf)
+    return min(statistics.median(finite[i:i + HELD]) for i in range(len(finite) - HELD + 1))
+
+
+def overfit_level(losses: list[float | None]) -> float:
+    """Where a run that overfit settled: the end of its best decreasing fit, but never above the
+    level it held at its lowest (:func:`held_level`). Not the lowest point: on a noisy curve that is
+    one lucky validation (the conv net's 0.296 among 0.31-0.40; no whole run reached it). Not the fit
+    alone: it pools the rise after the turn, and on a curve that rose far it ended above a loss the
+    run had held (an outside CNN's fit ended at 0.976 after 0.58-0.71, so every plan was projected to
+    stop at 0.976 and its target was reached in 8 steps)."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    return min(decreasing_fit(finite)[-1], held_level(finite)) if finite else math.inf
+
+
+#: A rise and a fall again, each by this share of the run's whole drop (and of the loss it rose from), is a swing.
+SWING = 0.25
+
+
+def _swing(evals: list[list[float]]) -> tuple[tuple[float, float], ...] | None:
+    """The largest swing of a validation curve (points as :func:`falling` takes them): ((low, samples),
+    (peak, samples), (low again, samples)), where the peak lies more than :data:`SWING` of the curve's
+    whole drop (and of each low) above the lowest point before it and the lowest after it; None
+    when there is none. Noise on a plateau moves the loss by a few percent, a swing by a large share
+    of all the run has learned."""
+    finite = [(e[3], e[1]) for e in evals if e[3] is not None and math.isfinite(e[3])]
+    if len(finite) < 3:
+        return None
+    drop = finite[0][0] - min(v for v, _ in finite)
+    best, size = None, 0.0
+    for j in range(1, len(finite) - 1):
+        before, after = min(finite[:j]), min(finite[j + 1:])
+        rise, fall = finite[j][0] - before[0], finite[j][0] - after[0]
+        if rise > SWING * max(drop, before[0]) and fall > SWING * max(drop, after[0]) and min(rise, fall) > size:
+            best, size = (before, finite[j], after), min(rise, fall)
+    return best
 
 
 def _turned_up(evals: list[list[float]]) -> float | None:
@@ -528,9 +614,18 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     (``best``: each size's lr multiplier, :func:`_best_lrs`)."""
     targets = calibration_targets(rows, best)
     result = PlanResult(spec.name, n, {}, targets, None, {}, {}, [], None, None, None, gpus, price_per_hour,
-                        deadline_seconds)
+                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n))
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
+        return result
+    runs = [r for r in rows
+            if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
+    result.notes += _learning_notes(runs, lead)
+    if result.notes:  # the model did not learn: a B_crit read off these curves would be noise
+        return result
+    if lead is not None and _swing(lead["evals"]) is not None:
+        result.notes.append("nothing projected: the lead run's loss swung (above), so a run at these lrs follows "
+                            "no loss curve the calibration can read; plan again with a lower lr (optimizer.lr)")
         return result
     law = _critical_law(result, rows, meta, lead)
     if law is None:
@@ -539,11 +634,9 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     warmup = spec.sweep.warmup * meta["samples"]
     curve_points = []
-    runs = [r for r in rows
-            if r["fits"] and not r["diverged"] and float(r["lr_multiplier"]) == best.get(r["batch_size"])]
     for r in runs + ([lead] if lead else []):
         evals = [(e[1], e[3]) for e in falling(r["evals"]) if e[1] > warmup]
-        e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law)
+        e_min = min_samples([e for e, _ in evals], [l for _, l in evals], r["batch_size"], law, warmup)
         curve_points += [(m, l) for m, (_, l) in zip(e_min, evals)]
     # The projection extends the curve beyond its last decade of E_min: fit that decade (early
     # training follows other laws: warmup, the first fast drop) unless it holds too few points.
@@ -558,6 +651,39 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
+
+
+LEARNED = 0.15  # a run learned when it held a loss this much below where it was after LEARN_FROM of its samples
+LEARN_FROM = 0.1
+HALVED = 0.5  # ... or this share of its first validation loss
+
+
+def learning(evals: list[list[float]]) -> tuple[float, float, float]:
+    """A run's (first validation loss, loss after :data:`LEARN_FROM` of its samples (the median of
+    :data:`HELD` validations from there), the lowest level it held from there on (:func:`held_level`))."""
+    finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
+    if not finite:
+        return math.inf, math.inf, math.inf
+    start = next(i for i, e in enumerate(finite) if e[1] >= LEARN_FROM * finite[-1][1])
+    losses = [e[3] for e in finite[start:]]
+    return finite[0][3], statistics.median(losses[:HELD]), held_level(losses)
+
+
+def _learning_notes(runs: list[dict[str, Any]], lead: dict[str, Any] | None) -> list[str]:
+    """Say so when no calibration run learned: none held a loss :data:`LEARNED` below where it was after its
+    first steps, nor half its first one. An outside CNN on data too noisy to learn stayed at chance (1.39)
+    and its plan printed B_crit 17 to 614 over losses 1.55 to 1.39, read off the first steps' drop."""
+    seen = [(r, *learning(r["evals"])) for r in runs + ([lead] if lead is not None else [])]
+    seen = [(r, first, start, held) for r, first, start, held in seen if math.isfinite(first + start + held)]
+    if not seen or any(held <= (1 - LEARNED) * start or held <= HALVED * first for _, first, start, held in seen):
+        return []
+    r, _, start, held = max(seen, key=lambda s: 1 - s[3] / s[2])
+    which = "the lead run" if r is lead else f"batch {r['batch_size']}, seed {r['seed']}"
+    return [f"the model did not learn from this data in the calibration: no run held a validation loss "
+            f"{LEARNED:.0%} below where it was after {LEARN_FROM:.0%} of its samples, nor half its first (the most: "
+            f"{which}, {start:.4g} to {held:.4g}); the loss stayed about where the first steps take it (for a "
+            "classifier, predicting the class frequencies): check the data, the labels, the loss and the lr. "
+            "Nothing projected, and no critical batch read off the first steps' drop"]
 
 
 def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
@@ -616,10 +742,12 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
 
 
 def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, Any], best: dict[int, float],
-                    steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int]:
+                    steps: int = THROUGHPUT_STEPS) -> tuple[dict[int, float], int, list[dict[str, Any]]]:
     """Samples per second per (global) size, timed in the loop ``--verify`` (and a user's loop) runs:
     ``steps`` steps after :data:`THROUGHPUT_WARMUP`, at the size's shape and best lr, from their
-    median step time; and the samples that took. The sweep's own timing runs inside its measuring
+    median step time; the samples that took; and each size's ``batch_size`` with other work's load
+    while it was timed (``busy``, ``other_cores``, ``threads``: :class:`~batchtune.engine.host.LoadMeter`,
+    as the sweep's trials record it). The sweep's own timing runs inside its measuring
     trainer, whose per-step bookkeeping weighs on small batches (20% at 32 samples of the quickstart
     MLP). The median, not the total: 16 steps of 1.3 ms timed as one total read 1.2 to 3.6 ms on a
     shared machine, and the constant plan's verified time came out 33% over its projection.
@@ -628,18 +756,25 @@ def loop_throughput(spec: Any, components: Any, backend: Any, meta: dict[str, An
     the global batch, DDP's all-reduce); a step's time is the slowest rank's, so every rank gets
     the same rates, and they include the communication a one-device timing leaves out.
     """
+    import torch
+
+    from batchtune.engine.host import LoadMeter
+
     shapes = {c["batch_size"]: c for c in meta["candidates"]}
-    rates, samples = {}, 0
+    rates, samples, loads = {}, 0, []
     for size, mult in sorted(best.items()):
+        meter = LoadMeter.start()
         stage = ScheduleStage(0, size, shapes[size]["micro_batch_size"], shapes[size]["accum_steps"],
                               meta["base_lrs"][str(size)] * mult)
         loop = _PlainLoop.build(spec, components, backend, stage.lr, spec.seed)
         stream = loop.stream(stage.micro_batch_size, spec.seed)
         times = [loop.agreed(*loop.step(stream, stage))[1] for _ in range(THROUGHPUT_WARMUP + steps)]
         rates[size] = size / statistics.median(times[THROUGHPUT_WARMUP:])
+        load = meter.reading(torch.get_num_threads())
+        loads.append({"batch_size": size, **{k: load[k] for k in ("busy", "other_cores", "threads")}})
         samples += (THROUGHPUT_WARMUP + steps) * size
         del loop
-    return rates, samples
+    return rates, samples, loads
 
 
 def _plan_dict(p: Projection, gpus: int, price: float | None) -> dict[str, Any]:
@@ -663,11 +798,12 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
     scale = gpus // meta.get("world_size", 1)  # 1 under torchrun (--gpus is the world size there)
     rates = {size * scale: rate * scale for size, rate in measured.items()}
     plans: dict[str, list[Stage]] = {f"constant {b}": [Stage(0.0, b, tp)] for b, tp in sorted(rates.items())}
-    best_final = min(project(stages, n, curve, law).final_loss for stages in plans.values())
+    warmup = result.warmup_samples  # the run's, as the schedule file and --verify give it
+    best_final = min(project(stages, n, curve, law, warmup=warmup).final_loss for stages in plans.values())
     target = best_final + tolerance * abs(best_final)
     result.final_target = target
-    projected = {name: project(stages, n, curve, law, target) for name, stages in plans.items()}
-    schedule = best_schedule(rates, n, curve, law, target)
+    projected = {name: project(stages, n, curve, law, target, warmup=warmup) for name, stages in plans.items()}
+    schedule = best_schedule(rates, n, curve, law, target, warmup)
     if schedule is not None:
         projected["schedule"] = schedule
     for name, p in projected.items():
@@ -765,7 +901,7 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
     """The schedule (or, given ``stages``, any plan) as a :class:`BatchSchedule` a loop can follow,
     on the plan's devices: each stage's micro-batch is one device's."""
     stages = stages or result.schedule["stages"]
-    warmup = result.calibration.get("warmup_samples", 0)
+    warmup = result.warmup_samples
     return BatchSchedule([ScheduleStage(s["start_samples"], s["batch_size"], s["micro_batch_size"],
                                         s["accum_steps"], s["lr"]) for s in stages],
                          result.samples, int(warmup), world_size=result.gpus,
@@ -806,8 +942,44 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
 
 
 def _verified_rank(v: dict[str, Any]) -> tuple:
-    """Better first: reached the target (sooner), else the lower end of the loss curve."""
-    return (v["seconds"] is None, v["seconds"] if v["seconds"] is not None else v["end_loss"])
+    """Better first: did not collapse in most seeds, reached the target (sooner), else the lower end of the loss
+    curve."""
+    return (2 * v.get("collapsed", 0) > len(v.get("runs", ())), v["seconds"] is None,
+            v["seconds"] if v["seconds"] is not None else v["end_loss"])
+
+
+def collapsed(run: dict[str, Any], projected_final: float | None) -> bool:
+    """Whether a verified run collapsed: it diverged, or its validation loss ended (the median of its last
+    :data:`HELD` validations) more than :data:`COLLAPSE` above the level it had held (:func:`held_level`)
+    and above the projected final loss. Such a run may have crossed the target on its way down: an
+    outside CNN's reached it in 139 steps, then ended at chance (1.396); the crossing is no pass."""
+    losses = [e[2] for e in run["evals"] if e[2] is not None and math.isfinite(e[2])]
+    if run.get("diverged_at") is not None or not losses:
+        return True
+    end = statistics.median(losses[-HELD:])
+    return end > (1 + COLLAPSE) * held_level(losses) and (projected_final is None or end > projected_final)
+
+
+def _collapse_notes(result: PlanResult) -> list[str]:
+    """A note for each verified plan that collapsed in some seed (:func:`collapsed`), with the first one's numbers."""
+    notes = []
+    for name, v in result.verified["plans"].items():
+        bad = [r for r in v["runs"] if r["collapsed"]]
+        if not bad:
+            continue
+        r, seeds = bad[0], (f" in {len(bad)} of {len(v['runs'])} seeds" if len(v["runs"]) > 1 else "")
+        if r.get("diverged_at") is not None:
+            how = f"diverged{seeds} (a non-finite loss at step {r['diverged_at']:,})"
+        else:
+            losses = [e[2] for e in r["evals"] if math.isfinite(e[2])]
+            end, held = statistics.median(losses[-HELD:]), held_level(losses)
+            projected = v.get("projected_final_loss")
+            how = (f"collapsed{seeds}: its validation loss ended at {end:.4g} (the median of its last {HELD}), "
+                   f"{end / held:.1f}x the {held:.4g} it had held"
+                   + (f", and above the projected final loss {projected:.4g}" if projected is not None else ""))
+        notes.append(f"verified: {name} {how}; reaching the target on the way is no pass: a run of this plan ends "
+                     "there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower lr")
+    return notes
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
@@ -838,7 +1010,10 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
     # flattest, so its crossing moves by thousands of steps for a 1% error in the loss level
     whole = [r["total_seconds"] for r in runs if r.get("total_seconds") is not None]
     total = statistics.median(whole) if len(whole) == len(runs) else None
+    for r in runs:
+        r["collapsed"] = collapsed(r, projected.get("final_loss"))
     return {"steps": med_steps, "seconds": med_seconds, "reached": f"{len(steps)}/{len(runs)}",
+            "collapsed": sum(r["collapsed"] for r in runs),
             "final_loss": statistics.median(r["final_loss"] for r in runs),
             # where the curve ends, on its best decreasing fit: the last validation alone is noisy
             "end_loss": statistics.median(r["end_loss"] for r in runs),
@@ -867,7 +1042,8 @@ def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedul
             seconds += step_seconds
             seen, steps = seen + stage.batch_size, steps + 1
             if not finite:
-                return {"steps": None, "seconds": None, "final_loss": math.inf, "diverged_at": steps, "evals": evals}
+                return {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf,
+                        "diverged_at": steps, "total_steps": steps, "evals": [list(e) for e in evals]}
             if seen >= next_eval or seen >= schedule.total_samples:
                 evals.append((steps, seconds, loop.evaluate(eval_size, eval_samples)))
                 next_eval += every

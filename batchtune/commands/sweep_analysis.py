@@ -34,9 +34,9 @@ from batchtune.render.text import count, pm
 from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
 from batchtune.stats.noise import pooled_noise_scale
 
-__all__ = ["Analysis", "SweepResult", "analyse", "crossing", "decreasing_fit", "default_target", "in_contention",
-           "lowest_reached", "lr_standing", "result_from_rows", "seed_crossing", "short_of", "stop_targets",
-           "targets_for"]
+__all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
+           "in_contention", "lowest_reached", "lr_standing", "result_from_rows", "seed_crossing", "short_of",
+           "stop_targets", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -131,7 +131,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
                         _critical_dict(None, None, None))
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
-             + _busy_notes(rows) + _unmeasured_noise_notes(rows))
+             + busy_notes(rows) + _unmeasured_noise_notes(rows))
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
     return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
@@ -642,18 +642,20 @@ def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
             "the fastest size's time to every target, a gap no seed noise closes (sweep.reseed_within)"]
 
 
-def _busy_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """Which trials ran while other work took cores our threads needed: their seconds, and the ranking
-    that reads them, are not trustworthy (an outside sweep's throughput fell 19× beside another job)."""
+def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
+               affected: str = "their seconds, and the ranking, are") -> list[str]:
+    """Which of ``rows`` (each with ``batch_size`` and a ``host.LoadMeter`` reading's ``busy``,
+    ``other_cores``, ``threads``: a sweep's trials, a plan's throughput timings) ran while other
+    work took cores our threads needed: what they timed is not trustworthy (an outside sweep's
+    throughput fell 19× beside another job)."""
     busy = [r for r in rows if r.get("busy")]
     if not busy:
         return []
     sizes = ", ".join(map(str, sorted({r["batch_size"] for r in busy})))
     others = max((r.get("other_cores") or 0.0) for r in busy)
     fewer = " or with fewer torch threads (device.threads)" if max(r.get("threads") or 2 for r in busy) > 1 else ""
-    return [f"the machine was busy during {len(busy)} of {len(rows)} trials (batch {sizes}; other processes used up "
-            f"to {others:.1f} cores): their seconds, and the ranking, are not trustworthy; rerun on a quiet "
-            f"machine{fewer}"]
+    return [f"the machine was busy during {len(busy)} of {len(rows)} {what} (batch {sizes}; other processes used up "
+            f"to {others:.1f} cores): {affected} not trustworthy; rerun on a quiet machine{fewer}"]
 
 
 def _unmeasured_noise_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -57,7 +57,7 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines.append("no recommendation: see the notes")
     if result.verified:
         lines += ["", "verified (trained over the whole run):"]
-        rows = [[name, v["reached"], num(v["steps"], ",.0f"), num(v["projected_steps"], ",.0f"),
+        rows = [[name, _reached(v), num(v["steps"], ",.0f"), num(v["projected_steps"], ",.0f"),
                  _pct(v["steps_error"]), duration_text(v["seconds"]), duration_text(v["projected_seconds"]),
                  _pct(v["seconds_error"]), _measured(v["final_loss"], v.get("projected_final_loss"), ".4g"),
                  f"{duration_text(v.get('total_seconds'))} ({_pct(v.get('total_seconds_error'))})"]
@@ -69,6 +69,14 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines.append(f"schedule written to {result.schedule_path} (batchtune.schedule.BatchSchedule.load)")
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def _reached(v: dict[str, Any]) -> str:
+    """Seeds that reached the target, and those that collapsed after (a crossing on the way down is no pass)."""
+    bad = v.get("collapsed") or 0
+    if not bad:
+        return v["reached"]
+    return f"{v['reached']} ({'collapsed' if bad == len(v['runs']) else f'{bad} collapsed'})"
 
 
 def _measured(value: float | None, projected: float | None, fmt: str) -> str:

@@ -34,7 +34,9 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, folders are not locked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunFolder", "atomic_write", "environment", "new_run_dir"]
+__all__ = ["PLAN_FILE", "RunFolder", "atomic_write", "environment", "new_run_dir"]
+
+PLAN_FILE = "plan.json"  # batchtune plan's result, in its calibration's run folder
 
 log = logging.getLogger(__name__)
 

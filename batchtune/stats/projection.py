@@ -20,8 +20,10 @@ calibration gives both halves:
 
 A plan (one size, or stages of growing sizes) is then integrated over the run's samples:
 the loss it reaches, and the steps and seconds (from measured throughput per size) to any
-target. Pure functions of plain numbers: the command that calibrates is
-:mod:`batchtune.commands.plan`.
+target. A linear lr warmup over the first W samples is counted at the lr's share of progress
+(``min(1, E/W)``: progress in proportion to the lr, as for a small lr), in the calibration runs'
+E_min (their own warmup) and in the plan's integration (the run's) alike. Pure functions of plain
+numbers: the command that calibrates is :mod:`batchtune.commands.plan`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["CriticalLaw", "LossCurve", "Projection", "Stage", "best_schedule", "fit_critical_law", "tracking_schedule",
-           "fit_loss_curve", "min_samples", "project"]
+           "fit_loss_curve", "min_samples", "project", "warmup_share"]
 
 EXTRAPOLATION_CAP = 4.0  # B_crit extrapolated to at most this times the largest calibrated value
 INTEGRATION_STEPS = 4000  # stretches the run is integrated over (log-spaced samples)
@@ -80,14 +82,24 @@ def fit_critical_law(points: Sequence[tuple[float, float]]) -> CriticalLaw | Non
     return CriticalLaw(coef, power, low / EXTRAPOLATION_CAP, high * EXTRAPOLATION_CAP, tuple(usable))
 
 
+def warmup_share(start: float, end: float, warmup: float) -> float:
+    """The mean lr share (of the peak) over samples ``start``..``end`` of a linear warmup over ``warmup`` samples."""
+    if warmup <= 0 or start >= warmup:
+        return 1.0
+    inside = min(end, warmup) - start  # the ramp's stretch: its mean share is the share at its middle
+    ramp = inside * (start + 0.5 * inside) / warmup
+    return (ramp + max(end - warmup, 0.0)) / (end - start) if end > start else start / warmup
+
+
 def min_samples(samples: Sequence[float], losses: Sequence[float], batch_size: float,
-                law: Callable[[float], float]) -> list[float]:
-    """E_min at each point of one run at a constant batch: ∫ dE / (1 + B/B_crit(L))."""
+                law: Callable[[float], float], warmup: float = 0.0) -> list[float]:
+    """E_min at each point of one run at a constant batch: ∫ dE·w(E) / (1 + B/B_crit(L)), w the
+    lr's share during a warmup over ``warmup`` samples (:func:`warmup_share`), else 1."""
     out, total = [], 0.0
     prev_e, prev_l = 0.0, None
     for e, loss in zip(samples, losses):
         mid = loss if prev_l is None else 0.5 * (loss + prev_l)
-        total += (e - prev_e) / (1.0 + batch_size / law(mid))
+        total += (e - prev_e) * warmup_share(prev_e, e, warmup) / (1.0 + batch_size / law(mid))
         out.append(total)
         prev_e, prev_l = e, loss
     return out
@@ -172,11 +184,13 @@ class Projection:
 
 
 def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Callable[[float], float],
-            target: float | None = None, resolution: int = INTEGRATION_STEPS) -> Projection:
-    """Integrate a plan over ``samples``: E_min, loss, steps and seconds, and where it crosses ``target``."""
+            target: float | None = None, resolution: int = INTEGRATION_STEPS, warmup: float = 0.0) -> Projection:
+    """Integrate a plan over ``samples``: E_min, loss, steps and seconds, and where it crosses ``target``;
+    the first ``warmup`` samples in a linear lr warmup (:func:`warmup_share`)."""
     stages = sorted(stages, key=lambda s: s.start)
     grid = np.unique(np.concatenate([np.geomspace(1.0, samples, resolution),
-                                     [s.start for s in stages if 0 < s.start < samples], [samples]]))
+                                     [s.start for s in stages if 0 < s.start < samples], [samples],
+                                     [warmup] if 0 < warmup < samples else []]))
     e_min = steps = seconds = 0.0
     prev, loss = 0.0, curve(0.0)
     trace = [(0.0, 0.0, 0.0, loss)]
@@ -184,7 +198,7 @@ def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Call
     for e in grid:
         stage = next(s for s in reversed(stages) if s.start <= prev or s is stages[0])
         de = e - prev
-        e_min += de / (1.0 + stage.batch_size / law(loss))
+        e_min += de * warmup_share(prev, e, warmup) / (1.0 + stage.batch_size / law(loss))
         steps += de / stage.batch_size
         seconds += de / stage.samples_per_s
         new_loss = curve(e_min)
@@ -202,7 +216,7 @@ def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Call
 
 
 def tracking_schedule(throughput: Mapping[int, float], samples: float, curve: LossCurve,
-                      law: Callable[[float], float], multiple: float) -> list[Stage]:
+                      law: Callable[[float], float], multiple: float, warmup: float = 0.0) -> list[Stage]:
     """Growing sizes that track ``multiple``·B_crit(L): at each point the largest size at most
     that (the smallest size at least), never shrinking; a stage shorter than
     :data:`MIN_STAGE_SHARE` of the run is merged into the next, so the user can follow it."""
@@ -214,7 +228,7 @@ def tracking_schedule(throughput: Mapping[int, float], samples: float, curve: Lo
         current = max(current, max((b for b in sizes if b <= multiple * crit), default=sizes[0]))
         if not stages or stages[-1].batch_size != current:
             stages.append(Stage(float(prev), current, throughput[current]))
-        e_min += (e - prev) / (1.0 + current / crit)
+        e_min += (e - prev) * warmup_share(prev, e, warmup) / (1.0 + current / crit)
         loss, prev = curve(e_min), e
     merged: list[Stage] = []
     start = 0.0
@@ -228,7 +242,7 @@ def tracking_schedule(throughput: Mapping[int, float], samples: float, curve: Lo
 
 
 def best_schedule(throughput: Mapping[int, float], samples: float, curve: LossCurve,
-                  law: Callable[[float], float], target: float) -> Projection | None:
+                  law: Callable[[float], float], target: float, warmup: float = 0.0) -> Projection | None:
     """The fastest schedule to ``target`` among those that track k·B_crit(L) (k from 1/16 to 8:
     the batch grows as the critical batch does) and every two-stage switch from one size to a
     larger one (at 5–95% of the run); None when none reaches the target.
@@ -236,7 +250,8 @@ def best_schedule(throughput: Mapping[int, float], samples: float, curve: LossCu
     Candidates are compared on a coarse integration, the winner projected in full.
     """
     sizes = sorted(throughput)
-    candidates = [tracking_schedule(throughput, samples, curve, law, float(k)) for k in np.geomspace(1 / 16, 8, 13)]
+    candidates = [tracking_schedule(throughput, samples, curve, law, float(k), warmup)
+                  for k in np.geomspace(1 / 16, 8, 13)]
     for i, small in enumerate(sizes):
         for large in sizes[i + 1:]:
             candidates += [[Stage(0.0, small, throughput[small]), Stage(f * samples, large, throughput[large])]
@@ -245,8 +260,8 @@ def best_schedule(throughput: Mapping[int, float], samples: float, curve: LossCu
     for stages in candidates:
         if len(stages) < 2:
             continue
-        p = project(stages, samples, curve, law, target, resolution=300)
+        p = project(stages, samples, curve, law, target, resolution=300, warmup=warmup)
         # a switch after the target is reached changes nothing the user asked about
         if p.reaches and p.samples_to_target > stages[1].start and p.seconds_to_target < fastest:
             best, fastest = stages, p.seconds_to_target
-    return project(best, samples, curve, law, target) if best is not None else None
+    return project(best, samples, curve, law, target, warmup=warmup) if best is not None else None
