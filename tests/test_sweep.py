@@ -698,23 +698,6 @@ def test_lr_refine_leaders_refines_the_leading_sizes_only(write_spec, tmp_path):
     assert refined and refined <= in_contention([r for r in rows if not midpoint(r)], meta, LEADERS_WITHIN)
 
 
-def test_lr_refine_fastest_adds_one_midpoint_for_each_targets_fastest_size():
-    """At 0.5, 64 at ×1 is the fastest size (20 steps of 10 ms); of its neighbours ×2 (30 steps) is
-    faster than ×½ (40), so the midpoint is ×√2. Nothing for 32 (slower), nothing twice for a second
-    target with the same leader, nothing where no neighbour reached the target."""
-    from batchtune.commands.sweep_analysis import fastest_refinements
-
-    rows = [_timed(64, 0, 40, 0.5, 0.01, mult=0.5), _timed(64, 0, 20, 0.5, 0.01), _timed(64, 0, 30, 0.5, 0.01, mult=2.0),
-            _timed(32, 0, 30, 0.5, 0.01), _timed(32, 0, 25, 0.5, 0.01, mult=2.0)]
-    meta = {**HAND_META, "target_loss": [0.5]}
-    assert fastest_refinements(rows, meta) == {64: [pytest.approx(2 ** 0.5)]}
-    assert fastest_refinements(rows, {**meta, "target_loss": [0.6, 0.5]}) == {64: [pytest.approx(2 ** 0.5)]}
-    lone = [_timed(64, 0, 20, 0.5, 0.01), _timed(64, 0, 30, 0.9, 0.01, mult=2.0)]  # x2 never gets to 0.5
-    assert fastest_refinements(lone, meta) == {} and fastest_refinements(rows, {**meta, "target_loss": None}) == {}
-    tried = rows + [_timed(64, 0, 18, 0.5, 0.01, mult=2 ** 0.5)]  # the midpoint won: its own are x1 and x2
-    assert fastest_refinements(tried, meta) == {64: [pytest.approx(2 ** 0.25)]}
-
-
 def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_path):
     spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.seeds=1", "sweep.lr_refine=true"])
     result = run_sweep(spec, out=tmp_path / "run")

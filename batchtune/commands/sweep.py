@@ -29,7 +29,6 @@ from batchtune.commands.sweep_analysis import (
     analyse,
     crossing,
     default_target,
-    fastest_refinements,
     given_targets,
     in_contention,
     lr_standing,
@@ -167,7 +166,8 @@ class _Sweep:
 
         The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
         more multipliers per size where the bracket's edge was fastest (or everything
-        diverged), then (``lr_refine``, :meth:`_refine`) midpoints between the bracket's lrs; the
+        diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
+        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
         other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
         each target. Without a given target, the trials short of the default one then train on
         towards it (:meth:`_reach_default_target`). Every decision is a pure function of the first
@@ -192,27 +192,17 @@ class _Sweep:
                 if m is None:
                     break
                 self._run_all([(first, m, shape)], mark="extension")
-        self._refine(first)
+        if refine := self.meta.get("lr_refine"):
+            standing = self._standing(first)
+            leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
+            self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
+                           for m in _refinements(standing.get(c.batch_size, {}))])
         standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
         sizes = in_contention(self._rows_of(first), self.meta, self.meta.get("reseed_within"))
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in _kept(standing.get(c.batch_size, {}))])
         self._reach_default_target()
-
-    def _refine(self, first: int) -> None:
-        """``lr_refine`` on the first seed: ``fastest``, one midpoint for each given target's fastest size
-        (:func:`fastest_refinements`); ``leaders``, the midpoints either side of each fastest lr of the
-        sizes within :data:`LEADERS_WITHIN` of the fastest at some target; true, of every size."""
-        refine = self.meta.get("lr_refine")
-        if refine == "fastest":
-            more = fastest_refinements(self._rows_of(first), self.meta)
-            self._run_all([(first, m, c) for c in self.shapes() for m in more.get(c.batch_size, [])])
-        elif refine:
-            standing = self._standing(first)
-            leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
-            self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
-                           for m in _refinements(standing.get(c.batch_size, {}))])
 
     def _reach_default_target(self) -> None:
         """Without a given target, fix the default one once every seed has trained its budget (the

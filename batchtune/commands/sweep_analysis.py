@@ -328,35 +328,6 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
     return out
 
 
-def fastest_refinements(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, list[float]]:
-    """One more lr for the fastest size at each given target, judged on one seed's rows: the geometric
-    midpoint between its fastest lr and the faster of that lr's tried neighbours (within ×4) that
-    reached the target too. A ×2 bracket misses the best lr by up to √2, which on the quickstart's
-    ground truth costs the pick 23% at 0.7 (512's best lr, the rule's ×√2, sits between ×1 and ×2);
-    a valley is lopsided (steep past the best lr), so the midpoint goes where the slower side is
-    less slow. Returns size → multipliers not tried yet; nothing without a given target."""
-    entries = _per_lr(rows)
-    out: dict[int, list[float]] = {}
-    for target in given_targets(meta):
-        at = [_at_target(e, target) for e in entries]
-        best = [e for e in _best_per_size(at) if e["qualifies"]]
-        if not best:
-            continue
-        lead = min(best, key=lambda e: e["seconds_to_target"])
-        size, mult = lead["batch_size"], lead["lr_multiplier"]
-        tried = {e["lr_multiplier"]: e for e in at if e["batch_size"] == size}
-        mults = sorted(tried)
-        i = mults.index(mult)
-        sides = [tried[mults[j]] for j in (i - 1, i + 1) if 0 <= j < len(mults) and tried[mults[j]]["qualifies"]
-                 and max(mult, mults[j]) <= 4 * min(mult, mults[j])]
-        if not sides:
-            continue
-        mid = round(math.sqrt(mult * min(sides, key=lambda e: e["steps_to_target"])["lr_multiplier"]), 6)
-        if all(abs(mid / t - 1) > 0.02 for t in mults + out.get(size, [])):
-            out.setdefault(size, []).append(mid)
-    return out
-
-
 STANDINGS = ("best", "near", "short-best", "behind", "short", "diverged", "oom")  # better first
 
 
