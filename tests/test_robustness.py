@@ -152,6 +152,24 @@ def test_an_mse_that_would_broadcast_is_an_error_not_a_warning(write_spec):
     assert "UserWarning" not in _cli("validate", spec).stderr and line
 
 
+def test_a_loss_of_the_users_that_broadcasts_is_a_spec_error_on_loss(write_spec):
+    """nn.MSELoss on (B, 3) outputs and (B, 1) targets warns and trains on a (B, 3) broadcast, with no error."""
+    spec = write_spec("""\
+    name: tiny
+    model: {target: "tests.fixtures:tiny_mlp", kwargs: {in_features: 20, num_classes: 3}}
+    data: {target: "tests.fixtures:linreg_data", kwargs: {n_train: 512}}
+    loss: {target: "torch.nn:MSELoss"}
+    optimizer: {name: adamw, lr: 0.01}
+    base_batch_size: 32
+    device: {type: cpu}
+    """)
+    result = _cli("validate", spec)
+    assert result.exit_code == 2 and "UserWarning" not in result.stderr
+    assert ("spec.yaml:4: loss: the loss on the first 2 training samples broadcast the model's output against the "
+            "targets: Using a target size (torch.Size([2, 1])) that is different to the input size "
+            "(torch.Size([2, 3])); make their shapes match") in result.stderr
+
+
 def test_a_noise_batch_the_accumulation_does_not_divide_names_the_flags_not_the_spec(write_spec):
     """An outside user passed the probe's safe size, 117, and was told 'invalid spec: batch size 117 is not
     divisible by 4 accumulation steps': neither the spec nor the 4 (the default --accum-steps) was theirs."""

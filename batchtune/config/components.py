@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -414,9 +415,17 @@ class Components:
         n = min(samples, len(self.train_set))
         batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
                        [self.train_set[i] for i in range(n)])
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples", self.loss_fn,
                           model, batch)
+        broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
+        if broadcast:  # torch's losses warn, then train on the wrong numbers (nn.MSELoss: (B,) targets for (B, K))
+            raise self.spec.error("loss", f"the loss on the first {n} training samples broadcast the model's output "
+                                          f"against the targets: {broadcast.split('. This')[0]}; make their shapes "
+                                          "match")
+        for w in caught:  # the rest as they were
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not math.isfinite(float(loss)):
             raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
                                            "training step: the model's initial output or the data, not the lr")
