@@ -797,9 +797,9 @@ def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_
     sizes = [{"batch_size": b, "data_bound": False, "diverged_seeds": 0, "excess_compute": 1.0} for b in (128, 512)]
     critical = {"b_crit": 2838.0, "basis": "steps-to-target fit", "fit": {"low": 1192.0, "high": 11649.0}}
     said = _notes([sizes[1], sizes[0]], sizes, critical, {"samples": 4096})
-    assert said == ["the largest size won and the critical batch (~2,838, 90% interval 1,192–11,649) lies beyond it, an "
-                    "extrapolation: a larger batch may reach the target sooner still; try sweep.max_batch_size=2048 "
-                    "(past the safe micro-batch it accumulates)"]
+    assert said == ["the largest size won and the critical batch (~2,838, 90% interval 1,192–11,649) lies beyond it, "
+                    "an extrapolation: a larger batch may reach the target sooner still; try "
+                    "sweep.max_batch_size=2048 (past the safe micro-batch it accumulates)"]
     assert not any("largest" in n for n in _notes([sizes[0], sizes[1]], sizes, critical, {"samples": 4096}))
 
 

@@ -236,8 +236,8 @@ class Baseline:
         mults = {round(float(r["lr_multiplier"]), 6) for r in ranked if r.get("lr_multiplier")}
         if len(mults) == 1 and len(ranked) > 1:
             m = mults.pop()
-            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size it "
-                                 f"ranked ({len(ranked)}); it did not run batch {batch_size}")
+            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size "
+                                 f"it ranked ({len(ranked)}); it did not run batch {batch_size}")
         return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
 
 
@@ -357,7 +357,8 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
-    swept, why = base.fastest_lr(shape.batch_size, spec.resolved(), lr) if base is not None and not other else (None, "")
+    swept, why = (base.fastest_lr(shape.batch_size, spec.resolved(), lr) if base is not None and not other
+                  else (None, ""))
     if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
         notes.append(f"lr {swept:.4g}: {why} (×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from "
                      f"{spec.optimizer.lr:g} at batch {spec.base_batch_size})")

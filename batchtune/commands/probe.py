@@ -301,7 +301,8 @@ def _estimate_setup(spec: Any) -> tuple[Any, Any]:
 def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None = None) -> ProbeResult:
     """Search the traced peaks, trace the safe size, and say what the estimate is."""
     settings_notes: list[str] = []
-    p, tracer, capacity = probe_settings(spec, source.tracer.model, settings_notes), source.tracer, source.capacity_bytes
+    p = probe_settings(spec, source.tracer.model, settings_notes)
+    tracer, capacity = source.tracer, source.capacity_bytes
     largest = p.max_batch_size
     samples = len(components.train_set)
     if samples < largest:  # as the measured probe: a larger batch would repeat samples
