@@ -157,6 +157,7 @@ class TrainStep(Workload):
             local = self.dist.enabled and not self.sharded and not (self.synced and i == accum - 1)
             with self.net.no_sync() if local else contextlib.nullcontext():
                 loss = self._micro_batch(first if i == 0 else feed.next(), split, passes, noise)
+            first = None  # held no longer than its own passes: the next micro-batch's peak is its own
             total = loss if total is None else total + loss
         return total.double() / passes
 
