@@ -179,6 +179,26 @@ def test_stop_from_keeps_a_trial_past_its_first_steps_before_it_may_stop_at_the_
     assert later.stopped_at_target and later.steps == min(e.step for e in later.evals if e.step > 16)
 
 
+def test_an_accumulated_step_holds_no_micro_batch_past_its_own_passes(components):
+    """Each micro-batch's forward runs with the step's earlier micro-batches freed (the first, fetched early to
+    see whether it can be halved, stayed referenced through the whole step: one micro-batch on every peak)."""
+    import weakref
+
+    class Watch(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.seen, self.alive = inner, [], []
+
+        def forward(self, x):
+            self.alive.append(sum(ref() is not None for ref in self.seen))
+            self.seen.append(weakref.ref(x))
+            return self.inner(x)
+
+    model = Watch(components.build_model(0))
+    Trainer(components, CPUBackend()).run(TrialConfig(BatchShape(8, 4), lr=1e-3, steps=2), model=model)
+    assert len(model.alive) == 8 and model.alive == [0] * 8
+
+
 Pair = namedtuple("Pair", "x y")
 
 
