@@ -52,6 +52,7 @@ sides of the reduction (:meth:`NoiseScaleMonitor.before_reduce`, then :meth:`ste
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -148,6 +149,10 @@ class NoiseScaleMonitor:
                  accum_steps: int = 1, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  ranks: Ranks | None = None, world_size: int | None = None,
                  max_examples: int | None = None) -> None:
+        for name, value in (("micro_batch_size", micro_batch_size), ("accum_steps", accum_steps), ("every", every),
+                            ("world_size", world_size), ("max_examples", max_examples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
             self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)

@@ -27,6 +27,18 @@ def _linreg(d: int, sigma: float, delta: float, seed: int = 0):
     return model, sample
 
 
+def test_sizes_that_are_not_whole_numbers_are_named():
+    """micro_batch_size="32" raised "'<' not supported between instances of 'str' and 'int'"."""
+    import numpy as np
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"micro_batch_size must be a whole number, got '32' \(str\)"):
+        NoiseScaleMonitor(model, micro_batch_size="32")
+    with pytest.raises(ValueError, match=r"accum_steps must be a whole number, got 2.5 \(float\)"):
+        NoiseScaleMonitor(model, micro_batch_size=32, accum_steps=2.5)
+    assert NoiseScaleMonitor(model, micro_batch_size=np.int64(32), accum_steps=2).accum_steps == 2
+
+
 @pytest.mark.parametrize("micro,accum", [(32, 4), (64, 1)])
 def test_a_plain_loop_recovers_the_analytic_noise_scale_on_its_cadence(micro, accum):
     d, sigma, delta, steps = 20, 1.0, 1.0, 800
