@@ -118,8 +118,9 @@ class NoiseScaleMonitor:
       sequences). B_simple is then that of those layers' parameters (exact for a model of
       Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
       the examples per measured step whose norms are computed (the batch gradient always uses
-      them all). A layer's examples lie on its input's one axis of ``micro_batch_size`` (dim 1
-      for a time-first ``(T, B, C)``); a layer with none, or several (T == B), is left out with
+      them all). A layer's examples lie on its input's dim 0 where that has ``micro_batch_size``,
+      else on its one other axis of that size (dim 1 for a time-first ``(T, B, C)``; with T == B
+      a time-first layer is read on dim 0, wrongly); a layer with none, or several past dim 0, is left out with
       a warning. Each such layer must run once per step (a layer applied twice would need
       cross terms; the step is skipped, with a warning repeated every
       :data:`SKIP_WARN_EVERY` skipped steps).
@@ -538,10 +539,13 @@ class _PerExampleNorms:
 
 
 def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | None, str]:
-    """The input's example axis, the one axis but the last (the features) of the micro-batch's size;
-    else None and why."""
+    """The input's example axis: dim 0 where it has the micro-batch's size (batch-first, the convention of
+    everything but the recurrent and transformer modules' ``batch_first=False``; a batch-first language
+    model whose sequence length equals its micro-batch got no reading at all when a tie was left out), else
+    the one other axis but the last (the features) of that size (time-first ``(T, B, C)``); else None and
+    why. A time-first layout with T == B is read on dim 0, wrongly: give it ``accum_steps`` >= 2."""
     matches = [d for d in range(len(shape) - 1) if shape[d] == micro_batch_size]
-    if len(matches) == 1:
+    if matches and (matches[0] == 0 or len(matches) == 1):
         return matches[0], ""
     if matches:
         return None, (f"axes {', '.join(map(str, matches))} of its input {list(shape)} all have the micro-batch size "
