@@ -236,7 +236,22 @@ def _checked(data: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     elif isinstance(stages, list):
         clean["stages"] = [_stage(stage, f"stages[{i}]", problems) for i, stage in enumerate(stages)]
         problems += _stage_order(clean["stages"], clean["world_size"])
+        problems += _within_the_run(clean)
     return clean, problems
+
+
+def _within_the_run(clean: dict[str, Any]) -> list[tuple[str, str]]:
+    """Stages that start, and a warmup that ends, past the run's last sample (they load, then never apply:
+    a warmup of 99,999 samples in a run of 6,000 left the lr at 6% of its value to the end)."""
+    total = clean.get("total_samples")
+    if total is None:
+        return []
+    problems = [(f"stages[{i}].start_samples", f"starts at {s['start_samples']}, past the run's {total} samples")
+                for i, s in enumerate(clean.get("stages") or []) if (s.get("start_samples") or 0) >= total > 0]
+    warmup = clean.get("warmup_samples")
+    if warmup is not None and warmup >= total > 0:
+        problems.append(("warmup_samples", f"{warmup} is not less than the run's {total} samples (total_samples)"))
+    return problems
 
 
 def _stage(stage: Any, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
@@ -249,7 +264,7 @@ def _stage(stage: Any, where: str, problems: list[tuple[str, str]]) -> dict[str,
     if "lr" in stage:
         lr = _number(stage["lr"])
         if lr is None or not math.isfinite(lr) or lr <= 0:
-            problems.append((f"{where}.lr", f"must be a positive number, got {stage['lr']!r}"))
+            problems.append((f"{where}.lr", f"must be a positive, finite number, got {stage['lr']!r}"))
         clean["lr"] = float(lr) if lr is not None else None
     return clean
 
@@ -327,4 +342,6 @@ def _error(problems: list[tuple[str, str]], source: str, lines: dict[str, int] |
     lines = lines or {}
     issues = [SpecIssue(path, message, source, _nearest_line(lines, re.sub(r"\[(\d+)\]", r".\1", path)))
               for path, message in problems]
+    # the YAML reader's duplicate keys say stages.1.lr; the rest of this file's problems, stages[1].lr
+    extra = [SpecIssue(re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", i.path), i.message, i.source, i.line) for i in extra]
     return SpecError(sorted([*extra, *issues], key=lambda i: i.line or 0), what=_WHAT)

@@ -38,14 +38,14 @@ _STAGE_2 = "- {start_samples: 3000, %s}\n"
      ["FILE:7: stages[1].batch_size: must be positive, got 0",
       "FILE:7: stages[1].micro_batch_size: must be positive, got 0"]),
     ("batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: -0.02",  # accepted silently
-     ["FILE:7: stages[1].lr: must be a positive number, got -0.02"]),
+     ["FILE:7: stages[1].lr: must be a positive, finite number, got -0.02"]),
     ("batchsize: 64, micro_batch_size: 32, accum_steps: 2, lr: 0.02",  # TypeError: unexpected keyword argument
      ["FILE:7: stages[1].batchsize: unknown key (did you mean 'batch_size'?)",
       "FILE:7: stages[1].batch_size: required key is missing"]),
     ("batch_size: 64, micro_batch_size: 64, lr: 0.02",  # TypeError: missing 1 required positional argument
      ["FILE:7: stages[1].accum_steps: required key is missing"]),
     ("batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: fast",
-     ["FILE:7: stages[1].lr: must be a positive number, got 'fast'"]),
+     ["FILE:7: stages[1].lr: must be a positive, finite number, got 'fast'"]),
     ("batch_size: 64.5, micro_batch_size: 32, accum_steps: 2, lr: 0.02",
      ["FILE:7: stages[1].batch_size: must be a whole number, got 64.5"]),
     ("batch_size: 48, micro_batch_size: 32, accum_steps: 2, lr: 0.02",
@@ -53,6 +53,19 @@ _STAGE_2 = "- {start_samples: 3000, %s}\n"
 ])
 def test_a_bad_stage_is_named_with_its_key_path_and_line(tmp_path, stage, expected):
     assert _problems(tmp_path, _HEAD + _FIRST + _STAGE_2 % stage) == expected
+
+
+def test_a_stage_or_a_warmup_past_the_runs_end_and_a_duplicate_key_are_named(tmp_path):
+    """They loaded: a stage at 9,000 of a 6,000-sample run never applied, a warmup of 99,999 left the lr at 6%
+    of its value to the end, and a duplicate key was named stages.1.lr where the others say stages[1].lr."""
+    text = (_HEAD.replace("warmup_samples: 100", "warmup_samples: 99999") + _FIRST
+            + "- start_samples: 9000\n  batch_size: 64\n  micro_batch_size: 64\n  accum_steps: 1\n  lr: 0.02\n"
+              "  lr: 1e400\n")
+    assert _problems(tmp_path, text) == [
+        "FILE:3: warmup_samples: 99999 is not less than the run's 6000 samples (total_samples)",
+        "FILE:7: stages[1].start_samples: starts at 9000, past the run's 6000 samples",
+        "FILE:12: stages[1].lr: duplicate key (the later value would silently win)",
+        "FILE:12: stages[1].lr: must be a positive, finite number, got '1e400'"]
 
 
 @pytest.mark.parametrize("edit,expected", [
@@ -89,7 +102,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
             "- {start_samples: 2000, batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: 0.1, extra: 1}\n")
     assert _problems(tmp_path, text) == [
         "FILE:2: total_samples: must be a whole number, got 3000.5",
-        "FILE:13: stages[1].lr: must be a positive number, got -1",
+        "FILE:13: stages[1].lr: must be a positive, finite number, got -1",
         "FILE:14: stages[2].extra: unknown key; a stage has start_samples, batch_size, micro_batch_size, "
         "accum_steps, lr",
         "FILE:14: stages[2].start_samples: stages start in increasing order: 2000 comes after 3000",
@@ -141,7 +154,7 @@ def test_a_schedule_built_in_code_is_checked_the_same_way():
     assert str(caught.value).splitlines()[1:] == [
         "  BatchSchedule(...): stages[0].batch_size: must be positive, got 0",
         "  BatchSchedule(...): stages[0].micro_batch_size: must be positive, got 0",
-        "  BatchSchedule(...): stages[1].lr: must be a positive number, got nan"]
+        "  BatchSchedule(...): stages[1].lr: must be a positive, finite number, got nan"]
     built = BatchSchedule([ScheduleStage(0, 8, 8, 1, 1)], total_samples=80.0)
     assert built.total_samples == 80 and isinstance(built.total_samples, int) and built.stages[0].lr == 1.0
     assert isinstance(built.stages[0].lr, float)
