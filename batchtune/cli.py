@@ -353,7 +353,11 @@ def sweep(
             try:
                 result = run_sweep(spec, out=where if resume is None else None, resume=resume)
             except KeyboardInterrupt:
-                err.print(f"interrupted: finished trials are kept in {where}; continue with {hint}", markup=False)
+                if (where / "meta.json").exists():
+                    err.print(f"interrupted: finished trials are kept in {where}; continue with {hint}", markup=False)
+                else:  # stopped in the probe, before the run folder held a plan: nothing to resume
+                    err.print("interrupted before the sweep's plan was written (during the probe): nothing kept; "
+                              "start it again", markup=False)
                 raise typer.Exit(130) from None
             except OSError as exc:  # a full disk, say: what finished is kept, and resumes
                 raise UsageError(f"{_describe(exc)}; finished trials are kept in {where}; "

@@ -288,7 +288,8 @@ def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_
     other = run_check(load_spec(spec_path, ["optimizer.lr=0.02", "check.throughput_tolerance=100"]), batch_size=32,
                       baseline=run)  # another base lr: the sweep's lrs say nothing of it
     assert not other.lr_from_baseline and other.lr == pytest.approx(0.02)  # the rule's at the base batch
-    assert ("the baseline sweep's lrs are not used: its optimizer differs from this spec's, so the rule's lr is"
+    assert ("the baseline sweep's lrs are not used: its optimizer differs from this spec's, so the check trains at "
+            "the rule's lr"
             in check_notes(other))
     unswept = run_check(load_spec(spec_path), batch_size=64, baseline=run)
     mults = {r["lr_multiplier"] for r in summary.values() if r["status"] == "ok"}
@@ -320,7 +321,7 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
                                                       "is used")
     changed = {**job, "model": "m2"}
     assert base.fastest_lr(32, changed, 0.01) == (None, "the baseline sweep's lrs are not used: its model differs "
-                                                        "from this spec's, so the rule's lr is")
+                                                        "from this spec's, so the check trains at the rule's lr")
 
 
 def test_a_baseline_of_another_job_is_named_and_not_used(baseline):

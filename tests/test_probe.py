@@ -399,6 +399,16 @@ def test_a_confirmed_size_short_of_the_headroom_steps_down_by_the_missing_bytes(
     assert _short_of_headroom(1926, 0.097, 4 * 2**20, None, p) == 1918  # 7 samples of 1,967 bytes: 1919, aligned
 
 
+def test_figures_a_message_compares_are_written_so_that_they_differ():
+    """'left 10.0% free, less than the 10% asked'; 'estimated peak 16.0 MiB is above the 16.0 MiB'."""
+    from batchtune.render.text import apart, format_bytes
+
+    assert apart(0.0997, 0.10, lambda x: f"{x:.1%}") == ("9.97%", "10.00%")
+    assert apart(0.05, 0.10, lambda x: f"{x:.1%}") == ("5.0%", "10.0%")
+    assert apart(16 * 2**20 + 300, 16 * 2**20, format_bytes) == ("16,777,516 B", "16,777,216 B")
+    assert apart(17 * 2**20, 16 * 2**20, format_bytes) == ("17.0 MiB", "16.0 MiB")
+
+
 def test_probe_confirms_with_its_steps_and_reuses_components(write_spec, monkeypatch):
     """The report names the confirmation's real steps; a caller's components are not rebuilt."""
     spec = load_spec(write_spec(), ["device.memory_limit=1MiB", "probe.granularity=32", "probe.min_batch_size=32",

@@ -379,7 +379,8 @@ def test_a_lock_held_for_a_dead_process_is_taken_over(tmp_path):
 def test_the_resume_hint_repeats_the_overrides(write_spec, tmp_path, monkeypatch):
     import batchtune.commands.sweep as sweep_module
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, out, **kwargs):
+        RunFolder(out).write_json("meta.json", {})  # the plan is written: there is something to resume
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep_module, "run_sweep", interrupted)

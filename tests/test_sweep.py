@@ -589,7 +589,12 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path):
 def test_an_interrupt_says_where_the_trials_are_and_how_to_resume(write_spec, tmp_path, monkeypatch):
     import batchtune.commands.sweep as sweep_module
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, out, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").write_text("{}")  # the plan, written before the first trial
+        raise KeyboardInterrupt
+
+    def in_the_probe(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep_module, "run_sweep", interrupted)
@@ -598,6 +603,11 @@ def test_an_interrupt_says_where_the_trials_are_and_how_to_resume(write_spec, tm
     assert result.exit_code == 130
     assert (f"interrupted: finished trials are kept in {out}; continue with batchtune sweep {spec} --resume {out}"
             in result.stderr)
+    # an outside sweep stopped in its probe was told to resume from a folder that was never made
+    monkeypatch.setattr(sweep_module, "run_sweep", in_the_probe)
+    early = _sweep_cli(spec, "--out", tmp_path / "early")
+    assert early.exit_code == 130 and "--resume" not in early.stderr
+    assert "interrupted before the sweep's plan was written (during the probe): nothing kept" in early.stderr
 
 
 def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path):

@@ -228,7 +228,7 @@ class Baseline:
         differ = [k for k in same if self.spec and self.spec.get(k) != resolved.get(k)]
         if not self.spec or differ:
             return None, (f"the baseline sweep's lrs are not used: its {', '.join(differ) or 'spec'} differs from this "
-                          "spec's, so the rule's lr is")
+                          "spec's, so the check trains at the rule's lr")
         ranked = [r for r in self.result.get("summary") or [] if r.get("status") == "ok" and positive(r.get("lr"))]
         row = next((r for r in ranked if r.get("batch_size") == batch_size), None)
         if row:
@@ -462,9 +462,10 @@ def _worst_case_trainer(state: _CheckRun) -> Any:
     if components is trainer.components:
         return trainer
     lengths = components.train_set.lengths
-    state.notes.append(f"variable-length data: fits is judged on the longest batch, the {state.shape.micro_batch_size:,} "
-                       f"longest samples ({lengths[0]:,} tokens at most) padded as collated; a random batch would "
-                       "hide it")
+    how = "padded" if components.pads() else "concatenated"
+    state.notes.append(f"variable-length data: fits is judged on the longest batch, the "
+                       f"{state.shape.micro_batch_size:,} longest samples ({lengths[0]:,} tokens at most) {how} as "
+                       "collated; a random batch would hide it")
     return Trainer(components, trainer.backend, trainer.precision, trainer.dist)
 
 
@@ -800,12 +801,12 @@ def run_check_estimate(spec: Any, *, batch_size: int | None = None, accum_steps:
 
 def _estimated_fits(spec: Any, target: Any, point: Any) -> CheckResult:
     """The fits verdict for a traced step: its peak against what the target leaves the tensors."""
-    from batchtune.render.text import format_bytes
+    from batchtune.render.text import apart, format_bytes
 
     capacity = target.capacity_bytes
     fits = point.peak_bytes <= capacity
-    error = None if fits else (f"estimated peak {format_bytes(point.peak_bytes)} is above the "
-                               f"{format_bytes(capacity)} the tensors may use")
+    peak, room = apart(point.peak_bytes, capacity, format_bytes)
+    error = None if fits else f"estimated peak {peak} is above the {room} the tensors may use"
     verdict = fits_verdict(fits, point.peak_bytes, capacity, spec.probe.headroom, error)
     verdict.figures.update(estimate=True, compute_peak_bytes=point.compute_peak_bytes,
                            optimizer_peak_bytes=point.optimizer_peak_bytes, micro_batch_size=point.micro_batch_size,

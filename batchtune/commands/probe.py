@@ -17,7 +17,7 @@ from typing import Any
 from batchtune.memory.model import MemoryModel
 from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling, seeded_search
 from batchtune.memory.source import DeviceMemorySource, DeviceTrial
-from batchtune.render.text import format_bytes
+from batchtune.render.text import apart, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -590,9 +590,11 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
         if smaller is None or retries == 0:
             why = ("even min_batch_size is close to the limit" if safe == p.min_batch_size
                    else "the sizes below it were not tried")
-            notes.append(f"the safe size leaves {free:.1%} free, less than the {p.headroom:.0%} asked: {why}")
+            left, asked = apart(free, p.headroom, lambda x: f"{x:.1%}")
+            notes.append(f"the safe size leaves {left} free, less than the {asked} asked: {why}")
             return _Confirmation(safe, result.peak_bytes, free, result.final_val_loss, result.steps)
-        notes.append(f"confirmation at {safe} left {free:.1%} free, less than the {p.headroom:.0%} asked (the "
+        left, asked = apart(free, p.headroom, lambda x: f"{x:.1%}")
+        notes.append(f"confirmation at {safe} left {left} free, less than the {asked} asked (the "
                      f"memory model's line is not exact there); stepping down to {smaller}")
         safe, retries = smaller, retries - 1
     return _Confirmation()

@@ -424,8 +424,8 @@ class Components:
             raise self.spec.error("loss", f"the loss on the first {n} training samples broadcast the model's output "
                                           f"against the targets: {broadcast.split('. This')[0]}; make their shapes "
                                           "match")
-        for w in caught:  # the rest as they were
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        # the rest are torch's about a forward without gradients (checkpointing's 'None of the inputs have
+        # requires_grad'), not the user's: left unsaid
         if not math.isfinite(float(loss)):
             raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
                                            "training step: the model's initial output or the data, not the lr")

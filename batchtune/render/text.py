@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["device_text", "format_bytes", "format_shape", "num", "pm", "to_json"]
+__all__ = ["apart", "device_text", "format_bytes", "format_shape", "num", "pm", "to_json"]
+
+
+def apart(a: float, b: float, fmt: Callable[[float], str]) -> tuple[str, str]:
+    """``a`` and ``b`` as ``fmt`` writes them, or as exact numbers where it writes them alike (a peak of
+    16.0 MiB "above the 16.0 MiB"; 9.97% free "less than the 10.0% asked")."""
+    x, y = fmt(a), fmt(b)
+    if x != y or a == b:
+        return x, y
+    if isinstance(a, float) and a <= 1 and b <= 1:  # shares
+        return f"{a:.2%}", f"{b:.2%}"
+    return f"{a:,.0f} B", f"{b:,.0f} B"
 
 
 def format_bytes(n: float | None) -> str:
