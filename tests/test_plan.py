@@ -420,6 +420,23 @@ def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommende
     assert faster.recommendation["plan"] == "schedule" and faster.notes == []
 
 
+def test_a_verification_where_no_plan_reached_the_target_says_the_projection_does_not_hold():
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _unreached_notes
+
+    plans = {"schedule": {"seconds": None, "final_loss": 1.891, "projected_final_loss": 1.248},
+             "constant 64": {"seconds": None, "final_loss": 1.891, "projected_final_loss": 1.25}}
+    result = SimpleNamespace(verified={"target": 1.255, "plans": plans}, recommendation={"plan": "schedule"})
+    assert _unreached_notes(result) == [
+        "verified: no plan reached the final target 1.255 when trained: schedule ended at 1.891 against the 1.248 "
+        "projected (+52%); the projection's loss curve does not hold for this run (a floor it cannot see, or an lr "
+        "that stops helping), so its steps and times to the target are not to be relied on; the table's whole-run "
+        "times and final losses are measured"]
+    plans["constant 64"]["seconds"] = 7.1  # one reached it: the other notes say which did better
+    assert _unreached_notes(result) == []
+
+
 def test_a_model_that_did_not_learn_is_said_not_to_and_gets_no_critical_batch_table():
     """An outside CNN on data too noisy to learn (noise 3.0): every run fell from 1.5-1.9 to chance, 1.39, in
     its first steps and stayed there (the best, 1.40 to 1.24); its plan printed B_crit 17 to 614 over losses
