@@ -238,22 +238,33 @@ def test_the_batch_warning_needs_the_batch_clearly_above_the_estimate(b_simple, 
                             "fewer samples"]
 
 
-def test_while_the_schedule_says_grow_the_watch_never_says_shrink(tmp_path):
+def test_while_the_run_follows_its_schedule_the_watch_never_says_shrink(tmp_path):
     """An outside run at 8 whose schedule grows to 16 at sample 200 was told at step 25 to grow to 16 and at
-    step 26 that 8 was too big; the schedule the user chose governs, and its warning says so."""
+    step 26 that 8 was too big; another, on plan's own schedule, was told during warmup at the stage's 32 that 32
+    was 450% above the noise scale. The schedule the user chose governs, and its grow warning says what the
+    estimate reads; a run above its schedule's batch still hears the estimate."""
     from batchtune.schedule import BatchSchedule, ScheduleStage
 
     schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.003), ScheduleStage(200, 16, 8, 2, 0.0042)], 2000)
     watch = NoiseScaleWatch(warn_after=1, warn_every=10, schedule=schedule)
     watch.monitor, watch.batch_size = _Scripted((5.0, 4.0, 6.0)), 8  # 60% above the estimate, above its band
     messages = _watch_logs(watch, 48)
-    assert watch.warnings == [1, 11, 21]  # before sample 200 the schedule holds 8: the estimate may speak
-    assert watch.grow_warnings == [25, 35, 45]  # from the step after sample 200 on, only the schedule does
-    assert messages[3] == ("step 25: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
+    assert watch.warnings == []  # at the stage's 8, then told to grow: never to shrink
+    assert watch.grow_warnings == [25, 35, 45]  # from the step after sample 200 on, the schedule speaks
+    assert messages[0] == ("step 25: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
                            "from sample 200; this run is still at 8 after 200 samples; the noise scale B_simple=5 "
                            "(90% band 4-6) is below this batch, but the schedule you chose governs: no "
                            "smaller-batch warning while it says to grow")
-    assert len(messages) == 6 and not any("above the noise scale" in m for m in messages[3:])
+    assert len(messages) == 3
+    above = NoiseScaleWatch(warn_after=1, warn_every=10, schedule=schedule)
+    above.monitor, above.batch_size = _Scripted((5.0, 4.0, 6.0)), 32  # past the schedule's 8 and 16 alike
+    _watch_logs(above, 12)
+    assert above.warnings == [1, 11] and above.grow_warnings == []
+    warm = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.003)], 2000, warmup_samples=400)
+    early = NoiseScaleWatch(warn_after=1, warn_every=10, schedule=warm)
+    early.monitor, early.batch_size = _Scripted((5.0, 4.0, 6.0)), 32
+    _watch_logs(early, 14)
+    assert early.warnings == [13]  # 32 samples a step: the warmup's 400 end after step 12
 
 
 @pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])

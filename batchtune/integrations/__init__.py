@@ -120,9 +120,10 @@ class NoiseScaleWatch:
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
         """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above
-        its band's upper end (a band holding the batch is no evidence), never while the schedule says grow."""
-        if self._schedule_ahead() is not None:
-            return  # the schedule the user chose says grow and governs; its warning mentions the estimate
+        its band's upper end (a band holding the batch is no evidence), never while the run follows a schedule
+        (:meth:`_on_schedule`) or the schedule says grow."""
+        if self._schedule_ahead() is not None or self._on_schedule():
+            return  # the schedule the user chose governs; its grow warning mentions the estimate
         due = not self.warnings or entry["step"] - self.warnings[-1] >= self.warn_every
         if not (self._clearly_above(entry) and due and entry["measured_steps"] >= self.warn_after):
             return
@@ -159,6 +160,15 @@ class NoiseScaleWatch:
             return None
         stage = self.schedule.stage_at(self.samples)
         return stage if stage.batch_size > self.batch_size else None
+
+    def _on_schedule(self) -> bool:
+        """Whether the run follows its schedule here: in the lr warmup, or at (or below) the stage's batch. The
+        schedule chose that batch knowing the critical batch is small early on and grows; an outside Trainer on
+        plan's own schedule was told, during warmup at the stage's 32, that 32 was 450% above the noise scale."""
+        if self.schedule is None:
+            return False
+        return (self.samples <= getattr(self.schedule, "warmup_samples", 0)
+                or self.batch_size <= self.schedule.stage_at(self.samples).batch_size)
 
     def _band_name(self) -> str:
         return f"{self.options['confidence']:.0%}"
