@@ -72,6 +72,11 @@ CHECK_EVAL_SAMPLES = 512  # validated before the training run's first step: wher
 _RESERVE_FRACTION, _RESERVE_MIN_S = 0.05, 1.5
 
 
+def reserve_seconds(budget: float) -> float:
+    """What the check keeps back from its --max-seconds for start-up, rendering and exit."""
+    return max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget)
+
+
 class CheckInputError(ValueError):
     """A command-line value the check cannot use (the CLI exits 2)."""
 
@@ -370,7 +375,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
                              "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
-                     deadline=started + budget - max(_RESERVE_MIN_S, _RESERVE_FRACTION * budget),
+                     deadline=started + budget - reserve_seconds(budget),
                      notes=notes, meter=LoadMeter.start(), threads=threads)
 
 
@@ -473,9 +478,11 @@ def _stop_if_timed_out(state: _CheckRun, result: Any) -> None:
     """A trial that timed out ends the check (exit 2): naming the check's budget if that is what ran out."""
     from batchtune.engine.watchdog import stop_if_timed_out
 
-    budget = state.watch is not None and state.watch.fired
-    stop_if_timed_out(result, f"what was left of the check's --max-seconds {state.budget:g}" if budget
-                      else "trial_timeout")
+    if state.watch is not None and state.watch.fired and getattr(result, "timed_out", False):
+        raise CheckInputError(f"--max-seconds {state.budget:g}: {result.error}, all that was left of it after "
+                              f"{reserve_seconds(state.budget):.2g} s kept for start-up and output; give the check more "
+                              "time")
+    stop_if_timed_out(result, "trial_timeout")
 
 
 def window_rates(stamps: list[float], *, batch_size: int, first: int, noise_every: int = 0,
@@ -515,7 +522,8 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
     needed = (min(steps, max(MIN_TRAIN_STEPS, timing_warmup + 2)) + 1) * state.step_seconds
     if remaining < needed:
         state.skipped += ["trains", "data"]
-        return {name: _skip(name, "skip.time_budget", left_s=max(remaining, 0.0), needed_s=needed)
+        return {name: _skip(name, "skip.time_budget", left_s=max(remaining, 0.0), needed_s=needed,
+                            reserve_s=reserve_seconds(state.budget))
                 for name in ("trains", "data")}
     log.info(f"  trains: {steps} steps at lr {state.lr:.3g}, timing throughput and data loading ...")
     config = trial_config(

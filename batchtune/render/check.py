@@ -215,7 +215,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                         f"{f['baseline_accum_steps']}, this check as {f['micro_batch_size']}×"
                                         f"{f['accum_steps']}: not comparable",
     "regression.unusable": lambda f: f"every baseline trial at {f['batch_size']} ran out of memory or diverged",
-    "skip.time_budget": lambda f: f"{TIME_SKIP} ({f['left_s']:.2f} s left, about {f['needed_s']:.2f} s needed)",
+    "skip.time_budget": lambda f: f"{TIME_SKIP} ({f['left_s']:.2f} s left, about {f['needed_s']:.2f} s needed"
+                                  + (f"; {f['reserve_s']:.2g} s of the budget is kept for start-up and output"
+                                     if f.get("reserve_s") else "") + ")",
     "skip.time_budget_steps": lambda f: f"{TIME_SKIP}: only {f['steps']} steps ran",
     "skip.time_budget_noise": lambda f: f"{TIME_SKIP} (the noise scale comes from the training run)",
     "skip.fits_oom": _fits_skip,
