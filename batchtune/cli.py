@@ -681,15 +681,25 @@ def serve(
     raise typer.Exit(EXIT_FAIL if failed else EXIT_OK)
 
 
+def _whole(flag: str, value: float | None) -> int | None:
+    """A count given as a number (``1e6``, ``400000``), refused where it is not whole."""
+    if value is None:
+        return None
+    if not float(value).is_integer():
+        raise UsageError(f"{flag} {value:g}: give a whole number")
+    return int(value)
+
+
 @app.command()
 def plan(
     spec_path: SpecPath,
     overrides: Overrides = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="The run's length in samples.")] = None,
+    samples: Annotated[Optional[float], typer.Option("--samples", min=1, help="The run's length in samples "
+                                                                              "(1e6 is read as 1,000,000).")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0,
                                                     help="... or in epochs of the training set.")] = None,
-    tokens: Annotated[Optional[int], typer.Option("--tokens", min=1, help="... or in tokens (token data: each "
-                                                                          "sample's target a token sequence).")] = None,
+    tokens: Annotated[Optional[float], typer.Option("--tokens", min=1, help="... or in tokens (token data: each "
+                                                                            "sample's target a token sequence).")] = None,
     gpus: Annotated[Optional[int], typer.Option(
         "--gpus", min=1, help="Devices the run gets (data parallel). One process: default 1, and G > 1 assumes "
                               "linear scaling; under torchrun the ranks are measured and this must be the world "
@@ -725,6 +735,7 @@ def plan(
         from batchtune.render.plan import render_plan
 
         deadline_seconds = parse_deadline(deadline) if deadline is not None else None
+        samples, tokens = _whole("--samples", samples), _whole("--tokens", tokens)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
             _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))

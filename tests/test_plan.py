@@ -392,6 +392,18 @@ def _flat(first, level, size, seed, points=20, dip=0.0):
             "evals": [[i, i * size, 0.0, loss] for i, loss in enumerate(losses)]}
 
 
+def test_counts_and_costs_as_people_write_and_read_them():
+    """--samples 1e6 was refused ('unable to parse string as an integer'); a cost of $0.0049 read 0.00."""
+    from batchtune.cli import _whole
+    from batchtune.errors import UsageError
+    from batchtune.render.plan import _money
+
+    assert _whole("--samples", 1e6) == 1_000_000 and _whole("--tokens", None) is None
+    with pytest.raises(UsageError, match=r"--samples 1500.5: give a whole number"):
+        _whole("--samples", 1500.5)
+    assert [_money(v) for v in (0.0049, 0.01, 12.345, 0.0, None)] == ["0.0049", "0.01", "12.35", "0.00", "-"]
+
+
 def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommended():
     """An outside LSTM's plan picked a schedule 0.15% faster than constant 64 (6.905 s against 6.916 s); the two
     verified alike. The constant size is simpler to run."""

@@ -22,7 +22,7 @@ def _plan_rows(result: Any) -> list[list[str]]:
     for name, p in plans:
         chosen = pick is not None and (name == pick or (pick == "schedule" and name.startswith("schedule")))
         rows.append([("* " if chosen else "  ") + name, f"{p['final_loss']:.4g}", num(p["steps"], ",.0f"),
-                     duration_text(p["seconds"]), num(p["gpu_hours"], ",.3g"), num(p["cost"], ",.2f"),
+                     duration_text(p["seconds"]), num(p["gpu_hours"], ",.3g"), _money(p["cost"]),
                      num(p["total_steps"], ",.0f"), duration_text(p["total_seconds"])])
     return rows
 
@@ -77,6 +77,11 @@ def _reached(v: dict[str, Any]) -> str:
     if not bad:
         return v["reached"]
     return f"{v['reached']} ({'collapsed' if bad == len(v['runs']) else f'{bad} collapsed'})"
+
+
+def _money(value: float | None) -> str:
+    """Cents from 0.01 up, two significant digits below (a run of $0.0049 read 0.00)."""
+    return num(value, ",.2f" if value is None or value == 0 or value >= 0.01 else ".2g")
 
 
 def _measured(value: float | None, projected: float | None, fmt: str) -> str:
