@@ -88,6 +88,11 @@ def test_a_collate_that_concatenates_samples_is_traced_at_its_worst_case_not_one
     measured = Trainer(worst_case(components), backend, "fp32", current()).run(config, model=model).peak_bytes
     traced = tracer.trace(64).peak_bytes
     assert measured <= traced <= 1.03 * measured, (measured, traced)
+    from batchtune.commands.probe import run_probe_estimate
+
+    notes = run_probe_estimate(load_spec(write_spec(BAG_SPEC)), device_memory="4MiB").notes
+    assert any(n.startswith("the collate concatenates samples: the estimate counts each at the longest one's length "
+                            "(12), so its ceiling errs low") for n in notes), notes
 
 
 def test_probe_estimate_finds_the_measured_ceiling_without_a_training_step():
