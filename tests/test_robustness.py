@@ -147,8 +147,8 @@ def test_an_mse_that_would_broadcast_is_an_error_not_a_warning(write_spec):
     """(2, 4) outputs against (2,) targets: F.mse_loss broadcasts them, warns on stderr with torch's own path, and
     would train on the wrong numbers."""
     spec = write_spec(TINY_SPEC + "loss: mse\n")
-    line = _one_line_error(_cli("validate", spec), "model:", "ValueError: mse: the model's output of shape [2, 4] and "
-                           "the targets of shape [2] differ (mse would broadcast them)")
+    line = _one_line_error(_cli("validate", spec), "spec.yaml:7: loss:", "LossShapeError: mse: the model's output of "
+                           "shape [2, 4] and the targets of shape [2] differ (mse would broadcast them)")
     assert "UserWarning" not in _cli("validate", spec).stderr and line
 
 

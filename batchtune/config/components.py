@@ -70,7 +70,7 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        path = f"{kwargs_key or key}.{named[0]}" if named else key
+        path = f"{kwargs_key or key}.{named[0]}" if named else getattr(exc, "spec_key", key)
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
         raise ComponentError([spec.issue(path, message)]) from exc
 
@@ -211,11 +211,18 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, target)
 
 
+class LossShapeError(ValueError):
+    """A built-in loss given shapes it cannot compare: the spec's ``loss`` (or the model's output) to change,
+    named as ``loss`` where the model and the loss run together (validate's first samples)."""
+
+    spec_key = "loss"
+
+
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if output.shape != target.shape and output.numel() == target.numel():
         target = target.reshape(output.shape)
     if output.shape != target.shape:  # F.mse_loss would broadcast them, warn, and train on the wrong numbers
-        raise ValueError(f"mse: the model's output of shape {list(output.shape)} and the targets of shape "
+        raise LossShapeError(f"mse: the model's output of shape {list(output.shape)} and the targets of shape "
                          f"{list(target.shape)} differ (mse would broadcast them); make the model's output "
                          "match the targets")
     return F.mse_loss(output, target.to(output.dtype))
