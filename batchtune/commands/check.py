@@ -601,11 +601,11 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
         return critical_batch_verdict(b, quick.b_simple, basis="run.noise_scale", low=quick.low, high=quick.high,
                                       basis_steps=quick.steps)
     if quick is not None:
-        from torch.nn.modules.batchnorm import _BatchNorm
+        from batchtune.config.components import has_batchnorm
 
         model = state.trainer.components.build_model(state.spec.seed)
         return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
-                     batchnorm=any(isinstance(m, _BatchNorm) for m in model.modules()))
+                     batchnorm=has_batchnorm(model))
     if why := getattr(state.run, "noise_unmeasured", None):
         return _skip("critical_batch", "critical.unsplittable", reason=why, has_baseline=base is not None)
     odd = state.shape.accum_steps == 1 and state.shape.micro_batch_size % 2

@@ -60,8 +60,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         steps: optimizer steps; the estimate needs a few hundred to settle.
         points: validation points (each reports the estimate so far).
     """
-    from torch.nn.modules.batchnorm import _BatchNorm
-
+    from batchtune.config.components import has_batchnorm
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, prepare, trial_config
@@ -88,7 +87,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     notes = []
     if not result.fits:
         notes.append(f"out of memory: {result.error}")
-    if any(isinstance(m, _BatchNorm) for m in components.build_model(spec.seed).modules()):
+    if has_batchnorm(components.build_model(spec.seed)):
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
     if result.noise_unmeasured:

@@ -131,9 +131,9 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     meter, (threads, threads_from) = LoadMeter.start(), set_threads(spec.device.threads)
     dist = current()
     notes: list[str] = []
-    p = probe_settings(spec, components.build_model(spec.seed) if spec.probe.min_batch_size < 2 else None, notes)
-    largest, cap_note = _largest(components, p)
     source = _device_source(spec, components, backend, dist)
+    p = probe_settings(spec, source.model, notes)  # the model the search trains, not another one built
+    largest, cap_note = _largest(components, p)
     space = SearchSpace(p.min_batch_size, largest, p.granularity)
     estimate = _estimate_for(spec, notes) if p.from_estimate and source.knows_capacity else None
     if estimate is not None:
@@ -280,10 +280,10 @@ def probe_settings(spec: Any, model: Any, notes: list[str]) -> Any:
     """``spec.probe``, its smallest size raised to 2 for a ``model`` with BatchNorm layers: in training
     they cannot normalise one sample ('Expected more than 1 value per channel'), and the probe stopped at
     batch 1 with that error on an outside model that validate had passed."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from batchtune.config.components import has_batchnorm
 
     p = spec.probe
-    if p.min_batch_size >= 2 or model is None or not any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if p.min_batch_size >= 2 or not has_batchnorm(model):
         return p
     notes.append("probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample")
     return p.model_copy(update={"min_batch_size": 2})

@@ -30,8 +30,8 @@ from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, _nearest_line
 
-__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "sample_length",
-           "to_device"]
+__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
+           "sample_length", "to_device"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -186,6 +186,14 @@ def batch_size_of(batch: Any) -> int:
     if not counts:
         raise TypeError(f"cannot find a tensor with a batch dimension in a batch of type {type(batch).__name__}")
     return min(counts, key=lambda size: (-counts[size], size))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers: a batch of one cannot train them, and micro-batch statistics
+    differ from the whole batch's."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
