@@ -298,3 +298,23 @@ def bn_mlp(in_features: int = 16, hidden: int = 32, num_classes: int = 4) -> nn.
     """BatchNorm after a Linear layer: it cannot train on a batch of one."""
     return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
+
+
+class _SlowAfterValidating(nn.Module):
+    def __init__(self, seconds: float, **kwargs) -> None:
+        super().__init__()
+        self.seconds, self.validated = seconds, False
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.validated = True
+        elif self.validated:
+            time.sleep(self.seconds)
+        return self.net(x)
+
+
+def slow_after_validating(seconds: float = 0.01, **kwargs) -> nn.Module:
+    """tiny_mlp that sleeps in each training forward once it has validated: a run that validates
+    (check's training run) is slow, one that does not (its second timing) is not; a passing slowdown."""
+    return _SlowAfterValidating(seconds, **kwargs)

@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +301,7 @@ class _CheckRun:
     fit: Any = None  # the fits run's TrialResult, once it ran without crashing
     step_seconds: float = 0.0  # one optimizer step, as the fits run timed it
     run: Any = None  # the training run's TrialResult, when it finished without an OOM
+    train_config: Any = None  # the training run's TrialConfig
     window_rates: list[float] = field(default_factory=list)  # the training run's throughput over windows of steps
     skipped: list[str] = field(default_factory=list)  # checks skipped to stay within the budget
     notes: list[str] = field(default_factory=list)
@@ -547,7 +548,7 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
     if not run.fits:
         return {"trains": CheckResult("trains", "fail", "trains.oom", {"error": run.error}),
                 "data": _skip("data", "skip.train_oom")}
-    state.run = run
+    state.run, state.train_config = run, config
     return {"trains": _trains(state, run, config), "data": _data(state, run)}
 
 
@@ -676,16 +677,44 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         if "trains" in state.skipped:
             state.skipped.append("regression: throughput")
     cs = state.spec.check
-    verdict = regression_verdict(
-        samples_per_s=run.samples_per_s if run is not None else None, peak_bytes=state.fit.peak_bytes,
-        baseline_samples_per_s=statistics.median(rates) if rates else None,
-        baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
-        memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
-        throughput_noise=throughput_noise(state.window_rates, rates),
-        contention=state.meter.reading(state.threads)["contention"] if state.meter is not None else 0.0)
+
+    def verdict_at(samples_per_s: float | None) -> CheckResult:
+        return regression_verdict(
+            samples_per_s=samples_per_s, peak_bytes=state.fit.peak_bytes,
+            baseline_samples_per_s=statistics.median(rates) if rates else None,
+            baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
+            memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
+            throughput_noise=throughput_noise(state.window_rates, rates),
+            contention=state.meter.reading(state.threads)["contention"] if state.meter is not None else 0.0)
+
+    verdict = verdict_at(run.samples_per_s if run is not None else None)
+    if verdict.code in ("regression.throughput", "regression.throughput_memory"):
+        first, second = run.samples_per_s, _retime(state)
+        if second is not None:  # other work only ever slows a run: the faster timing is the job's
+            verdict = verdict_at(max(first, second))
+        verdict.figures["timings"] = [first] + ([second] if second is not None else [])
     verdict.figures.update(why, baseline_trials=len(usable), spec_changes=_spec_changes(base, state.spec.resolved()),
                            baseline_torch=base.environment.get("torch"))
     return verdict
+
+
+def _retime(state: _CheckRun) -> float | None:
+    """Samples/s of a second timing of the training run's steps (no validation, no noise-scale
+    steps), where the budget has room for it; None where it has not. A throughput drop fails the
+    check only if it shows twice: an outside GRU's check read -38% once and +3% a minute later,
+    with no other work on the machine to account for it."""
+    needed = state.run.seconds + state.step_seconds
+    if state.remaining() < needed:
+        log.info(f"  regression: no time left in --max-seconds to time the run again ({needed:.1f} s needed)")
+        return None
+    log.info("  regression: throughput fell; timing the run again to confirm ...")
+    config = replace(state.train_config, measure_noise=False, eval_every_samples=0, evals_per_doubling=0,
+                     validate=False, max_seconds=state.remaining() - state.step_seconds)
+    try:
+        again = state.trainer.run(config)
+    except Exception:  # noqa: BLE001 - the first run's figures stand; its verdict is unchanged
+        return None
+    return again.samples_per_s if again.fits and not getattr(again, "timed_out", False) else None
 
 
 def relative_error(values: list[float]) -> float | None:

@@ -112,7 +112,7 @@ def _comparison(f: dict[str, Any]) -> str:
     """``throughput 900 vs 1,000 samples/s (-10%), peak 1.0 KiB vs 1000 B (+5.0%)``."""
     if f["throughput_change"] is not None:
         parts = [f"throughput {f['samples_per_s']:,.0f} vs {f['baseline_samples_per_s']:,.0f} samples/s "
-                 f"({_signed_pct(f['throughput_change'])})"]
+                 f"({_signed_pct(f['throughput_change'])}{_timings(f)})"]
     else:
         parts = [f"throughput not compared ({_THROUGHPUT_SKIPS[f.get('throughput_skip')](f)})"]
     if f["memory_change"] is not None:
@@ -121,6 +121,14 @@ def _comparison(f: dict[str, Any]) -> str:
     else:
         parts.append("peak memory not compared")
     return ", ".join(parts)
+
+
+def _timings(f: dict[str, Any]) -> str:
+    """A drop timed twice (check times a run again before failing it on throughput)."""
+    timings = f.get("timings") or []
+    if len(timings) == 2:
+        return f"; timed twice, {timings[0]:,.0f} and {timings[1]:,.0f} samples/s, the faster counted"
+    return "; not timed again: no time left in --max-seconds" if timings else ""
 
 
 def _regressed(*what: str) -> Callable[[dict[str, Any]], str]:
