@@ -281,11 +281,13 @@ def test_a_drop_that_a_second_timing_does_not_show_passes_regression(baseline):
     """An outside GRU's check read -38% once and +3% a minute later on a quiet machine."""
     spec_path, run = baseline
     spec = load_spec(spec_path, ['model.target=tests.fixtures:slow_after_validating', "model.kwargs={seconds: 0.02}",
-                                 "check.throughput_tolerance=0.6"])
+                                 "check.throughput_tolerance=0.75"])
     reg = run_check(spec, batch_size=32, baseline=run).check("regression")
     first, second = reg.figures["timings"]
-    assert first < 0.3 * reg.figures["baseline_samples_per_s"] < second  # 20 ms of sleep a step, then none
-    assert reg.status == "pass" and reg.figures["samples_per_s"] == second, check_reason(reg)
+    assert first < 0.05 * reg.figures["baseline_samples_per_s"] and second > 10 * first  # 20 ms of sleep a step, then none
+    assert reg.figures["samples_per_s"] == second
+    # pass, or on a loaded machine a warning that the drop is within the noise: never a failure
+    assert reg.status == ("pass" if reg.figures["throughput_change"] >= -0.75 else "warn"), check_reason(reg)
 
 
 def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_its_size(baseline):
