@@ -18,6 +18,7 @@ from batchtune.engine.data import LongestFirst, batches, padding_waste, random_b
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 from batchtune.memory.device import CPUBackend
+from batchtune.render.probe import render_probe
 
 runner = CliRunner()
 
@@ -56,6 +57,8 @@ def test_batchings_and_their_padding_by_hand():
     assert [[lengths[i] for i in b] for b in plan] == [[1, 2], [4, 4], [8], [8]]
     assert padding_waste(lengths, plan) == pytest.approx(1 - 27 / 28)  # one pad: the 1 next to the 2
     assert padding_waste(lengths, [[0, 1, 2, 3, 4, 5]]) == pytest.approx(1 - 27 / 48)
+    capped = sorted(token_batches([1] * 5, 8, max_rows=2), key=len)  # 5 tokens fit one batch; 2 rows each at most
+    assert [len(b) for b in capped] == [1, 2, 2]
     epoch = random_batches(10, 4)
     assert len(epoch) == 2 and all(len(b) == 4 for b in epoch) and len(set(epoch[0] + epoch[1])) == 8
     (repeats,) = random_batches(3, 5)  # fewer samples than a batch: one batch, with repeats
@@ -97,6 +100,31 @@ def _peak(spec, components, batch_size: int, *, worst: bool) -> int | None:
     backend = CPUBackend(memory_limit=spec.device.memory_limit)
     result = Trainer(components, backend).run(TrialConfig(BatchShape(batch_size, 1, 1), lr=1e-3, steps=2))
     return result.peak_bytes if result.fits else None
+
+
+def test_a_token_budget_that_runs_out_of_memory_on_many_short_samples_is_capped_at_the_safe_size(write_spec):
+    """An outside EmbeddingBag's budget (safe size × longest) ran out of memory on a bucket of short bags,
+    2,750 samples where the worst case held 1,918, and the probe named no budget that works."""
+    text = """
+name: bags
+model: {target: "tests.fixtures:bag_model", kwargs: {dim: 64}}
+data:
+  target: "tests.fixtures:bag_data"
+  kwargs: {n_train: 8192, max_len: 12}
+  collate: {target: "tests.fixtures:bag_collate"}
+loss: cross_entropy
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+base_batch_size: 32
+device: {type: cpu, memory_limit: 1MiB}
+"""
+    result = run_probe(load_spec(write_spec(text)))
+    v, safe = result.variable_length, result.safe_batch_size
+    assert v["max_tokens"] == safe * 12 and v["max_rows"] == safe
+    assert v["bucketed"]["fits"] and v["bucketed"]["peak_bytes"] <= result.capacity_bytes
+    assert v["bucketed"]["mean_rows"] <= safe
+    assert any(n.startswith(f"max_tokens {safe * 12:,} alone ran out of memory on a batch of ") and
+               n.endswith(f"the budget is capped at {safe:,} samples a batch (max_rows)") for n in v["notes"])
+    assert f"and at most {safe:,} samples, length-bucketed" in render_probe(result)
 
 
 def test_probe_finds_the_worst_case_ceiling_where_random_batches_still_fit(write_spec):

@@ -56,6 +56,7 @@ class TokenBudget:
     bucketed: Batching | None
     notes: list[str]
     pads: bool = True  # the collate pads to the batch's longest (else it concatenates: no padding to count)
+    max_rows: int | None = None  # samples per bucketed batch at most (None: no limit beside max_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,12 +90,24 @@ def token_budget(spec: Any, components: Any, run_on: tuple[Any, Any, Any] | None
     if not out.pads:
         out.notes.append("the collate concatenates samples rather than padding them: no padding to save, and a "
                          "batch's memory follows its total length, which length-bucketing evens out")
-    if run_on is not None:
-        for batching, plan in ((out.fixed, fixed_plan), (out.bucketed, _extremes_first(bucket_plan, lengths))):
-            _time(spec, components, run_on, batching, plan, lengths)
-        if out.bucketed.fits is False:
-            out.notes.append(f"max_tokens {out.max_tokens:,} ran out of memory on a batch of short samples "
-                             f"(more rows than the worst case has): take a smaller budget")
+    if run_on is None:
+        return out
+    for batching, plan in ((out.fixed, fixed_plan), (out.bucketed, _extremes_first(bucket_plan, lengths))):
+        _time(spec, components, run_on, batching, plan, lengths)
+    rows = max(map(len, bucket_plan))
+    if out.bucketed.fits is False and rows > safe:
+        # memory grows with a batch's samples as well as its tokens: at most the safe size's samples, each at most
+        # the longest, is never more than the worst case the probe measured
+        capped = token_batches(lengths, out.max_tokens, spec.seed, max_rows=safe)
+        out.max_rows = safe
+        out.bucketed = Batching("bucketed", len(capped), len(lengths) / len(capped), waste(lengths, capped))
+        _time(spec, components, run_on, out.bucketed, _extremes_first(capped, lengths), lengths)
+        out.notes.append(f"max_tokens {out.max_tokens:,} alone ran out of memory on a batch of {rows:,} short samples "
+                         f"(more than the worst case's {safe:,}): the budget is capped at {safe:,} samples a batch "
+                         "(max_rows)" + ("" if out.bucketed.fits else ", and still ran out of memory"))
+    elif out.bucketed.fits is False:
+        out.notes.append(f"max_tokens {out.max_tokens:,} ran out of memory on a length-bucketed batch: take a "
+                         "smaller budget")
     return out
 
 

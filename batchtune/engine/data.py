@@ -85,9 +85,11 @@ def random_batches(n: int, batch_size: int, seed: int = 0) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def token_batches(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> list[list[int]]:
+def token_batches(lengths: Sequence[int], max_tokens: int, seed: int = 0,
+                  max_rows: int | None = None) -> list[list[int]]:
     """Length-bucketed batches: samples sorted by length, cut into batches of at most
-    ``max_tokens`` padded tokens (rows × the batch's longest), the batches then shuffled.
+    ``max_tokens`` padded tokens (rows × the batch's longest) and at most ``max_rows`` samples
+    (None: no limit), the batches then shuffled.
 
     A sample longer than ``max_tokens`` makes a batch of its own.
     """
@@ -95,7 +97,7 @@ def token_batches(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> lis
     out: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
+        if current and ((len(current) + 1) * lengths[i] > max_tokens or len(current) == max_rows):
             out.append(current)
             current = []
         current.append(i)

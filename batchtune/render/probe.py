@@ -121,7 +121,8 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("fixed batch", f"{fixed['mean_rows']:g} samples: {_batching_text(fixed)}"))
     speedup = (f" ({bucketed['tokens_per_s'] / fixed['tokens_per_s']:.2f}× the fixed batch)"
                if bucketed.get("tokens_per_s") and fixed.get("tokens_per_s") else "")
-    rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest), length-bucketed, "
+    cap = f" and at most {v['max_rows']:,} samples" if v.get("max_rows") else ""
+    rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest){cap}, length-bucketed, "
                                  f"{bucketed['mean_rows']:.0f} samples a batch on average: "
                                  f"{_batching_text(bucketed)}{speedup}"))
     return rows
