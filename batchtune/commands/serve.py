@@ -400,6 +400,8 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
     buckets' share-weighted medians (the same requests, padded to their bucket instead of their batch)."""
     import numpy as np
 
+    from batchtune.engine.data import padding_waste
+
     lengths, source = _lengths(components)
     arr = np.asarray(lengths)
     out: dict[str, Any] = {"source": source, "samples": len(lengths), "min": int(arr.min()), "max": int(arr.max()),
@@ -411,7 +413,7 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
                        "lengths vary, but the spec names no data.collate to pad them: not measured by bucket")
         return out
     out["pads"] = components.pads()  # a collate that concatenates requests pads nothing
-    padding = _padding if out["pads"] else lambda *_: 0.0
+    padding = padding_waste if out["pads"] else lambda *_: 0.0
     edges = sorted({int(np.percentile(arr, q, method="lower")) for q in (25, 50, 75)} | {int(arr.max())})
     rng = np.random.default_rng(curve.seed)
     low, bucketed_plans = int(arr.min()) - 1, []
@@ -438,12 +440,6 @@ def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str,
     out["bucketed_padding"] = padding(arr, bucketed_plans)
     out["gain"] = out["mixed"]["p50_ms"] / bucketed if bucketed > 0 else None
     return out
-
-
-def _padding(lengths: Any, plans: list[Any]) -> float:
-    """The share of padded positions that are padding, over batches of sample indices."""
-    padded = sum(len(plan) * int(lengths[plan].max()) for plan in plans)
-    return 1.0 - sum(int(lengths[plan].sum()) for plan in plans) / padded if padded else 0.0
 
 
 def _measured(curve: _Curve, collate: Any, plans: list[Any], batch_size: int, phase: str) -> LatencyPoint:
