@@ -332,7 +332,8 @@ def test_a_sequence_as_long_as_the_micro_batch_is_read_batch_first():
         warnings.simplefilter("error")  # nothing to warn about
         square = _layout_reading(False, micro=12, length=12).reading()
     assert square.b_simple is not None and square.coverage == 1.0
-    assert square.b_simple == pytest.approx(_layout_reading(False, micro=12, length=13).reading().b_simple, rel=0.3)
+    longer = _layout_reading(False, micro=12, length=13).reading()  # 12 examples a step: noisy, wide bands
+    assert square.low <= longer.b_simple <= square.high and longer.low <= square.b_simple <= longer.high
 
 
 class _FlatThenHead(torch.nn.Module):

@@ -131,26 +131,30 @@ def test_split_halves_and_batch_sizes():
 
 
 # ---------------------------------------------------------------------------- estimator
-def test_estimator_averages_are_adam_bias_corrected_emas():
+def test_estimator_averages_are_adam_bias_corrected_emas_of_steps_over_the_gradients_recent_scale():
     decay = 0.9
     estimator = NoiseScaleEstimator(ema_decay=decay)
     pairs = [(5.0, 2.0), (6.0, 1.5), (4.0, 2.5), (7.0, 1.0)]
-    m_g2 = m_trs = 0.0
+    m_g2 = m_trs = m_big = scale = 0.0
     for t, (s_small, s_big) in enumerate(pairs, start=1):
         estimator.update(s_small, s_big, 10, 40)
         g2, trs = unbiased_estimates(s_small, s_big, 10, 40)
-        m_g2 = decay * m_g2 + (1 - decay) * g2
-        m_trs = decay * m_trs + (1 - decay) * trs
+        step_scale = scale or s_big  # the earlier steps' big-batch norm (the first step's own)
+        scale = 0.9 * step_scale + 0.1 * s_big
+        m_g2 = decay * m_g2 + (1 - decay) * g2 / step_scale
+        m_trs = decay * m_trs + (1 - decay) * trs / step_scale
+        m_big = decay * m_big + (1 - decay) * s_big
         result = estimator.estimate()
-        assert result.g2 == pytest.approx(m_g2 / (1 - decay**t))
-        assert result.trace_sigma == pytest.approx(m_trs / (1 - decay**t))
-        assert result.b_simple == pytest.approx(result.trace_sigma / result.g2)
+        unbias = (1 - decay**t) ** 2
+        assert result.g2 == pytest.approx(m_g2 * m_big / unbias)
+        assert result.trace_sigma == pytest.approx(m_trs * m_big / unbias)
+        assert result.b_simple == pytest.approx(m_trs / m_g2)
         assert result.steps == t
     # First step: (5, 2) → G2 = 1, TrS = 40; the band needs two steps.
     first = NoiseScaleEstimator()
     first.update(5.0, 2.0, 10, 40)
     only = first.estimate()
-    assert (only.b_simple, only.g2, only.trace_sigma) == pytest.approx((40.0, 1.0, 40.0))
+    assert (only.b_simple, only.g2, only.trace_sigma) == pytest.approx((40.0, 1.0, 40.0))  # one step: its own scale
     assert (only.low, only.high, only.steps, only.reliable) == (0.0, math.inf, 1, False)  # unbounded: unreliable
 
 
@@ -181,6 +185,36 @@ def test_band_is_a_point_without_noise():
         estimator.update(5.0, 2.0, 10, 40)
     result = estimator.estimate()
     assert (result.b_simple, result.low, result.high) == pytest.approx((40.0, 40.0, 40.0))
+
+
+def _falling_gradient(estimator: NoiseScaleEstimator, steps: int, rate: float = 0.97, trs: float = 16.0) -> float:
+    """|G|² falls by ``rate`` a step at a fixed tr Σ (a linear regression nearing its optimum): B_simple rises
+    from 1 to 21 over 100 steps. Returns the true B_simple at the last step."""
+    for t in range(1, steps + 1):
+        g2 = 16.0 * rate**t
+        estimator.update(g2 + trs / 32, g2 + trs / 64, 32, 64)
+    return trs / g2
+
+
+def test_a_noise_scale_that_rises_within_the_horizon_is_read_on_the_recent_steps():
+    """An outside linear regression's monitor read 27.4 (band 25.7-29.7, reliable) where the truth was 48.6:
+    the large gradients of early steps ruled the |G|² average long after |G|² had fallen."""
+    truth = _falling_gradient(estimator := NoiseScaleEstimator(ema_decay=0.99), 100)
+    _falling_gradient(whole := NoiseScaleEstimator(ema_decay=0.99, drift_check=False), 100)
+    result, lagging = estimator.estimate(), whole.estimate()
+    assert truth == pytest.approx(21.0, rel=0.01)
+    assert result.drifting and 0.55 * truth < result.b_simple < truth
+    assert lagging.b_simple < 0.7 * result.b_simple and not lagging.drifting  # the whole horizon: 7.7 (4.1 unscaled)
+    assert result.low <= lagging.b_simple and result.high >= result.b_simple  # the band holds both readings
+
+
+def test_a_steady_noise_scale_is_seldom_called_drifting():
+    rng = np.random.default_rng(0)
+    estimator, drifting = NoiseScaleEstimator(ema_decay=0.99), 0
+    for _ in range(3000):  # B_simple 40 (|G|² 1, tr Σ 40), measured with noise
+        estimator.update(*(abs(v) for v in (5.0 + rng.normal(0, 0.5), 2.0 + rng.normal(0, 0.2))), 10, 40)
+        drifting += estimator.estimate().drifting
+    assert drifting < 0.05 * 3000
 
 
 def test_non_finite_updates_are_skipped_and_counted():

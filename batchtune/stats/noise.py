@@ -87,6 +87,10 @@ class NoiseScaleEstimate:
         steps: Updates accepted (non-finite ones are not counted).
         reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update), or
             while the band is unbounded above.
+        drifting: the recent steps (a horizon :data:`RECENT` times shorter) read B_simple
+            significantly away from the whole average (its point outside their 99% band): the
+            reading is theirs, in a band that holds both. The whole average lags a noise scale
+            that moves within its horizon.
     """
 
     b_simple: float | None
@@ -96,6 +100,7 @@ class NoiseScaleEstimate:
     trace_sigma: float
     steps: int
     reliable: bool
+    drifting: bool = False
 
 
 def unbiased_estimates(
@@ -198,12 +203,29 @@ def _fieller_interval(
     return 0.0, math.inf
 
 
+SCALE_DECAY = 0.9  # the gradient's scale that each step's estimates are divided by: an EMA over about 10 steps
+RECENT = 4  # the drift check reads the steps of a horizon this many times shorter than the estimate's
+DRIFT_CONFIDENCE = 0.99  # ... in a band this wide: a steady noise scale is called drifting about 1% of the time
+
+
 class NoiseScaleEstimator:
     """Smooths per-step |G|² and tr(Σ) estimates and divides the averages.
 
+    Each step's two estimates are first divided by the gradient's recent scale ``ŝ`` (an EMA
+    over the earlier steps, :data:`SCALE_DECAY`, of the big batch's squared norm; the first step
+    uses its own), so that every step weighs the same in the ratio whatever the gradient's size
+    then. Without it, the large gradients of early training dominate the |G|² average for
+    hundreds of steps after |G|² has fallen: on a linear regression whose true B_simple rose
+    from 88 to 2,941 between steps 50 and 100 the reading stayed at 21-29 (now 32-200); the
+    gradient's scale changes much faster than the ratio. ``ŝ`` comes from earlier steps only,
+    so it does not correlate with the step it divides.
+
     Each average is an exponentially weighted mean with Adam's bias correction,
     ``m_t / (1 - decay**t)`` with ``m_t = decay·m_{t-1} + (1 - decay)·x_t``, which equals
-    ``Σ decay**(t-i)·x_i / Σ decay**(t-i)``. The same weights give the weighted variances of
+    ``Σ decay**(t-i)·x_i / Σ decay**(t-i)`` (``x_i`` the step's estimate over ``ŝ_i``); the
+    reported ``g2`` and ``trace_sigma`` are those averages times the big batch's squared norm
+    averaged alike (so, on a steady run, the plain averages). The same
+    weights give the weighted variances of
     both series and their covariance (West's incremental algorithm), hence the variance of
     each mean (``s²·Σw²/(Σw)²``, treating steps as independent). The covariance matters:
     both estimates come from the same two norms and are correlated (sign and size depend on
@@ -225,7 +247,7 @@ class NoiseScaleEstimator:
         ValueError: If an argument is out of range.
     """
 
-    def __init__(self, ema_decay: float = 0.99, confidence: float = 0.9) -> None:
+    def __init__(self, ema_decay: float = 0.99, confidence: float = 0.9, drift_check: bool = True) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); found {ema_decay=}")
         if not 0.0 < confidence < 1.0:
@@ -242,6 +264,12 @@ class NoiseScaleEstimator:
         self._comoment_g2 = 0.0  # Σ w_i (g2_i - mean)²
         self._comoment_trs = 0.0
         self._comoment_cross = 0.0  # Σ w_i (g2_i - mean_g2)(trs_i - mean_trs)
+        self._scale = 0.0  # the gradient's recent scale ŝ (0: no step yet)
+        self._mean_big = 0.0  # the big batch's squared norm, averaged as the estimates are
+        # the same estimate over the recent steps (a horizon of 20 steps or more; RECENT× shorter), to tell drift
+        recent = 1.0 - RECENT * (1.0 - ema_decay)
+        self._recent = (NoiseScaleEstimator(recent, max(confidence, DRIFT_CONFIDENCE), False)
+                        if drift_check and recent >= 0.95 else None)
 
     @property
     def steps(self) -> int:
@@ -266,9 +294,12 @@ class NoiseScaleEstimator:
             ValueError: If the batch sizes are invalid (see :func:`unbiased_estimates`).
         """
         g2, trs = unbiased_estimates(s_small, s_big, b_small, b_big)
-        if not all(math.isfinite(v) for v in (s_small, s_big, g2, trs)):
-            self._skipped += 1
+        if not all(math.isfinite(v) for v in (s_small, s_big, g2, trs)) or s_big <= 0.0:
+            self._skipped += 1  # a zero big-batch gradient has no scale to weigh the step by
             return
+        scale = self._scale or s_big
+        self._scale = SCALE_DECAY * scale + (1.0 - SCALE_DECAY) * s_big
+        g2, trs = g2 / scale, trs / scale
         decay = self.ema_decay
         self._weight = decay * self._weight + 1.0
         self._weight_sq = decay * decay * self._weight_sq + 1.0
@@ -279,14 +310,17 @@ class NoiseScaleEstimator:
         d_trs = trs - self._mean_trs
         self._mean_g2 += d_g2 / self._weight
         self._mean_trs += d_trs / self._weight
+        self._mean_big += (s_big - self._mean_big) / self._weight
         self._comoment_g2 += d_g2 * (g2 - self._mean_g2)
         self._comoment_trs += d_trs * (trs - self._mean_trs)
         self._comoment_cross += d_g2 * (trs - self._mean_trs)
         self._steps += 1
+        if self._recent is not None:
+            self._recent.update(s_small, s_big, b_small, b_big)
 
     def estimate(self) -> NoiseScaleEstimate:
         """The current estimate; cheap, call it as often as needed."""
-        g2, trs = self._mean_g2, self._mean_trs
+        g2, trs = self._mean_g2 * self._mean_big, self._mean_trs * self._mean_big
         if self._steps == 0 or g2 <= 0.0 or trs < 0.0:
             return NoiseScaleEstimate(None, None, None, g2, trs, self._steps, False)
         ratio = trs / g2
@@ -297,15 +331,20 @@ class NoiseScaleEstimator:
             return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, False)
         to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
         low, high = _fieller_interval(
-            trs,
-            g2,
+            self._mean_trs,
+            self._mean_g2,
             self._comoment_trs * to_var_of_mean,
             self._comoment_g2 * to_var_of_mean,
             self._comoment_cross * to_var_of_mean,
             self._z,
         )
+        recent = self._recent.estimate() if self._recent is not None else None
+        drifting = recent is not None and recent.b_simple is not None and not recent.low <= ratio <= recent.high
+        if drifting:  # the recent steps' reading, in a band that holds both
+            ratio, g2, trs = recent.b_simple, recent.g2, recent.trace_sigma
+            low, high = min(low, recent.low), max(high, recent.high)
         # an unbounded band is no reading to act on: B_simple stays, marked unreliable
-        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high))
+        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high), drifting)
 
 
 def pooled_noise_scale(pairs: Sequence[tuple[float, float]], confidence: float = 0.9) -> NoiseScaleEstimate:
