@@ -318,3 +318,27 @@ def slow_after_validating(seconds: float = 0.01, **kwargs) -> nn.Module:
     """tiny_mlp that sleeps in each training forward once it has validated: a run that validates
     (check's training run) is slow, one that does not (its second timing) is not; a passing slowdown."""
     return _SlowAfterValidating(seconds, **kwargs)
+
+
+class _ThreeHeads(nn.Module):
+    """A trunk whose output feeds three heads, returned as a dict."""
+
+    def __init__(self, in_features: int = 32, hidden: int = 128, num_classes: int = 8) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.cls, self.rec = nn.Linear(hidden, num_classes), nn.Linear(hidden, in_features)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {"logits": self.cls(h), "recon": self.rec(h), "hidden": h}
+
+
+def three_heads(**kwargs) -> nn.Module:
+    return _ThreeHeads(**kwargs)
+
+
+def three_heads_loss(recon_weight: float = 0.1):
+    def loss(outputs, targets):
+        return (nn.functional.cross_entropy(outputs["logits"], targets)
+                + recon_weight * outputs["recon"].pow(2).mean() + 1e-4 * outputs["hidden"].pow(2).mean())
+    return loss
