@@ -74,6 +74,26 @@ def test_trainer_measures_the_analytic_noise_scale(write_spec, d, sigma, delta, 
     assert abs(est.b_simple - truth) <= (est.high - est.low)
 
 
+def test_noise_caps_the_batch_at_the_training_set(write_spec):
+    """An outside spec with 300 training samples and train.batch_size 512: noise ran at 512 (every step repeating
+    samples) with no note, where check caps the same batch at 300 and says so."""
+    from batchtune.commands.noise import run_noise
+
+    spec = write_spec("""\
+    name: tiny
+    model: {target: "tests.fixtures:tiny_mlp"}
+    data: {target: "tests.fixtures:tiny_data", kwargs: {n_train: 300, n_val: 60}}
+    optimizer: {name: adamw, lr: 0.002}
+    base_batch_size: 32
+    device: {type: cpu}
+    train: {batch_size: 512}
+    """)
+    run = run_noise(load_spec(spec), steps=8, points=2)
+    assert (run.shape.batch_size, run.shape.micro_batch_size, run.shape.accum_steps) == (300, 75, 4)
+    assert run.notes[0] == ("batch 512 is larger than the training set (300 samples): measured at 300, the largest "
+                            "batch it can fill")
+
+
 def test_noise_command_reports_a_rising_estimate(write_spec):
     spec = write_spec("""\
     name: q

@@ -48,6 +48,7 @@ __all__ = [
     "CODES",
     "Baseline",
     "CheckInputError",
+    "within_limits",
     "CheckReport",
     "CheckResult",
     "critical_batch_verdict",
@@ -359,7 +360,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     shape = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
-    shape = _within_limits(shape, components.train_set, notes)
+    shape = within_limits(shape, components.train_set, notes)
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
@@ -394,7 +395,7 @@ def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, 
     return peaks[rank], each[rank], rank
 
 
-def _within_limits(shape: BatchShape, train_set: Any, notes: list[str]) -> BatchShape:
+def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked") -> BatchShape:
     """The shape, its batch capped at the training set's size; refused if host memory cannot collate it.
 
     Raises:
@@ -408,7 +409,7 @@ def _within_limits(shape: BatchShape, train_set: Any, notes: list[str]) -> Batch
     if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
         capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
         notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
-                     f"checked at {capped.batch_size:,}, the largest batch it can fill")
+                     f"{verb} at {capped.batch_size:,}, the largest batch it can fill")
         shape = capped
     need = limit.bytes_for(shape.micro_batch_size)
     if need is not None and limit.available_bytes is not None and need > limit.available_bytes:

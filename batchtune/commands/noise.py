@@ -60,6 +60,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         steps: optimizer steps; the estimate needs a few hundred to settle.
         points: validation points (each reports the estimate so far).
     """
+    from batchtune.commands.check import CheckInputError, within_limits
     from batchtune.config.components import has_batchnorm
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
@@ -78,13 +79,17 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         why = (f"{exc}; give a batch divisible by --accum-steps {accum_steps} (the micro-batches the estimator "
                "compares), or --accum-steps 1 and an even batch")
         raise (UsageError(f"{where}: {why}") if given else spec.error("train.batch_size", why)) from None
+    notes: list[str] = []
+    try:  # capped at the training set, as check caps it: a larger batch repeats samples within every step
+        shape = within_limits(shape, components.train_set, notes, verb="measured")
+    except CheckInputError as exc:
+        raise UsageError(str(exc)) from None
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
-                          eval_every_samples=steps * batch_size / points, validate=True,
+                          eval_every_samples=steps * shape.batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
     log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
     result = stop_if_timed_out(Trainer(components, backend, spec.precision).run(config))
     tokens = components.tokens_per_sample()
-    notes = []
     if not result.fits:
         notes.append(f"out of memory: {result.error}")
     if has_batchnorm(components.build_model(spec.seed)):
