@@ -263,6 +263,27 @@ def test_a_bloated_model_fails_regression_on_memory(baseline):
     assert "the spec differs from the baseline's in: model" in check_reason(reg)
 
 
+@pytest.mark.parametrize("batch_size, code", [(512, "critical.below"), (1024, "critical.within")])
+def test_a_baseline_without_a_bend_or_a_reliable_noise_scale_bounds_the_critical_batch_below(batch_size, code):
+    """An outside sweep found no bend up to 512 and a noise scale of 419 whose band was unbounded (so it adopted no
+    B_crit); check --baseline at 512 still warned '1.2× the critical batch ~419: ~10% of its compute wasted'."""
+    from batchtune.commands.check import Baseline
+    from batchtune.commands.check_verdicts import critical_batch_verdict
+
+    result = {"critical_batch_size": {"from_noise_scale": 418.8, "from_steps_to_target": None, "b_crit": None,
+                                      "fit": {"b_crit": None, "note": "no bend", "above": 512}},
+              "noise_scale": {"b_simple": 418.8, "low": 184.3, "high": None, "reliable": False}}
+    b_crit, basis, extra = Baseline(Path("run"), {}, [], {}, {}, result).critical_batch()
+    assert (b_crit, basis, extra["low"], extra["high"]) == (512.0, "baseline.above_largest", 512.0, math.inf)
+    verdict = critical_batch_verdict(batch_size, b_crit, basis=basis, **extra)
+    assert (verdict.status, verdict.code) == ("pass", code)
+    assert "above 512 (the baseline sweep's steps show no bend up to its largest size)" in check_reason(verdict)
+    result["critical_batch_size"]["fit"].pop("above")  # a sweep from before: the noise scale, its band unbounded
+    b_crit, basis, extra = Baseline(Path("run"), {}, [], {}, {}, result).critical_batch()
+    assert (basis, extra["high"]) == ("baseline.noise_scale", math.inf)
+    assert critical_batch_verdict(512, b_crit, basis=basis, **extra).code == "critical.within"
+
+
 def test_a_slowed_model_fails_regression_on_throughput(baseline):
     spec_path, run = baseline
     spec = load_spec(spec_path, ['model.target=tests.fixtures:slow_mlp', "model.kwargs={seconds: 0.02}"])

@@ -37,6 +37,7 @@ def test_fit_says_when_it_cannot_tell():
     assert "fewer than 3 sizes" in fit_steps_to_target({32: [100], 64: [60]}).note
     halving = {b: [64000 / b] for b in (32, 64, 128, 256)}  # perfect scaling: no bend
     assert fit_steps_to_target(halving).note == "no bend in the steps: B_crit is above the largest size 256"
+    assert fit_steps_to_target(halving).above == 256
 
 
 def test_efficiency_and_excess_compute():

@@ -63,6 +63,7 @@ def _data_hint(f: dict[str, Any]) -> str:
 
 _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
     "baseline.steps_to_target": lambda f: "the baseline sweep's steps-to-target fit",
+    "baseline.above_largest": lambda f: "no bend in the baseline sweep's steps up to its largest size",
     "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
         f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),
     "baseline.trials": lambda f: f"the baseline trials' noise scale (median of {f['basis_trials']})",
@@ -72,6 +73,8 @@ _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
 
 def _estimate(f: dict[str, Any]) -> str:
     """``~227 (this run's noise scale over 7 steps; 90% band 148–350)``."""
+    if f["basis"] == "baseline.above_largest":
+        return f"above {count(f['b_crit'])} (the baseline sweep's steps show no bend up to its largest size)"
     low, high = f.get("low"), f.get("high")
     has_low = isinstance(low, (int, float)) and math.isfinite(low) and low > 0
     bounded = has_low and high is not None and math.isfinite(high)

@@ -38,6 +38,7 @@ class CriticalFit:
     high: float | None  # 95th percentile
     sizes: int
     note: str = ""
+    above: int | None = None  # no bend in the steps up to this size, the largest fitted: B_crit is above it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +92,8 @@ def fit_steps_to_target(steps: Mapping[int, Sequence[float]], resamples: int = 5
         intercept, slope = _line([1.0 / b for b, _ in points], [s for _, s in points])
         where = (f"above the largest size {max(usable)}" if intercept <= 0
                  else f"below the smallest size {min(usable)}")
-        return CriticalFit(None, None, None, None, len(usable), f"no bend in the steps: B_crit is {where}")
+        return CriticalFit(None, None, None, None, len(usable), f"no bend in the steps: B_crit is {where}",
+                           above=max(usable) if intercept <= 0 else None)
     # Residual bootstrap: relative residuals pooled over every point (a few seeds per size
     # are too few to resample on their own), inflated for the two fitted parameters.
     b_crit, s_min = fit
