@@ -782,3 +782,49 @@ def test_a_critical_batch_far_beyond_the_sizes_calibrated_is_not_read_as_one():
     assert scaled.laws["noise_to_critical_ratio"] == pytest.approx(512 / 16, rel=0.05)
     below = {k: v for k, v in scaled.critical_batch_by_loss.items() if v}
     assert below and all(v == pytest.approx(32 * 20, rel=0.05) for v in below.values())
+
+
+def _reaching(size, reach, level, seed=0):
+    """A calibration curve falling in a straight line from 0.70 to ``level`` over ``reach`` samples, then flat."""
+    evals = [[k * 64 / size, k * 64, 0.0, max(level, 0.70 - (0.70 - 0.44) * k * 64 / reach)] for k in range(41)]
+    return {"batch_size": size, "seed": seed, "lr_multiplier": 1.0, "fits": True, "diverged": False, "evals": evals}
+
+
+def test_a_flat_loss_curve_plans_the_size_that_reached_its_level_soonest():
+    """An outside logistic regression (labels 10% flipped) held 0.43-0.45 over the 113 points of its last
+    decade of E_min (log-log slope +0.0003): the plan said 'too few validation points after warmup to fit the
+    loss curve' and exited 1. The calibration had reached the level: say so, and how soon each size got there."""
+    from batchtune.commands.plan import PlanResult, _plan_flat
+    from batchtune.render.plan import render_plan
+    from batchtune.stats.projection import loss_slope
+
+    flat = [(1000.0 * i, 0.44 + 0.002 * (i % 2 == 0)) for i in range(1, 12)]  # rising a little: slope +0.0002
+    assert fit_loss_curve(flat) is None and loss_slope(flat) == pytest.approx(0.000243, rel=0.01)
+    assert loss_slope([(e, 3.0 * e ** -0.3) for e in (10, 100, 1000, 10000)]) == pytest.approx(-0.3)
+    # samples to 0.44: 16 wastes fewest, 64 most; 128 levels off above it. Target 0.4444 is 98.3% of the way down
+    runs = [_reaching(b, reach, level, seed) for b, reach, level in ((16, 640, 0.44), (32, 960, 0.44),
+                                                                     (64, 1920, 0.44), (128, 1920, 0.46))
+            for seed in (0, 1)]
+    meta = {"candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (16, 32, 64, 128)],
+            "base_lrs": {"16": 0.01, "32": 0.014, "64": 0.02, "128": 0.028}, "world_size": 1}
+    rates = {16: 1000.0, 32: 4000.0, 64: 6000.0, 128: 9000.0}
+    result = PlanResult("flat", 200_000, {}, [], None, {}, {}, [], None, None, None, warmup_samples=10_000)
+    _plan_flat(result, None, meta, runs, rates, {b: 1.0 for b in rates}, 0.0003, flat, 0.01)
+    assert result.final_target == pytest.approx(0.4444) and result.exit_code == 0
+    assert result.laws["loss"] == {"form": "flat: loss = level", "level": 0.44, "log_slope": 0.0003, "points": 11}
+    by_size = {c["batch_size"]: c for c in result.constant}
+    reached = (0.70 - 0.4444) / (0.70 - 0.44)  # the share of the way down at which 0.4444 is crossed
+    assert by_size[32]["samples"] == pytest.approx(960 * reached, rel=1e-3)
+    assert by_size[16]["seconds"] == pytest.approx(640 * reached / 1000, rel=1e-3)
+    assert by_size[128]["steps"] is None and by_size[128]["final_loss"] == pytest.approx(0.46)
+    assert by_size[64]["total_steps"] == 200_000 / 64 and by_size[64]["lr"] == 0.02
+    assert result.recommendation["plan"] == "constant 32"  # 0.236 s, against 64's 0.315 s and 16's 0.629 s
+    assert result.recommendation["reasons"][-1] == "constant 128 does not reach it within their calibration runs"
+    assert result.notes == [
+        "the calibration's loss curve is flat: over its last decade of E_min (11 validation points, 0.44 to 0.442) "
+        "its log-log slope is +0.0003, no fall to extrapolate: the calibration already reached the level a run "
+        "gets to, 0.44. A run of 200,000 samples is longer than needed: constant 32 got within 1% of that level "
+        "soonest, after 944 samples (29 steps, 0.2 s) in its calibration runs (later in the run, whose warmup is "
+        "10,000 samples); every sample after that trains at the level for nothing the calibration can see: stop "
+        "there, or plan a shorter run; to go lower, give the model more capacity or the data more signal"]
+    assert "recommended: constant 32" in render_plan(result)

@@ -41,6 +41,7 @@ from batchtune.stats.projection import (
     best_schedule,
     fit_critical_law,
     fit_loss_curve,
+    loss_slope,
     min_samples,
     project,
 )
@@ -658,9 +659,16 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     # The projection extends the curve beyond its last decade of E_min: fit that decade (early
     # training follows other laws: warmup, the first fast drop) unless it holds too few points.
     tail = [(m, l) for m, l in curve_points if m >= TAIL * max((m for m, _ in curve_points), default=0)]
-    curve = fit_loss_curve(tail if len(tail) >= 8 else curve_points)
+    fitted_on = tail if len(tail) >= 8 else curve_points
+    curve = fit_loss_curve(fitted_on)
     if curve is None:
-        result.notes.append("too few validation points after warmup to fit the loss curve")
+        slope = loss_slope(fitted_on)
+        if slope is None:
+            result.notes.append(f"too few validation points after warmup to fit the loss curve ({len(fitted_on)}; "
+                                "it needs 4)")
+        else:  # the points did not fall: the calibration reached the curve's level already
+            _plan_flat(result, spec, meta, runs + ([lead] if lead else []), throughput, best, slope, fitted_on,
+                       tolerance)
         return result
     if lead is not None and lead.get("overfit_at_loss") is not None:
         curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
@@ -668,6 +676,55 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
+
+
+def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[dict[str, Any]],
+               measured: dict[int, float], best: dict[int, float], slope: float, points: list[tuple[float, float]],
+               tolerance: float) -> None:
+    """Plan from a loss curve that no longer falls (log-log ``slope`` ≥ 0 over ``points``): the calibration
+    reached its level, so a longer run goes no lower. Each size's level is where its runs ended (the median
+    over them of each decreasing fit's end), the final target that best level plus ``tolerance``, and each
+    size's samples to it are measured on its runs (read as :func:`~batchtune.commands.sweep_analysis.crossing`
+    does, the median where most got there), not projected. Sizes with no calibration run at that global batch
+    are left out. An outside logistic regression on labels 10% flipped held 0.43-0.45 over 113 points (slope
+    +0.0003) and its plan said only "too few validation points after warmup to fit the loss curve"."""
+    from batchtune.commands.sweep_analysis import crossing
+
+    n, scale = result.samples, result.gpus // meta.get("world_size", 1)
+    rates = {size * scale: rate * scale for size, rate in measured.items()}
+    curves = {size: [falling(r["evals"]) for r in runs if r["batch_size"] == size] for size in rates}
+    ends = {size: statistics.median(lowest_reached([e[3] for e in c]) for c in cs) for size, cs in curves.items()
+            if cs}
+    level = min(ends.values())
+    result.final_target = target = level + tolerance * abs(level)
+    projected = {}
+    for size, end in ends.items():
+        hits = [hit[0] for c in curves[size] if (hit := crossing([(e[1], e[1], e[3]) for e in c], target))]
+        reached = statistics.median(hits) if len(hits) > len(curves[size]) / 2 else None
+        p = Projection([Stage(0.0, size, rates[size])], n, end, n / size, n / rates[size], target)
+        if reached is not None:
+            p.samples_to_target, p.steps_to_target, p.seconds_to_target = reached, reached / size, reached / rates[size]
+        projected[f"constant {size}"] = p
+        shape = {k: v for k, v in _stage_dicts(spec, meta, best, p.stages, scale)[0].items() if k != "start_samples"}
+        result.constant.append({**shape, **_plan_dict(p, result.gpus, result.price_per_hour)})
+    result.laws["loss"] = {"form": "flat: loss = level", "level": level, "log_slope": slope, "points": len(points)}
+    _recommend(result, projected, tolerance)
+    if result.recommendation is not None:
+        result.recommendation["reasons"] = [r.replace("within the run", "within their calibration runs")
+                                            for r in result.recommendation["reasons"]]
+    name = (result.recommendation or {}).get("plan")
+    pick = projected.get(name)
+    losses = [l for _, l in points]
+    said = (f"the calibration's loss curve is flat: over its last decade of E_min ({len(points)} validation points, "
+            f"{min(losses):.4g} to {max(losses):.4g}) its log-log slope is {slope:+.4f}, no fall to extrapolate: the "
+            f"calibration already reached the level a run gets to, {level:.4g}")
+    if pick is not None:
+        said += (f". A run of {n:,} samples is longer than needed: {name} got within {tolerance:.0%} of that level "
+                 f"soonest, after {pick.samples_to_target:,.0f} samples ({pick.steps_to_target:,.0f} steps, "
+                 f"{duration_text(pick.seconds_to_target)}) in its calibration runs (later in the run, whose warmup is "
+                 f"{result.warmup_samples:,} samples); every sample after that trains at the level "
+                 "for nothing the calibration can see: stop there, or plan a shorter run")
+    result.notes.append(said + "; to go lower, give the model more capacity or the data more signal")
 
 
 # a run learned when it held a loss this much below where it was after LEARN_FROM of its samples: low, because a
@@ -924,6 +981,8 @@ def duration_text(seconds: float | None) -> str:
     """Seconds in the unit a person reads them in (s, min, h)."""
     if seconds is None:
         return "—"
+    if seconds < 0.1:  # two figures, not "0.0 s" (an outside deadline of 0.01s read so)
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

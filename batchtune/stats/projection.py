@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["CriticalLaw", "LossCurve", "Projection", "Stage", "best_schedule", "fit_critical_law", "tracking_schedule",
-           "fit_loss_curve", "min_samples", "project", "warmup_share"]
+           "fit_loss_curve", "loss_slope", "min_samples", "project", "warmup_share"]
 
 EXTRAPOLATION_CAP = 4.0  # B_crit extrapolated to at most this times the largest calibrated value
 INTEGRATION_STEPS = 4000  # stretches the run is integrated over (log-spaced samples)
@@ -152,6 +152,15 @@ def fit_loss_curve(points: Sequence[tuple[float, float]], with_floor: bool = Fal
         if best is None or err < best.residual:
             best = LossCurve(float(floor), float(math.exp(intercept)), float(-slope), err, len(pts))
     return best
+
+
+def loss_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """The slope of log L against log E_min over the (E_min, loss) points :func:`fit_loss_curve` would use; None
+    with fewer than four. A slope at or above 0 is a curve that no longer falls: it has no power law to fit."""
+    pts = [(e, l) for e, l in points if e >= 1 and l > 0 and math.isfinite(l)]
+    if len(pts) < 4:
+        return None
+    return float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
 
 
 @dataclass(frozen=True)
