@@ -828,3 +828,36 @@ def test_a_flat_loss_curve_plans_the_size_that_reached_its_level_soonest():
         "10,000 samples); every sample after that trains at the level for nothing the calibration can see: stop "
         "there, or plan a shorter run; to go lower, give the model more capacity or the data more signal"]
     assert "recommended: constant 32" in render_plan(result)
+
+
+def test_a_deadline_no_plan_meets_names_the_closest_recommends_none_and_writes_no_schedule(tmp_path):
+    """An outside plan with --deadline 0.01s printed 'no plan meets the deadline of 0.0 s', then 'recommended:
+    constant 256', wrote the schedule file, and exited 1. Now the closest plan is named, by how much it misses,
+    and not recommended; the deadline reads as given; no schedule is written."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    n, sched = 130_000, tmp_path / "sched.yaml"
+    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128]",
+            "device.memory_limit=null", "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n),
+            "--out", str(tmp_path / "run"), "--deadline", "0.001s", "--schedule-out", str(sched), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert not sched.exists() and not any(line.startswith("recommended") for line in result.stdout.splitlines())
+    data = json.loads((tmp_path / "run" / "plan.json").read_text())
+    closest = data["closest"]
+    assert data["recommendation"] is None and data["deadline"] == "0.001s" and data["schedule_path"] is None
+    assert closest["misses_by_seconds"] == pytest.approx(closest["seconds"] - 0.001)
+    assert closest["seconds"] == data["projection"]["seconds"] == min(
+        p["seconds"] for p in data["constant"] + [data["schedule"] or {}] if p.get("seconds") is not None)
+    assert f"no recommendation: no plan meets the deadline of 0.001s; closest, not recommended: {closest['plan']}" \
+        in result.stdout
+    said = next(x for x in data["notes"] if x.startswith("no plan meets"))
+    assert said.startswith(f"no plan meets the deadline of 0.001s on 1 device(s): the closest, {closest['plan']}, "
+                           f"reaches the final target {data['final_target']:.4g} in ")
+    assert f"({closest['seconds'] / 0.001:.1f}x the deadline, " in said
+    assert said.endswith("over); nothing is recommended: allow more time or devices, or a higher final target "
+                         "(--tolerance)")
+    assert (f"--schedule-out: nothing written to {sched}, no plan meets the deadline (the closest, "
+            f"{closest['plan']}, is not recommended)") in data["notes"]

@@ -66,7 +66,10 @@ COLLAPSE = 0.25  # a verified run ending this much above the level it had held (
 
 @dataclass
 class PlanResult:
-    """What ``batchtune plan`` found: the calibration, the fitted laws, every plan projected, the pick."""
+    """What ``batchtune plan`` found: the calibration, the fitted laws, every plan projected, the pick.
+
+    With a ``deadline`` no plan meets nothing is recommended: ``closest`` is the plan that comes nearest (its
+    ``misses_by_seconds``), ``projection`` its projection, and ``recommendation`` None."""
 
     name: str
     samples: int
@@ -86,6 +89,8 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     schedule_path: str | None = None
     warmup_samples: int = 0  # the run's linear lr warmup: sweep.warmup of its samples
+    deadline: str | None = None  # --deadline as the user gave it ("0.01s"), shown so
+    closest: dict[str, Any] | None = None  # with a deadline no plan meets: the nearest plan, not recommended
 
     @property
     def exit_code(self) -> int:
@@ -112,6 +117,7 @@ class PlanResult:
             "schedule": self.schedule, "gpus": self.gpus, "price_per_hour": self.price_per_hour,
             "deadline_seconds": self.deadline_seconds, "verified": self.verified, "notes": self.notes,
             "schedule_path": self.schedule_path, "warmup_samples": self.warmup_samples,
+            "deadline": self.deadline, "closest": self.closest,
         }
 
 
@@ -146,7 +152,7 @@ def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int
 
 def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = None, tokens: int | None = None,
              gpus: int | None = None, price_per_hour: float | None = None, deadline_seconds: float | None = None,
-             calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
+             deadline: str | None = None, calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
              verify_seeds: int = 1, schedule_out: Path | str | None = None, out: Path | str | None = None,
              backend: Any = None) -> PlanResult:
     """Calibrate, fit, project and recommend a plan for a run of N samples (see the module docstring).
@@ -156,6 +162,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     alike, and only rank 0 writes the run folder and ``schedule_out``.
 
     Args:
+        deadline_seconds: the deadline; ``deadline`` the text it was given as, for the report.
         gpus: the devices the projection is for. One process: 1 by default; G > 1 projects a
             data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
@@ -183,7 +190,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                                                            calibration_share * SWEEP_SHARE, dist.world_size)
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
-                      price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
+                      price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
+                      deadline=deadline)
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
     trained = result.calibration["samples"]
     result.notes = notes + _device_notes(gpus, dist) + result.notes
@@ -202,7 +210,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             stages = _plan_stages(result, result.recommendation["plan"])
             result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
         elif schedule_out is not None:
-            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, the plan recommends no run")
+            why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
+                   if result.closest else "the plan recommends no run")
+            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")
         folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
     dist.on_main(write)
@@ -627,12 +637,12 @@ def calibration_targets(rows: list[dict[str, Any]], best: dict[int, float]) -> l
 
 def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: dict[int, float], n: int, *,
              lead: dict[str, Any] | None, throughput: dict[int, float], gpus: int, price_per_hour: float | None,
-             deadline_seconds: float | None, tolerance: float) -> PlanResult:
+             deadline_seconds: float | None, tolerance: float, deadline: str | None = None) -> PlanResult:
     """Targets, critical batch per loss, the two fitted laws, every plan projected, the pick
-    (``best``: each size's lr multiplier, :func:`_best_lrs`)."""
+    (``best``: each size's lr multiplier, :func:`_best_lrs`; ``deadline``: ``deadline_seconds`` as given)."""
     targets = calibration_targets(rows, best)
     result = PlanResult(spec.name, n, {}, targets, None, {}, {}, [], None, None, None, gpus, price_per_hour,
-                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n))
+                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n), deadline=deadline)
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
         return result
@@ -712,7 +722,7 @@ def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[d
     if result.recommendation is not None:
         result.recommendation["reasons"] = [r.replace("within the run", "within their calibration runs")
                                             for r in result.recommendation["reasons"]]
-    name = (result.recommendation or {}).get("plan")
+    name = (result.recommendation or result.closest or {}).get("plan")
     pick = projected.get(name)
     losses = [l for _, l in points]
     said = (f"the calibration's loss curve is flat: over its last decade of E_min ({len(points)} validation points, "
@@ -967,8 +977,22 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
         meets = pick.seconds_to_target <= result.deadline_seconds
         result.recommendation["meets_deadline"] = meets
         if not meets:
-            result.notes.append(f"no plan meets the deadline of {duration_text(result.deadline_seconds)} on "
-                                f"{result.gpus} device(s): the fastest needs {duration_text(pick.seconds_to_target)}")
+            _miss_deadline(result, pick.seconds_to_target)
+
+
+def _miss_deadline(result: Any, seconds: float) -> None:
+    """No plan reaches the final target by the deadline: the soonest, ``seconds`` to it, becomes ``closest``
+    and nothing is recommended (an outside plan said 'no plan meets the deadline', then 'recommended:
+    constant 256', and wrote its schedule file)."""
+    closest, deadline = result.recommendation, result.deadline_seconds
+    result.closest = {**closest, "seconds": seconds, "misses_by_seconds": seconds - deadline}
+    result.recommendation = None
+    over = f"{seconds / deadline:.1f}x the deadline" if deadline > 0 else "the deadline is 0"
+    result.notes.append(f"no plan meets the deadline of {result.deadline or duration_text(deadline)} on "
+                        f"{result.gpus} device(s): the closest, {closest['plan']}, reaches the final target "
+                        f"{result.final_target:.4g} in {duration_text(seconds)} ({over}, "
+                        f"{duration_text(seconds - deadline)} over); nothing is recommended: allow more time or "
+                        "devices, or a higher final target (--tolerance)")
 
 
 def _plan_name(p: Projection) -> str:
