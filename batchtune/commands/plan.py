@@ -38,9 +38,9 @@ from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
     Projection,
     Stage,
+    backtest_loss_curve,
     best_schedule,
     fit_critical_law,
-    fit_loss_curve,
     loss_slope,
     min_samples,
     project,
@@ -670,7 +670,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     # training follows other laws: warmup, the first fast drop) unless it holds too few points.
     tail = [(m, l) for m, l in curve_points if m >= TAIL * max((m for m, _ in curve_points), default=0)]
     fitted_on = tail if len(tail) >= 8 else curve_points
-    curve = fit_loss_curve(fitted_on)
+    curve, scores = backtest_loss_curve(fitted_on)  # with a floor only where it predicted the later points better
     if curve is None:
         slope = loss_slope(fitted_on)
         if slope is None:
@@ -682,7 +682,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     if lead is not None and lead.get("overfit_at_loss") is not None:
         curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
-    result.laws["loss"] = curve.to_dict()
+    result.laws["loss"] = {**curve.to_dict(), "backtest_rms_error": scores}
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
