@@ -744,7 +744,8 @@ def plan(
         setup_logging(quiet)
         result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
                           price_per_hour=price_per_hour,
-                          deadline_seconds=deadline_seconds, calibration_share=calibration, tolerance=tolerance,
+                          deadline_seconds=deadline_seconds, deadline=deadline, calibration_share=calibration,
+                          tolerance=tolerance,
                           verify=verify, verify_seeds=verify_seeds, schedule_out=schedule_out, out=out)
         _echo(render_plan(result, fmt.value))
     raise typer.Exit(result.exit_code)

@@ -782,3 +782,102 @@ def test_a_critical_batch_far_beyond_the_sizes_calibrated_is_not_read_as_one():
     assert scaled.laws["noise_to_critical_ratio"] == pytest.approx(512 / 16, rel=0.05)
     below = {k: v for k, v in scaled.critical_batch_by_loss.items() if v}
     assert below and all(v == pytest.approx(32 * 20, rel=0.05) for v in below.values())
+
+
+def _reaching(size, reach, level, seed=0):
+    """A calibration curve falling in a straight line from 0.70 to ``level`` over ``reach`` samples, then flat."""
+    evals = [[k * 64 / size, k * 64, 0.0, max(level, 0.70 - (0.70 - 0.44) * k * 64 / reach)] for k in range(41)]
+    return {"batch_size": size, "seed": seed, "lr_multiplier": 1.0, "fits": True, "diverged": False, "evals": evals}
+
+
+def test_a_flat_loss_curve_plans_the_size_that_reached_its_level_soonest():
+    """An outside logistic regression (labels 10% flipped) held 0.43-0.45 over the 113 points of its last
+    decade of E_min (log-log slope +0.0003): the plan said 'too few validation points after warmup to fit the
+    loss curve' and exited 1. The calibration had reached the level: say so, and how soon each size got there."""
+    from batchtune.commands.plan import PlanResult, _plan_flat
+    from batchtune.render.plan import render_plan
+    from batchtune.stats.projection import loss_slope
+
+    flat = [(1000.0 * i, 0.44 + 0.002 * (i % 2 == 0)) for i in range(1, 12)]  # rising a little: slope +0.0002
+    assert fit_loss_curve(flat) is None and loss_slope(flat) == pytest.approx(0.000243, rel=0.01)
+    assert loss_slope([(e, 3.0 * e ** -0.3) for e in (10, 100, 1000, 10000)]) == pytest.approx(-0.3)
+    # samples to 0.44: 16 wastes fewest, 64 most; 128 levels off above it. Target 0.4444 is 98.3% of the way down
+    runs = [_reaching(b, reach, level, seed) for b, reach, level in ((16, 640, 0.44), (32, 960, 0.44),
+                                                                     (64, 1920, 0.44), (128, 1920, 0.46))
+            for seed in (0, 1)]
+    meta = {"candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (16, 32, 64, 128)],
+            "base_lrs": {"16": 0.01, "32": 0.014, "64": 0.02, "128": 0.028}, "world_size": 1}
+    rates = {16: 1000.0, 32: 4000.0, 64: 6000.0, 128: 9000.0}
+    result = PlanResult("flat", 200_000, {}, [], None, {}, {}, [], None, None, None, warmup_samples=10_000)
+    _plan_flat(result, None, meta, runs, rates, {b: 1.0 for b in rates}, 0.0003, flat, 0.01)
+    assert result.final_target == pytest.approx(0.4444) and result.exit_code == 0
+    assert result.laws["loss"] == {"form": "flat: loss = level", "level": 0.44, "log_slope": 0.0003, "points": 11}
+    by_size = {c["batch_size"]: c for c in result.constant}
+    reached = (0.70 - 0.4444) / (0.70 - 0.44)  # the share of the way down at which 0.4444 is crossed
+    assert by_size[32]["samples"] == pytest.approx(960 * reached, rel=1e-3)
+    assert by_size[16]["seconds"] == pytest.approx(640 * reached / 1000, rel=1e-3)
+    assert by_size[128]["steps"] is None and by_size[128]["final_loss"] == pytest.approx(0.46)
+    assert by_size[64]["total_steps"] == 200_000 / 64 and by_size[64]["lr"] == 0.02
+    assert result.recommendation["plan"] == "constant 32"  # 0.236 s, against 64's 0.315 s and 16's 0.629 s
+    assert result.recommendation["reasons"][-1] == "constant 128 does not reach it within their calibration runs"
+    assert result.notes == [
+        "the calibration's loss curve is flat: over its last decade of E_min (11 validation points, 0.44 to 0.442) "
+        "its log-log slope is +0.0003, no fall to extrapolate: the calibration already reached the level a run "
+        "gets to, 0.44. A run of 200,000 samples is longer than needed: constant 32 got within 1% of that level "
+        "soonest, after 944 samples (29 steps, 0.2 s) in its calibration runs (later in the run, whose warmup is "
+        "10,000 samples); every sample after that trains at the level for nothing the calibration can see: stop "
+        "there, or plan a shorter run; to go lower, give the model more capacity or the data more signal"]
+    assert "recommended: constant 32" in render_plan(result)
+
+
+def test_a_deadline_no_plan_meets_names_the_closest_recommends_none_and_writes_no_schedule(tmp_path):
+    """An outside plan with --deadline 0.01s printed 'no plan meets the deadline of 0.0 s', then 'recommended:
+    constant 256', wrote the schedule file, and exited 1. Now the closest plan is named, by how much it misses,
+    and not recommended; the deadline reads as given; no schedule is written."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    n, sched = 130_000, tmp_path / "sched.yaml"
+    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128]",
+            "device.memory_limit=null", "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n),
+            "--out", str(tmp_path / "run"), "--deadline", "0.001s", "--schedule-out", str(sched), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert not sched.exists() and not any(line.startswith("recommended") for line in result.stdout.splitlines())
+    data = json.loads((tmp_path / "run" / "plan.json").read_text())
+    closest = data["closest"]
+    assert data["recommendation"] is None and data["deadline"] == "0.001s" and data["schedule_path"] is None
+    assert closest["misses_by_seconds"] == pytest.approx(closest["seconds"] - 0.001)
+    assert closest["seconds"] == data["projection"]["seconds"] == min(
+        p["seconds"] for p in data["constant"] + [data["schedule"] or {}] if p.get("seconds") is not None)
+    assert f"no recommendation: no plan meets the deadline of 0.001s; closest, not recommended: {closest['plan']}" \
+        in result.stdout
+    said = next(x for x in data["notes"] if x.startswith("no plan meets"))
+    assert said.startswith(f"no plan meets the deadline of 0.001s on 1 device(s): the closest, {closest['plan']}, "
+                           f"reaches the final target {data['final_target']:.4g} in ")
+    assert f"({closest['seconds'] / 0.001:.1f}x the deadline, " in said
+    assert said.endswith("over); nothing is recommended: allow more time or devices, or a higher final target "
+                         "(--tolerance)")
+    assert (f"--schedule-out: nothing written to {sched}, no plan meets the deadline (the closest, "
+            f"{closest['plan']}, is not recommended)") in data["notes"]
+
+
+def test_the_loss_curve_takes_a_floor_only_where_it_predicts_the_later_points_better():
+    """An outside logistic regression (labels 10% flipped, best linear model's val loss 0.4219) was projected to
+    0.378 by the no-floor power law; its verified runs ended at 0.433 and 0.435. Fitted on the earlier half of
+    the log E_min range, the floor form predicts the later half (a curve levelling off at 0.43) and is taken;
+    on a pure power law it predicts no better, and the plain power law stays."""
+    from batchtune.stats.projection import backtest_loss_curve
+
+    grid = [300 * 1.1 ** i for i in range(40)]  # E_min from 300 to 12,000: the last decade and a half
+    levelling = [(e, 0.43 + 30.0 / e) for e in grid]
+    curve, scores = backtest_loss_curve(levelling)
+    assert scores["floor"] < 0.001 < 0.01 < scores["no_floor"]
+    assert curve.floor == pytest.approx(0.43, rel=0.01) and curve(1e6) == pytest.approx(0.43, rel=0.01)
+    assert fit_loss_curve(levelling)(1e6) == pytest.approx(0.34, abs=0.005)  # the power law alone: far below 0.43
+    power = [(e, 3.0 * e ** -0.3) for e in grid]
+    curve, scores = backtest_loss_curve(power)
+    assert curve.floor == 0.0 and curve.decay == pytest.approx(0.3)
+    assert scores["floor"] >= scores["no_floor"]
+    assert backtest_loss_curve(power[:6])[1] == {"no_floor": math.inf, "floor": math.inf}  # too few to split

@@ -38,9 +38,10 @@ from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.projection import (
     Projection,
     Stage,
+    backtest_loss_curve,
     best_schedule,
     fit_critical_law,
-    fit_loss_curve,
+    loss_slope,
     min_samples,
     project,
 )
@@ -65,7 +66,10 @@ COLLAPSE = 0.25  # a verified run ending this much above the level it had held (
 
 @dataclass
 class PlanResult:
-    """What ``batchtune plan`` found: the calibration, the fitted laws, every plan projected, the pick."""
+    """What ``batchtune plan`` found: the calibration, the fitted laws, every plan projected, the pick.
+
+    With a ``deadline`` no plan meets nothing is recommended: ``closest`` is the plan that comes nearest (its
+    ``misses_by_seconds``), ``projection`` its projection, and ``recommendation`` None."""
 
     name: str
     samples: int
@@ -85,6 +89,8 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     schedule_path: str | None = None
     warmup_samples: int = 0  # the run's linear lr warmup: sweep.warmup of its samples
+    deadline: str | None = None  # --deadline as the user gave it ("0.01s"), shown so
+    closest: dict[str, Any] | None = None  # with a deadline no plan meets: the nearest plan, not recommended
 
     @property
     def exit_code(self) -> int:
@@ -111,6 +117,7 @@ class PlanResult:
             "schedule": self.schedule, "gpus": self.gpus, "price_per_hour": self.price_per_hour,
             "deadline_seconds": self.deadline_seconds, "verified": self.verified, "notes": self.notes,
             "schedule_path": self.schedule_path, "warmup_samples": self.warmup_samples,
+            "deadline": self.deadline, "closest": self.closest,
         }
 
 
@@ -145,7 +152,7 @@ def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int
 
 def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = None, tokens: int | None = None,
              gpus: int | None = None, price_per_hour: float | None = None, deadline_seconds: float | None = None,
-             calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
+             deadline: str | None = None, calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
              verify_seeds: int = 1, schedule_out: Path | str | None = None, out: Path | str | None = None,
              backend: Any = None) -> PlanResult:
     """Calibrate, fit, project and recommend a plan for a run of N samples (see the module docstring).
@@ -155,6 +162,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     alike, and only rank 0 writes the run folder and ``schedule_out``.
 
     Args:
+        deadline_seconds: the deadline; ``deadline`` the text it was given as, for the report.
         gpus: the devices the projection is for. One process: 1 by default; G > 1 projects a
             data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
@@ -182,7 +190,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
                                                            calibration_share * SWEEP_SHARE, dist.world_size)
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
-                      price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance)
+                      price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
+                      deadline=deadline)
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
     trained = result.calibration["samples"]
     result.notes = notes + _device_notes(gpus, dist) + result.notes
@@ -201,7 +210,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             stages = _plan_stages(result, result.recommendation["plan"])
             result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
         elif schedule_out is not None:
-            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, the plan recommends no run")
+            why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
+                   if result.closest else "the plan recommends no run")
+            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")
         folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
     dist.on_main(write)
@@ -626,12 +637,12 @@ def calibration_targets(rows: list[dict[str, Any]], best: dict[int, float]) -> l
 
 def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: dict[int, float], n: int, *,
              lead: dict[str, Any] | None, throughput: dict[int, float], gpus: int, price_per_hour: float | None,
-             deadline_seconds: float | None, tolerance: float) -> PlanResult:
+             deadline_seconds: float | None, tolerance: float, deadline: str | None = None) -> PlanResult:
     """Targets, critical batch per loss, the two fitted laws, every plan projected, the pick
-    (``best``: each size's lr multiplier, :func:`_best_lrs`)."""
+    (``best``: each size's lr multiplier, :func:`_best_lrs`; ``deadline``: ``deadline_seconds`` as given)."""
     targets = calibration_targets(rows, best)
     result = PlanResult(spec.name, n, {}, targets, None, {}, {}, [], None, None, None, gpus, price_per_hour,
-                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n))
+                        deadline_seconds, warmup_samples=int(spec.sweep.warmup * n), deadline=deadline)
     if not targets:
         result.notes.append("no size trained without diverging in calibration: nothing to plan from")
         return result
@@ -658,16 +669,72 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     # The projection extends the curve beyond its last decade of E_min: fit that decade (early
     # training follows other laws: warmup, the first fast drop) unless it holds too few points.
     tail = [(m, l) for m, l in curve_points if m >= TAIL * max((m for m, _ in curve_points), default=0)]
-    curve = fit_loss_curve(tail if len(tail) >= 8 else curve_points)
+    fitted_on = tail if len(tail) >= 8 else curve_points
+    curve, scores = backtest_loss_curve(fitted_on)  # with a floor only where it predicted the later points better
     if curve is None:
-        result.notes.append("too few validation points after warmup to fit the loss curve")
+        slope = loss_slope(fitted_on)
+        if slope is None:
+            result.notes.append(f"too few validation points after warmup to fit the loss curve ({len(fitted_on)}; "
+                                "it needs 4)")
+        else:  # the points did not fall: the calibration reached the curve's level already
+            _plan_flat(result, spec, meta, runs + ([lead] if lead else []), throughput, best, slope, fitted_on,
+                       tolerance)
         return result
     if lead is not None and lead.get("overfit_at_loss") is not None:
         curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
-    result.laws["loss"] = curve.to_dict()
+    result.laws["loss"] = {**curve.to_dict(), "backtest_rms_error": scores}
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
     return result
+
+
+def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[dict[str, Any]],
+               measured: dict[int, float], best: dict[int, float], slope: float, points: list[tuple[float, float]],
+               tolerance: float) -> None:
+    """Plan from a loss curve that no longer falls (log-log ``slope`` ≥ 0 over ``points``): the calibration
+    reached its level, so a longer run goes no lower. Each size's level is where its runs ended (the median
+    over them of each decreasing fit's end), the final target that best level plus ``tolerance``, and each
+    size's samples to it are measured on its runs (read as :func:`~batchtune.commands.sweep_analysis.crossing`
+    does, the median where most got there), not projected. Sizes with no calibration run at that global batch
+    are left out. An outside logistic regression on labels 10% flipped held 0.43-0.45 over 113 points (slope
+    +0.0003) and its plan said only "too few validation points after warmup to fit the loss curve"."""
+    from batchtune.commands.sweep_analysis import crossing
+
+    n, scale = result.samples, result.gpus // meta.get("world_size", 1)
+    rates = {size * scale: rate * scale for size, rate in measured.items()}
+    curves = {size: [falling(r["evals"]) for r in runs if r["batch_size"] == size] for size in rates}
+    ends = {size: statistics.median(lowest_reached([e[3] for e in c]) for c in cs) for size, cs in curves.items()
+            if cs}
+    level = min(ends.values())
+    result.final_target = target = level + tolerance * abs(level)
+    projected = {}
+    for size, end in ends.items():
+        hits = [hit[0] for c in curves[size] if (hit := crossing([(e[1], e[1], e[3]) for e in c], target))]
+        reached = statistics.median(hits) if len(hits) > len(curves[size]) / 2 else None
+        p = Projection([Stage(0.0, size, rates[size])], n, end, n / size, n / rates[size], target)
+        if reached is not None:
+            p.samples_to_target, p.steps_to_target, p.seconds_to_target = reached, reached / size, reached / rates[size]
+        projected[f"constant {size}"] = p
+        shape = {k: v for k, v in _stage_dicts(spec, meta, best, p.stages, scale)[0].items() if k != "start_samples"}
+        result.constant.append({**shape, **_plan_dict(p, result.gpus, result.price_per_hour)})
+    result.laws["loss"] = {"form": "flat: loss = level", "level": level, "log_slope": slope, "points": len(points)}
+    _recommend(result, projected, tolerance)
+    if result.recommendation is not None:
+        result.recommendation["reasons"] = [r.replace("within the run", "within their calibration runs")
+                                            for r in result.recommendation["reasons"]]
+    name = (result.recommendation or result.closest or {}).get("plan")
+    pick = projected.get(name)
+    losses = [l for _, l in points]
+    said = (f"the calibration's loss curve is flat: over its last decade of E_min ({len(points)} validation points, "
+            f"{min(losses):.4g} to {max(losses):.4g}) its log-log slope is {slope:+.4f}, no fall to extrapolate: the "
+            f"calibration already reached the level a run gets to, {level:.4g}")
+    if pick is not None:
+        said += (f". A run of {n:,} samples is longer than needed: {name} got within {tolerance:.0%} of that level "
+                 f"soonest, after {pick.samples_to_target:,.0f} samples ({pick.steps_to_target:,.0f} steps, "
+                 f"{duration_text(pick.seconds_to_target)}) in its calibration runs (later in the run, whose warmup is "
+                 f"{result.warmup_samples:,} samples); every sample after that trains at the level "
+                 "for nothing the calibration can see: stop there, or plan a shorter run")
+    result.notes.append(said + "; to go lower, give the model more capacity or the data more signal")
 
 
 # a run learned when it held a loss this much below where it was after LEARN_FROM of its samples: low, because a
@@ -910,8 +977,22 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
         meets = pick.seconds_to_target <= result.deadline_seconds
         result.recommendation["meets_deadline"] = meets
         if not meets:
-            result.notes.append(f"no plan meets the deadline of {duration_text(result.deadline_seconds)} on "
-                                f"{result.gpus} device(s): the fastest needs {duration_text(pick.seconds_to_target)}")
+            _miss_deadline(result, pick.seconds_to_target)
+
+
+def _miss_deadline(result: Any, seconds: float) -> None:
+    """No plan reaches the final target by the deadline: the soonest, ``seconds`` to it, becomes ``closest``
+    and nothing is recommended (an outside plan said 'no plan meets the deadline', then 'recommended:
+    constant 256', and wrote its schedule file)."""
+    closest, deadline = result.recommendation, result.deadline_seconds
+    result.closest = {**closest, "seconds": seconds, "misses_by_seconds": seconds - deadline}
+    result.recommendation = None
+    over = f"{seconds / deadline:.1f}x the deadline" if deadline > 0 else "the deadline is 0"
+    result.notes.append(f"no plan meets the deadline of {result.deadline or duration_text(deadline)} on "
+                        f"{result.gpus} device(s): the closest, {closest['plan']}, reaches the final target "
+                        f"{result.final_target:.4g} in {duration_text(seconds)} ({over}, "
+                        f"{duration_text(seconds - deadline)} over); nothing is recommended: allow more time or "
+                        "devices, or a higher final target (--tolerance)")
 
 
 def _plan_name(p: Projection) -> str:
@@ -924,6 +1005,8 @@ def duration_text(seconds: float | None) -> str:
     """Seconds in the unit a person reads them in (s, min, h)."""
     if seconds is None:
         return "—"
+    if seconds < 0.1:  # two figures, not "0.0 s" (an outside deadline of 0.01s read so)
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

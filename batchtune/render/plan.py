@@ -53,6 +53,11 @@ def render_plan(result: Any, fmt: str = "table") -> str:
     if result.recommendation:
         lines.append(f"recommended: {result.recommendation['plan']}")
         lines += [f"  - {r}" for r in result.recommendation["reasons"]]
+    elif getattr(result, "closest", None):  # a deadline no plan meets: the nearest is named, not recommended
+        deadline = getattr(result, "deadline", None) or duration_text(result.deadline_seconds)
+        lines.append(f"no recommendation: no plan meets the deadline of {deadline}; closest, not recommended: "
+                     f"{result.closest['plan']}")
+        lines += [f"  - {r}" for r in result.closest["reasons"]]
     else:
         lines.append("no recommendation: see the notes")
     if result.verified:
