@@ -342,3 +342,28 @@ def three_heads_loss(recon_weight: float = 0.1):
         return (nn.functional.cross_entropy(outputs["logits"], targets)
                 + recon_weight * outputs["recon"].pow(2).mean() + 1e-4 * outputs["hidden"].pow(2).mean())
     return loss
+
+
+class _SparseBag(nn.Module):
+    def __init__(self, vocab: int, num_classes: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, num_classes, sparse=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids).mean(1)
+
+
+def sparse_bag(vocab: int = 5000, num_classes: int = 8) -> nn.Module:
+    """Class scores as the mean of sparse-gradient embeddings (train with SparseAdam)."""
+    return _SparseBag(vocab, num_classes)
+
+
+def id_data(n_train: int = 4000, n_val: int = 500, vocab: int = 5000, num_classes: int = 8, length: int = 12):
+    """Rows of ``length`` token ids, half drawn from a band of the vocabulary that names the class."""
+    g = torch.Generator().manual_seed(7)
+    n = n_train + n_val
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    band = vocab // num_classes
+    ids[:, : length // 2] = y[:, None] * band + torch.randint(0, band, (n, length // 2), generator=g)
+    return TensorDataset(ids[:n_train], y[:n_train]), TensorDataset(ids[n_train:], y[n_train:])

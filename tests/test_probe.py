@@ -471,3 +471,32 @@ device: {type: cpu, memory_limit: 8MiB}
     assert all(t.fits and not t.leaked_bytes for t in result.trials if t.batch_size <= result.ceiling)  # no OOM below it
     assert not any(n.startswith("memory did not return") for n in result.notes)
     assert result.ceiling == 1839 and result.confirmed and result.safe_batch_size >= 0.85 * result.ceiling
+
+
+SPARSE_SPEC = """
+name: sparse
+model: {target: "tests.fixtures:sparse_bag"}
+data: {target: "tests.fixtures:id_data"}
+optimizer: {target: "torch.optim:SparseAdam", lr: 0.01}
+base_batch_size: 64
+device: {type: cpu, memory_limit: 2MiB}
+"""
+
+
+def test_sparse_gradients_are_measured_not_estimated_and_their_optimizer_step_counts(write_spec):
+    """An outside SparseAdam model: the estimate's ceiling was 3109 against a measured 1441 (check --estimate passed
+    2500, which ran out of memory), and the probe's memory line (the forward and backward only, 520 B a sample)
+    read 1.12 MiB at 1339 where the trial peaked at 1.9 MiB: SparseAdam's step grows with the rows a batch touches."""
+    from batchtune.commands.check import run_check_estimate
+    from batchtune.commands.probe import run_probe_estimate
+
+    spec = load_spec(write_spec(SPARSE_SPEC))
+    measured = run_probe(spec)
+    estimated = run_probe_estimate(spec)  # falls back to measuring, and says why
+    assert estimated.ceiling == measured.ceiling and estimated.notes[0].startswith(
+        "cannot estimate: emb (sparse=True) give sparse gradients") and "measured with training steps instead" in \
+        estimated.notes[0]
+    at_ceiling = max((t for t in measured.trials if t.fits and t.phase != "confirm"), key=lambda t: t.batch_size)
+    assert measured.memory_model.predict(at_ceiling.batch_size) == pytest.approx(at_ceiling.peak_bytes, rel=0.2)
+    report = run_check_estimate(spec, batch_size=2 * measured.ceiling)
+    assert report.check("fits").status == "fail" and "checked with training steps instead" in report.notes[0]

@@ -196,6 +196,14 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def sparse_gradient_layers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s ``nn.Embedding``/``nn.EmbeddingBag`` layers built with ``sparse=True``: their
+    gradients are sparse, and so is the memory of their optimizer step, which grows with the rows a batch
+    touches (SparseAdam's state update), not a floor independent of the batch."""
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """The batch with every tensor on ``device`` (dicts, lists, tuples nest; other leaves pass through)."""
     # tree_map with an isinstance test costs half of tree_map_only's wrapper, per batch.

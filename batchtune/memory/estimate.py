@@ -467,12 +467,19 @@ class StepTracer:
     """
 
     def __init__(self, spec: Any, components: Any, target: Target, workload: Callable[..., Any] | None = None) -> None:
+        from batchtune.config.components import sparse_gradient_layers
+
         if workload is None:  # the one import from a layer above, lazy like backend_for_spec's
             from batchtune.engine.workload import TrainStep as workload
         self.spec, self.components, self.target, self.workload = spec, components, target, workload
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
             self.model = _fake_parameters(components.build_model(spec.seed), self.mode)
+        if sparse := sparse_gradient_layers(self.model):
+            raise EstimateError(f"cannot estimate: {', '.join(sparse[:3])}{' ...' if len(sparse) > 3 else ''} "
+                                "(sparse=True) give sparse gradients, whose memory and whose optimizer step's the "
+                                "trace does not count (an outside SparseAdam model's estimate was 2.2× the measured "
+                                "ceiling)")
         self.counter = _BlockCounter(target.block_bytes)
         tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
         for t in tensors:

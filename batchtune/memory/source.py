@@ -79,12 +79,16 @@ class DeviceMemorySource(MemorySource):
         self.config_for = config_for
         self.steps_per_trial = steps_per_trial
         self.trials: list[DeviceTrial] = []
+        from batchtune.config.components import sparse_gradient_layers
+
+        # sparse gradients: the optimizer step grows with the batch (the rows it touches) and can set the peak
+        self.sparse = bool(sparse_gradient_layers(model)) if model is not None else False
         self.baseline_bytes = int(dist.max(backend.current_bytes())[0])
         self.capacity_bytes = tightest_capacity(backend.capacity_bytes(), dist)[0]
 
     def measure(self, batch_size: int) -> Measurement:
         result = self.run(batch_size, phase="search", steps=self.steps_per_trial)
-        return Measurement(result.fits, result.compute_peak_bytes)
+        return Measurement(result.fits, result.peak_bytes if self.sparse else result.compute_peak_bytes)
 
     def run(self, batch_size: int, *, phase: str, steps: int, validate: bool = False) -> Any:
         """Run one trial of ``steps`` training steps (and a validation pass) and keep it.
