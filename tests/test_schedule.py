@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 
@@ -158,3 +159,85 @@ def test_a_schedule_built_in_code_is_checked_the_same_way():
     built = BatchSchedule([ScheduleStage(0, 8, 8, 1, 1)], total_samples=80.0)
     assert built.total_samples == 80 and isinstance(built.total_samples, int) and built.stages[0].lr == 1.0
     assert isinstance(built.stages[0].lr, float)
+
+
+# ---------------------------------------------------------------------------- the sampler and stage_at
+
+def _grown() -> BatchSchedule:
+    """16 × 1 to 160, then 32 × 2 from 160 to 400: steps start at 0, 16, ..., 160, 224, 288, 352 (end 416)."""
+    return BatchSchedule([ScheduleStage(0, 16, 16, 1, 0.1), ScheduleStage(160, 64, 32, 2, 0.2)], total_samples=400)
+
+
+def _step_starts(schedule: BatchSchedule) -> list[int]:
+    starts = [0]
+    while starts[-1] < schedule.total_samples:
+        starts.append(starts[-1] + schedule.batch_size_at(starts[-1]))
+    return starts
+
+
+def test_the_sampler_and_stage_at_refuse_out_of_range_arguments_by_name():
+    """``sampler(0)`` never returned (a hang in the user's loop); ``stage_at(-1)`` raised a bare StopIteration."""
+    schedule = _grown()
+    cases = [(lambda: schedule.sampler(0), "dataset_size must be at least 1, got 0"),
+             (lambda: schedule.sampler(100, rank=1), "rank must be below the schedule's world_size 1, got 1"),
+             (lambda: schedule.sampler(100, start_samples=-16), "start_samples must be at least 0, got -16"),
+             (lambda: schedule.sampler(100.5), "dataset_size must be a whole number, got 100.5"),
+             (lambda: schedule.stage_at(-1), "samples must be a count of samples seen, at least 0, got -1"),
+             (lambda: schedule.lr_at(math.nan), "samples must be a count of samples seen, at least 0, got nan")]
+    for call, message in cases:
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert str(caught.value) == message
+    assert schedule.stage_at(0).batch_size == 16 and schedule.stage_at(159.5).batch_size == 16
+
+
+@pytest.mark.parametrize("world_size, dataset_size", [(1, 50), (1, 7), (2, 50)])
+def test_resuming_at_start_samples_yields_exactly_the_uninterrupted_runs_tail(world_size, dataset_size):
+    """A run stopped and resumed at a step's ``seen`` takes the micro-batches the whole run takes from there
+    (permutations of 50 end inside batches of 16 and 32; 7 is smaller than every micro-batch)."""
+    stages = [ScheduleStage(0, 16 * world_size, 16, 1, 0.1), ScheduleStage(160 * world_size, 64 * world_size, 32, 2, 0.2)]
+    schedule = BatchSchedule(stages, total_samples=400 * world_size, world_size=world_size)
+    starts = _step_starts(schedule)
+    micro_per_step = [schedule.stage_at(s).accum_steps for s in starts[:-1]]
+    for rank in range(world_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the data set of 7 warns
+            whole = list(schedule.sampler(dataset_size, seed=3, rank=rank))
+            for k, start in enumerate(starts):
+                resumed = list(schedule.sampler(dataset_size, seed=3, rank=rank, start_samples=start))
+                assert resumed == whole[sum(micro_per_step[:k]):], (rank, start)
+    assert starts[-1] == 416 * world_size and len(whole) == 10 + 2 * 4
+
+
+def test_start_samples_where_no_step_starts_is_refused_with_the_steps_around_it():
+    schedule = _grown()
+    with pytest.raises(ValueError) as caught:
+        schedule.sampler(100, start_samples=200)
+    assert str(caught.value) == ("start_samples 200 is not where a step starts: the steps around it start at 160 "
+                                 "and 224 samples (give the loop's seen at a step's start)")
+    with pytest.raises(ValueError) as caught:
+        schedule.sampler(100, start_samples=500)
+    assert str(caught.value) == ("start_samples 500 is past the run's end: its last step ends at 416 samples "
+                                 "(total_samples 400)")
+    assert list(schedule.sampler(100, start_samples=416)) == []  # resuming a finished run takes nothing
+
+
+def test_a_batch_larger_than_the_data_set_warns_once_that_examples_repeat():
+    """A data set of 20 under micro-batches of 32 gave batches of 32 indices of which 20 were distinct, unsaid."""
+    schedule = _grown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(schedule.sampler(20))
+    assert [str(w.message) for w in caught] == [
+        "the data set's 20 examples are fewer than the batch of 64 (micro-batch 32) from sample 160: examples "
+        "repeat within a micro-batch"]
+    assert len(batches[-1]) == 32 and len(set(batches[-1])) <= 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schedule.sampler(40)
+    assert [str(w.message) for w in caught] == [
+        "the data set's 40 examples are fewer than the batch of 64 (micro-batch 32) from sample 160: examples "
+        "repeat within a batch (across its micro-batches)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule.sampler(64)
