@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from batchtune.config.spec import SpecError, SpecIssue, _nearest_line, read_yaml
 
@@ -103,7 +104,14 @@ class BatchSchedule:
         return stage.lr * min(1.0, (samples + stage.batch_size) / max(self.warmup_samples, stage.batch_size))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, samples: float) -> float:
-        """Set every parameter group's lr for the step starting after ``samples`` samples."""
+        """Set every parameter group's lr for the step starting after ``samples`` samples.
+
+        Raises:
+            ValueError: the schedule's ``world_size`` is not this run's (torch.distributed's world size, 1 when
+                it is not initialised): its lr is for another global batch. A process placed by another
+                launcher sets ``group["lr"] = schedule.lr_at(samples)`` itself.
+        """
+        self._check_world()
         lr = self.lr_at(samples)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -113,7 +121,7 @@ class BatchSchedule:
         """The sample counts where the batch changes."""
         return [s.start_samples for s in self.stages[1:]]
 
-    def sampler(self, dataset_size: int, seed: int = 0, rank: int = 0,
+    def sampler(self, dataset_size: int, seed: int = 0, rank: int | None = None,
                 start_samples: int = 0) -> Iterator[list[int]]:
         """Index lists of each step's micro-batches, for ``DataLoader(batch_sampler=...)``.
 
@@ -123,18 +131,22 @@ class BatchSchedule:
         Args:
             dataset_size: examples in the data set, at least 1.
             seed: the permutations' seed.
-            rank: this process's rank, below ``world_size``.
+            rank: this process's rank, below ``world_size``; by default torch.distributed's, and the
+                schedule's world size must then be the run's (1 when torch.distributed is not initialised).
+                Given, it places a process another launcher started.
             start_samples: resume a run at this many samples seen (the loop's ``seen`` at a step's
                 start): the micro-batches are exactly those the uninterrupted run takes from there.
 
         Raises:
-            ValueError: an argument out of range, naming it; ``start_samples`` where no step starts.
+            ValueError: an argument out of range, naming it; ``start_samples`` where no step starts;
+                a schedule planned for another world size than this run's.
 
         A batch larger than the data set repeats examples within it: a warning says so once.
         """
         dataset_size = _argument_count(dataset_size, "dataset_size", 1)
         seed = _argument_count(seed, "seed", -2 ** 63)
-        rank = _argument_count(rank, "rank", 0)
+        own_rank = self._check_world(checked=rank is None)
+        rank = own_rank if rank is None else _argument_count(rank, "rank", 0)
         if rank >= self.world_size:
             raise ValueError(f"rank must be below the schedule's world_size {self.world_size}, got {rank}")
         start_samples = self._step_start(_argument_count(start_samples, "start_samples", 0))
@@ -151,6 +163,24 @@ class BatchSchedule:
                 if i % self.world_size == rank:
                     yield take
             seen += stage.batch_size
+
+    def _check_world(self, checked: bool = True) -> int:
+        """This process's rank; a ValueError when torch.distributed runs another world size than the schedule's,
+        or (``checked``) when it is not initialised and the schedule's is not 1."""
+        running = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if running else (1, 0)
+        if world == self.world_size or not (running or checked):
+            return rank
+        stage = self.stages[0]
+        batch, trained = stage.batch_size, stage.batch_size * world // self.world_size
+        where = (f"this run has {world} ranks" if running else
+                 "this process runs alone (torch.distributed is not initialised)")
+        raise ValueError(
+            f"the schedule was planned for world_size {self.world_size} (batch {batch} = micro-batch "
+            f"{stage.micro_batch_size} × {stage.accum_steps} accumulation × {self.world_size} ranks, at lr "
+            f"{stage.lr:g}) but {where}: each step would train on {trained} samples where the schedule counts "
+            f"{batch}, at the lr for {batch}. Launch with torchrun --nproc-per-node {self.world_size}, or plan "
+            f"again with --gpus {world}")
 
     def _step_start(self, start_samples: int) -> int:
         """``start_samples`` when a step of the run starts there (or the run ends there), else a ValueError."""

@@ -7,6 +7,7 @@ import math
 import warnings
 
 import pytest
+import torch
 
 from batchtune.config.spec import SpecError
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -195,7 +196,8 @@ def test_the_sampler_and_stage_at_refuse_out_of_range_arguments_by_name():
 def test_resuming_at_start_samples_yields_exactly_the_uninterrupted_runs_tail(world_size, dataset_size):
     """A run stopped and resumed at a step's ``seen`` takes the micro-batches the whole run takes from there
     (permutations of 50 end inside batches of 16 and 32; 7 is smaller than every micro-batch)."""
-    stages = [ScheduleStage(0, 16 * world_size, 16, 1, 0.1), ScheduleStage(160 * world_size, 64 * world_size, 32, 2, 0.2)]
+    stages = [ScheduleStage(0, 16 * world_size, 16, 1, 0.1),
+              ScheduleStage(160 * world_size, 64 * world_size, 32, 2, 0.2)]
     schedule = BatchSchedule(stages, total_samples=400 * world_size, world_size=world_size)
     starts = _step_starts(schedule)
     micro_per_step = [schedule.stage_at(s).accum_steps for s in starts[:-1]]
@@ -241,3 +243,39 @@ def test_a_batch_larger_than_the_data_set_warns_once_that_examples_repeat():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         schedule.sampler(64)
+
+
+def _two_ranks() -> BatchSchedule:
+    return BatchSchedule([ScheduleStage(0, 64, 32, 1, 0.32)], total_samples=640, world_size=2)
+
+
+def test_a_schedule_for_more_ranks_than_the_run_has_is_refused_where_the_loop_starts():
+    """A plan --gpus 4 schedule in a one-process loop counted 200,192 samples while the model saw 50,048, at the
+    4-GPU lr, without a word."""
+    schedule = _two_ranks()
+    message = ("the schedule was planned for world_size 2 (batch 64 = micro-batch 32 × 1 accumulation × 2 ranks, "
+               "at lr 0.32) but this process runs alone (torch.distributed is not initialised): each step would "
+               "train on 32 samples where the schedule counts 64, at the lr for 64. Launch with torchrun "
+               "--nproc-per-node 2, or plan again with --gpus 1")
+    for call in (lambda: schedule.sampler(1000), lambda: schedule.set_lr(torch.optim.SGD([torch.zeros(1)]), 0)):
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert str(caught.value) == message
+    # a process another launcher placed says which rank it is; lr_at is the pure function
+    assert len(list(schedule.sampler(1000, rank=1))) == 10 and schedule.lr_at(640) == 0.32
+
+
+def test_under_torch_distributed_the_sampler_takes_the_ranks_own_micro_batches(monkeypatch):
+    import batchtune.schedule as module
+
+    schedule = _two_ranks()
+    monkeypatch.setattr(module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(module.dist, "get_rank", lambda: 1)
+    assert list(schedule.sampler(1000)) == list(schedule.sampler(1000, rank=1))
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    assert schedule.set_lr(optimizer, 64) == 0.32 and optimizer.param_groups[0]["lr"] == 0.32
+    monkeypatch.setattr(module.dist, "get_world_size", lambda: 4)
+    with pytest.raises(ValueError, match=r"world_size 2 .* but this run has 4 ranks: each step would train on 128 "
+                                         r"samples where the schedule counts 64"):
+        schedule.sampler(1000, rank=0)
