@@ -142,18 +142,18 @@ class NoiseScaleMonitor:
             (module given, one backward pass, one process); None for all.
 
     Raises:
-        ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), or an
-            argument is out of range.
+        ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), an argument is
+            out of range (named), or nothing given is trainable (no parameter requires grad).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | torch.nn.Module, *, micro_batch_size: int,
                  accum_steps: int = 1, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  ranks: Ranks | None = None, world_size: int | None = None,
                  max_examples: int | None = None) -> None:
-        for name, value in (("micro_batch_size", micro_batch_size), ("accum_steps", accum_steps), ("every", every),
-                            ("world_size", world_size), ("max_examples", max_examples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        _check_arguments(micro_batch_size=micro_batch_size, accum_steps=accum_steps, every=every,
+                         world_size=world_size, max_examples=max_examples)
+        params = params if isinstance(params, torch.nn.Module) else list(params)
+        _check_trainable(params)
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
             self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)
@@ -163,8 +163,6 @@ class NoiseScaleMonitor:
         if self._auto is None and not self.can_measure(micro_batch_size, accum_steps, world_size):
             raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
                              f"micro_batch_size={micro_batch_size} must be even and at least 2")
-        if every < 1:
-            raise ValueError(f"every must be >= 1; found {every=}")
         self.params = [p for p in params if p.requires_grad]
         self.every = every
         self.accum_steps = accum_steps
@@ -289,6 +287,38 @@ class NoiseScaleMonitor:
         if self._norms is not None:
             self._norms.remove()
             self._norms = None
+
+
+# (name, smallest value, what None means) of the monitor's whole-number arguments
+_COUNTS = {"micro_batch_size": (1, None), "accum_steps": (1, None), "every": (1, "the default cadence"),
+           "world_size": (1, "torch.distributed's"), "max_examples": (1, "every example"),
+           "warn_after": (0, None), "warn_every": (1, None)}  # the last two: the callbacks' NoiseScaleWatch
+
+
+def _check_arguments(**values: int | None) -> None:
+    """A ValueError naming the first whole-number argument (of :data:`_COUNTS`) that is not one or is out of
+    range; None stands for the default where one exists. The monitor and the callbacks' watch check at
+    construction: max_examples=0 was accepted and crashed in the user's loss.backward() with a reshape error."""
+    for name, value in values.items():
+        least, none_means = _COUNTS[name]
+        if value is None and none_means is not None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        if value < least:
+            default = f" (None: {none_means})" if none_means else ""
+            raise ValueError(f"{name} must be >= {least}{default}; found {name}={value}")
+
+
+def _check_trainable(params: torch.nn.Module | list[torch.nn.Parameter]) -> None:
+    """A model with nothing to train has no gradient to measure: it warned "0 backward passes" on every
+    measured step (accum_steps >= 2), or said it had no nn.Linear layer of its own (one backward per step)."""
+    given = list(params.parameters()) if isinstance(params, torch.nn.Module) else params
+    if not any(p.requires_grad for p in given):
+        what = (f"the model has no trainable parameters (none of its {len(given)} requires grad)"
+                if isinstance(params, torch.nn.Module) else
+                f"no trainable parameters among the {len(given)} given (none requires grad)")
+        raise ValueError(f"{what}: the noise scale is read from gradients, so there is nothing to measure")
 
 
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:

@@ -268,6 +268,29 @@ def test_while_the_run_follows_its_schedule_the_watch_never_says_shrink(tmp_path
 
 
 @pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every": 0}, "every must be >= 1 (None: the default cadence); found every=0"),
+    ({"max_examples": 0}, "max_examples must be >= 1 (None: every example); found max_examples=0"),
+    ({"warn_every": 0}, "warn_every must be >= 1; found warn_every=0"),
+    ({"warn_after": -1}, "warn_after must be >= 0; found warn_after=-1"),
+    ({"confidence": 1.0}, "confidence must be in (0, 1); found confidence=1.0"),
+])
+def test_the_callbacks_refuse_arguments_out_of_range_when_made(make, kwargs, message):
+    """every=0 was accepted and only logged "noise scale not measured in this run" when training began."""
+    with pytest.raises(ValueError) as caught:
+        make(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_the_lightning_callback_refuses_a_micro_batch_of_zero():
+    """micro_batch_size=0 was taken as "not given" and the DataLoader's size read instead, unsaid."""
+    with pytest.raises(ValueError) as caught:
+        PLCallback(micro_batch_size=0)
+    assert str(caught.value) == "micro_batch_size must be >= 1; found micro_batch_size=0"
+    assert PLCallback(micro_batch_size=4).micro_batch_size == 4
+
+
+@pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])
 def test_the_callbacks_check_a_schedule_file_as_load_does(tmp_path, make):
     """``schedule=`` takes the same files as BatchSchedule.load, with the same errors: a batch of 0 loaded and
     a lr of "2e-2" crashed in optimizer.step."""

@@ -39,6 +39,39 @@ def test_sizes_that_are_not_whole_numbers_are_named():
     assert NoiseScaleMonitor(model, micro_batch_size=np.int64(32), accum_steps=2).accum_steps == 2
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_examples": 0}, "max_examples must be >= 1 (None: every example); found max_examples=0"),
+    ({"max_examples": 2.0}, "max_examples must be a whole number, got 2.0 (float)"),
+    ({"every": 0}, "every must be >= 1 (None: the default cadence); found every=0"),
+    ({"world_size": 0}, "world_size must be >= 1 (None: torch.distributed's); found world_size=0"),
+    ({"accum_steps": 0}, "accum_steps must be >= 1; found accum_steps=0"),
+    ({"micro_batch_size": -4, "accum_steps": 2}, "micro_batch_size must be >= 1; found micro_batch_size=-4"),
+    ({"ema_decay": 1.5}, "ema_decay must be in [0, 1); found ema_decay=1.5"),
+])
+def test_numeric_arguments_out_of_range_are_refused_at_construction_by_name(kwargs, message):
+    """max_examples=0 was accepted, then crashed inside the user's loss.backward() with a reshape error."""
+    for params in (torch.nn.Linear(4, 2), torch.nn.Linear(4, 2).parameters()):
+        with pytest.raises(ValueError) as caught:
+            NoiseScaleMonitor(params, **{"micro_batch_size": 8, **kwargs})
+        assert str(caught.value) == message
+    assert NoiseScaleMonitor(torch.nn.Linear(4, 2), micro_batch_size=8, max_examples=1).every == 8
+
+
+def test_a_model_with_no_trainable_parameters_is_refused_at_construction():
+    """A frozen model was accepted and warned "0 backward passes for accum_steps=2" on every measured step
+    (one backward per step: "this model has none [nn.Linear layers] whose parameters are its own")."""
+    frozen = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)).requires_grad_(False)
+    for accum in (1, 2):
+        with pytest.raises(ValueError) as caught:
+            NoiseScaleMonitor(frozen, micro_batch_size=8, accum_steps=accum)
+        assert str(caught.value) == ("the model has no trainable parameters (none of its 4 requires grad): the "
+                                     "noise scale is read from gradients, so there is nothing to measure")
+    with pytest.raises(ValueError, match=r"^no trainable parameters among the 4 given \(none requires grad\)"):
+        NoiseScaleMonitor(frozen.parameters(), micro_batch_size=8, accum_steps=2)
+    frozen[1].requires_grad_(True)
+    assert len(NoiseScaleMonitor(frozen.parameters(), micro_batch_size=8, accum_steps=2).params) == 2
+
+
 @pytest.mark.parametrize("micro,accum", [(32, 4), (64, 1)])
 def test_a_plain_loop_recovers_the_analytic_noise_scale_on_its_cadence(micro, accum):
     d, sigma, delta, steps = 20, 1.0, 1.0, 800

@@ -55,12 +55,19 @@ class NoiseScaleWatch:
             this run has not grown.
 
     Raises:
+        ValueError: an argument out of range, named (checked here: ``every=0`` used to be accepted and
+            only log "not measured" when training began).
         SpecError: the schedule file has problems (:meth:`~batchtune.schedule.BatchSchedule.load`).
     """
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None,
                  schedule: Any = None) -> None:
+        from batchtune.monitor import _check_arguments
+        from batchtune.stats.noise import NoiseScaleEstimator
+
+        _check_arguments(every=every, max_examples=max_examples, warn_after=warn_after, warn_every=warn_every)
+        NoiseScaleEstimator(ema_decay=ema_decay, confidence=confidence)  # raises naming either when out of range
         self.options = {"every": every, "ema_decay": ema_decay, "confidence": confidence,
                         "max_examples": max_examples}
         self.warn_after = warn_after

@@ -50,6 +50,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         every: measure every n-th optimizer step (None: 8).
         **options: the rest of :class:`~batchtune.integrations.NoiseScaleWatch`'s arguments
             (``ema_decay``, ``confidence``, ``warn_after``, ``warn_every``, ``max_examples``).
+
+    Raises:
+        ValueError: an argument out of range (``every=0``), named.
     """
 
     def __init__(self, every: int | None = None, **options: Any) -> None:
