@@ -386,7 +386,7 @@ class _AutoMeasure:
         armed.remove()
         problem = armed.problem(self.accum_steps)
         if isinstance(armed, _PerExampleNorms) and not armed.ran_twice:  # else the other run's shapes may be
-            self._warn_left_out(armed.left_out)                          # another batch's (a validation's)
+            self._warn_left_out(armed.all_left_out)                      # another batch's (a validation's)
         if problem is not None:
             self._warn_skipped(problem)
             return None
@@ -416,8 +416,8 @@ class _AutoMeasure:
             self._left_out |= set(new)
             listed = "; ".join(f"{name!r}: {why}" for name, why in list(new.items())[:5])
             more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
-            warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
-                          f"(warned once per layer): {listed}{more}; the reading covers the other layers "
+            warnings.warn(f"noise scale: left out of the per-example norms (warned once per layer): {listed}{more}; "
+                          "the reading covers the other layers "
                           "(reading().coverage), or use accum_steps >= 2, which needs no example axis",
                           RuntimeWarning, stacklevel=5)
 
@@ -509,6 +509,17 @@ class _PerExampleNorms:
         return list(self._per_example)
 
     @property
+    def all_left_out(self) -> dict[str, str]:
+        """:attr:`left_out`, and the layers that ran forward but got no output gradient while others did: their
+        output does not feed the loss (an auxiliary head kept for later). Such a layer made every measured step
+        be skipped ("no nn.Linear layer ran forward and backward"); it is left out as one that never ran."""
+        if not self._per_example:
+            return dict(self.left_out)  # no backward reached any layer: the step is skipped, not these blamed
+        unused = [m for m in self._calls if m not in self._unread and m not in self._per_example]
+        return {**self.left_out, **{self._name(m): "ran forward, but no gradient reached its output (the output "
+                                    "does not feed the loss)" for m in unused}}
+
+    @property
     def ran_twice(self) -> list[str]:
         """The layers that ran forward with grad enabled more than once in the step."""
         return [self._name(m) for m, calls in self._calls.items() if calls > 1]
@@ -539,7 +550,8 @@ class _PerExampleNorms:
         """Why the step cannot be read: a layer run twice, or no layer read.
 
         Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
-        the attention uses directly) are left out of both norms, as are those in :attr:`left_out`.
+        the attention uses directly) are left out of both norms, as are those in :attr:`all_left_out`
+        (no example axis, or an output that does not feed the loss).
         """
         if self.ran_twice:
             layers = f"layer{'s' if len(self.ran_twice) > 1 else ''} {', '.join(map(repr, self.ran_twice))}"
@@ -547,10 +559,9 @@ class _PerExampleNorms:
                     "step needs one forward and one backward: backward passes accumulated but not declared (give "
                     "accum_steps= the passes per optimizer step), a forward with grad enabled outside the step "
                     "(e.g. validation without torch.no_grad()), or a layer applied twice in the model")
-        ran = [m for m in self._calls if m not in self._unread]
         if not self._per_example and self.left_out:
             return "no nn.Linear layer's examples could be told apart (see the warning on the layers left out)"
-        if not self._per_example or set(self._per_example) != set(ran):
+        if not self._per_example:
             return "no nn.Linear layer ran forward and backward in the step"
         return None
 

@@ -440,3 +440,52 @@ def test_a_layer_run_more_than_once_names_the_likely_causes_and_warns_at_an_inte
     assert [m[m.index("(", len(m) - 70):] for m in messages[1:]] == [
         "(3 measured steps skipped for this so far; warned again every 3)",
         "(6 measured steps skipped for this so far; warned again every 3)"]
+
+
+class _DeadHead(torch.nn.Module):
+    """An MLP with an auxiliary head that runs forward but does not feed the loss (a head kept for later)."""
+
+    def __init__(self, run_aux: bool = True) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1), torch.nn.Linear(16, 3)
+        self.run_aux = run_aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.body(x))
+        if self.run_aux:
+            self.last_aux = self.aux(z)
+        return self.head(z)
+
+
+def _dead_head_reading(accum: int, run_aux: bool = True, steps: int = 800):
+    """The reading at fixed weights on the same 32 examples a step, run as one batch or as accum micro-batches."""
+    torch.manual_seed(0)
+    model = _DeadHead(run_aux)
+    gen, teacher = torch.Generator().manual_seed(2), torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+    monitor = NoiseScaleMonitor(model, micro_batch_size=32 // accum, accum_steps=accum, every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            x = torch.randn(32, 8, generator=gen)
+            y = x @ teacher + 0.5 * torch.randn(32, 1, generator=gen)
+            for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+                (torch.nn.functional.mse_loss(model(xs), ys) / accum).backward()
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+    return monitor.reading(), [str(w.message) for w in caught if "noise scale" in str(w.message)]
+
+
+def test_a_linear_layer_whose_output_does_not_feed_the_loss_is_left_out_not_every_step_skipped():
+    """One micro-batch per step: an auxiliary head that ran forward but got no gradient made every measured
+    step be skipped with "no nn.Linear layer ran forward and backward in the step"."""
+    reading, said = _dead_head_reading(accum=1)
+    assert said == ["noise scale: left out of the per-example norms (warned once per layer): 'aux': ran forward, "
+                    "but no gradient reached its output (the output does not feed the loss); the reading covers the "
+                    "other layers (reading().coverage), or use accum_steps >= 2, which needs no example axis"]
+    assert reading.steps == 800 and reading.coverage == pytest.approx((8 * 16 + 16 + 16 + 1) / (161 + 51))
+    # exactly the reading of the same model whose head never runs
+    assert reading.b_simple == _dead_head_reading(accum=1, run_aux=False)[0].b_simple
+    # and within the band of the accumulation path, which measures the same parameters on the same examples
+    passes, said = _dead_head_reading(accum=2)
+    assert said == [] and passes.steps == 800
+    assert passes.low <= reading.b_simple <= passes.high, (reading, passes)  # 15.15 in 13.10-15.89
