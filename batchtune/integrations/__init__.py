@@ -103,6 +103,9 @@ class NoiseScaleWatch:
     def step(self, global_step: int, *, rank_zero: bool = True) -> dict[str, float] | None:
         """Call after the last backward of an optimizer step; the logs of a new reading, else None.
 
+        The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
+        band has no ``high``); :attr:`history` keeps every value.
+
         Args:
             global_step: the optimizer step just computed, counted from 1.
             rank_zero: whether this process logs (warnings only on rank zero).
@@ -123,7 +126,9 @@ class NoiseScaleWatch:
         self.history.append(entry)
         if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
             self._maybe_warn(entry)
-        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")}
+        # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
+        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
+                if entry[key] is not None and math.isfinite(entry[key])}
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
         """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above
