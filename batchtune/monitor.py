@@ -142,18 +142,18 @@ class NoiseScaleMonitor:
             (module given, one backward pass, one process); None for all.
 
     Raises:
-        ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), or an
-            argument is out of range.
+        ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), an argument is
+            out of range (named), or nothing given is trainable (no parameter requires grad).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | torch.nn.Module, *, micro_batch_size: int,
                  accum_steps: int = 1, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  ranks: Ranks | None = None, world_size: int | None = None,
                  max_examples: int | None = None) -> None:
-        for name, value in (("micro_batch_size", micro_batch_size), ("accum_steps", accum_steps), ("every", every),
-                            ("world_size", world_size), ("max_examples", max_examples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        _check_arguments(micro_batch_size=micro_batch_size, accum_steps=accum_steps, every=every,
+                         world_size=world_size, max_examples=max_examples)
+        params = params if isinstance(params, torch.nn.Module) else list(params)
+        _check_trainable(params)
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
             self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)
@@ -163,8 +163,6 @@ class NoiseScaleMonitor:
         if self._auto is None and not self.can_measure(micro_batch_size, accum_steps, world_size):
             raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
                              f"micro_batch_size={micro_batch_size} must be even and at least 2")
-        if every < 1:
-            raise ValueError(f"every must be >= 1; found {every=}")
         self.params = [p for p in params if p.requires_grad]
         self.every = every
         self.accum_steps = accum_steps
@@ -291,6 +289,38 @@ class NoiseScaleMonitor:
             self._norms = None
 
 
+# (name, smallest value, what None means) of the monitor's whole-number arguments
+_COUNTS = {"micro_batch_size": (1, None), "accum_steps": (1, None), "every": (1, "the default cadence"),
+           "world_size": (1, "torch.distributed's"), "max_examples": (1, "every example"),
+           "warn_after": (0, None), "warn_every": (1, None)}  # the last two: the callbacks' NoiseScaleWatch
+
+
+def _check_arguments(**values: int | None) -> None:
+    """A ValueError naming the first whole-number argument (of :data:`_COUNTS`) that is not one or is out of
+    range; None stands for the default where one exists. The monitor and the callbacks' watch check at
+    construction: max_examples=0 was accepted and crashed in the user's loss.backward() with a reshape error."""
+    for name, value in values.items():
+        least, none_means = _COUNTS[name]
+        if value is None and none_means is not None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+        if value < least:
+            default = f" (None: {none_means})" if none_means else ""
+            raise ValueError(f"{name} must be >= {least}{default}; found {name}={value}")
+
+
+def _check_trainable(params: torch.nn.Module | list[torch.nn.Parameter]) -> None:
+    """A model with nothing to train has no gradient to measure: it warned "0 backward passes" on every
+    measured step (accum_steps >= 2), or said it had no nn.Linear layer of its own (one backward per step)."""
+    given = list(params.parameters()) if isinstance(params, torch.nn.Module) else params
+    if not any(p.requires_grad for p in given):
+        what = (f"the model has no trainable parameters (none of its {len(given)} requires grad)"
+                if isinstance(params, torch.nn.Module) else
+                f"no trainable parameters among the {len(given)} given (none requires grad)")
+        raise ValueError(f"{what}: the noise scale is read from gradients, so there is nothing to measure")
+
+
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
     """|g|² over all gradients, summed in float64."""
     total = 0.0
@@ -356,7 +386,7 @@ class _AutoMeasure:
         armed.remove()
         problem = armed.problem(self.accum_steps)
         if isinstance(armed, _PerExampleNorms) and not armed.ran_twice:  # else the other run's shapes may be
-            self._warn_left_out(armed.left_out)                          # another batch's (a validation's)
+            self._warn_left_out(armed.all_left_out)                      # another batch's (a validation's)
         if problem is not None:
             self._warn_skipped(problem)
             return None
@@ -386,8 +416,8 @@ class _AutoMeasure:
             self._left_out |= set(new)
             listed = "; ".join(f"{name!r}: {why}" for name, why in list(new.items())[:5])
             more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
-            warnings.warn(f"noise scale: left out of the per-example norms rather than read on the wrong axis "
-                          f"(warned once per layer): {listed}{more}; the reading covers the other layers "
+            warnings.warn(f"noise scale: left out of the per-example norms (warned once per layer): {listed}{more}; "
+                          "the reading covers the other layers "
                           "(reading().coverage), or use accum_steps >= 2, which needs no example axis",
                           RuntimeWarning, stacklevel=5)
 
@@ -479,6 +509,17 @@ class _PerExampleNorms:
         return list(self._per_example)
 
     @property
+    def all_left_out(self) -> dict[str, str]:
+        """:attr:`left_out`, and the layers that ran forward but got no output gradient while others did: their
+        output does not feed the loss (an auxiliary head kept for later). Such a layer made every measured step
+        be skipped ("no nn.Linear layer ran forward and backward"); it is left out as one that never ran."""
+        if not self._per_example:
+            return dict(self.left_out)  # no backward reached any layer: the step is skipped, not these blamed
+        unused = [m for m in self._calls if m not in self._unread and m not in self._per_example]
+        return {**self.left_out, **{self._name(m): "ran forward, but no gradient reached its output (the output "
+                                    "does not feed the loss)" for m in unused}}
+
+    @property
     def ran_twice(self) -> list[str]:
         """The layers that ran forward with grad enabled more than once in the step."""
         return [self._name(m) for m, calls in self._calls.items() if calls > 1]
@@ -509,7 +550,8 @@ class _PerExampleNorms:
         """Why the step cannot be read: a layer run twice, or no layer read.
 
         Layers whose forward never ran (e.g. ``nn.MultiheadAttention.out_proj``, whose weight
-        the attention uses directly) are left out of both norms, as are those in :attr:`left_out`.
+        the attention uses directly) are left out of both norms, as are those in :attr:`all_left_out`
+        (no example axis, or an output that does not feed the loss).
         """
         if self.ran_twice:
             layers = f"layer{'s' if len(self.ran_twice) > 1 else ''} {', '.join(map(repr, self.ran_twice))}"
@@ -517,10 +559,9 @@ class _PerExampleNorms:
                     "step needs one forward and one backward: backward passes accumulated but not declared (give "
                     "accum_steps= the passes per optimizer step), a forward with grad enabled outside the step "
                     "(e.g. validation without torch.no_grad()), or a layer applied twice in the model")
-        ran = [m for m in self._calls if m not in self._unread]
         if not self._per_example and self.left_out:
             return "no nn.Linear layer's examples could be told apart (see the warning on the layers left out)"
-        if not self._per_example or set(self._per_example) != set(ran):
+        if not self._per_example:
             return "no nn.Linear layer ran forward and backward in the step"
         return None
 

@@ -31,12 +31,14 @@ import json
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from batchtune.config.spec import SpecError, SpecIssue, _nearest_line, read_yaml
 
@@ -80,7 +82,13 @@ class BatchSchedule:
         self.world_size = clean["world_size"]
 
     def stage_at(self, samples: float) -> ScheduleStage:
-        """The stage a step starting after ``samples`` samples belongs to."""
+        """The stage a step starting after ``samples`` samples belongs to.
+
+        Raises:
+            ValueError: ``samples`` is negative or not a number.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, numbers.Real) or not samples >= 0:
+            raise ValueError(f"samples must be a count of samples seen, at least 0, got {samples!r}")
         return next(s for s in reversed(self.stages) if s.start_samples <= samples)
 
     def batch_size_at(self, samples: float) -> int:
@@ -96,7 +104,14 @@ class BatchSchedule:
         return stage.lr * min(1.0, (samples + stage.batch_size) / max(self.warmup_samples, stage.batch_size))
 
     def set_lr(self, optimizer: torch.optim.Optimizer, samples: float) -> float:
-        """Set every parameter group's lr for the step starting after ``samples`` samples."""
+        """Set every parameter group's lr for the step starting after ``samples`` samples.
+
+        Raises:
+            ValueError: the schedule's ``world_size`` is not this run's (torch.distributed's world size, 1 when
+                it is not initialised): its lr is for another global batch. A process placed by another
+                launcher sets ``group["lr"] = schedule.lr_at(samples)`` itself.
+        """
+        self._check_world()
         lr = self.lr_at(samples)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -106,24 +121,91 @@ class BatchSchedule:
         """The sample counts where the batch changes."""
         return [s.start_samples for s in self.stages[1:]]
 
-    def sampler(self, dataset_size: int, seed: int = 0, rank: int = 0) -> Iterator[list[int]]:
+    def sampler(self, dataset_size: int, seed: int = 0, rank: int | None = None,
+                start_samples: int = 0) -> Iterator[list[int]]:
         """Index lists of each step's micro-batches, for ``DataLoader(batch_sampler=...)``.
 
-        A fresh permutation each epoch (seeded); under several ranks each takes its own
-        micro-batch of every global step.
+        The indices are seeded permutations of the data set drawn back to back, so an epoch ends
+        anywhere in a batch; under several ranks each takes its own micro-batch of every global step.
+
+        Args:
+            dataset_size: examples in the data set, at least 1.
+            seed: the permutations' seed.
+            rank: this process's rank, below ``world_size``; by default torch.distributed's, and the
+                schedule's world size must then be the run's (1 when torch.distributed is not initialised).
+                Given, it places a process another launcher started.
+            start_samples: resume a run at this many samples seen (the loop's ``seen`` at a step's
+                start): the micro-batches are exactly those the uninterrupted run takes from there.
+
+        Raises:
+            ValueError: an argument out of range, naming it; ``start_samples`` where no step starts;
+                a schedule planned for another world size than this run's.
+
+        A batch larger than the data set repeats examples within it: a warning says so once.
         """
-        generator = torch.Generator().manual_seed(seed)
-        order: list[int] = []
-        seen = 0
+        dataset_size = _argument_count(dataset_size, "dataset_size", 1)
+        seed = _argument_count(seed, "seed", -2 ** 63)
+        own_rank = self._check_world(checked=rank is None)
+        rank = own_rank if rank is None else _argument_count(rank, "rank", 0)
+        if rank >= self.world_size:
+            raise ValueError(f"rank must be below the schedule's world_size {self.world_size}, got {rank}")
+        start_samples = self._step_start(_argument_count(start_samples, "start_samples", 0))
+        self._warn_small_data(dataset_size, start_samples)
+        return self._micro_batches(_IndexStream(dataset_size, seed), rank, start_samples)
+
+    def _micro_batches(self, indices: _IndexStream, rank: int, start_samples: int) -> Iterator[list[int]]:
+        indices.skip(start_samples)  # the steps before took their batch_size indices each, all ranks together
+        seen = start_samples
         while seen < self.total_samples:
             stage = self.stage_at(seen)
             for i in range(stage.accum_steps * self.world_size):
-                while len(order) < stage.micro_batch_size:
-                    order += torch.randperm(dataset_size, generator=generator).tolist()
-                take, order = order[:stage.micro_batch_size], order[stage.micro_batch_size:]
+                take = indices.take(stage.micro_batch_size)
                 if i % self.world_size == rank:
                     yield take
             seen += stage.batch_size
+
+    def _check_world(self, checked: bool = True) -> int:
+        """This process's rank; a ValueError when torch.distributed runs another world size than the schedule's,
+        or (``checked``) when it is not initialised and the schedule's is not 1."""
+        running = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if running else (1, 0)
+        if world == self.world_size or not (running or checked):
+            return rank
+        stage = self.stages[0]
+        batch, trained = stage.batch_size, stage.batch_size * world // self.world_size
+        where = (f"this run has {world} ranks" if running else
+                 "this process runs alone (torch.distributed is not initialised)")
+        raise ValueError(
+            f"the schedule was planned for world_size {self.world_size} (batch {batch} = micro-batch "
+            f"{stage.micro_batch_size} × {stage.accum_steps} accumulation × {self.world_size} ranks, at lr "
+            f"{stage.lr:g}) but {where}: each step would train on {trained} samples where the schedule counts "
+            f"{batch}, at the lr for {batch}. Launch with torchrun --nproc-per-node {self.world_size}, or plan "
+            f"again with --gpus {world}")
+
+    def _step_start(self, start_samples: int) -> int:
+        """``start_samples`` when a step of the run starts there (or the run ends there), else a ValueError."""
+        before = seen = 0
+        while seen < min(start_samples, self.total_samples):
+            before, seen = seen, seen + self.stage_at(seen).batch_size
+        if seen == start_samples:
+            return start_samples
+        if start_samples > seen:
+            raise ValueError(f"start_samples {start_samples} is past the run's end: its last step ends at {seen} "
+                             f"samples (total_samples {self.total_samples})")
+        raise ValueError(f"start_samples {start_samples} is not where a step starts: the steps around it start "
+                         f"at {before} and {seen} samples (give the loop's seen at a step's start)")
+
+    def _warn_small_data(self, dataset_size: int, start_samples: int) -> None:
+        """Warn once when a stage still to run takes a batch larger than the data set."""
+        ends = [s.start_samples for s in self.stages[1:]] + [self.total_samples]
+        stage = next((s for s, end in zip(self.stages, ends) if s.batch_size > dataset_size and end > start_samples),
+                     None)
+        if stage is None:
+            return
+        within = "micro-batch" if stage.micro_batch_size > dataset_size else "batch (across its micro-batches)"
+        warnings.warn(f"the data set's {dataset_size} examples are fewer than the batch of {stage.batch_size} "
+                      f"(micro-batch {stage.micro_batch_size}) from sample {stage.start_samples}: examples repeat "
+                      f"within a {within}", stacklevel=3)
 
     # ---------------------------------------------------------------------------- files
 
@@ -193,6 +275,44 @@ class BatchSchedule:
         if duplicates:
             raise _error(schedule_problems(data), source, lines, duplicates)
         return cls.from_dict(data, source=source, lines=lines)
+
+
+class _IndexStream:
+    """Seeded permutations of ``range(size)`` drawn back to back, taken or skipped a run of indices at a time."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self._size, self._generator = size, torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+        self._at = 0
+
+    def take(self, n: int) -> list[int]:
+        while len(self._order) - self._at < n:
+            # an index into the list rather than slicing off each take: copying the rest every micro-batch
+            # cost the data set's size per batch
+            self._order = self._order[self._at:] + torch.randperm(self._size, generator=self._generator).tolist()
+            self._at = 0
+        self._at += n
+        return self._order[self._at - n:self._at]
+
+    def skip(self, n: int) -> None:
+        """As ``take(n)`` with the indices discarded: the same permutations drawn, so what follows is the same."""
+        while n > len(self._order) - self._at:
+            n -= len(self._order) - self._at
+            perm = torch.randperm(self._size, generator=self._generator)
+            if n >= self._size:  # skipped whole: no list made of it
+                n, self._order, self._at = n - self._size, [], 0
+            else:
+                self._order, self._at = perm.tolist(), 0
+        self._at += n
+
+
+def _argument_count(value: Any, name: str, least: int) -> int:
+    """A whole-number argument of the sampler, at least ``least``; a ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value!r}")
+    return int(value)
 
 
 # ---------------------------------------------------------------------------- checks

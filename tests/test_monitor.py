@@ -39,6 +39,39 @@ def test_sizes_that_are_not_whole_numbers_are_named():
     assert NoiseScaleMonitor(model, micro_batch_size=np.int64(32), accum_steps=2).accum_steps == 2
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_examples": 0}, "max_examples must be >= 1 (None: every example); found max_examples=0"),
+    ({"max_examples": 2.0}, "max_examples must be a whole number, got 2.0 (float)"),
+    ({"every": 0}, "every must be >= 1 (None: the default cadence); found every=0"),
+    ({"world_size": 0}, "world_size must be >= 1 (None: torch.distributed's); found world_size=0"),
+    ({"accum_steps": 0}, "accum_steps must be >= 1; found accum_steps=0"),
+    ({"micro_batch_size": -4, "accum_steps": 2}, "micro_batch_size must be >= 1; found micro_batch_size=-4"),
+    ({"ema_decay": 1.5}, "ema_decay must be in [0, 1); found ema_decay=1.5"),
+])
+def test_numeric_arguments_out_of_range_are_refused_at_construction_by_name(kwargs, message):
+    """max_examples=0 was accepted, then crashed inside the user's loss.backward() with a reshape error."""
+    for params in (torch.nn.Linear(4, 2), torch.nn.Linear(4, 2).parameters()):
+        with pytest.raises(ValueError) as caught:
+            NoiseScaleMonitor(params, **{"micro_batch_size": 8, **kwargs})
+        assert str(caught.value) == message
+    assert NoiseScaleMonitor(torch.nn.Linear(4, 2), micro_batch_size=8, max_examples=1).every == 8
+
+
+def test_a_model_with_no_trainable_parameters_is_refused_at_construction():
+    """A frozen model was accepted and warned "0 backward passes for accum_steps=2" on every measured step
+    (one backward per step: "this model has none [nn.Linear layers] whose parameters are its own")."""
+    frozen = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1)).requires_grad_(False)
+    for accum in (1, 2):
+        with pytest.raises(ValueError) as caught:
+            NoiseScaleMonitor(frozen, micro_batch_size=8, accum_steps=accum)
+        assert str(caught.value) == ("the model has no trainable parameters (none of its 4 requires grad): the "
+                                     "noise scale is read from gradients, so there is nothing to measure")
+    with pytest.raises(ValueError, match=r"^no trainable parameters among the 4 given \(none requires grad\)"):
+        NoiseScaleMonitor(frozen.parameters(), micro_batch_size=8, accum_steps=2)
+    frozen[1].requires_grad_(True)
+    assert len(NoiseScaleMonitor(frozen.parameters(), micro_batch_size=8, accum_steps=2).params) == 2
+
+
 @pytest.mark.parametrize("micro,accum", [(32, 4), (64, 1)])
 def test_a_plain_loop_recovers_the_analytic_noise_scale_on_its_cadence(micro, accum):
     d, sigma, delta, steps = 20, 1.0, 1.0, 800
@@ -407,3 +440,52 @@ def test_a_layer_run_more_than_once_names_the_likely_causes_and_warns_at_an_inte
     assert [m[m.index("(", len(m) - 70):] for m in messages[1:]] == [
         "(3 measured steps skipped for this so far; warned again every 3)",
         "(6 measured steps skipped for this so far; warned again every 3)"]
+
+
+class _DeadHead(torch.nn.Module):
+    """An MLP with an auxiliary head that runs forward but does not feed the loss (a head kept for later)."""
+
+    def __init__(self, run_aux: bool = True) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1), torch.nn.Linear(16, 3)
+        self.run_aux = run_aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.body(x))
+        if self.run_aux:
+            self.last_aux = self.aux(z)
+        return self.head(z)
+
+
+def _dead_head_reading(accum: int, run_aux: bool = True, steps: int = 800):
+    """The reading at fixed weights on the same 32 examples a step, run as one batch or as accum micro-batches."""
+    torch.manual_seed(0)
+    model = _DeadHead(run_aux)
+    gen, teacher = torch.Generator().manual_seed(2), torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+    monitor = NoiseScaleMonitor(model, micro_batch_size=32 // accum, accum_steps=accum, every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            x = torch.randn(32, 8, generator=gen)
+            y = x @ teacher + 0.5 * torch.randn(32, 1, generator=gen)
+            for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+                (torch.nn.functional.mse_loss(model(xs), ys) / accum).backward()
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+    return monitor.reading(), [str(w.message) for w in caught if "noise scale" in str(w.message)]
+
+
+def test_a_linear_layer_whose_output_does_not_feed_the_loss_is_left_out_not_every_step_skipped():
+    """One micro-batch per step: an auxiliary head that ran forward but got no gradient made every measured
+    step be skipped with "no nn.Linear layer ran forward and backward in the step"."""
+    reading, said = _dead_head_reading(accum=1)
+    assert said == ["noise scale: left out of the per-example norms (warned once per layer): 'aux': ran forward, "
+                    "but no gradient reached its output (the output does not feed the loss); the reading covers the "
+                    "other layers (reading().coverage), or use accum_steps >= 2, which needs no example axis"]
+    assert reading.steps == 800 and reading.coverage == pytest.approx((8 * 16 + 16 + 16 + 1) / (161 + 51))
+    # exactly the reading of the same model whose head never runs
+    assert reading.b_simple == _dead_head_reading(accum=1, run_aux=False)[0].b_simple
+    # and within the band of the accumulation path, which measures the same parameters on the same examples
+    passes, said = _dead_head_reading(accum=2)
+    assert said == [] and passes.steps == 800
+    assert passes.low <= reading.b_simple <= passes.high, (reading, passes)  # 15.15 in 13.10-15.89

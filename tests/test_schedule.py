@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
+import torch
 
 from batchtune.config.spec import SpecError
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -158,3 +160,122 @@ def test_a_schedule_built_in_code_is_checked_the_same_way():
     built = BatchSchedule([ScheduleStage(0, 8, 8, 1, 1)], total_samples=80.0)
     assert built.total_samples == 80 and isinstance(built.total_samples, int) and built.stages[0].lr == 1.0
     assert isinstance(built.stages[0].lr, float)
+
+
+# ---------------------------------------------------------------------------- the sampler and stage_at
+
+def _grown() -> BatchSchedule:
+    """16 × 1 to 160, then 32 × 2 from 160 to 400: steps start at 0, 16, ..., 160, 224, 288, 352 (end 416)."""
+    return BatchSchedule([ScheduleStage(0, 16, 16, 1, 0.1), ScheduleStage(160, 64, 32, 2, 0.2)], total_samples=400)
+
+
+def _step_starts(schedule: BatchSchedule) -> list[int]:
+    starts = [0]
+    while starts[-1] < schedule.total_samples:
+        starts.append(starts[-1] + schedule.batch_size_at(starts[-1]))
+    return starts
+
+
+def test_the_sampler_and_stage_at_refuse_out_of_range_arguments_by_name():
+    """``sampler(0)`` never returned (a hang in the user's loop); ``stage_at(-1)`` raised a bare StopIteration."""
+    schedule = _grown()
+    cases = [(lambda: schedule.sampler(0), "dataset_size must be at least 1, got 0"),
+             (lambda: schedule.sampler(100, rank=1), "rank must be below the schedule's world_size 1, got 1"),
+             (lambda: schedule.sampler(100, start_samples=-16), "start_samples must be at least 0, got -16"),
+             (lambda: schedule.sampler(100.5), "dataset_size must be a whole number, got 100.5"),
+             (lambda: schedule.stage_at(-1), "samples must be a count of samples seen, at least 0, got -1"),
+             (lambda: schedule.lr_at(math.nan), "samples must be a count of samples seen, at least 0, got nan")]
+    for call, message in cases:
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert str(caught.value) == message
+    assert schedule.stage_at(0).batch_size == 16 and schedule.stage_at(159.5).batch_size == 16
+
+
+@pytest.mark.parametrize("world_size, dataset_size", [(1, 50), (1, 7), (2, 50)])
+def test_resuming_at_start_samples_yields_exactly_the_uninterrupted_runs_tail(world_size, dataset_size):
+    """A run stopped and resumed at a step's ``seen`` takes the micro-batches the whole run takes from there
+    (permutations of 50 end inside batches of 16 and 32; 7 is smaller than every micro-batch)."""
+    stages = [ScheduleStage(0, 16 * world_size, 16, 1, 0.1),
+              ScheduleStage(160 * world_size, 64 * world_size, 32, 2, 0.2)]
+    schedule = BatchSchedule(stages, total_samples=400 * world_size, world_size=world_size)
+    starts = _step_starts(schedule)
+    micro_per_step = [schedule.stage_at(s).accum_steps for s in starts[:-1]]
+    for rank in range(world_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the data set of 7 warns
+            whole = list(schedule.sampler(dataset_size, seed=3, rank=rank))
+            for k, start in enumerate(starts):
+                resumed = list(schedule.sampler(dataset_size, seed=3, rank=rank, start_samples=start))
+                assert resumed == whole[sum(micro_per_step[:k]):], (rank, start)
+    assert starts[-1] == 416 * world_size and len(whole) == 10 + 2 * 4
+
+
+def test_start_samples_where_no_step_starts_is_refused_with_the_steps_around_it():
+    schedule = _grown()
+    with pytest.raises(ValueError) as caught:
+        schedule.sampler(100, start_samples=200)
+    assert str(caught.value) == ("start_samples 200 is not where a step starts: the steps around it start at 160 "
+                                 "and 224 samples (give the loop's seen at a step's start)")
+    with pytest.raises(ValueError) as caught:
+        schedule.sampler(100, start_samples=500)
+    assert str(caught.value) == ("start_samples 500 is past the run's end: its last step ends at 416 samples "
+                                 "(total_samples 400)")
+    assert list(schedule.sampler(100, start_samples=416)) == []  # resuming a finished run takes nothing
+
+
+def test_a_batch_larger_than_the_data_set_warns_once_that_examples_repeat():
+    """A data set of 20 under micro-batches of 32 gave batches of 32 indices of which 20 were distinct, unsaid."""
+    schedule = _grown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(schedule.sampler(20))
+    assert [str(w.message) for w in caught] == [
+        "the data set's 20 examples are fewer than the batch of 64 (micro-batch 32) from sample 160: examples "
+        "repeat within a micro-batch"]
+    assert len(batches[-1]) == 32 and len(set(batches[-1])) <= 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schedule.sampler(40)
+    assert [str(w.message) for w in caught] == [
+        "the data set's 40 examples are fewer than the batch of 64 (micro-batch 32) from sample 160: examples "
+        "repeat within a batch (across its micro-batches)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule.sampler(64)
+
+
+def _two_ranks() -> BatchSchedule:
+    return BatchSchedule([ScheduleStage(0, 64, 32, 1, 0.32)], total_samples=640, world_size=2)
+
+
+def test_a_schedule_for_more_ranks_than_the_run_has_is_refused_where_the_loop_starts():
+    """A plan --gpus 4 schedule in a one-process loop counted 200,192 samples while the model saw 50,048, at the
+    4-GPU lr, without a word."""
+    schedule = _two_ranks()
+    message = ("the schedule was planned for world_size 2 (batch 64 = micro-batch 32 × 1 accumulation × 2 ranks, "
+               "at lr 0.32) but this process runs alone (torch.distributed is not initialised): each step would "
+               "train on 32 samples where the schedule counts 64, at the lr for 64. Launch with torchrun "
+               "--nproc-per-node 2, or plan again with --gpus 1")
+    for call in (lambda: schedule.sampler(1000), lambda: schedule.set_lr(torch.optim.SGD([torch.zeros(1)]), 0)):
+        with pytest.raises(ValueError) as caught:
+            call()
+        assert str(caught.value) == message
+    # a process another launcher placed says which rank it is; lr_at is the pure function
+    assert len(list(schedule.sampler(1000, rank=1))) == 10 and schedule.lr_at(640) == 0.32
+
+
+def test_under_torch_distributed_the_sampler_takes_the_ranks_own_micro_batches(monkeypatch):
+    import batchtune.schedule as module
+
+    schedule = _two_ranks()
+    monkeypatch.setattr(module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(module.dist, "get_rank", lambda: 1)
+    assert list(schedule.sampler(1000)) == list(schedule.sampler(1000, rank=1))
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    assert schedule.set_lr(optimizer, 64) == 0.32 and optimizer.param_groups[0]["lr"] == 0.32
+    monkeypatch.setattr(module.dist, "get_world_size", lambda: 4)
+    with pytest.raises(ValueError, match=r"world_size 2 .* but this run has 4 ranks: each step would train on 128 "
+                                         r"samples where the schedule counts 64"):
+        schedule.sampler(1000, rank=0)

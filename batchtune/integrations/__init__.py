@@ -55,12 +55,19 @@ class NoiseScaleWatch:
             this run has not grown.
 
     Raises:
+        ValueError: an argument out of range, named (checked here: ``every=0`` used to be accepted and
+            only log "not measured" when training began).
         SpecError: the schedule file has problems (:meth:`~batchtune.schedule.BatchSchedule.load`).
     """
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None,
                  schedule: Any = None) -> None:
+        from batchtune.monitor import _check_arguments
+        from batchtune.stats.noise import NoiseScaleEstimator
+
+        _check_arguments(every=every, max_examples=max_examples, warn_after=warn_after, warn_every=warn_every)
+        NoiseScaleEstimator(ema_decay=ema_decay, confidence=confidence)  # raises naming either when out of range
         self.options = {"every": every, "ema_decay": ema_decay, "confidence": confidence,
                         "max_examples": max_examples}
         self.warn_after = warn_after
@@ -96,6 +103,9 @@ class NoiseScaleWatch:
     def step(self, global_step: int, *, rank_zero: bool = True) -> dict[str, float] | None:
         """Call after the last backward of an optimizer step; the logs of a new reading, else None.
 
+        The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
+        band has no ``high``); :attr:`history` keeps every value.
+
         Args:
             global_step: the optimizer step just computed, counted from 1.
             rank_zero: whether this process logs (warnings only on rank zero).
@@ -116,7 +126,9 @@ class NoiseScaleWatch:
         self.history.append(entry)
         if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
             self._maybe_warn(entry)
-        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")}
+        # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
+        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
+                if entry[key] is not None and math.isfinite(entry[key])}
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
         """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above

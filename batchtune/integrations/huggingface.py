@@ -9,8 +9,9 @@
     trainer.train()
     callback.history[-1]   # {"step": ..., "b_simple": ..., "low": ..., "high": ..., ...}
 
-Each logging step's record gets ``noise_scale/b_simple``, ``noise_scale/low`` and
-``noise_scale/high`` (the latest reading, 90% band) in ``trainer.state.log_history``. The
+A logging step's record gets ``noise_scale/b_simple``, ``noise_scale/low`` and
+``noise_scale/high`` (90% band) in ``trainer.state.log_history`` when a measured step gave a new
+reading since the last logging step (a reading is logged once), each only when finite. The
 Trainer's reporters (TensorBoard, W&B) see them only when this callback comes before them:
 ``NoiseScaleCallback.attach(trainer)`` puts it first.
 
@@ -50,6 +51,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         every: measure every n-th optimizer step (None: 8).
         **options: the rest of :class:`~batchtune.integrations.NoiseScaleWatch`'s arguments
             (``ema_decay``, ``confidence``, ``warn_after``, ``warn_every``, ``max_examples``).
+
+    Raises:
+        ValueError: an argument out of range (``every=0``), named.
     """
 
     def __init__(self, every: int | None = None, **options: Any) -> None:
@@ -96,6 +100,7 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         logs.update(self._latest)
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(self._latest)
+        self._latest = {}  # logged once: every logging step repeated the last reading, stale at every=8
 
     def on_train_end(self, args, state, control, **kwargs):
         self.watch.close()

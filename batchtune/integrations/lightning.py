@@ -34,9 +34,16 @@ class NoiseScaleCallback(_pl.Callback):
             DataLoader's ``batch_size``, or its ``batch_sampler``'s.
         every: measure every n-th optimizer step (None: 8).
         **options: the rest of :class:`~batchtune.integrations.NoiseScaleWatch`'s arguments.
+
+    Raises:
+        ValueError: an argument out of range (``every=0``, ``micro_batch_size=0``), named.
     """
 
     def __init__(self, micro_batch_size: int | None = None, every: int | None = None, **options: Any) -> None:
+        if micro_batch_size is not None:  # 0 read the DataLoader's instead, unsaid
+            from batchtune.monitor import _check_arguments
+
+            _check_arguments(micro_batch_size=micro_batch_size)
         self.micro_batch_size = micro_batch_size
         self.watch = NoiseScaleWatch(every=every, **options)
 
