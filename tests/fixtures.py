@@ -367,3 +367,20 @@ def id_data(n_train: int = 4000, n_val: int = 500, vocab: int = 5000, num_classe
     band = vocab // num_classes
     ids[:, : length // 2] = y[:, None] * band + torch.randint(0, band, (n, length // 2), generator=g)
     return TensorDataset(ids[:n_train], y[:n_train]), TensorDataset(ids[n_train:], y[n_train:])
+
+
+class _FloatLists(torch.utils.data.Dataset):
+    """Samples whose input is a Python list of floats (no tensor): the default collate cannot batch it for a model."""
+
+    def __init__(self, n: int, in_features: int) -> None:
+        self.x = torch.randn(n, in_features).tolist()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i % 4
+
+
+def float_list_data(n_train: int = 64, n_val: int = 16, in_features: int = 16):
+    return _FloatLists(n_train, in_features), _FloatLists(n_val, in_features)

@@ -152,6 +152,40 @@ def test_an_mse_that_would_broadcast_is_an_error_not_a_warning(write_spec):
     assert "UserWarning" not in _cli("validate", spec).stderr and line
 
 
+HEADS_SPEC = """\
+name: heads
+model: {target: "tests.fixtures:three_heads"}
+data: {target: "tests.fixtures:tiny_data", kwargs: {in_features: 32, num_classes: 8}}
+loss: {loss}
+optimizer: {name: adamw, lr: 0.01}
+base_batch_size: 32
+device: {type: cpu}
+"""
+
+
+@pytest.mark.parametrize("loss, message", [
+    ("cross_entropy", "cross_entropy needs the model's output as a tensor; the model returned a dict (logits, recon, "
+                      "hidden): give loss: {target: ...}, a loss that reads it"),
+    ("model_output", "model_output passes the whole batch, targets included, to a model that computes its own loss "
+                     "(2 positional arguments here); this one raised TypeError: _ThreeHeads.forward() takes 2 "
+                     "positional arguments but 3 were given: name a loss instead"),
+])
+def test_a_loss_that_cannot_take_the_models_output_names_loss_and_what_the_model_returned(write_spec, loss, message):
+    """An outside model returning a dict: cross_entropy was reported as 'model: ... AttributeError: 'dict' object has
+    no attribute 'dim'', and model_output as 'model: ... forward() takes 2 positional arguments but 3 were given'."""
+    _one_line_error(_cli("validate", write_spec(HEADS_SPEC.replace("{loss}", loss))), "spec.yaml:4: loss:", message)
+
+
+def test_samples_that_are_python_lists_of_numbers_are_a_data_error(write_spec):
+    """Lists of floats collate to a list of tensors, one number a sample each: the error named model (linear():
+    argument 'input' must be Tensor, not list), where the data set is what to change."""
+    result = _cli("validate", write_spec(TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.fixtures:float_list_data")))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("spec.yaml:3: data: each sample's input is a Python list of 16 numbers, which collates to a list of 16 "
+            "tensors, not one tensor (") in result.stderr
+    assert "return a tensor from the data set (torch.tensor(...)) or give data.collate" in result.stderr
+
+
 def test_a_loss_of_the_users_that_broadcasts_is_a_spec_error_on_loss(write_spec):
     """nn.MSELoss on (B, 3) outputs and (B, 1) targets warns and trains on a (B, 3) broadcast, with no error."""
     spec = write_spec("""\

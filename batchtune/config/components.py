@@ -221,7 +221,26 @@ def _model_loss(output: Any) -> torch.Tensor:
     return loss
 
 
+def _output_text(output: Any) -> str:
+    """What a model returned, in words: ``a dict (logits, recon, hidden)``, ``a tuple of 3``."""
+    if isinstance(output, dict):
+        return f"a {type(output).__name__} ({', '.join(map(str, output)) or 'no keys'})"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)}"
+    return f"a {type(output).__name__}"
+
+
+def _tensor_output(loss: str, output: Any) -> None:
+    """A built-in loss needs the model's output as one tensor; else a spec error on ``loss`` saying what came."""
+    if not isinstance(output, torch.Tensor):
+        own = " or, as it returns a loss, loss: model_output" if getattr(output, "loss", None) is not None or (
+            isinstance(output, dict) and "loss" in output) else ""
+        raise LossShapeError(f"{loss} needs the model's output as a tensor; the model returned {_output_text(output)}: "
+                             f"give loss: {{target: ...}}, a loss that reads it{own}")
+
+
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    _tensor_output("cross_entropy", output)
     if output.dim() > 2:  # (B, T, V) sequence logits against (B, T) targets
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
     return F.cross_entropy(output, target)
@@ -235,6 +254,7 @@ class LossShapeError(ValueError):
 
 
 def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    _tensor_output("mse", output)
     if output.shape != target.shape and output.numel() == target.numel():
         target = target.reshape(output.shape)
     if output.shape != target.shape:  # F.mse_loss would broadcast them, warn, and train on the wrong numbers
@@ -268,6 +288,19 @@ def _split(batch: Any) -> tuple[Any, Any]:
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]
 
 
+def _numbers_as_lists(batch: Any, n: int) -> int:
+    """How many numbers each sample's input held, where the input was a Python list of them (the default collate
+    makes it a list of tensors of one number per sample, which no model takes); else 0."""
+    try:
+        inputs, _ = _split(batch)
+    except (TypeError, ValueError):
+        return 0
+    if isinstance(inputs, list) and len(inputs) > 1 and all(
+            isinstance(t, torch.Tensor) and tuple(t.shape) == (n,) for t in inputs):
+        return len(inputs)
+    return 0
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones."""
     if isinstance(inputs, dict):
@@ -287,7 +320,16 @@ def _one_number(spec: Spec, loss: Any) -> torch.Tensor:
 def _make_loss(spec: Spec) -> LossFn:
     if spec.loss == "model_output":
         def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-            output = model(**batch) if isinstance(batch, dict) else model(*batch)
+            try:
+                output = model(**batch) if isinstance(batch, dict) else model(*batch)
+            except TypeError as exc:
+                if not re.search(r"positional argument|keyword argument", str(exc)):
+                    raise
+                given = (f"{len(batch)} keyword arguments" if isinstance(batch, dict) else
+                         f"{len(batch)} positional arguments" if isinstance(batch, (tuple, list)) else "one argument")
+                raise LossShapeError(f"model_output passes the whole batch, targets included, to a model that "
+                                     f"computes its own loss ({given} here); this one raised TypeError: {exc}: name "
+                                     "a loss instead (cross_entropy, mse or {target: ...})") from exc
             return _one_number(spec, _model_loss(output))
         return loss_fn
 
@@ -440,8 +482,17 @@ class Components:
                        [self.train_set[i] for i in range(n)])
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples", self.loss_fn,
-                          model, batch)
+            try:
+                loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples",
+                              self.loss_fn, model, batch)
+            except ComponentError as exc:
+                if numbers := _numbers_as_lists(batch, n):
+                    raised = exc.issues[0].message
+                    raise self.spec.error("data", f"each sample's input is a Python list of {numbers} numbers, which "
+                                                  f"collates to a list of {numbers} tensors, not one tensor ({raised}); "
+                                                  "return a tensor from the data set (torch.tensor(...)) or give "
+                                                  "data.collate") from None
+                raise
         broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
         if broadcast:  # torch's losses warn, then train on the wrong numbers (nn.MSELoss: (B,) targets for (B, K))
             raise self.spec.error("loss", f"the loss on the first {n} training samples broadcast the model's output "
