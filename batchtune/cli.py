@@ -59,7 +59,7 @@ Overrides = Annotated[
     typer.Argument(help="key.path=value overrides applied on top of the spec, e.g. optimizer.lr=0.05",
                    show_default=False),
 ]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 TimeoutOpt = Annotated[Optional[float], typer.Option(
     "--trial-timeout", min=0.001, help="Seconds a trial may go without finishing a training step before it is "
@@ -250,7 +250,9 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
 
             shard_units(model, spec.distributed.fsdp.shard, spec)
         n_params = sum(p.numel() for p in model.parameters())
-        typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters, "
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters"
+                   + (f" ({trainable:,} trainable)" if trainable != n_params else "") + ", "
                    f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples"
                    + ("; no optimizer or base_batch_size: serve only (probe, sweep, check, noise and plan "
                       "need them)" if serve_only else ""))
@@ -318,7 +320,7 @@ def sweep(
     spec_path: Annotated[Optional[Path], typer.Argument(
         help="The spec file (YAML); with --resume alone, the spec saved in the run folder.", show_default=False)] = None,
     overrides: Overrides = None,
-    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)] = SweepFormat.table,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Run folder, created with its parents (default runs/<time>-<name>); a folder holding "
                       "other files is refused unless --force.")] = None,
@@ -430,7 +432,7 @@ def _check_out(out: Path, force: bool) -> None:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder (or a plan's calibration folder).")],
-    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.")] = SweepFormat.table,
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)] = SweepFormat.table,
 ) -> None:
     """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot.
 

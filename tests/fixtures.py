@@ -384,3 +384,10 @@ class _FloatLists(torch.utils.data.Dataset):
 
 def float_list_data(n_train: int = 64, n_val: int = 16, in_features: int = 16):
     return _FloatLists(n_train, in_features), _FloatLists(n_val, in_features)
+
+
+def frozen_first_layer(in_features: int = 16, hidden: int = 32, num_classes: int = 4) -> nn.Module:
+    """tiny_mlp with its first layer frozen (a fine-tune's backbone): 676 parameters, 132 trainable."""
+    model = tiny_mlp(in_features, hidden, num_classes)
+    model[0].requires_grad_(False)
+    return model

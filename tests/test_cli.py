@@ -93,6 +93,15 @@ def test_validate_ok(write_spec):
     assert "ok — tiny: model 676 parameters, 512 training and 128 validation samples" in result.stdout
 
 
+def test_validate_counts_the_trainable_parameters_when_some_are_frozen_and_format_ignores_case(write_spec):
+    """An outside fine-tune (167,788 parameters, 27,756 trainable) was shown the first figure only; --format JSON was
+    refused for its capitals."""
+    result = runner.invoke(app, ["validate", str(write_spec()), "model.target=tests.fixtures:frozen_first_layer"])
+    assert "ok — tiny: model 676 parameters (132 trainable), 512 training" in result.stdout
+    probe = runner.invoke(app, ["probe", str(write_spec()), "--format", "JSON"])
+    assert probe.exit_code == 0 and json.loads(probe.stdout)["ceiling"] > 0
+
+
 def test_init_writes_a_valid_spec_and_never_overwrites(tmp_path):
     path = tmp_path / "b.yaml"
     assert runner.invoke(app, ["init", str(path)]).exit_code == 0

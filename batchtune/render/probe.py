@@ -24,7 +24,7 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
         return rows + (_sharding_rows(result.sharding) if getattr(result, "sharding", None) else [])
     estimated = result.strategy == "estimate"
     if result.capped:
-        rows.append(("ceiling", f"{result.ceiling}   (max_batch_size: the device may hold more)"))
+        rows.append(("ceiling", f"{result.ceiling}   (the largest size allowed, see the notes: the device may hold more)"))
     elif estimated:
         rows.append(("ceiling", f"{result.ceiling}   (estimated, exact to {g}: {result.ceiling} fits, "
                                 f"{result.ceiling + g} would run out of memory)"))
