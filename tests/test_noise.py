@@ -217,6 +217,23 @@ def test_a_steady_noise_scale_is_seldom_called_drifting():
     assert drifting < 0.05 * 3000
 
 
+def test_bands_of_a_few_steps_use_students_t():
+    """Two steps' band read 10.18-10.97 on an outside run: the normal quantile on a two-point spread."""
+    from batchtune.stats.noise import pooled_noise_scale, t_quantile
+
+    exact = {(0.9, 2): 2.920, (0.9, 5): 2.015, (0.9, 10): 1.812, (0.99, 3): 5.841, (0.99, 10): 3.169}
+    for (confidence, dof), value in exact.items():
+        assert t_quantile(confidence, dof) == pytest.approx(value, rel=0.01)
+    assert t_quantile(0.9, 1) == pytest.approx(6.314, rel=0.05) and t_quantile(0.9, math.inf) == pytest.approx(1.645,
+                                                                                                             rel=1e-3)
+    pairs = [(1.0, 40.0), (1.2, 44.0), (0.9, 38.0)]  # three steps: two degrees of freedom
+    three = pooled_noise_scale(pairs)
+    many = pooled_noise_scale(pairs * 20)  # the same spread over 60 steps: nearly the normal's band
+    # with one quantile for both the widths would differ by the spreads' standard errors alone, sqrt(20 · 59/40) =
+    # 5.4×; Student's t widens the three steps' by 2.92/1.67 more
+    assert (three.high - three.low) / (many.high - many.low) > 8.0
+
+
 def test_non_finite_updates_are_skipped_and_counted():
     clean, dirty = NoiseScaleEstimator(), NoiseScaleEstimator()
     good = [(5.0, 2.0), (6.0, 1.5), (4.0, 2.5)]

@@ -203,6 +203,21 @@ def _fieller_interval(
     return 0.0, math.inf
 
 
+def t_quantile(confidence: float, dof: float) -> float:
+    """The two-sided ``confidence`` quantile of Student's t with ``dof`` degrees of freedom (inf: the
+    normal's), by the Cornish-Fisher expansion in 1/dof: at 90%, 6.0 against the exact 6.31 at one
+    degree of freedom and within 0.3% from two; at 99%, 40.5 against 63.7 at one, 4% low at two,
+    within 1% from three. A band of a few steps' spread
+    read with the normal quantile is too narrow: 10.18-10.97 after two steps, on an outside run."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    if not math.isfinite(dof):
+        return z
+    v = max(dof, 1.0)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
 SCALE_DECAY = 0.9  # the gradient's scale that each step's estimates are divided by: an EMA over about 10 steps
 RECENT = 4  # the drift check reads the steps of a horizon this many times shorter than the estimate's
 DRIFT_CONFIDENCE = 0.99  # ... in a band this wide: a steady noise scale is called drifting about 1% of the time
@@ -254,7 +269,6 @@ class NoiseScaleEstimator:
             raise ValueError(f"confidence must be in (0, 1); found {confidence=}")
         self.ema_decay = ema_decay
         self.confidence = confidence
-        self._z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
         self._steps = 0
         self._skipped = 0
         self._weight = 0.0  # Σ w_i
@@ -336,7 +350,7 @@ class NoiseScaleEstimator:
             self._comoment_trs * to_var_of_mean,
             self._comoment_g2 * to_var_of_mean,
             self._comoment_cross * to_var_of_mean,
-            self._z,
+            t_quantile(self.confidence, self._weight * self._weight / self._weight_sq - 1.0),  # Kish's n - 1
         )
         recent = self._recent.estimate() if self._recent is not None else None
         drifting = recent is not None and recent.b_simple is not None and not recent.low <= ratio <= recent.high
@@ -367,8 +381,7 @@ def pooled_noise_scale(pairs: Sequence[tuple[float, float]], confidence: float =
     var_g = statistics.variance([g for g, _ in pairs]) / n
     var_t = statistics.variance([t for _, t in pairs]) / n
     cov = sum((g - g2) * (t - trs) for g, t in pairs) / (n - 1) / n
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    low, high = _fieller_interval(trs, g2, var_t, var_g, cov, z)
+    low, high = _fieller_interval(trs, g2, var_t, var_g, cov, t_quantile(confidence, n - 1))
     return NoiseScaleEstimate(trs / g2, low, high, g2, trs, n, math.isfinite(high))
 
 
