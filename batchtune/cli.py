@@ -320,7 +320,8 @@ def sweep(
     spec_path: Annotated[Optional[Path], typer.Argument(
         help="The spec file (YAML); with --resume alone, the spec saved in the run folder.", show_default=False)] = None,
     overrides: Overrides = None,
-    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)] = SweepFormat.table,
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.",
+                                                      case_sensitive=False)] = SweepFormat.table,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Run folder, created with its parents (default runs/<time>-<name>); a folder holding "
                       "other files is refused unless --force.")] = None,
@@ -432,7 +433,8 @@ def _check_out(out: Path, force: bool) -> None:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder (or a plan's calibration folder).")],
-    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)] = SweepFormat.table,
+    fmt: Annotated[SweepFormat, typer.Option("--format", "-f", help="Output format.",
+                                                      case_sensitive=False)] = SweepFormat.table,
 ) -> None:
     """Re-render a finished (or interrupted) sweep from its run folder: reports, result.json, plot.
 

@@ -468,7 +468,8 @@ base_batch_size: 64
 device: {type: cpu, memory_limit: 8MiB}
 """))
     result = run_probe(spec)
-    assert all(t.fits and not t.leaked_bytes for t in result.trials if t.batch_size <= result.ceiling)  # no OOM below it
+    # no OOM below the ceiling, and no memory left behind
+    assert all(t.fits and not t.leaked_bytes for t in result.trials if t.batch_size <= result.ceiling)
     assert not any(n.startswith("memory did not return") for n in result.notes)
     assert result.ceiling == 1839 and result.confirmed and result.safe_batch_size >= 0.85 * result.ceiling
 

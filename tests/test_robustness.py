@@ -179,7 +179,8 @@ def test_a_loss_that_cannot_take_the_models_output_names_loss_and_what_the_model
 def test_samples_that_are_python_lists_of_numbers_are_a_data_error(write_spec):
     """Lists of floats collate to a list of tensors, one number a sample each: the error named model (linear():
     argument 'input' must be Tensor, not list), where the data set is what to change."""
-    result = _cli("validate", write_spec(TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.fixtures:float_list_data")))
+    lists = TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.fixtures:float_list_data")
+    result = _cli("validate", write_spec(lists))
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert ("spec.yaml:3: data: each sample's input is a Python list of 16 numbers, which collates to a list of 16 "
             "tensors, not one tensor (") in result.stderr

@@ -195,10 +195,12 @@ class Baseline:
         if positive(fit.get("above")) and not (reliable and positive(noise.get("b_simple"))):
             # no bend up to the largest size, and no noise scale to go by (the sweep adopted none): a lower bound
             above = float(fit["above"])
-            return above, "baseline.above_largest", {"low": above, "high": math.inf, "definition": crit.get("definition")}
+            return above, "baseline.above_largest", {"low": above, "high": math.inf,
+                                                     "definition": crit.get("definition")}
         b_noise = crit.get("from_noise_scale") if positive(crit.get("from_noise_scale")) else noise.get("b_simple")
         if positive(b_noise):
-            high = noise.get("high") if reliable or noise.get("high") is not None else math.inf  # JSON's null: unbounded
+            # JSON writes an unbounded end as null
+            high = noise.get("high") if reliable or noise.get("high") is not None else math.inf
             return float(b_noise), "baseline.noise_scale", {
                 "low": noise.get("low"), "high": high, "definition": crit.get("definition"),
                 "basis_val_loss": noise.get("at_val_loss") or None}

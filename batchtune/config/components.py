@@ -488,10 +488,10 @@ class Components:
             except ComponentError as exc:
                 if numbers := _numbers_as_lists(batch, n):
                     raised = exc.issues[0].message
-                    raise self.spec.error("data", f"each sample's input is a Python list of {numbers} numbers, which "
-                                                  f"collates to a list of {numbers} tensors, not one tensor ({raised}); "
-                                                  "return a tensor from the data set (torch.tensor(...)) or give "
-                                                  "data.collate") from None
+                    raise self.spec.error("data", f"each sample's input is a Python list of {numbers} numbers, "
+                                                  f"which collates to a list of {numbers} tensors, not one tensor "
+                                                  f"({raised}); return a tensor from the data set (torch.tensor(...)) "
+                                                  "or give data.collate") from None
                 raise
         broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
         if broadcast:  # torch's losses warn, then train on the wrong numbers (nn.MSELoss: (B,) targets for (B, K))

@@ -24,7 +24,8 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
         return rows + (_sharding_rows(result.sharding) if getattr(result, "sharding", None) else [])
     estimated = result.strategy == "estimate"
     if result.capped:
-        rows.append(("ceiling", f"{result.ceiling}   (the largest size allowed, see the notes: the device may hold more)"))
+        rows.append(("ceiling", f"{result.ceiling}   (the largest size allowed, see the notes: the device may hold "
+                                "more)"))
     elif estimated:
         rows.append(("ceiling", f"{result.ceiling}   (estimated, exact to {g}: {result.ceiling} fits, "
                                 f"{result.ceiling + g} would run out of memory)"))
@@ -122,8 +123,8 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     speedup = (f" ({bucketed['tokens_per_s'] / fixed['tokens_per_s']:.2f}× the fixed batch)"
                if bucketed.get("tokens_per_s") and fixed.get("tokens_per_s") else "")
     cap = f" and at most {v['max_rows']:,} samples" if v.get("max_rows") else ""
-    rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest){cap}, length-bucketed, "
-                                 f"{bucketed['mean_rows']:.0f} samples a batch on average: "
+    rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest){cap}, "
+                                 f"length-bucketed, {bucketed['mean_rows']:.0f} samples a batch on average: "
                                  f"{_batching_text(bucketed)}{speedup}"))
     return rows
 
