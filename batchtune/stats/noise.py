@@ -87,8 +87,8 @@ class NoiseScaleEstimate:
         steps: Updates accepted (non-finite ones are not counted).
         reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update), or
             while the band is unbounded above.
-        drifting: the recent steps (a horizon :data:`RECENT` times shorter) read B_simple
-            significantly away from the whole average (its point outside their 99% band): the
+        drifting: the recent steps (a horizon :data:`RECENT` times shorter) read |G|², tr Σ or
+            B_simple significantly away from the whole average (outside their 99% band): the
             reading is theirs, in a band that holds both. The whole average lags a noise scale
             that moves within its horizon.
     """
@@ -280,10 +280,10 @@ class NoiseScaleEstimator:
         self._comoment_cross = 0.0  # Σ w_i (g2_i - mean_g2)(trs_i - mean_trs)
         self._scale = 0.0  # the gradient's recent scale ŝ (0: no step yet)
         self._mean_big = 0.0  # the big batch's squared norm, averaged as the estimates are
-        # the same estimate over the recent steps (a horizon of 20 steps or more; RECENT× shorter), to tell drift
+        # the same estimate over the recent steps (a horizon of 10 steps or more; RECENT× shorter), to tell drift
         recent = 1.0 - RECENT * (1.0 - ema_decay)
         self._recent = (NoiseScaleEstimator(recent, max(confidence, DRIFT_CONFIDENCE), False)
-                        if drift_check and recent >= 0.95 else None)
+                        if drift_check and recent >= 0.9 else None)
 
     @property
     def steps(self) -> int:
@@ -332,31 +332,51 @@ class NoiseScaleEstimator:
         if self._recent is not None:
             self._recent.update(s_small, s_big, b_small, b_big)
 
+    def _var_of_means(self) -> tuple[float, float, float, float] | None:
+        """(Var |G|² mean, Var tr Σ mean, their covariance, degrees of freedom), in the normalised units;
+        None before two steps. Reliability weights: unbiased weighted variance s² = M2 / (W - W2/W); the
+        variance of the weighted mean is s² · W2 / W², and Kish's effective n is W² / W2."""
+        dof = self._weight - self._weight_sq / self._weight if self._steps else 0.0
+        if dof <= 0.0:
+            return None
+        to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
+        return (self._comoment_g2 * to_var_of_mean, self._comoment_trs * to_var_of_mean,
+                self._comoment_cross * to_var_of_mean, self._weight * self._weight / self._weight_sq - 1.0)
+
+    def _drifted(self) -> bool:
+        """Whether the recent steps' |G|² or tr Σ average (per step, over the gradient's scale, as this
+        one's) lies outside the :data:`DRIFT_CONFIDENCE` band of the recent average around this one's: the
+        quantities drift, not only the ratio. When |G|² falls far below tr Σ over the big batch, the recent
+        steps' ratio is too noisy to bound, but their |G|² average is clearly lower (an outside run read 81,
+        band 54-135, where the truth was 3,036)."""
+        recent = self._recent
+        spread = recent._var_of_means() if recent is not None else None
+        if spread is None:
+            return False
+        z = t_quantile(DRIFT_CONFIDENCE, spread[3])
+        return (abs(recent._mean_g2 - self._mean_g2) > z * math.sqrt(spread[0])
+                or abs(recent._mean_trs - self._mean_trs) > z * math.sqrt(spread[1]))
+
     def estimate(self) -> NoiseScaleEstimate:
         """The current estimate; cheap, call it as often as needed."""
         g2, trs = self._mean_g2 * self._mean_big, self._mean_trs * self._mean_big
         if self._steps == 0 or g2 <= 0.0 or trs < 0.0:
             return NoiseScaleEstimate(None, None, None, g2, trs, self._steps, False)
         ratio = trs / g2
-        # Reliability weights: unbiased weighted variance s² = M2 / (W - W2/W);
-        # variance of the weighted mean = s² · W2 / W².
-        dof = self._weight - self._weight_sq / self._weight
-        if dof <= 0.0:  # one step: no spread to bound it by
+        spread = self._var_of_means()
+        if spread is None:  # one step: no spread to bound it by
             return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, False)
-        to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
-        low, high = _fieller_interval(
-            self._mean_trs,
-            self._mean_g2,
-            self._comoment_trs * to_var_of_mean,
-            self._comoment_g2 * to_var_of_mean,
-            self._comoment_cross * to_var_of_mean,
-            t_quantile(self.confidence, self._weight * self._weight / self._weight_sq - 1.0),  # Kish's n - 1
-        )
+        var_g2, var_trs, cov, dof = spread
+        low, high = _fieller_interval(self._mean_trs, self._mean_g2, var_trs, var_g2, cov,
+                                      t_quantile(self.confidence, dof))
         recent = self._recent.estimate() if self._recent is not None else None
-        drifting = recent is not None and recent.b_simple is not None and not recent.low <= ratio <= recent.high
-        if drifting:  # the recent steps' reading, in a band that holds both
+        drifting = recent is not None and (self._drifted() or (
+            recent.b_simple is not None and not recent.low <= ratio <= recent.high))
+        if drifting and recent.b_simple is not None:  # the recent steps' reading, in a band that holds both
             ratio, g2, trs = recent.b_simple, recent.g2, recent.trace_sigma
             low, high = min(low, recent.low), max(high, recent.high)
+        elif drifting:  # the recent |G|² average is not above zero: no bound above
+            high = math.inf
         # an unbounded band is no reading to act on: B_simple stays, marked unreliable
         return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high), drifting)
 
