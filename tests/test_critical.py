@@ -93,6 +93,10 @@ def test_noise_caps_the_batch_at_the_training_set(write_spec):
     assert (run.shape.batch_size, run.shape.micro_batch_size, run.shape.accum_steps) == (300, 75, 4)
     assert run.notes[0] == ("batch 512 is larger than the training set (300 samples): measured at 300, the largest "
                             "batch it can fill")
+    # one micro-batch a step is split in halves: 301 samples cap it at 300, not at an odd 301 that measures nothing
+    odd = run_noise(load_spec(spec, ["data.kwargs.n_train=301"]), accum_steps=1, steps=8, points=2)
+    assert (odd.shape.batch_size, odd.shape.accum_steps) == (300, 1) and odd.history
+    assert odd.notes[0].endswith("measured at 300, the largest batch it can fill in halves")
 
 
 def test_noise_command_reports_a_rising_estimate(write_spec):

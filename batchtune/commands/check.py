@@ -403,8 +403,10 @@ def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, 
     return peaks[rank], each[rank], rank
 
 
-def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked") -> BatchShape:
-    """The shape, its batch capped at the training set's size; refused if host memory cannot collate it.
+def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked",
+                  multiple: int = 1) -> BatchShape:
+    """The shape, its batch capped at the training set's size (to a multiple of ``multiple`` micro-batches'
+    worth: 2 for noise's halves); refused if host memory cannot collate it.
 
     Raises:
         CheckInputError: collating the batch would need more host memory than is available.
@@ -413,11 +415,12 @@ def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str
     from batchtune.render.text import format_bytes
 
     limit = batch_limit(train_set)
-    per_step = shape.accum_steps * shape.world_size
+    per_step = shape.accum_steps * shape.world_size * multiple
     if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
         capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
         notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
-                     f"{verb} at {capped.batch_size:,}, the largest batch it can fill")
+                     f"{verb} at {capped.batch_size:,}, the largest batch it can fill"
+                     + (" in halves" if multiple == 2 else ""))
         shape = capped
     need = limit.bytes_for(shape.micro_batch_size)
     if need is not None and limit.available_bytes is not None and need > limit.available_bytes:

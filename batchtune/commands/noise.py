@@ -76,12 +76,14 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
             raise ValueError(f"with --accum-steps 1 each batch is split in halves: batch {batch_size} must be even")
     except ValueError as exc:
         where = f"--batch-size {batch_size}" if given else f"batch {batch_size} (the spec's)"
-        why = (f"{exc}; give a batch divisible by --accum-steps {accum_steps} (the micro-batches the estimator "
+        why = (f"{exc}; give an even batch, or --accum-steps 2 or more" if accum_steps == 1 else
+               f"{exc}; give a batch divisible by --accum-steps {accum_steps} (the micro-batches the estimator "
                "compares), or --accum-steps 1 and an even batch")
         raise (UsageError(f"{where}: {why}") if given else spec.error("train.batch_size", why)) from None
     notes: list[str] = []
     try:  # capped at the training set, as check caps it: a larger batch repeats samples within every step
-        shape = within_limits(shape, components.train_set, notes, verb="measured")
+        halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch
+        shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1)
     except CheckInputError as exc:
         raise UsageError(str(exc)) from None
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
