@@ -488,7 +488,7 @@ def test_sparse_gradients_are_measured_not_estimated_and_their_optimizer_step_co
     """An outside SparseAdam model: the estimate's ceiling was 3109 against a measured 1441 (check --estimate passed
     2500, which ran out of memory), and the probe's memory line (the forward and backward only, 520 B a sample)
     read 1.12 MiB at 1339 where the trial peaked at 1.9 MiB: SparseAdam's step grows with the rows a batch touches."""
-    from batchtune.commands.check import run_check_estimate
+    from batchtune.commands.check import run_check, run_check_estimate
     from batchtune.commands.probe import run_probe_estimate
 
     spec = load_spec(write_spec(SPARSE_SPEC))
@@ -501,3 +501,6 @@ def test_sparse_gradients_are_measured_not_estimated_and_their_optimizer_step_co
     assert measured.memory_model.predict(at_ceiling.batch_size) == pytest.approx(at_ceiling.peak_bytes, rel=0.2)
     report = run_check_estimate(spec, batch_size=2 * measured.ceiling)
     assert report.check("fits").status == "fail" and "checked with training steps instead" in report.notes[0]
+    # the safe size keeps the headroom: stepped down by the bytes a sample the confirmations themselves lost
+    # (the line's 1.1 KiB had stopped at 1136, 9.7% free, which check then failed)
+    assert run_check(spec, batch_size=measured.safe_batch_size).check("fits").status == "pass"
