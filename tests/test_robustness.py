@@ -200,9 +200,13 @@ def test_a_loss_of_the_users_that_broadcasts_is_a_spec_error_on_loss(write_spec)
     """)
     result = _cli("validate", spec)
     assert result.exit_code == 2 and "UserWarning" not in result.stderr
-    assert ("spec.yaml:4: loss: the loss on the first 2 training samples broadcast the model's output against the "
-            "targets: Using a target size (torch.Size([2, 1])) that is different to the input size "
-            "(torch.Size([2, 3])); make their shapes match") in result.stderr
+    assert ("spec.yaml:4: loss: the loss broadcast the model's output against the targets: Using a target size "
+            "(torch.Size([2, 1])) that is different to the input size (torch.Size([2, 3])); make their shapes "
+            "match") in result.stderr
+    # check, probe and sweep refuse it too, at their first batch (an outside check passed such a spec, exit 0)
+    for command in (["check", "-b", "32"], ["probe"]):
+        result = _cli(*command, spec)
+        assert result.exit_code == 2 and "spec.yaml:4: loss: the loss broadcast the model's output" in result.stderr
 
 
 def test_a_noise_batch_the_accumulation_does_not_divide_names_the_flags_not_the_spec(write_spec):

@@ -341,14 +341,39 @@ def _make_loss(spec: Spec) -> LossFn:
         criterion = _build(spec, "loss.target", f"the loss factory {spec.loss.target}()", factory,
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
+    checked = False
+
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        nonlocal checked
         try:
             inputs, targets = _split(batch)
         except (TypeError, ValueError) as exc:  # no targets for this loss, or a batch of no known form: the spec's
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else "data", str(exc))]) from None
-        return _one_number(spec, criterion(_call(model, inputs), targets))
+        output = _call(model, inputs)
+        if checked:
+            return _one_number(spec, criterion(output, targets))
+        loss = _unbroadcast(spec, criterion, output, targets)  # the first batch of every command, not validate's only
+        checked = True
+        return _one_number(spec, loss)
 
     return loss_fn
+
+
+def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets: Any) -> Any:
+    """``criterion(output, targets)``, a spec error on ``loss`` where torch warned that it broadcast them:
+    it then trains on the wrong numbers (nn.MSELoss or F.huber_loss on (B,) outputs against (B, 1) targets
+    averages a (B, B) matrix; an outside check passed such a spec, exit 0, and its probe fitted memory growing
+    as B²). Torch's other warnings pass on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = criterion(output, targets)
+    broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
+    if broadcast:
+        raise spec.error("loss", f"the loss broadcast the model's output against the targets: "
+                                 f"{broadcast.split('. This')[0]}; make their shapes match")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loss
 
 
 def _extent(value: Any) -> int:
@@ -480,8 +505,10 @@ class Components:
         n = min(samples, len(self.train_set))
         batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
                        [self.train_set[i] for i in range(n)])
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
+        # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             try:
                 loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples",
                               self.loss_fn, model, batch)
@@ -493,13 +520,6 @@ class Components:
                                                   f"({raised}); return a tensor from the data set (torch.tensor(...)) "
                                                   "or give data.collate") from None
                 raise
-        broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
-        if broadcast:  # torch's losses warn, then train on the wrong numbers (nn.MSELoss: (B,) targets for (B, K))
-            raise self.spec.error("loss", f"the loss on the first {n} training samples broadcast the model's output "
-                                          f"against the targets: {broadcast.split('. This')[0]}; make their shapes "
-                                          "match")
-        # the rest are torch's about a forward without gradients (checkpointing's 'None of the inputs have
-        # requires_grad'), not the user's: left unsaid
         if not math.isfinite(float(loss)):
             raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
                                            "training step: the model's initial output or the data, not the lr")
