@@ -454,6 +454,12 @@ def test_several_targets_each_get_a_ranking():
     assert data["by_target"][1]["recommendation"] == data["recommendation"]
     assert data["target_loss"] == 0.505 and data["noise_scale"]["at_val_loss"] == 0.505
     assert "target 0.9: batch 128 at lr 0.01" in render_sweep(result, "table")
+    assert not any(n.startswith("the recommendation and critical batch above are for the last") for n in result.notes)
+    rising = result_from_rows("hand", _hand_rows(), {**HAND_META, "target_loss": [0.505, 0.9], "samples": 2048,
+                                                     "seeds": [0, 1], "precision": "fp32"})
+    assert rising.target_loss == 0.9  # in the order given: an outside user's list [1.05, 1.1, 1.2] led with 1.2
+    assert ("the recommendation and critical batch above are for the last target given, 0.9, not the lowest, 0.505: "
+            "list sweep.target_loss from highest to lowest to lead with the loss the run aims at") in rising.notes
 
 
 def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():

@@ -134,6 +134,10 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
              + busy_notes(rows) + _unmeasured_noise_notes(rows))
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
+        if last["target_loss"] != min(targets):  # the headline is the last target given, not the lowest
+            notes.append(f"the recommendation and critical batch above are for the last target given, "
+                         f"{last['target_loss']:.4g}, not the lowest, {min(targets):.4g}: list sweep.target_loss from "
+                         "highest to lowest to lead with the loss the run aims at")
     return Analysis(last["summary"], last["recommendation"], notes, last["target_loss"], last["critical"],
                     [{k: v for k, v in t.items() if k != "sizes"} for t in by_target])
 
