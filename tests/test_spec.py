@@ -156,3 +156,14 @@ def test_validate_names_every_problem_a_training_command_would(write_spec):
                        name="serve.yaml")
     result = CliRunner().invoke(app, ["validate", str(serve)])
     assert result.exit_code == 0 and "serve only" in result.output
+
+
+def test_a_train_batch_its_accumulation_does_not_divide_is_a_spec_error(write_spec):
+    """validate passed train.batch_size 100 with train.accum_steps 3 (an override), which check then refused,
+    naming the file's line of train: rather than the override."""
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(TINY_SPEC + "train: {batch_size: 100}\n"), ["train.accum_steps=3"])
+    assert str(caught.value.issues[0]) == ("override 'train.accum_steps=3': train.accum_steps: train.batch_size 100 is "
+                                           "not divisible by accum_steps 3: give a batch that 3 micro-batches split "
+                                           "evenly")
+    assert load_spec(write_spec(TINY_SPEC + "train: {batch_size: 96, accum_steps: 3}\n")).train.accum_steps == 3

@@ -391,6 +391,17 @@ class TrainSpec(_Strict):
     batch_size: PositiveInt
     accum_steps: PositiveInt = 1
 
+    @field_validator("accum_steps")
+    @classmethod
+    def _divides(cls, value: int, info: ValidationInfo) -> int:
+        """The batch is the global one: its micro-batches must split it evenly (validate passed 100 with
+        accum_steps 3, which check then refused)."""
+        batch = info.data.get("batch_size")
+        if batch is not None and batch % value:
+            raise ValueError(f"train.batch_size {batch} is not divisible by accum_steps {value}: give a batch that "
+                             f"{value} micro-batches split evenly")
+        return value
+
 
 class CheckSpec(_Strict):
     steps: PositiveInt = 30
