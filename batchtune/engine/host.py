@@ -12,12 +12,15 @@ long job reaches (:func:`steady_malloc`), not the one its history happens to lea
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads", "steady_malloc"]
+
+log = logging.getLogger(__name__)
 
 #: Other work above this many cores, with our threads more than the cores, makes timings suspect.
 BUSY_OTHER_CORES = 0.5
@@ -60,6 +63,10 @@ def set_threads(threads: int | None = None) -> tuple[int, str]:
         n, source = physical_cores(), "physical cores"
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if source != "physical cores" and n > len(_cpus()):  # the tool's own default never oversubscribes
+        log.warning(f"{source} {n} is more than the {len(_cpus())} CPUs this process may run on: the threads take "
+                    "turns on them, so throughput (and any comparison of it, such as check --baseline) reads low and "
+                    f"unsteady; give {source} {len(_cpus())} or fewer")
     return n, source
 
 
