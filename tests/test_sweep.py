@@ -462,6 +462,18 @@ def test_several_targets_each_get_a_ranking():
             "list sweep.target_loss from highest to lowest to lead with the loss the run aims at") in rising.notes
 
 
+def test_one_seed_shows_no_interval_and_says_why():
+    """An outside sweep.seeds 1 showed '90% interval 0.13–0.13' on every row: no tie can then ever be told."""
+    rows = [r for r in _hand_rows() if r["seed"] == 0]
+    result = result_from_rows("hand", rows, {**HAND_META, "target_loss": 0.9, "samples": 2048, "seeds": [0],
+                                             "precision": "fp32"})
+    assert "one seed: no interval" in result.recommendation["reason"]
+    assert any(n.startswith("one seed: the times have no interval over seeds") for n in result.notes)
+    table = render_sweep(result, "table")
+    ranked = [line for line in table.splitlines() if line.startswith("1 ")]
+    assert ranked and " - " in ranked[0] and "–" not in ranked[0]  # the interval column says nothing, not x–x
+
+
 def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():
     """16 and 32 (medians 1.1 s and 1.15 s) overlap: a tie. 64's median is 0.5 s but one seed never
     crossed, so its interval is open above: it ties with both, and the pick goes to a size every seed

@@ -132,6 +132,9 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
              + busy_notes(rows) + _unmeasured_noise_notes(rows))
+    if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
+        notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
+                     "ranking gap of a few percent may be noise; sweep.seeds 3 or more measures it")
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
         if last["target_loss"] != min(targets):  # the headline is the last target given, not the lowest
@@ -717,9 +720,10 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     if win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
+    spread = ("one seed: no interval" if win["seeds"] == 1 else f"median over {win['reached']} seeds, 90% interval "
+              f"{win['seconds_low']:.2f}–{_num(win['seconds_high'])} s")
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
-             f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; median over {win['reached']} "
-             f"seeds, 90% interval {win['seconds_low']:.2f}–{_num(win['seconds_high'])} s): {field_text} "
+             f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; {spread}): {field_text} "
              f"({lr_text})",
              f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}, "
              f"at {win['samples_per_s']:,.0f} samples/s" if win["final_val_loss"] is not None else None,

@@ -34,7 +34,7 @@ def _sweep_rows(result: Any) -> list[list[str]]:
             else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
             num(r.get("lr"), ".3g"), r.get("reached") or "-", pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
             num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
-            _interval(r.get("seconds_low"), r.get("seconds_high")),
+            "-" if r.get("seeds") == 1 else _interval(r.get("seconds_low"), r.get("seconds_high")),  # none from 1
             num(r.get("relative"), ".2f") + (" (tie)" if r.get("tie") is True else ""),
             pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
             num(r.get("goodput"), ",.0f"), num(r.get("excess_compute"), ".2f"), num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
