@@ -308,3 +308,30 @@ def test_float_targets_are_not_tokens(write_spec):
     assert build_components(spec).tokens_per_sample() == 1
     lm = load_spec("configs/char_lm.yaml")
     assert build_components(lm).tokens_per_sample() == 64  # token ids: the sequence length
+
+
+def test_fp16_on_the_cpu_is_warned(write_spec):
+    """An outside spec ran validate, probe and check in fp16 on a CPU without a word."""
+    import logging
+
+    from batchtune.engine.trial import prepare
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    caught, log = Records(), logging.getLogger("batchtune.engine.trial")
+    log.addHandler(caught)  # the CLI's tests may stop "batchtune" records from reaching the root
+    try:
+        prepare(load_spec(write_spec(), ["precision=bf16"]))
+        assert not caught.messages
+        prepare(load_spec(write_spec(), ["precision=fp16"]))
+    finally:
+        log.removeHandler(caught)
+    assert caught.messages == ["precision fp16 on the CPU: float16 autocast with a loss scaler runs, slowly, and its "
+                               "memory and timings say little of a GPU's; use bf16 on a CPU, fp16 on the GPU the job "
+                               "will train on"]

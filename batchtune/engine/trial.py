@@ -196,7 +196,11 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
         from batchtune.engine.optimizer import optimizer_family
 
         spec.optimizer.detect(*optimizer_family(components.build_optimizer))
-    return spec, components, backend if backend is not None else backend_for_spec(spec)
+    backend = backend if backend is not None else backend_for_spec(spec)
+    if spec.precision == "fp16" and backend.device.type == "cpu":  # an outside spec ran so without a word
+        log.warning("precision fp16 on the CPU: float16 autocast with a loss scaler runs, slowly, and its memory and "
+                    "timings say little of a GPU's; use bf16 on a CPU, fp16 on the GPU the job will train on")
+    return spec, components, backend
 
 
 def trial_config(spec: Any, shape: BatchShape, *, lr: float | None = None, lr_multiplier: float = 1.0,
