@@ -495,7 +495,7 @@ def test_sparse_gradients_are_measured_not_estimated_and_their_optimizer_step_co
     measured = run_probe(spec)
     estimated = run_probe_estimate(spec)  # falls back to measuring, and says why
     assert estimated.ceiling == measured.ceiling and estimated.notes[0].startswith(
-        "cannot estimate: emb (sparse=True) give sparse gradients") and "measured with training steps instead" in \
+        "cannot estimate: emb (sparse=True) gives sparse gradients") and "measured with training steps instead" in \
         estimated.notes[0]
     at_ceiling = max((t for t in measured.trials if t.fits and t.phase != "confirm"), key=lambda t: t.batch_size)
     assert measured.memory_model.predict(at_ceiling.batch_size) == pytest.approx(at_ceiling.peak_bytes, rel=0.2)

@@ -477,7 +477,8 @@ class StepTracer:
             self.model = _fake_parameters(components.build_model(spec.seed), self.mode)
         if sparse := sparse_gradient_layers(self.model):
             raise EstimateError(f"cannot estimate: {', '.join(sparse[:3])}{' ...' if len(sparse) > 3 else ''} "
-                                "(sparse=True) give sparse gradients, whose memory and whose optimizer step's the "
+                                f"(sparse=True) give{'s' if len(sparse) == 1 else ''} sparse gradients, whose memory "
+                                "and whose optimizer step's the "
                                 "trace does not count (an outside SparseAdam model's estimate was 2.2× the measured "
                                 "ceiling)")
         self.counter = _BlockCounter(target.block_bytes)
