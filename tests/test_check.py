@@ -334,9 +334,10 @@ def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_
         assert unswept.lr_from_baseline and unswept.lr == pytest.approx(spec_lr(load_spec(spec_path), 64) * mults.pop())
         assert any("the multiplier the baseline sweep found fastest at every size it ranked" in n
                    for n in check_notes(unswept))
-    else:
-        assert not unswept.lr_from_baseline
-        assert "the baseline sweep did not rank batch 64, so the rule's lr is used" in check_notes(unswept)
+    else:  # the nearest ranked size's multiplier (32's)
+        m = summary[32]["lr_multiplier"]
+        assert unswept.lr_from_baseline and unswept.lr == pytest.approx(spec_lr(load_spec(spec_path), 64) * m)
+        assert any("the nearest size it ranked; it did not run batch 64" in n for n in check_notes(unswept))
 
 
 def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
@@ -353,9 +354,13 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
     lr, why = base.fastest_lr(2048, job, 0.64)
     assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
                                                  "every size it ranked (3); it did not run batch 2048")
-    summary[0]["lr_multiplier"] = 2.0
-    assert base.fastest_lr(2048, job, 0.64) == (None, "the baseline sweep did not rank batch 2048, so the rule's lr "
-                                                      "is used")
+    summary[0]["lr_multiplier"] = 2.0  # x2 at 16, x4 at 32 and 64: the nearest ranked size's multiplier
+    lr, why = base.fastest_lr(2048, job, 0.64)  # an outside sweep found x32 at 512, and check ran 1024 at the rule's
+    assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
+                                                 "batch 64, the nearest size it ranked; it did not run batch 2048")
+    assert base.fastest_lr(8, job, 0.0025)[0] == pytest.approx(0.005)  # below: 16's x2
+    assert Baseline(Path("run"), {}, [], {}, job, {"summary": []}).fastest_lr(2048, job, 0.64) == (
+        None, "the baseline sweep did not rank batch 2048, so the rule's lr is used")
     changed = {**job, "model": "m2"}
     assert base.fastest_lr(32, changed, 0.01) == (None, "the baseline sweep's lrs are not used: its model differs "
                                                         "from this spec's, so the check trains at the rule's lr")

@@ -237,7 +237,8 @@ class Baseline:
         """The lr the sweep found fastest at ``batch_size`` and what it rests on, where it scaled the same
         optimizer from the same base batch size by the same rule: at a size it ranked, that size's; at
         another, the rule's × the multiplier it found fastest at every size it ranked, where that was one
-        (an outside sweep found ×4 at all six sizes, and check ran 2048 at the rule's). (None, why) else."""
+        (an outside sweep found ×4 at all six sizes, and check ran 2048 at the rule's), else at the nearest
+        size it ranked (in log2). (None, why) where it ranked none."""
         same = ("model", "data", "optimizer", "base_batch_size", "lr_scaling")
         differ = [k for k in same if self.spec and self.spec.get(k) != resolved.get(k)]
         if not self.spec or differ:
@@ -247,11 +248,17 @@ class Baseline:
         row = next((r for r in ranked if r.get("batch_size") == batch_size), None)
         if row:
             return float(row["lr"]), f"the baseline sweep's fastest at batch {batch_size}"
-        mults = {round(float(r["lr_multiplier"]), 6) for r in ranked if r.get("lr_multiplier")}
-        if len(mults) == 1 and len(ranked) > 1:
+        with_mult = [r for r in ranked if positive(r.get("lr_multiplier")) and positive(r.get("batch_size"))]
+        mults = {round(float(r["lr_multiplier"]), 6) for r in with_mult}
+        if len(mults) == 1 and len(with_mult) > 1:
             m = mults.pop()
             return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size "
-                                 f"it ranked ({len(ranked)}); it did not run batch {batch_size}")
+                                 f"it ranked ({len(with_mult)}); it did not run batch {batch_size}")
+        if with_mult:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
+            near = min(with_mult, key=lambda r: (abs(math.log2(r["batch_size"] / batch_size)), -r["batch_size"]))
+            m = float(near["lr_multiplier"])
+            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at batch "
+                                 f"{near['batch_size']}, the nearest size it ranked; it did not run batch {batch_size}")
         return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
 
 
