@@ -462,6 +462,18 @@ def test_several_targets_each_get_a_ranking():
             "list sweep.target_loss from highest to lowest to lead with the loss the run aims at") in rising.notes
 
 
+def test_a_target_no_size_reaches_names_the_lowest_loss_held():
+    """An outside sweep.target_loss 0.01 exited 1 with no hint of a target that would rank the sizes."""
+    result = result_from_rows("hand", _hand_rows(), {**HAND_META, "target_loss": 0.01, "samples": 2048,
+                                                     "seeds": [0, 1], "precision": "fp32"})
+    note = next(n for n in result.notes if n.startswith("no batch size reached the target loss in most seeds"))
+    level = float(note.split("held in most seeds was ")[1].split(" ")[0])
+    assert 0.01 < level < 1.0 and note.endswith("a target at or above it ranks them")
+    ranked = result_from_rows("hand", _hand_rows(), {**HAND_META, "target_loss": level * 1.001, "samples": 2048,
+                                                     "seeds": [0, 1], "precision": "fp32"})
+    assert ranked.recommendation is not None
+
+
 def test_one_seed_shows_no_interval_and_says_why():
     """An outside sweep.seeds 1 showed '90% interval 0.13–0.13' on every row: no tie can then ever be told."""
     rows = [r for r in _hand_rows() if r["seed"] == 0]

@@ -570,7 +570,7 @@ def _fmt_size(e: Entry) -> str:
 def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """Above-critical sizes, sizes waiting for data, seeds that diverged, the sample-limited regime."""
     if not ranked:
-        return ["no batch size reached the target loss in most seeds: see the status column"]
+        return ["no batch size reached the target loss in most seeds: see the status column" + _lowest_held(sizes)]
     notes, b_crit = [], critical["b_crit"]
     fit = critical.get("fit") or {}
     low, high = (fit.get("low"), fit.get("high")) if critical.get("basis") == "steps-to-target fit" else (None, None)
@@ -665,6 +665,21 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
     top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
     where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold at every size: "
     return [where + f"the fastest lr elsewhere was the rule's {above}"]
+
+
+def _lowest_held(sizes: list[Entry]) -> str:
+    """'; the lowest loss a size held in most seeds was 1.023 (batch 64): a target at or above it ranks them',
+    or '' (an outside sweep.target_loss 0.01 exited 1 with no hint of a target that would do)."""
+    held = {}
+    for e in sizes:
+        levels = sorted(lowest_reached([p[3] for p in r.get("evals") or []]) for r in e["rows"])
+        if levels and math.isfinite(level := levels[len(levels) // 2]):  # most seeds got at least this low
+            held[e["batch_size"]] = min(held.get(e["batch_size"], math.inf), level)
+    if not held:
+        return ""
+    size = min(held, key=held.get)
+    return (f"; the lowest loss a size held in most seeds was {held[size]:.4g} (batch {size}): a target at or above "
+            "it ranks them")
 
 
 def _growth_note(by_target: list[dict[str, Any]]) -> str:
