@@ -828,6 +828,9 @@ def test_a_size_inside_the_critical_batch_interval_is_not_called_wasteful():
                        "90% interval 83–257: not clearly above it")
     above = _notes([{**entry, "batch_size": 512, "excess_compute": 4.58}], [entry], critical, {"samples": 4096})
     assert above[0].startswith("batch 512 is above the critical batch size (~143, 90% interval 83–257): it needs 4.58×")
+    # an estimate that rounds to the size itself gets a decimal (an outside note read "128 is above ... (~128)")
+    close = _notes([{**entry, "batch_size": 128}], [entry], {**critical, "b_crit": 127.8}, {"samples": 4096})
+    assert close[0].startswith("batch 128 is above the critical batch size's estimate (~127.8) but within")
 
 
 def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_say_go_higher():

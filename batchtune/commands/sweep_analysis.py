@@ -576,11 +576,13 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     low, high = (fit.get("low"), fit.get("high")) if critical.get("basis") == "steps-to-target fit" else (None, None)
     band = f", 90% interval {count(low)}–{count(high)}" if low and high else ""
     for e in ranked:
+        # "batch 128 is above ... (~128)" read an estimate of 127.6: one decimal where it rounds to the size
+        crit = count(b_crit) if not b_crit or count(b_crit) != count(e["batch_size"]) else f"{b_crit:.1f}"
         if b_crit and e["batch_size"] > b_crit and high and e["batch_size"] <= high:
-            notes.append(f"batch {e['batch_size']} is above the critical batch size's estimate (~{count(b_crit)}) "
+            notes.append(f"batch {e['batch_size']} is above the critical batch size's estimate (~{crit}) "
                          f"but within its uncertainty{band}: not clearly above it")
         elif b_crit and e["batch_size"] > b_crit:
-            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{count(b_crit)}{band}): it "
+            notes.append(f"batch {e['batch_size']} is above the critical batch size (~{crit}{band}): it "
                          f"needs {e['excess_compute']:.2f}× the minimum samples, {e['excess_compute'] / 2:.2f}× what "
                          f"B_crit needs ({compute_beyond_critical(e['batch_size'], b_crit):.0%} of its compute "
                          "wasted)")
