@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,21 @@ def _no_handler_left_on_a_closed_stream():
     logger = logging.getLogger("batchtune")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def logged(name: str) -> Iterator[list[str]]:
+    """The warning (and worse) messages of logger ``name`` while the block runs, read by a handler on that
+    logger itself: the CLI's tests may stop "batchtune" records from reaching the root, where caplog listens."""
+    messages: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, log = _Handler(logging.WARNING), logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)

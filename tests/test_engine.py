@@ -16,6 +16,7 @@ from batchtune.engine.data import halves, tensors
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig, prepare
 from batchtune.memory.device import CPUBackend
+from tests.conftest import logged
 
 IN_FEATURES, OUT_FEATURES = 16, 64  # tiny_data's inputs; a wide output so activations dominate
 
@@ -312,26 +313,9 @@ def test_float_targets_are_not_tokens(write_spec):
 
 def test_fp16_on_the_cpu_is_warned(write_spec):
     """An outside spec ran validate, probe and check in fp16 on a CPU without a word."""
-    import logging
-
-    from batchtune.engine.trial import prepare
-
-    class Records(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.messages.append(record.getMessage())
-
-    caught, log = Records(), logging.getLogger("batchtune.engine.trial")
-    log.addHandler(caught)  # the CLI's tests may stop "batchtune" records from reaching the root
-    try:
+    with logged("batchtune.engine.trial") as messages:
         prepare(load_spec(write_spec(), ["precision=bf16"]))
-        assert not caught.messages
+        assert not messages
         prepare(load_spec(write_spec(), ["precision=fp16"]))
-    finally:
-        log.removeHandler(caught)
-    assert caught.messages == ["precision fp16 on the CPU: float16 autocast with a loss scaler runs, slowly, and its "
-                               "memory and timings say little of a GPU's; use bf16 on a CPU, fp16 on the GPU the job "
-                               "will train on"]
+    assert messages == ["precision fp16 on the CPU: float16 autocast with a loss scaler runs, slowly, and its memory "
+                        "and timings say little of a GPU's; use bf16 on a CPU, fp16 on the GPU the job will train on"]

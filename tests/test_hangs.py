@@ -22,7 +22,7 @@ from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, trial_config
 from batchtune.engine.watchdog import TrialTimeout, deadline
 from batchtune.memory.device import CPUBackend
-from tests.conftest import TINY_SPEC
+from tests.conftest import TINY_SPEC, logged
 
 runner = CliRunner()
 HANG = TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:hang_mlp")
@@ -220,30 +220,19 @@ def test_threads_are_set_deliberately_and_recorded(write_spec, monkeypatch):
 
 def test_more_threads_than_cpus_is_warned():
     """An outside check ran device.threads 16 on 2 CPUs without a word; its JSON recorded contention 0.875."""
-    import logging
     import os
 
-    class Records(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.WARNING)
-            self.records: list[logging.LogRecord] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.records.append(record)
-
     cpus, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
-    caught, log = Records(), logging.getLogger("batchtune.engine.host")
-    log.addHandler(caught)  # the CLI's tests may stop "batchtune" records from reaching the root
     try:
-        set_threads(cpus)
-        assert not caught.records
-        set_threads(cpus + 1)
-        assert caught.records[0].getMessage() == (
+        with logged("batchtune.engine.host") as messages:
+            set_threads(cpus)
+            assert not messages
+            set_threads(cpus + 1)
+        assert messages == [
             f"device.threads {cpus + 1} is more than the {cpus} CPUs this process may run on: the threads take turns "
             "on them, so throughput (and any comparison of it, such as check --baseline) reads low and unsteady; give "
-            f"device.threads {cpus} or fewer")
+            f"device.threads {cpus} or fewer"]
     finally:
-        log.removeHandler(caught)
         torch.set_num_threads(before)
 
 

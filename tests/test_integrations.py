@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -14,6 +13,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from batchtune.integrations import NoiseScaleWatch  # noqa: E402
 from batchtune.integrations.huggingface import NoiseScaleCallback as HFCallback  # noqa: E402
 from batchtune.integrations.lightning import NoiseScaleCallback as PLCallback  # noqa: E402
+from tests.conftest import logged  # noqa: E402
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -149,35 +149,22 @@ def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
         trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=varying))
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     watch = NoiseScaleWatch(every=1, warn_after=2, warn_every=5)
     watch.start(model, micro_batch_size=64, accum_steps=2, world_size=1)
     gen = torch.Generator().manual_seed(0)
-    records, log = _Records(), logging.getLogger("batchtune.integrations")
-    log.addHandler(records)  # the CLI's tests may stop "batchtune" records from reaching the root
-    try:
+    with logged("batchtune.integrations") as messages:
         for step in range(1, 14):
             for _ in range(2):  # y = noise only: B_simple ≈ d(1 + σ²/|w|²) + 1, far below 128
                 x = torch.randn(64, 4, generator=gen)
                 (0.5 * (model(x).squeeze(-1) - torch.randn(64, generator=gen)).square().mean() / 2).backward()
             watch.step(step)
             model.zero_grad(set_to_none=True)
-    finally:
-        log.removeHandler(records)
     assert watch.history[-1]["b_simple"] < 128 / 1.2
     assert watch.warnings == [3, 8, 13]  # not at 2: two steps' band (Student's t, one degree of freedom) holds 128
-    assert len([m for m in records.messages if "above the noise scale" in m]) == 3
+    assert len([m for m in messages if "above the noise scale" in m]) == 3
 
 
 def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
@@ -190,17 +177,13 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
     model = torch.nn.Linear(4, 1)
     watch = NoiseScaleWatch(every=1, warn_every=4, schedule=str(path))
     watch.start(model, micro_batch_size=16, accum_steps=1, world_size=1)
-    records, log = _Records(), logging.getLogger("batchtune.integrations")
-    log.addHandler(records)
-    try:
+    with logged("batchtune.integrations") as messages:
         for step in range(1, 20):
             model(torch.randn(16, 4)).sum().backward()
             watch.step(step)
             model.zero_grad(set_to_none=True)
-    finally:
-        log.removeHandler(records)
     assert watch.grow_warnings == [10, 14, 18]  # after step 10, 160 samples seen: the next step is stage 2's
-    grow = [m for m in records.messages if "the schedule grows the batch to 64" in m]
+    grow = [m for m in messages if "the schedule grows the batch to 64" in m]
     assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
 
 
@@ -225,14 +208,10 @@ class _Scripted:
 
 
 def _watch_logs(watch: NoiseScaleWatch, steps: int) -> list[str]:
-    records, log = _Records(), logging.getLogger("batchtune.integrations")
-    log.addHandler(records)
-    try:
+    with logged("batchtune.integrations") as messages:
         for step in range(1, steps + 1):
             watch.step(step)
-    finally:
-        log.removeHandler(records)
-    return records.messages
+    return messages
 
 
 @pytest.mark.parametrize("b_simple,low,high,warns", [
