@@ -40,15 +40,15 @@ from batchtune.commands.check_verdicts import (
     regression_verdict,
     trains_verdict,
 )
-from batchtune.engine.data import loader_kind
+from batchtune.engine.data import loader_kind, within_limits
 from batchtune.engine.shape import BatchShape
+from batchtune.errors import UsageError
 
 __all__ = [
     "CHECKS",
     "CODES",
     "Baseline",
     "CheckInputError",
-    "within_limits",
     "CheckReport",
     "CheckResult",
     "critical_batch_verdict",
@@ -375,7 +375,10 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     shape = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
-    shape = within_limits(shape, components.train_set, notes)
+    try:
+        shape = within_limits(shape, components.train_set, notes)
+    except UsageError as exc:  # host memory cannot collate the batch: the options', as check reports them
+        raise CheckInputError(str(exc)) from None
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
@@ -408,34 +411,6 @@ def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, 
         return peaks[rank], None, rank
     rank = min(range(len(peaks)), key=lambda r: 1.0 - peaks[r] / each[r])
     return peaks[rank], each[rank], rank
-
-
-def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked",
-                  multiple: int = 1) -> BatchShape:
-    """The shape, its batch capped at the training set's size (to a multiple of ``multiple`` micro-batches'
-    worth: 2 for noise's halves); refused if host memory cannot collate it.
-
-    Raises:
-        CheckInputError: collating the batch would need more host memory than is available.
-    """
-    from batchtune.engine.data import batch_limit
-    from batchtune.render.text import format_bytes
-
-    limit = batch_limit(train_set)
-    per_step = shape.accum_steps * shape.world_size * multiple
-    if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
-        capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
-        notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
-                     f"{verb} at {capped.batch_size:,}, the largest batch it can fill"
-                     + (" in halves" if multiple == 2 else ""))
-        shape = capped
-    need = limit.bytes_for(shape.micro_batch_size)
-    if need is not None and limit.available_bytes is not None and need > limit.available_bytes:
-        raise CheckInputError(
-            f"batch {shape.batch_size:,} (micro-batch {shape.micro_batch_size:,}) would need about {format_bytes(need)} "
-            f"of host memory to collate ({format_bytes(limit.bytes_per_sample)} per sample, from the first one); "
-            f"{format_bytes(limit.available_bytes)} is available: choose a smaller --batch-size or more --accum-steps")
-    return shape
 
 
 def _shape_text(shape: BatchShape) -> str:

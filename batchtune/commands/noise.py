@@ -60,8 +60,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         steps: optimizer steps; the estimate needs a few hundred to settle.
         points: validation points (each reports the estimate so far).
     """
-    from batchtune.commands.check import CheckInputError, within_limits
     from batchtune.config.components import has_batchnorm
+    from batchtune.engine.data import within_limits
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, prepare, trial_config
@@ -81,11 +81,9 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
                "compares), or --accum-steps 1 and an even batch")
         raise (UsageError(f"{where}: {why}") if given else spec.error("train.batch_size", why)) from None
     notes: list[str] = []
-    try:  # capped at the training set, as check caps it: a larger batch repeats samples within every step
-        halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch
-        shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1)
-    except CheckInputError as exc:
-        raise UsageError(str(exc)) from None
+    # capped at the training set, as check caps it: a larger batch repeats samples within every step
+    halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch
+    shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1)
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * shape.batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)

@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, 
 
 from batchtune.config.components import batch_size_of, to_device
 from batchtune.engine.distributed import DistContext
+from batchtune.engine.shape import BatchShape
 from batchtune.memory.device import DeviceBackend
 
 __all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "halves", "loader_kind",
-           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "unsplittable", "worst_case"]
+           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "unsplittable",
+           "within_limits", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
@@ -112,6 +114,35 @@ def padding_waste(lengths: Sequence[int], plan: list[list[int]]) -> float:
     padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
     real = sum(lengths[i] for b in plan for i in b)
     return 1.0 - real / padded if padded else 0.0
+
+
+def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked",
+                  multiple: int = 1) -> BatchShape:
+    """The shape, its batch capped at the training set's size (to a multiple of ``multiple`` micro-batches'
+    worth: 2 for noise's halves); refused if host memory cannot collate it.
+
+    Raises:
+        UsageError: collating the batch would need more host memory than is available.
+    """
+    from batchtune.errors import UsageError
+    from batchtune.render.text import format_bytes
+
+    limit = batch_limit(train_set)
+    per_step = shape.accum_steps * shape.world_size * multiple
+    if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
+        capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
+        notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
+                     f"{verb} at {capped.batch_size:,}, the largest batch it can fill"
+                     + (" in halves" if multiple == 2 else ""))
+        shape = capped
+    need = limit.bytes_for(shape.micro_batch_size)
+    if need is not None and limit.available_bytes is not None and need > limit.available_bytes:
+        raise UsageError(
+            f"batch {shape.batch_size:,} (micro-batch {shape.micro_batch_size:,}) would need about "
+            f"{format_bytes(need)} of host memory to collate ({format_bytes(limit.bytes_per_sample)} per sample, "
+            f"from the first one); {format_bytes(limit.available_bytes)} is available: choose a smaller "
+            "--batch-size or more --accum-steps")
+    return shape
 
 
 def loader_kind(dataset: Dataset, num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None) -> str:
