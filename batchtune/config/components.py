@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, default_collate
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, _nearest_line
 
 __all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
-           "sample_length", "to_device"]
+           "sample_length", "sparse_gradient_layers", "to_device"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -259,8 +259,8 @@ def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.reshape(output.shape)
     if output.shape != target.shape:  # F.mse_loss would broadcast them, warn, and train on the wrong numbers
         raise LossShapeError(f"mse: the model's output of shape {list(output.shape)} and the targets of shape "
-                         f"{list(target.shape)} differ (mse would broadcast them); make the model's output "
-                         "match the targets")
+                             f"{list(target.shape)} differ (mse would broadcast them); make the model's output "
+                             "match the targets")
     return F.mse_loss(output, target.to(output.dtype))
 
 

@@ -478,9 +478,8 @@ class StepTracer:
         if sparse := sparse_gradient_layers(self.model):
             raise EstimateError(f"cannot estimate: {', '.join(sparse[:3])}{' ...' if len(sparse) > 3 else ''} "
                                 f"(sparse=True) give{'s' if len(sparse) == 1 else ''} sparse gradients, whose memory "
-                                "and whose optimizer step's the "
-                                "trace does not count (an outside SparseAdam model's estimate was 2.2× the measured "
-                                "ceiling)")
+                                "and whose optimizer step's the trace does not count (an outside SparseAdam model's "
+                                "estimate was 2.2× the measured ceiling)")
         self.counter = _BlockCounter(target.block_bytes)
         tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
         for t in tensors:

@@ -73,14 +73,14 @@ class DeviceMemorySource(MemorySource):
 
     def __init__(self, *, trainer: Any, model: Any, backend: Any, dist: Any,
                  config_for: Callable[[int, int, bool], Any], steps_per_trial: int) -> None:
+        from batchtune.config.components import sparse_gradient_layers  # lazily, as the memory layer reads config
+
         self.trainer = trainer
         self.model = model
         self.dist = dist
         self.config_for = config_for
         self.steps_per_trial = steps_per_trial
         self.trials: list[DeviceTrial] = []
-        from batchtune.config.components import sparse_gradient_layers
-
         # sparse gradients: the optimizer step grows with the batch (the rows it touches) and can set the peak
         self.sparse = bool(sparse_gradient_layers(model)) if model is not None else False
         self.baseline_bytes = int(dist.max(backend.current_bytes())[0])

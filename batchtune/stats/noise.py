@@ -207,8 +207,8 @@ def t_quantile(confidence: float, dof: float) -> float:
     """The two-sided ``confidence`` quantile of Student's t with ``dof`` degrees of freedom (inf: the
     normal's), by the Cornish-Fisher expansion in 1/dof: at 90%, 6.0 against the exact 6.31 at one
     degree of freedom and within 0.3% from two; at 99%, 40.5 against 63.7 at one, 4% low at two,
-    within 1% from three. A band of a few steps' spread
-    read with the normal quantile is too narrow: 10.18-10.97 after two steps, on an outside run."""
+    within 1% from three. A band of a few steps' spread read with the normal quantile is too
+    narrow: 10.18-10.97 after two steps, on an outside run."""
     z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
     if not math.isfinite(dof):
         return z
