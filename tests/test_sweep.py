@@ -524,14 +524,14 @@ def test_a_size_waiting_for_data_is_ranked_by_its_real_time_and_flagged():
 
 
 def test_lr_standing_drives_the_bracket():
-    from batchtune.commands.sweep import _extension, _kept
-    from batchtune.commands.sweep_analysis import lr_standing
+    from batchtune.commands.sweep import _extension
+    from batchtune.commands.sweep_analysis import lr_standing, lr_stops
 
     rows = [_trial(16, 0, [(0, 0, 2.0), (20 * t, t, 0.5)], 1000, mult=m) for m, t in ((0.5, 3.0), (1.0, 2.0), (2.0, 1.0))]
     rows.append(_trial(16, 0, [(0, 0, 2.0)], 1000, mult=4.0, diverged=True))
     standing = lr_standing(rows[:3], {**HAND_META, "target_loss": 0.5})[16]
     assert standing == {0.5: "behind", 1.0: "behind", 2.0: "best"}
-    assert _extension(standing) == 4.0 and _kept(standing) == [2.0]
+    assert _extension(standing) == 4.0 and lr_stops(rows[:3], {**HAND_META, "target_loss": 0.5})[16] == {2.0: 0.5}
     standing = lr_standing(rows, {**HAND_META, "target_loss": 0.5})[16]
     assert standing[4.0] == "diverged" and _extension(standing) is None
     assert _extension({1.0: "diverged", 2.0: "diverged"}) == 0.5
@@ -552,7 +552,6 @@ def test_lr_standing_drives_the_bracket():
                 256: {0.5: "short"}, 1024: {2.0: "best"}}
     assert _neighbour_best(everyone, 256) == (0.125, 0.25) and _neighbour_best(everyone, 512) == (2.0, 2.0)
     assert _neighbour_best(everyone, 80) == (0.5, 0.5) and _neighbour_best({256: {1.0: "short"}}, 256) is None
-    assert _kept({0.5: "best", 1.0: "near", 2.0: "behind"}) == [0.5]  # near: the first seed only
     from batchtune.commands.sweep import _refinements
 
     assert _refinements({0.5: "behind", 1.0: "best", 2.0: "near"}) == [0.707107, 1.414214]
@@ -568,6 +567,33 @@ def test_lr_standing_drives_the_bracket():
             _trial(16, 0, [(0, 0, 2.0), (5, 0.5, 1.0), (60, 6.0, 0.7)], 1000, mult=2.0)]
     assert lr_standing(rows, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: "best", 2.0: "best"}
     assert lr_standing(rows, {**HAND_META, "target_loss": 0.5})[16] == {1.0: "best", 2.0: "short"}
+    # the later seeds run each target's fastest, an lr kept for the higher target only stopping there
+    assert lr_stops(rows, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: 0.5, 2.0: 1.0}
+    near = [_trial(16, 0, [(0, 0, 2.0), (10, 1.0, 1.0), (60, 6.0, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=2.0)]
+    assert lr_stops(near, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: 1.0, 2.0: 0.5}
+
+
+def test_a_seed_stopped_at_a_higher_target_was_not_run_to_a_lower_one():
+    from batchtune.commands.sweep_analysis import _at_target, _best_per_size, _per_lr
+
+    rows = [_trial(16, 0, [(0, 0, 2.0), (10, 1.0, 0.9), (60, 6.0, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.95), (40, 4.0, 0.5)], 1000, mult=2.0)]
+    for seed in (1, 2):  # the later seeds: ×1 kept for 1.0 only, stopped there; ×2 run on to 0.5 (slower than ×1)
+        rows.append({**_trial(16, seed, [(0, 0, 2.0), (12, 1.2, 0.9)], 1000, mult=1.0),
+                     "stopped_at_target": True, "stop_below": 1.0})
+        rows.append({**_trial(16, seed, [(0, 0, 2.0), (20, 2.0, 0.95), (70, 7.0, 0.5)], 1000, mult=2.0),
+                     "stopped_at_target": True, "stop_below": 0.5})
+    at_low = {e["lr_multiplier"]: e for e in (_at_target(e, 0.5) for e in _per_lr(rows))}
+    assert at_low[1.0]["seeds"] == 1 and at_low[1.0]["reached"] == "1/1"  # not "1/3": two seeds never went there
+    assert at_low[2.0]["seeds"] == 3 and at_low[2.0]["steps_to_target"] == 70
+    # one lucky seed does not beat the median of three at the lower target, the three seeds decide the higher one
+    assert _best_per_size(list(at_low.values()))[0]["lr_multiplier"] == 2.0
+    at_high = _best_per_size([_at_target(e, 1.0) for e in _per_lr(rows)])[0]
+    assert at_high["lr_multiplier"] == 1.0 and at_high["reached"] == "3/3"
+    # a stopped seed that crossed the lower target in the same validation counts there
+    rows[2]["evals"][-1][3] = 0.45
+    assert _at_target(_per_lr(rows)[0], 0.5)["reached"] == "2/2"
 
 
 def test_recommendation_names_the_ranks():
@@ -651,6 +677,22 @@ def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path
         assert r["evals"][-1][3] <= 1.0 < r["evals"][-2][3]  # the crossing was the last validation
         assert r["final_val_loss"] is None  # no loss at equal samples: it did not train that far
     assert result.recommendation is not None and result.recommendation["target_loss"] == 1.0
+
+
+def test_a_later_seed_stops_at_the_lowest_target_its_lr_is_kept_for(write_spec, tmp_path):
+    """×8 is the fastest to 1.0 on seed 0 but never reaches 0.3: seed 1 runs it to 1.0 only (8 of the budget's 128
+    steps, where it had run 141 on seed 0), and ×1, the fastest to 0.3, on to 0.3; each target still ranks two seeds."""
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.target_loss=[1.0, 0.3]",
+                                              "sweep.lr_extensions=0", "sweep.lr_multipliers=[1.0, 8.0]"])
+    result = run_sweep(spec, out=tmp_path / "run")
+    rows = {(r["seed"], r["lr_multiplier"]): r for r in json.loads((tmp_path / "run" / "trials.json").read_text())}
+    assert {k: r["stop_below"] for k, r in rows.items()} == {(0, 1.0): 0.3, (0, 8.0): 0.3, (1, 1.0): 0.3, (1, 8.0): 1.0}
+    fast = rows[1, 8.0]
+    assert fast["stopped_at_target"] and fast["steps"] <= 16 and fast["evals"][-1][3] <= 1.0 < fast["evals"][-2][3]
+    assert rows[1, 1.0]["stopped_at_target"] and rows[1, 1.0]["evals"][-1][3] <= 0.3
+    high, low = result.by_target
+    assert (high["recommendation"]["lr_multiplier"], low["recommendation"]["lr_multiplier"]) == (8.0, 1.0)
+    assert low["summary"].set_index("batch_size").loc[16, "reached"] == "2/2"
 
 
 def test_a_trial_short_of_the_target_at_its_budget_trains_on_until_it_levels_off(write_spec, tmp_path):

@@ -32,6 +32,7 @@ from batchtune.commands.sweep_analysis import (
     given_targets,
     in_contention,
     lr_standing,
+    lr_stops,
     result_from_rows,
     seed_crossing,
     short_of,
@@ -178,6 +179,7 @@ class _Sweep:
         self._trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
         self._done = {_row_key(r) for r in self.rows}
         self._trained = len(self.rows)  # trials trained so far, counting those a resumed run finished before
+        self._stops: dict[int, dict[float, float]] = {}  # the later seeds' lrs and their stop targets
         first, *others = self.meta["seeds"]
         # the rule's lr first: the likeliest fastest, whose crossing bounds how far the others train on
         order = sorted(self.meta["lr_multipliers"], key=lambda m: (abs(math.log(m)), m))
@@ -197,11 +199,13 @@ class _Sweep:
             leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
             self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
                            for m in _refinements(standing.get(c.batch_size, {}))])
-        standing = self._standing(first)  # the other seeds follow seed 0's decisions, made once
+        # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
+        # for each target, stopping at the lowest target that lr is kept for
+        self._stops = lr_stops(self._rows_of(first), self._screened())
         sizes = in_contention(self._rows_of(first), self.meta, self.meta.get("reseed_within"))
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
-                           for m in _kept(standing.get(c.batch_size, {}))])
+                           for m in sorted(self._stops.get(c.batch_size, {}))])
         self._reach_default_target()
 
     def _reach_default_target(self) -> None:
@@ -237,15 +241,19 @@ class _Sweep:
     def _at_budget(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` with the validations up to each size's budget: what the lr decisions and the default
         target read. A trial that trained on towards the default target got there by the same steps, so a
-        resumed sweep decides as the original did."""
-        return [{**r, "evals": [p for p in r.get("evals") or [] if p[0] <= trial_steps(self.meta, b)]}
-                for r in rows if (b := r["batch_size"])] if "default_target" in self.meta else rows
+        resumed sweep decides as the original did (no stop target either: the retrain's would leave its seed
+        out of a lower provisional target, :func:`~batchtune.commands.sweep_analysis._at_target`)."""
+        return [{**r, "evals": [p for p in r.get("evals") or [] if p[0] <= trial_steps(self.meta, b)],
+                 "stop_below": None} for r in rows if (b := r["batch_size"])] if "default_target" in self.meta else rows
 
     def _standing(self, seed: int) -> dict[int, dict[float, str]]:
         """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`), by the target they were
         screened at: the default one is fixed only after every seed has run."""
-        screened = {k: v for k, v in self.meta.items() if k != "default_target"}
-        return lr_standing(self._rows_of(seed), screened)
+        return lr_standing(self._rows_of(seed), self._screened())
+
+    def _screened(self) -> dict[str, Any]:
+        """The plan as the first seed's lrs were screened: without the default target, fixed later."""
+        return {k: v for k, v in self.meta.items() if k != "default_target"}
 
     def _run_all(self, plan: list[tuple[int, float, BatchShape]], *, mark: str | None = None,
                  inherit: dict[str, Any] | None = None) -> None:
@@ -264,7 +272,7 @@ class _Sweep:
             row = _row(self._trainer.run(config), mult, capacity)
             load = meter.reading(torch.get_num_threads())
             row["busy"], row["other_cores"], row["threads"] = load["busy"], load["other_cores"], load["threads"]
-            row["overlap_comm"] = config.overlap_comm
+            row["overlap_comm"], row["stop_below"] = config.overlap_comm, config.stop_below
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if mark:
                 row[mark] = True
@@ -288,7 +296,6 @@ class _Sweep:
 
         sw, meta = self.spec.sweep, self.meta
         steps = self._steps(seed, shape.batch_size)
-        targets = stop_targets(meta)
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
             # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
@@ -299,11 +306,21 @@ class _Sweep:
             timing_warmup_steps=sw.timing_warmup_steps,
             max_seconds=sw.max_seconds_per_trial, divergence_factor=sw.divergence_factor,
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
-            stop_below=min(targets, default=None), stall_after=trial_steps(meta, shape.batch_size),
+            stop_below=self._stop_below(seed, lr_multiplier, shape.batch_size),
+            stall_after=trial_steps(meta, shape.batch_size),
             stop_from=trial_steps(meta, shape.batch_size) if reach else 0,
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
+
+    def _stop_below(self, seed: int, lr_multiplier: float, batch_size: int) -> float | None:
+        """The loss a trial stops at: the lowest target, or on a later seed the lowest given target its lr
+        is kept for (the default target is one, fixed after every seed: the first seed's lrs were kept at
+        a provisional one)."""
+        lowest = min(stop_targets(self.meta), default=None)
+        if seed == self.meta["seeds"][0] or not given_targets(self.meta):
+            return lowest
+        return self._stops.get(batch_size, {}).get(lr_multiplier, lowest)
 
     def _steps(self, seed: int, batch_size: int) -> int:
         """The budget's steps, or more with a target (given, or the default once fixed): a trial that
@@ -438,14 +455,6 @@ def _refinements(standing: dict[float, str]) -> list[float]:
                 if all(abs(mid / t - 1) > 0.02 for t in mults + out):
                     out.append(mid)
     return sorted(out)
-
-
-def _kept(standing: dict[float, str]) -> list[float]:
-    """The multipliers a size runs on its other seeds: its fastest at each target (or, short of
-    every target, the one that came nearest). The lrs near the fastest ran on the first seed only:
-    re-run on every seed they moved no pick and no critical batch by more than noise on the three
-    ground truths, and cost a quarter of the sweep (benchmarks/README.md#ground_truthpy)."""
-    return sorted(m for m, v in standing.items() if v in ("best", "short-best"))
 
 
 def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from batchtune.stats.critical import DEFINITION, compute_beyond_critical, effici
 from batchtune.stats.noise import pooled_noise_scale
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
-           "in_contention", "lowest_reached", "lr_standing", "result_from_rows", "seed_crossing", "short_of",
+           "in_contention", "lowest_reached", "lr_standing", "lr_stops", "result_from_rows", "seed_crossing", "short_of",
            "stop_targets", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
@@ -226,14 +226,20 @@ def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]
 
 
 def _at_target(e: Entry, target: float) -> Entry:
-    """``e`` with its per-seed crossings of ``target``: median, interval, how many seeds reached it."""
-    crossings = [seed_crossing(r, target, e["step_seconds"]) for r in e["rows"]]
+    """``e`` with its per-seed crossings of ``target``: median, interval, how many seeds reached it.
+
+    A seed that stopped at a higher target (:func:`lr_stops`) before crossing this one was not run to
+    it: it is left out here rather than counted as missing, so the lr has fewer seeds at this target
+    (and :func:`_fully_seeded` leaves it out of the size's contest there)."""
+    crossings = [c for r in e["rows"] if (c := seed_crossing(r, target, e["step_seconds"])) is not None
+                 or not (r.get("stopped_at_target") and (r.get("stop_below") or -math.inf) > target)]
     seconds = [c[1] if c else math.inf for c in crossings]
     steps = [c[0] if c else math.inf for c in crossings]
     reached = sum(c is not None for c in crossings)
     qualifies = reached > MOST * len(crossings)
     low, high = _bootstrap_median(seconds) if qualifies else (None, None)
-    return {**e, "reached": f"{reached}/{len(crossings)}", "reached_count": reached, "qualifies": qualifies,
+    return {**e, "seeds": len(crossings), "reached": f"{reached}/{len(crossings)}", "reached_count": reached,
+            "qualifies": qualifies,
             "seed_steps": [s for s in steps if math.isfinite(s)], "crossings": crossings,
             "steps_to_target": statistics.median(steps) if qualifies else None,
             "seconds_to_target": statistics.median(seconds) if qualifies else None,
@@ -301,15 +307,39 @@ def lr_standing(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, d
         ``oom``. With several targets an lr stands as well as at its best target (the best lr
         at a high loss is often larger than at a low one, and each target ranks on its own).
     """
-    entries = _per_lr(rows)
-    targets, _ = targets_for(entries, meta)
     out: dict[int, dict[float, str]] = {}
-    for target in targets or [-math.inf]:  # no target: nothing reached
-        for size, standing in _standing_at(entries, target).items():
+    for standing_at in lr_standings(rows, meta).values():
+        for size, standing in standing_at.items():
             merged = out.setdefault(size, {})
             for mult, verdict in standing.items():
                 if mult not in merged or STANDINGS.index(verdict) < STANDINGS.index(merged[mult]):
                     merged[mult] = verdict
+    return out
+
+
+def lr_standings(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[float, dict[int, dict[float, str]]]:
+    """:func:`lr_standing` target by target: target → size → multiplier → verdict (-inf: no target)."""
+    entries = _per_lr(rows)
+    targets, _ = targets_for(entries, meta)
+    return {target: _standing_at(entries, target) for target in targets or [-math.inf]}  # no target: nothing reached
+
+
+def lr_stops(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict[float, float]]:
+    """The lrs a size runs on its other seeds (the fastest at some target, or the one nearest to a
+    target no lr reached: ``best`` or ``short-best``, judged on the first seed's ``rows``), each with
+    the lowest such target: where its later seeds can stop.
+
+    The lrs near the fastest ran on the first seed only: re-run on every seed they moved no pick and no
+    critical batch by more than noise on the three ground truths, and cost a quarter of the sweep
+    (benchmarks/README.md#ground_truthpy). An lr kept for a high target only is not one any lower target
+    ranks on: trained on to the lowest target (or its cap), the quickstart's and the MLP's ground-truth
+    sweeps spent 18% and 12% of their samples on such seeds."""
+    out: dict[int, dict[float, float]] = {}
+    for target, standing_at in sorted(lr_standings(rows, meta).items()):
+        for size, standing in standing_at.items():
+            for mult, verdict in standing.items():
+                if verdict in KEPT:
+                    out.setdefault(size, {}).setdefault(mult, target)
     return out
 
 
@@ -336,6 +366,7 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
 
 
 STANDINGS = ("best", "near", "short-best", "behind", "short", "diverged", "oom")  # better first
+KEPT = ("best", "short-best")  # the standings whose lrs run every seed
 
 
 def _standing_at(entries: list[Entry], target: float) -> dict[int, dict[float, str]]:
