@@ -693,6 +693,13 @@ def test_a_later_seed_stops_at_the_lowest_target_its_lr_is_kept_for(write_spec, 
     high, low = result.by_target
     assert (high["recommendation"]["lr_multiplier"], low["recommendation"]["lr_multiplier"]) == (8.0, 1.0)
     assert low["summary"].set_index("batch_size").loc[16, "reached"] == "2/2"
+    # interrupted before seed 1: the resumed sweep makes the same decisions from seed 0's rows
+    trials = tmp_path / "run" / "trials.json"
+    trials.write_text(json.dumps([r for r in json.loads(trials.read_text()) if r["seed"] == 0]))
+    run_sweep(spec, resume=tmp_path / "run")
+    again = {(r["seed"], r["lr_multiplier"]): r for r in json.loads(trials.read_text())}
+    assert {k: (r["stop_below"], r["steps"]) for k, r in again.items()} == {k: (r["stop_below"], r["steps"])
+                                                                            for k, r in rows.items()}
 
 
 def test_a_trial_short_of_the_target_at_its_budget_trains_on_until_it_levels_off(write_spec, tmp_path):
