@@ -574,6 +574,30 @@ def test_lr_standing_drives_the_bracket():
     assert lr_stops(near, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: 1.0, 2.0: 0.5}
 
 
+def test_a_fastest_lr_that_fails_the_later_seeds_gets_a_second_chance_lr():
+    """An outside regression's 512 at ×8 (fastest on seed 0) stalled on seed 1 and the fastest size was excluded;
+    the next fastest lr that reached the target on seed 0 now runs the later seeds, stopping at that target."""
+    from batchtune.commands.sweep_analysis import _fallback_notes, lr_fallbacks
+
+    rows = [_trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=8.0),
+            _trial(16, 0, [(0, 0, 2.0), (30, 3.0, 0.5)], 1000, mult=2.0),
+            _trial(16, 0, [(0, 0, 2.0), (40, 4.0, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (40, 4.0, 0.9)], 1000, mult=0.5),
+            _trial(16, 1, [(0, 0, 2.0), (40, 4.0, 0.7)], 1000, mult=8.0),
+            _trial(32, 0, [(0, 0, 2.0), (10, 2.0, 0.5)], 2000, mult=1.0),
+            _trial(32, 0, [(0, 0, 2.0), (12, 2.0, 0.5)], 2000, mult=2.0),
+            _trial(32, 1, [(0, 0, 2.0), (11, 2.0, 0.5)], 2000, mult=1.0)]
+    meta = {**HAND_META, "target_loss": [0.5]}
+    assert lr_fallbacks(rows, meta, {16, 32}) == {16: {2.0: 0.5}}  # 32's fastest held on seed 1: nothing to do
+    assert lr_fallbacks(rows, meta, {32}) == {}  # a size out of contention runs no more seeds
+    assert lr_fallbacks(rows, {**HAND_META, "target_loss": None}, {16, 32}) == {}  # the default target: not yet fixed
+    rows.append({**_trial(16, 1, [(0, 0, 2.0), (33, 3.3, 0.5)], 1000, mult=2.0), "fallback": True, "stop_below": 0.5})
+    assert _fallback_notes(rows) == ["batch 16: its fastest lr on the first seed reached 0.5 in too few seeds, so its "
+                                     "next fastest there, ×2 the rule's (lr 0.02), ran the other seeds too"]
+    ranked = analyse(rows, meta).summary.set_index("batch_size")
+    assert ranked.loc[16, "lr_multiplier"] == 2.0 and ranked.loc[16, "reached"] == "2/2"
+
+
 def test_a_seed_stopped_at_a_higher_target_was_not_run_to_a_lower_one():
     from batchtune.commands.sweep_analysis import _at_target, _best_per_size, _per_lr
 

@@ -31,6 +31,7 @@ from batchtune.commands.sweep_analysis import (
     default_target,
     given_targets,
     in_contention,
+    lr_fallbacks,
     lr_standing,
     lr_stops,
     result_from_rows,
@@ -170,7 +171,9 @@ class _Sweep:
         diverged), then (``lr_refine``) the half-steps either side of each fastest lr of the
         leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
         other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
-        each target. Without a given target, the trials short of the default one then train on
+        each target, stopping at the lowest target it is fastest for (:func:`lr_stops`); where that lr
+        reached a given target in too few seeds, the size's next fastest there runs them too
+        (:func:`lr_fallbacks`). Without a given target, the trials short of the default one then train on
         towards it (:meth:`_reach_default_target`). Every decision is a pure function of the first
         seed's rows at their budgets, so a resumed sweep makes the same ones.
         """
@@ -206,6 +209,12 @@ class _Sweep:
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in sorted(self._stops.get(c.batch_size, {}))])
+        fallbacks = lr_fallbacks([r for r in self.rows if not r.get("fallback")], self._screened(), sizes)
+        for size, lrs in fallbacks.items():
+            self._stops.setdefault(size, {}).update(lrs)
+        for seed in others:
+            self._run_all([(seed, m, c) for c in self.shapes() for m in sorted(fallbacks.get(c.batch_size, {}))],
+                          mark="fallback")
         self._reach_default_target()
 
     def _reach_default_target(self) -> None:
@@ -258,7 +267,8 @@ class _Sweep:
     def _run_all(self, plan: list[tuple[int, float, BatchShape]], *, mark: str | None = None,
                  inherit: dict[str, Any] | None = None) -> None:
         """Train ``plan``'s trials not done yet; ``mark`` names a flag set on their rows (``extension``:
-        an lr past the bracket; ``reach``: retrained past the budget towards the default target);
+        an lr past the bracket; ``fallback``: a second-chance lr on the later seeds, :func:`lr_fallbacks`;
+        ``reach``: retrained past the budget towards the default target);
         ``inherit`` gives values for the row's keys that the trial left None."""
         import torch
 
@@ -495,8 +505,9 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
             outcome = f"val loss {evals[-1][3]:.4g} after {row['samples']:,} samples"
         else:
             outcome = "no validation loss"
-        if row.get("stalled"):  # trained past its budget towards the target, levelling off short of it
-            outcome += f", levelled off short of the target after {row['samples']:,} samples"
+        if row.get("stalled"):  # trained past its budget towards the target, too slowly to get there by its cap
+            outcome += (f", stopped short of the target after {row['samples']:,} samples (at its recent pace it "
+                        "would not get there by its last step)")
         outcome += f", {rate:,.0f} samples/s" if rate else ""
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"

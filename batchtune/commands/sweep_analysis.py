@@ -35,8 +35,8 @@ from batchtune.stats.critical import DEFINITION, compute_beyond_critical, effici
 from batchtune.stats.noise import pooled_noise_scale
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
-           "in_contention", "lowest_reached", "lr_standing", "lr_stops", "result_from_rows", "seed_crossing", "short_of",
-           "stop_targets", "targets_for"]
+           "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "result_from_rows",
+           "seed_crossing", "short_of", "stop_targets", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
@@ -131,6 +131,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
                         _critical_dict(None, None, None))
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
+             + _fallback_notes(rows)
              + busy_notes(rows) + _unmeasured_noise_notes(rows))
     if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
@@ -362,6 +363,28 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
             return sizes
         fastest = min(e["seconds_to_target"] for e in best)
         out |= {e["batch_size"] for e in best if e["seconds_to_target"] <= within * fastest}
+    return out
+
+
+def lr_fallbacks(rows: list[dict[str, Any]], meta: dict[str, Any], sizes: set[int]) -> dict[int, dict[float, float]]:
+    """The second-chance lrs of the sizes in contention: at a given target where a size's fastest lr on the
+    first seed reached it in too few of the seeds (an lr at the edge of stability: an outside regression's
+    512 at ×8 reached 0.11 on seed 0 and stalled on seed 1, and 512, the fastest size, was excluded), the
+    next fastest of its lrs that reached it on the first seed, to run on the other seeds, stopping at that
+    target (size → multiplier → target; the lowest target where one lr is chosen for several). Judged on
+    ``rows`` without any earlier fallback's, so a resumed sweep chooses the same."""
+    entries = _per_lr(rows)
+    out: dict[int, dict[float, float]] = {}
+    for target in sorted(given_targets(meta), reverse=True):
+        at = [_at_target(e, target) for e in entries]
+        for best in _best_per_size(at):
+            size = best["batch_size"]
+            if size not in sizes or best["qualifies"] or best["seeds"] < 2:
+                continue
+            screened = [e for e in at if e["batch_size"] == size and len(e["rows"]) == 1 and e["reached_count"]]
+            if screened:
+                nearest = min(screened, key=lambda e: (e["steps_to_target"], e["lr_multiplier"]))
+                out.setdefault(size, {})[nearest["lr_multiplier"]] = target
     return out
 
 
@@ -651,6 +674,14 @@ def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
         return []
     return [f"batch {', '.join(map(str, behind))} ran seed {seeds[0]} only: on it, each took more than {within:g}× "
             "the fastest size's time to every target, a gap no seed noise closes (sweep.reseed_within)"]
+
+
+def _fallback_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Which sizes ran a second-chance lr on the later seeds (:func:`lr_fallbacks`), and why."""
+    chosen = sorted({(r["batch_size"], r["lr_multiplier"], r["lr"], r.get("stop_below")) for r in rows
+                     if r.get("fallback")})
+    return [f"batch {size}: its fastest lr on the first seed reached {target:.4g} in too few seeds, so its next fastest "
+            f"there, ×{mult:g} the rule's (lr {lr:.3g}), ran the other seeds too" for size, mult, lr, target in chosen]
 
 
 def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
