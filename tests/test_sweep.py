@@ -484,6 +484,11 @@ def test_one_seed_shows_no_interval_and_says_why():
     table = render_sweep(result, "table")
     ranked = [line for line in table.splitlines() if line.startswith("1 ")]
     assert ranked and " - " in ranked[0] and "–" not in ranked[0]  # the interval column says nothing, not x–x
+    two = result_from_rows("hand", _hand_rows(), {**HAND_META, "target_loss": 0.9, "samples": 2048, "seeds": [0, 1],
+                                                  "precision": "fp32"})
+    assert any(n.startswith("two seeds: each interval is the range of the two seeds' times") for n in two.notes)
+    assert not any(n.startswith(("one seed", "two seeds")) for n in
+                   analyse(_hand_rows(), {**HAND_META, "target_loss": 0.9, "seeds": [0, 1, 2]}).notes)
 
 
 def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():
@@ -572,6 +577,24 @@ def test_lr_standing_drives_the_bracket():
     near = [_trial(16, 0, [(0, 0, 2.0), (10, 1.0, 1.0), (60, 6.0, 0.5)], 1000, mult=1.0),
             _trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=2.0)]
     assert lr_stops(near, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: 1.0, 2.0: 0.5}
+
+
+def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
+    """Steps that nearly halve with every doubling (16–64) fit a B_crit of thousands: an extrapolation. An outside
+    SGD sweep's 6,991 (S_min 7 steps) over sizes up to 512 had set goodput and E/Emin; the noise scale is used."""
+    rows = [_timed(size, seed, steps, 0.5, 0.01, noise=300) for size, steps in ((16, 400), (32, 201), (64, 101))
+            for seed in (0, 1)]
+    result = result_from_rows("hand", rows, {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048,
+                                             "precision": "fp32"})
+    c = result.to_dict()["critical_batch_size"]
+    assert c["from_steps_to_target"] > 4 * 64 and c["fit_extrapolated"] and c["basis"] == "noise scale"
+    assert c["b_crit"] == c["from_noise_scale"] and 250 < c["b_crit"] < 350
+    note = next(n for n in result.notes if n.startswith("the steps-to-target fit puts the critical batch"))
+    assert "beyond 4x the largest size that reached the target" in note and "the noise scale's 300 is used" in note
+    assert "an extrapolation, not adopted" in render_sweep(result, "table")
+    bent = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 240), (64, 160)) for seed in (0, 1)]
+    c = result_from_rows("hand", bent, {**HAND_META, "target_loss": 0.5, "seeds": [0, 1]}).to_dict()["critical_batch_size"]
+    assert not c["fit_extrapolated"] and c["basis"] == "steps-to-target fit" and 16 < c["b_crit"] < 4 * 64
 
 
 def test_a_fastest_lr_that_fails_the_later_seeds_gets_a_second_chance_lr():

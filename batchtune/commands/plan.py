@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
+from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -785,10 +786,6 @@ def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
             "levels off (the data's noise, the model's capacity) ends higher; --verify measures it"]
 
 
-#: A steps-fit B_crit more than this many times the largest size calibrated is an extrapolation, not a reading.
-BEYOND_SIZES = 4
-
-
 def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str, Any],
                   lead: dict[str, Any] | None) -> Any:
     """B_crit at each calibration target (the sweep's analysis), and below the lowest from the lead
@@ -800,15 +797,16 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     largest = max((r["batch_size"] for r in rows if r["fits"]), default=0)
     for t in analysis.by_target:
         c, key = t["critical"], f"{t['target_loss']:.4g}"
-        if c["b_crit"] and c["b_crit"] > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
-            beyond.append(f"{key} ({c['b_crit']:,.0f})")
+        b_crit = c["from_steps_to_target"] or c["b_crit"]  # the fit where there is one, adopted by the sweep or not
+        if b_crit and b_crit > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
+            beyond.append(f"{key} ({b_crit:,.0f})")
             result.critical_batch_by_loss[key] = None
             if c["from_steps_to_target"] and c["from_noise_scale"]:  # still a lower bound of B_crit/B_simple
                 ratios.append(BEYOND_SIZES * largest / c["from_noise_scale"])
             continue
-        result.critical_batch_by_loss[key] = c["b_crit"]
-        if c["b_crit"]:
-            points.append((t["target_loss"], c["b_crit"]))
+        result.critical_batch_by_loss[key] = b_crit
+        if b_crit:
+            points.append((t["target_loss"], b_crit))
         if c["from_steps_to_target"] and c["from_noise_scale"]:
             ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
     if beyond:

@@ -31,7 +31,8 @@ from typing import Any
 import pandas as pd
 
 from batchtune.render.text import count, pm
-from batchtune.stats.critical import DEFINITION, compute_beyond_critical, efficiency, excess_compute, fit_steps_to_target
+from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
+                                      fit_steps_to_target)
 from batchtune.stats.noise import pooled_noise_scale
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
@@ -136,6 +137,11 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
                      "ranking gap of a few percent may be noise; sweep.seeds 3 or more measures it")
+    elif len(meta.get("seeds") or []) == 2:  # an outside sweep read '0.08–0.08' from seeds at 80 and 83 steps
+        notes.append("two seeds: each interval is the range of the two seeds' times (the bootstrap of two values), not "
+                     "a measured 90% interval; close seeds give a narrow range where more seeds spread wider (five of "
+                     "an outside 512 took 93–148 steps where its two took 80 and 83), so a tie read from it may be "
+                     "missed; sweep.seeds 3 or more measures it")
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
         if last["target_loss"] != min(targets):  # the headline is the last target given, not the lowest
@@ -591,24 +597,30 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     efficiency, excess compute and goodput per size."""
     noise = _noise_at_target(contenders, target, meta.get("tokens_per_sample") or 1)
     fit = fit_steps_to_target({e["batch_size"]: e["seed_steps"] for e in contenders})
-    b_crit = fit.b_crit or (noise["b_simple"] if noise and noise["reliable"] else None)
+    # a fit far past the sizes measured is an extrapolation (an outside SGD sweep whose best lrs all sat at the
+    # bracket's edge fitted 6,991, 90% 1,051–49,551, S_min 7 steps, over sizes up to 512; its own check put B_crit
+    # near 1,000–1,200): not adopted, the noise scale is, where reliable
+    extrapolated = bool(fit.b_crit) and fit.b_crit > BEYOND_SIZES * max(e["batch_size"] for e in contenders)
+    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if noise and noise["reliable"] else None)
     base = min((e["batch_size"] for e in sizes), default=None)
     for e in sizes:
         e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
         e["excess_compute"] = excess_compute(e["batch_size"], b_crit) if b_crit else None
         e["goodput"] = (e["samples_per_s"] * e["efficiency"]
                         if e["efficiency"] is not None and e["samples_per_s"] is not None else None)
-    return _critical_dict(noise, fit, b_crit)
+    return _critical_dict(noise, fit, b_crit, extrapolated)
 
 
-def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None) -> dict[str, Any]:
+def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None,
+                   extrapolated: bool = False) -> dict[str, Any]:
     from_noise = noise["b_simple"] if noise else None
     from_fit = fit.b_crit if fit is not None else None
     return {
         "noise_scale": noise, "fit": fit.to_dict() if fit is not None else {},
         "from_noise_scale": from_noise, "from_steps_to_target": from_fit,
         "ratio": from_noise / from_fit if from_noise and from_fit else None,
-        "b_crit": b_crit, "basis": ("steps-to-target fit" if from_fit else "noise scale") if b_crit else None,
+        "b_crit": b_crit, "basis": ("noise scale" if extrapolated or not from_fit else "steps-to-target fit")
+        if b_crit else None, "fit_extrapolated": extrapolated,
         "definition": DEFINITION,
     }
 
@@ -656,6 +668,17 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
             notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
                          f"batch may reach the target sooner still; try sweep.min_batch_size={max(1, smallest // 4)}")
     largest = max(e["batch_size"] for e in sizes)
+    if critical.get("fit_extrapolated"):
+        fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
+        adopted = (f"the noise scale's {count(b_crit)} is used instead" if b_crit else
+                   "no critical batch is adopted (goodput and E/Emin are not shown)")
+        edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
+        why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
+               "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
+        notes.append(f"the steps-to-target fit puts the critical batch ({fitted}; S_min {fit['s_min']:.0f} steps) "
+                     f"beyond {BEYOND_SIZES}x the largest size that reached the target: the steps barely bend, so it "
+                     f"is an extrapolation, not a reading{why}; {adopted}; sweep.max_batch_size={4 * largest} "
+                     "measures past the bend")
     if ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
         notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
                      f"extrapolation: a larger batch may reach the target sooner still; try "
@@ -836,7 +859,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _critical_json(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio", "b_crit", "basis",
-                                  "definition", "fit")}
+                                  "fit_extrapolated", "definition", "fit")}
 
 
 @dataclass

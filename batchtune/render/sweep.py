@@ -48,7 +48,8 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     fit, noise = c.get("fit") or {}, c.get("noise_scale")
     if fit.get("b_crit"):
         steps = (f"{fit['b_crit']:.0f} from steps-to-target over {fit['sizes']} sizes "
-                 f"(90% bootstrap {num(fit['low'], '.0f')}–{num(fit['high'], '.0f')}; S_min {fit['s_min']:.0f} steps)")
+                 f"(90% bootstrap {num(fit['low'], '.0f')}–{num(fit['high'], '.0f')}; S_min {fit['s_min']:.0f} steps"
+                 f"{'; an extrapolation, not adopted: see the notes' if c.get('fit_extrapolated') else ''})")
     else:
         steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
     if noise:

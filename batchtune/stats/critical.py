@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 __all__ = [
+    "BEYOND_SIZES",
     "DEFINITION",
     "CriticalFit",
     "compute_beyond_critical",
@@ -67,6 +68,10 @@ def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
     if intercept <= 0 or slope <= 0:
         return None
     return slope / intercept, intercept
+
+
+#: A steps-fit B_crit more than this many times the largest size measured is an extrapolation, not a reading.
+BEYOND_SIZES = 4
 
 
 def fit_steps_to_target(steps: Mapping[int, Sequence[float]], resamples: int = 500,
