@@ -359,6 +359,13 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
     assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
                                                  "batch 64, the nearest size it ranked; it did not run batch 2048")
     assert base.fastest_lr(8, job, 0.0025)[0] == pytest.approx(0.005)  # below: 16's x2
+    # an outside sweep ran 512 and left it unranked (1/2 seeds); check said "it did not run batch 512"
+    summary.append({"batch_size": 128, "status": "excluded: reached the target in 1/2 seeds", "lr": 0.08,
+                    "lr_multiplier": 2.0})
+    ran = Baseline(Path("run"), {}, [{"batch_size": 128, "fits": True}], {}, job, {"summary": summary})
+    assert ran.fastest_lr(128, job, 0.04)[1] == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
+                                                 "batch 64, the nearest size it ranked; it ran batch 128 but did not "
+                                                 "rank it (excluded: reached the target in 1/2 seeds)")
     assert Baseline(Path("run"), {}, [], {}, job, {"summary": []}).fastest_lr(2048, job, 0.64) == (
         None, "the baseline sweep did not rank batch 2048, so the rule's lr is used")
     changed = {**job, "model": "m2"}

@@ -253,13 +253,23 @@ class Baseline:
         if len(mults) == 1 and len(with_mult) > 1:
             m = mults.pop()
             return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size "
-                                 f"it ranked ({len(with_mult)}); it did not run batch {batch_size}")
+                                 f"it ranked ({len(with_mult)}); {self._unranked(batch_size)}")
         if with_mult:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
             near = min(with_mult, key=lambda r: (abs(math.log2(r["batch_size"] / batch_size)), -r["batch_size"]))
             m = float(near["lr_multiplier"])
             return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at batch "
-                                 f"{near['batch_size']}, the nearest size it ranked; it did not run batch {batch_size}")
+                                 f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
         return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
+
+
+    def _unranked(self, batch_size: int) -> str:
+        """Why the sweep has no lr of its own for ``batch_size``: not run, or run and not ranked (an outside
+        check said "it did not run batch 512" of a sweep that ran five trials there, 1/2 seeds reaching)."""
+        row = next((r for r in self.result.get("summary") or [] if r.get("batch_size") == batch_size), None)
+        if row is None and not self.rows_for(batch_size):
+            return f"it did not run batch {batch_size}"
+        status = str((row or {}).get("status") or "")
+        return f"it ran batch {batch_size} but did not rank it" + (f" ({status})" if status.startswith("excluded") else "")
 
 
 def load_baseline(path: str | Path) -> Baseline:
