@@ -391,3 +391,8 @@ def frozen_first_layer(in_features: int = 16, hidden: int = 32, num_classes: int
     model = tiny_mlp(in_features, hidden, num_classes)
     model[0].requires_grad_(False)
     return model
+
+
+def no_optimizer(params, lr):
+    """An optimizer factory that forgot its return statement."""
+    torch.optim.SGD(params, lr=lr)

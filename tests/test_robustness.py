@@ -152,6 +152,28 @@ def test_an_mse_that_would_broadcast_is_an_error_not_a_warning(write_spec):
     assert "UserWarning" not in _cli("validate", spec).stderr and line
 
 
+@pytest.mark.parametrize("command", [("validate",), ("check", "--batch-size", "16")])
+def test_cross_entropy_over_one_output_is_a_loss_error_in_every_command(write_spec, command):
+    """An outside regression left out loss: (cross_entropy, the default) on one output: its loss is always 0, and
+    validate said ok, check passed with exit 0 ("loss 0 → 0"), the sweep said only that the model does not learn."""
+    one = '"tests.fixtures:tiny_mlp", kwargs: {num_classes: 1}}'
+    spec = write_spec(TINY_SPEC.replace('"tests.fixtures:tiny_mlp"}', one))
+    _one_line_error(_cli(command[0], spec, *command[1:]), "spec.yaml: loss: the model and loss on the first batch",
+                    "cross_entropy (the default where a spec names no loss) over the model's output of shape",
+                    "one class, is always 0", "for a regression give loss: mse")
+
+
+@pytest.mark.parametrize("command", [("validate",), ("check", "--batch-size", "16")])
+def test_an_optimizer_factory_that_returns_no_optimizer_names_optimizer_target(write_spec, command):
+    """An outside factory returned None: validate said ok, check failed its step with an AttributeError, exit 1."""
+    spec = write_spec(TINY_SPEC.replace("optimizer: {name: adamw, lr: 0.01}",
+                                        'optimizer: {target: "tests.fixtures:no_optimizer", lr: 0.01}'))
+    result = _cli(command[0], spec, *command[1:])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("spec.yaml:4: optimizer.target: the optimizer tests.fixtures:no_optimizer() returned NoneType, not an "
+            "optimizer (it has no param_groups, step, zero_grad)") in result.stderr
+
+
 HEADS_SPEC = """\
 name: heads
 model: {target: "tests.fixtures:three_heads"}

@@ -241,6 +241,10 @@ def _tensor_output(loss: str, output: Any) -> None:
 
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _tensor_output("cross_entropy", output)
+    if output.dim() >= 2 and output.shape[-1] == 1:  # an outside regression left out loss: and passed check at 0
+        raise LossShapeError(f"cross_entropy (the default where a spec names no loss) over the model's output of shape "
+                             f"{list(output.shape)}, one class, is always 0 (the log-softmax of one class) and trains "
+                             "nothing: for a regression give loss: mse; a classifier needs an output per class")
     if output.dim() > 2:  # (B, T, V) sequence logits against (B, T) targets
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
     return F.cross_entropy(output, target)
@@ -366,7 +370,11 @@ def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets
     as B²). Torch's other warnings pass on."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = criterion(output, targets)
+        try:
+            loss = criterion(output, targets)
+        except LossShapeError as exc:  # a built-in loss the shapes do not suit: the spec's loss, exit 2 everywhere
+            raise ComponentError([spec.issue("loss", f"the model and loss on the first batch raised LossShapeError: "
+                                                     f"{exc}")]) from None
     broadcast = next((str(w.message) for w in caught if "broadcasting" in str(w.message)), None)
     if broadcast:
         raise spec.error("loss", f"the loss broadcast the model's output against the targets: "
@@ -492,7 +500,15 @@ class Components:
         opt = self.spec.optimizer
         key = "optimizer.kwargs" if opt.kwargs else "optimizer"
         name = f"{opt.target}()" if opt.target else f"{getattr(self.optimizer_factory, '__name__', opt.name)}()"
-        return _build(self.spec, key, f"the optimizer {name}", self.optimizer_factory, params, lr=lr, **opt.options)
+        optimizer = _build(self.spec, key, f"the optimizer {name}", self.optimizer_factory, params, lr=lr,
+                           **opt.options)
+        missing = [a for a in ("param_groups", "step", "zero_grad") if not hasattr(optimizer, a)]
+        if missing:  # an outside factory returned None: validate said ok, check failed at the step, exit 1
+            raise self.spec.error("optimizer.target" if opt.target else "optimizer",
+                                  f"the optimizer {name} returned {type(optimizer).__name__}, not an optimizer (it has "
+                                  f"no {', '.join(missing)}): return a torch.optim.Optimizer built over the "
+                                  "parameters and lr it is given")
+        return optimizer
 
     def first_loss(self, model: nn.Module, samples: int = 2) -> float:
         """The loss of the first ``samples`` training samples, forward only, as validate checks before any
