@@ -150,6 +150,9 @@ def target_issues(exc: SpecError) -> list[SpecIssue]:
     entries = [(key, data.get(key)) for key in ("model", "data", "loss", "optimizer") if key not in flagged]
     for key, entry in entries:
         target = entry.get("target") if isinstance(entry, dict) else None
+        if key == "optimizer" and isinstance(entry, dict) and str(entry.get("name", "")).lower() in _OPTIMIZERS:
+            issues += _builtin_optimizer_issues(entry, located)
+            continue
         if not (isinstance(target, str) and _TARGET_RE.match(target)):
             continue
         kwargs = entry.get("kwargs") if key != "optimizer" else None
@@ -160,6 +163,20 @@ def target_issues(exc: SpecError) -> list[SpecIssue]:
         except SpecError as err:
             issues += err.issues
     return issues
+
+
+def _builtin_optimizer_issues(entry: dict[str, Any], located: Any) -> list[SpecIssue]:
+    """A built-in optimizer's keyword arguments (its extra keys and ``kwargs``) checked against its signature:
+    an outside spec with an invalid lr_scaling and momentum on AdamW was told of the first only."""
+    kwargs = entry.get("kwargs")
+    extras = {k: v for k, v in entry.items() if k not in ("name", "target", "lr", "kwargs")}
+    extras.update(kwargs if isinstance(kwargs, dict) else {})
+    try:
+        _check_kwargs(_OPTIMIZERS[str(entry["name"]).lower()], extras, located,  # type: ignore[arg-type]
+                      "optimizer.kwargs" if kwargs else "optimizer", skip=("params", "lr"))
+    except SpecError as err:
+        return err.issues
+    return []
 
 
 def _source_key(entry: Any, path: str) -> str:
