@@ -597,6 +597,20 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     assert not c["fit_extrapolated"] and c["basis"] == "steps-to-target fit" and 16 < c["b_crit"] < 4 * 64
 
 
+def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():
+    """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own loop."""
+    rows = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 260), (64, 190))
+            for seed in (0, 1)]
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048, "precision": "fp32"}
+    for safe, said in ((None, True), (128, True), (100, False)):
+        notes = result_from_rows("hand", rows, {**meta, "safe_batch_size": safe}).notes
+        note = next((n for n in notes if n.startswith("the largest size tried won")), None)
+        assert (note is not None) == said
+        if said:
+            assert note.endswith("try sweep.max_batch_size=128") and "(each doubling past the critical batch, ~" in note
+            assert (f"below the safe micro-batch ({safe})" in note) == (safe is not None)
+
+
 def test_a_fastest_lr_that_fails_the_later_seeds_gets_a_second_chance_lr():
     """An outside regression's 512 at ×8 (fastest on seed 0) stalled on seed 1 and the fastest size was excluded;
     the next fastest lr that reached the target on seed 0 now runs the later seeds, stopping at that target."""
