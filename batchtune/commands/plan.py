@@ -711,7 +711,7 @@ def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[d
     for size, end in ends.items():
         hits = [hit[0] for c in curves[size] if (hit := crossing([(e[1], e[1], e[3]) for e in c], target))]
         reached = statistics.median(hits) if len(hits) > len(curves[size]) / 2 else None
-        p = Projection([Stage(0.0, size, rates[size])], n, end, n / size, n / rates[size], target)
+        p = Projection([Stage(0.0, size, rates[size])], n, end, math.ceil(n / size), n / rates[size], target)
         if reached is not None:
             p.samples_to_target, p.steps_to_target, p.seconds_to_target = reached, reached / size, reached / rates[size]
         projected[f"constant {size}"] = p
