@@ -750,16 +750,53 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
         _calibration_spec(spec, components, backend, 10_000, 0.1)
     named = re.search(r"at least ([\d,]+) samples \(it calibrates 32 and 64", str(info.value))
     shortest = int(named[1].replace(",", ""))
-    calibration, per_trial, notes = _calibration_spec(spec, components, backend, shortest, 0.1)
+    calibration, per_trial, notes, left_out = _calibration_spec(spec, components, backend, shortest, 0.1)
     assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
+    every = re.search(r"a run of at least ([\d,]+) samples calibrates every size", " ".join(notes))
+    assert left_out == {"sizes": [128], "samples": int(every[1].replace(",", ""))}
     # an outside plan calibrated 16 and 32 while the job meant to run 128, and did not say so
     assert spec.train.batch_size == 256 and any(
         n.startswith("the job's train.batch_size, 256, is above the largest size calibrated (64): this plan neither "
                      "projects nor judges it; a run of at least ") for n in notes), notes
-    _, _, notes = _calibration_spec(spec.model_copy(update={"train": None}), components, backend, shortest, 0.1)
+    _, _, notes, _ = _calibration_spec(spec.model_copy(update={"train": None}), components, backend, shortest, 0.1)
     assert not any("train.batch_size" in n for n in notes)
     with pytest.raises(UsageError):
         _calibration_spec(spec, components, backend, shortest - 640, 0.1)
+
+
+def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibrated_ones_only():
+    """An outside AdamW regression over 200,000 samples calibrated 32 and 64 (128-512 left out), recommended
+    32→64 and said constant 64 did not reach the target; constant 512 trained 3.4x faster than the pick."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _calibrated_only
+    from batchtune.render.plan import render_plan
+
+    def result(**kw):
+        reasons = ["reaches the final target 0.09155 (within 1% of the best projected final loss) in 5763 steps and "
+                   "2.9 s", "constant 64 does not reach it within the run"]
+        return SimpleNamespace(**{"recommendation": {"plan": "schedule", "reasons": reasons}, "closest": None, **kw})
+
+    picked = result()
+    _calibrated_only(picked, [32, 64], {"sizes": [128, 256, 512], "samples": 2_457_600})
+    assert picked.recommendation["left_out"] == [128, 256, 512]
+    assert picked.recommendation["reasons"][-1] == (
+        "chosen among the calibrated sizes only (32, 64): 128, 256, 512 were left out of the calibration (see the "
+        "notes), so neither projected nor judged, and this plan cannot say whether they are faster; a run of at "
+        "least 2,457,600 samples calibrates every size, and batchtune sweep measures them directly")
+    shown = SimpleNamespace(name="reg", samples=200_000, gpus=1, calibration={}, critical_batch_by_loss={},
+                            final_target=None, schedule=None, verified=None, schedule_path=None, notes=[],
+                            recommendation=picked.recommendation)
+    assert "\nrecommended: schedule (among the calibrated sizes only)\n" in render_plan(shown)
+    closest = result(recommendation=None, closest={"plan": "constant 64", "reasons": []})  # a deadline missed
+    _calibrated_only(closest, [32, 64], {"sizes": [128], "samples": 983_040}, scale=2)  # --gpus 2, one process
+    assert closest.closest["reasons"] == [
+        "chosen among the calibrated sizes only (64, 128): 256 was left out of the calibration (see the notes), so "
+        "neither projected nor judged, and this plan cannot say whether it is faster; a run of at least 983,040 "
+        "samples calibrates every size, and batchtune sweep measures it directly"]
+    every = result()
+    _calibrated_only(every, [32, 64, 128], {"sizes": [], "samples": 1})
+    assert len(every.recommendation["reasons"]) == 2 and "left_out" not in every.recommendation
 
 
 def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extrapolated():
