@@ -51,7 +51,8 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines += ["schedule:", tabulate(stages, headers=["from sample", "batch", "micro×accum", "lr"],
                                         tablefmt=style, disable_numparse=True), ""]
     if result.recommendation:
-        lines.append(f"recommended: {result.recommendation['plan']}")
+        among = " (among the calibrated sizes only)" if result.recommendation.get("left_out") else ""
+        lines.append(f"recommended: {result.recommendation['plan']}{among}")
         lines += [f"  - {r}" for r in result.recommendation["reasons"]]
     elif getattr(result, "closest", None):  # a deadline no plan meets: the nearest is named, not recommended
         deadline = getattr(result, "deadline", None) or duration_text(result.deadline_seconds)

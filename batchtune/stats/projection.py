@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["CriticalLaw", "LossCurve", "Projection", "Stage", "best_schedule", "fit_critical_law", "tracking_schedule",
-           "backtest_loss_curve", "fit_loss_curve", "loss_slope", "min_samples", "project", "warmup_share"]
+           "backtest_loss_curve", "fit_loss_curve", "loss_slope", "min_samples", "on_step_boundaries", "project",
+           "warmup_share", "whole_steps"]
 
 EXTRAPOLATION_CAP = 4.0  # B_crit extrapolated to at most this times the largest calibrated value
 INTEGRATION_STEPS = 4000  # stretches the run is integrated over (log-spaced samples)
@@ -227,11 +228,39 @@ class Projection:
         return self.steps_to_target is not None
 
 
+def on_step_boundaries(stages: Sequence[Stage], samples: float) -> list[Stage]:
+    """The stages in order, each later one moved to the nearest step boundary of the stage before (its start
+    plus a whole number of its batches, at least one): a loop counting whole steps switches exactly there.
+    A stage that would then start at or past the run's end is dropped (it never runs). A boundary between
+    steps moved the switch to the next step's end: a schedule 32→64 from sample 170,000 ran 5,782 steps and
+    200,032 samples where its table said 5,781."""
+    out: list[Stage] = []
+    for s in sorted(stages, key=lambda s: s.start):
+        if not out:
+            out.append(s)
+            continue
+        before = out[-1]
+        start = before.start + max(1, round((s.start - before.start) / before.batch_size)) * before.batch_size
+        if start >= samples:
+            break
+        out.append(Stage(float(start), s.batch_size, s.samples_per_s))
+    return out
+
+
+def whole_steps(stages: Sequence[Stage], samples: float) -> int:
+    """The steps a loop takes over ``samples`` (``while seen < samples: seen += batch``) with stages on step
+    boundaries (:func:`on_step_boundaries`): each stage's whole steps, the last one's final step overshooting
+    the run's end where its batch does not divide what is left."""
+    ends = [s.start for s in stages[1:]] + [samples]
+    return sum(math.ceil((end - s.start) / s.batch_size) for s, end in zip(stages, ends))
+
+
 def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Callable[[float], float],
             target: float | None = None, resolution: int = INTEGRATION_STEPS, warmup: float = 0.0) -> Projection:
     """Integrate a plan over ``samples``: E_min, loss, steps and seconds, and where it crosses ``target``;
-    the first ``warmup`` samples in a linear lr warmup (:func:`warmup_share`)."""
-    stages = sorted(stages, key=lambda s: s.start)
+    the first ``warmup`` samples in a linear lr warmup (:func:`warmup_share`). Stages are moved onto step
+    boundaries first (:func:`on_step_boundaries`), and the run's steps are the whole steps a loop takes."""
+    stages = on_step_boundaries(stages, samples)
     grid = np.unique(np.concatenate([np.geomspace(1.0, samples, resolution),
                                      [s.start for s in stages if 0 < s.start < samples], [samples],
                                      [warmup] if 0 < warmup < samples else []]))
@@ -255,7 +284,8 @@ def project(stages: Sequence[Stage], samples: float, curve: LossCurve, law: Call
         trace.append((float(e), steps, seconds, loss))
     if target is not None and result.steps_to_target is None and trace[0][3] <= target:
         result.steps_to_target = result.seconds_to_target = result.samples_to_target = 0.0
-    result.final_loss, result.total_steps, result.total_seconds, result.trace = loss, steps, seconds, trace
+    result.final_loss, result.total_seconds, result.trace = loss, seconds, trace
+    result.total_steps = whole_steps(stages, samples)
     return result
 
 
@@ -306,6 +336,7 @@ def best_schedule(throughput: Mapping[int, float], samples: float, curve: LossCu
             continue
         p = project(stages, samples, curve, law, target, resolution=300, warmup=warmup)
         # a switch after the target is reached changes nothing the user asked about
-        if p.reaches and p.samples_to_target > stages[1].start and p.seconds_to_target < fastest:
-            best, fastest = stages, p.seconds_to_target
+        if len(p.stages) > 1 and p.reaches and p.samples_to_target > p.stages[1].start and \
+                p.seconds_to_target < fastest:
+            best, fastest = p.stages, p.seconds_to_target
     return project(best, samples, curve, law, target, warmup=warmup) if best is not None else None
