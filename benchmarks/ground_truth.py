@@ -77,6 +77,10 @@ TASKS: dict[str, dict[str, Any]] = {
     # simulated memory limit, so 512 and 1024 run
     "charlm": {"config": "configs/char_lm.yaml", "budget": 8192, "eval_samples": 128,
                "overrides": ["device.memory_limit=null", "model.kwargs.d_model=64", "precision=fp32"]},
+    # regression onto a random teacher with AdamW (benchmarks/configs/teacher_student.yaml): a task none of
+    # the sweep's defaults was tuned on, checked once its rules were settled (one epoch of 65,536 samples)
+    "teacher": {"config": "benchmarks/configs/teacher_student.yaml", "budget": 65536, "eval_samples": 4096,
+                "overrides": []},
 }
 log = logging.getLogger("ground_truth")
 

@@ -598,7 +598,8 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
 
 
 def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():
-    """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own loop."""
+    """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own
+    loop."""
     rows = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 260), (64, 190))
             for seed in (0, 1)]
     meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048, "precision": "fp32"}
