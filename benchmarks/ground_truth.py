@@ -414,14 +414,15 @@ def render(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- the sweep against it
 
-def run_sweep(task: str, summary: dict[str, Any], folder: Path, *, samples: int | None = None) -> dict[str, Any]:
+def run_sweep(task: str, summary: dict[str, Any], folder: Path, *, samples: int | None = None,
+              overrides: list[str] | None = None) -> dict[str, Any]:
     """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets."""
     t = TASKS[task]
     targets = "[" + ", ".join(f"{x['target_loss']:g}" for x in summary["targets"]) + "]"
     command = [sys.executable, "-m", "batchtune", "sweep", str(ROOT / t["config"]), *t["overrides"],
                f"sweep.batch_sizes=[{', '.join(sorted(summary['grid'], key=int))}]",
                f"sweep.samples={samples or summary['budget_samples']}",
-               f"sweep.target_loss={targets}", "--format", "json", "--out", str(folder)]
+               f"sweep.target_loss={targets}", *(overrides or []), "--format", "json", "--out", str(folder)]
     log.info("running %s", " ".join(command))
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
@@ -471,7 +472,7 @@ def fill_picks(task: str, out: Path, summary: dict[str, Any], result: dict[str, 
     return trained
 
 
-def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
+def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides: list[str] | None = None) -> int:
     """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's."""
     from batchtune.config.spec import load_spec
     from batchtune.stats.scaling import spec_lr
@@ -483,7 +484,7 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None) -> int:
         result = json.loads(sweep_json.read_text())
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples)
+            result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples, overrides=overrides)
         with gzip.open(out.with_name(out.stem + "_sweep_rows.json.gz"), "wt") as f:
             json.dump(result.pop("_rows"), f)
         sweep_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -542,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="warm up over this budget's steps, as a sweep with this sweep.samples does")
     parser.add_argument("--sweep-samples", type=int, default=None,
                         help="--compare: the sweep's sample budget (default: the ground truth's)")
+    parser.add_argument("--sweep-override", action="append", default=[],
+                        help="--compare: a spec override for the sweep (repeatable), e.g. sweep.lr_refine=winner")
     parser.add_argument("--evals-per-doubling", type=int, default=24)
     parser.add_argument("--minutes", type=float, default=60.0, help="launch no new run after this long")
     parser.add_argument("--out", type=Path, default=None)
@@ -556,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_samples or TASKS[args.task]["budget"]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else TASKS[args.task].get("sizes", SIZES)
     if args.compare:
-        return compare(args.task, out, sweep_samples=args.sweep_samples)
+        return compare(args.task, out, sweep_samples=args.sweep_samples, overrides=args.sweep_override)
     if args.analyse:
         targets = [float(t) for t in args.targets.split(",")] if args.targets else None
         return analyse(args.task, out, budget=budget, targets=targets)
