@@ -396,3 +396,20 @@ def frozen_first_layer(in_features: int = 16, hidden: int = 32, num_classes: int
 def no_optimizer(params, lr):
     """An optimizer factory that forgot its return statement."""
     torch.optim.SGD(params, lr=lr)
+
+
+def squeezed_mlp(in_features: int = 16) -> nn.Module:
+    """One output per sample, squeezed to (B,): a regression head."""
+    return nn.Sequential(nn.Linear(in_features, 1), nn.Flatten(0))
+
+
+def float_targets(**kwargs):
+    """tiny_data's inputs with float regression targets of shape (B,)."""
+    train, val = tiny_data(**kwargs)
+    return tuple(torch.utils.data.TensorDataset(d.tensors[0], d.tensors[1].float()) for d in (train, val))
+
+
+def column_labels(**kwargs):
+    """tiny_data with its class labels as a (B, 1) column."""
+    train, val = tiny_data(**kwargs)
+    return tuple(torch.utils.data.TensorDataset(d.tensors[0], d.tensors[1][:, None]) for d in (train, val))

@@ -159,8 +159,25 @@ def test_cross_entropy_over_one_output_is_a_loss_error_in_every_command(write_sp
     one = '"tests.fixtures:tiny_mlp", kwargs: {num_classes: 1}}'
     spec = write_spec(TINY_SPEC.replace('"tests.fixtures:tiny_mlp"}', one))
     _one_line_error(_cli(command[0], spec, *command[1:]), "spec.yaml: loss: the model and loss on the first batch",
-                    "cross_entropy (the default where a spec names no loss) over the model's output of shape",
-                    "one class, is always 0", "for a regression give loss: mse")
+                    "cross_entropy (the built-in loss, and the default where a spec names none) over the model's "
+                    "output of shape", "one class, is always 0", "for a regression give loss: mse")
+
+
+@pytest.mark.parametrize("model, data, message", [
+    # a (B,) output and (B,) float targets: the batch read as one sample over B classes (an outside sweep then
+    # recommended a size at a target loss of -3.3e6)
+    ("squeezed_mlp", "float_targets", "needs class scores of shape [B, C] (or [B, T, C]); the model's output has "
+                                      "shape [2], which it would read as one sample's scores over 2 classes"),
+    ("tiny_mlp", "float_targets", "takes class indices (integers) of shape [2] or class probabilities of the "
+                                  "output's shape [2, 4]; the targets are float32 of shape [2]"),
+    ("tiny_mlp", "column_labels", "takes class indices of shape [2] for the model's output of shape [2, 4]; the "
+                                  "targets have shape [2, 1]: squeeze their last dimension"),
+])
+def test_cross_entropy_against_what_it_cannot_mean_names_loss(write_spec, model, data, message):
+    spec = write_spec(TINY_SPEC.replace("tiny_mlp", model).replace("tiny_data", data))
+    _one_line_error(_cli("validate", spec), "spec.yaml: loss: the model and loss on the first batch raised "
+                    "LossShapeError: cross_entropy (the built-in loss, and the default where a spec names none)",
+                    message)
 
 
 @pytest.mark.parametrize("command", [("validate",), ("check", "--batch-size", "16")])

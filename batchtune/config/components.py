@@ -258,13 +258,38 @@ def _tensor_output(loss: str, output: Any) -> None:
 
 def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _tensor_output("cross_entropy", output)
-    if output.dim() >= 2 and output.shape[-1] == 1:  # an outside regression left out loss: and passed check at 0
-        raise LossShapeError(f"cross_entropy (the default where a spec names no loss) over the model's output of shape "
-                             f"{list(output.shape)}, one class, is always 0 (the log-softmax of one class) and trains "
-                             "nothing: for a regression give loss: mse; a classifier needs an output per class")
+    _class_scores(output, target)
     if output.dim() > 2:  # (B, T, V) sequence logits against (B, T) targets
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
     return F.cross_entropy(output, target)
+
+
+def _class_scores(output: torch.Tensor, target: Any) -> None:
+    """A LossShapeError where cross_entropy cannot be the loss meant: outside regressions that left out ``loss:``
+    trained on a loss always 0 (one output: the log-softmax of one class; check passed), on the batch read as one
+    sample's scores over B classes (a (B,) output and (B,) float targets: a target of -3.3e6 was recommended),
+    or raised torch's 'multi-target not supported' against the model's line."""
+    what = "cross_entropy (the built-in loss, and the default where a spec names none)"
+    regression = "for a regression give loss: mse"
+    if output.dim() < 2:
+        raise LossShapeError(f"{what} needs class scores of shape [B, C] (or [B, T, C]); the model's output has shape "
+                             f"{list(output.shape)}, which it would read as one sample's scores over "
+                             f"{output.shape[0] if output.dim() else 1} classes: {regression}")
+    if output.shape[-1] == 1:
+        raise LossShapeError(f"{what} over the model's output of shape {list(output.shape)}, one class, is always 0 "
+                             f"(the log-softmax of one class) and trains nothing: {regression}; a classifier needs "
+                             "an output per class")
+    if not isinstance(target, torch.Tensor):
+        return
+    if target.is_floating_point() and target.shape != output.shape:
+        raise LossShapeError(f"{what} takes class indices (integers) of shape {list(output.shape[:-1])} or class "
+                             f"probabilities of the output's shape {list(output.shape)}; the targets are "
+                             f"{str(target.dtype).removeprefix('torch.')} of shape {list(target.shape)}: "
+                             f"{regression}; for labels, make them integers")
+    if not target.is_floating_point() and target.shape != output.shape[:-1]:
+        raise LossShapeError(f"{what} takes class indices of shape {list(output.shape[:-1])} for the model's output "
+                             f"of shape {list(output.shape)}; the targets have shape {list(target.shape)}"
+                             + (": squeeze their last dimension" if target.shape[:-1] == output.shape[:-1] else ""))
 
 
 class LossShapeError(ValueError):
