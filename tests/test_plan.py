@@ -902,6 +902,7 @@ def test_b_crit_on_b_simple_alone_under_an_adaptive_optimizer_is_said_to_be_an_o
         result = SimpleNamespace(targets=[0.5], critical_batch_by_loss={}, notes=[], laws={})
         _critical_law(result, two, meta, lead, adaptive=adaptive)
         assert result.laws["noise_to_critical_ratio"] == 1.0 and result.critical_batch_by_loss["0.5"] > 0
+        assert result.laws["simple_only"] == adaptive  # adaptive and no steps fit: no plan is recommended
         return result.notes
 
     said = ("at the calibration targets and below B_crit is read as B_simple (no target had both a steps fit and a "
@@ -912,6 +913,45 @@ def test_b_crit_on_b_simple_alone_under_an_adaptive_optimizer_is_said_to_be_an_o
         "of B_crit: in batchtune's ground truths it read 0.15-0.17x B_crit on an AdamW MLP and 1.8-2.5x it on a char "
         "LM, so the critical batch here, the schedule's growth points and every size's projected steps and time are "
         "uncertain by as much; a steps fit over three or more calibrated sizes (a longer run) measures B_crit"]
+
+
+def test_a_plan_whose_critical_batch_rests_on_b_simple_alone_under_adam_recommends_none():
+    """Two outside AdamW plans calibrated two sizes and recommended 32→64 and constant 128, where constant 512
+    trained 3.4x and 1.9x faster: their projections ranked the sizes by B_simple alone (read 0.08-0.17x B_crit on
+    the AdamW ground truths)."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _unfounded
+
+    result = SimpleNamespace(recommendation={"plan": "schedule 32→64", "reasons": []}, notes=[], projection={"x": 1})
+    _unfounded(result)
+    assert result.recommendation is None and result.projection == {"x": 1}  # the projections stay, shown as such
+    assert result.notes == [
+        "no plan is recommended: no calibrated size's steps measured the critical batch, and under an adaptive "
+        "optimizer the noise scale alone does not rank the sizes (the projections' fastest, schedule 32→64, is shown "
+        "for what it is); batchtune sweep over the sizes measures them, and a plan of a run long enough to calibrate "
+        "three or more sizes projects them"]
+
+
+def test_the_runner_up_of_a_constant_size_picked_over_a_schedule_is_not_itself():
+    """The schedule 128→256 was 0.7% faster than constant 128, so constant 128 was recommended, and its reasons
+    read 'next: constant 128, 1.00× as long' (an outside plan)."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _recommend
+    from batchtune.stats.projection import Projection, Stage
+
+    def plan(stages, seconds, reaches=True):
+        return Projection([Stage(start, b, 1000.0) for start, b in stages], 1e5, 0.1 if reaches else 0.2, 1000,
+                          seconds + 1, 0.15, 900 if reaches else None, seconds if reaches else None, 9e4)
+
+    projected = {"constant 128": plan([(0, 128)], 2.31), "constant 256": plan([(0, 256)], 1.4, reaches=False),
+                 "constant 64": plan([(0, 64)], 3.0), "schedule": plan([(0, 128), (9e4, 256)], 2.295)}
+    result = SimpleNamespace(notes=[], final_target=0.15, gpus=1, price_per_hour=None, schedule={"stages": []},
+                             deadline_seconds=None)
+    _recommend(result, projected, 0.01)
+    assert result.recommendation["plan"] == "constant 128"
+    assert "next: schedule 128→256, 0.99× as long" in result.recommendation["reasons"]
 
 
 def _reaching(size, reach, level, seed=0):

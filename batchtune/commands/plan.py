@@ -899,6 +899,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         result.laws["noise_to_critical_ratio"] = ratio
         if not ratios:
             result.notes.append(_simple_only_note(fitted, adaptive))
+    result.laws["simple_only"] = bool(adaptive and not fitted)  # nothing measured B_crit: no plan is recommended
     law = fit_critical_law(points)
     if law is not None:
         result.laws["critical_batch"] = law.to_dict()
@@ -995,6 +996,21 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
             shape = {k: v for k, v in stages[0].items() if k != "start_samples"}
             result.constant.append({**shape, **_plan_dict(p, gpus, price)})
     _recommend(result, projected, tolerance)
+    if result.laws.get("simple_only") and result.recommendation is not None:
+        _unfounded(result)
+
+
+def _unfounded(result: PlanResult) -> None:
+    """No steps fit measured B_crit at any calibration target and the optimizer is adaptive: every size's
+    projection rests on B_simple alone, an order-of-magnitude reading of B_crit there, so the ranking is not
+    advice. Two outside AdamW plans that calibrated two sizes recommended 32→64 and constant 128, where constant
+    512 trained 3.4x and 1.9x faster, and said sizes that reach the target would not."""
+    name = result.recommendation["plan"]
+    result.recommendation = None
+    result.notes.append(f"no plan is recommended: no calibrated size's steps measured the critical batch, and under "
+                        f"an adaptive optimizer the noise scale alone does not rank the sizes (the projections' "
+                        f"fastest, {name}, is shown for what it is); batchtune sweep over the sizes measures them, "
+                        "and a plan of a run long enough to calibrate three or more sizes projects them")
 
 
 def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages: list[Stage],
@@ -1055,7 +1071,7 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
         reasons.append(f"the best constant size, {fastest_constant.stages[0].batch_size}, takes "
                        f"{fastest_constant.seconds_to_target / pick.seconds_to_target:.2f}× as long and "
                        f"{fastest_constant.steps_to_target / pick.steps_to_target:.2f}× the steps")
-    runner = sorted(reaching.values(), key=lambda p: p.seconds_to_target)[1:2]
+    runner = [p for p in sorted(reaching.values(), key=lambda p: p.seconds_to_target) if p is not pick][:1]
     if name != "schedule" and runner:
         reasons.append(f"next: {_plan_name(runner[0])}, {runner[0].seconds_to_target / pick.seconds_to_target:.2f}× "
                        "as long")
