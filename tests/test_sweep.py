@@ -507,6 +507,11 @@ def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():
     assert rec["batch_size"] == 16 and rec["tied_with"] == [64, 32]
     assert rec["seconds_to_target"] == pytest.approx(1.1) and rec["seconds_to_target_interval"][1] == 1.3
     assert "ties with it within seed noise" in rec["reason"]
+    # with several targets the text's line for each says its ties too (an outside CI script found them in the JSON only)
+    result = result_from_rows("hand", rows, {**HAND_META, "target_loss": [0.5, 0.5], "samples": 2048,
+                                             "seeds": [0, 1, 2], "precision": "fp32"})
+    assert "  target 0.5: batch 16 at lr 0.01, 1.10 s (tied with 64, 32 within seed noise); B_crit" in render_sweep(
+        result, "table")
 
 
 def test_a_size_reaching_the_target_in_one_seed_of_three_does_not_qualify():

@@ -110,8 +110,10 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
         lines.append("by target (each its own ranking; the table above is the last):")
         for t in result.by_target:
             rec_t, crit = t["recommendation"], t["critical"]
+            ties = ", ".join(map(str, (rec_t or {}).get("tied_with") or []))
             pick = (f"batch {format_shape(rec_t)} at lr {rec_t['lr']:.3g}, {rec_t['seconds_to_target']:.2f} s"
-                    if rec_t else "no size reached it in most seeds")
+                    + (f" (tied with {ties} within seed noise)" if ties else "") if rec_t
+                    else "no size reached it in most seeds")
             b_crit = f"B_crit ~{crit['b_crit']:.0f} ({crit['basis']})" if crit.get("b_crit") else "B_crit unknown"
             lines.append(f"  target {t['target_loss']:.4g}: {pick}; {b_crit}")
     scaling = meta.get("scaling")
