@@ -91,6 +91,11 @@ def test_validate_lists_import_problems_beside_key_problems(write_spec):
     lines = [line.strip() for line in runner.invoke(app, ["validate", str(path)]).stderr.splitlines()]
     assert lines[0] == "error: invalid spec (2 problems):" and lines[1].startswith(f"{path}:4: lr_scaling: ")
     assert lines[2].startswith(f"{path}:5: optimizer.momentum: unexpected argument; AdamW() accepts betas, eps")
+    path.write_text(path.read_text().replace("name: adamw, lr: 0.1, momentum: 0.9",
+                                             "target: 'torch.optim:AdamW', lr: 0.1, kwargs: {momentum: 0.9}"))
+    lines = [line.strip() for line in runner.invoke(app, ["validate", str(path)]).stderr.splitlines()]
+    assert lines[0] == "error: invalid spec (2 problems):"  # an optimizer given as a target too
+    assert lines[2].startswith(f"{path}:5: optimizer.kwargs.momentum: unexpected argument; AdamW() accepts betas")
 
 
 def test_validate_ok(write_spec):

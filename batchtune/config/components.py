@@ -151,7 +151,7 @@ def target_issues(exc: SpecError) -> list[SpecIssue]:
     for key, entry in entries:
         target = entry.get("target") if isinstance(entry, dict) else None
         if key == "optimizer" and isinstance(entry, dict) and str(entry.get("name", "")).lower() in _OPTIMIZERS:
-            issues += _builtin_optimizer_issues(entry, located)
+            issues += _optimizer_issues(entry, _OPTIMIZERS[str(entry["name"]).lower()], located)
             continue
         if not (isinstance(target, str) and _TARGET_RE.match(target)):
             continue
@@ -160,19 +160,22 @@ def target_issues(exc: SpecError) -> list[SpecIssue]:
             factory = load_target(target, located, f"{key}.target")  # type: ignore[arg-type]
             if isinstance(kwargs, dict):
                 _check_kwargs(factory, kwargs, located, f"{key}.kwargs")  # type: ignore[arg-type]
+            if key == "optimizer":
+                issues += _optimizer_issues(entry, factory, located)
         except SpecError as err:
             issues += err.issues
     return issues
 
 
-def _builtin_optimizer_issues(entry: dict[str, Any], located: Any) -> list[SpecIssue]:
-    """A built-in optimizer's keyword arguments (its extra keys and ``kwargs``) checked against its signature:
-    an outside spec with an invalid lr_scaling and momentum on AdamW was told of the first only."""
+def _optimizer_issues(entry: dict[str, Any], factory: Callable[..., Any], located: Any) -> list[SpecIssue]:
+    """An optimizer's keyword arguments (its extra keys and ``kwargs``) checked against its factory's signature:
+    outside specs with an invalid lr_scaling and momentum on AdamW (built in, then as a target) were told of the
+    first only."""
     kwargs = entry.get("kwargs")
     extras = {k: v for k, v in entry.items() if k not in ("name", "target", "lr", "kwargs")}
     extras.update(kwargs if isinstance(kwargs, dict) else {})
     try:
-        _check_kwargs(_OPTIMIZERS[str(entry["name"]).lower()], extras, located,  # type: ignore[arg-type]
+        _check_kwargs(factory, extras, located,  # type: ignore[arg-type]
                       "optimizer.kwargs" if kwargs else "optimizer", skip=("params", "lr"))
     except SpecError as err:
         return err.issues
