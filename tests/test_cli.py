@@ -87,7 +87,8 @@ def test_validate_lists_import_problems_beside_key_problems(write_spec):
     assert lines[3].startswith(f"{path}:5: optimizer: unknown optimizer 'sgdd'")
     # a built-in optimizer's keyword arguments too: an outside spec was told of its lr_scaling, not its momentum
     path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
-                      "data: {target: 'tests.fixtures:tiny_data'}\nlr_scaling: cubic\noptimizer: {name: adamw, lr: 0.1, momentum: 0.9}\nbase_batch_size: 8\n")
+                      "data: {target: 'tests.fixtures:tiny_data'}\nlr_scaling: cubic\n"
+                      "optimizer: {name: adamw, lr: 0.1, momentum: 0.9}\nbase_batch_size: 8\n")
     lines = [line.strip() for line in runner.invoke(app, ["validate", str(path)]).stderr.splitlines()]
     assert lines[0] == "error: invalid spec (2 problems):" and lines[1].startswith(f"{path}:4: lr_scaling: ")
     assert lines[2].startswith(f"{path}:5: optimizer.momentum: unexpected argument; AdamW() accepts betas, eps")

@@ -597,8 +597,10 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     note = next(n for n in result.notes if n.startswith("the steps-to-target fit puts the critical batch"))
     assert "beyond 4x the largest size that reached the target" in note and "the noise scale's 300 is used" in note
     assert "an extrapolation, not adopted" in render_sweep(result, "table")
-    bent = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 240), (64, 160)) for seed in (0, 1)]
-    c = result_from_rows("hand", bent, {**HAND_META, "target_loss": 0.5, "seeds": [0, 1]}).to_dict()["critical_batch_size"]
+    bent = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 240), (64, 160))
+            for seed in (0, 1)]
+    bent_meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1]}
+    c = result_from_rows("hand", bent, bent_meta).to_dict()["critical_batch_size"]
     assert not c["fit_extrapolated"] and c["basis"] == "steps-to-target fit" and 16 < c["b_crit"] < 4 * 64
 
 
@@ -747,8 +749,9 @@ def test_with_a_target_given_trials_stop_once_they_cross_it(write_spec, tmp_path
 
 
 def test_a_later_seed_stops_at_the_lowest_target_its_lr_is_kept_for(write_spec, tmp_path):
-    """×8 is the fastest to 1.0 on seed 0 but never reaches 0.3: seed 1 runs it to 1.0 only (8 of the budget's 128
-    steps, where it had run 141 on seed 0), and ×1, the fastest to 0.3, on to 0.3; each target still ranks two seeds."""
+    """×8 is the fastest to 1.0 on seed 0 but never reaches 0.3: seed 1 runs it to 1.0 only (8 of the budget's
+    128 steps, where it had run 141 on seed 0), and ×1, the fastest to 0.3, on to 0.3; each target still ranks
+    two seeds."""
     spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16]", "sweep.target_loss=[1.0, 0.3]",
                                               "sweep.lr_extensions=0", "sweep.lr_multipliers=[1.0, 8.0]"])
     result = run_sweep(spec, out=tmp_path / "run")
@@ -765,8 +768,10 @@ def test_a_later_seed_stops_at_the_lowest_target_its_lr_is_kept_for(write_spec, 
     trials.write_text(json.dumps([r for r in json.loads(trials.read_text()) if r["seed"] == 0]))
     run_sweep(spec, resume=tmp_path / "run")
     again = {(r["seed"], r["lr_multiplier"]): r for r in json.loads(trials.read_text())}
-    assert {k: (r["stop_below"], r["steps"]) for k, r in again.items()} == {k: (r["stop_below"], r["steps"])
-                                                                            for k, r in rows.items()}
+    def stops(trials):
+        return {k: (r["stop_below"], r["steps"]) for k, r in trials.items()}
+
+    assert stops(again) == stops(rows)
 
 
 def test_a_trial_short_of_the_target_at_its_budget_trains_on_until_it_levels_off(write_spec, tmp_path):

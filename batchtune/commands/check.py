@@ -269,7 +269,8 @@ class Baseline:
         if row is None and not self.rows_for(batch_size):
             return f"it did not run batch {batch_size}"
         status = str((row or {}).get("status") or "")
-        return f"it ran batch {batch_size} but did not rank it" + (f" ({status})" if status.startswith("excluded") else "")
+        said = f" ({status})" if status.startswith("excluded") else ""
+        return f"it ran batch {batch_size} but did not rank it{said}"
 
 
 def load_baseline(path: str | Path) -> Baseline:

@@ -711,8 +711,9 @@ def _fallback_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Which sizes ran a second-chance lr on the later seeds (:func:`lr_fallbacks`), and why."""
     chosen = sorted({(r["batch_size"], r["lr_multiplier"], r["lr"], r.get("stop_below")) for r in rows
                      if r.get("fallback")})
-    return [f"batch {size}: its fastest lr on the first seed reached {target:.4g} in too few seeds, so its next fastest "
-            f"there, ×{mult:g} the rule's (lr {lr:.3g}), ran the other seeds too" for size, mult, lr, target in chosen]
+    return [f"batch {size}: its fastest lr on the first seed reached {target:.4g} in too few seeds, so its next "
+            f"fastest there, ×{mult:g} the rule's (lr {lr:.3g}), ran the other seeds too"
+            for size, mult, lr, target in chosen]
 
 
 def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
