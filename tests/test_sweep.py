@@ -594,6 +594,7 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     c = result.to_dict()["critical_batch_size"]
     assert c["from_steps_to_target"] > 4 * 64 and c["fit_extrapolated"] and c["basis"] == "noise scale"
     assert c["b_crit"] == c["from_noise_scale"] and 250 < c["b_crit"] < 350
+    assert c["beyond_sizes_tried"]  # 300 > 2 × 64: the text's "lies beyond it, an extrapolation", in the JSON
     note = next(n for n in result.notes if n.startswith("the steps-to-target fit puts the critical batch"))
     assert "beyond 4x the largest size that reached the target" in note and "the noise scale's 300 is used" in note
     assert "an extrapolation, not adopted" in render_sweep(result, "table")
@@ -602,6 +603,7 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     bent_meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1]}
     c = result_from_rows("hand", bent, bent_meta).to_dict()["critical_batch_size"]
     assert not c["fit_extrapolated"] and c["basis"] == "steps-to-target fit" and 16 < c["b_crit"] < 4 * 64
+    assert c["b_crit"] == pytest.approx(64) and not c["beyond_sizes_tried"]  # within the sizes tried
 
 
 def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():

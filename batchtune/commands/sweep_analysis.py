@@ -608,7 +608,10 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
         e["excess_compute"] = excess_compute(e["batch_size"], b_crit) if b_crit else None
         e["goodput"] = (e["samples_per_s"] * e["efficiency"]
                         if e["efficiency"] is not None and e["samples_per_s"] is not None else None)
-    return _critical_dict(noise, fit, b_crit, extrapolated)
+    critical = _critical_dict(noise, fit, b_crit, extrapolated)
+    # what the text calls an extrapolation, for a CI script too: B_crit past twice the largest size tried
+    critical["beyond_sizes_tried"] = bool(b_crit and sizes and b_crit > 2 * max(e["batch_size"] for e in sizes))
+    return critical
 
 
 def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None,
@@ -868,7 +871,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _critical_json(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio", "b_crit", "basis",
-                                  "fit_extrapolated", "definition", "fit")}
+                                  "fit_extrapolated", "beyond_sizes_tried", "definition", "fit")}
 
 
 @dataclass
