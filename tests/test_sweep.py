@@ -598,6 +598,7 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     note = next(n for n in result.notes if n.startswith("the steps-to-target fit puts the critical batch"))
     assert "beyond 4x the largest size that reached the target" in note and "the noise scale's 300 is used" in note
     assert "an extrapolation, not adopted" in render_sweep(result, "table")
+    assert [n for n in result.notes if "max_batch_size" in n] == [note]  # one suggestion of a larger size, not two
     bent = [_timed(size, seed, steps, 0.5, 0.01) for size, steps in ((16, 400), (32, 240), (64, 160))
             for seed in (0, 1)]
     bent_meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1]}
