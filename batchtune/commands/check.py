@@ -698,7 +698,8 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         if second is not None:  # other work only ever slows a run: the faster timing is the job's
             verdict = verdict_at(max(first, second))
         verdict.figures["timings"] = [first] + ([second] if second is not None else [])
-    verdict.figures.update(why, baseline_trials=len(usable), spec_changes=_spec_changes(base, state.spec.resolved()),
+    verdict.figures.update(why, baseline_trials=len(usable), baseline_timed_trials=len(rates),
+                           spec_changes=_spec_changes(base, state.spec.resolved()),
                            baseline_torch=base.environment.get("torch"))
     return verdict
 
