@@ -910,7 +910,7 @@ def test_b_crit_on_b_simple_alone_under_an_adaptive_optimizer_is_said_to_be_an_o
     assert notes(False) == [said]  # SGD: B_simple is the reading McCandlish et al. derive B_crit from
     assert notes(True) == [
         said + "; under an adaptive optimizer (Adam-like, as this one is) B_simple is an order-of-magnitude reading "
-        "of B_crit: in batchtune's ground truths it read 0.15-0.17x B_crit on an AdamW MLP and 1.8-2.5x it on a char "
+        "of B_crit: in batchtune's ground truths it read 0.08-0.17x B_crit on two AdamW MLPs and 1.8-2.5x it on a char "
         "LM, so the critical batch here, the schedule's growth points and every size's projected steps and time are "
         "uncertain by as much; a steps fit over three or more calibrated sizes (a longer run) measures B_crit"]
 

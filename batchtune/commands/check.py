@@ -261,7 +261,6 @@ class Baseline:
                                  f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
         return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
 
-
     def _unranked(self, batch_size: int) -> str:
         """Why the sweep has no lr of its own for ``batch_size``: not run, or run and not ranked (an outside
         check said "it did not run batch 512" of a sweep that ran five trials there, 1/2 seeds reaching)."""

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
-from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
+from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.stats.projection import (
     Projection,
     Stage,
@@ -917,7 +917,7 @@ def _simple_only_note(fitted: bool, adaptive: bool) -> str:
     if not adaptive:
         return said
     return said + ("; under an adaptive optimizer (Adam-like, as this one is) B_simple is an order-of-magnitude "
-                   "reading of B_crit: in batchtune's ground truths it read 0.15-0.17x B_crit on an AdamW MLP and "
+                   "reading of B_crit: in batchtune's ground truths it read 0.08-0.17x B_crit on two AdamW MLPs and "
                    "1.8-2.5x it on a char LM, so the critical batch here, the schedule's growth points and every "
                    "size's projected steps and time are uncertain by as much; a steps fit over three or more "
                    "calibrated sizes (a longer run) measures B_crit")
