@@ -477,6 +477,7 @@ def test_a_target_no_size_reaches_names_the_lowest_loss_held():
 def test_one_seed_shows_no_interval_and_says_why():
     """An outside sweep.seeds 1 showed '90% interval 0.13–0.13' on every row: no tie can then ever be told."""
     rows = [r for r in _hand_rows() if r["seed"] == 0]
+    rows[3]["samples_per_s"] = 2000  # 64's two trials, at ×1 and ×2: the size's rate has a spread
     result = result_from_rows("hand", rows, {**HAND_META, "target_loss": 0.9, "samples": 2048, "seeds": [0],
                                              "precision": "fp32"})
     assert "one seed: no interval" in result.recommendation["reason"]
@@ -1042,7 +1043,25 @@ def test_trials_timed_on_a_busy_machine_are_named():
 def test_one_seed_has_no_spread_to_show():
     """A single seed's loss and throughput showed '± 0', as if two seeds had agreed exactly."""
     rows = [r for r in _hand_rows() if r["seed"] == 0]
+    rows[3]["samples_per_s"] = 2000  # 64's two trials, at ×1 and ×2: the size's rate has a spread
     result = result_from_rows("hand", rows, {**HAND_META, "samples": 2048, "seeds": [0], "precision": "fp32"})
     table = render_sweep(result, "table")
-    assert "± 0 " not in table and "0.505 " in table
+    assert "± 0 " not in table and "0.505 " in table and "2,024 ± 34 " in table
     assert "Its final loss is 0.505, at" in result.recommendation["reason"]
+
+
+def test_every_row_of_a_size_shows_the_rate_its_seconds_to_target_use():
+    """A size's samples/s is the median over its calm, non-diverged trials at every lr and seed: the
+    rate its seconds to target are computed at and `check --baseline` compares against, not each
+    (size, lr)'s own mean (an outside check compared 490,808 with a table row of 467,058)."""
+    from batchtune.commands.sweep_analysis import size_rates, timed_rates
+    rows = [_timed(64, 0, 20, 0.5, 0.01), {**_timed(64, 1, 20, 0.5, 0.008), "lr_multiplier": 2.0},
+            {**_timed(64, 0, 20, 0.5, 0.004), "lr_multiplier": 2.0, "busy": True},  # other work: not the job's rate
+            _timed(64, 2, 20, 0.5, 0.0125), {**_timed(64, 0, 5, 2.0, 0.001), "lr_multiplier": 4.0, "diverged": True}]
+    assert sorted(timed_rates(rows)) == pytest.approx([5120, 6400, 8000])
+    median, spread = size_rates(rows)[64]
+    assert median == pytest.approx(6400) and spread == pytest.approx(1443, abs=1)
+    s = analyse(rows, {**HAND_META, "lr_multipliers": [1.0, 2.0, 4.0]}).summary.set_index("batch_size")
+    assert s.loc[64, "lr_multiplier"] == 1.0 and s.loc[64, "samples_per_s"] == pytest.approx(6400)  # ×1's own: 5,120
+    assert s.loc[64, "seconds_to_target"] == pytest.approx(s.loc[64, "steps_to_target"] * 64 / 6400)  # the same rate
+    assert timed_rates([{**r, "busy": True} for r in rows[:2]]) == pytest.approx([6400, 8000])  # all busy: all

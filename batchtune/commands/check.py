@@ -40,6 +40,7 @@ from batchtune.commands.check_verdicts import (
     regression_verdict,
     trains_verdict,
 )
+from batchtune.commands.sweep_analysis import timed_rates
 from batchtune.engine.data import loader_kind, within_limits
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
@@ -672,8 +673,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         return _skip("regression", "regression.unusable", batch_size=b)
     # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy
     # trial at 8,846 samples/s pulled the mean of six to 30,867 where the rest ran at 36,000)
-    calm = [r for r in usable if not r.get("busy")] or usable
-    rates = [r["samples_per_s"] for r in calm if positive(r.get("samples_per_s"))]
+    rates = timed_rates(usable)  # the rate the sweep's table shows for the size
     peaks = [r["peak_bytes"] for r in usable if positive(r.get("peak_bytes"))]
     run = state.run
     if run is None or run.samples_per_s is None:

@@ -163,15 +163,30 @@ def _stat(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def step_seconds(rows: list[dict[str, Any]]) -> dict[int, float]:
-    """Each size's seconds per optimizer step: the median over all its timed trials (every lr and
-    seed). A size's steps are the same computation whatever the lr or seed, and one trial's own
-    timing on a shared machine swings by ±30%, more than the gaps a ranking must resolve."""
-    rates: dict[int, list[float]] = {}
+def timed_rates(rows: list[dict[str, Any]]) -> list[float]:
+    """The samples/s of the trials among ``rows`` that fit, did not diverge (a diverged trial may
+    stop after a few steps; all of them where every one did) and ran on a calm machine (all of them
+    where none did: other work only ever slows a trial)."""
+    timed = [r for r in rows if r.get("fits") and r.get("samples_per_s")]
+    timed = [r for r in timed if not r.get("diverged")] or timed
+    return [r["samples_per_s"] for r in ([r for r in timed if not r.get("busy")] or timed)]
+
+
+def size_rates(rows: list[dict[str, Any]]) -> dict[int, tuple[float, float | None]]:
+    """Each size's samples/s, (median, standard deviation), over its :func:`timed_rates` at every
+    lr and seed. A size's steps are the same computation whatever the lr or seed, and one trial's
+    own timing on a shared machine swings by ±30%, more than the gaps a ranking must resolve."""
+    by_size: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["fits"] and row.get("samples_per_s"):
-            rates.setdefault(row["batch_size"], []).append(row["samples_per_s"])
-    return {size: size / statistics.median(r) for size, r in rates.items()}
+        by_size.setdefault(row["batch_size"], []).append(row)
+    rates = {size: timed_rates(grp) for size, grp in by_size.items()}
+    return {size: (statistics.median(r), statistics.stdev(r) if len(r) > 1 else None)
+            for size, r in rates.items() if r}
+
+
+def step_seconds(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Each size's seconds per optimizer step at its :func:`size_rates` median."""
+    return {size: size / rate for size, (rate, _) in size_rates(rows).items()}
 
 
 def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
@@ -179,22 +194,22 @@ def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["batch_size"], float(row["lr_multiplier"])), []).append(row)
-    per_step = step_seconds(rows)
+    rates = size_rates(rows)
     entries = []
     for (size, mult), grp in sorted(groups.items()):
         ok = [r for r in grp if r["fits"] and not r["diverged"]]
         loss_mean, loss_std = _stat([r["final_val_loss"] for r in ok])
-        sps_mean, sps_std = _stat([r["samples_per_s"] for r in grp if r["fits"]])
+        sps, sps_std = rates.get(size, (None, None))  # the size's rate, the one its seconds to target use
         entries.append({
             "batch_size": size, "lr_multiplier": mult, "micro_batch_size": grp[0]["micro_batch_size"],
             "accum_steps": grp[0]["accum_steps"], "lr": grp[0]["lr"], "seeds": len(grp),
             "final_val_loss": loss_mean, "final_val_loss_std": loss_std,
-            "samples_per_s": sps_mean, "samples_per_s_std": sps_std,
+            "samples_per_s": sps, "samples_per_s_std": sps_std,
             "data_share": _stat([r["data_share"] for r in grp if r["fits"]])[0],
             "peak_bytes": max((r["peak_bytes"] or 0 for r in grp), default=None) or None,
             "oom": sum(not r["fits"] for r in grp), "diverged_seeds": sum(bool(r["diverged"]) for r in grp),
             "divergence": next((r["divergence"] for r in grp if r["diverged"]), None), "rows": grp,
-            "step_seconds": per_step.get(size),
+            "step_seconds": size / sps if sps else None,
         })
     return entries
 
