@@ -272,7 +272,8 @@ class NoiseScaleMonitor:
 
     @property
     def coverage(self) -> float:
-        """The share of the trainable parameters (by count) whose gradients the last measured step read:
+        """The share of the trainable parameters (by count) whose gradients the last measured step read
+        (before one has, the share it is set to read; ``reading().steps`` says whether any has):
         1.0 but for one micro-batch per step on one process, whose per-example norms cover the
         ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms."""
         return self._auto.coverage if self._auto is not None else 1.0
@@ -533,7 +534,9 @@ class _PerExampleNorms:
     def _forward(self, module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        self._calls[module] = self._calls.get(module, 0) + 1
+        if module in self._calls and _in_backward():
+            return  # activation checkpointing recomputes the forward inside backward: the step's own one stands
+        self._calls[module] = self._calls.get(module, 0) + 1  # (reentrant checkpointing's first is without grad)
         a, has_bias = inputs[0].detach(), module.bias is not None and module.bias.requires_grad
         axis, why = _example_axis(tuple(a.shape), self.micro_batch_size)
         if axis is None:
@@ -577,6 +580,12 @@ class _PerExampleNorms:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward node now (where checkpointing re-runs forwards)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
 
 
 def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | None, str]:

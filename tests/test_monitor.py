@@ -489,3 +489,36 @@ def test_a_linear_layer_whose_output_does_not_feed_the_loss_is_left_out_not_ever
     passes, said = _dead_head_reading(accum=2)
     assert said == [] and passes.steps == 800
     assert passes.low <= reading.b_simple <= passes.high, (reading, passes)  # 15.15 in 13.10-15.89
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_reads_the_same_as_without_it(reentrant):
+    """Checkpointing re-runs a layer's forward inside backward (with grad, or first without grad when reentrant):
+    one micro-batch per step read 'ran forward more than once' and skipped every step (an outside tiny GPT-2 in a
+    Trainer with gradient_checkpointing=True got no reading at all)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.checkpointed = torch.nn.Linear(8, 32), torch.nn.Linear(32, 1), checkpointed
+
+        def forward(self, x):
+            block = lambda t: torch.tanh(self.a(t))  # noqa: E731
+            return self.b(checkpoint(block, x, use_reentrant=reentrant) if self.checkpointed else block(x))
+
+    readings = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, gen = Net(checkpointed), torch.Generator().manual_seed(1)
+        sample = lambda n: (torch.randn(n, 8, generator=gen).requires_grad_(reentrant),  # noqa: E731
+                            torch.randn(n, generator=gen) + 3)
+        monitor = NoiseScaleMonitor(model, micro_batch_size=16, every=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no step skipped
+            _loop(model, sample, micro=16, accum=1, steps=30, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                  monitor=monitor)
+        readings.append(monitor.reading())
+    plain, checkpointed = readings
+    assert checkpointed.steps == plain.steps == 30 and checkpointed.coverage == 1.0
+    assert checkpointed.b_simple == pytest.approx(plain.b_simple, rel=1e-9) and plain.b_simple > 1
