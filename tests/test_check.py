@@ -283,6 +283,30 @@ def test_a_baseline_without_a_bend_or_a_reliable_noise_scale_bounds_the_critical
     assert critical_batch_verdict(512, b_crit, basis=basis, **extra).code == "critical.within"
 
 
+
+def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
+    """An outside Adam sweep fitted 557 (90% 146–1,802) past 4x its largest size, 128, and adopted its noise scale,
+    37: it said 128 wasted 55% of its compute where check --baseline passed 128 against 557."""
+    from batchtune.commands.check import Baseline
+    from batchtune.commands.check_verdicts import critical_batch_verdict
+
+    crit = {"from_steps_to_target": 557.0, "from_noise_scale": 37.3, "b_crit": 37.3, "basis": "noise scale",
+            "fit_extrapolated": True, "fit": {"b_crit": 557.0, "low": 146.0, "high": 1802.0}}
+    noise = {"b_simple": 37.3, "low": 33.0, "high": 42.0, "reliable": True, "at_val_loss": 0.4}
+    base = Baseline(Path("run"), {}, [], {}, {}, {"critical_batch_size": crit, "noise_scale": noise})
+    b_crit, basis, extra = base.critical_batch()
+    assert (b_crit, basis) == (37.3, "baseline.noise_scale")
+    assert critical_batch_verdict(128, b_crit, basis=basis, **extra).code == "critical.above"
+    # a sweep that adopted nothing in place of the fit: the fit, said to be an extrapolation
+    base.result["critical_batch_size"] = {**crit, "b_crit": None, "basis": None}
+    b_crit, basis, extra = base.critical_batch()
+    assert (b_crit, basis, extra["low"], extra["high"]) == (557.0, "baseline.extrapolated", 146.0, 1802.0)
+    verdict = critical_batch_verdict(128, b_crit, basis=basis, **extra)
+    assert verdict.code == "critical.below"
+    assert check_reason(verdict) == ("128 is at or below the critical batch ~557 (the baseline sweep's "
+                                     "steps-to-target fit, an extrapolation past 4× its largest size that the sweep "
+                                     "did not adopt; 90% band 146–1,802)")
+
 def test_a_slowed_model_fails_regression_on_throughput(baseline):
     spec_path, run = baseline
     spec = load_spec(spec_path, ['model.target=tests.fixtures:slow_mlp', "model.kwargs={seconds: 0.02}"])

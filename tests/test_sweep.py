@@ -588,8 +588,8 @@ def test_lr_standing_drives_the_bracket():
 def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     """Steps that nearly halve with every doubling (16–64) fit a B_crit of thousands: an extrapolation. An outside
     SGD sweep's 6,991 (S_min 7 steps) over sizes up to 512 had set goodput and E/Emin; the noise scale is used."""
-    rows = [_timed(size, seed, steps, 0.5, 0.01, noise=300) for size, steps in ((16, 400), (32, 201), (64, 101))
-            for seed in (0, 1)]
+    steps = {16: (400, 420), 32: (201, 190), 64: (101, 108)}  # fit 1,546, 90% 389–7,357: 300 is not ruled out
+    rows = [_timed(size, seed, steps[size][seed], 0.5, 0.01, noise=300) for size in steps for seed in (0, 1)]
     result = result_from_rows("hand", rows, {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048,
                                              "precision": "fp32"})
     c = result.to_dict()["critical_batch_size"]
@@ -607,6 +607,32 @@ def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
     assert not c["fit_extrapolated"] and c["basis"] == "steps-to-target fit" and 16 < c["b_crit"] < 4 * 64
     assert c["b_crit"] == pytest.approx(64) and not c["beyond_sizes_tried"]  # within the sizes tried
 
+
+
+def test_a_noise_scale_the_steps_rule_out_does_not_stand_in_for_the_critical_batch():
+    """An outside Adam CNN's samples to target were flat from 16 to 128 (fit 557, 90% 146–1,802, past 4x 128); its
+    noise scale, 37, was adopted instead and called 55% of 128's compute wasted. Under half the least the steps
+    allow, the noise scale is not adopted, whether the fit is an extrapolation or shows no bend at all."""
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048, "precision": "fp32"}
+    rows = [_timed(size, seed, steps, 0.5, 0.01, noise=40) for size, steps in ((16, 400), (32, 201), (64, 101))
+            for seed in (0, 1)]
+    result = result_from_rows("hand", rows, meta)
+    c = result.to_dict()["critical_batch_size"]
+    assert c["fit_extrapolated"] and c["fit"]["low"] > 2 * 40 and c["from_noise_scale"] == pytest.approx(40, rel=0.05)
+    assert c["b_crit"] is None and c["basis"] is None and result.summary["excess_compute"].isna().all()
+    note = next(n for n in result.notes if n.startswith("the steps-to-target fit puts the critical batch"))
+    assert ("the noise scale's 40 is under half the interval's lower end, which the steps rule out, so no critical "
+            "batch is adopted") in note
+    assert not [n for n in result.notes if "compute wasted" in n]
+    halving = [_timed(size, seed, steps, 0.5, 0.01, noise=20) for size, steps in ((16, 400), (32, 200), (64, 100))
+               for seed in (0, 1)]
+    result = result_from_rows("hand", halving, meta)
+    c = result.to_dict()["critical_batch_size"]
+    assert c["fit"]["above"] == 64 and c["b_crit"] is None
+    assert ("the noise scale is not adopted: the steps show no bend up to 64, more than twice it"
+            in render_sweep(result, "table"))
+    near = [{**r, "noise_raw": [[x, 1.0, 40 * v / 20] for x, _, v in r["noise_raw"]]} for r in halving]
+    assert result_from_rows("hand", near, meta).to_dict()["critical_batch_size"]["b_crit"] == pytest.approx(40, 0.05)
 
 def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():
     """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own

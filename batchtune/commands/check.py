@@ -181,7 +181,9 @@ class Baseline:
         return [r for r in self.rows if r.get("batch_size") == batch_size]
 
     def critical_batch(self) -> tuple[float | None, str | None, dict[str, Any]]:
-        """(B_crit, basis, its figures): the steps-to-target fit first, then the noise scale.
+        """(B_crit, basis, its figures): the steps-to-target fit first, then the noise scale; as the sweep
+        adopted them (a fit far past its sizes gives way to a noise scale the steps do not rule out), and a fit
+        the sweep adopted nothing in place of is labelled an extrapolation.
 
         The basis is a code (see ``check_verdicts.BASES``); the figures are ``low``, ``high``,
         ``definition`` and what the basis needs to be described.
@@ -189,11 +191,15 @@ class Baseline:
         crit = self.result.get("critical_batch_size") or {}
         noise = self.result.get("noise_scale") or {}
         fit = crit.get("fit") or {}
-        if positive(crit.get("from_steps_to_target")):
-            return float(crit["from_steps_to_target"]), "baseline.steps_to_target", {
+        extrapolated = bool(crit.get("fit_extrapolated"))
+        if positive(crit.get("from_steps_to_target")) and not (extrapolated and positive(crit.get("b_crit"))):
+            # an outside Adam sweep adopted its noise scale (37) over a fit of 557 past 4x its sizes; check read 557
+            basis = "baseline.extrapolated" if extrapolated else "baseline.steps_to_target"
+            return float(crit["from_steps_to_target"]), basis, {
                 "low": fit.get("low"), "high": fit.get("high"), "definition": crit.get("definition")}
         reliable = noise.get("reliable") is not False
-        if positive(fit.get("above")) and not (reliable and positive(noise.get("b_simple"))):
+        adopted = crit["b_crit"] if "b_crit" in crit else noise.get("b_simple") if reliable else None
+        if positive(fit.get("above")) and not positive(adopted):
             # no bend up to the largest size, and no noise scale to go by (the sweep adopted none): a lower bound
             above = float(fit["above"])
             return above, "baseline.above_largest", {"low": above, "high": math.inf,

@@ -616,7 +616,8 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     # bracket's edge fitted 6,991, 90% 1,051–49,551, S_min 7 steps, over sizes up to 512; its own check put B_crit
     # near 1,000–1,200): not adopted, the noise scale is, where reliable
     extrapolated = bool(fit.b_crit) and fit.b_crit > BEYOND_SIZES * max(e["batch_size"] for e in contenders)
-    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if noise and noise["reliable"] else None)
+    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if _noise_stands(noise, fit, extrapolated)
+                                                        else None)
     base = min((e["batch_size"] for e in sizes), default=None)
     for e in sizes:
         e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
@@ -627,6 +628,17 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     # what the text calls an extrapolation, for a CI script too: B_crit past twice the largest size tried
     critical["beyond_sizes_tried"] = bool(b_crit and sizes and b_crit > 2 * max(e["batch_size"] for e in sizes))
     return critical
+
+
+def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool) -> bool:
+    """Whether the noise scale may stand in for B_crit where the steps fit gives none: it is reliable and the
+    steps do not rule it out, i.e. it is at least half the least the steps allow (the extrapolated fit's 90% lower
+    end, or the largest size where the steps show no bend). An outside Adam CNN's steps-to-target were flat from
+    16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55% of 128's compute wasted."""
+    if not (noise and noise["reliable"]):
+        return False
+    least = fit.low if extrapolated else fit.above
+    return not least or noise["b_simple"] >= least / 2
 
 
 def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None,
@@ -688,8 +700,11 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     largest = max(e["batch_size"] for e in sizes)
     if critical.get("fit_extrapolated"):
         fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
+        noise = critical.get("noise_scale") or {}
+        ruled_out = (f"the noise scale's {count(noise['b_simple'])} is under half the interval's lower end, which the "
+                     "steps rule out, so " if noise.get("reliable") and noise.get("b_simple") else "")
         adopted = (f"the noise scale's {count(b_crit)} is used instead" if b_crit else
-                   "no critical batch is adopted (goodput and E/Emin are not shown)")
+                   f"{ruled_out}no critical batch is adopted (goodput and E/Emin are not shown)")
         edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
         why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
                "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")

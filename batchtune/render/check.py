@@ -63,6 +63,8 @@ def _data_hint(f: dict[str, Any]) -> str:
 
 _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
     "baseline.steps_to_target": lambda f: "the baseline sweep's steps-to-target fit",
+    "baseline.extrapolated": lambda f: "the baseline sweep's steps-to-target fit, an extrapolation past 4× its "
+                                       "largest size that the sweep did not adopt",
     "baseline.above_largest": lambda f: "no bend in the baseline sweep's steps up to its largest size",
     "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
         f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),

@@ -62,6 +62,9 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     else:
         noisy = "no reliable noise-scale estimate"
     lines = [f"critical batch size: {steps}; {noisy}"]
+    if noise and noise.get("reliable") and fit.get("above") and not c.get("b_crit"):
+        lines.append(f"  the noise scale is not adopted: the steps show no bend up to {count(fit['above'])}, more than "
+                     "twice it; goodput and E/Emin are not shown")
     if c.get("ratio"):
         lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
                      f"(noise scale / steps fit = {c['ratio']:.2f}); goodput and E/Emin use the {c['basis']}")
