@@ -995,6 +995,27 @@ def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_
                     "an extrapolation: a larger batch may reach the target sooner still; try "
                     "sweep.max_batch_size=2048 (past the safe micro-batch it accumulates)"]
     assert not any("largest" in n for n in _notes([sizes[0], sizes[1]], sizes, critical, {"samples": 4096}))
+    # the spec's own list of sizes: max_batch_size would give the same sizes again
+    said = _notes([sizes[1], sizes[0]], sizes, critical, {"samples": 4096, "sizes_given": True})
+    assert said[0].endswith("try adding 2048 to sweep.batch_sizes (past the safe micro-batch it accumulates)")
+
+
+def test_a_list_of_sizes_gets_a_budget_every_size_divides_where_one_is_near(write_spec):
+    """sweep.batch_sizes kept the budget as given, so a size that did not divide it trained fewer samples."""
+    from batchtune.commands.sweep import _sample_budget
+
+    def budget(sizes, samples, given=True):
+        spec = load_spec(write_spec(SWEEP_SPEC), [f"sweep.samples={samples}", "sweep.min_steps=1"] +
+                         ([f"sweep.batch_sizes={sizes}"] if given else []))
+        notes = []
+        return _sample_budget(spec, [BatchShape(b) for b in sizes], 1024, notes), notes
+
+    assert budget([24, 32, 48], 1000) == (1056, ["sample budget rounded from 1000 to 1056 so that every size sees "
+                                                  "exactly the same"])  # 1,056 = 11 × 96, the sizes' lcm
+    assert budget([100, 128], 4096) == (4096, ["batch 100 does not divide the 4096-sample budget: each trains the "
+                                               "whole batches in it, up to a batch short of the others' samples"])
+    assert budget([16, 32], 1000, given=False) == (1024, ["sample budget rounded from 1000 to 1024 so that every "
+                                                          "size sees exactly the same"])
 
 
 def test_the_lr_rule_note_when_no_size_was_fastest_at_the_rules_lr():

@@ -630,8 +630,15 @@ def _sample_budget(spec: Any, candidates: list[BatchShape], n_train: int, notes:
     sw = spec.sweep
     budget = sw.samples if sw.samples is not None else int((sw.epochs or 1.0) * n_train)
     sizes = [c.batch_size for c in candidates]
-    # A multiple of every power of two in the sweep: each size sees exactly the same samples.
-    samples = math.ceil(budget / max(sizes)) * max(sizes) if not sw.batch_sizes else budget
+    # A multiple of every size in the sweep (the largest, for powers of two): each sees exactly the same samples;
+    # a list of sizes whose multiple would be more than a quarter over the budget trains whole batches of it.
+    step = math.lcm(*sizes)
+    samples = math.ceil(budget / step) * step
+    if sw.batch_sizes and samples > 1.25 * budget:
+        samples = budget
+        short = [b for b in sizes if budget % b]
+        notes.append(f"batch {', '.join(map(str, short))} do{'es' * (len(short) == 1)} not divide the {budget}-sample "
+                     "budget: each trains the whole batches in it, up to a batch short of the others' samples")
     if samples != budget:
         notes.append(f"sample budget rounded from {budget} to {samples} so that every size sees exactly the same")
     longer = [b for b in sizes if samples // b < sw.min_steps]
@@ -673,7 +680,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates],
         "excluded": {str(k): v for k, v in excluded.items()},
         "ceiling": ceiling, "safe_batch_size": safe, "samples": samples, "min_steps": sw.min_steps,
-        "seeds": [spec.seed + i for i in range(sw.seeds)],
+        "sizes_given": bool(sw.batch_sizes), "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,

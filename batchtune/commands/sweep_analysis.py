@@ -696,7 +696,7 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
                      "larger batches, up to about the critical batch size")
         if smallest > 1 and b_crit and b_crit < 2 * smallest:
             notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
-                         f"batch may reach the target sooner still; try sweep.min_batch_size={max(1, smallest // 4)}")
+                         f"batch may reach the target sooner still; try {_more(meta, 'min', max(1, smallest // 4))}")
     largest = max(e["batch_size"] for e in sizes)
     if critical.get("fit_extrapolated"):
         fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
@@ -710,12 +710,12 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
                "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
         notes.append(f"the steps-to-target fit puts the critical batch ({fitted}; S_min {fit['s_min']:.0f} steps) "
                      f"beyond {BEYOND_SIZES}x the largest size that reached the target: the steps barely bend, so it "
-                     f"is an extrapolation, not a reading{why}; {adopted}; sweep.max_batch_size={4 * largest} "
-                     "measures past the bend")  # where to look further: one suggestion of a larger size, not two
+                     f"is an extrapolation, not a reading{why}; {adopted}; to measure past the bend, try "
+                     f"{_more(meta, 'max', 4 * largest)}")  # where to look further: one suggestion of a larger size, not two
     elif ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
         notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
                      f"extrapolation: a larger batch may reach the target sooner still; try "
-                     f"sweep.max_batch_size={4 * largest} (past the safe micro-batch it accumulates)")
+                     f"{_more(meta, 'max', 4 * largest)} (past the safe micro-batch it accumulates)")
     elif ranked[0]["batch_size"] == largest and len(sizes) > 1 and 2 * largest <= (meta.get("safe_batch_size")
                                                                                       or math.inf):
         # an outside regression's 512 won with no ceiling in sight; 1024 was 8% faster in the user's own loop
@@ -723,8 +723,14 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
                 else f" (each doubling past the critical batch, ~{count(b_crit)}, needs more samples)")
         safe = f", below the safe micro-batch ({meta['safe_batch_size']})" if meta.get("safe_batch_size") else ""
         notes.append(f"the largest size tried won{safe}: a larger batch may still reach the target sooner where its "
-                     f"throughput grows faster than its steps shrink{crit}; try sweep.max_batch_size={2 * largest}")
+                     f"throughput grows faster than its steps shrink{crit}; try {_more(meta, 'max', 2 * largest)}")
     return notes
+
+
+def _more(meta: dict[str, Any], end: str, size: int) -> str:
+    """How to try ``size`` too: past the ``end`` ('min' or 'max') of the powers of two, or in the spec's own list
+    (an outside user told 'try sweep.max_batch_size=256' under sweep.batch_sizes got the same sizes again)."""
+    return f"adding {size} to sweep.batch_sizes" if meta.get("sizes_given") else f"sweep.{end}_batch_size={size}"
 
 
 def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
