@@ -448,12 +448,12 @@ def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommende
     close = {"constant 32": plan([32], 9.0, 3000), "constant 64": plan([64], 6.916, 1300),
              "schedule": plan([32, 64], 6.905, 1258)}
     tied = result()
-    _recommend(tied, close, 0.01)
+    # returned, not added: where no plan is recommended after all (_unfounded), it would contradict that
+    assert _recommend(tied, close, 0.01) == ["the schedule would save under 3% of the time of constant 64: the "
+                                             "constant size is recommended, being simpler to run"]
     assert tied.recommendation["plan"] == "constant 64" and tied.recommendation["batch_size"] == 64
-    assert tied.notes == ["the schedule would save under 3% of the time of constant 64: the constant size is "
-                          "recommended, being simpler to run"]
     faster = result()
-    _recommend(faster, {**close, "schedule": plan([32, 64], 6.0, 1100)}, 0.01)
+    assert _recommend(faster, {**close, "schedule": plan([32, 64], 6.0, 1100)}, 0.01) == []
     assert faster.recommendation["plan"] == "schedule" and faster.notes == []
 
 
@@ -715,6 +715,9 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     assert notes({"schedule": plan(None, 0.30), "constant 32": plan(12.0, 0.15)})[0].startswith(
         "verified: constant 32 did better than the projection's pick, schedule: it reached the target 0.1535 in "
         "12.0 s, against not at all")
+    # times that print alike get their ratio (an outside plan read "in 0.2 s, against 0.2 s")
+    assert "in 0.2 s, against 0.2 s (0.82× the time)" in notes({"schedule": plan(0.22, 0.15),
+                                                                 "constant 32": plan(0.18, 0.15)})[0]
     assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
     assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
@@ -842,15 +845,23 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
 
     from batchtune.commands.plan import _extrapolation_notes
 
-    def notes(final, measured):
-        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}), measured)
+    def notes(final, measured, floor=0.0):
+        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}, laws={"loss": {"floor": floor}}),
+                                    measured)
 
     # an outside GRU regression: projected 0.0008 from a calibration down to 0.0255; whole runs ended at 0.019
     assert notes(0.0008054, 0.02553) == [
         "the projected final loss, 0.0008054, is 31.7x below the lowest the calibration measured (0.02553): the "
         "loss curve's power law extrapolated, which knows no floor; a loss that levels off (the data's noise, the "
         "model's capacity) ends higher; --verify measures it"]
-    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None), 0.3) == []
+    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None, laws={}), 0.3) == []
+    # an outside regression's floor, 0.1711, 9% under its calibration's 0.1886: its verified runs ended at 0.07
+    assert notes(0.1712, 0.1886, floor=0.1711) == [
+        "the loss curve levels off at a fitted floor, 0.1711, 9% under the lowest loss the calibration measured "
+        "(0.1886): every projection ends near it; a loss that goes on falling reaches the target sooner and ends "
+        "lower; --verify measures it"]
+    assert notes(0.21, 0.25, floor=0.15) == []  # 40% under: the calibration saw the curve bend towards it
+    assert "power law extrapolated, which knows no floor below its fitted 0.15; a loss" in notes(0.16, 0.25, 0.15)[0]
 
 
 def test_a_critical_batch_far_beyond_the_sizes_calibrated_is_not_read_as_one():

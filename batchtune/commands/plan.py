@@ -60,6 +60,7 @@ TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest r
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
+FLOOR_NEAR = 0.85  # a fitted loss floor above this × the lowest calibrated loss is said to bound every projection
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 SCHEDULE_SUFFIXES = (".yaml", ".yml", ".json")  # what --schedule-out writes (BatchSchedule.save)
 COLLAPSE = 0.25  # a verified run ending this much above the level it had held (and above the projection) collapsed
@@ -242,7 +243,8 @@ def _verified_notes(result: PlanResult) -> list[str]:
         return []  # within what one seed's run varies by
     if b["seconds"] is not None:
         how = (f"reached the target {verified['target']:.4g} in {duration_text(b['seconds'])}, against "
-               + (duration_text(p["seconds"]) if p["seconds"] is not None else "not at all"))
+               + (f"{duration_text(p['seconds'])} ({b['seconds'] / p['seconds']:.2f}× the time)"
+                  if p["seconds"] is not None else "not at all"))
     else:
         how = (f"ended at {b['end_loss']:.4g} against {p['end_loss']:.4g} (each curve's level at its end, on its "
                f"decreasing fit; neither reached the target {verified['target']:.4g})")
@@ -850,13 +852,21 @@ def _learning_notes(runs: list[dict[str, Any]], lead: dict[str, Any] | None) -> 
 def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
     """Say so when the pick's final loss is the power law's alone, well below any loss the calibration saw:
     a curve that levels off (a noise floor) ends higher. An outside GRU regression was projected to 0.0008
-    from a calibration that got down to 0.022; its whole runs ended at 0.019."""
+    from a calibration that got down to 0.022; its whole runs ended at 0.019. And when the curve levels off at
+    a floor just under that lowest loss: an outside regression's floor, 0.171, sat 9% under its calibration's
+    0.189, every plan was projected to end near it, and the verified runs went on to 0.069-0.078."""
+    floor = (result.laws.get("loss") or {}).get("floor") or 0.0
+    if floor > FLOOR_NEAR * measured:
+        return [f"the loss curve levels off at a fitted floor, {floor:.4g}, {1 - floor / measured:.0%} under the "
+                f"lowest loss the calibration measured ({measured:.4g}): every projection ends near it; a loss that "
+                "goes on falling reaches the target sooner and ends lower; --verify measures it"]
     final = (result.projection or {}).get("final_loss")
     if final is None or final >= EXTRAPOLATED * measured:
         return []
     return [f"the projected final loss, {final:.4g}, is {measured / final:.1f}x below the lowest the calibration "
-            f"measured ({measured:.4g}): the loss curve's power law extrapolated, which knows no floor; a loss that "
-            "levels off (the data's noise, the model's capacity) ends higher; --verify measures it"]
+            f"measured ({measured:.4g}): the loss curve's power law extrapolated, which knows no "
+            + (f"floor below its fitted {floor:.4g}" if floor else "floor") + "; a loss that levels off (the data's "
+            "noise, the model's capacity) ends higher; --verify measures it"]
 
 
 def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str, Any],
@@ -995,9 +1005,11 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
         else:
             shape = {k: v for k, v in stages[0].items() if k != "start_samples"}
             result.constant.append({**shape, **_plan_dict(p, gpus, price)})
-    _recommend(result, projected, tolerance)
+    simpler = _recommend(result, projected, tolerance)
     if result.laws.get("simple_only") and result.recommendation is not None:
         _unfounded(result)
+    else:  # "the constant size is recommended" beside "no plan is recommended" read as a contradiction
+        result.notes += simpler
 
 
 def _unfounded(result: PlanResult) -> None:
@@ -1044,20 +1056,22 @@ def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages
 SCHEDULE_GAIN = 0.03
 
 
-def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: float) -> None:
-    """The plan that reaches the final target soonest; against a deadline, whether it is met."""
+def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: float) -> list[str]:
+    """The plan that reaches the final target soonest; against a deadline, whether it is met. Returns the note
+    that a constant size was preferred to a schedule barely faster, for the caller to add if it stands."""
     reaching = {k: p for k, p in projected.items() if p.reaches}
     if not reaching:
         result.notes.append("no plan reaches the final target within the run")
-        return
+        return []
+    simpler = []
     name = min(reaching, key=lambda k: reaching[k].seconds_to_target)
     fastest_constant = min((p for k, p in reaching.items() if k != "schedule"),
                            key=lambda p: p.seconds_to_target, default=None)
     if name == "schedule" and fastest_constant is not None and (
             fastest_constant.seconds_to_target <= (1 + SCHEDULE_GAIN) * reaching[name].seconds_to_target):
         name = _plan_name(fastest_constant)  # within the projection's noise the simpler plan is the one to run
-        result.notes.append(f"the schedule would save under {SCHEDULE_GAIN:.0%} of the time of {name}: the "
-                            "constant size is recommended, being simpler to run")
+        simpler.append(f"the schedule would save under {SCHEDULE_GAIN:.0%} of the time of {name}: the constant "
+                       "size is recommended, being simpler to run")
     pick = reaching[name]
     entry = _plan_dict(pick, result.gpus, result.price_per_hour)
     if name == "schedule":
@@ -1084,6 +1098,7 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
         result.recommendation["meets_deadline"] = meets
         if not meets:
             _miss_deadline(result, pick.seconds_to_target)
+    return simpler
 
 
 def _miss_deadline(result: Any, seconds: float) -> None:
