@@ -357,7 +357,22 @@ def _checked(data: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         clean["stages"] = [_stage(stage, f"stages[{i}]", problems) for i, stage in enumerate(stages)]
         problems += _stage_order(clean["stages"], clean["world_size"])
         problems += _within_the_run(clean)
+        problems += [] if problems else _off_step_boundaries(clean)
     return clean, problems
+
+
+def _off_step_boundaries(clean: dict[str, Any]) -> list[tuple[str, str]]:
+    """Stage starts that fall inside a step of the stage before: a loop switches only between steps, so a
+    hand-edited start of 50 under batches of 24 switched at 72 (a plan's schedule is aligned)."""
+    stages, problems = clean["stages"], []
+    for i, (before, stage) in enumerate(zip(stages, stages[1:]), 1):
+        start, batch = stage["start_samples"], before["batch_size"]
+        over = (start - before["start_samples"]) % batch
+        if over:
+            problems.append((f"stages[{i}].start_samples", f"{start} is not where a step starts: the batches of "
+                                                            f"{batch} before it start steps at {start - over} and "
+                                                            f"{start - over + batch} samples"))
+    return problems
 
 
 def _within_the_run(clean: dict[str, Any]) -> list[tuple[str, str]]:

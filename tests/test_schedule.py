@@ -115,8 +115,8 @@ def test_numbers_written_as_yaml_1_1_strings_read_as_the_numbers_meant(tmp_path)
     """PyYAML reads ``2e-2`` and ``6e3`` as strings: lr 2e-2 crashed in optimizer.step (bad operand type for
     unary -: 'str'), total_samples 6e3 raised invalid literal for int(), batch_size "64" said 64 was not 32 × 2."""
     text = (_HEAD.replace("6000", "6e3") + _FIRST
-            + '- {start_samples: 3000, batch_size: "64", micro_batch_size: 32, accum_steps: 2, lr: 2e-2}\n'
-            + '- {start_samples: 4000, batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: "1.5e-2"}\n')
+            + '- {start_samples: 3008, batch_size: "64", micro_batch_size: 32, accum_steps: 2, lr: 2e-2}\n'
+            + '- {start_samples: 4032, batch_size: 64, micro_batch_size: 32, accum_steps: 2, lr: "1.5e-2"}\n')
     schedule = _load(tmp_path, text)
     assert schedule.total_samples == 6000 and isinstance(schedule.total_samples, int)
     assert [(s.batch_size, s.lr) for s in schedule.stages] == [(16, 0.01), (64, 0.02), (64, 0.015)]
@@ -124,6 +124,20 @@ def test_numbers_written_as_yaml_1_1_strings_read_as_the_numbers_meant(tmp_path)
     assert schedule.lr_at(3500) == 0.02 and schedule.lr_at(5000) == 0.015
     # whole steps: 188 of 16 (to 3008), 16 of 2 x 32 (to 4032), 31 of 2 x 32 (to 6016)
     assert sum(1 for _ in schedule.sampler(1000)) == 188 + 2 * 16 + 2 * 31
+
+
+def test_a_stage_that_starts_inside_a_step_is_named_with_the_steps_around_it(tmp_path):
+    """A hand-edited stage at sample 50 under batches of 24 loaded, and the loop switched at 72."""
+    text = (_HEAD.replace("16, micro_batch_size: 16", "24, micro_batch_size: 24") + _FIRST.replace("16", "24")
+            + "- {start_samples: 50, batch_size: 64, micro_batch_size: 16, accum_steps: 4, lr: 0.02}\n"
+            + "- {start_samples: 264, batch_size: 32, micro_batch_size: 32, accum_steps: 1, lr: 0.02}\n")
+    assert _problems(tmp_path, text) == [
+        "FILE:7: stages[1].start_samples: 50 is not where a step starts: the batches of 24 before it start steps at "
+        "48 and 72 samples",
+        "FILE:8: stages[2].start_samples: 264 is not where a step starts: the batches of 64 before it start steps at "
+        "242 and 306 samples"]
+    aligned = _load(tmp_path, text.replace("start_samples: 50,", "start_samples: 72,"))  # 264 = 72 + 3 x 64
+    assert [s.start_samples for s in aligned.stages] == [0, 72, 264]
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
