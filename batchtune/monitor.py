@@ -387,7 +387,7 @@ class _AutoMeasure:
         armed.remove()
         problem = armed.problem(self.accum_steps)
         if isinstance(armed, _PerExampleNorms) and not armed.ran_twice:  # else the other run's shapes may be
-            self._warn_left_out(armed.all_left_out)                      # another batch's (a validation's)
+            self._warn_left_out(armed.all_left_out, bool(armed.read))    # another batch's (a validation's)
         if problem is not None:
             self._warn_skipped(problem)
             return None
@@ -410,16 +410,18 @@ class _AutoMeasure:
                           f"{'s' if n > 1 else ''} skipped for this so far; warned again every {SKIP_WARN_EVERY})",
                           RuntimeWarning, stacklevel=5)
 
-    def _warn_left_out(self, left_out: dict[str, str]) -> None:
-        """Say once for each layer that the per-example norms leave it out, and why."""
+    def _warn_left_out(self, left_out: dict[str, str], others: bool = True) -> None:
+        """Say once for each layer that the per-example norms leave it out, and why (``others``: whether the step
+        read any other layer; a one-layer model's smaller last batch was said to leave 'the other layers')."""
         new = {name: why for name, why in left_out.items() if name not in self._left_out}
         if new:
             self._left_out |= set(new)
             listed = "; ".join(f"{name!r}: {why}" for name, why in list(new.items())[:5])
             more = f"; and {len(new) - 5} more" if len(new) > 5 else ""
+            covers = ("the reading covers the other layers (reading().coverage)" if others else
+                      "no other layer was read, so the step is skipped")
             warnings.warn(f"noise scale: left out of the per-example norms (warned once per layer): {listed}{more}; "
-                          "the reading covers the other layers "
-                          "(reading().coverage), or use accum_steps >= 2, which needs no example axis",
+                          f"{covers}, or use accum_steps >= 2, which needs no example axis",
                           RuntimeWarning, stacklevel=5)
 
     def _warn_coverage(self) -> None:

@@ -48,10 +48,10 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
     # noise_scale/high only where the band is bounded: 6 steps of 4 examples often leave it unbounded
     assert all(rec["noise_scale/low"] <= rec["noise_scale/b_simple"] <= rec.get("noise_scale/high", math.inf)
                for rec in logged)
+    read = [h for h in callback.history if h["b_simple"] is not None]  # at 4 examples |G|² can average <= 0
     assert all(("noise_scale/high" in rec) == math.isfinite(h["high"])
-               for rec in logged for h in callback.history if h["step"] == rec["step"])
-    steps = [h["step"] for h in callback.history]  # at 4 examples a step's |G|² average can be <= 0
-    assert steps == [1, 2, 3, 4, 5, 6] if accum == 2 else set(steps) <= {1, 2, 3, 4, 5, 6} and 6 in steps
+               for rec in logged for h in read if h["step"] == rec["step"])
+    assert [h["step"] for h in callback.history] == [1, 2, 3, 4, 5, 6] and read  # every measured step kept
     assert callback.history[-1]["batch_size"] == 4 * accum and callback.history[-1]["measured_steps"] == 6
     # one micro-batch: the Conv1D layers' 12,576 of 15,840 parameters (not the tied embedding, positions, norms)
     assert callback.history[-1]["coverage"] == (1.0 if accum == 2 else pytest.approx(12576 / 15840))
@@ -107,13 +107,13 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          logger=logger, log_every_n_steps=1, callbacks=[callback])
     trainer.fit(_Regression(), _regression_loader())
-    # steps whose smoothed |G|² is still <= 0 give no reading (a batch of 8 against B_simple ~60)
-    steps = [h["step"] for h in callback.history]
-    assert steps and set(steps) <= set(range(1, 7)) and callback.history[-1]["measured_steps"] == 6
-    assert all(math.isfinite(h["b_simple"]) and h["b_simple"] > 0 for h in callback.history)
+    # steps whose smoothed |G|² is still <= 0 give no reading (a batch of 8 against B_simple ~60), kept as None
+    assert [h["step"] for h in callback.history] == list(range(1, 7)) and callback.history[-1]["measured_steps"] == 6
+    read = [h for h in callback.history if h["b_simple"] is not None]
+    assert read and all(math.isfinite(h["b_simple"]) and h["b_simple"] > 0 for h in read)
     assert callback.history[-1]["batch_size"] == 8 * accum
     logged = trainer.logged_metrics
-    assert float(logged["noise_scale/b_simple"]) == pytest.approx(callback.history[-1]["b_simple"], rel=1e-6)
+    assert float(logged["noise_scale/b_simple"]) == pytest.approx(read[-1]["b_simple"], rel=1e-6)
     rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"noise_scale/b_simple", "noise_scale/low", "noise_scale/high"} <= set(header)
@@ -121,8 +121,8 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
     # an outside metrics.csv showed b_simple 18.25 above a high of 12.4)
     col = {name: header.index(f"noise_scale/{name}") for name in ("b_simple", "low", "high")}
     logged_rows = [r.split(",") for r in rows[1:] if r.split(",")[col["b_simple"]]]
-    assert len(logged_rows) == len(callback.history)
-    for row, reading in zip(logged_rows, callback.history):
+    assert len(logged_rows) == len(read)
+    for row, reading in zip(logged_rows, read):
         assert float(row[col["high"]]) == pytest.approx(reading["high"], rel=1e-6)  # float32 in the logger
         assert float(row[col["b_simple"]]) <= float(row[col["high"]])
 
@@ -212,6 +212,22 @@ def _watch_logs(watch: NoiseScaleWatch, steps: int) -> list[str]:
         for step in range(1, steps + 1):
             watch.step(step)
     return messages
+
+
+def test_a_measured_step_with_no_reading_is_kept_in_the_history_and_logs_nothing():
+    """A mean |G|² not above zero reads no B_simple: an outside Trainer's history stopped there, its steps still
+    measured, as if the callback had died."""
+    from batchtune.monitor import MonitorReading
+
+    watch = NoiseScaleWatch(warn_after=1)
+    watch.monitor, watch.batch_size = _Scripted((40.0, 30.0, 50.0), (40.0, 30.0, 50.0)), 32
+    unread = [MonitorReading(None, None, None, -1.0, 2.0, 2, False)]
+    watch.monitor.reading = lambda: unread[0] if watch.monitor.measured_steps == 2 else MonitorReading(
+        40.0, 30.0, 50.0, 1.0, 40.0, watch.monitor.measured_steps, True)
+    assert watch.step(1) == {"noise_scale/b_simple": 40.0, "noise_scale/low": 30.0, "noise_scale/high": 50.0}
+    assert watch.step(2) is None and watch.step(3) is not None
+    assert [(h["step"], h["b_simple"], h["reliable"]) for h in watch.history] == [(1, 40.0, True), (2, None, False),
+                                                                                  (3, 40.0, True)]
 
 
 @pytest.mark.parametrize("b_simple,low,high,warns", [

@@ -395,6 +395,18 @@ def test_a_layer_left_out_leaves_the_others_measured_and_the_coverage_says_so():
     assert monitor.reading().coverage == pytest.approx(9 / (40 + 9))  # the head's 8 + 1 of 49 parameters
 
 
+def test_a_one_layer_models_smaller_last_batch_is_not_said_to_leave_other_layers_read():
+    model = torch.nn.Linear(4, 1)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=1, every=1)
+    with pytest.warns(RuntimeWarning) as caught:
+        model(torch.randn(8, 4)).square().mean().backward()  # the epoch's last batch: 8 of 16
+        monitor.step()
+    said = [str(w.message) for w in caught]
+    assert any("'Linear': no axis of its input [8, 4] has the micro-batch size 16" in m and
+               "no other layer was read, so the step is skipped, or use accum_steps >= 2" in m for m in said), said
+    assert monitor.measured_steps == 0
+
+
 def test_a_cnns_reading_says_it_covers_only_its_linear_layers():
     """The per-example path sees nn.Linear layers only: a CNN's convolutions are not in its reading."""
     torch.manual_seed(0)

@@ -104,7 +104,9 @@ class NoiseScaleWatch:
         """Call after the last backward of an optimizer step; the logs of a new reading, else None.
 
         The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
-        band has no ``high``); :attr:`history` keeps every value.
+        band has no ``high``); :attr:`history` keeps every value, and an entry whose ``b_simple`` is None
+        when the measured steps' mean |G|² is not above zero (the gradient's noise swamps its mean: no
+        reading; an outside Trainer's history had stopped there while its steps were still measured).
 
         Args:
             global_step: the optimizer step just computed, counted from 1.
@@ -118,7 +120,7 @@ class NoiseScaleWatch:
         measured = self.monitor.measured_steps
         self.monitor.step()
         reading = self.monitor.reading()
-        if self.monitor.measured_steps == measured or reading.b_simple is None:
+        if self.monitor.measured_steps == measured:
             return None
         entry = {"step": global_step, "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
                  "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable,
@@ -128,7 +130,7 @@ class NoiseScaleWatch:
             self._maybe_warn(entry)
         # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
         return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
-                if entry[key] is not None and math.isfinite(entry[key])}
+                if entry[key] is not None and math.isfinite(entry[key])} or None
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
         """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above
