@@ -1112,3 +1112,16 @@ def test_every_row_of_a_size_shows_the_rate_its_seconds_to_target_use():
     assert s.loc[64, "lr_multiplier"] == 1.0 and s.loc[64, "samples_per_s"] == pytest.approx(6400)  # ×1's own: 5,120
     assert s.loc[64, "seconds_to_target"] == pytest.approx(s.loc[64, "steps_to_target"] * 64 / 6400)  # the same rate
     assert timed_rates([{**r, "busy": True} for r in rows[:2]]) == pytest.approx([6400, 8000])  # all busy: all
+
+
+def test_trials_that_spend_most_of_their_time_outside_training_say_what_shortens_them():
+    """A sharded char LM's plan on two CPU ranks trained 8 s of each 110-134 s trial, validating the rest."""
+    from batchtune.commands.sweep_analysis import overhead_notes
+
+    rows = [{"train_seconds": 8.2, "seconds": 133.6}, {"train_seconds": 5.4, "seconds": 110.2}]
+    assert overhead_notes(rows) == [
+        "the trials took 18x their training steps' time (244 s against 14 s), mostly validation and noise "
+        "measurement: a smaller sweep.eval_samples (the validation subset) or sweep.evals_per_doubling shortens the "
+        "sweep without changing what the training steps measure"]
+    assert overhead_notes([{"train_seconds": 40.0, "seconds": 61.0}]) == []  # the ground truths': 1.4-2.2x
+    assert overhead_notes([{"train_seconds": 1.0, "seconds": 30.0}]) == []  # under a minute: not worth a note

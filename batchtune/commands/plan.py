@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached
+from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached, overhead_notes
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -501,6 +501,7 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
         dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
     throughput, timed, load = loop_throughput(spec, components, backend, sweep.meta, best)
     notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
+    notes += overhead_notes(rows, "the calibration")
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed, load)
 
 

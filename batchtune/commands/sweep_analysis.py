@@ -36,7 +36,8 @@ from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_c
 from batchtune.stats.noise import pooled_noise_scale
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
-           "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "result_from_rows",
+           "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "overhead_notes",
+           "result_from_rows",
            "seed_crossing", "short_of", "stop_targets", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
@@ -133,7 +134,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
              + _fallback_notes(rows)
-             + busy_notes(rows) + _unmeasured_noise_notes(rows))
+             + busy_notes(rows) + _unmeasured_noise_notes(rows) + overhead_notes(rows))
     if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
                      "ranking gap of a few percent may be noise; sweep.seeds 3 or more measures it")
@@ -769,6 +770,22 @@ def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
     fewer = " or with fewer torch threads (device.threads)" if max(r.get("threads") or 2 for r in busy) > 1 else ""
     return [f"the machine was busy during {len(busy)} of {len(rows)} {what} (batch {sizes}; other processes used up "
             f"to {others:.1f} cores): {affected} not trustworthy; rerun on a quiet machine{fewer}"]
+
+
+def overhead_notes(rows: list[dict[str, Any]], what: str = "the sweep") -> list[str]:
+    """When the trials spent most of their time outside their timed training steps: a sharded char LM's plan on
+    two CPU ranks trained 8 s of each 110-134 s trial, the rest validating 2,048 sequences at each evaluation
+    (the ground truths' sweeps spend 1.4-2.2x their training time in all)."""
+    train = sum(r.get("train_seconds") or 0.0 for r in rows)
+    total = sum(r.get("seconds") or 0.0 for r in rows)
+    if not train or total < OVERHEAD * train or total - train < 60:
+        return []
+    return [f"the trials took {total / train:.0f}x their training steps' time ({total:,.0f} s against {train:,.0f} s), "
+            "mostly validation and noise measurement: a smaller sweep.eval_samples (the validation subset) or "
+            f"sweep.evals_per_doubling shortens {what} without changing what the training steps measure"]
+
+
+OVERHEAD = 4.0  # trials taking this many times their training time in all are said to spend it elsewhere
 
 
 def _unmeasured_noise_notes(rows: list[dict[str, Any]]) -> list[str]:
