@@ -507,10 +507,16 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
         fit = crit.get("fit") or {}
         b_fit = crit.get("from_steps_to_target") or fit.get("b_crit")
         b_simple = noise.get("b_simple") if isinstance(noise, dict) else None
+        # the fastest cell the sweep's lr bracket can reach: the rule's lr times a power of 2 (k even)
+        grid = [v for size in t["sizes"].values() for k, v in (size.get("time_s_by_k") or {}).items()
+                if v and int(k) % 2 == 0]
+        grid_best = min(grid) if grid else None
         rows.append({"target_loss": t["target_loss"], "exhaustive_best": t["best_size"],
                      "exhaustive_best_time_s": t["best_time_s"], "pick": pick and pick["batch_size"],
                      "pick_lr": pick and pick["lr"], "pick_time_s": pick_time, "pick_time_how": how,
                      "time_ratio": pick_time / t["best_time_s"] if pick_time and t["best_time_s"] else None,
+                     "grid_best_ratio": grid_best / t["best_time_s"] if grid_best and t["best_time_s"] else None,
+                     "pick_over_grid_best": pick_time / grid_best if pick_time and grid_best else None,
                      "b_crit_truth": truth, "b_crit_truth_interval": [t["fit"]["low"], t["fit"]["high"]],
                      "b_crit_sweep": b_fit, "b_crit_sweep_interval": [fit.get("low"), fit.get("high")],
                      "b_crit_ratio": b_fit / truth if b_fit and truth else None,
