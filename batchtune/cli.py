@@ -547,6 +547,9 @@ def check(
     baseline: Annotated[Optional[Path], typer.Option(
         "--baseline", help="A sweep's run folder: regression against its row for this size, and its "
                            "critical batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="The job's learning rate (default train.lr, else the baseline sweep's fastest at the size, "
+                     "else the spec's lr_scaling rule's).")] = None,
     fmt: FormatOpt = Format.table,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case "
                                                                   "per check).")] = None,
@@ -572,7 +575,7 @@ def check(
 
     if serve_check or latency_budget is not None:
         training_only = {"--accum-steps": accum_steps, "--max-seconds": max_seconds, "--baseline": baseline,
-                         "--junit": junit, "--estimate": estimate or None, "--device-memory": device_memory,
+                         "--lr": lr, "--junit": junit, "--estimate": estimate or None, "--device-memory": device_memory,
                          "--context-bytes": context_bytes}
         _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
                      serve_check, [name for name, value in training_only.items() if value is not None], strict)
@@ -586,7 +589,7 @@ def check(
         if junit is not None:
             _rank0_check(lambda: _writable(junit, "--junit", force))
         setup_logging(quiet)
-        measured = {"max_seconds": max_seconds, "baseline": baseline}
+        measured = {"max_seconds": max_seconds, "baseline": baseline, "lr": lr}
         try:
             report = _estimated(lambda: run_check_estimate(
                 spec, batch_size=batch_size, accum_steps=accum_steps, device_memory=device_memory,

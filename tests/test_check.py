@@ -376,12 +376,14 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
     base = Baseline(Path("run"), {}, [], {}, job, {"summary": summary})
     assert base.fastest_lr(32, job, 0.01) == (0.04, "the baseline sweep's fastest at batch 32")
     lr, why = base.fastest_lr(2048, job, 0.64)
+    past = ("; past its largest ranked size, 64, the rule's growth is untested (a job at another lr: give it with "
+            "--lr or train.lr)")
     assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
-                                                 "every size it ranked (3); it did not run batch 2048")
+                                                 "every size it ranked (3); it did not run batch 2048" + past)
     summary[0]["lr_multiplier"] = 2.0  # x2 at 16, x4 at 32 and 64: the nearest ranked size's multiplier
     lr, why = base.fastest_lr(2048, job, 0.64)  # an outside sweep found x32 at 512, and check ran 1024 at the rule's
     assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
-                                                 "batch 64, the nearest size it ranked; it did not run batch 2048")
+                                                 "batch 64, the nearest size it ranked; it did not run batch 2048" + past)
     assert base.fastest_lr(8, job, 0.0025)[0] == pytest.approx(0.005)  # below: 16's x2
     # an outside sweep ran 512 and left it unranked (1/2 seeds); check said "it did not run batch 512"
     summary.append({"batch_size": 128, "status": "excluded: reached the target in 1/2 seeds", "lr": 0.08,
@@ -389,12 +391,31 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
     ran = Baseline(Path("run"), {}, [{"batch_size": 128, "fits": True}], {}, job, {"summary": summary})
     assert ran.fastest_lr(128, job, 0.04)[1] == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
                                                  "batch 64, the nearest size it ranked; it ran batch 128 but did not "
-                                                 "rank it (excluded: reached the target in 1/2 seeds)")
+                                                 "rank it (excluded: reached the target in 1/2 seeds)" + past)
     assert Baseline(Path("run"), {}, [], {}, job, {"summary": []}).fastest_lr(2048, job, 0.64) == (
         None, "the baseline sweep did not rank batch 2048, so the rule's lr is used")
     changed = {**job, "model": "m2"}
     assert base.fastest_lr(32, changed, 0.01) == (None, "the baseline sweep's lrs are not used: its model differs "
                                                         "from this spec's, so the check trains at the rule's lr")
+
+
+def test_the_jobs_own_lr_is_the_one_checked(baseline, write_spec):
+    """An outside check at 8x a sweep's largest size trained at the linear rule's 3.2 and failed 'trains': the job's
+    lr, given with --lr or train.lr, is what a pre-flight should train at."""
+    from batchtune.render.check import check_notes
+
+    spec_path, run = baseline
+    report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=run,
+                       lr=0.0123)
+    assert report.lr == 0.0123 and report.lr_from_baseline  # a note says where it came from, not the rule's
+    notes = check_notes(report)
+    assert any(n.startswith("lr 0.0123: the job's own (--lr; the ") for n in notes), notes
+    assert not any("baseline sweep's fastest" in n for n in notes)
+    spec = load_spec(spec_path, ["train={batch_size: 32, lr: 0.02}", "check.throughput_tolerance=100"])
+    assert run_check(spec, baseline=run).lr == 0.02
+    result = runner.invoke(app, ["check", str(spec_path), "-b", "32", "--lr", "-1", "-q"])
+    assert result.exit_code == 2 and "--lr must be a positive, finite number, got -1.0" in result.output
+    assert "train.lr" in runner.invoke(app, ["validate", str(spec_path), "train={batch_size: 32, lr: 0}"]).output
 
 
 def test_a_baseline_of_another_job_is_named_and_not_used(baseline):

@@ -101,7 +101,7 @@ class CheckReport:
     precision: str = "fp32"
     baseline: str | None = None
     notes: list[str] = field(default_factory=list)  # what changed the question asked (a capped batch), plainly
-    lr_from_baseline: bool = False  # lr is the baseline sweep's fastest at this size (a note says so), not the rule's
+    lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own (a note says so), not the rule's
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
 
     @property
@@ -256,17 +256,23 @@ class Baseline:
         if row:
             return float(row["lr"]), f"the baseline sweep's fastest at batch {batch_size}"
         with_mult = [r for r in ranked if positive(r.get("lr_multiplier")) and positive(r.get("batch_size"))]
+        if not with_mult:
+            return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
         mults = {round(float(r["lr_multiplier"]), 6) for r in with_mult}
         if len(mults) == 1 and len(with_mult) > 1:
             m = mults.pop()
-            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every size "
-                                 f"it ranked ({len(with_mult)}); {self._unranked(batch_size)}")
-        if with_mult:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
+            lr, why = rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every "
+                                    f"size it ranked ({len(with_mult)}); {self._unranked(batch_size)}")
+        else:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
             near = min(with_mult, key=lambda r: (abs(math.log2(r["batch_size"] / batch_size)), -r["batch_size"]))
             m = float(near["lr_multiplier"])
-            return rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at batch "
-                                 f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
-        return None, f"the baseline sweep did not rank batch {batch_size}, so the rule's lr is used"
+            lr, why = rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at batch "
+                                    f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
+        top = max(r["batch_size"] for r in with_mult)
+        if batch_size > top:  # an outside check at 8x the largest size ranked failed 'trains' at the linear rule's lr
+            why += (f"; past its largest ranked size, {top}, the rule's growth is untested (a job at another lr: "
+                    "give it with --lr or train.lr)")
+        return lr, why
 
     def _unranked(self, batch_size: int) -> str:
         """Why the sweep has no lr of its own for ``batch_size``: not run, or run and not ranked (an outside
@@ -341,7 +347,7 @@ class _CheckRun:
     meter: Any = None  # host.LoadMeter started with the check
     threads: int = 1
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
-    lr_from_baseline: bool = False  # lr is the baseline sweep's fastest at this size, not the rule's
+    lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own, not the rule's
     other_job: list[str] = field(default_factory=list)  # how the baseline's model or data differ in kind: unused
 
     def remaining(self) -> float:
@@ -365,7 +371,7 @@ def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
 
 
 def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_seconds: float | None,
-           baseline: str | Path | Baseline | None, backend: Any) -> _CheckRun:
+           baseline: str | Path | Baseline | None, backend: Any, lr_given: float | None = None) -> _CheckRun:
     """Resolve the inputs (spec, budget, batch shape, baseline) and build the trainer."""
     started = time.perf_counter()
     from batchtune.config.spec import Spec, load_spec
@@ -377,6 +383,8 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    if lr_given is not None and not (math.isfinite(lr_given) and lr_given > 0):
+        raise CheckInputError(f"--lr must be a positive, finite number, got {lr_given}")
     budget = float(max_seconds if max_seconds is not None else spec.check.max_seconds)
     if not budget > 0:
         raise CheckInputError(f"--max-seconds must be positive, got {max_seconds}")
@@ -399,16 +407,20 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     threads, threads_from = set_threads(spec.device.threads)
     capacity, ranks = tightest_capacity(backend.capacity_bytes(), dist)
     lr = spec_lr(spec, shape.batch_size)
+    given = lr_given if lr_given is not None else spec.train.lr if spec.train is not None else None
     swept, why = (base.fastest_lr(shape.batch_size, spec.resolved(), lr) if base is not None and not other
-                  else (None, ""))
-    if swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
+                  and given is None else (None, ""))
+    if given is not None:  # an outside check at 8x the sweep's largest size trained at a rule's lr that diverged
+        notes.append(f"lr {given:.4g}: the job's own ({'--lr' if lr_given is not None else 'train.lr'}; the "
+                     f"{spec_rule(spec)} rule's is {lr:.4g})")
+    elif swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
         notes.append(f"lr {swept:.4g}: {why} (×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from "
                      f"{spec.optimizer.lr:g} at batch {spec.base_batch_size})")
     elif why:
         notes.append(why)
     return _CheckRun(spec=spec, shape=shape, baseline=base, other_job=other,
                      trainer=Trainer(components, backend, spec.precision, dist),
-                     capacity=capacity, lr=swept or lr, lr_from_baseline=swept is not None,
+                     capacity=capacity, lr=given or swept or lr, lr_from_baseline=swept is not None or bool(given),
                      device={**backend.describe(), "capacity_bytes": capacity, **ranks, "threads": threads,
                              "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
@@ -756,7 +768,7 @@ def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
 
 def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | None = None,
               max_seconds: float | None = None, baseline: str | Path | Baseline | None = None,
-              backend: Any = None) -> CheckReport:
+              backend: Any = None, lr: float | None = None) -> CheckReport:
     """Pre-flight checks for training at ``batch_size`` (global: micro-batch × accumulation).
 
     Args:
@@ -767,6 +779,7 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
             in it are skipped and listed in :attr:`CheckReport.skipped`.
         baseline: a sweep's run folder, for the regression check and the critical batch.
         backend: a device backend to use instead of the one the spec selects.
+        lr: the job's lr (default ``train.lr``, else the baseline sweep's fastest at the size, else the rule's).
 
     Returns:
         A :class:`CheckReport`; an OOM, a divergence or a crash in the training step is a
@@ -780,7 +793,7 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
     from batchtune.errors import TrainingError
 
     state = _start(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
-                   baseline=baseline, backend=backend)
+                   baseline=baseline, backend=backend, lr_given=lr)
     try:
         # Every phase, the fits run included, ends by the budget: a step that hangs cannot outlast it.
         with deadline(state.started + state.budget - time.perf_counter(), "the training step") as state.watch:

@@ -390,6 +390,7 @@ class TrainSpec(_Strict):
 
     batch_size: PositiveInt
     accum_steps: PositiveInt = 1
+    lr: PositiveFloat | None = None  # the job's lr; default the baseline sweep's fastest at the size, else the rule's
 
     @field_validator("accum_steps")
     @classmethod
