@@ -383,7 +383,8 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
     summary[0]["lr_multiplier"] = 2.0  # x2 at 16, x4 at 32 and 64: the nearest ranked size's multiplier
     lr, why = base.fastest_lr(2048, job, 0.64)  # an outside sweep found x32 at 512, and check ran 1024 at the rule's
     assert lr == pytest.approx(2.56) and why == ("the rule's × 4, the multiplier the baseline sweep found fastest at "
-                                                 "batch 64, the nearest size it ranked; it did not run batch 2048" + past)
+                                                 "batch 64, the nearest size it ranked; it did not run batch 2048"
+                                                 + past)
     assert base.fastest_lr(8, job, 0.0025)[0] == pytest.approx(0.005)  # below: 16's x2
     # an outside sweep ran 512 and left it unranked (1/2 seeds); check said "it did not run batch 512"
     summary.append({"batch_size": 128, "status": "excluded: reached the target in 1/2 seeds", "lr": 0.08,

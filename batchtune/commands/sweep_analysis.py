@@ -712,7 +712,7 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         notes.append(f"the steps-to-target fit puts the critical batch ({fitted}; S_min {fit['s_min']:.0f} steps) "
                      f"beyond {BEYOND_SIZES}x the largest size that reached the target: the steps barely bend, so it "
                      f"is an extrapolation, not a reading{why}; {adopted}; to measure past the bend, try "
-                     f"{_more(meta, 'max', 4 * largest)}")  # where to look further: one suggestion of a larger size, not two
+                     f"{_more(meta, 'max', 4 * largest)}")  # one suggestion of a larger size, not two
     elif ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
         notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
                      f"extrapolation: a larger batch may reach the target sooner still; try "
