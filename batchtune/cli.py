@@ -205,13 +205,20 @@ def _rank0_check(check: Callable[[], None]) -> None:
 
 
 def written_by_batchtune(path: Path) -> bool:
-    """Whether ``path`` is an output of batchtune's own (a plot, JUnit XML or schedule: each names
-    batchtune in its first bytes)."""
+    """Whether ``path`` is an output of batchtune's own: a plot (a PNG whose Software is batchtune), JUnit XML
+    (testsuites named "batchtune check") or a schedule (whose first key says its format). Any file that named
+    batchtune near its start used to count: a spec commented with a batchtune command, a script importing it."""
     try:
         with path.open("rb") as f:
-            return b"batchtune" in f.read(4096)
+            head = f.read(4096)
     except OSError:
         return False
+    if head.startswith(b"\x89PNG"):
+        return b"tEXtSoftware\x00batchtune" in head
+    start = head.lstrip()
+    return (start.startswith(b"<?xml") and b'<testsuites name="batchtune check"' in head
+            or start.startswith(b"format: batchtune schedule")
+            or start.startswith(b"{") and start[1:].lstrip().startswith(b'"format": "batchtune schedule'))
 
 
 def _plot_writable(plot: Path, force: bool) -> None:

@@ -292,6 +292,18 @@ def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec,
     _writable(ours, "--junit")  # batchtune's own earlier output is replaced without asking
     with pytest.raises(UsageError, match="already exists"):
         _writable(theirs, "--junit")
+    # files that only mention batchtune are the user's: a spec with a batchtune command in its header, a script
+    # importing it (each was overwritten by --junit, --plot or --schedule-out without --force)
+    mentions = {"spec.yaml": "# tuned with batchtune; see README\nname: x\n",
+                "train.py": "import torch\nfrom batchtune import NoiseScaleMonitor\n",
+                "fake.png": "\x89PNG but about batchtune"}
+    for name, text in mentions.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match="already exists"):
+            _writable(tmp_path / name, "--plot")
+    for text in ("format: batchtune schedule 1\ntotal_samples: 10\n", '{\n  "format": "batchtune schedule 1"}'):
+        ours.write_text(text)
+        _writable(ours, "--schedule-out")
 
 
 def test_a_full_disk_is_found_before_any_work(write_spec, tmp_path, monkeypatch):
