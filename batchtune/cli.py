@@ -138,7 +138,8 @@ def _user_errors() -> Iterator[None]:
     Bad input: the spec (:class:`SpecError`, which also covers a factory of the user's that
     raised), an option or run folder (:class:`UsageError`), the user's code failing in a step
     (:class:`TrainingError`), a file that cannot be read or written (``OSError``: missing,
-    read-only, disk full). With ``--debug`` the traceback is shown instead.
+    read-only, disk full), memory running out outside any trial (a factory's, named by its key).
+    With ``--debug`` the traceback is shown instead.
     """
     try:
         yield
@@ -150,6 +151,15 @@ def _user_errors() -> Iterator[None]:
         if isinstance(exc, TrainingError) or os.environ.get("RANK", "0") == "0":
             _error(_describe(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if _debug() or not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
+            raise
+        # out of memory outside any trial (a trial's own is caught where it happens): a factory of the user's, whose
+        # key _build names, or loading the data (an outside data set loaded into RAM gave a traceback)
+        line = (str(exc).strip().splitlines() or [""])[0]
+        _error(getattr(exc, "batchtune_issue", None) or f"out of memory outside any trial: {type(exc).__name__}: "
+                                                        f"{line}"[:400])
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -160,8 +170,8 @@ def _writable(path: Path, option: str, force: bool = False) -> None:
 
     The folder must exist already: an output is never written into a folder made up on
     the spot from a typo. An existing file is replaced only when batchtune wrote it (its own
-    earlier output, which names batchtune near its start) or with ``--force``: a file of the
-    user's is never lost to a mistyped path.
+    earlier output, :func:`written_by_batchtune`) or with ``--force``: a file of the user's is
+    never lost to a mistyped path.
     """
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a folder; give a file name")

@@ -413,3 +413,13 @@ def column_labels(**kwargs):
     """tiny_data with its class labels as a (B, 1) column."""
     train, val = tiny_data(**kwargs)
     return tuple(torch.utils.data.TensorDataset(d.tensors[0], d.tensors[1][:, None]) for d in (train, val))
+
+
+def data_out_of_host_memory():
+    """A data set too big for host memory, loaded in the factory."""
+    raise MemoryError("cannot allocate 80 GB array")
+
+
+def model_out_of_device_memory():
+    """A factory that moves the model to a device with too little memory."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

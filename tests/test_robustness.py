@@ -582,3 +582,18 @@ def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_sp
     report = _cli("report", out)
     assert report.exit_code == 0 and "recommendation" in report.stdout, report.output
     assert f"note: {out} is read-only: its report files were not rewritten" in report.stderr
+
+
+@pytest.mark.parametrize("override, key, said", [
+    ("data.target=tests.fixtures:data_out_of_host_memory", "data.target",
+     "the data factory tests.fixtures:data_out_of_host_memory() ran out of memory: MemoryError: cannot allocate 80 GB"),
+    ("model.target=tests.fixtures:model_out_of_device_memory", "model.target",
+     "ran out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_a_factory_that_runs_out_of_memory_is_one_line_naming_its_key(write_spec, override, key, said):
+    """An outside data set loaded into RAM, and a model factory calling .cuda(), gave raw tracebacks in validate,
+    probe, sweep, serve and noise: out of memory outside any trial was left to the probe, which never saw it."""
+    spec = write_spec()
+    for command in (["validate"], ["probe", "-q"], ["noise", "-q", "--steps", "2"]):
+        line = _one_line_error(_cli(*command, spec, override, "model.kwargs={}"), f": {key}: ", said)
+        assert line.startswith(f"error: {spec}:")

@@ -65,8 +65,14 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     """
     try:
         return factory(*args, **kwargs)
-    except (torch.OutOfMemoryError, MemoryError, SpecError):
-        raise  # the device or host ran out: the probe's business; a SpecError names its key already
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        # the device or host ran out: inside a trial the probe's business (does not fit); outside one the CLI says
+        # this, not a traceback (an outside data factory's MemoryError reached the user as one)
+        line = (str(exc).strip().splitlines() or [""])[0]
+        exc.batchtune_issue = str(spec.issue(key, f"{what} ran out of memory: {type(exc).__name__}: {line}"[:400]))
+        raise
+    except SpecError:
+        raise  # names its key already
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
