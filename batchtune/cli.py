@@ -255,13 +255,15 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
                 raise SpecError(sorted(issues, key=lambda i: i.line or 0)) from None
             spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
+        from batchtune.engine.watchdog import bounded
 
-        comps = build_components(spec)
-        comps.tokens_per_sample()
-        model = comps.build_model(spec.seed)
-        if not serve_only:
-            comps.build_optimizer(model.parameters(), spec.optimizer.lr)
-            comps.first_loss(model)
+        with bounded(spec.trial_timeout, "validate (building the data and model, the first samples' loss)"):
+            comps = build_components(spec)
+            comps.tokens_per_sample()
+            model = comps.build_model(spec.seed)
+            if not serve_only:
+                comps.build_optimizer(model.parameters(), spec.optimizer.lr)
+                comps.first_loss(model)
         if spec.distributed.fsdp.shard:  # the class names probe would refuse under torchrun
             from batchtune.engine.sharding import shard_units
 

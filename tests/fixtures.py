@@ -423,3 +423,17 @@ def data_out_of_host_memory():
 def model_out_of_device_memory():
     """A factory that moves the model to a device with too little memory."""
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class _Blocking(torch.utils.data.Dataset):
+    """A data set whose every read blocks, as one on a stalled network file system does."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        time.sleep(3600)
+
+
+def blocking_data():
+    return _Blocking(), _Blocking()

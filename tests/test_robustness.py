@@ -597,3 +597,16 @@ def test_a_factory_that_runs_out_of_memory_is_one_line_naming_its_key(write_spec
     for command in (["validate"], ["probe", "-q"], ["noise", "-q", "--steps", "2"]):
         line = _one_line_error(_cli(*command, spec, override, "model.kwargs={}"), f": {key}: ", said)
         assert line.startswith(f"error: {spec}:")
+
+
+def test_a_data_set_whose_reads_block_stops_at_the_trial_timeout_in_every_command(write_spec):
+    """Its first sample was read outside any trial's watchdog: probe, check and plan hung, and validate had no
+    limit at all."""
+    import time
+
+    spec = write_spec()
+    for command in (["validate"], ["probe", "-q"], ["check", "-q", "-b", "8"], ["plan", "-q", "--samples", "1000"]):
+        started = time.monotonic()
+        line = _one_line_error(_cli(*command, spec, "data.target=tests.fixtures:blocking_data", "data.kwargs={}",
+                                    "trial_timeout=0.5"), "did not finish within 0.5 s (trial_timeout)")
+        assert time.monotonic() - started < 30 and "__getitem__ blocks" in line, command

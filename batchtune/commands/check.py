@@ -401,7 +401,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
     try:
-        shape = within_limits(shape, components.train_set, notes)
+        shape = within_limits(shape, components.train_set, notes, timeout=spec.trial_timeout)
     except UsageError as exc:  # host memory cannot collate the batch: the options', as check reports them
         raise CheckInputError(str(exc)) from None
     threads, threads_from = set_threads(spec.device.threads)

@@ -83,7 +83,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     notes: list[str] = []
     # capped at the training set, as check caps it: a larger batch repeats samples within every step
     halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch
-    shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1)
+    shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1,
+                          timeout=spec.trial_timeout)
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * shape.batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)

@@ -434,7 +434,7 @@ def _largest(components: Any, p: Any) -> tuple[int, str | None]:
     from batchtune.engine.data import batch_limit
     from batchtune.memory.search import align_down
 
-    limit = batch_limit(components.train_set)
+    limit = batch_limit(components.train_set, components.spec.trial_timeout)
     if limit.batch_size is None or limit.batch_size >= p.max_batch_size:
         return p.max_batch_size, None
     largest = max(align_down(limit.batch_size, p.granularity), p.min_batch_size)

@@ -603,7 +603,10 @@ class Components:
         if self.variable_length:
             lengths = self.lengths()
             return max(1, round(sum(lengths) / len(lengths)))
-        sample = _build(self.spec, "data", "reading the first training sample", self.train_set.__getitem__, 0)
+        from batchtune.engine.watchdog import bounded
+
+        with bounded(self.spec.trial_timeout, "reading the first training sample"):  # plan hung here, unbounded
+            sample = _build(self.spec, "data", "reading the first training sample", self.train_set.__getitem__, 0)
         try:
             _, target = _split(sample)
         except (TypeError, ValueError):

@@ -117,9 +117,9 @@ def padding_waste(lengths: Sequence[int], plan: list[list[int]]) -> float:
 
 
 def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str = "checked",
-                  multiple: int = 1) -> BatchShape:
+                  multiple: int = 1, timeout: float | None = None) -> BatchShape:
     """The shape, its batch capped at the training set's size (to a multiple of ``multiple`` micro-batches'
-    worth: 2 for noise's halves); refused if host memory cannot collate it.
+    worth: 2 for noise's halves); refused if host memory cannot collate it. ``timeout``: as :func:`batch_limit`'s.
 
     Raises:
         UsageError: collating the batch would need more host memory than is available.
@@ -127,7 +127,7 @@ def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str
     from batchtune.errors import UsageError
     from batchtune.render.text import format_bytes
 
-    limit = batch_limit(train_set)
+    limit = batch_limit(train_set, timeout)
     per_step = shape.accum_steps * shape.world_size * multiple
     if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
         capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
@@ -351,19 +351,23 @@ class BatchLimit(NamedTuple):
         return COLLATE_COPIES * batch_size * self.bytes_per_sample if self.bytes_per_sample else None
 
 
-def batch_limit(dataset: Dataset) -> BatchLimit:
+def batch_limit(dataset: Dataset, timeout: float | None = None) -> BatchLimit:
     """How large a batch makes sense: at most the data set, and what host memory can collate.
 
     A batch larger than the data set repeats samples; one whose collation needs more host
     memory than the machine has would spend minutes copying before failing (or be killed).
+    ``timeout``: the most seconds reading the first sample may take (the spec's ``trial_timeout``).
     """
     from batchtune.engine.host import available_host_bytes
+    from batchtune.engine.watchdog import bounded
 
     try:
         n = len(dataset)
     except TypeError:
         n = None
-    per_sample, available = sample_bytes(dataset), available_host_bytes()
+    with bounded(timeout, "reading the first training sample"):
+        per_sample = sample_bytes(dataset)
+    available = available_host_bytes()
     host = available // (COLLATE_COPIES * per_sample) if per_sample and available else None
     limits = [(b, why) for b, why in ((n, "data"), (host, "host")) if b is not None]
     size, reason = min(limits) if limits else (None, None)

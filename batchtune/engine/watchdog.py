@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Deadline", "TrialTimeout", "deadline", "stop_if_timed_out"]
+__all__ = ["Deadline", "TrialTimeout", "bounded", "deadline", "stop_if_timed_out"]
 
 _IMPORT_RETRY_S = 0.05  # an import in progress when a deadline expires: look again this much later
 _active: list[Deadline] = []  # innermost last
@@ -132,6 +132,21 @@ def deadline(seconds: float | None, what: str = "the training step") -> Iterator
             if left > 0:  # someone else's timer: give it back what is left of it
                 signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - saved_at), 1e-3))
             _saved = None
+
+
+@contextmanager
+def bounded(seconds: float | None, what: str, setting: str = "trial_timeout") -> Iterator[None]:
+    """:func:`deadline` around work outside any trial (the user's data read before the first one), its
+    expiry a TrainingError naming ``setting``: a data set whose ``__getitem__`` blocked hung probe and check
+    in reading its first sample, and validate, which had no limit at all."""
+    from batchtune.errors import TrainingError
+
+    try:
+        with deadline(seconds, what):
+            yield
+    except TrialTimeout as exc:
+        raise TrainingError(f"{exc} ({setting}); a data set whose __getitem__ blocks (a stalled network file "
+                            "system, a lock) stops here") from None
 
 
 def stop_if_timed_out(result: Any, setting: str = "trial_timeout") -> Any:
