@@ -590,3 +590,16 @@ def test_noise_measures_at_the_jobs_batch_by_default(write_spec):
     assert out.exit_code == 0, out.output
     data = _json.loads(out.stdout)
     assert (data["micro_batch_size"], data["accum_steps"]) == (16, 4)
+
+
+def test_a_run_whose_loss_explodes_but_stays_finite_is_called_diverged(write_spec):
+    """An outside noise run at lr 1e30 read 'B_simple 37, reliable yes' at val loss 7e29, exit 0: only a loss
+    that was not finite counted as diverging there, where sweep and check use sweep.divergence_factor."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "6", "-q", "optimizer={name: sgd, lr: 30.0}"])
+    assert out.exit_code == 1, out.output
+    assert "diverged: loss " in out.stdout and "exceeds 3× the starting loss" in out.stdout
+    assert "No noise scale comes from a run that diverged" in out.stdout and "B_simple at the end" not in out.stdout

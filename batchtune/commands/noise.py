@@ -87,7 +87,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
                           timeout=spec.trial_timeout)
     config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * shape.batch_size / points, validate=True,
-                          eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2)
+                          eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2,
+                          divergence_factor=spec.sweep.divergence_factor)  # a loss of 7e29 read 'reliable', exit 0
     log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
     result = stop_if_timed_out(Trainer(components, backend, spec.precision).run(config))
     tokens = components.tokens_per_sample()

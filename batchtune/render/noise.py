@@ -27,7 +27,7 @@ def render_noise(run: Any, fmt: str = "table") -> str:
     lines = [f"### {head}" if fmt == "markdown" else head, "", table, ""]
     final = run.final
     if run.diverged:
-        lines.append(f"diverged: {run.diverged}. No noise scale comes from a run whose loss is not finite: "
+        lines.append(f"diverged: {run.diverged}. No noise scale comes from a run that diverged: "
                      "check the model and the data, or lower optimizer.lr")
     elif final and final.get("b_simple"):
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
