@@ -610,3 +610,18 @@ def test_a_data_set_whose_reads_block_stops_at_the_trial_timeout_in_every_comman
         line = _one_line_error(_cli(*command, spec, "data.target=tests.fixtures:blocking_data", "data.kwargs={}",
                                     "trial_timeout=0.5"), "did not finish within 0.5 s (trial_timeout)")
         assert time.monotonic() - started < 30 and "__getitem__ blocks" in line, command
+
+
+def test_a_training_set_smaller_than_the_batch_is_said_not_trained_on_in_repeats(write_spec, tmp_path):
+    """A one-sample training set: noise read 'B_simple 0, band 0-0, reliable yes' from micro-batches of the same
+    sample, and a sweep trained it as batch 16 and 32 and recommended 16, unsaid."""
+    spec = write_spec()
+    one = "data.kwargs={n_train: 1}"
+    _one_line_error(_cli("noise", spec, one, "--steps", "2", "-q"), "the training set has 1 sample, fewer than the 4 "
+                    "micro-batches of a step (4 accumulated × 1 rank): every one would repeat the same samples")
+    swept = _cli("sweep", spec, "data.kwargs={n_train: 12}", "sweep.batch_sizes=[8, 16]", "device.memory_limit=null",
+                 "sweep.seeds=1", "sweep.lr_search=false", "-q", "-f", "json", "--out", tmp_path / "run")
+    assert swept.exit_code == 0, swept.output
+    status = {r["batch_size"]: r["status"] for r in json.loads(swept.stdout)["summary"]}
+    assert status[16] == "excluded: larger than the training set (12 samples): its steps would repeat samples"
+    assert status[8] == "ok"

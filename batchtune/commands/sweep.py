@@ -42,6 +42,7 @@ from batchtune.commands.sweep_analysis import (
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
+from batchtune.render.text import count_of
 from batchtune.stats.scaling import spec_lr, spec_rule
 
 __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "plan_candidates", "result_from_rows", "run_dir",
@@ -671,9 +672,14 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         room = safe - accum
         notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
                      f"micro-batches take the room of {room} sample{'s' if room != 1 else ''}")
+    n_train = len(components.train_set)
+    for shape in [c for c in candidates if c.batch_size > n_train]:  # one sample trained as "16" and "32", unsaid
+        excluded[shape.batch_size] = (f"larger than the training set ({count_of(n_train, 'sample')}): its steps would "
+                                      "repeat samples")
+        candidates.remove(shape)
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
-    samples = _sample_budget(spec, candidates, len(components.train_set), notes)
+    samples = _sample_budget(spec, candidates, n_train, notes)
     notes.append(_lr_note(spec))
     notes.append(f"loader timed: {loader_kind(components.train_set, spec.data.num_workers)}")
     return {

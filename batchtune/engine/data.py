@@ -125,13 +125,19 @@ def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str
         UsageError: collating the batch would need more host memory than is available.
     """
     from batchtune.errors import UsageError
-    from batchtune.render.text import format_bytes
+    from batchtune.render.text import count_of, format_bytes
 
     limit = batch_limit(train_set, timeout)
     per_step = shape.accum_steps * shape.world_size * multiple
+    if limit.samples is not None and limit.samples < per_step:  # one sample read B_simple 0, band 0-0, "reliable"
+        raise UsageError(f"the training set has {limit.samples} sample{'s' * (limit.samples != 1)}, fewer than the "
+                         f"{per_step} micro-batches of a step ({shape.accum_steps} accumulated × {shape.world_size} "
+                         f"rank{'s' * (shape.world_size != 1)}{' × 2 halves' if multiple == 2 else ''}): every one "
+                         "would repeat the same samples")
     if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
         capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
-        notes.append(f"batch {shape.batch_size:,} is larger than the training set ({limit.samples:,} samples): "
+        notes.append(f"batch {shape.batch_size:,} is larger than the training set "
+                     f"({count_of(limit.samples, 'sample')}): "
                      f"{verb} at {capped.batch_size:,}, the largest batch it can fill"
                      + (" in halves" if multiple == 2 else ""))
         shape = capped

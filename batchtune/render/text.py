@@ -107,6 +107,11 @@ def count(value: Any) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
 
 
+def count_of(n: int, noun: str) -> str:
+    """``'1 sample'``, ``'1,024 samples'``."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def num(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
