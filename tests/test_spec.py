@@ -167,3 +167,68 @@ def test_a_train_batch_its_accumulation_does_not_divide_is_a_spec_error(write_sp
                                            "not divisible by accum_steps 3: give a batch that 3 micro-batches split "
                                            "evenly")
     assert load_spec(write_spec(TINY_SPEC + "train: {batch_size: 96, accum_steps: 3}\n")).train.accum_steps == 3
+
+
+def _validate(path, *overrides):
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    return CliRunner().invoke(app, ["validate", str(path), *overrides])
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("optimizer.lr=true", "optimizer.lr: must be a number, got true (a YAML boolean)"),
+    ("base_batch_size=yes", "base_batch_size: must be a number, got true (a YAML boolean)"),
+    ("trial_timeout=on", "trial_timeout: must be a number, got true (a YAML boolean)"),
+    ("seed=false", "seed: must be a number, got false (a YAML boolean)"),
+    ("sweep.seeds=true", "sweep.seeds: must be a number, got true (a YAML boolean)"),
+    ("sweep.samples=true", "sweep.samples: must be a number, got true (a YAML boolean)"),
+    ("sweep.target_loss=true", "sweep.target_loss: must be a number, got true (a YAML boolean)"),
+    ("sweep.target_loss=[2.0, true]", "sweep.target_loss: item 1 must be a number, got true (a YAML boolean)"),
+    ("sweep.batch_sizes=[true, 32]", "sweep.batch_sizes: item 0 must be a number, got true (a YAML boolean)"),
+    ("probe.granularity=true", "probe.granularity: must be a number, got true (a YAML boolean)"),
+    ("check.steps=true", "check.steps: must be a number, got true (a YAML boolean)"),
+    ("data.num_workers=true", "data.num_workers: must be a number, got true (a YAML boolean)"),
+    ("data.length_key=true", "data.length_key: must be a string or a number, got true (a YAML boolean)"),
+])
+def test_a_yaml_boolean_is_not_taken_as_a_number(write_spec, override, problem):
+    """Pydantic's lax mode read true (and YAML 1.1's yes and on) as 1: optimizer.lr=true validated and trained
+    at lr 1.0, trial_timeout=true gave each trial one second."""
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
+def test_a_yaml_boolean_in_the_file_names_its_line_and_booleans_and_number_strings_still_work(write_spec):
+    result = _validate(write_spec(TINY_SPEC.replace("base_batch_size: 32", "base_batch_size: on")))
+    assert result.exit_code == 2
+    assert "spec.yaml:5: base_batch_size: must be a number, got true (a YAML boolean)" in result.output
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {accumulation: no, lr_refine: true, batch_sizes: ['16', 32]}\n"
+                                "probe: {from_estimate: yes}\n"),
+                     ["optimizer.lr=2e-2", "optimizer.nesterov=true", "sweep.target_loss=1e-1"])
+    assert (spec.optimizer.lr, spec.sweep.target_loss, spec.sweep.batch_sizes) == (0.02, 0.1, [16, 32])
+    assert (spec.sweep.accumulation, spec.sweep.lr_refine, spec.probe.from_estimate) == (False, True, True)
+    assert spec.optimizer.options == {"nesterov": True}  # an optimizer's own kwargs take booleans
+
+
+@pytest.mark.parametrize("text,problem", [
+    (TINY_SPEC.replace("lr: 0.01", "lr: .inf"), "spec.yaml:4: optimizer.lr: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {epochs: .inf}\n", "spec.yaml:7: sweep.epochs: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {lr_multipliers: [1.0, .inf]}\n",
+     "spec.yaml:7: sweep.lr_multipliers.1: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "check: {throughput_tolerance: .inf}\n",
+     "spec.yaml:7: check.throughput_tolerance: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {reseed_within: .inf}\n",
+     "spec.yaml:7: sweep.reseed_within: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "check: {divergence_factor: .inf}\n",
+     "spec.yaml:7: check.divergence_factor: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "train: {batch_size: 32, lr: .inf}\n",
+     "spec.yaml:7: train.lr: Input should be a finite number (got inf)"),
+], ids=["lr", "epochs", "lr_multipliers", "throughput_tolerance", "reseed_within", "divergence_factor", "train.lr"])
+def test_an_infinite_number_is_refused(write_spec, text, problem):
+    """lr: .inf validated (and .nan did not); no float in a spec means infinity (a time limit's "none" is null)."""
+    result = _validate(write_spec(text))
+    assert result.exit_code == 2
+    (heading, issue) = result.output.splitlines()
+    assert heading == "error: invalid spec (1 problem):" and issue.endswith(f"/{problem}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -137,7 +138,54 @@ def parse_duration(text: Any, default_unit: str = "s", example: str = "45ms, 0.1
 # ---------------------------------------------------------------------------- models
 
 
-class _Strict(BaseModel):
+def _members(annotation: Any) -> list[Any]:
+    """The types a field's annotation admits, with ``Annotated`` and unions unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _boolean_as_number(value: Any, members: list[Any]) -> str | None:
+    """Why ``value``, or an item of a list, is a YAML boolean that a field of ``members`` would take as a
+    number; None where it is not (the field takes booleans, or no numbers, and pydantic speaks for itself).
+
+    Pydantic's lax mode reads true as 1 and 1.0, and YAML 1.1 reads yes and on as true: ``lr: on`` trained
+    at lr 1.0 and ``trial_timeout: yes`` gave trials one second.
+    """
+    if isinstance(value, bool):
+        if bool in members or Any in members or not any(m in (int, float) for m in members):
+            return None
+        kind = "a string or a number" if str in members else "a number"
+        return f"must be {kind}, got {str(value).lower()} (a YAML boolean)"
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        item_members = [member for item in items for member in _members(item)]
+        for i, item in enumerate(value):
+            why = _boolean_as_number(item, item_members)
+            if why is not None:
+                return f"item {i} {why}"
+    return None
+
+
+class _Checked(BaseModel):
+    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant."""
+
+    # the only float fields that could mean "no limit" (the time limits) take null for it
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        why = _boolean_as_number(value, _members(cls.model_fields[info.field_name].annotation))
+        if why is not None:
+            raise ValueError(why)
+        return value
+
+
+class _Strict(_Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -199,7 +247,7 @@ class LossTarget(_Strict):
     _target_format = field_validator("target")(_check_target)
 
 
-class OptimizerSpec(BaseModel):
+class OptimizerSpec(_Checked):
     """``{name: adamw, lr: 3e-4, weight_decay: 0.1, ...}``: keys other than these are kwargs."""
 
     model_config = ConfigDict(extra="allow")
