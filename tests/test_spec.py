@@ -232,3 +232,57 @@ def test_an_infinite_number_is_refused(write_spec, text, problem):
     assert result.exit_code == 2
     (heading, issue) = result.output.splitlines()
     assert heading == "error: invalid spec (1 problem):" and issue.endswith(f"/{problem}")
+
+
+def _alias_bomb(levels: int) -> str:
+    lists = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"]
+    lists += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, levels)]
+    return "".join(lists) + TINY_SPEC
+
+
+def test_an_alias_bomb_is_refused_at_once(write_spec):
+    """Ten lines of aliases, each ten of the one before, expand to 10**10 values: validate ran for ever walking
+    them for lines (six lines took 3 s and 361 MB)."""
+    import time
+
+    started = time.monotonic()
+    result = _validate(write_spec(_alias_bomb(10)))
+    assert result.exit_code == 2 and time.monotonic() - started < 20
+    assert result.output.splitlines()[0] == "error: invalid spec (1 problem):"
+    assert result.output.splitlines()[1].endswith(
+        "spec.yaml:5: a4: its aliases expand to over 100,000 values (each use of an alias repeats its anchor's "
+        "whole value); write the values out or nest fewer aliases")
+
+
+def test_an_alias_inside_its_own_anchor_is_refused():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(TINY_SPEC + "sweep: &s {lr_multipliers: [1.0, *s]}\n", "s.yaml")
+    assert [str(i) for i in caught.value.issues] == [
+        "s.yaml:7: sweep: an alias inside its own anchor's value makes it endless"]
+
+
+def test_ordinary_anchors_aliases_and_merge_keys_still_work():
+    spec = parse_spec("name: anc\n"
+                      "model: {target: 'tests.fixtures:tiny_mlp', kwargs: &k {hidden: 8}}\n"
+                      "data: {target: 'tests.fixtures:tiny_data', kwargs: {<<: *k, n: 4}}\n"
+                      "optimizer: {name: adamw, lr: &lr 0.01}\nbase_batch_size: 32\n"
+                      "sweep: {batch_sizes: [16, 32], lr_multipliers: [*lr, 1.0]}\n"
+                      "train: {batch_size: 32, lr: *lr}\n", "s.yaml")
+    assert (spec.data.kwargs, spec.sweep.batch_sizes, spec.sweep.lr_multipliers, spec.train.lr) == (
+        {"hidden": 8, "n": 4}, [16, 32], [0.01, 1.0], 0.01)
+
+
+def test_an_unreadable_byte_names_its_line(tmp_path):
+    """A Latin-1 é and a NUL byte were refused without a line."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: digits, kwargs: {note: caf\xe9}}\n")
+    result = _validate(latin1)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[1] == (f"  {latin1}:3: cannot read spec: not UTF-8 text (byte 0xe9: invalid "
+                                             "continuation byte); save it as UTF-8")
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: dig\x00its}\n")
+    result = _validate(nul)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[1] == (f"  {nul}:3: not valid YAML: unacceptable character #x0000 (special "
+                                             "characters are not allowed)")
