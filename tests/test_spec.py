@@ -167,3 +167,122 @@ def test_a_train_batch_its_accumulation_does_not_divide_is_a_spec_error(write_sp
                                            "not divisible by accum_steps 3: give a batch that 3 micro-batches split "
                                            "evenly")
     assert load_spec(write_spec(TINY_SPEC + "train: {batch_size: 96, accum_steps: 3}\n")).train.accum_steps == 3
+
+
+def _validate(path, *overrides):
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    return CliRunner().invoke(app, ["validate", str(path), *overrides])
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("optimizer.lr=true", "optimizer.lr: must be a number, got true (a YAML boolean)"),
+    ("base_batch_size=yes", "base_batch_size: must be a number, got true (a YAML boolean)"),
+    ("trial_timeout=on", "trial_timeout: must be a number, got true (a YAML boolean)"),
+    ("seed=false", "seed: must be a number, got false (a YAML boolean)"),
+    ("sweep.seeds=true", "sweep.seeds: must be a number, got true (a YAML boolean)"),
+    ("sweep.samples=true", "sweep.samples: must be a number, got true (a YAML boolean)"),
+    ("sweep.target_loss=true", "sweep.target_loss: must be a number, got true (a YAML boolean)"),
+    ("sweep.target_loss=[2.0, true]", "sweep.target_loss: item 1 must be a number, got true (a YAML boolean)"),
+    ("sweep.batch_sizes=[true, 32]", "sweep.batch_sizes: item 0 must be a number, got true (a YAML boolean)"),
+    ("probe.granularity=true", "probe.granularity: must be a number, got true (a YAML boolean)"),
+    ("check.steps=true", "check.steps: must be a number, got true (a YAML boolean)"),
+    ("data.num_workers=true", "data.num_workers: must be a number, got true (a YAML boolean)"),
+    ("data.length_key=true", "data.length_key: must be a string or a number, got true (a YAML boolean)"),
+])
+def test_a_yaml_boolean_is_not_taken_as_a_number(write_spec, override, problem):
+    """Pydantic's lax mode read true (and YAML 1.1's yes and on) as 1: optimizer.lr=true validated and trained
+    at lr 1.0, trial_timeout=true gave each trial one second."""
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
+def test_a_yaml_boolean_in_the_file_names_its_line_and_booleans_and_number_strings_still_work(write_spec):
+    result = _validate(write_spec(TINY_SPEC.replace("base_batch_size: 32", "base_batch_size: on")))
+    assert result.exit_code == 2
+    assert "spec.yaml:5: base_batch_size: must be a number, got true (a YAML boolean)" in result.output
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {accumulation: no, lr_refine: true, batch_sizes: ['16', 32]}\n"
+                                "probe: {from_estimate: yes}\n"),
+                     ["optimizer.lr=2e-2", "optimizer.nesterov=true", "sweep.target_loss=1e-1"])
+    assert (spec.optimizer.lr, spec.sweep.target_loss, spec.sweep.batch_sizes) == (0.02, 0.1, [16, 32])
+    assert (spec.sweep.accumulation, spec.sweep.lr_refine, spec.probe.from_estimate) == (False, True, True)
+    assert spec.optimizer.options == {"nesterov": True}  # an optimizer's own kwargs take booleans
+
+
+@pytest.mark.parametrize("text,problem", [
+    (TINY_SPEC.replace("lr: 0.01", "lr: .inf"), "spec.yaml:4: optimizer.lr: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {epochs: .inf}\n", "spec.yaml:7: sweep.epochs: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {lr_multipliers: [1.0, .inf]}\n",
+     "spec.yaml:7: sweep.lr_multipliers.1: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "check: {throughput_tolerance: .inf}\n",
+     "spec.yaml:7: check.throughput_tolerance: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "sweep: {reseed_within: .inf}\n",
+     "spec.yaml:7: sweep.reseed_within: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "check: {divergence_factor: .inf}\n",
+     "spec.yaml:7: check.divergence_factor: Input should be a finite number (got inf)"),
+    (TINY_SPEC + "train: {batch_size: 32, lr: .inf}\n",
+     "spec.yaml:7: train.lr: Input should be a finite number (got inf)"),
+], ids=["lr", "epochs", "lr_multipliers", "throughput_tolerance", "reseed_within", "divergence_factor", "train.lr"])
+def test_an_infinite_number_is_refused(write_spec, text, problem):
+    """lr: .inf validated (and .nan did not); no float in a spec means infinity (a time limit's "none" is null)."""
+    result = _validate(write_spec(text))
+    assert result.exit_code == 2
+    (heading, issue) = result.output.splitlines()
+    assert heading == "error: invalid spec (1 problem):" and issue.endswith(f"/{problem}")
+
+
+def _alias_bomb(levels: int) -> str:
+    lists = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"]
+    lists += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, levels)]
+    return "".join(lists) + TINY_SPEC
+
+
+def test_an_alias_bomb_is_refused_at_once(write_spec):
+    """Ten lines of aliases, each ten of the one before, expand to 10**10 values: validate ran for ever walking
+    them for lines (six lines took 3 s and 361 MB)."""
+    import time
+
+    started = time.monotonic()
+    result = _validate(write_spec(_alias_bomb(10)))
+    assert result.exit_code == 2 and time.monotonic() - started < 20
+    assert result.output.splitlines()[0] == "error: invalid spec (1 problem):"
+    assert result.output.splitlines()[1].endswith(
+        "spec.yaml:5: a4: its aliases expand to over 100,000 values (each use of an alias repeats its anchor's "
+        "whole value); write the values out or nest fewer aliases")
+
+
+def test_an_alias_inside_its_own_anchor_is_refused():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(TINY_SPEC + "sweep: &s {lr_multipliers: [1.0, *s]}\n", "s.yaml")
+    assert [str(i) for i in caught.value.issues] == [
+        "s.yaml:7: sweep: an alias inside its own anchor's value makes it endless"]
+
+
+def test_ordinary_anchors_aliases_and_merge_keys_still_work():
+    spec = parse_spec("name: anc\n"
+                      "model: {target: 'tests.fixtures:tiny_mlp', kwargs: &k {hidden: 8}}\n"
+                      "data: {target: 'tests.fixtures:tiny_data', kwargs: {<<: *k, n: 4}}\n"
+                      "optimizer: {name: adamw, lr: &lr 0.01}\nbase_batch_size: 32\n"
+                      "sweep: {batch_sizes: [16, 32], lr_multipliers: [*lr, 1.0]}\n"
+                      "train: {batch_size: 32, lr: *lr}\n", "s.yaml")
+    assert (spec.data.kwargs, spec.sweep.batch_sizes, spec.sweep.lr_multipliers, spec.train.lr) == (
+        {"hidden": 8, "n": 4}, [16, 32], [0.01, 1.0], 0.01)
+
+
+def test_an_unreadable_byte_names_its_line(tmp_path):
+    """A Latin-1 é and a NUL byte were refused without a line."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: digits, kwargs: {note: caf\xe9}}\n")
+    result = _validate(latin1)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[1] == (f"  {latin1}:3: cannot read spec: not UTF-8 text (byte 0xe9: invalid "
+                                             "continuation byte); save it as UTF-8")
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: dig\x00its}\n")
+    result = _validate(nul)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[1] == (f"  {nul}:3: not valid YAML: unacceptable character #x0000 (special "
+                                             "characters are not allowed)")

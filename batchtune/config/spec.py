@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -137,7 +138,54 @@ def parse_duration(text: Any, default_unit: str = "s", example: str = "45ms, 0.1
 # ---------------------------------------------------------------------------- models
 
 
-class _Strict(BaseModel):
+def _members(annotation: Any) -> list[Any]:
+    """The types a field's annotation admits, with ``Annotated`` and unions unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _boolean_as_number(value: Any, members: list[Any]) -> str | None:
+    """Why ``value``, or an item of a list, is a YAML boolean that a field of ``members`` would take as a
+    number; None where it is not (the field takes booleans, or no numbers, and pydantic speaks for itself).
+
+    Pydantic's lax mode reads true as 1 and 1.0, and YAML 1.1 reads yes and on as true: ``lr: on`` trained
+    at lr 1.0 and ``trial_timeout: yes`` gave trials one second.
+    """
+    if isinstance(value, bool):
+        if bool in members or Any in members or not any(m in (int, float) for m in members):
+            return None
+        kind = "a string or a number" if str in members else "a number"
+        return f"must be {kind}, got {str(value).lower()} (a YAML boolean)"
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        item_members = [member for item in items for member in _members(item)]
+        for i, item in enumerate(value):
+            why = _boolean_as_number(item, item_members)
+            if why is not None:
+                return f"item {i} {why}"
+    return None
+
+
+class _Checked(BaseModel):
+    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant."""
+
+    # the only float fields that could mean "no limit" (the time limits) take null for it
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        why = _boolean_as_number(value, _members(cls.model_fields[info.field_name].annotation))
+        if why is not None:
+            raise ValueError(why)
+        return value
+
+
+class _Strict(_Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -199,7 +247,7 @@ class LossTarget(_Strict):
     _target_format = field_validator("target")(_check_target)
 
 
-class OptimizerSpec(BaseModel):
+class OptimizerSpec(_Checked):
     """``{name: adamw, lr: 3e-4, weight_decay: 0.1, ...}``: keys other than these are kwargs."""
 
     model_config = ConfigDict(extra="allow")
@@ -479,22 +527,58 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader whose composed nodes we walk for lines and duplicate keys."""
 
 
-def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], dups: list[tuple[str, int]]) -> None:
-    if isinstance(node, yaml.MappingNode):
+#: The most values a YAML file may hold once its aliases are expanded: a spec has a few hundred, while ten lines
+#: of aliases, each a list of ten of the one before, expand to 10**10 (a "billion laughs").
+MAX_YAML_VALUES = 100_000
+
+
+class _LineWalk:
+    """The line of each dotted key path and the duplicate keys, from composed YAML nodes.
+
+    The walk follows each alias into its anchor's value, as validation and the written spec would: it counts
+    the values it meets, so a file whose aliases expand past :data:`MAX_YAML_VALUES` is refused at once
+    rather than walked for hours, and it refuses an alias inside its own anchor's value (an endless value).
+    """
+
+    def __init__(self, source: str, what: str) -> None:
+        self.source, self.what = source, what
+        self.lines: dict[str, int] = {}
+        self.dups: list[tuple[str, int]] = []
+        self._values = 0
+        self._open: set[int] = set()  # the nodes from the root to the one being walked
+
+    def walk(self, node: yaml.Node, prefix: str = "") -> None:
+        self._values += 1
+        if self._values > MAX_YAML_VALUES:
+            self._refuse(prefix, f"its aliases expand to over {MAX_YAML_VALUES:,} values (each use of an alias "
+                                 "repeats its anchor's whole value); write the values out or nest fewer aliases")
+        if id(node) in self._open:
+            self._refuse(prefix, "an alias inside its own anchor's value makes it endless")
+        self._open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            self._mapping(node, prefix)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                path = f"{prefix}.{i}"
+                self.lines[path] = item.start_mark.line + 1
+                self.walk(item, path)
+        self._open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, prefix: str) -> None:
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
             path = f"{prefix}.{key}" if prefix else key
             if key in seen:
-                dups.append((path, key_node.start_mark.line + 1))
+                self.dups.append((path, key_node.start_mark.line + 1))
             seen.add(key)
-            lines[path] = key_node.start_mark.line + 1
-            _walk(value_node, path, lines, dups)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = f"{prefix}.{i}"
-            lines[path] = item.start_mark.line + 1
-            _walk(item, path, lines, dups)
+            self.lines[path] = key_node.start_mark.line + 1
+            self.walk(value_node, path)
+
+    def _refuse(self, path: str, message: str) -> None:
+        # named by the top-level key being walked: a path deep inside the expansion says nothing more
+        top = path.split(".")[0]
+        raise SpecError([SpecIssue(top, message, self.source, self.lines.get(top))], what=self.what)
 
 
 def _nearest_line(lines: dict[str, int], path: str) -> int | None:
@@ -598,9 +682,24 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, 
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([SpecIssue("", "no such file", source)]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise SpecError([_undecodable(path)]) from None
+    except OSError as exc:
         raise SpecError([SpecIssue("", f"cannot read spec: {exc}", source)]) from None
     return parse_spec(text, source=source, overrides=overrides, training=training)
+
+
+def _undecodable(path: Path) -> SpecIssue:
+    """The first byte of ``path`` that is not UTF-8, and its line (read again as bytes: a text reader's
+    error counts from the start of its chunk, not of the file)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return SpecIssue("", f"cannot read spec: not UTF-8 text (byte 0x{raw[exc.start]:02x}: {exc.reason}); "
+                             "save it as UTF-8", str(path), line)
+    return SpecIssue("", "cannot read spec: not UTF-8 text", str(path))  # it changed since: no line to give
 
 
 def read_yaml(text: str, source: str, *, what: str = "spec") -> tuple[Any, dict[str, int], list[SpecIssue]]:
@@ -615,22 +714,33 @@ def read_yaml(text: str, source: str, *, what: str = "spec") -> tuple[Any, dict[
         The data, the line of each dotted key path (``stages.1.lr``), and an issue for each duplicate key.
 
     Raises:
-        SpecError: the text is not valid YAML; the issue names the line.
+        SpecError: the text is not valid YAML, or its aliases expand past :data:`MAX_YAML_VALUES` values or
+            into themselves; the issue names the line.
     """
-    lines: dict[str, int] = {}
+    walk = _LineWalk(source, what)
     try:
         node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        data = yaml.safe_load(text) if node is not None else None
+        if node is None:
+            return None, walk.lines, []
+        walk.walk(node)  # before the values are built and validated: it refuses what would take them forever
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([SpecIssue("", f"not valid YAML: {problem}", source, line)], what=what) from None
-    dups: list[tuple[str, int]] = []
-    if node is not None:
-        _walk(node, "", lines, dups)
-    return data, lines, [SpecIssue(p, "duplicate key (the later value would silently win)", source, ln)
-                         for p, ln in dups]
+        raise SpecError([_yaml_issue(exc, text, source)], what=what) from None
+    return data, walk.lines, [SpecIssue(p, "duplicate key (the later value would silently win)", source, ln)
+                              for p, ln in walk.dups]
+
+
+def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> SpecIssue:
+    """The parser's problem and its line; a character the reader refuses (a NUL byte, say) has only a
+    position in the text, which gives the line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return SpecIssue("", f"not valid YAML: unacceptable character {char} ({exc.reason})", source, line)
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return SpecIssue("", f"not valid YAML: {problem}", source, line)
 
 
 #: Keys optional in the spec's model but required by every command that trains.
