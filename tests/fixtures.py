@@ -437,3 +437,19 @@ class _Blocking(torch.utils.data.Dataset):
 
 def blocking_data():
     return _Blocking(), _Blocking()
+
+
+class _ShortOfItsLength(torch.utils.data.Dataset):
+    """Says 64 samples, has 10: reading past them raises IndexError."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        if index >= 10:
+            raise IndexError(f"sample {index} is past the 10 on disk")
+        return torch.randn(16), torch.tensor(index % 4)
+
+
+def short_data():
+    return _ShortOfItsLength(), _ShortOfItsLength()

@@ -625,3 +625,20 @@ def test_a_training_set_smaller_than_the_batch_is_said_not_trained_on_in_repeats
     status = {r["batch_size"]: r["status"] for r in json.loads(swept.stdout)["summary"]}
     assert status[16] == "excluded: larger than the training set (12 samples): its steps would repeat samples"
     assert status[8] == "ok"
+
+
+def test_an_error_in_a_data_loader_worker_keeps_what_went_wrong():
+    """Raised in a worker, it read 'IndexError: Caught IndexError in DataLoader worker process 0.': the worker's own
+    message, the one that says what is wrong, was dropped."""
+    from batchtune.engine.trial import error_line
+
+    import torch
+
+    from tests.fixtures import short_data
+
+    loader = torch.utils.data.DataLoader(short_data()[0], batch_size=16, num_workers=1)
+    with pytest.raises(IndexError) as caught:
+        list(loader)
+    assert error_line(caught.value) == ("IndexError: sample 10 is past the 10 on disk (in DataLoader worker: Caught "
+                                        "IndexError in DataLoader worker process 0)")
+    assert error_line(ValueError("a plain one.\nmore")) == "ValueError: a plain one"

@@ -263,9 +263,14 @@ def _agreed_oom(failure: str | None, failed: list[int], device_type: str) -> tor
 
 
 def error_line(exc: BaseException) -> str:
-    """``'RuntimeError: first line of the message'`` (at most 300 characters)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    """``'RuntimeError: first line of the message'`` (at most 300 characters). An error a DataLoader worker
+    re-raised ("Caught IndexError in DataLoader worker process 0.", the worker's traceback below it) is its
+    cause's last line: the first alone lost what went wrong."""
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    first = text[0].rstrip(".") if text else ""
+    if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
+        return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 @dataclass
