@@ -451,8 +451,9 @@ def report(
         from batchtune.render.sweep import render_sweep
 
         folder = RunFolder(run_dir)
-        result = result_from_rows(folder.read_spec()["name"], folder.read_trials(), folder.read_json("meta.json"),
-                                  run_dir=run_dir, environment=folder.read_json("environment.json"))
+        run = folder.load()  # every file checked here: a damaged one is one line, not a KeyError in the analysis
+        result = result_from_rows(run.spec["name"], run.trials, run.meta, run_dir=run_dir,
+                                  environment=run.environment)
         holder = folder.holder()
         if holder is not None or not folder.finished():
             _mark_provisional(result, run_dir, holder)
