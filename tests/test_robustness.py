@@ -336,6 +336,37 @@ def test_sweep_out_never_takes_a_folder_of_the_users(write_spec, tmp_path, monke
     assert (tmp_path / "report.txt").read_text() == "my notes\n" and (lone / "spec.yaml").read_text() == "mine\n"
 
 
+def test_plan_out_counts_a_plans_own_files_as_batchtunes_and_takes_force(write_spec, tmp_path, monkeypatch):
+    """An outside tester ran plan twice on one --out: refused for 'files that are not a batchtune run's (lead.json,
+    plan.json) ... or pass --force', and --force changed nothing (plan checked --out as if it were not given)."""
+    import batchtune.commands.plan as plan_module
+    from batchtune.errors import UsageError
+
+    def planned(*args, **kwargs):
+        raise UsageError("the plan ran")  # the check let the plan through
+
+    monkeypatch.setattr(plan_module, "run_plan", planned)
+    spec, calibrated = write_spec(), tmp_path / "calibrated"
+    folder = RunFolder(calibrated)  # as a finished plan leaves its --out
+    folder.start({"name": "tiny"}, device={"device": "cpu"}, meta={})
+    for name in ("lead.json", "plan.json"):
+        folder.write_json(name, {})
+    before = {p.name: p.read_bytes() for p in calibrated.iterdir()}
+    for force in ([], ["--force"]):
+        line = _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", calibrated, *force))
+        assert line == (f"error: --out {calibrated} already holds a plan's calibration, which is kept: a plan "
+                        "calibrates in a new folder; choose a new or empty one")
+    assert {p.name: p.read_bytes() for p in calibrated.iterdir()} == before
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine\n")
+    line = _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", theirs))
+    assert line == (f"error: --out {theirs} holds files that are not a batchtune run's (notes.txt); choose a new or "
+                    "empty folder, or pass --force to write there anyway")
+    _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", theirs, "--force"), "the plan ran")
+    assert (theirs / "notes.txt").read_text() == "mine\n"
+
+
 @pytest.fixture
 def read_only(tmp_path, monkeypatch):
     """A folder nothing can be written in: chmod when it binds, else (root) a patched os that says EROFS."""

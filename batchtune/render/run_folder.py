@@ -43,8 +43,9 @@ PLAN_FILE = "plan.json"  # batchtune plan's result, in its calibration's run fol
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".batchtune.lock"
+# a plan's calibration folder also holds the plan and its lead run: a plan's own files are a run's too
 RUN_FILES = frozenset({"spec.yaml", "environment.json", "meta.json", "trials.json", "trials.csv", "report.txt",
-                       "report.md", "result.json", "sweep.png", LOCK_NAME})
+                       "report.md", "result.json", "sweep.png", "lead.json", PLAN_FILE, LOCK_NAME})
 
 # What report and --resume index in a run's plan and trials: a folder without them would fail deep in the
 # analysis (an outside tester's meta.json of {} gave KeyError 'data_bound_share'), so it is refused at the read.
