@@ -270,7 +270,7 @@ def init(
     with _user_errors():
         if path.exists() and not path.is_dir() and not force:
             raise UsageError(f"{path} already exists; choose another path or pass --force to overwrite it")
-        _writable(path, "init")
+        _writable(path, "init", force)
         atomic_write(path, STARTER_SPEC.replace("batchtune.yaml", str(path)))  # its header's commands name it
         typer.echo(f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}")
 
