@@ -289,7 +289,7 @@ def init(
     with _user_errors():
         if path.exists() and not path.is_dir() and not force:
             raise UsageError(f"{path} already exists; choose another path or pass --force to overwrite it")
-        _writable(path, "init")
+        _writable(path, "init", force)
         atomic_write(path, STARTER_SPEC.replace("batchtune.yaml", str(path)))  # its header's commands name it
         typer.echo(f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}")
 
@@ -449,6 +449,21 @@ def _check_out(out: Path, force: bool) -> None:
                          "empty folder, or pass --force to write there anyway")
 
 
+def _check_plan_out(out: Path, force: bool) -> None:
+    """A plan's ``--out``: as a sweep's (:func:`_check_out`), and holding no run yet, even with ``--force``.
+
+    A plan has no ``--resume``, and its sweep would refuse the folder only after the probe, naming
+    ``--resume``; a calibration already there is the user's, so it is kept and the plan asks for another folder.
+    """
+    from batchtune.render.run_folder import PLAN_FILE, RunFolder
+
+    _check_out(out, force)
+    if RunFolder(out).exists() or (out / "meta.json").exists():
+        held = "a plan's calibration" if (out / PLAN_FILE).exists() else "a sweep's run"
+        raise UsageError(f"--out {out} already holds {held}, which is kept: a plan calibrates in a new folder; "
+                         "choose a new or empty one")
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A sweep's run folder (or a plan's calibration folder).")],
@@ -470,8 +485,9 @@ def report(
         from batchtune.render.sweep import render_sweep
 
         folder = RunFolder(run_dir)
-        result = result_from_rows(folder.read_spec()["name"], folder.read_trials(), folder.read_json("meta.json"),
-                                  run_dir=run_dir, environment=folder.read_json("environment.json"))
+        run = folder.load()  # every file checked here: a damaged one is one line, not a KeyError in the analysis
+        result = result_from_rows(run.spec["name"], run.trials, run.meta, run_dir=run_dir,
+                                  environment=run.environment)
         holder = folder.holder()
         if holder is not None or not folder.finished():
             _mark_provisional(result, run_dir, holder)
@@ -744,8 +760,12 @@ def plan(
     verify_seeds: Annotated[int, typer.Option("--verify-seeds", min=1, help="Seeds per verified plan.")] = 1,
     schedule_out: Annotated[Optional[Path], typer.Option("--schedule-out", help="Write the schedule here "
                                                                                "(.yaml, .yml or .json).")] = None,
-    force: ForceOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a --schedule-out file that batchtune did not "
+                                                        "write, and write the calibration into an --out folder that "
+                                                        "holds other files (files named like a run's are replaced).")
+                     ] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder: a new one (a "
+                                                                    "plan does not resume a calibration).")] = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
@@ -766,7 +786,7 @@ def plan(
         if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
             _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
         if out is not None:
-            _rank0_check(lambda: _check_out(out, force=False))
+            _rank0_check(lambda: _check_plan_out(out, force))
         setup_logging(quiet)
         result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
                           price_per_hour=price_per_hour,

@@ -121,8 +121,19 @@ def test_init_writes_a_valid_spec_and_never_overwrites(tmp_path):
     assert f"batchtune validate {path} && batchtune probe {path}" in path.read_text()  # the file's own name
     path.write_text("mine")
     result = runner.invoke(app, ["init", str(path)])
-    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {path} already exists; choose another path or pass --force to overwrite it"
     assert path.read_text() == "mine"
+
+
+def test_init_force_overwrites_a_file_batchtune_did_not_write(tmp_path):
+    """--force was never passed on to the output check, which refused the file it had been told to replace."""
+    path = tmp_path / "b.yaml"
+    path.write_text("mine")
+    result = runner.invoke(app, ["init", str(path), "--force"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {path}; try: batchtune validate {path} && batchtune probe {path}"
+    assert path.read_text().startswith("# batchtune") and runner.invoke(app, ["validate", str(path)]).exit_code == 0
 
 
 def test_help_does_not_import_torch():

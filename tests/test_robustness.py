@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -347,6 +348,37 @@ def test_sweep_out_never_takes_a_folder_of_the_users(write_spec, tmp_path, monke
     assert (tmp_path / "report.txt").read_text() == "my notes\n" and (lone / "spec.yaml").read_text() == "mine\n"
 
 
+def test_plan_out_counts_a_plans_own_files_as_batchtunes_and_takes_force(write_spec, tmp_path, monkeypatch):
+    """An outside tester ran plan twice on one --out: refused for 'files that are not a batchtune run's (lead.json,
+    plan.json) ... or pass --force', and --force changed nothing (plan checked --out as if it were not given)."""
+    import batchtune.commands.plan as plan_module
+    from batchtune.errors import UsageError
+
+    def planned(*args, **kwargs):
+        raise UsageError("the plan ran")  # the check let the plan through
+
+    monkeypatch.setattr(plan_module, "run_plan", planned)
+    spec, calibrated = write_spec(), tmp_path / "calibrated"
+    folder = RunFolder(calibrated)  # as a finished plan leaves its --out
+    folder.start({"name": "tiny"}, device={"device": "cpu"}, meta={})
+    for name in ("lead.json", "plan.json"):
+        folder.write_json(name, {})
+    before = {p.name: p.read_bytes() for p in calibrated.iterdir()}
+    for force in ([], ["--force"]):
+        line = _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", calibrated, *force))
+        assert line == (f"error: --out {calibrated} already holds a plan's calibration, which is kept: a plan "
+                        "calibrates in a new folder; choose a new or empty one")
+    assert {p.name: p.read_bytes() for p in calibrated.iterdir()} == before
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine\n")
+    line = _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", theirs))
+    assert line == (f"error: --out {theirs} holds files that are not a batchtune run's (notes.txt); choose a new or "
+                    "empty folder, or pass --force to write there anyway")
+    _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", theirs, "--force"), "the plan ran")
+    assert (theirs / "notes.txt").read_text() == "mine\n"
+
+
 @pytest.fixture
 def read_only(tmp_path, monkeypatch):
     """A folder nothing can be written in: chmod when it binds, else (root) a patched os that says EROFS."""
@@ -484,6 +516,71 @@ def test_the_resume_hint_repeats_the_overrides(write_spec, tmp_path, monkeypatch
 def test_report_on_a_damaged_run_folder_names_the_missing_file(tmp_path):
     RunFolder(tmp_path / "run").write_json("meta.json", {})
     _one_line_error(_cli("report", tmp_path / "run"), str(tmp_path / "run" / "spec.yaml"), "No such file")
+
+
+SMALL_SWEEP = BUILTIN_SPEC + ("sweep: {batch_sizes: [8, 16], samples: 64, seeds: 1, lr_search: false, "
+                              "noise_scale: false}\n")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished sweep's spec and run folder, for tests that copy the folder and damage the copy."""
+    from batchtune.commands.sweep import run_sweep
+    from batchtune.config.spec import load_spec
+
+    spec = tmp_path_factory.mktemp("finished") / "spec.yaml"
+    spec.write_text(SMALL_SWEEP)
+    run_sweep(load_spec(spec), out=spec.parent / "run")
+    return spec, spec.parent / "run"
+
+
+def _without(path: Path, key: str) -> bytes:
+    return json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != key}).encode()
+
+
+def _row_of_junk(path: Path) -> bytes:
+    rows = json.loads(path.read_text())
+    return json.dumps([rows[0], {"junk": 1}, *rows[1:]]).encode()
+
+
+# (file, its damaged content from the good one, what the error says after "<folder>: ", check --baseline refuses it
+# too: check reads rows and plan with .get, so a missing key is not a fault there). The outside tester's breaks:
+# a cut-short trials.json, an older version's meta.json of {}, a spec.yaml that is not YAML, a row lacking keys, a
+# meta.json of "hello", an environment.json in UTF-16: each was a traceback.
+OLDER = "written by an older batchtune? rerun the sweep"
+DAMAGES = [
+    pytest.param("trials.json", lambda p: b"{\n", "trials.json is not valid JSON (line 2 column 1: Expecting property "
+                 "name enclosed in double quotes): damaged or cut short", True, id="trials-cut-short"),
+    pytest.param("trials.json", lambda p: b'{"a": 1}', "trials.json is not a list of trials (it holds an object)", True,
+                 id="trials-not-a-list"),
+    pytest.param("trials.json", _row_of_junk, "trials.json row 2 lacks batch_size, micro_batch_size, accum_steps and "
+                 "11 more", False, id="row-lacking-keys"),
+    pytest.param("meta.json", lambda p: b"{}", f"meta.json lacks candidates, samples, seeds and 6 more: {OLDER}", False,
+                 id="meta-of-an-older-version"),
+    pytest.param("meta.json", lambda p: _without(p, "data_bound_share"), f"meta.json lacks data_bound_share: {OLDER}",
+                 False, id="meta-lacking-one-key"),
+    pytest.param("meta.json", lambda p: b'"hello"', "meta.json is not a JSON object (it holds a string)", True,
+                 id="meta-a-string"),
+    pytest.param("spec.yaml", lambda p: b"name: [\n", "spec.yaml is not valid YAML (line 2: expected the node "
+                 "content, but found '<stream end>')", True, id="spec-not-yaml"),
+    pytest.param("environment.json", lambda p: p.read_text().encode("utf-16"), "environment.json is not UTF-8 text "
+                 "(byte 0xff at offset 0)", True, id="environment-not-utf8"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message, for_check", DAMAGES)
+def test_a_damaged_run_folder_is_one_line_naming_the_file_in_report_resume_and_check(
+        finished_run, tmp_path, name, damage, message, for_check):
+    spec, good = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    (run / name).write_bytes(damaged := damage(run / name))
+    assert _one_line_error(_cli("report", run)) == f"error: {run}: {message}"
+    assert _one_line_error(_cli("sweep", spec, "--resume", run)) == f"error: {run}: {message}"
+    if for_check:
+        checked = _cli("check", spec, "-b", "8", "--baseline", run)
+        assert _one_line_error(checked) == f"error: --baseline {run}: {message}"
+    assert (run / name).read_bytes() == damaged  # nothing rewritten over what was there
 
 
 # ------------------------------------------------------------------ interrupted and killed sweeps

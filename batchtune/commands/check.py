@@ -288,12 +288,13 @@ class Baseline:
 def load_baseline(path: str | Path) -> Baseline:
     """Read a sweep's run folder (``meta.json`` and ``trials.json`` at least).
 
+    The run folder's own readers check each file; the check reads rows and plan with ``.get``, so a
+    row or plan lacking a key the sweep's report needs is still a baseline.
+
     Raises:
         CheckInputError: not a sweep run folder, or unreadable.
     """
-    import json
-
-    import yaml
+    from batchtune.render.run_folder import RunFolder
 
     path = Path(path)
     if not path.is_dir():
@@ -301,22 +302,16 @@ def load_baseline(path: str | Path) -> Baseline:
     missing = [n for n in ("meta.json", "trials.json") if not (path / n).is_file()]
     if missing:
         raise CheckInputError(f"--baseline {path} is not a sweep run folder (no {' or '.join(missing)})")
-
-    def read(name: str, default: Any) -> Any:
-        target = path / name
-        if not target.is_file():
-            return default
-        try:
-            text = target.read_text(encoding="utf-8")
-            return (yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)) or default
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise CheckInputError(f"--baseline {path}: cannot read {name}: {exc}") from None
-
-    rows = read("trials.json", [])
-    if not isinstance(rows, list):
-        raise CheckInputError(f"--baseline {path}: trials.json is not a list of trials")
-    return Baseline(path, read("meta.json", {}), rows, read("environment.json", {}), read("spec.yaml", {}),
-                    read("result.json", {}))
+    folder = RunFolder(path)
+    try:
+        return Baseline(path, folder.read_object("meta.json"), folder.read_trials(keys=()),
+                        folder.read_object("environment.json", {}), folder.read_spec({}),
+                        folder.read_object("result.json", {}))
+    except UsageError as exc:  # names the folder and the file
+        raise CheckInputError(f"--baseline {exc}") from None
+    except OSError as exc:
+        raise CheckInputError(f"--baseline {path}: cannot read {Path(exc.filename or '').name}: "
+                              f"{exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------- the run

@@ -121,7 +121,8 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
             keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
             return (f"the spec differs from the one {folder.path} was run with "
                     f"(keys: {', '.join(keys)}); resume with the same spec"), None, []
-        return None, folder.read_json("meta.json"), folder.read_trials()
+        run = folder.load()  # all of it checked now, not after the trials: result() reads environment.json
+        return None, run.meta, run.trials
 
     problem, meta, rows = dist.broadcast(dist.on_main(read))
     if problem:

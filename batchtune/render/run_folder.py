@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,24 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, folders are not locked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PLAN_FILE", "RunFolder", "atomic_write", "environment", "new_run_dir"]
+__all__ = ["META_KEYS", "PLAN_FILE", "ROW_KEYS", "RunFolder", "StoredRun", "atomic_write", "environment",
+           "new_run_dir"]
 
 PLAN_FILE = "plan.json"  # batchtune plan's result, in its calibration's run folder
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".batchtune.lock"
+# a plan's calibration folder also holds the plan and its lead run: a plan's own files are a run's too
 RUN_FILES = frozenset({"spec.yaml", "environment.json", "meta.json", "trials.json", "trials.csv", "report.txt",
-                       "report.md", "result.json", "sweep.png", LOCK_NAME})
+                       "report.md", "result.json", "sweep.png", "lead.json", PLAN_FILE, LOCK_NAME})
+
+# What report and --resume index in a run's plan and trials: a folder without them would fail deep in the
+# analysis (an outside tester's meta.json of {} gave KeyError 'data_bound_share'), so it is refused at the read.
+META_KEYS = ("candidates", "samples", "seeds", "lr_multipliers", "base_lrs", "safe_batch_size", "reach_factor",
+             "data_bound_share", "precision")
+ROW_KEYS = ("batch_size", "micro_batch_size", "accum_steps", "lr_multiplier", "lr", "seed", "samples", "fits",
+            "diverged", "samples_per_s", "data_share", "peak_bytes", "final_val_loss", "evals")
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -114,6 +124,16 @@ def environment(backend_description: dict[str, Any]) -> dict[str, Any]:
 REPORTS = {"table": "report.txt", "markdown": "report.md", "json": "result.json"}  # format → file
 
 
+@dataclass
+class StoredRun:
+    """A run folder's files as :meth:`RunFolder.load` read them back, each checked."""
+
+    spec: dict[str, Any]
+    meta: dict[str, Any]
+    trials: list[dict[str, Any]]
+    environment: dict[str, Any]
+
+
 class RunFolder:
     """One run's folder. Files: spec.yaml, environment.json, meta.json, trials.json/.csv, report.*,
     result.json, sweep.png."""
@@ -138,13 +158,91 @@ class RunFolder:
         return self.write_text(name, to_json(data) + "\n")
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text(encoding="utf-8"))
+        """One JSON file of the run, parsed (any JSON value).
+
+        Raises:
+            UsageError: the file is not UTF-8 JSON, naming the folder and the file.
+            OSError: the file cannot be read (missing, no permission), naming it.
+        """
+        return self._parse(name)
+
+    def read_object(self, name: str, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JSON object file of the run; ``default``, when given, for a file that is not there.
+
+        Raises:
+            UsageError: the file is not a JSON object.
+        """
+        if default is not None and not (self.path / name).is_file():
+            return default
+        data = self._parse(name)
+        if not isinstance(data, dict):
+            raise self._damaged(name, f"is not a JSON object (it holds {_kind(data)})")
+        return data
 
     def write_spec(self, resolved: dict[str, Any]) -> None:
         self.write_text("spec.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
-    def read_spec(self) -> dict[str, Any]:
-        return yaml.safe_load((self.path / "spec.yaml").read_text(encoding="utf-8"))
+    def read_spec(self, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The resolved spec the run was started with; ``default``, when given, for a folder without one.
+
+        Raises:
+            UsageError: ``spec.yaml`` is not YAML, or not a spec (a mapping with a name).
+        """
+        if default is not None and not (self.path / "spec.yaml").is_file():
+            return default
+        spec = self._parse("spec.yaml")
+        if not isinstance(spec, dict):
+            raise self._damaged("spec.yaml", f"is not a run's spec (it holds {_kind(spec)}, not a mapping)")
+        if not isinstance(spec.get("name"), str):
+            raise self._damaged("spec.yaml", "lacks the spec's name")
+        return spec
+
+    def read_meta(self) -> dict[str, Any]:
+        """The sweep's plan, with every key (:data:`META_KEYS`) that report and ``--resume`` read.
+
+        Raises:
+            UsageError: ``meta.json`` is not a JSON object, or lacks one of them.
+        """
+        meta = self.read_object("meta.json")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise self._damaged("meta.json", f"lacks {_listed(missing)}: written by an older batchtune? rerun the "
+                                "sweep")
+        return meta
+
+    def load(self) -> StoredRun:
+        """The whole run read back, every file checked once, before any of it is analysed.
+
+        Raises:
+            UsageError: a file is damaged or from an older batchtune, naming the folder, the file and the fault.
+            OSError: a file cannot be read (a missing ``spec.yaml``, say), naming it.
+        """
+        spec, trials = self.read_spec(), self.read_trials()
+        return StoredRun(spec, self.read_meta(), trials, self.read_object("environment.json"))
+
+    def _parse(self, name: str) -> Any:
+        """The file ``name`` parsed as JSON, or YAML for a ``.yaml``: a damaged one is a UsageError naming it."""
+        raw = (self.path / name).read_bytes()  # OSError: _user_errors names the path
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._damaged(name, f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                      f"{exc.start})") from None
+        if not name.endswith(".yaml"):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise self._damaged(name, f"is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}): "
+                                          "damaged or cut short") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise self._damaged(name, f"is not valid YAML ({where}{getattr(exc, 'problem', None) or exc})") from None
+
+    def _damaged(self, name: str, problem: str) -> UsageError:
+        return UsageError(f"{self.path}: {name} {problem}")
 
     def write_trials(self, rows: list[dict[str, Any]]) -> None:
         """All finished trials so far (rewritten whole, atomically, after each trial)."""
@@ -154,8 +252,24 @@ class RunFolder:
         flat = [{k: v for k, v in row.items() if not isinstance(v, (list, dict))} for row in rows]
         self.write_text("trials.csv", pd.DataFrame(flat).to_csv(index=False))
 
-    def read_trials(self) -> list[dict[str, Any]]:
-        return self.read_json("trials.json") if self.exists() else []
+    def read_trials(self, keys: tuple[str, ...] = ROW_KEYS) -> list[dict[str, Any]]:
+        """The finished trials ([] before the first), each holding ``keys`` (by default what report reads).
+
+        Raises:
+            UsageError: ``trials.json`` is not a list of trial objects, or a row lacks one of ``keys``.
+        """
+        if not self.exists():
+            return []
+        rows = self._parse("trials.json")
+        if not isinstance(rows, list):
+            raise self._damaged("trials.json", f"is not a list of trials (it holds {_kind(rows)})")
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise self._damaged("trials.json", f"row {number} is not a trial (it holds {_kind(row)})")
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise self._damaged("trials.json", f"row {number} lacks {_listed(missing)}")
+        return rows
 
     def start(self, resolved_spec: dict[str, Any], *, device: dict[str, Any], meta: dict[str, Any]) -> None:
         """Open a new run: its spec, the environment (versions + ``device``), the plan, no trials yet."""
@@ -195,7 +309,7 @@ class RunFolder:
 
     def finished(self) -> bool:
         """Whether the sweep that wrote this folder ran its whole plan (see :meth:`write_result`)."""
-        return "finished_utc" in self.read_json("meta.json")
+        return "finished_utc" in self.read_object("meta.json")
 
     def foreign_files(self) -> list[str]:
         """Names in this folder that no run wrote: every name but the lock when it holds no run.
@@ -273,6 +387,18 @@ class RunFolder:
         """The report :meth:`write_result` wrote in format ``fmt`` (None: not a stored format)."""
         name = REPORTS.get(fmt)
         return (self.path / name).read_text(encoding="utf-8").rstrip("\n") if name else None
+
+
+def _kind(value: Any) -> str:
+    """What a JSON or YAML value is, in words, for saying what a file held instead."""
+    if value is None:
+        return "nothing (null)"
+    names = {bool: "true or false", dict: "an object", list: "a list", str: "a string"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 # ---------------------------------------------------------------------------------------- the lock
