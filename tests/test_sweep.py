@@ -254,6 +254,12 @@ def test_resume_refuses_a_different_spec(write_spec, tmp_path):
                                       "--resume", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "the spec differs from the one" in result.stderr and "(keys: optimizer)" in result.stderr
+    # a folder from before a key was added with a null default (train.lr) is the same spec
+    from batchtune.commands.sweep import _set_keys
+
+    older = {k: v for k, v in spec.resolved().items() if k != "trial_timeout"}
+    assert _set_keys({**older, "train": {"batch_size": 32}}) == _set_keys(
+        {**older, "train": {"batch_size": 32, "lr": None}, "extra": None})
 
 
 def test_accumulation_matches_the_plain_batch():

@@ -116,9 +116,10 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
     def read() -> tuple[str | None, dict[str, Any] | None, list[dict[str, Any]]]:
         if not (folder.path / "meta.json").exists():
             return f"{folder.path} is not a sweep run folder (no meta.json)", None, []
-        stored = folder.read_spec()
-        if stored != resolved:
-            keys = sorted(k for k in set(stored) | set(resolved) if stored.get(k) != resolved.get(k))
+        # a key left null is one a later batchtune added with its default (train.lr): not a different spec
+        stored, now = _set_keys(folder.read_spec()), _set_keys(resolved)
+        if stored != now:
+            keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
             return (f"the spec differs from the one {folder.path} was run with "
                     f"(keys: {', '.join(keys)}); resume with the same spec"), None, []
         run = folder.load()  # all of it checked now, not after the trials: result() reads environment.json
@@ -128,6 +129,13 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
     if problem:
         raise UsageError(problem)
     return meta, rows
+
+
+def _set_keys(value: Any) -> Any:
+    """``value`` with every mapping's null-valued keys left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _set_keys(v) for k, v in value.items() if v is not None}
+    return [_set_keys(v) for v in value] if isinstance(value, list) else value
 
 
 def _start(folder: RunFolder, spec: Any, *, components: Any, backend: Any, dist: Any) -> dict[str, Any]:
