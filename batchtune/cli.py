@@ -9,7 +9,6 @@ commands, so ``batchtune --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -515,7 +514,15 @@ def _echo_plan(path: Path, fmt: str) -> None:
 
     err.print(f"note: {path.parent} is a batchtune plan's calibration: shown is its plan ({path.name}); the "
               f"calibration sweep's own report is {path.parent / 'report.txt'}", markup=False)
-    typer.echo(render_plan(PlanResult.from_dict(json.loads(path.read_text(encoding="utf-8"))), fmt))
+    from batchtune.render.run_folder import RunFolder
+
+    data = RunFolder(path.parent).read_object(path.name)  # damaged: one line naming it, as the sweep's files
+    try:
+        plan = PlanResult.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{path.parent}: {path.name} is not a plan batchtune can read ({type(exc).__name__}: "
+                         f"{exc}): written by an older batchtune? plan again") from None
+    typer.echo(render_plan(plan, fmt))
 
 
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:

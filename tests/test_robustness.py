@@ -739,3 +739,17 @@ def test_an_error_in_a_data_loader_worker_keeps_what_went_wrong():
     assert error_line(caught.value) == ("IndexError: sample 10 is past the 10 on disk (in DataLoader worker: Caught "
                                         "IndexError in DataLoader worker process 0)")
     assert error_line(ValueError("a plain one.\nmore")) == "ValueError: a plain one"
+
+
+def test_report_on_a_plan_whose_plan_json_is_damaged_names_it(tmp_path):
+    import re
+
+    from batchtune.cli import _echo_plan
+    from batchtune.errors import UsageError
+
+    plan = tmp_path / "plan.json"
+    for text, said in (('{"x": ', "plan.json is not valid JSON (line 1 column 7"),
+                       ('{"x": 1}', "plan.json is not a plan batchtune can read (TypeError: ")):
+        plan.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(said)):
+            _echo_plan(plan, "table")
