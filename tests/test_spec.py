@@ -286,3 +286,9 @@ def test_an_unreadable_byte_names_its_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.splitlines()[1] == (f"  {nul}:3: not valid YAML: unacceptable character #x0000 (special "
                                              "characters are not allowed)")
+
+
+def test_an_empty_list_of_memory_limits_is_refused(write_spec):
+    """Outside torchrun it read as no limit at all, silently."""
+    with pytest.raises(SpecError, match="device.memory_limit: an empty list limits no rank"):
+        load_spec(write_spec(), ["device.memory_limit=[]"])

@@ -315,14 +315,14 @@ class DeviceSpec(_Strict):
         if value is None:
             return None
         if isinstance(value, list):
+            if not value:  # read as no limit at all
+                raise ValueError("an empty list limits no rank: give a size such as '2GiB', one per rank, or null")
             return [None if v is None else parse_bytes(v) for v in value]
         return parse_bytes(value)
 
     def limit_for_rank(self, rank: int) -> int | None:
         """The memory limit that applies to ``rank`` (the last entry covers later ranks)."""
         if isinstance(self.memory_limit, list):
-            if not self.memory_limit:
-                return None
             return self.memory_limit[min(rank, len(self.memory_limit) - 1)]
         return self.memory_limit
 
