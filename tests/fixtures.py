@@ -453,3 +453,10 @@ class _ShortOfItsLength(torch.utils.data.Dataset):
 
 def short_data():
     return _ShortOfItsLength(), _ShortOfItsLength()
+
+
+def raising_loss():
+    """A loss factory whose loss raises on every batch."""
+    def loss(output, target):
+        raise ZeroDivisionError("oops in the loss")
+    return loss

@@ -753,3 +753,9 @@ def test_report_on_a_plan_whose_plan_json_is_damaged_names_it(tmp_path):
         plan.write_text(text)
         with pytest.raises(UsageError, match=re.escape(said)):
             _echo_plan(plan, "table")
+
+
+def test_a_loss_that_raises_is_named_at_the_loss_not_the_model(write_spec):
+    line = _one_line_error(_cli("validate", write_spec(), "loss={target: 'tests.fixtures:raising_loss'}"),
+                           ": loss.target: ", "raised ZeroDivisionError: oops in the loss")
+    assert ": model:" not in line

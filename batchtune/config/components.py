@@ -405,9 +405,12 @@ def _make_loss(spec: Spec) -> LossFn:
         except (TypeError, ValueError) as exc:  # no targets for this loss, or a batch of no known form: the spec's
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else "data", str(exc))]) from None
         output = _call(model, inputs)
-        if checked:
-            return _one_number(spec, criterion(output, targets))
-        loss = _unbroadcast(spec, criterion, output, targets)  # the first batch of every command, not validate's only
+        try:  # the first batch of every command is checked for broadcasting, not validate's only
+            loss = criterion(output, targets) if checked else _unbroadcast(spec, criterion, output, targets)
+        except Exception as exc:  # the loss's to fix, not the model's (a raising loss was named at model:)
+            if not hasattr(exc, "spec_key"):
+                exc.spec_key = "loss" if isinstance(spec.loss, str) else "loss.target"
+            raise
         checked = True
         return _one_number(spec, loss)
 
