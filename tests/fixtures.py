@@ -460,3 +460,17 @@ def raising_loss():
     def loss(output, target):
         raise ZeroDivisionError("oops in the loss")
     return loss
+
+
+class _BlockingLength(_Blocking):
+    def __len__(self) -> int:
+        time.sleep(3600)
+        return 64
+
+
+def blocking_len_data(**_):
+    return _BlockingLength(), _BlockingLength()
+
+
+def blocking_model(**_):
+    time.sleep(3600)

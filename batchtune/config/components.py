@@ -517,10 +517,15 @@ class Components:
                 key = "data.length_key" if self.length_key is not None else "data"
 
                 def read(index: int) -> int:
+                    if watch is not None:
+                        watch.renew()  # a deadline on each sample: the whole pass may take long
                     return sample_length(dataset[index], self.length_key)
 
-                self._lengths[id(dataset)] = [_build(self.spec, key, "reading a sample's length", read, i)
-                                              for i in range(len(dataset))]
+                from batchtune.engine.watchdog import bounded
+
+                with bounded(self.spec.trial_timeout, "reading a sample's length") as watch:
+                    self._lengths[id(dataset)] = [_build(self.spec, key, "reading a sample's length", read, i)
+                                                  for i in range(len(dataset))]
         return self._lengths[id(dataset)]
 
     def pads(self) -> bool:
@@ -542,9 +547,12 @@ class Components:
         """A freshly initialised model (seeded, so trials at one seed start alike)."""
         if seed is not None:
             torch.manual_seed(seed)
+        from batchtune.engine.watchdog import bounded
+
         spec = self.spec
-        model = _build(spec, _source_key(spec.model, "model"), f"the model factory {_factory_name(spec.model)}",
-                       self.model_factory, kwargs_key="model.kwargs", **spec.model.kwargs)
+        with bounded(spec.trial_timeout, f"the model factory {_factory_name(spec.model)}"):
+            model = _build(spec, _source_key(spec.model, "model"), f"the model factory {_factory_name(spec.model)}",
+                           self.model_factory, kwargs_key="model.kwargs", **spec.model.kwargs)
         if not isinstance(model, nn.Module):
             raise spec.error("model", f"the model factory returned {type(model).__name__}, not an nn.Module")
         return model
@@ -659,6 +667,14 @@ def build_components(spec: Spec) -> Components:
     if issues:
         raise SpecError(issues)
 
+    from batchtune.engine.watchdog import bounded
+
+    with bounded(spec.trial_timeout, f"the data factory {_factory_name(spec.data)} and len() of its data sets"):
+        return _components(spec, model_factory, data_factory, loss_fn, optimizer_factory)
+
+
+def _components(spec: Spec, model_factory: Any, data_factory: Any, loss_fn: Any, optimizer_factory: Any) -> Components:
+    """:func:`build_components` from what it resolved: the user's data factory called, the data sets checked."""
     data = _build(spec, _source_key(spec.data, "data"), f"the data factory {_factory_name(spec.data)}", data_factory,
                   kwargs_key="data.kwargs", **spec.data.kwargs)
     if not (isinstance(data, (tuple, list)) and len(data) == 2):

@@ -135,18 +135,18 @@ def deadline(seconds: float | None, what: str = "the training step") -> Iterator
 
 
 @contextmanager
-def bounded(seconds: float | None, what: str, setting: str = "trial_timeout") -> Iterator[None]:
-    """:func:`deadline` around work outside any trial (the user's data read before the first one), its
-    expiry a TrainingError naming ``setting``: a data set whose ``__getitem__`` blocked hung probe and check
-    in reading its first sample, and validate, which had no limit at all."""
+def bounded(seconds: float | None, what: str, setting: str = "trial_timeout") -> Iterator[Deadline | None]:
+    """:func:`deadline` around the user's code outside a trial's own handling (a data or model factory, a data
+    set's reads), its expiry a TrainingError naming ``setting``: a data set whose ``__getitem__`` or ``__len__``
+    blocked hung probe, sweep, check and plan, and validate had no limit at all. Yields the deadline, to renew."""
     from batchtune.errors import TrainingError
 
     try:
-        with deadline(seconds, what):
-            yield
+        with deadline(seconds, what) as watch:
+            yield watch
     except TrialTimeout as exc:
-        raise TrainingError(f"{exc} ({setting}); a data set whose __getitem__ blocks (a stalled network file "
-                            "system, a lock) stops here") from None
+        raise TrainingError(f"{exc} ({setting}); code of the spec's that blocks (a data set on a stalled network "
+                            "file system, a lock) stops here") from None
 
 
 def stop_if_timed_out(result: Any, setting: str = "trial_timeout") -> Any:
