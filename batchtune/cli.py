@@ -156,8 +156,9 @@ def _user_errors() -> Iterator[None]:
         # out of memory outside any trial (a trial's own is caught where it happens): a factory of the user's, whose
         # key _build names, or loading the data (an outside data set loaded into RAM gave a traceback)
         line = (str(exc).strip().splitlines() or [""])[0]
-        _error(getattr(exc, "batchtune_issue", None) or f"out of memory outside any trial: {type(exc).__name__}: "
-                                                        f"{line}"[:400])
+        issue = getattr(exc, "batchtune_issue", None)
+        _error(str(issue) if issue is not None else f"out of memory outside any trial: {type(exc).__name__}: "
+                                                    f"{line}"[:400])
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")

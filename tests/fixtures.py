@@ -474,3 +474,17 @@ def blocking_len_data(**_):
 
 def blocking_model(**_):
     time.sleep(3600)
+
+
+class _DecodesTooMuch(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        if index:  # the first sample (read to size batches) decodes; the rest need more host memory than there is
+            raise MemoryError(f"decoding sample {index}")
+        return torch.randn(16), torch.tensor(0)
+
+
+def data_out_of_host_memory_when_read(**_):
+    return _DecodesTooMuch(), _DecodesTooMuch()

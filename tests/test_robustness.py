@@ -771,3 +771,13 @@ def test_a_data_factory_or_a_len_that_blocks_stops_at_the_trial_timeout(write_sp
             line = _one_line_error(_cli(*command, spec, override, "trial_timeout=0.5"),
                                    said, "did not finish within 0.5 s (trial_timeout)")
             assert "stalled network" in line
+
+
+def test_host_memory_running_out_in_a_data_set_or_a_model_factory_is_not_the_device_running_out(write_spec):
+    """A data set's MemoryError in __getitem__ read as 'ceiling none: even the smallest batch runs out of memory';
+    check failed 'fits' where a model factory ran out building the model, where other commands named its key."""
+    spec = write_spec()
+    _one_line_error(_cli("probe", "-q", spec, "data.target=tests.fixtures:data_out_of_host_memory_when_read"),
+                    "reading a batch from the data set ran out of host memory: MemoryError: decoding sample")
+    _one_line_error(_cli("check", "-q", spec, "-b", "8", "model.target=tests.fixtures:model_out_of_device_memory",
+                         "model.kwargs={}"), ": model.target: ", "ran out of memory: OutOfMemoryError: CUDA out of")

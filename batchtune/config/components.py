@@ -69,7 +69,7 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         # the device or host ran out: inside a trial the probe's business (does not fit); outside one the CLI says
         # this, not a traceback (an outside data factory's MemoryError reached the user as one)
         line = (str(exc).strip().splitlines() or [""])[0]
-        exc.batchtune_issue = str(spec.issue(key, f"{what} ran out of memory: {type(exc).__name__}: {line}"[:400]))
+        exc.batchtune_issue = spec.issue(key, f"{what} ran out of memory: {type(exc).__name__}: {line}"[:400])
         raise
     except SpecError:
         raise  # names its key already

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from batchtune.config.components import Components, batch_size_of, to_device
+from batchtune.config.components import ComponentError, Components, batch_size_of, to_device
 from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
@@ -458,6 +458,8 @@ class Trainer:
             except (TrainingError, SpecError):  # SpecError: data the spec's loss cannot split
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
+                if getattr(exc, "batchtune_issue", None) is not None:  # a factory's, not the step's: the spec's
+                    raise ComponentError([exc.batchtune_issue]) from None  # check had failed 'fits' on it
                 if not is_oom(exc, backend):
                     raise _training_error(exc, config) from exc
                 result.fits = False
