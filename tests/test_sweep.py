@@ -639,6 +639,15 @@ def test_a_noise_scale_the_steps_rule_out_does_not_stand_in_for_the_critical_bat
             in render_sweep(result, "table"))
     near = [{**r, "noise_raw": [[x, 1.0, 40 * v / 20] for x, _, v in r["noise_raw"]]} for r in halving]
     assert result_from_rows("hand", near, meta).to_dict()["critical_batch_size"]["b_crit"] == pytest.approx(40, 0.05)
+    # two sizes reach the target, no fit: their own steps say B_crit ~66 (an outside sweep adopted 2.9 over 16, 32)
+    two = [_timed(size, seed, steps, 0.5, 0.01, noise=3) for size, steps in ((16, 201), (32, 120)) for seed in (0, 1)]
+    result = result_from_rows("hand", two, meta)
+    c = result.to_dict()["critical_batch_size"]
+    assert c["fit"]["b_crit"] is None and c["b_crit"] is None
+    assert ("the noise scale is not adopted: the two sizes' steps put the critical batch at more than twice it"
+            in render_sweep(result, "table"))
+    two = [{**r, "noise_raw": [[x, 1.0, 40 * v / 3] for x, _, v in r["noise_raw"]]} for r in two]
+    assert result_from_rows("hand", two, meta).to_dict()["critical_batch_size"]["b_crit"] == pytest.approx(40, 0.05)
 
 def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():
     """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own

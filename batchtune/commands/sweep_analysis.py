@@ -617,8 +617,8 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     # bracket's edge fitted 6,991, 90% 1,051–49,551, S_min 7 steps, over sizes up to 512; its own check put B_crit
     # near 1,000–1,200): not adopted, the noise scale is, where reliable
     extrapolated = bool(fit.b_crit) and fit.b_crit > BEYOND_SIZES * max(e["batch_size"] for e in contenders)
-    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if _noise_stands(noise, fit, extrapolated)
-                                                        else None)
+    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if _noise_stands(noise, fit, extrapolated,
+                                                                                           contenders) else None)
     base = min((e["batch_size"] for e in sizes), default=None)
     for e in sizes:
         e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
@@ -631,15 +631,30 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     return critical
 
 
-def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool) -> bool:
+def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool, contenders: list[Entry]) -> bool:
     """Whether the noise scale may stand in for B_crit where the steps fit gives none: it is reliable and the
     steps do not rule it out, i.e. it is at least half the least the steps allow (the extrapolated fit's 90% lower
-    end, or the largest size where the steps show no bend). An outside Adam CNN's steps-to-target were flat from
-    16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55% of 128's compute wasted."""
+    end, the largest size where the steps show no bend, or two sizes' own B_crit). An outside Adam CNN's steps to
+    target were flat from 16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55%
+    of 128's compute wasted; with only 32 and 2048 reaching the target (B_crit ~300 from their steps), 51 was."""
     if not (noise and noise["reliable"]):
         return False
-    least = fit.low if extrapolated else fit.above
+    least = fit.low if extrapolated else fit.above or (_two_sizes(contenders) if fit.b_crit is None else None)
     return not least or noise["b_simple"] >= least / 2
+
+
+def _two_sizes(contenders: list[Entry]) -> float | None:
+    """B_crit from two sizes' median steps, S = S_min(1 + B_crit/B) through both (the larger size where the steps
+    fell as fast as the batch grew); None for other than two sizes, or steps that did not fall."""
+    points = sorted((e["batch_size"], statistics.median(steps)) for e in contenders
+                    if (steps := [s for s in e.get("seed_steps") or [] if s]))
+    if len(points) != 2:
+        return None
+    (small, s_small), (big, s_big) = points
+    ratio = s_small / s_big
+    if ratio <= 1:
+        return None
+    return big if ratio >= big / small else (ratio - 1) / (1 / small - ratio / big)
 
 
 def _critical_dict(noise: dict[str, Any] | None, fit: Any, b_crit: float | None,

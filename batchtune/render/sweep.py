@@ -62,9 +62,10 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     else:
         noisy = "no reliable noise-scale estimate"
     lines = [f"critical batch size: {steps}; {noisy}"]
-    if noise and noise.get("reliable") and fit.get("above") and not c.get("b_crit"):
-        lines.append(f"  the noise scale is not adopted: the steps show no bend up to {count(fit['above'])}, more than "
-                     "twice it; goodput and E/Emin are not shown")
+    if noise and noise.get("reliable") and not c.get("b_crit") and not c.get("fit_extrapolated"):
+        steps = (f"the steps show no bend up to {count(fit['above'])}, more than twice it" if fit.get("above") else
+                 "the two sizes' steps put the critical batch at more than twice it")
+        lines.append(f"  the noise scale is not adopted: {steps}; goodput and E/Emin are not shown")
     if c.get("ratio"):
         lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
                      f"(noise scale / steps fit = {c['ratio']:.2f}); goodput and E/Emin use the {c['basis']}")
