@@ -565,7 +565,20 @@ DAMAGES = [
                  "content, but found '<stream end>')", True, id="spec-not-yaml"),
     pytest.param("environment.json", lambda p: p.read_text().encode("utf-16"), "environment.json is not UTF-8 text "
                  "(byte 0xff at offset 0)", True, id="environment-not-utf8"),
+    # a second outside round: values of the wrong kind reached the analysis as a TypeError or IndexError
+    pytest.param("trials.json", lambda p: _first_row(p, batch_size="128", evals="none"), "trials.json row 1 holds "
+                 "batch_size (a string), evals (a string) where numbers (evals: a list) belong", False,
+                 id="row-of-strings"),
+    pytest.param("meta.json", lambda p: _first_row(p, candidates="16, 32"), "meta.json holds candidates (a string) "
+                 "where a list of batch shapes belongs", False, id="meta-candidates-a-string"),
 ]
+
+
+def _first_row(path: Path, **values) -> bytes:
+    """trials.json with its first row's ``values`` replaced, or meta.json with its own."""
+    data = json.loads(path.read_text())
+    (data[0] if isinstance(data, list) else data).update(values)
+    return json.dumps(data).encode()
 
 
 @pytest.mark.parametrize("name, damage, message, for_check", DAMAGES)

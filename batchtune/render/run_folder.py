@@ -51,6 +51,19 @@ RUN_FILES = frozenset({"spec.yaml", "environment.json", "meta.json", "trials.jso
 # analysis (an outside tester's meta.json of {} gave KeyError 'data_bound_share'), so it is refused at the read.
 META_KEYS = ("candidates", "samples", "seeds", "lr_multipliers", "base_lrs", "safe_batch_size", "reach_factor",
              "data_bound_share", "precision")
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# what the analysis computes with, for each row key it reads: a damaged row is named, not a TypeError
+_ROW_TYPES = {"batch_size": _whole, "micro_batch_size": _whole, "accum_steps": _whole, "seed": _whole,
+              "lr": _number, "lr_multiplier": _number, "samples": _whole,
+              "samples_per_s": lambda v: v is None or _number(v),
+              "evals": lambda v: isinstance(v, list) and all(isinstance(e, list) and all(map(_number, e)) for e in v)}
 ROW_KEYS = ("batch_size", "micro_batch_size", "accum_steps", "lr_multiplier", "lr", "seed", "samples", "fits",
             "diverged", "samples_per_s", "data_share", "peak_bytes", "final_val_loss", "evals")
 
@@ -208,6 +221,9 @@ class RunFolder:
         if missing:
             raise self._damaged("meta.json", f"lacks {_listed(missing)}: written by an older batchtune? rerun the "
                                 "sweep")
+        if not (isinstance(meta["candidates"], list) and all(isinstance(c, dict) for c in meta["candidates"])):
+            raise self._damaged("meta.json", f"holds candidates ({_kind(meta['candidates'])}) where a list of batch "
+                                             "shapes belongs")
         return meta
 
     def load(self) -> StoredRun:
@@ -269,6 +285,10 @@ class RunFolder:
             missing = [k for k in keys if k not in row]
             if missing:
                 raise self._damaged("trials.json", f"row {number} lacks {_listed(missing)}")
+            wrong = [f"{k} ({_kind(row[k])})" for k, ok in _ROW_TYPES.items() if k in keys and not ok(row[k])]
+            if wrong:  # a batch size of "128" or a null rate reached the analysis as a TypeError
+                raise self._damaged("trials.json", f"row {number} holds {_listed(wrong)} where numbers (evals: a "
+                                                   "list) belong")
         return rows
 
     def start(self, resolved_spec: dict[str, Any], *, device: dict[str, Any], meta: dict[str, Any]) -> None:
