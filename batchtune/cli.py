@@ -10,6 +10,7 @@ commands, so ``batchtune --help`` stays fast.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -175,7 +176,8 @@ def _writable(path: Path, option: str, force: bool = False) -> None:
     """
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a folder; give a file name")
-    if path.exists() and not force and not written_by_batchtune(path):
+    kind = {"--plot": "png", "--junit": "junit", "--schedule-out": "schedule"}.get(option, "none")
+    if path.exists() and not force and not written_by_batchtune(path, kind):
         raise UsageError(f"{option}: {path} already exists and batchtune did not write it; choose another path "
                          "or pass --force to overwrite it")
     folder = path.parent
@@ -214,21 +216,24 @@ def _rank0_check(check: Callable[[], None]) -> None:
     current().on_main(check)
 
 
-def written_by_batchtune(path: Path) -> bool:
-    """Whether ``path`` is an output of batchtune's own: a plot (a PNG whose Software is batchtune), JUnit XML
-    (testsuites named "batchtune check") or a schedule (whose first key says its format). Any file that named
-    batchtune near its start used to count: a spec commented with a batchtune command, a script importing it."""
+def written_by_batchtune(path: Path, kind: str | None = None) -> bool:
+    """Whether ``path`` is an output of batchtune's own, of ``kind`` (``png``, ``junit``, ``schedule``; None:
+    any): a plot (a PNG whose Software is batchtune), JUnit XML whose root is testsuites named "batchtune check",
+    or a schedule whose first key is its format. Any file that named batchtune near its start used to count (a
+    spec commented with a batchtune command, a script importing it), and any kind replaced any other."""
     try:
         with path.open("rb") as f:
             head = f.read(4096)
     except OSError:
         return False
-    if head.startswith(b"\x89PNG"):
-        return b"tEXtSoftware\x00batchtune" in head
-    start = head.lstrip()
-    return (start.startswith(b"<?xml") and b'<testsuites name="batchtune check"' in head
-            or start.startswith(b"format: batchtune schedule")
-            or start.startswith(b"{") and start[1:].lstrip().startswith(b'"format": "batchtune schedule'))
+    from batchtune.schedule import FORMAT
+
+    schedule = re.escape(FORMAT.encode())
+    found = ("png" if head.startswith(b"\x89PNG") and re.search(rb"tEXtSoftware\x00batchtune(?![\x20-\x7e])", head)
+             else "junit" if re.match(rb"\s*(<\?xml[^>]*\?>\s*)?<testsuites name=\"batchtune check\"", head)
+             else "schedule" if re.match(rb"\s*(format: " + schedule + rb"\r?\n|\{\s*\"format\": \"" + schedule +
+                                         rb"\")", head) else None)
+    return found is not None and kind in (None, found)
 
 
 def _plot_writable(plot: Path, force: bool) -> None:

@@ -305,6 +305,16 @@ def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec,
     for text in ("format: batchtune schedule 1\ntotal_samples: 10\n", '{\n  "format": "batchtune schedule 1"}'):
         ours.write_text(text)
         _writable(ours, "--schedule-out")
+        with pytest.raises(UsageError, match="already exists"):  # a schedule is not what --junit or --plot replace
+            _writable(ours, "--junit")
+    # files that only look like ours: a user's XML whose comment names the root, notes that begin like a schedule
+    almost = {"a.xml": '<?xml version="1.0"?><!-- <testsuites name="batchtune check"> --><mine/>',
+              "b.yaml": "format: batchtune schedule-like notes of mine\n", "c.json": '["format", "batchtune schedule 1"]'}
+    for name, text in almost.items():
+        (tmp_path / name).write_text(text)
+        for option in ("--junit", "--schedule-out", "--plot"):
+            with pytest.raises(UsageError, match="already exists"):
+                _writable(tmp_path / name, option)
 
 
 def test_a_full_disk_is_found_before_any_work(write_spec, tmp_path, monkeypatch):

@@ -852,7 +852,8 @@ def run_check_estimate(spec: Any, *, batch_size: int | None = None, accum_steps:
         skipped=[], device={**target.describe(), "estimate_figures": tracer.summary()}, precision=spec.precision,
         notes=["estimated from a training step traced with fake tensors, so only fits is checked: trains, data, "
                "critical_batch and regression need training steps (batchtune check on the device)"]
-              + (["--baseline is not used by an estimate"] if measured.get("baseline") else []))
+              + (["--baseline is not used by an estimate"] if measured.get("baseline") else [])
+              + (["--lr is not used by an estimate (no step trains)"] if measured.get("lr") else []))
 
 
 def _estimated_fits(spec: Any, target: Any, point: Any) -> CheckResult:
