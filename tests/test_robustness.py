@@ -309,7 +309,8 @@ def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec,
             _writable(ours, "--junit")
     # files that only look like ours: a user's XML whose comment names the root, notes that begin like a schedule
     almost = {"a.xml": '<?xml version="1.0"?><!-- <testsuites name="batchtune check"> --><mine/>',
-              "b.yaml": "format: batchtune schedule-like notes of mine\n", "c.json": '["format", "batchtune schedule 1"]'}
+              "b.yaml": "format: batchtune schedule-like notes of mine\n",
+              "c.json": '["format", "batchtune schedule 1"]'}
     for name, text in almost.items():
         (tmp_path / name).write_text(text)
         for option in ("--junit", "--schedule-out", "--plot"):
