@@ -884,7 +884,10 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     largest = max((r["batch_size"] for r in rows if r["fits"]), default=0)
     for t in analysis.by_target:
         c, key = t["critical"], f"{t['target_loss']:.4g}"
-        b_crit = c["from_steps_to_target"] or c["b_crit"]  # the fit where there is one, adopted by the sweep or not
+        noise = c.get("noise_scale") or {}
+        # the fit where there is one, adopted by the sweep or not; else B_simple, as the notes say, even where the
+        # sweep's own advice leaves it out (two sizes' steps ruling it out): the plan's notes and rules weigh it
+        b_crit = c["from_steps_to_target"] or c["b_crit"] or (noise.get("b_simple") if noise.get("reliable") else None)
         if b_crit and b_crit > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
             beyond.append(f"{key} ({b_crit:,.0f})")
             result.critical_batch_by_loss[key] = None
