@@ -293,25 +293,19 @@ def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec,
     _writable(ours, "--junit")  # batchtune's own earlier output is replaced without asking
     with pytest.raises(UsageError, match="already exists"):
         _writable(theirs, "--junit")
-    # files that only mention batchtune are the user's: a spec with a batchtune command in its header, a script
-    # importing it (each was overwritten by --junit, --plot or --schedule-out without --force)
-    mentions = {"spec.yaml": "# tuned with batchtune; see README\nname: x\n",
-                "train.py": "import torch\nfrom batchtune import NoiseScaleMonitor\n",
-                "fake.png": "\x89PNG but about batchtune"}
-    for name, text in mentions.items():
-        (tmp_path / name).write_text(text)
-        with pytest.raises(UsageError, match="already exists"):
-            _writable(tmp_path / name, "--plot")
     for text in ("format: batchtune schedule 1\ntotal_samples: 10\n", '{\n  "format": "batchtune schedule 1"}'):
         ours.write_text(text)
         _writable(ours, "--schedule-out")
         with pytest.raises(UsageError, match="already exists"):  # a schedule is not what --junit or --plot replace
             _writable(ours, "--junit")
-    # files that only look like ours: a user's XML whose comment names the root, notes that begin like a schedule
-    almost = {"a.xml": '<?xml version="1.0"?><!-- <testsuites name="batchtune check"> --><mine/>',
-              "b.yaml": "format: batchtune schedule-like notes of mine\n",
-              "c.json": '["format", "batchtune schedule 1"]'}
-    for name, text in almost.items():
+    # files that only mention batchtune, or look like its outputs, are the user's (each was overwritten without
+    # --force): a spec with a batchtune command in its header, a script importing it, a user's XML whose comment
+    # names the root, notes that begin like a schedule
+    users = {"spec.yaml": "# tuned with batchtune; see README\nname: x\n", "fake.png": "\x89PNG but about batchtune",
+             "train.py": "import torch\nfrom batchtune import NoiseScaleMonitor\n",
+             "a.xml": '<?xml version="1.0"?><!-- <testsuites name="batchtune check"> --><mine/>',
+             "b.yaml": "format: batchtune schedule-like notes of mine\n", "c.json": '["format", "batchtune schedule 1"]'}
+    for name, text in users.items():
         (tmp_path / name).write_text(text)
         for option in ("--junit", "--schedule-out", "--plot"):
             with pytest.raises(UsageError, match="already exists"):

@@ -274,19 +274,17 @@ def test_ordinary_anchors_aliases_and_merge_keys_still_work():
 
 def test_an_unreadable_byte_names_its_line(tmp_path):
     """A Latin-1 é and a NUL byte were refused without a line."""
-    latin1 = tmp_path / "latin1.yaml"
-    latin1.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: digits, kwargs: {note: caf\xe9}}\n")
-    result = _validate(latin1)
-    assert result.exit_code == 2
-    assert result.output.splitlines()[1] == (f"  {latin1}:3: cannot read spec: not UTF-8 text (byte 0xe9: invalid "
-                                             "continuation byte); save it as UTF-8")
-    nul = tmp_path / "nul.yaml"
-    nul.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: dig\x00its}\n")
-    result = _validate(nul)
-    assert result.exit_code == 2
-    assert result.output.splitlines()[1] == (f"  {nul}:3: not valid YAML: unacceptable character #x0000 (special "
-                                             "characters are not allowed)")
-
+    cases = {"latin1.yaml": (b"{note: caf\xe9}", "cannot read spec: not UTF-8 text (byte 0xe9: invalid continuation "
+                                                  "byte); save it as UTF-8"),
+             "nul.yaml": (b"dig\x00its", "not valid YAML: unacceptable character #x0000 (special characters are not "
+                                         "allowed)")}
+    for name, (data, said) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: digits, kwargs: " + data + b"}\n"
+                         if name == "latin1.yaml" else b"name: tiny\nmodel: {builtin: mlp}\ndata: {builtin: " + data
+                         + b"}\n")
+        result = _validate(path)
+        assert result.exit_code == 2 and result.output.splitlines()[1] == f"  {path}:3: {said}"
 
 def test_an_empty_list_of_memory_limits_is_refused(write_spec):
     """Outside torchrun it read as no limit at all, silently."""
