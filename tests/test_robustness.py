@@ -304,7 +304,8 @@ def test_a_file_of_the_users_at_an_output_path_is_kept_unless_forced(write_spec,
     users = {"spec.yaml": "# tuned with batchtune; see README\nname: x\n", "fake.png": "\x89PNG but about batchtune",
              "train.py": "import torch\nfrom batchtune import NoiseScaleMonitor\n",
              "a.xml": '<?xml version="1.0"?><!-- <testsuites name="batchtune check"> --><mine/>',
-             "b.yaml": "format: batchtune schedule-like notes of mine\n", "c.json": '["format", "batchtune schedule 1"]'}
+             "b.yaml": "format: batchtune schedule-like notes of mine\n",
+             "c.json": '["format", "batchtune schedule 1"]'}
     for name, text in users.items():
         (tmp_path / name).write_text(text)
         for option in ("--junit", "--schedule-out", "--plot"):
