@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import TrainingError, UsageError
+from batchtune.errors import TrainingError, UsageError, error_line
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.render.logs import setup_logging
 
@@ -156,10 +156,8 @@ def _user_errors() -> Iterator[None]:
             raise
         # out of memory outside any trial (a trial's own is caught where it happens): a factory of the user's, whose
         # key _build names, or loading the data (an outside data set loaded into RAM gave a traceback)
-        line = (str(exc).strip().splitlines() or [""])[0]
         issue = getattr(exc, "batchtune_issue", None)
-        _error(str(issue) if issue is not None else f"out of memory outside any trial: {type(exc).__name__}: "
-                                                    f"{line}"[:400])
+        _error(str(issue) if issue is not None else f"out of memory outside any trial: {error_line(exc)}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         err.print("interrupted")

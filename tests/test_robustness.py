@@ -746,7 +746,7 @@ def test_a_training_set_smaller_than_the_batch_is_said_not_trained_on_in_repeats
 def test_an_error_in_a_data_loader_worker_keeps_what_went_wrong():
     """Raised in a worker, it read 'IndexError: Caught IndexError in DataLoader worker process 0.': the worker's own
     message, the one that says what is wrong, was dropped."""
-    from batchtune.engine.trial import error_line
+    from batchtune.errors import error_line
 
     import torch
 

@@ -355,7 +355,7 @@ def _skip(name: str, code: str, **figures: Any) -> CheckResult:
 
 def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     """A failed check for user code that raised: the user's own exception, not the trainer's wrapper."""
-    from batchtune.engine.trial import error_line
+    from batchtune.errors import error_line
     from batchtune.errors import TrainingError
 
     cause = exc.__cause__ if isinstance(exc, TrainingError) and exc.__cause__ is not None else exc

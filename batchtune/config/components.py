@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, _nearest_line
+from batchtune.errors import error_line
 
 __all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
            "sample_length", "sparse_gradient_layers", "to_device"]
@@ -68,8 +69,7 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except (torch.OutOfMemoryError, MemoryError) as exc:
         # the device or host ran out: inside a trial the probe's business (does not fit); outside one the CLI says
         # this, not a traceback (an outside data factory's MemoryError reached the user as one)
-        line = (str(exc).strip().splitlines() or [""])[0]
-        exc.batchtune_issue = spec.issue(key, f"{what} ran out of memory: {type(exc).__name__}: {line}"[:400])
+        exc.batchtune_issue = spec.issue(key, f"{what} ran out of memory: {error_line(exc)}")
         raise
     except SpecError:
         raise  # names its key already

@@ -309,11 +309,10 @@ class Feed:
             try:
                 batch = next(self._stream)
             except MemoryError as exc:  # the host's, in the user's data set: not the device running out
-                from batchtune.errors import TrainingError
+                from batchtune.errors import TrainingError, error_line
 
-                line = (str(exc).strip().splitlines() or [""])[0]
-                raise TrainingError(f"reading a batch from the data set ran out of host memory: MemoryError: "
-                                    f"{line}"[:300]) from None  # a probe had called it 'ceiling none'
+                raise TrainingError(f"reading a batch from the data set ran out of host memory: "
+                                    f"{error_line(exc)}") from None  # a probe had called it 'ceiling none'
         batch = to_device(batch, backend.device)
         backend.track_batch(tensors(batch))
         self.data_seconds += time.perf_counter() - start

@@ -34,7 +34,7 @@ from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.watchdog import TrialTimeout, deadline
 from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast, data_parallel
-from batchtune.errors import TrainingError
+from batchtune.errors import TrainingError, error_line
 from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.monitor import NoiseScaleMonitor
 
@@ -260,17 +260,6 @@ def _agreed_oom(failure: str | None, failed: list[int], device_type: str) -> tor
     exc.batchtune_error = line  # already an error line: the trial records it as it is
     exc.failed_ranks = failed
     return exc
-
-
-def error_line(exc: BaseException) -> str:
-    """``'RuntimeError: first line of the message'`` (at most 300 characters). An error a DataLoader worker
-    re-raised ("Caught IndexError in DataLoader worker process 0.", the worker's traceback below it) is its
-    cause's last line: the first alone lost what went wrong."""
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
-    first = text[0].rstrip(".") if text else ""
-    if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
-        return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]
-    return f"{type(exc).__name__}: {first}"[:300]
 
 
 @dataclass
