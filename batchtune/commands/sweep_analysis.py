@@ -882,9 +882,9 @@ def _runner_up_sentence(ranked: list[Entry]) -> str | None:
             + _rate_text(run))
 
 
-def _rate_text(e: Entry) -> str:
-    """``' at 1,234 samples/s'``; nothing for a size none of whose trials was timed."""
-    return f" at {e['samples_per_s']:,.0f} samples/s" if e.get("samples_per_s") is not None else ""
+def _rate_text(e: Entry, lead: str = " ") -> str:
+    """``'<lead>at 1,234 samples/s'``; nothing for a size none of whose trials was timed."""
+    return f"{lead}at {e['samples_per_s']:,.0f} samples/s" if e.get("samples_per_s") is not None else ""
 
 
 def _num(value: float | None) -> str:
@@ -912,8 +912,8 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
              f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; {spread}): {field_text} "
              f"({lr_text})",
-             f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}"
-             + ("," + _rate_text(win) if _rate_text(win) else "") if win["final_val_loss"] is not None else None,
+             f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}{_rate_text(win, ', ')}"
+             if win["final_val_loss"] is not None else None,
              _runner_up_sentence(ranked)]
     if critical["b_crit"] and win.get("goodput"):
         parts.append(f"Goodput {win['goodput']:,.0f} effective samples/s with the critical batch ~"

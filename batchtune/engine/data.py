@@ -130,10 +130,10 @@ def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str
     limit = batch_limit(train_set, timeout)
     per_step = shape.accum_steps * shape.world_size * multiple
     if limit.samples is not None and limit.samples < per_step:  # one sample read B_simple 0, band 0-0, "reliable"
-        raise UsageError(f"the training set has {limit.samples} sample{'s' * (limit.samples != 1)}, fewer than the "
-                         f"{per_step} micro-batches of a step ({shape.accum_steps} accumulated × {shape.world_size} "
-                         f"rank{'s' * (shape.world_size != 1)}{' × 2 halves' if multiple == 2 else ''}): every one "
-                         "would repeat the same samples")
+        ranks = count_of(shape.world_size, "rank")
+        raise UsageError(f"the training set has {count_of(limit.samples, 'sample')}, fewer than the {per_step} "
+                         f"micro-batches of a step ({shape.accum_steps} accumulated × {ranks}"
+                         f"{' × 2 halves' if multiple == 2 else ''}): every one would repeat the same samples")
     if limit.samples is not None and shape.batch_size > limit.samples >= per_step:
         capped = BatchShape.split(limit.samples // per_step * per_step, shape.accum_steps, shape.world_size)
         notes.append(f"batch {shape.batch_size:,} is larger than the training set "
