@@ -1013,6 +1013,13 @@ def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_
     # the spec's own list of sizes: max_batch_size would give the same sizes again
     said = _notes([sizes[1], sizes[0]], sizes, critical, {"samples": 4096, "sizes_given": True})
     assert said[0].endswith("try adding 2048 to sweep.batch_sizes (past the safe micro-batch it accumulates)")
+    # a training set of 1,000 samples: 2048 would be excluded as larger than it, so 1000 or 512 is suggested
+    candidates = [{"batch_size": 128}, {"batch_size": 512}]
+    small = {"samples": 4096, "train_samples": 1000, "candidates": candidates}
+    assert _notes([sizes[1], sizes[0]], sizes, critical, {**small, "sizes_given": True})[0].endswith(
+        "try adding 1000 to sweep.batch_sizes (past the safe micro-batch it accumulates)")
+    assert "try a larger training set: a larger batch than its 1,000 samples would repeat samples in a step" in (
+        _notes([sizes[1], sizes[0]], sizes, critical, small)[0])
 
 
 def test_a_list_of_sizes_gets_a_budget_every_size_divides_where_one_is_near(write_spec):

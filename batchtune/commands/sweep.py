@@ -695,7 +695,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]
         "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates],
         "excluded": {str(k): v for k, v in excluded.items()},
         "ceiling": ceiling, "safe_batch_size": safe, "samples": samples, "min_steps": sw.min_steps,
-        "sizes_given": bool(sw.batch_sizes), "seeds": [spec.seed + i for i in range(sw.seeds)],
+        "sizes_given": bool(sw.batch_sizes), "train_samples": n_train, "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,

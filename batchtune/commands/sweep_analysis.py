@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from batchtune.render.text import count, pm
+from batchtune.render.text import count, count_of, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
 from batchtune.stats.noise import pooled_noise_scale
@@ -745,7 +745,14 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
 
 def _more(meta: dict[str, Any], end: str, size: int) -> str:
     """How to try ``size`` too: past the ``end`` ('min' or 'max') of the powers of two, or in the spec's own list
-    (an outside user told 'try sweep.max_batch_size=256' under sweep.batch_sizes got the same sizes again)."""
+    (an outside user told 'try sweep.max_batch_size=256' under sweep.batch_sizes got the same sizes again).
+    A larger size is kept inside the training set, which the sweep would exclude it for outgrowing."""
+    n_train = meta.get("train_samples")
+    if end == "max" and n_train and size > n_train:
+        size = n_train if meta.get("sizes_given") else 2 ** int(math.log2(n_train))
+        if size <= max(c["batch_size"] for c in meta["candidates"]):
+            return (f"a larger training set: a larger batch than its {count_of(n_train, 'sample')} would repeat "
+                    "samples in a step")
     return f"adding {size} to sweep.batch_sizes" if meta.get("sizes_given") else f"sweep.{end}_batch_size={size}"
 
 
