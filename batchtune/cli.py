@@ -812,7 +812,15 @@ def main() -> None:
     """Console-script entry point. ``--debug`` is taken anywhere on the line, before or after the command."""
     if "--debug" in sys.argv[1:]:  # typer takes a group option only before the command: move it there
         sys.argv = [sys.argv[0], "--debug", *(a for a in sys.argv[1:] if a != "--debug")]
-    app()
+    try:
+        app()
+    except SystemExit as stop:
+        if "batchtune.engine.distributed" in sys.modules:  # a torchrun rank: no teardown to abort in
+            if stop.code is not None and not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)  # as the interpreter would have
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            sys.modules["batchtune.engine.distributed"].end_rank(code)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -80,6 +80,9 @@ def main() -> None:
     for name, args in scenarios.items():
         result = COMMANDS[args[0]](args[1]) if args[0] in COMMANDS else run(args)
         (out_dir / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+    from batchtune.engine.distributed import end_rank
+
+    end_rank(0)  # as the CLI ends a rank
 
 
 if __name__ == "__main__":

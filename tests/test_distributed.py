@@ -221,3 +221,20 @@ def test_a_joined_process_group_is_left_at_exit():
     _leave()
     assert not dist.is_initialized()
     _leave()
+
+
+def test_the_cli_ends_a_torchrun_rank_itself_with_the_command_s_exit_code(monkeypatch, write_spec):
+    """A rank ends without the interpreter's teardown (end_rank: os._exit after leaving the group), with its code."""
+    import sys
+
+    from batchtune.cli import main
+    from batchtune.engine import distributed
+
+    ended = []
+    monkeypatch.setattr(distributed, "end_rank", ended.append)
+    for args, code in ((["validate", str(write_spec())], 0), (["validate", str(write_spec()), "sweep.x=1"], 2)):
+        monkeypatch.setattr(sys, "argv", ["batchtune", *args])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code == code and ended[-1] == code
+    assert len(ended) == 2
