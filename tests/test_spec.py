@@ -290,3 +290,15 @@ def test_an_empty_list_of_memory_limits_is_refused(write_spec):
     """Outside torchrun it read as no limit at all, silently."""
     with pytest.raises(SpecError, match="device.memory_limit: an empty list limits no rank"):
         load_spec(write_spec(), ["device.memory_limit=[]"])
+
+
+def test_a_value_matching_no_member_of_a_union_gets_one_error_for_its_key():
+    """``sweep.target_loss: abc`` was two problems, one per member of ``float | list[float]``, each under a
+    made-up key ('sweep.target_loss.float', 'sweep.target_loss.list[float]')."""
+    text = TINY_SPEC + "sweep:\n  target_loss: abc\n  lr_refine: maybe\n"
+    assert _issues(text) == {
+        "sweep.target_loss": (8, "Input should be a valid number or a valid list (got 'abc')"),
+        "sweep.lr_refine": (9, "Input should be a valid boolean or 'leaders' (got 'maybe')")}
+    # a list names the item that is wrong
+    assert _issues(TINY_SPEC, ["sweep.target_loss=[0.1, abc]"]) == {"sweep.target_loss.1": (None, (
+        "Input should be a valid number, unable to parse string as a number (got 'abc')"))}

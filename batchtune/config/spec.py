@@ -594,6 +594,33 @@ def _nearest_line(lines: dict[str, int], path: str) -> int | None:
 _UNION_TAGS = {"name", "target"}
 
 
+# how pydantic labels a union's member in an error's location: 'float', 'list[float]', "literal['leaders']", ...
+_BRANCH = re.compile(r"^(?:bool|int|float|str|none|bytes|constrained-\w+|(?:literal|list|dict|tuple|function-\w+)\[.*\])$")
+
+
+def _merge_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per key where a value matched no member of a union (``float | list[float]``), not one per
+    member: a list value keeps the list member's errors (which item is wrong), any other value one error
+    naming every member ('Input should be a valid number or a valid list')."""
+    merged: dict[tuple, list[dict[str, Any]]] = {}
+    for err in errors:
+        at = next((i for i, part in enumerate(err["loc"]) if isinstance(part, str) and _BRANCH.match(part)), None)
+        key = err["loc"] if at is None else err["loc"][:at]
+        merged.setdefault(key, []).append({**err, "branch": None if at is None else err["loc"][at],
+                                           "loc": err["loc"] if at is None else key + err["loc"][at + 1:]})
+    out = []
+    for key, errs in merged.items():
+        branches = {e["branch"] for e in errs}
+        if len(branches) < 2 or None in branches:
+            out += errs
+        elif isinstance(errs[0].get("input"), list) and any(b.startswith("list[") for b in branches):
+            out += [e for e in errs if e["branch"].startswith("list[")]
+        else:
+            wants = [e["msg"].removeprefix("Input should be ").split(", ")[0] for e in errs if e["loc"] == key]
+            out.append({**errs[0], "loc": key, "msg": "Input should be " + " or ".join(dict.fromkeys(wants))})
+    return out
+
+
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
     # The loss union puts its tag ('name' or 'target') right after 'loss'; keep real keys only.
     parts = [str(p) for p in loc]
@@ -766,7 +793,7 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
+        for err in _merge_union_branches(exc.errors()):
             dotted = _loc_to_path(err["loc"])
             # the override set this key, a key under it, or one above it (nokey.sub=3 makes 'nokey' unknown)
             over = next((o for k, o in origin.items()
