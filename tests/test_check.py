@@ -414,6 +414,11 @@ def test_the_jobs_own_lr_is_the_one_checked(baseline, write_spec):
     assert not any("baseline sweep's fastest" in n for n in notes)
     spec = load_spec(spec_path, ["train={batch_size: 32, lr: 0.02}", "check.throughput_tolerance=100"])
     assert run_check(spec, baseline=run).lr == 0.02
+    # the job's lr alone, its batch on the command line; without either batch, the one-line error
+    spec = load_spec(spec_path, ["train={lr: 0.02}", "check.throughput_tolerance=100"])
+    assert run_check(spec, batch_size=32, baseline=run).lr == 0.02
+    with pytest.raises(CheckInputError, match="no batch size to check: pass --batch-size B"):
+        run_check(spec, baseline=run)
     result = runner.invoke(app, ["check", str(spec_path), "-b", "32", "--lr", "-1", "-q"])
     assert result.exit_code == 2 and "--lr must be a positive, finite number, got -1.0" in result.output
     assert "train.lr" in runner.invoke(app, ["validate", str(spec_path), "train={batch_size: 32, lr: 0}"]).output

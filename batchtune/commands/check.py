@@ -146,7 +146,7 @@ def resolve_batch(spec: Any, batch_size: int | None = None, accum_steps: int | N
         SpecError: the same, when both values come from the spec.
     """
     train = spec.train
-    if batch_size is None and train is None:
+    if batch_size is None and (train is None or train.batch_size is None):
         raise CheckInputError("no batch size to check: pass --batch-size B, or add "
                               "'train: {batch_size: B}' to the spec")
     b = batch_size if batch_size is not None else train.batch_size

@@ -69,7 +69,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
 
     spec, components, backend = prepare(spec, backend)
     given = batch_size is not None
-    batch_size = batch_size or (spec.train.batch_size if spec.train is not None else spec.base_batch_size)
+    job = spec.train.batch_size if spec.train is not None else None
+    batch_size = batch_size or job or spec.base_batch_size
     try:
         shape = BatchShape.split(batch_size, accum_steps, current().world_size)
         if shape.accum_steps == 1 and shape.world_size == 1 and shape.micro_batch_size % 2:
@@ -79,7 +80,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         why = (f"{exc}; give an even batch, or --accum-steps 2 or more" if accum_steps == 1 else
                f"{exc}; give a batch divisible by --accum-steps {accum_steps} (the micro-batches the estimator "
                "compares), or --accum-steps 1 and an even batch")
-        raise (UsageError(f"{where}: {why}") if given else spec.error("train.batch_size", why)) from None
+        raise (UsageError(f"{where}: {why}") if given else
+               spec.error("train.batch_size" if job else "base_batch_size", why)) from None
     notes: list[str] = []
     # capped at the training set, as check caps it: a larger batch repeats samples within every step
     halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch

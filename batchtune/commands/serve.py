@@ -637,7 +637,7 @@ class ServeCheck:
 def _serving_batch(spec: Any, batch_size: int | None) -> int:
     if batch_size is not None:
         return batch_size
-    if spec.train is not None:
+    if spec.train is not None and spec.train.batch_size is not None:
         return spec.train.batch_size
     raise ServeInputError("check --serve needs the serving batch: give --batch-size (or train.batch_size in the spec)")
 

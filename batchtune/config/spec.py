@@ -434,9 +434,10 @@ class SweepSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """The batch size the long job intends to use (read by ``batchtune check``)."""
+    """The batch size the long job intends to use (read by ``batchtune check``); its lr alone may be given,
+    with the batch on check's command line."""
 
-    batch_size: PositiveInt
+    batch_size: PositiveInt | None = None
     accum_steps: PositiveInt = 1
     lr: PositiveFloat | None = None  # the job's lr; default the baseline sweep's fastest at the size, else the rule's
 
