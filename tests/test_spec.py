@@ -302,3 +302,10 @@ def test_a_value_matching_no_member_of_a_union_gets_one_error_for_its_key():
     # a list names the item that is wrong
     assert _issues(TINY_SPEC, ["sweep.target_loss=[0.1, abc]"]) == {"sweep.target_loss.1": (None, (
         "Input should be a valid number, unable to parse string as a number (got 'abc')"))}
+
+
+@pytest.mark.parametrize("targets, problem", [("[]", "an empty list: give one loss or several"),
+                                              ("[0.5, 0.2, 0.5]", "0.5 given more than once")])
+def test_a_list_of_targets_names_each_loss_once(targets, problem):
+    """An empty list was read as no target, silently (the default target then ran)."""
+    assert problem in _issues(TINY_SPEC, [f"sweep.target_loss={targets}"])["sweep.target_loss"][1]

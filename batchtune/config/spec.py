@@ -424,6 +424,17 @@ class SweepSpec(_Strict):
     divergence_factor: PositiveFloat = 3.0
     grad_clip: PositiveFloat | None = None
 
+    @field_validator("target_loss")
+    @classmethod
+    def _targets(cls, value: float | list[float] | None) -> float | list[float] | None:
+        """A list names at least one loss, each once (an empty list read as no target, silently)."""
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list: give one loss or several, or leave it out for the default target")
+            if twice := sorted({v for v in value if value.count(v) > 1}):
+                raise ValueError(f"{', '.join(map(str, twice))} given more than once")
+        return value
+
     @model_validator(mode="after")
     def _budget(self) -> SweepSpec:
         if self.samples is not None and self.epochs is not None:
