@@ -186,15 +186,29 @@ def test_batch_limit_reads_one_sample():
     assert (small.batch_size, small.reason, small.samples) == (10, "data", 10)
 
 
+def nan_data(**kwargs):
+    from tests.fixtures import tiny_data
+
+    train, val = tiny_data(**kwargs)
+    train.tensors[0][1, 3] = float("nan")
+    return train, val
+
+
 def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
     """A model whose loss is NaN before any step is bad input (no lr made it so); validate says so first."""
     noise = runner.invoke(app, ["noise", str(write_spec(NAN)), "--steps", "10", "-q"])
     assert noise.exit_code == 2, noise.output
-    assert ("the validation loss before the first training step is nan: the model's initial output or the data is not "
-            "finite (not the lr)") in noise.stderr
+    assert ("the validation loss before the first training step is nan: the model's initial output, the loss or the "
+            "data is not finite (not the lr)") in noise.stderr
     validate = runner.invoke(app, ["validate", str(write_spec(NAN))])
     assert validate.exit_code == 2 and ("model: the loss on the first 2 training samples is nan before any training "
-                                        "step: the model's initial output or the data, not the lr") in validate.stderr
+                                        "step, from finite inputs: the model's initial output or the loss function, "
+                                        "not the lr") in validate.stderr
+    # a NaN in the data itself is the data's to fix, said so
+    nan_data = TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.test_hangs:nan_data")
+    validate = runner.invoke(app, ["validate", str(write_spec(nan_data))])
+    assert validate.exit_code == 2 and ("data: the first 2 training samples hold values that are not finite (NaN or "
+                                        "inf), and the loss on them is nan: clean the data") in validate.stderr
     probe = runner.invoke(app, ["probe", str(write_spec(NAN)), "-q", "-f", "json"])
     assert probe.exit_code == 0
     assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])

@@ -599,8 +599,13 @@ class Components:
                                                   "or give data.collate") from None
                 raise
         if not math.isfinite(float(loss)):
+            if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+                   for t in tree_leaves(batch)):
+                raise self.spec.error("data", f"the first {n} training samples hold values that are not finite (NaN "
+                                              f"or inf), and the loss on them is {float(loss)}: clean the data")
             raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
-                                           "training step: the model's initial output or the data, not the lr")
+                                           "training step, from finite inputs: the model's initial output or the "
+                                           "loss function, not the lr")
         return float(loss)
 
     def tokens_per_sample(self) -> int:
