@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -815,11 +816,11 @@ def main() -> None:
     try:
         app()
     except SystemExit as stop:
-        if "batchtune.engine.distributed" in sys.modules:  # a torchrun rank: no teardown to abort in
-            if stop.code is not None and not isinstance(stop.code, int):
-                print(stop.code, file=sys.stderr)  # as the interpreter would have
-            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-            sys.modules["batchtune.engine.distributed"].end_rank(code)
+        if stop.code == 130:  # interrupted: a second Ctrl-C during the exit ends it at once, not in a traceback
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        joined = sys.modules.get("batchtune.engine.distributed")
+        if joined is not None and isinstance(stop.code, (int, type(None))):  # click's codes: a number, or None
+            joined.end_rank(stop.code or 0)  # a torchrun rank ends without the teardown it could abort in
         raise
 
 

@@ -657,6 +657,28 @@ def test_a_ctrl_c_that_lands_in_a_freed_storages_callback_is_not_lost(monkeypatc
         torch.ones(8)  # delivered once
 
 
+def test_after_an_interrupt_a_second_ctrl_c_ends_the_process_at_once(monkeypatch):
+    """A second Ctrl-C while an interrupted command exited printed a traceback from torch's atexit handlers:
+    once the command exits 130, SIGINT ends the process at once (os._exit), still 130."""
+    import batchtune.cli as cli
+
+    def interrupted():
+        raise SystemExit(130)
+
+    exits = []
+    monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(sys, "argv", ["batchtune", "sweep", "spec.yaml"])
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main()
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exits == [130]
+
+
 def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_spec, tmp_path, monkeypatch):
     """Ctrl-C, a resume killed with SIGKILL, a second resume: the same trials as one uninterrupted sweep.
 
