@@ -1147,3 +1147,27 @@ def test_trials_that_spend_most_of_their_time_outside_training_say_what_shortens
         "sweep without changing what the training steps measure"]
     assert overhead_notes([{"train_seconds": 40.0, "seconds": 61.0}]) == []  # the ground truths': 1.4-2.2x
     assert overhead_notes([{"train_seconds": 1.0, "seconds": 30.0}]) == []  # under a minute: not worth a note
+
+
+def test_a_finished_sweep_resumed_takes_every_decision_as_before_and_trains_nothing(monkeypatch):
+    """An outside two-tower regression's finished default-target sweep (its rows, noise readings left out), resumed,
+    trained batch 64 at a new lr, ×8, and changed its row: batch 64's lrs were judged again beside the larger
+    sizes' extensions, which came after its own (sizes extend smallest first), under a provisional target that
+    reads every row. Decisions now read the rows there were when they were first taken."""
+    import gzip
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from batchtune.commands import sweep as sweeping
+
+    stored = json.loads(gzip.decompress((Path(__file__).parent / "data" / "finished_default_target_sweep.json.gz")
+                                        .read_bytes()))
+    trained = []
+    monkeypatch.setattr(sweeping._Sweep, "_run_all", lambda self, plan, **_: trained.extend(
+        (shape.batch_size, m, seed) for seed, m, shape in plan if sweeping._key(shape, m, seed) not in self._done))
+    monkeypatch.setattr("batchtune.engine.trial.Trainer", lambda *_: None)
+    resumed = sweeping._Sweep(spec=SimpleNamespace(precision="fp32"), components=None, backend=None,
+                              dist=SimpleNamespace(world_size=1, enabled=False), folder=None, meta=stored["meta"],
+                              rows=stored["rows"])
+    resumed.run()
+    assert len(stored["rows"]) == 38 and trained == []

@@ -202,13 +202,13 @@ class _Sweep:
         for shape in sorted(self.shapes(), key=lambda c: c.batch_size):
             done = sum(bool(r.get("extension")) for r in self._rows_of(first) if r["batch_size"] == shape.batch_size)
             for _ in range(self.meta.get("lr_extensions", 0) - done):  # a resumed sweep goes on where it stopped
-                standing = self._standing(first)
+                standing = self._standing(first, upto=shape.batch_size)
                 m = _extension(standing.get(shape.batch_size, {}), _neighbour_best(standing, shape.batch_size))
                 if m is None:
                     break
                 self._run_all([(first, m, shape)], mark="extension")
         if refine := self.meta.get("lr_refine"):
-            standing = self._standing(first)
+            standing = self._standing(first, refined=False)
             leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
             self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
                            for m in _refinements(standing.get(c.batch_size, {}))])
@@ -251,7 +251,8 @@ class _Sweep:
                 # one stopping at the target inside the budget (its denser validation found the crossing the
                 # first run's missed) keeps the first run's loss at the budget: final loss at equal samples
                 self._run_all([(row["seed"], row["lr_multiplier"], shapes[row["batch_size"]])], mark="reach",
-                              inherit={"final_val_loss": row["final_val_loss"]})
+                              inherit={"final_val_loss": row["final_val_loss"],
+                                       **{k: True for k in ("extension", "fallback") if row.get(k)}})
 
     def _rows_of(self, seed: int) -> list[dict[str, Any]]:
         """``seed``'s rows as their budgets left them (:meth:`_at_budget`)."""
@@ -265,10 +266,21 @@ class _Sweep:
         return [{**r, "evals": [p for p in r.get("evals") or [] if p[0] <= trial_steps(self.meta, b)],
                  "stop_below": None} for r in rows if (b := r["batch_size"])] if "default_target" in self.meta else rows
 
-    def _standing(self, seed: int) -> dict[int, dict[float, str]]:
+    def _standing(self, seed: int, upto: int | None = None, refined: bool = True) -> dict[int, dict[float, str]]:
         """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`), by the target they were
-        screened at: the default one is fixed only after every seed has run."""
-        return lr_standing(self._rows_of(seed), self._screened())
+        screened at (the default one is fixed only after every seed has run), on the rows there were when
+        the decision was first taken, so that a resumed sweep takes it again: the extensions of sizes up to
+        ``upto`` only (sizes extend smallest first), the refinements only if ``refined`` (they come after).
+        The provisional target reads every row: a finished sweep resumed had judged batch 64's lrs beside
+        the larger sizes' later extensions, and trained a new lr that changed its result."""
+        bracket = set(self.meta["lr_multipliers"])
+
+        def there(row: dict[str, Any]) -> bool:
+            if row.get("extension"):
+                return upto is None or row["batch_size"] <= upto
+            return refined or row["lr_multiplier"] in bracket  # a refinement: unmarked, between the bracket's lrs
+
+        return lr_standing([r for r in self._rows_of(seed) if there(r)], self._screened())
 
     def _screened(self) -> dict[str, Any]:
         """The plan as the first seed's lrs were screened: without the default target, fixed later."""
