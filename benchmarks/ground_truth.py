@@ -240,11 +240,11 @@ def _points(row: dict[str, Any]) -> list[tuple[float, float, float]]:
 
 def seed_steps(row: dict[str, Any], target: float) -> float | None:
     """A seed's own interpolated steps to ``target``; None if it never got there or diverged."""
-    from batchtune.commands.sweep_analysis import crossing
+    from batchtune.commands.sweep_analysis import CROSSING_WINDOW, crossing
 
     if row["diverged"]:
         return None
-    hit = crossing(_points(row), target)
+    hit = crossing(_points(row), target, CROSSING_WINDOW)
     return hit[0] if hit else None
 
 

@@ -317,6 +317,18 @@ def test_crossing_interpolates_between_validation_points():
     assert crossing(points, 0.4) is None
 
 
+def test_a_crossing_does_not_depend_on_how_long_the_curve_was_watched_after_it():
+    """An outside CNN's batch 256 read 50, 98 and 164 steps to its target on its curve cut at 64, 128 and 192
+    steps: spikes long after the crossing pooled with it on the whole curve's decreasing fit. Judged up to one
+    doubling past the dip, a spike after that leaves the crossing where it was; a rise inside it still pools."""
+    curve = [(s, s / 10, 1.0 - s / 100) for s in range(0, 70, 10)] + [(80, 8.0, 0.3), (100, 10.0, 0.25)]
+    spiked = curve + [(160, 16.0, 0.9), (200, 20.0, 0.25)]
+    assert crossing(curve, 0.45, 1.0) == crossing(spiked, 0.45, 1.0) == pytest.approx((55, 5.5))
+    assert crossing(spiked, 0.45)[0] > 150  # the whole curve's fit: after the spike
+    dip = [(0, 0.0, 1.0), (10, 1.0, 0.4), (14, 1.4, 0.8), (20, 2.0, 0.6), (40, 4.0, 0.3)]
+    assert crossing(dip, 0.45, 1.0) == crossing(dip, 0.45) == pytest.approx((30, 3))  # the dip at 10 did not stay
+
+
 def test_compare_precision_raises_the_ceiling_in_bf16(write_spec):
     """bf16 autocast halves activation memory: the ceiling rises; both precisions are timed side by side."""
     import pandas as pd

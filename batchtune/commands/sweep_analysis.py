@@ -55,7 +55,14 @@ SUMMARY_COLUMNS = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr"
 Entry = dict[str, Any]  # one (batch size, lr multiplier): aggregates over seeds, then a summary row
 
 
-def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:
+# a trial's crossing is judged on its curve up to one doubling of steps past each dip below the target
+# (:func:`crossing`): on the stored ground truths (benchmarks/ground_truth.py) every pick, B_crit and
+# time is the same as on the whole curve, and the same with the truth read either way
+CROSSING_WINDOW = 1.0
+
+
+def crossing(points: list[tuple[float, float, float]], target: float,
+             window: float | None = None) -> tuple[float, float] | None:
     """(steps, seconds) at which a validation curve reaches ``target``, read on its best decreasing fit.
 
     ``points`` are (steps, seconds, loss) in order (a non-finite loss is left out). Near a plateau
@@ -64,8 +71,17 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
     with the points around it, so the crossing is where the curve gets there and stays, about
     equally for a dense and a sparse evaluation grid. Between two points the crossing is
     interpolated linearly, so steps-to-target is not quantised to the validation interval.
+
+    With ``window``, "stays" is judged up to (1 + window) × the steps of each dip below the target in
+    turn, not to the end of the curve: a spike long after the crossing no longer delays it, so a
+    crossing does not depend on how long the curve was watched after it (an outside CNN's batch 256
+    read 50, 98 and 164 steps on its curve cut at 64, 128 and 192 steps).
     """
     finite = [p for p in points if p[2] is not None and math.isfinite(p[2])]
+    if window is not None:
+        ends = (next((j for j, q in enumerate(finite) if q[0] > (1 + window) * p[0]), len(finite))
+                for p in finite if p[2] <= target)
+        return next((hit for end in ends if (hit := crossing(finite[:end], target)) is not None), None)
     prev = None
     for steps, seconds, loss in ((p[0], p[1], f) for p, f in zip(finite, decreasing_fit([p[2] for p in finite]))):
         if loss <= target:
@@ -222,7 +238,7 @@ def seed_crossing(row: dict[str, Any], target: float, step_s: float | None = Non
     seeds is not one to bet a run on), or was there before its first step (no time to target)."""
     if not row["fits"] or row["diverged"]:
         return None
-    cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target)
+    cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target, CROSSING_WINDOW)
     if cross is None or cross[0] <= 0:
         return None
     return (cross[0], cross[0] * step_s) if step_s else cross
