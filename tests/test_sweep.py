@@ -983,6 +983,19 @@ def test_the_trials_a_longer_run_could_bring_to_the_target():
     assert [(r["batch_size"], r["seed"], r["lr_multiplier"]) for r in short] == [(16, 1, 1.0), (32, 0, 1.0)]
 
 
+def test_a_trial_stopped_by_the_time_cap_is_named_with_its_samples():
+    """An outside CNN's batch 16 stopped at 7,184 of its 8,192 samples (sweep.max_seconds_per_trial): the table
+    said '-' for its loss and 'ok', and no note said why."""
+    from batchtune.commands.sweep_analysis import _truncated_notes
+
+    rows = [_timed(16, 0, 40, 0.5, 0.01), _timed(16, 1, 40, 0.5, 0.01), _timed(32, 0, 20, 0.5, 0.01)]
+    rows[1].update(truncated=True, samples=7184)
+    assert _truncated_notes(rows, {"samples": 8192}) == [
+        "batch 16: 1 trial of 2 stopped at sweep.max_seconds_per_trial, after 7,184 samples of the 8,192-sample "
+        "budget: no loss at the equal-sample budget, and a target not reached by then counts as missed; raise the "
+        "cap or lower sweep.samples to compare sizes on equal samples"]
+
+
 def test_a_size_above_the_critical_batch_is_said_to_waste_compute_in_the_right_words():
     """At 32 with B_crit 5: 1 + 32/5 = 7.4x the minimum samples, 3.7x what B_crit needs, 73% of it
     wasted (it said '73% more compute than B_crit would', where it is 270% more)."""
@@ -1116,6 +1129,9 @@ def test_trials_timed_on_a_busy_machine_are_named():
     assert busy_notes([_timed(32, 0, 10, 0.5, 0.01)]) == []  # rows from before the reading: nothing said
     one_thread = [{**r, "threads": 1} for r in rows]
     assert busy_notes(one_thread)[0].endswith("are not trustworthy; rerun on a quiet machine")
+    # a size with calm trials too takes its rate from those (an outside table showed one calm trial's 7,023 of six)
+    both = rows + [{**_timed(64, 1, 10, 0.5, 0.01), "busy": False}]
+    assert busy_notes(both)[0].endswith("(device.threads); batch 64 took its samples/s from the calm trials alone")
     load = {"cores": 2, "threads": 2, "other_cores": 1.0, "load_1m": 1.0, "busy": True}
     assert busy_note(load).endswith("not trustworthy (device.threads: 1, or a quiet machine)")
     assert busy_note({**load, "threads": 1, "other_cores": 1.6}).endswith("(run on a quiet machine)")

@@ -149,7 +149,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
                         _critical_dict(None, None, None))
     last = by_target[-1]
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
-             + _fallback_notes(rows)
+             + _fallback_notes(rows) + _truncated_notes(rows, meta)
              + busy_notes(rows) + _unmeasured_noise_notes(rows) + overhead_notes(rows))
     if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
@@ -520,7 +520,8 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
     if fixed := meta.get("default_target"):
         return [fixed["loss"]], [
             f"target val loss {fixed['loss']:.4g}: the lowest that {fixed['reached']} of the {fixed['sizes']} sizes "
-            f"reached in every seed at the equal-sample budget; trials short of it trained on towards it, up to "
+            f"reached in every seed within their trials' budgets (sweep.samples, or sweep.min_steps steps where "
+            f"that is more); trials short of it trained on towards it, up to "
             f"{meta['reach_factor']:g}x their steps or until their loss levelled off (set sweep.target_loss to choose)"]
     rows = [r for e in entries for r in e["rows"]]
     found = default_target(rows)
@@ -794,6 +795,21 @@ def _fallback_notes(rows: list[dict[str, Any]]) -> list[str]:
             for size, mult, lr, target in chosen]
 
 
+def _truncated_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Which sizes had trials cut short by the time cap (an outside CNN's batch 16 stopped at 7,184 of its 8,192
+    samples: the table said '-' for its loss and 'ok', and the target note counted it as a size that ran)."""
+    cut: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("truncated"):
+            cut.setdefault(r["batch_size"], []).append(r)
+    of_budget = f" of the {meta['samples']:,}-sample budget" if meta.get("samples") else ""
+    return [f"batch {size}: {count_of(len(trials), 'trial')} of {sum(r['batch_size'] == size for r in rows)} "
+            f"stopped at sweep.max_seconds_per_trial, after {', '.join(format(r['samples'], ',') for r in trials)} "
+            f"samples{of_budget}: no loss at the equal-sample budget, and a target not reached by then counts as "
+            "missed; raise the cap or lower sweep.samples to compare sizes on equal samples"
+            for size, trials in sorted(cut.items())]
+
+
 def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
                affected: str = "their seconds, and the ranking, are") -> list[str]:
     """Which of ``rows`` (each with ``batch_size`` and a ``host.LoadMeter`` reading's ``busy``,
@@ -807,7 +823,15 @@ def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
     others = max((r.get("other_cores") or 0.0) for r in busy)
     fewer = " or with fewer torch threads (device.threads)" if max(r.get("threads") or 2 for r in busy) > 1 else ""
     return [f"the machine was busy during {len(busy)} of {len(rows)} {what} (batch {sizes}; other processes used up "
-            f"to {others:.1f} cores): {affected} not trustworthy; rerun on a quiet machine{fewer}"]
+            f"to {others:.1f} cores): {affected} not trustworthy; rerun on a quiet machine{fewer}{_calm_only(rows)}"]
+
+
+def _calm_only(rows: list[dict[str, Any]]) -> str:
+    """Which sizes took their samples/s from their calm trials alone (:func:`timed_rates`)."""
+    sizes = sorted({r["batch_size"] for r in rows if r.get("busy")} & {r["batch_size"] for r in rows
+                                                                       if r.get("busy") is False})
+    return (f"; batch {', '.join(map(str, sizes))} took {'its' if len(sizes) == 1 else 'their'} samples/s from "
+            "the calm trials alone" if sizes else "")
 
 
 def overhead_notes(rows: list[dict[str, Any]], what: str = "the sweep") -> list[str]:
