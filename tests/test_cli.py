@@ -59,6 +59,18 @@ def test_missing_target_names_module_and_line(write_spec):
     assert f"{path}:5: optimizer.betaz: unexpected argument; AdamW() accepts" in result.stderr
 
 
+def test_an_import_or_argument_an_override_set_is_named_at_the_override(write_spec):
+    """An outside 'validate spec.yaml model.target=weird:nonexist' was told 'spec.yaml:3: model.target', the line of
+    the target it replaced; schema errors already named the override."""
+    path = write_spec("name: x\nmodel:\n  target: tests.fixtures:tiny_mlp\ndata: {target: 'tests.fixtures:tiny_data'}\n"
+                      "optimizer: {name: adamw, lr: 0.001}\nbase_batch_size: 64\n")
+    for override, said in (("model.target=tests.fixtures:nope", "model.target: cannot import 'tests.fixtures:nope'"),
+                           ("model.kwargs.foo=1", "model.kwargs.foo: unexpected argument; tiny_mlp() accepts")):
+        for extra in ([], ["base_batch_size=0"]):  # alone, and beside a schema error (validate's second pass)
+            result = runner.invoke(app, ["validate", str(path), override, *extra])
+            assert result.exit_code == 2 and f"override {override!r}: {said}" in result.stderr, result.stderr
+
+
 def test_bad_kwargs_and_bad_data_factory(write_spec):
     path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp', kwargs: {hiden: 3}}\n"
                       "data: {target: 'tests.fixtures:bad_data'}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")

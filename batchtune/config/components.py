@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import Dataset, default_collate
 
-from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, _nearest_line
+from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, locate
 from batchtune.errors import error_line
 
 __all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
@@ -135,11 +135,11 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], spec: Spec, pa
 class _Located:
     """What :func:`load_target` and :func:`_check_kwargs` need of a spec, for one that did not validate."""
 
-    def __init__(self, lines: dict[str, int], source: str) -> None:
-        self.lines, self.source = lines, source
+    def __init__(self, lines: dict[str, int], source: str, origin: dict[str, str]) -> None:
+        self.lines, self.source, self.origin = lines, source, origin
 
     def issue(self, path: str, message: str) -> SpecIssue:
-        return SpecIssue(path, message, self.source, _nearest_line(self.lines, path))
+        return locate(path, message, self.lines, self.source, self.origin)
 
     def error(self, path: str, message: str) -> SpecError:
         return SpecError([self.issue(path, message)])
@@ -151,8 +151,8 @@ def target_issues(exc: SpecError) -> list[SpecIssue]:
     a problem of their own already are left out."""
     if exc.raw is None:
         return []
-    data, lines, source = exc.raw
-    located, flagged, issues = _Located(lines, source), {i.path.split(".")[0] for i in exc.issues}, []
+    data, lines, source, origin = exc.raw
+    located, flagged, issues = _Located(lines, source, origin), {i.path.split(".")[0] for i in exc.issues}, []
     entries = [(key, data.get(key)) for key in ("model", "data", "loss", "optimizer") if key not in flagged]
     for key, entry in entries:
         target = entry.get("target") if isinstance(entry, dict) else None

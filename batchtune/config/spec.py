@@ -80,7 +80,8 @@ class SpecError(ValueError):
     components.target_issues`).
     """
 
-    def __init__(self, issues: list[SpecIssue], raw: tuple[dict[str, Any], dict[str, int], str] | None = None, *,
+    def __init__(self, issues: list[SpecIssue],
+                 raw: tuple[dict[str, Any], dict[str, int], str, dict[str, str]] | None = None, *,
                  what: str = "spec"):
         self.issues = list(issues)
         self.raw = raw
@@ -519,10 +520,11 @@ class Spec(_Strict):
     # Where each key came from, for errors raised after validation (imports, kwargs).
     _lines: dict[str, int] = {}
     _source: str = "<spec>"
+    _origin: dict[str, str] = {}  # key → the override that set it
 
     def issue(self, path: str, message: str) -> SpecIssue:
-        """An issue at ``path``, located at the nearest line the spec file gives for it."""
-        return SpecIssue(path, message, self._source, _nearest_line(self._lines, path))
+        """An issue at ``path``, located at the override that set it, else the nearest line the file gives."""
+        return locate(path, message, self._lines, self._source, self._origin)
 
     def error(self, path: str, message: str) -> SpecError:
         return SpecError([self.issue(path, message)])
@@ -591,6 +593,17 @@ class _LineWalk:
         # named by the top-level key being walked: a path deep inside the expansion says nothing more
         top = path.split(".")[0]
         raise SpecError([SpecIssue(top, message, self.source, self.lines.get(top))], what=self.what)
+
+
+def locate(path: str, message: str, lines: dict[str, int], source: str, origin: dict[str, str]) -> SpecIssue:
+    """``message`` about the key ``path``, at the override that set it, a key under it or one above it
+    (``nokey.sub=3`` makes 'nokey' unknown), else at the nearest line the spec file gives for it: an
+    override's import error named the file's line of the key it replaced."""
+    over = next((o for k, o in origin.items() if path == k or path.startswith(k + ".") or k.startswith(path + ".")),
+                None)
+    if over is not None:
+        return SpecIssue(path, message, f"override {over!r}")
+    return SpecIssue(path, message, source, _nearest_line(lines, path))
 
 
 def _nearest_line(lines: dict[str, int], path: str) -> int | None:
@@ -805,20 +818,14 @@ def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | tuple[s
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        for err in _merge_union_branches(exc.errors()):
-            dotted = _loc_to_path(err["loc"])
-            # the override set this key, a key under it, or one above it (nokey.sub=3 makes 'nokey' unknown)
-            over = next((o for k, o in origin.items()
-                         if dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".")), None)
-            if over is not None:
-                issues.append(SpecIssue(dotted, _message(err), f"override {over!r}"))
-            else:
-                issues.append(SpecIssue(dotted, _message(err), source, _nearest_line(lines, dotted)))
-        raise SpecError(_dedupe(issues), raw=(data, lines, source)) from None
+        issues += [locate(_loc_to_path(err["loc"]), _message(err), lines, source, origin)
+                   for err in _merge_union_branches(exc.errors())]
+        raise SpecError(_dedupe(issues), raw=(data, lines, source, origin)) from None
     if issues:
         raise SpecError(issues)
     spec._lines = lines
     spec._source = source
+    spec._origin = origin
     return spec
 
 
