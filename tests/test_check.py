@@ -259,7 +259,7 @@ def test_a_bloated_model_fails_regression_on_memory(baseline):
     assert reg.status == "fail" and report.exit_code() == 1
     assert reg.figures["memory_change"] > 1.0
     assert check_reason(reg).startswith("peak memory grew more than 10%")
-    assert "the spec differs from the baseline's in: model" in check_reason(reg)
+    assert "the spec differs from the baseline's in: model.kwargs.hidden (None → 512)" in check_reason(reg)
 
 
 @pytest.mark.parametrize("batch_size, code", [(512, "critical.below"), (1024, "critical.within")])
@@ -766,7 +766,7 @@ REPRESENTATIVE = {
                       "throughput 800 vs 1,000 samples/s (-5.0%), peak 1.5 KiB vs 1.0 KiB (+0.0%) within tolerance"),
     "regression.throughput": ("fail", {**_REGRESSION, "memory_change": None, "baseline_timed_trials": 6},
                               "throughput fell more than 15%: throughput 800 vs 1,000 samples/s (-20%; the baseline's "
-                              "median over its 6 timed trials at this size, every lr and seed), peak memory not "
+                              "median over 6 timed trials at this size, every lr and seed), peak memory not "
                               "compared"),
     "regression.memory": ("fail", {**_REGRESSION, "throughput_change": None, "throughput_skip": "threads",
                                    "baseline_threads": 8, "threads": 1},

@@ -42,6 +42,7 @@ from batchtune.commands.check_verdicts import (
 )
 from batchtune.commands.sweep_analysis import timed_rates
 from batchtune.engine.data import loader_kind, within_limits
+from batchtune.config.spec import changed_keys
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 
@@ -664,7 +665,8 @@ def _incomparable(baseline: Baseline, device: dict[str, Any], precision: str) ->
 
 def _spec_changes(baseline: Baseline, resolved: dict[str, Any]) -> list[str]:
     keys = ("model", "data", "loss", "optimizer", "precision", "lr_scaling", "base_batch_size")
-    return [k for k in keys if baseline.spec and baseline.spec.get(k) != resolved.get(k)]
+    return changed_keys({k: baseline.spec.get(k) for k in keys}, {k: resolved.get(k) for k in keys}) \
+        if baseline.spec else []
 
 
 def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:

@@ -39,6 +39,7 @@ from batchtune.commands.sweep_analysis import (
     short_of,
     stop_targets,
 )
+from batchtune.config.spec import changed_keys
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
@@ -119,9 +120,8 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
         # a key left null is one a later batchtune added with its default (train.lr): not a different spec
         stored, now = _set_keys(folder.read_spec()), _set_keys(resolved)
         if stored != now:
-            keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
             return (f"the spec differs from the one {folder.path} was run with "
-                    f"(keys: {', '.join(keys)}); resume with the same spec"), None, []
+                    f"(now: {', '.join(changed_keys(stored, now))}); resume with the same spec"), None, []
         run = folder.load()  # all of it checked now, not after the trials: result() reads environment.json
         return None, run.meta, run.trials
 

@@ -595,6 +595,15 @@ class _LineWalk:
         raise SpecError([SpecIssue(top, message, self.source, self.lines.get(top))], what=self.what)
 
 
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved specs (or parts of them), each with both
+    values, down to the key that changed: 'sweep.samples (4096 → 8192)', not 'sweep'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)
+                for c in changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [f"{prefix.rstrip('.')} ({old!r} → {new!r})"]
+
+
 def locate(path: str, message: str, lines: dict[str, int], source: str, origin: dict[str, str]) -> SpecIssue:
     """``message`` about the key ``path``, at the override that set it, a key under it or one above it
     (``nokey.sub=3`` makes 'nokey' unknown), else at the nearest line the spec file gives for it: an

@@ -129,11 +129,11 @@ def _comparison(f: dict[str, Any]) -> str:
 
 
 def _pooled(f: dict[str, Any]) -> str:
-    """What the baseline's rate is: the median over its timed trials at the size, every lr and seed (the rate the
+    """What the baseline's rate is: the median over its timed trials at the size, every lr and seed, calm and not
+    diverged where it has such (:func:`~batchtune.commands.sweep_analysis.timed_rates`; the rate the
     sweep's times to target use; an outside check compared 490,808 against a table row showing 467,058)."""
     n = f.get("baseline_timed_trials") or 0
-    return (f"; the baseline's median over its {n} timed trials at this size, every lr and seed (calm and not "
-            "diverged where it has such)" if n > 1 else "")
+    return f"; the baseline's median over {n} timed trials at this size, every lr and seed" if n > 1 else ""
 
 
 def _timings(f: dict[str, Any]) -> str:
