@@ -34,6 +34,10 @@ from batchtune.render.probe import render_probe
 from tests.conftest import TINY_SPEC
 
 
+BN_NOTE = ("probe.min_batch_size 2: the model has BatchNorm layers, and one over features (no length or image "
+           "axis) cannot train on one sample; set probe.min_batch_size: 1 where each channel sees more than one value")
+
+
 def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):
     calls = []
 
@@ -377,9 +381,9 @@ def test_a_batchnorm_model_is_probed_from_batch_2(write_spec):
     text = TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:bn_mlp")
     result = run_probe(load_spec(write_spec(text)))
     assert result.ceiling is not None and min(t.batch_size for t in result.trials) == 2
-    assert "probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample" in result.notes
+    assert BN_NOTE in result.notes
     estimated = run_probe_estimate(load_spec(write_spec(text)))
-    assert "probe.min_batch_size 2: the model's BatchNorm layers cannot train on one sample" in estimated.notes
+    assert BN_NOTE in estimated.notes
 
 
 def test_a_confirmed_size_short_of_the_headroom_steps_down_by_the_missing_bytes():

@@ -309,3 +309,5 @@ def test_a_value_matching_no_member_of_a_union_gets_one_error_for_its_key():
 def test_a_list_of_targets_names_each_loss_once(targets, problem):
     """An empty list was read as no target, silently (the default target then ran)."""
     assert problem in _issues(TINY_SPEC, [f"sweep.target_loss={targets}"])["sweep.target_loss"][1]
+    assert "an empty list: give the sizes to sweep" in _issues(TINY_SPEC, ["sweep.batch_sizes=[]"])[
+        "sweep.batch_sizes"][1]

@@ -425,6 +425,13 @@ class SweepSpec(_Strict):
     divergence_factor: PositiveFloat = 3.0
     grad_clip: PositiveFloat | None = None
 
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not value:  # read as not given: the powers of two ran, silently
+            raise ValueError("an empty list: give the sizes to sweep, or leave it out for powers of two")
+        return value
+
     @field_validator("target_loss")
     @classmethod
     def _targets(cls, value: float | list[float] | None) -> float | list[float] | None:
