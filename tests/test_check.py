@@ -212,7 +212,7 @@ def test_it_stays_within_max_seconds_and_says_what_it_skipped(write_spec):
     # Each training step sleeps 16 × 10 ms in the data set: 30 steps would take ~5 s.
     text = CHECK_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:sleepy_data", kwargs: {seconds: 0.01}}')
     spec = _spec(write_spec, text, "check.steps=30", "device.memory_limit=null")
-    run_check(spec, batch_size=16, max_seconds=1.2)  # warm-up: the first trial in a process imports more
+    run_check(spec, batch_size=16, max_seconds=1.6)  # warm-up: the first trial in a process imports more
     started = time.perf_counter()
     report = run_check(spec, batch_size=16, max_seconds=4)
     assert time.perf_counter() - started < 4
@@ -220,10 +220,16 @@ def test_it_stays_within_max_seconds_and_says_what_it_skipped(write_spec):
     assert trains.figures["truncated"] and 6 <= trains.figures["steps"] < 30
     assert f"(stopped after {trains.figures['steps']} of 30 steps to stay within --max-seconds)" in check_reason(trains)
     assert report.check("data").figures["data_share"] > 0.5  # 160 ms of sleep per step
-    tight = run_check(spec, batch_size=16, max_seconds=1.2)  # fits (~0.4 s) only: the budget covers it too
+    tight = run_check(spec, batch_size=16, max_seconds=1.6)  # fits (~0.4 s) only: the budget covers it too
     assert tight.skipped == ["trains", "data", "critical_batch"]
     assert all(check_reason(tight.check(n)).startswith(TIME_SKIP) for n in tight.skipped)
     assert tight.check("fits").status == "pass" and tight.exit_code() == 0
+    # a CI gate with --strict and too small a budget passed with nothing trained: the skips fail it
+    assert tight.exit_code(strict=True) == 1
+    strict = render_check(tight, "table", strict=True)
+    assert "verdict: FAIL (--strict: checks skipped for time fail) — 4 skipped" in strict
+    junit = render_check(tight, "junit", strict=True)
+    assert 'failures="3"' in junit and 'skipped="1"' in junit  # regression: no baseline given, a skip still
 
 
 # ---------------------------------------------------------------------------- baselines

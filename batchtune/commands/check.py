@@ -118,9 +118,11 @@ class CheckReport:
         return next(c for c in self.checks if c.name == name)
 
     def exit_code(self, strict: bool = False) -> int:
-        """0 when nothing failed (warnings allowed unless ``strict``), else 1. Skips never fail."""
+        """0 when nothing failed (warnings, and checks skipped to stay within the time budget, allowed unless
+        ``strict``), else 1. Other skips (no baseline given) never fail: a CI gate given --strict and too small
+        a --max-seconds passed with trains, data and critical_batch never run."""
         statuses = {c.status for c in self.checks}
-        return 1 if "fail" in statuses or (strict and "warn" in statuses) else 0
+        return 1 if "fail" in statuses or (strict and ("warn" in statuses or self.skipped)) else 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the renderer adds each check's reason and the notes)."""
@@ -499,6 +501,10 @@ def _stop_if_timed_out(state: _CheckRun, result: Any) -> None:
     from batchtune.engine.watchdog import stop_if_timed_out
 
     if state.watch is not None and state.watch.fired and getattr(result, "timed_out", False):
+        if state.watch.seconds < 0.25 * state.budget:  # 'did not finish within 0.001 s' told an outside user nothing
+            raise CheckInputError(f"--max-seconds {state.budget:g} ran out before the first training step finished: "
+                                  f"loading the spec, model and data took {state.budget - state.watch.seconds:.2g} s "
+                                  f"of it; give the check more time")
         raise CheckInputError(f"--max-seconds {state.budget:g}: {result.error}, all that was left of it after "
                               f"{reserve_seconds(state.budget):.2g} s kept for start-up and output; give the check more "
                               "time")

@@ -341,7 +341,9 @@ def _check_verdict(report: Any, strict: bool) -> str:
     extra = [text for n, text in ((counts["fail"], f"{counts['fail']} failed"),
                                   (counts["warn"], f"{counts['warn']} warning{'s' if counts['warn'] != 1 else ''}"),
                                   (counts["skip"], f"{counts['skip']} skipped")) if n]
-    strict_text = " (--strict: warnings fail)" if strict and counts["warn"] else ""
+    failing = [what for n, what in ((counts["warn"], "warnings"), (len(report.skipped), "checks skipped for time"))
+               if strict and n]
+    strict_text = f" (--strict: {' and '.join(failing)} fail)" if failing else ""
     return (f"verdict: {word}{strict_text}" + (f" — {', '.join(extra)}" if extra else "")
             + f"; {len(report.checks)} check{'s' if len(report.checks) != 1 else ''} in {report.seconds:.1f} s "
               f"(budget {report.max_seconds:g} s)")
@@ -350,8 +352,11 @@ def _check_verdict(report: Any, strict: bool) -> str:
 def _check_junit(report: Any, strict: bool) -> str:
     import xml.etree.ElementTree as ET
 
-    fails = sum(c.status == "fail" or (strict and c.status == "warn") for c in report.checks)
-    skips = sum(c.status == "skip" for c in report.checks)
+    def failed(c: Any) -> bool:
+        return c.status == "fail" or strict and (c.status == "warn" or c.name in report.skipped)
+
+    fails = sum(map(failed, report.checks))
+    skips = sum(c.status == "skip" and not failed(c) for c in report.checks)
     attrs = {"name": "batchtune check", "tests": str(len(report.checks)), "failures": str(fails), "errors": "0",
              "skipped": str(skips), "time": f"{report.seconds:.3f}"}
     root = ET.Element("testsuites", attrs)
@@ -368,7 +373,7 @@ def _check_junit(report: Any, strict: bool) -> str:
         case = ET.SubElement(suite, "testcase", {"name": c.name, "classname": f"batchtune.commands.check.{report.name}",
                                                  "time": f"{c.seconds:.3f}"})
         figures = to_json({k: v for k, v in c.figures.items() if k != "traceback"})
-        if c.status == "fail" or (strict and c.status == "warn"):
+        if failed(c):
             node = ET.SubElement(case, "failure", {"message": reason, "type": c.status})
             node.text = reason + ("\n" + c.figures["traceback"] if c.figures.get("traceback") else "")
         elif c.status == "skip":
