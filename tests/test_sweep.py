@@ -1071,12 +1071,20 @@ def test_the_lr_rule_note_when_no_size_was_fastest_at_the_rules_lr():
 
     sizes = [{"batch_size": b, "qualifies": True, "lr_multiplier": 4.0} for b in (16, 32, 64)]
     meta = {"lr_multipliers": [0.5, 1.0, 2.0], "lr_rule": "sqrt"}
-    assert _lr_rule_notes(sizes, meta) == [
+    rows = [{"batch_size": b, "lr_multiplier": m} for b in (16, 32, 64) for m in (1.0, 2.0, 4.0)]
+    assert _lr_rule_notes(sizes, meta, rows) == [
         "the sqrt lr rule held at no size: the fastest lr was the rule's ×4 at 16, ×4 at 32, ×4 at 64: every size was "
         "fastest at ×4 the rule's lr, so optimizer.lr (at base_batch_size) is off by that factor for this task"]
     sizes[0]["lr_multiplier"] = 1.0
-    assert _lr_rule_notes(sizes, meta) == ["the sqrt lr rule held up to 16; the fastest lr elsewhere was the rule's "
-                                           "×4 at 32, ×4 at 64"]
+    assert _lr_rule_notes(sizes, meta, rows) == ["the sqrt lr rule held up to 16; the fastest lr elsewhere was the "
+                                                 "rule's ×4 at 32, ×4 at 64"]
+    # an interrupted sweep: only 16 had tried a second lr; the others say nothing of the rule yet
+    for e in sizes:
+        e["lr_multiplier"] = 1.0
+    first = [{"batch_size": b, "lr_multiplier": 1.0} for b in (16, 32, 64)] + [{"batch_size": 16, "lr_multiplier": 2.0}]
+    assert _lr_rule_notes(sizes, meta, first) == ["the sqrt lr rule held at 16, the sizes that tried more than one "
+                                                  "lr (32, 64 tried one)"]
+    assert _lr_rule_notes(sizes, meta, first[:3]) == []
 
 
 def test_a_default_target_above_where_training_began_is_no_target():

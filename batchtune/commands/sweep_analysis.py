@@ -148,7 +148,7 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
         return Analysis(empty, None, target_notes or ["no trial finished with a validation loss"], None,
                         _critical_dict(None, None, None))
     last = by_target[-1]
-    notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta) + _reseed_notes(rows, meta)
+    notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta, rows) + _reseed_notes(rows, meta)
              + _fallback_notes(rows) + _truncated_notes(rows, meta)
              + busy_notes(rows) + _unmeasured_noise_notes(rows) + overhead_notes(rows))
     if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
@@ -859,17 +859,25 @@ def _unmeasured_noise_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"no noise scale at batch {', '.join(map(str, missed))}: {why}"]
 
 
-def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any]) -> list[str]:
-    """How far the scaling rule held: the largest size up to which every size's best lr is the rule's."""
+def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """How far the scaling rule held: the largest size up to which every size's best lr is the rule's. Only sizes
+    that tried more than one lr count (an outside sweep interrupted after its first lrs said the rule 'held at
+    every size' where one size had tried a second)."""
     tried = {float(m) for m in meta.get("lr_multipliers", [1.0])}
-    qualified = [e for e in sizes if e["qualifies"]]
+    lrs: dict[int, set[float]] = {}
+    for r in rows:
+        lrs.setdefault(r["batch_size"], set()).add(float(r["lr_multiplier"]))
+    qualified = [e for e in sizes if e["qualifies"] and len(lrs.get(e["batch_size"], ())) > 1]
     if len(tried) < 2 or not qualified:
         return []
     rule = meta.get("lr_rule", "scaling")
     held = [e for e in qualified if e["lr_multiplier"] == 1.0]
     off = [e for e in qualified if e["lr_multiplier"] != 1.0]
     if not off:
-        return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's"]
+        one = sorted(e["batch_size"] for e in sizes if e["qualifies"] and e not in qualified)
+        return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's" if not one else
+                f"the {rule} lr rule held at {', '.join(str(e['batch_size']) for e in qualified)}, the sizes that tried "
+                f"more than one lr ({', '.join(map(str, one))} tried one)"]
     above = ", ".join(f"×{e['lr_multiplier']:.3g} at {e['batch_size']}" for e in off)
     if not held:
         mults = {e["lr_multiplier"] for e in off}
