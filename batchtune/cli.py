@@ -601,7 +601,8 @@ def check(
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case "
                                                                   "per check).")] = None,
     force: ForceOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Warnings, and checks skipped to stay within --max-seconds, fail too (exit 1).")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Warnings, and checks skipped to stay within --max-seconds, fail too (exit 1).")] = False,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
     estimate: EstimateOpt = False,

@@ -135,7 +135,8 @@ def test_check_max_seconds_covers_the_fits_run(write_spec):
     assert ("--max-seconds 2: " in result.output and "all that was left of it after 1.5 s kept for start-up and "
             "output; give the check more time" in result.output
             or "the check did not finish within its --max-seconds 2" in result.output
-            or "--max-seconds 2 ran out before the first training step finished: loading" in result.output), result.output
+            or "--max-seconds 2 ran out before the first training step finished: loading" in result.output), \
+        result.output
     assert "never returns" not in result.output  # the budget ran out, not necessarily the forward
     assert seconds < 3.5
 

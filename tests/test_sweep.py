@@ -253,7 +253,8 @@ def test_resume_refuses_a_different_spec(write_spec, tmp_path):
     result = CliRunner().invoke(app, ["sweep", str(write_spec(SWEEP_SPEC)), "optimizer.lr=0.5",
                                       "--resume", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "the spec differs from the one" in result.stderr and "(now: optimizer.lr (" in result.stderr and " → 0.5)); resume" in result.stderr
+    assert "the spec differs from the one" in result.stderr and "(now: optimizer.lr (" in result.stderr
+    assert " → 0.5)); resume" in result.stderr
     # a folder from before a key was added with a null default (train.lr) is the same spec
     from batchtune.commands.sweep import _set_keys
 

@@ -286,7 +286,8 @@ def probe_settings(spec: Any, model: Any, notes: list[str]) -> Any:
     if p.min_batch_size >= 2 or not has_batchnorm(model):
         return p
     notes.append("probe.min_batch_size 2: the model has BatchNorm layers, and one over features (no length or image "
-                 "axis) cannot train on one sample; set probe.min_batch_size: 1 where each channel sees more than one value")
+                 "axis) cannot train on one sample; set probe.min_batch_size: 1 where each channel sees more than "
+                 "one value")
     return p.model_copy(update={"min_batch_size": 2})
 
 

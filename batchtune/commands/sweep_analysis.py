@@ -876,8 +876,8 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any], rows: list[dict[str
     if not off:
         one = sorted(e["batch_size"] for e in sizes if e["qualifies"] and e not in qualified)
         return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's" if not one else
-                f"the {rule} lr rule held at {', '.join(str(e['batch_size']) for e in qualified)}, the sizes that tried "
-                f"more than one lr ({', '.join(map(str, one))} tried one)"]
+                f"the {rule} lr rule held at {', '.join(str(e['batch_size']) for e in qualified)}, the sizes that "
+                f"tried more than one lr ({', '.join(map(str, one))} tried one)"]
     above = ", ".join(f"×{e['lr_multiplier']:.3g} at {e['batch_size']}" for e in off)
     if not held:
         mults = {e["lr_multiplier"] for e in off}

@@ -636,7 +636,8 @@ _UNION_TAGS = {"name", "target"}
 
 
 # how pydantic labels a union's member in an error's location: 'float', 'list[float]', "literal['leaders']", ...
-_BRANCH = re.compile(r"^(?:bool|int|float|str|none|bytes|constrained-\w+|(?:literal|list|dict|tuple|function-\w+)\[.*\])$")
+_BRANCH = re.compile(r"^(?:bool|int|float|str|none|bytes|constrained-\w+"
+                     r"|(?:literal|list|dict|tuple|function-\w+)\[.*\])$")
 
 
 def _merge_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -406,7 +406,8 @@ class Trainer:
                                          "reliable": reading.reliable, "noise_steps": reading.steps})
         if not math.isfinite(val_loss) and step == 0:  # no lr has acted yet: not a divergence
             raise TrainingError(f"the validation loss before the first training step is {val_loss}: the model's "
-                                "initial output, the loss or the data is not finite (not the lr); batchtune validate checks it")
+                                "initial output, the loss or the data is not finite (not the lr); batchtune validate "
+                                "checks it")
         if not math.isfinite(val_loss):
             result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
             return False
