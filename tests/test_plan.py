@@ -855,8 +855,9 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
 
     from batchtune.commands.plan import _extrapolation_notes
 
-    def notes(final, measured, floor=0.0):
-        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}, laws={"loss": {"floor": floor}}),
+    def notes(final, measured, floor=0.0, recommendation=None):
+        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}, laws={"loss": {"floor": floor}},
+                                                    recommendation=recommendation or {"plan": "constant 64"}),
                                     measured)
 
     # an outside GRU regression: projected 0.0008 from a calibration down to 0.0255; whole runs ended at 0.019
@@ -864,7 +865,12 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
         "the projected final loss, 0.0008054, is 31.7x below the lowest the calibration measured (0.02553): the "
         "loss curve's power law extrapolated, which knows no floor; a loss that levels off (the data's noise, the "
         "model's capacity) ends higher; --verify measures it"]
-    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None, laws={}), 0.3) == []
+    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None, laws={},
+                                                                            recommendation=None), 0.3) == []
+    # the outside dict regression recommended no run: its note beside "--verify: nothing to verify" named --verify
+    unrecommended = _extrapolation_notes(SimpleNamespace(projection={"final_loss": 0.04174}, laws={"loss": {}},
+                                                         recommendation=None), 0.1035)
+    assert unrecommended[0].endswith("ends higher; a whole run measures it (no plan to --verify)")
     # an outside regression's floor, 0.1711, 9% under its calibration's 0.1886: its verified runs ended at 0.07
     assert notes(0.1712, 0.1886, floor=0.1711) == [
         "the loss curve levels off at a fitted floor, 0.1711, 9% under the lowest loss the calibration measured "

@@ -887,17 +887,19 @@ def _extrapolation_notes(result: PlanResult, measured: float) -> list[str]:
     a floor just under that lowest loss: an outside regression's floor, 0.171, sat 9% under its calibration's
     0.189, every plan was projected to end near it, and the verified runs went on to 0.069-0.078."""
     floor = (result.laws.get("loss") or {}).get("floor") or 0.0
+    # --verify trains only a recommended plan ("--verify: nothing to verify" stood beside "--verify measures it")
+    check = "--verify measures it" if result.recommendation else "a whole run measures it (no plan to --verify)"
     if floor > FLOOR_NEAR * measured:
         return [f"the loss curve levels off at a fitted floor, {floor:.4g}, {1 - floor / measured:.0%} under the "
                 f"lowest loss the calibration measured ({measured:.4g}): every projection ends near it; a loss that "
-                "goes on falling reaches the target sooner and ends lower; --verify measures it"]
+                f"goes on falling reaches the target sooner and ends lower; {check}"]
     final = (result.projection or {}).get("final_loss")
     if final is None or final >= EXTRAPOLATED * measured:
         return []
     return [f"the projected final loss, {final:.4g}, is {measured / final:.1f}x below the lowest the calibration "
             f"measured ({measured:.4g}): the loss curve's power law extrapolated, which knows no "
             + (f"floor below its fitted {floor:.4g}" if floor else "floor") + "; a loss that levels off (the data's "
-            "noise, the model's capacity) ends higher; --verify measures it"]
+            f"noise, the model's capacity) ends higher; {check}"]
 
 
 def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str, Any],
