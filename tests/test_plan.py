@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -613,7 +614,9 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert picked["total_seconds"] == run["total_seconds"] > 0
     assert run["total_steps"] == projection["total_steps"]  # whole steps, stages on step boundaries
     assert picked["total_seconds_error"] == pytest.approx(run["total_seconds"] / projection["total_seconds"] - 1)
-    assert min(e[2] for e in run["evals"]) <= run["end_loss"] == picked["end_loss"] <= run["evals"][0][2]
+    assert min(e[2] for e in run["evals"]) <= run["fit_end_loss"] == picked["fit_end_loss"] <= run["evals"][0][2]
+    assert run["final_loss"] == statistics.median(e[2] for e in run["evals"][-3:])  # the last 3, not the last one
+    assert run["last_loss"] == run["evals"][-1][2]
     # the recommended plan, schedule or constant size, is written for the user's loop (a constant pick wrote nothing)
     loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
     picked_plan = data["recommendation"]["plan"]
@@ -710,7 +713,7 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     from batchtune.commands.plan import _verified_notes, _verified_rank
 
     def plan(seconds, final):
-        return {"seconds": seconds, "final_loss": final + 0.05, "end_loss": final}  # the last validation is noisy
+        return {"seconds": seconds, "final_loss": final + 0.05, "fit_end_loss": final}  # the last validation is noisy
 
     def notes(plans, picked="schedule"):
         best = min(plans, key=lambda name: _verified_rank(plans[name]))
@@ -760,7 +763,8 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
     from batchtune.render.plan import render_plan
 
     evals = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(COLLAPSED)]
-    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "end_loss": 1.3, "total_seconds": 20.0, "evals": evals}
+    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "fit_end_loss": 1.3, "total_seconds": 20.0,
+           "evals": evals}
     projected = {"final_loss": 0.9763, "steps": 11.0, "seconds": 0.02, "total_seconds": 18.9}
     plans = {"constant 32": _verified([run], projected)}
     assert plans["constant 32"]["collapsed"] == 1 and run["collapsed"] is True
@@ -770,8 +774,8 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
         "0.788 it had held, and above the projected final loss 0.9763; reaching the target on the way is no pass: a "
         "run of this plan ends there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower "
         "lr"]
-    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf, "diverged_at": 1234,
-                "total_steps": 1234, "evals": evals[:3]}
+    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "fit_end_loss": math.inf,
+                "diverged_at": 1234, "total_steps": 1234, "evals": evals[:3]}
     plans["constant 64"] = _verified([diverged, {**run, "evals": evals[:4]}], {**projected, "final_loss": 0.5})
     assert _collapse_notes(result)[1].startswith("verified: constant 64 diverged in 1 of 2 seeds (a non-finite loss "
                                                  "at step 1,234); reaching the target on the way is no pass")
@@ -784,6 +788,36 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
                             schedule_path=None, notes=[])
     table = render_plan(shown)
     assert "\nconstant 32  1/1 (collapsed)  " in table and "\nconstant 64  1/2 (1 collapsed)  " in table
+
+
+# The outside CNN's verified schedule 32→64 (plan_cnn2): its last validation, 0.1612, is one spike.
+SPIKED = [1.787, 0.3707, 0.279, 0.0908, 0.2372, 0.1211, 0.3044, 0.0888, 0.0766, 0.0626, 0.0669, 0.1879, 0.0797,
+          0.059, 0.0908, 0.1091, 0.1172, 0.2421, 0.0583, 0.0704, 0.1099, 0.0621, 0.109, 0.2735, 0.153, 0.0984, 0.0788,
+          0.142, 0.0867, 0.0759, 0.061, 0.0931, 0.1365, 0.0894, 0.2272, 0.1158, 0.1219, 0.1108, 0.0576, 0.0908, 0.1612]
+
+
+def test_a_verified_runs_final_loss_is_one_figure_in_the_table_the_json_and_the_collapse_note():
+    """plan_cnn2's schedule read 0.1612 in the table (the last validation), 0.1032 as the JSON's end_loss (the
+    decreasing fit's end) and 0.09081 in the collapse note (the median of the last 3). Final loss is that median
+    everywhere; the fit's end is named fit_end_loss."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _collapse_notes, _verified, final_loss
+    from batchtune.render.plan import render_plan
+
+    assert final_loss(SPIKED) == 0.0908
+    run = {"steps": 3032.0, "seconds": 12.9, "final_loss": final_loss(SPIKED), "last_loss": 0.1612,
+           "fit_end_loss": 0.1032, "total_seconds": 13.8,
+           "evals": [[i, 0.3 * i, loss] for i, loss in enumerate(SPIKED)]}
+    plans = {"schedule": _verified([run], {"final_loss": 0.08473, "steps": 1083.0, "seconds": 3.7})}
+    assert plans["schedule"]["final_loss"] == 0.0908 and plans["schedule"]["fit_end_loss"] == 0.1032
+    result = SimpleNamespace(name="cnn", samples=196_608, gpus=1, calibration={}, critical_batch_by_loss={},
+                             final_target=None, schedule=None, recommendation=None, schedule_path=None,
+                             verified={"target": 0.08558, "plans": plans, "best": "schedule"}, notes=[])
+    assert "ended at 0.0908 (the median of its last 3)" in _collapse_notes(result)[0]
+    table = render_plan(result)
+    assert "final loss, median of last 3 (projected)" in table and "0.0908 (0.08473)" in table
+    assert "0.1612" not in table
 
 
 def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
