@@ -378,6 +378,49 @@ def test_a_turn_is_judged_from_the_samples_seen_at_it_and_a_swing_is_instability
     assert lead.get("overfit_at_loss") == (level if level is None else pytest.approx(level, abs=1e-4))
 
 
+# Two outside CNN lead runs past their first epoch: plan_cnn2's (samples, val loss), a noisy curve's late bump after a
+# lucky dip (its verified run trained on to 0.0623), and plan_cnn's, which rose for good.
+BUMPED = [(0, 1.787), (256, 1.7517), (320, 1.7367), (384, 1.7185), (512, 1.6699), (640, 1.6647), (768, 1.649),
+          (960, 1.7797), (1024, 1.6866), (1152, 1.6725), (1408, 1.2914), (1536, 1.0249), (1728, 0.8191),
+          (1984, 0.5843), (2112, 0.4768), (2496, 0.2937), (2560, 0.2846), (3008, 0.3805), (3072, 0.3185),
+          (3520, 0.2946), (3712, 0.2201), (3968, 0.2795), (4416, 0.173), (4480, 0.1677), (4992, 0.1988),
+          (5312, 0.2736), (5504, 0.2558), (5952, 0.196), (6336, 0.1612), (6464, 0.1912), (6976, 0.4979),
+          (7488, 0.228), (7552, 0.1882), (7936, 0.2269), (8448, 0.3661), (8960, 0.2103), (9024, 0.1847),
+          (9472, 0.1447), (9920, 0.1334), (10432, 0.1311), (10752, 0.1537), (10944, 0.2305), (11456, 0.1727),
+          (11904, 0.1276), (12416, 0.1461), (12800, 0.1325), (12928, 0.1035), (13440, 0.1163), (13888, 0.1322),
+          (14400, 0.1273), (14912, 0.1713), (15232, 0.2077), (15424, 0.1942), (15872, 0.0972), (16384, 0.1382),
+          (16896, 0.252), (17408, 0.1673), (17856, 0.1636), (18176, 0.0842), (18368, 0.0847), (18880, 0.1046),
+          (19392, 0.2239), (19840, 0.0957)]
+RISEN = [(0, 1.787), (128, 1.7748), (160, 1.7695), (192, 1.7627), (256, 1.7437), (320, 1.724), (352, 1.7133),
+         (384, 1.6946), (480, 1.6584), (512, 1.6336), (576, 1.6088), (672, 1.5462), (704, 1.5272), (832, 1.4265),
+         (864, 1.407), (992, 1.289), (1056, 1.217), (1152, 1.1272), (1280, 1.0669), (1312, 1.0492), (1472, 0.9002),
+         (1536, 0.849), (1632, 0.7871), (1792, 0.72), (1856, 0.7024), (1952, 0.6758), (2112, 0.5928), (2208, 0.5472),
+         (2272, 0.5259), (2432, 0.4896), (2592, 0.4662), (2656, 0.465), (2752, 0.4792), (2912, 0.456),
+         (3072, 0.4061), (3168, 0.4075), (3232, 0.4019), (3424, 0.3525), (3584, 0.3653), (3744, 0.4908),
+         (3776, 0.5115), (3904, 0.3367), (4064, 0.3214), (4224, 0.3015), (4384, 0.2701), (4512, 0.2634),
+         (4544, 0.2633), (4704, 0.2958), (4864, 0.3003), (5024, 0.2635), (5184, 0.27), (5344, 0.303), (5376, 0.3285),
+         (5504, 0.2546), (5664, 0.277), (5824, 0.2467), (5984, 0.2151), (6144, 0.1999), (6304, 0.2962),
+         (6400, 0.4254), (6464, 0.352)]
+
+
+def test_one_late_bump_on_a_noisy_curve_is_no_overfitting_and_a_sustained_rise_is():
+    from batchtune.commands.plan import _turn_notes, rose, scatter
+
+    losses = [v for _, v in BUMPED]
+    assert scatter(losses) == pytest.approx(0.17, abs=0.005) and scatter([v for _, v in RISEN]) == pytest.approx(
+        0.058, abs=0.001)
+    assert not rose(losses) and rose([v for _, v in RISEN])  # 0.1046 after 0.0842 is 24% up, within 4x its 17% scatter
+    bumped = {"evals": [[s // 64, s, 0.0, v] for s, v in BUMPED], "lr": 0.2, "batch_size": 64}
+    risen = {"evals": [[s // 32, s, 0.0, v] for s, v in RISEN], "lr": 0.1, "batch_size": 32}
+    assert _turn_notes(bumped, 1000) == [] and "overfit_at_loss" not in bumped
+    assert falling(bumped["evals"]) == bumped["evals"]  # the whole curve is the one a plan follows
+    assert _turn_notes(risen, 1000)[0].startswith("the lead run's validation loss turned up after 6,144 samples "
+                                                  "(0.1999, then 0.352 at the end): overfitting")
+    assert risen["overfit_at_loss"] == pytest.approx(0.2151)
+    assert not rose([0.5, 0.45, 0.6, 0.46])  # the last point fell back: no rise for good
+    assert rose([2.0, 1.0, 0.45, 0.6, 0.9]) and not rose([2.0, 1.0, 0.6, 0.5, 0.52, 0.51])
+
+
 def test_an_overfit_run_is_held_at_a_level_it_held_not_above_one():
     """The outside CNN's swung curve, read as overfitting, was held at its fit's end, 0.976, after it had
     held 0.59-0.71: every plan stopped at 0.976 and the target was reached in 8 steps."""

@@ -55,7 +55,7 @@ CALIBRATION_SEEDS = 2
 SWEEP_SHARE = 0.5  # of the calibration: the short trials at every size; the rest is one lead run
 CALIBRATION_MIN_STEPS = 16  # a calibration trial trains at least this many steps
 TARGET_LEVELS = 5  # losses the critical batch is measured at
-RISE = 0.05  # a run ending this much above its lowest validation loss has turned up (overfitting)
+RISE = 0.05  # a run ending this much above the level it held has turned up (overfitting), if not noise: rose()
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
@@ -685,22 +685,54 @@ def _swing(evals: list[list[float]]) -> tuple[tuple[float, float], ...] | None:
 
 
 def _turned_up(evals: list[list[float]]) -> float | None:
-    """The lowest validation loss of a run (points as :func:`falling` takes them) that ended more
-    than :data:`RISE` above it; None when it did not turn up."""
+    """The lowest validation loss of a run (points as :func:`falling` takes them) that rose from it for good
+    (:func:`rose`); None when it did not turn up."""
     kept = falling(evals)
     finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
     return kept[-1][3] if kept and len(kept) < len(finite) else None
 
 
 def falling(evals: list[list[float]]) -> list[list[float]]:
-    """A run's validation points (step, samples, seconds, loss) up to its lowest loss when it ends
-    clearly above it (more than :data:`RISE` higher: overfitting, or an lr too high to settle);
-    every finite point otherwise. What comes after such a rise is not the curve a plan follows."""
+    """A run's validation points (step, samples, seconds, loss) up to its lowest loss when it rose from there for
+    good (:func:`rose`: overfitting, or an lr too high to settle); every finite point otherwise. What comes after
+    such a rise is not the curve a plan follows."""
     finite = [e for e in evals if e[3] is not None and math.isfinite(e[3])]
     if not finite:
         return []
     lowest = min(range(len(finite)), key=lambda i: finite[i][3])
-    return finite[:lowest + 1] if finite[-1][3] > (1 + RISE) * finite[lowest][3] else finite
+    return finite[:lowest + 1] if rose([e[3] for e in finite]) else finite
+
+
+#: A rise counts when it is this many times the curve's scatter (:func:`scatter`) as well as over :data:`RISE`.
+NOISY_RISE = 4
+
+
+def rose(losses: list[float]) -> bool:
+    """Whether a validation curve turned up for good: each of its last :data:`HELD` validations after its lowest
+    (all of them, where fewer follow it, at least one) lies more than :data:`RISE`, and more than
+    :data:`NOISY_RISE` times the curve's scatter (:func:`scatter`), above it. One late bump is no rise: an outside
+    CNN's lead run ended 0.0842, 0.0847, 0.1046, 0.2239, 0.0957 on a curve scattering 17% from point to point and
+    was called overfitting; its verified run trained on to 0.0623. An overfit one ended 0.1999, 0.2962, 0.4254,
+    0.352 (scatter 6%)."""
+    if not losses:
+        return False
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    after = losses[lowest + 1:][-HELD:]
+    bar = losses[lowest] + abs(losses[lowest]) * max(RISE, NOISY_RISE * scatter(losses))
+    return bool(after) and all(v > bar for v in after)
+
+
+#: Fewer points than this between the ends of a curve's last half say nothing of its scatter.
+SCATTER_POINTS = 5
+
+
+def scatter(losses: list[float]) -> float:
+    """A validation curve's noise over its last half: the median of each point's distance from the midpoint of its
+    neighbours (a linear trend cancels), relative to that midpoint; 0 on a curve too short to tell."""
+    half = losses[len(losses) // 2:]
+    off = [abs(half[i] - (half[i - 1] + half[i + 1]) / 2) / abs((half[i - 1] + half[i + 1]) / 2)
+           for i in range(1, len(half) - 1) if half[i - 1] + half[i + 1]]
+    return statistics.median(off) if len(off) >= SCATTER_POINTS else 0.0
 
 
 def _loss_at(evals: list[tuple[float, float]], step: float) -> float:
