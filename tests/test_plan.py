@@ -890,6 +890,11 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     assert not any("train.batch_size" in n for n in notes)
     with pytest.raises(UsageError):
         _calibration_spec(spec, components, backend, shortest - 640, 0.1)
+    # --gpus 4 in one process: the notes name each calibrated size per device and as the global batch the projection,
+    # the table and the recommendation count it as (an outside plan said it left out 128 and recommended constant 128)
+    _, _, notes, _ = _calibration_spec(spec, components, backend, shortest, 0.1, scale=4)
+    assert notes[1].startswith("calibration leaves out 128 per device (512 global on 4 devices): with 128 too,"), notes
+    assert notes[-1].startswith("calibration: sizes 32, 64 per device (128, 256 global on 4 devices), 2 seeds")
 
 
 def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibrated_ones_only():
@@ -919,7 +924,8 @@ def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibra
     closest = result(recommendation=None, closest={"plan": "constant 64", "reasons": []})  # a deadline missed
     _calibrated_only(closest, [32, 64], {"sizes": [128], "samples": 983_040}, scale=2)  # --gpus 2, one process
     assert closest.closest["reasons"] == [
-        "chosen among the calibrated sizes only (64, 128): 256 was left out of the calibration (see the notes), so "
+        "chosen among the calibrated sizes only (64, 128 global): 256 global was left out of the calibration (see "
+        "the notes), so "
         "neither projected nor judged, and this plan cannot say whether it is faster; a run of at least 983,040 "
         "samples calibrates every size, and batchtune sweep measures it directly"]
     every = result()

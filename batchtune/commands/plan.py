@@ -189,14 +189,16 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     spec, components, backend = prepare(spec, backend)
     n = run_samples(spec, len(components.train_set), components.tokens_per_sample(),
                     samples=samples, epochs=epochs, tokens=tokens)
+    scale = gpus // dist.world_size  # --gpus G in one process: each calibrated size is G× as large a global batch
     calibration_spec, per_trial, notes, left_out = _calibration_spec(spec, components, backend, n,
-                                                                     calibration_share * SWEEP_SHARE, dist.world_size)
-    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes)
+                                                                     calibration_share * SWEEP_SHARE, dist.world_size,
+                                                                     scale)
+    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
                       deadline=deadline)
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
-    _calibrated_only(result, calibration_spec.sweep.batch_sizes, left_out, gpus // dist.world_size)
+    _calibrated_only(result, calibration_spec.sweep.batch_sizes, left_out, scale)
     trained = result.calibration["samples"]
     result.notes = notes + _device_notes(gpus, dist) + result.notes
     lead = cal.lead
@@ -399,12 +401,13 @@ def parse_deadline(text: str) -> float:
 # ------------------------------------------------------------------------------- calibration
 
 
-def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: float,
-                      world_size: int = 1) -> tuple[Any, int, list[str], dict[str, Any]]:
+def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: float, world_size: int = 1,
+                      scale: int = 1) -> tuple[Any, int, list[str], dict[str, Any]]:
     """The sweep spec that calibrates: its global sizes (shaped for ``world_size`` ranks, as the
     sweep shapes them), two seeds, and a per-trial budget that keeps the whole calibration within
-    ``share`` of the run; with it the per-trial samples, the notes, and the sizes it leaves out
-    (``sizes``, empty when none, and ``samples``: the run length that calibrates every size)."""
+    ``share`` of the run; with it the per-trial samples, the notes (sizes as :func:`sizes_text` gives
+    them for ``scale``), and the sizes it leaves out (``sizes``, empty when none, and ``samples``: the
+    run length that calibrates every size)."""
     from batchtune.commands.sweep import _ceiling, _sizes, plan_candidates
 
     notes: list[str] = []
@@ -426,7 +429,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     dropped = {"sizes": left_out, "samples": _samples_for(candidates, trials_per_size, share)}
     if left_out:
         with_next = int(share * n / (trials_per_size * (len(sizes) + 1)))
-        notes.append(f"calibration leaves out {', '.join(map(str, left_out))}: with {left_out[0]} too, every size's "
+        notes.append(f"calibration leaves out {sizes_text(left_out, scale)}: with {left_out[0]} too, every size's "
                      f"trials would get {with_next:,} samples, fewer than {CALIBRATION_MIN_STEPS} steps of it "
                      f"({CALIBRATION_MIN_STEPS * left_out[0]:,}); a run of at least "
                      f"{_samples_for(candidates, trials_per_size, share):,} samples calibrates every size")
@@ -453,9 +456,19 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                "lr_extensions": min(sw.lr_extensions, 1), "lr_refine": False,
                "target_loss": None, "reach_factor": 1.0, "ceiling": ceiling, "batch_sizes": sizes,
                "eval_points": max(sw.eval_points, 16)}
-    notes.append(f"calibration: sizes {', '.join(map(str, sizes))}, {seeds} seeds, {per_trial} samples per trial "
+    notes.append(f"calibration: sizes {sizes_text(sizes, scale)}, {seeds} seeds, {per_trial} samples per trial "
                  f"({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes, dropped
+
+
+def sizes_text(sizes: list[int], scale: int = 1) -> str:
+    """Calibrated sizes as the notes give them: with ``--gpus G`` in one process (``scale`` G) each is one device's
+    batch, which the projection, the table and the recommendation count as a G× larger global batch; an outside
+    plan for 4 GPUs said it left out 128 and recommended constant 128 (4 devices × 32)."""
+    text = ", ".join(map(str, sizes))
+    if scale == 1:
+        return text
+    return f"{text} per device ({', '.join(str(b * scale) for b in sizes)} global on {scale} devices)"
 
 
 def _calibrated_only(result: PlanResult, calibrated: list[int], left_out: dict[str, Any], scale: int = 1) -> None:
@@ -466,8 +479,8 @@ def _calibrated_only(result: PlanResult, calibrated: list[int], left_out: dict[s
     chosen = result.recommendation or result.closest
     if not left_out.get("sizes") or chosen is None:
         return
-    inside = ", ".join(str(b * scale) for b in calibrated)
-    outside = ", ".join(str(b * scale) for b in left_out["sizes"])
+    inside = ", ".join(str(b * scale) for b in calibrated) + (" global" if scale > 1 else "")
+    outside = ", ".join(str(b * scale) for b in left_out["sizes"]) + (" global" if scale > 1 else "")
     chosen["left_out"] = [b * scale for b in left_out["sizes"]]
     one = len(chosen["left_out"]) == 1
     chosen["reasons"].append(
@@ -509,9 +522,10 @@ class _Calibration:
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
-               notes: list[str]) -> _Calibration:
+               notes: list[str], scale: int = 1) -> _Calibration:
     """The sweep, the lead run and the timing, on every rank. Rank 0 wrote the sweep's trials and
-    tells the others (on several nodes only it may see the folder); its lead run is the one read."""
+    tells the others (on several nodes only it may see the folder); its lead run is the one read
+    (its size in the notes as :func:`sizes_text` gives it for ``scale``)."""
     from batchtune.commands.sweep import run_sweep
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
@@ -525,8 +539,8 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     lead = dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
                                     - sum(r["samples"] for r in rows) - timing * sum(best)))
     if lead is not None:
-        notes.append(f"lead run: batch {lead['batch_size']} for {lead['samples']} samples, reading the loss curve and "
-                     "the noise scale further down than the short trials reach")
+        notes.append(f"lead run: batch {sizes_text([lead['batch_size']], scale)} for {lead['samples']} samples, "
+                     "reading the loss curve and the noise scale further down than the short trials reach")
         notes += _turn_notes(lead, len(components.train_set))
         dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
     throughput, timed, load = loop_throughput(spec, components, backend, sweep.meta, best)
