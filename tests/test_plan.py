@@ -703,6 +703,52 @@ def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
     assert "--verify: nothing to verify, the plan recommends no run" in data["notes"]
 
 
+def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(tmp_path, monkeypatch):
+    """An outside plan stopped by Ctrl-C printed only "interrupted"; its folder then refused the same plan, its
+    report said "continue with batchtune sweep --resume" (a 2-size sweep, no plan) and "ceiling 1082 given in the
+    spec", which the user's spec never gave."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    from batchtune.render.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    args = ["plan", "configs/quickstart.yaml", "sweep.batch_sizes=[32,64]", "sweep.lr_search=false",
+            "--samples", "60000", "--format", "json", "-q", "--out", str(run)]
+    write_trials = RunFolder.write_trials
+
+    def interrupt_after_two(folder, rows):
+        write_trials(folder, rows)
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "write_trials", interrupt_after_two)
+    runner = CliRunner()
+    stopped = runner.invoke(app, args)
+    command = ("batchtune plan configs/quickstart.yaml 'sweep.batch_sizes=[32,64]' sweep.lr_search=false --samples "
+               f"60000 --format json --quiet --out {run}")
+    assert stopped.exit_code == 130 and stopped.stderr.strip().endswith(
+        f"interrupted: the plan's calibration so far is kept in {run}; continue it with {command}"), stopped.output
+    monkeypatch.setattr(RunFolder, "write_trials", write_trials)
+    kept = RunFolder(run).read_trials()
+    report = runner.invoke(app, ["report", str(run)])
+    assert (f"incomplete run, 2 trials so far: a batchtune plan's calibration, stopped before it finished; continue "
+            f"it with {command}") in report.stdout
+    assert "given in the spec" not in report.stdout
+    assert "probed by batchtune plan before this calibration (set as its sweep.ceiling)" in report.stdout
+    sweep = runner.invoke(app, ["sweep", "--resume", str(run)])
+    assert sweep.exit_code == 2
+    assert f"{run} is a batchtune plan's calibration: continue it with {command}" in sweep.stderr
+    other = runner.invoke(app, [*args[:5], "70000", *args[6:]])  # another run length: another calibration
+    assert other.exit_code == 2 and f"--out {run} holds the calibration of another plan, which is kept" in other.stderr
+    continued = runner.invoke(app, args)
+    assert continued.exit_code in (0, 1), continued.output
+    notes = json.loads(continued.stdout)["notes"]
+    assert f"calibration continued in {run}: the trials finished there before were kept" in notes
+    rows = RunFolder(run).read_trials()
+    assert rows[:2] == kept and len(rows) == 2 * 2  # two sizes, two seeds: the two finished ones kept, not rerun
+
+
 def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
     from typer.testing import CliRunner
 

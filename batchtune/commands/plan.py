@@ -157,7 +157,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
              gpus: int | None = None, price_per_hour: float | None = None, deadline_seconds: float | None = None,
              deadline: str | None = None, calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
              verify_seeds: int = 1, schedule_out: Path | str | None = None, out: Path | str | None = None,
-             backend: Any = None) -> PlanResult:
+             backend: Any = None, resume_command: str | None = None) -> PlanResult:
     """Calibrate, fit, project and recommend a plan for a run of N samples (see the module docstring).
 
     Under torchrun every rank runs it (the sweep, the lead run, the timing and ``verify`` all train
@@ -169,6 +169,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         gpus: the devices the projection is for. One process: 1 by default; G > 1 projects a
             data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
+        out: the calibration's run folder. One that holds an unfinished calibration of this same plan
+            (spec, run length and share alike) is continued: its finished trials, and its lead run where
+            that finished, are kept (an interrupted plan said only "interrupted").
+        resume_command: the command line that continues the calibration in ``out``, kept in its meta.json
+            for ``batchtune report`` to give.
 
     Raises:
         UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
@@ -193,7 +198,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     calibration_spec, per_trial, notes, left_out = _calibration_spec(spec, components, backend, n,
                                                                      calibration_share * SWEEP_SHARE, dist.world_size,
                                                                      scale)
-    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale)
+    origin = {"command": "batchtune plan", "resume": resume_command,
+              "ceiling": "probed by batchtune plan before this calibration (set as its sweep.ceiling)"}
+    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, origin)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
                       deadline=deadline)
@@ -522,22 +529,32 @@ class _Calibration:
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
-               notes: list[str], scale: int = 1) -> _Calibration:
+               notes: list[str], scale: int = 1, origin: dict[str, Any] | None = None) -> _Calibration:
     """The sweep, the lead run and the timing, on every rank. Rank 0 wrote the sweep's trials and
     tells the others (on several nodes only it may see the folder); its lead run is the one read
-    (its size in the notes as :func:`sizes_text` gives it for ``scale``)."""
+    (its size in the notes as :func:`sizes_text` gives it for ``scale``). An ``out`` holding this
+    plan's unfinished calibration is continued (:func:`_continued`)."""
     from batchtune.commands.sweep import run_sweep
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
 
     dist = current()
-    sweep = run_sweep(spec, out=out, backend=backend)
+    resume = out is not None and dist.broadcast(dist.on_main(lambda: (Path(out) / "meta.json").exists()))
+    try:
+        sweep = run_sweep(spec, out=None if resume else out, resume=out if resume else None, backend=backend,
+                          origin=origin)
+    except UsageError as exc:
+        if not resume or "the spec differs" not in str(exc):
+            raise
+        raise UsageError(f"--out {out} holds the calibration of another plan, which is kept ({exc}): give the same "
+                         "spec, overrides and run length to continue it, or choose a new --out") from None
     folder = RunFolder(sweep.run_dir)
     rows = dist.broadcast(dist.on_main(folder.read_trials))
     best = _best_lrs(rows)
     timing = THROUGHPUT_STEPS + THROUGHPUT_WARMUP
-    lead = dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
-                                    - sum(r["samples"] for r in rows) - timing * sum(best)))
+    lead = dist.broadcast(dist.on_main(lambda: _continued(folder, notes) if resume else None))
+    lead = lead or dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
+                                            - sum(r["samples"] for r in rows) - timing * sum(best)))
     if lead is not None:
         notes.append(f"lead run: batch {sizes_text([lead['batch_size']], scale)} for {lead['samples']} samples, "
                      "reading the loss curve and the noise scale further down than the short trials reach")
@@ -547,6 +564,14 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
     notes += overhead_notes(rows, "the calibration")
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed, load)
+
+
+def _continued(folder: Any, notes: list[str]) -> dict[str, Any] | None:
+    """Say that the calibration in ``folder`` was continued; its lead run where that had finished (``lead.json``)."""
+    lead = folder.read_object("lead.json") if (folder.path / "lead.json").exists() else None
+    notes.append(f"calibration continued in {folder.path}: the trials finished there before were kept"
+                 + (", and its lead run" if lead else ""))
+    return lead
 
 
 def _calibration_summary(spec: Any, cal: _Calibration, n: int, per_trial: int, world_size: int) -> dict[str, Any]:
