@@ -169,11 +169,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         gpus: the devices the projection is for. One process: 1 by default; G > 1 projects a
             data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
-        out: the calibration's run folder. One that holds an unfinished calibration of this same plan
-            (spec, run length and share alike) is continued: its finished trials, and its lead run where
-            that finished, are kept (an interrupted plan said only "interrupted").
-        resume_command: the command line that continues the calibration in ``out``, kept in its meta.json
-            for ``batchtune report`` to give.
+        out: the calibration's run folder; one holding this plan's unfinished calibration is continued
+            (:func:`_calibrate`). ``resume_command``: the command line that does so, kept in its meta.json.
 
     Raises:
         UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
@@ -198,9 +195,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     calibration_spec, per_trial, notes, left_out = _calibration_spec(spec, components, backend, n,
                                                                      calibration_share * SWEEP_SHARE, dist.world_size,
                                                                      scale)
-    origin = {"command": "batchtune plan", "resume": resume_command,
-              "ceiling": "probed by batchtune plan before this calibration (set as its sweep.ceiling)"}
-    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, origin)
+    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
                       deadline=deadline)
@@ -529,17 +524,22 @@ class _Calibration:
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
-               notes: list[str], scale: int = 1, origin: dict[str, Any] | None = None) -> _Calibration:
+               notes: list[str], scale: int = 1, resume_command: str | None = None) -> _Calibration:
     """The sweep, the lead run and the timing, on every rank. Rank 0 wrote the sweep's trials and
     tells the others (on several nodes only it may see the folder); its lead run is the one read
     (its size in the notes as :func:`sizes_text` gives it for ``scale``). An ``out`` holding this
-    plan's unfinished calibration is continued (:func:`_continued`)."""
+    plan's unfinished calibration (the same spec, run length and share) is continued: its finished
+    trials, and its lead run where that finished, are kept (:func:`_continued`); an interrupted plan
+    said only "interrupted". ``resume_command``, the command line that continues it, is kept in its
+    meta.json for ``batchtune report`` to give."""
     from batchtune.commands.sweep import run_sweep
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
 
     dist = current()
     resume = out is not None and dist.broadcast(dist.on_main(lambda: (Path(out) / "meta.json").exists()))
+    origin = {"command": "batchtune plan", "resume": resume_command,
+              "ceiling": "probed by batchtune plan before this calibration (set as its sweep.ceiling)"}
     try:
         sweep = run_sweep(spec, out=None if resume else out, resume=out if resume else None, backend=backend,
                           origin=origin)
