@@ -407,6 +407,12 @@ def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
             raise UsageError(f"--resume {resume}: no such run folder")
         if not (resume / "meta.json").exists():
             raise UsageError(f"{resume} is not a sweep run folder (no meta.json)")
+        from batchtune.render.run_folder import RunFolder
+
+        origin = RunFolder(resume).read_object("meta.json").get("origin") or {}
+        if origin.get("command") == "batchtune plan":  # resumed as a sweep it ended with no plan
+            raise UsageError(f"{resume} is a batchtune plan's calibration: continue it with "
+                             f"{origin.get('resume') or 'the same batchtune plan command and --out ' + str(resume)}")
     if spec_path is not None:
         return spec_path
     if resume is None:
@@ -454,18 +460,23 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _check_plan_out(out: Path, force: bool) -> None:
-    """A plan's ``--out``: as a sweep's (:func:`_check_out`), and holding no run yet, even with ``--force``.
+    """A plan's ``--out``: as a sweep's (:func:`_check_out`), and holding no run yet, even with ``--force``,
+    unless it is a plan's unfinished calibration, which the plan continues (if it is this plan's).
 
-    A plan has no ``--resume``, and its sweep would refuse the folder only after the probe, naming
-    ``--resume``; a calibration already there is the user's, so it is kept and the plan asks for another folder.
+    A sweep's run, or a finished plan, is the user's: kept, and the plan asks for another folder.
     """
     from batchtune.render.run_folder import PLAN_FILE, RunFolder
 
     _check_out(out, force)
     if RunFolder(out).exists() or (out / "meta.json").exists():
-        held = "a plan's calibration" if (out / PLAN_FILE).exists() else "a sweep's run"
-        raise UsageError(f"--out {out} already holds {held}, which is kept: a plan calibrates in a new folder; "
-                         "choose a new or empty one")
+        if (out / PLAN_FILE).exists():
+            held = "a finished plan (its plan.json; batchtune report shows it)"
+        elif (RunFolder(out).read_object("meta.json").get("origin") or {}).get("command") == "batchtune plan":
+            return  # an interrupted plan's calibration: run_plan continues it, or says it is another plan's
+        else:
+            held = "a sweep's run"
+        raise UsageError(f"--out {out} already holds {held}, which is kept: a plan calibrates in a new folder "
+                         "(or continues its own interrupted calibration); choose a new or empty one")
 
 
 @app.command()
@@ -533,8 +544,13 @@ def _echo_plan(path: Path, fmt: str) -> None:
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
     """Say that the run is unfinished, in the notes and on the recommendation."""
     n = len(result.trials)
-    state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
-             else f"the sweep stopped before its plan was done; continue with batchtune sweep --resume {run_dir}")
+    origin = result.meta.get("origin") or {}
+    if origin.get("command") == "batchtune plan" and not holder:  # its sweep --resume would end with no plan
+        state = ("a batchtune plan's calibration, stopped before it finished; continue it with "
+                 + (origin.get("resume") or f"the same batchtune plan command and --out {run_dir}"))
+    else:
+        state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
+                 else f"the sweep stopped before its plan was done; continue with batchtune sweep --resume {run_dir}")
     result.notes.insert(0, f"incomplete run, {n} trials so far: {state}")
     if result.recommendation is not None:
         result.recommendation["provisional"] = True
@@ -777,8 +793,9 @@ def plan(
                                                         "write, and write the calibration into an --out folder that "
                                                         "holds other files (files named like a run's are replaced).")
                      ] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder: a new one (a "
-                                                                    "plan does not resume a calibration).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The calibration's run folder: a new one, or "
+                                                                    "one where this plan was interrupted, whose "
+                                                                    "calibration it continues.")] = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
     trial_timeout: TimeoutOpt = None,
@@ -801,13 +818,57 @@ def plan(
         if out is not None:
             _rank0_check(lambda: _check_plan_out(out, force))
         setup_logging(quiet)
-        result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
-                          price_per_hour=price_per_hour,
-                          deadline_seconds=deadline_seconds, deadline=deadline, calibration_share=calibration,
-                          tolerance=tolerance,
-                          verify=verify, verify_seeds=verify_seeds, schedule_out=schedule_out, out=out)
+        from batchtune.commands.sweep import run_dir
+
+        where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
+        given = {"--samples": samples, "--epochs": epochs, "--tokens": tokens, "--gpus": gpus,
+                 "--price-per-hour": price_per_hour, "--deadline": deadline, "--calibration": calibration,
+                 "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
+                 "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
+        hint = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, where)
+        try:
+            result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
+                              price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, deadline=deadline,
+                              calibration_share=calibration, tolerance=tolerance, verify=verify,
+                              verify_seeds=verify_seeds, schedule_out=schedule_out, out=where, resume_command=hint)
+        except KeyboardInterrupt:
+            _plan_interrupted(where, hint)
+        finally:
+            if out is None and where.is_dir() and not any(where.iterdir()):
+                where.rmdir()  # the default folder, made up front: the plan stopped before writing in it
         _echo(render_plan(result, fmt.value))
     raise typer.Exit(result.exit_code)
+
+
+#: ``batchtune plan``'s options at their defaults: the command that continues a plan leaves them out.
+_PLAN_DEFAULTS = {"--calibration": 0.2, "--tolerance": 0.01, "--verify": False, "--verify-seeds": 1, "--force": False,
+                  "--format": "table", "--quiet": False}
+
+
+def _plan_command(spec_path: Path, overrides: list[str], given: dict[str, Any], where: Path) -> str:
+    """The ``batchtune plan`` command line that continues this plan's calibration in ``where``: the spec, the
+    overrides and every option given (not at its default), with ``--out where``."""
+    words = ["batchtune", "plan", str(spec_path), *overrides]
+    for flag, value in given.items():
+        if value is None or value == _PLAN_DEFAULTS.get(flag):
+            continue
+        words += [flag] if isinstance(value, bool) else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join([*words, "--out", str(where)])
+
+
+def _plan_interrupted(where: Path, hint: str) -> None:
+    """Say what an interrupted plan kept in ``where`` and how to go on, and exit 130."""
+    from batchtune.render.run_folder import PLAN_FILE
+
+    if (where / PLAN_FILE).exists():
+        said = (f"interrupted during --verify: the plan is kept in {where / PLAN_FILE} (batchtune report {where} "
+                "shows it); a verification does not resume: plan again with --verify and a new --out")
+    elif (where / "meta.json").exists():
+        said = f"interrupted: the plan's calibration so far is kept in {where}; continue it with {hint}"
+    else:
+        said = "interrupted before the calibration began (during the probe): nothing kept; start it again"
+    err.print(said, markup=False)
+    raise typer.Exit(130) from None
 
 
 def main() -> None:

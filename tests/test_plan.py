@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -377,6 +378,49 @@ def test_a_turn_is_judged_from_the_samples_seen_at_it_and_a_swing_is_instability
     assert lead.get("overfit_at_loss") == (level if level is None else pytest.approx(level, abs=1e-4))
 
 
+# Two outside CNN lead runs past their first epoch: plan_cnn2's (samples, val loss), a noisy curve's late bump after a
+# lucky dip (its verified run trained on to 0.0623), and plan_cnn's, which rose for good.
+BUMPED = [(0, 1.787), (256, 1.7517), (320, 1.7367), (384, 1.7185), (512, 1.6699), (640, 1.6647), (768, 1.649),
+          (960, 1.7797), (1024, 1.6866), (1152, 1.6725), (1408, 1.2914), (1536, 1.0249), (1728, 0.8191),
+          (1984, 0.5843), (2112, 0.4768), (2496, 0.2937), (2560, 0.2846), (3008, 0.3805), (3072, 0.3185),
+          (3520, 0.2946), (3712, 0.2201), (3968, 0.2795), (4416, 0.173), (4480, 0.1677), (4992, 0.1988),
+          (5312, 0.2736), (5504, 0.2558), (5952, 0.196), (6336, 0.1612), (6464, 0.1912), (6976, 0.4979),
+          (7488, 0.228), (7552, 0.1882), (7936, 0.2269), (8448, 0.3661), (8960, 0.2103), (9024, 0.1847),
+          (9472, 0.1447), (9920, 0.1334), (10432, 0.1311), (10752, 0.1537), (10944, 0.2305), (11456, 0.1727),
+          (11904, 0.1276), (12416, 0.1461), (12800, 0.1325), (12928, 0.1035), (13440, 0.1163), (13888, 0.1322),
+          (14400, 0.1273), (14912, 0.1713), (15232, 0.2077), (15424, 0.1942), (15872, 0.0972), (16384, 0.1382),
+          (16896, 0.252), (17408, 0.1673), (17856, 0.1636), (18176, 0.0842), (18368, 0.0847), (18880, 0.1046),
+          (19392, 0.2239), (19840, 0.0957)]
+RISEN = [(0, 1.787), (128, 1.7748), (160, 1.7695), (192, 1.7627), (256, 1.7437), (320, 1.724), (352, 1.7133),
+         (384, 1.6946), (480, 1.6584), (512, 1.6336), (576, 1.6088), (672, 1.5462), (704, 1.5272), (832, 1.4265),
+         (864, 1.407), (992, 1.289), (1056, 1.217), (1152, 1.1272), (1280, 1.0669), (1312, 1.0492), (1472, 0.9002),
+         (1536, 0.849), (1632, 0.7871), (1792, 0.72), (1856, 0.7024), (1952, 0.6758), (2112, 0.5928), (2208, 0.5472),
+         (2272, 0.5259), (2432, 0.4896), (2592, 0.4662), (2656, 0.465), (2752, 0.4792), (2912, 0.456),
+         (3072, 0.4061), (3168, 0.4075), (3232, 0.4019), (3424, 0.3525), (3584, 0.3653), (3744, 0.4908),
+         (3776, 0.5115), (3904, 0.3367), (4064, 0.3214), (4224, 0.3015), (4384, 0.2701), (4512, 0.2634),
+         (4544, 0.2633), (4704, 0.2958), (4864, 0.3003), (5024, 0.2635), (5184, 0.27), (5344, 0.303), (5376, 0.3285),
+         (5504, 0.2546), (5664, 0.277), (5824, 0.2467), (5984, 0.2151), (6144, 0.1999), (6304, 0.2962),
+         (6400, 0.4254), (6464, 0.352)]
+
+
+def test_one_late_bump_on_a_noisy_curve_is_no_overfitting_and_a_sustained_rise_is():
+    from batchtune.commands.plan import _turn_notes, rose, scatter
+
+    losses = [v for _, v in BUMPED]
+    assert scatter(losses) == pytest.approx(0.17, abs=0.005) and scatter([v for _, v in RISEN]) == pytest.approx(
+        0.058, abs=0.001)
+    assert not rose(losses) and rose([v for _, v in RISEN])  # 0.1046 after 0.0842 is 24% up, within 4x its 17% scatter
+    bumped = {"evals": [[s // 64, s, 0.0, v] for s, v in BUMPED], "lr": 0.2, "batch_size": 64}
+    risen = {"evals": [[s // 32, s, 0.0, v] for s, v in RISEN], "lr": 0.1, "batch_size": 32}
+    assert _turn_notes(bumped, 1000) == [] and "overfit_at_loss" not in bumped
+    assert falling(bumped["evals"]) == bumped["evals"]  # the whole curve is the one a plan follows
+    assert _turn_notes(risen, 1000)[0].startswith("the lead run's validation loss turned up after 6,144 samples "
+                                                  "(0.1999, then 0.352 at the end): overfitting")
+    assert risen["overfit_at_loss"] == pytest.approx(0.2151)
+    assert not rose([0.5, 0.45, 0.6, 0.46])  # the last point fell back: no rise for good
+    assert rose([2.0, 1.0, 0.45, 0.6, 0.9]) and not rose([2.0, 1.0, 0.6, 0.5, 0.52, 0.51])
+
+
 def test_an_overfit_run_is_held_at_a_level_it_held_not_above_one():
     """The outside CNN's swung curve, read as overfitting, was held at its fit's end, 0.976, after it had
     held 0.59-0.71: every plan stopped at 0.976 and the target was reached in 8 steps."""
@@ -501,11 +545,21 @@ def test_a_verified_plan_off_the_projection_by_more_than_the_goal_says_by_how_mu
         "faster than the projection's loss curve and critical batch say; the projected ranking of sizes rests on "
         "them, so sizes it said do not reach the target within the run (constant 64) may well reach it, and a "
         "larger size may be faster than the pick (128, 256, 512, left out of the calibration, were not judged at "
-        "all); batchtune sweep over the sizes measures them, and a plan of a longer run calibrates further"]
-    slower = notes({"schedule": plan(8000, 5763, 3.0, 2.9, 0.092, 0.09144)})
+        "all); batchtune sweep over the sizes measures them, and a plan of a longer run calibrates further."]
+    slower = notes({"schedule": plan(8000, 5763, 4.0, 2.9, 0.092, 0.09144)})
     assert slower[0].startswith("verified: the projection is off by more than its 25% goal: schedule: steps to the "
-                                "target 8,000 against 5,763 projected (+39%). The runs learned slower than projected: "
-                                "count on the measured steps and times, not the projected ones;")
+                                "target 8,000 against 5,763 projected (+39%), time to it 4.0 s against 2.9 s projected "
+                                "(+38%). The runs learned slower than projected (more steps, or a higher final loss): "
+                                "count on the measured steps, not the projected ones;")
+    assert "Each step took" not in slower[0]  # 0.5 ms a step, as projected
+    # the outside dict regression on a busy machine: its steps were 12% fewer, each 46% slower; the loss curve held
+    busy = notes({"constant 64": plan(3570, 4060, 5.0, 3.9, 0.1038, 0.1015)})
+    assert busy == [
+        "verified: the projection is off by more than its 25% goal: constant 64: time to it 5.0 s against 3.9 s "
+        "projected (+28%), seconds per step 1.4 ms against 0.961 ms projected (+46%). Each step took longer than the "
+        "throughput timing measured: the seconds missed, not the loss curve (a machine busy during the run or the "
+        "timing, or a long run slowing where the timed steps did not: data loading, memory, heat); the projected "
+        "times scale by it, the steps do not."]
     assert notes({"schedule": plan(5000, 5763, 2.5, 2.9, 0.09, 0.09144)}) == []  # -13%: within the goal
     assert notes({"schedule": plan(None, 5763, None, 2.9, 0.2, 0.09144)}) == []  # none reached: its own note
     assert notes({"schedule": plan(5000, 5763, 2.5, 2.9, 0.09, 0.09144),  # collapsed: its own note
@@ -603,7 +657,9 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert picked["total_seconds"] == run["total_seconds"] > 0
     assert run["total_steps"] == projection["total_steps"]  # whole steps, stages on step boundaries
     assert picked["total_seconds_error"] == pytest.approx(run["total_seconds"] / projection["total_seconds"] - 1)
-    assert min(e[2] for e in run["evals"]) <= run["end_loss"] == picked["end_loss"] <= run["evals"][0][2]
+    assert min(e[2] for e in run["evals"]) <= run["fit_end_loss"] == picked["fit_end_loss"] <= run["evals"][0][2]
+    assert run["final_loss"] == statistics.median(e[2] for e in run["evals"][-3:])  # the last 3, not the last one
+    assert run["last_loss"] == run["evals"][-1][2]
     # the recommended plan, schedule or constant size, is written for the user's loop (a constant pick wrote nothing)
     loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
     picked_plan = data["recommendation"]["plan"]
@@ -645,6 +701,52 @@ def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
     assert data["recommendation"] is None and data["verified"] is None
     assert "no size trained without diverging in calibration: nothing to plan from" in data["notes"]
     assert "--verify: nothing to verify, the plan recommends no run" in data["notes"]
+
+
+def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(tmp_path, monkeypatch):
+    """An outside plan stopped by Ctrl-C printed only "interrupted"; its folder then refused the same plan, its
+    report said "continue with batchtune sweep --resume" (a 2-size sweep, no plan) and "ceiling 1082 given in the
+    spec", which the user's spec never gave."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    from batchtune.render.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    args = ["plan", "configs/quickstart.yaml", "sweep.batch_sizes=[32,64]", "sweep.lr_search=false",
+            "--samples", "60000", "--format", "json", "-q", "--out", str(run)]
+    write_trials = RunFolder.write_trials
+
+    def interrupt_after_two(folder, rows):
+        write_trials(folder, rows)
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "write_trials", interrupt_after_two)
+    runner = CliRunner()
+    stopped = runner.invoke(app, args)
+    command = ("batchtune plan configs/quickstart.yaml 'sweep.batch_sizes=[32,64]' sweep.lr_search=false --samples "
+               f"60000 --format json --quiet --out {run}")
+    assert stopped.exit_code == 130 and stopped.stderr.strip().endswith(
+        f"interrupted: the plan's calibration so far is kept in {run}; continue it with {command}"), stopped.output
+    monkeypatch.setattr(RunFolder, "write_trials", write_trials)
+    kept = RunFolder(run).read_trials()
+    report = runner.invoke(app, ["report", str(run)])
+    assert (f"incomplete run, 2 trials so far: a batchtune plan's calibration, stopped before it finished; continue "
+            f"it with {command}") in report.stdout
+    assert "given in the spec" not in report.stdout
+    assert "probed by batchtune plan before this calibration (set as its sweep.ceiling)" in report.stdout
+    sweep = runner.invoke(app, ["sweep", "--resume", str(run)])
+    assert sweep.exit_code == 2
+    assert f"{run} is a batchtune plan's calibration: continue it with {command}" in sweep.stderr
+    other = runner.invoke(app, [*args[:5], "70000", *args[6:]])  # another run length: another calibration
+    assert other.exit_code == 2 and f"--out {run} holds the calibration of another plan, which is kept" in other.stderr
+    continued = runner.invoke(app, args)
+    assert continued.exit_code in (0, 1), continued.output
+    notes = json.loads(continued.stdout)["notes"]
+    assert f"calibration continued in {run}: the trials finished there before were kept" in notes
+    rows = RunFolder(run).read_trials()
+    assert rows[:2] == kept and len(rows) == 2 * 2  # two sizes, two seeds: the two finished ones kept, not rerun
 
 
 def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
@@ -700,7 +802,7 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     from batchtune.commands.plan import _verified_notes, _verified_rank
 
     def plan(seconds, final):
-        return {"seconds": seconds, "final_loss": final + 0.05, "end_loss": final}  # the last validation is noisy
+        return {"seconds": seconds, "final_loss": final + 0.05, "fit_end_loss": final}  # the last validation is noisy
 
     def notes(plans, picked="schedule"):
         best = min(plans, key=lambda name: _verified_rank(plans[name]))
@@ -750,7 +852,8 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
     from batchtune.render.plan import render_plan
 
     evals = [[i * 313, 0.1 * i, loss] for i, loss in enumerate(COLLAPSED)]
-    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "end_loss": 1.3, "total_seconds": 20.0, "evals": evals}
+    run = {"steps": 249.0, "seconds": 0.4, "final_loss": 1.391, "fit_end_loss": 1.3, "total_seconds": 20.0,
+           "evals": evals}
     projected = {"final_loss": 0.9763, "steps": 11.0, "seconds": 0.02, "total_seconds": 18.9}
     plans = {"constant 32": _verified([run], projected)}
     assert plans["constant 32"]["collapsed"] == 1 and run["collapsed"] is True
@@ -760,8 +863,8 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
         "0.788 it had held, and above the projected final loss 0.9763; reaching the target on the way is no pass: a "
         "run of this plan ends there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower "
         "lr"]
-    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "end_loss": math.inf, "diverged_at": 1234,
-                "total_steps": 1234, "evals": evals[:3]}
+    diverged = {"steps": None, "seconds": None, "final_loss": math.inf, "fit_end_loss": math.inf,
+                "diverged_at": 1234, "total_steps": 1234, "evals": evals[:3]}
     plans["constant 64"] = _verified([diverged, {**run, "evals": evals[:4]}], {**projected, "final_loss": 0.5})
     assert _collapse_notes(result)[1].startswith("verified: constant 64 diverged in 1 of 2 seeds (a non-finite loss "
                                                  "at step 1,234); reaching the target on the way is no pass")
@@ -774,6 +877,36 @@ def test_a_collapsed_verified_run_is_flagged_in_the_table_and_a_note_not_read_as
                             schedule_path=None, notes=[])
     table = render_plan(shown)
     assert "\nconstant 32  1/1 (collapsed)  " in table and "\nconstant 64  1/2 (1 collapsed)  " in table
+
+
+# The outside CNN's verified schedule 32→64 (plan_cnn2): its last validation, 0.1612, is one spike.
+SPIKED = [1.787, 0.3707, 0.279, 0.0908, 0.2372, 0.1211, 0.3044, 0.0888, 0.0766, 0.0626, 0.0669, 0.1879, 0.0797,
+          0.059, 0.0908, 0.1091, 0.1172, 0.2421, 0.0583, 0.0704, 0.1099, 0.0621, 0.109, 0.2735, 0.153, 0.0984, 0.0788,
+          0.142, 0.0867, 0.0759, 0.061, 0.0931, 0.1365, 0.0894, 0.2272, 0.1158, 0.1219, 0.1108, 0.0576, 0.0908, 0.1612]
+
+
+def test_a_verified_runs_final_loss_is_one_figure_in_the_table_the_json_and_the_collapse_note():
+    """plan_cnn2's schedule read 0.1612 in the table (the last validation), 0.1032 as the JSON's end_loss (the
+    decreasing fit's end) and 0.09081 in the collapse note (the median of the last 3). Final loss is that median
+    everywhere; the fit's end is named fit_end_loss."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _collapse_notes, _verified, final_loss
+    from batchtune.render.plan import render_plan
+
+    assert final_loss(SPIKED) == 0.0908
+    run = {"steps": 3032.0, "seconds": 12.9, "final_loss": final_loss(SPIKED), "last_loss": 0.1612,
+           "fit_end_loss": 0.1032, "total_seconds": 13.8,
+           "evals": [[i, 0.3 * i, loss] for i, loss in enumerate(SPIKED)]}
+    plans = {"schedule": _verified([run], {"final_loss": 0.08473, "steps": 1083.0, "seconds": 3.7})}
+    assert plans["schedule"]["final_loss"] == 0.0908 and plans["schedule"]["fit_end_loss"] == 0.1032
+    result = SimpleNamespace(name="cnn", samples=196_608, gpus=1, calibration={}, critical_batch_by_loss={},
+                             final_target=None, schedule=None, recommendation=None, schedule_path=None,
+                             verified={"target": 0.08558, "plans": plans, "best": "schedule"}, notes=[])
+    assert "ended at 0.0908 (the median of its last 3)" in _collapse_notes(result)[0]
+    table = render_plan(result)
+    assert "final loss, median of last 3 (projected)" in table and "0.0908 (0.08473)" in table
+    assert "0.1612" not in table
 
 
 def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
@@ -803,6 +936,11 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     assert not any("train.batch_size" in n for n in notes)
     with pytest.raises(UsageError):
         _calibration_spec(spec, components, backend, shortest - 640, 0.1)
+    # --gpus 4 in one process: the notes name each calibrated size per device and as the global batch the projection,
+    # the table and the recommendation count it as (an outside plan said it left out 128 and recommended constant 128)
+    _, _, notes, _ = _calibration_spec(spec, components, backend, shortest, 0.1, scale=4)
+    assert notes[1].startswith("calibration leaves out 128 per device (512 global on 4 devices): with 128 too,"), notes
+    assert notes[-1].startswith("calibration: sizes 32, 64 per device (128, 256 global on 4 devices), 2 seeds")
 
 
 def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibrated_ones_only():
@@ -832,7 +970,8 @@ def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibra
     closest = result(recommendation=None, closest={"plan": "constant 64", "reasons": []})  # a deadline missed
     _calibrated_only(closest, [32, 64], {"sizes": [128], "samples": 983_040}, scale=2)  # --gpus 2, one process
     assert closest.closest["reasons"] == [
-        "chosen among the calibrated sizes only (64, 128): 256 was left out of the calibration (see the notes), so "
+        "chosen among the calibrated sizes only (64, 128 global): 256 global was left out of the calibration (see "
+        "the notes), so "
         "neither projected nor judged, and this plan cannot say whether it is faster; a run of at least 983,040 "
         "samples calibrates every size, and batchtune sweep measures it directly"]
     every = result()
@@ -845,8 +984,9 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
 
     from batchtune.commands.plan import _extrapolation_notes
 
-    def notes(final, measured, floor=0.0):
-        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}, laws={"loss": {"floor": floor}}),
+    def notes(final, measured, floor=0.0, recommendation=None):
+        return _extrapolation_notes(SimpleNamespace(projection={"final_loss": final}, laws={"loss": {"floor": floor}},
+                                                    recommendation=recommendation or {"plan": "constant 64"}),
                                     measured)
 
     # an outside GRU regression: projected 0.0008 from a calibration down to 0.0255; whole runs ended at 0.019
@@ -854,7 +994,12 @@ def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extr
         "the projected final loss, 0.0008054, is 31.7x below the lowest the calibration measured (0.02553): the "
         "loss curve's power law extrapolated, which knows no floor; a loss that levels off (the data's noise, the "
         "model's capacity) ends higher; --verify measures it"]
-    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None, laws={}), 0.3) == []
+    assert notes(0.21, 0.25) == [] and _extrapolation_notes(SimpleNamespace(projection=None, laws={},
+                                                                            recommendation=None), 0.3) == []
+    # the outside dict regression recommended no run: its note beside "--verify: nothing to verify" named --verify
+    unrecommended = _extrapolation_notes(SimpleNamespace(projection={"final_loss": 0.04174}, laws={"loss": {}},
+                                                         recommendation=None), 0.1035)
+    assert unrecommended[0].endswith("ends higher; a whole run measures it (no plan to --verify)")
     # an outside regression's floor, 0.1711, 9% under its calibration's 0.1886: its verified runs ended at 0.07
     assert notes(0.1712, 0.1886, floor=0.1711) == [
         "the loss curve levels off at a fitted floor, 0.1711, 9% under the lowest loss the calibration measured "

@@ -60,7 +60,7 @@ EVAL_BATCH = 256  # the validation batch, where the safe micro-batch is larger (
 
 
 def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | None = None,
-              backend: Any = None) -> SweepResult:
+              backend: Any = None, origin: dict[str, Any] | None = None) -> SweepResult:
     """Run (or resume) a sweep and write its run folder.
 
     The folder gets the plan before the first trial and every trial as it finishes (so an
@@ -71,6 +71,9 @@ def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | 
         out: the run folder; default ``runs/<timestamp>-<name>``.
         resume: a run folder to continue: its finished trials are kept, the rest run.
         backend: a device backend to use instead of the one the spec selects.
+        origin: the command this sweep calibrates for (``batchtune plan``), kept in ``meta.json``:
+            ``command`` its name, ``resume`` the command line that continues it, ``ceiling`` where
+            the spec's ``sweep.ceiling`` came from (the note said "given in the spec" otherwise).
 
     Raises:
         SpecError: the spec cannot be swept as given.
@@ -85,7 +88,7 @@ def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | 
     if resume is not None:
         meta, rows = _resume(folder, spec.resolved(), dist)
     else:
-        meta, rows = _start(folder, spec, components=components, backend=backend, dist=dist), []
+        meta, rows = _start(folder, spec, components=components, backend=backend, dist=dist, origin=origin), []
     sweep = _Sweep(spec, components, backend, dist, folder, meta, rows)
     sweep.run()
     result = sweep.result()
@@ -138,12 +141,15 @@ def _set_keys(value: Any) -> Any:
     return [_set_keys(v) for v in value] if isinstance(value, list) else value
 
 
-def _start(folder: RunFolder, spec: Any, *, components: Any, backend: Any, dist: Any) -> dict[str, Any]:
+def _start(folder: RunFolder, spec: Any, *, components: Any, backend: Any, dist: Any,
+           origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan a new sweep and open its folder (which must not hold a sweep already)."""
     if dist.broadcast(folder.exists() if dist.is_main else None):
         raise UsageError(f"{folder.path} already holds a sweep; continue it with --resume {folder.path} "
                          "or choose another --out")
-    meta = _plan(spec, components, backend, dist)
+    meta = _plan(spec, components, backend, dist, (origin or {}).get("ceiling", "given in the spec"))
+    if origin is not None:
+        meta["origin"] = origin
     dist.on_main(lambda: folder.start(spec.resolved(), device={**backend.describe(), "world_size": dist.world_size},
                                       meta=meta))
     return meta
@@ -603,14 +609,14 @@ def accumulating_micro(probe: Any, build_model: Any, world_size: int, sharded: b
     return probe.safe_batch_size - math.ceil(grads / (world_size if sharded else 1) / per_sample)
 
 
-def _ceiling(spec: Any, components: Any, backend: Any,
-             notes: list[str]) -> tuple[int | None, int | None, int | None]:
-    """(ceiling, safe micro-batch, safe micro-batch when accumulating): from the spec, else probed when the
-    device has a capacity."""
+def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
+             given: str = "given in the spec") -> tuple[int | None, int | None, int | None]:
+    """(ceiling, safe micro-batch, safe micro-batch when accumulating): from the spec (``given`` says where it
+    came from), else probed when the device has a capacity."""
     ceiling = spec.sweep.ceiling
     if ceiling is not None:
         safe = safe_size(ceiling, None, None, spec.probe.headroom, 1, 1)
-        notes.append(f"ceiling {ceiling} given in the spec; safe micro-batch {safe}")
+        notes.append(f"ceiling {ceiling} {given}; safe micro-batch {safe}")
         return ceiling, safe, None
     if backend.capacity_bytes() is None:
         return None, None, None
@@ -679,14 +685,16 @@ def _lr_note(spec: Any) -> str:
     return note + f", {spec.sweep.warmup:.0%} linear warmup"
 
 
-def _plan(spec: Any, components: Any, backend: Any, dist: Any) -> dict[str, Any]:
-    """Decide sizes, micro-batches, learning rates and the sample budget, before any trial."""
+def _plan(spec: Any, components: Any, backend: Any, dist: Any,
+          ceiling_given: str = "given in the spec") -> dict[str, Any]:
+    """Decide sizes, micro-batches, learning rates and the sample budget, before any trial (``ceiling_given``:
+    where a ``sweep.ceiling`` in the spec came from)."""
     from batchtune.engine.data import loader_kind
     from batchtune.engine.trial import TrialConfig
 
     sw = spec.sweep
     notes: list[str] = []
-    ceiling, safe, accum = _ceiling(spec, components, backend, notes)
+    ceiling, safe, accum = _ceiling(spec, components, backend, notes, ceiling_given)
     candidates, excluded = plan_candidates(_sizes(spec, safe), safe, sw.accumulation, sw.max_accum_steps,
                                            dist.world_size, accum)
     if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):

@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.commands.plan import duration_text
+from batchtune.commands.plan import HELD, duration_text
 from batchtune.render.text import num, to_json
 
 __all__ = ["render_plan"]
@@ -69,7 +69,8 @@ def render_plan(result: Any, fmt: str = "table") -> str:
                  f"{duration_text(v.get('total_seconds'))} ({_pct(v.get('total_seconds_error'))})"]
                 for name, v in result.verified["plans"].items()]
         lines.append(tabulate(rows, headers=["plan", "reached", "steps", "projected", "error", "time", "projected",
-                                             "error", "final loss (projected)", "time (all) (error)"],
+                                             "error", f"final loss, median of last {HELD} (projected)",
+                                             "time (all) (error)"],
                               tablefmt=style, disable_numparse=True))
     if result.schedule_path:
         lines.append(f"schedule written to {result.schedule_path} (batchtune.schedule.BatchSchedule.load)")
