@@ -67,6 +67,7 @@ __all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
 MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
 SKIP_WARN_EVERY = 100  # while measured steps are skipped for one reason, warn again every this many
+PER_EXAMPLE_CHUNK_ELEMENTS = 1 << 22  # per-example norms: examples per chunk so one intermediate has about this many
 LOW_COVERAGE = 0.5  # warn when the per-example path measures less than this share of the parameters
 
 
@@ -114,8 +115,8 @@ class NoiseScaleMonitor:
       ``nn.Linear`` (or transformers' ``Conv1D``) whose parameters no other module shares
       keep its input; a hook on its output gradient turns both into per-example squared
       gradient norms
-      (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
-      sequences). B_simple is then that of those layers' parameters (exact for a model of
+      (``|a_n|²·|δ_n|²`` for one row per example; for sequences ``Σ_ts (a_t·a_s)(δ_t·δ_s)``
+      or ``|Σ_t δ_t a_tᵀ|²``, whichever needs fewer elements, T² or d_in·d_out). B_simple is then that of those layers' parameters (exact for a model of
       Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
       the examples per measured step whose norms are computed (the batch gradient always uses
       them all). A layer's examples lie on its input's dim 0 where that has ``micro_batch_size``,
@@ -481,7 +482,8 @@ class _PerExampleNorms:
     """Per-example squared gradient norms of nn.Linear layers, from inputs and output gradients.
 
     A layer's output gradient row ``δ_n`` and input row ``a_n`` give example n's weight
-    gradient ``δ_nᵀa_n``; its squared norm needs no per-example gradient in memory.
+    gradient ``δ_nᵀa_n``; for sequences its squared norm is taken from whichever is smaller, the
+    time-by-time Gram form or that gradient itself (:func:`_linear_per_example_sq_norms`).
     ``.grad`` is the sum of the per-example contributions whatever the loss's reduction, so
     ``N²·mean_n |c_n|²`` against ``|.grad|²`` are the norms at batch sizes 1 and N.
 
@@ -608,19 +610,32 @@ def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | 
 
 def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,
                                  max_examples: int | None) -> torch.Tensor:
-    """Σ over the layer's parameters of each example's squared gradient norm, float64, shape (m,)."""
+    """Σ over the layer's parameters of each example's squared gradient norm, float64, shape (m,).
+
+    Per example, the weight's squared norm is the Gram form over time steps (T² elements) or the
+    per-example gradient itself (d_out·d_in), whichever is smaller; chunks of examples keep the
+    extra memory near :data:`PER_EXAMPLE_CHUNK_ELEMENTS` (the Gram form alone was O(m·T²): +775 MiB at T=4096).
+    """
     if a.dim() == 1:
         a, grad = a[None], grad[None]
     m = a.shape[0] if max_examples is None else min(a.shape[0], max_examples)
-    a = a[:m].reshape(m, -1, a.shape[-1]).float()
-    g = grad.detach()[:m].reshape(m, -1, grad.shape[-1]).float()
-    if a.shape[1] == 1:
-        sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
-    else:  # |Σ_t δ_t a_tᵀ|² = Σ_ts (a_t·a_s)(δ_t·δ_s)
-        sq = (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2))
-    if has_bias:
-        sq = sq + g.sum(1).square().sum(1)
-    return sq.double()
+    a = a[:m].reshape(m, -1, a.shape[-1])
+    g = grad.detach()[:m].reshape(m, -1, grad.shape[-1])
+    steps, per_example = a.shape[1], min(a.shape[1] ** 2, a.shape[2] * g.shape[2])
+    chunk = max(1, PER_EXAMPLE_CHUNK_ELEMENTS // per_example)
+    parts = []
+    for i in range(0, m, chunk):
+        a_i, g_i = a[i:i + chunk].float(), g[i:i + chunk].float()
+        if steps == 1:
+            sq = a_i.square().sum((1, 2)) * g_i.square().sum((1, 2))
+        elif steps * steps > a.shape[2] * g.shape[2]:  # the per-example gradients Σ_t δ_t a_tᵀ are smaller
+            sq = (g_i.transpose(1, 2) @ a_i).square().sum((1, 2))
+        else:  # |Σ_t δ_t a_tᵀ|² = Σ_ts (a_t·a_s)(δ_t·δ_s)
+            sq = (a_i @ a_i.transpose(1, 2) * (g_i @ g_i.transpose(1, 2))).sum((1, 2))
+        if has_bias:
+            sq = sq + g_i.sum(1).square().sum(1)
+        parts.append(sq.double())
+    return torch.cat(parts)
 
 
 def _per_example_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:

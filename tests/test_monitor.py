@@ -259,6 +259,38 @@ def test_per_example_norms_match_one_backward_per_example():
     assert big == pytest.approx(sum(float(p.grad.double().square().sum()) for p in layer.parameters()), rel=1e-6)
 
 
+def _brute_per_example_sq_norms(a: torch.Tensor, g: torch.Tensor) -> list[float]:
+    """|δ_nᵀa_n|² + |Σ_t δ_t|² per example, from the per-example gradients in float64."""
+    return [float((gn.double().T @ an.double()).square().sum() + gn.double().sum(0).square().sum())
+            for an, gn in zip(a, g)]
+
+
+@pytest.mark.parametrize("steps, d_in, d_out", [(3, 5, 4), (12, 3, 2), (1, 5, 4)])
+@pytest.mark.parametrize("chunk", [1, 1 << 22])
+def test_per_example_norms_are_exact_by_either_method_in_any_chunking(monkeypatch, steps, d_in, d_out, chunk):
+    """T² <= d_in·d_out takes the Gram form, T² > d_in·d_out the per-example gradients; chunks of one example
+    give the same numbers as one chunk of all."""
+    from batchtune import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "PER_EXAMPLE_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(steps)
+    a, g = torch.randn(5, steps, d_in, generator=gen), torch.randn(5, steps, d_out, generator=gen)
+    got = monitor_module._linear_per_example_sq_norms(a, g, True, None)
+    assert got.tolist() == pytest.approx(_brute_per_example_sq_norms(a, g), rel=1e-5)
+
+
+def test_per_example_norms_of_a_long_sequence_allocate_no_time_by_time_matrix():
+    """T=2048, d_in=32, d_out=16: the Gram form allocated 4 x 2048 x 2048 floats (64 MiB) at once; the
+    per-example gradients are 4 x 16 x 32 floats (8192 bytes), the largest allocation now."""
+    from batchtune.monitor import _linear_per_example_sq_norms
+
+    a, g = torch.randn(4, 2048, 32), torch.randn(4, 2048, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = _linear_per_example_sq_norms(a, g, True, None)
+    assert max(event.cpu_memory_usage for event in prof.events()) == 4 * 16 * 32 * 4
+    assert got.tolist() == pytest.approx(_brute_per_example_sq_norms(a, g), rel=1e-5)
+
+
 def _ddp_rank(rank: int, world: int, init_file: str, out: str, accum: int) -> None:
     """One gloo rank: DDP over the linear regression at lr 0, its own data, only step() called."""
     import contextlib
