@@ -116,10 +116,11 @@ class NoiseScaleMonitor:
       keep its input; a hook on its output gradient turns both into per-example squared
       gradient norms
       (``|a_n|²·|δ_n|²`` for one row per example; for sequences ``Σ_ts (a_t·a_s)(δ_t·δ_s)``
-      or ``|Σ_t δ_t a_tᵀ|²``, whichever needs fewer elements, T² or d_in·d_out). B_simple is then that of those layers' parameters (exact for a model of
-      Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
-      the examples per measured step whose norms are computed (the batch gradient always uses
-      them all). A layer's examples lie on its input's dim 0 where that has ``micro_batch_size``,
+      or ``|Σ_t δ_t a_tᵀ|²``, whichever needs fewer elements, T² or d_in·d_out). B_simple is then
+      that of those layers' parameters (exact for a model of Linear layers; :attr:`coverage` gives
+      their share of the parameters); ``max_examples`` caps the examples per measured step whose
+      norms are computed (the batch gradient always uses them all). A layer's examples lie on its
+      input's dim 0 where that has ``micro_batch_size``,
       else on its one other axis of that size (dim 1 for a time-first ``(T, B, C)``; with T == B
       a time-first layer is read on dim 0, wrongly); a layer with none, or several past dim 0, is left out with
       a warning. Each such layer must run once per step (a layer applied twice would need
@@ -276,7 +277,9 @@ class NoiseScaleMonitor:
         """The share of the trainable parameters (by count) whose gradients the last measured step read
         (before one has, the share it is set to read; ``reading().steps`` says whether any has):
         1.0 but for one micro-batch per step on one process, whose per-example norms cover the
-        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms."""
+        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms. Hooks go on
+        the parameters trainable when a measured step is armed (at the end of the step before it), so a
+        parameter unfrozen after that is measured from the next measured step on and lowers this meanwhile."""
         return self._auto.coverage if self._auto is not None else 1.0
 
     def close(self) -> None:
@@ -359,21 +362,24 @@ class _AutoMeasure:
                 raise ValueError("one backward pass per step on one process measures per-example norms of "
                                  "nn.Linear layers, and this model has none whose parameters are its own; "
                                  "use accum_steps >= 2")
-            wanted = {id(m) for m in self.layers}
-            self.names = {m: name or type(m).__name__ for name, m in model.named_modules() if id(m) in wanted}
-            self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            self.coverage = _numel(self.layers) / self.model_numel
+            self.names = {m: name or type(m).__name__ for name, m in model.named_modules()}
+            self.coverage = _numel(self.layers) / self._trainable_numel()
             self._warn_coverage()
             self.batch_sizes = (1, micro_batch_size)
         else:
-            self.params = [p for p in model.parameters() if p.requires_grad]
             self.batch_sizes = (micro_batch_size, micro_batch_size * accum_steps * self.world_size)
 
+    def _trainable_numel(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) or 1
+
     def arm_if(self, due: bool) -> None:
-        """Register the hooks for the coming step when it is to be measured."""
-        if due and self._armed is None:
-            self._armed = (_PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
-                           if self.per_example else _PassNorms(self.params))
+        """Register the hooks for the coming step when it is to be measured, on the parameters trainable now
+        (frozen or unfrozen mid-run: a hook on a frozen one raised torch's RuntimeError in the user's loop)."""
+        if due and self._armed is None and self.per_example:
+            self.layers = _per_example_layers(self.model)
+            self._armed = _PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
+        elif due and self._armed is None:
+            self._armed = _PassNorms([p for p in self.model.parameters() if p.requires_grad])
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -395,12 +401,13 @@ class _AutoMeasure:
         m2 = grad_multiplier * grad_multiplier
         if isinstance(armed, _PerExampleNorms):
             small, big, batch = armed.small_and_big()
-            self.coverage = _numel(list(armed.read)) / self.model_numel
+            self.coverage = _numel(list(armed.read)) / self._trainable_numel()
             return small * m2, big * m2, (1, batch)
         small = armed.total() / self.accum_steps * self.accum_steps**2  # each pass's loss was / accum_steps
+        self.coverage = sum(p.numel() for p in armed.params if p.requires_grad) / self._trainable_numel()
         # one process: .grad as the last backward left it, so clipping before step() does no harm;
         # across ranks .grad is all-reduced only after backward: step() must come before clipping
-        big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(self.params)
+        big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(armed.params)
         return small * m2, big * m2, self.batch_sizes
 
     def _warn_skipped(self, problem: str) -> None:
@@ -441,6 +448,7 @@ class _PassNorms:
     """Each backward pass's own squared gradient norm, summed over passes and parameters."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
         self._norms: list[torch.Tensor] = []
         self._calls = [0] * len(params)
         self._accumulated: dict[int, torch.Tensor] = {}  # |.grad|² after each parameter's latest pass

@@ -259,6 +259,35 @@ def test_per_example_norms_match_one_backward_per_example():
     assert big == pytest.approx(sum(float(p.grad.double().square().sum()) for p in layer.parameters()), rel=1e-6)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_freezing_and_unfreezing_mid_run_measures_what_is_trainable_now(accum):
+    """Freezing a layer with accum_steps=2 raised torch's "cannot register a hook on a tensor that doesn't require
+    gradient" from step(); with accum_steps=1 coverage read 0.19 with every trainable parameter measured. After
+    the freeze, a monitor made at the start reads each step as one made after it does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    early = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=accum, every=1)
+    late = None
+    for step in range(8):
+        if step == 4:
+            model[0].requires_grad_(False)
+            late = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=accum, every=1)
+        for _ in range(accum):
+            x, y = torch.randn(8, 8), torch.randint(0, 2, (8,))
+            (torch.nn.functional.cross_entropy(model(x), y) / accum).backward()
+        early.step()
+        if late is not None:
+            late.step()
+            assert early.last == late.last and early.coverage == late.coverage == 1.0
+        model.zero_grad(set_to_none=True)
+    assert early.reading().steps == 8 and late.reading().steps == 4
+    model[0].requires_grad_(True)  # armed at the end of step 8 on the head's 34 parameters of 178
+    for _ in range(accum):
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 2, (8,))).backward()
+    early.step()
+    assert early.reading().steps == 9 and early.coverage == pytest.approx(34 / 178)
+
+
 def _brute_per_example_sq_norms(a: torch.Tensor, g: torch.Tensor) -> list[float]:
     """|δ_nᵀa_n|² + |Σ_t δ_t|² per example, from the per-example gradients in float64."""
     return [float((gn.double().T @ an.double()).square().sum() + gn.double().sum(0).square().sum())
