@@ -184,6 +184,40 @@ class NoiseScaleMonitor:
             per_rank = micro_batch_size * accum_steps
             self.batch_sizes = (per_rank, per_rank * world_size)
 
+    def set_batch(self, micro_batch_size: int, accum_steps: int | None = None) -> None:
+        """The shape of the steps from now on, when the batch changes mid-run (e.g. on batchtune's schedule).
+
+        Call before the first backward pass of the first step at the new shape. The readings so far stand
+        (B_simple is the gradient's, not the batch's); the measured steps from here use the new sizes. Without
+        it a micro-batch grown from 32 to 64 read half the truth under accum_steps=4, silently.
+
+        Args:
+            micro_batch_size: examples per backward pass on one rank from now on.
+            accum_steps: backward passes per optimizer step from now on; None keeps the current.
+
+        Raises:
+            ValueError: the sizes are out of range or cannot give two batch sizes (as in the constructor).
+        """
+        accum_steps = self.accum_steps if accum_steps is None else accum_steps
+        _check_arguments(micro_batch_size=micro_batch_size, accum_steps=accum_steps)
+        if self._auto is not None:
+            old = self._auto
+            if (old.micro_batch_size, old.accum_steps) != (micro_batch_size, accum_steps):
+                self._auto = _AutoMeasure(old.model, micro_batch_size, accum_steps, old.world_size, old.max_examples)
+                armed = old._armed is not None
+                old.disarm()
+                self.batch_sizes = self._auto.batch_sizes
+                self._auto.arm_if(armed)
+        elif self._ranks is None:
+            if not self.can_measure(micro_batch_size, accum_steps):
+                raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
+                                 f"micro_batch_size={micro_batch_size} must be even and at least 2")
+            self.batch_sizes = noise_batch_sizes(micro_batch_size, accum_steps)
+        else:
+            per_rank = micro_batch_size * accum_steps
+            self.batch_sizes = (per_rank, per_rank * self._ranks.world_size)
+        self.accum_steps = accum_steps
+
     @staticmethod
     def can_measure(micro_batch_size: int, accum_steps: int, world_size: int = 1) -> bool:
         """Whether a step of this shape gives two batch sizes (halves need an even micro-batch)."""
@@ -379,7 +413,8 @@ class _AutoMeasure:
             self.layers = _per_example_layers(self.model)
             self._armed = _PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
         elif due and self._armed is None:
-            self._armed = _PassNorms([p for p in self.model.parameters() if p.requires_grad])
+            self._armed = _PassNorms([p for p in self.model.parameters() if p.requires_grad], self.model,
+                                     self.micro_batch_size)
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -447,13 +482,23 @@ def _numel(layers: list[torch.nn.Module]) -> int:
 class _PassNorms:
     """Each backward pass's own squared gradient norm, summed over passes and parameters."""
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], model: torch.nn.Module, micro_batch_size: int) -> None:
         self.params = params
+        self.micro_batch_size = micro_batch_size
+        self.unsized_input: list[int] | None = None  # a model input with no axis of the micro-batch's size
         self._norms: list[torch.Tensor] = []
         self._calls = [0] * len(params)
         self._accumulated: dict[int, torch.Tensor] = {}  # |.grad|² after each parameter's latest pass
         self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
         self._handles += [p.register_post_accumulate_grad_hook(self._after(i)) for i, p in enumerate(params)]
+        self._handles.append(model.register_forward_pre_hook(self._check_input, with_kwargs=True))
+
+    def _check_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note the model's first tensor input when no axis has the micro-batch's size: the batch changed size
+        (a grown batch read B_simple x old/new, silently) or a last batch is smaller."""
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if torch.is_grad_enabled() and first is not None and self.micro_batch_size not in first.shape:
+            self.unsized_input = self.unsized_input or list(first.shape)
 
     def _hook(self, index: int):
         def record(grad: torch.Tensor) -> None:
@@ -474,6 +519,9 @@ class _PassNorms:
         passes = max(self._calls, default=0)
         if passes != accum_steps:
             return f"{passes} backward passes for accum_steps={accum_steps}"
+        if self.unsized_input is not None:
+            return (f"no axis of the model's input {self.unsized_input} has micro_batch_size={self.micro_batch_size} "
+                    "(a smaller last batch, or a batch that changed size: tell the monitor with set_batch())")
         return None
 
     def total(self) -> float:
@@ -613,7 +661,8 @@ def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | 
         return None, (f"axes {', '.join(map(str, matches))} of its input {list(shape)} all have the micro-batch size "
                       f"{micro_batch_size}, so which one holds the examples is ambiguous")
     return None, (f"no axis of its input {list(shape)} has the micro-batch size {micro_batch_size} (examples "
-                  "flattened with another axis, or a smaller last batch)")
+                  "flattened with another axis, a smaller last batch, or a batch that changed size: "
+                  "tell the monitor with set_batch())")
 
 
 def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,

@@ -195,6 +195,27 @@ def test_a_loop_that_only_calls_step_recovers_the_analytic_noise_scale(micro, ac
     assert abs(reading.b_simple - truth) <= reading.high - reading.low
 
 
+@pytest.mark.parametrize("accum", [4, 1])
+def test_a_batch_that_grows_is_read_at_the_size_set_and_skipped_with_a_warning_when_not_told(accum):
+    """A micro-batch grown from 16 to 32 without set_batch() read half the truth under accum_steps=4, with a band
+    excluding the truth and no warning; now those steps are skipped with one, and set_batch(32) reads the truth."""
+    d, sigma, delta = 20, 1.0, 1.0
+    truth = d * (1 + sigma**2 / delta**2) + 1
+    model, sample = _linreg(d, sigma, delta)
+    told = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=accum, every=1)
+    _loop(model, sample, micro=16, accum=accum, steps=100, monitor=told)
+    told.set_batch(32)
+    _loop(model, sample, micro=32, accum=accum, steps=600, monitor=told)
+    reading = told.reading()
+    assert told.batch_sizes == ((1, 32) if accum == 1 else (32, 32 * accum)) and reading.steps == 700
+    assert reading.b_simple == pytest.approx(truth, rel=0.15)
+    assert abs(reading.b_simple - truth) <= reading.high - reading.low
+    untold = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=accum, every=1)
+    with pytest.warns(RuntimeWarning, match=r"\[32, 20\].*micro.batch.size.*set_batch\(\)"):
+        _loop(model, sample, micro=32, accum=accum, steps=3, monitor=untold)
+    assert untold.reading().steps == 0
+
+
 @pytest.mark.parametrize("accum", [2, 1])
 def test_the_monitor_never_changes_training(accum):
     """Losses and weights bit-identical with and without it (SGD with momentum, clipping after step())."""
