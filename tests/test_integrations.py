@@ -73,6 +73,9 @@ def test_attach_places_the_callback_first_once_on_the_class_or_an_instance(tmp_p
         mine.attach(trainer, every=2)
     with pytest.raises(ValueError, match="has a NoiseScaleCallback already"):
         HFCallback.attach(trainer, every=2)
+    with pytest.raises(ValueError, match="has another NoiseScaleCallback already"):  # it got a second one
+        HFCallback(every=2).attach(trainer)
+    assert sum(isinstance(c, HFCallback) for c in trainer.callback_handler.callbacks) == 1
     fresh = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
     made = HFCallback.attach(fresh, every=2)
     assert fresh.callback_handler.callbacks[0] is made and made.watch.options["every"] == 2
@@ -350,6 +353,58 @@ def test_hugging_face_logs_a_reading_once_and_only_its_finite_values():
     assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0}, {"loss": 1.0},
                       {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0, "noise_scale/high": 7.0}]
     assert callback.history[0]["high"] == math.inf  # the history keeps it
+
+
+def _hf_steps(callback: HFCallback, state, model: torch.nn.Module, steps: int, accum: int = 2) -> None:
+    """Optimizer steps as the Trainer takes them: accum backward passes of 8 examples, then the callback."""
+    for _ in range(steps):
+        for _ in range(accum):
+            (model(torch.randn(8, 4)).square().mean() / accum).backward()
+        callback.on_pre_optimizer_step(None, state, None)
+        state.global_step += 1
+        model.zero_grad(set_to_none=True)
+
+
+def test_hugging_face_counts_a_resumed_runs_samples_from_its_global_step():
+    """Resumed at step 20 of a 16-example batch, the schedule's growth at sample 400 went unsaid (samples counted
+    from 0 reached 320 by step 40); the uninterrupted run hears it at step 26."""
+    from types import SimpleNamespace
+
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    schedule = BatchSchedule([ScheduleStage(0, 16, 8, 2, 0.001), ScheduleStage(400, 32, 16, 2, 0.0014)], 1280)
+    model, callback = torch.nn.Linear(4, 1), HFCallback(every=4, schedule=schedule)
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=1,
+                           max_grad_norm=1.0)
+    state = SimpleNamespace(global_step=20, is_world_process_zero=True, log_history=[])
+    with logged("batchtune.integrations") as messages:
+        callback.on_train_begin(args, state, None, model=model)
+        _hf_steps(callback, state, model, 10)
+    assert callback.watch.grow_warnings == [26] and callback.watch.samples == 30 * 16
+    assert messages == ["step 26: the schedule grows the batch to 32 (micro-batch 16 x 2 accumulation, lr 0.0014) "
+                        "from sample 400; this run is still at 16 after 416 samples"]
+
+
+def test_hugging_face_says_once_what_clipping_does_under_ddp_and_when_no_step_was_measured():
+    """Under DDP with max_grad_norm=1.0 the reading read 45% high and 0.01 gave no reading, unsaid; a run of 3
+    steps at every=8 ended with an empty history, unsaid."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 1)
+    for world, clip, said in [(2, 1.0, 1), (2, 0.0, 0), (1, 1.0, 0)]:
+        args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=world,
+                               max_grad_norm=clip)
+        with logged("batchtune.integrations") as messages:
+            HFCallback(every=1).on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=True),
+                                               None, model=model)
+        assert len([m for m in messages if "set max_grad_norm=0 for the measurement" in m]) == said
+    callback, state = HFCallback(every=8), SimpleNamespace(global_step=0, is_world_process_zero=True)
+    with logged("batchtune.integrations") as messages:
+        callback.on_train_begin(args, state, None, model=model)
+        _hf_steps(callback, state, model, 3)
+        callback.on_train_end(args, state, None)
+    assert callback.history == [] and messages == ["noise scale: no step was measured, so there is no reading: the "
+                                                   "run took 3 optimizer steps and every=8 measures steps 8, 16, ..."]
 
 
 @pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])

@@ -206,6 +206,16 @@ class NoiseScaleWatch:
     def _band_name(self) -> str:
         return f"{self.options['confidence']:.0%}"
 
+    def end(self, *, rank_zero: bool = True) -> None:
+        """At the end of training: remove the hooks, and say when no step was measured (a run of 3 steps at
+        every=8 ended with an empty history, unsaid). ``rank_zero``: whether this process logs."""
+        self.close()
+        if self.monitor is not None and not self.monitor.measured_steps and rank_zero:
+            every, steps = self.monitor.every, self.monitor.steps_seen
+            why = (f"the run took {steps} optimizer steps and every={every} measures steps {every}, {2 * every}, ..."
+                   if steps < every else "every measured step was skipped (see the warnings above)")
+            log.warning("noise scale: no step was measured, so there is no reading: %s", why)
+
     def close(self) -> None:
         """Remove the monitor's hooks."""
         if self.monitor is not None:

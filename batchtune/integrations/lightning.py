@@ -117,7 +117,7 @@ class NoiseScaleCallback(_pl.Callback):
                 logger.log_metrics(logs, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module):
-        self.watch.close()
+        self.watch.end(rank_zero=trainer.is_global_zero)
 
 
 def _first_tensor(batch: Any) -> Any:
