@@ -277,8 +277,15 @@ class NoiseScaleMonitor:
                                    "before the step's first backward pass, start_micro_batch() and "
                                    "end_micro_batch() around each, then step(); or give it the model "
                                    "(NoiseScaleMonitor(model, ...)) and call only step()")
-            small, big = self._norms.small_and_big(grad_multiplier=grad_multiplier)
-            self.close()
+            norms, self._norms = self._norms, None
+            try:  # the hooks go whatever happens: left registered, the next step() repeated this error
+                if not norms.micro_batches:
+                    raise RuntimeError("step() found no micro-batch recorded since begin(): call start_micro_batch() "
+                                       "right before each backward pass and end_micro_batch() right after it (this "
+                                       "step is not measured; the hooks are removed)")
+                small, big = norms.small_and_big(grad_multiplier=grad_multiplier)
+            finally:
+                norms.remove()
         self._fold(small, big, self.batch_sizes)
 
     def _fold(self, small: float, big: float, batch_sizes: tuple[int, int]) -> None:

@@ -309,6 +309,22 @@ def test_freezing_and_unfreezing_mid_run_measures_what_is_trainable_now(accum):
     assert early.reading().steps == 9 and early.coverage == pytest.approx(34 / 178)
 
 
+def test_a_parameter_monitor_told_no_micro_batch_says_what_to_call_and_removes_its_hooks():
+    """Forgetting start_micro_batch()/end_micro_batch() raised "no micro-batch recorded since the last
+    small_and_big()" and left the hooks registered, so the next step(), after begin() or not, raised it again."""
+    model = torch.nn.Linear(4, 1)
+    monitor = NoiseScaleMonitor(model.parameters(), micro_batch_size=8, accum_steps=4)
+    monitor.begin()
+    for _ in range(4):
+        (model(torch.randn(8, 4)).square().mean() / 4).backward()
+    with pytest.raises(RuntimeError, match=r"^step\(\) found no micro-batch recorded since begin\(\): call "
+                                           r"start_micro_batch\(\) right before each backward pass"):
+        monitor.step()
+    assert not model.weight._backward_hooks and monitor.measured_steps == 0
+    with pytest.raises(RuntimeError, match=r"call begin\(\) before the step's first backward pass"):
+        monitor.step()
+
+
 def _brute_per_example_sq_norms(a: torch.Tensor, g: torch.Tensor) -> list[float]:
     """|δ_nᵀa_n|² + |Σ_t δ_t|² per example, from the per-example gradients in float64."""
     return [float((gn.double().T @ an.double()).square().sum() + gn.double().sum(0).square().sum())
