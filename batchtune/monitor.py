@@ -67,6 +67,7 @@ __all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
 MODULE_EVERY = 8  # default cadence of a monitor given a module (one in 8 optimizer steps measured)
 SKIP_WARN_EVERY = 100  # while measured steps are skipped for one reason, warn again every this many
+PER_EXAMPLE_CHUNK_ELEMENTS = 1 << 22  # per-example norms: examples per chunk so one intermediate has about this many
 LOW_COVERAGE = 0.5  # warn when the per-example path measures less than this share of the parameters
 
 
@@ -114,11 +115,12 @@ class NoiseScaleMonitor:
       ``nn.Linear`` (or transformers' ``Conv1D``) whose parameters no other module shares
       keep its input; a hook on its output gradient turns both into per-example squared
       gradient norms
-      (``|a_n|²·|δ_n|²`` for one row per example, ``Σ_ts (a_t·a_s)(δ_t·δ_s)`` for
-      sequences). B_simple is then that of those layers' parameters (exact for a model of
-      Linear layers; :attr:`coverage` gives their share of the parameters); ``max_examples`` caps
-      the examples per measured step whose norms are computed (the batch gradient always uses
-      them all). A layer's examples lie on its input's dim 0 where that has ``micro_batch_size``,
+      (``|a_n|²·|δ_n|²`` for one row per example; for sequences ``Σ_ts (a_t·a_s)(δ_t·δ_s)``
+      or ``|Σ_t δ_t a_tᵀ|²``, whichever needs fewer elements, T² or d_in·d_out). B_simple is then
+      that of those layers' parameters (exact for a model of Linear layers; :attr:`coverage` gives
+      their share of the parameters); ``max_examples`` caps the examples per measured step whose
+      norms are computed (the batch gradient always uses them all). A layer's examples lie on its
+      input's dim 0 where that has ``micro_batch_size``,
       else on its one other axis of that size (dim 1 for a time-first ``(T, B, C)``; with T == B
       a time-first layer is read on dim 0, wrongly); a layer with none, or several past dim 0, is left out with
       a warning. Each such layer must run once per step (a layer applied twice would need
@@ -182,6 +184,40 @@ class NoiseScaleMonitor:
             per_rank = micro_batch_size * accum_steps
             self.batch_sizes = (per_rank, per_rank * world_size)
 
+    def set_batch(self, micro_batch_size: int, accum_steps: int | None = None) -> None:
+        """The shape of the steps from now on, when the batch changes mid-run (e.g. on batchtune's schedule).
+
+        Call before the first backward pass of the first step at the new shape. The readings so far stand
+        (B_simple is the gradient's, not the batch's); the measured steps from here use the new sizes. Without
+        it a micro-batch grown from 32 to 64 read half the truth under accum_steps=4, silently.
+
+        Args:
+            micro_batch_size: examples per backward pass on one rank from now on.
+            accum_steps: backward passes per optimizer step from now on; None keeps the current.
+
+        Raises:
+            ValueError: the sizes are out of range or cannot give two batch sizes (as in the constructor).
+        """
+        accum_steps = self.accum_steps if accum_steps is None else accum_steps
+        _check_arguments(micro_batch_size=micro_batch_size, accum_steps=accum_steps)
+        if self._auto is not None:
+            old = self._auto
+            if (old.micro_batch_size, old.accum_steps) != (micro_batch_size, accum_steps):
+                self._auto = _AutoMeasure(old.model, micro_batch_size, accum_steps, old.world_size, old.max_examples)
+                armed = old._armed is not None
+                old.disarm()
+                self.batch_sizes = self._auto.batch_sizes
+                self._auto.arm_if(armed)
+        elif self._ranks is None:
+            if not self.can_measure(micro_batch_size, accum_steps):
+                raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
+                                 f"micro_batch_size={micro_batch_size} must be even and at least 2")
+            self.batch_sizes = noise_batch_sizes(micro_batch_size, accum_steps)
+        else:
+            per_rank = micro_batch_size * accum_steps
+            self.batch_sizes = (per_rank, per_rank * self._ranks.world_size)
+        self.accum_steps = accum_steps
+
     @staticmethod
     def can_measure(micro_batch_size: int, accum_steps: int, world_size: int = 1) -> bool:
         """Whether a step of this shape gives two batch sizes (halves need an even micro-batch)."""
@@ -241,8 +277,15 @@ class NoiseScaleMonitor:
                                    "before the step's first backward pass, start_micro_batch() and "
                                    "end_micro_batch() around each, then step(); or give it the model "
                                    "(NoiseScaleMonitor(model, ...)) and call only step()")
-            small, big = self._norms.small_and_big(grad_multiplier=grad_multiplier)
-            self.close()
+            norms, self._norms = self._norms, None
+            try:  # the hooks go whatever happens: left registered, the next step() repeated this error
+                if not norms.micro_batches:
+                    raise RuntimeError("step() found no micro-batch recorded since begin(): call start_micro_batch() "
+                                       "right before each backward pass and end_micro_batch() right after it (this "
+                                       "step is not measured; the hooks are removed)")
+                small, big = norms.small_and_big(grad_multiplier=grad_multiplier)
+            finally:
+                norms.remove()
         self._fold(small, big, self.batch_sizes)
 
     def _fold(self, small: float, big: float, batch_sizes: tuple[int, int]) -> None:
@@ -275,7 +318,9 @@ class NoiseScaleMonitor:
         """The share of the trainable parameters (by count) whose gradients the last measured step read
         (before one has, the share it is set to read; ``reading().steps`` says whether any has):
         1.0 but for one micro-batch per step on one process, whose per-example norms cover the
-        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms."""
+        ``nn.Linear`` (and GPT-2 ``Conv1D``) layers only, not convolutions, embeddings or norms. Hooks go on
+        the parameters trainable when a measured step is armed (at the end of the step before it), so a
+        parameter unfrozen after that is measured from the next measured step on and lowers this meanwhile."""
         return self._auto.coverage if self._auto is not None else 1.0
 
     def close(self) -> None:
@@ -358,21 +403,25 @@ class _AutoMeasure:
                 raise ValueError("one backward pass per step on one process measures per-example norms of "
                                  "nn.Linear layers, and this model has none whose parameters are its own; "
                                  "use accum_steps >= 2")
-            wanted = {id(m) for m in self.layers}
-            self.names = {m: name or type(m).__name__ for name, m in model.named_modules() if id(m) in wanted}
-            self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            self.coverage = _numel(self.layers) / self.model_numel
+            self.names = {m: name or type(m).__name__ for name, m in model.named_modules()}
+            self.coverage = _numel(self.layers) / self._trainable_numel()
             self._warn_coverage()
             self.batch_sizes = (1, micro_batch_size)
         else:
-            self.params = [p for p in model.parameters() if p.requires_grad]
             self.batch_sizes = (micro_batch_size, micro_batch_size * accum_steps * self.world_size)
 
+    def _trainable_numel(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) or 1
+
     def arm_if(self, due: bool) -> None:
-        """Register the hooks for the coming step when it is to be measured."""
-        if due and self._armed is None:
-            self._armed = (_PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
-                           if self.per_example else _PassNorms(self.params))
+        """Register the hooks for the coming step when it is to be measured, on the parameters trainable now
+        (frozen or unfrozen mid-run: a hook on a frozen one raised torch's RuntimeError in the user's loop)."""
+        if due and self._armed is None and self.per_example:
+            self.layers = _per_example_layers(self.model)
+            self._armed = _PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
+        elif due and self._armed is None:
+            self._armed = _PassNorms([p for p in self.model.parameters() if p.requires_grad], self.model,
+                                     self.micro_batch_size)
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -394,12 +443,13 @@ class _AutoMeasure:
         m2 = grad_multiplier * grad_multiplier
         if isinstance(armed, _PerExampleNorms):
             small, big, batch = armed.small_and_big()
-            self.coverage = _numel(list(armed.read)) / self.model_numel
+            self.coverage = _numel(list(armed.read)) / self._trainable_numel()
             return small * m2, big * m2, (1, batch)
         small = armed.total() / self.accum_steps * self.accum_steps**2  # each pass's loss was / accum_steps
+        self.coverage = sum(p.numel() for p in armed.params if p.requires_grad) / self._trainable_numel()
         # one process: .grad as the last backward left it, so clipping before step() does no harm;
         # across ranks .grad is all-reduced only after backward: step() must come before clipping
-        big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(self.params)
+        big = armed.last_pass_sq_norm() if self.world_size == 1 else _blocked_grad_sq_norm(armed.params)
         return small * m2, big * m2, self.batch_sizes
 
     def _warn_skipped(self, problem: str) -> None:
@@ -439,12 +489,23 @@ def _numel(layers: list[torch.nn.Module]) -> int:
 class _PassNorms:
     """Each backward pass's own squared gradient norm, summed over passes and parameters."""
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], model: torch.nn.Module, micro_batch_size: int) -> None:
+        self.params = params
+        self.micro_batch_size = micro_batch_size
+        self.unsized_input: list[int] | None = None  # a model input with no axis of the micro-batch's size
         self._norms: list[torch.Tensor] = []
         self._calls = [0] * len(params)
         self._accumulated: dict[int, torch.Tensor] = {}  # |.grad|² after each parameter's latest pass
         self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
         self._handles += [p.register_post_accumulate_grad_hook(self._after(i)) for i, p in enumerate(params)]
+        self._handles.append(model.register_forward_pre_hook(self._check_input, with_kwargs=True))
+
+    def _check_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note the model's first tensor input when no axis has the micro-batch's size: the batch changed size
+        (a grown batch read B_simple x old/new, silently) or a last batch is smaller."""
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if torch.is_grad_enabled() and first is not None and self.micro_batch_size not in first.shape:
+            self.unsized_input = self.unsized_input or list(first.shape)
 
     def _hook(self, index: int):
         def record(grad: torch.Tensor) -> None:
@@ -465,6 +526,9 @@ class _PassNorms:
         passes = max(self._calls, default=0)
         if passes != accum_steps:
             return f"{passes} backward passes for accum_steps={accum_steps}"
+        if self.unsized_input is not None:
+            return (f"no axis of the model's input {self.unsized_input} has micro_batch_size={self.micro_batch_size} "
+                    "(a smaller last batch, or a batch that changed size: tell the monitor with set_batch())")
         return None
 
     def total(self) -> float:
@@ -481,7 +545,8 @@ class _PerExampleNorms:
     """Per-example squared gradient norms of nn.Linear layers, from inputs and output gradients.
 
     A layer's output gradient row ``δ_n`` and input row ``a_n`` give example n's weight
-    gradient ``δ_nᵀa_n``; its squared norm needs no per-example gradient in memory.
+    gradient ``δ_nᵀa_n``; for sequences its squared norm is taken from whichever is smaller, the
+    time-by-time Gram form or that gradient itself (:func:`_linear_per_example_sq_norms`).
     ``.grad`` is the sum of the per-example contributions whatever the loss's reduction, so
     ``N²·mean_n |c_n|²`` against ``|.grad|²`` are the norms at batch sizes 1 and N.
 
@@ -603,24 +668,38 @@ def _example_axis(shape: tuple[int, ...], micro_batch_size: int) -> tuple[int | 
         return None, (f"axes {', '.join(map(str, matches))} of its input {list(shape)} all have the micro-batch size "
                       f"{micro_batch_size}, so which one holds the examples is ambiguous")
     return None, (f"no axis of its input {list(shape)} has the micro-batch size {micro_batch_size} (examples "
-                  "flattened with another axis, or a smaller last batch)")
+                  "flattened with another axis, a smaller last batch, or a batch that changed size: "
+                  "tell the monitor with set_batch())")
 
 
 def _linear_per_example_sq_norms(a: torch.Tensor, grad: torch.Tensor, has_bias: bool,
                                  max_examples: int | None) -> torch.Tensor:
-    """Σ over the layer's parameters of each example's squared gradient norm, float64, shape (m,)."""
+    """Σ over the layer's parameters of each example's squared gradient norm, float64, shape (m,).
+
+    Per example, the weight's squared norm is the Gram form over time steps (T² elements) or the
+    per-example gradient itself (d_out·d_in), whichever is smaller; chunks of examples keep the
+    extra memory near :data:`PER_EXAMPLE_CHUNK_ELEMENTS` (the Gram form alone was O(m·T²): +775 MiB at T=4096).
+    """
     if a.dim() == 1:
         a, grad = a[None], grad[None]
     m = a.shape[0] if max_examples is None else min(a.shape[0], max_examples)
-    a = a[:m].reshape(m, -1, a.shape[-1]).float()
-    g = grad.detach()[:m].reshape(m, -1, grad.shape[-1]).float()
-    if a.shape[1] == 1:
-        sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
-    else:  # |Σ_t δ_t a_tᵀ|² = Σ_ts (a_t·a_s)(δ_t·δ_s)
-        sq = (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2))
-    if has_bias:
-        sq = sq + g.sum(1).square().sum(1)
-    return sq.double()
+    a = a[:m].reshape(m, -1, a.shape[-1])
+    g = grad.detach()[:m].reshape(m, -1, grad.shape[-1])
+    steps, per_example = a.shape[1], min(a.shape[1] ** 2, a.shape[2] * g.shape[2])
+    chunk = max(1, PER_EXAMPLE_CHUNK_ELEMENTS // per_example)
+    parts = []
+    for i in range(0, m, chunk):
+        a_i, g_i = a[i:i + chunk].float(), g[i:i + chunk].float()
+        if steps == 1:
+            sq = a_i.square().sum((1, 2)) * g_i.square().sum((1, 2))
+        elif steps * steps > a.shape[2] * g.shape[2]:  # the per-example gradients Σ_t δ_t a_tᵀ are smaller
+            sq = (g_i.transpose(1, 2) @ a_i).square().sum((1, 2))
+        else:  # |Σ_t δ_t a_tᵀ|² = Σ_ts (a_t·a_s)(δ_t·δ_s)
+            sq = (a_i @ a_i.transpose(1, 2) * (g_i @ g_i.transpose(1, 2))).sum((1, 2))
+        if has_bias:
+            sq = sq + g_i.sum(1).square().sum(1)
+        parts.append(sq.double())
+    return torch.cat(parts)
 
 
 def _per_example_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:

@@ -73,6 +73,9 @@ def test_attach_places_the_callback_first_once_on_the_class_or_an_instance(tmp_p
         mine.attach(trainer, every=2)
     with pytest.raises(ValueError, match="has a NoiseScaleCallback already"):
         HFCallback.attach(trainer, every=2)
+    with pytest.raises(ValueError, match="has another NoiseScaleCallback already"):  # it got a second one
+        HFCallback(every=2).attach(trainer)
+    assert sum(isinstance(c, HFCallback) for c in trainer.callback_handler.callbacks) == 1
     fresh = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
     made = HFCallback.attach(fresh, every=2)
     assert fresh.callback_handler.callbacks[0] is made and made.watch.options["every"] == 2
@@ -112,19 +115,20 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
     read = [h for h in callback.history if h["b_simple"] is not None]
     assert read and all(math.isfinite(h["b_simple"]) and h["b_simple"] > 0 for h in read)
     assert callback.history[-1]["batch_size"] == 8 * accum
-    logged = trainer.logged_metrics
-    assert float(logged["noise_scale/b_simple"]) == pytest.approx(read[-1]["b_simple"], rel=1e-6)
     rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    assert {"noise_scale/b_simple", "noise_scale/low", "noise_scale/high"} <= set(header)
-    # each row's band is its own reading's: an unbounded one logs inf (left out, Lightning repeated a stale high:
-    # an outside metrics.csv showed b_simple 18.25 above a high of 12.4)
-    col = {name: header.index(f"noise_scale/{name}") for name in ("b_simple", "low", "high")}
+    assert {"noise_scale/b_simple", "noise_scale/low"} <= set(header)
+    # each reading once, on its own row, each value only when finite: log_dict repeated a reading on every row
+    # until the next one (also after a step with b_simple None) and logged an unbounded band's high as inf
+    col = {name: header.index(f"noise_scale/{name}") if f"noise_scale/{name}" in header else None
+           for name in ("b_simple", "low", "high")}
     logged_rows = [r.split(",") for r in rows[1:] if r.split(",")[col["b_simple"]]]
-    assert len(logged_rows) == len(read)
+    assert [float(row[header.index("step")]) + 1 for row in logged_rows] == [h["step"] for h in read]
     for row, reading in zip(logged_rows, read):
-        assert float(row[col["high"]]) == pytest.approx(reading["high"], rel=1e-6)  # float32 in the logger
-        assert float(row[col["b_simple"]]) <= float(row[col["high"]])
+        assert float(row[col["b_simple"]]) == pytest.approx(reading["b_simple"], rel=1e-6)
+        high = row[col["high"]] if col["high"] is not None else ""
+        assert high == "" if math.isinf(reading["high"]) else float(high) == pytest.approx(reading["high"], rel=1e-6)
+    assert "inf" not in "".join(rows)
 
 
 def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
@@ -141,12 +145,65 @@ def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
     assert callback.watch.batch_size == 16 and callback.watch.monitor.batch_sizes == (8, 16)
     assert callback.watch.monitor.measured_steps == 4 and all(h["batch_size"] == 16 for h in callback.history)
 
-    varying = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # no batch_size anywhere: it must be given
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[PLCallback(every=1)])
-    with pytest.raises(ValueError, match=r"the train DataLoader has no batch_size, nor has its batch_sampler "
-                                         r"\(one whose batches vary has none\); pass micro_batch_size="):
-        trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=varying))
+    varying = [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # no batch_size anywhere: each step's batch tells
+    callback = PLCallback(every=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(_Regression(), torch.utils.data.DataLoader(data, batch_sampler=varying))
+    assert [h["batch_size"] for h in callback.history] == [4, 8] and callback.watch.samples == 12
+    assert callback.watch.monitor.batch_sizes == (1, 8) and callback.watch.monitor.measured_steps == 2
+
+
+class _ManualAccumulation(_Regression):
+    """Manual optimization stepping every second batch (loss / 2), as the callback's warning advises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward(super().training_step(batch, batch_idx) / 2)
+        if batch_idx % 2 == 1:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+
+
+def _fit(callbacks: list, module: pl.LightningModule, loader: torch.utils.data.DataLoader, **options) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **options)
+    trainer.fit(module, loader)
+
+
+def test_lightning_follows_accumulation_as_it_changes_and_under_manual_optimization():
+    """GradientAccumulationScheduler({0: 2, 1: 4}) set accumulate_grad_batches after on_train_start read it: all
+    40 steps were skipped; NoiseScaleCallback(accum_steps=2), which its own warning advised, raised TypeError."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    scheduled = PLCallback(every=1)
+    _fit([GradientAccumulationScheduler({0: 2, 1: 4}), scheduled], _Regression(), _regression_loader(), max_epochs=2)
+    assert [h["batch_size"] for h in scheduled.history] == [16] * 16 + [32] * 8  # 256 examples, batches of 8
+    assert scheduled.watch.monitor.batch_sizes == (8, 32) and scheduled.watch.samples == 512
+    manual = PLCallback(every=1, accum_steps=2)
+    _fit([manual], _ManualAccumulation(), _regression_loader(), max_epochs=1)
+    assert len(manual.history) == 16 and manual.watch.monitor.batch_sizes == (8, 16)
+
+
+def test_lightning_follows_a_schedule_samplers_growing_batch_without_a_grow_warning():
+    """DataLoader(batch_sampler=schedule.sampler(...)) grew 8 -> 16 at sample 64; the callback was told "this run
+    is still at 8 after 64 samples" and measured at 8 (or skipped the steps)."""
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    schedule = BatchSchedule([ScheduleStage(0, 8, 8, 1, 0.01), ScheduleStage(64, 16, 16, 1, 0.01)], 256)
+    data = _regression_loader().dataset
+    for given in (None, 8):
+        callback = PLCallback(micro_batch_size=given, every=1, schedule=schedule)
+        with logged("batchtune.integrations") as messages:
+            _fit([callback], _Regression(), torch.utils.data.DataLoader(data, batch_sampler=schedule.sampler(256)),
+                 max_steps=12)
+        assert [h["batch_size"] for h in callback.history] == [8] * 8 + [16] * 4 and callback.watch.samples == 128
+        assert callback.watch.grow_warnings == [] and callback.watch.monitor.batch_sizes == (1, 16)
+        assert len(messages) == (0 if given is None else 1)  # given 8: the batch's 16 is used, and said
 
 
 def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
@@ -169,7 +226,7 @@ def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
 
 def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
     """A run that stays at 16 while its schedule grows to 64 at sample 160 is told at step 11
-    (the first step past it), then every warn_every steps, never before."""
+    (the first step run past it at 16), then every warn_every steps, never before."""
     from batchtune.schedule import BatchSchedule, ScheduleStage
 
     path = BatchSchedule([ScheduleStage(0, 16, 16, 1, 0.1), ScheduleStage(160, 64, 32, 2, 0.2)],
@@ -182,9 +239,10 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
             model(torch.randn(16, 4)).sum().backward()
             watch.step(step)
             model.zero_grad(set_to_none=True)
-    assert watch.grow_warnings == [10, 14, 18]  # after step 10, 160 samples seen: the next step is stage 2's
+    # step 11 started at sample 160, stage 2's, and ran at 16 (at step 10 a sampler may still grow the next)
+    assert watch.grow_warnings == [11, 15, 19]
     grow = [m for m in messages if "the schedule grows the batch to 64" in m]
-    assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 160 samples" in grow[0]
+    assert len(grow) == 3 and "lr 0.2" in grow[0] and "still at 16 after 176 samples" in grow[0]
 
 
 class _Scripted:
@@ -259,9 +317,9 @@ def test_while_the_run_follows_its_schedule_the_watch_never_says_shrink(tmp_path
     watch.monitor, watch.batch_size = _Scripted((5.0, 4.0, 6.0)), 8  # 60% above the estimate, above its band
     messages = _watch_logs(watch, 48)
     assert watch.warnings == []  # at the stage's 8, then told to grow: never to shrink
-    assert watch.grow_warnings == [25, 35, 45]  # from the step after sample 200 on, the schedule speaks
-    assert messages[0] == ("step 25: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
-                           "from sample 200; this run is still at 8 after 200 samples; the noise scale B_simple=5 "
+    assert watch.grow_warnings == [26, 36, 46]  # from the step run from sample 200 on, the schedule speaks
+    assert messages[0] == ("step 26: the schedule grows the batch to 16 (micro-batch 8 x 2 accumulation, lr 0.0042) "
+                           "from sample 200; this run is still at 8 after 208 samples; the noise scale B_simple=5 "
                            "(90% band 4-6) is below this batch, but the schedule you chose governs: no "
                            "smaller-batch warning while it says to grow")
     assert len(messages) == 3
@@ -295,6 +353,58 @@ def test_hugging_face_logs_a_reading_once_and_only_its_finite_values():
     assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0}, {"loss": 1.0},
                       {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0, "noise_scale/high": 7.0}]
     assert callback.history[0]["high"] == math.inf  # the history keeps it
+
+
+def _hf_steps(callback: HFCallback, state, model: torch.nn.Module, steps: int, accum: int = 2) -> None:
+    """Optimizer steps as the Trainer takes them: accum backward passes of 8 examples, then the callback."""
+    for _ in range(steps):
+        for _ in range(accum):
+            (model(torch.randn(8, 4)).square().mean() / accum).backward()
+        callback.on_pre_optimizer_step(None, state, None)
+        state.global_step += 1
+        model.zero_grad(set_to_none=True)
+
+
+def test_hugging_face_counts_a_resumed_runs_samples_from_its_global_step():
+    """Resumed at step 20 of a 16-example batch, the schedule's growth at sample 400 went unsaid (samples counted
+    from 0 reached 320 by step 40); the uninterrupted run hears it at step 26."""
+    from types import SimpleNamespace
+
+    from batchtune.schedule import BatchSchedule, ScheduleStage
+
+    schedule = BatchSchedule([ScheduleStage(0, 16, 8, 2, 0.001), ScheduleStage(400, 32, 16, 2, 0.0014)], 1280)
+    model, callback = torch.nn.Linear(4, 1), HFCallback(every=4, schedule=schedule)
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=1,
+                           max_grad_norm=1.0)
+    state = SimpleNamespace(global_step=20, is_world_process_zero=True, log_history=[])
+    with logged("batchtune.integrations") as messages:
+        callback.on_train_begin(args, state, None, model=model)
+        _hf_steps(callback, state, model, 10)
+    assert callback.watch.grow_warnings == [26] and callback.watch.samples == 30 * 16
+    assert messages == ["step 26: the schedule grows the batch to 32 (micro-batch 16 x 2 accumulation, lr 0.0014) "
+                        "from sample 400; this run is still at 16 after 416 samples"]
+
+
+def test_hugging_face_says_once_what_clipping_does_under_ddp_and_when_no_step_was_measured():
+    """Under DDP with max_grad_norm=1.0 the reading read 45% high and 0.01 gave no reading, unsaid; a run of 3
+    steps at every=8 ended with an empty history, unsaid."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(4, 1)
+    for world, clip, said in [(2, 1.0, 1), (2, 0.0, 0), (1, 1.0, 0)]:
+        args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=world,
+                               max_grad_norm=clip)
+        with logged("batchtune.integrations") as messages:
+            HFCallback(every=1).on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=True),
+                                               None, model=model)
+        assert len([m for m in messages if "set max_grad_norm=0 for the measurement" in m]) == said
+    callback, state = HFCallback(every=8), SimpleNamespace(global_step=0, is_world_process_zero=True)
+    with logged("batchtune.integrations") as messages:
+        callback.on_train_begin(args, state, None, model=model)
+        _hf_steps(callback, state, model, 3)
+        callback.on_train_end(args, state, None)
+    assert callback.history == [] and messages == ["noise scale: no step was measured, so there is no reading: the "
+                                                   "run took 3 optimizer steps and every=8 measures steps 8, 16, ..."]
 
 
 @pytest.mark.parametrize("make", [NoiseScaleWatch, HFCallback, PLCallback])

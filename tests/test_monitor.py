@@ -195,6 +195,27 @@ def test_a_loop_that_only_calls_step_recovers_the_analytic_noise_scale(micro, ac
     assert abs(reading.b_simple - truth) <= reading.high - reading.low
 
 
+@pytest.mark.parametrize("accum", [4, 1])
+def test_a_batch_that_grows_is_read_at_the_size_set_and_skipped_with_a_warning_when_not_told(accum):
+    """A micro-batch grown from 16 to 32 without set_batch() read half the truth under accum_steps=4, with a band
+    excluding the truth and no warning; now those steps are skipped with one, and set_batch(32) reads the truth."""
+    d, sigma, delta = 20, 1.0, 1.0
+    truth = d * (1 + sigma**2 / delta**2) + 1
+    model, sample = _linreg(d, sigma, delta)
+    told = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=accum, every=1)
+    _loop(model, sample, micro=16, accum=accum, steps=100, monitor=told)
+    told.set_batch(32)
+    _loop(model, sample, micro=32, accum=accum, steps=600, monitor=told)
+    reading = told.reading()
+    assert told.batch_sizes == ((1, 32) if accum == 1 else (32, 32 * accum)) and reading.steps == 700
+    assert reading.b_simple == pytest.approx(truth, rel=0.15)
+    assert abs(reading.b_simple - truth) <= reading.high - reading.low
+    untold = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=accum, every=1)
+    with pytest.warns(RuntimeWarning, match=r"\[32, 20\].*micro.batch.size.*set_batch\(\)"):
+        _loop(model, sample, micro=32, accum=accum, steps=3, monitor=untold)
+    assert untold.reading().steps == 0
+
+
 @pytest.mark.parametrize("accum", [2, 1])
 def test_the_monitor_never_changes_training(accum):
     """Losses and weights bit-identical with and without it (SGD with momentum, clipping after step())."""
@@ -257,6 +278,83 @@ def test_per_example_norms_match_one_backward_per_example():
     layer(a).square().mean().backward()
     assert batch == 4 and small == pytest.approx(sum(separate) / 4, rel=1e-5)
     assert big == pytest.approx(sum(float(p.grad.double().square().sum()) for p in layer.parameters()), rel=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_freezing_and_unfreezing_mid_run_measures_what_is_trainable_now(accum):
+    """Freezing a layer with accum_steps=2 raised torch's "cannot register a hook on a tensor that doesn't require
+    gradient" from step(); with accum_steps=1 coverage read 0.19 with every trainable parameter measured. After
+    the freeze, a monitor made at the start reads each step as one made after it does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    early = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=accum, every=1)
+    late = None
+    for step in range(8):
+        if step == 4:
+            model[0].requires_grad_(False)
+            late = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=accum, every=1)
+        for _ in range(accum):
+            x, y = torch.randn(8, 8), torch.randint(0, 2, (8,))
+            (torch.nn.functional.cross_entropy(model(x), y) / accum).backward()
+        early.step()
+        if late is not None:
+            late.step()
+            assert early.last == late.last and early.coverage == late.coverage == 1.0
+        model.zero_grad(set_to_none=True)
+    assert early.reading().steps == 8 and late.reading().steps == 4
+    model[0].requires_grad_(True)  # armed at the end of step 8 on the head's 34 parameters of 178
+    for _ in range(accum):
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 2, (8,))).backward()
+    early.step()
+    assert early.reading().steps == 9 and early.coverage == pytest.approx(34 / 178)
+
+
+def test_a_parameter_monitor_told_no_micro_batch_says_what_to_call_and_removes_its_hooks():
+    """Forgetting start_micro_batch()/end_micro_batch() raised "no micro-batch recorded since the last
+    small_and_big()" and left the hooks registered, so the next step(), after begin() or not, raised it again."""
+    model = torch.nn.Linear(4, 1)
+    monitor = NoiseScaleMonitor(model.parameters(), micro_batch_size=8, accum_steps=4)
+    monitor.begin()
+    for _ in range(4):
+        (model(torch.randn(8, 4)).square().mean() / 4).backward()
+    with pytest.raises(RuntimeError, match=r"^step\(\) found no micro-batch recorded since begin\(\): call "
+                                           r"start_micro_batch\(\) right before each backward pass"):
+        monitor.step()
+    assert not model.weight._backward_hooks and monitor.measured_steps == 0
+    with pytest.raises(RuntimeError, match=r"call begin\(\) before the step's first backward pass"):
+        monitor.step()
+
+
+def _brute_per_example_sq_norms(a: torch.Tensor, g: torch.Tensor) -> list[float]:
+    """|δ_nᵀa_n|² + |Σ_t δ_t|² per example, from the per-example gradients in float64."""
+    return [float((gn.double().T @ an.double()).square().sum() + gn.double().sum(0).square().sum())
+            for an, gn in zip(a, g)]
+
+
+@pytest.mark.parametrize("steps, d_in, d_out", [(3, 5, 4), (12, 3, 2), (1, 5, 4)])
+@pytest.mark.parametrize("chunk", [1, 1 << 22])
+def test_per_example_norms_are_exact_by_either_method_in_any_chunking(monkeypatch, steps, d_in, d_out, chunk):
+    """T² <= d_in·d_out takes the Gram form, T² > d_in·d_out the per-example gradients; chunks of one example
+    give the same numbers as one chunk of all."""
+    from batchtune import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "PER_EXAMPLE_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(steps)
+    a, g = torch.randn(5, steps, d_in, generator=gen), torch.randn(5, steps, d_out, generator=gen)
+    got = monitor_module._linear_per_example_sq_norms(a, g, True, None)
+    assert got.tolist() == pytest.approx(_brute_per_example_sq_norms(a, g), rel=1e-5)
+
+
+def test_per_example_norms_of_a_long_sequence_allocate_no_time_by_time_matrix():
+    """T=2048, d_in=32, d_out=16: the Gram form allocated 4 x 2048 x 2048 floats (64 MiB) at once; the
+    per-example gradients are 4 x 16 x 32 floats (8192 bytes), the largest allocation now."""
+    from batchtune.monitor import _linear_per_example_sq_norms
+
+    a, g = torch.randn(4, 2048, 32), torch.randn(4, 2048, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = _linear_per_example_sq_norms(a, g, True, None)
+    assert max(event.cpu_memory_usage for event in prof.events()) == 4 * 16 * 32 * 4
+    assert got.tolist() == pytest.approx(_brute_per_example_sq_norms(a, g), rel=1e-5)
 
 
 def _ddp_rank(rank: int, world: int, init_file: str, out: str, accum: int) -> None:

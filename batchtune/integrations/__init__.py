@@ -78,6 +78,7 @@ class NoiseScaleWatch:
         self.monitor = None
         self.batch_size = 0
         self.samples = 0  # samples seen, counted at this run's batch
+        self.step_start_samples = 0  # ... before the step just run: the schedule's stage is that sample's
         if schedule is not None and not hasattr(schedule, "batch_size_at"):
             from batchtune.schedule import BatchSchedule
 
@@ -100,7 +101,22 @@ class NoiseScaleWatch:
             self.monitor = None
             log.warning("noise scale not measured in this run: %s", error)
 
-    def step(self, global_step: int, *, rank_zero: bool = True) -> dict[str, float] | None:
+    def reshape(self, *, micro_batch_size: int, accum_steps: int, world_size: int) -> None:
+        """The coming step's shape, when it may differ from the last (a growing batch, an accumulation schedule).
+
+        A shape the monitor cannot measure logs a warning, and the run goes on unmeasured.
+        """
+        self.batch_size = micro_batch_size * accum_steps * world_size
+        if self.monitor is None:
+            return
+        try:
+            self.monitor.set_batch(micro_batch_size, accum_steps)
+        except ValueError as error:
+            self.close()
+            self.monitor = None
+            log.warning("noise scale no longer measured in this run: %s", error)
+
+    def step(self, global_step: int, *, rank_zero: bool = True, samples: int | None = None) -> dict[str, float] | None:
         """Call after the last backward of an optimizer step; the logs of a new reading, else None.
 
         The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
@@ -111,8 +127,10 @@ class NoiseScaleWatch:
         Args:
             global_step: the optimizer step just computed, counted from 1.
             rank_zero: whether this process logs (warnings only on rank zero).
+            samples: the examples the step took over all ranks, where counted; None: the shape's batch size.
         """
-        self.samples += self.batch_size
+        self.step_start_samples = self.samples
+        self.samples += self.batch_size if samples is None else samples
         if self.schedule is not None and rank_zero:
             self._maybe_grow(global_step)
         if self.monitor is None:
@@ -169,10 +187,11 @@ class NoiseScaleWatch:
         return self.batch_size > OVER_CRITICAL * entry["b_simple"] and self.batch_size > entry["high"]
 
     def _schedule_ahead(self) -> Any:
-        """The schedule's stage for the coming step when its batch is bigger than this run's, else None."""
+        """The schedule's stage for the step just run when its batch is bigger than that step's, else None (not
+        the coming step's: a run whose schedule's sampler grew the batch at the next step was told it had not)."""
         if self.schedule is None:
             return None
-        stage = self.schedule.stage_at(self.samples)
+        stage = self.schedule.stage_at(self.step_start_samples)
         return stage if stage.batch_size > self.batch_size else None
 
     def _on_schedule(self) -> bool:
@@ -182,10 +201,20 @@ class NoiseScaleWatch:
         if self.schedule is None:
             return False
         return (self.samples <= getattr(self.schedule, "warmup_samples", 0)
-                or self.batch_size <= self.schedule.stage_at(self.samples).batch_size)
+                or self.batch_size <= self.schedule.stage_at(self.step_start_samples).batch_size)
 
     def _band_name(self) -> str:
         return f"{self.options['confidence']:.0%}"
+
+    def end(self, *, rank_zero: bool = True) -> None:
+        """At the end of training: remove the hooks, and say when no step was measured (a run of 3 steps at
+        every=8 ended with an empty history, unsaid). ``rank_zero``: whether this process logs."""
+        self.close()
+        if self.monitor is not None and not self.monitor.measured_steps and rank_zero:
+            every, steps = self.monitor.every, self.monitor.steps_seen
+            why = (f"the run took {steps} optimizer steps and every={every} measures steps {every}, {2 * every}, ..."
+                   if steps < every else "every measured step was skipped (see the warnings above)")
+            log.warning("noise scale: no step was measured, so there is no reading: %s", why)
 
     def close(self) -> None:
         """Remove the monitor's hooks."""

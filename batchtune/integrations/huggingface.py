@@ -13,12 +13,14 @@ A logging step's record gets ``noise_scale/b_simple``, ``noise_scale/low`` and
 ``noise_scale/high`` (90% band) in ``trainer.state.log_history`` when a measured step gave a new
 reading since the last logging step (a reading is logged once), each only when finite. The
 Trainer's reporters (TensorBoard, W&B) see them only when this callback comes before them:
-``NoiseScaleCallback.attach(trainer)`` puts it first.
+``NoiseScaleCallback.attach(trainer)`` puts it first. A resumed run counts the schedule's samples from
+``state.global_step`` × the batch.
 
 The Trainer divides each micro-batch's loss by ``gradient_accumulation_steps`` and clips
 after the last backward; with one process the monitor reads the gradients from its hooks
 before clipping. Under DDP it reads the all-reduced ``.grad`` in ``on_pre_optimizer_step``,
-after the Trainer's clipping: set ``max_grad_norm=0`` there, or clipped steps bias the reading.
+after the Trainer's clipping (there is no callback between the two): set ``max_grad_norm=0`` there, or
+clipped steps bias the reading; the callback warns once when training begins under DDP with clipping on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from batchtune.integrations import NoiseScaleWatch, require
+from batchtune.integrations import NoiseScaleWatch, log, require
 
 _transformers = require("transformers", "hf")
 
@@ -71,7 +73,8 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         """Place a callback first among ``trainer``'s, so that its reporters log the readings, and return it.
 
         ``NoiseScaleCallback.attach(trainer, every=8)`` makes one (or moves the one the trainer has first);
-        ``callback.attach(trainer)`` places ``callback``. A trainer never gets two.
+        ``callback.attach(trainer)`` places ``callback``. A trainer never gets two: attaching a callback to a
+        trainer that has another raises ValueError.
         """
         callbacks = trainer.callback_handler.callbacks
         if self is None:
@@ -81,6 +84,9 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         elif options:
             raise TypeError(f"{cls.__name__}.attach() on a callback takes the trainer alone; options go to "
                             f"{cls.__name__}(...)")
+        elif any(isinstance(c, cls) and c is not self for c in callbacks):  # it would have got a second one
+            raise ValueError(f"the trainer has another {cls.__name__} already: attach that one "
+                             f"({cls.__name__}.attach(trainer)), or remove it first")
         callback = self if self is not None else cls(**options)
         callbacks[:] = [callback, *(c for c in callbacks if c is not callback)]
         return callback
@@ -88,6 +94,11 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.watch.start(model, micro_batch_size=args.per_device_train_batch_size,
                          accum_steps=args.gradient_accumulation_steps, world_size=args.world_size)
+        self.watch.samples = state.global_step * self.watch.batch_size  # resumed: the schedule counts from there
+        if args.world_size > 1 and args.max_grad_norm and state.is_world_process_zero:
+            log.warning("noise scale: under DDP the reading sees the all-reduced gradient after the Trainer clips "
+                        "it (max_grad_norm=%g): clipped steps bias it (high, or no reading when every step is "
+                        "clipped); set max_grad_norm=0 for the measurement", args.max_grad_norm)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         logs = self.watch.step(state.global_step + 1, rank_zero=state.is_world_process_zero)
@@ -103,4 +114,4 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
         self._latest = {}  # logged once: every logging step repeated the last reading, stale at every=8
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.watch.close()
+        self.watch.end(rank_zero=state.is_world_process_zero)
