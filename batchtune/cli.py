@@ -560,7 +560,7 @@ def noise(
 ) -> None:
     """Measure the gradient noise scale (the critical batch size's estimate) over a short run.
 
-    Exit 0 measured, 1 the loss diverged (no estimate), 2 bad input.
+    Exit 0 measured, 1 the loss diverged or the micro-batch ran out of memory (no estimate), 2 bad input.
     """
     with _user_errors():
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
