@@ -134,6 +134,22 @@ def test_service_curve_interpolates_and_extrapolates():
     assert {round(x / y, 6) for x, y in zip(times[2:], spread.typical(np.array([7, 8, 8, 8, 8, 8])))} == {2.0, 4.0}
 
 
+def test_capacity_at_a_rate_is_the_tables_samples_per_second():
+    """Batch ÷ mean latency, as the table's samples/s: an outside run's table gave batch 3 at 32,535/s (mean), its
+    rate line 62,206/s (median) and 33 devices. Here one slow pass in 20 doubles the mean of a 1 ms median."""
+    from batchtune.commands.serve import LatencyPoint, dynamic_batching
+
+    raw = {b: [1e-3 * b] * 19 + [1e-3 * b * 21] for b in (1, 2, 4)}  # mean 2 ms a sample, median 1 ms
+    points = [LatencyPoint(b, 1.0 * b, 1.0 * b, 21.0 * b, 2.0 * b, 21.0 * b, 20, b / (2e-3 * b), True, "power")
+              for b in raw]
+    dynamic, why = dynamic_batching(points, raw, 4, rate=700.0, budget_s=1.0, percentile=50, seed=0)
+    assert dynamic is None and why == ("no setting sustains 700 requests/s: full batches of 1 serve at most 500/s on "
+                                       "one device (batch ÷ mean latency); 2 devices would")
+    assert points[0].samples_per_s == pytest.approx(500.0)
+    dynamic, _ = dynamic_batching(points, raw, 4, rate=400.0, budget_s=1.0, percentile=50, seed=0)
+    assert dynamic is not None and dynamic["throughput"] == pytest.approx(500.0, rel=0.1)
+
+
 # ---------------------------------------------------------------------------- the command
 
 

@@ -331,16 +331,18 @@ def dynamic_batching(points: list[LatencyPoint], raw: dict[int, list[float]], ma
                      rate: float, budget_s: float, percentile: float, seed: int) -> tuple[dict[str, Any] | None,
                                                                                              str | None]:
     """The simulated batcher setting for ``rate`` on the measured curve: (JSON ``dynamic``, or None
-    and why not). The curve is the sizes' medians; each batch's time is scaled by a latency-over-
-    median ratio drawn from the nearest measured size's passes, so the simulation keeps its spread."""
+    and why not). The curve is the sizes' mean times, as the table's samples/s: a backlogged batcher
+    sustains a rate only below batch ÷ mean service time (a median ignores the slow passes that
+    also take device time). Each batch's time is scaled by a latency-over-mean ratio drawn from
+    the nearest measured size's passes, so the simulation keeps their spread."""
     import numpy as np
 
     from batchtune.stats.batching import ServiceCurve, choose_setting
 
     sizes = sorted(p.batch_size for p in points if p.phase != "bisect" or p.batch_size == max_batch_size)
-    medians = {b: float(np.median(raw[b])) for b in sizes}
-    ratios = [np.asarray(raw[b]) / medians[b] for b in sizes]
-    curve = ServiceCurve.from_points(sizes, [medians[b] for b in sizes], ratios)
+    means = {b: float(np.mean(raw[b])) for b in sizes}
+    ratios = [np.asarray(raw[b]) / means[b] for b in sizes]
+    curve = ServiceCurve.from_points(sizes, [means[b] for b in sizes], ratios)
     grid = [b for b in sizes if max_batch_size is None or b <= max_batch_size] or sizes[:1]
     choice = choose_setting(curve, grid, rate=rate, budget_s=budget_s, percentile=percentile, seed=seed)
     summary = {"rate": rate, "settings_simulated": len(choice.settings), "requests": choice.requests,
@@ -360,7 +362,8 @@ def _no_setting(choice: Any, summary: dict[str, Any]) -> str:
     if choice.reason == "rate":
         devices = math.ceil(choice.rate / choice.capacity) if choice.capacity > 0 else None
         return (f"no setting sustains {choice.rate:g} requests/s: full batches of {choice.capacity_batch} serve at "
-                f"most {choice.capacity:,.0f}/s on one device" + (f"; {devices} devices would" if devices else ""))
+                f"most {choice.capacity:,.0f}/s on one device (batch ÷ mean latency)"
+                + (f"; {devices} devices would" if devices else ""))
     sustaining = [s for s in choice.settings if s.sustains]
     best = min(sustaining, key=lambda s: s.at_percentile)
     return (f"settings sustain {choice.rate:g} requests/s, but none keeps p{choice.percentile:g} within "
