@@ -332,6 +332,36 @@ def test_check_serve_times_the_longest_requests_too(write_spec):
     assert (report.exit_code(), report.exit_code(strict=True)) == (0, 1)
 
 
+def test_a_pass_the_os_switched_out_is_timed_again(write_spec, monkeypatch):
+    """On a busy machine one pass in fifty that waited 4 ms for a core (median 0.04 ms) set the p99: the answer was
+    1 in one run and 768 in the next. Here every 10th pass 'is switched out' and waits 30 ms instead of 1 ms."""
+    from batchtune.commands import serve
+    from batchtune.commands.serve import _setup, _Timer, measure_latency, serve_forward
+
+    switches = [0]
+
+    class Hiccups(nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            switches[0] += self.calls % 10 == 0
+            time.sleep(0.03 if self.calls % 10 == 0 else 0.001)
+            return x
+
+    monkeypatch.setattr(serve, "_preemptions", lambda: switches[0])
+    _, components, backend, _ = _setup(str(write_spec(SERVE_SPEC)), None)
+    batch = [components.train_set[0][0][None]]
+    timer = _Timer(Hiccups(), lambda m, b: m(b), backend, "fp32", 20, 10.0)
+    point, times = measure_latency(timer, batch, 1, 0.005, 99.0, "power")
+    assert (point.repeats, point.preempted, len(times)) == (20, 2, 20)  # calls 10 and 20 (the first 5 warm up)
+    assert point.p99_ms < 5.0 and max(times) < 0.005
+    counter = iter(range(10**6))
+    monkeypatch.setattr(serve, "_preemptions", lambda: next(counter))  # every pass switched out: kept after 20 more
+    point, _ = measure_latency(timer, batch, 1, 0.005, 99.0, "power")
+    assert (point.repeats, point.preempted) == (20, 20) and not point.meets_budget
+
+
 class _Stuck(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -8,7 +8,8 @@
    no saved activations, so it lies far above the training ceiling.
 2. **Latency per batch size** up to that ceiling: each size's batch, as the data set gives
    it, is copied to the device and run forward ``repeats`` times after warm-up, the
-   device synchronised around each pass; p50/p90/p99 and throughput. Powers of two first,
+   device synchronised around each pass (a pass the OS switched out for another process
+   timed again); p50/p90/p99 and throughput. Powers of two first,
    stopping at the first size past the budget, then a bisection of that last doubling to
    about 1.5% of the size, one granule for small sizes (latency grows with the batch, so one
    crossing is assumed).
@@ -75,6 +76,7 @@ class LatencyPoint:
     samples_per_s: float  # batch_size / mean latency
     meets_budget: bool
     phase: str  # power | bisect | ceiling
+    preempted: int = 0  # passes the OS switched out for other work, timed again (not in the figures)
 
     def percentile_unreliable(self, percentile: float) -> bool:
         """Fewer passes than it takes to see one beyond the percentile."""
@@ -180,6 +182,15 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
 # ---------------------------------------------------------------------------- latency
 
 
+def _preemptions() -> int:
+    """Times the OS has switched this process out for another (involuntary context switches); 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
 @dataclass
 class _Timer:
     """Times forward passes of one model on one device, like a benchmark."""
@@ -204,6 +215,7 @@ class _Timer:
 
         backend, device = self.backend, self.backend.device
         times: list[float] = []
+        self.preempted = 0
         with torch.inference_mode(), autocast(device.type, self.precision):
             for i in range(WARMUP_PASSES):
                 self.forward(self.model, to_device(batches[i % len(batches)], device))
@@ -211,13 +223,22 @@ class _Timer:
             started = time.perf_counter()
             while len(times) < self.repeats:
                 batch = batches[len(times) % len(batches)]
+                switches = _preemptions()
                 t0 = time.perf_counter()
                 self.forward(self.model, to_device(batch, device))
                 backend.synchronize()
-                times.append(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                # A pass the OS switched out for another process times that process: time it again (up to
+                # as many passes again). On a busy machine such passes, 4 ms against a 0.04 ms median, set the p99.
+                if _preemptions() > switches and self.preempted < self.repeats:
+                    self.preempted += 1
+                    continue
+                times.append(elapsed)
                 if len(times) >= MIN_REPEATS and time.perf_counter() - started > self.max_seconds:
                     break
         return times
+
+    preempted: int = 0  # the last passes(): passes switched out and timed again
 
     def overhead(self) -> float:
         """Seconds the loop itself takes per pass (clock and synchronisation around nothing)."""
@@ -240,7 +261,8 @@ def measure_latency(timer: _Timer, batches: list[Any], batch_size: int, budget_s
     p50, p90, p99, chosen = np.percentile(times, [50, 90, 99, percentile])
     mean = float(times.mean())
     point = LatencyPoint(batch_size, 1e3 * float(p50), 1e3 * float(p90), 1e3 * float(p99), 1e3 * mean,
-                         1e3 * float(chosen), len(times), batch_size / mean, bool(chosen <= budget_s), phase)
+                         1e3 * float(chosen), len(times), batch_size / mean, bool(chosen <= budget_s), phase,
+                         timer.preempted)
     log.info("  %-7s batch %7d: p50 %.2f ms, p%g %.2f ms (%d passes)", phase, batch_size, point.p50_ms,
              percentile, point.at_percentile_ms, len(times))
     return point, list(times)
@@ -600,6 +622,11 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
     elif others >= QUIET_OTHER_CORES:  # not enough to slow throughput much, enough for a pass to wait
         notes.append(f"other processes used {others:.1f} of {result.load['cores']} cores while timing: a pass that "
                      "waited for a core shows in the tails (p99 most); rerun on a quiet machine to confirm")
+    preempted = sum(q.preempted for q in result.points)
+    if preempted:
+        notes.append(f"the OS switched {preempted:,} passes out for other processes while timing: each was timed "
+                     "again and left out, so the figures are the model's own; a server sharing its cores like this "
+                     "would see longer tails")
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
     if small:
         need = math.ceil(100 / (100 - result.percentile))
