@@ -362,6 +362,20 @@ def test_a_pass_the_os_switched_out_is_timed_again(write_spec, monkeypatch):
     assert (point.repeats, point.preempted) == (20, 20) and not point.meets_budget
 
 
+@pytest.mark.parametrize("device", ["{type: cpu, memory_limit: 1MiB}", "{type: cpu}"])
+def test_a_model_that_rejects_the_data_is_named_as_inference(write_spec, device):
+    """An outside serve run on a shape mismatch read 'a training step at micro-batch 1 × 1 raised' and pointed at
+    `loss`; serve runs the model forward alone. Without a memory limit (no ceiling search) it was a traceback."""
+    spec = write_spec(SERVE_SPEC.replace("in_features: 8,", "in_features: 6,").replace(
+        "device: {type: cpu, memory_limit: 12KiB}", f"device: {device}"))
+    out = runner.invoke(app, ["serve", str(spec), "--latency-budget", "5ms", "-q"])
+    assert out.exit_code == 2, out.output
+    assert " ".join(out.stderr.split()) == (
+        "error: a forward pass (inference) at batch 1 raised RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+        "(1x6 and 8x4). Check that the model accepts the data's samples (model.kwargs, data.kwargs); "
+        "BATCHTUNE_DEBUG=1 shows the traceback")
+
+
 class _Stuck(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -257,7 +257,15 @@ def measure_latency(timer: _Timer, batches: list[Any], batch_size: int, budget_s
     the simulation's spread)."""
     import numpy as np
 
-    times = np.asarray(timer.passes(batches))
+    from batchtune.engine.trial import forward_error
+    from batchtune.memory.device import is_oom
+
+    try:
+        times = np.asarray(timer.passes(batches))
+    except Exception as exc:  # noqa: BLE001 - an OOM goes on as it is; anything else is the user's model
+        if is_oom(exc, timer.backend):
+            raise
+        raise forward_error(exc, batch_size) from exc
     p50, p90, p99, chosen = np.percentile(times, [50, 90, 99, percentile])
     mean = float(times.mean())
     point = LatencyPoint(batch_size, 1e3 * float(p50), 1e3 * float(p90), 1e3 * float(p99), 1e3 * mean,
