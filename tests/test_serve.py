@@ -376,6 +376,35 @@ def test_a_model_that_rejects_the_data_is_named_as_inference(write_spec, device)
         "BATCHTUNE_DEBUG=1 shows the traceback")
 
 
+def test_the_deciding_percentile_is_shown_and_said_to_be_rough_and_the_budget_reads(write_spec):
+    """Outside: at --percentile 100 the table showed p50/p90/p99 only; p99.9 of 20 passes (their slowest) went
+    unremarked in check --serve; --latency-budget 2h read '≤ 7.2e+06 ms'."""
+    spec = write_spec(SERVE_SPEC)
+    out = runner.invoke(app, ["serve", str(spec), "--latency-budget", "2h", "--percentile", "99.9", "--repeats", "20",
+                              "-q"])
+    assert out.exit_code == 0, out.output
+    assert "budget 2 h at p99.9" in out.stdout and "≤ 2 h;" in out.stdout
+    header = next(line for line in out.stdout.splitlines() if line.split()[:2] == ["batch", "phase"])
+    assert header.split() == ["batch", "phase", "p50", "ms", "p90", "ms", "p99", "ms", "p99.9", "ms",
+                              "samples/s", "passes", "p99.9", "≤", "budget"]
+    assert ("note: p99.9 needs at least 1000 passes to see one beyond it; 9 of 9 sizes had fewer (--repeats, or the "
+            "time cap per size): their p99.9 is in effect their slowest pass, rough") in out.stdout
+    check = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "90s", "--percentile", "99.9",
+                                "-b", "2", "-q", "-f", "json"])
+    reason = json.loads(check.stdout)["checks"][1]["reason"]
+    assert reason.startswith("p99.9 ") and "≤ 1.5 min budget" in reason
+    assert reason.endswith("; p99.9 needs at least 1000 passes to see one beyond it: p99.9 of 100 passes is in effect "
+                           "the slowest, rough")
+
+
+@pytest.mark.parametrize("ms, text", [(0.5, "0.5 ms"), (45, "45 ms"), (1500, "1.5 s"), (90e3, "1.5 min"),
+                                      (7.2e6, "2 h"), (1234.5678, "1.235 s")])
+def test_durations_read_in_their_unit(ms, text):
+    from batchtune.render.text import duration_ms
+
+    assert duration_ms(ms) == text
+
+
 class _Stuck(nn.Module):
     def __init__(self) -> None:
         super().__init__()

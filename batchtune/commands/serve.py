@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchtune.render.text import duration_ms
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dynamic_batching", "inference_ceiling",
@@ -397,7 +399,7 @@ def _no_setting(choice: Any, summary: dict[str, Any]) -> str:
     sustaining = [s for s in choice.settings if s.sustains]
     best = min(sustaining, key=lambda s: s.at_percentile)
     return (f"settings sustain {choice.rate:g} requests/s, but none keeps p{choice.percentile:g} within "
-            f"{1e3 * choice.budget_s:g} ms (best: {1e3 * best.at_percentile:.1f} ms at max batch "
+            f"{duration_ms(1e3 * choice.budget_s)} (best: {1e3 * best.at_percentile:.1f} ms at max batch "
             f"{best.max_batch_size}, delay {1e3 * best.max_queue_delay:.2f} ms)")
 
 
@@ -613,7 +615,7 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
     if result.max_batch_size is None and result.points:
         first = result.points[0]
         notes.append(f"even batch {first.batch_size} takes {first.at_percentile_ms:.2f} ms at p{result.percentile:g}, "
-                     f"over the {result.budget_ms:g} ms budget")
+                     f"over the {duration_ms(result.budget_ms)} budget")
     elif result.max_batch_size == result.ceiling:
         notes.append("memory, not the latency budget, sets the largest batch: every size up to the ceiling meets it")
     worst = (result.lengths or {}).get("worst")
@@ -637,10 +639,9 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
                      "would see longer tails")
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
     if small:
-        need = math.ceil(100 / (100 - result.percentile))
-        notes.append(f"p{result.percentile:g} needs at least {need} passes to see one beyond it; {len(small)} of "
-                     f"{len(result.points)} sizes had fewer (--repeats, or the time cap per size): their tails "
-                     "are rough")
+        notes.append(f"{_percentile_warning(result.percentile)}; {len(small)} of {len(result.points)} sizes had fewer "
+                     f"(--repeats, or the time cap per size): their p{result.percentile:g} is in effect their slowest "
+                     "pass, rough")
     return notes
 
 
@@ -711,9 +712,12 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
         q = f"p{percentile:g}"
         checks.append({"name": "latency", "status": "pass" if point.meets_budget else "fail",
                        "reason": f"{q} {_fmt_ms(point.at_percentile_ms)} ms {'≤' if point.meets_budget else '>'} "
-                                 f"{1e3 * latency_budget:g} ms budget (p50 {_fmt_ms(point.p50_ms)} ms over "
+                                 f"{duration_ms(1e3 * latency_budget)} budget (p50 {_fmt_ms(point.p50_ms)} ms over "
                                  f"{point.repeats} passes; {point.samples_per_s:,.0f} samples/s)",
                        "figures": asdict(point)})
+        if point.percentile_unreliable(percentile):
+            checks[-1]["reason"] += (f"; {_percentile_warning(percentile)}: p{percentile:g} of {point.repeats} passes "
+                                     "is in effect the slowest, rough")
         if components.collate_fn is not None:  # variable-length requests, padded as collated
             checks.append(_worst_case_check(curve, components, size, q))
     else:
@@ -734,8 +738,13 @@ def _worst_case_check(curve: _Curve, components: Any, size: int, q: str) -> dict
     verdict = "≤" if point.meets_budget else "> the"
     return {"name": "worst_case_latency", "status": "pass" if point.meets_budget else "warn", "figures": asdict(point),
             "reason": f"the {size} longest requests (length {int(lengths[longest[0]].min())}–{int(lengths.max())}): "
-                      f"{q} {_fmt_ms(point.at_percentile_ms)} ms {verdict} {1e3 * curve.budget_s:g} ms budget"
+                      f"{q} {_fmt_ms(point.at_percentile_ms)} ms {verdict} {duration_ms(1e3 * curve.budget_s)} budget"
                       + ("" if point.meets_budget else "; bucket requests by length, or cap the batch for long ones")}
+
+
+def _percentile_warning(percentile: float) -> str:
+    return (f"p{percentile:g} needs at least {math.ceil(round(100 / (100 - percentile), 6))} passes to see one beyond "
+            "it")
 
 
 def _fmt_ms(x: float) -> str:
