@@ -639,3 +639,23 @@ def test_a_micro_batch_that_runs_out_of_memory_exits_1_with_advice_that_fits(wri
     out = CliRunner().invoke(app, ["noise", str(path), "--steps", "4", "-q", "-b", "512", "-k", "16",
                                    "device.memory_limit=60KiB", "-f", "json"])
     assert out.exit_code == 0 and json.loads(out.stdout)["out_of_memory"] is None, out.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["noise", "--steps", "0"], "error: Invalid value for '--steps': Input should be greater than or equal to 2 "
+                                "(see batchtune noise --help)"),
+    (["noise", "--batch-size", "1"], "error: Invalid value for '--batch-size' / '-b': Input should be greater than or "
+                                     "equal to 2 (see batchtune noise --help)"),
+    (["check", "-b", "0"], "error: Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1 "
+                           "(see batchtune check --help)"),
+    (["noise", "--bogus"], "error: No such option: --bogus (see batchtune noise --help)"),
+])
+def test_an_option_click_refuses_is_one_error_line(write_spec, args, message):
+    """noise --steps 0 drew typer's boxed usage panel where the commands' own checks say one line."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, [args[0], str(write_spec()), *args[1:]], prog_name="batchtune")
+    assert out.exit_code == 2 and out.stdout == "", out.output
+    assert out.stderr.splitlines() == [message]
