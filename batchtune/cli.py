@@ -29,7 +29,30 @@ from batchtune.errors import TrainingError, UsageError, error_line
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.render.logs import setup_logging
 
+try:  # typer 0.2x carries its own click
+    from typer._click.exceptions import UsageError as _ClickUsageError
+except ImportError:  # pragma: no cover - older typer, on click
+    from click.exceptions import UsageError as _ClickUsageError
+from typer.core import TyperGroup
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """An option click refuses (out of range, unknown, missing) is one line and exit 2, like the commands'
+    own checks, not typer's boxed usage panel (noise --steps 0 drew a box where serve --repeats 3 said one line)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _ClickUsageError as exc:
+            if _debug():
+                raise
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            _error(f"{exc.format_message().rstrip('.')}{where}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="batchtune",
     help="Measure, don't guess: the batch size that fits, trains well and wastes no compute.",
     no_args_is_help=True,
@@ -576,7 +599,7 @@ def noise(
 ) -> None:
     """Measure the gradient noise scale (the critical batch size's estimate) over a short run.
 
-    Exit 0 measured, 1 the loss diverged (no estimate), 2 bad input.
+    Exit 0 measured, 1 the loss diverged or the micro-batch ran out of memory (no estimate), 2 bad input.
     """
     with _user_errors():
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)

@@ -8,6 +8,7 @@ B_simple = d·(1 + σ²/|δ|²) + 1.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -563,7 +564,26 @@ def test_the_noise_report_says_how_the_readings_moved_not_that_they_grow():
     assert _trend([reading(63, 40, 90, 1.3), reading(41, 35, 50, 0.5)]).startswith("It moved from 63 at val loss "
                                                                                   "1.3 to 41 at 0.5, within the bands")
     assert _trend([reading(90, 80, 100, 1.0), reading(40, 35, 45, 0.5)]).startswith("It fell from 90")
-    assert _trend([reading(90, 80, 100, 1.0)]).startswith("One reliable reading")
+    assert _trend([reading(90, 80, 100, 1.0), reading(95, 42, math.inf, 0.8, False)]) == (
+        "One reliable reading (90 at val loss 1): run more steps to see how it moves as the loss falls.")
+    # the outside tester's --batch-size 8192 --steps 5: every row 'reliable no', the summary said 'One reliable'
+    assert _trend([reading(131, 0, math.inf, 2.2, False), reading(90, 42, math.inf, 1.156, False)]) == (
+        "No reading is reliable yet: run more steps (--steps) for the band to close.")
+
+
+def test_the_end_reading_says_when_it_is_not_reliable():
+    from batchtune.commands.noise import NoiseRun
+    from batchtune.engine.shape import BatchShape
+    from batchtune.render.noise import render_noise
+
+    end = {"step": 5, "samples": 40960, "val_loss": 1.156, "b_simple": 90.0, "low": 42.0, "high": math.inf,
+           "reliable": False}
+    run = NoiseRun("quickstart", BatchShape(2048, 4), 0.0113, 5, [end], end, 1, 1.0)
+    assert "B_simple at the end: 90 examples at val loss 1.156 (90% band 42–inf; not reliable: the band is open " \
+           "above)." in render_noise(run)
+    run.final = {**end, "high": 120.0, "reliable": True}
+    run.history = [run.final]
+    assert "(90% band 42–120)." in render_noise(run)
 
 
 def test_small_noise_scales_are_not_rounded_to_zero():
@@ -603,3 +623,39 @@ def test_a_run_whose_loss_explodes_but_stays_finite_is_called_diverged(write_spe
     assert out.exit_code == 1, out.output
     assert "diverged: loss " in out.stdout and "exceeds 3× the starting loss" in out.stdout
     assert "No noise scale comes from a run that diverged" in out.stdout and "B_simple at the end" not in out.stdout
+
+
+def test_a_micro_batch_that_runs_out_of_memory_exits_1_with_advice_that_fits(write_spec):
+    """An outside noise run at --batch-size 100000 ran out of memory, then exited 0 saying 'run more steps'."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    path = write_spec()
+    out = CliRunner().invoke(app, ["noise", str(path), "--steps", "4", "-q", "-b", "512", "device.memory_limit=60KiB"])
+    assert out.exit_code == 1, out.output
+    assert "out of memory with 128 samples in a backward pass (OutOfMemoryError: CPU out of memory" in out.stdout
+    assert "lower --batch-size, or raise --accum-steps" in out.stdout and "more steps" not in out.stdout
+    out = CliRunner().invoke(app, ["noise", str(path), "--steps", "4", "-q", "-b", "512", "-k", "16",
+                                   "device.memory_limit=60KiB", "-f", "json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["out_of_memory"] is None, out.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["noise", "--steps", "0"], "error: Invalid value for '--steps': Input should be greater than or equal to 2 "
+                                "(see batchtune noise --help)"),
+    (["noise", "--batch-size", "1"], "error: Invalid value for '--batch-size' / '-b': Input should be greater than or "
+                                     "equal to 2 (see batchtune noise --help)"),
+    (["check", "-b", "0"], "error: Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1 "
+                           "(see batchtune check --help)"),
+    (["noise", "--bogus"], "error: No such option: --bogus (see batchtune noise --help)"),
+])
+def test_an_option_click_refuses_is_one_error_line(write_spec, args, message):
+    """noise --steps 0 drew typer's boxed usage panel where the commands' own checks say one line."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, [args[0], str(write_spec()), *args[1:]], prog_name="batchtune")
+    assert out.exit_code == 2 and out.stdout == "", out.output
+    assert out.stderr.splitlines() == [message]

@@ -31,6 +31,7 @@ class NoiseRun:
     seconds: float
     notes: list[str] = field(default_factory=list)
     diverged: str | None = None  # why the loss stopped being finite: no estimate, exit 1
+    out_of_memory: str | None = None  # the error when a step ran out of memory: no estimate, exit 1
 
     @property
     def batch_size(self) -> int:
@@ -38,8 +39,8 @@ class NoiseRun:
 
     @property
     def exit_code(self) -> int:
-        """1 when the run diverged (the measurement says no), else 0."""
-        return 1 if self.diverged else 0
+        """1 when the run diverged or ran out of memory (the measurement says no), else 0."""
+        return 1 if self.diverged or self.out_of_memory else 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -94,13 +95,11 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
     log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
     result = stop_if_timed_out(Trainer(components, backend, spec.precision).run(config))
     tokens = components.tokens_per_sample()
-    if not result.fits:
-        notes.append(f"out of memory: {result.error}")
     if has_batchnorm(components.build_model(spec.seed)):
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
     if result.noise_unmeasured:
         notes.append(f"no noise scale: {result.noise_unmeasured}; use --accum-steps 2 or more")
     final = result.noise_history[-1] if result.noise_history else None
-    return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final,
-                    tokens, result.seconds, notes, result.divergence if result.diverged else None)
+    return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final, tokens, result.seconds,
+                    notes, result.divergence if result.diverged else None, None if result.fits else result.error)

@@ -240,11 +240,22 @@ def _renewing(watch: Any, on_step: Callable[[int, float], None] | None) -> Calla
     return progress
 
 
-def _training_error(exc: BaseException, config: TrialConfig) -> TrainingError:
+def forward_error(exc: BaseException, batch_size: int, with_loss: bool = False) -> TrainingError:
+    """The user's code failed in an inference pass (serve's: the model alone, unless ``with_loss``)."""
     return TrainingError(
-        f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised {error_line(exc)}. "
-        "Check that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, "
-        "loss); BATCHTUNE_DEBUG=1 shows the traceback")
+        f"a forward pass (inference) at batch {batch_size} raised {error_line(exc)}. Check that the model accepts "
+        f"the data's samples{' and the loss its outputs' * with_loss} (model.kwargs, data.kwargs{', loss' * with_loss})"
+        "; BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadFactory) -> TrainingError:
+    """The user's code failed in a step: worded for what the step runs (serve's runs the model alone)."""
+    if getattr(workload, "func", workload) is ForwardOnly:
+        return forward_error(exc, config.shape.micro_batch_size, "forward" not in getattr(workload, "keywords", {}))
+    return TrainingError(
+        f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised "
+        f"{error_line(exc)}. Check that the model accepts the data's samples and the loss its outputs (model.kwargs, "
+        "data.kwargs, loss); BATCHTUNE_DEBUG=1 shows the traceback")
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -451,7 +462,7 @@ class Trainer:
                 if getattr(exc, "batchtune_issue", None) is not None:  # a factory's, not the step's: the spec's
                     raise ComponentError([exc.batchtune_issue]) from None  # check had failed 'fits' on it
                 if not is_oom(exc, backend):
-                    raise _training_error(exc, config) from exc
+                    raise _training_error(exc, config, self.workload) from exc
                 result.fits = False
                 result.error = getattr(exc, "batchtune_error", None) or error_line(exc)
                 result.failed_ranks = list(getattr(exc, "failed_ranks", []))

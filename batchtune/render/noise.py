@@ -29,10 +29,13 @@ def render_noise(run: Any, fmt: str = "table") -> str:
     if run.diverged:
         lines.append(f"diverged: {run.diverged}. No noise scale comes from a run that diverged: "
                      "check the model and the data, or lower optimizer.lr")
+    elif run.out_of_memory:
+        lines.append(_out_of_memory(run))
     elif final and final.get("b_simple"):
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
+        unsure = "" if final["reliable"] else "; not reliable: the band is open above"
         lines.append(f"B_simple at the end: {count(final['b_simple'])} examples{tokens} at val loss "
-                     f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}).")
+                     f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}{unsure}).")
         lines.append(_trend(run.history))
     else:
         lines.append("no reliable estimate yet: run more steps (--steps)")
@@ -40,11 +43,22 @@ def render_noise(run: Any, fmt: str = "table") -> str:
     return "\n".join(lines)
 
 
+def _out_of_memory(run: Any) -> str:
+    """The step ran out of memory: the micro-batch (what one backward pass holds) is what must fit."""
+    micro = run.shape.micro_batch_size // (2 if run.shape.accum_steps == 1 and run.shape.world_size == 1 else 1)
+    return (f"out of memory with {micro:,} samples in a backward pass ({run.out_of_memory}). No noise scale: that "
+            "micro-batch is what must fit; lower --batch-size, or raise --accum-steps to split each batch into "
+            "smaller micro-batches (batchtune probe finds the largest that fits)")
+
+
 def _trend(history: list[dict[str, Any]]) -> str:
     """How the reliable readings moved over the run, said from their bands rather than assumed."""
     readings = [h for h in history if h["reliable"] and h["b_simple"] and h["low"] and h["high"]]
-    if len(readings) < 2:
-        return "One reliable reading: run more steps to see how it moves as the loss falls."
+    if not readings:
+        return "No reading is reliable yet: run more steps (--steps) for the band to close."
+    if len(readings) == 1:
+        return (f"One reliable reading ({count(readings[0]['b_simple'])} at val loss {readings[0]['val_loss']:.4g}): "
+                "run more steps to see how it moves as the loss falls.")
     first, last = readings[0], readings[-1]
     span = (f"from {count(first['b_simple'])} at val loss {first['val_loss']:.4g} to {count(last['b_simple'])} at "
             f"{last['val_loss']:.4g}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, to_json
+from batchtune.render.text import device_text, duration_ms, to_json
 
 __all__ = ["plot_serve", "render_serve", "render_serve_check"]
 
@@ -30,10 +30,10 @@ def _summary(r: Any) -> list[tuple[str, str]]:
                  f"{r.ceiling:,} by latency alone"))
     best = r.point(r.max_batch_size) if r.max_batch_size is not None else None
     if best is None:
-        rows.append(("max batch size", f"none: no size meets {r.budget_ms:g} ms at {q}"))
+        rows.append(("max batch size", f"none: no size meets {duration_ms(r.budget_ms)} at {q}"))
     else:
         rows.append(("max batch size", f"{best.batch_size}   ({q} {_ms(best.at_percentile_ms)} ms ≤ "
-                                       f"{r.budget_ms:g} ms; p50 {_ms(best.p50_ms)} ms; "
+                                       f"{duration_ms(r.budget_ms)}; p50 {_ms(best.p50_ms)} ms; "
                                        f"{best.samples_per_s:,.0f} samples/s)"))
     if r.rate is not None:
         rows.append(("dynamic batching", _dynamic_text(r)))
@@ -79,11 +79,16 @@ def _lengths_text(x: dict[str, Any], q: str) -> str:
 
 
 def _points_table(r: Any, fmt: str) -> str:
-    rows = [(p.batch_size, p.phase, _ms(p.p50_ms), _ms(p.p90_ms), _ms(p.p99_ms), f"{p.samples_per_s:,.0f}", p.repeats,
+    """p50, p90 and p99, and the deciding percentile's column where it is none of them (p100, p99.9)."""
+    own = r.percentile not in (50, 90, 99)
+    rows = [(p.batch_size, p.phase, _ms(p.p50_ms), _ms(p.p90_ms), _ms(p.p99_ms),
+             *([_ms(p.at_percentile_ms)] if own else []), f"{p.samples_per_s:,.0f}", p.repeats,
              "yes" if p.meets_budget else "no") for p in r.points]
-    headers = ["batch", "phase", "p50 ms", "p90 ms", "p99 ms", "samples/s", "passes", f"p{r.percentile:g} ≤ budget"]
+    q = f"p{r.percentile:g}"
+    headers = ["batch", "phase", "p50 ms", "p90 ms", "p99 ms", *([f"{q} ms"] if own else []), "samples/s", "passes",
+               f"{q} ≤ budget"]
     return tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
-                    colalign=("right", "left", "right", "right", "right", "right", "right", "left"))
+                    colalign=("right", "left", *["right"] * (len(headers) - 3), "left"))
 
 
 def render_serve(r: Any, fmt: str = "table") -> str:
@@ -91,7 +96,7 @@ def render_serve(r: Any, fmt: str = "table") -> str:
     if fmt == "json":
         return to_json(r.to_dict())
     head = (f"batchtune serve: {r.name} on {device_text(r.device, r.capacity_bytes)}, {r.precision} — "
-            f"budget {r.budget_ms:g} ms at p{r.percentile:g}")
+            f"budget {duration_ms(r.budget_ms)} at p{r.percentile:g}")
     width = max(len(k) for k, _ in _summary(r))
     if fmt == "markdown":
         summary = "\n".join(f"- **{k}**: {v}" for k, v in _summary(r))
@@ -108,7 +113,7 @@ def render_serve_check(c: Any, fmt: str = "table", strict: bool = False) -> str:
     """``check --serve``: one verdict per check and the overall verdict."""
     if fmt == "json":
         return to_json({**c.to_dict(), "status": "fail" if c.exit_code(strict) else "pass", "strict": strict})
-    head = (f"batchtune check --serve: {c.name} — batch {c.batch_size}, budget {c.budget_ms:g} ms at "
+    head = (f"batchtune check --serve: {c.name} — batch {c.batch_size}, budget {duration_ms(c.budget_ms)} at "
             f"p{c.percentile:g}, {device_text(c.device, c.capacity_bytes)}, {c.precision}")
     rows = [(v["name"], v["status"], v["reason"]) for v in c.checks]
     table = tabulate(rows, headers=["check", "status", "reason"], tablefmt="github" if fmt == "markdown" else "simple")
@@ -147,7 +152,7 @@ def plot_serve(r: Any, path: Path) -> Path:
         ax.scatter([r.dynamic["at_percentile_ms"]], [r.dynamic["throughput"]], s=80, marker="*", color="tab:green",
                    zorder=3, label=f"chosen: max batch {r.dynamic['max_batch_size']}, "
                                    f"delay {r.dynamic['max_queue_delay_ms']:.3g} ms")
-    ax.axvline(r.budget_ms, color="tab:red", linestyle="--", label=f"budget {r.budget_ms:g} ms")
+    ax.axvline(r.budget_ms, color="tab:red", linestyle="--", label=f"budget {duration_ms(r.budget_ms)}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"latency at {q} (ms)")

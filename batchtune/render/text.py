@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["apart", "device_text", "format_bytes", "format_shape", "num", "pm", "to_json"]
+__all__ = ["apart", "device_text", "duration_ms", "format_bytes", "format_shape", "num", "pm", "to_json"]
 
 
 def apart(a: float, b: float, fmt: Callable[[float], str]) -> tuple[str, str]:
@@ -105,6 +105,15 @@ def count(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.2g}"
+
+
+def duration_ms(ms: float) -> str:
+    """A duration given in ms, in the unit that reads it: ``'45 ms'``, ``'1.5 s'``, ``'2 min'``, ``'2 h'``
+    (a 2 h latency budget read '7.2e+06 ms')."""
+    for unit, size in (("h", 3.6e6), ("min", 6e4), ("s", 1e3)):
+        if ms >= size:
+            return f"{ms / size:.4g} {unit}"
+    return f"{ms:.4g} ms"
 
 
 def count_of(n: int, noun: str) -> str:

@@ -40,7 +40,7 @@ class ServiceCurve:
 
     Below the smallest measured size the curve keeps that size's time; above the largest it
     continues the last segment's slope. With ``ratios`` (for each measured size, its latencies
-    over its median), every batch's time is the curve's times one ratio drawn at random from
+    over its time on the curve), every batch's time is the curve's times one ratio drawn at random from
     the nearest measured size's, so the simulation keeps the spread measured at that size;
     without them it is deterministic.
     """
@@ -53,7 +53,7 @@ class ServiceCurve:
     @classmethod
     def from_points(cls, sizes: Sequence[int], seconds: Sequence[float],
                     ratios: Sequence[Sequence[float]] | None = None) -> ServiceCurve:
-        """``ratios[k]``: the measured latencies over the median at ``sizes[k]`` (or None)."""
+        """``ratios[k]``: the measured latencies over ``seconds[k]`` at ``sizes[k]`` (or None)."""
         order = np.argsort(np.asarray(sizes))
         curve = cls(np.asarray(sizes, float)[order], np.asarray(seconds, float)[order])
         if ratios is None or not all(len(r) for r in ratios):
