@@ -99,7 +99,9 @@ def test_a_model_factory_that_raises_names_model_target(command, write_spec):
     result = _cli(command, write_spec(), "model.target=tests.test_robustness:corrupt_model")
     line = _one_line_error(result, "model.target", "corrupt_model()", "RuntimeError",
                            "checkpoint /ckpt/model.pt is corrupt")
-    assert "spec.yaml:2: model.target" in line  # TINY_SPEC's model is on line 2
+    assert "override 'model.target=tests.test_robustness:corrupt_model': model.target" in line  # where it was set
+    in_file = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_robustness:corrupt_model"))
+    assert "spec.yaml:2: model.target" in _one_line_error(_cli(command, in_file), "corrupt_model()")  # line 2
 
 
 @pytest.mark.parametrize("override, key, message", [
@@ -110,7 +112,7 @@ def test_a_model_factory_that_raises_names_model_target(command, write_spec):
 ])
 def test_validate_catches_values_the_builders_reject_naming_the_key(override, key, message, write_spec):
     line = _one_line_error(_cli("validate", write_spec(BUILTIN_SPEC), override), key, message)
-    assert "spec.yaml:" in line  # the file, and the line of the key where the file has one
+    assert f"override {override!r}: {key}" in line  # the override that set it
 
 
 def test_probe_blames_the_optimizer_value_not_model_data_loss(write_spec):
@@ -735,7 +737,7 @@ def test_a_factory_that_runs_out_of_memory_is_one_line_naming_its_key(write_spec
     spec = write_spec()
     for command in (["validate"], ["probe", "-q"], ["noise", "-q", "--steps", "2"]):
         line = _one_line_error(_cli(*command, spec, override, "model.kwargs={}"), f": {key}: ", said)
-        assert line.startswith(f"error: {spec}:")
+        assert line.startswith(f"error: override {override!r}:")
 
 
 def test_a_data_set_whose_reads_block_stops_at_the_trial_timeout_in_every_command(write_spec):
