@@ -47,7 +47,8 @@ class _OneLineUsageErrors(TyperGroup):
             if _debug():
                 raise
             where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-            _error(f"{exc.format_message().rstrip('.')}{where}")
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone says it
+                _error(f"{exc.format_message().rstrip('.')}{where}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -184,7 +185,7 @@ def _user_errors() -> Iterator[None]:
         _error(str(issue) if issue is not None else f"out of memory outside any trial: {error_line(exc)}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _say("interrupted")
         raise typer.Exit(130) from None
 
 
@@ -396,17 +397,17 @@ def sweep(
 
         fresh = resume is None and (out is None or not out.exists())
         where = run_dir(spec.name, out=out, resume=resume)  # named once, so an interrupt can say where
-        hint = shlex.join(["batchtune", "sweep", *hint_spec, "--resume", str(where)])
+        hint = shlex.join([*_launcher(), "sweep", *hint_spec, "--resume", str(where)])
         setup_logging(quiet)
         with _claim(where, out=out, force=force, fresh=fresh):
             try:
                 result = run_sweep(spec, out=where if resume is None else None, resume=resume)
             except KeyboardInterrupt:
                 if (where / "meta.json").exists():
-                    err.print(f"interrupted: finished trials are kept in {where}; continue with {hint}", markup=False)
+                    _say(f"interrupted: finished trials are kept in {where}; continue with {hint}")
                 else:  # stopped in the probe, before the run folder held a plan: nothing to resume
-                    err.print("interrupted before the sweep's plan was written (during the probe): nothing kept; "
-                              "start it again", markup=False)
+                    _say("interrupted before the sweep's plan was written (during the probe): nothing kept; "
+                         "start it again")
                 raise typer.Exit(130) from None
             except OSError as exc:  # a full disk, say: what finished is kept, and resumes
                 raise UsageError(f"{_describe(exc)}; finished trials are kept in {where}; "
@@ -564,6 +565,27 @@ def _echo_plan(path: Path, fmt: str) -> None:
     typer.echo(render_plan(plan, fmt))
 
 
+def _say(text: str) -> None:
+    """``text`` on stderr, from rank 0 alone under torchrun (an interrupted 2-rank sweep said it twice)."""
+    if os.environ.get("RANK", "0") == "0":
+        err.print(text, markup=False)
+
+
+def _launcher(world_size: int | None = None) -> list[str]:
+    """How to start batchtune again the way this run was (``["batchtune"]`` in one process): the command a
+    message tells the user to run to continue (an interrupted 2-rank sweep said 'continue with batchtune sweep
+    ...', which one process cannot resume). ``world_size`` is a stored run's, on one node; default this run's."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    else:
+        local = world_size
+    if world_size <= 1:
+        return ["batchtune"]
+    nodes = ["--standalone"] if local == world_size else [f"--nnodes={world_size // local}"]
+    return ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "batchtune"]
+
+
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
     """Say that the run is unfinished, in the notes and on the recommendation."""
     n = len(result.trials)
@@ -573,7 +595,8 @@ def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None)
                  + (origin.get("resume") or f"the same batchtune plan command and --out {run_dir}"))
     else:
         state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
-                 else f"the sweep stopped before its plan was done; continue with batchtune sweep --resume {run_dir}")
+                 else "the sweep stopped before its plan was done; continue with "
+                 + shlex.join([*_launcher(result.meta.get("world_size") or 1), "sweep", "--resume", str(run_dir)]))
     result.notes.insert(0, f"incomplete run, {n} trials so far: {state}")
     if result.recommendation is not None:
         result.recommendation["provisional"] = True
@@ -871,7 +894,7 @@ _PLAN_DEFAULTS = {"--calibration": 0.2, "--tolerance": 0.01, "--verify": False, 
 def _plan_command(spec_path: Path, overrides: list[str], given: dict[str, Any], where: Path) -> str:
     """The ``batchtune plan`` command line that continues this plan's calibration in ``where``: the spec, the
     overrides and every option given (not at its default), with ``--out where``."""
-    words = ["batchtune", "plan", str(spec_path), *overrides]
+    words = [*_launcher(), "plan", str(spec_path), *overrides]
     for flag, value in given.items():
         if value is None or value == _PLAN_DEFAULTS.get(flag):
             continue
@@ -890,7 +913,7 @@ def _plan_interrupted(where: Path, hint: str) -> None:
         said = f"interrupted: the plan's calibration so far is kept in {where}; continue it with {hint}"
     else:
         said = "interrupted before the calibration began (during the probe): nothing kept; start it again"
-    err.print(said, markup=False)
+    _say(said)
     raise typer.Exit(130) from None
 
 

@@ -1208,3 +1208,27 @@ def test_a_finished_sweep_resumed_takes_every_decision_as_before_and_trains_noth
                               rows=stored["rows"])
     resumed.run()
     assert len(stored["rows"]) == 38 and trained == []
+
+
+def test_a_run_of_another_world_size_is_refused_on_resume_and_the_continue_command_has_its_launch(swept, tmp_path,
+                                                                                                   monkeypatch):
+    """An interrupted 2-rank sweep said 'continue with batchtune sweep ... --resume', and one process resuming it
+    read the per-rank micro-batch 16 as a global size: KeyError '16', a traceback."""
+    import shutil
+
+    from batchtune.cli import _launcher
+
+    run = tmp_path / "run"
+    shutil.copytree(swept[1], run)
+    (run / ".batchtune.lock").unlink(missing_ok=True)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    result = CliRunner().invoke(app, ["sweep", "--resume", str(run), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"error: {run} was swept on 2 ranks and this run has 1: resume it under torchrun with 2 ranks "
+            "(--nproc-per-node 2), as it began") in " ".join(result.stderr.split())
+    assert _launcher() == ["batchtune"] and _launcher(2) == ["torchrun", "--standalone", "--nproc-per-node=2", "-m",
+                                                             "batchtune"]
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _launcher() == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "-m", "batchtune"]

@@ -126,6 +126,11 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
             return (f"the spec differs from the one {folder.path} was run with "
                     f"(now: {', '.join(changed_keys(stored, now))}); resume with the same spec"), None, []
         run = folder.load()  # all of it checked now, not after the trials: result() reads environment.json
+        ranks = run.meta.get("world_size") or 1
+        if ranks != dist.world_size:  # its sizes and lrs are global batches of its world: one process read 16 of 32
+            how = "in one process" if ranks == 1 else f"under torchrun with {ranks} ranks (--nproc-per-node {ranks})"
+            return (f"{folder.path} was swept on {count_of(ranks, 'rank')} and this run has {dist.world_size}: "
+                    f"resume it {how}, as it began"), None, []
         return None, run.meta, run.trials
 
     problem, meta, rows = dist.broadcast(dist.on_main(read))
