@@ -513,9 +513,16 @@ def test_a_verification_where_no_plan_reached_the_target_says_the_projection_doe
         "verified: no plan reached the final target 1.255 when trained: schedule ended at 1.891 against the 1.248 "
         "projected (+52%); the projection's loss curve does not hold for this run (a floor it cannot see, or an lr "
         "that stops helping), so its steps and times to the target are not to be relied on; the table's whole-run "
-        "times and final losses are measured"]
+        "times and final losses are measured (exit 1)"]
+    # the measurement says no: exit 1 (an outside GRU plan's --verify ended 76% above its projection, and exited 0)
+    from batchtune.commands.plan import PlanResult
+
+    planned = PlanResult(name="x", samples=1, calibration={}, targets=[], final_target=1.255, critical_batch_by_loss={},
+                         laws={}, constant=[], schedule=None, recommendation={"plan": "schedule"}, projection=None,
+                         verified=result.verified)
+    assert planned.exit_code == 1
     plans["constant 64"]["seconds"] = 7.1  # one reached it: the other notes say which did better
-    assert _unreached_notes(result) == []
+    assert _unreached_notes(result) == [] and planned.exit_code == 0
 
 
 def test_a_verified_plan_off_the_projection_by_more_than_the_goal_says_by_how_much_and_what_it_means():
@@ -631,8 +638,13 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
             "--verify", "--schedule-out", str(tmp_path / "schedule.yaml"), "--price-per-hour", "2", "--deadline",
             "1h", "--format", "json", "-q"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    # exit 1 where --verify says no (no run reached the target, the pick ended >10% above its projection)
+    picked = data["verified"]["plans"][data["recommendation"]["plan"]]
+    says_no = all(v["seconds"] is None for v in data["verified"]["plans"].values()) and (
+        picked["collapsed"] or picked["final_loss"] > 1.1 * picked["projected_final_loss"])
+    assert result.exit_code == (1 if says_no else 0), result.output
+    assert any(n.endswith("(exit 1)") for n in data["notes"]) == says_no
     assert 0.15 * n <= data["calibration_samples"] <= 0.2 * n
     per_trial = data["calibration"]["samples_per_trial"]
     assert per_trial % 128 == 0 and per_trial >= 16 * 128  # whole steps at every size, 16 of the largest

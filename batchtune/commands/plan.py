@@ -62,6 +62,7 @@ VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 FLOOR_NEAR = 0.85  # a fitted loss floor above this × the lowest calibrated loss is said to bound every projection
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
+VERIFIED_LOSS_MISS = 0.10  # --verify exits 1 where no run reached the target and the pick ended this far above
 SCHEDULE_SUFFIXES = (".yaml", ".yml", ".json")  # what --schedule-out writes (BatchSchedule.save)
 COLLAPSE = 0.25  # a verified run ending this much above the level it had held (and above the projection) collapsed
 GOAL = 0.25  # the projection's accuracy goal (benchmarks/README.md#plan_accuracypy); a verified plan off more: a note
@@ -101,7 +102,7 @@ class PlanResult:
             return 1
         if self.deadline_seconds is not None and not self.recommendation.get("meets_deadline", True):
             return 1
-        return 0
+        return 1 if self.verified and verified_no(self) else 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlanResult:
@@ -234,6 +235,18 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     return result
 
 
+def verified_no(result: Any) -> bool:
+    """--verify measured no run reaching the target, and the pick collapsed or ended more than
+    :data:`VERIFIED_LOSS_MISS` above its projected loss: the measurement says no (an outside GRU plan's runs
+    ended 76% above it, on the data's floor, and exited 0). A run ending a hair above a target 1% over the
+    projected end is the flat end of a curve, not a plan that fails."""
+    if any(v.get("seconds") is not None for v in result.verified["plans"].values()):
+        return False
+    pick = result.verified["plans"].get(result.recommendation["plan"]) or {}
+    ended, projected = pick.get("final_loss"), pick.get("projected_final_loss")
+    return bool(pick.get("collapsed")) or bool(ended and projected and ended > (1 + VERIFIED_LOSS_MISS) * projected)
+
+
 def _verified_notes(result: PlanResult) -> list[str]:
     """What the verification says about the pick: a plan that did clearly better when trained is
     named (:data:`VERIFIED_MARGIN` sooner to the target, or half that lower at the end)."""
@@ -270,7 +283,7 @@ def _unreached_notes(result: PlanResult) -> list[str]:
     return [f"verified: no plan reached the final target {verified['target']:.4g} when trained{off}; the "
             "projection's loss curve does not hold for this run (a floor it cannot see, or an lr that stops "
             "helping), so its steps and times to the target are not to be relied on; the table's whole-run "
-            "times and final losses are measured"]
+            "times and final losses are measured" + (" (exit 1)" if verified_no(result) else "")]
 
 
 def _missed_goal_notes(result: PlanResult) -> list[str]:
