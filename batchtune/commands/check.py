@@ -728,7 +728,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
 
 
 def _baseline_spread(usable: list[dict[str, Any]], rates: list[float]) -> tuple[float, list[float]]:
-    """(how far below the baseline's rate its slowest trial at the size ran, its trials' slowest and fastest rates) where
+    """(how far below the baseline's rate its slowest trial at the size ran, [slowest, fastest] samples/s) where
     that rate rests on one calm trial among several timed; (0, []) otherwise. One calm trial has no
     noise of its own to judge a drop by: an outside 2-rank sweep's rate at 128 was its one calm trial,
     13,011 samples/s, beside four at 6,695-11,130, and a check at 6,631 failed at -49%."""
