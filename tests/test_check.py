@@ -697,6 +697,31 @@ def test_a_throughput_drop_inside_the_noise_or_the_contention_warns_instead_of_f
     assert verdict(900.0, noise=0.2).code == "regression.ok"
 
 
+def test_a_drop_the_baseline_trials_own_spread_explains_warns():
+    """An outside 2-rank check at 128: 6,631 samples/s against a baseline rate that was its one calm trial,
+    13,011, beside trials at 6,695-11,130 (-49%, failed three times). The spread explains it; 4,000 it does not."""
+    from batchtune.commands.check import _baseline_spread
+
+    rows = [{"fits": True, "samples_per_s": v, "busy": v != 13_011.0} for v in (11_130.0, 8_150.0, 7_040.0,
+                                                                                6_695.0, 13_011.0)]
+    spread, rates = _baseline_spread(rows, [13_011.0])
+    assert spread == pytest.approx(1 - 6_695 / 13_011) and rates == [6_695.0, 13_011.0]
+    assert _baseline_spread(rows, [13_011.0, 11_130.0]) == (0.0, [])  # two calm trials: their own noise judges
+
+    def verdict(samples_per_s):
+        result = regression_verdict(samples_per_s=samples_per_s, peak_bytes=None, baseline_samples_per_s=13_011.0,
+                                    baseline_peak_bytes=None, throughput_tolerance=0.15, memory_tolerance=0.10,
+                                    baseline_spread=spread)
+        result.figures.update(baseline_trials=5, baseline_timed_trials=1, baseline_spread_rates=rates)
+        return result
+
+    explained = verdict(6_631.0)
+    assert (explained.status, explained.code) == ("warn", "regression.throughput_noise")
+    assert "inside the baseline's own spread (its rate is its one calm trial; its 5 trials at this size ran " \
+           "6,695-13,011 samples/s)" in check_reason(explained)
+    assert verdict(4_000.0).status == "fail"  # -69%: past 15% + the spread's 49%
+
+
 def test_window_rates_and_the_noise_they_give():
     from batchtune.commands.check import throughput_noise, window_rates
 

@@ -261,6 +261,30 @@ def test_other_work_on_the_machine_is_measured():
     assert reading["busy"] is True
 
 
+def test_the_jobs_other_ranks_are_not_other_work(monkeypatch):
+    """Under torchrun the ranks on one machine are the agent's children: a 2-rank sweep on 2 cores read
+    its other rank as 1.4 cores of other work and flagged every trial busy. Here our own children
+    stand in for the siblings (our pid for the agent's); both meters see the same spinner."""
+    import os
+    import time
+
+    plain = LoadMeter.start()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "getppid", os.getpid)
+    job = LoadMeter.start()
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(1.0)
+        as_rank = job.reading(threads=1)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        alone = plain.reading(threads=1)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert (as_rank["ranks"], alone["ranks"]) == (2, 1)
+    assert alone["other_cores"] - as_rank["other_cores"] > 0.3  # the spinner's share, counted only without ranks
+
+
 def test_malloc_is_held_steady_unless_the_user_chose(monkeypatch):
     """glibc's dynamic mmap threshold made a step's time depend on what ran before it (check 16,000 against
     the sweep's 21,000-23,000 samples/s on one outside job): every command fixes it, once."""

@@ -662,6 +662,23 @@ def test_a_noise_scale_the_steps_rule_out_does_not_stand_in_for_the_critical_bat
     two = [{**r, "noise_raw": [[x, 1.0, 40 * v / 3] for x, _, v in r["noise_raw"]]} for r in two]
     assert result_from_rows("hand", two, meta).to_dict()["critical_batch_size"]["b_crit"] == pytest.approx(40, 0.05)
 
+def test_a_noise_scale_above_twice_what_the_steps_allow_does_not_stand_in_either():
+    """An outside 2-rank CNN's steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale, 93, was adopted
+    beside that text ("batch 128 is above the critical batch size (~93)"). Over twice the smallest size it is not."""
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048, "precision": "fp32"}
+    rows = [_timed(size, seed, steps, 0.5, 0.01, noise=93) for size, steps in ((32, 63), (64, 48), (128, 97))
+            for seed in (0, 1)]
+    result = result_from_rows("hand", rows, meta)
+    c = result.to_dict()["critical_batch_size"]
+    assert c["fit"]["below"] == 32 and c["fit"]["above"] is None and c["from_noise_scale"] == pytest.approx(93, 0.05)
+    assert c["b_crit"] is None and not [n for n in result.notes if "critical batch size (~" in n]
+    text = render_sweep(result, "table")
+    assert "no bend in the steps: B_crit is below the smallest size 32" in text
+    assert "the noise scale is not adopted: the steps did not fall from 32, less than half it" in text
+    near = [{**r, "noise_raw": [[x, 1.0, 60 * v / 93] for x, _, v in r["noise_raw"]]} for r in rows]
+    assert result_from_rows("hand", near, meta).to_dict()["critical_batch_size"]["b_crit"] == pytest.approx(60, 0.05)
+
+
 def test_the_largest_size_winning_below_the_ceiling_suggests_a_larger_one():
     """An outside regression's 512, the largest tried, won with no ceiling in sight; 1024 was 8% faster in its own
     loop."""

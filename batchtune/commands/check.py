@@ -695,6 +695,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
     # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy
     # trial at 8,846 samples/s pulled the mean of six to 30,867 where the rest ran at 36,000)
     rates = timed_rates(usable)  # the rate the sweep's table shows for the size
+    spread, spread_rates = _baseline_spread(usable, rates)
     peaks = [r["peak_bytes"] for r in usable if positive(r.get("peak_bytes"))]
     run = state.run
     if run is None or run.samples_per_s is None:
@@ -710,7 +711,8 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
             baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
             memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
             throughput_noise=throughput_noise(state.window_rates, rates),
-            contention=state.meter.reading(state.threads)["contention"] if state.meter is not None else 0.0)
+            contention=state.meter.reading(state.threads)["contention"] if state.meter is not None else 0.0,
+            baseline_spread=spread)
 
     verdict = verdict_at(run.samples_per_s if run is not None else None)
     if verdict.code in ("regression.throughput", "regression.throughput_memory", "regression.throughput_noise"):
@@ -719,9 +721,21 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
             verdict = verdict_at(max(first, second))
         verdict.figures["timings"] = [first] + ([second] if second is not None else [])
     verdict.figures.update(why, baseline_trials=len(usable), baseline_timed_trials=len(rates),
+                           baseline_spread_rates=spread_rates,
                            spec_changes=_spec_changes(base, state.spec.resolved()),
                            baseline_torch=base.environment.get("torch"))
     return verdict
+
+
+def _baseline_spread(usable: list[dict[str, Any]], rates: list[float]) -> tuple[float, list[float]]:
+    """(how far below the baseline's rate its slowest trial at the size ran, [slowest, fastest] samples/s) where
+    that rate rests on one calm trial among several timed; (0, []) otherwise. One calm trial has no
+    noise of its own to judge a drop by: an outside 2-rank sweep's rate at 128 was its one calm trial,
+    13,011 samples/s, beside four at 6,695-11,130, and a check at 6,631 failed at -49%."""
+    every = sorted(r["samples_per_s"] for r in usable if r.get("samples_per_s"))
+    if len(rates) != 1 or len(every) < 2:
+        return 0.0, []
+    return max(0.0, 1.0 - every[0] / rates[0]), [every[0], every[-1]]
 
 
 def _retime(state: _CheckRun) -> float | None:

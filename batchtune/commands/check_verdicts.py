@@ -196,12 +196,13 @@ def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
                        baseline_samples_per_s: float | None, baseline_peak_bytes: int | None,
                        throughput_tolerance: float, memory_tolerance: float,
                        throughput_skip: str | None = None, throughput_noise: float | None = None,
-                       contention: float = 0.0) -> CheckResult:
+                       contention: float = 0.0, baseline_spread: float = 0.0) -> CheckResult:
     """Fail when throughput fell or peak memory grew past its tolerance, relative to the baseline row.
 
     A throughput drop past the tolerance fails only if it is also beyond twice the measured
-    noise and beyond the tolerance plus what other work on the machine could take; otherwise
-    it warns (``regression.throughput_noise``): contention alone must not fail a pre-flight.
+    noise and beyond the tolerance plus what other work on the machine, or the baseline's own
+    trials' spread, could take; otherwise it warns (``regression.throughput_noise``): contention
+    alone must not fail a pre-flight.
 
     Args:
         throughput_skip: why throughput was not compared, one of :data:`THROUGHPUT_SKIPS`
@@ -210,6 +211,8 @@ def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
             the baseline's seeds combined.
         contention: the share of throughput other work on the machine could have taken
             (``host.LoadMeter``'s reading); 0 on a quiet machine.
+        baseline_spread: how far below the baseline rate the baseline's own slowest trial at the
+            size ran (``1 - slowest / rate``) where the rate rests on one calm trial; else 0.
     """
     if throughput_skip is not None and throughput_skip not in THROUGHPUT_SKIPS:
         raise ValueError(f"unknown throughput_skip {throughput_skip!r}")
@@ -218,12 +221,14 @@ def regression_verdict(*, samples_per_s: float | None, peak_bytes: int | None,
         "throughput_change": None, "peak_bytes": peak_bytes, "baseline_peak_bytes": baseline_peak_bytes,
         "memory_change": None, "throughput_tolerance": throughput_tolerance, "memory_tolerance": memory_tolerance,
         "throughput_skip": throughput_skip, "throughput_noise": throughput_noise, "contention": contention,
+        "baseline_spread": baseline_spread,
     }
     failed, noisy = [], False
     if samples_per_s and baseline_samples_per_s and not throughput_skip:
         figures["throughput_change"] = change = samples_per_s / baseline_samples_per_s - 1.0
         if change < -throughput_tolerance:
-            noisy = change >= -2.0 * (throughput_noise or 0.0) or change >= -(throughput_tolerance + contention)
+            noisy = change >= -2.0 * (throughput_noise or 0.0) \
+                or change >= -(throughput_tolerance + max(contention, baseline_spread))
             if not noisy:
                 failed.append("throughput")
     if peak_bytes and baseline_peak_bytes:

@@ -651,13 +651,16 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
 def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool, contenders: list[Entry]) -> bool:
     """Whether the noise scale may stand in for B_crit where the steps fit gives none: it is reliable and the
     steps do not rule it out, i.e. it is at least half the least the steps allow (the extrapolated fit's 90% lower
-    end, the largest size where the steps show no bend, or two sizes' own B_crit). An outside Adam CNN's steps to
-    target were flat from 16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55%
-    of 128's compute wasted; with only 32 and 2048 reaching the target (B_crit ~300 from their steps), 51 was."""
+    end, the largest size where the steps show no bend, or two sizes' own B_crit) and at most twice the most they
+    allow (the smallest size, where the steps did not fall). An outside Adam CNN's steps to target were flat from
+    16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55% of 128's compute
+    wasted; with only 32 and 2048 reaching the target (B_crit ~300 from their steps), 51 was. A 2-rank CNN's
+    steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale 93 was adopted beside that text."""
     if not (noise and noise["reliable"]):
         return False
     least = fit.low if extrapolated else fit.above or (_two_sizes(contenders) if fit.b_crit is None else None)
-    return not least or noise["b_simple"] >= least / 2
+    most = None if extrapolated else getattr(fit, "below", None)
+    return (not least or noise["b_simple"] >= least / 2) and (not most or noise["b_simple"] <= 2 * most)
 
 
 def _two_sizes(contenders: list[Entry]) -> float | None:

@@ -15,7 +15,7 @@ import ctypes
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads", "steady_malloc"]
@@ -113,30 +113,60 @@ def _busy_jiffies() -> int | None:
     return sum(values[:8]) - idle  # guest time is already inside user time
 
 
+def _local_ranks() -> int:
+    """This job's processes on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 outside torchrun)."""
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(int(ranks), 1) if ranks.isdigit() else 1
+
+
+def _sibling_seconds() -> dict[int, float]:
+    """CPU seconds so far of each of this job's other ranks on this machine, by pid: under torchrun, the
+    other processes its agent (our parent) started; none outside torchrun or off Linux."""
+    if _local_ranks() < 2:
+        return {}
+    parent, me, tick = os.getppid(), os.getpid(), os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:  # fields after the command's closing parenthesis: state, ppid, ... utime (12th), stime (13th)
+            fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone since the listing
+        if int(fields[1]) == parent and int(entry.name) != me:
+            seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
 @dataclass
 class LoadMeter:
     """Other processes' CPU use over an interval: ``LoadMeter.start()``, work, ``.reading()``.
 
-    Other work = every CPU's busy time less this process's own, over the wall time, in
-    cores. Off Linux it falls back to the 1-minute load average (which includes us).
+    Other work = every CPU's busy time less this process's own and this job's other ranks' (under
+    torchrun, on the same machine), over the wall time, in cores. Off Linux it falls back to the
+    1-minute load average (which includes us).
     """
 
     wall: float
     busy: int | None
     own: float
+    siblings: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def start(cls) -> LoadMeter:
         times = os.times()
-        return cls(time.monotonic(), _busy_jiffies(), times.user + times.system)
+        return cls(time.monotonic(), _busy_jiffies(), times.user + times.system, _sibling_seconds())
 
     def reading(self, threads: int) -> dict[str, float | int | bool | None]:
-        """``cores``, ``threads``, ``other_cores`` (others' average use), ``load_1m``, ``busy``, and
-        ``contention``: the share of our throughput a fair share of the cores would cost us."""
-        cores = len(_cpus())
+        """``cores``, ``threads``, ``ranks``, ``other_cores`` (others' average use), ``load_1m``, ``busy``,
+        and ``contention``: the share of our throughput a fair share of the cores would cost us.
+
+        ``threads`` is one rank's; the job wants ``threads × ranks`` cores, its ranks on this machine
+        (a 2-rank torchrun sweep on 2 cores read its other rank as 1.4 cores of other work and
+        flagged every trial busy)."""
+        cores, ranks = len(_cpus()), _local_ranks()
         wall = time.monotonic() - self.wall
         times = os.times()
         own = times.user + times.system - self.own
+        own += sum(s - self.siblings.get(pid, 0.0) for pid, s in _sibling_seconds().items())
         busy_now = _busy_jiffies()
         other = None
         if self.busy is not None and busy_now is not None and wall > 0.05:
@@ -146,12 +176,14 @@ class LoadMeter:
         # The load average counts us too, over a minute: a fallback for a reading of some length only (a
         # check that stopped at its first step read its own earlier runs' load as 'busy').
         others = other if other is not None else (load if wall > 5.0 else None)
+        wanted = threads * ranks
         # Busy: other work and our threads together wanted more cores than there are (a quarter
         # core of slack: one other process on a core of its own does not compete with us).
-        busy = others is not None and others > BUSY_OTHER_CORES and others + threads > cores + 0.25
+        busy = others is not None and others > BUSY_OTHER_CORES and others + wanted > cores + 0.25
         # The share of our throughput that fair sharing of the cores would take away.
-        contention = max(0.0, 1.0 - cores / (others + threads)) if others is not None and others + threads > 0 else 0.0
-        return {"cores": cores, "threads": threads, "other_cores": None if other is None else round(other, 2),
+        contention = max(0.0, 1.0 - cores / (others + wanted)) if others is not None and others + wanted > 0 else 0.0
+        return {"cores": cores, "threads": threads, "ranks": ranks,
+                "other_cores": None if other is None else round(other, 2),
                 "load_1m": None if load is None else round(load, 2), "busy": bool(busy),
                 "contention": round(contention, 3)}
 

@@ -64,6 +64,7 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     lines = [f"critical batch size: {steps}; {noisy}"]
     if noise and noise.get("reliable") and not c.get("b_crit") and not c.get("fit_extrapolated"):
         steps = (f"the steps show no bend up to {count(fit['above'])}, more than twice it" if fit.get("above") else
+                 f"the steps did not fall from {count(fit['below'])}, less than half it" if fit.get("below") else
                  "the two sizes' steps put the critical batch at more than twice it")
         lines.append(f"  the noise scale is not adopted: {steps}; goodput and E/Emin are not shown")
     if c.get("ratio"):

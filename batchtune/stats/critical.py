@@ -40,6 +40,7 @@ class CriticalFit:
     sizes: int
     note: str = ""
     above: int | None = None  # no bend in the steps up to this size, the largest fitted: B_crit is above it
+    below: int | None = None  # steps not falling from this size, the smallest fitted: B_crit is below it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +99,8 @@ def fit_steps_to_target(steps: Mapping[int, Sequence[float]], resamples: int = 5
         where = (f"above the largest size {max(usable)}" if intercept <= 0
                  else f"below the smallest size {min(usable)}")
         return CriticalFit(None, None, None, None, len(usable), f"no bend in the steps: B_crit is {where}",
-                           above=max(usable) if intercept <= 0 else None)
+                           above=max(usable) if intercept <= 0 else None,
+                           below=min(usable) if intercept > 0 else None)
     # Residual bootstrap: relative residuals pooled over every point (a few seeds per size
     # are too few to resample on their own), inflated for the two fitted parameters.
     b_crit, s_min = fit
