@@ -289,6 +289,24 @@ def test_a_baseline_without_a_bend_or_a_reliable_noise_scale_bounds_the_critical
     assert critical_batch_verdict(512, b_crit, basis=basis, **extra).code == "critical.within"
 
 
+def test_a_baseline_whose_steps_did_not_fall_bounds_the_critical_batch_above():
+    """A 2-rank CNN sweep's steps, 63/48/97 at 32/64/128, put B_crit below 32 and the sweep now refuses its noise
+    scale, 93; check --baseline still read 93."""
+    from batchtune.commands.check import Baseline
+    from batchtune.commands.check_verdicts import critical_batch_verdict
+
+    result = {"critical_batch_size": {"from_noise_scale": 93.1, "from_steps_to_target": None, "b_crit": None,
+                                      "fit": {"b_crit": None, "note": "no bend", "below": 32}},
+              "noise_scale": {"b_simple": 93.1, "low": 80.0, "high": 110.0, "reliable": True}}
+    b_crit, basis, extra = Baseline(Path("run"), {}, [], {}, {}, result).critical_batch()
+    assert (b_crit, basis, extra["high"]) == (32.0, "baseline.below_smallest", 32.0)
+    above = critical_batch_verdict(128, b_crit, basis=basis, **extra)
+    assert (above.status, above.code) == ("warn", "critical.above")
+    assert check_reason(above) == ("128 is more than 4.0× the critical batch, below 32 (the baseline sweep's steps did "
+                                   "not fall from its smallest size): at least ~60% of its compute wasted")
+    assert critical_batch_verdict(32, b_crit, basis=basis, **extra).status == "pass"
+
+
 
 def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
     """An outside Adam sweep fitted 557 (90% 146–1,802) past 4x its largest size, 128, and adopted its noise scale,

@@ -207,6 +207,11 @@ class Baseline:
             above = float(fit["above"])
             return above, "baseline.above_largest", {"low": above, "high": math.inf,
                                                      "definition": crit.get("definition")}
+        if "b_crit" in crit and crit["b_crit"] is None and positive(fit.get("below")):
+            # the steps did not fall from the smallest size, and the sweep refused a noise scale above that: an
+            # upper bound (check read the refused 93 where a 2-rank CNN's steps put B_crit below 32)
+            return float(fit["below"]), "baseline.below_smallest", {"low": None, "high": float(fit["below"]),
+                                                                     "definition": crit.get("definition")}
         b_noise = crit.get("from_noise_scale") if positive(crit.get("from_noise_scale")) else noise.get("b_simple")
         if positive(b_noise):
             # JSON writes an unbounded end as null

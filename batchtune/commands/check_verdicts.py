@@ -49,8 +49,8 @@ CODES = (
     "skip.train_crashed", "skip.train_oom", "skip.train_unfinished", "skip.no_baseline",
 )
 # Where a critical-batch estimate came from (the ``basis`` figure).
-BASES = ("baseline.steps_to_target", "baseline.extrapolated", "baseline.above_largest", "baseline.noise_scale",
-         "baseline.trials", "run.noise_scale")
+BASES = ("baseline.steps_to_target", "baseline.extrapolated", "baseline.above_largest", "baseline.below_smallest",
+         "baseline.noise_scale", "baseline.trials", "run.noise_scale")
 # Why throughput was not compared in a regression verdict (the ``throughput_skip`` figure).
 THROUGHPUT_SKIPS = ("time_budget", "train_unfinished", "threads")
 

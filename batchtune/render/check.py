@@ -66,6 +66,7 @@ _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
     "baseline.extrapolated": lambda f: "the baseline sweep's steps-to-target fit, an extrapolation past 4× its "
                                        "largest size that the sweep did not adopt",
     "baseline.above_largest": lambda f: "no bend in the baseline sweep's steps up to its largest size",
+    "baseline.below_smallest": lambda f: "the baseline sweep's steps did not fall from its smallest size",
     "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
         f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),
     "baseline.trials": lambda f: f"the baseline trials' noise scale (median of {f['basis_trials']})",
@@ -77,6 +78,8 @@ def _estimate(f: dict[str, Any]) -> str:
     """``~227 (this run's noise scale over 7 steps; 90% band 148–350)``."""
     if f["basis"] == "baseline.above_largest":
         return f"above {count(f['b_crit'])} (the baseline sweep's steps show no bend up to its largest size)"
+    if f["basis"] == "baseline.below_smallest":
+        return f"below {count(f['b_crit'])} ({_BASES[f['basis']](f)})"
     low, high = f.get("low"), f.get("high")
     has_low = isinstance(low, (int, float)) and math.isfinite(low) and low > 0
     bounded = has_low and high is not None and math.isfinite(high)
@@ -91,6 +94,9 @@ def _what(f: dict[str, Any]) -> str:
 
 
 def _critical_above(f: dict[str, Any]) -> str:
+    if f["basis"] == "baseline.below_smallest":  # an upper bound of B_crit: the waste is at least this
+        return (f"{f['batch_size']} is more than {f['ratio']:.1f}× the critical batch, {_estimate(f)}: at least "
+                f"~{f['wasted_share']:.0%} of its compute wasted")
     return (f"{f['batch_size']} is {f['ratio']:.1f}× the critical batch {_estimate(f)}: ~{f['wasted_share']:.0%} "
             f"of its compute wasted ({f['compute_vs_critical']:.2f}× what B_crit needs)")
 
