@@ -1161,6 +1161,9 @@ def test_trials_timed_on_a_busy_machine_are_named():
     load = {"cores": 2, "threads": 2, "other_cores": 1.0, "load_1m": 1.0, "busy": True}
     assert busy_note(load).endswith("not trustworthy (device.threads: 1, or a quiet machine)")
     assert busy_note({**load, "threads": 1, "other_cores": 1.6}).endswith("(run on a quiet machine)")
+    # under torchrun the job's threads are each rank's times its ranks on this machine
+    ranked = busy_note({**load, "cores": 8, "threads": 2, "ranks": 2, "other_cores": 3.0})
+    assert "while this ran with 2 torch threads on each of 2 ranks" in ranked and "(device.threads: 2," not in ranked
 
 
 def test_one_seed_has_no_spread_to_show():

@@ -285,10 +285,12 @@ def busy_note(load: dict[str, Any], affected: str = "throughput and data-share f
     others = (f"other processes used {load['other_cores']:.1f} of {load['cores']} cores"
               if load.get("other_cores") is not None else f"load average {load['load_1m']:.1f} on {load['cores']} cores")
     used = load["other_cores"] if load.get("other_cores") is not None else load["load_1m"]
-    fewer = max(1, int(load["cores"] - used))  # the cores the others left
+    ranks = load.get("ranks") or 1  # under torchrun each rank on this machine runs its threads
+    fewer = max(1, int(load["cores"] - used) // ranks)  # the cores the others left, per rank
     advice = (f"device.threads: {fewer}, or a quiet machine" if fewer < load["threads"] else "run on a quiet machine")
+    each = f" on each of {ranks} ranks" if ranks > 1 else ""
     return (f"the machine was busy: {others} while this ran with {load['threads']} torch "
-            f"thread{'s' if load['threads'] != 1 else ''}; "
+            f"thread{'s' if load['threads'] != 1 else ''}{each}; "
             f"{affected} not trustworthy ({advice})")
 
 
