@@ -783,6 +783,22 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
         assert not (tmp_path / "r").exists() and not (tmp_path / "sched.txt").exists()  # refused before calibrating
 
 
+def test_a_run_in_tokens_too_short_to_plan_says_how_its_samples_convert(tmp_path):
+    """An outside GRU asked --tokens 100000 and was told 'a run of 2941 samples is too short ... at least 61,440
+    samples', with no word of tokens."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    result = CliRunner().invoke(app, [
+        "plan", "configs/char_lm.yaml", "--tokens", "100000", "data.kwargs.max_bytes=200000",
+        "sweep.batch_sizes=[8, 16]",
+        "model.kwargs={vocab_size: 256, block_size: 64, d_model: 16, n_layers: 1, n_heads: 2}", "-q",
+        "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "a run of 1562 samples is too short to plan" in result.stderr
+    assert "(--tokens 100,000 is 1,562 samples of 64 tokens: a sample above is 64 tokens)" in result.stderr
+
+
 def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(tmp_path):
     """validate accepts model + data (saying it is for serve); handing such a spec to the Python
     API's training commands is a spec error naming the keys, not an AttributeError."""

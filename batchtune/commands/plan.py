@@ -193,9 +193,15 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     n = run_samples(spec, len(components.train_set), components.tokens_per_sample(),
                     samples=samples, epochs=epochs, tokens=tokens)
     scale = gpus // dist.world_size  # --gpus G in one process: each calibrated size is G× as large a global batch
-    calibration_spec, per_trial, notes, left_out = _calibration_spec(spec, components, backend, n,
-                                                                     calibration_share * SWEEP_SHARE, dist.world_size,
-                                                                     scale)
+    try:
+        calibration_spec, per_trial, notes, left_out = _calibration_spec(
+            spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale)
+    except UsageError as exc:
+        if tokens is None:
+            raise
+        per = components.tokens_per_sample()  # the user counted in tokens: say how the samples above convert
+        raise UsageError(f"{exc} (--tokens {tokens:,} is {n:,} samples of {per:,} tokens: a sample above is "
+                         f"{per:,} tokens)") from None
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
