@@ -151,10 +151,11 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     notes = (target_notes + last["notes"] + _lr_rule_notes(last["sizes"], meta, rows) + _reseed_notes(rows, meta)
              + _fallback_notes(rows) + _truncated_notes(rows, meta)
              + busy_notes(rows) + _unmeasured_noise_notes(rows) + overhead_notes(rows))
-    if len(meta.get("seeds") or []) == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
+    seeds = len({r["seed"] for r in rows}) or len(meta.get("seeds") or [])  # those run: an unfinished sweep's too
+    if seeds == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
                      "ranking gap of a few percent may be noise; sweep.seeds 3 or more measures it")
-    elif len(meta.get("seeds") or []) == 2:  # an outside sweep read '0.08–0.08' from seeds at 80 and 83 steps
+    elif seeds == 2:  # an outside sweep read '0.08–0.08' from seeds at 80 and 83 steps
         notes.append("two seeds: each interval is the range of the two seeds' times (the bootstrap of two values), not "
                      "a measured 90% interval; close seeds give a narrow range where more seeds spread wider (five of "
                      "an outside 512 took 93–148 steps where its two took 80 and 83), so a tie read from it may be "
