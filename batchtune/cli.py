@@ -483,6 +483,18 @@ def _check_out(out: Path, force: bool) -> None:
                          "empty folder, or pass --force to write there anyway")
 
 
+def _show_again(out: Path, hint: str, fmt: str) -> None:
+    """Where ``out`` holds this same plan, finished (:func:`_finished_plan`), show it and exit with its code.
+    Rank 0 reads and shows it; every rank exits alike."""
+    from batchtune.engine.distributed import current
+    from batchtune.render.run_folder import PLAN_FILE
+
+    dist = current()
+    if dist.broadcast(dist.on_main(lambda: _finished_plan(out, hint))):
+        note = f"note: {out} holds this plan, finished: shown as it was planned, nothing run again"
+        raise typer.Exit(dist.broadcast(dist.on_main(lambda: _echo_plan(out / PLAN_FILE, fmt, note).exit_code)))
+
+
 def _check_plan_out(out: Path, force: bool) -> None:
     """A plan's ``--out``: as a sweep's (:func:`_check_out`), and holding no run yet, even with ``--force``,
     unless it is a plan's unfinished calibration, which the plan continues (if it is this plan's).
@@ -546,13 +558,13 @@ def report(
         typer.echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
 
 
-def _echo_plan(path: Path, fmt: str) -> None:
+def _echo_plan(path: Path, fmt: str, note: str | None = None) -> Any:
     """A plan's calibration folder: the plan from its ``plan.json``, and a note saying so (the sweep's own
-    report there is the calibration's: its table is not the plan)."""
+    report there is the calibration's: its table is not the plan); the plan, for its exit code."""
     from batchtune.commands.plan import PlanResult
     from batchtune.render.plan import render_plan
 
-    err.print(f"note: {path.parent} is a batchtune plan's calibration: shown is its plan ({path.name}); the "
+    err.print(note or f"note: {path.parent} is a batchtune plan's calibration: shown is its plan ({path.name}); the "
               f"calibration sweep's own report is {path.parent / 'report.txt'}", markup=False)
     from batchtune.render.run_folder import RunFolder
 
@@ -563,6 +575,24 @@ def _echo_plan(path: Path, fmt: str) -> None:
         raise UsageError(f"{path.parent}: {path.name} is not a plan batchtune can read ({type(exc).__name__}: "
                          f"{exc}): written by an older batchtune? plan again") from None
     typer.echo(render_plan(plan, fmt))
+    return plan
+
+
+def _finished_plan(out: Path, hint: str) -> bool:
+    """Whether ``out`` holds this same plan, finished: its calibration was begun by this same command line (kept
+    in its meta.json) and its plan.json written, verified where the command asks --verify. Run again, the
+    command shows it, as a finished sweep's --resume does (a retry wrapper got exit 2 from a finished plan's
+    folder, and the plan's result from a sweep's)."""
+    from batchtune.render.run_folder import PLAN_FILE, RunFolder
+
+    if not ((out / PLAN_FILE).is_file() and (out / "meta.json").is_file()):
+        return False
+    try:
+        origin = RunFolder(out).read_object("meta.json").get("origin") or {}
+        verified = RunFolder(out).read_object(PLAN_FILE).get("verified")
+    except UsageError:  # damaged: the usual check says so
+        return False
+    return origin.get("resume") == hint and (verified is not None or "--verify" not in shlex.split(hint))
 
 
 def _say(text: str) -> None:
@@ -859,6 +889,12 @@ def plan(
         deadline_seconds = parse_deadline(deadline) if deadline is not None else None
         samples, tokens = _whole("--samples", samples), _whole("--tokens", tokens)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
+        given = {"--samples": samples, "--epochs": epochs, "--tokens": tokens, "--gpus": gpus,
+                 "--price-per-hour": price_per_hour, "--deadline": deadline, "--calibration": calibration,
+                 "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
+                 "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
+        if out is not None:  # this same plan, finished there: shown again, with its exit code
+            _show_again(out, _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, out), fmt.value)
         if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
             _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
         if out is not None:
@@ -867,10 +903,6 @@ def plan(
         from batchtune.commands.sweep import run_dir
 
         where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
-        given = {"--samples": samples, "--epochs": epochs, "--tokens": tokens, "--gpus": gpus,
-                 "--price-per-hour": price_per_hour, "--deadline": deadline, "--calibration": calibration,
-                 "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
-                 "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
         hint = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, where)
         try:
             result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,

@@ -695,6 +695,13 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     trials = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
     assert trials.exit_code == 0 and trials.stdout.startswith("batch_size,micro_batch_size,accum_steps,lr,seed,")
     assert f"these are its trials; the plan is {tmp_path / 'run/plan.json'}" in trials.stderr
+    # the same command again shows the finished plan with its exit code, as a finished sweep's --resume does (it
+    # exited 2, 'already holds a finished plan'); another command on the folder is still refused
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == result.exit_code and json.loads(again.stdout) == data, again.output
+    assert f"note: {tmp_path / 'run'} holds this plan, finished: shown as it was planned" in again.stderr
+    other = CliRunner().invoke(app, [a if a != str(n) else str(2 * n) for a in args])
+    assert other.exit_code == 2 and "already holds a finished plan" in other.stderr
 
 
 def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
