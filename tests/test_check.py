@@ -302,8 +302,8 @@ def test_a_baseline_whose_steps_did_not_fall_bounds_the_critical_batch_above():
     assert (b_crit, basis, extra["high"]) == (32.0, "baseline.below_smallest", 32.0)
     above = critical_batch_verdict(128, b_crit, basis=basis, **extra)
     assert (above.status, above.code) == ("warn", "critical.above")
-    assert check_reason(above) == ("128 is more than 4.0× the critical batch, below 32 (the baseline sweep's steps did "
-                                   "not fall from its smallest size): at least ~60% of its compute wasted")
+    assert check_reason(above) == ("128 is more than 4.0× the critical batch, below 32 (the baseline sweep's steps "
+                                   "did not fall from its smallest size): at least ~60% of its compute wasted")
     assert critical_batch_verdict(32, b_crit, basis=basis, **extra).status == "pass"
 
 

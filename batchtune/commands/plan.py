@@ -27,6 +27,8 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -193,15 +195,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     n = run_samples(spec, len(components.train_set), components.tokens_per_sample(),
                     samples=samples, epochs=epochs, tokens=tokens)
     scale = gpus // dist.world_size  # --gpus G in one process: each calibrated size is G× as large a global batch
-    try:
+    with _in_tokens(tokens, n, components):
         calibration_spec, per_trial, notes, left_out = _calibration_spec(
             spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale)
-    except UsageError as exc:
-        if tokens is None:
-            raise
-        per = components.tokens_per_sample()  # the user counted in tokens: say how the samples above convert
-        raise UsageError(f"{exc} (--tokens {tokens:,} is {n:,} samples of {per:,} tokens: a sample above is "
-                         f"{per:,} tokens)") from None
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
@@ -251,6 +247,20 @@ def verified_no(result: Any) -> bool:
     pick = result.verified["plans"].get(result.recommendation["plan"]) or {}
     ended, projected = pick.get("final_loss"), pick.get("projected_final_loss")
     return bool(pick.get("collapsed")) or bool(ended and projected and ended > (1 + VERIFIED_LOSS_MISS) * projected)
+
+
+@contextmanager
+def _in_tokens(tokens: int | None, n: int, components: Any) -> Iterator[None]:
+    """A run given in ``tokens`` that is too short to plan says how the samples its message counts convert (an
+    outside GRU asked --tokens 100000 and was answered 'a run of 2941 samples is too short')."""
+    try:
+        yield
+    except UsageError as exc:
+        if tokens is None:
+            raise
+        per = components.tokens_per_sample()
+        raise UsageError(f"{exc} (--tokens {tokens:,} is {n:,} samples of {per:,} tokens: a sample above is "
+                         f"{per:,} tokens)") from None
 
 
 def _verified_notes(result: PlanResult) -> list[str]:
