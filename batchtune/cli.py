@@ -592,7 +592,18 @@ def _finished_plan(out: Path, hint: str) -> bool:
         verified = RunFolder(out).read_object(PLAN_FILE).get("verified")
     except UsageError:  # damaged: the usual check says so
         return False
-    return origin.get("resume") == hint and (verified is not None or "--verify" not in shlex.split(hint))
+    return (_plan_words(origin.get("resume") or "") == _plan_words(hint)
+            and (verified is not None or "--verify" not in shlex.split(hint)))
+
+
+def _plan_words(command: str) -> list[str]:
+    """A plan command line less how it prints (--format, --quiet): what makes it the same plan."""
+    words, out = shlex.split(command), []
+    for i, word in enumerate(words):
+        if word in ("--quiet", "-q") or word == "--format" or i and words[i - 1] == "--format":
+            continue
+        out.append(word)
+    return out
 
 
 def _say(text: str) -> None:

@@ -699,6 +699,8 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     # exited 2, 'already holds a finished plan'); another command on the folder is still refused
     again = CliRunner().invoke(app, args)
     assert again.exit_code == result.exit_code and json.loads(again.stdout) == data, again.output
+    table = CliRunner().invoke(app, [a for a in args if a not in ("--format", "json", "-q")])  # how it prints
+    assert table.exit_code == result.exit_code and table.stdout.startswith("batchtune plan: quickstart-mlp")
     assert f"note: {tmp_path / 'run'} holds this plan, finished: shown as it was planned" in again.stderr
     other = CliRunner().invoke(app, [a if a != str(n) else str(2 * n) for a in args])
     assert other.exit_code == 2 and "already holds a finished plan" in other.stderr
