@@ -47,7 +47,7 @@ class _OneLineUsageErrors(TyperGroup):
             if _debug():
                 raise
             where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone says it
+            if _rank0():  # under torchrun rank 0 alone says it
                 _error(f"{exc.format_message().rstrip('.')}{where}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
@@ -173,7 +173,7 @@ def _user_errors() -> Iterator[None]:
             raise
         # A spec or option error is the same on every rank: rank 0 says it. What a rank's own step
         # raised (TrainingError) may be its alone: each says what it saw.
-        if isinstance(exc, TrainingError) or os.environ.get("RANK", "0") == "0":
+        if isinstance(exc, TrainingError) or _rank0():
             _error(_describe(exc))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -431,12 +431,8 @@ def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
             raise UsageError(f"--resume {resume}: no such run folder")
         if not (resume / "meta.json").exists():
             raise UsageError(f"{resume} is not a sweep run folder (no meta.json)")
-        from batchtune.render.run_folder import RunFolder
-
-        origin = RunFolder(resume).read_object("meta.json").get("origin") or {}
-        if origin.get("command") == "batchtune plan":  # resumed as a sweep it ended with no plan
-            raise UsageError(f"{resume} is a batchtune plan's calibration: continue it with "
-                             f"{origin.get('resume') or 'the same batchtune plan command and --out ' + str(resume)}")
+        if (how := _plan_continues(_origin(resume), resume)) is not None:  # resumed as a sweep it ended with no plan
+            raise UsageError(f"{resume} is a batchtune plan's calibration: continue it with {how}")
     if spec_path is not None:
         return spec_path
     if resume is None:
@@ -507,7 +503,7 @@ def _check_plan_out(out: Path, force: bool) -> None:
     if RunFolder(out).exists() or (out / "meta.json").exists():
         if (out / PLAN_FILE).exists():
             held = "a finished plan (its plan.json; batchtune report shows it)"
-        elif (RunFolder(out).read_object("meta.json").get("origin") or {}).get("command") == "batchtune plan":
+        elif _plan_continues(_origin(out), out) is not None:
             return  # an interrupted plan's calibration: run_plan continues it, or says it is another plan's
         else:
             held = "a sweep's run"
@@ -588,12 +584,27 @@ def _finished_plan(out: Path, hint: str) -> bool:
     if not ((out / PLAN_FILE).is_file() and (out / "meta.json").is_file()):
         return False
     try:
-        origin = RunFolder(out).read_object("meta.json").get("origin") or {}
+        origin = _origin(out)
         verified = RunFolder(out).read_object(PLAN_FILE).get("verified")
     except UsageError:  # damaged: the usual check says so
         return False
     return (_plan_words(origin.get("resume") or "") == _plan_words(hint)
             and (verified is not None or "--verify" not in shlex.split(hint)))
+
+
+def _origin(folder: Path) -> dict[str, Any]:
+    """The command a run folder's sweep was started for (``meta.json``'s ``origin``; {} for a sweep's own)."""
+    from batchtune.render.run_folder import RunFolder
+
+    return RunFolder(folder).read_object("meta.json").get("origin") or {}
+
+
+def _plan_continues(origin: dict[str, Any], folder: Path) -> str | None:
+    """The command that continues a plan's calibration in ``folder`` (``origin`` its meta.json's); None where the
+    folder is a sweep's own."""
+    if origin.get("command") != "batchtune plan":
+        return None
+    return origin.get("resume") or f"the same batchtune plan command and --out {folder}"
 
 
 def _plan_words(command: str) -> list[str]:
@@ -606,9 +617,14 @@ def _plan_words(command: str) -> list[str]:
     return out
 
 
+def _rank0() -> bool:
+    """Whether this process is rank 0 under torchrun (or alone), known before any group is joined."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _say(text: str) -> None:
     """``text`` on stderr, from rank 0 alone under torchrun (an interrupted 2-rank sweep said it twice)."""
-    if os.environ.get("RANK", "0") == "0":
+    if _rank0():
         err.print(text, markup=False)
 
 
@@ -630,10 +646,9 @@ def _launcher(world_size: int | None = None) -> list[str]:
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
     """Say that the run is unfinished, in the notes and on the recommendation."""
     n = len(result.trials)
-    origin = result.meta.get("origin") or {}
-    if origin.get("command") == "batchtune plan" and not holder:  # its sweep --resume would end with no plan
-        state = ("a batchtune plan's calibration, stopped before it finished; continue it with "
-                 + (origin.get("resume") or f"the same batchtune plan command and --out {run_dir}"))
+    how = _plan_continues(result.meta.get("origin") or {}, run_dir)
+    if how is not None and not holder:  # its sweep --resume would end with no plan
+        state = f"a batchtune plan's calibration, stopped before it finished; continue it with {how}"
     else:
         state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
                  else "the sweep stopped before its plan was done; continue with "

@@ -242,11 +242,16 @@ def verified_no(result: Any) -> bool:
     :data:`VERIFIED_LOSS_MISS` above its projected loss: the measurement says no (an outside GRU plan's runs
     ended 76% above it, on the data's floor, and exited 0). A run ending a hair above a target 1% over the
     projected end is the flat end of a curve, not a plan that fails."""
-    if any(v.get("seconds") is not None for v in result.verified["plans"].values()):
+    if _reached(result.verified):
         return False
     pick = result.verified["plans"].get(result.recommendation["plan"]) or {}
     ended, projected = pick.get("final_loss"), pick.get("projected_final_loss")
     return bool(pick.get("collapsed")) or bool(ended and projected and ended > (1 + VERIFIED_LOSS_MISS) * projected)
+
+
+def _reached(verified: dict[str, Any]) -> bool:
+    """Whether some verified plan reached the final target (a run of it crossed: its ``seconds`` is measured)."""
+    return any(v.get("seconds") is not None for v in verified["plans"].values())
 
 
 @contextmanager
@@ -290,7 +295,7 @@ def _unreached_notes(result: PlanResult) -> list[str]:
     hold when trained, by how much the pick's loss ended above the projection's (an outside LSTM language
     model's plan said 1,258 steps to 1.255; both verified runs ended at 1.891, its data's floor near 1.874)."""
     verified, picked = result.verified, result.recommendation["plan"]
-    if any(v.get("seconds") is not None for v in verified["plans"].values()):
+    if _reached(verified):
         return []
     p = verified["plans"].get(picked) or {}
     ended, projected = p.get("final_loss"), p.get("projected_final_loss")
@@ -311,7 +316,7 @@ def _missed_goal_notes(result: PlanResult) -> list[str]:
     regression's pick reached its target in 2,456 steps against 5,763 projected (-57%); an outside dict regression's
     constant 64 took 3,570 steps against 4,060 (-12%) but 5.0 s against 3.9 s (+30%): its steps were 48% slower."""
     verified = result.verified
-    if not any(v.get("seconds") is not None for v in verified["plans"].values()):
+    if not _reached(verified):
         return []
     parts, learned, paced = [], [], []
     for name, v in verified["plans"].items():
