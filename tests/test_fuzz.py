@@ -22,11 +22,13 @@ The examples are derandomized, so CI runs the same ones every time.
 from __future__ import annotations
 
 import _thread
+import atexit
 import copy
 import faulthandler
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +138,8 @@ EDGE: dict[str, list[Any]] = {
 UNKNOWN_KEYS = ["extra", "Name", "lr_multiplier", "batch_size", "kwarg", "memory", "steps", "_private", "x1"]
 
 SPECS_DIR = Path(tempfile.mkdtemp(prefix="batchtune-fuzz-"))
+# made when the module is imported: removed at exit, whether or not any test here ran (-k, collection only)
+atexit.register(shutil.rmtree, SPECS_DIR, ignore_errors=True)
 EXAMPLE_SECONDS = 30.0  # a generous bound: every example here takes well under 2 s (check: its 5 s budget)
 HANG_SECONDS = 90.0  # the last resort, if stopping the example at EXAMPLE_SECONDS did not work
 
@@ -531,10 +535,3 @@ def test_overrides_round_trip_the_mutated_values():
         else:
             assert got == expected and type(got) is type(expected), (op, _override(op), got)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _specs_dir():
-    yield
-    import shutil
-
-    shutil.rmtree(SPECS_DIR, ignore_errors=True)
