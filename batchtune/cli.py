@@ -9,6 +9,7 @@ commands, so ``batchtune --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -491,9 +492,10 @@ def _show_again(out: Path, hint: str, fmt: str) -> None:
         raise typer.Exit(dist.broadcast(dist.on_main(lambda: _echo_plan(out / PLAN_FILE, fmt, note).exit_code)))
 
 
-def _check_plan_out(out: Path, force: bool) -> None:
+def _check_plan_out(out: Path, force: bool, hint: str) -> None:
     """A plan's ``--out``: as a sweep's (:func:`_check_out`), and holding no run yet, even with ``--force``,
-    unless it is a plan's unfinished calibration, which the plan continues (if it is this plan's).
+    unless it is a plan's unfinished calibration, which the plan continues (if it is this plan's), or this
+    plan (``hint``, its command line) with its verification unfinished, which the plan continues.
 
     A sweep's run, or a finished plan, is the user's: kept, and the plan asks for another folder.
     """
@@ -501,14 +503,31 @@ def _check_plan_out(out: Path, force: bool) -> None:
 
     _check_out(out, force)
     if RunFolder(out).exists() or (out / "meta.json").exists():
+        if _plan_in(out, hint) == "verifying":
+            return
         if (out / PLAN_FILE).exists():
-            held = "a finished plan (its plan.json; batchtune report shows it)"
+            held = _held_plan(out)
         elif _plan_continues(_origin(out), out) is not None:
             return  # an interrupted plan's calibration: run_plan continues it, or says it is another plan's
         else:
             held = "a sweep's run"
         raise UsageError(f"--out {out} already holds {held}, which is kept: a plan calibrates in a new folder "
                          "(or continues its own interrupted calibration); choose a new or empty one")
+
+
+def _held_plan(out: Path) -> str:
+    """What the plan in ``out`` (its plan.json) is, for a plan command that may not write there."""
+    from batchtune.render.run_folder import PLAN_FILE, RunFolder
+
+    try:
+        stopped = RunFolder(out).read_object(PLAN_FILE).get("verified") is None
+        resume = _origin(out).get("resume") or ""
+    except UsageError:
+        stopped, resume = False, ""
+    if stopped and "--verify" in shlex.split(resume):
+        return (f"a plan whose verification was stopped, for another command line (continue it with {resume}, "
+                "or batchtune report shows the plan)")
+    return "a finished plan (its plan.json; batchtune report shows it)"
 
 
 @app.command()
@@ -540,7 +559,7 @@ def report(
             _mark_provisional(result, run_dir, holder)
         texts: dict[str, str] = {}
         if holder is not None or not os.access(run_dir, os.W_OK):
-            err.print(f"note: {run_dir} is {'being written by a sweep' if holder else 'read-only'}: "
+            err.print(f"note: {run_dir} is {'being written by a batchtune run' if holder else 'read-only'}: "
                       "its report files were not rewritten", markup=False)
         else:
             texts = folder.write_result(result, final=False)
@@ -575,21 +594,30 @@ def _echo_plan(path: Path, fmt: str, note: str | None = None) -> Any:
 
 
 def _finished_plan(out: Path, hint: str) -> bool:
-    """Whether ``out`` holds this same plan, finished: its calibration was begun by this same command line (kept
-    in its meta.json) and its plan.json written, verified where the command asks --verify. Run again, the
-    command shows it, as a finished sweep's --resume does (a retry wrapper got exit 2 from a finished plan's
-    folder, and the plan's result from a sweep's)."""
+    """Whether ``out`` holds this same plan, finished (:func:`_plan_in` says "finished"). Run again, the command
+    shows it, as a finished sweep's --resume does (a retry wrapper got exit 2 from a finished plan's folder, and
+    the plan's result from a sweep's)."""
+    return _plan_in(out, hint) == "finished"
+
+
+def _plan_in(out: Path, hint: str) -> str | None:
+    """What ``out`` holds of the plan ``hint`` (a command line) asks: "finished" where its calibration was begun by
+    this same command line (kept in its meta.json) and its plan.json written, verified where the command asks
+    --verify and there is a plan to verify; "verifying" where only the verification it asks is unfinished (the plan
+    continues it); else None."""
     from batchtune.render.run_folder import PLAN_FILE, RunFolder
 
     if not ((out / PLAN_FILE).is_file() and (out / "meta.json").is_file()):
-        return False
+        return None
     try:
         origin = _origin(out)
-        verified = RunFolder(out).read_object(PLAN_FILE).get("verified")
+        plan = RunFolder(out).read_object(PLAN_FILE)
     except UsageError:  # damaged: the usual check says so
-        return False
-    return (_plan_words(origin.get("resume") or "") == _plan_words(hint)
-            and (verified is not None or "--verify" not in shlex.split(hint)))
+        return None
+    if _plan_words(origin.get("resume") or "") != _plan_words(hint):
+        return None
+    done = plan.get("verified") is not None or plan.get("recommendation") is None  # verified, or nothing to verify
+    return "finished" if done or "--verify" not in shlex.split(hint) else "verifying"
 
 
 def _origin(folder: Path) -> dict[str, Any]:
@@ -920,26 +948,26 @@ def plan(
                  "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
                  "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
         if out is not None:  # this same plan, finished there: shown again, with its exit code
-            _show_again(out, _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, out), fmt.value)
+            asked = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, out)
+            _show_again(out, asked, fmt.value)
+            _rank0_check(lambda: _check_plan_out(out, force, asked))
         if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
             _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
-        if out is not None:
-            _rank0_check(lambda: _check_plan_out(out, force))
         setup_logging(quiet)
         from batchtune.commands.sweep import run_dir
 
         where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
         hint = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, where)
-        try:
-            result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
-                              price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, deadline=deadline,
-                              calibration_share=calibration, tolerance=tolerance, verify=verify,
-                              verify_seeds=verify_seeds, schedule_out=schedule_out, out=where, resume_command=hint)
-        except KeyboardInterrupt:
-            _plan_interrupted(where, hint)
-        finally:
-            if out is None and where.is_dir() and not any(where.iterdir()):
-                where.rmdir()  # the default folder, made up front: the plan stopped before writing in it
+        # held for this plan (a second one into it is refused); a folder made for it is removed if left empty
+        with _claim(where, out=None, force=force, fresh=out is None or not out.exists()):
+            try:
+                result = run_plan(spec, samples=samples, epochs=epochs, tokens=tokens, gpus=gpus,
+                                  price_per_hour=price_per_hour, deadline_seconds=deadline_seconds,
+                                  deadline=deadline, calibration_share=calibration, tolerance=tolerance,
+                                  verify=verify, verify_seeds=verify_seeds, schedule_out=schedule_out, out=where,
+                                  resume_command=hint)
+            except KeyboardInterrupt:
+                _plan_interrupted(where, hint)
         _echo(render_plan(result, fmt.value))
     raise typer.Exit(result.exit_code)
 
@@ -962,11 +990,17 @@ def _plan_command(spec_path: Path, overrides: list[str], given: dict[str, Any], 
 
 def _plan_interrupted(where: Path, hint: str) -> None:
     """Say what an interrupted plan kept in ``where`` and how to go on, and exit 130."""
-    from batchtune.render.run_folder import PLAN_FILE
+    from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
+    from batchtune.render.text import count_of
 
     if (where / PLAN_FILE).exists():
-        said = (f"interrupted during --verify: the plan is kept in {where / PLAN_FILE} (batchtune report {where} "
-                "shows it); a verification does not resume: plan again with --verify and a new --out")
+        try:
+            runs = sum(len(v) for v in json.loads((where / VERIFY_FILE).read_text())["plans"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or damaged: the plan says so
+            runs = 0
+        kept = f" and the {count_of(runs, 'verified run')} that finished" if runs else ""
+        said = (f"interrupted during --verify: the plan is kept in {where / PLAN_FILE}{kept} (batchtune report "
+                f"{where} shows the plan); continue the verification with {hint}")
     elif (where / "meta.json").exists():
         said = f"interrupted: the plan's calibration so far is kept in {where}; continue it with {hint}"
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -722,6 +723,8 @@ def test_verify_with_no_plan_prints_the_report_and_exits_1(tmp_path):
     assert data["recommendation"] is None and data["verified"] is None
     assert "no size trained without diverging in calibration: nothing to plan from" in data["notes"]
     assert "--verify: nothing to verify, the plan recommends no run" in data["notes"]
+    again = CliRunner().invoke(app, args)  # finished: shown again with its exit code, not continued or refused
+    assert again.exit_code == 1 and json.loads(again.stdout) == data, again.output
 
 
 def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(tmp_path, monkeypatch):
@@ -768,6 +771,81 @@ def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(
     assert f"calibration continued in {run}: the trials finished there before were kept" in notes
     rows = RunFolder(run).read_trials()
     assert rows[:2] == kept and len(rows) == 2 * 2  # two sizes, two seeds: the two finished ones kept, not rerun
+
+
+def test_an_interrupted_verification_continues_with_the_runs_that_finished(tmp_path, monkeypatch):
+    """--verify trains the whole run for each plan and seed; stopped in it, everything was lost ("a verification
+    does not resume: plan again with --verify and a new --out"). Now each finished run is kept, and the same
+    command trains only the rest, on the plan as projected (not calibrated, timed and projected again)."""
+    from typer.testing import CliRunner
+
+    import batchtune.commands.plan as plan
+    from batchtune.cli import app
+
+    run, spec = tmp_path / "run", tmp_path / "spec.yaml"
+    spec.write_text(Path("configs/quickstart.yaml").read_text())
+    args = ["plan", str(spec), "data.kwargs.n_train=100000", "sweep.batch_sizes=[32,64,128]", "sweep.lr_search=false",
+            "--samples", "130000", "--verify", "--verify-seeds", "2", "--format", "json", "-q", "--out", str(run)]
+    train, calls = plan._train_plan, []
+
+    def second_is_stopped(*a, **k):
+        calls.append(a[4])  # the seed
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(plan, "_train_plan", second_is_stopped)
+    runner = CliRunner()
+    stopped = runner.invoke(app, args)
+    command = (f"batchtune plan {spec} data.kwargs.n_train=100000 'sweep.batch_sizes=[32,64,128]' "
+               f"sweep.lr_search=false --samples 130000 --verify --verify-seeds 2 --format json --quiet --out {run}")
+    assert stopped.exit_code == 130 and stopped.stderr.strip().endswith(
+        f"interrupted during --verify: the plan is kept in {run / 'plan.json'} and the 1 verified run that finished "
+        f"(batchtune report {run} shows the plan); continue the verification with {command}"), stopped.output
+    projected = json.loads((run / "plan.json").read_text())
+    kept = json.loads((run / "verify.json").read_text())
+    (name, (first,)), = [(k, v) for k, v in kept["plans"].items() if v]
+    assert first["total_steps"] > 0 and len(first["evals"]) > 10
+    trials = (run / "trials.json").read_text()
+    # the command line must be the same; so must the spec it names
+    other = runner.invoke(app, [*args[:8], "--verify-seeds", "3", *args[10:]])
+    assert other.exit_code == 2 and "a plan whose verification was stopped, for another command line" in other.stderr
+    spec.write_text(spec.read_text().replace("lr: 0.001,", "lr: 0.002,"))
+    changed = runner.invoke(app, args)
+    assert changed.exit_code == 2, changed.output
+    assert f"--out {run} holds a verification of another spec, which is kept (now: optimizer.lr" in changed.stderr
+    spec.write_text(Path("configs/quickstart.yaml").read_text())
+    calls.clear()
+    monkeypatch.setattr(plan, "_train_plan", lambda *a, **k: calls.append(a[4]) or train(*a, **k))
+    continued = runner.invoke(app, args)
+    assert continued.exit_code in (0, 1), continued.output
+    data = json.loads(continued.stdout)
+    plans = len(data["verified"]["plans"])
+    assert len(calls) == 2 * plans - 1  # every seed of every plan, less the one kept
+    assert data["verified"]["plans"][name]["runs"][0]["evals"] == first["evals"]  # kept, not trained again
+    assert (run / "trials.json").read_text() == trials  # nothing calibrated again
+    for key in ("recommendation", "projection", "constant", "schedule", "critical_batch_by_loss", "calibration"):
+        assert data[key] == projected[key], key
+    assert f"verification continued in {run}: the plan as projected there, and the 1 verified run that had " \
+           "finished, were kept" in data["notes"]
+    again = runner.invoke(app, args)  # finished now: shown again, nothing trained
+    assert again.exit_code == continued.exit_code and json.loads(again.stdout) == data and len(calls) == 2 * plans - 1
+
+
+def test_a_plan_holds_its_folder_as_a_sweep_does(tmp_path):
+    """Two plans into one --out (a retry wrapper's second try) both wrote there: a plan holds its folder now."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    from batchtune.render.run_folder import RunFolder
+
+    out = tmp_path / "run"
+    with RunFolder(out).lock():
+        second = CliRunner().invoke(app, ["plan", "configs/quickstart.yaml", "--samples", "60000", "--out", str(out)])
+    assert second.exit_code == 2 and f"{out} is in use by another batchtune run (pid {os.getpid()} on " in second.stderr
+    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]  # nothing written
 
 
 def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):

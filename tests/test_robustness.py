@@ -485,7 +485,7 @@ def test_a_held_run_folder_is_refused_naming_its_holder(write_spec, tmp_path, mo
     with RunFolder(out).lock():
         assert RunFolder(out).holder()["pid"] == os.getpid()
         _one_line_error(_cli("sweep", write_spec(), "--out", out),
-                        f"{out} is in use by another sweep (pid {os.getpid()} on {socket.gethostname()}, started ")
+                        f"{out} is in use by another batchtune run (pid {os.getpid()} on {socket.gethostname()}, started ")
     assert RunFolder(out).holder() is None
 
 
@@ -694,7 +694,7 @@ def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_sp
     while not _rows(out):
         assert first.poll() is None, first.communicate()
         time.sleep(0.02)
-    _one_line_error(_cli("sweep", spec, "--out", out), f"in use by another sweep (pid {first.pid} ")
+    _one_line_error(_cli("sweep", spec, "--out", out), f"in use by another batchtune run (pid {first.pid} ")
     stderr = _stop_after(first, out, 1, signal.SIGINT)
     assert first.returncode == 130, stderr
     assert f"finished trials are kept in {out}; continue with batchtune sweep {spec} --resume {out}" in stderr

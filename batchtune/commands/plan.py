@@ -27,7 +27,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached, overhead_notes
 from batchtune.errors import UsageError
-from batchtune.render.run_folder import PLAN_FILE
+from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.stats.projection import (
@@ -173,11 +173,14 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             data-parallel run on G devices by assuming linear scaling. Under torchrun: the world
             size, whose throughput is measured (see :func:`_device_count` for why another is refused).
         out: the calibration's run folder; one holding this plan's unfinished calibration is continued
-            (:func:`_calibrate`). ``resume_command``: the command line that does so, kept in its meta.json.
+            (:func:`_calibrate`), and with ``verify`` one holding its plan, verified in part, continues
+            the verification (:func:`_kept_verification`). ``resume_command``: the command line that
+            does either, kept in its meta.json.
 
     Raises:
         UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
-            calibrate on; ``schedule_out`` is not a .yaml, .yml or .json file; or the options conflict.
+            calibrate on; ``schedule_out`` is not a .yaml, .yml or .json file; the options conflict; or the
+            verification kept in ``out`` was of another spec.
         SpecError: the spec cannot be swept as given.
     """
     from batchtune.engine.distributed import current
@@ -192,6 +195,60 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
     gpus = _device_count(gpus, dist.world_size, verify)
     spec, components, backend = prepare(spec, backend)
+    kept = _kept_verification(out, spec, dist) if verify and out is not None else None
+    if kept is None:
+        result = _projected(spec, components, backend, out, resume_command, gpus=gpus, samples=samples,
+                            epochs=epochs, tokens=tokens, price_per_hour=price_per_hour,
+                            deadline_seconds=deadline_seconds, deadline=deadline,
+                            calibration_share=calibration_share, tolerance=tolerance)
+        kept = (result, {})
+    result, runs = kept
+    folder = RunFolder(result.calibration["run_dir"])
+
+    def write() -> None:
+        if schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
+            stages = _plan_stages(result, result.recommendation["plan"])
+            result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
+        elif schedule_out is not None:
+            why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
+                   if result.closest else "the plan recommends no run")
+            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")
+        folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
+
+    if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
+        result.notes.append("--verify: nothing to verify, the plan recommends no run")
+    dist.on_main(write)
+    if verify and result.recommendation is not None:
+        resolved = spec.resolved()
+
+        def save(plans: dict[str, list[dict[str, Any]]]) -> None:  # after each run: a stopped verification resumes
+            dist.on_main(lambda: folder.write_json(VERIFY_FILE, {"spec": resolved, "plans": plans}))
+
+        result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
+        result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
+                         + _collapse_notes(result))
+        dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
+    return result
+
+
+def _from_json(run: dict[str, Any]) -> dict[str, Any]:
+    """A verified run as :func:`_train_plan` returned it, from JSON, which wrote its non-finite losses as null: a
+    diverged run's final loss is inf again, and a non-finite validation loss NaN."""
+    losses = {k: math.inf if run.get(k, 0) is None else run[k] for k in ("final_loss", "fit_end_loss", "last_loss")
+              if k in run}
+    evals = [[*e[:2], math.nan if e[2] is None else e[2]] for e in run["evals"]]
+    return {**run, **losses, "evals": evals}
+
+
+def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None, resume_command: str | None, *,
+               gpus: int, samples: int | None, epochs: float | None, tokens: int | None,
+               price_per_hour: float | None, deadline_seconds: float | None, deadline: str | None,
+               calibration_share: float, tolerance: float) -> PlanResult:
+    """The calibration and the projection (:func:`run_plan`'s first part): the plan rank 0 projected, on every
+    rank."""
+    from batchtune.engine.distributed import current
+
+    dist = current()
     n = run_samples(spec, len(components.train_set), components.tokens_per_sample(),
                     samples=samples, epochs=epochs, tokens=tokens)
     scale = gpus // dist.world_size  # --gpus G in one process: each calibrated size is G× as large a global batch
@@ -213,28 +270,45 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     if trained > calibration_share * n * 1.05:
         result.notes.append(f"the calibration trained {trained / n:.0%} of the run, more than the "
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
-    result = dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
-    folder = RunFolder(cal.run_dir)
+    return dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
 
-    def write() -> None:
-        if schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
-            stages = _plan_stages(result, result.recommendation["plan"])
-            result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
-        elif schedule_out is not None:
-            why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
-                   if result.closest else "the plan recommends no run")
-            result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")
-        folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
-    dist.on_main(write)
-    if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
-        result.notes.append("--verify: nothing to verify, the plan recommends no run")
-    elif verify:
-        result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds)
-        result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
-                         + _collapse_notes(result))
-        dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
-    return result
+def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResult, dict[str, list]] | None:
+    """Where ``out`` holds a plan whose ``--verify`` was stopped: the plan as projected (its plan.json) and the
+    verified runs that finished (:data:`VERIFY_FILE`), so the verification goes on from there instead of
+    calibrating and projecting again; None where it holds no plan yet, or a verified one. The command line
+    was checked to be the same (``batchtune plan`` does); the spec is checked here. Rank 0 reads, every rank
+    gets the same."""
+    from batchtune.config.spec import changed_keys
+    from batchtune.render.run_folder import RunFolder
+    from batchtune.render.text import count_of
+
+    def read() -> tuple[str | None, dict[str, Any] | None, dict[str, list]]:
+        folder = RunFolder(Path(out))
+        if not (folder.path / PLAN_FILE).is_file():
+            return None, None, {}
+        plan = folder.read_object(PLAN_FILE)
+        if plan.get("verified") is not None or plan.get("recommendation") is None:  # verified, or nothing to verify
+            return None, None, {}
+        kept = folder.read_object(VERIFY_FILE, default={})
+        stored, now = kept.get("spec"), spec.resolved()
+        if stored is not None and stored != now:
+            return (f"--out {out} holds a verification of another spec, which is kept (now: "
+                    f"{', '.join(changed_keys(stored, now))}): verify with the same spec, or plan in a new --out"), None, {}
+        return None, plan, kept.get("plans") or {}
+
+    problem, plan, runs = dist.broadcast(dist.on_main(read))
+    if problem:
+        raise UsageError(problem)
+    if plan is None:
+        return None
+    result = PlanResult.from_dict(plan)
+    runs = {name: [_from_json(r) for r in v] for name, v in runs.items()}
+    done = sum(len(v) for v in runs.values())
+    result.notes.append(f"verification continued in {out}: the plan as projected there"
+                        + (f", and the {count_of(done, 'verified run')} that had finished, were kept" if done
+                           else " was kept"))
+    return result, runs
 
 
 def verified_no(result: Any) -> bool:
@@ -1296,11 +1370,16 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
 # ---------------------------------------------------------------------------------- verify
 
 
-def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *, seeds: int = 1) -> dict[str, Any]:
+def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *, seeds: int = 1,
+                kept: dict[str, list[dict[str, Any]]] | None = None,
+                save: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None) -> dict[str, Any]:
     """Train the recommended plan over the whole run, and beside it the best constant size and
     the schedule (where they are not the pick), each for ``seeds`` seeds: measured steps and
     seconds to the final target (medians over seeds) beside the projection. Under torchrun every
-    rank trains each plan data-parallel, as the run it verifies would be."""
+    rank trains each plan data-parallel, as the run it verifies would be.
+
+    ``kept``: runs that finished before (each plan's, in seed order), not trained again; ``save`` is
+    given every finished run so far (the same shape) after each run."""
     from batchtune.engine.distributed import current
 
     if result.recommendation is None or result.projection is None:
@@ -1316,10 +1395,16 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
     if result.schedule is not None:
         plans.setdefault("schedule", result.schedule["stages"])
     out: dict[str, Any] = {"target": result.final_target, "seeds": seeds, "plans": {}}
+    done = {name: list((kept or {}).get(name, []))[:seeds] for name in plans}
+    if save is not None:
+        save(done)  # before the first run, with the spec: a verification stopped in it resumes
     for name, stages in plans.items():
-        runs = [_train_plan(spec, components, backend, _schedule_artifact(result, stages), spec.seed + i,
-                            result.final_target) for i in range(seeds)]
-        out["plans"][name] = _verified(runs, _projection_of(result, name))
+        while len(done[name]) < seeds:
+            done[name].append(_train_plan(spec, components, backend, _schedule_artifact(result, stages),
+                                          spec.seed + len(done[name]), result.final_target))
+            if save is not None:
+                save(done)
+        out["plans"][name] = _verified([dict(r) for r in done[name]], _projection_of(result, name))
     picked = out["plans"][result.recommendation["plan"]]
     out.update({k: picked[k] for k in ("steps", "seconds", "final_loss", "steps_error", "seconds_error")})
     out["best"] = min(out["plans"], key=lambda name: _verified_rank(out["plans"][name]))

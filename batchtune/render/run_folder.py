@@ -39,13 +39,14 @@ __all__ = ["META_KEYS", "PLAN_FILE", "ROW_KEYS", "RunFolder", "StoredRun", "atom
            "new_run_dir"]
 
 PLAN_FILE = "plan.json"  # batchtune plan's result, in its calibration's run folder
+VERIFY_FILE = "verify.json"  # plan --verify's finished runs (and the spec), so a stopped verification resumes
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".batchtune.lock"
 # a plan's calibration folder also holds the plan and its lead run: a plan's own files are a run's too
 RUN_FILES = frozenset({"spec.yaml", "environment.json", "meta.json", "trials.json", "trials.csv", "report.txt",
-                       "report.md", "result.json", "sweep.png", "lead.json", PLAN_FILE, LOCK_NAME})
+                       "report.md", "result.json", "sweep.png", "lead.json", PLAN_FILE, VERIFY_FILE, LOCK_NAME})
 
 # What report and --resume index in a run's plan and trials: a folder without them would fail deep in the
 # analysis (an outside tester's meta.json of {} gave KeyError 'data_bound_share'), so it is refused at the read.
@@ -370,7 +371,7 @@ class RunFolder:
             if not _try_flock(fd):
                 holder = _read_holder(lock_path)
                 if _alive(holder):
-                    raise UsageError(f"{self.path} is in use by another sweep ({_describe(holder)}); "
+                    raise UsageError(f"{self.path} is in use by another batchtune run ({_describe(holder)}); "
                                      "wait for it to finish or stop it, or choose another --out")
                 log.warning("taking over %s: its holder (%s) is gone", lock_path, _describe(holder))
             _write_holder(fd, lock_path)
