@@ -45,6 +45,8 @@ def ranks(tmp_path_factory) -> dict:
                                         kwargs=", kwargs: {threshold: 150, rank: 1}"), "--format", "json", "-q"],
         "sweep": ["sweep", _spec(folder, "sweep", "[1MiB, 1MiB]"), "--out", str(folder / "run"), "--format",
                   "json", "-q"],
+        # a finished sweep resumed: the same result, nothing trained or timed again (its scaling was re-timed)
+        "sweep_again": ["sweep", "--resume", str(folder / "run"), "--format", "json", "-q"],
         "check": ["check", _spec(folder, "check", "[1MiB, 1MiB]"), "--batch-size", "128", "--format", "json", "-q"],
         "user_error": ["probe", _spec(folder, "broken", "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank"),
                        "-q"],
@@ -92,6 +94,12 @@ def test_sweep_uses_global_batches_and_only_rank_0_writes(ranks):
     written = json.loads((ranks["_folder"] / "run" / "trials.json").read_text())
     assert len(written) == 4
     assert not list(ranks["_folder"].glob("runs"))  # no second, default-named folder
+
+
+def test_a_finished_sweep_resumed_under_torchrun_trains_and_times_nothing_again(ranks):
+    first, again = _json(ranks, "sweep"), _json(ranks, "sweep_again")
+    assert again["trials"] == first["trials"] and again["recommendation"] == first["recommendation"]
+    assert again["meta"]["scaling"] == first["meta"]["scaling"] and first["meta"]["scaling"]["world_size"] == 2
 
 
 def test_check_runs_on_both_ranks_and_reports_once(ranks):

@@ -202,7 +202,7 @@ class _Sweep:
 
         self._trainer = Trainer(self.components, self.backend, self.spec.precision, self.dist)
         self._done = {_row_key(r) for r in self.rows}
-        self._trained = len(self.rows)  # trials trained so far, counting those a resumed run finished before
+        self._trained = self._resumed = len(self.rows)  # trials trained so far, counting those resumed
         self._stops: dict[int, dict[float, float]] = {}  # the later seeds' lrs and their stop targets
         first, *others = self.meta["seeds"]
         # the rule's lr first: the likeliest fastest, whose crossing bounds how far the others train on
@@ -391,9 +391,11 @@ class _Sweep:
         env = self.dist.on_main(lambda: self.folder.read_json("environment.json")) or {}
         result = result_from_rows(self.spec.name, self.rows, self.meta, run_dir=self.folder.path, environment=env)
         if self.dist.enabled:
-            scaling = _scaling_efficiency(result.recommendation, self)
-            if scaling:
-                result.meta["scaling"] = scaling
+            pick, kept = result.recommendation, self.meta.get("scaling")
+            if not (self._trained == self._resumed and kept and pick and kept["batch_size"] == pick["batch_size"]):
+                kept = _scaling_efficiency(pick, self)  # timed again only where a trial was: a finished sweep's stands
+            if kept:
+                result.meta["scaling"] = kept
         return result
 
 
