@@ -484,8 +484,8 @@ def test_a_held_run_folder_is_refused_naming_its_holder(write_spec, tmp_path, mo
     out = tmp_path / "run"
     with RunFolder(out).lock():
         assert RunFolder(out).holder()["pid"] == os.getpid()
-        _one_line_error(_cli("sweep", write_spec(), "--out", out),
-                        f"{out} is in use by another batchtune run (pid {os.getpid()} on {socket.gethostname()}, started ")
+        _one_line_error(_cli("sweep", write_spec(), "--out", out), f"{out} is in use by another batchtune run "
+                        f"(pid {os.getpid()} on {socket.gethostname()}, started ")
     assert RunFolder(out).holder() is None
 
 

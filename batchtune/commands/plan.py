@@ -293,8 +293,9 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
         kept = folder.read_object(VERIFY_FILE, default={})
         stored, now = kept.get("spec"), spec.resolved()
         if stored is not None and stored != now:
-            return (f"--out {out} holds a verification of another spec, which is kept (now: "
-                    f"{', '.join(changed_keys(stored, now))}): verify with the same spec, or plan in a new --out"), None, {}
+            changed = ", ".join(changed_keys(stored, now))
+            return (f"--out {out} holds a verification of another spec, which is kept (now: {changed}): verify "
+                    "with the same spec, or plan in a new --out"), None, {}
         return None, plan, kept.get("plans") or {}
 
     problem, plan, runs = dist.broadcast(dist.on_main(read))
