@@ -216,6 +216,50 @@ def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
     assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])
 
 
+def nan_later_data(**kwargs):
+    """tiny_data with one NaN in training sample 5 (the first two, which validate reads, are finite)."""
+    from tests.fixtures import tiny_data
+
+    train, val = tiny_data(**kwargs)
+    train.tensors[0][5, 3] = float("nan")
+    return train, val
+
+
+def test_a_nan_in_the_data_met_in_training_is_named_not_blamed_on_the_lr(write_spec, tmp_path):
+    """One NaN sample made every outside sweep trial 'diverge', down to 32x below the lowest lr, and the sweep said
+    'the lr is too high'; check said 'diverged at lr 0.002'. The data is looked at once a loss is not finite."""
+    spec = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.test_hangs:nan_later_data")
+                      + "sweep: {min_batch_size: 32, max_batch_size: 64, samples: 1024, seeds: 1}\n")
+    said = "1 training sample holds NaN or inf (index 5, of its 512 samples): the data, not the lr; clean it"
+    check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q", "-f", "json"])
+    assert check.exit_code == 1, check.output
+    trains = next(c for c in json.loads(check.output)["checks"] if c["name"] == "trains")
+    assert trains["status"] == "fail" and trains["reason"].startswith("diverged at lr 0.01: non-finite loss at step ")
+    assert trains["reason"].endswith(said), trains
+    sweep = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "run"), "-q", "-f", "json"])
+    notes = json.loads(sweep.output)["notes"]
+    assert any(n.startswith("every trial's loss went non-finite") and n.endswith(f"{said}, and sweep again")
+               for n in notes), notes
+    assert not any("the lr is too high" in n for n in notes)
+
+
+def test_nonfinite_samples_reads_tensors_at_once_and_other_sets_within_its_time():
+    from batchtune.engine.data import nonfinite_samples
+
+    x = torch.zeros(100, 3)
+    x[[7, 40, 41, 90], 1] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])
+    found = nonfinite_samples(torch.utils.data.TensorDataset(x, torch.zeros(100, dtype=torch.long)))
+    assert found == (([7, 40, 41], 4, 100, 100)) and "index 7, 40, 41, ..." in found.text()
+    samples = [{"x": row, "label": 0} for row in x]  # a plain list of dicts: read one by one
+    assert nonfinite_samples(samples, show=5) == ([7, 40, 41, 90], 4, 100, 100)
+    assert nonfinite_samples(samples, seconds=-1) is None  # out of time before the first sample: nothing read
+    from batchtune.engine.data import NonFinite
+
+    assert NonFinite([7], 1, 50, 100).text().startswith("1 training sample holds NaN or inf (index 7, in the first 50 "
+                                                        "of its 100 samples)")
+    assert nonfinite_samples(torch.utils.data.TensorDataset(torch.ones(10, 2))) is None
+
+
 # ---------------------------------------------------------------------------- the machine
 
 

@@ -529,6 +529,10 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
     trained = [r for r in rows if r["fits"]]
     if found is None and trained and all(r["diverged"] for r in trained):
         lrs = sorted(r["lr"] for r in trained)
+        data = next((d.split(": ", 1)[1] for r in trained if "NaN or inf" in (d := r.get("divergence") or "")), None)
+        if data is not None:  # no lr explains a NaN in the data
+            return [], [f"every trial's loss went non-finite, at every size and every lr tried ({lrs[0]:.3g} to "
+                         f"{lrs[-1]:.3g}): {data}, and sweep again"]
         return [], [f"every trial diverged, at every size and every lr tried ({lrs[0]:.3g} to {lrs[-1]:.3g}): the lr "
                      "is too high for this model; lower optimizer.lr (or add sweep.grad_clip) and sweep again"]
     if found is None:

@@ -24,8 +24,8 @@ from batchtune.engine.shape import BatchShape
 from batchtune.memory.device import DeviceBackend
 
 __all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "halves", "loader_kind",
-           "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches", "unsplittable",
-           "within_limits", "worst_case"]
+           "nonfinite_samples", "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches",
+           "unsplittable", "within_limits", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
@@ -159,6 +159,49 @@ def loader_kind(dataset: Dataset, num_workers: int = 0, collate_fn: Callable[[li
         return "in-memory tensors indexed once per batch"
     workers = f", {num_workers} worker{'s' * (num_workers != 1)}" if num_workers else ", in the main process"
     return f"DataLoader (per-sample fetch and collate{workers})"
+
+
+class NonFinite(NamedTuple):
+    """What :func:`nonfinite_samples` found: the first few indices of samples holding NaN or inf, how many
+    such samples, and how many samples it read (all of them, or as many as its time allowed)."""
+
+    first: list[int]
+    count: int
+    scanned: int
+    total: int
+
+    def text(self) -> str:
+        shown = ", ".join(str(i) for i in self.first) + (", ..." if self.count > len(self.first) else "")
+        where = "of its" if self.scanned == self.total else f"in the first {self.scanned:,} of its"
+        holds = "sample holds" if self.count == 1 else "samples hold"
+        return (f"{self.count:,} training {holds} NaN or inf (index {shown}, {where} {self.total:,} samples): the "
+                "data, not the lr; clean it")
+
+
+def nonfinite_samples(dataset: Dataset, seconds: float = 10.0, show: int = 3) -> NonFinite | None:
+    """The training samples whose floating-point tensors hold NaN or inf, read in order for at most
+    ``seconds`` (an in-memory ``TensorDataset`` at once); None where every sample read is finite.
+
+    Run only after a loss went non-finite, to tell bad data from an lr too high: one NaN sample in an
+    outside CNN's data made every trial 'diverge' at every lr, down to 32× below the lowest tried, and
+    the sweep said to lower the lr."""
+    total = len(dataset)
+    if isinstance(dataset, TensorDataset):
+        bad = torch.zeros(total, dtype=torch.bool)
+        for t in dataset.tensors:
+            if t.is_floating_point():
+                bad |= ~torch.isfinite(t.reshape(total, -1)).all(1)
+        found = bad.nonzero().flatten().tolist()
+        return NonFinite(found[:show], len(found), total, total) if found else None
+    found, scanned, start = [], 0, time.perf_counter()
+    for index in range(total):
+        if time.perf_counter() - start > seconds:
+            break
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in tree_leaves(dataset[index])):
+            found.append(index)
+        scanned += 1
+    return NonFinite(found[:show], len(found), scanned, total) if found else None
 
 
 def _indexable(dataset: Dataset, num_workers: int) -> bool:

@@ -324,6 +324,7 @@ class Trainer:
     def __init__(self, components: Components, backend: DeviceBackend, precision: str = "fp32",
                  dist: DistContext | None = None, workload: WorkloadFactory = TrainStep) -> None:
         self.components = components
+        self._bad_data: Any = ...  # not looked for yet (bad_data)
         self.backend = backend
         self.precision = precision
         self.dist = dist if dist is not None else current()
@@ -680,11 +681,22 @@ class Trainer:
                 run.next_log_eval = max(run.next_log_eval + 1, math.ceil(steps * 2 ** (1 / config.evals_per_doubling)))
         return due
 
-    @staticmethod
-    def _diverged(config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
-        """Mark the result diverged if the loss is not finite or grew past the divergence factor."""
+    def bad_data(self) -> Any:
+        """The training samples holding NaN or inf (:func:`~batchtune.engine.data.nonfinite_samples`), or None:
+        looked for once, the first time a loss is not finite."""
+        if self._bad_data is ...:
+            from batchtune.engine.data import nonfinite_samples
+
+            self._bad_data = nonfinite_samples(self.components.train_set)
+        return self._bad_data
+
+    def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
+        """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
+        non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`)."""
         if not math.isfinite(loss):
-            result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}"
+            bad = self.bad_data()
+            result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
+                f": {bad.text()}" if bad else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
                                                                start := starting_loss(result)):
             result.diverged = True
