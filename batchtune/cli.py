@@ -411,6 +411,9 @@ def sweep(
                          "start it again")
                 raise typer.Exit(130) from None
             except OSError as exc:  # a full disk, say: what finished is kept, and resumes
+                if resume is None and not (where / "meta.json").exists():  # the plan unwritten: nothing to resume
+                    raise UsageError(f"{_describe(exc)}; nothing was kept (no trial had run); once that is fixed, "
+                                     "run the same command again") from exc
                 raise UsageError(f"{_describe(exc)}; finished trials are kept in {where}; "
                                  f"once that is fixed, continue with {hint}") from exc
         if _RANK == 0:  # the run folder wrote each stored report once; csv is the trials frame

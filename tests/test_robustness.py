@@ -456,6 +456,47 @@ def test_a_full_disk_mid_sweep_keeps_the_trials_and_resumes(write_spec, tmp_path
     assert line
 
 
+def test_a_full_disk_before_the_plan_is_written_says_nothing_was_kept_and_the_same_command_runs(
+        write_spec, tmp_path, monkeypatch):
+    """An outside sweep's disk was full at environment.json: it said 'finished trials are kept; continue with
+    --resume', which answered 'not a sweep run folder (no meta.json)', and --out refused its own lone spec.yaml."""
+    real = run_folder_module.atomic_write
+
+    def full(path, data):
+        if Path(path).name == "environment.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(run_folder_module, "atomic_write", full)
+    spec, out = write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), tmp_path / "run"
+    _one_line_error(_cli("sweep", spec, "--out", out, "-q"), f"{out / 'environment.json'}: No space left on device; "
+                    "nothing was kept (no trial had run); once that is fixed, run the same command again")
+    assert not out.exists()  # the folder it made is gone: spec.yaml was removed with it
+    out.mkdir()  # a folder the user made: left, empty of the run's files
+    _one_line_error(_cli("sweep", spec, "--out", out, "-q"), "nothing was kept")
+    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]
+    monkeypatch.setattr(run_folder_module, "atomic_write", real)
+    assert _cli("sweep", spec, "--out", out, "-q").exit_code == 0
+
+
+def test_a_plot_the_disk_has_no_room_for_is_a_note_not_a_lost_ranking(write_spec, tmp_path, monkeypatch):
+    """An outside sweep trained every trial, then failed on sweep.png with exit 2 and printed no ranking."""
+    pytest.importorskip("matplotlib")
+    import batchtune.render.plots as plots
+
+    def full(result, path):
+        Path(path).write_bytes(b"half a png")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(plots, "plot_sweep", full)
+    out = tmp_path / "run"
+    result = _cli("sweep", write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), "--out", out, "-q", "-f", "json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert f"plot not written: {out / 'sweep.png'}: No space left on device" in notes
+    assert not (out / "sweep.png").exists() and json.loads(result.stdout)["recommendation"] is not None
+
+
 # ------------------------------------------------------------------ run folders
 
 

@@ -293,11 +293,23 @@ class RunFolder:
         return rows
 
     def start(self, resolved_spec: dict[str, Any], *, device: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Open a new run: its spec, the environment (versions + ``device``), the plan, no trials yet."""
-        self.write_spec(resolved_spec)
-        self.write_json("environment.json", environment(device))
-        self.write_json("meta.json", meta)
-        self.write_trials([])
+        """Open a new run: its spec, the environment (versions + ``device``), the plan, no trials yet. Where a
+        file cannot be written (a full disk), those written are removed again: a lone spec.yaml was no run to
+        resume, and counted as the user's file when the sweep was started again."""
+        written = []
+        try:
+            for name, write in (("spec.yaml", lambda: self.write_spec(resolved_spec)),
+                                ("environment.json", lambda: self.write_json("environment.json", environment(device))),
+                                ("meta.json", lambda: self.write_json("meta.json", meta)),
+                                ("trials", lambda: self.write_trials([]))):
+                written.append(name)
+                write()
+        except OSError:
+            for name in written:
+                for path in ([self.path / "trials.json", self.path / "trials.csv"] if name == "trials"
+                             else [self.path / name]):
+                    path.unlink(missing_ok=True)
+            raise
 
     def write_result(self, result: Any, *, final: bool = True) -> dict[str, str]:
         """The run as analysed: the plan, the plot, the reports and ``result.json``.
@@ -323,6 +335,9 @@ class RunFolder:
             plot_sweep(result, self.path / "sweep.png")
         except ImportError:
             result.notes.append("plots skipped: install matplotlib (pip install 'batchtune[plots]')")
+        except OSError as exc:  # the plot is the one optional file: a full disk there hid the whole ranking
+            (self.path / "sweep.png").unlink(missing_ok=True)
+            result.notes.append(f"plot not written: {self.path / 'sweep.png'}: {exc.strerror or exc}")
         texts = {fmt: render_sweep(result, fmt) for fmt in REPORTS}
         for fmt, name in REPORTS.items():
             self.write_text(name, texts[fmt] + "\n")
