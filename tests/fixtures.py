@@ -488,3 +488,27 @@ class _DecodesTooMuch(torch.utils.data.Dataset):
 
 def data_out_of_host_memory_when_read(**_):
     return _DecodesTooMuch(), _DecodesTooMuch()
+
+
+class _LSTMClassifier(nn.Module):
+    def __init__(self, in_features: int, hidden: int, num_classes: int, layers: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), num_classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def tiny_lstm(in_features: int = 4, hidden: int = 32, num_classes: int = 4, layers: int = 1,
+              bidirectional: bool = False) -> nn.Module:
+    """An nn.LSTM classifier (on CPU: oneDNN's kernel, whose workspace a fake kernel leaves empty)."""
+    return _LSTMClassifier(in_features, hidden, num_classes, layers, bidirectional)
+
+
+def sequence_data(n_train: int = 256, n_val: int = 64, length: int = 20, in_features: int = 4, num_classes: int = 4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_val, length, in_features, generator=g)
+    y = torch.randint(0, num_classes, (n_train + n_val,), generator=g)
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
