@@ -500,6 +500,23 @@ def test_a_plot_the_disk_has_no_room_for_is_a_note_not_a_lost_ranking(write_spec
 # ------------------------------------------------------------------ run folders
 
 
+def test_a_write_goes_through_a_link_or_a_device_and_never_replaces_it(tmp_path):
+    """`--plot /dev/full --force` renamed a PNG over the machine's /dev/full; --junit on a symlink replaced the link."""
+    import stat
+
+    target, link = tmp_path / "target.xml", tmp_path / "link.xml"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    atomic_write(Path("/dev/null"), b"a plot nobody keeps")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OSError, match="No space left on device") as caught:
+            atomic_write(Path("/dev/full"), b"x")
+        assert caught.value.filename == "/dev/full" and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
 def test_files_are_group_readable(tmp_path):
     old = os.umask(0o022)
     try:

@@ -80,11 +80,24 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     The folder must exist (nothing is created on the user's behalf). The file gets the
     usual permissions (0666 less the umask), like any other program's output.
 
+    A symbolic link is written through (its target replaced, the link kept), and a path that is not a
+    regular file (``/dev/null``, a FIFO, a device) is written to as it is: a rename over it had replaced
+    the machine's ``/dev/full`` with a PNG (``--plot /dev/full --force``, as root).
+
     Raises:
         OSError: the file cannot be written (read-only, no permission, disk full), naming ``path``.
     """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file() and not path.is_dir():  # a device or a FIFO: no rename over it
+        try:
+            with open(path, "wb") as f:
+                f.write(raw)
+        except OSError as exc:
+            raise _named(exc, path) from exc
+        return
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
