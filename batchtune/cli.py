@@ -797,13 +797,24 @@ def check(
         if _RANK != 0:
             raise typer.Exit(report.exit_code(strict))  # every rank agrees; rank 0 reports
         _echo(render_check(report, fmt.value, strict=strict))
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if junit is not None:
             atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
-        if summary:
-            with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
-                f.write(render_check(report, "markdown", strict=strict) + "\n\n")
+        _step_summary(render_check(report, "markdown", strict=strict) + "\n\n")
     raise typer.Exit(report.exit_code(strict))
+
+
+def _step_summary(text: str) -> None:
+    """Append ``text`` to $GITHUB_STEP_SUMMARY, where it is set. An extra batchtune adds unasked: a file it cannot
+    write is a warning naming it, and the check keeps its exit code (a PASS exited 2, 'No space left on device')."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not summary:
+        return
+    try:
+        with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
+            f.write(text)
+    except OSError as exc:
+        err.print(f"warning: $GITHUB_STEP_SUMMARY {summary}: {exc.strerror or exc}: the report was not appended "
+                  "there (the verdict stands)", markup=False)
 
 
 def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int | None, latency_budget: str | None,
@@ -829,10 +840,7 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
         _echo(render_serve_check(report, fmt.value, strict))
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:
-            with open(summary, "a", encoding="utf-8") as f:  # append: other steps write there too
-                f.write(render_serve_check(report, "markdown", strict) + "\n")
+        _step_summary(render_serve_check(report, "markdown", strict) + "\n")
     raise typer.Exit(report.exit_code(strict))
 
 

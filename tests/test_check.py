@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import subprocess
@@ -545,6 +546,17 @@ def test_a_size_the_sweep_accumulated_is_checked_as_it_ran(write_spec, tmp_path)
 
 
 # ---------------------------------------------------------------------------- outputs
+
+
+def test_a_step_summary_that_cannot_be_written_is_a_warning_and_the_verdict_stands(write_spec, monkeypatch):
+    """A passing outside check exited 2 ('[Errno 28] No space left on device', naming no file) on a full summary."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", "/dev/full")
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "512", "-q"])
+    assert result.exit_code == 1, result.output  # the verdict's own code (fits fails at 512), not 2
+    assert ("warning: $GITHUB_STEP_SUMMARY /dev/full: No space left on device: the report was not appended there "
+            "(the verdict stands)") in result.stderr
 
 
 def test_json_junit_markdown_and_the_step_summary(write_spec, tmp_path, monkeypatch):
