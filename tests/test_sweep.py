@@ -1256,3 +1256,16 @@ def test_a_run_of_another_world_size_is_refused_on_resume_and_the_continue_comma
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert _launcher() == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "-m", "batchtune"]
+
+
+def test_a_target_met_before_any_step_stops_the_sweep_after_its_first_trial(write_spec, tmp_path):
+    """An outside sweep trained 25 trials towards sweep.target_loss 5 from an untrained loss of 1.38, then said every
+    size 'reached the target in 0/1 seeds' and suggested a target 'at or above' 1.37, which 5 was."""
+    spec = write_spec(SWEEP_SPEC.replace("seeds: 2", "seeds: 1"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(out), "sweep.target_loss=[50, 1.0]", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "sweep.target_loss: 50 is at or above the untrained model's validation loss, 1.435 (batch 8, step 0)" \
+        in result.stderr
+    assert "met before any training step, a target there ranks nothing; choose targets below it" in result.stderr
+    assert len(json.loads((out / "trials.json").read_text())) == 1

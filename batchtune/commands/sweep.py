@@ -328,6 +328,21 @@ class _Sweep:
             self.dist.on_main(lambda: self.folder.write_trials(self.rows))
             self._trained += 1
             _log_trial(self._trained, i, len(todo), shape, row)
+            self._refuse_targets_met_at_start(row)
+
+    def _refuse_targets_met_at_start(self, row: dict[str, Any]) -> None:
+        """A given target at or above the untrained model's validation loss (a trial's step-0 evaluation) is met
+        before any step and ranks nothing: the sweep stops after that first trial. An outside sweep trained
+        25 trials towards sweep.target_loss 5 from a start of 1.38, then marked every size 'reached the
+        target in 0/1 seeds'."""
+        start = next((e[3] for e in row.get("evals") or [] if e[0] == 0 and math.isfinite(e[3])), None)
+        met = [t for t in given_targets(self.meta) if start is not None and t >= start]
+        if met:
+            shown = ", ".join(f"{t:g}" for t in met)
+            raise self.spec.error("sweep.target_loss", f"{shown} {'is' if len(met) == 1 else 'are'} at or above the "
+                                  f"untrained model's validation loss, {start:.4g} (batch {row['batch_size']}, step "
+                                  "0): met before any training step, a target there ranks nothing; choose targets "
+                                  "below it")
 
     def _config(self, seed: int, lr_multiplier: float, shape: BatchShape, reach: bool = False) -> Any:
         """A trial of the plan. A ``reach`` trial retrains one that missed the default target over its whole
