@@ -107,6 +107,26 @@ def test_a_seeded_search_recovers_from_an_estimate_far_too_high(guess, slope):
     assert out.ceiling == 1000 and len(calls) == 10 and calls[-2:] == [1000, 1001]  # 10-38 before
 
 
+def test_a_seeded_search_whose_last_correction_missed_predicts_from_its_two_fits_before_galloping():
+    """An outside LSTM (estimate 5.7x high, slope 6.8x low): the corrections ended with 171 fitting and 735 out of
+    memory, then galloped up from 171 one granule, two, four...: 26 trials for a ceiling of 719. The two fits'
+    line predicts it: 12. Memory here bends at small sizes (a floor below 30 samples), as the LSTM's did."""
+    capacity = 32 * 2**20
+
+    def peak(b):
+        return 75264 + 46490 * b + (60000 if b < 30 else 0) + 500 * min(b, 40)
+
+    calls = []
+
+    def measure(b):
+        calls.append(b)
+        return Measurement(peak(b) <= capacity, peak(b) if peak(b) <= capacity else None)
+
+    out = seeded_search(measure, guess=4096, min_batch_size=1, max_batch_size=4096, granularity=1,
+                        capacity_bytes=capacity, per_sample_bytes=6861)
+    assert out.ceiling == 719 and len(calls) == 12 and calls[-3:] == [171, 719, 720], calls
+
+
 def test_a_seeded_search_says_when_nothing_fits_or_the_cap_does():
     measure, calls = _curve(3_000_000, 10_000, 1_000_000)
     assert seeded_search(measure, guess=50, min_batch_size=1, max_batch_size=100, granularity=1).ceiling is None

@@ -250,8 +250,9 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
 
     Run the guess. With the capacity and the estimate's per-sample bytes, correct it once
     from a measured peak (the guess's own, else 90%, 50% of it or the smallest size, the
-    first that fits): the slope is the estimate's, the level is the device's. Then step away by 1, 2, 4…
-    granules until a step crosses the ceiling, and bisect that step. An exact guess costs
+    first that fits): the slope is the estimate's, the level is the device's. Then run the ceiling the last
+    two fits predict (:func:`_predict_from_fits`), step away by 1, 2, 4… granules until a step crosses the
+    ceiling, and bisect that step. An exact guess costs
     two trials; a guess off only in its fixed bytes, three or four. When a jump and its
     approach both run out of memory (the estimate's slope far too low: memory the trace cannot
     see), the next second point is at the geometric mean, and a bracket still more than ×2 wide
@@ -283,6 +284,7 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
         # the corrections ended on an OOM far above the largest fit: bisect in log space
         while max_batch_size >= b.hi > 2 * b.lo:
             b.run(b.inside(align_down(math.sqrt(b.lo * b.hi), g)), "bisect")
+    _predict_from_fits(b, capacity_bytes)
     up, step = b.log[-1][2].fits, 1
     while not b.closed:
         if b.lo is None and b.hi <= min_batch_size:
@@ -299,6 +301,20 @@ def seeded_search(measure: Measure, *, guess: float, min_batch_size: int, max_ba
                 b.run(b.midpoint(), "bisect")
         step *= 2
     return b.outcome(b.fit(), guess)
+
+
+def _predict_from_fits(b: _Bracket, capacity_bytes: int | None) -> None:
+    """Where the bracket is still open and two measured sizes fit, run the ceiling their line predicts: the
+    gallop then starts there, not at the largest fit. An outside LSTM's corrections ended with 169 fitting and
+    722 out of memory, and galloped up from 169 by 1, 2, 4... granules: 16 more trials for a ceiling of 719."""
+    if b.closed or not capacity_bytes or b.lo is None or b.hi is None:
+        return
+    fitted = b.fit(last=2)
+    if fitted is None or fitted.points < 2 or fitted.per_sample_bytes <= 0:
+        return
+    size = b.inside(align_down(fitted.max_batch_size(capacity_bytes), b.g))
+    if b.lo < size < b.hi and size not in b.points:
+        b.run(size, "predict")
 
 
 def double_then_bisect(measure: Measure, *, min_batch_size: int, max_batch_size: int,
