@@ -904,12 +904,21 @@ def test_sizes_far_behind_on_the_first_seed_run_no_more_seeds():
             _trial(32, 0, [(0, 0, 2.0), (15, 0.3, 1.0), (40, 0.8, 0.5)], 1600),
             _trial(64, 0, [(0, 0, 2.0), (2, 0.2, 1.0), (30, 3.0, 0.5)], 640)]
     assert in_contention(both, {**meta, "target_loss": [1.0, 0.5]}, 1.2) == {32, 64}  # 16: 1.25×, then 1.5×
+    # 64 timed only while the machine was busy: its 3.0 s say what other work left it, so it runs more seeds
+    busy = [*rows[:2], {**rows[2], "busy": True}]
+    assert in_contention(busy, meta, 2.0) == {16, 32, 64}
+    assert in_contention([{**r, "busy": True} for r in rows[:2]] + rows[2:], meta, 2.0) == {16, 32}
     a = analyse(rows + [_timed(16, 1, 90, 0.5, 0.01), _timed(32, 1, 44, 0.5, 0.02)],
                 {**meta, "seeds": [0, 1], "reseed_within": 2.0})
     assert "batch 64 ran seed 0 only: on it, each took more than 2× the fastest size's time" in " ".join(a.notes)
 
 
-def test_the_other_seeds_run_only_the_sizes_in_contention(write_spec, tmp_path):
+def test_the_other_seeds_run_only_the_sizes_in_contention(write_spec, tmp_path, monkeypatch):
+    from batchtune.engine.host import LoadMeter
+
+    # a calm machine: a size timed only while it was busy stays in contention
+    monkeypatch.setattr(LoadMeter, "reading", lambda self, threads: {"busy": False, "other_cores": 0.0,
+                                                                       "threads": threads})
     spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[8, 64]", "sweep.lr_search=false",
                                               "sweep.target_loss=1.0", "sweep.reseed_within=1.0"])
     result = run_sweep(spec, out=tmp_path / "run")

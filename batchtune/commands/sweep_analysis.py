@@ -389,13 +389,15 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
     no seed noise closes a gap that wide. Every size without a given target (the default one is
     chosen from the rows, and on one seed it sits where every size levels off and times are
     ill-conditioned: the quickstart's default sweep kept one size of seven), where no size reached
-    a target, or where ``within`` is None."""
+    a target, or where ``within`` is None. A size all of whose trials ran while the machine was busy stays:
+    its seconds say what the other work left it (an outside CNN's 128, the pick of a calm sweep at 21,696
+    samples/s, timed 9,040 busy and ran seed 0 only, 'a gap no seed noise closes')."""
     entries = _per_lr(rows)
     sizes = {e["batch_size"] for e in entries}
     targets = given_targets(meta)
     if within is None or not targets:
         return sizes
-    out: set[int] = set()
+    out = {size for size in sizes if all(r.get("busy") for r in rows if r["batch_size"] == size)}
     for target in targets:
         best = [e for e in _best_per_size([_at_target(e, target) for e in entries]) if e["qualifies"]]
         if not best:
