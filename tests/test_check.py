@@ -368,12 +368,16 @@ def test_with_a_baseline_the_check_trains_at_the_lr_the_sweep_found_fastest_for_
     summary = {r["batch_size"]: r for r in json.loads((run / "result.json").read_text())["summary"]}
     report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=run)
     assert report.lr == summary[32]["lr"] and report.lr_from_baseline
+    # warmed up as the sweep's trial at 32 was (5% of its 64 steps), not over 5% of the check's 16: an outside
+    # check ramped 3× faster than the sweep and 'diverged' at the lr the sweep had found fastest
+    assert report.check("trains").figures["warmup_steps"] == 3
     assert any(n.startswith(f"lr {summary[32]['lr']:.4g}: the baseline sweep's fastest at batch 32 (×"
                             f"{summary[32]['lr_multiplier']:.3g} the") for n in check_notes(report))
     assert not any("rule from" in n and n.startswith("lr ") and "baseline" not in n for n in check_notes(report))
     other = run_check(load_spec(spec_path, ["optimizer.lr=0.02", "check.throughput_tolerance=100"]), batch_size=32,
                       baseline=run)  # another base lr: the sweep's lrs say nothing of it
     assert not other.lr_from_baseline and other.lr == pytest.approx(0.02)  # the rule's at the base batch
+    assert other.check("trains").figures["warmup_steps"] == 3  # the baseline trial's: not the lr's origin
     assert ("the baseline sweep's lrs are not used: its optimizer differs from this spec's, so the check trains at "
             "the rule's lr"
             in check_notes(other))

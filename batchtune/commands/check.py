@@ -558,7 +558,7 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
                 for name in ("trains", "data")}
     log.info(f"  trains: {steps} steps at lr {state.lr:.3g}, timing throughput and data loading ...")
     config = trial_config(
-        spec, state.shape, lr=state.lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
+        spec, state.shape, lr=state.lr, steps=steps, warmup_steps=_warmup_steps(state, steps),
         timing_warmup_steps=timing_warmup, max_seconds=remaining - state.step_seconds,
         divergence_factor=spec.check.divergence_factor, measure_noise=True, memory_steps=max(2, timing_warmup),
         # one validation before the first step: where the loss starts, against which a spike is judged
@@ -580,6 +580,19 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
                 "data": _skip("data", "skip.train_oom")}
     state.run, state.train_config = run, config
     return {"trains": _trains(state, run, config), "data": _data(state, run)}
+
+
+def _warmup_steps(state: _CheckRun, steps: int) -> int:
+    """The lr warm-up of the check's run: ``sweep.warmup`` of its steps, or, beside a baseline sweep, as many as
+    that sweep's trial at this size warmed up over (at most half the run). An outside check warmed up over 2
+    steps where the sweep had over 6, and failed 'diverged' at the very lr the sweep had found fastest."""
+    from batchtune.commands.sweep import trial_steps
+
+    own = round(state.spec.sweep.warmup * steps)
+    if state.baseline is None or "samples" not in state.baseline.meta:
+        return own
+    share = float((state.baseline.spec.get("sweep") or {}).get("warmup", state.spec.sweep.warmup))
+    return max(own, min(round(share * trial_steps(state.baseline.meta, state.shape.batch_size)), steps // 2))
 
 
 def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
