@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import math
+import statistics
 import re
 import subprocess
 import sys
@@ -664,6 +665,15 @@ def test_fits_verdict(fits, peak, capacity, status, words):
 ])
 def test_trains_verdict(losses, status):
     assert trains_verdict(losses).status == status
+
+
+def test_a_loss_that_fell_to_zero_within_the_first_window_is_a_fall():
+    """An outside CNN at 60x its lr: 1.38 to 0 in five steps. The first window's noise swallowed the fall, and the
+    check warned 'no clear decrease ... the lr may be too low'; below where it started, it is a fall."""
+    collapsed = [1.3837, 0.9, 0.3, 0.01, 0.0001] + [0.0] * 25
+    assert trains_verdict(collapsed, start=1.3837).code == "trains.falling"
+    first = statistics.fmean(collapsed[:6])
+    assert first - 0.0 < 2 * math.sqrt(statistics.variance(collapsed[:6]) / 6)  # the windows alone: within noise
 
 
 def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
