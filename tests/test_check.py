@@ -85,6 +85,27 @@ def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
     assert data["status"] == "fail" and data["exit_code"] == 1
 
 
+def test_a_model_whose_own_weights_do_not_fit_fails_fits_and_exits_1_with_json_and_junit(write_spec, tmp_path):
+    """An outside 4096-wide MLP (64 MiB of weights on a 32 MiB device) exited 2 as a spec error at model.target,
+    writing no JSON and no JUnit, where probe said 'ceiling none' (exit 1): a doomed job is fits: fail."""
+    junit = tmp_path / "check.xml"
+    # Linear(16, 4096) + Linear(4096, 4): (16·4096 + 4096 + 4096·4 + 4) × 4 bytes = 344,080 bytes on a 200 KiB device
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q", "-f", "json", "--junit",
+                                 str(junit), "model.kwargs={hidden: 4096}"])
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    fits = data["checks"][0]
+    assert (fits["status"], fits["code"]) == ("fail", "fits.weights")
+    assert fits["figures"]["weights_bytes"] == 344_080 and fits["figures"]["capacity_bytes"] == 200 * 1024
+    assert fits["reason"].startswith("out of memory building the model, before any batch: its own weights, 336.0 KiB "
+                                     "of parameters and buffers (344,080 bytes), do not fit in the 200.0 KiB the "
+                                     "device has, so no batch size fits (OutOfMemoryError: CPU out of memory")
+    assert [c["reason"] for c in data["checks"][1:]] == ["not run: the model's own weights do not fit in memory"] * 4
+    assert data["exit_code"] == 1
+    case = ET.parse(junit).getroot().find("testsuite/testcase[@name='fits']/failure")
+    assert case is not None and case.get("message") == fits["reason"]
+
+
 def test_a_collate_the_noise_scale_cannot_halve_skips_critical_batch_instead_of_failing_trains(write_spec):
     """An EmbeddingBag's flat ids used to be cut in halves for the noise scale: 'offsets[0] has to be
     0', trains failed and check exited 1 on a healthy model. Now trains passes and critical_batch says
@@ -773,6 +794,9 @@ REPRESENTATIVE = {
     "fits.ok": ("pass", _FITS, "peak 1.9 MiB of 16.0 MiB, 88% free"),
     "fits.headroom": ("fail", {**_FITS, "headroom": 0.05}, "5.0% free: less than the 10% headroom"),
     "fits.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory (OutOfMemoryError: simulated)"),
+    "fits.weights": ("fail", {"error": "OutOfMemoryError: simulated", "weights_bytes": 3 * 2**20,
+                              "capacity_bytes": 2**20},
+                     "its own weights, 3.0 MiB of parameters and buffers (3,145,728 bytes), do not fit in the 1.0 MiB"),
     "fits.no_capacity": ("pass", {**_FITS, "capacity_bytes": None}, "runs, peak 1.9 MiB; the device capacity is unknown"),
     "fits.crashed": ("fail", _ERROR, "raised RuntimeError: mat1 and mat2"),
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),

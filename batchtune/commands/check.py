@@ -473,7 +473,9 @@ def _fits(state: _CheckRun) -> CheckResult:
         verdict = fits_verdict(True, peak, capacity, spec.probe.headroom, rank=rank)
     else:  # agreed on every rank, as the ranks that ran out are: the first one's own error says what
         error = state.trainer.dist.broadcast(fit.error, src=fit.failed_ranks[0]) if fit.failed_ranks else fit.error
-        verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks)
+        weights = _weights_bytes(state) if fit.weights_oom else None
+        verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks,
+                               weights=fit.weights_oom, weights_bytes=weights)
     verdict.figures.update(steps=fit.steps, validated=bool(fit.evals), compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,
                            micro_batch_size=shape.micro_batch_size, accum_steps=shape.accum_steps)
@@ -481,6 +483,19 @@ def _fits(state: _CheckRun) -> CheckResult:
     state.fit = fit
     state.step_seconds = (stamps[-1] - stamps[-2]) if len(stamps) >= 2 else fit.train_seconds / max(fit.steps, 1)
     return verdict
+
+
+def _weights_bytes(state: _CheckRun) -> int | None:
+    """The bytes of the model's parameters and buffers, for a fits run that ran out of memory building it: the
+    model built once more on the host, outside the device's count, as a GPU job builds it before moving it on.
+    None where that fails too (a factory that moves the model itself)."""
+    import itertools
+
+    try:
+        model = state.trainer.components.build_model(state.spec.seed)
+    except Exception:  # noqa: BLE001 - the verdict stands without the figure
+        return None
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _worst_case_trainer(state: _CheckRun) -> Any:
@@ -537,7 +552,8 @@ def _not_run(state: _CheckRun, fits: CheckResult) -> dict[str, CheckResult]:
     """Every other check, skipped because the fits run crashed or ran out of memory."""
     if fits.code == "fits.crashed":
         return {name: _skip(name, "skip.fits_crashed") for name in CHECKS[1:]}
-    return {name: _skip(name, "skip.fits_oom", **state.shape.to_dict()) for name in CHECKS[1:]}
+    return {name: _skip(name, "skip.fits_oom", **state.shape.to_dict(), weights=fits.code == "fits.weights")
+            for name in CHECKS[1:]}
 
 
 def _training(state: _CheckRun) -> dict[str, CheckResult]:

@@ -30,7 +30,7 @@ Status = Literal["pass", "warn", "fail", "skip"]
 # render/check.py, where it is worded; tests render every code.
 CODES = (
     # fits: the job's own configuration, memory counted
-    "fits.ok", "fits.headroom", "fits.oom", "fits.no_capacity", "fits.crashed",
+    "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed",
     # trains: the short run at the scaled lr
     "trains.falling", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked", "trains.too_few",
     "trains.crashed", "trains.oom",
@@ -77,15 +77,21 @@ def positive(value: Any) -> bool:
 
 def fits_verdict(fits: bool, peak_bytes: int | None, capacity_bytes: int | None, headroom: float,
                  error: str | None = None, *, rank: int | None = None,
-                 failed_ranks: Sequence[int] = ()) -> CheckResult:
+                 failed_ranks: Sequence[int] = (), weights: bool = False,
+                 weights_bytes: int | None = None) -> CheckResult:
     """Fail on an OOM or on less free memory than ``headroom`` (a share of capacity).
 
     Several ranks: ``rank`` is the one whose peak and capacity are given (the least room),
-    ``failed_ranks`` those that ran out of memory themselves.
+    ``failed_ranks`` those that ran out of memory themselves. ``weights``: the OOM came building the
+    model, before any batch (its parameters and buffers take ``weights_bytes``, where counted): no
+    batch size fits, a doomed job, which is this verdict and not a bad spec.
     """
     figures = {"peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes, "headroom_required": headroom,
                "headroom": None, "error": error, "rank": rank, "failed_ranks": list(failed_ranks)}
     if not fits:
+        if weights:
+            figures["weights_bytes"] = weights_bytes
+            return CheckResult("fits", "fail", "fits.weights", figures)
         return CheckResult("fits", "fail", "fits.oom", figures)
     if not capacity_bytes:
         return CheckResult("fits", "pass", "fits.no_capacity", figures)

@@ -43,6 +43,15 @@ def _oom(f: dict[str, Any]) -> str:
     return f"out of memory{on} ({f['error']})"
 
 
+def _weights(f: dict[str, Any]) -> str:
+    """The device ran out building the model: no batch size can fit, whatever the check's."""
+    held = (f", {format_bytes(f['weights_bytes'])} of parameters and buffers ({f['weights_bytes']:,} bytes),"
+            if f.get("weights_bytes") else " (its parameters and buffers)")
+    room = f"the {format_bytes(f['capacity_bytes'])} the device has" if f.get("capacity_bytes") else "the device"
+    return (f"out of memory building the model, before any batch: its own weights{held} do not fit in {room}, so "
+            f"no batch size fits ({f['error']})")
+
+
 def _lr_text(f: dict[str, Any]) -> str:
     return f" at lr {f['lr']:.3g}" if f.get("lr") is not None else ""
 
@@ -190,6 +199,8 @@ def _spike(f: dict[str, Any]) -> str:
 
 
 def _fits_skip(f: dict[str, Any]) -> str:
+    if f.get("weights"):
+        return "not run: the model's own weights do not fit in memory"
     b, micro, k = f["batch_size"], f["micro_batch_size"], f["accum_steps"]
     return f"not run: batch {f'{b} ({micro}×{k})' if k > 1 else b} does not fit in memory"
 
@@ -200,6 +211,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fits.headroom": lambda f: f"{_peak(f)}: less than the {f['headroom_required']:.0%} headroom required "
                                "(probe.headroom)",
     "fits.oom": _oom,
+    "fits.weights": _weights,
     "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
                                   "so the headroom is not checked",
     "fits.crashed": lambda f: f"the training step raised {f['error']}",
