@@ -23,6 +23,7 @@ from batchtune.commands.check import (
     critical_batch_verdict,
     data_verdict,
     fits_verdict,
+    load_baseline,
     regression_verdict,
     resolve_batch,
     run_check,
@@ -327,6 +328,28 @@ def test_a_baseline_whose_steps_did_not_fall_bounds_the_critical_batch_above():
                                    "did not fall from its smallest size): at least ~60% of its compute wasted")
     assert critical_batch_verdict(32, b_crit, basis=basis, **extra).status == "pass"
 
+
+def test_an_interrupted_baselines_raw_trial_readings_are_an_order_of_magnitude_never_a_warning(write_spec, tmp_path):
+    """An outside AdamW sweep interrupted after 6 trials: check -b 256 took the median of its trials' end-of-budget
+    B_simple (40, 41, 26, 13, 11) as B_crit and warned '~82% of its compute wasted' at the size the finished sweep
+    recommends, whose steps fit put B_crit at ~200."""
+    rows = [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1, "fits": True, "noise_b_simple": v,
+             "noise_reliable": True} for b, v in ((16, 40.3), (32, 41.0), (64, 26.0), (128, 13.0), (256, 11.0))]
+    folder = _fake_baseline(tmp_path / "interrupted", rows)  # no result.json: the sweep did not finish
+    b_crit, basis, extra = load_baseline(folder).critical_batch()
+    assert (b_crit, basis, extra) == (26.0, "baseline.trials", {"basis_trials": 5})
+    verdict = critical_batch_verdict(256, b_crit, basis=basis, **extra)
+    assert (verdict.status, verdict.code) == ("skip", "critical.rough")
+    assert verdict.figures["ratio"] == pytest.approx(256 / 26)
+    assert check_reason(verdict) == (
+        "not decided: 256 is 9.8× the noise scale ~26 (the median of 5 baseline trials' noise scales, each where its "
+        "budget ended), an order-of-magnitude reading without a band or a target, not the critical batch (B_simple "
+        "read 0.08–0.17× B_crit on AdamW MLPs, 1.8–2.5× on a char LM); the baseline sweep reached no estimate of its "
+        "own (interrupted?): pass a finished sweep's run folder")
+    assert critical_batch_verdict(16, b_crit, basis=basis, **extra).code == "critical.rough"  # no pass on it either
+    args = ["check", str(write_spec(CHECK_SPEC)), "-b", "256", "--baseline", str(folder), "-q", "-f", "json"]
+    crit = json.loads(runner.invoke(app, [*args, "--strict"]).stdout)["checks"][3]
+    assert (crit["status"], crit["code"], crit["figures"]["basis"]) == ("skip", "critical.rough", "baseline.trials")
 
 
 def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
@@ -820,13 +843,16 @@ REPRESENTATIVE = {
     "critical.below": ("pass", {**_CRITICAL, "batch_size": 64}, "64 is at or below the critical batch ~64"),
     "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                         "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
-    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.trials", "basis_trials": 7},
-                       "256 is 4.0× the critical batch ~64 (the baseline trials' noise scale (median of 7); band "
+    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
+                       "256 is 4.0× the critical batch ~64 (the baseline sweep's noise scale at val loss 0.5; band "
                        "unbounded above): ~60% of its compute wasted (2.50× what B_crit needs)"),
     "critical.early": ("skip", {**_CRITICAL, "basis": "run.noise_scale", "basis_steps": 7},
                        "not decided: 256 is 4.0× the noise scale of the first steps ~64 (this run's noise scale over "
                        "7 steps; 90% band 40–100), but it grows as the loss falls, so a batch above it can still be "
                        "below the critical batch at your target; pass --baseline with a sweep's run folder"),
+    "critical.rough": ("skip", {**_CRITICAL, "high": None, "low": None, "basis": "baseline.trials", "basis_trials": 7},
+                       "not decided: 256 is 4.0× the noise scale ~64 (the median of 7 baseline trials' noise scales, "
+                       "each where its budget ended), an order-of-magnitude reading"),
     "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
     "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
     "critical.unsplittable": ("skip", {"reason": "the batch is not one row per sample"},

@@ -78,7 +78,8 @@ _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
     "baseline.below_smallest": lambda f: "the baseline sweep's steps did not fall from its smallest size",
     "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
         f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),
-    "baseline.trials": lambda f: f"the baseline trials' noise scale (median of {f['basis_trials']})",
+    "baseline.trials": lambda f: f"the median of {f['basis_trials']} baseline trials' noise scales, each where its "
+                                 "budget ended",
     "run.noise_scale": lambda f: f"this run's noise scale over {f['basis_steps']} steps",
 }
 
@@ -114,6 +115,14 @@ def _critical_early(f: dict[str, Any]) -> str:
     return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale of the first steps "
             f"{_estimate(f)}, but it grows as the loss falls, so a batch above it can still be below the critical "
             "batch at your target; pass --baseline with a sweep's run folder")
+
+
+def _critical_rough(f: dict[str, Any]) -> str:
+    """Raw noise-scale readings of a sweep that reached no estimate of its own: an order of magnitude only."""
+    return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale {_estimate(f)}, an "
+            "order-of-magnitude reading without a band or a target, not the critical batch (B_simple read "
+            "0.08–0.17× B_crit on AdamW MLPs, 1.8–2.5× on a char LM); the baseline sweep reached no estimate of "
+            "its own (interrupted?): pass a finished sweep's run folder")
 
 
 def _pass_baseline(f: dict[str, Any]) -> str:
@@ -234,6 +243,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                  f"{_estimate(f)}: not clearly above it",
     "critical.above": _critical_above,
     "critical.early": _critical_early,
+    "critical.rough": _critical_rough,
     "critical.none": lambda f: "no critical-batch estimate",
     "critical.odd_micro": lambda f: "the micro-batch is odd, so it cannot be split into halves for the noise scale"
                                     + _pass_baseline(f),
