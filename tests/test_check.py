@@ -501,14 +501,47 @@ def test_a_baseline_of_another_job_is_named_and_not_used(baseline):
     report = run_check(spec, batch_size=32, baseline=run)
     reg = report.check("regression")
     assert reg.status == "skip" and reg.code == "regression.other_job"
-    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (name: tiny-baseline "
-                                 "(baseline) / keyed; model: tests.fixtures:tiny_mlp (baseline) / tests.fixtures:"
-                                 "keyed_mlp; data: tests.fixtures:tiny_data (baseline) / tests.fixtures:keyed_data)")
+    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (baseline → this spec: name "
+                                 "('tiny-baseline' → 'keyed'); model.target ('tests.fixtures:tiny_mlp' → "
+                                 "'tests.fixtures:keyed_mlp'); data.kwargs.n_train (1024 → None); data.target "
+                                 "('tests.fixtures:tiny_data' → 'tests.fixtures:keyed_data'))")
     assert not report.lr_from_baseline and report.lr == pytest.approx(0.01)
     assert not str(report.check("critical_batch").figures.get("basis")).startswith("baseline")
     renamed = run_check(load_spec(spec_path, ["name=renamed", "check.throughput_tolerance=100"]), batch_size=32,
                         baseline=run)  # the same job under another name still compares
     assert renamed.check("regression").code != "regression.other_job" and renamed.lr_from_baseline
+
+
+def test_the_same_factories_on_other_data_or_another_models_kwargs_under_another_name_are_another_job(write_spec,
+                                                                                                    tmp_path):
+    """An outside check of a CSV regression (table.csv, hidden 64) against a sweep of another file through the
+    same factories (tiny.csv, hidden 32, another name) warned '256 is 9.1× the critical batch ~28' from that sweep's
+    fit, while its own lr note said the model and data differed: only the factories' names were compared."""
+    import yaml
+
+    from batchtune.commands.check import Baseline
+
+    path = write_spec(CHECK_SPEC)
+    resolved = load_spec(path).resolved()
+
+    def changes(*overrides: str) -> list[str]:
+        return Baseline(tmp_path, {}, [], {}, load_spec(path, list(overrides)).resolved(), {}).other_job(resolved)
+
+    assert changes("data.kwargs={n_train: 100}") == ["data.kwargs.n_train (100 → None)"]
+    assert changes("name=small", "model.kwargs={hidden: 64}") == ["name ('small' → 'tiny')",
+                                                                  "model.kwargs.hidden (64 → None)"]
+    assert changes("model.kwargs={hidden: 64}") == []  # the same job's model made fatter: what regression is for
+    assert changes("name=small") == changes("data.num_workers=1") == []  # a new name, another loader: the same job
+    critical = {"critical_batch_size": {"from_steps_to_target": 16.0, "fit": {"low": 12.0, "high": 20.0}}}
+    folder = _fake_baseline(tmp_path / "run", [], critical)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(load_spec(path, ["data.kwargs={n_train: 100}"]).resolved()))
+    report = run_check(load_spec(path), batch_size=64, baseline=folder)
+    assert report.check("critical_batch").figures.get("basis") != "baseline.steps_to_target"  # 64 was 4× its 16
+    reg = report.check("regression")
+    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (baseline → this spec: "
+                                 "data.kwargs.n_train (100 → None))")
+    assert report.notes == [f"--baseline {folder} is a sweep of another job: its lrs, critical batch and throughput "
+                            "are not used (regression names what differs)"]
 
 
 def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
@@ -883,8 +916,9 @@ REPRESENTATIVE = {
                               "throughput not compared (the training run did not finish), peak memory not compared"),
     "regression.other_device": ("skip", {"baseline_device": "cuda", "device": "cpu"},
                                 "not comparable: baseline ran on cuda, this check on cpu"),
-    "regression.other_job": ("skip", {"changes": ["data: a (baseline) / b"]},
-                             "not comparable: the baseline is a sweep of another job (data: a (baseline) / b)"),
+    "regression.other_job": ("skip", {"changes": ["data.kwargs.path ('a.csv' → 'b.csv')"]},
+                             "not comparable: the baseline is a sweep of another job (baseline → this spec: "
+                             "data.kwargs.path ('a.csv' → 'b.csv'))"),
     "regression.other_precision": ("skip", {"baseline_precision": "bf16", "precision": "fp32"},
                                    "baseline ran in bf16, this check in fp32"),
     "regression.no_row": ("skip", {"batch_size": 64, "baseline_sizes": [16, 32]}, "no row for batch 64 (it ran [16, 32])"),

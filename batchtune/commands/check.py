@@ -227,19 +227,22 @@ class Baseline:
         return None, None, {}
 
     def other_job(self, resolved: dict[str, Any]) -> list[str]:
-        """How the baseline differs from ``resolved`` when it is a sweep of another job, else []: other data
-        (another data factory or built-in), or both another name and another model. A changed model alone is
-        what the regression check is for (the same job made slower or fatter)."""
-        def kind(key: str, entry: Any) -> str | None:  # the spec's name; a model's or data's factory
-            if key == "name":
+        """How the baseline differs from ``resolved`` when it is a sweep of another job, else [] (each
+        change as :func:`~batchtune.config.spec.changed_keys` words it, baseline → this spec): other data
+        (another data factory or built-in, or its kwargs: another file), or both another name and another
+        model (factory or kwargs). A changed model alone is what the regression check is for (the same job
+        made slower or fatter). An outside check took the critical batch from a sweep of another CSV file
+        through the same factory, while its own lr note said the data differed."""
+        def what(key: str, spec: dict[str, Any]) -> Any:  # the name; what a model or the data is, not how it loads
+            entry = spec.get(key)
+            if key == "name" or not isinstance(entry, dict):
                 return entry
-            return (entry.get("target") or entry.get("builtin")) if isinstance(entry, dict) else None
+            return {"builtin": entry.get("builtin"), "target": entry.get("target"), "kwargs": entry.get("kwargs") or {}}
 
-        pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key)))
-                 for key in ("name", "model", "data")}
-        changed = {key: f"{key}: {was} (baseline) / {now}" for key, (was, now) in pairs.items() if was != now}
+        changed = {key: changed_keys(what(key, self.spec), what(key, resolved), f"{key}.")
+                   for key in ("name", "model", "data") if what(key, self.spec) != what(key, resolved)}
         other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
-        return list(changed.values()) if other else []
+        return [c for key in changed for c in changed[key]] if other else []
 
     def accum_steps(self, batch_size: int, world_size: int) -> int | None:
         """The accumulation steps the sweep ran ``batch_size`` with on as many ranks (its ceiling made it
@@ -351,7 +354,7 @@ class _CheckRun:
     threads: int = 1
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
     lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own, not the rule's
-    other_job: list[str] = field(default_factory=list)  # how the baseline's model or data differ in kind: unused
+    other_job: list[str] = field(default_factory=list)  # how a baseline of another job differs: unused
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -394,7 +397,8 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     dist = current()
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
     other = base.other_job(spec.resolved()) if base is not None else []
-    notes: list[str] = []
+    notes: list[str] = [f"--baseline {base.path} is a sweep of another job: its lrs, critical batch and throughput "
+                        "are not used (regression names what differs)"] if other else []
     swept_k = base.accum_steps(batch_size, dist.world_size) if base and not other and batch_size else None
     if accum_steps is None and swept_k and swept_k > 1:  # the sweep's pick past its ceiling: checked as it ran
         accum_steps, micro = swept_k, batch_size // (swept_k * dist.world_size)

@@ -259,8 +259,8 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "regression.uncompared": _comparison,
     "regression.other_device": lambda f: f"not comparable: baseline ran on {f['baseline_device']}, "
                                          f"this check on {f['device']}",
-    "regression.other_job": lambda f: "not comparable: the baseline is a sweep of another job "
-                                      f"({'; '.join(f['changes'])})",
+    "regression.other_job": lambda f: "not comparable: the baseline is a sweep of another job (baseline → this "
+                                      f"spec: {'; '.join(f['changes'])})",
     "regression.other_precision": lambda f: f"not comparable: baseline ran in {f['baseline_precision']}, "
                                             f"this check in {f['precision']}",
     "regression.no_row": lambda f: f"the baseline has no row for batch {f['batch_size']} (it ran {f['baseline_sizes']})",
