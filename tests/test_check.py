@@ -792,6 +792,43 @@ def test_a_throughput_drop_inside_the_noise_or_the_contention_warns_instead_of_f
     assert verdict(900.0, noise=0.2).code == "regression.ok"
 
 
+def test_a_drop_the_run_queue_explains_warns_and_one_far_beyond_it_fails(monkeypatch):
+    """An outside check on 2 cores, 1 thread, read other work at 1.8 cores and the load at 4.38 over its 4.5 s;
+    CPU time, which cannot read past the cores, gave contention 0.286, and -65% (7,548 vs 21,696 samples/s) failed
+    while the same output said the machine was busy. In a run queue of 4.38 its thread got about 2/4.38 of a core."""
+    import os
+    from types import SimpleNamespace
+
+    from batchtune.engine import host
+
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(host, "_cpus", lambda: {0, 1})
+    monkeypatch.setattr(host, "time", SimpleNamespace(monotonic=lambda: 104.5))
+    monkeypatch.setattr(os, "times", lambda: SimpleNamespace(user=0.9, system=0.0))  # we got 0.2 of a core
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.38, 4.0, 3.5))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def reading(busy_cores: float) -> dict:
+        monkeypatch.setattr(host, "_busy_jiffies", lambda: round(busy_cores * 4.5 * tick))
+        return host.LoadMeter(wall=100.0, busy=0, own=0.0).reading(threads=1)
+
+    assert reading(2.0) == {"cores": 2, "threads": 1, "ranks": 1, "other_cores": 1.8, "load_1m": 4.38, "busy": True,
+                            "contention": round(1 - 2 / 4.38, 3)}  # 0.543
+    assert reading(1.0)["contention"] == 0.0  # cores to spare: a load of 4.38 is the last minute's, not now's
+
+    def verdict(samples_per_s: float) -> CheckResult:
+        return regression_verdict(samples_per_s=samples_per_s, peak_bytes=4300, baseline_samples_per_s=21_696.0,
+                                  baseline_peak_bytes=4300, throughput_tolerance=0.15, memory_tolerance=0.10,
+                                  contention=reading(2.0)["contention"])
+
+    explained = verdict(7_548.0)  # -65%: within 15% + the 54% a fair share of the queue takes
+    assert (explained.status, explained.code) == ("warn", "regression.throughput_noise")
+    assert "other work on the machine could take 54% of it: not failed" in check_reason(explained)
+    beyond = verdict(3_499.0)  # -84%: 0.16 of the rate where the queue leaves 0.46
+    assert (beyond.status, beyond.code) == ("fail", "regression.throughput")
+
+
 def test_a_drop_the_baseline_trials_own_spread_explains_warns():
     """An outside 2-rank check at 128: 6,631 samples/s against a baseline rate that was its one calm trial,
     13,011, beside trials at 6,695-11,130 (-49%, failed three times). The spread explains it; 4,000 it does not."""
