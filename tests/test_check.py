@@ -25,6 +25,7 @@ from batchtune.commands.check import (
     critical_batch_verdict,
     data_verdict,
     fits_verdict,
+    load_baseline,
     regression_verdict,
     resolve_batch,
     run_check,
@@ -85,6 +86,27 @@ def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
     assert all("does not fit" in c["reason"] for c in data["checks"][1:4])
     assert [c["code"] for c in data["checks"]] == ["fits.oom"] + ["skip.fits_oom"] * 4
     assert data["status"] == "fail" and data["exit_code"] == 1
+
+
+def test_a_model_whose_own_weights_do_not_fit_fails_fits_and_exits_1_with_json_and_junit(write_spec, tmp_path):
+    """An outside 4096-wide MLP (64 MiB of weights on a 32 MiB device) exited 2 as a spec error at model.target,
+    writing no JSON and no JUnit, where probe said 'ceiling none' (exit 1): a doomed job is fits: fail."""
+    junit = tmp_path / "check.xml"
+    # Linear(16, 4096) + Linear(4096, 4): (16·4096 + 4096 + 4096·4 + 4) × 4 bytes = 344,080 bytes on a 200 KiB device
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q", "-f", "json", "--junit",
+                                 str(junit), "model.kwargs={hidden: 4096}"])
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    fits = data["checks"][0]
+    assert (fits["status"], fits["code"]) == ("fail", "fits.weights")
+    assert fits["figures"]["weights_bytes"] == 344_080 and fits["figures"]["capacity_bytes"] == 200 * 1024
+    assert fits["reason"].startswith("out of memory building the model, before any batch: its own weights, 336.0 KiB "
+                                     "of parameters and buffers (344,080 bytes), do not fit in the 200.0 KiB the "
+                                     "device has, so no batch size fits (OutOfMemoryError: CPU out of memory")
+    assert [c["reason"] for c in data["checks"][1:]] == ["not run: the model's own weights do not fit in memory"] * 4
+    assert data["exit_code"] == 1
+    case = ET.parse(junit).getroot().find("testsuite/testcase[@name='fits']/failure")
+    assert case is not None and case.get("message") == fits["reason"]
 
 
 def test_a_collate_the_noise_scale_cannot_halve_skips_critical_batch_instead_of_failing_trains(write_spec):
@@ -309,6 +331,28 @@ def test_a_baseline_whose_steps_did_not_fall_bounds_the_critical_batch_above():
     assert critical_batch_verdict(32, b_crit, basis=basis, **extra).status == "pass"
 
 
+def test_an_interrupted_baselines_raw_trial_readings_are_an_order_of_magnitude_never_a_warning(write_spec, tmp_path):
+    """An outside AdamW sweep interrupted after 6 trials: check -b 256 took the median of its trials' end-of-budget
+    B_simple (40, 41, 26, 13, 11) as B_crit and warned '~82% of its compute wasted' at the size the finished sweep
+    recommends, whose steps fit put B_crit at ~200."""
+    rows = [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1, "fits": True, "noise_b_simple": v,
+             "noise_reliable": True} for b, v in ((16, 40.3), (32, 41.0), (64, 26.0), (128, 13.0), (256, 11.0))]
+    folder = _fake_baseline(tmp_path / "interrupted", rows)  # no result.json: the sweep did not finish
+    b_crit, basis, extra = load_baseline(folder).critical_batch()
+    assert (b_crit, basis, extra) == (26.0, "baseline.trials", {"basis_trials": 5})
+    verdict = critical_batch_verdict(256, b_crit, basis=basis, **extra)
+    assert (verdict.status, verdict.code) == ("skip", "critical.rough")
+    assert verdict.figures["ratio"] == pytest.approx(256 / 26)
+    assert check_reason(verdict) == (
+        "not decided: 256 is 9.8× the noise scale ~26 (the median of 5 baseline trials' noise scales, each where its "
+        "budget ended), an order-of-magnitude reading without a band or a target, not the critical batch (B_simple "
+        "read 0.08–0.17× B_crit on AdamW MLPs, 1.8–2.5× on a char LM); the baseline sweep reached no estimate of its "
+        "own (interrupted?): pass a finished sweep's run folder")
+    assert critical_batch_verdict(16, b_crit, basis=basis, **extra).code == "critical.rough"  # no pass on it either
+    args = ["check", str(write_spec(CHECK_SPEC)), "-b", "256", "--baseline", str(folder), "-q", "-f", "json"]
+    crit = json.loads(runner.invoke(app, [*args, "--strict"]).stdout)["checks"][3]
+    assert (crit["status"], crit["code"], crit["figures"]["basis"]) == ("skip", "critical.rough", "baseline.trials")
+
 
 def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
     """An outside Adam sweep fitted 557 (90% 146–1,802) past 4x its largest size, 128, and adopted its noise scale,
@@ -463,14 +507,47 @@ def test_a_baseline_of_another_job_is_named_and_not_used(baseline):
     report = run_check(spec, batch_size=32, baseline=run)
     reg = report.check("regression")
     assert reg.status == "skip" and reg.code == "regression.other_job"
-    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (name: tiny-baseline "
-                                 "(baseline) / keyed; model: tests.fixtures:tiny_mlp (baseline) / tests.fixtures:"
-                                 "keyed_mlp; data: tests.fixtures:tiny_data (baseline) / tests.fixtures:keyed_data)")
+    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (baseline → this spec: name "
+                                 "('tiny-baseline' → 'keyed'); model.target ('tests.fixtures:tiny_mlp' → "
+                                 "'tests.fixtures:keyed_mlp'); data.kwargs.n_train (1024 → None); data.target "
+                                 "('tests.fixtures:tiny_data' → 'tests.fixtures:keyed_data'))")
     assert not report.lr_from_baseline and report.lr == pytest.approx(0.01)
     assert not str(report.check("critical_batch").figures.get("basis")).startswith("baseline")
     renamed = run_check(load_spec(spec_path, ["name=renamed", "check.throughput_tolerance=100"]), batch_size=32,
                         baseline=run)  # the same job under another name still compares
     assert renamed.check("regression").code != "regression.other_job" and renamed.lr_from_baseline
+
+
+def test_the_same_factories_on_other_data_or_another_models_kwargs_under_another_name_are_another_job(write_spec,
+                                                                                                    tmp_path):
+    """An outside check of a CSV regression (table.csv, hidden 64) against a sweep of another file through the
+    same factories (tiny.csv, hidden 32, another name) warned '256 is 9.1× the critical batch ~28' from that sweep's
+    fit, while its own lr note said the model and data differed: only the factories' names were compared."""
+    import yaml
+
+    from batchtune.commands.check import Baseline
+
+    path = write_spec(CHECK_SPEC)
+    resolved = load_spec(path).resolved()
+
+    def changes(*overrides: str) -> list[str]:
+        return Baseline(tmp_path, {}, [], {}, load_spec(path, list(overrides)).resolved(), {}).other_job(resolved)
+
+    assert changes("data.kwargs={n_train: 100}") == ["data.kwargs.n_train (100 → None)"]
+    assert changes("name=small", "model.kwargs={hidden: 64}") == ["name ('small' → 'tiny')",
+                                                                  "model.kwargs.hidden (64 → None)"]
+    assert changes("model.kwargs={hidden: 64}") == []  # the same job's model made fatter: what regression is for
+    assert changes("name=small") == changes("data.num_workers=1") == []  # a new name, another loader: the same job
+    critical = {"critical_batch_size": {"from_steps_to_target": 16.0, "fit": {"low": 12.0, "high": 20.0}}}
+    folder = _fake_baseline(tmp_path / "run", [], critical)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(load_spec(path, ["data.kwargs={n_train: 100}"]).resolved()))
+    report = run_check(load_spec(path), batch_size=64, baseline=folder)
+    assert report.check("critical_batch").figures.get("basis") != "baseline.steps_to_target"  # 64 was 4× its 16
+    reg = report.check("regression")
+    assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (baseline → this spec: "
+                                 "data.kwargs.n_train (100 → None))")
+    assert report.notes == [f"--baseline {folder} is a sweep of another job: its lrs, critical batch and throughput "
+                            "are not used (regression names what differs)"]
 
 
 def test_a_size_the_baseline_did_not_run_skips_regression(baseline):
@@ -741,6 +818,43 @@ def test_a_throughput_drop_inside_the_noise_or_the_contention_warns_instead_of_f
     assert verdict(900.0, noise=0.2).code == "regression.ok"
 
 
+def test_a_drop_the_run_queue_explains_warns_and_one_far_beyond_it_fails(monkeypatch):
+    """An outside check on 2 cores, 1 thread, read other work at 1.8 cores and the load at 4.38 over its 4.5 s;
+    CPU time, which cannot read past the cores, gave contention 0.286, and -65% (7,548 vs 21,696 samples/s) failed
+    while the same output said the machine was busy. In a run queue of 4.38 its thread got about 2/4.38 of a core."""
+    import os
+    from types import SimpleNamespace
+
+    from batchtune.engine import host
+
+    tick = os.sysconf("SC_CLK_TCK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(host, "_cpus", lambda: {0, 1})
+    monkeypatch.setattr(host, "time", SimpleNamespace(monotonic=lambda: 104.5))
+    monkeypatch.setattr(os, "times", lambda: SimpleNamespace(user=0.9, system=0.0))  # we got 0.2 of a core
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.38, 4.0, 3.5))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def reading(busy_cores: float) -> dict:
+        monkeypatch.setattr(host, "_busy_jiffies", lambda: round(busy_cores * 4.5 * tick))
+        return host.LoadMeter(wall=100.0, busy=0, own=0.0).reading(threads=1)
+
+    assert reading(2.0) == {"cores": 2, "threads": 1, "ranks": 1, "other_cores": 1.8, "load_1m": 4.38, "busy": True,
+                            "contention": round(1 - 2 / 4.38, 3)}  # 0.543
+    assert reading(1.0)["contention"] == 0.0  # cores to spare: a load of 4.38 is the last minute's, not now's
+
+    def verdict(samples_per_s: float) -> CheckResult:
+        return regression_verdict(samples_per_s=samples_per_s, peak_bytes=4300, baseline_samples_per_s=21_696.0,
+                                  baseline_peak_bytes=4300, throughput_tolerance=0.15, memory_tolerance=0.10,
+                                  contention=reading(2.0)["contention"])
+
+    explained = verdict(7_548.0)  # -65%: within 15% + the 54% a fair share of the queue takes
+    assert (explained.status, explained.code) == ("warn", "regression.throughput_noise")
+    assert "other work on the machine could take 54% of it: not failed" in check_reason(explained)
+    beyond = verdict(3_499.0)  # -84%: 0.16 of the rate where the queue leaves 0.46
+    assert (beyond.status, beyond.code) == ("fail", "regression.throughput")
+
+
 def test_a_drop_the_baseline_trials_own_spread_explains_warns():
     """An outside 2-rank check at 128: 6,631 samples/s against a baseline rate that was its one calm trial,
     13,011, beside trials at 6,695-11,130 (-49%, failed three times). The spread explains it; 4,000 it does not."""
@@ -799,6 +913,9 @@ REPRESENTATIVE = {
     "fits.ok": ("pass", _FITS, "peak 1.9 MiB of 16.0 MiB, 88% free"),
     "fits.headroom": ("fail", {**_FITS, "headroom": 0.05}, "5.0% free: less than the 10% headroom"),
     "fits.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory (OutOfMemoryError: simulated)"),
+    "fits.weights": ("fail", {"error": "OutOfMemoryError: simulated", "weights_bytes": 3 * 2**20,
+                              "capacity_bytes": 2**20},
+                     "its own weights, 3.0 MiB of parameters and buffers (3,145,728 bytes), do not fit in the 1.0 MiB"),
     "fits.no_capacity": ("pass", {**_FITS, "capacity_bytes": None}, "runs, peak 1.9 MiB; the device capacity is unknown"),
     "fits.crashed": ("fail", _ERROR, "raised RuntimeError: mat1 and mat2"),
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
@@ -822,13 +939,16 @@ REPRESENTATIVE = {
     "critical.below": ("pass", {**_CRITICAL, "batch_size": 64}, "64 is at or below the critical batch ~64"),
     "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                         "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
-    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.trials", "basis_trials": 7},
-                       "256 is 4.0× the critical batch ~64 (the baseline trials' noise scale (median of 7); band "
+    "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
+                       "256 is 4.0× the critical batch ~64 (the baseline sweep's noise scale at val loss 0.5; band "
                        "unbounded above): ~60% of its compute wasted (2.50× what B_crit needs)"),
     "critical.early": ("skip", {**_CRITICAL, "basis": "run.noise_scale", "basis_steps": 7},
                        "not decided: 256 is 4.0× the noise scale of the first steps ~64 (this run's noise scale over "
                        "7 steps; 90% band 40–100), but it grows as the loss falls, so a batch above it can still be "
                        "below the critical batch at your target; pass --baseline with a sweep's run folder"),
+    "critical.rough": ("skip", {**_CRITICAL, "high": None, "low": None, "basis": "baseline.trials", "basis_trials": 7},
+                       "not decided: 256 is 4.0× the noise scale ~64 (the median of 7 baseline trials' noise scales, "
+                       "each where its budget ended), an order-of-magnitude reading"),
     "critical.none": ("skip", {"batch_size": 256, "b_crit": None}, "no critical-batch estimate"),
     "critical.odd_micro": ("skip", {"has_baseline": True}, "the micro-batch is odd"),
     "critical.unsplittable": ("skip", {"reason": "the batch is not one row per sample"},
@@ -859,8 +979,9 @@ REPRESENTATIVE = {
                               "throughput not compared (the training run did not finish), peak memory not compared"),
     "regression.other_device": ("skip", {"baseline_device": "cuda", "device": "cpu"},
                                 "not comparable: baseline ran on cuda, this check on cpu"),
-    "regression.other_job": ("skip", {"changes": ["data: a (baseline) / b"]},
-                             "not comparable: the baseline is a sweep of another job (data: a (baseline) / b)"),
+    "regression.other_job": ("skip", {"changes": ["data.kwargs.path ('a.csv' → 'b.csv')"]},
+                             "not comparable: the baseline is a sweep of another job (baseline → this spec: "
+                             "data.kwargs.path ('a.csv' → 'b.csv'))"),
     "regression.other_precision": ("skip", {"baseline_precision": "bf16", "precision": "fp32"},
                                    "baseline ran in bf16, this check in fp32"),
     "regression.no_row": ("skip", {"batch_size": 64, "baseline_sizes": [16, 32]}, "no row for batch 64 (it ran [16, 32])"),

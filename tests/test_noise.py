@@ -641,6 +641,20 @@ def test_a_micro_batch_that_runs_out_of_memory_exits_1_with_advice_that_fits(wri
     assert out.exit_code == 0 and json.loads(out.stdout)["out_of_memory"] is None, out.output
 
 
+def test_a_model_whose_own_weights_do_not_fit_exits_1_saying_no_batch_size_fits(write_spec):
+    """The device running out while the model was built was a spec error (exit 2); now it is the measurement's
+    no, without the advice to lower the batch size that no batch size could follow."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "4", "-q", "model.kwargs={hidden: 4096}"])
+    assert out.exit_code == 1, out.output
+    assert "out of memory building the model, before any batch (OutOfMemoryError: CPU out of memory" in out.stdout
+    assert "the model's own weights do not fit on the device, so no batch size does" in out.stdout
+    assert "lower --batch-size" not in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["noise", "--steps", "0"], "error: Invalid value for '--steps': Input should be greater than or equal to 2 "
                                 "(see batchtune noise --help)"),

@@ -227,19 +227,22 @@ class Baseline:
         return None, None, {}
 
     def other_job(self, resolved: dict[str, Any]) -> list[str]:
-        """How the baseline differs from ``resolved`` when it is a sweep of another job, else []: other data
-        (another data factory or built-in), or both another name and another model. A changed model alone is
-        what the regression check is for (the same job made slower or fatter)."""
-        def kind(key: str, entry: Any) -> str | None:  # the spec's name; a model's or data's factory
-            if key == "name":
+        """How the baseline differs from ``resolved`` when it is a sweep of another job, else [] (each
+        change as :func:`~batchtune.config.spec.changed_keys` words it, baseline → this spec): other data
+        (another data factory or built-in, or its kwargs: another file), or both another name and another
+        model (factory or kwargs). A changed model alone is what the regression check is for (the same job
+        made slower or fatter). An outside check took the critical batch from a sweep of another CSV file
+        through the same factory, while its own lr note said the data differed."""
+        def what(key: str, spec: dict[str, Any]) -> Any:  # the name; what a model or the data is, not how it loads
+            entry = spec.get(key)
+            if key == "name" or not isinstance(entry, dict):
                 return entry
-            return (entry.get("target") or entry.get("builtin")) if isinstance(entry, dict) else None
+            return {"builtin": entry.get("builtin"), "target": entry.get("target"), "kwargs": entry.get("kwargs") or {}}
 
-        pairs = {key: (kind(key, self.spec.get(key)), kind(key, resolved.get(key)))
-                 for key in ("name", "model", "data")}
-        changed = {key: f"{key}: {was} (baseline) / {now}" for key, (was, now) in pairs.items() if was != now}
+        changed = {key: changed_keys(what(key, self.spec), what(key, resolved), f"{key}.")
+                   for key in ("name", "model", "data") if what(key, self.spec) != what(key, resolved)}
         other = self.spec and ("data" in changed or {"name", "model"} <= set(changed))
-        return list(changed.values()) if other else []
+        return [c for key in changed for c in changed[key]] if other else []
 
     def accum_steps(self, batch_size: int, world_size: int) -> int | None:
         """The accumulation steps the sweep ran ``batch_size`` with on as many ranks (its ceiling made it
@@ -351,7 +354,7 @@ class _CheckRun:
     threads: int = 1
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
     lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own, not the rule's
-    other_job: list[str] = field(default_factory=list)  # how the baseline's model or data differ in kind: unused
+    other_job: list[str] = field(default_factory=list)  # how a baseline of another job differs: unused
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -394,7 +397,8 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     dist = current()
     base = baseline if isinstance(baseline, Baseline) or baseline is None else load_baseline(baseline)
     other = base.other_job(spec.resolved()) if base is not None else []
-    notes: list[str] = []
+    notes: list[str] = [f"--baseline {base.path} is a sweep of another job: its lrs, critical batch and throughput "
+                        "are not used (regression names what differs)"] if other else []
     swept_k = base.accum_steps(batch_size, dist.world_size) if base and not other and batch_size else None
     if accum_steps is None and swept_k and swept_k > 1:  # the sweep's pick past its ceiling: checked as it ran
         accum_steps, micro = swept_k, batch_size // (swept_k * dist.world_size)
@@ -473,7 +477,9 @@ def _fits(state: _CheckRun) -> CheckResult:
         verdict = fits_verdict(True, peak, capacity, spec.probe.headroom, rank=rank)
     else:  # agreed on every rank, as the ranks that ran out are: the first one's own error says what
         error = state.trainer.dist.broadcast(fit.error, src=fit.failed_ranks[0]) if fit.failed_ranks else fit.error
-        verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks)
+        weights = _weights_bytes(state) if fit.weights_oom else None
+        verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks,
+                               weights=fit.weights_oom, weights_bytes=weights)
     verdict.figures.update(steps=fit.steps, validated=bool(fit.evals), compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,
                            micro_batch_size=shape.micro_batch_size, accum_steps=shape.accum_steps)
@@ -481,6 +487,19 @@ def _fits(state: _CheckRun) -> CheckResult:
     state.fit = fit
     state.step_seconds = (stamps[-1] - stamps[-2]) if len(stamps) >= 2 else fit.train_seconds / max(fit.steps, 1)
     return verdict
+
+
+def _weights_bytes(state: _CheckRun) -> int | None:
+    """The bytes of the model's parameters and buffers, for a fits run that ran out of memory building it: the
+    model built once more on the host, outside the device's count, as a GPU job builds it before moving it on.
+    None where that fails too (a factory that moves the model itself)."""
+    import itertools
+
+    try:
+        model = state.trainer.components.build_model(state.spec.seed)
+    except Exception:  # noqa: BLE001 - the verdict stands without the figure
+        return None
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _worst_case_trainer(state: _CheckRun) -> Any:
@@ -537,7 +556,8 @@ def _not_run(state: _CheckRun, fits: CheckResult) -> dict[str, CheckResult]:
     """Every other check, skipped because the fits run crashed or ran out of memory."""
     if fits.code == "fits.crashed":
         return {name: _skip(name, "skip.fits_crashed") for name in CHECKS[1:]}
-    return {name: _skip(name, "skip.fits_oom", **state.shape.to_dict()) for name in CHECKS[1:]}
+    return {name: _skip(name, "skip.fits_oom", **state.shape.to_dict(), weights=fits.code == "fits.weights")
+            for name in CHECKS[1:]}
 
 
 def _training(state: _CheckRun) -> dict[str, CheckResult]:

@@ -32,6 +32,7 @@ class NoiseRun:
     notes: list[str] = field(default_factory=list)
     diverged: str | None = None  # why the loss stopped being finite: no estimate, exit 1
     out_of_memory: str | None = None  # the error when a step ran out of memory: no estimate, exit 1
+    weights_oom: bool = False  # it ran out building the model: no batch size fits
 
     @property
     def batch_size(self) -> int:
@@ -102,4 +103,5 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
         notes.append(f"no noise scale: {result.noise_unmeasured}; use --accum-steps 2 or more")
     final = result.noise_history[-1] if result.noise_history else None
     return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final, tokens, result.seconds,
-                    notes, result.divergence if result.diverged else None, None if result.fits else result.error)
+                    notes, result.divergence if result.diverged else None, None if result.fits else result.error,
+                    result.weights_oom)

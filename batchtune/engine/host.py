@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LoadMeter", "available_host_bytes", "physical_cores", "set_threads", "steady_malloc"]
+__all__ = ["LoadMeter", "available_host_bytes", "contention_share", "physical_cores", "set_threads",
+           "steady_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ class LoadMeter:
         own = times.user + times.system - self.own
         own += sum(s - self.siblings.get(pid, 0.0) for pid, s in _sibling_seconds().items())
         busy_now = _busy_jiffies()
-        other = None
+        other, saturated = None, False
         if self.busy is not None and busy_now is not None and wall > 0.05:
             busy_s = (busy_now - self.busy) / os.sysconf("SC_CLK_TCK")
             other = max(busy_s - own, 0.0) / wall
+            saturated = busy_s / wall > cores - 0.25
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         # The load average counts us too, over a minute: a fallback for a reading of some length only (a
         # check that stopped at its first step read its own earlier runs' load as 'busy').
@@ -180,12 +182,26 @@ class LoadMeter:
         # Busy: other work and our threads together wanted more cores than there are (a quarter
         # core of slack: one other process on a core of its own does not compete with us).
         busy = others is not None and others > BUSY_OTHER_CORES and others + wanted > cores + 0.25
-        # The share of our throughput that fair sharing of the cores would take away.
-        contention = max(0.0, 1.0 - cores / (others + wanted)) if others is not None and others + wanted > 0 else 0.0
+        # With every core taken, CPU time cannot show demand beyond them: the run queue (the load, which counts us,
+        # spread over the machine's CPUs) can. Not otherwise: the load lags a minute behind a machine gone quiet.
+        queue = load * cores / (os.cpu_count() or cores) if saturated and load is not None else None
+        contention = contention_share(cores, wanted, others, queue)
         return {"cores": cores, "threads": threads, "ranks": ranks,
                 "other_cores": None if other is None else round(other, 2),
                 "load_1m": None if load is None else round(load, 2), "busy": bool(busy),
                 "contention": round(contention, 3)}
+
+
+def contention_share(cores: int, wanted: int, others: float | None, queue: float | None = None) -> float:
+    """The share of our throughput that fair sharing of the cores would take away: ``1 - cores / demand``.
+
+    The demand is other work's cores plus the ``wanted`` threads of ours, or the run queue ``queue`` (runnable
+    threads on these cores, ours included) where it is longer: a saturated machine's CPU time reads at most
+    ``cores``. An outside check read other work at 1.8 of 2 cores, so 1 - 2/2.8 = 0.286, and failed a -65% drop
+    while the load was 4.4: its 1 thread got about 2/4.4 of a core, 0.545 lost. 0 when nothing is known.
+    """
+    demand = max(others + wanted if others is not None else 0.0, queue or 0.0)
+    return max(0.0, 1.0 - cores / demand) if demand > 0 else 0.0
 
 
 def available_host_bytes() -> int | None:

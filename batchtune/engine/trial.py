@@ -142,6 +142,7 @@ class TrialResult:
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (overflow); not counted in ``steps``
     timed_out: bool = False  # a step did not finish within the timeout; ``error`` says which
     failed_ranks: list[int] = field(default_factory=list)  # several ranks, an OOM: those that ran out themselves
+    weights_oom: bool = False  # the OOM came building the model or moving it on: its own weights do not fit
 
     @property
     def batch_size(self) -> int:
@@ -460,8 +461,9 @@ class Trainer:
             except (TrainingError, SpecError):  # SpecError: data the spec's loss cannot split
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
-                if getattr(exc, "batchtune_issue", None) is not None:  # a factory's, not the step's: the spec's
-                    raise ComponentError([exc.batchtune_issue]) from None  # check had failed 'fits' on it
+                if getattr(exc, "batchtune_issue", None) is not None and not result.weights_oom:
+                    # a factory's own (host memory, a device batchtune does not measure): the spec's to fix
+                    raise ComponentError([exc.batchtune_issue]) from None
                 if not is_oom(exc, backend):
                     raise _training_error(exc, config, self.workload) from exc
                 result.fits = False
@@ -490,7 +492,15 @@ class Trainer:
         comps, backend = self.components, self.backend
         if model is None:
             self._wrapped = None  # a fresh model: release the last one's wrapper first
-            model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
+            try:
+                model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
+            except Exception as exc:
+                # The device ran out holding the weights alone: no batch size fits, an OOM like any other (a GPU
+                # meets it in .to(); the simulated device counts it inside the factory, which check had called
+                # a spec error, exit 2). A factory's own OOM that the device did not count stays the spec's.
+                result.weights_oom = is_oom(exc) and (backend.ooms_since_reset() > 0
+                                                      or getattr(exc, "batchtune_issue", None) is None)
+                raise
         work = self.workload(self, model, config)
         stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
                          num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist,

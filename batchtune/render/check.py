@@ -43,6 +43,15 @@ def _oom(f: dict[str, Any]) -> str:
     return f"out of memory{on} ({f['error']})"
 
 
+def _weights(f: dict[str, Any]) -> str:
+    """The device ran out building the model: no batch size can fit, whatever the check's."""
+    held = (f", {format_bytes(f['weights_bytes'])} of parameters and buffers ({f['weights_bytes']:,} bytes),"
+            if f.get("weights_bytes") else " (its parameters and buffers)")
+    room = f"the {format_bytes(f['capacity_bytes'])} the device has" if f.get("capacity_bytes") else "the device"
+    return (f"out of memory building the model, before any batch: its own weights{held} do not fit in {room}, so "
+            f"no batch size fits ({f['error']})")
+
+
 def _lr_text(f: dict[str, Any]) -> str:
     return f" at lr {f['lr']:.3g}" if f.get("lr") is not None else ""
 
@@ -69,7 +78,8 @@ _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
     "baseline.below_smallest": lambda f: "the baseline sweep's steps did not fall from its smallest size",
     "baseline.noise_scale": lambda f: "the baseline sweep's noise scale" + (
         f" at val loss {f['basis_val_loss']:.4g}" if f.get("basis_val_loss") else ""),
-    "baseline.trials": lambda f: f"the baseline trials' noise scale (median of {f['basis_trials']})",
+    "baseline.trials": lambda f: f"the median of {f['basis_trials']} baseline trials' noise scales, each where its "
+                                 "budget ended",
     "run.noise_scale": lambda f: f"this run's noise scale over {f['basis_steps']} steps",
 }
 
@@ -105,6 +115,14 @@ def _critical_early(f: dict[str, Any]) -> str:
     return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale of the first steps "
             f"{_estimate(f)}, but it grows as the loss falls, so a batch above it can still be below the critical "
             "batch at your target; pass --baseline with a sweep's run folder")
+
+
+def _critical_rough(f: dict[str, Any]) -> str:
+    """Raw noise-scale readings of a sweep that reached no estimate of its own: an order of magnitude only."""
+    return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale {_estimate(f)}, an "
+            "order-of-magnitude reading without a band or a target, not the critical batch (B_simple read "
+            "0.08–0.17× B_crit on AdamW MLPs, 1.8–2.5× on a char LM); the baseline sweep reached no estimate of "
+            "its own (interrupted?): pass a finished sweep's run folder")
 
 
 def _pass_baseline(f: dict[str, Any]) -> str:
@@ -190,6 +208,8 @@ def _spike(f: dict[str, Any]) -> str:
 
 
 def _fits_skip(f: dict[str, Any]) -> str:
+    if f.get("weights"):
+        return "not run: the model's own weights do not fit in memory"
     b, micro, k = f["batch_size"], f["micro_batch_size"], f["accum_steps"]
     return f"not run: batch {f'{b} ({micro}×{k})' if k > 1 else b} does not fit in memory"
 
@@ -200,6 +220,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fits.headroom": lambda f: f"{_peak(f)}: less than the {f['headroom_required']:.0%} headroom required "
                                "(probe.headroom)",
     "fits.oom": _oom,
+    "fits.weights": _weights,
     "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
                                   "so the headroom is not checked",
     "fits.crashed": lambda f: f"the training step raised {f['error']}",
@@ -222,6 +243,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                  f"{_estimate(f)}: not clearly above it",
     "critical.above": _critical_above,
     "critical.early": _critical_early,
+    "critical.rough": _critical_rough,
     "critical.none": lambda f: "no critical-batch estimate",
     "critical.odd_micro": lambda f: "the micro-batch is odd, so it cannot be split into halves for the noise scale"
                                     + _pass_baseline(f),
@@ -237,8 +259,8 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "regression.uncompared": _comparison,
     "regression.other_device": lambda f: f"not comparable: baseline ran on {f['baseline_device']}, "
                                          f"this check on {f['device']}",
-    "regression.other_job": lambda f: "not comparable: the baseline is a sweep of another job "
-                                      f"({'; '.join(f['changes'])})",
+    "regression.other_job": lambda f: "not comparable: the baseline is a sweep of another job (baseline → this "
+                                      f"spec: {'; '.join(f['changes'])})",
     "regression.other_precision": lambda f: f"not comparable: baseline ran in {f['baseline_precision']}, "
                                             f"this check in {f['precision']}",
     "regression.no_row": lambda f: f"the baseline has no row for batch {f['batch_size']} (it ran {f['baseline_sizes']})",

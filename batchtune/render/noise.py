@@ -44,7 +44,11 @@ def render_noise(run: Any, fmt: str = "table") -> str:
 
 
 def _out_of_memory(run: Any) -> str:
-    """The step ran out of memory: the micro-batch (what one backward pass holds) is what must fit."""
+    """The step ran out of memory: the micro-batch (what one backward pass holds) is what must fit, unless the
+    model's own weights did not (no smaller batch helps there)."""
+    if run.weights_oom:
+        return (f"out of memory building the model, before any batch ({run.out_of_memory}). No noise scale: the "
+                "model's own weights do not fit on the device, so no batch size does")
     micro = run.shape.micro_batch_size // (2 if run.shape.accum_steps == 1 and run.shape.world_size == 1 else 1)
     return (f"out of memory with {micro:,} samples in a backward pass ({run.out_of_memory}). No noise scale: that "
             "micro-batch is what must fit; lower --batch-size, or raise --accum-steps to split each batch into "
