@@ -543,6 +543,14 @@ def test_the_same_factories_on_other_data_or_another_models_kwargs_under_another
     (folder / "spec.yaml").write_text(yaml.safe_dump(load_spec(path, ["data.kwargs={n_train: 100}"]).resolved()))
     report = run_check(load_spec(path), batch_size=64, baseline=folder)
     assert report.check("critical_batch").figures.get("basis") != "baseline.steps_to_target"  # 64 was 4× its 16
+    assert "pass --baseline with a sweep's run folder" not in check_reason(report.check("critical_batch"))
+    # where this check's own reading decides nothing, it asks for a sweep of this job: one was given, another's
+    from batchtune.commands.check_verdicts import CheckResult
+
+    for code, figures in (("critical.unreliable", {"noise_steps": 3, "has_baseline": False}),
+                          ("critical.no_noise_steps", {"has_baseline": False})):
+        said = check_reason(CheckResult("critical_batch", "skip", code, {**figures, "other_job": True}))
+        assert said.endswith("; pass --baseline with a sweep of this job (the one given is another job's)"), said
     reg = report.check("regression")
     assert check_reason(reg) == ("not comparable: the baseline is a sweep of another job (baseline → this spec: "
                                  "data.kwargs.n_train (100 → None))")

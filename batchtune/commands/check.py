@@ -653,6 +653,7 @@ def _critical_batch(state: _CheckRun) -> CheckResult:
 
 def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
     b, base = state.shape.batch_size, None if state.other_job else state.baseline
+    other = {"other_job": True} if state.other_job else {}  # a baseline was given: another job's, not used
     b_crit, basis, extra = base.critical_batch() if base else (None, None, {})
     if b_crit:
         return critical_batch_verdict(b, b_crit, basis=basis, **extra)
@@ -663,18 +664,18 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
         return _skip("critical_batch", "skip.train_unfinished")
     if quick is not None and quick.reliable and quick.b_simple:
         return critical_batch_verdict(b, quick.b_simple, basis="run.noise_scale", low=quick.low, high=quick.high,
-                                      basis_steps=quick.steps)
+                                      basis_steps=quick.steps, **other)
     if quick is not None:
         from batchtune.config.components import has_batchnorm
 
         model = state.trainer.components.build_model(state.spec.seed)
         return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
-                     batchnorm=has_batchnorm(model))
+                     batchnorm=has_batchnorm(model), **other)
     if why := getattr(state.run, "noise_unmeasured", None):
-        return _skip("critical_batch", "critical.unsplittable", reason=why, has_baseline=base is not None)
+        return _skip("critical_batch", "critical.unsplittable", reason=why, has_baseline=base is not None, **other)
     odd = state.shape.accum_steps == 1 and state.shape.micro_batch_size % 2
     return _skip("critical_batch", "critical.odd_micro" if odd else "critical.no_noise_steps",
-                 has_baseline=base is not None)
+                 has_baseline=base is not None, **other)
 
 
 def _regression(state: _CheckRun) -> CheckResult:

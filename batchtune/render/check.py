@@ -114,7 +114,7 @@ def _critical_above(f: dict[str, Any]) -> str:
 def _critical_early(f: dict[str, Any]) -> str:
     return (f"not decided: {f['batch_size']} is {f['ratio']:.1f}× the noise scale of the first steps "
             f"{_estimate(f)}, but it grows as the loss falls, so a batch above it can still be below the critical "
-            "batch at your target; pass --baseline with a sweep's run folder")
+            f"batch at your target{_pass_baseline(f)}")
 
 
 def _critical_rough(f: dict[str, Any]) -> str:
@@ -126,6 +126,8 @@ def _critical_rough(f: dict[str, Any]) -> str:
 
 
 def _pass_baseline(f: dict[str, Any]) -> str:
+    if f.get("other_job"):  # one was given, of another job (its critical batch is not this job's)
+        return "; pass --baseline with a sweep of this job (the one given is another job's)"
     return "; pass --baseline with a sweep's run folder" + (" that has one" if f.get("has_baseline") else "")
 
 
