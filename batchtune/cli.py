@@ -1020,18 +1020,35 @@ def _plan_interrupted(where: Path, hint: str) -> None:
     raise typer.Exit(130) from None
 
 
+_TERMINATED: list[int] = []  # SIGTERM arrived: the interrupted command exits 143, not 130
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C (a CI cancel, a scheduler's time limit, torchrun ending its ranks): what finished is kept
+    and the command that continues it is said, where a terminated sweep ended without a word. A second one ends
+    the process at once."""
+    _TERMINATED.append(signum)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point. ``--debug`` is taken anywhere on the line, before or after the command."""
     if "--debug" in sys.argv[1:]:  # typer takes a group option only before the command: move it there
         sys.argv = [sys.argv[0], "--debug", *(a for a in sys.argv[1:] if a != "--debug")]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except SystemExit as stop:
-        if stop.code == 130:  # interrupted: a second Ctrl-C during the exit ends it at once, not in a traceback
-            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        code = stop.code
+        if code == 130:  # interrupted: a second Ctrl-C during the exit ends it at once, not in a traceback
+            code = 143 if _TERMINATED else 130
+            signal.signal(signal.SIGINT, lambda *_: os._exit(code))
         joined = sys.modules.get("batchtune.engine.distributed")
-        if joined is not None and isinstance(stop.code, (int, type(None))):  # click's codes: a number, or None
-            joined.end_rank(stop.code or 0)  # a torchrun rank ends without the teardown it could abort in
+        if joined is not None and isinstance(code, (int, type(None))):  # click's codes: a number, or None
+            joined.end_rank(code or 0)  # a torchrun rank ends without the teardown it could abort in
+        if code != stop.code:
+            raise SystemExit(code) from None
         raise
 
 

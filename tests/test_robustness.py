@@ -740,6 +740,16 @@ def test_after_an_interrupt_a_second_ctrl_c_ends_the_process_at_once(monkeypatch
     assert exits == [130]
 
 
+def test_sigterm_keeps_the_trials_says_how_to_continue_and_exits_143(write_spec, tmp_path):
+    """A CI cancel (SIGTERM) ended an outside sweep with no word: no resume line, its lock left."""
+    spec, out = write_spec(SLOW_SWEEP), tmp_path / "run"
+    sweep = _start_sweep(spec, "--out", out)
+    stderr = _stop_after(sweep, out, 1, signal.SIGTERM)
+    assert sweep.returncode == 143, stderr
+    assert f"finished trials are kept in {out}; continue with batchtune sweep {spec} --resume {out}" in stderr
+    assert "Traceback" not in stderr and _rows(out)
+
+
 def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_result(write_spec, tmp_path, monkeypatch):
     """Ctrl-C, a resume killed with SIGKILL, a second resume: the same trials as one uninterrupted sweep.
 
