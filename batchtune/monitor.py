@@ -493,6 +493,7 @@ class _PassNorms:
         self.params = params
         self.micro_batch_size = micro_batch_size
         self.unsized_input: list[int] | None = None  # a model input with no axis of the micro-batch's size
+        self._pending: list[int] | None = None  # the last forward's input, where unsized: counts once backpropagated
         self._norms: list[torch.Tensor] = []
         self._calls = [0] * len(params)
         self._accumulated: dict[int, torch.Tensor] = {}  # |.grad|² after each parameter's latest pass
@@ -501,16 +502,20 @@ class _PassNorms:
         self._handles.append(model.register_forward_pre_hook(self._check_input, with_kwargs=True))
 
     def _check_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Note the model's first tensor input when no axis has the micro-batch's size: the batch changed size
-        (a grown batch read B_simple x old/new, silently) or a last batch is smaller."""
+        """Keep the model's first tensor input's shape when no axis has the micro-batch's size: the batch changed
+        size (a grown batch read B_simple x old/new, silently) or a last batch is smaller. It counts once a
+        backward pass follows (:meth:`_hook`): a validation forward with grad enabled on another batch size,
+        never backpropagated, had every measured step skipped, blamed on the batch size."""
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
-        if torch.is_grad_enabled() and first is not None and self.micro_batch_size not in first.shape:
-            self.unsized_input = self.unsized_input or list(first.shape)
+        unsized = torch.is_grad_enabled() and first is not None and self.micro_batch_size not in first.shape
+        self._pending = list(first.shape) if unsized else None
 
     def _hook(self, index: int):
         def record(grad: torch.Tensor) -> None:
             self._norms.append(_sq_norm(grad))
             self._calls[index] += 1
+            if self._pending is not None:  # this pass is of the last forward's graph, whose input was unsized
+                self.unsized_input = self.unsized_input or self._pending
         return record
 
     def _after(self, index: int):

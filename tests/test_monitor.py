@@ -216,6 +216,22 @@ def test_a_batch_that_grows_is_read_at_the_size_set_and_skipped_with_a_warning_w
     assert untold.reading().steps == 0
 
 
+def test_a_validation_forward_with_grad_enabled_on_another_size_does_not_skip_the_measured_steps():
+    """An outside loop validated on 512 samples without torch.no_grad() after each step: every measured step was
+    skipped, blamed on 'a batch that changed size: set_batch()'. A forward no backward pass follows is no step's."""
+    import warnings
+
+    d, sigma, delta = 20, 1.0, 1.0
+    model, sample = _linreg(d, sigma, delta)
+    monitor = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=4, every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        for _ in range(50):
+            _loop(model, sample, micro=16, accum=4, steps=1, monitor=monitor)
+            model(sample(512)[0])  # validation, grad enabled, never backpropagated
+    assert monitor.reading().steps == 50
+
+
 @pytest.mark.parametrize("accum", [2, 1])
 def test_the_monitor_never_changes_training(accum):
     """Losses and weights bit-identical with and without it (SGD with momentum, clipping after step())."""
