@@ -1278,3 +1278,17 @@ def test_a_target_met_before_any_step_stops_the_sweep_after_its_first_trial(writ
         in result.stderr
     assert "met before any training step, a target there ranks nothing; choose targets below it" in result.stderr
     assert len(json.loads((out / "trials.json").read_text())) == 1
+
+
+def test_a_scaling_efficiency_timed_busy_or_above_linear_is_said_not_to_be_relied_on():
+    """An outside 2-rank sweep printed 106%, then 23% for the same job on a shared machine, as measured figures."""
+    from batchtune.render.sweep import _scaling_line
+
+    base = {"batch_size": 256, "world_size": 2, "global_samples_per_s": 53991.0, "single_rank_samples_per_s": 25394.0}
+    assert _scaling_line({**base, "efficiency": 1.063}).endswith(
+        "106% scaling efficiency (gradients reduced after each step, not overlapped with backward); not to be relied "
+        "on: more than linear scaling is timing noise")
+    calm = _scaling_line({**base, "efficiency": 0.8, "overlapped": True})
+    assert calm.endswith("80% scaling efficiency (gradients all-reduced during backward, as DDP runs)")
+    assert _scaling_line({**base, "efficiency": 0.23, "busy": True}).endswith(
+        "not to be relied on: the machine was busy while it was timed")

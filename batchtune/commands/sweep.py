@@ -532,13 +532,23 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) ->
         return trainer.run(trial_config(sweep.spec, shape, lr=recommendation["lr"], steps=20,
                                         timing_warmup_steps=5, memory_steps=2)).samples_per_s
 
+    import torch
+
+    from batchtune.engine.host import LoadMeter
+
+    meter = LoadMeter.start()
     single = dist.broadcast(dist.on_main(solo))
+    solo_busy = dist.broadcast(dist.on_main(lambda: bool(meter.reading(torch.get_num_threads())["busy"])))
     if not single:
         return None
     global_sps = recommendation["samples_per_s"]
+    rows = [r for r in sweep.rows if r["batch_size"] == recommendation["batch_size"] and r.get("samples_per_s")]
     return {"batch_size": recommendation["batch_size"], "world_size": dist.world_size,
             "single_rank_samples_per_s": single, "global_samples_per_s": global_sps,
-            "efficiency": global_sps / (dist.world_size * single)}
+            "efficiency": global_sps / (dist.world_size * single),
+            # an outside sweep read 106% and then 23% for the same job on a shared machine: say when it was busy
+            "busy": solo_busy or any(r.get("busy") for r in rows),
+            "overlapped": bool(rows) and all(r.get("overlap_comm") for r in rows)}
 
 
 def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[str, Any]) -> None:

@@ -123,10 +123,7 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
             lines.append(f"  target {t['target_loss']:.4g}: {pick}; {b_crit}")
     scaling = meta.get("scaling")
     if scaling:
-        lines.append(f"scaling: batch {scaling['batch_size']} on {scaling['world_size']} ranks runs "
-                     f"{scaling['global_samples_per_s']:,.0f} samples/s against {scaling['single_rank_samples_per_s']:,.0f} "
-                     f"on one rank: {scaling['efficiency']:.0%} scaling efficiency (gradients reduced after each "
-                     "step, not overlapped with backward)")
+        lines.append(_scaling_line(scaling))
     for note in result.notes:
         lines.append(f"note: {note}")
     if result.run_dir:
@@ -149,3 +146,16 @@ def render_precision(frame: Any, fmt: str = "table") -> str:
                      disable_numparse=True)
     return f"{'### ' if fmt == 'markdown' else ''}{title}\n\n{table}"
 
+
+def _scaling_line(scaling: dict[str, Any]) -> str:
+    """The data-parallel scaling efficiency, and why not to rely on it where the timings cannot carry it."""
+    how = ("gradients all-reduced during backward, as DDP runs" if scaling.get("overlapped")
+           else "gradients reduced after each step, not overlapped with backward")
+    line = (f"scaling: batch {scaling['batch_size']} on {scaling['world_size']} ranks runs "
+            f"{scaling['global_samples_per_s']:,.0f} samples/s against {scaling['single_rank_samples_per_s']:,.0f} on "
+            f"one rank: {scaling['efficiency']:.0%} scaling efficiency ({how})")
+    if scaling.get("busy") or scaling["efficiency"] > 1.05:
+        why = ("the machine was busy while it was timed" if scaling.get("busy")
+               else "more than linear scaling is timing noise")
+        line += f"; not to be relied on: {why}"
+    return line
