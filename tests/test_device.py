@@ -146,3 +146,21 @@ def test_select_backend_cpu_and_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_backend("cuda")
+
+
+def test_per_rank_memory_limits_beyond_the_ranks_are_said_to_be_unused(write_spec, monkeypatch, caplog):
+    """Three limits under two ranks, or two in one process: the extra ones were ignored without a word."""
+    import logging
+
+    import batchtune.memory.device as device
+    from batchtune.config.spec import load_spec
+
+    monkeypatch.setattr(device, "_SAID_UNUSED", [])
+    spec = load_spec(write_spec(), ["device.memory_limit=[4MiB, 3MiB]"])
+    with caplog.at_level(logging.WARNING, logger="batchtune"):
+        backend = device.backend_for_spec(spec)
+        device.backend_for_spec(spec)  # said once
+    assert backend.capacity_bytes() == 4 * 2**20
+    said = [r.getMessage() for r in caplog.records if "device.memory_limit lists" in r.getMessage()]
+    assert said == ["device.memory_limit lists 2 limits, one per rank, and this run has 1 rank: the last 1 is unused "
+                    "(each rank takes its own entry, the last one covering any rank beyond the list)"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import time
 import weakref
@@ -673,6 +674,9 @@ def select_backend(device_type: str = "auto", memory_limit: int | None = None,
     raise ValueError(f"unknown device type {device_type!r}")
 
 
+_SAID_UNUSED: list[bool] = []  # the unused per-rank memory limits were said (backend_for_spec)
+
+
 def backend_for_spec(spec: Any) -> DeviceBackend:
     """The backend a spec asks for, on this rank: its local device, its memory limit, its precision.
 
@@ -689,6 +693,13 @@ def backend_for_spec(spec: Any) -> DeviceBackend:
     ctx = current()
     local_rank = ctx.local_rank if ctx.enabled else int(os.environ.get("LOCAL_RANK", "0"))
     limit = spec.device.limit_for_rank(ctx.rank)
+    limits, world = spec.device.memory_limit, ctx.world_size if ctx.enabled else 1
+    if isinstance(limits, list) and len(limits) > world and ctx.rank == 0 and not _SAID_UNUSED:
+        _SAID_UNUSED.append(True)  # once a process: the backend is built by every command that runs
+        logging.getLogger("batchtune").warning(
+            "device.memory_limit lists %d limits, one per rank, and this run has %d rank%s: the last %d %s unused "
+            "(each rank takes its own entry, the last one covering any rank beyond the list)", len(limits), world,
+            "" if world == 1 else "s", len(limits) - world, "is" if len(limits) - world == 1 else "are")
     override = os.environ.get("BATCHTUNE_MEMORY_LIMIT")
     if override:
         try:
