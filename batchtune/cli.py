@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from enum import Enum
@@ -1037,6 +1038,9 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:  # typer takes a group option only before the command: move it there
         sys.argv = [sys.argv[0], "--debug", *(a for a in sys.argv[1:] if a != "--debug")]
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from batchtune.engine import host
+
+    host.PROCESS_START = time.perf_counter() - host.process_age()  # check --max-seconds counts the start-up too
     try:
         app()
     except SystemExit as stop:

@@ -1047,3 +1047,19 @@ def test_notes_name_the_lr_rule_and_a_budget_overrun():
                              "took 70.2 s, over the 60 s budget (the fits run, which always runs, took 61.5 s)"]
     assert data["checks"][0]["reason"] == "peak 1.9 MiB of 16.0 MiB, 88% free (at least 10% required)"
     assert data["checks"][0]["code"] == "fits.ok"
+
+
+def test_the_budget_counts_the_start_up_of_a_process_the_command_line_started(write_spec, monkeypatch):
+    """An outside CI step gave --max-seconds 2 and took 4.96 s: Python's and torch's start-up were not counted."""
+    import time
+
+    from batchtune.engine import host
+
+    assert 0 < host.process_age() < 24 * 3600
+    text = CHECK_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:sleepy_data", kwargs: {seconds: 0.01}}')
+    spec = _spec(write_spec, text, "check.steps=30", "device.memory_limit=null")
+    run_check(spec, batch_size=16, max_seconds=60)  # warm-up: the first trial in a process imports more
+    monkeypatch.setattr(host, "PROCESS_START", time.perf_counter() - 30.0)  # started 30 s ago
+    report = run_check(spec, batch_size=16, max_seconds=31.6)  # 1.6 s left: the fits run, not the training run
+    assert report.skipped == ["trains", "data", "critical_batch"] and report.seconds > 30
+    assert report.check("fits").status == "pass"

@@ -378,8 +378,11 @@ def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
 
 def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_seconds: float | None,
            baseline: str | Path | Baseline | None, backend: Any, lr_given: float | None = None) -> _CheckRun:
-    """Resolve the inputs (spec, budget, batch shape, baseline) and build the trainer."""
-    started = time.perf_counter()
+    """Resolve the inputs (spec, budget, batch shape, baseline) and build the trainer. The budget counts from the
+    process's start where the command line started it (:data:`~batchtune.engine.host.PROCESS_START`)."""
+    from batchtune.engine import host
+
+    started = host.PROCESS_START if host.PROCESS_START is not None else time.perf_counter()
     from batchtune.config.spec import Spec, load_spec
     from batchtune.engine.distributed import current
     from batchtune.engine.host import LoadMeter, set_threads
@@ -527,8 +530,8 @@ def _stop_if_timed_out(state: _CheckRun, result: Any) -> None:
     if state.watch is not None and state.watch.fired and getattr(result, "timed_out", False):
         if state.watch.seconds < 0.25 * state.budget:  # 'did not finish within 0.001 s' told an outside user nothing
             raise CheckInputError(f"--max-seconds {state.budget:g} ran out before the first training step finished: "
-                                  f"loading the spec, model and data took {state.budget - state.watch.seconds:.2g} s "
-                                  f"of it; give the check more time")
+                                  f"starting up and loading the spec, model and data took "
+                                  f"{state.budget - state.watch.seconds:.2g} s of it; give the check more time")
         raise CheckInputError(f"--max-seconds {state.budget:g}: {result.error}, all that was left of it after "
                               f"{reserve_seconds(state.budget):.2g} s kept for start-up and output; give the check more "
                               "time")

@@ -216,3 +216,21 @@ def available_host_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+#: When this process started, on time.perf_counter()'s clock: set by the command line (``batchtune.cli.main``), so a
+#: check's --max-seconds counts Python's and torch's start-up too (an outside CI step gave 2 s and took 4.96);
+#: None in a process batchtune did not start (a test, a notebook), whose age is no command's.
+PROCESS_START: float | None = None
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc), 0 where that is not known."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
