@@ -1063,3 +1063,18 @@ def test_the_budget_counts_the_start_up_of_a_process_the_command_line_started(wr
     report = run_check(spec, batch_size=16, max_seconds=31.6)  # 1.6 s left: the fits run, not the training run
     assert report.skipped == ["trains", "data", "critical_batch"] and report.seconds > 30
     assert report.check("fits").status == "pass"
+
+
+def test_a_baseline_that_searched_no_lr_is_not_said_to_have_found_one_fastest(tmp_path):
+    """'the multiplier the baseline sweep found fastest at every size it ranked' of a sweep run with lr_search off."""
+    from batchtune.commands.check import Baseline
+
+    spec = {"model": 1, "data": 1, "optimizer": 1, "base_batch_size": 32, "lr_scaling": "sqrt"}
+    summary = [{"batch_size": b, "status": "ok", "lr": 0.01, "lr_multiplier": 1.0} for b in (16, 32)]
+    for mults, said in (([1.0], "the rule's × 1, the only lr the baseline sweep tried (its lr search was off)"),
+                        ([0.5, 1.0, 2.0], "the rule's × 1, the multiplier the baseline sweep found fastest at every "
+                                          "size it ranked (2)")):
+        base = Baseline(tmp_path, {"lr_multipliers": mults}, [], {}, spec, {"summary": summary})
+        lr, why = base.fastest_lr(64, spec, 0.02)
+        assert lr == pytest.approx(0.02) and why.startswith(said), why
+

@@ -1292,3 +1292,13 @@ def test_a_scaling_efficiency_timed_busy_or_above_linear_is_said_not_to_be_relie
     assert calm.endswith("80% scaling efficiency (gradients all-reduced during backward, as DDP runs)")
     assert _scaling_line({**base, "efficiency": 0.23, "busy": True}).endswith(
         "not to be relied on: the machine was busy while it was timed")
+
+
+def test_two_estimates_neither_adopted_say_so_not_none():
+    """An interrupted outside sweep's report read 'goodput and E/Emin use the None'."""
+    from batchtune.render.sweep import _critical_lines
+
+    lines = _critical_lines({"fit": {"note": "extrapolated"}, "ratio": 0.05, "basis": None, "definition": "d"})
+    assert "(noise scale / steps fit = 0.05); neither is adopted: goodput and E/Emin are not shown" in lines[1]
+    adopted = _critical_lines({"fit": {"note": "x"}, "ratio": 0.5, "basis": "steps fit", "definition": "d"})
+    assert adopted[1].endswith("goodput and E/Emin use the steps fit")

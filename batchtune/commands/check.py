@@ -272,8 +272,10 @@ class Baseline:
         mults = {round(float(r["lr_multiplier"]), 6) for r in with_mult}
         if len(mults) == 1 and len(with_mult) > 1:
             m = mults.pop()
-            lr, why = rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at every "
-                                    f"size it ranked ({len(with_mult)}); {self._unranked(batch_size)}")
+            found = (f"the multiplier the baseline sweep found fastest at every size it ranked ({len(with_mult)})"
+                     if len(self.meta.get("lr_multipliers") or [1.0]) > 1
+                     else "the only lr the baseline sweep tried (its lr search was off)")
+            lr, why = rule_lr * m, f"the rule's × {m:g}, {found}; {self._unranked(batch_size)}"
         else:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
             near = min(with_mult, key=lambda r: (abs(math.log2(r["batch_size"] / batch_size)), -r["batch_size"]))
             m = float(near["lr_multiplier"])

@@ -69,7 +69,9 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
         lines.append(f"  the noise scale is not adopted: {steps}; goodput and E/Emin are not shown")
     if c.get("ratio"):
         lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
-                     f"(noise scale / steps fit = {c['ratio']:.2f}); goodput and E/Emin use the {c['basis']}")
+                     f"(noise scale / steps fit = {c['ratio']:.2f}); "
+                     + (f"goodput and E/Emin use the {c['basis']}" if c.get("basis")
+                        else "neither is adopted: goodput and E/Emin are not shown"))
     lines.append(f"  definition: {c['definition']}")
     return lines
 
