@@ -1302,3 +1302,19 @@ def test_two_estimates_neither_adopted_say_so_not_none():
     assert "(noise scale / steps fit = 0.05); neither is adopted: goodput and E/Emin are not shown" in lines[1]
     adopted = _critical_lines({"fit": {"note": "x"}, "ratio": 0.5, "basis": "steps fit", "definition": "d"})
     assert adopted[1].endswith("goodput and E/Emin use the steps fit")
+
+
+def test_an_excluded_sizes_empty_cells_are_dashes_not_nan():
+    """An outside report's excluded sizes showed 'nan' in the reached column (pandas' empty cell)."""
+    import types
+
+    import pandas as pd
+
+    from batchtune.render.sweep import _sweep_rows
+
+    summary = pd.DataFrame([{"rank": 1, "batch_size": 32, "micro_batch_size": 32, "accum_steps": 1, "lr": 0.01,
+                             "reached": "2/2", "status": "ok"},
+                            {"batch_size": 128, "status": "excluded: larger than the training set"}])
+    rows = _sweep_rows(types.SimpleNamespace(summary=summary))
+    assert rows[0][2:5] == ["32×1", "0.01", "2/2"] and rows[1][2:5] == ["-", "-", "-"]
+    assert "nan" not in " ".join(map(str, rows[1]))

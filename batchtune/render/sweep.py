@@ -23,16 +23,19 @@ def _interval(low: Any, high: Any) -> str:
     return f"{low:.2f}–{top}"
 
 
+def _missing(value: Any) -> bool:
+    """None, or the NaN pandas fills an empty cell with (an excluded size's 'reached' showed 'nan')."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _sweep_rows(result: Any) -> list[list[str]]:
     rows = []
     for r in result.summary.to_dict("records"):
         rank = r.get("rank")
         rows.append([
             num(rank, ".0f"), str(r["batch_size"]),
-            "-" if r.get("micro_batch_size") is None or (isinstance(r["micro_batch_size"], float)
-                                                        and math.isnan(r["micro_batch_size"]))
-            else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
-            num(r.get("lr"), ".3g"), r.get("reached") or "-", pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
+            "-" if _missing(r.get("micro_batch_size")) else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
+            num(r.get("lr"), ".3g"), "-" if _missing(r.get("reached")) else r["reached"], pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
             num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
             "-" if r.get("seeds") == 1 else _interval(r.get("seconds_low"), r.get("seconds_high")),  # none from 1
             num(r.get("relative"), ".2f") + (" (tie)" if r.get("tie") is True else ""),
