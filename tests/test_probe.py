@@ -528,3 +528,20 @@ def test_sparse_gradients_are_measured_not_estimated_and_their_optimizer_step_co
     # the safe size keeps the headroom: stepped down by the bytes a sample the confirmations themselves lost
     # (the line's 1.1 KiB had stopped at 1136, 9.7% free, which check then failed)
     assert run_check(spec, batch_size=measured.safe_batch_size).check("fits").status == "pass"
+
+
+def test_a_ceiling_capped_by_the_training_set_with_no_known_capacity_is_the_safe_size(write_spec):
+    """An outside probe with no memory limit and an 80-sample training set said ceiling 80, safe 72: 10% 'headroom'
+    off a cap memory had nothing to do with (with a 1 MiB capacity known, the same cap gave 80)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    spec = write_spec(TINY_SPEC.replace('"tests.fixtures:tiny_data"}', '"tests.fixtures:tiny_data", kwargs: '
+                                        '{n_train: 80}}'))
+    result = CliRunner().invoke(app, ["probe", str(spec), "device.memory_limit=null", "-q", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["ceiling"], data["capped"], data["safe_batch_size"]) == (80, True, 80)

@@ -588,6 +588,8 @@ def _confirm(source: DeviceMemorySource, outcome: SearchOutcome, p: Any, notes: 
         notes.append(f"the allocator reserved up to {format_bytes(gap)} beyond the allocated peak; "
                      "the safe size leaves room for it")
     safe = safe_size(outcome.ceiling, outcome.model, usable, p.headroom, p.granularity, p.min_batch_size)
+    if outcome.capped and usable is None:  # the cap binds, not memory: a share of it off is no memory's headroom
+        safe = outcome.ceiling  # (an outside probe's ceiling was its 80-sample training set, and it said 72)
     safe = _below_unexplained_oom(safe, outcome, usable, p, notes)
     retries, last = CONFIRM_RETRIES, None  # last: (size, bytes used) of the previous confirmation that fit
     while safe >= p.min_batch_size:
