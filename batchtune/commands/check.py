@@ -733,7 +733,8 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
     if not same:
         return _skip("regression", "regression.other_shape", batch_size=b, micro_batch_size=micro, accum_steps=k,
                      baseline_micro_batch_size=rows[0].get("micro_batch_size"),
-                     baseline_accum_steps=rows[0].get("accum_steps"))
+                     baseline_accum_steps=rows[0].get("accum_steps"), world_size=state.shape.world_size,
+                     baseline_world_size=base.meta.get("world_size") or 1)
     if not usable:
         return _skip("regression", "regression.unusable", batch_size=b)
     # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy

@@ -125,6 +125,11 @@ def _critical_rough(f: dict[str, Any]) -> str:
             "its own (interrupted?): pass a finished sweep's run folder")
 
 
+def _ranks(world_size: int | None) -> str:
+    """' × 2 ranks', '' on one (an outside 1- against 2-rank comparison named shapes that hid the difference)."""
+    return f" × {world_size} ranks" if world_size and world_size > 1 else ""
+
+
 def _pass_baseline(f: dict[str, Any]) -> str:
     if f.get("other_job"):  # one was given, of another job (its critical batch is not this job's)
         return "; pass --baseline with a sweep of this job (the one given is another job's)"
@@ -267,8 +272,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                             f"this check in {f['precision']}",
     "regression.no_row": lambda f: f"the baseline has no row for batch {f['batch_size']} (it ran {f['baseline_sizes']})",
     "regression.other_shape": lambda f: f"the baseline ran {f['batch_size']} as {f['baseline_micro_batch_size']}×"
-                                        f"{f['baseline_accum_steps']}, this check as {f['micro_batch_size']}×"
-                                        f"{f['accum_steps']}: not comparable",
+                                        f"{f['baseline_accum_steps']}{_ranks(f.get('baseline_world_size'))}, this "
+                                        f"check as {f['micro_batch_size']}×{f['accum_steps']}"
+                                        f"{_ranks(f.get('world_size'))}: not comparable",
     "regression.unusable": lambda f: f"every baseline trial at {f['batch_size']} ran out of memory or diverged",
     "skip.time_budget": lambda f: f"{TIME_SKIP} ({f['left_s']:.2f} s left, about {f['needed_s']:.2f} s needed"
                                   + (f"; {f['reserve_s']:.2g} s of the budget is kept for start-up and output"
