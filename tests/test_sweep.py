@@ -1318,3 +1318,13 @@ def test_an_excluded_sizes_empty_cells_are_dashes_not_nan():
     rows = _sweep_rows(types.SimpleNamespace(summary=summary))
     assert rows[0][2:5] == ["32×1", "0.01", "2/2"] and rows[1][2:5] == ["-", "-", "-"]
     assert "nan" not in " ".join(map(str, rows[1]))
+
+
+def test_a_trial_whose_step_timed_out_is_excluded_as_timed_out():
+    """An outside sweep's hung step at 64 read 'excluded: reached the target in 0/1 seeds', the timeout unsaid."""
+    hung = {**_trial(64, 0, [(0, 0, 2.0)], None), "final_val_loss": None, "timed_out": True,
+            "error": "the training step at batch 64 did not finish within 3 s"}
+    a = analyse([_timed(32, 0, 40, 0.5, 0.02), hung], {**HAND_META, "target_loss": 0.5, "seeds": [0]})
+    status = {r["batch_size"]: r["status"] for r in a.summary.to_dict("records")}
+    assert status[64] == "excluded: timed out (the training step at batch 64 did not finish within 3 s)"
+    assert status[32] == "ok"

@@ -422,6 +422,7 @@ def _row(result: Any, multiplier: float, capacity: int | None) -> dict[str, Any]
             "compute_seconds", "train_seconds", "seconds", "peak_bytes", "first_loss", "last_loss", "final_val_loss"]
     row = {k: d[k] for k in keep}
     row["stopped_at_target"], row["stalled"] = result.stopped_at_target, result.stalled
+    row["timed_out"] = result.timed_out  # a step past the trial timeout: the trial failed (its error says which)
     row["lr_multiplier"] = multiplier
     row["peak_share"] = result.peak_bytes / capacity if capacity and result.peak_bytes else None
     row["evals"] = [[e.step, e.samples, e.seconds, e.val_loss] for e in result.evals]
@@ -555,6 +556,8 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
     """One line per finished trial, with its key figures (progress that reaches a log file too)."""
     if not row["fits"]:
         outcome = f"out of memory ({row['error']})"
+    elif row.get("timed_out"):  # it read 'val loss 1.4 after 0 samples', as if the trial had trained
+        outcome = f"failed: {row['error']}"
     elif row["diverged"]:
         outcome = f"diverged ({row['divergence']})"
     else:

@@ -227,6 +227,7 @@ def _per_lr(rows: list[dict[str, Any]]) -> list[Entry]:
             "peak_bytes": max((r["peak_bytes"] or 0 for r in grp), default=None) or None,
             "oom": sum(not r["fits"] for r in grp), "diverged_seeds": sum(bool(r["diverged"]) for r in grp),
             "divergence": next((r["divergence"] for r in grp if r["diverged"]), None), "rows": grp,
+            "timed_out": [r["error"] for r in grp if r.get("timed_out")],  # a hung step: the trial failed
             "step_seconds": size / sps if sps else None,
         })
     return entries
@@ -331,8 +332,12 @@ def _status(e: Entry) -> str:
         return "excluded: out of memory"
     if e["diverged_seeds"] == n:
         return f"excluded: diverged ({e['divergence']})"
+    hung = e.get("timed_out") or []
+    if len(hung) == n:  # an outside hung step read 'reached the target in 0/1 seeds', the timeout unsaid
+        return f"excluded: timed out ({hung[0]})"
     if not e["qualifies"]:
         failed = f"; diverged in {e['diverged_seeds']}" if e["diverged_seeds"] else ""
+        failed += f"; timed out in {len(hung)} ({hung[0]})" if hung else ""
         return f"excluded: reached the target in {e['reached']} seeds{failed}"
     return "ok"
 
