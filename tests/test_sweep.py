@@ -1053,6 +1053,11 @@ def test_a_size_inside_the_critical_batch_interval_is_not_called_wasteful():
     # an estimate that rounds to the size itself gets a decimal (an outside note read "128 is above ... (~128)")
     close = _notes([{**entry, "batch_size": 128}], [entry], {**critical, "b_crit": 127.8}, {"samples": 4096})
     assert close[0].startswith("batch 128 is above the critical batch size's estimate (~127.8) but within")
+    # the noise scale's own band where it is the estimate (an outside 32 'wasted 1%' against ~31, band 17–91)
+    noisy = {"b_crit": 31.0, "basis": "noise scale", "noise_scale": {"b_simple": 31.0, "low": 17.0, "high": 91.0}}
+    said = _notes([{**entry, "batch_size": 32, "excess_compute": 2.02}], [entry], noisy, {"samples": 4096})
+    assert said[0] == ("batch 32 is above the critical batch size's estimate (~31) but within its uncertainty, "
+                       "90% interval 17–91: not clearly above it")
 
 
 def test_when_the_largest_size_wins_below_a_far_larger_critical_batch_the_notes_say_go_higher():

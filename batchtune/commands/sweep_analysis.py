@@ -718,7 +718,10 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     notes, b_crit = [], critical["b_crit"]
     fit = critical.get("fit") or {}
     low, high = (fit.get("low"), fit.get("high")) if critical.get("basis") == "steps-to-target fit" else (None, None)
-    band = f", 90% interval {count(low)}–{count(high)}" if low and high else ""
+    noise = critical.get("noise_scale") or {}
+    if critical.get("basis") == "noise scale" and b_crit == noise.get("b_simple"):  # its band is the reading's
+        low, high = noise.get("low"), noise.get("high")  # (an outside 32 'wasted 1%' against ~31, band 17–91)
+    band = (f", 90% interval {count(low)}–{count(high)}" if low and high and math.isfinite(high) else "")
     for e in ranked:
         # "batch 128 is above ... (~128)" read an estimate of 127.6: one decimal where it rounds to the size
         crit = count(b_crit) if not b_crit or count(b_crit) != count(e["batch_size"]) else f"{b_crit:.1f}"
