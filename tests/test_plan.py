@@ -454,6 +454,19 @@ def test_a_lead_run_that_swung_projects_nothing():
     assert result.critical_batch_by_loss == {} and result.recommendation is None and result.exit_code == 1
 
 
+def test_a_lead_run_at_the_searchs_lr_that_swung_says_how_to_lower_that_lr():
+    """An outside plan's lead run swung at ×4 the rule's lr, the calibration's pick; the note said 'try a lower lr
+    (optimizer.lr)', and lowering it twice moved the search down with it, the lead run at ×4 again each time."""
+    from batchtune.commands.plan import _turn_notes
+
+    (said,) = _turn_notes({**_lead(SWUNG, 0.2), "lr_multiplier": 4.0}, 30_000)
+    assert ("the loss is unstable at this lr (0.2 at batch 64, ×4 the rule's: the fastest in the calibration's short "
+            "trials), too high to settle") in said
+    assert said.endswith("try a lower lr: sweep.lr_search=false trains at the rule's lr, or sweep.lr_multipliers "
+                         "with sweep.lr_extensions=0 keeps the calibration's search below ×4 (lowering optimizer.lr "
+                         "moves the search down with it)")
+
+
 def _flat(first, level, size, seed, points=20, dip=0.0):
     """A calibration curve that drops from ``first`` to ``level`` in its first steps, then stays (``dip``: and
     ends that much lower)."""
