@@ -673,3 +673,14 @@ def test_an_option_click_refuses_is_one_error_line(write_spec, args, message):
     out = CliRunner().invoke(app, [args[0], str(write_spec()), *args[1:]], prog_name="batchtune")
     assert out.exit_code == 2 and out.stdout == "", out.output
     assert out.stderr.splitlines() == [message]
+
+
+def test_a_reading_whose_band_spans_more_than_tenfold_is_not_reliable():
+    """'reliable: yes' stood beside bands of 22–2,086 and 105–31,156: bounded, but no reading to act on."""
+    from batchtune.commands.noise import mark_wide
+
+    history = [{"b_simple": 255, "low": 105.0, "high": 31156.0, "reliable": True},
+               {"b_simple": 212, "low": 122.0, "high": 532.0, "reliable": True},
+               {"b_simple": 97, "low": 11.0, "high": float("inf"), "reliable": False}]
+    mark_wide(history)
+    assert [(h["reliable"], h.get("wide", False)) for h in history] == [(False, True), (True, False), (False, False)]

@@ -17,6 +17,7 @@ from batchtune.errors import UsageError
 __all__ = ["NoiseRun", "run_noise"]
 
 log = logging.getLogger(__name__)
+WIDE_BAND = 10.0  # a 90% band whose high end is more than this × its low end is marked unreliable
 
 
 @dataclass
@@ -101,7 +102,17 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
                      "which biases the estimate")
     if result.noise_unmeasured:
         notes.append(f"no noise scale: {result.noise_unmeasured}; use --accum-steps 2 or more")
+    mark_wide(result.noise_history)
     final = result.noise_history[-1] if result.noise_history else None
     return NoiseRun(spec.name, shape, config.lr, result.steps, result.noise_history, final, tokens, result.seconds,
                     notes, result.divergence if result.diverged else None, None if result.fits else result.error,
                     result.weights_oom)
+
+
+def mark_wide(history: list[dict[str, Any]]) -> None:
+    """Readings whose 90% band is bounded but spans more than :data:`WIDE_BAND` times are not reliable (``wide``):
+    an outside reading of 255 was called reliable in a band of 105–31,156."""
+    for h in history:
+        if h["reliable"] and h["low"] and h["high"] > WIDE_BAND * h["low"]:
+            h["reliable"], h["wide"] = False, True
+
