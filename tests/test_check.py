@@ -993,6 +993,8 @@ REPRESENTATIVE = {
     "regression.other_precision": ("skip", {"baseline_precision": "bf16", "precision": "fp32"},
                                    "baseline ran in bf16, this check in fp32"),
     "regression.no_row": ("skip", {"batch_size": 64, "baseline_sizes": [16, 32]}, "no row for batch 64 (it ran [16, 32])"),
+    "critical.diverged": ("skip", {"divergence": "non-finite loss at step 13"},
+                          "no noise scale from a run that diverged (see trains)"),
     "regression.other_shape": ("skip", {**_SHAPE, "baseline_micro_batch_size": 256, "baseline_accum_steps": 1,
                                         "baseline_world_size": 2, "world_size": 1},
                                "the baseline ran 512 as 256×1 × 2 ranks, this check as 128×4: not comparable"),

@@ -236,6 +236,8 @@ def test_a_nan_in_the_data_met_in_training_is_named_not_blamed_on_the_lr(write_s
     trains = next(c for c in json.loads(check.output)["checks"] if c["name"] == "trains")
     assert trains["status"] == "fail" and trains["reason"].startswith("diverged at lr 0.01: non-finite loss at step ")
     assert trains["reason"].endswith(said), trains
+    critical = next(c for c in json.loads(check.output)["checks"] if c["name"] == "critical_batch")
+    assert critical["reason"] == "no noise scale from a run that diverged (see trains)"  # was '|G|² ≤ 0 so far'
     sweep = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "run"), "-q", "-f", "json"])
     notes = json.loads(sweep.output)["notes"]
     assert any(n.startswith("every trial's loss went non-finite") and n.endswith(f"{said}, and sweep again")

@@ -667,6 +667,8 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
             state.skipped.append("critical_batch")
             return _skip("critical_batch", "skip.time_budget_noise")
         return _skip("critical_batch", "skip.train_unfinished")
+    if state.run.diverged:  # its gradients were not finite: '|G|² ≤ 0 so far' pointed at too little signal
+        return _skip("critical_batch", "critical.diverged", divergence=state.run.divergence)
     if quick is not None and quick.reliable and quick.b_simple:
         return critical_batch_verdict(b, quick.b_simple, basis="run.noise_scale", low=quick.low, high=quick.high,
                                       basis_steps=quick.steps, **other)

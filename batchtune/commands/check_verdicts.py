@@ -39,7 +39,7 @@ CODES = (
     # critical_batch: the batch against B_crit
     "critical.below", "critical.within", "critical.above", "critical.early", "critical.rough", "critical.none",
     "critical.odd_micro",
-    "critical.unsplittable", "critical.no_noise_steps", "critical.unreliable",
+    "critical.unsplittable", "critical.no_noise_steps", "critical.unreliable", "critical.diverged",
     # regression: against the baseline sweep's row for the same shape
     "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",
     "regression.throughput_noise",

@@ -256,6 +256,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                     + _pass_baseline(f),
     "critical.no_noise_steps": lambda f: "no noise-scale steps ran" + _pass_baseline(f),
     "critical.unsplittable": lambda f: f"no noise scale: {f['reason']}" + _pass_baseline(f),
+    "critical.diverged": lambda f: "no noise scale from a run that diverged (see trains)",
     "critical.unreliable": lambda f: f"the noise-scale estimate is not reliable after {f['noise_steps']} measured "
                                      f"steps (|G|² ≤ 0 so far){_batchnorm(f)}" + _pass_baseline(f),
     "regression.ok": lambda f: _comparison(f) + " within tolerance",
