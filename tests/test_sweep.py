@@ -1333,3 +1333,18 @@ def test_a_trial_whose_step_timed_out_is_excluded_as_timed_out():
     status = {r["batch_size"]: r["status"] for r in a.summary.to_dict("records")}
     assert status[64] == "excluded: timed out (the training step at batch 64 did not finish within 3 s)"
     assert status[32] == "ok"
+
+
+def test_an_unscaled_lr_is_not_called_the_none_rule(write_spec):
+    """An outside sweep with lr_scaling: none read '×8 the none rule's' and 'lr scaled by the none rule'."""
+    from batchtune.commands.sweep import _lr_note
+    from batchtune.commands.sweep_analysis import _lr_rule_notes
+
+    spec = load_spec(write_spec(SWEEP_SPEC), ["lr_scaling=none"])
+    assert _lr_note(spec).startswith("lr not scaled (lr_scaling: none): 0.01 at every size")
+    sizes = [{"batch_size": b, "qualifies": True, "lr_multiplier": 8.0} for b in (16, 32)]
+    rows = [{"batch_size": b, "lr_multiplier": m} for b in (16, 32) for m in (4.0, 8.0)]
+    (said,) = _lr_rule_notes(sizes, {"lr_rule": "none", "lr_multipliers": [4.0, 8.0]}, rows)
+    assert said.startswith("the unscaled lr (lr_scaling: none) held at no size: the fastest lr was the spec's lr ×8 "
+                           "at 16, ×8 at 32: every size was fastest at ×8 the spec's lr"), said
+    assert "none rule" not in said

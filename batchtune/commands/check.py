@@ -273,7 +273,7 @@ class Baseline:
         if len(mults) == 1 and len(with_mult) > 1:
             m = mults.pop()
             found = (f"the multiplier the baseline sweep found fastest at every size it ranked ({len(with_mult)})"
-                     if len(self.meta.get("lr_multipliers") or [1.0]) > 1
+                     if len(self.meta.get("lr_multipliers") or [0.5, 2.0]) > 1  # a run folder records it
                      else "the only lr the baseline sweep tried (its lr search was off)")
             lr, why = rule_lr * m, f"the rule's × {m:g}, {found}; {self._unranked(batch_size)}"
         else:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
@@ -390,7 +390,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     from batchtune.engine.host import LoadMeter, set_threads
     from batchtune.engine.trial import Trainer, prepare
     from batchtune.memory.source import tightest_capacity
-    from batchtune.stats.scaling import spec_lr, spec_rule
+    from batchtune.stats.scaling import rule_lr, spec_lr, spec_rule
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
@@ -423,10 +423,10 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     swept, why = (base.fastest_lr(shape.batch_size, spec.resolved(), lr) if base is not None and not other
                   and given is None else (None, ""))
     if given is not None:  # an outside check at 8x the sweep's largest size trained at a rule's lr that diverged
-        notes.append(f"lr {given:.4g}: the job's own ({'--lr' if lr_given is not None else 'train.lr'}; the "
-                     f"{spec_rule(spec)} rule's is {lr:.4g})")
+        notes.append(f"lr {given:.4g}: the job's own ({'--lr' if lr_given is not None else 'train.lr'}; "
+                     f"{rule_lr(spec_rule(spec))} is {lr:.4g})")
     elif swept is not None:  # the job will run at the lr the sweep recommends for its size, not the rule's
-        notes.append(f"lr {swept:.4g}: {why} (×{swept / lr:.3g} the {spec_rule(spec)} rule's {lr:.4g}, from "
+        notes.append(f"lr {swept:.4g}: {why} (×{swept / lr:.3g} {rule_lr(spec_rule(spec))} {lr:.4g}, from "
                      f"{spec.optimizer.lr:g} at batch {spec.base_batch_size})")
     elif why:
         notes.append(why)

@@ -713,7 +713,8 @@ def _sample_budget(spec: Any, candidates: list[BatchShape], n_train: int, notes:
 
 
 def _lr_note(spec: Any) -> str:
-    note = f"lr scaled by the {spec_rule(spec)} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}"
+    note = (f"lr not scaled (lr_scaling: none): {spec.optimizer.lr:g} at every size" if spec_rule(spec) == "none"
+            else f"lr scaled by the {spec_rule(spec)} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}")
     if spec.lr_scaling == "auto":
         evidence = spec.optimizer.family_evidence or f"optimizer {spec.optimizer.name or spec.optimizer.target}"
         note += f" (auto: {spec.optimizer.family}, because {evidence})"

@@ -34,6 +34,7 @@ from batchtune.render.text import count, count_of, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
 from batchtune.stats.noise import pooled_noise_scale
+from batchtune.stats.scaling import rule_lr, rule_name
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
            "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "overhead_notes",
@@ -889,22 +890,24 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any], rows: list[dict[str
     if len(tried) < 2 or not qualified:
         return []
     rule = meta.get("lr_rule", "scaling")
+    name = rule_name(rule)
+    whose, whose_lr = ("the spec's lr", "the spec's lr") if rule == "none" else ("the rule's", "the rule's lr")
     held = [e for e in qualified if e["lr_multiplier"] == 1.0]
     off = [e for e in qualified if e["lr_multiplier"] != 1.0]
     if not off:
         one = sorted(e["batch_size"] for e in sizes if e["qualifies"] and e not in qualified)
-        return [f"the {rule} lr rule held at every size: each size's fastest lr was the rule's" if not one else
-                f"the {rule} lr rule held at {', '.join(str(e['batch_size']) for e in qualified)}, the sizes that "
+        return [f"{name} held at every size: each size's fastest lr was {whose_lr}" if not one else
+                f"{name} held at {', '.join(str(e['batch_size']) for e in qualified)}, the sizes that "
                 f"tried more than one lr ({', '.join(map(str, one))} tried one)"]
     above = ", ".join(f"×{e['lr_multiplier']:.3g} at {e['batch_size']}" for e in off)
     if not held:
         mults = {e["lr_multiplier"] for e in off}
-        same = (f": every size was fastest at ×{mults.pop():.3g} the rule's lr, so optimizer.lr (at base_batch_size) "
+        same = (f": every size was fastest at ×{mults.pop():.3g} {whose_lr}, so optimizer.lr (at base_batch_size) "
                 "is off by that factor for this task" if len(mults) == 1 and len(off) > 1 else "")
-        return [f"the {rule} lr rule held at no size: the fastest lr was the rule's {above}{same}"]
+        return [f"{name} held at no size: the fastest lr was {whose} {above}{same}"]
     top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
-    where = f"the {rule} lr rule held up to {top}; " if top else f"the {rule} lr rule did not hold at every size: "
-    return [where + f"the fastest lr elsewhere was the rule's {above}"]
+    where = f"{name} held up to {top}; " if top else f"{name} did not hold at every size: "
+    return [where + f"the fastest lr elsewhere was {whose} {above}"]
 
 
 def _lowest_held(sizes: list[Entry]) -> str:
@@ -975,8 +978,9 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
                   f"of the {n} sizes that reached the target in most seeds, the one more seeds reached it with "
                   f"among those within seed noise of the fastest median ({_fmt_size(faster)}, "
                   f"{faster['seconds_to_target']:.2f} s in {faster['reached']} seeds)")
-    lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} the "
-               f"{meta.get('lr_rule', 'scaling')} rule's" if win["lrs_tried"] > 1 else "the scaling rule's lr")
+    whose = rule_lr(meta.get("lr_rule", "scaling"))
+    lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} {whose}"
+               if win["lrs_tried"] > 1 else whose if whose.endswith(" lr") else f"{whose} lr")
     if win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"

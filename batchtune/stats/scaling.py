@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-__all__ = ["Rule", "lr_at_step", "resolve_rule", "scale_lr", "spec_lr", "spec_rule"]
+__all__ = ["Rule", "lr_at_step", "resolve_rule", "rule_lr", "rule_name", "scale_lr", "spec_lr", "spec_rule"]
 
 Rule = Literal["linear", "sqrt", "none", "auto"]
 
@@ -44,6 +44,16 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: Litera
 def spec_rule(spec: Any) -> Literal["linear", "sqrt", "none"]:
     """The concrete rule a spec asks for (``lr_scaling``, with ``auto`` resolved by its optimizer)."""
     return resolve_rule(spec.lr_scaling, spec.optimizer.family)
+
+
+def rule_name(rule: str) -> str:
+    """'the sqrt lr rule'; for ``none`` 'the unscaled lr (lr_scaling: none)' (reports read 'the none rule')."""
+    return "the unscaled lr (lr_scaling: none)" if rule == "none" else f"the {rule} lr rule"
+
+
+def rule_lr(rule: str) -> str:
+    """Whose lr a multiplier multiplies: "the sqrt rule's"; for ``none`` "the spec's lr"."""
+    return "the spec's lr" if rule == "none" else f"the {rule} rule's"
 
 
 def spec_lr(spec: Any, batch_size: int) -> float:
