@@ -298,37 +298,64 @@ def test_more_threads_than_cpus_is_warned():
         torch.set_num_threads(before)
 
 
+SPIN = "import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+# a launcher that starts a spinner and waits for it: the spinner is our grandchild, not our child
+LAUNCH = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {spin!r}]).wait()")
+
+
 def test_other_work_on_the_machine_is_measured():
     meter = LoadMeter.start()
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.8: pass"])
-    spinner.wait()
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCH.format(spin=SPIN.format(seconds=0.8))])
+    launcher.wait()
     reading = meter.reading(threads=len(__import__("os").sched_getaffinity(0)))
     assert reading["other_cores"] is not None and reading["other_cores"] > 0.5  # the spinner's core, at least
     assert reading["busy"] is True
 
 
-def test_the_jobs_other_ranks_are_not_other_work(monkeypatch):
+def test_the_jobs_other_ranks_and_its_own_workers_are_not_other_work(monkeypatch):
     """Under torchrun the ranks on one machine are the agent's children: a 2-rank sweep on 2 cores read
-    its other rank as 1.4 cores of other work and flagged every trial busy. Here our own children
-    stand in for the siblings (our pid for the agent's); both meters see the same spinner."""
+    its other rank as 1.4 cores of other work and flagged every trial busy. Here a launcher of ours stands in
+    for the agent, its spinner for the other rank. A child of ours (a DataLoader worker) is ours too: an outside
+    check with loader workers read them as other work."""
     import os
+    import signal
     import time
 
+    import batchtune.engine.host as host
+
+    def spinning(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
     plain = LoadMeter.start()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(os, "getppid", os.getpid)
-    job = LoadMeter.start()
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    launcher = spinning(LAUNCH.format(spin=SPIN.format(seconds=5)))
     try:
+        time.sleep(0.3)  # the spinner started
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        job = LoadMeter.start()
         time.sleep(1.0)
         as_rank = job.reading(threads=1)
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
         alone = plain.reading(threads=1)
     finally:
-        spinner.kill()
-        spinner.wait()
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    monkeypatch.undo()
     assert (as_rank["ranks"], alone["ranks"]) == (2, 1)
     assert alone["other_cores"] - as_rank["other_cores"] > 0.3  # the spinner's share, counted only without ranks
+    worker = spinning(SPIN.format(seconds=5))
+    try:
+        time.sleep(0.3)
+        mine, blind = LoadMeter.start(), LoadMeter.start()
+        time.sleep(1.0)
+        ours = mine.reading(threads=1)
+        monkeypatch.setattr(host, "_sibling_seconds", lambda: {})
+        blind.siblings = {}
+        others = blind.reading(threads=1)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert others["other_cores"] - ours["other_cores"] > 0.3  # the worker's share, ours when it is our child
 
 
 def test_malloc_is_held_steady_unless_the_user_chose(monkeypatch):

@@ -121,20 +121,20 @@ def _local_ranks() -> int:
 
 
 def _sibling_seconds() -> dict[int, float]:
-    """CPU seconds so far of each of this job's other ranks on this machine, by pid: under torchrun, the
-    other processes its agent (our parent) started; none outside torchrun or off Linux."""
-    if _local_ranks() < 2:
-        return {}
-    parent, me, tick = os.getppid(), os.getpid(), os.sysconf("SC_CLK_TCK")
-    seconds = {}
+    """CPU seconds so far of this job's other processes on this machine, by pid: under torchrun the other
+    ranks its agent (our parent) started, and every rank's children (DataLoader workers: an outside check with
+    num_workers read its own workers as other work, and flagged itself busy); none off Linux."""
+    ranked, me, tick = _local_ranks() > 1, os.getpid(), os.sysconf("SC_CLK_TCK")
+    parent = os.getppid() if ranked else None
+    stats = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:  # fields after the command's closing parenthesis: state, ppid, ... utime (12th), stime (13th)
             fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
             continue  # gone since the listing
-        if int(fields[1]) == parent and int(entry.name) != me:
-            seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    return seconds
+    ranks = {me} | {pid for pid, (ppid, _) in stats.items() if ranked and ppid == parent}
+    return {pid: cpu for pid, (ppid, cpu) in stats.items() if pid != me and (pid in ranks or ppid in ranks)}
 
 
 @dataclass
