@@ -148,19 +148,18 @@ def test_select_backend_cpu_and_errors():
             select_backend("cuda")
 
 
-def test_per_rank_memory_limits_beyond_the_ranks_are_said_to_be_unused(write_spec, monkeypatch, caplog):
+def test_per_rank_memory_limits_beyond_the_ranks_are_said_to_be_unused(write_spec, monkeypatch):
     """Three limits under two ranks, or two in one process: the extra ones were ignored without a word."""
-    import logging
-
     import batchtune.memory.device as device
     from batchtune.config.spec import load_spec
+    from tests.conftest import logged
 
     monkeypatch.setattr(device, "_SAID_UNUSED", [])
     spec = load_spec(write_spec(), ["device.memory_limit=[4MiB, 3MiB]"])
-    with caplog.at_level(logging.WARNING, logger="batchtune"):
+    with logged("batchtune") as messages:
         backend = device.backend_for_spec(spec)
         device.backend_for_spec(spec)  # said once
     assert backend.capacity_bytes() == 4 * 2**20
-    said = [r.getMessage() for r in caplog.records if "device.memory_limit lists" in r.getMessage()]
+    said = [m for m in messages if "device.memory_limit lists" in m]
     assert said == ["device.memory_limit lists 2 limits, one per rank, and this run has 1 rank: the last 1 is unused "
                     "(each rank takes its own entry, the last one covering any rank beyond the list)"]
