@@ -237,7 +237,8 @@ class DataSpec(Component):
     num_workers: NonNegativeInt = 0
     # variable-length data: the probe and check's fits verdict run the longest samples, as collated
     collate: CollateSpec | None = None
-    # the field (dict key or tuple index) whose length is a sample's; default its largest tensor dimension
+    # the field (dict key or tuple index) whose first dimension (len()) is a sample's length; default: a sample's
+    # largest dimension among those that vary across the samples
     length_key: str | NonNegativeInt | None = None
 
 
