@@ -64,6 +64,17 @@ def _no_handler_left_on_a_closed_stream():
         logger.removeHandler(handler)
 
 
+@pytest.fixture(autouse=True)
+def _no_start_up_clock_left_by_main():
+    """A test that calls ``cli.main()`` sets the process's start (``host.PROCESS_START``) that check's
+    --max-seconds counts from; left set, every later in-process check counted from it, and once the session
+    had run past a check's budget (60 s) it failed 'ran out before the first training step finished'."""
+    yield
+    from batchtune.engine import host
+
+    host.PROCESS_START = None
+
+
 @contextlib.contextmanager
 def logged(name: str) -> Iterator[list[str]]:
     """The warning (and worse) messages of logger ``name`` while the block runs, read by a handler on that
