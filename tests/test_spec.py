@@ -212,6 +212,28 @@ def test_a_yaml_boolean_in_the_file_names_its_line_and_booleans_and_number_strin
     assert spec.optimizer.options == {"nesterov": True}  # an optimizer's own kwargs take booleans
 
 
+def test_a_whole_number_in_exponent_form_is_taken_where_an_integer_is(write_spec):
+    """PyYAML reads 2e4 and 1.6e4 as strings (YAML 1.1 floats want a dot and a signed exponent): an outside
+    'sweep.samples: 2e4' was refused as 'unable to parse string as an integer (got '2e4')'."""
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {samples: 1.6e4, batch_sizes: [1.6e1, 3.2E+1, 64]}\n"),
+                     ["sweep.min_steps=2.5e1", "base_batch_size=2.0", "train.batch_size=1e2", "data.length_key=2e1"])
+    assert (spec.sweep.samples, spec.sweep.batch_sizes, spec.sweep.min_steps) == (16000, [16, 32, 64], 25)
+    assert (spec.base_batch_size, spec.train.batch_size) == (2, 100)
+    assert type(spec.sweep.samples) is int and spec.data.length_key == "2e1"  # a key may be any string
+    assert load_spec(write_spec(), ["sweep.samples=2e4"]).sweep.samples == 20000
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("sweep.samples=1.5", "sweep.samples: must be a whole number, got 1.5"),
+    ("sweep.min_steps=2.5e0", "sweep.min_steps: must be a whole number, got 2.5e0 (= 2.5)"),
+    ("sweep.batch_sizes=[16, 2.25e1]", "sweep.batch_sizes: item 1 must be a whole number, got 2.25e1 (= 22.5)"),
+])
+def test_a_number_with_a_fraction_is_refused_where_an_integer_is(write_spec, override, problem):
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
 @pytest.mark.parametrize("text,problem", [
     (TINY_SPEC.replace("lr: 0.01", "lr: .inf"), "spec.yaml:4: optimizer.lr: Input should be a finite number (got inf)"),
     (TINY_SPEC + "sweep: {epochs: .inf}\n", "spec.yaml:7: sweep.epochs: Input should be a finite number (got inf)"),

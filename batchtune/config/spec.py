@@ -6,6 +6,7 @@ This module does not import torch, so ``batchtune validate`` and ``--help`` stay
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import math
 import re
@@ -171,19 +172,58 @@ def _boolean_as_number(value: Any, members: list[Any]) -> str | None:
     return None
 
 
+#: A number in exponent form (2e4, 1.6e4, 2.5E+1), which PyYAML reads as a string: YAML 1.1 wants a dot and a signed
+#: exponent for a float.
+_EXPONENT_RE = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _whole_numbers(value: Any, members: list[Any]) -> Any:
+    """``value`` with a number in exponent form read as the integer it spells, for a field that takes integers
+    (and no floats nor strings); an item of a list likewise. ``sweep.samples: 2e4`` was refused as "unable to
+    parse string as an integer (got '2e4')", though ``--samples 2e5`` is taken.
+
+    Raises:
+        ValueError: the number has a fraction (1.5, 2.5e0).
+    """
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        item_members = [member for item in items for member in _members(item)]
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(_whole_numbers(item, item_members))
+            except ValueError as exc:
+                raise ValueError(f"item {i} {exc}") from None
+        return out
+    if int not in members or float in members or str in members:
+        return value
+    if isinstance(value, str) and _EXPONENT_RE.fullmatch(value.strip()):
+        number = decimal.Decimal(value.strip())
+    elif isinstance(value, float) and math.isfinite(value):
+        number = decimal.Decimal(value)
+    else:
+        return value  # pydantic speaks for the rest
+    if number != number.to_integral_value():
+        shown = f"{value.strip()} (= {number.normalize():f})" if isinstance(value, str) else f"{value:g}"
+        raise ValueError(f"must be a whole number, got {shown}")
+    return int(number)
+
+
 class _Checked(BaseModel):
-    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant."""
+    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant, and a
+    whole number in exponent form (2e4) taken where an integer is."""
 
     # the only float fields that could mean "no limit" (the time limits) take null for it
     model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        why = _boolean_as_number(value, _members(cls.model_fields[info.field_name].annotation))
+    def _numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        members = _members(cls.model_fields[info.field_name].annotation)
+        why = _boolean_as_number(value, members)
         if why is not None:
             raise ValueError(why)
-        return value
+        return _whole_numbers(value, members)
 
 
 class _Strict(_Checked):
