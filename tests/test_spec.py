@@ -227,6 +227,9 @@ def test_a_whole_number_in_exponent_form_is_taken_where_an_integer_is(write_spec
     ("sweep.samples=1.5", "sweep.samples: must be a whole number, got 1.5"),
     ("sweep.min_steps=2.5e0", "sweep.min_steps: must be a whole number, got 2.5e0 (= 2.5)"),
     ("sweep.batch_sizes=[16, 2.25e1]", "sweep.batch_sizes: item 1 must be a whole number, got 2.25e1 (= 22.5)"),
+    # a float YAML reads as one (a dot, a signed exponent) past 64 bits stays pydantic's to refuse
+    ("sweep.seeds=1.0e+20", "sweep.seeds: Unable to parse input string as an integer, exceeded maximum size (got "
+                            "1e+20)"),
 ])
 def test_a_number_with_a_fraction_is_refused_where_an_integer_is(write_spec, override, problem):
     result = _validate(write_spec(), override)

@@ -198,11 +198,11 @@ def _whole_numbers(value: Any, members: list[Any]) -> Any:
     if int not in members or float in members or str in members:
         return value
     if isinstance(value, str) and _EXPONENT_RE.fullmatch(value.strip()):
-        number = decimal.Decimal(value.strip())
-    elif isinstance(value, float) and math.isfinite(value):
+        number = decimal.Decimal(value.strip())  # exact, as if its digits were written out
+    elif isinstance(value, float) and math.isfinite(value) and not value.is_integer():
         number = decimal.Decimal(value)
     else:
-        return value  # pydantic speaks for the rest
+        return value  # pydantic speaks for the rest (2.0 is 2; a float past 64 bits is refused)
     if number != number.to_integral_value():
         shown = f"{value.strip()} (= {number.normalize():f})" if isinstance(value, str) else f"{value:g}"
         raise ValueError(f"must be a whole number, got {shown}")
