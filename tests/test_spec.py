@@ -137,6 +137,26 @@ def test_an_unknown_key_names_the_nearest_known_one():
         parse_spec(TINY_SPEC + "sweep: {min_batch_size: 64, max_batch_size: 8}\n", "s.yaml")
 
 
+def test_a_batch_size_list_that_crosses_a_bound_given_beside_it_is_refused(write_spec):
+    """An outside sweep with sweep.batch_sizes [24, 48] and max_batch_size 32 swept and recommended 48 without a
+    word: the bounds pick only the default powers of two. Bounds the list keeps within stand: a spec file's under
+    a command line's list, and a run folder's spec (every default written out: min_batch_size 8) resumed with
+    sizes below 8."""
+    assert _issues(TINY_SPEC + "sweep: {max_batch_size: 32}\n", ["sweep.batch_sizes=[24, 48]"]) == {
+        "sweep.max_batch_size": (7, "sweep.batch_sizes lists 48, above sweep.max_batch_size 32: the bounds pick only "
+                                    "the default powers of two, and a list is swept as given; drop 48 from the list, "
+                                    "or raise or leave out sweep.max_batch_size")}
+    assert _issues(TINY_SPEC + "sweep: {min_batch_size: 16, batch_sizes: [4, 6, 16]}\n") == {
+        "sweep.min_batch_size": (7, "sweep.batch_sizes lists 4, 6, below sweep.min_batch_size 16: the bounds pick "
+                                    "only the default powers of two, and a list is swept as given; drop 4, 6 from "
+                                    "the list, or lower or leave out sweep.min_batch_size")}
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {min_batch_size: 16, max_batch_size: 512}\n"),
+                     ["sweep.batch_sizes=[32, 64]"])
+    assert (spec.sweep.batch_sizes, spec.sweep.min_batch_size, spec.sweep.max_batch_size) == ([32, 64], 16, 512)
+    resumed = TINY_SPEC + "sweep: {min_batch_size: 8, max_batch_size: null, batch_sizes: [2, 4]}\n"
+    assert load_spec(write_spec(resumed)).sweep.batch_sizes == [2, 4]
+
+
 def test_a_spec_without_a_name_is_named_by_its_file(write_spec):
     spec = load_spec(write_spec(TINY_SPEC.replace("name: tiny\n", ""), name="my-run.yaml"))
     assert spec.name == "my-run"

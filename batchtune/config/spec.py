@@ -473,6 +473,26 @@ class SweepSpec(_Strict):
             raise ValueError("an empty list: give the sizes to sweep, or leave it out for powers of two")
         return value
 
+    @field_validator("min_batch_size", "max_batch_size")
+    @classmethod
+    def _bounds_the_list(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A bound that a given ``batch_sizes`` list crosses is refused: the bounds pick only the default powers of
+        two, and an outside sweep ran and recommended batch 48 above its max_batch_size 32 without a word. A bound
+        the list keeps within stands (a spec file's bounds under a command line's list of sizes); the default
+        (min 8, written into every run folder's spec) bounds nothing a list gives."""
+        sizes = info.data.get("batch_sizes")
+        if not sizes or value is None or value == cls.model_fields[info.field_name].default:
+            return value
+        low = info.field_name == "min_batch_size"
+        beyond = sorted({b for b in sizes if (b < value if low else b > value)})
+        if beyond:
+            listed = ", ".join(map(str, beyond))
+            raise ValueError(f"sweep.batch_sizes lists {listed}, {'below' if low else 'above'} sweep.{info.field_name} "
+                             f"{value}: the bounds pick only the default powers of two, and a list is swept as given; "
+                             f"drop {listed} from the list, or {'lower' if low else 'raise'} or leave out "
+                             f"sweep.{info.field_name}")
+        return value
+
     @field_validator("target_loss")
     @classmethod
     def _targets(cls, value: float | list[float] | None) -> float | list[float] | None:
