@@ -8,7 +8,11 @@ one of these.
 
 from __future__ import annotations
 
-__all__ = ["TrainingError", "UsageError", "error_line"]
+__all__ = ["SAMPLE_NOTE", "LoadError", "TrainingError", "UsageError", "error_line", "noted_sample"]
+
+#: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
+#: worker passes the exception on as its traceback's text, and the note comes with it.
+SAMPLE_NOTE = "batchtune: raised fetching sample "
 
 
 class UsageError(ValueError):
@@ -19,11 +23,28 @@ class TrainingError(RuntimeError):
     """The user's model, data or loss raised during a training step (anything but an OOM)."""
 
 
+class LoadError(TrainingError):
+    """Loading a batch from the user's data set (its ``__getitem__`` or the collate) raised: the data's to fix,
+    not the model's or the loss's. ``context`` ("while loading a training batch (data.target pkg:fn, sample 7)")
+    follows the cause's own line where a caller words the error itself (check's table)."""
+
+    def __init__(self, message: str, context: str = "") -> None:
+        super().__init__(message)
+        self.context = context
+
+
+def noted_sample(exc: BaseException) -> int | None:
+    """The index of the sample whose fetch raised ``exc``, from its :data:`SAMPLE_NOTE` (None: not noted)."""
+    lines = [*getattr(exc, "__notes__", ()), *str(exc).splitlines()]  # a worker's: in its text
+    found = [line.strip()[len(SAMPLE_NOTE):] for line in lines if line.strip().startswith(SAMPLE_NOTE)]
+    return int(found[-1]) if found and found[-1].isdigit() else None
+
+
 def error_line(exc: BaseException) -> str:
     """``'RuntimeError: first line of the message'`` (at most 300 characters). An error a DataLoader worker
     re-raised ("Caught IndexError in DataLoader worker process 0.", the worker's traceback below it) is its
     cause's last line: the first alone lost what went wrong."""
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = [line for line in str(exc).strip().splitlines() if line.strip() and not line.startswith(SAMPLE_NOTE)]
     first = text[0].rstrip(".") if text else ""
     if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
         return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]

@@ -419,8 +419,11 @@ def run_sweep(task: str, summary: dict[str, Any], folder: Path, *, samples: int 
     """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets."""
     t = TASKS[task]
     targets = "[" + ", ".join(f"{x['target_loss']:g}" for x in summary["targets"]) + "]"
+    sizes = sorted(map(int, summary["grid"]))
+    # the grid's own bounds: a list crossing the config's (8 below the quickstart's min_batch_size 32) is refused
     command = [sys.executable, "-m", "batchtune", "sweep", str(ROOT / t["config"]), *t["overrides"],
-               f"sweep.batch_sizes=[{', '.join(sorted(summary['grid'], key=int))}]",
+               f"sweep.batch_sizes=[{', '.join(map(str, sizes))}]", f"sweep.min_batch_size={sizes[0]}",
+               f"sweep.max_batch_size={sizes[-1]}",
                f"sweep.samples={samples or summary['budget_samples']}",
                f"sweep.target_loss={targets}", *(overrides or []), "--format", "json", "--out", str(folder)]
     log.info("running %s", " ".join(command))

@@ -512,3 +512,26 @@ def sequence_data(n_train: int = 256, n_val: int = 64, length: int = 20, in_feat
     x = torch.randn(n_train + n_val, length, in_features, generator=g)
     y = torch.randint(0, num_classes, (n_train + n_val,), generator=g)
     return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+class _MissingSample(Dataset):
+    """A shard that lost one sample: its ``__getitem__`` raises KeyError at that index alone."""
+
+    def __init__(self, base: Dataset, missing: int) -> None:
+        self.base, self.missing = base, missing
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        if index == self.missing:
+            raise KeyError(f"sample {index} missing from shard")
+        return self.base[index]
+
+
+def missing_sample_data(missing: int = 40, split: str = "train"):
+    """:func:`tiny_data` with one sample of the training (or, ``split: val``, the validation) set missing."""
+    train, val = tiny_data()
+    if split == "val":
+        return train, _MissingSample(val, missing)
+    return _MissingSample(train, missing), val

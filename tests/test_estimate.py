@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from batchtune.memory.estimate import (
 )
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 # config, precision, batch sizes: the measured peak of a probe trial (2 steps on the CPU
 # simulation) against one traced step. The acceptance bound is 3%; these land on the byte.
@@ -251,6 +253,41 @@ def test_an_untraceable_model_falls_back_to_measuring_on_its_own_device(write_sp
     data = json.loads(result.stdout)
     assert data["strategy"] == "model-guided" and data["totals"]["steps"] > 0 and data["ceiling"] > 0
     assert "measured with training steps instead" in data["notes"][0] and ".item()" in data["notes"][0]
+
+
+class _Encoder(nn.Module):
+    """A torch ``nn.TransformerEncoder``, which deep-copies its layer once per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x).unsqueeze(1)).squeeze(1))
+
+
+def encoder() -> nn.Module:
+    return _Encoder()
+
+
+def test_an_estimate_keeps_torchs_fake_tensor_data_pointer_warning_from_the_user(write_spec, tmp_path):
+    """Every outside --estimate on an nn.TransformerEncoder printed torch's 'Accessing the data pointer of
+    FakeTensor is deprecated ... This is almost definitely a bug in your code', -q or not: its deep copy of
+    the layer under batchtune's own fake tensors. In a process of its own: torch warns once a process."""
+    import os
+    import subprocess
+    import sys
+
+    spec = write_spec(UNTRACEABLE % "encoder")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "batchtune", "probe", str(spec), "--estimate", "-q",
+                           "device.memory_limit=8MiB"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ceiling" in done.stdout and done.stderr == ""
 
 
 # ---------------------------------------------------------------------------- larger than the machine

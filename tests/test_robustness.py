@@ -873,6 +873,39 @@ def test_a_loss_that_raises_is_named_at_the_loss_not_the_model(write_spec):
     assert ": model:" not in line
 
 
+@pytest.mark.parametrize("split, which", [("train", "training"), ("val", "validation")])
+def test_a_data_set_that_raises_for_one_sample_is_named_with_the_sample_not_the_model(write_spec, tmp_path, split,
+                                                                                       which):
+    """An outside sweep's data set raised KeyError for index 777 and was told 'a training step at micro-batch 32 × 1
+    raised KeyError ... Check that the model accepts the data's samples and the loss its outputs'."""
+    line = _one_line_error(_cli("sweep", write_spec(), "--out", tmp_path / "run", "-q", "sweep.batch_sizes=[32]",
+                                "sweep.seeds=1", "sweep.lr_search=false", "sweep.samples=512",
+                                "data.target=tests.fixtures:missing_sample_data", f"data.kwargs.split={split}"))
+    assert line == (f"error: loading a {which} batch raised KeyError: 'sample 40 missing from shard' (data.target "
+                    "tests.fixtures:missing_sample_data, sample 40); BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def test_a_sample_that_raises_in_a_dataloader_worker_is_named_and_checks_table_says_loading(write_spec):
+    """A worker passes the exception on as text: the sample's index comes with it; check's table says the batch's
+    loading raised, not the training run."""
+    from batchtune.commands.check import _crash
+    from batchtune.engine.data import batches, load_next
+    from batchtune.errors import LoadError
+    from tests.fixtures import missing_sample_data
+
+    train, _ = missing_sample_data(missing=3)
+    stream = batches(train, 8, seed=0, num_workers=1)
+    with pytest.raises(LoadError) as caught:
+        for _ in range(len(train) // 8 + 1):  # one epoch meets sample 3
+            load_next(stream, "training", "data.target pkg:shard", "data.collate pkg:pad")
+    assert str(caught.value) == ("loading a training batch raised KeyError: 'sample 3 missing from shard' (in "
+                                 "DataLoader worker: Caught KeyError in DataLoader worker process 0) (data.target "
+                                 "pkg:shard, sample 3); BATCHTUNE_DEBUG=1 shows the traceback")
+    assert _crash("trains", "trains.crashed", caught.value).figures["error"] == (
+        "KeyError: 'sample 3 missing from shard' (in DataLoader worker: Caught KeyError in DataLoader worker process "
+        "0) while loading a training batch (data.target pkg:shard, sample 3)")
+
+
 def test_a_data_factory_or_a_len_that_blocks_stops_at_the_trial_timeout(write_spec):
     """Only reads were bounded: a data set whose __len__ blocked, a data factory or a model factory that blocked, hung
     probe, sweep, serve and plan."""

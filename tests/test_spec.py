@@ -137,6 +137,26 @@ def test_an_unknown_key_names_the_nearest_known_one():
         parse_spec(TINY_SPEC + "sweep: {min_batch_size: 64, max_batch_size: 8}\n", "s.yaml")
 
 
+def test_a_batch_size_list_that_crosses_a_bound_given_beside_it_is_refused(write_spec):
+    """An outside sweep with sweep.batch_sizes [24, 48] and max_batch_size 32 swept and recommended 48 without a
+    word: the bounds pick only the default powers of two. Bounds the list keeps within stand: a spec file's under
+    a command line's list, and a run folder's spec (every default written out: min_batch_size 8) resumed with
+    sizes below 8."""
+    assert _issues(TINY_SPEC + "sweep: {max_batch_size: 32}\n", ["sweep.batch_sizes=[24, 48]"]) == {
+        "sweep.max_batch_size": (7, "sweep.batch_sizes lists 48, above sweep.max_batch_size 32: the bounds pick only "
+                                    "the default powers of two, and a list is swept as given; drop 48 from the list, "
+                                    "or raise or leave out sweep.max_batch_size")}
+    assert _issues(TINY_SPEC + "sweep: {min_batch_size: 16, batch_sizes: [4, 6, 16]}\n") == {
+        "sweep.min_batch_size": (7, "sweep.batch_sizes lists 4, 6, below sweep.min_batch_size 16: the bounds pick "
+                                    "only the default powers of two, and a list is swept as given; drop 4, 6 from "
+                                    "the list, or lower or leave out sweep.min_batch_size")}
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {min_batch_size: 16, max_batch_size: 512}\n"),
+                     ["sweep.batch_sizes=[32, 64]"])
+    assert (spec.sweep.batch_sizes, spec.sweep.min_batch_size, spec.sweep.max_batch_size) == ([32, 64], 16, 512)
+    resumed = TINY_SPEC + "sweep: {min_batch_size: 8, max_batch_size: null, batch_sizes: [2, 4]}\n"
+    assert load_spec(write_spec(resumed)).sweep.batch_sizes == [2, 4]
+
+
 def test_a_spec_without_a_name_is_named_by_its_file(write_spec):
     spec = load_spec(write_spec(TINY_SPEC.replace("name: tiny\n", ""), name="my-run.yaml"))
     assert spec.name == "my-run"
@@ -210,6 +230,31 @@ def test_a_yaml_boolean_in_the_file_names_its_line_and_booleans_and_number_strin
     assert (spec.optimizer.lr, spec.sweep.target_loss, spec.sweep.batch_sizes) == (0.02, 0.1, [16, 32])
     assert (spec.sweep.accumulation, spec.sweep.lr_refine, spec.probe.from_estimate) == (False, True, True)
     assert spec.optimizer.options == {"nesterov": True}  # an optimizer's own kwargs take booleans
+
+
+def test_a_whole_number_in_exponent_form_is_taken_where_an_integer_is(write_spec):
+    """PyYAML reads 2e4 and 1.6e4 as strings (YAML 1.1 floats want a dot and a signed exponent): an outside
+    'sweep.samples: 2e4' was refused as 'unable to parse string as an integer (got '2e4')'."""
+    spec = load_spec(write_spec(TINY_SPEC + "sweep: {samples: 1.6e4, batch_sizes: [1.6e1, 3.2E+1, 64]}\n"),
+                     ["sweep.min_steps=2.5e1", "base_batch_size=2.0", "train.batch_size=1e2", "data.length_key=2e1"])
+    assert (spec.sweep.samples, spec.sweep.batch_sizes, spec.sweep.min_steps) == (16000, [16, 32, 64], 25)
+    assert (spec.base_batch_size, spec.train.batch_size) == (2, 100)
+    assert type(spec.sweep.samples) is int and spec.data.length_key == "2e1"  # a key may be any string
+    assert load_spec(write_spec(), ["sweep.samples=2e4"]).sweep.samples == 20000
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("sweep.samples=1.5", "sweep.samples: must be a whole number, got 1.5"),
+    ("sweep.min_steps=2.5e0", "sweep.min_steps: must be a whole number, got 2.5e0 (= 2.5)"),
+    ("sweep.batch_sizes=[16, 2.25e1]", "sweep.batch_sizes: item 1 must be a whole number, got 2.25e1 (= 22.5)"),
+    # a float YAML reads as one (a dot, a signed exponent) past 64 bits stays pydantic's to refuse
+    ("sweep.seeds=1.0e+20", "sweep.seeds: Unable to parse input string as an integer, exceeded maximum size (got "
+                            "1e+20)"),
+])
+def test_a_number_with_a_fraction_is_refused_where_an_integer_is(write_spec, override, problem):
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
 
 
 @pytest.mark.parametrize("text,problem", [

@@ -1089,7 +1089,7 @@ def test_a_list_of_sizes_gets_a_budget_every_size_divides_where_one_is_near(writ
 
     def budget(sizes, samples, given=True):
         spec = load_spec(write_spec(SWEEP_SPEC), [f"sweep.samples={samples}", "sweep.min_steps=1"] +
-                         ([f"sweep.batch_sizes={sizes}"] if given else []))
+                         ([f"sweep.batch_sizes={sizes}", "sweep.max_batch_size=null"] if given else []))
         notes = []
         return _sample_budget(spec, [BatchShape(b) for b in sizes], 1024, notes), notes
 

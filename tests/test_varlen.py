@@ -269,6 +269,89 @@ def test_tokens_per_sample_is_the_mean_length_for_variable_length_data(write_spe
     assert components.tokens_per_sample() == round(sum(_Dicts().lengths_) / 64)
 
 
+class _Frames(Dataset):
+    """Precomputed features, a (T, 24) tensor a sample with T from 2 to 12: every sample's widest dimension is
+    the feature one, as in an outside data set of (T, 96) embeddings read as 96 tokens each."""
+
+    def __init__(self, n: int = 44, channels_first: bool = False) -> None:
+        self.lengths_ = [2 + (5 * i) % 11 for i in range(n)]
+        self.channels_first = channels_first
+
+    def __len__(self) -> int:
+        return len(self.lengths_)
+
+    def __getitem__(self, i: int) -> dict:
+        feats = torch.ones(self.lengths_[i], 24)
+        return {"feats": feats.T if self.channels_first else feats, "y": torch.zeros(1)}
+
+
+def frame_data(channels_first: bool = False):
+    return _Frames(channels_first=channels_first), _Frames(8, channels_first=channels_first)
+
+
+def pad_frames(samples: list[dict]) -> dict:
+    width = max(s["feats"].shape[0] for s in samples)
+    feats = torch.zeros(len(samples), width, 24)
+    for row, s in enumerate(samples):
+        feats[row, :len(s["feats"])] = s["feats"]
+    return {"feats": feats, "y": torch.stack([s["y"] for s in samples])}
+
+
+def frame_model() -> torch.nn.Module:
+    return _FrameModel()
+
+
+class _FrameModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(24, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats.mean(1))
+
+
+FRAMES = """\
+name: frames
+model: {target: "tests.test_varlen:frame_model"}
+data:
+  target: "tests.test_varlen:frame_data"
+  collate: {target: "tests.test_varlen:pad_frames"}
+  length_key: feats
+loss: mse
+optimizer: {name: adam, lr: 0.01}
+base_batch_size: 8
+device: {type: cpu, memory_limit: 1MiB}
+"""
+
+
+@pytest.mark.parametrize("key", ["length_key: feats", ""])
+def test_a_feature_dimension_wider_than_the_sequence_is_not_its_length(write_spec, key):
+    """(T, 24) samples, T from 2 to 12, were all read as 24 long, with or without a length_key: padding 0%, and a
+    token budget (safe size × 24) that admits twice the longest samples' batch."""
+    from batchtune.commands.varlen import token_budget
+
+    spec = load_spec(write_spec(FRAMES.replace("length_key: feats", key)))
+    components = build_components(spec)
+    assert components.lengths() == _Frames().lengths_
+    budget = token_budget(spec, components, None, 20, 16)
+    assert (budget.longest, budget.median_length, budget.max_tokens) == (12, 7, 16 * 12)
+    assert 0.3 < budget.fixed.padding_waste < 0.5  # random batches of 16 padded to 12 or so; read as 24: 0.0%
+
+
+def test_a_length_key_field_stored_channels_first_is_warned_of(write_spec):
+    """A (24, T) field's first dimension is 24 in every sample: its length read as len() is no length at all."""
+    from tests.conftest import logged
+
+    data = 'data:\n  target: "tests.test_varlen:frame_data"\n  kwargs: {channels_first: true}\n  length_key: feats\n'
+    spec = load_spec(write_spec(FRAMES.replace(FRAMES[FRAMES.index("data:"):FRAMES.index("loss:")], data)))
+    components = build_components(spec)
+    with logged("batchtune") as said:
+        assert components.lengths() == [24] * 44
+    assert said == ["data.length_key 'feats': its first dimension, the length batchtune reads, is 24 in all 44 "
+                    "samples, while dimension 1 varies from 2 to 12: store the field length-first ((T, features)), "
+                    "or give a data set a 'lengths' attribute"]
+
+
 def test_builtin_text_lines_and_pad_tokens_refuse_bad_input():
     with pytest.raises(ValueError, match="min_len must be at most max_len"):
         text_lines(min_len=300, max_len=256)

@@ -368,13 +368,14 @@ def _skip(name: str, code: str, **figures: Any) -> CheckResult:
 
 def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     """A failed check for user code that raised: the user's own exception, not the trainer's wrapper."""
-    from batchtune.errors import error_line
-    from batchtune.errors import TrainingError
+    from batchtune.errors import LoadError, TrainingError, error_line
 
     cause = exc.__cause__ if isinstance(exc, TrainingError) and exc.__cause__ is not None else exc
     # batchtune's own TrainingError says what happened already; its class name would only be noise
     error = (str(cause).strip().splitlines() or [""])[0][:300] if isinstance(cause, TrainingError) \
         else error_line(cause)
+    if isinstance(exc, LoadError) and exc.context:  # the data's failure, not the step's: say where
+        error = f"{error} {exc.context}"
     return CheckResult(name, "fail", code, {"error": error, "traceback": traceback.format_exc()})
 
 

@@ -17,7 +17,7 @@
 3. **Dynamic batching at a rate** (``rate``): the measured curve goes into the batcher
    simulation of :mod:`batchtune.stats.batching`.
 4. **Request lengths**: samples' lengths (``data.length_key`` when the spec has one, else
-   each sample's largest tensor dimension) and, when they vary, latency by length bucket.
+   each sample's largest dimension that varies across samples) and, when they vary, latency by length bucket.
 
 :func:`run_serve_check` (``check --serve``) runs one serving batch: does it fit forward only,
 and does it meet the budget. Nothing here prints; :mod:`batchtune.render.serve` words the result.
@@ -415,12 +415,12 @@ def _frontier(choice: Any) -> list[dict[str, float]]:
 
 def _lengths(components: Any, limit: int = 4096) -> tuple[list[int], str]:
     """Samples' lengths and where they come from: the components' own reading for variable-length
-    data (``data.length_key``, else the largest dimension), else the first ``limit`` samples' largest
+    data (``data.length_key``, else the largest varying dimension), else the first ``limit`` samples' largest
     tensor dimension."""
     if getattr(components, "variable_length", False):
         key = components.length_key
         return list(components.lengths()), (f"data.length_key {key!r}" if key is not None
-                                             else "each sample's largest tensor dimension")
+                                             else "each sample's largest dimension that varies across samples")
     from batchtune.engine.data import tensors
 
     dataset = components.train_set

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 import re
@@ -31,8 +32,10 @@ from torch.utils.data import Dataset, default_collate
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, locate
 from batchtune.errors import error_line
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
-           "sample_length", "sparse_gradient_layers", "to_device"]
+           "sample_length", "sparse_gradient_layers", "to_device", "varying_lengths"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -438,29 +441,84 @@ def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets
     return loss
 
 
-def _extent(value: Any) -> int:
-    """A field's length: a tensor's or array's largest dimension, a sequence's len(), 1 for a scalar."""
+def _dims(value: Any) -> tuple[int, ...]:
+    """A field's dimensions: a tensor's or array's shape, a sequence's (len(),), none for a scalar."""
     shape = getattr(value, "shape", None)
     if shape is not None:
-        return max((int(d) for d in shape), default=1)
+        return tuple(int(d) for d in shape)
     if isinstance(value, (list, tuple, str, bytes)):
-        return len(value)
-    return 1
+        return (len(value),)
+    return ()
+
+
+def _field_dims(sample: Any) -> dict[Any, tuple[int, ...]]:
+    """Each field's dimensions, by dict key or tuple index (a bare tensor is one field)."""
+    if isinstance(sample, dict):
+        return {key: _dims(value) for key, value in sample.items()}
+    if isinstance(sample, (tuple, list)):
+        return {index: _dims(value) for index, value in enumerate(sample)}
+    return {None: _dims(sample)}
 
 
 def sample_length(sample: Any, length_key: str | int | None = None) -> int:
-    """A sample's length: its ``length_key`` field's, else its largest tensor dimension (or list length).
+    """A sample's length: its ``length_key`` field's first dimension (len()), else its largest tensor dimension
+    (or list length). Read alone, a sample cannot tell a varying dimension from a constant one;
+    :func:`varying_lengths` reads a whole data set's.
 
     Raises:
         ValueError: the sample has no field ``length_key``.
     """
-    if length_key is not None:
-        try:
-            return _extent(sample[length_key])
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"a sample has no field {length_key!r} (it holds {_fields(sample)})") from None
-    values = sample.values() if isinstance(sample, dict) else sample if isinstance(sample, (tuple, list)) else [sample]
-    return max((_extent(v) for v in values), default=1)
+    if length_key is not None:  # the first dimension: a (T, 96) feature field is T long, not 96
+        return next(iter(_keyed_dims(sample, length_key)), 1)
+    return max((max(dims, default=1) for dims in _field_dims(sample).values()), default=1)
+
+
+def _keyed_dims(sample: Any, length_key: str | int) -> tuple[int, ...]:
+    """The dimensions of the field ``length_key`` names.
+
+    Raises:
+        ValueError: the sample has no such field.
+    """
+    try:
+        return _dims(sample[length_key])
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"a sample has no field {length_key!r} (it holds {_fields(sample)})") from None
+
+
+def keyed_lengths(dims: list[tuple[int, ...]], length_key: str | int) -> list[int]:
+    """Samples' lengths from the dimensions of their ``length_key`` field: its first, as len() reads it.
+    Warns where that dimension is the same in every sample while a later one varies: a channels-first field
+    ((80, T) filterbanks) reads as 80 long throughout, and the worst case and token budget with it."""
+    lengths = [d[0] if d else 1 for d in dims]
+    later = {axis: {d[axis] for d in dims if len(d) > axis} for axis in range(1, max(map(len, dims), default=0))}
+    moving = [axis for axis, sizes in later.items() if len(sizes) > 1]
+    if len(set(lengths)) == 1 and moving:
+        sizes = later[moving[0]]
+        log.warning(f"data.length_key {length_key!r}: its first dimension, the length batchtune reads, is "
+                    f"{lengths[0]:,} in all {len(lengths):,} samples, while dimension {moving[0]} varies from "
+                    f"{min(sizes):,} to {max(sizes):,}: store the field length-first ((T, features)), or give a "
+                    f"data set a 'lengths' attribute")
+    return lengths
+
+
+def varying_lengths(profiles: list[dict[Any, tuple[int, ...]]]) -> list[int]:
+    """Samples' lengths from their fields' dimensions (:func:`_field_dims`), without a ``length_key``: each
+    sample's largest dimension among those that vary across the samples. A dimension every sample shares
+    (96 features a step, a label's 1) is no length: taking the largest dimension outright read an outside
+    data set's (T, 96) samples, T from 4 to 64, as 96 tokens each (padding 0%, a token budget that ran out of
+    memory). Where no dimension varies, the samples are as long as their largest dimension."""
+    seen: dict[tuple[Any, int], set[int]] = {}
+    for profile in profiles:
+        for key, dims in profile.items():
+            for axis, size in enumerate(dims):
+                seen.setdefault((key, axis), set()).add(size)
+    varying = {place for place, sizes in seen.items() if len(sizes) > 1}
+
+    def length(profile: dict[Any, tuple[int, ...]]) -> int:
+        sizes = [size for key, dims in profile.items() for axis, size in enumerate(dims) if (key, axis) in varying]
+        return max(sizes or [d for dims in profile.values() for d in dims] or [1])
+
+    return [length(profile) for profile in profiles]
 
 
 def _fields(sample: Any) -> str:
@@ -516,16 +574,19 @@ class Components:
             else:
                 key = "data.length_key" if self.length_key is not None else "data"
 
-                def read(index: int) -> int:
+                def read(index: int) -> Any:
                     if watch is not None:
                         watch.renew()  # a deadline on each sample: the whole pass may take long
-                    return sample_length(dataset[index], self.length_key)
+                    sample = dataset[index]
+                    return _field_dims(sample) if self.length_key is None else _keyed_dims(sample, self.length_key)
 
                 from batchtune.engine.watchdog import bounded
 
                 with bounded(self.spec.trial_timeout, "reading a sample's length") as watch:
-                    self._lengths[id(dataset)] = [_build(self.spec, key, "reading a sample's length", read, i)
-                                                  for i in range(len(dataset))]
+                    read_all = [_build(self.spec, key, "reading a sample's length", read, i)
+                                for i in range(len(dataset))]
+                self._lengths[id(dataset)] = (varying_lengths(read_all) if self.length_key is None
+                                              else keyed_lengths(read_all, self.length_key))
         return self._lengths[id(dataset)]
 
     def pads(self) -> bool:

@@ -6,6 +6,7 @@ This module does not import torch, so ``batchtune validate`` and ``--help`` stay
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import math
 import re
@@ -171,19 +172,58 @@ def _boolean_as_number(value: Any, members: list[Any]) -> str | None:
     return None
 
 
+#: A number in exponent form (2e4, 1.6e4, 2.5E+1), which PyYAML reads as a string: YAML 1.1 wants a dot and a signed
+#: exponent for a float.
+_EXPONENT_RE = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _whole_numbers(value: Any, members: list[Any]) -> Any:
+    """``value`` with a number in exponent form read as the integer it spells, for a field that takes integers
+    (and no floats nor strings); an item of a list likewise. ``sweep.samples: 2e4`` was refused as "unable to
+    parse string as an integer (got '2e4')", though ``--samples 2e5`` is taken.
+
+    Raises:
+        ValueError: the number has a fraction (1.5, 2.5e0).
+    """
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        item_members = [member for item in items for member in _members(item)]
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(_whole_numbers(item, item_members))
+            except ValueError as exc:
+                raise ValueError(f"item {i} {exc}") from None
+        return out
+    if int not in members or float in members or str in members:
+        return value
+    if isinstance(value, str) and _EXPONENT_RE.fullmatch(value.strip()):
+        number = decimal.Decimal(value.strip())  # exact, as if its digits were written out
+    elif isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+        number = decimal.Decimal(value)
+    else:
+        return value  # pydantic speaks for the rest (2.0 is 2; a float past 64 bits is refused)
+    if number != number.to_integral_value():
+        shown = f"{value.strip()} (= {number.normalize():f})" if isinstance(value, str) else f"{value:g}"
+        raise ValueError(f"must be a whole number, got {shown}")
+    return int(number)
+
+
 class _Checked(BaseModel):
-    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant."""
+    """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant, and a
+    whole number in exponent form (2e4) taken where an integer is."""
 
     # the only float fields that could mean "no limit" (the time limits) take null for it
     model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        why = _boolean_as_number(value, _members(cls.model_fields[info.field_name].annotation))
+    def _numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        members = _members(cls.model_fields[info.field_name].annotation)
+        why = _boolean_as_number(value, members)
         if why is not None:
             raise ValueError(why)
-        return value
+        return _whole_numbers(value, members)
 
 
 class _Strict(_Checked):
@@ -237,7 +277,8 @@ class DataSpec(Component):
     num_workers: NonNegativeInt = 0
     # variable-length data: the probe and check's fits verdict run the longest samples, as collated
     collate: CollateSpec | None = None
-    # the field (dict key or tuple index) whose length is a sample's; default its largest tensor dimension
+    # the field (dict key or tuple index) whose first dimension (len()) is a sample's length; default: a sample's
+    # largest dimension among those that vary across the samples
     length_key: str | NonNegativeInt | None = None
 
 
@@ -430,6 +471,26 @@ class SweepSpec(_Strict):
     def _sizes(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and not value:  # read as not given: the powers of two ran, silently
             raise ValueError("an empty list: give the sizes to sweep, or leave it out for powers of two")
+        return value
+
+    @field_validator("min_batch_size", "max_batch_size")
+    @classmethod
+    def _bounds_the_list(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A bound that a given ``batch_sizes`` list crosses is refused: the bounds pick only the default powers of
+        two, and an outside sweep ran and recommended batch 48 above its max_batch_size 32 without a word. A bound
+        the list keeps within stands (a spec file's bounds under a command line's list of sizes); the default
+        (min 8, written into every run folder's spec) bounds nothing a list gives."""
+        sizes = info.data.get("batch_sizes")
+        if not sizes or value is None or value == cls.model_fields[info.field_name].default:
+            return value
+        low = info.field_name == "min_batch_size"
+        beyond = sorted({b for b in sizes if (b < value if low else b > value)})
+        if beyond:
+            listed = ", ".join(map(str, beyond))
+            raise ValueError(f"sweep.batch_sizes lists {listed}, {'below' if low else 'above'} sweep.{info.field_name} "
+                             f"{value}: the bounds pick only the default powers of two, and a list is swept as given; "
+                             f"drop {listed} from the list, or {'lower' if low else 'raise'} or leave out "
+                             f"sweep.{info.field_name}")
         return value
 
     @field_validator("target_loss")

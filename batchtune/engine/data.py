@@ -23,9 +23,9 @@ from batchtune.engine.distributed import DistContext
 from batchtune.engine.shape import BatchShape
 from batchtune.memory.device import DeviceBackend
 
-__all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "halves", "loader_kind",
-           "nonfinite_samples", "padding_waste", "random_batches", "sample_bytes", "tensors", "token_batches",
-           "unsplittable", "within_limits", "worst_case"]
+__all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "data_source", "halves",
+           "load_next", "loader_kind", "noted", "nonfinite_samples", "padding_waste", "random_batches", "sample_bytes",
+           "tensors", "token_batches", "unsplittable", "within_limits", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
@@ -49,7 +49,7 @@ class LongestFirst(Dataset):
         return len(self.order)
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.order[index]]
+        return _fetch(self.dataset, self.order[index])
 
 
 class PlannedBatches(Dataset):
@@ -66,7 +66,42 @@ class PlannedBatches(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
+        return _fetch(self.dataset, index)
+
+
+class _Noted(Dataset):
+    """The user's data set, each fetch that raises noted with its sample's index (:func:`_fetch`)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return _fetch(self.dataset, index)
+
+
+def noted(dataset: Dataset) -> Dataset:
+    """``dataset`` with its failed fetches noted by index, for a DataLoader; as it is where it fetches a batch at
+    once (``__getitems__``: no one sample to name) or notes its own already."""
+    if isinstance(dataset, (_Noted, LongestFirst, PlannedBatches)) or hasattr(dataset, "__getitems__"):
+        return dataset
+    return _Noted(dataset)
+
+
+def _fetch(dataset: Dataset, index: int) -> Any:
+    """``dataset[index]``; what it raises carries the index (:data:`~batchtune.errors.SAMPLE_NOTE`), so that a
+    failure reads as the data's, at that sample: an outside data set's KeyError for one index was blamed on the
+    model and the loss."""
+    from batchtune.errors import SAMPLE_NOTE
+
+    try:
+        return dataset[index]
+    except Exception as exc:
+        if not any(note.startswith(SAMPLE_NOTE) for note in getattr(exc, "__notes__", ())):
+            exc.add_note(f"{SAMPLE_NOTE}{index}")
+        raise
 
 
 def worst_case(components: Any) -> Any:
@@ -227,6 +262,7 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 
         return
     loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0,
                       "collate_fn": collate_fn}
+    dataset = noted(dataset)
     seed, shard = _sharding(len(dataset), batch_size, seed, dist)
     if shard is not None:
         from torch.utils.data.distributed import DistributedSampler
@@ -337,25 +373,25 @@ class Feed:
         world_size: ranks that each take a batch of their own, for the sample count.
     """
 
-    def __init__(self, stream: Iterator[Any], backend: DeviceBackend, world_size: int = 1) -> None:
+    def __init__(self, stream: Iterator[Any], backend: DeviceBackend, world_size: int = 1,
+                 source: tuple[str, str | None] = ("data", None)) -> None:
         self._stream = stream
         self._backend = backend
         self._world_size = world_size
+        self._source = source  # what the batches come from, for an error (see load_next)
         self.data_seconds = 0.0  # since the last take()
         self.samples = 0  # over every rank, since the last take()
 
     def next(self) -> Any:
-        """The next batch, on the device."""
+        """The next batch, on the device.
+
+        Raises:
+            LoadError: loading the batch raised.
+        """
         start = time.perf_counter()
         backend = self._backend
         with backend.paused():
-            try:
-                batch = next(self._stream)
-            except MemoryError as exc:  # the host's, in the user's data set: not the device running out
-                from batchtune.errors import TrainingError, error_line
-
-                raise TrainingError(f"reading a batch from the data set ran out of host memory: "
-                                    f"{error_line(exc)}") from None  # a probe had called it 'ceiling none'
+            batch = load_next(self._stream, "training", *self._source)
         batch = to_device(batch, backend.device)
         backend.track_batch(tensors(batch))
         self.data_seconds += time.perf_counter() - start
@@ -367,6 +403,45 @@ class Feed:
         out = (self.data_seconds, self.samples)
         self.data_seconds, self.samples = 0.0, 0
         return out
+
+
+def data_source(spec: Any) -> tuple[str, str | None]:
+    """The spec keys that make the batches, for :func:`load_next`'s errors: the data set's and the collate's."""
+    def named(entry: Any, key: str) -> str:
+        return f"{key}.target {entry.target}" if entry.target is not None else f"{key}.builtin {entry.builtin}"
+
+    collate = spec.data.collate
+    return named(spec.data, "data"), named(collate, "data.collate") if collate is not None else None
+
+
+def load_next(stream: Iterator[Any], which: str, dataset: str, collate: str | None = None) -> Any:
+    """``next(stream)`` (None at its end), where a failure is the data's: loading is not the step, and what
+    the data set's ``__getitem__`` raised (a KeyError for one index) was blamed on the model and the loss.
+
+    Args:
+        stream: the batches.
+        which: ``"training"`` or ``"validation"``, for the message.
+        dataset: the data set's spec key and value (``"data.target pkg:fn"``).
+        collate: the collate's, where the spec names one.
+
+    Raises:
+        LoadError: fetching or collating raised; the message names the sample where a fetch was noted with
+            its index, else the data set and the collate.
+    """
+    from batchtune.errors import LoadError, error_line, noted_sample
+
+    try:
+        return next(stream, None)
+    except MemoryError as exc:  # the host's, in the user's data set: not the device running out
+        raise LoadError(f"reading a batch from the data set ran out of host memory: "
+                        f"{error_line(exc)}") from None  # a probe had called it 'ceiling none'
+    except torch.OutOfMemoryError:
+        raise  # pinning it on the device: a result, like any out-of-memory
+    except Exception as exc:
+        index = noted_sample(exc)
+        where = f"{dataset}, sample {index}" if index is not None else ", or ".join(filter(None, (dataset, collate)))
+        raise LoadError(f"loading a {which} batch raised {error_line(exc)} ({where}); BATCHTUNE_DEBUG=1 shows the "
+                        "traceback", f"while loading a {which} batch ({where})") from exc
 
 
 def sample_bytes(dataset: Dataset) -> int | None:

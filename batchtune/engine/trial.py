@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from batchtune.config.components import ComponentError, Components, batch_size_of, to_device
 from batchtune.config.spec import SpecError
-from batchtune.engine.data import Feed, batches, tensors
+from batchtune.engine.data import Feed, batches, data_source, load_next, noted, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
 from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
@@ -373,7 +373,7 @@ class Trainer:
         key = (n, seed)
         if key not in self._val_cache:
             order = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed))[:n]
-            self._val_cache[key] = Subset(val, sorted(order.tolist()))
+            self._val_cache[key] = Subset(noted(val), sorted(order.tolist()))
         return self._val_cache[key]
 
     @torch.no_grad()
@@ -384,10 +384,11 @@ class Trainer:
         total, count = 0.0, 0
         batches = iter(DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False,
                                   collate_fn=self.components.collate_fn))
+        source = data_source(self.components.spec)
         try:
             while True:
                 with self.backend.paused():
-                    batch = next(batches, None)
+                    batch = load_next(batches, "validation", *source)
                 if batch is None:
                     break
                 batch = to_device(batch, self.backend.device)
@@ -505,7 +506,7 @@ class Trainer:
         stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
                          num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist,
                          collate_fn=comps.collate_fn)
-        run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size),
+        run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size, data_source(comps.spec)),
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
             self._steps(run)

@@ -40,6 +40,7 @@ import os
 import resource
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -350,12 +351,21 @@ def _where(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_fake_tensors() -> Iterator[None]:
-    """FakeTensorMode logs a traceback for an op that fails (a shape mismatch): the error says it in one line."""
+    """What torch says of batchtune's own fake tensors, not the user's code, kept from the user.
+
+    FakeTensorMode logs a traceback for an op that fails (a shape mismatch): the error says it in one line.
+    A module that deep-copies a tensor (``nn.TransformerEncoder`` copies its layer) reads its data pointer,
+    and under fake tensors torch warns "Accessing the data pointer of FakeTensor is deprecated ... This is
+    almost definitely a bug in your code": every outside --estimate on a TransformerEncoder printed it, -q or
+    not, though the fake tensors are batchtune's and the copy is harmless.
+    """
     logger = logging.getLogger("torch._subclasses.fake_tensor")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor", category=UserWarning)
+            yield
     finally:
         logger.setLevel(level)
 
@@ -526,7 +536,7 @@ class StepTracer:
             from batchtune.engine.workload import TrainStep as workload
         self.spec, self.components, self.target, self.workload = spec, components, target, workload
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with self.mode:
+        with _quiet_fake_tensors(), self.mode:
             self.model = _fake_parameters(components.build_model(spec.seed), self.mode)
         if sparse := sparse_gradient_layers(self.model):
             raise EstimateError(f"cannot estimate: {', '.join(sparse[:3])}{' ...' if len(sparse) > 3 else ''} "
@@ -571,7 +581,7 @@ class StepTracer:
             carry = _TracedCarry() if self.spec.precision == "fp16" else None
             trainer = _Trainer(self.components, self.spec.precision, DistContext(), carry)
             config = TrialConfig(BatchShape(1, accum_steps, 1), lr=self.spec.optimizer.lr, steps=2)
-            with self.mode:
+            with _quiet_fake_tensors(), self.mode:
                 self._work = self.workload(trainer, self.model, config)
             if self.target.allocator == "cuda":
                 _prefer_foreach(self._work.optimizer)
