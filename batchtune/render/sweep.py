@@ -35,7 +35,8 @@ def _sweep_rows(result: Any) -> list[list[str]]:
         rows.append([
             num(rank, ".0f"), str(r["batch_size"]),
             "-" if _missing(r.get("micro_batch_size")) else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
-            num(r.get("lr"), ".3g"), "-" if _missing(r.get("reached")) else r["reached"], pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
+            num(r.get("lr"), ".3g"), "-" if _missing(r.get("reached")) else r["reached"],
+            pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
             num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
             "-" if r.get("seeds") == 1 else _interval(r.get("seconds_low"), r.get("seconds_high")),  # none from 1
             num(r.get("relative"), ".2f") + (" (tie)" if r.get("tie") is True else ""),
