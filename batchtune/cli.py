@@ -176,7 +176,7 @@ def _user_errors() -> Iterator[None]:
         # A spec or option error is the same on every rank: rank 0 says it. What a rank's own step
         # raised (TrainingError) may be its alone: each says what it saw.
         if isinstance(exc, TrainingError) or _rank0():
-            _error(_describe(exc))
+            _error(_describe(exc) + getattr(exc, "kept", ""))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if _debug() or not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
@@ -411,6 +411,11 @@ def sweep(
                     _say("interrupted before the sweep's plan was written (during the probe): nothing kept; "
                          "start it again")
                 raise typer.Exit(130) from None
+            except TrainingError as exc:  # the user's code failed in a trial: what finished is kept, and resumes
+                if (where / "meta.json").exists():  # (an outside data set's KeyError left a folder, unsaid)
+                    exc.kept = (f"; the sweep's plan and finished trials are kept in {where}: once that is fixed, "
+                                f"continue with {hint}")
+                raise
             except OSError as exc:  # a full disk, say: what finished is kept, and resumes
                 if resume is None and not (where / "meta.json").exists():  # the plan unwritten: nothing to resume
                     raise UsageError(f"{_describe(exc)}; nothing was kept (no trial had run); once that is fixed, "

@@ -881,8 +881,17 @@ def test_a_data_set_that_raises_for_one_sample_is_named_with_the_sample_not_the_
     line = _one_line_error(_cli("sweep", write_spec(), "--out", tmp_path / "run", "-q", "sweep.batch_sizes=[32]",
                                 "sweep.seeds=1", "sweep.lr_search=false", "sweep.samples=512",
                                 "data.target=tests.fixtures:missing_sample_data", f"data.kwargs.split={split}"))
+    # the folder holds the sweep's plan: fixed, the same sweep resumes (it was left unsaid)
     assert line == (f"error: loading a {which} batch raised KeyError: 'sample 40 missing from shard' (data.target "
                     "tests.fixtures:missing_sample_data, sample 40); BATCHTUNE_DEBUG=1 shows the traceback")
+    # met in a trial, after the sweep's plan was written (the probe skipped): the folder resumes once it is fixed
+    line = _one_line_error(_cli("sweep", write_spec(), "--out", tmp_path / "run2", "-q", "sweep.batch_sizes=[32]",
+                                "sweep.seeds=1", "sweep.lr_search=false", "sweep.samples=512", "sweep.ceiling=64",
+                                "data.target=tests.fixtures:missing_sample_data", f"data.kwargs.split={split}"))
+    assert line.endswith(f"; the sweep's plan and finished trials are kept in {tmp_path / 'run2'}: once that is "
+                         f"fixed, continue with batchtune sweep {write_spec()} 'sweep.batch_sizes=[32]' sweep.seeds=1 "
+                         "sweep.lr_search=false sweep.samples=512 sweep.ceiling=64 data.target=tests.fixtures:"
+                         f"missing_sample_data data.kwargs.split={split} --resume {tmp_path / 'run2'}"), line
 
 
 def test_a_sample_that_raises_in_a_dataloader_worker_is_named_and_checks_table_says_loading(write_spec):
