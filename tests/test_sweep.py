@@ -1176,6 +1176,17 @@ def test_trials_timed_on_a_busy_machine_are_named():
     # a size with calm trials too takes its rate from those (an outside table showed one calm trial's 7,023 of six)
     both = rows + [{**_timed(64, 1, 10, 0.5, 0.01), "busy": False}]
     assert busy_notes(both)[0].endswith("(device.threads); batch 64 took its samples/s from the calm trials alone")
+    # where some size has no calm trial every size takes all of its own, on one footing: an outside sweep set one
+    # calm trial's 125,877 samples/s at 128 beside 64's busy 25,093, a 5x jump that was 1.8x
+    from batchtune.commands.sweep_analysis import size_rates
+
+    mixed = [{**_timed(64, 0, 10, 0.5, 64 / 25_000), "busy": True}, {**_timed(128, 0, 10, 0.5, 128 / 125_000),
+             "busy": False}, {**_timed(128, 1, 10, 0.5, 128 / 45_000), "busy": True}]
+    assert {b: round(r) for b, (r, _) in size_rates(mixed).items()} == {64: 25_000, 128: 85_000}
+    assert busy_notes(mixed)[0].endswith("; some size had no calm trial, so every size's samples/s come from all "
+                                         "its trials, busy ones included, on one footing")
+    calm = mixed + [{**_timed(64, 1, 10, 0.5, 64 / 40_000), "busy": False}]
+    assert {b: round(r) for b, (r, _) in size_rates(calm).items()} == {64: 40_000, 128: 125_000}
     load = {"cores": 2, "threads": 2, "other_cores": 1.0, "load_1m": 1.0, "busy": True}
     assert busy_note(load).endswith("not trustworthy (device.threads: 1, or a quiet machine)")
     assert busy_note({**load, "threads": 1, "other_cores": 1.6}).endswith("(run on a quiet machine)")

@@ -742,7 +742,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         return _skip("regression", "regression.unusable", batch_size=b)
     # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy
     # trial at 8,846 samples/s pulled the mean of six to 30,867 where the rest ran at 36,000)
-    rates = timed_rates(usable)  # the rate the sweep's table shows for the size
+    rates = timed_rates(usable)  # its calm trials' where it has any: the job's speed on a machine to itself
     spread, spread_rates = _baseline_spread(usable, rates)
     peaks = [r["peak_bytes"] for r in usable if positive(r.get("peak_bytes"))]
     run = state.run

@@ -36,7 +36,7 @@ from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_c
 from batchtune.stats.noise import pooled_noise_scale
 from batchtune.stats.scaling import rule_lr, rule_name
 
-__all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "crossing", "decreasing_fit", "default_target",
+__all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit", "default_target",
            "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "overhead_notes",
            "result_from_rows",
            "seed_crossing", "short_of", "stop_targets", "targets_for"]
@@ -182,23 +182,41 @@ def _stat(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def timed_rates(rows: list[dict[str, Any]]) -> list[float]:
-    """The samples/s of the trials among ``rows`` that fit, did not diverge (a diverged trial may
-    stop after a few steps; all of them where every one did) and ran on a calm machine (all of them
-    where none did: other work only ever slows a trial)."""
+def _timed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials among ``rows`` that fit and did not diverge (a diverged trial may stop after a few steps; all of
+    them where every one did), with a rate."""
     timed = [r for r in rows if r.get("fits") and r.get("samples_per_s")]
-    timed = [r for r in timed if not r.get("diverged")] or timed
-    return [r["samples_per_s"] for r in ([r for r in timed if not r.get("busy")] or timed)]
+    return [r for r in timed if not r.get("diverged")] or timed
+
+
+def timed_rates(rows: list[dict[str, Any]], calm_only: bool = True) -> list[float]:
+    """The samples/s of :func:`_timed`'s trials among ``rows``, those that ran on a calm machine where
+    ``calm_only`` and any did (other work only ever slows a trial)."""
+    timed = _timed(rows)
+    calm = [r for r in timed if not r.get("busy")]
+    return [r["samples_per_s"] for r in (calm if calm_only and calm else timed)]
+
+
+def calm_everywhere(rows: list[dict[str, Any]]) -> bool:
+    """Whether every size with a timed trial has a calm one: only then does each size take its rate from its calm
+    trials alone. Else every size takes all of them, on one footing: an outside sweep set one calm trial's 125,877
+    samples/s at 128 beside 64's busy median 25,093, a 5x jump its own interleaved timing put at 1.8x."""
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_size.setdefault(row["batch_size"], []).append(row)
+    return all(any(not r.get("busy") for r in _timed(grp)) for grp in by_size.values() if _timed(grp))
 
 
 def size_rates(rows: list[dict[str, Any]]) -> dict[int, tuple[float, float | None]]:
     """Each size's samples/s, (median, standard deviation), over its :func:`timed_rates` at every
-    lr and seed. A size's steps are the same computation whatever the lr or seed, and one trial's
-    own timing on a shared machine swings by ±30%, more than the gaps a ranking must resolve."""
+    lr and seed (calm trials alone where every size has one: :func:`calm_everywhere`). A size's steps are the
+    same computation whatever the lr or seed, and one trial's own timing on a shared machine swings by ±30%,
+    more than the gaps a ranking must resolve."""
     by_size: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_size.setdefault(row["batch_size"], []).append(row)
-    rates = {size: timed_rates(grp) for size, grp in by_size.items()}
+    calm = calm_everywhere(rows)
+    rates = {size: timed_rates(grp, calm) for size, grp in by_size.items()}
     return {size: (statistics.median(r), statistics.stdev(r) if len(r) > 1 else None)
             for size, r in rates.items() if r}
 
@@ -846,9 +864,13 @@ def busy_notes(rows: list[dict[str, Any]], what: str = "trials",
 
 
 def _calm_only(rows: list[dict[str, Any]]) -> str:
-    """Which sizes took their samples/s from their calm trials alone (:func:`timed_rates`)."""
+    """Which sizes took their samples/s from their calm trials alone (:func:`size_rates`), or that none did because
+    some size had no calm trial."""
     sizes = sorted({r["batch_size"] for r in rows if r.get("busy")} & {r["batch_size"] for r in rows
                                                                        if r.get("busy") is False})
+    if sizes and not calm_everywhere(rows):
+        return ("; some size had no calm trial, so every size's samples/s come from all its trials, busy ones "
+                "included, on one footing")
     return (f"; batch {', '.join(map(str, sizes))} took {'its' if len(sizes) == 1 else 'their'} samples/s from "
             "the calm trials alone" if sizes else "")
 
