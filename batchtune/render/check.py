@@ -192,10 +192,11 @@ def _within_noise(f: dict[str, Any]) -> str:
                    "baseline's trials)")
     if f.get("contention"):
         why.append(f"other work on the machine could take {f['contention']:.0%} of it")
-    if f.get("baseline_spread") and f["throughput_change"] >= -(f["throughput_tolerance"] + f["baseline_spread"]):
+    spread = f.get("baseline_spread")
+    if spread and 1 + f["throughput_change"] >= (1 - spread) * (1 - f["throughput_tolerance"]):
         low, high = f["baseline_spread_rates"]
-        why.append(f"inside the baseline's own spread (its rate is its one calm trial; its {f['baseline_trials']} "
-                   f"trials at this size ran {low:,.0f}-{high:,.0f} samples/s)")
+        why.append(f"within {f['throughput_tolerance']:.0%} of the baseline's slowest trial (its rate is its one calm "
+                   f"trial; its {f['baseline_trials']} trials at this size ran {low:,.0f}-{high:,.0f} samples/s)")
     text = (f"throughput fell more than {f['throughput_tolerance']:.0%}, but {' and '.join(why) or 'noisily'}: "
             f"not failed; rerun on a quiet machine to tell: {_comparison(f)}")
     if f.get("memory_change") is not None and f["memory_change"] <= f["memory_tolerance"]:
