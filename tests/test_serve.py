@@ -465,3 +465,11 @@ def test_moderate_other_work_while_timing_is_named():
     assert "0.6 of 2 cores while timing" in notes(0.6) and "tails" in notes(0.6)
     assert "while timing" not in notes(0.1)
     assert "busy" in notes(1.6, busy=True) and "while timing" not in notes(1.6, busy=True)
+
+
+def test_serve_times_batch_one_whatever_the_trainings_minimum(write_spec):
+    """An outside CNN's spec set probe.min_batch_size 2 (BatchNorm cannot train on one sample): serve never timed
+    batch 1, which met the budget, and said no size did."""
+    spec = write_spec(SERVE_SPEC + "probe: {min_batch_size: 2}\n")
+    r = run_serve(spec, latency_budget=0.0029, percentile=50, repeats=20, buckets=False)  # 2 ms + 0.5 ms a sample
+    assert r.points[0].batch_size == 1 and r.max_batch_size == 1

@@ -174,7 +174,7 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
     source = DeviceMemorySource(trainer=_Stopping(trainer), model=model, backend=backend, dist=dist,
                                 config_for=config_for, steps_per_trial=p.steps_per_trial)
     largest, _ = _largest(components, p)
-    _, outcome = search_ceiling(source, SearchSpace(p.min_batch_size, largest, p.granularity))
+    _, outcome = search_ceiling(source, SearchSpace(serve_min(p), largest, p.granularity))
     trials = source.trials
     source.close()
     backend.cleanup()
@@ -306,6 +306,13 @@ class _Curve:
                                          self.percentile, phase)
             self.points[batch_size], self.raw[batch_size] = point, raw
         return self.points[batch_size].meets_budget
+
+
+def serve_min(p: Any) -> int:
+    """The smallest batch serve times: one granule (1 by default). probe.min_batch_size is a training bound
+    (BatchNorm cannot train on one sample): an outside CNN with min_batch_size 2 was told no size met a budget
+    that batch 1 met, never timed."""
+    return p.granularity
 
 
 def latency_curve(curve: _Curve, min_batch_size: int, ceiling: int, granularity: int, *,
@@ -562,7 +569,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
                          backend.describe(), spec.precision, rate=rate, ceiling_searched=searched)
     result.seconds["ceiling"] = time.perf_counter() - started
     if outcome.ceiling is None:
-        result.notes.append(f"not even probe.min_batch_size ({p.min_batch_size}) fits for inference")
+        result.notes.append(f"not even batch {serve_min(p)} fits for inference")
         return result
     model.eval()
     meter = LoadMeter.start()
@@ -571,7 +578,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
     curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                    getattr(components, "collate_fn", None))
     log.info("serve %s: latency up to %d ...", spec.name, outcome.ceiling)
-    result.max_batch_size = latency_curve(curve, p.min_batch_size, outcome.ceiling, p.granularity, full=full_curve)
+    result.max_batch_size = latency_curve(curve, serve_min(p), outcome.ceiling, p.granularity, full=full_curve)
     result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
     result.seconds["latency"] = time.perf_counter() - started - result.seconds["ceiling"]
     if rate is not None:
@@ -579,7 +586,7 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
             result.points, curve.raw, result.max_batch_size, rate=rate, budget_s=latency_budget,
             percentile=percentile, seed=spec.seed)
     if buckets:
-        result.lengths = length_buckets(curve, components, result.max_batch_size or p.min_batch_size)
+        result.lengths = length_buckets(curve, components, result.max_batch_size or serve_min(p))
     result.load = meter.reading(torch.get_num_threads())
     result.notes += _notes(result, p)
     result.seconds["total"] = time.perf_counter() - started
