@@ -411,10 +411,12 @@ def sweep(
                     _say("interrupted before the sweep's plan was written (during the probe): nothing kept; "
                          "start it again")
                 raise typer.Exit(130) from None
-            except TrainingError as exc:  # the user's code failed in a trial: what finished is kept, and resumes
-                if (where / "meta.json").exists():  # (an outside data set's KeyError left a folder, unsaid)
+            except (TrainingError, SpecError) as exc:  # the user's code or spec failed in a trial
+                if resume is None and _RANK == 0 and not _trials_in(where):  # nothing to resume: the same command
+                    RunFolder(where).discard()  # runs again (a factory's error left a folder it refused)
+                elif isinstance(exc, TrainingError) and (where / "meta.json").exists():  # what finished resumes
                     exc.kept = (f"; the sweep's plan and finished trials are kept in {where}: once that is fixed, "
-                                f"continue with {hint}")
+                                f"continue with {hint}")  # (an outside data set's KeyError left a folder, unsaid)
                 raise
             except OSError as exc:  # a full disk, say: what finished is kept, and resumes
                 if resume is None and not (where / "meta.json").exists():  # the plan unwritten: nothing to resume
@@ -448,6 +450,14 @@ def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
     if resume is None:
         raise UsageError("give a spec file (or --resume DIR alone, to continue a run with the spec saved there)")
     return resume / "spec.yaml"
+
+
+def _trials_in(folder: Path) -> int:
+    """How many finished trials ``folder`` holds (0 where it holds none, or no readable trials.json)."""
+    try:
+        return len(json.loads((folder / "trials.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0
 
 
 @contextmanager

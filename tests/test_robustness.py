@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import batchtune.render.run_folder as run_folder_module
@@ -92,6 +93,20 @@ def test_a_data_factory_that_raises_is_one_line_in_every_command(command, write_
     _one_line_error(result, "data.target", "tests.test_robustness:missing_file_data()",
                     "FileNotFoundError", "/data/train.csv")
     assert not (tmp_path / "run").exists()  # the sweep's new folder is removed again
+
+
+def test_a_sweep_that_fails_before_its_first_trial_leaves_no_folder_the_same_command_refuses(write_spec, tmp_path):
+    """An outside sweep's model factory raised in its first trial (the ceiling given, no probe): the folder kept its
+    plan and no trial, which --resume could not run (the broken spec is saved), report said to resume, and the
+    fixed command refused it ('already holds a sweep')."""
+    spec, out = write_spec(), tmp_path / "run"
+    args = ["--out", out, "-q", "sweep.ceiling=64", "sweep.batch_sizes=[16]", "sweep.seeds=1", "sweep.lr_search=false"]
+    _one_line_error(_cli("sweep", spec, "model.target=tests.test_robustness:corrupt_model", *args), "corrupt_model()")
+    assert not out.exists()  # made for it, removed with the files it wrote
+    out.mkdir()
+    _one_line_error(_cli("sweep", spec, "model.target=tests.test_robustness:corrupt_model", *args), "corrupt_model()")
+    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]  # the user's folder stays, empty of the run's
+    assert _cli("sweep", spec, *args).exit_code in (0, 1)  # the fixed command runs there
 
 
 @pytest.mark.parametrize("command", ["validate", "probe"])
@@ -884,14 +899,41 @@ def test_a_data_set_that_raises_for_one_sample_is_named_with_the_sample_not_the_
     # the folder holds the sweep's plan: fixed, the same sweep resumes (it was left unsaid)
     assert line == (f"error: loading a {which} batch raised KeyError: 'sample 40 missing from shard' (data.target "
                     "tests.fixtures:missing_sample_data, sample 40); BATCHTUNE_DEBUG=1 shows the traceback")
-    # met in a trial, after the sweep's plan was written (the probe skipped): the folder resumes once it is fixed
-    line = _one_line_error(_cli("sweep", write_spec(), "--out", tmp_path / "run2", "-q", "sweep.batch_sizes=[32]",
-                                "sweep.seeds=1", "sweep.lr_search=false", "sweep.samples=512", "sweep.ceiling=64",
-                                "data.target=tests.fixtures:missing_sample_data", f"data.kwargs.split={split}"))
-    assert line.endswith(f"; the sweep's plan and finished trials are kept in {tmp_path / 'run2'}: once that is "
-                         f"fixed, continue with batchtune sweep {write_spec()} 'sweep.batch_sizes=[32]' sweep.seeds=1 "
-                         "sweep.lr_search=false sweep.samples=512 sweep.ceiling=64 data.target=tests.fixtures:"
-                         f"missing_sample_data data.kwargs.split={split} --resume {tmp_path / 'run2'}"), line
+
+
+class _FailsLater(torch.nn.Module):
+    """tiny_mlp whose forward raises from its ``after``-th call on, counted over every instance."""
+
+    calls = 0
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def forward(self, x):
+        _FailsLater.calls += 1
+        if _FailsLater.calls >= self.after:
+            raise RuntimeError("the model's custom kernel failed")
+        return self.net(x)
+
+
+def fails_later(after: int = 300) -> torch.nn.Module:
+    return _FailsLater(after)
+
+
+def test_a_sweep_stopped_by_the_users_code_after_a_trial_says_how_to_continue(write_spec, tmp_path):
+    """An outside data set's error stopped a sweep whose folder then held its plan and trials, unsaid."""
+    _FailsLater.calls = 0
+    out = tmp_path / "run"
+    args = ["--out", out, "-q", "sweep.ceiling=64", "sweep.batch_sizes=[16, 32]", "sweep.seeds=1",
+            "sweep.lr_search=false", "sweep.samples=256", "model.target=tests.test_robustness:fails_later"]
+    line = _one_line_error(_cli("sweep", write_spec(), *args), "the model's custom kernel failed")
+    assert len(json.loads((out / "trials.json").read_text())) == 1
+    assert line.endswith(f"; the sweep's plan and finished trials are kept in {out}: once that is fixed, continue "
+                         f"with batchtune sweep {write_spec()} sweep.ceiling=64 'sweep.batch_sizes=[16, 32]' "
+                         "sweep.seeds=1 sweep.lr_search=false sweep.samples=256 model.target=tests.test_robustness:"
+                         f"fails_later --resume {out}"), line
 
 
 def test_a_sample_that_raises_in_a_dataloader_worker_is_named_and_checks_table_says_loading(write_spec):

@@ -309,20 +309,24 @@ class RunFolder:
         """Open a new run: its spec, the environment (versions + ``device``), the plan, no trials yet. Where a
         file cannot be written (a full disk), those written are removed again: a lone spec.yaml was no run to
         resume, and counted as the user's file when the sweep was started again."""
-        written = []
         try:
-            for name, write in (("spec.yaml", lambda: self.write_spec(resolved_spec)),
-                                ("environment.json", lambda: self.write_json("environment.json", environment(device))),
-                                ("meta.json", lambda: self.write_json("meta.json", meta)),
-                                ("trials", lambda: self.write_trials([]))):
-                written.append(name)
-                write()
+            self.write_spec(resolved_spec)
+            self.write_json("environment.json", environment(device))
+            self.write_json("meta.json", meta)
+            self.write_trials([])
         except OSError:
-            for name in written:
-                for path in ([self.path / "trials.json", self.path / "trials.csv"] if name == "trials"
-                             else [self.path / name]):
-                    path.unlink(missing_ok=True)
+            self.discard()
             raise
+
+    def discard(self) -> None:
+        """Remove the files a new run wrote here before any trial finished (its lock stays with its holder): a run
+        that failed before its first trial leaves nothing to resume, and a lone spec.yaml or a plan with no trials
+        only made the same command refuse the folder (an outside sweep whose model factory raised)."""
+        for name in ("spec.yaml", "environment.json", "meta.json", "trials.json", "trials.csv"):
+            try:
+                (self.path / name).unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def write_result(self, result: Any, *, final: bool = True) -> dict[str, str]:
         """The run as analysed: the plan, the plot, the reports and ``result.json``.
