@@ -951,6 +951,22 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
     assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
+    # the same steps, sooner by the clock alone, one run beside other work: an outside verify named the schedule
+    # 'the one to use' at 0.32x the time of the pick, two runs bit-identical to the target
+    same = {"constant 16": {**plan(13.8, 0.04), "steps": 928, "busy": 1},
+            "schedule": {**plan(4.5, 0.06), "steps": 928, "busy": 0}}
+    assert notes(same, picked="constant 16") == [
+        "verified: schedule reached the target 0.1535 sooner by the clock than the pick, constant 16 (4.5 s against "
+        "13.8 s), in about as many steps (928 against 928), with the machine busy during the verification: its clock "
+        "cannot tell them apart, so constant 16 stands; rerun on a quiet machine to compare times"]
+    from batchtune.commands.plan import _verify_busy_notes
+
+    busy = {"target": 0.1535, "plans": {n: {**v, "runs": [{}]} for n, v in same.items()}}
+    assert _verify_busy_notes(SimpleNamespace(verified=busy)) == [
+        "the machine was busy during 1 of 2 verified runs (constant 16): their seconds, and any comparison of them, "
+        "are not trustworthy; rerun on a quiet machine"]
+    calm = {name: {**v, "busy": 0} for name, v in same.items()}
+    assert notes(calm, picked="constant 16")[0].startswith("verified: schedule did better than the projection's pick")
 
 
 # The outside CNN's verified constant 32 (lr 0.05): down to 0.73 in 625 steps, at chance (1.39) from step 2,500 on.

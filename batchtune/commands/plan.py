@@ -226,7 +226,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
 
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
         result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
-                         + _collapse_notes(result))
+                         + _collapse_notes(result) + _verify_busy_notes(result))
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
@@ -354,6 +354,12 @@ def _verified_notes(result: PlanResult) -> list[str]:
     if p["seconds"] is not None and b["seconds"] > (1 - VERIFIED_MARGIN) * p["seconds"] or \
             b["seconds"] is None and b["fit_end_loss"] > (1 - VERIFIED_MARGIN / 2) * p["fit_end_loss"]:
         return []  # within what one seed's run varies by
+    if b["seconds"] is not None and p.get("steps") and b["steps"] >= (1 - VERIFIED_MARGIN) * p["steps"] and \
+            (b.get("busy") or p.get("busy")):  # sooner by the clock alone, on a busy machine
+        return [f"verified: {best} reached the target {verified['target']:.4g} sooner by the clock than the pick, "
+                f"{picked} ({duration_text(b['seconds'])} against {duration_text(p['seconds'])}), in about as many "
+                f"steps ({b['steps']:,.0f} against {p['steps']:,.0f}), with the machine busy during the verification: "
+                f"its clock cannot tell them apart, so {picked} stands; rerun on a quiet machine to compare times"]
     if b["seconds"] is not None:
         how = (f"reached the target {verified['target']:.4g} in {duration_text(b['seconds'])}, against "
                + (f"{duration_text(p['seconds'])} ({b['seconds'] / p['seconds']:.2f}× the time)"
@@ -363,6 +369,18 @@ def _verified_notes(result: PlanResult) -> list[str]:
                f"its decreasing fit; neither reached the target {verified['target']:.4g})")
     return [f"verified: {best} did better than the projection's pick, {picked}: it {how}. Trained over the "
             f"whole run, {best} is the one to use; the projection erred (see the verified table)"]
+
+
+def _verify_busy_notes(result: PlanResult) -> list[str]:
+    """Which verified runs were timed while other work took the machine's cores (their seconds are not the job's)."""
+    plans = result.verified["plans"]
+    busy = {name: v.get("busy", 0) for name, v in plans.items() if v.get("busy")}
+    if not busy:
+        return []
+    runs = sum(len(v.get("runs") or []) for v in plans.values())
+    which = ", ".join(f"{name} ({n})" if n > 1 else name for name, n in busy.items())
+    return [f"the machine was busy during {sum(busy.values())} of {runs} verified runs ({which}): their seconds, and "
+            "any comparison of them, are not trustworthy; rerun on a quiet machine"]
 
 
 def _unreached_notes(result: PlanResult) -> list[str]:
@@ -1403,6 +1421,10 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
     if result.gpus != world:
         raise UsageError(f"--verify trains on the {world} device(s) this runs on, not the {result.gpus} the plan "
                          "is for")
+    import torch
+
+    from batchtune.engine.host import LoadMeter
+
     plans = {result.recommendation["plan"]: _plan_stages(result, result.recommendation["plan"])}
     fastest = min((c for c in result.constant if c["reaches_target"]), key=lambda c: c["seconds"], default=None)
     if fastest is not None:  # side by side: the schedule and the best constant size, whichever was picked
@@ -1415,8 +1437,11 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
         save(done)  # before the first run, with the spec: a verification stopped in it resumes
     for name, stages in plans.items():
         while len(done[name]) < seeds:
-            done[name].append(_train_plan(spec, components, backend, _schedule_artifact(result, stages),
-                                          spec.seed + len(done[name]), result.final_target))
+            meter = LoadMeter.start()  # a run timed beside other work: its clock ranks nothing (an outside
+            run = _train_plan(spec, components, backend, _schedule_artifact(result, stages),  # verify named a
+                              spec.seed + len(done[name]), result.final_target)  # winner from a busy run's clock)
+            run["busy"] = bool(meter.reading(torch.get_num_threads())["busy"])
+            done[name].append(run)
             if save is not None:
                 save(done)
         out["plans"][name] = _verified([dict(r) for r in done[name]], _projection_of(result, name))
@@ -1498,7 +1523,7 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
     for r in runs:
         r["collapsed"] = collapsed(r, projected.get("final_loss"))
     return {"steps": med_steps, "seconds": med_seconds, "reached": f"{len(steps)}/{len(runs)}",
-            "collapsed": sum(r["collapsed"] for r in runs),
+            "collapsed": sum(r["collapsed"] for r in runs), "busy": sum(bool(r.get("busy")) for r in runs),
             "final_loss": statistics.median(r["final_loss"] for r in runs),
             # where the curve ends on its best decreasing fit, which ranks plans that did not reach the target
             "fit_end_loss": statistics.median(r["fit_end_loss"] for r in runs),
