@@ -1360,3 +1360,17 @@ def test_the_loss_curve_takes_a_floor_only_where_it_predicts_the_later_points_be
     rng = np.random.default_rng(0)  # a true floor under 6% noise a point: its RMS is the noise, its bias small
     curve, scores = backtest_loss_curve([(e, l * (1 + 0.06 * rng.normal())) for e, l in levelling])
     assert scores["floor"] > 0.05 and abs(scores["floor_bias"]) < 0.1 and curve.floor > 0.3
+
+
+def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_unreadable():
+    """An outside CNN's calibration targets lay within 1% of its untrained loss (2.322): B_crit read 115 down to 13,
+    the fit held it constant without a word, and the plan projected 1.727 where the verified runs reached 0.043."""
+    from batchtune.commands.plan import _unreadable_law_notes
+
+    points = [(2.31, 115.0), (2.308, 69.0), (2.305, 50.0), (2.302, 17.0), (2.299, 13.0)]
+    rows = [{"evals": [[0, 0, 0.0, 2.322], [10, 160, 0.1, 2.31]]}] * 3
+    (said,) = _unreadable_law_notes(points, rows, [2.31, 2.305, 2.299])
+    assert said.startswith("the critical batch fell as the loss fell (115 at val loss 2.31 to 13 at 2.299), which no "
+                           "law allows: read as noise and held constant; the calibration's targets lie within 1% of "
+                           "the untrained loss (2.322)")
+    assert _unreadable_law_notes([(2.3, 13.0), (1.2, 115.0)], rows, [2.3, 1.2]) == []  # grows as it falls: a law

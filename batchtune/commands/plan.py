@@ -1167,7 +1167,36 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     law = fit_critical_law(points)
     if law is not None:
         result.laws["critical_batch"] = law.to_dict()
+        result.notes += _unreadable_law_notes(points, rows, result.targets)
     return law
+
+
+def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str, Any]],
+                          targets: list[float]) -> list[str]:
+    """Where the critical batch fell as the loss fell (no law allows it; the fit holds it constant), say so, and
+    whether the calibration's targets sat near the untrained loss. An outside CNN's five targets lay within 1% of
+    its start (2.322, chance 2.303), B_crit read 115 down to 13, and the plan projected a final loss of 1.727
+    where its verified runs reached 0.043, without a word."""
+    import numpy as np
+
+    usable = sorted((l, b) for l, b in points if l > 0 and b and b > 0)
+    if len(usable) < 2 or np.ptp(np.log([l for l, _ in usable])) <= 1e-3:
+        return []
+    slope = float(np.polyfit(np.log([l for l, _ in usable]), np.log([b for _, b in usable]), 1)[0])
+    if slope <= 0:
+        return []
+    (low, b_low), (high, b_high) = usable[0], usable[-1]
+    said = (f"the critical batch fell as the loss fell ({b_high:.3g} at val loss {high:.4g} to {b_low:.3g} at "
+            f"{low:.4g}), which no law allows: read as noise and held constant")
+    starts = [r["evals"][0][3] for r in rows if r.get("evals") and r["evals"][0][0] == 0
+              and math.isfinite(r["evals"][0][3])]
+    start = statistics.median(starts) if starts else None
+    if start and targets and min(targets) > 0.95 * start:
+        said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
+                 f"({start:.4g}): its trials barely left the start, where the critical batch cannot be read, so the "
+                 "projection's steps and losses are not to be relied on; a longer calibration (a longer run, or a "
+                 "higher --calibration share) reads it further down")
+    return [said]
 
 
 def _simple_only_note(fitted: bool, adaptive: bool) -> str:
