@@ -7,7 +7,7 @@ from typing import Any
 from tabulate import tabulate
 
 from batchtune.commands.plan import HELD, duration_text
-from batchtune.render.text import num, to_json
+from batchtune.render.text import count, num, to_json
 
 __all__ = ["render_plan"]
 
@@ -36,7 +36,7 @@ def render_plan(result: Any, fmt: str = "table") -> str:
             f"{result.calibration.get('samples', 0):,} ({result.calibration.get('share', 0):.0%})")
     lines = [f"### {head}" if fmt == "markdown" else head, ""]
     if result.critical_batch_by_loss:
-        crit = [[k, num(v, ",.0f")] for k, v in sorted(result.critical_batch_by_loss.items(),
+        crit = [[k, count(v)] for k, v in sorted(result.critical_batch_by_loss.items(),  # 0.16 read 0
                                                        key=lambda kv: -float(kv[0]))]
         lines += ["critical batch by validation loss:", tabulate(crit, headers=["val loss", "B_crit"],
                                                                   tablefmt=style, disable_numparse=True), ""]
