@@ -371,11 +371,15 @@ def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
     base.result["critical_batch_size"] = {**crit, "b_crit": None, "basis": None}
     b_crit, basis, extra = base.critical_batch()
     assert (b_crit, basis, extra["low"], extra["high"]) == (557.0, "baseline.extrapolated", 146.0, 1802.0)
-    verdict = critical_batch_verdict(128, b_crit, basis=basis, **extra)
+    verdict = critical_batch_verdict(128, b_crit, basis=basis, **extra)  # below the band: below it, whatever
     assert verdict.code == "critical.below"
     assert check_reason(verdict) == ("128 is at or below the critical batch ~557 (the baseline sweep's "
                                      "steps-to-target fit, an extrapolation past 4× its largest size that the sweep "
                                      "did not adopt; 90% band 146–1,802)")
+    # inside the band of a fit the sweep refused, nothing is decided (an outside check passed 256 as 'at or below')
+    inside = critical_batch_verdict(256, b_crit, basis=basis, **extra)
+    assert (inside.status, inside.code) == ("skip", "critical.within")
+    assert critical_batch_verdict(4096, b_crit, basis=basis, **extra).code == "critical.above"
 
 def test_a_slowed_model_fails_regression_on_throughput(baseline):
     spec_path, run = baseline

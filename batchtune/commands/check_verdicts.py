@@ -196,6 +196,10 @@ def critical_batch_verdict(batch_size: int, b_crit: float | None, *, basis: str 
         # B_crit (an outside interrupted sweep's median, 26, against its finished sweep's fit of 200, warned "~82%
         # wasted" at the size that sweep recommends). Like the check's own early reading, it decides nothing.
         return CheckResult("critical_batch", "skip", "critical.rough", figures)
+    if basis == "baseline.extrapolated" and (low is None or batch_size > low) and (high is None or batch_size <= high):
+        # a fit the sweep did not adopt: inside its band it decides nothing (an outside check passed 128 and 256 as
+        # 'at or below ~557' on a fit with a band of 24-1,962 that its sweep had refused)
+        return CheckResult("critical_batch", "skip", "critical.within", figures)
     if batch_size <= b_crit:
         return CheckResult("critical_batch", "pass", "critical.below", figures)
     if high is not None and batch_size <= high:
