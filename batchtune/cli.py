@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import TrainingError, UsageError, error_line
+from batchtune.errors import STOPPING, TrainingError, UsageError, error_line
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.render.logs import setup_logging
 
@@ -405,13 +405,10 @@ def sweep(
             try:
                 result = run_sweep(spec, out=where if resume is None else None, resume=resume)
             except KeyboardInterrupt:
-                if (where / "meta.json").exists():
-                    _say(f"interrupted: finished trials are kept in {where}; continue with {hint}")
-                else:  # stopped in the probe, before the run folder held a plan: nothing to resume
-                    _say("interrupted before the sweep's plan was written (during the probe): nothing kept; "
-                         "start it again")
-                raise typer.Exit(130) from None
+                _sweep_interrupted(where, hint)
             except (TrainingError, SpecError) as exc:  # the user's code or spec failed in a trial
+                if STOPPING:  # a loader worker the stop signal killed: the stop's, not the user's code's
+                    _sweep_interrupted(where, hint)
                 if resume is None and _RANK == 0 and not _trials_in(where):  # nothing to resume: the same command
                     RunFolder(where).discard()  # runs again (a factory's error left a folder it refused)
                 elif isinstance(exc, TrainingError) and (where / "meta.json").exists():  # what finished resumes
@@ -450,6 +447,15 @@ def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
     if resume is None:
         raise UsageError("give a spec file (or --resume DIR alone, to continue a run with the spec saved there)")
     return resume / "spec.yaml"
+
+
+def _sweep_interrupted(where: Path, hint: str) -> None:
+    """Say what an interrupted sweep kept in ``where`` and how to go on, and exit 130."""
+    if (where / "meta.json").exists():
+        _say(f"interrupted: finished trials are kept in {where}; continue with {hint}")
+    else:  # stopped in the probe, before the run folder held a plan: nothing to resume
+        _say("interrupted before the sweep's plan was written (during the probe): nothing kept; start it again")
+    raise typer.Exit(130) from None
 
 
 def _trials_in(folder: Path) -> int:
@@ -995,6 +1001,10 @@ def plan(
                                   resume_command=hint)
             except KeyboardInterrupt:
                 _plan_interrupted(where, hint)
+            except TrainingError:
+                if STOPPING:  # a loader worker the stop signal killed: the stop's, not the user's code's
+                    _plan_interrupted(where, hint)
+                raise
         _echo(render_plan(result, fmt.value))
     raise typer.Exit(result.exit_code)
 
@@ -1043,7 +1053,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM as Ctrl-C (a CI cancel, a scheduler's time limit, torchrun ending its ranks): what finished is kept
     and the command that continues it is said, where a terminated sweep ended without a word. A second one ends
     the process at once."""
+    from batchtune.errors import STOPPING
+
     _TERMINATED.append(signum)
+    STOPPING.append(signum)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     raise KeyboardInterrupt
 

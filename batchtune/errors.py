@@ -49,3 +49,10 @@ def error_line(exc: BaseException) -> str:
     if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
         return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]
     return f"{type(exc).__name__}: {first}"[:300]
+
+
+#: The stop signals this process has taken (SIGTERM: a CI cancel, torchrun ending its ranks). Once one has, a failure
+#: that follows is the stop's doing, not the user's code's: a DataLoader worker the signal killed read as a 'trains'
+#: failure of an outside 2-rank check, with a failing JUnit file.
+STOPPING: list[int] = []
+

@@ -1087,3 +1087,15 @@ def test_a_baseline_that_searched_no_lr_is_not_said_to_have_found_one_fastest(tm
         lr, why = base.fastest_lr(64, spec, 0.02)
         assert lr == pytest.approx(0.02) and why.startswith(said), why
 
+
+
+def test_a_crash_while_the_process_is_being_stopped_is_an_interrupt_not_a_verdict(monkeypatch):
+    """A 2-rank outside check cancelled by SIGTERM: its DataLoader worker, killed by the same signal, read as
+    'trains fail: the training run raised RuntimeError: DataLoader worker ... is killed by signal: Terminated'."""
+    from batchtune.commands.check import _crash
+
+    killed = RuntimeError("DataLoader worker (pid 30205) is killed by signal: Terminated.")
+    assert _crash("trains", "trains.crashed", killed).status == "fail"
+    monkeypatch.setattr("batchtune.errors.STOPPING", [15])  # SIGTERM taken (batchtune.cli._on_sigterm)
+    with pytest.raises(KeyboardInterrupt):
+        _crash("trains", "trains.crashed", killed)

@@ -368,7 +368,10 @@ def _skip(name: str, code: str, **figures: Any) -> CheckResult:
 
 def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     """A failed check for user code that raised: the user's own exception, not the trainer's wrapper."""
-    from batchtune.errors import LoadError, TrainingError, error_line
+    from batchtune.errors import STOPPING, LoadError, TrainingError, error_line
+
+    if STOPPING:  # the process is being stopped: the crash is the stop's (a killed loader worker), no verdict
+        raise KeyboardInterrupt from exc
 
     cause = exc.__cause__ if isinstance(exc, TrainingError) and exc.__cause__ is not None else exc
     # batchtune's own TrainingError says what happened already; its class name would only be noise
