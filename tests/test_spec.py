@@ -356,3 +356,11 @@ def test_a_list_of_targets_names_each_loss_once(targets, problem):
     assert problem in _issues(TINY_SPEC, [f"sweep.target_loss={targets}"])["sweep.target_loss"][1]
     assert "an empty list: give the sizes to sweep" in _issues(TINY_SPEC, ["sweep.batch_sizes=[]"])[
         "sweep.batch_sizes"][1]
+
+
+def test_repeated_batch_sizes_and_no_lr_multipliers_are_refused():
+    """An outside sweep ran a listed-twice 64 once without a word, and one with no lr multipliers trained nothing
+    and exited 1, 'no size reached the target'."""
+    assert "64 given more than once" in _issues(TINY_SPEC, ["sweep.batch_sizes=[64, 64, 32]"])["sweep.batch_sizes"][1]
+    said = _issues(TINY_SPEC, ["sweep.lr_multipliers=[]"])["sweep.lr_multipliers"][1]
+    assert said.startswith("an empty list: give the lr multipliers to try")

@@ -471,6 +471,16 @@ class SweepSpec(_Strict):
     def _sizes(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and not value:  # read as not given: the powers of two ran, silently
             raise ValueError("an empty list: give the sizes to sweep, or leave it out for powers of two")
+        if value and (twice := sorted({v for v in value if value.count(v) > 1})):  # it ran once, without a word
+            raise ValueError(f"{', '.join(map(str, twice))} given more than once")
+        return value
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _multipliers(cls, value: list[float]) -> list[float]:
+        if not value:  # it ran no trial and exited 1, 'no size reached the target'
+            raise ValueError("an empty list: give the lr multipliers to try (the default is [0.5, 1, 2]), or set "
+                             "sweep.lr_search: false for the rule's lr alone")
         return value
 
     @field_validator("min_batch_size", "max_batch_size")
