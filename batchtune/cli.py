@@ -439,7 +439,8 @@ def _sweep_spec_path(spec_path: Path | None, resume: Path | None) -> Path:
         if not resume.is_dir():
             raise UsageError(f"--resume {resume}: no such run folder")
         if not (resume / "meta.json").exists():
-            raise UsageError(f"{resume} is not a sweep run folder (no meta.json)")
+            raise UsageError(f"{resume} does not exist" if not resume.exists()
+                             else f"{resume} is not a sweep run folder (no meta.json)")
         if (how := _plan_continues(_origin(resume), resume)) is not None:  # resumed as a sweep it ended with no plan
             raise UsageError(f"{resume} is a batchtune plan's calibration: continue it with {how}")
     if spec_path is not None:
@@ -570,7 +571,8 @@ def report(
     """
     with _user_errors():
         if not (run_dir / "meta.json").exists():
-            raise UsageError(f"{run_dir} is not a sweep run folder (no meta.json)")
+            raise UsageError(f"{run_dir} does not exist" if not run_dir.exists()
+                             else f"{run_dir} is not a sweep run folder (no meta.json)")
         from batchtune.commands.sweep_analysis import result_from_rows
         from batchtune.render.run_folder import PLAN_FILE, RunFolder
         from batchtune.render.sweep import render_sweep
@@ -698,6 +700,8 @@ def _launcher(world_size: int | None = None) -> list[str]:
 
 def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None) -> None:
     """Say that the run is unfinished, in the notes and on the recommendation."""
+    from batchtune.render.text import count_of
+
     n = len(result.trials)
     how = _plan_continues(result.meta.get("origin") or {}, run_dir)
     if how is not None and not holder:  # its sweep --resume would end with no plan
@@ -706,10 +710,10 @@ def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None)
         state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
                  else "the sweep stopped before its plan was done; continue with "
                  + shlex.join([*_launcher(result.meta.get("world_size") or 1), "sweep", "--resume", str(run_dir)]))
-    result.notes.insert(0, f"incomplete run, {n} trials so far: {state}")
+    result.notes.insert(0, f"incomplete run, {count_of(n, 'trial')} so far: {state}")
     if result.recommendation is not None:
         result.recommendation["provisional"] = True
-        result.recommendation["reason"] = (f"PROVISIONAL (an unfinished sweep, {n} trials so far). "
+        result.recommendation["reason"] = (f"PROVISIONAL (an unfinished sweep, {count_of(n, 'trial')} so far). "
                                            + result.recommendation["reason"])
 
 
