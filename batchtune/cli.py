@@ -820,8 +820,11 @@ def check(
                 spec, batch_size=batch_size, accum_steps=accum_steps, **measured)
         except CheckInputError as exc:
             raise UsageError(str(exc)) from None
-        if _RANK != 0:
-            raise typer.Exit(report.exit_code(strict))  # every rank agrees; rank 0 reports
+        if _RANK != 0:  # every rank agrees; rank 0 reports, and this rank says what its own code raised, which
+            for c in report.checks:  # rank 0 knows only as 'failed on another rank' (it was said nowhere)
+                if c.code.endswith(".crashed") and "on another rank" not in c.figures.get("error", ""):
+                    err.print(f"error: [rank {_RANK}] {c.name}: {c.figures['error']}", markup=False)
+            raise typer.Exit(report.exit_code(strict))
         _echo(render_check(report, fmt.value, strict=strict))
         if junit is not None:
             atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")

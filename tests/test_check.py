@@ -1099,3 +1099,16 @@ def test_a_crash_while_the_process_is_being_stopped_is_an_interrupt_not_a_verdic
     monkeypatch.setattr("batchtune.errors.STOPPING", [15])  # SIGTERM taken (batchtune.cli._on_sigterm)
     with pytest.raises(KeyboardInterrupt):
         _crash("trains", "trains.crashed", killed)
+
+
+def test_a_crash_batchtune_already_put_in_words_reads_failed_not_raised():
+    """'the training step raised a training step failed on another rank (rank 1; see its output)'."""
+    from batchtune.commands.check import _crash
+    from batchtune.errors import TrainingError
+
+    other = _crash("fits", "fits.crashed", TrainingError("a training step failed on another rank (rank 1; see its "
+                                                         "output)"))
+    assert check_reason(other) == "the training step failed: a training step failed on another rank (rank 1; see " \
+                                  "its output)"
+    assert check_reason(_crash("fits", "fits.crashed", RuntimeError("mat1 and mat2"))) == \
+        "the training step raised RuntimeError: mat1 and mat2"

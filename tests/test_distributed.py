@@ -50,6 +50,8 @@ def ranks(tmp_path_factory) -> dict:
         "check": ["check", _spec(folder, "check", "[1MiB, 1MiB]"), "--batch-size", "128", "--format", "json", "-q"],
         "user_error": ["probe", _spec(folder, "broken", "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank"),
                        "-q"],
+        # check's verdicts are rank 0's: rank 1 says what its own model raised (it was said nowhere)
+        "check_broken": ["check", str(folder / "broken.yaml"), "--batch-size", "32", "-q"],
         # after an agreed user error the group still works: one more command runs to the end
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
         "overlap": ["overlap-equivalence", str(folder / "check.yaml")],
@@ -112,6 +114,14 @@ def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
     assert_user_error_stopped_both(ranks)
     # no rank was left waiting: the group took the next command and agreed on the same ceiling
     assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
+
+
+def test_a_check_whose_model_fails_on_one_rank_says_that_ranks_error(ranks):
+    rank0, rank1 = ranks["check_broken"]
+    assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
+    assert "the training step failed: a training step failed on another rank (rank 1; see its output)" in rank0["stdout"]
+    assert ("error: [rank 1] fits: ValueError: user code bug: this rank's model cannot handle its input"
+            in rank1["stderr"]), rank1
 
 
 def test_a_write_failing_on_rank_0_stops_both_ranks_at_once(ranks):

@@ -379,7 +379,8 @@ def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
         else error_line(cause)
     if isinstance(exc, LoadError) and exc.context:  # the data's failure, not the step's: say where
         error = f"{error} {exc.context}"
-    return CheckResult(name, "fail", code, {"error": error, "traceback": traceback.format_exc()})
+    said = isinstance(cause, TrainingError)  # batchtune's own sentence: 'failed: ...', not 'raised ...'
+    return CheckResult(name, "fail", code, {"error": error, "traceback": traceback.format_exc(), "said": said})
 
 
 def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_seconds: float | None,

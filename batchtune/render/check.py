@@ -231,7 +231,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fits.weights": _weights,
     "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
                                   "so the headroom is not checked",
-    "fits.crashed": lambda f: f"the training step raised {f['error']}",
+    "fits.crashed": lambda f: f"the training step {'failed: ' if f.get('said') else 'raised '}{f['error']}",
     "trains.falling": lambda f: f"{_trend(f)}, no divergence",
     "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
                              "the run too short to tell",
@@ -240,7 +240,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "trains.spiked": lambda f: f"{_spike(f)}, and ended at {f['last_mean']:.4g}: the lr is too high for the "
                                "start of the run (lower it, or warm up longer)",
     "trains.too_few": lambda f: f"only {f['steps']} training steps ran: too few to judge the loss",
-    "trains.crashed": lambda f: f"the training run raised {f['error']}",
+    "trains.crashed": lambda f: f"the training run {'failed: ' if f.get('said') else 'raised '}{f['error']}",
     "trains.oom": lambda f: f"out of memory in the training run ({f['error']}), though the fits run passed",
     "data.ok": lambda f: f"{_data_text(f)} (warn at {f['warn_share']:.0%})",
     "data.slow": lambda f: f"{_data_text(f)} (warn at {f['warn_share']:.0%}){_data_hint(f)}",
