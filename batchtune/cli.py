@@ -641,10 +641,14 @@ def _plan_in(out: Path, hint: str) -> str | None:
         plan = RunFolder(out).read_object(PLAN_FILE)
     except UsageError:  # damaged: the usual check says so
         return None
-    if _plan_words(origin.get("resume") or "") != _plan_words(hint):
-        return None
+    planned, asked = _plan_words(origin.get("resume") or ""), _plan_words(hint)
     done = plan.get("verified") is not None or plan.get("recommendation") is None  # verified, or nothing to verify
-    return "finished" if done or "--verify" not in shlex.split(hint) else "verifying"
+    if planned == asked:
+        return "finished" if done or "--verify" not in asked else "verifying"
+    # the same plan with --verify added: its verification runs on the plan as projected (an outside user could
+    # verify a plan already looked at only by calibrating anew in another folder, which might project otherwise)
+    same = _plan_words(origin.get("resume") or "", verify=False) == _plan_words(hint, verify=False)
+    return "verifying" if same and not done and "--verify" in asked and "--verify" not in planned else None
 
 
 def _origin(folder: Path) -> dict[str, Any]:
@@ -662,14 +666,19 @@ def _plan_continues(origin: dict[str, Any], folder: Path) -> str | None:
     return origin.get("resume") or f"the same batchtune plan command and --out {folder}"
 
 
-def _plan_words(command: str) -> list[str]:
-    """A plan command line less how it prints (--format, --quiet): what makes it the same plan."""
+def _plan_words(command: str, verify: bool = True) -> list[str]:
+    """A plan command line less how it prints (--format, --quiet): what makes it the same plan; less --verify and
+    --verify-seeds too where ``verify`` is False (the plan they verify)."""
     words, out = shlex.split(command), []
+    dropped = ("--format",) if verify else ("--format", "--verify-seeds")
     for i, word in enumerate(words):
-        if word in ("--quiet", "-q") or word == "--format" or i and words[i - 1] == "--format":
+        if word in ("--quiet", "-q") or word in dropped or i and words[i - 1] in dropped:
+            continue
+        if not verify and word == "--verify":
             continue
         out.append(word)
     return out
+
 
 
 def _rank0() -> bool:
@@ -980,6 +989,8 @@ def plan(
         from batchtune.commands.plan import parse_deadline, run_plan
         from batchtune.render.plan import render_plan
 
+        if verify_seeds != 1 and not verify:  # it was ignored without a word
+            raise UsageError(f"--verify-seeds {verify_seeds} goes with --verify (the seeds of each verified plan)")
         deadline_seconds = parse_deadline(deadline) if deadline is not None else None
         samples, tokens = _whole("--samples", samples), _whole("--tokens", tokens)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)

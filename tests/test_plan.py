@@ -843,6 +843,23 @@ def test_an_interrupted_verification_continues_with_the_runs_that_finished(tmp_p
            "finished, were kept" in data["notes"]
     again = runner.invoke(app, args)  # finished now: shown again, nothing trained
     assert again.exit_code == continued.exit_code and json.loads(again.stdout) == data and len(calls) == 2 * plans - 1
+    alone = runner.invoke(app, [a for a in args if a not in ("--verify",)])  # --verify-seeds without --verify
+    assert alone.exit_code == 2 and "--verify-seeds 2 goes with --verify" in alone.stderr
+
+
+def test_a_finished_plan_is_verified_by_the_same_command_with_verify_added(tmp_path):
+    """An outside user could verify a plan already looked at only by calibrating anew in another folder (which might
+    project otherwise): the same command with --verify added verifies the plan as projected."""
+    from batchtune.cli import _plan_in
+
+    planned = "batchtune plan spec.yaml --samples 130000 --out run"
+    (tmp_path / "meta.json").write_text(json.dumps({"origin": {"command": "batchtune plan", "resume": planned}}))
+    (tmp_path / "plan.json").write_text(json.dumps({"recommendation": {"plan": "constant 64"}, "verified": None}))
+    assert _plan_in(tmp_path, planned) == "finished"
+    assert _plan_in(tmp_path, planned + " --verify --verify-seeds 2 --format json") == "verifying"
+    assert _plan_in(tmp_path, planned.replace("130000", "140000") + " --verify") is None  # another plan
+    (tmp_path / "plan.json").write_text(json.dumps({"recommendation": None, "verified": None}))
+    assert _plan_in(tmp_path, planned + " --verify") is None  # nothing to verify: the other command's
 
 
 def test_a_plan_holds_its_folder_as_a_sweep_does(tmp_path):
