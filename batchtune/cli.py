@@ -409,8 +409,9 @@ def sweep(
             except (TrainingError, SpecError) as exc:  # the user's code or spec failed in a trial
                 if STOPPING:  # a loader worker the stop signal killed: the stop's, not the user's code's
                     _sweep_interrupted(where, hint)
-                if resume is None and _RANK == 0 and not _trials_in(where):  # nothing to resume: the same command
-                    RunFolder(where).discard()  # runs again (a factory's error left a folder it refused)
+                if resume is None and _RANK == 0 and (not _trials_in(where) or getattr(exc, "discard", False)):
+                    RunFolder(where).discard()  # nothing to resume: the same command runs again (a factory's
+                    # error, or a target met before training, left a folder that command refused)
                 elif isinstance(exc, TrainingError) and (where / "meta.json").exists():  # what finished resumes
                     exc.kept = (f"; the sweep's plan and finished trials are kept in {where}: once that is fixed, "
                                 f"continue with {hint}")  # (an outside data set's KeyError left a folder, unsaid)

@@ -339,10 +339,12 @@ class _Sweep:
         met = [t for t in given_targets(self.meta) if start is not None and t >= start]
         if met:
             shown = ", ".join(f"{t:g}" for t in met)
-            raise self.spec.error("sweep.target_loss", f"{shown} {'is' if len(met) == 1 else 'are'} at or above the "
-                                  f"untrained model's validation loss, {start:.4g} (batch {row['batch_size']}, step "
-                                  "0): met before any training step, a target there ranks nothing; choose targets "
-                                  "below it")
+            error = self.spec.error("sweep.target_loss", f"{shown} {'is' if len(met) == 1 else 'are'} at or above the "
+                                    f"untrained model's validation loss, {start:.4g} (batch {row['batch_size']}, "
+                                    "step 0): met before any training step, a target there ranks nothing; choose "
+                                    "targets below it")
+            error.discard = True  # the folder goes: its one trial measured nothing, and a new spec cannot resume it
+            raise error
 
     def _config(self, seed: int, lr_multiplier: float, shape: BatchShape, reach: bool = False) -> Any:
         """A trial of the plan. A ``reach`` trial retrains one that missed the default target over its whole
