@@ -473,3 +473,17 @@ def test_serve_times_batch_one_whatever_the_trainings_minimum(write_spec):
     spec = write_spec(SERVE_SPEC + "probe: {min_batch_size: 2}\n")
     r = run_serve(spec, latency_budget=0.0029, percentile=50, repeats=20, buckets=False)  # 2 ms + 0.5 ms a sample
     assert r.points[0].batch_size == 1 and r.max_batch_size == 1
+
+
+def test_the_dynamic_batching_line_shows_the_percentile_the_budget_bounds():
+    """Under --percentile 90 the line showed p50 and p99, a p99 over the budget reading as a breach."""
+    from types import SimpleNamespace
+
+    from batchtune.render.serve import _dynamic_text
+
+    d = {"max_batch_size": 16, "max_queue_delay_ms": 15.0, "p50_ms": 11.63, "p90_ms": 17.2, "p99_ms": 21.4,
+         "at_percentile_ms": 17.2, "throughput": 480.0, "utilisation": 0.5, "mean_batch": 6.0,
+         "settings_simulated": 12, "requests": 5000, "simulation_seconds": 0.4}
+    said = _dynamic_text(SimpleNamespace(rate=500.0, dynamic=d, percentile=90.0))
+    assert "→ p50 11.63 ms, p90 17.20 ms," in said and "p99" not in said
+    assert "→ p50 11.63 ms, p99 21.40 ms," in _dynamic_text(SimpleNamespace(rate=500.0, dynamic=d, percentile=99.0))
