@@ -684,3 +684,15 @@ def test_a_reading_whose_band_spans_more_than_tenfold_is_not_reliable():
                {"b_simple": 97, "low": 11.0, "high": float("inf"), "reliable": False}]
     mark_wide(history)
     assert [(h["reliable"], h.get("wide", False)) for h in history] == [(False, True), (True, False), (False, False)]
+
+
+def test_growth_is_judged_against_every_earlier_reading_not_the_first_alone():
+    """An outside run's first band (14–33) held its last reading's (25–216) while its middle ones (12–17) did not: it
+    said 'no growth shows yet' beside a table that grew about 5x."""
+    from batchtune.render.noise import _trend
+
+    def h(b, low, high, loss):
+        return {"b_simple": b, "low": low, "high": high, "val_loss": loss, "reliable": True}
+    said = _trend([h(20, 14, 33, 14.0), h(15, 12, 17, 0.52), h(71, 25, 216, 0.25)])
+    assert said.startswith("It grew from 15 at val loss 0.52 to 71 at 0.25")
+    assert _trend([h(20, 14, 33, 1.0), h(22, 15, 30, 0.5)]).startswith("It moved from 20 at val loss 1 to 22")

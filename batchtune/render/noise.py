@@ -65,13 +65,19 @@ def _trend(history: list[dict[str, Any]]) -> str:
     if len(readings) == 1:
         return (f"One reliable reading ({count(readings[0]['b_simple'])} at val loss {readings[0]['val_loss']:.4g}): "
                 "run more steps to see how it moves as the loss falls.")
-    first, last = readings[0], readings[-1]
-    span = (f"from {count(first['b_simple'])} at val loss {first['val_loss']:.4g} to {count(last['b_simple'])} at "
-            f"{last['val_loss']:.4g}")
-    if first["high"] < last["low"]:
-        return (f"It grew {span}: an estimate taken early under-states the critical batch size later in "
+    last = readings[-1]
+    # against every earlier reading, not the first alone: an outside run's first band (14–33) held its last
+    # reading's (25–216) while later ones (12–17) did not, and it said 'no growth shows yet'
+    below = next((h for h in readings[:-1] if h["high"] < last["low"]), None)
+    above = next((h for h in readings[:-1] if h["low"] > last["high"]), None)
+
+    def span(first: dict[str, Any]) -> str:
+        return (f"from {count(first['b_simple'])} at val loss {first['val_loss']:.4g} to {count(last['b_simple'])} "
+                f"at {last['val_loss']:.4g}")
+    if below is not None and above is None:
+        return (f"It grew {span(below)}: an estimate taken early under-states the critical batch size later in "
                 "training.")
-    if first["low"] > last["high"]:
-        return f"It fell {span}, against the usual growth as the loss falls: read it again later in the run."
-    return (f"It moved {span}, within the bands: no growth shows yet over this run (the critical batch "
+    if above is not None and below is None:
+        return f"It fell {span(above)}, against the usual growth as the loss falls: read it again later in the run."
+    return (f"It moved {span(readings[0])}, within the bands: no growth shows yet over this run (the critical batch "
             "usually grows as the loss falls).")
