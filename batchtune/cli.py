@@ -9,6 +9,7 @@ commands, so ``batchtune --help`` stays fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -999,17 +1000,13 @@ def plan(
                  "--price-per-hour": price_per_hour, "--deadline": deadline, "--calibration": calibration,
                  "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
                  "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
-        if out is not None:  # this same plan, finished there: shown again, with its exit code
-            asked = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, out)
-            _show_again(out, asked, fmt.value)
-            _rank0_check(lambda: _check_plan_out(out, force, asked))
-        if schedule_out is not None:  # rank 0 writes it: rank 0 checks, every rank learns the answer
-            _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
+        command = functools.partial(_plan_command, spec_path, _with_timeout(overrides, trial_timeout), given)
+        _check_plan_outputs(out, schedule_out, force, fmt.value, command)
         setup_logging(quiet)
         from batchtune.commands.sweep import run_dir
 
         where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
-        hint = _plan_command(spec_path, _with_timeout(overrides, trial_timeout), given, where)
+        hint = command(where)
         # held for this plan (a second one into it is refused); a folder made for it is removed if left empty
         with _claim(where, out=None, force=force, fresh=out is None or not out.exists()):
             try:
@@ -1026,6 +1023,19 @@ def plan(
                 raise
         _echo(render_plan(result, fmt.value))
     raise typer.Exit(result.exit_code)
+
+
+def _check_plan_outputs(out: Path | None, schedule_out: Path | None, force: bool, fmt: str,
+                        command: Callable[[Path], str]) -> None:
+    """Before any work: this same plan finished in ``out`` is shown again (with its exit code), an ``out`` holding
+    something else is refused, and ``schedule_out`` must be writable. ``command`` gives the plan's command line for
+    a folder. Rank 0 checks, every rank learns the answer."""
+    if out is not None:
+        asked = command(out)
+        _show_again(out, asked, fmt)
+        _rank0_check(lambda: _check_plan_out(out, force, asked))
+    if schedule_out is not None:
+        _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
 
 
 #: ``batchtune plan``'s options at their defaults: the command that continues a plan leaves them out.

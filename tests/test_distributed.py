@@ -119,7 +119,8 @@ def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
 def test_a_check_whose_model_fails_on_one_rank_says_that_ranks_error(ranks):
     rank0, rank1 = ranks["check_broken"]
     assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
-    assert "the training step failed: a training step failed on another rank (rank 1; see its output)" in rank0["stdout"]
+    assert ("the training step failed: a training step failed on another rank (rank 1; see its output)"
+            in rank0["stdout"])
     assert ("error: [rank 1] fits: ValueError: user code bug: this rank's model cannot handle its input"
             in rank1["stderr"]), rank1
 

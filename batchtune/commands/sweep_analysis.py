@@ -36,10 +36,9 @@ from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_c
 from batchtune.stats.noise import pooled_noise_scale
 from batchtune.stats.scaling import rule_lr, rule_name
 
-__all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit", "default_target",
-           "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops", "overhead_notes",
-           "result_from_rows",
-           "seed_crossing", "short_of", "stop_targets", "targets_for"]
+__all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit",
+           "default_target", "in_contention", "lowest_reached", "lr_fallbacks", "lr_standing", "lr_stops",
+           "overhead_notes", "result_from_rows", "seed_crossing", "short_of", "stop_targets", "targets_for"]
 
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
