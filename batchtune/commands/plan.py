@@ -1292,7 +1292,8 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
     if result.laws.get("simple_only") and result.recommendation is not None:
         _unfounded(result)
     else:  # "the constant size is recommended" beside "no plan is recommended" read as a contradiction
-        result.notes += simpler
+        result.notes += [f"the schedule would save under {SCHEDULE_GAIN:.0%} of the time of {name}: the constant "
+                         "size is recommended, being simpler to run" for name in simpler]
 
 
 def _unfounded(result: PlanResult) -> None:
@@ -1341,7 +1342,7 @@ SCHEDULE_GAIN = 0.03
 
 def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: float) -> list[str]:
     """The plan that reaches the final target soonest; against a deadline, whether it is met. Returns the note
-    that a constant size was preferred to a schedule barely faster, for the caller to add if it stands."""
+    constant size preferred to a schedule barely faster, if one was, for the caller to say so."""
     reaching = {k: p for k, p in projected.items() if p.reaches}
     if not reaching:
         result.notes.append("no plan reaches the final target within the run")
@@ -1350,11 +1351,12 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
     name = min(reaching, key=lambda k: reaching[k].seconds_to_target)
     fastest_constant = min((p for k, p in reaching.items() if k != "schedule"),
                            key=lambda p: p.seconds_to_target, default=None)
+    deadline = result.deadline_seconds
     if name == "schedule" and fastest_constant is not None and (
-            fastest_constant.seconds_to_target <= (1 + SCHEDULE_GAIN) * reaching[name].seconds_to_target):
+            fastest_constant.seconds_to_target <= (1 + SCHEDULE_GAIN) * reaching[name].seconds_to_target) and (
+            deadline is None or fastest_constant.seconds_to_target <= deadline):  # else the closest is the fastest
         name = _plan_name(fastest_constant)  # within the projection's noise the simpler plan is the one to run
-        simpler.append(f"the schedule would save under {SCHEDULE_GAIN:.0%} of the time of {name}: the constant "
-                       "size is recommended, being simpler to run")
+        simpler.append(name)
     pick = reaching[name]
     entry = _plan_dict(pick, result.gpus, result.price_per_hour)
     if name == "schedule":
