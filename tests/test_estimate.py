@@ -492,3 +492,13 @@ def test_a_ctrl_c_during_a_traced_step_is_raised_once_the_step_is_done():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_estimates_parameter_bytes_are_the_parameters_and_its_buffers_are_named(write_spec):
+    """'431.0 KiB' stood beside 'parameters' where it counted the buffers too."""
+    from batchtune.render.probe import _estimate_text
+
+    e = {"parameters": 9962, "parameter_bytes": 40392, "buffer_bytes": 544, "optimizer_state_bytes": 39848,
+         "allocator": "cpu", "traced_steps": 7, "seconds": 0.4, "peak_rss_bytes": 2**28}
+    assert _estimate_text(e).startswith("9,962 parameters (38.9 KiB; buffers 544 B), optimizer state 38.9 KiB")
+    assert _estimate_text({**e, "buffer_bytes": 0}).startswith("9,962 parameters (39.4 KiB), optimizer")

@@ -572,10 +572,13 @@ class StepTracer:
                                 "and whose optimizer step's the trace does not count (an outside SparseAdam model's "
                                 "estimate was 2.2× the measured ceiling)")
         self.counter = _BlockCounter(target.block_bytes)
-        tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
-        for t in tensors:
-            self.counter.add(t, enforce=False)
-        self.parameter_bytes = self.counter.current
+        for t in self.model.parameters():
+            self.counter.add(t.detach(), enforce=False)
+        weights = self.counter.current
+        for t in self.model.buffers():
+            self.counter.add(t.detach(), enforce=False)
+        self.parameter_bytes = self.counter.current  # parameters and buffers: what the model holds before a step
+        self.buffer_bytes = self.parameter_bytes - weights
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.sample = self._sample()
         self._work: Any = None
@@ -669,6 +672,7 @@ class StepTracer:
         return {"allocator": self.target.allocator, "block_bytes": self.target.block_bytes,
                 "context_bytes": self.target.context_bytes, "total_bytes": self.target.total_bytes,
                 "parameters": self.parameters, "parameter_bytes": self.parameter_bytes,
+                "buffer_bytes": self.buffer_bytes,
                 "optimizer_state_bytes": self.state_bytes(), "traced_steps": len(self.points),
                 "seconds": round(sum(p.seconds for p in self.points), 3), "peak_rss_bytes": peak_rss_bytes(),
                 "points": [p.to_dict() for p in self.points]}

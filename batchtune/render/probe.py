@@ -141,7 +141,10 @@ def _estimate_text(e: dict[str, Any]) -> str:
     """What the estimate counted and what it cost: ``76,810 parameters (300.0 KiB), optimizer state ...``."""
     allocator = (f"CUDA allocator: {e['block_bytes']}-byte blocks + {format_bytes(e['context_bytes'])} context"
                  if e["allocator"] == "cuda" else "CPU simulation's byte count")
-    return (f"{e['parameters']:,} parameters ({format_bytes(e['parameter_bytes'])}), optimizer state "
+    buffers = e.get("buffer_bytes") or 0  # counted with the parameters: an outside model's 'parameters' held both
+    held = (f"{format_bytes(e['parameter_bytes'] - buffers)}; buffers {format_bytes(buffers)}" if buffers
+            else format_bytes(e["parameter_bytes"]))
+    return (f"{e['parameters']:,} parameters ({held}), optimizer state "
             f"{format_bytes(e['optimizer_state_bytes'])}; {allocator}; {e['traced_steps']} traced steps in "
             f"{e['seconds']:.1f} s, process peak RSS {format_bytes(e['peak_rss_bytes'])}")
 
