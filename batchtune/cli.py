@@ -509,13 +509,15 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def _show_again(out: Path, hint: str, fmt: str) -> None:
-    """Where ``out`` holds this same plan, finished (:func:`_finished_plan`), show it and exit with its code.
+    """Where ``out`` holds this same plan, finished (:func:`_plan_in`), show it and exit with its code, as a finished
+    sweep's --resume does (a retry wrapper got exit 2 from a finished plan's folder, and the plan's result from a
+    sweep's).
     Rank 0 reads and shows it; every rank exits alike."""
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import PLAN_FILE
 
     dist = current()
-    if dist.broadcast(dist.on_main(lambda: _finished_plan(out, hint))):
+    if dist.broadcast(dist.on_main(lambda: _plan_in(out, hint) == "finished")):
         note = f"note: {out} holds this plan, finished: shown as it was planned, nothing run again"
         raise typer.Exit(dist.broadcast(dist.on_main(lambda: _echo_plan(out / PLAN_FILE, fmt, note).exit_code)))
 
@@ -620,13 +622,6 @@ def _echo_plan(path: Path, fmt: str, note: str | None = None) -> Any:
                          f"{exc}): written by an older batchtune? plan again") from None
     typer.echo(render_plan(plan, fmt))
     return plan
-
-
-def _finished_plan(out: Path, hint: str) -> bool:
-    """Whether ``out`` holds this same plan, finished (:func:`_plan_in` says "finished"). Run again, the command
-    shows it, as a finished sweep's --resume does (a retry wrapper got exit 2 from a finished plan's folder, and
-    the plan's result from a sweep's)."""
-    return _plan_in(out, hint) == "finished"
 
 
 def _plan_in(out: Path, hint: str) -> str | None:

@@ -767,13 +767,13 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
 
 
 def lower_lr(lead: dict[str, Any]) -> str:
-    """How to plan at a lower lr than the lead run's. Where the calibration's lr search chose it (×4 the rule's),
-    lowering optimizer.lr moves the search down with it: an outside plan said 'try a lower optimizer.lr' twice
+    """How to plan at a lower lr than the lead run's ('a lower lr ...', after 'try' or 'plan again with'). Where
+    the calibration's lr search chose it (×4 the rule's), lowering optimizer.lr moves the search down with it: an outside plan said 'try a lower optimizer.lr' twice
     more, its lead run at ×4 each time, until sweep.lr_search=false planned at once."""
     mult = float(lead.get("lr_multiplier") or 1.0)
     if mult <= 1:
-        return "try a lower lr (optimizer.lr)"
-    return (f"try a lower lr: sweep.lr_search=false trains at the rule's lr, or sweep.lr_multipliers with "
+        return "a lower lr (optimizer.lr)"
+    return (f"a lower lr: sweep.lr_search=false trains at the rule's lr, or sweep.lr_multipliers with "
             f"sweep.lr_extensions=0 keeps the calibration's search below ×{mult:g} (lowering optimizer.lr moves the "
             "search down with it)")
 
@@ -794,7 +794,7 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
         return [f"the lead run's validation loss swung: {low:.4g} after {at_low:,.0f} samples, {peak:.4g} after "
                 f"{at_peak:,.0f}, {again:.4g} after {at_again:,.0f} ({lead['evals'][-1][3]:.4g} at the end): the "
                 f"loss is unstable at this lr ({where}), too high to settle; not overfitting (a curve that falls "
-                f"again did not turn); {lower_lr(lead)}"]
+                f"again did not turn); try {lower_lr(lead)}"]
     turn = _turned_up(lead["evals"])
     if turn is None:
         return []
@@ -978,7 +978,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     if lead is not None and _swing(lead["evals"]) is not None:
         result.notes.append("nothing projected: the lead run's loss swung (above), so a run at these lrs follows "
-                            f"no loss curve the calibration can read; plan again with {lower_lr(lead)[4:]}")
+                            f"no loss curve the calibration can read; plan again with {lower_lr(lead)}")
         return result
     law = _critical_law(result, rows, meta, lead, adaptive=spec.optimizer.family == "adaptive")
     if law is None:

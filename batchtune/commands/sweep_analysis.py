@@ -203,7 +203,8 @@ def calm_everywhere(rows: list[dict[str, Any]]) -> bool:
     by_size: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_size.setdefault(row["batch_size"], []).append(row)
-    return all(any(not r.get("busy") for r in _timed(grp)) for grp in by_size.values() if _timed(grp))
+    timed = [_timed(grp) for grp in by_size.values()]
+    return all(any(not r.get("busy") for r in grp) for grp in timed if grp)
 
 
 def size_rates(rows: list[dict[str, Any]]) -> dict[int, tuple[float, float | None]]:

@@ -120,6 +120,12 @@ def _local_ranks() -> int:
     return max(int(ranks), 1) if ranks.isdigit() else 1
 
 
+def _stat_fields(path: Path) -> list[str]:
+    """A /proc/<pid>/stat file's fields after the command's closing parenthesis (state, ppid, ...; a command may
+    hold spaces and parentheses itself)."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def _sibling_seconds() -> dict[int, float]:
     """CPU seconds so far of this job's other processes on this machine, by pid: under torchrun the other
     ranks its agent (our parent) started, and every rank's children (DataLoader workers: an outside check with
@@ -128,8 +134,8 @@ def _sibling_seconds() -> dict[int, float]:
     parent = os.getppid() if ranked else None
     stats = {}
     for entry in Path("/proc").glob("[0-9]*"):
-        try:  # fields after the command's closing parenthesis: state, ppid, ... utime (12th), stime (13th)
-            fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        try:  # ppid is the 2nd field after the command, utime and stime the 12th and 13th
+            fields = _stat_fields(entry / "stat")
             stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
         except (OSError, IndexError, ValueError):
             continue  # gone since the listing
@@ -227,8 +233,7 @@ PROCESS_START: float | None = None
 def process_age() -> float:
     """Seconds since this process started (Linux: /proc), 0 where that is not known."""
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        ticks = int(_stat_fields(Path("/proc/self/stat"))[19])  # field 22, starttime, in clock ticks after boot
         with open("/proc/uptime", encoding="ascii") as f:
             uptime = float(f.read().split()[0])
         return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))

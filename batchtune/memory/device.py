@@ -284,7 +284,9 @@ class _StorageCounter(TorchDispatchMode):
         """What a storage takes: its bytes (the estimate rounds them to the allocator's block)."""
         return storage.nbytes()
 
-    def add(self, tensor: torch.Tensor, enforce: bool = True) -> None:
+    def add(self, tensor: torch.Tensor, enforce: bool = True, nbytes: int | None = None) -> None:
+        """Count ``tensor``'s storage for as long as it lives: its bytes, or ``nbytes`` where a real kernel would
+        have allocated what a fake one left empty (the estimate's recurrent workspace)."""
         if self._interrupted:  # a Ctrl-C that landed in a weak reference's callback, delivered here
             self._interrupted = False
             raise KeyboardInterrupt
@@ -292,7 +294,7 @@ class _StorageCounter(TorchDispatchMode):
         if storage is None:
             return
         key = id(storage)
-        nbytes = self._bytes(storage)
+        nbytes = self._bytes(storage) if nbytes is None else nbytes
         entry = self._live.get(key)
         if entry is not None:
             if entry[0] == nbytes:

@@ -43,7 +43,6 @@ import threading
 import time
 import traceback
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -260,21 +259,10 @@ class _BlockCounter(_StorageCounter):
                 return _neutral_scalar(args[0])
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if func is _RNN_LAYER and not args[8] and not kwargs and isinstance(out[3], torch.Tensor):  # not packed
-            self._charge(out[3], self._rnn_workspace(func, args))
+            # counted at the real kernel's size for as long as it lives (its backward reads it; an output of that
+            # size crashed the fake backward kernel, so the empty one stays)
+            self.add(out[3], enforce=False, nbytes=_round_up(self._rnn_workspace(func, args), self.block_bytes))
         return out
-
-    def _charge(self, tensor: torch.Tensor, nbytes: int) -> None:
-        """Count ``tensor``'s storage as ``nbytes`` (rounded to the block) for as long as it lives: the bytes a
-        real kernel's output would take where the fake one is left empty (its backward reads it; an output of
-        the real size crashed the fake backward kernel)."""
-        storage = self._storage(tensor)
-        if storage is None:
-            return
-        key, nbytes = id(storage), _round_up(nbytes, self.block_bytes)
-        entry = self._live.get(key)
-        self.current += nbytes - (entry[0] if entry else 0)
-        self._live[key] = (nbytes, weakref.ref(storage, lambda _, k=key: self._freed(k)))
-        self.peak = max(self.peak, self.current)
 
     def _rnn_workspace(self, func: Any, args: tuple) -> int:
         """Bytes of oneDNN's workspace for a recurrent layer's forward, which its fake kernel leaves empty (an
