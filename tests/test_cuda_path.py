@@ -414,7 +414,9 @@ def test_fp16_gradients_that_overflow_at_every_scale_are_a_divergence(write_spec
 
 
 def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
     started = time.perf_counter()
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -432,4 +434,5 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     assert out.returncode == (1 if "FAIL" in status.values() else 0)
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == list(status.values())
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("gpu_check_")]  # its specs went with it
     assert seconds < 150, seconds  # ~25 s of CPU, most of it gc.collect() after each OOM
