@@ -507,6 +507,23 @@ def tiny_lstm(in_features: int = 4, hidden: int = 32, num_classes: int = 4, laye
     return _LSTMClassifier(in_features, hidden, num_classes, layers, bidirectional)
 
 
+class _EncoderClassifier(nn.Module):
+    def __init__(self, in_features: int, dim: int, layers: int, num_classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_features, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)  # deep copies of `layer`
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def tiny_encoder(in_features: int = 4, dim: int = 32, layers: int = 2, num_classes: int = 4) -> nn.Module:
+    """An nn.TransformerEncoder classifier: its layers are deep copies made under the factory's (fake) mode."""
+    return _EncoderClassifier(in_features, dim, layers, num_classes)
+
+
 def sequence_data(n_train: int = 256, n_val: int = 64, length: int = 20, in_features: int = 4, num_classes: int = 4):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_train + n_val, length, in_features, generator=g)

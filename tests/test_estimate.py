@@ -92,6 +92,26 @@ def test_an_lstm_is_traced_with_the_workspace_its_cpu_kernel_keeps_for_backward(
             assert traced == measured
 
 
+ENCODER_SPEC = LSTM_SPEC.replace("tiny_lstm", "tiny_encoder").replace("layers: {layers}, bidirectional: {bi}",
+                                                                      "layers: {layers}")
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_transformer_encoders_cloned_layers_are_traced_to_the_byte(write_spec, layers):
+    """nn.TransformerEncoder deep-copies its layer: under the fake mode the copies' weights were another mode's,
+    converted afresh by each op, and the trace counted a copy of each weight that backward keeps (an outside
+    encoder's estimate stood 128 KiB a layer above the measured peak, its ceiling 119 against 120)."""
+    spec, components, backend = prepare(load_spec(write_spec(ENCODER_SPEC.format(layers=layers))))
+    tracer = StepTracer(spec, components, resolve_target(spec, "1GiB"))
+    for b in (1, 16):
+        model = components.build_model(spec.seed)
+        backend.track(list(model.parameters()) + list(model.buffers()))
+        config = trial_config(spec, BatchShape(b), lr=0.05, steps=2, grad_clip=None)
+        measured = Trainer(components, backend, "fp32", current()).run(config, model=model).peak_bytes
+        del model
+        assert tracer.trace(b).peak_bytes == measured, (layers, b)
+
+
 BAG_SPEC = """
 name: bags
 model: {target: "tests.fixtures:bag_model"}
