@@ -402,8 +402,8 @@ def test_a_drop_that_a_second_timing_does_not_show_passes_regression(baseline):
                                  "check.throughput_tolerance=0.75"])
     reg = run_check(spec, batch_size=32, baseline=run).check("regression")
     first, second = reg.figures["timings"]
-    # 20 ms of sleep a step, then none
-    assert first < 0.05 * reg.figures["baseline_samples_per_s"] and second > 10 * first
+    # 20 ms of sleep a step (at most 1,600 samples/s at 32), then none (~10× that, less on a loaded machine)
+    assert first <= 32 / 0.02 and second > 3 * first, (first, second)
     assert reg.figures["samples_per_s"] == second
     # pass, or on a loaded machine a warning that the drop is within the noise: never a failure
     assert reg.status == ("pass" if reg.figures["throughput_change"] >= -0.75 else "warn"), check_reason(reg)
