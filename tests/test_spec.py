@@ -83,6 +83,18 @@ def test_overrides_parse_as_yaml_and_are_validated(write_spec):
     assert str(info.value.issues[0]) == "override 'nokey.sub=3': nokey: unknown key"
 
 
+def test_an_override_meant_as_a_list_or_mapping_that_is_not_yaml_is_refused_not_read_as_text(write_spec):
+    """`model.kwargs.h=[1` had reached the model factory as the string '[1', blamed on the spec file's line."""
+    path = write_spec()
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["model.kwargs.h=[1", "name={a", "data.kwargs.x=1"])
+    assert [str(i) for i in info.value.issues] == [
+        "override 'model.kwargs.h=[1': model.kwargs.h: the value is not valid YAML (expected ',' or ']', but got "
+        "'<stream end>')",
+        "override 'name={a': name: the value is not valid YAML (expected ',' or '}', but got '<stream end>')"]
+    assert load_spec(path, ["name=@tuned"]).name == "@tuned"  # plain text YAML refuses is still text
+
+
 def test_optimizer_extra_keys_are_kwargs(write_spec):
     spec = load_spec(write_spec(), ["optimizer.weight_decay=0.1", "optimizer.betas=[0.9, 0.95]"])
     assert spec.optimizer.options == {"weight_decay": 0.1, "betas": [0.9, 0.95]}

@@ -794,8 +794,12 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str], issues: list[Sp
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as exc:
+            if raw.strip()[:1] in "[{\"'":  # meant as a list, a mapping or a quoted string: never read as text
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                issues.append(SpecIssue(key, f"the value is not valid YAML ({problem})", f"override {item!r}"))
+                continue
+            value = raw  # plain text YAML would not take as it stands (`@x`, `a: b: c`): meant as a string
         _set_dotted(data, key, value)
         origin[key] = item
     return origin
