@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached, overhead_notes
+from batchtune.config.spec import MAX_COUNT, count_text
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -145,15 +146,32 @@ def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int
     if tokens is not None and tokens_per_sample <= 1:
         raise UsageError(f"--tokens {tokens}: this data has no tokens (each sample's target is one value, not a "
                          "sequence of token ids), so a run cannot be counted in them: give --samples or --epochs")
+    _countable(given[0], {"--samples": samples, "--epochs": epochs, "--tokens": tokens}[given[0]])
     if samples is not None:
         n = samples
-    elif epochs is not None:
-        n = int(epochs * n_train)
     else:
-        n = int(tokens / max(tokens_per_sample, 1))
+        runs = epochs * n_train if epochs is not None else tokens / max(tokens_per_sample, 1)
+        _countable(given[0], runs, f"{count_text(epochs if epochs is not None else tokens)} is a run of ")
+        n = int(runs)
     if n <= 0:
         raise UsageError(f"{given[0]} gives a run of {n} samples: it must be positive")
     return n
+
+
+def _countable(flag: str, value: float, said: str = "") -> None:
+    """Refuse a run's length (or the samples it makes, after ``said``) that is not a number or is past
+    :data:`~batchtune.config.spec.MAX_COUNT`: --epochs 1e308 overflowed int() in a traceback, and --samples 1e100
+    calibrated for ever.
+
+    Raises:
+        UsageError: naming ``flag``.
+    """
+    if value != value:
+        raise UsageError(f"{flag} nan: give the run's length as a number")
+    if value > MAX_COUNT:
+        raise UsageError(f"{flag} {said}{count_text(value)}{' samples' if said else ''}: more than the largest count "
+                         f"taken, {MAX_COUNT:,} (2**53); a run this long would never finish, nor its calibration "
+                         "(a share of it)")
 
 
 def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = None, tokens: int | None = None,
@@ -255,6 +273,11 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     with _in_tokens(tokens, n, components):
         calibration_spec, per_trial, notes, left_out = _calibration_spec(
             spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale)
+    smallest = min(calibration_spec.sweep.batch_sizes)
+    if smallest * scale > n:  # an outside --gpus 100000 projected '0 steps to target' (1e23: ZeroDivisionError)
+        raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
+                         f"{smallest * scale:,}, more than the run's {n:,} samples (not one step): plan fewer "
+                         "devices or a longer run")
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
