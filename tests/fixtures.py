@@ -559,3 +559,20 @@ def missing_sample_data(missing: int = 40, split: str = "train"):
     if split == "val":
         return train, _MissingSample(val, missing)
     return _MissingSample(train, missing), val
+
+
+class _NaNInEval(nn.Module):
+    """tiny_mlp whose outputs are NaN in eval mode alone: training steps are finite, every validation loss is NaN
+    (running statistics gone bad, a broken eval-only branch)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if self.training else out * float("nan")
+
+
+def nan_in_eval_mlp(**kwargs) -> nn.Module:
+    return _NaNInEval(**kwargs)
