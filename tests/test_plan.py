@@ -1162,14 +1162,41 @@ def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibra
     assert "\nrecommended: schedule (among the calibrated sizes only)\n" in render_plan(shown)
     closest = result(recommendation=None, closest={"plan": "constant 64", "reasons": []})  # a deadline missed
     _calibrated_only(closest, [32, 64], {"sizes": [128], "samples": 983_040}, scale=2)  # --gpus 2, one process
-    assert closest.closest["reasons"] == [
-        "chosen among the calibrated sizes only (64, 128 global): 256 global was left out of the calibration (see "
-        "the notes), so "
-        "neither projected nor judged, and this plan cannot say whether it is faster; a run of at least 983,040 "
-        "samples calibrates every size, and batchtune sweep measures it directly"]
+    assert closest.closest["reasons"] == [  # a global size (and its lr) was not tried: not called calibrated
+        "chosen among the sizes calibrated per device only, 32, 64 per device (64, 128 global on 2 devices), whose "
+        "global sizes' lrs are the scaling rule's, not tried: 128 per device (256 global on 2 devices) was left out "
+        "of the calibration (see the notes), so neither projected nor judged, and this plan cannot say whether it "
+        "is faster; a run of at least 983,040 samples calibrates every size, and batchtune sweep measures it "
+        "directly"]
+    assert closest.closest["left_out"] == [256]
+    on_four = SimpleNamespace(**{**vars(shown), "gpus": 4, "calibration": {"world_size": 1}})  # --gpus 4
+    assert "\nrecommended: schedule (among the sizes calibrated per device only)\n" in render_plan(on_four)
+    measured = SimpleNamespace(**{**vars(shown), "gpus": 4, "calibration": {"world_size": 4}})  # torchrun on 4
+    assert "\nrecommended: schedule (among the calibrated sizes only)\n" in render_plan(measured)
     every = result()
     _calibrated_only(every, [32, 64, 128], {"sizes": [], "samples": 1})
     assert len(every.recommendation["reasons"]) == 2 and "left_out" not in every.recommendation
+
+
+@pytest.mark.parametrize("overrides, lr", [
+    ([], "its lr the one chosen at the one-device size scaled by the sqrt rule"),
+    (["lr_scaling=none"], "its lr the one chosen at the one-device size, unscaled (lr_scaling: none)"),
+])
+def test_gpus_in_one_process_says_the_global_sizes_lrs_were_not_tried(overrides, lr):
+    """An outside plan for --gpus 4 called its global sizes calibrated, though neither they nor their lrs (the
+    scaling rule's) were tried."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _device_notes
+    from batchtune.config.spec import load_spec
+
+    spec = load_spec("configs/quickstart.yaml", overrides)
+    one = SimpleNamespace(enabled=False, world_size=1)
+    assert _device_notes(4, one, spec) == [
+        "--gpus 4: each size is projected at 4× its batch and 4× its one-device samples/s (linear scaling assumed, "
+        f"no communication measured), {lr}: the sizes were calibrated per device, and no lr was tried at a global "
+        "size; torchrun --nproc-per-node 4 measures them"]
+    assert _device_notes(1, one, spec) == []
 
 
 def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extrapolated():

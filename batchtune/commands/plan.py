@@ -285,7 +285,7 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
     _calibrated_only(result, calibration_spec.sweep.batch_sizes, left_out, scale)
     trained = result.calibration["samples"]
-    result.notes = notes + _device_notes(gpus, dist) + result.notes
+    result.notes = notes + _device_notes(gpus, dist, spec) + result.notes
     lead = cal.lead
     if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
@@ -528,15 +528,23 @@ def _device_count(gpus: int | None, world_size: int, verify: bool) -> int:
     return devices
 
 
-def _device_notes(gpus: int, dist: Any) -> list[str]:
-    """What the projection's device count rests on: measured ranks, or assumed scaling (one device: nothing to say)."""
+def _device_notes(gpus: int, dist: Any, spec: Any) -> list[str]:
+    """What the projection's device count rests on: measured ranks, or assumed scaling (one device: nothing to say).
+    With --gpus G in one process each global size's lr is the scaling rule's, not one the calibration tried: an
+    outside plan for 4 GPUs called its global sizes calibrated."""
+    from batchtune.stats.scaling import spec_rule
+
     if dist.enabled:
         return [f"measured on {dist.world_size} ranks ({dist.backend}): each size's samples/s is its global "
                 "batch's, timed with every rank training its own shard and the gradients all-reduced; the "
                 f"projection's {gpus} devices are those ranks (no scaling assumed)"]
     if gpus > 1:
+        rule = spec_rule(spec)
+        lr = ("its lr the one chosen at the one-device size, unscaled (lr_scaling: none)" if rule == "none" else
+              f"its lr the one chosen at the one-device size scaled by the {rule} rule")
         return [f"--gpus {gpus}: each size is projected at {gpus}× its batch and {gpus}× its one-device samples/s "
-                f"(linear scaling assumed, no communication measured); torchrun --nproc-per-node {gpus} measures it"]
+                f"(linear scaling assumed, no communication measured), {lr}: the sizes were calibrated per device, "
+                f"and no lr was tried at a global size; torchrun --nproc-per-node {gpus} measures them"]
     return []
 
 
@@ -631,12 +639,15 @@ def _calibrated_only(result: PlanResult, calibrated: list[int], left_out: dict[s
     chosen = result.recommendation or result.closest
     if not left_out.get("sizes") or chosen is None:
         return
-    inside = ", ".join(str(b * scale) for b in calibrated) + (" global" if scale > 1 else "")
-    outside = ", ".join(str(b * scale) for b in left_out["sizes"]) + (" global" if scale > 1 else "")
+    if scale > 1:  # --gpus G in one process: a global size b×G was not tried, nor its lr (the rule's, from b's)
+        among = (f"the sizes calibrated per device only, {sizes_text(calibrated, scale)}, whose global sizes' lrs "
+                 "are the scaling rule's, not tried")
+    else:
+        among = f"the calibrated sizes only ({', '.join(map(str, calibrated))})"
     chosen["left_out"] = [b * scale for b in left_out["sizes"]]
     one = len(chosen["left_out"]) == 1
     chosen["reasons"].append(
-        f"chosen among the calibrated sizes only ({inside}): {outside} {'was' if one else 'were'} left out of the "
+        f"chosen among {among}: {sizes_text(left_out['sizes'], scale)} {'was' if one else 'were'} left out of the "
         "calibration (see the notes), so neither projected nor judged, and this plan cannot say whether "
         f"{'it is' if one else 'they are'} faster; a run of at least {left_out['samples']:,} samples calibrates "
         f"every size, and batchtune sweep measures {'it' if one else 'them'} directly")
