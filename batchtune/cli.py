@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from batchtune.errors import STOPPING, TrainingError, UsageError, error_line
-from batchtune.config.spec import SpecError, load_spec
+from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
 from batchtune.render.logs import setup_logging
 
 try:  # typer 0.2x carries its own click
@@ -932,6 +932,8 @@ def _whole(flag: str, value: float | None) -> int | None:
     """A count given as a number (``1e6``, ``400000``), refused where it is not whole."""
     if value is None:
         return None
+    if value > MAX_COUNT:  # --samples 1e100 calibrated for ever, and 1e400 (inf) was 'not a whole number'
+        raise UsageError(f"{flag}: {past_max_count(value, 'a run this long would never finish')}")
     if not float(value).is_integer():
         raise UsageError(f"{flag} {value:g}: give a whole number")
     return int(value)
@@ -948,9 +950,9 @@ def plan(
     tokens: Annotated[Optional[float], typer.Option("--tokens", min=1, help="... or in tokens (token data: each "
                                                                             "sample's target a token sequence).")] = None,
     gpus: Annotated[Optional[int], typer.Option(
-        "--gpus", min=1, help="Devices the run gets (data parallel). One process: default 1, and G > 1 assumes "
-                              "linear scaling; under torchrun the ranks are measured and this must be the world "
-                              "size (or left out).", show_default=False)] = None,
+        "--gpus", min=1, max=MAX_COUNT, help="Devices the run gets (data parallel). One process: default 1, and "
+                                             "G > 1 assumes linear scaling; under torchrun the ranks are measured and "
+                                             "this must be the world size (or left out).", show_default=False)] = None,
     price_per_hour: Annotated[Optional[float], typer.Option("--price-per-hour", min=0,
                                                             help="Price of one device-hour, for the cost.")] = None,
     deadline: Annotated[Optional[str], typer.Option(

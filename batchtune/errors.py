@@ -8,11 +8,15 @@ one of these.
 
 from __future__ import annotations
 
-__all__ = ["SAMPLE_NOTE", "LoadError", "TrainingError", "UsageError", "error_line", "noted_sample"]
+__all__ = ["BATCH_NOTE", "SAMPLE_NOTE", "LoadError", "TrainingError", "UsageError", "error_line", "noted_batch",
+           "noted_sample"]
 
 #: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
 #: worker passes the exception on as its traceback's text, and the note comes with it.
 SAMPLE_NOTE = "batchtune: raised fetching sample "
+#: The note a data set's failed batch fetch (its ``__getitems__``) carries where no one sample could be told to be the
+#: one that raised, followed by the batch's indices as text ("3, 17, 40, … (32 in all)").
+BATCH_NOTE = "batchtune: raised fetching the batch of samples "
 
 
 class UsageError(ValueError):
@@ -40,11 +44,19 @@ def noted_sample(exc: BaseException) -> int | None:
     return int(found[-1]) if found and found[-1].isdigit() else None
 
 
+def noted_batch(exc: BaseException) -> str | None:
+    """The indices of the batch whose fetch raised ``exc``, as its :data:`BATCH_NOTE` gives them (None: not noted)."""
+    lines = [*getattr(exc, "__notes__", ()), *str(exc).splitlines()]
+    found = [line.strip()[len(BATCH_NOTE):] for line in lines if line.strip().startswith(BATCH_NOTE)]
+    return found[-1] if found else None
+
+
 def error_line(exc: BaseException) -> str:
     """``'RuntimeError: first line of the message'`` (at most 300 characters). An error a DataLoader worker
     re-raised ("Caught IndexError in DataLoader worker process 0.", the worker's traceback below it) is its
     cause's last line: the first alone lost what went wrong."""
-    text = [line for line in str(exc).strip().splitlines() if line.strip() and not line.startswith(SAMPLE_NOTE)]
+    text = [line for line in str(exc).strip().splitlines()
+            if line.strip() and not line.startswith((SAMPLE_NOTE, BATCH_NOTE))]
     first = text[0].rstrip(".") if text else ""
     if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
         return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]

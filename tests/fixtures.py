@@ -546,9 +546,50 @@ class _MissingSample(Dataset):
         return self.base[index]
 
 
+class _MissingInBatch(_MissingSample):
+    """:class:`_MissingSample` that fetches a batch at once (``__getitems__``, which DataLoader's fetcher prefers):
+    it raises for a batch that holds the lost sample."""
+
+    def __getitems__(self, indices: list[int]):
+        if self.missing in indices:
+            raise KeyError("a sample of the batch is missing from shard")
+        return [self.base[i] for i in indices]
+
+
+class _MissingInBatchOnly(_MissingInBatch):
+    """:class:`_MissingInBatch` that reads whole batches alone: its ``__getitem__`` is torch's, which raises
+    NotImplementedError for any index."""
+
+    __getitem__ = Dataset.__getitem__
+
+
+def missing_in_batch_data(missing: int = 40, batches_only: bool = False):
+    """:func:`tiny_data` fetched by batch (``__getitems__``), with one sample of the training set missing;
+    ``batches_only``: no sample can be fetched alone."""
+    train, val = tiny_data()
+    return (_MissingInBatchOnly if batches_only else _MissingInBatch)(train, missing), val
+
+
 def missing_sample_data(missing: int = 40, split: str = "train"):
     """:func:`tiny_data` with one sample of the training (or, ``split: val``, the validation) set missing."""
     train, val = tiny_data()
     if split == "val":
         return train, _MissingSample(val, missing)
     return _MissingSample(train, missing), val
+
+
+class _NaNInEval(nn.Module):
+    """tiny_mlp whose outputs are NaN in eval mode alone: training steps are finite, every validation loss is NaN
+    (running statistics gone bad, a broken eval-only branch)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.net = tiny_mlp(**kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if self.training else out * float("nan")
+
+
+def nan_in_eval_mlp(**kwargs) -> nn.Module:
+    return _NaNInEval(**kwargs)

@@ -35,6 +35,7 @@ from batchtune.cli import app
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.commands.sweep import run_sweep
 from batchtune.render.check import TIME_SKIP, check_reason, render_check
+from batchtune.render.text import format_bytes
 from batchtune.stats.scaling import spec_lr
 from tests.conftest import TINY_SPEC, write_text
 
@@ -142,6 +143,23 @@ def test_a_batch_within_the_ceiling_passes_and_accumulation_reaches_past_it(writ
     assert (accumulated.shape.micro_batch_size, accumulated.shape.accum_steps) == (128, 4)
     assert accumulated.check("fits").status == "pass" and "trains" in accumulated.skipped
     assert accumulated.check("fits").figures["peak_bytes"] >= fits.figures["peak_bytes"]  # gradients live on
+
+
+def test_a_nan_validation_loss_is_not_called_validated_by_fits(write_spec):
+    """The fits run's validation pass gave a NaN loss, and fits passed, its figures saying 'validated': the memory
+    fits, the validation does not check out."""
+    spec = _spec(write_spec, CHECK_SPEC, "model.target=tests.fixtures:nan_in_eval_mlp", "model.kwargs={}")
+    fits = run_check(spec, batch_size=32, max_seconds=0.5).check("fits")  # the fits run alone: trains is skipped
+    assert (fits.status, fits.code, fits.figures["memory_code"]) == ("warn", "fits.val_nonfinite", "fits.ok")
+    assert math.isnan(fits.figures["val_loss"]) and fits.figures["validated"] is False
+    assert check_reason(fits) == (
+        f"peak {format_bytes(fits.figures['peak_bytes'])} of 200.0 KiB, {fits.figures['headroom']:.0%} free (at "
+        "least 10% required); but its validation pass gave a nan loss: the batch fits in memory, its validation "
+        "does not check out (the model in eval mode, the loss or the validation data is not finite)")
+    failed = fits_verdict(True, 190 * 1024, 200 * 1024, 0.10, val_loss=math.nan)  # the memory's failure comes first
+    assert (failed.status, failed.code) == ("fail", "fits.headroom")
+    assert check_reason(failed).endswith("(probe.headroom); its validation pass gave a nan loss too")
+    assert fits_verdict(True, 1024, 200 * 1024, 0.10, val_loss=2.3).code == "fits.ok"
 
 
 def test_fitting_with_too_little_headroom_fails(write_spec):
@@ -932,6 +950,10 @@ REPRESENTATIVE = {
                      "its own weights, 3.0 MiB of parameters and buffers (3,145,728 bytes), do not fit in the 1.0 MiB"),
     "fits.no_capacity": ("pass", {**_FITS, "capacity_bytes": None}, "runs, peak 1.9 MiB; the device capacity is unknown"),
     "fits.crashed": ("fail", _ERROR, "raised RuntimeError: mat1 and mat2"),
+    "fits.val_nonfinite": ("warn", {**_FITS, "memory_code": "fits.no_capacity", "capacity_bytes": None,
+                                    "val_loss": None},  # as JSON wrote it
+                           "the device capacity is unknown, so the headroom is not checked; but its validation pass "
+                           "gave a non-finite loss: the batch fits in memory, its validation does not check out"),
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
     "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),

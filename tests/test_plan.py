@@ -287,6 +287,23 @@ def test_run_length_options_and_deadlines():
         run_samples(None, 1000, 1, tokens=100_000)  # a float-feature classifier: 1 'token' a sample
     with pytest.raises(UsageError, match="exactly one"):
         run_samples(None, 1000, 1, samples=10, epochs=1.0)
+    assert run_samples(None, 1000, 1, samples=2**53) == 2**53
+
+
+@pytest.mark.parametrize("length,problem", [
+    ({"epochs": 1e308}, "--epochs 1e+308: more than the largest count taken, 9,007,199,254,740,992 (2**53); a run "
+                        "this long would never finish, nor its calibration (a share of it)"),
+    ({"epochs": 1e14}, "--epochs 1e+14 is a run of 1e+17 samples: more than the largest count taken"),
+    ({"epochs": math.inf}, "--epochs inf: more than the largest count taken"),
+    ({"epochs": math.nan}, "--epochs nan: give the run's length as a number"),
+    ({"samples": 10**100}, "--samples 1e+100: more than the largest count taken"),
+    ({"tokens": 2**53 * 128 + 128}, "--tokens 1.153e+18: more than the largest count taken"),
+])
+def test_a_run_too_long_to_count_is_refused(length, problem):
+    """--epochs 1e308 (or inf) overflowed int() in a traceback; --samples 1e100 calibrated for ever."""
+    with pytest.raises(UsageError) as info:
+        run_samples(None, 1000, 128, **length)
+    assert str(info.value).startswith(problem)
     assert parse_deadline("12h") == 43200 and parse_deadline("90min") == 5400 and parse_deadline("2") == 7200
     with pytest.raises(UsageError, match="--deadline"):
         parse_deadline("soon")
@@ -484,6 +501,11 @@ def test_counts_and_costs_as_people_write_and_read_them():
     assert _whole("--samples", 1e6) == 1_000_000 and _whole("--tokens", None) is None
     with pytest.raises(UsageError, match=r"--samples 1500.5: give a whole number"):
         _whole("--samples", 1500.5)
+    for value, shown in [(1e100, "1e+100"), (math.inf, "inf")]:  # inf (--samples 1e400) was 'not a whole number'
+        with pytest.raises(UsageError) as info:
+            _whole("--samples", value)
+        assert str(info.value) == (f"--samples: got {shown}, more than the largest count taken, 9,007,199,254,740,992 "
+                                   "(2**53): a run this long would never finish")
     assert [_money(v) for v in (0.0049, 0.01, 12.345, 0.0, None)] == ["0.0049", "0.01", "12.35", "0.00", "-"]
 
 
@@ -895,6 +917,11 @@ def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
         (["--samples", "1000", "--deadline", "tomorrow"], "--deadline: expected a duration such as 12h"),
         (["--samples", "1000"], "too short to plan"),
         (["--tokens", "100000"], "--tokens 100000: this data has no tokens"),  # float features and a class each
+        (["--epochs", "1e308"], "--epochs 1e+308: more than the largest count taken"),  # was an OverflowError
+        (["--samples", "1e100"], "--samples: got 1e+100, more than the largest count taken"),  # calibrated for ever
+        (["--samples", "1e6", "--gpus", "100000"], "--gpus 100,000: the smallest calibrated size, 32 per device, is a "
+                                                   "global batch of 3,200,000, more than the run's 1,000,000 samples"),
+        (["--samples", "1e6", "--gpus", str(10**23)], "9007199254740992"),  # was a ZeroDivisionError
         (["--samples", "400000", "--schedule-out", str(tmp_path / "sched.txt")],
          f"--schedule-out {tmp_path / 'sched.txt'}: a schedule is written as YAML or JSON; name a .yaml, .yml or "
          ".json file"),
@@ -1135,14 +1162,41 @@ def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibra
     assert "\nrecommended: schedule (among the calibrated sizes only)\n" in render_plan(shown)
     closest = result(recommendation=None, closest={"plan": "constant 64", "reasons": []})  # a deadline missed
     _calibrated_only(closest, [32, 64], {"sizes": [128], "samples": 983_040}, scale=2)  # --gpus 2, one process
-    assert closest.closest["reasons"] == [
-        "chosen among the calibrated sizes only (64, 128 global): 256 global was left out of the calibration (see "
-        "the notes), so "
-        "neither projected nor judged, and this plan cannot say whether it is faster; a run of at least 983,040 "
-        "samples calibrates every size, and batchtune sweep measures it directly"]
+    assert closest.closest["reasons"] == [  # a global size (and its lr) was not tried: not called calibrated
+        "chosen among the sizes calibrated per device only, 32, 64 per device (64, 128 global on 2 devices), whose "
+        "global sizes' lrs are the scaling rule's, not tried: 128 per device (256 global on 2 devices) was left out "
+        "of the calibration (see the notes), so neither projected nor judged, and this plan cannot say whether it "
+        "is faster; a run of at least 983,040 samples calibrates every size, and batchtune sweep measures it "
+        "directly"]
+    assert closest.closest["left_out"] == [256]
+    on_four = SimpleNamespace(**{**vars(shown), "gpus": 4, "calibration": {"world_size": 1}})  # --gpus 4
+    assert "\nrecommended: schedule (among the sizes calibrated per device only)\n" in render_plan(on_four)
+    measured = SimpleNamespace(**{**vars(shown), "gpus": 4, "calibration": {"world_size": 4}})  # torchrun on 4
+    assert "\nrecommended: schedule (among the calibrated sizes only)\n" in render_plan(measured)
     every = result()
     _calibrated_only(every, [32, 64, 128], {"sizes": [], "samples": 1})
     assert len(every.recommendation["reasons"]) == 2 and "left_out" not in every.recommendation
+
+
+@pytest.mark.parametrize("overrides, lr", [
+    ([], "its lr the one chosen at the one-device size scaled by the sqrt rule"),
+    (["lr_scaling=none"], "its lr the one chosen at the one-device size, unscaled (lr_scaling: none)"),
+])
+def test_gpus_in_one_process_says_the_global_sizes_lrs_were_not_tried(overrides, lr):
+    """An outside plan for --gpus 4 called its global sizes calibrated, though neither they nor their lrs (the
+    scaling rule's) were tried."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _device_notes
+    from batchtune.config.spec import load_spec
+
+    spec = load_spec("configs/quickstart.yaml", overrides)
+    one = SimpleNamespace(enabled=False, world_size=1)
+    assert _device_notes(4, one, spec) == [
+        "--gpus 4: each size is projected at 4× its batch and 4× its one-device samples/s (linear scaling assumed, "
+        f"no communication measured), {lr}: the sizes were calibrated per device, and no lr was tried at a global "
+        "size; torchrun --nproc-per-node 4 measures them"]
+    assert _device_notes(1, one, spec) == []
 
 
 def test_a_final_loss_far_below_what_the_calibration_measured_is_said_to_be_extrapolated():

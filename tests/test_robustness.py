@@ -957,6 +957,42 @@ def test_a_sample_that_raises_in_a_dataloader_worker_is_named_and_checks_table_s
         "0) while loading a training batch (data.target pkg:shard, sample 3)")
 
 
+@pytest.mark.parametrize("batches_only, workers, where", [
+    (False, 0, "sample 3"),
+    (False, 1, "sample 3"),  # the note crosses from the worker as its traceback's text
+    (True, 0, "its __getitems__ for the batch of samples 142, 268, 141, 233, 297, 235, 113, 3"),
+])
+def test_a_data_set_that_fetches_whole_batches_is_named_by_sample_or_batch(batches_only, workers, where):
+    """A data set with ``__getitems__`` (DataLoader's fetcher calls it for the batch) that raised was named with no
+    sample: the first sample whose own fetch raises the same error is named, else the batch's indices."""
+    from batchtune.engine.data import batches, load_next
+    from batchtune.errors import LoadError
+    from tests.fixtures import missing_in_batch_data
+
+    train, _ = missing_in_batch_data(missing=3, batches_only=batches_only)
+    stream = batches(train, 8, seed=0, num_workers=workers)
+    with pytest.raises(LoadError) as caught:
+        for _ in range(len(train) // 8 + 1):  # one epoch meets sample 3
+            load_next(stream, "training", "data.target pkg:shard")
+    worker = " (in DataLoader worker: Caught KeyError in DataLoader worker process 0)" if workers else ""
+    assert str(caught.value) == (f"loading a training batch raised KeyError: 'a sample of the batch is missing from "
+                                 f"shard'{worker} (data.target pkg:shard, {where}); BATCHTUNE_DEBUG=1 shows the "
+                                 "traceback")
+
+
+def test_a_batch_note_lists_at_most_eight_samples():
+    from batchtune.engine.data import _fetch_batch
+    from batchtune.errors import noted_batch, noted_sample
+    from tests.fixtures import missing_in_batch_data
+
+    train, _ = missing_in_batch_data(missing=40, batches_only=True)
+    with pytest.raises(KeyError) as caught:
+        _fetch_batch(train, list(range(30, 50)))
+    assert noted_sample(caught.value) is None
+    assert noted_batch(caught.value) == "30, 31, 32, 33, 34, 35, 36, 37, … (20 in all)"
+    assert [len(b) for b in _fetch_batch(train, [0, 1])] == [2, 2]  # a batch that fetches: as it is
+
+
 def test_a_data_factory_or_a_len_that_blocks_stops_at_the_trial_timeout(write_spec):
     """Only reads were bounded: a data set whose __len__ blocked, a data factory or a model factory that blocked, hung
     probe, sweep, serve and plan."""

@@ -259,14 +259,56 @@ def test_a_whole_number_in_exponent_form_is_taken_where_an_integer_is(write_spec
     ("sweep.samples=1.5", "sweep.samples: must be a whole number, got 1.5"),
     ("sweep.min_steps=2.5e0", "sweep.min_steps: must be a whole number, got 2.5e0 (= 2.5)"),
     ("sweep.batch_sizes=[16, 2.25e1]", "sweep.batch_sizes: item 1 must be a whole number, got 2.25e1 (= 22.5)"),
-    # a float YAML reads as one (a dot, a signed exponent) past 64 bits stays pydantic's to refuse
-    ("sweep.seeds=1.0e+20", "sweep.seeds: Unable to parse input string as an integer, exceeded maximum size (got "
-                            "1e+20)"),
+    # a float YAML reads as one (a dot, a signed exponent) past 2**53 is a count too large
+    ("sweep.seeds=1.0e+20", "sweep.seeds: got 1e+20, more than the largest count taken, 9,007,199,254,740,992 "
+                            "(2**53): work this large would never finish"),
 ])
 def test_a_number_with_a_fraction_is_refused_where_an_integer_is(write_spec, override, problem):
     result = _validate(write_spec(), override)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
+_TOO_MANY = "more than the largest count taken, 9,007,199,254,740,992 (2**53)"
+
+
+@pytest.mark.parametrize("override,problem", [
+    ("sweep.samples=1e100", f"sweep.samples: got 1e+100, {_TOO_MANY}: work this large would never finish"),
+    ("sweep.samples=100000000000000000000", f"sweep.samples: got 1e+20, {_TOO_MANY}: work this large would never "
+                                            "finish"),
+    ("sweep.samples=9007199254740993", f"sweep.samples: got 9,007,199,254,740,993, {_TOO_MANY}: work this large "
+                                       "would never finish"),
+    ("check.steps=1e400", f"check.steps: got 1e+400, {_TOO_MANY}: work this large would never finish"),
+    ("sweep.batch_sizes=[16, 1e30]", f"sweep.batch_sizes: item 1 got 1e+30, {_TOO_MANY}: work this large would "
+                                     "never finish"),
+    ("device.memory_limit=99999999999999999999TiB", f"device.memory_limit: got 1.1e+32, {_TOO_MANY}: no device "
+                                                    "holds that many bytes"),
+])
+def test_a_count_past_2_to_the_53_is_refused(write_spec, override, problem):
+    """An outside 'sweep.samples=1e100' was taken (exponent form reads as the integer it spells), and the sweep
+    would have trained for ever."""
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
+def test_counts_up_to_2_to_the_53_and_the_seed_range_are_taken(write_spec):
+    spec = load_spec(write_spec(), ["sweep.samples=9007199254740992", "seed=1e19"])
+    assert (spec.sweep.samples, spec.seed) == (2**53, 10**19)  # the seed keeps torch.manual_seed's own range
+    with pytest.raises(SpecError, match="sweep.min_steps: Input should be greater than 0"):
+        load_spec(write_spec(), ["sweep.min_steps=-1e100"])  # not 'more than the largest count'
+
+
+def test_sweep_epochs_past_2_to_the_53_samples_are_refused(write_spec):
+    """``sweep.epochs: 1e300`` overflowed int() in a traceback once multiplied by the training set's size."""
+    from batchtune.commands.sweep import _sample_budget
+
+    spec = load_spec(write_spec(), ["sweep.epochs=1e300", "sweep.samples=null"])
+    with pytest.raises(SpecError, match=r"sweep.epochs: 1e\+300 epochs of the 512 training samples are "
+                                        r"5.12e\+302 samples, more than the largest count taken, "
+                                        r"9,007,199,254,740,992 \(2\*\*53\)"):
+        _sample_budget(spec, [], 512, [])
+    assert _sample_budget(load_spec(write_spec(), ["sweep.epochs=2", "sweep.samples=null"]), [], 512, []) == 1024
 
 
 @pytest.mark.parametrize("text,problem", [

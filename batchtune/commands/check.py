@@ -484,13 +484,14 @@ def _fits(state: _CheckRun) -> CheckResult:
     _stop_if_timed_out(state, fit)
     if fit.fits:
         peak, capacity, rank = _tightest_peak(state, fit)
-        verdict = fits_verdict(True, peak, capacity, spec.probe.headroom, rank=rank)
+        verdict = fits_verdict(True, peak, capacity, spec.probe.headroom, rank=rank, val_loss=fit.final_val_loss)
     else:  # agreed on every rank, as the ranks that ran out are: the first one's own error says what
         error = state.trainer.dist.broadcast(fit.error, src=fit.failed_ranks[0]) if fit.failed_ranks else fit.error
         weights = _weights_bytes(state) if fit.weights_oom else None
         verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks,
                                weights=fit.weights_oom, weights_bytes=weights)
-    verdict.figures.update(steps=fit.steps, validated=bool(fit.evals), compute_peak_bytes=fit.compute_peak_bytes,
+    validated = bool(fit.evals) and all(math.isfinite(e.val_loss) for e in fit.evals)  # a NaN loss validates nothing
+    verdict.figures.update(steps=fit.steps, validated=validated, compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,
                            micro_batch_size=shape.micro_batch_size, accum_steps=shape.accum_steps)
     verdict.seconds = fit.seconds

@@ -30,7 +30,7 @@ Status = Literal["pass", "warn", "fail", "skip"]
 # render/check.py, where it is worded; tests render every code.
 CODES = (
     # fits: the job's own configuration, memory counted
-    "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed",
+    "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed", "fits.val_nonfinite",
     # trains: the short run at the scaled lr
     "trains.falling", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked", "trains.too_few",
     "trains.crashed", "trains.oom",
@@ -79,16 +79,30 @@ def positive(value: Any) -> bool:
 def fits_verdict(fits: bool, peak_bytes: int | None, capacity_bytes: int | None, headroom: float,
                  error: str | None = None, *, rank: int | None = None,
                  failed_ranks: Sequence[int] = (), weights: bool = False,
-                 weights_bytes: int | None = None) -> CheckResult:
+                 weights_bytes: int | None = None, val_loss: float | None = None) -> CheckResult:
     """Fail on an OOM or on less free memory than ``headroom`` (a share of capacity).
 
     Several ranks: ``rank`` is the one whose peak and capacity are given (the least room),
     ``failed_ranks`` those that ran out of memory themselves. ``weights``: the OOM came building the
     model, before any batch (its parameters and buffers take ``weights_bytes``, where counted): no
-    batch size fits, a doomed job, which is this verdict and not a bad spec.
+    batch size fits, a doomed job, which is this verdict and not a bad spec. ``val_loss``: the loss of
+    the validation pass that ends the run (None: none ran); a non-finite one warns where the memory
+    passes (``fits.val_nonfinite``): the batch fits, but its validation does not check out (a NaN
+    validation loss passed as 'validated').
     """
     figures = {"peak_bytes": peak_bytes, "capacity_bytes": capacity_bytes, "headroom_required": headroom,
-               "headroom": None, "error": error, "rank": rank, "failed_ranks": list(failed_ranks)}
+               "headroom": None, "error": error, "rank": rank, "failed_ranks": list(failed_ranks),
+               "val_loss": val_loss}
+    memory = _fits_memory(fits, peak_bytes, capacity_bytes, headroom, figures, weights, weights_bytes)
+    if memory.status == "pass" and val_loss is not None and not math.isfinite(val_loss):
+        memory.figures["memory_code"] = memory.code  # the memory's own verdict, for the reason's first part
+        return CheckResult("fits", "warn", "fits.val_nonfinite", memory.figures)
+    return memory
+
+
+def _fits_memory(fits: bool, peak_bytes: int | None, capacity_bytes: int | None, headroom: float,
+                 figures: dict[str, Any], weights: bool, weights_bytes: int | None) -> CheckResult:
+    """The fits verdict on memory alone (see :func:`fits_verdict`)."""
     if not fits:
         if weights:
             figures["weights_bytes"] = weights_bytes

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest_reached, overhead_notes
+from batchtune.config.spec import MAX_COUNT, count_text
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
 from batchtune.schedule import BatchSchedule, ScheduleStage
@@ -145,15 +146,32 @@ def run_samples(spec: Any, n_train: int, tokens_per_sample: int, *, samples: int
     if tokens is not None and tokens_per_sample <= 1:
         raise UsageError(f"--tokens {tokens}: this data has no tokens (each sample's target is one value, not a "
                          "sequence of token ids), so a run cannot be counted in them: give --samples or --epochs")
+    _countable(given[0], {"--samples": samples, "--epochs": epochs, "--tokens": tokens}[given[0]])
     if samples is not None:
         n = samples
-    elif epochs is not None:
-        n = int(epochs * n_train)
     else:
-        n = int(tokens / max(tokens_per_sample, 1))
+        runs = epochs * n_train if epochs is not None else tokens / max(tokens_per_sample, 1)
+        _countable(given[0], runs, f"{count_text(epochs if epochs is not None else tokens)} is a run of ")
+        n = int(runs)
     if n <= 0:
         raise UsageError(f"{given[0]} gives a run of {n} samples: it must be positive")
     return n
+
+
+def _countable(flag: str, value: float, said: str = "") -> None:
+    """Refuse a run's length (or the samples it makes, after ``said``) that is not a number or is past
+    :data:`~batchtune.config.spec.MAX_COUNT`: --epochs 1e308 overflowed int() in a traceback, and --samples 1e100
+    calibrated for ever.
+
+    Raises:
+        UsageError: naming ``flag``.
+    """
+    if value != value:
+        raise UsageError(f"{flag} nan: give the run's length as a number")
+    if value > MAX_COUNT:
+        raise UsageError(f"{flag} {said}{count_text(value)}{' samples' if said else ''}: more than the largest count "
+                         f"taken, {MAX_COUNT:,} (2**53); a run this long would never finish, nor its calibration "
+                         "(a share of it)")
 
 
 def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = None, tokens: int | None = None,
@@ -255,6 +273,11 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     with _in_tokens(tokens, n, components):
         calibration_spec, per_trial, notes, left_out = _calibration_spec(
             spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale)
+    smallest = min(calibration_spec.sweep.batch_sizes)
+    if smallest * scale > n:  # an outside --gpus 100000 projected '0 steps to target' (1e23: ZeroDivisionError)
+        raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
+                         f"{smallest * scale:,}, more than the run's {n:,} samples (not one step): plan fewer "
+                         "devices or a longer run")
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
@@ -262,7 +285,7 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
     _calibrated_only(result, calibration_spec.sweep.batch_sizes, left_out, scale)
     trained = result.calibration["samples"]
-    result.notes = notes + _device_notes(gpus, dist) + result.notes
+    result.notes = notes + _device_notes(gpus, dist, spec) + result.notes
     lead = cal.lead
     if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
@@ -505,15 +528,23 @@ def _device_count(gpus: int | None, world_size: int, verify: bool) -> int:
     return devices
 
 
-def _device_notes(gpus: int, dist: Any) -> list[str]:
-    """What the projection's device count rests on: measured ranks, or assumed scaling (one device: nothing to say)."""
+def _device_notes(gpus: int, dist: Any, spec: Any) -> list[str]:
+    """What the projection's device count rests on: measured ranks, or assumed scaling (one device: nothing to say).
+    With --gpus G in one process each global size's lr is the scaling rule's, not one the calibration tried: an
+    outside plan for 4 GPUs called its global sizes calibrated."""
+    from batchtune.stats.scaling import spec_rule
+
     if dist.enabled:
         return [f"measured on {dist.world_size} ranks ({dist.backend}): each size's samples/s is its global "
                 "batch's, timed with every rank training its own shard and the gradients all-reduced; the "
                 f"projection's {gpus} devices are those ranks (no scaling assumed)"]
     if gpus > 1:
+        rule = spec_rule(spec)
+        lr = ("its lr the one chosen at the one-device size, unscaled (lr_scaling: none)" if rule == "none" else
+              f"its lr the one chosen at the one-device size scaled by the {rule} rule")
         return [f"--gpus {gpus}: each size is projected at {gpus}× its batch and {gpus}× its one-device samples/s "
-                f"(linear scaling assumed, no communication measured); torchrun --nproc-per-node {gpus} measures it"]
+                f"(linear scaling assumed, no communication measured), {lr}: the sizes were calibrated per device, "
+                f"and no lr was tried at a global size; torchrun --nproc-per-node {gpus} measures them"]
     return []
 
 
@@ -608,12 +639,15 @@ def _calibrated_only(result: PlanResult, calibrated: list[int], left_out: dict[s
     chosen = result.recommendation or result.closest
     if not left_out.get("sizes") or chosen is None:
         return
-    inside = ", ".join(str(b * scale) for b in calibrated) + (" global" if scale > 1 else "")
-    outside = ", ".join(str(b * scale) for b in left_out["sizes"]) + (" global" if scale > 1 else "")
+    if scale > 1:  # --gpus G in one process: a global size b×G was not tried, nor its lr (the rule's, from b's)
+        among = (f"the sizes calibrated per device only, {sizes_text(calibrated, scale)}, whose global sizes' lrs "
+                 "are the scaling rule's, not tried")
+    else:
+        among = f"the calibrated sizes only ({', '.join(map(str, calibrated))})"
     chosen["left_out"] = [b * scale for b in left_out["sizes"]]
     one = len(chosen["left_out"]) == 1
     chosen["reasons"].append(
-        f"chosen among the calibrated sizes only ({inside}): {outside} {'was' if one else 'were'} left out of the "
+        f"chosen among {among}: {sizes_text(left_out['sizes'], scale)} {'was' if one else 'were'} left out of the "
         "calibration (see the notes), so neither projected nor judged, and this plan cannot say whether "
         f"{'it is' if one else 'they are'} faster; a run of at least {left_out['samples']:,} samples calibrates "
         f"every size, and batchtune sweep measures {'it' if one else 'them'} directly")

@@ -39,7 +39,7 @@ from batchtune.commands.sweep_analysis import (
     short_of,
     stop_targets,
 )
-from batchtune.config.spec import changed_keys
+from batchtune.config.spec import MAX_COUNT, changed_keys, count_text
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
@@ -693,6 +693,10 @@ def _sample_budget(spec: Any, candidates: list[BatchShape], n_train: int, notes:
     """Samples per trial, the same for every size; a size with fewer than ``sweep.min_steps``
     steps in it trains that many steps instead (said in a note)."""
     sw = spec.sweep
+    if sw.samples is None and (sw.epochs or 1.0) * n_train > MAX_COUNT:  # 1e300 epochs overflowed int() at once
+        raise spec.error("sweep.epochs", f"{sw.epochs:g} epochs of the {n_train:,} training samples are "
+                                         f"{count_text(sw.epochs * n_train)} samples, more than the largest count "
+                                         f"taken, {MAX_COUNT:,} (2**53): work this large would never finish")
     budget = sw.samples if sw.samples is not None else int((sw.epochs or 1.0) * n_train)
     sizes = [c.batch_size for c in candidates]
     # A multiple of every size in the sweep (the largest, for powers of two): each sees exactly the same samples;

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
+import annotated_types
 from pydantic import (
     PrivateAttr,
     BaseModel,
@@ -35,11 +36,14 @@ from pydantic import (
 from batchtune.config.builtins import BUILTIN_COLLATES, BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = [
+    "MAX_COUNT",
     "Spec",
     "SpecError",
     "SpecIssue",
+    "count_text",
     "load_spec",
     "parse_bytes",
+    "past_max_count",
     "read_yaml",
 ]
 
@@ -209,6 +213,46 @@ def _whole_numbers(value: Any, members: list[Any]) -> Any:
     return int(number)
 
 
+#: The largest whole number a spec's count (samples, steps, seeds, batch sizes, bytes) or a count option takes: 2**53,
+#: the largest up to which a float holds every whole number, and beyond any run's work. ``sweep.samples=1e100`` was
+#: taken, and the sweep would have trained for ever.
+MAX_COUNT = 2**53
+
+
+def count_text(value: Any) -> str:
+    """A number as a user reads it, however large: ``1e100`` for 10**100 (whose float form overflows past 1e308)."""
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return format(decimal.Decimal(f"{decimal.Decimal(value):.4g}").normalize(), "g")
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def past_max_count(value: Any, why: str = "work this large would never finish") -> str | None:
+    """Why a whole number is too large to count by (``why`` says what it would mean), or None where it is within
+    :data:`MAX_COUNT`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= MAX_COUNT:
+        return None
+    return f"got {count_text(value)}, more than the largest count taken, {MAX_COUNT:,} (2**53): {why}"
+
+
+def _bounded_counts(value: Any, members: list[Any], metadata: list[Any], name: str) -> str | None:
+    """Why ``value`` (an item of it, for a list) is a count past :data:`MAX_COUNT`, for a field that takes integers
+    and sets no upper bound of its own (``seed`` takes what torch.manual_seed does); None where it is not."""
+    if any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in metadata):
+        return None
+    if isinstance(value, list):
+        items = [get_args(m)[0] for m in members if get_origin(m) is list and get_args(m)]
+        item_members = [member for item in items for member in _members(item)]
+        for i, item in enumerate(value):
+            why = _bounded_counts(item, item_members, [], name)
+            if why is not None:
+                return f"item {i} {why}"
+        return None
+    if int not in members or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        return None  # not a count, or pydantic speaks for it (1.5 is not whole; a float field is not a count)
+    return past_max_count(value, "no device holds that many bytes" if name == "memory_limit" else
+                          "work this large would never finish")
+
+
 class _Checked(BaseModel):
     """Numbers that are numbers: no YAML boolean read as 1, no infinity (nor NaN) where a float is meant, and a
     whole number in exponent form (2e4) taken where an integer is."""
@@ -223,7 +267,11 @@ class _Checked(BaseModel):
         why = _boolean_as_number(value, members)
         if why is not None:
             raise ValueError(why)
-        return _whole_numbers(value, members)
+        value = _whole_numbers(value, members)
+        why = _bounded_counts(value, members, cls.model_fields[info.field_name].metadata, info.field_name)
+        if why is not None:
+            raise ValueError(why)
+        return value
 
 
 class _Strict(_Checked):

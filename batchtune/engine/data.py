@@ -82,12 +82,20 @@ class _Noted(Dataset):
         return _fetch(self.dataset, index)
 
 
+class _NotedBatches(_Noted):
+    """The user's data set that fetches a batch at once (``__getitems__``, which DataLoader's fetcher calls instead
+    of ``__getitem__``), each fetch that raises noted with the sample to blame (:func:`_fetch_batch`)."""
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        return _fetch_batch(self.dataset, indices)
+
+
 def noted(dataset: Dataset) -> Dataset:
-    """``dataset`` with its failed fetches noted by index, for a DataLoader; as it is where it fetches a batch at
-    once (``__getitems__``: no one sample to name) or notes its own already."""
-    if isinstance(dataset, (_Noted, LongestFirst, PlannedBatches)) or hasattr(dataset, "__getitems__"):
+    """``dataset`` with its failed fetches noted by index, for a DataLoader; as it is where it notes its own
+    already."""
+    if isinstance(dataset, (_Noted, LongestFirst, PlannedBatches)):
         return dataset
-    return _Noted(dataset)
+    return _NotedBatches(dataset) if callable(getattr(dataset, "__getitems__", None)) else _Noted(dataset)
 
 
 def _fetch(dataset: Dataset, index: int) -> Any:
@@ -102,6 +110,43 @@ def _fetch(dataset: Dataset, index: int) -> Any:
         if not any(note.startswith(SAMPLE_NOTE) for note in getattr(exc, "__notes__", ())):
             exc.add_note(f"{SAMPLE_NOTE}{index}")
         raise
+
+
+#: The indices a batch note lists before it gives only their count.
+BATCH_NOTE_INDICES = 8
+
+
+def _fetch_batch(dataset: Dataset, indices: list[int]) -> Any:
+    """``dataset.__getitems__(indices)``; what it raises carries the sample to blame: the first of ``indices`` whose
+    own fetch (``dataset[i]``) raises the same type of error (the batch's own failure, named by sample), else the
+    batch's indices (:data:`~batchtune.errors.BATCH_NOTE`). An outside data set fetching its batches at once was
+    told of its error with no sample named. The samples are fetched one by one only once the batch has failed."""
+    from batchtune.errors import BATCH_NOTE, SAMPLE_NOTE
+
+    try:
+        return dataset.__getitems__(indices)
+    except Exception as exc:
+        if not any(note.startswith((SAMPLE_NOTE, BATCH_NOTE)) for note in getattr(exc, "__notes__", ())):
+            index = _first_raising(dataset, indices, type(exc))
+            shown = ", ".join(map(str, indices[:BATCH_NOTE_INDICES]))
+            shown += f", … ({len(indices)} in all)" if len(indices) > BATCH_NOTE_INDICES else ""
+            exc.add_note(f"{SAMPLE_NOTE}{index}" if index is not None else f"{BATCH_NOTE}{shown}")
+        raise
+
+
+def _first_raising(dataset: Dataset, indices: list[int], kind: type[BaseException]) -> int | None:
+    """The first of ``indices`` whose ``dataset[i]`` raises ``kind`` (None: none does, or the data set reads only
+    whole batches: its ``__getitem__`` is torch's, which raises NotImplementedError for any)."""
+    if getattr(type(dataset), "__getitem__", None) in (None, Dataset.__getitem__):
+        return None
+    for index in indices:
+        try:
+            dataset[index]
+        except kind:
+            return index
+        except Exception:  # noqa: BLE001 - another error: not the batch's, so not its sample to name
+            continue
+    return None
 
 
 def worst_case(components: Any) -> Any:
@@ -428,7 +473,7 @@ def load_next(stream: Iterator[Any], which: str, dataset: str, collate: str | No
         LoadError: fetching or collating raised; the message names the sample where a fetch was noted with
             its index, else the data set and the collate.
     """
-    from batchtune.errors import LoadError, error_line, noted_sample
+    from batchtune.errors import LoadError, error_line, noted_batch, noted_sample
 
     try:
         return next(stream, None)
@@ -438,8 +483,13 @@ def load_next(stream: Iterator[Any], which: str, dataset: str, collate: str | No
     except torch.OutOfMemoryError:
         raise  # pinning it on the device: a result, like any out-of-memory
     except Exception as exc:
-        index = noted_sample(exc)
-        where = f"{dataset}, sample {index}" if index is not None else ", or ".join(filter(None, (dataset, collate)))
+        index, batch = noted_sample(exc), noted_batch(exc)
+        if index is not None:
+            where = f"{dataset}, sample {index}"
+        elif batch is not None:  # its __getitems__ raised, and no one sample's fetch alone did
+            where = f"{dataset}, its __getitems__ for the batch of samples {batch}"
+        else:
+            where = ", or ".join(filter(None, (dataset, collate)))
         raise LoadError(f"loading a {which} batch raised {error_line(exc)} ({where}); BATCHTUNE_DEBUG=1 shows the "
                         "traceback", f"while loading a {which} batch ({where})") from exc
 

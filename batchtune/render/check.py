@@ -215,6 +215,27 @@ def _spike(f: dict[str, Any]) -> str:
             f"({f['peak_loss'] / start:.1f}× where it started, above {f['spike_factor']:g}×){_lr_text(f)}")
 
 
+def _nonfinite(value: Any) -> str:
+    """A non-finite loss as it was (nan, inf), or 'non-finite' once JSON wrote it as null."""
+    return "non-finite" if value is None else f"{value}"
+
+
+def _val_nonfinite(f: dict[str, Any]) -> str:
+    """The memory fits, and the validation pass that ends the fits run gave a NaN (or infinite) loss: not
+    'validated' (a NaN validation loss passed fits as if all were well)."""
+    memory = _REASONS[f.get("memory_code") or "fits.ok"](f)
+    return (f"{memory}; but its validation pass gave a {_nonfinite(f.get('val_loss'))} loss: the batch fits in "
+            "memory, its validation does not check out (the model in eval mode, the loss or the validation data is "
+            "not finite)")
+
+
+def _val_too(f: dict[str, Any]) -> str:
+    """A failed fit whose validation pass gave a non-finite loss too, said (JSON's null is not told from no pass)."""
+    value = f.get("val_loss")
+    return f"; its validation pass gave a {value} loss too" if isinstance(value, float) and not math.isfinite(value) \
+        else ""
+
+
 def _fits_skip(f: dict[str, Any]) -> str:
     if f.get("weights"):
         return "not run: the model's own weights do not fit in memory"
@@ -226,12 +247,13 @@ def _fits_skip(f: dict[str, Any]) -> str:
 _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fits.ok": lambda f: f"{_peak(f)} (at least {f['headroom_required']:.0%} required)",
     "fits.headroom": lambda f: f"{_peak(f)}: less than the {f['headroom_required']:.0%} headroom required "
-                               "(probe.headroom)",
+                               f"(probe.headroom){_val_too(f)}",
     "fits.oom": _oom,
     "fits.weights": _weights,
     "fits.no_capacity": lambda f: f"runs, peak {format_bytes(f['peak_bytes'])}; the device capacity is unknown, "
                                   "so the headroom is not checked",
     "fits.crashed": lambda f: f"the training step {'failed: ' if f.get('said') else 'raised '}{f['error']}",
+    "fits.val_nonfinite": _val_nonfinite,
     "trains.falling": lambda f: f"{_trend(f)}, no divergence",
     "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
                              "the run too short to tell",

@@ -51,7 +51,7 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines += ["schedule:", tabulate(stages, headers=["from sample", "batch", "micro×accum", "lr"],
                                         tablefmt=style, disable_numparse=True), ""]
     if result.recommendation:
-        among = " (among the calibrated sizes only)" if result.recommendation.get("left_out") else ""
+        among = f" (among the {_calibrated(result)} only)" if result.recommendation.get("left_out") else ""
         lines.append(f"recommended: {result.recommendation['plan']}{among}")
         lines += [f"  - {r}" for r in result.recommendation["reasons"]]
     elif getattr(result, "closest", None):  # a deadline no plan meets: the nearest is named, not recommended
@@ -76,6 +76,14 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines.append(f"schedule written to {result.schedule_path} (batchtune.schedule.BatchSchedule.load)")
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def _calibrated(result: Any) -> str:
+    """The sizes a plan chose among: with --gpus G in one process, calibrated per device (a global size's lr is the
+    scaling rule's, not tried); else calibrated as they are (under torchrun, at their global size)."""
+    if result.gpus // ((result.calibration or {}).get("world_size") or 1) > 1:
+        return "sizes calibrated per device"
+    return "calibrated sizes"
 
 
 def _reached(v: dict[str, Any]) -> str:
