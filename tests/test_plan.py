@@ -1134,6 +1134,11 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     _, _, notes, _ = _calibration_spec(spec, components, backend, shortest, 0.1, scale=4)
     assert notes[1].startswith("calibration leaves out 128 per device (512 global on 4 devices): with 128 too,"), notes
     assert notes[-1].startswith("calibration: sizes 32, 64 per device (128, 256 global on 4 devices), 2 seeds")
+    # the job's 256 is a global batch: 64 per device on 4 devices is calibrated, not "above the largest (64)"
+    assert not any("train.batch_size" in n for n in notes), notes
+    _, _, notes, _ = _calibration_spec(spec, components, backend, shortest, 0.1, scale=2)
+    assert any(n.startswith("the job's train.batch_size, 256, is above the largest size calibrated (64 per device "
+                            "(128 global on 2 devices)): ") for n in notes), notes
 
 
 def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibrated_ones_only():

@@ -594,9 +594,10 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                      f"({CALIBRATION_MIN_STEPS * left_out[0]:,}); a run of at least "
                      f"{_samples_for(candidates, trials_per_size, share):,} samples calibrates every size")
         job = spec.train.batch_size if spec.train is not None else None
-        if job is not None and job > max(sizes):  # the size the user means to run: say the plan cannot judge it
-            upto = [b for b in candidates if b <= job] or candidates
-            notes.append(f"the job's train.batch_size, {job}, is above the largest size calibrated ({max(sizes)}): "
+        if job is not None and job > max(sizes) * scale:  # the (global) size the user means to run: unjudged
+            upto = [b for b in candidates if b * scale <= job] or candidates
+            notes.append(f"the job's train.batch_size, {job}, is above the largest size calibrated "
+                         f"({sizes_text([max(sizes)], scale)}): "
                          "this plan neither projects nor judges it; a run of at least "
                          f"{_samples_for(upto, trials_per_size, share):,} samples calibrates the sizes up to it")
     per_trial = int(share * n / (trials_per_size * len(sizes)))
