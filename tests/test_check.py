@@ -954,6 +954,9 @@ REPRESENTATIVE = {
                                     "val_loss": None},  # as JSON wrote it
                            "the device capacity is unknown, so the headroom is not checked; but its validation pass "
                            "gave a non-finite loss: the batch fits in memory, its validation does not check out"),
+    "fits.unrun": ("warn", {**_FITS, "memory_code": "fits.ok", "requested": 128, "checked": 50},
+                   "batch 128 was not run: the training set is smaller, and the check ran the largest batch it fills, "
+                   "50: peak 1.9 MiB of 16.0 MiB, 88% free"),
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
     "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),

@@ -168,6 +168,9 @@ def test_batches_are_capped_at_the_training_set_and_it_is_said(write_spec):
     report = json.loads(check.output)
     assert report["batch_size"] == 10
     assert "batch 100,000,000 is larger than the training set (10 samples): checked at 10" in report["notes"][0]
+    # a CI gate is not passed for a batch that never ran (an outside check 'PASS'ed 128 on 50 samples, exit 0)
+    fits = next(c for c in report["checks"] if c["name"] == "fits")
+    assert (fits["status"], fits["code"], fits["figures"]["checked"]) == ("warn", "fits.unrun", 10), fits
 
 
 def test_a_batch_host_memory_cannot_collate_is_refused_before_any_work(write_spec):

@@ -357,6 +357,7 @@ class _CheckRun:
     watch: Any = None  # the watchdog Deadline holding every phase to the budget
     lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own, not the rule's
     other_job: list[str] = field(default_factory=list)  # how a baseline of another job differs: unused
+    requested: int = 0  # the batch asked for: shape's, or more where the training set is smaller
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -417,6 +418,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     shape = resolve_batch(spec, batch_size, accum_steps, dist.world_size)
     log.info("checking %s ...", spec.name)
     _, components, backend = prepare(spec, backend)
+    requested = shape.batch_size
     try:
         shape = within_limits(shape, components.train_set, notes, timeout=spec.trial_timeout)
     except UsageError as exc:  # host memory cannot collate the batch: the options', as check reports them
@@ -442,7 +444,7 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
                              "threads_from": threads_from},
                      rule=spec_rule(spec), budget=budget, started=started,
                      deadline=started + budget - reserve_seconds(budget),
-                     notes=notes, meter=LoadMeter.start(), threads=threads)
+                     notes=notes, meter=LoadMeter.start(), threads=threads, requested=requested)
 
 
 def _tightest_peak(state: _CheckRun, fit: Any) -> tuple[int | None, int | None, int | None]:
@@ -490,6 +492,10 @@ def _fits(state: _CheckRun) -> CheckResult:
         weights = _weights_bytes(state) if fit.weights_oom else None
         verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks,
                                weights=fit.weights_oom, weights_bytes=weights)
+    if verdict.status == "pass" and state.requested > shape.batch_size:  # CI had passed a batch that never ran
+        verdict.figures["memory_code"] = verdict.code
+        verdict = CheckResult("fits", "warn", "fits.unrun", {**verdict.figures, "requested": state.requested,
+                                                               "checked": shape.batch_size})
     validated = bool(fit.evals) and all(math.isfinite(e.val_loss) for e in fit.evals)  # a NaN loss validates nothing
     verdict.figures.update(steps=fit.steps, validated=validated, compute_peak_bytes=fit.compute_peak_bytes,
                            optimizer_peak_bytes=fit.optimizer_peak_bytes, eval_peak_bytes=fit.eval_peak_bytes,

@@ -31,6 +31,7 @@ Status = Literal["pass", "warn", "fail", "skip"]
 CODES = (
     # fits: the job's own configuration, memory counted
     "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed", "fits.val_nonfinite",
+    "fits.unrun",
     # trains: the short run at the scaled lr
     "trains.falling", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked", "trains.too_few",
     "trains.crashed", "trains.oom",

@@ -254,6 +254,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                   "so the headroom is not checked",
     "fits.crashed": lambda f: f"the training step {'failed: ' if f.get('said') else 'raised '}{f['error']}",
     "fits.val_nonfinite": _val_nonfinite,
+    "fits.unrun": lambda f: (f"batch {f['requested']:,} was not run: the training set is smaller, and the check ran "
+                             f"the largest batch it fills, {f['checked']:,}: "
+                             f"{_REASONS[f['memory_code']](f)}"),
     "trains.falling": lambda f: f"{_trend(f)}, no divergence",
     "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
                              "the run too short to tell",
