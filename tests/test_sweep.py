@@ -309,6 +309,13 @@ def test_the_accumulating_micro_batch_leaves_room_for_the_held_gradients():
     assert accumulating_micro(probe, lambda: model, 1, sharded=False) == 181 - 41
     assert accumulating_micro(probe, lambda: model, 2, sharded=True) == 181 - 21  # FSDP: each rank holds its shard
     assert accumulating_micro(SimpleNamespace(safe_batch_size=181, memory_model=None), None, 1, False) is None
+    # a safe size that is probe.max_batch_size, not memory's edge: what the memory model fits beside the gradients
+    # (an outside sweep refused every size at 2 KiB of a 2 MiB device with the probe capped at 4)
+    capped = SimpleNamespace(safe_batch_size=181, memory_model=probe.memory_model, capped=True, headroom=0.1,
+                             capacity_bytes=2_400_000)
+    assert accumulating_micro(capped, lambda: model, 1, sharded=False) == 181  # room for 1,559
+    capped.capacity_bytes = 2_240_000  # (2,016,000 − 4,040 − 2e6) / 100 bytes a sample
+    assert accumulating_micro(capped, lambda: model, 1, sharded=False) == 119
 
 
 def test_crossing_interpolates_between_validation_points():

@@ -643,7 +643,13 @@ def accumulating_micro(probe: Any, build_model: Any, world_size: int, sharded: b
     if per_sample <= 0 or probe.safe_batch_size is None:
         return None
     grads = sum(p.numel() * p.element_size() for p in build_model().parameters() if p.requires_grad)
-    return probe.safe_batch_size - math.ceil(grads / (world_size if sharded else 1) / per_sample)
+    grads /= world_size if sharded else 1
+    if getattr(probe, "capped", False) and getattr(probe, "capacity_bytes", None):  # the safe size is probe.max_batch_size, not memory's edge: the model
+        # says what fits beside the gradients (an outside sweep ran 32×4 at 5 MiB of 64, and refused every size at
+        # 2 KiB of 2 MiB, below a cap of 4)
+        room = (1 - probe.headroom) * probe.capacity_bytes - grads
+        return min(probe.safe_batch_size, math.floor(memory.max_batch_size(room)))
+    return probe.safe_batch_size - math.ceil(grads / per_sample)
 
 
 def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
@@ -664,7 +670,8 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
     bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
              else "")
-    notes.append(f"probed ceiling {probe.ceiling} ({probe.search_trials} trials{bound}); "
+    capped = " = probe.max_batch_size, which fits: the device may hold more" if probe.capped else ""
+    notes.append(f"probed ceiling {probe.ceiling}{capped} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     from batchtune.engine.distributed import current
 
