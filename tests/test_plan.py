@@ -857,6 +857,9 @@ def test_an_interrupted_verification_continues_with_the_runs_that_finished(tmp_p
     spec.write_text(Path("configs/quickstart.yaml").read_text())
     calls.clear()
     monkeypatch.setattr(plan, "_train_plan", lambda *a, **k: calls.append(a[4]) or train(*a, **k))
+    stale = {**projected, "notes": [*projected["notes"], f"verification continued in {run}: the plan as projected "
+                                                         "there was kept"]}  # kept by a continuation stopped too
+    (run / "plan.json").write_text(json.dumps(stale))
     continued = runner.invoke(app, args)
     assert continued.exit_code in (0, 1), continued.output
     data = json.loads(continued.stdout)
@@ -868,6 +871,7 @@ def test_an_interrupted_verification_continues_with_the_runs_that_finished(tmp_p
         assert data[key] == projected[key], key
     assert f"verification continued in {run}: the plan as projected there, and the 1 verified run that had " \
            "finished, were kept" in data["notes"]
+    assert sum(n.startswith("verification continued in") for n in data["notes"]) == 1  # an outside plan's: twice
     again = runner.invoke(app, args)  # finished now: shown again, nothing trained
     assert again.exit_code == continued.exit_code and json.loads(again.stdout) == data and len(calls) == 2 * plans - 1
     alone = runner.invoke(app, [a for a in args if a not in ("--verify",)])  # --verify-seeds without --verify

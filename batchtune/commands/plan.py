@@ -329,6 +329,7 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
     result = PlanResult.from_dict(plan)
     runs = {name: [_from_json(r) for r in v] for name, v in runs.items()}
     done = sum(len(v) for v in runs.values())
+    result.notes = [n for n in result.notes if not n.startswith("verification continued in ")]  # a resumed resume's
     result.notes.append(f"verification continued in {out}: the plan as projected there"
                         + (f", and the {count_of(done, 'verified run')} that had finished, were kept" if done
                            else " was kept"))
