@@ -677,9 +677,13 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
             "device.memory_limit=null",
             "sweep.lr_search=false", "sweep.eval_samples=1024", "--samples", str(n), "--out", str(tmp_path / "run"),
             "--verify", "--schedule-out", str(tmp_path / "schedule.yaml"), "--price-per-hour", "2", "--deadline",
-            "1h", "--format", "json", "-q"]
+            "1h", "--format", "json"]
     result = CliRunner().invoke(app, args)
     data = json.loads(result.stdout)
+    runs = len(data["verified"]["plans"])  # one seed each, said as each starts and ends (an outside verify was silent)
+    assert [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("verify ")] == [
+        f"verify {i}/{runs}" for i in range(1, runs + 1)], result.stderr
+    assert result.stderr.count("; final loss ") >= runs
     # exit 1 where --verify says no (no run reached the target, the pick ended >10% above its projection)
     picked = data["verified"]["plans"][data["recommendation"]["plan"]]
     says_no = all(v["seconds"] is None for v in data["verified"]["plans"].values()) and (

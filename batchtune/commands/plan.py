@@ -1502,12 +1502,17 @@ def verify_plan(spec: Any, components: Any, backend: Any, result: PlanResult, *,
     done = {name: list((kept or {}).get(name, []))[:seeds] for name in plans}
     if save is not None:
         save(done)  # before the first run, with the spec: a verification stopped in it resumes
+    total, ran = len(plans) * seeds, sum(map(len, done.values()))
     for name, stages in plans.items():
         while len(done[name]) < seeds:
+            ran += 1
+            log.info("verify %d/%d: %s, seed %d, over %s samples ...", ran, total, name, len(done[name]),
+                     f"{result.samples:,}")
             meter = LoadMeter.start()  # a run timed beside other work: its clock ranks nothing (an outside
             run = _train_plan(spec, components, backend, _schedule_artifact(result, stages),  # verify named a
                               spec.seed + len(done[name]), result.final_target)  # winner from a busy run's clock)
             run["busy"] = bool(meter.reading(torch.get_num_threads())["busy"])
+            log.info("  %s", _run_line(run, result.final_target))
             done[name].append(run)
             if save is not None:
                 save(done)
@@ -1599,6 +1604,16 @@ def _verified(runs: list[dict[str, Any]], projected: dict[str, Any]) -> dict[str
             "steps_error": error(med_steps, "steps"), "seconds_error": error(med_seconds, "seconds"),
             "total_seconds": total, "projected_total_seconds": projected.get("total_seconds"),
             "total_seconds_error": error(total, "total_seconds"), "runs": runs}
+
+
+def _run_line(run: dict[str, Any], target: float | None) -> str:
+    """One verified run, for the progress lines."""
+    if run.get("diverged_at"):
+        return f"diverged at step {run['diverged_at']:,}"
+    reached = (f"reached {target:.4g} at step {run['steps']:,.0f} ({run['seconds']:.3g} s of training)"
+               if run.get("steps") is not None and target is not None else
+               f"did not reach {target:.4g}" if target is not None else "no target")
+    return f"{reached}; final loss {run['final_loss']:.4g} after {run['total_steps']:,} steps"
 
 
 def _train_plan(spec: Any, components: Any, backend: Any, schedule: BatchSchedule, seed: int,
