@@ -318,6 +318,17 @@ def test_the_accumulating_micro_batch_leaves_room_for_the_held_gradients():
     assert accumulating_micro(capped, lambda: model, 1, sharded=False) == 119
 
 
+def test_a_dip_below_the_target_while_the_lr_warms_up_is_no_crossing_where_the_full_lr_rises_from_it():
+    """An outside regression's lr 0.8 at 512 met 1.045 at step 4 of a 26-step warm-up, then sat 10-20% above it:
+    the sweep ranked it reached at step 4 (and recommended lr 1.6 elsewhere from such dips, an lr that diverges)."""
+    curve = [(0, 0.0, 1.19), (4, 0.016, 1.047), (5, 0.017, 1.022), (6, 0.018, 1.006), (8, 0.02, 1.013),
+             (10, 0.021, 1.025), (22, 0.029, 1.18), (33, 0.039, 1.096), (48, 0.05, 1.124), (58, 0.06, 1.229)]
+    assert crossing(curve, 1.045, window=1.0)[0] == pytest.approx(4.08, abs=0.01)  # "stays" to step 8
+    assert crossing(curve, 1.045, window=1.0, settle=52) is None  # to twice the warm-up: it does not stay
+    settled = [*curve, (64, 0.07, 1.03), (70, 0.08, 1.01), (80, 0.09, 1.0)]
+    assert crossing(settled, 1.045, window=1.0, settle=52)[0] > 58  # where it gets there at the full lr
+
+
 def test_crossing_interpolates_between_validation_points():
     points = [(0, 0.0, 2.0), (10, 1.0, 1.0), (20, 2.0, 0.5)]
     assert crossing(points, 0.75) == pytest.approx((15, 1.5))
@@ -844,7 +855,9 @@ def test_a_later_seed_stops_at_the_lowest_target_its_lr_is_kept_for(write_spec, 
     rows = {(r["seed"], r["lr_multiplier"]): r for r in json.loads((tmp_path / "run" / "trials.json").read_text())}
     assert {k: r["stop_below"] for k, r in rows.items()} == {(0, 1.0): 0.3, (0, 8.0): 0.3, (1, 1.0): 0.3, (1, 8.0): 1.0}
     fast = rows[1, 8.0]
-    assert fast["stopped_at_target"] and fast["steps"] <= 16 and fast["evals"][-1][3] <= 1.0 < fast["evals"][-2][3]
+    assert fast["stopped_at_target"] and fast["steps"] <= 16 and fast["evals"][-1][3] <= 1.0
+    # at its first validation below 1.0 once it had trained at its lr as long as it warmed up (6 steps)
+    assert fast["warmup_steps"] == 6 and (fast["evals"][-2][3] > 1.0 or fast["evals"][-2][0] <= 12)
     assert rows[1, 1.0]["stopped_at_target"] and rows[1, 1.0]["evals"][-1][3] <= 0.3
     high, low = result.by_target
     assert (high["recommendation"]["lr_multiplier"], low["recommendation"]["lr_multiplier"]) == (8.0, 1.0)
@@ -882,18 +895,23 @@ def test_how_far_past_its_budget_a_trial_trains():
     """The budget's steps without a given target; up to reach_factor × them with one; on the first
     seed, no further than 1.25× the size's fastest crossing so far, inside the budget too (an lr
     that far behind can be neither the fastest nor near it at any target)."""
+    from types import SimpleNamespace
+
     from batchtune.commands.sweep import _Sweep
 
     meta = {"samples": 2048, "min_steps": 8, "seeds": [0, 1], "reach_factor": 2.0, "target_loss": [1.0, 0.5]}
     crossing_at = lambda step: _timed(32, 0, step, 0.5, 0.01)  # noqa: E731
+    spec = SimpleNamespace(sweep=SimpleNamespace(warmup=0.05))  # 3 of the budget's 64 steps
 
     def steps(rows, seed, **changes):
-        return _Sweep(None, None, None, None, None, {**meta, **changes}, rows)._steps(seed, 32)
+        return _Sweep(spec, None, None, None, None, {**meta, **changes}, rows)._steps(seed, 32)
 
     assert steps([], 0, target_loss=None) == 64 and steps([], 0, reach_factor=1.0) == 64
     assert steps([], 0) == 128 and steps([crossing_at(40)], 0) == 50
     assert steps([crossing_at(60), crossing_at(90)], 0) == 75 and steps([crossing_at(120)], 0) == 128
     assert steps([crossing_at(60)], 1) == 128  # the other seeds run the kept lrs: each gets the whole cap
+    # never before an lr has trained at its peak as long as it warmed up: 6 steps, not 1.25 × 4
+    assert steps([crossing_at(4)], 0) == 6
 
 
 def test_sizes_far_behind_on_the_first_seed_run_no_more_seeds():

@@ -316,6 +316,7 @@ class _Sweep:
             load = meter.reading(torch.get_num_threads())
             row["busy"], row["other_cores"], row["threads"] = load["busy"], load["other_cores"], load["threads"]
             row["overlap_comm"], row["stop_below"] = config.overlap_comm, config.stop_below
+            row["warmup_steps"] = config.warmup_steps
             row["final_val_loss"] = loss_at_budget(row, self.meta["samples"])
             if mark:
                 row[mark] = True
@@ -356,10 +357,11 @@ class _Sweep:
 
         sw, meta = self.spec.sweep, self.meta
         steps = self._steps(seed, shape.batch_size)
+        # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
+        warmup = round(sw.warmup * trial_steps(meta, shape.batch_size))
         return trial_config(
             self.spec, shape, lr=meta["base_lrs"][str(shape.batch_size)] * lr_multiplier, steps=steps,
-            # warm-up over the budget's steps, however far the trial trains on: the same start for every trial
-            warmup_steps=round(sw.warmup * trial_steps(meta, shape.batch_size)), seed=seed,
+            warmup_steps=warmup, seed=seed,
             eval_every_samples=meta["samples"] / sw.eval_points,
             evals_per_doubling=sw.evals_per_doubling,
             validate=True, eval_samples=sw.eval_samples, eval_batch_size=eval_batch_size(meta),
@@ -368,7 +370,9 @@ class _Sweep:
             measure_noise=sw.noise_scale, memory_steps=max(2, sw.timing_warmup_steps),
             stop_below=self._stop_below(seed, lr_multiplier, shape.batch_size),
             stall_after=trial_steps(meta, shape.batch_size),
-            stop_from=trial_steps(meta, shape.batch_size) if reach else 0,
+            # and not before it has trained at its lr as long as it warmed up: an outside sweep recommended lr 1.6 at
+            # 512 from trials that met the target at step 4 of a 25-step warm-up, an lr that diverges (lr < 1 here)
+            stop_from=trial_steps(meta, shape.batch_size) if reach else 2 * warmup,
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
@@ -399,8 +403,9 @@ class _Sweep:
         if seed == self.meta["seeds"][0]:
             last = min(targets)
             crossed = [c[0] for r in self.rows if r["batch_size"] == batch_size and (c := seed_crossing(r, last))]
-            if crossed:
-                cap = min(cap, math.ceil(KEEP_LR * min(crossed)))
+            if crossed:  # not before the trial has trained at its lr as long as it warmed up (see _config)
+                warmup = round(self.spec.sweep.warmup * steps)
+                cap = min(cap, max(math.ceil(KEEP_LR * min(crossed)), 2 * warmup))
         return cap
 
     def result(self) -> SweepResult:
@@ -670,7 +675,8 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
     bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
              else "")
-    capped = " = probe.max_batch_size, which fits: the device may hold more" if probe.capped else ""
+    capped = (" = probe.max_batch_size, which fits: the device may hold more" if getattr(probe, "capped", False)
+              else "")
     notes.append(f"probed ceiling {probe.ceiling}{capped} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     from batchtune.engine.distributed import current

@@ -62,7 +62,7 @@ CROSSING_WINDOW = 1.0
 
 
 def crossing(points: list[tuple[float, float, float]], target: float,
-             window: float | None = None) -> tuple[float, float] | None:
+             window: float | None = None, settle: float = 0) -> tuple[float, float] | None:
     """(steps, seconds) at which a validation curve reaches ``target``, read on its best decreasing fit.
 
     ``points`` are (steps, seconds, loss) in order (a non-finite loss is left out). Near a plateau
@@ -75,11 +75,14 @@ def crossing(points: list[tuple[float, float, float]], target: float,
     With ``window``, "stays" is judged up to (1 + window) × the steps of each dip below the target in
     turn, not to the end of the curve: a spike long after the crossing no longer delays it, so a
     crossing does not depend on how long the curve was watched after it (an outside CNN's batch 256
-    read 50, 98 and 164 steps on its curve cut at 64, 128 and 192 steps).
+    read 50, 98 and 164 steps on its curve cut at 64, 128 and 192 steps). ``settle``: steps that "stays"
+    reaches at least, whatever the window (twice the warm-up: a dip while the lr was still rising is no
+    crossing where the curve rose from it at the full lr; an outside regression's lr 0.8 at 512 met the
+    target at step 4 of a 26-step warm-up, then sat 10-20% above it for 1,000 steps).
     """
     finite = [p for p in points if p[2] is not None and math.isfinite(p[2])]
     if window is not None:
-        ends = (next((j for j, q in enumerate(finite) if q[0] > (1 + window) * p[0]), len(finite))
+        ends = (next((j for j, q in enumerate(finite) if q[0] > max((1 + window) * p[0], settle)), len(finite))
                 for p in finite if p[2] <= target)
         return next((hit for end in ends if (hit := crossing(finite[:end], target)) is not None), None)
     prev = None
@@ -259,7 +262,8 @@ def seed_crossing(row: dict[str, Any], target: float, step_s: float | None = Non
     seeds is not one to bet a run on), or was there before its first step (no time to target)."""
     if not row["fits"] or row["diverged"]:
         return None
-    cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target, CROSSING_WINDOW)
+    cross = crossing([(p[0], p[2], p[3]) for p in row.get("evals") or []], target, CROSSING_WINDOW,
+                     settle=2 * row.get("warmup_steps", 0))
     if cross is None or cross[0] <= 0:
         return None
     return (cross[0], cross[0] * step_s) if step_s else cross
