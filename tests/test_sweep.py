@@ -477,6 +477,13 @@ def test_a_task_that_does_not_learn_gets_no_target_and_says_so():
     given = result_from_rows("flat", rows, {**meta, "target_loss": 1.395})  # above the start: met before training
     assert given.recommendation is None and "reached the target in 0/2 seeds" in given.summary["status"].iloc[0]
     assert given.notes[0].startswith("target val loss 1.395 is at or above the starting validation loss (~1.384)")
+    # an outside attention model's sizes ended 2.3% below the start (the class frequencies' loss): ranked, said so
+    learned = [_trial(b, seed, [(0, 0, 1.609), (8, 0.1, 1.58), (16, 0.2, 1.571 + b / 1e5)], 1000)
+               for b in (16, 32, 64, 128) for seed in (0, 1)]
+    barely = result_from_rows("flat", learned, {**meta, "target_loss": 1.572})
+    assert barely.recommendation is not None and barely.notes[0].startswith(
+        "target val loss 1.572 is only 2.3% below the starting validation loss (~1.609): the sizes barely learned")
+    assert not any("barely learned" in n for n in result_from_rows("flat", learned, {**meta, "target_loss": 1.5}).notes)
     from batchtune.stats.critical import fit_steps_to_target
     zero_steps = fit_steps_to_target({16: [0.0, 4.0], 32: [0.0], 64: [0.0]})
     assert zero_steps.note == "fewer than 3 sizes reached the target loss"

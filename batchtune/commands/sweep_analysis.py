@@ -46,6 +46,7 @@ MIN_NOISE_MEASUREMENTS = 4
 BOOTSTRAP = 1000
 DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share of the sizes reaches
 KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
+NEAR_START = 0.05  # a target less than this share below the untrained loss is said to measure little learning
 
 SUMMARY_COLUMNS = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr", "lr_multiplier", "seeds",
                    "reached", "final_val_loss", "final_val_loss_std", "steps_to_target", "seconds_to_target",
@@ -588,6 +589,13 @@ def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> di
     if start is not None and target >= start:
         notes.insert(0, f"target val loss {target:.4g} is at or above the starting validation loss (~{start:.4g}): "
                         "met before the first step, it measures no training; choose a lower sweep.target_loss")
+    elif start is not None and target > (1 - NEAR_START) * start:  # an outside attention model's sizes ended at
+        # 1.571-1.573 ± 0.0013 from 1.609, the loss of predicting the class frequencies, and one was 'the fastest'
+        notes.insert(0, f"target val loss {target:.4g} is only {1 - target / start:.1%} below the starting validation "
+                        f"loss (~{start:.4g}): the sizes barely learned, and a ranking this near the start measures "
+                        "the first steps (and their noise), not the run to come; unless little change is what the "
+                        "job expects (a fine-tune starting near its end), train longer (sweep.samples) or set a "
+                        "lower sweep.target_loss")
     recommendation = _recommend(ranked, sizes=sizes, target=target, meta=meta, critical=critical) if ranked else None
     return {"target_loss": target, "summary": _summary(ranked, sizes, meta.get("excluded", {})),
             "recommendation": recommendation, "critical": critical, "notes": notes, "sizes": sizes}
