@@ -696,3 +696,28 @@ def test_growth_is_judged_against_every_earlier_reading_not_the_first_alone():
     said = _trend([h(20, 14, 33, 14.0), h(15, 12, 17, 0.52), h(71, 25, 216, 0.25)])
     assert said.startswith("It grew from 15 at val loss 0.52 to 71 at 0.25")
     assert _trend([h(20, 14, 33, 1.0), h(22, 15, 30, 0.5)]).startswith("It moved from 20 at val loss 1 to 22")
+
+
+def test_a_band_down_to_zero_is_not_reliable_and_the_report_says_why():
+    """Outside: `noise tied.yaml -b 8 -k 4 --steps 30` printed `3  24  6.207  8,417  0–17,939  yes`: the wide-band
+    check read a low end of 0.0 as none. A band down to 0 spans more than any factor. The sweep adopted such a
+    reading as B_crit too."""
+    from batchtune.commands.noise import NoiseRun, mark_wide
+    from batchtune.commands.sweep_analysis import _noise_stands
+    from batchtune.engine.shape import BatchShape
+    from batchtune.render.noise import render_noise
+    from batchtune.stats.critical import CriticalFit
+
+    zero = {"step": 3, "samples": 24, "val_loss": 6.207, "b_simple": 8417.0, "low": 0.0, "high": 17939.2,
+            "reliable": True}
+    history = [zero, {**zero, "step": 6, "low": -3.0}, {**zero, "step": 9, "low": 4000.0}]
+    mark_wide(history)
+    assert [(h["reliable"], h.get("wide", False)) for h in history] == [(False, True), (False, True), (True, False)]
+    run = NoiseRun("tied-bn", BatchShape(8, 4), 0.00354, 30, history[:1], history[0], 1, 1.0)
+    table = render_noise(run)
+    assert table.splitlines()[4].split() == ["3", "24", "6.207", "8,417", "0–17,939", "no", "(band", "reaches", "0)"]
+    assert "(90% band 0–17,939; not reliable: the band reaches 0)." in table
+    fit = CriticalFit(None, None, None, None, 0)
+    noise = {"b_simple": 8417.0, "low": 0.0, "high": 17939.2, "reliable": True}
+    assert (_noise_stands(noise, fit, False, []), _noise_stands({**noise, "low": 4000.0}, fit, False, [])) == (
+        False, True)

@@ -110,9 +110,11 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int = 4, st
 
 
 def mark_wide(history: list[dict[str, Any]]) -> None:
-    """Readings whose 90% band is bounded but spans more than :data:`WIDE_BAND` times are not reliable (``wide``):
-    an outside reading of 255 was called reliable in a band of 105–31,156."""
+    """Readings whose 90% band is bounded above but spans more than :data:`WIDE_BAND` times are not reliable
+    (``wide``): an outside reading of 255 was called reliable in a band of 105–31,156. A band down to 0 (tr Σ not
+    clearly above 0) spans more than any factor: an outside 8,417 in 0–17,939 read 'reliable' (a low end of 0.0
+    was taken for none)."""
     for h in history:
-        if h["reliable"] and h["low"] and h["high"] > WIDE_BAND * h["low"]:
+        if h["reliable"] and not (h["low"] is not None and h["low"] > 0 and h["high"] <= WIDE_BAND * h["low"]):
             h["reliable"], h["wide"] = False, True
 
