@@ -17,7 +17,9 @@ def render_noise(run: Any, fmt: str = "table") -> str:
         return to_json(run.to_dict())
     shape = format_shape(run.shape) if run.shape.accum_steps > 1 or run.shape.world_size > 1 \
         else f"{run.batch_size} (two halves per step)"
-    head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {run.steps} steps"
+    steps = (f"{run.steps} steps" if not run.interrupted else
+             f"PARTIAL: interrupted after {run.steps} of {run.steps_planned} steps")
+    head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {steps}"
     rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", count(h["b_simple"]),
              f"{count(h['low'])}–{count(h['high'])}" if h["low"] is not None else "-",
              "yes" if h["reliable"] else "no (band reaches 0)" if _reaches_zero(h) else
@@ -38,7 +40,8 @@ def render_noise(run: Any, fmt: str = "table") -> str:
         unsure = ("" if final["reliable"] else "; not reliable: the band reaches 0" if _reaches_zero(final) else
                   "; not reliable: the band spans more than 10×" if final.get("wide") else
                   "; not reliable: the band is open above")
-        lines.append(f"B_simple at the end: {count(final['b_simple'])} examples{tokens} at val loss "
+        at = "at the last reading before the interrupt" if run.interrupted else "at the end"
+        lines.append(f"B_simple {at}: {count(final['b_simple'])} examples{tokens} at val loss "
                      f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}{unsure}).")
         lines.append(_trend(run.history))
     else:
