@@ -766,7 +766,7 @@ def noise(
 
 
 def _noise_interrupted(run: Any, fmt: str) -> None:
-    """Show the readings an interrupted noise run took (marked partial) and exit 130: Ctrl-C discarded them."""
+    """Show the readings an interrupted noise run took (marked partial) and exit 130 (Ctrl-C had discarded them)."""
     from batchtune.render.noise import render_noise
 
     readings = len(run.history)
