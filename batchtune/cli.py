@@ -730,8 +730,9 @@ def noise(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=2,
                                                       help="Global batch (default: train.batch_size, else "
                                                            "base_batch_size).")] = None,
-    accum_steps: Annotated[int, typer.Option("--accum-steps", "-k", min=1,
-                                             help="Micro-batches per step (1: split each batch in halves).")] = 4,
+    accum_steps: Annotated[Optional[int], typer.Option(
+        "--accum-steps", "-k", min=1, help="Micro-batches per step (default 4; 1: split each batch in halves).",
+        show_default=False)] = None,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps.")] = 400,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of B_simple over the run.")] = None,
     force: ForceOpt = False,
@@ -741,23 +742,40 @@ def noise(
 ) -> None:
     """Measure the gradient noise scale (the critical batch size's estimate) over a short run.
 
-    Exit 0 measured, 1 the loss diverged or the micro-batch ran out of memory (no estimate), 2 bad input.
+    Exit 0 measured, 1 the loss diverged or the micro-batch ran out of memory (no estimate), 2 bad input,
+    130 interrupted (the readings taken before it shown, marked partial).
     """
     with _user_errors():
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
-        from batchtune.commands.noise import run_noise
+        from batchtune.commands.noise import NoiseInterrupted, run_noise
         from batchtune.render.noise import render_noise
 
         if plot is not None:
             _rank0_check(lambda: _plot_writable(plot, force))
         setup_logging(quiet)
-        run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
+        try:
+            run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
+        except NoiseInterrupted as stop:
+            _noise_interrupted(stop.run, fmt.value)
         _echo(render_noise(run, fmt.value))
         if plot is not None and _RANK == 0:
             from batchtune.render.plots import plot_noise
 
             plot_noise(run, plot)
     raise typer.Exit(run.exit_code)
+
+
+def _noise_interrupted(run: Any, fmt: str) -> None:
+    """Show the readings an interrupted noise run took (marked partial) and exit 130 (Ctrl-C had discarded them)."""
+    from batchtune.render.noise import render_noise
+
+    readings = len(run.history)
+    if readings:
+        _echo(render_noise(run, fmt))
+    _say(f"interrupted after {run.steps} of {run.steps_planned} steps: "
+         + (f"the {readings} reading{'s' if readings > 1 else ''} taken before it shown above (partial)" if readings
+            else "no reading had been taken yet"))
+    raise typer.Exit(130)
 
 
 @app.command()

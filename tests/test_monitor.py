@@ -648,3 +648,67 @@ def test_activation_checkpointing_reads_the_same_as_without_it(reentrant):
     plain, checkpointed = readings
     assert checkpointed.steps == plain.steps == 30 and checkpointed.coverage == 1.0
     assert checkpointed.b_simple == pytest.approx(plain.b_simple, rel=1e-9) and plain.b_simple > 1
+
+
+def test_a_transformer_encoders_coverage_leaves_out_the_attention_projection_that_never_runs():
+    """An outside ViT on nn.TransformerEncoder read coverage 0.55 at construction, counting each
+    self_attn.out_proj, whose forward nn.MultiheadAttention never calls (it applies the weight itself): every
+    measured step read 0.44, under the 0.5 warning threshold, and no warning came."""
+    torch.manual_seed(0)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(x)[:, 0])
+
+    model = Encoder()
+    # in_proj 192 + 24, out_proj 64 + 8, linear1 128 + 16, linear2 128 + 8, two LayerNorms 32, head 32 + 4
+    assert sum(p.numel() for p in model.parameters()) == 636
+    read = (128 + 16) + (128 + 8) + (32 + 4)  # linear1, linear2, head: 316 of 636, 0.497
+    with pytest.warns(RuntimeWarning, match=r"nn.Linear layers only, 50% of the model's trainable parameters"):
+        monitor = NoiseScaleMonitor(model, micro_batch_size=6, accum_steps=1, every=1)
+    assert monitor.coverage == pytest.approx(read / 636)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x, y = torch.randn(6, 5, 8), torch.randint(0, 4, (6,))
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+    assert [str(w.message) for w in caught] == []  # warned once, at construction
+    assert monitor.reading().steps == 3 and monitor.reading().coverage == pytest.approx(read / 636)
+
+
+def test_coverage_that_a_measured_step_finds_low_is_warned_once_at_the_users_line():
+    """A layer whose weight the model applies itself (F.linear) counts at construction but is never read: the
+    warning must come from what the measured steps read, once."""
+    torch.manual_seed(0)
+
+    class Functional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 2)  # 272 and 34 parameters
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(torch.nn.functional.linear(x, self.body.weight, self.body.bias)))
+
+    model = Functional()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=1, every=1)
+        assert monitor.coverage == 1.0 and caught == []
+        for _ in range(3):
+            model(torch.randn(8, 16)).square().mean().backward()
+            monitor.step()  # the user's line the warning points at
+            model.zero_grad(set_to_none=True)
+    said = [(str(w.message), w.filename) for w in caught]
+    assert said == [("noise scale: a measured step read per-example norms of nn.Linear layers holding only 11% of "
+                     "the model's trainable parameters (a layer whose weight the model applies itself, one left out, "
+                     "or one frozen when the step was armed gives none): B_simple is theirs (reading().coverage); "
+                     "accum_steps >= 2 measures them all", __file__)]
+    assert monitor.reading().steps == 3 and monitor.reading().coverage == pytest.approx(34 / 306)

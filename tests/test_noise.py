@@ -696,3 +696,102 @@ def test_growth_is_judged_against_every_earlier_reading_not_the_first_alone():
     said = _trend([h(20, 14, 33, 14.0), h(15, 12, 17, 0.52), h(71, 25, 216, 0.25)])
     assert said.startswith("It grew from 15 at val loss 0.52 to 71 at 0.25")
     assert _trend([h(20, 14, 33, 1.0), h(22, 15, 30, 0.5)]).startswith("It moved from 20 at val loss 1 to 22")
+
+
+def test_a_band_down_to_zero_is_not_reliable_and_the_report_says_why():
+    """Outside: `noise tied.yaml -b 8 -k 4 --steps 30` printed `3  24  6.207  8,417  0–17,939  yes`: the wide-band
+    check read a low end of 0.0 as none. A band down to 0 spans more than any factor. The sweep adopted such a
+    reading as B_crit too."""
+    from batchtune.commands.noise import NoiseRun, mark_wide
+    from batchtune.commands.sweep_analysis import _noise_stands
+    from batchtune.engine.shape import BatchShape
+    from batchtune.render.noise import render_noise
+    from batchtune.stats.critical import CriticalFit
+
+    zero = {"step": 3, "samples": 24, "val_loss": 6.207, "b_simple": 8417.0, "low": 0.0, "high": 17939.2,
+            "reliable": True}
+    history = [zero, {**zero, "step": 6, "low": -3.0}, {**zero, "step": 9, "low": 4000.0}]
+    mark_wide(history)
+    assert [(h["reliable"], h.get("wide", False)) for h in history] == [(False, True), (False, True), (True, False)]
+    run = NoiseRun("tied-bn", BatchShape(8, 4), 0.00354, 30, history[:1], history[0], 1, 1.0)
+    table = render_noise(run)
+    assert table.splitlines()[4].split() == ["3", "24", "6.207", "8,417", "0–17,939", "no", "(band", "reaches", "0)"]
+    assert "(90% band 0–17,939; not reliable: the band reaches 0)." in table
+    fit = CriticalFit(None, None, None, None, 0)
+    noise = {"b_simple": 8417.0, "low": 0.0, "high": 17939.2, "reliable": True}
+    assert (_noise_stands(noise, fit, False, []), _noise_stands({**noise, "low": 4000.0}, fit, False, [])) == (
+        False, True)
+
+
+def test_a_batch_the_default_accumulation_cannot_split_says_the_4_is_the_default(write_spec):
+    """`noise --batch-size 7` said 'give a batch divisible by --accum-steps 4' to a user who never gave that flag."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "-b", "7", "-q"])
+    assert out.exit_code == 2 and out.stdout == "", out.output
+    assert " ".join(out.stderr.split()) == (
+        "error: --batch-size 7: batch size 7 is not divisible by 4 accumulation steps (--accum-steps, not given, "
+        "defaults to 4); give a batch divisible by 4 (the micro-batches the estimator compares), or --accum-steps 1 "
+        "and an even batch")
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "-b", "7", "-k", "2", "-q"])
+    assert out.exit_code == 2 and "7 is not divisible by 2 accumulation steps; give a batch divisible by 2" in \
+        " ".join(out.stderr.split()), out.output
+
+
+@pytest.mark.parametrize("args, how, fix", [
+    (["-b", "2", "-k", "1"], "the estimator splits each batch into two halves of 1 sample for its two batch sizes",
+     "--batch-size 4 or more (halves of at least 2)"),
+    (["-b", "4", "-k", "4"], "its micro-batches hold 1 sample each",
+     "--batch-size 8 or more, or fewer --accum-steps (micro-batches of at least 2)"),
+])
+def test_a_batchnorm_model_given_one_sample_pieces_is_told_the_shape_not_the_spec(write_spec, args, how, fix):
+    """`noise tied.yaml -b 2 -k 1` on a BatchNorm model failed 'at micro-batch 2 × 1' with a hint blaming
+    model.kwargs, data and loss: the estimator's halves held 1 sample each."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    spec = write_spec("name: bn\nmodel: {target: \"tests.fixtures:bn_mlp\"}\ndata: {target: "
+                      "\"tests.fixtures:tiny_data\"}\noptimizer: {name: adamw, lr: 0.01}\nbase_batch_size: 32\n")
+    out = CliRunner().invoke(app, ["noise", str(spec), *args, "--steps", "2", "-q"])
+    assert out.exit_code == 2 and out.stdout == "", out.output
+    assert " ".join(out.stderr.split()) == (
+        f"error: --batch-size {args[1]} at --accum-steps {args[3]}: {how}, and the model's BatchNorm cannot train on "
+        "one sample (ValueError: Expected more than 1 value per channel when training, got input size "
+        f"torch.Size([1, 32])); give {fix}")
+
+
+def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_130(write_spec, monkeypatch):
+    """Ctrl-C printed 'interrupted', exit 130, and the readings taken so far were lost."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    from batchtune.engine.trial import Trainer
+
+    after_step = Trainer._after_step
+
+    def ctrl_c_at_step_13(self, run, step, done):
+        if step == 12:
+            raise KeyboardInterrupt
+        return after_step(self, run, step, done)
+
+    monkeypatch.setattr(Trainer, "_after_step", ctrl_c_at_step_13)
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q"])
+    assert out.exit_code == 130, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0] == "batchtune noise: tiny at batch 32 (8×4), lr 0.01, PARTIAL: interrupted after 12 of 20 steps"
+    assert [line.split()[0] for line in lines[4:10]] == ["2", "4", "6", "8", "10", "12"]
+    assert "B_simple at the last reading before the interrupt: " in out.stdout
+    assert out.stderr.strip() == ("interrupted after 12 of 20 steps: the 6 readings taken before it shown above "
+                                  "(partial)")
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q", "-f", "json"])
+    data = _json.loads(out.stdout)
+    assert (out.exit_code, data["interrupted"], data["steps"], data["steps_planned"], len(data["history"])) == (
+        130, True, 12, 20, 6)
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "200", "-q"])
+    assert (out.exit_code, out.stdout) == (130, ""), out.output
+    assert out.stderr.strip() == "interrupted after 12 of 200 steps: no reading had been taken yet"

@@ -9,7 +9,8 @@
 2. **Latency per batch size** up to that ceiling: each size's batch, as the data set gives
    it, is copied to the device and run forward ``repeats`` times after warm-up, the
    device synchronised around each pass (a pass the OS switched out for another process
-   timed again); p50/p90/p99 and throughput. Powers of two first,
+   timed again, up to 4× ``repeats`` within the size's time cap; past that a size keeps its clean
+   passes, or, short of 20, keeps switched-out ones, counted and said); p50/p90/p99 and throughput. Powers of two first,
    stopping at the first size past the budget, then a bisection of that last doubling to
    about 1.5% of the size, one granule for small sizes (latency grows with the batch, so one
    crossing is assumed).
@@ -42,6 +43,7 @@ __all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dyna
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
+RETIMES_PER_REPEAT = 4  # passes the OS switched out are timed again up to this many times --repeats (within the cap)
 VARIABLE_BATCHES = 8  # variable-length data: batches per size (and per length bucket), taken in turn
 QUIET_OTHER_CORES = 0.25  # other work above this share of a core while timing is named in a note
 
@@ -79,6 +81,7 @@ class LatencyPoint:
     meets_budget: bool
     phase: str  # power | bisect | ceiling
     preempted: int = 0  # passes the OS switched out for other work, timed again (not in the figures)
+    preempted_kept: int = 0  # passes switched out that are in the figures: the re-timing ran out short of MIN_REPEATS
 
     def percentile_unreliable(self, percentile: float) -> bool:
         """Fewer passes than it takes to see one beyond the percentile."""
@@ -217,7 +220,7 @@ class _Timer:
 
         backend, device = self.backend, self.backend.device
         times: list[float] = []
-        self.preempted = 0
+        self.preempted = self.preempted_kept = 0
         with torch.inference_mode(), autocast(device.type, self.precision):
             for i in range(WARMUP_PASSES):
                 self.forward(self.model, to_device(batches[i % len(batches)], device))
@@ -230,17 +233,23 @@ class _Timer:
                 self.forward(self.model, to_device(batch, device))
                 backend.synchronize()
                 elapsed = time.perf_counter() - t0
-                # A pass the OS switched out for another process times that process: time it again (up to
-                # as many passes again). On a busy machine such passes, 4 ms against a 0.04 ms median, set the p99.
-                if _preemptions() > switches and self.preempted < self.repeats:
-                    self.preempted += 1
-                    continue
+                over_time = time.perf_counter() - started > self.max_seconds
+                # A pass the OS switched out for another process times that process: on a busy machine such passes,
+                # 4 ms against a 0.04 ms median, set the p99. Timed again, while re-timing has passes and time left.
+                if _preemptions() > switches:
+                    if self.preempted < RETIMES_PER_REPEAT * self.repeats and not over_time:
+                        self.preempted += 1
+                        continue
+                    if len(times) >= MIN_REPEATS:  # out of re-timing: the clean passes so far are the figures
+                        break
+                    self.preempted_kept += 1  # too few clean ones: it counts, and the output says so
                 times.append(elapsed)
-                if len(times) >= MIN_REPEATS and time.perf_counter() - started > self.max_seconds:
+                if len(times) >= MIN_REPEATS and over_time:
                     break
         return times
 
     preempted: int = 0  # the last passes(): passes switched out and timed again
+    preempted_kept: int = 0  # ... and passes switched out kept in its figures (re-timing ran out before MIN_REPEATS)
 
     def overhead(self) -> float:
         """Seconds the loop itself takes per pass (clock and synchronisation around nothing)."""
@@ -272,7 +281,7 @@ def measure_latency(timer: _Timer, batches: list[Any], batch_size: int, budget_s
     mean = float(times.mean())
     point = LatencyPoint(batch_size, 1e3 * float(p50), 1e3 * float(p90), 1e3 * float(p99), 1e3 * mean,
                          1e3 * float(chosen), len(times), batch_size / mean, bool(chosen <= budget_s), phase,
-                         timer.preempted)
+                         timer.preempted, timer.preempted_kept)
     log.info("  %-7s batch %7d: p50 %.2f ms, p%g %.2f ms (%d passes)", phase, batch_size, point.p50_ms,
              percentile, point.at_percentile_ms, len(times))
     return point, list(times)
@@ -639,17 +648,52 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
     elif others >= QUIET_OTHER_CORES:  # not enough to slow throughput much, enough for a pass to wait
         notes.append(f"other processes used {others:.1f} of {result.load['cores']} cores while timing: a pass that "
                      "waited for a core shows in the tails (p99 most); rerun on a quiet machine to confirm")
-    preempted = sum(q.preempted for q in result.points)
-    if preempted:
-        notes.append(f"the OS switched {preempted:,} passes out for other processes while timing: each was timed "
-                     "again and left out, so the figures are the model's own; a server sharing its cores like this "
-                     "would see longer tails")
+    notes += _switched_notes(result)
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
     if small:
         notes.append(f"{_percentile_warning(result.percentile)}; {len(small)} of {len(result.points)} sizes had fewer "
-                     f"(--repeats, or the time cap per size): their p{result.percentile:g} is in effect their slowest "
-                     "pass, rough")
+                     "(--repeats, the time cap per size, or passes the OS switched out left out): their "
+                     f"p{result.percentile:g} is in effect their slowest pass, rough")
     return notes
+
+
+def _switched_notes(result: ServeResult) -> list[str]:
+    """What the passes the OS switched out did to the figures. Each is timed again while a size has re-timing left
+    (:data:`RETIMES_PER_REPEAT` × its passes, within its time cap); past that, a size short of
+    :data:`MIN_REPEATS` clean passes keeps switched-out ones. An outside ViT on a loaded 2-core machine was told
+    every one 'was timed again and left out, so the figures are the model's own' beside p99s they had set (batch
+    16: p50 1.55 ms, p99 17.89 ms)."""
+    retimed = sum(q.preempted for q in result.points)
+    kept = [q for q in result.points if q.preempted_kept]
+    if not retimed and not kept:
+        return []
+    q = f"p{result.percentile:g}"
+    if not kept:
+        return [f"the OS switched {retimed:,} passes out for other processes while timing: each was timed again and "
+                "left out, so the figures are the model's own; a server sharing its cores like this would see longer "
+                "tails"]
+    sizes = ", ".join(f"{p.batch_size} ({p.preempted_kept} of {p.repeats})" for p in kept)
+    notes = [f"the OS switched {retimed + sum(p.preempted_kept for p in kept):,} passes out for other processes while "
+             f"timing; {retimed:,} were timed again and left out, but re-timing ran out at {len(kept)} of "
+             f"{len(result.points)} sizes, whose figures include switched-out passes (batch {sizes}): those figures, "
+             f"the tails ({q}) most, are this machine's, not the model's own: rough"
+             + (", and so is the --rate simulation's spread, drawn from them" if result.rate is not None else "")
+             + "; rerun on a quiet machine"]
+    decided = _deciding(result)
+    if decided is not None and decided.preempted_kept:
+        answer = (f"max batch {result.max_batch_size}" if result.max_batch_size is not None else
+                  "no size meeting the budget")
+        notes.append(f"the budget's answer ({answer}) rests on a tail that includes switched-out passes: batch "
+                     f"{decided.batch_size}, over the budget at {q} {decided.at_percentile_ms:.2f} ms. Switched-out "
+                     "passes only lengthen a tail, so the answer may be too small, not too large")
+    return notes
+
+
+def _deciding(result: ServeResult) -> LatencyPoint | None:
+    """The measured size that stopped the answer from being larger: the smallest over the budget above it."""
+    above = [p for p in result.points if not p.meets_budget
+             and (result.max_batch_size is None or p.batch_size > result.max_batch_size)]
+    return min(above, key=lambda p: p.batch_size, default=None)
 
 
 # ---------------------------------------------------------------------------- check --serve
@@ -725,6 +769,10 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
         if point.percentile_unreliable(percentile):
             checks[-1]["reason"] += (f"; {_percentile_warning(percentile)}: p{percentile:g} of {point.repeats} passes "
                                      "is in effect the slowest, rough")
+        if point.preempted_kept:
+            checks[-1]["reason"] += (f"; {point.preempted_kept} of the {point.repeats} passes were switched out by the "
+                                     f"OS for other processes (timing them again ran out): {q} is this machine's, not "
+                                     "the model's own, rough")
         if components.collate_fn is not None:  # variable-length requests, padded as collated
             checks.append(_worst_case_check(curve, components, size, q))
     else:

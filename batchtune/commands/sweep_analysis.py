@@ -698,8 +698,9 @@ def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool, co
     allow (the smallest size, where the steps did not fall). An outside Adam CNN's steps to target were flat from
     16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55% of 128's compute
     wasted; with only 32 and 2048 reaching the target (B_crit ~300 from their steps), 51 was. A 2-rank CNN's
-    steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale 93 was adopted beside that text."""
-    if not (noise and noise["reliable"]):
+    steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale 93 was adopted beside that text. A band
+    down to 0 (tr Σ not clearly above 0) is bounded above only: the reading may be near 0, so it stands for nothing."""
+    if not (noise and noise["reliable"] and (noise.get("low") or 0) > 0):
         return False
     least = fit.low if extrapolated else fit.above or (_two_sizes(contenders) if fit.b_crit is None else None)
     most = None if extrapolated else getattr(fit, "below", None)
@@ -752,7 +753,7 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     noise = critical.get("noise_scale") or {}
     if critical.get("basis") == "noise scale" and b_crit == noise.get("b_simple"):  # its band is the reading's
         low, high = noise.get("low"), noise.get("high")  # (an outside 32 'wasted 1%' against ~31, band 17–91)
-    band = (f", 90% interval {count(low)}–{count(high)}" if low and high and math.isfinite(high) else "")
+    band = (f", 90% interval {count(low)}–{count(high)}" if low is not None and high and math.isfinite(high) else "")
     for e in ranked:
         # "batch 128 is above ... (~128)" read an estimate of 127.6: one decimal where it rounds to the size
         crit = count(b_crit) if not b_crit or count(b_crit) != count(e["batch_size"]) else f"{b_crit:.1f}"

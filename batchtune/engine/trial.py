@@ -340,6 +340,7 @@ class Trainer:
         self.scale_carry = ScalerCarry(backend.device.type) if precision == "fp16" else None
         self._val_cache: dict[tuple[int | None, int], Subset] = {}
         self._wrapped: tuple[nn.Module, nn.Module] | None = None  # (model, its DDP wrapper)
+        self.current: TrialResult | None = None  # the trial running, or the last: what a Ctrl-C leaves of it
 
     def data_parallel(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped in DDP, built once per model and agreed across ranks.
@@ -446,7 +447,7 @@ class Trainer:
         backend = self.backend
         if config.shape.world_size != self.dist.world_size:
             raise ValueError(f"a trial shaped for {config.shape.world_size} ranks cannot run on {self.dist.world_size}")
-        result = TrialResult(config.shape, config.lr, config.seed)
+        result = self.current = TrialResult(config.shape, config.lr, config.seed)
         backend.cleanup(collect=False)
         result.baseline_bytes = backend.current_bytes()
         backend.reset_peak()

@@ -17,10 +17,13 @@ def render_noise(run: Any, fmt: str = "table") -> str:
         return to_json(run.to_dict())
     shape = format_shape(run.shape) if run.shape.accum_steps > 1 or run.shape.world_size > 1 \
         else f"{run.batch_size} (two halves per step)"
-    head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {run.steps} steps"
+    steps = (f"{run.steps} steps" if not run.interrupted else
+             f"PARTIAL: interrupted after {run.steps} of {run.steps_planned} steps")
+    head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {steps}"
     rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", count(h["b_simple"]),
              f"{count(h['low'])}–{count(h['high'])}" if h["low"] is not None else "-",
-             "yes" if h["reliable"] else "no (band too wide)" if h.get("wide") else "no"]
+             "yes" if h["reliable"] else "no (band reaches 0)" if _reaches_zero(h) else
+             "no (band too wide)" if h.get("wide") else "no"]
             for h in run.history]
     headers = ["step", "samples", "val loss", "B_simple", "90% band", "reliable"]
     table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple",
@@ -34,15 +37,22 @@ def render_noise(run: Any, fmt: str = "table") -> str:
         lines.append(_out_of_memory(run))
     elif final and final.get("b_simple"):
         tokens = (f" = {final['b_simple'] * run.tokens_per_sample:,.0f} tokens" if run.tokens_per_sample > 1 else "")
-        unsure = ("" if final["reliable"] else "; not reliable: the band spans more than 10×" if final.get("wide")
-                  else "; not reliable: the band is open above")
-        lines.append(f"B_simple at the end: {count(final['b_simple'])} examples{tokens} at val loss "
+        unsure = ("" if final["reliable"] else "; not reliable: the band reaches 0" if _reaches_zero(final) else
+                  "; not reliable: the band spans more than 10×" if final.get("wide") else
+                  "; not reliable: the band is open above")
+        at = "at the last reading before the interrupt" if run.interrupted else "at the end"
+        lines.append(f"B_simple {at}: {count(final['b_simple'])} examples{tokens} at val loss "
                      f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}{unsure}).")
         lines.append(_trend(run.history))
     else:
         lines.append("no reliable estimate yet: run more steps (--steps)")
     lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)
+
+
+def _reaches_zero(h: dict[str, Any]) -> bool:
+    """A band bounded above that reaches down to 0 (tr Σ not clearly above 0): wider than any factor."""
+    return h.get("wide", False) and not (h["low"] or 0) > 0
 
 
 def _out_of_memory(run: Any) -> str:

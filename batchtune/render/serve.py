@@ -85,7 +85,8 @@ def _points_table(r: Any, fmt: str) -> str:
     """p50, p90 and p99, and the deciding percentile's column where it is none of them (p100, p99.9)."""
     own = r.percentile not in (50, 90, 99)
     rows = [(p.batch_size, p.phase, _ms(p.p50_ms), _ms(p.p90_ms), _ms(p.p99_ms),
-             *([_ms(p.at_percentile_ms)] if own else []), f"{p.samples_per_s:,.0f}", p.repeats,
+             *([_ms(p.at_percentile_ms)] if own else []), f"{p.samples_per_s:,.0f}",
+             f"{p.repeats} ({p.preempted_kept} switched out)" if p.preempted_kept else p.repeats,
              "yes" if p.meets_budget else "no") for p in r.points]
     q = f"p{r.percentile:g}"
     headers = ["batch", "phase", "p50 ms", "p90 ms", "p99 ms", *([f"{q} ms"] if own else []), "samples/s", "passes",
