@@ -13,14 +13,15 @@ not a second moment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from batchtune.errors import error_line
 
-__all__ = ["optimizer_family"]
+__all__ = ["optimizer_call", "optimizer_error", "optimizer_family"]
 
 # Known adaptive optimizers, for those whose test step raises (a closure, sparse gradients) or whose state
 # shows no gradient scale (Lion's sign update keeps only momentum; Sophia's Hessian is fed elsewhere).
@@ -129,3 +130,27 @@ def _listed(kinds: dict[str, str | None]) -> str:
     return ", ".join(f"{', '.join(keys)} {_KINDS[kind]}" if kind else ", ".join(keys)
                      for kind, keys in groups.items())
 
+
+@contextlib.contextmanager
+def optimizer_call(call: str) -> Iterator[None]:
+    """Mark what the optimizer raises in ``call`` ("step", "zero_grad") as the optimizer's
+    (``exc.batchtune_optimizer_call``), so that the trial blames the spec's optimizer, not the model."""
+    try:
+        yield
+    except Exception as exc:
+        exc.batchtune_optimizer_call = call
+        raise
+
+
+def optimizer_error(exc: BaseException, spec: Any) -> Exception:
+    """The spec error for an optimizer whose ``step()`` (or ``zero_grad()``) raised in a training step
+    (:func:`optimizer_call` marked it): it names ``optimizer.target`` (or ``optimizer.name``), not the model."""
+    from batchtune.config.components import STEP_CALL, ComponentError
+
+    opt = spec.optimizer
+    key, what = ("optimizer.target", f"{opt.target}()") if opt.target else ("optimizer.name", opt.name)
+    call = getattr(exc, "batchtune_optimizer_call", "step")
+    return ComponentError([spec.issue(key, f"the optimizer {what} raised {error_line(exc)} in its {call}(): "
+                                           f"{STEP_CALL} (an optimizer whose step needs a closure, LBFGS-style, "
+                                           "cannot be tuned); fix the optimizer or choose another; BATCHTUNE_DEBUG=1 "
+                                           "shows the traceback")])
