@@ -733,7 +733,8 @@ def test_table_output(write_spec):
     assert lines[4].split()[:2] == ["fits", "pass"]
     assert re.search(r"^fits +pass +peak \d+\.\d KiB of 200\.0 KiB, \d+% free \(at least 10% required\)$", lines[4])
     assert any(line.startswith("verdict: PASS") for line in lines)
-    assert "note: lr 0.02: the sqrt rule from 0.01 at batch 32" in lines
+    assert ("note: lr 0.02: the sqrt rule from 0.01 at batch 32 (auto: adaptive, because AdamW keeps exp_avg_sq ∝ "
+            "grad² (a second moment) over two test steps)") in lines
 
 
 def test_quickstart_finishes_within_its_budget():

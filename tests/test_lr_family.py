@@ -40,14 +40,113 @@ def custom(params, lr):
     return _Scaled(params, lr)
 
 
+class _Moments(torch.optim.Optimizer):
+    """An outside LAMB's Adam part (bias correction, eps), its state named ``m`` and ``v``, its class on no list:
+    called SGD-like before, as 'keeps m, v: no second moment' (an outside check then used the linear rule's lr)."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                state["m"].mul_(0.9).add_(p.grad, alpha=0.1)
+                state["v"].mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                v_hat = state["v"] / (1 - 0.999 ** state["step"])
+                update = state["m"] / (v_hat.sqrt() + 1e-6) + group["weight_decay"] * p
+                p.add_(update, alpha=-group["lr"])
+
+
+class _Misnamed(torch.optim.Optimizer):
+    """SGD with momentum whose buffer is named like Adam's second moment: once called adaptive by that name."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(0.9).add_(p.grad)
+                p.add_(buf, alpha=-group["lr"])
+
+
+class _PerTensor(torch.optim.Optimizer):
+    """NovoGrad-like: one second moment per tensor (the mean of grad²), a momentum per element."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                v = state.setdefault("v", torch.zeros(())).mul_(0.98).add_(p.grad.square().mean(), alpha=0.02)
+                m = state.setdefault("m", torch.zeros_like(p)).mul_(0.9).add_(p.grad / (v.sqrt() + 1e-8))
+                p.add_(m, alpha=-group["lr"])
+
+
+class _Raises(torch.optim.Optimizer):
+    """Its step raises whatever it is given (a step that needs what batchtune cannot pass)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        raise RuntimeError("needs a sharded parameter")
+
+
+def moments(params, lr, weight_decay=0.0):
+    return _Moments(params, lr, weight_decay)
+
+
+_SGD_LIKE = "nothing ∝ grad², over two test steps: no second moment, SGD-like"
+
+
 @pytest.mark.parametrize("factory,family,evidence", [
-    (momentum_opt, "adaptive", "Adam keeps a second moment per parameter (exp_avg_sq)"),
-    (adam_like, "sgd", "SGD keeps momentum_buffer: no second moment, SGD-like"),
-    (custom, "adaptive", "_Scaled keeps a second moment per parameter (grad_sq)"),
-    (lambda params, lr: torch.optim.SGD(params, lr=lr), "sgd", "SGD keeps no state: no second moment, SGD-like"),
-])
+    (momentum_opt, "adaptive", "Adam keeps exp_avg_sq ∝ grad² (a second moment) over two test steps"),
+    (adam_like, "sgd", f"SGD keeps momentum_buffer ∝ grad (momentum-like), {_SGD_LIKE}"),
+    (custom, "adaptive", "_Scaled keeps grad_sq ∝ grad² (a second moment) over two test steps"),
+    (lambda params, lr: torch.optim.SGD(params, lr=lr), "sgd",
+     "SGD keeps no state that follows the gradient over two test steps: no second moment, SGD-like"),
+    # the fix: judged by what the state does, not by its name or the class's
+    (lambda params, lr: moments(params, lr, weight_decay=0.01), "adaptive",
+     "_Moments keeps v ∝ grad² (a second moment) over two test steps"),
+    (lambda params, lr: _Misnamed(params, lr), "sgd", f"_Misnamed keeps exp_avg_sq ∝ grad (momentum-like), {_SGD_LIKE}"),
+    (lambda params, lr: _PerTensor(params, lr), "adaptive",
+     "_PerTensor keeps v ∝ ‖grad‖² (a per-tensor second moment) over two test steps"),
+    (lambda params, lr: torch.optim.Adamax(params, lr=lr), "adaptive",
+     "Adamax keeps exp_inf ∝ |grad| (a running gradient scale) over two test steps"),
+    (lambda params, lr: torch.optim.Adagrad(params, lr=lr, initial_accumulator_value=0.1), "adaptive",
+     "Adagrad keeps sum ∝ grad² (a second moment) over two test steps"),  # an offset: still ∝ grad²
+    (lambda params, lr: _Raises(params, lr), "sgd", "_Raises could not take a test step (RuntimeError: needs a sharded "
+     "parameter), so its class name decides: not a known adaptive optimizer, SGD-like"),
+], ids=["adam", "sgd-momentum", "grad_sq", "sgd", "outside-lamb", "misnamed", "per-tensor", "adamax", "adagrad-offset",
+        "raises"])
 def test_the_family_comes_from_the_state_the_optimizer_keeps(factory, family, evidence):
     assert optimizer_family(factory) == (family, evidence)
+
+
+@pytest.mark.parametrize("factory,family", [
+    (lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.1), "sgd"),
+    (lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.1), "adaptive"),
+    (lambda p, lr: torch.optim.Adam(p, lr=lr, amsgrad=True), "adaptive"),
+    (lambda p, lr: torch.optim.RMSprop(p, lr=lr, centered=True, momentum=0.9), "adaptive"),
+    (lambda p, lr: torch.optim.Adafactor(p, lr=lr), "adaptive"),
+    (lambda p, lr: torch.optim.Adadelta(p, lr=lr), "adaptive"),
+    (lambda p, lr: torch.optim.NAdam(p, lr=lr), "adaptive"),
+    (lambda p, lr: torch.optim.RAdam(p, lr=lr), "adaptive"),
+    (lambda p, lr: torch.optim.SparseAdam(p, lr=lr), "adaptive"),  # dense gradients raise: its class decides
+], ids=["nesterov", "adamw", "amsgrad", "rmsprop", "adafactor", "adadelta", "nadam", "radam", "sparseadam"])
+def test_the_torch_optimizers_keep_their_family(factory, family):
+    got, evidence = optimizer_family(factory)
+    assert got == family, evidence
 
 
 def test_auto_scaling_follows_the_built_optimizer_not_the_factory_name(write_spec):
@@ -57,3 +156,17 @@ def test_auto_scaling_follows_the_built_optimizer_not_the_factory_name(write_spe
     backend.close()
     assert spec_rule(spec) == "linear" and "momentum_buffer" in spec.optimizer.family_evidence
     assert spec_lr(spec, 128) == pytest.approx(0.01 * 4)  # 128 / 32
+
+
+def test_auto_scales_an_outside_adam_by_sqrt_and_check_says_why(write_spec):
+    """An outside check at 4x the base batch used the linear rule's lr 0.04 (sqrt: 0.02) for an Adam-like
+    optimizer, and its note did not say the rule came from auto."""
+    from batchtune.commands.check import run_check
+    from batchtune.render.check import check_notes
+
+    spec = load_spec(write_spec(), ['optimizer={target: "tests.test_lr_family:moments", lr: 0.01}', "check.steps=4",
+                                    "device.memory_limit=null"])
+    report = run_check(spec, batch_size=128)
+    assert spec_rule(spec) == "sqrt" and report.lr == pytest.approx(0.02)  # 0.01 × sqrt(128 / 32)
+    assert ("lr 0.02: the sqrt rule from 0.01 at batch 32 (auto: adaptive, because _Moments keeps v ∝ grad² (a second "
+            "moment) over two test steps)") in check_notes(report)

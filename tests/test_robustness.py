@@ -135,6 +135,53 @@ def test_probe_blames_the_optimizer_value_not_model_data_loss(write_spec):
     assert "Check that the model accepts" not in line
 
 
+class _NeedsClosure(torch.optim.Optimizer):
+    """LBFGS-style: its step calls the closure it is given, which defaults to None."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        return closure()
+
+
+class _RequiresClosure(_NeedsClosure):
+    """An outside tester's ``Clos``: ``step(self, closure)``, no default."""
+
+    def step(self, closure):
+        return closure()
+
+
+def needs_closure(params, lr):
+    return _NeedsClosure(params, lr)
+
+
+def requires_closure(params, lr):
+    return _RequiresClosure(params, lr)
+
+
+@pytest.mark.parametrize("command", ["probe", "check", "sweep"])
+def test_an_optimizer_whose_step_raises_is_named_and_exits_2_in_every_command(command, write_spec, tmp_path):
+    """An outside optimizer whose step needs a closure: probe blamed the model, data and loss ('Check that the model
+    accepts the data's samples ...'), check called it a failed fits verdict and exited 1."""
+    args = {"check": ["-b", "32"], "sweep": ["--out", tmp_path / "run", "sweep.batch_sizes=[32]", "sweep.seeds=1",
+                                             "sweep.lr_search=false", "sweep.samples=256"]}.get(command, [])
+    line = _one_line_error(_cli(command, write_spec(), "-q", "optimizer={target: 'tests.test_robustness:needs_closure', "
+                                                                "lr: 0.01}", *args),
+                           "optimizer.target: the optimizer tests.test_robustness:needs_closure() raised TypeError: "
+                           "'NoneType' object is not callable in its step(): batchtune calls optimizer.step() with no "
+                           "closure, once per training step after backward")
+    assert "Check that the model accepts" not in line
+
+
+def test_validate_refuses_an_optimizer_whose_step_requires_a_closure(write_spec):
+    """Validate said ok; every command then failed at the first step."""
+    _one_line_error(_cli("validate", write_spec(), "optimizer={target: 'tests.test_robustness:requires_closure', "
+                                                    "lr: 0.01}"),
+                    "optimizer.target: the optimizer tests.test_robustness:requires_closure() has step(closure), which "
+                    "needs a closure: batchtune calls optimizer.step() with no closure")
+
+
 def test_a_component_error_is_one_line_and_keeps_its_cause(write_spec):
     from batchtune.config.components import build_components
     from batchtune.config.spec import load_spec

@@ -103,6 +103,7 @@ class CheckReport:
     baseline: str | None = None
     notes: list[str] = field(default_factory=list)  # what changed the question asked (a capped batch), plainly
     lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own (a note says so), not the rule's
+    lr_auto: str | None = None  # what lr_scaling: auto chose and why ("sgd, because SGD keeps ..."); None: not auto
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
 
     @property
@@ -831,11 +832,13 @@ def throughput_noise(window_rates: list[float], baseline_rates: list[float]) -> 
 
 
 def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
+    from batchtune.stats.scaling import auto_choice
+
     spec = state.spec
     return CheckReport(
         name=spec.name, checks=[results[name] for name in CHECKS], shape=state.shape, lr=state.lr,
         lr_rule=state.rule, base_lr=spec.optimizer.lr, base_batch_size=spec.base_batch_size,
-        lr_from_baseline=state.lr_from_baseline,
+        lr_from_baseline=state.lr_from_baseline, lr_auto=auto_choice(spec),
         seconds=time.perf_counter() - state.started, max_seconds=state.budget, skipped=state.skipped,
         device=state.device, precision=spec.precision,
         baseline=str(state.baseline.path) if state.baseline else None, notes=state.notes,
@@ -908,7 +911,7 @@ def run_check_estimate(spec: Any, *, batch_size: int | None = None, accum_steps:
     from batchtune.engine.trial import prepare
     from batchtune.memory.device import CPUBackend
     from batchtune.memory.estimate import EstimateError, StepTracer, resolve_target
-    from batchtune.stats.scaling import spec_lr, spec_rule
+    from batchtune.stats.scaling import auto_choice, spec_lr, spec_rule
 
     started = time.perf_counter()
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
@@ -929,7 +932,8 @@ def run_check_estimate(spec: Any, *, batch_size: int | None = None, accum_steps:
     return CheckReport(
         name=spec.name, checks=[_estimated_fits(spec, target, point)], shape=shape, lr=spec_lr(spec, shape.batch_size),
         lr_rule=spec_rule(spec), base_lr=spec.optimizer.lr, base_batch_size=spec.base_batch_size,
-        seconds=time.perf_counter() - started, max_seconds=float(measured.get("max_seconds") or spec.check.max_seconds),
+        lr_auto=auto_choice(spec), seconds=time.perf_counter() - started,
+        max_seconds=float(measured.get("max_seconds") or spec.check.max_seconds),
         skipped=[], device={**target.describe(), "estimate_figures": tracer.summary()}, precision=spec.precision,
         notes=["estimated from a training step traced with fake tensors, so only fits is checked: trains, data, "
                "critical_batch and regression need training steps (batchtune check on the device)"]

@@ -44,7 +44,7 @@ from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
 from batchtune.render.text import count_of
-from batchtune.stats.scaling import spec_lr, spec_rule
+from batchtune.stats.scaling import auto_choice, spec_lr, spec_rule
 
 __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "plan_candidates", "result_from_rows", "run_dir",
            "run_sweep"]
@@ -734,9 +734,8 @@ def _sample_budget(spec: Any, candidates: list[BatchShape], n_train: int, notes:
 def _lr_note(spec: Any) -> str:
     note = (f"lr not scaled (lr_scaling: none): {spec.optimizer.lr:g} at every size" if spec_rule(spec) == "none"
             else f"lr scaled by the {spec_rule(spec)} rule from {spec.optimizer.lr:g} at batch {spec.base_batch_size}")
-    if spec.lr_scaling == "auto":
-        evidence = spec.optimizer.family_evidence or f"optimizer {spec.optimizer.name or spec.optimizer.target}"
-        note += f" (auto: {spec.optimizer.family}, because {evidence})"
+    if (choice := auto_choice(spec)) is not None:
+        note += f" (auto: {choice})"
     return note + f", {spec.sweep.warmup:.0%} linear warmup"
 
 

@@ -34,8 +34,8 @@ from batchtune.errors import error_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
-           "sample_length", "sparse_gradient_layers", "to_device", "varying_lengths"]
+__all__ = ["STEP_CALL", "ComponentError", "Components", "build_components", "load_target", "batch_size_of",
+           "has_batchnorm", "sample_length", "sparse_gradient_layers", "to_device", "varying_lengths"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -82,6 +82,20 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         path = f"{kwargs_key or key}.{named[0]}" if named else getattr(exc, "spec_key", key)
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
         raise ComponentError([spec.issue(path, message)]) from exc
+
+
+#: How every training step calls the optimizer: the errors about a custom one's step say it.
+STEP_CALL = "batchtune calls optimizer.step() with no closure, once per training step after backward"
+
+
+def _step_needs(optimizer: Any) -> list[str]:
+    """The arguments ``optimizer.step`` cannot do without (``['closure']`` for LBFGS): batchtune passes none."""
+    try:
+        signature = inspect.signature(optimizer.step)
+    except (TypeError, ValueError):  # a builtin or C-level step: nothing to read, nothing to refuse
+        return []
+    return [name for name, p in signature.parameters.items() if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _factory_name(entry: Any) -> str:
@@ -631,6 +645,13 @@ class Components:
                                   f"the optimizer {name} returned {type(optimizer).__name__}, not an optimizer (it has "
                                   f"no {', '.join(missing)}): return a torch.optim.Optimizer built over the "
                                   "parameters and lr it is given")
+        needs = _step_needs(optimizer)
+        if needs:  # an outside step(self, closure): validate said ok, every command failed at the first step
+            raise ComponentError([self.spec.issue(
+                "optimizer.target" if opt.target else "optimizer",
+                f"the optimizer {name} has step({', '.join(needs)}), which needs "
+                f"{'a closure' if needs == ['closure'] else 'arguments'}: {STEP_CALL}, so an optimizer whose step "
+                "needs a closure (LBFGS-style) cannot be tuned; choose another")])
         return optimizer
 
     def first_loss(self, model: nn.Module, samples: int = 2) -> float:

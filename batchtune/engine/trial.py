@@ -249,8 +249,13 @@ def forward_error(exc: BaseException, batch_size: int, with_loss: bool = False) 
         "; BATCHTUNE_DEBUG=1 shows the traceback")
 
 
-def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadFactory) -> TrainingError:
-    """The user's code failed in a step: worded for what the step runs (serve's runs the model alone)."""
+def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadFactory, spec: Any) -> Exception:
+    """The user's code failed in a step: worded for what the step runs (serve's runs the model alone); the
+    optimizer's own failure is the spec's optimizer's (a SpecError naming it: exit 2 in every command)."""
+    if getattr(exc, "batchtune_optimizer_call", None) is not None:
+        from batchtune.engine.optimizer import optimizer_error
+
+        return optimizer_error(exc, spec)
     if getattr(workload, "func", workload) is ForwardOnly:
         return forward_error(exc, config.shape.micro_batch_size, "forward" not in getattr(workload, "keywords", {}))
     return TrainingError(
@@ -467,7 +472,7 @@ class Trainer:
                     # a factory's own (host memory, a device batchtune does not measure): the spec's to fix
                     raise ComponentError([exc.batchtune_issue]) from None
                 if not is_oom(exc, backend):
-                    raise _training_error(exc, config, self.workload) from exc
+                    raise _training_error(exc, config, self.workload, self.components.spec) from exc
                 result.fits = False
                 result.error = getattr(exc, "batchtune_error", None) or error_line(exc)
                 result.failed_ranks = list(getattr(exc, "failed_ranks", []))

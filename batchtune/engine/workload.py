@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from batchtune.engine.data import Feed, halves, unsplittable
+from batchtune.engine.optimizer import optimizer_call
 from batchtune.stats.scaling import lr_at_step
 
 if TYPE_CHECKING:
@@ -197,13 +198,14 @@ class TrainStep(Workload):
             scaler.unscale_(optimizer)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        applied = True
-        if scaler is not None:
-            scaler.step(optimizer)
-            applied = self.carry.update(scaler)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with optimizer_call("step"):  # what the optimizer raises is the spec's optimizer's to fix, not the model's
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+        applied = self.carry.update(scaler) if scaler is not None else True
+        with optimizer_call("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
         return applied
 
     def close(self) -> None:

@@ -359,9 +359,10 @@ def check_notes(report: Any) -> list[str]:
     if busy:
         notes.append(busy)
     if not getattr(report, "lr_from_baseline", False):  # else the report's own notes say where it came from
+        auto = getattr(report, "lr_auto", None)  # lr_scaling: auto's choice and its evidence, as the sweep says it
         notes.append(f"lr {report.lr:.4g}: the spec's, not scaled (lr_scaling: none)" if report.lr_rule == "none"
                      else f"lr {report.lr:.4g}: the {report.lr_rule} rule from {report.base_lr:g} at batch "
-                     f"{report.base_batch_size}")
+                     f"{report.base_batch_size}" + (f" (auto: {auto})" if auto else ""))
     if report.seconds > report.max_seconds:
         notes.append(f"took {report.seconds:.1f} s, over the {report.max_seconds:g} s budget (the fits run, which "
                      f"always runs, took {report.check('fits').seconds:.1f} s)")

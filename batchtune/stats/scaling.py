@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-__all__ = ["Rule", "lr_at_step", "resolve_rule", "rule_lr", "rule_name", "scale_lr", "spec_lr", "spec_rule"]
+__all__ = ["Rule", "auto_choice", "lr_at_step", "resolve_rule", "rule_lr", "rule_name", "scale_lr", "spec_lr",
+           "spec_rule"]
 
 Rule = Literal["linear", "sqrt", "none", "auto"]
 
@@ -44,6 +45,15 @@ def scale_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: Litera
 def spec_rule(spec: Any) -> Literal["linear", "sqrt", "none"]:
     """The concrete rule a spec asks for (``lr_scaling``, with ``auto`` resolved by its optimizer)."""
     return resolve_rule(spec.lr_scaling, spec.optimizer.family)
+
+
+def auto_choice(spec: Any) -> str | None:
+    """What ``lr_scaling: auto`` chose and why, for a report to say ("adaptive, because Scaled keeps v ∝ grad² (a
+    second moment) over two test steps"); None when the spec names its rule."""
+    if spec.lr_scaling != "auto":
+        return None
+    evidence = spec.optimizer.family_evidence or f"optimizer {spec.optimizer.name or spec.optimizer.target}"
+    return f"{spec.optimizer.family}, because {evidence}"
 
 
 def rule_name(rule: str) -> str:
