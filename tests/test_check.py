@@ -865,6 +865,7 @@ def test_a_drop_the_run_queue_explains_warns_and_one_far_beyond_it_fails(monkeyp
     monkeypatch.setattr(os, "times", lambda: SimpleNamespace(user=0.9, system=0.0))  # we got 0.2 of a core
     monkeypatch.setattr(os, "getloadavg", lambda: (4.38, 4.0, 3.5))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(host, "_sibling_seconds", dict)  # no children: earlier tests' spawned processes stay out
 
     def reading(busy_cores: float) -> dict:
         monkeypatch.setattr(host, "_busy_jiffies", lambda: round(busy_cores * 4.5 * tick))
