@@ -1013,6 +1013,15 @@ def test_the_sweep_names_the_rank_that_bounds_a_mixed_fleets_ceiling(monkeypatch
     notes: list[str] = []
     assert sweep_module._ceiling(spec, None, CPUBackend(memory_limit=1 << 20), notes) == (425, 382, None)
     assert notes == ["probed ceiling 425 (7 trials, bounded by rank 1); safe micro-batch 382"]
+    # a ceiling at the search's upper end fits: named by what capped it (an outside sweep on 8,192 samples was said
+    # to be capped by a probe.max_batch_size it never set)
+    for ceiling, by in ((64, "probe.max_batch_size"), (50, "the largest batch the data allows")):
+        probed = SimpleNamespace(ceiling=ceiling, safe_batch_size=ceiling, search_trials=2, bounding_rank=None,
+                                 capped=True)
+        notes.clear()
+        sweep_module._ceiling(load_spec("configs/quickstart.yaml", ["probe.max_batch_size=64"]), None,
+                              CPUBackend(memory_limit=1 << 20), notes)
+        assert notes[0].startswith(f"probed ceiling {ceiling} = {by}"), notes
 
 
 def test_every_trial_validates_at_one_batch_that_fits(monkeypatch):

@@ -675,8 +675,12 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
     bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
              else "")
-    capped = (" = probe.max_batch_size, which fits: the device may hold more" if getattr(probe, "capped", False)
-              else "")
+    capped = ""
+    if getattr(probe, "capped", False):  # the search's upper end fits: the spec's cap, or the data's (an outside
+        # sweep on 8,192 samples was said to be capped by a probe.max_batch_size it never set)
+        by = ("probe.max_batch_size" if probe.ceiling >= spec.probe.max_batch_size else
+              "the largest batch the data allows (the training set's size, or what host memory can collate)")
+        capped = f" = {by}, which fits: the device may hold more"
     notes.append(f"probed ceiling {probe.ceiling}{capped} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     from batchtune.engine.distributed import current
