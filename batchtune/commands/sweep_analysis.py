@@ -46,6 +46,7 @@ MIN_NOISE_MEASUREMENTS = 4
 BOOTSTRAP = 1000
 DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share of the sizes reaches
 KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
+LR_TIE = 0.02  # lrs of a size this close in median steps to target are tied: the lower one is kept
 NEAR_START = 0.05  # a target less than this share below the untrained loss is said to measure little learning
 
 SUMMARY_COLUMNS = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr", "lr_multiplier", "seeds",
@@ -335,9 +336,16 @@ def _best_per_size(entries: list[Entry]) -> list[Entry]:
     tried: dict[int, list[float]] = {}
     for e in entries:
         tried.setdefault(e["batch_size"], []).append(e["lr_multiplier"])
-    for e in _fully_seeded(entries):
+    seeded = _fully_seeded(entries)
+    for e in seeded:
         if e["batch_size"] not in best or key(e) < key(best[e["batch_size"]]):
             best[e["batch_size"]] = e
+    for size, b in best.items():  # a tie goes to the lower lr, further from the edge of stability (an outside
+        # sweep kept 0.8 over 0.4 at 512 by 0.05 of a step at one validation; 0.4 took 28-31 steps, 0.8 36-41)
+        if b["qualifies"]:
+            tied = [e for e in seeded if e["batch_size"] == size and e["qualifies"]
+                    and e["steps_to_target"] <= (1 + LR_TIE) * b["steps_to_target"]]
+            best[size] = min(tied, key=lambda e: e["lr_multiplier"])
     return [{**best[size], "lrs_tried": len(tried[size]), "lr_edge": _edge(best[size]["lr_multiplier"], tried[size])}
             for size in sorted(best)]
 
