@@ -118,7 +118,8 @@ _SGD_LIKE = "nothing ∝ grad², over two test steps: no second moment, SGD-like
     # the fix: judged by what the state does, not by its name or the class's
     (lambda params, lr: moments(params, lr, weight_decay=0.01), "adaptive",
      "_Moments keeps v ∝ grad² (a second moment) over two test steps"),
-    (lambda params, lr: _Misnamed(params, lr), "sgd", f"_Misnamed keeps exp_avg_sq ∝ grad (momentum-like), {_SGD_LIKE}"),
+    (lambda params, lr: _Misnamed(params, lr), "sgd",
+     f"_Misnamed keeps exp_avg_sq ∝ grad (momentum-like), {_SGD_LIKE}"),
     (lambda params, lr: _PerTensor(params, lr), "adaptive",
      "_PerTensor keeps v ∝ ‖grad‖² (a per-tensor second moment) over two test steps"),
     (lambda params, lr: torch.optim.Adamax(params, lr=lr), "adaptive",

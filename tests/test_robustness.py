@@ -166,8 +166,8 @@ def test_an_optimizer_whose_step_raises_is_named_and_exits_2_in_every_command(co
     accepts the data's samples ...'), check called it a failed fits verdict and exited 1."""
     args = {"check": ["-b", "32"], "sweep": ["--out", tmp_path / "run", "sweep.batch_sizes=[32]", "sweep.seeds=1",
                                              "sweep.lr_search=false", "sweep.samples=256"]}.get(command, [])
-    line = _one_line_error(_cli(command, write_spec(), "-q", "optimizer={target: 'tests.test_robustness:needs_closure', "
-                                                                "lr: 0.01}", *args),
+    line = _one_line_error(_cli(command, write_spec(), "-q",
+                                "optimizer={target: 'tests.test_robustness:needs_closure', lr: 0.01}", *args),
                            "optimizer.target: the optimizer tests.test_robustness:needs_closure() raised TypeError: "
                            "'NoneType' object is not callable in its step(): batchtune calls optimizer.step() with no "
                            "closure, once per training step after backward")

@@ -244,7 +244,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
 
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
         result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
-                         + _collapse_notes(result) + _verify_busy_notes(result))
+                         + _collapse_notes(result) + _rise_notes(result) + _verify_busy_notes(result))
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
@@ -494,9 +494,10 @@ def _miss_meanings(result: PlanResult, learned: list[float], paced: list[float])
                     "calibrates further.")
     if paced:
         how = "longer" if all(e > 0 for e in paced) else "shorter" if all(e < 0 for e in paced) else "other"
-        said.append(f"Each step took {how} than the throughput timing measured: the seconds missed, not the loss "
-                    "curve (a machine busy during the run or the timing, or a long run slowing where the timed "
-                    "steps did not: data loading, memory, heat); the projected times scale by it, the steps do not.")
+        which = "the seconds per step missed as well" if learned else "the seconds missed, not the loss curve"
+        said.append(f"Each step took {how} than the throughput timing measured: {which} (a machine busy during "
+                    "the run or the timing, or a long run slowing where the timed steps did not: data loading, memory, "
+                    "heat); the projected times scale by it, the steps do not.")
     if not said:
         said.append("Neither the steps nor the seconds per step missed by that much alone: their errors compound "
                     "in the time.")
@@ -804,8 +805,9 @@ def noise_by_loss(row: dict[str, Any], below: float, levels: int = 4) -> list[tu
 
 def lower_lr(lead: dict[str, Any]) -> str:
     """How to plan at a lower lr than the lead run's ('a lower lr ...', after 'try' or 'plan again with'). Where
-    the calibration's lr search chose it (×4 the rule's), lowering optimizer.lr moves the search down with it: an outside plan said 'try a lower optimizer.lr' twice
-    more, its lead run at ×4 each time, until sweep.lr_search=false planned at once."""
+    the calibration's lr search chose it (×4 the rule's), lowering optimizer.lr moves the search down with it: an
+    outside plan said 'try a lower optimizer.lr' twice more, its lead run at ×4 each time, until
+    sweep.lr_search=false planned at once."""
     mult = float(lead.get("lr_multiplier") or 1.0)
     if mult <= 1:
         return "a lower lr (optimizer.lr)"
@@ -1561,6 +1563,27 @@ def _collapse_notes(result: PlanResult) -> list[str]:
                    + (f", and above the projected final loss {projected:.4g}" if projected is not None else ""))
         notes.append(f"verified: {name} {how}; reaching the target on the way is no pass: a run of this plan ends "
                      "there. An lr too high to settle (or, on repeated data, overfitting): plan with a lower lr")
+    return notes
+
+
+def _rise_notes(result: PlanResult) -> list[str]:
+    """A note for each verified plan (not collapsed) whose validation loss turned up for good after its low in most
+    seeds (:func:`rose`): the projection, a falling curve, cannot see it. An outside MLP's constant 32 reached its
+    target at step 631, held 0.688, then climbed to 0.869 by the end (+26% on the projection), and the notes said
+    only that the projection's loss curve did not describe the run."""
+    notes = []
+    for name, v in result.verified["plans"].items():
+        runs = [r for r in v["runs"] if not r["collapsed"]]
+        turned = [r for r in runs if rose([e[2] for e in r["evals"] if math.isfinite(e[2])])]
+        if not runs or 2 * len(turned) <= len(runs):
+            continue
+        evals = [e for e in turned[0]["evals"] if math.isfinite(e[2])]
+        low = min(evals, key=lambda e: e[2])
+        seeds = f" in {len(turned)} of {len(v['runs'])} seeds" if len(v["runs"]) > 1 else ""
+        notes.append(f"verified: {name}'s validation loss turned up{seeds} after its low ({low[2]:.4g} at step "
+                     f"{low[0]:,.0f}) and ended at {final_loss([e[2] for e in evals]):.4g}: overfitting (on repeated "
+                     "data) or an lr too high to settle, which the projection's falling loss curve cannot see; a run "
+                     "that stops near its low, more data or regularisation, or a lower lr ends lower")
     return notes
 
 

@@ -649,9 +649,10 @@ def accumulating_micro(probe: Any, build_model: Any, world_size: int, sharded: b
         return None
     grads = sum(p.numel() * p.element_size() for p in build_model().parameters() if p.requires_grad)
     grads /= world_size if sharded else 1
-    if getattr(probe, "capped", False) and getattr(probe, "capacity_bytes", None):  # the safe size is probe.max_batch_size, not memory's edge: the model
-        # says what fits beside the gradients (an outside sweep ran 32×4 at 5 MiB of 64, and refused every size at
-        # 2 KiB of 2 MiB, below a cap of 4)
+    if getattr(probe, "capped", False) and getattr(probe, "capacity_bytes", None):
+        # the safe size is the search's cap, not memory's edge: the memory model says what fits beside the
+        # gradients (an outside sweep ran 32×4 at 5 MiB of 64, and refused every size at 2 KiB of 2 MiB, below a
+        # cap of 4)
         room = (1 - probe.headroom) * probe.capacity_bytes - grads
         return min(probe.safe_batch_size, math.floor(memory.max_batch_size(room)))
     return probe.safe_batch_size - math.ceil(grads / per_sample)
