@@ -61,7 +61,7 @@ from typing import Protocol
 import torch
 
 from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
-                                   noise_batch_sizes, unbiased_estimates)
+                                   decay_per_measured_step, noise_batch_sizes, unbiased_estimates)
 
 __all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
@@ -136,7 +136,11 @@ class NoiseScaleMonitor:
             parameters, :data:`MODULE_EVERY` (8) given a module: a measured step cost 5-38%
             more than another on small CPU models, i.e. 0.6-4.7% at every 8th
             (``benchmarks/monitor_overhead.py``; the per-example path costs the most).
-        ema_decay: smoothing of the estimator (see :class:`NoiseScaleEstimator`).
+        ema_decay: weight of the past per OPTIMIZER step: the reading spans about ``1 / (1 - ema_decay)``
+            optimizer steps (100) whatever ``every`` is, and at least about 10 measured steps
+            (:func:`~batchtune.stats.noise.decay_per_measured_step`); a sparser cadence reads the same
+            steps with fewer measurements, in a wider band. A noise scale that moves within it is read
+            at the latest step, flagged ``drifting`` (see :class:`NoiseScaleEstimator`).
         confidence: coverage of the reported band.
         ranks: the data-parallel ranks (a ``DistContext``); None for one process.
         world_size: ranks for a monitor given a module; None reads ``torch.distributed``.
@@ -168,7 +172,8 @@ class NoiseScaleMonitor:
         self.params = [p for p in params if p.requires_grad]
         self.every = every
         self.accum_steps = accum_steps
-        self.estimator = NoiseScaleEstimator(ema_decay=ema_decay, confidence=confidence)
+        self.estimator = NoiseScaleEstimator(ema_decay=decay_per_measured_step(ema_decay, every),
+                                             confidence=confidence)
         self.measured_steps = 0  # steps folded in, including any the estimator skipped as non-finite
         self.last: tuple[float, float] | None = None  # the last step's unbiased (|G|², tr Σ), when finite
         self._ranks = ranks if world_size > 1 else None
@@ -305,10 +310,11 @@ class NoiseScaleMonitor:
     def reading(self) -> MonitorReading:
         """The estimate so far (b_simple, low, high, reliable, steps; unreliable before any step).
 
-        ``steps`` counts the measured steps folded in; the EMA weighs the last
-        ``~1 / (1 - ema_decay)`` of them, i.e. about ``every / (1 - ema_decay)`` optimizer
-        steps (:attr:`steps_seen` counts those for a monitor given a module). ``coverage`` is
-        the share of the model's trainable parameters the reading measures.
+        ``steps`` counts the measured steps folded in; the EMA weighs those of the last
+        ``~1 / (1 - ema_decay)`` optimizer steps (at least ~10 measured steps; :attr:`steps_seen`
+        counts optimizer steps for a monitor given a module), and ``drifting`` says the noise scale
+        moves, read at the latest step. ``coverage`` is the share of the model's trainable parameters
+        the reading measures.
         """
         estimate = self.estimator.estimate()
         return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)}, coverage=self.coverage)

@@ -7,6 +7,7 @@ is reported with the overhead against the loop without a monitor. Cadence ``ever
 default (every step measured); ``every=4`` and ``every=16`` show how the cost falls::
 
     OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py --steps 40 --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py --accuracy-only   # the analytic check alone
 """
 
 from __future__ import annotations
@@ -105,8 +106,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=20, help="seeds of the analytic accuracy check")
+    parser.add_argument("--accuracy-only", action="store_true", help="only the analytic accuracy check (17 s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.accuracy_only:
+        analytic_accuracy(args.seeds, steps=800)
+        return
     print("| model | micro x accum | method | plain step ms | measured step ms | every=1 | every=8 (default) |")
     print("|---|---|---|---|---|---|---|")
     for name, build, micro in (("mlp 2.4M", mlp, 64), ("transformer 2x128", transformer, 16)):

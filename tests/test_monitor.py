@@ -57,6 +57,17 @@ def test_numeric_arguments_out_of_range_are_refused_at_construction_by_name(kwar
     assert NoiseScaleMonitor(torch.nn.Linear(4, 2), micro_batch_size=8, max_examples=1).every == 8
 
 
+def test_the_horizon_is_one_of_optimizer_steps_whatever_the_cadence():
+    """At every=8 a decay of 0.99 per measured step spanned 800 optimizer steps: an outside monitor read the truth of
+    step ~70 at step 800. Now ema_decay is per optimizer step, with at least about 10 measured steps."""
+    model = torch.nn.Linear(4, 2)
+    for every, per_measured in ((1, 0.99), (8, 0.99**8), (32, 0.9)):
+        monitor = NoiseScaleMonitor(model, micro_batch_size=8, accum_steps=2, every=every)
+        assert monitor.estimator.ema_decay == pytest.approx(per_measured)
+    assert NoiseScaleMonitor(model.parameters(), micro_batch_size=8, accum_steps=2, every=4,
+                             ema_decay=0.998).estimator.ema_decay == pytest.approx(0.998**4)
+
+
 def test_a_model_with_no_trainable_parameters_is_refused_at_construction():
     """A frozen model was accepted and warned "0 backward passes for accum_steps=2" on every measured step
     (one backward per step: "this model has none [nn.Linear layers] whose parameters are its own")."""

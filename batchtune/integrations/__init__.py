@@ -45,7 +45,8 @@ class NoiseScaleWatch:
 
     Args:
         every: measure every n-th optimizer step (None: the monitor's default for a module, 8).
-        ema_decay: smoothing of the estimate (see ``NoiseScaleEstimator``).
+        ema_decay: smoothing of the estimate, per optimizer step: about ``1 / (1 - ema_decay)`` optimizer steps
+            whatever ``every`` is (see ``NoiseScaleMonitor``).
         confidence: coverage of the band (0.9: the 90% band ``low``..``high``).
         warn_after: measured steps before a reading may warn (early readings are noisy).
         warn_every: optimizer steps between repeated warnings while the batch stays too big.

@@ -45,7 +45,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -57,6 +57,7 @@ __all__ = [
     "MicroBatchGradNorms",
     "NoiseScaleEstimate",
     "NoiseScaleEstimator",
+    "decay_per_measured_step",
     "noise_batch_sizes",
     "split_halves_needed",
     "unbiased_estimates",
@@ -87,10 +88,12 @@ class NoiseScaleEstimate:
         steps: Updates accepted (non-finite ones are not counted).
         reliable: False while ``g2 <= 0`` or ``trace_sigma < 0`` (or before any update), or
             while the band is unbounded above.
-        drifting: the recent steps (a horizon :data:`RECENT` times shorter) read |G|², tr Σ or
-            B_simple significantly away from the whole average (outside their 99% band): the
-            reading is theirs, in a band that holds both. The whole average lags a noise scale
-            that moves within its horizon.
+        drifting: the noise scale moves: over a horizon :data:`TREND_SPAN` times longer, a weighted
+            line through tr Σ - B·|G|² (or through |G|² over the gradient's scale) slopes outside its
+            99% band. The average lags a noise scale that moves, so the reading is then the
+            trend's value at the latest step (the estimator's horizon, |G|² and tr Σ each fitted by
+            a line), in a band that also holds the average's; ``g2`` and ``trace_sigma`` are the
+            lines' values at that step.
     """
 
     b_simple: float | None
@@ -219,8 +222,122 @@ def t_quantile(confidence: float, dof: float) -> float:
 
 
 SCALE_DECAY = 0.9  # the gradient's scale that each step's estimates are divided by: an EMA over about 10 steps
-RECENT = 4  # the drift check reads the steps of a horizon this many times shorter than the estimate's
-DRIFT_CONFIDENCE = 0.99  # ... in a band this wide: a steady noise scale is called drifting about 1% of the time
+TREND_SPAN = 2.5  # the drift check fits a line over a horizon this many times the reading's
+DRIFT_CONFIDENCE = 0.99  # ... and calls a slope outside this band drift: a steady noise scale about 1% of the time
+FEWEST_MEASURED = 10  # a monitor's horizon in optimizer steps spans at least about this many measured steps
+
+
+def decay_per_measured_step(ema_decay: float, every: int) -> float:
+    """The EMA decay per measured step that spans about ``1 / (1 - ema_decay)`` OPTIMIZER steps, one in ``every``
+    measured: ``ema_decay ** every``, but no shorter than :data:`FEWEST_MEASURED` measured steps (nor longer than
+    ``ema_decay`` asks per step). A decay per measured step made every=8 an 8x longer memory: an outside run's
+    monitor read the truth of step ~70 at step 800 (126.7, band 108-153, where the truth was 214).
+
+    Raises:
+        ValueError: ``ema_decay`` is not in [0, 1), or ``every`` < 1.
+    """
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1); found {ema_decay=}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1; found {every=}")
+    return max(ema_decay**every, min(ema_decay, 1.0 - 1.0 / FEWEST_MEASURED))
+
+
+class _WeightedLine:
+    """Exponentially weighted sums of per-step pairs (x, y): their weighted means, and the weighted least-squares
+    line through each against the step's age ``u`` (0 for the latest, -1 before it, ...), from which the value
+    at the latest step and the slope follow. Co-moments are kept centred and updated as West's algorithm does
+    (a decay, then the new step), so neither a long run nor the ageing of every step by one loses precision: the
+    centred moments of ``u`` do not move when all ages shift, only its mean does."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.n = 0
+        self.w = self.w2 = 0.0  # Σw, Σw²
+        self.w2u = self.w2uu = 0.0  # Σw²u, Σw²u² (raw: they only weigh the kernels)
+        self.mean_u = self.mean_x = self.mean_y = 0.0
+        # centred co-moments: Σw(x - x̄)², Σw(y - ȳ)², Σw(x - x̄)(y - ȳ), and those of u with itself, x and y
+        self.cxx = self.cyy = self.cxy = self.cuu = self.cux = self.cuy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        if self.n:  # every earlier step ages by one
+            self.mean_u -= 1.0
+            self.w2uu += self.w2 - 2.0 * self.w2u
+            self.w2u -= self.w2
+        self.w = d * self.w + 1.0
+        self.w2, self.w2u, self.w2uu = (d * d * v for v in (self.w2, self.w2u, self.w2uu))
+        self.w2 += 1.0
+        self.cxx, self.cyy, self.cxy, self.cuu, self.cux, self.cuy = (
+            d * v for v in (self.cxx, self.cyy, self.cxy, self.cuu, self.cux, self.cuy))
+        du, dx, dy = -self.mean_u, x - self.mean_x, y - self.mean_y
+        self.mean_u += du / self.w
+        self.mean_x += dx / self.w
+        self.mean_y += dy / self.w
+        self.cxx += dx * (x - self.mean_x)
+        self.cyy += dy * (y - self.mean_y)
+        self.cxy += dx * (y - self.mean_y)
+        self.cuu += du * -self.mean_u
+        self.cux += du * (x - self.mean_x)
+        self.cuy += du * (y - self.mean_y)
+        self.n += 1
+
+    def mean_spread(self) -> tuple[float, float, float, float] | None:
+        """(Var x̄, Var ȳ, Cov, degrees of freedom); None before two steps. Reliability weights: unbiased weighted
+        variance s² = M2 / (W - W2/W); the variance of the weighted mean is s² · W2 / W², and Kish's effective n is
+        W² / W2."""
+        dof = self.w - self.w2 / self.w if self.n else 0.0
+        if dof <= 0.0:
+            return None
+        to_var_of_mean = self.w2 / (self.w * self.w * dof)
+        return (self.cxx * to_var_of_mean, self.cyy * to_var_of_mean, self.cxy * to_var_of_mean,
+                self.w * self.w / self.w2 - 1.0)
+
+    def _line_terms(self) -> tuple[float, float] | None:
+        """(Σw²(u - ū)², the residual variance's divisor) or None when no line is fitted (one age, or too few
+        steps). The divisor makes the weighted residual variance unbiased:
+        E[Σw r²] = σ²(W - tr((XᵀWX)⁻¹XᵀW²X)), which is W - W2/W - Σw²(u - ū)²/Σw(u - ū)² for a line
+        fitted about the weighted mean age."""
+        if self.n < 3 or self.cuu <= 0.0:
+            return None
+        s2 = self.w2uu - 2.0 * self.mean_u * self.w2u + self.mean_u**2 * self.w2
+        divisor = self.w - self.w2 / self.w - s2 / self.cuu
+        return (s2, divisor) if divisor > 0.0 else None
+
+    def line_end(self) -> tuple[float, float, float, float, float, float] | None:
+        """(x, y, Var x, Var y, Cov, dof) of the two weighted lines at the latest step; None without a line."""
+        terms = self._line_terms()
+        if terms is None:
+            return None
+        s2, divisor = terms
+        bx, by, ub = self.cux / self.cuu, self.cuy / self.cuu, self.mean_u
+        s1 = self.w2u - ub * self.w2
+        kernel = self.w2 / self.w**2 - 2.0 * ub * s1 / (self.w * self.cuu) + ub * ub * s2 / self.cuu**2  # Σc_i²
+        rxx = max(self.cxx - bx * self.cux, 0.0)
+        ryy = max(self.cyy - by * self.cuy, 0.0)
+        rxy = self.cxy - bx * self.cuy
+        scale = kernel / divisor
+        return (self.mean_x - bx * ub, self.mean_y - by * ub, rxx * scale, ryy * scale, rxy * scale,
+                self.w * self.w / self.w2 - 2.0)
+
+    def slope_z(self) -> tuple[float, float, float] | None:
+        """(t of the slope of y - r·x with r = ȳ/x̄, t of the slope of x, dof): whether the ratio, or |G|² against
+        the gradient's scale, moves over the horizon; None without a line, before 3 degrees of freedom, or while
+        x̄ <= 0."""
+        terms = self._line_terms()
+        dof = self.w * self.w / self.w2 - 2.0 if self.n else 0.0
+        if terms is None or dof < 3.0 or self.mean_x <= 0.0:
+            return None
+        s2, divisor = terms
+        r = self.mean_y / self.mean_x
+        rxx = max(self.cxx - self.cux**2 / self.cuu, 0.0)
+        ryy = max(self.cyy - self.cuy**2 / self.cuu, 0.0)
+        rxy = self.cxy - self.cux * self.cuy / self.cuu
+        to_var_of_slope = s2 / (self.cuu**2 * divisor)
+        var_z, var_x = (ryy + r * r * rxx - 2.0 * r * rxy) * to_var_of_slope, rxx * to_var_of_slope
+        slope_z, slope_x = (self.cuy - r * self.cux) / self.cuu, self.cux / self.cuu
+        return (slope_z / math.sqrt(var_z) if var_z > 0.0 else 0.0,
+                slope_x / math.sqrt(var_x) if var_x > 0.0 else 0.0, dof)
 
 
 class NoiseScaleEstimator:
@@ -249,14 +366,22 @@ class NoiseScaleEstimator:
     first-order approximation, but Fieller's stays valid, and turns unbounded, when the
     |G|² average is not clearly above zero. The tests check its coverage by simulation.
 
-    A drifting noise scale (it grows as the loss falls) also widens the band, as it should.
+    A noise scale that moves (it grows as the loss falls) makes the average lag: by about
+    its horizon, and more, because steps with a larger noise scale carry a smaller
+    |G|²/ŝ and so weigh less in the ratio. The drift check fits a weighted line to each
+    series over a horizon :data:`TREND_SPAN` times longer and tests its slope (of
+    tr Σ - B·|G|², i.e. of the ratio, and of |G|²/ŝ alone) at :data:`DRIFT_CONFIDENCE`; on a
+    sustained trend the reading is ``drifting``: the two weighted lines over the estimator's
+    own horizon, read at the latest step, divided, in a band that also holds the average's.
     Updates with non-finite norms (a diverging step, an AMP overflow) are skipped and
     counted in :attr:`skipped`.
 
     Args:
-        ema_decay: Weight of the past per step, in [0, 1); the horizon is about
-            ``1 / (1 - ema_decay)`` steps. Use 0.99 or more for real runs.
+        ema_decay: Weight of the past per update, in [0, 1); the horizon is about
+            ``1 / (1 - ema_decay)`` updates (see :func:`decay_per_measured_step` for a horizon in
+            optimizer steps when one step in several is measured).
         confidence: Coverage of the band, in (0, 1).
+        drift_check: Whether to test for a trend and read a drifting noise scale at the latest step.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -271,19 +396,10 @@ class NoiseScaleEstimator:
         self.confidence = confidence
         self._steps = 0
         self._skipped = 0
-        self._weight = 0.0  # Σ w_i
-        self._weight_sq = 0.0  # Σ w_i²
-        self._mean_g2 = 0.0
-        self._mean_trs = 0.0
-        self._comoment_g2 = 0.0  # Σ w_i (g2_i - mean)²
-        self._comoment_trs = 0.0
-        self._comoment_cross = 0.0  # Σ w_i (g2_i - mean_g2)(trs_i - mean_trs)
+        self._main = _WeightedLine(ema_decay)  # x = |G|²/ŝ, y = tr Σ/ŝ per step
         self._scale = 0.0  # the gradient's recent scale ŝ (0: no step yet)
         self._mean_big = 0.0  # the big batch's squared norm, averaged as the estimates are
-        # the same estimate over the recent steps (a horizon of 10 steps or more; RECENT× shorter), to tell drift
-        recent = 1.0 - RECENT * (1.0 - ema_decay)
-        self._recent = (NoiseScaleEstimator(recent, max(confidence, DRIFT_CONFIDENCE), False)
-                        if drift_check and recent >= 0.9 else None)
+        self._trend = _WeightedLine(1.0 - (1.0 - ema_decay) / TREND_SPAN) if drift_check else None
 
     @property
     def steps(self) -> int:
@@ -313,72 +429,53 @@ class NoiseScaleEstimator:
             return
         scale = self._scale or s_big
         self._scale = SCALE_DECAY * scale + (1.0 - SCALE_DECAY) * s_big
-        g2, trs = g2 / scale, trs / scale
-        decay = self.ema_decay
-        self._weight = decay * self._weight + 1.0
-        self._weight_sq = decay * decay * self._weight_sq + 1.0
-        self._comoment_g2 *= decay
-        self._comoment_trs *= decay
-        self._comoment_cross *= decay
-        d_g2 = g2 - self._mean_g2
-        d_trs = trs - self._mean_trs
-        self._mean_g2 += d_g2 / self._weight
-        self._mean_trs += d_trs / self._weight
-        self._mean_big += (s_big - self._mean_big) / self._weight
-        self._comoment_g2 += d_g2 * (g2 - self._mean_g2)
-        self._comoment_trs += d_trs * (trs - self._mean_trs)
-        self._comoment_cross += d_g2 * (trs - self._mean_trs)
+        self._main.add(g2 / scale, trs / scale)
+        self._mean_big += (s_big - self._mean_big) / self._main.w
+        if self._trend is not None:
+            self._trend.add(g2 / scale, trs / scale)
         self._steps += 1
-        if self._recent is not None:
-            self._recent.update(s_small, s_big, b_small, b_big)
-
-    def _var_of_means(self) -> tuple[float, float, float, float] | None:
-        """(Var |G|² mean, Var tr Σ mean, their covariance, degrees of freedom), in the normalised units;
-        None before two steps. Reliability weights: unbiased weighted variance s² = M2 / (W - W2/W); the
-        variance of the weighted mean is s² · W2 / W², and Kish's effective n is W² / W2."""
-        dof = self._weight - self._weight_sq / self._weight if self._steps else 0.0
-        if dof <= 0.0:
-            return None
-        to_var_of_mean = self._weight_sq / (self._weight * self._weight * dof)
-        return (self._comoment_g2 * to_var_of_mean, self._comoment_trs * to_var_of_mean,
-                self._comoment_cross * to_var_of_mean, self._weight * self._weight / self._weight_sq - 1.0)
 
     def _drifted(self) -> bool:
-        """Whether the recent steps' |G|² or tr Σ average (per step, over the gradient's scale, as this
-        one's) lies outside the :data:`DRIFT_CONFIDENCE` band of the recent average around this one's: the
-        quantities drift, not only the ratio. When |G|² falls far below tr Σ over the big batch, the recent
-        steps' ratio is too noisy to bound, but their |G|² average is clearly lower (an outside run read 81,
-        band 54-135, where the truth was 3,036)."""
-        recent = self._recent
-        spread = recent._var_of_means() if recent is not None else None
-        if spread is None:
+        """Whether the longer horizon's weighted lines slope significantly: tr Σ - B·|G|² (the ratio moves), or
+        |G|² over the gradient's scale (which, when |G|² falls far below tr Σ over the big batch, moves clearly
+        while the ratio is too noisy to bound: an outside run read 81, band 54-135, where the truth was 3,036).
+        A check of the recent steps' average against the whole one (a horizon 4x shorter, at 99%) missed a
+        noise scale that grew 1.8x within 800 steps on every outside seed: the short average was too noisy."""
+        slopes = self._trend.slope_z() if self._trend is not None else None
+        if slopes is None:
             return False
-        z = t_quantile(DRIFT_CONFIDENCE, spread[3])
-        return (abs(recent._mean_g2 - self._mean_g2) > z * math.sqrt(spread[0])
-                or abs(recent._mean_trs - self._mean_trs) > z * math.sqrt(spread[1]))
+        z = t_quantile(DRIFT_CONFIDENCE, slopes[2])
+        return abs(slopes[0]) > z or abs(slopes[1]) > z
+
+    def _at_latest_step(self, average: NoiseScaleEstimate) -> NoiseScaleEstimate:
+        """The drifting reading: the weighted lines at the latest step, divided, in a band that also holds the
+        average's (the latest step's |G|² and tr Σ are the lines' values times the gradient's recent scale). No
+        bound above where the |G|² line does not stay above zero."""
+        end = self._main.line_end()
+        if end is None or end[0] <= 0.0 or end[1] < 0.0:
+            return replace(average, high=math.inf, reliable=False, drifting=True)
+        x, y, var_x, var_y, cov, dof = end
+        low, high = _fieller_interval(y, x, var_y, var_x, cov, t_quantile(self.confidence, max(dof, 1.0)))
+        low, high = min(low, average.low), max(high, average.high)
+        return NoiseScaleEstimate(y / x, low, high, x * self._scale, y * self._scale, self._steps,
+                                  math.isfinite(high), True)
 
     def estimate(self) -> NoiseScaleEstimate:
         """The current estimate; cheap, call it as often as needed."""
-        g2, trs = self._mean_g2 * self._mean_big, self._mean_trs * self._mean_big
+        main = self._main
+        g2, trs = main.mean_x * self._mean_big, main.mean_y * self._mean_big
         if self._steps == 0 or g2 <= 0.0 or trs < 0.0:
             return NoiseScaleEstimate(None, None, None, g2, trs, self._steps, False)
         ratio = trs / g2
-        spread = self._var_of_means()
+        spread = main.mean_spread()
         if spread is None:  # one step: no spread to bound it by
             return NoiseScaleEstimate(ratio, 0.0, math.inf, g2, trs, self._steps, False)
         var_g2, var_trs, cov, dof = spread
-        low, high = _fieller_interval(self._mean_trs, self._mean_g2, var_trs, var_g2, cov,
+        low, high = _fieller_interval(main.mean_y, main.mean_x, var_trs, var_g2, cov,
                                       t_quantile(self.confidence, dof))
-        recent = self._recent.estimate() if self._recent is not None else None
-        drifting = recent is not None and (self._drifted() or (
-            recent.b_simple is not None and not recent.low <= ratio <= recent.high))
-        if drifting and recent.b_simple is not None:  # the recent steps' reading, in a band that holds both
-            ratio, g2, trs = recent.b_simple, recent.g2, recent.trace_sigma
-            low, high = min(low, recent.low), max(high, recent.high)
-        elif drifting:  # the recent |G|² average is not above zero: no bound above
-            high = math.inf
         # an unbounded band is no reading to act on: B_simple stays, marked unreliable
-        return NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high), drifting)
+        average = NoiseScaleEstimate(ratio, low, high, g2, trs, self._steps, math.isfinite(high))
+        return self._at_latest_step(average) if self._drifted() else average
 
 
 def pooled_noise_scale(pairs: Sequence[tuple[float, float]], confidence: float = 0.9) -> NoiseScaleEstimate:
