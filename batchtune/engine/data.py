@@ -357,8 +357,10 @@ def _indexed(dataset: TensorDataset, batch_size: int, *, seed: int, pin: bool,
             order = torch.randint(n, (batch_size * 64,), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            batch = [t[index] for t in dataset.tensors]  # a list, like the DataLoader's collate
-            yield [t.pin_memory() for t in batch] if pin else batch
+            # yielded without a name that outlives the yield: on the CPU the batch is the device's, and the
+            # generator's frame held it through the trial's validation (an outside check's linear model
+            # peaked there at 88.1 KiB, its training step at 48.1 KiB)
+            yield _pinned([t[index] for t in dataset.tensors], pin)  # a list, like the DataLoader's collate
 
 
 def _fixed(dataset: LongestFirst | PlannedBatches, batch_size: int, collate: Callable[[list[Any]], Any],
@@ -369,9 +371,13 @@ def _fixed(dataset: LongestFirst | PlannedBatches, batch_size: int, collate: Cal
     else:
         plan = [[i % len(dataset) for i in range(batch_size)]]  # repeats only past the data set's size
     while True:
-        for index in plan:
-            batch = collate([dataset[i] for i in index])
-            yield tree_map(lambda t: t.pin_memory() if isinstance(t, torch.Tensor) else t, batch) if pin else batch
+        for index in plan:  # as in _indexed: no name holds the batch past its yield
+            yield _pinned(collate([dataset[i] for i in index]), pin)
+
+
+def _pinned(batch: Any, pin: bool) -> Any:
+    """``batch`` with its tensors in pinned memory when ``pin``."""
+    return tree_map(lambda t: t.pin_memory() if isinstance(t, torch.Tensor) else t, batch) if pin else batch
 
 
 def halves(batch: Any) -> list[Any]:
