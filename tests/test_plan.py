@@ -897,6 +897,28 @@ def test_a_finished_plan_is_verified_by_the_same_command_with_verify_added(tmp_p
     assert _plan_in(tmp_path, planned + " --verify") is None  # nothing to verify: the other command's
 
 
+def test_a_finished_plan_asked_without_its_output_options_is_shown_and_another_is_told_what_differs(tmp_path):
+    """An outside plan made with --schedule-out, asked again without it, was refused ('already holds a finished
+    plan ... choose a new or empty one') without a word of why."""
+    from batchtune.cli import _held_plan, _plan_in
+
+    planned = "batchtune plan spec.yaml --samples 130000 --schedule-out s.yaml --force --out run"
+    (tmp_path / "meta.json").write_text(json.dumps({"origin": {"command": "batchtune plan", "resume": planned}}))
+    (tmp_path / "plan.json").write_text(json.dumps({"recommendation": {"plan": "constant 64"}, "verified": {}}))
+    plain = "batchtune plan spec.yaml --samples 130000 --out run"
+    assert _plan_in(tmp_path, plain) == "finished"
+    assert _plan_in(tmp_path, plain + " --quiet --format json") == "finished"
+    assert _plan_in(tmp_path, planned.replace(" --force", "")) == "finished"
+    assert _plan_in(tmp_path, plain + " --schedule-out other.yaml") is None  # a file it never wrote
+    assert _held_plan(tmp_path, plain + " --schedule-out other.yaml").endswith(
+        f"it was made by {planned}, and this command differs in --schedule-out (the same command without "
+        "--schedule-out shows it))")
+    other = "batchtune plan spec.yaml lr=0.1 --samples 140000 --gpus 2 --out run"
+    assert _plan_in(tmp_path, other) is None
+    assert _held_plan(tmp_path, other).endswith(
+        "and this command differs in the spec or its overrides, --samples, --gpus)")
+
+
 def test_a_plan_holds_its_folder_as_a_sweep_does(tmp_path):
     """Two plans into one --out (a retry wrapper's second try) both wrote there: a plan holds its folder now."""
     import os
