@@ -34,8 +34,9 @@ from batchtune.errors import error_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of", "has_batchnorm",
-           "sample_length", "sparse_gradient_layers", "to_device", "varying_lengths"]
+__all__ = ["ComponentError", "Components", "build_components", "load_target", "batch_size_of",
+           "batchnorm_single_values", "has_batchnorm", "sample_length", "sparse_gradient_layers", "to_device",
+           "varying_lengths"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -223,6 +224,42 @@ def has_batchnorm(model: nn.Module) -> bool:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def batchnorm_single_values(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any],
+                            batch: Any) -> dict[str, tuple[int, ...]] | None:
+    """The BatchNorm layers of ``model`` that see one value per channel when ``loss_fn`` runs on ``batch`` (one
+    sample), each with the shape it sees: in training they raise 'Expected more than 1 value per channel'. One over
+    features, (1, C), does; a BatchNorm1d over (1, C, T) sees T values per channel, a BatchNorm2d H×W.
+
+    Read from the inputs the layers get, in eval mode under no_grad (no running statistics change). None where the
+    forward raised or ran no BatchNorm layer: not told."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+                seen.setdefault(name, tuple(int(n) for n in args[0].shape))
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(name or type(m).__name__))
+               for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            loss_fn(model, batch)
+    except Exception:  # noqa: BLE001 - the user's forward: not told, the caller stays on the safe side
+        return None
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        return None
+    return {name: shape for name, shape in seen.items() if shape[0] * math.prod(shape[2:]) <= 1}
 
 
 def sparse_gradient_layers(model: nn.Module) -> list[str]:
