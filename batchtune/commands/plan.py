@@ -1018,8 +1018,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     law = _critical_law(result, rows, meta, lead, adaptive=spec.optimizer.family == "adaptive")
     if law is None:
-        result.notes.append("the calibration measured no critical batch at any loss (no size's steps bent and the "
-                            "noise scale was unreliable): the run cannot be projected; plan a longer run")
+        result.notes.append(_no_law_note(result))
         return result
     warmup = spec.sweep.warmup * meta["samples"]
     curve_points = []
@@ -1175,7 +1174,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         # sweep's own advice leaves it out (two sizes' steps ruling it out): the plan's notes and rules weigh it
         b_crit = c["from_steps_to_target"] or c["b_crit"] or (noise.get("b_simple") if noise.get("reliable") else None)
         if b_crit and b_crit > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
-            beyond.append(f"{key} ({b_crit:,.0f})")
+            beyond.append((key, b_crit, None if c["from_steps_to_target"] else (c.get("fit") or {}).get("note")))
             result.critical_batch_by_loss[key] = None
             if c["from_steps_to_target"] and c["from_noise_scale"]:  # still a lower bound of B_crit/B_simple
                 ratios.append(BEYOND_SIZES * largest / c["from_noise_scale"])
@@ -1185,12 +1184,9 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
             points.append((t["target_loss"], b_crit))
         if c["from_steps_to_target"] and c["from_noise_scale"]:
             ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
+    result.notes += _beyond_notes(beyond, largest)
     if beyond:
-        result.notes.append(f"at val loss {', '.join(beyond)} the steps fit put B_crit over {BEYOND_SIZES}x the "
-                            f"largest size calibrated ({largest}): steps still halve with each doubling there, so "
-                            "B_crit is only known to be above the sizes tried; left out of the law, and "
-                            f"counted as {BEYOND_SIZES}x the largest size in the ratio that scales the noise scale "
-                            "below the targets")
+        result.laws["beyond_sizes"] = [key for key, *_ in beyond]  # the targets whose reading was left out
     ratio = statistics.median(ratios) if ratios else 1.0
     if lead is not None:
         for loss, b_simple in noise_by_loss(lead, min(result.targets)):
@@ -1205,6 +1201,39 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         result.laws["critical_batch"] = law.to_dict()
         result.notes += _unreadable_law_notes(points, rows, result.targets)
     return law
+
+
+def _beyond_notes(beyond: list[tuple[str, float, str | None]], largest: int) -> list[str]:
+    """What B_crit readings past :data:`BEYOND_SIZES` x the largest size calibrated were left out of the law, each
+    under its own source: (target, B_crit, None where the steps fit gave it, else why there is no fit). An outside
+    plan over two sizes, which no steps fit is made from, credited its noise scale's 349-451 to 'the steps fit'
+    and then said 'no size's steps bent'."""
+    def losses(by_fit: bool) -> str:
+        return ", ".join(f"{key} ({b_crit:,.0f})" for key, b_crit, why in beyond if (why is None) == by_fit)
+
+    over = f"over {BEYOND_SIZES}x the largest size calibrated ({largest})"
+    notes, whys = [], list(dict.fromkeys(why for *_, why in beyond if why is not None))
+    if any(why is None for *_, why in beyond):
+        notes.append(f"at val loss {losses(True)} the steps fit put B_crit {over}: steps still halve with each "
+                     "doubling there, so B_crit is only known to be above the sizes tried; left out of the law, and "
+                     f"counted as {BEYOND_SIZES}x the largest size in the ratio that scales the noise scale below the "
+                     "targets")
+    if whys:
+        notes.append(f"at val loss {losses(False)} the noise scale put B_crit {over}, further than the sizes "
+                     f"calibrated can check (no steps fit there: {'; '.join(whys)}); left out of the law")
+    return notes
+
+
+def _no_law_note(result: PlanResult) -> str:
+    """Why no critical batch could be projected from: every reading left out as past the sizes calibrated (see
+    :func:`_beyond_notes`), or none made."""
+    if result.laws.get("beyond_sizes"):
+        return ("the calibration measured no critical batch it can project from: every reading put it past the "
+                f"sizes calibrated (over {BEYOND_SIZES}x the largest, above), where they cannot check it: the run "
+                "cannot be projected; plan a longer run (more sizes calibrated)")
+    return ("the calibration measured no critical batch at any loss (no steps fit, which needs three sizes reaching "
+            "a target and steps that bend, and no reliable noise scale): the run cannot be projected; plan a longer "
+            "run")
 
 
 def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str, Any]],
