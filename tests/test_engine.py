@@ -354,3 +354,32 @@ def test_the_indexed_stream_holds_no_batch_it_has_yielded():
     del first
     gc.collect()
     assert held() is None
+
+
+def test_a_dict_of_inputs_that_forward_does_not_take_as_keywords_is_said_to_be_passed_so():
+    """An outside model's forward(self, batch) met a dict of inputs with only "got an unexpected keyword argument
+    'src'", where the README said the model gets the inputs as positional arguments."""
+    from batchtune.config.components import _call
+
+    class Whole(nn.Module):
+        def forward(self, batch):
+            return batch["src"]
+
+    class Keywords(nn.Module):
+        def forward(self, src):
+            return src
+
+    class Inner(nn.Module):
+        def forward(self, src):
+            return torch.zeros(2).view(src=1)  # a TypeError of the model's own
+
+    src = torch.ones(2)
+    with pytest.raises(TypeError) as caught:
+        _call(Whole(), {"src": src, "mask": src})
+    assert str(caught.value).endswith(
+        "Whole.forward() got an unexpected keyword argument 'src' (a dict of inputs reaches model.forward as keyword "
+        "arguments, one per key: src, mask; name forward's parameters after the keys, or take **kwargs)")
+    assert _call(Keywords(), {"src": src}) is src
+    with pytest.raises(TypeError) as inner:
+        _call(Inner(), {"src": src})
+    assert "a dict of inputs" not in str(inner.value)

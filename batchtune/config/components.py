@@ -397,10 +397,22 @@ def _numbers_as_lists(batch: Any, n: int) -> int:
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones."""
-    if isinstance(inputs, dict):
+    """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones.
+
+    Raises:
+        TypeError: ``forward`` does not take a dict's keys as its parameters; the message says that the keys are
+            passed so (an outside ``forward(self, batch)`` met 'got an unexpected keyword argument 'src'' alone).
+    """
+    if not isinstance(inputs, dict):
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    try:
         return model(**inputs)
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    except TypeError as exc:
+        if not re.search(r"forward\(\) (got an unexpected keyword argument|missing \d+ required)", str(exc)):
+            raise
+        raise TypeError(f"{exc} (a dict of inputs reaches model.forward as keyword arguments, one per key: "
+                        f"{', '.join(map(str, inputs))}; name forward's parameters after the keys, or take "
+                        "**kwargs)") from exc
 
 
 def _one_number(spec: Spec, loss: Any) -> torch.Tensor:
