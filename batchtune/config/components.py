@@ -797,6 +797,8 @@ def _components(spec: Spec, model_factory: Any, data_factory: Any, loss_fn: Any,
     train_set, val_set = data
     collate_fn = _make_collate(spec) if spec.data.collate is not None else None
     for which, dataset in (("train", train_set), ("validation", val_set)):
+        if (unindexed := _unindexed(dataset)) is not None:  # an IterableDataset with a __len__ got this far
+            raise spec.error("data", f"the {which} dataset {unindexed}; batchtune needs map-style datasets")
         try:
             n = len(dataset)
         except TypeError:
@@ -807,6 +809,18 @@ def _components(spec: Spec, model_factory: Any, data_factory: Any, loss_fn: Any,
         _build(spec, _source_key(spec.data.collate, "data.collate"), "the collate function", collate_fn, [train_set[0]])
     return Components(spec, model_factory, train_set, val_set, loss_fn, optimizer_factory, collate_fn,
                       spec.data.length_key)
+
+
+def _unindexed(dataset: Any) -> str | None:
+    """Why ``dataset`` cannot be indexed (in words, after 'the train dataset'), or None where it can: an
+    IterableDataset given a ``__len__`` met 'Subclasses of Dataset should implement __getitem__' from the loader."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return f"is an IterableDataset ({type(dataset).__name__}): it is iterated, not indexed"
+    if getattr(type(dataset), "__getitem__", None) in (None, Dataset.__getitem__):
+        return f"({type(dataset).__name__}) has no __getitem__ of its own: it cannot be indexed"
+    return None
 
 
 def _make_collate(spec: Spec) -> Callable[[list[Any]], Any]:
