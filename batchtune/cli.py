@@ -287,6 +287,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
             spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
         from batchtune.engine.watchdog import bounded
+        from batchtune.render.text import count_of
 
         with bounded(spec.trial_timeout, "validate (building the data and model, the first samples' loss)"):
             comps = build_components(spec)
@@ -303,7 +304,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters"
                    + (f" ({trainable:,} trainable)" if trainable != n_params else "") + ", "
-                   f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples"
+                   f"{len(comps.train_set):,} training and {count_of(len(comps.val_set), 'validation sample')}"
                    + ("; no optimizer or base_batch_size: serve only (probe, sweep, check, noise and plan "
                       "need them)" if serve_only else ""))
 

@@ -974,7 +974,7 @@ def test_a_run_in_tokens_too_short_to_plan_says_how_its_samples_convert(tmp_path
         "sweep.batch_sizes=[8, 16]",
         "model.kwargs={vocab_size: 256, block_size: 64, d_model: 16, n_layers: 1, n_heads: 2}", "-q",
         "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "a run of 1562 samples is too short to plan" in result.stderr
+    assert result.exit_code == 2 and "a run of 1,562 samples is too short to plan" in result.stderr
     assert "(--tokens 100,000 is 1,562 samples of 64 tokens: a sample above is 64 tokens)" in result.stderr
 
 

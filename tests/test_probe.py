@@ -590,3 +590,21 @@ def test_a_ceiling_capped_by_the_training_set_with_no_known_capacity_is_the_safe
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["ceiling"], data["capped"], data["safe_batch_size"]) == (80, True, 80)
+
+
+def test_counts_of_one_sample_are_worded_in_the_singular():
+    """An outside probe said 'the training set has 1 samples'."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from batchtune.commands.probe import _largest
+    from batchtune.engine.data import NonFinite
+
+    one = SimpleNamespace(train_set=TensorDataset(torch.randn(1, 4)), spec=SimpleNamespace(trial_timeout=None))
+    p = SimpleNamespace(max_batch_size=64, granularity=1, min_batch_size=1)
+    assert _largest(one, p) == (1, "the training set has 1 sample: batches are capped there (not at "
+                                   "probe.max_batch_size 64); a larger batch would only repeat samples, so the device "
+                                   "may hold more than this ceiling")
+    assert NonFinite([0], 1, 1, 1).text() == ("1 training sample holds NaN or inf (index 0, of its 1 sample): the "
+                                              "data, not the lr; clean it")

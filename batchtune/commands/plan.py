@@ -37,6 +37,7 @@ from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest
 from batchtune.config.spec import MAX_COUNT, count_text
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
+from batchtune.render.text import count_of
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.stats.projection import (
@@ -276,8 +277,8 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     smallest = min(calibration_spec.sweep.batch_sizes)
     if smallest * scale > n:  # an outside --gpus 100000 projected '0 steps to target' (1e23: ZeroDivisionError)
         raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
-                         f"{smallest * scale:,}, more than the run's {n:,} samples (not one step): plan fewer "
-                         "devices or a longer run")
+                         f"{smallest * scale:,}, more than the run's {count_of(n, 'sample')} (not one step): plan "
+                         "fewer devices or a longer run")
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
@@ -304,7 +305,6 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
     gets the same."""
     from batchtune.config.spec import changed_keys
     from batchtune.render.run_folder import RunFolder
-    from batchtune.render.text import count_of
 
     def read() -> tuple[str | None, dict[str, Any] | None, dict[str, list]]:
         folder = RunFolder(Path(out))
@@ -607,7 +607,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     if per_trial >= max(sizes):  # whole steps at every size: each trial trains exactly the budget, read there
         per_trial -= per_trial % max(sizes)
     if per_trial < CALIBRATION_MIN_STEPS * min(sizes) or total(per_trial) > share * n:
-        raise UsageError(f"a run of {n} samples is too short to plan: the calibration's short trials "
+        raise UsageError(f"a run of {count_of(n, 'sample')} is too short to plan: the calibration's short trials "
                          f"({trials_per_size} per size over sizes {', '.join(map(str, sizes))}, at least "
                          f"{CALIBRATION_MIN_STEPS} steps each) need more than {share:.0%} of it: plan a run of at "
                          f"least {_samples_for(candidates[:2], trials_per_size, share):,} samples (it calibrates "
@@ -838,9 +838,9 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
     said = (f"the lead run's validation loss turned up after {at:,.0f} samples ({turn:.4g}, then "
             f"{lead['evals'][-1][3]:.4g} at the end): ")
     if at < n_train:
-        return [said + f"not overfitting (it had not yet seen the training set's {n_train:,} samples once); the "
-                f"loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: a lower lr "
-                "may settle lower; the projection follows the curve before the turn and cannot foresee it"]
+        return [said + f"not overfitting (it had not yet seen the training set's {count_of(n_train, 'sample')} "
+                f"once); the loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: "
+                "a lower lr may settle lower; the projection follows the curve before the turn and cannot foresee it"]
     level = overfit_level([e[3] for e in lead["evals"]])
     lead["overfit_at_loss"] = level
     return [said + f"overfitting (it had seen the training set {at / n_train:.1f} times by then): the projection "

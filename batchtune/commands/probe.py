@@ -18,7 +18,7 @@ from typing import Any
 from batchtune.memory.model import MemoryModel
 from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling, seeded_search
 from batchtune.memory.source import DeviceMemorySource, DeviceTrial
-from batchtune.render.text import apart, format_bytes
+from batchtune.render.text import apart, count_of, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def _largest(components: Any, p: Any) -> tuple[int, str | None]:
         return p.max_batch_size, None
     largest = max(align_down(limit.batch_size, p.granularity), p.min_batch_size)
     if limit.reason == "data":
-        return largest, (f"the training set has {limit.samples:,} samples: batches are capped there "
+        return largest, (f"the training set has {count_of(limit.samples, 'sample')}: batches are capped there "
                          f"(not at probe.max_batch_size {p.max_batch_size:,}); a larger batch would only repeat "
                          "samples, so the device may hold more than this ceiling")
     return largest, (f"host memory caps batches at {largest:,}: collating one takes about "

@@ -567,12 +567,12 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
         if loss is not None:
             outcome = f"val loss {loss:.4g}"
         elif evals:  # stopped before the budget: at the target, or out of time
-            outcome = f"val loss {evals[-1][3]:.4g} after {row['samples']:,} samples"
+            outcome = f"val loss {evals[-1][3]:.4g} after {count_of(row['samples'], 'sample')}"
         else:
             outcome = "no validation loss"
         if row.get("stalled"):  # trained past its budget towards the target, too slowly to get there by its cap
-            outcome += (f", stopped short of the target after {row['samples']:,} samples (at its recent pace it "
-                        "would not get there by its last step)")
+            outcome += (f", stopped short of the target after {count_of(row['samples'], 'sample')} (at its recent "
+                        "pace it would not get there by its last step)")
         outcome += f", {rate:,.0f} samples/s" if rate else ""
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"

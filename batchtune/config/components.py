@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, locate
 from batchtune.errors import error_line
+from batchtune.render.text import count_of
 
 log = logging.getLogger(__name__)
 
@@ -544,8 +545,8 @@ def keyed_lengths(dims: list[tuple[int, ...]], length_key: str | int) -> list[in
     if len(set(lengths)) == 1 and moving:
         sizes = later[moving[0]]
         log.warning(f"data.length_key {length_key!r}: its first dimension, the length batchtune reads, is "
-                    f"{lengths[0]:,} in all {len(lengths):,} samples, while dimension {moving[0]} varies from "
-                    f"{min(sizes):,} to {max(sizes):,}: store the field length-first ((T, features)), or give a "
+                    f"{lengths[0]:,} in all {count_of(len(lengths), 'sample')}, while dimension {moving[0]} varies "
+                    f"from {min(sizes):,} to {max(sizes):,}: store the field length-first ((T, features)), or give a "
                     f"data set a 'lengths' attribute")
     return lengths
 
@@ -691,14 +692,15 @@ class Components:
             SpecError: the loss is not one number (:func:`_one_number`), or not finite.
         """
         n = min(samples, len(self.train_set))
-        batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
+        first = "the first training sample" if n == 1 else f"the first {n} training samples"
+        batch = _build(self.spec, "data", f"collating {first}", self.collate,
                        [self.train_set[i] for i in range(n)])
         # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
         # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples",
+                loss = _build(self.spec, "model", f"the model and loss on {first}",
                               self.loss_fn, model, batch)
             except ComponentError as exc:
                 if numbers := _numbers_as_lists(batch, n):
@@ -711,9 +713,10 @@ class Components:
         if not math.isfinite(float(loss)):
             if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
                    for t in tree_leaves(batch)):
-                raise self.spec.error("data", f"the first {n} training samples hold values that are not finite (NaN "
-                                              f"or inf), and the loss on them is {float(loss)}: clean the data")
-            raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
+                raise self.spec.error("data", f"{first} {'holds' if n == 1 else 'hold'} values that are not finite "
+                                              f"(NaN or inf), and the loss on {'it' if n == 1 else 'them'} is "
+                                              f"{float(loss)}: clean the data")
+            raise self.spec.error("model", f"the loss on {first} is {float(loss)} before any "
                                            "training step, from finite inputs: the model's initial output or the "
                                            "loss function, not the lr")
         return float(loss)

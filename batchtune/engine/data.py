@@ -22,6 +22,7 @@ from batchtune.config.components import batch_size_of, to_device
 from batchtune.engine.distributed import DistContext
 from batchtune.engine.shape import BatchShape
 from batchtune.memory.device import DeviceBackend
+from batchtune.render.text import count_of
 
 __all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "data_source", "halves",
            "load_next", "loader_kind", "noted", "nonfinite_samples", "padding_waste", "random_batches", "sample_bytes",
@@ -205,7 +206,7 @@ def within_limits(shape: BatchShape, train_set: Any, notes: list[str], verb: str
         UsageError: collating the batch would need more host memory than is available.
     """
     from batchtune.errors import UsageError
-    from batchtune.render.text import count_of, format_bytes
+    from batchtune.render.text import format_bytes
 
     limit = batch_limit(train_set, timeout)
     per_step = shape.accum_steps * shape.world_size * multiple
@@ -254,8 +255,8 @@ class NonFinite(NamedTuple):
         shown = ", ".join(str(i) for i in self.first) + (", ..." if self.count > len(self.first) else "")
         where = "of its" if self.scanned == self.total else f"in the first {self.scanned:,} of its"
         holds = "sample holds" if self.count == 1 else "samples hold"
-        return (f"{self.count:,} training {holds} NaN or inf (index {shown}, {where} {self.total:,} samples): the "
-                "data, not the lr; clean it")
+        return (f"{self.count:,} training {holds} NaN or inf (index {shown}, {where} "
+                f"{count_of(self.total, 'sample')}): the data, not the lr; clean it")
 
 
 def nonfinite_samples(dataset: Dataset, seconds: float = 10.0, show: int = 3) -> NonFinite | None:

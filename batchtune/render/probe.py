@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, format_bytes, to_json
+from batchtune.render.text import count_of, device_text, format_bytes, to_json
 
 __all__ = ["render_probe"]
 
@@ -111,7 +111,7 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     """Variable-length data: what the ceiling counts, then the fixed batch against the token budget."""
     pads = v.get("pads", True)
     worst = (f"the ceiling counts samples of the longest batch: the longest samples ({v['longest']:,} tokens) "
-             f"{'padded' if pads else 'concatenated'} as collated; {v['samples']:,} samples, median "
+             f"{'padded' if pads else 'concatenated'} as collated; {count_of(v['samples'], 'sample')}, median "
              f"{v['median_length']:g} tokens")
     if v.get("random_longest") is not None and pads:
         worst += f"; a random batch of the safe size pads to {v['random_longest']:g} (median)"
@@ -122,7 +122,7 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("fixed batch", f"{fixed['mean_rows']:g} samples: {_batching_text(fixed)}"))
     speedup = (f" ({bucketed['tokens_per_s'] / fixed['tokens_per_s']:.2f}× the fixed batch)"
                if bucketed.get("tokens_per_s") and fixed.get("tokens_per_s") else "")
-    cap = f" and at most {v['max_rows']:,} samples" if v.get("max_rows") else ""
+    cap = f" and at most {count_of(v['max_rows'], 'sample')}" if v.get("max_rows") else ""
     rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest){cap}, "
                                  f"length-bucketed, {bucketed['mean_rows']:.0f} samples a batch on average: "
                                  f"{_batching_text(bucketed)}{speedup}"))
