@@ -746,15 +746,15 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
     ceiling, safe, accum = _ceiling(spec, components, backend, notes, ceiling_given)
     candidates, excluded = plan_candidates(_sizes(spec, safe), safe, sw.accumulation, sw.max_accum_steps,
                                            dist.world_size, accum)
-    if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):
-        room = safe - accum
-        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
-                     f"micro-batches take the room of {room} sample{'s' if room != 1 else ''}")
     n_train = len(components.train_set)
     for shape in [c for c in candidates if c.batch_size > n_train]:  # one sample trained as "16" and "32", unsaid
         excluded[shape.batch_size] = (f"larger than the training set ({count_of(n_train, 'sample')}): its steps would "
                                       "repeat samples")
         candidates.remove(shape)
+    # of the sizes that run: an outside sweep said so of 128, which its 50 samples then left out
+    if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):
+        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
+                     f"micro-batches take the room of {count_of(safe - accum, 'sample')}")
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     samples = _sample_budget(spec, candidates, n_train, notes)
