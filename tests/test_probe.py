@@ -608,3 +608,15 @@ def test_counts_of_one_sample_are_worded_in_the_singular():
                                    "may hold more than this ceiling")
     assert NonFinite([0], 1, 1, 1).text() == ("1 training sample holds NaN or inf (index 0, of its 1 sample): the "
                                               "data, not the lr; clean it")
+
+
+def test_a_memory_model_says_where_its_max_error_is():
+    """An outside probe showed 'R² 1.00000 ... max error 10.61%' together: the error was on batch 1's small peak,
+    a residual that R², set by the large batches' spread, does not see."""
+    from batchtune.memory.model import fit_memory_model
+    from batchtune.render.probe import _fit_text
+
+    model = fit_memory_model([1, 100, 200, 400], [1106, 100_000, 200_000, 400_000])
+    assert model.max_error_batch_size == 1 and model.max_relative_error == pytest.approx(0.03849, abs=1e-5)
+    assert _fit_text(model) == "R² 1.00000 over 4 runs, max error 3.85% at batch 1"
+    assert _fit_text(fit_memory_model([1, 2], [10, 20])) == "exact through 2 points over 2 runs, max error 0.00%"

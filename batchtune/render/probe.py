@@ -44,10 +44,8 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
     rows.append(("power of two", str(result.power_of_two_batch_size or "-")))
     model = result.memory_model
     if model is not None:
-        fit = f"R² {model.r2:.5f}" if model.r2 is not None else "exact through 2 points"
         rows.append(("memory model", f"peak(b) = {format_bytes(model.fixed_bytes)} + "
-                                     f"{format_bytes(model.per_sample_bytes)} × b   ({fit} over {model.points} runs, "
-                                     f"max error {model.max_relative_error:.2%})"))
+                                     f"{format_bytes(model.per_sample_bytes)} × b   ({_fit_text(model)})"))
     if estimated and result.estimate:
         rows.append(("estimate", _estimate_text(result.estimate)))
     if getattr(result, "variable_length", None):
@@ -135,6 +133,17 @@ def _batching_text(b: dict[str, Any]) -> str:
     rate = f", {b['tokens_per_s']:,.0f} tokens/s" if b.get("tokens_per_s") else ""
     peak = f", peak {format_bytes(b['peak_bytes'])}" if b.get("peak_bytes") else ""
     return f"padding {b['padding_waste']:.1%} of tokens{rate}{peak}"
+
+
+def _fit_text(model: Any) -> str:
+    """``R² 1.00000 over 4 runs, max error 10.61% at batch 1``: where the error is, as an R² of 1 with a 10% error
+    reads as a contradiction (a residual of a few KiB on batch 1's small peak is a large share of it, and nothing
+    to R², which the large batches' spread sets)."""
+    fit = f"R² {model.r2:.5f}" if model.r2 is not None else "exact through 2 points"
+    error = f"{model.max_relative_error:.2%}"
+    at = getattr(model, "max_error_batch_size", None)
+    where = f" at batch {at:g}" if at is not None and error != "0.00%" else ""
+    return f"{fit} over {model.points} runs, max error {error}{where}"
 
 
 def _estimate_text(e: dict[str, Any]) -> str:
