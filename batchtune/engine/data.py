@@ -358,9 +358,9 @@ def _indexed(dataset: TensorDataset, batch_size: int, *, seed: int, pin: bool,
             order = torch.randint(n, (batch_size * 64,), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            # yielded without a name that outlives the yield: on the CPU the batch is the device's, and the
-            # generator's frame held it through the trial's validation (an outside check's linear model
-            # peaked there at 88.1 KiB, its training step at 48.1 KiB)
+            # yielded without a name that outlives the yield (Feed holds it, and lets go before a validation):
+            # on the CPU the batch is the device's, and the generator's frame held it through the trial's
+            # validation (an outside check's linear model peaked there at 88.1 KiB, its training step at 48.1 KiB)
             yield _pinned([t[index] for t in dataset.tensors], pin)  # a list, like the DataLoader's collate
 
 
@@ -433,6 +433,9 @@ class Feed:
         self._source = source  # what the batches come from, for an error (see load_next)
         self.data_seconds = 0.0  # since the last take()
         self.samples = 0  # over every rank, since the last take()
+        # the last batch as loaded, until the next one or release(): a loop's batch variable keeps it through the
+        # optimizer step, as the estimate's feed does (on the CPU it is the device's batch; elsewhere host memory)
+        self._held: Any = None
 
     def next(self) -> Any:
         """The next batch, on the device.
@@ -443,12 +446,17 @@ class Feed:
         start = time.perf_counter()
         backend = self._backend
         with backend.paused():
-            batch = load_next(self._stream, "training", *self._source)
+            self._held = None
+            self._held = batch = load_next(self._stream, "training", *self._source)
         batch = to_device(batch, backend.device)
         backend.track_batch(tensors(batch))
         self.data_seconds += time.perf_counter() - start
         self.samples += batch_size_of(batch) * self._world_size
         return batch
+
+    def release(self) -> None:
+        """Let go of the last batch (before a validation, whose peak is its own batch's)."""
+        self._held = None
 
     def take(self) -> tuple[float, int]:
         """``(data_seconds, samples)`` since the last call, and start counting anew."""

@@ -408,6 +408,7 @@ class Trainer:
     def _validate(self, run: _Run, step: int) -> bool:
         """Record a validation point; False if the loss is not finite (the trial has diverged)."""
         config, result = run.config, run.result
+        run.feed.release()
         self.backend.reset_peak()
         eval_batch = config.eval_batch_size or config.shape.micro_batch_size
         val_loss = self._agreed(lambda: self.evaluate(run.model, eval_batch, config.eval_samples))
