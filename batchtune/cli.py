@@ -287,6 +287,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
             spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
         from batchtune.engine.watchdog import bounded
+        from batchtune.render.text import count_of
 
         with bounded(spec.trial_timeout, "validate (building the data and model, the first samples' loss)"):
             comps = build_components(spec)
@@ -303,7 +304,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         typer.echo(f"{spec_path}: ok — {spec.name}: model {n_params:,} parameters"
                    + (f" ({trainable:,} trainable)" if trainable != n_params else "") + ", "
-                   f"{len(comps.train_set):,} training and {len(comps.val_set):,} validation samples"
+                   f"{len(comps.train_set):,} training and {count_of(len(comps.val_set), 'validation sample')}"
                    + ("; no optimizer or base_batch_size: serve only (probe, sweep, check, noise and plan "
                       "need them)" if serve_only else ""))
 
@@ -536,7 +537,7 @@ def _check_plan_out(out: Path, force: bool, hint: str) -> None:
         if _plan_in(out, hint) == "verifying":
             return
         if (out / PLAN_FILE).exists():
-            held = _held_plan(out)
+            held = _held_plan(out, hint)
         elif _plan_continues(_origin(out), out) is not None:
             return  # an interrupted plan's calibration: run_plan continues it, or says it is another plan's
         else:
@@ -545,8 +546,9 @@ def _check_plan_out(out: Path, force: bool, hint: str) -> None:
                          "(or continues its own interrupted calibration); choose a new or empty one")
 
 
-def _held_plan(out: Path) -> str:
-    """What the plan in ``out`` (its plan.json) is, for a plan command that may not write there."""
+def _held_plan(out: Path, hint: str) -> str:
+    """What the plan in ``out`` (its plan.json) is, for a plan command (``hint``) that may not write there, and how
+    the command that made it differs."""
     from batchtune.render.run_folder import PLAN_FILE, RunFolder
 
     try:
@@ -557,7 +559,11 @@ def _held_plan(out: Path) -> str:
     if stopped and "--verify" in shlex.split(resume):
         return (f"a plan whose verification was stopped, for another command line (continue it with {resume}, "
                 "or batchtune report shows the plan)")
-    return "a finished plan (its plan.json; batchtune report shows it)"
+    differs = _plan_difference(resume, hint) if resume else []
+    made = f"; it was made by {resume}, and this command differs in {', '.join(differs)}" if differs else ""
+    if differs == ["--schedule-out"]:  # a schedule written elsewhere would need the plan's stages again
+        made += " (the same command without --schedule-out shows it)"
+    return f"a finished plan (its plan.json; batchtune report shows it{made})"
 
 
 @app.command()
@@ -638,14 +644,48 @@ def _plan_in(out: Path, hint: str) -> str | None:
         plan = RunFolder(out).read_object(PLAN_FILE)
     except UsageError:  # damaged: the usual check says so
         return None
-    planned, asked = _plan_words(origin.get("resume") or ""), _plan_words(hint)
+    made = _unwritten_schedule(origin.get("resume") or "", hint)
+    planned, asked = _plan_words(made), _plan_words(hint)
     done = plan.get("verified") is not None or plan.get("recommendation") is None  # verified, or nothing to verify
     if planned == asked:
         return "finished" if done or "--verify" not in asked else "verifying"
     # the same plan with --verify added: its verification runs on the plan as projected (an outside user could
     # verify a plan already looked at only by calibrating anew in another folder, which might project otherwise)
-    same = _plan_words(origin.get("resume") or "", verify=False) == _plan_words(hint, verify=False)
+    same = _plan_words(made, verify=False) == _plan_words(hint, verify=False)
     return "verifying" if same and not done and "--verify" in asked and "--verify" not in planned else None
+
+
+def _unwritten_schedule(planned: str, asked: str) -> str:
+    """``planned`` less its --schedule-out where ``asked`` writes no schedule: showing a plan needs no file (an
+    outside plan made with --schedule-out, asked again without it, was refused as 'a finished plan')."""
+    if "--schedule-out" in shlex.split(asked):
+        return planned
+    words = shlex.split(planned)
+    return shlex.join([w for i, w in enumerate(words)
+                       if w != "--schedule-out" and not (i and words[i - 1] == "--schedule-out")])
+
+
+def _plan_difference(planned: str, asked: str) -> list[str]:
+    """What ``asked`` (a plan command line) changes of ``planned``: the options whose values differ (given in one
+    alone included), and 'the spec or its overrides' where those differ; how it prints is left out."""
+    def parts(command: str) -> tuple[list[str], dict[str, str | bool]]:
+        words = _plan_words(_unwritten_schedule(command, asked))
+        i = words.index("plan") + 1 if "plan" in words else 0  # the launcher's own options are not the plan's
+        head, options = words[:i], {}
+        while i < len(words):
+            word = words[i]
+            if not word.startswith("-"):  # the spec and its key=value overrides
+                head.append(word)
+            elif word == "--verify":  # the one flag left (see _plan_words)
+                options[word] = True
+            else:
+                options[word], i = (words[i + 1] if i + 1 < len(words) else True), i + 1
+            i += 1
+        return head, options
+
+    (old_head, old), (new_head, new) = parts(planned), parts(asked)
+    changed = [flag for flag in dict.fromkeys([*old, *new]) if old.get(flag) != new.get(flag)]
+    return (["the spec or its overrides"] if old_head != new_head else []) + changed
 
 
 def _origin(folder: Path) -> dict[str, Any]:
@@ -664,12 +704,12 @@ def _plan_continues(origin: dict[str, Any], folder: Path) -> str | None:
 
 
 def _plan_words(command: str, verify: bool = True) -> list[str]:
-    """A plan command line less how it prints (--format, --quiet): what makes it the same plan; less --verify and
-    --verify-seeds too where ``verify`` is False (the plan they verify)."""
+    """A plan command line less how it prints (--format, --quiet) and --force (which lets it overwrite a file): what
+    makes it the same plan; less --verify and --verify-seeds too where ``verify`` is False (the plan they verify)."""
     words, out = shlex.split(command), []
     dropped = ("--format",) if verify else ("--format", "--verify-seeds")
     for i, word in enumerate(words):
-        if word in ("--quiet", "-q") or word in dropped or i and words[i - 1] in dropped:
+        if word in ("--quiet", "-q", "--force") or word in dropped or i and words[i - 1] in dropped:
             continue
         if not verify and word == "--verify":
             continue

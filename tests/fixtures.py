@@ -593,3 +593,20 @@ class _NaNInEval(nn.Module):
 
 def nan_in_eval_mlp(**kwargs) -> nn.Module:
     return _NaNInEval(**kwargs)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.randn(16), torch.tensor(i % 4)
+
+
+def streamed_data(n_train: int = 64, n_val: int = 16):
+    """IterableDatasets that define __len__: iterated, not indexed."""
+    return _Streamed(n_train), _Streamed(n_val)

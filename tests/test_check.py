@@ -819,6 +819,23 @@ def test_critical_batch_verdict(batch, b_crit, low, high, status, wasted):
     assert verdict.figures.get("wasted_share") == (pytest.approx(wasted) if wasted is not None else None)
 
 
+@pytest.mark.parametrize("micro, safe, expected", [
+    (512, None, 49_244),  # the sweep validated at 256: the training step's peak, not check's validation at 512
+    (256, None, 567_376),  # the sweep validated at 256 too and counted it: the whole peak
+    (32, 32, 567_376),  # the probe's safe size 32 was the sweep's validation batch
+    (64, 32, 49_244),
+])
+def test_regression_compares_the_peak_the_baseline_measured(micro, safe, expected):
+    """An outside check failed regression on peak 554.1 KiB (its validation at 512) vs 48.1 KiB (the sweep's
+    training peak at 512; the sweep validates at 256 and counts that only at 256)."""
+    from batchtune.commands.check import compared_peak
+    from batchtune.engine.trial import TrialResult
+
+    fit = TrialResult(BatchShape(micro), 0.4, 0, compute_peak_bytes=49_244, optimizer_peak_bytes=43_176,
+                      eval_peak_bytes=567_376, peak_bytes=567_376)
+    assert compared_peak(fit, {"safe_batch_size": safe}) == expected
+
+
 def test_regression_verdict():
     def verdict(samples_per_s, peak_bytes, throughput_skip=None):
         return regression_verdict(samples_per_s=samples_per_s, peak_bytes=peak_bytes, baseline_samples_per_s=1000.0,

@@ -319,3 +319,67 @@ def test_fp16_on_the_cpu_is_warned(write_spec):
         prepare(load_spec(write_spec(), ["precision=fp16"]))
     assert messages == ["precision fp16 on the CPU: float16 autocast with a loss scaler runs, slowly, and its memory "
                         "and timings say little of a GPU's; use bf16 on a CPU, fp16 on the GPU the job will train on"]
+
+
+def test_a_validation_counts_its_own_batch_not_the_last_training_batch_nor_the_index_shuffle(components):
+    """An outside check's linear model peaked at 554.1 KiB validating where its training step peaked at 48.1 KiB:
+    the validation subset's randperm over 65,536 samples (512 KiB) and the training stream's last batch, which its
+    generator held through the validation, were both counted as device memory."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    val = TensorDataset(torch.randn(20_000, IN_FEATURES, generator=g), torch.randint(OUT_FEATURES, (20_000,)))
+    comps = dataclasses.replace(_linear(components), val_set=val)
+    batch = 32
+    result = Trainer(comps, CPUBackend()).run(TrialConfig(BatchShape(batch), steps=2, validate=True,
+                                                          eval_samples=batch))
+    params = (IN_FEATURES * OUT_FEATURES + OUT_FEATURES) * 4
+    inputs, labels, output = batch * IN_FEATURES * 4, batch * 8, batch * OUT_FEATURES * 4
+    # the weights and AdamW's two moments; the batch, its logits and their log-softmax; a few scalars (the
+    # moments' step counts, the loss): without the fix 20,000 × 8 B of indices and a second batch came on top
+    assert result.fits and result.eval_peak_bytes == 3 * params + inputs + labels + 2 * output + 16 == 31760
+
+
+def test_the_indexed_stream_holds_no_batch_it_has_yielded():
+    import gc
+    import weakref
+
+    from torch.utils.data import TensorDataset
+
+    from batchtune.engine.data import batches
+
+    stream = batches(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), 8, seed=0)
+    first = next(stream)
+    held = weakref.ref(first[0])
+    del first
+    gc.collect()
+    assert held() is None
+
+
+def test_a_dict_of_inputs_that_forward_does_not_take_as_keywords_is_said_to_be_passed_so():
+    """An outside model's forward(self, batch) met a dict of inputs with only "got an unexpected keyword argument
+    'src'", where the README said the model gets the inputs as positional arguments."""
+    from batchtune.config.components import _call
+
+    class Whole(nn.Module):
+        def forward(self, batch):
+            return batch["src"]
+
+    class Keywords(nn.Module):
+        def forward(self, src):
+            return src
+
+    class Inner(nn.Module):
+        def forward(self, src):
+            return torch.zeros(2).view(src=1)  # a TypeError of the model's own
+
+    src = torch.ones(2)
+    with pytest.raises(TypeError) as caught:
+        _call(Whole(), {"src": src, "mask": src})
+    assert str(caught.value).endswith(
+        "Whole.forward() got an unexpected keyword argument 'src' (a dict of inputs reaches model.forward as keyword "
+        "arguments, one per key: src, mask; name forward's parameters after the keys, or take **kwargs)")
+    assert _call(Keywords(), {"src": src}) is src
+    with pytest.raises(TypeError) as inner:
+        _call(Inner(), {"src": src})
+    assert "a dict of inputs" not in str(inner.value)

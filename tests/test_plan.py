@@ -897,6 +897,28 @@ def test_a_finished_plan_is_verified_by_the_same_command_with_verify_added(tmp_p
     assert _plan_in(tmp_path, planned + " --verify") is None  # nothing to verify: the other command's
 
 
+def test_a_finished_plan_asked_without_its_output_options_is_shown_and_another_is_told_what_differs(tmp_path):
+    """An outside plan made with --schedule-out, asked again without it, was refused ('already holds a finished
+    plan ... choose a new or empty one') without a word of why."""
+    from batchtune.cli import _held_plan, _plan_in
+
+    planned = "batchtune plan spec.yaml --samples 130000 --schedule-out s.yaml --force --out run"
+    (tmp_path / "meta.json").write_text(json.dumps({"origin": {"command": "batchtune plan", "resume": planned}}))
+    (tmp_path / "plan.json").write_text(json.dumps({"recommendation": {"plan": "constant 64"}, "verified": {}}))
+    plain = "batchtune plan spec.yaml --samples 130000 --out run"
+    assert _plan_in(tmp_path, plain) == "finished"
+    assert _plan_in(tmp_path, plain + " --quiet --format json") == "finished"
+    assert _plan_in(tmp_path, planned.replace(" --force", "")) == "finished"
+    assert _plan_in(tmp_path, plain + " --schedule-out other.yaml") is None  # a file it never wrote
+    assert _held_plan(tmp_path, plain + " --schedule-out other.yaml").endswith(
+        f"it was made by {planned}, and this command differs in --schedule-out (the same command without "
+        "--schedule-out shows it))")
+    other = "batchtune plan spec.yaml lr=0.1 --samples 140000 --gpus 2 --out run"
+    assert _plan_in(tmp_path, other) is None
+    assert _held_plan(tmp_path, other).endswith(
+        "and this command differs in the spec or its overrides, --samples, --gpus)")
+
+
 def test_a_plan_holds_its_folder_as_a_sweep_does(tmp_path):
     """Two plans into one --out (a retry wrapper's second try) both wrote there: a plan holds its folder now."""
     import os
@@ -952,7 +974,7 @@ def test_a_run_in_tokens_too_short_to_plan_says_how_its_samples_convert(tmp_path
         "sweep.batch_sizes=[8, 16]",
         "model.kwargs={vocab_size: 256, block_size: 64, d_model: 16, n_layers: 1, n_heads: 2}", "-q",
         "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "a run of 1562 samples is too short to plan" in result.stderr
+    assert result.exit_code == 2 and "a run of 1,562 samples is too short to plan" in result.stderr
     assert "(--tokens 100,000 is 1,562 samples of 64 tokens: a sample above is 64 tokens)" in result.stderr
 
 
@@ -1486,3 +1508,39 @@ def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_
                            "law allows: read as noise and held constant; the calibration's targets lie within 1% of "
                            "the untrained loss (2.322)")
     assert _unreadable_law_notes([(2.3, 13.0), (1.2, 115.0)], rows, [2.3, 1.2]) == []  # grows as it falls: a law
+
+
+def test_b_crit_readings_past_the_sizes_are_credited_to_their_source_and_the_no_law_note_agrees(monkeypatch):
+    """An outside plan over sizes 32 and 64 (no steps fit: it needs three) noted 'the steps fit put B_crit over 4x
+    the largest size calibrated (64)' for its noise scale's 349-451, then 'the calibration measured no critical batch
+    at any loss (no size's steps bent and the noise scale was unreliable)'."""
+    from types import SimpleNamespace
+
+    import batchtune.commands.sweep_analysis as sweep_analysis
+    from batchtune.commands.plan import PlanResult, _critical_law, _no_law_note
+
+    def target(loss, fit, noise, note=None):
+        return {"target_loss": loss, "critical": {
+            "from_steps_to_target": fit, "from_noise_scale": noise, "b_crit": fit or noise,
+            "noise_scale": {"b_simple": noise, "reliable": True}, "fit": {"note": note} if note else {}}}
+
+    rows = [{"batch_size": b, "fits": True} for b in (32, 64)]
+    two = "fewer than 3 sizes reached the target loss"
+    monkeypatch.setattr(sweep_analysis, "analyse", lambda *_: SimpleNamespace(
+        by_target=[target(3.702, None, 348.9, two), target(2.211, None, 451.2, two)]))
+    result = PlanResult("x", 1, {}, [3.702, 2.211], None, {}, {}, [], None, None, None)
+    assert _critical_law(result, rows, {}, None) is None
+    assert result.notes == ["at val loss 3.702 (349), 2.211 (451) the noise scale put B_crit over 4x the largest size "
+                            "calibrated (64), further than the sizes calibrated can check (no steps fit there: fewer "
+                            "than 3 sizes reached the target loss); left out of the law"]
+    assert _no_law_note(result).startswith("the calibration measured no critical batch it can project from: every "
+                                           "reading put it past the sizes calibrated (over 4x the largest, above)")
+    monkeypatch.setattr(sweep_analysis, "analyse", lambda *_: SimpleNamespace(
+        by_target=[target(0.8353, 351.0, 731.2), target(0.5, None, 500.0, two)]))
+    result = PlanResult("x", 1, {}, [0.8353, 0.5], None, {}, {}, [], None, None, None)
+    assert _critical_law(result, rows, {}, None) is None
+    assert result.notes[0].startswith("at val loss 0.8353 (351) the steps fit put B_crit over 4x the largest size")
+    assert result.notes[1].startswith("at val loss 0.5 (500) the noise scale put B_crit over 4x")
+    nothing = PlanResult("x", 1, {}, [1.0], None, {}, {}, [], None, None, None)
+    assert "(no steps fit, which needs three sizes reaching a target and steps that bend, and no reliable noise " \
+           "scale)" in _no_law_note(nothing)

@@ -34,8 +34,8 @@ from batchtune.render.probe import render_probe
 from tests.conftest import TINY_SPEC
 
 
-BN_NOTE = ("probe.min_batch_size 2: the model has BatchNorm layers, and one over features (no length or image "
-           "axis) cannot train on one sample; set probe.min_batch_size: 1 where each channel sees more than one value")
+BN_NOTE = ("probe.min_batch_size 2: on one sample the model's BatchNorm 1 (input (1, 32)) sees one value per channel "
+           "(no length or image axis), which cannot train ('Expected more than 1 value per channel')")
 
 
 def _curve(fixed: int, per_sample: int, capacity: int, wobble: float = 0.0):
@@ -406,6 +406,51 @@ def test_a_batchnorm_model_is_probed_from_batch_2(write_spec):
     assert BN_NOTE in estimated.notes
 
 
+class _SequenceBN(torch.nn.Module):
+    """BatchNorm1d over (B, C, T): T values per channel, so one sample trains (the outside 'tricky' model's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = torch.nn.Conv1d(8, 16, 3, padding=1), torch.nn.BatchNorm1d(16), \
+            torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 8)
+        return self.head(self.bn(self.conv(x.transpose(1, 2))).mean(2))
+
+
+def _loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_batchnorm_layers_that_see_one_value_per_channel_are_told_from_the_inputs_they_get():
+    from batchtune.config.components import batchnorm_single_values
+
+    seq, features = _SequenceBN(), torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16))
+    one = [torch.randn(1, 16, 8), torch.tensor([1])]
+    assert batchnorm_single_values(seq, _loss, one) == {}  # (1, 16, 16): 16 values per channel
+    seq.train()
+    _loss(seq, one).backward()  # and indeed it trains at batch 1
+    flat = [torch.randn(1, 8), torch.tensor([1])]
+    features.train()
+    assert batchnorm_single_values(features, lambda m, b: m(b[0]).sum(), flat) == {"1": (1, 16)}
+    assert features.training and torch.equal(features[1].running_mean, torch.zeros(16))  # mode and stats kept
+    assert batchnorm_single_values(features, _loss, one) is None  # the forward raised: not told
+
+
+def test_a_batchnorm_that_trains_on_one_sample_leaves_the_probe_at_batch_1():
+    """An outside BatchNorm1d over (B, C, T=16) was said to be 'over features (no length or image axis)' and its
+    probe started at 2."""
+    from batchtune.commands.probe import probe_settings
+    from batchtune.config.spec import load_spec
+
+    spec, notes = load_spec("configs/quickstart.yaml"), []
+    assert probe_settings(spec, _SequenceBN(), notes, lambda: {}).min_batch_size == 1 and notes == []
+    assert probe_settings(spec, _SequenceBN(), notes, lambda: None).min_batch_size == 2
+    assert notes[0].startswith("probe.min_batch_size 2: the model has BatchNorm layers, and a forward on one sample "
+                               "could not tell")
+    assert probe_settings(spec, torch.nn.Linear(2, 2), notes, lambda: None).min_batch_size == 1  # no BatchNorm
+
+
 def test_a_confirmed_size_short_of_the_headroom_steps_down_by_the_missing_bytes():
     """An outside EmbeddingBag: the safe size 1926 confirmed with 9.7% of 4 MiB free (10% asked), its
     worst-case batches not quite on the memory model's line; 0.3% of 4 MiB is 12,583 bytes, 7.2 samples
@@ -545,3 +590,33 @@ def test_a_ceiling_capped_by_the_training_set_with_no_known_capacity_is_the_safe
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert (data["ceiling"], data["capped"], data["safe_batch_size"]) == (80, True, 80)
+
+
+def test_counts_of_one_sample_are_worded_in_the_singular():
+    """An outside probe said 'the training set has 1 samples'."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from batchtune.commands.probe import _largest
+    from batchtune.engine.data import NonFinite
+
+    one = SimpleNamespace(train_set=TensorDataset(torch.randn(1, 4)), spec=SimpleNamespace(trial_timeout=None))
+    p = SimpleNamespace(max_batch_size=64, granularity=1, min_batch_size=1)
+    assert _largest(one, p) == (1, "the training set has 1 sample: batches are capped there (not at "
+                                   "probe.max_batch_size 64); a larger batch would only repeat samples, so the device "
+                                   "may hold more than this ceiling")
+    assert NonFinite([0], 1, 1, 1).text() == ("1 training sample holds NaN or inf (index 0, of its 1 sample): the "
+                                              "data, not the lr; clean it")
+
+
+def test_a_memory_model_says_where_its_max_error_is():
+    """An outside probe showed 'R² 1.00000 ... max error 10.61%' together: the error was on batch 1's small peak,
+    a residual that R², set by the large batches' spread, does not see."""
+    from batchtune.memory.model import fit_memory_model
+    from batchtune.render.probe import _fit_text
+
+    model = fit_memory_model([1, 100, 200, 400], [1106, 100_000, 200_000, 400_000])
+    assert model.max_error_batch_size == 1 and model.max_relative_error == pytest.approx(0.03849, abs=1e-5)
+    assert _fit_text(model) == "R² 1.00000 over 4 runs, max error 3.85% at batch 1"
+    assert _fit_text(fit_memory_model([1, 2], [10, 20])) == "exact through 2 points over 2 runs, max error 0.00%"

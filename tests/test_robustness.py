@@ -1060,3 +1060,16 @@ def test_host_memory_running_out_in_a_data_set_or_a_model_factory_is_not_the_dev
                     "reading a batch from the data set ran out of host memory: MemoryError: decoding sample")
     _one_line_error(_cli("check", "-q", spec, "-b", "8", "model.target=tests.fixtures:model_out_of_device_memory",
                          "model.kwargs={}"), ": model.target: ", "ran out of memory: OutOfMemoryError: CUDA out of")
+
+
+def test_an_iterable_dataset_with_a_len_is_told_to_be_map_style_exit_2(write_spec):
+    """An outside IterableDataset with __len__ met 'NotImplementedError: Subclasses of Dataset should implement
+    __getitem__' where one without __len__ was told that batchtune needs map-style datasets."""
+    from batchtune.config.components import build_components
+    from batchtune.config.spec import SpecError, load_spec
+
+    spec = load_spec(write_spec(TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.fixtures:streamed_data")))
+    with pytest.raises(SpecError) as caught:
+        build_components(spec)
+    assert "data: the train dataset is an IterableDataset (_Streamed): it is iterated, not indexed; batchtune needs " \
+           "map-style datasets" in str(caught.value)

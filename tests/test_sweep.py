@@ -1413,3 +1413,49 @@ def test_an_unscaled_lr_is_not_called_the_none_rule(write_spec):
     assert said.startswith("the unscaled lr (lr_scaling: none) held at no size: the fastest lr was the spec's lr ×8 "
                            "at 16, ×8 at 32: every size was fastest at ×8 the spec's lr"), said
     assert "none rule" not in said
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.001862, "0.00186"), (0.0185, "0.0185"), (0.00004, "0.0000400"), (1.5, "1.50"), (12.345, "12.3"),
+    (123.4, "123"), (4321.0, "4,321"), (0.0, "0"), (None, "-"), (float("nan"), "-"), (float("inf"), "∞"),
+])
+def test_seconds_print_with_three_significant_figures(seconds, text):
+    from batchtune.render.text import format_seconds
+
+    assert format_seconds(seconds) == text
+
+
+def test_a_fast_task_s_times_to_target_do_not_print_as_zeros():
+    """An outside sweep printed every s→target as 0.00 (interval 0.00–0.00), 'reaches ... in 0.00 s', while ranking
+    its sizes 1.00 / 2.34 apart."""
+    from batchtune.commands.sweep_analysis import _runner_up_sentence
+    from batchtune.render.sweep import _interval
+
+    win = {"batch_size": 512, "accum_steps": 1, "seconds_to_target": 0.001862, "seconds_low": 0.00182,
+           "seconds_high": 0.00189, "tie": False}
+    run = {**win, "batch_size": 2048, "seconds_to_target": 0.004343, "relative": 2.34, "samples_per_s": 1454237.0}
+    assert _interval(0.00182, 0.00189) == "0.00182–0.00189" and _interval(0.00182, None) == "0.00182–∞"
+    assert _runner_up_sentence([win, run]) == "Runner-up 2048 takes 2.34× as long (0.00434 s) at 1,454,237 samples/s"
+    tied = _runner_up_sentence([win, {**run, "tie": True, "seconds_low": 0.0017, "seconds_high": None}])
+    assert "(0.00434 s, 90% interval 0.00170–∞ s against 0.00182–0.00189 s)" in tied
+
+
+@pytest.mark.parametrize("sizes, said", [
+    ([8, 16, 128], False),  # 128 would accumulate 32×4, but the 50 samples leave it out
+    ([8, 16, 48], True),  # 48 runs as 24×2
+])
+def test_the_accumulation_note_is_said_only_where_a_size_that_runs_accumulates(sizes, said, monkeypatch, write_spec):
+    """An outside sweep of 8 and 16 on 50 samples noted 'accumulated sizes run micro-batches of at most 46'."""
+    from types import SimpleNamespace
+
+    import batchtune.commands.sweep as sweep
+
+    text = SWEEP_SPEC.replace("n_train: 1024", "n_train: 50").replace(
+        "min_batch_size: 8, max_batch_size: 64", f"batch_sizes: {sizes}")
+    spec = load_spec(write_spec(text))
+    monkeypatch.setattr(sweep, "_ceiling", lambda *_: (50, 32, 28))  # probed: safe 32, 28 while accumulating
+    meta = sweep._plan(spec, build_components(spec), CPUBackend(), SimpleNamespace(world_size=1))
+    note = "accumulated sizes run micro-batches of at most 28: the gradients held between micro-batches take the " \
+           "room of 4 samples"
+    assert (note in meta["notes"]) is said
+    assert [c["batch_size"] for c in meta["candidates"]] == [b for b in sizes if b <= 50]

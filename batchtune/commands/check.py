@@ -766,7 +766,7 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
 
     def verdict_at(samples_per_s: float | None) -> CheckResult:
         return regression_verdict(
-            samples_per_s=samples_per_s, peak_bytes=state.fit.peak_bytes,
+            samples_per_s=samples_per_s, peak_bytes=compared_peak(state.fit, base.meta),
             baseline_samples_per_s=statistics.median(rates) if rates else None,
             baseline_peak_bytes=max(peaks) if peaks else None, throughput_tolerance=cs.throughput_tolerance,
             memory_tolerance=cs.memory_tolerance, throughput_skip=throughput_skip,
@@ -785,6 +785,18 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
                            spec_changes=_spec_changes(base, state.spec.resolved()),
                            baseline_torch=base.environment.get("torch"))
     return verdict
+
+
+def compared_peak(fit: Any, baseline_meta: dict[str, Any]) -> int | None:
+    """The fits run's peak as the baseline sweep measured its own: a sweep validates every size at one batch
+    (``sweep.eval_batch_size``) and counts that validation in a size's peak only where it is the size's micro-batch;
+    check validates at the micro-batch. Elsewhere the training step's peak (forward, backward, optimizer) is
+    compared: an outside linear model's validation peak stood against its sweep's training peak."""
+    from batchtune.commands.sweep import eval_batch_size
+
+    if fit.shape.micro_batch_size == eval_batch_size(baseline_meta):
+        return fit.peak_bytes
+    return max(fit.compute_peak_bytes or 0, fit.optimizer_peak_bytes or 0) or fit.peak_bytes
 
 
 def _baseline_spread(usable: list[dict[str, Any]], rates: list[float]) -> tuple[float, list[float]]:

@@ -37,6 +37,7 @@ from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest
 from batchtune.config.spec import MAX_COUNT, count_text
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
+from batchtune.render.text import count_of
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.stats.projection import (
@@ -276,8 +277,8 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     smallest = min(calibration_spec.sweep.batch_sizes)
     if smallest * scale > n:  # an outside --gpus 100000 projected '0 steps to target' (1e23: ZeroDivisionError)
         raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
-                         f"{smallest * scale:,}, more than the run's {n:,} samples (not one step): plan fewer "
-                         "devices or a longer run")
+                         f"{smallest * scale:,}, more than the run's {count_of(n, 'sample')} (not one step): plan "
+                         "fewer devices or a longer run")
     cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
@@ -304,7 +305,6 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
     gets the same."""
     from batchtune.config.spec import changed_keys
     from batchtune.render.run_folder import RunFolder
-    from batchtune.render.text import count_of
 
     def read() -> tuple[str | None, dict[str, Any] | None, dict[str, list]]:
         folder = RunFolder(Path(out))
@@ -608,7 +608,7 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     if per_trial >= max(sizes):  # whole steps at every size: each trial trains exactly the budget, read there
         per_trial -= per_trial % max(sizes)
     if per_trial < CALIBRATION_MIN_STEPS * min(sizes) or total(per_trial) > share * n:
-        raise UsageError(f"a run of {n} samples is too short to plan: the calibration's short trials "
+        raise UsageError(f"a run of {count_of(n, 'sample')} is too short to plan: the calibration's short trials "
                          f"({trials_per_size} per size over sizes {', '.join(map(str, sizes))}, at least "
                          f"{CALIBRATION_MIN_STEPS} steps each) need more than {share:.0%} of it: plan a run of at "
                          f"least {_samples_for(candidates[:2], trials_per_size, share):,} samples (it calibrates "
@@ -840,9 +840,9 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
     said = (f"the lead run's validation loss turned up after {at:,.0f} samples ({turn:.4g}, then "
             f"{lead['evals'][-1][3]:.4g} at the end): ")
     if at < n_train:
-        return [said + f"not overfitting (it had not yet seen the training set's {n_train:,} samples once); the "
-                f"loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: a lower lr "
-                "may settle lower; the projection follows the curve before the turn and cannot foresee it"]
+        return [said + f"not overfitting (it had not yet seen the training set's {count_of(n_train, 'sample')} "
+                f"once); the loss is unstable at this lr ({where}), too high to settle, or the validation is noisy: "
+                "a lower lr may settle lower; the projection follows the curve before the turn and cannot foresee it"]
     level = overfit_level([e[3] for e in lead["evals"]])
     lead["overfit_at_loss"] = level
     return [said + f"overfitting (it had seen the training set {at / n_train:.1f} times by then): the projection "
@@ -1020,8 +1020,7 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         return result
     law = _critical_law(result, rows, meta, lead, adaptive=spec.optimizer.family == "adaptive")
     if law is None:
-        result.notes.append("the calibration measured no critical batch at any loss (no size's steps bent and the "
-                            "noise scale was unreliable): the run cannot be projected; plan a longer run")
+        result.notes.append(_no_law_note(result))
         return result
     warmup = spec.sweep.warmup * meta["samples"]
     curve_points = []
@@ -1177,7 +1176,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         # sweep's own advice leaves it out (two sizes' steps ruling it out): the plan's notes and rules weigh it
         b_crit = c["from_steps_to_target"] or c["b_crit"] or (noise.get("b_simple") if noise.get("reliable") else None)
         if b_crit and b_crit > BEYOND_SIZES * largest:  # the steps barely bend: not measured here
-            beyond.append(f"{key} ({b_crit:,.0f})")
+            beyond.append((key, b_crit, None if c["from_steps_to_target"] else (c.get("fit") or {}).get("note")))
             result.critical_batch_by_loss[key] = None
             if c["from_steps_to_target"] and c["from_noise_scale"]:  # still a lower bound of B_crit/B_simple
                 ratios.append(BEYOND_SIZES * largest / c["from_noise_scale"])
@@ -1187,12 +1186,9 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
             points.append((t["target_loss"], b_crit))
         if c["from_steps_to_target"] and c["from_noise_scale"]:
             ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
+    result.notes += _beyond_notes(beyond, largest)
     if beyond:
-        result.notes.append(f"at val loss {', '.join(beyond)} the steps fit put B_crit over {BEYOND_SIZES}x the "
-                            f"largest size calibrated ({largest}): steps still halve with each doubling there, so "
-                            "B_crit is only known to be above the sizes tried; left out of the law, and "
-                            f"counted as {BEYOND_SIZES}x the largest size in the ratio that scales the noise scale "
-                            "below the targets")
+        result.laws["beyond_sizes"] = [key for key, *_ in beyond]  # the targets whose reading was left out
     ratio = statistics.median(ratios) if ratios else 1.0
     if lead is not None:
         for loss, b_simple in noise_by_loss(lead, min(result.targets)):
@@ -1207,6 +1203,39 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         result.laws["critical_batch"] = law.to_dict()
         result.notes += _unreadable_law_notes(points, rows, result.targets)
     return law
+
+
+def _beyond_notes(beyond: list[tuple[str, float, str | None]], largest: int) -> list[str]:
+    """What B_crit readings past :data:`BEYOND_SIZES` x the largest size calibrated were left out of the law, each
+    under its own source: (target, B_crit, None where the steps fit gave it, else why there is no fit). An outside
+    plan over two sizes, which no steps fit is made from, credited its noise scale's 349-451 to 'the steps fit'
+    and then said 'no size's steps bent'."""
+    def losses(by_fit: bool) -> str:
+        return ", ".join(f"{key} ({b_crit:,.0f})" for key, b_crit, why in beyond if (why is None) == by_fit)
+
+    over = f"over {BEYOND_SIZES}x the largest size calibrated ({largest})"
+    notes, whys = [], list(dict.fromkeys(why for *_, why in beyond if why is not None))
+    if any(why is None for *_, why in beyond):
+        notes.append(f"at val loss {losses(True)} the steps fit put B_crit {over}: steps still halve with each "
+                     "doubling there, so B_crit is only known to be above the sizes tried; left out of the law, and "
+                     f"counted as {BEYOND_SIZES}x the largest size in the ratio that scales the noise scale below the "
+                     "targets")
+    if whys:
+        notes.append(f"at val loss {losses(False)} the noise scale put B_crit {over}, further than the sizes "
+                     f"calibrated can check (no steps fit there: {'; '.join(whys)}); left out of the law")
+    return notes
+
+
+def _no_law_note(result: PlanResult) -> str:
+    """Why no critical batch could be projected from: every reading left out as past the sizes calibrated (see
+    :func:`_beyond_notes`), or none made."""
+    if result.laws.get("beyond_sizes"):
+        return ("the calibration measured no critical batch it can project from: every reading put it past the "
+                f"sizes calibrated (over {BEYOND_SIZES}x the largest, above), where they cannot check it: the run "
+                "cannot be projected; plan a longer run (more sizes calibrated)")
+    return ("the calibration measured no critical batch at any loss (no steps fit, which needs three sizes reaching "
+            "a target and steps that bend, and no reliable noise scale): the run cannot be projected; plan a longer "
+            "run")
 
 
 def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str, Any]],

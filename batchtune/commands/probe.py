@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchtune.memory.model import MemoryModel
 from batchtune.memory.search import SearchOutcome, SearchSpace, align_down, search_ceiling, seeded_search
 from batchtune.memory.source import DeviceMemorySource, DeviceTrial
-from batchtune.render.text import apart, format_bytes
+from batchtune.render.text import apart, count_of, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     dist = current()
     notes: list[str] = []
     source = _device_source(spec, components, backend, dist)
-    p = probe_settings(spec, source.model, notes)  # the model the search trains, not another one built
+    # the model the search trains, not another one built
+    p = probe_settings(spec, source.model, notes, _device_single_values(components, source.model, backend, dist))
     largest, cap_note = _largest(components, p)
     space = SearchSpace(p.min_batch_size, largest, p.granularity)
     estimate = _estimate_for(spec, notes) if p.from_estimate and source.knows_capacity else None
@@ -276,19 +278,56 @@ def run_probe_estimate(spec: Any, *, device_memory: str | None = None, context_b
         return result
 
 
-def probe_settings(spec: Any, model: Any, notes: list[str]) -> Any:
-    """``spec.probe``, its smallest size raised to 2 for a ``model`` with BatchNorm layers: in training
-    they cannot normalise one sample ('Expected more than 1 value per channel'), and the probe stopped at
-    batch 1 with that error on an outside model that validate had passed."""
+def probe_settings(spec: Any, model: Any, notes: list[str],
+                   single_values: Callable[[], dict[str, tuple[int, ...]] | None] | None = None) -> Any:
+    """``spec.probe``, its smallest size raised to 2 where a BatchNorm layer of ``model`` sees one value per channel
+    on one sample: in training it cannot normalise it ('Expected more than 1 value per channel'), and the probe
+    stopped at batch 1 with that error on an outside model that validate had passed.
+
+    ``single_values`` runs the model on one sample and names those layers (see
+    :func:`~batchtune.config.components.batchnorm_single_values`); where it is not given or cannot tell, any
+    BatchNorm layer raises the size (an outside BatchNorm1d over (B, C, 16), which trains at 1, was said to be one
+    over features)."""
     from batchtune.config.components import has_batchnorm
 
     p = spec.probe
     if p.min_batch_size >= 2 or not has_batchnorm(model):
         return p
-    notes.append("probe.min_batch_size 2: the model has BatchNorm layers, and one over features (no length or image "
-                 "axis) cannot train on one sample; set probe.min_batch_size: 1 where each channel sees more than "
-                 "one value")
+    single = single_values() if single_values is not None else None
+    if single == {}:  # every layer sees more than one value per channel: batch 1 trains
+        return p
+    if single:
+        layers = ", ".join(f"{name} (input {tuple(shape)})" for name, shape in single.items())
+        notes.append(f"probe.min_batch_size 2: on one sample the model's BatchNorm {layers} sees one value per "
+                     "channel (no length or image axis), which cannot train ('Expected more than 1 value per "
+                     "channel')")
+    else:
+        notes.append("probe.min_batch_size 2: the model has BatchNorm layers, and a forward on one sample could not "
+                     "tell whether each channel sees more than one value (one over features cannot train on one "
+                     "sample); set probe.min_batch_size: 1 where each does")
     return p.model_copy(update={"min_batch_size": 2})
+
+
+def _one_sample(components: Any, device: Any) -> Any:
+    """The first training sample, collated alone, on ``device``; None where reading it raises."""
+    from batchtune.config.components import to_device
+
+    try:
+        return to_device(components.collate([components.train_set[0]]), device)
+    except Exception:  # noqa: BLE001 - the user's data set: the trials say what is wrong with it
+        return None
+
+
+def _device_single_values(components: Any, model: Any, backend: Any, dist: Any) -> Any:
+    """:func:`probe_settings`'s ``single_values`` for the model on the device: None (not told) under several ranks,
+    whose wrapped model's forward is a collective."""
+    from batchtune.config.components import batchnorm_single_values
+
+    def run() -> dict[str, tuple[int, ...]] | None:
+        batch = None if dist.enabled else _one_sample(components, backend.device)
+        return None if batch is None else batchnorm_single_values(model, components.loss_fn, batch)
+
+    return run
 
 
 def _concatenated_notes(components: Any) -> list[str]:
@@ -314,7 +353,7 @@ def _estimate_setup(spec: Any) -> tuple[Any, Any]:
 def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None = None) -> ProbeResult:
     """Search the traced peaks, trace the safe size, and say what the estimate is."""
     settings_notes: list[str] = []
-    p = probe_settings(spec, source.tracer.model, settings_notes)
+    p = probe_settings(spec, source.tracer.model, settings_notes, source.tracer.batchnorm_single_values)
     tracer, capacity = source.tracer, source.capacity_bytes
     largest = p.max_batch_size
     samples = len(components.train_set)
@@ -441,7 +480,7 @@ def _largest(components: Any, p: Any) -> tuple[int, str | None]:
         return p.max_batch_size, None
     largest = max(align_down(limit.batch_size, p.granularity), p.min_batch_size)
     if limit.reason == "data":
-        return largest, (f"the training set has {limit.samples:,} samples: batches are capped there "
+        return largest, (f"the training set has {count_of(limit.samples, 'sample')}: batches are capped there "
                          f"(not at probe.max_batch_size {p.max_batch_size:,}); a larger batch would only repeat "
                          "samples, so the device may hold more than this ceiling")
     return largest, (f"host memory caps batches at {largest:,}: collating one takes about "

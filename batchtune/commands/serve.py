@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchtune.render.text import duration_ms
+from batchtune.render.text import count_of, duration_ms
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def _lengths(components: Any, limit: int = 4096) -> tuple[list[int], str]:
     dataset = components.train_set
     n = min(len(dataset), limit)
     out = [max((max(t.shape, default=1) for t in tensors(dataset[i])), default=1) for i in range(n)]
-    return out, f"each sample's largest tensor dimension (first {n:,} samples)"
+    return out, f"each sample's largest tensor dimension (first {count_of(n, 'sample')})"
 
 
 def length_buckets(curve: _Curve, components: Any, batch_size: int) -> dict[str, Any]:

@@ -572,12 +572,12 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
         if loss is not None:
             outcome = f"val loss {loss:.4g}"
         elif evals:  # stopped before the budget: at the target, or out of time
-            outcome = f"val loss {evals[-1][3]:.4g} after {row['samples']:,} samples"
+            outcome = f"val loss {evals[-1][3]:.4g} after {count_of(row['samples'], 'sample')}"
         else:
             outcome = "no validation loss"
         if row.get("stalled"):  # trained past its budget towards the target, too slowly to get there by its cap
-            outcome += (f", stopped short of the target after {row['samples']:,} samples (at its recent pace it "
-                        "would not get there by its last step)")
+            outcome += (f", stopped short of the target after {count_of(row['samples'], 'sample')} (at its recent "
+                        "pace it would not get there by its last step)")
         outcome += f", {rate:,.0f} samples/s" if rate else ""
     ranks = f"×{shape.world_size} ranks" if shape.world_size > 1 else ""
     size = (f"{shape.batch_size} ({shape.micro_batch_size}×{shape.accum_steps}{ranks})"
@@ -756,15 +756,15 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
     ceiling, safe, accum = _ceiling(spec, components, backend, notes, ceiling_given)
     candidates, excluded = plan_candidates(_sizes(spec, safe), safe, sw.accumulation, sw.max_accum_steps,
                                            dist.world_size, accum)
-    if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):
-        room = safe - accum
-        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
-                     f"micro-batches take the room of {room} sample{'s' if room != 1 else ''}")
     n_train = len(components.train_set)
     for shape in [c for c in candidates if c.batch_size > n_train]:  # one sample trained as "16" and "32", unsaid
         excluded[shape.batch_size] = (f"larger than the training set ({count_of(n_train, 'sample')}): its steps would "
                                       "repeat samples")
         candidates.remove(shape)
+    # of the sizes that run: an outside sweep said so of 128, which its 50 samples then left out
+    if accum is not None and safe is not None and accum < safe and any(c.accumulated for c in candidates):
+        notes.append(f"accumulated sizes run micro-batches of at most {max(accum, 0)}: the gradients held between "
+                     f"micro-batches take the room of {count_of(safe - accum, 'sample')}")
     if not candidates:
         raise spec.error("sweep", "no batch size can run: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     samples = _sample_budget(spec, candidates, n_train, notes)

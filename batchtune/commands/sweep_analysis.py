@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from batchtune.render.text import count, count_of, pm
+from batchtune.render.text import count, count_of, format_seconds, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
 from batchtune.stats.noise import pooled_noise_scale
@@ -993,12 +993,16 @@ def _runner_up_sentence(ranked: list[Entry]) -> str | None:
         return None
     win, run = ranked[0], ranked[1]
     if run["tie"]:
-        return (f"Runner-up {_fmt_size(run)} ties with it within seed noise ({run['seconds_to_target']:.2f} s, "
-                f"90% interval {run['seconds_low']:.2f}–{_num(run['seconds_high'])} s against "
-                f"{win['seconds_low']:.2f}–{_num(win['seconds_high'])} s); a tie goes to the size more seeds reached "
-                "the target with, then to the lower median")
-    return (f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long ({run['seconds_to_target']:.2f} s)"
-            + _rate_text(run))
+        return (f"Runner-up {_fmt_size(run)} ties with it within seed noise "
+                f"({format_seconds(run['seconds_to_target'])} s, 90% interval {_span(run)} s against {_span(win)} s); "
+                "a tie goes to the size more seeds reached the target with, then to the lower median")
+    return (f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long "
+            f"({format_seconds(run['seconds_to_target'])} s)" + _rate_text(run))
+
+
+def _span(e: Entry) -> str:
+    """A size's 90% interval of seconds to target: ``'0.00312–0.00489'``."""
+    return f"{format_seconds(e['seconds_low'])}–{_num(e['seconds_high'])}"
 
 
 def _rate_text(e: Entry, lead: str = " ") -> str:
@@ -1007,7 +1011,7 @@ def _rate_text(e: Entry, lead: str = " ") -> str:
 
 
 def _num(value: float | None) -> str:
-    return f"{value:.2f}" if value is not None else "∞"
+    return format_seconds(value) if value is not None else "∞"
 
 
 def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: dict[str, Any],
@@ -1020,7 +1024,7 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
                   f"the fastest of the {n} sizes that reached the target in most seeds" if faster is win else
                   f"of the {n} sizes that reached the target in most seeds, the one more seeds reached it with "
                   f"among those within seed noise of the fastest median ({_fmt_size(faster)}, "
-                  f"{faster['seconds_to_target']:.2f} s in {faster['reached']} seeds)")
+                  f"{format_seconds(faster['seconds_to_target'])} s in {faster['reached']} seeds)")
     whose = rule_lr(meta.get("lr_rule", "scaling"))
     lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} {whose}"
                if win["lrs_tried"] > 1 else whose if whose.endswith(" lr") else f"{whose} lr")
@@ -1028,10 +1032,10 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
     spread = ("one seed: no interval" if win["seeds"] == 1 else f"median over {win['reached']} seeds, 90% interval "
-              f"{win['seconds_low']:.2f}–{_num(win['seconds_high'])} s")
+              f"{_span(win)} s")
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
-             f"in {win['seconds_to_target']:.2f} s ({win['steps_to_target']:.0f} steps; {spread}): {field_text} "
-             f"({lr_text})",
+             f"in {format_seconds(win['seconds_to_target'])} s ({win['steps_to_target']:.0f} steps; {spread}): "
+             f"{field_text} ({lr_text})",
              f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}{_rate_text(win, ', ')}"
              if win["final_val_loss"] is not None else None,
              _runner_up_sentence(ranked)]

@@ -31,11 +31,13 @@ from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, locate
 from batchtune.errors import error_line
+from batchtune.render.text import count_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["STEP_CALL", "ComponentError", "Components", "build_components", "load_target", "batch_size_of",
-           "has_batchnorm", "sample_length", "sparse_gradient_layers", "to_device", "varying_lengths"]
+           "batchnorm_single_values", "has_batchnorm", "sample_length", "sparse_gradient_layers", "to_device",
+           "varying_lengths"]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -239,6 +241,42 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def batchnorm_single_values(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any],
+                            batch: Any) -> dict[str, tuple[int, ...]] | None:
+    """The BatchNorm layers of ``model`` that see one value per channel when ``loss_fn`` runs on ``batch`` (one
+    sample), each with the shape it sees: in training they raise 'Expected more than 1 value per channel'. One over
+    features, (1, C), does; a BatchNorm1d over (1, C, T) sees T values per channel, a BatchNorm2d H×W.
+
+    Read from the inputs the layers get, in eval mode under no_grad (no running statistics change). None where the
+    forward raised or ran no BatchNorm layer: not told."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+                seen.setdefault(name, tuple(int(n) for n in args[0].shape))
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(name or type(m).__name__))
+               for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            loss_fn(model, batch)
+    except Exception:  # noqa: BLE001 - the user's forward: not told, the caller stays on the safe side
+        return None
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        return None
+    return {name: shape for name, shape in seen.items() if shape[0] * math.prod(shape[2:]) <= 1}
+
+
 def sparse_gradient_layers(model: nn.Module) -> list[str]:
     """The names of ``model``'s ``nn.Embedding``/``nn.EmbeddingBag`` layers built with ``sparse=True``: their
     gradients are sparse, and so is the memory of their optimizer step, which grows with the rows a batch
@@ -374,10 +412,22 @@ def _numbers_as_lists(batch: Any, n: int) -> int:
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones."""
-    if isinstance(inputs, dict):
+    """The model on a batch's inputs: a dict as keyword arguments, a tuple as positional ones.
+
+    Raises:
+        TypeError: ``forward`` does not take a dict's keys as its parameters; the message says that the keys are
+            passed so (an outside ``forward(self, batch)`` met 'got an unexpected keyword argument 'src'' alone).
+    """
+    if not isinstance(inputs, dict):
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    try:
         return model(**inputs)
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    except TypeError as exc:
+        if not re.search(r"forward\(\) (got an unexpected keyword argument|missing \d+ required)", str(exc)):
+            raise
+        raise TypeError(f"{exc} (a dict of inputs reaches model.forward as keyword arguments, one per key: "
+                        f"{', '.join(map(str, inputs))}; name forward's parameters after the keys, or take "
+                        "**kwargs)") from exc
 
 
 def _one_number(spec: Spec, loss: Any) -> torch.Tensor:
@@ -509,8 +559,8 @@ def keyed_lengths(dims: list[tuple[int, ...]], length_key: str | int) -> list[in
     if len(set(lengths)) == 1 and moving:
         sizes = later[moving[0]]
         log.warning(f"data.length_key {length_key!r}: its first dimension, the length batchtune reads, is "
-                    f"{lengths[0]:,} in all {len(lengths):,} samples, while dimension {moving[0]} varies from "
-                    f"{min(sizes):,} to {max(sizes):,}: store the field length-first ((T, features)), or give a "
+                    f"{lengths[0]:,} in all {count_of(len(lengths), 'sample')}, while dimension {moving[0]} varies "
+                    f"from {min(sizes):,} to {max(sizes):,}: store the field length-first ((T, features)), or give a "
                     f"data set a 'lengths' attribute")
     return lengths
 
@@ -663,14 +713,15 @@ class Components:
             SpecError: the loss is not one number (:func:`_one_number`), or not finite.
         """
         n = min(samples, len(self.train_set))
-        batch = _build(self.spec, "data", f"collating the first {n} training samples", self.collate,
+        first = "the first training sample" if n == 1 else f"the first {n} training samples"
+        batch = _build(self.spec, "data", f"collating {first}", self.collate,
                        [self.train_set[i] for i in range(n)])
         # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
         # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                loss = _build(self.spec, "model", f"the model and loss on the first {n} training samples",
+                loss = _build(self.spec, "model", f"the model and loss on {first}",
                               self.loss_fn, model, batch)
             except ComponentError as exc:
                 if numbers := _numbers_as_lists(batch, n):
@@ -683,9 +734,10 @@ class Components:
         if not math.isfinite(float(loss)):
             if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
                    for t in tree_leaves(batch)):
-                raise self.spec.error("data", f"the first {n} training samples hold values that are not finite (NaN "
-                                              f"or inf), and the loss on them is {float(loss)}: clean the data")
-            raise self.spec.error("model", f"the loss on the first {n} training samples is {float(loss)} before any "
+                raise self.spec.error("data", f"{first} {'holds' if n == 1 else 'hold'} values that are not finite "
+                                              f"(NaN or inf), and the loss on {'it' if n == 1 else 'them'} is "
+                                              f"{float(loss)}: clean the data")
+            raise self.spec.error("model", f"the loss on {first} is {float(loss)} before any "
                                            "training step, from finite inputs: the model's initial output or the "
                                            "loss function, not the lr")
         return float(loss)
@@ -769,6 +821,8 @@ def _components(spec: Spec, model_factory: Any, data_factory: Any, loss_fn: Any,
     train_set, val_set = data
     collate_fn = _make_collate(spec) if spec.data.collate is not None else None
     for which, dataset in (("train", train_set), ("validation", val_set)):
+        if (unindexed := _unindexed(dataset)) is not None:  # an IterableDataset with a __len__ got this far
+            raise spec.error("data", f"the {which} dataset {unindexed}; batchtune needs map-style datasets")
         try:
             n = len(dataset)
         except TypeError:
@@ -779,6 +833,18 @@ def _components(spec: Spec, model_factory: Any, data_factory: Any, loss_fn: Any,
         _build(spec, _source_key(spec.data.collate, "data.collate"), "the collate function", collate_fn, [train_set[0]])
     return Components(spec, model_factory, train_set, val_set, loss_fn, optimizer_factory, collate_fn,
                       spec.data.length_key)
+
+
+def _unindexed(dataset: Any) -> str | None:
+    """Why ``dataset`` cannot be indexed (in words, after 'the train dataset'), or None where it can: an
+    IterableDataset given a ``__len__`` met 'Subclasses of Dataset should implement __getitem__' from the loader."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return f"is an IterableDataset ({type(dataset).__name__}): it is iterated, not indexed"
+    if getattr(type(dataset), "__getitem__", None) in (None, Dataset.__getitem__):
+        return f"({type(dataset).__name__}) has no __getitem__ of its own: it cannot be indexed"
+    return None
 
 
 def _make_collate(spec: Spec) -> Callable[[list[Any]], Any]:

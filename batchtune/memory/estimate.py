@@ -595,6 +595,14 @@ class StepTracer:
             raise EstimateError(f"cannot estimate: reading the first training sample raised "
                                 f"{type(exc).__name__}: {exc}"[:300]) from exc
 
+    def batchnorm_single_values(self) -> dict[str, tuple[int, ...]] | None:
+        """The model's BatchNorm layers that see one value per channel on one sample, traced on fake tensors
+        (:func:`~batchtune.config.components.batchnorm_single_values`)."""
+        from batchtune.config.components import batchnorm_single_values
+
+        with _quiet_fake_tensors(), self.mode:
+            return batchnorm_single_values(self.model, self.components.loss_fn, self.sample[0])
+
     def _workload(self, accum_steps: int) -> Any:
         """The step for this accumulation, with its optimizer (a new one drops the old one's state)."""
         if self._work is None or self._accum != accum_steps:

@@ -22,6 +22,8 @@ class MemoryModel:
     r2: float | None  # None with only two points (a line through them fits exactly)
     max_relative_error: float  # largest |measured − predicted| / measured over the points
     points: int
+    # where that error is: the smallest batch's small peak takes a large share from a residual R² hardly sees
+    max_error_batch_size: float | None = None
 
     def predict(self, batch_size: float) -> float:
         return self.fixed_bytes + self.per_sample_bytes * batch_size
@@ -56,5 +58,6 @@ def fit_memory_model(batch_sizes: Sequence[float], peak_bytes: Sequence[float]) 
     residuals = [p - (intercept + slope * b) for b, p in zip(batch_sizes, peak_bytes)]
     ss_tot = sum((p - mean_p) ** 2 for p in peak_bytes)
     r2 = None if n == 2 else (1.0 - sum(r * r for r in residuals) / ss_tot if ss_tot > 0 else 1.0)
-    max_rel = max(abs(r) / p for r, p in zip(residuals, peak_bytes) if p > 0) if any(peak_bytes) else 0.0
-    return MemoryModel(intercept, slope, r2, max_rel, n)
+    shares = [(abs(r) / p, b) for r, p, b in zip(residuals, peak_bytes, batch_sizes) if p > 0]
+    max_rel, at = max(shares) if shares else (0.0, None)
+    return MemoryModel(intercept, slope, r2, max_rel, n, at)

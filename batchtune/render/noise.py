@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import count, format_shape, to_json
+from batchtune.render.text import count, count_of, format_shape, to_json
 
 __all__ = ["render_noise"]
 
@@ -62,9 +62,9 @@ def _out_of_memory(run: Any) -> str:
         return (f"out of memory building the model, before any batch ({run.out_of_memory}). No noise scale: the "
                 "model's own weights do not fit on the device, so no batch size does")
     micro = run.shape.micro_batch_size // (2 if run.shape.accum_steps == 1 and run.shape.world_size == 1 else 1)
-    return (f"out of memory with {micro:,} samples in a backward pass ({run.out_of_memory}). No noise scale: that "
-            "micro-batch is what must fit; lower --batch-size, or raise --accum-steps to split each batch into "
-            "smaller micro-batches (batchtune probe finds the largest that fits)")
+    return (f"out of memory with {count_of(micro, 'sample')} in a backward pass ({run.out_of_memory}). No noise "
+            "scale: that micro-batch is what must fit; lower --batch-size, or raise --accum-steps to split each batch "
+            "into smaller micro-batches (batchtune probe finds the largest that fits)")
 
 
 def _trend(history: list[dict[str, Any]]) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import device_text, format_bytes, to_json
+from batchtune.render.text import count_of, device_text, format_bytes, to_json
 
 __all__ = ["render_probe"]
 
@@ -44,10 +44,8 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
     rows.append(("power of two", str(result.power_of_two_batch_size or "-")))
     model = result.memory_model
     if model is not None:
-        fit = f"R² {model.r2:.5f}" if model.r2 is not None else "exact through 2 points"
         rows.append(("memory model", f"peak(b) = {format_bytes(model.fixed_bytes)} + "
-                                     f"{format_bytes(model.per_sample_bytes)} × b   ({fit} over {model.points} runs, "
-                                     f"max error {model.max_relative_error:.2%})"))
+                                     f"{format_bytes(model.per_sample_bytes)} × b   ({_fit_text(model)})"))
     if estimated and result.estimate:
         rows.append(("estimate", _estimate_text(result.estimate)))
     if getattr(result, "variable_length", None):
@@ -111,7 +109,7 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     """Variable-length data: what the ceiling counts, then the fixed batch against the token budget."""
     pads = v.get("pads", True)
     worst = (f"the ceiling counts samples of the longest batch: the longest samples ({v['longest']:,} tokens) "
-             f"{'padded' if pads else 'concatenated'} as collated; {v['samples']:,} samples, median "
+             f"{'padded' if pads else 'concatenated'} as collated; {count_of(v['samples'], 'sample')}, median "
              f"{v['median_length']:g} tokens")
     if v.get("random_longest") is not None and pads:
         worst += f"; a random batch of the safe size pads to {v['random_longest']:g} (median)"
@@ -122,7 +120,7 @@ def _varlen_rows(v: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("fixed batch", f"{fixed['mean_rows']:g} samples: {_batching_text(fixed)}"))
     speedup = (f" ({bucketed['tokens_per_s'] / fixed['tokens_per_s']:.2f}× the fixed batch)"
                if bucketed.get("tokens_per_s") and fixed.get("tokens_per_s") else "")
-    cap = f" and at most {v['max_rows']:,} samples" if v.get("max_rows") else ""
+    cap = f" and at most {count_of(v['max_rows'], 'sample')}" if v.get("max_rows") else ""
     rows.append(("token budget", f"max_tokens {v['max_tokens']:,} (the safe size × the longest){cap}, "
                                  f"length-bucketed, {bucketed['mean_rows']:.0f} samples a batch on average: "
                                  f"{_batching_text(bucketed)}{speedup}"))
@@ -135,6 +133,17 @@ def _batching_text(b: dict[str, Any]) -> str:
     rate = f", {b['tokens_per_s']:,.0f} tokens/s" if b.get("tokens_per_s") else ""
     peak = f", peak {format_bytes(b['peak_bytes'])}" if b.get("peak_bytes") else ""
     return f"padding {b['padding_waste']:.1%} of tokens{rate}{peak}"
+
+
+def _fit_text(model: Any) -> str:
+    """``R² 1.00000 over 4 runs, max error 10.61% at batch 1``: where the error is, as an R² of 1 with a 10% error
+    reads as a contradiction (a residual of a few KiB on batch 1's small peak is a large share of it, and nothing
+    to R², which the large batches' spread sets)."""
+    fit = f"R² {model.r2:.5f}" if model.r2 is not None else "exact through 2 points"
+    error = f"{model.max_relative_error:.2%}"
+    at = getattr(model, "max_error_batch_size", None)
+    where = f" at batch {at:g}" if at is not None and error != "0.00%" else ""
+    return f"{fit} over {model.points} runs, max error {error}{where}"
 
 
 def _estimate_text(e: dict[str, Any]) -> str:

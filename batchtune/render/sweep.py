@@ -7,7 +7,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import count, format_bytes, format_shape, num, pm, to_json
+from batchtune.render.text import count, format_bytes, format_seconds, format_shape, num, pm, to_json
 
 __all__ = ["render_precision", "render_sweep"]
 
@@ -19,8 +19,8 @@ _SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "reached", "val loss", 
 def _interval(low: Any, high: Any) -> str:
     if low is None or (isinstance(low, float) and math.isnan(low)):
         return "-"
-    top = "∞" if high is None or (isinstance(high, float) and math.isnan(high)) else f"{high:.2f}"
-    return f"{low:.2f}–{top}"
+    top = "∞" if high is None or (isinstance(high, float) and math.isnan(high)) else format_seconds(high)
+    return f"{format_seconds(low)}–{top}"
 
 
 def _missing(value: Any) -> bool:
@@ -37,11 +37,12 @@ def _sweep_rows(result: Any) -> list[list[str]]:
             "-" if _missing(r.get("micro_batch_size")) else f"{int(r['micro_batch_size'])}×{int(r['accum_steps'])}",
             num(r.get("lr"), ".3g"), "-" if _missing(r.get("reached")) else r["reached"],
             pm(r.get("final_val_loss"), r.get("final_val_loss_std")),
-            num(r.get("steps_to_target"), ".0f"), num(r.get("seconds_to_target"), ".2f"),
+            num(r.get("steps_to_target"), ".0f"), format_seconds(r.get("seconds_to_target")),
             "-" if r.get("seeds") == 1 else _interval(r.get("seconds_low"), r.get("seconds_high")),  # none from 1
             num(r.get("relative"), ".2f") + (" (tie)" if r.get("tie") is True else ""),
             pm(r.get("samples_per_s"), r.get("samples_per_s_std")),
-            num(r.get("goodput"), ",.0f"), num(r.get("excess_compute"), ".2f"), num(r.get("data_share"), ".0%"), format_bytes(r.get("peak_bytes")), r["status"],
+            num(r.get("goodput"), ",.0f"), num(r.get("excess_compute"), ".2f"), num(r.get("data_share"), ".0%"),
+            format_bytes(r.get("peak_bytes")), r["status"],
         ])
     return rows
 
@@ -122,7 +123,8 @@ def render_sweep(result: Any, fmt: str = "table") -> str:
         for t in result.by_target:
             rec_t, crit = t["recommendation"], t["critical"]
             ties = ", ".join(map(str, (rec_t or {}).get("tied_with") or []))
-            pick = (f"batch {format_shape(rec_t)} at lr {rec_t['lr']:.3g}, {rec_t['seconds_to_target']:.2f} s"
+            pick = (f"batch {format_shape(rec_t)} at lr {rec_t['lr']:.3g}, "
+                    f"{format_seconds(rec_t['seconds_to_target'])} s"
                     + (f" (tied with {ties} within seed noise)" if ties else "") if rec_t
                     else "no size reached it in most seeds")
             b_crit = f"B_crit ~{crit['b_crit']:.0f} ({crit['basis']})" if crit.get("b_crit") else "B_crit unknown"
