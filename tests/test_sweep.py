@@ -1254,7 +1254,8 @@ def test_one_seed_has_no_spread_to_show():
     result = result_from_rows("hand", rows, {**HAND_META, "samples": 2048, "seeds": [0], "precision": "fp32"})
     table = render_sweep(result, "table")
     assert "± 0 " not in table and "0.505 " in table and "2,024 ± 34 " in table
-    assert "Its final loss is 0.505, at" in result.recommendation["reason"]
+    # the loss at equal samples, not the loss the target was reached at (an outside reader took 'final' for the end)
+    assert "At the budget's 2,048 samples its validation loss is 0.505, at" in result.recommendation["reason"]
 
 
 def test_every_row_of_a_size_shows_the_rate_its_seconds_to_target_use():

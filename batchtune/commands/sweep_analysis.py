@@ -1036,7 +1036,9 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
              f"in {format_seconds(win['seconds_to_target'])} s ({win['steps_to_target']:.0f} steps; {spread}): "
              f"{field_text} ({lr_text})",
-             f"Its final loss is {pm(win['final_val_loss'], win['final_val_loss_std'])}{_rate_text(win, ', ')}"
+             (f"At the budget's {meta['samples']:,} samples its" if meta.get("samples") else "At the budget its")
+             + " validation loss is "
+             f"{pm(win['final_val_loss'], win['final_val_loss_std'])}{_rate_text(win, ', ')}"
              if win["final_val_loss"] is not None else None,
              _runner_up_sentence(ranked)]
     if critical["b_crit"] and win.get("goodput"):
