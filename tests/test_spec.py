@@ -260,8 +260,8 @@ def test_a_whole_number_in_exponent_form_is_taken_where_an_integer_is(write_spec
     ("sweep.min_steps=2.5e0", "sweep.min_steps: must be a whole number, got 2.5e0 (= 2.5)"),
     ("sweep.batch_sizes=[16, 2.25e1]", "sweep.batch_sizes: item 1 must be a whole number, got 2.25e1 (= 22.5)"),
     # a float YAML reads as one (a dot, a signed exponent) past 2**53 is a count too large
-    ("sweep.seeds=1.0e+20", "sweep.seeds: got 1e+20, more than the largest count taken, 9,007,199,254,740,992 "
-                            "(2**53): work this large would never finish"),
+    ("sweep.min_steps=1.0e+20", "sweep.min_steps: got 1e+20, more than the largest count taken, "
+                                "9,007,199,254,740,992 (2**53): work this large would never finish"),
 ])
 def test_a_number_with_a_fraction_is_refused_where_an_integer_is(write_spec, override, problem):
     result = _validate(write_spec(), override)
@@ -290,6 +290,19 @@ def test_a_count_past_2_to_the_53_is_refused(write_spec, override, problem):
     result = _validate(write_spec(), override)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
+
+
+@pytest.mark.parametrize("override,problem", [
+    # planned up front: an outside sweep.seeds=1e9 passed validate and took 16 GB in a minute; eval_points=1e9 hung
+    ("sweep.seeds=1000000000", "sweep.seeds: Input should be less than or equal to 1000 (got 1000000000)"),
+    ("sweep.eval_points=1e9", "sweep.eval_points: Input should be less than or equal to 10000 (got 1000000000)"),
+    # lowest first made the higher one the headline, and trials trained on to the lower
+    ("sweep.target_loss=[0.2, 0.5]", "sweep.target_loss: give the targets highest first, [0.5, 0.2]: the last, the "
+                                     "lowest, is the headline"),
+])
+def test_sweep_settings_planned_up_front_are_bounded_and_targets_ordered(write_spec, override, problem):
+    result = _validate(write_spec(), override)
+    assert result.exit_code == 2 and result.output.splitlines()[1:] == [f"  override {override!r}: {problem}"]
 
 
 def test_counts_up_to_2_to_the_53_and_the_seed_range_are_taken(write_spec):

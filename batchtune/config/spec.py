@@ -494,17 +494,18 @@ class SweepSpec(_Strict):
     # the lrs near its fastest, and extends the bracket when the fastest is on an edge.
     lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     lr_search: bool = True  # false: one lr per size, the rule's (lr_multipliers ignored)
-    lr_extensions: NonNegativeInt = 2  # times a bracket may grow past its edge by its outer ratio
+    lr_extensions: int = Field(2, ge=0, le=16)  # times a bracket may grow past its edge by its outer ratio
     # then try the midpoints either side of each fastest lr: "leaders" for the sizes whose first-seed
     # time to some target is within 1.25× the fastest's, true for every size (+70% trials), false: none
     # (the default: neither has shown a clear gain for its cost on the ground truths)
     lr_refine: bool | Literal["leaders"] = False
-    seeds: PositiveInt = 3
+    # bounded: every seed's trials are planned up front (an outside sweep.seeds=1e9 took 16 GB in a minute)
+    seeds: int = Field(3, ge=1, le=1000)
     # with target_loss given, the other seeds run only the sizes whose first-seed time to some target
     # is within this × the fastest size's (null: every size)
     reseed_within: float | None = Field(2.0, ge=1.0)
-    eval_points: PositiveInt = 8  # validations at the same sample counts for every size
-    evals_per_doubling: NonNegativeInt = 4  # and on a log grid of steps, to resolve each crossing
+    eval_points: int = Field(8, ge=1, le=10_000)  # validations at the same sample counts for every size
+    evals_per_doubling: int = Field(4, ge=0, le=1000)  # and on a log grid of steps, to resolve each crossing
     eval_samples: PositiveInt | None = 2048  # validation subset, the same for every trial
     target_loss: float | list[float] | None = None  # several: each gets its own ranking
     timing_warmup_steps: NonNegativeInt = 2
@@ -560,6 +561,9 @@ class SweepSpec(_Strict):
                 raise ValueError("an empty list: give one loss or several, or leave it out for the default target")
             if twice := sorted({v for v in value if value.count(v) > 1}):
                 raise ValueError(f"{', '.join(map(str, twice))} given more than once")
+            if value != sorted(value, reverse=True):  # [0.2, 0.5] made 0.5 the headline and trained on to 0.2
+                shown = ", ".join(f"{v:g}" for v in sorted(value, reverse=True))
+                raise ValueError(f"give the targets highest first, [{shown}]: the last, the lowest, is the headline")
         return value
 
     @model_validator(mode="after")
