@@ -823,6 +823,10 @@ def test_a_band_down_to_zero_is_not_reliable_and_the_report_says_why():
     noise = {"b_simple": 8417.0, "low": 0.0, "high": 17939.2, "reliable": True}
     assert (_noise_stands(noise, fit, False, []), _noise_stands({**noise, "low": 4000.0}, fit, False, [])) == (
         False, True)
+    # nor a band wider than 10x: an outside Adam sweep adopted 314 in 167-2,469 for its goodput and E/Emin
+    wide = {"b_simple": 314.0, "low": 167.0, "high": 2469.0, "reliable": True}
+    assert (_noise_stands(wide, fit, False, []), _noise_stands({**wide, "high": 1600.0}, fit, False, [])) == (
+        False, True)
 
 
 def test_a_batch_the_default_accumulation_cannot_split_says_the_4_is_the_default(write_spec):

@@ -14,12 +14,12 @@ from typing import Any
 
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError, error_line
+from batchtune.stats.noise import WIDE_BAND
 
 __all__ = ["DEFAULT_ACCUM_STEPS", "NoiseInterrupted", "NoiseRun", "run_noise"]
 
 log = logging.getLogger(__name__)
 DEFAULT_ACCUM_STEPS = 4  # --accum-steps when not given
-WIDE_BAND = 10.0  # a 90% band whose high end is more than this × its low end is marked unreliable
 
 
 @dataclass

@@ -33,7 +33,7 @@ import pandas as pd
 from batchtune.render.text import count, count_of, format_seconds, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
-from batchtune.stats.noise import pooled_noise_scale
+from batchtune.stats.noise import WIDE_BAND, pooled_noise_scale
 from batchtune.stats.scaling import rule_lr, rule_name
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit",
@@ -707,8 +707,10 @@ def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool, co
     16 to 128 (fit 557, 90% 146–1,802) and the noise scale read 37: adopted, it called 55% of 128's compute
     wasted; with only 32 and 2048 reaching the target (B_crit ~300 from their steps), 51 was. A 2-rank CNN's
     steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale 93 was adopted beside that text. A band
-    down to 0 (tr Σ not clearly above 0) is bounded above only: the reading may be near 0, so it stands for nothing."""
-    if not (noise and noise["reliable"] and (noise.get("low") or 0) > 0):
+    down to 0 (tr Σ not clearly above 0) is bounded above only: the reading may be near 0, so it stands for nothing;
+    nor does one wider than :data:`WIDE_BAND`× (an outside Adam sweep adopted 314 in 167–2,469 for its goodput)."""
+    if not (noise and noise["reliable"] and (noise.get("low") or 0) > 0
+            and noise["high"] <= WIDE_BAND * noise["low"]):
         return False
     least = fit.low if extrapolated else fit.above or (_two_sizes(contenders) if fit.b_crit is None else None)
     most = None if extrapolated else getattr(fit, "below", None)

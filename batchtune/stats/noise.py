@@ -221,6 +221,7 @@ def t_quantile(confidence: float, dof: float) -> float:
             + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
 
 
+WIDE_BAND = 10.0  # a 90% band whose high end is more than this × its low end is no reading to act on
 SCALE_DECAY = 0.9  # the gradient's scale that each step's estimates are divided by: an EMA over about 10 steps
 TREND_SPAN = 2.5  # the drift check fits a line over a horizon this many times the reading's
 DRIFT_CONFIDENCE = 0.99  # ... and calls a slope outside this band drift: a steady noise scale about 1% of the time
