@@ -1029,6 +1029,11 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
                                                                  "constant 32": plan(0.18, 0.15)})[0]
     assert notes({"schedule": plan(10.0, 0.15), "constant 32": plan(9.5, 0.15)}) == []  # 5% sooner: one seed's noise
     assert notes({"schedule": plan(None, 0.250), "constant 32": plan(None, 0.245)}) == []
+    # one that collapsed in its runs is no plan to use, however low its decreasing fit ends (an outside schedule
+    # ended at 0.1632, 2.1x its held level, and was named 'the one to use' over constant 64's 0.1414)
+    fell = {**plan(None, 0.1182), "collapsed": 1, "runs": [{}]}
+    both = {**plan(None, 0.1321), "collapsed": 1, "runs": [{}]}
+    assert notes({"constant 64": both, "schedule": fell}, picked="constant 64") == []
     assert notes({"schedule": plan(9.0, 0.15), "constant 32": plan(12.0, 0.14)}) == []  # the pick was the best
     # the same steps, sooner by the clock alone, one run beside other work: an outside verify named the schedule
     # 'the one to use' at 0.32x the time of the pick, two runs bit-identical to the target

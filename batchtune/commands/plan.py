@@ -375,6 +375,8 @@ def _verified_notes(result: PlanResult) -> list[str]:
     if best == picked:
         return []
     b, p = verified["plans"][best], verified["plans"][picked]
+    if 2 * b.get("collapsed", 0) > len(b.get("runs", ())):  # no run of it to use: an outside verification named a
+        return []  # schedule that ended 2.1x its held level 'the one to use' by its decreasing fit's end
     if p["seconds"] is not None and b["seconds"] > (1 - VERIFIED_MARGIN) * p["seconds"] or \
             b["seconds"] is None and b["fit_end_loss"] > (1 - VERIFIED_MARGIN / 2) * p["fit_end_loss"]:
         return []  # within what one seed's run varies by
