@@ -422,8 +422,11 @@ def sweep(
                 if resume is None and not (where / "meta.json").exists():  # the plan unwritten: nothing to resume
                     raise UsageError(f"{_describe(exc)}; nothing was kept (no trial had run); once that is fixed, "
                                      "run the same command again") from exc
-                raise UsageError(f"{_describe(exc)}; finished trials are kept in {where}; "
-                                 f"once that is fixed, continue with {hint}") from exc
+                shown = getattr(exc, "result", None)
+                if shown is not None and _RANK == 0:  # every trial ran: the result, though its files are not all
+                    _echo(render_sweep(shown, fmt.value))  # written (an outside full disk left stdout empty)
+                raise UsageError(f"{_describe(exc)}; {'the result is shown above, and ' if shown else ''}finished "
+                                 f"trials are kept in {where}; once that is fixed, continue with {hint}") from exc
         if _RANK == 0:  # the run folder wrote each stored report once; csv is the trials frame
             _echo(RunFolder(where).report(fmt.value) or render_sweep(result, fmt.value))
         if compare_precision:

@@ -518,6 +518,23 @@ def test_a_full_disk_mid_sweep_keeps_the_trials_and_resumes(write_spec, tmp_path
     assert line
 
 
+def test_a_full_disk_at_the_result_still_shows_the_result(write_spec, tmp_path, monkeypatch):
+    """Every trial of an outside sweep ran, then result.json met a full disk: exit 2, and stdout was empty."""
+    real = run_folder_module.atomic_write
+
+    def full(path, data):
+        if Path(path).name == "result.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(run_folder_module, "atomic_write", full)
+    spec, out = write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), tmp_path / "run"
+    result = _cli("sweep", spec, "--out", out, "-q")
+    _one_line_error(result, "result.json: No space left on device; the result is shown above, and finished trials are "
+                    f"kept in {out}", f"--resume {out}")
+    assert "recommendation: batch size" in result.stdout
+
+
 def test_a_full_disk_before_the_plan_is_written_says_nothing_was_kept_and_the_same_command_runs(
         write_spec, tmp_path, monkeypatch):
     """An outside sweep's disk was full at environment.json: it said 'finished trials are kept; continue with

@@ -92,7 +92,11 @@ def run_sweep(spec: Any, *, out: Path | str | None = None, resume: Path | str | 
     sweep = _Sweep(spec, components, backend, dist, folder, meta, rows)
     sweep.run()
     result = sweep.result()
-    dist.on_main(lambda: folder.write_result(result))
+    try:
+        dist.on_main(lambda: folder.write_result(result))
+    except OSError as exc:  # a full disk at the end: the result is still shown (an outside sweep printed nothing)
+        exc.result = result
+        raise
     return result
 
 
