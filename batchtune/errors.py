@@ -8,8 +8,8 @@ one of these.
 
 from __future__ import annotations
 
-__all__ = ["BATCH_NOTE", "SAMPLE_NOTE", "LoadError", "TrainingError", "UsageError", "error_line", "noted_batch",
-           "noted_sample"]
+__all__ = ["BATCH_NOTE", "COLLATE_HINT", "COLLATE_NOTE", "FORM_HINT", "SAMPLE_NOTE", "BatchFormError", "LoadError",
+           "TrainingError", "UsageError", "error_line", "noted_batch", "noted_sample"]
 
 #: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
 #: worker passes the exception on as its traceback's text, and the note comes with it.
@@ -17,6 +17,14 @@ SAMPLE_NOTE = "batchtune: raised fetching sample "
 #: The note a data set's failed batch fetch (its ``__getitems__``) carries where no one sample could be told to be the
 #: one that raised, followed by the batch's indices as text ("3, 17, 40, … (32 in all)").
 BATCH_NOTE = "batchtune: raised fetching the batch of samples "
+#: The note the collate's failure carries (the default collate's or ``data.collate``'s): the samples were fetched, and
+#: making one batch of them failed (torch's 'stack expects each tensor to be equal size'): the data's form, the spec's.
+COLLATE_NOTE = "batchtune: raised collating a batch"
+#: What a batch that cannot be made of the samples, or is of no known form, calls for.
+COLLATE_HINT = "samples of different shapes need a data.collate that pads them (README: Variable-length data)"
+#: What a collate that returned a batch of no known form (an object of its own) calls for.
+FORM_HINT = ("a collate must return (inputs, targets), (input, ..., targets) or a dict of tensors (README: "
+             "Variable-length data)")
 
 
 class UsageError(ValueError):
@@ -35,6 +43,17 @@ class LoadError(TrainingError):
     def __init__(self, message: str, context: str = "") -> None:
         super().__init__(message)
         self.context = context
+
+
+class BatchFormError(LoadError):
+    """The samples were fetched but no batch of a known form came of them: the collate raised (samples of different
+    shapes that the default collate cannot stack), or returned something with no batch dimension (a custom object).
+    Found before the model runs, it is the spec's data (``key``: ``data.collate`` where the spec names one, else
+    ``data.target``) to fix: a spec error, exit 2, in every command, as validate says it."""
+
+    def __init__(self, message: str, context: str = "", key: str = "data.target") -> None:
+        super().__init__(message, context)
+        self.key = key
 
 
 def noted_sample(exc: BaseException) -> int | None:
@@ -56,7 +75,7 @@ def error_line(exc: BaseException) -> str:
     re-raised ("Caught IndexError in DataLoader worker process 0.", the worker's traceback below it) is its
     cause's last line: the first alone lost what went wrong."""
     text = [line for line in str(exc).strip().splitlines()
-            if line.strip() and not line.startswith((SAMPLE_NOTE, BATCH_NOTE))]
+            if line.strip() and not line.startswith((SAMPLE_NOTE, BATCH_NOTE, COLLATE_NOTE))]
     first = text[0].rstrip(".") if text else ""
     if first.startswith("Caught ") and "DataLoader worker" in first and len(text) > 1:
         return f"{text[-1].strip()} (in DataLoader worker: {first})"[:300]

@@ -1156,3 +1156,55 @@ def test_a_crash_batchtune_already_put_in_words_reads_failed_not_raised():
                                   "its output)"
     assert check_reason(_crash("fits", "fits.crashed", RuntimeError("mat1 and mat2"))) == \
         "the training step raised RuntimeError: mat1 and mat2"
+
+
+class _VarShape(torch.utils.data.Dataset):
+    """Samples of 4 to 8 features: torch's default collate cannot stack them."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.randn(4 + i % 5), torch.tensor(i % 4)
+
+
+def varshape_data():
+    return _VarShape(), _VarShape()
+
+
+class _Batch:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+def object_collate(samples):
+    """Returns an object of its own, not (inputs, targets)."""
+    return _Batch(torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_samples_the_default_collate_cannot_stack_are_a_spec_error_in_check_as_in_validate(write_spec, workers):
+    """An outside check exited 1 ('fits fail ... stack expects each tensor to be equal size'), read by a CI gate as a
+    doomed job, where validate exited 2; neither said what such samples need."""
+    path = str(write_spec())
+    overrides = ["data.target=tests.test_check:varshape_data", f"data.num_workers={workers}"]
+    for args in (["validate", path], ["check", path, "-b", "16", "-q"]):
+        result = runner.invoke(app, [*args, *overrides])
+        assert result.exit_code == 2, result.output
+        if workers == 0 or args[0] == "validate":  # in a worker torch says 'Trying to resize storage' instead
+            assert "stack expects each tensor to be equal size" in result.output, result.output
+        assert "data.collate that pads them (README: Variable-length data)" in result.output
+    assert "data.target: collating a training batch raised RuntimeError" in result.output  # check's
+
+
+def test_a_collate_that_returns_an_object_is_named_as_data_collate(write_spec):
+    """validate blamed the data.target override, check exited 1 (cannot find a tensor with a batch dimension)."""
+    path = str(write_spec())
+    override = "data.collate={target: tests.test_check:object_collate}"
+    validate = runner.invoke(app, ["validate", path, override])
+    assert validate.exit_code == 2 and "data.collate: a batch must be (inputs, targets)" in validate.output, \
+        validate.output
+    check = runner.invoke(app, ["check", path, "-b", "16", "-q", override])
+    assert check.exit_code == 2, check.output
+    assert "data.collate: the training batch is a _Batch (data.collate.target tests.test_check:object_collate), " \
+           "with no tensor of a batch dimension: a collate must return (inputs, targets)" in check.output, check.output

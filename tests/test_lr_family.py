@@ -102,11 +102,82 @@ class _Raises(torch.optim.Optimizer):
         raise RuntimeError("needs a sharded parameter")
 
 
+class _ListState(torch.optim.Optimizer):
+    """Adam-like, its second moment kept in a list and its step a Python float (an outside tester's)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0.0, moments=[torch.zeros_like(p)])
+                state["step"] += 1.0
+                state["moments"][0].mul_(0.99).addcmul_(p.grad, p.grad, value=0.01)
+                p.addcdiv_(p.grad, state["moments"][0].sqrt() + 1e-8, value=-group["lr"])
+
+
+class _NestedMomentum(torch.optim.Optimizer):
+    """SGD with momentum kept in a dict of lists, beside a step tensor and a list of floats."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), hist={"norms": [], "m": [torch.zeros_like(p)]})
+                state["step"] += 1
+                state["hist"]["norms"].append(float(p.grad.norm()))
+                p.add_(state["hist"]["m"][0].mul_(0.9).add_(p.grad), alpha=-group["lr"])
+
+
+class _LazyAdam(torch.optim.Optimizer):
+    """Plain SGD for 5 steps, then an Adam-like second moment: once called SGD-like from two test steps."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.steps += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.steps <= 5:
+                    p.add_(p.grad, alpha=-group["lr"])
+                    continue
+                v = self.state[p].setdefault("v", torch.zeros_like(p)).mul_(0.999).addcmul_(p.grad, p.grad, value=1e-3)
+                p.addcdiv_(p.grad, v.sqrt() + 1e-8, value=-group["lr"])
+
+
+class _MatrixOnly(torch.optim.Optimizer):
+    """Adam-like, refusing parameters that are not matrices (Muon-like): once judged by its class name."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError("2-D parameters only")
+                v = self.state[p].setdefault("v", torch.zeros_like(p)).mul_(0.99).addcmul_(p.grad, p.grad, value=0.01)
+                p.addcdiv_(p.grad, v.sqrt() + 1e-8, value=-group["lr"])
+
+
 def moments(params, lr, weight_decay=0.0):
     return _Moments(params, lr, weight_decay)
 
 
-_SGD_LIKE = "nothing ∝ grad², over two test steps: no second moment, SGD-like"
+_SGD_LIKE = "nothing ∝ grad², over ten test steps: no second moment, SGD-like"  # none showed in two: read to ten
 
 
 @pytest.mark.parametrize("factory,family,evidence", [
@@ -114,7 +185,7 @@ _SGD_LIKE = "nothing ∝ grad², over two test steps: no second moment, SGD-like
     (adam_like, "sgd", f"SGD keeps momentum_buffer ∝ grad (momentum-like), {_SGD_LIKE}"),
     (custom, "adaptive", "_Scaled keeps grad_sq ∝ grad² (a second moment) over two test steps"),
     (lambda params, lr: torch.optim.SGD(params, lr=lr), "sgd",
-     "SGD keeps no state that follows the gradient over two test steps: no second moment, SGD-like"),
+     "SGD keeps no state that follows the gradient over ten test steps: no second moment, SGD-like"),
     # the fix: judged by what the state does, not by its name or the class's
     (lambda params, lr: moments(params, lr, weight_decay=0.01), "adaptive",
      "_Moments keeps v ∝ grad² (a second moment) over two test steps"),
@@ -128,8 +199,18 @@ _SGD_LIKE = "nothing ∝ grad², over two test steps: no second moment, SGD-like
      "Adagrad keeps sum ∝ grad² (a second moment) over two test steps"),  # an offset: still ∝ grad²
     (lambda params, lr: _Raises(params, lr), "sgd", "_Raises could not take a test step (RuntimeError: needs a sharded "
      "parameter), so its class name decides: not a known adaptive optimizer, SGD-like"),
+    # outside: state nested in a list (a float step), in a dict of lists, created after 5 SGD steps, 2-D only
+    (lambda params, lr: _ListState(params, lr), "adaptive",
+     "_ListState keeps moments[0] ∝ grad² (a second moment) over two test steps"),
+    (lambda params, lr: _NestedMomentum(params, lr), "sgd",
+     f"_NestedMomentum keeps hist.m[0] ∝ grad (momentum-like), {_SGD_LIKE}"),
+    (lambda params, lr: _LazyAdam(params, lr), "adaptive",
+     "_LazyAdam keeps v ∝ grad² (a second moment) over six test steps"),
+    (lambda params, lr: _MatrixOnly(params, lr), "adaptive",
+     "_MatrixOnly keeps v ∝ grad² (a second moment) over two test steps on a 3×2 parameter (a 1-D one raised "
+     "ValueError: 2-D parameters only)"),
 ], ids=["adam", "sgd-momentum", "grad_sq", "sgd", "outside-lamb", "misnamed", "per-tensor", "adamax", "adagrad-offset",
-        "raises"])
+        "raises", "list-state", "nested-momentum", "lazy-adam", "matrix-only"])
 def test_the_family_comes_from_the_state_the_optimizer_keeps(factory, family, evidence):
     assert optimizer_family(factory) == (family, evidence)
 

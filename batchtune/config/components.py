@@ -470,7 +470,8 @@ def _make_loss(spec: Spec) -> LossFn:
         try:
             inputs, targets = _split(batch)
         except (TypeError, ValueError) as exc:  # no targets for this loss, or a batch of no known form: the spec's
-            raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else "data", str(exc))]) from None
+            data_key = "data.collate" if spec.data.collate is not None else "data"  # the batch is the collate's
+            raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else data_key, str(exc))]) from None
         output = _call(model, inputs)
         try:  # the first batch of every command is checked for broadcasting, not validate's only
             loss = criterion(output, targets) if checked else _unbroadcast(spec, criterion, output, targets)
@@ -714,8 +715,7 @@ class Components:
         """
         n = min(samples, len(self.train_set))
         first = "the first training sample" if n == 1 else f"the first {n} training samples"
-        batch = _build(self.spec, "data", f"collating {first}", self.collate,
-                       [self.train_set[i] for i in range(n)])
+        batch = self._first_batch(n, first)
         # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
         # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
         with torch.no_grad(), warnings.catch_warnings():
@@ -741,6 +741,19 @@ class Components:
                                            "training step, from finite inputs: the model's initial output or the "
                                            "loss function, not the lr")
         return float(loss)
+
+    def _first_batch(self, n: int, first: str) -> Any:
+        """The first ``n`` training samples collated; a collate that raises is ``data.collate``'s where the spec
+        names one, else the data set's, with what samples of different shapes need (:data:`COLLATE_HINT`)."""
+        from batchtune.errors import COLLATE_HINT
+
+        samples = [self.train_set[i] for i in range(n)]
+        if self.collate_fn is not None:
+            return _build(self.spec, "data.collate", f"collating {first}", self.collate, samples)
+        try:
+            return _build(self.spec, "data", f"collating {first}", self.collate, samples)
+        except ComponentError as exc:
+            raise ComponentError([self.spec.issue("data", f"{exc.issues[0].message}; {COLLATE_HINT}")]) from exc
 
     def tokens_per_sample(self) -> int:
         """Elements in one sample's integer targets (token ids: the sequence length for a language model),

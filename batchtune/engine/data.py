@@ -113,6 +113,29 @@ def _fetch(dataset: Dataset, index: int) -> Any:
         raise
 
 
+class _Collated:
+    """A collate whose failure carries :data:`~batchtune.errors.COLLATE_NOTE` (from a DataLoader worker too, in its
+    traceback's text), so that :func:`load_next` tells it from a sample's fetch: the data's form, the spec's."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[Any]) -> Any:
+        from batchtune.errors import COLLATE_NOTE
+
+        try:
+            return self.collate(samples)
+        except Exception as exc:
+            if COLLATE_NOTE not in getattr(exc, "__notes__", ()):
+                exc.add_note(COLLATE_NOTE)
+            raise
+
+
+def noted_collate(collate_fn: Callable[[list[Any]], Any] | None) -> Callable[[list[Any]], Any]:
+    """``collate_fn`` (torch's default where None) with its failures noted (:class:`_Collated`)."""
+    return collate_fn if isinstance(collate_fn, _Collated) else _Collated(collate_fn or default_collate)
+
+
 #: The indices a batch note lists before it gives only their count.
 BATCH_NOTE_INDICES = 8
 
@@ -301,13 +324,13 @@ def batches(dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 
     a :class:`PlannedBatches` set its planned batches in order.
     """
     if isinstance(dataset, (LongestFirst, PlannedBatches)):
-        yield from _fixed(dataset, batch_size, collate_fn or default_collate, pin)
+        yield from _fixed(dataset, batch_size, noted_collate(collate_fn), pin)
         return
     if _indexable(dataset, num_workers) and collate_fn is None:
         yield from _indexed(dataset, batch_size, seed=seed, pin=pin, dist=dist)
         return
     loader_options = {"num_workers": num_workers, "pin_memory": pin, "persistent_workers": num_workers > 0,
-                      "collate_fn": collate_fn}
+                      "collate_fn": noted_collate(collate_fn)}
     dataset = noted(dataset)
     seed, shard = _sharding(len(dataset), batch_size, seed, dist)
     if shard is not None:
@@ -448,11 +471,27 @@ class Feed:
         with backend.paused():
             self._held = None
             self._held = batch = load_next(self._stream, "training", *self._source)
+        samples = self._samples(batch)
         batch = to_device(batch, backend.device)
         backend.track_batch(tensors(batch))
         self.data_seconds += time.perf_counter() - start
-        self.samples += batch_size_of(batch) * self._world_size
+        self.samples += samples * self._world_size
         return batch
+
+    def _samples(self, batch: Any) -> int:
+        """The samples in ``batch``; a :class:`~batchtune.errors.BatchFormError` where it has no batch dimension
+        (a collate that returns an object of its own): the spec's data, before the model runs."""
+        from batchtune.errors import FORM_HINT, BatchFormError
+
+        try:
+            return batch_size_of(batch)
+        except TypeError:
+            dataset, collate = self._source
+            where = collate or f"the default collate of {dataset}"
+            raise BatchFormError(f"the training batch is a {type(batch).__name__} ({where}), with no tensor of a batch "
+                                 f"dimension: {FORM_HINT}",
+                                 f"while loading a training batch ({where})",
+                                 "data.collate" if collate else "data.target") from None
 
     def release(self) -> None:
         """Let go of the last batch (before a validation, whose peak is its own batch's)."""
@@ -499,6 +538,8 @@ def load_next(stream: Iterator[Any], which: str, dataset: str, collate: str | No
         raise  # pinning it on the device: a result, like any out-of-memory
     except Exception as exc:
         index, batch = noted_sample(exc), noted_batch(exc)
+        if index is None and batch is None and _collating(exc):
+            raise _collate_error(exc, which, dataset, collate) from exc
         if index is not None:
             where = f"{dataset}, sample {index}"
         elif batch is not None:  # its __getitems__ raised, and no one sample's fetch alone did
@@ -507,6 +548,27 @@ def load_next(stream: Iterator[Any], which: str, dataset: str, collate: str | No
             where = ", or ".join(filter(None, (dataset, collate)))
         raise LoadError(f"loading a {which} batch raised {error_line(exc)} ({where}); BATCHTUNE_DEBUG=1 shows the "
                         "traceback", f"while loading a {which} batch ({where})") from exc
+
+
+def _collating(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised making a batch of fetched samples (:data:`~batchtune.errors.COLLATE_NOTE`)."""
+    from batchtune.errors import COLLATE_NOTE
+
+    lines = [*getattr(exc, "__notes__", ()), *str(exc).splitlines()]  # a worker's: in its text
+    return any(line.strip() == COLLATE_NOTE for line in lines)
+
+
+def _collate_error(exc: BaseException, which: str, dataset: str, collate: str | None) -> Exception:
+    """The spec's error for a collate that raised: ``data.collate``'s where the spec names one, else the data set's
+    (``data.target``), whose samples the default collate cannot make one batch of."""
+    from batchtune.errors import COLLATE_HINT, BatchFormError, error_line
+
+    if collate:
+        where, fix = collate, "fix the collate; BATCHTUNE_DEBUG=1 shows the traceback"
+    else:
+        where, fix = f"torch's default collate, on the samples of {dataset}", COLLATE_HINT
+    return BatchFormError(f"collating a {which} batch raised {error_line(exc)} ({where}); {fix}",
+                          f"while collating a {which} batch ({where})", "data.collate" if collate else "data.target")
 
 
 def sample_bytes(dataset: Dataset) -> int | None:

@@ -5,9 +5,10 @@ adaptive ones (Adam-like: a per-parameter second moment divides the step) by its
 root (RESEARCH.md). Neither a factory's name (``momentum_opt`` may build Adam) nor the
 names of the state an optimizer keeps (an outside LAMB keeps its second moment as ``v``) say
 anything reliable, so ``lr_scaling: auto`` watches what the optimizer does: it builds it on
-a small parameter, takes two steps with a chosen gradient, and looks for state that behaves
-like a second moment (non-negative, following grad² element by element); a second gradient
-of another pattern and size confirms it. State that follows the gradient itself is momentum,
+a small parameter (3×2 where a 1-D one is refused), takes two steps (up to ten, for state created
+late) with a chosen gradient, and looks for state, nested in lists and dicts too, that behaves like a
+second moment (non-negative, following grad² element by element); a second gradient of another
+pattern and size confirms it. State that follows the gradient itself is momentum,
 not a second moment.
 """
 
@@ -31,7 +32,11 @@ _ADAPTIVE_CLASSES = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Ad
 # a state ∝ grad has negative entries, one ∝ grad² has none.
 _GRADS = ((0.5, -1.0, 2.0, -0.25, 1.5, -3.0), (-2.0, 0.5, -5.0, 1.5, 7.0, -1.0))
 _TEST_STEPS = 2  # Adafactor's first step weighs the new grad² by 0: its variance shows from the second
-_OVER_STEPS = "over two test steps"
+_MAX_STEPS = 10  # where no second moment shows by then: an optimizer may create its state late (SGD for a warm-up)
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+# a 6-element vector first; a 3×2 matrix for an optimizer that refuses 1-D parameters (Muon-like)
+_SHAPES = ((len(_GRADS[0]),), (3, 2))
+_MAX_DEPTH = 4  # how deep state nested in lists, tuples and dicts is searched for tensors
 _TEST_LR = 1e-4  # small, so that weight decay (lr-sized weights × decay) barely moves the gradient the state sees
 _TOLERANCE = 1e-3  # of the state's largest value: float32 rounding, an eps, weight decay on lr-sized weights
 # what a state tensor was seen to follow, in words; the first three are a gradient scale (adaptive)
@@ -43,45 +48,78 @@ _SCALES = ("grad²", "|grad|", "‖grad‖²")
 def optimizer_family(build: Callable[[Any, float], torch.optim.Optimizer]) -> tuple[str, str]:
     """(``"sgd"`` or ``"adaptive"``, the evidence in words) for an optimizer factory.
 
-    Adaptive when some state the optimizer keeps follows grad² (or |grad|, or a tensor's ‖grad‖²) over two
-    test steps; SGD-like otherwise, unless the class is a known adaptive one. An optimizer whose test step
-    raises (a ``step(closure)`` that needs a closure) is judged by its class name, and the evidence says so.
+    Adaptive when some state the optimizer keeps (searched in nested lists, tuples and dicts too) follows grad²
+    (or |grad|, or a tensor's ‖grad‖²) over two test steps, or over up to :data:`_MAX_STEPS` for state created
+    late; SGD-like otherwise, unless the class is a known adaptive one. An optimizer that refuses a 1-D parameter
+    is tried on a 3×2 one. One whose test step still raises (a ``step(closure)`` that needs a closure) is judged
+    by its class name, and the evidence says so.
 
     Args:
         build: ``build(params, lr)``, as :meth:`Components.build_optimizer` is called.
     """
-    params = [torch.nn.Parameter(torch.zeros(len(grad))) for grad in _GRADS]
-    optimizers = [build([param], _TEST_LR) for param in params]
-    name = type(optimizers[0]).__name__
+    errors: list[Exception] = []
+    for shape in _SHAPES:
+        params = [torch.nn.Parameter(torch.zeros(shape)) for _ in _GRADS]
+        optimizers = [build([param], _TEST_LR) for param in params]
+        name = type(optimizers[0]).__name__
+        try:
+            steps, kinds = _observed(optimizers, params)
+        except Exception as exc:  # noqa: BLE001 - a custom optimizer may need a closure: judge by its class
+            errors.append(exc)
+            continue
+        over = f"over {_NUMBERS[steps]} test steps" + (
+            f" on a {shape[0]}×{shape[1]} parameter (a 1-D one raised {error_line(errors[0])})" if errors else "")
+        return _judged(name, kinds, over)
     known = name in _ADAPTIVE_CLASSES
-    try:
-        states = [_stepped(opt, param, grad) for opt, param, grad in zip(optimizers, params, _GRADS, strict=True)]
-    except Exception as exc:  # noqa: BLE001 - a custom optimizer may need a closure: judge by its class
-        return ("adaptive" if known else "sgd",
-                f"{name} could not take a test step ({error_line(exc)}), so its class name decides: "
-                + ("a known adaptive optimizer" if known else "not a known adaptive optimizer, SGD-like"))
-    kinds = {key: _kind([state[key] for state in states]) for key in states[0] if all(key in s for s in states)}
-    kinds = {key: kind for key, kind in kinds.items() if kind != "constant"}  # a step count, an lr: not the grad's
+    return ("adaptive" if known else "sgd",
+            f"{name} could not take a test step ({error_line(errors[0])}), so its class name decides: "
+            + ("a known adaptive optimizer" if known else "not a known adaptive optimizer, SGD-like"))
+
+
+def _judged(name: str, kinds: dict[str, str | None], over: str) -> tuple[str, str]:
+    """The family and its evidence from what each state tensor was seen to follow ``over`` the test steps."""
     scales = {key: kind for key, kind in kinds.items() if kind in _SCALES}
     if scales:
-        return "adaptive", f"{name} keeps {_listed(scales)} {_OVER_STEPS}"
-    kept = (f"keeps {_listed(kinds)}, nothing ∝ grad², {_OVER_STEPS}" if kinds
-            else f"keeps no state that follows the gradient {_OVER_STEPS}")
-    if known:
+        return "adaptive", f"{name} keeps {_listed(scales)} {over}"
+    kept = (f"keeps {_listed(kinds)}, nothing ∝ grad², {over}" if kinds
+            else f"keeps no state that follows the gradient {over}")
+    if name in _ADAPTIVE_CLASSES:
         return "adaptive", f"{name} {kept}; adaptive by its class name"
     return "sgd", f"{name} {kept}: no second moment, SGD-like"
 
 
-def _stepped(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter,
-             grad: tuple[float, ...]) -> dict[str, torch.Tensor]:
-    """The state ``optimizer`` keeps for ``param`` after :data:`_TEST_STEPS` steps on ``grad``: its tensors,
-    in float64."""
-    for _ in range(_TEST_STEPS):
-        param.grad = torch.tensor(grad)
-        optimizer.step()
-    state = optimizer.state.get(param, {})
-    return {str(key): value.detach().double().reshape(-1).clone() for key, value in state.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point()}
+def _observed(optimizers: list[torch.optim.Optimizer],
+              params: list[torch.nn.Parameter]) -> tuple[int, dict[str, str | None]]:
+    """(the steps taken, what each state tensor follows, a key of :data:`_KINDS` or None): read from
+    :data:`_TEST_STEPS` steps on, until some state follows a gradient scale or :data:`_MAX_STEPS` are taken.
+    Constant state (a step count, an lr) is left out: it is not the gradient's."""
+    for step in range(1, _MAX_STEPS + 1):
+        for optimizer, param, grad in zip(optimizers, params, _GRADS, strict=True):
+            param.grad = torch.tensor(grad).reshape(param.shape)
+            optimizer.step()
+        if step < _TEST_STEPS:
+            continue
+        states = [dict(_tensors(optimizer.state.get(param, {}), "", 0))
+                  for optimizer, param in zip(optimizers, params, strict=True)]
+        kinds = {key: _kind([state[key] for state in states]) for key in states[0] if all(key in s for s in states)}
+        kinds = {key: kind for key, kind in kinds.items() if kind != "constant"}
+        if step == _MAX_STEPS or any(kind in _SCALES for kind in kinds.values()):
+            return step, kinds
+    raise AssertionError("unreachable")
+
+
+def _tensors(value: Any, path: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(``"moments[0]"``, ``"hist.m[0]"``: where, the tensor flattened in float64) for each floating-point tensor
+    in ``value``, searched through lists, tuples and dicts down to :data:`_MAX_DEPTH`."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield path, value.detach().double().reshape(-1).clone()
+    elif depth < _MAX_DEPTH and isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{path}[{index}]", depth + 1)
 
 
 def _kind(values: list[torch.Tensor]) -> str | None:

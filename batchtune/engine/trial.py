@@ -28,13 +28,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from batchtune.config.components import ComponentError, Components, batch_size_of, to_device
 from batchtune.config.spec import SpecError
-from batchtune.engine.data import Feed, batches, data_source, load_next, noted, tensors
+from batchtune.engine.data import Feed, batches, data_source, load_next, noted, noted_collate, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
 from batchtune.engine.loss_scale import ScalerCarry
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.watchdog import TrialTimeout, deadline
 from batchtune.engine.workload import ForwardOnly, TrainStep, Workload, WorkloadFactory, autocast, data_parallel
-from batchtune.errors import TrainingError, error_line
+from batchtune.errors import BatchFormError, TrainingError, error_line
 from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.monitor import NoiseScaleMonitor
 
@@ -392,7 +392,7 @@ class Trainer:
         model.eval()
         total, count = 0.0, 0
         batches = iter(DataLoader(self._val_subset(eval_samples), batch_size=batch_size, shuffle=False,
-                                  collate_fn=self.components.collate_fn))
+                                  collate_fn=noted_collate(self.components.collate_fn)))
         source = data_source(self.components.spec)
         try:
             while True:
@@ -469,6 +469,8 @@ class Trainer:
             except TrialTimeout as exc:  # a result, like an OOM: the caller decides whether to go on
                 result.timed_out, result.error = True, str(exc)
                 log.warning("trial timed out: %s", exc)
+            except BatchFormError as exc:  # no batch could be made of the samples: the spec's data, before the model
+                raise ComponentError([self.components.spec.issue(exc.key, str(exc))]) from exc
             except (TrainingError, SpecError):  # SpecError: data the spec's loss cannot split
                 raise
             except Exception as exc:  # noqa: BLE001 - an OOM is a result; anything else is the user's code
