@@ -30,7 +30,7 @@ from rich.markup import escape
 
 from batchtune.errors import STOPPING, TrainingError, UsageError, error_line
 from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
-from batchtune.render.logs import setup_logging
+from batchtune.render.logs import env_rank0, setup_logging
 
 try:  # typer 0.2x carries its own click
     from typer._click.exceptions import UsageError as _ClickUsageError
@@ -156,6 +156,8 @@ def _describe(exc: BaseException) -> str:
         return f"[rank {_RANK}] {exc}" if os.environ.get("WORLD_SIZE", "1") != "1" else str(exc)
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
+    if getattr(exc, "batchtune_rank_local", False):  # this rank's alone: the others stopped on it and name it
+        return f"[rank {os.environ.get('RANK', '0')}] {exc}"
     return str(exc)
 
 
@@ -175,8 +177,9 @@ def _user_errors() -> Iterator[None]:
         if _debug():
             raise
         # A spec or option error is the same on every rank: rank 0 says it. What a rank's own step
-        # raised (TrainingError) may be its alone: each says what it saw.
-        if isinstance(exc, TrainingError) or _rank0():
+        # raised (TrainingError), or an error the ranks agreed only this one met (a factory that raised on
+        # rank 1 alone: ``batchtune_rank_local``), is its alone: each says what it saw.
+        if isinstance(exc, TrainingError) or _rank0() or getattr(exc, "batchtune_rank_local", False):
             _error(_describe(exc) + getattr(exc, "kept", ""))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -723,7 +726,7 @@ def _plan_words(command: str, verify: bool = True) -> list[str]:
 
 def _rank0() -> bool:
     """Whether this process is rank 0 under torchrun (or alone), known before any group is joined."""
-    return os.environ.get("RANK", "0") == "0"
+    return env_rank0()
 
 
 def _say(text: str) -> None:

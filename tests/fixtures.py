@@ -195,6 +195,15 @@ def broken_on_one_rank(rank: int = 1):
     return _FailsOn() if int(os.environ.get("RANK", "0")) == rank else tiny_mlp()
 
 
+def factory_fails_on_one_rank(rank: int = 1):
+    """A model factory that raises (no model at all) on one torchrun rank only."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == rank:
+        raise RuntimeError(f"model factory boom on rank {rank}")
+    return tiny_mlp()
+
+
 class _Hangs(nn.Module):
     def __init__(self, after: int, **kwargs) -> None:
         super().__init__()

@@ -211,3 +211,43 @@ def test_every_shipped_config_validates():
         result = runner.invoke(app, ["validate", str(path)])
         assert result.exit_code == 0, (path, result.output)
         assert f"{path}: ok" in result.stdout
+
+
+def test_a_stray_rank_in_one_process_speaks_as_rank_0(write_spec, monkeypatch):
+    """RANK=1 left in the environment, no WORLD_SIZE: one process, which says its errors (it said nothing)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = runner.invoke(app, ["validate", str(write_spec()), "optimizer.lr=-1"])
+    assert result.exit_code == 2
+    assert "optimizer.lr: Input should be greater than 0" in result.stderr
+
+
+def test_world_size_without_torchrun_s_address_is_one_line_exit_2(write_spec, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    result = runner.invoke(app, ["probe", str(write_spec()), "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: [rank 1] WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set: "
+                                    "launch the ranks with torchrun"), result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_error_only_this_rank_met_is_said_by_it_and_a_shared_one_by_rank_0(monkeypatch, capsys):
+    import pytest
+    import typer
+
+    from batchtune.cli import _user_errors
+    from batchtune.errors import UsageError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for local in (True, False):
+        exc = UsageError("the factory raised here")
+        if local:
+            exc.batchtune_rank_local = True  # what Trainer._agreed marks on the rank that alone failed
+        with pytest.raises(typer.Exit) as stopped, _user_errors():
+            raise exc
+        assert stopped.value.exit_code == 2
+        assert capsys.readouterr().err == ("error: [rank 1] the factory raised here\n" if local else "")

@@ -55,6 +55,12 @@ def ranks(tmp_path_factory) -> dict:
         # after an agreed user error the group still works: one more command runs to the end
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
         "overlap": ["overlap-equivalence", str(folder / "check.yaml")],
+        # a factory that raises on rank 1 alone: rank 1 says its error (rank 0 never saw it), both exit 2
+        "factory_one_rank": ["probe", _spec(folder, "factory", "[1MiB, 1MiB]",
+                                            model="tests.fixtures:factory_fails_on_one_rank"), "-q"],
+        "factory_one_rank_check": ["check", str(folder / "factory.yaml"), "--batch-size", "32", "-q"],
+        # rank 1's memory cannot hold the weights (DDP's first allocation ran out before its collective: a hang)
+        "weights_one_rank": ["probe", _spec(folder, "weights", "[1MiB, 1KiB]"), "--format", "json", "-q"],
         # rank 0 cannot write the trials (a folder stands where trials.csv goes)
         "write_fails": ["sweep", str(folder / "sweep.yaml"), "--out", str(folder / "blocked"), "--force", "-q"],
         "after_write": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
@@ -123,6 +129,25 @@ def test_a_check_whose_model_fails_on_one_rank_says_that_ranks_error(ranks):
             in rank0["stdout"])
     assert ("error: [rank 1] fits: ValueError: user code bug: this rank's model cannot handle its input"
             in rank1["stderr"]), rank1
+
+
+def test_a_factory_failing_on_one_rank_is_said_by_that_rank(ranks):
+    rank0, rank1 = ranks["factory_one_rank"]
+    assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
+    assert "error: [rank 1] " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
+    assert "[rank 0] building the model failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
+    rank0, rank1 = ranks["factory_one_rank_check"]  # check: a failed fit on both ranks, rank 1 says why
+    assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
+    assert "error: [rank 1] fits: " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
+
+
+def test_weights_that_fill_one_rank_s_memory_are_an_agreed_ceiling_none(ranks):
+    rank0, rank1 = ranks["weights_one_rank"]
+    assert rank0["code"] == rank1["code"] == 1, (rank0["stderr"][-2000:], rank1["stderr"][-2000:])
+    result = json.loads(rank0["stdout"])
+    assert result["ceiling"] is None and result["capacity_bytes"] == 1024
+    assert [t["fits"] for t in result["trials"]] == [False]
 
 
 def test_a_write_failing_on_rank_0_stops_both_ranks_at_once(ranks):

@@ -370,6 +370,7 @@ def _skip(name: str, code: str, **figures: Any) -> CheckResult:
 
 def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     """A failed check for user code that raised: the user's own exception, not the trainer's wrapper."""
+    from batchtune.config.spec import SpecError
     from batchtune.errors import STOPPING, LoadError, TrainingError, error_line
 
     if STOPPING:  # the process is being stopped: the crash is the stop's (a killed loader worker), no verdict
@@ -381,7 +382,9 @@ def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
         else error_line(cause)
     if isinstance(exc, LoadError) and exc.context:  # the data's failure, not the step's: say where
         error = f"{error} {exc.context}"
-    said = isinstance(cause, TrainingError)  # batchtune's own sentence: 'failed: ...', not 'raised ...'
+    if isinstance(cause, SpecError):  # a factory that raised on this rank alone: its key and message, one line
+        error = (str(cause).strip().splitlines() or [""])[0][:300]
+    said = isinstance(cause, (TrainingError, SpecError))  # batchtune's own sentence: 'failed: ...', not 'raised ...'
     return CheckResult(name, "fail", code, {"error": error, "traceback": traceback.format_exc(), "said": said})
 
 
@@ -480,8 +483,10 @@ def _fits(state: _CheckRun) -> CheckResult:
     config = trial_config(spec, shape, lr=state.lr, steps=steps, validate=True, eval_samples=shape.micro_batch_size)
     try:
         fit = _worst_case_trainer(state).run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    except SpecError:
-        raise
+    except SpecError as exc:
+        if not getattr(exc, "batchtune_rank_local", False):  # the same on every rank: exit 2, said by rank 0
+            raise
+        return _crash("fits", "fits.crashed", exc)  # this rank's alone: a crash, as the other ranks record it
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return _crash("fits", "fits.crashed", exc)
     _stop_if_timed_out(state, fit)
@@ -606,8 +611,10 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
     stamps: list[float] = []
     try:
         run = state.trainer.run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    except SpecError:
-        raise
+    except SpecError as exc:
+        if not getattr(exc, "batchtune_rank_local", False):  # as in _fits: this rank's alone is a crash
+            raise
+        return {"trains": _crash("trains", "trains.crashed", exc), "data": _skip("data", "skip.train_crashed")}
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return {"trains": _crash("trains", "trains.crashed", exc), "data": _skip("data", "skip.train_crashed")}
     _stop_if_timed_out(state, run)

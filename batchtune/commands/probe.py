@@ -519,8 +519,8 @@ def _device_source(spec: Any, components: Any, backend: Any, dist: Any) -> Devic
     from batchtune.engine.shape import BatchShape
     from batchtune.engine.trial import Trainer, trial_config
 
-    model = components.build_model(spec.seed).to(backend.device)
     trainer = Trainer(components, backend, spec.precision, dist)
+    model = trainer.build_model(spec.seed)  # agreed: a factory that raised on one rank alone stops every rank
     if trainer.strategy == "fsdp":  # sharded before the baseline: each rank keeps its shards
         trainer.data_parallel(model)
     backend.track(list(model.parameters()) + list(model.buffers()))

@@ -196,6 +196,15 @@ def init_from_env(device_type: str = "auto") -> DistContext:
         _CONTEXT = DistContext()
         return _CONTEXT
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing and not dist.is_initialized():  # torch's own: a traceback, 'environment variable ... expected'
+        from batchtune.errors import UsageError
+
+        error = UsageError(f"WORLD_SIZE is {world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"not set: launch the ranks with torchrun (torchrun --nproc-per-node {world} -m batchtune "
+                           "...), or unset WORLD_SIZE to run one process")
+        error.batchtune_rank_local = True  # no group to agree in: every rank says it
+        raise error
     use_cuda = torch.cuda.is_available() and (device_type == "auto" or device_type.startswith("cuda"))
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():

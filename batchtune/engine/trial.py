@@ -358,8 +358,25 @@ class Trainer:
         """
         if self._wrapped is None or self._wrapped[0] is not model:
             self._wrapped = None  # the old model and its buckets go before the new ones are built
+            # DDP's constructor allocates before its first collective: a rank whose weights alone fill its memory
+            # ran out there, alone, and the others waited in that collective for ever (the probe's model, built
+            # once and counted without a limit). Such a rank's OOM is agreed first, before any collective.
+            self._agreed(self._weights_fit)
             self._wrapped = (model, self._agreed(lambda: self._wrap(model)))
         return self._wrapped[1]
+
+    def _weights_fit(self) -> None:
+        """Raise an OOM where what this rank holds (the model's weights) already fills its known capacity."""
+        capacity, held = self.backend.capacity_bytes(), self.backend.current_bytes()
+        if capacity is not None and held >= capacity:
+            raise torch.OutOfMemoryError(f"{self.backend.device.type.upper()} out of memory: the model's weights "
+                                         f"alone hold {held} bytes of this rank's {capacity}")
+
+    def build_model(self, seed: int | None) -> nn.Module:
+        """The spec's model built and moved to the device, agreed across ranks: a factory that raised, or memory
+        that ran out, on one rank alone raises on every rank (a factory's error on rank 1 alone left rank 0 waiting
+        in its next collective, and rank 1 exited without a word)."""
+        return self._agreed(lambda: self.components.build_model(seed).to(self.backend.device), "building the model")
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DDP around ``model``, or (fsdp) ``model`` itself sharded in place."""
@@ -506,7 +523,7 @@ class Trainer:
         if model is None:
             self._wrapped = None  # a fresh model: release the last one's wrapper first
             try:
-                model = self._agreed(lambda: comps.build_model(config.seed).to(backend.device))
+                model = self.build_model(config.seed)
             except Exception as exc:
                 # The device ran out holding the weights alone: no batch size fits, an OOM like any other (a GPU
                 # meets it in .to(); the simulated device counts it inside the factory, which check had called
@@ -544,7 +561,7 @@ class Trainer:
         return NoiseScaleMonitor(model.parameters(), micro_batch_size=shape.micro_batch_size,
                                  accum_steps=shape.accum_steps, every=config.noise_every, ranks=self.dist)
 
-    def _agreed(self, phase: Callable[[], Any]) -> Any:
+    def _agreed(self, phase: Callable[[], Any], what: str = "a training step") -> Any:
         """Run one phase of a step; under several ranks, succeed or fail together.
 
         A local OOM is caught here, its frames (and activations) released, and reported to
@@ -563,15 +580,21 @@ class Trainer:
             oom = is_oom(exc, self.backend)
             failure = error_line(exc) if oom else exc
             state = _OOM if oom else _ERROR
-        if agreed is None:
-            (agreed,) = self.dist.min(state)
+        # The agreement's own bytes are not the phase's: uncounted, so that a rank whose memory is full still
+        # agrees (its 8-byte tensor ran out on the simulated device, and the rank left the others waiting).
+        with self.backend.paused():
+            if agreed is None:
+                (agreed,) = self.dist.min(state)
+            # every rank is here: it failed, or met a failure
+            failed = self.dist.ranks_where(state == agreed) if agreed != _OK else []
         if agreed == _OK:
             return out
-        failed = self.dist.ranks_where(state == agreed)  # every rank is here: it failed, or met a failure
         if agreed == _ERROR:
             if isinstance(failure, BaseException):
+                # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
+                failure.batchtune_rank_local = len(failed) < self.dist.world_size
                 raise failure
-            raise TrainingError(f"a training step failed on another rank ({_ranks_text(failed)}; see its output)")
+            raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
         raise _agreed_oom(failure, failed, self.backend.device.type)
 
     # ------------------------------------------------------------------ the steps

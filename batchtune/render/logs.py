@@ -16,11 +16,17 @@ __all__ = ["RankZeroFilter", "setup_logging"]
 LOGGER = "batchtune"
 
 
+def env_rank0() -> bool:
+    """Whether this process speaks for the job, known before any group is joined: rank 0 under torchrun, or a
+    single process (WORLD_SIZE unset or 1) whatever a stray RANK says (RANK=1 alone printed nothing at all)."""
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") in ("", "1")
+
+
 class RankZeroFilter(logging.Filter):
     """Passes rank 0's records, and errors from every rank."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return os.environ.get("RANK", "0") == "0" or record.levelno >= logging.ERROR
+        return env_rank0() or record.levelno >= logging.ERROR
 
 
 def setup_logging(quiet: bool = False, stream=None) -> logging.Logger:  # noqa: ANN001 - a text stream
