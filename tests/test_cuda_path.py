@@ -311,6 +311,8 @@ def test_init_from_env_uses_nccl_for_every_cuda_type(cuda, monkeypatch, kind, ba
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as torchrun sets them (without, a one-line usage error)
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(joined))
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: joined.update(b=backend))
     monkeypatch.setattr(distributed.dist, "get_backend", lambda: joined["b"])
