@@ -440,7 +440,7 @@ CHECK_FLAGS = [*PROBE_FLAGS, *[[]] * 6, ["-b", "8"], ["-b", "0"], ["-b", "-3"], 
                ["--baseline", str(SPECS_DIR / "no-run")]]
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=30)  # a probe per example: ~0.35 s each, the suite's budget is CI's 10 minutes
 @given(st.data())
 def test_probe_mutated_specs_and_overrides(data):
     base = data.draw(st.sampled_from(sorted(BASES)), label="base")
@@ -456,7 +456,7 @@ def test_probe_mutated_specs_and_overrides(data):
     _judge(_invoke("probe", *args, "-q", "--trial-timeout", "5", *flags), "probe")
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=40)
 @given(st.data())
 def test_check_mutated_specs_and_overrides(data):
     base = data.draw(st.sampled_from(sorted(BASES)), label="base")
