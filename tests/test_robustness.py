@@ -518,16 +518,22 @@ def test_a_full_disk_mid_sweep_keeps_the_trials_and_resumes(write_spec, tmp_path
     assert line
 
 
-def test_a_full_disk_at_the_result_still_shows_the_result(write_spec, tmp_path, monkeypatch):
-    """Every trial of an outside sweep ran, then result.json met a full disk: exit 2, and stdout was empty."""
+def _disk_full_at(name: str, monkeypatch):
+    """The run folder's writer fails with ENOSPC at the file ``name``; returns the real writer."""
     real = run_folder_module.atomic_write
 
     def full(path, data):
-        if Path(path).name == "result.json":
+        if Path(path).name == name:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
     monkeypatch.setattr(run_folder_module, "atomic_write", full)
+    return real
+
+
+def test_a_full_disk_at_the_result_still_shows_the_result(write_spec, tmp_path, monkeypatch):
+    """Every trial of an outside sweep ran, then result.json met a full disk: exit 2, and stdout was empty."""
+    _disk_full_at("result.json", monkeypatch)
     spec, out = write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), tmp_path / "run"
     result = _cli("sweep", spec, "--out", out, "-q")
     _one_line_error(result, "result.json: No space left on device; the result is shown above, and finished trials are "
@@ -539,14 +545,7 @@ def test_a_full_disk_before_the_plan_is_written_says_nothing_was_kept_and_the_sa
         write_spec, tmp_path, monkeypatch):
     """An outside sweep's disk was full at environment.json: it said 'finished trials are kept; continue with
     --resume', which answered 'not a sweep run folder (no meta.json)', and --out refused its own lone spec.yaml."""
-    real = run_folder_module.atomic_write
-
-    def full(path, data):
-        if Path(path).name == "environment.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(path, data)
-
-    monkeypatch.setattr(run_folder_module, "atomic_write", full)
+    real = _disk_full_at("environment.json", monkeypatch)
     spec, out = write_spec(SLOW_SWEEP.replace("seeds: 2", "seeds: 1")), tmp_path / "run"
     _one_line_error(_cli("sweep", spec, "--out", out, "-q"), f"{out / 'environment.json'}: No space left on device; "
                     "nothing was kept (no trial had run); once that is fixed, run the same command again")
