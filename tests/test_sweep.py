@@ -305,7 +305,7 @@ def test_the_accumulating_micro_batch_leaves_room_for_the_held_gradients():
     from batchtune.memory.model import MemoryModel
 
     model = torch.nn.Linear(100, 10)  # 1,010 parameters: 4,040 bytes of gradients
-    probe = SimpleNamespace(safe_batch_size=181, memory_model=MemoryModel(2e6, 100.0, 1.0, 0.0, 5))
+    probe = SimpleNamespace(safe_batch_size=181, memory_model=MemoryModel(2e6, 100.0, 1.0, 0.0, 5), capped=False)
     assert accumulating_micro(probe, lambda: model, 1, sharded=False) == 181 - 41
     assert accumulating_micro(probe, lambda: model, 2, sharded=True) == 181 - 21  # FSDP: each rank holds its shard
     assert accumulating_micro(SimpleNamespace(safe_batch_size=181, memory_model=None), None, 1, False) is None
@@ -1017,7 +1017,7 @@ def test_the_sweep_names_the_rank_that_bounds_a_mixed_fleets_ceiling(monkeypatch
 
     from batchtune.commands import sweep as sweep_module
 
-    probed = SimpleNamespace(ceiling=425, safe_batch_size=382, search_trials=7,
+    probed = SimpleNamespace(ceiling=425, safe_batch_size=382, search_trials=7, capped=False,
                              bounding_rank={"rank": 1, "failed_themselves": [1]})
     monkeypatch.setattr(sweep_module, "run_probe", lambda *a, **k: probed)
     spec = load_spec("configs/quickstart.yaml")

@@ -653,7 +653,7 @@ def accumulating_micro(probe: Any, build_model: Any, world_size: int, sharded: b
         return None
     grads = sum(p.numel() * p.element_size() for p in build_model().parameters() if p.requires_grad)
     grads /= world_size if sharded else 1
-    if getattr(probe, "capped", False) and getattr(probe, "capacity_bytes", None):
+    if probe.capped and probe.capacity_bytes:
         # the safe size is the search's cap, not memory's edge: the memory model says what fits beside the
         # gradients (an outside sweep ran 32×4 at 5 MiB of 64, and refused every size at 2 KiB of 2 MiB, below a
         # cap of 4)
@@ -681,7 +681,7 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
              else "")
     capped = ""
-    if getattr(probe, "capped", False):  # the search's upper end fits: the spec's cap, or the data's (an outside
+    if probe.capped:  # the search's upper end fits: the spec's cap, or the data's (an outside
         # sweep on 8,192 samples was said to be capped by a probe.max_batch_size it never set)
         by = ("probe.max_batch_size" if probe.ceiling >= spec.probe.max_batch_size else
               "the largest batch the data allows (the training set's size, or what host memory can collate)")
