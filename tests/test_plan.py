@@ -809,10 +809,18 @@ def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(
     assert f"{run} is a batchtune plan's calibration: continue it with {command}" in sweep.stderr
     other = runner.invoke(app, [*args[:5], "70000", *args[6:]])  # another run length: another calibration
     assert other.exit_code == 2 and f"--out {run} holds the calibration of another plan, which is kept" in other.stderr
+    probed = json.loads((run / "meta.json").read_text())["origin"]["probed"]
+
+    def probe_again(*args, **kwargs):  # seconds spent, and a GPU's ceiling may move: "another plan's calibration"
+        raise AssertionError("the ceiling was probed again")
+
+    monkeypatch.setattr("batchtune.commands.sweep.run_probe", probe_again)
     continued = runner.invoke(app, args)
     assert continued.exit_code in (0, 1), continued.output
     notes = json.loads(continued.stdout)["notes"]
     assert f"calibration continued in {run}: the trials finished there before were kept" in notes
+    assert f"ceiling {probed['ceiling']}, safe micro-batch {probed['safe']}: as probed when this calibration " \
+           "began" in notes and probed["ceiling"] > probed["safe"] > 64
     rows = RunFolder(run).read_trials()
     assert rows[:2] == kept and len(rows) == 2 * 2  # two sizes, two seeds: the two finished ones kept, not rerun
 
@@ -1178,7 +1186,8 @@ def test_the_shortest_run_a_too_short_plan_names_is_one_that_plans():
     calibration, per_trial, notes, left_out = _calibration_spec(spec, components, backend, shortest, 0.1)
     assert calibration.sweep.batch_sizes == [32, 64] and per_trial >= 16 * 64
     every = re.search(r"a run of at least ([\d,]+) samples calibrates every size", " ".join(notes))
-    assert left_out == {"sizes": [128], "samples": int(every[1].replace(",", ""))}
+    assert left_out == {"sizes": [128], "samples": int(every[1].replace(",", "")),
+                        "probed": {"ceiling": 3744, "safe": 3347, "accum": 3273}}
     # an outside plan calibrated 16 and 32 while the job meant to run 128, and did not say so
     assert spec.train.batch_size == 256 and any(
         n.startswith("the job's train.batch_size, 256, is above the largest size calibrated (64): this plan neither "

@@ -23,6 +23,7 @@ rank 0 writes the run folder and the schedule; every rank projects and exits ali
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -273,13 +274,15 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     scale = gpus // dist.world_size  # --gpus G in one process: each calibrated size is G× as large a global batch
     with _in_tokens(tokens, n, components):
         calibration_spec, per_trial, notes, left_out = _calibration_spec(
-            spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale)
+            spec, components, backend, n, calibration_share * SWEEP_SHARE, dist.world_size, scale,
+            _probed_before(out, dist))
     smallest = min(calibration_spec.sweep.batch_sizes)
     if smallest * scale > n:  # an outside --gpus 100000 projected '0 steps to target' (1e23: ZeroDivisionError)
         raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
                          f"{smallest * scale:,}, more than the run's {count_of(n, 'sample')} (not one step): plan "
                          "fewer devices or a longer run")
-    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command)
+    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command,
+                     left_out["probed"])
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
                       deadline=deadline)
@@ -295,6 +298,22 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
         result.notes.append(f"the calibration trained {trained / n:.0%} of the run, more than the "
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
     return dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
+
+
+def _probed_before(out: Path | str | None, dist: Any) -> dict[str, Any] | None:
+    """What the calibration in ``out`` was planned from (:func:`_calibration_spec`'s ``probed``), where ``out``
+    holds one begun by this version; None otherwise."""
+    def read() -> dict[str, Any] | None:
+        meta = Path(out) / "meta.json"
+        if not meta.exists():
+            return None
+        try:
+            probed = json.loads(meta.read_text()).get("origin", {}).get("probed")
+        except (OSError, ValueError, AttributeError):
+            return None  # the sweep's own read of the folder says what is wrong with it
+        return probed if isinstance(probed, dict) and {"ceiling", "safe", "accum"} <= probed.keys() else None
+
+    return None if out is None else dist.broadcast(dist.on_main(read))
 
 
 def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResult, dict[str, list]] | None:
@@ -566,17 +585,24 @@ def parse_deadline(text: str) -> float:
 
 
 def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: float, world_size: int = 1,
-                      scale: int = 1) -> tuple[Any, int, list[str], dict[str, Any]]:
+                      scale: int = 1, probed: dict[str, Any] | None = None
+                      ) -> tuple[Any, int, list[str], dict[str, Any]]:
     """The sweep spec that calibrates: its global sizes (shaped for ``world_size`` ranks, as the
     sweep shapes them), two seeds, and a per-trial budget that keeps the whole calibration within
     ``share`` of the run; with it the per-trial samples, the notes (sizes as :func:`sizes_text` gives
     them for ``scale``), and the sizes it leaves out (``sizes``, empty when none, and ``samples``: the
-    run length that calibrates every size)."""
+    run length that calibrates every size) with ``probed``: the ceiling, safe micro-batch and accumulating
+    micro-batch it was planned from. A ``probed`` given (a continued calibration's) is used, not probed again."""
     from batchtune.commands.sweep import _ceiling, _sizes, plan_candidates
 
     notes: list[str] = []
     sw = spec.sweep
-    ceiling, safe, accum = _ceiling(spec, components, backend, notes)
+    if probed is None:
+        ceiling, safe, accum = _ceiling(spec, components, backend, notes)
+    else:  # probing again took seconds, and a ceiling that moved (a GPU's allocator) refused the calibration as
+        # another plan's: its spec holds the ceiling
+        ceiling, safe, accum = probed["ceiling"], probed["safe"], probed["accum"]
+        notes.append(f"ceiling {ceiling}, safe micro-batch {safe}: as probed when this calibration began")
     sizes = [c.batch_size for c in plan_candidates(_sizes(spec, safe), safe, sw.accumulation,
                                                    sw.max_accum_steps, world_size, accum)[0]]
     if not sizes:
@@ -590,7 +616,8 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
 
     candidates = sizes
     sizes, left_out = _affordable(sizes, trials_per_size, share * n)
-    dropped = {"sizes": left_out, "samples": _samples_for(candidates, trials_per_size, share)}
+    dropped = {"sizes": left_out, "samples": _samples_for(candidates, trials_per_size, share),
+               "probed": {"ceiling": ceiling, "safe": safe, "accum": accum}}
     if left_out:
         with_next = int(share * n / (trials_per_size * (len(sizes) + 1)))
         notes.append(f"calibration leaves out {sizes_text(left_out, scale)}: with {left_out[0]} too, every size's "
@@ -690,14 +717,15 @@ class _Calibration:
 
 
 def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, out: Path | str | None,
-               notes: list[str], scale: int = 1, resume_command: str | None = None) -> _Calibration:
+               notes: list[str], scale: int = 1, resume_command: str | None = None,
+               probed: dict[str, Any] | None = None) -> _Calibration:
     """The sweep, the lead run and the timing, on every rank. Rank 0 wrote the sweep's trials and
     tells the others (on several nodes only it may see the folder); its lead run is the one read
     (its size in the notes as :func:`sizes_text` gives it for ``scale``). An ``out`` holding this
     plan's unfinished calibration (the same spec, run length and share) is continued: its finished
     trials, and its lead run where that finished, are kept (:func:`_continued`); an interrupted plan
     said only "interrupted". ``resume_command``, the command line that continues it, is kept in its
-    meta.json for ``batchtune report`` to give."""
+    meta.json for ``batchtune report`` to give, with ``probed`` (:func:`_probed_before` reads it)."""
     from batchtune.commands.sweep import run_sweep
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
@@ -705,7 +733,8 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     dist = current()
     resume = out is not None and dist.broadcast(dist.on_main(lambda: (Path(out) / "meta.json").exists()))
     origin = {"command": "batchtune plan", "resume": resume_command,
-              "ceiling": "probed by batchtune plan before this calibration (set as its sweep.ceiling)"}
+              "ceiling": "probed by batchtune plan before this calibration (set as its sweep.ceiling)",
+              "probed": probed}
     try:
         sweep = run_sweep(spec, out=None if resume else out, resume=out if resume else None, backend=backend,
                           origin=origin)
