@@ -149,7 +149,13 @@ def test_a_nan_validation_loss_is_not_called_validated_by_fits(write_spec):
     """The fits run's validation pass gave a NaN loss, and fits passed, its figures saying 'validated': the memory
     fits, the validation does not check out."""
     spec = _spec(write_spec, CHECK_SPEC, "model.target=tests.fixtures:nan_in_eval_mlp", "model.kwargs={}")
-    fits = run_check(spec, batch_size=32, max_seconds=0.5).check("fits")  # the fits run alone: trains is skipped
+    from batchtune.commands.check import CheckInputError
+
+    try:
+        report = run_check(spec, batch_size=32, max_seconds=0.5)  # the fits run alone: trains is skipped
+    except CheckInputError:  # the test run alone: its first check's cold imports can take the 0.5 s
+        report = run_check(spec, batch_size=32, max_seconds=0.5)
+    fits = report.check("fits")
     assert (fits.status, fits.code, fits.figures["memory_code"]) == ("warn", "fits.val_nonfinite", "fits.ok")
     assert math.isnan(fits.figures["val_loss"]) and fits.figures["validated"] is False
     assert check_reason(fits) == (
