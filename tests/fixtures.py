@@ -619,3 +619,16 @@ class _Streamed(torch.utils.data.IterableDataset):
 def streamed_data(n_train: int = 64, n_val: int = 16):
     """IterableDatasets that define __len__: iterated, not indexed."""
     return _Streamed(n_train), _Streamed(n_val)
+
+
+def wide_labels(extra: int = 256, **kwargs):
+    """tiny_data whose targets carry ``extra`` float columns after the class label (column 0): large targets
+    that an inference batch, having none, must not count."""
+    train, val = tiny_data(**kwargs)
+    return tuple(torch.utils.data.TensorDataset(d.tensors[0], torch.cat(
+        [d.tensors[1][:, None].float(), torch.zeros(len(d), extra)], 1)) for d in (train, val))
+
+
+def first_column_loss():
+    """Cross-entropy against the class label in the targets' column 0 (see wide_labels)."""
+    return lambda output, targets: nn.functional.cross_entropy(output, targets[:, 0].long())

@@ -189,21 +189,40 @@ def test_found_size_and_dynamic_latency_on_a_known_service_time(write_spec):
 
 def test_inference_ceiling_is_exact_and_far_above_training(write_spec):
     from batchtune.commands.probe import run_probe
-    from batchtune.commands.serve import _setup, inference_ceiling, serve_forward
+    from batchtune.commands.serve import _setup, inference_ceiling, serve_workload
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig
+    from batchtune.engine.trial import Trainer, TrialConfig
 
     path = write_spec(DEEP_SPEC)
     spec, components, backend, model = _setup(str(path), None)
     outcome, trials = inference_ceiling(spec, components, backend, model)
     c = outcome.ceiling
     assert c is not None and not outcome.capped
-    trainer = Trainer(components, backend, workload=lambda tr, m, cfg: ForwardOnly(tr, m, cfg,
-                                                                                     forward=serve_forward(spec.loss)))
+    trainer = Trainer(components, backend, workload=serve_workload(spec.loss))
     assert trainer.run(TrialConfig(BatchShape(c, 1, 1), lr=0.0, steps=1), model=model).fits
     assert not trainer.run(TrialConfig(BatchShape(c + 1, 1, 1), lr=0.0, steps=1), model=model).fits
     training = run_probe(str(path)).ceiling
     assert c > 4 * training, (c, training)  # 8 layers' saved activations, gradients and AdamW state
+
+
+def test_inference_ceiling_counts_no_labels(write_spec):
+    """Inference has no labels: 1 KiB of targets a sample leaves the ceiling where tiny_data's 8 B labels put it."""
+    from batchtune.commands.serve import _setup, inference_ceiling
+
+    ceilings = []
+    for data, loss in [("tiny_data", "cross_entropy"), ("wide_labels", '{target: "tests.fixtures:first_column_loss"}')]:
+        spec = f"""\
+name: labels
+model: {{target: "tests.fixtures:tiny_mlp"}}
+data: {{target: "tests.fixtures:{data}"}}
+loss: {loss}
+device: {{type: cpu, memory_limit: 64KiB}}
+"""
+        spec, components, backend, model = _setup(str(write_spec(spec)), None)
+        outcome, _ = inference_ceiling(spec, components, backend, model)
+        assert not outcome.capped
+        ceilings.append(outcome.ceiling)
+    assert ceilings[0] == ceilings[1] and 100 < ceilings[0] < 512, ceilings
 
 
 def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
@@ -292,11 +311,11 @@ device: {type: cpu}
 
 def test_length_buckets_on_variable_length_requests(write_spec):
     """Quartile buckets cover every request once; padding, worst case and gain come from the same batches."""
-    from batchtune.commands.serve import _Curve, _setup, _Timer, length_buckets, serve_forward
+    from batchtune.commands.serve import _Curve, _setup, _Timer, length_buckets, serve_forward, serve_inputs
 
     spec, components, backend, model = _setup(str(write_spec(VARLEN_SPEC)), None)
     model.eval()
-    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0, serve_inputs(spec.loss))
     curve = _Curve(timer, components.train_set, 0, 0.5, 50.0, components.collate_fn)
     assert len(curve.batches(8)) == 8  # variable length: eight random batches, each padded to its own longest
     out = length_buckets(curve, components, 8)
@@ -314,7 +333,8 @@ def test_length_buckets_on_variable_length_requests(write_spec):
 def test_check_serve_times_the_longest_requests_too(write_spec):
     """Random batches decide ``latency``; the batch of the longest requests warns when over budget
     (fails with --strict)."""
-    from batchtune.commands.serve import ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward
+    from batchtune.commands.serve import (ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward,
+                                          serve_inputs)
 
     spec = write_spec(VARLEN_SPEC)
     out = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "10s", "-b", "8", "-q",
@@ -324,8 +344,8 @@ def test_check_serve_times_the_longest_requests_too(write_spec):
     assert worst["status"] == "pass" and "the 8 longest requests" in worst["reason"]
     spec, components, backend, model = _setup(str(spec), None)
     model.eval()
-    curve = _Curve(_Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0), components.train_set,
-                   0, 1e-6, 99.0, components.collate_fn)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0, serve_inputs(spec.loss))
+    curve = _Curve(timer, components.train_set, 0, 1e-6, 99.0, components.collate_fn)
     check = _worst_case_check(curve, components, 8, "p99")
     assert check["status"] == "warn" and "bucket requests by length" in check["reason"]
     report = ServeCheck("x", 8, 1e-3, 99.0, [check], {}, "fp32", None, 0.0)

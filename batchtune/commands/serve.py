@@ -6,8 +6,9 @@
    forward-only workload (:class:`~batchtune.engine.workload.ForwardOnly`: ``eval()``,
    ``torch.inference_mode()``, the spec's precision). No gradients, no optimizer state and
    no saved activations, so it lies far above the training ceiling.
+   Only the batch's inputs go to the device (:func:`serve_inputs`): a server's requests have no labels.
 2. **Latency per batch size** up to that ceiling: each size's batch, as the data set gives
-   it, is copied to the device and run forward ``repeats`` times after warm-up, the
+   it, its inputs copied to the device and run forward ``repeats`` times after warm-up, the
    device synchronised around each pass (a pass the OS switched out for another process
    timed again, up to 4× ``repeats`` within the size's time cap; past that a size keeps its clean
    passes, or, short of 20, keeps switched-out ones, counted and said); p50/p90/p99 and throughput. Powers of two first,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dynamic_batching", "inference_ceiling",
            "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve", "run_serve_check",
-           "serve_forward"]
+           "serve_forward", "serve_inputs", "serve_workload"]
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
@@ -124,29 +125,49 @@ class ServeResult:
         return out
 
 
-def serve_forward(loss: Any) -> Any:
-    """``forward(model, batch)``: the model on the batch's inputs, as a server calls it.
+def serve_inputs(loss: Any) -> Any:
+    """``inputs(batch)``: what of a host batch a server has, and so all that goes to the device: the model's inputs.
 
-    With ``loss: model_output`` the batch goes in whole (``model(**batch)``, Hugging Face
-    style); otherwise the targets are split off first (a ``(inputs, targets)`` pair, or a dict
-    without its ``labels``); a bare tensor, or a dict without targets, goes in as it is.
+    With ``loss: model_output`` the batch is the model's arguments whole (Hugging Face style); otherwise the
+    targets are split off (a ``(inputs, targets)`` pair, or a dict without its ``labels``): inference has no
+    labels, and counting them put 8 B a sample of int64 class labels into the inference ceiling. A one-item
+    batch is its item; a bare tensor, or a dict without targets, is the inputs as it is.
     """
-    from batchtune.config.components import _call, _split
+    from batchtune.config.components import _split
 
-    def forward(model: Any, batch: Any) -> Any:
+    def inputs(batch: Any) -> Any:
         if loss == "model_output":
-            return model(**batch) if isinstance(batch, dict) else model(*batch)
+            return batch
         if isinstance(batch, (list, tuple)) and len(batch) == 1:
-            return model(batch[0])
+            return batch[0]
         if isinstance(batch, (list, tuple, dict)):
             try:
-                inputs, _ = _split(batch)
+                return _split(batch)[0]
             except (TypeError, ValueError):
-                inputs = batch
-            return _call(model, inputs)
-        return model(batch)
+                return batch
+        return batch
+
+    return inputs
+
+
+def serve_forward(loss: Any) -> Any:
+    """``forward(model, inputs)``: the model on a batch's inputs (as :func:`serve_inputs` gives them), as a server
+    calls it: a dict as keyword arguments, a tuple as positional ones (``model_output``: a list too)."""
+    from batchtune.config.components import _call
+
+    def forward(model: Any, inputs: Any) -> Any:
+        if loss == "model_output":
+            return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        return _call(model, inputs)
 
     return forward
+
+
+def serve_workload(loss: Any) -> Any:
+    """The forward-only workload a server runs: the inputs alone moved to the device, the model on them."""
+    from batchtune.engine.trial import ForwardOnly
+
+    return functools.partial(ForwardOnly, forward=serve_forward(loss), inputs=serve_inputs(loss))
 
 
 # ---------------------------------------------------------------------------- the ceiling
@@ -162,13 +183,12 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
     from batchtune.commands.probe import _largest, _Stopping
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.engine.trial import Trainer, trial_config
     from batchtune.memory.search import SearchSpace, search_ceiling
     from batchtune.memory.source import DeviceMemorySource
 
     p, dist = spec.probe, current()
-    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
-    trainer = Trainer(components, backend, spec.precision, dist, workload=workload)
+    trainer = Trainer(components, backend, spec.precision, dist, workload=serve_workload(spec.loss))
 
     def config_for(batch_size: int, steps: int, validate: bool) -> Any:
         return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=0.0, steps=steps, grad_clip=None)
@@ -206,6 +226,7 @@ class _Timer:
     precision: str
     repeats: int
     max_seconds: float  # per size: stop repeating past this (after MIN_REPEATS)
+    inputs: Any = None  # inputs(batch): what of a batch goes to the device (serve_inputs); None: all of it
 
     def passes(self, batches: list[Any]) -> list[float]:
         """Seconds of each timed pass: a batch copied to the device and run forward, synchronised.
@@ -219,6 +240,7 @@ class _Timer:
         import torch
 
         backend, device = self.backend, self.backend.device
+        batches = [self.inputs(b) for b in batches] if self.inputs is not None else batches
         times: list[float] = []
         self.preempted = self.preempted_kept = 0
         with torch.inference_mode(), autocast(device.type, self.precision):
@@ -582,7 +604,8 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
         return result
     model.eval()
     meter = LoadMeter.start()
-    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size,
+                   serve_inputs(spec.loss))
     result.overhead_ms = 1e3 * timer.overhead()
     curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                    getattr(components, "collate_fn", None))
@@ -740,15 +763,14 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
     percentile is over the budget; skipped when the batch does not fit).
     """
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.engine.trial import Trainer, trial_config
     from batchtune.engine.watchdog import stop_if_timed_out
 
     _check_options(percentile, None, repeats, latency_budget)
     started = time.perf_counter()
     spec, components, backend, model = _setup(spec, backend)
     size = _serving_batch(spec, batch_size)
-    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
-    trainer = Trainer(_worst_case(components), backend, spec.precision, workload=workload)
+    trainer = Trainer(_worst_case(components), backend, spec.precision, workload=serve_workload(spec.loss))
     trial = stop_if_timed_out(trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, grad_clip=None,
                                                        steps=spec.probe.steps_per_trial), model=model))
     capacity = backend.capacity_bytes()
@@ -756,7 +778,8 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
     checks, point = [fits], None
     if trial.fits:
         model.eval()
-        timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0)
+        timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0,
+                       serve_inputs(spec.loss))
         curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                        getattr(components, "collate_fn", None))
         point, _ = measure_latency(timer, curve.batches(size), size, latency_budget, percentile, "check")
