@@ -245,6 +245,54 @@ def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
     assert written_by_batchtune(plot)  # so the next run may replace it; a file of the user's it may not
 
 
+def _ctrl_c_at_pass_call(monkeypatch, call: int) -> None:
+    """Ctrl-C while serve times its ``call``-th batch size (counting from 1)."""
+    from batchtune.commands.serve import _Timer
+
+    passes, calls = _Timer.passes, []
+
+    def interrupted(self, batches):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return passes(self, batches)
+
+    monkeypatch.setattr(_Timer, "passes", interrupted)
+
+
+def test_an_interrupted_serve_shows_the_sizes_timed_marked_partial_and_exits_130(write_spec, monkeypatch):
+    """Ctrl-C printed 'interrupted', exit 130, and the latencies measured so far were lost."""
+    _ctrl_c_at_pass_call(monkeypatch, 3)  # sizes 1 and 2 timed, Ctrl-C at 4
+    spec = str(write_spec(SERVE_SPEC))  # no memory limit below: no ceiling search, the test's time is the timing's
+    out = runner.invoke(app, ["serve", spec, "device.memory_limit=null", "--latency-budget", "10ms", "--percentile",
+                              "50", "--repeats", "20", "-q"])
+    assert out.exit_code == 130, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("budget 10 ms at p50, PARTIAL: interrupted"), lines[0]
+    assert [line.split()[:2] for line in lines if line.strip().startswith(("1 ", "2 "))] == [["1", "power"],
+                                                                                              ["2", "power"]]
+    assert "max batch size     2   (p50" in out.stdout
+    assert "note: PARTIAL: interrupted while timing the latency curve, after 2 sizes" in out.stdout
+    assert out.stderr.strip() == "interrupted: the 2 batch sizes timed before it shown above (partial)"
+    _ctrl_c_at_pass_call(monkeypatch, 1)  # nothing timed yet
+    out = runner.invoke(app, ["serve", spec, "device.memory_limit=null", "--latency-budget", "10ms", "--repeats",
+                              "20", "-q", "--format", "json"])
+    assert (out.exit_code, out.stdout) == (130, "")
+    assert out.stderr.strip() == "interrupted: before the first batch size was timed: nothing to show"
+
+
+def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_spec, monkeypatch):
+    _ctrl_c_at_pass_call(monkeypatch, 1)
+    out = runner.invoke(app, ["check", str(write_spec(SERVE_SPEC)), "--serve", "--latency-budget", "50ms", "-b", "8",
+                              "-q", "--format", "json"])
+    assert out.exit_code == 130, out.output
+    data = json.loads(out.stdout)
+    assert (data["interrupted"], data["status"]) == (True, "interrupted")
+    assert [(c["name"], c["status"]) for c in data["checks"]] == [("serve_fits", "pass"), ("latency", "skip")]
+    assert data["checks"][1]["reason"] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
+    assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
+
+
 def test_check_serve_verdicts(write_spec):
     spec = write_spec(SERVE_SPEC)
     ok = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "50ms", "-b", "8", "-q"])
