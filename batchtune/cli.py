@@ -276,7 +276,8 @@ def _plot_writable(plot: Path, force: bool) -> None:
 @app.command()
 def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports, keyword arguments, and that the
-    data, model, loss and optimizer build (and the first two samples go through the model and loss)."""
+    data, model, loss and optimizer build (and the first two samples go through the model and loss); up to 256
+    samples of each split are read for NaN or inf and, under cross_entropy, class labels out of range."""
     with _user_errors():
         try:  # as the training commands load it: every problem they would name, at once
             spec, serve_only = _load(spec_path, overrides), False
@@ -296,6 +297,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
             comps = build_components(spec)
             comps.tokens_per_sample()
             model = comps.build_model(spec.seed)
+            comps.check_samples(model)  # NaN or a class label out of range, in either split, not the first 2 alone
             if not serve_only:
                 comps.build_optimizer(model.parameters(), spec.optimizer.lr)
                 comps.first_loss(model)

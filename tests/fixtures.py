@@ -632,3 +632,20 @@ def wide_labels(extra: int = 256, **kwargs):
 def first_column_loss():
     """Cross-entropy against the class label in the targets' column 0 (see wide_labels)."""
     return lambda output, targets: nn.functional.cross_entropy(output, targets[:, 0].long())
+
+
+def flawed_data(split: str = "validation", index: int = 100, flaw: str = "nan", **kwargs):
+    """tiny_data with one flaw in one sample of one split, beyond the first two that validate ran through the
+    model: ``nan`` or ``inf`` in an input, ``inf_target`` (float targets, for mse), or a class label
+    ``label:N``."""
+    train, val = tiny_data(**kwargs)
+    if flaw == "inf_target":
+        train, val = (TensorDataset(d.tensors[0], d.tensors[1].float()) for d in (train, val))
+    x, y = (train if split == "training" else val).tensors
+    if flaw in ("nan", "inf"):
+        x[index, 3] = float(flaw)
+    elif flaw == "inf_target":
+        y[index] = float("inf")
+    else:
+        y[index] = int(flaw.removeprefix("label:"))
+    return train, val
