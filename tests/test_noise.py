@@ -895,7 +895,8 @@ def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_13
     assert out.stderr.strip() == ("interrupted after 12 of 20 steps: the 6 readings taken before it shown above "
                                   "(partial)")
     plot = tmp_path / "noise.png"
-    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q", "-f", "json", "--plot", str(plot)])
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q", "-f", "json",
+                                   "--plot", str(plot)])
     data = _json.loads(out.stdout)
     assert (out.exit_code, data["interrupted"], data["steps"], data["steps_planned"], len(data["history"])) == (
         130, True, 12, 20, 6)

@@ -38,9 +38,9 @@ from batchtune.render.text import count_of, duration_ms
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeInterrupted", "ServeResult", "dynamic_batching", "inference_ceiling",
-           "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve", "run_serve_check",
-           "serve_forward", "serve_inputs", "serve_workload"]
+__all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeInterrupted", "ServeResult", "dynamic_batching",
+           "inference_ceiling", "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve",
+           "run_serve_check", "serve_forward", "serve_inputs", "serve_workload"]
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
