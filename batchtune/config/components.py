@@ -812,7 +812,8 @@ class Components:
 
     def _classes(self, model: nn.Module) -> int | None:
         """The model's number of class scores (the last dimension of its output on the first two training
-        samples), or None where it gives none (the forward's own errors are first_loss's to say)."""
+        samples), or None where it gives none, or one (the forward's errors and a one-class output are first_loss's
+        to say, as the loss's)."""
         n = min(2, len(self.train_set))
         try:
             inputs, _ = _split(self._first_batch(n, "the first training samples"))
@@ -820,7 +821,8 @@ class Components:
                 output = _call(model, inputs)
         except Exception:  # noqa: BLE001 - said by first_loss, which runs the same batch
             return None
-        return int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.dim() >= 2 else None
+        scores = isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[-1] >= 2
+        return int(output.shape[-1]) if scores else None
 
     def _first_batch(self, n: int, first: str) -> Any:
         """The first ``n`` training samples collated; a collate that raises is ``data.collate``'s where the spec
