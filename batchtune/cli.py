@@ -276,7 +276,8 @@ def _plot_writable(plot: Path, force: bool) -> None:
 @app.command()
 def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
     """Check a spec without training: keys, types, imports, keyword arguments, and that the
-    data, model, loss and optimizer build (and the first two samples go through the model and loss)."""
+    data, model, loss and optimizer build (and the first two samples go through the model and loss); up to 256
+    samples of each split are read for NaN or inf and, under cross_entropy, class labels out of range."""
     with _user_errors():
         try:  # as the training commands load it: every problem they would name, at once
             spec, serve_only = _load(spec_path, overrides), False
@@ -296,6 +297,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
             comps = build_components(spec)
             comps.tokens_per_sample()
             model = comps.build_model(spec.seed)
+            comps.check_samples(model)  # NaN or a class label out of range, in either split, not the first 2 alone
             if not serve_only:
                 comps.build_optimizer(model.parameters(), spec.optimizer.lr)
                 comps.first_loss(model)
@@ -802,7 +804,7 @@ def noise(
         try:
             run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
         except NoiseInterrupted as stop:
-            _noise_interrupted(stop.run, fmt.value)
+            _noise_interrupted(stop.run, fmt.value, plot)
         _echo(render_noise(run, fmt.value))
         if plot is not None and _RANK == 0:
             from batchtune.render.plots import plot_noise
@@ -811,16 +813,58 @@ def noise(
     raise typer.Exit(run.exit_code)
 
 
-def _noise_interrupted(run: Any, fmt: str) -> None:
-    """Show the readings an interrupted noise run took (marked partial) and exit 130 (Ctrl-C had discarded them)."""
+def _interrupted(report: str | None, said: str) -> None:
+    """Show the ``report`` (marked partial in it) of what an interrupted command finished, say ``said``, exit 130:
+    Ctrl-C had discarded what was finished before it."""
+    if report is not None:
+        _echo(report)
+    _say(f"interrupted: {said}")
+    raise typer.Exit(130)
+
+
+def _check_interrupted(report: Any, rendered: str) -> None:
+    """An interrupted check (training or --serve): the verdicts finished before Ctrl-C, the others skipped."""
+    from batchtune.commands.serve import INTERRUPTED
+    from batchtune.render.text import count_of
+
+    finished = sum(c["reason"] != INTERRUPTED if isinstance(c, dict) else c.code != "skip.interrupted"
+                   for c in report.checks)
+    _interrupted(rendered if finished else None,
+                 f"the {count_of(finished, 'check')} finished before it shown above (partial)" if finished
+                 else "before the first check finished: no verdict to show")
+
+
+def _serve_interrupted(result: Any, fmt: str) -> None:
+    """An interrupted serve: the sizes timed before Ctrl-C (marked partial; no plot)."""
+    from batchtune.render.serve import render_serve
+    from batchtune.render.text import count_of
+
+    sizes = len(result.points)
+    _interrupted(render_serve(result, fmt) if sizes else None,
+                 f"the {count_of(sizes, 'batch size')} timed before it shown above (partial)" if sizes
+                 else "before the first batch size was timed: nothing to show")
+
+
+def _noise_interrupted(run: Any, fmt: str, plot: Path | None) -> None:
+    """Show the readings an interrupted noise run took (marked partial), plot them where --plot asked and they are
+    two or more, and exit 130 (Ctrl-C had discarded them)."""
     from batchtune.render.noise import render_noise
 
     readings = len(run.history)
+    plotted = ""
+    if plot is not None and _RANK == 0:
+        if readings >= 2:
+            from batchtune.render.plots import plot_noise
+
+            plot_noise(run, plot)
+            plotted = f"; their plot written to {plot}"
+        else:
+            plotted = f"; no plot written to {plot}: it needs two readings"
     if readings:
         _echo(render_noise(run, fmt))
     _say(f"interrupted after {run.steps} of {run.steps_planned} steps: "
          + (f"the {readings} reading{'s' if readings > 1 else ''} taken before it shown above (partial)" if readings
-            else "no reading had been taken yet"))
+            else "no reading had been taken yet") + plotted)
     raise typer.Exit(130)
 
 
@@ -859,7 +903,8 @@ def check(
     latency_budget: LatencyBudgetOpt = None,
     percentile: PercentileOpt = 99.0,
 ) -> None:
-    """Pre-flight for a long job: fits, trains, data, critical batch, regression. Exit 0 pass, 1 fail, 2 bad input.
+    """Pre-flight for a long job: fits, trains, data, critical batch, regression. Exit 0 pass, 1 fail, 2 bad input,
+    130 interrupted (the verdicts reached before it shown, marked partial).
 
     With --estimate, only fits, predicted from a traced step. With --serve, the serving batch's
     fit and latency. With $GITHUB_STEP_SUMMARY set, the markdown report is appended to it.
@@ -875,7 +920,7 @@ def check(
     with _user_errors():
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
-        from batchtune.commands.check import CheckInputError, run_check, run_check_estimate
+        from batchtune.commands.check import CheckInputError, CheckInterrupted, run_check, run_check_estimate
         from batchtune.render.check import render_check
         from batchtune.render.run_folder import atomic_write
 
@@ -890,6 +935,8 @@ def check(
                 spec, batch_size=batch_size, accum_steps=accum_steps, **measured)
         except CheckInputError as exc:
             raise UsageError(str(exc)) from None
+        except CheckInterrupted as stop:
+            _check_interrupted(stop.report, render_check(stop.report, fmt.value, strict=strict))
         if _RANK != 0:  # every rank agrees; rank 0 reports, and this rank says what its own code raised, which
             for c in report.checks:  # rank 0 knows only as 'failed on another rank' (it was said nowhere)
                 if c.code.endswith(".crashed") and "on another rank" not in c.figures.get("error", ""):
@@ -928,7 +975,7 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
             raise UsageError("check --serve needs --latency-budget (e.g. 45ms)")
         if training_only:
             raise UsageError(f"{', '.join(training_only)}: options of the training check, not of check --serve")
-        from batchtune.commands.serve import ServeInputError, parse_duration, run_serve_check
+        from batchtune.commands.serve import ServeInputError, ServeInterrupted, parse_duration, run_serve_check
         from batchtune.render.serve import render_serve_check
 
         try:
@@ -938,6 +985,8 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
             report = run_serve_check(spec, latency_budget=budget, percentile=percentile, batch_size=batch_size)
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
+        except ServeInterrupted as stop:
+            _check_interrupted(stop.result, render_serve_check(stop.result, fmt.value, strict))
         _echo(render_serve_check(report, fmt.value, strict))
         _step_summary(render_serve_check(report, "markdown", strict) + "\n")
     raise typer.Exit(report.exit_code(strict))
@@ -967,12 +1016,12 @@ def serve(
     and (with --rate) the dynamic batcher's setting. Only model and data are needed in the spec.
 
     Exit 0 a size meets the budget (and, with --rate, a batcher setting sustains the rate);
-    1 none does; 2 bad input.
+    1 none does; 2 bad input; 130 interrupted (the sizes timed before it shown, marked partial).
     """
     with _user_errors():
         if latency_budget is None:
             raise UsageError("serve needs --latency-budget (e.g. 45ms)")
-        from batchtune.commands.serve import ServeInputError, parse_duration, run_serve
+        from batchtune.commands.serve import ServeInputError, ServeInterrupted, parse_duration, run_serve
         from batchtune.render.serve import plot_serve, render_serve
 
         try:
@@ -985,6 +1034,8 @@ def serve(
                                full_curve=full_curve)
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
+        except ServeInterrupted as stop:
+            _serve_interrupted(stop.result, fmt.value)
         _echo(render_serve(result, fmt.value))
         if plot is not None and result.points:
             plot_serve(result, plot)

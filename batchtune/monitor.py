@@ -56,7 +56,7 @@ import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -148,6 +148,8 @@ class NoiseScaleMonitor:
             (module given, one backward pass, one process); None for all.
 
     Raises:
+        TypeError: ``params`` is neither a module nor parameters, or a number is not one (named, with what was
+            given).
         ValueError: the sizes cannot give two batch sizes (:meth:`can_measure`), an argument is
             out of range (named), or nothing given is trainable (no parameter requires grad).
     """
@@ -158,7 +160,8 @@ class NoiseScaleMonitor:
                  max_examples: int | None = None) -> None:
         _check_arguments(micro_batch_size=micro_batch_size, accum_steps=accum_steps, every=every,
                          world_size=world_size, max_examples=max_examples)
-        params = params if isinstance(params, torch.nn.Module) else list(params)
+        _check_fractions(ema_decay=ema_decay, confidence=confidence)
+        params = _checked_params(params)
         _check_trainable(params)
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
@@ -360,6 +363,41 @@ def _check_arguments(**values: int | None) -> None:
         if value < least:
             default = f" (None: {none_means})" if none_means else ""
             raise ValueError(f"{name} must be >= {least}{default}; found {name}={value}")
+
+
+def _check_fractions(**values: Any) -> None:
+    """A TypeError naming a fraction argument (``ema_decay``, ``confidence``) that is not a real number: ``None``
+    raised "'<' not supported between instances of 'float' and 'NoneType'" from the estimator. Their ranges are
+    the estimator's to check."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+
+
+def _checked_params(params: Any) -> torch.nn.Module | list[torch.nn.Parameter]:
+    """The module, or the parameters as a list; a TypeError naming ``params`` and what it was given where it is
+    neither: ``None`` raised "'NoneType' object is not iterable", a state_dict "'str' object has no attribute
+    'requires_grad'"."""
+    if isinstance(params, torch.nn.Module):
+        return params
+    wanted = "params must be the model (an nn.Module) or its parameters (model.parameters())"
+    if isinstance(params, torch.Tensor):  # iterating a tensor gives its rows, not parameters
+        raise TypeError(f"{wanted}, got one {type(params).__name__} of shape {tuple(params.shape)}: pass [it]")
+    if isinstance(params, dict):
+        raise TypeError(f"{wanted}, got a mapping ({type(params).__name__}, {len(params)} entries): a "
+                        "state_dict holds detached tensors, not the parameters trained")
+    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(f"{wanted}, got {_short(params)} ({type(params).__name__})")
+    given = list(params)
+    for i, p in enumerate(given):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{wanted}: item {i} of those given is {_short(p)} ({type(p).__name__}), not a tensor")
+    return given
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_trainable(params: torch.nn.Module | list[torch.nn.Parameter]) -> None:

@@ -619,3 +619,33 @@ class _Streamed(torch.utils.data.IterableDataset):
 def streamed_data(n_train: int = 64, n_val: int = 16):
     """IterableDatasets that define __len__: iterated, not indexed."""
     return _Streamed(n_train), _Streamed(n_val)
+
+
+def wide_labels(extra: int = 256, **kwargs):
+    """tiny_data whose targets carry ``extra`` float columns after the class label (column 0): large targets
+    that an inference batch, having none, must not count."""
+    train, val = tiny_data(**kwargs)
+    return tuple(torch.utils.data.TensorDataset(d.tensors[0], torch.cat(
+        [d.tensors[1][:, None].float(), torch.zeros(len(d), extra)], 1)) for d in (train, val))
+
+
+def first_column_loss():
+    """Cross-entropy against the class label in the targets' column 0 (see wide_labels)."""
+    return lambda output, targets: nn.functional.cross_entropy(output, targets[:, 0].long())
+
+
+def flawed_data(split: str = "validation", index: int = 100, flaw: str = "nan", **kwargs):
+    """tiny_data with one flaw in one sample of one split, beyond the first two that validate ran through the
+    model: ``nan`` or ``inf`` in an input, ``inf_target`` (float targets, for mse), or a class label
+    ``label:N``."""
+    train, val = tiny_data(**kwargs)
+    if flaw == "inf_target":
+        train, val = (TensorDataset(d.tensors[0], d.tensors[1].float()) for d in (train, val))
+    x, y = (train if split == "training" else val).tensors
+    if flaw in ("nan", "inf"):
+        x[index, 3] = float(flaw)
+    elif flaw == "inf_target":
+        y[index] = float("inf")
+    else:
+        y[index] = int(flaw.removeprefix("label:"))
+    return train, val

@@ -1064,6 +1064,7 @@ REPRESENTATIVE = {
     "skip.train_oom": ("skip", {}, "the training run ran out of memory"),
     "skip.train_unfinished": ("skip", {}, "the training run did not finish"),
     "skip.no_baseline": ("skip", {}, "no --baseline given"),
+    "skip.interrupted": ("skip", {}, "not finished: interrupted (Ctrl-C)"),
 }
 
 
@@ -1214,3 +1215,26 @@ def test_a_collate_that_returns_an_object_is_named_as_data_collate(write_spec):
     assert check.exit_code == 2, check.output
     assert "data.collate: the training batch is a _Batch (data.collate.target tests.test_check:object_collate), " \
            "with no tensor of a batch dimension: a collate must return (inputs, targets)" in check.output, check.output
+
+
+def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exits_130(write_spec, monkeypatch):
+    """Ctrl-C printed 'interrupted', exit 130, and the fits verdict already reached was lost."""
+    from batchtune.engine.trial import Trainer
+
+    after_step = Trainer._after_step
+
+    def ctrl_c_in_the_training_run(self, run, step, done):
+        if run.config.measure_noise and step == 2:  # the fits run measures no noise scale; trains does
+            raise KeyboardInterrupt
+        return after_step(self, run, step, done)
+
+    monkeypatch.setattr(Trainer, "_after_step", ctrl_c_in_the_training_run)
+    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q"])
+    assert out.exit_code == 130, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith(", PARTIAL: interrupted"), lines[0]
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in lines[4:9]}
+    assert rows["fits"][0] == "pass" and rows["trains"][0] == "skip" and rows["regression"][0] == "skip"
+    assert rows["trains"][1] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
+    assert "verdict: INTERRUPTED (partial: the checks finished before it) — 4 skipped" in out.stdout
+    assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"

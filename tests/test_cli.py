@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
+import pytest
 from typer.testing import CliRunner
 
 from batchtune.cli import app
+from tests.conftest import TINY_SPEC
 
 runner = CliRunner()
 
@@ -186,6 +189,47 @@ def test_validate_sends_two_samples_through_the_model_and_loss(write_spec):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert (f"{path}:2: model: the model and loss on the first 2 training samples raised RuntimeError: mat1 and mat2 "
             "shapes cannot be multiplied (2x16 and 8x32)") in result.stderr
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ("{flaw: nan}", "validation sample 100 (of 128) holds NaN in its inputs (1 of 16 values): clean the data"),
+    ("{split: training, index: 511, flaw: inf}", "training sample 511 (of 512) holds inf in its inputs (1 of 16 "
+                                                 "values): clean the data"),
+    ("{index: 50, flaw: inf_target}", "validation sample 50 (of 128) holds inf in its targets (1 of 1 value): clean "
+                                      "the data"),
+    ("{split: training, index: 511, flaw: 'label:4'}", "training sample 511 (of 512) has class label 4 in its "
+                                                      "targets, out of range for the model's 4 outputs: cross_entropy "
+                                                      "takes labels 0 to 3 (-100 is ignored); give the model an "
+                                                      "output per class, or fix the labels"),
+    ("{flaw: 'label:-1', index: 127}", "validation sample 127 (of 128) has class label -1 in its targets"),
+])
+def test_validate_reads_a_bounded_sample_of_each_split_for_nan_and_labels_out_of_range(write_spec, kwargs, said):
+    """A NaN in the validation set, or a class label the model has no output for, passed validate (it read the
+    first two training samples) and failed later: a NaN validation loss read as divergence."""
+    loss = "mse" if "inf_target" in kwargs else "cross_entropy"
+    spec = TINY_SPEC.replace('data: {target: "tests.fixtures:tiny_data"}',
+                             f'data: {{target: "tests.fixtures:flawed_data", kwargs: {kwargs}}}\nloss: {loss}')
+    path = write_spec(spec)
+    if loss == "mse":  # one output against the scalar float targets
+        path = write_spec(spec.replace('"tests.fixtures:tiny_mlp"}', '"tests.fixtures:squeezed_mlp"}'))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{path}:3: data: {said}" in result.stderr, result.stderr
+
+
+def test_validate_ignores_label_minus_100_and_reads_at_most_256_samples_of_a_split(write_spec):
+    from batchtune.config.components import build_components
+    from batchtune.config.spec import load_spec
+
+    ignored = TINY_SPEC.replace('"tests.fixtures:tiny_data"}', '"tests.fixtures:flawed_data", kwargs: {flaw: '
+                                                                "'label:-100'}}")
+    assert runner.invoke(app, ["validate", str(write_spec(ignored))]).exit_code == 0  # cross_entropy skips -100
+    huge = write_spec(TINY_SPEC.replace('tests.fixtures:tiny_data"}', 'tests.fixtures:huge_data", kwargs: '
+                                                                     "{in_features: 16}}"))
+    comps = build_components(load_spec(huge))
+    started = time.perf_counter()
+    assert comps.check_samples(comps.build_model(0)) == 256 + 128  # of a billion training samples, 256
+    assert time.perf_counter() - started < 1.0
 
 
 def test_dict_data_without_targets_is_the_spec_s_loss_in_every_command(write_spec):

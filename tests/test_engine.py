@@ -48,6 +48,19 @@ def test_forward_only_counts_exactly_the_parameters_the_batch_and_the_output(com
     assert result.losses == [] and result.samples == 3 * batch  # a custom forward records no loss
 
 
+def test_serving_forward_moves_and_counts_the_inputs_alone(components):
+    """A server's batch has no labels: serve's workload leaves tiny_data's int64 labels (8 B a sample) on the host."""
+    from batchtune.commands.serve import serve_workload
+
+    batch = 32
+    trainer = Trainer(_linear(components), CPUBackend(), workload=serve_workload("cross_entropy"))
+    result = trainer.run(TrialConfig(BatchShape(batch), steps=3))
+    params = (IN_FEATURES * OUT_FEATURES + OUT_FEATURES) * 4
+    inputs, output = batch * IN_FEATURES * 4, batch * OUT_FEATURES * 4
+    assert result.fits and result.compute_peak_bytes == params + inputs + output == 14848 - batch * 8
+    assert result.samples == 3 * batch
+
+
 def test_forward_only_needs_less_memory_than_training_and_leaves_no_gradient(components):
     shape, backend = BatchShape(64), CPUBackend()
     model = components.build_model(0)

@@ -723,3 +723,33 @@ def test_coverage_that_a_measured_step_finds_low_is_warned_once_at_the_users_lin
                      "or one frozen when the step was armed gives none): B_simple is theirs (reading().coverage); "
                      "accum_steps >= 2 measures them all", __file__)]
     assert monitor.reading().steps == 3 and monitor.reading().coverage == pytest.approx(34 / 306)
+
+
+@pytest.mark.parametrize("params, message", [
+    (None, "params must be the model (an nn.Module) or its parameters (model.parameters()), got None (NoneType)"),
+    ("model", "params must be the model (an nn.Module) or its parameters (model.parameters()), got 'model' (str)"),
+    (torch.nn.Linear(4, 2).state_dict(), "params must be the model (an nn.Module) or its parameters "
+                                         "(model.parameters()), got a mapping (OrderedDict, 2 entries): a state_dict "
+                                         "holds detached tensors, not the parameters trained"),
+    (torch.zeros(3, 4), "params must be the model (an nn.Module) or its parameters (model.parameters()), got one "
+                        "Tensor of shape (3, 4): pass [it]"),
+    ([torch.nn.Linear(4, 2).weight, 3], "params must be the model (an nn.Module) or its parameters "
+                                        "(model.parameters()): item 1 of those given is 3 (int), not a tensor"),
+])
+def test_params_that_are_neither_a_model_nor_parameters_are_refused_by_name(params, message):
+    """NoiseScaleMonitor(None, micro_batch_size=8) raised "'NoneType' object is not iterable" from inside."""
+    with pytest.raises(TypeError) as caught:
+        NoiseScaleMonitor(params, micro_batch_size=8)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ema_decay": None}, "ema_decay must be a number, got None (NoneType)"),
+    ({"confidence": "90%"}, "confidence must be a number, got '90%' (str)"),
+    ({"confidence": True}, "confidence must be a number, got True (bool)"),
+])
+def test_fractions_that_are_not_numbers_are_refused_by_name(kwargs, message):
+    """confidence=None raised "'<' not supported between instances of 'float' and 'NoneType'"."""
+    with pytest.raises(TypeError) as caught:
+        NoiseScaleMonitor(torch.nn.Linear(4, 2), micro_batch_size=8, **kwargs)
+    assert str(caught.value) == message

@@ -869,8 +869,8 @@ def test_a_batchnorm_model_given_one_sample_pieces_is_told_the_shape_not_the_spe
         f"torch.Size([1, 32])); give {fix}")
 
 
-def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_130(write_spec, monkeypatch):
-    """Ctrl-C printed 'interrupted', exit 130, and the readings taken so far were lost."""
+def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_130(write_spec, monkeypatch, tmp_path):
+    """Ctrl-C printed 'interrupted', exit 130, and the readings taken so far were lost (and --plot drew none)."""
     import json as _json
 
     from typer.testing import CliRunner
@@ -894,10 +894,17 @@ def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_13
     assert "B_simple at the last reading before the interrupt: " in out.stdout
     assert out.stderr.strip() == ("interrupted after 12 of 20 steps: the 6 readings taken before it shown above "
                                   "(partial)")
-    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q", "-f", "json"])
+    plot = tmp_path / "noise.png"
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "20", "-q", "-f", "json",
+                                   "--plot", str(plot)])
     data = _json.loads(out.stdout)
     assert (out.exit_code, data["interrupted"], data["steps"], data["steps_planned"], len(data["history"])) == (
         130, True, 12, 20, 6)
-    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "200", "-q"])
+    assert plot.stat().st_size > 1000  # the 6 partial readings drawn
+    assert out.stderr.strip().endswith(f"(partial); their plot written to {plot}")
+    plot.unlink()
+    out = CliRunner().invoke(app, ["noise", str(write_spec()), "--steps", "200", "-q", "--plot", str(plot)])
     assert (out.exit_code, out.stdout) == (130, ""), out.output
-    assert out.stderr.strip() == "interrupted after 12 of 200 steps: no reading had been taken yet"
+    assert out.stderr.strip() == (f"interrupted after 12 of 200 steps: no reading had been taken yet; no plot written "
+                                  f"to {plot}: it needs two readings")
+    assert not plot.exists()

@@ -189,21 +189,40 @@ def test_found_size_and_dynamic_latency_on_a_known_service_time(write_spec):
 
 def test_inference_ceiling_is_exact_and_far_above_training(write_spec):
     from batchtune.commands.probe import run_probe
-    from batchtune.commands.serve import _setup, inference_ceiling, serve_forward
+    from batchtune.commands.serve import _setup, inference_ceiling, serve_workload
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, TrialConfig
+    from batchtune.engine.trial import Trainer, TrialConfig
 
     path = write_spec(DEEP_SPEC)
     spec, components, backend, model = _setup(str(path), None)
     outcome, trials = inference_ceiling(spec, components, backend, model)
     c = outcome.ceiling
     assert c is not None and not outcome.capped
-    trainer = Trainer(components, backend, workload=lambda tr, m, cfg: ForwardOnly(tr, m, cfg,
-                                                                                     forward=serve_forward(spec.loss)))
+    trainer = Trainer(components, backend, workload=serve_workload(spec.loss))
     assert trainer.run(TrialConfig(BatchShape(c, 1, 1), lr=0.0, steps=1), model=model).fits
     assert not trainer.run(TrialConfig(BatchShape(c + 1, 1, 1), lr=0.0, steps=1), model=model).fits
     training = run_probe(str(path)).ceiling
     assert c > 4 * training, (c, training)  # 8 layers' saved activations, gradients and AdamW state
+
+
+def test_inference_ceiling_counts_no_labels(write_spec):
+    """Inference has no labels: 1 KiB of targets a sample leaves the ceiling where tiny_data's 8 B labels put it."""
+    from batchtune.commands.serve import _setup, inference_ceiling
+
+    ceilings = []
+    for data, loss in [("tiny_data", "cross_entropy"), ("wide_labels", '{target: "tests.fixtures:first_column_loss"}')]:
+        spec = f"""\
+name: labels
+model: {{target: "tests.fixtures:tiny_mlp"}}
+data: {{target: "tests.fixtures:{data}"}}
+loss: {loss}
+device: {{type: cpu, memory_limit: 64KiB}}
+"""
+        spec, components, backend, model = _setup(str(write_spec(spec)), None)
+        outcome, _ = inference_ceiling(spec, components, backend, model)
+        assert not outcome.capped
+        ceilings.append(outcome.ceiling)
+    assert ceilings[0] == ceilings[1] and 100 < ceilings[0] < 512, ceilings
 
 
 def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
@@ -224,6 +243,54 @@ def test_cli_serve_json_table_and_plot(write_spec, tmp_path):
     from batchtune.cli import written_by_batchtune
 
     assert written_by_batchtune(plot)  # so the next run may replace it; a file of the user's it may not
+
+
+def _ctrl_c_at_pass_call(monkeypatch, call: int) -> None:
+    """Ctrl-C while serve times its ``call``-th batch size (counting from 1)."""
+    from batchtune.commands.serve import _Timer
+
+    passes, calls = _Timer.passes, []
+
+    def interrupted(self, batches):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return passes(self, batches)
+
+    monkeypatch.setattr(_Timer, "passes", interrupted)
+
+
+def test_an_interrupted_serve_shows_the_sizes_timed_marked_partial_and_exits_130(write_spec, monkeypatch):
+    """Ctrl-C printed 'interrupted', exit 130, and the latencies measured so far were lost."""
+    _ctrl_c_at_pass_call(monkeypatch, 3)  # sizes 1 and 2 timed, Ctrl-C at 4
+    spec = str(write_spec(SERVE_SPEC))  # no memory limit below: no ceiling search, the test's time is the timing's
+    out = runner.invoke(app, ["serve", spec, "device.memory_limit=null", "--latency-budget", "10ms", "--percentile",
+                              "50", "--repeats", "20", "-q"])
+    assert out.exit_code == 130, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("budget 10 ms at p50, PARTIAL: interrupted"), lines[0]
+    assert [line.split()[:2] for line in lines if line.strip().startswith(("1 ", "2 "))] == [["1", "power"],
+                                                                                              ["2", "power"]]
+    assert "max batch size     2   (p50" in out.stdout
+    assert "note: PARTIAL: interrupted while timing the latency curve, after 2 sizes" in out.stdout
+    assert out.stderr.strip() == "interrupted: the 2 batch sizes timed before it shown above (partial)"
+    _ctrl_c_at_pass_call(monkeypatch, 1)  # nothing timed yet
+    out = runner.invoke(app, ["serve", spec, "device.memory_limit=null", "--latency-budget", "10ms", "--repeats",
+                              "20", "-q", "--format", "json"])
+    assert (out.exit_code, out.stdout) == (130, "")
+    assert out.stderr.strip() == "interrupted: before the first batch size was timed: nothing to show"
+
+
+def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_spec, monkeypatch):
+    _ctrl_c_at_pass_call(monkeypatch, 1)
+    out = runner.invoke(app, ["check", str(write_spec(SERVE_SPEC)), "--serve", "--latency-budget", "50ms", "-b", "8",
+                              "-q", "--format", "json"])
+    assert out.exit_code == 130, out.output
+    data = json.loads(out.stdout)
+    assert (data["interrupted"], data["status"]) == (True, "interrupted")
+    assert [(c["name"], c["status"]) for c in data["checks"]] == [("serve_fits", "pass"), ("latency", "skip")]
+    assert data["checks"][1]["reason"] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
+    assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
 
 
 def test_check_serve_verdicts(write_spec):
@@ -292,11 +359,11 @@ device: {type: cpu}
 
 def test_length_buckets_on_variable_length_requests(write_spec):
     """Quartile buckets cover every request once; padding, worst case and gain come from the same batches."""
-    from batchtune.commands.serve import _Curve, _setup, _Timer, length_buckets, serve_forward
+    from batchtune.commands.serve import _Curve, _setup, _Timer, length_buckets, serve_forward, serve_inputs
 
     spec, components, backend, model = _setup(str(write_spec(VARLEN_SPEC)), None)
     model.eval()
-    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0, serve_inputs(spec.loss))
     curve = _Curve(timer, components.train_set, 0, 0.5, 50.0, components.collate_fn)
     assert len(curve.batches(8)) == 8  # variable length: eight random batches, each padded to its own longest
     out = length_buckets(curve, components, 8)
@@ -314,7 +381,8 @@ def test_length_buckets_on_variable_length_requests(write_spec):
 def test_check_serve_times_the_longest_requests_too(write_spec):
     """Random batches decide ``latency``; the batch of the longest requests warns when over budget
     (fails with --strict)."""
-    from batchtune.commands.serve import ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward
+    from batchtune.commands.serve import (ServeCheck, _Curve, _setup, _Timer, _worst_case_check, serve_forward,
+                                          serve_inputs)
 
     spec = write_spec(VARLEN_SPEC)
     out = runner.invoke(app, ["check", str(spec), "--serve", "--latency-budget", "10s", "-b", "8", "-q",
@@ -324,8 +392,8 @@ def test_check_serve_times_the_longest_requests_too(write_spec):
     assert worst["status"] == "pass" and "the 8 longest requests" in worst["reason"]
     spec, components, backend, model = _setup(str(spec), None)
     model.eval()
-    curve = _Curve(_Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0), components.train_set,
-                   0, 1e-6, 99.0, components.collate_fn)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, 20, 1.0, serve_inputs(spec.loss))
+    curve = _Curve(timer, components.train_set, 0, 1e-6, 99.0, components.collate_fn)
     check = _worst_case_check(curve, components, 8, "p99")
     assert check["status"] == "warn" and "bucket requests by length" in check["reason"]
     report = ServeCheck("x", 8, 1e-3, 99.0, [check], {}, "fp32", None, 0.0)

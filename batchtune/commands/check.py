@@ -51,6 +51,7 @@ __all__ = [
     "CODES",
     "Baseline",
     "CheckInputError",
+    "CheckInterrupted",
     "CheckReport",
     "CheckResult",
     "critical_batch_verdict",
@@ -105,6 +106,7 @@ class CheckReport:
     lr_from_baseline: bool = False  # lr is the baseline sweep's or the job's own (a note says so), not the rule's
     lr_auto: str | None = None  # what lr_scaling: auto chose and why ("sgd, because SGD keeps ..."); None: not auto
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
+    interrupted: bool = False  # Ctrl-C: the checks not finished before it are skipped (skip.interrupted)
 
     @property
     def status(self) -> Status:
@@ -123,6 +125,8 @@ class CheckReport:
         ``strict``), else 1. Other skips (no baseline given) never fail: a CI gate given --strict and too small
         a --max-seconds passed with trains, data and critical_batch never run."""
         statuses = {c.status for c in self.checks}
+        if self.interrupted:
+            return 130
         return 1 if "fail" in statuses or (strict and ("warn" in statuses or self.skipped)) else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +137,14 @@ class CheckReport:
         out["status"] = self.status
         out["counts"] = {s: sum(c.status == s for c in self.checks) for s in ("pass", "warn", "fail", "skip")}
         return out
+
+
+class CheckInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the check; ``report`` holds the verdicts finished before it (``report.interrupted``)."""
+
+    def __init__(self, report: CheckReport) -> None:
+        super().__init__()
+        self.report = report
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -886,16 +898,18 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
     Raises:
         SpecError: the spec cannot be used as given.
         CheckInputError: the batch size or the baseline cannot be used.
+        CheckInterrupted: Ctrl-C; it carries the report of the checks finished before it.
     """
     from batchtune.engine.watchdog import TrialTimeout, deadline
     from batchtune.errors import TrainingError
 
     state = _start(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
                    baseline=baseline, backend=backend, lr_given=lr)
+    results: dict[str, CheckResult] = {}
     try:
         # Every phase, the fits run included, ends by the budget: a step that hangs cannot outlast it.
         with deadline(state.started + state.budget - time.perf_counter(), "the training step") as state.watch:
-            results = {"fits": _fits(state)}
+            results["fits"] = _fits(state)
             if state.fit is None or not state.fit.fits:
                 results.update(_not_run(state, results["fits"]))
             else:
@@ -904,6 +918,11 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
                 results["regression"] = _regression(state)
     except TrialTimeout:  # between trials (a trial records its own)
         raise TrainingError(f"the check did not finish within its --max-seconds {state.budget:g}") from None
+    except KeyboardInterrupt:  # Ctrl-C had discarded the verdicts already reached
+        unfinished = {name: _skip(name, "skip.interrupted") for name in CHECKS if name not in results}
+        report = _report(state, {**results, **unfinished})
+        report.interrupted = True
+        raise CheckInterrupted(report) from None
     return _report(state, results)
 
 

@@ -48,7 +48,7 @@ CODES = (
     "regression.no_row", "regression.other_shape", "regression.unusable",
     # skips that say why a check did not run
     "skip.time_budget", "skip.time_budget_steps", "skip.time_budget_noise", "skip.fits_oom", "skip.fits_crashed",
-    "skip.train_crashed", "skip.train_oom", "skip.train_unfinished", "skip.no_baseline",
+    "skip.train_crashed", "skip.train_oom", "skip.train_unfinished", "skip.no_baseline", "skip.interrupted",
 )
 # Where a critical-batch estimate came from (the ``basis`` figure).
 BASES = ("baseline.steps_to_target", "baseline.extrapolated", "baseline.above_largest", "baseline.below_smallest",

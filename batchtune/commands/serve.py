@@ -6,8 +6,9 @@
    forward-only workload (:class:`~batchtune.engine.workload.ForwardOnly`: ``eval()``,
    ``torch.inference_mode()``, the spec's precision). No gradients, no optimizer state and
    no saved activations, so it lies far above the training ceiling.
+   Only the batch's inputs go to the device (:func:`serve_inputs`): a server's requests have no labels.
 2. **Latency per batch size** up to that ceiling: each size's batch, as the data set gives
-   it, is copied to the device and run forward ``repeats`` times after warm-up, the
+   it, its inputs copied to the device and run forward ``repeats`` times after warm-up, the
    device synchronised around each pass (a pass the OS switched out for another process
    timed again, up to 4× ``repeats`` within the size's time cap; past that a size keeps its clean
    passes, or, short of 20, keeps switched-out ones, counted and said); p50/p90/p99 and throughput. Powers of two first,
@@ -37,9 +38,9 @@ from batchtune.render.text import count_of, duration_ms
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeResult", "dynamic_batching", "inference_ceiling",
-           "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve", "run_serve_check",
-           "serve_forward"]
+__all__ = ["LatencyPoint", "ServeCheck", "ServeInputError", "ServeInterrupted", "ServeResult", "dynamic_batching",
+           "inference_ceiling", "latency_curve", "length_buckets", "measure_latency", "parse_duration", "run_serve",
+           "run_serve_check", "serve_forward", "serve_inputs", "serve_workload"]
 
 WARMUP_PASSES = 5
 MIN_REPEATS = 20  # a size gets at least this many timed passes, whatever its time cap
@@ -50,6 +51,18 @@ QUIET_OTHER_CORES = 0.25  # other work above this share of a core while timing i
 
 class ServeInputError(ValueError):
     """A command-line value serve cannot use (the CLI exits 2)."""
+
+
+class ServeInterrupted(KeyboardInterrupt):
+    """Ctrl-C after the inference ceiling; ``result`` (a :class:`ServeResult` or :class:`ServeCheck`, its
+    ``interrupted`` set) holds what was measured before it."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self.result = result
+
+
+INTERRUPTED = "not finished: interrupted (Ctrl-C) before this check had its verdict"
 
 
 def parse_duration(text: str, option: str = "--latency-budget") -> float:
@@ -114,6 +127,7 @@ class ServeResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while timing (host.LoadMeter)
     ceiling_searched: bool = True  # False: the device's capacity is unknown, the ceiling is the largest size allowed
+    interrupted: bool = False  # Ctrl-C: the sizes timed before it (partial)
 
     def point(self, batch_size: int) -> LatencyPoint | None:
         return next((p for p in self.points if p.batch_size == batch_size), None)
@@ -124,29 +138,49 @@ class ServeResult:
         return out
 
 
-def serve_forward(loss: Any) -> Any:
-    """``forward(model, batch)``: the model on the batch's inputs, as a server calls it.
+def serve_inputs(loss: Any) -> Any:
+    """``inputs(batch)``: what of a host batch a server has, and so all that goes to the device: the model's inputs.
 
-    With ``loss: model_output`` the batch goes in whole (``model(**batch)``, Hugging Face
-    style); otherwise the targets are split off first (a ``(inputs, targets)`` pair, or a dict
-    without its ``labels``); a bare tensor, or a dict without targets, goes in as it is.
+    With ``loss: model_output`` the batch is the model's arguments whole (Hugging Face style); otherwise the
+    targets are split off (a ``(inputs, targets)`` pair, or a dict without its ``labels``): inference has no
+    labels, and counting them put 8 B a sample of int64 class labels into the inference ceiling. A one-item
+    batch is its item; a bare tensor, or a dict without targets, is the inputs as it is.
     """
-    from batchtune.config.components import _call, _split
+    from batchtune.config.components import _split
 
-    def forward(model: Any, batch: Any) -> Any:
+    def inputs(batch: Any) -> Any:
         if loss == "model_output":
-            return model(**batch) if isinstance(batch, dict) else model(*batch)
+            return batch
         if isinstance(batch, (list, tuple)) and len(batch) == 1:
-            return model(batch[0])
+            return batch[0]
         if isinstance(batch, (list, tuple, dict)):
             try:
-                inputs, _ = _split(batch)
+                return _split(batch)[0]
             except (TypeError, ValueError):
-                inputs = batch
-            return _call(model, inputs)
-        return model(batch)
+                return batch
+        return batch
+
+    return inputs
+
+
+def serve_forward(loss: Any) -> Any:
+    """``forward(model, inputs)``: the model on a batch's inputs (as :func:`serve_inputs` gives them), as a server
+    calls it: a dict as keyword arguments, a tuple as positional ones (``model_output``: a list too)."""
+    from batchtune.config.components import _call
+
+    def forward(model: Any, inputs: Any) -> Any:
+        if loss == "model_output":
+            return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        return _call(model, inputs)
 
     return forward
+
+
+def serve_workload(loss: Any) -> Any:
+    """The forward-only workload a server runs: the inputs alone moved to the device, the model on them."""
+    from batchtune.engine.trial import ForwardOnly
+
+    return functools.partial(ForwardOnly, forward=serve_forward(loss), inputs=serve_inputs(loss))
 
 
 # ---------------------------------------------------------------------------- the ceiling
@@ -162,13 +196,12 @@ def inference_ceiling(spec: Any, components: Any, backend: Any, model: Any) -> t
     from batchtune.commands.probe import _largest, _Stopping
     from batchtune.engine.distributed import current
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.engine.trial import Trainer, trial_config
     from batchtune.memory.search import SearchSpace, search_ceiling
     from batchtune.memory.source import DeviceMemorySource
 
     p, dist = spec.probe, current()
-    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
-    trainer = Trainer(components, backend, spec.precision, dist, workload=workload)
+    trainer = Trainer(components, backend, spec.precision, dist, workload=serve_workload(spec.loss))
 
     def config_for(batch_size: int, steps: int, validate: bool) -> Any:
         return trial_config(spec, BatchShape(batch_size, 1, dist.world_size), lr=0.0, steps=steps, grad_clip=None)
@@ -206,6 +239,7 @@ class _Timer:
     precision: str
     repeats: int
     max_seconds: float  # per size: stop repeating past this (after MIN_REPEATS)
+    inputs: Any = None  # inputs(batch): what of a batch goes to the device (serve_inputs); None: all of it
 
     def passes(self, batches: list[Any]) -> list[float]:
         """Seconds of each timed pass: a batch copied to the device and run forward, synchronised.
@@ -219,6 +253,7 @@ class _Timer:
         import torch
 
         backend, device = self.backend, self.backend.device
+        batches = [self.inputs(b) for b in batches] if self.inputs is not None else batches
         times: list[float] = []
         self.preempted = self.preempted_kept = 0
         with torch.inference_mode(), autocast(device.type, self.precision):
@@ -582,22 +617,42 @@ def run_serve(spec: Any, *, latency_budget: float, percentile: float = 99.0, rat
         return result
     model.eval()
     meter = LoadMeter.start()
-    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size)
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, max_seconds_per_size,
+                   serve_inputs(spec.loss))
     result.overhead_ms = 1e3 * timer.overhead()
     curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
                    getattr(components, "collate_fn", None))
     log.info("serve %s: latency up to %d ...", spec.name, outcome.ceiling)
-    result.max_batch_size = latency_curve(curve, serve_min(p), outcome.ceiling, p.granularity, full=full_curve)
-    result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
-    result.seconds["latency"] = time.perf_counter() - started - result.seconds["ceiling"]
-    if rate is not None:
-        result.dynamic, result.dynamic_reason = dynamic_batching(
-            result.points, curve.raw, result.max_batch_size, rate=rate, budget_s=latency_budget,
-            percentile=percentile, seed=spec.seed)
-    if buckets:
-        result.lengths = length_buckets(curve, components, result.max_batch_size or serve_min(p))
+    try:
+        result.max_batch_size = latency_curve(curve, serve_min(p), outcome.ceiling, p.granularity, full=full_curve)
+        result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
+        result.seconds["latency"] = time.perf_counter() - started - result.seconds["ceiling"]
+        if rate is not None:
+            result.dynamic, result.dynamic_reason = dynamic_batching(
+                result.points, curve.raw, result.max_batch_size, rate=rate, budget_s=latency_budget,
+                percentile=percentile, seed=spec.seed)
+        if buckets:
+            result.lengths = length_buckets(curve, components, result.max_batch_size or serve_min(p))
+    except KeyboardInterrupt:  # Ctrl-C had discarded the sizes already timed
+        raise ServeInterrupted(_interrupted(result, curve, started)) from None
     result.load = meter.reading(torch.get_num_threads())
     result.notes += _notes(result, p)
+    result.seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def _interrupted(result: ServeResult, curve: _Curve, started: float) -> ServeResult:
+    """The result as Ctrl-C left it: the sizes timed so far, and the largest of them meeting the budget."""
+    result.interrupted = True
+    if not result.points:  # interrupted while timing the curve
+        result.points = sorted(curve.points.values(), key=lambda q: q.batch_size)
+        result.max_batch_size = largest_meeting(curve.points, result.budget_ms) if curve.points else None
+        result.notes.append(f"PARTIAL: interrupted while timing the latency curve, after "
+                            f"{count_of(len(result.points), 'size')}: max batch size is the largest of them meeting "
+                            "the budget; the search had not finished")
+    else:
+        result.notes.append("PARTIAL: interrupted after the latency curve: what comes after it (the --rate "
+                            "simulation, the request lengths) may be missing")
     result.seconds["total"] = time.perf_counter() - started
     return result
 
@@ -713,14 +768,18 @@ class ServeCheck:
     capacity_bytes: int | None
     seconds: float
     point: LatencyPoint | None = None
+    interrupted: bool = False  # Ctrl-C: the checks not finished before it are skipped
 
     def exit_code(self, strict: bool = False) -> int:
-        """1 when a check failed (or, with ``strict``, warned), as ``check``'s other failures; else 0."""
+        """1 when a check failed (or, with ``strict``, warned), as ``check``'s other failures; else 0
+        (130 when interrupted)."""
+        if self.interrupted:
+            return 130
         return 1 if any(c["status"] == "fail" or (strict and c["status"] == "warn") for c in self.checks) else 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["status"] = "fail" if self.exit_code() else "pass"
+        out["status"] = "interrupted" if self.interrupted else "fail" if self.exit_code() else "pass"
         return out
 
 
@@ -740,46 +799,61 @@ def run_serve_check(spec: Any, *, latency_budget: float, percentile: float = 99.
     percentile is over the budget; skipped when the batch does not fit).
     """
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import ForwardOnly, Trainer, trial_config
+    from batchtune.engine.trial import Trainer, trial_config
     from batchtune.engine.watchdog import stop_if_timed_out
 
     _check_options(percentile, None, repeats, latency_budget)
     started = time.perf_counter()
     spec, components, backend, model = _setup(spec, backend)
     size = _serving_batch(spec, batch_size)
-    workload = functools.partial(ForwardOnly, forward=serve_forward(spec.loss))
-    trainer = Trainer(_worst_case(components), backend, spec.precision, workload=workload)
-    trial = stop_if_timed_out(trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, grad_clip=None,
-                                                       steps=spec.probe.steps_per_trial), model=model))
-    capacity = backend.capacity_bytes()
-    fits = _fits_verdict(trial, capacity)
-    checks, point = [fits], None
-    if trial.fits:
-        model.eval()
-        timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0)
-        curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
-                       getattr(components, "collate_fn", None))
-        point, _ = measure_latency(timer, curve.batches(size), size, latency_budget, percentile, "check")
-        q = f"p{percentile:g}"
-        checks.append({"name": "latency", "status": "pass" if point.meets_budget else "fail",
-                       "reason": f"{q} {_fmt_ms(point.at_percentile_ms)} ms {'≤' if point.meets_budget else '>'} "
-                                 f"{duration_ms(1e3 * latency_budget)} budget (p50 {_fmt_ms(point.p50_ms)} ms over "
-                                 f"{point.repeats} passes; {point.samples_per_s:,.0f} samples/s)",
-                       "figures": asdict(point)})
-        if point.percentile_unreliable(percentile):
-            checks[-1]["reason"] += (f"; {_percentile_warning(percentile)}: p{percentile:g} of {point.repeats} passes "
-                                     "is in effect the slowest, rough")
-        if point.preempted_kept:
-            checks[-1]["reason"] += (f"; {point.preempted_kept} of the {point.repeats} passes were switched out by the "
-                                     f"OS for other processes (timing them again ran out): {q} is this machine's, not "
-                                     "the model's own, rough")
-        if components.collate_fn is not None:  # variable-length requests, padded as collated
-            checks.append(_worst_case_check(curve, components, size, q))
-    else:
-        checks.append({"name": "latency", "status": "skip", "reason": "not measured: the batch does not fit",
-                       "figures": {}})
+    trainer = Trainer(_worst_case(components), backend, spec.precision, workload=serve_workload(spec.loss))
+    checks: list[dict[str, Any]] = []
+    capacity, point = None, None
+    try:
+        trial = stop_if_timed_out(trainer.run(trial_config(spec, BatchShape(size, 1, 1), lr=0.0, grad_clip=None,
+                                                           steps=spec.probe.steps_per_trial), model=model))
+        capacity = backend.capacity_bytes()
+        checks.append(_fits_verdict(trial, capacity))
+        if trial.fits:
+            point = _latency_checks(spec, components, backend, model, size, latency_budget, percentile, repeats, checks)
+        else:
+            checks.append({"name": "latency", "status": "skip", "reason": "not measured: the batch does not fit",
+                           "figures": {}})
+    except KeyboardInterrupt:  # Ctrl-C had discarded the verdicts already reached: the others are skipped
+        names = ["serve_fits", "latency"] + (["worst_case_latency"] if components.collate_fn is not None else [])
+        checks += [{"name": n, "status": "skip", "reason": INTERRUPTED, "figures": {}} for n in names
+                   if n not in {c["name"] for c in checks}]
+        raise ServeInterrupted(ServeCheck(spec.name, size, 1e3 * latency_budget, percentile, checks, backend.describe(),
+                                          spec.precision, capacity, time.perf_counter() - started,
+                                          interrupted=True)) from None
     return ServeCheck(spec.name, size, 1e3 * latency_budget, percentile, checks, backend.describe(), spec.precision,
                       capacity, time.perf_counter() - started, point)
+
+
+def _latency_checks(spec: Any, components: Any, backend: Any, model: Any, size: int, latency_budget: float,
+                    percentile: float, repeats: int, checks: list[dict[str, Any]]) -> LatencyPoint:
+    """Time the serving batch (``latency``) and, for variable-length requests, the longest (``worst_case_latency``);
+    each verdict appended to ``checks`` as it is reached. Returns the serving batch's latency."""
+    model.eval()
+    timer = _Timer(model, serve_forward(spec.loss), backend, spec.precision, repeats, 10.0, serve_inputs(spec.loss))
+    curve = _Curve(timer, components.train_set, spec.seed, latency_budget, percentile,
+                   getattr(components, "collate_fn", None))
+    point, _ = measure_latency(timer, curve.batches(size), size, latency_budget, percentile, "check")
+    q = f"p{percentile:g}"
+    reason = (f"{q} {_fmt_ms(point.at_percentile_ms)} ms {'≤' if point.meets_budget else '>'} "
+              f"{duration_ms(1e3 * latency_budget)} budget (p50 {_fmt_ms(point.p50_ms)} ms over "
+              f"{point.repeats} passes; {point.samples_per_s:,.0f} samples/s)")
+    if point.percentile_unreliable(percentile):
+        reason += f"; {_percentile_warning(percentile)}: p{percentile:g} of {point.repeats} passes is in effect the " \
+                  "slowest, rough"
+    if point.preempted_kept:
+        reason += (f"; {point.preempted_kept} of the {point.repeats} passes were switched out by the OS for other "
+                   f"processes (timing them again ran out): {q} is this machine's, not the model's own, rough")
+    checks.append({"name": "latency", "status": "pass" if point.meets_budget else "fail", "reason": reason,
+                   "figures": asdict(point)})
+    if components.collate_fn is not None:  # variable-length requests, padded as collated
+        checks.append(_worst_case_check(curve, components, size, q))
+    return point
 
 
 def _worst_case_check(curve: _Curve, components: Any, size: int, q: str) -> dict[str, Any]:

@@ -86,6 +86,8 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         raise ComponentError([spec.issue(path, message)]) from exc
 
 
+SAMPLES_CHECKED = 256  # validate reads at most this many samples of each split, spread through it
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: a label it skips (padding in token targets)
 #: How every training step calls the optimizer: the errors about a custom one's step say it.
 STEP_CALL = "batchtune calls optimizer.step() with no closure, once per training step after backward"
 
@@ -396,6 +398,49 @@ def _split(batch: Any) -> tuple[Any, Any]:
         raise ValueError(f"a batch must be (inputs, targets), (input, ..., targets) or a dict with its targets under "
                          f"{', '.join(TARGET_KEYS)}; this one is {form}")
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]
+
+
+def _spread(n: int, limit: int) -> list[int]:
+    """At most ``limit`` indices of ``range(n)``, evenly spread, the first and the last among them."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    """A tensor, a numeric NumPy array or scalar, or a Python number as a tensor; None for anything else (strings,
+    booleans)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    numeric = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+        type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") in ("i", "u", "f"))
+    return torch.as_tensor(value) if numeric else None
+
+
+def _sample_problem(sample: Any, classes: int | None) -> str | None:
+    """What is wrong with one sample, in words after 'training sample 7 (of 512)', or None: values that are not
+    finite, or (``classes`` given: cross_entropy) a class label outside 0..classes-1 (-100 aside)."""
+    try:
+        inputs, targets = _split(sample)
+        parts: tuple[tuple[str, Any], ...] = (("inputs", inputs), ("targets", targets))
+    except (TypeError, ValueError):
+        targets, parts = None, (("values", sample),)
+    for part, value in parts:
+        for t in filter(lambda x: x is not None, map(_as_tensor, tree_leaves(value))):
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                kinds = " and ".join(k for k, found in (("NaN", torch.isnan(t)), ("inf", torch.isinf(t)))
+                                     if bool(found.any()))
+                bad = int((~torch.isfinite(t)).sum())
+                return f"holds {kinds} in its {part} ({bad:,} of {count_of(t.numel(), 'value')}): clean the data"
+    labels = _as_tensor(targets) if classes is not None and not isinstance(targets, (dict, list, tuple)) else None
+    if labels is None or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None
+    wrong = labels[(labels >= classes) | ((labels < 0) & (labels != IGNORE_INDEX))]
+    if wrong.numel() == 0:
+        return None
+    return (f"has class label {int(wrong.flatten()[0])} in its targets, out of range for the model's {classes} "
+            f"outputs: cross_entropy takes labels 0 to {classes - 1} ({IGNORE_INDEX} is ignored); give the model an "
+            "output per class, or fix the labels")
 
 
 def _numbers_as_lists(batch: Any, n: int) -> int:
@@ -741,6 +786,43 @@ class Components:
                                            "training step, from finite inputs: the model's initial output or the "
                                            "loss function, not the lr")
         return float(loss)
+
+    def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED) -> int:
+        """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data
+        set), for values that are not finite (NaN or inf, in the inputs or the targets) and, under
+        ``cross_entropy``, class labels the model's outputs cannot hold (below 0 other than -100, which it
+        ignores, or at least its number of outputs). Returns the samples read. validate read two samples:
+        a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
+
+        Raises:
+            SpecError: on ``data``, naming the split, the sample's index and the problem.
+            ComponentError: reading a sample raised.
+        """
+        classes = self._classes(model) if self.spec.loss == "cross_entropy" else None
+        read = 0
+        for which, dataset in (("training", self.train_set), ("validation", self.val_set)):
+            n = len(dataset)
+            for i in _spread(n, limit):
+                sample = _build(self.spec, "data", f"reading {which} sample {i}", dataset.__getitem__, i)
+                problem = _sample_problem(sample, classes)
+                if problem is not None:
+                    raise self.spec.error("data", f"{which} sample {i} (of {n:,}) {problem}")
+                read += 1
+        return read
+
+    def _classes(self, model: nn.Module) -> int | None:
+        """The model's number of class scores (the last dimension of its output on the first two training
+        samples), or None where it gives none, or one (the forward's errors and a one-class output are first_loss's
+        to say, as the loss's)."""
+        n = min(2, len(self.train_set))
+        try:
+            inputs, _ = _split(self._first_batch(n, "the first training samples"))
+            with torch.no_grad():
+                output = _call(model, inputs)
+        except Exception:  # noqa: BLE001 - said by first_loss, which runs the same batch
+            return None
+        scores = isinstance(output, torch.Tensor) and output.dim() >= 2 and output.shape[-1] >= 2
+        return int(output.shape[-1]) if scores else None
 
     def _first_batch(self, n: int, first: str) -> Any:
         """The first ``n`` training samples collated; a collate that raises is ``data.collate``'s where the spec

@@ -446,11 +446,15 @@ class Feed:
         backend: where they go; loading runs with memory counting paused, then the batch's
             tensors are counted as they land.
         world_size: ranks that each take a batch of their own, for the sample count.
+        on_device: ``on_device(batch)``, the part of a host batch that goes to the device (the
+            workload's :meth:`~batchtune.engine.workload.Workload.on_device`); None: all of it.
     """
 
     def __init__(self, stream: Iterator[Any], backend: DeviceBackend, world_size: int = 1,
-                 source: tuple[str, str | None] = ("data", None)) -> None:
+                 source: tuple[str, str | None] = ("data", None),
+                 on_device: Callable[[Any], Any] | None = None) -> None:
         self._stream = stream
+        self._on_device = on_device
         self._backend = backend
         self._world_size = world_size
         self._source = source  # what the batches come from, for an error (see load_next)
@@ -472,7 +476,7 @@ class Feed:
             self._held = None
             self._held = batch = load_next(self._stream, "training", *self._source)
         samples = self._samples(batch)
-        batch = to_device(batch, backend.device)
+        batch = to_device(self._on_device(batch) if self._on_device is not None else batch, backend.device)
         backend.track_batch(tensors(batch))
         self.data_seconds += time.perf_counter() - start
         self.samples += samples * self._world_size

@@ -535,7 +535,8 @@ class Trainer:
         stream = batches(comps.train_set, config.shape.micro_batch_size, seed=config.seed,
                          num_workers=comps.spec.data.num_workers, pin=backend.device.type == "cuda", dist=self.dist,
                          collate_fn=comps.collate_fn)
-        run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size, data_source(comps.spec)),
+        run = _Run(config, result, model, work, Feed(stream, backend, self.dist.world_size, data_source(comps.spec),
+                                                     work.on_device),
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
             self._steps(run)

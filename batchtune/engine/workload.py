@@ -59,6 +59,10 @@ class Workload:
     # why a step due for the noise scale measured nothing (its batch cannot be cut in halves), or None
     unsplittable: str | None = None
 
+    def on_device(self, batch: Any) -> Any:
+        """The part of a host batch that goes to the device (and is counted there): all of it by default."""
+        return batch
+
     def begin(self, step: int) -> None:
         """Before the timed part of step ``step``."""
 
@@ -228,11 +232,15 @@ class ForwardOnly(Workload):
         forward: ``forward(model, batch)``, what one pass runs. By default the spec's loss
             function (the model's forward plus the loss, whose mean the trial records as its
             loss); a custom one's output is dropped and the trial records no loss.
+        inputs: ``inputs(batch)``, the part of each host batch that goes to the device and that
+            ``forward`` is given (a server's requests have no targets); None: the whole batch.
     """
 
     def __init__(self, trainer: Trainer, model: nn.Module, config: TrialConfig, *,
-                 forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
+                 forward: Callable[[nn.Module, Any], Any] | None = None,
+                 inputs: Callable[[Any], Any] | None = None) -> None:
         self.config = config
+        self.inputs = inputs
         self.model = model
         self.backend = trainer.backend
         self.forward = forward if forward is not None else trainer.components.loss_fn
@@ -240,6 +248,9 @@ class ForwardOnly(Workload):
         self._autocast = functools.partial(autocast, trainer.backend.device.type, trainer.precision)
         self._was_training = model.training
         model.eval()
+
+    def on_device(self, batch: Any) -> Any:
+        return self.inputs(batch) if self.inputs is not None else batch
 
     def compute(self, feed: Feed, noise: NoiseScaleMonitor | None) -> torch.Tensor | None:
         accum = self.config.shape.accum_steps

@@ -314,6 +314,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "skip.train_oom": lambda f: "not measured: the training run ran out of memory",
     "skip.train_unfinished": lambda f: "not measured: the training run did not finish",
     "skip.no_baseline": lambda f: "no --baseline given",
+    "skip.interrupted": lambda f: "not finished: interrupted (Ctrl-C) before this check had its verdict",
 }
 
 
@@ -402,13 +403,15 @@ def _check_head(report: Any) -> str:
         where = f"{where[:-1]}{whose})"
     shape = format_shape(report.shape, "long")
     estimate = " (estimate: no training step ran)" if report.device.get("estimate") else ""
+    partial = ", PARTIAL: interrupted" if getattr(report, "interrupted", False) else ""
     return (f"batchtune check{estimate}: {report.name} — batch {shape}, lr {report.lr:.4g}, {where}, "
-            f"{report.precision}")
+            f"{report.precision}{partial}")
 
 
 def _check_verdict(report: Any, strict: bool) -> str:
     counts = {s: sum(c.status == s for c in report.checks) for s in ("fail", "warn", "skip")}
-    word = "FAIL" if report.exit_code(strict) else "PASS"
+    word = ("INTERRUPTED (partial: the checks finished before it)" if getattr(report, "interrupted", False)
+            else "FAIL" if report.exit_code(strict) else "PASS")
     extra = [text for n, text in ((counts["fail"], f"{counts['fail']} failed"),
                                   (counts["warn"], f"{counts['warn']} warning{'s' if counts['warn'] != 1 else ''}"),
                                   (counts["skip"], f"{counts['skip']} skipped")) if n]

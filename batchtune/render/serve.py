@@ -100,7 +100,8 @@ def render_serve(r: Any, fmt: str = "table") -> str:
     if fmt == "json":
         return to_json(r.to_dict())
     head = (f"batchtune serve: {r.name} on {device_text(r.device, r.capacity_bytes)}, {r.precision} — "
-            f"budget {duration_ms(r.budget_ms)} at p{r.percentile:g}")
+            f"budget {duration_ms(r.budget_ms)} at p{r.percentile:g}"
+            + (", PARTIAL: interrupted" if r.interrupted else ""))
     width = max(len(k) for k, _ in _summary(r))
     if fmt == "markdown":
         summary = "\n".join(f"- **{k}**: {v}" for k, v in _summary(r))
@@ -116,12 +117,16 @@ def render_serve(r: Any, fmt: str = "table") -> str:
 def render_serve_check(c: Any, fmt: str = "table", strict: bool = False) -> str:
     """``check --serve``: one verdict per check and the overall verdict."""
     if fmt == "json":
-        return to_json({**c.to_dict(), "status": "fail" if c.exit_code(strict) else "pass", "strict": strict})
+        status = "interrupted" if c.interrupted else "fail" if c.exit_code(strict) else "pass"
+        return to_json({**c.to_dict(), "status": status, "strict": strict})
     head = (f"batchtune check --serve: {c.name} — batch {c.batch_size}, budget {duration_ms(c.budget_ms)} at "
-            f"p{c.percentile:g}, {device_text(c.device, c.capacity_bytes)}, {c.precision}")
+            f"p{c.percentile:g}, {device_text(c.device, c.capacity_bytes)}, {c.precision}"
+            + (", PARTIAL: interrupted" if c.interrupted else ""))
     rows = [(v["name"], v["status"], v["reason"]) for v in c.checks]
     table = tabulate(rows, headers=["check", "status", "reason"], tablefmt="github" if fmt == "markdown" else "simple")
-    verdict = f"verdict: {'FAIL' if c.exit_code(strict) else 'PASS'}{' (strict)' * strict} — {c.seconds:.1f} s"
+    word = ("INTERRUPTED (partial: the checks finished before it)" if c.interrupted
+            else "FAIL" if c.exit_code(strict) else "PASS")
+    verdict = f"verdict: {word}{' (strict)' * strict} — {c.seconds:.1f} s"
     return "\n".join([f"### {head}" if fmt == "markdown" else head, "", table, "", verdict]) + "\n"
 
 
