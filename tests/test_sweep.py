@@ -462,6 +462,26 @@ def test_the_default_target_is_one_most_sizes_reach():
     assert a.summary.set_index("batch_size").loc[[16, 32], "reached"].tolist() == ["3/3", "3/3"]
 
 
+def test_curves_that_hover_around_the_target_are_said_to_read_noise():
+    """An outside CNN's validation curves (SGD, label noise) dipped below its default target and rose again: 16's
+    seeds stayed below only at 1.7× the steps of their first dip, and its steps fit said B_crit 79 where the
+    tester's search said 26-47, without a word. A curve that falls steadily through the target is not named."""
+    steady = [(0, 0, 1.4), (40, 0.4, 1.25), (80, 0.8, 1.15), (120, 1.2, 1.1)]
+    spiky = [(0, 0, 1.4), (40, 0.4, 1.25), (60, 0.6, 1.16), (80, 0.8, 1.3), (100, 1.0, 1.19), (120, 1.2, 1.12),
+             (140, 1.4, 1.1)]
+    rows = [_trial(b, seed, spiky if b == 16 else steady, 1000 * b) for b in (16, 32, 64) for seed in (0, 1, 2)]
+    meta = {**HAND_META, "seeds": [0, 1, 2], "target_loss": 1.17, "samples": 2048, "precision": "fp32"}
+    notes = [n for n in result_from_rows("hover", rows, meta).notes if "hover" in n]
+    # 16 stays below 1.17 from step ~110 (the decreasing fit pools 60-100 at 1.217); its first dip was at 60
+    assert notes == ["target val loss 1.17: the validation curves of 16 hover around it: their seeds dip below it, "
+                     "rise again, and stay below only after a median 1.8× the steps of that first dip (steps to "
+                     "target reads where they stay); this near where the curves level off, steps to target measure "
+                     "their noise as much as progress, so the ranking and the critical batch from the steps fit are "
+                     "less certain than their intervals say; a higher sweep.target_loss, where the curves still "
+                     "fall, reads steadier crossings"]
+    assert not any("hover" in n for n in result_from_rows("hover", rows, {**meta, "target_loss": 1.26}).notes)
+
+
 def test_a_task_that_does_not_learn_gets_no_target_and_says_so():
     """An outside task whose validation set had other class centres: every curve rose from where it started.
     The default target sat above the starting loss, every size 'crossed' it at step 0, and the steps fit

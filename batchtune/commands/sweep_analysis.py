@@ -48,6 +48,7 @@ DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share
 KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
 LR_TIE = 0.02  # lrs of a size this close in median steps to target are tied: the lower one is kept
 NEAR_START = 0.05  # a target less than this share below the untrained loss is said to measure little learning
+HOVER = 1.4  # a size's seeds crossing at this many times the steps of their first dip below the target: hovering
 
 SUMMARY_COLUMNS = ["rank", "batch_size", "micro_batch_size", "accum_steps", "lr", "lr_multiplier", "seeds",
                    "reached", "final_val_loss", "final_val_loss_std", "steps_to_target", "seconds_to_target",
@@ -604,9 +605,36 @@ def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> di
                         "the first steps (and their noise), not the run to come; unless little change is what the "
                         "job expects (a fine-tune starting near its end), train longer (sweep.samples) or set a "
                         "lower sweep.target_loss")
+    notes += _hover_notes(contenders, target, critical)
     recommendation = _recommend(ranked, sizes=sizes, target=target, meta=meta, critical=critical) if ranked else None
     return {"target_loss": target, "summary": _summary(ranked, sizes, meta.get("excluded", {})),
             "recommendation": recommendation, "critical": critical, "notes": notes, "sizes": sizes}
+
+
+def _hover_notes(contenders: list[Entry], target: float, critical: dict[str, Any]) -> list[str]:
+    """Sizes whose curves hover around ``target``: their seeds' crossings (where the loss gets there and stays,
+    :func:`crossing`) come at a median :data:`HOVER`× or more the steps of their first dip below it. An outside
+    CNN (SGD, 10% label noise, spiky validation curves) had 8, 16 and 64 at 1.96×, 1.73× and 1.42× at its
+    default target, and its steps fit said B_crit 79 where the tester's search, read either way, said 26–47; the
+    stored ground truths' sizes sit at 0.87–1.2×."""
+    hovering = []
+    for e in contenders:
+        ratios = [cross[0] / first for r in e["rows"] if (cross := seed_crossing(r, target)) and (first := next(
+            (p[0] for p in r.get("evals") or [] if p[0] > 0 and p[3] is not None and p[3] <= target), None))]
+        if ratios and statistics.median(ratios) >= HOVER:
+            hovering.append((e["batch_size"], statistics.median(ratios)))
+    if not hovering:
+        return []
+    low, high = min(r for _, r in hovering), max(r for _, r in hovering)
+    span = f"{low:.1f}×" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}×"
+    fit = critical.get("basis") == "steps-to-target fit"
+    return [f"target val loss {target:.4g}: the validation curves of {', '.join(str(b) for b, _ in hovering)} hover "
+            f"around it: their seeds dip below it, rise again, and stay below only after a median {span} the steps of "
+            "that first dip (steps to target reads where they stay); this near where the curves level off, steps "
+            "to target measure their noise as much as progress, so the ranking" + (" and the critical batch from the steps fit"
+                                                                 if fit else "")
+            + " are less certain than their intervals say; a higher sweep.target_loss, where the curves still "
+            "fall, reads steadier crossings"]
 
 
 # ------------------------------------------------------------------------------------- ranking
