@@ -540,6 +540,11 @@ def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommende
     faster = result()
     assert _recommend(faster, {**close, "schedule": plan([32, 64], 6.0, 1100)}, 0.01) == []
     assert faster.recommendation["plan"] == "schedule" and faster.notes == []
+    # a plan projected short of the target is said to be projected so: an outside CNN's constant 32, 'does not
+    # reach it within the run', reached it in 475 steps
+    short = result()
+    _recommend(short, {**close, "constant 16": Projection([Stage(0.0, 16, 1000.0)], 1e5, 1.3, 6000, 20.0)}, 0.01)
+    assert short.recommendation["reasons"][-1] == "constant 16 is projected not to reach it within the run"
 
 
 def test_a_verification_where_no_plan_reached_the_target_says_the_projection_does_not_hold():
@@ -1218,7 +1223,7 @@ def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibra
 
     def result(**kw):
         reasons = ["reaches the final target 0.09155 (within 1% of the best projected final loss) in 5763 steps and "
-                   "2.9 s", "constant 64 does not reach it within the run"]
+                   "2.9 s", "constant 64 is projected not to reach it within the run"]
         return SimpleNamespace(**{"recommendation": {"plan": "schedule", "reasons": reasons}, "closest": None, **kw})
 
     picked = result()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -1113,8 +1114,10 @@ def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[d
     result.laws["loss"] = {"form": "flat: loss = level", "level": level, "log_slope": slope, "points": len(points)}
     _recommend(result, projected, tolerance)
     if result.recommendation is not None:
-        result.recommendation["reasons"] = [r.replace("within the run", "within their calibration runs")
-                                            for r in result.recommendation["reasons"]]
+        result.recommendation["reasons"] = [  # measured there, not projected
+            re.sub(r" (is|are) projected not to reach it within the run",
+                   lambda m: f" do{'es' * (m[1] == 'is')} not reach it within their calibration runs", r)
+            for r in result.recommendation["reasons"]]
     name = (result.recommendation or result.closest or {}).get("plan")
     pick = projected.get(name)
     losses = [l for _, l in points]
@@ -1474,7 +1477,8 @@ def _recommend(result: PlanResult, projected: dict[str, Projection], tolerance: 
                        "as long")
     short = [k for k, p in projected.items() if not p.reaches]
     if short:
-        reasons.append(f"{', '.join(short)} do{'es' * (len(short) == 1)} not reach it within the run")
+        reasons.append(f"{', '.join(short)} {'is' if len(short) == 1 else 'are'} projected not to reach it within the "
+                       "run")  # a projection: an outside CNN's constant 32, said not to, did (in 475 steps)
     result.recommendation = {"plan": name, "batch_size": entry.get("batch_size"), "reasons": reasons}
     if result.deadline_seconds is not None:
         meets = pick.seconds_to_target <= result.deadline_seconds
