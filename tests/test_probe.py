@@ -620,3 +620,20 @@ def test_a_memory_model_says_where_its_max_error_is():
     assert model.max_error_batch_size == 1 and model.max_relative_error == pytest.approx(0.03849, abs=1e-5)
     assert _fit_text(model) == "R² 1.00000 over 4 runs, max error 3.85% at batch 1"
     assert _fit_text(fit_memory_model([1, 2], [10, 20])) == "exact through 2 points over 2 runs, max error 0.00%"
+
+
+def test_the_default_cap_is_searched_as_a_multiple_of_the_granularity():
+    # an unsized data set leaves only probe.max_batch_size as the cap; its default 2**20 is not a multiple of 3, and
+    # a probe whose memory allowed more reported 1,048,576 as a ceiling at granularity 3
+    from types import SimpleNamespace
+
+    from batchtune.commands.probe import _largest
+    from batchtune.config.spec import ProbeSpec
+
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    components = SimpleNamespace(train_set=Unsized(), spec=SimpleNamespace(trial_timeout=None))
+    assert _largest(components, ProbeSpec(granularity=3)) == (1_048_575, None)
+    assert _largest(components, ProbeSpec(granularity=8, max_batch_size=96)) == (96, None)

@@ -431,3 +431,11 @@ def test_repeated_batch_sizes_and_no_lr_multipliers_are_refused():
     assert "64 given more than once" in _issues(TINY_SPEC, ["sweep.batch_sizes=[64, 64, 32]"])["sweep.batch_sizes"][1]
     said = _issues(TINY_SPEC, ["sweep.lr_multipliers=[]"])["sweep.lr_multipliers"][1]
     assert said.startswith("an empty list: give the lr multipliers to try")
+
+
+def test_a_probe_cap_that_is_not_a_multiple_of_the_granularity_is_refused_naming_both_keys():
+    # the probe reported the cap 100 itself as the ceiling at granularity 8, a size no other ceiling could be
+    assert _issues(TINY_SPEC + "probe: {granularity: 8, min_batch_size: 8, max_batch_size: 100}\n") == {
+        "probe.max_batch_size": (7, "must be a multiple of probe.granularity (8), got 100: the probe only reports "
+                                    "multiples of it (the largest below 100 is 96)")}
+    assert parse_spec(TINY_SPEC + "probe: {granularity: 8, max_batch_size: 96}\n", "s.yaml").probe.max_batch_size == 96

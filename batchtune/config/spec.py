@@ -465,6 +465,13 @@ class ProbeSpec(_Strict):
         low = info.data.get("min_batch_size")
         if low and value < low:
             raise ValueError(f"must be at least min_batch_size ({low}), got {value}")
+        # refused, not rounded: a cap of 100 at granularity 8 could only be reported as 96 or as the 100 no other
+        # ceiling could be, and the stated number is the user's to change (min_batch_size is refused alike)
+        granularity = info.data.get("granularity")
+        if granularity and value % granularity:
+            raise ValueError(f"must be a multiple of probe.granularity ({granularity}), got {value}: the probe "
+                             f"only reports multiples of it (the largest below {value} is "
+                             f"{value // granularity * granularity})")
         return value
 
 
