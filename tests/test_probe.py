@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import batchtune.config.components
 from batchtune.commands.probe import run_probe, run_probe_estimate, safe_size
 from batchtune.config.components import build_components
 from batchtune.config.spec import load_spec
+from batchtune.engine.distributed import DistContext
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 from batchtune.memory.device import CPUBackend
@@ -637,3 +639,46 @@ def test_the_default_cap_is_searched_as_a_multiple_of_the_granularity():
     components = SimpleNamespace(train_set=Unsized(), spec=SimpleNamespace(trial_timeout=None))
     assert _largest(components, ProbeSpec(granularity=3)) == (1_048_575, None)
     assert _largest(components, ProbeSpec(granularity=8, max_batch_size=96)) == (96, None)
+
+
+class _AloneAsTwo(DistContext):
+    """Two ranks for the trainer, one process: every reduction is this rank's own values (both ranks alike)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=2)
+
+    def _reduce(self, values, op):
+        return values
+
+
+class _Buckets(torch.nn.Module):
+    """DDP's memory without its collectives: a gradient-sized bucket beside the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        self.bucket = torch.zeros(sum(p.numel() for p in model.parameters()))
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+
+def test_the_wrapper_a_failed_first_trial_built_is_not_memory_the_oom_left_behind(write_spec, monkeypatch):
+    """A probe under [4MiB, 6KiB] whose first trial (batch 1) ran out said 'memory did not return to the baseline
+    after an OOM: 2704 bytes still held': the DDP buckets that trial built, which the model keeps for the next."""
+    import batchtune.engine.trial
+
+    monkeypatch.setattr(batchtune.engine.trial, "data_parallel", lambda model, device: _Buckets(model))
+    spec = load_spec(write_spec(), ["device.memory_limit=6KiB"])
+    comps = build_components(spec)
+    backend = CPUBackend(spec.device.memory_limit)
+    model = comps.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    trainer = Trainer(comps, backend, dist=_AloneAsTwo())
+    result = trainer.run(TrialConfig(BatchShape(2, 1, 2), lr=0.01, steps=1), model=model)
+    assert not result.fits and "out of memory" in result.error
+    assert backend.current_bytes() - result.baseline_bytes == 0 == result.leaked_bytes
+    assert trainer._wrapped[1].bucket.numel() * 4 == 2704  # the buckets are still held, by the model's wrapper

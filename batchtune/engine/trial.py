@@ -362,7 +362,12 @@ class Trainer:
             # ran out there, alone, and the others waited in that collective for ever (the probe's model, built
             # once and counted without a limit). Such a rank's OOM is agreed first, before any collective.
             self._agreed(self._weights_fit)
+            before = self.backend.current_bytes()
             self._wrapped = (model, self._agreed(lambda: self._wrap(model)))
+            if self.current is not None:
+                # the wrapper (DDP's buckets) outlives the trial that built it: not memory an OOM left behind (a
+                # probe whose first trial ran out on rank 1 said rank 0 'did not return to the baseline' by them)
+                self.current.baseline_bytes += self.backend.current_bytes() - before
         return self._wrapped[1]
 
     def _weights_fit(self) -> None:
@@ -513,7 +518,8 @@ class Trainer:
             # 16 peaked 19.4 MB higher after one at 32 (its model and AdamW state), and two at 32 ran out of memory
             log.debug("trial left %d bytes live: collecting", backend.current_bytes() - result.baseline_bytes)
             backend.cleanup(collect=True)
-        result.leaked_bytes = backend.current_bytes() - result.baseline_bytes
+        # not below 0: bytes a gloo thread still held when the baseline was read (DDP's broadcast) go later
+        result.leaked_bytes = max(backend.current_bytes() - result.baseline_bytes, 0)
         result.seconds = time.perf_counter() - started
         return result
 
