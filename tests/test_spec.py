@@ -122,7 +122,10 @@ def test_missing_file_is_a_spec_error(tmp_path):
 def test_rank_limits():
     spec = parse_spec("name: a\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\n"
                       "base_batch_size: 8\ndevice: {type: cpu, memory_limit: [1MiB, 512KiB]}\n")
-    assert [spec.device.limit_for_rank(r) for r in range(3)] == [2**20, 2**19, 2**19]
+    assert [spec.device.limit_for_rank(r, 2) for r in range(2)] == [2**20, 2**19]
+    assert spec.device.limit_for_rank(0, 1) == 2**20  # one process: the first
+    with pytest.raises(ValueError, match="lists 2 limits, one per rank, and this run has 3 ranks: give 3 limits"):
+        spec.device.limit_for_rank(2, 3)  # the last entry covered rank 2 without a word
 
 
 def test_unknown_capitalised_key_is_named():

@@ -410,11 +410,20 @@ class DeviceSpec(_Strict):
             return [None if v is None else parse_bytes(v) for v in value]
         return parse_bytes(value)
 
-    def limit_for_rank(self, rank: int) -> int | None:
-        """The memory limit that applies to ``rank`` (the last entry covers later ranks)."""
-        if isinstance(self.memory_limit, list):
-            return self.memory_limit[min(rank, len(self.memory_limit) - 1)]
-        return self.memory_limit
+    def limit_for_rank(self, rank: int, world_size: int) -> int | None:
+        """The memory limit of ``rank`` among ``world_size`` ranks; one process takes a list's first entry.
+
+        Raises:
+            ValueError: under several ranks, a list that is not one limit per rank (3 limits on 2 ranks, or 1
+                on 2, were taken without a word: the last entry covered the ranks beyond the list).
+        """
+        limits = self.memory_limit
+        if not isinstance(limits, list):
+            return limits
+        if world_size > 1 and len(limits) != world_size:
+            raise ValueError(f"lists {len(limits)} limit{'' if len(limits) == 1 else 's'}, one per rank, and this "
+                             f"run has {world_size} ranks: give {world_size} limits, or one size for every rank")
+        return limits[rank if world_size > 1 else 0]
 
 
 class FSDPSpec(_Strict):
