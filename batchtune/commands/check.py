@@ -642,11 +642,11 @@ def _warmup_steps(state: _CheckRun, steps: int) -> int:
 
 def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
     """The loss trend of the training run; too few steps (the budget cut it short) is a skip."""
-    from batchtune.engine.trial import starting_loss
+    from batchtune.engine.trial import starting_loss, untrained_loss
 
     verdict = trains_verdict(run.losses, diverged=run.diverged, divergence=run.divergence, lr=state.lr,
                              spike_factor=state.spec.check.divergence_factor,
-                             start=starting_loss(run) if run.losses else None)
+                             start=starting_loss(run) if run.losses else None, untrained=untrained_loss(run))
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:

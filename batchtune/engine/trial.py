@@ -781,9 +781,15 @@ def starting_loss(result: TrialResult) -> float:
     subset's mean), else the median of the first :data:`INITIAL_STEPS` training losses. Not the
     first step's loss: one small batch is one small sample, and an outside GRU regression's first
     batch of 8 read 0.105 where the validation loss was 0.669, so every lr it tried 'diverged'."""
+    untrained = untrained_loss(result)
+    return statistics.median(result.losses[:INITIAL_STEPS]) if untrained is None else untrained
+
+
+def untrained_loss(result: TrialResult) -> float | None:
+    """The validation loss measured before the first step (None: none was, or it was not finite)."""
     if result.evals and result.evals[0].step == 0 and math.isfinite(result.evals[0].val_loss):
         return result.evals[0].val_loss
-    return statistics.median(result.losses[:INITIAL_STEPS])
+    return None
 
 
 def exploded(losses: list[float], factor: float, start: float) -> bool:
