@@ -694,8 +694,10 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
                                       basis_steps=quick.steps, **other)
     if quick is not None:
         from batchtune.config.components import has_batchnorm
+        from batchtune.engine.trial import agreed
 
-        model = state.trainer.components.build_model(state.spec.seed)
+        model = agreed(state.trainer.dist, lambda: state.trainer.components.build_model(state.spec.seed),
+                       "building the model")
         return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
                      batchnorm=has_batchnorm(model), **other)
     if why := getattr(state.run, "noise_unmeasured", None):

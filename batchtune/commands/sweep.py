@@ -689,10 +689,12 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     notes.append(f"probed ceiling {probe.ceiling}{capped} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     from batchtune.engine.distributed import current
+    from batchtune.engine.trial import agreed
 
     world = current().world_size
     sharded = spec.distributed.resolved(world) == "fsdp"
-    accum = accumulating_micro(probe, lambda: components.build_model(spec.seed), world, sharded)
+    accum = accumulating_micro(probe, lambda: agreed(current(), lambda: components.build_model(spec.seed),
+                                                     "building the model"), world, sharded)
     return probe.ceiling, probe.safe_batch_size, accum
 
 

@@ -39,7 +39,7 @@ from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.monitor import NoiseScaleMonitor
 
 __all__ = ["EvalPoint", "ForwardOnly", "TrainStep", "TrialConfig", "TrialResult", "Trainer", "Workload",
-           "prepare", "trial_config"]
+           "agreed", "prepare", "trial_config"]
 
 _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
 # fp16: consecutive skipped steps (gradient overflow) before a trial counts as diverged. From
@@ -192,7 +192,8 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
                                          "model; only serve runs without it)") for key in missing])
     set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
     steady_malloc()
-    components = build_components(spec)
+    # agreed: a data factory that raised on rank 1 alone left rank 0 waiting in the model's agreement
+    components = agreed(current(), lambda: build_components(spec), "building the data")
     if spec.optimizer.family_evidence is None:  # lr_scaling: auto judges the optimizer object, not its name
         from batchtune.engine.optimizer import optimizer_family
 
@@ -277,6 +278,44 @@ def _agreed_oom(failure: str | None, failed: list[int], device_type: str) -> tor
     exc.batchtune_error = line  # already an error line: the trial records it as it is
     exc.failed_ranks = failed
     return exc
+
+
+def agreed(dist: DistContext, phase: Callable[[], Any], what: str = "a training step",
+           backend: DeviceBackend | None = None) -> Any:
+    """Run one phase (of a step, or a build); under several ranks, succeed or fail together.
+
+    A local OOM (on ``backend``'s device; without one every failure is an error) is caught here, its frames (and
+    activations) released, and reported to the other ranks; if any rank failed, every rank raises. No collective
+    happens inside a phase, so a rank that fails never leaves another waiting in one, except FSDP's, each of which
+    first meets a failed rank's report (``DistContext.checkpoint``).
+    """
+    if not dist.enabled:
+        return phase()
+    failure, out, state, agreement = None, None, _OK, None
+    try:
+        out = phase()
+    except PeerFailure as exc:  # a collective inside the phase (FSDP's) met a failed rank's report
+        agreement = exc.state
+    except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
+        oom = backend is not None and is_oom(exc, backend)
+        failure = error_line(exc) if oom else exc
+        state = _OOM if oom else _ERROR
+    # The agreement's own bytes are not the phase's: uncounted, so that a rank whose memory is full still
+    # agrees (its 8-byte tensor ran out on the simulated device, and the rank left the others waiting).
+    with backend.paused() if backend is not None else contextlib.nullcontext():
+        if agreement is None:
+            (agreement,) = dist.min(state)
+        # every rank is here: it failed, or met a failure
+        failed = dist.ranks_where(state == agreement) if agreement != _OK else []
+    if agreement == _OK:
+        return out
+    if agreement == _ERROR:
+        if isinstance(failure, BaseException):
+            # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
+            failure.batchtune_rank_local = len(failed) < dist.world_size
+            raise failure
+        raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
+    raise _agreed_oom(failure, failed, backend.device.type)
 
 
 @dataclass
@@ -568,40 +607,8 @@ class Trainer:
                                  accum_steps=shape.accum_steps, every=config.noise_every, ranks=self.dist)
 
     def _agreed(self, phase: Callable[[], Any], what: str = "a training step") -> Any:
-        """Run one phase of a step; under several ranks, succeed or fail together.
-
-        A local OOM is caught here, its frames (and activations) released, and reported to
-        the other ranks; if any rank failed, every rank raises. No collective happens inside
-        a phase, so a rank that fails never leaves another waiting in one, except FSDP's,
-        each of which first meets a failed rank's report (``DistContext.checkpoint``).
-        """
-        if not self.dist.enabled:
-            return phase()
-        failure, out, state, agreed = None, None, _OK, None
-        try:
-            out = phase()
-        except PeerFailure as exc:  # a collective inside the phase (FSDP's) met a failed rank's report
-            agreed = exc.state
-        except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
-            oom = is_oom(exc, self.backend)
-            failure = error_line(exc) if oom else exc
-            state = _OOM if oom else _ERROR
-        # The agreement's own bytes are not the phase's: uncounted, so that a rank whose memory is full still
-        # agrees (its 8-byte tensor ran out on the simulated device, and the rank left the others waiting).
-        with self.backend.paused():
-            if agreed is None:
-                (agreed,) = self.dist.min(state)
-            # every rank is here: it failed, or met a failure
-            failed = self.dist.ranks_where(state == agreed) if agreed != _OK else []
-        if agreed == _OK:
-            return out
-        if agreed == _ERROR:
-            if isinstance(failure, BaseException):
-                # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
-                failure.batchtune_rank_local = len(failed) < self.dist.world_size
-                raise failure
-            raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
-        raise _agreed_oom(failure, failed, self.backend.device.type)
+        """``phase()``, succeeding or failing on every rank together (:func:`agreed`), its OOMs this device's."""
+        return agreed(self.dist, phase, what, self.backend)
 
     # ------------------------------------------------------------------ the steps
 
