@@ -682,3 +682,26 @@ def test_the_wrapper_a_failed_first_trial_built_is_not_memory_the_oom_left_behin
     assert not result.fits and "out of memory" in result.error
     assert backend.current_bytes() - result.baseline_bytes == 0 == result.leaked_bytes
     assert trainer._wrapped[1].bucket.numel() * 4 == 2704  # the buckets are still held, by the model's wrapper
+
+
+def test_a_rank_without_room_for_ddp_s_copy_of_its_weights_runs_out_before_ddp_s_collectives(write_spec, monkeypatch):
+    """[4MiB, 4KiB]: rank 1 held its 2,704 bytes of weights, ran out making the flat copy DDP's constructor
+    broadcasts, inside that collective, and rank 0 waited there until the process group's timeout."""
+    import batchtune.engine.trial
+
+    wrapped = []
+    monkeypatch.setattr(batchtune.engine.trial, "data_parallel", lambda model, device: wrapped.append(model) or model)
+    spec = load_spec(write_spec(), ["device.memory_limit=4KiB"])
+    comps = build_components(spec)
+    backend = CPUBackend(spec.device.memory_limit)
+    model = comps.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        Trainer(comps, backend, dist=_AloneAsTwo()).data_parallel(model)
+    assert str(info.value) == ("OutOfMemoryError: CPU out of memory: the model's weights hold 2704 bytes of this "
+                               "rank's 4096, and DDP's broadcast of them needs 2704 more")
+    assert wrapped == []  # agreed before DDP's constructor, and its collectives, ran
+    roomy = CPUBackend(6 * 1024)
+    roomy.track(list(model.parameters()) + list(model.buffers()))
+    assert roomy.current_bytes() == 2704
+    assert Trainer(comps, roomy, dist=_AloneAsTwo()).data_parallel(model) is model  # 5,408 of 6,144: DDP is built

@@ -400,7 +400,7 @@ class Trainer:
             # DDP's constructor allocates before its first collective: a rank whose weights alone fill its memory
             # ran out there, alone, and the others waited in that collective for ever (the probe's model, built
             # once and counted without a limit). Such a rank's OOM is agreed first, before any collective.
-            self._agreed(self._weights_fit)
+            self._agreed(lambda: self._weights_fit(model))
             before = self.backend.current_bytes()
             self._wrapped = (model, self._agreed(lambda: self._wrap(model)))
             if self.current is not None:
@@ -409,12 +409,21 @@ class Trainer:
                 self.current.baseline_bytes += self.backend.current_bytes() - before
         return self._wrapped[1]
 
-    def _weights_fit(self) -> None:
-        """Raise an OOM where what this rank holds (the model's weights) already fills its known capacity."""
+    def _weights_fit(self, model: nn.Module) -> None:
+        """Raise an OOM where what this rank holds (the model's weights) already fills its known capacity, or (DDP)
+        leaves no room for the flat copy of them that DDP's constructor broadcasts: a rank holding 2,704 bytes of
+        weights in 4 KiB ran out making it, inside that collective, and the other waited there for ever."""
         capacity, held = self.backend.capacity_bytes(), self.backend.current_bytes()
-        if capacity is not None and held >= capacity:
-            raise torch.OutOfMemoryError(f"{self.backend.device.type.upper()} out of memory: the model's weights "
-                                         f"alone hold {held} bytes of this rank's {capacity}")
+        if capacity is None:
+            return
+        states = [*model.parameters(), *model.buffers()]
+        copy = 0 if self.strategy == "fsdp" else sum(t.numel() * t.element_size() for t in states)
+        oom = f"{self.backend.device.type.upper()} out of memory: the model's weights"
+        if held >= capacity:
+            raise torch.OutOfMemoryError(f"{oom} alone hold {held} bytes of this rank's {capacity}")
+        if held + copy > capacity:
+            raise torch.OutOfMemoryError(f"{oom} hold {held} bytes of this rank's {capacity}, and DDP's broadcast of "
+                                         f"them needs {copy} more")
 
     def build_model(self, seed: int | None) -> nn.Module:
         """The spec's model built and moved to the device, agreed across ranks: a factory that raised, or memory
