@@ -33,8 +33,8 @@ CODES = (
     "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed", "fits.val_nonfinite",
     "fits.unrun",
     # trains: the short run at the scaled lr
-    "trains.falling", "trains.converged", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked", "trains.too_few",
-    "trains.crashed", "trains.oom",
+    "trains.falling", "trains.converged", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked",
+    "trains.too_few", "trains.crashed", "trains.oom",
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
