@@ -146,7 +146,7 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     """
     figures: dict[str, Any] = {"steps": len(losses), "lr": lr, "diverged": diverged, "divergence": divergence,
                                "first_loss": losses[0] if losses else None,
-                               "last_loss": losses[-1] if losses else None}
+                               "last_loss": losses[-1] if losses else None, "untrained_loss": untrained}
     if diverged or any(not math.isfinite(x) for x in losses):
         return CheckResult("trains", "fail", "trains.diverged", figures)
     n = len(losses)
@@ -170,7 +170,6 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     if m_last - m_first > 2 * se:
         return CheckResult("trains", "fail", "trains.rising", figures)
     if untrained is not None and _converged(untrained, last):
-        figures.update(untrained_loss=untrained)
         return CheckResult("trains", "pass", "trains.converged", figures)
     return CheckResult("trains", "warn", "trains.flat", figures)
 
