@@ -204,6 +204,15 @@ def factory_fails_on_one_rank(rank: int = 1):
     return tiny_mlp()
 
 
+def data_fails_on_one_rank(rank: int = 1, **kwargs):
+    """A data factory that raises on one torchrun rank only; tiny_data on the others."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == rank:
+        raise RuntimeError(f"data factory boom on rank {rank}")
+    return tiny_data(**kwargs)
+
+
 class _Hangs(nn.Module):
     def __init__(self, after: int, **kwargs) -> None:
         super().__init__()

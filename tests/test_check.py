@@ -790,6 +790,23 @@ def test_a_loss_that_fell_to_zero_within_the_first_window_is_a_fall():
     assert first - 0.0 < 2 * math.sqrt(statistics.variance(collapsed[:6]) / 6)  # the windows alone: within noise
 
 
+def test_a_loss_at_its_noise_floor_from_the_first_steps_converged_and_one_that_never_fell_is_flat():
+    """An outside check whose loss reached its noise floor in its first steps warned 'no clear decrease; the lr may
+    be too low'. Against the loss measured before training it fell (1.0 to 0.7): converged. A run that stays at the
+    untrained loss, as noisy, is still flat."""
+    floor = [1.0] + [0.4, 1.0] * 14 + [0.4]  # 30 steps: the untrained batch, then 0.7 ± 0.3
+    converged = trains_verdict(floor, start=1.0, untrained=1.0)
+    assert (converged.status, converged.code) == ("pass", "trains.converged")
+    assert check_reason(converged) == ("loss 1 untrained → 0.7 over 30 steps, at its floor from the first steps "
+                                       "(noise ±0.19): converged early, no divergence")
+    assert trains_verdict(floor, start=1.0).code == "trains.flat"  # what it read before (and without a measurement)
+    stuck = [1.0] + [0.7, 1.3] * 14 + [0.7]  # the untrained loss throughout, as noisy
+    assert trains_verdict(stuck, start=1.0, untrained=1.0).code == "trains.flat"
+    # 8% below, beyond the window's noise (±0.036) but within what train and val losses of one model may differ by
+    slightly = [1.0] + [0.84, 1.0] * 14 + [0.84]
+    assert trains_verdict(slightly, start=1.0, untrained=1.0).code == "trains.flat"
+
+
 def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
     """The outside SGD CNN at 8× its lr: 2.6 at the first step, up to 9.8, back to chance (2.3). The
     window means (9.8 → 2.3) read it as a fall; against the first loss it made no progress."""
@@ -983,6 +1000,8 @@ REPRESENTATIVE = {
                    "batch 128 was not run: the training set is smaller, and the check ran the largest batch it fills, "
                    "50: peak 1.9 MiB of 16.0 MiB, 88% free"),
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
+    "trains.converged": ("pass", {**_TREND, "untrained_loss": 2.3},
+                         "loss 2.3 untrained → 0.95 over 30 steps at lr 0.002, at its floor from the first steps"),
     "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},

@@ -148,8 +148,8 @@ def test_select_backend_cpu_and_errors():
             select_backend("cuda")
 
 
-def test_per_rank_memory_limits_beyond_the_ranks_are_said_to_be_unused(write_spec, monkeypatch):
-    """Three limits under two ranks, or two in one process: the extra ones were ignored without a word."""
+def test_per_rank_memory_limits_in_one_process_say_which_one_it_takes(write_spec, monkeypatch):
+    """Two limits in one process: the extra one was ignored without a word."""
     import batchtune.memory.device as device
     from batchtune.config.spec import load_spec
     from tests.conftest import logged
@@ -161,5 +161,30 @@ def test_per_rank_memory_limits_beyond_the_ranks_are_said_to_be_unused(write_spe
         device.backend_for_spec(spec)  # said once
     assert backend.capacity_bytes() == 4 * 2**20
     said = [m for m in messages if "device.memory_limit lists" in m]
-    assert said == ["device.memory_limit lists 2 limits, one per rank, and this run has 1 rank: the last 1 is unused "
-                    "(each rank takes its own entry, the last one covering any rank beyond the list)"]
+    assert said == ["device.memory_limit lists 2 limits, one per rank, and this is one process: it takes the first "
+                    "(4.0 MiB); the other 1 is unused"]
+
+
+@pytest.mark.parametrize("limits,count", [("[4MiB, 3MiB, 2MiB]", "3 limits"), ("[4MiB]", "1 limit")])
+def test_per_rank_memory_limits_that_are_not_one_per_rank_are_refused(write_spec, monkeypatch, limits, count):
+    """3 limits on 2 ranks: the third was unused with a warning; 1 on 2: the last entry covered rank 1 unsaid."""
+    from typer.testing import CliRunner
+
+    import batchtune.engine.distributed as distributed
+    from batchtune.cli import app
+
+    two = distributed.DistContext(rank=0, local_rank=0, world_size=2, backend="gloo")  # no group: none is needed
+
+    def joined(device_type="auto"):
+        distributed._CONTEXT = two
+        return two
+
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed._CONTEXT)
+    monkeypatch.setattr(distributed, "init_from_env", joined)
+    spec = write_spec()
+    for command in (["probe", str(spec)], ["probe", str(spec), "--estimate"]):
+        result = CliRunner().invoke(app, [*command, f"device.memory_limit={limits}", "-q"])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert (f"device.memory_limit: lists {count}, one per rank, and this run has 2 ranks: give 2 limits, or one "
+                "size for every rank") in " ".join(result.stderr.split())

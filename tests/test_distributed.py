@@ -34,6 +34,12 @@ def _spec(folder: Path, name: str, limits: str = "null", model: str = "tests.fix
     return str(path)
 
 
+def _data_spec(folder: Path) -> str:
+    path = Path(_spec(folder, "data", "[1MiB, 1MiB]"))
+    path.write_text(path.read_text().replace("tests.fixtures:tiny_data", "tests.fixtures:data_fails_on_one_rank"))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict:
     """Every scenario's per-rank result: {name: [rank0, rank1]}, each {code, stdout, stderr}."""
@@ -59,6 +65,8 @@ def ranks(tmp_path_factory) -> dict:
         "factory_one_rank": ["probe", _spec(folder, "factory", "[1MiB, 1MiB]",
                                             model="tests.fixtures:factory_fails_on_one_rank"), "-q"],
         "factory_one_rank_check": ["check", str(folder / "factory.yaml"), "--batch-size", "32", "-q"],
+        # a data factory that raises on rank 1 alone: agreed as the model's build is (rank 0 waited in that one)
+        "data_one_rank": ["check", _data_spec(folder), "--batch-size", "32", "-q"],
         # rank 1's memory cannot hold the weights (DDP's first allocation ran out before its collective: a hang)
         "weights_one_rank": ["probe", _spec(folder, "weights", "[1MiB, 1KiB]"), "--format", "json", "-q"],
         # rank 0 cannot write the trials (a folder stands where trials.csv goes)
@@ -140,6 +148,14 @@ def test_a_factory_failing_on_one_rank_is_said_by_that_rank(ranks):
     rank0, rank1 = ranks["factory_one_rank_check"]  # check: a failed fit on both ranks, rank 1 says why
     assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
     assert "error: [rank 1] fits: " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
+
+
+def test_a_data_factory_failing_on_one_rank_is_said_by_that_rank_and_stops_both(ranks):
+    rank0, rank1 = ranks["data_one_rank"]
+    assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
+    assert "error: [rank 1] " in rank1["stderr"] and "data factory boom on rank 1" in rank1["stderr"], rank1
+    assert "[rank 0] building the data failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
 
 
 def test_weights_that_fill_one_rank_s_memory_are_an_agreed_ceiling_none(ranks):

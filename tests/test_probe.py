@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import batchtune.config.components
 from batchtune.commands.probe import run_probe, run_probe_estimate, safe_size
 from batchtune.config.components import build_components
 from batchtune.config.spec import load_spec
+from batchtune.engine.distributed import DistContext
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 from batchtune.memory.device import CPUBackend
@@ -620,3 +622,86 @@ def test_a_memory_model_says_where_its_max_error_is():
     assert model.max_error_batch_size == 1 and model.max_relative_error == pytest.approx(0.03849, abs=1e-5)
     assert _fit_text(model) == "R² 1.00000 over 4 runs, max error 3.85% at batch 1"
     assert _fit_text(fit_memory_model([1, 2], [10, 20])) == "exact through 2 points over 2 runs, max error 0.00%"
+
+
+def test_the_default_cap_is_searched_as_a_multiple_of_the_granularity():
+    # an unsized data set leaves only probe.max_batch_size as the cap; its default 2**20 is not a multiple of 3, and
+    # a probe whose memory allowed more reported 1,048,576 as a ceiling at granularity 3
+    from types import SimpleNamespace
+
+    from batchtune.commands.probe import _largest
+    from batchtune.config.spec import ProbeSpec
+
+    class Unsized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    components = SimpleNamespace(train_set=Unsized(), spec=SimpleNamespace(trial_timeout=None))
+    assert _largest(components, ProbeSpec(granularity=3)) == (1_048_575, None)
+    assert _largest(components, ProbeSpec(granularity=8, max_batch_size=96)) == (96, None)
+
+
+class _AloneAsTwo(DistContext):
+    """Two ranks for the trainer, one process: every reduction is this rank's own values (both ranks alike)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=2)
+
+    def _reduce(self, values, op):
+        return values
+
+
+class _Buckets(torch.nn.Module):
+    """DDP's memory without its collectives: a gradient-sized bucket beside the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        self.bucket = torch.zeros(sum(p.numel() for p in model.parameters()))
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+
+def test_the_wrapper_a_failed_first_trial_built_is_not_memory_the_oom_left_behind(write_spec, monkeypatch):
+    """A probe under [4MiB, 6KiB] whose first trial (batch 1) ran out said 'memory did not return to the baseline
+    after an OOM: 2704 bytes still held': the DDP buckets that trial built, which the model keeps for the next."""
+    import batchtune.engine.trial
+
+    monkeypatch.setattr(batchtune.engine.trial, "data_parallel", lambda model, device: _Buckets(model))
+    spec = load_spec(write_spec(), ["device.memory_limit=6KiB"])
+    comps = build_components(spec)
+    backend = CPUBackend(spec.device.memory_limit)
+    model = comps.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    trainer = Trainer(comps, backend, dist=_AloneAsTwo())
+    result = trainer.run(TrialConfig(BatchShape(2, 1, 2), lr=0.01, steps=1), model=model)
+    assert not result.fits and "out of memory" in result.error
+    assert backend.current_bytes() - result.baseline_bytes == 0 == result.leaked_bytes
+    assert trainer._wrapped[1].bucket.numel() * 4 == 2704  # the buckets are still held, by the model's wrapper
+
+
+def test_a_rank_without_room_for_ddp_s_copy_of_its_weights_runs_out_before_ddp_s_collectives(write_spec, monkeypatch):
+    """[4MiB, 4KiB]: rank 1 held its 2,704 bytes of weights, ran out making the flat copy DDP's constructor
+    broadcasts, inside that collective, and rank 0 waited there until the process group's timeout."""
+    import batchtune.engine.trial
+
+    wrapped = []
+    monkeypatch.setattr(batchtune.engine.trial, "data_parallel", lambda model, device: wrapped.append(model) or model)
+    spec = load_spec(write_spec(), ["device.memory_limit=4KiB"])
+    comps = build_components(spec)
+    backend = CPUBackend(spec.device.memory_limit)
+    model = comps.build_model(spec.seed)
+    backend.track(list(model.parameters()) + list(model.buffers()))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        Trainer(comps, backend, dist=_AloneAsTwo()).data_parallel(model)
+    assert str(info.value) == ("OutOfMemoryError: CPU out of memory: the model's weights hold 2704 bytes of this "
+                               "rank's 4096, and DDP's broadcast of them needs 2704 more")
+    assert wrapped == []  # agreed before DDP's constructor, and its collectives, ran
+    roomy = CPUBackend(6 * 1024)
+    roomy.track(list(model.parameters()) + list(model.buffers()))
+    assert roomy.current_bytes() == 2704
+    assert Trainer(comps, roomy, dist=_AloneAsTwo()).data_parallel(model) is model  # 5,408 of 6,144: DDP is built

@@ -122,7 +122,10 @@ def test_missing_file_is_a_spec_error(tmp_path):
 def test_rank_limits():
     spec = parse_spec("name: a\nmodel: {builtin: mlp}\ndata: {builtin: digits}\noptimizer: {name: sgd, lr: 0.1}\n"
                       "base_batch_size: 8\ndevice: {type: cpu, memory_limit: [1MiB, 512KiB]}\n")
-    assert [spec.device.limit_for_rank(r) for r in range(3)] == [2**20, 2**19, 2**19]
+    assert [spec.device.limit_for_rank(r, 2) for r in range(2)] == [2**20, 2**19]
+    assert spec.device.limit_for_rank(0, 1) == 2**20  # one process: the first
+    with pytest.raises(ValueError, match="lists 2 limits, one per rank, and this run has 3 ranks: give 3 limits"):
+        spec.device.limit_for_rank(2, 3)  # the last entry covered rank 2 without a word
 
 
 def test_unknown_capitalised_key_is_named():
@@ -431,3 +434,11 @@ def test_repeated_batch_sizes_and_no_lr_multipliers_are_refused():
     assert "64 given more than once" in _issues(TINY_SPEC, ["sweep.batch_sizes=[64, 64, 32]"])["sweep.batch_sizes"][1]
     said = _issues(TINY_SPEC, ["sweep.lr_multipliers=[]"])["sweep.lr_multipliers"][1]
     assert said.startswith("an empty list: give the lr multipliers to try")
+
+
+def test_a_probe_cap_that_is_not_a_multiple_of_the_granularity_is_refused_naming_both_keys():
+    # the probe reported the cap 100 itself as the ceiling at granularity 8, a size no other ceiling could be
+    assert _issues(TINY_SPEC + "probe: {granularity: 8, min_batch_size: 8, max_batch_size: 100}\n") == {
+        "probe.max_batch_size": (7, "must be a multiple of probe.granularity (8), got 100: the probe only reports "
+                                    "multiples of it (the largest below 100 is 96)")}
+    assert parse_spec(TINY_SPEC + "probe: {granularity: 8, max_batch_size: 96}\n", "s.yaml").probe.max_batch_size == 96

@@ -1480,3 +1480,19 @@ def test_the_accumulation_note_is_said_only_where_a_size_that_runs_accumulates(s
            "room of 4 samples"
     assert (note in meta["notes"]) is said
     assert [c["batch_size"] for c in meta["candidates"]] == [b for b in sizes if b <= 50]
+
+
+def test_a_ceiling_at_the_default_cap_s_multiple_is_said_to_be_the_cap(write_spec, monkeypatch):
+    """probe.granularity 3 searches the default cap 2**20 to 1,048,575: the note said the data capped it."""
+    from types import SimpleNamespace
+
+    import batchtune.commands.sweep as sweep
+
+    probe = SimpleNamespace(ceiling=1_048_575, capped=True, bounding_rank=None, search_trials=4,
+                            safe_batch_size=943_716, memory_model=None)
+    monkeypatch.setattr(sweep, "run_probe", lambda spec, backend, components: probe)
+    spec = load_spec(write_spec(), ["probe.granularity=3"])
+    notes: list[str] = []
+    sweep._ceiling(spec, None, SimpleNamespace(capacity_bytes=lambda: 2**40), notes)
+    assert notes == ["probed ceiling 1048575 = probe.max_batch_size, which fits: the device may hold more (4 trials); "
+                     "safe micro-batch 943716"]

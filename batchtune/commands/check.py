@@ -654,11 +654,11 @@ def _warmup_steps(state: _CheckRun, steps: int) -> int:
 
 def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
     """The loss trend of the training run; too few steps (the budget cut it short) is a skip."""
-    from batchtune.engine.trial import starting_loss
+    from batchtune.engine.trial import starting_loss, untrained_loss
 
     verdict = trains_verdict(run.losses, diverged=run.diverged, divergence=run.divergence, lr=state.lr,
                              spike_factor=state.spec.check.divergence_factor,
-                             start=starting_loss(run) if run.losses else None)
+                             start=starting_loss(run) if run.losses else None, untrained=untrained_loss(run))
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:
@@ -706,8 +706,10 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
                                       basis_steps=quick.steps, **other)
     if quick is not None:
         from batchtune.config.components import has_batchnorm
+        from batchtune.engine.trial import agreed
 
-        model = state.trainer.components.build_model(state.spec.seed)
+        model = agreed(state.trainer.dist, lambda: state.trainer.components.build_model(state.spec.seed),
+                       "building the model")
         return _skip("critical_batch", "critical.unreliable", noise_steps=quick.steps, has_baseline=base is not None,
                      batchnorm=has_batchnorm(model), **other)
     if why := getattr(state.run, "noise_unmeasured", None):

@@ -33,8 +33,8 @@ CODES = (
     "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed", "fits.val_nonfinite",
     "fits.unrun",
     # trains: the short run at the scaled lr
-    "trains.falling", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked", "trains.too_few",
-    "trains.crashed", "trains.oom",
+    "trains.falling", "trains.converged", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked",
+    "trains.too_few", "trains.crashed", "trains.oom",
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
@@ -55,6 +55,9 @@ BASES = ("baseline.steps_to_target", "baseline.extrapolated", "baseline.above_la
          "baseline.noise_scale", "baseline.trials", "run.noise_scale")
 # Why throughput was not compared in a regression verdict (the ``throughput_skip`` figure).
 THROUGHPUT_SKIPS = ("time_budget", "train_unfinished", "threads")
+# A floor counts as reached only this far (a share of it) below the untrained loss: validation and training losses
+# of one untrained model differ a little, and a run that does not learn must not read as converged.
+CONVERGED_DROP = 0.10
 
 
 @dataclass
@@ -120,7 +123,7 @@ def _fits_memory(fits: bool, peak_bytes: int | None, capacity_bytes: int | None,
 
 def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergence: str | None = None,
                    lr: float | None = None, spike_factor: float | None = None,
-                   start: float | None = None) -> CheckResult:
+                   start: float | None = None, untrained: float | None = None) -> CheckResult:
     """Whether a short run at the scaled lr diverges and whether its loss falls.
 
     The mean loss of the last few steps is compared with the first few (a fifth of the run,
@@ -135,10 +138,15 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     and fails too, however it ended (a run is diverged only when it stays there): an SGD CNN at 8×
     its lr shot from 2.6 to 9.8 and fell back to chance (2.3), which the window means read as a fall.
     A last window clearly below ``start`` is a fall, however noisy the first window.
+
+    ``untrained``: the validation loss measured before the first step (None: not measured). A run already at its
+    noise floor within the first window has windows alike: it converged (``trains.converged``, a pass) when its last
+    window is below that loss by twice the window's own standard error and by :data:`CONVERGED_DROP` of it (a mean
+    over the validation set, not a window holding the fall); else it is flat.
     """
     figures: dict[str, Any] = {"steps": len(losses), "lr": lr, "diverged": diverged, "divergence": divergence,
                                "first_loss": losses[0] if losses else None,
-                               "last_loss": losses[-1] if losses else None}
+                               "last_loss": losses[-1] if losses else None, "untrained_loss": untrained}
     if diverged or any(not math.isfinite(x) for x in losses):
         return CheckResult("trains", "fail", "trains.diverged", figures)
     n = len(losses)
@@ -161,7 +169,20 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
         return CheckResult("trains", "pass", "trains.falling", figures)
     if m_last - m_first > 2 * se:
         return CheckResult("trains", "fail", "trains.rising", figures)
+    if untrained is not None and _converged(untrained, last):
+        return CheckResult("trains", "pass", "trains.converged", figures)
     return CheckResult("trains", "warn", "trains.flat", figures)
+
+
+def _converged(untrained: float, last: list[float]) -> bool:
+    """Whether the ``last`` window's losses sit clearly below the ``untrained`` validation loss: a floor reached.
+
+    An outside check whose loss reached its noise floor in its first steps (1.0 to 0.7 ± 0.3) warned 'no clear
+    decrease; the lr may be too low': each window held the floor's noise, and the first also the fall.
+    """
+    m_last = statistics.fmean(last)
+    drop = untrained - m_last
+    return drop > 2 * statistics.stdev(last) / math.sqrt(len(last)) and drop > CONVERGED_DROP * abs(untrained)
 
 
 def data_verdict(data_share: float | None, warn_share: float, fail_share: float, *, num_workers: int = 0,

@@ -81,7 +81,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     """
     from batchtune.config.components import has_batchnorm
     from batchtune.engine.data import within_limits
-    from batchtune.engine.trial import prepare, trial_config
+    from batchtune.engine.distributed import current
+    from batchtune.engine.trial import agreed, prepare, trial_config
 
     spec, components, backend = prepare(spec, backend)
     shape, where = _shape(spec, batch_size, accum_steps)
@@ -95,7 +96,7 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None 
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2,
                           divergence_factor=spec.sweep.divergence_factor)  # a loss of 7e29 read 'reliable', exit 0
     log.info("training %d steps of %s with the noise scale measured on every step ...", steps, spec.name)
-    if has_batchnorm(components.build_model(spec.seed)):
+    if has_batchnorm(agreed(current(), lambda: components.build_model(spec.seed), "building the model")):
         notes.append("the model has BatchNorm: micro-batch statistics differ from the full batch's, "
                      "which biases the estimate")
     result, interrupted = _train(spec, components, backend, config, where)

@@ -32,12 +32,13 @@ def compare_precision(spec: Any, sweep_result: Any, *, top: int = 2, steps: int 
     from batchtune.memory.device import backend_for_spec
     from batchtune.commands.probe import run_probe
     from batchtune.engine.shape import BatchShape
-    from batchtune.engine.trial import Trainer, trial_config
+    from batchtune.engine.distributed import current
+    from batchtune.engine.trial import Trainer, agreed, trial_config
 
     ranked = sweep_result.summary.dropna(subset=["rank"]).sort_values("rank").head(top)
     sizes = [(int(r.batch_size), int(r.micro_batch_size), int(r.accum_steps), float(r.lr))
              for r in ranked.itertuples()]
-    components = build_components(spec)
+    components = agreed(current(), lambda: build_components(spec), "building the data")
     rows = []
     for precision in PRECISIONS:
         with backend_for_spec(spec) as backend:  # closing restores what it set (CUDA's memory fraction)

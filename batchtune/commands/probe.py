@@ -153,7 +153,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         notes.append(f"memory did not return to the baseline after an OOM: {max_leak} bytes still held "
                      "(references kept by user code?); later trials may under-report the ceiling")
     if outcome.capped:
-        notes.append(cap_note or f"max_batch_size ({p.max_batch_size}) fits: the device may hold more; "
+        notes.append(cap_note or f"max_batch_size ({outcome.ceiling}) fits: the device may hold more; "
                                  "raise probe.max_batch_size")
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
     notes += _loss_notes(source.trials)
@@ -355,7 +355,7 @@ def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None
     settings_notes: list[str] = []
     p = probe_settings(spec, source.tracer.model, settings_notes, source.tracer.batchnorm_single_values)
     tracer, capacity = source.tracer, source.capacity_bytes
-    largest = p.max_batch_size
+    largest = align_down(p.max_batch_size, p.granularity)  # the default 2**20 need not be a multiple
     samples = len(components.train_set)
     if samples < largest:  # as the measured probe: a larger batch would repeat samples
         largest = max(align_down(samples, p.granularity), p.min_batch_size)
@@ -473,11 +473,11 @@ def _largest(components: Any, p: Any) -> tuple[int, str | None]:
     Returns the cap and the note to show if the ceiling reaches it (None: not capped).
     """
     from batchtune.engine.data import batch_limit
-    from batchtune.memory.search import align_down
 
     limit = batch_limit(components.train_set, components.spec.trial_timeout)
     if limit.batch_size is None or limit.batch_size >= p.max_batch_size:
-        return p.max_batch_size, None
+        # a stated cap is a multiple (the spec refuses others); the default 2**20 is not one of granularity 3
+        return align_down(p.max_batch_size, p.granularity), None
     largest = max(align_down(limit.batch_size, p.granularity), p.min_batch_size)
     if limit.reason == "data":
         return largest, (f"the training set has {count_of(limit.samples, 'sample')}: batches are capped there "

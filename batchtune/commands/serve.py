@@ -548,14 +548,16 @@ def _setup(spec: Any, backend: Any) -> tuple[Any, Any, Any, Any]:
     """(spec, components, backend, model): the model built once, on the device, counted as the baseline."""
     from batchtune.config.components import build_components
     from batchtune.config.spec import Spec, load_spec
+    from batchtune.engine.distributed import current
     from batchtune.engine.host import set_threads, steady_malloc
+    from batchtune.engine.trial import agreed
     from batchtune.memory.device import backend_for_spec
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec, training=False)
     set_threads(spec.device.threads)
     steady_malloc()
-    components = build_components(spec)
+    components = agreed(current(), lambda: build_components(spec), "building the data")  # as prepare's
     backend = backend if backend is not None else backend_for_spec(spec)
     model = components.build_model(spec.seed).to(backend.device)
     backend.track(list(model.parameters()) + list(model.buffers()))

@@ -683,16 +683,19 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     capped = ""
     if probe.capped:  # the search's upper end fits: the spec's cap, or the data's (an outside
         # sweep on 8,192 samples was said to be capped by a probe.max_batch_size it never set)
-        by = ("probe.max_batch_size" if probe.ceiling >= spec.probe.max_batch_size else
+        # the cap's multiple of the granularity: the default 2**20 at granularity 3 is searched to 1,048,575
+        by = ("probe.max_batch_size" if probe.ceiling + spec.probe.granularity > spec.probe.max_batch_size else
               "the largest batch the data allows (the training set's size, or what host memory can collate)")
         capped = f" = {by}, which fits: the device may hold more"
     notes.append(f"probed ceiling {probe.ceiling}{capped} ({probe.search_trials} trials{bound}); "
                  f"safe micro-batch {probe.safe_batch_size}")
     from batchtune.engine.distributed import current
+    from batchtune.engine.trial import agreed
 
     world = current().world_size
     sharded = spec.distributed.resolved(world) == "fsdp"
-    accum = accumulating_micro(probe, lambda: components.build_model(spec.seed), world, sharded)
+    accum = accumulating_micro(probe, lambda: agreed(current(), lambda: components.build_model(spec.seed),
+                                                     "building the model"), world, sharded)
     return probe.ceiling, probe.safe_batch_size, accum
 
 

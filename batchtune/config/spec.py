@@ -410,11 +410,20 @@ class DeviceSpec(_Strict):
             return [None if v is None else parse_bytes(v) for v in value]
         return parse_bytes(value)
 
-    def limit_for_rank(self, rank: int) -> int | None:
-        """The memory limit that applies to ``rank`` (the last entry covers later ranks)."""
-        if isinstance(self.memory_limit, list):
-            return self.memory_limit[min(rank, len(self.memory_limit) - 1)]
-        return self.memory_limit
+    def limit_for_rank(self, rank: int, world_size: int) -> int | None:
+        """The memory limit of ``rank`` among ``world_size`` ranks; one process takes a list's first entry.
+
+        Raises:
+            ValueError: under several ranks, a list that is not one limit per rank (3 limits on 2 ranks, or 1
+                on 2, were taken without a word: the last entry covered the ranks beyond the list).
+        """
+        limits = self.memory_limit
+        if not isinstance(limits, list):
+            return limits
+        if world_size > 1 and len(limits) != world_size:
+            raise ValueError(f"lists {len(limits)} limit{'' if len(limits) == 1 else 's'}, one per rank, and this "
+                             f"run has {world_size} ranks: give {world_size} limits, or one size for every rank")
+        return limits[rank if world_size > 1 else 0]
 
 
 class FSDPSpec(_Strict):
@@ -465,6 +474,13 @@ class ProbeSpec(_Strict):
         low = info.data.get("min_batch_size")
         if low and value < low:
             raise ValueError(f"must be at least min_batch_size ({low}), got {value}")
+        # refused, not rounded: a cap of 100 at granularity 8 could only be reported as 96 or as the 100 no other
+        # ceiling could be, and the stated number is the user's to change (min_batch_size is refused alike)
+        granularity = info.data.get("granularity")
+        if granularity and value % granularity:
+            raise ValueError(f"must be a multiple of probe.granularity ({granularity}), got {value}: the probe "
+                             f"only reports multiples of it (the largest below {value} is "
+                             f"{value // granularity * granularity})")
         return value
 
 

@@ -39,7 +39,7 @@ from batchtune.memory.device import DeviceBackend, is_oom
 from batchtune.monitor import NoiseScaleMonitor
 
 __all__ = ["EvalPoint", "ForwardOnly", "TrainStep", "TrialConfig", "TrialResult", "Trainer", "Workload",
-           "prepare", "trial_config"]
+           "agreed", "prepare", "trial_config"]
 
 _OK, _OOM, _ERROR = 2.0, 1.0, 0.0  # agreed across ranks with MIN: the worst outcome wins
 # fp16: consecutive skipped steps (gradient overflow) before a trial counts as diverged. From
@@ -192,7 +192,8 @@ def prepare(spec: Any, backend: DeviceBackend | None = None) -> tuple[Any, Compo
                                          "model; only serve runs without it)") for key in missing])
     set_threads(spec.device.threads)  # deliberately, before any timing (recorded by the backend's describe())
     steady_malloc()
-    components = build_components(spec)
+    # agreed: a data factory that raised on rank 1 alone left rank 0 waiting in the model's agreement
+    components = agreed(current(), lambda: build_components(spec), "building the data")
     if spec.optimizer.family_evidence is None:  # lr_scaling: auto judges the optimizer object, not its name
         from batchtune.engine.optimizer import optimizer_family
 
@@ -279,6 +280,44 @@ def _agreed_oom(failure: str | None, failed: list[int], device_type: str) -> tor
     return exc
 
 
+def agreed(dist: DistContext, phase: Callable[[], Any], what: str = "a training step",
+           backend: DeviceBackend | None = None) -> Any:
+    """Run one phase (of a step, or a build); under several ranks, succeed or fail together.
+
+    A local OOM (on ``backend``'s device; without one every failure is an error) is caught here, its frames (and
+    activations) released, and reported to the other ranks; if any rank failed, every rank raises. No collective
+    happens inside a phase, so a rank that fails never leaves another waiting in one, except FSDP's, each of which
+    first meets a failed rank's report (``DistContext.checkpoint``).
+    """
+    if not dist.enabled:
+        return phase()
+    failure, out, state, agreement = None, None, _OK, None
+    try:
+        out = phase()
+    except PeerFailure as exc:  # a collective inside the phase (FSDP's) met a failed rank's report
+        agreement = exc.state
+    except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
+        oom = backend is not None and is_oom(exc, backend)
+        failure = error_line(exc) if oom else exc
+        state = _OOM if oom else _ERROR
+    # The agreement's own bytes are not the phase's: uncounted, so that a rank whose memory is full still
+    # agrees (its 8-byte tensor ran out on the simulated device, and the rank left the others waiting).
+    with backend.paused() if backend is not None else contextlib.nullcontext():
+        if agreement is None:
+            (agreement,) = dist.min(state)
+        # every rank is here: it failed, or met a failure
+        failed = dist.ranks_where(state == agreement) if agreement != _OK else []
+    if agreement == _OK:
+        return out
+    if agreement == _ERROR:
+        if isinstance(failure, BaseException):
+            # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
+            failure.batchtune_rank_local = len(failed) < dist.world_size
+            raise failure
+        raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
+    raise _agreed_oom(failure, failed, backend.device.type)
+
+
 @dataclass
 class _Run:
     """One trial's state while its steps run: what the step loop used to pass around loose."""
@@ -361,16 +400,30 @@ class Trainer:
             # DDP's constructor allocates before its first collective: a rank whose weights alone fill its memory
             # ran out there, alone, and the others waited in that collective for ever (the probe's model, built
             # once and counted without a limit). Such a rank's OOM is agreed first, before any collective.
-            self._agreed(self._weights_fit)
+            self._agreed(lambda: self._weights_fit(model))
+            before = self.backend.current_bytes()
             self._wrapped = (model, self._agreed(lambda: self._wrap(model)))
+            if self.current is not None:
+                # the wrapper (DDP's buckets) outlives the trial that built it: not memory an OOM left behind (a
+                # probe whose first trial ran out on rank 1 said rank 0 'did not return to the baseline' by them)
+                self.current.baseline_bytes += self.backend.current_bytes() - before
         return self._wrapped[1]
 
-    def _weights_fit(self) -> None:
-        """Raise an OOM where what this rank holds (the model's weights) already fills its known capacity."""
+    def _weights_fit(self, model: nn.Module) -> None:
+        """Raise an OOM where what this rank holds (the model's weights) already fills its known capacity, or (DDP)
+        leaves no room for the flat copy of them that DDP's constructor broadcasts: a rank holding 2,704 bytes of
+        weights in 4 KiB ran out making it, inside that collective, and the other waited there for ever."""
         capacity, held = self.backend.capacity_bytes(), self.backend.current_bytes()
-        if capacity is not None and held >= capacity:
-            raise torch.OutOfMemoryError(f"{self.backend.device.type.upper()} out of memory: the model's weights "
-                                         f"alone hold {held} bytes of this rank's {capacity}")
+        if capacity is None:
+            return
+        states = [*model.parameters(), *model.buffers()]
+        copy = 0 if self.strategy == "fsdp" else sum(t.numel() * t.element_size() for t in states)
+        oom = f"{self.backend.device.type.upper()} out of memory: the model's weights"
+        if held >= capacity:
+            raise torch.OutOfMemoryError(f"{oom} alone hold {held} bytes of this rank's {capacity}")
+        if held + copy > capacity:
+            raise torch.OutOfMemoryError(f"{oom} hold {held} bytes of this rank's {capacity}, and DDP's broadcast of "
+                                         f"them needs {copy} more")
 
     def build_model(self, seed: int | None) -> nn.Module:
         """The spec's model built and moved to the device, agreed across ranks: a factory that raised, or memory
@@ -513,7 +566,8 @@ class Trainer:
             # 16 peaked 19.4 MB higher after one at 32 (its model and AdamW state), and two at 32 ran out of memory
             log.debug("trial left %d bytes live: collecting", backend.current_bytes() - result.baseline_bytes)
             backend.cleanup(collect=True)
-        result.leaked_bytes = backend.current_bytes() - result.baseline_bytes
+        # not below 0: bytes a gloo thread still held when the baseline was read (DDP's broadcast) go later
+        result.leaked_bytes = max(backend.current_bytes() - result.baseline_bytes, 0)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -563,40 +617,8 @@ class Trainer:
                                  accum_steps=shape.accum_steps, every=config.noise_every, ranks=self.dist)
 
     def _agreed(self, phase: Callable[[], Any], what: str = "a training step") -> Any:
-        """Run one phase of a step; under several ranks, succeed or fail together.
-
-        A local OOM is caught here, its frames (and activations) released, and reported to
-        the other ranks; if any rank failed, every rank raises. No collective happens inside
-        a phase, so a rank that fails never leaves another waiting in one, except FSDP's,
-        each of which first meets a failed rank's report (``DistContext.checkpoint``).
-        """
-        if not self.dist.enabled:
-            return phase()
-        failure, out, state, agreed = None, None, _OK, None
-        try:
-            out = phase()
-        except PeerFailure as exc:  # a collective inside the phase (FSDP's) met a failed rank's report
-            agreed = exc.state
-        except Exception as exc:  # noqa: BLE001 - every failure is agreed, then raised on every rank
-            oom = is_oom(exc, self.backend)
-            failure = error_line(exc) if oom else exc
-            state = _OOM if oom else _ERROR
-        # The agreement's own bytes are not the phase's: uncounted, so that a rank whose memory is full still
-        # agrees (its 8-byte tensor ran out on the simulated device, and the rank left the others waiting).
-        with self.backend.paused():
-            if agreed is None:
-                (agreed,) = self.dist.min(state)
-            # every rank is here: it failed, or met a failure
-            failed = self.dist.ranks_where(state == agreed) if agreed != _OK else []
-        if agreed == _OK:
-            return out
-        if agreed == _ERROR:
-            if isinstance(failure, BaseException):
-                # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
-                failure.batchtune_rank_local = len(failed) < self.dist.world_size
-                raise failure
-            raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
-        raise _agreed_oom(failure, failed, self.backend.device.type)
+        """``phase()``, succeeding or failing on every rank together (:func:`agreed`), its OOMs this device's."""
+        return agreed(self.dist, phase, what, self.backend)
 
     # ------------------------------------------------------------------ the steps
 
@@ -776,9 +798,15 @@ def starting_loss(result: TrialResult) -> float:
     subset's mean), else the median of the first :data:`INITIAL_STEPS` training losses. Not the
     first step's loss: one small batch is one small sample, and an outside GRU regression's first
     batch of 8 read 0.105 where the validation loss was 0.669, so every lr it tried 'diverged'."""
+    untrained = untrained_loss(result)
+    return statistics.median(result.losses[:INITIAL_STEPS]) if untrained is None else untrained
+
+
+def untrained_loss(result: TrialResult) -> float | None:
+    """The validation loss measured before the first step (None: none was, or it was not finite)."""
     if result.evals and result.evals[0].step == 0 and math.isfinite(result.evals[0].val_loss):
         return result.evals[0].val_loss
-    return statistics.median(result.losses[:INITIAL_STEPS])
+    return None
 
 
 def exploded(losses: list[float], factor: float, start: float) -> bool:

@@ -676,7 +676,31 @@ def select_backend(device_type: str = "auto", memory_limit: int | None = None,
     raise ValueError(f"unknown device type {device_type!r}")
 
 
-_SAID_UNUSED: list[bool] = []  # the unused per-rank memory limits were said (backend_for_spec)
+_SAID_UNUSED: list[bool] = []  # the unused per-rank memory limits were said (rank_limit)
+
+
+def rank_limit(spec: Any, ctx: Any, rank: int | None = None) -> int | None:
+    """The spec's ``device.memory_limit`` for ``rank`` (default: this one, ``ctx``'s), said once where one process
+    takes a list's first.
+
+    Raises:
+        SpecError: under several ranks, a list that is not one limit per rank.
+    """
+    from batchtune.render.text import format_bytes
+
+    limits, world = spec.device.memory_limit, ctx.world_size if ctx.enabled else 1
+    try:
+        limit = spec.device.limit_for_rank(ctx.rank if rank is None else rank, world)
+    except ValueError as exc:
+        raise spec.error("device.memory_limit", str(exc)) from None
+    if isinstance(limits, list) and len(limits) > 1 and world == 1 and not _SAID_UNUSED:
+        _SAID_UNUSED.append(True)  # once a process: the backend is built by every command that runs
+        unused = len(limits) - 1
+        logging.getLogger("batchtune").warning(
+            "device.memory_limit lists %d limits, one per rank, and this is one process: it takes the first (%s); "
+            "the other %d %s unused", len(limits), "none" if limit is None else format_bytes(limit), unused,
+            "is" if unused == 1 else "are")
+    return limit
 
 
 def backend_for_spec(spec: Any) -> DeviceBackend:
@@ -694,14 +718,7 @@ def backend_for_spec(spec: Any) -> DeviceBackend:
 
     ctx = current()
     local_rank = ctx.local_rank if ctx.enabled else int(os.environ.get("LOCAL_RANK", "0"))
-    limit = spec.device.limit_for_rank(ctx.rank)
-    limits, world = spec.device.memory_limit, ctx.world_size if ctx.enabled else 1
-    if isinstance(limits, list) and len(limits) > world and ctx.rank == 0 and not _SAID_UNUSED:
-        _SAID_UNUSED.append(True)  # once a process: the backend is built by every command that runs
-        logging.getLogger("batchtune").warning(
-            "device.memory_limit lists %d limits, one per rank, and this run has %d rank%s: the last %d %s unused "
-            "(each rank takes its own entry, the last one covering any rank beyond the list)", len(limits), world,
-            "" if world == 1 else "s", len(limits) - world, "is" if len(limits) - world == 1 else "are")
+    limit = rank_limit(spec, ctx)
     override = os.environ.get("BATCHTUNE_MEMORY_LIMIT")
     if override:
         try:

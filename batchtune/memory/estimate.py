@@ -203,7 +203,10 @@ def resolve_target(spec: Any, device_memory: str | None = None, context_bytes: s
     if device_memory is not None:
         total, name = parse_device_memory(device_memory)
     else:
-        total = spec.device.limit_for_rank(0)
+        from batchtune.engine.distributed import current
+        from batchtune.memory.device import rank_limit
+
+        total = rank_limit(spec, current(), rank=0)  # the same target on every rank
         if total is None and spec.device.type != "cpu" and torch.cuda.is_available():
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             total, name = props.total_memory, props.name

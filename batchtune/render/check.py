@@ -258,6 +258,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                              f"the largest batch it fills, {f['checked']:,}: "
                              f"{_REASONS[f['memory_code']](f)}"),
     "trains.falling": lambda f: f"{_trend(f)}, no divergence",
+    "trains.converged": lambda f: (f"loss {f['untrained_loss']:.4g} untrained → {f['last_mean']:.4g} over "
+                                   f"{f['steps']} steps{_lr_text(f)}, at its floor from the first steps (noise "
+                                   f"±{f['noise']:.2g}): converged early, no divergence"),
     "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
                              "the run too short to tell",
     "trains.rising": lambda f: f"{_trend(f)}: rising beyond its noise (±{f['noise']:.2g}); the lr is likely too high",
