@@ -627,14 +627,12 @@ def _hover_notes(contenders: list[Entry], target: float, critical: dict[str, Any
         return []
     low, high = min(r for _, r in hovering), max(r for _, r in hovering)
     span = f"{low:.1f}×" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}×"
-    fit = critical.get("basis") == "steps-to-target fit"
+    also = " and the critical batch from the steps fit" if critical.get("basis") == "steps-to-target fit" else ""
     return [f"target val loss {target:.4g}: the validation curves of {', '.join(str(b) for b, _ in hovering)} hover "
             f"around it: their seeds dip below it, rise again, and stay below only after a median {span} the steps of "
             "that first dip (steps to target reads where they stay); this near where the curves level off, steps "
-            "to target measure their noise as much as progress, so the ranking" + (" and the critical batch from the steps fit"
-                                                                 if fit else "")
-            + " are less certain than their intervals say; a higher sweep.target_loss, where the curves still "
-            "fall, reads steadier crossings"]
+            f"to target measure their noise as much as progress, so the ranking{also} are less certain than their "
+            "intervals say; a higher sweep.target_loss, where the curves still fall, reads steadier crossings"]
 
 
 # ------------------------------------------------------------------------------------- ranking
