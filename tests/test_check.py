@@ -807,6 +807,38 @@ def test_a_loss_at_its_noise_floor_from_the_first_steps_converged_and_one_that_n
     assert trains_verdict(slightly, start=1.0, untrained=1.0).code == "trains.flat"
 
 
+def test_a_flat_run_whose_baseline_fell_later_at_this_lr_is_a_slow_start():
+    """An outside CNN on a plateau for its first ~50 steps warned 'the lr may be too low' over check's 30 steps (and
+    failed --strict) at the very lr its baseline sweep found fastest, whose trials stayed flat as long and fell
+    after. Where the baseline's trials had fallen by then, or one never did, it is still flat."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import _slow_start
+
+    def row(fell_at, lr=0.1, seed=0):  # 1.4 until fell_at, then 1.2 (None: never falls)
+        curve = [(0, 1.4), (20, 1.38), (40, 1.37), (60, 1.36), (80, 1.35)]
+        if fell_at is not None:
+            curve = [(s, 1.4 if s < fell_at else 1.2) for s, _ in curve]
+        return {"batch_size": 32, "lr": lr, "seed": seed, "fits": True, "diverged": False,
+                "evals": [[s, s * 32, s / 100, v] for s, v in curve]}
+
+    def judged(rows, steps=30):
+        baseline = SimpleNamespace(rows_for=lambda b: [r for r in rows if r["batch_size"] == b])
+        state = SimpleNamespace(baseline=baseline, lr=0.1, shape=SimpleNamespace(batch_size=32))
+        flat = trains_verdict([1.36, 1.37] * 15, start=1.365, untrained=1.365, lr=0.1)
+        assert flat.code == "trains.flat"
+        return _slow_start(state, SimpleNamespace(steps=steps), flat)
+
+    slow = judged([row(40, seed=0), row(60, seed=1), row(60, seed=2), row(20, lr=0.2)])
+    assert (slow.status, slow.code, slow.figures["baseline_fell_at"]) == ("pass", "trains.slow_start", 60)
+    assert check_reason(slow).endswith(
+        "no clear decrease yet (noise ±0.0032), as in the baseline sweep's 3 trials at this size and lr, which "
+        "stayed within 5% of their start until step 60 (median) and fell after it")
+    assert judged([row(20), row(20), row(40)]).code == "trains.flat"  # they had fallen by step 30
+    assert judged([row(40), row(60), row(None)]).code == "trains.flat"  # one never fell
+    assert judged([row(60)], steps=80).code == "trains.flat"
+
+
 def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
     """The outside SGD CNN at 8× its lr: 2.6 at the first step, up to 9.8, back to chance (2.3). The
     window means (9.8 → 2.3) read it as a fall; against the first loss it made no progress."""
@@ -1002,6 +1034,9 @@ REPRESENTATIVE = {
     "trains.falling": ("pass", _TREND, "loss 2.2 → 0.95 (-56.8%) over 30 steps at lr 0.002"),
     "trains.converged": ("pass", {**_TREND, "untrained_loss": 2.3},
                          "loss 2.3 untrained → 0.95 over 30 steps at lr 0.002, at its floor from the first steps"),
+    "trains.slow_start": ("pass", {**_TREND, "baseline_trials": 3, "baseline_fell_at": 48},
+                          "no clear decrease yet (noise ±0.013), as in the baseline sweep's 3 trials at this size and "
+                          "lr, which stayed within 5% of their start until step 48 (median) and fell after it"),
     "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},

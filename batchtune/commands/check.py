@@ -31,6 +31,7 @@ from typing import Any
 
 from batchtune.commands.check_verdicts import (
     CODES,
+    SLOW_START,
     CheckResult,
     Status,
     critical_batch_verdict,
@@ -661,11 +662,32 @@ def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
                              start=starting_loss(run) if run.losses else None, untrained=untrained_loss(run))
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
+    verdict = _slow_start(state, run, verdict)
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:
         verdict = CheckResult("trains", "skip", "skip.time_budget_steps", verdict.figures)
         state.skipped.append("trains")
     verdict.seconds = run.seconds
     return verdict
+
+
+def _slow_start(state: _CheckRun, run: Any, verdict: CheckResult) -> CheckResult:
+    """A flat run read beside the baseline sweep: where every trial it ran at this size and lr stayed within
+    :data:`SLOW_START` of its starting loss past as many steps (median) and fell after, the loss has not started
+    falling yet, at an lr that gets there (``trains.slow_start``, a pass). An outside CNN on a plateau for its first
+    ~50 steps warned 'the lr may be too low' (and failed --strict) at the lr its baseline sweep found fastest."""
+    if verdict.code != "trains.flat" or state.baseline is None or not state.lr:
+        return verdict
+    fell = []
+    for row in state.baseline.rows_for(state.shape.batch_size):
+        if not row.get("fits") or row.get("diverged") or abs(float(row.get("lr") or 0) / state.lr - 1) > 0.01:
+            continue
+        curve = [(e[0], e[3]) for e in row.get("evals") or [] if e[3] is not None and math.isfinite(e[3])]
+        if curve and curve[0][0] == 0:
+            fell.append(next((step for step, loss in curve if loss < (1 - SLOW_START) * curve[0][1]), None))
+    if not fell or None in fell or (at := statistics.median(fell)) <= run.steps:
+        return verdict
+    return replace(verdict, status="pass", code="trains.slow_start",
+                   figures={**verdict.figures, "baseline_trials": len(fell), "baseline_fell_at": at})
 
 
 def _data(state: _CheckRun, run: Any) -> CheckResult:

@@ -33,8 +33,8 @@ CODES = (
     "fits.ok", "fits.headroom", "fits.oom", "fits.weights", "fits.no_capacity", "fits.crashed", "fits.val_nonfinite",
     "fits.unrun",
     # trains: the short run at the scaled lr
-    "trains.falling", "trains.converged", "trains.flat", "trains.rising", "trains.diverged", "trains.spiked",
-    "trains.too_few", "trains.crashed", "trains.oom",
+    "trains.falling", "trains.converged", "trains.slow_start", "trains.flat", "trains.rising", "trains.diverged",
+    "trains.spiked", "trains.too_few", "trains.crashed", "trains.oom",
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
@@ -58,6 +58,9 @@ THROUGHPUT_SKIPS = ("time_budget", "train_unfinished", "threads")
 # A floor counts as reached only this far (a share of it) below the untrained loss: validation and training losses
 # of one untrained model differ a little, and a run that does not learn must not read as converged.
 CONVERGED_DROP = 0.10
+# A baseline sweep's trial has "fallen" once its validation loss is this share below where it started: a flat check
+# run at the lr of baseline trials that fell only after as many steps is a slow start (``trains.slow_start``).
+SLOW_START = 0.05
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from batchtune.render.text import count, device_text, format_bytes, format_shape, to_json
+from batchtune.commands.check_verdicts import SLOW_START
+from batchtune.render.text import count, count_of, device_text, format_bytes, format_shape, to_json
 
 __all__ = ["TIME_SKIP", "busy_note", "check_notes", "check_reason", "render_check"]
 
@@ -261,6 +262,10 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "trains.converged": lambda f: (f"loss {f['untrained_loss']:.4g} untrained → {f['last_mean']:.4g} over "
                                    f"{f['steps']} steps{_lr_text(f)}, at its floor from the first steps (noise "
                                    f"±{f['noise']:.2g}): converged early, no divergence"),
+    "trains.slow_start": lambda f: (f"{_trend(f)}: no clear decrease yet (noise ±{f['noise']:.2g}), as in the "
+                                    f"baseline sweep's {count_of(f['baseline_trials'], 'trial')} at this size and lr, "
+                                    f"which stayed within {SLOW_START:.0%} of their start until step "
+                                    f"{f['baseline_fell_at']:g} (median) and fell after it"),
     "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
                              "the run too short to tell",
     "trains.rising": lambda f: f"{_trend(f)}: rising beyond its noise (±{f['noise']:.2g}); the lr is likely too high",
