@@ -139,23 +139,19 @@ def test_a_check_whose_model_fails_on_one_rank_says_that_ranks_error(ranks):
             in rank1["stderr"]), rank1
 
 
-def test_a_factory_failing_on_one_rank_is_said_by_that_rank(ranks):
-    rank0, rank1 = ranks["factory_one_rank"]
+@pytest.mark.parametrize("scenario,what", [("factory_one_rank", "model"), ("data_one_rank", "data")])
+def test_a_factory_failing_on_one_rank_is_said_by_that_rank_and_stops_both(ranks, scenario, what):
+    rank0, rank1 = ranks[scenario]
     assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
-    assert "error: [rank 1] " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
-    assert "[rank 0] building the model failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
+    assert "error: [rank 1] " in rank1["stderr"] and f"{what} factory boom on rank 1" in rank1["stderr"], rank1
+    assert f"[rank 0] building the {what} failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
     assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
-    rank0, rank1 = ranks["factory_one_rank_check"]  # check: a failed fit on both ranks, rank 1 says why
+
+
+def test_a_model_factory_failing_on_one_rank_in_check_is_a_failed_fit_rank_1_says_why(ranks):
+    rank0, rank1 = ranks["factory_one_rank_check"]
     assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
     assert "error: [rank 1] fits: " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
-
-
-def test_a_data_factory_failing_on_one_rank_is_said_by_that_rank_and_stops_both(ranks):
-    rank0, rank1 = ranks["data_one_rank"]
-    assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
-    assert "error: [rank 1] " in rank1["stderr"] and "data factory boom on rank 1" in rank1["stderr"], rank1
-    assert "[rank 0] building the data failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
-    assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
 
 
 def test_weights_that_fill_one_rank_s_memory_are_an_agreed_ceiling_none(ranks):
