@@ -9,7 +9,8 @@ by first crossing:
 - ``first``: the first dip below the target, interpolated.
 
 Run: ``python benchmarks/crossing_window.py [quickstart mlp_long teacher charlm]`` (seconds). Prints, per task and
-rule, each target's exhaustive best size, the sweep's pick and its time over the best's, and B_crit sweep/truth.
+rule, each target's exhaustive best size, the sweep's pick and its time over the best's, and B_crit sweep/truth;
+then the sizes the sweep's note says hover around a target (``sweep_analysis.HOVER``), if any.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def compare(name: str) -> None:
                         f"x{(time_s or math.nan) / truth['best_time_s']:.2f}, B_crit {ratio:.2f}")
         sa.CROSSING_WINDOW = NOW
         print(f"{name:10s} {label:26s} " + " | ".join(line), flush=True)
+    hovering = [n.split(":")[1].strip() for b in sa.result_from_rows("x", stored["trials"], stored["meta"]).by_target
+                for n in b["notes"] if " hover around it" in n]
+    print(f"{name:10s} {'hover note':26s} " + (" | ".join(hovering) or "none at any target"), flush=True)
 
 
 if __name__ == "__main__":
