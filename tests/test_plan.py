@@ -1552,6 +1552,9 @@ def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_
     assert said.startswith("the critical batch fell as the loss fell (115 at val loss 2.31 to 13 at 2.299), which no "
                            "law allows: read as noise and held constant; the calibration's targets lie within 1% of "
                            "the untrained loss (2.322)")
+    # never 'a higher --calibration share': 0.2, the default, is its most (an outside plan was told to raise it)
+    assert said.endswith("a longer calibration reads it further down: plan a longer run (the calibration trains at "
+                         "most 20% of it, --calibration's default)")
     assert _unreadable_law_notes([(2.3, 13.0), (1.2, 115.0)], rows, [2.3, 1.2]) == []  # grows as it falls: a law
 
 

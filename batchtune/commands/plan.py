@@ -1299,8 +1299,8 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
     if start and targets and min(targets) > 0.95 * start:
         said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
                  f"({start:.4g}): its trials barely left the start, where the critical batch cannot be read, so the "
-                 "projection's steps and losses are not to be relied on; a longer calibration (a longer run, or a "
-                 "higher --calibration share) reads it further down")
+                 "projection's steps and losses are not to be relied on; a longer calibration reads it further "
+                 "down: plan a longer run (the calibration trains at most 20% of it, --calibration's default)")
     return [said]
 
 
