@@ -444,7 +444,7 @@ def sweep(
         where = run_dir(spec.name, out=out, resume=resume)  # named once, so an interrupt can say where
         hint = shlex.join([*_launcher(), "sweep", *hint_spec, "--resume", str(where)])
         setup_logging(quiet)
-        with _claim(where, out=out, force=force, fresh=fresh):
+        with _claim(where, out=out, force=force, fresh=fresh, new=resume is None):
             try:
                 result = run_sweep(spec, out=where if resume is None else None, resume=resume)
             except KeyboardInterrupt:
@@ -515,12 +515,13 @@ def _trials_in(folder: Path) -> int:
 
 
 @contextmanager
-def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool) -> Iterator[None]:
+def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool, new: bool = False) -> Iterator[None]:
     """Hold the run folder for this sweep, after checking that ``--out`` holds nothing of the user's.
 
     Rank 0 checks and locks (only it writes the folder); every rank learns whether it could,
     so no rank trains alone. ``fresh``: the folder is new, removed again if the sweep fails
-    before writing anything.
+    before writing anything. ``new``: a new sweep, refused before the lock is taken where the
+    folder holds one already (the refused command rewrote the lock with its own pid).
     """
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
@@ -532,6 +533,11 @@ def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool) -> Iterat
             try:
                 if out is not None:
                     _check_out(out, force)
+                # a folder that holds a sweep is refused untouched; one being written, by the lock, naming its holder
+                if new and RunFolder(where).exists() and RunFolder(where).holder() is None:
+                    from batchtune.commands.sweep import already_swept
+
+                    raise UsageError(already_swept(where))
                 stack.enter_context(RunFolder(where).lock(remove_if_unused=fresh))
             except (UsageError, OSError) as exc:
                 failure = exc
