@@ -44,6 +44,8 @@ class _OneLineUsageErrors(TyperGroup):
     own checks, not typer's boxed usage panel (noise --steps 0 drew a box where serve --repeats 3 said one line)."""
 
     def invoke(self, ctx: Any) -> Any:
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the command's, before click consumes them
+        _STDOUT.update(shown=False, said=None)  # a new command line (CliRunner runs many in one process)
         try:
             return super().invoke(ctx)
         except _ClickUsageError as exc:
@@ -52,7 +54,17 @@ class _OneLineUsageErrors(TyperGroup):
             where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             if _rank0():  # under torchrun rank 0 alone says it
                 _error(f"{exc.format_message().rstrip('.')}{where}")
+                _json_error(f"{exc.format_message().rstrip('.')}{where}", EXIT_BAD_INPUT,
+                            "json" if _asks_json(args) else None)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _asks_json(args: list[str]) -> bool:
+    """Whether a command line asks for ``--format json`` (``-f json``, ``--format=json``, ``-fjson``), read before
+    click has parsed it: an option it refused may come before or after."""
+    pairs = zip(args, [*args[1:], ""])
+    return any((a in ("--format", "-f") and b.lower() == "json") or a.lower() in ("--format=json", "-fjson")
+               for a, b in pairs)
 
 
 app = typer.Typer(
@@ -145,6 +157,20 @@ def _debug() -> bool:
 def _error(message: str) -> None:
     # escape: messages quote user input, whose brackets rich would read as markup
     err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+    _STDOUT["said"] = message
+
+
+#: What the running command has done with stdout (``shown``: a result went there) and the last error it said.
+_STDOUT: dict[str, Any] = {"shown": False, "said": None}
+
+
+def _json_error(message: str | None, code: int, fmt: str | None) -> None:
+    """Under ``--format json``, a command that ends in an error writes it to stdout too, as a JSON object, so that a
+    pipeline's parser meets one (``check bad.yaml --format json > preflight.json`` left an empty file); rank 0's
+    alone, and never after a result (a partial one included) went there: stdout stays one JSON document."""
+    if fmt == "json" and _rank0() and not _STDOUT["shown"]:
+        typer.echo(json.dumps({"error": message or f"exit code {code}", "exit_code": code}))
+        _STDOUT["shown"] = True
 
 
 def _describe(exc: BaseException) -> str:
@@ -162,17 +188,23 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(fmt: Enum | None = None) -> Iterator[None]:
     """Turn bad input into one line and exit code 2, never a traceback: the one place that does.
 
     Bad input: the spec (:class:`SpecError`, which also covers a factory of the user's that
     raised), an option or run folder (:class:`UsageError`), the user's code failing in a step
     (:class:`TrainingError`), a file that cannot be read or written (``OSError``: missing,
     read-only, disk full), memory running out outside any trial (a factory's, named by its key).
-    With ``--debug`` the traceback is shown instead.
+    With ``--debug`` the traceback is shown instead. Under ``--format json`` (``fmt``) an error exit writes a JSON
+    object to stdout too (:func:`_json_error`).
     """
+    as_json = getattr(fmt, "value", None)
     try:
         yield
+    except typer.Exit as stop:  # a command's own error exit (an interrupt's 130, say): said on stderr already
+        if stop.exit_code:
+            _json_error(_STDOUT["said"], stop.exit_code, as_json)
+        raise
     except (SpecError, UsageError, TrainingError, OSError) as exc:
         if _debug():
             raise
@@ -181,6 +213,7 @@ def _user_errors() -> Iterator[None]:
         # rank 1 alone: ``batchtune_rank_local``), is its alone: each says what it saw.
         if isinstance(exc, TrainingError) or _rank0() or getattr(exc, "batchtune_rank_local", False):
             _error(_describe(exc) + getattr(exc, "kept", ""))
+        _json_error(_describe(exc) + getattr(exc, "kept", ""), EXIT_BAD_INPUT, as_json)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if _debug() or not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
@@ -189,9 +222,11 @@ def _user_errors() -> Iterator[None]:
         # key _build names, or loading the data (an outside data set loaded into RAM gave a traceback)
         issue = getattr(exc, "batchtune_issue", None)
         _error(str(issue) if issue is not None else f"out of memory outside any trial: {error_line(exc)}")
+        _json_error(_STDOUT["said"], EXIT_BAD_INPUT, as_json)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         _say("interrupted")
+        _json_error("interrupted", 130, as_json)
         raise typer.Exit(130) from None
 
 
@@ -236,6 +271,7 @@ def _load(spec_path: Path, overrides: list[str] | None, join: bool = False, trai
 def _echo(text: str) -> None:
     if _RANK == 0:
         typer.echo(text)
+        _STDOUT["shown"] = True
 
 
 def _rank0_check(check: Callable[[], None]) -> None:
@@ -343,7 +379,7 @@ def probe(spec_path: SpecPath, overrides: Overrides = None, fmt: FormatOpt = For
     With --estimate, predict them from a traced step instead (exit 2 if the model cannot be
     traced and --device-memory names another device; without it, the probe measures instead).
     """
-    with _user_errors():
+    with _user_errors(fmt):
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         if ranks is not None and not estimating:
             raise UsageError("--ranks goes with --estimate (measured runs project their own world sizes)")
@@ -394,7 +430,7 @@ def sweep(
 
     The run folder is locked while the sweep writes it: a second sweep there is refused.
     """
-    with _user_errors():
+    with _user_errors(fmt):
         if out is not None and resume is not None:
             raise UsageError("give --out or --resume, not both")
         overrides = _with_timeout(overrides, trial_timeout)
@@ -408,7 +444,7 @@ def sweep(
         where = run_dir(spec.name, out=out, resume=resume)  # named once, so an interrupt can say where
         hint = shlex.join([*_launcher(), "sweep", *hint_spec, "--resume", str(where)])
         setup_logging(quiet)
-        with _claim(where, out=out, force=force, fresh=fresh):
+        with _claim(where, out=out, force=force, fresh=fresh, new=resume is None):
             try:
                 result = run_sweep(spec, out=where if resume is None else None, resume=resume)
             except KeyboardInterrupt:
@@ -479,12 +515,13 @@ def _trials_in(folder: Path) -> int:
 
 
 @contextmanager
-def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool) -> Iterator[None]:
+def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool, new: bool = False) -> Iterator[None]:
     """Hold the run folder for this sweep, after checking that ``--out`` holds nothing of the user's.
 
     Rank 0 checks and locks (only it writes the folder); every rank learns whether it could,
     so no rank trains alone. ``fresh``: the folder is new, removed again if the sweep fails
-    before writing anything.
+    before writing anything. ``new``: a new sweep, refused before the lock is taken where the
+    folder holds one already (the refused command rewrote the lock with its own pid).
     """
     from batchtune.engine.distributed import current
     from batchtune.render.run_folder import RunFolder
@@ -496,6 +533,11 @@ def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool) -> Iterat
             try:
                 if out is not None:
                     _check_out(out, force)
+                # a folder that holds a sweep is refused untouched; one being written, by the lock, naming its holder
+                if new and RunFolder(where).exists() and RunFolder(where).holder() is None:
+                    from batchtune.commands.sweep import already_swept
+
+                    raise UsageError(already_swept(where))
                 stack.enter_context(RunFolder(where).lock(remove_if_unused=fresh))
             except (UsageError, OSError) as exc:
                 failure = exc
@@ -587,7 +629,7 @@ def report(
     plan's calibration folder shows the plan (its plan.json) in table, markdown or json; csv
     gives the calibration's trials.
     """
-    with _user_errors():
+    with _user_errors(fmt):
         if not (run_dir / "meta.json").exists():
             raise UsageError(f"{run_dir} does not exist" if not run_dir.exists()
                              else f"{run_dir} is not a sweep run folder (no meta.json)")
@@ -615,7 +657,7 @@ def report(
         if plan.exists():
             err.print(f"note: {run_dir} is a batchtune plan's calibration: these are its trials; the plan is {plan} "
                       f"(batchtune report {run_dir} shows it)", markup=False)
-        typer.echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
+        _echo(texts.get(fmt.value) or render_sweep(result, fmt.value))
 
 
 def _echo_plan(path: Path, fmt: str, note: str | None = None) -> Any:
@@ -634,7 +676,7 @@ def _echo_plan(path: Path, fmt: str, note: str | None = None) -> Any:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"{path.parent}: {path.name} is not a plan batchtune can read ({type(exc).__name__}: "
                          f"{exc}): written by an older batchtune? plan again") from None
-    typer.echo(render_plan(plan, fmt))
+    _echo(render_plan(plan, fmt))
     return plan
 
 
@@ -735,6 +777,7 @@ def _say(text: str) -> None:
     """``text`` on stderr, from rank 0 alone under torchrun (an interrupted 2-rank sweep said it twice)."""
     if _rank0():
         err.print(text, markup=False)
+        _STDOUT["said"] = text  # an interrupt's last word: its JSON error's (_json_error)
 
 
 def _launcher(world_size: int | None = None) -> list[str]:
@@ -793,7 +836,7 @@ def noise(
     Exit 0 measured, 1 the loss diverged or the micro-batch ran out of memory (no estimate), 2 bad input,
     130 interrupted (the readings taken before it shown, marked partial).
     """
-    with _user_errors():
+    with _user_errors(fmt):
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         from batchtune.commands.noise import NoiseInterrupted, run_noise
         from batchtune.render.noise import render_noise
@@ -917,7 +960,7 @@ def check(
                          "--context-bytes": context_bytes}
         _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
                      serve_check, [name for name, value in training_only.items() if value is not None], strict)
-    with _user_errors():
+    with _user_errors(fmt):
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         from batchtune.commands.check import CheckInputError, CheckInterrupted, run_check, run_check_estimate
@@ -968,7 +1011,7 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
                  training_only: list[str], strict: bool) -> None:
     """``check --serve``: the serving batch's verdicts; exits 0 pass, 1 fail, 2 bad input. With
     $GITHUB_STEP_SUMMARY set, the markdown report is appended to it, as the training check's is."""
-    with _user_errors():
+    with _user_errors(fmt):
         if not serve_check:
             raise UsageError("--latency-budget goes with --serve (check --serve --latency-budget 45ms)")
         if latency_budget is None:
@@ -1018,7 +1061,7 @@ def serve(
     Exit 0 a size meets the budget (and, with --rate, a batcher setting sustains the rate);
     1 none does; 2 bad input; 130 interrupted (the sizes timed before it shown, marked partial).
     """
-    with _user_errors():
+    with _user_errors(fmt):
         if latency_budget is None:
             raise UsageError("serve needs --latency-budget (e.g. 45ms)")
         from batchtune.commands.serve import ServeInputError, ServeInterrupted, parse_duration, run_serve
@@ -1099,7 +1142,7 @@ def plan(
     Exit 0 planned, 1 no plan (or none meets --deadline), 2 bad input. Under torchrun every rank
     calibrates, times and verifies data-parallel; rank 0 writes and prints, every rank exits alike.
     """
-    with _user_errors():
+    with _user_errors(fmt):
         from batchtune.commands.plan import parse_deadline, run_plan
         from batchtune.render.plan import render_plan
 

@@ -27,6 +27,26 @@ def test_probe_json_has_the_documented_keys(write_spec):
     assert "probing tiny" in result.stderr  # progress goes to stderr, never into the JSON
 
 
+@pytest.mark.parametrize("args, said", [
+    # the user's model raised in check's fits run (an outside check --format json > preflight.json left it empty)
+    (["check", "{spec}", "model.target=tests.fixtures:broken_on_one_rank", "model.kwargs={rank: 0}", "-b", "32"],
+     "a training step at micro-batch 32 × 1 raised ValueError: user code bug"),
+    (["probe", "{spec}", "optimizer.lr=-1"], "invalid spec (1 problem):\n  override 'optimizer.lr=-1': optimizer.lr: "),
+    (["probe", "{spec}", "--ranks", "2"], "--ranks goes with --estimate"),  # the command's own check
+    (["check", "{spec}", "-b", "0"], "Invalid value for '--batch-size' / '-b'"),  # click's, before --format is read
+])
+def test_bad_input_under_format_json_writes_the_error_as_json_to_stdout(write_spec, args, said):
+    spec = str(write_spec())
+    for form in (["--format", "json"], ["-fjson"]):
+        result = runner.invoke(app, [a.replace("{spec}", spec) for a in args] + form + ["-q"])
+        assert result.exit_code == 2, result.output
+        error = json.loads(result.stdout)
+        assert set(error) == {"error", "exit_code"} and error["exit_code"] == 2
+        assert error["error"].startswith(said.replace("{spec}", spec)), error
+        assert result.stderr.strip().endswith(error["error"].splitlines()[-1].strip())  # the same words, said there
+    assert runner.invoke(app, [a.replace("{spec}", spec) for a in args] + ["-q"]).stdout == ""  # a table: none
+
+
 def test_probe_table_and_markdown(write_spec):
     table = runner.invoke(app, ["probe", str(write_spec()), "-q"])
     assert table.exit_code == 0

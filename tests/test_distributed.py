@@ -56,7 +56,7 @@ def ranks(tmp_path_factory) -> dict:
         "check": ["check", _spec(folder, "check", "[1MiB, 1MiB]"), "--batch-size", "128", "--format", "json", "-q"],
         "user_error": ["probe", _spec(folder, "broken", "[1MiB, 1MiB]", model="tests.fixtures:broken_on_one_rank"),
                        "-q"],
-        # check's verdicts are rank 0's: rank 1 says what its own model raised (it was said nowhere)
+        # check, as probe: both ranks exit 2, rank 1 says what its own model raised
         "check_broken": ["check", str(folder / "broken.yaml"), "--batch-size", "32", "-q"],
         # after an agreed user error the group still works: one more command runs to the end
         "after_error": ["probe", str(folder / "tight.yaml"), "--format", "json", "-q"],
@@ -130,28 +130,24 @@ def test_a_user_error_on_one_rank_stops_both_with_exit_2(ranks):
     assert _json(ranks, "after_error")["ceiling"] == _json(ranks, "tight")["ceiling"]
 
 
-def test_a_check_whose_model_fails_on_one_rank_says_that_ranks_error(ranks):
+def test_a_check_whose_model_fails_on_one_rank_stops_both_with_exit_2_as_probe_does(ranks):
     rank0, rank1 = ranks["check_broken"]
-    assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
-    assert ("the training step failed: a training step failed on another rank (rank 1; see its output)"
-            in rank0["stdout"])
-    assert ("error: [rank 1] fits: ValueError: user code bug: this rank's model cannot handle its input"
-            in rank1["stderr"]), rank1
+    assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
+    assert ("error: [rank 1] a training step at micro-batch 16 × 1 raised ValueError: user code bug: this rank's model "
+            "cannot handle its input" in rank1["stderr"]), rank1
+    assert "error: [rank 0] a training step failed on another rank (rank 1; see its output)" in rank0["stderr"]
+    assert "Traceback" not in rank0["stderr"] + rank1["stderr"] and rank0["stdout"] == rank1["stdout"] == ""
 
 
-@pytest.mark.parametrize("scenario,what", [("factory_one_rank", "model"), ("data_one_rank", "data")])
+# check as probe: its fits run's failed build is bad input too, said by the rank it failed on
+@pytest.mark.parametrize("scenario,what", [("factory_one_rank", "model"), ("factory_one_rank_check", "model"),
+                                           ("data_one_rank", "data")])
 def test_a_factory_failing_on_one_rank_is_said_by_that_rank_and_stops_both(ranks, scenario, what):
     rank0, rank1 = ranks[scenario]
     assert rank0["code"] == rank1["code"] == 2, (rank0, rank1)
     assert "error: [rank 1] " in rank1["stderr"] and f"{what} factory boom on rank 1" in rank1["stderr"], rank1
     assert f"[rank 0] building the {what} failed on another rank (rank 1; see its output)" in rank0["stderr"], rank0
     assert "Traceback" not in rank0["stderr"] + rank1["stderr"]
-
-
-def test_a_model_factory_failing_on_one_rank_in_check_is_a_failed_fit_rank_1_says_why(ranks):
-    rank0, rank1 = ranks["factory_one_rank_check"]
-    assert rank0["code"] == rank1["code"] == 1, (rank0, rank1)
-    assert "error: [rank 1] fits: " in rank1["stderr"] and "model factory boom on rank 1" in rank1["stderr"], rank1
 
 
 def test_weights_that_fill_one_rank_s_memory_are_an_agreed_ceiling_none(ranks):

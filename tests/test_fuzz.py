@@ -395,7 +395,9 @@ def _judge(result, command: str) -> None:
         assert len(errors) == 1, shown
         if command == "validate":  # nothing else speaks: the error and its indented problem lines
             assert stderr[0] == errors[0] and all(line.startswith("  ") for line in stderr[1:]), shown
-        assert result.stdout == "", shown  # no half-rendered report before the error
+        if result.stdout:  # --format json: the error as one JSON object (no report before it), for a pipeline
+            said = json.loads(result.stdout)
+            assert said["exit_code"] == 2 and said["error"].splitlines()[0] in errors[0], shown
 
 
 # ------------------------------------------------------------------ validate: the most examples

@@ -199,6 +199,11 @@ def nan_data(**kwargs):
     return train, val
 
 
+def nan_loss():
+    """A loss that is NaN whatever the model's (finite) outputs."""
+    return lambda output, targets: output.sum() * float("nan")
+
+
 def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
     """A model whose loss is NaN before any step is bad input (no lr made it so); validate says so first."""
     noise = runner.invoke(app, ["noise", str(write_spec(NAN)), "--steps", "10", "-q"])
@@ -206,9 +211,9 @@ def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
     assert ("the validation loss before the first training step is nan: the model's initial output, the loss or the "
             "data is not finite (not the lr)") in noise.stderr
     validate = runner.invoke(app, ["validate", str(write_spec(NAN))])
-    assert validate.exit_code == 2 and ("model: the loss on the first 2 training samples is nan before any training "
-                                        "step, from finite inputs: the model's initial output or the loss function, "
-                                        "not the lr") in validate.stderr
+    assert validate.exit_code == 2 and ("spec.yaml:2: model: the model's initial output on the first 2 training "
+                                        "samples is not finite (NaN or inf) before any training step, from finite "
+                                        "inputs, and the loss on them is nan: the model, not the lr") in validate.stderr
     # a NaN in the data itself is the data's to fix, said so
     nan_data = TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.test_hangs:nan_data")
     validate = runner.invoke(app, ["validate", str(write_spec(nan_data))])
@@ -217,6 +222,16 @@ def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
     probe = runner.invoke(app, ["probe", str(write_spec(NAN)), "-q", "-f", "json"])
     assert probe.exit_code == 0
     assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])
+
+
+def test_a_nan_loss_of_finite_outputs_is_the_losss_to_fix(write_spec):
+    """An outside loss that returned NaN of a model's finite outputs was named at model: ('the model's initial output
+    or the loss function'): the loss is named, at its own line."""
+    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_loss"}\n')
+    validate = runner.invoke(app, ["validate", str(spec)])
+    assert validate.exit_code == 2 and validate.stderr.splitlines()[1].strip() == (
+        f"{spec}:7: loss.target: the loss on the first 2 training samples is nan before any training step, from the "
+        "model's finite outputs (and finite inputs): the loss function, not the model or the lr")
 
 
 def nan_later_data(**kwargs):

@@ -658,6 +658,37 @@ def test_noise_on_a_plateau_is_no_swing():
     assert _swing(noisy) is None and _swing(noisy[:2]) is None
 
 
+# An outside plan's lead run (batch 16, lr 0.1, x4 the rule's; 10% label noise, 1,024 validation samples): one
+# validation spiked to 1.2945 between 0.9613 and 0.9611, and the plan stopped, calling the loss unstable at this lr.
+ONE_SPIKE = [(0, 1.3807), (64, 1.3822), (80, 1.3991), (96, 1.4215), (128, 1.4133), (160, 1.4006), (192, 1.3903),
+          (240, 1.3833), (288, 1.3759), (352, 1.3749), (432, 1.3732), (448, 1.3738), (528, 1.3767), (640, 1.3766),
+          (768, 1.3597), (880, 1.378), (928, 1.3276), (1104, 1.28), (1312, 1.2452), (1328, 1.3037), (1584, 1.2475),
+          (1744, 1.2281), (1888, 1.3048), (2176, 1.1987), (2256, 1.2585), (2608, 1.1992), (2688, 1.1758),
+          (3040, 1.2901), (3200, 1.1673), (3472, 1.1715), (3808, 1.1626), (3904, 1.1728), (4336, 1.1698),
+          (4544, 1.1242), (4768, 1.1961), (5200, 1.0988), (5408, 1.2014), (5632, 1.1259), (6064, 1.1046),
+          (6432, 1.1161), (6496, 1.1196), (6928, 1.0921), (7360, 1.0678), (7664, 1.0784), (7792, 1.0929),
+          (8224, 1.0385), (8656, 1.0006), (9104, 1.0563), (9120, 1.0248), (9536, 1.021), (9968, 1.0034),
+          (10400, 1.0107), (10832, 1.0387), (10848, 0.9882), (11264, 0.9613), (11696, 0.9846), (12128, 1.0978),
+          (12560, 1.2945), (12912, 0.9611), (12992, 1.0384), (13424, 1.0238), (13856, 0.938), (14288, 0.9401),
+          (14720, 1.1472), (15152, 0.9421), (15360, 0.9555), (15584, 0.9523), (16016, 0.9843), (16448, 0.937),
+          (16880, 1.0531), (17312, 1.0281)]
+
+
+def test_one_validation_spike_is_no_swing_and_two_in_a_row_are():
+    from batchtune.commands.plan import _swing, _turn_notes
+
+    lead = {**_lead(ONE_SPIKE, 0.1), "batch_size": 16, "lr_multiplier": 4.0}
+    assert _swing(lead["evals"]) is None and _turn_notes(lead, 8192) == []
+    # the same curve with its spike held for a second validation swung: 0.9613, 1.2945 and 1.25, then 0.937
+    held = [(s, 1.25 if s == 12912 else v) for s, v in ONE_SPIKE]
+    assert _swing(_lead(held, 0.1)["evals"]) == ((0.9613, 11264), (1.2945, 12560), (0.937, 16448))
+    def curve(*losses):
+        return [[i, i * 8, 0.0, v] for i, v in enumerate(losses)]
+
+    assert _swing(curve(2.0, 1.0, 0.6, 1.4, 0.6, 0.55)) is None  # one point: an outlier
+    assert _swing(curve(2.0, 1.0, 0.6, 1.4, 1.3, 0.6, 0.55)) == ((0.6, 16), (1.4, 24), (0.55, 48))
+
+
 def test_noise_by_loss_reads_b_simple_where_the_run_was():
     evals = [[s, s * 8, 0.0, 2.0 - s / 1000] for s in range(0, 1001, 100)]  # loss falls 2.0 -> 1.0
     raw = [[s, 1.0, 50.0 + (s % 3)] for s in range(0, 1000, 4)]  # tr(Σ)/|G|² ≈ 51
@@ -945,7 +976,7 @@ def test_a_plan_holds_its_folder_as_a_sweep_does(tmp_path):
     with RunFolder(out).lock():
         second = CliRunner().invoke(app, ["plan", "configs/quickstart.yaml", "--samples", "60000", "--out", str(out)])
     assert second.exit_code == 2 and f"{out} is in use by another batchtune run (pid {os.getpid()} on " in second.stderr
-    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]  # nothing written
+    assert [p.name for p in out.iterdir()] == []  # nothing written (and the lock gone with its holder)
 
 
 def test_plan_bad_input_exits_2_without_a_traceback(tmp_path):
@@ -1526,6 +1557,9 @@ def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_
     assert said.startswith("the critical batch fell as the loss fell (115 at val loss 2.31 to 13 at 2.299), which no "
                            "law allows: read as noise and held constant; the calibration's targets lie within 1% of "
                            "the untrained loss (2.322)")
+    # never 'a higher --calibration share': 0.2, the default, is its most (an outside plan was told to raise it)
+    assert said.endswith("a longer calibration reads it further down: plan a longer run (the calibration trains at "
+                         "most 20% of it, --calibration's default)")
     assert _unreadable_law_notes([(2.3, 13.0), (1.2, 115.0)], rows, [2.3, 1.2]) == []  # grows as it falls: a law
 
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 import batchtune.render.run_folder as run_folder_module
 from batchtune.cli import app, main
 from batchtune.config.components import ComponentError
+from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, atomic_write, new_run_dir
 from tests.conftest import TINY_SPEC
 
@@ -105,7 +106,7 @@ def test_a_sweep_that_fails_before_its_first_trial_leaves_no_folder_the_same_com
     assert not out.exists()  # made for it, removed with the files it wrote
     out.mkdir()
     _one_line_error(_cli("sweep", spec, "model.target=tests.test_robustness:corrupt_model", *args), "corrupt_model()")
-    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]  # the user's folder stays, empty of the run's
+    assert [p.name for p in out.iterdir()] == []  # the user's folder stays, empty of the run's (and of its lock)
     assert _cli("sweep", spec, *args).exit_code in (0, 1)  # the fixed command runs there
 
 
@@ -552,7 +553,7 @@ def test_a_full_disk_before_the_plan_is_written_says_nothing_was_kept_and_the_sa
     assert not out.exists()  # the folder it made is gone: spec.yaml was removed with it
     out.mkdir()  # a folder the user made: left, empty of the run's files
     _one_line_error(_cli("sweep", spec, "--out", out, "-q"), "nothing was kept")
-    assert [p.name for p in out.iterdir()] == [".batchtune.lock"]
+    assert [p.name for p in out.iterdir()] == []
     monkeypatch.setattr(run_folder_module, "atomic_write", real)
     assert _cli("sweep", spec, "--out", out, "-q").exit_code == 0
 
@@ -623,6 +624,53 @@ def test_a_held_run_folder_is_refused_naming_its_holder(write_spec, tmp_path, mo
         _one_line_error(_cli("sweep", write_spec(), "--out", out), f"{out} is in use by another batchtune run "
                         f"(pid {os.getpid()} on {socket.gethostname()}, started ")
     assert RunFolder(out).holder() is None
+
+
+@pytest.mark.parametrize("stop, code", [(UsageError("stopped in the sweep"), 2), (KeyboardInterrupt(), 130)])
+def test_the_lock_goes_with_the_command_that_took_it_and_a_refused_sweep_touches_nothing(write_spec, tmp_path,
+                                                                                       monkeypatch, stop, code):
+    """An outside run folder kept .batchtune.lock after its sweep ended, naming the dead process, and a sweep refused
+    there ('already holds a sweep') rewrote it with its own pid."""
+    import batchtune.commands.sweep as sweep_module
+
+    held = []
+
+    def stopped(spec, *, out, resume=None):
+        held.append(RunFolder(out).holder()["pid"])  # held while the sweep runs
+        RunFolder(out).write_json("meta.json", {})
+        RunFolder(out).write_json("trials.json", [])
+        raise stop
+
+    monkeypatch.setattr(sweep_module, "run_sweep", stopped)
+    spec, out = write_spec(), tmp_path / "run"
+    assert _cli("sweep", spec, "--out", out, "-q").exit_code == code and held == [os.getpid()]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "trials.json"]  # the lock went with it
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    folder_mtime = out.stat().st_mtime_ns
+    monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
+    _one_line_error(_cli("sweep", spec, "--out", out), f"{out} already holds a sweep; continue it with --resume {out}")
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    assert out.stat().st_mtime_ns == folder_mtime  # no lock file made and removed either
+
+
+def test_a_lock_file_removed_as_it_was_opened_is_opened_anew(tmp_path, monkeypatch):
+    """Its holder removes the lock file as it lets go: a command that opened it just before must not take a lock on a
+    file no longer there (a third would take another on the new file), but open the file now there."""
+    import batchtune.render.run_folder as run_folder_module
+
+    out = tmp_path / "run"
+    real, calls = run_folder_module._try_flock, []
+
+    def flock_after_the_holder_let_go(fd, **kwargs):
+        calls.append(fd)
+        if len(calls) == 1:  # the holder removed the file between this open and this flock
+            (out / ".batchtune.lock").unlink()
+        return real(fd, **kwargs)
+
+    monkeypatch.setattr(run_folder_module, "_try_flock", flock_after_the_holder_let_go)
+    with RunFolder(out).lock():
+        assert len(calls) == 2 and json.loads((out / ".batchtune.lock").read_text())["pid"] == os.getpid()
+    assert not (out / ".batchtune.lock").exists() and out.is_dir()
 
 
 def test_a_lock_held_for_a_dead_process_is_taken_over(tmp_path):

@@ -277,8 +277,9 @@ def test_an_interrupted_serve_shows_the_sizes_timed_marked_partial_and_exits_130
     _ctrl_c_at_pass_call(monkeypatch, 1)  # nothing timed yet
     out = runner.invoke(app, ["serve", spec, "device.memory_limit=null", "--latency-budget", "10ms", "--repeats",
                               "20", "-q", "--format", "json"])
-    assert (out.exit_code, out.stdout) == (130, "")
-    assert out.stderr.strip() == "interrupted: before the first batch size was timed: nothing to show"
+    said = "interrupted: before the first batch size was timed: nothing to show"
+    assert (out.exit_code, json.loads(out.stdout)) == (130, {"error": said, "exit_code": 130})  # JSON for a pipeline
+    assert out.stderr.strip() == said
 
 
 def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_spec, monkeypatch):

@@ -488,6 +488,7 @@ def _fits(state: _CheckRun) -> CheckResult:
     """The job's own configuration, every byte counted, a validation pass at the end."""
     from batchtune.config.spec import SpecError
     from batchtune.engine.trial import trial_config
+    from batchtune.errors import TrainingError
 
     spec, shape = state.spec, state.shape
     steps = max(2, spec.probe.steps_per_trial)
@@ -496,10 +497,10 @@ def _fits(state: _CheckRun) -> CheckResult:
     config = trial_config(spec, shape, lr=state.lr, steps=steps, validate=True, eval_samples=shape.micro_batch_size)
     try:
         fit = _worst_case_trainer(state).run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    except SpecError as exc:
-        if not getattr(exc, "batchtune_rank_local", False):  # the same on every rank: exit 2, said by rank 0
-            raise
-        return _crash("fits", "fits.crashed", exc)  # this rank's alone: a crash, as the other ranks record it
+    except (SpecError, TrainingError):
+        # the user's code raised (an OOM is a result, not this), or a factory did: bad input, exit 2 on every rank,
+        # each saying what it saw, as sweep says it (an outside model's forward read 'fits fail', exit 1)
+        raise
     except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
         return _crash("fits", "fits.crashed", exc)
     _stop_if_timed_out(state, fit)

@@ -917,20 +917,27 @@ SWING = 0.25
 
 def _swing(evals: list[list[float]]) -> tuple[tuple[float, float], ...] | None:
     """The largest swing of a validation curve (points as :func:`falling` takes them): ((low, samples),
-    (peak, samples), (low again, samples)), where the peak lies more than :data:`SWING` of the curve's
-    whole drop (and of each low) above the lowest point before it and the lowest after it; None
-    when there is none. Noise on a plateau moves the loss by a few percent, a swing by a large share
-    of all the run has learned."""
+    (peak, samples), (low again, samples)), where at least two validations in a row lie more than :data:`SWING`
+    of the curve's whole drop (and of the low) above the lowest point before them, and the lowest point after
+    them lies as far below the lesser of them; None when there is none. Noise on a plateau moves the loss by a
+    few percent, a swing by a large share of all the run has learned; and one validation alone is an outlier,
+    not a swing (an outside lead run with 10% label noise and 1,024 validation samples read 0.961, 0.985,
+    1.098, 1.295, 0.961 and fell on to 0.937: called unstable at the lr both its sweep and an exhaustive
+    search found fastest)."""
     finite = [(e[3], e[1]) for e in evals if e[3] is not None and math.isfinite(e[3])]
-    if len(finite) < 3:
-        return None
-    drop = finite[0][0] - min(v for v, _ in finite)
+    drop = finite[0][0] - min(v for v, _ in finite) if finite else 0.0
     best, size = None, 0.0
-    for j in range(1, len(finite) - 1):
-        before, after = min(finite[:j]), min(finite[j + 1:])
-        rise, fall = finite[j][0] - before[0], finite[j][0] - after[0]
-        if rise > SWING * max(drop, before[0]) and fall > SWING * max(drop, after[0]) and min(rise, fall) > size:
-            best, size = (before, finite[j], after), min(rise, fall)
+    for j in range(1, len(finite)):
+        before = min(finite[:j])
+        end = j
+        while end < len(finite) and finite[end][0] - before[0] > SWING * max(drop, before[0]):
+            end += 1
+        if end - j < 2 or end == len(finite):  # one outlier, or a rise the curve ended in (a turn, not a swing)
+            continue
+        after, lesser = min(finite[end:]), min(finite[j:end])[0]
+        rise, fall = lesser - before[0], lesser - after[0]
+        if fall > SWING * max(drop, after[0]) and min(rise, fall) > size:
+            best, size = (before, max(finite[j:end]), after), min(rise, fall)
     return best
 
 
@@ -1295,8 +1302,8 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
     if start and targets and min(targets) > 0.95 * start:
         said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
                  f"({start:.4g}): its trials barely left the start, where the critical batch cannot be read, so the "
-                 "projection's steps and losses are not to be relied on; a longer calibration (a longer run, or a "
-                 "higher --calibration share) reads it further down")
+                 "projection's steps and losses are not to be relied on; a longer calibration reads it further "
+                 "down: plan a longer run (the calibration trains at most 20% of it, --calibration's default)")
     return [said]
 
 

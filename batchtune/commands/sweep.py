@@ -150,12 +150,16 @@ def _set_keys(value: Any) -> Any:
     return [_set_keys(v) for v in value] if isinstance(value, list) else value
 
 
+def already_swept(path: Any) -> str:
+    """What a new sweep into ``path``, a folder that holds one, is told (before it takes the folder's lock too)."""
+    return f"{path} already holds a sweep; continue it with --resume {path} or choose another --out"
+
+
 def _start(folder: RunFolder, spec: Any, *, components: Any, backend: Any, dist: Any,
            origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan a new sweep and open its folder (which must not hold a sweep already)."""
     if dist.broadcast(folder.exists() if dist.is_main else None):
-        raise UsageError(f"{folder.path} already holds a sweep; continue it with --resume {folder.path} "
-                         "or choose another --out")
+        raise UsageError(already_swept(folder.path))
     meta = _plan(spec, components, backend, dist, (origin or {}).get("ceiling", "given in the spec"))
     if origin is not None:
         meta["origin"] = origin

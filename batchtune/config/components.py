@@ -782,10 +782,28 @@ class Components:
                 raise self.spec.error("data", f"{first} {'holds' if n == 1 else 'hold'} values that are not finite "
                                               f"(NaN or inf), and the loss on {'it' if n == 1 else 'them'} is "
                                               f"{float(loss)}: clean the data")
-            raise self.spec.error("model", f"the loss on {first} is {float(loss)} before any "
-                                           "training step, from finite inputs: the model's initial output or the "
-                                           "loss function, not the lr")
+            if self._finite_output(model, batch):  # the loss made it of finite outputs: the loss's, not the model's
+                key = "loss" if isinstance(self.spec.loss, str) else "loss.target"
+                raise self.spec.error(key, f"the loss on {first} is {float(loss)} before any training step, from "
+                                           "the model's finite outputs (and finite inputs): the loss function, not "
+                                           "the model or the lr")
+            raise self.spec.error("model", f"the model's initial output on {first} is not finite (NaN or inf) "
+                                           f"before any training step, from finite inputs, and the loss on "
+                                           f"{'it' if n == 1 else 'them'} is {float(loss)}: the model, not the lr")
         return float(loss)
+
+    def _finite_output(self, model: nn.Module, batch: Any) -> bool:
+        """Whether every floating-point tensor the model gives on ``batch``'s inputs is finite; False where the
+        loss is the model's own (``model_output``) or the inputs cannot be told apart (the model's to answer)."""
+        if self.spec.loss == "model_output":
+            return False
+        try:
+            with torch.no_grad():
+                output = _call(model, _split(batch)[0])
+        except Exception:  # noqa: BLE001 - it ran once already in first_loss: any failure now is no answer
+            return False
+        return all(bool(torch.isfinite(t).all()) for t in tree_leaves(output)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
 
     def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED) -> int:
         """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data

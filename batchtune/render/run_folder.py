@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,37 +382,54 @@ class RunFolder:
         """Hold the folder for one sweep: a second one is refused at once, naming who holds it.
 
         An advisory ``flock`` on ``.batchtune.lock``, which records the holder (pid, host,
-        start, command). The system releases it when the holder exits however it exits, so
-        a killed sweep leaves nothing to clean up; one still held in the name of a process
-        that is gone (a forked child outliving it) is taken over. Creates the folder.
+        start, command) and is removed when the holder lets go (an outside tester found it left
+        naming a process long gone). The system releases the flock when the holder exits however
+        it exits, so a killed sweep's file is stale, not held; one still held in the name of a
+        process that is gone (a forked child outliving it) is taken over. Creates the folder.
 
         Args:
-            remove_if_unused: on release, remove the folder if nothing but the lock was
-                written in it (the caller created it for this run).
+            remove_if_unused: on release, remove the folder if nothing was written in it
+                (the caller created it for this run).
 
         Raises:
             UsageError: another live process holds the folder.
             OSError: the folder or its lock cannot be written (read-only, disk full).
         """
         lock_path = self.path / LOCK_NAME
+        fd, locked = self._flock(lock_path)
+        held = False
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise _named(exc, self.path) from exc
-        try:
-            if not _try_flock(fd):
+            if not locked:
                 holder = _read_holder(lock_path)
                 if _alive(holder):
                     raise UsageError(f"{self.path} is in use by another batchtune run ({_describe(holder)}); "
                                      "wait for it to finish or stop it, or choose another --out")
                 log.warning("taking over %s: its holder (%s) is gone", lock_path, _describe(holder))
+            held = True
             _write_holder(fd, lock_path)
             yield
         finally:
+            if held:  # removed while still held: a command that opened it meanwhile finds it gone, and opens anew
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
             os.close(fd)  # releases the flock
             if remove_if_unused:
                 self._remove_if_unused()
+
+    def _flock(self, lock_path: Path) -> tuple[int, bool]:
+        """A descriptor of the lock file and whether its flock was taken. A file its holder removed between this
+        open and the flock is let go and opened anew: two commands would each hold a lock, one on a file no longer
+        there."""
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise _named(exc, self.path) from exc
+            locked = _try_flock(fd)
+            if not locked or _same_file(fd, lock_path):
+                return fd, locked
+            os.close(fd)
 
     def holder(self) -> dict[str, Any] | None:
         """Who holds this folder's lock now (a sweep writing it), or None."""
@@ -429,12 +447,9 @@ class RunFolder:
             os.close(fd)
 
     def _remove_if_unused(self) -> None:
-        try:
-            if [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
-                (self.path / LOCK_NAME).unlink()
+        with contextlib.suppress(OSError):
+            if not any(self.path.iterdir()):
                 self.path.rmdir()
-        except OSError:
-            pass
 
     def report(self, fmt: str) -> str | None:
         """The report :meth:`write_result` wrote in format ``fmt`` (None: not a stored format)."""
@@ -468,6 +483,15 @@ def _try_flock(fd: int, *, shared: bool = False) -> bool:
         return False
     except OSError:  # a file system without flock (some network mounts): proceed unlocked
         return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open at ``fd``."""
+    try:
+        there, mine = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _write_holder(fd: int, lock_path: Path) -> None:
