@@ -1332,6 +1332,25 @@ def test_a_finished_sweep_resumed_takes_every_decision_as_before_and_trains_noth
     assert len(stored["rows"]) == 38 and trained == []
 
 
+def test_a_retrain_towards_the_default_target_is_read_at_its_budget_as_the_first_run_was():
+    """An outside GRU's finished sweep, resumed, trained a new lr at batch 16: its 32 at x1, seed 0, retrained
+    towards the default target, stopped at step 248 (1.25x the size's fastest crossing) of a 256-step budget, so
+    the validations the decisions read at the budget lacked the first run's last one. A retrain keeps those."""
+    from types import SimpleNamespace
+
+    from batchtune.commands import sweep as sweeping
+
+    meta = {"samples": 8192, "min_steps": 64, "default_target": {"loss": 1.7365}}
+    first = [[s, 32 * s, s / 100, 2.0 - s / 200] for s in (64, 128, 192, 256)]  # trained its budget: 256 steps
+    retrain = {"batch_size": 32, "evals": first[:3] + [[248, 7936, 2.48, 1.73]], "budget_evals": first,
+               "stop_below": 1.7365}
+    plain = {"batch_size": 32, "evals": first + [[300, 9600, 3.0, 0.4]], "stop_below": 1.7365}  # before the change
+    sweep = SimpleNamespace(meta=meta)
+    read = sweeping._Sweep._at_budget(sweep, [retrain, plain])
+    assert [r["evals"] for r in read] == [first, first] and [r["stop_below"] for r in read] == [None, None]
+    assert sweeping._Sweep._at_budget(SimpleNamespace(meta={}), [retrain]) == [retrain]  # no target fixed yet
+
+
 def test_a_run_of_another_world_size_is_refused_on_resume_and_the_continue_command_has_its_launch(swept, tmp_path,
                                                                                                    monkeypatch):
     """An interrupted 2-rank sweep said 'continue with batchtune sweep ... --resume', and one process resuming it

@@ -270,7 +270,7 @@ class _Sweep:
                 # one stopping at the target inside the budget (its denser validation found the crossing the
                 # first run's missed) keeps the first run's loss at the budget: final loss at equal samples
                 self._run_all([(row["seed"], row["lr_multiplier"], shapes[row["batch_size"]])], mark="reach",
-                              inherit={"final_val_loss": row["final_val_loss"],
+                              inherit={"final_val_loss": row["final_val_loss"], "budget_evals": row.get("evals"),
                                        **{k: True for k in ("extension", "fallback") if row.get(k)}})
 
     def _rows_of(self, seed: int) -> list[dict[str, Any]]:
@@ -281,9 +281,13 @@ class _Sweep:
         """``rows`` with the validations up to each size's budget: what the lr decisions and the default
         target read. A trial that trained on towards the default target got there by the same steps, so a
         resumed sweep decides as the original did (no stop target either: the retrain's would leave its seed
-        out of a lower provisional target, :func:`~batchtune.commands.sweep_analysis._at_target`)."""
-        return [{**r, "evals": [p for p in r.get("evals") or [] if p[0] <= trial_steps(self.meta, b)],
-                 "stop_below": None} for r in rows if (b := r["batch_size"])] if "default_target" in self.meta else rows
+        out of a lower provisional target, :func:`~batchtune.commands.sweep_analysis._at_target`). A retrain reads
+        the first run's validations (``budget_evals``): its own need not hold the budget's last one (an outside
+        GRU's 32 stopped at step 248 of 256, and the finished sweep, resumed, trained a new lr at 16)."""
+        if "default_target" not in self.meta:
+            return rows
+        return [{**r, "evals": r.get("budget_evals") or [p for p in r.get("evals") or [] if p[0] <= trial_steps(
+            self.meta, r["batch_size"])], "stop_below": None} for r in rows]
 
     def _standing(self, seed: int, upto: int | None = None, refined: bool = True) -> dict[int, dict[float, str]]:
         """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`), by the target they were
