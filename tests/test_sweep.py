@@ -1184,8 +1184,11 @@ def test_the_lr_rule_note_when_no_size_was_fastest_at_the_rules_lr():
         "the sqrt lr rule held at no size: the fastest lr was the rule's ×4 at 16, ×4 at 32, ×4 at 64: every size was "
         "fastest at ×4 the rule's lr, so optimizer.lr (at base_batch_size) is off by that factor for this task"]
     sizes[0]["lr_multiplier"] = 1.0
-    assert _lr_rule_notes(sizes, meta, rows) == ["the sqrt lr rule held up to 16; the fastest lr elsewhere was the "
+    assert _lr_rule_notes(sizes, meta, rows) == ["the sqrt lr rule held up to 16; above it the fastest lr was the "
                                                  "rule's ×4 at 32, ×4 at 64"]
+    sizes[0]["lr_multiplier"], sizes[2]["lr_multiplier"] = 4.0, 1.0  # an outside GRU's read 'held up to 8' here
+    assert _lr_rule_notes(sizes, meta, rows) == ["the sqrt lr rule held at 64; elsewhere the fastest lr was the "
+                                                 "rule's ×4 at 16, ×4 at 32"]
     # an interrupted sweep: only 16 had tried a second lr; the others say nothing of the rule yet
     for e in sizes:
         e["lr_multiplier"] = 1.0

@@ -976,9 +976,11 @@ def _lr_rule_notes(sizes: list[Entry], meta: dict[str, Any], rows: list[dict[str
         same = (f": every size was fastest at ×{mults.pop():.3g} {whose_lr}, so optimizer.lr (at base_batch_size) "
                 "is off by that factor for this task" if len(mults) == 1 and len(off) > 1 else "")
         return [f"{name} held at no size: the fastest lr was {whose} {above}{same}"]
-    top = max((e["batch_size"] for e in held if all(o["batch_size"] > e["batch_size"] for o in off)), default=None)
-    where = f"{name} held up to {top}; " if top else f"{name} did not hold at every size: "
-    return [where + f"the fastest lr elsewhere was {whose} {above}"]
+    held_at = sorted(e["batch_size"] for e in held)
+    if held_at[-1] < min(e["batch_size"] for e in off):  # broke above a size and stayed broken
+        return [f"{name} held up to {held_at[-1]}; above it the fastest lr was {whose} {above}"]
+    # an outside GRU's 'held up to 8' read as if it had failed above 8, where it held at 32-256 too
+    return [f"{name} held at {', '.join(map(str, held_at))}; elsewhere the fastest lr was {whose} {above}"]
 
 
 def _lowest_held(sizes: list[Entry]) -> str:
