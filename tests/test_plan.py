@@ -547,6 +547,19 @@ def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommende
     assert short.recommendation["reasons"][-1] == "constant 16 is projected not to reach it within the run"
 
 
+def test_lrs_above_the_rule_from_short_calibration_trials_are_said_to_be_a_short_trials_choice():
+    """An outside GRU's plan scheduled batch 8 at ×4 the rule's lr, the fastest over 34-step trials (0.8% of the
+    run), without a word; over two epochs ×4 levelled off 0.01 above ×1 and never reached the sweep's target."""
+    from batchtune.commands.plan import _short_trial_lr_notes
+
+    assert _short_trial_lr_notes({8: 4.0, 16: 1.0, 32: 2.0}, 272, 32_768) == [
+        "the lrs above the rule's (×4 at 8, ×2 at 32) were the fastest over calibration trials of 272 samples, 0.8% of "
+        "the run: short trials favour high lrs, which can level off higher over a whole run; --verify trains the plan "
+        "at them, and sweep.lr_search=false plans at the rule's lrs"]
+    assert _short_trial_lr_notes({8: 1.0, 16: 0.5}, 272, 32_768) == []  # none above the rule's
+    assert _short_trial_lr_notes({8: 4.0}, 2_000, 32_768) == []  # 6% of the run
+
+
 def test_a_verification_where_no_plan_reached_the_target_says_the_projection_does_not_hold():
     from types import SimpleNamespace
 

@@ -61,6 +61,7 @@ CALIBRATION_SEEDS = 2
 SWEEP_SHARE = 0.5  # of the calibration: the short trials at every size; the rest is one lead run
 CALIBRATION_MIN_STEPS = 16  # a calibration trial trains at least this many steps
 TARGET_LEVELS = 5  # losses the critical batch is measured at
+SHORT_TRIALS = 0.05  # calibration trials shorter than this share of the run say that their lrs may be too high
 RISE = 0.05  # a run ending this much above the level it held has turned up (overfitting), if not noise: rose()
 TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest reached
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
@@ -295,10 +296,24 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
                             "trials saw less than one epoch: overfitting (validation loss rising) cannot be projected")
+    result.notes += _short_trial_lr_notes(cal.best, per_trial, n, scale)
     if trained > calibration_share * n * 1.05:
         result.notes.append(f"the calibration trained {trained / n:.0%} of the run, more than the "
                             f"{calibration_share:.0%} asked: its lr bracket grew past its edge for some sizes")
     return dist.broadcast(result)  # every rank verifies the plans rank 0 projected, and exits with its code
+
+
+def _short_trial_lr_notes(best: dict[int, float], per_trial: int, n: int, scale: int = 1) -> list[str]:
+    """Sizes whose lr is above the rule's for having been the fastest over trials this short a share of the run:
+    short trials favour high lrs. An outside GRU's plan took ×4 at batch 8 from 34-step trials (0.8% of the run);
+    over two epochs ×4 levelled off 0.01 above ×1 and never reached the sweep's target."""
+    high = sorted((b, m) for b, m in best.items() if m > 1)
+    if not high or per_trial > SHORT_TRIALS * n:
+        return []
+    took = ", ".join(f"×{m:g} at {sizes_text([b], scale)}" for b, m in high)
+    return [f"the lrs above the rule's ({took}) were the fastest over calibration trials of {per_trial:,} samples, "
+            f"{per_trial / n:.1%} of the run: short trials favour high lrs, which can level off higher over a whole "
+            "run; --verify trains the plan at them, and sweep.lr_search=false plans at the rule's lrs"]
 
 
 def _probed_before(out: Path | str | None, dist: Any) -> dict[str, Any] | None:
