@@ -1304,3 +1304,25 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     assert rows["trains"][1] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
     assert "verdict: INTERRUPTED (partial: the checks finished before it) — 4 skipped" in out.stdout
     assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
+
+
+def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(write_spec):
+    """An outside loss that was NaN from the start read 'trains fail ... the validation loss before the first training
+    step is nan', exit 1, where validate and sweep exit 2; a model's forward raising in the training run (after the
+    fits run) read 'trains fail' too. Both are bad input, exit 2, as a forward raising in the fits run was."""
+    from tests.test_robustness import _FailsLater
+
+    nan = write_spec(CHECK_SPEC + 'loss: {target: "tests.test_hangs:nan_loss"}\n')
+    result = runner.invoke(app, ["check", str(nan), "-b", "32", "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[1].strip() == (
+        f"{nan}:8: loss.target: the loss on the first 2 training samples is nan before any training step, from the "
+        "model's finite outputs (and finite inputs): the loss function, not the model or the lr")
+    _FailsLater.calls = 0
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q",
+                                 "model.target=tests.test_robustness:fails_later", "model.kwargs={after: 8}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: a training step at micro-batch 32 × 1 raised RuntimeError: the model's custom kernel failed. Check that "
+        "the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, loss); "
+        "BATCHTUNE_DEBUG=1 shows the traceback")

@@ -750,9 +750,10 @@ class Components:
                 "needs a closure (LBFGS-style) cannot be tuned; choose another")])
         return optimizer
 
-    def first_loss(self, model: nn.Module, samples: int = 2) -> float:
+    def first_loss(self, model: nn.Module, samples: int = 2, device: torch.device | None = None) -> float:
         """The loss of the first ``samples`` training samples, forward only, as validate checks before any
         training: the data collates, the model takes the batch, the loss takes its output to one number.
+        ``device``: the model's, where the batch goes first (a trial's model, asked why its loss is not finite).
 
         Raises:
             ComponentError: collating, the forward or the loss raised.
@@ -761,6 +762,8 @@ class Components:
         n = min(samples, len(self.train_set))
         first = "the first training sample" if n == 1 else f"the first {n} training samples"
         batch = self._first_batch(n, first)
+        if device is not None:
+            batch = to_device(batch, device)
         # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
         # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
         with torch.no_grad(), warnings.catch_warnings():

@@ -499,6 +499,7 @@ class Trainer:
                                          "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
                                          "reliable": reading.reliable, "noise_steps": reading.steps})
         if not math.isfinite(val_loss) and step == 0:  # no lr has acted yet: not a divergence
+            self._why_not_finite(run.model)
             raise TrainingError(f"the validation loss before the first training step is {val_loss}: the model's "
                                 "initial output, the loss or the data is not finite (not the lr); batchtune validate "
                                 "checks it")
@@ -506,6 +507,15 @@ class Trainer:
             result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
             return False
         return True
+
+    def _why_not_finite(self, model: nn.Module) -> None:
+        """Before any step the loss is not finite: raise validate's SpecError where the first training samples show
+        whose it is (``data``, ``model``, or ``loss.target`` of the model's finite outputs), as validate names it;
+        return where they do not (the validation data alone, say). An outside check had said 'trains fail', exit 1."""
+        try:
+            self.components.first_loss(model, device=self.backend.device)
+        except ComponentError:  # the first samples' forward raised here alone: no answer
+            return
 
     # ------------------------------------------------------------------ the run
 
