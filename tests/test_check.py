@@ -1303,7 +1303,8 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "int.xml")])
     assert out.exit_code == 130, out.output
     suite = ET.parse(tmp_path / "int.xml").getroot()
-    assert {k: suite.get(k) for k in ("tests", "failures", "skipped")} == {"tests": "5", "failures": "0", "skipped": "4"}
+    counts = {k: suite.get(k) for k in ("tests", "failures", "skipped")}
+    assert counts == {"tests": "5", "failures": "0", "skipped": "4"}
     cases = {case.get("name"): case for case in suite.iter("testcase")}
     assert cases["fits"].find("skipped") is None and cases["fits"].find("failure") is None
     assert cases["trains"].find("skipped").get("message") == (
@@ -1337,6 +1338,6 @@ def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(w
                                  "model.target=tests.test_robustness:fails_later", "model.kwargs={after: 8}"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (
-        "error: a training step at micro-batch 32 × 1 raised RuntimeError: the model's custom kernel failed. Check that "
-        "the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, loss); "
+        "error: a training step at micro-batch 32 × 1 raised RuntimeError: the model's custom kernel failed. Check "
+        "that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, loss); "
         "BATCHTUNE_DEBUG=1 shows the traceback")
