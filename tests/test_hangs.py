@@ -415,3 +415,38 @@ def test_malloc_is_held_steady_unless_the_user_chose(monkeypatch):
     except (OSError, AttributeError):
         pytest.skip("not glibc")
     assert host.steady_malloc() is True and host.steady_malloc() is True
+
+
+class _NaNLater(torch.nn.Module):
+    """tiny_mlp whose outputs turn NaN from its ``after``-th training forward: weights gone bad, as an lr does."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        from tests.fixtures import tiny_mlp
+
+        self.net, self.after, self.calls = tiny_mlp(), after, 0
+
+    def forward(self, x):
+        self.calls += torch.is_grad_enabled()
+        return self.net(x) * (float("nan") if self.calls > self.after else 1.0)
+
+
+def nan_later_mlp(after: int = 8) -> torch.nn.Module:
+    return _NaNLater(after)
+
+
+def test_a_nan_loss_of_finite_outputs_in_training_is_the_losss_not_the_lrs(write_spec):
+    """An outside loss that returned NaN after its 20th call read 'diverged: non-finite loss at step 1 ... or lower
+    optimizer.lr' in noise and 'diverged at lr 0.00424' in check: the model's outputs of that step were finite, so
+    it is the loss's to fix, exit 2 in every command. A NaN that comes with NaN outputs stays a divergence."""
+    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 8}}\n')
+    said = f"{spec}:7: loss.target: the loss returned nan from finite model outputs at step %d: the loss function, " \
+        "not the lr"
+    noise = runner.invoke(app, ["noise", str(spec), "--steps", "10", "-q"])  # its steps run 8 passes
+    assert noise.exit_code == 2 and noise.stderr.splitlines()[1].strip() == said % 1, noise.output
+    check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # after the fits run's passes
+    assert check.exit_code == 2 and check.stderr.splitlines()[1].strip() == said % 2, check.output
+    outputs = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:nan_later_mlp")
+                         + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 1000}}\n')
+    noise = runner.invoke(app, ["noise", str(outputs), "--steps", "10", "-q"])
+    assert noise.exit_code == 1 and "diverged: non-finite loss at step 3. No noise scale" in noise.stdout, noise.output

@@ -509,6 +509,7 @@ def _make_loss(spec: Spec) -> LossFn:
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     checked = False
+    output_sums: list[torch.Tensor] = []  # a loss of the user's: its outputs' sums this step (output_sums)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         nonlocal checked
@@ -518,6 +519,9 @@ def _make_loss(spec: Spec) -> LossFn:
             data_key = "data.collate" if spec.data.collate is not None else "data"  # the batch is the collate's
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else data_key, str(exc))]) from None
         output = _call(model, inputs)
+        if not isinstance(spec.loss, str) and torch.is_grad_enabled():
+            output_sums.extend(torch.sum(t.detach(), dtype=torch.float32) for t in tree_leaves(output)
+                               if isinstance(t, torch.Tensor) and t.is_floating_point())
         try:  # the first batch of every command is checked for broadcasting, not validate's only
             loss = criterion(output, targets) if checked else _unbroadcast(spec, criterion, output, targets)
         except Exception as exc:  # the loss's to fix, not the model's (a raising loss was named at model:)
@@ -527,7 +531,25 @@ def _make_loss(spec: Spec) -> LossFn:
         checked = True
         return _one_number(spec, loss)
 
+    loss_fn.output_sums = output_sums
     return loss_fn
+
+
+def outputs_finite(loss_fn: LossFn) -> bool | None:
+    """Whether the model's outputs were finite in every training pass of the user's loss (``loss.target``) since
+    :func:`clear_outputs`: a NaN or inf in an output makes its sum one too. None where there is no answer (a
+    built-in loss keeps no sums). Summed, not kept: holding the outputs would add their bytes to a trial's peak."""
+    sums = getattr(loss_fn, "output_sums", None)
+    if not sums:
+        return None
+    return all(math.isfinite(float(s)) for s in sums)  # read only when a loss was not finite: the syncs are rare
+
+
+def clear_outputs(loss_fn: LossFn) -> None:
+    """Start a step: forget the outputs' sums of the last one."""
+    sums = getattr(loss_fn, "output_sums", None)
+    if sums is not None:
+        sums.clear()
 
 
 def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets: Any) -> Any:

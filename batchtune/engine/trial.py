@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from batchtune.config.components import ComponentError, Components, batch_size_of, to_device
+from batchtune.config.components import (ComponentError, Components, batch_size_of, clear_outputs, outputs_finite,
+                                         to_device)
 from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, data_source, load_next, noted, noted_collate, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
@@ -668,6 +669,7 @@ class Trainer:
         """
         backend, dist, work, result = self.backend, self.dist, run.work, run.result
         noise = run.monitor if run.monitor is not None and run.monitor.due(step) else None
+        clear_outputs(self.components.loss_fn)
         work.begin(step)
         backend.synchronize()
         start = time.perf_counter()
@@ -769,11 +771,24 @@ class Trainer:
             self._bad_data = nonfinite_samples(self.components.train_set)
         return self._bad_data
 
+    def _loss_not_the_lr(self, step: int, loss: float) -> None:
+        """A loss of the user's (``loss.target``) not finite from the model's finite outputs, on every rank: a
+        SpecError on ``loss.target``, bad input in every command. A NaN that comes with non-finite outputs (from
+        non-finite weights) is a divergence. An outside loss that returned NaN after its 20th call read 'diverged
+        ... or lower optimizer.lr' in noise and 'diverged at lr 0.00424' in check."""
+        finite = outputs_finite(self.components.loss_fn)
+        (unknown,) = self.dist.max(0.0 if finite else 1.0)
+        if not unknown:
+            raise self.components.spec.error("loss.target", f"the loss returned {loss} from finite model outputs at "
+                                                            f"step {step + 1}: the loss function, not the lr")
+
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
         non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`)."""
         if not math.isfinite(loss):
             bad = self.bad_data()
+            if not bad and math.isnan(loss):  # inf of finite outputs is an overflow: the lr's, as a rule
+                self._loss_not_the_lr(step, loss)
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
                 f": {bad.text()}" if bad else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
