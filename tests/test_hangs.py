@@ -235,10 +235,12 @@ def test_a_nan_loss_of_finite_outputs_is_the_losss_to_fix(write_spec):
     validate = runner.invoke(app, ["validate", str(spec)])
     assert validate.exit_code == 2 and validate.stderr.splitlines()[1].strip() == said
     probe = runner.invoke(app, ["probe", str(spec), "-q"])  # had exited 0, noting 'the loss was not finite'
-    assert probe.exit_code == 2 and probe.stderr.splitlines()[1].strip() == said, probe.output
-    # a loss that goes non-finite once training has begun leaves the memory figures standing: a note, exit 0
-    later = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 1}}\n')
-    probe = runner.invoke(app, ["probe", str(later), "-q", "-f", "json"])
+    assert probe.exit_code == 2 and probe.stderr.splitlines()[1].strip() == (
+        f"{spec}:7: loss.target: the loss returned nan from finite model outputs at step 1: the loss function, not "
+        "the lr"), probe.output
+    # a model whose outputs go non-finite once training has begun leaves the memory figures standing: a note, exit 0
+    later = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:nan_later_mlp"))
+    probe = runner.invoke(app, ["probe", str(later), "-q", "-f", "json", "model.kwargs={after: 1}"])
     assert probe.exit_code == 0, probe.output
     assert [n.split(" (")[0] for n in json.loads(probe.stdout)["notes"] if "not finite" in n] == [
         "the loss was not finite in 5 of 7 trials"], probe.stdout  # later trials start from NaN weights

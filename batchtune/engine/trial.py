@@ -606,6 +606,7 @@ class Trainer:
         try:
             self._steps(run)
         finally:
+            clear_outputs(comps.loss_fn)  # the last step's output sums: no bytes left behind the trial
             work.close()
             if run.monitor is not None:
                 run.monitor.close()
