@@ -509,7 +509,7 @@ def _make_loss(spec: Spec) -> LossFn:
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     checked = False
-    output_sums: list[torch.Tensor] = []  # a loss of the user's: its outputs' sums this step (output_sums)
+    output_sums: list[torch.Tensor] = []  # a loss of the user's: this step's outputs' sums, for outputs_finite
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         nonlocal checked
@@ -537,7 +537,7 @@ def _make_loss(spec: Spec) -> LossFn:
 
 def outputs_finite(loss_fn: LossFn) -> bool | None:
     """Whether the model's outputs were finite in every training pass of the user's loss (``loss.target``) since
-    :func:`clear_outputs`: a NaN or inf in an output makes its sum one too. None where there is no answer (a
+    :func:`clear_outputs`: a NaN or inf in an output makes its sum non-finite. None where there is no answer (a
     built-in loss keeps no sums). Summed, not kept: holding the outputs would add their bytes to a trial's peak."""
     sums = getattr(loss_fn, "output_sums", None)
     if not sums:
