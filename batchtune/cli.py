@@ -965,7 +965,6 @@ def check(
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         from batchtune.commands.check import CheckInputError, CheckInterrupted, run_check, run_check_estimate
         from batchtune.render.check import render_check
-        from batchtune.render.run_folder import atomic_write
 
         if junit is not None:
             _rank0_check(lambda: _writable(junit, "--junit", force))
@@ -978,7 +977,9 @@ def check(
                 spec, batch_size=batch_size, accum_steps=accum_steps, **measured)
         except CheckInputError as exc:
             raise UsageError(str(exc)) from None
-        except CheckInterrupted as stop:
+        except CheckInterrupted as stop:  # what CI reads of the run too: the unfinished checks skipped, 'interrupted'
+            if _RANK == 0:
+                _check_files(stop.report, junit, strict)
             _check_interrupted(stop.report, render_check(stop.report, fmt.value, strict=strict))
         if _RANK != 0:  # every rank agrees; rank 0 reports, and this rank says what its own code raised, which
             for c in report.checks:  # rank 0 knows only as 'failed on another rank' (it was said nowhere)
@@ -986,10 +987,18 @@ def check(
                     err.print(f"error: [rank {_RANK}] {c.name}: {c.figures['error']}", markup=False)
             raise typer.Exit(report.exit_code(strict))
         _echo(render_check(report, fmt.value, strict=strict))
-        if junit is not None:
-            atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
-        _step_summary(render_check(report, "markdown", strict=strict) + "\n\n")
+        _check_files(report, junit, strict)
     raise typer.Exit(report.exit_code(strict))
+
+
+def _check_files(report: Any, junit: Path | None, strict: bool) -> None:
+    """The check's report as --junit XML (where asked) and in $GITHUB_STEP_SUMMARY (where set)."""
+    from batchtune.render.check import render_check
+    from batchtune.render.run_folder import atomic_write
+
+    if junit is not None:
+        atomic_write(junit, render_check(report, "junit", strict=strict) + "\n")
+    _step_summary(render_check(report, "markdown", strict=strict) + "\n\n")
 
 
 def _step_summary(text: str) -> None:

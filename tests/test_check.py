@@ -1283,8 +1283,10 @@ def test_a_collate_that_returns_an_object_is_named_as_data_collate(write_spec):
            "with no tensor of a batch dimension: a collate must return (inputs, targets)" in check.output, check.output
 
 
-def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exits_130(write_spec, monkeypatch):
-    """Ctrl-C printed 'interrupted', exit 130, and the fits verdict already reached was lost."""
+def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exits_130(write_spec, monkeypatch,
+                                                                                       tmp_path):
+    """Ctrl-C printed 'interrupted', exit 130, and the fits verdict already reached was lost; the partial report
+    printed, but --junit and $GITHUB_STEP_SUMMARY, which CI reads, were not written."""
     from batchtune.engine.trial import Trainer
 
     after_step = Trainer._after_step
@@ -1295,8 +1297,21 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
         return after_step(self, run, step, done)
 
     monkeypatch.setattr(Trainer, "_after_step", ctrl_c_in_the_training_run)
-    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q"])
+    summary = tmp_path / "summary.md"
+    summary.write_text("# an earlier step's\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "int.xml")])
     assert out.exit_code == 130, out.output
+    suite = ET.parse(tmp_path / "int.xml").getroot()
+    counts = {k: suite.get(k) for k in ("tests", "failures", "skipped")}
+    assert counts == {"tests": "5", "failures": "0", "skipped": "4"}
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert cases["fits"].find("skipped") is None and cases["fits"].find("failure") is None
+    assert cases["trains"].find("skipped").get("message") == (
+        "not finished: interrupted (Ctrl-C) before this check had its verdict")
+    written = summary.read_text()
+    assert written.startswith("# an earlier step's\n") and "PARTIAL: interrupted" in written, written
+    assert written.count("interrupted (Ctrl-C) before this check had its verdict") == 4, written
     lines = out.stdout.splitlines()
     assert lines[0].endswith(", PARTIAL: interrupted"), lines[0]
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in lines[4:9]}
@@ -1304,3 +1319,25 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     assert rows["trains"][1] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
     assert "verdict: INTERRUPTED (partial: the checks finished before it) — 4 skipped" in out.stdout
     assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
+
+
+def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(write_spec):
+    """An outside loss that was NaN from the start read 'trains fail ... the validation loss before the first training
+    step is nan', exit 1, where validate and sweep exit 2; a model's forward raising in the training run (after the
+    fits run) read 'trains fail' too. Both are bad input, exit 2, as a forward raising in the fits run was."""
+    from tests.test_robustness import _FailsLater
+
+    nan = write_spec(CHECK_SPEC + 'loss: {target: "tests.test_hangs:nan_loss"}\n')
+    result = runner.invoke(app, ["check", str(nan), "-b", "32", "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[1].strip() == (  # the fits run's first step: no step-0 validation there
+        f"{nan}:8: loss.target: the loss returned nan from finite model outputs at step 1: the loss function, not the "
+        "lr")
+    _FailsLater.calls = 0
+    result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q",
+                                 "model.target=tests.test_robustness:fails_later", "model.kwargs={after: 8}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: a training step at micro-batch 32 × 1 raised RuntimeError: the model's custom kernel failed. Check "
+        "that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, loss); "
+        "BATCHTUNE_DEBUG=1 shows the traceback")

@@ -204,34 +204,58 @@ def nan_loss():
     return lambda output, targets: output.sum() * float("nan")
 
 
-def test_a_nan_loss_is_a_verdict_in_noise_and_probe(write_spec):
+def test_a_nan_loss_before_any_step_is_bad_input_in_noise_and_probe(write_spec):
     """A model whose loss is NaN before any step is bad input (no lr made it so); validate says so first."""
     noise = runner.invoke(app, ["noise", str(write_spec(NAN)), "--steps", "10", "-q"])
     assert noise.exit_code == 2, noise.output
-    assert ("the validation loss before the first training step is nan: the model's initial output, the loss or the "
-            "data is not finite (not the lr)") in noise.stderr
+    model_said = ("spec.yaml:2: model: the model's initial output on the first 2 training samples is not finite (NaN "
+                  "or inf) before any training step, from finite inputs, and the loss on them is nan: the model, not "
+                  "the lr")
+    assert model_said in noise.stderr  # named as validate names it (was 'the model's initial output, the loss or ...')
     validate = runner.invoke(app, ["validate", str(write_spec(NAN))])
-    assert validate.exit_code == 2 and ("spec.yaml:2: model: the model's initial output on the first 2 training "
-                                        "samples is not finite (NaN or inf) before any training step, from finite "
-                                        "inputs, and the loss on them is nan: the model, not the lr") in validate.stderr
+    assert validate.exit_code == 2 and model_said in validate.stderr
     # a NaN in the data itself is the data's to fix, said so
     nan_data = TINY_SPEC.replace("tests.fixtures:tiny_data", "tests.test_hangs:nan_data")
     validate = runner.invoke(app, ["validate", str(write_spec(nan_data))])
     assert validate.exit_code == 2 and ("data: the first 2 training samples hold values that are not finite (NaN or "
                                         "inf), and the loss on them is nan: clean the data") in validate.stderr
+    # probe too (it had exited 0 with a 'safe batch size' and a note): a NaN before any step is bad input, not a
+    # verdict on memory, and CI stops there
     probe = runner.invoke(app, ["probe", str(write_spec(NAN)), "-q", "-f", "json"])
-    assert probe.exit_code == 0
-    assert any("the loss was not finite" in n for n in json.loads(probe.output)["notes"])
+    assert probe.exit_code == 2 and model_said in probe.stderr, probe.output
+    assert json.loads(probe.stdout)["exit_code"] == 2 and model_said in json.loads(probe.stdout)["error"]
 
 
 def test_a_nan_loss_of_finite_outputs_is_the_losss_to_fix(write_spec):
     """An outside loss that returned NaN of a model's finite outputs was named at model: ('the model's initial output
     or the loss function'): the loss is named, at its own line."""
     spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_loss"}\n')
+    said = (f"{spec}:7: loss.target: the loss on the first 2 training samples is nan before any training step, from "
+            "the model's finite outputs (and finite inputs): the loss function, not the model or the lr")
     validate = runner.invoke(app, ["validate", str(spec)])
-    assert validate.exit_code == 2 and validate.stderr.splitlines()[1].strip() == (
-        f"{spec}:7: loss.target: the loss on the first 2 training samples is nan before any training step, from the "
-        "model's finite outputs (and finite inputs): the loss function, not the model or the lr")
+    assert validate.exit_code == 2 and validate.stderr.splitlines()[1].strip() == said
+    probe = runner.invoke(app, ["probe", str(spec), "-q"])  # had exited 0, noting 'the loss was not finite'
+    assert probe.exit_code == 2 and probe.stderr.splitlines()[1].strip() == (
+        f"{spec}:7: loss.target: the loss returned nan from finite model outputs at step 1: the loss function, not "
+        "the lr"), probe.output
+    # a model whose outputs go non-finite once training has begun leaves the memory figures standing: a note, exit 0
+    later = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:nan_later_mlp"))
+    probe = runner.invoke(app, ["probe", str(later), "-q", "-f", "json", "model.kwargs={after: 1}"])
+    assert probe.exit_code == 0, probe.output
+    assert [n.split(" (")[0] for n in json.loads(probe.stdout)["notes"] if "not finite" in n] == [
+        "the loss was not finite in 5 of 7 trials"], probe.stdout  # later trials start from NaN weights
+
+
+def nan_after(after: int):
+    """Cross entropy, NaN from its ``after``-th call with gradients on (the first steps of a run are finite)."""
+    calls = [0]
+
+    def loss(output, targets):
+        calls[0] += 1
+        value = torch.nn.functional.cross_entropy(output, targets)
+        return value * float("nan") if calls[0] > after and torch.is_grad_enabled() else value
+
+    return loss
 
 
 def nan_later_data(**kwargs):
@@ -393,3 +417,38 @@ def test_malloc_is_held_steady_unless_the_user_chose(monkeypatch):
     except (OSError, AttributeError):
         pytest.skip("not glibc")
     assert host.steady_malloc() is True and host.steady_malloc() is True
+
+
+class _NaNLater(torch.nn.Module):
+    """tiny_mlp whose outputs turn NaN from its ``after``-th training forward: weights gone bad, as an lr does."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        from tests.fixtures import tiny_mlp
+
+        self.net, self.after, self.calls = tiny_mlp(), after, 0
+
+    def forward(self, x):
+        self.calls += torch.is_grad_enabled()
+        return self.net(x) * (float("nan") if self.calls > self.after else 1.0)
+
+
+def nan_later_mlp(after: int = 8) -> torch.nn.Module:
+    return _NaNLater(after)
+
+
+def test_a_nan_loss_of_finite_outputs_in_training_is_the_losss_not_the_lrs(write_spec):
+    """An outside loss that returned NaN after its 20th call read 'diverged: non-finite loss at step 1 ... or lower
+    optimizer.lr' in noise and 'diverged at lr 0.00424' in check: the model's outputs of that step were finite, so
+    it is the loss's to fix, exit 2 in every command. A NaN that comes with NaN outputs stays a divergence."""
+    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 8}}\n')
+    said = f"{spec}:7: loss.target: the loss returned nan from finite model outputs at step %d: the loss function, " \
+        "not the lr"
+    noise = runner.invoke(app, ["noise", str(spec), "--steps", "10", "-q"])  # its steps run 8 passes
+    assert noise.exit_code == 2 and noise.stderr.splitlines()[1].strip() == said % 1, noise.output
+    check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # after the fits run's passes
+    assert check.exit_code == 2 and check.stderr.splitlines()[1].strip() == said % 2, check.output
+    outputs = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:nan_later_mlp")
+                         + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 1000}}\n')
+    noise = runner.invoke(app, ["noise", str(outputs), "--steps", "10", "-q"])
+    assert noise.exit_code == 1 and "diverged: non-finite loss at step 3. No noise scale" in noise.stdout, noise.output

@@ -381,13 +381,20 @@ def _skip(name: str, code: str, **figures: Any) -> CheckResult:
     return CheckResult(name, "skip", code, figures)
 
 
+def _stopping(exc: BaseException) -> None:
+    """The process is being stopped: what failed is the stop's (a killed loader worker), no verdict or error."""
+    from batchtune.errors import STOPPING
+
+    if STOPPING:
+        raise KeyboardInterrupt from exc
+
+
 def _crash(name: str, code: str, exc: BaseException) -> CheckResult:
     """A failed check for user code that raised: the user's own exception, not the trainer's wrapper."""
     from batchtune.config.spec import SpecError
-    from batchtune.errors import STOPPING, LoadError, TrainingError, error_line
+    from batchtune.errors import LoadError, TrainingError, error_line
 
-    if STOPPING:  # the process is being stopped: the crash is the stop's (a killed loader worker), no verdict
-        raise KeyboardInterrupt from exc
+    _stopping(exc)
 
     cause = exc.__cause__ if isinstance(exc, TrainingError) and exc.__cause__ is not None else exc
     # batchtune's own TrainingError says what happened already; its class name would only be noise
@@ -601,6 +608,7 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
     """The training run, configured like a sweep trial so its throughput compares: trains and data."""
     from batchtune.config.spec import SpecError
     from batchtune.engine.trial import trial_config
+    from batchtune.errors import TrainingError
 
     spec, steps = state.spec, state.spec.check.steps
     base_sweep = (state.baseline.spec.get("sweep") or {}) if state.baseline else {}
@@ -625,11 +633,14 @@ def _training(state: _CheckRun) -> dict[str, CheckResult]:
     stamps: list[float] = []
     try:
         run = state.trainer.run(config, on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    except SpecError as exc:
-        if not getattr(exc, "batchtune_rank_local", False):  # as in _fits: this rank's alone is a crash
+    except (SpecError, TrainingError) as exc:
+        # as in _fits: the user's code raised (an OOM is a result, not this) or the loss is not finite before any
+        # step: bad input, exit 2 (an outside loss's NaN read 'trains fail', exit 1); this rank's alone is a crash
+        if not getattr(exc, "batchtune_rank_local", False):
+            _stopping(exc)
             raise
         return {"trains": _crash("trains", "trains.crashed", exc), "data": _skip("data", "skip.train_crashed")}
-    except Exception as exc:  # noqa: BLE001 - user code that crashes is a failed pre-flight
+    except Exception as exc:  # noqa: BLE001 - anything else that crashes is a failed pre-flight
         return {"trains": _crash("trains", "trains.crashed", exc), "data": _skip("data", "skip.train_crashed")}
     _stop_if_timed_out(state, run)
     state.window_rates = window_rates(stamps, batch_size=state.shape.batch_size, first=timing_warmup,

@@ -156,7 +156,7 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
         notes.append(cap_note or f"max_batch_size ({outcome.ceiling}) fits: the device may hold more; "
                                  "raise probe.max_batch_size")
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
-    notes += _loss_notes(source.trials)
+    notes += _loss_notes(source.trials, data_components, spec.seed)
     varlen = _variable_length(spec, data_components, (source.model, backend, dist), outcome.ceiling,
                               confirmation.batch_size)
     sharding, bound = _sharding_report(spec, source, dist), _bounding_rank(source, outcome, backend, dist)
@@ -488,11 +488,25 @@ def _largest(components: Any, p: Any) -> tuple[int, str | None]:
                      f"sample) of the {format_bytes(limit.available_bytes)} available")
 
 
-def _loss_notes(trials: list[DeviceTrial]) -> list[str]:
-    """A non-finite loss: memory figures stand, but training is broken (model, data or lr)."""
+def _loss_notes(trials: list[DeviceTrial], components: Any, seed: int | None) -> list[str]:
+    """A non-finite loss: memory figures stand, but training is broken (model, data or lr).
+
+    Raises:
+        SpecError: a first step's loss was not finite, and so is a fresh model's on the first training samples
+            (validate's :meth:`~batchtune.config.components.Components.first_loss` names the data, the model or
+            the loss): no lr made it so, and a probe of a job that cannot train is bad input, exit 2, as in
+            validate, sweep and check. A probe whose NaN loss was a note exited 0 and printed a safe batch size.
+    """
+    from batchtune.config.components import ComponentError
+
     bad = [t for t in trials if t.result.diverged]
     if not bad:
         return []
+    if any((t.result.divergence or "").startswith("non-finite loss at step 1") for t in bad):
+        try:
+            components.first_loss(components.build_model(seed))
+        except ComponentError:  # the model or loss raised here alone (a GPU-only kernel on the host): no answer
+            pass
     first = bad[0].result
     return [f"the loss was not finite in {len(bad)} of {len(trials)} trials ({first.divergence}, batch "
             f"{first.batch_size}): the memory figures stand, but this setup does not train; check the "

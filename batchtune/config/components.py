@@ -509,6 +509,7 @@ def _make_loss(spec: Spec) -> LossFn:
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     checked = False
+    output_sums: list[torch.Tensor] = []  # a loss of the user's: this step's outputs' sums, for outputs_finite
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         nonlocal checked
@@ -518,6 +519,9 @@ def _make_loss(spec: Spec) -> LossFn:
             data_key = "data.collate" if spec.data.collate is not None else "data"  # the batch is the collate's
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else data_key, str(exc))]) from None
         output = _call(model, inputs)
+        if not isinstance(spec.loss, str) and torch.is_grad_enabled():
+            output_sums.extend(torch.sum(t.detach(), dtype=torch.float32) for t in tree_leaves(output)
+                               if isinstance(t, torch.Tensor) and t.is_floating_point())
         try:  # the first batch of every command is checked for broadcasting, not validate's only
             loss = criterion(output, targets) if checked else _unbroadcast(spec, criterion, output, targets)
         except Exception as exc:  # the loss's to fix, not the model's (a raising loss was named at model:)
@@ -527,7 +531,25 @@ def _make_loss(spec: Spec) -> LossFn:
         checked = True
         return _one_number(spec, loss)
 
+    loss_fn.output_sums = output_sums
     return loss_fn
+
+
+def outputs_finite(loss_fn: LossFn) -> bool | None:
+    """Whether the model's outputs were finite in every training pass of the user's loss (``loss.target``) since
+    :func:`clear_outputs`: a NaN or inf in an output makes its sum non-finite. None where there is no answer (a
+    built-in loss keeps no sums). Summed, not kept: holding the outputs would add their bytes to a trial's peak."""
+    sums = getattr(loss_fn, "output_sums", None)
+    if not sums:
+        return None
+    return all(math.isfinite(float(s)) for s in sums)  # read only when a loss was not finite: the syncs are rare
+
+
+def clear_outputs(loss_fn: LossFn) -> None:
+    """Start a step: forget the outputs' sums of the last one."""
+    sums = getattr(loss_fn, "output_sums", None)
+    if sums is not None:
+        sums.clear()
 
 
 def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets: Any) -> Any:
@@ -750,9 +772,10 @@ class Components:
                 "needs a closure (LBFGS-style) cannot be tuned; choose another")])
         return optimizer
 
-    def first_loss(self, model: nn.Module, samples: int = 2) -> float:
+    def first_loss(self, model: nn.Module, samples: int = 2, device: torch.device | None = None) -> float:
         """The loss of the first ``samples`` training samples, forward only, as validate checks before any
         training: the data collates, the model takes the batch, the loss takes its output to one number.
+        ``device``: the model's, where the batch goes first (a trial's model, asked why its loss is not finite).
 
         Raises:
             ComponentError: collating, the forward or the loss raised.
@@ -761,6 +784,8 @@ class Components:
         n = min(samples, len(self.train_set))
         first = "the first training sample" if n == 1 else f"the first {n} training samples"
         batch = self._first_batch(n, first)
+        if device is not None:
+            batch = to_device(batch, device)
         # torch's warnings here are about a forward without gradients (checkpointing's 'None of the inputs have
         # requires_grad'), not the user's: left unsaid (a loss that broadcast raises in the loss function)
         with torch.no_grad(), warnings.catch_warnings():

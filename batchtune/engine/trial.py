@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from batchtune.config.components import ComponentError, Components, batch_size_of, to_device
+from batchtune.config.components import (ComponentError, Components, batch_size_of, clear_outputs, outputs_finite,
+                                         to_device)
 from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, data_source, load_next, noted, noted_collate, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
@@ -499,6 +500,7 @@ class Trainer:
                                          "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
                                          "reliable": reading.reliable, "noise_steps": reading.steps})
         if not math.isfinite(val_loss) and step == 0:  # no lr has acted yet: not a divergence
+            self._why_not_finite(run.model)
             raise TrainingError(f"the validation loss before the first training step is {val_loss}: the model's "
                                 "initial output, the loss or the data is not finite (not the lr); batchtune validate "
                                 "checks it")
@@ -506,6 +508,15 @@ class Trainer:
             result.diverged, result.divergence = True, f"non-finite validation loss at step {step}"
             return False
         return True
+
+    def _why_not_finite(self, model: nn.Module) -> None:
+        """Before any step the loss is not finite: raise validate's SpecError where the first training samples show
+        whose it is (``data``, ``model``, or ``loss.target`` of the model's finite outputs), as validate names it;
+        return where they do not (the validation data alone, say). An outside check had said 'trains fail', exit 1."""
+        try:
+            self.components.first_loss(model, device=self.backend.device)
+        except ComponentError:  # the first samples' forward raised here alone: no answer
+            return
 
     # ------------------------------------------------------------------ the run
 
@@ -595,6 +606,7 @@ class Trainer:
         try:
             self._steps(run)
         finally:
+            clear_outputs(comps.loss_fn)  # the last step's output sums: no bytes left behind the trial
             work.close()
             if run.monitor is not None:
                 run.monitor.close()
@@ -658,6 +670,7 @@ class Trainer:
         """
         backend, dist, work, result = self.backend, self.dist, run.work, run.result
         noise = run.monitor if run.monitor is not None and run.monitor.due(step) else None
+        clear_outputs(self.components.loss_fn)
         work.begin(step)
         backend.synchronize()
         start = time.perf_counter()
@@ -759,11 +772,24 @@ class Trainer:
             self._bad_data = nonfinite_samples(self.components.train_set)
         return self._bad_data
 
+    def _loss_not_the_lr(self, step: int, loss: float) -> None:
+        """A loss of the user's (``loss.target``) not finite from the model's finite outputs, on every rank: a
+        SpecError on ``loss.target``, bad input in every command. A NaN that comes with non-finite outputs (from
+        non-finite weights) is a divergence. An outside loss that returned NaN after its 20th call read 'diverged
+        ... or lower optimizer.lr' in noise and 'diverged at lr 0.00424' in check."""
+        finite = outputs_finite(self.components.loss_fn)
+        (unknown,) = self.dist.max(0.0 if finite else 1.0)
+        if not unknown:
+            raise self.components.spec.error("loss.target", f"the loss returned {loss} from finite model outputs at "
+                                                            f"step {step + 1}: the loss function, not the lr")
+
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
         non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`)."""
         if not math.isfinite(loss):
             bad = self.bad_data()
+            if not bad and math.isnan(loss):  # inf of finite outputs is an overflow: the lr's, as a rule
+                self._loss_not_the_lr(step, loss)
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
                 f": {bad.text()}" if bad else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
