@@ -1331,8 +1331,8 @@ def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(w
     result = runner.invoke(app, ["check", str(nan), "-b", "32", "-q"])
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines()[1].strip() == (  # the fits run's first step: no step-0 validation there
-        f"{nan}:8: loss.target: the loss returned nan from finite model outputs at step 1: the loss function, not the "
-        "lr")
+        f"{nan}:8: loss.target: the loss returned nan from finite model outputs at step 1, before any update: the "
+        "loss function, not the lr")
     _FailsLater.calls = 0
     result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q",
                                  "model.target=tests.test_robustness:fails_later", "model.kwargs={after: 8}"])

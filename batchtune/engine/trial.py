@@ -772,26 +772,31 @@ class Trainer:
             self._bad_data = nonfinite_samples(self.components.train_set)
         return self._bad_data
 
-    def _loss_not_the_lr(self, step: int, loss: float) -> None:
-        """A loss of the user's (``loss.target``) not finite from the model's finite outputs, on every rank: a
-        SpecError on ``loss.target``, bad input in every command. A NaN that comes with non-finite outputs (from
-        non-finite weights) is a divergence. An outside loss that returned NaN after its 20th call read 'diverged
-        ... or lower optimizer.lr' in noise and 'diverged at lr 0.00424' in check."""
-        finite = outputs_finite(self.components.loss_fn)
-        (unknown,) = self.dist.max(0.0 if finite else 1.0)
-        if not unknown:
-            raise self.components.spec.error("loss.target", f"the loss returned {loss} from finite model outputs at "
-                                                            f"step {step + 1}: the loss function, not the lr")
+    def _loss_made(self, loss: float) -> bool:
+        """Whether a NaN loss of the user's (``loss.target``) came from the model's finite outputs, on every rank
+        (the loss is the ranks' mean, so every rank asks). An outside loss that returned NaN after its 20th call read
+        'diverged ... or lower optimizer.lr' in noise and 'diverged at lr 0.00424' in check."""
+        if not math.isnan(loss):  # inf of finite outputs is an overflow: the lr's, as a rule
+            return False
+        (unknown,) = self.dist.max(0.0 if outputs_finite(self.components.loss_fn) else 1.0)
+        return not unknown
 
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
-        non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`)."""
+        non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`), or the loss function
+        made it from finite outputs: at the first step, before any update, no lr did (a SpecError on
+        ``loss.target``, bad input in every command); later, a loss that overflows as the outputs grow under a high
+        lr is a divergence a sweep records and goes on from, said to be the loss's."""
         if not math.isfinite(loss):
             bad = self.bad_data()
-            if not bad and math.isnan(loss):  # inf of finite outputs is an overflow: the lr's, as a rule
-                self._loss_not_the_lr(step, loss)
+            made = not bad and self._loss_made(loss)
+            if made and step == 0:
+                raise self.components.spec.error(
+                    "loss.target", f"the loss returned {loss} from finite model outputs at step 1, before any update: "
+                                   "the loss function, not the lr")
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
-                f": {bad.text()}" if bad else "")
+                f": {bad.text()}" if bad else " from finite model outputs: the loss function made it (a log, exp or "
+                "division that overflows as the outputs grow, or a bug in it)" if made else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
                                                                start := starting_loss(result)):
             result.diverged = True
