@@ -1037,7 +1037,8 @@ def _check_serve(spec_path: Path, overrides: list[str] | None, batch_size: int |
             report = run_serve_check(spec, latency_budget=budget, percentile=percentile, batch_size=batch_size)
         except ServeInputError as exc:
             raise UsageError(str(exc)) from None
-        except ServeInterrupted as stop:
+        except ServeInterrupted as stop:  # the step summary gets the partial report, as an interrupted check's
+            _step_summary(render_serve_check(stop.result, "markdown", strict) + "\n")
             _check_interrupted(stop.result, render_serve_check(stop.result, fmt.value, strict))
         _echo(render_serve_check(report, fmt.value, strict))
         _step_summary(render_serve_check(report, "markdown", strict) + "\n")

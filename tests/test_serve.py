@@ -282,8 +282,11 @@ def test_an_interrupted_serve_shows_the_sizes_timed_marked_partial_and_exits_130
     assert out.stderr.strip() == said
 
 
-def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_spec, monkeypatch):
+def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_spec, monkeypatch, tmp_path):
     _ctrl_c_at_pass_call(monkeypatch, 1)
+    summary = tmp_path / "summary.md"
+    summary.write_text("an earlier step's text\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     out = runner.invoke(app, ["check", str(write_spec(SERVE_SPEC)), "--serve", "--latency-budget", "50ms", "-b", "8",
                               "-q", "--format", "json"])
     assert out.exit_code == 130, out.output
@@ -292,6 +295,8 @@ def test_an_interrupted_check_serve_shows_the_fit_and_skips_the_latency(write_sp
     assert [(c["name"], c["status"]) for c in data["checks"]] == [("serve_fits", "pass"), ("latency", "skip")]
     assert data["checks"][1]["reason"] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
     assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
+    written = summary.read_text()  # appended, as an interrupted training check's is
+    assert written.startswith("an earlier step's text\n") and "serve_fits" in written and "interrupted" in written
 
 
 def test_check_serve_verdicts(write_spec):
