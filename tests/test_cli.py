@@ -104,6 +104,15 @@ def test_bad_kwargs_and_bad_data_factory(write_spec):
                       "data: {target: 'tests.fixtures:bad_data'}\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")
     result = runner.invoke(app, ["validate", str(path)])
     assert "data: the data factory must return (train_dataset, val_dataset), got str" in result.stderr
+    # a quoted number is a string: an outside GRU's h: "64" was said on model.target, in torch's words only
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp', kwargs: {hidden: '64'}}\n"
+                      "data: {target: 'tests.fixtures:tiny_data'}\noptimizer: {name: sgd, lr: 0.1}\n"
+                      "base_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and " ".join(result.stderr.split()).startswith(
+        f"error: {path}:2: model.kwargs.hidden: the model factory tests.fixtures:tiny_mlp() raised TypeError: "
+    ), result.stderr
+    assert "(hidden is the string '64': unquote it in the YAML to give a number)" in " ".join(result.stderr.split())
 
 
 def test_validate_lists_import_problems_beside_key_problems(write_spec):

@@ -81,8 +81,12 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        path = f"{kwargs_key or key}.{named[0]}" if named else getattr(exc, "spec_key", key)
+        quoted = [] if named or not isinstance(exc, TypeError) else [  # YAML's "64" is a string, not a number
+            k for k, v in kwargs.items() if isinstance(v, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+        path = f"{kwargs_key or key}.{(named or quoted)[0]}" if named or quoted else getattr(exc, "spec_key", key)
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
+        if quoted:  # an outside GRU's h: "64" was said on model.target, 'hidden_size should be of type int'
+            message += f" ({quoted[0]} is the string {kwargs[quoted[0]]!r}: unquote it in the YAML to give a number)"
         raise ComponentError([spec.issue(path, message)]) from exc
 
 
