@@ -480,6 +480,10 @@ def test_curves_that_hover_around_the_target_are_said_to_read_noise():
                      "less certain than their intervals say; a higher sweep.target_loss, where the curves still "
                      "fall, reads steadier crossings"]
     assert not any("hover" in n for n in result_from_rows("hover", rows, {**meta, "target_loss": 1.26}).notes)
+    from batchtune.commands.sweep_analysis import _hover_notes
+
+    noise_only = _hover_notes([{"batch_size": 16, "rows": rows[:3]}], 1.17, {"basis": "noise scale"})
+    assert "so the ranking is less certain than their intervals say" in noise_only[0]
 
 
 def test_a_task_that_does_not_learn_gets_no_target_and_says_so():

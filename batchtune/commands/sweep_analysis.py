@@ -631,8 +631,9 @@ def _hover_notes(contenders: list[Entry], target: float, critical: dict[str, Any
     return [f"target val loss {target:.4g}: the validation curves of {', '.join(str(b) for b, _ in hovering)} hover "
             f"around it: their seeds dip below it, rise again, and stay below only after a median {span} the steps of "
             "that first dip (steps to target reads where they stay); this near where the curves level off, steps "
-            f"to target measure their noise as much as progress, so the ranking{also} are less certain than their "
-            "intervals say; a higher sweep.target_loss, where the curves still fall, reads steadier crossings"]
+            f"to target measure their noise as much as progress, so the ranking{also} {'are' if also else 'is'} less "
+            "certain than their intervals say; a higher sweep.target_loss, where the curves still fall, reads steadier "
+            "crossings"]
 
 
 # ------------------------------------------------------------------------------------- ranking
