@@ -23,7 +23,6 @@ rank 0 writes the run folder and the schedule; every rank projects and exits ali
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -319,14 +318,14 @@ def _short_trial_lr_notes(best: dict[int, float], per_trial: int, n: int, scale:
 def _probed_before(out: Path | str | None, dist: Any) -> dict[str, Any] | None:
     """What the calibration in ``out`` was planned from (:func:`_calibration_spec`'s ``probed``), where ``out``
     holds one begun by this version; None otherwise."""
+    from batchtune.render.run_folder import RunFolder
+
     def read() -> dict[str, Any] | None:
-        meta = Path(out) / "meta.json"
-        if not meta.exists():
-            return None
         try:
-            probed = json.loads(meta.read_text()).get("origin", {}).get("probed")
-        except (OSError, ValueError, AttributeError):
+            origin = RunFolder(Path(out)).read_object("meta.json", {}).get("origin")
+        except (UsageError, OSError):
             return None  # the sweep's own read of the folder says what is wrong with it
+        probed = origin.get("probed") if isinstance(origin, dict) else None
         return probed if isinstance(probed, dict) and {"ceiling", "safe", "accum"} <= probed.keys() else None
 
     return None if out is None else dist.broadcast(dist.on_main(read))
