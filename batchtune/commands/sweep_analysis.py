@@ -621,8 +621,8 @@ def _hover_notes(contenders: list[Entry], target: float, critical: dict[str, Any
     for e in contenders:
         ratios = [cross[0] / first for r in e["rows"] if (cross := seed_crossing(r, target)) and (first := next(
             (p[0] for p in r.get("evals") or [] if p[0] > 0 and p[3] is not None and p[3] <= target), None))]
-        if ratios and statistics.median(ratios) >= HOVER:
-            hovering.append((e["batch_size"], statistics.median(ratios)))
+        if ratios and (ratio := statistics.median(ratios)) >= HOVER:
+            hovering.append((e["batch_size"], ratio))
     if not hovering:
         return []
     low, high = min(r for _, r in hovering), max(r for _, r in hovering)
