@@ -21,11 +21,15 @@ def adam_like(params, lr):
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-class _Scaled(torch.optim.Optimizer):
-    """A custom adaptive optimizer: a second moment under a name of its own."""
+class _Hand(torch.optim.Optimizer):
+    """A hand-written optimizer whose one hyperparameter is its lr."""
 
     def __init__(self, params, lr):
         super().__init__(params, {"lr": lr})
+
+
+class _Scaled(_Hand):
+    """A custom adaptive optimizer: a second moment under a name of its own."""
 
     @torch.no_grad()
     def step(self):
@@ -62,11 +66,8 @@ class _Moments(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
-class _Misnamed(torch.optim.Optimizer):
+class _Misnamed(_Hand):
     """SGD with momentum whose buffer is named like Adam's second moment: once called adaptive by that name."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -76,11 +77,8 @@ class _Misnamed(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
-class _PerTensor(torch.optim.Optimizer):
+class _PerTensor(_Hand):
     """NovoGrad-like: one second moment per tensor (the mean of grad²), a momentum per element."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -92,21 +90,15 @@ class _PerTensor(torch.optim.Optimizer):
                 p.add_(m, alpha=-group["lr"])
 
 
-class _Raises(torch.optim.Optimizer):
+class _Raises(_Hand):
     """Its step raises whatever it is given (a step that needs what batchtune cannot pass)."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     def step(self, closure=None):
         raise RuntimeError("needs a sharded parameter")
 
 
-class _ListState(torch.optim.Optimizer):
+class _ListState(_Hand):
     """Adam-like, its second moment kept in a list and its step a Python float (an outside tester's)."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -120,11 +112,8 @@ class _ListState(torch.optim.Optimizer):
                 p.addcdiv_(p.grad, state["moments"][0].sqrt() + 1e-8, value=-group["lr"])
 
 
-class _NestedMomentum(torch.optim.Optimizer):
+class _NestedMomentum(_Hand):
     """SGD with momentum kept in a dict of lists, beside a step tensor and a list of floats."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -138,11 +127,11 @@ class _NestedMomentum(torch.optim.Optimizer):
                 p.add_(state["hist"]["m"][0].mul_(0.9).add_(p.grad), alpha=-group["lr"])
 
 
-class _LazyAdam(torch.optim.Optimizer):
+class _LazyAdam(_Hand):
     """Plain SGD for 5 steps, then an Adam-like second moment: once called SGD-like from two test steps."""
 
     def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr)
         self.steps = 0
 
     @torch.no_grad()
@@ -157,11 +146,8 @@ class _LazyAdam(torch.optim.Optimizer):
                 p.addcdiv_(p.grad, v.sqrt() + 1e-8, value=-group["lr"])
 
 
-class _MatrixOnly(torch.optim.Optimizer):
+class _MatrixOnly(_Hand):
     """Adam-like, refusing parameters that are not matrices (Muon-like): once judged by its class name."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
     def step(self, closure=None):
