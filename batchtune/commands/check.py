@@ -687,15 +687,17 @@ def _slow_start(state: _CheckRun, run: Any, verdict: CheckResult) -> CheckResult
     :data:`SLOW_START` of its starting loss past as many steps (median) and fell after, the loss has not started
     falling yet, at an lr that gets there (``trains.slow_start``, a pass). An outside CNN on a plateau for its first
     ~50 steps warned 'the lr may be too low' (and failed --strict) at the lr its baseline sweep found fastest."""
+    from batchtune.commands.sweep_analysis import starting_loss as row_start  # a stored row's (trial.py's: a run's)
+
     if verdict.code != "trains.flat" or state.baseline is None or not state.lr:
         return verdict
     fell = []
     for row in state.baseline.rows_for(state.shape.batch_size):
         if not row.get("fits") or row.get("diverged") or abs(float(row.get("lr") or 0) / state.lr - 1) > 0.01:
             continue
-        curve = [(e[0], e[3]) for e in row.get("evals") or [] if e[3] is not None and math.isfinite(e[3])]
-        if curve and curve[0][0] == 0:
-            fell.append(next((step for step, loss in curve if loss < (1 - SLOW_START) * curve[0][1]), None))
+        if (start := row_start(row)) is not None:  # a NaN or inf validation is no fall
+            fell.append(next((e[0] for e in row["evals"] if e[3] is not None and e[3] < (1 - SLOW_START) * start),
+                             None))
     if not fell or None in fell or (at := statistics.median(fell)) <= run.steps:
         return verdict
     return replace(verdict, status="pass", code="trains.slow_start",
