@@ -351,8 +351,9 @@ def _target_summary(table: dict[int, dict[str, Any]], sps: dict[int, float], tar
             "best_size": best, "best_time_s": timed.get(best)}
 
 
-def analyse(task: str, out: Path, *, budget: int, targets: list[float] | None) -> int:
-    """Targets, best lr per size, the fit, replayed times; prints a table, writes the summary JSON."""
+def analyse(task: str, out: Path, *, budget: int, targets: list[float] | None, tag: str = "") -> int:
+    """Targets, best lr per size, the fit, replayed times; prints a table, writes the summary JSON
+    (``..._summary.json``, ``..._default_summary.json`` with ``tag`` "_default")."""
     rows = [r for r in load_rows(out) if r.get("budget") == budget]
     groups = _groups(rows)
     targets = targets or default_targets(groups)
@@ -380,7 +381,7 @@ def analyse(task: str, out: Path, *, budget: int, targets: list[float] | None) -
                            "seconds": sum(r["seconds"] for r in rows)},
                "grid": {str(b): sorted({r["k"] for r in rows if r["size"] == b}) for b in groups},
                "kept": {str(b): sorted(cells) for b, cells in groups.items()}}
-    path = out.with_name(out.stem + "_summary.json")
+    path = out.with_name(out.stem + tag + "_summary.json")
     path.write_text(json.dumps(summary, indent=1) + "\n")
     print(render(summary))
     return 0
@@ -415,17 +416,19 @@ def render(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- the sweep against it
 
 def run_sweep(task: str, summary: dict[str, Any], folder: Path, *, samples: int | None = None,
-              overrides: list[str] | None = None) -> dict[str, Any]:
-    """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets."""
+              overrides: list[str] | None = None, given: bool = True) -> dict[str, Any]:
+    """``batchtune sweep`` on the task's spec: same optimizer, the ground truth's sizes, budget and targets
+    (its own default target where not ``given``)."""
     t = TASKS[task]
     targets = "[" + ", ".join(f"{x['target_loss']:g}" for x in summary["targets"]) + "]"
+    targets = [f"sweep.target_loss={targets}"] if given else []
     sizes = sorted(map(int, summary["grid"]))
     # the grid's own bounds: a list crossing the config's (8 below the quickstart's min_batch_size 32) is refused
     command = [sys.executable, "-m", "batchtune", "sweep", str(ROOT / t["config"]), *t["overrides"],
                f"sweep.batch_sizes=[{', '.join(map(str, sizes))}]", f"sweep.min_batch_size={sizes[0]}",
                f"sweep.max_batch_size={sizes[-1]}",
                f"sweep.samples={samples or summary['budget_samples']}",
-               f"sweep.target_loss={targets}", *(overrides or []), "--format", "json", "--out", str(folder)]
+               *targets, *(overrides or []), "--format", "json", "--out", str(folder)]
     log.info("running %s", " ".join(command))
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
@@ -475,25 +478,34 @@ def fill_picks(task: str, out: Path, summary: dict[str, Any], result: dict[str, 
     return trained
 
 
-def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides: list[str] | None = None) -> int:
-    """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's."""
+def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides: list[str] | None = None,
+            default_target: bool = False) -> int:
+    """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's. With
+    ``default_target`` the sweep chooses its own target, and the truth is read at it (``..._default_*``)."""
     from batchtune.config.spec import load_spec
     from batchtune.stats.scaling import spec_lr
 
-    path = out.with_name(out.stem + "_summary.json")
-    summary = json.loads(path.read_text())
-    sweep_json = out.with_name(out.stem + "_sweep.json")
+    tag = "_default" if default_target else ""
+    path = out.with_name(out.stem + tag + "_summary.json")
+    sweep_json = out.with_name(out.stem + tag + "_sweep.json")
     if sweep_json.exists():
         result = json.loads(sweep_json.read_text())
     else:
+        summary = json.loads(out.with_name(out.stem + "_summary.json").read_text())  # the sizes and the budget
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples, overrides=overrides)
-        with gzip.open(out.with_name(out.stem + "_sweep_rows.json.gz"), "wt") as f:
+            result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples, overrides=overrides,
+                               given=not default_target)
+        with gzip.open(out.with_name(out.stem + tag + "_sweep_rows.json.gz"), "wt") as f:
             json.dump(result.pop("_rows"), f)
         sweep_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if default_target and not path.exists():
+        budget = json.loads(out.with_name(out.stem + "_summary.json").read_text())["budget_samples"]
+        analyse(task, out, budget=budget, targets=[result["target_loss"]], tag=tag)
+    summary = json.loads(path.read_text())
     spec = load_spec(ROOT / TASKS[task]["config"], TASKS[task]["overrides"])
     if fill_picks(task, out, summary, result, lambda s: spec_lr(spec, s)):  # the picks' cells on every seed
-        analyse(task, out, budget=summary["budget_samples"], targets=[t["target_loss"] for t in summary["targets"]])
+        analyse(task, out, budget=summary["budget_samples"], targets=[t["target_loss"] for t in summary["targets"]],
+                tag=tag)
         summary = json.loads(path.read_text())
     by_target = {round(b["target_loss"], 9): b for b in result.get("by_target") or []}
     trials = result.get("trials") or []
@@ -560,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=None, help="comma-separated target losses for --analyse")
     parser.add_argument("--analyse", action="store_true")
     parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--default-target", action="store_true",
+                        help="--compare: the sweep chooses its own target, and the truth is read at it")
     args = parser.parse_args(argv)
     MIN_STEPS, WARMUP_BUDGET = args.min_steps, args.warmup_budget
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -568,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_samples or TASKS[args.task]["budget"]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else TASKS[args.task].get("sizes", SIZES)
     if args.compare:
-        return compare(args.task, out, sweep_samples=args.sweep_samples, overrides=args.sweep_override)
+        return compare(args.task, out, sweep_samples=args.sweep_samples, overrides=args.sweep_override,
+                       default_target=args.default_target)
     if args.analyse:
         targets = [float(t) for t in args.targets.split(",")] if args.targets else None
         return analyse(args.task, out, budget=budget, targets=targets)

@@ -24,6 +24,7 @@ from typing import Any
 from batchtune.commands.probe import run_probe, safe_size
 from batchtune.commands.sweep_analysis import (
     KEEP_LR,
+    NOISE_SLACK,
     Analysis,
     SweepResult,
     analyse,
@@ -228,9 +229,10 @@ class _Sweep:
                 self._run_all([(first, m, shape)], mark="extension")
         if refine := self.meta.get("lr_refine"):
             standing = self._standing(first, refined=False)
-            leaders = None if refine is True else in_contention(self._rows_of(first), self.meta, LEADERS_WITHIN)
+            leaders = None if refine is True else in_contention(self._rows_of(first), self._screened(), LEADERS_WITHIN)
             self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
                            for m in _refinements(standing.get(c.batch_size, {}))])
+        self._fix_default_target(first)
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
         self._stops = lr_stops(self._rows_of(first), self._screened())
@@ -238,7 +240,7 @@ class _Sweep:
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in sorted(self._stops.get(c.batch_size, {}))])
-        fallbacks = lr_fallbacks([r for r in self.rows if not r.get("fallback")], self._screened(), sizes)
+        fallbacks = lr_fallbacks([r for r in self.rows if not r.get("fallback")], self.meta, sizes)
         for size, lrs in fallbacks.items():
             self._stops.setdefault(size, {}).update(lrs)
         for seed in others:
@@ -246,10 +248,26 @@ class _Sweep:
                           mark="fallback")
         self._reach_default_target()
 
+    def _fix_default_target(self, first: int) -> None:
+        """Fix the default target once the first seed has screened the lrs (:func:`default_target` on its rows),
+        so that the other seeds train towards it and stop there, as at a given target, and run only the
+        sizes in contention for it (``reseed_within``): the lrs they run were chosen at this very target.
+
+        A sweep whose plan predates the target's slack above the floor (no ``target_noise_slack``) fixes it
+        after every seed instead (:meth:`_reach_default_target`), as it did then: at the floor itself, where
+        every size levels off, one seed's times were a coin toss (the quickstart's default sweep kept one size of
+        seven for its later seeds). A 2σ slack puts the target where the curves still fall. So do calibrations
+        that stop at their budgets (``reach_factor`` 1: a plan's, which reads its curves whole)."""
+        if (given_targets(self.meta) or self.meta.get("reach_factor", 1.0) <= 1 or "default_target" in self.meta
+                or "target_noise_slack" not in self.meta):
+            return
+        self.meta["default_target"] = default_target(self._rows_of(first), self.meta["target_noise_slack"])
+        self.dist.on_main(lambda: self.folder.write_json("meta.json", self.meta))
+
     def _reach_default_target(self) -> None:
-        """Without a given target, fix the default one once every seed has trained its budget (the
-        lowest loss that most sizes reach in every seed, :func:`default_target`), then let the trials
-        short of it train on towards it, as a given target lets them: each size's best lr retrains
+        """Without a given target, the trials short of the default one (fixed after the first seed,
+        :meth:`_fix_default_target`; in a run folder from before that, now, from every seed's rows at their
+        budgets) train on towards it, as a given target lets them: each size's best lr retrains
         the seeds that missed, up to ``reach_factor`` × its steps, stopping there. At equal samples a
         large batch takes fewer steps, so the default target is one the largest sizes miss in the
         budget, however soon they would get there. The target goes into the plan (``meta.json``)
@@ -257,7 +275,8 @@ class _Sweep:
         if given_targets(self.meta) or self.meta.get("reach_factor", 1.0) <= 1:
             return
         if "default_target" not in self.meta:
-            self.meta["default_target"] = default_target(self.rows)  # every trial still at its budget
+            # every trial still at its budget
+            self.meta["default_target"] = default_target(self.rows, self.meta.get("target_noise_slack", 0.0))
             self.dist.on_main(lambda: self.folder.write_json("meta.json", self.meta))
         if self.meta["default_target"] is None:
             return
@@ -794,7 +813,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,
-        "reseed_within": sw.reseed_within,
+        "reseed_within": sw.reseed_within, "target_noise_slack": NOISE_SLACK,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
         "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,

@@ -45,6 +45,7 @@ NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5]
 MIN_NOISE_MEASUREMENTS = 4
 BOOTSTRAP = 1000
 DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share of the sizes reaches
+NOISE_SLACK = 2.0  # ... raised by this many times the validation curves' noise (:func:`default_target`)
 KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
 LR_TIE = 0.02  # lrs of a size this close in median steps to target are tied: the lower one is kept
 NEAR_START = 0.05  # a target less than this share below the untrained loss is said to measure little learning
@@ -422,17 +423,16 @@ def lr_stops(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict
 
 
 def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: float | None) -> set[int]:
-    """The sizes that may still win, judged on one seed's rows: at some given target, the size's
-    fastest lr reached it within ``within`` × the fastest size's time. The others need no more seeds:
-    no seed noise closes a gap that wide. Every size without a given target (the default one is
-    chosen from the rows, and on one seed it sits where every size levels off and times are
-    ill-conditioned: the quickstart's default sweep kept one size of seven), where no size reached
-    a target, or where ``within`` is None. A size all of whose trials ran while the machine was busy stays:
+    """The sizes that may still win, judged on one seed's rows: at some target (given, or the default one
+    once fixed, :func:`stop_targets`), the size's fastest lr reached it within ``within`` × the fastest
+    size's time. The others need no more seeds: no seed noise closes a gap that wide. Every size without a
+    target, where no size reached one, or where ``within`` is None. A size all of whose trials ran while the
+    machine was busy stays:
     its seconds say what the other work left it (an outside CNN's 128, the pick of a calm sweep at 21,696
     samples/s, timed 9,040 busy and ran seed 0 only, 'a gap no seed noise closes')."""
     entries = _per_lr(rows)
     sizes = {e["batch_size"] for e in entries}
-    targets = given_targets(meta)
+    targets = stop_targets(meta)
     if within is None or not targets:
         return sizes
     out = {size for size in sizes if all(r.get("busy") for r in rows if r["batch_size"] == size)}
@@ -447,14 +447,15 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
 
 def lr_fallbacks(rows: list[dict[str, Any]], meta: dict[str, Any], sizes: set[int]) -> dict[int, dict[float, float]]:
     """The second-chance lrs of the sizes in contention: at a given target where a size's fastest lr on the
-    first seed reached it in too few of the seeds (an lr at the edge of stability: an outside regression's
+    first seed reached it in too few of the seeds (given, or the default one once fixed; an lr at the edge
+    of stability: an outside regression's
     512 at ×8 reached 0.11 on seed 0 and stalled on seed 1, and 512, the fastest size, was excluded), the
     next fastest of its lrs that reached it on the first seed, to run on the other seeds, stopping at that
     target (size → multiplier → target; the lowest target where one lr is chosen for several). Judged on
     ``rows`` without any earlier fallback's, so a resumed sweep chooses the same."""
     entries = _per_lr(rows)
     out: dict[int, dict[float, float]] = {}
-    for target in sorted(given_targets(meta), reverse=True):
+    for target in sorted(stop_targets(meta), reverse=True):
         at = [_at_target(e, target) for e in entries]
         for best in _best_per_size(at):
             size = best["batch_size"]
@@ -509,16 +510,29 @@ def stop_targets(meta: dict[str, Any]) -> list[float]:
     return given_targets(meta) or ([fixed["loss"]] if fixed else [])
 
 
-def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The lowest validation loss that :data:`DEFAULT_TARGET_SHARE` of the sizes reach in every
-    seed, each size at its lr that got lowest: ``{"loss", "reached", "sizes"}``, or None.
+def default_target(rows: list[dict[str, Any]], slack: float = 0.0) -> dict[str, Any] | None:
+    """The default target: the lowest validation loss that :data:`DEFAULT_TARGET_SHARE` of the sizes reach
+    in every seed of ``rows``, each size at its lr that got lowest (``floor``), raised by ``slack`` × the
+    validation curves' noise (``noise``, :func:`curve_noise`); ``{"loss", "floor", "noise", "reached", "sizes",
+    "seeds"}``, or None. A sweep fixes it from its first seed's rows (``"seeds"`` 1) and keeps its slack in
+    its plan (``meta["target_noise_slack"]``, :data:`NOISE_SLACK`), so that a resumed sweep takes its
+    decisions again as they were taken; a run folder from before the slack fixed it at the floor (slack 0)
+    from every seed's rows.
 
-    Every seed, not most: the lowest loss that most sizes' median seeds got down to sat where the
-    curves level off, so whether a size's last seed got there was a coin toss (the quickstart: 512 and
+    Every seed, not most, at the floor: the lowest loss that most sizes' median seeds got down to sat where
+    the curves level off, so whether a size's last seed got there was a coin toss (the quickstart: 512 and
     1024 in 0/3 and 1/3 seeds, the others' intervals open above, ties everywhere), and the pick went
     to a size that reached it 'in more seeds' (128) where the ground truth at 0.55 has 1024 1.6× faster.
+
+    Raised by the noise: the floor is where the sizes that set it level off, so their curves sit in their
+    own noise around it. An outside CNN (SGD, 10% label noise, σ 0.023) had 8, 16 and 64 dip below its
+    floor, 1.169, and stay below only at 1.4-2.0× those steps; its steps fit read B_crit 79 where the
+    tester's search said 26-47. At 2σ above it (1.215) the same curves cross once, at 0.9-1.4× their first
+    dip: crossings made by progress, not by noise. The raise is at most a quarter of what the floor is below
+    the start, for curves that barely learn.
     """
     reached: dict[int, float] = {}  # each size's best lr: the loss its worst seed got down to
+    trained = []
 
     def low(r: dict[str, Any]) -> float:  # inf for a trial that never got below where it started
         got = lowest_reached([p[3] for p in r.get("evals") or []]) if r["fits"] and not r["diverged"] else math.inf
@@ -529,23 +543,44 @@ def default_target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         lows = [low(r) for r in e["rows"]]
         if lows:
             reached[e["batch_size"]] = min(reached.get(e["batch_size"], math.inf), max(lows))
+        trained += [r for r in e["rows"] if r["fits"] and not r["diverged"]]
     finite = sorted(v for v in reached.values() if math.isfinite(v))
     if not finite:
         return None
     k = min(max(1, math.ceil(DEFAULT_TARGET_SHARE * len(reached))), len(finite))
-    start = _median_start(rows)
-    if start is not None and finite[k - 1] >= start:  # seed noise around where training began: nothing learnt
+    floor, start = finite[k - 1], _median_start(rows)
+    if start is not None and floor >= start:  # seed noise around where training began: nothing learnt
         return None
-    return {"loss": finite[k - 1], "reached": k, "sizes": len(reached)}
+    sigma = curve_noise(trained) or 0.0
+    slack = slack * sigma if start is None else min(slack * sigma, (start - floor) / 4)
+    return {"loss": floor + slack, "floor": floor, "noise": sigma, "reached": k, "sizes": len(reached),
+            "seeds": len({r["seed"] for r in trained})}
+
+
+def curve_noise(rows: list[dict[str, Any]]) -> float | None:
+    """The validation noise of trials' curves: the robust spread of each curve's last half (in steps) about its
+    own trend, each point against the straight line (in log steps) between its neighbours, scaled to one point's
+    σ and pooled over the rows; None with fewer than 5 such points."""
+    spread = []
+    for row in rows:
+        evals = [(math.log(p[0]), p[3]) for p in row.get("evals") or []
+                 if p[0] > 0 and p[3] is not None and math.isfinite(p[3])]
+        tail = [p for p in evals if p[0] >= evals[-1][0] - math.log(2)]
+        for (t0, x0), (t1, x1), (t2, x2) in zip(tail, tail[1:], tail[2:]):
+            w = (t1 - t0) / (t2 - t0)
+            spread.append(abs(x1 - x0 - w * (x2 - x0)) / math.sqrt(1 + w * w + (1 - w) ** 2))
+    # the median absolute deviation of a normal is 0.6745 σ
+    return statistics.median(spread) / 0.6745 if len(spread) >= 5 else None
 
 
 def short_of(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
-    """The trials of each size's best lr at ``target`` (:func:`_best_per_size`) that trained, did
-    not diverge, did not run out of time (``max_seconds_per_trial`` would stop them again) and did
-    not reach it: the ones a longer run could still bring there."""
+    """The trials of each size's best lr at ``target`` (:func:`_best_per_size`) that trained without a
+    target to stop at (one that had one trained on towards it already), did not diverge, did not run out
+    of time (``max_seconds_per_trial`` would stop them again) and did not reach it: the ones a longer run
+    could still bring there."""
     best = _best_per_size([_at_target(e, target) for e in _per_lr(rows)])
     best = {(e["batch_size"], e["lr_multiplier"]) for e in best}
-    return [r for r in rows if (r["batch_size"], float(r["lr_multiplier"])) in best
+    return [r for r in rows if (r["batch_size"], float(r["lr_multiplier"])) in best and r.get("stop_below") is None
             and r["fits"] and not r["diverged"] and not r.get("truncated") and seed_crossing(r, target) is None]
 
 
@@ -559,13 +594,12 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
     if given := given_targets(meta):
         return given, []
     if fixed := meta.get("default_target"):
-        return [fixed["loss"]], [
-            f"target val loss {fixed['loss']:.4g}: the lowest that {fixed['reached']} of the {fixed['sizes']} sizes "
-            f"reached in every seed within their trials' budgets (sweep.samples, or sweep.min_steps steps where "
-            f"that is more); trials short of it trained on towards it, up to "
-            f"{meta['reach_factor']:g}x their steps or until their loss levelled off (set sweep.target_loss to choose)"]
+        return [fixed["loss"]], [_chosen(fixed, "within their trials' budgets (sweep.samples, or sweep.min_steps steps "
+                                        "where that is more)") + f"; trials short of it trained on towards it, up to "
+                                 f"{meta['reach_factor']:g}x their steps or until their loss levelled off (set "
+                                 "sweep.target_loss to choose)"]
     rows = [r for e in entries for r in e["rows"]]
-    found = default_target(rows)
+    found = default_target(rows, meta.get("target_noise_slack", 0.0))
     trained = [r for r in rows if r["fits"]]
     if found is None and trained and all(r["diverged"] for r in trained):
         lrs = sorted(r["lr"] for r in trained)
@@ -580,8 +614,21 @@ def targets_for(entries: list[Entry], meta: dict[str, Any]) -> tuple[list[float]
         return [], [] if start is None else [
             f"no size got below its starting validation loss (~{start:.4g}) at any lr tried: the model does not "
             "learn from this data in the budget; check the data, labels and loss, or set sweep.target_loss"]
-    return [found["loss"]], [f"target val loss {found['loss']:.4g}: the lowest that {found['reached']} of the "
-                             f"{found['sizes']} sizes reached in every seed (set sweep.target_loss to choose)"]
+    return [found["loss"]], [_chosen(found, "") + " (set sweep.target_loss to choose)"]
+
+
+def _chosen(found: dict[str, Any], where: str) -> str:
+    """How the default target ``found`` (:func:`default_target`) was chosen; ``where`` says over which steps."""
+    floor = found.get("floor", found["loss"])  # a run folder from before the noise's slack has no floor
+    seeds = "on the first seed" if found.get("seeds") == 1 else "in every seed"
+    lowest = " ".join(filter(None, [f"the lowest that {found['reached']} of the {found['sizes']} sizes reached {seeds}",
+                                    where]))
+    if found["loss"] <= floor:
+        return f"target val loss {found['loss']:.4g}: {lowest}"
+    slack = found["loss"] - floor
+    return (f"target val loss {found['loss']:.4g}: {slack:.2g} above {floor:.4g}, {lowest}; "
+            f"{slack / found['noise']:.2g}x the noise of the validation curves about their trend "
+            f"(σ {found['noise']:.2g}), so that the sizes cross it by progress, not by noise")
 
 
 def _for_target(entries: list[Entry], target: float, meta: dict[str, Any]) -> dict[str, Any]:
@@ -865,7 +912,8 @@ def _reseed_notes(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
     seeds, within = meta.get("seeds") or [], meta.get("reseed_within")
     if len(seeds) < 2 or within is None:
         return []
-    first = [r for r in rows if r["seed"] == seeds[0]]
+    # as the decision read them: a trial retrained towards the default target, at its first run's validations
+    first = [{**r, "evals": r.get("budget_evals") or r["evals"]} for r in rows if r["seed"] == seeds[0]]
     behind = sorted({r["batch_size"] for r in first} - in_contention(first, meta, within))
     if not behind:
         return []
