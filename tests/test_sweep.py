@@ -1576,3 +1576,47 @@ def test_a_ceiling_at_the_default_cap_s_multiple_is_said_to_be_the_cap(write_spe
     assert notes == ["probed ceiling 1048575 = probe.max_batch_size, which fits: the device may hold more (4 trials); "
                      "safe micro-batch 943716"]
 
+
+def test_a_jump_towards_a_neighbours_lr_has_its_gap_filled(monkeypatch):
+    """An outside RMSprop task: 32 to 256 reached nothing at x1/2, x1 and x2, jumped towards their neighbours' fastest
+    lrs to x16, then x32, and 128's best, x11, lay in the gap they never tried (the pick took 1.19-1.33x the fastest
+    time). Beside a fastest lr, a tried neighbour more than one step away gets the step between, halving the gap each
+    time, up to lr_extensions times."""
+    from types import SimpleNamespace
+
+    from batchtune.commands import sweep as sweeping
+
+    assert sweeping._gap({0.5: "behind", 1.0: "behind", 2.0: "best", 16.0: "behind", 32.0: "diverged"}) == 4.0
+    assert sweeping._gap({0.5: "behind", 2.0: "behind", 8.0: "best", 16.0: "near"}) == 4.0
+    assert sweeping._gap({0.5: "behind", 1.0: "best", 2.0: "near"}) is None  # the bracket's own steps: no gap
+    assert sweeping._gap({1.0: "short", 2.0: "short-best", 4.0: "short"}) is None
+    # none reached the target: the gap beside the one that came closest (an outside 256 went x2, x8, x16, x8 closest)
+    assert sweeping._gap({1.0: "short", 2.0: "short", 8.0: "short-best", 16.0: "short"}) == 4.0
+
+    def steps(size, mult):  # 16's valley at x16, 32's at x4 (where x1/2 to x2 never reach the target)
+        if size == 32 and mult <= 2:
+            return None
+        return 100 * (1 + math.log2(mult / {16: 16.0, 32: 4.0}[size]) ** 2 / 4)
+
+    def fake(self, plan, mark=None, inherit=None):
+        for seed, mult, shape in plan:
+            n = steps(shape.batch_size, mult)
+            curve = [(0, 0, 2.0), (4000, 40.0, 0.6)] if n is None else [(0, 0, 2.0), (round(n), n / 100, 0.5),
+                                                                          (4000, 40.0, 0.45)]
+            row = _trial(shape.batch_size, seed, curve, 1000, mult=mult)
+            self.rows.append({**row, **({mark: True} if mark else {}), **(inherit or {}), "warmup_steps": 0})
+
+    monkeypatch.setattr(sweeping._Sweep, "_run_all", fake)
+    monkeypatch.setattr("batchtune.engine.trial.Trainer", lambda *_: None)
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0], "lr_multipliers": [0.5, 1.0, 2.0], "lr_extensions": 2,
+            "lr_gap_fills": 2,
+            "candidates": [{"batch_size": b, "micro_batch_size": b, "accum_steps": 1} for b in (16, 32)],
+            "samples": 64000, "min_steps": 0, "reach_factor": 1.0, "excluded": {}}
+    sweep = sweeping._Sweep(spec=SimpleNamespace(precision="fp32"), components=None, backend=None,
+                            dist=SimpleNamespace(world_size=1, enabled=False), folder=None, meta=meta, rows=[])
+    sweep.run()
+    tried = {b: sorted(r["lr_multiplier"] for r in sweep.rows if r["batch_size"] == b) for b in (16, 32)}
+    assert tried[16] == [0.5, 1.0, 2.0, 4.0, 8.0]  # up from its fastest edge, twice
+    # 32 jumped to x8, 16's fastest, then up to x16 (x8 fastest, at the edge); then into the gap: x4, its best
+    assert tried[32] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert [r["lr_multiplier"] for r in sweep.rows if r.get("gap")] == [4.0]
