@@ -258,9 +258,20 @@ def _writable(path: Path, option: str, force: bool = False) -> None:
 
 def _load(spec_path: Path, overrides: list[str] | None, join: bool = False, training: bool = True) -> Any:
     """Load the spec; with ``join``, also join torchrun's process group (a no-op without torchrun).
-    ``training=False`` (serve): optimizer and base_batch_size may be left out."""
+    ``training=False`` (serve): optimizer and base_batch_size may be left out.
+
+    A spec whose keys or values did not validate has its imports and keyword arguments checked too
+    (:func:`~batchtune.config.components.target_issues`), every problem in line order: every command names all of
+    them at once, as validate does (check, sweep, probe, plan and noise named a bad ``model.target`` only in a second
+    round of fixes)."""
     global _RANK
-    spec = load_spec(spec_path, overrides or [], training=training)
+    try:
+        spec = load_spec(spec_path, overrides or [], training=training)
+    except SpecError as exc:
+        from batchtune.config.components import target_issues
+
+        issues = sorted(exc.issues + target_issues(exc), key=lambda i: i.line or 0)
+        raise SpecError(issues, exc.raw, what=exc.what) from None
     if join:
         from batchtune.engine.distributed import init_from_env
 
@@ -320,10 +331,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
         except SpecError as exc:
             missing = {i.path for i in exc.issues if i.message.startswith("required key is missing")}
             if not {"optimizer", "base_batch_size"} <= missing:
-                from batchtune.config.components import target_issues
-
-                issues = exc.issues + target_issues(exc)  # imports too, not a round of fixes later
-                raise SpecError(sorted(issues, key=lambda i: i.line or 0)) from None
+                raise
             spec, serve_only = _load(spec_path, overrides, training=False), True  # neither: a serve spec
         from batchtune.config.components import build_components
         from batchtune.engine.watchdog import bounded

@@ -658,3 +658,19 @@ def flawed_data(split: str = "validation", index: int = 100, flaw: str = "nan", 
     else:
         y[index] = int(flaw.removeprefix("label:"))
     return train, val
+
+
+def huge_output_mlp(scale: float = 1e5, **kwargs) -> nn.Module:
+    """tiny_mlp whose last layer is ``scale`` × its init: finite outputs near 1e4, past what an exp takes."""
+    model = tiny_mlp(**kwargs)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+    return model
+
+
+def naive_softmax_loss():
+    """Cross-entropy by hand, exp then log: NaN (inf / inf) of outputs past about 88."""
+    def loss(output, targets):
+        p = torch.exp(output) / torch.exp(output).sum(dim=1, keepdim=True)
+        return -torch.log(p.gather(1, targets[:, None])).mean()
+    return loss

@@ -143,6 +143,22 @@ def test_validate_lists_import_problems_beside_key_problems(write_spec):
     assert lines[2].startswith(f"{path}:5: optimizer.kwargs.momentum: unexpected argument; AdamW() accepts betas")
 
 
+@pytest.mark.parametrize("command", ["check", "sweep", "probe", "plan", "noise"])
+def test_every_command_lists_import_problems_beside_key_problems_as_validate_does(write_spec, command):
+    """An outside 'check' of a spec with an unknown key, a number given as text, an unknown optimizer and a bad
+    model.target named the first three alone: the target came a round of fixes later (validate named all four)."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:nope'}\ndata: {target: 'tests.fixtures:tiny_data'}\n"
+                      "optimizer: {name: sgdd, lr: 0.1}\nbase_batch_size: 8\ncolour: red\nprobe: {headroom: lots}\n")
+    said = runner.invoke(app, ["validate", str(path)]).stderr
+    assert said.startswith("error: invalid spec (4 problems):") and "model.target: cannot import" in said, said
+    result = runner.invoke(app, [command, str(path)])
+    assert result.exit_code == 2 and result.stderr == said and "Traceback" not in result.output
+    if command == "check":  # and in its JSON error object
+        result = runner.invoke(app, [command, str(path), "--format", "json"])
+        assert result.exit_code == 2 and json.loads(result.stdout) == {"error": said[len("error: "):].strip(),
+                                                                       "exit_code": 2}
+
+
 def test_validate_ok(write_spec):
     result = runner.invoke(app, ["validate", str(write_spec())])
     assert result.exit_code == 0

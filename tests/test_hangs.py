@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -244,6 +245,24 @@ def test_a_nan_loss_of_finite_outputs_is_the_losss_to_fix(write_spec):
     assert probe.exit_code == 0, probe.output
     assert [n.split(" (")[0] for n in json.loads(probe.stdout)["notes"] if "not finite" in n] == [
         "the loss was not finite in 5 of 7 trials"], probe.stdout  # later trials start from NaN weights
+
+
+def test_a_loss_that_overflows_on_huge_finite_outputs_names_the_model_and_the_loss(write_spec):
+    """A naive exp-then-log loss of a model whose outputs start near 1e4 read 'loss.target: ... the loss function':
+    the outputs are the model's, and the largest is said, with both keys."""
+    spec = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.fixtures:huge_output_mlp")
+                      + 'loss: {target: "tests.fixtures:naive_softmax_loss"}\n')
+    advice = (r"the model's outputs are finite but huge \(largest \|output\| ([0-9.e+]+); exp overflows float32 past "
+              r"88\.7\): scale down the model's initial outputs \(model\) or make the loss \(loss\.target\) take "
+              r"them without overflowing \(log_softmax or logsumexp, not exp then log\); not the lr")
+    validate = runner.invoke(app, ["validate", str(spec)])  # the first 2 samples, through first_loss
+    said = re.fullmatch(rf"{re.escape(str(spec))}:2: model: the loss on the first 2 training samples is nan before "
+                        rf"any training step: {advice}", validate.stderr.splitlines()[1].strip())
+    assert validate.exit_code == 2 and said and 1e4 < float(said[1]) < 1e6, validate.stderr
+    check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # the fits run's first step
+    said = re.fullmatch(rf"{re.escape(str(spec))}:2: model: the loss returned nan at step 1, before any update: "
+                        rf"{advice}", check.stderr.splitlines()[1].strip())
+    assert check.exit_code == 2 and said and 1e4 < float(said[1]) < 1e6, check.stderr
 
 
 def nan_after(after: int):

@@ -513,7 +513,7 @@ def _make_loss(spec: Spec) -> LossFn:
                            kwargs_key="loss.kwargs", **spec.loss.kwargs)
 
     checked = False
-    output_sums: list[torch.Tensor] = []  # a loss of the user's: this step's outputs' sums, for outputs_finite
+    output_extremes: list[torch.Tensor] = []  # a loss of the user's: this step's outputs' min and max (outputs_finite)
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         nonlocal checked
@@ -524,8 +524,9 @@ def _make_loss(spec: Spec) -> LossFn:
             raise ComponentError([spec.issue("loss" if isinstance(exc, TypeError) else data_key, str(exc))]) from None
         output = _call(model, inputs)
         if not isinstance(spec.loss, str) and torch.is_grad_enabled():
-            output_sums.extend(torch.sum(t.detach(), dtype=torch.float32) for t in tree_leaves(output)
-                               if isinstance(t, torch.Tensor) and t.is_floating_point())
+            # min and max, not a sum: they tell how large finite outputs are (a sum cancels, and overflows)
+            output_extremes.extend(v for t in tree_leaves(output) if isinstance(t, torch.Tensor)
+                                   and t.is_floating_point() and t.numel() for v in torch.aminmax(t.detach()))
         try:  # the first batch of every command is checked for broadcasting, not validate's only
             loss = criterion(output, targets) if checked else _unbroadcast(spec, criterion, output, targets)
         except Exception as exc:  # the loss's to fix, not the model's (a raising loss was named at model:)
@@ -535,25 +536,48 @@ def _make_loss(spec: Spec) -> LossFn:
         checked = True
         return _one_number(spec, loss)
 
-    loss_fn.output_sums = output_sums
+    loss_fn.output_extremes = output_extremes
     return loss_fn
 
 
-def outputs_finite(loss_fn: LossFn) -> bool | None:
-    """Whether the model's outputs were finite in every training pass of the user's loss (``loss.target``) since
-    :func:`clear_outputs`: a NaN or inf in an output makes its sum non-finite. None where there is no answer (a
-    built-in loss keeps no sums). Summed, not kept: holding the outputs would add their bytes to a trial's peak."""
-    sums = getattr(loss_fn, "output_sums", None)
-    if not sums:
+def largest_output(loss_fn: LossFn) -> float | None:
+    """The largest absolute value of the model's outputs in every training pass of the user's loss (``loss.target``)
+    since :func:`clear_outputs`: NaN or inf where one was not finite. None where there is no answer (a built-in loss
+    keeps none). Their min and max, not the outputs: holding those would add their bytes to a trial's peak."""
+    extremes = getattr(loss_fn, "output_extremes", None)
+    if not extremes:
         return None
-    return all(math.isfinite(float(s)) for s in sums)  # read only when a loss was not finite: the syncs are rare
+    values = [abs(float(v)) for v in extremes]  # read only when a loss was not finite: the syncs are rare
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def outputs_finite(loss_fn: LossFn) -> bool | None:
+    """Whether the model's outputs were finite in every training pass of the user's loss since
+    :func:`clear_outputs` (:func:`largest_output`); None where there is no answer."""
+    largest = largest_output(loss_fn)
+    return None if largest is None else math.isfinite(largest)
+
+
+#: The largest float32 whose exp is finite (about 88.7): finite model outputs past it overflow a loss's exp.
+EXP_OVERFLOW = math.log(torch.finfo(torch.float32).max)
+
+
+def huge_outputs(largest: float | None, loss_key: str) -> str | None:
+    """Why a loss made of finite model outputs as large as ``largest`` (in absolute value) is not finite, where they
+    pass :data:`EXP_OVERFLOW`: the model's outputs, or a loss that cannot take them, named by their keys (an outside
+    exp of outputs near 1e5 was blamed on the loss alone). None where they do not: the loss function's."""
+    if largest is None or not EXP_OVERFLOW < largest < math.inf:
+        return None
+    return (f"the model's outputs are finite but huge (largest |output| {largest:.4g}; exp overflows float32 past "
+            f"{EXP_OVERFLOW:.1f}): scale down the model's initial outputs (model) or make the loss ({loss_key}) "
+            "take them without overflowing (log_softmax or logsumexp, not exp then log); not the lr")
 
 
 def clear_outputs(loss_fn: LossFn) -> None:
-    """Start a step: forget the outputs' sums of the last one."""
-    sums = getattr(loss_fn, "output_sums", None)
-    if sums is not None:
-        sums.clear()
+    """Start a step: forget the outputs' extremes of the last one."""
+    extremes = getattr(loss_fn, "output_extremes", None)
+    if extremes is not None:
+        extremes.clear()
 
 
 def _unbroadcast(spec: Spec, criterion: Callable[..., Any], output: Any, targets: Any) -> Any:
@@ -811,8 +835,12 @@ class Components:
                 raise self.spec.error("data", f"{first} {'holds' if n == 1 else 'hold'} values that are not finite "
                                               f"(NaN or inf), and the loss on {'it' if n == 1 else 'them'} is "
                                               f"{float(loss)}: clean the data")
-            if self._finite_output(model, batch):  # the loss made it of finite outputs: the loss's, not the model's
-                key = "loss" if isinstance(self.spec.loss, str) else "loss.target"
+            largest = self._largest_output(model, batch)
+            key = "loss" if isinstance(self.spec.loss, str) else "loss.target"
+            if huge := huge_outputs(largest, key):  # finite, but past what an exp takes: the model's or the loss's
+                raise self.spec.error("model", f"the loss on {first} is {float(loss)} before any training step: "
+                                               f"{huge}")
+            if largest is not None and math.isfinite(largest):  # the loss made it of finite outputs: the loss's
                 raise self.spec.error(key, f"the loss on {first} is {float(loss)} before any training step, from "
                                            "the model's finite outputs (and finite inputs): the loss function, not "
                                            "the model or the lr")
@@ -821,18 +849,20 @@ class Components:
                                            f"{'it' if n == 1 else 'them'} is {float(loss)}: the model, not the lr")
         return float(loss)
 
-    def _finite_output(self, model: nn.Module, batch: Any) -> bool:
-        """Whether every floating-point tensor the model gives on ``batch``'s inputs is finite; False where the
-        loss is the model's own (``model_output``) or the inputs cannot be told apart (the model's to answer)."""
+    def _largest_output(self, model: nn.Module, batch: Any) -> float | None:
+        """The largest absolute value of the floating-point tensors the model gives on ``batch``'s inputs (NaN or
+        inf where one is not finite); None where the loss is the model's own (``model_output``) or the inputs
+        cannot be told apart (the model's to answer)."""
         if self.spec.loss == "model_output":
-            return False
+            return None
         try:
             with torch.no_grad():
                 output = _call(model, _split(batch)[0])
         except Exception:  # noqa: BLE001 - it ran once already in first_loss: any failure now is no answer
-            return False
-        return all(bool(torch.isfinite(t).all()) for t in tree_leaves(output)
-                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+            return None
+        largest = [float(t.abs().max()) for t in tree_leaves(output)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        return math.nan if any(math.isnan(v) for v in largest) else max(largest, default=0.0)
 
     def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED) -> int:
         """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data

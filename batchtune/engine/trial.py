@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from batchtune.config.components import (ComponentError, Components, batch_size_of, clear_outputs, outputs_finite,
-                                         to_device)
+from batchtune.config.components import (ComponentError, Components, batch_size_of, clear_outputs, huge_outputs,
+                                         largest_output, outputs_finite, to_device)
 from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, data_source, load_next, noted, noted_collate, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
@@ -785,12 +785,17 @@ class Trainer:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
         non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`), or the loss function
         made it from finite outputs: at the first step, before any update, no lr did (a SpecError on
-        ``loss.target``, bad input in every command); later, a loss that overflows as the outputs grow under a high
-        lr is a divergence a sweep records and goes on from, said to be the loss's."""
+        ``loss.target``, bad input in every command; on ``model`` where the outputs are past what an exp takes,
+        :func:`~batchtune.config.components.huge_outputs`); later, a loss that overflows as the outputs grow under a
+        high lr is a divergence a sweep records and goes on from, said to be the loss's."""
         if not math.isfinite(loss):
             bad = self.bad_data()
             made = not bad and self._loss_made(loss)
             if made and step == 0:
+                (largest,) = self.dist.max(largest_output(self.components.loss_fn) or 0.0)
+                if huge := huge_outputs(largest, "loss.target"):  # past what an exp takes: the model's or the loss's
+                    raise self.components.spec.error("model", f"the loss returned {loss} at step 1, before any "
+                                                              f"update: {huge}")
                 raise self.components.spec.error(
                     "loss.target", f"the loss returned {loss} from finite model outputs at step 1, before any update: "
                                    "the loss function, not the lr")
