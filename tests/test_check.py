@@ -852,10 +852,10 @@ def test_a_flat_run_whose_baseline_fell_later_at_this_lr_is_a_slow_start():
 
 
 def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
-    """The outside SGD CNN at 8× its lr: 2.6 at the first step, up to 9.8, back to chance (2.3). The
-    window means (9.8 → 2.3) read it as a fall; against the first loss it made no progress."""
+    """The outside SGD CNN at 8× its lr: 2.31 before the first step (its validation), 2.6 at it, up to 9.8, back to
+    chance (2.3). The window means (9.8 → 2.3) read it as a fall; against where it started it made no progress."""
     thrown = [2.6, 9.8, 8.0, 7.0, 5.0, 4.0, 3.0, 2.5, 2.4, 2.35, 2.3, 2.32, 2.28, 2.31, 2.29]
-    verdict = trains_verdict(thrown, spike_factor=3.0)
+    verdict = trains_verdict(thrown, spike_factor=3.0, start=2.31)
     assert (verdict.status, verdict.code) == ("fail", "trains.spiked")
     assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (9.8, 2)
     assert trains_verdict(thrown).code == "trains.falling"  # what it read before
@@ -864,6 +864,59 @@ def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
     assert trains_verdict(lucky, spike_factor=3.0, start=0.669).code != "trains.spiked"  # against the validation
     calm = [2.6, 2.5, 2.4, 2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6]
     assert trains_verdict(calm, spike_factor=3.0).code == "trains.falling"
+
+
+# The outside bag-of-words RMSprop check at batch 128, lr 0.032 (8 warm-up steps, seed 0): the very losses of the
+# sweep's seed-0 trial there, which trained on to the target and ranked 2nd (validation 1.337 before step 1).
+_BOW_SPIKE = [1.32, 1.14, 1.21, 1.09, 1.29, 1.07, 2.23, 1.48, 8.21, 1.29, 2.31, 2.59, 1.19, 1.06, 1.05, 1.13, 1.09,
+              1.07, 0.94, 1.0, 0.99, 0.93, 1.07, 1.04, 0.87, 0.93, 0.86, 0.84, 0.86, 0.83]
+
+
+def test_a_spike_the_run_came_back_from_warns_and_is_no_divergence():
+    """Diverged is the sweep's rule (the loss stays up, the trainer's ``diverged``): check failed the bow run above as
+    'trains fail ... the lr is too high' for one step at 6.1× its start, the lr its sweep had ranked. It came back
+    clearly below its start (0.864 against 1.337): a warning that names the spike."""
+    verdict = trains_verdict(_BOW_SPIKE, spike_factor=3.0, start=1.337, untrained=1.337, lr=0.032)
+    assert (verdict.status, verdict.code) == ("warn", "trains.spike_recovered")
+    assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (8.21, 9)
+    assert check_reason(verdict) == (
+        "loss 1.337 rose to 8.21 at step 9 (6.1× where it started, above 3×) at lr 0.032, and came back to 0.865: a "
+        "spike, not a divergence (the loss did not stay up); the lr is near its edge at the start of the run (a longer "
+        "warm-up gives it margin)")
+    stuck = _BOW_SPIKE[:12] + [1.3, 1.36] * 9  # back only to where it started: no progress after the spike
+    thrown = trains_verdict(stuck, spike_factor=3.0, start=1.337)
+    assert (thrown.status, thrown.code) == ("fail", "trains.spiked")
+    assert trains_verdict(_BOW_SPIKE, diverged=True, divergence="loss 9 at step 12 exceeds 3×, 3 steps in a row",
+                          spike_factor=3.0, start=1.337).status == "fail"
+
+
+def test_a_spike_the_baseline_sweeps_trials_trained_through_at_this_lr_passes():
+    """Beside the sweep that ranked batch 128 at lr 0.032 (3/3 seeds, none diverged, one seed's validation at 5.8× its
+    start after the same spike) the check's spike passes, named. Where the sweep did not rank that lr, or one of its
+    trials there diverged, the check's own verdict stands."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import _spike_survived
+
+    def row(seed, lr=0.032, peak=2.0, diverged=False):
+        evals = [[0, 0, 0.0, 1.337], [8, 1024, 0.01, 1.337 * peak], [40, 5120, 0.05, 0.7]]
+        return {"batch_size": 128, "lr": lr, "seed": seed, "fits": True, "diverged": diverged, "evals": evals}
+
+    def judged(rows, ranked_lr=0.032):
+        summary = [{"batch_size": 128, "lr": ranked_lr, "status": "ok", "reached": "3/3"}]
+        baseline = SimpleNamespace(rows_for=lambda b: [r for r in rows if r["batch_size"] == b],
+                                   result={"summary": summary})
+        state = SimpleNamespace(baseline=baseline, lr=0.032, shape=SimpleNamespace(batch_size=128))
+        return _spike_survived(state, trains_verdict(_BOW_SPIKE, spike_factor=3.0, start=1.337, lr=0.032))
+
+    survived = judged([row(0, peak=5.8), row(1), row(2), row(0, lr=0.064, diverged=True)])
+    assert (survived.status, survived.code, survived.figures["baseline_trials"]) == ("pass", "trains.spike_survived", 3)
+    assert check_reason(survived).endswith(
+        "a spike, not a divergence; the baseline sweep's 3 trials at this size and lr trained on to its target (3/3 "
+        "seeds) without diverging, their validation loss up to 5.8× their start")
+    assert judged([row(0), row(1, diverged=True)]).code == "trains.spike_recovered"
+    assert judged([row(0), row(1)], ranked_lr=0.016).code == "trains.spike_recovered"  # it ranked another lr
+    assert judged([]).code == "trains.spike_recovered"
 
 
 @pytest.mark.parametrize("share, status", [(None, "skip"), (0.1, "pass"), (0.3, "warn"), (0.79, "warn"),
@@ -1057,6 +1110,13 @@ REPRESENTATIVE = {
                                "spike_factor": 3.0, "last_mean": 2.3},
                       "loss 2.6 rose to 9.8 at step 3 (3.8× where it started, above 3×) at lr 0.002, and ended at 2.3: "
                       "the lr is too high"),
+    "trains.spike_recovered": ("warn", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
+                                        "spike_factor": 3.0, "last_mean": 0.864},
+                               "and came back to 0.864: a spike, not a divergence"),
+    "trains.spike_survived": ("pass", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
+                                       "spike_factor": 3.0, "last_mean": 0.864, "baseline_trials": 3},
+                              "a spike, not a divergence; the baseline sweep's 3 trials at this size and lr trained on "
+                              "to its target without diverging"),
     "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),
     "trains.crashed": ("fail", _ERROR, "the training run raised RuntimeError: mat1 and mat2"),
     "trains.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory in the training run"),

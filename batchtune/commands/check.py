@@ -674,7 +674,7 @@ def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
                              start=starting_loss(run) if run.losses else None, untrained=untrained_loss(run))
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
-    verdict = _slow_start(state, run, verdict)
+    verdict = _spike_survived(state, _slow_start(state, run, verdict))
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:
         verdict = CheckResult("trains", "skip", "skip.time_budget_steps", verdict.figures)
         state.skipped.append("trains")
@@ -702,6 +702,29 @@ def _slow_start(state: _CheckRun, run: Any, verdict: CheckResult) -> CheckResult
         return verdict
     return replace(verdict, status="pass", code="trains.slow_start",
                    figures={**verdict.figures, "baseline_trials": len(fell), "baseline_fell_at": at})
+
+
+def _spike_survived(state: _CheckRun, verdict: CheckResult) -> CheckResult:
+    """A spike read beside the baseline sweep that ranked this size at this lr: where none of its trials there
+    diverged (the sweep's rule, the check run's too), the spike is one they trained through to the target, a pass
+    that names it (``trains.spike_survived``) with how high their validation loss went. An outside check failed
+    batch 128 at lr 0.032, the sweep's fastest there, for a loss of 8.2 at step 9 (6.1× its start): the sweep's
+    seed-0 trial, with the same warm-up, seed and batches, had the very same spike and ranked 2nd."""
+    from batchtune.commands.sweep_analysis import starting_loss as row_start  # a stored row's (trial.py's: a run's)
+
+    if verdict.code not in ("trains.spiked", "trains.spike_recovered") or state.baseline is None or not state.lr:
+        return verdict
+    batch = state.shape.batch_size
+    ranked = next((r for r in state.baseline.result.get("summary") or [] if r.get("batch_size") == batch), {})
+    rows = [r for r in state.baseline.rows_for(batch)
+            if r.get("fits") and abs(float(r.get("lr") or 0) / state.lr - 1) <= 0.01]
+    if (ranked.get("status") != "ok" or not positive(ranked.get("lr")) or abs(ranked["lr"] / state.lr - 1) > 0.01
+            or not rows or any(r.get("diverged") for r in rows)):
+        return verdict
+    peaks = [max(e[3] for e in r["evals"] if e[3] is not None) / start for r in rows if (start := row_start(r))]
+    return replace(verdict, status="pass", code="trains.spike_survived",
+                   figures={**verdict.figures, "baseline_trials": len(rows), "baseline_reached": ranked.get("reached"),
+                            "baseline_peak_ratio": max(peaks, default=None)})
 
 
 def _data(state: _CheckRun, run: Any) -> CheckResult:

@@ -216,6 +216,15 @@ def _spike(f: dict[str, Any]) -> str:
             f"({f['peak_loss'] / start:.1f}× where it started, above {f['spike_factor']:g}×){_lr_text(f)}")
 
 
+def _spike_survived(f: dict[str, Any]) -> str:
+    peak = f.get("baseline_peak_ratio")
+    went = f", their validation loss up to {peak:.1f}× their start" if peak else ""
+    reached = f" ({f['baseline_reached']} seeds)" if f.get("baseline_reached") else ""
+    return (f"{_spike(f)}, and came back to {f['last_mean']:.4g}: a spike, not a divergence; the baseline sweep's "
+            f"{count_of(f['baseline_trials'], 'trial')} at this size and lr trained on to its target{reached} "
+            f"without diverging{went}")
+
+
 def _nonfinite(value: Any) -> str:
     """A non-finite loss as it was (nan, inf), or 'non-finite' once JSON wrote it as null."""
     return "non-finite" if value is None else f"{value}"
@@ -272,6 +281,10 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "trains.diverged": lambda f: f"diverged{_lr_text(f)}: {f.get('divergence') or 'non-finite loss'}",
     "trains.spiked": lambda f: f"{_spike(f)}, and ended at {f['last_mean']:.4g}: the lr is too high for the "
                                "start of the run (lower it, or warm up longer)",
+    "trains.spike_recovered": lambda f: (f"{_spike(f)}, and came back to {f['last_mean']:.4g}: a spike, not a "
+                                         "divergence (the loss did not stay up); the lr is near its edge at the start "
+                                         "of the run (a longer warm-up gives it margin)"),
+    "trains.spike_survived": _spike_survived,
     "trains.too_few": lambda f: f"only {f['steps']} training steps ran: too few to judge the loss",
     "trains.crashed": lambda f: f"the training run {'failed: ' if f.get('said') else 'raised '}{f['error']}",
     "trains.oom": lambda f: f"out of memory in the training run ({f['error']}), though the fits run passed",
