@@ -34,7 +34,7 @@ from batchtune.commands.check import (
 from batchtune.cli import app
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.commands.sweep import run_sweep
-from batchtune.render.check import TIME_SKIP, check_reason, render_check
+from batchtune.render.check import FETCH_WAITS, TIME_SKIP, check_reason, render_check
 from batchtune.render.text import format_bytes
 from batchtune.stats.scaling import spec_lr
 from tests.conftest import TINY_SPEC, write_text
@@ -227,6 +227,10 @@ def test_a_sleepy_data_set_warns_on_data(write_spec):
     # 32 ms of sleep per batch against well under a millisecond of compute.
     assert data.status == "warn", check_reason(data)
     assert data.figures["data_share"] > 0.5 and "raise data.num_workers" in check_reason(data)
+    # whatever the machine's idle cores: the fetch sleeps, which worker processes overlap (and its data is not in
+    # memory, so no TensorDataset is suggested)
+    assert "a batch's fetch waits more than it computes" in check_reason(data) and data.figures["fetch_cpu_share"] < 0.1
+    assert "TensorDataset" not in check_reason(data)
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 
 
@@ -923,6 +927,67 @@ def test_a_spike_the_baseline_sweeps_trials_trained_through_at_this_lr_passes():
                                            (0.8, "fail")])
 def test_data_verdict(share, status):
     assert data_verdict(share, 0.3, 0.8).status == status
+
+
+# The outside bag-of-words check at batch 256 on 2 cores (1 torch thread, other work on ~1.2): dict samples sliced
+# from two in-memory tensors, fetched one by one. It said 'raise data.num_workers'; 1 worker made it 47% slower.
+_BOW_DATA = {"data_share": 0.4, "warn_share": 0.3, "fail_share": 0.8, "num_workers": 0, "per_sample": True,
+             "cores": 2, "other_cores": 1.23, "training_threads": 1, "idle_cores": 0, "wait_s": 1.6e-3,
+             "indexed_s": 2.1e-5, "fetch_cpu_share": 0.99, "tensor_dataset": False}
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({}, "; a batch of its samples as in-memory tensors, indexed at once, took 0.021 ms against the 1.6 ms each "
+         "batch waited: for data held in memory, give a TensorDataset of its tensors (indexed once per batch); not "
+         "data.num_workers: worker processes would compete with the training (1 thread) and other work (1.2 cores) "
+         "for this machine's 2 cores"),
+    # a batched fetch no faster is not advised; a core idle for a worker is
+    ({"indexed_s": 1.0e-3, "cores": 4, "idle_cores": 2, "other_cores": 0.1},
+     "; raise data.num_workers (2 of this machine's 4 cores idle)"),
+    # a fetch that waits (a disk; here a sleep) leaves its workers waiting to overlap, idle cores or not
+    ({"fetch_cpu_share": 0.02}, "; raise data.num_workers: a batch's fetch waits more than it computes (2% of a "
+                                "core), waiting that worker processes overlap"),
+    ({"num_workers": 2, "indexed_s": None}, "; its 2 workers and the training's 1 thread want more than this "
+                                            "machine's 2 cores: fewer workers may be faster"),
+    ({"num_workers": 1, "tensor_dataset": True}, "indexed at once, took 0.021 ms against the 1.6 ms each batch "
+                                                 "waited: with data.num_workers 0 its TensorDataset is indexed so; "
+                                                 "speed up the data pipeline"),
+    ({"per_sample": False}, "; its batches are in-memory tensors indexed once per batch already (data.num_workers "
+                            "would fetch them sample by sample: slower)"),
+])
+def test_the_data_advice_is_for_the_machine_the_check_ran_on(changes, says):
+    """'raise data.num_workers' only where a core is idle for a worker process or the fetch waits; a batched fetch
+    where the check timed one faster; nothing a TensorDataset already indexed once per batch would lose."""
+    reason = check_reason(CheckResult("data", "warn", "data.slow", {**_BOW_DATA, **changes}))
+    assert reason.endswith(says), reason
+    assert reason.count("data.num_workers") <= 1  # one word on workers, never two that disagree
+
+
+def test_the_check_times_the_fetch_its_data_advice_rests_on():
+    """_data's figures for dict samples fetched one by one (the bow task's form, tiny) on a 2-core machine whose other
+    core is busy: none idle, the wait per batch from the run, a batch of the samples indexed at once timed."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import _data
+    from tests.fixtures import keyed_data
+
+    train, _ = keyed_data()
+    meter = SimpleNamespace(reading=lambda threads: {"cores": 2, "other_cores": 1.0})
+    spec = SimpleNamespace(check=SimpleNamespace(data_warn_share=0.3, data_fail_share=0.8),
+                           data=SimpleNamespace(num_workers=0))
+    state = SimpleNamespace(spec=spec, trainer=SimpleNamespace(components=SimpleNamespace(train_set=train,
+                                                                                          collate_fn=None)),
+                            meter=meter, threads=1, device={"device": "cpu"}, shape=BatchShape(64))
+    run = SimpleNamespace(data_share=0.4, data_seconds=0.03, compute_seconds=0.045, timed_samples=64 * 30,
+                          samples_per_s=25_600.0)
+    data = _data(state, run)
+    f = data.figures
+    assert (data.status, f["per_sample"], f["idle_cores"], f["wait_s"]) == ("warn", True, 0, pytest.approx(1e-3))
+    assert 0 < f["indexed_s"] < 1e-3 and f["fetch_cpu_share"] > FETCH_WAITS
+    assert "raise data.num_workers" not in check_reason(data)
+    assert "not data.num_workers: worker processes would compete with the training (1 thread)" in check_reason(data)
+    state.meter = SimpleNamespace(reading=lambda threads: {"cores": 4, "other_cores": 0.0})
+    assert _data(state, run).figures["idle_cores"] == 3
 
 
 @pytest.mark.parametrize("batch, b_crit, low, high, status, wasted", [

@@ -728,13 +728,47 @@ def _spike_survived(state: _CheckRun, verdict: CheckResult) -> CheckResult:
 
 
 def _data(state: _CheckRun, run: Any) -> CheckResult:
-    cs = state.spec.check
+    cs, comps, workers = state.spec.check, state.trainer.components, state.spec.data.num_workers
     verdict = data_verdict(run.data_share, cs.data_warn_share, cs.data_fail_share,
-                           num_workers=state.spec.data.num_workers, samples_per_s=run.samples_per_s)
+                           num_workers=workers, samples_per_s=run.samples_per_s)
     verdict.figures.update(data_seconds=run.data_seconds, compute_seconds=run.compute_seconds,
                            timed_samples=run.timed_samples,
-                           loader=loader_kind(state.trainer.components.train_set, state.spec.data.num_workers))
+                           loader=loader_kind(comps.train_set, workers, comps.collate_fn))
+    if verdict.status in ("warn", "fail"):
+        verdict.figures.update(_loader_options(state, run))
     return verdict
+
+
+def _loader_options(state: _CheckRun, run: Any) -> dict[str, Any]:
+    """What the data verdict's advice rests on, this machine's: its cores, those idle for worker processes (less the
+    training's threads on a CPU device, its main process on another, and other work's), and for a loader that
+    fetches sample by sample, the seconds each batch waited beside those a batch of the same samples takes as
+    in-memory tensors indexed once per batch, and the share of a core a batch's fetch used (a fetch that waits on a
+    disk leaves its workers' waiting to overlap, idle cores or not). An outside check on 2 cores said 'raise
+    data.num_workers': 1 worker made it 47% slower, 2 no faster, where its samples were slices of two in-memory
+    tensors (a batch of them indexed at once: ~100× less time)."""
+    from torch.utils.data import TensorDataset
+
+    from batchtune.engine.data import fetch_timing, per_sample
+
+    comps, shape = state.trainer.components, state.shape
+    load = state.meter.reading(state.threads) if state.meter is not None else {}
+    figures: dict[str, Any] = {"cores": load.get("cores"), "other_cores": load.get("other_cores"),
+                               "per_sample": per_sample(comps.train_set, state.spec.data.num_workers, comps.collate_fn)}
+    figures["training_threads"] = training = state.threads if state.device.get("device") == "cpu" else 1
+    if figures["cores"]:
+        figures["idle_cores"] = max(0, math.floor(figures["cores"] - training - (figures["other_cores"] or 0) + 0.25))
+    # a collate of the spec's (variable-length data) makes batches no TensorDataset can hold
+    if figures["per_sample"] and run.timed_samples and comps.collate_fn is None:
+        figures["wait_s"] = run.data_seconds / (run.timed_samples / shape.batch_size * shape.accum_steps)
+        figures["tensor_dataset"] = isinstance(comps.train_set, TensorDataset)  # fetched so for its workers
+        try:  # advice only: the user's samples were fetched already, and a failure here decides nothing
+            timing = fetch_timing(comps.train_set, shape.micro_batch_size)
+        except Exception:  # noqa: BLE001
+            return figures
+        figures.update(indexed_s=timing.indexed_seconds, fetch_cpu_share=timing.cpu_seconds / timing.seconds
+                       if timing.seconds > 0 else None)
+    return figures
 
 
 def _critical_batch(state: _CheckRun) -> CheckResult:
