@@ -977,7 +977,8 @@ def test_the_check_times_the_fetch_its_data_advice_rests_on():
                            data=SimpleNamespace(num_workers=0))
     state = SimpleNamespace(spec=spec, trainer=SimpleNamespace(components=SimpleNamespace(train_set=train,
                                                                                           collate_fn=None)),
-                            meter=meter, threads=1, device={"device": "cpu"}, shape=BatchShape(64))
+                            meter=meter, threads=1, device={"device": "cpu"}, shape=BatchShape(64),
+                            remaining=lambda: 30.0)
     run = SimpleNamespace(data_share=0.4, data_seconds=0.03, compute_seconds=0.045, timed_samples=64 * 30,
                           samples_per_s=25_600.0)
     data = _data(state, run)
@@ -988,6 +989,8 @@ def test_the_check_times_the_fetch_its_data_advice_rests_on():
     assert "not data.num_workers: worker processes would compete with the training (1 thread)" in check_reason(data)
     state.meter = SimpleNamespace(reading=lambda threads: {"cores": 4, "other_cores": 0.0})
     assert _data(state, run).figures["idle_cores"] == 3
+    state.remaining = lambda: 0.002  # no time left in the budget for a batch's fetch: not timed
+    assert "indexed_s" not in _data(state, run).figures
 
 
 @pytest.mark.parametrize("batch, b_crit, low, high, status, wasted", [
