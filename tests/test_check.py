@@ -34,7 +34,7 @@ from batchtune.commands.check import (
 from batchtune.cli import app
 from batchtune.config.spec import SpecError, load_spec
 from batchtune.commands.sweep import run_sweep
-from batchtune.render.check import TIME_SKIP, check_reason, render_check
+from batchtune.render.check import FETCH_WAITS, TIME_SKIP, check_reason, render_check
 from batchtune.render.text import format_bytes
 from batchtune.stats.scaling import spec_lr
 from tests.conftest import TINY_SPEC, write_text
@@ -227,6 +227,10 @@ def test_a_sleepy_data_set_warns_on_data(write_spec):
     # 32 ms of sleep per batch against well under a millisecond of compute.
     assert data.status == "warn", check_reason(data)
     assert data.figures["data_share"] > 0.5 and "raise data.num_workers" in check_reason(data)
+    # whatever the machine's idle cores: the fetch sleeps, which worker processes overlap (and its data is not in
+    # memory, so no TensorDataset is suggested)
+    assert "a batch's fetch waits more than it computes" in check_reason(data) and data.figures["fetch_cpu_share"] < 0.1
+    assert "TensorDataset" not in check_reason(data)
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 
 
@@ -852,10 +856,10 @@ def test_a_flat_run_whose_baseline_fell_later_at_this_lr_is_a_slow_start():
 
 
 def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
-    """The outside SGD CNN at 8× its lr: 2.6 at the first step, up to 9.8, back to chance (2.3). The
-    window means (9.8 → 2.3) read it as a fall; against the first loss it made no progress."""
+    """The outside SGD CNN at 8× its lr: 2.31 before the first step (its validation), 2.6 at it, up to 9.8, back to
+    chance (2.3). The window means (9.8 → 2.3) read it as a fall; against where it started it made no progress."""
     thrown = [2.6, 9.8, 8.0, 7.0, 5.0, 4.0, 3.0, 2.5, 2.4, 2.35, 2.3, 2.32, 2.28, 2.31, 2.29]
-    verdict = trains_verdict(thrown, spike_factor=3.0)
+    verdict = trains_verdict(thrown, spike_factor=3.0, start=2.31)
     assert (verdict.status, verdict.code) == ("fail", "trains.spiked")
     assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (9.8, 2)
     assert trains_verdict(thrown).code == "trains.falling"  # what it read before
@@ -866,10 +870,127 @@ def test_a_loss_thrown_up_by_the_lr_is_a_spike_not_a_fall():
     assert trains_verdict(calm, spike_factor=3.0).code == "trains.falling"
 
 
+# The outside bag-of-words RMSprop check at batch 128, lr 0.032 (8 warm-up steps, seed 0): the very losses of the
+# sweep's seed-0 trial there, which trained on to the target and ranked 2nd (validation 1.337 before step 1).
+_BOW_SPIKE = [1.32, 1.14, 1.21, 1.09, 1.29, 1.07, 2.23, 1.48, 8.21, 1.29, 2.31, 2.59, 1.19, 1.06, 1.05, 1.13, 1.09,
+              1.07, 0.94, 1.0, 0.99, 0.93, 1.07, 1.04, 0.87, 0.93, 0.86, 0.84, 0.86, 0.83]
+
+
+def test_a_spike_the_run_came_back_from_warns_and_is_no_divergence():
+    """Diverged is the sweep's rule (the loss stays up, the trainer's ``diverged``): check failed the bow run above as
+    'trains fail ... the lr is too high' for one step at 6.1× its start, the lr its sweep had ranked. It came back
+    clearly below its start (0.864 against 1.337): a warning that names the spike."""
+    verdict = trains_verdict(_BOW_SPIKE, spike_factor=3.0, start=1.337, untrained=1.337, lr=0.032)
+    assert (verdict.status, verdict.code) == ("warn", "trains.spike_recovered")
+    assert (verdict.figures["peak_loss"], verdict.figures["peak_step"]) == (8.21, 9)
+    assert check_reason(verdict) == (
+        "loss 1.337 rose to 8.21 at step 9 (6.1× where it started, above 3×) at lr 0.032, and came back to 0.865: a "
+        "spike, not a divergence (the loss did not stay up); the lr is near its edge at the start of the run (a longer "
+        "warm-up gives it margin)")
+    stuck = _BOW_SPIKE[:12] + [1.3, 1.36] * 9  # back only to where it started: no progress after the spike
+    thrown = trains_verdict(stuck, spike_factor=3.0, start=1.337)
+    assert (thrown.status, thrown.code) == ("fail", "trains.spiked")
+    assert trains_verdict(_BOW_SPIKE, diverged=True, divergence="loss 9 at step 12 exceeds 3×, 3 steps in a row",
+                          spike_factor=3.0, start=1.337).status == "fail"
+
+
+def test_a_spike_the_baseline_sweeps_trials_trained_through_at_this_lr_passes():
+    """Beside the sweep that ranked batch 128 at lr 0.032 (3/3 seeds, none diverged, one seed's validation at 5.8× its
+    start after the same spike) the check's spike passes, named. Where the sweep did not rank that lr, or one of its
+    trials there diverged, the check's own verdict stands."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import _spike_survived
+
+    def row(seed, lr=0.032, peak=2.0, diverged=False):
+        evals = [[0, 0, 0.0, 1.337], [8, 1024, 0.01, 1.337 * peak], [40, 5120, 0.05, 0.7]]
+        return {"batch_size": 128, "lr": lr, "seed": seed, "fits": True, "diverged": diverged, "evals": evals}
+
+    def judged(rows, ranked_lr=0.032):
+        summary = [{"batch_size": 128, "lr": ranked_lr, "status": "ok", "reached": "3/3"}]
+        baseline = SimpleNamespace(rows_for=lambda b: [r for r in rows if r["batch_size"] == b],
+                                   result={"summary": summary})
+        state = SimpleNamespace(baseline=baseline, lr=0.032, shape=SimpleNamespace(batch_size=128))
+        return _spike_survived(state, trains_verdict(_BOW_SPIKE, spike_factor=3.0, start=1.337, lr=0.032))
+
+    survived = judged([row(0, peak=5.8), row(1), row(2), row(0, lr=0.064, diverged=True)])
+    assert (survived.status, survived.code, survived.figures["baseline_trials"]) == ("pass", "trains.spike_survived", 3)
+    assert check_reason(survived).endswith(
+        "a spike, not a divergence; the baseline sweep's 3 trials at this size and lr trained on to its target (3/3 "
+        "seeds) without diverging, their validation loss up to 5.8× their start")
+    assert judged([row(0), row(1, diverged=True)]).code == "trains.spike_recovered"
+    assert judged([row(0), row(1)], ranked_lr=0.016).code == "trains.spike_recovered"  # it ranked another lr
+    assert judged([]).code == "trains.spike_recovered"
+
+
 @pytest.mark.parametrize("share, status", [(None, "skip"), (0.1, "pass"), (0.3, "warn"), (0.79, "warn"),
                                            (0.8, "fail")])
 def test_data_verdict(share, status):
     assert data_verdict(share, 0.3, 0.8).status == status
+
+
+# The outside bag-of-words check at batch 256 on 2 cores (1 torch thread, other work on ~1.2): dict samples sliced
+# from two in-memory tensors, fetched one by one. It said 'raise data.num_workers'; 1 worker made it 47% slower.
+_BOW_DATA = {"data_share": 0.4, "warn_share": 0.3, "fail_share": 0.8, "num_workers": 0, "per_sample": True,
+             "cores": 2, "other_cores": 1.23, "training_threads": 1, "idle_cores": 0, "wait_s": 1.6e-3,
+             "indexed_s": 2.1e-5, "fetch_cpu_share": 0.99, "tensor_dataset": False}
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({}, "; a batch of its samples as in-memory tensors, indexed at once, took 0.021 ms against the 1.6 ms each "
+         "batch waited: for data held in memory, give a TensorDataset of its tensors (indexed once per batch); not "
+         "data.num_workers: worker processes would compete with the training (1 thread) and other work (1.2 cores) "
+         "for this machine's 2 cores"),
+    # a batched fetch no faster is not advised; a core idle for a worker is
+    ({"indexed_s": 1.0e-3, "cores": 4, "idle_cores": 2, "other_cores": 0.1},
+     "; raise data.num_workers (2 of this machine's 4 cores idle)"),
+    # a fetch that waits (a disk; here a sleep) leaves its workers waiting to overlap, idle cores or not
+    ({"fetch_cpu_share": 0.02}, "; raise data.num_workers: a batch's fetch waits more than it computes (2% of a "
+                                "core), waiting that worker processes overlap"),
+    ({"num_workers": 2, "indexed_s": None}, "; its 2 workers and the training's 1 thread want more than this "
+                                            "machine's 2 cores: fewer workers may be faster"),
+    ({"num_workers": 1, "tensor_dataset": True}, "indexed at once, took 0.021 ms against the 1.6 ms each batch "
+                                                 "waited: with data.num_workers 0 its TensorDataset is indexed so; "
+                                                 "speed up the data pipeline"),
+    ({"per_sample": False}, "; its batches are in-memory tensors indexed once per batch already (data.num_workers "
+                            "would fetch them sample by sample: slower)"),
+])
+def test_the_data_advice_is_for_the_machine_the_check_ran_on(changes, says):
+    """'raise data.num_workers' only where a core is idle for a worker process or the fetch waits; a batched fetch
+    where the check timed one faster; nothing a TensorDataset already indexed once per batch would lose."""
+    reason = check_reason(CheckResult("data", "warn", "data.slow", {**_BOW_DATA, **changes}))
+    assert reason.endswith(says), reason
+    assert reason.count("data.num_workers") <= 1  # one word on workers, never two that disagree
+
+
+def test_the_check_times_the_fetch_its_data_advice_rests_on():
+    """_data's figures for dict samples fetched one by one (the bow task's form, tiny) on a 2-core machine whose other
+    core is busy: none idle, the wait per batch from the run, a batch of the samples indexed at once timed."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import _data
+    from tests.fixtures import keyed_data
+
+    train, _ = keyed_data()
+    meter = SimpleNamespace(reading=lambda threads: {"cores": 2, "other_cores": 1.0})
+    spec = SimpleNamespace(check=SimpleNamespace(data_warn_share=0.3, data_fail_share=0.8),
+                           data=SimpleNamespace(num_workers=0))
+    state = SimpleNamespace(spec=spec, trainer=SimpleNamespace(components=SimpleNamespace(train_set=train,
+                                                                                          collate_fn=None)),
+                            meter=meter, threads=1, device={"device": "cpu"}, shape=BatchShape(64),
+                            remaining=lambda: 30.0)
+    run = SimpleNamespace(data_share=0.4, data_seconds=0.03, compute_seconds=0.045, timed_samples=64 * 30,
+                          samples_per_s=25_600.0)
+    data = _data(state, run)
+    f = data.figures
+    assert (data.status, f["per_sample"], f["idle_cores"], f["wait_s"]) == ("warn", True, 0, pytest.approx(1e-3))
+    assert 0 < f["indexed_s"] < 1e-3 and f["fetch_cpu_share"] > FETCH_WAITS
+    assert "raise data.num_workers" not in check_reason(data)
+    assert "not data.num_workers: worker processes would compete with the training (1 thread)" in check_reason(data)
+    state.meter = SimpleNamespace(reading=lambda threads: {"cores": 4, "other_cores": 0.0})
+    assert _data(state, run).figures["idle_cores"] == 3
+    state.remaining = lambda: 0.002  # no time left in the budget for a batch's fetch: not timed
+    assert "indexed_s" not in _data(state, run).figures
 
 
 @pytest.mark.parametrize("batch, b_crit, low, high, status, wasted", [
@@ -1057,6 +1178,13 @@ REPRESENTATIVE = {
                                "spike_factor": 3.0, "last_mean": 2.3},
                       "loss 2.6 rose to 9.8 at step 3 (3.8× where it started, above 3×) at lr 0.002, and ended at 2.3: "
                       "the lr is too high"),
+    "trains.spike_recovered": ("warn", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
+                                        "spike_factor": 3.0, "last_mean": 0.864},
+                               "and came back to 0.864: a spike, not a divergence"),
+    "trains.spike_survived": ("pass", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
+                                       "spike_factor": 3.0, "last_mean": 0.864, "baseline_trials": 3},
+                              "a spike, not a divergence; the baseline sweep's 3 trials at this size and lr trained on "
+                              "to its target without diverging"),
     "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),
     "trains.crashed": ("fail", _ERROR, "the training run raised RuntimeError: mat1 and mat2"),
     "trains.oom": ("fail", {"error": "OutOfMemoryError: simulated"}, "out of memory in the training run"),

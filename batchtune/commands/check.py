@@ -674,7 +674,7 @@ def _trains(state: _CheckRun, run: Any, config: Any) -> CheckResult:
                              start=starting_loss(run) if run.losses else None, untrained=untrained_loss(run))
     verdict.figures.update(steps_planned=config.steps, warmup_steps=config.warmup_steps,
                            lr_rule=state.rule, truncated=run.truncated)
-    verdict = _slow_start(state, run, verdict)
+    verdict = _spike_survived(state, _slow_start(state, run, verdict))
     if run.truncated and verdict.status != "fail" and run.steps < MIN_TRAIN_STEPS:
         verdict = CheckResult("trains", "skip", "skip.time_budget_steps", verdict.figures)
         state.skipped.append("trains")
@@ -704,14 +704,73 @@ def _slow_start(state: _CheckRun, run: Any, verdict: CheckResult) -> CheckResult
                    figures={**verdict.figures, "baseline_trials": len(fell), "baseline_fell_at": at})
 
 
+def _spike_survived(state: _CheckRun, verdict: CheckResult) -> CheckResult:
+    """A spike read beside the baseline sweep that ranked this size at this lr: where none of its trials there
+    diverged (the sweep's rule, the check run's too), the spike is one they trained through to the target, a pass
+    that names it (``trains.spike_survived``) with how high their validation loss went. An outside check failed
+    batch 128 at lr 0.032, the sweep's fastest there, for a loss of 8.2 at step 9 (6.1× its start): the sweep's
+    seed-0 trial, with the same warm-up, seed and batches, had the very same spike and ranked 2nd."""
+    from batchtune.commands.sweep_analysis import starting_loss as row_start  # a stored row's (trial.py's: a run's)
+
+    if verdict.code not in ("trains.spiked", "trains.spike_recovered") or state.baseline is None or not state.lr:
+        return verdict
+    batch = state.shape.batch_size
+    ranked = next((r for r in state.baseline.result.get("summary") or [] if r.get("batch_size") == batch), {})
+    rows = [r for r in state.baseline.rows_for(batch)
+            if r.get("fits") and abs(float(r.get("lr") or 0) / state.lr - 1) <= 0.01]
+    if (ranked.get("status") != "ok" or not positive(ranked.get("lr")) or abs(ranked["lr"] / state.lr - 1) > 0.01
+            or not rows or any(r.get("diverged") for r in rows)):
+        return verdict
+    peaks = [max(e[3] for e in r["evals"] if e[3] is not None) / start for r in rows if (start := row_start(r))]
+    return replace(verdict, status="pass", code="trains.spike_survived",
+                   figures={**verdict.figures, "baseline_trials": len(rows), "baseline_reached": ranked.get("reached"),
+                            "baseline_peak_ratio": max(peaks, default=None)})
+
+
 def _data(state: _CheckRun, run: Any) -> CheckResult:
-    cs = state.spec.check
+    cs, comps, workers = state.spec.check, state.trainer.components, state.spec.data.num_workers
     verdict = data_verdict(run.data_share, cs.data_warn_share, cs.data_fail_share,
-                           num_workers=state.spec.data.num_workers, samples_per_s=run.samples_per_s)
+                           num_workers=workers, samples_per_s=run.samples_per_s)
     verdict.figures.update(data_seconds=run.data_seconds, compute_seconds=run.compute_seconds,
                            timed_samples=run.timed_samples,
-                           loader=loader_kind(state.trainer.components.train_set, state.spec.data.num_workers))
+                           loader=loader_kind(comps.train_set, workers, comps.collate_fn))
+    if verdict.status in ("warn", "fail"):
+        verdict.figures.update(_loader_options(state, run))
     return verdict
+
+
+def _loader_options(state: _CheckRun, run: Any) -> dict[str, Any]:
+    """What the data verdict's advice rests on, this machine's: its cores, those idle for worker processes (less the
+    training's threads on a CPU device, its main process on another, and other work's), and for a loader that
+    fetches sample by sample, the seconds each batch waited beside those a batch of the same samples takes as
+    in-memory tensors indexed once per batch, and the share of a core a batch's fetch used (a fetch that waits on a
+    disk leaves its workers' waiting to overlap, idle cores or not). An outside check on 2 cores said 'raise
+    data.num_workers': 1 worker made it 47% slower, 2 no faster, where its samples were slices of two in-memory
+    tensors (a batch of them indexed at once: ~100× less time)."""
+    from torch.utils.data import TensorDataset
+
+    from batchtune.engine.data import fetch_timing, per_sample
+
+    comps, shape = state.trainer.components, state.shape
+    load = state.meter.reading(state.threads) if state.meter is not None else {}
+    figures: dict[str, Any] = {"cores": load.get("cores"), "other_cores": load.get("other_cores"),
+                               "per_sample": per_sample(comps.train_set, state.spec.data.num_workers, comps.collate_fn)}
+    figures["training_threads"] = training = state.threads if state.device.get("device") == "cpu" else 1
+    if figures["cores"]:
+        figures["idle_cores"] = max(0, math.floor(figures["cores"] - training - (figures["other_cores"] or 0) + 0.25))
+    # a collate of the spec's (variable-length data) makes batches no TensorDataset can hold
+    if figures["per_sample"] and run.timed_samples and comps.collate_fn is None:
+        figures["wait_s"] = run.data_seconds / (run.timed_samples / shape.batch_size * shape.accum_steps)
+        figures["tensor_dataset"] = isinstance(comps.train_set, TensorDataset)  # fetched so for its workers
+        if state.remaining() < 4 * figures["wait_s"]:  # a batch's fetch takes about a wait: within the budget only
+            return figures
+        try:  # advice only: the user's samples were fetched already, and a failure here decides nothing
+            timing = fetch_timing(comps.train_set, shape.micro_batch_size)
+        except Exception:  # noqa: BLE001
+            return figures
+        figures.update(indexed_s=timing.indexed_seconds, fetch_cpu_share=timing.cpu_seconds / timing.seconds
+                       if timing.seconds > 0 else None)
+    return figures
 
 
 def _critical_batch(state: _CheckRun) -> CheckResult:

@@ -34,7 +34,8 @@ CODES = (
     "fits.unrun",
     # trains: the short run at the scaled lr
     "trains.falling", "trains.converged", "trains.slow_start", "trains.flat", "trains.rising", "trains.diverged",
-    "trains.spiked", "trains.too_few", "trains.crashed", "trains.oom",
+    "trains.spiked", "trains.spike_recovered", "trains.spike_survived", "trains.too_few", "trains.crashed",
+    "trains.oom",
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
@@ -137,9 +138,13 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     on noise, nor pass one on it.
 
     A loss that went above ``spike_factor`` × where it started on some step (``start``: the
-    validation loss before the first step; else the first loss) was thrown out by too high an lr,
-    and fails too, however it ended (a run is diverged only when it stays there): an SGD CNN at 8×
-    its lr shot from 2.6 to 9.8 and fell back to chance (2.3), which the window means read as a fall.
+    validation loss before the first step; else the first loss) was thrown out by too high an lr.
+    Diverged is the sweep's rule (the trainer's: the loss stays up several steps in a row, ``diverged``);
+    a spike the run came back from, its last window clearly below ``start`` (as :func:`_converged` reads
+    a floor), warns (``trains.spike_recovered``): an outside check failed lr 0.032 at batch 128, whose loss
+    went 1.34 to 8.2 at step 9 and on to 0.86, where the sweep's trial of the same steps ranked it. One
+    that did not come back below ``start`` fails (``trains.spiked``): an SGD CNN at 8× its lr went from 2.31
+    before its first step to 16.3 and fell back to chance (2.2), which the window means read as a fall.
     A last window clearly below ``start`` is a fall, however noisy the first window.
 
     ``untrained``: the validation loss measured before the first step (None: not measured). A run already at its
@@ -165,6 +170,8 @@ def trains_verdict(losses: Sequence[float], *, diverged: bool = False, divergenc
     start = losses[0] if start is None else start
     if spike_factor is not None and losses[peak] > spike_factor * start:
         figures.update(peak_loss=losses[peak], peak_step=peak + 1, spike_factor=spike_factor, starting_loss=start)
+        if _converged(start, last):
+            return CheckResult("trains", "warn", "trains.spike_recovered", figures)
         return CheckResult("trains", "fail", "trains.spiked", figures)
     # below where it started, too: a loss that fell within the first window (1.38 to 0 in six steps at a high lr)
     # left that window too noisy to compare, and an outside check warned 'the lr may be too low'

@@ -9,6 +9,7 @@ the host's memory allow.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +25,10 @@ from batchtune.engine.shape import BatchShape
 from batchtune.memory.device import DeviceBackend
 from batchtune.render.text import count_of
 
-__all__ = ["BatchLimit", "Feed", "LongestFirst", "PlannedBatches", "batch_limit", "batches", "data_source", "halves",
-           "load_next", "loader_kind", "noted", "nonfinite_samples", "padding_waste", "random_batches", "sample_bytes",
-           "tensors", "token_batches", "unsplittable", "within_limits", "worst_case"]
+__all__ = ["BatchLimit", "Feed", "FetchTiming", "LongestFirst", "PlannedBatches", "batch_limit", "batches",
+           "data_source", "fetch_timing", "halves", "load_next", "loader_kind", "nonfinite_samples", "noted",
+           "padding_waste", "per_sample", "random_batches", "sample_bytes", "tensors", "token_batches",
+           "unsplittable", "within_limits", "worst_case"]
 
 #: Collating a batch can hold its samples and the stacked batch at once: twice its bytes.
 COLLATE_COPIES = 2
@@ -259,10 +261,43 @@ def loader_kind(dataset: Dataset, num_workers: int = 0, collate_fn: Callable[[li
     """Which loader :func:`batches` uses for ``dataset``, in words for the report."""
     if isinstance(dataset, LongestFirst):
         return "the longest samples, collated (the worst case)"
-    if _indexable(dataset, num_workers) and collate_fn is None:
+    if not per_sample(dataset, num_workers, collate_fn):
         return "in-memory tensors indexed once per batch"
     workers = f", {num_workers} worker{'s' * (num_workers != 1)}" if num_workers else ", in the main process"
     return f"DataLoader (per-sample fetch and collate{workers})"
+
+
+def per_sample(dataset: Dataset, num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None) -> bool:
+    """Whether :func:`batches` fetches ``dataset``'s batches sample by sample and collates them (a DataLoader's)."""
+    return not isinstance(dataset, (LongestFirst, PlannedBatches)) and not (
+        _indexable(dataset, num_workers) and collate_fn is None)
+
+
+class FetchTiming(NamedTuple):
+    """One batch fetched as a DataLoader in the main process fetches it, and as in-memory tensors indexed at once."""
+
+    seconds: float  # fetched sample by sample and collated
+    cpu_seconds: float  # the process's CPU time in that: far below ``seconds``, the fetch waits (a disk, a network)
+    indexed_seconds: float | None  # the collated batch's tensors indexed at once (None: the batch is not all tensors)
+
+
+def fetch_timing(dataset: Dataset, batch_size: int, repeats: int = 5) -> FetchTiming:
+    """A batch of ``batch_size`` of ``dataset``'s first samples fetched one by one and collated (torch's default),
+    then its tensors indexed with a shuffled index ``repeats`` times (the fastest), as :func:`batches` takes a
+    ``TensorDataset``'s. What check times beside a per-sample loader that keeps the training waiting, so that its
+    advice says what batched fetching would save, and whether worker processes would have waiting to overlap."""
+    n = min(batch_size, len(dataset))
+    wall, cpu = time.perf_counter(), time.process_time()
+    leaves = tree_leaves(default_collate([dataset[i] for i in range(n)]))
+    timing = FetchTiming(time.perf_counter() - wall, time.process_time() - cpu, None)
+    if not leaves or not all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n for t in leaves):
+        return timing
+    index, best = torch.randperm(n), math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _ = [t[index] for t in leaves]
+        best = min(best, time.perf_counter() - start)
+    return timing._replace(indexed_seconds=best)
 
 
 class NonFinite(NamedTuple):

@@ -67,8 +67,46 @@ def _data_text(f: dict[str, Any]) -> str:
     return f"{_pct(f['data_share'])} of step time waiting for data{loader}"
 
 
+# A batch's fetch that used less than this share of a core waited (a disk, a network, a sleep): not a CPU's work,
+# and a machine busy enough to slow a CPU-bound fetch to it would have starved the training as well.
+FETCH_WAITS = 0.25
+
+
 def _data_hint(f: dict[str, Any]) -> str:
-    return "; raise data.num_workers" if f.get("num_workers", 0) == 0 else "; speed up the data pipeline"
+    """What would help the loader keep up, on the machine the check ran on (``_loader_options``' figures): never
+    data.num_workers where no core is idle for its processes (on 2 cores, 1 worker made an outside check 47%
+    slower) unless its fetch waits more than it computes, and batched fetching where a batch indexed at once from
+    in-memory tensors took under half the wait."""
+    workers, idle = f.get("num_workers", 0), f.get("idle_cores")
+    if f.get("per_sample") is False:
+        return "; its batches are in-memory tensors indexed once per batch already (data.num_workers would fetch " \
+            "them sample by sample: slower)"
+    hints, share = [], f.get("fetch_cpu_share")
+    waits = share is not None and share < FETCH_WAITS  # on a disk, say: its data is not in memory, and workers overlap
+    indexed, wait = f.get("indexed_s"), f.get("wait_s")
+    if indexed is not None and wait and indexed < wait / 2 and not waits:
+        how = "with data.num_workers 0 its TensorDataset is indexed so" if f.get("tensor_dataset") else \
+            "for data held in memory, give a TensorDataset of its tensors (indexed once per batch)"
+        hints.append(f"a batch of its samples as in-memory tensors, indexed at once, took {indexed * 1e3:.2g} ms "
+                     f"against the {wait * 1e3:.2g} ms each batch waited: {how}")
+    threads, cores = f.get("training_threads") or 1, f.get("cores")
+    if idle is None:
+        hints.append("raise data.num_workers" if workers == 0 else "speed up the data pipeline")
+    elif workers and workers + threads > cores and not waits:
+        hints.append(f"its {count_of(workers, 'worker')} and the training's {count_of(threads, 'thread')} want more "
+                     f"than this machine's {cores} cores: fewer workers may be faster")
+    elif workers:
+        hints.append("speed up the data pipeline")
+    elif waits:
+        hints.append(f"raise data.num_workers: a batch's fetch waits more than it computes ({share:.0%} of a core), "
+                     "waiting that worker processes overlap")
+    elif idle >= 1:
+        hints.append(f"raise data.num_workers ({idle} of this machine's {cores} cores idle)")
+    else:
+        other = f" and other work ({f['other_cores']:.1f} cores)" if (f.get("other_cores") or 0) >= 0.25 else ""
+        hints.append(f"not data.num_workers: worker processes would compete with the training "
+                     f"({count_of(threads, 'thread')}){other} for this machine's {cores} cores")
+    return "; " + "; ".join(hints)
 
 
 _BASES: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -216,6 +254,15 @@ def _spike(f: dict[str, Any]) -> str:
             f"({f['peak_loss'] / start:.1f}× where it started, above {f['spike_factor']:g}×){_lr_text(f)}")
 
 
+def _spike_survived(f: dict[str, Any]) -> str:
+    peak = f.get("baseline_peak_ratio")
+    went = f", their validation loss up to {peak:.1f}× their start" if peak else ""
+    reached = f" ({f['baseline_reached']} seeds)" if f.get("baseline_reached") else ""
+    return (f"{_spike(f)}, and came back to {f['last_mean']:.4g}: a spike, not a divergence; the baseline sweep's "
+            f"{count_of(f['baseline_trials'], 'trial')} at this size and lr trained on to its target{reached} "
+            f"without diverging{went}")
+
+
 def _nonfinite(value: Any) -> str:
     """A non-finite loss as it was (nan, inf), or 'non-finite' once JSON wrote it as null."""
     return "non-finite" if value is None else f"{value}"
@@ -272,6 +319,10 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "trains.diverged": lambda f: f"diverged{_lr_text(f)}: {f.get('divergence') or 'non-finite loss'}",
     "trains.spiked": lambda f: f"{_spike(f)}, and ended at {f['last_mean']:.4g}: the lr is too high for the "
                                "start of the run (lower it, or warm up longer)",
+    "trains.spike_recovered": lambda f: (f"{_spike(f)}, and came back to {f['last_mean']:.4g}: a spike, not a "
+                                         "divergence (the loss did not stay up); the lr is near its edge at the start "
+                                         "of the run (a longer warm-up gives it margin)"),
+    "trains.spike_survived": _spike_survived,
     "trains.too_few": lambda f: f"only {f['steps']} training steps ran: too few to judge the loss",
     "trains.crashed": lambda f: f"the training run {'failed: ' if f.get('said') else 'raised '}{f['error']}",
     "trains.oom": lambda f: f"out of memory in the training run ({f['error']}), though the fits run passed",
