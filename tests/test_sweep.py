@@ -80,12 +80,13 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     for size in second.index:
         assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the fastest lrs
     behind = sorted(set(first.index) - set(second.index))
-    # 8 took 6x the fastest size's time to the default target on the first seed (sweep.reseed_within), unless every
-    # trial of it ran while other work took the machine's cores: its seconds say nothing then, and it stays
-    busy = t[(t["seed"] == 0) & (t["batch_size"] == 8)]["busy"].all()
-    assert behind == ([] if busy else [8])
-    assert busy or "batch 8 ran seed 0 only: on it, each took more than 2× the fastest size's time" in "".join(
-        result.notes)
+    # the sizes over 2x the fastest size's time to the default target on the first seed (sweep.reseed_within): 8 at
+    # 6x on a calm machine; by their timed seconds, so which ones depends on the machine's load
+    from batchtune.commands.sweep_analysis import in_contention
+
+    seed0 = [{**r, "evals": r.get("budget_evals") or r["evals"]} for r in rows if r["seed"] == 0]
+    assert behind == sorted(set(first.index) - in_contention(seed0, result.meta, 2.0))
+    assert not behind or f"batch {', '.join(map(str, behind))} ran seed 0 only" in "".join(result.notes)
     assert not any(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) for size in first.index)  # no refining
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
