@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import STOPPING, TrainingError, UsageError, error_line
+from batchtune.errors import STOPPING, TrainingError, UsageError, error_line, interrupted_exit_code
 from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
 from batchtune.render.logs import env_rank0, setup_logging
 
@@ -169,6 +169,7 @@ def _json_error(message: str | None, code: int, fmt: str | None) -> None:
     pipeline's parser meets one (``check bad.yaml --format json > preflight.json`` left an empty file); rank 0's
     alone, and never after a result (a partial one included) went there: stdout stays one JSON document."""
     if fmt == "json" and _rank0() and not _STDOUT["shown"]:
+        code = interrupted_exit_code() if code == 130 else code  # main exits 143 for a SIGTERM's 130: say so
         typer.echo(json.dumps({"error": message or f"exit code {code}", "exit_code": code}))
         _STDOUT["shown"] = True
 
