@@ -548,12 +548,18 @@ def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool, new: bool
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """``--out`` is new, empty or a run's own folder, unless ``--force``: nothing of the user's is overwritten."""
-    from batchtune.render.run_folder import RunFolder
+    """``--out`` is new, empty or a run's own folder, unless ``--force``: nothing of the user's is overwritten, and
+    files of the user's named as a run's are refused even with ``--force`` (a run would write over them)."""
+    from batchtune.render.run_folder import RUN_FILES, RunFolder
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
     foreign = RunFolder(out).foreign_files()
+    named = [name for name in foreign if name in RUN_FILES]  # 'already holds a sweep', then --resume: 'no meta.json'
+    if named:
+        shown = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+        raise UsageError(f"--out {out} holds {shown}, named as a run's files, but no batchtune run (no meta.json): "
+                         "batchtune will not overwrite them, even with --force; choose another --out")
     if foreign and not force:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise UsageError(f"--out {out} holds files that are not a batchtune run's ({shown}); choose a new or "

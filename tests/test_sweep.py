@@ -826,11 +826,30 @@ def test_resume_of_a_missing_or_foreign_folder_is_a_usage_error(write_spec, tmp_
 
 
 def test_out_on_an_existing_sweep_says_resume(write_spec, tmp_path):
+    RunFolder(tmp_path / "run").write_json("meta.json", {})
     RunFolder(tmp_path / "run").write_trials([])
     result = _sweep_cli(write_spec(SWEEP_SPEC), "--out", tmp_path / "run")
     assert result.exit_code == 2
     assert f"already holds a sweep; continue it with --resume {tmp_path / 'run'}" in result.stderr
     assert "invalid spec" not in result.stderr
+
+
+def test_out_holding_the_users_own_files_named_as_a_runs_is_refused_even_with_force(write_spec, tmp_path):
+    """An outside --out holding the user's own trials.json and report.txt (no meta.json) was told 'already holds a
+    sweep; continue it with --resume', which then said 'is not a sweep run folder (no meta.json)'; with --force a
+    run would have written over them. plan's --out is checked the same way."""
+    spec, theirs = write_spec(SWEEP_SPEC), tmp_path / "mine"
+    theirs.mkdir()
+    for name in ("trials.json", "report.txt", "notes.txt"):
+        (theirs / name).write_text("mine\n")
+    said = (f"error: --out {theirs} holds report.txt and trials.json, named as a run's files, but no batchtune run "
+            "(no meta.json): batchtune will not overwrite them, even with --force; choose another --out")
+    for args in (["sweep"], ["sweep", "--force"], ["plan", "--samples", "1000"], ["plan", "--samples", "1000",
+                                                                                   "--force"]):
+        result = CliRunner().invoke(app, [args[0], str(spec), "--out", str(theirs), *args[1:]])
+        assert (result.exit_code, result.stderr.strip()) == (2, said), result.output
+    assert {p.name: p.read_text() for p in theirs.iterdir()} == dict.fromkeys(("notes.txt", "report.txt",
+                                                                                "trials.json"), "mine\n")
 
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):
