@@ -852,6 +852,19 @@ def test_out_holding_the_users_own_files_named_as_a_runs_is_refused_even_with_fo
                                                                                 "trials.json"), "mine\n")
 
 
+def test_a_model_that_refuses_the_validation_batch_is_told_as_validation_and_sweep_ceiling(write_spec, tmp_path):
+    """An outside model that takes at most 200 rows was said to fail 'a training step at micro-batch 8 × 1'; it was
+    validation, at the sweep's one validation batch of 256."""
+    model = "model={target: tests.fixtures:oom_above, kwargs: {threshold: 100, message: 'at most 100 rows'}}"
+    result = _sweep_cli(write_spec(SWEEP_SPEC), model, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: validation at batch 256 raised RuntimeError: at most 100 rows, in the trial at micro-batch 8 × 1: the "
+        "sweep validates every trial at one batch (the safe micro-batch, at most 256). If the model cannot take a "
+        "batch that large, give sweep.ceiling, the largest batch it takes: validation and every micro-batch stay "
+        "within it (larger sizes accumulate); BATCHTUNE_DEBUG=1 shows the traceback")
+
+
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2
