@@ -865,6 +865,22 @@ def test_a_model_that_refuses_the_validation_batch_is_told_as_validation_and_swe
         "within it (larger sizes accumulate); BATCHTUNE_DEBUG=1 shows the traceback")
 
 
+def test_a_class_label_out_of_range_in_a_step_is_named_as_validate_names_it(write_spec, tmp_path):
+    """An outside model of 3 outputs on labels up to 3: sweep and check said torch's 'IndexError: Target 3 is out of
+    bounds' ('a training step at micro-batch 8'), where validate named the sample, its label and the model's outputs."""
+    spec, three = str(write_spec(SWEEP_SPEC)), "model.kwargs={num_classes: 3}"
+    validate = CliRunner().invoke(app, ["validate", spec, three])
+    said = validate.stderr.strip().splitlines()
+    assert validate.exit_code == 2 and said[-1].endswith(
+        "data: training sample 4 (of 1,024) has class label 3 in its targets, out of range for the model's 3 outputs: "
+        "cross_entropy takes labels 0 to 2 (-100 is ignored); give the model an output per class, or fix the labels"), \
+        validate.output
+    for command in (["sweep", spec, three, "--out", str(tmp_path / "run"), "-q"], ["check", spec, three, "-b", "16",
+                                                                                     "-q"]):
+        result = CliRunner().invoke(app, command)
+        assert (result.exit_code, result.stderr.strip().splitlines()) == (2, said), result.output
+
+
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2

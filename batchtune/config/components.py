@@ -834,18 +834,19 @@ class Components:
         return all(bool(torch.isfinite(t).all()) for t in tree_leaves(output)
                    if isinstance(t, torch.Tensor) and t.is_floating_point())
 
-    def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED) -> int:
+    def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED, device: torch.device | None = None) -> int:
         """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data
         set), for values that are not finite (NaN or inf, in the inputs or the targets) and, under
         ``cross_entropy``, class labels the model's outputs cannot hold (below 0 other than -100, which it
         ignores, or at least its number of outputs). Returns the samples read. validate read two samples:
         a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
+        ``device``: the model's, where its batch goes (a trial's model, asked why its step raised).
 
         Raises:
             SpecError: on ``data``, naming the split, the sample's index and the problem.
             ComponentError: reading a sample raised.
         """
-        classes = self._classes(model) if self.spec.loss == "cross_entropy" else None
+        classes = self._classes(model, device) if self.spec.loss == "cross_entropy" else None
         read = 0
         for which, dataset in (("training", self.train_set), ("validation", self.val_set)):
             n = len(dataset)
@@ -857,13 +858,14 @@ class Components:
                 read += 1
         return read
 
-    def _classes(self, model: nn.Module) -> int | None:
+    def _classes(self, model: nn.Module, device: torch.device | None = None) -> int | None:
         """The model's number of class scores (the last dimension of its output on the first two training
         samples), or None where it gives none, or one (the forward's errors and a one-class output are first_loss's
         to say, as the loss's)."""
         n = min(2, len(self.train_set))
         try:
             inputs, _ = _split(self._first_batch(n, "the first training samples"))
+            inputs = inputs if device is None else to_device(inputs, device)
             with torch.no_grad():
                 output = _call(model, inputs)
         except Exception:  # noqa: BLE001 - said by first_loss, which runs the same batch

@@ -543,6 +543,22 @@ class Trainer:
         except ComponentError:  # the first samples' forward raised here alone: no answer
             return
 
+    def _why_raised(self, model: nn.Module, exc: Exception) -> None:
+        """The user's code raised in a step or a validation (not an OOM): raise validate's SpecError where its data
+        check finds the cause (a class label out of range for the model's outputs, values that are not finite), as
+        validate names it; return where it finds none. An outside sweep whose labels went up to num_classes said 'a
+        training step at micro-batch 8 × 1 raised IndexError: Target 3 is out of bounds'."""
+        if isinstance(exc, (TrainingError, SpecError)) or is_oom(exc, self.backend):  # said already, or a result
+            return
+        if self.strategy == "fsdp":  # a forward on this rank alone would wait in its all-gather
+            return
+        if getattr(exc, "batchtune_optimizer_call", None) is not None or getattr(exc, "batchtune_issue", None):
+            return  # the optimizer's, or a factory's: named by their keys
+        try:
+            self.components.check_samples(model, device=self.backend.device)
+        except ComponentError:  # reading a sample raised here alone: no answer
+            return
+
     # ------------------------------------------------------------------ the run
 
     def run(self, config: TrialConfig, model: nn.Module | None = None,
@@ -630,6 +646,9 @@ class Trainer:
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
             self._steps(run)
+        except Exception as exc:
+            self._why_raised(run.model, exc)
+            raise
         finally:
             clear_outputs(comps.loss_fn)  # the last step's output sums: no bytes left behind the trial
             work.close()
