@@ -81,13 +81,28 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        quoted = [] if named or not isinstance(exc, TypeError) else [  # YAML's "64" is a string, not a number
-            k for k, v in kwargs.items() if isinstance(v, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+        quoted, note = ([], "") if named else _strings_at_fault(exc, text[0] if text else "", kwargs)
         path = f"{kwargs_key or key}.{(named or quoted)[0]}" if named or quoted else getattr(exc, "spec_key", key)
-        message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
-        if quoted:  # an outside GRU's h: "64" was said on model.target, 'hidden_size should be of type int'
-            message += f" ({quoted[0]} is the string {kwargs[quoted[0]]!r}: unquote it in the YAML to give a number)"
+        message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400] + note
         raise ComponentError([spec.issue(path, message)]) from exc
+
+
+def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> tuple[list[str], str]:
+    """The string kwargs a factory's TypeError that names none of them is likely about, and what to say of it:
+    one that reads as a number (YAML's "64": an outside GRU's hidden_size, said on model.target), else, where the
+    error is an operation on a str ('<=' not supported between 'float' and 'str'), one that is no number at all (an
+    outside RMSprop's momentum: high, said on optimizer). ([], "") where neither."""
+    if not isinstance(exc, TypeError):
+        return [], ""
+    strings = {k: v for k, v in kwargs.items() if isinstance(v, str)}
+    numeric = [k for k, v in strings.items() if re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+    if numeric:
+        first = numeric[0]
+        return numeric, f" ({first} is the string {strings[first]!r}: unquote it in the YAML to give a number)"
+    if strings and re.search(r"'str'|\bnot str\b", line):
+        shown = ", ".join(f"{k} is the string {v!r}" for k, v in strings.items())
+        return list(strings), f" ({shown}, where a number is expected: give a number)"
+    return [], ""
 
 
 SAMPLES_CHECKED = 256  # validate reads at most this many samples of each split, spread through it
