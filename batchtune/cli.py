@@ -555,7 +555,8 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
     foreign = RunFolder(out).foreign_files()
-    named = [name for name in foreign if name in RUN_FILES]  # 'already holds a sweep', then --resume: 'no meta.json'
+    # 'already holds a sweep', then --resume: 'no meta.json'. Files only: a folder of the name cannot be written over
+    named = [name for name in foreign if name in RUN_FILES and (out / name).is_file()]
     if named:
         shown = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
         raise UsageError(f"--out {out} holds {shown}, named as a run's files, but no batchtune run (no meta.json): "
