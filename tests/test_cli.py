@@ -124,6 +124,10 @@ def test_an_optimizer_value_that_is_no_number_is_named_by_its_key(write_spec):
     assert (result.exit_code, " ".join(result.stderr.split())) == (2, (
         f"error: {path}:4: optimizer.momentum: the optimizer RMSprop() raised TypeError: '<=' not supported between "
         "instances of 'float' and 'str' (momentum is the string 'high', where a number is expected: give a number)"))
+    from batchtune.config.components import _strings_at_fault
+
+    relu = {"activation": "relu"}  # a string where a callable is wanted: no number to ask for
+    assert _strings_at_fault(TypeError("'str' object is not callable"), "'str' object is not callable", relu) == ([], "")
 
 
 def test_validate_lists_import_problems_beside_key_problems(write_spec):

@@ -87,11 +87,16 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         raise ComponentError([spec.issue(path, message)]) from exc
 
 
+#: A TypeError of an operation that wanted a number and met a str (not 'str' object is not callable: no number).
+_NUMBER_WANTED = re.compile(r"(not supported between instances of|unsupported operand type).*'str'|real number, not "
+                            r"str|'str' object cannot be interpreted as an integer")
+
+
 def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> tuple[list[str], str]:
     """The string kwargs a factory's TypeError that names none of them is likely about, and what to say of it:
     one that reads as a number (YAML's "64": an outside GRU's hidden_size, said on model.target), else, where the
-    error is an operation on a str ('<=' not supported between 'float' and 'str'), one that is no number at all (an
-    outside RMSprop's momentum: high, said on optimizer). ([], "") where neither."""
+    error is a number's operation on a str (:data:`_NUMBER_WANTED`: '<=' not supported between 'float' and 'str'),
+    one that is no number at all (an outside RMSprop's momentum: high, said on optimizer). ([], "") where neither."""
     if not isinstance(exc, TypeError):
         return [], ""
     strings = {k: v for k, v in kwargs.items() if isinstance(v, str)}
@@ -99,7 +104,7 @@ def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> 
     if numeric:
         first = numeric[0]
         return numeric, f" ({first} is the string {strings[first]!r}: unquote it in the YAML to give a number)"
-    if strings and re.search(r"'str'|\bnot str\b", line):
+    if strings and _NUMBER_WANTED.search(line):
         shown = ", ".join(f"{k} is the string {v!r}" for k, v in strings.items())
         return list(strings), f" ({shown}, where a number is expected: give a number)"
     return [], ""
