@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import STOPPING, TrainingError, UsageError, error_line
+from batchtune.errors import STOPPING, TrainingError, UsageError, error_line, interrupted_exit_code
 from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
 from batchtune.render.logs import env_rank0, setup_logging
 
@@ -169,6 +169,7 @@ def _json_error(message: str | None, code: int, fmt: str | None) -> None:
     pipeline's parser meets one (``check bad.yaml --format json > preflight.json`` left an empty file); rank 0's
     alone, and never after a result (a partial one included) went there: stdout stays one JSON document."""
     if fmt == "json" and _rank0() and not _STDOUT["shown"]:
+        code = interrupted_exit_code() if code == 130 else code  # main exits 143 for a SIGTERM's 130: say so
         typer.echo(json.dumps({"error": message or f"exit code {code}", "exit_code": code}))
         _STDOUT["shown"] = True
 
@@ -555,12 +556,19 @@ def _claim(where: Path, *, out: Path | None, force: bool, fresh: bool, new: bool
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """``--out`` is new, empty or a run's own folder, unless ``--force``: nothing of the user's is overwritten."""
-    from batchtune.render.run_folder import RunFolder
+    """``--out`` is new, empty or a run's own folder, unless ``--force``: nothing of the user's is overwritten, and
+    files of the user's named as a run's are refused even with ``--force`` (a run would write over them)."""
+    from batchtune.render.run_folder import RUN_FILES, RunFolder
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the run")
     foreign = RunFolder(out).foreign_files()
+    # 'already holds a sweep', then --resume: 'no meta.json'. Files only: a folder of the name cannot be written over
+    named = [name for name in foreign if name in RUN_FILES and (out / name).is_file()]
+    if named:
+        shown = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
+        raise UsageError(f"--out {out} holds {shown}, named as a run's files, but no batchtune run (no meta.json): "
+                         "batchtune will not overwrite them, even with --force; choose another --out")
     if foreign and not force:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise UsageError(f"--out {out} holds files that are not a batchtune run's ({shown}); choose a new or "

@@ -8,8 +8,11 @@ one of these.
 
 from __future__ import annotations
 
+from signal import SIGTERM
+
 __all__ = ["BATCH_NOTE", "COLLATE_HINT", "COLLATE_NOTE", "FORM_HINT", "SAMPLE_NOTE", "BatchFormError", "LoadError",
-           "TrainingError", "UsageError", "error_line", "noted_batch", "noted_sample"]
+           "TrainingError", "UsageError", "error_line", "interrupted_exit_code", "noted_batch",
+           "noted_sample"]
 
 #: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
 #: worker passes the exception on as its traceback's text, and the note comes with it.
@@ -86,4 +89,10 @@ def error_line(exc: BaseException) -> str:
 #: that follows is the stop's doing, not the user's code's: a DataLoader worker the signal killed read as a 'trains'
 #: failure of an outside 2-rank check, with a failing JUnit file.
 STOPPING: list[int] = []
+
+
+def interrupted_exit_code() -> int:
+    """The exit code of a command the user stopped: 143 after SIGTERM (the process's own, which ``batchtune.cli.main``
+    exits with), else 130 (Ctrl-C). The JSON report says the same number the shell sees."""
+    return 143 if SIGTERM in STOPPING else 130
 

@@ -1414,10 +1414,22 @@ def test_a_collate_that_returns_an_object_is_named_as_data_collate(write_spec):
 def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exits_130(write_spec, monkeypatch,
                                                                                        tmp_path):
     """Ctrl-C printed 'interrupted', exit 130, and the fits verdict already reached was lost; the partial report
-    printed, but --junit and $GITHUB_STEP_SUMMARY, which CI reads, were not written."""
+    printed, but --junit and $GITHUB_STEP_SUMMARY, which CI reads, were not written. Then an outside check stopped
+    by SIGTERM wrote JUnit with no failure or error (a green dashboard) and JSON saying status 'pass', exit code 130
+    (the process exited 143)."""
+    import batchtune.commands.check as check_module
     from batchtune.engine.trial import Trainer
 
-    after_step = Trainer._after_step
+    after_step, run_check, stopped = Trainer._after_step, check_module.run_check, []
+
+    def keeping_the_report(*args, **kwargs):
+        try:
+            return run_check(*args, **kwargs)
+        except check_module.CheckInterrupted as stop:
+            stopped.append(stop.report)
+            raise
+
+    monkeypatch.setattr(check_module, "run_check", keeping_the_report)
 
     def ctrl_c_in_the_training_run(self, run, step, done):
         if run.config.measure_noise and step == 2:  # the fits run measures no noise scale; trains does
@@ -1431,12 +1443,13 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "int.xml")])
     assert out.exit_code == 130, out.output
     suite = ET.parse(tmp_path / "int.xml").getroot()
-    counts = {k: suite.get(k) for k in ("tests", "failures", "skipped")}
-    assert counts == {"tests": "5", "failures": "0", "skipped": "4"}
+    counts = {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")}
+    assert counts == {"tests": "5", "failures": "0", "errors": "4", "skipped": "0"}
     cases = {case.get("name"): case for case in suite.iter("testcase")}
-    assert cases["fits"].find("skipped") is None and cases["fits"].find("failure") is None
-    assert cases["trains"].find("skipped").get("message") == (
-        "not finished: interrupted (Ctrl-C) before this check had its verdict")
+    assert cases["fits"].find("skipped") is None and cases["fits"].find("error") is None
+    assert cases["trains"].find("skipped") is None
+    assert cases["trains"].find("error").attrib == {
+        "message": "not finished: interrupted (Ctrl-C) before this check had its verdict", "type": "interrupted"}
     written = summary.read_text()
     assert written.startswith("# an earlier step's\n") and "PARTIAL: interrupted" in written, written
     assert written.count("interrupted (Ctrl-C) before this check had its verdict") == 4, written
@@ -1447,6 +1460,10 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     assert rows["trains"][1] == "not finished: interrupted (Ctrl-C) before this check had its verdict"
     assert "verdict: INTERRUPTED (partial: the checks finished before it) — 4 skipped" in out.stdout
     assert out.stderr.strip() == "interrupted: the 1 check finished before it shown above (partial)"
+    data = json.loads(render_check(stopped[0], "json"))
+    assert (data["status"], data["exit_code"], data["interrupted"]) == ("interrupted", 130, True)
+    monkeypatch.setattr("batchtune.errors.STOPPING", [15])  # SIGTERM taken (batchtune.cli._on_sigterm): exits 143
+    assert json.loads(render_check(stopped[0], "json"))["exit_code"] == 143
 
 
 def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(write_spec):

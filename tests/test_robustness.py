@@ -410,7 +410,7 @@ def test_sweep_out_never_takes_a_folder_of_the_users(write_spec, tmp_path, monke
     monkeypatch.setattr(sweep_module, "run_sweep", _never_called)
     spec = write_spec()  # tmp_path/spec.yaml: the user's own spec, named like a run's
     (tmp_path / "report.txt").write_text("my notes\n")
-    line = _one_line_error(_cli("sweep", spec, "--out", tmp_path), "not a batchtune run's", "--force")
+    line = _one_line_error(_cli("sweep", spec, "--out", tmp_path), "no batchtune run", "even with --force")
     assert "report.txt" in line and "spec.yaml" in line
     lone = tmp_path / "lone"
     lone.mkdir()

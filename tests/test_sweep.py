@@ -880,11 +880,59 @@ def test_resume_of_a_missing_or_foreign_folder_is_a_usage_error(write_spec, tmp_
 
 
 def test_out_on_an_existing_sweep_says_resume(write_spec, tmp_path):
+    RunFolder(tmp_path / "run").write_json("meta.json", {})
     RunFolder(tmp_path / "run").write_trials([])
     result = _sweep_cli(write_spec(SWEEP_SPEC), "--out", tmp_path / "run")
     assert result.exit_code == 2
     assert f"already holds a sweep; continue it with --resume {tmp_path / 'run'}" in result.stderr
     assert "invalid spec" not in result.stderr
+
+
+def test_out_holding_the_users_own_files_named_as_a_runs_is_refused_even_with_force(write_spec, tmp_path):
+    """An outside --out holding the user's own trials.json and report.txt (no meta.json) was told 'already holds a
+    sweep; continue it with --resume', which then said 'is not a sweep run folder (no meta.json)'; with --force a
+    run would have written over them. plan's --out is checked the same way."""
+    spec, theirs = write_spec(SWEEP_SPEC), tmp_path / "mine"
+    theirs.mkdir()
+    for name in ("trials.json", "report.txt", "notes.txt"):
+        (theirs / name).write_text("mine\n")
+    said = (f"error: --out {theirs} holds report.txt and trials.json, named as a run's files, but no batchtune run "
+            "(no meta.json): batchtune will not overwrite them, even with --force; choose another --out")
+    for args in (["sweep"], ["sweep", "--force"], ["plan", "--samples", "1000"], ["plan", "--samples", "1000",
+                                                                                   "--force"]):
+        result = CliRunner().invoke(app, [args[0], str(spec), "--out", str(theirs), *args[1:]])
+        assert (result.exit_code, result.stderr.strip()) == (2, said), result.output
+    assert {p.name: p.read_text() for p in theirs.iterdir()} == dict.fromkeys(("notes.txt", "report.txt",
+                                                                                "trials.json"), "mine\n")
+
+
+def test_a_model_that_refuses_the_validation_batch_is_told_as_validation_and_sweep_ceiling(write_spec, tmp_path):
+    """An outside model that takes at most 200 rows was said to fail 'a training step at micro-batch 8 × 1'; it was
+    validation, at the sweep's one validation batch of 256."""
+    model = "model={target: tests.fixtures:oom_above, kwargs: {threshold: 100, message: 'at most 100 rows'}}"
+    result = _sweep_cli(write_spec(SWEEP_SPEC), model, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: validation at batch 256 raised RuntimeError: at most 100 rows, in the trial at micro-batch 8 × 1: the "
+        "sweep validates every trial at one batch (the safe micro-batch, at most 256). If the model cannot take a "
+        "batch that large, give sweep.ceiling, the largest batch it takes: validation and every micro-batch stay "
+        "within it (larger sizes accumulate); BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def test_a_class_label_out_of_range_in_a_step_is_named_as_validate_names_it(write_spec, tmp_path):
+    """An outside model of 3 outputs on labels up to 3: sweep and check said torch's 'IndexError: Target 3 is out of
+    bounds' ('a training step at micro-batch 8'), where validate named the sample, its label and the model's outputs."""
+    spec, three = str(write_spec(SWEEP_SPEC)), "model.kwargs={num_classes: 3}"
+    validate = CliRunner().invoke(app, ["validate", spec, three])
+    said = validate.stderr.strip().splitlines()
+    assert validate.exit_code == 2 and said[-1].endswith(
+        "data: training sample 4 (of 1,024) has class label 3 in its targets, out of range for the model's 3 outputs: "
+        "cross_entropy takes labels 0 to 2 (-100 is ignored); give the model an output per class, or fix the labels"), \
+        validate.output
+    for command in (["sweep", spec, three, "--out", str(tmp_path / "run"), "-q"], ["check", spec, three, "-b", "16",
+                                                                                     "-q"]):
+        result = CliRunner().invoke(app, command)
+        assert (result.exit_code, result.stderr.strip().splitlines()) == (2, said), result.output
 
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path):

@@ -45,7 +45,7 @@ from batchtune.commands.sweep_analysis import timed_rates
 from batchtune.engine.data import loader_kind, within_limits
 from batchtune.config.spec import changed_keys
 from batchtune.engine.shape import BatchShape
-from batchtune.errors import UsageError
+from batchtune.errors import UsageError, interrupted_exit_code
 
 __all__ = [
     "CHECKS",
@@ -124,10 +124,11 @@ class CheckReport:
     def exit_code(self, strict: bool = False) -> int:
         """0 when nothing failed (warnings, and checks skipped to stay within the time budget, allowed unless
         ``strict``), else 1. Other skips (no baseline given) never fail: a CI gate given --strict and too small
-        a --max-seconds passed with trains, data and critical_batch never run."""
+        a --max-seconds passed with trains, data and critical_batch never run. Interrupted: 130 (143 after
+        SIGTERM)."""
         statuses = {c.status for c in self.checks}
         if self.interrupted:
-            return 130
+            return interrupted_exit_code()
         return 1 if "fail" in statuses or (strict and ("warn" in statuses or self.skipped)) else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +136,7 @@ class CheckReport:
         out = asdict(self)
         del out["shape"]
         out.update(self.shape.to_dict())
-        out["status"] = self.status
+        out["status"] = "interrupted" if self.interrupted else self.status  # not the finished checks' 'pass'
         out["counts"] = {s: sum(c.status == s for c in self.checks) for s in ("pass", "warn", "fail", "skip")}
         return out
 

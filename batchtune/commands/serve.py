@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchtune.errors import interrupted_exit_code
 from batchtune.render.text import count_of, duration_ms
 
 log = logging.getLogger(__name__)
@@ -774,9 +775,9 @@ class ServeCheck:
 
     def exit_code(self, strict: bool = False) -> int:
         """1 when a check failed (or, with ``strict``, warned), as ``check``'s other failures; else 0
-        (130 when interrupted)."""
+        (130 when interrupted, 143 when SIGTERM stopped it)."""
         if self.interrupted:
-            return 130
+            return interrupted_exit_code()
         return 1 if any(c["status"] == "fail" or (strict and c["status"] == "warn") for c in self.checks) else 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -81,13 +81,33 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        quoted = [] if named or not isinstance(exc, TypeError) else [  # YAML's "64" is a string, not a number
-            k for k, v in kwargs.items() if isinstance(v, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+        quoted, note = ([], "") if named else _strings_at_fault(exc, text[0] if text else "", kwargs)
         path = f"{kwargs_key or key}.{(named or quoted)[0]}" if named or quoted else getattr(exc, "spec_key", key)
-        message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400]
-        if quoted:  # an outside GRU's h: "64" was said on model.target, 'hidden_size should be of type int'
-            message += f" ({quoted[0]} is the string {kwargs[quoted[0]]!r}: unquote it in the YAML to give a number)"
+        message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400] + note
         raise ComponentError([spec.issue(path, message)]) from exc
+
+
+#: A TypeError of an operation that wanted a number and met a str (not 'str' object is not callable: no number).
+_NUMBER_WANTED = re.compile(r"(not supported between instances of|unsupported operand type).*'str'|real number, not "
+                            r"str|'str' object cannot be interpreted as an integer")
+
+
+def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> tuple[list[str], str]:
+    """The string kwargs a factory's TypeError that names none of them is likely about, and what to say of it:
+    one that reads as a number (YAML's "64": an outside GRU's hidden_size, said on model.target), else, where the
+    error is a number's operation on a str (:data:`_NUMBER_WANTED`: '<=' not supported between 'float' and 'str'),
+    one that is no number at all (an outside RMSprop's momentum: high, said on optimizer). ([], "") where neither."""
+    if not isinstance(exc, TypeError):
+        return [], ""
+    strings = {k: v for k, v in kwargs.items() if isinstance(v, str)}
+    numeric = [k for k, v in strings.items() if re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", v)]
+    if numeric:
+        first = numeric[0]
+        return numeric, f" ({first} is the string {strings[first]!r}: unquote it in the YAML to give a number)"
+    if strings and _NUMBER_WANTED.search(line):
+        shown = ", ".join(f"{k} is the string {v!r}" for k, v in strings.items())
+        return list(strings), f" ({shown}, where a number is expected: give a number)"
+    return [], ""
 
 
 SAMPLES_CHECKED = 256  # validate reads at most this many samples of each split, spread through it
@@ -864,18 +884,19 @@ class Components:
                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
         return math.nan if any(math.isnan(v) for v in largest) else max(largest, default=0.0)
 
-    def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED) -> int:
+    def check_samples(self, model: nn.Module, limit: int = SAMPLES_CHECKED, device: torch.device | None = None) -> int:
         """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data
         set), for values that are not finite (NaN or inf, in the inputs or the targets) and, under
         ``cross_entropy``, class labels the model's outputs cannot hold (below 0 other than -100, which it
         ignores, or at least its number of outputs). Returns the samples read. validate read two samples:
         a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
+        ``device``: the model's, where its batch goes (a trial's model, asked why its step raised).
 
         Raises:
             SpecError: on ``data``, naming the split, the sample's index and the problem.
             ComponentError: reading a sample raised.
         """
-        classes = self._classes(model) if self.spec.loss == "cross_entropy" else None
+        classes = self._classes(model, device) if self.spec.loss == "cross_entropy" else None
         read = 0
         for which, dataset in (("training", self.train_set), ("validation", self.val_set)):
             n = len(dataset)
@@ -887,13 +908,14 @@ class Components:
                 read += 1
         return read
 
-    def _classes(self, model: nn.Module) -> int | None:
+    def _classes(self, model: nn.Module, device: torch.device | None = None) -> int | None:
         """The model's number of class scores (the last dimension of its output on the first two training
         samples), or None where it gives none, or one (the forward's errors and a one-class output are first_loss's
         to say, as the loss's)."""
         n = min(2, len(self.train_set))
         try:
             inputs, _ = _split(self._first_batch(n, "the first training samples"))
+            inputs = inputs if device is None else to_device(inputs, device)
             with torch.no_grad():
                 output = _call(model, inputs)
         except Exception:  # noqa: BLE001 - said by first_loss, which runs the same batch

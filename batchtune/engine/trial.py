@@ -260,10 +260,31 @@ def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadF
         return optimizer_error(exc, spec)
     if getattr(workload, "func", workload) is ForwardOnly:
         return forward_error(exc, config.shape.micro_batch_size, "forward" not in getattr(workload, "keywords", {}))
+    if getattr(exc, "batchtune_validation_batch", None) is not None:
+        return _validation_error(exc, config)
     return TrainingError(
         f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised "
         f"{error_line(exc)}. Check that the model accepts the data's samples and the loss its outputs (model.kwargs, "
         "data.kwargs, loss); BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def _validation_error(exc: BaseException, config: TrialConfig) -> TrainingError:
+    """The user's code failed validating a trial (forward and loss under no_grad). A sweep validates every trial at
+    one batch, larger than its small sizes' micro-batches: a model that refuses a batch that large was said to fail 'a
+    training step at micro-batch 8'. No spec key sets that batch, and none should be needed: sweep.ceiling, the
+    largest micro-batch the model takes, caps it (it is the safe micro-batch, at most 256), and the sizes above the
+    ceiling accumulate micro-batches within it."""
+    eval_batch, shape = exc.batchtune_validation_batch, config.shape
+    if eval_batch <= shape.micro_batch_size:
+        return TrainingError(f"validation at batch {eval_batch} (forward and loss, no gradients) raised "
+                             f"{error_line(exc)}. Check that the model accepts the data's validation samples and the "
+                             "loss its outputs (model.kwargs, data.kwargs, loss); BATCHTUNE_DEBUG=1 shows the "
+                             "traceback")
+    return TrainingError(f"validation at batch {eval_batch} raised {error_line(exc)}, in the trial at micro-batch "
+                         f"{shape.micro_batch_size} × {shape.accum_steps}: the sweep validates every trial at one "
+                         "batch (the safe micro-batch, at most 256). If the model cannot take a batch that large, "
+                         "give sweep.ceiling, the largest batch it takes: validation and every micro-batch stay within "
+                         "it (larger sizes accumulate); BATCHTUNE_DEBUG=1 shows the traceback")
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -488,7 +509,11 @@ class Trainer:
         run.feed.release()
         self.backend.reset_peak()
         eval_batch = config.eval_batch_size or config.shape.micro_batch_size
-        val_loss = self._agreed(lambda: self.evaluate(run.model, eval_batch, config.eval_samples))
+        try:
+            val_loss = self._agreed(lambda: self.evaluate(run.model, eval_batch, config.eval_samples))
+        except Exception as exc:  # said as validation's, at its batch (_training_error), not as a training step's
+            exc.batchtune_validation_batch = eval_batch
+            raise
         (val_loss,) = self.dist.mean(val_loss)
         if eval_batch == config.shape.micro_batch_size:  # else the peak is another batch's, not this size's
             result.eval_peak_bytes = max(result.eval_peak_bytes or 0, self.backend.peak_bytes())
@@ -516,6 +541,22 @@ class Trainer:
         try:
             self.components.first_loss(model, device=self.backend.device)
         except ComponentError:  # the first samples' forward raised here alone: no answer
+            return
+
+    def _why_raised(self, model: nn.Module, exc: Exception) -> None:
+        """The user's code raised in a step or a validation (not an OOM): raise validate's SpecError where its data
+        check finds the cause (a class label out of range for the model's outputs, values that are not finite), as
+        validate names it; return where it finds none. An outside sweep whose labels went up to num_classes said 'a
+        training step at micro-batch 8 × 1 raised IndexError: Target 3 is out of bounds'."""
+        if isinstance(exc, (TrainingError, SpecError)) or is_oom(exc, self.backend):  # said already, or a result
+            return
+        if self.strategy == "fsdp":  # a forward on this rank alone would wait in its all-gather
+            return
+        if getattr(exc, "batchtune_optimizer_call", None) is not None or getattr(exc, "batchtune_issue", None):
+            return  # the optimizer's, or a factory's: named by their keys
+        try:
+            self.components.check_samples(model, device=self.backend.device)
+        except ComponentError:  # reading a sample raised here alone: no answer
             return
 
     # ------------------------------------------------------------------ the run
@@ -605,6 +646,9 @@ class Trainer:
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
             self._steps(run)
+        except Exception as exc:
+            self._why_raised(run.model, exc)
+            raise
         finally:
             clear_outputs(comps.loss_fn)  # the last step's output sums: no bytes left behind the trial
             work.close()

@@ -368,13 +368,14 @@ class RunFolder:
     def foreign_files(self) -> list[str]:
         """Names in this folder that no run wrote: every name but the lock when it holds no run.
 
-        A folder holds a run when it has ``meta.json`` or ``trials.json``: a lone ``spec.yaml``
-        or ``report.txt`` is the user's own file, even though a run writes one of that name.
+        A folder holds a run when it has ``meta.json`` (a run writes it before its ``trials.json``, and
+        ``--resume`` needs it): a lone ``trials.json``, ``spec.yaml`` or ``report.txt`` is the user's own
+        file, even though a run writes one of that name.
         """
         if not self.path.is_dir():
             return []
         names = sorted(p.name for p in self.path.iterdir())
-        ours = RUN_FILES if {"meta.json", "trials.json"} & set(names) else {LOCK_NAME}
+        ours = RUN_FILES if "meta.json" in names else {LOCK_NAME}
         return [n for n in names if n not in ours and not (n.startswith(".") and n.endswith(".tmp"))]
 
     @contextmanager
