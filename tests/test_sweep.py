@@ -1669,3 +1669,17 @@ def test_a_jump_towards_a_neighbours_lr_has_its_gap_filled(monkeypatch):
     # 32 jumped to x8, 16's fastest, then up to x16 (x8 fastest, at the edge); then into the gap: x4, its best
     assert tried[32] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
     assert [r["lr_multiplier"] for r in sweep.rows if r.get("gap")] == [4.0]
+
+
+def test_a_runner_ups_lr_at_the_edge_of_those_tried_is_named():
+    """An outside bag-of-words sweep: a size's fastest lr was the highest it tried, after its extensions, and its
+    time with a higher one could have beaten the pick. The pick's edge is in its reason; a runner-up within 2x of
+    its time gets a note; a size far behind does not."""
+    rows = _hand_rows() + [_trial(32, seed, [(0, 0, 2.0), (64, 2.0, 1.0), (128, 4.0, 0.50)], 1024, mult=0.5)
+                           for seed in (0, 1)]
+    a = analyse(rows, HAND_META)
+    assert a.recommendation["batch_size"] == 64
+    edge = [n for n in a.notes if n.startswith("the fastest lr of")]
+    assert edge == ["the fastest lr of 32 (×1 the rule's, the highest of the 2 it tried) is at the edge of what it "
+                    "tried: an lr beyond it may be faster still, and the ranking with it"]
+    assert not [n for n in analyse(_hand_rows(), HAND_META).notes if n.startswith("the fastest lr of")]

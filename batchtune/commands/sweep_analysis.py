@@ -891,6 +891,13 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         safe = f", below the safe micro-batch ({meta['safe_batch_size']})" if meta.get("safe_batch_size") else ""
         notes.append(f"the largest size tried won{safe}: a larger batch may still reach the target sooner where its "
                      f"throughput grows faster than its steps shrink{crit}; try {_more(meta, 'max', 2 * largest)}")
+    # the pick's own edge is in its reason; a runner-up's can hide a faster time (an outside bag-of-words sweep's)
+    edged = [e for e in ranked[1:] if e.get("lr_edge") and e.get("relative", math.inf) <= 2]
+    if edged:
+        notes.append("the fastest lr of " + ", ".join(
+            f"{e['batch_size']} (×{e['lr_multiplier']:g} the rule's, the {e['lr_edge']} of the {e['lrs_tried']} it "
+            "tried)" for e in edged) + f" is at the edge of what {'it' if len(edged) == 1 else 'they'} tried: an lr "
+            "beyond it may be faster still, and the ranking with it")
     return notes
 
 
