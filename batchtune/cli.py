@@ -1002,9 +1002,30 @@ def check(
                 if c.code.endswith(".crashed") and "on another rank" not in c.figures.get("error", ""):
                     err.print(f"error: [rank {_RANK}] {c.name}: {c.figures['error']}", markup=False)
             raise typer.Exit(report.exit_code(strict))
-        _echo(render_check(report, fmt.value, strict=strict))
-        _check_files(report, junit, strict)
+        with _result_in():
+            _echo(render_check(report, fmt.value, strict=strict))
+            _check_files(report, junit, strict)
     raise typer.Exit(report.exit_code(strict))
+
+
+@contextmanager
+def _result_in() -> Iterator[None]:
+    """The result is in: a Ctrl-C or SIGTERM while it is written out is let go, and the handlers come back after.
+    An outside CI's SIGINT, sent as a check finished, exited 130 beside a complete PASS and a JUnit file without
+    an error."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _check_files(report: Any, junit: Path | None, strict: bool) -> None:

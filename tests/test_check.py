@@ -1486,3 +1486,25 @@ def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(w
         "error: a training step at micro-batch 32 × 1 raised RuntimeError: the model's custom kernel failed. Check "
         "that the model accepts the data's samples and the loss its outputs (model.kwargs, data.kwargs, loss); "
         "BATCHTUNE_DEBUG=1 shows the traceback")
+
+
+def test_a_ctrl_c_as_the_finished_check_writes_its_result_is_let_go(write_spec, monkeypatch, tmp_path):
+    """An outside CI's SIGINT, sent as a check finished, exited 130 beside its complete PASS table and a JUnit file
+    without an error. A signal while the result is written out is let go; the handlers are back after."""
+    import os
+    import signal
+
+    import batchtune.cli as cli
+
+    check_files = cli._check_files
+
+    def ctrl_c_while_writing(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt here, where SIGINT is not ignored
+        check_files(*args)
+
+    monkeypatch.setattr(cli, "_check_files", ctrl_c_while_writing)
+    before = signal.getsignal(signal.SIGINT)
+    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "j.xml")])
+    assert out.exit_code == 0, out.output
+    assert "verdict: PASS" in out.output and ET.parse(tmp_path / "j.xml").getroot().get("errors") == "0"
+    assert signal.getsignal(signal.SIGINT) is before
