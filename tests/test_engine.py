@@ -396,3 +396,29 @@ def test_a_dict_of_inputs_that_forward_does_not_take_as_keywords_is_said_to_be_p
     with pytest.raises(TypeError) as inner:
         _call(Inner(), {"src": src})
     assert "a dict of inputs" not in str(inner.value)
+
+
+def test_the_fetch_timing_reads_the_batch_most_of_a_core_went_to(monkeypatch):
+    """check's data advice reads how much of a core a batch's per-sample fetch used: a busy machine's one switch
+    away during a 0.3 ms fetch read 22% (under 25%: 'the fetch waits', and workers were advised). Of up to 3 batches
+    of different samples, the one with most of a core counts."""
+    import time
+
+    from batchtune.engine import data as data_module
+
+    clock = iter([0.0, 0.0, 1.0, 0.1, 1.0, 0.1, 2.0, 0.9, 2.0, 0.9, 3.0, 1.2])  # wall, cpu at each start and end
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock, 9.0))
+    monkeypatch.setattr(time, "process_time", lambda: next(clock, 9.0))
+    seen = []
+
+    class Recording(torch.utils.data.Dataset):
+        def __len__(self):
+            return 200
+
+        def __getitem__(self, i):
+            seen.append(i)
+            return torch.full((2,), float(i))
+
+    timing = data_module.fetch_timing(Recording(), 64, repeats=1)
+    assert seen == list(range(192))  # three batches of different samples
+    assert (timing.seconds, timing.cpu_seconds) == pytest.approx((1.0, 0.8))  # the second: 80% of a core

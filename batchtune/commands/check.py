@@ -763,7 +763,7 @@ def _loader_options(state: _CheckRun, run: Any) -> dict[str, Any]:
     if figures["per_sample"] and run.timed_samples and comps.collate_fn is None:
         figures["wait_s"] = run.data_seconds / (run.timed_samples / shape.batch_size * shape.accum_steps)
         figures["tensor_dataset"] = isinstance(comps.train_set, TensorDataset)  # fetched so for its workers
-        if state.remaining() < 4 * figures["wait_s"]:  # a batch's fetch takes about a wait: within the budget only
+        if state.remaining() < 8 * figures["wait_s"]:  # 3 batches' fetches take about 3 waits: within the budget only
             return figures
         try:  # advice only: the user's samples were fetched already, and a failure here decides nothing
             timing = fetch_timing(comps.train_set, shape.micro_batch_size)
