@@ -1178,11 +1178,11 @@ REPRESENTATIVE = {
                                "spike_factor": 3.0, "last_mean": 2.3},
                       "loss 2.6 rose to 9.8 at step 3 (3.8× where it started, above 3×) at lr 0.002, and ended at 2.3: "
                       "the lr is too high"),
-    "trains.spike_recovered": ("warn", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
-                                        "spike_factor": 3.0, "last_mean": 0.864},
+    "trains.spike_recovered": ("warn", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21,
+                                        "peak_step": 9, "spike_factor": 3.0, "last_mean": 0.864},
                                "and came back to 0.864: a spike, not a divergence"),
-    "trains.spike_survived": ("pass", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21, "peak_step": 9,
-                                       "spike_factor": 3.0, "last_mean": 0.864, "baseline_trials": 3},
+    "trains.spike_survived": ("pass", {**_TREND, "first_loss": 1.32, "starting_loss": 1.337, "peak_loss": 8.21,
+                                       "peak_step": 9, "spike_factor": 3.0, "last_mean": 0.864, "baseline_trials": 3},
                               "a spike, not a divergence; the baseline sweep's 3 trials at this size and lr trained on "
                               "to its target without diverging"),
     "trains.too_few": ("skip", {"steps": 3}, "only 3 training steps ran"),

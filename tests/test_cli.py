@@ -118,7 +118,8 @@ def test_bad_kwargs_and_bad_data_factory(write_spec):
 def test_an_optimizer_value_that_is_no_number_is_named_by_its_key(write_spec):
     """An outside RMSprop's momentum: high was said on optimizer, in torch's words alone ('<=' not supported between
     instances of 'float' and 'str'), naming neither the key nor the value."""
-    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\ndata: {target: 'tests.fixtures:tiny_data'}\n"
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:tiny_data'}\n"
                       "optimizer: {name: rmsprop, lr: 0.001, momentum: high}\nbase_batch_size: 8\n")
     result = runner.invoke(app, ["validate", str(path)])
     assert (result.exit_code, " ".join(result.stderr.split())) == (2, (
@@ -127,7 +128,8 @@ def test_an_optimizer_value_that_is_no_number_is_named_by_its_key(write_spec):
     from batchtune.config.components import _strings_at_fault
 
     relu = {"activation": "relu"}  # a string where a callable is wanted: no number to ask for
-    assert _strings_at_fault(TypeError("'str' object is not callable"), "'str' object is not callable", relu) == ([], "")
+    not_callable = "'str' object is not callable"
+    assert _strings_at_fault(TypeError(not_callable), not_callable, relu) == ([], "")
 
 
 def test_validate_lists_import_problems_beside_key_problems(write_spec):
