@@ -446,13 +446,12 @@ def in_contention(rows: list[dict[str, Any]], meta: dict[str, Any], within: floa
 
 
 def lr_fallbacks(rows: list[dict[str, Any]], meta: dict[str, Any], sizes: set[int]) -> dict[int, dict[float, float]]:
-    """The second-chance lrs of the sizes in contention: at a given target where a size's fastest lr on the
-    first seed reached it in too few of the seeds (given, or the default one once fixed; an lr at the edge
-    of stability: an outside regression's
-    512 at ×8 reached 0.11 on seed 0 and stalled on seed 1, and 512, the fastest size, was excluded), the
-    next fastest of its lrs that reached it on the first seed, to run on the other seeds, stopping at that
-    target (size → multiplier → target; the lowest target where one lr is chosen for several). Judged on
-    ``rows`` without any earlier fallback's, so a resumed sweep chooses the same."""
+    """The second-chance lrs of the sizes in contention: at a target (given, or the default one once fixed)
+    where a size's fastest lr on the first seed reached it in too few of the seeds (an lr at the edge of
+    stability: an outside regression's 512 at ×8 reached 0.11 on seed 0 and stalled on seed 1, and 512, the
+    fastest size, was excluded), the next fastest of its lrs that reached it on the first seed, to run on the
+    other seeds, stopping at that target (size → multiplier → target; the lowest target where one lr is chosen
+    for several). Judged on ``rows`` without any earlier fallback's, so a resumed sweep chooses the same."""
     entries = _per_lr(rows)
     out: dict[int, dict[float, float]] = {}
     for target in sorted(stop_targets(meta), reverse=True):
