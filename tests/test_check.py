@@ -1508,3 +1508,22 @@ def test_a_ctrl_c_as_the_finished_check_writes_its_result_is_let_go(write_spec, 
     assert out.exit_code == 0, out.output
     assert "verdict: PASS" in out.output and ET.parse(tmp_path / "j.xml").getroot().get("errors") == "0"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_check_interrupted_before_its_first_check_writes_a_junit_file_of_unfinished_checks(write_spec, monkeypatch,
+                                                                                             tmp_path):
+    """An outside CI's Ctrl-C at 3.5 s, while the check built its model, exited 130 and left no --junit file: CI
+    found no report. Every check is now an error there, unfinished."""
+    import batchtune.commands.check as check_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(check_module, "_start", interrupted)
+    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "j.xml"),
+                              "--format", "json"])
+    assert out.exit_code == 130, out.output
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    assert {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")} == {
+        "tests": "5", "failures": "0", "errors": "5", "skipped": "0"}
+    assert json.loads(out.stdout)["exit_code"] == 130

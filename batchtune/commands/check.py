@@ -974,6 +974,27 @@ def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
         load=state.meter.reading(state.threads) if state.meter is not None else {})
 
 
+def _not_started(spec: Any, batch_size: int | None, accum_steps: int | None,
+                 max_seconds: float | None) -> CheckReport:
+    """The report of a check interrupted before its first check began (building the model, reading the baseline):
+    every check unfinished, so that CI reads a JUnit file of them, not none (an outside CI's Ctrl-C at 3.5 s left
+    no --junit file beside its exit 130). A spec given as a path, or one that cannot say its batch, has none."""
+    from batchtune.stats.scaling import spec_lr, spec_rule
+
+    try:
+        shape = resolve_batch(spec, batch_size, accum_steps)
+        report = CheckReport(
+            name=spec.name, checks=[_skip(name, "skip.interrupted") for name in CHECKS], shape=shape,
+            lr=spec_lr(spec, shape.batch_size), lr_rule=spec_rule(spec), base_lr=spec.optimizer.lr,
+            base_batch_size=spec.base_batch_size, seconds=0.0,
+            max_seconds=float(max_seconds if max_seconds is not None else spec.check.max_seconds), skipped=[],
+            device={}, precision=spec.precision)
+    except Exception:  # noqa: BLE001 - no report to give: the interrupt stands alone
+        raise KeyboardInterrupt from None
+    report.interrupted = True
+    return report
+
+
 def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | None = None,
               max_seconds: float | None = None, baseline: str | Path | Baseline | None = None,
               backend: Any = None, lr: float | None = None) -> CheckReport:
@@ -1001,8 +1022,11 @@ def run_check(spec: Any, *, batch_size: int | None = None, accum_steps: int | No
     from batchtune.engine.watchdog import TrialTimeout, deadline
     from batchtune.errors import TrainingError
 
-    state = _start(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
-                   baseline=baseline, backend=backend, lr_given=lr)
+    try:
+        state = _start(spec, batch_size=batch_size, accum_steps=accum_steps, max_seconds=max_seconds,
+                       baseline=baseline, backend=backend, lr_given=lr)
+    except KeyboardInterrupt:
+        raise CheckInterrupted(_not_started(spec, batch_size, accum_steps, max_seconds)) from None
     results: dict[str, CheckResult] = {}
     try:
         # Every phase, the fits run included, ends by the budget: a step that hangs cannot outlast it.
