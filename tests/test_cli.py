@@ -357,3 +357,16 @@ def test_an_error_only_this_rank_met_is_said_by_it_and_a_shared_one_by_rank_0(mo
             raise exc
         assert stopped.value.exit_code == 2
         assert capsys.readouterr().err == ("error: [rank 1] the factory raised here\n" if local else "")
+
+
+def test_an_optimizer_switch_given_a_word_is_named_by_its_key(write_spec):
+    """An outside SGD's nesterov: maybe validated ('ok'): torch takes any truthy value for a switch."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:tiny_data'}\n"
+                      "optimizer: {name: sgd, lr: 0.01, momentum: 0.9, nesterov: maybe}\nbase_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:4: optimizer.nesterov: nesterov is the string 'maybe', where SGD() takes true or false" in \
+        " ".join(result.stderr.split())
+    ok = write_spec(path.read_text().replace("maybe", "true"))
+    assert runner.invoke(app, ["validate", str(ok)]).exit_code == 0

@@ -173,6 +173,11 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], spec: Spec, pa
     issues = [spec.issue(f"{path}.{key}", f"unexpected argument; {getattr(fn, '__name__', fn)}() accepts "
                                           f"{', '.join(accepted) or 'no arguments'}")
               for key in kwargs if key not in accepted]
+    # an optimizer's switch given a word: torch takes any truthy value (an outside SGD's nesterov: maybe validated)
+    issues += [spec.issue(f"{path}.{key}", f"{key} is the string {value!r}, where {getattr(fn, '__name__', fn)}() "
+                                           f"takes true or false")
+               for key, value in kwargs.items() if path.startswith("optimizer") and key in accepted
+               and isinstance(value, str) and isinstance(params[key].default, bool)]
     if issues:
         raise SpecError(issues)
 
