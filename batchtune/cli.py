@@ -1277,17 +1277,13 @@ def _plan_interrupted(where: Path, hint: str) -> None:
     raise typer.Exit(130) from None
 
 
-_TERMINATED: list[int] = []  # SIGTERM arrived: the interrupted command exits 143, not 130
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM as Ctrl-C (a CI cancel, a scheduler's time limit, torchrun ending its ranks): what finished is kept
     and the command that continues it is said, where a terminated sweep ended without a word. A second one ends
     the process at once."""
     from batchtune.errors import STOPPING
 
-    _TERMINATED.append(signum)
-    STOPPING.append(signum)
+    STOPPING.append(signum)  # the interrupted command exits 143, not 130 (errors.interrupted_exit_code)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     raise KeyboardInterrupt
 
@@ -1305,7 +1301,7 @@ def main() -> None:
     except SystemExit as stop:
         code = stop.code
         if code == 130:  # interrupted: a second Ctrl-C during the exit ends it at once, not in a traceback
-            code = 143 if _TERMINATED else 130
+            code = interrupted_exit_code()
             signal.signal(signal.SIGINT, lambda *_: os._exit(code))
         joined = sys.modules.get("batchtune.engine.distributed")
         if joined is not None and isinstance(code, (int, type(None))):  # click's codes: a number, or None
