@@ -51,6 +51,26 @@ def ratio(grads: torch.Tensor, weight: torch.Tensor | None, b_micro: int) -> flo
     return trace / g2
 
 
+def adam_half(grads: torch.Tensor, b_micro: int) -> float:
+    """The batch at which Adam's best step makes half the progress of a noiseless one: at steady state with
+    batch B, v_i = G_i² + σ_i²/B, so the first-order gain Σ G_i·E[g_i]/√v_i = Σ|G_i|(1 + r_i/B)^-1/2
+    (r_i = σ_i²/G_i², each coordinate's own noise scale) while the second-order cost Σ h_i·E[u_i²] does not
+    depend on B; the best lr's progress goes as the gain squared, which is half its limit where the gain is
+    1/√2 of Σ|G_i|. One coordinate gives B = r (SGD's); many give a |G|-weighted middle of the r_i."""
+    n = len(grads)
+    mean, var = grads.mean(0), grads.var(0)
+    g2 = (mean * mean - var / n).clamp(min=0)
+    keep = g2 > 0
+    weight, r = g2[keep].sqrt(), (var[keep] * b_micro) / g2[keep]
+    total = weight.sum()
+    lo, hi = 0.0, 9.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        f = (weight / (1 + r / 10 ** mid).sqrt()).sum() / total
+        lo, hi = (mid, hi) if f < 2 ** -0.5 else (lo, mid)
+    return 10 ** lo
+
+
 def hessian_noise(comp, model, params, grads, weight, b_micro: int, probes: int = 48) -> float:
     """tr(WHWΣ)/(GᵀWHWG) with Hessian-vector products on one 4096-sample batch."""
     loader = DataLoader(comp.train_set, batch_size=4096, shuffle=True, generator=torch.Generator().manual_seed(7))
@@ -90,7 +110,8 @@ def measure(comp, model, opt, args) -> dict[str, float]:
     model.zero_grad(set_to_none=True)
     grads = torch.stack(rows)
     out = {"plain": ratio(grads, None, args.micro), "P": ratio(grads, precond, args.micro),
-           "P2": ratio(grads, precond * precond, args.micro)}
+           "P2": ratio(grads, precond * precond, args.micro),
+           "adam_half": adam_half(grads, args.micro)}
     if args.hessian:
         out["B_noise"] = hessian_noise(comp, model, params, grads, None, args.micro)
         out["B_noise_P"] = hessian_noise(comp, model, params, grads, precond, args.micro)
