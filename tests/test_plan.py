@@ -1058,6 +1058,47 @@ def test_a_serve_only_spec_validates_and_a_training_command_names_what_it_lacks(
         batchtune.probe(load_spec(path, training=False))
 
 
+def test_schedule_out_holds_the_plan_the_verification_says_to_use(tmp_path, monkeypatch):
+    """An outside plan's verification said 'schedule is the one to use' (0.68x the pick's time to the target) while
+    --schedule-out held the projection's pick, constant 128: the file a user loads was the one not to use."""
+    from typer.testing import CliRunner
+
+    import batchtune.commands.plan as plan
+    from batchtune.cli import app
+    from batchtune.schedule import BatchSchedule
+
+    verify = plan.verify_plan
+
+    def pick_is_slower(spec, components, backend, result, **kw):
+        pick = [s["batch_size"] for s in plan._plan_stages(result, result.recommendation["plan"])]
+
+        def train(spec, components, backend, schedule, seed, target):
+            slow = [s.batch_size for s in schedule.stages] == pick
+            steps, seconds = (200, 10.0) if slow else (100, 5.0)
+            evals = [[0, 0.0, 2.0], [steps / 2, seconds / 2, 1.2 * target], [steps, seconds, 0.99 * target],
+                     [2 * steps, 2 * seconds, 0.9 * target]]
+            return {"steps": steps, "seconds": seconds, "final_loss": 0.9 * target, "last_loss": 0.9 * target,
+                    "fit_end_loss": 0.9 * target, "total_steps": 2 * steps, "total_seconds": 2 * seconds,
+                    "evals": evals}
+
+        monkeypatch.setattr(plan, "_train_plan", train)
+        return verify(spec, components, backend, result, **kw)
+
+    monkeypatch.setattr(plan, "verify_plan", pick_is_slower)
+    out = tmp_path / "schedule.yaml"
+    result = CliRunner().invoke(app, ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=20000",
+                                      "sweep.batch_sizes=[32,64]", "sweep.lr_search=false", "sweep.eval_samples=512",
+                                      "optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "--samples", "60000", "--verify", "--schedule-out", str(out), "--format",
+                                      "json", "-q"])
+    data = json.loads(result.stdout)
+    use, picked = data["verified"]["use"], data["recommendation"]["plan"]
+    assert use != picked and f"Trained over the whole run, {use} is the one to use" in " ".join(data["notes"])
+    assert f"--schedule-out: {out} holds {use}, the verified better plan, not the projection's pick, {picked}" \
+        in data["notes"]
+    assert [s.batch_size for s in BatchSchedule.load(out).stages] == [
+        s["batch_size"] for s in plan._plan_stages(plan.PlanResult.from_dict(data), use)]
+
+
 def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
     """The outside transformer: the projection picked the schedule, which ended at 0.3585 over the
     whole run, while constant 32 ended at 0.248 (neither reached the target 0.1535)."""
@@ -1584,9 +1625,14 @@ def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_
     points = [(2.31, 115.0), (2.308, 69.0), (2.305, 50.0), (2.302, 17.0), (2.299, 13.0)]
     rows = [{"evals": [[0, 0, 0.0, 2.322], [10, 160, 0.1, 2.31]]}] * 3
     (said,) = _unreadable_law_notes(points, rows, [2.31, 2.305, 2.299])
-    assert said.startswith("the critical batch fell as the loss fell (115 at val loss 2.31 to 13 at 2.299), which no "
-                           "law allows: read as noise and held constant; the calibration's targets lie within 1% of "
-                           "the untrained loss (2.322)")
+    assert said.startswith("the critical batch fell as the loss fell, over its readings taken together (val loss "
+                           "falling: 115 at 2.31, 69 at 2.308, 50 at 2.305, 17 at 2.302, 13 at 2.299), which no law "
+                           "allows: read as noise and held constant; the calibration's targets lie within 1% of the "
+                           "untrained loss (2.322)")
+    # the ends alone read as a rise where the middle fell: every reading is named
+    (named,) = _unreadable_law_notes([(0.91, 193.0), (0.8, 164.0), (0.6, 161.0), (0.45, 154.0), (0.35, 88.0),
+                                      (0.3, 200.0)], rows, [0.91])
+    assert "(val loss falling: 193 at 0.91, 164 at 0.8, 161 at 0.6, 154 at 0.45, 88 at 0.35, 200 at 0.3)" in named
     # never 'a higher --calibration share': 0.2, the default, is its most (an outside plan was told to raise it)
     assert said.endswith("a longer calibration reads it further down: plan a longer run (the calibration trains at "
                          "most 20% of it, --calibration's default)")

@@ -248,6 +248,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
         result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
                          + _collapse_notes(result) + _rise_notes(result) + _verify_busy_notes(result))
+        if schedule_out is not None and (use := result.verified["use"]) != result.recommendation["plan"]:
+            # the file a user loads is the plan the verification told them to use, not the projection's pick
+            dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use)).save(schedule_out))
+            result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
+                                f"projection's pick, {result.recommendation['plan']}")
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
@@ -403,8 +408,10 @@ def _in_tokens(tokens: int | None, n: int, components: Any) -> Iterator[None]:
 
 def _verified_notes(result: PlanResult) -> list[str]:
     """What the verification says about the pick: a plan that did clearly better when trained is
-    named (:data:`VERIFIED_MARGIN` sooner to the target, or half that lower at the end)."""
+    named (:data:`VERIFIED_MARGIN` sooner to the target, or half that lower at the end), and set as the
+    verification's ``use`` (the pick otherwise), the plan ``--schedule-out`` writes."""
     verified, picked = result.verified, result.recommendation["plan"]
+    verified["use"] = picked
     best = verified["best"]
     if best == picked:
         return []
@@ -427,6 +434,7 @@ def _verified_notes(result: PlanResult) -> list[str]:
     else:
         how = (f"ended at {b['fit_end_loss']:.4g} against {p['fit_end_loss']:.4g} (each curve's level at its end, on "
                f"its decreasing fit; neither reached the target {verified['target']:.4g})")
+    verified["use"] = best
     return [f"verified: {best} did better than the projection's pick, {picked}: it {how}. Trained over the "
             f"whole run, {best} is the one to use; the projection erred (see the verified table)"]
 
@@ -1308,7 +1316,8 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
     """Where the critical batch fell as the loss fell (no law allows it; the fit holds it constant), say so, and
     whether the calibration's targets sat near the untrained loss. An outside CNN's five targets lay within 1% of
     its start (2.322, chance 2.303), B_crit read 115 down to 13, and the plan projected a final loss of 1.727
-    where its verified runs reached 0.043, without a word."""
+    where its verified runs reached 0.043, without a word. Every reading is named, not the two ends: an outside
+    CNN's went 193, 164, 161, 154, 88, 339 as the loss fell, and "fell (193 ... to 339)" read as a rise."""
     import numpy as np
 
     usable = sorted((l, b) for l, b in points if l > 0 and b and b > 0)
@@ -1317,9 +1326,9 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
     slope = float(np.polyfit(np.log([l for l, _ in usable]), np.log([b for _, b in usable]), 1)[0])
     if slope <= 0:
         return []
-    (low, b_low), (high, b_high) = usable[0], usable[-1]
-    said = (f"the critical batch fell as the loss fell ({b_high:.3g} at val loss {high:.4g} to {b_low:.3g} at "
-            f"{low:.4g}), which no law allows: read as noise and held constant")
+    readings = ", ".join(f"{b:.3g} at {l:.4g}" for l, b in reversed(usable))
+    said = (f"the critical batch fell as the loss fell, over its readings taken together (val loss falling: "
+            f"{readings}), which no law allows: read as noise and held constant")
     starts = [r["evals"][0][3] for r in rows if r.get("evals") and r["evals"][0][0] == 0
               and math.isfinite(r["evals"][0][3])]
     start = statistics.median(starts) if starts else None
