@@ -1488,6 +1488,30 @@ def test_a_plan_whose_critical_batch_rests_on_b_simple_alone_under_adam_recommen
         "three or more sizes projects them"]
 
 
+def test_a_plan_whose_critical_batch_fell_near_the_untrained_loss_recommends_none():
+    """An outside GRU's calibration targets lay within 3% of its untrained loss and its B_crit readings fell as the
+    loss fell: a note said the projection was not to be relied on, and the plan still recommended constant 32 with
+    exit 0 (projected 9,193 steps to the target, verified 579; 128 and 256 got there 1.7x and 2.0x sooner)."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _start_near, _unreadable
+
+    rows = [{"evals": [[0, 0, 0.0, 2.322], [10, 160, 0.1, 2.31]]}] * 3
+    assert _start_near(rows, [2.31, 2.299]) == 2.322
+    assert _start_near(rows, [2.31, 2.1]) is None  # a target 10% down: the trials left the start
+    result = SimpleNamespace(recommendation={"plan": "constant 32", "reasons": []}, notes=[], projection={"x": 1},
+                             deadline_seconds=None, verified=None)
+    _unreadable(result)
+    assert result.recommendation is None and result.projection == {"x": 1}
+    assert result.notes == [
+        "no plan is recommended: the calibration's trials barely left the untrained loss, where the critical batch "
+        "reads as noise (above), and every size's projected steps rest on it (the projections' fastest, constant 32, "
+        "is shown for what it is); plan a longer run"]
+    from batchtune.commands.plan import PlanResult
+
+    assert PlanResult.exit_code.fget(result) == 1
+
+
 def test_the_runner_up_of_a_constant_size_picked_over_a_schedule_is_not_itself():
     """The schedule 128→256 was 0.7% faster than constant 128, so constant 128 was recommended, and its reasons
     read 'next: constant 128, 1.00× as long' (an outside plan)."""

@@ -1274,7 +1274,10 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     law = fit_critical_law(points)
     if law is not None:
         result.laws["critical_batch"] = law.to_dict()
-        result.notes += _unreadable_law_notes(points, rows, result.targets)
+        unreadable = _unreadable_law_notes(points, rows, result.targets)
+        result.notes += unreadable
+        # fell near the start: no plan is recommended (an outside GRU's pick took 16x the steps it was projected)
+        result.laws["unreadable"] = bool(unreadable) and _start_near(rows, result.targets) is not None
     return law
 
 
@@ -1329,15 +1332,21 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
     readings = ", ".join(f"{b:.3g} at {l:.4g}" for l, b in reversed(usable))
     said = (f"the critical batch fell as the loss fell, over its readings taken together (val loss falling: "
             f"{readings}), which no law allows: read as noise and held constant")
-    starts = [r["evals"][0][3] for r in rows if r.get("evals") and r["evals"][0][0] == 0
-              and math.isfinite(r["evals"][0][3])]
-    start = statistics.median(starts) if starts else None
-    if start and targets and min(targets) > 0.95 * start:
+    if start := _start_near(rows, targets):
         said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
                  f"({start:.4g}): its trials barely left the start, where the critical batch cannot be read, so the "
                  "projection's steps and losses are not to be relied on; a longer calibration reads it further "
                  "down: plan a longer run (the calibration trains at most 20% of it, --calibration's default)")
     return [said]
+
+
+def _start_near(rows: list[dict[str, Any]], targets: list[float]) -> float | None:
+    """The untrained validation loss (the median of the trials' first) where every calibration target lies within
+    5% of it: trials that barely left the start; None otherwise."""
+    starts = [r["evals"][0][3] for r in rows if r.get("evals") and r["evals"][0][0] == 0
+              and math.isfinite(r["evals"][0][3])]
+    start = statistics.median(starts) if starts else None
+    return start if start and targets and min(targets) > 0.95 * start else None
 
 
 def _simple_only_note(fitted: bool, adaptive: bool) -> str:
@@ -1432,6 +1441,8 @@ def _project_plans(result: PlanResult, spec: Any, meta: dict[str, Any], measured
     simpler = _recommend(result, projected, tolerance)
     if result.laws.get("simple_only") and result.recommendation is not None:
         _unfounded(result)
+    elif result.laws.get("unreadable") and result.recommendation is not None:
+        _unreadable(result)
     else:  # "the constant size is recommended" beside "no plan is recommended" read as a contradiction
         result.notes += [f"the schedule would save under {SCHEDULE_GAIN:.0%} of the time of {name}: the constant "
                          "size is recommended, being simpler to run" for name in simpler]
@@ -1448,6 +1459,19 @@ def _unfounded(result: PlanResult) -> None:
                         f"an adaptive optimizer the noise scale alone does not rank the sizes (the projections' "
                         f"fastest, {name}, is shown for what it is); batchtune sweep over the sizes measures them, "
                         "and a plan of a run long enough to calibrate three or more sizes projects them")
+
+
+def _unreadable(result: PlanResult) -> None:
+    """The calibration's trials barely left the untrained loss and its critical batch fell as the loss fell there
+    (``laws["unreadable"]``, :func:`_unreadable_law_notes`): every size's projected steps rest on noise, so the
+    ranking is not advice. An outside GRU's plan said so in a note and still recommended constant 32 (exit 0,
+    its schedule file written): projected 9,193 steps to the target, verified 579, where 128 and 256, projected
+    never to reach it, got there 1.7x and 2.0x sooner."""
+    name = result.recommendation["plan"]
+    result.recommendation = None
+    result.notes.append(f"no plan is recommended: the calibration's trials barely left the untrained loss, where the "
+                        f"critical batch reads as noise (above), and every size's projected steps rest on it (the "
+                        f"projections' fastest, {name}, is shown for what it is); plan a longer run")
 
 
 def _stage_dicts(spec: Any, meta: dict[str, Any], best: dict[int, float], stages: list[Stage],
