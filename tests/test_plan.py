@@ -1512,6 +1512,30 @@ def test_a_plan_whose_critical_batch_fell_near_the_untrained_loss_recommends_non
     assert PlanResult.exit_code.fget(result) == 1
 
 
+def test_a_met_deadline_and_a_price_say_what_they_were_judged_against():
+    """An outside plan with --deadline 10s recommended constant 128, 5.6 s to the target and 14.6 s for the 600,000
+    samples planned, without a word of the deadline; its cost column was the target's, 9.4x below the whole run's."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.plan import _plan_dict, _whole_run_reasons
+    from batchtune.stats.projection import Projection, Stage
+
+    pick = Projection([Stage(0.0, 128, 1000.0)], 600_000, 0.26, 4688, 14.6, 0.2612, 1420, 5.6, 181_760)
+    entry = _plan_dict(pick, 1, 3.0)
+    result = SimpleNamespace(samples=600_000, price_per_hour=3.0, deadline="10s", deadline_seconds=10.0)
+    costs, deadline = _whole_run_reasons(result, pick, entry)
+    assert costs == "costs 0.00467 to the final target, 0.0122 for the whole run of 600,000 samples (0.00406 " \
+                    "device-hours at 3 an hour)"
+    assert deadline == ("meets the deadline of 10s: reaches the final target in 5.6 s; the whole run of 600,000 "
+                        "samples takes 14.6 s, over the deadline: stop at the final target (after 181,760 samples), "
+                        "where the run has come within the tolerance of its best loss")
+    roomy = SimpleNamespace(samples=600_000, price_per_hour=None, deadline="1m", deadline_seconds=60.0)
+    assert _whole_run_reasons(roomy, pick, entry) == [
+        "meets the deadline of 1m: reaches the final target in 5.6 s; the whole run of 600,000 samples takes 14.6 s"]
+    missed = SimpleNamespace(samples=600_000, price_per_hour=None, deadline="1s", deadline_seconds=1.0)
+    assert _whole_run_reasons(missed, pick, entry) == []  # no plan meets it: _miss_deadline says so
+
+
 def test_the_runner_up_of_a_constant_size_picked_over_a_schedule_is_not_itself():
     """The schedule 128→256 was 0.7% faster than constant 128, so constant 128 was recommended, and its reasons
     read 'next: constant 128, 1.00× as long' (an outside plan)."""

@@ -41,8 +41,8 @@ def render_plan(result: Any, fmt: str = "table") -> str:
         lines += ["critical batch by validation loss:", tabulate(crit, headers=["val loss", "B_crit"],
                                                                   tablefmt=style, disable_numparse=True), ""]
     if result.final_target is not None:
-        headers = ["plan", "final loss", "steps to target", "time to target", "device-h", "cost", "steps (all)",
-                   "time (all)"]
+        headers = ["plan", "final loss", "steps to target", "time to target", "device-h to target", "cost to target",
+                   "steps (all)", "time (all)"]
         lines += [f"projected to the final target val loss {result.final_target:.4g}:",
                   tabulate(_plan_rows(result), headers=headers, tablefmt=style, disable_numparse=True), ""]
     if result.schedule:
