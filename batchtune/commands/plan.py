@@ -295,7 +295,10 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     result.calibration = _calibration_summary(spec, cal, n, per_trial, dist.world_size)
     _calibrated_only(result, calibration_spec.sweep.batch_sizes, left_out, scale)
     trained = result.calibration["samples"]
-    result.notes = notes + _device_notes(gpus, dist, spec) + result.notes
+    from batchtune.engine.host import malloc_note
+
+    malloc = malloc_note(spec.device.type)  # the projected seconds are the calibration's, timed so
+    result.notes = notes + _device_notes(gpus, dist, spec) + ([malloc] if malloc else []) + result.notes
     lead = cal.lead
     if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
         result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "

@@ -828,6 +828,9 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
     samples = _sample_budget(spec, candidates, n_train, notes)
     notes.append(_lr_note(spec))
     notes.append(f"loader timed: {loader_kind(components.train_set, spec.data.num_workers)}")
+    from batchtune.engine.host import malloc_note
+
+    notes += [note] if (note := malloc_note(spec.device.type)) else []
     return {
         "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates],
         "excluded": {str(k): v for k, v in excluded.items()},
