@@ -394,6 +394,31 @@ def test_an_interrupted_baselines_raw_trial_readings_are_an_order_of_magnitude_n
     assert (crit["status"], crit["code"], crit["figures"]["basis"]) == ("skip", "critical.rough", "baseline.trials")
 
 
+def test_a_critical_batch_below_every_size_measured_does_not_warn_at_the_smallest():
+    """An outside autoencoder's sweep picked 8, its smallest size, with B_crit ~0.29 (0.038-1.8) from the steps fit
+    (every size crossed in 58-67 steps); check at 8 warned '27.2x the critical batch, ~93% of its compute wasted',
+    and --strict failed the sweep's own pick."""
+    from types import SimpleNamespace
+
+    from batchtune.commands.check import Baseline, _critical_batch_verdict
+
+    crit = {"from_steps_to_target": 0.29, "b_crit": 0.29, "basis": "steps-to-target fit",
+            "fit": {"b_crit": 0.29, "low": 0.038, "high": 1.8}}
+    rows = [{"batch_size": b, "fits": True} for b in (8, 16, 32, 64, 128, 256)]
+    base = Baseline(Path("run"), {}, rows, {}, {}, {"critical_batch_size": crit})
+
+    def verdict(b):
+        return _critical_batch_verdict(SimpleNamespace(shape=SimpleNamespace(batch_size=b), other_job=None,
+                                                       baseline=base), None)
+
+    at = verdict(8)
+    assert (at.status, at.code, at.figures["smallest_measured"]) == ("pass", "critical.below_sizes", 8)
+    assert check_reason(at) == ("the critical batch ~0.29 (the baseline sweep's steps-to-target fit; 90% band "
+                                "0.038–1.8) lies below every size the baseline measured, and 8 is at or below its "
+                                "smallest (8): nothing smaller was measured to reach the target sooner")
+    assert (verdict(64).status, verdict(64).code) == ("warn", "critical.above")  # above the smallest: as before
+
+
 def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
     """An outside Adam sweep fitted 557 (90% 146–1,802) past 4x its largest size, 128, and adopted its noise scale,
     37: it said 128 wasted 55% of its compute where check --baseline passed 128 against 557."""
@@ -1195,6 +1220,8 @@ REPRESENTATIVE = {
                    "90% of step time waiting for data (fail at 80%): the job is data-bound; speed up"),
     "data.unmeasured": ("skip", {}, "no timed steps"),
     "critical.below": ("pass", {**_CRITICAL, "batch_size": 64}, "64 is at or below the critical batch ~64"),
+    "critical.below_sizes": ("pass", {**_CRITICAL, "batch_size": 8, "b_crit": 0.3, "low": 0.04, "high": 1.8,
+                                      "smallest_measured": 8}, "lies below every size the baseline measured"),
     "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                         "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
     "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},

@@ -1340,6 +1340,18 @@ def test_when_the_smallest_size_wins_the_notes_say_why_and_when_to_go_lower():
                          "reach the target sooner still; try sweep.min_batch_size=2")
     above = _notes(sizes, sizes, {"b_crit": 40.0}, {"samples": 8192})
     assert above[-1].startswith("the smallest size won") and not any("min_batch_size" in n for n in above)
+    # an outside autoencoder: every size crossed at 58-67 steps, B_crit 0.29 (0.038-1.8) from the fit: steps-limited,
+    # one note for the sizes above it, not "(100% of its compute wasted)" six times
+    fit = {"b_crit": 0.29, "low": 0.038, "high": 1.8, "s_min": 62.0}
+    tiny = _notes(sizes, sizes, {"b_crit": 0.29, "basis": "steps-to-target fit", "fit": fit}, {"samples": 4096})
+    assert tiny[0] == ("every size is above the critical batch (~0.29, 90% interval 0.038–1.8), which lies below the "
+                       "smallest size tried (8): the steps to the target barely depend on the batch here (S_min 62 "
+                       "steps), so each size needs about its batch / B_crit times the minimum samples; the cheapest "
+                       "step wins")
+    assert not any("compute wasted" in n or "this run is sample-limited" in n for n in tiny)
+    assert tiny[1].startswith("the smallest size won: every size took about the same steps to the target "
+                              "(steps-limited, not sample-limited)")
+    assert tiny[2].startswith("the critical batch (~0.29) is near or below the smallest size tried")
 
 
 def test_trials_timed_on_a_busy_machine_are_named():

@@ -788,6 +788,14 @@ def _critical_batch_verdict(state: _CheckRun, quick: Any) -> CheckResult:
     b, base = state.shape.batch_size, None if state.other_job else state.baseline
     other = {"other_job": True} if state.other_job else {}  # a baseline was given: another job's, not used
     b_crit, basis, extra = base.critical_batch() if base else (None, None, {})
+    smallest = min((r["batch_size"] for r in base.rows if r.get("fits") and r.get("batch_size")), default=None) \
+        if base else None
+    if b_crit and smallest and b_crit < smallest and b <= smallest:
+        # an outside autoencoder's sweep picked 8, its smallest size, with B_crit ~0.29 from the steps fit; check at 8
+        # warned "27x the critical batch, ~93% of its compute wasted" and --strict failed the sweep's own pick
+        verdict = critical_batch_verdict(b, b_crit, basis=basis, **extra)
+        return replace(verdict, status="pass", code="critical.below_sizes",
+                       figures={**verdict.figures, "smallest_measured": smallest})
     if b_crit:
         return critical_batch_verdict(b, b_crit, basis=basis, **extra)
     if state.run is None:

@@ -39,8 +39,8 @@ CODES = (
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
-    "critical.below", "critical.within", "critical.above", "critical.early", "critical.rough", "critical.none",
-    "critical.odd_micro",
+    "critical.below", "critical.below_sizes", "critical.within", "critical.above", "critical.early", "critical.rough",
+    "critical.none", "critical.odd_micro",
     "critical.unsplittable", "critical.no_noise_steps", "critical.unreliable", "critical.diverged",
     # regression: against the baseline sweep's row for the same shape
     "regression.ok", "regression.throughput", "regression.memory", "regression.throughput_memory",

@@ -837,13 +837,20 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     if critical.get("basis") == "noise scale" and b_crit == noise.get("b_simple"):  # its band is the reading's
         low, high = noise.get("low"), noise.get("high")  # (an outside 32 'wasted 1%' against ~31, band 17–91)
     band = (f", 90% interval {count(low)}–{count(high)}" if low is not None and high and math.isfinite(high) else "")
+    smallest = min(e["batch_size"] for e in [*sizes, *ranked])
+    below = bool(b_crit) and b_crit < smallest and high is not None and high < smallest
+    if below:  # one note, not "N% of its compute wasted" for every size
+        s_min = f" (S_min {fit['s_min']:.0f} steps)" if fit.get("s_min") else ""
+        notes.append(f"every size is above the critical batch (~{count(b_crit)}{band}), which lies below the smallest "
+                     f"size tried ({smallest}): the steps to the target barely depend on the batch here{s_min}, so "
+                     "each size needs about its batch / B_crit times the minimum samples; the cheapest step wins")
     for e in ranked:
         # "batch 128 is above ... (~128)" read an estimate of 127.6: one decimal where it rounds to the size
         crit = count(b_crit) if not b_crit or count(b_crit) != count(e["batch_size"]) else f"{b_crit:.1f}"
         if b_crit and e["batch_size"] > b_crit and high and e["batch_size"] <= high:
             notes.append(f"batch {e['batch_size']} is above the critical batch size's estimate (~{crit}) "
                          f"but within its uncertainty{band}: not clearly above it")
-        elif b_crit and e["batch_size"] > b_crit:
+        elif b_crit and e["batch_size"] > b_crit and not below:
             notes.append(f"batch {e['batch_size']} is above the critical batch size (~{crit}{band}): it "
                          f"needs {e['excess_compute']:.2f}× the minimum samples, {e['excess_compute'] / 2:.2f}× what "
                          f"B_crit needs ({compute_beyond_critical(e['batch_size'], b_crit):.0%} of its compute "
@@ -855,11 +862,15 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         if e["diverged_seeds"]:
             notes.append(f"batch {e['batch_size']} diverged in {e['diverged_seeds']} of {e['seeds']} seeds at its "
                          "best lr: a lower lr is safer")
-    smallest = min(e["batch_size"] for e in sizes)
-    if ranked[0]["batch_size"] == smallest and len(sizes) > 1:
+    if ranked[0]["batch_size"] == smallest and len(sizes) > 1 and below:
+        notes.append("the smallest size won: every size took about the same steps to the target (steps-limited, not "
+                     "sample-limited), so the cheapest step won; on a device where a larger batch's step costs about "
+                     "the same (a GPU below its saturation) a larger batch is as fast, and no faster")
+    elif ranked[0]["batch_size"] == smallest and len(sizes) > 1:
         notes.append(f"the smallest size won: at {meta.get('samples')} samples per trial this run is sample-limited "
                      "(a smaller batch takes more steps per sample); a longer run to a lower loss favours "
                      "larger batches, up to about the critical batch size")
+    if ranked[0]["batch_size"] == smallest and len(sizes) > 1:
         if smallest > 1 and b_crit and b_crit < 2 * smallest:
             notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
                          f"batch may reach the target sooner still; try {_more(meta, 'min', max(1, smallest // 4))}")

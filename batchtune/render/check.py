@@ -333,6 +333,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "critical.below": lambda f: f"{f['batch_size']} is at or below the {_what(f)} {_estimate(f)}",
     "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the {_what(f)} "
                                  f"{_estimate(f)}: not clearly above it",
+    "critical.below_sizes": lambda f: f"the {_what(f)} {_estimate(f)} lies below every size the baseline measured, "
+                                      f"and {f['batch_size']} is at or below its smallest ({f['smallest_measured']}): "
+                                      "nothing smaller was measured to reach the target sooner",
     "critical.above": _critical_above,
     "critical.early": _critical_early,
     "critical.rough": _critical_rough,

@@ -52,8 +52,8 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
         return []
     fit, noise = c.get("fit") or {}, c.get("noise_scale")
     if fit.get("b_crit"):
-        steps = (f"{fit['b_crit']:.0f} from steps-to-target over {fit['sizes']} sizes "
-                 f"(90% bootstrap {num(fit['low'], '.0f')}–{num(fit['high'], '.0f')}; S_min {fit['s_min']:.0f} steps"
+        steps = (f"{count(fit['b_crit'])} from steps-to-target over {fit['sizes']} sizes "  # 0.29 read "0"
+                 f"(90% bootstrap {count(fit['low'])}–{count(fit['high'])}; S_min {fit['s_min']:.0f} steps"
                  f"{'; an extrapolation, not adopted: see the notes' if c.get('fit_extrapolated') else ''})")
     else:
         steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
