@@ -709,6 +709,13 @@ def test_lr_standing_drives_the_bracket():
     near = [_trial(16, 0, [(0, 0, 2.0), (10, 1.0, 1.0), (60, 6.0, 0.5)], 1000, mult=1.0),
             _trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=2.0)]
     assert lr_stops(near, {**HAND_META, "target_loss": [1.0, 0.5]})[16] == {1.0: 1.0, 2.0: 0.5}
+    # tied on the first seed (within 2%): both run the other seeds, which tell them apart (an outside autoencoder's
+    # 16 kept x1 over x2 at 85.3 against 84.7 steps; over three seeds x2 took 53 and x1 68)
+    tied = [_trial(16, 0, [(0, 0, 2.0), (85.3, 8.5, 0.5)], 1000, mult=1.0),
+            _trial(16, 0, [(0, 0, 2.0), (84.7, 8.5, 0.5)], 1000, mult=2.0),
+            _trial(16, 0, [(0, 0, 2.0), (120, 12.0, 0.5)], 1000, mult=0.5)]
+    assert lr_standing(tied, {**HAND_META, "target_loss": 0.5})[16] == {0.5: "behind", 1.0: "best", 2.0: "near"}
+    assert lr_stops(tied, {**HAND_META, "target_loss": 0.5})[16] == {1.0: 0.5, 2.0: 0.5}
 
 
 def test_a_steps_fit_far_past_the_sizes_is_not_adopted():
