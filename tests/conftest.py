@@ -76,18 +76,21 @@ def _no_start_up_clock_left_by_main():
 
 
 @contextlib.contextmanager
-def logged(name: str) -> Iterator[list[str]]:
-    """The warning (and worse) messages of logger ``name`` while the block runs, read by a handler on that
-    logger itself: the CLI's tests may stop "batchtune" records from reaching the root, where caplog listens."""
+def logged(name: str, level: int = logging.WARNING) -> Iterator[list[str]]:
+    """The messages at ``level`` (warnings) and worse of logger ``name`` while the block runs, read by a handler on
+    that logger itself: the CLI's tests may stop "batchtune" records from reaching the root, where caplog listens."""
     messages: list[str] = []
 
     class _Handler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    handler, log = _Handler(logging.WARNING), logging.getLogger(name)
+    handler, log = _Handler(level), logging.getLogger(name)
     log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(min(level, log.getEffectiveLevel()))
     try:
         yield messages
     finally:
         log.removeHandler(handler)
+        log.setLevel(old_level)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -42,8 +43,10 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
     callback = HFCallback(every=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
     trainer.train()
-    logged = [rec for rec in trainer.state.log_history if "noise_scale/b_simple" in rec]
-    assert [rec["step"] for rec in logged] == [2, 4, 6]
+    flagged = [rec for rec in trainer.state.log_history if "noise_scale/resolved" in rec]
+    assert [rec["step"] for rec in flagged] == [2, 4, 6]  # the latest measured step's: a reading, or resolved 0
+    logged = [rec for rec in flagged if rec["noise_scale/resolved"] == 1.0]
+    assert [rec for rec in flagged if "noise_scale/b_simple" in rec] == logged and logged
     assert all(math.isfinite(rec["noise_scale/b_simple"]) and rec["noise_scale/b_simple"] > 0 for rec in logged)
     # noise_scale/high only where the band is bounded: 6 steps of 4 examples often leave it unbounded
     assert all(rec["noise_scale/low"] <= rec["noise_scale/b_simple"] <= rec.get("noise_scale/high", math.inf)
@@ -129,6 +132,9 @@ def test_lightning_trainer_logs_the_noise_scale(tmp_path, accum):
         high = row[col["high"]] if col["high"] is not None else ""
         assert high == "" if math.isinf(reading["high"]) else float(high) == pytest.approx(reading["high"], rel=1e-6)
     assert "inf" not in "".join(rows)
+    resolved = header.index("noise_scale/resolved")  # one per measured step, so the series never just stops
+    assert [float(r.split(",")[resolved]) for r in rows[1:] if r.split(",")[resolved]] == [
+        float(h["b_simple"] is not None) for h in callback.history]
 
 
 def test_lightning_reads_the_micro_batch_from_a_batch_sampler(tmp_path):
@@ -246,9 +252,12 @@ def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):
 
 
 class _Scripted:
-    """A monitor that measures every step and reads the (b_simple, low, high) it is given, in turn."""
+    """A monitor that measures every step and reads the (b_simple, low, high) it is given, in turn (None: no
+    reading, the mean |G|² not above zero)."""
 
-    def __init__(self, *readings: tuple[float, float, float]) -> None:
+    every = 1
+
+    def __init__(self, *readings: tuple[float | None, float | None, float | None]) -> None:
         self.readings = list(readings)
         self.measured_steps = 0
 
@@ -259,33 +268,45 @@ class _Scripted:
         from batchtune.monitor import MonitorReading
 
         b, low, high = self.readings[min(self.measured_steps, len(self.readings)) - 1]
-        return MonitorReading(b, low, high, 1.0, b, self.measured_steps, True)
+        if b is None:
+            return MonitorReading(None, None, None, -1.0, 2.0, self.measured_steps, False)
+        return MonitorReading(b, low, high, 1.0, b, self.measured_steps, math.isfinite(high))
 
     def close(self) -> None:
         pass
 
 
-def _watch_logs(watch: NoiseScaleWatch, steps: int) -> list[str]:
-    with logged("batchtune.integrations") as messages:
+def _watch_logs(watch: NoiseScaleWatch, steps: int, level: int = logging.WARNING) -> list[str]:
+    with logged("batchtune.integrations", level) as messages:
         for step in range(1, steps + 1):
             watch.step(step)
     return messages
 
 
-def test_a_measured_step_with_no_reading_is_kept_in_the_history_and_logs_nothing():
-    """A mean |G|² not above zero reads no B_simple: an outside Trainer's history stopped there, its steps still
-    measured, as if the callback had died."""
-    from batchtune.monitor import MonitorReading
-
-    watch = NoiseScaleWatch(warn_after=1)
-    watch.monitor, watch.batch_size = _Scripted((40.0, 30.0, 50.0), (40.0, 30.0, 50.0)), 32
-    unread = [MonitorReading(None, None, None, -1.0, 2.0, 2, False)]
-    watch.monitor.reading = lambda: unread[0] if watch.monitor.measured_steps == 2 else MonitorReading(
-        40.0, 30.0, 50.0, 1.0, 40.0, watch.monitor.measured_steps, True)
-    assert watch.step(1) == {"noise_scale/b_simple": 40.0, "noise_scale/low": 30.0, "noise_scale/high": 50.0}
-    assert watch.step(2) is None and watch.step(3) is not None
-    assert [(h["step"], h["b_simple"], h["reliable"]) for h in watch.history] == [(1, 40.0, True), (2, None, False),
-                                                                                  (3, 40.0, True)]
+def test_steps_with_no_reading_are_kept_logged_as_unresolved_and_explained():
+    """A mean |G|² not above zero reads no B_simple: an outside Trainer's history read None from step 40 to 96
+    and the noise_scale/* keys vanished from its logs, unsaid. Each measured step logs noise_scale/resolved; after
+    5 in a row without a reading the watch says why (then every warn_every steps), and again at once after a
+    reading came back in between."""
+    unread = (None, None, None)
+    watch = NoiseScaleWatch(warn_after=1, warn_every=10)
+    watch.monitor = _Scripted((40.0, 30.0, 50.0), *[unread] * 16, (40.0, 30.0, 50.0), *[unread] * 5)
+    watch.batch_size = 32
+    with logged("batchtune.integrations", logging.INFO) as messages:
+        logs = [watch.step(step) for step in range(1, 24)]
+    assert logs[0] == {"noise_scale/b_simple": 40.0, "noise_scale/low": 30.0, "noise_scale/high": 50.0,
+                       "noise_scale/resolved": 1.0}
+    assert logs[1] == logs[16] == {"noise_scale/resolved": 0.0} and logs[17]["noise_scale/resolved"] == 1.0
+    assert [(h["step"], h["b_simple"], h["reliable"]) for h in watch.history[:3]] == [
+        (1, 40.0, True), (2, None, False), (3, None, False)]
+    assert watch.unresolved_warnings == [6, 16, 23]
+    assert messages[0] == ("step 6: noise scale: no reading for the last 5 measured steps (noise_scale/resolved 0): "
+                           "the gradient's mean |G|^2 is not resolved against its noise at batch 32 and every=1; "
+                           "measure every step (every=1), accumulate more backward passes per step, or "
+                           "average over a longer window (ema_decay nearer 1)")
+    assert messages[2] == ("step 18: the noise scale is read again (B_simple=40) after 16 measured steps without a "
+                           "reading")
+    assert len(messages) == 4 and messages[3].startswith("step 23: noise scale: no reading for the last 5")
 
 
 @pytest.mark.parametrize("b_simple,low,high,warns", [
@@ -303,6 +324,32 @@ def test_the_batch_warning_needs_the_batch_clearly_above_the_estimate(b_simple, 
         assert messages == ["step 1: batch 64 is 50% above the noise scale B_simple=42.79 and above its 90% band "
                             "(30-50), the critical-batch estimate; a smaller batch would likely reach the loss in "
                             "fewer samples"]
+
+
+def test_the_batch_warnings_follow_the_reading_above_and_below():
+    """An outside GPT-2 run at batch 32 was warned at step 22 that 32 was 74% above B_simple=18.38; B_simple then
+    grew to 28, 86, 174, 368, unsaid. A warning whose condition clears is withdrawn (info) and re-armed; a batch
+    whose band has stayed above twice it for 3 readings (not one) is told a larger one would take fewer steps, the
+    band bounded above or not (that run's read 70-inf ... 152-inf for its last 100 steps)."""
+    above, near, well_below, far_below = (18.38, 10.0, 25.0), (28.0, 20.0, 40.0), (86.0, 70.0, 110.0), (
+        174.0, 150.0, math.inf)
+    watch = NoiseScaleWatch(warn_after=1, warn_every=10)
+    watch.monitor, watch.batch_size = _Scripted(above, above, near, above, *[well_below] * 3, *[far_below] * 13,
+                                                (50.0, 30.0, 80.0), *[well_below] * 3), 32
+    messages = _watch_logs(watch, 24, logging.INFO)
+    assert watch.warnings == [1, 4]  # again at once after it cleared at 3, not 10 steps on
+    assert watch.below_warnings == [7, 17, 24]  # the third reading in a row, then every 10 steps, then re-armed
+    assert [m.split(":")[0] for m in messages] == ["step 1", "step 3", "step 4", "step 5", "step 7", "step 17",
+                                                   "step 21", "step 24"]  # 5: cleared again
+    assert messages[1] == ("step 3: batch 32 is no longer more than 20% above the noise scale B_simple=28 (90% band "
+                           "20-40): the smaller-batch warning no longer holds (it is given again if the batch is "
+                           "clearly above once more)")
+    assert messages[4] == ("step 7: batch 32 is well below the noise scale B_simple=86: its 90% band (70-110) has "
+                           "stayed above 2x the batch for 3 readings. B_simple estimates the critical batch, so a "
+                           "larger batch (up to about B_simple) would likely reach the loss in fewer steps at little "
+                           "extra cost in samples")
+    assert messages[6] == ("step 21: the noise scale B_simple=50 is no longer well above batch 32: the larger-batch "
+                           "advice no longer holds")
 
 
 def test_while_the_run_follows_its_schedule_the_watch_never_says_shrink(tmp_path):
@@ -350,8 +397,9 @@ def test_hugging_face_logs_a_reading_once_and_only_its_finite_values():
         logs = {"loss": 1.0}
         callback.on_log(None, state, None, logs=logs)
         logged.append(logs)
-    assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0}, {"loss": 1.0},
-                      {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0, "noise_scale/high": 7.0}]
+    assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0, "noise_scale/resolved": 1.0},
+                      {"loss": 1.0}, {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0,
+                                      "noise_scale/high": 7.0, "noise_scale/resolved": 1.0}]
     assert callback.history[0]["high"] == math.inf  # the history keeps it
 
 

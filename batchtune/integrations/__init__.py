@@ -9,9 +9,12 @@ Both are thin over :class:`NoiseScaleWatch`, which this package defines without 
 either library (nothing in batchtune's core imports this package). The watch keeps the
 readings (``history``) and warns, through ``logging`` on rank zero, when the global batch is
 clearly above the current critical-batch estimate (more than 20% above it and above its band),
-and (given a ``schedule`` from ``batchtune plan``) when the schedule says it is time to grow the
-batch; while the schedule says so, the schedule the user chose governs and the first warning is
-held back. B_simple stands in for the critical
+when it has stayed well below it (the band's lower end over twice the batch, several readings in
+a row), when no reading has been possible for several measured steps, and (given a ``schedule`` from
+``batchtune plan``) when the schedule says it is time to grow the batch; while the schedule says so, the
+schedule the user chose governs and the batch warnings are held back. The batch warnings follow the
+reading: once its condition clears, the watch says so (info) and warns again at once if it recurs.
+B_simple stands in for the critical
 batch here: McCandlish et al. find B_crit ≈ B_simple up to a factor of a few (B_noise's
 Hessian weighting), so the warning says "you are likely past the point of diminishing
 returns", not a measured B_crit (``batchtune sweep`` measures that).
@@ -23,9 +26,12 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["OVER_CRITICAL", "NoiseScaleWatch"]
+__all__ = ["OVER_CRITICAL", "UNDER_CRITICAL", "UNDER_READINGS", "UNRESOLVED_AFTER", "NoiseScaleWatch"]
 
 OVER_CRITICAL = 1.2  # warn when the batch exceeds the estimate by more than 20% (and its band)
+UNDER_CRITICAL = 2.0  # advise a larger batch when the band's lower end exceeds the batch this many times ...
+UNDER_READINGS = 3  # ... on this many reliable readings in a row (one reading is noise)
+UNRESOLVED_AFTER = 5  # say why there is no reading after this many measured steps in a row without one
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ def require(module: str, extra: str) -> Any:
 
 
 class NoiseScaleWatch:
-    """A monitor, the readings it gave and the too-big-batch warning, for one training run.
+    """A monitor, the readings it gave and the warnings on them, for one training run.
 
     Args:
         every: measure every n-th optimizer step (None: the monitor's default for a module, 8).
@@ -49,7 +55,8 @@ class NoiseScaleWatch:
             whatever ``every`` is (see ``NoiseScaleMonitor``).
         confidence: coverage of the band (0.9: the 90% band ``low``..``high``).
         warn_after: measured steps before a reading may warn (early readings are noisy).
-        warn_every: optimizer steps between repeated warnings while the batch stays too big.
+        warn_every: optimizer steps between repeated warnings while their condition lasts (a batch too big,
+            too small, or no reading).
         max_examples: per-example norms on at most this many examples (one backward per step).
         schedule: a :class:`~batchtune.schedule.BatchSchedule` (or its file, from ``batchtune plan
             --schedule-out``): warn when the samples seen pass a stage that grows the batch and
@@ -75,7 +82,13 @@ class NoiseScaleWatch:
         self.warn_every = warn_every
         self.history: list[dict[str, float | int | None]] = []
         self.warnings: list[int] = []  # optimizer steps at which the batch warning was logged
+        self.below_warnings: list[int] = []  # ... the advice that a larger batch would take fewer steps
+        self.unresolved_warnings: list[int] = []  # ... that no reading was possible for a while
         self.grow_warnings: list[int] = []  # ... and the schedule's time-to-grow warning
+        self._above = False  # the batch warning was given and its condition has not cleared since
+        self._below = False  # ... the larger-batch advice
+        self._below_streak = 0  # reliable readings in a row whose band lies above UNDER_CRITICAL x the batch
+        self._unresolved_streak = 0  # measured steps in a row with no reading
         self.monitor = None
         self.batch_size = 0
         self.samples = 0  # samples seen, counted at this run's batch
@@ -118,12 +131,14 @@ class NoiseScaleWatch:
             log.warning("noise scale no longer measured in this run: %s", error)
 
     def step(self, global_step: int, *, rank_zero: bool = True, samples: int | None = None) -> dict[str, float] | None:
-        """Call after the last backward of an optimizer step; the logs of a new reading, else None.
+        """Call after the last backward of an optimizer step; the logs of a measured step, else None.
 
         The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
-        band has no ``high``); :attr:`history` keeps every value, and an entry whose ``b_simple`` is None
-        when the measured steps' mean |G|² is not above zero (the gradient's noise swamps its mean: no
-        reading; an outside Trainer's history had stopped there while its steps were still measured).
+        band has no ``high``), and ``noise_scale/resolved``: 1.0 with a reading, 0.0 without one, when the
+        measured steps' mean |G|² is not above zero (the gradient's noise swamps its mean). :attr:`history`
+        keeps every value, such an entry with ``b_simple`` None. An outside Trainer's readings vanished from
+        its logs for over half a run, unsaid: after :data:`UNRESOLVED_AFTER` such steps in a row the watch says
+        why (:meth:`_note_resolution`), and ``resolved`` keeps the series from vanishing.
 
         Args:
             global_step: the optimizer step just computed, counted from 1.
@@ -145,26 +160,90 @@ class NoiseScaleWatch:
                  "measured_steps": reading.steps, "batch_size": self.batch_size, "reliable": reading.reliable,
                  "coverage": reading.coverage}
         self.history.append(entry)
-        if rank_zero and reading.reliable:  # an unbounded band is logged, not acted on
+        if rank_zero:
+            self._note_resolution(entry)
+        if rank_zero and reading.b_simple is not None:
             self._maybe_warn(entry)
         # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
-        return {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
-                if entry[key] is not None and math.isfinite(entry[key])} or None
+        logs = {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
+                if entry[key] is not None and math.isfinite(entry[key])}
+        return {**logs, "noise_scale/resolved": float(entry["b_simple"] is not None)}
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
-        """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above
-        its band's upper end (a band holding the batch is no evidence), never while the run follows a schedule
-        (:meth:`_on_schedule`) or the schedule says grow."""
+        """The batch warnings on a reading, never while the run follows a schedule (:meth:`_on_schedule`) or the
+        schedule says grow: the schedule the user chose governs; its grow warning mentions the estimate. A band
+        unbounded above (not ``reliable``) never says the batch is too big, but its lower end still says it is
+        too small: an outside GPT-2 run's band read 70-inf ... 152-inf at batch 32 for its last 100 steps."""
         if self._schedule_ahead() is not None or self._on_schedule():
-            return  # the schedule the user chose governs; its grow warning mentions the estimate
-        due = not self.warnings or entry["step"] - self.warnings[-1] >= self.warn_every
+            return
+        self._watch_above(entry)
+        self._watch_below(entry)
+
+    def _watch_above(self, entry: dict[str, Any]) -> None:
+        """Warn that the batch is past the critical-batch estimate: more than 20% above B_simple and above its
+        band's upper end (a band holding the batch is no evidence); again every ``warn_every`` steps while it
+        stays so. Once the batch is no longer more than 20% above, say so and re-arm: an outside GPT-2 run was
+        warned at step 22 that 32 was 74% above B_simple=18.38, which then grew to 368, unsaid."""
+        if self._above and self.batch_size <= OVER_CRITICAL * entry["b_simple"]:
+            self._above = False
+            log.info("step %d: batch %d is no longer more than 20%% above the noise scale B_simple=%.4g (%s band "
+                     "%.4g-%.4g): the smaller-batch warning no longer holds (it is given again if the batch is "
+                     "clearly above once more)", entry["step"], self.batch_size, entry["b_simple"], self._band_name(),
+                     entry["low"], entry["high"])
+            return
+        due = not self._above or entry["step"] - self.warnings[-1] >= self.warn_every
         if not (self._clearly_above(entry) and due and entry["measured_steps"] >= self.warn_after):
             return
+        self._above = True
         self.warnings.append(entry["step"])
         log.warning("step %d: batch %d is %.0f%% above the noise scale B_simple=%.4g and above its %s band "
                     "(%.4g-%.4g), the critical-batch estimate; a smaller batch would likely reach the loss in fewer "
                     "samples", entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
                     entry["b_simple"], self._band_name(), entry["low"], entry["high"])
+
+    def _watch_below(self, entry: dict[str, Any]) -> None:
+        """Advise a larger batch when the band's lower end has stayed above twice the batch for
+        :data:`UNDER_READINGS` readings in a row; again every ``warn_every`` steps while it does. Once B_simple
+        itself is no more than twice the batch, say so and re-arm."""
+        below = entry["low"] > UNDER_CRITICAL * self.batch_size
+        self._below_streak = self._below_streak + 1 if below else 0
+        if self._below and entry["b_simple"] <= UNDER_CRITICAL * self.batch_size:
+            self._below = False
+            log.info("step %d: the noise scale B_simple=%.4g is no longer well above batch %d: the larger-batch "
+                     "advice no longer holds", entry["step"], entry["b_simple"], self.batch_size)
+            return
+        due = not self._below or entry["step"] - self.below_warnings[-1] >= self.warn_every
+        if not (self._below_streak >= UNDER_READINGS and due and entry["measured_steps"] >= self.warn_after):
+            return
+        self._below = True
+        self.below_warnings.append(entry["step"])
+        log.warning("step %d: batch %d is well below the noise scale B_simple=%.4g: its %s band (%.4g-%.4g) has "
+                    "stayed above %gx the batch for %d readings. B_simple estimates the critical batch, so a larger "
+                    "batch (up to about B_simple) would likely reach the loss in fewer steps at little extra cost in "
+                    "samples", entry["step"], self.batch_size, entry["b_simple"], self._band_name(), entry["low"],
+                    entry["high"], UNDER_CRITICAL, self._below_streak)
+
+    def _note_resolution(self, entry: dict[str, Any]) -> None:
+        """Say why there is no reading once :data:`UNRESOLVED_AFTER` measured steps in a row gave none, then every
+        ``warn_every`` steps while none comes; once one does, say so and re-arm."""
+        if entry["b_simple"] is not None:
+            if self._unresolved_streak >= UNRESOLVED_AFTER:
+                log.info("step %d: the noise scale is read again (B_simple=%.4g) after %d measured steps without a "
+                         "reading", entry["step"], entry["b_simple"], self._unresolved_streak)
+            self._unresolved_streak = 0
+            return
+        self._unresolved_streak += 1
+        streak = self._unresolved_streak
+        due = streak == UNRESOLVED_AFTER or (streak > UNRESOLVED_AFTER and
+                                             entry["step"] - self.unresolved_warnings[-1] >= self.warn_every)
+        if not due:
+            return
+        self.unresolved_warnings.append(entry["step"])
+        every = getattr(self.monitor, "every", None)
+        log.warning("step %d: noise scale: no reading for the last %d measured steps (noise_scale/resolved 0): the "
+                    "gradient's mean |G|^2 is not resolved against its noise at batch %d and every=%s; "
+                    "measure every step (every=1), accumulate more backward passes per step, or average over a "
+                    "longer window (ema_decay nearer 1)", entry["step"], streak, self.batch_size, every)
 
     def _maybe_grow(self, step: int) -> None:
         stage = self._schedule_ahead()
