@@ -133,9 +133,10 @@ class NoiseScaleMonitor:
         micro_batch_size: examples per backward pass on one rank (before any halving).
         accum_steps: backward passes accumulated into one optimizer step.
         every: measure steps ``every - 1``, ``2·every - 1``, ... (1: every step). None: 1 given
-            parameters, :data:`MODULE_EVERY` (8) given a module: a measured step cost 5-38%
-            more than another on small CPU models, i.e. 0.6-4.7% at every 8th
-            (``benchmarks/monitor_overhead.py``; the per-example path costs the most).
+            parameters, :data:`MODULE_EVERY` (8) given a module: a measured step costs roughly a fixed
+            0.2-0.3 ms on one CPU core plus a share of its backward pass (the per-example path the most), so
+            +0.5-2% at every 8th on steps of tens of ms, but +10-16% on a 0.2-0.6 ms step
+            (``benchmarks/monitor_overhead.py``).
         ema_decay: weight of the past per OPTIMIZER step: the reading spans about ``1 / (1 - ema_decay)``
             optimizer steps (100) whatever ``every`` is, and at least about 10 measured steps
             (:func:`~batchtune.stats.noise.decay_per_measured_step`); a sparser cadence reads the same
