@@ -277,6 +277,30 @@ def nan_after(after: int):
     return loss
 
 
+def inf_after(after: int):
+    """Cross entropy, inf from its ``after``-th call with gradients on, on whatever outputs: an arithmetic of its own
+    that overflows (an outside -log(softmax(50 × outputs)) did so at step 2, on outputs within ±1)."""
+    calls = [0]
+
+    def loss(output, targets):
+        calls[0] += 1
+        value = torch.nn.functional.cross_entropy(output, targets)
+        return value * float("inf") if calls[0] > after and torch.is_grad_enabled() else value
+
+    return loss
+
+
+def test_an_inf_loss_of_small_finite_outputs_is_said_to_be_the_losss(write_spec):
+    """An outside -log(softmax(50 × outputs)) went inf at step 2 on outputs within ±1 and check said only 'diverged
+    at lr 0.1: non-finite loss at step 2' (cross_entropy trained at that lr): an inf was taken for the outputs'
+    overflow, the lr's, however small they were."""
+    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:inf_after", kwargs: {after: 8}}\n')
+    check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # after the fits run's passes
+    said = " ".join(check.stdout.split())
+    assert check.exit_code == 1 and "non-finite loss at step 2 from finite model outputs (largest |output| " in said
+    assert "): the loss function made it (a log, exp or division that overflows as the outputs grow" in said, said
+
+
 def nan_later_data(**kwargs):
     """tiny_data with one NaN in training sample 5 (the first two, which validate reads, are finite)."""
     from tests.fixtures import tiny_data
@@ -476,9 +500,10 @@ def test_a_nan_loss_of_finite_outputs_in_training_is_the_losss_not_the_lrs(write
     # at a later step the lr may have grown the outputs until the loss overflowed: a divergence (a sweep goes on from
     # it), said to be the loss's
     check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # after the fits run's passes
-    assert check.exit_code == 1 and ("non-finite loss at step 2 from finite model outputs: the loss function made it "
-                                     "(a log, exp or division that overflows as the outputs grow, or a bug in it)"
-                                     in " ".join(check.stdout.split())), check.output
+    said = " ".join(check.stdout.split())
+    assert check.exit_code == 1 and "non-finite loss at step 2 from finite model outputs (largest |output| " in said
+    assert ("): the loss function made it (a log, exp or division that overflows as the outputs grow, or a bug in "
+            "it)") in said, check.output
     outputs = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:nan_later_mlp")
                          + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 1000}}\n')
     noise = runner.invoke(app, ["noise", str(outputs), "--steps", "10", "-q"])

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from batchtune.config.components import (ComponentError, Components, batch_size_of, clear_outputs, huge_outputs,
-                                         largest_output, outputs_finite, to_device)
+from batchtune.config.components import (EXP_OVERFLOW, ComponentError, Components, batch_size_of, clear_outputs,
+                                         huge_outputs, largest_output, outputs_finite, to_device)
 from batchtune.config.spec import SpecError
 from batchtune.engine.data import Feed, batches, data_source, load_next, noted, noted_collate, tensors
 from batchtune.engine.distributed import DistContext, PeerFailure, current
@@ -820,13 +820,19 @@ class Trainer:
         return self._bad_data
 
     def _loss_made(self, loss: float) -> bool:
-        """Whether a NaN loss of the user's (``loss.target``) came from the model's finite outputs, on every rank
-        (the loss is the ranks' mean, so every rank asks). An outside loss that returned NaN after its 20th call read
-        'diverged ... or lower optimizer.lr' in noise and 'diverged at lr 0.00424' in check."""
-        if not math.isnan(loss):  # inf of finite outputs is an overflow: the lr's, as a rule
-            return False
+        """Whether a non-finite loss of the user's (``loss.target``) came from the model's finite outputs, on every
+        rank (the loss is the ranks' mean, so every rank asks): NaN from any finite outputs; inf from outputs none of
+        which an exp overflows on (:data:`~batchtune.config.components.EXP_OVERFLOW`), where the loss's own
+        arithmetic made it. An outside loss that returned NaN after its 20th call read 'diverged ... or lower
+        optimizer.lr' in noise and 'diverged at lr 0.00424' in check; an outside -log(softmax(50 x outputs)) went inf
+        at step 2 on outputs within ±1 and was 'diverged at lr 0.1', where cross_entropy trained at that lr."""
         (unknown,) = self.dist.max(0.0 if outputs_finite(self.components.loss_fn) else 1.0)
-        return not unknown
+        if unknown:
+            return False
+        if math.isnan(loss):
+            return True
+        (largest,) = self.dist.max(largest_output(self.components.loss_fn) or math.inf)
+        return largest <= EXP_OVERFLOW  # past it, inf is the outputs' overflow: the lr's, as a rule
 
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
@@ -847,14 +853,21 @@ class Trainer:
                     "loss.target", f"the loss returned {loss} from finite model outputs at step 1, before any update: "
                                    "the loss function, not the lr")
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
-                f": {bad.text()}" if bad else " from finite model outputs: the loss function made it (a log, exp or "
-                "division that overflows as the outputs grow, or a bug in it)" if made else "")
+                f": {bad.text()}" if bad else f" from finite model outputs{_largest(self)}: the loss function made it "
+                "(a log, exp or division that overflows as the outputs grow, or a bug in it)" if made else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
                                                                start := starting_loss(result)):
             result.diverged = True
             result.divergence = (f"loss {loss:.3g} at step {step + 1} exceeds {config.divergence_factor:g}× the "
                                  f"starting loss {start:.3g}, {DIVERGED_STEPS} steps in a row")
         return result.diverged
+
+
+def _largest(trainer: Trainer) -> str:
+    """`` (largest |output| 0.98)`` of the last step's outputs, where known: outputs that small say the loss's own
+    arithmetic overflowed (a stable form, log_softmax or logsumexp, takes them), not that the lr grew them."""
+    largest = largest_output(trainer.components.loss_fn)
+    return f" (largest |output| {largest:.3g})" if largest is not None and math.isfinite(largest) else ""
 
 
 def _reached(config: TrialConfig, result: TrialResult) -> bool:
