@@ -6,7 +6,7 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 
 def tiny_data(n_train: int = 512, n_val: int = 128, in_features: int = 16, num_classes: int = 4, seed: int = 0):
@@ -67,16 +67,19 @@ def bad_data():
 
 
 class _Keyed(Dataset):
-    """tiny_data's samples as dicts: the features under ``x``, the class under ``target_key``."""
+    """tiny_data's samples as dicts: the features under ``x``, the class under ``target_key``; every
+    ``ragged``-th sample's features one longer (a zero appended)."""
 
-    def __init__(self, pairs: Dataset, target_key: str):
-        self.pairs, self.target_key = pairs, target_key
+    def __init__(self, pairs: Dataset, target_key: str, ragged: int | None = None):
+        self.pairs, self.target_key, self.ragged = pairs, target_key, ragged
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x, y = self.pairs[i]
+        if self.ragged and i % self.ragged == self.ragged - 1:
+            x = torch.cat([x, x.new_zeros(1)])
         return {"x": x, self.target_key: y}
 
 
@@ -89,9 +92,16 @@ class _KeyedMLP(nn.Module):
         return self.net(x)
 
 
-def keyed_data(target_key: str = "y", **kwargs):
-    """tiny_data as dict samples; a ``target_key`` outside TARGET_KEYS leaves the loss without targets."""
-    return tuple(_Keyed(part, target_key) for part in tiny_data(**kwargs))
+def keyed_data(target_key: str = "y", ragged: int | None = None, **kwargs):
+    """tiny_data as dict samples; a ``target_key`` outside TARGET_KEYS leaves the loss without targets; ``ragged``:
+    every so many samples' features one longer."""
+    return tuple(_Keyed(part, target_key, ragged) for part in tiny_data(**kwargs))
+
+
+def trim_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """keyed_data's ragged samples as one batch: each ``x`` cut to the shortest."""
+    shortest = min(len(s["x"]) for s in samples)
+    return default_collate([{**s, "x": s["x"][:shortest]} for s in samples])
 
 
 def keyed_mlp(**kwargs) -> nn.Module:

@@ -279,6 +279,40 @@ def test_validate_reads_a_bounded_sample_of_each_split_for_nan_and_labels_out_of
     assert f"{path}:3: data: {said}" in result.stderr, result.stderr
 
 
+def test_validate_compares_the_shapes_of_the_samples_it_reads(write_spec):
+    """An outside data set's every 7th image was 1x24x24 among 1x16x16 ones: validate said ok, and the sweep's
+    collate failed ('stack expects each tensor to be equal size'); 1x15x15 ones failed in the model at batch 1,
+    naming no sample. Declared variable-length data (a collate, a length_key) is not refused."""
+    base = ("name: x\nmodel: {target: 'tests.fixtures:keyed_mlp'}\n"
+            "data:\n  target: 'tests.fixtures:keyed_data'\n  kwargs: {ragged: 7}\n"
+            "optimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n")
+    path = write_spec(base)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert (f"{path}:4: data.target: training samples 0 and 6 (of 512) differ in shape: field x is [16] in sample 0 "
+            "and [17] in sample 6: torch's default collate cannot stack them into one batch; samples of different "
+            "shapes need a data.collate that pads them (README: Variable-length data)") in result.stderr, result.stderr
+    for declared in ("  collate: {target: 'tests.fixtures:trim_collate'}\n", "  length_key: x\n"):
+        result = runner.invoke(app, ["validate", str(write_spec(base.replace("optimizer", declared + "optimizer")))])
+        assert result.exit_code == 0, result.output
+
+
+def test_sample_shapes_are_read_through_nested_samples():
+    import torch
+
+    from batchtune.config.components import _shape_clash, _shapes
+
+    sample = {"a": (torch.zeros(2, 3), 5), "b": [torch.zeros(4)], "s": "text"}
+    assert _shapes(sample) == {"field a.0": (2, 3), "field a.1": None, "field b.0": (4,), "field s": None}
+    assert _shapes(torch.zeros(3)) == {"the sample": (3,)}
+    assert _shape_clash((0, _shapes(sample)), (9, _shapes({**sample, "s": "longer text", "a": (torch.ones(2, 3), 7)})))\
+        is None  # numbers and strings batch whatever they hold
+    assert _shape_clash((0, _shapes(sample)), (9, _shapes({**sample, "a": (torch.zeros(2, 4), 5)}))) == \
+        "differ in shape: field a.0 is [2, 3] in sample 0 and [2, 4] in sample 9"
+    assert _shape_clash((0, _shapes(sample)), (9, _shapes({**sample, "b": [torch.zeros(4), torch.zeros(4)]}))) == \
+        "differ in form: sample 9 has a field b.1 that sample 0 has not"
+
+
 def test_validate_ignores_label_minus_100_and_reads_at_most_256_samples_of_a_split(write_spec):
     from batchtune.config.components import build_components
     from batchtune.config.spec import load_spec

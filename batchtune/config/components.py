@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 from torch.utils.data import Dataset, default_collate
 
 from batchtune.config.spec import _TARGET_RE, Spec, SpecError, SpecIssue, locate
@@ -472,6 +472,29 @@ def _sample_problem(sample: Any, classes: int | None) -> str | None:
             "output per class, or fix the labels")
 
 
+def _shapes(sample: Any) -> dict[str, tuple[int, ...] | None]:
+    """A sample's leaves by field (``field noisy``, ``field 0.input_ids``; a list's items by index): a tensor's or
+    array's shape, None for a number or a string (the default collate batches those whatever they hold)."""
+    leaves, _ = tree_flatten_with_path(sample)
+    return {"field " + ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) if path else "the sample":
+            tuple(int(d) for d in leaf.shape) if hasattr(leaf, "shape") else None for path, leaf in leaves}
+
+
+def _shape_clash(first: tuple[int, dict[str, Any]], other: tuple[int, dict[str, Any]]) -> str | None:
+    """How two samples' :func:`_shapes` differ, in words after 'training samples 0 and 80 (of 4,096)', or None
+    where torch's default collate stacks them into one batch."""
+    (i, a), (j, b) = first, other
+    if (missing := next((k for k in (*a, *b) if (k in a) != (k in b)), None)) is not None:
+        has, lacks = (i, j) if missing in a else (j, i)
+        return f"differ in form: sample {has} has a {missing} that sample {lacks} has not"
+    differ = [k for k in a if None not in (a[k], b[k]) and a[k] != b[k]]
+    if not differ:
+        return None
+    k = differ[0]
+    return (f"differ in shape: {k} is {list(a[k])} in sample {i} and {list(b[k])} in sample {j}"
+            + (f" ({', '.join(differ[1:])} too)" if differ[1:] else ""))
+
+
 def _numbers_as_lists(batch: Any, n: int) -> int:
     """How many numbers each sample's input held, where the input was a Python list of them (the default collate
     makes it a list of tensors of one number per sample, which no model takes); else 0."""
@@ -893,23 +916,36 @@ class Components:
         """Read up to ``limit`` samples of each split, spread evenly through it (bounded however large the data
         set), for values that are not finite (NaN or inf, in the inputs or the targets) and, under
         ``cross_entropy``, class labels the model's outputs cannot hold (below 0 other than -100, which it
-        ignores, or at least its number of outputs). Returns the samples read. validate read two samples:
+        ignores, or at least its number of outputs), and, without variable-length data (``data.collate``,
+        ``data.length_key``), for shapes that differ within a split: torch's default collate cannot stack them (an
+        outside data set's every 7th 1×24×24 image among 1×16×16 ones passed validate and failed the sweep's
+        collate; 1×15×15 ones failed in the model, naming no sample). Returns the samples read. validate read two samples:
         a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
         ``device``: the model's, where its batch goes (a trial's model, asked why its step raised).
 
         Raises:
-            SpecError: on ``data``, naming the split, the sample's index and the problem.
+            SpecError: on ``data``, naming the split, the sample's index and the problem (two samples' indices and
+                shapes on ``data.target``).
             ComponentError: reading a sample raised.
         """
+        from batchtune.errors import COLLATE_HINT
+
         classes = self._classes(model, device) if self.spec.loss == "cross_entropy" else None
         read = 0
         for which, dataset in (("training", self.train_set), ("validation", self.val_set)):
-            n = len(dataset)
+            n, first = len(dataset), None
             for i in _spread(n, limit):
                 sample = _build(self.spec, "data", f"reading {which} sample {i}", dataset.__getitem__, i)
                 problem = _sample_problem(sample, classes)
                 if problem is not None:
                     raise self.spec.error("data", f"{which} sample {i} (of {n:,}) {problem}")
+                if not self.variable_length:  # a collate of the spec's may pad; without one, torch's stacks
+                    shapes = (i, _shapes(sample))
+                    first = first or shapes
+                    if clash := _shape_clash(first, shapes):
+                        raise self.spec.error(_source_key(self.spec.data, "data"),
+                                              f"{which} samples {first[0]} and {i} (of {n:,}) {clash}: torch's default "
+                                              f"collate cannot stack them into one batch; {COLLATE_HINT}")
                 read += 1
         return read
 

@@ -552,8 +552,9 @@ class Trainer:
         check finds the cause (a class label out of range for the model's outputs, values that are not finite), as
         validate names it; return where it finds none. An outside sweep whose labels went up to num_classes said 'a
         training step at micro-batch 8 × 1 raised IndexError: Target 3 is out of bounds'."""
-        if isinstance(exc, (TrainingError, SpecError)) or is_oom(exc, self.backend):  # said already, or a result
-            return
+        stacking = isinstance(exc, BatchFormError) and exc.key == "data.target"  # which samples: check_samples says
+        if (isinstance(exc, (TrainingError, SpecError)) and not stacking) or is_oom(exc, self.backend):
+            return  # said already, or a result
         if self.strategy == "fsdp":  # a forward on this rank alone would wait in its all-gather
             return
         if getattr(exc, "batchtune_optimizer_call", None) is not None or getattr(exc, "batchtune_issue", None):
