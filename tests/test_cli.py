@@ -132,6 +132,26 @@ def test_an_optimizer_value_that_is_no_number_is_named_by_its_key(write_spec):
     assert _strings_at_fault(TypeError(not_callable), not_callable, relu) == ([], "")
 
 
+def test_an_optimizer_value_not_of_its_default_s_kind_is_named_by_its_key(write_spec):
+    """An outside NAdam's betas: 0.9 was said on optimizer as "'float' object is not subscriptable", naming no key."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:tiny_data'}\n"
+                      "optimizer: {name: nadam, lr: 0.002, betas: 0.9}\nbase_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert (result.exit_code, " ".join(result.stderr.split())) == (2, (
+        f"error: {path}:4: optimizer.betas: the optimizer NAdam() raised TypeError: 'float' object is not "
+        "subscriptable (betas: NAdam() expects a pair like [0.9, 0.999] (its default (0.9, 0.999)); got 0.9)"))
+    import torch
+
+    from batchtune.config.components import _expected_form, _types_at_fault
+
+    assert _expected_form((0.9, 0.999), [0.9, "x"]) == _expected_form((0.9, 0.999), [0.9]) == "a pair like [0.9, 0.999]"
+    assert _expected_form(0, [1]) == "a number like 0" and _expected_form(False, "yes") == "true or false"
+    assert _expected_form((0.9, 0.999), [0.8, 0.99]) is _expected_form(0, 1e-4) is _expected_form(None, "x") is None
+    assert _types_at_fault(torch.optim.SGD, {"momentum": 0.9, "dampening": "none"}) == (
+        ["dampening"], " (dampening: SGD() expects a number like 0 (its default 0); got 'none')")
+
+
 def test_validate_lists_import_problems_beside_key_problems(write_spec):
     """An outside spec took three rounds of fixes: an unknown optimizer hid a misspelt data target and loss kwarg."""
     path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"

@@ -82,6 +82,8 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         text = str(exc).strip().splitlines()
         named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
         quoted, note = ([], "") if named else _strings_at_fault(exc, text[0] if text else "", kwargs)
+        if not (named or quoted) and isinstance(exc, (TypeError, ValueError, LookupError)):
+            quoted, note = _types_at_fault(factory, kwargs)
         path = f"{kwargs_key or key}.{(named or quoted)[0]}" if named or quoted else getattr(exc, "spec_key", key)
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400] + note
         raise ComponentError([spec.issue(path, message)]) from exc
@@ -108,6 +110,41 @@ def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> 
         shown = ", ".join(f"{k} is the string {v!r}" for k, v in strings.items())
         return list(strings), f" ({shown}, where a number is expected: give a number)"
     return [], ""
+
+
+def _expected_form(default: Any, value: Any) -> str | None:
+    """What a keyword argument whose default is ``default`` takes, in words ('a pair like [0.9, 0.999]'), where
+    ``value`` is plainly not of its kind (a scalar for a sequence, a string for a number); else None (no default
+    to judge by, or a value of its kind)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, (bool, int)) else "true or false"
+    if isinstance(default, (tuple, list)) and default:
+        form = "a pair" if len(default) == 2 else f"a list of {len(default)}"
+        fits = isinstance(value, (tuple, list)) and len(value) == len(default) and not any(
+            _expected_form(d, v) for d, v in zip(default, value))
+        return None if fits else f"{form} like {list(default)}"
+    if isinstance(default, (int, float)):
+        return None if number else f"a number like {default!r}"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"a string like {default!r}"
+    return None
+
+
+def _types_at_fault(factory: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[list[str], str]:
+    """The kwargs not of the kind their default in ``factory``'s signature is, which a TypeError, ValueError or
+    IndexError that names none of them is likely about, and what to say of them: an outside NAdam's betas: 0.9 met
+    "'float' object is not subscriptable", naming no key. ([], "") where every kwarg is of its default's kind."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return [], ""
+    name = getattr(factory, "__name__", "the factory")
+    faults = {k: form for k, v in kwargs.items() if k in params
+              and (form := _expected_form(params[k].default, v)) is not None}
+    said = "; ".join(f"{k}: {name}() expects {form} (its default {params[k].default!r}); got {kwargs[k]!r}"
+                     for k, form in faults.items())
+    return list(faults), f" ({said})" if faults else ""
 
 
 SAMPLES_CHECKED = 256  # validate reads at most this many samples of each split, spread through it
@@ -919,8 +956,8 @@ class Components:
         ignores, or at least its number of outputs), and, without variable-length data (``data.collate``,
         ``data.length_key``), for shapes that differ within a split: torch's default collate cannot stack them (an
         outside data set's every 7th 1×24×24 image among 1×16×16 ones passed validate and failed the sweep's
-        collate; 1×15×15 ones failed in the model, naming no sample). Returns the samples read. validate read two samples:
-        a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
+        collate; 1×15×15 ones failed in the model, naming no sample). Returns the samples read. validate read two
+        samples: a NaN in the validation set, or a label out of range, passed it and failed later, less clearly.
         ``device``: the model's, where its batch goes (a trial's model, asked why its step raised).
 
         Raises:
