@@ -108,6 +108,17 @@ def keyed_mlp(**kwargs) -> nn.Module:
     return _KeyedMLP(**kwargs)
 
 
+class _WholeBatchMLP(_KeyedMLP):
+    """Takes a dict batch as one argument, forward(self, batch): keyword arguments never reach it."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return self.net(batch["x"])
+
+
+def whole_batch_mlp(**kwargs) -> nn.Module:
+    return _WholeBatchMLP(**kwargs)
+
+
 class _Masked(Dataset):
     """tiny_data's samples as (x, mask, y): the mask zeroes the second half of the features."""
 

@@ -281,6 +281,29 @@ def test_a_loss_that_cannot_take_the_models_output_names_loss_and_what_the_model
     _one_line_error(_cli("validate", write_spec(HEADS_SPEC.replace("{loss}", loss))), "spec.yaml:4: loss:", message)
 
 
+@pytest.mark.parametrize("target_key, fix", [
+    ("klass", "a dict batch reaches forward as keyword arguments, one per key: give forward those parameters "
+              "(forward(self, x, klass)) and return the loss; or, to name a loss (cross_entropy, mse or {target: "
+              "...}), store the targets under one of labels, label, targets, target, y (this batch has none): forward "
+              "then takes the other keys"),
+    ("y", "give forward those parameters (forward(self, x, y)) and return the loss; or name a loss instead "
+          "(cross_entropy, mse or {target: ...}): forward then takes x, and the loss y"),
+])
+def test_a_forward_that_takes_the_dict_batch_whole_is_told_what_fits_the_batch(write_spec, target_key, fix):
+    """An outside denoiser's forward(self, batch) under model_output, on a dict of noisy and clean, was told to name
+    mse, which a dict without targets under labels, targets or y refuses: the hint looped; and probe said it with no
+    line, cut at 400 characters."""
+    path = write_spec(f"name: x\nmodel: {{target: 'tests.fixtures:whole_batch_mlp'}}\n"
+                      f"data: {{target: 'tests.fixtures:keyed_data', kwargs: {{target_key: {target_key}}}}}\n"
+                      "loss: model_output\noptimizer: {name: sgd, lr: 0.1}\nbase_batch_size: 8\n"
+                      "device: {type: cpu, memory_limit: 1MiB}\n")
+    said = ("spec.yaml:4: loss: model_output passes the whole batch, targets included, to a model that computes its "
+            "own loss (2 keyword arguments here); this one raised TypeError: _WholeBatchMLP.forward() got an "
+            "unexpected keyword argument 'x': ")
+    for command in ("validate", "probe") if target_key == "klass" else ("validate",):
+        assert _one_line_error(_cli(command, path), said, fix).endswith(fix)
+
+
 def test_samples_that_are_python_lists_of_numbers_are_a_data_error(write_spec):
     """Lists of floats collate to a list of tensors, one number a sample each: the error named model (linear():
     argument 'input' must be Tensor, not list), where the data set is what to change."""

@@ -573,6 +573,24 @@ def _one_number(spec: Spec, loss: Any) -> torch.Tensor:
     raise spec.error("loss", f"the loss must be one number per batch (reduce it, e.g. .mean()); it returned {got}")
 
 
+def _model_output_fix(batch: Any) -> str:
+    """What a batch that a ``model_output`` model's forward did not take calls for, fitted to the batch: a dict's
+    keys reach forward as keyword arguments whatever the loss, and a named loss needs a dict's targets under one of
+    :data:`TARGET_KEYS` (an outside denoiser's forward(self, batch) on noisy and clean was told to name mse, which
+    such a batch refuses)."""
+    named = "name a loss instead (cross_entropy, mse or {target: ...})"
+    if not isinstance(batch, dict):
+        return named
+    keys = ", ".join(map(str, batch))
+    own = (f"a dict batch reaches forward as keyword arguments, one per key: give forward those parameters "
+           f"(forward(self, {keys})) and return the loss")
+    if (target := next((k for k in TARGET_KEYS if k in batch), None)) is None:
+        return (f"{own}; or, to name a loss (cross_entropy, mse or {{target: ...}}), store the targets under one of "
+                f"{', '.join(TARGET_KEYS)} (this batch has none): forward then takes the other keys")
+    rest = ", ".join(str(k) for k in batch if k != target)
+    return f"{own}; or {named}: forward then takes {rest}, and the loss {target}"
+
+
 def _make_loss(spec: Spec) -> LossFn:
     if spec.loss == "model_output":
         def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -583,9 +601,11 @@ def _make_loss(spec: Spec) -> LossFn:
                     raise
                 given = (f"{len(batch)} keyword arguments" if isinstance(batch, dict) else
                          f"{len(batch)} positional arguments" if isinstance(batch, (tuple, list)) else "one argument")
-                raise LossShapeError(f"model_output passes the whole batch, targets included, to a model that "
-                                     f"computes its own loss ({given} here); this one raised TypeError: {exc}: name "
-                                     "a loss instead (cross_entropy, mse or {target: ...})") from exc
+                # the spec's loss in every command, with its line: not a trial's error, and not cut at 400 characters
+                raise ComponentError([spec.issue("loss", f"model_output passes the whole batch, targets included, to "
+                                                         f"a model that computes its own loss ({given} here); this one "
+                                                         f"raised TypeError: {exc}: {_model_output_fix(batch)}")]) \
+                    from exc
             return _one_number(spec, _model_loss(output))
         return loss_fn
 
