@@ -23,7 +23,6 @@ from typing import Any
 
 from batchtune.commands.probe import run_probe, safe_size
 from batchtune.commands.sweep_analysis import (
-    CROSSING_WINDOW,
     KEEP_LR,
     NOISE_SLACK,
     Analysis,
@@ -412,8 +411,6 @@ class _Sweep:
             # and not before it has trained at its lr as long as it warmed up: an outside sweep recommended lr 1.6 at
             # 512 from trials that met the target at step 4 of a 25-step warm-up, an lr that diverges (lr < 1 here)
             stop_from=trial_steps(meta, shape.batch_size) if reach else 2 * warmup,
-            # at a crossing as the analysis reads it, not at the first dip (seed_crossing: the same window and settle)
-            stop_window=CROSSING_WINDOW, stop_settle=2 * warmup,
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )
