@@ -647,6 +647,9 @@ class Trainer:
                    self._monitor(config, model, work), memory_session, on_step, config.eval_every_samples)
         try:
             self._steps(run)
+        except KeyboardInterrupt:
+            _last_reading(run)
+            raise
         except Exception as exc:
             self._why_raised(run.model, exc)
             raise
@@ -859,6 +862,21 @@ class Trainer:
             result.divergence = (f"loss {loss:.3g} at step {step + 1} exceeds {config.divergence_factor:g}× the "
                                  f"starting loss {start:.3g}, {DIVERGED_STEPS} steps in a row")
         return result.diverged
+
+
+def _last_reading(run: _Run) -> None:
+    """On Ctrl-C before the first validation, the noise scale read over the steps measured so far, as a reading of
+    ``noise_history`` (no validation loss: none was taken): an outside ``noise --steps 3000`` stopped after 194
+    measured steps said 'no reading had been taken yet', its first validation due at step 300. After one, the
+    readings taken at validations stand."""
+    reading = run.monitor.reading() if run.monitor is not None else None
+    history = run.result.noise_history
+    if reading is None or not reading.steps or history:
+        return
+    samples = run.result.samples  # counted as a step ends: its step, should Ctrl-C land before the step count's
+    history.append({"step": samples // run.config.shape.batch_size, "samples": samples, "val_loss": None,
+                    "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
+                    "reliable": reading.reliable, "noise_steps": reading.steps})
 
 
 def _largest(trainer: Trainer) -> str:

@@ -20,7 +20,7 @@ def render_noise(run: Any, fmt: str = "table") -> str:
     steps = (f"{run.steps} steps" if not run.interrupted else
              f"PARTIAL: interrupted after {run.steps} of {run.steps_planned} steps")
     head = f"batchtune noise: {run.name} at batch {shape}, lr {run.lr:.3g}, {steps}"
-    rows = [[h["step"], h["samples"], f"{h['val_loss']:.4g}", count(h["b_simple"]),
+    rows = [[h["step"], h["samples"], _loss(h["val_loss"]), count(h["b_simple"]),
              f"{count(h['low'])}–{count(h['high'])}" if h["low"] is not None else "-",
              "yes" if h["reliable"] else "no (band reaches 0)" if _reaches_zero(h) else
              "no (band too wide)" if h.get("wide") else "no"]
@@ -41,13 +41,20 @@ def render_noise(run: Any, fmt: str = "table") -> str:
                   "; not reliable: the band spans more than 10×" if final.get("wide") else
                   "; not reliable: the band is open above")
         at = "at the last reading before the interrupt" if run.interrupted else "at the end"
-        lines.append(f"B_simple {at}: {count(final['b_simple'])} examples{tokens} at val loss "
-                     f"{final['val_loss']:.4g} (90% band {count(final['low'])}–{count(final['high'])}{unsure}).")
+        where = (f"at val loss {final['val_loss']:.4g}" if final["val_loss"] is not None else
+                 f"over the {final['noise_steps']} steps measured before the first validation")
+        lines.append(f"B_simple {at}: {count(final['b_simple'])} examples{tokens} {where} "
+                     f"(90% band {count(final['low'])}–{count(final['high'])}{unsure}).")
         lines.append(_trend(run.history))
     else:
         lines.append("no reliable estimate yet: run more steps (--steps)")
     lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)
+
+
+def _loss(value: float | None) -> str:
+    """A reading's validation loss; ``-`` for the one an interrupt read between validations."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _reaches_zero(h: dict[str, Any]) -> bool:
@@ -69,7 +76,8 @@ def _out_of_memory(run: Any) -> str:
 
 def _trend(history: list[dict[str, Any]]) -> str:
     """How the reliable readings moved over the run, said from their bands rather than assumed."""
-    readings = [h for h in history if h["reliable"] and h["b_simple"] and h["low"] and h["high"]]
+    readings = [h for h in history if h["reliable"] and h["b_simple"] and h["low"] and h["high"]
+                and h["val_loss"] is not None]  # not the reading an interrupt took between validations
     if not readings:
         return "No reading is reliable yet: run more steps (--steps) for the band to close."
     if len(readings) == 1:

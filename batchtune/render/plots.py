@@ -70,7 +70,8 @@ def plot_noise(run: Any, path: Path) -> Path:
     ax.set_ylabel("simple noise scale (examples)")
     ax.grid(alpha=0.3)
     loss = ax.twinx()
-    loss.plot([p["step"] for p in run.history], [p["val_loss"] for p in run.history], color="tab:red",
+    validated = [p for p in run.history if p["val_loss"] is not None]  # not the reading an interrupt took between
+    loss.plot([p["step"] for p in validated], [p["val_loss"] for p in validated], color="tab:red",
               linestyle="--", label="val loss")
     loss.set_ylabel("validation loss")
     ax.legend(loc="upper left", fontsize=8)
