@@ -1313,6 +1313,8 @@ def test_the_calibration_is_sized_for_every_trial_its_sweep_may_train():
     assert 0.19 * 2_000_000 <= per_trial * most * 3 <= 0.2 * 2_000_000
     off = spec.sweep.model_copy(update={"lr_search": False})
     assert calibration_trials(off, 2) == 2
+    one = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"seeds": 1})})
+    assert ", 1 seed, " in _calibration_spec(one, components, backend, 2_000_000, 0.2)[2][-1]  # it read "1 seeds"
 
 
 def test_a_plan_whose_calibration_left_sizes_out_says_it_chose_among_the_calibrated_ones_only():

@@ -673,8 +673,8 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
                "lr_extensions": min(sw.lr_extensions, 1), "lr_refine": False,
                "target_loss": None, "reach_factor": 1.0, "ceiling": ceiling, "batch_sizes": sizes,
                "eval_points": max(sw.eval_points, 16)}
-    notes.append(f"calibration: sizes {sizes_text(sizes, scale)}, {seeds} seeds, {per_trial} samples per trial "
-                 f"({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")
+    notes.append(f"calibration: sizes {sizes_text(sizes, scale)}, {count_of(seeds, 'seed')}, {per_trial} samples per "
+                 f"trial ({share:.0%} of the run's {n} samples at most; the lead run and the timing take the rest)")
     return spec.model_copy(update={"sweep": sw.model_copy(update=updates)}), per_trial, notes, dropped
 
 
