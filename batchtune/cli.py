@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -140,6 +141,7 @@ def _with_timeout(overrides: list[str] | None, trial_timeout: float | None) -> l
 
 _RANK = 0  # under torchrun only rank 0 speaks
 _DEBUG = False  # --debug: show tracebacks instead of one-line errors
+_IN_MAIN = False  # run as the process's command (main), not in-process: a finished command ignores late stops
 
 
 @app.callback()
@@ -1010,22 +1012,29 @@ def check(
 
 @contextmanager
 def _result_in() -> Iterator[None]:
-    """The result is in: a Ctrl-C or SIGTERM while it is written out is let go, and the handlers come back after.
-    An outside CI's SIGINT, sent as a check finished, exited 130 beside a complete PASS and a JUnit file without
-    an error."""
-    import threading
-
+    """The result is in: a Ctrl-C or SIGTERM while it is written out is let go. An outside CI's SIGINT, sent as a
+    check finished, exited 130 beside a complete PASS and a JUnit file without an error. Under :func:`main` the
+    signals stay ignored to the process's end (the rest is its exit, :func:`_let_go_from_now`); called in-process
+    (a test's CliRunner), the handlers come back after."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         yield
         return
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in saved:
-        signal.signal(sig, signal.SIG_IGN)
+    saved = _let_go_from_now()
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        if not _IN_MAIN:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def _let_go_from_now() -> dict[int, Any]:
+    """Ignore SIGINT and SIGTERM from now on (the handlers they had, returned): the result is out, and a stop that
+    lands while the process shuts down (about a second: torch's teardown) must not turn its exit code into 130."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
+    return saved
 
 
 def _check_files(report: Any, junit: Path | None, strict: bool) -> None:
@@ -1296,6 +1305,8 @@ def main() -> None:
     from batchtune.engine import host
 
     host.PROCESS_START = time.perf_counter() - host.process_age()  # check --max-seconds counts the start-up too
+    global _IN_MAIN
+    _IN_MAIN = True
     try:
         app()
     except SystemExit as stop:
@@ -1303,6 +1314,8 @@ def main() -> None:
         if code == 130:  # interrupted: a second Ctrl-C during the exit ends it at once, not in a traceback
             code = interrupted_exit_code()
             signal.signal(signal.SIGINT, lambda *_: os._exit(code))
+        elif threading.current_thread() is threading.main_thread():  # finished: its exit code is the result's
+            _let_go_from_now()
         joined = sys.modules.get("batchtune.engine.distributed")
         if joined is not None and isinstance(code, (int, type(None))):  # click's codes: a number, or None
             joined.end_rank(code or 0)  # a torchrun rank ends without the teardown it could abort in

@@ -75,6 +75,21 @@ def _no_start_up_clock_left_by_main():
     host.PROCESS_START = None
 
 
+@pytest.fixture(autouse=True)
+def _no_signal_handlers_left_by_main():
+    """``cli.main()`` handles SIGTERM itself, and a command it ran to its end ignores SIGINT and SIGTERM for the
+    process's shutdown: left so, the session would ignore Ctrl-C (and ``_thread.interrupt_main``) after it."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    import batchtune.cli as cli
+
+    cli._IN_MAIN = False
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def logged(name: str, level: int = logging.WARNING) -> Iterator[list[str]]:
     """The messages at ``level`` (warnings) and worse of logger ``name`` while the block runs, read by a handler on

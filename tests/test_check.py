@@ -1537,6 +1537,46 @@ def test_a_ctrl_c_as_the_finished_check_writes_its_result_is_let_go(write_spec, 
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_stop_that_lands_after_the_check_wrote_its_result_keeps_the_verdict_s_exit_code(write_spec, monkeypatch,
+                                                                                           tmp_path):
+    """The same CI's SIGINT, landing as the check shut down (about a second after 'verdict: PASS' and its JUnit file
+    with errors="0"), exited 130. Once a command run by ``main`` finished, SIGINT and SIGTERM are let go to the
+    process's end: here one after the files are written, one and a SIGTERM as the process exits."""
+    import os
+    import signal
+    import sys
+
+    import batchtune.cli as cli
+    from batchtune.commands.check import CheckReport
+
+    exit_code = CheckReport.exit_code
+
+    def ctrl_c_after_writing(self, strict=False):  # the exit's code, taken after the files are written
+        if (tmp_path / "j.xml").exists():
+            os.kill(os.getpid(), signal.SIGINT)
+        return exit_code(self, strict)
+
+    exits: list[int] = []
+    monkeypatch.setattr(CheckReport, "exit_code", ctrl_c_after_writing)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)  # an interrupted exit's: a second Ctrl-C ends it at once
+    monkeypatch.setattr(sys, "argv", ["batchtune", "check", str(write_spec()), "-b", "32", "-q", "--junit",
+                                      str(tmp_path / "j.xml")])
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background ignores SIGINT
+    try:
+        cli.main()
+    except SystemExit as stop:
+        code = stop.code
+    except KeyboardInterrupt:
+        code = 130
+    try:  # the process's shutdown
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt:
+        code = 130
+    assert (code, exits) == (0, [])
+    assert ET.parse(tmp_path / "j.xml").getroot().get("errors") == "0"
+
+
 def test_a_check_interrupted_before_its_first_check_writes_a_junit_file_of_unfinished_checks(write_spec, monkeypatch,
                                                                                              tmp_path):
     """An outside CI's Ctrl-C at 3.5 s, while the check built its model, exited 130 and left no --junit file: CI
