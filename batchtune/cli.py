@@ -949,7 +949,7 @@ def check(
                      "else the spec's lr_scaling rule's).")] = None,
     fmt: FormatOpt = Format.table,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here (one test case "
-                                                                  "per check).")] = None,
+                                                                  "per check; one in error on bad input).")] = None,
     force: ForceOpt = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Warnings, and checks skipped to stay within --max-seconds, fail too (exit 1).")] = False,
@@ -978,7 +978,7 @@ def check(
                          "--context-bytes": context_bytes}
         _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
                      serve_check, [name for name, value in training_only.items() if value is not None], strict)
-    with _user_errors(fmt):
+    with _junit_on_bad_input(junit, force), _user_errors(fmt):
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         from batchtune.commands.check import CheckInputError, CheckInterrupted, run_check, run_check_estimate
@@ -1008,6 +1008,26 @@ def check(
             _echo(render_check(report, fmt.value, strict=strict))
             _check_files(report, junit, strict)
     raise typer.Exit(report.exit_code(strict))
+
+
+@contextmanager
+def _junit_on_bad_input(junit: Path | None, force: bool) -> Iterator[None]:
+    """A check that exits 2 (a bad spec, a factory that raised, a shape error) still leaves --junit a file: one
+    test case in error, saying what the error said (an outside CI's test-report step found no file). Not where
+    the --junit path is what was refused, nor over a file of the user's (:func:`_writable` decides, again)."""
+    try:
+        yield
+    except typer.Exit as stop:
+        if stop.exit_code == EXIT_BAD_INPUT and junit is not None and _RANK == 0:
+            from batchtune.render.check import bad_input_junit
+            from batchtune.render.run_folder import atomic_write
+
+            try:
+                _writable(junit, "--junit", force)
+                atomic_write(junit, bad_input_junit(_STDOUT["said"] or "bad input (exit 2)") + "\n")
+            except (UsageError, OSError):  # the error said is the one to see; this file is an extra
+                pass
+        raise
 
 
 @contextmanager

@@ -771,6 +771,32 @@ def test_warnings_show_in_junit_as_system_out_and_as_failures_when_strict(write_
         assert suite.get("failures") == failures and (case.find("failure") is not None) == strict
 
 
+def test_a_check_that_exits_2_still_writes_a_junit_file_saying_why(write_spec, tmp_path):
+    """An outside CI's bad spec (and a factory that raised, a shape error) exited 2 with no --junit file: its
+    test-report step found nothing. One test case in error says what the error said; a file of the user's at that
+    path is left as it is, the refusal of the path itself included."""
+    junit = tmp_path / "j.xml"
+    bad = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q", "--junit", str(junit),
+                              "optimizer.lr=oops"])
+    assert bad.exit_code == 2, bad.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("1", "1", "0")
+    error = suite.find("testcase[@name='spec']/error")
+    assert error.get("type") == "usage" and "optimizer.lr: Input should be a valid number" in error.get("message")
+    assert bad.stderr.startswith(f"error: {error.get('message').splitlines()[0]}")
+    raised = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q", "--junit", str(junit),
+                                 "model.target=tests.test_robustness:corrupt_model"])  # a factory that raises
+    assert raised.exit_code == 2 and ET.parse(junit).getroot().get("errors") == "1"
+    assert "model.target" in ET.parse(junit).getroot().find("testsuite/testcase/error").get("message")
+    theirs = tmp_path / "theirs.xml"
+    theirs.write_text("<mine/>")
+    for extra in (["optimizer.lr=oops"], []):  # a bad spec; the refusal of their file
+        out = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "32", "-q", "--junit", str(theirs),
+                                  *extra])
+        assert out.exit_code == 2 and theirs.read_text() == "<mine/>"
+    assert "--junit" in out.stderr and "already exists" in out.stderr
+
+
 def test_table_output(write_spec):
     result = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "128", "-q"])
     assert result.exit_code == 0

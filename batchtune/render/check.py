@@ -15,7 +15,7 @@ from tabulate import tabulate
 from batchtune.commands.check_verdicts import SLOW_START
 from batchtune.render.text import count, count_of, device_text, format_bytes, format_shape, to_json
 
-__all__ = ["TIME_SKIP", "busy_note", "check_notes", "check_reason", "render_check"]
+__all__ = ["TIME_SKIP", "bad_input_junit", "busy_note", "check_notes", "check_reason", "render_check"]
 
 TIME_SKIP = "skipped to stay within --max-seconds"
 _CHECK_ICONS = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skip": "⏭"}
@@ -522,6 +522,20 @@ def _check_junit(report: Any, strict: bool) -> str:
             ET.SubElement(case, "skipped", {"message": reason})
         out = ET.SubElement(case, "system-out")
         out.text = (f"WARNING: {reason}\n" if c.status == "warn" else f"{c.status}: {reason}\n") + figures
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+def bad_input_junit(message: str, name: str = "spec") -> str:
+    """JUnit XML for a check that ended in bad input (exit 2) before any verdict: one test case, ``name``, in error
+    (type ``usage``) with ``message``, so that CI's test-report step finds a file that says why (it found none)."""
+    import xml.etree.ElementTree as ET
+
+    attrs = {"name": "batchtune check", "tests": "1", "failures": "0", "errors": "1", "skipped": "0", "time": "0.000"}
+    root = ET.Element("testsuites", attrs)
+    case = ET.SubElement(ET.SubElement(root, "testsuite", attrs), "testcase",
+                         {"name": name, "classname": "batchtune.commands.check", "time": "0.000"})
+    ET.SubElement(case, "error", {"message": message, "type": "usage"}).text = message
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
 
