@@ -87,6 +87,34 @@ def test_a_batch_above_the_ceiling_fails_fits_and_exits_1(write_spec):
     assert all("does not fit" in c["reason"] for c in data["checks"][1:4])
     assert [c["code"] for c in data["checks"]] == ["fits.oom"] + ["skip.fits_oom"] * 4
     assert data["status"] == "fail" and data["exit_code"] == 1
+    # sizes in the user's terms, and how to find what fits where nothing here knows it (no --baseline)
+    assert "memory_limit is 200.0 KiB)" in fits["reason"] and "bytes" not in fits["reason"]
+    assert fits["reason"].endswith(f"; the largest batch that fits is not known here: batchtune probe "
+                                   f"{write_spec(CHECK_SPEC)} finds it (--estimate: predicted, without training), then "
+                                   "--accum-steps K runs the batch as K micro-batches within it")
+    assert (fits["figures"]["ceiling"], fits["figures"]["suggest_accum_steps"]) == (None, None)
+
+
+def test_a_batch_above_the_baseline_s_ceiling_says_what_fits_and_the_accumulation_that_does(write_spec, tmp_path):
+    """An outside check of batch 512 above its device's ceiling said only 'tried to allocate 16777216 bytes with
+    22073284 bytes live; memory_limit is 67108864 bytes', where --accum-steps 2 then passed at 27.5 MiB. The baseline
+    sweep's probe of this device says the ceiling, the safe batch size and the fewest accumulation steps within it."""
+    spec = _spec(write_spec)
+    for name, capacity in (("here", 200 * 1024), ("elsewhere", 64 * 2**20)):
+        folder = _fake_baseline(tmp_path / name, [])
+        (folder / "meta.json").write_text(json.dumps({"precision": "fp32", "ceiling": 430, "safe_batch_size": 387,
+                                                      "capacity_bytes": capacity, "world_size": 1}))
+        fits = run_check(spec, batch_size=512, baseline=folder).check("fits")
+        assert (fits.status, fits.code) == ("fail", "fits.oom")
+        figures = {k: fits.figures[k] for k in ("ceiling", "safe_batch_size", "suggest_accum_steps",
+                                                 "suggest_micro_batch_size")}
+        if name == "here":
+            assert figures == {"ceiling": 430, "safe_batch_size": 387, "suggest_accum_steps": 2,
+                               "suggest_micro_batch_size": 256} and fits.figures["ceiling_from"] == str(folder)
+            assert check_reason(fits).endswith("); on this device the baseline sweep's probe found ceiling 430, safe "
+                                               "batch size 387: --accum-steps 2 (256×2) fits within it")
+        else:  # another device's ceiling says nothing of this one's
+            assert figures == dict.fromkeys(figures) and "batchtune probe" in check_reason(fits)
 
 
 def test_a_model_whose_own_weights_do_not_fit_fails_fits_and_exits_1_with_json_and_junit(write_spec, tmp_path):

@@ -266,6 +266,19 @@ class Baseline:
                and (r.get("micro_batch_size") or 0) * (k := r.get("accum_steps", 1)) * world_size == batch_size}
         return ran.pop() if len(ran) == 1 else None
 
+    def ceiling(self, capacity_bytes: int | None, precision: str, world_size: int) -> tuple[int | None, int | None]:
+        """(ceiling, safe batch size) the sweep probed, as micro-batches of one device, where it probed a device of
+        ``capacity_bytes`` at ``precision`` on as many ranks; else (None, None): another device's ceiling says
+        nothing of this one's."""
+        meta = self.meta
+        same = (capacity_bytes is not None and meta.get("capacity_bytes") == capacity_bytes
+                and meta.get("precision", "fp32") == precision and (meta.get("world_size") or 1) == world_size)
+        safe = meta.get("safe_batch_size")
+        if not same or not (isinstance(safe, int) and safe > 0):
+            return None, None
+        ceiling = meta.get("ceiling")
+        return (ceiling if isinstance(ceiling, int) else None), safe
+
     def fastest_lr(self, batch_size: int, resolved: dict[str, Any], rule_lr: float) -> tuple[float | None, str]:
         """The lr the sweep found fastest at ``batch_size`` and what it rests on, where it scaled the same
         optimizer from the same base batch size by the same rule: at a size it ranked, that size's; at
@@ -520,6 +533,9 @@ def _fits(state: _CheckRun) -> CheckResult:
         weights = _weights_bytes(state) if fit.weights_oom else None
         verdict = fits_verdict(False, None, state.capacity, spec.probe.headroom, error, failed_ranks=fit.failed_ranks,
                                weights=fit.weights_oom, weights_bytes=weights)
+        if not fit.weights_oom:
+            probed = state.baseline is not None and not state.other_job
+            verdict.figures.update(_what_fits(spec, shape, state.baseline if probed else None, state.capacity))
     if verdict.status == "pass" and state.requested > shape.batch_size:  # CI had passed a batch that never ran
         verdict.figures["memory_code"] = verdict.code
         verdict = CheckResult("fits", "warn", "fits.unrun", {**verdict.figures, "requested": state.requested,
@@ -532,6 +548,23 @@ def _fits(state: _CheckRun) -> CheckResult:
     state.fit = fit
     state.step_seconds = (stamps[-1] - stamps[-2]) if len(stamps) >= 2 else fit.train_seconds / max(fit.steps, 1)
     return verdict
+
+
+def _what_fits(spec: Any, shape: BatchShape, base: Baseline | None, capacity: int | None) -> dict[str, Any]:
+    """What would fit, for a batch that ran out of memory: the ceiling and safe batch size the ``base`` sweep (of this
+    job) probed on this device (``ceiling_from``: its folder), and the fewest --accum-steps that keep each micro-batch
+    within that safe size (``suggest_accum_steps``, dividing the batch, as --accum-steps must). Without one,
+    ``spec_path`` for the probe the reason says to run. An outside check of batch 512 said only 'tried to allocate
+    16777216 bytes ...', where --accum-steps 2 passed."""
+    ceiling, safe = base.ceiling(capacity, spec.precision, shape.world_size) if base is not None else (None, None)
+    figures: dict[str, Any] = {"ceiling": ceiling, "safe_batch_size": safe,
+                               "ceiling_from": str(base.path) if base is not None and safe else None,
+                               "suggest_accum_steps": None, "suggest_micro_batch_size": None,
+                               "spec_path": spec._source}
+    if safe is not None and safe < shape.micro_batch_size:
+        split = BatchShape.fitting(shape.batch_size, safe, shape.world_size)
+        figures.update(suggest_accum_steps=split.accum_steps, suggest_micro_batch_size=split.micro_batch_size)
+    return figures
 
 
 def _weights_bytes(state: _CheckRun) -> int | None:
@@ -1118,6 +1151,8 @@ def _estimated_fits(spec: Any, target: Any, point: Any) -> CheckResult:
     peak, room = apart(point.peak_bytes, capacity, format_bytes)
     error = None if fits else f"estimated peak {peak} is above the {room} the tensors may use"
     verdict = fits_verdict(fits, point.peak_bytes, capacity, spec.probe.headroom, error)
+    if not fits:
+        verdict.figures.update(_what_fits(spec, BatchShape(point.micro_batch_size, point.accum_steps), None, None))
     verdict.figures.update(estimate=True, compute_peak_bytes=point.compute_peak_bytes,
                            optimizer_peak_bytes=point.optimizer_peak_bytes, micro_batch_size=point.micro_batch_size,
                            accum_steps=point.accum_steps, allocator=target.allocator,

@@ -306,9 +306,11 @@ class _StorageCounter(TorchDispatchMode):
             self.peak = self.current
         if enforce and self.limit is not None and self.current > self.limit:
             self.ooms += 1
-            raise torch.OutOfMemoryError(
-                f"CPU out of memory (simulated by batchtune): tried to allocate {nbytes} bytes with "
-                f"{self.current - nbytes} bytes live; memory_limit is {self.limit} bytes"
+            from batchtune.render.text import format_bytes
+
+            raise torch.OutOfMemoryError(  # sizes as the spec gives them (an outside check read '16777216 bytes')
+                f"CPU out of memory (simulated by batchtune): tried to allocate {format_bytes(nbytes)} with "
+                f"{format_bytes(self.current - nbytes)} live; memory_limit is {format_bytes(self.limit)}"
             )
 
     def _freed(self, key: int) -> None:

@@ -7,6 +7,7 @@ each, the same in every format (and in JSON as ``checks[i].reason``).
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,23 @@ def _peak(f: dict[str, Any]) -> str:
 def _oom(f: dict[str, Any]) -> str:
     ranks = f.get("failed_ranks") or []
     on = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
-    return f"out of memory{on} ({f['error']})"
+    return f"out of memory{on} ({f['error']}){_what_fits(f)}"
+
+
+def _what_fits(f: dict[str, Any]) -> str:
+    """What would fit, as the fits run's figures know it (check's ``_what_fits``); '' where they say nothing."""
+    if "ceiling" not in f:  # an estimate's, or a report from before these figures
+        return ""
+    safe, k = f.get("safe_batch_size"), f.get("suggest_accum_steps")
+    if safe is None:
+        spec = shlex.quote(f["spec_path"]) if f.get("spec_path") else "SPEC"
+        return (f"; the largest batch that fits is not known here: batchtune probe {spec} finds it (--estimate: "
+                "predicted, without training), then --accum-steps K runs the batch as K micro-batches within it")
+    ceiling = f"ceiling {count(f['ceiling'])}, " if f.get("ceiling") is not None else ""
+    probed = f"; on this device the baseline sweep's probe found {ceiling}safe batch size {count(safe)}"
+    if k is None:
+        return probed
+    return f"{probed}: --accum-steps {k} ({f['suggest_micro_batch_size']}×{k}) fits within it"
 
 
 def _weights(f: dict[str, Any]) -> str:
