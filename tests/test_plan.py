@@ -1086,10 +1086,10 @@ def test_schedule_out_holds_the_plan_the_verification_says_to_use(tmp_path, monk
 
     monkeypatch.setattr(plan, "verify_plan", pick_is_slower)
     out = tmp_path / "schedule.yaml"
-    result = CliRunner().invoke(app, ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=20000",
-                                      "sweep.batch_sizes=[32,64]", "sweep.lr_search=false", "sweep.eval_samples=512",
-                                      "optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "--samples", "60000", "--verify", "--schedule-out", str(out), "--format",
-                                      "json", "-q"])
+    args = ["plan", "configs/quickstart.yaml", "data.kwargs.n_train=20000", "sweep.batch_sizes=[32,64]",
+            "sweep.lr_search=false", "sweep.eval_samples=512", "optimizer={name: sgd, lr: 0.05, momentum: 0.9}",
+            "--samples", "60000", "--verify", "--schedule-out", str(out), "--format", "json", "-q"]
+    result = CliRunner().invoke(app, args)
     data = json.loads(result.stdout)
     use, picked = data["verified"]["use"], data["recommendation"]["plan"]
     assert use != picked and f"Trained over the whole run, {use} is the one to use" in " ".join(data["notes"])

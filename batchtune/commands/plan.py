@@ -1561,14 +1561,18 @@ def _whole_run_reasons(result: PlanResult, pick: Projection, entry: dict[str, An
     run's. An outside plan with --deadline 10s recommended constant 128, 5.6 s to the target and 14.6 s for the
     600,000 samples planned, without a word of the deadline; its cost column was the target's, 9.4x below the
     whole run's, which no column showed."""
+    limit = result.deadline_seconds
+    met = limit is not None and pick.seconds_to_target <= limit
+    if result.price_per_hour is None and not met:  # a missed deadline: _miss_deadline says so
+        return []
     whole = f"the whole run of {result.samples:,} samples"
     out = []
     if result.price_per_hour is not None:
         out.append(f"costs {entry['cost']:.3g} to the final target, {entry['total_cost']:.3g} for {whole} "
                    f"({entry['total_gpu_hours']:.3g} device-hours at {result.price_per_hour:g} an hour)")
-    deadline, limit = result.deadline or duration_text(result.deadline_seconds), result.deadline_seconds
-    if limit is None or pick.seconds_to_target > limit:
+    if not met:
         return out
+    deadline = result.deadline or duration_text(limit)
     said = (f"meets the deadline of {deadline}: reaches the final target in {duration_text(pick.seconds_to_target)}; "
             f"{whole} takes {duration_text(pick.total_seconds)}")
     if pick.total_seconds > limit:

@@ -879,18 +879,8 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         if e["diverged_seeds"]:
             notes.append(f"batch {e['batch_size']} diverged in {e['diverged_seeds']} of {e['seeds']} seeds at its "
                          "best lr: a lower lr is safer")
-    if ranked[0]["batch_size"] == smallest and len(sizes) > 1 and below:
-        notes.append("the smallest size won: every size took about the same steps to the target (steps-limited, not "
-                     "sample-limited), so the cheapest step won; on a device where a larger batch's step costs about "
-                     "the same (a GPU below its saturation) a larger batch is as fast, and no faster")
-    elif ranked[0]["batch_size"] == smallest and len(sizes) > 1:
-        notes.append(f"the smallest size won: at {meta.get('samples')} samples per trial this run is sample-limited "
-                     "(a smaller batch takes more steps per sample); a longer run to a lower loss favours "
-                     "larger batches, up to about the critical batch size")
     if ranked[0]["batch_size"] == smallest and len(sizes) > 1:
-        if smallest > 1 and b_crit and b_crit < 2 * smallest:
-            notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
-                         f"batch may reach the target sooner still; try {_more(meta, 'min', max(1, smallest // 4))}")
+        notes += _smallest_won(smallest, b_crit, below, meta)
     largest = max(e["batch_size"] for e in sizes)
     if critical.get("fit_extrapolated"):
         fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
@@ -925,6 +915,23 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
             f"{e['batch_size']} (×{e['lr_multiplier']:g} the rule's, the {e['lr_edge']} of the {e['lrs_tried']} it "
             "tried)" for e in edged) + f" is at the edge of what {'it' if len(edged) == 1 else 'they'} tried: an lr "
             "beyond it may be faster still, and the ranking with it")
+    return notes
+
+
+def _smallest_won(smallest: int, b_crit: float | None, below: bool, meta: dict[str, Any]) -> list[str]:
+    """Why the smallest size won: steps-limited where the critical batch lies ``below`` every size (the cheapest
+    step wins), else sample-limited; and where the critical batch is near or below it, to try smaller sizes."""
+    if below:
+        notes = ["the smallest size won: every size took about the same steps to the target (steps-limited, not "
+                 "sample-limited), so the cheapest step won; on a device where a larger batch's step costs about the "
+                 "same (a GPU below its saturation) a larger batch is as fast, and no faster"]
+    else:
+        notes = [f"the smallest size won: at {meta.get('samples')} samples per trial this run is sample-limited (a "
+                 "smaller batch takes more steps per sample); a longer run to a lower loss favours larger batches, up "
+                 "to about the critical batch size"]
+    if smallest > 1 and b_crit and b_crit < 2 * smallest:
+        notes.append(f"the critical batch (~{count(b_crit)}) is near or below the smallest size tried: a smaller "
+                     f"batch may reach the target sooner still; try {_more(meta, 'min', max(1, smallest // 4))}")
     return notes
 
 

@@ -110,8 +110,8 @@ def malloc_note(device_type: str) -> str | None:
     None on another device (a GPU's tensors live in its own allocator) or where malloc was left as it was."""
     if device_type != "cpu" or not steady_malloc():
         return None
-    return (f"timed with glibc malloc's thresholds held steady (batchtune sets mmap {MMAP_THRESHOLD >> 20} MiB and trim "
-            f"{TRIM_THRESHOLD >> 20} MiB in its own process, so that a step's time does not depend on what ran "
+    return (f"timed with glibc malloc's thresholds held steady (batchtune sets mmap {MMAP_THRESHOLD >> 20} MiB and "
+            f"trim {TRIM_THRESHOLD >> 20} MiB in its own process, so that a step's time does not depend on what ran "
             "before it): a CPU job at glibc's defaults can step 1.2-1.6x slower at large batches (fresh memory "
             f"faulted in page by page); start yours with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} "
             f"MALLOC_TRIM_THRESHOLD_={TRIM_THRESHOLD} in its environment to train at the speeds measured here")
