@@ -644,8 +644,10 @@ def test_serve_times_batch_one_whatever_the_trainings_minimum(write_spec):
     """An outside CNN's spec set probe.min_batch_size 2 (BatchNorm cannot train on one sample): serve never timed
     batch 1, which met the budget, and said no size did."""
     spec = write_spec(SERVE_SPEC + "probe: {min_batch_size: 2}\n")
-    r = run_serve(spec, latency_budget=0.0029, percentile=50, repeats=20, buckets=False)  # 2 ms + 0.5 ms a sample
-    assert r.points[0].batch_size == 1 and r.max_batch_size == 1
+    # 2 ms + 0.5 ms a sample: batch 1 meets 4.5 ms with room for a loaded machine's late sleeps (at 2.9 ms a busy
+    # suite timed it at 2.901 ms)
+    r = run_serve(spec, latency_budget=0.0045, percentile=50, repeats=20, buckets=False)
+    assert r.points[0].batch_size == 1 and r.max_batch_size is not None and r.max_batch_size >= 1
 
 
 def test_the_dynamic_batching_line_shows_the_percentile_the_budget_bounds():
