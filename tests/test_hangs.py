@@ -265,27 +265,16 @@ def test_a_loss_that_overflows_on_huge_finite_outputs_names_the_model_and_the_lo
     assert check.exit_code == 2 and said and 1e4 < float(said[1]) < 1e6, check.stderr
 
 
-def nan_after(after: int):
-    """Cross entropy, NaN from its ``after``-th call with gradients on (the first steps of a run are finite)."""
+def nan_after(after: int, value: str = "nan"):
+    """Cross entropy, NaN (or ``value``, "inf") from its ``after``-th call with gradients on (the first steps of a run
+    are finite), whatever the outputs: an arithmetic of the loss's own (an outside -log(softmax(50 × outputs)) went
+    inf at step 2 on outputs within ±1)."""
     calls = [0]
 
     def loss(output, targets):
         calls[0] += 1
-        value = torch.nn.functional.cross_entropy(output, targets)
-        return value * float("nan") if calls[0] > after and torch.is_grad_enabled() else value
-
-    return loss
-
-
-def inf_after(after: int):
-    """Cross entropy, inf from its ``after``-th call with gradients on, on whatever outputs: an arithmetic of its own
-    that overflows (an outside -log(softmax(50 × outputs)) did so at step 2, on outputs within ±1)."""
-    calls = [0]
-
-    def loss(output, targets):
-        calls[0] += 1
-        value = torch.nn.functional.cross_entropy(output, targets)
-        return value * float("inf") if calls[0] > after and torch.is_grad_enabled() else value
+        ce = torch.nn.functional.cross_entropy(output, targets)
+        return ce * float(value) if calls[0] > after and torch.is_grad_enabled() else ce
 
     return loss
 
@@ -294,7 +283,7 @@ def test_an_inf_loss_of_small_finite_outputs_is_said_to_be_the_losss(write_spec)
     """An outside -log(softmax(50 × outputs)) went inf at step 2 on outputs within ±1 and check said only 'diverged
     at lr 0.1: non-finite loss at step 2' (cross_entropy trained at that lr): an inf was taken for the outputs'
     overflow, the lr's, however small they were."""
-    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:inf_after", kwargs: {after: 8}}\n')
+    spec = write_spec(TINY_SPEC + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 8, value: inf}}\n')
     check = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])  # after the fits run's passes
     said = " ".join(check.stdout.split())
     assert check.exit_code == 1 and "non-finite loss at step 2 from finite model outputs (largest |output| " in said
