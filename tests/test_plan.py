@@ -858,6 +858,7 @@ def test_an_interrupted_plan_names_its_folder_and_the_command_that_continues_it(
     assert f"{run} is a batchtune plan's calibration: continue it with {command}" in sweep.stderr
     other = runner.invoke(app, [*args[:5], "70000", *args[6:]])  # another run length: another calibration
     assert other.exit_code == 2 and f"--out {run} holds the calibration of another plan, which is kept" in other.stderr
+    assert "--resume" not in other.stderr  # the sweep's way on names an option plan has not
     probed = json.loads((run / "meta.json").read_text())["origin"]["probed"]
 
     def probe_again(*args, **kwargs):  # seconds spent, and a GPU's ceiling may move: "another plan's calibration"

@@ -274,6 +274,9 @@ def test_resume_refuses_a_different_spec(write_spec, tmp_path):
     assert result.exit_code == 2
     assert "the spec differs from the one" in result.stderr and "(now: optimizer.lr (" in result.stderr
     assert " → 0.5)); resume" in result.stderr
+    assert " ".join(result.stderr.split()).endswith(  # and the way on with the changed spec
+        f"resume with the same spec, or sweep this one anew without --resume (or with another --out): the trials in "
+        f"{tmp_path / 'run'} were trained on the other and stay as they are")
     # a folder from before a key was added with a null default (train.lr) is the same spec
     from batchtune.commands.sweep import _set_keys
 

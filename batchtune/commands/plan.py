@@ -777,8 +777,9 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     except UsageError as exc:
         if not resume or "the spec differs" not in str(exc):
             raise
-        raise UsageError(f"--out {out} holds the calibration of another plan, which is kept ({exc}): give the same "
-                         "spec, overrides and run length to continue it, or choose a new --out") from None
+        differs = str(exc).split("; resume with")[0]  # the sweep's way on names its own options
+        raise UsageError(f"--out {out} holds the calibration of another plan, which is kept ({differs}): give the "
+                         "same spec, overrides and run length to continue it, or choose a new --out") from None
     folder = RunFolder(sweep.run_dir)
     rows = dist.broadcast(dist.on_main(folder.read_trials))
     best = _best_lrs(rows)

@@ -128,8 +128,11 @@ def _resume(folder: RunFolder, resolved: dict[str, Any], dist: Any) -> tuple[dic
         # a key left null is one a later batchtune added with its default (train.lr): not a different spec
         stored, now = _set_keys(folder.read_spec()), _set_keys(resolved)
         if stored != now:
+            # an outside user who fixed a data path could not resume, and was told no other way on
             return (f"the spec differs from the one {folder.path} was run with "
-                    f"(now: {', '.join(changed_keys(stored, now))}); resume with the same spec"), None, []
+                    f"(now: {', '.join(changed_keys(stored, now))}); resume with the same spec, or sweep this one "
+                    f"anew without --resume (or with another --out): the trials in {folder.path} were trained on "
+                    "the other and stay as they are"), None, []
         run = folder.load()  # all of it checked now, not after the trials: result() reads environment.json
         ranks = run.meta.get("world_size") or 1
         if ranks != dist.world_size:  # its sizes and lrs are global batches of its world: one process read 16 of 32
