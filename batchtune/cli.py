@@ -825,6 +825,17 @@ def _mark_provisional(result: Any, run_dir: Path, holder: dict[str, Any] | None)
         state = (f"a sweep is still writing it (pid {holder.get('pid')} on {holder.get('host')})" if holder
                  else "the sweep stopped before its plan was done; continue with "
                  + shlex.join([*_launcher(result.meta.get("world_size") or 1), "sweep", "--resume", str(run_dir)]))
+    planned = [c["batch_size"] for c in result.meta.get("candidates") or []]
+
+    def unrun(m: re.Match) -> str:  # a size the sweep still has to train: resuming tries it, not a new spec
+        end, size = m[1], int(m[2])
+        if not planned or not min(planned) <= size <= max(planned):
+            return m[0]
+        return (f"resume the sweep, which has yet to train sizes {'up to' if end == 'max' else 'from'} "
+                f"{max(planned) if end == 'max' else min(planned)}")
+
+    # an outside report of 2 of 29 trials said 'try sweep.max_batch_size=32' of a sweep planned up to 256
+    result.notes = [re.sub(r"(?:try )?sweep\.(max|min)_batch_size=(\d+)", unrun, n) for n in result.notes]
     result.notes.insert(0, f"incomplete run, {count_of(n, 'trial')} so far: {state}")
     if result.recommendation is not None:
         result.recommendation["provisional"] = True

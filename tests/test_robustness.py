@@ -1160,3 +1160,24 @@ def test_an_iterable_dataset_with_a_len_is_told_to_be_map_style_exit_2(write_spe
         build_components(spec)
     assert "data: the train dataset is an IterableDataset (_Streamed): it is iterated, not indexed; batchtune needs " \
            "map-style datasets" in str(caught.value)
+
+
+def test_an_unfinished_sweeps_notes_ask_for_the_sizes_and_seeds_it_has_yet_to_run(tmp_path):
+    """An outside report of 2 of a 29-trial sweep (sizes 8-256, 3 seeds) said 'try sweep.max_batch_size=32' and
+    'sweep.seeds 3 or more': the sweep had both in its plan, and resuming it was the way on."""
+    from types import SimpleNamespace
+
+    from batchtune.cli import _mark_provisional
+    from batchtune.commands.sweep_analysis import analyse
+    from tests.test_sweep import HAND_META, _trial
+
+    rows = [_trial(b, 0, [(0, 0, 2.0), (s, s * 0.01, 0.5)], 1000) for b, s in ((8, 400), (16, 201), (32, 101))]
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1, 2], "samples": 4096,
+            "candidates": [{"batch_size": b} for b in (8, 16, 32, 64, 128, 256)]}
+    notes = analyse(rows, meta).notes
+    assert any(n.endswith("the sweep's other 2 seeds measure it once they run") for n in notes)
+    said = ["the largest size tried won: ...; try sweep.max_batch_size=64", "try sweep.max_batch_size=1024"]
+    result = SimpleNamespace(trials=rows, meta=meta, notes=said, recommendation=None)
+    _mark_provisional(result, tmp_path, None)
+    assert result.notes[1:] == ["the largest size tried won: ...; resume the sweep, which has yet to train sizes up to "
+                                "256", "try sweep.max_batch_size=1024"]

@@ -159,14 +159,18 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
              + _fallback_notes(rows) + _truncated_notes(rows, meta)
              + busy_notes(rows) + _unmeasured_noise_notes(rows) + overhead_notes(rows))
     seeds = len({r["seed"] for r in rows}) or len(meta.get("seeds") or [])  # those run: an unfinished sweep's too
+    planned = len(meta.get("seeds") or [])
+    # an unfinished sweep with its seeds still to run was told to set the sweep.seeds it has (an outside report)
+    more = (f"the sweep's other {planned - seeds} seeds measure it once they run" if planned >= max(3, seeds + 1)
+            else "sweep.seeds 3 or more measures it")
     if seeds == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
-                     "ranking gap of a few percent may be noise; sweep.seeds 3 or more measures it")
+                     f"ranking gap of a few percent may be noise; {more}")
     elif seeds == 2:  # an outside sweep read '0.08–0.08' from seeds at 80 and 83 steps
         notes.append("two seeds: each interval is the range of the two seeds' times (the bootstrap of two values), not "
                      "a measured 90% interval; close seeds give a narrow range where more seeds spread wider (five of "
                      "an outside 512 took 93–148 steps where its two took 80 and 83), so a tie read from it may be "
-                     "missed; sweep.seeds 3 or more measures it")
+                     f"missed; {more}")
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
         if last["target_loss"] != min(targets):  # the headline is the last target given, not the lowest
