@@ -63,6 +63,8 @@ def test_yaml_syntax_error_has_line():
     (issue,) = info.value.issues
     assert issue.line == 4  # where the parser found the unclosed mapping's stray ':'
     assert issue.message.startswith("not valid YAML: expected ',' or '}'")
+    # and where the mapping began (an outside spec's unclosed { on line 2 was said on line 3 alone)
+    assert issue.message.endswith("(while parsing a flow mapping that began on line 3, column 11: is it closed?)")
 
 
 def test_overrides_parse_as_yaml_and_are_validated(write_spec):

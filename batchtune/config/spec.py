@@ -952,6 +952,11 @@ def _yaml_issue(exc: yaml.YAMLError, text: str, source: str) -> SpecIssue:
     mark = getattr(exc, "problem_mark", None)
     line = mark.line + 1 if mark is not None else None
     problem = getattr(exc, "problem", None) or str(exc)
+    context, opened = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and ("flow" in context or "quoted" in context) and opened is not None and opened.line + 1 != line:
+        # where the construct began, not only where the parser gave up: an outside spec's unclosed { on line 2 was
+        # said on line 3
+        problem += f" ({context} that began on line {opened.line + 1}, column {opened.column + 1}: is it closed?)"
     return SpecIssue("", f"not valid YAML: {problem}", source, line)
 
 
