@@ -812,6 +812,20 @@ def test_a_damaged_run_folder_is_one_line_naming_the_file_in_report_resume_and_c
     assert (run / name).read_bytes() == damaged  # nothing rewritten over what was there
 
 
+def test_a_trial_whose_validation_loss_was_not_finite_reads_back_in_report_and_resume(finished_run, tmp_path):
+    """An outside loss that hit log(0) ended its trials at 'non-finite validation loss at step 39', written as
+    null in trials.json; the run's own folder was then refused by report, --resume and plan ('row 2 holds evals (a
+    list) where numbers (evals: a list) belong')."""
+    spec, good = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    rows = json.loads((run / "trials.json").read_text())
+    rows[0]["evals"][-1][3], rows[0]["diverged"] = None, True
+    (run / "trials.json").write_text(json.dumps(rows))
+    assert _cli("report", run).exit_code == 0
+    assert _cli("sweep", spec, "--resume", run).exit_code == 0
+
+
 # ------------------------------------------------------------------ interrupted and killed sweeps
 
 

@@ -65,7 +65,11 @@ def _number(value: Any) -> bool:
 _ROW_TYPES = {"batch_size": _whole, "micro_batch_size": _whole, "accum_steps": _whole, "seed": _whole,
               "lr": _number, "lr_multiplier": _number, "samples": _whole,
               "samples_per_s": lambda v: v is None or _number(v),
-              "evals": lambda v: isinstance(v, list) and all(isinstance(e, list) and all(map(_number, e)) for e in v)}
+              # a validation loss that was not finite is written as null (an outside NaN loss at step 39 made its own
+              # run folder unreadable: report, --resume and plan all refused it)
+              "evals": lambda v: isinstance(v, list) and all(
+                  isinstance(e, list) and all(map(_number, e[:3])) and all(x is None or _number(x) for x in e[3:])
+                  for e in v)}
 ROW_KEYS = ("batch_size", "micro_batch_size", "accum_steps", "lr_multiplier", "lr", "seed", "samples", "fits",
             "diverged", "samples_per_s", "data_share", "peak_bytes", "final_val_loss", "evals")
 
