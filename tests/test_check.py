@@ -1249,7 +1249,8 @@ REPRESENTATIVE = {
     "trains.slow_start": ("pass", {**_TREND, "baseline_trials": 3, "baseline_fell_at": 48},
                           "no clear decrease yet (noise ±0.013), as in the baseline sweep's 3 trials at this size and "
                           "lr, which stayed within 5% of their start until step 48 (median) and fell after it"),
-    "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013)"),
+    "trains.flat": ("warn", _TREND, "no clear decrease (noise ±0.013); the lr may be too low, or too high for the "
+                                    "loss to settle, or the run too short to tell (--lr tries another)"),
     "trains.rising": ("fail", _TREND, "rising beyond its noise (±0.013)"),
     "trains.diverged": ("fail", {"lr": 1414.2, "divergence": "non-finite loss at step 3"},
                         "diverged at lr 1.41e+03: non-finite loss at step 3"),

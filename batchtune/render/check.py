@@ -330,8 +330,9 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                     f"baseline sweep's {count_of(f['baseline_trials'], 'trial')} at this size and lr, "
                                     f"which stayed within {SLOW_START:.0%} of their start until step "
                                     f"{f['baseline_fell_at']:g} (median) and fell after it"),
-    "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low or "
-                             "the run too short to tell",
+    # either way: an outside check at lr 12.8, past the lr its baseline saw fail, was told it 'may be too low'
+    "trains.flat": lambda f: f"{_trend(f)}: no clear decrease (noise ±{f['noise']:.2g}); the lr may be too low, or too "
+                             "high for the loss to settle, or the run too short to tell (--lr tries another)",
     "trains.rising": lambda f: f"{_trend(f)}: rising beyond its noise (±{f['noise']:.2g}); the lr is likely too high",
     "trains.diverged": lambda f: f"diverged{_lr_text(f)}: {f.get('divergence') or 'non-finite loss'}",
     "trains.spiked": lambda f: f"{_spike(f)}, and ended at {f['last_mean']:.4g}: the lr is too high for the "
