@@ -1098,6 +1098,12 @@ def test_schedule_out_holds_the_plan_the_verification_says_to_use(tmp_path, monk
         in data["notes"]
     assert [s.batch_size for s in BatchSchedule.load(out).stages] == [
         s["batch_size"] for s in plan._plan_stages(plan.PlanResult.from_dict(data), use)]
+    # the file says its target and what the whole run measured (an outside file said neither, where the deadline
+    # rested on stopping at the target and no verified run reached it)
+    name, target, verified = BatchSchedule.load(out).notes
+    assert name == f"batchtune plan for quickstart-mlp: {use}, 60000 samples"
+    assert target.startswith(f"final target val loss {data['final_target']:.4g}")
+    assert verified == "verification: reached the final target in 1/1 runs, at step 100 (5.0 s of training; median)"
 
 
 def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():

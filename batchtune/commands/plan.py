@@ -228,8 +228,10 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
 
     def write() -> None:
         if schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
-            stages = _plan_stages(result, result.recommendation["plan"])
-            result.schedule_path = str(_schedule_artifact(result, stages).save(schedule_out))
+            pick = result.recommendation["plan"]
+            said = _file_notes(result, pick, "not verified (--verify trains it over the whole run)" if not verify
+                               else "being verified: this file is written again when --verify ends")
+            result.schedule_path = str(_schedule_artifact(result, _plan_stages(result, pick), said).save(schedule_out))
         elif schedule_out is not None:
             why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
                    if result.closest else "the plan recommends no run")
@@ -248,11 +250,13 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
         result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
                          + _collapse_notes(result) + _rise_notes(result) + _verify_busy_notes(result))
-        if schedule_out is not None and (use := result.verified["use"]) != result.recommendation["plan"]:
-            # the file a user loads is the plan the verification told them to use, not the projection's pick
-            dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use)).save(schedule_out))
-            result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
-                                f"projection's pick, {result.recommendation['plan']}")
+        if schedule_out is not None:  # the plan the verification says to use, and what it measured
+            use = result.verified["use"]
+            said = _file_notes(result, use, _verified_text(result.verified["plans"][use], result.verified["target"]))
+            dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use), said).save(schedule_out))
+            if use != result.recommendation["plan"]:
+                result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
+                                    f"projection's pick, {result.recommendation['plan']}")
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
 
@@ -1610,7 +1614,8 @@ def duration_text(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None = None) -> BatchSchedule:
+def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None = None,
+                       notes: list[str] | None = None) -> BatchSchedule:
     """The schedule (or, given ``stages``, any plan) as a :class:`BatchSchedule` a loop can follow,
     on the plan's devices: each stage's micro-batch is one device's."""
     stages = stages or result.schedule["stages"]
@@ -1618,7 +1623,28 @@ def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None =
     return BatchSchedule([ScheduleStage(s["start_samples"], s["batch_size"], s["micro_batch_size"],
                                         s["accum_steps"], s["lr"]) for s in stages],
                          result.samples, int(warmup), world_size=result.gpus,
-                         notes=[f"batchtune plan for {result.name}: {result.samples} samples"])
+                         notes=notes or [f"batchtune plan for {result.name}: {result.samples} samples"])
+
+
+def _file_notes(result: PlanResult, name: str, verified: str) -> list[str]:
+    """The schedule file's notes: the plan, the final target it was projected to reach and when, and whether a
+    whole run checked it. An outside file held 1,000,000 samples where the deadline met rested on stopping at the
+    target after 784,453, and nothing in it said the verification had found no run reaching the target."""
+    p = _projection_of(result, name)
+    when = (f", projected after {p['samples']:,.0f} samples ({p['steps']:,.0f} steps, {duration_text(p['seconds'])})"
+            if p.get("samples") else ", not projected to be reached within the run")
+    return [f"batchtune plan for {result.name}: {name}, {result.samples} samples",
+            f"final target val loss {result.final_target:.4g}{when}", f"verification: {verified}"]
+
+
+def _verified_text(v: dict[str, Any], target: float) -> str:
+    """What ``--verify`` measured of one plan, for its schedule file."""
+    runs = len(v.get("runs") or [])
+    if v.get("seconds") is None:
+        return (f"no run of {runs} reached the final target {target:.4g}; the whole run ended at val loss "
+                f"{v['final_loss']:.4g} (median of its last validations)")
+    return (f"reached the final target in {v['reached']} runs, at step {v['steps']:,.0f} "
+            f"({duration_text(v['seconds'])} of training; median)")
 
 
 # ---------------------------------------------------------------------------------- verify
