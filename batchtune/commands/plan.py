@@ -250,15 +250,20 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
         result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
                          + _collapse_notes(result) + _rise_notes(result) + _verify_busy_notes(result))
-        if schedule_out is not None:  # the plan the verification says to use, and what it measured
-            use = result.verified["use"]
-            said = _file_notes(result, use, _verified_text(result.verified["plans"][use], result.verified["target"]))
-            dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use), said).save(schedule_out))
-            if use != result.recommendation["plan"]:
-                result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
-                                    f"projection's pick, {result.recommendation['plan']}")
+        if schedule_out is not None:
+            _write_verified(result, schedule_out, dist)
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
+
+
+def _write_verified(result: PlanResult, schedule_out: Path | str, dist: Any) -> None:
+    """Write the plan the verification says to use to ``schedule_out`` (rank 0), with what it measured."""
+    use = result.verified["use"]
+    said = _file_notes(result, use, _verified_text(result.verified["plans"][use], result.verified["target"]))
+    dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use), said).save(schedule_out))
+    if use != result.recommendation["plan"]:
+        result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
+                            f"projection's pick, {result.recommendation['plan']}")
 
 
 def _from_json(run: dict[str, Any]) -> dict[str, Any]:
