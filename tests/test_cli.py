@@ -424,3 +424,27 @@ def test_an_optimizer_switch_given_a_word_is_named_by_its_key(write_spec):
         " ".join(result.stderr.split())
     ok = write_spec(path.read_text().replace("maybe", "true"))
     assert runner.invoke(app, ["validate", str(ok)]).exit_code == 0
+
+
+def test_ctrl_c_while_the_cli_imports_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
+    """An outside CI's Ctrl-C 0.3 s into `check --format json` left a KeyboardInterrupt traceback and an empty stdout:
+    the console script imported the CLI (typer, pydantic, rich) before any handler of ours stood."""
+    import types
+
+    import batchtune.__main__ as entry
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "batchtune.cli", Importing("batchtune.cli"))
+    monkeypatch.setattr(sys, "argv", ["batchtune", "check", "spec.yaml", "-b", "8", "--format", "json"])
+    with pytest.raises(SystemExit) as stop:
+        entry.run()
+    assert stop.value.code == 130
+    assert json.loads(capsys.readouterr().out) == {"error": "interrupted: before the command began", "exit_code": 130}
+    monkeypatch.setattr(sys, "argv", ["batchtune", "sweep", "spec.yaml"])
+    with pytest.raises(SystemExit):
+        entry.run()
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", "interrupted: before the command began\n")
