@@ -580,6 +580,14 @@ def test_a_verification_where_no_plan_reached_the_target_says_the_projection_doe
                          laws={}, constant=[], schedule=None, recommendation={"plan": "schedule"}, projection=None,
                          verified=result.verified)
     assert planned.exit_code == 1
+    # a deadline met on the projection's time to a target no run reached: what the whole run took against it (an
+    # outside plan 'met' 5s on 4.5 s to the target, no run reached it, and its whole run took 5.9 s, unsaid)
+    timed = SimpleNamespace(verified={"target": 0.1803, "plans": {"constant 128": {
+        "seconds": None, "final_loss": 0.1863, "projected_final_loss": 0.1794, "total_seconds": 5.9}}},
+        recommendation={"plan": "constant 128", "meets_deadline": True}, deadline_seconds=5.0, deadline="5s")
+    assert _unreached_notes(timed)[0].endswith(
+        "the table's whole-run times and final losses are measured; the deadline of 5s was met on the projection's "
+        "time to that target, which the run did not reach: its whole run took 5.9 s, over it")
     plans["constant 64"]["seconds"] = 7.1  # one reached it: the other notes say which did better
     assert _unreached_notes(result) == [] and planned.exit_code == 0
 

@@ -477,7 +477,20 @@ def _unreached_notes(result: PlanResult) -> list[str]:
     return [f"verified: no plan reached the final target {verified['target']:.4g} when trained{off}; the "
             "projection's loss curve does not hold for this run (a floor it cannot see, or an lr that stops "
             "helping), so its steps and times to the target are not to be relied on; the table's whole-run "
-            "times and final losses are measured" + (" (exit 1)" if verified_no(result) else "")]
+            "times and final losses are measured" + _deadline_unverified(result, p)
+            + (" (exit 1)" if verified_no(result) else "")]
+
+
+def _deadline_unverified(result: PlanResult, p: dict[str, Any]) -> str:
+    """Where the deadline was met on the projection's time to a target no verified run reached: what the whole run
+    took against it. An outside plan said 'meets the deadline of 5s: ... stop at the final target (after 784,453
+    samples)', its verified run never reached that target, and its whole run took 5.9 s, without a word."""
+    limit, whole = getattr(result, "deadline_seconds", None), p.get("total_seconds")
+    if limit is None or not (result.recommendation or {}).get("meets_deadline") or whole is None:
+        return ""
+    deadline = getattr(result, "deadline", None) or duration_text(limit)
+    return (f"; the deadline of {deadline} was met on the projection's time to that target, which the run did not "
+            f"reach: its whole run took {duration_text(whole)}, " + ("within it" if whole <= limit else "over it"))
 
 
 def _missed_goal_notes(result: PlanResult) -> list[str]:
