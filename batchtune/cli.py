@@ -54,9 +54,12 @@ class _OneLineUsageErrors(TyperGroup):
                 raise
             where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             if _rank0():  # under torchrun rank 0 alone says it
-                _error(f"{exc.format_message().rstrip('.')}{where}")
-                _json_error(f"{exc.format_message().rstrip('.')}{where}", EXIT_BAD_INPUT,
-                            "json" if _asks_json(args) else None)
+                said = f"{exc.format_message().rstrip('.')}{where}"
+                _error(said)
+                _json_error(said, EXIT_BAD_INPUT, "json" if _asks_json(args) else None)
+                junit = _option_value(args, "--junit") if args[:1] == ["check"] else None
+                if junit:  # an option click refused: CI's report step finds a file (--batch-size 0 left none)
+                    _bad_input_junit(Path(junit), "--force" in args, said)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -1030,15 +1033,30 @@ def _junit_on_bad_input(junit: Path | None, force: bool) -> Iterator[None]:
         yield
     except typer.Exit as stop:
         if stop.exit_code == EXIT_BAD_INPUT and junit is not None and _RANK == 0:
-            from batchtune.render.check import bad_input_junit
-            from batchtune.render.run_folder import atomic_write
-
-            try:
-                _writable(junit, "--junit", force)
-                atomic_write(junit, bad_input_junit(_STDOUT["said"] or "bad input (exit 2)") + "\n")
-            except (UsageError, OSError):  # the error said is the one to see; this file is an extra
-                pass
+            _bad_input_junit(junit, force, _STDOUT["said"] or "bad input (exit 2)")
         raise
+
+
+def _bad_input_junit(junit: Path, force: bool, message: str) -> None:
+    """Write the one-case JUnit file of a check that ended in bad input, where :func:`_writable` lets it."""
+    from batchtune.render.check import bad_input_junit
+    from batchtune.render.run_folder import atomic_write
+
+    try:
+        _writable(junit, "--junit", force)
+        atomic_write(junit, bad_input_junit(message) + "\n")
+    except (UsageError, OSError):  # the error said is the one to see; this file is an extra
+        pass
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    """The value of ``name`` (``--junit x`` or ``--junit=x``) in a command line click has not parsed, or None."""
+    for a, b in zip(args, [*args[1:], None]):
+        if a == name:
+            return b
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    return None
 
 
 @contextmanager

@@ -823,6 +823,12 @@ def test_a_check_that_exits_2_still_writes_a_junit_file_saying_why(write_spec, t
                                   *extra])
         assert out.exit_code == 2 and theirs.read_text() == "<mine/>"
     assert "--junit" in out.stderr and "already exists" in out.stderr
+    # an option click refuses before the command runs (an outside CI's --batch-size 0 left no file)
+    zero = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "0", "-q", f"--junit={junit}"])
+    assert zero.exit_code == 2 and "'--batch-size'" in ET.parse(junit).getroot().find(
+        "testsuite/testcase/error").get("message")
+    zero = runner.invoke(app, ["check", str(write_spec(CHECK_SPEC)), "-b", "0", "--junit", str(theirs)])
+    assert zero.exit_code == 2 and theirs.read_text() == "<mine/>"
 
 
 def test_table_output(write_spec):
