@@ -18,8 +18,10 @@ def run() -> None:
 
 
 def _early_interrupt(args: list[str]) -> None:
+    from batchtune.errors import asks_json  # a module of exceptions and names: nothing left to interrupt
+
     said = "interrupted: before the command began"
-    if "--format=json" in args or any(a in ("--format", "-f") and b == "json" for a, b in zip(args, args[1:])):
+    if asks_json(args):
         print(json.dumps({"error": said, "exit_code": 130}))
     else:
         print(said, file=sys.stderr)

@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import STOPPING, TrainingError, UsageError, error_line, interrupted_exit_code
+from batchtune.errors import STOPPING, TrainingError, UsageError, asks_json, error_line, interrupted_exit_code
 from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
 from batchtune.render.logs import env_rank0, setup_logging
 
@@ -56,19 +56,11 @@ class _OneLineUsageErrors(TyperGroup):
             if _rank0():  # under torchrun rank 0 alone says it
                 said = f"{exc.format_message().rstrip('.')}{where}"
                 _error(said)
-                _json_error(said, EXIT_BAD_INPUT, "json" if _asks_json(args) else None)
+                _json_error(said, EXIT_BAD_INPUT, "json" if asks_json(args) else None)
                 junit = _option_value(args, "--junit") if args[:1] == ["check"] else None
                 if junit:  # an option click refused: CI's report step finds a file (--batch-size 0 left none)
                     _bad_input_junit(Path(junit), "--force" in args, said)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-def _asks_json(args: list[str]) -> bool:
-    """Whether a command line asks for ``--format json`` (``-f json``, ``--format=json``, ``-fjson``), read before
-    click has parsed it: an option it refused may come before or after."""
-    pairs = zip(args, [*args[1:], ""])
-    return any((a in ("--format", "-f") and b.lower() == "json") or a.lower() in ("--format=json", "-fjson")
-               for a, b in pairs)
 
 
 app = typer.Typer(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from signal import SIGTERM
 
 __all__ = ["BATCH_NOTE", "COLLATE_HINT", "COLLATE_NOTE", "FORM_HINT", "SAMPLE_NOTE", "BatchFormError", "LoadError",
-           "TrainingError", "UsageError", "error_line", "interrupted_exit_code", "noted_batch",
+           "TrainingError", "UsageError", "asks_json", "error_line", "interrupted_exit_code", "noted_batch",
            "noted_sample"]
 
 #: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
@@ -96,3 +96,10 @@ def interrupted_exit_code() -> int:
     exits with), else 130 (Ctrl-C). The JSON report says the same number the shell sees."""
     return 143 if SIGTERM in STOPPING else 130
 
+
+def asks_json(args: list[str]) -> bool:
+    """Whether a command line asks for ``--format json`` (``-f json``, ``--format=json``, ``-fjson``), read before
+    click has parsed it: an option it refused may come before or after (and the CLI may not be imported yet)."""
+    pairs = zip(args, [*args[1:], ""])
+    return any((a in ("--format", "-f") and b.lower() == "json") or a.lower() in ("--format=json", "-fjson")
+               for a, b in pairs)
