@@ -521,9 +521,7 @@ class Trainer:
         result.evals.append(EvalPoint(step, result.samples, result.train_seconds, val_loss))
         reading = run.monitor.reading() if run.monitor is not None else None
         if reading is not None and reading.steps:
-            result.noise_history.append({"step": step, "samples": result.samples, "val_loss": val_loss,
-                                         "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
-                                         "reliable": reading.reliable, "noise_steps": reading.steps})
+            result.noise_history.append(_history_entry(step, result.samples, val_loss, reading))
         if not math.isfinite(val_loss) and step == 0:  # no lr has acted yet: not a divergence
             self._why_not_finite(run.model)
             raise TrainingError(f"the validation loss before the first training step is {val_loss}: the model's "
@@ -869,14 +867,17 @@ def _last_reading(run: _Run) -> None:
     ``noise_history`` (no validation loss: none was taken): an outside ``noise --steps 3000`` stopped after 194
     measured steps said 'no reading had been taken yet', its first validation due at step 300. After one, the
     readings taken at validations stand."""
-    reading = run.monitor.reading() if run.monitor is not None else None
-    history = run.result.noise_history
-    if reading is None or not reading.steps or history:
+    if run.monitor is None or run.result.noise_history:
         return
-    samples = run.result.samples  # counted as a step ends: its step, should Ctrl-C land before the step count's
-    history.append({"step": samples // run.config.shape.batch_size, "samples": samples, "val_loss": None,
-                    "b_simple": reading.b_simple, "low": reading.low, "high": reading.high,
-                    "reliable": reading.reliable, "noise_steps": reading.steps})
+    reading, samples = run.monitor.reading(), run.result.samples  # samples are counted as a step ends: its step
+    if reading.steps:
+        run.result.noise_history.append(_history_entry(samples // run.config.shape.batch_size, samples, None, reading))
+
+
+def _history_entry(step: int, samples: int, val_loss: float | None, reading: Any) -> dict[str, Any]:
+    """One reading of ``TrialResult.noise_history``: where it was taken and the monitor's estimate there."""
+    return {"step": step, "samples": samples, "val_loss": val_loss, "b_simple": reading.b_simple, "low": reading.low,
+            "high": reading.high, "reliable": reading.reliable, "noise_steps": reading.steps}
 
 
 def _largest(trainer: Trainer) -> str:
