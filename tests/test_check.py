@@ -571,6 +571,27 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
                                                         "from this spec's, so the check trains at the rule's lr")
 
 
+def test_an_extrapolated_lr_stays_below_one_that_diverged_in_the_sweep():
+    """The rule's growth past the largest ranked size must not reach an lr the sweep saw diverge there."""
+    from pathlib import Path
+
+    from batchtune.commands.check import Baseline
+
+    job = {"model": "m", "data": "d", "optimizer": {"name": "sgd", "lr": 0.01}, "base_batch_size": 32,
+           "lr_scaling": "linear"}
+    summary = [{"batch_size": b, "status": "ok", "lr": 0.02 * b / 32, "lr_multiplier": 2.0} for b in (32, 64)]
+    rows = [{"batch_size": 64, "lr": 0.04, "diverged": False}, {"batch_size": 64, "lr": 0.08, "diverged": True},
+            {"batch_size": 64, "lr": 0.02, "diverged": False}, {"batch_size": 32, "lr": 0.04, "diverged": True}]
+    base = Baseline(Path("run"), {}, rows, {}, job, {"summary": summary})
+    lr, why = base.fastest_lr(256, job, 0.08)  # x2 the rule's 0.08 is 0.16, past 0.08 that diverged at 64
+    assert lr == pytest.approx(0.04)
+    assert "held at 0.04, the largest lr that trained at batch 64 or above: lr 0.08 diverged there (the " \
+           "multiplier gives 0.16)" in why
+    assert base.fastest_lr(128, job, 0.02)[0] == pytest.approx(0.04)  # 0.04 < 0.08: not held
+    rows[1]["diverged"] = False  # nothing diverged at 64 or above: the rule's growth stands
+    assert base.fastest_lr(256, job, 0.08)[0] == pytest.approx(0.16)
+
+
 def test_the_jobs_own_lr_is_the_one_checked(baseline, write_spec):
     """An outside check at 8x a sweep's largest size trained at the linear rule's 3.2 and failed 'trains': the job's
     lr, given with --lr or train.lr, is what a pre-flight should train at."""

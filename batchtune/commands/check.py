@@ -311,9 +311,26 @@ class Baseline:
                                     f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
         top = max(r["batch_size"] for r in with_mult)
         if batch_size > top:  # an outside check at 8x the largest size ranked failed 'trains' at the linear rule's lr
+            lr, why = self._below_divergence(lr, why, top)
             why += (f"; past its largest ranked size, {top}, the rule's growth is untested (a job at another lr: "
                     "give it with --lr or train.lr)")
         return lr, why
+
+    def _below_divergence(self, lr: float, why: str, top: int) -> tuple[float, str]:
+        """``lr`` for a size past the largest ranked one, ``top``, held below the least lr that diverged at ``top``
+        or above in the sweep: the largest lr that trained there instead. An lr the scaling rule grows past one
+        that already diverged at a smaller batch would most likely fail the check's training run for the rule's
+        sake, not the job's (the lr a batch tolerates stops growing with it past the critical batch)."""
+        rows = [r for r in self.rows if positive(r.get("lr")) and isinstance(r.get("batch_size"), int)
+                and r["batch_size"] >= top]
+        failed = min((float(r["lr"]) for r in rows if r.get("diverged")), default=None)
+        trained = [float(r["lr"]) for r in rows if not r.get("diverged") and not r.get("error")
+                   and failed is not None and float(r["lr"]) < failed]
+        if failed is None or lr < failed or not trained:
+            return lr, why
+        held = max(trained)
+        return held, (f"{why}, held at {held:g}, the largest lr that trained at batch {top} or above: lr {failed:g} "
+                      f"diverged there (the multiplier gives {lr:g})")
 
     def _unranked(self, batch_size: int) -> str:
         """Why the sweep has no lr of its own for ``batch_size``: not run, or run and not ranked (an outside
