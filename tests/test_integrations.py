@@ -228,6 +228,15 @@ def test_the_watch_warns_once_then_at_its_interval_when_the_batch_is_too_big():
     assert watch.history[-1]["b_simple"] < 128 / 1.2
     assert watch.warnings == [3, 8, 13]  # not at 2: two steps' band (Student's t, one degree of freedom) holds 128
     assert len([m for m in messages if "above the noise scale" in m]) == 3
+    watch.start(model, micro_batch_size=64, accum_steps=2, world_size=1)  # the same callback trains again
+    with logged("batchtune.integrations") as messages:
+        for step in range(1, 5):
+            for _ in range(2):
+                x = torch.randn(64, 4, generator=gen)
+                (0.5 * (model(x).squeeze(-1) - torch.randn(64, generator=gen)).square().mean() / 2).backward()
+            watch.step(step)
+            model.zero_grad(set_to_none=True)
+    assert watch.warnings == [3, 8, 13, 4] and len(watch.history) == 13 + 4  # warned anew; history kept whole
 
 
 def test_the_watch_says_when_the_schedule_grows_the_batch(tmp_path):

@@ -108,6 +108,10 @@ class NoiseScaleWatch:
 
         self.close()
         self.batch_size = micro_batch_size * accum_steps * world_size
+        # a second run (trainer.train() again) is watched anew: the first run's armed warnings, counted in its own
+        # steps, had held the second's back (its steps restart below the last warning's); history stays whole
+        self._above = self._below = False
+        self._below_streak = self._unresolved_streak = 0
         try:
             self.monitor = NoiseScaleMonitor(model, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
                                              world_size=world_size, **self.options)
