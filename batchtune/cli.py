@@ -29,7 +29,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchtune.errors import STOPPING, TrainingError, UsageError, asks_json, error_line, interrupted_exit_code
+from batchtune.errors import (STOPPING, TrainingError, UsageError, asks_json, error_line, held_interrupts,
+                              interrupted_exit_code)
 from batchtune.config.spec import MAX_COUNT, SpecError, load_spec, past_max_count
 from batchtune.render.logs import env_rank0, setup_logging
 
@@ -263,6 +264,8 @@ def _load(spec_path: Path, overrides: list[str] | None, join: bool = False, trai
     them at once, as validate does (check, sweep, probe, plan and noise named a bad ``model.target`` only in a second
     round of fixes)."""
     global _RANK
+    with held_interrupts():  # a Ctrl-C inside torch's import can abort it, vanish, or half-import NumPy
+        import torch  # noqa: F401
     try:
         spec = load_spec(spec_path, overrides or [], training=training)
     except SpecError as exc:
@@ -984,7 +987,7 @@ def check(
                          "--context-bytes": context_bytes}
         _check_serve(spec_path, overrides, batch_size, latency_budget, percentile, fmt, quiet, trial_timeout,
                      serve_check, [name for name, value in training_only.items() if value is not None], strict)
-    with _junit_on_bad_input(junit, force), _user_errors(fmt):
+    with _junit_on_bad_input(junit, force) as junit_state, _user_errors(fmt):
         estimating = _estimate_options(estimate, device_memory, context_bytes)
         spec = _load(spec_path, _with_timeout(overrides, trial_timeout), join=True)
         from batchtune.commands.check import CheckInputError, CheckInterrupted, run_check, run_check_estimate
@@ -994,6 +997,7 @@ def check(
             _rank0_check(lambda: _writable(junit, "--junit", force))
         setup_logging(quiet)
         measured = {"max_seconds": max_seconds, "baseline": baseline, "lr": lr}
+        junit_state["begun"] = True  # from here the check's own report goes to --junit, an interrupt's included
         try:
             report = _estimated(lambda: run_check_estimate(
                 spec, batch_size=batch_size, accum_steps=accum_steps, device_memory=device_memory,
@@ -1017,26 +1021,34 @@ def check(
 
 
 @contextmanager
-def _junit_on_bad_input(junit: Path | None, force: bool) -> Iterator[None]:
+def _junit_on_bad_input(junit: Path | None, force: bool) -> Iterator[dict[str, bool]]:
     """A check that exits 2 (a bad spec, a factory that raised, a shape error) still leaves --junit a file: one
-    test case in error, saying what the error said (an outside CI's test-report step found no file). Not where
-    the --junit path is what was refused, nor over a file of the user's (:func:`_writable` decides, again)."""
+    test case in error, saying what the error said (an outside CI's test-report step found no file); so does one
+    interrupted before it began (while it loaded the spec), which the check's own report cannot cover. Not where
+    the --junit path is what was refused, nor over a file of the user's (:func:`_writable` decides, again). The
+    command sets the yielded ``begun`` once its report is the one to write."""
+    state = {"begun": False}
     try:
-        yield
+        yield state
     except typer.Exit as stop:
-        if stop.exit_code == EXIT_BAD_INPUT and junit is not None and _RANK == 0:
-            _bad_input_junit(junit, force, _STDOUT["said"] or "bad input (exit 2)")
+        if junit is not None and _RANK == 0:
+            if stop.exit_code == EXIT_BAD_INPUT:
+                _bad_input_junit(junit, force, _STDOUT["said"] or "bad input (exit 2)")
+            elif stop.exit_code in (130, 143) and not state["begun"]:
+                _bad_input_junit(junit, force, f"interrupted (exit {stop.exit_code}) before the check began: no "
+                                 "verdict", kind="interrupted")
         raise
 
 
-def _bad_input_junit(junit: Path, force: bool, message: str) -> None:
-    """Write the one-case JUnit file of a check that ended in bad input, where :func:`_writable` lets it."""
+def _bad_input_junit(junit: Path, force: bool, message: str, kind: str = "usage") -> None:
+    """Write the one-case JUnit file of a check that ended in bad input (or ``kind`` interrupted) before its report,
+    where :func:`_writable` lets it."""
     from batchtune.render.check import bad_input_junit
     from batchtune.render.run_folder import atomic_write
 
     try:
         _writable(junit, "--junit", force)
-        atomic_write(junit, bad_input_junit(message) + "\n")
+        atomic_write(junit, bad_input_junit(message, kind=kind) + "\n")
     except (UsageError, OSError):  # the error said is the one to see; this file is an extra
         pass
 

@@ -8,11 +8,15 @@ one of these.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from signal import SIGTERM
 
 __all__ = ["BATCH_NOTE", "COLLATE_HINT", "COLLATE_NOTE", "FORM_HINT", "SAMPLE_NOTE", "BatchFormError", "LoadError",
-           "TrainingError", "UsageError", "asks_json", "error_line", "interrupted_exit_code", "noted_batch",
-           "noted_sample"]
+           "TrainingError", "UsageError", "asks_json", "error_line", "held_interrupts", "interrupted_exit_code",
+           "noted_batch", "noted_sample"]
 
 #: The note a data set's failed fetch carries (``exc.add_note``), followed by the sample's index: a DataLoader
 #: worker passes the exception on as its traceback's text, and the note comes with it.
@@ -103,3 +107,31 @@ def asks_json(args: list[str]) -> bool:
     pairs = zip(args, [*args[1:], ""])
     return any((a in ("--format", "-f") and b.lower() == "json") or a.lower() in ("--format=json", "-fjson")
                for a, b in pairs)
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """Hold a Ctrl-C (or SIGTERM) that arrives inside the block until it is done, then raise it as it would have
+    been. Raised where C++ runs Python it can abort the process or vanish: inside torch's dispatcher (a fake tensor's
+    op) it aborted an outside ``probe --estimate`` about one time in five ('terminate called after throwing an
+    instance of python_error', exit 134); inside ``import torch`` it aborted likewise, or was swallowed by torch's
+    NumPy import (a check Ctrl-C'd 1.4 s in ran on to PASS and exit 0), or left NumPy half-imported (the optimizer
+    "raised RecursionError", exit 2). Keep the block short. Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if caught:  # delivered now, to the handler it would have reached (Python's raises KeyboardInterrupt)
+        handler = saved[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(caught[0])

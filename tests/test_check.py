@@ -1676,3 +1676,12 @@ def test_a_check_interrupted_before_its_first_check_writes_a_junit_file_of_unfin
     assert {k: suite.get(k) for k in ("tests", "failures", "errors", "skipped")} == {
         "tests": "5", "failures": "0", "errors": "5", "skipped": "0"}
     assert json.loads(out.stdout)["exit_code"] == 130
+    # earlier, while the spec loads (an outside CI's Ctrl-C before check began left no file): one case in error
+    import batchtune.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_load", interrupted)
+    out = runner.invoke(app, ["check", str(write_spec()), "-b", "32", "-q", "--junit", str(tmp_path / "k.xml")])
+    assert out.exit_code == 130, out.output
+    error = ET.parse(tmp_path / "k.xml").getroot().find("testsuite/testcase[@name='spec']/error")
+    assert error.get("type") == "interrupted" and error.get("message") == (
+        "interrupted (exit 130) before the check began: no verdict")

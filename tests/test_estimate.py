@@ -496,19 +496,19 @@ def test_a_ctrl_c_during_a_traced_step_is_raised_once_the_step_is_done():
     import os
     import signal
 
-    from batchtune.memory.estimate import _interrupt_between_traces
+    from batchtune.errors import held_interrupts
 
     before = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with _interrupt_between_traces():
+            with held_interrupts():
                 os.kill(os.getpid(), signal.SIGINT)  # held: the step goes on to its end
                 done.append(True)
         assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a shell's background job: ignored, as it would have been
-        with _interrupt_between_traces():
+        with held_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, before)

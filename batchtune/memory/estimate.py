@@ -38,8 +38,6 @@ import logging
 import math
 import os
 import resource
-import signal
-import threading
 import time
 import traceback
 import warnings
@@ -59,6 +57,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import default_collate
 
+from batchtune.errors import held_interrupts
 from batchtune.memory.device import _StorageCounter
 from batchtune.memory.search import Measurement
 from batchtune.memory.source import MemorySource
@@ -363,32 +362,6 @@ def _quiet_fake_tensors() -> Iterator[None]:
         logger.setLevel(level)
 
 
-@contextlib.contextmanager
-def _interrupt_between_traces() -> Iterator[None]:
-    """Hold a Ctrl-C (or SIGTERM) that arrives during a traced step until the step is done, then raise it. Raised
-    inside torch's dispatcher, where a fake tensor's op runs Python from C++, it aborted the process about one
-    time in five ('terminate called after throwing an instance of python_error', exit 134) in an outside
-    probe --estimate; a traced step takes well under a second. Outside the main thread it changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in saved:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    if caught:  # delivered now, to the handler it would have reached (Python's raises KeyboardInterrupt)
-        handler = saved[caught[0]]
-        if callable(handler):
-            handler(caught[0], None)
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(caught[0])
-
-
 def _untraceable(exc: BaseException) -> EstimateError:
     """One line: why fake tensors cannot run this step, and where."""
     if isinstance(exc, DataDependentOutputException):
@@ -634,7 +607,7 @@ class StepTracer:
         feed = _Feed(self.sample, micro_batch_size)
         try:
             work = self._workload(accum_steps)
-            with _interrupt_between_traces(), _quiet_fake_tensors(), self.mode, self.counter:
+            with held_interrupts(), _quiet_fake_tensors(), self.mode, self.counter:
                 if not self._warm:
                     self._step(work, feed, 0)
                     self._warm = True

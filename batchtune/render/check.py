@@ -544,16 +544,17 @@ def _check_junit(report: Any, strict: bool) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
 
 
-def bad_input_junit(message: str, name: str = "spec") -> str:
-    """JUnit XML for a check that ended in bad input (exit 2) before any verdict: one test case, ``name``, in error
-    (type ``usage``) with ``message``, so that CI's test-report step finds a file that says why (it found none)."""
+def bad_input_junit(message: str, name: str = "spec", kind: str = "usage") -> str:
+    """JUnit XML for a check that ended in bad input (exit 2; or ``kind`` ``interrupted``) before any verdict: one
+    test case, ``name``, in error of type ``kind`` with ``message``, so that CI's test-report step finds a file that
+    says why (it found none)."""
     import xml.etree.ElementTree as ET
 
     attrs = {"name": "batchtune check", "tests": "1", "failures": "0", "errors": "1", "skipped": "0", "time": "0.000"}
     root = ET.Element("testsuites", attrs)
     case = ET.SubElement(ET.SubElement(root, "testsuite", attrs), "testcase",
                          {"name": name, "classname": "batchtune.commands.check", "time": "0.000"})
-    ET.SubElement(case, "error", {"message": message, "type": "usage"}).text = message
+    ET.SubElement(case, "error", {"message": message, "type": kind}).text = message
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
 
