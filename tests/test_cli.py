@@ -152,6 +152,26 @@ def test_an_optimizer_value_not_of_its_default_s_kind_is_named_by_its_key(write_
         ["dampening"], " (dampening: SGD() expects a number like 0 (its default 0); got 'none')")
 
 
+def test_an_optimizer_error_that_quotes_a_value_is_said_on_that_values_key_beside_the_others_of_the_wrong_kind(
+        write_spec):
+    """Three bad AdamW kwargs: torch's "Invalid epsilon value: -1" was said on weight_decay's key (the one of the
+    wrong kind), not eps's; the kwargs of the wrong kind are still named beside it."""
+    path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"
+                      "data: {target: 'tests.fixtures:tiny_data'}\n"
+                      "optimizer: {name: adamw, lr: 0.002, betas: 0.9,\n  eps: -1,\n  weight_decay: abc}\n"
+                      "base_batch_size: 8\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert (result.exit_code, " ".join(result.stderr.split())) == (2, (
+        f"error: {path}:5: optimizer.eps: the optimizer AdamW() raised ValueError: Invalid epsilon value: -1 "
+        "(betas: AdamW() expects a pair like [0.9, 0.999] (its default (0.9, 0.999)); got 0.9; weight_decay: AdamW() "
+        "expects a number like 0.01 (its default 0.01); got 'abc')"))
+    from batchtune.config.components import _value_quoted
+
+    assert _value_quoted("Invalid beta parameter at index 0: 1.5", {"betas": [1.5, 0.999], "lr": 0.1}) == ["betas"]
+    assert _value_quoted("Invalid beta parameter at index 0: 1.5", {"betas": [1.5, 0.99], "weight_decay": 0}) == []
+    assert _value_quoted("Invalid learning rate: 0.1x", {"lr": 0.1}) == []
+
+
 def test_validate_lists_import_problems_beside_key_problems(write_spec):
     """An outside spec took three rounds of fixes: an unknown optimizer hid a misspelt data target and loss kwarg."""
     path = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp'}\n"

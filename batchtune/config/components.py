@@ -80,10 +80,12 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
         raise  # names its key already
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
-        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text[0] if text else "")]
-        quoted, note = ([], "") if named else _strings_at_fault(exc, text[0] if text else "", kwargs)
-        if not (named or quoted) and isinstance(exc, (TypeError, ValueError, LookupError)):
-            quoted, note = _types_at_fault(factory, kwargs)
+        line = text[0] if text else ""
+        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", line)] or _value_quoted(line, kwargs)
+        quoted, note = ([], "") if named else _strings_at_fault(exc, line, kwargs)
+        if not quoted and isinstance(exc, (TypeError, ValueError, LookupError)):  # the others of the wrong kind too
+            faults, note = _types_at_fault(factory, {k: v for k, v in kwargs.items() if k not in named})
+            quoted = [] if named else faults
         path = f"{kwargs_key or key}.{(named or quoted)[0]}" if named or quoted else getattr(exc, "spec_key", key)
         message = f"{what} raised {type(exc).__name__}: {text[0] if text else ''}"[:400] + note
         raise ComponentError([spec.issue(path, message)]) from exc
@@ -110,6 +112,22 @@ def _strings_at_fault(exc: BaseException, line: str, kwargs: dict[str, Any]) -> 
         shown = ", ".join(f"{k} is the string {v!r}" for k, v in strings.items())
         return list(strings), f" ({shown}, where a number is expected: give a number)"
     return [], ""
+
+
+def _value_quoted(line: str, kwargs: dict[str, Any]) -> list[str]:
+    """The one numeric kwarg whose value (or an element of it) an error that names no key quotes: torch's "Invalid
+    epsilon value: -1" is about ``eps`` (a validate of three bad optimizer kwargs put it on weight_decay's line).
+    [] where none or several values are quoted (a common 0 or 1 proves nothing then)."""
+    quoted = set(re.findall(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])", line))
+
+    def numbers(value: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [n for v in value for n in numbers(v)]
+        return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+    shown = {float(q) for q in quoted}
+    found = [k for k, v in kwargs.items() if any(n in shown for n in numbers(v))]
+    return found if len(found) == 1 else []
 
 
 def _expected_form(default: Any, value: Any) -> str | None:
