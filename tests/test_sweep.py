@@ -76,7 +76,8 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     first = t[t["seed"] == 0].groupby("batch_size")["lr_multiplier"].apply(set)
     second = t[t["seed"] == 1].groupby("batch_size")["lr_multiplier"].apply(set)
     for size in (8, 16, 32, 64):
-        assert {0.5, 1.0, 2.0} <= first[size] and len(first[size]) <= 5  # the bracket, at most 2 extensions
+        grid = first[size] & {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}
+        assert {0.5, 1.0, 2.0} <= grid and len(grid) <= 5  # the bracket, at most 2 extensions
     for size in second.index:
         assert second[size] <= first[size] and len(second[size]) < len(first[size])  # the fastest lrs
     behind = sorted(set(first.index) - set(second.index))
@@ -87,7 +88,14 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     seed0 = [{**r, "evals": r.get("budget_evals") or r["evals"]} for r in rows if r["seed"] == 0]
     assert behind == sorted(set(first.index) - in_contention(seed0, result.meta, 2.0))
     assert not behind or f"batch {', '.join(map(str, behind))} ran seed 0 only" in "".join(result.notes)
-    assert not any(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) for size in first.index)  # no refining
+    # one midpoint (sweep.lr_refine: leaders) at most per size, for the sizes within 1.25x of the fastest on seed 0
+    from batchtune.commands.sweep import LEADERS_WITHIN
+
+    refined = {size for size in first.index if first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}}
+    assert all(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) == 1 for size in refined)
+    screened = {k: v for k, v in result.meta.items() if k != "default_target"}
+    searched = [r for r in seed0 if r["lr_multiplier"] in {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}]
+    assert refined and refined <= in_contention(searched, screened, LEADERS_WITHIN)
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
         assert size in behind or mult in second[size]  # every ranked size ran its chosen lr on both seeds
@@ -692,12 +700,6 @@ def test_lr_standing_drives_the_bracket():
                 256: {0.5: "short"}, 1024: {2.0: "best"}}
     assert _neighbour_best(everyone, 256) == (0.125, 0.25) and _neighbour_best(everyone, 512) == (2.0, 2.0)
     assert _neighbour_best(everyone, 80) == (0.5, 0.5) and _neighbour_best({256: {1.0: "short"}}, 256) is None
-    from batchtune.commands.sweep import _refinements
-
-    assert _refinements({0.5: "behind", 1.0: "best", 2.0: "near"}) == [0.707107, 1.414214]
-    assert _refinements({0.5: "behind", 0.707107: "best", 1.0: "near"}) == [0.594604, 0.840897]
-    assert _refinements({1.0: "best", 100000.0: "diverged"}) == []  # a far probe has no useful midpoint
-    assert _refinements({1.0: "best"}) == [] and _refinements({0.5: "short", 1.0: "short-best"}) == []
     # within a size lrs compare by steps (equal cost per step, and exactly repeatable), not wall time
     rows = [_trial(16, 0, [(0, 0, 2.0), (20, 2.0, 0.5)], 1000, mult=1.0),
             _trial(16, 0, [(0, 0, 2.0), (30, 1.0, 0.5)], 1000, mult=2.0)]
@@ -1132,6 +1134,25 @@ def test_lr_refine_tries_the_midpoints_around_each_fastest_lr(write_spec, tmp_pa
     tried = sorted(result.trials["lr_multiplier"])
     best = result.summary.set_index("batch_size").loc[16, "lr_multiplier"]
     assert len(tried) >= 4 and any(abs(m / best - 2**0.5) < 1e-3 or abs(best / m - 2**0.5) < 1e-3 for m in tried)
+
+
+def test_the_refinement_tries_one_midpoint_towards_the_faster_neighbour():
+    """The best lr lies between a size's fastest and its faster neighbour: one midpoint there (the teacher's and the
+    quickstart's best cells lay between the bracket's lrs); none past a neighbour that diverged or is 8x away, none
+    where one was tried, only for the sizes asked."""
+    from batchtune.commands.sweep_analysis import lr_refinements
+
+    meta = {**HAND_META, "target_loss": 0.5, "lr_multipliers": [0.5, 1.0, 2.0]}
+    rows = [_timed(16, 0, 40, 0.5, 0.01, mult=0.5), _timed(16, 0, 30, 0.5, 0.01, mult=1.0),
+            _timed(16, 0, 34, 0.5, 0.01, mult=2.0),  # x2 is the faster neighbour of x1
+            _timed(32, 0, 20, 0.5, 0.02, mult=1.0), _timed(32, 0, 24, 0.5, 0.02, mult=2.0),
+            _trial(32, 0, [(0, 0, 2.0), (8, 0.1, 3.0)], 1600, mult=0.5, diverged=True),
+            _timed(64, 0, 10, 0.5, 0.04, mult=1.0), _timed(64, 0, 12, 0.5, 0.04, mult=8.0)]
+    mids = lr_refinements(rows, meta)
+    assert mids == {16: [pytest.approx(2 ** 0.5)], 32: [pytest.approx(2 ** 0.5)]}
+    assert lr_refinements(rows, meta, {32}) == {32: [pytest.approx(2 ** 0.5)]}
+    rows.append(_timed(16, 0, 31, 0.5, 0.01, mult=1.414))
+    assert lr_refinements(rows, meta)[16] == [pytest.approx(1.414 ** 0.5)]  # neighbours: the adjacent lrs tried
 
 
 def test_ties_are_judged_against_the_pick_not_against_an_open_interval():

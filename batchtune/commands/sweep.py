@@ -33,6 +33,7 @@ from batchtune.commands.sweep_analysis import (
     given_targets,
     in_contention,
     lr_fallbacks,
+    lr_refinements,
     lr_standing,
     lr_stops,
     result_from_rows,
@@ -237,10 +238,10 @@ class _Sweep:
                     break
                 self._run_all([(first, m, shape)], mark="extension", inherit={"gap": True})
         if refine := self.meta.get("lr_refine"):
-            standing = self._standing(first, refined=False)
-            leaders = None if refine is True else in_contention(self._rows_of(first), self._screened(), LEADERS_WITHIN)
-            self._run_all([(first, m, c) for c in self.shapes() if leaders is None or c.batch_size in leaders
-                           for m in _refinements(standing.get(c.batch_size, {}))])
+            searched = self._decided_on(first)
+            leaders = None if refine is True else in_contention(searched, self._screened(), LEADERS_WITHIN)
+            mids = lr_refinements(searched, self._screened(), leaders)
+            self._run_all([(first, m, c) for c in self.shapes() for m in mids.get(c.batch_size, [])])
         self._fix_default_target(first)
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
@@ -317,21 +318,25 @@ class _Sweep:
         return [{**r, "evals": r.get("budget_evals") or [p for p in r.get("evals") or [] if p[0] <= trial_steps(
             self.meta, r["batch_size"])], "stop_below": None} for r in rows]
 
-    def _standing(self, seed: int, upto: int | None = None, refined: bool = True) -> dict[int, dict[float, str]]:
-        """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`), by the target they were
-        screened at (the default one is fixed only after every seed has run), on the rows there were when
-        the decision was first taken, so that a resumed sweep takes it again: the extensions of sizes up to
-        ``upto`` only (sizes extend smallest first), the refinements only if ``refined`` (they come after).
-        The provisional target reads every row: a finished sweep resumed had judged batch 64's lrs beside
-        the larger sizes' later extensions, and trained a new lr that changed its result."""
+    def _standing(self, seed: int, upto: int | None = None) -> dict[int, dict[float, str]]:
+        """Every size's lrs judged on ``seed``'s rows (:func:`lr_standing`) as the extensions saw them
+        (:meth:`_decided_on`)."""
+        return lr_standing(self._decided_on(seed, upto), self._screened())
+
+    def _decided_on(self, seed: int, upto: int | None = None) -> list[dict[str, Any]]:
+        """``seed``'s rows as they were when the lr search's decision was first taken, judged by the target they
+        were screened at (the default one is fixed only after the first seed), so that a resumed sweep takes it
+        again: the extensions of sizes up to ``upto`` only (sizes extend smallest first), no refinement (they
+        come after). The provisional target reads every row: a finished sweep resumed had judged batch 64's lrs
+        beside the larger sizes' later extensions, and trained a new lr that changed its result."""
         bracket = set(self.meta["lr_multipliers"])
 
         def there(row: dict[str, Any]) -> bool:
             if row.get("extension"):
                 return upto is None or row["batch_size"] <= upto
-            return refined or row["lr_multiplier"] in bracket  # a refinement: unmarked, between the bracket's lrs
+            return row["lr_multiplier"] in bracket  # a refinement: unmarked, between the bracket's lrs
 
-        return lr_standing([r for r in self._rows_of(seed) if there(r)], self._screened())
+        return [r for r in self._rows_of(seed) if there(r)]
 
     def _screened(self) -> dict[str, Any]:
         """The plan as the first seed's lrs were screened: without the default target, fixed later."""
@@ -564,23 +569,6 @@ def _neighbour_best(standing: dict[int, dict[float, str]], size: int) -> tuple[f
     _, nearest, _ = min(reached)
     bests = [m for _, b, m in reached if b == nearest]
     return min(bests), max(bests)
-
-
-def _refinements(standing: dict[float, str]) -> list[float]:
-    """The geometric midpoints between each fastest lr (at any target) and its tried neighbours,
-    not tried yet: a bracket of ×2 steps can miss the best lr by up to √2, and on a task's
-    flat-bottomed valley that alone costs 10–25% of the time to target."""
-    mults = sorted(standing)
-    out = []
-    for i, m in enumerate(mults):
-        if standing[m] != "best":
-            continue
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(mults) and max(m, mults[j]) <= 4 * min(m, mults[j]):  # neighbours, not a far probe
-                mid = round(math.sqrt(m * mults[j]), 6)
-                if all(abs(mid / t - 1) > 0.02 for t in mults + out):
-                    out.append(mid)
-    return sorted(out)
 
 
 def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) -> dict[str, Any] | None:

@@ -432,6 +432,39 @@ def lr_stops(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict
     return out
 
 
+def lr_refinements(rows: list[dict[str, Any]], meta: dict[str, Any], sizes: set[int] | None = None) -> dict[int, list[float]]:
+    """The midpoint lrs the first seed tries next (``lr_refine``), for ``sizes`` (None: every size): at each
+    target, the geometric midpoint between each size's fastest lr and the faster of its tried neighbours (the one
+    that reached the target sooner, else the lower final loss; neighbours, not a far probe: within 4×), where no
+    lr within 2% of it was tried. A bracket of ×2 steps misses the best lr by up to √2, and in a flat-bottomed
+    valley that alone cost 10–25% of the time to target (the teacher's and the quickstart's best cells lay
+    between the bracket's lrs); the best lr lies on the side of the faster neighbour, so one midpoint there
+    does what two did (benchmarks/README.md#ground_truthpy, `lr_refine_sim.py`)."""
+    entries = _per_lr(rows)
+    targets, _ = targets_for(entries, meta)
+    out: dict[int, list[float]] = {}
+    for target in targets:
+        at = [_at_target(e, target) for e in entries]
+        for best in _best_per_size(at):
+            size, m = best["batch_size"], best["lr_multiplier"]
+            if not best["qualifies"] or (sizes is not None and size not in sizes):
+                continue
+            lrs = {e["lr_multiplier"]: e for e in at if e["batch_size"] == size}
+            mults = sorted(lrs)
+            i = mults.index(m)
+            near = [lrs[mults[j]] for j in (i - 1, i + 1) if 0 <= j < len(mults) and max(m, mults[j]) <= 4 * min(
+                m, mults[j]) and lrs[mults[j]]["diverged_seeds"] < lrs[mults[j]]["seeds"]]
+            if not near:
+                continue
+            side = min(near, key=lambda e: (not e["qualifies"], e["steps_to_target"] if e["qualifies"] else 0.0,
+                                            e["final_val_loss"] if e["final_val_loss"] is not None else math.inf))
+            mid = round(math.sqrt(m * side["lr_multiplier"]), 6)
+            tried = mults + out.get(size, [])
+            if all(abs(mid / t - 1) > 0.02 for t in tried):
+                out.setdefault(size, []).append(mid)
+    return {size: sorted(mids) for size, mids in out.items()}
+
+
 def _tied_at(entries: list[Entry], target: float) -> set[tuple[int, float]]:
     """(size, multiplier) of the lrs within :data:`LR_TIE` of their size's fastest at ``target`` (which is among
     them: the lowest of the tied lrs)."""

@@ -511,10 +511,9 @@ class SweepSpec(_Strict):
     lr_multipliers: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
     lr_search: bool = True  # false: one lr per size, the rule's (lr_multipliers ignored)
     lr_extensions: int = Field(2, ge=0, le=16)  # times a bracket may grow past its edge by its outer ratio
-    # then try the midpoints either side of each fastest lr: "leaders" for the sizes whose first-seed
-    # time to some target is within 1.25× the fastest's, true for every size (+70% trials), false: none
-    # (the default: neither has shown a clear gain for its cost on the ground truths)
-    lr_refine: bool | Literal["leaders"] = False
+    # then try the midpoint between each fastest lr and its faster neighbour: "leaders" (the default) for the
+    # sizes whose first-seed time to some target is within 1.25× the fastest's, true for every size, false: none
+    lr_refine: bool | Literal["leaders"] = "leaders"
     # bounded: every seed's trials are planned up front (an outside sweep.seeds=1e9 took 16 GB in a minute)
     seeds: int = Field(3, ge=1, le=1000)
     # with target_loss given, the other seeds run only the sizes whose first-seed time to some target
