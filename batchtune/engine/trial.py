@@ -835,14 +835,16 @@ class Trainer:
 
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
-        non-finite loss says whether the training data holds NaN or inf (:meth:`bad_data`), or the loss function
+        non-finite loss from training data that holds NaN or inf (:meth:`bad_data`) is a SpecError on ``data``: bad
+        input, exit 2 in every command (an outside check failed 'trains', exit 1). Else it says whether the loss function
         made it from finite outputs: at the first step, before any update, no lr did (a SpecError on
         ``loss.target``, bad input in every command; on ``model`` where the outputs are past what an exp takes,
         :func:`~batchtune.config.components.huge_outputs`); later, a loss that overflows as the outputs grow under a
         high lr is a divergence a sweep records and goes on from, said to be the loss's."""
         if not math.isfinite(loss):
-            bad = self.bad_data()
-            made = not bad and self._loss_made(loss)
+            if bad := self.bad_data():  # bad input, in every command (exit 2): no lr or size would train on it
+                raise self.components.spec.error("data", f"the loss went {loss} at step {step + 1}: {bad.text()}")
+            made = self._loss_made(loss)
             if made and step == 0:
                 (largest,) = self.dist.max(largest_output(self.components.loss_fn) or 0.0)
                 if huge := huge_outputs(largest, "loss.target"):  # past what an exp takes: the model's or the loss's
@@ -852,8 +854,8 @@ class Trainer:
                     "loss.target", f"the loss returned {loss} from finite model outputs at step 1, before any update: "
                                    "the loss function, not the lr")
             result.diverged, result.divergence = True, f"non-finite loss at step {step + 1}" + (
-                f": {bad.text()}" if bad else f" from finite model outputs{_largest(self)}: the loss function made it "
-                "(a log, exp or division that overflows as the outputs grow, or a bug in it)" if made else "")
+                f" from finite model outputs{_largest(self)}: the loss function made it (a log, exp or division that "
+                "overflows as the outputs grow, or a bug in it)" if made else "")
         elif config.divergence_factor is not None and exploded(result.losses, config.divergence_factor,
                                                                start := starting_loss(result)):
             result.diverged = True
