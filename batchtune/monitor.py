@@ -61,7 +61,7 @@ from typing import Any, Protocol
 import torch
 
 from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
-                                   decay_per_measured_step, noise_batch_sizes, unbiased_estimates)
+                                   WIDE_BAND, decay_per_measured_step, noise_batch_sizes, unbiased_estimates)
 
 __all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
@@ -75,12 +75,26 @@ LOW_COVERAGE = 0.5  # warn when the per-example path measures less than this sha
 class MonitorReading(NoiseScaleEstimate):
     """A :class:`~batchtune.stats.noise.NoiseScaleEstimate` with the share of the model it measures.
 
+    ``reliable`` is as ``batchtune noise`` has it: the estimator's, and a band above 0 no wider than
+    :data:`~batchtune.stats.noise.WIDE_BAND` (10×) (an outside loop's readings were 'reliable' in 180–11,927).
+
     Attributes:
         coverage: share of the model's trainable parameters (by count) whose gradients the
             reading measures (:attr:`NoiseScaleMonitor.coverage`); below 1, B_simple is theirs.
     """
 
     coverage: float = 1.0
+
+
+def _warn_batchnorm(model: torch.nn.Module) -> None:
+    """Say that BatchNorm biases the reading, as ``batchtune noise`` does: an outside loop's monitor read about half
+    of what ``noise`` read on the same BatchNorm model, and said nothing."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        warnings.warn("noise scale: the model has BatchNorm: its micro-batch (or per-example) gradients see batch "
+                      "statistics that differ from the full batch's, which biases B_simple; read it as an order of "
+                      "magnitude", stacklevel=3)
 
 
 class Ranks(Protocol):
@@ -167,6 +181,7 @@ class NoiseScaleMonitor:
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
             self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)
+            _warn_batchnorm(params)
             params, ranks = params.parameters(), None
         every = (MODULE_EVERY if self._auto is not None else 1) if every is None else every
         world_size = ranks.world_size if ranks is not None and ranks.enabled else 1
@@ -321,7 +336,10 @@ class NoiseScaleMonitor:
         the reading measures.
         """
         estimate = self.estimator.estimate()
-        return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)}, coverage=self.coverage)
+        narrow = estimate.low is not None and estimate.low > 0 and estimate.high <= WIDE_BAND * estimate.low
+        return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)
+                                 if f.name != "reliable"}, reliable=estimate.reliable and narrow,
+                              coverage=self.coverage)
 
     @property
     def coverage(self) -> float:

@@ -753,3 +753,20 @@ def test_fractions_that_are_not_numbers_are_refused_by_name(kwargs, message):
     with pytest.raises(TypeError) as caught:
         NoiseScaleMonitor(torch.nn.Linear(4, 2), micro_batch_size=8, **kwargs)
     assert str(caught.value) == message
+
+
+def test_a_band_wider_than_ten_times_is_no_reliable_reading_and_batchnorm_is_said():
+    """An outside loop's monitor called bands of 180-11,927 reliable, which `batchtune noise` calls unreliable past
+    10x; on its BatchNorm model it read about half of noise's and said nothing of BatchNorm, as noise does."""
+    from batchtune.stats.noise import NoiseScaleEstimate
+
+    monitor = NoiseScaleMonitor(torch.nn.Linear(4, 1), micro_batch_size=8, accum_steps=2)
+    for low, high, reliable in ((180.0, 11_927.0, False), (100.0, 900.0, True), (0.0, 50.0, False)):
+        monitor.estimator.estimate = lambda low=low, high=high: NoiseScaleEstimate(300.0, low, high, 1.0, 300.0, 20,
+                                                                                   True)
+        assert monitor.reading().reliable is reliable
+    with pytest.warns(UserWarning, match="the model has BatchNorm: its micro-batch .* biases B_simple"):
+        NoiseScaleMonitor(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), micro_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NoiseScaleMonitor(torch.nn.Linear(4, 1), micro_batch_size=8)
