@@ -165,7 +165,15 @@ def test_an_optimizer_error_that_quotes_a_value_is_said_on_that_values_key_besid
         f"error: {path}:5: optimizer.eps: the optimizer AdamW() raised ValueError: Invalid epsilon value: -1 "
         "(betas: AdamW() expects a pair like [0.9, 0.999] (its default (0.9, 0.999)); got 0.9; weight_decay: AdamW() "
         "expects a number like 0.01 (its default 0.01); got 'abc')"))
-    from batchtune.config.components import _value_quoted
+    from batchtune.config.components import _fractions_at_fault, _value_quoted
+
+    halves = write_spec("name: x\nmodel: {target: 'tests.fixtures:tiny_mlp', kwargs: {hidden: 32.5}}\n"
+                        "data: {target: 'tests.fixtures:tiny_data'}\noptimizer: {name: sgd, lr: 0.1}\n"
+                        "base_batch_size: 8\n")  # an outside n_layers: 2.5 was said on model.target
+    out = runner.invoke(app, ["validate", str(halves)])
+    assert out.exit_code == 2 and f"{halves}:2: model.kwargs.hidden: the model factory" in out.stderr, out.stderr
+    assert _fractions_at_fault("'float' object cannot be interpreted as an integer", {"lr": 0.1, "n": 2.0}) == ["lr"]
+    assert _fractions_at_fault("shapes cannot be multiplied", {"lr": 0.1}) == []
 
     assert _value_quoted("Invalid beta parameter at index 0: 1.5", {"betas": [1.5, 0.999], "lr": 0.1}) == ["betas"]
     assert _value_quoted("Invalid beta parameter at index 0: 1.5", {"betas": [1.5, 0.99], "weight_decay": 0}) == []

@@ -81,7 +81,8 @@ def _build(spec: Spec, key: str, what: str, factory: Callable[..., Any], *args: 
     except Exception as exc:  # noqa: BLE001 - the user's code: any failure is theirs to fix
         text = str(exc).strip().splitlines()
         line = text[0] if text else ""
-        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", line)] or _value_quoted(line, kwargs)
+        named = ([k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", line)] or _value_quoted(line, kwargs)
+                 or _fractions_at_fault(line, kwargs))
         quoted, note = ([], "") if named else _strings_at_fault(exc, line, kwargs)
         if not quoted and isinstance(exc, (TypeError, ValueError, LookupError)):  # the others of the wrong kind too
             faults, note = _types_at_fault(factory, {k: v for k, v in kwargs.items() if k not in named})
@@ -128,6 +129,18 @@ def _value_quoted(line: str, kwargs: dict[str, Any]) -> list[str]:
     shown = {float(q) for q in quoted}
     found = [k for k, v in kwargs.items() if any(n in shown for n in numbers(v))]
     return found if len(found) == 1 else []
+
+
+_INTEGER_WANTED = re.compile(r"cannot be interpreted as an integer|must be (an )?int|expected .*\bint\b|of ints\b",
+                             re.I)  # Python's range(2.5); torch's "size must be tuple of ints, but found ... float"
+
+
+def _fractions_at_fault(line: str, kwargs: dict[str, Any]) -> list[str]:
+    """The kwargs holding a number with a fraction, where the error wants an integer and names no key: an outside
+    model's ``n_layers: 2.5`` met "'float' object cannot be interpreted as an integer", said on model.target."""
+    if not _INTEGER_WANTED.search(line):
+        return []
+    return [k for k, v in kwargs.items() if isinstance(v, float) and not v.is_integer()]
 
 
 def _expected_form(default: Any, value: Any) -> str | None:
