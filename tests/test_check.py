@@ -571,6 +571,32 @@ def test_the_baseline_lr_at_a_size_the_sweep_did_not_run():
                                                         "from this spec's, so the check trains at the rule's lr")
 
 
+def test_at_a_size_the_sweep_ran_but_did_not_rank_its_own_best_trial_gives_the_lr():
+    """An outside check at 256 took x16 from 128, the nearest size ranked, where the sweep's own 256 trials had ended
+    at 1.19 with x16 and 0.562 with x4."""
+    from pathlib import Path
+
+    from batchtune.commands.check import Baseline
+
+    job = {"model": "m", "data": "d", "optimizer": {"name": "adamw", "lr": 0.001}, "base_batch_size": 32,
+           "lr_scaling": "sqrt"}
+    summary = [{"batch_size": 128, "status": "ok", "lr": 0.032, "lr_multiplier": 16.0},
+               {"batch_size": 256, "status": "excluded: reached the target in 0/1 seeds", "lr": 0.0113}]
+
+    def trial(lr, losses):
+        return {"batch_size": 256, "lr": lr, "fits": True, "diverged": False,
+                "evals": [[0, 0, 0.0, 1.4]] + [[16 * (i + 1), 0, 0.1 * i, v] for i, v in enumerate(losses)]}
+
+    rows = [trial(0.0113, [0.9, 0.7, 0.562]), trial(0.0453, [1.3, 1.2, 1.19]), trial(0.0905, [1.4, 1.39, 1.388])]
+    base = Baseline(Path("run"), {}, rows, {}, job, {"summary": summary, "target_loss": 0.5})
+    lr, why = base.fastest_lr(256, job, 0.0028)
+    assert lr == pytest.approx(0.0113) and why.startswith(
+        "the lr of the baseline sweep's own trials at batch 256 with the lowest validation loss (3 lrs tried; it ran "
+        "batch 256 but did not rank it (excluded: reached the target in 0/1 seeds))")
+    rows.append(trial(0.0226, [0.8, 0.45, 0.44]))  # one reaches 0.5: the fewest steps to it decide
+    assert base.fastest_lr(256, job, 0.0028)[0] == pytest.approx(0.0226)
+
+
 def test_an_extrapolated_lr_stays_below_one_that_diverged_in_the_sweep():
     """The rule's growth past the largest ranked size must not reach an lr the sweep saw diverge there."""
     from pathlib import Path
