@@ -1189,6 +1189,18 @@ def test_the_refinement_tries_one_midpoint_towards_the_faster_neighbour():
     assert lr_refinements(rows, meta)[16] == [pytest.approx(1.414 ** 0.5)]  # neighbours: the adjacent lrs tried
 
 
+def test_a_slower_size_whose_interval_only_overlaps_the_picks_is_no_tie():
+    """A pick one of whose seeds crossed late had a wide interval, and an outside sweep marked every ranked size a
+    tie, batch 8 at 1.89x included: a tie needs each median inside the other's interval."""
+    rows = []
+    for seed, (fast, slow) in enumerate([(10, 19), (11, 21), (20, 22)]):  # 1.0, 1.1, 2.0 s against 1.9, 2.1, 2.2 s
+        rows += [_timed(128, seed, fast, 0.5, 0.1), _timed(16, seed, slow, 0.5, 0.1)]
+    a = analyse(rows, {**HAND_META, "target_loss": 0.5})
+    s = a.summary.set_index("batch_size")
+    assert a.recommendation["batch_size"] == 128 and a.recommendation["tied_with"] == []
+    assert s.loc[16, "relative"] == pytest.approx(2.1 / 1.1) and not s.loc[16, "tie"]
+
+
 def test_ties_are_judged_against_the_pick_not_against_an_open_interval():
     """A faster median from 2 of 3 seeds ties with everything; the pick (3/3) then decides the ties."""
     rows = []

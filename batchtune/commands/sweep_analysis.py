@@ -755,8 +755,11 @@ def _rank(contenders: list[Entry]) -> list[Entry]:
     The pick: among the sizes whose interval reaches down to the fastest median's interval,
     the one more seeds reached the target with, then the lower median (a size one of whose
     seeds never crossed has an interval open above and ties with everything). The ties are
-    then the sizes whose interval overlaps the pick's: that is what "within seed noise" of
-    the advice means. They are not ranked ahead of faster sizes: with 3 seeds an interval spans
+    then the sizes whose median lies inside the pick's interval and whose interval holds the pick's
+    median, and any faster size the pick was surer than: that is what "within seed noise" of the advice
+    means (intervals that merely overlap tied an outside sweep's every size with a pick one of whose seeds
+    crossed late, batch 8 at 1.89× included).
+    They are not ranked ahead of faster sizes: with 3 seeds an interval spans
     about the seeds' range, and an outside CNN's 16 (median 1.86× the pick's, one seed inside its
     interval) stood above 128 (1.56×, not tied).
     """
@@ -769,8 +772,8 @@ def _rank(contenders: list[Entry]) -> list[Entry]:
     fastest = min(contenders, key=lambda e: e["seconds_to_target"])
     group = [e for e in contenders if e["seconds_low"] <= high(fastest)]
     pick = min(group, key=lambda e: (-e["reached_count"] / e["seeds"], e["seconds_to_target"]))
-    tied = {id(e) for e in contenders
-            if e is not pick and e["seconds_low"] <= high(pick) and high(e) >= pick["seconds_low"]}
+    tied = {id(e) for e in contenders if e is not pick and (e["seconds_to_target"] < pick["seconds_to_target"] or (
+        e["seconds_to_target"] <= high(pick) and e["seconds_low"] <= pick["seconds_to_target"]))}
     ranked = [pick, *sorted((e for e in contenders if e is not pick), key=lambda e: e["seconds_to_target"])]
     for rank, e in enumerate(ranked, 1):
         e["rank"] = rank
