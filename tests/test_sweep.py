@@ -17,7 +17,7 @@ from batchtune.config.components import build_components
 from batchtune.memory.device import CPUBackend
 from batchtune.config.spec import load_spec
 from batchtune.commands.sweep import crossing, plan_candidates, run_sweep
-from batchtune.commands.sweep_analysis import STOP_WINDOW, analyse, result_from_rows
+from batchtune.commands.sweep_analysis import STOP_WINDOW, analyse, result_from_rows, seed_crossing
 from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 from batchtune.render.run_folder import RunFolder
@@ -121,7 +121,10 @@ def test_trials_short_of_the_default_target_train_on_towards_it(swept, tmp_path)
         assert r["lr_multiplier"] == best[size] and budget[size] < r["steps"] <= 2 * budget[size]
         points = [(e[0], e[2], e[3]) for e in r["evals"]]  # a crossing that stands (STOP_WINDOW) ended it
         crossed = crossing(points, target["loss"], STOP_WINDOW, 2 * r["warmup_steps"], observed=True) is not None
-        assert crossed == r["stopped_at_target"] and (crossed or r["stalled"] or r["steps"] == 2 * budget[size])
+        # else it stalled, or ran to its cap: 2x its steps, or the first seed's KEEP_LR x the size's fastest crossing
+        # (another lr's), where a dip not yet seen to stand is still read as its crossing
+        assert crossed == r["stopped_at_target"] and (crossed or r["stalled"] or r["steps"] == 2 * budget[size]
+                                                      or seed_crossing(r, target["loss"]) is not None)
         assert r["final_val_loss"] == next(e[3] for e in r["evals"] if e[1] == 2048)  # still read at the budget
     assert len({(r["batch_size"], r["lr_multiplier"], r["seed"]) for r in rows}) == len(rows)  # replaced, not added
     again = tmp_path / "run"
