@@ -66,6 +66,7 @@ TAIL = 0.1  # the loss curve is fitted on E_min from this share of the largest r
 THROUGHPUT_STEPS, THROUGHPUT_WARMUP = 32, 4  # timed steps per size (after warm-up) for the projection
 VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
+BEYOND_MEASURED = 0.1  # ... and below this ×, no plan is recommended on it (an outside CNN's 9e-09 from 0.00096)
 FLOOR_NEAR = 0.85  # a fitted loss floor above this × the lowest calibrated loss is said to bound every projection
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 VERIFIED_LOSS_MISS = 0.10  # --verify exits 1 where no run reached the target and the pick ended this far above
@@ -1137,8 +1138,26 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
         curve = replace(curve, lowest=lead["overfit_at_loss"])  # the power law would fall on past it
     result.laws["loss"] = {**curve.to_dict(), "backtest_rms_error": scores}
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
-    result.notes += _extrapolation_notes(result, min(l for _, l in curve_points))
+    lowest = min(l for _, l in curve_points)
+    _beyond_measured(result, lowest)
+    result.notes += _extrapolation_notes(result, lowest)
     return result
+
+
+def _beyond_measured(result: PlanResult, measured: float) -> None:
+    """No recommendation where the final target rests on a loss far below any the calibration saw (more than
+    1/:data:`BEYOND_MEASURED` times): the power law alone put it there, and steps, time, cost and the deadline's
+    verdict to it are the law's fiction. An outside CNN's cross-entropy, 0.00096 at its lowest, was projected to
+    9e-09 and its schedule recommended, exit 0 without --verify; verified, no plan got below 0.0012."""
+    final = (result.projection or {}).get("final_loss")
+    if result.recommendation is None or final is None or final >= BEYOND_MEASURED * measured:
+        return
+    result.notes.append(f"no plan is recommended: the final target rests on the projected final loss, {final:.3g}, "
+                        f"{measured / final:,.0f}x below the lowest the calibration measured ({measured:.4g}), where "
+                        f"its power law alone goes (the projections' fastest, {result.recommendation['plan']}, is "
+                        "shown for what it is); a loss heading to 0 levels off first: plan a shorter run, or batchtune "
+                        "sweep with sweep.target_loss at a loss you need")
+    result.recommendation = None
 
 
 def _plan_flat(result: PlanResult, spec: Any, meta: dict[str, Any], runs: list[dict[str, Any]],
