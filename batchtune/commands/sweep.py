@@ -26,7 +26,6 @@ from batchtune.commands.sweep_analysis import (
     KEEP_LR,
     NOISE_SLACK,
     Analysis,
-    STOP_WINDOW,
     SweepResult,
     analyse,
     crossing,
@@ -420,8 +419,6 @@ class _Sweep:
             # and not before it has trained at its lr as long as it warmed up: an outside sweep recommended lr 1.6 at
             # 512 from trials that met the target at step 4 of a 25-step warm-up, an lr that diverges (lr < 1 here)
             stop_from=trial_steps(meta, shape.batch_size) if reach else 2 * warmup,
-            # at a crossing that stands a little (STOP_WINDOW), as the analysis reads it (seed_crossing's settle)
-            stop_window=STOP_WINDOW, stop_settle=2 * warmup,
             # a micro-batch the probe confirmed cannot OOM: time DDP as the real job runs it
             overlap_comm=self.dist.enabled and shape.micro_batch_size <= (meta["safe_batch_size"] or 0),
         )

@@ -63,16 +63,10 @@ Entry = dict[str, Any]  # one (batch size, lr multiplier): aggregates over seeds
 # (:func:`crossing`): on the stored ground truths (benchmarks/ground_truth.py) every pick, B_crit and
 # time is the same as on the whole curve, and the same with the truth read either way
 CROSSING_WINDOW = 1.0
-# a trial with a target stops once a dip below it still stands 10% further in steps (the next validation or so), the
-# crossing read as the analysis reads it; not at the first dip alone, which read an outside regression's steps to
-# target 25-30% early at three sizes of five (one stopped at 0.5705 against 0.5709). Replayed on the ground truths
-# (benchmarks/lr_refine_sim.py --stop-confirm) the picks went from 1.065x to 1.056x the fastest on average, as
-# whole curves do (0.25 and 0.5 read the same); a whole doubling, tried, cost a quarter more samples
-STOP_WINDOW = 0.1
 
 
 def crossing(points: list[tuple[float, float, float]], target: float,
-             window: float | None = None, settle: float = 0, observed: bool = False) -> tuple[float, float] | None:
+             window: float | None = None, settle: float = 0) -> tuple[float, float] | None:
     """(steps, seconds) at which a validation curve reaches ``target``, read on its best decreasing fit.
 
     ``points`` are (steps, seconds, loss) in order (a non-finite loss is left out). Near a plateau
@@ -89,16 +83,12 @@ def crossing(points: list[tuple[float, float, float]], target: float,
     reaches at least, whatever the window (twice the warm-up: a dip while the lr was still rising is no
     crossing where the curve rose from it at the full lr; an outside regression's lr 0.8 at 512 met the
     target at step 4 of a 26-step warm-up, then sat 10-20% above it for 1,000 steps).
-
-    ``observed``: only dips whose window the curve covers in full (a point past its end) count: the crossing
-    as it stands whatever comes next, what a trial may stop at (:attr:`TrialConfig.stop_window`).
     """
     finite = [p for p in points if p[2] is not None and math.isfinite(p[2])]
     if window is not None:
-        ends = (next((j for j, q in enumerate(finite) if q[0] > max((1 + window) * p[0], settle)),
-                     None if observed else len(finite)) for p in finite if p[2] <= target)
-        return next((hit for end in ends if end is not None and (hit := crossing(finite[:end], target)) is not None),
-                    None)
+        ends = (next((j for j, q in enumerate(finite) if q[0] > max((1 + window) * p[0], settle)), len(finite))
+                for p in finite if p[2] <= target)
+        return next((hit for end in ends if (hit := crossing(finite[:end], target)) is not None), None)
     prev = None
     for steps, seconds, loss in ((p[0], p[1], f) for p, f in zip(finite, decreasing_fit([p[2] for p in finite]))):
         if loss <= target:

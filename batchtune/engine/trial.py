@@ -80,13 +80,9 @@ class TrialConfig:
     # in the window they fall in); past it the trial stops, ``timed_out``. At most
     # max_seconds when that is set. None: no limit.
     timeout: float | None = None
-    # end the trial at the first validation at or below this loss (None: train every step), past stop_from steps;
-    # with stop_window, once the sweep's reading of the crossing (sweep_analysis.crossing with that window and
-    # stop_settle) stands whatever comes next: a dip below the target is no crossing where the curve rises again
+    # end the trial at the first validation at or below this loss (None: train every step), past stop_from steps
     stop_below: float | None = None
     stop_from: int = 0
-    stop_window: float | None = None
-    stop_settle: int = 0
     # past this step, end the trial (``stalled``) at a validation from which its best loss, at twice
     # the pace of its last doubling of steps, would not get to ``stop_below`` by the last step
     stall_after: int | None = None
@@ -774,11 +770,10 @@ class Trainer:
         last = step + 1 == config.steps
         out_of_time = config.max_seconds is not None and result.train_seconds >= config.max_seconds
         due = self._eval_due(run, step + 1)
-        validated = due or ((last or out_of_time) and config.validate)
-        if validated and not self._validate(run, step + 1):
+        if (due or ((last or out_of_time) and config.validate)) and not self._validate(run, step + 1):
             return False
-        # the last validation too: a crossing that stands only there was reached (its row said it was not)
-        if validated and config.stop_below is not None and step + 1 > config.stop_from and _reached(config, result):
+        if (due and config.stop_below is not None and step + 1 > config.stop_from
+                and result.evals[-1].val_loss <= config.stop_below):
             result.stopped_at_target = True
             return False
         if due and config.stall_after is not None and step + 1 > config.stall_after and stalled(
@@ -894,19 +889,6 @@ def _largest(trainer: Trainer) -> str:
     return f" (largest |output| {largest:.3g})" if largest is not None and math.isfinite(largest) else ""
 
 
-def _reached(config: TrialConfig, result: TrialResult) -> bool:
-    """Whether a trial with a loss to stop at (``config.stop_below``) has got there: its last validation, or with
-    ``config.stop_window`` a crossing that stands whatever the curve does next. Stopped at its first dip, an outside
-    autoencoder's batch 8 was read to reach 0.012 in 127 steps on all three seeds (90% interval 0.408-0.416 s); its
-    whole curve, the same seed, dipped to 0.0116 at step 141, rose to 0.0146 and got there for good at 220."""
-    if config.stop_window is None:
-        return result.evals[-1].val_loss <= config.stop_below
-    from batchtune.commands.sweep_analysis import crossing
-
-    points = [(e.step, 0.0, e.val_loss) for e in result.evals]
-    return crossing(points, config.stop_below, config.stop_window, config.stop_settle, observed=True) is not None
-
-
 def stalled(evals: list[tuple[int, float]], target: float | None, last_step: int, pace: float = 2.0) -> bool:
     """Whether a trial's best validation loss, falling at ``pace`` × what it fell over its last
     doubling of steps (per doubling), would stay above ``target`` by ``last_step``. A trial past
@@ -917,13 +899,8 @@ def stalled(evals: list[tuple[int, float]], target: float | None, last_step: int
     that crossed later (benchmarks/README.md#ground_truthpy)."""
     if target is None or not evals:
         return False
-    from batchtune.commands.sweep_analysis import decreasing_fit
-
     step = evals[-1][0]
-    # the level the curve holds, as crossings are read: a dip below the target that the curve rose from does not
-    # count (a quickstart size overfitting 16,384 samples dipped under its default target at step 168, rose, and
-    # trained on to its cap of 512 steps waiting for a crossing to stand)
-    best = decreasing_fit([loss for _, loss in evals])[-1]
+    best = min(loss for _, loss in evals)
     earlier = [loss for s, loss in evals if s <= step / 2]
     if best <= target or not earlier or step >= last_step:
         return False
