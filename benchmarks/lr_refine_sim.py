@@ -17,8 +17,8 @@ Policies (``--policies``, comma-separated; each ``name``):
 * ``leaders-both``: both midpoints around the fastest lr (the earlier ``lr_refine: leaders``).
 * ``every``: one midpoint for every size (``lr_refine: true``).
 
-``--stop-confirm F``: trials stop at the lowest target once a dip below it has held for F × its steps (the
-first seed with a default target runs its whole budget); without it, whole curves (the truth's reading).
+The truth's curves end at its budget, so the replay cannot judge how long a trial should train past its first dip
+below a target (a real trial trains on to twice its budget and may overfit: benchmarks/README.md#lr_refine_simpy).
 
     python benchmarks/lr_refine_sim.py --clock-noise 0.05 > /tmp/sim.txt
 """
@@ -64,38 +64,19 @@ def thinned(row: dict[str, Any], budget: int) -> dict[str, Any]:
     return {**row, "evals": keep}
 
 
-def stopped(row: dict[str, Any], stop_at: float, confirm: float) -> dict[str, Any]:
-    """``row`` cut where a trial stopping at ``stop_at`` ends: once a dip below it has held for ``confirm`` × its
-    steps (re-armed when the curve rises above it)."""
-    start = None
-    for i, e in enumerate(row["evals"]):
-        if e[0] and e[3] is not None and e[3] <= stop_at:
-            start = e[0] if start is None else start
-            if e[0] >= (1 + confirm) * start:
-                return {**row, "evals": row["evals"][: i + 1]}
-        elif e[0]:
-            start = None
-    return row
-
-
-def cells(rows: list[dict[str, Any]], target: float, budget: int, stop_at: float | None,
-          confirm: float | None) -> dict[tuple[int, int], dict[int, tuple[float | None, float | None]]]:
-    """(size, k) → seed → (steps to ``target`` on the whole curve, on the curve as a stopping trial ends it)."""
-    out: dict[tuple[int, int], dict[int, tuple[float | None, float | None]]] = {}
+def cells(rows: list[dict[str, Any]], target: float, budget: int) -> dict[tuple[int, int], dict[int, float | None]]:
+    """(size, k) → seed → steps to ``target`` on the curve thinned to the sweep's validations."""
+    out: dict[tuple[int, int], dict[int, float | None]] = {}
     for r in rows:
-        thin = thinned(r, budget)
-        whole = gt.seed_steps(thin, target)
-        cut = whole if confirm is None else gt.seed_steps(stopped(thin, stop_at, confirm), target)
-        out.setdefault((r["size"], r["k"]), {})[r["seed"]] = (whole, cut)
+        out.setdefault((r["size"], r["k"]), {})[r["seed"]] = gt.seed_steps(thinned(r, budget), target)
     return out
 
 
-def simulate(cell: dict, sps: dict[int, float], sizes: list[int], first: int, later: list[int], policy: str,
-             default_target: bool) -> tuple[int, int, int]:
+def simulate(cell: dict, sps: dict[int, float], sizes: list[int], first: int, later: list[int],
+             policy: str) -> tuple[int, int, int]:
     """One draw of the sweep: (picked size, its lr's k, trials)."""
     def steps(size: int, k: int, seed: int) -> float:
-        got = cell.get((size, k), {}).get(seed)
-        value = None if got is None else got[0] if seed == first and default_target else got[1]
+        value = cell.get((size, k), {}).get(seed)
         return math.inf if value is None else value  # a cell the truth dropped was dominated on its seed 0
 
     trials, tried = 0, {}
@@ -148,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policies", default="bracket,leaders,leaders-both,every")
     parser.add_argument("--clock-noise", type=float, default=0.05)
-    parser.add_argument("--stop-confirm", type=float, default=None)
     args = parser.parse_args(argv)
     policies = args.policies.split(",")
     totals = {p: [] for p in policies}
@@ -156,12 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = gt.load_rows(RESULTS / f"ground_truth_{task}.jsonl")
         summary = json.loads((RESULTS / f"ground_truth_{name}_summary.json").read_text())
         seeds = sorted({r["seed"] for r in rows})
-        lowest = min(t["target_loss"] for t in summary["targets"])
         for t in summary["targets"]:
             sizes = sorted(int(s) for s in t["sizes"])
             sps = {int(s): v["samples_per_s"] for s, v in t["sizes"].items()}
             truth = {(int(s), int(k)): v for s, d in t["sizes"].items() for k, v in (d.get("time_s_by_k") or {}).items()}
-            cell = cells(rows, t["target_loss"], SWEEP_BUDGET[task], lowest, args.stop_confirm)
+            cell = cells(rows, t["target_loss"], SWEEP_BUDGET[task])
             line = {"task": name, "target": round(t["target_loss"], 4)}
             for policy in policies:
                 ratios, trials = [], []
@@ -169,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     for later in itertools.combinations([s for s in seeds if s != first], 2):
                         rng = random.Random(first * 100 + later[0] * 10 + later[1])
                         clock = {b: v * math.exp(rng.gauss(0, args.clock_noise)) for b, v in sps.items()}
-                        size, k, n = simulate(cell, clock, sizes, first, list(later), policy, "default" in name)
+                        size, k, n = simulate(cell, clock, sizes, first, list(later), policy)
                         ratios.append(truth.get((size, k), math.nan) / t["best_time_s"])
                         trials.append(n)
                 ok = [r for r in ratios if math.isfinite(r)]

@@ -1155,6 +1155,20 @@ def test_the_refinement_tries_one_midpoint_towards_the_faster_neighbour():
     assert lr_refinements(rows, meta)[16] == [pytest.approx(1.414 ** 0.5)]  # neighbours: the adjacent lrs tried
 
 
+def test_a_pick_at_its_highest_lr_that_a_seed_missed_is_not_told_to_go_higher():
+    """An outside pick at the highest lr tried, 2 of 3 seeds reaching (a half-octave up no seed learned), was told 'a
+    higher one may be faster still'."""
+    rows = []
+    for seed in range(3):
+        rows += [_timed(64, seed, 30, 0.5, 0.01, mult=1.0),
+                 _timed(64, seed, 20 + seed, 0.5 if seed < 2 else 0.8, 0.01, mult=2.0)]
+    a = analyse(rows, {**HAND_META, "target_loss": 0.5})
+    assert a.recommendation["lr_multiplier"] == 2.0
+    assert ("the highest it tried, and only 2/3 seeds reached the target at it: it may sit near the edge of "
+            "stability, and a lower lr is the safer bet") in a.recommendation["reason"]
+    assert "may be faster still" not in a.recommendation["reason"]
+
+
 def test_a_slower_size_whose_interval_only_overlaps_the_picks_is_no_tie():
     """A pick one of whose seeds crossed late had a wide interval, and an outside sweep marked every ranked size a
     tie, batch 8 at 1.89x included: a tie needs each median inside the other's interval."""

@@ -1188,7 +1188,12 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     whose = rule_lr(meta.get("lr_rule", "scaling"))
     lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} {whose}"
                if win["lrs_tried"] > 1 else whose if whose.endswith(" lr") else f"{whose} lr")
-    if win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
+    if win.get("lr_edge") == "highest" and win["reached_count"] < win["seeds"]:
+        # a seed that failed at the highest lr tried says the edge of stability is near, not that higher is faster
+        # (an outside pick's third seed never learned there; a half-octave up, no seed did)
+        lr_text += (f"; the highest it tried, and only {win['reached']} seeds reached the target at it: it may sit "
+                    "near the edge of stability, and a lower lr is the safer bet")
+    elif win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
     spread = ("one seed: no interval" if win["seeds"] == 1 else f"median over {win['reached']} seeds, 90% interval "
