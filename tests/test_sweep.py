@@ -56,8 +56,10 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
     # on the first seed every size sees the 2048-sample budget; 64 (32 steps in it) trains sweep.min_steps = 64
     # steps; the trials short of the default target train on (the test below)
     steps = (2048 // t["batch_size"]).clip(lower=64)
-    budget = t[(t["reach"] != True) & (t["seed"] == 0)]  # noqa: E712 (NaN where the trial did not train on)
-    assert len(budget) >= len(t[t["seed"] == 0]) - 2 and (budget["steps"] == steps[budget.index]).all()
+    # (the midpoints, tried once the default target is fixed, stop at it as the later seeds do)
+    on_grid = t["lr_multiplier"].isin([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    budget = t[(t["reach"] != True) & (t["seed"] == 0) & on_grid]  # noqa: E712 (NaN where the trial did not train on)
+    assert len(budget) >= len(t[(t["seed"] == 0) & on_grid]) - 2 and (budget["steps"] == steps[budget.index]).all()
     # the default target, fixed from the first seed, is where the later seeds stop (or train on towards, up to 2x)
     target = result.meta["default_target"]["loss"]
     later = t[t["seed"] == 1]
@@ -93,9 +95,8 @@ def test_every_candidate_saw_the_same_samples_and_the_lr_search_ran(swept):
 
     refined = {size for size in first.index if first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}}
     assert all(len(first[size] - {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}) == 1 for size in refined)
-    screened = {k: v for k, v in result.meta.items() if k != "default_target"}
     searched = [r for r in seed0 if r["lr_multiplier"] in {0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0}]
-    assert refined and refined <= in_contention(searched, screened, LEADERS_WITHIN)
+    assert refined and refined <= in_contention(searched, result.meta, LEADERS_WITHIN)  # at the default target
     best = result.summary.dropna(subset=["rank"]).set_index("batch_size")["lr_multiplier"]
     for size, mult in best.items():
         assert size in behind or mult in second[size]  # every ranked size ran its chosen lr on both seeds

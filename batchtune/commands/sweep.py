@@ -237,12 +237,14 @@ class _Sweep:
                 if (m := _gap(self._standing(first, upto=shape.batch_size).get(shape.batch_size, {}))) is None:
                     break
                 self._run_all([(first, m, shape)], mark="extension", inherit={"gap": True})
+        # the default target first: the leaders and their midpoints are judged at it (without a target every size
+        # was a leader: the quickstart's default sweep refined all 7)
+        self._fix_default_target(first)
         if refine := self.meta.get("lr_refine"):
             searched = self._decided_on(first)
-            leaders = None if refine is True else in_contention(searched, self._screened(), LEADERS_WITHIN)
-            mids = lr_refinements(searched, self._screened(), leaders)
+            leaders = None if refine is True else in_contention(searched, self.meta, LEADERS_WITHIN)
+            mids = lr_refinements(searched, self.meta, leaders)
             self._run_all([(first, m, c) for c in self.shapes() for m in mids.get(c.batch_size, [])])
-        self._fix_default_target(first)
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
         self._stops = lr_stops(self._rows_of(first), self._screened())
