@@ -1156,6 +1156,22 @@ def test_the_refinement_tries_one_midpoint_towards_the_faster_neighbour():
     assert lr_refinements(rows, meta)[16] == [pytest.approx(1.414 ** 0.5)]  # neighbours: the adjacent lrs tried
 
 
+def test_a_critical_batch_that_falls_as_the_target_falls_beyond_its_intervals_is_remarked():
+    """An outside sweep read B_crit 368 (232-622) at 0.65 and 212 (177-253) at 0.55 and headlined the 212,
+    unremarked."""
+    from batchtune.commands.sweep_analysis import _growth_note
+
+    def at(loss, b, low, high):
+        return {"target_loss": loss, "critical": {"b_crit": b, "basis": "steps-to-target fit",
+                                                  "fit": {"low": low, "high": high}}}
+
+    note = _growth_note([at(0.8, 311, 225, 447), at(0.65, 368, 232, 622), at(0.55, 212, 177, 253)])
+    assert note == ("critical batch size by target loss: 0.8 → 311, 0.65 → 368, 0.55 → 212; it fell from 368 at 0.65 "
+                    "to 212 at 0.55, below the interval of the first (232-622), where it grows as the loss falls as a "
+                    "rule: read the lower target's with care (its sizes near a floor, or too few seeds)")
+    assert "fell" not in _growth_note([at(0.65, 368, 232, 622), at(0.55, 240, 177, 300)])  # within its interval
+
+
 def test_a_pick_at_its_highest_lr_that_a_seed_missed_is_not_told_to_go_higher():
     """An outside pick at the highest lr tried, 2 of 3 seeds reaching (a half-octave up no seed learned), was told 'a
     higher one may be faster still'."""

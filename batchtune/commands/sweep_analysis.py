@@ -1129,11 +1129,26 @@ def _lowest_held(sizes: list[Entry]) -> str:
 
 
 def _growth_note(by_target: list[dict[str, Any]]) -> str:
+    """The critical batch at each target; where it falls as the target falls, below the interval of the reading at
+    the higher target, that it should not (an outside sweep read 368 at 0.65 and 212 at 0.55 and headlined the 212, unremarked)."""
     parts = []
     for t in by_target:
         b = t["critical"]["b_crit"]
         parts.append(f"{t['target_loss']:.4g} → {b:.0f}" if b else f"{t['target_loss']:.4g} → -")
-    return "critical batch size by target loss: " + ", ".join(parts)
+    note = "critical batch size by target loss: " + ", ".join(parts)
+    def band(c: dict[str, Any]) -> tuple[float, float]:
+        read = c["fit"] if c.get("basis") == "steps-to-target fit" else c.get("noise_scale") or {}
+        return read.get("low") or c["b_crit"], read.get("high") or c["b_crit"]
+
+    read = sorted(((t["target_loss"], t["critical"]) for t in by_target if t["critical"]["b_crit"]),
+                  key=lambda p: -p[0])
+    fell = [(hi, lo) for hi, lo in zip(read, read[1:]) if lo[1]["b_crit"] < band(hi[1])[0]]
+    if fell:
+        (l1, c1), (l2, c2) = fell[0]
+        note += (f"; it fell from {c1['b_crit']:.0f} at {l1:.4g} to {c2['b_crit']:.0f} at {l2:.4g}, below the "
+                 f"interval of the first ({band(c1)[0]:.0f}-{band(c1)[1]:.0f}), where it grows as the loss falls as "
+                 "a rule: read the lower target's with care (its sizes near a floor, or too few seeds)")
+    return note
 
 
 def _excluded_sentence(entries: list[Entry], excluded: dict[str, str]) -> str | None:
