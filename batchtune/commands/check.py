@@ -41,7 +41,7 @@ from batchtune.commands.check_verdicts import (
     regression_verdict,
     trains_verdict,
 )
-from batchtune.commands.sweep_analysis import timed_rates
+from batchtune.commands.sweep_analysis import calm_everywhere, timed_rates
 from batchtune.engine.data import loader_kind, within_limits
 from batchtune.config.spec import changed_keys
 from batchtune.engine.shape import BatchShape
@@ -960,7 +960,9 @@ def _regression_verdict(state: _CheckRun, base: Baseline) -> CheckResult:
         return _skip("regression", "regression.unusable", batch_size=b)
     # trials timed while other work took our cores say nothing of the job's speed (an outside sweep's one busy
     # trial at 8,846 samples/s pulled the mean of six to 30,867 where the rest ran at 36,000)
-    rates = timed_rates(usable)  # its calm trials' where it has any: the job's speed on a machine to itself
+    # the rate the sweep's table shows for the size: its calm trials' where every size has one, else all of them (an
+    # outside check compared 1,880 samples/s, its calm trials', against a table row showing 1,414 from all)
+    rates = timed_rates(usable, calm_everywhere(base.rows))
     spread, spread_rates = _baseline_spread(usable, rates)
     peaks = [r["peak_bytes"] for r in usable if positive(r.get("peak_bytes"))]
     run = state.run
