@@ -305,11 +305,11 @@ class Baseline:
             found = (f"the multiplier the baseline sweep found fastest at every size it ranked ({len(with_mult)})"
                      if len(self.meta.get("lr_multipliers") or [0.5, 2.0]) > 1  # a run folder records it
                      else "the only lr the baseline sweep tried (its lr search was off)")
-            lr, why = rule_lr * m, f"the rule's × {m:g}, {found}; {self._unranked(batch_size)}"
+            lr, why = rule_lr * m, f"the rule's × {m:.3g}, {found}; {self._unranked(batch_size)}"
         else:  # the nearest ranked size's (an outside sweep found ×32 at 512; check ran 1024 at the rule's)
             near = min(with_mult, key=lambda r: (abs(math.log2(r["batch_size"] / batch_size)), -r["batch_size"]))
             m = float(near["lr_multiplier"])
-            lr, why = rule_lr * m, (f"the rule's × {m:g}, the multiplier the baseline sweep found fastest at batch "
+            lr, why = rule_lr * m, (f"the rule's × {m:.3g}, the multiplier the baseline sweep found fastest at batch "
                                     f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
         top = max(r["batch_size"] for r in with_mult)
         if batch_size > top:  # an outside check at 8x the largest size ranked failed 'trains' at the linear rule's lr

@@ -327,7 +327,7 @@ def _short_trial_lr_notes(best: dict[int, float], per_trial: int, n: int, scale:
     high = sorted((b, m) for b, m in best.items() if m > 1)
     if not high or per_trial > SHORT_TRIALS * n:
         return []
-    took = ", ".join(f"×{m:g} at {sizes_text([b], scale)}" for b, m in high)
+    took = ", ".join(f"×{m:.3g} at {sizes_text([b], scale)}" for b, m in high)
     return [f"the lrs above the rule's ({took}) were the fastest over calibration trials of {per_trial:,} samples, "
             f"{per_trial / n:.1%} of the run: short trials favour high lrs, which can level off higher over a whole "
             "run; --verify trains the plan at them, and sweep.lr_search=false plans at the rule's lrs"]
@@ -897,7 +897,7 @@ def lower_lr(lead: dict[str, Any]) -> str:
     if mult <= 1:
         return "a lower lr (optimizer.lr)"
     return (f"a lower lr: sweep.lr_search=false trains at the rule's lr, or sweep.lr_multipliers with "
-            f"sweep.lr_extensions=0 keeps the calibration's search below ×{mult:g} (lowering optimizer.lr moves the "
+            f"sweep.lr_extensions=0 keeps the calibration's search below ×{mult:.3g} (lowering optimizer.lr moves the "
             "search down with it)")
 
 
@@ -910,7 +910,7 @@ def _turn_notes(lead: dict[str, Any], n_train: int) -> list[str]:
     overfitting)."""
     mult = float(lead.get("lr_multiplier") or 1.0)
     where = f"{lead['lr']:.3g} at batch {lead['batch_size']}" + (
-        f", ×{mult:g} the rule's: the fastest in the calibration's short trials" if mult != 1 else "")
+        f", ×{mult:.3g} the rule's: the fastest in the calibration's short trials" if mult != 1 else "")
     swing = _swing(lead["evals"])
     if swing is not None:
         (low, at_low), (peak, at_peak), (again, at_again) = swing

@@ -952,7 +952,7 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     edged = [e for e in ranked[1:] if e.get("lr_edge") and e.get("relative", math.inf) <= 2]
     if edged:
         notes.append("the fastest lr of " + ", ".join(
-            f"{e['batch_size']} (×{e['lr_multiplier']:g} the rule's, the {e['lr_edge']} of the {e['lrs_tried']} it "
+            f"{e['batch_size']} (×{e['lr_multiplier']:.3g} the rule's, the {e['lr_edge']} of the {e['lrs_tried']} it "
             "tried)" for e in edged) + f" is at the edge of what {'it' if len(edged) == 1 else 'they'} tried: an lr "
             "beyond it may be faster still, and the ranking with it")
     return notes
@@ -1007,7 +1007,7 @@ def _fallback_notes(rows: list[dict[str, Any]]) -> list[str]:
     chosen = sorted({(r["batch_size"], r["lr_multiplier"], r["lr"], r.get("stop_below")) for r in rows
                      if r.get("fallback")})
     return [f"batch {size}: its fastest lr on the first seed reached {target:.4g} in too few seeds, so its next "
-            f"fastest there, ×{mult:g} the rule's (lr {lr:.3g}), ran the other seeds too"
+            f"fastest there, ×{mult:.3g} the rule's (lr {lr:.3g}), ran the other seeds too"
             for size, mult, lr, target in chosen]
 
 
@@ -1201,7 +1201,7 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
                   f"among those within seed noise of the fastest median ({_fmt_size(faster)}, "
                   f"{format_seconds(faster['seconds_to_target'])} s in {faster['reached']} seeds)")
     whose = rule_lr(meta.get("lr_rule", "scaling"))
-    lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:g} {whose}"
+    lr_text = (f"the fastest of the {win['lrs_tried']} lrs it tried, ×{win['lr_multiplier']:.3g} {whose}"
                if win["lrs_tried"] > 1 else whose if whose.endswith(" lr") else f"{whose} lr")
     if win.get("lr_edge") == "highest" and win["reached_count"] < win["seeds"]:
         # a seed that failed at the highest lr tried says the edge of stability is near, not that higher is faster
