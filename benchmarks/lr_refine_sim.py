@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for t in summary["targets"]:
             sizes = sorted(int(s) for s in t["sizes"])
             sps = {int(s): v["samples_per_s"] for s, v in t["sizes"].items()}
-            truth = {(int(s), int(k)): v for s, d in t["sizes"].items() for k, v in (d.get("time_s_by_k") or {}).items()}
+            truth = {(int(s), int(k)): v for s, d in t["sizes"].items()
+                     for k, v in (d.get("time_s_by_k") or {}).items()}
             cell = cells(rows, t["target_loss"], SWEEP_BUDGET[task])
             line = {"task": name, "target": round(t["target_loss"], 4)}
             for policy in policies:

@@ -1147,8 +1147,9 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
 def _beyond_measured(result: PlanResult, measured: float) -> None:
     """No recommendation where the final target rests on a loss far below any the calibration saw (more than
     1/:data:`BEYOND_MEASURED` times): the power law alone put it there, and steps, time, cost and the deadline's
-    verdict to it are the law's fiction (nearer, 20-30x, the extrapolation note says so and --verify measures it). An outside CNN's cross-entropy, 0.00096 at its lowest, was projected to
-    9e-09 and its schedule recommended, exit 0 without --verify; verified, no plan got below 0.0012."""
+    verdict to it are the law's fiction (nearer, 20-30x, the extrapolation note says so and --verify measures it).
+    An outside CNN's cross-entropy, 0.00096 at its lowest, was projected to 9e-09 and its schedule recommended,
+    exit 0 without --verify; verified, no plan got below 0.0012."""
     final = (result.projection or {}).get("final_loss")
     if result.recommendation is None or final is None or final >= BEYOND_MEASURED * measured:
         return

@@ -432,7 +432,8 @@ def lr_stops(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[int, dict
     return out
 
 
-def lr_refinements(rows: list[dict[str, Any]], meta: dict[str, Any], sizes: set[int] | None = None) -> dict[int, list[float]]:
+def lr_refinements(rows: list[dict[str, Any]], meta: dict[str, Any],
+                   sizes: set[int] | None = None) -> dict[int, list[float]]:
     """The midpoint lrs the first seed tries next (``lr_refine``), for ``sizes`` (None: every size): at each
     target, the geometric midpoint between each size's fastest lr and the faster of its tried neighbours (the one
     that reached the target sooner, else the lower final loss; neighbours, not a far probe: within 4×), where no
@@ -1130,7 +1131,8 @@ def _lowest_held(sizes: list[Entry]) -> str:
 
 def _growth_note(by_target: list[dict[str, Any]]) -> str:
     """The critical batch at each target; where it falls as the target falls, below the interval of the reading at
-    the higher target, that it should not (an outside sweep read 368 at 0.65 and 212 at 0.55 and headlined the 212, unremarked)."""
+    the higher target, that it should not (an outside sweep read 368 at 0.65 and 212 at 0.55 and headlined the
+    212, unremarked)."""
     parts = []
     for t in by_target:
         b = t["critical"]["b_crit"]

@@ -836,8 +836,8 @@ class Trainer:
     def _diverged(self, config: TrialConfig, result: TrialResult, step: int, loss: float) -> bool:
         """Mark the result diverged if the loss is not finite or grew past the divergence factor. A
         non-finite loss from training data that holds NaN or inf (:meth:`bad_data`) is a SpecError on ``data``: bad
-        input, exit 2 in every command (an outside check failed 'trains', exit 1). Else it says whether the loss function
-        made it from finite outputs: at the first step, before any update, no lr did (a SpecError on
+        input, exit 2 in every command (an outside check failed 'trains', exit 1). Else it says whether the loss
+        function made it from finite outputs: at the first step, before any update, no lr did (a SpecError on
         ``loss.target``, bad input in every command; on ``model`` where the outputs are past what an exp takes,
         :func:`~batchtune.config.components.huge_outputs`); later, a loss that overflows as the outputs grow under a
         high lr is a divergence a sweep records and goes on from, said to be the loss's."""
