@@ -202,9 +202,9 @@ class _Sweep:
 
         The first seed runs every size at every lr multiplier, then up to ``lr_extensions``
         more multipliers per size where the bracket's edge was fastest (or everything
-        diverged) and as many into a gap a jump left beside the fastest (:func:`_gap`), then
-        (``lr_refine``) the half-steps either side of each fastest lr of the
-        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or of every size; the
+        diverged) and as many into a gap a jump left beside the fastest (:func:`_gap`), then, the default
+        target fixed, (``lr_refine``) the half-step from each fastest lr towards its faster neighbour, for the
+        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or every size; the
         other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
         each target, stopping at the lowest target it is fastest for (:func:`lr_stops`); where that lr
         reached a given target in too few seeds, the size's next fastest there runs them too

@@ -440,7 +440,7 @@ def lr_refinements(rows: list[dict[str, Any]], meta: dict[str, Any],
     lr within 2% of it was tried. A bracket of ×2 steps misses the best lr by up to √2, and in a flat-bottomed
     valley that alone cost 10–25% of the time to target (the teacher's and the quickstart's best cells lay
     between the bracket's lrs); the best lr lies on the side of the faster neighbour, so one midpoint there
-    does what two did (benchmarks/README.md#ground_truthpy, `lr_refine_sim.py`)."""
+    does what two did (benchmarks/README.md#lr_refine_simpy)."""
     entries = _per_lr(rows)
     targets, _ = targets_for(entries, meta)
     out: dict[int, list[float]] = {}
