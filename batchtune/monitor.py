@@ -89,9 +89,9 @@ class MonitorReading(NoiseScaleEstimate):
 def _warn_batchnorm(model: torch.nn.Module) -> None:
     """Say that BatchNorm biases the reading, as ``batchtune noise`` does: an outside loop's monitor read about half
     of what ``noise`` read on the same BatchNorm model, and said nothing."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from batchtune.config.components import has_batchnorm
 
-    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if has_batchnorm(model):
         warnings.warn("noise scale: the model has BatchNorm: its micro-batch (or per-example) gradients see batch "
                       "statistics that differ from the full batch's, which biases B_simple; read it as an order of "
                       "magnitude", stacklevel=3)
