@@ -253,9 +253,11 @@ def _trial_log(interrupt_after: int | None = None):
 
 
 def test_resume_skips_finished_trials_and_gives_the_same_losses(write_spec, tmp_path):
-    # every size on every seed: which sizes stay in contention is judged by time, and a fresh run's
-    # clock is not the interrupted one's (a resumed run judges from the stored rows, as the original)
-    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16, 64]", "sweep.reseed_within=null"])
+    # every size on every seed, and a midpoint for every size: which sizes stay in contention, and which lead, is
+    # judged by time, and a fresh run's clock is not the interrupted one's (a resumed run judges from the stored
+    # rows, as the original)
+    spec = load_spec(write_spec(SWEEP_SPEC), ["sweep.batch_sizes=[16, 64]", "sweep.reseed_within=null",
+                                              "sweep.lr_refine=true"])
     with _trial_log(interrupt_after=3) as log, pytest.raises(KeyboardInterrupt):
         run_sweep(spec, out=tmp_path / "run")
     assert log.lines[0].startswith("[1: 1/6 of this round] batch ")
