@@ -1603,7 +1603,9 @@ def test_an_interrupted_check_shows_the_verdicts_reached_marked_partial_and_exit
     data = json.loads(render_check(stopped[0], "json"))
     assert (data["status"], data["exit_code"], data["interrupted"]) == ("interrupted", 130, True)
     monkeypatch.setattr("batchtune.errors.STOPPING", [15])  # SIGTERM taken (batchtune.cli._on_sigterm): exits 143
-    assert json.loads(render_check(stopped[0], "json"))["exit_code"] == 143
+    termed = json.loads(render_check(stopped[0], "json"))
+    assert termed["exit_code"] == 143  # and the unfinished checks say what stopped them (an outside CI read 'Ctrl-C')
+    assert termed["checks"][1]["reason"] == "not finished: interrupted (SIGTERM) before this check had its verdict"
 
 
 def test_a_nan_loss_or_the_users_code_raising_in_the_training_run_is_bad_input(write_spec):

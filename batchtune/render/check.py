@@ -394,7 +394,7 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "skip.train_oom": lambda f: "not measured: the training run ran out of memory",
     "skip.train_unfinished": lambda f: "not measured: the training run did not finish",
     "skip.no_baseline": lambda f: "no --baseline given",
-    "skip.interrupted": lambda f: "not finished: interrupted (Ctrl-C) before this check had its verdict",
+    "skip.interrupted": lambda f: f"not finished: interrupted ({_stop_name()}) before this check had its verdict",
 }
 
 
@@ -542,6 +542,15 @@ def _check_junit(report: Any, strict: bool) -> str:
         out.text = (f"WARNING: {reason}\n" if c.status == "warn" else f"{c.status}: {reason}\n") + figures
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+def _stop_name() -> str:
+    """What stopped the process: SIGTERM (a CI cancel, a scheduler) or Ctrl-C (an outside CI's SIGTERM read 'Ctrl-C')."""
+    from signal import SIGTERM
+
+    from batchtune.errors import STOPPING
+
+    return "SIGTERM" if SIGTERM in STOPPING else "Ctrl-C"
 
 
 def bad_input_junit(message: str, name: str = "spec", kind: str = "usage") -> str:
