@@ -495,3 +495,46 @@ def test_a_nan_loss_of_finite_outputs_in_training_is_the_losss_not_the_lrs(write
                          + 'loss: {target: "tests.test_hangs:nan_after", kwargs: {after: 1000}}\n')
     noise = runner.invoke(app, ["noise", str(outputs), "--steps", "10", "-q"])
     assert noise.exit_code == 1 and "diverged: non-finite loss at step 3. No noise scale" in noise.stdout, noise.output
+
+
+class _TokenBag(torch.nn.Module):
+    """Tokens in, classes out: an embedding of ``vocab`` rows, mean-pooled."""
+
+    def __init__(self, vocab: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(1))
+
+
+def token_bag(**kwargs):
+    return _TokenBag(**kwargs)
+
+
+def tokens_past_the_vocabulary(n: int = 512, bad: int = 300):
+    """Token ids 0..15 for a vocabulary of 16, but sample ``bad`` holds 16 (neither the first two nor validate's
+    spread of samples hold it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (n, 6), generator=g)
+    x[bad, 2] = 16
+    y = torch.randint(0, 4, (n,), generator=g)
+    return torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x[:64].clamp(max=15), y[:64])
+
+
+def test_an_embedding_index_past_the_vocabulary_names_the_sample_and_the_id(write_spec):
+    """An outside token id 64 for a vocabulary of 64 failed every command with 'a training step at micro-batch 64 × 1
+    raised IndexError: index out of range in self', naming no sample or key."""
+    spec = write_spec(TINY_SPEC.replace("tests.fixtures:tiny_mlp", "tests.test_hangs:token_bag")
+                      .replace("tests.fixtures:tiny_data", "tests.test_hangs:tokens_past_the_vocabulary"))
+    out = runner.invoke(app, ["check", str(spec), "-b", "32", "-q"])
+    assert out.exit_code == 2, out.output
+    assert f"{spec}:3: data: training sample 300 (of 512) holds index 16 in its inputs, past the model's embedding " \
+           "of 16 rows (indices 0 to 15): the step raised IndexError: index out of range in self" in out.stderr
+    from batchtune.engine.data import index_past
+
+    x = torch.zeros(10, 3, dtype=torch.long)
+    x[7, 1] = -1
+    assert index_past(torch.utils.data.TensorDataset(x, torch.zeros(10)), 16) == (7, -1)
+    assert index_past([(torch.tensor([1, 20]), 0)], 16) == (0, 20)  # read sample by sample
+    assert index_past([(torch.tensor([1, 2]), 99)], 16) is None  # the targets are not inputs

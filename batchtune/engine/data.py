@@ -349,6 +349,35 @@ def nonfinite_samples(dataset: Dataset, seconds: float = 10.0, show: int = 3) ->
     return NonFinite(found[:show], len(found), scanned, total) if found else None
 
 
+def index_past(dataset: Dataset, rows: int, seconds: float = 10.0) -> tuple[int, int] | None:
+    """(sample, value) of the first training sample whose inputs hold an integer past ``rows`` (or below 0), the
+    rows of the model's smallest embedding, read in order for at most ``seconds`` (an in-memory ``TensorDataset``'s
+    inputs, every tensor but the last, at once); None where none is. Run only after a step raised torch's
+    embedding 'index out of range in self': an outside token id 64 for a vocabulary of 64 failed every command
+    naming no sample or key."""
+    def bad(t: Any) -> torch.Tensor | None:
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            return None
+        return (t >= rows) | (t < 0)
+
+    if isinstance(dataset, TensorDataset):
+        for t in dataset.tensors[:-1] if len(dataset.tensors) > 1 else dataset.tensors:
+            if (mask := bad(t)) is not None and bool(mask.any()):
+                i = int(mask.reshape(len(t), -1).any(1).nonzero()[0])
+                return i, int(t[i][mask[i]].flatten()[0])
+        return None
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        if time.perf_counter() - start > seconds:
+            return None
+        sample = dataset[index]
+        inputs = sample[:-1] if isinstance(sample, (tuple, list)) and len(sample) > 1 else sample
+        for t in tree_leaves(inputs):
+            if (mask := bad(t)) is not None and bool(mask.any()):
+                return index, int(t[mask].flatten()[0])
+    return None
+
+
 def _indexable(dataset: Dataset, num_workers: int) -> bool:
     return isinstance(dataset, TensorDataset) and num_workers == 0
 

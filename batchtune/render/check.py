@@ -545,7 +545,8 @@ def _check_junit(report: Any, strict: bool) -> str:
 
 
 def _stop_name() -> str:
-    """What stopped the process: SIGTERM (a CI cancel, a scheduler) or Ctrl-C (an outside CI's SIGTERM read 'Ctrl-C')."""
+    """What stopped the process: SIGTERM (a CI cancel, a scheduler) or Ctrl-C (an outside CI's SIGTERM read
+    'Ctrl-C')."""
     from signal import SIGTERM
 
     from batchtune.errors import STOPPING
