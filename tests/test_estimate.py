@@ -174,6 +174,9 @@ def test_estimate_for_a_cuda_card_rounds_to_512_byte_blocks_and_leaves_the_conte
     assert data["capacity_bytes"] == DEVICE_MEMORY["t4"] - CUDA_CONTEXT_BYTES
     assert data["estimate"]["context_bytes"] == 2**30 and data["device"]["name"] == "t4, estimated"
     assert data["capped"] and data["ceiling"] == 16384  # the training set's size: 13.6 GiB holds far more
+    table = runner.invoke(app, ["probe", "configs/quickstart.yaml", "--estimate", "--device-memory", "t4", "-q"])
+    near = f"the memory model puts the device's ceiling near {data['predicted_ceiling']:,.0f})"  # not in JSON alone
+    assert data["predicted_ceiling"] > 10**6 and near in table.stdout
 
 
 def test_check_estimate_gives_a_fits_verdict_labelled_as_an_estimate():

@@ -24,8 +24,11 @@ def _probe_summary(result: Any) -> list[tuple[str, str]]:
         return rows + (_sharding_rows(result.sharding) if getattr(result, "sharding", None) else [])
     estimated = result.strategy == "estimate"
     if result.capped:
+        predicted = getattr(result, "predicted_ceiling", None)  # an outside t4 estimate's 270,993 was in the JSON alone
+        near = (f"; the memory model puts the device's ceiling near {predicted:,.0f}" if predicted
+                and predicted > result.ceiling else "")
         rows.append(("ceiling", f"{result.ceiling}   (the largest size allowed, see the notes: the device may hold "
-                                "more)"))
+                                f"more{near})"))
     elif estimated:
         rows.append(("ceiling", f"{result.ceiling}   (estimated, exact to {g}: {result.ceiling} fits, "
                                 f"{result.ceiling + g} would run out of memory)"))
