@@ -852,6 +852,9 @@ def noise(
         "--accum-steps", "-k", min=1, help="Micro-batches per step (default 4; 1: split each batch in halves).",
         show_default=False)] = None,
     steps: Annotated[int, typer.Option("--steps", min=2, help="Optimizer steps.")] = 400,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="The lr to train at (default train.lr where the batch is the job's, else the spec's "
+                     "lr_scaling rule's).")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of B_simple over the run.")] = None,
     force: ForceOpt = False,
     fmt: FormatOpt = Format.table,
@@ -872,7 +875,7 @@ def noise(
             _rank0_check(lambda: _plot_writable(plot, force))
         setup_logging(quiet)
         try:
-            run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps)
+            run = run_noise(spec, batch_size=batch_size, accum_steps=accum_steps, steps=steps, lr=lr)
         except NoiseInterrupted as stop:
             _noise_interrupted(stop.run, fmt.value, plot)
         _echo(render_noise(run, fmt.value))

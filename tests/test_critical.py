@@ -118,6 +118,30 @@ def test_noise_command_reports_a_rising_estimate(write_spec):
     assert history[-1]["val_loss"] < history[0]["val_loss"]
 
 
+def test_noise_trains_at_the_lr_given_or_the_jobs_not_the_rules(write_spec):
+    """An outside noise run given optimizer.lr=0.00283 trained at 0.004: the override set the base lr, and the rule
+    scaled it to the batch. --lr (or train.lr, at the job's batch) is the lr trained at."""
+    text = """\
+    name: q
+    model: {builtin: mlp, kwargs: {hidden: 16, depth: 1}}
+    data: {builtin: synthetic_classification, kwargs: {n_train: 512, n_val: 64}}
+    optimizer: {name: sgd, lr: 0.01}
+    base_batch_size: 16
+    device: {type: cpu}
+    train: {batch_size: 64, lr: 0.0123}
+    """
+    spec = write_spec(text)
+    def run(*extra: str):
+        return CliRunner().invoke(app, ["noise", str(spec), "--steps", "4", "-f", "json", "-q", *extra])
+
+    given, job, other = run("-b", "32", "--lr", "0.005"), run(), run("-b", "32")
+    assert [json.loads(r.stdout)["lr"] for r in (given, job, other)] == pytest.approx([0.005, 0.0123, 0.02])
+    assert "lr 0.005: given (--lr), not scaled by the rule" in json.loads(given.stdout)["notes"]
+    assert "lr 0.0123: given (train.lr), not scaled by the rule" in json.loads(job.stdout)["notes"]
+    bad = run("--lr", "0")
+    assert bad.exit_code == 2 and "--lr must be a positive, finite number, got 0.0" in bad.stdout
+
+
 def test_fit_interval_coverage_is_near_nominal():
     """Over many simulated sweeps (3 seeds per size, 10% multiplicative noise) the 90% interval
     covers the true B_crit about 87% of the time (percentile bootstraps run a little short)."""

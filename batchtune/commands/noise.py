@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 import logging
+import math
 import time
 from typing import Any
 
@@ -64,7 +65,7 @@ class NoiseInterrupted(KeyboardInterrupt):
 
 
 def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None = None, steps: int = 400,
-              points: int = 10, backend: Any = None) -> NoiseRun:
+              points: int = 10, backend: Any = None, lr: float | None = None) -> NoiseRun:
     """Train ``steps`` optimizer steps at ``batch_size`` (micro × accum) and track B_simple.
 
     Args:
@@ -74,6 +75,8 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None 
             batch into halves instead. None: :data:`DEFAULT_ACCUM_STEPS`.
         steps: optimizer steps; the estimate needs a few hundred to settle.
         points: validation points (each reports the estimate so far).
+        lr: the lr to train at; default the job's (``train.lr``, where the batch is the job's), else the spec's rule's
+            (an outside ``optimizer.lr=0.00283`` override was scaled by the rule to 0.004).
 
     Raises:
         NoiseInterrupted: Ctrl-C; it carries the readings taken before it.
@@ -91,7 +94,14 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     halves = shape.accum_steps == 1 and shape.world_size == 1  # each batch split in two: an even batch
     shape = within_limits(shape, components.train_set, notes, verb="measured", multiple=2 if halves else 1,
                           timeout=spec.trial_timeout)
-    config = trial_config(spec, shape, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive, finite number, got {lr}")
+    given = "--lr" if lr is not None else "train.lr"
+    if lr is None and spec.train.lr is not None and batch_size in (None, spec.train.batch_size):
+        lr = spec.train.lr
+    if lr is not None:
+        notes.append(f"lr {lr:.4g}: given ({given}), not scaled by the rule")
+    config = trial_config(spec, shape, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
                           eval_every_samples=steps * shape.batch_size / points, validate=True,
                           eval_samples=spec.sweep.eval_samples, measure_noise=True, noise_every=1, memory_steps=2,
                           divergence_factor=spec.sweep.divergence_factor)  # a loss of 7e29 read 'reliable', exit 0
