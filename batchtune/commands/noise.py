@@ -97,8 +97,9 @@ def run_noise(spec: Any, batch_size: int | None = None, accum_steps: int | None 
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--lr must be a positive, finite number, got {lr}")
     given = "--lr" if lr is not None else "train.lr"
-    if lr is None and spec.train.lr is not None and batch_size in (None, spec.train.batch_size):
-        lr = spec.train.lr
+    job = spec.train  # None without a train section
+    if lr is None and job is not None and job.lr is not None and batch_size in (None, job.batch_size):
+        lr = job.lr
     if lr is not None:
         notes.append(f"lr {lr:.4g}: given ({given}), not scaled by the rule")
     config = trial_config(spec, shape, lr=lr, steps=steps, warmup_steps=round(spec.sweep.warmup * steps),
