@@ -774,11 +774,12 @@ def test_plan_end_to_end_projects_writes_the_schedule_and_verifies(tmp_path):
     assert min(e[2] for e in run["evals"]) <= run["fit_end_loss"] == picked["fit_end_loss"] <= run["evals"][0][2]
     assert run["final_loss"] == statistics.median(e[2] for e in run["evals"][-3:])  # the last 3, not the last one
     assert run["last_loss"] == run["evals"][-1][2]
-    # the recommended plan, schedule or constant size, is written for the user's loop (a constant pick wrote nothing)
+    # the plan the verification says to use (the recommended one unless a verified plan beat it: timing decides),
+    # schedule or constant size, is written for the user's loop (a constant pick wrote nothing)
     loaded = BatchSchedule.load(tmp_path / "schedule.yaml")
-    picked_plan = data["recommendation"]["plan"]
-    stages = data["schedule"]["stages"] if picked_plan == "schedule" else [
-        c for c in data["constant"] if f"constant {c['batch_size']}" == picked_plan]
+    picked_plan, used = data["recommendation"]["plan"], data["verified"]["use"]
+    stages = data["schedule"]["stages"] if used == "schedule" else [
+        c for c in data["constant"] if f"constant {c['batch_size']}" == used]
     assert [s.batch_size for s in loaded.stages] == [s["batch_size"] for s in stages]
     assert loaded.total_samples == n and data["schedule_path"] == str(tmp_path / "schedule.yaml")
     # the run's warmup is sweep.warmup (5%) of the run, not of one calibration trial
