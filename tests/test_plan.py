@@ -1244,10 +1244,17 @@ def test_a_verified_run_that_turned_up_after_its_low_is_said_to_have_overfit():
         "verified: constant 32's validation loss turned up in 2 of 2 seeds after its low (0.688 at step 1,920) and "
         "ended at 0.848: overfitting (on repeated data) or an lr too high to settle, which the projection's falling "
         "loss curve cannot see; a run that stops near its low, more data or regularisation, or a lower lr ends lower"]
+    from batchtune.commands.plan import _verified_text
+
+    # the schedule file says so too (an outside file held the whole run where its verification saw the loss turn up)
+    assert _verified_text(plans["constant 32"], 0.6951).endswith(
+        "; its validation loss turned up after its low (0.688 at step 1,920) and ended at 0.848: stop near that "
+        "step, or the run ends higher")
     settled = {**run, "final_loss": 0.69, "evals": [[i * 320, 0.5 * i, min(x, 0.69)] for i, x in enumerate(curve)]}
     projected = {"final_loss": 0.6884, "steps": 1995.0, "seconds": 2.0}
     result.verified["plans"] = {"constant 32": _verified([settled], projected)}
-    assert _rise_notes(result) == []
+    assert _rise_notes(result) == [] and "turned up" not in _verified_text(result.verified["plans"]["constant 32"],
+                                                                            0.6951)
 
 
 def test_a_verified_runs_final_loss_is_one_figure_in_the_table_the_json_and_the_collapse_note():

@@ -1679,11 +1679,15 @@ def _file_notes(result: PlanResult, name: str, verified: str) -> list[str]:
 def _verified_text(v: dict[str, Any], target: float) -> str:
     """What ``--verify`` measured of one plan, for its schedule file."""
     runs = len(v.get("runs") or [])
+    # an outside file held the whole run's samples where its verification saw the loss turn up 5x before the end
+    turn = _turned(v) if v.get("runs") else None
+    rose_text = ("" if turn is None else f"; its validation loss turned up after its low ({turn[0][0]:.4g} at step "
+                 f"{turn[0][1]:,.0f}) and ended at {turn[0][2]:.4g}: stop near that step, or the run ends higher")
     if v.get("seconds") is None:
         return (f"no run of {runs} reached the final target {target:.4g}; the whole run ended at val loss "
-                f"{v['final_loss']:.4g} (median of its last validations)")
+                f"{v['final_loss']:.4g} (median of its last validations){rose_text}")
     return (f"reached the final target in {v['reached']} runs, at step {v['steps']:,.0f} "
-            f"({duration_text(v['seconds'])} of training; median)")
+            f"({duration_text(v['seconds'])} of training; median){rose_text}")
 
 
 # ---------------------------------------------------------------------------------- verify
@@ -1790,18 +1794,27 @@ def _rise_notes(result: PlanResult) -> list[str]:
     only that the projection's loss curve did not describe the run."""
     notes = []
     for name, v in result.verified["plans"].items():
-        runs = [r for r in v["runs"] if not r["collapsed"]]
-        turned = [r for r in runs if rose([e[2] for e in r["evals"] if math.isfinite(e[2])])]
-        if not runs or 2 * len(turned) <= len(runs):
+        if (turn := _turned(v)) is None:
             continue
-        evals = [e for e in turned[0]["evals"] if math.isfinite(e[2])]
-        low = min(evals, key=lambda e: e[2])
-        seeds = f" in {len(turned)} of {len(v['runs'])} seeds" if len(v["runs"]) > 1 else ""
-        notes.append(f"verified: {name}'s validation loss turned up{seeds} after its low ({low[2]:.4g} at step "
-                     f"{low[0]:,.0f}) and ended at {final_loss([e[2] for e in evals]):.4g}: overfitting (on repeated "
-                     "data) or an lr too high to settle, which the projection's falling loss curve cannot see; a run "
-                     "that stops near its low, more data or regularisation, or a lower lr ends lower")
+        (low, at, end), turned = turn
+        seeds = f" in {turned} of {len(v['runs'])} seeds" if len(v["runs"]) > 1 else ""
+        notes.append(f"verified: {name}'s validation loss turned up{seeds} after its low ({low:.4g} at step "
+                     f"{at:,.0f}) and ended at {end:.4g}: overfitting (on repeated data) or an lr too high to settle, "
+                     "which the projection's falling loss curve cannot see; a run that stops near its low, more data "
+                     "or regularisation, or a lower lr ends lower")
     return notes
+
+
+def _turned(v: dict[str, Any]) -> tuple[tuple[float, float, float], int] | None:
+    """((low, its step, final loss) of the first such run, how many runs) where most of a verified plan's runs (not
+    collapsed) turned up for good after their low (:func:`rose`); else None."""
+    runs = [r for r in v["runs"] if not r["collapsed"]]
+    turned = [r for r in runs if rose([e[2] for e in r["evals"] if math.isfinite(e[2])])]
+    if not runs or 2 * len(turned) <= len(runs):
+        return None
+    evals = [e for e in turned[0]["evals"] if math.isfinite(e[2])]
+    low = min(evals, key=lambda e: e[2])
+    return (low[2], low[0], final_loss([e[2] for e in evals])), len(turned)
 
 
 def _plan_stages(result: PlanResult, name: str) -> list[dict[str, Any]]:
