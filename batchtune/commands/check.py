@@ -337,13 +337,14 @@ class Baseline:
             return (statistics.median(steps) if len(steps) * 2 > len(rows) else math.inf,
                     statistics.median(last) if last else math.inf)
 
-        if not by_lr:
+        scores = {lr: score(rows) for lr, rows in by_lr.items()}  # each lr's crossings read once
+        if not scores:
             return None
-        lr = min(by_lr, key=lambda lr: (*score(by_lr[lr]), lr))
-        if not all(math.isfinite(v) for v in score(by_lr[lr])[1:]):
+        lr = min(scores, key=lambda lr: (*scores[lr], lr))
+        steps, last = scores[lr]
+        if not math.isfinite(last):
             return None
-        reached = math.isfinite(score(by_lr[lr])[0])
-        how = "the fewest steps to its target" if reached else "the lowest validation loss"
+        how = "the fewest steps to its target" if math.isfinite(steps) else "the lowest validation loss"
         return lr, (f"the lr of the baseline sweep's own trials at batch {batch_size} with {how} "
                     f"({len(by_lr)} lrs tried; {self._unranked(batch_size)})")
 
