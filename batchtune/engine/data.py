@@ -338,15 +338,23 @@ def nonfinite_samples(dataset: Dataset, seconds: float = 10.0, show: int = 3) ->
                 bad |= ~torch.isfinite(t.reshape(total, -1)).all(1)
         found = bad.nonzero().flatten().tolist()
         return NonFinite(found[:show], len(found), total, total) if found else None
-    found, scanned, start = [], 0, time.perf_counter()
-    for index in range(total):
-        if time.perf_counter() - start > seconds:
-            break
+    found, scanned = [], 0
+    for index, sample in _read_in_order(dataset, seconds):
         if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-               for t in tree_leaves(dataset[index])):
+               for t in tree_leaves(sample)):
             found.append(index)
         scanned += 1
     return NonFinite(found[:show], len(found), scanned, total) if found else None
+
+
+def _read_in_order(dataset: Dataset, seconds: float) -> Iterator[tuple[int, Any]]:
+    """(index, sample) of ``dataset`` in order, until ``seconds`` have passed: the scans run after a step failed
+    (:func:`nonfinite_samples`, :func:`index_past`) read a data set of any size within a bounded time."""
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        if time.perf_counter() - start > seconds:
+            return
+        yield index, dataset[index]
 
 
 def index_past(dataset: Dataset, rows: int, seconds: float = 10.0) -> tuple[int, int] | None:
@@ -366,11 +374,7 @@ def index_past(dataset: Dataset, rows: int, seconds: float = 10.0) -> tuple[int,
                 i = int(mask.reshape(len(t), -1).any(1).nonzero()[0])
                 return i, int(t[i][mask[i]].flatten()[0])
         return None
-    start = time.perf_counter()
-    for index in range(len(dataset)):
-        if time.perf_counter() - start > seconds:
-            return None
-        sample = dataset[index]
+    for index, sample in _read_in_order(dataset, seconds):
         inputs = sample[:-1] if isinstance(sample, (tuple, list)) and len(sample) > 1 else sample
         for t in tree_leaves(inputs):
             if (mask := bad(t)) is not None and bool(mask.any()):
