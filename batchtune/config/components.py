@@ -119,14 +119,13 @@ def _value_quoted(line: str, kwargs: dict[str, Any]) -> list[str]:
     """The one numeric kwarg whose value (or an element of it) an error that names no key quotes: torch's "Invalid
     epsilon value: -1" is about ``eps`` (a validate of three bad optimizer kwargs put it on weight_decay's line).
     [] where none or several values are quoted (a common 0 or 1 proves nothing then)."""
-    quoted = set(re.findall(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])", line))
+    shown = {float(q) for q in re.findall(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w.])", line)}
 
     def numbers(value: Any) -> list[float]:
         if isinstance(value, (list, tuple)):
             return [n for v in value for n in numbers(v)]
         return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
-    shown = {float(q) for q in quoted}
     found = [k for k, v in kwargs.items() if any(n in shown for n in numbers(v))]
     return found if len(found) == 1 else []
 
