@@ -33,6 +33,7 @@ from batchtune.memory.search import (
 )
 from batchtune.memory.source import MemorySource
 from batchtune.render.probe import render_probe
+from batchtune.render.text import format_bytes
 from tests.conftest import TINY_SPEC
 
 
@@ -499,9 +500,27 @@ def test_probe_confirms_with_its_steps_and_reuses_components(write_spec, monkeyp
 
 
 def test_probe_nothing_fits(write_spec):
-    result = run_probe(load_spec(write_spec(), ["device.memory_limit=4KiB"]))
+    spec = load_spec(write_spec(), ["device.memory_limit=4KiB"])
+    result = run_probe(spec)
     assert result.ceiling is None and result.safe_batch_size is None
     assert len(result.trials) == 1 and not result.trials[0].fits
+    # what no batch size changes, counted: the parameters, as many bytes of gradients, and AdamW's two moments
+    weights = sum(p.numel() * 4 for p in build_components(spec).build_model(0).parameters())
+    fixed = next(n for n in result.notes if n.startswith("batch 1's training step needs"))
+    assert (f"the parameters ({format_bytes(weights)}), their gradients ({format_bytes(weights)}) and the "
+            f"optimizer's state ({format_bytes(2 * weights + 4 * 6)})") in fixed  # + each tensor's step count
+    assert "more than the device holds: no batch size fits" in fixed and "4.0 KiB" in fixed
+
+
+def test_probe_nothing_fits_says_when_the_batch_is_what_does_not_fit(write_spec):
+    """A device that holds the parameters, gradients and state but not one sample's step besides: the note says
+    the rest is activations, and the estimate says the same as the measured probe."""
+    spec = load_spec(write_spec(), ["device.memory_limit=64KiB", "probe.min_batch_size=256",
+                                    "probe.granularity=256", "data.kwargs.n_train=4096"])
+    measured, estimated = run_probe(spec), run_probe_estimate(spec)
+    assert measured.ceiling is None and estimated.ceiling is None
+    said = [next(n for n in r.notes if n.startswith("batch 256's training step needs")) for r in (measured, estimated)]
+    assert said[0] == said[1] and "is batch 256's activations and temporaries" in said[0]
 
 
 class _FragmentingBackend(CPUBackend):

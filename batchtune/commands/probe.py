@@ -155,6 +155,8 @@ def run_probe(spec: Any, backend: Any = None, *, components: Any = None) -> Prob
     if outcome.capped:
         notes.append(cap_note or f"max_batch_size ({outcome.ceiling}) fits: the device may hold more; "
                                  "raise probe.max_batch_size")
+    if outcome.ceiling is None and source.capacity_bytes:
+        notes += _nothing_fits_notes(spec, components, p.min_batch_size, source.capacity_bytes)
     confirmation = _confirm(source, outcome, p, notes) if outcome.ceiling is not None else _Confirmation()
     notes += _loss_notes(source.trials, data_components, spec.seed)
     varlen = _variable_length(spec, data_components, (source.model, backend, dist), outcome.ceiling,
@@ -376,10 +378,53 @@ def _estimated_result(spec: Any, source: Any, components: Any, ranks: int | None
         confirm_val_loss=None, memory_returned=True, max_leaked_bytes=0, trials=trials,
         device={**tracer.target.describe(), "world_size": 1}, precision=spec.precision,
         notes=settings_notes + _estimate_notes(tracer.target, outcome, model, samples < p.max_batch_size)
-        + _concatenated_notes(components),
+        + _concatenated_notes(components)
+        + (_fixed_need_notes(tracer, p.min_batch_size, capacity) if outcome.ceiling is None and capacity else []),
         estimate=tracer.summary(),
         variable_length=_variable_length(spec, components, None, outcome.ceiling, safe),
         sharding=_estimated_sharding(spec, tracer, model, capacity, ranks))
+
+
+def _nothing_fits_notes(spec: Any, components: Any, smallest: int, capacity: int) -> list[str]:
+    """Where not even the smallest batch fits on the device: what its step needs, traced (:func:`_fixed_need_notes`);
+    nothing where the model cannot be traced."""
+    from batchtune.memory.estimate import EstimateError, EstimateInputError, StepTracer, resolve_target
+
+    try:
+        tracer = StepTracer(spec, components, resolve_target(spec, f"{capacity}B"))
+        return _fixed_need_notes(tracer, smallest, capacity)
+    except (EstimateError, EstimateInputError) as exc:
+        log.debug("no traced figures for the batch that does not fit: %s", exc)
+        return []
+
+
+def _fixed_need_notes(tracer: Any, smallest: int, capacity: int) -> list[str]:
+    """What the smallest batch's step needs where it does not fit ``capacity``: the parameters, their gradients
+    and the optimizer's state, which no batch size changes, against the rest, and what would make room. An outside
+    probe with nothing fitting said only "even the smallest batch size runs out of memory"."""
+    from batchtune.render.text import format_bytes
+
+    point = tracer.trace(smallest)
+    peak = point.peak_bytes
+    grads = sum(p.numel() * p.element_size() for p in tracer.model.parameters() if p.requires_grad)
+    state = tracer.state_bytes()
+    fixed = tracer.parameter_bytes + grads + state
+    parts = (f"the parameters{' and buffers' if tracer.buffer_bytes else ''} ({format_bytes(tracer.parameter_bytes)}),"
+             f" their gradients ({format_bytes(grads)}) and the optimizer's state ({format_bytes(state)}) take "
+             f"{format_bytes(fixed)} at any batch size")
+    said = f"batch {smallest}'s training step needs about {format_bytes(peak)} (traced), the device has " \
+           f"{format_bytes(capacity)}: {parts}"
+    if fixed >= capacity:
+        return [f"{said}, more than the device holds: no batch size fits; a smaller model, an optimizer with less "
+                "state (plain SGD keeps none), or the parameters sharded over devices (distributed.strategy: fsdp) "
+                "is needed"]
+    rest = format_bytes(max(peak - fixed, 0))
+    if point.optimizer_peak_bytes > point.compute_peak_bytes:
+        return [f"{said}; the other {rest} is the optimizer step's temporaries (its peak is above the forward and "
+                "backward's): an optimizer with less state (plain SGD keeps none) or a device with more memory is "
+                "needed"]
+    return [f"{said}; the other {rest} is batch {smallest}'s activations and temporaries: lower precision "
+            "(precision: bf16), activation checkpointing in the model, or a device with more memory is needed"]
 
 
 def _estimated_sharding(spec: Any, tracer: Any, model: MemoryModel | None, capacity: int | None,
