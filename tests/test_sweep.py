@@ -1771,3 +1771,13 @@ def test_a_runner_ups_lr_at_the_edge_of_those_tried_is_named():
     assert edge == ["the fastest lr of 32 (×1 the rule's, the highest of the 2 it tried) is at the edge of what it "
                     "tried: an lr beyond it may be faster still, and the ranking with it"]
     assert not [n for n in analyse(_hand_rows(), HAND_META).notes if n.startswith("the fastest lr of")]
+
+
+def test_sweep_on_a_device_nothing_fits_says_what_the_model_needs(write_spec, tmp_path):
+    """No size fits: exit 2 on device.memory_limit's line, with the traced step's counts, and no run folder."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["sweep", str(write_spec()), "device.memory_limit=4KiB", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "device.memory_limit: not even probe.min_batch_size (1) fits on this device: batch 1's training step" \
+           in res.output.replace("\n  ", " ")
+    assert "more than the device holds: no batch size fits" in res.output and not out.exists()

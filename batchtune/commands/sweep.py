@@ -720,7 +720,9 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     log.info("probing the ceiling first")
     probe = run_probe(spec, backend=backend, components=components)
     if probe.ceiling is None:
-        raise spec.error("device.memory_limit", "not even probe.min_batch_size fits on this device")
+        need = next((n for n in probe.notes if n.startswith("batch ")), None)  # the traced step's counts
+        raise spec.error("device.memory_limit", f"not even probe.min_batch_size ({spec.probe.min_batch_size}) fits "
+                         f"on this device" + (f": {need}" if need else ""))
     ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
     bound = (f", bounded by rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if probe.bounding_rank
              else "")
