@@ -600,7 +600,7 @@ def _check_plan_out(out: Path, force: bool, hint: str) -> None:
 
     _check_out(out, force)
     if RunFolder(out).exists() or (out / "meta.json").exists():
-        if _plan_in(out, hint) == "verifying":
+        if _plan_in(out, hint) == "verifying" or _reprojects(out, hint) is not None:
             return
         if (out / PLAN_FILE).exists():
             held = _held_plan(out, hint)
@@ -608,7 +608,9 @@ def _check_plan_out(out: Path, force: bool, hint: str) -> None:
             return  # an interrupted plan's calibration: run_plan continues it, or says it is another plan's
         else:
             held = "a sweep's run"
-        raise UsageError(f"--out {out} already holds {held}, which is kept: a plan calibrates in a new folder "
+        again = (" (the same plan with another --deadline, --price-per-hour, --tolerance or --schedule-out is "
+                 "projected from its calibration, nothing trained)" if (out / PLAN_FILE).exists() else "")
+        raise UsageError(f"--out {out} already holds {held}, which is kept{again}: a plan calibrates in a new folder "
                          "(or continues its own interrupted calibration); choose a new or empty one")
 
 
@@ -719,6 +721,27 @@ def _plan_in(out: Path, hint: str) -> str | None:
     # verify a plan already looked at only by calibrating anew in another folder, which might project otherwise)
     same = _plan_words(made, verify=False) == _plan_words(hint, verify=False)
     return "verifying" if same and not done and "--verify" in asked and "--verify" not in planned else None
+
+
+#: What a finished plan's calibration can be projected again for, nothing trained: the calibration does not read them.
+_REPROJECTED = frozenset({"--deadline", "--price-per-hour", "--tolerance", "--schedule-out"})
+
+
+def _reprojects(out: Path, hint: str) -> str | None:
+    """The command line of the finished plan in ``out`` where the plan ``hint`` asks differs from it only in
+    :data:`_REPROJECTED` (and --verify, which :func:`~batchtune.commands.plan.run_plan` then refuses): ``hint`` is
+    projected from that plan's calibration, which is left as it was. None otherwise."""
+    from batchtune.render.run_folder import PLAN_FILE
+
+    if not ((out / PLAN_FILE).is_file() and (out / "meta.json").is_file()):
+        return None
+    try:
+        made = _origin(out).get("resume") or ""
+    except UsageError:  # damaged: the usual check says so
+        return None
+    verifying = {"--verify", "--verify-seeds"}
+    changed = set(_plan_difference(made, hint)) if made else set()
+    return made if changed - verifying and changed <= _REPROJECTED | verifying else None
 
 
 def _unwritten_schedule(planned: str, asked: str) -> str:
@@ -1256,6 +1279,7 @@ def plan(
     """
     with _user_errors(fmt):
         from batchtune.commands.plan import parse_deadline, run_plan
+        from batchtune.engine.distributed import current
         from batchtune.render.plan import render_plan
 
         if verify_seeds != 1 and not verify:  # it was ignored without a word
@@ -1274,6 +1298,8 @@ def plan(
 
         where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
         hint = command(where)
+        dist = current()
+        reproject = dist.broadcast(dist.on_main(lambda: _reprojects(out, hint))) if out is not None else None
         # held for this plan (a second one into it is refused); a folder made for it is removed if left empty
         with _claim(where, out=None, force=force, fresh=out is None or not out.exists()):
             try:
@@ -1281,7 +1307,7 @@ def plan(
                                   price_per_hour=price_per_hour, deadline_seconds=deadline_seconds,
                                   deadline=deadline, calibration_share=calibration, tolerance=tolerance,
                                   verify=verify, verify_seeds=verify_seeds, schedule_out=schedule_out, out=where,
-                                  resume_command=hint)
+                                  resume_command=hint, reproject=reproject)
             except KeyboardInterrupt:
                 _plan_interrupted(where, hint)
             except TrainingError:

@@ -1756,3 +1756,47 @@ def test_b_crit_readings_past_the_sizes_are_credited_to_their_source_and_the_no_
     nothing = PlanResult("x", 1, {}, [1.0], None, {}, {}, [], None, None, None)
     assert "(no steps fit, which needs three sizes reaching a target and steps that bend, and no reliable noise " \
            "scale)" in _no_law_note(nothing)
+
+
+def test_a_finished_plan_is_projected_again_for_another_deadline_price_or_tolerance(tmp_path, monkeypatch):
+    """Re-judging a plan with another --deadline or --price-per-hour had to calibrate again in another folder (the
+    finished one refused it), whose new timings could change the answer to the first question. Now the finished
+    calibration is read back: nothing trained or timed, the same figures, the folder left as it was."""
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+    import batchtune.commands.plan as plan_module
+
+    run = tmp_path / "run"
+    args = ["plan", "configs/quickstart.yaml", "sweep.batch_sizes=[32,64]", "sweep.lr_search=false",
+            "optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "lr_scaling=linear",  # B_simple ranks SGD's sizes
+            "--samples", "60000", "--format", "json", "-q", "--out", str(run)]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    planned, kept = json.loads(first.stdout), {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def no_training(*_, **__):
+        raise AssertionError("a re-projection trained or timed")
+
+    for name in ("_calibrate", "loop_throughput", "_lead_run"):
+        monkeypatch.setattr(plan_module, name, no_training)
+    priced = runner.invoke(app, [*args, "--price-per-hour", "3", "--deadline", "1000h"])
+    assert priced.exit_code == first.exit_code, priced.output
+    again = json.loads(priced.stdout)
+    assert again["calibration"] == planned["calibration"] and again["constant"][0]["steps"] == \
+        planned["constant"][0]["steps"]
+    picked = planned["recommendation"]
+    assert picked is not None and again["recommendation"]["plan"] == picked["plan"]  # a loose deadline: the same
+    assert again["recommendation"]["meets_deadline"] and again["projection"]["steps"] == planned["projection"]["steps"]
+    assert again["projection"]["cost"] == pytest.approx(3 * planned["projection"]["gpu_hours"])
+    assert again["notes"][0].startswith(f"re-projected from the calibration in {run}, made by `batchtune plan "
+                                        "configs/quickstart.yaml 'sweep.batch_sizes=[32,64]' sweep.lr_search=false")
+    tight = runner.invoke(app, [*args, "--deadline", "0.001s"])
+    assert tight.exit_code == 1 and json.loads(tight.stdout)["recommendation"] is None
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == kept  # the finished plan's folder as it was
+    verify = runner.invoke(app, [*args, "--deadline", "1h", "--verify"])  # a verification would train
+    assert verify.exit_code == 2 and "holds a finished plan, whose calibration this one re-projects" in verify.stderr
+    other = runner.invoke(app, [*args, "--gpus", "2"])  # --gpus G calibrates G-times-larger global batches
+    assert other.exit_code == 2 and "already holds a finished plan" in other.stderr
+    assert "another --deadline, --price-per-hour, --tolerance or --schedule-out is projected" in other.stderr

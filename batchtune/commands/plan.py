@@ -182,7 +182,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
              gpus: int | None = None, price_per_hour: float | None = None, deadline_seconds: float | None = None,
              deadline: str | None = None, calibration_share: float = 0.2, tolerance: float = 0.01, verify: bool = False,
              verify_seeds: int = 1, schedule_out: Path | str | None = None, out: Path | str | None = None,
-             backend: Any = None, resume_command: str | None = None) -> PlanResult:
+             backend: Any = None, resume_command: str | None = None, reproject: str | None = None) -> PlanResult:
     """Calibrate, fit, project and recommend a plan for a run of N samples (see the module docstring).
 
     Under torchrun every rank runs it (the sweep, the lead run, the timing and ``verify`` all train
@@ -198,6 +198,9 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             (:func:`_calibrate`), and with ``verify`` one holding its plan, verified in part, continues
             the verification (:func:`_kept_verification`). ``resume_command``: the command line that
             does either, kept in its meta.json.
+        reproject: the command line of the finished plan in ``out`` whose calibration this plan reads
+            back instead of calibrating (another --deadline, --price-per-hour or --tolerance): nothing is
+            trained or timed, and ``out`` is left as it was (:func:`_stored_calibration`).
 
     Raises:
         UsageError: the run's length is missing, counted in tokens the data does not have, or too short to
@@ -216,13 +219,17 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     if not 0 < calibration_share <= 0.2:
         raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
     gpus = _device_count(gpus, dist.world_size, verify)
+    if reproject is not None and verify:
+        raise UsageError(f"--verify: --out {out} holds a finished plan, whose calibration this one re-projects "
+                         "without training; a verification trains: give a new --out to calibrate and verify there, "
+                         "or leave --verify out")
     spec, components, backend = prepare(spec, backend)
     kept = _kept_verification(out, spec, dist) if verify and out is not None else None
     if kept is None:
         result = _projected(spec, components, backend, out, resume_command, gpus=gpus, samples=samples,
                             epochs=epochs, tokens=tokens, price_per_hour=price_per_hour,
                             deadline_seconds=deadline_seconds, deadline=deadline,
-                            calibration_share=calibration_share, tolerance=tolerance)
+                            calibration_share=calibration_share, tolerance=tolerance, reproject=reproject)
         kept = (result, {})
     result, runs = kept
     folder = RunFolder(result.calibration["run_dir"])
@@ -237,7 +244,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
                    if result.closest else "the plan recommends no run")
             result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")
-        folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
+        if reproject is None:  # a re-projection leaves the finished plan's folder as it was
+            folder.write_json(PLAN_FILE, result.to_dict())  # the projection is kept if the verification is stopped
 
     if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
@@ -279,9 +287,9 @@ def _from_json(run: dict[str, Any]) -> dict[str, Any]:
 def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None, resume_command: str | None, *,
                gpus: int, samples: int | None, epochs: float | None, tokens: int | None,
                price_per_hour: float | None, deadline_seconds: float | None, deadline: str | None,
-               calibration_share: float, tolerance: float) -> PlanResult:
-    """The calibration and the projection (:func:`run_plan`'s first part): the plan rank 0 projected, on every
-    rank."""
+               calibration_share: float, tolerance: float, reproject: str | None = None) -> PlanResult:
+    """The calibration (or, ``reproject``, the one a finished plan in ``out`` measured) and the projection
+    (:func:`run_plan`'s first part): the plan rank 0 projected, on every rank."""
     from batchtune.engine.distributed import current
 
     dist = current()
@@ -297,8 +305,12 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
         raise UsageError(f"--gpus {gpus:,}: the smallest calibrated size, {smallest} per device, is a global batch of "
                          f"{smallest * scale:,}, more than the run's {count_of(n, 'sample')} (not one step): plan "
                          "fewer devices or a longer run")
-    cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale, resume_command,
-                     left_out["probed"])
+    if reproject is not None:
+        cal = dist.broadcast(dist.on_main(lambda: _stored_calibration(Path(out), notes, len(components.train_set),
+                                                                       scale, reproject)))
+    else:
+        cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale,
+                         resume_command, left_out["probed"])
     result = _analyse(spec, cal.meta, cal.rows, cal.best, n, lead=cal.lead, throughput=cal.throughput, gpus=gpus,
                       price_per_hour=price_per_hour, deadline_seconds=deadline_seconds, tolerance=tolerance,
                       deadline=deadline)
@@ -805,14 +817,41 @@ def _calibrate(spec: Any, components: Any, backend: Any, n: int, share: float, o
     lead = lead or dist.broadcast(_lead_run(spec, components, backend, sweep.meta, best, int(share * n)
                                             - sum(r["samples"] for r in rows) - timing * sum(best)))
     if lead is not None:
-        notes.append(f"lead run: batch {sizes_text([lead['batch_size']], scale)} for {lead['samples']} samples, "
-                     "reading the loss curve and the noise scale further down than the short trials reach")
-        notes += _turn_notes(lead, len(components.train_set))
         dist.on_main(lambda: folder.write_json("lead.json", lead))  # beside trials.json: the whole calibration
     throughput, timed, load = loop_throughput(spec, components, backend, sweep.meta, best)
-    notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
-    notes += overhead_notes(rows, "the calibration")
+    notes += _measured_notes(rows, lead, load, len(components.train_set), scale)
     return _Calibration(sweep.run_dir, sweep.meta, rows, best, lead, throughput, timed, load)
+
+
+def _measured_notes(rows: list[dict[str, Any]], lead: dict[str, Any] | None, load: list[dict[str, Any]],
+                    n_train: int, scale: int) -> list[str]:
+    """What the calibration's notes say of what it measured: the lead run, and where other work weighed on it."""
+    notes = []
+    if lead is not None:
+        notes.append(f"lead run: batch {sizes_text([lead['batch_size']], scale)} for {lead['samples']} samples, "
+                     "reading the loss curve and the noise scale further down than the short trials reach")
+        notes += _turn_notes(lead, n_train)
+    notes += busy_notes(load, "throughput timings", "their samples/s, and the times projected from them, are")
+    return notes + overhead_notes(rows, "the calibration")
+
+
+def _stored_calibration(folder: Path, notes: list[str], n_train: int, scale: int, made_by: str) -> _Calibration:
+    """The calibration of the finished plan in ``folder`` (made by the command ``made_by``), read back: its trials,
+    lead run and timed samples/s, with nothing trained or timed again, so that another deadline, price or
+    tolerance is judged on the very figures the first plan was. Before it, each such question calibrated anew in
+    another folder, whose new timings could change the answer to the first."""
+    from batchtune.render.run_folder import RunFolder
+
+    run = RunFolder(folder)
+    meta, rows, kept = run.read_object("meta.json"), run.read_trials(), run.read_object(PLAN_FILE)["calibration"]
+    lead = run.read_object("lead.json") if (folder / "lead.json").exists() else None
+    throughput = {int(size): rate for size, rate in kept["samples_per_s"].items()}
+    timed = kept["samples"] - sum(r["samples"] for r in rows) - (lead["samples"] if lead else 0)
+    load = kept.get("timing_load") or []
+    notes.insert(0, f"re-projected from the calibration in {folder}, made by `{made_by}`: nothing trained or timed "
+                    "again, and its plan.json kept as it was")
+    notes += _measured_notes(rows, lead, load, n_train, scale)
+    return _Calibration(folder, meta, rows, _best_lrs(rows), lead, throughput, timed, load)
 
 
 def _continued(folder: Any, notes: list[str]) -> dict[str, Any] | None:
