@@ -1279,7 +1279,6 @@ def plan(
     """
     with _user_errors(fmt):
         from batchtune.commands.plan import parse_deadline, run_plan
-        from batchtune.engine.distributed import current
         from batchtune.render.plan import render_plan
 
         if verify_seeds != 1 and not verify:  # it was ignored without a word
@@ -1292,14 +1291,12 @@ def plan(
                  "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
                  "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
         command = functools.partial(_plan_command, spec_path, _with_timeout(overrides, trial_timeout), given)
-        _check_plan_outputs(out, schedule_out, force, fmt.value, command)
+        reproject = _check_plan_outputs(out, schedule_out, force, fmt.value, command)
         setup_logging(quiet)
         from batchtune.commands.sweep import run_dir
 
         where = run_dir(spec.name, out=out)  # named now, so an interrupt can say where, and how to go on
         hint = command(where)
-        dist = current()
-        reproject = dist.broadcast(dist.on_main(lambda: _reprojects(out, hint))) if out is not None else None
         # held for this plan (a second one into it is refused); a folder made for it is removed if left empty
         with _claim(where, out=None, force=force, fresh=out is None or not out.exists()):
             try:
@@ -1319,16 +1316,22 @@ def plan(
 
 
 def _check_plan_outputs(out: Path | None, schedule_out: Path | None, force: bool, fmt: str,
-                        command: Callable[[Path], str]) -> None:
+                        command: Callable[[Path], str]) -> str | None:
     """Before any work: this same plan finished in ``out`` is shown again (with its exit code), an ``out`` holding
     something else is refused, and ``schedule_out`` must be writable. ``command`` gives the plan's command line for
-    a folder. Rank 0 checks, every rank learns the answer."""
+    a folder. Rank 0 checks, every rank learns the answer: the command of the finished plan in ``out`` whose
+    calibration this one re-projects (:func:`_reprojects`), or None."""
+    from batchtune.engine.distributed import current
+
+    reproject = None
     if out is not None:
-        asked = command(out)
+        asked, dist = command(out), current()
         _show_again(out, asked, fmt)
         _rank0_check(lambda: _check_plan_out(out, force, asked))
+        reproject = dist.broadcast(dist.on_main(lambda: _reprojects(out, asked)))
     if schedule_out is not None:
         _rank0_check(lambda: _writable(schedule_out, "--schedule-out", force))
+    return reproject
 
 
 #: ``batchtune plan``'s options at their defaults: the command that continues a plan leaves them out.

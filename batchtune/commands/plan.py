@@ -213,16 +213,8 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     from batchtune.render.run_folder import RunFolder
 
     dist = current()
-    if schedule_out is not None and Path(schedule_out).suffix.lower() not in SCHEDULE_SUFFIXES:
-        raise UsageError(f"--schedule-out {schedule_out}: a schedule is written as YAML or JSON; name a .yaml, "
-                         ".yml or .json file")
-    if not 0 < calibration_share <= 0.2:
-        raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
+    _check_options(schedule_out, calibration_share, verify, out if reproject is not None else None)
     gpus = _device_count(gpus, dist.world_size, verify)
-    if reproject is not None and verify:
-        raise UsageError(f"--verify: --out {out} holds a finished plan, whose calibration this one re-projects "
-                         "without training; a verification trains: give a new --out to calibrate and verify there, "
-                         "or leave --verify out")
     spec, components, backend = prepare(spec, backend)
     kept = _kept_verification(out, spec, dist) if verify and out is not None else None
     if kept is None:
@@ -263,6 +255,21 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             _write_verified(result, schedule_out, dist)
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
+
+
+def _check_options(schedule_out: Path | str | None, calibration_share: float, verify: bool,
+                   reprojected: Path | str | None) -> None:
+    """Refuse what :func:`run_plan` cannot do as asked, before any work (``reprojected``: the finished plan's folder
+    whose calibration is re-projected)."""
+    if schedule_out is not None and Path(schedule_out).suffix.lower() not in SCHEDULE_SUFFIXES:
+        raise UsageError(f"--schedule-out {schedule_out}: a schedule is written as YAML or JSON; name a .yaml, "
+                         ".yml or .json file")
+    if not 0 < calibration_share <= 0.2:
+        raise UsageError(f"--calibration {calibration_share:g}: the calibration may use at most 20% of the run")
+    if reprojected is not None and verify:
+        raise UsageError(f"--verify: --out {reprojected} holds a finished plan, whose calibration this one "
+                         "re-projects without training; a verification trains: give a new --out to calibrate and "
+                         "verify there, or leave --verify out")
 
 
 def _write_verified(result: PlanResult, schedule_out: Path | str, dist: Any) -> None:
