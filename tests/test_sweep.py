@@ -1781,3 +1781,23 @@ def test_sweep_on_a_device_nothing_fits_says_what_the_model_needs(write_spec, tm
     assert "device.memory_limit: not even probe.min_batch_size (1) fits on this device: batch 1's training step" \
            in res.output.replace("\n  ", " ")
     assert "more than the device holds: no batch size fits" in res.output and not out.exists()
+
+
+def test_a_size_that_reaches_the_default_target_past_its_budget_on_the_first_seed_stays_in_contention():
+    """An outside recommender's 1024 missed the default target in its budget on seed 0, so it ran that seed only;
+    trained on afterwards it got there first (313 steps) and was recommended on one seed, "no interval", the report
+    saying it had taken more than 2x the fastest size's time. The first seed's trials now train on before the
+    others', and contention reads where they got."""
+    from batchtune.commands.sweep import _Sweep
+    from batchtune.commands.sweep_analysis import in_contention
+
+    meta = {**HAND_META, "target_loss": None, "samples": 2048, "seeds": [0, 1],
+            "default_target": {"loss": 0.5}, "reach_factor": 2.0}
+    budget = [[0, 0, 0.0, 2.0], [16, 1024, 0.2, 0.7], [32, 2048, 0.4, 0.55]]  # 64: 32 steps, short of 0.5
+    trained_on = {**_trial(64, 0, [(0, 0, 2.0), (16, 0.2, 0.7), (32, 0.4, 0.55), (40, 0.5, 0.45)], 5120),
+                  "reach": True, "budget_evals": budget, "stop_below": 0.5}
+    rows = [_timed(16, 0, 100, 0.45, 0.01), _timed(32, 0, 60, 0.45, 0.012), trained_on]  # 1.0 s, 0.72 s, 0.45 s
+    sweep = _Sweep(None, None, None, None, None, {**meta, "reach_first": True}, rows)
+    assert in_contention(sweep._contending(0), sweep.meta, 2.0) == {32, 64}  # 16: 1.0 s, more than 2 × 0.45 s
+    before = _Sweep(None, None, None, None, None, meta, rows)  # a sweep from before: at the budgets, as it was
+    assert in_contention(before._contending(0), before.meta, 2.0) == {16, 32}

@@ -204,13 +204,15 @@ class _Sweep:
         more multipliers per size where the bracket's edge was fastest (or everything
         diverged) and as many into a gap a jump left beside the fastest (:func:`_gap`), then, the default
         target fixed, (``lr_refine``) the half-step from each fastest lr towards its faster neighbour, for the
-        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or every size; the
+        leading sizes (within :data:`LEADERS_WITHIN` of the fastest at some target) or every size, and the first
+        seed's trials short of the default target train on towards it (``reach_first``); the
         other seeds run each size still in contention (:func:`in_contention`) at its fastest lr for
         each target, stopping at the lowest target it is fastest for (:func:`lr_stops`); where that lr
         reached a given target in too few seeds, the size's next fastest there runs them too
         (:func:`lr_fallbacks`). Without a given target, the trials short of the default one then train on
         towards it (:meth:`_reach_default_target`). Every decision is a pure function of the first
-        seed's rows at their budgets, so a resumed sweep makes the same ones.
+        seed's rows at their budgets (contention: where its trials trained on to), so a resumed sweep makes the
+        same ones.
         """
         from batchtune.engine.trial import Trainer
 
@@ -245,10 +247,12 @@ class _Sweep:
             leaders = None if refine is True else in_contention(searched, self.meta, LEADERS_WITHIN)
             mids = lr_refinements(searched, self.meta, leaders)
             self._run_all([(first, m, c) for c in self.shapes() for m in mids.get(c.batch_size, [])])
+        if self.meta.get("reach_first"):  # seed 0's trials short of the default target train on towards it first
+            self._reach_default_target(first)
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
         self._stops = lr_stops(self._rows_of(first), self._screened())
-        sizes = in_contention(self._rows_of(first), self.meta, self.meta.get("reseed_within"))
+        sizes = in_contention(self._contending(first), self.meta, self.meta.get("reseed_within"))
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
                            for m in sorted(self._stops.get(c.batch_size, {}))])
@@ -276,14 +280,26 @@ class _Sweep:
         self.meta["default_target"] = default_target(self._rows_of(first), self.meta["target_noise_slack"])
         self.dist.on_main(lambda: self.folder.write_json("meta.json", self.meta))
 
-    def _reach_default_target(self) -> None:
+    def _contending(self, seed: int) -> list[dict[str, Any]]:
+        """``seed``'s rows as :func:`in_contention` judges them: at their budgets (:meth:`_rows_of`), but a trial
+        that trained on towards the default target before the other seeds (``reach_first``) where it got. An outside
+        recommender's 1024 missed the default target in its budget on seed 0, ran seed 0 only, then trained on to it
+        in 313 steps, the fastest size, and was recommended on one seed ("no interval"), the report saying it had
+        taken more than 2x the fastest size's time."""
+        rows = [r for r in self.rows if r["seed"] == seed]
+        if not self.meta.get("reach_first"):
+            return self._at_budget(rows)
+        return [r if r.get("reach") else cut for r, cut in zip(rows, self._at_budget(rows))]
+
+    def _reach_default_target(self, seed: int | None = None) -> None:
         """Without a given target, the trials short of the default one (fixed after the first seed,
         :meth:`_fix_default_target`; in a run folder from before that, now, from every seed's rows at their
         budgets) train on towards it, as a given target lets them: each size's best lr retrains
         the seeds that missed, up to ``reach_factor`` × its steps, stopping there. At equal samples a
         large batch takes fewer steps, so the default target is one the largest sizes miss in the
         budget, however soon they would get there. The target goes into the plan (``meta.json``)
-        before these trials, so a resumed sweep keeps it."""
+        before these trials, so a resumed sweep keeps it. ``seed``: that seed's trials only (judged on its rows), as
+        :meth:`run` trains the first seed's before the others' when the plan says ``reach_first``."""
         if given_targets(self.meta) or self.meta.get("reach_factor", 1.0) <= 1:
             return
         if "default_target" not in self.meta:
@@ -293,7 +309,8 @@ class _Sweep:
         if self.meta["default_target"] is None:
             return
         shapes = {s.batch_size: s for s in self.shapes()}
-        for row in short_of(self.rows, self.meta["default_target"]["loss"]):
+        rows = self.rows if seed is None else [r for r in self.rows if r["seed"] == seed]
+        for row in short_of(rows, self.meta["default_target"]["loss"]):
             if not row.get("reach"):
                 key = _row_key(row)
                 self.rows.remove(row)
@@ -836,7 +853,7 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0,
         "lr_gap_fills": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,
-        "reseed_within": sw.reseed_within, "target_noise_slack": NOISE_SLACK,
+        "reseed_within": sw.reseed_within, "target_noise_slack": NOISE_SLACK, "reach_first": True,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},
         "target_loss": sw.target_loss, "data_bound_share": sw.data_bound_share,
         "capacity_bytes": backend.capacity_bytes(), "precision": spec.precision, "notes": notes,
