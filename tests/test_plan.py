@@ -1800,3 +1800,9 @@ def test_a_finished_plan_is_projected_again_for_another_deadline_price_or_tolera
     other = runner.invoke(app, [*args, "--gpus", "2"])  # --gpus G calibrates G-times-larger global batches
     assert other.exit_code == 2 and "already holds a finished plan" in other.stderr
     assert "another --deadline, --price-per-hour, --tolerance or --schedule-out is projected" in other.stderr
+    damaged = json.loads((run / "plan.json").read_text())
+    del damaged["calibration"]["samples_per_s"]
+    (run / "plan.json").write_text(json.dumps(damaged))
+    refused = runner.invoke(app, [*args, "--deadline", "2h"])
+    assert refused.exit_code == 2 and "plan.json does not hold the calibration's figures (missing or malformed, " \
+        "KeyError: 'samples_per_s')" in refused.stderr, refused.output

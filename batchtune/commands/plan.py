@@ -850,11 +850,17 @@ def _stored_calibration(folder: Path, notes: list[str], n_train: int, scale: int
     from batchtune.render.run_folder import RunFolder
 
     run = RunFolder(folder)
-    meta, rows, kept = run.read_object("meta.json"), run.read_trials(), run.read_object(PLAN_FILE)["calibration"]
+    meta, rows, plan = run.read_object("meta.json"), run.read_trials(), run.read_object(PLAN_FILE)
     lead = run.read_object("lead.json") if (folder / "lead.json").exists() else None
-    throughput = {int(size): rate for size, rate in kept["samples_per_s"].items()}
-    timed = kept["samples"] - sum(r["samples"] for r in rows) - (lead["samples"] if lead else 0)
-    load = kept.get("timing_load") or []
+    try:
+        kept = plan["calibration"]
+        throughput = {int(size): float(rate) for size, rate in kept["samples_per_s"].items()}
+        timed = kept["samples"] - sum(r["samples"] for r in rows) - (lead["samples"] if lead else 0)
+        load = list(kept.get("timing_load") or [])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"--out {folder}: its {PLAN_FILE} does not hold the calibration's figures (missing or "
+                         f"malformed, {type(exc).__name__}: {exc}): damaged; plan in a new --out to calibrate "
+                         "again") from None
     notes.insert(0, f"re-projected from the calibration in {folder}, made by `{made_by}`: nothing trained or timed "
                     "again, and its plan.json kept as it was")
     notes += _measured_notes(rows, lead, load, n_train, scale)
