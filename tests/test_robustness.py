@@ -461,8 +461,10 @@ def test_plan_out_counts_a_plans_own_files_as_batchtunes_and_takes_force(write_s
     for force in ([], ["--force"]):
         line = _one_line_error(_cli("plan", spec, "--samples", "1000", "--out", calibrated, *force))
         assert line == (f"error: --out {calibrated} already holds a finished plan (its plan.json; batchtune report "
-                        "shows it), which is kept: a plan calibrates in a new folder (or continues its own "
-                        "interrupted calibration); choose a new or empty one")
+                        "shows it), which is kept (the same plan with another --deadline, --price-per-hour, "
+                        "--tolerance or --schedule-out is projected from its calibration, nothing trained): a plan "
+                        "calibrates in a new folder (or continues its own interrupted calibration); choose a new or "
+                        "empty one")
     assert {p.name: p.read_bytes() for p in calibrated.iterdir()} == before
     theirs = tmp_path / "theirs"
     theirs.mkdir()
