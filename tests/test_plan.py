@@ -1129,7 +1129,8 @@ def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():
         best = min(plans, key=lambda name: _verified_rank(plans[name]))
         verified = {"target": 0.1535, "plans": plans, "best": best}
         shape = {"micro_batch_size": 16, "accum_steps": 1, "lr": 0.01}
-        stages = [{**shape, "start_samples": 0, "batch_size": first}, {**shape, "start_samples": 16000, "batch_size": 32}]
+        stages = [{**shape, "start_samples": 0, "batch_size": first},
+                  {**shape, "start_samples": 16000, "batch_size": 32}]
         return _verified_notes(SimpleNamespace(  # 8 steps at 0.5 ms, 16 at 1 ms, 32 at 1.5 ms (the samples/s timed)
             verified=verified, recommendation={"plan": picked}, schedule={"stages": stages},
             constant=[{**shape, "batch_size": 16}, {**shape, "batch_size": 32}],
