@@ -718,8 +718,10 @@ def _plan_in(out: Path, hint: str) -> str | None:
     if planned == asked:
         return "finished" if done or "--verify" not in asked else "verifying"
     # the same plan with --verify added: its verification runs on the plan as projected (an outside user could
-    # verify a plan already looked at only by calibrating anew in another folder, which might project otherwise)
-    same = _plan_words(made, verify=False) == _plan_words(hint, verify=False)
+    # verify a plan already looked at only by calibrating anew in another folder, which might project otherwise),
+    # and writes the --schedule-out it names (an outside 'plan, then verify and write the file' was refused)
+    same = _plan_words(_unwritten_schedule(made, ""), verify=False) == \
+        _plan_words(_unwritten_schedule(hint, ""), verify=False)
     return "verifying" if same and not done and "--verify" in asked and "--verify" not in planned else None
 
 
@@ -741,6 +743,8 @@ def _reprojects(out: Path, hint: str) -> str | None:
         return None
     verifying = {"--verify", "--verify-seeds"}
     changed = set(_plan_difference(made, hint)) if made else set()
+    if "--verify" in changed and changed <= verifying | {"--schedule-out"}:
+        return None  # the plan verified as projected, writing the file named (_plan_in: "verifying")
     return made if changed - verifying and changed <= _REPROJECTED | verifying else None
 
 

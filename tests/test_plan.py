@@ -952,13 +952,17 @@ def test_an_interrupted_verification_continues_with_the_runs_that_finished(tmp_p
 def test_a_finished_plan_is_verified_by_the_same_command_with_verify_added(tmp_path):
     """An outside user could verify a plan already looked at only by calibrating anew in another folder (which might
     project otherwise): the same command with --verify added verifies the plan as projected."""
-    from batchtune.cli import _plan_in
+    from batchtune.cli import _plan_in, _reprojects
 
     planned = "batchtune plan spec.yaml --samples 130000 --out run"
     (tmp_path / "meta.json").write_text(json.dumps({"origin": {"command": "batchtune plan", "resume": planned}}))
     (tmp_path / "plan.json").write_text(json.dumps({"recommendation": {"plan": "constant 64"}, "verified": None}))
     assert _plan_in(tmp_path, planned) == "finished"
     assert _plan_in(tmp_path, planned + " --verify --verify-seeds 2 --format json") == "verifying"
+    # and writes the schedule file it names (an outside 'plan, then verify and write the file' was refused)
+    assert _plan_in(tmp_path, planned + " --verify --schedule-out s.yaml") == "verifying"
+    assert _reprojects(tmp_path, planned + " --verify --schedule-out s.yaml") is None
+    assert _reprojects(tmp_path, planned + " --deadline 2h --schedule-out s.yaml") == planned  # nothing to train
     assert _plan_in(tmp_path, planned.replace("130000", "140000") + " --verify") is None  # another plan
     (tmp_path / "plan.json").write_text(json.dumps({"recommendation": None, "verified": None}))
     assert _plan_in(tmp_path, planned + " --verify") is None  # nothing to verify: the other command's
