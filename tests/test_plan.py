@@ -506,7 +506,8 @@ def test_counts_and_costs_as_people_write_and_read_them():
             _whole("--samples", value)
         assert str(info.value) == (f"--samples: got {shown}, more than the largest count taken, 9,007,199,254,740,992 "
                                    "(2**53): a run this long would never finish")
-    assert [_money(v) for v in (0.0049, 0.01, 12.345, 0.0, None)] == ["0.0049", "0.01", "12.35", "0.00", "-"]
+    assert [_money(v) for v in (0.0049, 0.01, 0.0151, 0.5, 12.345, 0.0, None)] == [
+        "0.0049", "0.01", "0.0151", "0.5", "12.35", "0.00", "-"]  # 0.0151 read 0.02
 
 
 def test_a_schedule_within_3_percent_of_the_best_constant_size_is_not_recommended():

@@ -95,8 +95,8 @@ def _reached(v: dict[str, Any]) -> str:
 
 
 def _money(value: float | None) -> str:
-    """Cents from 0.01 up, two significant digits below (a run of $0.0049 read 0.00)."""
-    return num(value, ",.2f" if value is None or value == 0 or value >= 0.01 else ".2g")
+    """Cents from 1 up, three significant digits below (a run of $0.0049 read 0.00, and one of $0.0151 read 0.02)."""
+    return num(value, ",.2f" if value is None or value == 0 or value >= 1 else ".3g")
 
 
 def _measured(value: float | None, projected: float | None, fmt: str) -> str:
