@@ -68,6 +68,7 @@ VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 BEYOND_MEASURED = 0.01  # ... and below this ×, no plan is recommended on it (an outside CNN's 9e-09 from 0.00096)
 FLOOR_NEAR = 0.85  # a fitted loss floor above this × the lowest calibrated loss is said to bound every projection
+BACKTEST_BIAS = 0.1  # a loss curve missing its backtest's later points by more than this on average is said not to hold
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 VERIFIED_LOSS_MISS = 0.10  # --verify exits 1 where no run reached the target and the pick ended this far above
 SCHEDULE_SUFFIXES = (".yaml", ".yml", ".json")  # what --schedule-out writes (BatchSchedule.save)
@@ -1213,8 +1214,30 @@ def _analyse(spec: Any, meta: dict[str, Any], rows: list[dict[str, Any]], best: 
     _project_plans(result, spec, meta, throughput, best, law, curve, tolerance)
     lowest = min(l for _, l in curve_points)
     _beyond_measured(result, lowest)
-    result.notes += _extrapolation_notes(result, lowest)
+    result.notes += _extrapolation_notes(result, lowest) + _backtest_notes(result)
     return result
+
+
+def _backtest_notes(result: PlanResult) -> list[str]:
+    """Say so where the loss curve failed its own backtest (:func:`~batchtune.stats.projection.backtest_loss_curve`):
+    fitted to the first half of the calibration's curve, its mean error on the second half beyond
+    :data:`BACKTEST_BIAS`. Too high there, the loss was still steepening and the projection is pessimistic: an outside
+    CNN's read +24%, its pick's steps were projected at 24,144 and took 4,489 (-81%), and the sizes projected never
+    to reach the target reached it sooner. Too low, the loss was flattening: the README's quickstart plan read -32%,
+    and no verified plan reached its target. Until then the numbers sat in the JSON alone."""
+    loss = result.laws.get("loss") or {}
+    scores = loss.get("backtest_rms_error") or {}
+    bias = scores.get("floor_bias" if loss.get("floor") else "no_floor_bias")
+    if bias is None or not math.isfinite(bias) or abs(bias) <= BACKTEST_BIAS:
+        return []
+    check = "--verify measures it" if result.recommendation else "a whole run measures it (no plan to --verify)"
+    said = (f"the loss curve's power law did not hold over the calibration: fitted to the first half of it, it put "
+            f"the second half's losses {abs(bias):.0%} {'higher' if bias > 0 else 'lower'} than they were, on average "
+            f"(the loss was {'still steepening' if bias > 0 else 'flattening'}), so the projected losses, steps and "
+            f"times are likely {'pessimistic' if bias > 0 else 'optimistic'}")
+    if bias > 0:
+        said += ", and a size projected not to reach the target may reach it"
+    return [f"{said}; {check}"]
 
 
 def _beyond_measured(result: PlanResult, measured: float) -> None:
