@@ -304,7 +304,7 @@ def test_steps_with_no_reading_are_kept_logged_as_unresolved_and_explained():
     with logged("batchtune.integrations", logging.INFO) as messages:
         logs = [watch.step(step) for step in range(1, 24)]
     assert logs[0] == {"noise_scale/b_simple": 40.0, "noise_scale/low": 30.0, "noise_scale/high": 50.0,
-                       "noise_scale/resolved": 1.0}
+                       "noise_scale/reliable": 1.0, "noise_scale/resolved": 1.0}
     assert logs[1] == logs[16] == {"noise_scale/resolved": 0.0} and logs[17]["noise_scale/resolved"] == 1.0
     assert [(h["step"], h["b_simple"], h["reliable"]) for h in watch.history[:3]] == [
         (1, 40.0, True), (2, None, False), (3, None, False)]
@@ -406,9 +406,11 @@ def test_hugging_face_logs_a_reading_once_and_only_its_finite_values():
         logs = {"loss": 1.0}
         callback.on_log(None, state, None, logs=logs)
         logged.append(logs)
-    assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0, "noise_scale/resolved": 1.0},
+    # with whether each reading is reliable: a dashboard filters on it (an outside one's axis ran to 74,279)
+    assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0, "noise_scale/reliable": 0.0,
+                       "noise_scale/resolved": 1.0},
                       {"loss": 1.0}, {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0,
-                                      "noise_scale/high": 7.0, "noise_scale/resolved": 1.0}]
+                                      "noise_scale/high": 7.0, "noise_scale/reliable": 1.0, "noise_scale/resolved": 1.0}]
     assert callback.history[0]["high"] == math.inf  # the history keeps it
 
 

@@ -138,7 +138,8 @@ class NoiseScaleWatch:
         """Call after the last backward of an optimizer step; the logs of a measured step, else None.
 
         The logs hold ``noise_scale/b_simple``, ``/low`` and ``/high``, each only when finite (an unbounded
-        band has no ``high``), and ``noise_scale/resolved``: 1.0 with a reading, 0.0 without one, when the
+        band has no ``high``), with ``noise_scale/reliable`` (1.0 where the reading is, :class:`MonitorReading`'s
+        ``reliable``), and ``noise_scale/resolved``: 1.0 with a reading, 0.0 without one, when the
         measured steps' mean |G|² is not above zero (the gradient's noise swamps its mean). :attr:`history`
         keeps every value, such an entry with ``b_simple`` None. An outside Trainer's readings vanished from
         its logs for over half a run, unsaid: after :data:`UNRESOLVED_AFTER` such steps in a row the watch says
@@ -171,6 +172,8 @@ class NoiseScaleWatch:
         # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
         logs = {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
                 if entry[key] is not None and math.isfinite(entry[key])}
+        if entry["b_simple"] is not None:  # a dashboard filters on it: early readings of 935 and 74,279 had set its axis
+            logs["noise_scale/reliable"] = float(entry["reliable"])
         return {**logs, "noise_scale/resolved": float(entry["b_simple"] is not None)}
 
     def _maybe_warn(self, entry: dict[str, Any]) -> None:
