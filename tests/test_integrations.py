@@ -410,7 +410,8 @@ def test_hugging_face_logs_a_reading_once_and_only_its_finite_values():
     assert logged == [{"loss": 1.0, "noise_scale/b_simple": 5.0, "noise_scale/low": 4.0, "noise_scale/reliable": 0.0,
                        "noise_scale/resolved": 1.0},
                       {"loss": 1.0}, {"loss": 1.0, "noise_scale/b_simple": 6.0, "noise_scale/low": 5.0,
-                                      "noise_scale/high": 7.0, "noise_scale/reliable": 1.0, "noise_scale/resolved": 1.0}]
+                                      "noise_scale/high": 7.0, "noise_scale/reliable": 1.0,
+                                      "noise_scale/resolved": 1.0}]
     assert callback.history[0]["high"] == math.inf  # the history keeps it
 
 

@@ -172,7 +172,7 @@ class NoiseScaleWatch:
         # an unbounded band's high end (inf) stays out of the logs: it read as a number in log_history and broke plots
         logs = {f"noise_scale/{key}": float(entry[key]) for key in ("b_simple", "low", "high")
                 if entry[key] is not None and math.isfinite(entry[key])}
-        if entry["b_simple"] is not None:  # a dashboard filters on it: early readings of 935 and 74,279 had set its axis
+        if entry["b_simple"] is not None:  # dashboards filter on it: early readings of 935 and 74,279 set one's axis
             logs["noise_scale/reliable"] = float(entry["reliable"])
         return {**logs, "noise_scale/resolved": float(entry["b_simple"] is not None)}
 

@@ -12,8 +12,9 @@
 A logging step's record gets ``noise_scale/b_simple``, ``noise_scale/low`` and
 ``noise_scale/high`` (90% band) in ``trainer.state.log_history`` when a measured step gave a new
 reading since the last logging step (a reading is logged once), each only when finite, with
-``noise_scale/reliable`` (1 or 0, the reading's ``reliable``), and ``noise_scale/resolved``: whether the latest measured step gave a reading (1) or not (0, its mean |G|² not
-yet above zero; after several in a row the callback logs why). The
+``noise_scale/reliable`` (1 or 0, the reading's ``reliable``), and ``noise_scale/resolved``: whether the
+latest measured step gave a reading (1) or not (0, its mean |G|² not yet above zero; after several in a row
+the callback logs why). The
 Trainer's reporters (TensorBoard, W&B) see them only when this callback comes before them:
 ``NoiseScaleCallback.attach(trainer)`` puts it first. A resumed run counts the schedule's samples from
 ``state.global_step`` × the batch.

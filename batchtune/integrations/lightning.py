@@ -12,7 +12,8 @@
 Readings go to the Trainer's loggers (``logger.log_metrics``, as Lightning's ``LearningRateMonitor``
 does) as ``noise_scale/b_simple``, ``noise_scale/low`` and ``noise_scale/high``, once each, on the
 steps that give a new one and only when finite, with ``noise_scale/reliable`` (1 or 0), and
-``noise_scale/resolved`` (1, or 0 for a measured step with no reading) on every measured step. Lightning divides the loss by
+``noise_scale/resolved`` (1, or 0 for a measured step with no reading) on every measured step. Lightning
+divides the loss by
 ``accumulate_grad_batches`` and calls ``on_before_optimizer_step`` before clipping, where the
 monitor reads the gradients. The step's shape is read when it starts: ``accumulate_grad_batches``
 then in force (a ``GradientAccumulationScheduler`` changes it), and the micro-batch from the batch.
