@@ -76,7 +76,9 @@ class MonitorReading(NoiseScaleEstimate):
     """A :class:`~batchtune.stats.noise.NoiseScaleEstimate` with the share of the model it measures.
 
     ``reliable`` is as ``batchtune noise`` has it: the estimator's, and a band above 0 no wider than
-    :data:`~batchtune.stats.noise.WIDE_BAND` (10×) (an outside loop's readings were 'reliable' in 180–11,927).
+    :data:`~batchtune.stats.noise.WIDE_BAND` (10×) (an outside loop's readings were 'reliable' in 180–11,927); and
+    of the model: ``coverage`` at least :data:`LOW_COVERAGE` (an outside CNN's per-example reading of its Linear
+    head alone, 6% of its parameters, read 56 'reliable' where its whole gradient's read 9.4).
 
     Attributes:
         coverage: share of the model's trainable parameters (by count) whose gradients the
@@ -227,7 +229,8 @@ class NoiseScaleMonitor:
         if self._auto is not None:
             old = self._auto
             if (old.micro_batch_size, old.accum_steps) != (micro_batch_size, accum_steps):
-                self._auto = _AutoMeasure(old.model, micro_batch_size, accum_steps, old.world_size, old.max_examples)
+                self._auto = _AutoMeasure(old.model, micro_batch_size, accum_steps, old.world_size, old.max_examples,
+                                          old._coverage_warned)
                 armed = old._armed is not None
                 old.disarm()
                 self.batch_sizes = self._auto.batch_sizes
@@ -338,8 +341,8 @@ class NoiseScaleMonitor:
         estimate = self.estimator.estimate()
         narrow = estimate.low is not None and estimate.low > 0 and estimate.high <= WIDE_BAND * estimate.low
         return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)
-                                 if f.name != "reliable"}, reliable=estimate.reliable and narrow,
-                              coverage=self.coverage)
+                                 if f.name != "reliable"}, reliable=estimate.reliable and narrow
+                              and self.coverage >= LOW_COVERAGE, coverage=self.coverage)
 
     @property
     def coverage(self) -> float:
@@ -444,7 +447,7 @@ class _AutoMeasure:
     """The hooks of a monitor given a module: armed for a measured step, read by its step()."""
 
     def __init__(self, model: torch.nn.Module, micro_batch_size: int, accum_steps: int,
-                 world_size: int | None, max_examples: int | None) -> None:
+                 world_size: int | None, max_examples: int | None, coverage_warned: bool = False) -> None:
         if accum_steps < 1 or micro_batch_size < 1:
             raise ValueError(f"accum_steps and micro_batch_size must be >= 1; found {accum_steps=}, "
                              f"{micro_batch_size=}")
@@ -457,7 +460,7 @@ class _AutoMeasure:
         self._armed: _PassNorms | _PerExampleNorms | None = None
         self._skipped: dict[str, int] = {}  # measured steps skipped, by why
         self._left_out: set[str] = set()  # layers already said to be left out
-        self._coverage_warned = False  # the low-coverage warning is given once
+        self._coverage_warned = coverage_warned  # the low-coverage warning is given once, a new shape's included
         self.coverage = 1.0
         if self.per_example:
             if micro_batch_size < 2:

@@ -770,3 +770,24 @@ def test_a_band_wider_than_ten_times_is_no_reliable_reading_and_batchnorm_is_sai
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NoiseScaleMonitor(torch.nn.Linear(4, 1), micro_batch_size=8)
+
+
+def test_a_reading_of_a_few_layers_is_not_reliable_and_a_new_shape_does_not_warn_again():
+    """An outside CNN's per-example reading covered its Linear head alone (6% of the parameters): it read 56,
+    'reliable', where accumulating two passes read the whole gradient's 9.4; and its coverage warning came again
+    when the schedule grew the batch (set_batch)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 16, 9), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = NoiseScaleMonitor(model, micro_batch_size=32, accum_steps=1, every=1)
+        for step in range(40):
+            model(torch.randn(32 if step < 20 else 64, 1, 9)).square().mean().backward()
+            monitor.step()
+            model.zero_grad(set_to_none=True)
+            if step == 19:
+                monitor.set_batch(64)
+    said = [str(w.message) for w in caught if "of the model's trainable parameters" in str(w.message)]
+    assert len(said) == 1 and "the nn.Linear layers only, 18% of" in said[0]  # 34 of 194 parameters, said once
+    r = monitor.reading()
+    assert r.coverage == pytest.approx(34 / 194) and r.b_simple is not None and not r.reliable
