@@ -488,7 +488,7 @@ class _AutoMeasure:
             self._armed = _PerExampleNorms(self.layers, self.max_examples, self.micro_batch_size, self.names)
         elif due and self._armed is None:
             self._armed = _PassNorms([p for p in self.model.parameters() if p.requires_grad], self.model,
-                                     self.micro_batch_size)
+                                     self.micro_batch_size, self.accum_steps)
 
     def disarm(self) -> None:
         if self._armed is not None:
@@ -566,9 +566,11 @@ def _numel(layers: list[torch.nn.Module]) -> int:
 class _PassNorms:
     """Each backward pass's own squared gradient norm, summed over passes and parameters."""
 
-    def __init__(self, params: list[torch.nn.Parameter], model: torch.nn.Module, micro_batch_size: int) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], model: torch.nn.Module, micro_batch_size: int,
+                 accum_steps: int = 1) -> None:
         self.params = params
         self.micro_batch_size = micro_batch_size
+        self.accum_steps = accum_steps  # |.grad|² is read after the last pass only (a step of fewer is skipped)
         self.unsized_input: list[int] | None = None  # a model input with no axis of the micro-batch's size
         self._pending: list[int] | None = None  # the last forward's input, where unsized: counts once backpropagated
         self._norms: list[torch.Tensor] = []
@@ -596,8 +598,9 @@ class _PassNorms:
         return record
 
     def _after(self, index: int):
-        def record(param: torch.nn.Parameter) -> None:
-            self._accumulated[index] = _sq_norm(param.grad)
+        def record(param: torch.nn.Parameter) -> None:  # each pass's would be read: a quarter of the cost at 8 x 4
+            if self._calls[index] >= self.accum_steps:  # (its tensor hook counted this pass already)
+                self._accumulated[index] = _sq_norm(param.grad)
         return record
 
     def last_pass_sq_norm(self) -> float:
