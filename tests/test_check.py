@@ -472,7 +472,16 @@ def test_check_reads_the_critical_batch_the_baseline_sweep_adopted():
     # inside the band of a fit the sweep refused, nothing is decided (an outside check passed 256 as 'at or below')
     inside = critical_batch_verdict(256, b_crit, basis=basis, **extra)
     assert (inside.status, inside.code) == ("skip", "critical.within")
-    assert critical_batch_verdict(4096, b_crit, basis=basis, **extra).code == "critical.above"
+    # nor above it: the steps barely bent, the critical batch lies above the sizes swept (an outside check warned,
+    # and failed --strict, '8192 is 1.9x the critical batch ~4,227' where a sweep up to 8192 measured 22,255)
+    above = critical_batch_verdict(4096, b_crit, basis=basis, **extra)
+    assert (above.status, above.code) == ("skip", "critical.extrapolated")
+    assert check_reason(above) == (
+        "4096 is above the critical batch ~557 (the baseline sweep's steps-to-target fit, an extrapolation past 4× its "
+        "largest size that the sweep did not adopt; 90% band 146–1,802), but the baseline sweep's steps barely bent up "
+        "to its largest size: the critical batch lies somewhere above the sizes it ran, so this decides nothing; a "
+        "sweep up to 4096 (sweep.max_batch_size) measures it")
+
 
 def test_a_slowed_model_fails_regression_on_throughput(baseline):
     spec_path, run = baseline
@@ -1337,6 +1346,8 @@ REPRESENTATIVE = {
                                       "smallest_measured": 8}, "lies below every size the baseline measured"),
     "critical.within": ("pass", {**_CRITICAL, "batch_size": 80, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                         "~64 (the baseline sweep's noise scale at val loss 0.5; 90% band 40–100): not clearly above"),
+    "critical.extrapolated": ("skip", {**_CRITICAL, "basis": "baseline.extrapolated"},
+                              "the critical batch lies somewhere above the sizes it ran, so this decides nothing"),
     "critical.above": ("warn", {**_CRITICAL, "high": None, "basis": "baseline.noise_scale", "basis_val_loss": 0.5},
                        "256 is 4.0× the critical batch ~64 (the baseline sweep's noise scale at val loss 0.5; band "
                        "unbounded above): ~60% of its compute wasted (2.50× what B_crit needs)"),

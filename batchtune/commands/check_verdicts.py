@@ -39,7 +39,8 @@ CODES = (
     # data: share of step time waiting for the next batch
     "data.ok", "data.slow", "data.bound", "data.unmeasured",
     # critical_batch: the batch against B_crit
-    "critical.below", "critical.below_sizes", "critical.within", "critical.above", "critical.early", "critical.rough",
+    "critical.below", "critical.below_sizes", "critical.within", "critical.extrapolated", "critical.above",
+    "critical.early", "critical.rough",
     "critical.none", "critical.odd_micro",
     "critical.unsplittable", "critical.no_noise_steps", "critical.unreliable", "critical.diverged",
     # regression: against the baseline sweep's row for the same shape
@@ -242,10 +243,13 @@ def critical_batch_verdict(batch_size: int, b_crit: float | None, *, basis: str 
         # B_crit (an outside interrupted sweep's median, 26, against its finished sweep's fit of 200, warned "~82%
         # wasted" at the size that sweep recommends). Like the check's own early reading, it decides nothing.
         return CheckResult("critical_batch", "skip", "critical.rough", figures)
-    if basis == "baseline.extrapolated" and (low is None or batch_size > low) and (high is None or batch_size <= high):
+    if basis == "baseline.extrapolated" and (low is None or batch_size > low):
         # a fit the sweep did not adopt: inside its band it decides nothing (an outside check passed 128 and 256 as
-        # 'at or below ~557' on a fit with a band of 24-1,962 that its sweep had refused)
-        return CheckResult("critical_batch", "skip", "critical.within", figures)
+        # 'at or below ~557' on a fit with a band of 24-1,962 that its sweep had refused), nor above it: the steps
+        # barely bent, so the critical batch is somewhere above the sizes swept (an outside check warned, and failed
+        # --strict, '8192 is 1.9x the critical batch ~4,227' where a sweep to 8192 measured 22,255)
+        code = "critical.within" if high is None or batch_size <= high else "critical.extrapolated"
+        return CheckResult("critical_batch", "skip", code, figures)
     if batch_size <= b_crit:
         return CheckResult("critical_batch", "pass", "critical.below", figures)
     if high is not None and batch_size <= high:

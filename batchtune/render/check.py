@@ -351,6 +351,10 @@ _REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "critical.below": lambda f: f"{f['batch_size']} is at or below the {_what(f)} {_estimate(f)}",
     "critical.within": lambda f: f"{f['batch_size']} is within the uncertainty of the {_what(f)} "
                                  f"{_estimate(f)}: not clearly above it",
+    "critical.extrapolated": lambda f: (f"{f['batch_size']} is above the {_what(f)} {_estimate(f)}, but the baseline "
+                                        "sweep's steps barely bent up to its largest size: the critical batch lies "
+                                        "somewhere above the sizes it ran, so this decides nothing; a sweep up to "
+                                        f"{f['batch_size']} (sweep.max_batch_size) measures it"),
     "critical.below_sizes": lambda f: f"the {_what(f)} {_estimate(f)} lies below every size the baseline measured, "
                                       f"and {f['batch_size']} is at or below its smallest ({f['smallest_measured']}): "
                                       "nothing smaller was measured to reach the target sooner",
