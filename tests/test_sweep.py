@@ -1801,3 +1801,27 @@ def test_a_size_that_reaches_the_default_target_past_its_budget_on_the_first_see
     assert in_contention(sweep._contending(0), sweep.meta, 2.0) == {32, 64}  # 16: 1.0 s, more than 2 × 0.45 s
     before = _Sweep(None, None, None, None, None, meta, rows)  # a sweep from before: at the budgets, as it was
     assert in_contention(before._contending(0), before.meta, 2.0) == {16, 32}
+
+
+def test_a_size_no_lr_brought_to_the_default_target_trains_on_at_the_lr_heading_there_soonest_too():
+    """An outside recommender's 1024 (target 0.3784, budget 293 steps): ×4 ended nearest (0.3935) but had levelled
+    off, and trained on it stalled at 0.40-0.42; ×2 (0.4342, falling 0.02 a step) was left at its budget, and the
+    fastest size dropped out. Both train on now, and the other seeds run the one that got there."""
+    from batchtune.commands.sweep import _Sweep
+    from batchtune.commands.sweep_analysis import heading_to, short_of
+
+    def trial(mult, tail):
+        curve = [(0, 0, 2.0), (200, 0.5, 0.9), *[(s, s / 400, loss) for s, loss in tail]]
+        return _trial(1024, 0, curve, 2048, mult=mult)
+
+    rows = [trial(2.0, [(257, 0.5728), (284, 0.4554), (293, 0.4342)]),
+            trial(4.0, [(238, 0.40), (257, 0.3975), (284, 0.3940), (293, 0.3935)]),
+            trial(8.0, [(257, 0.5779), (284, 0.5569), (293, 0.5858)]), _timed(512, 0, 560, 0.37, 0.002)]
+    assert heading_to(rows[:1], 0.3784) == pytest.approx(307, abs=1)  # the last three validations' line
+    assert 400 < heading_to(rows[1:2], 0.3784) < 10_000 < heading_to(rows[2:3], 0.3784)  # levelling; noise
+    assert [(r["batch_size"], r["lr_multiplier"]) for r in short_of(rows, 0.3784)] == [(1024, 2.0), (1024, 4.0)]
+    # past their budgets ×2 crossed at 313 steps, ×4 did not: the other seeds run ×2, stopping at the target
+    on = [{**rows[0], "reach": True, "evals": [*rows[0]["evals"], [313, 313 * 1024, 0.78, 0.37]]},
+          {**rows[1], "reach": True, "evals": [*rows[1]["evals"], [560, 560 * 1024, 1.4, 0.41]]}]
+    meta = {**HAND_META, "default_target": {"loss": 0.3784}, "reach_first": True, "seeds": [0, 1]}
+    assert _Sweep(None, None, None, None, None, meta, on + rows[2:])._reached_past_budget(0) == {1024: {2.0: 0.3784}}

@@ -252,6 +252,7 @@ class _Sweep:
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
         self._stops = lr_stops(self._rows_of(first), self._screened())
+        self._stops.update(self._reached_past_budget(first))
         sizes = in_contention(self._contending(first), self.meta, self.meta.get("reseed_within"))
         for seed in others:
             self._run_all([(seed, m, c) for c in self.shapes() if c.batch_size in sizes
@@ -290,6 +291,19 @@ class _Sweep:
         if not self.meta.get("reach_first"):
             return self._at_budget(rows)
         return [r if r.get("reach") else cut for r, cut in zip(rows, self._at_budget(rows))]
+
+    def _reached_past_budget(self, seed: int) -> dict[int, dict[float, float]]:
+        """The lrs the other seeds run (as :func:`lr_stops` gives them) at the sizes whose first-seed trials reached
+        the default target only past their budgets (``reach_first``): the lr that got there soonest, stopping there.
+        At the budgets none had, and lr_stops keeps the nearest: an outside recommender's 1024 at ×4, which
+        stalled past its budget, where ×2 got there in 313 steps."""
+        target = (self.meta.get("default_target") or {}).get("loss")
+        soonest: dict[int, tuple[float, float]] = {}
+        for r in self.rows:
+            if target is not None and r["seed"] == seed and r.get("reach") and (c := seed_crossing(r, target)):
+                if r["batch_size"] not in soonest or c[0] < soonest[r["batch_size"]][0]:
+                    soonest[r["batch_size"]] = (c[0], float(r["lr_multiplier"]))
+        return {size: {mult: target} for size, (_, mult) in soonest.items()} if self.meta.get("reach_first") else {}
 
     def _reach_default_target(self, seed: int | None = None) -> None:
         """Without a given target, the trials short of the default one (fixed after the first seed,
