@@ -345,7 +345,7 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
             comps.check_samples(model)  # NaN or a class label out of range, in either split, not the first 2 alone
             if not serve_only:
                 comps.build_optimizer(model.parameters(), spec.optimizer.lr)
-                comps.first_loss(model)
+                _first_loss(comps, model)
         if spec.distributed.fsdp.shard:  # the class names probe would refuse under torchrun
             from batchtune.engine.sharding import shard_units
 
@@ -357,6 +357,21 @@ def validate(spec_path: SpecPath, overrides: Overrides = None) -> None:
                    f"{len(comps.train_set):,} training and {count_of(len(comps.val_set), 'validation sample')}"
                    + ("; no optimizer or base_batch_size: serve only (probe, sweep, check, noise and plan "
                       "need them)" if serve_only else ""))
+
+
+def _first_loss(comps: Any, model: Any) -> None:
+    """validate's forward of the first samples; an embedding index past the model's rows is said on ``data``, naming
+    the sample, as the training commands say it (validate said it on ``model``)."""
+    from batchtune.engine.data import past_embedding
+
+    try:
+        comps.first_loss(model)
+    except SpecError as exc:
+        said = str(exc)
+        if "index out of range in self" not in said:
+            raise
+        raised = "the first samples' forward raised IndexError: index out of range in self"
+        raise past_embedding(comps, model, raised) or exc from None
 
 
 @app.command()

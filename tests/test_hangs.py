@@ -531,6 +531,11 @@ def test_an_embedding_index_past_the_vocabulary_names_the_sample_and_the_id(writ
     assert out.exit_code == 2, out.output
     assert f"{spec}:3: data: training sample 300 (of 512) holds index 16 in its inputs, past the model's embedding " \
            "of 16 rows (indices 0 to 15): the step raised IndexError: index out of range in self" in out.stderr
+    # validate, whose first samples hold it, says the same on data (it said 'model: ... raised IndexError')
+    first = write_spec(spec.read_text().replace('vocabulary"}', 'vocabulary", kwargs: {bad: 1}}'), name="first.yaml")
+    said = runner.invoke(app, ["validate", str(first)])
+    assert said.exit_code == 2 and f"{first}:3: data: training sample 1 (of 512) holds index 16 in its inputs" \
+        in said.output, said.output
     from batchtune.engine.data import index_past
 
     x = torch.zeros(10, 3, dtype=torch.long)

@@ -382,6 +382,26 @@ def index_past(dataset: Dataset, rows: int, seconds: float = 10.0) -> tuple[int,
     return None
 
 
+def past_embedding(components: Any, model: Any, raised: str) -> Any:
+    """Where a forward raised torch's embedding "index out of range in self" (``raised`` says where): a SpecError
+    on ``data`` naming the training sample and the id past the model's smallest embedding (:func:`index_past`), or
+    None where no sample holds one. An outside token id 64 for a vocabulary of 64 failed every command as 'a training
+    step ... raised IndexError: index out of range in self', naming no sample or key; validate said it on
+    ``model``."""
+    from torch import nn
+
+    rows = min((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))),
+               default=None)
+    found = index_past(components.train_set, rows) if rows else None
+    if found is None:
+        return None
+    i, value = found
+    return components.spec.error(
+        "data", f"training sample {i} (of {len(components.train_set):,}) holds index {value} in its inputs, past the "
+                f"model's embedding of {rows:,} rows (indices 0 to {rows - 1:,}): {raised}; give the embedding more "
+                "rows (model.kwargs), or fix the data")
+
+
 def _indexable(dataset: Dataset, num_workers: int) -> bool:
     return isinstance(dataset, TensorDataset) and num_workers == 0
 

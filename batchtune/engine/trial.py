@@ -562,19 +562,11 @@ class Trainer:
 
     def _why_index(self, model: nn.Module, exc: Exception) -> None:
         """An embedding's index out of range: raise a SpecError on ``data`` naming the training sample and the id
-        past the model's smallest embedding (an outside token id 64 for a vocabulary of 64 failed every command as
-        'a training step ... raised IndexError: index out of range in self', naming no sample or key)."""
-        from batchtune.engine.data import index_past
+        (:func:`~batchtune.engine.data.past_embedding`)."""
+        from batchtune.engine.data import past_embedding
 
-        rows = min((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))),
-                   default=None)
-        found = index_past(self.components.train_set, rows) if rows else None
-        if found is not None:
-            i, value = found
-            raise self.components.spec.error(
-                "data", f"training sample {i} (of {len(self.components.train_set):,}) holds index {value} in its "
-                        f"inputs, past the model's embedding of {rows:,} rows (indices 0 to {rows - 1:,}): the step "
-                        f"raised {error_line(exc)}; give the embedding more rows (model.kwargs), or fix the data")
+        if (error := past_embedding(self.components, model, f"the step raised {error_line(exc)}")) is not None:
+            raise error
 
     # ------------------------------------------------------------------ the run
 
