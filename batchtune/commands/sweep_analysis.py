@@ -940,8 +940,8 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
                          "wasted)")
         if e["data_bound"]:
             notes.append(f"batch {e['batch_size']} waits for data {e['data_share']:.0%} of its step time (counted in "
-                         "its time): more loader workers (data.num_workers), pinned memory or fetching whole "
-                         "batches at once would remove the wait")
+                         "its time): more loader workers (data.num_workers), pinned memory (for data going to a GPU) "
+                         "or fetching whole batches at once would remove the wait")
         if e["diverged_seeds"]:
             notes.append(f"batch {e['batch_size']} diverged in {e['diverged_seeds']} of {e['seeds']} seeds at its "
                          "best lr: a lower lr is safer")
