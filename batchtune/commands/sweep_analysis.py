@@ -958,10 +958,13 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
         why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
                "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
-        notes.append(f"the steps-to-target fit puts the critical batch ({fitted}; S_min {fit['s_min']:.0f} steps) "
-                     f"beyond {BEYOND_SIZES}x the largest size that reached the target: the steps barely bend, so it "
-                     f"is an extrapolation, not a reading{why}; {adopted}; to measure past the bend, try "
-                     f"{_more(meta, 'max', 4 * largest)}")  # one suggestion of a larger size, not two
+        # the largest size winning is said here too (an outside sweep's 1024 won, and 8192 was 1.8x faster still)
+        won = ranked[0]["batch_size"] == largest and len(sizes) > 1
+        notes.append(f"{'the largest size tried won, and ' if won else ''}the steps-to-target fit puts the critical "
+                     f"batch ({fitted}; S_min {fit['s_min']:.0f} steps) beyond {BEYOND_SIZES}x the largest size that "
+                     f"reached the target: the steps barely bend, so it is an extrapolation, not a reading{why}; "
+                     f"{adopted}; {'a larger batch may reach the target sooner still; ' if won else ''}to measure past "
+                     f"the bend, try {_more(meta, 'max', 4 * largest)}")  # one suggestion of a larger size, not two
     elif ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
         notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
                      f"extrapolation: a larger batch may reach the target sooner still; try "
