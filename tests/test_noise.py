@@ -668,6 +668,14 @@ def test_the_noise_report_says_how_the_readings_moved_not_that_they_grow():
     assert _trend([reading(90, 80, 100, 1.0), reading(40, 35, 45, 0.5)]).startswith("It fell from 90")
     assert _trend([reading(90, 80, 100, 1.0), reading(95, 42, math.inf, 0.8, False)]) == (
         "One reliable reading (90 at val loss 1): run more steps to see how it moves as the loss falls.")
+    # readings past the last reliable one whose lower ends rose above its band: an outside run's summary said it
+    # 'grew ... to 34' where its last readings were 18,901 (4,455-inf)
+    later = [reading(4.2, 3, 6, 3.587), reading(34, 25, 45, 1.535), reading(18901, 4455, math.inf, 0.35, False)]
+    assert _trend(later) == (
+        "It grew from 4.2 at val loss 3.587 to 34 at 1.535: an estimate taken early under-states the critical batch "
+        "size later in training. Past it the bands are unbounded or too wide to be reliable, but their lower ends "
+        "rose to 4,455 (at val loss 0.35), above that reading's band: the noise scale grew beyond it, by more than "
+        "the readings can say.")
     # the outside tester's --batch-size 8192 --steps 5: every row 'reliable no', the summary said 'One reliable'
     assert _trend([reading(131, 0, math.inf, 2.2, False), reading(90, 42, math.inf, 1.156, False)]) == (
         "No reading is reliable yet: run more steps (--steps) for the band to close.")

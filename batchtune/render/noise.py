@@ -82,7 +82,24 @@ def _trend(history: list[dict[str, Any]]) -> str:
         return "No reading is reliable yet: run more steps (--steps) for the band to close."
     if len(readings) == 1:
         return (f"One reliable reading ({count(readings[0]['b_simple'])} at val loss {readings[0]['val_loss']:.4g}): "
-                "run more steps to see how it moves as the loss falls.")
+                "run more steps to see how it moves as the loss falls." + _beyond_reliable(readings[0], history))
+    return _trend_of(readings) + _beyond_reliable(readings[-1], history)
+
+
+def _beyond_reliable(last: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """The readings after the last reliable one, where their bands' lower ends rose past its band: an outside run's
+    summary said the noise scale 'grew ... to 34' where its last readings were 18,901 (4,455–inf)."""
+    later = [h for h in history[history.index(last) + 1:] if h["low"] and h["val_loss"] is not None]
+    top = max(later, key=lambda h: h["low"], default=None)
+    if top is None or not top["low"] > last["high"]:
+        return ""
+    return (f" Past it the bands are unbounded or too wide to be reliable, but their lower ends rose to "
+            f"{count(top['low'])} (at val loss {top['val_loss']:.4g}), above that reading's band: the noise scale "
+            "grew beyond it, by more than the readings can say.")
+
+
+def _trend_of(readings: list[dict[str, Any]]) -> str:
+    """How the reliable ``readings`` (two or more) moved, said from their bands."""
     last = readings[-1]
     # against every earlier reading, not the first alone: an outside run's first band (14–33) held its last
     # reading's (25–216) while later ones (12–17) did not, and it said 'no growth shows yet'
