@@ -921,3 +921,23 @@ def test_an_interrupted_noise_run_shows_its_readings_marked_partial_and_exits_13
     assert out.stderr.strip() == (f"interrupted after 12 of 200 steps: the 1 reading taken before it shown above "
                                   f"(partial); no plot written to {plot}: it needs two readings")
     assert not plot.exists()
+
+
+def test_a_noise_scale_whose_gradient_mean_is_not_resolved_still_has_a_lower_bound():
+    """An outside recommender's measurements around its target read |G|² -0.0021 ± 0.0022 and tr Σ 11.3 ± 0.07:
+    no reading, and the sweep said only 'no reliable noise-scale estimate', where the bound was above every size it
+    tried. tr Σ's lower end over |G|²'s upper end, one-sided 90% each."""
+    import statistics
+
+    from batchtune.stats.noise import noise_floor, pooled_noise_scale
+
+    pairs = [(0.01 * (-1) ** i - 0.0001, 10 + 0.5 * (-1) ** (i // 2)) for i in range(400)]  # |G|² mean -0.0001
+    assert pooled_noise_scale(pairs).b_simple is None  # the mean |G|² came out at or below 0
+    g = [p[0] for p in pairs]
+    t = [p[1] for p in pairs]
+    q = 1.2826  # Student's t at 399 degrees of freedom, one-sided 90%
+    expected = ((statistics.fmean(t) - q * statistics.stdev(t) / 20)
+                / (statistics.fmean(g) + q * statistics.stdev(g) / 20))
+    assert noise_floor(pairs) == pytest.approx(expected, rel=2e-3) and 9_000 < noise_floor(pairs) < 40_000
+    assert noise_floor([(p[0], -abs(p[1])) for p in pairs]) is None  # tr Σ not above 0: no bound
+    assert noise_floor(pairs[:1]) is None

@@ -22,7 +22,7 @@ from batchtune.engine.shape import BatchShape
 from batchtune.engine.trial import Trainer, TrialConfig
 from batchtune.render.run_folder import RunFolder
 from batchtune.render.sweep import render_sweep
-from batchtune.render.text import to_json
+from batchtune.render.text import count, to_json
 
 SWEEP_SPEC = """\
 name: tiny-sweep
@@ -1829,3 +1829,21 @@ def test_a_size_no_lr_brought_to_the_default_target_trains_on_at_the_lr_heading_
           {**rows[1], "reach": True, "evals": [*rows[1]["evals"], [560, 560 * 1024, 1.4, 0.41]]}]
     meta = {**HAND_META, "default_target": {"loss": 0.3784}, "reach_first": True, "seeds": [0, 1]}
     assert _Sweep(None, None, None, None, None, meta, on + rows[2:])._reached_past_budget(0) == {1024: {2.0: 0.3784}}
+
+
+def test_a_noise_scale_not_resolved_at_the_target_says_its_lower_bound():
+    """An outside recommender's sweep said 'no reliable noise-scale estimate' where its measurements' lower bound
+    (~7,600-16,000) stood above every size it tried, 16 to 1024: a sweep up to 8192 measured B_crit at 22,255."""
+    meta = {**HAND_META, "target_loss": 0.5, "seeds": [0, 1], "samples": 2048, "precision": "fp32"}
+    rows = [_timed(size, seed, steps, 0.5, 0.01, noise=1) for size, steps in ((16, 400), (32, 200), (64, 100))
+            for seed in (0, 1)]
+    for r in rows:  # |G|² within its noise around the crossing (mean -0.0001), tr Σ clearly 10
+        r["noise_raw"] = [[s, 0.01 * (-1) ** i - 0.0001, 10 + 0.5 * (-1) ** (i // 2)]
+                          for i, (s, _, _) in enumerate(r["noise_raw"])]
+    result = result_from_rows("hand", rows, meta)
+    c = result.to_dict()["critical_batch_size"]
+    assert result.to_dict()["noise_scale"] is None and c["noise_floor"] > 1000
+    said = next(n for n in result.notes if n.startswith("the noise scale at the target is not resolved"))
+    assert f"at least ~{count(c['noise_floor'])} (its 90% lower bound), above every size tried" in said
+    assert f"noise scale not resolved at the target, at least ~{count(c['noise_floor'])}" in render_sweep(result,
+                                                                                                            "table")

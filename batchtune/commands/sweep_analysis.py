@@ -33,7 +33,7 @@ import pandas as pd
 from batchtune.render.text import count, count_of, format_seconds, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
-from batchtune.stats.noise import WIDE_BAND, pooled_noise_scale
+from batchtune.stats.noise import WIDE_BAND, noise_floor, pooled_noise_scale
 from batchtune.stats.scaling import rule_lr, rule_name
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit",
@@ -810,8 +810,9 @@ def _summary(contenders: list[Entry], entries: list[Entry], excluded: dict[str, 
 # ------------------------------------------------------------------------------ critical batch
 
 
-def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -> dict[str, Any] | None:
-    """B_simple from the raw measurements within a window around each seed's crossing."""
+def _noise_pairs(pool: list[Entry]) -> list[tuple[float, float]]:
+    """The raw (|G|², tr Σ) measurements within a window around each seed's crossing (``crossings`` at the
+    target)."""
     pairs = []
     for e in pool:
         for row, cross in zip(e["rows"], e["crossings"]):
@@ -819,6 +820,12 @@ def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -
                 continue
             low, high = cross[0] / NOISE_WINDOW, cross[0] * NOISE_WINDOW
             pairs += [(g2, trs) for step, g2, trs in row.get("noise_raw") or [] if low <= step <= high]
+    return pairs
+
+
+def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -> dict[str, Any] | None:
+    """B_simple from the raw measurements within a window around each seed's crossing."""
+    pairs = _noise_pairs(pool)
     if len(pairs) < MIN_NOISE_MEASUREMENTS:
         return None
     est = pooled_noise_scale(pairs)
@@ -852,6 +859,8 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     critical = _critical_dict(noise, fit, b_crit, extrapolated)
     # what the text calls an extrapolation, for a CI script too: B_crit past twice the largest size tried
     critical["beyond_sizes_tried"] = bool(b_crit and sizes and b_crit > 2 * max(e["batch_size"] for e in sizes))
+    if noise is None and len(pairs := _noise_pairs(contenders)) >= MIN_NOISE_MEASUREMENTS:
+        critical["noise_floor"] = noise_floor(pairs)  # no reading, but a lower bound where tr Σ is clear of 0
     return critical
 
 
@@ -948,6 +957,10 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     if ranked[0]["batch_size"] == smallest and len(sizes) > 1:
         notes += _smallest_won(smallest, b_crit, below, meta)
     largest = max(e["batch_size"] for e in sizes)
+    if (floor := critical.get("noise_floor")) and floor > largest:
+        notes.append(f"the noise scale at the target is not resolved (the gradient's mean |G|² is within its noise "
+                     f"there), but it is at least ~{count(floor)} (its 90% lower bound), above every size tried: the "
+                     "critical batch likely lies above them too")
     if critical.get("fit_extrapolated"):
         fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
         noise = critical.get("noise_scale") or {}
@@ -1280,7 +1293,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _critical_json(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio", "b_crit", "basis",
-                                  "fit_extrapolated", "beyond_sizes_tried", "definition", "fit")}
+                                  "fit_extrapolated", "beyond_sizes_tried", "definition", "fit", "noise_floor")}
 
 
 @dataclass

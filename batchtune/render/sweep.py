@@ -64,6 +64,8 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
         noisy = (f"noise scale B_simple {count(noise['b_simple'])}{tokens} (90% band {count(noise['low'])}–"
                  f"{top}) at val loss {noise['at_val_loss']:.4g}, from {noise['measurements']} measurements "
                  f"around the crossings of {noise['trials']} trials")
+    elif c.get("noise_floor"):
+        noisy = f"noise scale not resolved at the target, at least ~{count(c['noise_floor'])} (90% lower bound)"
     else:
         noisy = "no reliable noise-scale estimate"
     lines = [f"critical batch size: {steps}; {noisy}"]
