@@ -1426,7 +1426,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     law = fit_critical_law(points)
     if law is not None:
         result.laws["critical_batch"] = law.to_dict()
-        unreadable = _unreadable_law_notes(points, rows, result.targets)
+        unreadable = _unreadable_law_notes(points, rows, result.targets, law.coef)
         result.notes += unreadable
         # fell near the start: no plan is recommended (an outside GRU's pick took 16x the steps it was projected)
         result.laws["unreadable"] = bool(unreadable) and _start_near(rows, result.targets) is not None
@@ -1467,12 +1467,13 @@ def _no_law_note(result: PlanResult) -> str:
 
 
 def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str, Any]],
-                          targets: list[float]) -> list[str]:
+                          targets: list[float], held: float | None = None) -> list[str]:
     """Where the critical batch fell as the loss fell (no law allows it; the fit holds it constant), say so, and
     whether the calibration's targets sat near the untrained loss. An outside CNN's five targets lay within 1% of
     its start (2.322, chance 2.303), B_crit read 115 down to 13, and the plan projected a final loss of 1.727
     where its verified runs reached 0.043, without a word. Every reading is named, not the two ends: an outside
-    CNN's went 193, 164, 161, 154, 88, 339 as the loss fell, and "fell (193 ... to 339)" read as a rise."""
+    CNN's went 193, 164, 161, 154, 88, 339 as the loss fell, and "fell (193 ... to 339)" read as a rise. ``held``:
+    the constant it is held at (the readings' geometric mean; an outside plan's notes never said it)."""
     import numpy as np
 
     usable = sorted((l, b) for l, b in points if l > 0 and b and b > 0)
@@ -1483,7 +1484,8 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
         return []
     readings = ", ".join(f"{b:.3g} at {l:.4g}" for l, b in reversed(usable))
     said = (f"the critical batch fell as the loss fell, over its readings taken together (val loss falling: "
-            f"{readings}), which no law allows: read as noise and held constant")
+            f"{readings}), which no law allows: read as noise and held constant"
+            + (f", at {held:.3g}" if held else ""))
     if start := _start_near(rows, targets):
         said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
                  f"({start:.4g}): its trials barely left the start, where the critical batch cannot be read, so the "
