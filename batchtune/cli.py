@@ -590,16 +590,27 @@ def _check_out(out: Path, force: bool) -> None:
                          "empty folder, or pass --force to write there anyway")
 
 
-def _show_again(out: Path, hint: str, fmt: str) -> None:
+def _show_again(out: Path, hint: str, fmt: str, spec: Any) -> None:
     """Where ``out`` holds this same plan, finished (:func:`_plan_in`), show it and exit with its code, as a finished
     sweep's --resume does (a retry wrapper got exit 2 from a finished plan's folder, and the plan's result from a
-    sweep's).
+    sweep's); refused where the spec file has changed since (an outside spec edited to another model was
+    re-projected from the old calibration, unsaid).
     Rank 0 reads and shows it; every rank exits alike."""
+    from batchtune.commands.plan import _calibrated_other
     from batchtune.engine.distributed import current
-    from batchtune.render.run_folder import PLAN_FILE
+    from batchtune.render.run_folder import PLAN_FILE, RunFolder
 
     dist = current()
-    if dist.broadcast(dist.on_main(lambda: _plan_in(out, hint) == "finished")):
+
+    def finished() -> bool:
+        if _plan_in(out, hint) != "finished":
+            return False
+        if changed := _calibrated_other(RunFolder(out), spec):
+            raise UsageError(f"--out {out} holds this plan made with another spec, which is kept (now: {changed}): "
+                             "plan this one in a new --out")
+        return True
+
+    if dist.broadcast(dist.on_main(finished)):
         note = f"note: {out} holds this plan, finished: shown as it was planned, nothing run again"
         raise typer.Exit(dist.broadcast(dist.on_main(lambda: _echo_plan(out / PLAN_FILE, fmt, note).exit_code)))
 
@@ -812,10 +823,11 @@ def _plan_continues(origin: dict[str, Any], folder: Path) -> str | None:
 
 
 def _plan_words(command: str, verify: bool = True) -> list[str]:
-    """A plan command line less how it prints (--format, --quiet) and --force (which lets it overwrite a file): what
-    makes it the same plan; less --verify and --verify-seeds too where ``verify`` is False (the plan they verify)."""
+    """A plan command line less how it prints (--format, --quiet), --force (which lets it overwrite a file) and --out
+    (the folder asked about: a copied or moved plan folder was refused as 'differs in --out'): what makes it the same
+    plan; less --verify and --verify-seeds too where ``verify`` is False (the plan they verify)."""
     words, out = shlex.split(command), []
-    dropped = ("--format",) if verify else ("--format", "--verify-seeds")
+    dropped = ("--format", "--out", "-o") if verify else ("--format", "--out", "-o", "--verify-seeds")
     for i, word in enumerate(words):
         if word in ("--quiet", "-q", "--force") or word in dropped or i and words[i - 1] in dropped:
             continue
@@ -1310,7 +1322,7 @@ def plan(
                  "--tolerance": tolerance, "--verify": verify, "--verify-seeds": verify_seeds,
                  "--schedule-out": schedule_out, "--force": force, "--format": fmt.value, "--quiet": quiet}
         command = functools.partial(_plan_command, spec_path, _with_timeout(overrides, trial_timeout), given)
-        reproject = _check_plan_outputs(out, schedule_out, force, fmt.value, command)
+        reproject = _check_plan_outputs(out, schedule_out, force, fmt.value, command, spec)
         setup_logging(quiet)
         from batchtune.commands.sweep import run_dir
 
@@ -1335,7 +1347,7 @@ def plan(
 
 
 def _check_plan_outputs(out: Path | None, schedule_out: Path | None, force: bool, fmt: str,
-                        command: Callable[[Path], str]) -> str | None:
+                        command: Callable[[Path], str], spec: Any) -> str | None:
     """Before any work: this same plan finished in ``out`` is shown again (with its exit code), an ``out`` holding
     something else is refused, and ``schedule_out`` must be writable. ``command`` gives the plan's command line for
     a folder. Rank 0 checks, every rank learns the answer: the command of the finished plan in ``out`` whose
@@ -1345,7 +1357,7 @@ def _check_plan_outputs(out: Path | None, schedule_out: Path | None, force: bool
     reproject = None
     if out is not None:
         asked, dist = command(out), current()
-        _show_again(out, asked, fmt)
+        _show_again(out, asked, fmt, spec)
         _rank0_check(lambda: _check_plan_out(out, force, asked))
         reproject = dist.broadcast(dist.on_main(lambda: _reprojects(out, asked)))
     if schedule_out is not None:

@@ -1865,3 +1865,52 @@ def test_a_plan_for_several_devices_says_its_target_is_set_at_their_global_batch
         "plan for other devices is comparable in time and cost only where its final target is this one"]
     assert _global_target_notes(plan, 1) == [] == _global_target_notes(SimpleNamespace(final_target=None,
                                                                                         constant=[]), 4)
+
+
+def test_a_re_projection_checks_the_spec_file_keeps_the_verification_and_follows_a_copied_folder(tmp_path):
+    """An outside plan re-projected after its spec file was edited (hidden: 64) used the old calibration, and --verify
+    after another edit trained the new model against the old projection, both unsaid; a re-projection asked for a
+    price dropped a verification whose runs had collapsed (exit 0, a schedule file saying 'not verified'); and a
+    copied plan folder was refused as 'differs in --out'."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from batchtune.cli import app
+
+    spec, run, copy = tmp_path / "spec.yaml", tmp_path / "run", tmp_path / "copy"
+    spec.write_text(Path("configs/quickstart.yaml").read_text())
+    args = ["plan", str(spec), "sweep.batch_sizes=[32,64]", "sweep.lr_search=false",
+            "optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "lr_scaling=linear", "--samples", "60000",
+            "--format", "json", "-q"]
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--out", str(run)])
+    assert first.exit_code == 0, first.output
+    planned = json.loads(first.stdout)
+    shutil.copytree(run, copy)
+    moved = runner.invoke(app, [*args, "--out", str(copy), "--deadline", "1h"])
+    assert moved.exit_code == 0 and json.loads(moved.stdout)["notes"][0].startswith(
+        f"re-projected from the calibration in {copy}"), moved.output
+    spec.write_text(spec.read_text().replace("hidden: 256", "hidden: 128"))
+    for extra, said in ((["--deadline", "1h"], "holds the calibration of another spec"),
+                        (["--verify"], "holds the plan of another spec"),
+                        ([], "holds this plan made with another spec")):
+        edited = runner.invoke(app, [*args, "--out", str(run), *extra])
+        assert edited.exit_code == 2 and f"{said}, which is kept (now: model.kwargs.hidden (256 → 128))" in \
+            edited.stderr, (extra, edited.output)
+    spec.write_text(spec.read_text().replace("hidden: 128", "hidden: 256"))
+    pick, target = planned["recommendation"]["plan"], planned["final_target"]
+    stored = json.loads((run / "plan.json").read_text())  # as --verify leaves it: the pick collapsed
+    runs = [{"steps": None, "seconds": None, "final_loss": 2.3, "fit_end_loss": 2.3, "collapsed": True,
+             "total_steps": 1875, "total_seconds": 2.0, "evals": [[0, 0.0, 2.3], [900, 1.0, 0.9], [1875, 2.0, 2.3]]}]
+    stored["verified"] = {"target": target, "seeds": 1, "use": pick, "best": pick, "steps": None, "seconds": None,
+                          "plans": {pick: {"steps": None, "seconds": None, "reached": "0/1", "collapsed": 1,
+                                           "busy": 0, "final_loss": 2.3, "fit_end_loss": 2.3, "runs": runs,
+                                           "projected_final_loss": planned["projection"]["final_loss"]}}}
+    (run / "plan.json").write_text(json.dumps(stored))
+    priced = runner.invoke(app, [*args, "--out", str(run), "--price-per-hour", "3"])
+    assert priced.exit_code == 1, priced.output  # the kept verification's verdict, not a clean exit 0
+    data = json.loads(priced.stdout)
+    assert data["verified"]["plans"][pick]["collapsed"] == 1
+    assert "the verification kept with that calibration stands beside this projection: it trained this plan to " \
+        "this final target" in data["notes"]

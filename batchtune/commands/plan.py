@@ -242,7 +242,10 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
 
     if verify and result.recommendation is None:  # the report says why; exit 1 (no plan), not a usage error
         result.notes.append("--verify: nothing to verify, the plan recommends no run")
-    dist.on_main(write)
+    if reproject is not None:
+        _reprojected(result, folder, schedule_out, dist, write)
+    else:
+        dist.on_main(write)
     if verify and result.recommendation is not None:
         resolved = spec.resolved()
 
@@ -256,6 +259,43 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             _write_verified(result, schedule_out, dist)
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
     return result
+
+
+def _reprojected(result: PlanResult, folder: Any, schedule_out: Path | str | None, dist: Any,
+                 write: Callable[[], None]) -> None:
+    """A re-projection's ending: the verification kept in ``folder`` beside it (:func:`_verification_kept`), then
+    ``write`` (its schedule file), written again with what that verification measured where it stands."""
+    result.notes += _verification_kept(result, dist.broadcast(dist.on_main(
+        lambda: folder.read_object(PLAN_FILE).get("verified"))))
+    dist.on_main(write)
+    if result.verified is not None and schedule_out is not None:
+        _write_verified(result, schedule_out, dist)
+
+
+def _verification_kept(result: PlanResult, verified: dict[str, Any] | None) -> list[str]:
+    """A re-projection of a verified plan (``verified``, its plan.json's): where it recommends the plan verified, at
+    the same final target, the verification stands beside it (its table, notes and exit code); else a note says
+    what was verified and that it does not answer this projection. An outside re-projection asked for a price gave
+    exit 0 and a schedule file saying 'not verified' where the kept verification had both runs collapse."""
+    if not verified:
+        return []
+    pick = (result.recommendation or {}).get("plan")
+    if pick in verified.get("plans", {}) and verified.get("target") == result.final_target:
+        result.verified = verified
+        try:
+            return (["the verification kept with that calibration stands beside this projection: it trained this "
+                     "plan to this final target"] + _verified_notes(result) + _unreached_notes(result)
+                    + _missed_goal_notes(result) + _collapse_notes(result) + _rise_notes(result)
+                    + _verify_busy_notes(result))
+        except (KeyError, TypeError, ValueError, AttributeError):  # a plan.json edited by hand: read as none
+            result.verified = None
+            return ["the verification kept with that calibration could not be read (damaged): this projection is "
+                    "the projection's alone"]
+    held = ", ".join(f"{name} {'reached' if v.get('steps') is not None else 'did not reach'} it"
+                     for name, v in verified.get("plans", {}).items())
+    return [f"the verification kept with that calibration trained other plans or to another final target "
+            f"({verified.get('target', math.nan):.4g}: {held}): it does not answer this projection, which is the "
+            "projection's alone"]
 
 
 def _check_options(schedule_out: Path | str | None, calibration_share: float, verify: bool,
@@ -314,8 +354,8 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
                          f"{smallest * scale:,}, more than the run's {count_of(n, 'sample')} (not one step): plan "
                          "fewer devices or a longer run")
     if reproject is not None:
-        cal = dist.broadcast(dist.on_main(lambda: _stored_calibration(Path(out), notes, len(components.train_set),
-                                                                       scale, reproject)))
+        cal = dist.broadcast(dist.on_main(lambda: _stored_calibration(Path(out), spec, notes,
+                                                                       len(components.train_set), scale, reproject)))
     else:
         cal = _calibrate(calibration_spec, components, backend, n, calibration_share, out, notes, scale,
                          resume_command, left_out["probed"])
@@ -392,6 +432,10 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
             changed = ", ".join(changed_keys(stored, now))
             return (f"--out {out} holds a verification of another spec, which is kept (now: {changed}): verify "
                     "with the same spec, or plan in a new --out"), None, {}
+        if stored is None and (changed := _calibrated_other(folder, spec)):
+            return (f"--out {out} holds the plan of another spec, which is kept (now: {changed}): its projection "
+                    "was calibrated on the other, so --verify would judge it on this one; verify with the same "
+                    "spec, or plan this one in a new --out"), None, {}
         return None, plan, kept.get("plans") or {}
 
     problem, plan, runs = dist.broadcast(dist.on_main(read))
@@ -407,6 +451,20 @@ def _kept_verification(out: Path | str, spec: Any, dist: Any) -> tuple[PlanResul
                         + (f", and the {count_of(done, 'verified run')} that had finished, were kept" if done
                            else " was kept"))
     return result, runs
+
+
+def _calibrated_other(folder: Any, spec: Any) -> str | None:
+    """Where the calibration in ``folder`` (its spec.yaml) was of another spec than ``spec`` outside the sweep
+    section (which the calibration sets itself): what changed, as :func:`~batchtune.config.spec.changed_keys` says
+    it; else None. The command line is compared elsewhere, not the spec file's contents: an outside plan edited to
+    hidden: 64 was re-projected from the hidden-32 calibration, and one edited to hidden: 8 verified that model
+    against the other's projection, both without a word."""
+    from batchtune.commands.sweep import _set_keys
+    from batchtune.config.spec import changed_keys
+
+    stored = {k: v for k, v in _set_keys(folder.read_spec()).items() if k != "sweep"}
+    now = {k: v for k, v in _set_keys(spec.resolved()).items() if k != "sweep"}
+    return None if stored == now else ", ".join(changed_keys(stored, now))
 
 
 def verified_no(result: Any) -> bool:
@@ -879,7 +937,8 @@ def _measured_notes(rows: list[dict[str, Any]], lead: dict[str, Any] | None, loa
     return notes + overhead_notes(rows, "the calibration")
 
 
-def _stored_calibration(folder: Path, notes: list[str], n_train: int, scale: int, made_by: str) -> _Calibration:
+def _stored_calibration(folder: Path, spec: Any, notes: list[str], n_train: int, scale: int,
+                        made_by: str) -> _Calibration:
     """The calibration of the finished plan in ``folder`` (made by the command ``made_by``), read back: its trials,
     lead run and timed samples/s, with nothing trained or timed again, so that another deadline, price or
     tolerance is judged on the very figures the first plan was. Before it, each such question calibrated anew in
@@ -887,6 +946,10 @@ def _stored_calibration(folder: Path, notes: list[str], n_train: int, scale: int
     from batchtune.render.run_folder import RunFolder
 
     run = RunFolder(folder)
+    if changed := _calibrated_other(run, spec):
+        raise UsageError(f"--out {folder} holds the calibration of another spec, which is kept (now: {changed}): a "
+                         "re-projection reads that calibration, which measured the other; plan this one in a new "
+                         "--out")
     meta, rows, plan = run.read_object("meta.json"), run.read_trials(), run.read_object(PLAN_FILE)
     lead = run.read_object("lead.json") if (folder / "lead.json").exists() else None
     try:
