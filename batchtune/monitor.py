@@ -180,12 +180,16 @@ class NoiseScaleMonitor:
         _check_fractions(ema_decay=ema_decay, confidence=confidence)
         params = _checked_params(params)
         _check_trainable(params)
+        every = (MODULE_EVERY if isinstance(params, torch.nn.Module) else 1) if every is None else every
+        # the estimator checks ema_decay's and confidence's ranges: before any warning of the model's (an outside
+        # ema_decay=1.5 gave the coverage warning, then the ValueError)
+        self.estimator = NoiseScaleEstimator(ema_decay=decay_per_measured_step(ema_decay, every),
+                                             confidence=confidence)
         self._auto: _AutoMeasure | None = None
         if isinstance(params, torch.nn.Module):
             self._auto = _AutoMeasure(params, micro_batch_size, accum_steps, world_size, max_examples)
             _warn_batchnorm(params)
             params, ranks = params.parameters(), None
-        every = (MODULE_EVERY if self._auto is not None else 1) if every is None else every
         world_size = ranks.world_size if ranks is not None and ranks.enabled else 1
         if self._auto is None and not self.can_measure(micro_batch_size, accum_steps, world_size):
             raise ValueError(f"one rank at one accumulation step splits the batch in halves: "
@@ -193,8 +197,6 @@ class NoiseScaleMonitor:
         self.params = [p for p in params if p.requires_grad]
         self.every = every
         self.accum_steps = accum_steps
-        self.estimator = NoiseScaleEstimator(ema_decay=decay_per_measured_step(ema_decay, every),
-                                             confidence=confidence)
         self.measured_steps = 0  # steps folded in, including any the estimator skipped as non-finite
         self.last: tuple[float, float] | None = None  # the last step's unbiased (|G|², tr Σ), when finite
         self._ranks = ranks if world_size > 1 else None

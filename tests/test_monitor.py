@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -791,3 +792,14 @@ def test_a_reading_of_a_few_layers_is_not_reliable_and_a_new_shape_does_not_warn
     assert len(said) == 1 and "the nn.Linear layers only, 18% of" in said[0]  # 34 of 194 parameters, said once
     r = monitor.reading()
     assert r.coverage == pytest.approx(34 / 194) and r.b_simple is not None and not r.reliable
+
+
+def test_arguments_out_of_range_are_refused_before_any_warning_of_the_model():
+    """An outside ema_decay=1.5 on a model measured in part gave the coverage warning, then the ValueError."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    for kwargs, said in (({"ema_decay": 1.5}, "ema_decay must be in [0, 1)"), ({"confidence": 0}, "confidence")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match=re.escape(said)):
+                NoiseScaleMonitor(model, micro_batch_size=4, **kwargs)
+        assert caught == []

@@ -765,7 +765,8 @@ def _calibration_spec(spec: Any, components: Any, backend: Any, n: int, share: f
     else:  # probing again took seconds, and a ceiling that moved (a GPU's allocator) refused the calibration as
         # another plan's: its spec holds the ceiling
         ceiling, safe, accum = probed["ceiling"], probed["safe"], probed["accum"]
-        notes.append(f"ceiling {ceiling}, safe micro-batch {safe}: as probed when this calibration began")
+        if ceiling is not None:  # a device of unknown capacity was never probed ("ceiling None" was said)
+            notes.append(f"ceiling {ceiling}, safe micro-batch {safe}: as probed when this calibration began")
     sizes = [c.batch_size for c in plan_candidates(_sizes(spec, safe), safe, sw.accumulation,
                                                    sw.max_accum_steps, world_size, accum)[0]]
     if not sizes:
