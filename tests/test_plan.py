@@ -1887,6 +1887,9 @@ def test_a_re_projection_checks_the_spec_file_keeps_the_verification_and_follows
     first = runner.invoke(app, [*args, "--out", str(run)])
     assert first.exit_code == 0, first.output
     planned = json.loads(first.stdout)
+    # 60,000 samples of 16,384 (3.7 epochs), its longest calibration run under one: overfitting is not projected
+    assert ("the run repeats the data 3.7 times but the calibration's runs saw less than one epoch: overfitting "
+            "(validation loss rising) past that cannot be projected") in planned["notes"]
     shutil.copytree(run, copy)
     moved = runner.invoke(app, [*args, "--out", str(copy), "--deadline", "1h"])
     assert moved.exit_code == 0 and json.loads(moved.stdout)["notes"][0].startswith(

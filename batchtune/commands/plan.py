@@ -68,6 +68,7 @@ VERIFY_EVALS = 40  # validations over a verified run (evenly spaced in samples)
 EXTRAPOLATED = 0.8  # a projected final loss below this × the lowest calibrated one is said to be extrapolated
 BEYOND_MEASURED = 0.01  # ... and below this ×, no plan is recommended on it (an outside CNN's 9e-09 from 0.00096)
 FLOOR_NEAR = 0.85  # a fitted loss floor above this × the lowest calibrated loss is said to bound every projection
+OVERFIT_REACH = 4  # a run this many times the calibration's longest, and past one epoch, may overfit unprojected
 BACKTEST_BIAS = 0.1  # a loss curve missing its backtest's later points by more than this on average is said not to hold
 VERIFIED_MARGIN = 0.1  # a verified plan this much sooner to the target (half of it lower at the end) beats the pick
 VERIFIED_LOSS_MISS = 0.10  # --verify exits 1 where no run reached the target and the pick ended this far above
@@ -370,10 +371,13 @@ def _projected(spec: Any, components: Any, backend: Any, out: Path | str | None,
     malloc = malloc_note(spec.device.type)  # the projected seconds are the calibration's, timed so
     result.notes = notes + _device_notes(gpus, dist, spec) + ([malloc] if malloc else []) + result.notes
     result.notes += _global_target_notes(result, gpus)
-    lead = cal.lead
-    if n > len(components.train_set) and max(per_trial, lead["samples"] if lead else 0) < len(components.train_set):
-        result.notes.append(f"the run repeats the data {n / len(components.train_set):.1f} times but calibration "
-                            "trials saw less than one epoch: overfitting (validation loss rising) cannot be projected")
+    lead, epoch = cal.lead, len(components.train_set)
+    seen = max(per_trial, lead["samples"] if lead else 0)  # the calibration's longest run
+    if n > epoch and OVERFIT_REACH * seen < n and not (lead or {}).get("overfit_at_loss"):
+        # an outside GRU's 40 epochs, calibrated over 2.1, overfit from epoch 12 (+80% at the end), unsaid
+        longest = "less than one epoch" if seen < epoch else f"{seen / epoch:.1f} epochs at most"
+        result.notes.append(f"the run repeats the data {n / epoch:.1f} times but the calibration's runs saw "
+                            f"{longest}: overfitting (validation loss rising) past that cannot be projected")
     result.notes += _short_trial_lr_notes(cal.best, per_trial, n, scale)
     if trained > calibration_share * n * 1.05:
         result.notes.append(f"the calibration trained {trained / n:.0%} of the run, more than the "
