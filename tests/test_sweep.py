@@ -648,6 +648,7 @@ def test_sizes_tied_within_seed_noise_go_to_the_surer_then_the_faster():
     assert rec["batch_size"] == 16 and rec["tied_with"] == [64, 32]
     assert rec["seconds_to_target"] == pytest.approx(1.1) and rec["seconds_to_target_interval"][1] == 1.3
     assert "ties with it within seed noise" in rec["reason"]
+    assert "s), and so does 32 (1.15 s); a tie goes to" in rec["reason"]  # every tied size, not the runner-up alone
     # with several targets the text's line for each says its ties too (an outside CI script found them in the JSON only)
     result = result_from_rows("hand", rows, {**HAND_META, "target_loss": [0.5, 0.5], "samples": 2048,
                                              "seeds": [0, 1, 2], "precision": "fp32"})

@@ -1211,9 +1211,12 @@ def _runner_up_sentence(ranked: list[Entry]) -> str | None:
         return None
     win, run = ranked[0], ranked[1]
     if run["tie"]:
+        # every size tied with the pick, not the runner-up alone (an outside report named 512 where 512 and 256 tied)
+        more = [f"{_fmt_size(e)} ({format_seconds(e['seconds_to_target'])} s)" for e in ranked[2:] if e["tie"]]
         return (f"Runner-up {_fmt_size(run)} ties with it within seed noise "
-                f"({format_seconds(run['seconds_to_target'])} s, 90% interval {_span(run)} s against {_span(win)} s); "
-                "a tie goes to the size more seeds reached the target with, then to the lower median")
+                f"({format_seconds(run['seconds_to_target'])} s, 90% interval {_span(run)} s against {_span(win)} s)"
+                + (f", and so {'does' if len(more) == 1 else 'do'} {', '.join(more)}" if more else "")
+                + "; a tie goes to the size more seeds reached the target with, then to the lower median")
     return (f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long "
             f"({format_seconds(run['seconds_to_target'])} s)" + _rate_text(run))
 
