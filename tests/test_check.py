@@ -1729,3 +1729,14 @@ def test_a_check_interrupted_before_its_first_check_writes_a_junit_file_of_unfin
     error = ET.parse(tmp_path / "k.xml").getroot().find("testsuite/testcase[@name='spec']/error")
     assert error.get("type") == "interrupted" and error.get("message") == (
         "interrupted (exit 130) before the check began: no verdict")
+
+
+def test_a_batch_larger_than_the_training_set_is_said_in_the_json(write_spec):
+    """An outside check --batch-size 8192 on 4,096 samples ran 4,096, and its JSON said batch_size 4096 alone: a CI
+    script could not tell that its batch was never checked."""
+    spec = load_spec(write_spec(), ["data.kwargs.n_train=256"])
+    report = run_check(spec, batch_size=512, max_seconds=60)
+    data = report.to_dict()
+    assert (data["batch_size"], data["requested_batch_size"]) == (256, 512)
+    assert report.check("fits").code == "fits.unrun"
+    assert run_check(spec, batch_size=64, max_seconds=60).to_dict()["requested_batch_size"] is None

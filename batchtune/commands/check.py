@@ -108,6 +108,9 @@ class CheckReport:
     lr_auto: str | None = None  # what lr_scaling: auto chose and why ("sgd, because SGD keeps ..."); None: not auto
     load: dict[str, Any] = field(default_factory=dict)  # other work on the machine while this ran (host.LoadMeter)
     interrupted: bool = False  # Ctrl-C: the checks not finished before it are skipped (skip.interrupted)
+    # the batch asked for, where the one checked is smaller (a training set smaller than it): a CI script read only
+    # batch_size 4096 for its --batch-size 8192
+    requested_batch_size: int | None = None
 
     @property
     def status(self) -> Status:
@@ -1063,7 +1066,8 @@ def _report(state: _CheckRun, results: dict[str, CheckResult]) -> CheckReport:
         seconds=time.perf_counter() - state.started, max_seconds=state.budget, skipped=state.skipped,
         device=state.device, precision=spec.precision,
         baseline=str(state.baseline.path) if state.baseline else None, notes=state.notes,
-        load=state.meter.reading(state.threads) if state.meter is not None else {})
+        load=state.meter.reading(state.threads) if state.meter is not None else {},
+        requested_batch_size=state.requested if state.requested > state.shape.batch_size else None)
 
 
 def _not_started(spec: Any, batch_size: int | None, accum_steps: int | None,
