@@ -625,6 +625,16 @@ def test_an_extrapolated_lr_stays_below_one_that_diverged_in_the_sweep():
     assert base.fastest_lr(128, job, 0.02)[0] == pytest.approx(0.04)  # 0.04 < 0.08: not held
     rows[1]["diverged"] = False  # nothing diverged at 64 or above: the rule's growth stands
     assert base.fastest_lr(256, job, 0.08)[0] == pytest.approx(0.16)
+    # past the critical batch the sweep adopted (~40), the growth stops at the largest ranked size (an outside check
+    # at 8192, 16x past its sweep's 512 and 28x its critical batch, failed 'trains' at the linear rule's 3.2)
+    base.meta["lr_rule"] = "linear"
+    base.result["critical_batch_size"] = {"from_steps_to_target": 40.0, "b_crit": 40.0, "fit": {}}
+    lr, why = base.fastest_lr(256, job, 0.08)
+    assert lr == pytest.approx(0.04)  # the rule's x2 at 64, where its growth stopped
+    assert "its growth by the linear rule held at batch 64, past the baseline's critical batch (~40): the best lr " \
+           "stops growing with the batch there (the rule gives 0.16)" in why
+    base.result["critical_batch_size"] = {"from_steps_to_target": 400.0, "b_crit": 400.0, "fit": {}}
+    assert base.fastest_lr(256, job, 0.08)[0] == pytest.approx(0.16)  # below the critical batch: the rule's
 
 
 def test_the_jobs_own_lr_is_the_one_checked(baseline, write_spec):

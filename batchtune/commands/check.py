@@ -316,7 +316,7 @@ class Baseline:
                                     f"{near['batch_size']}, the nearest size it ranked; {self._unranked(batch_size)}")
         top = max(r["batch_size"] for r in with_mult)
         if batch_size > top:  # an outside check at 8x the largest size ranked failed 'trains' at the linear rule's lr
-            lr, why = self._below_divergence(lr, why, top)
+            lr, why = self._below_divergence(*self._held_past_critical(lr, why, batch_size, top), top)
             why += (f"; past its largest ranked size, {top}, the rule's growth is untested (a job at another lr: "
                     "give it with --lr or train.lr)")
         return lr, why
@@ -350,6 +350,26 @@ class Baseline:
         how = "the fewest steps to its target" if math.isfinite(steps) else "the lowest validation loss"
         return lr, (f"the lr of the baseline sweep's own trials at batch {batch_size} with {how} "
                     f"({len(by_lr)} lrs tried; {self._unranked(batch_size)})")
+
+    def _held_past_critical(self, lr: float, why: str, batch_size: int, top: int) -> tuple[float, str]:
+        """``lr`` for a size past the largest ranked one, ``top``, whose growth by the rule stops at the baseline's
+        critical batch where the sweep adopted one (or at ``top``, where that is larger): the best lr stops growing
+        with the batch past it (McCandlish et al.: ε_opt = ε_max / (1 + B_noise/B)). An outside check at 8192, 16x
+        past its sweep's 512 and 28x its critical batch of 288, failed 'trains' at the linear rule's lr 3.2, where
+        the sweep had found ×0.5 (0.4) fastest at 512."""
+        from batchtune.stats.scaling import scale_lr
+
+        b_crit, basis, _ = self.critical_batch()
+        rule = self.meta.get("lr_rule")
+        if basis not in ("baseline.steps_to_target", "baseline.noise_scale") or not b_crit or rule not in (
+                "linear", "sqrt"):
+            return lr, why
+        cap = max(top, int(b_crit))
+        if batch_size <= cap:
+            return lr, why
+        held = lr * scale_lr(1.0, batch_size, cap, rule)
+        return held, (f"{why}; its growth by the {rule} rule held at batch {cap}, past the baseline's critical batch "
+                      f"(~{b_crit:,.0f}): the best lr stops growing with the batch there (the rule gives {lr:.3g})")
 
     def _below_divergence(self, lr: float, why: str, top: int) -> tuple[float, str]:
         """``lr`` for a size past the largest ranked one, ``top``, held below the least lr that diverged at ``top``
