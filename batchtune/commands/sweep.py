@@ -298,12 +298,14 @@ class _Sweep:
         At the budgets none had, and lr_stops keeps the nearest: an outside recommender's 1024 at ×4, which
         stalled past its budget, where ×2 got there in 313 steps."""
         target = (self.meta.get("default_target") or {}).get("loss")
+        if target is None or not self.meta.get("reach_first"):
+            return {}
         soonest: dict[int, tuple[float, float]] = {}
         for r in self.rows:
-            if target is not None and r["seed"] == seed and r.get("reach") and (c := seed_crossing(r, target)):
+            if r["seed"] == seed and r.get("reach") and (c := seed_crossing(r, target)):
                 if r["batch_size"] not in soonest or c[0] < soonest[r["batch_size"]][0]:
                     soonest[r["batch_size"]] = (c[0], float(r["lr_multiplier"]))
-        return {size: {mult: target} for size, (_, mult) in soonest.items()} if self.meta.get("reach_first") else {}
+        return {size: {mult: target} for size, (_, mult) in soonest.items()}
 
     def _reach_default_target(self, seed: int | None = None) -> None:
         """Without a given target, the trials short of the default one (fixed after the first seed,
@@ -751,7 +753,8 @@ def _ceiling(spec: Any, components: Any, backend: Any, notes: list[str],
     log.info("probing the ceiling first")
     probe = run_probe(spec, backend=backend, components=components)
     if probe.ceiling is None:
-        need = next((n for n in probe.notes if n.startswith("batch ")), None)  # the traced step's counts
+        need = next((n for n in probe.notes if n.startswith("batch ") and "'s training step needs about" in n),
+                    None)  # the traced step's counts (probe's _fixed_need_notes)
         raise spec.error("device.memory_limit", f"not even probe.min_batch_size ({spec.probe.min_batch_size}) fits "
                          f"on this device" + (f": {need}" if need else ""))
     ranks = (probe.bounding_rank or {}).get("failed_themselves") or [(probe.bounding_rank or {}).get("rank")]
