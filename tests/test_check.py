@@ -1750,3 +1750,20 @@ def test_a_batch_larger_than_the_training_set_is_said_in_the_json(write_spec):
     assert (data["batch_size"], data["requested_batch_size"]) == (256, 512)
     assert report.check("fits").code == "fits.unrun"
     assert run_check(spec, batch_size=64, max_seconds=60).to_dict()["requested_batch_size"] is None
+
+
+def test_a_plan_calibration_as_the_baseline_is_said_to_be_one(baseline, tmp_path):
+    """An outside check --baseline on a plan's folder read its calibration sweep's noise scale, 55, as 'the baseline
+    sweep's', where the plan had discarded that reading as noise."""
+    import shutil
+
+    from batchtune.render.check import check_notes
+
+    spec_path, run = baseline
+    planned = tmp_path / "calibration"
+    shutil.copytree(run, planned)
+    meta = json.loads((planned / "meta.json").read_text())
+    (planned / "meta.json").write_text(json.dumps({**meta, "origin": {"command": "batchtune plan"}}))
+    report = run_check(load_spec(spec_path, ["check.throughput_tolerance=100"]), batch_size=32, baseline=planned)
+    assert any(n.startswith(f"--baseline {planned} is a batchtune plan's calibration: its trials are short")
+               for n in check_notes(report)), check_notes(report)

@@ -520,6 +520,11 @@ def _start(spec: Any, *, batch_size: int | None, accum_steps: int | None, max_se
     other = base.other_job(spec.resolved()) if base is not None else []
     notes: list[str] = [f"--baseline {base.path} is a sweep of another job: its lrs, critical batch and throughput "
                         "are not used (regression names what differs)"] if other else []
+    if base is not None and (base.meta.get("origin") or {}).get("command") == "batchtune plan":
+        # an outside check read a plan folder's critical batch, 55, that the plan itself had discarded as noise
+        notes.append(f"--baseline {base.path} is a batchtune plan's calibration: its trials are short, two seeds, "
+                     "and its critical batch and lrs are that sweep's own, not the plan's law across losses "
+                     "(plan.json's critical_batch_by_loss); a batchtune sweep is the baseline check is made for")
     swept_k = base.accum_steps(batch_size, dist.world_size) if base and not other and batch_size else None
     if accum_steps is None and swept_k and swept_k > 1:  # the sweep's pick past its ceiling: checked as it ran
         accum_steps, micro = swept_k, batch_size // (swept_k * dist.world_size)
