@@ -254,8 +254,7 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
             dist.on_main(lambda: folder.write_json(VERIFY_FILE, {"spec": resolved, "plans": plans}))
 
         result.verified = verify_plan(spec, components, backend, result, seeds=verify_seeds, kept=runs, save=save)
-        result.notes += (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result)
-                         + _collapse_notes(result) + _rise_notes(result) + _verify_busy_notes(result))
+        result.notes += _verification_notes(result)
         if schedule_out is not None:
             _write_verified(result, schedule_out, dist)
         dist.on_main(lambda: folder.write_json(PLAN_FILE, result.to_dict()))
@@ -285,9 +284,7 @@ def _verification_kept(result: PlanResult, verified: dict[str, Any] | None) -> l
         result.verified = verified
         try:
             return (["the verification kept with that calibration stands beside this projection: it trained this "
-                     "plan to this final target"] + _verified_notes(result) + _unreached_notes(result)
-                    + _missed_goal_notes(result) + _collapse_notes(result) + _rise_notes(result)
-                    + _verify_busy_notes(result))
+                     "plan to this final target"] + _verification_notes(result))
         except (KeyError, TypeError, ValueError, AttributeError):  # a plan.json edited by hand: read as none
             result.verified = None
             return ["the verification kept with that calibration could not be read (damaged): this projection is "
@@ -297,6 +294,13 @@ def _verification_kept(result: PlanResult, verified: dict[str, Any] | None) -> l
     return [f"the verification kept with that calibration trained other plans or to another final target "
             f"({verified.get('target', math.nan):.4g}: {held}): it does not answer this projection, which is the "
             "projection's alone"]
+
+
+def _verification_notes(result: PlanResult) -> list[str]:
+    """Everything the notes say of ``result.verified``: a better plan, targets unreached, missed goals, collapses,
+    rises, a busy machine (sets its ``use``, :func:`_verified_notes`)."""
+    return (_verified_notes(result) + _unreached_notes(result) + _missed_goal_notes(result) + _collapse_notes(result)
+            + _rise_notes(result) + _verify_busy_notes(result))
 
 
 def _check_options(schedule_out: Path | str | None, calibration_share: float, verify: bool,
