@@ -823,9 +823,10 @@ def _noise_pairs(pool: list[Entry]) -> list[tuple[float, float]]:
     return pairs
 
 
-def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -> dict[str, Any] | None:
-    """B_simple from the raw measurements within a window around each seed's crossing."""
-    pairs = _noise_pairs(pool)
+def _noise_at_target(pool: list[Entry], pairs: list[tuple[float, float]], target: float,
+                     tokens_per_sample: int) -> dict[str, Any] | None:
+    """B_simple from ``pairs``, the raw measurements within a window around each seed's crossing of ``pool``'s
+    (:func:`_noise_pairs`)."""
     if len(pairs) < MIN_NOISE_MEASUREMENTS:
         return None
     est = pooled_noise_scale(pairs)
@@ -842,7 +843,8 @@ def _noise_at_target(pool: list[Entry], target: float, tokens_per_sample: int) -
 def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any], target: float) -> dict[str, Any]:
     """The steps fit (qualifying sizes, best lr, seeds that reached) and B_simple at the target;
     efficiency, excess compute and goodput per size."""
-    noise = _noise_at_target(contenders, target, meta.get("tokens_per_sample") or 1)
+    pairs = _noise_pairs(contenders)
+    noise = _noise_at_target(contenders, pairs, target, meta.get("tokens_per_sample") or 1)
     fit = fit_steps_to_target({e["batch_size"]: e["seed_steps"] for e in contenders})
     # a fit far past the sizes measured is an extrapolation (an outside SGD sweep whose best lrs all sat at the
     # bracket's edge fitted 6,991, 90% 1,051–49,551, S_min 7 steps, over sizes up to 512; its own check put B_crit
@@ -859,7 +861,7 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     critical = _critical_dict(noise, fit, b_crit, extrapolated)
     # what the text calls an extrapolation, for a CI script too: B_crit past twice the largest size tried
     critical["beyond_sizes_tried"] = bool(b_crit and sizes and b_crit > 2 * max(e["batch_size"] for e in sizes))
-    if noise is None and len(pairs := _noise_pairs(contenders)) >= MIN_NOISE_MEASUREMENTS:
+    if noise is None and len(pairs) >= MIN_NOISE_MEASUREMENTS:
         critical["noise_floor"] = noise_floor(pairs)  # no reading, but a lower bound where tr Σ is clear of 0
     return critical
 
