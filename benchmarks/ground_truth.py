@@ -478,6 +478,49 @@ def fill_picks(task: str, out: Path, summary: dict[str, Any], result: dict[str, 
     return trained
 
 
+def rates_now(task: str, summary: dict[str, Any], path: Path) -> dict[int, float]:
+    """Each size's samples/s replayed on this machine now (as :func:`analyse` replays: its best lr's cell,
+    no validation, 3 seeds), kept in ``path`` (resumable). A truth's stored rates were timed wherever and
+    whenever it was built: another session's machine ran batch 32 at 18,940 samples/s and 2048 at 148,006,
+    this one at 36,441 and 154,912, and which size is fastest to a target turns on that curve."""
+    wanted = set()
+    for size, entry in summary["targets"][-1]["sizes"].items():
+        steps = [s for s in entry.get("steps") or [] if s is not None]
+        k = entry["best_k"] if entry["best_k"] is not None else 0
+        need = math.ceil(max(steps)) + 4 if steps else run_steps(summary["budget_samples"], int(size))
+        wanted.add((int(size), k, min(run_steps(summary["budget_samples"], int(size)), need)))
+    timings = replay(task, wanted, summary["budget_samples"], path)
+    return {size: statistics.median(v for (b, _), vs in timings.items() if b == size for v in vs)
+            for size in {b for b, _ in timings}}
+
+
+def retimed(target: dict[str, Any], sps: dict[int, float]) -> dict[str, Any]:
+    """``target`` (a summary's) with its times at the samples/s ``sps``: the steps are the truth's, the
+    clock this machine's."""
+    sizes = {}
+    for size, entry in target["sizes"].items():
+        rate = sps.get(int(size))
+        times = {k: (st * int(size) / rate if st is not None and rate else None)
+                 for k, st in entry["median_steps_by_k"].items()}
+        k = entry["best_k"]
+        sizes[size] = {**entry, "samples_per_s": rate, "time_s_by_k": times,
+                       "time_s": times.get(str(k)) if k is not None else None}
+    timed = {int(b): v["time_s"] for b, v in sizes.items() if v["time_s"] is not None}
+    best = min(timed, key=timed.get) if timed else None
+    return {**target, "sizes": sizes, "best_size": best, "best_time_s": timed.get(best)}
+
+
+def _sweep_rates(task: str, out: Path, tag: str) -> dict[int, float]:
+    """The per-size samples/s the stored sweep ranked by (its rows, as its analysis pools them)."""
+    from batchtune.commands.sweep_analysis import size_rates
+
+    path = out.with_name(out.stem + tag + "_sweep_rows.json.gz")
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt") as f:
+        return {size: rate for size, (rate, _) in size_rates(json.load(f)["trials"]).items()}
+
+
 def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides: list[str] | None = None,
             default_target: bool = False) -> int:
     """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's. With
@@ -492,6 +535,8 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
         result = json.loads(sweep_json.read_text())
     else:
         summary = json.loads(out.with_name(out.stem + "_summary.json").read_text())  # the sizes and the budget
+        # a new sweep is timed now: the truth's steps are timed beside it, not at an earlier compare's clock
+        out.with_name(out.stem + tag + "_compare_replay.jsonl").unlink(missing_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             result = run_sweep(task, summary, Path(tmp) / "run", samples=sweep_samples, overrides=overrides,
                                given=not default_target)
@@ -507,17 +552,20 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
         analyse(task, out, budget=summary["budget_samples"], targets=[t["target_loss"] for t in summary["targets"]],
                 tag=tag)
         summary = json.loads(path.read_text())
+    sps_now = rates_now(task, summary, out.with_name(out.stem + tag + "_compare_replay.jsonl"))
     by_target = {round(b["target_loss"], 9): b for b in result.get("by_target") or []}
     trials = result.get("trials") or []
     sweep_samples = sum((r.get("steps") or 0) * r["batch_size"] for r in trials)
     sweep_train_s = sum(r.get("train_seconds") or 0 for r in trials)
     rows = []
-    for t in summary["targets"]:
+    for stored in summary["targets"]:
+        t = retimed(stored, sps_now)  # the truth's steps at this machine's clock, as the sweep's were timed
         b = by_target.get(round(t["target_loss"], 9), {})
         pick = b.get("recommendation")
         crit = b.get("critical_batch_size") or {}
         noise = b.get("noise_scale") or {}
         pick_time, how = _pick_time(t, pick, lambda s: spec_lr(spec, s)) if pick else (None, "no pick")
+        stored_time = _pick_time(stored, pick, lambda s: spec_lr(spec, s))[0] if pick else None
         truth = t["fit"]["b_crit"]
         fit = crit.get("fit") or {}
         b_fit = crit.get("from_steps_to_target") or fit.get("b_crit")
@@ -530,6 +578,9 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
                      "exhaustive_best_time_s": t["best_time_s"], "pick": pick and pick["batch_size"],
                      "pick_lr": pick and pick["lr"], "pick_time_s": pick_time, "pick_time_how": how,
                      "time_ratio": pick_time / t["best_time_s"] if pick_time and t["best_time_s"] else None,
+                     "exhaustive_best_stored_rates": stored["best_size"],
+                     "time_ratio_stored_rates": (stored_time / stored["best_time_s"]
+                                                 if stored_time and stored["best_time_s"] else None),
                      "grid_best_ratio": grid_best / t["best_time_s"] if grid_best and t["best_time_s"] else None,
                      "pick_over_grid_best": pick_time / grid_best if pick_time and grid_best else None,
                      "b_crit_truth": truth, "b_crit_truth_interval": [t["fit"]["low"], t["fit"]["high"]],
@@ -539,6 +590,8 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
                      "b_simple_at": noise.get("at_val_loss") if noise else None,
                      "b_simple_over_b_crit": b_simple / truth if b_simple and truth else None})
     share = {"sweep_trials": len(trials), "sweep_samples": sweep_samples,
+             "replay_samples_per_s_now": {str(b): v for b, v in sorted(sps_now.items())},
+             "sweep_samples_per_s": {str(b): v for b, v in sorted(_sweep_rates(task, out, tag).items())},
              "exhaustive_samples": summary["compute"]["samples"],
              "samples_share": sweep_samples / summary["compute"]["samples"],
              "sweep_train_seconds": sweep_train_s,
@@ -576,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--compare: the sweep chooses its own target, and the truth is read at it")
     args = parser.parse_args(argv)
     MIN_STEPS, WARMUP_BUDGET = args.min_steps, args.warmup_budget
+    # one thread, as the sweep it is set against runs (OMP_NUM_THREADS=1; batchtune's prepare() sets torch's
+    # threads from it): a replay on both of CI's cores ran batch 512 at 1.7x the samples/s of one thread
+    os.environ["OMP_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out = args.out or RESULTS / f"ground_truth_{args.task}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
