@@ -394,7 +394,8 @@ def render(summary: dict[str, Any]) -> str:
     for t in summary["targets"]:
         best = t["best_time_s"]
         lines += ["", f"target {t['target_loss']:g}", "",
-                  "| size | lrs run (k) | best k | lr | median steps | seeds crossed | samples/s | time to target (s) | × best |",
+                  "| size | lrs run (k) | best k | lr | median steps | seeds crossed | samples/s "
+                  "| time to target (s) | × best |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for b, v in t["sizes"].items():
             ks = summary["grid"][b]
@@ -521,6 +522,40 @@ def _sweep_rates(task: str, out: Path, tag: str) -> dict[int, float]:
         return {size: rate for size, (rate, _) in size_rates(json.load(f)["trials"]).items()}
 
 
+def _compare_row(stored: dict[str, Any], sps_now: dict[int, float], b: dict[str, Any], rule_lr: Any) -> dict[str, Any]:
+    """One target of a comparison: the sweep's ``b`` (its by_target entry) against the truth's ``stored``
+    target, whose steps are timed at ``sps_now`` (:func:`retimed`)."""
+    t = retimed(stored, sps_now)  # the truth's steps at this machine's clock, as the sweep's were timed
+    pick = b.get("recommendation")
+    crit = b.get("critical_batch_size") or {}
+    noise = b.get("noise_scale") or {}
+    pick_time, how = _pick_time(t, pick, rule_lr) if pick else (None, "no pick")
+    stored_time = _pick_time(stored, pick, rule_lr)[0] if pick else None
+    truth = t["fit"]["b_crit"]
+    fit = crit.get("fit") or {}
+    b_fit = crit.get("from_steps_to_target") or fit.get("b_crit")
+    b_simple = noise.get("b_simple") if isinstance(noise, dict) else None
+    # the fastest cell the sweep's lr bracket can reach: the rule's lr times a power of 2 (k even)
+    grid = [v for size in t["sizes"].values() for k, v in (size.get("time_s_by_k") or {}).items()
+            if v and int(k) % 2 == 0]
+    grid_best = min(grid) if grid else None
+    return {"target_loss": t["target_loss"], "exhaustive_best": t["best_size"],
+            "exhaustive_best_time_s": t["best_time_s"], "pick": pick and pick["batch_size"],
+            "pick_lr": pick and pick["lr"], "pick_time_s": pick_time, "pick_time_how": how,
+            "time_ratio": pick_time / t["best_time_s"] if pick_time and t["best_time_s"] else None,
+            "exhaustive_best_stored_rates": stored["best_size"],
+            "time_ratio_stored_rates": (stored_time / stored["best_time_s"]
+                                        if stored_time and stored["best_time_s"] else None),
+            "grid_best_ratio": grid_best / t["best_time_s"] if grid_best and t["best_time_s"] else None,
+            "pick_over_grid_best": pick_time / grid_best if pick_time and grid_best else None,
+            "b_crit_truth": truth, "b_crit_truth_interval": [t["fit"]["low"], t["fit"]["high"]],
+            "b_crit_sweep": b_fit, "b_crit_sweep_interval": [fit.get("low"), fit.get("high")],
+            "b_crit_ratio": b_fit / truth if b_fit and truth else None,
+            "b_simple": b_simple, "b_simple_band": [noise.get("low"), noise.get("high")] if noise else None,
+            "b_simple_at": noise.get("at_val_loss") if noise else None,
+            "b_simple_over_b_crit": b_simple / truth if b_simple and truth else None}
+
+
 def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides: list[str] | None = None,
             default_target: bool = False) -> int:
     """Run the sweep and set its pick, B_crit, B_simple and compute against the summary's. With
@@ -557,38 +592,9 @@ def compare(task: str, out: Path, *, sweep_samples: int | None = None, overrides
     trials = result.get("trials") or []
     sweep_samples = sum((r.get("steps") or 0) * r["batch_size"] for r in trials)
     sweep_train_s = sum(r.get("train_seconds") or 0 for r in trials)
-    rows = []
-    for stored in summary["targets"]:
-        t = retimed(stored, sps_now)  # the truth's steps at this machine's clock, as the sweep's were timed
-        b = by_target.get(round(t["target_loss"], 9), {})
-        pick = b.get("recommendation")
-        crit = b.get("critical_batch_size") or {}
-        noise = b.get("noise_scale") or {}
-        pick_time, how = _pick_time(t, pick, lambda s: spec_lr(spec, s)) if pick else (None, "no pick")
-        stored_time = _pick_time(stored, pick, lambda s: spec_lr(spec, s))[0] if pick else None
-        truth = t["fit"]["b_crit"]
-        fit = crit.get("fit") or {}
-        b_fit = crit.get("from_steps_to_target") or fit.get("b_crit")
-        b_simple = noise.get("b_simple") if isinstance(noise, dict) else None
-        # the fastest cell the sweep's lr bracket can reach: the rule's lr times a power of 2 (k even)
-        grid = [v for size in t["sizes"].values() for k, v in (size.get("time_s_by_k") or {}).items()
-                if v and int(k) % 2 == 0]
-        grid_best = min(grid) if grid else None
-        rows.append({"target_loss": t["target_loss"], "exhaustive_best": t["best_size"],
-                     "exhaustive_best_time_s": t["best_time_s"], "pick": pick and pick["batch_size"],
-                     "pick_lr": pick and pick["lr"], "pick_time_s": pick_time, "pick_time_how": how,
-                     "time_ratio": pick_time / t["best_time_s"] if pick_time and t["best_time_s"] else None,
-                     "exhaustive_best_stored_rates": stored["best_size"],
-                     "time_ratio_stored_rates": (stored_time / stored["best_time_s"]
-                                                 if stored_time and stored["best_time_s"] else None),
-                     "grid_best_ratio": grid_best / t["best_time_s"] if grid_best and t["best_time_s"] else None,
-                     "pick_over_grid_best": pick_time / grid_best if pick_time and grid_best else None,
-                     "b_crit_truth": truth, "b_crit_truth_interval": [t["fit"]["low"], t["fit"]["high"]],
-                     "b_crit_sweep": b_fit, "b_crit_sweep_interval": [fit.get("low"), fit.get("high")],
-                     "b_crit_ratio": b_fit / truth if b_fit and truth else None,
-                     "b_simple": b_simple, "b_simple_band": [noise.get("low"), noise.get("high")] if noise else None,
-                     "b_simple_at": noise.get("at_val_loss") if noise else None,
-                     "b_simple_over_b_crit": b_simple / truth if b_simple and truth else None})
+    rule_lr = lambda s: spec_lr(spec, s)  # noqa: E731
+    rows = [_compare_row(stored, sps_now, by_target.get(round(stored["target_loss"], 9), {}), rule_lr)
+            for stored in summary["targets"]]
     share = {"sweep_trials": len(trials), "sweep_samples": sweep_samples,
              "replay_samples_per_s_now": {str(b): v for b, v in sorted(sps_now.items())},
              "sweep_samples_per_s": {str(b): v for b, v in sorted(_sweep_rates(task, out, tag).items())},
