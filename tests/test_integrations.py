@@ -42,18 +42,22 @@ def test_hugging_face_trainer_logs_the_noise_scale(tmp_path, accum):
                                           disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     callback = HFCallback(every=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
-    trainer.train()
+    with logged("batchtune.integrations") as said:
+        trainer.train()
+    # the Trainer's AdamW (inside accelerate's wrapper) is judged adaptive: no batch warnings without a ratio
+    assert callback.watch.optimizer_family[0] == "adaptive" and callback.watch.optimizer_family[1].startswith("AdamW")
+    assert len([m for m in said if m.startswith("noise scale: no batch warnings in this run")]) == 1
     flagged = [rec for rec in trainer.state.log_history if "noise_scale/resolved" in rec]
     assert [rec["step"] for rec in flagged] == [2, 4, 6]  # the latest measured step's: a reading, or resolved 0
-    logged = [rec for rec in flagged if rec["noise_scale/resolved"] == 1.0]
-    assert [rec for rec in flagged if "noise_scale/b_simple" in rec] == logged and logged
-    assert all(math.isfinite(rec["noise_scale/b_simple"]) and rec["noise_scale/b_simple"] > 0 for rec in logged)
+    read_logs = [rec for rec in flagged if rec["noise_scale/resolved"] == 1.0]
+    assert [rec for rec in flagged if "noise_scale/b_simple" in rec] == read_logs and read_logs
+    assert all(math.isfinite(rec["noise_scale/b_simple"]) and rec["noise_scale/b_simple"] > 0 for rec in read_logs)
     # noise_scale/high only where the band is bounded: 6 steps of 4 examples often leave it unbounded
     assert all(rec["noise_scale/low"] <= rec["noise_scale/b_simple"] <= rec.get("noise_scale/high", math.inf)
-               for rec in logged)
+               for rec in read_logs)
     read = [h for h in callback.history if h["b_simple"] is not None]  # at 4 examples |G|² can average <= 0
     assert all(("noise_scale/high" in rec) == math.isfinite(h["high"])
-               for rec in logged for h in read if h["step"] == rec["step"])
+               for rec in read_logs for h in read if h["step"] == rec["step"])
     assert [h["step"] for h in callback.history] == [1, 2, 3, 4, 5, 6] and read  # every measured step kept
     assert callback.history[-1]["batch_size"] == 4 * accum and callback.history[-1]["measured_steps"] == 6
     # one micro-batch: the Conv1D layers' 12,576 of 15,840 parameters (not the tied embedding, positions, norms)
@@ -335,6 +339,47 @@ def test_the_batch_warning_needs_the_batch_clearly_above_the_estimate(b_simple, 
                             "fewer samples"]
 
 
+def test_under_an_adaptive_optimizer_the_batch_warnings_wait_for_a_measured_critical_ratio():
+    """Under AdamW B_simple read 0.06-0.2x the critical batch on the ground truths: a Trainer at its fastest batch
+    was told it was past diminishing returns. The watch judges the optimizer at its first step: an adaptive one
+    holds the batch warnings back (said once), unless critical_ratio, the measured B_crit / B_simple, is given;
+    then the batch is set against that multiple of B_simple. SGD keeps B_simple itself."""
+    reading = (42.79, 30.0, 50.0)  # batch 64: 50% above B_simple and above its band
+    param = [torch.nn.Parameter(torch.zeros(2))]
+    held = NoiseScaleWatch(warn_after=1, warn_every=100)
+    held.monitor, held.batch_size = _Scripted(reading), 64
+    with logged("batchtune.integrations") as said:
+        held.judge_optimizer(torch.optim.AdamW(param, lr=1e-3, weight_decay=0.01))
+        held.judge_optimizer(torch.optim.AdamW(param, lr=1e-3))  # once per run
+    assert held.optimizer_family[0] == "adaptive" and len(said) == 1
+    assert said[0].startswith("noise scale: no batch warnings in this run: AdamW keeps exp_avg_sq ∝ grad² (a second "
+                              "moment) over two test steps, an adaptive optimizer")
+    assert _watch_logs(held, 3) == [] and held.warnings == [] and len(held.history) == 3  # readings kept
+
+    sgd = NoiseScaleWatch(warn_after=1, warn_every=100)
+    sgd.monitor, sgd.batch_size = _Scripted(reading), 64
+    sgd.judge_optimizer(torch.optim.SGD(param, lr=0.1, momentum=0.9))
+    assert sgd.optimizer_family[0] == "sgd" and len(_watch_logs(sgd, 3)) == 1 and sgd.warnings == [1]
+
+    measured = NoiseScaleWatch(warn_after=1, warn_every=100, critical_ratio=0.5)  # the critical batch ~21
+    measured.monitor, measured.batch_size = _Scripted(reading), 64
+    measured.judge_optimizer(torch.optim.AdamW(param, lr=1e-3))
+    assert _watch_logs(measured, 3) == ["step 1: batch 64 is 199% above the critical-batch estimate 21.39 "
+                                        "(critical_ratio 0.5 x the noise scale B_simple=42.79) and above its 90% "
+                                        "band (15-25); a smaller batch would likely reach the loss in fewer samples"]
+    ample = NoiseScaleWatch(warn_after=1, warn_every=100, critical_ratio=2)  # ~86: no longer too big, nor small
+    ample.monitor, ample.batch_size = _Scripted(reading), 64
+    ample.judge_optimizer(torch.optim.AdamW(param, lr=1e-3))
+    assert _watch_logs(ample, 3) == [] and ample.warnings == ample.below_warnings == []
+    below = NoiseScaleWatch(warn_after=1, warn_every=100, critical_ratio=10)  # ~428: well above the batch
+    below.monitor, below.batch_size = _Scripted(reading), 64
+    assert _watch_logs(below, 3)[0] == ("step 3: batch 64 is well below the critical-batch estimate 427.9 "
+                                        "(critical_ratio 10 x the noise scale B_simple=42.79): its 90% band (300-500) "
+                                        "has stayed above 2x the batch for 3 readings. It estimates the critical "
+                                        "batch, so a larger batch (up to about 427.9) would likely reach the loss in "
+                                        "fewer steps at little extra cost in samples")
+
+
 def test_the_batch_warnings_follow_the_reading_above_and_below():
     """An outside GPT-2 run at batch 32 was warned at step 22 that 32 was 74% above B_simple=18.38; B_simple then
     grew to 28, 86, 174, 368, unsaid. A warning whose condition clears is withdrawn (info) and re-armed; a batch
@@ -355,7 +400,7 @@ def test_the_batch_warnings_follow_the_reading_above_and_below():
                            "clearly above once more)")
     assert messages[4] == ("step 7: batch 32 is well below the noise scale B_simple=86: its 90% band (70-110) has "
                            "stayed above 2x the batch for 3 readings. B_simple estimates the critical batch, so a "
-                           "larger batch (up to about B_simple) would likely reach the loss in fewer steps at little "
+                           "larger batch (up to about 86) would likely reach the loss in fewer steps at little "
                            "extra cost in samples")
     assert messages[6] == ("step 21: the noise scale B_simple=50 is no longer well above batch 32: the larger-batch "
                            "advice no longer holds")
@@ -474,6 +519,10 @@ def test_hugging_face_says_once_what_clipping_does_under_ddp_and_when_no_step_wa
     ({"warn_every": 0}, "warn_every must be >= 1; found warn_every=0"),
     ({"warn_after": -1}, "warn_after must be >= 0; found warn_after=-1"),
     ({"confidence": 1.0}, "confidence must be in (0, 1); found confidence=1.0"),
+    ({"critical_ratio": 0}, "critical_ratio must be a positive number, the critical batch over B_simple; found "
+                            "critical_ratio=0"),
+    ({"critical_ratio": "10"}, "critical_ratio must be a positive number, the critical batch over B_simple; found "
+                               "critical_ratio='10'"),
 ])
 def test_the_callbacks_refuse_arguments_out_of_range_when_made(make, kwargs, message):
     """every=0 was accepted and only logged "noise scale not measured in this run" when training began."""

@@ -22,7 +22,7 @@ import torch
 
 from batchtune.errors import error_line
 
-__all__ = ["optimizer_call", "optimizer_error", "optimizer_family"]
+__all__ = ["built_optimizer_family", "optimizer_call", "optimizer_error", "optimizer_family"]
 
 # Known adaptive optimizers, for those whose test step raises (a closure, sparse gradients) or whose state
 # shows no gradient scale (Lion's sign update keeps only momentum; Sophia's Hessian is fed elsewhere).
@@ -74,6 +74,31 @@ def optimizer_family(build: Callable[[Any, float], torch.optim.Optimizer]) -> tu
     return ("adaptive" if known else "sgd",
             f"{name} could not take a test step ({error_line(errors[0])}), so its class name decides: "
             + ("a known adaptive optimizer" if known else "not a known adaptive optimizer, SGD-like"))
+
+
+def built_optimizer_family(optimizer: Any) -> tuple[str, str]:
+    """:func:`optimizer_family` of an optimizer already built (a Trainer's), rebuilt from its class and the
+    ``defaults`` its constructor accepts; one wrapped by accelerate (``.optimizer``) or Lightning (``._optimizer``)
+    is unwrapped first. ``("unknown", why)`` where it cannot be rebuilt and its class is not a known adaptive one."""
+    import inspect
+
+    inner = optimizer
+    for _ in range(_MAX_DEPTH):  # an AcceleratedOptimizer inside a LightningOptimizer, say
+        wrapped = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+        if wrapped is None or wrapped is inner or not hasattr(wrapped, "param_groups"):
+            break
+        inner = wrapped
+    cls, defaults = type(inner), dict(getattr(inner, "defaults", None) or {})
+    try:
+        accepted = inspect.signature(cls).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            defaults = {k: v for k, v in defaults.items() if k in accepted}
+        defaults.pop("lr", None)
+        return optimizer_family(lambda params, lr: cls(params, lr=lr, **defaults))
+    except Exception as exc:  # noqa: BLE001 - a constructor that does not take its own defaults back
+        if cls.__name__ in _ADAPTIVE_CLASSES:
+            return "adaptive", f"{cls.__name__}, a known adaptive optimizer (rebuilding it raised {error_line(exc)})"
+        return "unknown", f"{cls.__name__} could not be rebuilt to test ({error_line(exc)})"
 
 
 def _judged(name: str, kinds: dict[str, str | None], over: str) -> tuple[str, str]:

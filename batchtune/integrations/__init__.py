@@ -17,7 +17,8 @@ reading: once its condition clears, the watch says so (info) and warns again at 
 B_simple stands in for the critical
 batch here: McCandlish et al. find B_crit ≈ B_simple up to a factor of a few (B_noise's
 Hessian weighting), so the warning says "you are likely past the point of diminishing
-returns", not a measured B_crit (``batchtune sweep`` measures that).
+returns", not a measured B_crit (``batchtune sweep`` measures that). Under an adaptive optimizer it is not even
+that (:meth:`NoiseScaleWatch.judge_optimizer`): there the batch warnings wait for a measured ``critical_ratio``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class NoiseScaleWatch:
         schedule: a :class:`~batchtune.schedule.BatchSchedule` (or its file, from ``batchtune plan
             --schedule-out``): warn when the samples seen pass a stage that grows the batch and
             this run has not grown.
+        critical_ratio: the critical batch over B_simple, measured (``1 / critical_batch_size.ratio`` of a
+            ``batchtune sweep`` JSON at your target): the batch warnings then compare the batch with this
+            multiple of B_simple. Without it they compare with B_simple itself, and are held back under an
+            adaptive optimizer (:meth:`judge_optimizer`), where B_simple is not the critical batch.
 
     Raises:
         ValueError: an argument out of range, named (checked here: ``every=0`` used to be accepted and
@@ -70,11 +75,18 @@ class NoiseScaleWatch:
 
     def __init__(self, *, every: int | None = None, ema_decay: float = 0.99, confidence: float = 0.9,
                  warn_after: int = 10, warn_every: int = 1000, max_examples: int | None = None,
-                 schedule: Any = None) -> None:
+                 schedule: Any = None, critical_ratio: float | None = None) -> None:
         from batchtune.monitor import _check_arguments
         from batchtune.stats.noise import NoiseScaleEstimator
 
         _check_arguments(every=every, max_examples=max_examples, warn_after=warn_after, warn_every=warn_every)
+        if critical_ratio is not None and not (isinstance(critical_ratio, (int, float))
+                                               and not isinstance(critical_ratio, bool)
+                                               and math.isfinite(critical_ratio) and critical_ratio > 0):
+            raise ValueError(f"critical_ratio must be a positive number, the critical batch over B_simple; found "
+                             f"critical_ratio={critical_ratio!r}")
+        self.critical_ratio = critical_ratio
+        self.optimizer_family: tuple[str, str] | None = None  # (sgd, adaptive or unknown; the evidence), once judged
         NoiseScaleEstimator(ema_decay=ema_decay, confidence=confidence)  # raises naming either when out of range
         self.options = {"every": every, "ema_decay": ema_decay, "confidence": confidence,
                         "max_examples": max_examples}
@@ -112,12 +124,37 @@ class NoiseScaleWatch:
         # steps, had held the second's back (its steps restart below the last warning's); history stays whole
         self._above = self._below = False
         self._below_streak = self._unresolved_streak = 0
+        self.optimizer_family = None  # judged anew: another run may train with another optimizer
         try:
             self.monitor = NoiseScaleMonitor(model, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
                                              world_size=world_size, **self.options)
         except ValueError as error:  # e.g. one backward per step and no Linear layer of its own
             self.monitor = None
             log.warning("noise scale not measured in this run: %s", error)
+
+    def judge_optimizer(self, optimizer: Any, *, rank_zero: bool = True) -> None:
+        """Judge the run's optimizer once (the callbacks call this at its first step): under an adaptive one
+        (Adam-like, :func:`~batchtune.engine.optimizer.built_optimizer_family`) and without ``critical_ratio``,
+        the batch warnings are held back, and it says so once. The simple noise scale is SGD's critical batch;
+        under Adam it is not: on batchtune's AdamW ground truths it read 0.06-0.2x the critical batch that steps
+        to target measure, so a Trainer at the fastest batch was told it was past the point of diminishing
+        returns. The readings are logged all the same."""
+        if self.optimizer_family is not None or optimizer is None:
+            return
+        from batchtune.engine.optimizer import built_optimizer_family
+
+        self.optimizer_family = built_optimizer_family(optimizer)
+        if self._held() and rank_zero:
+            log.warning("noise scale: no batch warnings in this run: %s, an adaptive optimizer, under which the "
+                        "simple noise scale B_simple is not the critical batch (on batchtune's AdamW ground truths it "
+                        "read 0.06-0.2x the critical batch that steps to target measure; on a character LM "
+                        "1.5-2.5x); the readings are logged as before. To be warned, give critical_ratio=, the "
+                        "critical batch over B_simple measured at your loss (1 / critical_batch_size.ratio in a "
+                        "`batchtune sweep --format json` result)", self.optimizer_family[1])
+
+    def _held(self) -> bool:
+        """Whether the batch warnings are held back: an adaptive optimizer and no measured ``critical_ratio``."""
+        return self.critical_ratio is None and (self.optimizer_family or ("",))[0] == "adaptive"
 
     def reshape(self, *, micro_batch_size: int, accum_steps: int, world_size: int) -> None:
         """The coming step's shape, when it may differ from the last (a growing batch, an accumulation schedule).
@@ -181,8 +218,9 @@ class NoiseScaleWatch:
         schedule says grow: the schedule the user chose governs; its grow warning mentions the estimate. A band
         unbounded above (not ``reliable``) never says the batch is too big, but its lower end still says it is
         too small: an outside GPT-2 run's band read 70-inf ... 152-inf at batch 32 for its last 100 steps."""
-        if self._schedule_ahead() is not None or self._on_schedule():
+        if self._held() or self._schedule_ahead() is not None or self._on_schedule():
             return
+        entry = self._scaled(entry)
         self._watch_above(entry)
         self._watch_below(entry)
 
@@ -193,20 +231,20 @@ class NoiseScaleWatch:
         warned at step 22 that 32 was 74% above B_simple=18.38, which then grew to 368, unsaid."""
         if self._above and self.batch_size <= OVER_CRITICAL * entry["b_simple"]:
             self._above = False
-            log.info("step %d: batch %d is no longer more than 20%% above the noise scale B_simple=%.4g (%s band "
-                     "%.4g-%.4g): the smaller-batch warning no longer holds (it is given again if the batch is "
-                     "clearly above once more)", entry["step"], self.batch_size, entry["b_simple"], self._band_name(),
-                     entry["low"], entry["high"])
+            log.info("step %d: batch %d is no longer more than 20%% above %s (%s band %.4g-%.4g): the "
+                     "smaller-batch warning no longer holds (it is given again if the batch is clearly above once "
+                     "more)", entry["step"], self.batch_size, self._named(entry), self._band_name(), entry["low"],
+                     entry["high"])
             return
         due = not self._above or entry["step"] - self.warnings[-1] >= self.warn_every
         if not (self._clearly_above(entry) and due and entry["measured_steps"] >= self.warn_after):
             return
         self._above = True
         self.warnings.append(entry["step"])
-        log.warning("step %d: batch %d is %.0f%% above the noise scale B_simple=%.4g and above its %s band "
-                    "(%.4g-%.4g), the critical-batch estimate; a smaller batch would likely reach the loss in fewer "
-                    "samples", entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
-                    entry["b_simple"], self._band_name(), entry["low"], entry["high"])
+        log.warning("step %d: batch %d is %.0f%% above %s and above its %s band (%.4g-%.4g)%s; a smaller batch would "
+                    "likely reach the loss in fewer samples", entry["step"], self.batch_size,
+                    (self.batch_size / entry["b_simple"] - 1) * 100, self._named(entry), self._band_name(),
+                    entry["low"], entry["high"], "" if self.critical_ratio else ", the critical-batch estimate")
 
     def _watch_below(self, entry: dict[str, Any]) -> None:
         """Advise a larger batch when the band's lower end has stayed above twice the batch for
@@ -216,19 +254,20 @@ class NoiseScaleWatch:
         self._below_streak = self._below_streak + 1 if below else 0
         if self._below and entry["b_simple"] <= UNDER_CRITICAL * self.batch_size:
             self._below = False
-            log.info("step %d: the noise scale B_simple=%.4g is no longer well above batch %d: the larger-batch "
-                     "advice no longer holds", entry["step"], entry["b_simple"], self.batch_size)
+            log.info("step %d: %s is no longer well above batch %d: the larger-batch advice no longer holds",
+                     entry["step"], self._named(entry), self.batch_size)
             return
         due = not self._below or entry["step"] - self.below_warnings[-1] >= self.warn_every
         if not (self._below_streak >= UNDER_READINGS and due and entry["measured_steps"] >= self.warn_after):
             return
         self._below = True
         self.below_warnings.append(entry["step"])
-        log.warning("step %d: batch %d is well below the noise scale B_simple=%.4g: its %s band (%.4g-%.4g) has "
-                    "stayed above %gx the batch for %d readings. B_simple estimates the critical batch, so a larger "
-                    "batch (up to about B_simple) would likely reach the loss in fewer steps at little extra cost in "
-                    "samples", entry["step"], self.batch_size, entry["b_simple"], self._band_name(), entry["low"],
-                    entry["high"], UNDER_CRITICAL, self._below_streak)
+        log.warning("step %d: batch %d is well below %s: its %s band (%.4g-%.4g) has stayed above %gx the batch "
+                    "for %d readings. %s estimates the critical batch, so a larger batch (up to about %.4g) would "
+                    "likely reach the loss in fewer steps at little extra cost in samples", entry["step"],
+                    self.batch_size, self._named(entry), self._band_name(), entry["low"], entry["high"],
+                    UNDER_CRITICAL, self._below_streak, "It" if self.critical_ratio else "B_simple",
+                    entry["b_simple"])
 
     def _note_resolution(self, entry: dict[str, Any]) -> None:
         """Say why there is no reading once :data:`UNRESOLVED_AFTER` measured steps in a row gave none, then every
@@ -258,16 +297,30 @@ class NoiseScaleWatch:
         if stage is None or not due:
             return
         self.grow_warnings.append(step)
-        latest = self.history[-1] if self.history else None
+        latest = self._scaled(self.history[-1]) if self.history else None
         estimate = ""
-        if latest is not None and latest["reliable"] and self._clearly_above(latest):
-            estimate = (f"; the noise scale B_simple={latest['b_simple']:.4g} ({self._band_name()} band "
-                        f"{latest['low']:.4g}-{latest['high']:.4g}) is below this batch, but the schedule you "
-                        "chose governs: no smaller-batch warning while it says to grow")
+        if latest is not None and latest["reliable"] and not self._held() and self._clearly_above(latest):
+            estimate = (f"; {self._named(latest)} ({self._band_name()} band {latest['low']:.4g}-{latest['high']:.4g}) "
+                        "is below this batch, but the schedule you chose governs: no smaller-batch warning while it "
+                        "says to grow")
         log.warning("step %d: the schedule grows the batch to %d (micro-batch %d x %d accumulation, lr %.3g) from "
                     "sample %d; this run is still at %d after %d samples%s", step, stage.batch_size,
                     stage.micro_batch_size, stage.accum_steps, stage.lr, stage.start_samples, self.batch_size,
                     self.samples, estimate)
+
+    def _scaled(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """``entry`` with its estimate and band in critical-batch terms: ``critical_ratio`` times B_simple's (the
+        raw reading kept as ``b_simple_read``); as it is without a ratio."""
+        ratio = self.critical_ratio or 1.0
+        return {**entry, "b_simple_read": entry["b_simple"],
+                **{key: entry[key] * ratio for key in ("b_simple", "low", "high") if entry[key] is not None}}
+
+    def _named(self, entry: dict[str, Any]) -> str:
+        """The estimate a :meth:`_scaled` entry holds, in words."""
+        if not self.critical_ratio:
+            return f"the noise scale B_simple={entry['b_simple']:.4g}"
+        return (f"the critical-batch estimate {entry['b_simple']:.4g} (critical_ratio {self.critical_ratio:g} x the "
+                f"noise scale B_simple={entry['b_simple_read']:.4g})")
 
     def _clearly_above(self, entry: dict[str, Any]) -> bool:
         """More than 20% above the estimate and above its band's upper end."""

@@ -55,7 +55,8 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
     Args:
         every: measure every n-th optimizer step (None: 8).
         **options: the rest of :class:`~batchtune.integrations.NoiseScaleWatch`'s arguments
-            (``ema_decay``, ``confidence``, ``warn_after``, ``warn_every``, ``max_examples``).
+            (``ema_decay``, ``confidence``, ``warn_after``, ``warn_every``, ``max_examples``, ``schedule``,
+            ``critical_ratio``).
 
     Raises:
         ValueError: an argument out of range (``every=0``), named.
@@ -104,6 +105,7 @@ class NoiseScaleCallback(_transformers.TrainerCallback):
                         "clipped); set max_grad_norm=0 for the measurement", args.max_grad_norm)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.watch.judge_optimizer(kwargs.get("optimizer"), rank_zero=state.is_world_process_zero)
         logs = self.watch.step(state.global_step + 1, rank_zero=state.is_world_process_zero)
         if logs is not None:
             self._latest = logs

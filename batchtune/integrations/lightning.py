@@ -112,6 +112,7 @@ class NoiseScaleCallback(_pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._step_open = False
+        self.watch.judge_optimizer(optimizer, rank_zero=trainer.is_global_zero)
         samples = self._step_samples * trainer.world_size or None
         logs = self.watch.step(trainer.global_step + 1, rank_zero=trainer.is_global_zero, samples=samples)
         if logs is not None:  # straight to the loggers: log_dict repeated a reading on every row until the next
