@@ -869,6 +869,8 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],
         "lr_extensions": sw.lr_extensions if sw.lr_search else 0,
         "lr_gap_fills": sw.lr_extensions if sw.lr_search else 0, "lr_rule": spec_rule(spec),
+        # the noise scale stands in for the critical batch only under an SGD-like one (sweep_analysis._critical)
+        "optimizer_family": spec.optimizer.family, "optimizer_evidence": spec.optimizer.family_evidence,
         "lr_refine": sw.lr_search and sw.lr_refine, "reach_factor": sw.reach_factor,
         "reseed_within": sw.reseed_within, "target_noise_slack": NOISE_SLACK, "reach_first": True,
         "base_lrs": {str(c.batch_size): spec_lr(spec, c.batch_size) for c in candidates},

@@ -850,8 +850,12 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
     # bracket's edge fitted 6,991, 90% 1,051–49,551, S_min 7 steps, over sizes up to 512; its own check put B_crit
     # near 1,000–1,200): not adopted, the noise scale is, where reliable
     extrapolated = bool(fit.b_crit) and fit.b_crit > BEYOND_SIZES * max(e["batch_size"] for e in contenders)
-    b_crit = (None if extrapolated else fit.b_crit) or (noise["b_simple"] if _noise_stands(noise, fit, extrapolated,
-                                                                                           contenders) else None)
+    fitted = None if extrapolated else fit.b_crit
+    stands = _noise_stands(noise, fit, extrapolated, contenders)
+    # under an adaptive optimizer B_simple is not the critical batch (0.06-0.2x the steps fit's on the AdamW ground
+    # truths, 1.5-2.5x on a char LM): it stands in for none there, as the plan's law has it
+    held = stands and not fitted and meta.get("optimizer_family") == "adaptive"
+    b_crit = fitted or (noise["b_simple"] if stands and not held else None)
     base = min((e["batch_size"] for e in sizes), default=None)
     for e in sizes:
         e["efficiency"] = efficiency(e["batch_size"], base, b_crit) if b_crit else None
@@ -859,6 +863,7 @@ def _critical(sizes: list[Entry], contenders: list[Entry], meta: dict[str, Any],
         e["goodput"] = (e["samples_per_s"] * e["efficiency"]
                         if e["efficiency"] is not None and e["samples_per_s"] is not None else None)
     critical = _critical_dict(noise, fit, b_crit, extrapolated)
+    critical["noise_held"] = held
     # what the text calls an extrapolation, for a CI script too: B_crit past twice the largest size tried
     critical["beyond_sizes_tried"] = bool(b_crit and sizes and b_crit > 2 * max(e["batch_size"] for e in sizes))
     if noise is None and len(pairs) >= MIN_NOISE_MEASUREMENTS:
@@ -963,13 +968,17 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
         notes.append(f"the noise scale at the target is not resolved (the gradient's mean |G|² is within its noise "
                      f"there), but it is at least ~{count(floor)} (its 90% lower bound), above every size tried: the "
                      "critical batch likely lies above them too")
+    if critical.get("noise_held") and not critical.get("fit_extrapolated"):
+        notes.append(_noise_held_note(critical, meta))
     if critical.get("fit_extrapolated"):
         fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
         noise = critical.get("noise_scale") or {}
         ruled_out = (f"the noise scale's {count(noise['b_simple'])} is under half the interval's lower end, which the "
                      "steps rule out, so " if noise.get("reliable") and noise.get("b_simple") else "")
+        held = (f"an adaptive optimizer's noise scale, {count(noise['b_simple'])}, does not stand in for it, so "
+                if critical.get("noise_held") else "")
         adopted = (f"the noise scale's {count(b_crit)} is used instead" if b_crit else
-                   f"{ruled_out}no critical batch is adopted (goodput and E/Emin are not shown)")
+                   f"{ruled_out}{held}no critical batch is adopted (goodput and E/Emin are not shown)")
         edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
         why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
                "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
@@ -1000,6 +1009,20 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
             "tried)" for e in edged) + f" is at the edge of what {'it' if len(edged) == 1 else 'they'} tried: an lr "
             "beyond it may be faster still, and the ranking with it")
     return notes
+
+
+def _noise_held_note(critical: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Why no critical batch is given where the steps fit gave none and the noise scale, under an adaptive
+    optimizer, does not stand in for it."""
+    noise, fit = critical["noise_scale"], critical.get("fit") or {}
+    why = fit.get("note") or "it did not fit"
+    evidence = f" ({meta['optimizer_evidence']})" if meta.get("optimizer_evidence") else ""
+    return (f"no critical batch is given: the steps-to-target fit measured none ({why}), and the noise scale at the "
+            f"target, B_simple ~{count(noise['b_simple'])}, does not stand in for it under an adaptive "
+            f"optimizer{evidence}: there it is not the critical batch (on batchtune's AdamW ground truths it read "
+            "0.06-0.2x the critical batch that steps to target measure; on a char LM 1.5-2.5x); goodput and E/Emin "
+            "are not shown. More sizes reaching the target in most seeds (sweep.batch_sizes, sweep.samples) let the "
+            "steps fit measure it")
 
 
 def _smallest_won(smallest: int, b_crit: float | None, below: bool, meta: dict[str, Any]) -> list[str]:
@@ -1298,7 +1321,8 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _critical_json(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in ("from_noise_scale", "from_steps_to_target", "ratio", "b_crit", "basis",
-                                  "fit_extrapolated", "beyond_sizes_tried", "definition", "fit", "noise_floor")}
+                                  "fit_extrapolated", "beyond_sizes_tried", "definition", "fit", "noise_floor",
+                                  "noise_held")}
 
 
 @dataclass
