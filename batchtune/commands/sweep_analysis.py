@@ -971,24 +971,7 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
     if critical.get("noise_held") and not critical.get("fit_extrapolated"):
         notes.append(_noise_held_note(critical, meta))
     if critical.get("fit_extrapolated"):
-        fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
-        noise = critical.get("noise_scale") or {}
-        ruled_out = (f"the noise scale's {count(noise['b_simple'])} is under half the interval's lower end, which the "
-                     "steps rule out, so " if noise.get("reliable") and noise.get("b_simple") else "")
-        held = (f"an adaptive optimizer's noise scale, {count(noise['b_simple'])}, does not stand in for it, so "
-                if critical.get("noise_held") else "")
-        adopted = (f"the noise scale's {count(b_crit)} is used instead" if b_crit else
-                   f"{ruled_out}{held}no critical batch is adopted (goodput and E/Emin are not shown)")
-        edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
-        why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
-               "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
-        # the largest size winning is said here too (an outside sweep's 1024 won, and 8192 was 1.8x faster still)
-        won = ranked[0]["batch_size"] == largest and len(sizes) > 1
-        notes.append(f"{'the largest size tried won, and ' if won else ''}the steps-to-target fit puts the critical "
-                     f"batch ({fitted}; S_min {fit['s_min']:.0f} steps) beyond {BEYOND_SIZES}x the largest size that "
-                     f"reached the target: the steps barely bend, so it is an extrapolation, not a reading{why}; "
-                     f"{adopted}; {'a larger batch may reach the target sooner still; ' if won else ''}to measure past "
-                     f"the bend, try {_more(meta, 'max', 4 * largest)}")  # one suggestion of a larger size, not two
+        notes.append(_extrapolated_note(ranked, sizes, critical, meta))
     elif ranked[0]["batch_size"] == largest and len(sizes) > 1 and b_crit and b_crit > 2 * largest:
         notes.append(f"the largest size won and the critical batch (~{count(b_crit)}{band}) lies beyond it, an "
                      f"extrapolation: a larger batch may reach the target sooner still; try "
@@ -1009,6 +992,32 @@ def _notes(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any], me
             "tried)" for e in edged) + f" is at the edge of what {'it' if len(edged) == 1 else 'they'} tried: an lr "
             "beyond it may be faster still, and the ranking with it")
     return notes
+
+
+def _extrapolated_note(ranked: list[Entry], sizes: list[Entry], critical: dict[str, Any],
+                       meta: dict[str, Any]) -> str:
+    """A steps fit beyond :data:`BEYOND_SIZES`× the largest size: why it is not a reading, what stands instead."""
+    fit, b_crit = critical["fit"], critical["b_crit"]
+    largest = max(e["batch_size"] for e in sizes)
+    fitted = f"~{count(fit['b_crit'])}, 90% interval {count(fit.get('low'))}–{count(fit.get('high'))}"
+    noise = critical.get("noise_scale") or {}
+    ruled_out = (f"the noise scale's {count(noise['b_simple'])} is under half the interval's lower end, which the "
+                 "steps rule out, so " if noise.get("reliable") and noise.get("b_simple")
+                 and not critical.get("noise_held") else "")
+    held = (f"an adaptive optimizer's noise scale, {count(noise['b_simple'])}, does not stand in for it, so "
+            if critical.get("noise_held") else "")
+    adopted = (f"the noise scale's {count(b_crit)} is used instead" if b_crit else
+               f"{ruled_out}{held}no critical batch is adopted (goodput and E/Emin are not shown)")
+    edges = [e["batch_size"] for e in ranked if e.get("lr_edge")]
+    why = (f"; the fastest lr of {count(len(edges))} of the {count(len(ranked))} sizes sits at the edge of those "
+           "tried, so their steps may not be their best" if 2 * len(edges) > len(ranked) else "")
+    # the largest size winning is said here too (an outside sweep's 1024 won, and 8192 was 1.8x faster still)
+    won = ranked[0]["batch_size"] == largest and len(sizes) > 1
+    return (f"{'the largest size tried won, and ' if won else ''}the steps-to-target fit puts the critical "
+            f"batch ({fitted}; S_min {fit['s_min']:.0f} steps) beyond {BEYOND_SIZES}x the largest size that "
+            f"reached the target: the steps barely bend, so it is an extrapolation, not a reading{why}; "
+            f"{adopted}; {'a larger batch may reach the target sooner still; ' if won else ''}to measure past "
+            f"the bend, try {_more(meta, 'max', 4 * largest)}")  # one suggestion of a larger size, not two
 
 
 def _noise_held_note(critical: dict[str, Any], meta: dict[str, Any]) -> str:
