@@ -1917,3 +1917,9 @@ def test_a_re_projection_checks_the_spec_file_keeps_the_verification_and_follows
     assert data["verified"]["plans"][pick]["collapsed"] == 1
     assert "the verification kept with that calibration stands beside this projection: it trained this plan to " \
         "this final target" in data["notes"]
+    # a deadline no plan meets: no pick, and the kept verification is said to stand beside none (an outside
+    # re-projection at --deadline 2s was told its verification had 'trained other plans or to another final target')
+    rushed = runner.invoke(app, [*args, "--out", str(run), "--deadline", "0.001s"])
+    assert rushed.exit_code == 1 and json.loads(rushed.stdout)["recommendation"] is None, rushed.output
+    assert (f"the verification kept with that calibration (final target {target:.4g}: {pick} did not reach it) stands "
+            "beside no plan here: this projection recommends none") in json.loads(rushed.stdout)["notes"]

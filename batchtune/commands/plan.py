@@ -291,6 +291,9 @@ def _verification_kept(result: PlanResult, verified: dict[str, Any] | None) -> l
                     "the projection's alone"]
     held = ", ".join(f"{name} {'reached' if v.get('steps') is not None else 'did not reach'} it"
                      for name, v in verified.get("plans", {}).items())
+    if pick is None:  # an outside re-projection at a deadline none met was told the plans verified were 'other'
+        return [f"the verification kept with that calibration (final target {verified.get('target', math.nan):.4g}: "
+                f"{held}) stands beside no plan here: this projection recommends none"]
     return [f"the verification kept with that calibration trained other plans or to another final target "
             f"({verified.get('target', math.nan):.4g}: {held}): it does not answer this projection, which is the "
             "projection's alone"]
