@@ -1728,9 +1728,12 @@ def test_a_critical_batch_that_falls_with_the_loss_near_the_start_is_said_to_be_
     rows = [{"evals": [[0, 0, 0.0, 2.322], [10, 160, 0.1, 2.31]]}] * 3
     (said,) = _unreadable_law_notes(points, rows, [2.31, 2.305, 2.299], 37.2)
     assert said.startswith("the critical batch fell as the loss fell, over its readings taken together (val loss "
-                           "falling: 115 at 2.31, 69 at 2.308, 50 at 2.305, 17 at 2.302, 13 at 2.299), which no law "
-                           "allows: read as noise and held constant, at 37.2; the calibration's targets lie within 1% "
-                           "of the untrained loss (2.322)")  # the constant said (an outside plan's never was)
+                           "falling: 115 at 2.31, 69 at 2.308, 50 at 2.305, 17 at 2.302, 13 at 2.299); the plan's "
+                           "law, B_crit = c·loss^k, lets it grow as the loss falls, as it usually does (the gradient's "
+                           "noise outweighs its shrinking mean), or stay, not fall (a falling reading is noise, or a "
+                           "run whose noise shrinks with the loss, which the projection cannot follow): held "
+                           "constant, at 37.2; the calibration's targets lie within 1% of the untrained loss "
+                           "(2.322)")  # the constant said (an outside plan's never was)
     # the ends alone read as a rise where the middle fell: every reading is named
     (named,) = _unreadable_law_notes([(0.91, 193.0), (0.8, 164.0), (0.6, 161.0), (0.45, 154.0), (0.35, 88.0),
                                       (0.3, 200.0)], rows, [0.91])

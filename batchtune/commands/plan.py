@@ -1559,7 +1559,9 @@ def _unreadable_law_notes(points: list[tuple[float, float]], rows: list[dict[str
         return []
     readings = ", ".join(f"{b:.3g} at {l:.4g}" for l, b in reversed(usable))
     said = (f"the critical batch fell as the loss fell, over its readings taken together (val loss falling: "
-            f"{readings}), which no law allows: read as noise and held constant"
+            f"{readings}); the plan's law, B_crit = c·loss^k, lets it grow as the loss falls, as it usually does "
+            "(the gradient's noise outweighs its shrinking mean), or stay, not fall (a falling reading is noise, or "
+            "a run whose noise shrinks with the loss, which the projection cannot follow): held constant"
             + (f", at {held:.3g}" if held else ""))
     if start := _start_near(rows, targets):
         said += (f"; the calibration's targets lie within {1 - min(targets) / start:.0%} of the untrained loss "
