@@ -203,6 +203,7 @@ class NoiseScaleMonitor:
         self._norms: MicroBatchGradNorms | None = None
         self._local_sq_norm: float | None = None
         self.steps_seen = 0  # optimizer steps seen by step() of a monitor given a module
+        self._folded_at = 0  # ... when the last measured step was folded in
         if self._auto is not None:
             self.batch_sizes = self._auto.batch_sizes
             self._auto.arm_if(self.due(0))
@@ -329,6 +330,8 @@ class NoiseScaleMonitor:
             small, big, batch_sizes = measured
             self._fold(small, big, batch_sizes)
         self.steps_seen += 1
+        if measured is not None:
+            self._folded_at = self.steps_seen
         self._auto.arm_if(self.due(self.steps_seen))
 
     def reading(self) -> MonitorReading:
@@ -344,7 +347,16 @@ class NoiseScaleMonitor:
         narrow = estimate.low is not None and estimate.low > 0 and estimate.high <= WIDE_BAND * estimate.low
         return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)
                                  if f.name != "reliable"}, reliable=estimate.reliable and narrow
-                              and self.coverage >= LOW_COVERAGE, coverage=self.coverage)
+                              and self.coverage >= LOW_COVERAGE and not self.stale, coverage=self.coverage)
+
+    @property
+    def stale(self) -> bool:
+        """Whether the last measured step folded in lies further back than the reading's horizon (``every /
+        (1 - decay per measured step)`` optimizer steps): every step since was skipped, so the reading is of an
+        earlier model, and not ``reliable``. An outside loop that grew its batch without :meth:`set_batch` had
+        768 steps skipped, with warnings, while ``reading()`` still gave its last value as reliable."""
+        horizon = round(self.every / (1.0 - self.estimator.ema_decay))  # 1 / (1 - 0.99) is 99.99999999999991
+        return self._auto is not None and self.measured_steps > 0 and self.steps_seen - self._folded_at > horizon
 
     @property
     def coverage(self) -> float:

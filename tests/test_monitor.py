@@ -226,6 +226,21 @@ def test_a_batch_that_grows_is_read_at_the_size_set_and_skipped_with_a_warning_w
     with pytest.warns(RuntimeWarning, match=r"\[32, 20\].*micro.batch.size.*set_batch\(\)"):
         _loop(model, sample, micro=32, accum=accum, steps=3, monitor=untold)
     assert untold.reading().steps == 0
+    # a reading whose later steps were all skipped goes stale past its horizon (100 steps at ema_decay 0.99): an
+    # outside loop's stayed 'reliable' over 768 skipped steps
+    stale = NoiseScaleMonitor(model, micro_batch_size=16, accum_steps=accum, every=1)
+    _loop(model, sample, micro=16, accum=accum, steps=300, monitor=stale)
+    assert stale.reading().reliable and not stale.stale
+    with pytest.warns(RuntimeWarning):
+        _loop(model, sample, micro=32, accum=accum, steps=100, monitor=stale)
+    assert stale.reading().reliable and stale.reading().steps == 300  # within the horizon: still the recent model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip's warning comes again every 100 skipped steps
+        _loop(model, sample, micro=32, accum=accum, steps=1, monitor=stale)  # the 101st skipped
+    assert stale.stale and not stale.reading().reliable and stale.reading().b_simple is not None
+    stale.set_batch(32)
+    _loop(model, sample, micro=32, accum=accum, steps=1, monitor=stale)
+    assert not stale.stale
 
 
 def test_a_validation_forward_with_grad_enabled_on_another_size_does_not_skip_the_measured_steps():
