@@ -355,9 +355,13 @@ def _checked(data: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         problems.append(("stages", f"must be a non-empty list of stages, got {stages!r}"))
     elif isinstance(stages, list):
         clean["stages"] = [_stage(stage, f"stages[{i}]", problems) for i, stage in enumerate(stages)]
-        problems += _stage_order(clean["stages"], clean["world_size"])
-        problems += _within_the_run(clean)
-        problems += [] if problems else _off_step_boundaries(clean)
+        order = _stage_order(clean["stages"], clean["world_size"])
+        problems += order + _within_the_run(clean)
+        # where the starts and batches are counts in order, whatever else is wrong (an outside file's micro-batch
+        # and its off-step start were said one edit at a time)
+        counted = all(isinstance(st.get(k), int) for st in clean["stages"] for k in ("start_samples", "batch_size"))
+        in_order = not any(key.endswith("start_samples") for key, _ in order)
+        problems += _off_step_boundaries(clean) if counted and in_order else []
     return clean, problems
 
 

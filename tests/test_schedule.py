@@ -32,7 +32,7 @@ def _problems(tmp_path, text: str, name: str = "schedule.yaml") -> list[str]:
 
 # The outside user's hand edits of a second stage (line 7): each loaded and hung, crashed later or raised a
 # raw TypeError; each is now one line with the file, the key path and the line.
-_STAGE_2 = "- {start_samples: 3000, %s}\n"
+_STAGE_2 = "- {start_samples: 3008, %s}\n"
 
 
 @pytest.mark.parametrize("stage,expected", [
@@ -61,11 +61,11 @@ def test_a_stage_or_a_warmup_past_the_runs_end_and_a_duplicate_key_are_named(tmp
     """They loaded: a stage at 9,000 of a 6,000-sample run never applied, a warmup of 99,999 left the lr at 6%
     of its value to the end, and a duplicate key was named stages.1.lr where the others say stages[1].lr."""
     text = (_HEAD.replace("warmup_samples: 100", "warmup_samples: 99999") + _FIRST
-            + "- start_samples: 9000\n  batch_size: 64\n  micro_batch_size: 64\n  accum_steps: 1\n  lr: 0.02\n"
+            + "- start_samples: 9008\n  batch_size: 64\n  micro_batch_size: 64\n  accum_steps: 1\n  lr: 0.02\n"
               "  lr: 1e400\n")
     assert _problems(tmp_path, text) == [
         "FILE:3: warmup_samples: 99999 is not less than the run's 6000 samples (total_samples)",
-        "FILE:7: stages[1].start_samples: starts at 9000, past the run's 6000 samples",
+        "FILE:7: stages[1].start_samples: starts at 9008, past the run's 6000 samples",
         "FILE:12: stages[1].lr: duplicate key (the later value would silently win)",
         "FILE:12: stages[1].lr: must be a positive, finite number, got '1e400'"]
 
@@ -138,6 +138,11 @@ def test_a_stage_that_starts_inside_a_step_is_named_with_the_steps_around_it(tmp
         "242 and 306 samples"]
     aligned = _load(tmp_path, text.replace("start_samples: 50,", "start_samples: 72,"))  # 264 = 72 + 3 x 64
     assert [s.start_samples for s in aligned.stages] == [0, 72, 264]
+    # said beside another stage's problem, not one edit later (an outside file's micro-batch 60 and its start)
+    both = _problems(tmp_path, text.replace("micro_batch_size: 32, accum_steps: 1", "micro_batch_size: 30, "
+                                            "accum_steps: 1"))
+    assert len(both) == 3 and both[1].startswith("FILE:8: stages[2].batch_size: 32 is not micro-batch 30 × 1")
+    assert both[0].startswith("FILE:7: stages[1].start_samples: 50 is not where a step starts")
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
