@@ -1926,3 +1926,26 @@ def test_a_re_projection_checks_the_spec_file_keeps_the_verification_and_follows
     assert rushed.exit_code == 1 and json.loads(rushed.stdout)["recommendation"] is None, rushed.output
     assert (f"the verification kept with that calibration (final target {target:.4g}: {pick} did not reach it) stands "
             "beside no plan here: this projection recommends none") in json.loads(rushed.stdout)["notes"]
+
+
+def test_a_ratio_read_where_every_size_trained_at_one_lr_is_not_carried_below_the_targets():
+    """An outside autoencoder's 32, 64 and 128 were all fastest at lr 0.12 (the largest stable one): 14-20 steps to
+    its early targets whatever the batch, B_crit 4.2 against a noise scale of 27. That ratio, 0.26, carried down to
+    its loss of 0.05 put B_crit at 3.3, where its own sweep measured 23: the steps measured the lr's cap."""
+    import pandas as pd
+
+    from batchtune.commands.plan import _capped_notes, _one_lr
+
+    def target(*lrs: float) -> dict:
+        return {"summary": pd.DataFrame([{"batch_size": 32 << i, "lr": lr, "steps_to_target": 15.0 - i}
+                                         for i, lr in enumerate(lrs)])}
+
+    assert _one_lr(target(0.12, 0.12, 0.12)) == 0.12
+    assert _one_lr(target(0.03, 0.06, 0.12)) is None  # scaled with the batch: a ratio to carry
+    assert _one_lr(target(0.12, 0.12)) is None  # two sizes say little
+    (said,) = _capped_notes([("1.642", 0.12), ("1.443", 0.12)], others=False)
+    assert said.startswith("at val loss 1.642, 1.443 every calibrated size was fastest at one lr (0.12): the lr did "
+                           "not grow with the batch there")
+    assert said.endswith("carried below the targets: B_simple is taken as it is (the critical batch as the noise "
+                         "scale, within the factor of a few McCandlish et al. find under SGD)")
+    assert _capped_notes([], others=True) == []

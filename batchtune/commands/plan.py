@@ -1466,7 +1466,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
     from batchtune.commands.sweep_analysis import analyse
 
     analysis = analyse(rows, {**meta, "target_loss": result.targets})
-    points, ratios, beyond = [], [], []
+    points, ratios, beyond, capped = [], [], [], []
     fitted = any(t["critical"]["from_steps_to_target"] for t in analysis.by_target)
     largest = max((r["batch_size"] for r in rows if r["fits"]), default=0)
     for t in analysis.by_target:
@@ -1485,8 +1485,11 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         if b_crit:
             points.append((t["target_loss"], b_crit))
         if c["from_steps_to_target"] and c["from_noise_scale"]:
-            ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
-    result.notes += _beyond_notes(beyond, largest)
+            if (one := _one_lr(t)) is not None:  # the steps measured that lr's cap, not the gradient's noise
+                capped.append((key, one))
+            else:
+                ratios.append(c["from_steps_to_target"] / c["from_noise_scale"])
+    result.notes += _beyond_notes(beyond, largest) + _capped_notes(capped, bool(ratios))
     if beyond:
         result.laws["beyond_sizes"] = [key for key, *_ in beyond]  # the targets whose reading was left out
     ratio = statistics.median(ratios) if ratios else 1.0
@@ -1495,7 +1498,7 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
             result.critical_batch_by_loss[f"{loss:.4g}"] = ratio * b_simple
             points.append((loss, ratio * b_simple))
         result.laws["noise_to_critical_ratio"] = ratio
-        if not ratios:
+        if not ratios and not capped:  # else the capped note says why B_simple is taken as it is
             result.notes.append(_simple_only_note(fitted, adaptive))
     result.laws["simple_only"] = bool(adaptive and not fitted)  # nothing measured B_crit: no plan is recommended
     law = fit_critical_law(points)
@@ -1506,6 +1509,33 @@ def _critical_law(result: PlanResult, rows: list[dict[str, Any]], meta: dict[str
         # fell near the start: no plan is recommended (an outside GRU's pick took 16x the steps it was projected)
         result.laws["unreadable"] = bool(unreadable) and _start_near(rows, result.targets) is not None
     return law
+
+
+def _one_lr(target: dict[str, Any]) -> float | None:
+    """The lr every size that reached ``target`` (an analysis' by_target entry) was fastest at, where it is one and
+    the same (within 1%) over three or more sizes: the lr is capped (the largest stable one, say), not scaled with
+    the batch, so the steps to the target measure the cap, and the critical batch they fit is not the noise's. An
+    outside autoencoder's 32, 64 and 128 were all fastest at lr 0.12 and took 14-20 steps to its early targets: B_crit
+    4.2 there against a noise scale of 27, a ratio of 0.26 that, carried down to its loss of 0.05, put B_crit at 3.3
+    where its own sweep measured 23."""
+    lrs = [r["lr"] for r in target["summary"].to_dict("records")
+           if r.get("steps_to_target") is not None and math.isfinite(r["steps_to_target"]) and r.get("lr")]
+    return lrs[0] if len(lrs) >= 3 and max(lrs) <= 1.01 * min(lrs) else None
+
+
+def _capped_notes(capped: list[tuple[str, float]], others: bool) -> list[str]:
+    """The targets whose B_crit/B_simple is not carried below them (:func:`_one_lr`), said once."""
+    if not capped:
+        return []
+    where = ", ".join(key for key, _ in capped)
+    lrs = ", ".join(dict.fromkeys(f"{lr:.3g}" for _, lr in capped))
+    instead = ("the other targets' ratio is" if others else
+               "B_simple is taken as it is (the critical batch as the noise scale, within the factor of a few "
+               "McCandlish et al. find under SGD)")
+    return [f"at val loss {where} every calibrated size was fastest at one lr ({lrs}): the lr did not grow with the "
+            "batch there (the largest stable lr, say), so the steps to those targets measure that cap, not the "
+            "gradient's noise; their critical batch stands at those losses, but its ratio to the noise scale is not "
+            f"carried below the targets: {instead}"]
 
 
 def _beyond_notes(beyond: list[tuple[str, float, str | None]], largest: int) -> list[str]:
