@@ -115,6 +115,14 @@ def test_a_batch_above_the_baseline_s_ceiling_says_what_fits_and_the_accumulatio
                                                "batch size 387: --accum-steps 2 (256×2) fits within it")
         else:  # another device's ceiling says nothing of this one's
             assert figures == dict.fromkeys(figures) and "batchtune probe" in check_reason(fits)
+    # accumulating, each micro-batch runs beside the gradients held so far: the sweep's safe micro-batch for that
+    # (an outside check's advice of 111x4, the plain safe size, failed its own fits at 9.5% free)
+    meta = json.loads((folder.parent / "here" / "meta.json").read_text())
+    (folder.parent / "here" / "meta.json").write_text(json.dumps({**meta, "accum_safe_batch_size": 250}))
+    fits = run_check(spec, batch_size=512, baseline=folder.parent / "here").check("fits")
+    assert (fits.figures["suggest_accum_steps"], fits.figures["suggest_micro_batch_size"]) == (4, 128)
+    assert check_reason(fits).endswith("safe batch size 387 (accumulating, 250 beside the gradients held between "
+                                       "micro-batches): --accum-steps 4 (128×4) fits within it")
 
 
 def test_a_model_whose_own_weights_do_not_fit_fails_fits_and_exits_1_with_json_and_junit(write_spec, tmp_path):

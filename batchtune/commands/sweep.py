@@ -864,6 +864,8 @@ def _plan(spec: Any, components: Any, backend: Any, dist: Any,
         "candidates": [{k: v for k, v in c.to_dict().items() if k != "world_size"} for c in candidates],
         "excluded": {str(k): v for k, v in excluded.items()},
         "ceiling": ceiling, "safe_batch_size": safe, "samples": samples, "min_steps": sw.min_steps,
+        # the safe micro-batch beside the gradients an accumulated step holds (check's --accum-steps advice)
+        "accum_safe_batch_size": accum,
         "sizes_given": bool(sw.batch_sizes), "train_samples": n_train,
         "seeds": [spec.seed + i for i in range(sw.seeds)],
         "lr_multipliers": sorted(set(sw.lr_multipliers)) if sw.lr_search else [1.0],

@@ -58,7 +58,9 @@ def _what_fits(f: dict[str, Any]) -> str:
     probed = f"; on this device the baseline sweep's probe found {ceiling}safe batch size {count(safe)}"
     if k is None:
         return probed
-    return f"{probed}: --accum-steps {k} ({f['suggest_micro_batch_size']}×{k}) fits within it"
+    held = (f" (accumulating, {count(f['accum_safe_batch_size'])} beside the gradients held between micro-batches)"
+            if f.get("accum_safe_batch_size") else "")
+    return f"{probed}{held}: --accum-steps {k} ({f['suggest_micro_batch_size']}×{k}) fits within it"
 
 
 def _weights(f: dict[str, Any]) -> str:
