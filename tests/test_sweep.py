@@ -1874,3 +1874,22 @@ def test_a_noise_scale_not_resolved_at_the_target_says_its_lower_bound():
     assert f"at least ~{count(c['noise_floor'])} (its 90% lower bound), above every size tried" in said
     assert f"noise scale not resolved at the target, at least ~{count(c['noise_floor'])}" in render_sweep(result,
                                                                                                             "table")
+
+
+def test_a_noise_scale_band_wider_than_ten_times_is_not_reliable_nor_said_to_check_the_fit():
+    """An outside sweep's B_simple 66 (90% band 31-2,504) was 'reliable' in its JSON, and the report said the two
+    estimates 'differ by a factor 1.07', as if the noise scale confirmed the steps fit; the band's tokens (2,377) were
+    printed before it, so the band read as tokens."""
+    from batchtune.commands.sweep_analysis import _noise_at_target
+    from batchtune.render.sweep import _critical_lines
+
+    pairs = [(0.2, 60.0), (2.5, 70.0), (0.05, 50.0), (1.8, 66.0), (0.1, 64.0), (1.2, 58.0)]
+    noise = _noise_at_target([{"crossings": [(10, 1.0)]}], pairs, 0.5, 36)
+    assert noise["high"] > 10 * noise["low"] > 0 and not noise["reliable"]  # 36-441: bounded, but 12x wide
+    c = {"noise_scale": noise, "fit": {"b_crit": 61.0, "low": 31.0, "high": 149.0, "s_min": 40.0, "sizes": 4},
+         "from_noise_scale": noise["b_simple"], "from_steps_to_target": 61.0, "ratio": noise["b_simple"] / 61.0,
+         "b_crit": 61.0, "basis": "steps-to-target fit", "definition": "D"}
+    lines = _critical_lines(c)
+    assert "noise scale B_simple 63 (90% band 36–441, too wide to rely on; 2,265 in tokens) at val loss 0.5" in lines[0]
+    assert lines[1] == ("  the noise scale's band is too wide to check the steps fit against; goodput and E/Emin use "
+                        "the steps-to-target fit")

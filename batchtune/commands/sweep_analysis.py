@@ -832,7 +832,10 @@ def _noise_at_target(pool: list[Entry], pairs: list[tuple[float, float]], target
     est = pooled_noise_scale(pairs)
     if est.b_simple is None:
         return None
-    return {"b_simple": est.b_simple, "low": est.low, "high": est.high, "reliable": est.reliable,
+    # reliable as batchtune noise and the monitor have it: bounded, above 0 and at most WIDE_BAND wide (an outside
+    # sweep's 31-2,504 was 'reliable' beside a steps fit it was said to agree with)
+    reliable = est.reliable and (est.low or 0) > 0 and est.high <= WIDE_BAND * est.low
+    return {"b_simple": est.b_simple, "low": est.low, "high": est.high, "reliable": reliable,
             "at_val_loss": target, "measurements": est.steps, "trials": sum(c is not None for e in pool
                                                                             for c in e["crossings"]),
             "tokens": est.b_simple * tokens_per_sample if tokens_per_sample > 1 else None,

@@ -58,11 +58,13 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
     else:
         steps = f"no steps-to-target estimate ({fit.get('note', 'not measured')})"
     if noise:
-        tokens = f", {noise['tokens']:,.0f} tokens" if noise.get("tokens") else ""
+        # the tokens after the band: before it, the band (in samples) read as tokens to an outside user
+        tokens = f"; {noise['tokens']:,.0f} in tokens" if noise.get("tokens") else ""
         high = noise["high"]
         top = "unbounded: unreliable" if high is None or math.isinf(high) else count(high)
-        noisy = (f"noise scale B_simple {count(noise['b_simple'])}{tokens} (90% band {count(noise['low'])}–"
-                 f"{top}) at val loss {noise['at_val_loss']:.4g}, from {noise['measurements']} measurements "
+        wide = "" if noise.get("reliable") or top.startswith("unbounded") else ", too wide to rely on"
+        noisy = (f"noise scale B_simple {count(noise['b_simple'])} (90% band {count(noise['low'])}–{top}{wide}"
+                 f"{tokens}) at val loss {noise['at_val_loss']:.4g}, from {noise['measurements']} measurements "
                  f"around the crossings of {noise['trials']} trials")
     elif c.get("noise_floor"):
         noisy = f"noise scale not resolved at the target, at least ~{count(c['noise_floor'])} (90% lower bound)"
@@ -70,11 +72,16 @@ def _critical_lines(c: dict[str, Any]) -> list[str]:
         noisy = "no reliable noise-scale estimate"
     lines = [f"critical batch size: {steps}; {noisy}"]
     if noise and noise.get("reliable") and not c.get("b_crit") and not c.get("fit_extrapolated"):
-        steps = (f"the steps show no bend up to {count(fit['above'])}, more than twice it" if fit.get("above") else
+        steps = ("under an adaptive optimizer it is not the critical batch (see the notes)" if c.get("noise_held") else
+                 f"the steps show no bend up to {count(fit['above'])}, more than twice it" if fit.get("above") else
                  f"the steps did not fall from {count(fit['below'])}, less than half it" if fit.get("below") else
                  "the two sizes' steps put the critical batch at more than twice it")
         lines.append(f"  the noise scale is not adopted: {steps}; goodput and E/Emin are not shown")
-    if c.get("ratio"):
+    if c.get("ratio") and noise and not noise.get("reliable"):  # an outside 31-2,504 read as confirming the fit
+        lines.append(f"  the noise scale's band is too wide to check the steps fit against; "
+                     + (f"goodput and E/Emin use the {c['basis']}" if c.get("basis")
+                        else "neither is adopted: goodput and E/Emin are not shown"))
+    elif c.get("ratio"):
         lines.append(f"  the two estimates differ by a factor {max(c['ratio'], 1 / c['ratio']):.2f} "
                      f"(noise scale / steps fit = {c['ratio']:.2f}); "
                      + (f"goodput and E/Emin use the {c['basis']}" if c.get("basis")
