@@ -639,7 +639,7 @@ def test_an_extrapolated_lr_stays_below_one_that_diverged_in_the_sweep():
     base.result["critical_batch_size"] = {"from_steps_to_target": 40.0, "b_crit": 40.0, "fit": {}}
     lr, why = base.fastest_lr(256, job, 0.08)
     assert lr == pytest.approx(0.04)  # the rule's x2 at 64, where its growth stopped
-    assert "its growth by the linear rule held at batch 64, past the baseline's critical batch (~40): the best lr " \
+    assert "its growth by the linear rule stopped at batch 64, past the baseline's critical batch (~40): the best lr " \
            "stops growing with the batch there (the rule gives 0.16)" in why
     base.result["critical_batch_size"] = {"from_steps_to_target": 400.0, "b_crit": 400.0, "fit": {}}
     assert base.fastest_lr(256, job, 0.08)[0] == pytest.approx(0.16)  # below the critical batch: the rule's

@@ -1533,6 +1533,8 @@ def test_trials_that_spend_most_of_their_time_outside_training_say_what_shortens
         "measurement: a smaller sweep.eval_samples (the validation subset) or sweep.evals_per_doubling shortens the "
         "sweep without changing what the training steps measure"]
     assert overhead_notes([{"train_seconds": 40.0, "seconds": 61.0}]) == []  # the ground truths': 1.4-2.2x
+    # an outside CPU Transformer's sweep: 3.5x, ten minutes for three of training, unsaid at 4x
+    assert overhead_notes([{"train_seconds": 170.0, "seconds": 600.0}])[0].startswith("the trials took 3.5x")
     assert overhead_notes([{"train_seconds": 1.0, "seconds": 30.0}]) == []  # under a minute: not worth a note
 
 

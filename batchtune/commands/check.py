@@ -368,8 +368,11 @@ class Baseline:
         if batch_size <= cap:
             return lr, why
         held = lr * scale_lr(1.0, batch_size, cap, rule)
-        return held, (f"{why}; its growth by the {rule} rule held at batch {cap}, past the baseline's critical batch "
-                      f"(~{b_crit:,.0f}): the best lr stops growing with the batch there (the rule gives {lr:.3g})")
+        # 'stopped', not 'held': beside the sweep's "the sqrt lr rule held at no size" an outside user read it as
+        # the rule holding
+        return held, (f"{why}; its growth by the {rule} rule stopped at batch {cap}, past the baseline's critical "
+                      f"batch (~{b_crit:,.0f}): the best lr stops growing with the batch there (the rule gives "
+                      f"{lr:.3g})")
 
     def _below_divergence(self, lr: float, why: str, top: int) -> tuple[float, str]:
         """``lr`` for a size past the largest ranked one, ``top``, held below the least lr that diverged at ``top``
