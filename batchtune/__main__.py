@@ -22,7 +22,7 @@ def _early_interrupt(args: list[str]) -> None:
 
     said = "interrupted: before the command began"
     if asks_json(args):
-        print(json.dumps({"error": said, "exit_code": 130}))
+        print(json.dumps({"status": "interrupted", "error": said, "exit_code": 130}))
     else:
         print(said, file=sys.stderr)
     raise SystemExit(130)

@@ -168,7 +168,9 @@ def _json_error(message: str | None, code: int, fmt: str | None) -> None:
     alone, and never after a result (a partial one included) went there: stdout stays one JSON document."""
     if fmt == "json" and _rank0() and not _STDOUT["shown"]:
         code = interrupted_exit_code() if code == 130 else code  # main exits 143 for a SIGTERM's 130: say so
-        typer.echo(json.dumps({"error": message or f"exit code {code}", "exit_code": code}))
+        # a status beside it, as a check's result has one: a parser reading it met none (an outside CI script)
+        status = "interrupted" if code in (130, 143) else "error"
+        typer.echo(json.dumps({"status": status, "error": message or f"exit code {code}", "exit_code": code}))
         _STDOUT["shown"] = True
 
 

@@ -41,7 +41,7 @@ def test_bad_input_under_format_json_writes_the_error_as_json_to_stdout(write_sp
         result = runner.invoke(app, [a.replace("{spec}", spec) for a in args] + form + ["-q"])
         assert result.exit_code == 2, result.output
         error = json.loads(result.stdout)
-        assert set(error) == {"error", "exit_code"} and error["exit_code"] == 2
+        assert set(error) == {"status", "error", "exit_code"} and (error["status"], error["exit_code"]) == ("error", 2)
         assert error["error"].startswith(said.replace("{spec}", spec)), error
         assert result.stderr.strip().endswith(error["error"].splitlines()[-1].strip())  # the same words, said there
     assert runner.invoke(app, [a.replace("{spec}", spec) for a in args] + ["-q"]).stdout == ""  # a table: none
@@ -220,7 +220,8 @@ def test_every_command_lists_import_problems_beside_key_problems_as_validate_doe
     assert result.exit_code == 2 and result.stderr == said and "Traceback" not in result.output
     if command == "check":  # and in its JSON error object
         result = runner.invoke(app, [command, str(path), "--format", "json"])
-        assert result.exit_code == 2 and json.loads(result.stdout) == {"error": said[len("error: "):].strip(),
+        assert result.exit_code == 2 and json.loads(result.stdout) == {"status": "error",
+                                                                       "error": said[len("error: "):].strip(),
                                                                        "exit_code": 2}
 
 
@@ -470,7 +471,8 @@ def test_ctrl_c_while_the_cli_imports_is_an_interrupt_not_a_traceback(monkeypatc
     with pytest.raises(SystemExit) as stop:
         entry.run()
     assert stop.value.code == 130
-    assert json.loads(capsys.readouterr().out) == {"error": "interrupted: before the command began", "exit_code": 130}
+    assert json.loads(capsys.readouterr().out) == {"status": "interrupted", "error": "interrupted: before the command "
+                                                   "began", "exit_code": 130}
     monkeypatch.setattr(sys, "argv", ["batchtune", "sweep", "spec.yaml"])
     with pytest.raises(SystemExit):
         entry.run()

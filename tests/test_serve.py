@@ -280,7 +280,7 @@ def test_an_interrupted_serve_shows_the_sizes_timed_marked_partial_and_exits_130
                               "20", "-q", "--format", "json"])
     said = "interrupted: before the first batch size was timed: nothing to show"
     assert out.exit_code == 130, out.output  # batchtune.cli.main makes it 143, which the CliRunner does not run
-    assert json.loads(out.stdout) == {"error": said, "exit_code": 143}  # JSON for a pipeline
+    assert json.loads(out.stdout) == {"status": "interrupted", "error": said, "exit_code": 143}  # for a pipeline
     assert out.stderr.strip() == said
 
 
