@@ -1118,6 +1118,18 @@ def test_schedule_out_holds_the_plan_the_verification_says_to_use(tmp_path, monk
     assert name == f"batchtune plan for quickstart-mlp: {use}, 60000 samples"
     assert target.startswith(f"final target val loss {data['final_target']:.4g}")
     assert verified == "verification: reached the final target in 1/1 runs, at step 100 (5.0 s of training; median)"
+    assert data["schedule_path"] == str(out)
+    # a verification stopped before it ended leaves no file (an outside one left the unverified pick there, saying
+    # 'being verified'); the folder's plan.json keeps the projection, and the same command continues
+    out.unlink()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "verify_plan", stopped)
+    again = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert again.exit_code == 130 and not out.exists(), again.output
+    assert (tmp_path / "run" / "plan.json").exists()
 
 
 def test_a_verified_plan_that_did_clearly_better_than_the_pick_is_named():

@@ -229,10 +229,11 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     folder = RunFolder(result.calibration["run_dir"])
 
     def write() -> None:
-        if schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
+        if schedule_out is not None and result.recommendation is not None and verify and reproject is None:
+            pass  # written once the verification says which plan to use: a stopped one left the unverified pick
+        elif schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
             pick = result.recommendation["plan"]
-            said = _file_notes(result, pick, "not verified (--verify trains it over the whole run)" if not verify
-                               else "being verified: this file is written again when --verify ends")
+            said = _file_notes(result, pick, "not verified (--verify trains it over the whole run)")
             result.schedule_path = str(_schedule_artifact(result, _plan_stages(result, pick), said).save(schedule_out))
         elif schedule_out is not None:
             why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
@@ -326,6 +327,7 @@ def _write_verified(result: PlanResult, schedule_out: Path | str, dist: Any) -> 
     use = result.verified["use"]
     said = _file_notes(result, use, _verified_text(result.verified["plans"][use], result.verified["target"]))
     dist.on_main(lambda: _schedule_artifact(result, _plan_stages(result, use), said).save(schedule_out))
+    result.schedule_path = str(Path(schedule_out))
     if use != result.recommendation["plan"]:
         result.notes.append(f"--schedule-out: {schedule_out} holds {use}, the verified better plan, not the "
                             f"projection's pick, {result.recommendation['plan']}")
