@@ -22,7 +22,6 @@ For each target loss:
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere"
 MOST = 0.5  # a size qualifies when more than this share of its seeds reach the target
 NOISE_WINDOW = 1.5  # B_simple pools the measurements within [c / 1.5, c × 1.5] of each crossing step c
 MIN_NOISE_MEASUREMENTS = 4
-BOOTSTRAP = 1000
 DEFAULT_TARGET_SHARE = 2 / 3  # the default target is the lowest loss this share of the sizes reaches
 NOISE_SLACK = 2.0  # ... raised by this many times the validation curves' noise (:func:`default_target`)
 KEEP_LR = 1.25  # an lr within this factor of a size's fastest (on the first seed) runs the other seeds too
@@ -166,11 +164,16 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> Analysis:
     if seeds == 1:  # an outside sweep.seeds: 1 showed intervals of zero width
         notes.append("one seed: the times have no interval over seeds, so no tie within seed noise can be told and a "
                      f"ranking gap of a few percent may be noise; {more}")
+    elif seeds in (3, 4):  # an outside sweep's three seeds at 16 took 107-165 steps; seven took 113-187, median 163
+        five = more if planned > seeds else "sweep.seeds 5 or more gives intervals that hold it 90% of the time"
+        notes.append(f"{('three', 'four')[seeds - 3]} seeds: each interval is the range of the seeds' times, which "
+                     f"holds the median of many seeds {median_coverage(seeds):.0%} of the time, not 90%: a gap "
+                     f"between sizes a little past their intervals may still be seed noise; {five}")
     elif seeds == 2:  # an outside sweep read '0.08–0.08' from seeds at 80 and 83 steps
-        notes.append("two seeds: each interval is the range of the two seeds' times (the bootstrap of two values), not "
-                     "a measured 90% interval; close seeds give a narrow range where more seeds spread wider (five of "
-                     "an outside 512 took 93–148 steps where its two took 80 and 83), so a tie read from it may be "
-                     f"missed; {more}")
+        notes.append("two seeds: each interval is the range of the two seeds' times, which holds the median of many "
+                     "seeds 50% of the time, not 90%; close seeds give a narrow range where more seeds spread wider "
+                     "(five of an outside 512 took 93–148 steps where its two took 80 and 83), so a tie read from it "
+                     f"may be missed; {more}")
     if len(by_target) > 1:
         notes.append(_growth_note(by_target))
         if last["target_loss"] != min(targets):  # the headline is the last target given, not the lowest
@@ -288,13 +291,22 @@ def _median_start(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(starts) if starts else None
 
 
-def _bootstrap_median(values: list[float], seed: int = 0) -> tuple[float, float]:
-    """90% bootstrap interval of the median over seeds (inf stands for a seed that never crossed)."""
-    if len(values) == 1:
-        return values[0], values[0]
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP))
-    return medians[int(0.05 * (BOOTSTRAP - 1))], medians[int(0.95 * (BOOTSTRAP - 1))]
+def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float]:
+    """The distribution-free interval of the median over seeds (inf stands for a seed that never crossed): the
+    order statistics x(k) and x(n+1-k) with the largest k whose coverage, 1 - 2 P(Binomial(n, 1/2) < k), is at
+    least ``confidence``, else the range (k = 1). A bootstrap of the median read [x(2), x(5)] of six seeds, which
+    holds the median of many seeds 78% of the time, not 90%, and the midpoints of four's; the range of three holds
+    it 75% of the time (:func:`median_coverage`), said in a note."""
+    ordered = sorted(values)
+    n, k = len(ordered), 1
+    while k + 1 <= (n + 1) // 2 and median_coverage(n, k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def median_coverage(n: int, k: int = 1) -> float:
+    """How often [x(k), x(n+1-k)] of ``n`` seeds holds the median of many: 1 - 2 P(Binomial(n, 1/2) < k)."""
+    return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2**n
 
 
 def _at_target(e: Entry, target: float) -> Entry:
@@ -309,7 +321,7 @@ def _at_target(e: Entry, target: float) -> Entry:
     steps = [c[0] if c else math.inf for c in crossings]
     reached = sum(c is not None for c in crossings)
     qualifies = reached > MOST * len(crossings)
-    low, high = _bootstrap_median(seconds) if qualifies else (None, None)
+    low, high = median_interval(seconds) if qualifies else (None, None)
     return {**e, "seeds": len(crossings), "reached": f"{reached}/{len(crossings)}", "reached_count": reached,
             "qualifies": qualifies,
             "seed_steps": [s for s in steps if math.isfinite(s)], "crossings": crossings,
@@ -1253,15 +1265,22 @@ def _runner_up_sentence(ranked: list[Entry]) -> str | None:
         # every size tied with the pick, not the runner-up alone (an outside report named 512 where 512 and 256 tied)
         more = [f"{_fmt_size(e)} ({format_seconds(e['seconds_to_target'])} s)" for e in ranked[2:] if e["tie"]]
         return (f"Runner-up {_fmt_size(run)} ties with it within seed noise "
-                f"({format_seconds(run['seconds_to_target'])} s, 90% interval {_span(run)} s against {_span(win)} s)"
+                f"({format_seconds(run['seconds_to_target'])} s, {_coverage(run)} interval {_span(run)} s against "
+                f"{_span(win)} s)"
                 + (f", and so {'does' if len(more) == 1 else 'do'} {', '.join(more)}" if more else "")
                 + "; a tie goes to the size more seeds reached the target with, then to the lower median")
     return (f"Runner-up {_fmt_size(run)} takes {run['relative']:.2f}× as long "
             f"({format_seconds(run['seconds_to_target'])} s)" + _rate_text(run))
 
 
+def _coverage(e: Entry) -> str:
+    """How often a size's interval (:func:`median_interval`) holds the median of many seeds: '90%', or less where
+    its seeds are too few for that ('75%' for the range of three)."""
+    return f"{min(median_coverage(e['seeds']), 0.9):.0%}"
+
+
 def _span(e: Entry) -> str:
-    """A size's 90% interval of seconds to target: ``'0.00312–0.00489'``."""
+    """A size's interval of seconds to target (:func:`median_interval`): ``'0.00312–0.00489'``."""
     return f"{format_seconds(e['seconds_low'])}–{_num(e['seconds_high'])}"
 
 
@@ -1296,8 +1315,8 @@ def _recommend(ranked: list[Entry], *, sizes: list[Entry], target: float, meta: 
     elif win.get("lr_edge"):  # nothing beyond it was tried (the bracket grew at the first seed's target, or no more)
         lower = "lower" if win["lr_edge"] == "lowest" else "higher"
         lr_text += f"; the {win['lr_edge']} it tried, so a {lower} one may be faster still"
-    spread = ("one seed: no interval" if win["seeds"] == 1 else f"median over {win['reached']} seeds, 90% interval "
-              f"{_span(win)} s")
+    spread = ("one seed: no interval" if win["seeds"] == 1 else f"median over {win['reached']} seeds, "
+              f"{_coverage(win)} interval {_span(win)} s")
     parts = [f"Batch size {_fmt_size(win)} at lr {win['lr']:.3g} reaches the target validation loss {target:.4g} "
              f"in {format_seconds(win['seconds_to_target'])} s ({win['steps_to_target']:.0f} steps; {spread}): "
              f"{field_text} ({lr_text})",

@@ -13,7 +13,7 @@ __all__ = ["render_precision", "render_sweep"]
 
 
 _SWEEP_HEADERS = ["rank", "batch", "micro×accum", "lr", "reached", "val loss", "steps→target", "s→target",
-                  "90% interval", "relative", "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
+                  "interval", "relative", "samples/s", "goodput", "E/Emin", "data", "peak", "status"]
 
 
 def _interval(low: Any, high: Any) -> str:
