@@ -760,6 +760,11 @@ def test_critical_batch_prefers_the_baseline_steps_to_target_fit(write_spec, tmp
     assert crit.figures["compute_vs_critical"] == pytest.approx(2.5)  # (1 + 4)/2
     assert "steps-to-target fit" in check_reason(crit) and "~60% of its compute wasted" in check_reason(crit)
     assert report.check("regression").status == "skip"
+    # a batch that does not fit is still set against the baseline's critical batch, which needs no training run
+    # (an outside check of 1024 learned it was 4.6x the critical batch only after rerunning with --accum-steps 8)
+    big = run_check(_spec(write_spec), batch_size=512, baseline=folder)
+    assert big.check("fits").code == "fits.oom" and big.check("trains").code == "skip.fits_oom"
+    assert (big.check("critical_batch").status, big.check("critical_batch").figures["ratio"]) == ("warn", 32.0)
     # Warnings pass unless --strict.
     args = ["check", str(write_spec(CHECK_SPEC)), "-b", "64", "--baseline", str(folder), "-q"]
     assert runner.invoke(app, args).exit_code == 0
