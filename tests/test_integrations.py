@@ -380,6 +380,27 @@ def test_under_an_adaptive_optimizer_the_batch_warnings_wait_for_a_measured_crit
                                         "fewer steps at little extra cost in samples")
 
 
+def test_readings_too_wide_to_judge_are_said_and_an_unreliable_one_advises_no_more_than_its_lower_end():
+    """An outside batch-1024 run read B_simple 138-205 with bands open above for 150 steps at every=8 and said
+    nothing, where check called 1024 4.6x its critical batch; another, at 16, was told to grow 'up to about 1817',
+    one outlier among readings of 80-160, all unreliable; and a collapsed model (loss at ln 10) was told to grow."""
+    wide = NoiseScaleWatch(warn_after=1, warn_every=10)
+    wide.monitor, wide.batch_size = _Scripted((40.0, 20.0, math.inf)), 64
+    said = _watch_logs(wide, 16)
+    assert wide.warnings == [] and wide.unjudged_warnings == [5, 15]
+    assert said[0] == ("step 5: batch 64 is 60% above the noise scale B_simple=40, but its 90% band (20-inf) has held "
+                       "the batch for 5 readings: too wide to say it is too big; measure every step (every=1), "
+                       "accumulate more backward passes per step, or read over a longer window (ema_decay nearer 1) "
+                       "to narrow it")
+    small = NoiseScaleWatch(warn_after=1, warn_every=100)
+    small.monitor, small.batch_size = _Scripted((1817.0, 60.0, math.inf)), 16
+    (advice,) = _watch_logs(small, 3)
+    assert "so a larger batch (up to about 60) would likely reach the loss in fewer steps" in advice
+    assert advice.endswith("; the readings are not reliable (a band open above or over 10x wide), and a gradient near "
+                           "zero, as in a model that has stopped learning, reads a large B_simple too: check that the "
+                           "loss still falls")
+
+
 def test_the_batch_warnings_follow_the_reading_above_and_below():
     """An outside GPT-2 run at batch 32 was warned at step 22 that 32 was 74% above B_simple=18.38; B_simple then
     grew to 28, 86, 174, 368, unsaid. A warning whose condition clears is withdrawn (info) and re-armed; a batch

@@ -97,9 +97,11 @@ class NoiseScaleWatch:
         self.below_warnings: list[int] = []  # ... the advice that a larger batch would take fewer steps
         self.unresolved_warnings: list[int] = []  # ... that no reading was possible for a while
         self.grow_warnings: list[int] = []  # ... and the schedule's time-to-grow warning
+        self.unjudged_warnings: list[int] = []  # ... that readings above the batch's estimate are too wide to warn on
         self._above = False  # the batch warning was given and its condition has not cleared since
         self._below = False  # ... the larger-batch advice
         self._below_streak = 0  # reliable readings in a row whose band lies above UNDER_CRITICAL x the batch
+        self._unjudged_streak = 0  # readings in a row with the batch past the estimate but inside the band
         self._unresolved_streak = 0  # measured steps in a row with no reading
         self.monitor = None
         self.batch_size = 0
@@ -123,7 +125,7 @@ class NoiseScaleWatch:
         # a second run (trainer.train() again) is watched anew: the first run's armed warnings, counted in its own
         # steps, had held the second's back (its steps restart below the last warning's); history stays whole
         self._above = self._below = False
-        self._below_streak = self._unresolved_streak = 0
+        self._below_streak = self._unresolved_streak = self._unjudged_streak = 0
         self.optimizer_family = None  # judged anew: another run may train with another optimizer
         try:
             self.monitor = NoiseScaleMonitor(model, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
@@ -222,6 +224,7 @@ class NoiseScaleWatch:
             return
         entry = self._scaled(entry)
         self._watch_above(entry)
+        self._watch_unjudged(entry)
         self._watch_below(entry)
 
     def _watch_above(self, entry: dict[str, Any]) -> None:
@@ -246,6 +249,25 @@ class NoiseScaleWatch:
                     (self.batch_size / entry["b_simple"] - 1) * 100, self._named(entry), self._band_name(),
                     entry["low"], entry["high"], "" if self.critical_ratio else ", the critical-batch estimate")
 
+    def _watch_unjudged(self, entry: dict[str, Any]) -> None:
+        """Say why no smaller-batch warning comes where the batch is past the estimate but inside its band, for
+        :data:`UNRESOLVED_AFTER` readings in a row; again every ``warn_every`` steps while it lasts. An outside
+        batch-1024 run read B_simple 138-205 (x1.7, its critical_ratio) with bands open above for 150 steps at
+        every=8, and said nothing, where check called 1024 4.6x its critical batch; every=1 warned at step 20."""
+        past = self.batch_size > OVER_CRITICAL * entry["b_simple"] and not self._clearly_above(entry)
+        self._unjudged_streak = self._unjudged_streak + 1 if past else 0
+        streak = self._unjudged_streak
+        due = streak == UNRESOLVED_AFTER or (streak > UNRESOLVED_AFTER and
+                                             entry["step"] - self.unjudged_warnings[-1] >= self.warn_every)
+        if not due or entry["measured_steps"] < self.warn_after:
+            return
+        self.unjudged_warnings.append(entry["step"])
+        log.warning("step %d: batch %d is %.0f%% above %s, but its %s band (%.4g-%.4g) has held the batch for %d "
+                    "readings: too wide to say it is too big; measure every step (every=1), accumulate more backward "
+                    "passes per step, or read over a longer window (ema_decay nearer 1) to narrow it",
+                    entry["step"], self.batch_size, (self.batch_size / entry["b_simple"] - 1) * 100,
+                    self._named(entry), self._band_name(), entry["low"], entry["high"], streak)
+
     def _watch_below(self, entry: dict[str, Any]) -> None:
         """Advise a larger batch when the band's lower end has stayed above twice the batch for
         :data:`UNDER_READINGS` readings in a row; again every ``warn_every`` steps while it does. Once B_simple
@@ -262,12 +284,18 @@ class NoiseScaleWatch:
             return
         self._below = True
         self.below_warnings.append(entry["step"])
+        # an unreliable reading's own value may be an outlier (an outside run's 1,817 among readings of 80-160):
+        # the band's lower end, which the advice rests on, is the size to grow to; and a gradient near zero (a model
+        # that stopped learning) reads a large B_simple too (an outside collapsed run was told to grow)
+        up_to = entry["b_simple"] if entry["reliable"] else entry["low"]
+        unsure = ("" if entry["reliable"] else "; the readings are not reliable (a band open above or over 10x "
+                  "wide), and a gradient near zero, as in a model that has stopped learning, reads a large B_simple "
+                  "too: check that the loss still falls")
         log.warning("step %d: batch %d is well below %s: its %s band (%.4g-%.4g) has stayed above %gx the batch "
                     "for %d readings. %s estimates the critical batch, so a larger batch (up to about %.4g) would "
-                    "likely reach the loss in fewer steps at little extra cost in samples", entry["step"],
+                    "likely reach the loss in fewer steps at little extra cost in samples%s", entry["step"],
                     self.batch_size, self._named(entry), self._band_name(), entry["low"], entry["high"],
-                    UNDER_CRITICAL, self._below_streak, "It" if self.critical_ratio else "B_simple",
-                    entry["b_simple"])
+                    UNDER_CRITICAL, self._below_streak, "It" if self.critical_ratio else "B_simple", up_to, unsure)
 
     def _note_resolution(self, entry: dict[str, Any]) -> None:
         """Say why there is no reading once :data:`UNRESOLVED_AFTER` measured steps in a row gave none, then every
