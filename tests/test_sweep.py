@@ -1916,3 +1916,14 @@ def test_the_interval_of_the_median_is_the_order_statistics_that_hold_it_90_perc
     assert median_interval([float(i) for i in range(8)]) == (1.0, 6.0)  # eight: 2nd to 7th, 93%
     assert median_interval([2.0, math.inf, 1.0]) == (1.0, math.inf)  # a seed that never crossed: open above
     assert median_interval([3.0]) == (3.0, 3.0)
+
+
+def test_a_target_out_of_the_first_seeds_reach_runs_no_other_seed(write_spec):
+    """An outside sweep.target_loss of -1 (a cross-entropy cannot go below 0) ran trial after trial, every one
+    'short of the target', until it was killed: no first-seed trial came near it, so no other seed is run."""
+    spec = write_spec(SWEEP_SPEC.replace("seeds: 2", "seeds: 3, lr_search: false, target_loss: -1"))
+    result = run_sweep(load_spec(spec), out=spec.parent / "run")
+    assert set(result.trials["seed"]) == {0} and len(result.trials) == 4  # seed 0's four sizes only
+    assert result.recommendation is None
+    (said,) = [n for n in result.notes if n.startswith("no trial of the first seed reached the target val loss -1")]
+    assert "so the other seeds were not run; a sweep.target_loss above" in said

@@ -29,6 +29,7 @@ from batchtune.commands.sweep_analysis import (
     SweepResult,
     analyse,
     crossing,
+    curve_noise,
     default_target,
     given_targets,
     in_contention,
@@ -36,6 +37,7 @@ from batchtune.commands.sweep_analysis import (
     lr_refinements,
     lr_standing,
     lr_stops,
+    lowest_reached,
     result_from_rows,
     seed_crossing,
     short_of,
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 # change the pick
 LEADERS_WITHIN = 1.25
 EVAL_BATCH = 256  # the validation batch, where the safe micro-batch is larger (or unknown)
+# the other seeds are left out where the first seed's lowest loss stays this many times the validation curves' noise
+# above every given target, none crossed (_Sweep._out_of_reach)
+OUT_OF_REACH = 4.0
 
 
 
@@ -249,6 +254,8 @@ class _Sweep:
             self._run_all([(first, m, c) for c in self.shapes() for m in mids.get(c.batch_size, [])])
         if self.meta.get("reach_first"):  # seed 0's trials short of the default target train on towards it first
             self._reach_default_target(first)
+        if self._out_of_reach(first):
+            return
         # the other seeds follow seed 0's decisions, made once: each size in contention at its fastest lr
         # for each target, stopping at the lowest target that lr is kept for
         self._stops = lr_stops(self._rows_of(first), self._screened())
@@ -264,6 +271,28 @@ class _Sweep:
             self._run_all([(seed, m, c) for c in self.shapes() for m in sorted(fallbacks.get(c.batch_size, {}))],
                           mark="fallback")
         self._reach_default_target()
+
+    def _out_of_reach(self, first: int) -> bool:
+        """Whether every given target lies out of the first seed's reach: no trial crossed the highest, and the
+        lowest loss any held stays above it by more than :data:`OUT_OF_REACH` times the validation curves' noise.
+        The other seeds would train every size for nothing (an outside sweep.target_loss of -1, a cross-entropy's
+        impossible, ran trial after trial until it was killed): they are left out, and a note says so."""
+        given = given_targets(self.meta)
+        rows = self._rows_of(first)
+        if not given or not rows or any(seed_crossing(r, max(given)) for r in rows):
+            return False
+        lowest = min(lowest_reached([p[3] for p in r.get("evals") or []]) for r in rows)
+        noise = curve_noise(rows)
+        if not math.isfinite(lowest) or noise is None or lowest - max(given) <= OUT_OF_REACH * noise:
+            return False
+        note = (f"no trial of the first seed reached the target val loss {max(given):.4g}, nor came near it: the "
+                f"lowest any held was {lowest:.4g}, {(lowest - max(given)) / noise:.0f}x the validation curves' noise "
+                f"(σ {noise:.2g}) above it, so the other seeds were not run; a sweep.target_loss above "
+                f"{lowest:.4g} (or none: the sweep then chooses one most sizes reach) ranks the sizes")
+        if note not in self.meta["notes"]:
+            self.meta["notes"].append(note)
+            self.dist.on_main(lambda: self.folder.write_json("meta.json", self.meta))
+        return True
 
     def _fix_default_target(self, first: int) -> None:
         """Fix the default target once the first seed has screened the lrs (:func:`default_target` on its rows),
