@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import random
 
 import pytest
@@ -261,11 +262,13 @@ def test_resume_skips_finished_trials_and_gives_the_same_losses(write_spec, tmp_
     with _trial_log(interrupt_after=3) as log, pytest.raises(KeyboardInterrupt):
         run_sweep(spec, out=tmp_path / "run")
     assert log.lines[0].startswith("[1: 1/6 of this round] batch ")
+    assert re.search(r"\); about [0-9.]+ (s|min) left in this round$", log.lines[0]), log.lines[0]  # at its pace
     kept = json.loads((tmp_path / "run" / "trials.json").read_text())
     assert len(kept) == 3
     with _trial_log() as log:
         resumed = run_sweep(spec, resume=tmp_path / "run")
     assert log.lines[0].startswith("[4: 1/3 of this round]")
+    assert "left in this round" not in log.lines[-1]  # the round's last trial
     fresh = run_sweep(spec, out=tmp_path / "fresh")
     key = ["batch_size", "lr_multiplier", "seed"]
     a = resumed.trials.set_index(key)["final_val_loss"].sort_index()

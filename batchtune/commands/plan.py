@@ -38,7 +38,7 @@ from batchtune.commands.sweep_analysis import busy_notes, decreasing_fit, lowest
 from batchtune.config.spec import MAX_COUNT, count_text
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import PLAN_FILE, VERIFY_FILE
-from batchtune.render.text import count_of
+from batchtune.render.text import count_of, duration_text
 from batchtune.schedule import BatchSchedule, ScheduleStage
 from batchtune.stats.critical import BEYOND_SIZES
 from batchtune.stats.projection import (
@@ -1860,19 +1860,6 @@ def _plan_name(p: Projection) -> str:
     if len(p.stages) == 1:
         return f"constant {p.stages[0].batch_size}"
     return "schedule " + "→".join(str(s.batch_size) for s in p.stages)
-
-
-def duration_text(seconds: float | None) -> str:
-    """Seconds in the unit a person reads them in (s, min, h)."""
-    if seconds is None:
-        return "—"
-    if seconds < 0.1:  # two figures, not "0.0 s" (an outside deadline of 0.01s read so)
-        return f"{seconds:.2g} s"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _schedule_artifact(result: PlanResult, stages: list[dict[str, Any]] | None = None,

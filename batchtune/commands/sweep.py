@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from batchtune.config.spec import MAX_COUNT, changed_keys, count_text
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError
 from batchtune.render.run_folder import RunFolder, new_run_dir
-from batchtune.render.text import count_of
+from batchtune.render.text import count_of, duration_text
 from batchtune.stats.scaling import auto_choice, spec_lr, spec_rule
 
 __all__ = ["Analysis", "SweepResult", "analyse", "crossing", "plan_candidates", "result_from_rows", "run_dir",
@@ -419,6 +420,7 @@ class _Sweep:
 
         capacity = self.backend.capacity_bytes()
         todo = [(seed, mult, shape) for seed, mult, shape in plan if _key(shape, mult, seed) not in self._done]
+        started = time.monotonic()
         for i, (seed, mult, shape) in enumerate(todo, 1):
             config = self._config(seed, mult, shape, reach=mark == "reach")
             meter = LoadMeter.start()  # other work on the machine while this trial was timed
@@ -438,7 +440,9 @@ class _Sweep:
             # after every trial: an interrupt loses at most the one running
             self.dist.on_main(lambda: self.folder.write_trials(self.rows))
             self._trained += 1
-            _log_trial(self._trained, i, len(todo), shape, row)
+            # the round's pace so far, for the trials left in it (an outside user could not tell a 10-minute sweep
+            # from a 2-minute one until it ended)
+            _log_trial(self._trained, i, len(todo), shape, row, (time.monotonic() - started) / i * (len(todo) - i))
             self._refuse_targets_met_at_start(row)
 
     def _refuse_targets_met_at_start(self, row: dict[str, Any]) -> None:
@@ -669,8 +673,9 @@ def _scaling_efficiency(recommendation: dict[str, Any] | None, sweep: _Sweep) ->
             "overlapped": bool(rows) and all(r.get("overlap_comm") for r in rows)}
 
 
-def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[str, Any]) -> None:
-    """One line per finished trial, with its key figures (progress that reaches a log file too)."""
+def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[str, Any], left: float = 0.0) -> None:
+    """One line per finished trial, with its key figures (progress that reaches a log file too) and, where trials
+    remain in the round, about how long they take at its pace so far (``left`` seconds)."""
     if not row["fits"]:
         outcome = f"out of memory ({row['error']})"
     elif row.get("timed_out"):  # it read 'val loss 1.4 after 0 samples', as if the trial had trained
@@ -695,8 +700,9 @@ def _log_trial(done: int, index: int, total: int, shape: BatchShape, row: dict[s
     wall = row["seconds"]  # validation and noise measurement can take most of it: say so when they do
     took = f"{row['train_seconds']:.1f} s" + (f" training, {wall:.1f} s in all" if wall > 1.2 * row["train_seconds"]
                                                and wall - row["train_seconds"] >= 0.1 else "")
-    log.info("[%d: %d/%d of this round] batch %s, lr %.3g, seed %d: %s (%s)", done, index, total, size,
-             row["lr"], row["seed"], outcome, took)
+    rest = f"; about {duration_text(left)} left in this round" if index < total and left > 0 else ""
+    log.info("[%d: %d/%d of this round] batch %s, lr %.3g, seed %d: %s (%s)%s", done, index, total, size,
+             row["lr"], row["seed"], outcome, took, rest)
 
 
 # ---------------------------------------------------------------------------------------- the plan

@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["apart", "device_text", "duration_ms", "format_bytes", "format_seconds", "format_shape", "num", "pm",
-           "to_json"]
+__all__ = ["apart", "device_text", "duration_ms", "duration_text", "format_bytes", "format_seconds", "format_shape",
+           "num", "pm", "to_json"]
 
 
 def apart(a: float, b: float, fmt: Callable[[float], str]) -> tuple[str, str]:
@@ -139,3 +139,15 @@ def num(value: Any, fmt: str) -> str:
         return "-"
     return format(value, fmt)
 
+
+def duration_text(seconds: float | None) -> str:
+    """Seconds in the unit a person reads them in (s, min, h)."""
+    if seconds is None:
+        return "—"
+    if seconds < 0.1:  # two figures, not "0.0 s" (an outside deadline of 0.01s read so)
+        return f"{seconds:.2g} s"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
