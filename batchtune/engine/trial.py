@@ -332,11 +332,16 @@ def agreed(dist: DistContext, phase: Callable[[], Any], what: str = "a training 
     if agreement == _OK:
         return out
     if agreement == _ERROR:
+        # what the first failed rank raised, told to every rank: torchrun may end that rank (SIGTERM, once another
+        # rank exits) before it says it, and an outside noise run's cause was then said nowhere
+        said = dist.broadcast(error_line(failure) if isinstance(failure, BaseException) else None,
+                              src=failed[0] if failed else 0)
         if isinstance(failure, BaseException):
             # the others stop on it knowing only that it failed: this rank says what (cli._user_errors)
             failure.batchtune_rank_local = len(failed) < dist.world_size
             raise failure
-        raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}; see its output)")
+        cause = f": {said}" if said else ""
+        raise TrainingError(f"{what} failed on another rank ({_ranks_text(failed)}{cause}; see its output)")
     raise _agreed_oom(failure, failed, backend.device.type)
 
 
