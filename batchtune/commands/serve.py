@@ -708,7 +708,11 @@ def _notes(result: ServeResult, p: Any) -> list[str]:
                      "waited for a core shows in the tails (p99 most); rerun on a quiet machine to confirm")
     notes += _switched_notes(result)
     small = [q.batch_size for q in result.points if q.percentile_unreliable(result.percentile)]
-    if small:
+    if result.percentile >= 100:  # an outside --percentile 100 picked 24 at 33.7 ms, its random batches' p100 43 ms
+        notes.append("p100 is each size's slowest pass, which only grows with more passes (or another run): no number "
+                     "of them measures it, so the pick moves between runs; a percentile below 100 (99.9 with "
+                     "--repeats 1000) is one a measurement can hold")
+    elif small:
         notes.append(f"{_percentile_warning(result.percentile)}; {len(small)} of {len(result.points)} sizes had fewer "
                      "(--repeats, the time cap per size, or passes the OS switched out left out): their "
                      f"p{result.percentile:g} is in effect their slowest pass, rough")

@@ -372,9 +372,11 @@ def _untraceable(exc: BaseException) -> EstimateError:
                "masked_select ...)")
     elif isinstance(exc, UnsupportedOperatorException):
         why = f"{exc.func} has no fake-tensor implementation"
-    else:
+    else:  # fake tensors' own limit, or the user's code raising as it would on real tensors: said as either
+        # (an outside model that refused long sequences read as fake tensors' fault, then failed measuring too)
         lines = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+        why = (f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300] + " (raised by the traced step: the "
+               "model's or loss's own code, which real tensors raise too, or an operation fake tensors cannot run)")
     where = _where(exc)
     return EstimateError(f"cannot estimate with fake tensors: {why}{f' (at {where})' if where else ''}")
 
