@@ -257,8 +257,7 @@ class NoiseScaleWatch:
         past = self.batch_size > OVER_CRITICAL * entry["b_simple"] and not self._clearly_above(entry)
         self._unjudged_streak = self._unjudged_streak + 1 if past else 0
         streak = self._unjudged_streak
-        due = streak == UNRESOLVED_AFTER or (streak > UNRESOLVED_AFTER and
-                                             entry["step"] - self.unjudged_warnings[-1] >= self.warn_every)
+        due = self._streak_due(streak, self.unjudged_warnings, entry["step"])
         if not due or entry["measured_steps"] < self.warn_after:
             return
         self.unjudged_warnings.append(entry["step"])
@@ -308,8 +307,7 @@ class NoiseScaleWatch:
             return
         self._unresolved_streak += 1
         streak = self._unresolved_streak
-        due = streak == UNRESOLVED_AFTER or (streak > UNRESOLVED_AFTER and
-                                             entry["step"] - self.unresolved_warnings[-1] >= self.warn_every)
+        due = self._streak_due(streak, self.unresolved_warnings, entry["step"])
         if not due:
             return
         self.unresolved_warnings.append(entry["step"])
@@ -318,6 +316,11 @@ class NoiseScaleWatch:
                     "gradient's mean |G|^2 is not resolved against its noise at batch %d and every=%s; "
                     "measure every step (every=1), accumulate more backward passes per step, or average over a "
                     "longer window (ema_decay nearer 1)", entry["step"], streak, self.batch_size, every)
+
+    def _streak_due(self, streak: int, said: list[int], step: int) -> bool:
+        """Whether a condition that has held for ``streak`` readings is to be said at ``step``: once it reaches
+        :data:`UNRESOLVED_AFTER`, then every ``warn_every`` steps after the last time (``said``)."""
+        return streak == UNRESOLVED_AFTER or (streak > UNRESOLVED_AFTER and step - said[-1] >= self.warn_every)
 
     def _maybe_grow(self, step: int) -> None:
         stage = self._schedule_ahead()
