@@ -422,3 +422,18 @@ def test_the_fetch_timing_reads_the_batch_most_of_a_core_went_to(monkeypatch):
     timing = data_module.fetch_timing(Recording(), 64, repeats=1)
     assert seen == list(range(192))  # three batches of different samples
     assert (timing.seconds, timing.cpu_seconds) == pytest.approx((1.0, 0.8))  # the second: 80% of a core
+
+
+def test_a_peer_rank_gone_mid_step_is_not_blamed_on_the_model():
+    """An outside kill -9 of one torchrun rank: the other stopped within a second, but said 'raised RuntimeError:
+    [...gloo...] Connection reset by peer ... Check that the model accepts the data's samples'."""
+    from batchtune.engine.trial import _training_error
+    from batchtune.engine.workload import TrainStep
+
+    config = TrialConfig(shape=BatchShape(4, accum_steps=4), lr=0.1, steps=10)
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+    said = str(_training_error(gone, config, TrainStep, None))
+    assert said.startswith("a training step at micro-batch 4 × 4 stopped: another rank's process ended mid-step (")
+    assert "not this job's model or data" in said and "Check that the model" not in said
+    own = str(_training_error(ValueError("shapes do not match"), config, TrainStep, None))
+    assert "raised ValueError: shapes do not match. Check that the model accepts" in own

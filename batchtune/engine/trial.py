@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -251,6 +252,11 @@ def forward_error(exc: BaseException, batch_size: int, with_loss: bool = False) 
         "; BATCHTUNE_DEBUG=1 shows the traceback")
 
 
+#: A collective's error when a peer rank's process is gone (killed, or crashed outside batchtune's agreement).
+_PEER_GONE = re.compile(r"(gloo|nccl).*(connection reset by peer|connection closed by peer|broken pipe|"
+                        r"remote process exited|socket timeout)", re.IGNORECASE)
+
+
 def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadFactory, spec: Any) -> Exception:
     """The user's code failed in a step: worded for what the step runs (serve's runs the model alone); the
     optimizer's own failure is the spec's optimizer's (a SpecError naming it: exit 2 in every command)."""
@@ -262,6 +268,12 @@ def _training_error(exc: BaseException, config: TrialConfig, workload: WorkloadF
         return forward_error(exc, config.shape.micro_batch_size, "forward" not in getattr(workload, "keywords", {}))
     if getattr(exc, "batchtune_validation_batch", None) is not None:
         return _validation_error(exc, config)
+    line = error_line(exc)
+    if _PEER_GONE.search(line):  # an outside kill -9 of one torchrun rank was blamed on the model's inputs
+        return TrainingError(f"a training step at micro-batch {config.shape.micro_batch_size} × "
+                             f"{config.shape.accum_steps} stopped: another rank's process ended mid-step "
+                             f"({line[:200]}), not this job's model or data; rerun the command (torchrun starts every "
+                             "rank again)")
     return TrainingError(
         f"a training step at micro-batch {config.shape.micro_batch_size} × {config.shape.accum_steps} raised "
         f"{error_line(exc)}. Check that the model accepts the data's samples and the loss its outputs (model.kwargs, "
