@@ -61,7 +61,7 @@ from typing import Any, Protocol
 import torch
 
 from batchtune.stats.noise import (MicroBatchGradNorms, NoiseScaleEstimate, NoiseScaleEstimator, _sq_norm, _sum,
-                                   WIDE_BAND, decay_per_measured_step, noise_batch_sizes, unbiased_estimates)
+                                   decay_per_measured_step, narrow_band, noise_batch_sizes, unbiased_estimates)
 
 __all__ = ["MODULE_EVERY", "MonitorReading", "NoiseScaleMonitor"]
 
@@ -344,9 +344,9 @@ class NoiseScaleMonitor:
         the reading measures.
         """
         estimate = self.estimator.estimate()
-        narrow = estimate.low is not None and estimate.low > 0 and estimate.high <= WIDE_BAND * estimate.low
         return MonitorReading(**{f.name: getattr(estimate, f.name) for f in fields(estimate)
-                                 if f.name != "reliable"}, reliable=estimate.reliable and narrow
+                                 if f.name != "reliable"}, reliable=estimate.reliable and narrow_band(estimate.low,
+                                                                                                      estimate.high)
                               and self.coverage >= LOW_COVERAGE and not self.stale, coverage=self.coverage)
 
     @property

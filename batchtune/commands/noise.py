@@ -15,7 +15,7 @@ from typing import Any
 
 from batchtune.engine.shape import BatchShape
 from batchtune.errors import UsageError, error_line
-from batchtune.stats.noise import WIDE_BAND
+from batchtune.stats.noise import narrow_band
 
 __all__ = ["DEFAULT_ACCUM_STEPS", "NoiseInterrupted", "NoiseRun", "run_noise"]
 
@@ -189,6 +189,6 @@ def mark_wide(history: list[dict[str, Any]]) -> None:
     clearly above 0) spans more than any factor: an outside 8,417 in 0–17,939 read 'reliable' (a low end of 0.0
     was taken for none)."""
     for h in history:
-        if h["reliable"] and not (h["low"] is not None and h["low"] > 0 and h["high"] <= WIDE_BAND * h["low"]):
+        if h["reliable"] and not narrow_band(h["low"], h["high"]):
             h["reliable"], h["wide"] = False, True
 

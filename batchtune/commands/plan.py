@@ -229,13 +229,13 @@ def run_plan(spec: Any, *, samples: int | None = None, epochs: float | None = No
     folder = RunFolder(result.calibration["run_dir"])
 
     def write() -> None:
-        if schedule_out is not None and result.recommendation is not None and verify and reproject is None:
-            pass  # written once the verification says which plan to use: a stopped one left the unverified pick
-        elif schedule_out is not None and result.recommendation is not None:  # the pick, schedule or constant
-            pick = result.recommendation["plan"]
+        # with --verify, written once the verification says which plan to use (_write_verified): a stopped one
+        # left the unverified pick
+        if schedule_out is not None and result.recommendation is not None and not (verify and reproject is None):
+            pick = result.recommendation["plan"]  # the pick, schedule or constant
             said = _file_notes(result, pick, "not verified (--verify trains it over the whole run)")
             result.schedule_path = str(_schedule_artifact(result, _plan_stages(result, pick), said).save(schedule_out))
-        elif schedule_out is not None:
+        elif schedule_out is not None and result.recommendation is None:
             why = (f"no plan meets the deadline (the closest, {result.closest['plan']}, is not recommended)"
                    if result.closest else "the plan recommends no run")
             result.notes.append(f"--schedule-out: nothing written to {schedule_out}, {why}")

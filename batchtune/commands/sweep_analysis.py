@@ -32,7 +32,7 @@ import pandas as pd
 from batchtune.render.text import count, count_of, format_seconds, pm
 from batchtune.stats.critical import (BEYOND_SIZES, DEFINITION, compute_beyond_critical, efficiency, excess_compute,
                                       fit_steps_to_target)
-from batchtune.stats.noise import WIDE_BAND, noise_floor, pooled_noise_scale
+from batchtune.stats.noise import narrow_band, noise_floor, pooled_noise_scale
 from batchtune.stats.scaling import rule_lr, rule_name
 
 __all__ = ["Analysis", "SweepResult", "analyse", "busy_notes", "calm_everywhere", "crossing", "decreasing_fit",
@@ -846,8 +846,8 @@ def _noise_at_target(pool: list[Entry], pairs: list[tuple[float, float]], target
         return None
     # reliable as batchtune noise and the monitor have it: bounded, above 0 and at most WIDE_BAND wide (an outside
     # sweep's 31-2,504 was 'reliable' beside a steps fit it was said to agree with)
-    reliable = est.reliable and (est.low or 0) > 0 and est.high <= WIDE_BAND * est.low
-    return {"b_simple": est.b_simple, "low": est.low, "high": est.high, "reliable": reliable,
+    return {"b_simple": est.b_simple, "low": est.low, "high": est.high,
+            "reliable": est.reliable and narrow_band(est.low, est.high),
             "at_val_loss": target, "measurements": est.steps, "trials": sum(c is not None for e in pool
                                                                             for c in e["crossings"]),
             "tokens": est.b_simple * tokens_per_sample if tokens_per_sample > 1 else None,
@@ -896,8 +896,7 @@ def _noise_stands(noise: dict[str, Any] | None, fit: Any, extrapolated: bool, co
     steps, 63/48/97 at 32/64/128, put B_crit below 32, and its noise scale 93 was adopted beside that text. A band
     down to 0 (tr Σ not clearly above 0) is bounded above only: the reading may be near 0, so it stands for nothing;
     nor does one wider than :data:`WIDE_BAND`× (an outside Adam sweep adopted 314 in 167–2,469 for its goodput)."""
-    if not (noise and noise["reliable"] and (noise.get("low") or 0) > 0
-            and noise["high"] <= WIDE_BAND * noise["low"]):
+    if not (noise and noise["reliable"] and narrow_band(noise.get("low"), noise.get("high"))):
         return False
     least = fit.low if extrapolated else fit.above or (_two_sizes(contenders) if fit.b_crit is None else None)
     most = None if extrapolated else getattr(fit, "below", None)

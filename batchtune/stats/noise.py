@@ -223,6 +223,12 @@ def t_quantile(confidence: float, dof: float) -> float:
 
 
 WIDE_BAND = 10.0  # a 90% band whose high end is more than this × its low end is no reading to act on
+
+
+def narrow_band(low: float | None, high: float | None) -> bool:
+    """Whether a band is one to act on: above 0 (a band down to 0 spans more than any factor) and bounded within
+    :data:`WIDE_BAND` × its low end. What ``reliable`` asks of a band in ``noise``, the monitor and the sweep."""
+    return low is not None and low > 0 and high is not None and high <= WIDE_BAND * low
 SCALE_DECAY = 0.9  # the gradient's scale that each step's estimates are divided by: an EMA over about 10 steps
 TREND_SPAN = 2.5  # the drift check fits a line over a horizon this many times the reading's
 DRIFT_CONFIDENCE = 0.99  # ... and calls a slope outside this band drift: a steady noise scale about 1% of the time
